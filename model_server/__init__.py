@@ -1,0 +1,1 @@
+"""model_server package (see DESIGN.md)."""

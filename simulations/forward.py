@@ -1,0 +1,307 @@
+"""The fast forward model I(q, E) of the seed paper, batched in torch and differentiable.
+
+For a batch of symmetry-reduced force-constant sets ``c`` (eV/A^2):
+
+1. dynamical matrices on the q-path, ``D(q) = D_fixed(q) + sum_k c_k D_k(q)`` (the basis
+   ``D_k`` is precomputed once, so building a batch is one matrix product);
+2. eigenvalues ``lambda`` (no eigenvectors), frequencies ``nu = sqrt(lambda) * 15.6333 THz``
+   and energies ``E = 4.135667 nu`` meV;
+3. every branch broadened by a unit-area Gaussian whose width is the instrument's energy
+   resolution at the branch's energy, integrated over each energy bin; no structure factor,
+   no Debye-Waller or Bose factor, no polarisation (all branches weigh the same).
+
+So ``I(q, E)`` in each q column integrates to the number of branches that fall in the
+energy window. Two broadening methods give the same numbers: ``"exact"`` (error functions at
+the bin edges) and ``"table"`` (default, much faster: the bin profile of a mode is
+interpolated linearly from a precomputed table over mode energy, max. deviation from exact
+~1e-4 of the peak).
+
+Dynamical stability is checked on the path and on an irreducible Gamma-centred mesh; a set
+with a frequency below ``-imaginary_tol`` THz anywhere is reported unstable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import spglib
+import torch
+from numpy.typing import NDArray
+
+from .exceptions import InvalidCoefficientsError
+from .force_constants import FCBasis
+from .grid import Grid
+from .resolution import EnergyResolution
+
+__all__ = ["THZ_TO_MEV", "VASP_TO_THZ", "ForwardModel", "SpectraResult"]
+
+logger = logging.getLogger(__name__)
+
+#: sqrt(eV / A^2 / amu) / (2 pi) in THz, with phonopy's own values of eV and amu
+#: (1.60217733e-19 J, 1.6605402e-27 kg) so that frequencies agree with phonopy to 1e-15.
+VASP_TO_THZ = math.sqrt(1.60217733e-19 / 1e-20 / 1.6605402e-27) / (2 * math.pi) / 1e12
+#: 1 THz in meV (h * 1 THz).
+THZ_TO_MEV = 4.135667696
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpectraResult:
+    """Output of :meth:`ForwardModel.spectra`.
+
+    Attributes
+    ----------
+    intensity
+        (B, n_q, n_E) tensor, arbitrary units (unit area per branch).
+    stable
+        (B,) bool tensor: no frequency below ``-imaginary_tol`` THz.
+    min_frequency_thz
+        (B,) tensor: the lowest signed frequency (negative = imaginary), THz.
+    """
+
+    intensity: torch.Tensor
+    stable: torch.Tensor
+    min_frequency_thz: torch.Tensor
+
+
+def _irreducible_mesh(basis: FCBasis, mesh: int) -> NDArray[np.float64]:
+    """Irreducible q-points (r.l.u.) of a Gamma-centred mesh x mesh x mesh."""
+    if mesh <= 0:
+        return np.zeros((0, 3))
+    mapping, grid = spglib.get_ir_reciprocal_mesh(
+        [mesh] * 3, basis.crystal.spglib_cell(), is_shift=[0, 0, 0]
+    )
+    return np.asarray(grid[np.unique(mapping)], dtype=float) / mesh
+
+
+class ForwardModel:
+    """I(q, E) on a grid for batches of force-constant coefficients.
+
+    Parameters
+    ----------
+    basis
+        Symmetry-reduced force-constant basis of the crystal.
+    grid
+        The (q, E) grid.
+    resolution
+        Energy resolution sigma(E).
+    free
+        Names of the coefficients that the inputs give, in order (default: all of them).
+    reference
+        (n_coeff,) full coefficient vector; the coefficients not in ``free`` are held at
+        these values. Required when ``free`` is a subset.
+    stability_mesh
+        Size of the Gamma-centred mesh (irreducible points only) checked for imaginary
+        modes in addition to the path; 0 checks the path only.
+    imaginary_tol
+        THz; a frequency below ``-imaginary_tol`` marks a set unstable.
+    dtype
+        ``torch.float32`` (fast) or ``torch.float64`` (validation, gradcheck).
+    method
+        ``"table"`` (fast) or ``"exact"`` broadening.
+    """
+
+    def __init__(
+        self,
+        basis: FCBasis,
+        grid: Grid,
+        resolution: EnergyResolution,
+        *,
+        free: Sequence[str] | None = None,
+        reference: NDArray[np.float64] | None = None,
+        stability_mesh: int = 4,
+        imaginary_tol: float = 0.05,
+        dtype: torch.dtype = torch.float32,
+        method: str = "table",
+    ) -> None:
+        if method not in ("table", "exact"):
+            raise ValueError(f"method must be 'table' or 'exact', got {method!r}")
+        if grid.energy_edges[-1] > resolution.e_max + 1e-9:
+            logger.warning(
+                "grid reaches %.1f meV but the resolution fit only to %.1f meV",
+                grid.energy_edges[-1],
+                resolution.e_max,
+            )
+        self.basis = basis
+        self.grid = grid
+        self.resolution = resolution
+        self.method = method
+        self.dtype = dtype
+        self.imaginary_tol = float(imaginary_tol)
+        self.free = tuple(free) if free is not None else basis.names
+        free_idx = [basis.index(n) for n in self.free]
+        if len(set(free_idx)) != len(free_idx):
+            raise InvalidCoefficientsError(f"duplicate names in free coefficients {self.free}")
+        if reference is None:
+            if len(free_idx) != basis.n_coefficients:
+                raise InvalidCoefficientsError(
+                    "reference= (values of the fixed coefficients) is required when only "
+                    "some coefficients are free"
+                )
+            reference = np.zeros(basis.n_coefficients)
+        self.reference = basis.check_coefficients(reference)
+        fixed_idx = [k for k in range(basis.n_coefficients) if k not in free_idx]
+
+        self.mesh_qpoints = _irreducible_mesh(basis, stability_mesh)
+        q_all = np.vstack([grid.qpath.qpoints, self.mesh_qpoints])
+        dyn = basis.dynamical_basis(q_all)  # (n_coeff, n_q_all, m, m)
+        self.is_real = bool(np.abs(dyn.imag).max(initial=0.0) < 1e-12)
+        if self.is_real:
+            dyn_t = torch.from_numpy(np.ascontiguousarray(dyn.real)).to(dtype)
+        else:
+            cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+            dyn_t = torch.from_numpy(dyn).to(cdtype)
+        self._n_q_all, self._m = q_all.shape[0], dyn.shape[-1]
+        flat = dyn_t.reshape(basis.n_coefficients, -1)
+        self._d_free = flat[free_idx].contiguous()  # (n_free, n_q_all*m*m)
+        ref_t = torch.from_numpy(self.reference[fixed_idx]).to(flat.dtype)
+        self._d_fixed = (
+            ref_t @ flat[fixed_idx] if fixed_idx else torch.zeros_like(flat[0])
+        ).contiguous()
+        self._edges = torch.from_numpy(grid.energy_edges).to(dtype)
+        self._scale = VASP_TO_THZ * THZ_TO_MEV  # sqrt(eV/A^2/amu) -> meV
+        self._poly = torch.tensor(resolution.coefficients, dtype=dtype)
+        if method == "table":
+            self._build_table()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_free(self) -> int:
+        """Number of coefficients the inputs give."""
+        return len(self.free)
+
+    @property
+    def n_branches(self) -> int:
+        """Phonon branches (3 x atoms in the primitive cell)."""
+        return self._m
+
+    # ------------------------------------------------------------------ core
+    def _as_tensor(self, coefficients: NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
+        if isinstance(coefficients, torch.Tensor):
+            c = coefficients
+        else:
+            arr = np.asarray(coefficients, dtype=float)
+            c = torch.from_numpy(arr)
+        if c.shape[-1:] != (self.n_free,) or c.ndim != 2:
+            raise InvalidCoefficientsError(
+                f"expected a (batch, {self.n_free}) array of coefficients "
+                f"({', '.join(self.free)}), got shape {tuple(c.shape)}"
+            )
+        if not bool(torch.isfinite(c).all()):
+            bad = sorted({self.free[int(k)] for k in torch.nonzero(~torch.isfinite(c))[:, 1]})
+            raise InvalidCoefficientsError(
+                f"non-finite force-constant coefficients (NaN or inf) in {', '.join(bad)}"
+            )
+        return c.to(self.dtype)
+
+    def eigenvalues(self, coefficients: NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
+        """Eigenvalues of D(q), (B, n_q_path + n_q_mesh, n_branches), eV/A^2/amu, ascending."""
+        c = self._as_tensor(coefficients)
+        d = c.to(self._d_free.dtype) @ self._d_free + self._d_fixed
+        d = d.reshape(c.shape[0], self._n_q_all, self._m, self._m)
+        return torch.linalg.eigvalsh(d)
+
+    def frequencies(self, coefficients: NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
+        """Signed frequencies on the path, (B, n_q, n_branches), THz (negative = imaginary)."""
+        lam = self.eigenvalues(coefficients)[:, : self.grid.n_q]
+        return torch.sign(lam) * torch.sqrt(lam.abs()) * VASP_TO_THZ
+
+    def spectra(self, coefficients: NDArray[np.float64] | torch.Tensor) -> SpectraResult:
+        """I(q, E) for a batch of coefficient sets, shape (B, n_free) -> (B, n_q, n_E)."""
+        lam = self.eigenvalues(coefficients)
+        min_lam = lam[..., 0].amin(dim=1)
+        min_freq = torch.sign(min_lam) * torch.sqrt(min_lam.abs()) * VASP_TO_THZ
+        stable = min_freq >= -self.imaginary_tol
+        path = lam[:, : self.grid.n_q]
+        energy = torch.sqrt(path.clamp(min=1e-12)) * self._scale  # (B, n_q, m) meV
+        if self.method == "exact":
+            intensity = self._broaden_exact(energy)
+        else:
+            intensity = self._broaden_table(energy)
+        return SpectraResult(intensity=intensity, stable=stable, min_frequency_thz=min_freq)
+
+    def spectra_fast(
+        self,
+        coefficients: NDArray[np.float64],
+        *,
+        chunk: int = 128,
+        workers: int = 2,
+    ) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.float64]]:
+        """No-gradient batched evaluation over threads, for training-set generation.
+
+        Returns numpy arrays ``(intensity (B, n_q, n_E) float32, stable (B,), min_freq (B,))``.
+        """
+        c = np.asarray(coefficients, dtype=float)
+        self._as_tensor(c[:1])  # validate shape
+        if not np.all(np.isfinite(c)):
+            self._as_tensor(c)
+        out = np.empty((len(c), *self.grid.shape), dtype=np.float32)
+        stable = np.empty(len(c), dtype=bool)
+        min_freq = np.empty(len(c))
+
+        def work(start: int) -> None:
+            with torch.no_grad():
+                res = self.spectra(torch.from_numpy(c[start : start + chunk]))
+            out[start : start + chunk] = res.intensity.to(torch.float32).numpy()
+            stable[start : start + chunk] = res.stable.numpy()
+            min_freq[start : start + chunk] = res.min_frequency_thz.double().numpy()
+
+        starts = range(0, len(c), chunk)
+        if workers <= 1 or len(c) <= chunk:
+            for s in starts:
+                work(s)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(work, starts))
+        return out, stable, min_freq
+
+    # ------------------------------------------------------------------ broadening
+    def _sigma(self, energy: torch.Tensor) -> torch.Tensor:
+        e = energy.clamp(0.0, self.resolution.e_max)
+        s = torch.zeros_like(e)
+        for coef in self._poly:
+            s = s * e + coef
+        return s.clamp(min=1e-3)
+
+    def _broaden_exact(self, energy: torch.Tensor) -> torch.Tensor:
+        sigma = self._sigma(energy).unsqueeze(-1)
+        z = (self._edges - energy.unsqueeze(-1)) / (sigma * math.sqrt(2.0))
+        cdf = 0.5 * torch.erf(z)
+        return (cdf[..., 1:] - cdf[..., :-1]).sum(dim=2)
+
+    def _build_table(self) -> None:
+        edges = self.grid.energy_edges
+        sig_max = float(self.resolution.sigma(np.linspace(0, self.resolution.e_max, 64)).max())
+        sig_min = float(self.resolution.sigma(np.linspace(0, self.resolution.e_max, 64)).min())
+        top = edges[-1] + 7.0 * sig_max
+        step = min(sig_min / 25.0, 0.02)
+        e_modes = np.arange(0.0, top + step, step)
+        from scipy.special import erf
+
+        sig = self.resolution.sigma(e_modes)[:, None]
+        cdf = 0.5 * erf((edges[None, :] - e_modes[:, None]) / (sig * np.sqrt(2.0)))
+        table = np.diff(cdf, axis=1)
+        table = np.vstack([table, np.zeros((1, table.shape[1]))])  # beyond the table: nothing
+        self._table = torch.from_numpy(table).to(self.dtype)
+        self._table_step = step
+        self._table_rows = len(e_modes)
+
+    def _broaden_table(self, energy: torch.Tensor) -> torch.Tensor:
+        b, nq, m = energy.shape
+        pos = energy.reshape(b * nq, m) / self._table_step
+        last = self._table_rows - 1
+        i0 = pos.floor().clamp(0, last - 1).detach()
+        frac = (pos - i0).clamp(0.0, 1.0)
+        inside = pos < last
+        i0l = torch.where(inside, i0, torch.full_like(i0, last + 0.0)).long()
+        i1l = torch.where(inside, i0l + 1, i0l)
+        idx = torch.cat([i0l, i1l], dim=1)
+        w = torch.cat([1.0 - frac, frac], dim=1) * torch.cat([inside, inside], dim=1)
+        out = torch.nn.functional.embedding_bag(
+            idx, self._table, per_sample_weights=w.to(self._table.dtype), mode="sum"
+        )
+        return out.reshape(b, nq, -1)
