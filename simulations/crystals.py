@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import spglib
@@ -23,7 +24,7 @@ from numpy.typing import NDArray
 
 from .exceptions import StructureError
 
-__all__ = ["SHIPPED_MATERIALS", "Crystal", "load_crystal", "crystal_from_structure"]
+__all__ = ["SHIPPED_MATERIALS", "Crystal", "crystal_from_structure", "load_crystal"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Crystal:
     @property
     def reciprocal_lattice(self) -> NDArray[np.float64]:
         """(3, 3) float, 1/Angstrom, rows b1, b2, b3 with a_i . b_j = 2 pi delta_ij."""
-        return 2.0 * np.pi * np.linalg.inv(self.lattice).T
+        return np.asarray(2.0 * np.pi * np.linalg.inv(self.lattice).T, dtype=np.float64)
 
     @property
     def numbers(self) -> NDArray[np.int64]:
@@ -97,7 +98,7 @@ class Crystal:
         """(n_atoms, 3) float, Angstrom."""
         return self.positions @ self.lattice
 
-    def spglib_cell(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64]]:
+    def spglib_cell(self) -> Any:
         """The cell as spglib wants it: (lattice, fractional positions, atomic numbers)."""
         return (self.lattice, self.positions, self.numbers)
 
@@ -128,7 +129,9 @@ class Crystal:
             "n_atoms_primitive": self.n_atoms,
             "species": list(self.species),
             "lattice_primitive_A": self.lattice.round(8).tolist(),
-            "conventional_abc_A": np.linalg.norm(self.conventional_lattice, axis=1).round(6).tolist(),
+            "conventional_abc_A": np.linalg.norm(self.conventional_lattice, axis=1)
+            .round(6)
+            .tolist(),
         }
 
 
@@ -202,14 +205,18 @@ def crystal_from_structure(structure: object, *, name: str, symprec: float = 1e-
         warnings.simplefilter("ignore")
         kpath = KPathSetyawanCurtarolo(conventional, symprec=symprec)
     prim = kpath.prim
-    kpoints = {
-        ("G" if label in ("\\Gamma", "Γ") else label.replace("\\", "").replace("_", "")): tuple(
-            float(x) for x in coords
+    kpoints: dict[str, tuple[float, float, float]] = {
+        ("G" if label in ("\\Gamma", "Γ") else label.replace("\\", "").replace("_", "")): (
+            float(coords[0]),
+            float(coords[1]),
+            float(coords[2]),
         )
         for label, coords in kpath.kpath["kpoints"].items()
     }
     segments = [
-        "-".join("G" if p in ("\\Gamma", "Γ") else p.replace("\\", "").replace("_", "") for p in seg)
+        "-".join(
+            "G" if p in ("\\Gamma", "Γ") else p.replace("\\", "").replace("_", "") for p in seg
+        )
         for seg in kpath.kpath["path"]
     ]
     frac = np.mod(prim.frac_coords, 1.0)
@@ -227,7 +234,9 @@ def crystal_from_structure(structure: object, *, name: str, symprec: float = 1e-
         kpoints=kpoints,
         default_path="|".join(segments),
     )
-    logger.debug("loaded %s: %s, %d atoms in the primitive cell", name, crystal.spacegroup, crystal.n_atoms)
+    logger.debug(
+        "loaded %s: %s, %d atoms in the primitive cell", name, crystal.spacegroup, crystal.n_atoms
+    )
     return crystal
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -440,7 +441,9 @@ def _atom_permutation(
             diff = image[i] - pos
             nearest = np.round(diff)
             err = np.linalg.norm((diff - nearest) @ crystal.lattice, axis=1)
-            matches = np.nonzero((err < tol) & [s == crystal.species[i] for s in crystal.species])[0]
+            matches = np.nonzero((err < tol) & [s == crystal.species[i] for s in crystal.species])[
+                0
+            ]
             if len(matches) != 1:
                 raise ForceConstantError(  # pragma: no cover - spglib gave an inconsistent op
                     f"symmetry operation {op} does not map atom {i} onto exactly one atom"
@@ -450,10 +453,10 @@ def _atom_permutation(
     return amap, shift
 
 
-def _rep_key(bond: tuple[int, ...], vector: NDArray[np.float64], length: float) -> tuple:
+def _rep_key(bond: tuple[int, ...], vector: NDArray[np.float64], length: Any) -> tuple:
     """Sort key choosing representatives: shortest, lowest first atom, 'most positive' vector."""
     v = np.round(vector, 6)
-    return (round(length, 4), bond[0], bond[1], -v[0], -v[1], -v[2])
+    return (round(float(length), 4), bond[0], bond[1], -v[0], -v[1], -v[2])
 
 
 def _invariant_basis(

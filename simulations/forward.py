@@ -14,7 +14,8 @@ So ``I(q, E)`` in each q column integrates to the number of branches that fall i
 energy window. Two broadening methods give the same numbers: ``"exact"`` (error functions at
 the bin edges) and ``"table"`` (default, much faster: the bin profile of a mode is
 interpolated linearly from a precomputed table over mode energy, max. deviation from exact
-~1e-4 of the peak).
+~1e-4 of the peak). The table is used only where no gradient is recorded; with autograd
+the exact broadening runs, so Jacobians are exact.
 
 Dynamical stability is checked on the path and on an irreducible Gamma-centred mesh; a set
 with a frequency below ``-imaginary_tol`` THz anywhere is reported unstable.
@@ -218,7 +219,9 @@ class ForwardModel:
         stable = min_freq >= -self.imaginary_tol
         path = lam[:, : self.grid.n_q]
         energy = torch.sqrt(path.clamp(min=1e-12)) * self._scale  # (B, n_q, m) meV
-        if self.method == "exact":
+        # The table's derivative is only first-order accurate in its step: whenever a
+        # gradient is being recorded, broaden exactly so that Jacobians are exact.
+        if self.method == "exact" or energy.requires_grad:
             intensity = self._broaden_exact(energy)
         else:
             intensity = self._broaden_table(energy)

@@ -12,6 +12,7 @@ grids are never mixed silently.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -81,7 +82,7 @@ def make_qpath(crystal: Crystal, path: str | None = None, n_q: int = 200) -> QPa
     pieces = [
         (np.array(crystal.kpoints[a]), np.array(crystal.kpoints[b]))
         for seg in segments
-        for a, b in zip(seg[:-1], seg[1:], strict=True)
+        for a, b in itertools.pairwise(seg)
     ]
     lengths = np.array([np.linalg.norm((b - a) @ recip) for a, b in pieces])
     if np.any(lengths <= 0):
@@ -95,7 +96,7 @@ def make_qpath(crystal: Crystal, path: str | None = None, n_q: int = 200) -> QPa
     jumps: list[int] = []  # step i -> i+1 is a jump between lines (no distance)
     k = 0
     for s, seg in enumerate(segments):
-        for p, (a_label, b_label) in enumerate(zip(seg[:-1], seg[1:], strict=True)):
+        for p, (a_label, b_label) in enumerate(itertools.pairwise(seg)):
             if p > 0:
                 ticks.append((len(qs), a_label))
             elif s == 0:

@@ -10,7 +10,8 @@ ever downloaded at run time.  It offers
 * :func:`build_phonopy` / :func:`force_constants` -- finite-displacement
   harmonic force constants through phonopy's Python API,
 * :func:`compute_reference` -- relax + force constants in one call, returning
-  an :class:`MLFFResult`.
+  an :class:`MLFFResult`,
+* :func:`frequencies` -- phonon frequencies (THz) at a q-point.
 
 Units follow ASE and phonopy's default (VASP-like) conventions: lengths in Å,
 energies in eV, forces in eV/Å, force constants in eV/Å², masses in amu and
@@ -32,14 +33,16 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from .exceptions import SimulationError
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -54,6 +57,7 @@ __all__ = [
     "compute_reference",
     "conventional_lattice_constant",
     "force_constants",
+    "frequencies",
     "known_models",
     "make_calculator",
     "relax",
@@ -65,11 +69,11 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = 'install the optional "mlff" extra of this project: pip install ".[mlff]"'
 
 
-class MLFFUnavailableError(ImportError):
+class MLFFUnavailableError(SimulationError, ImportError):
     """Raised when the package (or the weights) needed for a model is missing.
 
-    Derives from :class:`ImportError`, so ``except ImportError`` and
-    ``pytest.importorskip``-style handling keep working.
+    Derives from :class:`ImportError` (so ``except ImportError`` keeps working)
+    and from :class:`simulations.exceptions.SimulationError`.
     """
 
 
@@ -172,7 +176,7 @@ def _checkpoint_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _import_calculator_module(package: str) -> Any:
     """Import (once) the module holding a package's ASE calculator.
 
@@ -363,13 +367,18 @@ def relax(
     if converged:
         logger.info(
             "relaxed in %d steps: max |F| = %.2e eV/A, max |stress| = %.2e eV/A^3",
-            n_steps, max_force, max_stress,
+            n_steps,
+            max_force,
+            max_stress,
         )
     else:
         logger.warning(
             "relaxation not converged to fmax=%.1e eV/A in %d steps: "
             "max |F| = %.2e eV/A, max |stress| = %.2e eV/A^3",
-            fmax, n_steps, max_force, max_stress,
+            fmax,
+            n_steps,
+            max_force,
+            max_stress,
         )
 
     relaxed = work.copy()  # Atoms.copy drops the calculator
@@ -493,12 +502,15 @@ def build_phonopy(
     ph.forces = np.array(sets)
     logger.info(
         "%d displaced supercell(s) of %d atoms evaluated in %.1f s",
-        len(sets), len(ph.supercell), time.perf_counter() - t0,
+        len(sets),
+        len(ph.supercell),
+        time.perf_counter() - t0,
     )
     ph.produce_force_constants(calculate_full_force_constants=True, show_drift=False)
     ph.symmetrize_force_constants(show_drift=False)
     fc = ph.force_constants
-    assert fc is not None and fc.shape[0] == fc.shape[1] == len(ph.supercell)
+    assert fc is not None
+    assert fc.shape[0] == fc.shape[1] == len(ph.supercell)
     return ph
 
 
@@ -521,6 +533,28 @@ def force_constants(
     """
     ph = build_phonopy(primitive, calculator, supercell_matrix, displacement, **kwargs)
     return np.array(ph.force_constants, dtype=float)
+
+
+def frequencies(ph: Phonopy, q: ArrayLike) -> NDArray[np.float64]:
+    """Phonon frequencies at one q-point.
+
+    Non-deprecated equivalent of ``ph.get_frequencies(q)``.
+
+    Parameters
+    ----------
+    ph : phonopy.Phonopy
+        Phonopy object with force constants (e.g. from :func:`build_phonopy`).
+    q : array_like, shape (3,)
+        q-point in reduced coordinates of the reciprocal lattice of the
+        phonopy primitive cell (here the cell passed to :func:`build_phonopy`).
+
+    Returns
+    -------
+    numpy.ndarray
+        Frequencies in THz, ascending; imaginary modes are negative.
+    """
+    qpoints = ph.run_qpoints(np.asarray(q, dtype=float).reshape(1, 3))
+    return np.array(qpoints.frequencies[0], dtype=float)
 
 
 @dataclass
@@ -593,8 +627,10 @@ def compute_reference(
     MLFFResult
     """
     t0 = time.perf_counter()
-    calc = calculator if calculator is not None else make_calculator(
-        model_name, num_threads=num_threads
+    calc = (
+        calculator
+        if calculator is not None
+        else make_calculator(model_name, num_threads=num_threads)
     )
     relaxed = relax(primitive_atoms, calc, fmax=fmax, steps=relax_steps, relax_cell=relax_cell)
     a = conventional_lattice_constant(relaxed)

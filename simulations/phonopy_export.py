@@ -112,7 +112,7 @@ def to_phonopy(
         scaled_positions=cryst.positions,
         masses=cryst.masses,
     )
-    ph = Phonopy(unit, supercell_matrix=np.diag([n, n, n]), primitive_matrix=None)
+    ph = Phonopy(unit, supercell_matrix=np.diag([n, n, n]), primitive_matrix=np.eye(3))
     ph.force_constants = fc
     return ph
 

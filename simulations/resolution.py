@@ -69,8 +69,13 @@ class EnergyResolution:
         """A constant Gaussian width ``sigma`` (meV)."""
         if not sigma > 0:
             raise GridError(f"resolution width must be > 0 meV, got {sigma}")
-        return cls(instrument="constant", ei=float("inf"), chopper_frequency=0.0,
-                   coefficients=(float(sigma),), e_max=float(e_max))
+        return cls(
+            instrument="constant",
+            ei=float("inf"),
+            chopper_frequency=0.0,
+            coefficients=(float(sigma),),
+            e_max=float(e_max),
+        )
 
 
 def instrument_resolution(

@@ -1,0 +1,288 @@
+"""``steer``: the command line of the steering service.
+
+This module only wires parts together; the physics lives in :mod:`simulations`.
+Every command that computes results prints them as JSON with ``--json`` (on stdout;
+progress bars and logs go to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from simulations.exceptions import SimulationError
+
+__all__ = ["app", "main"]
+
+logger = logging.getLogger("steering")
+
+app = typer.Typer(
+    name="steer",
+    help="Streaming steering service for single-crystal inelastic neutron scattering.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+simulate_app = typer.Typer(
+    help="Physics: force constants, dispersions, training sets.", no_args_is_help=True
+)
+app.add_typer(simulate_app, name="simulate")
+
+MaterialOpt = Annotated[
+    str, typer.Option("--material", "-m", help="Shipped material (Ge, Nb, Al) or a CIF file.")
+]
+FcOpt = Annotated[
+    str,
+    typer.Option(
+        "--fc",
+        help="Named FC set (mlff_mean, a model name, raman for Ge) or a JSON file "
+        '{"coefficients": {name: value}}.',
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _emit(payload: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(payload, indent=None, default=_json_default))
+    else:
+        for key, value in payload.items():
+            if isinstance(value, list) and len(value) > 8:
+                value = f"[{len(value)} items]"
+            typer.echo(f"{key}: {value}")
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+@simulate_app.command("fc")
+def simulate_fc(
+    material: MaterialOpt = "Ge",
+    fc: FcOpt = "mlff_mean",
+    out: Annotated[Path, typer.Option("--out", help="Folder for phonopy_params.yaml.")] = Path(
+        "fc_export"
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the full force constants of an FC set in phonopy's format (phonopy_params.yaml)."""
+    from simulations.materials import setup
+    from simulations.phonopy_export import supercell_size, write_phonopy_params
+    from simulations.reference import resolve_fc
+
+    ms = setup(material)
+    label, coeffs = resolve_fc(material, fc, ms)
+    path = write_phonopy_params(ms.basis, coeffs, out)
+    table = out / "coefficients.json"
+    table.write_text(
+        json.dumps(
+            {
+                "material": ms.crystal.name,
+                "fc_set": label,
+                "coefficients": dict(zip(ms.basis.names, coeffs.tolist(), strict=True)),
+                "orbits": ms.basis.describe(),
+                "units": "eV/A^2",
+            },
+            indent=2,
+        )
+    )
+    n = supercell_size(ms.basis)
+    _emit(
+        {
+            "material": ms.crystal.name,
+            "fc_set": label,
+            "phonopy_params": str(path),
+            "coefficients_file": str(table),
+            "supercell_matrix": np.diag([n, n, n]).tolist(),
+            "n_coefficients": ms.basis.n_coefficients,
+        },
+        as_json,
+    )
+
+
+@simulate_app.command("dispersion")
+def simulate_dispersion(
+    material: MaterialOpt = "Ge",
+    fc: FcOpt = "mlff_mean",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="PNG of I(q,E) with the dispersion.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Phonon dispersion of an FC set along the material's q-path, drawn over I(q, E)."""
+    import torch
+
+    from simulations.materials import setup
+    from simulations.plotting import plot_dispersion
+    from simulations.reference import gamma_optical_thz, resolve_fc
+
+    ms = setup(material)
+    label, coeffs = resolve_fc(material, fc, ms)
+    fm = ms.forward_model(dtype=torch.float64, method="exact")
+    with torch.no_grad():
+        freqs = fm.frequencies(coeffs[None])[0].numpy()
+        result = fm.spectra(coeffs[None])
+    if not bool(result.stable[0]):
+        logger.warning(
+            "FC set %s is dynamically unstable (lowest frequency %.3f THz)",
+            label,
+            float(result.min_frequency_thz[0]),
+        )
+    if out is not None:
+        plot_dispersion(
+            ms.grid,
+            result.intensity[0].numpy(),
+            freqs,
+            out,
+            title=f"{ms.crystal.name}, FC set {label}",
+        )
+    payload = {
+        "material": ms.crystal.name,
+        "fc_set": label,
+        "fc_names": list(ms.basis.names),
+        "fc_values": coeffs.tolist(),
+        "qpoints_rlu": ms.grid.qpath.qpoints.round(10).tolist(),
+        "frequencies_thz": freqs.round(8).tolist(),
+        "gamma_optical_thz": gamma_optical_thz(ms.basis, coeffs),
+    }
+    if out is not None:
+        payload["plot"] = str(out)
+    _emit(payload, as_json)
+
+
+@simulate_app.command("dataset")
+def simulate_dataset(
+    material: MaterialOpt = "Ge",
+    n: Annotated[int, typer.Option("--n", help="Number of stable spectra.")] = 10000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="HDF5 file to write.")] = Path("train.h5"),
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Training set: FCs sampled uniformly in the training domain, stable ones kept, I(q,E)."""
+    from simulations.dataset import generate_dataset
+
+    summary = generate_dataset(
+        material,
+        n,
+        out,
+        seed=seed,
+        progress=not quiet,
+        command=shlex.join(["steer", *sys.argv[1:]]),
+    )
+    _emit(summary.to_dict(), as_json)
+
+
+@simulate_app.command("info")
+def simulate_info(material: MaterialOpt = "Ge", as_json: JsonOpt = False) -> None:
+    """The material's crystal, FC coefficients, named sets, kept coefficients, domain, grid."""
+    from simulations.materials import setup
+    from simulations.reference import load_reference
+
+    ms = setup(material)
+    payload: dict[str, Any] = {
+        "crystal": ms.crystal.summary(),
+        "shells": ms.defaults.shells,
+        "cutoff_A": round(ms.basis.cutoff, 6),
+        "coefficients": ms.basis.describe(),
+        "grid": ms.grid.to_dict(),
+        "resolution": ms.resolution.to_dict(),
+    }
+    try:
+        ref = load_reference(ms.crystal.name)
+    except SimulationError as exc:
+        payload["reference"] = str(exc)
+    else:
+        payload["fc_sets"] = ref.fc_set_names()
+        payload["kept"] = list(ref.kept)
+        payload["domain"] = ref.domain.tolist()
+        payload["sensitivity"] = ref.sensitivity
+    _emit(payload, as_json)
+
+
+@simulate_app.command("reference")
+def simulate_reference(
+    material: MaterialOpt = "Ge",
+    models: Annotated[
+        list[str] | None, typer.Option("--model", help="Force field (repeat); default all.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="JSON to write (default: the package data file)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rebuild the reference FCs from the ML force fields in wheels (needs the mlff extra)."""
+    from simulations.reference import build_reference, reference_path
+
+    record = build_reference(material, models)
+    target = out or reference_path(material)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=1) + "\n")
+    _emit(
+        {
+            "material": material,
+            "written": str(target),
+            "models": list(record["models"]),  # type: ignore[call-overload]
+            "kept": record["kept"],
+            "gamma_optical_thz_mean": record["gamma_optical_thz_mean"],
+        },
+        as_json,
+    )
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's outputs.")] = Path(
+        "demo_out"
+    ),
+    n: Annotated[int, typer.Option("--n", help="Spectra in the demo training set.")] = 2000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Physics demo on Ge: FC sets, dispersion picture, phonopy export, a small training set."""
+    from simulations.demo import run_demo
+
+    _emit(run_demo(out, n=n), as_json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``steer`` console script."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("matplotlib", "h5py", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        app(args=argv, standalone_mode=False)
+    except SimulationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Exit):
+            raise SystemExit(exc.exit_code) from None
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

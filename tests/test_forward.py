@@ -1,0 +1,128 @@
+"""The torch forward model: correctness, differentiability, stability reporting, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simulations.exceptions import GridError, InvalidCoefficientsError
+from simulations.forward import THZ_TO_MEV, ForwardModel
+from simulations.grid import make_grid
+from simulations.materials import MaterialSetup
+from simulations.reference import load_reference, named_fc_set
+from simulations.resolution import EnergyResolution, instrument_resolution
+
+
+@pytest.fixture(scope="module")
+def ge_small(ge: MaterialSetup) -> ForwardModel:
+    """A small float64 Ge model (30 q x 40 E) for gradcheck and exact checks."""
+    grid = make_grid(ge.crystal, path="G-X-U|K-G-L", n_q=30, e_max=60.0, n_e=40)
+    ref = load_reference("Ge")
+    return ForwardModel(
+        ge.basis,
+        grid,
+        ge.resolution,
+        free=ref.kept[:4],
+        reference=ref.mean,
+        dtype=torch.float64,
+        method="exact",
+    )
+
+
+def test_gradcheck_wrt_coefficients(ge_small: ForwardModel) -> None:
+    ref = load_reference("Ge")
+    c = torch.tensor(ref.mean[ref.kept_index[:4]][None], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x: ge_small.spectra(x).intensity, (c,), eps=1e-6, atol=1e-6, rtol=1e-4
+    )
+
+
+def test_table_model_records_exact_gradients(ge: MaterialSetup, ge_small: ForwardModel) -> None:
+    """With autograd on, the table model broadens exactly, so its Jacobian is the exact one."""
+    ref = load_reference("Ge")
+    fm = ForwardModel(
+        ge.basis,
+        ge_small.grid,
+        ge.resolution,
+        free=ref.kept[:4],
+        reference=ref.mean,
+        dtype=torch.float64,
+        method="table",
+    )
+    c = torch.tensor(ref.mean[ref.kept_index[:4]][None], dtype=torch.float64, requires_grad=True)
+    jac = torch.autograd.functional.jacobian(lambda x: fm.spectra(x).intensity, c)
+    exact = torch.autograd.functional.jacobian(lambda x: ge_small.spectra(x).intensity, c)
+    torch.testing.assert_close(jac, exact)
+
+
+def test_table_broadening_matches_exact(ge: MaterialSetup) -> None:
+    c = named_fc_set("Ge", "raman", ge)[None]
+    exact = ge.forward_model(dtype=torch.float64, method="exact").spectra(c).intensity
+    table = ge.forward_model(dtype=torch.float64, method="table").spectra(c).intensity
+    assert float((exact - table).abs().max() / exact.max()) < 2e-4
+    fast32 = ge.forward_model().spectra(c).intensity.double()
+    assert float((exact - fast32).abs().max() / exact.max()) < 2e-3
+
+
+def test_each_branch_has_unit_area(ge: MaterialSetup) -> None:
+    """With a narrow constant resolution every branch inside the window integrates to 1."""
+    c = named_fc_set("Ge", "raman", ge)
+    fm = ForwardModel(ge.basis, ge.grid, EnergyResolution.constant(0.5), dtype=torch.float64)
+    intensity = fm.spectra(c[None]).intensity[0].numpy()
+    energies = fm.frequencies(c[None])[0].numpy() * THZ_TO_MEV
+    inside = ((energies > 3.0) & (energies < 65.0)).sum(axis=1)
+    columns = inside == 6  # q-points whose six branches are all well inside the window
+    np.testing.assert_allclose(intensity.sum(axis=1)[columns], 6.0, rtol=1e-6)
+
+
+def test_peak_sits_at_the_branch_energy(ge: MaterialSetup) -> None:
+    c = named_fc_set("Ge", "raman", ge)
+    fm = ge.forward_model(dtype=torch.float64, method="exact")
+    intensity = fm.spectra(c[None]).intensity[0].numpy()
+    # At Gamma the top of the spectrum is the triply degenerate optical mode at 9.0 THz.
+    top = ge.grid.energy_centres[np.argmax(intensity[0, 20:]) + 20]
+    assert top == pytest.approx(9.0 * THZ_TO_MEV, abs=0.7)  # within one 0.7 meV bin
+
+
+def test_unstable_sets_are_reported_per_sample(ge: MaterialSetup) -> None:
+    ref = load_reference("Ge")
+    fm = ge.forward_model(free=ref.kept, reference=ref.mean)
+    good = ref.mean[ref.kept_index]
+    bad = -good  # all springs reversed: imaginary everywhere
+    result = fm.spectra(np.vstack([good, bad]))
+    assert result.stable.tolist() == [True, False]
+    assert float(result.min_frequency_thz[1]) < -1.0
+
+
+def test_non_finite_and_misshaped_input(ge: MaterialSetup) -> None:
+    ref = load_reference("Ge")
+    fm = ge.forward_model(free=ref.kept, reference=ref.mean)
+    c = ref.mean[ref.kept_index][None].copy()
+    c[0, 2] = np.inf
+    with pytest.raises(InvalidCoefficientsError, match=f"non-finite.*{ref.kept[2]}"):
+        fm.spectra(c)
+    with pytest.raises(InvalidCoefficientsError, match=r"expected a \(batch, 8\)"):
+        fm.spectra(np.zeros((2, 5)))
+    with pytest.raises(InvalidCoefficientsError, match="reference="):
+        ForwardModel(ge.basis, ge.grid, ge.resolution, free=ref.kept)
+
+
+def test_spectra_fast_equals_spectra(ge: MaterialSetup, rng: np.random.Generator) -> None:
+    ref = load_reference("Ge")
+    fm = ge.forward_model(free=ref.kept, reference=ref.mean)
+    c = ref.domain[:, 0] + (ref.domain[:, 1] - ref.domain[:, 0]) * rng.random((300, 8))
+    fast, stable, _ = fm.spectra_fast(c, chunk=64, workers=2)
+    slow = fm.spectra(c)
+    np.testing.assert_allclose(fast, slow.intensity.numpy(), atol=1e-6)
+    assert stable.tolist() == slow.stable.tolist()
+
+
+def test_resolution_from_resins_matches_the_documented_arcs_values() -> None:
+    # DESIGN.md: ARCS, Ei = 80 meV, 600 Hz: sigma 1.30 meV elastic, 0.71 meV at 60 meV.
+    res = instrument_resolution("ARCS", 80.0, 600.0)
+    np.testing.assert_allclose(res.sigma(np.array([0.0, 60.0])), [1.30, 0.71], atol=0.02)
+    with pytest.raises(GridError, match="too small"):
+        instrument_resolution("ARCS", 60.0, 600.0, e_max=70.0)
+    with pytest.raises(GridError, match="positive"):
+        instrument_resolution("ARCS", -5.0)

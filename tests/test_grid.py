@@ -1,0 +1,55 @@
+"""q-paths and the (q, E) grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simulations.exceptions import GridError
+from simulations.grid import make_grid
+from simulations.materials import MaterialSetup
+
+
+def test_ge_path_and_grid_size(ge: MaterialSetup) -> None:
+    grid = ge.grid
+    assert grid.qpath.path == "G-X-U|K-G-L-W-X"
+    assert grid.shape == (200, 100)  # 20,000 pixels like the seed paper
+    labels = [label for _, label in grid.qpath.ticks]
+    assert labels == ["G", "X", "U|K", "G", "L", "W", "X"]
+    q = grid.qpath.qpoints
+    for index, label in grid.qpath.ticks:
+        name = label.split("|")[-1]
+        np.testing.assert_allclose(q[index], ge.crystal.kpoints[name], atol=1e-12)
+    # X of the fcc primitive reciprocal lattice is 2 pi / a from Gamma.
+    x_index = grid.qpath.ticks[1][0]
+    assert grid.qpath.distance[x_index] == pytest.approx(2 * np.pi / 5.658, rel=1e-9)
+    # the U|K jump adds no distance
+    k_index = grid.qpath.ticks[2][0]
+    assert grid.qpath.distance[k_index] == grid.qpath.distance[k_index - 1]
+    assert grid.energy_edges[0] == 0.0
+    assert grid.energy_edges[-1] == 70.0
+
+
+def test_fingerprint_is_stable_and_sensitive(ge: MaterialSetup) -> None:
+    same = make_grid(ge.crystal, path="G-X-U|K-G-L-W-X", n_q=200, e_max=70.0, n_e=100)
+    assert same.fingerprint == ge.grid.fingerprint
+    assert len(same.fingerprint) == 16
+    other = make_grid(ge.crystal, path="G-X-U|K-G-L-W-X", n_q=200, e_max=71.0, n_e=100)
+    assert other.fingerprint != ge.grid.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"e_max": 0.0}, "E max must be > 0"),
+        ({"e_max": -5.0}, "E max must be > 0"),
+        ({"e_max": float("nan")}, "finite"),
+        ({"e_min": 10.0, "e_max": 5.0}, "above E min"),
+        ({"n_e": 0}, "at least one energy bin"),
+        ({"path": "G-Q"}, "unknown point"),
+        ({"path": "G"}, "two or more points"),
+    ],
+)
+def test_bad_grids_are_clear_errors(ge: MaterialSetup, kwargs: dict, message: str) -> None:
+    with pytest.raises(GridError, match=message):
+        make_grid(ge.crystal, **kwargs)
