@@ -32,7 +32,7 @@ test: check
 
 bench: $(STAMP)
 	mkdir -p bench-results
-	$(BIN)/python -m pytest -q -s tests/benchmarks -o python_files='bench_*.py' -p no:cacheprovider
+	$(BIN)/python -m pytest -q -s tests/benchmarks -o python_files='bench_*.py' -o python_functions='bench_*' -p no:cacheprovider
 
 # Optional: the ML force fields that rebuild the reference FCs (simulate reference).
 mlff: $(STAMP)

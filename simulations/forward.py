@@ -28,11 +28,13 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import spglib
 import torch
 from numpy.typing import NDArray
+from threadpoolctl import threadpool_limits
 
 from .exceptions import InvalidCoefficientsError
 from .force_constants import FCBasis
@@ -77,6 +79,34 @@ def _irreducible_mesh(basis: FCBasis, mesh: int) -> NDArray[np.float64]:
         [mesh] * 3, basis.crystal.spglib_cell(), is_shift=[0, 0, 0]
     )
     return np.asarray(grid[np.unique(mapping)], dtype=float) / mesh
+
+
+def _realifying_transform(basis: FCBasis) -> NDArray[np.complex128] | None:
+    """Unitary T with T^H D(q) T real for every q, for crystals with an inversion centre.
+
+    Inversion maps atom i to P(i) and r to -r, so conj(D(q)) = D(-q) = Pi D(q) Pi^T with Pi
+    the atom permutation (x identity on Cartesian indices). Pi is a symmetric involution;
+    in its eigenbasis U (eigenvalues s = +-1) conj(U^T D U) = S (U^T D U) S, and multiplying
+    the s = -1 columns by i makes the matrix real. Returns None without inversion symmetry.
+    """
+    rotations, translations = basis.crystal.symmetry_operations()
+    crystal = basis.crystal
+    for w, t in zip(rotations, translations, strict=True):
+        if not np.array_equal(w, -np.eye(3, dtype=w.dtype)):
+            continue
+        image = -crystal.positions + t
+        perm = np.empty(crystal.n_atoms, dtype=int)
+        for i in range(crystal.n_atoms):
+            diff = image[i] - crystal.positions
+            dist = np.linalg.norm((diff - np.round(diff)) @ crystal.lattice, axis=1)
+            perm[i] = int(np.argmin(dist))
+        m = 3 * crystal.n_atoms
+        pi = np.zeros((m, m))
+        for i, j in enumerate(perm):
+            pi[3 * j : 3 * j + 3, 3 * i : 3 * i + 3] = np.eye(3)
+        signs, u = np.linalg.eigh(pi)
+        return u * np.where(signs < 0, 1j, 1.0)[None, :]
+    return None
 
 
 class ForwardModel:
@@ -150,7 +180,12 @@ class ForwardModel:
         self.mesh_qpoints = _irreducible_mesh(basis, stability_mesh)
         q_all = np.vstack([grid.qpath.qpoints, self.mesh_qpoints])
         dyn = basis.dynamical_basis(q_all)  # (n_coeff, n_q_all, m, m)
-        self.is_real = bool(np.abs(dyn.imag).max(initial=0.0) < 1e-12)
+        if np.abs(dyn.imag).max(initial=0.0) >= 1e-12:
+            transform = _realifying_transform(basis)
+            if transform is not None:
+                dyn = np.einsum("ai,kqab,bj->kqij", transform.conj(), dyn, transform)
+        # Same eigenvalues; real symmetric matrices are much cheaper to diagonalise.
+        self.is_real = bool(np.abs(dyn.imag).max(initial=0.0) < 1e-10)
         if self.is_real:
             dyn_t = torch.from_numpy(np.ascontiguousarray(dyn.real)).to(dtype)
         else:
@@ -163,6 +198,10 @@ class ForwardModel:
         self._d_fixed = (
             ref_t @ flat[fixed_idx] if fixed_idx else torch.zeros_like(flat[0])
         ).contiguous()
+        if self.is_real:  # float64 copies for the compiled no-gradient path
+            dyn_real = np.ascontiguousarray(dyn.real).reshape(basis.n_coefficients, -1)
+            self._d_free_np = dyn_real[free_idx]
+            self._d_fixed_np = self.reference[fixed_idx] @ dyn_real[fixed_idx]
         self._edges = torch.from_numpy(grid.energy_edges).to(dtype)
         self._scale = VASP_TO_THZ * THZ_TO_MEV  # sqrt(eV/A^2/amu) -> meV
         self._poly = torch.tensor(resolution.coefficients, dtype=dtype)
@@ -200,8 +239,18 @@ class ForwardModel:
         return c.to(self.dtype)
 
     def eigenvalues(self, coefficients: NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
-        """Eigenvalues of D(q), (B, n_q_path + n_q_mesh, n_branches), eV/A^2/amu, ascending."""
+        """Eigenvalues of D(q), (B, n_q_path + n_q_mesh, n_branches), eV/A^2/amu, ascending.
+
+        Without autograd, real matrices go to a compiled small-matrix solver
+        (:func:`simulations._eig.eigvalsh_small`); with autograd, to ``torch.linalg.eigvalsh``.
+        """
         c = self._as_tensor(coefficients)
+        if self.is_real and not (c.requires_grad and torch.is_grad_enabled()):
+            from ._eig import eigvalsh_small
+
+            d_np = c.detach().double().numpy() @ self._d_free_np + self._d_fixed_np
+            d_np = d_np.reshape(c.shape[0], self._n_q_all, self._m, self._m)
+            return torch.from_numpy(eigvalsh_small(d_np)).to(self.dtype)
         d = c.to(self._d_free.dtype) @ self._d_free + self._d_fixed
         d = d.reshape(c.shape[0], self._n_q_all, self._m, self._m)
         return torch.linalg.eigvalsh(d)
@@ -231,7 +280,7 @@ class ForwardModel:
         self,
         coefficients: NDArray[np.float64],
         *,
-        chunk: int = 128,
+        chunk: int = 256,
         workers: int = 2,
     ) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.float64]]:
         """No-gradient batched evaluation over threads, for training-set generation.
@@ -254,13 +303,19 @@ class ForwardModel:
             min_freq[start : start + chunk] = res.min_frequency_thz.double().numpy()
 
         starts = range(0, len(c), chunk)
-        if workers <= 1 or len(c) <= chunk:
+        # One BLAS thread per worker: the workers already use the cores.
+        with threadpool_limits(limits=1 if workers > 1 else None):
+            self._run_chunks(work, starts, workers, len(c) <= chunk)
+        return out, stable, min_freq
+
+    @staticmethod
+    def _run_chunks(work: Any, starts: range, workers: int, single: bool) -> None:
+        if workers <= 1 or single:
             for s in starts:
                 work(s)
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(work, starts))
-        return out, stable, min_freq
 
     # ------------------------------------------------------------------ broadening
     def _sigma(self, energy: torch.Tensor) -> torch.Tensor:
@@ -277,34 +332,38 @@ class ForwardModel:
         return (cdf[..., 1:] - cdf[..., :-1]).sum(dim=2)
 
     def _build_table(self) -> None:
+        """Bin profile of a mode at energies 0, step, 2 step, ... (windowed, float64)."""
+        from scipy.special import erf
+
         edges = self.grid.energy_edges
-        sig_max = float(self.resolution.sigma(np.linspace(0, self.resolution.e_max, 64)).max())
-        sig_min = float(self.resolution.sigma(np.linspace(0, self.resolution.e_max, 64)).min())
+        e_grid = np.linspace(0, self.resolution.e_max, 64)
+        sig_max = float(self.resolution.sigma(e_grid).max())
+        sig_min = float(self.resolution.sigma(e_grid).min())
         top = edges[-1] + 7.0 * sig_max
         step = min(sig_min / 25.0, 0.02)
         e_modes = np.arange(0.0, top + step, step)
-        from scipy.special import erf
-
         sig = self.resolution.sigma(e_modes)[:, None]
         cdf = 0.5 * erf((edges[None, :] - e_modes[:, None]) / (sig * np.sqrt(2.0)))
-        table = np.diff(cdf, axis=1)
-        table = np.vstack([table, np.zeros((1, table.shape[1]))])  # beyond the table: nothing
-        self._table = torch.from_numpy(table).to(self.dtype)
+        full = np.diff(cdf, axis=1)  # (n_rows, n_E)
+        # Keep a window of bins around each mode: beyond 5 sigma lies < 3e-7 of its area.
+        half = int(np.ceil(5.0 * sig_max / (edges[1] - edges[0]))) + 1
+        centre = np.searchsorted(edges, e_modes) - 1
+        start = np.clip(centre - half, 0, None).astype(np.int64)
+        width = 2 * half + 2
+        padded = np.hstack([full, np.zeros((len(full), width))])
+        rows = np.arange(len(full))[:, None]
+        self._table = padded[rows, start[:, None] + np.arange(width)[None, :]]
+        self._table_start = start
         self._table_step = step
-        self._table_rows = len(e_modes)
 
     def _broaden_table(self, energy: torch.Tensor) -> torch.Tensor:
-        b, nq, m = energy.shape
-        pos = energy.reshape(b * nq, m) / self._table_step
-        last = self._table_rows - 1
-        i0 = pos.floor().clamp(0, last - 1).detach()
-        frac = (pos - i0).clamp(0.0, 1.0)
-        inside = pos < last
-        i0l = torch.where(inside, i0, torch.full_like(i0, last + 0.0)).long()
-        i1l = torch.where(inside, i0l + 1, i0l)
-        idx = torch.cat([i0l, i1l], dim=1)
-        w = torch.cat([1.0 - frac, frac], dim=1) * torch.cat([inside, inside], dim=1)
-        out = torch.nn.functional.embedding_bag(
-            idx, self._table, per_sample_weights=w.to(self._table.dtype), mode="sum"
+        from ._eig import broaden_table
+
+        out = broaden_table(
+            energy.detach().numpy(),
+            self._table,
+            self._table_start,
+            self._table_step,
+            self.grid.n_e,
         )
-        return out.reshape(b, nq, -1)
+        return torch.from_numpy(out).to(self.dtype)

@@ -126,3 +126,27 @@ def test_resolution_from_resins_matches_the_documented_arcs_values() -> None:
         instrument_resolution("ARCS", 60.0, 600.0, e_max=70.0)
     with pytest.raises(GridError, match="positive"):
         instrument_resolution("ARCS", -5.0)
+
+
+def test_compiled_small_eigensolver_matches_lapack(rng: np.random.Generator) -> None:
+    from simulations._eig import eigvalsh_small
+
+    a = rng.normal(size=(500, 6, 6))
+    a = a + a.transpose(0, 2, 1)
+    degenerate = np.stack([np.zeros((6, 6)), np.eye(6), np.diag([1.0, 1, 1, 2, 2, 2])])
+    mats = np.concatenate([a, degenerate])
+    np.testing.assert_allclose(eigvalsh_small(mats), np.linalg.eigvalsh(mats), atol=1e-12)
+
+
+def test_centrosymmetric_crystal_is_made_real_with_unchanged_frequencies(
+    ge: MaterialSetup,
+) -> None:
+    """Ge (inversion centre between the two atoms): the unitary transform makes D(q) real."""
+    fm = ge.forward_model(dtype=torch.float64)
+    assert fm.is_real
+    c = named_fc_set("Ge", "raman", ge)
+    q = ge.grid.qpath.qpoints
+    d = np.einsum("k,kqij->qij", c, ge.basis.dynamical_basis(q))  # complex, untransformed
+    np.testing.assert_allclose(
+        fm.eigenvalues(c[None])[0, : len(q)].numpy(), np.linalg.eigvalsh(d), atol=1e-10
+    )
