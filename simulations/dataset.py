@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from .exceptions import DatasetError
 from .materials import MaterialSetup, setup
-from .reference import load_reference
+from .reference import ReferenceEnsemble, load_reference
 
 __all__ = ["DatasetSummary", "generate_dataset", "read_dataset", "sample_domain"]
 
@@ -150,7 +150,7 @@ def _count_discarded(
 def _write(
     out: Path,
     ms: MaterialSetup,
-    ref: object,
+    ref: ReferenceEnsemble,
     spectra: NDArray[np.float32],
     fcs: NDArray[np.float64],
     *,
@@ -158,9 +158,6 @@ def _write(
     n_discarded: int,
     command: str,
 ) -> None:
-    from .reference import ReferenceEnsemble
-
-    assert isinstance(ref, ReferenceEnsemble)
     fixed = [k for k, name in enumerate(ref.names) if name not in ref.kept]
     tmp = out.with_suffix(out.suffix + ".partial")
     try:

@@ -258,7 +258,7 @@ def build_fc_basis(
     if not np.isfinite(cutoff) or cutoff <= 0:
         raise ForceConstantError(f"cutoff must be a positive distance in Angstrom, got {cutoff}")
 
-    bonds, vectors, lengths = _enumerate_bonds(crystal, cutoff)
+    bonds, vectors, lengths = _all_bonds(crystal, cutoff)
     if len(bonds) == 0:
         raise ForceConstantError(
             f"no bonds of {crystal.name} are shorter than the cutoff {cutoff:.3f} A; "
@@ -412,12 +412,6 @@ def _shell_distances(crystal: Crystal, shells: int) -> NDArray[np.float64]:
         if len(distinct) > shells:
             return np.array(distinct)
         radius *= 1.5
-
-
-def _enumerate_bonds(
-    crystal: Crystal, cutoff: float
-) -> tuple[list[tuple[int, ...]], NDArray[np.float64], NDArray[np.float64]]:
-    return _all_bonds(crystal, cutoff)
 
 
 def _atom_permutation(

@@ -295,6 +295,7 @@ def build_reference(
         raise SimulationError(f"force fields not available here: {missing}; available: {available}")
     n = supercell_size(ms.basis)
     matrix = np.diag([n, n, n])
+    fm = ms.forward_model(dtype=torch.float64, method="exact")
     records: dict[str, dict[str, object]] = {}
     for name in tqdm(chosen, desc=f"{material}: ML force fields", disable=not progress):
         calc = mlff.make_calculator(name)
@@ -310,7 +311,6 @@ def build_reference(
         coeffs, resid = project(rbasis, np.asarray(result.force_constants), n)
         coeffs_large, _ = project(rbasis, fc_large, n)
         change = float(np.linalg.norm(coeffs_large - coeffs) / np.linalg.norm(coeffs))
-        fm = ms.forward_model(dtype=torch.float64, method="exact")
         with torch.no_grad():
             min_freq = float(fm.spectra(coeffs[None]).min_frequency_thz[0])
         reason = ""
@@ -397,16 +397,6 @@ def _ase_atoms(ms: MaterialSetup) -> Any:
 
     c = ms.crystal
     return Atoms(symbols=list(c.species), cell=c.lattice, scaled_positions=c.positions, pbc=True)
-
-
-def check_in_domain(ref: ReferenceEnsemble, coefficients: NDArray[np.float64]) -> None:
-    """Raise if a full coefficient vector has kept coefficients outside the training domain."""
-    inside = ref.in_domain(coefficients)
-    if not np.all(inside):
-        bad = [ref.kept[k] for k in np.nonzero(~inside)[0]]
-        raise InvalidCoefficientsError(
-            f"coefficients outside the {ref.material} training domain: {bad}"
-        )
 
 
 def resolve_fc(
