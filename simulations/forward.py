@@ -288,9 +288,7 @@ class ForwardModel:
         Returns numpy arrays ``(intensity (B, n_q, n_E) float32, stable (B,), min_freq (B,))``.
         """
         c = np.asarray(coefficients, dtype=float)
-        self._as_tensor(c[:1])  # validate shape
-        if not np.all(np.isfinite(c)):
-            self._as_tensor(c)
+        self._as_tensor(c)  # validate shape and finiteness once, up front
         out = np.empty((len(c), *self.grid.shape), dtype=np.float32)
         stable = np.empty(len(c), dtype=bool)
         min_freq = np.empty(len(c))
@@ -337,8 +335,8 @@ class ForwardModel:
 
         edges = self.grid.energy_edges
         e_grid = np.linspace(0, self.resolution.e_max, 64)
-        sig_max = float(self.resolution.sigma(e_grid).max())
-        sig_min = float(self.resolution.sigma(e_grid).min())
+        sig_grid = self.resolution.sigma(e_grid)
+        sig_max, sig_min = float(sig_grid.max()), float(sig_grid.min())
         top = edges[-1] + 7.0 * sig_max
         step = min(sig_min / 25.0, 0.02)
         e_modes = np.arange(0.0, top + step, step)
