@@ -8,7 +8,10 @@ Hierarchy::
     │   ├── UnknownFCSetError       a named FC set that does not exist for the material
     │   └── InvalidCoefficientsError  wrong shape, non-finite or out-of-range coefficients
     ├── GridError                   an impossible (q, E) grid or q-path
-    └── DatasetError                a training set that cannot be generated or read
+    ├── InstrumentError             an impossible instrument, orientation or run plan
+    ├── DatasetError                a training set that cannot be generated or read
+    ├── NoiseError                  noise parameters or spectra the noise model cannot use
+    └── RecordingError              a recorded run (.steer) that cannot be written or read
 
 Every message says what was wrong and how to fix it.
 """
@@ -19,7 +22,10 @@ __all__ = [
     "DatasetError",
     "ForceConstantError",
     "GridError",
+    "InstrumentError",
     "InvalidCoefficientsError",
+    "NoiseError",
+    "RecordingError",
     "SimulationError",
     "StructureError",
     "UnknownFCSetError",
@@ -53,5 +59,19 @@ class GridError(SimulationError, ValueError):
     """An impossible (q, E) grid or q-path."""
 
 
+class InstrumentError(SimulationError, ValueError):
+    """An instrument, orientation or run plan that cannot be used (e.g. omega outside the
+    goniometer limits, Ei too small, negative counts)."""
+
+
 class DatasetError(SimulationError):
     """A training set that cannot be generated or read."""
+
+
+class NoiseError(SimulationError, ValueError):
+    """Spectra or noise parameters (background, Poisson scale) the noise model cannot use."""
+
+
+class RecordingError(SimulationError):
+    """A recorded run (``.steer``) that cannot be written or read: not a recorded run,
+    an unsupported format version, a truncated or corrupt file, or a message too large."""
