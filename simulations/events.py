@@ -13,7 +13,7 @@ Speed comes from two approximations, both measured against the exact S(Q, E) by 
 * **Phonon table.** Energies and eigenvectors are computed once on a Gamma-centred mesh of
   the primitive reciprocal cell (``mesh`` points per axis, exact by periodicity). Mode
   energies at any Q are trilinearly interpolated; eigenvectors come from the nearest mesh
-  point, carried to Q by the phase ``exp(2 pi i G.x_j)``.
+  point, carried to Q = q + G by the phase ``exp(-2 pi i G.x_j)``.
 * **Super-pixels.** S is evaluated at the centre direction of blocks of
   ``group_columns x group_rows`` neighbouring pixels (default 1 x 4: 0.41 x 0.5 degrees,
   below the mosaic spread of a real crystal) on an energy grid of half the finest
@@ -164,9 +164,10 @@ def _expected_kernel(
             r0, r1, r2 = math.floor(x0 + 0.5), math.floor(x1 + 0.5), math.floor(x2 + 0.5)
             n0, n1, n2 = int(r0) % mesh, int(r1) % mesh, int(r2) % mesh
             # G = Q - q_mesh, integer: its phase on each atom
-            g0 = round(h0 - r0 / mesh)
-            g1 = round(h1 - r1 / mesh)
-            g2 = round(h2 - r2 / mesh)
+            # the table point n/mesh is r/mesh folded into [0, 1): G = (r - n) / mesh
+            g0 = (int(r0) - n0) // mesh
+            g1 = (int(r1) - n1) // mesh
+            g2 = (int(r2) - n2) // mesh
             emax_here = -1.0
             for m in range(n_m):
                 em = (
@@ -211,8 +212,11 @@ def _expected_kernel(
                             + c1 * (dw[j, 1, 0] * c0 + dw[j, 1, 1] * c1 + dw[j, 1, 2] * c2)
                             + c2 * (dw[j, 2, 0] * c0 + dw[j, 2, 1] * c1 + dw[j, 2, 2] * c2)
                         )
+                        # D(q+G) = U^+ D(q) U with U = diag(exp(2 pi i G.x_j)): e(Q) = U^+ e(q)
                         ph = (
-                            2.0 * math.pi * (g0 * xfrac[j, 0] + g1 * xfrac[j, 1] + g2 * xfrac[j, 2])
+                            -2.0
+                            * math.pi
+                            * (g0 * xfrac[j, 0] + g1 * xfrac[j, 1] + g2 * xfrac[j, 2])
                         )
                         amp[j] = amp0[j] * math.exp(-w) * complex(math.cos(ph), math.sin(ph))
                     have_amp = True
@@ -271,7 +275,10 @@ class OrientationSimulator:
         self.ei = float(ei)
         self.table = table or PhononTable.build(model, mesh)
         res = model.resolution
-        e_hi = min(self.table.max_energy + 5.0 * float(res.sigma(self.table.max_energy)), 0.95 * ei)
+        e_hi = min(
+            self.table.max_energy + 5.0 * float(res.sigma(np.array(self.table.max_energy))),
+            0.95 * ei,
+        )
         sig0 = float(np.min(res.sigma(np.linspace(0, e_hi, 50))))
         self.e_step = float(e_step or 0.5 * sig0)
         e_lo = -5.0 * sig0 if model.temperature < 50 else -min(e_hi, 0.5 * ei)

@@ -302,7 +302,7 @@ class Instrument:
     # -- kinematics -------------------------------------------------------------------------
 
     def event_to_qe(
-        self, pixel_index: NDArray[np.integer], tof_ns: NDArray[np.floating], ei: float
+        self, pixel_index: NDArray[np.integer], tof_ns: NDArray[np.number], ei: float
     ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """(pixel index, time of flight) -> (Q_lab, E).
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ def parse_omegas(spec: str) -> NDArray[np.float64]:
             if step == 0 or (stop - start) / step <= 0:
                 raise ValueError
             n = int(np.ceil((stop - start) / step - 1e-9))
-            return start + step * np.arange(n)
+            return np.asarray(start + step * np.arange(n), dtype=np.float64)
         return np.array([float(x) for x in spec.split(",") if x.strip()])
     except ValueError:
         raise InstrumentError(
@@ -363,10 +364,16 @@ def _messages(
     progress: bool,
 ) -> Iterator[list[RecordedMessage]]:
     """Yield the run's messages in time order, one orientation at a time."""
-    period_ns = int(round(1e9 / plan.pulse_rate))
+    period_ns = round(1e9 / plan.pulse_rate)
     t = plan.start_time_ns
     run_id = str(metadata["run_id"])
     ev_source = f"{plan.prefix}_detector"
+    # bluesky uids derived from the plan (not uuid4): the same plan gives identical files
+    run_uid = uuid.uuid5(uuid.NAMESPACE_URL, f"steer-simulated-run:{plan!r}")
+
+    def doc_uid(what: str) -> str:
+        return str(uuid.uuid5(run_uid, what))
+
     pl72 = serialise_pl72(
         job_id=run_id,
         filename=f"{run_id}.nxs",
@@ -376,7 +383,7 @@ def _messages(
         metadata=json.dumps(metadata),
     )
     bundle = event_model.compose_run(
-        uid=None,
+        uid=doc_uid("start"),
         time=t / 1e9,
         metadata={
             "plan_name": "steer_rotation_scan",
@@ -407,6 +414,7 @@ def _messages(
         },
         hints={"omega": {"fields": ["omega"]}},
         time=t / 1e9,
+        uid=doc_uid("descriptor"),
     )
     first = [
         clock.msg(clock.t_run_info, t, pl72, "pl72"),
@@ -418,7 +426,7 @@ def _messages(
     yield first
     t += period_ns
     current = float(omegas[0])
-    n_pulses = int(round(plan.count_time * plan.pulse_rate))
+    n_pulses = round(plan.count_time * plan.pulse_rate)
     bar = tqdm(total=len(omegas), desc="orientations", unit="orient", disable=not progress)
     for k, target in enumerate(omegas):
         batch: list[RecordedMessage] = []
@@ -432,7 +440,7 @@ def _messages(
                 frac = min(1.0, i / n_read * move_s / max(move_s - plan.settle_time, 1e-9))
                 value = current + (target - current) * frac
                 batch.append(clock.f144("omega", value, t + int(i * 1e8)))
-            n_move = max(1, int(round(move_s * plan.pulse_rate)))
+            n_move = max(1, round(move_s * plan.pulse_rate))
             frac_time = n_move / n_pulses
             batch += _event_messages(
                 plan,
@@ -472,13 +480,14 @@ def _messages(
             },
             timestamps=dict.fromkeys(desc.descriptor_doc["data_keys"], count_stop / 1000000000.0),
             seq_num=k + 1,
+            uid=doc_uid(f"event-{k + 1}"),
             time=count_stop / 1e9,
         )
         batch.append(clock.bluesky("event", dict(ev_doc), count_stop))
         bar.update(1)
         yield batch
     bar.close()
-    stop = bundle.compose_stop(exit_status="success", time=t / 1e9)
+    stop = bundle.compose_stop(exit_status="success", uid=doc_uid("stop"), time=t / 1e9)
     yield [
         clock.bluesky("stop", dict(stop), t),
         clock.msg(

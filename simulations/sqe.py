@@ -190,7 +190,7 @@ class CoherentSQE:
                 if len(sel):
                     out[:, i, :, j, :] = np.einsum("qb,bxy->qxy", phase[:, sel], self._blocks[sel])
         d = out.reshape(len(q), 3 * n_at, 3 * n_at)
-        return 0.5 * (d + d.conj().transpose(0, 2, 1))
+        return np.asarray(0.5 * (d + d.conj().transpose(0, 2, 1)), dtype=np.complex128)
 
     def modes(self, qpoints: NDArray[np.float64], chunk: int = 8192) -> PhononModes:
         """Energies (meV) and eigenvectors at ``qpoints`` ((n_q, 3) r.l.u.), in chunks."""

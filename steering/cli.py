@@ -31,7 +31,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 simulate_app = typer.Typer(
-    help="Physics: force constants, dispersions, training sets.", no_args_is_help=True
+    help="Physics and the synthetic instrument: force constants, dispersions, training sets, "
+    "simulated runs.",
+    no_args_is_help=True,
 )
 app.add_typer(simulate_app, name="simulate")
 
@@ -240,6 +242,99 @@ def simulate_reference(
         },
         as_json,
     )
+
+
+@simulate_app.command("run")
+def simulate_run_cmd(
+    material: MaterialOpt = "Ge",
+    fc: FcOpt = "mlff_mean",
+    omegas: Annotated[
+        str,
+        typer.Option("--omegas", help="Goniometer angles, deg: 'start:stop:step' or 'a,b,c'."),
+    ] = "0:120:1",
+    events: Annotated[
+        float,
+        typer.Option("--events-per-orientation", help="Mean events per orientation."),
+    ] = 2e5,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="Recorded-run file to write.")] = Path(
+        "run.steer"
+    ),
+    ei: Annotated[
+        float | None, typer.Option("--ei", help="Incident energy, meV (default: material's).")
+    ] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sample, K.")] = 5.0,
+    count_time: Annotated[
+        float, typer.Option("--count-time", help="Seconds of counting per orientation.")
+    ] = 60.0,
+    background: Annotated[
+        float, typer.Option("--background-fraction", help="Share of flat-background events.")
+    ] = 0.1,
+    prefix: Annotated[str, typer.Option("--prefix", help="Kafka topic prefix.")] = "arcs",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate a rotation run: pl72/f144/ev44/6s4t messages and bluesky documents."""
+    from simulations.run import RunPlan, parse_omegas, simulate_run
+
+    plan = RunPlan(
+        material=material,
+        fc=fc,
+        omegas=tuple(float(w) for w in parse_omegas(omegas)),
+        events_per_orientation=events,
+        seed=seed,
+        ei=ei,
+        temperature=temperature,
+        count_time=count_time,
+        background_fraction=background,
+        prefix=prefix,
+    )
+    _emit(simulate_run(plan, out, progress=not quiet).to_dict(), as_json)
+
+
+@simulate_app.command("sqe")
+def simulate_sqe(
+    material: MaterialOpt = "Ge",
+    fc: FcOpt = "mlff_mean",
+    ei: Annotated[
+        float | None, typer.Option("--ei", help="Incident energy, meV (default: material's).")
+    ] = None,
+    omega: Annotated[float, typer.Option("--omega", help="Goniometer angle, deg.")] = 0.0,
+    energy: Annotated[
+        float | None,
+        typer.Option("--energy", help="Energy of the constant-E slice, meV (default: mid)."),
+    ] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sample, K.")] = 5.0,
+    out: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("slice.png"),
+    as_json: JsonOpt = False,
+) -> None:
+    """What one orientation sees: a constant-E slice and a Q-E cut of S(Q,E) on the detector."""
+    from simulations.viewing import orientation_view
+
+    _emit(
+        orientation_view(
+            material, fc, ei=ei, omega=omega, energy=energy, temperature=temperature, out=out
+        ),
+        as_json,
+    )
+
+
+@simulate_app.command("check-run")
+def simulate_check_run(
+    run: Annotated[Path, typer.Argument(help="Recorded-run file (.steer).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="PNG of the binned run over the dispersion.")
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Distance to the q-path, 1/A.")
+    ] = 0.05,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bin a simulated run simply; check each q column's peak lies on a true branch."""
+    from simulations.runcheck import check_run
+
+    _emit(check_run(run, tolerance=tolerance, out=out, progress=not quiet), as_json)
 
 
 @app.command("demo")
