@@ -1,0 +1,83 @@
+"""``steer simulate run | sqe | check-run``: JSON contracts, files, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulations.recording import RunReader
+
+
+def steer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "steering.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_simulate_run_json_contract_and_check_run(tmp_path: Path) -> None:
+    out = tmp_path / "ge.steer"
+    proc = steer(
+        "simulate", "run", "--material", "Ge", "--fc", "raman", "--omegas", "0:3:1",
+        "--events-per-orientation", "20000", "--count-time", "5", "--seed", "1",
+        "--out", str(out), "--quiet", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) == {"orientations", "events", "messages", "seconds", "fc_set", "path"}
+    assert result["orientations"] == 3
+    assert result["fc_set"] == "raman"
+    assert result["path"] == str(out)
+    # 20k per 5 s step, plus the events while moving (2 x (1 deg at 1 deg/s + 1 s settle))
+    assert 68_000 < result["events"] < 84_000
+    with RunReader(out) as reader:
+        assert reader.count() == result["messages"]
+        assert reader.metadata["fc_set"] == "raman"
+
+    png = tmp_path / "check.png"
+    proc = steer("simulate", "check-run", str(out), "--out", str(png), "--quiet", "--json")
+    assert proc.returncode == 0, proc.stderr
+    check = json.loads(proc.stdout)
+    assert check["orientations"] == 3
+    assert check["events"] < result["events"]  # events while moving are left out
+    assert check["columns_checked"] > 0
+    assert png.stat().st_size > 10_000
+
+
+def test_simulate_sqe_draws_a_slice(tmp_path: Path) -> None:
+    png = tmp_path / "slice.png"
+    proc = steer(
+        "simulate", "sqe", "--material", "Ge", "--fc", "raman", "--ei", "80",
+        "--omega", "30", "--out", str(png), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["omega_deg"] == 30.0
+    assert result["max_intensity"] > 0
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "run", "--material", "Zz"], "unknown material 'Zz'"),
+        (["simulate", "run", "--omegas", "0:400:1"], "outside the goniometer limits"),
+        (["simulate", "run", "--events-per-orientation", "-5"], "must be >= 0"),
+        (["simulate", "run", "--ei", "30"], "too small"),
+        (["simulate", "run", "--omegas", "a:b"], "cannot read omegas"),
+        (["simulate", "sqe", "--ei", "20"], "too small"),
+        (["simulate", "sqe", "--omega", "720"], "outside the goniometer limits"),
+    ],
+)
+def test_simulate_errors_are_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = steer(*args, "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
