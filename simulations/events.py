@@ -15,8 +15,9 @@ Speed comes from two approximations, both measured against the exact S(Q, E) by 
   energies at any Q are trilinearly interpolated; eigenvectors come from the nearest mesh
   point, carried to Q = q + G by the phase ``exp(-2 pi i G.x_j)``.
 * **Super-pixels.** S is evaluated at the centre direction of blocks of
-  ``group_columns x group_rows`` neighbouring pixels (default 1 x 4: 0.41 x 0.5 degrees,
-  below the mosaic spread of a real crystal) on an energy grid of half the finest
+  ``group_columns x group_rows`` neighbouring pixels (default 1 x 4: 0.41 x 0.95 degrees,
+  comparable to the mosaic spread of a real crystal; measured against single pixels in
+  the tests) on an energy grid of half the finest
   resolution width; each sampled event lands on a pixel of its block (chosen by solid angle)
   at an energy uniform within its bin.
 
@@ -281,7 +282,9 @@ class OrientationSimulator:
         )
         sig0 = float(np.min(res.sigma(np.linspace(0, e_hi, 50))))
         self.e_step = float(e_step or 0.5 * sig0)
-        e_lo = -5.0 * sig0 if model.temperature < 50 else -min(e_hi, 0.5 * ei)
+        # energy gain: down to where the Bose factor of the modes is negligible
+        kt = 0.0861733 * model.temperature
+        e_lo = -min(e_hi, 0.5 * ei, max(5.0 * sig0, 10.0 * kt))
         n_e = int(np.ceil((e_hi - e_lo) / self.e_step))
         self.e_edges = e_lo + self.e_step * np.arange(n_e + 1)
         self.e_centres = 0.5 * (self.e_edges[1:] + self.e_edges[:-1])

@@ -88,6 +88,8 @@ class Instrument:
     layout
         ``{"n_columns", "n_rows", "radius", ...}`` for the regular cylindrical array (a fast
         inverse lookup and super-pixel grouping use it); empty for a loaded pixel table.
+    pixel_table, pixel_table_sha256
+        Path and SHA-256 of a loaded pixel table (empty for a regular array).
     """
 
     name: str
@@ -98,6 +100,8 @@ class Instrument:
     chopper_frequency: float = 600.0
     goniometer_limits: tuple[float, float] = (-180.0, 180.0)
     layout: dict[str, float] = field(default_factory=dict)
+    pixel_table: str = ""
+    pixel_table_sha256: str = ""
 
     # -- construction -----------------------------------------------------------------------
 
@@ -170,9 +174,12 @@ class Instrument:
         Without a solid-angle column each pixel gets ``d^2 / r^2`` with ``d`` its distance to
         the nearest other pixel (a square-pixel estimate).
         """
+        import hashlib
+
         path = Path(path)
         try:
-            data = np.genfromtxt(path, delimiter=",", names=True)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            data = np.atleast_1d(np.genfromtxt(path, delimiter=",", names=True))
         except (OSError, ValueError) as e:
             raise InstrumentError(f"cannot read pixel table {path}: {e}") from e
         names = data.dtype.names or ()
@@ -186,6 +193,9 @@ class Instrument:
         r = np.linalg.norm(pos, axis=1)
         if np.any(r <= 0) or not np.all(np.isfinite(pos)):
             raise InstrumentError(f"pixel table {path} has pixels at the sample or non-finite")
+        ids = np.asarray(data["id"], dtype=np.int32)
+        if len(np.unique(ids)) != len(ids):
+            raise InstrumentError(f"pixel table {path} has duplicate pixel ids")
         if "solid_angle" in names:
             solid = np.asarray(data["solid_angle"], dtype=float)
         else:
@@ -196,11 +206,13 @@ class Instrument:
         return cls(
             name=name,
             l1=float(l1),
-            pixel_ids=np.asarray(data["id"], dtype=np.int32),
+            pixel_ids=ids,
             positions=pos,
             solid_angles=solid,
             chopper_frequency=float(chopper_frequency),
             goniometer_limits=goniometer_limits,
+            pixel_table=str(path.resolve()),
+            pixel_table_sha256=digest,
         )
 
     def write_pixel_table(self, path: str | Path) -> None:
@@ -224,16 +236,45 @@ class Instrument:
             "chopper_frequency_Hz": self.chopper_frequency,
             "goniometer_limits_deg": list(self.goniometer_limits),
             "layout": dict(self.layout) if self.layout else "pixel_table",
+            **(
+                {"pixel_table": self.pixel_table, "pixel_table_sha256": self.pixel_table_sha256}
+                if not self.layout
+                else {}
+            ),
         }
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, object]) -> Instrument:
-        """Rebuild a regular array from :meth:`to_metadata` output."""
+    def from_metadata(
+        cls, meta: dict[str, object], pixel_table: str | Path | None = None
+    ) -> Instrument:
+        """Rebuild the instrument from :meth:`to_metadata` output.
+
+        A pixel-table instrument is reloaded from ``pixel_table`` (or the recorded path);
+        its SHA-256 must match the recorded one.
+        """
         layout = meta.get("layout")
         if not isinstance(layout, dict):
-            raise InstrumentError(
-                "instrument metadata has no regular layout; load its pixel table instead"
+            path = Path(pixel_table or str(meta.get("pixel_table", "")))
+            if not str(path) or not path.is_file():
+                raise InstrumentError(
+                    f"the run used the pixel table {meta.get('pixel_table')!r}, which is not "
+                    "here; pass the table file"
+                )
+            lims = meta.get("goniometer_limits_deg", (-180.0, 180.0))
+            ins = cls.from_pixel_table(
+                path,
+                name=str(meta.get("name", "ARCS")),
+                l1=float(meta["l1_m"]),  # type: ignore[arg-type]
+                chopper_frequency=float(meta.get("chopper_frequency_Hz", 600.0)),  # type: ignore[arg-type]
+                goniometer_limits=(float(lims[0]), float(lims[1])),  # type: ignore[index]
             )
+            want = meta.get("pixel_table_sha256")
+            if want and ins.pixel_table_sha256 != want:
+                raise InstrumentError(
+                    f"pixel table {path} (sha256 {ins.pixel_table_sha256[:12]}...) is not the "
+                    f"one the run used (sha256 {str(want)[:12]}...)"
+                )
+            return ins
         lims = meta.get("goniometer_limits_deg", (-180.0, 180.0))
         return cls.arcs_like(
             n_columns=int(layout["n_columns"]),

@@ -6,8 +6,7 @@ topic of an instrument prefix (default ``arcs``):
 * ``<prefix>_runInfo``: **pl72** run start (metadata JSON below) and **6s4t** run stop;
 * ``<prefix>_motion``: **f144** ``omega`` readbacks (degrees; 10 Hz while moving, 1 Hz
   while counting, jitter 0.002 deg), ``omega_setpoint`` at every move, and
-  ``proton_charge`` (uC, one value per event message: the charge of its pulses, stamped
-  with its first pulse);
+  ``proton_charge`` (uC per pulse, stamped with the pulse time);
 * ``<prefix>_events``: **ev44**, ``pulses_per_message`` pulses each (60 Hz pulse times in
   ``reference_time``, ns);
 * ``<prefix>_bluesky``: bluesky documents made with ``event-model`` (RunStart,
@@ -259,10 +258,11 @@ def simulate_run(
     instrument = instrument or Instrument.arcs_like()
     omegas = instrument.check_omegas(np.asarray(plan.omegas, dtype=float))
     ei = float(plan.ei if plan.ei is not None else ms.defaults.ei)
-    if ei <= ms.grid.energy_edges[-1]:
+    e_top = float(ms.grid.energy_edges[-1])
+    if 0.95 * ei < e_top:  # events are simulated up to 0.95 Ei
         raise InstrumentError(
             f"Ei = {ei:g} meV is too small for {plan.material}'s energy window up to "
-            f"{ms.grid.energy_edges[-1]:g} meV; choose Ei above it"
+            f"{e_top:g} meV; choose Ei >= {e_top / 0.95:.1f} meV"
         )
     label, coefficients = resolve_fc(plan.material, plan.fc, ms)
     model = CoherentSQE(
@@ -408,6 +408,8 @@ def _messages(
             },
             "count_start": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
             "count_stop": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
+            "count_start_ns": {"source": "sim", "dtype": "integer", "shape": [], "units": "ns"},
+            "count_stop_ns": {"source": "sim", "dtype": "integer", "shape": [], "units": "ns"},
             "count_time": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
             "proton_charge": {"source": "sim", "dtype": "number", "shape": [], "units": "uC"},
             "events": {"source": "sim", "dtype": "integer", "shape": []},
@@ -474,6 +476,9 @@ def _messages(
                 "omega_setpoint": current,
                 "count_start": count_start / 1e9,
                 "count_stop": count_stop / 1e9,
+                # exact pulse-time edges: float seconds near 1.8e9 s resolve only ~240 ns
+                "count_start_ns": int(count_start),
+                "count_stop_ns": int(count_stop),
                 "count_time": (count_stop - count_start) / 1e9,
                 "proton_charge": charge,
                 "events": n_ev,
@@ -545,7 +550,8 @@ def _event_messages(
                 payload=payload,
             )
         )
-        out.append(clock.f144("proton_charge", float(charge[p0:p1].sum()), int(pulse_times[p0])))
+        for p in range(p0, p1):  # one f144 per pulse, stamped with the pulse time
+            out.append(clock.f144("proton_charge", float(charge[p]), int(pulse_times[p])))
     return out, batch.n_events, float(charge.sum())
 
 

@@ -76,7 +76,7 @@ def iter_orientations(path: str | Path) -> Iterator[tuple[dict[str, Any], Orient
                 if meta is None:
                     raise RecordingError(f"{path}: bluesky Event before the pl72 run start")
                 data = doc["data"]
-                lo, hi = round(data["count_start"] * 1e9), round(data["count_stop"] * 1e9)
+                lo, hi = int(data["count_start_ns"]), int(data["count_stop_ns"])
                 pix, tof = [], []
                 for pulse, t, p in pending:
                     sel = (pulse >= lo) & (pulse < hi)
@@ -105,12 +105,14 @@ class _Context:
     hist: NDArray[np.float64]
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, Any], tolerance: float) -> _Context:
+    def from_metadata(
+        cls, meta: dict[str, Any], tolerance: float, pixel_table: str | Path | None = None
+    ) -> _Context:
         ms = setup(str(meta["material"]))
         o = meta["orientation"]
         return cls(
             setup=ms,
-            instrument=Instrument.from_metadata(meta["instrument"]),
+            instrument=Instrument.from_metadata(meta["instrument"], pixel_table),
             orientation=Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"])),
             ei=float(meta["ei_meV"]),
             binning=ReferenceBinning(ms.crystal, ms.grid, tolerance),
@@ -126,6 +128,7 @@ def check_run(
     min_counts: int = 50,
     out: str | Path | None = None,
     progress: bool = True,
+    pixel_table: str | Path | None = None,
 ) -> dict[str, object]:
     """Bin a recorded run onto its material's q-path; test each q column's peak.
 
@@ -146,7 +149,7 @@ def check_run(
     bar = tqdm(desc="orientations", unit="orient", disable=not progress)
     for meta, chunk in iter_orientations(path):
         if ctx is None:
-            ctx = _Context.from_metadata(meta, tolerance)
+            ctx = _Context.from_metadata(meta, tolerance, pixel_table)
         q, e = ctx.instrument.event_to_qe(
             ctx.instrument.index_of(chunk.pixel_id), chunk.tof_ns, ctx.ei
         )
@@ -168,7 +171,10 @@ def check_run(
     checked = hist.sum(axis=1) >= min_counts
     peak = ec[np.argmax(hist, axis=1)]
     dist = np.min(np.abs(branches - peak[:, None]), axis=1)
-    tol = np.maximum(2 * ms.resolution.sigma(peak), ec[1] - ec[0])
+    resolution = ctx.instrument.resolution(
+        ctx.ei, e_max=min(ms.grid.energy_edges[-1], 0.95 * ctx.ei)
+    )
+    tol = np.maximum(2 * resolution.sigma(peak), ec[1] - ec[0])
     passing = checked & (dist <= tol)
     result: dict[str, object] = {
         "orientations": n_orient,

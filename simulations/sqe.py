@@ -159,7 +159,7 @@ class CoherentSQE:
         self.resolution = resolution or EnergyResolution.constant(0.5)
         lengths = scattering_lengths or {}
         self.scattering_lengths = np.array(
-            [lengths.get(s, None) or scattering_length(s) for s in self.crystal.species]
+            [lengths[s] if s in lengths else scattering_length(s) for s in self.crystal.species]
         )
         self._blocks = basis.block_values(self.coefficients)  # (n_blocks, 3, 3)
         pos = self.crystal.positions

@@ -48,9 +48,10 @@ def orientation_view(
     instrument.check_omegas(np.array([omega]))
     ei = float(ei if ei is not None else ms.defaults.ei)
     e_top = float(ms.grid.energy_edges[-1])
-    if ei <= e_top:
+    if 0.95 * ei < e_top:
         raise InstrumentError(
-            f"Ei = {ei:g} meV is too small for {material}'s energy window up to {e_top:g} meV"
+            f"Ei = {ei:g} meV is too small for {material}'s energy window up to {e_top:g} meV; "
+            f"choose Ei >= {e_top / 0.95:.1f} meV"
         )
     label, c = resolve_fc(material, fc, ms)
     model = CoherentSQE(ms.basis, c, temperature=temperature, resolution=instrument.resolution(ei))
@@ -82,7 +83,7 @@ def orientation_view(
         x[order], y[order], c=val[order], s=2, cmap="viridis", lw=0, vmin=val.max() - 4
     )
     ax1.set_xlabel(f"Q along u = {list(u)} (r.l.u.)")
-    ax1.set_ylabel(f"Q along v = {list(v)} (r.l.u.)")
+    ax1.set_ylabel(f"Q along v⊥ (v = {list(v)}, r.l.u.)")
     ax1.set_aspect("equal")
     ax1.set_title(f"E = {e[ie]:.1f} meV (log10 intensity)")
     fig.colorbar(sc1, ax=ax1)

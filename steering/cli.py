@@ -271,11 +271,18 @@ def simulate_run_cmd(
         float, typer.Option("--background-fraction", help="Share of flat-background events.")
     ] = 0.1,
     prefix: Annotated[str, typer.Option("--prefix", help="Kafka topic prefix.")] = "arcs",
+    pixel_table: Annotated[
+        Path | None,
+        typer.Option("--pixel-table", help="CSV id,x,y,z[,solid_angle] (default: ARCS-like)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Simulate a rotation run: pl72/f144/ev44/6s4t messages and bluesky documents."""
+    from simulations.instrument import Instrument
     from simulations.run import RunPlan, parse_omegas, simulate_run
+
+    instrument = Instrument.from_pixel_table(pixel_table) if pixel_table else None
 
     plan = RunPlan(
         material=material,
@@ -289,7 +296,7 @@ def simulate_run_cmd(
         background_fraction=background,
         prefix=prefix,
     )
-    _emit(simulate_run(plan, out, progress=not quiet).to_dict(), as_json)
+    _emit(simulate_run(plan, out, instrument=instrument, progress=not quiet).to_dict(), as_json)
 
 
 @simulate_app.command("sqe")
@@ -328,13 +335,20 @@ def simulate_check_run(
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Distance to the q-path, 1/A.")
     ] = 0.05,
+    pixel_table: Annotated[
+        Path | None,
+        typer.Option("--pixel-table", help="The pixel table the run was made with, if any."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Bin a simulated run simply; check each q column's peak lies on a true branch."""
     from simulations.runcheck import check_run
 
-    _emit(check_run(run, tolerance=tolerance, out=out, progress=not quiet), as_json)
+    result = check_run(
+        run, tolerance=tolerance, out=out, progress=not quiet, pixel_table=pixel_table
+    )
+    _emit(result, as_json)
 
 
 @app.command("demo")

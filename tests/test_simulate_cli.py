@@ -48,6 +48,7 @@ def test_simulate_run_json_contract_and_check_run(tmp_path: Path) -> None:
     assert check["orientations"] == 3
     assert check["events"] < result["events"]  # events while moving are left out
     assert check["columns_checked"] > 0
+    assert check["fraction_passing"] >= 0.9, check  # 3 short steps: a few noisy columns
     assert png.stat().st_size > 10_000
 
 
