@@ -318,3 +318,18 @@ def test_parse_omegas() -> None:
     assert parse_omegas("0:1:0.25").tolist() == [0.0, 0.25, 0.5, 0.75]
     assert parse_omegas("10:0:-5").tolist() == [10.0, 5.0]
     assert parse_omegas("3, 1,2").tolist() == [3.0, 1.0, 2.0]
+
+
+def test_f144_template_payloads_equal_serialise_f144() -> None:
+    """The fast per-pulse f144 path must produce exactly the library's bytes."""
+    from streaming_data_types.logdata_f144 import serialise_f144
+
+    from simulations.run import _F144Template
+
+    rng = np.random.default_rng(11)
+    for source in ("proton_charge", "omega", "omega_setpoint"):
+        template = _F144Template(source)
+        for _ in range(500):
+            value = float(rng.normal() * 100)
+            t_ns = int(rng.integers(0, 2**62))
+            assert template.payload(value, t_ns) == serialise_f144(source, value, t_ns)
