@@ -43,10 +43,26 @@ class ReferenceBinning:
         star = np.einsum("qa,oab->oqb", q, ops).reshape(-1, 3)
         index = np.tile(np.arange(len(q)), len(ops))
         star = star - np.floor(star + 1e-9)
+        # Points on symmetry elements map onto themselves, and a path may pass the same
+        # point twice (or symmetry-equivalent points: U and K): keep each position once,
+        # with its lowest path index; the other indices are *aliases* that get a copy.
+        order = np.argsort(index, kind="stable")
+        star, index = star[order], index[order]
+        _, first = np.unique(np.round(star, 9) % 1.0, axis=0, return_index=True)
+        first.sort()
+        star, index = star[first], index[first]
         shifts = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)])
         images = (star[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
         self._index = np.tile(index, len(shifts))
-        self._tree = cKDTree(images @ crystal.reciprocal_lattice)
+        #: (n_star, 3) float, 1/Angstrom: the star points and their periodic images.
+        self.star_xyz = images @ crystal.reciprocal_lattice
+        #: (n_star,) int: the path index of each star point.
+        self.star_index = self._index
+        self._tree = cKDTree(self.star_xyz)
+        own = q - np.floor(q + 1e-9)
+        _, at = self._tree.query(own @ crystal.reciprocal_lattice)
+        #: (n_q,) int: the path index whose counts each path point shares (itself if none).
+        self.alias = np.minimum(self._index[at], np.arange(len(q)))
 
     def q_index(self, q_rlu: NDArray[np.float64]) -> NDArray[np.int64]:
         """(n,) int: path index of each Q ((n, 3) primitive r.l.u.), -1 when too far."""
@@ -70,6 +86,5 @@ class ReferenceBinning:
         shape = (self.grid.n_q, self.grid.n_e)
         flat = np.ravel_multi_index((iq[ok], ie[ok]), shape)
         w = None if weights is None else np.asarray(weights, dtype=float)[ok]
-        return (
-            np.bincount(flat, weights=w, minlength=shape[0] * shape[1]).reshape(shape).astype(float)
-        )
+        hist = np.bincount(flat, weights=w, minlength=shape[0] * shape[1]).reshape(shape)
+        return np.asarray(hist[self.alias], dtype=float)

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from consumers.exceptions import ConsumerError
 from simulations.exceptions import SimulationError
 
 __all__ = ["app", "main"]
@@ -203,7 +204,7 @@ def simulate_info(material: MaterialOpt = "Ge", as_json: JsonOpt = False) -> Non
     }
     try:
         ref = load_reference(ms.crystal.name)
-    except SimulationError as exc:
+    except (SimulationError, ConsumerError) as exc:
         payload["reference"] = str(exc)
     else:
         payload["fc_sets"] = ref.fc_set_names()
@@ -351,6 +352,29 @@ def simulate_check_run(
     _emit(result, as_json)
 
 
+@app.command("fold")
+def fold(
+    run: Annotated[Path, typer.Argument(help="Recorded-run file (.steer).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HDF5 file for I(q,E), counts, exposure.")
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option("--segmentation", help="auto, bluesky (Event documents) or omega (log)."),
+    ] = "auto",
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Distance to the q-path, 1/A.")
+    ] = 0.05,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold a recorded run offline through the consumers' code path (no broker)."""
+    from consumers.offline import fold_recorded_run
+
+    summary, _ = fold_recorded_run(run, out, mode=mode, tolerance=tolerance, progress=not quiet)
+    _emit(summary, as_json)
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's outputs.")] = Path(
@@ -376,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app(args=argv, standalone_mode=False)
-    except SimulationError as exc:
+    except (SimulationError, ConsumerError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
     except (typer.Abort, KeyboardInterrupt):

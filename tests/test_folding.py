@@ -1,0 +1,186 @@
+"""Lookup-table folding against the brute-force reference; offline folding of recorded runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from streaming_data_types.eventdata_ev44 import deserialise_ev44
+
+from consumers.folding import Folder, FoldTable
+from consumers.offline import fold_recorded_run
+from simulations.binning import ReferenceBinning
+from simulations.forward import THZ_TO_MEV
+from simulations.instrument import Instrument, Orientation, energy_to_speed
+from simulations.recording import RecordedMessage, RunReader, RunWriter
+from simulations.run import RunPlan, simulate_run
+
+EI = 80.0
+
+
+@pytest.fixture(scope="module")
+def ge_table(ge):  # type: ignore[no-untyped-def]
+    return FoldTable.build(ge.crystal, ge.grid, tolerance=0.05, voxels=96)
+
+
+def test_lookup_table_equals_brute_force_for_1e6_events(ge, ge_table) -> None:  # type: ignore[no-untyped-def]
+    """Reference: ReferenceBinning (all point-group operations, k-d tree over the star)."""
+    ins = Instrument.arcs_like()
+    orientation = Orientation.from_vectors(ge.crystal, (1, 0, 0), (0, 1, 0))
+    folder = Folder(ge_table, ge.grid, ins, orientation, EI)
+    rng = np.random.default_rng(7)
+    n = 1_000_000
+    pix = rng.integers(0, ins.n_pixels, n)
+    energy = rng.uniform(-5.0, 75.0, n)
+    tof = (ins.l1 / energy_to_speed(EI) + ins.l2[pix] / energy_to_speed(EI - energy)) * 1e9
+    omega = 33.3
+    iq, ie = folder.assign(pix, tof, omega)
+    ref = ReferenceBinning(ge.crystal, ge.grid, tolerance=0.05)
+    q_lab, e = ins.event_to_qe(pix, tof, EI)
+    iq_ref = ref.q_index(orientation.lab_to_rlu(q_lab, omega))
+    ie_ref = np.searchsorted(ge.grid.energy_edges, e, side="right") - 1
+    ok_ref = (iq_ref >= 0) & (ie_ref >= 0) & (ie_ref < ge.grid.n_e)
+    iq_ref = np.where(ok_ref, iq_ref, -1)
+    ie_ref = np.where(ok_ref, ie_ref, -1)
+    same = (iq == iq_ref) & (ie == ie_ref)
+    assert same.mean() >= 0.999
+    assert (iq >= 0).sum() > 50_000  # a meaningful number of events lands on the path
+    # the histogram (aliases expanded) equals the reference histogram
+    counts, dropped = folder.fold(pix, tof, omega)
+    np.testing.assert_array_equal(counts, ref.histogram(orientation.lab_to_rlu(q_lab, omega), e))
+    canonical = ge_table.alias == np.arange(ge.grid.n_q)  # aliases hold copies
+    assert counts[canonical].sum() + dropped.sum() == n
+
+
+@pytest.fixture(scope="module")
+def ge_run(tmp_path_factory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("fold") / "ge.steer"
+    plan = RunPlan(
+        material="Ge",
+        fc="raman",
+        omegas=tuple(np.arange(0.0, 120.0, 10.0)),
+        events_per_orientation=1.5e5,
+        count_time=10.0,
+        mesh=24,
+        seed=4,
+    )
+    simulate_run(plan, path, progress=False)
+    return path
+
+
+def _file_events(path: Path) -> int:
+    n = 0
+    with RunReader(path) as reader:
+        for msg in reader:
+            if dict(msg.headers).get("schema") == b"ev44":
+                n += len(deserialise_ev44(msg.payload).time_of_flight)
+    return n
+
+
+def test_offline_fold_loses_nothing_and_shows_the_dispersion(ge, ge_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "iqe.h5"
+    summary, acc = fold_recorded_run(ge_run, out, mode="bluesky", progress=False)
+    assert summary["orientations"] == 12
+    # every event of the file is either folded or dropped with a reason
+    assert summary["events_folded"] + summary["events_dropped"] == _file_events(ge_run)
+    assert summary["malformed"] == {}
+    # per-orientation events equal what the bluesky Event documents announce
+    announced = []
+    with RunReader(ge_run) as reader:
+        for msg in reader:
+            if dict(msg.headers).get("document") == b"event":
+                announced.append(json.loads(msg.payload)[1]["data"]["events"])
+    assert [r.events for r in acc.records] == announced
+
+    snap = acc.snapshot()
+    fm = ge.forward_model(dtype=torch.float64, method="exact")
+    from simulations.reference import resolve_fc
+
+    _, c = resolve_fc("Ge", "raman", ge)
+    with torch.no_grad():
+        branches = fm.frequencies(c[None])[0].numpy() * THZ_TO_MEV
+    ec = ge.grid.energy_centres
+    checked = snap.counts.sum(1) >= 50
+    peak = ec[np.nanargmax(np.where(snap.mask, snap.counts, -1), 1)]
+    dist = np.min(np.abs(branches - peak[:, None]), 1)
+    tol = np.maximum(2 * ge.resolution.sigma(peak), ec[1] - ec[0])
+    assert checked.sum() >= 150
+    assert (dist[checked] <= tol[checked]).mean() >= 0.97
+
+    with h5py.File(out) as f:
+        data = f["entry/iqe"]
+        assert data.attrs["NX_class"] == "NXdata"
+        assert data.attrs["signal"] == "intensity"
+        assert f["entry"].attrs["grid_fingerprint"] == ge.grid.fingerprint
+        np.testing.assert_array_equal(data["counts"][()], snap.counts)
+        assert data["energy"].attrs["units"] == "meV"
+        assert f["entry/orientations/counts"].shape == (12, *ge.grid.shape)
+        # unmeasured bins are NaN, not zero
+        intensity = data["intensity"][()]
+        assert np.isnan(intensity[~data["mask"][()]]).all()
+
+
+def test_omega_log_segmentation_agrees_with_bluesky(ge_run) -> None:  # type: ignore[no-untyped-def]
+    s_bs, acc_bs = fold_recorded_run(ge_run, mode="bluesky", progress=False)
+    s_om, acc_om = fold_recorded_run(ge_run, mode="omega", progress=False)
+    assert s_om["orientations"] == s_bs["orientations"]
+    np.testing.assert_allclose(
+        [r.omega for r in acc_om.records], [r.omega for r in acc_bs.records], atol=0.01
+    )
+    # the omega log also keeps the settling second (goniometer at the angle, not counting)
+    for a, b in zip(acc_om.records, acc_bs.records, strict=True):
+        assert a.events >= b.events
+        assert a.events < 1.2 * b.events
+    assert (
+        s_om["events_folded"] + s_om["events_dropped"]
+        == s_bs["events_folded"] + s_bs["events_dropped"]
+    )
+
+
+def test_malformed_messages_are_counted_and_skipped(ge_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.steer"
+    with RunReader(ge_run) as reader, RunWriter(bad, metadata=reader.metadata) as writer:
+        for i, msg in enumerate(reader):
+            writer.write(msg)
+            if i == 50:
+                writer.write(
+                    RecordedMessage(
+                        topic=msg.topic,
+                        key=msg.key,
+                        timestamp_ns=msg.timestamp_ns,
+                        headers=(("schema", b"ev44"),),
+                        payload=b"\x00garbage-not-a-flatbuffer",
+                    )
+                )
+                writer.write(
+                    RecordedMessage(
+                        topic=msg.topic, key=None, timestamp_ns=msg.timestamp_ns, payload=b"????"
+                    )
+                )
+    summary, _ = fold_recorded_run(bad, mode="bluesky", progress=False)
+    good, _ = fold_recorded_run(ge_run, mode="bluesky", progress=False)
+    assert summary["malformed"] == {"malformed_ev44": 1, "unknown_schema": 1}
+    assert summary["events_folded"] == good["events_folded"]
+
+
+def test_steer_fold_json_contract(ge_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "iqe.h5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "steering.cli", "fold", str(ge_run), "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for key in ("orientations", "events_folded", "events_dropped", "seconds", "events_per_second"):
+        assert key in result
+    assert result["orientations"] == 12
+    assert out.exists()
