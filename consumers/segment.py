@@ -9,7 +9,11 @@ Two sources of truth, both streaming (message by message, in timestamp order):
   ``tolerance`` of the current setpoint and ends at the next setpoint; pulses outside any
   step (the goniometer moving or settling) are dropped.
 
-Events that belong to no step are counted as ``moving``.
+Topics arrive in any order relative to each other (Kafka orders messages only within a
+partition), so an announced window is closed only when both the event stream and the
+proton-charge stream have reached its end (a pulse at or after ``stop``), or when the run
+is over (:meth:`Segmenter.flush`). Events that belong to no step are counted as
+``moving``.
 """
 
 from __future__ import annotations
@@ -77,6 +81,12 @@ class _Pulses:
         self.pulse, self.tof, self.pixel = [pulse[keep]], [tof[keep]], [pix[keep]]
         return pix[inside], tof[inside], int(before.sum())
 
+    def arrays(self) -> tuple[NDArray[np.int64], NDArray[np.int32], NDArray[np.int32]]:
+        """All buffered events as three arrays."""
+        if not self.pulse:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
+        return np.concatenate(self.pulse), np.concatenate(self.tof), np.concatenate(self.pixel)
+
     def drop_before(self, t: int) -> int:
         """Discard events with pulse < t; return how many."""
         if not self.pulse:
@@ -112,6 +122,11 @@ class Segmenter:
         self._charge_v: list[float] = []
         self._setpoint: float | None = None
         self._settled_at: int | None = None
+        # counting windows waiting for their events: (omega, lo, hi)
+        self._windows: list[tuple[float, int, int]] = []
+        # latest pulse time seen on the event and charge streams (topics arrive in any order)
+        self._event_mark = -1
+        self._charge_mark = -1
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -119,28 +134,33 @@ class Segmenter:
         self,
         pulse_times: NDArray[np.int64],
         index: NDArray[np.int32],
-        tof,
-        pixel,  # type: ignore[no-untyped-def]
-    ) -> None:
+        tof: NDArray[np.int32],
+        pixel: NDArray[np.int32],
+    ) -> list[Chunk]:
         """An ev44 message: pulse times (ns), their start indices, tof (ns) and pixel ids."""
         n = len(tof)
+        times = np.asarray(pulse_times, dtype=np.int64)
         counts = np.diff(np.append(np.asarray(index, dtype=np.int64), n))
-        pulse = np.repeat(np.asarray(pulse_times, dtype=np.int64), counts)
+        pulse = np.repeat(times, counts)
         self._events.add(pulse, np.asarray(tof), np.asarray(pixel))
+        if len(times):
+            self._event_mark = max(self._event_mark, int(times.max()))
+        return self._drain()
 
-    def on_charge(self, t_ns: int, value: float) -> None:
+    def on_charge(self, t_ns: int, value: float) -> list[Chunk]:
         """An f144 proton_charge value (uC) of the pulse at ``t_ns``."""
         self._charge_t.append(int(t_ns))
         self._charge_v.append(float(value))
+        self._charge_mark = max(self._charge_mark, int(t_ns))
+        return self._drain()
 
     def on_omega(self, source: str, value: float, t_ns: int) -> list[Chunk]:
         """An f144 omega readback (``omega``) or setpoint (``omega_setpoint``)."""
         if self.mode != "omega":
             return []
-        out: list[Chunk] = []
         if source == "omega_setpoint":
             if self._setpoint is not None and self._settled_at is not None:
-                out.append(self._close(self._setpoint, self._settled_at, int(t_ns)))
+                self._windows.append((self._setpoint, self._settled_at, int(t_ns)))
             self._setpoint = float(value)
             self._settled_at = None
         elif (
@@ -150,28 +170,86 @@ class Segmenter:
             and abs(float(value) - self._setpoint) <= self.tolerance
         ):
             self._settled_at = int(t_ns)
-            self.moving += self._events.drop_before(int(t_ns))
-        return out
+        return self._drain()
 
     def on_bluesky(self, name: str, doc: dict[str, object]) -> list[Chunk]:
-        """A bluesky document; an Event closes its counting window."""
+        """A bluesky document; an Event announces a counting window."""
         if self.mode != "bluesky" or name != "event":
             return []
         data = doc["data"]
         assert isinstance(data, dict)
         lo, hi = int(data["count_start_ns"]), int(data["count_stop_ns"])
-        return [self._close(float(data["omega"]), lo, hi)]
+        self._windows.append((float(data["omega"]), lo, hi))
+        return self._drain()
 
-    def on_stop(self, t_ns: int) -> list[Chunk]:
-        """Run stop: close an open omega-mode step; what is left over was taken moving."""
-        out: list[Chunk] = []
+    def on_stop(self, t_ns: int) -> None:
+        """Run stop: an open omega-mode step ends here (closed by :meth:`flush`)."""
         if self.mode == "omega" and self._setpoint is not None and self._settled_at is not None:
-            out.append(self._close(self._setpoint, self._settled_at, int(t_ns) + 1))
+            self._windows.append((self._setpoint, self._settled_at, int(t_ns) + 1))
             self._setpoint = None
+
+    def flush(self) -> list[Chunk]:
+        """Close every announced window (all messages of the run are in); the events left
+        over were taken while moving."""
+        out = [self._close(*w) for w in self._windows]
+        self._windows = []
         self.moving += self._events.drop_before(2**62)
         return out
 
+    @property
+    def pending_windows(self) -> int:
+        """Announced windows still waiting for their events."""
+        return len(self._windows)
+
+    # -- state (checkpoints) -----------------------------------------------------------------
+
+    def state(self) -> dict[str, object]:
+        """Everything needed to resume: JSON-ready scalars plus numpy arrays."""
+        pulse, tof, pix = self._events.arrays()
+        return {
+            "mode": self.mode,
+            "tolerance": self.tolerance,
+            "moving": self.moving,
+            "setpoint": self._setpoint,
+            "settled_at": self._settled_at,
+            "windows": [list(w) for w in self._windows],
+            "event_mark": self._event_mark,
+            "charge_mark": self._charge_mark,
+            "charge_t": np.asarray(self._charge_t, dtype=np.int64),
+            "charge_v": np.asarray(self._charge_v, dtype=np.float64),
+            "pulse": pulse,
+            "tof": tof,
+            "pixel": pix,
+        }
+
+    @classmethod
+    def from_state(cls, st: dict[str, object]) -> Segmenter:
+        """Rebuild from :meth:`state`."""
+        seg = cls(str(st["mode"]), float(st["tolerance"]))  # type: ignore[arg-type]
+        seg.moving = int(st["moving"])  # type: ignore[call-overload]
+        seg._setpoint = None if st["setpoint"] is None else float(st["setpoint"])  # type: ignore[arg-type]
+        seg._settled_at = None if st["settled_at"] is None else int(st["settled_at"])  # type: ignore[call-overload]
+        seg._windows = [(float(a), int(b), int(c)) for a, b, c in st["windows"]]  # type: ignore[attr-defined]
+        seg._event_mark = int(st["event_mark"])  # type: ignore[call-overload]
+        seg._charge_mark = int(st["charge_mark"])  # type: ignore[call-overload]
+        seg._charge_t = np.asarray(st["charge_t"]).tolist()
+        seg._charge_v = np.asarray(st["charge_v"]).tolist()
+        seg._events.add(
+            np.asarray(st["pulse"], dtype=np.int64),
+            np.asarray(st["tof"], dtype=np.int32),
+            np.asarray(st["pixel"], dtype=np.int32),
+        )
+        return seg
+
     # -- internals ---------------------------------------------------------------------------
+
+    def _drain(self) -> list[Chunk]:
+        """Close the windows whose events and charges have all arrived, in order."""
+        out: list[Chunk] = []
+        mark = min(self._event_mark, self._charge_mark)
+        while self._windows and self._windows[0][2] <= mark:
+            out.append(self._close(*self._windows.pop(0)))
+        return out
 
     def _close(self, omega: float, lo: int, hi: int) -> Chunk:
         pix, tof, before = self._events.take(lo, hi)

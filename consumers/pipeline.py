@@ -1,0 +1,259 @@
+"""One run's data path, message by message: decode -> segment -> fold -> accumulate.
+
+The same object serves the offline fold of a recorded file and the live Kafka consumer,
+so both give identical results. It holds no I/O: callers feed it messages and save its
+:meth:`RunPipeline.state` in checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from streaming_data_types.eventdata_ev44 import deserialise_ev44
+from streaming_data_types.logdata_f144 import deserialise_f144
+from streaming_data_types.run_start_pl72 import deserialise_pl72
+
+from simulations.instrument import Instrument, Orientation
+from simulations.materials import setup
+
+from .accumulate import OrientationRecord, RunAccumulator
+from .exceptions import ConsumerError
+from .folding import DROP_REASONS, Folder, FoldTable
+from .segment import Chunk, Segmenter
+
+__all__ = ["MalformedMessage", "RunPipeline", "schema_of"]
+
+logger = logging.getLogger(__name__)
+
+_FLATBUFFER_IDS = {"ev44", "f144", "pl72", "6s4t"}
+
+
+class MalformedMessage(ConsumerError):
+    """A message that cannot be used; ``reason`` is the counter label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def schema_of(headers: Any, payload: bytes) -> str:
+    """The message's schema: its ``schema`` header, else the flatbuffer file identifier."""
+    for k, v in headers or ():
+        if k == "schema":
+            return bytes(v).decode(errors="replace")
+    ident = payload[4:8].decode("ascii", errors="replace")
+    return ident if ident in _FLATBUFFER_IDS else "unknown"
+
+
+class RunPipeline:
+    """Decode, segment, fold and accumulate the messages of one run.
+
+    Parameters
+    ----------
+    mode
+        Segmentation: ``"bluesky"``, ``"omega"`` or ``"auto"`` (bluesky when the run
+        start names a bluesky topic).
+    tolerance
+        Distance to the q-path, 1/Angstrom.
+    voxels
+        Fold-table voxels per axis.
+    """
+
+    def __init__(self, *, mode: str = "auto", tolerance: float = 0.05, voxels: int = 96) -> None:
+        self.mode = mode
+        self.tolerance = float(tolerance)
+        self.voxels = int(voxels)
+        self.meta: dict[str, Any] | None = None
+        self.segmenter: Segmenter | None = None
+        self.folder: Folder | None = None
+        self.acc: RunAccumulator | None = None
+        self.stopped = False
+        self.n_events = 0
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def handle(self, schema: str, payload: bytes, timestamp_ns: int) -> list[OrientationRecord]:
+        """Feed one message; returns the orientations it completed.
+
+        Raises
+        ------
+        MalformedMessage
+            For a message that cannot be decoded or used (the caller counts it, logs it
+            and dead-letters it; the pipeline's state is unchanged).
+        """
+        try:
+            if schema == "pl72":
+                return self._run_start(payload)
+            if schema == "unknown":
+                raise MalformedMessage("unknown_schema", "not ev44, f144, pl72, 6s4t or bluesky")
+            if self.segmenter is None:
+                raise MalformedMessage("before_run_start", f"{schema} message before pl72")
+            if schema == "ev44":
+                ev = deserialise_ev44(payload)
+                tof = np.asarray(ev.time_of_flight)
+                if len(ev.pixel_id) != len(tof) or (
+                    len(ev.reference_time_index) and ev.reference_time_index.max() > len(tof)
+                ):
+                    raise MalformedMessage("malformed_ev44", "inconsistent array lengths")
+                self.n_events += len(tof)
+                chunks = self.segmenter.on_events(
+                    ev.reference_time, ev.reference_time_index, tof, ev.pixel_id
+                )
+            elif schema == "f144":
+                log = deserialise_f144(payload)
+                value = float(log.value)
+                if not np.isfinite(value):
+                    raise MalformedMessage("non_finite", f"f144 {log.source_name} = {value}")
+                if log.source_name == "proton_charge":
+                    chunks = self.segmenter.on_charge(log.timestamp_unix_ns, value)
+                elif log.source_name in ("omega", "omega_setpoint"):
+                    chunks = self.segmenter.on_omega(log.source_name, value, log.timestamp_unix_ns)
+                else:
+                    chunks = []
+            elif schema == "6s4t":
+                self.segmenter.on_stop(timestamp_ns)
+                self.stopped = True
+                chunks = []
+            elif schema == "bluesky-json":
+                name, doc = json.loads(payload)
+                chunks = self.segmenter.on_bluesky(str(name), doc)
+            else:
+                raise MalformedMessage("unknown_schema", f"schema {schema!r}")
+        except MalformedMessage:
+            raise
+        except Exception as exc:
+            raise MalformedMessage(f"malformed_{schema}", str(exc)) from exc
+        return [self._fold(c) for c in chunks]
+
+    def finish(self) -> list[OrientationRecord]:
+        """The run is over and every message is in: close the remaining windows."""
+        if self.segmenter is None:
+            return []
+        return [self._fold(c) for c in self.segmenter.flush()]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _run_start(self, payload: bytes) -> list[OrientationRecord]:
+        try:
+            meta = json.loads(deserialise_pl72(payload).metadata)
+        except Exception as exc:
+            raise MalformedMessage("malformed_pl72", str(exc)) from exc
+        if self.meta is not None:
+            raise MalformedMessage(
+                "second_run_start", f"run {meta.get('run_id')} while {self.meta.get('run_id')}"
+            )
+        self._setup(meta)
+        assert self.segmenter is not None
+        return []
+
+    def _setup(self, meta: dict[str, Any]) -> None:
+        mode = self.mode
+        if mode == "auto":
+            mode = "bluesky" if "bluesky" in meta.get("topics", {}) else "omega"
+        ms = setup(str(meta["material"]))
+        ins = Instrument.from_metadata(meta["instrument"])
+        o = meta["orientation"]
+        orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
+        table = FoldTable.build(ms.crystal, ms.grid, tolerance=self.tolerance, voxels=self.voxels)
+        self.meta = meta
+        self.folder = Folder(table, ms.grid, ins, orientation, float(meta["ei_meV"]))
+        self.acc = RunAccumulator(ms.grid)
+        self.segmenter = Segmenter(mode)
+
+    def _fold(self, chunk: Chunk) -> OrientationRecord:
+        assert self.folder is not None
+        assert self.acc is not None
+        counts, dropped = self.folder.fold(chunk.pixel_id, chunk.tof_ns, chunk.omega)
+        coverage = self.folder.coverage(chunk.omega)
+        return self.acc.add(
+            counts,
+            coverage,
+            omega=chunk.omega,
+            proton_charge=chunk.proton_charge,
+            events=len(chunk.pixel_id),
+            dropped=dict(zip(DROP_REASONS, map(int, dropped), strict=True)),
+        )
+
+    # -- summary and state -------------------------------------------------------------------
+
+    def summary(self) -> dict[str, object]:
+        """Totals so far (JSON-ready)."""
+        dropped: Counter[str] = Counter()
+        folded = 0
+        if self.acc is not None:
+            for rec in self.acc.records:
+                dropped.update(rec.dropped)
+                folded += rec.folded
+        if self.segmenter is not None:
+            dropped["moving"] += self.segmenter.moving
+        return {
+            "orientations": len(self.acc.records) if self.acc else 0,
+            "events_folded": folded,
+            "events_dropped": int(sum(dropped.values())),
+            "dropped_by_reason": dict(dropped),
+            "segmentation": self.segmenter.mode if self.segmenter else None,
+            "grid_fingerprint": self.acc.grid.fingerprint if self.acc else None,
+        }
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON part, arrays part) of everything needed to resume this run."""
+        if self.meta is None or self.segmenter is None or self.acc is None:
+            return {"started": False, "n_events": self.n_events}, {}
+        seg = self.segmenter.state()
+        arrays = {f"seg_{k}": v for k, v in seg.items() if isinstance(v, np.ndarray)}
+        seg_json = {k: v for k, v in seg.items() if not isinstance(v, np.ndarray)}
+        arrays["counts"] = self.acc.counts
+        arrays["exposure"] = self.acc.exposure
+        if self.acc.records:
+            arrays["orient_counts"] = np.stack(self.acc.per_orientation_counts)
+            arrays["orient_exposure"] = np.stack(self.acc.per_orientation_exposure)
+        return {
+            "started": True,
+            "meta": self.meta,
+            "segmenter": seg_json,
+            "records": [
+                {
+                    "omega": r.omega,
+                    "proton_charge": r.proton_charge,
+                    "events": r.events,
+                    "folded": r.folded,
+                    "dropped": r.dropped,
+                }
+                for r in self.acc.records
+            ],
+            "stopped": self.stopped,
+            "n_events": self.n_events,
+        }, arrays
+
+    def restore(self, js: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Resume from :meth:`state` output (the fold table is rebuilt)."""
+        self.n_events = int(js.get("n_events", 0))
+        if not js.get("started"):
+            return
+        self._setup(js["meta"])
+        assert self.acc is not None
+        seg = dict(js["segmenter"])
+        seg.update({k[4:]: v for k, v in arrays.items() if k.startswith("seg_")})
+        self.segmenter = Segmenter.from_state(seg)
+        self.acc.counts[:] = arrays["counts"]
+        self.acc.exposure[:] = arrays["exposure"]
+        from .accumulate import OrientationRecord as Rec
+
+        for i, r in enumerate(js["records"]):
+            self.acc.per_orientation_counts.append(arrays["orient_counts"][i])
+            self.acc.per_orientation_exposure.append(arrays["orient_exposure"][i])
+            self.acc.records.append(
+                Rec(
+                    index=i,
+                    omega=r["omega"],
+                    proton_charge=r["proton_charge"],
+                    events=r["events"],
+                    folded=r["folded"],
+                    dropped=r["dropped"],
+                )
+            )
+        self.stopped = bool(js.get("stopped", False))
