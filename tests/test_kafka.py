@@ -1,0 +1,204 @@
+"""Integration with a real Kafka-protocol broker (the embedded Tansu broker): replay, the
+live consumer against the offline fold, kill -9 and restart, record, bad messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from consumers.kafka import EmbeddedBroker, KafkaSource, SourceMessage, record, replay
+from consumers.offline import fold_recorded_run
+from consumers.service import ConsumerService
+from simulations.run import RunPlan, simulate_run
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def broker():  # type: ignore[no-untyped-def]
+    b = EmbeddedBroker()
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("kafka") / "ge.steer"
+    plan = RunPlan(
+        material="Ge",
+        fc="raman",
+        omegas=(0.0, 15.0, 30.0, 45.0, 60.0, 75.0),
+        events_per_orientation=5e4,
+        count_time=5.0,
+        mesh=16,
+        seed=8,
+    )
+    simulate_run(plan, path, progress=False)
+    summary, acc = fold_recorded_run(path, progress=False)
+    return path, summary, acc
+
+
+def test_live_consumer_equals_offline_fold(broker, small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path, offline, acc = small_run
+    replay(path, broker.bootstrap, prefix="live")
+    source = KafkaSource(broker.bootstrap, "live")
+    snapshots = []
+    try:
+        service = ConsumerService(
+            source, tmp_path / "state", on_snapshot=lambda s, r: snapshots.append(r.omega)
+        )
+        service.run(idle_exit_s=30)
+    finally:
+        source.close()
+    assert service.done
+    np.testing.assert_array_equal(service.pipeline.acc.counts, acc.counts)  # bitwise
+    np.testing.assert_array_equal(service.pipeline.acc.exposure, acc.exposure)
+    summary = service.summary()
+    assert summary["events_folded"] == offline["events_folded"]
+    assert summary["events_dropped"] == offline["events_dropped"]
+    assert snapshots == [r.omega for r in acc.records]
+
+
+def _consume_cmd(bootstrap: str, prefix: str, state: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "steering.cli", "consume", "--bootstrap", bootstrap,
+        "--prefix", prefix, "--state-dir", str(state), "--idle-exit", "20", "--json",
+    ]  # fmt: skip
+
+
+def test_kill_9_at_five_moments_then_restart_loses_nothing(broker, small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path, offline, acc = small_run
+    replay(path, broker.bootstrap, prefix="crash")
+    state = tmp_path / "state"
+    rng = np.random.default_rng(12)
+    kills = 0
+    for delay in rng.uniform(3.0, 9.0, 5):
+        proc = subprocess.Popen(
+            _consume_cmd(broker.bootstrap, "crash", state),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            proc.wait(timeout=float(delay))
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        if proc.returncode == 0:
+            break
+    done = subprocess.run(
+        _consume_cmd(broker.bootstrap, "crash", state),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["done"]
+    assert kills >= 3  # most kills hit a running consumer
+    assert summary["events_folded"] == offline["events_folded"]
+    assert summary["events_dropped"] == offline["events_dropped"]
+    with np.load(state / "checkpoint.npz") as f:
+        np.testing.assert_array_equal(f["counts"], acc.counts)
+
+
+def test_record_then_fold_gives_the_same_spectrum(broker, small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path, offline, acc = small_run
+    replay(path, broker.bootstrap, prefix="rec")
+    out = tmp_path / "recorded.steer"
+    result = record(broker.bootstrap, "rec", out, idle_timeout_s=5)
+    assert result["stopped"]
+    summary, acc2 = fold_recorded_run(out, progress=False)
+    np.testing.assert_array_equal(acc2.counts, acc.counts)
+    assert summary["events_folded"] == offline["events_folded"]
+
+
+def test_bad_messages_are_dead_lettered_and_the_run_completes(broker, small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kafka import KafkaProducer
+
+    path, _, acc = small_run
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    producer.send("bad_events", b"\x00\x00\x00\x00ev44-not-really", headers=[("schema", b"ev44")])
+    producer.send("bad_motion", b"garbage without schema")
+    producer.flush()
+    producer.close()
+    replay(path, broker.bootstrap, prefix="bad")
+    letters: list[tuple[SourceMessage, str]] = []
+    source = KafkaSource(broker.bootstrap, "bad")
+    try:
+        service = ConsumerService(
+            source, tmp_path / "state", dead_letter=lambda m, r: letters.append((m, r))
+        )
+        service.run(idle_exit_s=30)
+    finally:
+        source.close()
+    assert service.done
+    # topics are consumed in any order: before or after the run start, each is refused
+    assert len(letters) == 2
+    assert {r for _, r in letters} <= {"before_run_start", "malformed_ev44", "unknown_schema"}
+    assert {(m.topic, m.offset) for m, _ in letters} == {("bad_events", 0), ("bad_motion", 0)}
+    np.testing.assert_array_equal(service.pipeline.acc.counts, acc.counts)
+
+
+class _ListSource:
+    """A fake source that delivers a list of messages, some twice."""
+
+    def __init__(self, msgs: list[SourceMessage]) -> None:
+        self.msgs = msgs
+        self.pos = 0
+
+    def consume(self, max_records: int, timeout_s: float) -> list[SourceMessage]:
+        out = self.msgs[self.pos : self.pos + max_records]
+        self.pos += len(out)
+        return out
+
+    def seek(self, offsets: dict[tuple[str, int], int]) -> None:
+        pass
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        pass
+
+    def caught_up(self, offsets: dict[tuple[str, int], int]) -> bool:
+        return self.pos >= len(self.msgs)
+
+
+def test_duplicate_delivery_is_ignored(small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from simulations.recording import RunReader
+
+    path, _, acc = small_run
+    msgs = []
+    offsets: dict[str, int] = {}
+    with RunReader(path) as reader:
+        for m in reader:
+            off = offsets.get(m.topic, 0)
+            offsets[m.topic] = off + 1
+            sm = SourceMessage(
+                topic=m.topic, partition=0, offset=off, key=m.key,
+                timestamp_ns=m.timestamp_ns, headers=m.headers, payload=m.payload,
+            )  # fmt: skip
+            msgs.append(sm)
+            if off % 7 == 3:
+                msgs.append(sm)  # delivered twice
+    service = ConsumerService(_ListSource(msgs), tmp_path / "state")
+    while not service.done:
+        assert service.step(max_records=500) or service.done
+    assert service.counters["duplicates"] > 100
+    np.testing.assert_array_equal(service.pipeline.acc.counts, acc.counts)
+
+
+def test_broker_starts_quickly() -> None:
+    t = time.perf_counter()
+    b = EmbeddedBroker()
+    b.start()
+    b.stop()
+    assert time.perf_counter() - t < 30
