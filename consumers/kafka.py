@@ -25,6 +25,7 @@ from .exceptions import ConsumerError
 __all__ = [
     "SUFFIXES",
     "EmbeddedBroker",
+    "KafkaDeadLetter",
     "KafkaSource",
     "MessageSource",
     "SourceMessage",
@@ -231,6 +232,31 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class KafkaDeadLetter:
+    """Copies malformed messages to ``<prefix>_deadletter`` with the reason and origin."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        from kafka import KafkaProducer
+
+        self.topic = f"{prefix}_deadletter"
+        ensure_topics(bootstrap, [self.topic])
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=32 << 20)
+
+    def __call__(self, msg: SourceMessage, reason: str) -> None:
+        headers = [
+            ("reason", reason.encode()),
+            ("source_topic", msg.topic.encode()),
+            ("source_partition", str(msg.partition).encode()),
+            ("source_offset", str(msg.offset).encode()),
+            *msg.headers,
+        ]
+        self._producer.send(self.topic, value=msg.payload, key=msg.key, headers=headers)
+
+    def close(self) -> None:
+        self._producer.flush()
+        self._producer.close()
 
 
 # -- replay and record --------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import metrics
 from .accumulate import OrientationRecord, Snapshot
 from .kafka import MessageSource, SourceMessage
 from .pipeline import MalformedMessage, RunPipeline, schema_of
@@ -73,6 +74,7 @@ class ConsumerService:
         self.counters: Counter[str] = Counter()
         self.done = False
         self._stop_requested = False
+        self._moving_seen = 0
         self._load()
 
     # -- loop --------------------------------------------------------------------------------
@@ -85,15 +87,24 @@ class ConsumerService:
             key = (m.topic, m.partition)
             if m.offset < self.next_offsets.get(key, 0):
                 self.counters["duplicates"] += 1
+                metrics.MESSAGES_DUPLICATE.inc()
                 continue
             self.next_offsets[key] = m.offset + 1
             self.counters["messages"] += 1
+            metrics.MESSAGES.labels(m.topic).inc()
             try:
-                completed += self.pipeline.handle(
+                t0 = time.perf_counter()
+                n0 = self.pipeline.n_events
+                done_now = self.pipeline.handle(
                     schema_of(m.headers, m.payload), m.payload, m.timestamp_ns
                 )
+                metrics.EVENTS_CONSUMED.inc(self.pipeline.n_events - n0)
+                if done_now:
+                    metrics.FOLD_SECONDS.observe(time.perf_counter() - t0)
+                completed += done_now
             except MalformedMessage as exc:
                 self.counters[f"malformed_{exc.reason}"] += 1
+                metrics.MESSAGES_MALFORMED.labels(exc.reason).inc()
                 logger.warning(
                     "malformed message dead-lettered: %s",
                     exc,
@@ -105,6 +116,16 @@ class ConsumerService:
         if self.pipeline.stopped and not self.done and self.source.caught_up(self.next_offsets):
             completed += self.pipeline.finish()
             self.done = became_done = True
+        if self.pipeline.segmenter is not None:
+            moving = self.pipeline.segmenter.moving
+            if moving > self._moving_seen:
+                metrics.EVENTS_DROPPED.labels("moving").inc(moving - self._moving_seen)
+            self._moving_seen = moving
+        for rec in completed:
+            metrics.ORIENTATIONS.inc()
+            metrics.EVENTS_FOLDED.inc(rec.folded)
+            for reason, n in rec.dropped.items():
+                metrics.EVENTS_DROPPED.labels(reason).inc(n)
         if completed or became_done:
             self._checkpoint()
             self.source.commit(self.next_offsets)

@@ -439,12 +439,13 @@ def consume_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the live consumer of one run: fold it, checkpointing after every orientation."""
-    from consumers.kafka import KafkaSource
+    from consumers.kafka import KafkaDeadLetter, KafkaSource
     from consumers.service import ConsumerService
 
     source = KafkaSource(bootstrap, prefix)
+    dead = KafkaDeadLetter(bootstrap, prefix)
     try:
-        service = ConsumerService(source, state_dir, mode=mode)
+        service = ConsumerService(source, state_dir, mode=mode, dead_letter=dead)
         service.run(idle_exit_s=idle)
         summary = service.summary()
         if out is not None and service.pipeline.acc is not None:
@@ -452,6 +453,7 @@ def consume_cmd(
             summary["path"] = str(out)
     finally:
         source.close()
+        dead.close()
     _emit(summary, as_json)
 
 

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.kafka import EmbeddedBroker, KafkaSource, SourceMessage, record, replay
+from consumers.kafka import (
+    EmbeddedBroker,
+    KafkaDeadLetter,
+    KafkaSource,
+    SourceMessage,
+    record,
+    replay,
+)
 from consumers.offline import fold_recorded_run
 from consumers.service import ConsumerService
 from simulations.run import RunPlan, simulate_run
@@ -133,15 +140,53 @@ def test_bad_messages_are_dead_lettered_and_the_run_completes(broker, small_run,
     producer.flush()
     producer.close()
     replay(path, broker.bootstrap, prefix="bad")
+    from prometheus_client import REGISTRY
+
+    def metric(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (
+        metric("steer_messages_malformed_total", reason="before_run_start")
+        + metric("steer_messages_malformed_total", reason="malformed_ev44")
+        + metric("steer_messages_malformed_total", reason="unknown_schema")
+    )
+    folded_before = metric("steer_events_folded_total")
     letters: list[tuple[SourceMessage, str]] = []
     source = KafkaSource(broker.bootstrap, "bad")
+    dead = KafkaDeadLetter(broker.bootstrap, "bad")
+
+    def dead_letter(m: SourceMessage, reason: str) -> None:
+        letters.append((m, reason))
+        dead(m, reason)
+
     try:
-        service = ConsumerService(
-            source, tmp_path / "state", dead_letter=lambda m, r: letters.append((m, r))
-        )
+        service = ConsumerService(source, tmp_path / "state", dead_letter=dead_letter)
         service.run(idle_exit_s=30)
     finally:
         source.close()
+        dead.close()
+    after = (
+        metric("steer_messages_malformed_total", reason="before_run_start")
+        + metric("steer_messages_malformed_total", reason="malformed_ev44")
+        + metric("steer_messages_malformed_total", reason="unknown_schema")
+    )
+    assert after - before == 2
+    assert metric("steer_events_folded_total") - folded_before == service.summary()["events_folded"]
+    # the dead-letter topic holds both, with the reason and where they came from
+    from kafka import KafkaConsumer, TopicPartition
+
+    reader = KafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest")
+    tp = TopicPartition("bad_deadletter", 0)
+    reader.assign([tp])
+    reader.seek_to_beginning(tp)
+    got = []
+    deadline = time.monotonic() + 20
+    while len(got) < 2 and time.monotonic() < deadline:
+        for recs in reader.poll(timeout_ms=500).values():
+            got += [dict(r.headers) for r in recs]
+    reader.close()
+    assert sorted(h["source_topic"] for h in got) == [b"bad_events", b"bad_motion"]
+    assert all(h["reason"] for h in got)
     assert service.done
     # topics are consumed in any order: before or after the run start, each is refused
     assert len(letters) == 2
