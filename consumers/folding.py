@@ -374,13 +374,17 @@ class Folder:
         )
 
     def coverage(
-        self, omega: float, *, e_substeps: int = 2, pixel_stride: int = 2
+        self, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2
     ) -> NDArray[np.float64]:
         """(n_q, n_E) float: sum of k_f/k_i dOmega dE over detector cells folded into each bin.
 
         Units sr meV. Exposure = proton charge x coverage, so that counts / exposure
         estimates S(q, E) up to a constant for any orientation. Every ``pixel_stride``-th
-        pixel (weighted by the stride) is sampled at ``e_substeps`` energies per bin.
+        pixel (weighted by the stride) is sampled at ``e_substeps`` energies per bin
+        (midpoint rule). Against every pixel at 16 energies per bin, the default is off by
+        a median 1.8 % per bin (90th percentile 5 %) for one orientation, 0.7 s here; the
+        error is in the energy sampling of the tube crossings and averages down over
+        orientations. (Interpolating the crossing instead was tried: no better.)
         """
         n_sub = self.grid.n_e * e_substeps
         de = self._de / e_substeps
