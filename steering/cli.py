@@ -465,10 +465,15 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Spectra in the demo training set.")] = 2000,
     as_json: JsonOpt = False,
 ) -> None:
-    """Physics demo on Ge: FC sets, dispersion picture, phonopy export, a small training set."""
+    """Demo on Ge: FC sets, a training set, a simulated run through the embedded broker."""
     from simulations.demo import run_demo
+    from steering.demo import streaming_demo
 
-    _emit(run_demo(out, n=n), as_json)
+    result = run_demo(out, n=n)
+    run = result.get("simulated_run")
+    if isinstance(run, dict):
+        result["streaming"] = streaming_demo(str(run["path"]), out)
+    _emit(result, as_json)
 
 
 def main(argv: list[str] | None = None) -> None:
