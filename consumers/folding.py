@@ -48,7 +48,6 @@ DROP_REASONS = ("energy_out_of_range", "off_path", "bad_time_of_flight", "unknow
 
 _NO_WEIGHTS = np.zeros(0)
 _NO_ASSIGN = np.zeros(0, dtype=np.int64)
-_LIVE_CACHE: dict[int, tuple[NDArray[np.int64], NDArray[np.uint8]]] = {}
 
 # Same constants as simulations.instrument (scipy's CODATA): E (meV) = _E_PER_V2 v^2 (m/s),
 # k (1/Angstrom) = _K_PER_V v (m/s).
@@ -78,6 +77,8 @@ class FoldTable:
     alias
         (n_q,) int64: path points equivalent to an earlier one share its counts
         (``counts[alias]`` expands the folded array).
+    live
+        Bit set (little-endian bit order) of the voxels that have candidates.
     """
 
     voxels: int
@@ -87,15 +88,7 @@ class FoldTable:
     cand_xyz: NDArray[np.float64]
     reciprocal: NDArray[np.float64]
     alias: NDArray[np.int64]
-
-    @property
-    def live(self) -> NDArray[np.uint8]:
-        """Bit set (little-endian bit order) of voxels that have candidates."""
-        cached = _LIVE_CACHE.get(id(self.offsets))
-        if cached is None or cached[0] is not self.offsets:
-            bits = np.packbits(np.diff(self.offsets) > 0, bitorder="little")
-            cached = _LIVE_CACHE[id(self.offsets)] = (self.offsets, bits)
-        return cached[1]
+    live: NDArray[np.uint8]
 
     @classmethod
     def build(
@@ -136,6 +129,7 @@ class FoldTable:
             cand_xyz=np.ascontiguousarray(ref.star_xyz[flat]),
             reciprocal=np.ascontiguousarray(rec),
             alias=np.asarray(ref.alias, dtype=np.int64),
+            live=np.packbits(counts > 0, bitorder="little"),
         )
 
 
@@ -299,6 +293,8 @@ class Folder:
         Returns ``(counts, dropped)``: (n_q, n_E) float64 counts (``counts`` is added to in
         place when given) and (4,) int64 dropped events per :data:`DROP_REASONS`.
         """
+        if not np.isfinite(omega):
+            raise FoldError(f"goniometer angle must be finite, got {omega}")
         out = np.zeros(self.grid.shape) if counts is None else counts
         dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
         t = self.table

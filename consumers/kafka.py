@@ -206,8 +206,8 @@ class KafkaSource:
                         offset=r.offset,
                         key=r.key,
                         timestamp_ns=int(r.timestamp) * 1_000_000,
-                        headers=tuple((k, bytes(v)) for k, v in (r.headers or [])),
-                        payload=bytes(r.value),
+                        headers=tuple((k, bytes(v or b"")) for k, v in (r.headers or [])),
+                        payload=bytes(r.value or b""),
                     )
                 )
         return out

@@ -73,11 +73,17 @@ class RunPipeline:
         self.acc: RunAccumulator | None = None
         self.stopped = False
         self.n_events = 0
+        self._run_key = b""
 
     # -- messages ----------------------------------------------------------------------------
 
-    def handle(self, schema: str, payload: bytes, timestamp_ns: int) -> list[OrientationRecord]:
+    def handle(
+        self, schema: str, payload: bytes, timestamp_ns: int, key: bytes | None = None
+    ) -> list[OrientationRecord]:
         """Feed one message; returns the orientations it completed.
+
+        Messages keyed with another run's id (the simulated instrument keys every message
+        with its run id) are refused as ``other_run``.
 
         Raises
         ------
@@ -92,6 +98,8 @@ class RunPipeline:
                 raise MalformedMessage("unknown_schema", "not ev44, f144, pl72, 6s4t or bluesky")
             if self.segmenter is None:
                 raise MalformedMessage("before_run_start", f"{schema} message before pl72")
+            if key and self._run_key and key != self._run_key:
+                raise MalformedMessage("other_run", f"key {key!r} is not this run's")
             if schema == "ev44":
                 ev = deserialise_ev44(payload)
                 tof = np.asarray(ev.time_of_flight)
@@ -109,6 +117,8 @@ class RunPipeline:
                 if not np.isfinite(value):
                     raise MalformedMessage("non_finite", f"f144 {log.source_name} = {value}")
                 if log.source_name == "proton_charge":
+                    if value < 0:
+                        raise MalformedMessage("negative_charge", f"proton_charge {value}")
                     chunks = self.segmenter.on_charge(log.timestamp_unix_ns, value)
                 elif log.source_name in ("omega", "omega_setpoint"):
                     chunks = self.segmenter.on_omega(log.source_name, value, log.timestamp_unix_ns)
@@ -160,6 +170,7 @@ class RunPipeline:
         orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
         table = FoldTable.build(ms.crystal, ms.grid, tolerance=self.tolerance, voxels=self.voxels)
         self.meta = meta
+        self._run_key = str(meta.get("run_id", "")).encode()
         self.folder = Folder(table, ms.grid, ins, orientation, float(meta["ei_meV"]))
         self.acc = RunAccumulator(ms.grid)
         self.segmenter = Segmenter(mode)

@@ -179,7 +179,10 @@ class Segmenter:
         data = doc["data"]
         assert isinstance(data, dict)
         lo, hi = int(data["count_start_ns"]), int(data["count_stop_ns"])
-        self._windows.append((float(data["omega"]), lo, hi))
+        omega = float(data["omega"])
+        if not np.isfinite(omega) or not hi > lo:
+            raise ValueError(f"bluesky Event with omega {omega} and window [{lo}, {hi})")
+        self._windows.append((omega, lo, hi))
         return self._drain()
 
     def on_stop(self, t_ns: int) -> None:

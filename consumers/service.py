@@ -75,6 +75,9 @@ class ConsumerService:
         self.done = False
         self._stop_requested = False
         self._moving_seen = 0
+        self._early: list[SourceMessage] = []
+        #: messages held while waiting for the run start (pl72); beyond it they are refused
+        self.early_limit = 200_000
         self._load()
 
     # -- loop --------------------------------------------------------------------------------
@@ -92,26 +95,20 @@ class ConsumerService:
             self.next_offsets[key] = m.offset + 1
             self.counters["messages"] += 1
             metrics.MESSAGES.labels(m.topic).inc()
-            try:
-                t0 = time.perf_counter()
-                n0 = self.pipeline.n_events
-                done_now = self.pipeline.handle(
-                    schema_of(m.headers, m.payload), m.payload, m.timestamp_ns
-                )
-                metrics.EVENTS_CONSUMED.inc(self.pipeline.n_events - n0)
-                if done_now:
-                    metrics.FOLD_SECONDS.observe(time.perf_counter() - t0)
-                completed += done_now
-            except MalformedMessage as exc:
-                self.counters[f"malformed_{exc.reason}"] += 1
-                metrics.MESSAGES_MALFORMED.labels(exc.reason).inc()
-                logger.warning(
-                    "malformed message dead-lettered: %s",
-                    exc,
-                    extra={"topic": m.topic, "partition": m.partition, "offset": m.offset},
-                )
-                if self.dead_letter is not None:
-                    self.dead_letter(m, exc.reason)
+            schema = schema_of(m.headers, m.payload)
+            # topics arrive in any order: hold what precedes the run start (bounded)
+            if (
+                self.pipeline.meta is None
+                and schema != "pl72"
+                and len(self._early) < self.early_limit
+            ):
+                self._early.append(m)
+                continue
+            completed += self._handle(m, schema)
+            if self._early and self.pipeline.meta is not None:
+                early, self._early = self._early, []
+                for e in early:
+                    completed += self._handle(e, schema_of(e.headers, e.payload))
         became_done = False
         if self.pipeline.stopped and not self.done and self.source.caught_up(self.next_offsets):
             completed += self.pipeline.finish()
@@ -132,8 +129,42 @@ class ConsumerService:
             if self.on_snapshot is not None and self.pipeline.acc is not None:
                 snap = self.pipeline.acc.snapshot()
                 for rec in completed:
-                    self.on_snapshot(snap, rec)
+                    try:
+                        self.on_snapshot(snap, rec)
+                    except Exception:
+                        logger.exception("snapshot hand-off failed (orientation %d)", rec.index)
         return len(msgs)
+
+    def _handle(self, m: SourceMessage, schema: str) -> list[OrientationRecord]:
+        """One message through the pipeline; bad ones are counted and dead-lettered."""
+        where = f"{m.topic}[{m.partition}]@{m.offset}"
+        try:
+            t0 = time.perf_counter()
+            n0 = self.pipeline.n_events
+            done = self.pipeline.handle(schema, m.payload, m.timestamp_ns, m.key)
+            metrics.EVENTS_CONSUMED.inc(self.pipeline.n_events - n0)
+            if done:
+                metrics.FOLD_SECONDS.observe(time.perf_counter() - t0)
+            return done
+        except MalformedMessage as exc:
+            reason = exc.reason
+            logger.warning(
+                "%s: malformed message dead-lettered: %s",
+                where,
+                exc,
+                extra={"topic": m.topic, "partition": m.partition, "offset": m.offset},
+            )
+        except Exception:  # never stop the consumer; say loudly what happened
+            reason = "internal_error"
+            logger.exception("%s: message could not be processed", where)
+        self.counters[f"malformed_{reason}"] += 1
+        metrics.MESSAGES_MALFORMED.labels(reason).inc()
+        if self.dead_letter is not None:
+            try:
+                self.dead_letter(m, reason)
+            except Exception:
+                logger.exception("%s: dead-lettering failed", where)
+        return []
 
     def run(self, *, idle_exit_s: float | None = None) -> None:
         """Step until the run is complete (or SIGTERM, or ``idle_exit_s`` without input)."""
