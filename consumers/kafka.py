@@ -26,6 +26,7 @@ __all__ = [
     "SUFFIXES",
     "EmbeddedBroker",
     "KafkaDeadLetter",
+    "KafkaSnapshotSink",
     "KafkaSource",
     "MessageSource",
     "SourceMessage",
@@ -253,6 +254,52 @@ class KafkaDeadLetter:
             *msg.headers,
         ]
         self._producer.send(self.topic, value=msg.payload, key=msg.key, headers=headers)
+
+    def close(self) -> None:
+        self._producer.flush()
+        self._producer.close()
+
+
+class KafkaSnapshotSink:
+    """Publishes each folded snapshot to ``<prefix>_folded`` for model servers (deployed mode).
+
+    Payload: an ``.npz`` (no pickle) with ``intensity``, ``variance``, ``counts``,
+    ``exposure``, ``mask`` and a JSON ``meta`` (orientation index, omega, grid fingerprint).
+    """
+
+    def __init__(self, bootstrap: str, prefix: str, *, grid_fingerprint: str = "") -> None:
+        from kafka import KafkaProducer
+
+        self.topic = f"{prefix}_folded"
+        self.grid_fingerprint = grid_fingerprint
+        ensure_topics(bootstrap, [self.topic])
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=32 << 20)
+
+    def __call__(self, snapshot: Any, record: Any) -> None:
+        import io
+        import json
+
+        import numpy as np
+
+        meta = {
+            "orientation": record.index,
+            "omega": record.omega,
+            "n_orientations": snapshot.n_orientations,
+            "grid_fingerprint": self.grid_fingerprint,
+        }
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            intensity=snapshot.intensity,
+            variance=snapshot.variance,
+            counts=snapshot.counts,
+            exposure=snapshot.exposure,
+            mask=snapshot.mask,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        )
+        self._producer.send(
+            self.topic, value=buf.getvalue(), headers=[("schema", b"steer-snapshot-npz")]
+        )
 
     def close(self) -> None:
         self._producer.flush()

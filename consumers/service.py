@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,11 +29,20 @@ from .accumulate import OrientationRecord, Snapshot
 from .kafka import MessageSource, SourceMessage
 from .pipeline import MalformedMessage, RunPipeline, schema_of
 
-__all__ = ["ConsumerService"]
+__all__ = ["ConsumerService", "SnapshotSink"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.npz"
+
+
+class SnapshotSink(Protocol):
+    """Where folded snapshots go: an in-process model server (embedded mode) or a topic
+    (:class:`consumers.kafka.KafkaSnapshotSink`, deployed mode)."""
+
+    def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
+        """Called after every completed orientation with the cumulative spectrum."""
+        ...
 
 
 class ConsumerService:
@@ -61,7 +70,7 @@ class ConsumerService:
         *,
         mode: str = "auto",
         tolerance: float = 0.05,
-        on_snapshot: Callable[[Snapshot, OrientationRecord], None] | None = None,
+        on_snapshot: SnapshotSink | Callable[[Snapshot, OrientationRecord], None] | None = None,
         dead_letter: Callable[[SourceMessage, str], None] | None = None,
     ) -> None:
         self.source = source

@@ -436,16 +436,21 @@ def consume_cmd(
     idle: Annotated[
         float | None, typer.Option("--idle-exit", help="Exit after this many idle seconds.")
     ] = None,
+    publish: Annotated[
+        bool,
+        typer.Option("--publish-snapshots", help="Publish snapshots to <prefix>_folded."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the live consumer of one run: fold it, checkpointing after every orientation."""
-    from consumers.kafka import KafkaDeadLetter, KafkaSource
+    from consumers.kafka import KafkaDeadLetter, KafkaSnapshotSink, KafkaSource
     from consumers.service import ConsumerService
 
     source = KafkaSource(bootstrap, prefix)
     dead = KafkaDeadLetter(bootstrap, prefix)
+    sink = KafkaSnapshotSink(bootstrap, prefix) if publish else None
     try:
-        service = ConsumerService(source, state_dir, mode=mode, dead_letter=dead)
+        service = ConsumerService(source, state_dir, mode=mode, dead_letter=dead, on_snapshot=sink)
         service.run(idle_exit_s=idle)
         summary = service.summary()
         if out is not None and service.pipeline.acc is not None:
@@ -454,6 +459,8 @@ def consume_cmd(
     finally:
         source.close()
         dead.close()
+        if sink is not None:
+            sink.close()
     _emit(summary, as_json)
 
 

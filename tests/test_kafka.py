@@ -17,6 +17,7 @@ import pytest
 from consumers.kafka import (
     EmbeddedBroker,
     KafkaDeadLetter,
+    KafkaSnapshotSink,
     KafkaSource,
     SourceMessage,
     record,
@@ -58,14 +59,19 @@ def test_live_consumer_equals_offline_fold(broker, small_run, tmp_path) -> None:
     path, offline, acc = small_run
     replay(path, broker.bootstrap, prefix="live")
     source = KafkaSource(broker.bootstrap, "live")
+    topic_sink = KafkaSnapshotSink(broker.bootstrap, "live", grid_fingerprint="test")
     snapshots = []
+
+    def sink(snap, rec) -> None:  # type: ignore[no-untyped-def]
+        snapshots.append(rec.omega)  # the in-process seam (embedded mode)
+        topic_sink(snap, rec)  # and the topic (deployed mode)
+
     try:
-        service = ConsumerService(
-            source, tmp_path / "state", on_snapshot=lambda s, r: snapshots.append(r.omega)
-        )
+        service = ConsumerService(source, tmp_path / "state", on_snapshot=sink)
         service.run(idle_exit_s=30)
     finally:
         source.close()
+        topic_sink.close()
     assert service.done
     np.testing.assert_array_equal(service.pipeline.acc.counts, acc.counts)  # bitwise
     np.testing.assert_array_equal(service.pipeline.acc.exposure, acc.exposure)
@@ -73,6 +79,26 @@ def test_live_consumer_equals_offline_fold(broker, small_run, tmp_path) -> None:
     assert summary["events_folded"] == offline["events_folded"]
     assert summary["events_dropped"] == offline["events_dropped"]
     assert snapshots == [r.omega for r in acc.records]
+    # the snapshots on <prefix>_folded: one per orientation, the last one is the spectrum
+    import io
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    reader = KafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest")
+    tp = TopicPartition("live_folded", 0)
+    reader.assign([tp])
+    reader.seek_to_beginning(tp)
+    payloads: list[bytes] = []
+    deadline = time.monotonic() + 20
+    while len(payloads) < len(acc.records) and time.monotonic() < deadline:
+        for recs in reader.poll(timeout_ms=500).values():
+            payloads += [r.value for r in recs]
+    reader.close()
+    assert len(payloads) == len(acc.records)
+    with np.load(io.BytesIO(payloads[-1])) as last:
+        np.testing.assert_array_equal(last["counts"], acc.counts)
+        meta = json.loads(bytes(last["meta"]).decode())
+    assert meta["n_orientations"] == len(acc.records)
 
 
 def _consume_cmd(bootstrap: str, prefix: str, state: Path) -> list[str]:
