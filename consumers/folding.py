@@ -266,43 +266,31 @@ class Folder:
         self._ki = math.sqrt(ei / E_PER_K2)
         self._e0 = float(edges[0])
         self._de = float(edges[1] - edges[0])
-        self._regular = bool(instrument.layout)
-        self._first_id = int(instrument.pixel_ids[0])
 
     def pixel_index(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:
         """Row index of detector ids; -1 for ids the instrument does not have."""
-        ids = np.asarray(pixel_id, dtype=np.int64)
-        ins = self.instrument
-        if self._regular:
-            idx = ids - self._first_id
-            return np.where((idx >= 0) & (idx < ins.n_pixels), idx, -1)
-        order = np.argsort(ins.pixel_ids)
-        pos = np.clip(np.searchsorted(ins.pixel_ids, ids, sorter=order), 0, ins.n_pixels - 1)
-        idx = order[pos]
-        return np.where(ins.pixel_ids[idx] == ids, idx, -1).astype(np.int64)
+        return self.instrument.pixel_rows(pixel_id)
 
-    def fold(
+    def _kernel(
         self,
-        pixel_id: NDArray[np.integer],
-        tof_ns: NDArray[np.number],
+        rows: NDArray[np.int64],
+        tof_ns: NDArray[np.float64],
         omega: float,
-        counts: NDArray[np.float64] | None = None,
-    ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
-        """Fold events taken at goniometer angle ``omega`` (degrees).
-
-        Returns ``(counts, dropped)``: (n_q, n_E) float64 counts (``counts`` is added to in
-        place when given) and (4,) int64 dropped events per :data:`DROP_REASONS`.
-        """
-        if not np.isfinite(omega):
-            raise FoldError(f"goniometer angle must be finite, got {omega}")
-        out = np.zeros(self.grid.shape) if counts is None else counts
-        dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
+        out: NDArray[np.float64],
+        *,
+        weights: NDArray[np.float64] | None = None,
+        dropped: NDArray[np.int64] | None = None,
+        assigned: NDArray[np.int64] | None = None,
+    ) -> NDArray[np.int64]:
+        """Run the fold kernel on pixel rows and times of flight; returns the drop counts."""
+        if dropped is None:
+            dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
         t = self.table
         _fold_kernel(
-            self.pixel_index(pixel_id),
-            np.asarray(tof_ns, dtype=np.float64),
-            _NO_WEIGHTS,
-            False,
+            rows,
+            tof_ns,
+            _NO_WEIGHTS if weights is None else weights,
+            weights is not None,
             self._l2,
             self._dirs,
             self._t_i,
@@ -321,9 +309,28 @@ class Folder:
             self.grid.n_e,
             out,
             dropped,
-            _NO_ASSIGN,
-            False,
+            _NO_ASSIGN if assigned is None else assigned,
+            assigned is not None,
         )
+        return dropped
+
+    def fold(
+        self,
+        pixel_id: NDArray[np.integer],
+        tof_ns: NDArray[np.number],
+        omega: float,
+        counts: NDArray[np.float64] | None = None,
+    ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+        """Fold events taken at goniometer angle ``omega`` (degrees).
+
+        Returns ``(counts, dropped)``: (n_q, n_E) float64 counts (``counts`` is added to in
+        place when given) and (4,) int64 dropped events per :data:`DROP_REASONS`.
+        """
+        if not np.isfinite(omega):
+            raise FoldError(f"goniometer angle must be finite, got {omega}")
+        out = np.zeros(self.grid.shape) if counts is None else counts
+        rows = self.pixel_index(pixel_id)
+        dropped = self._kernel(rows, np.asarray(tof_ns, dtype=np.float64), omega, out)
         out[:] = out[self.table.alias]
         return out, dropped
 
@@ -334,35 +341,10 @@ class Folder:
 
         The q index is the canonical one (see :attr:`FoldTable.alias`).
         """
-        n = len(np.asarray(tof_ns))
-        assigned = np.empty(n, dtype=np.int64)
-        t = self.table
-        _fold_kernel(
-            self.pixel_index(pixel_id),
-            np.asarray(tof_ns, dtype=np.float64),
-            _NO_WEIGHTS,
-            False,
-            self._l2,
-            self._dirs,
-            self._t_i,
-            self.ei,
-            self._ki,
-            np.ascontiguousarray(self.orientation.lab_to_rlu_matrix(omega)),
-            t.reciprocal,
-            t.voxels,
-            t.live,
-            t.offsets,
-            t.cand_index,
-            t.cand_xyz,
-            t.tolerance**2,
-            self._e0,
-            self._de,
-            self.grid.n_e,
-            np.zeros(self.grid.shape),
-            np.zeros(len(DROP_REASONS), dtype=np.int64),
-            assigned,
-            True,
-        )
+        tof = np.asarray(tof_ns, dtype=np.float64)
+        assigned = np.empty(len(tof), dtype=np.int64)
+        rows = self.pixel_index(pixel_id)
+        self._kernel(rows, tof, omega, np.zeros(self.grid.shape), assigned=assigned)
         ok = assigned >= 0
         return (
             np.where(ok, assigned // self.grid.n_e, -1),
@@ -387,39 +369,13 @@ class Folder:
         energies = self._e0 + (np.arange(n_sub) + 0.5) * de
         pix = np.arange(0, self.instrument.n_pixels, pixel_stride)
         solid = self.instrument.solid_angles[pix] * pixel_stride
-        m = np.ascontiguousarray(self.orientation.lab_to_rlu_matrix(omega))
         out = np.zeros(self.grid.shape)
         dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
-        t = self.table
         for chunk in np.array_split(np.arange(n_sub), max(1, n_sub // 16)):
             e = energies[chunk]
             v_f = energy_to_speed(np.asarray(self.ei - e, dtype=np.float64))
             tof = (self._t_i + self._l2[pix][:, None] / v_f[None, :]) * 1e9
             weights = solid[:, None] * (np.sqrt((self.ei - e) / self.ei) * de)[None, :]
-            _fold_kernel(
-                np.repeat(pix, len(chunk)),
-                tof.ravel(),
-                weights.ravel(),
-                True,
-                self._l2,
-                self._dirs,
-                self._t_i,
-                self.ei,
-                self._ki,
-                m,
-                t.reciprocal,
-                t.voxels,
-                t.live,
-                t.offsets,
-                t.cand_index,
-                t.cand_xyz,
-                t.tolerance**2,
-                self._e0,
-                self._de,
-                self.grid.n_e,
-                out,
-                dropped,
-                _NO_ASSIGN,
-                False,
-            )
+            rows = np.repeat(pix, len(chunk))
+            self._kernel(rows, tof.ravel(), omega, out, weights=weights.ravel(), dropped=dropped)
         return np.asarray(out[self.table.alias])

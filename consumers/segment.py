@@ -70,16 +70,11 @@ class _Pulses:
 
     def take(self, lo: int, hi: int) -> tuple[NDArray[np.int32], NDArray[np.int32], int]:
         """Remove and return events with lo <= pulse < hi; also count those before lo."""
-        if not self.pulse:
-            return np.zeros(0, np.int32), np.zeros(0, np.int32), 0
-        pulse = np.concatenate(self.pulse)
-        tof = np.concatenate(self.tof)
-        pix = np.concatenate(self.pixel)
+        pulse, tof, pix = self.arrays()
         inside = (pulse >= lo) & (pulse < hi)
-        before = pulse < lo
         keep = pulse >= hi
         self.pulse, self.tof, self.pixel = [pulse[keep]], [tof[keep]], [pix[keep]]
-        return pix[inside], tof[inside], int(before.sum())
+        return pix[inside], tof[inside], int((pulse < lo).sum())
 
     def arrays(self) -> tuple[NDArray[np.int64], NDArray[np.int32], NDArray[np.int32]]:
         """All buffered events as three arrays."""
@@ -89,15 +84,10 @@ class _Pulses:
 
     def drop_before(self, t: int) -> int:
         """Discard events with pulse < t; return how many."""
-        if not self.pulse:
-            return 0
-        pulse = np.concatenate(self.pulse)
+        pulse, tof, pix = self.arrays()
         keep = pulse >= t
-        n = int((~keep).sum())
-        self.pulse = [pulse[keep]]
-        self.tof = [np.concatenate(self.tof)[keep]]
-        self.pixel = [np.concatenate(self.pixel)[keep]]
-        return n
+        self.pulse, self.tof, self.pixel = [pulse[keep]], [tof[keep]], [pix[keep]]
+        return int((~keep).sum())
 
 
 class Segmenter:

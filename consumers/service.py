@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from simulations.jsonutil import json_default
+
 from . import metrics
 from .accumulate import OrientationRecord, Snapshot
 from .kafka import MessageSource, SourceMessage
@@ -203,7 +205,7 @@ class ConsumerService:
         js["offsets"] = [[t, p, o] for (t, p), o in self.next_offsets.items()]
         js["counters"] = dict(self.counters)
         js["done"] = self.done
-        blob = np.frombuffer(json.dumps(js, default=_json_default).encode(), dtype=np.uint8)
+        blob = np.frombuffer(json.dumps(js, default=json_default).encode(), dtype=np.uint8)
         tmp = self.state_dir / (CHECKPOINT + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, __json__=blob, **arrays)  # type: ignore[arg-type]
@@ -235,11 +237,3 @@ class ConsumerService:
         out["counters"] = dict(self.counters)
         out["done"] = self.done
         return out
-
-
-def _json_default(x: object) -> object:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(type(x).__name__)

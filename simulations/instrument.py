@@ -306,22 +306,24 @@ class Instrument:
         """(n_pix, 3) float, unit vectors from the sample to each pixel."""
         return np.asarray(self.positions / self.l2[:, None])
 
+    def pixel_rows(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:
+        """Row index in the pixel arrays of detector ids ``pixel_id``; -1 for unknown ids."""
+        ids = np.asarray(pixel_id, dtype=np.int64)
+        if self.layout:
+            idx = ids - int(self.pixel_ids[0])
+            return np.where((idx >= 0) & (idx < self.n_pixels), idx, -1)
+        order = np.argsort(self.pixel_ids)
+        pos = np.clip(np.searchsorted(self.pixel_ids, ids, sorter=order), 0, self.n_pixels - 1)
+        idx = order[pos]
+        return np.where(self.pixel_ids[idx] == ids, idx, -1).astype(np.int64)
+
     def index_of(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:
         """Row index in the pixel arrays of detector ids ``pixel_id``; unknown ids raise."""
-        ids = np.asarray(pixel_id)
-        if self.layout:
-            idx = ids.astype(np.int64) - int(self.pixel_ids[0])
-            ok = (idx >= 0) & (idx < self.n_pixels)
-        else:
-            order = np.argsort(self.pixel_ids)
-            pos = np.searchsorted(self.pixel_ids, ids, sorter=order)
-            pos = np.clip(pos, 0, self.n_pixels - 1)
-            idx = order[pos]
-            ok = self.pixel_ids[idx] == ids
-        if not np.all(ok):
-            bad = ids[~ok][:5]
+        idx = self.pixel_rows(pixel_id)
+        if np.any(idx < 0):
+            bad = np.asarray(pixel_id)[idx < 0][:5]
             raise InstrumentError(f"unknown pixel ids {bad.tolist()} for instrument {self.name}")
-        return np.asarray(idx, dtype=np.int64)
+        return idx
 
     def resolution(self, ei: float, e_max: float | None = None) -> EnergyResolution:
         """Energy resolution sigma(E) of this instrument at incident energy ``ei`` (meV)."""

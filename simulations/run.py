@@ -31,7 +31,7 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from tqdm import tqdm
 from .events import OrientationSimulator
 from .exceptions import InstrumentError
 from .instrument import Instrument, Orientation
+from .jsonutil import json_default
 from .materials import setup
 from .recording import RecordedMessage, RunWriter
 from .reference import resolve_fc
@@ -237,6 +238,7 @@ class _Clock:
         self.t_events = f"{plan.prefix}_events"
         self.t_bluesky = f"{plan.prefix}_bluesky"
         self.message_id = 0
+        self.n_events = 0
         self._f144: dict[str, _F144Template] = {}
 
     def msg(self, topic: str, t_ns: int, payload: bytes, schema: str) -> RecordedMessage:
@@ -255,7 +257,7 @@ class _Clock:
         return self.msg(self.t_motion, t_ns, template.payload(float(value), int(t_ns)), "f144")
 
     def bluesky(self, name: str, doc: dict[str, object], t_ns: int) -> RecordedMessage:
-        payload = json.dumps([name, doc], default=_json_default).encode()
+        payload = json.dumps([name, doc], default=json_default).encode()
         return RecordedMessage(
             topic=self.t_bluesky,
             key=self.key,
@@ -263,14 +265,6 @@ class _Clock:
             headers=(("schema", b"bluesky-json"), ("document", name.encode())),
             payload=payload,
         )
-
-
-def _json_default(x: object) -> object:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
 def simulate_run(
@@ -363,32 +357,20 @@ def simulate_run(
         "created_by": "steer simulate run",
         "seed": plan.seed,
     }
-    n_events = 0
     # gzip level 1: event payloads barely compress further, and level 6 costs 3x the time
     with RunWriter(out, metadata=file_meta, compresslevel=1) as writer:
         gen = _messages(plan, clock, sim, omegas, metadata, scale, background, rng, progress, cache)
         for batch in gen:
             writer.write_many(batch)
-            n_events += sum(_n_events(m) for m in batch)
         n_messages = writer.n_messages
     return RunSummary(
         orientations=len(omegas),
-        events=n_events,
+        events=clock.n_events,
         messages=n_messages,
         seconds=time.perf_counter() - t_start,
         fc_set=label,
         path=str(out),
     )
-
-
-_EVENT_COUNT_HEADER = "n_events"
-
-
-def _n_events(m: RecordedMessage) -> int:
-    for k, v in m.headers:
-        if k == _EVENT_COUNT_HEADER:
-            return int(v)
-    return 0
 
 
 def _messages(
@@ -581,23 +563,8 @@ def _event_messages(
             batch.pixel_id[a:b],
         )
         clock.message_id += 1
-        msg = clock.msg(clock.t_events, int(pulse_times[p0]), payload, "ev44")
-        out.append(
-            RecordedMessage(
-                topic=msg.topic,
-                key=msg.key,
-                timestamp_ns=msg.timestamp_ns,
-                headers=(*msg.headers, (_EVENT_COUNT_HEADER, str(int(b - a)).encode())),
-                payload=payload,
-            )
-        )
+        clock.n_events += int(b - a)
+        out.append(clock.msg(clock.t_events, int(pulse_times[p0]), payload, "ev44"))
         for p in range(p0, p1):  # one f144 per pulse, stamped with the pulse time
             out.append(clock.f144("proton_charge", float(charge[p]), int(pulse_times[p])))
     return out, batch.n_events, float(charge.sum())
-
-
-def run_omegas(spec: str | Sequence[float]) -> tuple[float, ...]:
-    """Omegas from a CLI spec or a sequence."""
-    if isinstance(spec, str):
-        return tuple(float(x) for x in parse_omegas(spec))
-    return tuple(float(x) for x in spec)

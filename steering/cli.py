@@ -19,6 +19,7 @@ import typer
 
 from consumers.exceptions import ConsumerError
 from simulations.exceptions import SimulationError
+from simulations.jsonutil import json_default
 
 __all__ = ["app", "main"]
 
@@ -54,20 +55,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON 
 
 def _emit(payload: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(payload, indent=None, default=_json_default))
+        typer.echo(json.dumps(payload, indent=None, default=json_default))
     else:
         for key, value in payload.items():
             if isinstance(value, list) and len(value) > 8:
                 value = f"[{len(value)} items]"
             typer.echo(f"{key}: {value}")
-
-
-def _json_default(obj: object) -> object:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 @simulate_app.command("fc")
