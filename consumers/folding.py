@@ -48,6 +48,7 @@ DROP_REASONS = ("energy_out_of_range", "off_path", "bad_time_of_flight", "unknow
 
 _NO_WEIGHTS = np.zeros(0)
 _NO_ASSIGN = np.zeros(0, dtype=np.int64)
+_NO_LUT = np.zeros(0, dtype=np.int32)
 
 # Same constants as simulations.instrument (scipy's CODATA): E (meV) = _E_PER_V2 v^2 (m/s),
 # k (1/Angstrom) = _K_PER_V v (m/s).
@@ -65,36 +66,56 @@ class FoldTable:
         Voxels per reciprocal axis.
     tolerance
         Largest distance (1/Angstrom) from a folded Q to its path point.
+    live
+        (ceil(voxels^3 / 64),) uint64: bit set of the voxels with candidates (voxel v is
+        bit ``v % 64`` of word ``v // 64``); most of reciprocal space has none.
+    rank
+        (ceil(voxels^3 / 64),) int32: live voxels before each word, so that the live
+        voxel v is number ``rank[v // 64] + popcount(live[v // 64] & (2^(v % 64) - 1))``.
     offsets
-        (voxels^3 + 1,) int64: candidates of voxel v are ``offsets[v]:offsets[v+1]``.
-    cand_index
-        (n_cand,) int32: path index of each candidate.
-    cand_xyz
-        (n_cand, 3) float64: candidate position (1/Angstrom, Cartesian, the periodic image
-        nearest to the unit cell [0, 1)^3 in fractional coordinates).
+        (n_live + 1,) int32: the candidates of live voxel number r are
+        ``candidates[offsets[r]:offsets[r+1]]``.
+    candidates
+        (n_cand,) int16 (int32 for more than 32767 star points): rows of ``star_xyz``
+        and ``star_index``.
+    star_xyz
+        (n_star, 3) float64: the star points any voxel refers to (1/Angstrom, Cartesian,
+        periodic images near the unit cell [0, 1)^3 in fractional coordinates).
+    star_index
+        (n_star,) int32: path index of each star point.
     reciprocal
         (3, 3) float64: rows b_i (1/Angstrom) converting fractional coordinates.
     alias
         (n_q,) int64: path points equivalent to an earlier one share its counts
         (``counts[alias]`` expands the folded array).
-    live
-        Bit set (little-endian bit order) of the voxels that have candidates.
+
+    The whole table is a few megabytes at most (about 1.5 MB for Ge at 96^3), so that
+    the per-event lookups stay in the processor's caches.
     """
 
     voxels: int
     tolerance: float
-    offsets: NDArray[np.int64]
-    cand_index: NDArray[np.int32]
-    cand_xyz: NDArray[np.float64]
+    live: NDArray[np.uint64]
+    rank: NDArray[np.int32]
+    offsets: NDArray[np.int32]
+    candidates: NDArray[np.integer]
+    star_xyz: NDArray[np.float64]
+    star_index: NDArray[np.int32]
     reciprocal: NDArray[np.float64]
     alias: NDArray[np.int64]
-    live: NDArray[np.uint8]
 
     @classmethod
     def build(
         cls, crystal: Crystal, grid: Grid, *, tolerance: float = 0.05, voxels: int = 96
     ) -> FoldTable:
-        """Build the table (a few seconds for 96^3 voxels)."""
+        """Build the table (a few seconds for 96^3 voxels).
+
+        A star point is a candidate of a voxel (centre c, half-diagonal r) when it lies
+        within ``min(d_min(c) + 2 r, tolerance + r)`` of c (farther ones are never the
+        nearest, or never within the tolerance, for any Q in the voxel) and no other
+        candidate is strictly closer than it at every corner of the voxel (the squared
+        distance difference is linear in Q, so the corners decide).
+        """
         if voxels < 8:
             raise FoldError(f"fold table needs >= 8 voxels per axis, got {voxels}")
         if not tolerance > 0:
@@ -102,129 +123,271 @@ class FoldTable:
         ref = ReferenceBinning(crystal, grid, tolerance)
         rec = crystal.reciprocal_lattice
         g = (np.arange(voxels) + 0.5) / voxels
-        centres = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3) @ rec
+        frac = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+        centres = frac @ rec
         corners = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)])
-        half_diag = float(np.max(np.linalg.norm((0.5 / voxels) * corners @ rec, axis=1)))
+        corner_xyz = (0.5 / voxels) * corners @ rec  # (8, 3) offsets from a voxel centre
+        half_diag = float(np.max(np.linalg.norm(corner_xyz, axis=1)))
         tree = cKDTree(ref.star_xyz)
         d_min, _ = tree.query(centres)
         live = np.nonzero(d_min <= tolerance + half_diag)[0]
-        radius = d_min[live] + 2.0 * half_diag + 1e-9
+        radius = np.minimum(d_min[live] + 2.0 * half_diag, tolerance + half_diag) + 1e-9
         lists = tree.query_ball_point(centres[live], radius)
-        counts = np.zeros(len(centres), dtype=np.int64)
-        counts[live] = [len(x) for x in lists]
-        offsets = np.zeros(len(centres) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        flat = np.fromiter((i for x in lists for i in x), dtype=np.int64, count=int(counts.sum()))
+        n_live = np.array([len(x) for x in lists], dtype=np.int64)
+        flat = np.fromiter((i for x in lists for i in x), dtype=np.int64, count=int(n_live.sum()))
+        starts = np.zeros(len(live) + 1, dtype=np.int64)
+        np.cumsum(n_live, out=starts[1:])
+        keep = _undominated(starts, flat, centres[live], corner_xyz, ref.star_xyz)
+        kept_per_voxel = np.add.reduceat(keep, starts[:-1]) if len(live) else n_live
+        flat = flat[keep.astype(bool)]
+        offsets = np.zeros(len(live) + 1, dtype=np.int64)
+        np.cumsum(kept_per_voxel, out=offsets[1:])
+        used, cand = np.unique(flat, return_inverse=True)
+        bits = np.zeros(-(-len(centres) // 64) * 64, dtype=bool)
+        bits[live] = True
+        live_words = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
+        per_word = bits.reshape(-1, 64).sum(1)
+        rank = np.concatenate([[0], np.cumsum(per_word)[:-1]]).astype(np.int32)
         logger.info(
-            "fold table: %d^3 voxels, %d live, %.2f candidates per live voxel",
+            "fold table: %d^3 voxels, %d live, %.2f candidates per live voxel, %d star points",
             voxels,
             len(live),
-            counts[live].mean() if len(live) else 0.0,
+            kept_per_voxel.mean() if len(live) else 0.0,
+            len(used),
         )
         return cls(
             voxels=voxels,
             tolerance=float(tolerance),
-            offsets=offsets,
-            cand_index=ref.star_index[flat].astype(np.int32),
-            cand_xyz=np.ascontiguousarray(ref.star_xyz[flat]),
+            live=live_words,
+            rank=rank,
+            offsets=offsets.astype(np.int32),
+            candidates=cand.ravel().astype(np.int16 if len(used) < 2**15 else np.int32),
+            star_xyz=np.ascontiguousarray(ref.star_xyz[used]),
+            star_index=ref.star_index[used].astype(np.int32),
             reciprocal=np.ascontiguousarray(rec),
             alias=np.asarray(ref.alias, dtype=np.int64),
-            live=np.packbits(counts > 0, bitorder="little"),
         )
+
+    def is_live(self, voxel: NDArray[np.integer]) -> NDArray[np.bool_]:
+        """Whether voxels (flat indices) have candidates."""
+        v = np.asarray(voxel, dtype=np.uint64)
+        return ((self.live[v >> np.uint64(6)] >> (v & np.uint64(63))) & np.uint64(1)).astype(bool)
+
+    @property
+    def n_candidates(self) -> int:
+        """Candidate entries over all voxels."""
+        return len(self.candidates)
+
+
+@numba.njit(cache=True)
+def _undominated(
+    starts: np.ndarray,  # (n_live + 1,) int64
+    flat: np.ndarray,  # (n,) int64 star ids, voxel by voxel
+    centres: np.ndarray,  # (n_live, 3)
+    corner_xyz: np.ndarray,  # (8, 3)
+    star_xyz: np.ndarray,
+) -> np.ndarray:
+    """1 for the candidates that are the nearest somewhere in their voxel, else 0.
+
+    Candidate s is dropped when another candidate t is closer at all 8 corners by a margin
+    (|Q-s|^2 - |Q-t|^2 is linear in Q, so then t is closer everywhere in the voxel).
+    """
+    keep = np.ones(flat.shape[0], dtype=np.int64)
+    for v in range(starts.shape[0] - 1):
+        a, b = starts[v], starts[v + 1]
+        for i in range(a, b):
+            s = flat[i]
+            for j in range(a, b):
+                if j == i:
+                    continue
+                t = flat[j]
+                dominated = True
+                for c in range(8):
+                    qx = centres[v, 0] + corner_xyz[c, 0]
+                    qy = centres[v, 1] + corner_xyz[c, 1]
+                    qz = centres[v, 2] + corner_xyz[c, 2]
+                    ds = (
+                        (qx - star_xyz[s, 0]) ** 2
+                        + (qy - star_xyz[s, 1]) ** 2
+                        + (qz - star_xyz[s, 2]) ** 2
+                    )
+                    dt = (
+                        (qx - star_xyz[t, 0]) ** 2
+                        + (qy - star_xyz[t, 1]) ** 2
+                        + (qz - star_xyz[t, 2]) ** 2
+                    )
+                    if not ds - dt > 1e-9:
+                        dominated = False
+                        break
+                if dominated:
+                    keep[i] = 0
+                    break
+    return keep
+
+
+@numba.njit(inline="always")
+def _popcount(x: np.uint64) -> int:
+    """Set bits of a 64-bit word (LLVM turns this into one instruction where there is one)."""
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return int((x * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+#: Events per block of the fold kernel: the first pass over a block computes every event's
+#: voxel and energy bin without data-dependent branches, the second searches the candidates
+#: of the few events in live voxels, the third adds to the histogram.
+_BLOCK = 256
 
 
 @numba.njit(cache=True, nogil=True)
 def _fold_kernel(
-    pixel: np.ndarray,  # (n,) int64 row index, -1 unknown
-    tof_ns: np.ndarray,  # (n,)
+    ids: np.ndarray,  # (n,) detector ids (or pixel rows with id0 = 0 and no lut)
+    tof_ns: np.ndarray,  # (n,) int or float, ns
     weight: np.ndarray,  # (n,) per-event weights, used when ``weighted``
     weighted: bool,
-    l2: np.ndarray,
-    dirs: np.ndarray,  # (n_pix, 3)
+    id0: int,
+    n_ids: int,
+    lut: np.ndarray,  # (n_ids,) int32 id - id0 -> pixel row or -1, used when ``use_lut``
+    use_lut: bool,
+    pix: np.ndarray,  # (n_pix, 4): E_PER_V2 l2^2 (meV s^2), then K_PER_V l2 M d (r.l.u. s)
     t_i: float,
     ei: float,
-    ki: float,
-    m: np.ndarray,  # (3, 3) lab -> primitive r.l.u.
-    rec: np.ndarray,  # (3, 3) rows b_i
+    h_inf: np.ndarray,  # (3,) M k_i: Q (r.l.u.) of an infinitely slow final neutron
     voxels: int,
-    live: np.ndarray,  # (ceil(voxels^3 / 8),) uint8 bit set of voxels with candidates
+    live: np.ndarray,  # (ceil(voxels^3 / 64),) uint64 bit set of voxels with candidates
+    rank: np.ndarray,  # (ceil(voxels^3 / 64),) int32 live voxels before each word
     offsets: np.ndarray,
-    cand_index: np.ndarray,
-    cand_xyz: np.ndarray,
+    candidates: np.ndarray,
+    star_xyz: np.ndarray,
+    star_index: np.ndarray,
+    rec: np.ndarray,  # (3, 3) rows b_i
     tol2: float,
     e0: float,
-    de: float,
+    inv_de: float,
+    n_q: int,
     n_e: int,
-    counts: np.ndarray,  # (n_q, n_E) float64, accumulated in place
+    hist: np.ndarray,  # ((n_q + 1) * (n_e + 1),) float64; last row/column collect drops
     dropped: np.ndarray,  # (4,) int64
     assigned: np.ndarray,  # (n,) int64 bin iq * n_E + ie or -1 - reason, when ``record``
     record: bool,
-) -> None:
-    for i in range(pixel.shape[0]):
-        p = pixel[i]
-        if p < 0:
-            dropped[3] += 1
+) -> int:
+    w_row = n_e + 1
+    off_lo = n_q * w_row
+    off_hi = off_lo + n_e
+    cell = np.empty(_BLOCK, dtype=np.int64)
+    frac = np.empty((_BLOCK, 3))
+    vox = np.empty(_BLOCK, dtype=np.int64)
+    todo = np.empty(_BLOCK, dtype=np.int64)
+    lo = np.empty(_BLOCK, dtype=np.int64)
+    keep = np.empty(_BLOCK, dtype=np.uint8)
+    hi = np.empty(_BLOCK, dtype=np.int64)
+    sink = 0
+    d_energy = 0
+    d_path = 0
+    d_tof = 0
+    d_pixel = 0
+    n = ids.shape[0]
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        n_live = 0
+        for j in range(m):
+            i = s + j
+            k = ids[i] - id0
+            p = -1
+            if k >= 0 and k < n_ids:
+                p = lut[k] if use_lut else k
+            t_f = tof_ns[i] * 1e-9 - t_i
+            if p < 0 or not t_f > 0.0:
+                if p < 0:
+                    d_pixel += 1
+                    cell[j] = -4
+                else:
+                    d_tof += 1
+                    cell[j] = -3
+                vox[j] = 0
+                keep[j] = 0
+                continue
+            inv = 1.0 / t_f
+            x = (ei - pix[p, 0] * inv * inv - e0) * inv_de
+            ok = x >= 0.0 and x < n_e
+            col = int(x) if ok else n_e
+            d_energy += not ok
+            h0 = h_inf[0] - inv * pix[p, 1]
+            h1 = h_inf[1] - inv * pix[p, 2]
+            h2 = h_inf[2] - inv * pix[p, 3]
+            f0 = h0 - math.floor(h0)
+            f1 = h1 - math.floor(h1)
+            f2 = h2 - math.floor(h2)
+            v = (
+                min(int(f0 * voxels), voxels - 1) * voxels + min(int(f1 * voxels), voxels - 1)
+            ) * voxels + min(int(f2 * voxels), voxels - 1)
+            frac[j, 0] = f0
+            frac[j, 1] = f1
+            frac[j, 2] = f2
+            vox[j] = v
+            cell[j] = off_lo + col
+            keep[j] = ok
+        # the events in live voxels (most are not), compacted without branches; a loop of
+        # its own so that the bit-set loads run ahead of the dependent stores
+        for j in range(m):
+            v = vox[j]
+            todo[n_live] = j
+            n_live += int((live[v >> 6] >> np.uint64(v & 63)) & np.uint64(1)) & keep[j]
+        # the candidate lists are scattered over megabytes: load every live event's bounds
+        # and first candidate in independent loads (the memory system overlaps them)
+        # before the searches, which then hit the cache
+        touch = 0
+        for t in range(n_live):
+            v = vox[todo[t]]
+            w = v >> 6
+            below = live[w] & ((np.uint64(1) << np.uint64(v & 63)) - np.uint64(1))
+            r = rank[w] + _popcount(below)
+            a = offsets[r]
+            lo[t] = a
+            hi[t] = offsets[r + 1]
+            touch += candidates[a]
+        for t in range(n_live):
+            j = todo[t]
+            f0 = frac[j, 0]
+            f1 = frac[j, 1]
+            f2 = frac[j, 2]
+            cx = f0 * rec[0, 0] + f1 * rec[1, 0] + f2 * rec[2, 0]
+            cy = f0 * rec[0, 1] + f1 * rec[1, 1] + f2 * rec[2, 1]
+            cz = f0 * rec[0, 2] + f1 * rec[1, 2] + f2 * rec[2, 2]
+            best = 1e300
+            iq = n_q
+            for c in range(lo[t], hi[t]):
+                q = candidates[c]
+                dx = star_xyz[q, 0] - cx
+                dy = star_xyz[q, 1] - cy
+                dz = star_xyz[q, 2] - cz
+                d2 = dx * dx + dy * dy + dz * dz
+                closer = d2 < best
+                iq = star_index[q] if closer else iq
+                best = d2 if closer else best
+            if best <= tol2:
+                cell[j] += (iq - n_q) * w_row
+        sink += touch
+        for j in range(m):
+            c = cell[j]
+            if c >= 0:
+                hist[c] += weight[s + j] if weighted else 1.0
+                d_path += (c >= off_lo) & (c < off_hi)
             if record:
-                assigned[i] = -4
-            continue
-        t_f = tof_ns[i] * 1e-9 - t_i
-        if t_f <= 0.0:
-            dropped[2] += 1
-            if record:
-                assigned[i] = -3
-            continue
-        v_f = l2[p] / t_f
-        e = ei - _E_PER_V2 * v_f * v_f
-        x = (e - e0) / de
-        if not (x >= 0.0 and x < n_e):
-            dropped[0] += 1
-            if record:
-                assigned[i] = -1
-            continue
-        ie = int(x)
-        kf = _K_PER_V * v_f
-        qx = -kf * dirs[p, 0]
-        qy = -kf * dirs[p, 1]
-        qz = ki - kf * dirs[p, 2]
-        h0 = m[0, 0] * qx + m[0, 1] * qy + m[0, 2] * qz
-        h1 = m[1, 0] * qx + m[1, 1] * qy + m[1, 2] * qz
-        h2 = m[2, 0] * qx + m[2, 1] * qy + m[2, 2] * qz
-        f0 = h0 - math.floor(h0)
-        f1 = h1 - math.floor(h1)
-        f2 = h2 - math.floor(h2)
-        v0 = min(int(f0 * voxels), voxels - 1)
-        v1 = min(int(f1 * voxels), voxels - 1)
-        v2 = min(int(f2 * voxels), voxels - 1)
-        vox = (v0 * voxels + v1) * voxels + v2
-        # most of reciprocal space is far from the path: a 1-bit-per-voxel table (small
-        # enough to stay in cache) rejects it before touching the candidate lists
-        if not (live[vox >> 3] >> (vox & 7)) & 1:
-            dropped[1] += 1
-            if record:
-                assigned[i] = -2
-            continue
-        a, b = offsets[vox], offsets[vox + 1]
-        cx = f0 * rec[0, 0] + f1 * rec[1, 0] + f2 * rec[2, 0]
-        cy = f0 * rec[0, 1] + f1 * rec[1, 1] + f2 * rec[2, 1]
-        cz = f0 * rec[0, 2] + f1 * rec[1, 2] + f2 * rec[2, 2]
-        best = 1e300
-        iq = -1
-        for c in range(a, b):
-            dx = cand_xyz[c, 0] - cx
-            dy = cand_xyz[c, 1] - cy
-            dz = cand_xyz[c, 2] - cz
-            d2 = dx * dx + dy * dy + dz * dz
-            if d2 < best:
-                best = d2
-                iq = cand_index[c]
-        if best > tol2:
-            dropped[1] += 1
-            if record:
-                assigned[i] = -2
-            continue
-        counts[iq, ie] += weight[i] if weighted else 1.0
-        if record:
-            assigned[i] = iq * n_e + ie
+                if c < 0:
+                    assigned[s + j] = c
+                elif c % w_row == n_e:
+                    assigned[s + j] = -1
+                elif c >= off_lo:
+                    assigned[s + j] = -2
+                else:
+                    assigned[s + j] = (c // w_row) * n_e + c % w_row
+    dropped[0] += d_energy
+    dropped[1] += d_path
+    dropped[2] += d_tof
+    dropped[3] += d_pixel
+    return sink
 
 
 class Folder:
@@ -266,53 +429,119 @@ class Folder:
         self._ki = math.sqrt(ei / E_PER_K2)
         self._e0 = float(edges[0])
         self._de = float(edges[1] - edges[0])
+        # detector id -> pixel row inside the kernel: an offset for a regular array, else a
+        # dense table over the id range (ids spread too widely are looked up beforehand)
+        ids = np.asarray(instrument.pixel_ids, dtype=np.int64)
+        self._id0 = int(ids.min()) if len(ids) else 0
+        span = int(ids.max()) - self._id0 + 1 if len(ids) else 0
+        self._lut: NDArray[np.int32] | None = None
+        self._dense_ids = bool(instrument.layout) or span <= max(4 * len(ids), 1 << 20)
+        if not instrument.layout and self._dense_ids:
+            self._lut = np.full(span, -1, dtype=np.int32)
+            self._lut[ids - self._id0] = np.arange(len(ids), dtype=np.int32)
+        self._n_ids = span if self._dense_ids else len(ids)
+        self._pixel_tables: dict[float, tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
 
     def pixel_index(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:
         """Row index of detector ids; -1 for ids the instrument does not have."""
         return self.instrument.pixel_rows(pixel_id)
 
+    def pixel_table(self, omega: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Per-pixel constants of the kernel at goniometer angle ``omega`` (degrees).
+
+        Returns ``(pix, h_inf)``: pix (n_pixels, 4) holds ``E_PER_V2 l2^2`` (meV s^2) and
+        ``K_PER_V l2 M d`` (r.l.u. s) for the unit direction d of each pixel and the lab ->
+        r.l.u. matrix M, so that an event with final flight time t_f has
+        ``E = Ei - pix[:, 0] / t_f^2`` and ``Q = h_inf - pix[:, 1:] / t_f`` (r.l.u.), with
+        ``h_inf = M k_i``. Cached for the last few angles (coverage and folding of one
+        orientation share it).
+        """
+        key = float(omega)
+        hit = self._pixel_tables.get(key)
+        if hit is not None:
+            return hit
+        m = np.asarray(self.orientation.lab_to_rlu_matrix(omega), dtype=np.float64)
+        pix = np.empty((self.instrument.n_pixels, 4))
+        pix[:, 0] = _E_PER_V2 * self._l2**2
+        pix[:, 1:] = (_K_PER_V * self._l2)[:, None] * (self._dirs @ m.T)
+        h_inf = np.ascontiguousarray(m @ np.array([0.0, 0.0, self._ki]))
+        if len(self._pixel_tables) >= 4:
+            self._pixel_tables.pop(next(iter(self._pixel_tables)))
+        self._pixel_tables[key] = (pix, h_inf)
+        return pix, h_inf
+
     def _kernel(
         self,
-        rows: NDArray[np.int64],
-        tof_ns: NDArray[np.float64],
+        ids: NDArray[np.integer],
+        tof_ns: NDArray[np.number],
         omega: float,
-        out: NDArray[np.float64],
+        hist: NDArray[np.float64],
         *,
+        rows: bool = False,
         weights: NDArray[np.float64] | None = None,
         dropped: NDArray[np.int64] | None = None,
         assigned: NDArray[np.int64] | None = None,
     ) -> NDArray[np.int64]:
-        """Run the fold kernel on pixel rows and times of flight; returns the drop counts."""
+        """Run the fold kernel; ``hist`` is the padded ((n_q + 1) * (n_E + 1),) histogram.
+
+        ``ids`` are detector ids, or pixel rows when ``rows``. Returns the drop counts.
+        """
         if dropped is None:
             dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise FoldError(f"pixel ids must be integers, got {ids.dtype}")
+        if rows:
+            id0, n_ids, lut = 0, self.instrument.n_pixels, None
+        elif self._dense_ids:
+            id0, n_ids, lut = self._id0, self._n_ids, self._lut
+        else:  # ids spread too widely for a dense table: look them up beforehand
+            ids, id0, n_ids, lut = self.pixel_index(ids), 0, self.instrument.n_pixels, None
+        tof = np.asarray(tof_ns)
+        if tof.dtype.kind not in "iuf":
+            raise FoldError(f"times of flight must be numbers, got {tof.dtype}")
+        pix, h_inf = self.pixel_table(omega)
         t = self.table
         _fold_kernel(
-            rows,
-            tof_ns,
+            ids,
+            tof,
             _NO_WEIGHTS if weights is None else weights,
             weights is not None,
-            self._l2,
-            self._dirs,
+            id0,
+            n_ids,
+            _NO_LUT if lut is None else lut,
+            lut is not None,
+            pix,
             self._t_i,
             self.ei,
-            self._ki,
-            np.ascontiguousarray(self.orientation.lab_to_rlu_matrix(omega)),
-            t.reciprocal,
+            h_inf,
             t.voxels,
             t.live,
+            t.rank,
             t.offsets,
-            t.cand_index,
-            t.cand_xyz,
+            t.candidates,
+            t.star_xyz,
+            t.star_index,
+            t.reciprocal,
             t.tolerance**2,
             self._e0,
-            self._de,
+            1.0 / self._de,
+            self.grid.n_q,
             self.grid.n_e,
-            out,
+            hist,
             dropped,
             _NO_ASSIGN if assigned is None else assigned,
             assigned is not None,
         )
         return dropped
+
+    def _hist(self) -> NDArray[np.float64]:
+        """A zeroed padded histogram for :meth:`_kernel`."""
+        return np.zeros((self.grid.n_q + 1) * (self.grid.n_e + 1))
+
+    def _unpad(self, hist: NDArray[np.float64]) -> NDArray[np.float64]:
+        """(n_q, n_E) view of a padded histogram, without the drop row and column."""
+        return hist.reshape(self.grid.n_q + 1, self.grid.n_e + 1)[:-1, :-1]
 
     def fold(
         self,
@@ -323,14 +552,17 @@ class Folder:
     ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
         """Fold events taken at goniometer angle ``omega`` (degrees).
 
-        Returns ``(counts, dropped)``: (n_q, n_E) float64 counts (``counts`` is added to in
-        place when given) and (4,) int64 dropped events per :data:`DROP_REASONS`.
+        ``pixel_id`` (n,) integer detector ids, ``tof_ns`` (n,) times of flight in ns
+        (integer or float). Returns ``(counts, dropped)``: (n_q, n_E) float64 counts
+        (``counts`` is added to in place when given) and (4,) int64 dropped events per
+        :data:`DROP_REASONS`.
         """
         if not np.isfinite(omega):
             raise FoldError(f"goniometer angle must be finite, got {omega}")
         out = np.zeros(self.grid.shape) if counts is None else counts
-        rows = self.pixel_index(pixel_id)
-        dropped = self._kernel(rows, np.asarray(tof_ns, dtype=np.float64), omega, out)
+        hist = self._hist()
+        dropped = self._kernel(pixel_id, tof_ns, omega, hist)
+        out += self._unpad(hist)
         out[:] = out[self.table.alias]
         return out, dropped
 
@@ -341,10 +573,8 @@ class Folder:
 
         The q index is the canonical one (see :attr:`FoldTable.alias`).
         """
-        tof = np.asarray(tof_ns, dtype=np.float64)
-        assigned = np.empty(len(tof), dtype=np.int64)
-        rows = self.pixel_index(pixel_id)
-        self._kernel(rows, tof, omega, np.zeros(self.grid.shape), assigned=assigned)
+        assigned = np.empty(len(tof_ns), dtype=np.int64)
+        self._kernel(pixel_id, tof_ns, omega, self._hist(), assigned=assigned)
         ok = assigned >= 0
         return (
             np.where(ok, assigned // self.grid.n_e, -1),
@@ -369,7 +599,7 @@ class Folder:
         energies = self._e0 + (np.arange(n_sub) + 0.5) * de
         pix = np.arange(0, self.instrument.n_pixels, pixel_stride)
         solid = self.instrument.solid_angles[pix] * pixel_stride
-        out = np.zeros(self.grid.shape)
+        hist = self._hist()
         dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
         for chunk in np.array_split(np.arange(n_sub), max(1, n_sub // 16)):
             e = energies[chunk]
@@ -377,5 +607,13 @@ class Folder:
             tof = (self._t_i + self._l2[pix][:, None] / v_f[None, :]) * 1e9
             weights = solid[:, None] * (np.sqrt((self.ei - e) / self.ei) * de)[None, :]
             rows = np.repeat(pix, len(chunk))
-            self._kernel(rows, tof.ravel(), omega, out, weights=weights.ravel(), dropped=dropped)
-        return np.asarray(out[self.table.alias])
+            self._kernel(
+                rows,
+                tof.ravel(),
+                omega,
+                hist,
+                rows=True,
+                weights=weights.ravel(),
+                dropped=dropped,
+            )
+        return np.asarray(self._unpad(hist)[self.table.alias])

@@ -254,3 +254,36 @@ def test_fold_matches_an_independent_brute_force(ge, ge_table) -> None:  # type:
     assert same.mean() >= 0.999, same.mean()
     # disagreements only within float tolerance of the 0.05 1/A tube boundary
     assert np.all(np.abs(best_d[~same] - 0.05) < 1e-6)
+
+
+@pytest.mark.parametrize("spread", [7, 100_000])
+def test_pixel_table_ids_fold_like_their_rows(ge, ge_table, tmp_path, spread) -> None:  # type: ignore[no-untyped-def]
+    """A loaded pixel table with shuffled, sparse ids (a dense id table inside the kernel,
+    or, for ids spread too widely, a lookup beforehand) folds exactly as the pixel rows do;
+    ids the instrument lacks are dropped as ``unknown_pixel``."""
+    arcs = Instrument.arcs_like(n_columns=40, n_rows=64)
+    rng = np.random.default_rng(5)
+    ids = rng.permutation(arcs.n_pixels) * spread + 1000
+    path = tmp_path / "pixels.csv"
+    pos = arcs.directions * arcs.l2[:, None]
+    solid = arcs.solid_angles.tolist()
+    rows = "\n".join(
+        f"{i},{x:.17g},{y:.17g},{z:.17g},{s:.17g}"
+        for i, (x, y, z), s in zip(ids.tolist(), pos.tolist(), solid, strict=True)
+    )
+    path.write_text("id,x,y,z,solid_angle\n" + rows + "\n")
+    table = Instrument.from_pixel_table(path)
+    orientation = Orientation.from_vectors(ge.crystal, (1, 0, 0), (0, 1, 0))
+    folder = Folder(ge_table, ge.grid, table, orientation, EI)
+    n = 50_000
+    row = rng.integers(0, table.n_pixels, n)
+    energy = rng.uniform(0.5, 69.5, n)
+    tof = (table.l1 / energy_to_speed(EI) + table.l2[row] / energy_to_speed(EI - energy)) * 1e9
+    pixel_id = table.pixel_ids[row].astype(np.int32)
+    unknown = rng.random(n) < 0.01
+    pixel_id[unknown] = -5  # not an id of the table
+    counts, dropped = folder.fold(pixel_id, tof, 40.0)
+    q_lab, e = table.event_to_qe(row[~unknown], tof[~unknown], EI)
+    ref = ReferenceBinning(ge.crystal, ge.grid, 0.05)
+    np.testing.assert_array_equal(counts, ref.histogram(orientation.lab_to_rlu(q_lab, 40.0), e))
+    assert dropped[3] == unknown.sum()
