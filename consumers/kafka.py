@@ -1,4 +1,4 @@
-"""Kafka adapters: the embedded broker, a message source, record and replay.
+"""Kafka adapters: the embedded broker, a message source, merged sources, record and replay.
 
 The core (:mod:`consumers.pipeline`, :mod:`consumers.service`) sees Kafka only through the
 small :class:`MessageSource` protocol, so it runs on a fake in unit tests and on a real
@@ -8,11 +8,12 @@ integration tests and at a facility.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "KafkaDeadLetter",
     "KafkaSnapshotSink",
     "KafkaSource",
+    "MergedSource",
     "MessageSource",
     "SourceMessage",
     "embedded_broker",
@@ -170,12 +172,18 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 1) -> Non
 
 
 class KafkaSource:
-    """The run topics of a prefix, by manual assignment (offsets come from checkpoints)."""
+    """The run topics of a prefix, by manual assignment (offsets come from checkpoints).
 
-    def __init__(self, bootstrap: str, prefix: str, *, group_id: str | None = None) -> None:
+    ``bluesky=False`` leaves out ``<prefix>_bluesky`` (when the documents come over 0MQ,
+    :class:`consumers.zmq.ZmqBlueskySource`, so that they are not taken twice).
+    """
+
+    def __init__(
+        self, bootstrap: str, prefix: str, *, group_id: str | None = None, bluesky: bool = True
+    ) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
-        self.topics = topics_for(prefix)
+        self.topics = [t for t in topics_for(prefix) if bluesky or not t.endswith("_bluesky")]
         ensure_topics(bootstrap, self.topics)
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -233,6 +241,88 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class MergedSource:
+    """Several sources as one :class:`MessageSource` (Kafka topics plus bluesky over 0MQ).
+
+    Each source names the topics it owns in its ``topics`` attribute; offsets are routed
+    to their owner for :meth:`seek`, :meth:`commit` and :meth:`caught_up`. :meth:`consume`
+    takes from every source, starting with a different one each call, so that none waits
+    behind another's backlog.
+    """
+
+    def __init__(self, *sources: MessageSource, slice_s: float = 0.05) -> None:
+        if not sources:
+            raise ConsumerError("MergedSource needs at least one source")
+        self.sources = sources
+        self.slice_s = float(slice_s)
+        self._owner: dict[str, int] = {}
+        for i, src in enumerate(sources):
+            topics: Sequence[str] | None = getattr(src, "topics", None)
+            if topics is None:
+                raise ConsumerError(f"{type(src).__name__} does not name its topics")
+            for t in topics:
+                if t in self._owner:
+                    raise ConsumerError(f"topic {t} would be consumed by two sources")
+                self._owner[t] = i
+        self.topics = list(self._owner)
+        self._first = 0
+        self._unknown_warned: set[str] = set()
+
+    def _split(self, offsets: dict[tuple[str, int], int]) -> list[dict[tuple[str, int], int]]:
+        parts: list[dict[tuple[str, int], int]] = [{} for _ in self.sources]
+        for (topic, part), off in offsets.items():
+            i = self._owner.get(topic)
+            if i is None:
+                if topic not in self._unknown_warned:
+                    self._unknown_warned.add(topic)
+                    logger.warning("offsets of %s: no source consumes that topic", topic)
+                continue
+            parts[i][(topic, part)] = off
+        return parts
+
+    def consume(self, max_records: int, timeout_s: float) -> list[SourceMessage]:
+        deadline = time.monotonic() + timeout_s
+        n = len(self.sources)
+        order = [self.sources[(self._first + k) % n] for k in range(n)]
+        self._first = (self._first + 1) % n
+        out: list[SourceMessage] = []
+        wait = 0.0
+        while True:
+            for src in order:
+                room = max_records - len(out)
+                if room <= 0:
+                    break
+                out += src.consume(room, wait)
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0:
+                return out
+            wait = min(self.slice_s, remaining) / n
+
+    def seek(self, offsets: dict[tuple[str, int], int]) -> None:
+        for src, part in zip(self.sources, self._split(offsets), strict=True):
+            if part:
+                src.seek(part)
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        for src, part in zip(self.sources, self._split(offsets), strict=True):
+            if part:
+                src.commit(part)
+
+    def caught_up(self, offsets: dict[tuple[str, int], int]) -> bool:
+        parts = self._split(offsets)
+        return all(src.caught_up(part) for src, part in zip(self.sources, parts, strict=True))
+
+    def close(self) -> None:
+        """Close every source that can be closed."""
+        for src in self.sources:
+            close = getattr(src, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    logger.exception("closing %s failed", type(src).__name__)
 
 
 class KafkaDeadLetter:
@@ -315,15 +405,27 @@ def replay(
     *,
     prefix: str | None = None,
     speed: float | None = None,
+    bluesky_zmq: str | None = None,
+    zmq_prefix: bytes = b"",
+    zmq_format: str = "pickle",
+    zmq_connect_wait_s: float = 0.5,
 ) -> dict[str, object]:
     """Publish a recorded run onto Kafka, in order.
 
     ``prefix`` renames the topics (``<old prefix>_x`` -> ``<prefix>_x``); ``speed`` scales
     the original timing (60 = sixty times faster), ``None`` sends as fast as possible.
+
+    ``bluesky_zmq="host:port"`` publishes the run's bluesky documents (the ``_bluesky``
+    topic) with bluesky's own Publisher to the 0MQ proxy's in port there instead of Kafka,
+    with ``zmq_prefix`` and the ``zmq_format`` serializer (``"pickle"``, bluesky's default,
+    or ``"json"``), in their place in the run: the Kafka messages before each document
+    are flushed first. It waits ``zmq_connect_wait_s`` after connecting (a PUB socket
+    drops what is sent before its connection is up).
     """
     from kafka import KafkaProducer
 
     t0 = time.perf_counter()
+    n_zmq = 0
     with RunReader(path) as reader:
         old = str(reader.metadata.get("prefix", ""))
         new = prefix or old
@@ -337,7 +439,13 @@ def replay(
         )
         n = 0
         first_ts: int | None = None
+        publisher: Any = None
         try:
+            if bluesky_zmq:
+                from .zmq import make_publisher
+
+                publisher = make_publisher(bluesky_zmq, prefix=zmq_prefix, fmt=zmq_format)
+                time.sleep(zmq_connect_wait_s)
             for msg in reader:
                 topic = msg.topic
                 if old and prefix and topic.startswith(old + "_"):
@@ -348,6 +456,13 @@ def replay(
                     lag = due - (time.perf_counter() - t0)
                     if lag > 0:
                         time.sleep(lag)
+                if publisher is not None and msg.topic.endswith("_bluesky"):
+                    name, doc = json.loads(msg.payload)
+                    producer.flush()  # what came before it in the run goes out first
+                    publisher(str(name), doc)
+                    n_zmq += 1
+                    n += 1
+                    continue
                 producer.send(
                     topic,
                     value=msg.payload,
@@ -359,8 +474,17 @@ def replay(
             producer.flush()
         finally:
             producer.close()
+            if publisher is not None:
+                publisher.close()
     seconds = time.perf_counter() - t0
-    return {"messages": n, "seconds": round(seconds, 3), "messages_per_second": n / seconds}
+    out: dict[str, object] = {
+        "messages": n,
+        "seconds": round(seconds, 3),
+        "messages_per_second": n / seconds,
+    }
+    if bluesky_zmq:
+        out["bluesky_zmq"] = n_zmq
+    return out
 
 
 def record(

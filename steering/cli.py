@@ -374,6 +374,17 @@ BootstrapOpt = Annotated[
 PrefixOpt = Annotated[
     str, typer.Option("--prefix", envvar="STEER_PREFIX", help="Instrument topic prefix.")
 ]
+ZmqPrefixOpt = Annotated[
+    str, typer.Option("--zmq-prefix", help="bluesky 0MQ prefix (Publisher/RemoteDispatcher).")
+]
+ZmqFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--zmq-format",
+        help="bluesky 0MQ document serialization: pickle (bluesky's default; read by a "
+        "restricted unpickler), json, or msgpack where installed.",
+    ),
+]
 
 
 @app.command("replay")
@@ -386,15 +397,36 @@ def replay_cmd(
     speed: Annotated[
         str, typer.Option("--speed", help="Time scaling of the original timing, or 'max'.")
     ] = "max",
+    bluesky_zmq: Annotated[
+        str | None,
+        typer.Option(
+            "--bluesky-zmq",
+            metavar="HOST:PORT",
+            help="Publish the bluesky documents with bluesky's Publisher to this 0MQ proxy "
+            "in port (steer zmq-proxy) instead of Kafka.",
+        ),
+    ] = None,
+    zmq_prefix: ZmqPrefixOpt = "",
+    zmq_format: ZmqFormatOpt = "pickle",
     as_json: JsonOpt = False,
 ) -> None:
-    """Publish a recorded run onto Kafka, in order, at any speed."""
+    """Publish a recorded run onto Kafka (bluesky documents optionally over 0MQ), in order,
+    at any speed."""
     from consumers.kafka import replay
 
     factor = None if speed == "max" else float(speed)
     if factor is not None and not factor > 0:
         raise typer.BadParameter("--speed must be > 0 or 'max'")
-    _emit(replay(run, bootstrap, prefix=prefix, speed=factor), as_json)
+    result = replay(
+        run,
+        bootstrap,
+        prefix=prefix,
+        speed=factor,
+        bluesky_zmq=bluesky_zmq,
+        zmq_prefix=zmq_prefix.encode(),
+        zmq_format=zmq_format,
+    )
+    _emit(result, as_json)
 
 
 @app.command("record")
@@ -433,19 +465,52 @@ def consume_cmd(
         bool,
         typer.Option("--publish-snapshots", help="Publish snapshots to <prefix>_folded."),
     ] = False,
+    bluesky_zmq: Annotated[
+        str | None,
+        typer.Option(
+            "--bluesky-zmq",
+            metavar="HOST:PORT",
+            help="Take the bluesky documents from this 0MQ proxy out port (bluesky's "
+            "RemoteDispatcher, journalled in the state dir) instead of <prefix>_bluesky.",
+        ),
+    ] = None,
+    zmq_prefix: ZmqPrefixOpt = "",
+    zmq_format: ZmqFormatOpt = "pickle",
     as_json: JsonOpt = False,
 ) -> None:
     """Run the live consumer of one run: fold it, checkpointing after every orientation."""
-    from consumers.kafka import KafkaDeadLetter, KafkaSnapshotSink, KafkaSource
+    from consumers.kafka import KafkaDeadLetter, KafkaSnapshotSink, KafkaSource, MergedSource
     from consumers.service import ConsumerService
 
-    source = KafkaSource(bootstrap, prefix)
     dead = KafkaDeadLetter(bootstrap, prefix)
+    source: KafkaSource | MergedSource
+    zmq_source = None
+    if bluesky_zmq:
+        from consumers.zmq import ZmqBlueskySource
+
+        kafka = KafkaSource(bootstrap, prefix, bluesky=False)
+        try:
+            zmq_source = ZmqBlueskySource(
+                bluesky_zmq,
+                state_dir,
+                prefix=zmq_prefix.encode(),
+                deserializer=zmq_format,
+                dead_letter=dead,
+            )
+        except BaseException:
+            kafka.close()
+            dead.close()
+            raise
+        source = MergedSource(kafka, zmq_source)
+    else:
+        source = KafkaSource(bootstrap, prefix)
     sink = KafkaSnapshotSink(bootstrap, prefix) if publish else None
     try:
         service = ConsumerService(source, state_dir, mode=mode, dead_letter=dead, on_snapshot=sink)
         service.run(idle_exit_s=idle)
         summary = service.summary()
+        if zmq_source is not None:
+            summary["bluesky_zmq"] = zmq_source.stats()
         if out is not None and service.pipeline.acc is not None:
             service.pipeline.acc.write_hdf5(out, metadata={"bootstrap": bootstrap})
             summary["path"] = str(out)
@@ -455,6 +520,27 @@ def consume_cmd(
         if sink is not None:
             sink.close()
     _emit(summary, as_json)
+
+
+@app.command("zmq-proxy")
+def zmq_proxy_cmd(
+    in_port: Annotated[
+        int, typer.Option("--in-port", help="Port the run engine's Publisher sends to.")
+    ],
+    out_port: Annotated[
+        int, typer.Option("--out-port", help="Port consumers (RemoteDispatcher) subscribe to.")
+    ],
+    host: Annotated[
+        str, typer.Option("--host", help="Interface to bind (0.0.0.0 for every interface).")
+    ] = "127.0.0.1",
+) -> None:
+    """Run bluesky's 0MQ Proxy (the same as bluesky's own `bluesky-0MQ-proxy IN OUT`) until
+    interrupted: run engine -> --in-port, `steer consume --bluesky-zmq HOST:OUT`."""
+    from bluesky.callbacks.zmq import Proxy
+
+    proxy = Proxy(in_address=f"{host}:{in_port}", out_address=f"{host}:{out_port}")
+    logger.info("0MQ proxy: in %s, out %s", proxy.in_port, proxy.out_port)
+    proxy.start()
 
 
 @app.command("demo")
