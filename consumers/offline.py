@@ -29,6 +29,7 @@ def fold_recorded_run(
     tolerance: float = 0.05,
     voxels: int = 96,
     progress: bool = True,
+    check: bool = False,
 ) -> tuple[dict[str, object], RunAccumulator]:
     """Fold every counting step of a recorded run into I(q, E); optionally write HDF5.
 
@@ -37,13 +38,17 @@ def fold_recorded_run(
     mode
         Segmentation: ``"bluesky"`` (Event documents), ``"omega"`` (the omega log), or
         ``"auto"`` (bluesky when the run start names a bluesky topic).
+    check
+        Compare with the forward model of the run's true FC set (a simulated run):
+        adds ``dispersion`` (see :func:`dispersion_check`).
 
     Returns
     -------
     summary
         ``{"orientations", "events_folded", "events_dropped", "seconds",
         "events_per_second"}`` plus ``dropped_by_reason``, ``malformed``, ``segmentation``,
-        ``grid_fingerprint`` and ``path`` (when ``out`` is given).
+        ``grid_fingerprint``, ``path`` (when ``out`` is given) and ``dispersion`` (with
+        ``check``).
     accumulator
         The run's counts and exposure.
     """
@@ -81,4 +86,93 @@ def fold_recorded_run(
         meta = pipe.meta or {}
         pipe.acc.write_hdf5(out, metadata={"source": str(path), "run": meta.get("run_id")})
         result["path"] = str(out)
+    if check:
+        result["dispersion"] = dispersion_check(pipe.acc, pipe.meta or {})
     return result, pipe.acc
+
+
+def dispersion_check(
+    acc: RunAccumulator,
+    meta: dict[str, object],
+    *,
+    min_counts: int = 50,
+) -> dict[str, object]:
+    """Compare a folded run with the forward model of the FC set it was simulated from.
+
+    Needs the ground truth of a simulated run (pl72 metadata ``simulation.coefficients``).
+    Two figures:
+
+    * ``pearson``: Pearson correlation of the folded I(q, E) with the forward-model
+      I(q, E) (:meth:`simulations.forward.ForwardModel.spectra`, exact broadening) over
+      the measured bins; ``pearson_column_normalised`` after scaling every q column of
+      both to unit sum. The forward model has no eigenvectors, Debye-Waller or Bose
+      factor (the seed paper's training model), while the data do, so the raw figure is
+      lowered by the intensity weights and the normalised one shows the dispersion;
+      ``pearson_per_column_median`` is the median over q columns with at least
+      ``min_counts`` counts, and ``pearson_column_normalised_1_over_e`` weights the
+      model by 1/E (the one-phonon cross-section's 1/omega, the largest of the factors
+      the training model leaves out);
+    * ``fraction_on_branch``: q columns with at least ``min_counts`` counts whose
+      strongest bin lies within ``max(2 sigma(E), bin width)`` of a forward-model branch.
+
+    Raises
+    ------
+    FoldError
+        When the run carries no ground truth.
+    """
+    import numpy as np
+    import torch
+
+    from simulations.forward import THZ_TO_MEV
+    from simulations.instrument import Instrument
+    from simulations.materials import setup
+
+    sim = meta.get("simulation")
+    truth = sim.get("coefficients") if isinstance(sim, dict) else None
+    if not truth:
+        raise FoldError("the run has no ground truth (pl72 metadata 'simulation' block)")
+    ms = setup(str(meta["material"]))
+    coefficients = ms.basis.coefficients_from_dict(dict(truth))
+    fm = ms.forward_model(dtype=torch.float64, method="exact")
+    with torch.no_grad():
+        model = fm.spectra(coefficients[None]).intensity[0].numpy()
+        branches = fm.frequencies(coefficients[None])[0].numpy() * THZ_TO_MEV
+    snap = acc.snapshot()
+    mask = snap.mask
+    data = np.where(mask, snap.intensity, np.nan)
+    model = np.where(mask, model, np.nan)
+
+    def unit_columns(a: np.ndarray) -> np.ndarray:
+        s = np.nansum(a, axis=1, keepdims=True)
+        return np.asarray(a / np.where(s > 0, s, 1.0))
+
+    def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+        ok = np.isfinite(a) & np.isfinite(b)
+        if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
+            return None
+        return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+    ec = ms.grid.energy_centres
+    ins = Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
+    ei = float(meta["ei_meV"])  # type: ignore[arg-type]
+    sigma = ins.resolution(ei, e_max=min(float(ms.grid.energy_edges[-1]), 0.95 * ei)).sigma
+    checked = snap.counts.sum(axis=1) >= min_counts
+    peak = ec[np.argmax(np.where(mask, snap.counts, -1.0), axis=1)]
+    dist = np.min(np.abs(branches - peak[:, None]), axis=1)
+    on_branch = checked & (dist <= np.maximum(2 * sigma(peak), ec[1] - ec[0]))
+    per_column = [
+        r
+        for i in np.nonzero(checked)[0]
+        if (r := pearson(data[i][mask[i]], model[i][mask[i]])) is not None
+    ]
+    weighted = model / np.maximum(np.abs(ec), ec[1] - ec[0])[None, :]
+    return {
+        "pearson": pearson(data, model),
+        "pearson_column_normalised": pearson(unit_columns(data), unit_columns(model)),
+        "pearson_per_column_median": float(np.median(per_column)) if per_column else None,
+        "pearson_column_normalised_1_over_e": pearson(unit_columns(data), unit_columns(weighted)),
+        "bins_measured": int(mask.sum()),
+        "columns_checked": int(checked.sum()),
+        "columns_on_branch": int(on_branch.sum()),
+        "fraction_on_branch": float(on_branch.sum() / max(1, checked.sum())),
+    }

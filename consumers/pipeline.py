@@ -75,6 +75,11 @@ class RunPipeline:
         self.n_events = 0
         self._run_key = b""
 
+    @property
+    def run_key(self) -> bytes:
+        """The message key of this run (its run id), empty before the run start."""
+        return self._run_key
+
     # -- messages ----------------------------------------------------------------------------
 
     def handle(

@@ -8,6 +8,14 @@ orientation the whole state (accumulators, segmentation buffers, counters and th
 offsets) is written to one checkpoint file atomically (write, fsync, rename), and only then
 are the offsets committed to the broker. A restarted service loads the checkpoint and seeks
 to its offsets, so no event is lost or counted twice.
+
+Several runs may follow one another on the same topics. A run start (pl72) while a run is
+open (no run stop yet) is refused as ``second_run_start``. After a run stop, messages of
+the next run (its pl72, or messages keyed with another run id) are held, and checkpointed
+with the state, until the stopped run is complete: every partition has either reached its
+end or delivered a message of the next run (each topic is in time order). The complete
+run is exported to ``<state_dir>/runs/<run_id>.h5``, its summary is kept in
+:attr:`ConsumerService.finished_runs`, and the held messages start the next run.
 """
 
 from __future__ import annotations
@@ -36,6 +44,47 @@ __all__ = ["ConsumerService", "SnapshotSink"]
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.npz"
+RUNS = "runs"
+
+
+def _pack(msgs: list[SourceMessage]) -> tuple[list[list[Any]], np.ndarray]:
+    """Held messages as JSON-ready positions and headers plus one byte array of payloads."""
+    meta: list[list[Any]] = []
+    for m in msgs:
+        meta.append(
+            [
+                m.topic,
+                m.partition,
+                m.offset,
+                None if m.key is None else m.key.hex(),
+                m.timestamp_ns,
+                [[k, v.hex()] for k, v in m.headers],
+                len(m.payload),
+            ]
+        )
+    blob = np.frombuffer(b"".join(m.payload for m in msgs), dtype=np.uint8)
+    return meta, blob
+
+
+def _unpack(meta: list[list[Any]], blob: np.ndarray) -> list[SourceMessage]:
+    """Inverse of :func:`_pack`."""
+    out: list[SourceMessage] = []
+    data = blob.tobytes()
+    pos = 0
+    for topic, part, off, key, ts, headers, n in meta:
+        out.append(
+            SourceMessage(
+                topic=topic,
+                partition=int(part),
+                offset=int(off),
+                key=None if key is None else bytes.fromhex(key),
+                timestamp_ns=int(ts),
+                headers=tuple((k, bytes.fromhex(v)) for k, v in headers),
+                payload=data[pos : pos + int(n)],
+            )
+        )
+        pos += int(n)
+    return out
 
 
 class SnapshotSink(Protocol):
@@ -63,6 +112,13 @@ class ConsumerService:
         completed orientation (the model server's seam).
     dead_letter
         Called with ``(message, reason)`` for every malformed message.
+    on_run_complete
+        Called with the run's summary and accumulator when a run is complete (after its
+        export to ``<state_dir>/runs/<run_id>.h5``).
+    follow
+        Go on to the next run on the topics after one is complete (:meth:`run` returns
+        only on SIGTERM or ``idle_exit_s``); otherwise :meth:`run` returns when the
+        current run is complete and the next one starts at the next start.
     """
 
     def __init__(
@@ -74,12 +130,24 @@ class ConsumerService:
         tolerance: float = 0.05,
         on_snapshot: SnapshotSink | Callable[[Snapshot, OrientationRecord], None] | None = None,
         dead_letter: Callable[[SourceMessage, str], None] | None = None,
+        on_run_complete: Callable[[dict[str, object], Any], None] | None = None,
+        follow: bool = False,
     ) -> None:
         self.source = source
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._mode = mode
+        self._tolerance = float(tolerance)
         self.pipeline = RunPipeline(mode=mode, tolerance=tolerance)
         self.on_snapshot = on_snapshot
+        self.on_run_complete = on_run_complete
+        self.follow = follow
+        #: summaries of the runs completed by this state dir, oldest first
+        self.finished_runs: list[dict[str, object]] = []
+        # messages of the next run, held until the stopped one is complete, and the
+        # partitions that have delivered one (all of the stopped run's are in before it)
+        self._next: list[SourceMessage] = []
+        self._next_seen: set[tuple[str, int]] = set()
         self.dead_letter = dead_letter
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.counters: Counter[str] = Counter()
@@ -95,18 +163,36 @@ class ConsumerService:
 
     def step(self, max_records: int = 5000, timeout_s: float = 0.5) -> int:
         """Poll once and process what came; returns the number of messages handled."""
+        completed: list[OrientationRecord] = []
+        if self.done and self._next:
+            completed += self._start_next_run()
         msgs = self.source.consume(max_records, timeout_s)
+        completed += self._route(msgs)
+        became_done = False
+        if self.pipeline.stopped and not self.done and self._run_is_complete():
+            completed += self.pipeline.finish()
+            self.done = became_done = True
+        self._finish_step(completed, became_done)
+        return len(msgs)
+
+    def _route(self, msgs: list[SourceMessage], *, fresh: bool = True) -> list[OrientationRecord]:
+        """Deduplicate (``fresh`` messages), hold or handle; returns completed orientations."""
         completed: list[OrientationRecord] = []
         for m in msgs:
             key = (m.topic, m.partition)
-            if m.offset < self.next_offsets.get(key, 0):
-                self.counters["duplicates"] += 1
-                metrics.MESSAGES_DUPLICATE.inc()
-                continue
-            self.next_offsets[key] = m.offset + 1
-            self.counters["messages"] += 1
-            metrics.MESSAGES.labels(m.topic).inc()
+            if fresh:
+                if m.offset < self.next_offsets.get(key, 0):
+                    self.counters["duplicates"] += 1
+                    metrics.MESSAGES_DUPLICATE.inc()
+                    continue
+                self.next_offsets[key] = m.offset + 1
+                self.counters["messages"] += 1
+                metrics.MESSAGES.labels(m.topic).inc()
             schema = schema_of(m.headers, m.payload)
+            if self.pipeline.stopped and self._is_next_run(m, schema):
+                self._next.append(m)
+                self._next_seen.add(key)
+                continue
             # topics arrive in any order: hold what precedes the run start (bounded)
             if (
                 self.pipeline.meta is None
@@ -120,10 +206,10 @@ class ConsumerService:
                 early, self._early = self._early, []
                 for e in early:
                     completed += self._handle(e, schema_of(e.headers, e.payload))
-        became_done = False
-        if self.pipeline.stopped and not self.done and self.source.caught_up(self.next_offsets):
-            completed += self.pipeline.finish()
-            self.done = became_done = True
+        return completed
+
+    def _finish_step(self, completed: list[OrientationRecord], became_done: bool) -> None:
+        """Metrics, checkpoint, offset commit, snapshots and the export of a complete run."""
         if self.pipeline.segmenter is not None:
             moving = self.pipeline.segmenter.moving
             if moving > self._moving_seen:
@@ -134,6 +220,8 @@ class ConsumerService:
             metrics.EVENTS_FOLDED.inc(rec.folded)
             for reason, n in rec.dropped.items():
                 metrics.EVENTS_DROPPED.labels(reason).inc(n)
+        if became_done:
+            self._archive_run()
         if completed or became_done:
             self._checkpoint()
             self.source.commit(self.next_offsets)
@@ -144,7 +232,55 @@ class ConsumerService:
                         self.on_snapshot(snap, rec)
                     except Exception:
                         logger.exception("snapshot hand-off failed (orientation %d)", rec.index)
-        return len(msgs)
+        if became_done and self.on_run_complete is not None and self.pipeline.acc is not None:
+            try:
+                self.on_run_complete(self.finished_runs[-1], self.pipeline.acc)
+            except Exception:
+                logger.exception("run-complete hand-off failed")
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def _is_next_run(self, m: SourceMessage, schema: str) -> bool:
+        """After a run stop: a message that belongs to the next run."""
+        run_key = self.pipeline.run_key
+        return schema == "pl72" or bool(m.key and run_key and m.key != run_key)
+
+    def _run_is_complete(self) -> bool:
+        """Every partition is at its end or has moved on to the next run."""
+        offsets = dict(self.next_offsets)
+        for key in self._next_seen:
+            offsets[key] = 2**62
+        return self.source.caught_up(offsets)
+
+    def _archive_run(self) -> None:
+        """Export the complete run and record its summary (before the checkpoint)."""
+        acc = self.pipeline.acc
+        meta = self.pipeline.meta or {}
+        summary = self.summary()
+        summary.pop("finished_runs", None)
+        summary["run_id"] = meta.get("run_id")
+        if acc is not None:
+            run_id = str(meta.get("run_id") or f"run{len(self.finished_runs)}")
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+            folder = self.state_dir / RUNS
+            folder.mkdir(exist_ok=True)
+            tmp = folder / f".{safe}.h5.tmp"
+            acc.write_hdf5(tmp, metadata={"run": meta.get("run_id")})
+            os.replace(tmp, folder / f"{safe}.h5")
+            summary["path"] = str(folder / f"{safe}.h5")
+        self.finished_runs.append(summary)
+        logger.info("run %s complete: %s", meta.get("run_id"), summary.get("path"))
+
+    def _start_next_run(self) -> list[OrientationRecord]:
+        """Open the next run with the messages held for it."""
+        held, self._next = self._next, []
+        self._next_seen = set()
+        self.pipeline = RunPipeline(mode=self._mode, tolerance=self._tolerance)
+        self.done = False
+        self._moving_seen = 0
+        completed = self._route(held, fresh=False)
+        logger.info("next run started with %d held messages", len(held))
+        return completed
 
     def _handle(self, m: SourceMessage, schema: str) -> list[OrientationRecord]:
         """One message through the pipeline; bad ones are counted and dead-lettered."""
@@ -178,11 +314,20 @@ class ConsumerService:
         return []
 
     def run(self, *, idle_exit_s: float | None = None) -> None:
-        """Step until the run is complete (or SIGTERM, or ``idle_exit_s`` without input)."""
+        """Step until a run is complete (or SIGTERM, or ``idle_exit_s`` without input).
+
+        With ``follow``, go on with the runs that follow. A state dir whose run is already
+        complete returns at once unless messages of a next run were held.
+        """
         old = signal.signal(signal.SIGTERM, self._request_stop)
         last = time.monotonic()
+        finished = len(self.finished_runs)
         try:
-            while not self.done and not self._stop_requested:
+            while not self._stop_requested:
+                if not self.follow and (
+                    len(self.finished_runs) > finished or (self.done and not self._next)
+                ):
+                    break
                 if self.step():
                     last = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
@@ -205,6 +350,10 @@ class ConsumerService:
         js["offsets"] = [[t, p, o] for (t, p), o in self.next_offsets.items()]
         js["counters"] = dict(self.counters)
         js["done"] = self.done
+        js["finished_runs"] = self.finished_runs
+        js["next_seen"] = [list(k) for k in self._next_seen]
+        js["held_next"], arrays["held_next"] = _pack(self._next)
+        js["held_early"], arrays["held_early"] = _pack(self._early)
         blob = np.frombuffer(json.dumps(js, default=json_default).encode(), dtype=np.uint8)
         tmp = self.state_dir / (CHECKPOINT + ".tmp")
         with open(tmp, "wb") as f:
@@ -223,6 +372,11 @@ class ConsumerService:
         self.next_offsets = {(t, int(p)): int(o) for t, p, o in js.get("offsets", [])}
         self.counters = Counter(js.get("counters", {}))
         self.done = bool(js.get("done", False))
+        self.finished_runs = list(js.get("finished_runs", []))
+        self._next_seen = {(t, int(p)) for t, p in js.get("next_seen", [])}
+        empty = np.zeros(0, np.uint8)
+        self._next = _unpack(js.get("held_next", []), arrays.get("held_next", empty))
+        self._early = _unpack(js.get("held_early", []), arrays.get("held_early", empty))
         self.source.seek(self.next_offsets)
         logger.info(
             "resumed from %s: %d orientations, offsets %s",
@@ -236,4 +390,5 @@ class ConsumerService:
         out = self.pipeline.summary()
         out["counters"] = dict(self.counters)
         out["done"] = self.done
+        out["finished_runs"] = list(self.finished_runs)
         return out

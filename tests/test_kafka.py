@@ -350,3 +350,85 @@ def test_poison_messages_never_stop_the_consumer(small_run, tmp_path) -> None:  
         "unknown_schema",
     ]
     np.testing.assert_array_equal(service.pipeline.acc.counts, acc.counts)
+
+
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("kafka2") / "ge_b.steer"
+    plan = RunPlan(
+        material="Ge",
+        fc="raman",
+        omegas=(10.0, 40.0, 70.0),
+        events_per_orientation=5e4,
+        count_time=5.0,
+        mesh=16,
+        seed=9,
+    )
+    simulate_run(plan, path, progress=False)
+    summary, acc = fold_recorded_run(path, progress=False)
+    return path, summary, acc
+
+
+def _h5_counts(path: str) -> np.ndarray:
+    import h5py
+
+    with h5py.File(path) as f:
+        return np.asarray(f["entry/iqe/counts"][()])
+
+
+def test_runs_that_follow_one_another_on_the_same_topics(
+    broker, small_run, second_run, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Two runs replayed one after the other onto one prefix: each is folded on its own and
+    exported, the consumer survives a crash right after the first one completed, and the
+    result equals the offline fold of each file."""
+    path_a, _, acc_a = small_run
+    path_b, _, acc_b = second_run
+    replay(path_a, broker.bootstrap, prefix="multi")
+    replay(path_b, broker.bootstrap, prefix="multi")
+    state = tmp_path / "state"
+    src = KafkaSource(broker.bootstrap, "multi", group_id="multi-1")
+    service = ConsumerService(src, state, follow=True)
+    deadline = time.monotonic() + 120
+    while not service.finished_runs and time.monotonic() < deadline:
+        service.step()
+    src.close()  # a crash: whatever was not checkpointed is gone
+    assert len(service.finished_runs) == 1
+
+    src = KafkaSource(broker.bootstrap, "multi", group_id="multi-1")
+    service = ConsumerService(src, state, follow=True)
+    while len(service.finished_runs) < 2 and time.monotonic() < deadline:
+        service.step()
+    src.close()
+    runs = service.finished_runs
+    assert [r["run_id"] for r in runs] == ["sim-Ge-8", "sim-Ge-9"]
+    assert [r["orientations"] for r in runs] == [6, 3]
+    np.testing.assert_array_equal(_h5_counts(str(runs[0]["path"])), acc_a.counts)
+    np.testing.assert_array_equal(_h5_counts(str(runs[1]["path"])), acc_b.counts)
+    assert service.counters.get("malformed_second_run_start", 0) == 0
+
+
+def test_a_run_start_inside_an_open_run_is_refused(small_run, second_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from simulations.recording import RunReader
+
+    path_a, _, acc_a = small_run
+    with RunReader(second_run[0]) as reader:
+        intruder = next(m for m in reader if dict(m.headers).get("schema") == b"pl72")
+    msgs: list[SourceMessage] = []
+    offsets: dict[str, int] = {}
+    with RunReader(path_a) as reader:
+        for i, m in enumerate(reader):
+            for mm in [m, intruder] if i == 300 else [m]:
+                off = offsets.get(mm.topic, 0)
+                offsets[mm.topic] = off + 1
+                msgs.append(
+                    SourceMessage(
+                        topic=mm.topic, partition=0, offset=off, key=mm.key,
+                        timestamp_ns=mm.timestamp_ns, headers=mm.headers, payload=mm.payload,
+                    )
+                )  # fmt: skip
+    service = ConsumerService(_ListSource(msgs), tmp_path / "state")
+    service.run(idle_exit_s=5)
+    assert service.done
+    assert service.counters["malformed_second_run_start"] == 1
+    np.testing.assert_array_equal(service.pipeline.acc.counts, acc_a.counts)
