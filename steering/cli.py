@@ -359,12 +359,22 @@ def fold(
         float, typer.Option("--tolerance", help="Distance to the q-path, 1/A.")
     ] = 0.05,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Simulated run: compare with the forward model of its true FC set "
+            "(Pearson correlations, peaks on branches) under 'dispersion'.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold a recorded run offline through the consumers' code path (no broker)."""
     from consumers.offline import fold_recorded_run
 
-    summary, _ = fold_recorded_run(run, out, mode=mode, tolerance=tolerance, progress=not quiet)
+    summary, _ = fold_recorded_run(
+        run, out, mode=mode, tolerance=tolerance, progress=not quiet, check=check
+    )
     _emit(summary, as_json)
 
 
@@ -476,9 +486,21 @@ def consume_cmd(
     ] = None,
     zmq_prefix: ZmqPrefixOpt = "",
     zmq_format: ZmqFormatOpt = "pickle",
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            help="Go on with the runs that follow on the topics (each complete run is "
+            "exported to STATE_DIR/runs/<run id>.h5); stop with SIGTERM or --idle-exit.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the live consumer of one run: fold it, checkpointing after every orientation."""
+    """Run the live consumer: fold a run, checkpointing after every orientation.
+
+    Without --follow it returns when the run is complete (a later start of the same
+    state dir takes the next run on the topics).
+    """
     from consumers.kafka import KafkaDeadLetter, KafkaSnapshotSink, KafkaSource, MergedSource
     from consumers.service import ConsumerService
 
@@ -506,7 +528,9 @@ def consume_cmd(
         source = KafkaSource(bootstrap, prefix)
     sink = KafkaSnapshotSink(bootstrap, prefix) if publish else None
     try:
-        service = ConsumerService(source, state_dir, mode=mode, dead_letter=dead, on_snapshot=sink)
+        service = ConsumerService(
+            source, state_dir, mode=mode, dead_letter=dead, on_snapshot=sink, follow=follow
+        )
         service.run(idle_exit_s=idle)
         summary = service.summary()
         if zmq_source is not None:
