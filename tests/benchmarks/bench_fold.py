@@ -7,7 +7,7 @@
 * the brute-force reference binning (k-d tree over the q-path's star) on the same events,
   in the same process, as a ratio;
 * ``steer fold`` of a simulated 30-orientation Ge run end to end (decode, segmentation,
-  fold, coverage, HDF5).
+  fold, coverage, HDF5) with the dispersion check against the true FC set.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def bench_fold(tmp_path: Path) -> None:
         run,
         progress=False,
     )
-    summary, _ = fold_recorded_run(run, tmp_path / "iqe.h5", progress=False)
+    summary, _ = fold_recorded_run(run, tmp_path / "iqe.h5", progress=False, check=True)
     out = {
         "fold_kernel_events_per_second_one_core": ours,
         "fold_kernel_events_per_second_median": n / float(np.median(times)),
