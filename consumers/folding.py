@@ -491,6 +491,8 @@ class Folder:
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iu":
             raise FoldError(f"pixel ids must be integers, got {ids.dtype}")
+        if ids.dtype == np.uint64:  # numba would mix it with int64 into float64
+            ids = np.where(ids < 2**63, ids, np.uint64(2**63 - 1)).astype(np.int64)
         if rows:
             id0, n_ids, lut = 0, self.instrument.n_pixels, None
         elif self._dense_ids:

@@ -148,6 +148,7 @@ class ConsumerService:
         # partitions that have delivered one (all of the stopped run's are in before it)
         self._next: list[SourceMessage] = []
         self._next_seen: set[tuple[str, int]] = set()
+        self._bluesky_started = False  # this run has had its bluesky RunStart
         self.dead_letter = dead_letter
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.counters: Counter[str] = Counter()
@@ -189,10 +190,14 @@ class ConsumerService:
                 self.counters["messages"] += 1
                 metrics.MESSAGES.labels(m.topic).inc()
             schema = schema_of(m.headers, m.payload)
-            if self.pipeline.stopped and self._is_next_run(m, schema):
-                self._next.append(m)
-                self._next_seen.add(key)
-                continue
+            if self.pipeline.meta is not None:
+                run_key = self.pipeline.run_key
+                if m.key and run_key and m.key == run_key and key in self._next_seen:
+                    # this run goes on on that partition: what was held there was a stray
+                    self._release_strays(key)
+                if self._is_next_run(m, schema, key):
+                    self._hold(m, key)
+                    continue
             # topics arrive in any order: hold what precedes the run start (bounded)
             if (
                 self.pipeline.meta is None
@@ -201,11 +206,12 @@ class ConsumerService:
             ):
                 self._early.append(m)
                 continue
+            if schema == "bluesky-json" and dict(m.headers).get("document") == b"start":
+                self._bluesky_started = True
             completed += self._handle(m, schema)
             if self._early and self.pipeline.meta is not None:
                 early, self._early = self._early, []
-                for e in early:
-                    completed += self._handle(e, schema_of(e.headers, e.payload))
+                completed += self._route(early, fresh=False)
         return completed
 
     def _finish_step(self, completed: list[OrientationRecord], became_done: bool) -> None:
@@ -240,10 +246,48 @@ class ConsumerService:
 
     # -- runs --------------------------------------------------------------------------------
 
-    def _is_next_run(self, m: SourceMessage, schema: str) -> bool:
-        """After a run stop: a message that belongs to the next run."""
+    def _is_next_run(self, m: SourceMessage, schema: str, part: tuple[str, int]) -> bool:
+        """A message that may belong to the next run: keyed with another run id (events of
+        the next run can arrive before this run's stop, topics being read in any order),
+        or, after this run's stop, a run start, a second bluesky RunStart, or a keyless
+        message on a partition that has moved on."""
         run_key = self.pipeline.run_key
-        return schema == "pl72" or bool(m.key and run_key and m.key != run_key)
+        if m.key and run_key and m.key != run_key:
+            return True
+        if not self.pipeline.stopped or (m.key and m.key == run_key):
+            return False
+        if schema == "pl72":
+            return True
+        if part in self._next_seen:
+            return True
+        # a second bluesky RunStart (0MQ documents carry no key); the first one may come
+        # after the 6s4t, over another transport
+        return self._bluesky_started and dict(m.headers).get("document") == b"start"
+
+    def _hold(self, m: SourceMessage, part: tuple[str, int]) -> None:
+        """Hold a next-run message (bounded; beyond the bound it is dead-lettered)."""
+        if len(self._next) >= self.early_limit:
+            self._dead(m, "next_run_overflow")
+            return
+        self._next.append(m)
+        self._next_seen.add(part)
+
+    def _release_strays(self, part: tuple[str, int]) -> None:
+        """Messages held from ``part`` were followed there by this run's: another run's
+        strays, refused as ``other_run`` (a run start as ``second_run_start``)."""
+        strays = [m for m in self._next if (m.topic, m.partition) == part]
+        self._next = [m for m in self._next if (m.topic, m.partition) != part]
+        self._next_seen.discard(part)
+        for m in strays:
+            logger.warning(
+                "%s[%d]@%d: message keyed %r of another run dead-lettered",
+                m.topic,
+                m.partition,
+                m.offset,
+                m.key,
+            )
+            pl72 = schema_of(m.headers, m.payload) == "pl72"
+            self._dead(m, "second_run_start" if pl72 else "other_run")
 
     def _run_is_complete(self) -> bool:
         """Every partition is at its end or has moved on to the next run."""
@@ -266,6 +310,8 @@ class ConsumerService:
             folder.mkdir(exist_ok=True)
             tmp = folder / f".{safe}.h5.tmp"
             acc.write_hdf5(tmp, metadata={"run": meta.get("run_id")})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, folder / f"{safe}.h5")
             summary["path"] = str(folder / f"{safe}.h5")
         self.finished_runs.append(summary)
@@ -275,6 +321,7 @@ class ConsumerService:
         """Open the next run with the messages held for it."""
         held, self._next = self._next, []
         self._next_seen = set()
+        self._bluesky_started = False
         self.pipeline = RunPipeline(mode=self._mode, tolerance=self._tolerance)
         self.done = False
         self._moving_seen = 0
@@ -304,6 +351,12 @@ class ConsumerService:
         except Exception:  # never stop the consumer; say loudly what happened
             reason = "internal_error"
             logger.exception("%s: message could not be processed", where)
+        self._dead(m, reason)
+        return []
+
+    def _dead(self, m: SourceMessage, reason: str) -> None:
+        """Count a refused message and hand it to the dead-letter sink."""
+        where = f"{m.topic}[{m.partition}]@{m.offset}"
         self.counters[f"malformed_{reason}"] += 1
         metrics.MESSAGES_MALFORMED.labels(reason).inc()
         if self.dead_letter is not None:
@@ -311,7 +364,6 @@ class ConsumerService:
                 self.dead_letter(m, reason)
             except Exception:
                 logger.exception("%s: dead-lettering failed", where)
-        return []
 
     def run(self, *, idle_exit_s: float | None = None) -> None:
         """Step until a run is complete (or SIGTERM, or ``idle_exit_s`` without input).
@@ -352,6 +404,7 @@ class ConsumerService:
         js["done"] = self.done
         js["finished_runs"] = self.finished_runs
         js["next_seen"] = [list(k) for k in self._next_seen]
+        js["bluesky_started"] = self._bluesky_started
         js["held_next"], arrays["held_next"] = _pack(self._next)
         js["held_early"], arrays["held_early"] = _pack(self._early)
         blob = np.frombuffer(json.dumps(js, default=json_default).encode(), dtype=np.uint8)
@@ -374,6 +427,7 @@ class ConsumerService:
         self.done = bool(js.get("done", False))
         self.finished_runs = list(js.get("finished_runs", []))
         self._next_seen = {(t, int(p)) for t, p in js.get("next_seen", [])}
+        self._bluesky_started = bool(js.get("bluesky_started", False))
         empty = np.zeros(0, np.uint8)
         self._next = _unpack(js.get("held_next", []), arrays.get("held_next", empty))
         self._early = _unpack(js.get("held_early", []), arrays.get("held_early", empty))
