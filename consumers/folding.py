@@ -168,11 +168,6 @@ class FoldTable:
             alias=np.asarray(ref.alias, dtype=np.int64),
         )
 
-    def is_live(self, voxel: NDArray[np.integer]) -> NDArray[np.bool_]:
-        """Whether voxels (flat indices) have candidates."""
-        v = np.asarray(voxel, dtype=np.uint64)
-        return ((self.live[v >> np.uint64(6)] >> (v & np.uint64(63))) & np.uint64(1)).astype(bool)
-
     @property
     def n_candidates(self) -> int:
         """Candidate entries over all voxels."""
@@ -439,7 +434,7 @@ class Folder:
         if not instrument.layout and self._dense_ids:
             self._lut = np.full(span, -1, dtype=np.int32)
             self._lut[ids - self._id0] = np.arange(len(ids), dtype=np.int32)
-        self._n_ids = span if self._dense_ids else len(ids)
+        self._n_ids = span
         self._pixel_tables: dict[float, tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
 
     def pixel_index(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:

@@ -126,6 +126,7 @@ def dispersion_check(
     from simulations.forward import THZ_TO_MEV
     from simulations.instrument import Instrument
     from simulations.materials import setup
+    from simulations.runcheck import peaks_on_branches
 
     sim = meta.get("simulation")
     truth = sim.get("coefficients") if isinstance(sim, dict) else None
@@ -156,10 +157,10 @@ def dispersion_check(
     ins = Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
     ei = float(meta["ei_meV"])  # type: ignore[arg-type]
     sigma = ins.resolution(ei, e_max=min(float(ms.grid.energy_edges[-1]), 0.95 * ei)).sigma
-    checked = snap.counts.sum(axis=1) >= min_counts
-    peak = ec[np.argmax(np.where(mask, snap.counts, -1.0), axis=1)]
-    dist = np.min(np.abs(branches - peak[:, None]), axis=1)
-    on_branch = checked & (dist <= np.maximum(2 * sigma(peak), ec[1] - ec[0]))
+    # (unmeasured bins hold no counts, so the peak of a checked column is a measured bin)
+    checked, _, on_branch = peaks_on_branches(
+        ec, snap.counts, branches, sigma, min_counts=min_counts
+    )
     per_column = [
         r
         for i in np.nonzero(checked)[0]

@@ -9,12 +9,15 @@ offsets) is written to one checkpoint file atomically (write, fsync, rename), an
 are the offsets committed to the broker. A restarted service loads the checkpoint and seeks
 to its offsets, so no event is lost or counted twice.
 
-Several runs may follow one another on the same topics. A run start (pl72) while a run is
-open (no run stop yet) is refused as ``second_run_start``. After a run stop, messages of
-the next run (its pl72, or messages keyed with another run id) are held, and checkpointed
-with the state, until the stopped run is complete: every partition has either reached its
-end or delivered a message of the next run (each topic is in time order). The complete
-run is exported to ``<state_dir>/runs/<run_id>.h5``, its summary is kept in
+Several runs may follow one another on the same topics. Messages keyed with another run id
+are held (topics are read in any order, so the next run's events can come before this
+run's stop); when this run's messages follow them on the same partition they were strays,
+dead-lettered as ``other_run`` (a run start as ``second_run_start``). After the run stop,
+a run start, a second bluesky RunStart and keyless messages on a partition that has moved
+on are held too. Held messages are checkpointed with the state until the stopped run is
+complete: every partition has either reached its end or delivered a message of the next
+run (each topic is in time order). The complete run is exported to
+``<state_dir>/runs/<run_id>.h5``, its summary is kept in
 :attr:`ConsumerService.finished_runs`, and the held messages start the next run.
 """
 
@@ -145,7 +148,7 @@ class ConsumerService:
         #: summaries of the runs completed by this state dir, oldest first
         self.finished_runs: list[dict[str, object]] = []
         # messages of the next run, held until the stopped one is complete, and the
-        # partitions that have delivered one (all of the stopped run's are in before it)
+        # partitions they came from (all of the stopped run's are in before them there)
         self._next: list[SourceMessage] = []
         self._next_seen: set[tuple[str, int]] = set()
         self._bluesky_started = False  # this run has had its bluesky RunStart
@@ -403,7 +406,6 @@ class ConsumerService:
         js["counters"] = dict(self.counters)
         js["done"] = self.done
         js["finished_runs"] = self.finished_runs
-        js["next_seen"] = [list(k) for k in self._next_seen]
         js["bluesky_started"] = self._bluesky_started
         js["held_next"], arrays["held_next"] = _pack(self._next)
         js["held_early"], arrays["held_early"] = _pack(self._early)
@@ -426,10 +428,10 @@ class ConsumerService:
         self.counters = Counter(js.get("counters", {}))
         self.done = bool(js.get("done", False))
         self.finished_runs = list(js.get("finished_runs", []))
-        self._next_seen = {(t, int(p)) for t, p in js.get("next_seen", [])}
         self._bluesky_started = bool(js.get("bluesky_started", False))
         empty = np.zeros(0, np.uint8)
         self._next = _unpack(js.get("held_next", []), arrays.get("held_next", empty))
+        self._next_seen = {(m.topic, m.partition) for m in self._next}
         self._early = _unpack(js.get("held_early", []), arrays.get("held_early", empty))
         self.source.seek(self.next_offsets)
         logger.info(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from .instrument import Instrument, Orientation
 from .materials import MaterialSetup, setup
 from .recording import RunReader
 
-__all__ = ["OrientationEvents", "check_run", "iter_orientations"]
+__all__ = ["OrientationEvents", "check_run", "iter_orientations", "peaks_on_branches"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,28 @@ class _Context:
         )
 
 
+def peaks_on_branches(
+    energy_centres: NDArray[np.float64],
+    counts: NDArray[np.float64],
+    branches_mev: NDArray[np.float64],
+    sigma: Callable[[NDArray[np.float64]], NDArray[np.float64]],
+    *,
+    min_counts: int = 50,
+) -> tuple[NDArray[np.bool_], NDArray[np.float64], NDArray[np.bool_]]:
+    """Whether each q column's strongest bin lies on a branch.
+
+    ``counts`` (n_q, n_E), ``branches_mev`` (n_q, n_branches) in meV, ``sigma(E)`` the
+    energy resolution (meV). A column with at least ``min_counts`` counts is *checked*;
+    it passes when its peak energy lies within ``max(2 sigma(E), bin width)`` of a
+    branch. Returns ``(checked, distance_meV, passing)``, each (n_q,).
+    """
+    checked = counts.sum(axis=1) >= min_counts
+    peak = energy_centres[np.argmax(counts, axis=1)]
+    dist = np.min(np.abs(branches_mev - peak[:, None]), axis=1)
+    tol = np.maximum(2 * sigma(peak), energy_centres[1] - energy_centres[0])
+    return checked, dist, checked & (dist <= tol)
+
+
 def check_run(
     path: str | Path,
     *,
@@ -167,15 +189,12 @@ def check_run(
     fm = ms.forward_model(dtype=torch.float64, method="exact")
     with torch.no_grad():
         branches = fm.frequencies(c[None])[0].numpy() * THZ_TO_MEV
-    ec = ms.grid.energy_centres
-    checked = hist.sum(axis=1) >= min_counts
-    peak = ec[np.argmax(hist, axis=1)]
-    dist = np.min(np.abs(branches - peak[:, None]), axis=1)
     resolution = ctx.instrument.resolution(
         ctx.ei, e_max=min(ms.grid.energy_edges[-1], 0.95 * ctx.ei)
     )
-    tol = np.maximum(2 * resolution.sigma(peak), ec[1] - ec[0])
-    passing = checked & (dist <= tol)
+    checked, dist, passing = peaks_on_branches(
+        ms.grid.energy_centres, hist, branches, resolution.sigma, min_counts=min_counts
+    )
     result: dict[str, object] = {
         "orientations": n_orient,
         "events": n_events,

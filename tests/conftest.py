@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -26,3 +29,29 @@ def al() -> MaterialSetup:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261122)
+
+
+def small_ge_run(path: Path, omegas: tuple[float, ...], seed: int) -> tuple[Path, Any, Any]:
+    """A short simulated Ge ``raman`` run (5e4 events, 5 s per orientation, 16^3 phonon
+    mesh) written to ``path``, with its offline fold: ``(path, summary, accumulator)``."""
+    from consumers.offline import fold_recorded_run
+    from simulations.run import RunPlan, simulate_run
+
+    plan = RunPlan(
+        material="Ge",
+        fc="raman",
+        omegas=omegas,
+        events_per_orientation=5e4,
+        count_time=5.0,
+        mesh=16,
+        seed=seed,
+    )
+    simulate_run(plan, path, progress=False)
+    summary, acc = fold_recorded_run(path, progress=False)
+    return path, summary, acc
+
+
+@pytest.fixture(scope="session")
+def make_small_run() -> Any:
+    """:func:`small_ge_run`, for module-scoped fixtures."""
+    return small_ge_run

@@ -25,7 +25,6 @@ from consumers.kafka import (
 )
 from consumers.offline import fold_recorded_run
 from consumers.service import ConsumerService
-from simulations.run import RunPlan, simulate_run
 
 pytestmark = pytest.mark.kafka
 
@@ -39,20 +38,9 @@ def broker():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):  # type: ignore[no-untyped-def]
+def small_run(tmp_path_factory, make_small_run):  # type: ignore[no-untyped-def]
     path = tmp_path_factory.mktemp("kafka") / "ge.steer"
-    plan = RunPlan(
-        material="Ge",
-        fc="raman",
-        omegas=(0.0, 15.0, 30.0, 45.0, 60.0, 75.0),
-        events_per_orientation=5e4,
-        count_time=5.0,
-        mesh=16,
-        seed=8,
-    )
-    simulate_run(plan, path, progress=False)
-    summary, acc = fold_recorded_run(path, progress=False)
-    return path, summary, acc
+    return make_small_run(path, (0.0, 15.0, 30.0, 45.0, 60.0, 75.0), seed=8)
 
 
 def test_live_consumer_equals_offline_fold(broker, small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -362,20 +350,9 @@ def test_poison_messages_never_stop_the_consumer(small_run, tmp_path) -> None:  
 
 
 @pytest.fixture(scope="module")
-def second_run(tmp_path_factory):  # type: ignore[no-untyped-def]
+def second_run(tmp_path_factory, make_small_run):  # type: ignore[no-untyped-def]
     path = tmp_path_factory.mktemp("kafka2") / "ge_b.steer"
-    plan = RunPlan(
-        material="Ge",
-        fc="raman",
-        omegas=(10.0, 40.0, 70.0),
-        events_per_orientation=5e4,
-        count_time=5.0,
-        mesh=16,
-        seed=9,
-    )
-    simulate_run(plan, path, progress=False)
-    summary, acc = fold_recorded_run(path, progress=False)
-    return path, summary, acc
+    return make_small_run(path, (10.0, 40.0, 70.0), seed=9)
 
 
 def _h5_counts(path: str) -> np.ndarray:

@@ -30,11 +30,9 @@ from consumers.kafka import (
     _free_port,
     replay,
 )
-from consumers.offline import fold_recorded_run
 from consumers.service import ConsumerService
 from consumers.zmq import JOURNAL, ZmqBlueskySource, make_publisher, restricted_loads
 from simulations.recording import RunReader
-from simulations.run import RunPlan, simulate_run
 
 kafka = pytest.mark.kafka
 
@@ -91,20 +89,11 @@ def broker() -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory, _proxy_proc):  # type: ignore[no-untyped-def]
+def small_run(tmp_path_factory, _proxy_proc, make_small_run):  # type: ignore[no-untyped-def]
     # (the proxy starts while the run is simulated)
-    path = tmp_path_factory.mktemp("zmq") / "ge.steer"
-    plan = RunPlan(
-        material="Ge",
-        fc="raman",
-        omegas=(0.0, 20.0, 40.0, 60.0),
-        events_per_orientation=5e4,
-        count_time=5.0,
-        mesh=16,
-        seed=8,
+    path, summary, acc = make_small_run(
+        tmp_path_factory.mktemp("zmq") / "ge.steer", (0.0, 20.0, 40.0, 60.0), seed=8
     )
-    simulate_run(plan, path, progress=False)
-    summary, acc = fold_recorded_run(path, progress=False)
     with RunReader(path) as reader:
         docs = [json.loads(m.payload) for m in reader if m.topic.endswith("_bluesky")]
     return path, summary, acc, docs
