@@ -22,14 +22,20 @@ The fused per-event loop is compiled with numba (see the benchmark in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-from dataclasses import dataclass
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numba
 import numpy as np
 from numpy.typing import NDArray
 from scipy import constants as sc
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from simulations.binning import ReferenceBinning
@@ -39,12 +45,23 @@ from simulations.instrument import E_PER_K2, Instrument, Orientation, energy_to_
 
 from .exceptions import FoldError
 
-__all__ = ["DROP_REASONS", "FoldTable", "Folder"]
+__all__ = ["DROP_REASONS", "FoldTable", "Folder", "table_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
 #: Reasons an event is not folded, in the order of :attr:`Folder.dropped`.
 DROP_REASONS = ("energy_out_of_range", "off_path", "bad_time_of_flight", "unknown_pixel")
+
+#: Cap of :attr:`FoldTable.clear` (and the periodic padding that computes it), voxels.
+_CLEAR_CAP = 24
+
+#: Background coverages kept waiting to be asked for, at most (160 kB each for Ge).
+_COVERAGE_AHEAD = 64
+#: Seconds the background coverage thread waits for work before it exits.
+_COVERAGE_IDLE_S = 2.0
+
+#: Format of the cached tables; part of their key together with the code that builds them.
+_TABLE_FORMAT = 1
 
 _NO_WEIGHTS = np.zeros(0)
 _NO_ASSIGN = np.zeros(0, dtype=np.int64)
@@ -88,6 +105,11 @@ class FoldTable:
     alias
         (n_q,) int64: path points equivalent to an earlier one share its counts
         (``counts[alias]`` expands the folded array).
+    clear
+        (voxels^3,) uint8: Chebyshev distance (in voxels, periodic, capped at
+        :data:`_CLEAR_CAP`) from each voxel to the nearest live one, 0 for live voxels:
+        every voxel less than ``clear[v]`` steps away from a dead voxel v along each axis
+        is dead too, so the coverage kernel skips stretches of a trajectory at once.
 
     The whole table is a few megabytes at most (about 1.5 MB for Ge at 96^3), so that
     the per-event lookups stay in the processor's caches.
@@ -103,6 +125,7 @@ class FoldTable:
     star_index: NDArray[np.int32]
     reciprocal: NDArray[np.float64]
     alias: NDArray[np.int64]
+    clear: NDArray[np.uint8]
 
     @classmethod
     def build(
@@ -148,6 +171,10 @@ class FoldTable:
         live_words = np.packbits(bits, bitorder="little").view("<u8").astype(np.uint64)
         per_word = bits.reshape(-1, 64).sum(1)
         rank = np.concatenate([[0], np.cumsum(per_word)[:-1]]).astype(np.int32)
+        # periodic Chebyshev distance to the nearest live voxel (the grid wraps around)
+        dead = np.pad(~bits[: voxels**3].reshape(voxels, voxels, voxels), _CLEAR_CAP, "wrap")
+        core = (slice(_CLEAR_CAP, -_CLEAR_CAP),) * 3
+        clear = ndimage.distance_transform_cdt(dead, metric="chessboard")[core]
         logger.info(
             "fold table: %d^3 voxels, %d live, %.2f candidates per live voxel, %d star points",
             voxels,
@@ -166,12 +193,81 @@ class FoldTable:
             star_index=ref.star_index[used].astype(np.int32),
             reciprocal=np.ascontiguousarray(rec),
             alias=np.asarray(ref.alias, dtype=np.int64),
+            clear=np.minimum(clear, _CLEAR_CAP).astype(np.uint8).ravel(),
         )
+
+    @classmethod
+    def cached(
+        cls,
+        crystal: Crystal,
+        grid: Grid,
+        *,
+        tolerance: float = 0.05,
+        voxels: int = 96,
+        cache_dir: Path | None = None,
+    ) -> FoldTable:
+        """:meth:`build`, or load the table built before for the same inputs.
+
+        The key hashes everything the table depends on: the reciprocal lattice, the
+        point-group operations, the path's q-points, the tolerance, the voxels and the
+        source of the code that builds it (so a changed algorithm never reads an old
+        table). Tables live in :func:`table_cache_dir` (about 2.5 MB each); a cache that
+        cannot be read is rebuilt, one that cannot be written is only logged.
+        """
+        directory = table_cache_dir() if cache_dir is None else Path(cache_dir)
+        path = directory / f"foldtable-{_table_key(crystal, grid, tolerance, voxels)}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                kw = {k.name: f[k.name] for k in fields(cls)}
+            kw["voxels"], kw["tolerance"] = int(kw["voxels"]), float(kw["tolerance"])
+            logger.info("fold table loaded from %s", path)
+            return cls(**kw)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # a damaged file: rebuild and overwrite it
+            logger.warning("fold table cache %s unreadable (%s): rebuilding", path, exc)
+        table = cls.build(crystal, grid, tolerance=tolerance, voxels=voxels)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.npz")
+            np.savez(tmp, **{k.name: getattr(table, k.name) for k in fields(cls)})
+            os.replace(tmp, path)
+        except OSError as exc:
+            logger.warning("fold table not cached in %s: %s", directory, exc)
+        return table
 
     @property
     def n_candidates(self) -> int:
         """Candidate entries over all voxels."""
         return len(self.candidates)
+
+
+def table_cache_dir() -> Path:
+    """Where :meth:`FoldTable.cached` keeps tables: ``$STEER_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/ins-steering`` (``~/.cache/ins-steering``)."""
+    env = os.environ.get("STEER_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ins-steering"
+
+
+def _table_key(crystal: Crystal, grid: Grid, tolerance: float, voxels: int) -> str:
+    """Hash of everything a :class:`FoldTable` depends on (see :meth:`FoldTable.cached`)."""
+    import simulations.binning as binning
+
+    h = hashlib.sha256()
+    rotations, _ = crystal.symmetry_operations()
+    for arr in (
+        np.round(np.asarray(crystal.reciprocal_lattice, dtype=float), 12),
+        np.asarray(rotations, dtype=np.int64),
+        np.round(np.asarray(grid.qpath.qpoints, dtype=float), 12),
+        np.array([float(tolerance), float(voxels), float(_TABLE_FORMAT)]),
+    ):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    for module_file in (__file__, binning.__file__):
+        h.update(Path(str(module_file)).read_bytes())
+    return h.hexdigest()[:24]
 
 
 @numba.njit(cache=True)
@@ -385,6 +481,94 @@ def _fold_kernel(
     return sink
 
 
+@numba.njit(cache=True, nogil=True)
+def _coverage_kernel(
+    dm: np.ndarray,  # (n_pix, 3) K_PER_V M d (r.l.u. per m/s) of the sampled pixels
+    solid: np.ndarray,  # (n_pix,) weight of each sampled pixel (sr)
+    v_f: np.ndarray,  # (n_sub,) final speeds (m/s) of the energy samples
+    w_e: np.ndarray,  # (n_sub,) k_f/k_i dE (meV) of each energy sample
+    col: np.ndarray,  # (n_sub,) int64 energy bin of each sample
+    h_inf: np.ndarray,  # (3,) M k_i (r.l.u.)
+    voxels: int,
+    live: np.ndarray,
+    rank: np.ndarray,
+    offsets: np.ndarray,
+    candidates: np.ndarray,
+    star_xyz: np.ndarray,
+    star_index: np.ndarray,
+    rec: np.ndarray,
+    tol2: float,
+    n_q: int,
+    n_e: int,
+    clear: np.ndarray,  # (voxels^3,) uint8, FoldTable.clear
+    hist: np.ndarray,  # (n_q * n_e,) float64, added to
+) -> int:
+    """Coverage of one orientation: every (pixel, energy sample) folded with its weight.
+
+    The same chain as :func:`_fold_kernel` (Q = h_inf - v_f M d K_PER_V, fractional
+    coordinates, voxel, candidates, nearest star point within the tolerance) without
+    times of flight: the samples are made on the energy axis directly. Consecutive
+    samples walk along one pixel's trajectory, so the table lookups stay in the caches.
+
+    The trajectory is a straight line in r.l.u. (Q is linear in v_f, and ``v_f`` falls
+    monotonically with the sample number): from a dead voxel v, every point less than
+    ``clear[v] - 1`` voxels away along each axis lies in a dead voxel, so the samples up to
+    that distance are skipped without being computed (exactly: they would have folded
+    nowhere). Returns the number of samples computed.
+    """
+    n_sub = v_f.shape[0]
+    computed = 0
+    for p in range(dm.shape[0]):
+        d0 = dm[p, 0]
+        d1 = dm[p, 1]
+        d2 = dm[p, 2]
+        wp = solid[p]
+        # speed change that moves the point by one voxel along its fastest axis
+        g = 1.0 / (voxels * max(abs(d0), abs(d1), abs(d2), 1e-300))
+        s = 0
+        while s < n_sub:
+            v = v_f[s]
+            computed += 1
+            h0 = h_inf[0] - v * d0
+            h1 = h_inf[1] - v * d1
+            h2 = h_inf[2] - v * d2
+            f0 = h0 - math.floor(h0)
+            f1 = h1 - math.floor(h1)
+            f2 = h2 - math.floor(h2)
+            vx = (
+                min(int(f0 * voxels), voxels - 1) * voxels + min(int(f1 * voxels), voxels - 1)
+            ) * voxels + min(int(f2 * voxels), voxels - 1)
+            word = live[vx >> 6]
+            bit = np.uint64(vx & 63)
+            if not (word >> bit) & np.uint64(1):
+                s += 1
+                reach = int(clear[vx]) - 1
+                if reach > 0:  # skip the samples that stay within reach of this voxel
+                    v_stop = v - (reach - 1e-6) * g
+                    while s < n_sub and v_f[s] > v_stop:
+                        s += 1
+                continue
+            r = rank[vx >> 6] + _popcount(word & ((np.uint64(1) << bit) - np.uint64(1)))
+            cx = f0 * rec[0, 0] + f1 * rec[1, 0] + f2 * rec[2, 0]
+            cy = f0 * rec[0, 1] + f1 * rec[1, 1] + f2 * rec[2, 1]
+            cz = f0 * rec[0, 2] + f1 * rec[1, 2] + f2 * rec[2, 2]
+            best = 1e300
+            iq = n_q
+            for c in range(offsets[r], offsets[r + 1]):
+                q = candidates[c]
+                dx = star_xyz[q, 0] - cx
+                dy = star_xyz[q, 1] - cy
+                dz = star_xyz[q, 2] - cz
+                dd = dx * dx + dy * dy + dz * dz
+                closer = dd < best
+                iq = star_index[q] if closer else iq
+                best = dd if closer else best
+            if best <= tol2:
+                hist[iq * n_e + col[s]] += wp * w_e[s]
+            s += 1
+    return computed
+
+
 class Folder:
     """Folds events of one run (one instrument, crystal mounting and Ei) into I(q, E).
 
@@ -436,6 +620,11 @@ class Folder:
             self._lut[ids - self._id0] = np.arange(len(ids), dtype=np.int32)
         self._n_ids = span
         self._pixel_tables: dict[float, tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
+        self._cov_cond = threading.Condition()
+        self._cov_queue: deque[float] = deque()
+        self._cov_done: dict[float, NDArray[np.float64]] = {}
+        self._cov_busy: float | None = None
+        self._cov_thread: threading.Thread | None = None
 
     def pixel_index(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:
         """Row index of detector ids; -1 for ids the instrument does not have."""
@@ -578,6 +767,59 @@ class Folder:
             np.where(ok, assigned % self.grid.n_e, -1),
         )
 
+    # -- coverage ----------------------------------------------------------------------------
+
+    def request_coverage(self, omega: float) -> None:
+        """Start computing the default :meth:`coverage` at ``omega`` on a background thread.
+
+        Called as soon as an orientation's angle is known (a bluesky Event, a settled
+        setpoint), so that its coverage is ready when its events are in: the kernel
+        releases the GIL and runs on another core beside the consumer. The thread exits
+        when idle; results wait (at most :data:`_COVERAGE_AHEAD`) until asked for.
+        """
+        key = float(omega)
+        if not math.isfinite(key):
+            return
+        with self._cov_cond:
+            if key in self._cov_done or key in self._cov_queue or key == self._cov_busy:
+                return
+            self._cov_queue.append(key)
+            if self._cov_thread is None:
+                self._cov_thread = threading.Thread(
+                    target=self._coverage_worker, name="coverage", daemon=True
+                )
+                self._cov_thread.start()
+            self._cov_cond.notify_all()
+
+    def cancel_coverage(self) -> None:
+        """Forget queued and finished background coverages (a running one completes)."""
+        with self._cov_cond:
+            self._cov_queue.clear()
+            self._cov_done.clear()
+            self._cov_cond.notify_all()
+
+    def _coverage_worker(self) -> None:
+        cond = self._cov_cond
+        while True:
+            with cond:
+                while not self._cov_queue or len(self._cov_done) >= _COVERAGE_AHEAD:
+                    idle = not cond.wait(timeout=_COVERAGE_IDLE_S)
+                    if idle and (not self._cov_queue or len(self._cov_done) >= _COVERAGE_AHEAD):
+                        self._cov_thread = None
+                        return
+                key = self._cov_queue.popleft()
+                self._cov_busy = key
+            try:
+                result: NDArray[np.float64] | None = self._compute_coverage(key, 4, 2)
+            except Exception:  # computed again (and raised) by the caller
+                logger.exception("coverage at omega %s failed in the background", key)
+                result = None
+            with cond:
+                self._cov_busy = None
+                if result is not None:
+                    self._cov_done[key] = result
+                cond.notify_all()
+
     def coverage(
         self, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2
     ) -> NDArray[np.float64]:
@@ -586,31 +828,63 @@ class Folder:
         Units sr meV. Exposure = proton charge x coverage, so that counts / exposure
         estimates S(q, E) up to a constant for any orientation. Every ``pixel_stride``-th
         pixel (weighted by the stride) is sampled at ``e_substeps`` energies per bin
-        (midpoint rule). Against every pixel at 16 energies per bin, the default is off by
-        a median 1.8 % per bin (90th percentile 5 %) for one orientation, 0.7 s here; the
-        error is in the energy sampling of the tube crossings and averages down over
-        orientations. (Interpolating the crossing instead was tried: no better.)
+        (midpoint rule) by a fused kernel that releases the GIL (so that a
+        :class:`CoverageWorker` computes it beside the fold). Against every pixel at 16
+        energies per bin, the default is off by a median 1.8 % per bin (90th percentile
+        5 %) for one orientation; the error is in the energy sampling of the tube crossings
+        and averages down over orientations. Thread-safe; a result computed in the
+        background (:meth:`request_coverage`) is handed over, bitwise the same.
         """
+        key = float(omega)
+        if (e_substeps, pixel_stride) == (4, 2):
+            with self._cov_cond:
+                if key in self._cov_queue:  # not started yet: compute it here
+                    self._cov_queue.remove(key)
+                while key == self._cov_busy:
+                    self._cov_cond.wait()
+                hit = self._cov_done.pop(key, None)
+                self._cov_cond.notify_all()
+            if hit is not None:
+                return hit
+        return self._compute_coverage(key, e_substeps, pixel_stride)
+
+    def _compute_coverage(
+        self, omega: float, e_substeps: int, pixel_stride: int
+    ) -> NDArray[np.float64]:
+        if not np.isfinite(omega):
+            raise FoldError(f"goniometer angle must be finite, got {omega}")
         n_sub = self.grid.n_e * e_substeps
         de = self._de / e_substeps
         energies = self._e0 + (np.arange(n_sub) + 0.5) * de
+        v_f = np.asarray(energy_to_speed(np.asarray(self.ei - energies, dtype=np.float64)))
+        w_e = np.sqrt((self.ei - energies) / self.ei) * de
+        col = np.arange(n_sub, dtype=np.int64) // e_substeps
         pix = np.arange(0, self.instrument.n_pixels, pixel_stride)
-        solid = self.instrument.solid_angles[pix] * pixel_stride
-        hist = self._hist()
-        dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
-        for chunk in np.array_split(np.arange(n_sub), max(1, n_sub // 16)):
-            e = energies[chunk]
-            v_f = energy_to_speed(np.asarray(self.ei - e, dtype=np.float64))
-            tof = (self._t_i + self._l2[pix][:, None] / v_f[None, :]) * 1e9
-            weights = solid[:, None] * (np.sqrt((self.ei - e) / self.ei) * de)[None, :]
-            rows = np.repeat(pix, len(chunk))
-            self._kernel(
-                rows,
-                tof.ravel(),
-                omega,
-                hist,
-                rows=True,
-                weights=weights.ravel(),
-                dropped=dropped,
-            )
-        return np.asarray(self._unpad(hist)[self.table.alias])
+        solid = np.ascontiguousarray(self.instrument.solid_angles[pix] * pixel_stride)
+        m = np.asarray(self.orientation.lab_to_rlu_matrix(omega), dtype=np.float64)
+        dm = np.ascontiguousarray(_K_PER_V * (self._dirs[pix] @ m.T))
+        h_inf = np.ascontiguousarray(m @ np.array([0.0, 0.0, self._ki]))
+        t = self.table
+        hist = np.zeros(self.grid.n_q * self.grid.n_e)
+        _coverage_kernel(
+            dm,
+            solid,
+            v_f,
+            w_e,
+            col,
+            h_inf,
+            t.voxels,
+            t.live,
+            t.rank,
+            t.offsets,
+            t.candidates,
+            t.star_xyz,
+            t.star_index,
+            t.reciprocal,
+            t.tolerance**2,
+            self.grid.n_q,
+            self.grid.n_e,
+            t.clear,
+            hist,
+        )
+        return np.asarray(hist.reshape(self.grid.shape)[self.table.alias])

@@ -208,6 +208,7 @@ class KafkaSource:
         out: list[SourceMessage] = []
         for tp, records in batches.items():
             for r in records:
+                value, headers = r.value, r.headers
                 out.append(
                     SourceMessage(
                         topic=tp.topic,
@@ -215,8 +216,8 @@ class KafkaSource:
                         offset=r.offset,
                         key=r.key,
                         timestamp_ns=int(r.timestamp) * 1_000_000,
-                        headers=tuple((k, bytes(v or b"")) for k, v in (r.headers or [])),
-                        payload=bytes(r.value or b""),
+                        headers=tuple((k, bytes(v or b"")) for k, v in headers) if headers else (),
+                        payload=value if type(value) is bytes else bytes(value or b""),
                     )
                 )
         return out

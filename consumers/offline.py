@@ -69,6 +69,7 @@ def fold_recorded_run(
             bar.update(len(done))
     bar.update(len(pipe.finish()))
     bar.close()
+    pipe.close()
     if pipe.acc is None:
         raise FoldError(f"{path}: no run start (pl72) found")
     seconds = time.perf_counter() - t0

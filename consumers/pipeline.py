@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 from streaming_data_types.eventdata_ev44 import deserialise_ev44
-from streaming_data_types.logdata_f144 import deserialise_f144
 from streaming_data_types.run_start_pl72 import deserialise_pl72
 
 from simulations.instrument import Instrument, Orientation
@@ -24,6 +23,7 @@ from .accumulate import OrientationRecord, RunAccumulator
 from .exceptions import ConsumerError
 from .folding import DROP_REASONS, Folder, FoldTable
 from .segment import Chunk, Segmenter
+from .wire import decode_f144
 
 __all__ = ["MalformedMessage", "RunPipeline", "schema_of"]
 
@@ -117,16 +117,16 @@ class RunPipeline:
                     ev.reference_time, ev.reference_time_index, tof, ev.pixel_id
                 )
             elif schema == "f144":
-                log = deserialise_f144(payload)
-                value = float(log.value)
+                source, raw, t_ns = decode_f144(payload)
+                value = float(raw)  # type: ignore[arg-type]
                 if not np.isfinite(value):
-                    raise MalformedMessage("non_finite", f"f144 {log.source_name} = {value}")
-                if log.source_name == "proton_charge":
+                    raise MalformedMessage("non_finite", f"f144 {source} = {value}")
+                if source == "proton_charge":
                     if value < 0:
                         raise MalformedMessage("negative_charge", f"proton_charge {value}")
-                    chunks = self.segmenter.on_charge(log.timestamp_unix_ns, value)
-                elif log.source_name in ("omega", "omega_setpoint"):
-                    chunks = self.segmenter.on_omega(log.source_name, value, log.timestamp_unix_ns)
+                    chunks = self.segmenter.on_charge(t_ns, value)
+                elif source in ("omega", "omega_setpoint"):
+                    chunks = self.segmenter.on_omega(source, value, t_ns)
                 else:
                     chunks = []
             elif schema == "6s4t":
@@ -142,6 +142,7 @@ class RunPipeline:
             raise
         except Exception as exc:
             raise MalformedMessage(f"malformed_{schema}", str(exc)) from exc
+        self._request_coverage(self.segmenter.take_announced())
         return [self._fold(c) for c in chunks]
 
     def finish(self) -> list[OrientationRecord]:
@@ -173,12 +174,23 @@ class RunPipeline:
         ins = Instrument.from_metadata(meta["instrument"])
         o = meta["orientation"]
         orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
-        table = FoldTable.build(ms.crystal, ms.grid, tolerance=self.tolerance, voxels=self.voxels)
+        table = FoldTable.cached(ms.crystal, ms.grid, tolerance=self.tolerance, voxels=self.voxels)
         self.meta = meta
         self._run_key = str(meta.get("run_id", "")).encode()
         self.folder = Folder(table, ms.grid, ins, orientation, float(meta["ei_meV"]))
         self.acc = RunAccumulator(ms.grid)
         self.segmenter = Segmenter(mode)
+
+    def _request_coverage(self, omegas: list[float]) -> None:
+        """Start the coverage of announced orientations on the background thread."""
+        if self.folder is not None:
+            for w in omegas:
+                self.folder.request_coverage(w)
+
+    def close(self) -> None:
+        """Drop queued background work (the pipeline stays usable)."""
+        if self.folder is not None:
+            self.folder.cancel_coverage()
 
     def _fold(self, chunk: Chunk) -> OrientationRecord:
         assert self.folder is not None
@@ -255,6 +267,7 @@ class RunPipeline:
         seg = dict(js["segmenter"])
         seg.update({k[4:]: v for k, v in arrays.items() if k.startswith("seg_")})
         self.segmenter = Segmenter.from_state(seg)
+        self._request_coverage(self.segmenter.expected_omegas())
         self.acc.counts[:] = arrays["counts"]
         self.acc.exposure[:] = arrays["exposure"]
         from .accumulate import OrientationRecord as Rec

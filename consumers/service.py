@@ -155,6 +155,7 @@ class ConsumerService:
         self.dead_letter = dead_letter
         self.next_offsets: dict[tuple[str, int], int] = {}
         self.counters: Counter[str] = Counter()
+        self._topic_counters: dict[str, Any] = {}
         self.done = False
         self._stop_requested = False
         self._moving_seen = 0
@@ -191,7 +192,10 @@ class ConsumerService:
                     continue
                 self.next_offsets[key] = m.offset + 1
                 self.counters["messages"] += 1
-                metrics.MESSAGES.labels(m.topic).inc()
+                counter = self._topic_counters.get(m.topic)
+                if counter is None:
+                    counter = self._topic_counters[m.topic] = metrics.MESSAGES.labels(m.topic)
+                counter.inc()
             schema = schema_of(m.headers, m.payload)
             if self.pipeline.meta is not None:
                 run_key = self.pipeline.run_key
@@ -325,6 +329,7 @@ class ConsumerService:
         held, self._next = self._next, []
         self._next_seen = set()
         self._bluesky_started = False
+        self.pipeline.close()
         self.pipeline = RunPipeline(mode=self._mode, tolerance=self._tolerance)
         self.done = False
         self._moving_seen = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,19 @@ import numpy as np
 import pytest
 
 from simulations.materials import MaterialSetup, setup
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _table_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Fold tables cached for this session only (the CLI subprocesses inherit it)."""
+    path = tmp_path_factory.mktemp("table-cache")
+    old = os.environ.get("STEER_CACHE_DIR")
+    os.environ["STEER_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("STEER_CACHE_DIR", None)
+    else:
+        os.environ["STEER_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -215,6 +215,50 @@ def test_coverage_converges_to_a_finely_sampled_reference(ge, ge_table) -> None:
     assert counts[fine == 0].sum() <= 1e-3 * counts.sum()
 
 
+def test_coverage_skipping_and_background_thread_are_exact(ge, ge_table) -> None:  # type: ignore[no-untyped-def]
+    """Skipping dead stretches of a trajectory (FoldTable.clear) changes nothing, and a
+    coverage computed on the background thread is bitwise the one computed inline."""
+    import dataclasses
+
+    ins = Instrument.arcs_like(n_columns=160, n_rows=96)
+    orientation = Orientation.from_vectors(ge.crystal, (1, 0, 0), (0, 1, 0))
+    folder = Folder(ge_table, ge.grid, ins, orientation, EI)
+    no_skip = dataclasses.replace(ge_table, clear=np.zeros_like(ge_table.clear))
+    plain = Folder(no_skip, ge.grid, ins, orientation, EI)
+    assert (ge_table.clear > 1).mean() > 0.3  # most dead voxels let the kernel skip
+    for omega in (12.5, 47.0):
+        inline = plain.coverage(omega)
+        folder.request_coverage(omega)
+        background = folder.coverage(omega)
+        np.testing.assert_array_equal(background, inline)
+        assert inline.sum() > 0
+    # a request nobody asks for again is computed once and handed over once
+    folder.request_coverage(80.0)
+    first = folder.coverage(80.0)
+    np.testing.assert_array_equal(first, folder.coverage(80.0))
+
+
+def test_fold_table_cache_round_trip(ge, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A cached table loads equal to a built one; a damaged file is rebuilt; another
+    tolerance is another table."""
+    built = FoldTable.cached(ge.crystal, ge.grid, tolerance=0.05, voxels=24, cache_dir=tmp_path)
+    files = list(tmp_path.glob("foldtable-*.npz"))
+    assert len(files) == 1
+    loaded = FoldTable.cached(ge.crystal, ge.grid, tolerance=0.05, voxels=24, cache_dir=tmp_path)
+    for name in ("live", "rank", "offsets", "candidates", "star_xyz", "star_index", "clear"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(built, name))
+    assert (loaded.voxels, loaded.tolerance) == (24, 0.05)
+    files[0].write_bytes(b"not an npz")
+    again = FoldTable.cached(ge.crystal, ge.grid, tolerance=0.05, voxels=24, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.candidates, built.candidates)
+    FoldTable.cached(ge.crystal, ge.grid, tolerance=0.06, voxels=24, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("foldtable-*.npz"))) == 2
+    # an unwritable cache is only logged
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    FoldTable.cached(ge.crystal, ge.grid, tolerance=0.05, voxels=24, cache_dir=blocker / "sub")
+
+
 def test_fold_matches_an_independent_brute_force(ge, ge_table) -> None:  # type: ignore[no-untyped-def]
     """Independent of ReferenceBinning: every point-group operation (and time reversal) is
     applied to Q itself, and the nearest path point (27 periodic images, k-d tree over the

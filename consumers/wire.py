@@ -1,0 +1,88 @@
+"""Fast decoding of the f144 log messages the consumers read most.
+
+A run sends one f144 ``proton_charge`` value per pulse (14 Hz at ESS) beside its motor
+logs: tens of thousands of small messages per run, where ``streaming_data_types``' generic
+flatbuffers accessors cost tens of microseconds each. :func:`decode_f144` reads the three
+fields of a scalar f144 ``LogData`` table (``source_name``, ``timestamp``, ``value``) with
+precompiled ``struct`` readers: the same reads the generated flatbuffers code makes, and the
+same results (checked against the library, including corrupted buffers, in
+``tests/test_wire.py``). Anything else (array values, a buffer the fast path cannot read)
+goes to ``streaming_data_types.logdata_f144.deserialise_f144``, so errors stay the
+library's.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from streaming_data_types.logdata_f144 import deserialise_f144
+
+__all__ = ["decode_f144"]
+
+_U16 = struct.Struct("<H").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+_I32 = struct.Struct("<i").unpack_from
+_I64 = struct.Struct("<q").unpack_from
+# f144 Value union: 1..10 are the scalar tables (Byte ... Double), each one field "value"
+_SCALARS = {
+    code: struct.Struct("<" + fmt).unpack_from for code, fmt in enumerate("bBhHiIqQfd", start=1)
+}
+
+
+def _field(buf: bytes, table: int, vtable: int, vt_size: int, slot: int) -> int:
+    """Absolute position of field ``slot`` of a table, or 0 when it is absent."""
+    at = 4 + 2 * slot
+    if at >= vt_size:
+        return 0
+    off: int = _U16(buf, vtable + at)[0]
+    return table + off if off else 0
+
+
+def _table(buf: bytes, pos: int) -> tuple[int, int]:
+    """(vtable position, vtable size) of the table at ``pos``."""
+    vtable = pos - _I32(buf, pos)[0]
+    if vtable < 0:
+        raise IndexError("vtable outside the buffer")
+    return vtable, _U16(buf, vtable)[0]
+
+
+def decode_f144(buf: bytes) -> tuple[str, int | float | object, int]:
+    """``(source_name, value, timestamp_unix_ns)`` of an f144 message.
+
+    ``value`` is a Python int or float for the scalar value types (what the library's
+    ``LogData.value`` is for them) and the library's numpy array for array types.
+
+    Raises
+    ------
+    Exception
+        Whatever ``deserialise_f144`` raises for a buffer it cannot read.
+    """
+    try:
+        if len(buf) < 8 or buf[4:8] != b"f144":
+            raise IndexError("not an f144 buffer")
+        root = _U32(buf, 0)[0]
+        vtable, vt_size = _table(buf, root)
+        p_type = _field(buf, root, vtable, vt_size, 2)
+        code = buf[p_type] if p_type else 0
+        read = _SCALARS.get(code)
+        p_value = _field(buf, root, vtable, vt_size, 3)
+        if read is None or not p_value:
+            raise IndexError("not a scalar value")
+        value_pos = p_value + _U32(buf, p_value)[0]
+        v_vtable, v_size = _table(buf, value_pos)
+        p_scalar = _field(buf, value_pos, v_vtable, v_size, 0)
+        value = read(buf, p_scalar)[0] if p_scalar else (0.0 if code >= 9 else 0)
+        p_name = _field(buf, root, vtable, vt_size, 0)
+        name = ""
+        if p_name:
+            start = p_name + _U32(buf, p_name)[0]
+            length = _U32(buf, start)[0]
+            if start + 4 + length > len(buf):
+                raise IndexError("string outside the buffer")
+            name = bytes(buf[start + 4 : start + 4 + length]).decode()
+        p_time = _field(buf, root, vtable, vt_size, 1)
+        timestamp = _I64(buf, p_time)[0] if p_time else 0
+        return name, value, timestamp
+    except (struct.error, IndexError, UnicodeDecodeError):
+        log = deserialise_f144(buf)
+        return log.source_name, log.value, log.timestamp_unix_ns

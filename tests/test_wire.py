@@ -1,0 +1,82 @@
+"""The fast f144 decoder gives exactly what streaming_data_types gives, corrupted or not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from streaming_data_types.logdata_f144 import deserialise_f144, serialise_f144
+
+from consumers.wire import decode_f144
+
+_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64)
+
+
+def _library(buf: bytes) -> tuple[object, ...]:
+    try:
+        log = deserialise_f144(buf)
+    except Exception as exc:
+        return ("error", type(exc).__name__)
+    return ("ok", log.source_name, log.value, log.timestamp_unix_ns)
+
+
+def _fast(buf: bytes) -> tuple[object, ...]:
+    try:
+        name, value, t = decode_f144(buf)
+    except Exception as exc:
+        return ("error", type(exc).__name__)
+    return ("ok", name, value, t)
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    if a[0] != b[0] or len(a) != len(b):
+        return False
+    if a[0] == "error":
+        return a == b
+    va, vb = np.asarray(a[2]), np.asarray(b[2])
+    values = va.shape == vb.shape and bool(np.all((va == vb) | (np.isnan(va) & np.isnan(vb))))
+    return a[1] == b[1] and a[3] == b[3] and values and type(a[2]) is type(b[2])
+
+
+def _message(rng: np.random.Generator) -> bytes:
+    kind = rng.integers(0, 4)
+    if kind == 0:
+        value: object = float(rng.normal() * 10.0 ** rng.integers(-3, 6))
+    elif kind == 1:
+        value = np.float32(rng.normal())
+    elif kind == 2:
+        t = _TYPES[rng.integers(len(_TYPES))]
+        info = np.iinfo(t)
+        value = t(rng.integers(max(info.min, -(2**62)), min(info.max, 2**62)))
+    else:
+        value = rng.normal(size=rng.integers(1, 5))
+    name = rng.choice(["proton_charge", "omega", "omega_setpoint", "temperatüre", ""])
+    return bytes(serialise_f144(str(name), value, int(rng.integers(0, 2**62))))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_f144_equals_the_library(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_corrupt = 0
+    for _ in range(2500):
+        buf = bytearray(_message(rng))
+        assert _same(_fast(bytes(buf)), _library(bytes(buf)))
+        how = rng.integers(0, 3)
+        if how == 0:  # flip a few bytes
+            for i in rng.integers(0, len(buf), rng.integers(1, 4)):
+                buf[i] = int(rng.integers(0, 256))
+        elif how == 1:  # truncate
+            buf = buf[: rng.integers(0, len(buf))]
+        else:  # overwrite an offset with something large
+            i = int(rng.integers(0, max(1, len(buf) - 4)))
+            buf[i : i + 4] = int(rng.integers(0, 2**32)).to_bytes(4, "little")
+        fast, lib = _fast(bytes(buf)), _library(bytes(buf))
+        assert _same(fast, lib), (bytes(buf).hex(), fast, lib)
+        n_corrupt += lib[0] == "error"
+    assert n_corrupt > 100  # the corruptions do make the library fail often
+
+
+def test_fast_f144_is_used_for_the_scalar_logs() -> None:
+    buf = bytes(serialise_f144("proton_charge", 2.5, 17))
+    assert decode_f144(buf) == ("proton_charge", 2.5, 17)
+    with pytest.raises(Exception, match="f144"):
+        decode_f144(b"\x08\x00\x00\x00ev44" + bytes(16))
