@@ -18,6 +18,7 @@ import numpy as np
 import typer
 
 from consumers.exceptions import ConsumerError
+from model_server.exceptions import ModelServerError
 from simulations.exceptions import SimulationError
 from simulations.jsonutil import json_default
 
@@ -586,6 +587,109 @@ def demo(
     _emit(result, as_json)
 
 
+# -- learned inversion (model_server) ---------------------------------------------------------
+ModelOpt = Annotated[Path, typer.Option("--model", help="Frozen model directory.")]
+
+
+@app.command("train")
+def train_cmd(
+    material: MaterialOpt = "Ge",
+    data: Annotated[
+        Path, typer.Option("--data", help="Training set (steer simulate dataset --out).")
+    ] = Path("train.h5"),
+    out: Annotated[Path, typer.Option("--out", help="Model directory to write.")] = Path(
+        "models/ge"
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    vae_epochs: Annotated[int, typer.Option("--vae-epochs", help="VAE epochs.")] = 14,
+    regressor_epochs: Annotated[
+        int, typer.Option("--regressor-epochs", help="Regressor epochs.")
+    ] = 10,
+    baseline_epochs: Annotated[
+        int, typer.Option("--baseline-epochs", help="Baseline CNN epochs.")
+    ] = 10,
+    threads: Annotated[int, typer.Option("--threads", help="torch threads (<= cores).")] = 2,
+    coverage: Annotated[
+        Path | None,
+        typer.Option("--coverage", help="Saved coverage bank (.npz) instead of rebuilding it."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the VAE, the regressor (calibrated) and the baseline CNN; write a frozen model."""
+    from model_server.training import TrainConfig, train_model
+
+    config = TrainConfig(
+        seed=seed,
+        vae_epochs=vae_epochs,
+        regressor_epochs=regressor_epochs,
+        baseline_epochs=baseline_epochs,
+        threads=threads,
+    )
+    summary = train_model(
+        material,
+        data,
+        out,
+        config=config,
+        coverage=coverage,
+        progress=not quiet,
+        command=shlex.join(["steer", *sys.argv[1:]]),
+    )
+    _emit(summary, as_json)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: ModelOpt = Path("models/ge"),
+    n: Annotated[int, typer.Option("--n", help="Fresh test spectra.")] = 1500,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the test set and noise.")] = 123,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Latent samples per spectrum.")
+    ] = 256,
+    threads: Annotated[int, typer.Option("--threads", help="torch threads (<= cores).")] = 2,
+    no_write: Annotated[
+        bool,
+        typer.Option("--no-write", help="Do not write evaluation.json and PNGs to the model."),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate on a fresh forward-model test set: R^2 clean and on the 5x5 noise grid,
+    calibration (clean, noisy, by orientations), the baseline CNN side by side."""
+    import torch
+
+    from model_server.evaluation import evaluate_model
+
+    torch.set_num_threads(max(1, threads))
+    report = evaluate_model(
+        model,
+        n=n,
+        seed=seed,
+        n_samples=samples,
+        write=not no_write,
+        progress=not quiet,
+        command=shlex.join(["steer", *sys.argv[1:]]),
+    )
+    _emit(report, as_json)
+
+
+@app.command("estimate")
+def estimate_cmd(
+    iqe: Annotated[Path, typer.Argument(help="Folded spectrum file (steer fold --out).")],
+    model: ModelOpt = Path("models/ge"),
+    samples: Annotated[
+        int, typer.Option("--samples", help="Latent samples per spectrum.")
+    ] = 256,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """FC estimate (mean, std, quantiles, out-of-domain flag) of a folded spectrum."""
+    from model_server.inference import Estimator
+
+    estimator = Estimator(model, device=device, n_samples=samples)
+    _emit(estimator.estimate_file(iqe).to_dict(), as_json)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``steer`` console script."""
     logging.basicConfig(
@@ -597,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app(args=argv, standalone_mode=False)
-    except (SimulationError, ConsumerError) as exc:
+    except (SimulationError, ConsumerError, ModelServerError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
     except (typer.Abort, KeyboardInterrupt):

@@ -1,0 +1,43 @@
+"""Errors of the model server.
+
+Hierarchy::
+
+    ModelServerError                 any failure of the learned models (exit code 2 in steer)
+    +-- ArtifactError                a frozen model directory is missing, incomplete or damaged
+    +-- GridMismatchError            the spectrum's grid is not the grid the model was trained on
+    +-- InputSpectrumError           a spectrum or mask the model cannot use (NaN, all zero,
+    |                                empty mask, wrong shape)
+    +-- TrainingError                a training set or training setting that cannot work
+
+Every message says what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "GridMismatchError",
+    "InputSpectrumError",
+    "ModelServerError",
+    "TrainingError",
+]
+
+
+class ModelServerError(Exception):
+    """Base class of every model-server error."""
+
+
+class ArtifactError(ModelServerError):
+    """A frozen model directory is missing, incomplete or damaged."""
+
+
+class GridMismatchError(ModelServerError):
+    """Spectrum and model live on different (q, E) grids; never resampled silently."""
+
+
+class InputSpectrumError(ModelServerError):
+    """A spectrum or mask that the model cannot use."""
+
+
+class TrainingError(ModelServerError):
+    """A training set or setting that cannot work."""

@@ -1,0 +1,520 @@
+"""Training a frozen model from a training set (``steer train``).
+
+Steps (each with a progress bar; losses per epoch go into ``model.json`` and
+``loss_curves.png``):
+
+1. read the training set (``simulations.dataset`` layout), check its grid against the
+   material's, hold out the last ``n_holdout`` spectra (calibration, validation);
+2. the coverage bank of the material's default mounting (instrument model, 120 angles);
+3. the VAE on augmented inputs (:mod:`model_server.augment`): loss = sum of squared
+   reconstruction errors of the *clean* spectrum (a denoising VAE) + ``beta`` KL + an
+   auxiliary linear FC head on a latent sample (``aux_weight``) that keeps FC information in
+   the latent space;
+4. the encoder frozen, the regressor latent sample -> (FC mean, log-variance), trained with
+   the beta-NLL loss (Seitzer et al. 2022, beta 0.5) on fresh augmented inputs;
+5. calibration on the held-out spectra under the training augmentation: a per-FC factor on
+   the predicted std so that mean +- std covers 68.3 % of true values; out-of-domain
+   thresholds (99.5 % quantiles of reconstruction error and latent distance);
+6. the direct CNN baseline (:class:`~model_server.networks.BaselineCNN`) on the same data and
+   augmentation, mean squared error;
+7. the model directory (:func:`model_server.artifact.save_model`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from .artifact import save_model
+from .augment import AugmentConfig, Augmenter
+from .coverage import CoverageBank, build_coverage_bank
+from .exceptions import TrainingError
+from .inference import ood_scores, predictive
+from .networks import VAE, BaselineCNN, Regressor
+from .preprocess import pooled_shape, prepare
+
+__all__ = ["TrainConfig", "load_training_set", "train_model"]
+
+logger = logging.getLogger(__name__)
+
+#: Target coverage of mean +- 1 std for a Gaussian.
+ONE_SIGMA = 0.6827
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainConfig:
+    """Settings of :func:`train_model` (recorded in the model's provenance)."""
+
+    latent: int = 20
+    beta: float = 1.0
+    aux_weight: float = 20.0
+    vae_epochs: int = 14
+    regressor_epochs: int = 10
+    baseline_epochs: int = 10
+    batch: int = 128
+    lr: float = 2e-3
+    n_holdout: int = 1000
+    calibration_samples: int = 64
+    seed: int = 0
+    threads: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+
+def load_training_set(path: str | Path, material: str) -> dict[str, Any]:
+    """Read a training set and check it is for ``material`` on the material's grid.
+
+    Returns ``spectra`` (n, n_q, n_E) float32, ``fc`` (n, n_fc) eV/A^2, ``fc_names``,
+    ``domain`` (n_fc, 2), ``grid`` (dict), ``attrs`` (provenance).
+    """
+    import h5py
+
+    from simulations.materials import setup
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(
+            f"no training set at {path}; make one with `steer simulate dataset --material "
+            f"{material} --n 11000 --seed 0 --out {path}`"
+        )
+    ms = setup(material)
+    with h5py.File(path, "r") as f:
+        try:
+            attrs = {k: f.attrs[k] for k in f.attrs}
+            spectra = np.asarray(f["spectra"][()], dtype=np.float32)
+            fc = np.asarray(f["fc"][()], dtype=np.float64)
+        except KeyError as exc:
+            raise TrainingError(
+                f"{path} is not a training set (simulations.dataset): {exc}"
+            ) from exc
+    if str(attrs.get("material")) != ms.crystal.name:
+        raise TrainingError(
+            f"{path} is a training set for {attrs.get('material')}, not {ms.crystal.name}"
+        )
+    if str(attrs.get("grid_fingerprint")) != ms.grid.fingerprint:
+        raise TrainingError(
+            f"{path} is on grid {attrs.get('grid')} but {material}'s grid is now "
+            f"{ms.grid.to_dict()}; regenerate the training set"
+        )
+    if len(spectra) < 20:
+        raise TrainingError(f"{path} has {len(spectra)} spectra; need at least 20")
+    return {
+        "spectra": spectra,
+        "fc": fc,
+        "fc_names": [str(n) for n in attrs["fc_names"]],
+        "domain": np.asarray(attrs["domain"], dtype=np.float64),
+        "grid": ms.grid.to_dict(),
+        "energy_centres": ms.grid.energy_centres,
+        "attrs": {
+            "path": str(path),
+            "n_spectra": len(spectra),
+            "command": str(attrs.get("command", "")),
+            "seed": int(attrs.get("seed", -1)),
+            "created": str(attrs.get("created", "")),
+            "n_discarded": int(attrs.get("n_discarded", -1)),
+            "fixed_names": [str(n) for n in attrs.get("fixed_names", [])],
+            "fixed_values": np.asarray(attrs.get("fixed_values", []), dtype=float).tolist(),
+            "resolution": str(attrs.get("resolution", "")),
+        },
+    }
+
+
+def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=gen)
+    for s in range(0, n - batch + 1, batch):
+        yield order[s : s + batch]
+
+
+def _cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = max(1, total // 50)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+class _Trainer:
+    def __init__(
+        self,
+        data: dict[str, Any],
+        bank: CoverageBank,
+        config: TrainConfig,
+        progress: bool,
+    ) -> None:
+        self.config = config
+        self.progress = progress
+        spectra = torch.from_numpy(data["spectra"])
+        dom = data["domain"]
+        scaled = 2.0 * (data["fc"] - dom[:, 0]) / (dom[:, 1] - dom[:, 0]) - 1.0
+        targets = torch.from_numpy(scaled.astype(np.float32))
+        n_hold = min(config.n_holdout, len(spectra) // 5)
+        self.train_x, self.train_y = spectra[:-n_hold], targets[:-n_hold]
+        self.hold_x, self.hold_y = spectra[-n_hold:], targets[-n_hold:]
+        self.augmenter = Augmenter(bank, data["energy_centres"], config.augment)
+        self.shape = pooled_shape(bank.shape)
+        self.n_fc = targets.shape[1]
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.history: dict[str, list[float]] = {}
+
+    def _log(self, key: str, value: float) -> None:
+        self.history.setdefault(key, []).append(float(value))
+
+    def batch(self, idx: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noisy, mask, _ = self.augmenter(x[idx], self.gen)
+        clean = prepare(x[idx], torch.ones_like(mask))
+        return prepare(noisy, mask), clean[:, 0]
+
+    def _epochs(self, name: str, epochs: int) -> Iterator[int]:
+        from tqdm import tqdm
+
+        yield from tqdm(range(epochs), desc=name, unit="epoch", disable=not self.progress)
+
+    def _steps(self, epochs: int) -> int:
+        return epochs * (len(self.train_x) // self.config.batch)
+
+    def _held_out_inputs(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        ins, cleans, conds = [], [], []
+        for s in range(0, len(self.hold_x), 250):
+            x = self.hold_x[s : s + 250]
+            noisy, mask, cond = self.augmenter(x, g)
+            ins.append(prepare(noisy, mask))
+            cleans.append(prepare(x, torch.ones_like(mask))[:, 0])
+            conds.append(cond)
+        return torch.cat(ins), torch.cat(cleans), torch.cat(conds)
+
+    # ---------------------------------------------------------------- VAE
+    def train_vae(self) -> VAE:
+        cfg = self.config
+        vae = VAE(self.shape, cfg.latent, self.n_fc)
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=1e-5)
+        sched = _cosine(opt, self._steps(cfg.vae_epochs))
+        hold_in, hold_clean, _ = self._held_out_inputs(cfg.seed + 1)
+        for _ in self._epochs("VAE", cfg.vae_epochs):
+            vae.train()
+            sums = np.zeros(4)
+            n = 0
+            for idx in _batches(len(self.train_x), cfg.batch, self.gen):
+                inp, clean = self.batch(idx, self.train_x)
+                recon, mu, logvar, aux = vae(inp, self.gen)
+                rec = ((recon - clean) ** 2).sum(dim=(1, 2)).mean()
+                kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1).mean()
+                sup = ((aux - self.train_y[idx]) ** 2).sum(dim=1).mean()
+                loss = rec + cfg.beta * kl + cfg.aux_weight * sup
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
+                opt.step()
+                sched.step()
+                sums += [loss.item(), rec.item(), kl.item(), sup.item()]
+                n += 1
+            for k, v in zip(("loss", "recon", "kl", "aux"), sums / max(n, 1), strict=True):
+                self._log(f"vae_train_{k}", v)
+            vae.eval()
+            with torch.no_grad():
+                mu, _ = vae.encoder(hold_in)
+                rec = float(((vae.decoder(mu) - hold_clean) ** 2).sum(dim=(1, 2)).mean())
+                sup = float(((vae.aux(mu) - self.hold_y) ** 2).sum(dim=1).mean())
+            self._log("vae_holdout_recon", rec)
+            self._log("vae_holdout_aux", sup)
+            logger.info("VAE epoch: holdout recon %.3f aux %.4f", rec, sup)
+        vae.eval()
+        for p in vae.parameters():
+            p.requires_grad_(False)
+        return vae
+
+    # ---------------------------------------------------------------- regressor
+    def train_regressor(self, vae: VAE) -> Regressor:
+        cfg = self.config
+        reg = Regressor(cfg.latent, self.n_fc)
+        opt = torch.optim.AdamW(reg.parameters(), lr=cfg.lr, weight_decay=1e-5)
+        sched = _cosine(opt, self._steps(cfg.regressor_epochs) * 2)
+        hold_in, _, _ = self._held_out_inputs(cfg.seed + 2)
+        with torch.no_grad():
+            hold_mu, hold_lv = vae.encoder(hold_in)
+        for _ in self._epochs("regressor", cfg.regressor_epochs):
+            reg.train()
+            total, n = 0.0, 0
+            for idx in _batches(len(self.train_x), cfg.batch, self.gen):
+                inp, _ = self.batch(idx, self.train_x)
+                with torch.no_grad():
+                    mu, logvar = vae.encoder(inp)
+                for _rep in range(2):  # two latent draws per augmented batch
+                    eps = torch.randn(mu.shape, generator=self.gen)
+                    z = mu + eps * torch.exp(0.5 * logvar)
+                    m, lv = reg(z)
+                    var = lv.exp()
+                    nll = 0.5 * (lv + (self.train_y[idx] - m) ** 2 / var)
+                    loss = (nll * var.detach() ** 0.5).sum(dim=1).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    total += loss.item()
+                    n += 1
+            self._log("regressor_train_loss", total / max(n, 1))
+            reg.eval()
+            with torch.no_grad():
+                m, lv = reg(
+                    hold_mu + torch.randn(hold_mu.shape, generator=self.gen) * (0.5 * hold_lv).exp()
+                )
+                mse = float(((m - self.hold_y) ** 2).mean())
+                nll = float((0.5 * (lv + (self.hold_y - m) ** 2 / lv.exp())).sum(dim=1).mean())
+            self._log("regressor_holdout_mse", mse)
+            self._log("regressor_holdout_nll", nll)
+            logger.info("regressor epoch: holdout mse %.4f nll %.3f", mse, nll)
+        reg.eval()
+        for p in reg.parameters():
+            p.requires_grad_(False)
+        return reg
+
+    # ---------------------------------------------------------------- calibration
+    def calibrate(self, vae: VAE, reg: Regressor) -> tuple[dict[str, Any], dict[str, Any]]:
+        cfg = self.config
+        inputs, _, cond = self._held_out_inputs(cfg.seed + 3)
+        g = torch.Generator().manual_seed(cfg.seed + 4)
+        means, stds, mus, errs = [], [], [], []
+        with torch.no_grad():
+            for s in range(0, len(inputs), 250):
+                out = predictive(
+                    vae, reg, inputs[s : s + 250], n_samples=cfg.calibration_samples, gen=g
+                )
+                means.append(out["mean"])
+                stds.append(out["std"])
+                mus.append(out["mu"])
+        mean, std, mu = torch.cat(means), torch.cat(stds), torch.cat(mus)
+        z = ((mean - self.hold_y).abs() / std).numpy()
+        scale = np.array([_coverage_scale(z[:, k], ONE_SIGMA) for k in range(self.n_fc)])
+        inside = z <= scale[None, :]
+        by_cond = {
+            name: float(inside[cond.numpy() == c].mean())
+            for c, name in enumerate(("clean", "paper_noise", "orientations"))
+            if bool((cond == c).any())
+        }
+        calibration = {
+            "method": "per-FC factor on the mixture std so that mean +- std covers 68.3 % of "
+            "the held-out spectra under the training augmentation",
+            "std_scale": scale.tolist(),
+            "n_heldout": len(inputs),
+            "samples": cfg.calibration_samples,
+            "coverage_1sigma_heldout_by_condition": by_cond,
+        }
+        lat_mean = mu.mean(dim=0)
+        cov = torch.cov((mu - lat_mean).T) + 1e-6 * torch.eye(mu.shape[1])
+        prec = torch.linalg.inv(cov)
+        with torch.no_grad():
+            for s in range(0, len(inputs), 250):
+                e, _ = ood_scores(vae, inputs[s : s + 250], mu[s : s + 250], lat_mean, prec)
+                errs.append(e)
+        err = torch.cat(errs).numpy()
+        d = mu - lat_mean
+        maha = (torch.einsum("bi,ij,bj->b", d, prec, d) / mu.shape[1]).numpy()
+        ood = {
+            "method": "reconstruction error on measured bins and latent Mahalanobis distance "
+            "(squared, per dimension) above their 99.5 % quantiles on held-out training-like "
+            "inputs",
+            "latent_mean": lat_mean.tolist(),
+            "latent_precision": prec.tolist(),
+            "reconstruction_threshold": float(np.quantile(err, 0.995)),
+            "latent_threshold": float(np.quantile(maha, 0.995)),
+            "reconstruction_quantiles": {
+                str(q): float(np.quantile(err, q)) for q in (0.5, 0.9, 0.99, 0.995)
+            },
+            "latent_quantiles": {
+                str(q): float(np.quantile(maha, q)) for q in (0.5, 0.9, 0.99, 0.995)
+            },
+        }
+        return calibration, ood
+
+    # ---------------------------------------------------------------- baseline
+    def train_baseline(self) -> BaselineCNN:
+        cfg = self.config
+        net = BaselineCNN(self.n_fc)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
+        sched = _cosine(opt, self._steps(cfg.baseline_epochs))
+        hold_in, _, _ = self._held_out_inputs(cfg.seed + 5)
+        for _ in self._epochs("baseline CNN", cfg.baseline_epochs):
+            net.train()
+            total, n = 0.0, 0
+            for idx in _batches(len(self.train_x), cfg.batch, self.gen):
+                inp, _ = self.batch(idx, self.train_x)
+                loss = ((net(inp) - self.train_y[idx]) ** 2).sum(dim=1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item()
+                n += 1
+            self._log("baseline_train_mse", total / max(n, 1) / self.n_fc)
+            net.eval()
+            with torch.no_grad():
+                mse = float(((net(hold_in) - self.hold_y) ** 2).mean())
+            self._log("baseline_holdout_mse", mse)
+        net.eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net
+
+
+def _coverage_scale(z: NDArray[np.floating], target: float) -> float:
+    """Smallest factor s with mean(z <= s) >= target (z = |error| / std)."""
+    zs = np.sort(np.asarray(z, dtype=np.float64))
+    k = min(len(zs) - 1, max(0, math.ceil(target * len(zs)) - 1))
+    return float(max(zs[k], 1e-6))
+
+
+def plot_losses(history: dict[str, list[float]], out: Path, title: str) -> Path:
+    """Loss curves per epoch (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("VAE", [k for k in history if k.startswith("vae_")]),
+        ("regressor", [k for k in history if k.startswith("regressor_")]),
+        ("baseline CNN", [k for k in history if k.startswith("baseline_")]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (name, keys) in zip(axes, panels, strict=True):
+        for k in keys:
+            vals = np.asarray(history[k])
+            if name == "regressor" and k.endswith("loss"):
+                ax2 = ax.twinx()
+                ax2.plot(np.arange(1, len(vals) + 1), vals, "k:", label=k)
+                ax2.set_ylabel("beta-NLL loss")
+                continue
+            if np.all(vals > 0):
+                ax.semilogy(np.arange(1, len(vals) + 1), vals, label=k)
+            else:
+                ax.plot(np.arange(1, len(vals) + 1), vals, label=k)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def train_model(
+    material: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    coverage: str | Path | None = None,
+    progress: bool = True,
+    command: str = "",
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train a model of ``material`` on the training set ``data``; write it to ``out``.
+
+    Parameters
+    ----------
+    coverage
+        A saved :class:`CoverageBank` (``.npz``) to use instead of computing the bank from
+        the instrument model (about a minute); its grid must be the material's.
+
+    Returns
+    -------
+    dict
+        Summary: output folder, minutes per stage and in total, held-out figures.
+    """
+    cfg = config or TrainConfig()
+    torch.set_num_threads(max(1, cfg.threads))
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    minutes: dict[str, float] = {}
+
+    def stage(name: str, start: float) -> float:
+        now = time.perf_counter()
+        minutes[name] = round((now - start) / 60.0, 3)
+        if on_stage is not None:
+            on_stage(name)
+        return now
+
+    ds = load_training_set(data, material)
+    t = stage("read", t0)
+    if coverage is not None:
+        bank = CoverageBank.load(coverage)
+    else:
+        bank = build_coverage_bank(material, progress=progress)
+    if bank.grid_fingerprint != ds["grid"]["fingerprint"]:
+        raise TrainingError(
+            f"coverage bank is for grid {bank.grid_fingerprint}, the training set for "
+            f"{ds['grid']['fingerprint']}"
+        )
+    t = stage("coverage", t)
+    trainer = _Trainer(ds, bank, cfg, progress)
+    vae = trainer.train_vae()
+    t = stage("vae", t)
+    reg = trainer.train_regressor(vae)
+    t = stage("regressor", t)
+    calibration, ood = trainer.calibrate(vae, reg)
+    t = stage("calibration", t)
+    minutes["model_total"] = round(sum(minutes.values()), 3)
+    baseline = trainer.train_baseline()
+    t = stage("baseline", t)
+    minutes["total"] = round((time.perf_counter() - t0) / 60.0, 3)
+    meta: dict[str, Any] = {
+        "material": material,
+        "fc_names": ds["fc_names"],
+        "domain": ds["domain"].tolist(),
+        "units": "eV/A^2",
+        "grid": ds["grid"],
+        "latent": cfg.latent,
+        "scalers": {
+            "input": "model_server.preprocess.prepare: measured bins, 2x2 pooling, median "
+            "background subtracted, q columns to unit sum x n_E'/4, clipped at 8",
+            "fc": "scaled = 2 (fc - domain_lo) / (domain_hi - domain_lo) - 1",
+        },
+        "calibration": calibration,
+        "ood": ood,
+        "training": {
+            "config": cfg.to_dict(),
+            "n_train": len(trainer.train_x),
+            "n_holdout": len(trainer.hold_x),
+            "minutes": minutes,
+            "history": trainer.history,
+            "torch_threads": torch.get_num_threads(),
+            "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        },
+        "provenance": {
+            "train_command": command,
+            "training_set": ds["attrs"],
+            "coverage": bank.description,
+        },
+    }
+    out = save_model(out, meta, vae, reg, baseline, bank)
+    plot_losses(trainer.history, out / "loss_curves.png", f"{material}: training losses")
+    logger.info("model written to %s (%.1f min)", out, minutes["total"])
+    return {
+        "out": str(out),
+        "material": material,
+        "n_train": len(trainer.train_x),
+        "n_holdout": len(trainer.hold_x),
+        "minutes": minutes,
+        "calibration_std_scale": calibration["std_scale"],
+        "coverage_1sigma_heldout_by_condition": calibration["coverage_1sigma_heldout_by_condition"],
+        "loss_curves": str(out / "loss_curves.png"),
+    }
