@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import threading
-from collections import deque
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -54,11 +53,6 @@ DROP_REASONS = ("energy_out_of_range", "off_path", "bad_time_of_flight", "unknow
 
 #: Cap of :attr:`FoldTable.clear` (and the periodic padding that computes it), voxels.
 _CLEAR_CAP = 24
-
-#: Background coverages kept waiting to be asked for, at most (160 kB each for Ge).
-_COVERAGE_AHEAD = 64
-#: Seconds the background coverage thread waits for work before it exits.
-_COVERAGE_IDLE_S = 2.0
 
 #: Format of the cached tables; part of their key together with the code that builds them.
 _TABLE_FORMAT = 1
@@ -620,11 +614,6 @@ class Folder:
             self._lut[ids - self._id0] = np.arange(len(ids), dtype=np.int32)
         self._n_ids = span
         self._pixel_tables: dict[float, tuple[NDArray[np.float64], NDArray[np.float64]]] = {}
-        self._cov_cond = threading.Condition()
-        self._cov_queue: deque[float] = deque()
-        self._cov_done: dict[float, NDArray[np.float64]] = {}
-        self._cov_busy: float | None = None
-        self._cov_thread: threading.Thread | None = None
 
     def pixel_index(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:
         """Row index of detector ids; -1 for ids the instrument does not have."""
@@ -767,59 +756,6 @@ class Folder:
             np.where(ok, assigned % self.grid.n_e, -1),
         )
 
-    # -- coverage ----------------------------------------------------------------------------
-
-    def request_coverage(self, omega: float) -> None:
-        """Start computing the default :meth:`coverage` at ``omega`` on a background thread.
-
-        Called as soon as an orientation's angle is known (a bluesky Event, a settled
-        setpoint), so that its coverage is ready when its events are in: the kernel
-        releases the GIL and runs on another core beside the consumer. The thread exits
-        when idle; results wait (at most :data:`_COVERAGE_AHEAD`) until asked for.
-        """
-        key = float(omega)
-        if not math.isfinite(key):
-            return
-        with self._cov_cond:
-            if key in self._cov_done or key in self._cov_queue or key == self._cov_busy:
-                return
-            self._cov_queue.append(key)
-            if self._cov_thread is None:
-                self._cov_thread = threading.Thread(
-                    target=self._coverage_worker, name="coverage", daemon=True
-                )
-                self._cov_thread.start()
-            self._cov_cond.notify_all()
-
-    def cancel_coverage(self) -> None:
-        """Forget queued and finished background coverages (a running one completes)."""
-        with self._cov_cond:
-            self._cov_queue.clear()
-            self._cov_done.clear()
-            self._cov_cond.notify_all()
-
-    def _coverage_worker(self) -> None:
-        cond = self._cov_cond
-        while True:
-            with cond:
-                while not self._cov_queue or len(self._cov_done) >= _COVERAGE_AHEAD:
-                    idle = not cond.wait(timeout=_COVERAGE_IDLE_S)
-                    if idle and (not self._cov_queue or len(self._cov_done) >= _COVERAGE_AHEAD):
-                        self._cov_thread = None
-                        return
-                key = self._cov_queue.popleft()
-                self._cov_busy = key
-            try:
-                result: NDArray[np.float64] | None = self._compute_coverage(key, 4, 2)
-            except Exception:  # computed again (and raised) by the caller
-                logger.exception("coverage at omega %s failed in the background", key)
-                result = None
-            with cond:
-                self._cov_busy = None
-                if result is not None:
-                    self._cov_done[key] = result
-                cond.notify_all()
-
     def coverage(
         self, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2
     ) -> NDArray[np.float64]:
@@ -828,25 +764,13 @@ class Folder:
         Units sr meV. Exposure = proton charge x coverage, so that counts / exposure
         estimates S(q, E) up to a constant for any orientation. Every ``pixel_stride``-th
         pixel (weighted by the stride) is sampled at ``e_substeps`` energies per bin
-        (midpoint rule) by a fused kernel that releases the GIL (so that a
-        :class:`CoverageWorker` computes it beside the fold). Against every pixel at 16
+        (midpoint rule) by a fused kernel. Against every pixel at 16
         energies per bin, the default is off by a median 1.8 % per bin (90th percentile
         5 %) for one orientation; the error is in the energy sampling of the tube crossings
-        and averages down over orientations. Thread-safe; a result computed in the
-        background (:meth:`request_coverage`) is handed over, bitwise the same.
+        and averages down over orientations. Thread-safe (it holds no state), and the
+        kernel releases the GIL, so that it runs beside the consumer's Python work.
         """
-        key = float(omega)
-        if (e_substeps, pixel_stride) == (4, 2):
-            with self._cov_cond:
-                if key in self._cov_queue:  # not started yet: compute it here
-                    self._cov_queue.remove(key)
-                while key == self._cov_busy:
-                    self._cov_cond.wait()
-                hit = self._cov_done.pop(key, None)
-                self._cov_cond.notify_all()
-            if hit is not None:
-                return hit
-        return self._compute_coverage(key, e_substeps, pixel_stride)
+        return self._compute_coverage(float(omega), e_substeps, pixel_stride)
 
     def _compute_coverage(
         self, omega: float, e_substeps: int, pixel_stride: int

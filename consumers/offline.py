@@ -112,7 +112,10 @@ def dispersion_check(
       ``pearson_per_column_median`` is the median over q columns with at least
       ``min_counts`` counts, and ``pearson_column_normalised_1_over_e`` weights the
       model by 1/E (the one-phonon cross-section's 1/omega, the largest of the factors
-      the training model leaves out);
+      the training model leaves out); ``pearson_bose_corrected`` multiplies the data by
+      E (1 - exp(-E / kT)) (the thermal and 1/omega factors divided out: a standard,
+      model-independent conversion that needs only E and the sample temperature) and
+      compares with the raw forward model over the measured bins with E > 0;
     * ``fraction_on_branch``: q columns with at least ``min_counts`` counts whose
       strongest bin lies within ``max(2 sigma(E), bin width)`` of a forward-model branch.
 
@@ -168,8 +171,15 @@ def dispersion_check(
         if (r := pearson(data[i][mask[i]], model[i][mask[i]])) is not None
     ]
     weighted = model / np.maximum(np.abs(ec), ec[1] - ec[0])[None, :]
+    # E (1 - exp(-E / kT)) = E / (n(E) + 1): divides out the one-phonon cross-section's
+    # Bose and 1/omega factors, from E and the sample temperature alone (E > 0 only)
+    kt = 0.0861733 * float(meta.get("temperature_K", 5.0))  # type: ignore[arg-type]
+    positive = ec > 0
+    bose = np.where(positive, ec * -np.expm1(-np.where(positive, ec, 1.0) / kt), np.nan)
+    corrected = data * bose[None, :]
     return {
         "pearson": pearson(data, model),
+        "pearson_bose_corrected": pearson(corrected, model),
         "pearson_column_normalised": pearson(unit_columns(data), unit_columns(model)),
         "pearson_per_column_median": float(np.median(per_column)) if per_column else None,
         "pearson_column_normalised_1_over_e": pearson(unit_columns(data), unit_columns(weighted)),

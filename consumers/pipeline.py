@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from streaming_data_types.eventdata_ev44 import deserialise_ev44
 from streaming_data_types.run_start_pl72 import deserialise_pl72
 
@@ -25,9 +28,15 @@ from .folding import DROP_REASONS, Folder, FoldTable
 from .segment import Chunk, Segmenter
 from .wire import decode_f144
 
-__all__ = ["MalformedMessage", "RunPipeline", "schema_of"]
+__all__ = ["MAX_IN_FLIGHT", "MalformedMessage", "RunPipeline", "schema_of"]
 
 logger = logging.getLogger(__name__)
+
+#: Closed orientations waiting for the background fold, at most.
+MAX_IN_FLIGHT = 4
+
+# counts (n_q, n_E), coverage (n_q, n_E), dropped (4,), seconds
+_Folded = tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], float]
 
 _FLATBUFFER_IDS = {"ev44", "f144", "pl72", "6s4t"}
 
@@ -61,10 +70,28 @@ class RunPipeline:
         Distance to the q-path, 1/Angstrom.
     voxels
         Fold-table voxels per axis.
+    background
+        Fold closed orientations (fold kernel and coverage, both without the GIL) on a
+        worker thread while the caller goes on decoding messages; results are added in the
+        order the orientations closed, so they are the same either way. A pipeline with
+        orientations in flight has no consistent :meth:`state`: callers checkpoint when
+        :attr:`in_flight` is 0 (or :meth:`collect` with ``block``).
     """
 
-    def __init__(self, *, mode: str = "auto", tolerance: float = 0.05, voxels: int = 96) -> None:
+    def __init__(
+        self,
+        *,
+        mode: str = "auto",
+        tolerance: float = 0.05,
+        voxels: int = 96,
+        background: bool = True,
+    ) -> None:
         self.mode = mode
+        self.background = bool(background)
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: deque[tuple[Chunk, Future[_Folded]]] = deque()
+        #: seconds of fold + coverage of each collected orientation (the caller drains it)
+        self.fold_seconds: list[float] = []
         self.tolerance = float(tolerance)
         self.voxels = int(voxels)
         self.meta: dict[str, Any] | None = None
@@ -142,14 +169,66 @@ class RunPipeline:
             raise
         except Exception as exc:
             raise MalformedMessage(f"malformed_{schema}", str(exc)) from exc
-        self._request_coverage(self.segmenter.take_announced())
-        return [self._fold(c) for c in chunks]
+        for c in chunks:
+            self._submit(c)
+        return self.collect()
 
     def finish(self) -> list[OrientationRecord]:
-        """The run is over and every message is in: close the remaining windows."""
+        """The run is over and every message is in: close the remaining windows and wait
+        for every orientation."""
         if self.segmenter is None:
             return []
-        return [self._fold(c) for c in self.segmenter.flush()]
+        for c in self.segmenter.flush():
+            self._submit(c)
+        return self.collect(block=True)
+
+    @property
+    def in_flight(self) -> int:
+        """Closed orientations still being folded in the background."""
+        return len(self._jobs)
+
+    def collect(self, *, block: bool = False) -> list[OrientationRecord]:
+        """Add the orientations whose fold is done, in the order they closed; with
+        ``block``, wait for all of them. Returns the completed orientations.
+
+        Raises whatever the fold of an orientation raised (that orientation is lost, and
+        logged with its angle and window).
+        """
+        out: list[OrientationRecord] = []
+        assert self.acc is not None or not self._jobs
+        while self._jobs and (block or self._jobs[0][1].done()):
+            chunk, job = self._jobs.popleft()
+            try:
+                counts, coverage, dropped, seconds = job.result()
+            except Exception:
+                logger.exception(
+                    "orientation at omega %s [%d, %d) could not be folded",
+                    chunk.omega,
+                    chunk.start_ns,
+                    chunk.stop_ns,
+                )
+                raise
+            assert self.acc is not None
+            out.append(
+                self.acc.add(
+                    counts,
+                    coverage,
+                    omega=chunk.omega,
+                    proton_charge=chunk.proton_charge,
+                    events=len(chunk.pixel_id),
+                    dropped=dict(zip(DROP_REASONS, map(int, dropped), strict=True)),
+                )
+            )
+            self.fold_seconds.append(seconds)
+        return out
+
+    def close(self) -> None:
+        """Stop the background worker (waiting for the fold in progress; orientations
+        not collected are dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._jobs.clear()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -181,30 +260,28 @@ class RunPipeline:
         self.acc = RunAccumulator(ms.grid)
         self.segmenter = Segmenter(mode)
 
-    def _request_coverage(self, omegas: list[float]) -> None:
-        """Start the coverage of announced orientations on the background thread."""
-        if self.folder is not None:
-            for w in omegas:
-                self.folder.request_coverage(w)
+    def _submit(self, chunk: Chunk) -> None:
+        """Fold a closed orientation: on the background worker, or here (``background``
+        off). At most :data:`MAX_IN_FLIGHT` wait; then the reader waits for the oldest."""
+        if not self.background:
+            job: Future[_Folded] = Future()
+            job.set_result(self._fold(chunk))
+            self._jobs.append((chunk, job))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fold")
+        while len(self._jobs) >= MAX_IN_FLIGHT and not self._jobs[0][1].done():
+            wait([self._jobs[0][1]])
+        self._jobs.append((chunk, self._pool.submit(self._fold, chunk)))
 
-    def close(self) -> None:
-        """Drop queued background work (the pipeline stays usable)."""
-        if self.folder is not None:
-            self.folder.cancel_coverage()
-
-    def _fold(self, chunk: Chunk) -> OrientationRecord:
+    def _fold(self, chunk: Chunk) -> _Folded:
+        """Counts, coverage, drops and seconds of one orientation (pure: the same chunk
+        gives bitwise the same result on any thread). Both kernels release the GIL."""
         assert self.folder is not None
-        assert self.acc is not None
+        t0 = time.perf_counter()
         counts, dropped = self.folder.fold(chunk.pixel_id, chunk.tof_ns, chunk.omega)
         coverage = self.folder.coverage(chunk.omega)
-        return self.acc.add(
-            counts,
-            coverage,
-            omega=chunk.omega,
-            proton_charge=chunk.proton_charge,
-            events=len(chunk.pixel_id),
-            dropped=dict(zip(DROP_REASONS, map(int, dropped), strict=True)),
-        )
+        return counts, coverage, dropped, time.perf_counter() - t0
 
     # -- summary and state -------------------------------------------------------------------
 
@@ -228,7 +305,15 @@ class RunPipeline:
         }
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(JSON part, arrays part) of everything needed to resume this run."""
+        """(JSON part, arrays part) of everything needed to resume this run.
+
+        Raises
+        ------
+        ConsumerError
+            With orientations in flight (collect them first).
+        """
+        if self._jobs:
+            raise ConsumerError(f"{len(self._jobs)} orientations still folding: collect first")
         if self.meta is None or self.segmenter is None or self.acc is None:
             return {"started": False, "n_events": self.n_events}, {}
         seg = self.segmenter.state()
@@ -267,7 +352,6 @@ class RunPipeline:
         seg = dict(js["segmenter"])
         seg.update({k[4:]: v for k, v in arrays.items() if k.startswith("seg_")})
         self.segmenter = Segmenter.from_state(seg)
-        self._request_coverage(self.segmenter.expected_omegas())
         self.acc.counts[:] = arrays["counts"]
         self.acc.exposure[:] = arrays["exposure"]
         from .accumulate import OrientationRecord as Rec

@@ -117,8 +117,6 @@ class Segmenter:
         # latest pulse time seen on the event and charge streams (topics arrive in any order)
         self._event_mark = -1
         self._charge_mark = -1
-        # angles learned since the last take_announced() (their coverage can start early)
-        self._announced: list[float] = []
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -155,7 +153,6 @@ class Segmenter:
                 self._windows.append((self._setpoint, self._settled_at, int(t_ns)))
             self._setpoint = float(value)
             self._settled_at = None
-            self._announced.append(self._setpoint)
         elif (
             source == "omega"
             and self._setpoint is not None
@@ -176,7 +173,6 @@ class Segmenter:
         if not np.isfinite(omega) or not hi > lo:
             raise ValueError(f"bluesky Event with omega {omega} and window [{lo}, {hi})")
         self._windows.append((omega, lo, hi))
-        self._announced.append(omega)
         return self._drain()
 
     def on_stop(self, t_ns: int) -> None:
@@ -191,19 +187,6 @@ class Segmenter:
         out = [self._close(*w) for w in self._windows]
         self._windows = []
         self.moving += self._events.drop_before(2**62)
-        return out
-
-    def take_announced(self) -> list[float]:
-        """Angles (degrees) of orientations announced since the last call: the
-        orientations whose events are still to come (used to start their coverage)."""
-        out, self._announced = self._announced, []
-        return out
-
-    def expected_omegas(self) -> list[float]:
-        """Angles of the announced orientations not closed yet (after a restore)."""
-        out = [w for w, _, _ in self._windows]
-        if self._setpoint is not None:
-            out.append(self._setpoint)
         return out
 
     @property

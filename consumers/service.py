@@ -162,6 +162,11 @@ class ConsumerService:
         self._early: list[SourceMessage] = []
         #: messages held while waiting for the run start (pl72); beyond it they are refused
         self.early_limit = 200_000
+        #: completed orientations not checkpointed yet (their snapshots wait for it)
+        self._unsaved: list[OrientationRecord] = []
+        #: longest wait (s) for the background fold before a checkpoint is forced
+        self.checkpoint_max_delay_s = 5.0
+        self._checkpoint_t = time.monotonic()
         self._load()
 
     # -- loop --------------------------------------------------------------------------------
@@ -173,6 +178,7 @@ class ConsumerService:
             completed += self._start_next_run()
         msgs = self.source.consume(max_records, timeout_s)
         completed += self._route(msgs)
+        completed += self.pipeline.collect()  # orientations folded while we read
         became_done = False
         if self.pipeline.stopped and not self.done and self._run_is_complete():
             completed += self.pipeline.finish()
@@ -223,6 +229,15 @@ class ConsumerService:
 
     def _finish_step(self, completed: list[OrientationRecord], became_done: bool) -> None:
         """Metrics, checkpoint, offset commit, snapshots and the export of a complete run."""
+        # the checkpoint needs every closed orientation in; wait for the background fold
+        # when the last checkpoint is getting old (never during a real count: an
+        # orientation folds in a fraction of a second, counting one takes a minute)
+        overdue = time.monotonic() - self._checkpoint_t > self.checkpoint_max_delay_s
+        if self.pipeline.in_flight and (self._unsaved or completed) and overdue:
+            completed += self.pipeline.collect(block=True)
+        for seconds in self.pipeline.fold_seconds:
+            metrics.FOLD_SECONDS.observe(seconds)
+        self.pipeline.fold_seconds.clear()
         if self.pipeline.segmenter is not None:
             moving = self.pipeline.segmenter.moving
             if moving > self._moving_seen:
@@ -235,12 +250,15 @@ class ConsumerService:
                 metrics.EVENTS_DROPPED.labels(reason).inc(n)
         if became_done:
             self._archive_run()
-        if completed or became_done:
+        self._unsaved += completed
+        if (self._unsaved or became_done) and not self.pipeline.in_flight:
             self._checkpoint()
             self.source.commit(self.next_offsets)
+            saved, self._unsaved = self._unsaved, []
+            # snapshots go out once what they show is checkpointed
             if self.on_snapshot is not None and self.pipeline.acc is not None:
                 snap = self.pipeline.acc.snapshot()
-                for rec in completed:
+                for rec in saved:
                     try:
                         self.on_snapshot(snap, rec)
                     except Exception:
@@ -341,12 +359,9 @@ class ConsumerService:
         """One message through the pipeline; bad ones are counted and dead-lettered."""
         where = f"{m.topic}[{m.partition}]@{m.offset}"
         try:
-            t0 = time.perf_counter()
             n0 = self.pipeline.n_events
             done = self.pipeline.handle(schema, m.payload, m.timestamp_ns, m.key)
             metrics.EVENTS_CONSUMED.inc(self.pipeline.n_events - n0)
-            if done:
-                metrics.FOLD_SECONDS.observe(time.perf_counter() - t0)
             return done
         except MalformedMessage as exc:
             reason = exc.reason
@@ -392,6 +407,8 @@ class ConsumerService:
                     last = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
                     break
+            # leaving: the orientations still folding are checkpointed before we go
+            self._finish_step(self.pipeline.collect(block=True), False)
         finally:
             signal.signal(signal.SIGTERM, old)
 
@@ -421,6 +438,7 @@ class ConsumerService:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.checkpoint_path)
+        self._checkpoint_t = time.monotonic()
 
     def _load(self) -> None:
         if not self.checkpoint_path.exists():

@@ -215,9 +215,8 @@ def test_coverage_converges_to_a_finely_sampled_reference(ge, ge_table) -> None:
     assert counts[fine == 0].sum() <= 1e-3 * counts.sum()
 
 
-def test_coverage_skipping_and_background_thread_are_exact(ge, ge_table) -> None:  # type: ignore[no-untyped-def]
-    """Skipping dead stretches of a trajectory (FoldTable.clear) changes nothing, and a
-    coverage computed on the background thread is bitwise the one computed inline."""
+def test_coverage_skipping_is_exact(ge, ge_table) -> None:  # type: ignore[no-untyped-def]
+    """Skipping dead stretches of a trajectory (FoldTable.clear) changes nothing."""
     import dataclasses
 
     ins = Instrument.arcs_like(n_columns=160, n_rows=96)
@@ -227,15 +226,35 @@ def test_coverage_skipping_and_background_thread_are_exact(ge, ge_table) -> None
     plain = Folder(no_skip, ge.grid, ins, orientation, EI)
     assert (ge_table.clear > 1).mean() > 0.3  # most dead voxels let the kernel skip
     for omega in (12.5, 47.0):
-        inline = plain.coverage(omega)
-        folder.request_coverage(omega)
-        background = folder.coverage(omega)
-        np.testing.assert_array_equal(background, inline)
-        assert inline.sum() > 0
-    # a request nobody asks for again is computed once and handed over once
-    folder.request_coverage(80.0)
-    first = folder.coverage(80.0)
-    np.testing.assert_array_equal(first, folder.coverage(80.0))
+        skipping = folder.coverage(omega)
+        np.testing.assert_array_equal(skipping, plain.coverage(omega))
+        assert skipping.sum() > 0
+
+
+def test_background_fold_equals_inline_fold(tmp_path: Path, make_small_run) -> None:  # type: ignore[no-untyped-def]
+    """Orientations folded on the worker thread are added in order: bitwise the same."""
+    from consumers.pipeline import RunPipeline, schema_of
+
+    path, _, _ = make_small_run(tmp_path / "run.steer", (0.0, 3.0, 6.0, 9.0, 12.0), seed=4)
+    results = []
+    for background in (True, False):
+        pipe = RunPipeline(background=background)
+        records = []
+        with RunReader(path) as reader:
+            for msg in reader:
+                records += pipe.handle(schema_of(msg.headers, msg.payload), msg.payload, 0)
+                if background and pipe.in_flight:
+                    with pytest.raises(Exception, match="still folding"):
+                        pipe.state()
+        records += pipe.finish()
+        assert [r.index for r in records] == list(range(5))
+        assert pipe.in_flight == 0
+        assert len(pipe.fold_seconds) == 5
+        results.append((pipe.acc.counts.copy(), pipe.acc.exposure.copy(), records))
+        pipe.close()
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert [r.omega for r in results[0][2]] == [r.omega for r in results[1][2]]
 
 
 def test_fold_table_cache_round_trip(ge, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
