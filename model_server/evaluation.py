@@ -154,7 +154,7 @@ def _heatmaps(
     from simulations.noise import NOISE_GRID_BACKGROUNDS, NOISE_GRID_POISSON
 
     n_fc = min(4, len(names))
-    fig, axes = plt.subplots(2, n_fc, figsize=(3.2 * n_fc, 6.2), squeeze=False)
+    fig, axes = plt.subplots(2, n_fc, figsize=(3.4 * n_fc + 1.5, 6.4), squeeze=False)
     for row, (label, grid) in enumerate((("VAE", grid_vae), ("baseline CNN", grid_base))):
         for k in range(n_fc):
             mat = np.array(
@@ -178,7 +178,8 @@ def _heatmaps(
                     )
             ax.set_xticks(range(len(NOISE_GRID_POISSON)), [f"{p:g}" for p in NOISE_GRID_POISSON])
             ax.set_yticks(
-                range(len(NOISE_GRID_BACKGROUNDS)), [f"{b:g}" for b in NOISE_GRID_BACKGROUNDS]
+                range(len(NOISE_GRID_BACKGROUNDS)),
+                [f"{b:g}" for b in NOISE_GRID_BACKGROUNDS] if k == 0 else [],
             )
             ax.set_xlabel("P (counts at max)")
             if k == 0:

@@ -151,8 +151,14 @@ def ood_scores(
     return err, maha
 
 
-def read_folded(path: str | Path) -> dict[str, Any]:
+def read_folded(path: str | Path, *, first: int | None = None) -> dict[str, Any]:
     """Read a folded spectrum file (``RunAccumulator.write_hdf5``, ``steer fold --out``).
+
+    Parameters
+    ----------
+    first
+        Use only the first ``first`` orientations of the run (their per-orientation counts
+        and exposure), as the spectrum stood after them; default: the whole run.
 
     Returns ``intensity`` (n_q, n_E) 1/(uC sr meV), NaN where unmeasured, ``mask`` (n_q, n_E)
     bool, ``grid_fingerprint``, ``grid`` (path, n_q, n_e, energies) and ``n_orientations``.
@@ -168,19 +174,35 @@ def read_folded(path: str | Path) -> dict[str, Any]:
             data = entry["iqe"]
             edges = entry["grid/energy_edges"][()]
             omegas = entry["orientations/omega"][()] if "orientations" in entry else []
+            if first is None:
+                intensity = np.asarray(data["intensity"][()], dtype=np.float64)
+                mask = np.asarray(data["mask"][()], dtype=bool)
+                n_used = len(omegas)
+            else:
+                if not 1 <= first <= len(omegas):
+                    raise InputSpectrumError(
+                        f"{path} has {len(omegas)} orientations; cannot take the first {first}"
+                    )
+                counts = np.asarray(entry["orientations/counts"][:first], dtype=np.float64)
+                exposure = np.asarray(entry["orientations/exposure"][:first], dtype=np.float64)
+                c, e = counts.sum(axis=0), exposure.sum(axis=0)
+                mask = e > 0
+                intensity = np.where(mask, c / np.where(mask, e, 1.0), np.nan)
+                n_used = first
+            fingerprint = str(entry.attrs["grid_fingerprint"])
             return {
-                "intensity": np.asarray(data["intensity"][()], dtype=np.float64),
-                "mask": np.asarray(data["mask"][()], dtype=bool),
-                "grid_fingerprint": str(entry.attrs["grid_fingerprint"]),
+                "intensity": intensity,
+                "mask": mask,
+                "grid_fingerprint": fingerprint,
                 "grid": {
                     "path": str(entry["grid"].attrs.get("path", "?")),
-                    "n_q": int(data["intensity"].shape[0]),
-                    "n_e": int(data["intensity"].shape[1]),
+                    "n_q": int(intensity.shape[0]),
+                    "n_e": int(intensity.shape[1]),
                     "e_min_meV": float(edges[0]),
                     "e_max_meV": float(edges[-1]),
-                    "fingerprint": str(entry.attrs["grid_fingerprint"]),
+                    "fingerprint": fingerprint,
                 },
-                "n_orientations": len(omegas),
+                "n_orientations": n_used,
             }
     except (OSError, KeyError) as exc:
         raise InputSpectrumError(
@@ -337,9 +359,10 @@ class Estimator:
             )
         return results
 
-    def estimate_file(self, path: str | Path) -> Estimate:
-        """Estimate from a folded spectrum file (``steer fold --out``), grid checked."""
-        data = read_folded(path)
+    def estimate_file(self, path: str | Path, *, first: int | None = None) -> Estimate:
+        """Estimate from a folded spectrum file (``steer fold --out``), grid checked;
+        ``first``: from its first orientations only."""
+        data = read_folded(path, first=first)
         est = self.estimate(
             data["intensity"],
             data["mask"],

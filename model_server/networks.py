@@ -13,6 +13,7 @@ from torch import nn
 __all__ = ["VAE", "BaselineCNN", "Decoder", "Encoder", "Regressor"]
 
 _CHANNELS = (16, 32, 64, 64)
+_DECODER_CHANNELS = (32, 16, 8, 4)
 
 
 def _down(shape: tuple[int, int], times: int) -> tuple[int, int]:
@@ -53,14 +54,13 @@ class Decoder(nn.Module):
         super().__init__()
         self.shape = shape
         self.h, self.w = _down(shape, len(_CHANNELS))
-        c0 = _CHANNELS[-1]
+        c0 = _DECODER_CHANNELS[0]
         self.fc = nn.Sequential(
             nn.Linear(latent, 256), nn.GELU(), nn.Linear(256, c0 * self.h * self.w), nn.GELU()
         )
         layers: list[nn.Module] = []
-        chans = [*reversed(_CHANNELS[:-1]), 8]
         c_in = c0
-        for c in chans:
+        for c in (*_DECODER_CHANNELS[1:], _DECODER_CHANNELS[-1]):
             layers += [nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1), nn.GELU()]
             c_in = c
         layers.append(nn.Conv2d(c_in, 1, 3, padding=1))

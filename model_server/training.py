@@ -57,10 +57,10 @@ class TrainConfig:
 
     latent: int = 20
     beta: float = 1.0
-    aux_weight: float = 20.0
-    vae_epochs: int = 14
-    regressor_epochs: int = 10
-    baseline_epochs: int = 10
+    aux_weight: float = 100.0
+    vae_epochs: int = 10
+    regressor_epochs: int = 8
+    baseline_epochs: int = 8
     batch: int = 128
     lr: float = 2e-3
     n_holdout: int = 1000

@@ -601,13 +601,13 @@ def train_cmd(
         "models/ge"
     ),
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    vae_epochs: Annotated[int, typer.Option("--vae-epochs", help="VAE epochs.")] = 14,
+    vae_epochs: Annotated[int, typer.Option("--vae-epochs", help="VAE epochs.")] = 10,
     regressor_epochs: Annotated[
         int, typer.Option("--regressor-epochs", help="Regressor epochs.")
-    ] = 10,
+    ] = 8,
     baseline_epochs: Annotated[
         int, typer.Option("--baseline-epochs", help="Baseline CNN epochs.")
-    ] = 10,
+    ] = 8,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (<= cores).")] = 2,
     coverage: Annotated[
         Path | None,
@@ -643,9 +643,7 @@ def evaluate_cmd(
     model: ModelOpt = Path("models/ge"),
     n: Annotated[int, typer.Option("--n", help="Fresh test spectra.")] = 1500,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the test set and noise.")] = 123,
-    samples: Annotated[
-        int, typer.Option("--samples", help="Latent samples per spectrum.")
-    ] = 256,
+    samples: Annotated[int, typer.Option("--samples", help="Latent samples per spectrum.")] = 256,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (<= cores).")] = 2,
     no_write: Annotated[
         bool,
@@ -677,17 +675,19 @@ def evaluate_cmd(
 def estimate_cmd(
     iqe: Annotated[Path, typer.Argument(help="Folded spectrum file (steer fold --out).")],
     model: ModelOpt = Path("models/ge"),
-    samples: Annotated[
-        int, typer.Option("--samples", help="Latent samples per spectrum.")
-    ] = 256,
+    samples: Annotated[int, typer.Option("--samples", help="Latent samples per spectrum.")] = 256,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    first: Annotated[
+        int | None,
+        typer.Option("--orientations", help="Use only the run's first N orientations."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """FC estimate (mean, std, quantiles, out-of-domain flag) of a folded spectrum."""
     from model_server.inference import Estimator
 
     estimator = Estimator(model, device=device, n_samples=samples)
-    _emit(estimator.estimate_file(iqe).to_dict(), as_json)
+    _emit(estimator.estimate_file(iqe, first=first).to_dict(), as_json)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -300,23 +300,24 @@ def test_estimate_folded_file_and_cli(tiny, ge, capsys):
     counts = rng.poisson(30 * _sparse_spectrum(rng, ge.grid.shape) + 1).astype(float)
     acc.add(counts * (cov > 0), cov, omega=0.0, proton_charge=10.0, events=100, dropped={})
     acc.write_hdf5(tmp / "iqe.h5")
-    main(
-        [
-            "estimate",
-            str(tmp / "iqe.h5"),
-            "--model",
-            str(tmp / "model"),
-            "--samples",
-            "32",
-            "--json",
-        ]
-    )
+    args = ["estimate", str(tmp / "iqe.h5"), "--model", str(tmp / "model"), "--samples", "32"]
+    main([*args, "--json"])
     out = json.loads(capsys.readouterr().out)
     assert set(out["fc"]) == set(load_model(tmp / "model").fc_names)
     assert out["n_orientations"] == 1
     assert 0.9 < out["measured_fraction"] < 1.0
     assert all(np.isfinite(v["mean"]) for v in out["fc"].values())
     assert all(v["std"] > 0 for v in out["fc"].values())
+
+    # the first orientation alone is the whole of this one-orientation run
+    main([*args, "--orientations", "1", "--json"])
+    first = json.loads(capsys.readouterr().out)
+    for name, v in out["fc"].items():  # per-orientation arrays are stored as float32
+        assert first["fc"][name]["mean"] == pytest.approx(v["mean"], rel=1e-3, abs=1e-4)
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--orientations", "2"])
+    assert info.value.code == 2
+    assert "has 1 orientations" in capsys.readouterr().err
 
     nb = setup("Nb")
     acc_nb = RunAccumulator(nb.grid)
