@@ -166,6 +166,7 @@ class ConsumerService:
         self._unsaved: list[OrientationRecord] = []
         #: longest wait (s) for the background fold before a checkpoint is forced
         self.checkpoint_max_delay_s = 5.0
+        self._fold_seconds: list[float] = []
         self._checkpoint_t = time.monotonic()
         self._load()
 
@@ -237,6 +238,7 @@ class ConsumerService:
             completed += self.pipeline.collect(block=True)
         for seconds in self.pipeline.fold_seconds:
             metrics.FOLD_SECONDS.observe(seconds)
+        self._fold_seconds += self.pipeline.fold_seconds
         self.pipeline.fold_seconds.clear()
         if self.pipeline.segmenter is not None:
             moving = self.pipeline.segmenter.moving
@@ -470,4 +472,6 @@ class ConsumerService:
         out["counters"] = dict(self.counters)
         out["done"] = self.done
         out["finished_runs"] = list(self.finished_runs)
+        if self._fold_seconds:  # this process's orientations: fold + coverage, median
+            out["fold_seconds_per_orientation"] = float(np.median(self._fold_seconds))
         return out
