@@ -1,0 +1,418 @@
+"""The advisor: rank the next goniometer angles by the information they would add on the FCs.
+
+For each candidate angle omega the instrument model gives its coverage c_b(omega) of every
+(q, E) bin b (sr meV, :meth:`consumers.folding.Folder.coverage`). Under the current FC
+estimate theta the counts it would give are Poisson with mean
+
+    lambda_b(omega) = Q c_b(omega) (kappa g(E_b) I_b(theta) + beta)
+
+with Q the proton charge of one orientation (uC), I the forward model (unit-area branches,
+:class:`simulations.forward.ForwardModel`), g(E) = 1 / (E (1 - exp(-E/kT))) the Bose and
+1/omega factors of the one-phonon cross-section that the forward model leaves out (bins with
+E <= 0 carry no information on the FCs here and are left out), kappa counts per unit of all
+that (fitted to the counts measured so far) and beta a flat background per unit exposure.
+
+The Fisher information of those counts on the FCs (in units of the training-domain width,
+so that every FC weighs the same) is
+
+    F(omega) = sum_b (Q c_b kappa g_b)^2 J_b J_b^T / lambda_b,   J_b = dI_b / dtheta,
+
+with J the forward model's Jacobian at the current estimate (autograd, exact broadening).
+Measuring omega turns the current posterior precision P0 (from the model server's
+covariance, or its std) into P0 + F(omega). Candidates are ranked by **D-optimality**: the
+gain ``log det(P0 + F) - log det P0`` (nats x 2), the expected shrinkage of the posterior's
+volume. D-optimality does not depend on how the FCs are scaled and rewards pinning down
+correlated combinations as much as single FCs; A-optimality (the trace of the covariance,
+also reported) would favour whichever FC is worst in the chosen units. The expected std of
+every FC after the measurement, ``sqrt(diag((P0 + F)^-1))``, is reported too.
+
+Without an estimate yet, the ranking uses the coverage alone: the D-optimal gain of a
+model in which every bin's intensity is its own parameter, ``sum_b log(1 + c_b(omega) /
+max(C_b, floor))`` over the exposure C measured so far; the output says so.
+
+Scoring is batched over all candidates (one matrix product for the Fisher matrices, one
+batched log-determinant): 360 candidates rank in well under a second here (see
+``tests/benchmarks/bench_advisor.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from simulations.instrument import Instrument
+from simulations.materials import MaterialSetup, setup
+from simulations.reference import load_reference
+
+from .exceptions import AdvisorError
+
+__all__ = ["Advisor", "RankedCandidate", "Ranking", "candidate_omegas"]
+
+#: k_B in meV / K.
+K_B = 0.0861733
+
+
+def candidate_omegas(
+    start: float, stop: float, step: float, instrument: Instrument | None = None
+) -> NDArray[np.float64]:
+    """Goniometer angles ``start, start + step, ...`` below ``stop`` (degrees).
+
+    Raises
+    ------
+    AdvisorError
+        For a non-positive step, an empty range, or angles outside the goniometer limits
+        of ``instrument`` (the message gives both ranges).
+    """
+    if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)):
+        raise AdvisorError(f"candidate range {start}:{stop}:{step} must be finite")
+    if step <= 0:
+        raise AdvisorError(f"candidate step must be > 0 degrees, got {step}")
+    omegas = np.arange(start, stop - 1e-9 * step, step, dtype=float)
+    if len(omegas) == 0:
+        raise AdvisorError(f"candidate range {start}:{stop}:{step} deg is empty (stop <= start)")
+    if instrument is not None:
+        lo, hi = instrument.goniometer_limits
+        if omegas.min() < lo or omegas.max() > hi:
+            raise AdvisorError(
+                f"candidate range {omegas.min():g}..{omegas.max():g} deg is outside the "
+                f"goniometer limits {lo:g}..{hi:g} deg of {instrument.name}"
+            )
+    return omegas
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankedCandidate:
+    """One candidate angle, scored.
+
+    Attributes
+    ----------
+    omega
+        Goniometer angle, degrees.
+    score
+        D-optimal gain, ``log det(P0 + F) - log det P0`` (or the coverage gain without an
+        estimate; see :class:`Ranking`).
+    measured
+        Already measured (re-measuring is allowed when it pays).
+    new_bins
+        Bins with E > 0 it would measure that nothing measured so far covers.
+    expected_counts
+        Counts it would give in the bins with E > 0 (None without an estimate).
+    expected_std
+        {FC name: expected std after measuring it, eV/A^2} (empty without an estimate).
+    a_gain
+        A-optimal gain: the drop of the trace of the covariance (domain-width units).
+    """
+
+    omega: float
+    score: float
+    measured: bool
+    new_bins: int
+    expected_counts: float | None
+    expected_std: dict[str, float]
+    a_gain: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "omega": self.omega,
+            "score": self.score,
+            "measured": self.measured,
+            "new_bins": self.new_bins,
+            "expected_counts": self.expected_counts,
+            "expected_std": self.expected_std,
+            "a_gain": self.a_gain,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ranking:
+    """The advisor's answer: candidates best first.
+
+    Attributes
+    ----------
+    candidates
+        Ranked, best first.
+    basis
+        ``"fisher-d-optimal"`` or ``"coverage"`` (no estimate yet).
+    note
+        A sentence for people (says when the ranking uses the coverage alone).
+    fc_names
+        Names of the FCs the scores refer to.
+    current_std
+        {FC name: std of the current estimate, eV/A^2} (empty without an estimate).
+    counts_scale
+        kappa (counts per uC per sr meV per unit of g I), fitted or given.
+    seconds
+        Time the ranking took.
+    """
+
+    candidates: tuple[RankedCandidate, ...]
+    basis: str
+    note: str
+    fc_names: tuple[str, ...]
+    current_std: dict[str, float] = field(default_factory=dict)
+    counts_scale: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> RankedCandidate:
+        """The top candidate."""
+        return self.candidates[0]
+
+    def to_dict(self, top: int | None = None) -> dict[str, Any]:
+        """JSON-ready dict (the ``top`` best candidates, all by default)."""
+        cands = self.candidates if top is None else self.candidates[:top]
+        return {
+            "basis": self.basis,
+            "note": self.note,
+            "fc_names": list(self.fc_names),
+            "current_std": self.current_std,
+            "counts_scale": self.counts_scale,
+            "seconds": round(self.seconds, 4),
+            "n_candidates": len(self.candidates),
+            "candidates": [c.to_dict() for c in cands],
+        }
+
+
+class Advisor:
+    """Ranks candidate angles of one run (material, temperature) by expected information.
+
+    Parameters
+    ----------
+    material
+        Shipped material name or CIF (its grid and training domain are used).
+    temperature
+        Sample temperature, K (for the Bose factor).
+    background
+        beta: flat background counts per uC per sr meV per bin (0 by default).
+    material_setup
+        A prepared :func:`simulations.materials.setup` (saves its build time).
+    """
+
+    def __init__(
+        self,
+        material: str,
+        *,
+        temperature: float = 5.0,
+        background: float = 0.0,
+        material_setup: MaterialSetup | None = None,
+    ) -> None:
+        if not temperature > 0:
+            raise AdvisorError(f"temperature must be > 0 K, got {temperature}")
+        if not background >= 0:
+            raise AdvisorError(f"background must be >= 0, got {background}")
+        self.material = material
+        self.ms = material_setup or setup(material)
+        ref = load_reference(material)
+        self.fc_names = tuple(ref.kept)
+        self.domain = np.asarray(ref.domain, dtype=float)
+        self.width = self.domain[:, 1] - self.domain[:, 0]
+        self.fm = self.ms.forward_model(
+            free=ref.kept, reference=ref.mean, dtype=torch.float64, method="exact"
+        )
+        self.temperature = float(temperature)
+        self.background = float(background)
+        e = self.ms.grid.energy_centres
+        positive = e > 0
+        kt = K_B * self.temperature
+        safe = np.where(positive, e, 1.0)
+        #: (n_E,) g(E) = 1 / (E (1 - exp(-E/kT))) for E > 0, else 0 (left out)
+        self.g = np.where(positive, 1.0 / (safe * -np.expm1(-safe / kt)), 0.0)
+        self._jac_cache: tuple[bytes, NDArray[np.float64], NDArray[np.float64]] | None = None
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(n_q, n_E) of the grid the coverages must have."""
+        return self.ms.grid.shape
+
+    def model(self, theta: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Forward model and its Jacobian at ``theta`` (n_fc,) eV/A^2.
+
+        Returns ``(I, J)``: I (n_q * n_E,) and J (n_q * n_E, n_fc) = dI/dtheta x domain
+        width (per unit of the training domain), from
+        :meth:`simulations.forward.ForwardModel.jacobian` (exact, about 0.2 s for Ge).
+        """
+        theta = np.asarray(theta, dtype=float)
+        key = theta.tobytes()
+        if self._jac_cache is not None and self._jac_cache[0] == key:
+            return self._jac_cache[1], self._jac_cache[2]
+        intensity2d, jac3d = self.fm.jacobian(theta)
+        intensity = intensity2d.reshape(-1)
+        jac = jac3d.reshape(intensity.shape[0], -1)
+        jac_u = jac * self.width[None, :]
+        self._jac_cache = (key, intensity, jac_u)
+        return intensity, jac_u
+
+    def rank(
+        self,
+        omegas: Sequence[float] | NDArray[np.float64],
+        coverage: NDArray[np.floating],
+        *,
+        mean: NDArray[np.float64] | None = None,
+        std: NDArray[np.float64] | None = None,
+        covariance: NDArray[np.float64] | None = None,
+        counts: NDArray[np.floating] | None = None,
+        exposure: NDArray[np.floating] | None = None,
+        measured: Sequence[float] = (),
+        charge: float = 1.0,
+        counts_scale: float | None = None,
+    ) -> Ranking:
+        """Rank candidate angles.
+
+        Parameters
+        ----------
+        omegas
+            (n_c,) candidate angles, degrees.
+        coverage
+            (n_c, n_q, n_E) coverage of each candidate (sr meV).
+        mean, std, covariance
+            The current estimate: (n_fc,) mean and std (eV/A^2), or a (n_fc, n_fc)
+            covariance instead of the std. Without ``mean`` the ranking uses the coverage
+            alone.
+        counts, exposure
+            (n_q, n_E) counts and exposure (uC sr meV) measured so far (``kappa`` is fitted
+            to them; without them ``counts_scale`` is used, else 1).
+        measured
+            Angles already measured (marked in the output).
+        charge
+            Proton charge (uC) one new orientation will get.
+        counts_scale
+            kappa, when it is known rather than fitted.
+
+        Raises
+        ------
+        AdvisorError
+            No candidates, coverages of the wrong shape or not finite, an estimate with
+            the wrong number of FCs or a non-positive std.
+        """
+        t0 = time.perf_counter()
+        w = np.asarray(omegas, dtype=float).ravel()
+        if len(w) == 0:
+            raise AdvisorError("no candidate angles to rank (empty candidate range)")
+        cov = np.asarray(coverage, dtype=float)
+        n_q, n_e = self.grid_shape
+        if cov.shape != (len(w), n_q, n_e):
+            raise AdvisorError(
+                f"coverage has shape {cov.shape}, expected ({len(w)}, {n_q}, {n_e}) for "
+                f"{len(w)} candidates on the {self.material} grid"
+            )
+        if not np.all(np.isfinite(cov)) or cov.min() < 0:
+            raise AdvisorError("coverage must be finite and >= 0")
+        if not charge > 0:
+            raise AdvisorError(f"charge per orientation must be > 0 uC, got {charge}")
+        cov = cov.reshape(len(w), -1)
+        g_bins = np.broadcast_to(self.g[None, :], (n_q, n_e)).ravel()
+        useful = g_bins > 0
+        have = np.zeros(n_q * n_e) if exposure is None else np.asarray(exposure, float).ravel()
+        if have.shape != (n_q * n_e,):
+            raise AdvisorError(f"exposure must have shape ({n_q}, {n_e})")
+        have = np.where(np.isfinite(have), have, 0.0)
+        new_bins = ((cov > 0) & (have[None, :] <= 0) & useful[None, :]).sum(axis=1)
+        done = np.array([any(abs(x - m) < 1e-6 for m in measured) for x in w])
+        if mean is None:
+            floor = 1e-3 * float(np.median(cov[cov > 0])) if np.any(cov > 0) else 1.0
+            gain = np.log1p(cov[:, useful] / np.maximum(have[useful], floor)[None, :]).sum(1)
+            ranked = [
+                RankedCandidate(
+                    omega=float(w[i]),
+                    score=float(gain[i]),
+                    measured=bool(done[i]),
+                    new_bins=int(new_bins[i]),
+                    expected_counts=None,
+                    expected_std={},
+                    a_gain=None,
+                )
+                for i in np.argsort(-gain, kind="stable")
+            ]
+            return Ranking(
+                candidates=tuple(ranked),
+                basis="coverage",
+                note="no FC estimate yet: ranked by expected coverage alone (the exposure "
+                "each angle adds where little has been measured)",
+                fc_names=self.fc_names,
+                seconds=time.perf_counter() - t0,
+            )
+        theta = np.asarray(mean, dtype=float).ravel()
+        n_fc = len(self.fc_names)
+        if theta.shape != (n_fc,) or not np.all(np.isfinite(theta)):
+            raise AdvisorError(
+                f"estimate must have {n_fc} finite FCs ({', '.join(self.fc_names)}), "
+                f"got {theta.shape[0]}"
+            )
+        if covariance is not None:
+            c0 = np.asarray(covariance, dtype=float) / np.outer(self.width, self.width)
+            if c0.shape != (n_fc, n_fc) or not np.all(np.isfinite(c0)):
+                raise AdvisorError(f"covariance must be a finite ({n_fc}, {n_fc}) matrix")
+        elif std is not None:
+            s = np.asarray(std, dtype=float).ravel()
+            if s.shape != (n_fc,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
+                raise AdvisorError(f"std must be {n_fc} finite values > 0 eV/A^2")
+            c0 = np.diag((s / self.width) ** 2)
+        else:
+            raise AdvisorError("an estimate needs its std or covariance")
+        try:
+            p0 = np.linalg.inv(c0)
+            np.linalg.cholesky(p0)
+        except np.linalg.LinAlgError as exc:
+            raise AdvisorError("the estimate's covariance is not positive definite") from exc
+        intensity, jac = self.model(theta)
+        signal = np.maximum(intensity, 0.0) * g_bins  # g I per bin (0 where E <= 0)
+        if counts_scale is not None:
+            kappa = float(counts_scale)
+        elif counts is not None and exposure is not None:
+            n = np.asarray(counts, dtype=float).ravel()
+            ok = useful & (have > 0) & np.isfinite(n)
+            expected = (have * signal)[ok].sum()
+            kappa = float(n[ok].sum() / expected) if expected > 0 else 1.0
+        else:
+            kappa = 1.0
+        if not kappa > 0:
+            raise AdvisorError(f"counts scale must be > 0, got {kappa}")
+        # lambda (n_c, n_b) and the per-bin Fisher weight (Q c kappa g)^2 / lambda
+        keep = useful & (signal + self.background > 0)
+        cb = cov[:, keep] * charge
+        lam = cb * (kappa * signal[keep] + self.background)[None, :]
+        amp = cb * (kappa * g_bins[keep])[None, :]
+        weight = np.divide(amp * amp, lam, out=np.zeros_like(lam), where=lam > 0)
+        jk = jac[keep]
+        outer = (jk[:, :, None] * jk[:, None, :]).reshape(len(jk), -1)
+        fisher = (weight @ outer).reshape(len(w), n_fc, n_fc)
+        post = p0[None] + fisher
+        _, logdet0 = np.linalg.slogdet(p0)
+        sign, logdet = np.linalg.slogdet(post)
+        d_gain = np.where(sign > 0, logdet - logdet0, 0.0)
+        post_cov = np.linalg.inv(post)
+        var_after = np.diagonal(post_cov, axis1=1, axis2=2)
+        a_gain = np.trace(c0) - var_after.sum(axis=1)
+        std_after = np.sqrt(np.maximum(var_after, 0.0)) * self.width[None, :]
+        expected_counts = lam.sum(axis=1)
+        ranked = [
+            RankedCandidate(
+                omega=float(w[i]),
+                score=float(d_gain[i]),
+                measured=bool(done[i]),
+                new_bins=int(new_bins[i]),
+                expected_counts=float(expected_counts[i]),
+                expected_std=dict(zip(self.fc_names, map(float, std_after[i]), strict=True)),
+                a_gain=float(a_gain[i]),
+            )
+            for i in np.argsort(-d_gain, kind="stable")
+        ]
+        current = np.sqrt(np.diag(c0)) * self.width
+        return Ranking(
+            candidates=tuple(ranked),
+            basis="fisher-d-optimal",
+            note="ranked by the expected D-optimal gain of the FC posterior (Fisher "
+            "information of the Poisson counts under the current estimate)",
+            fc_names=self.fc_names,
+            current_std={n: float(x) for n, x in zip(self.fc_names, current, strict=True)},
+            counts_scale=kappa,
+            seconds=time.perf_counter() - t0,
+        )

@@ -1,0 +1,14 @@
+"""Errors of the steering package (advisor, service)."""
+
+from __future__ import annotations
+
+__all__ = ["AdvisorError", "SteeringError"]
+
+
+class SteeringError(Exception):
+    """Base class of the steering package's errors (the CLI prints them, exit code 2)."""
+
+
+class AdvisorError(SteeringError, ValueError):
+    """Bad input to the advisor: an empty or unreachable candidate range, coverages of
+    the wrong shape, an unusable estimate."""

@@ -1,0 +1,109 @@
+"""The advisor: candidate ranges, Fisher-information ranking, coverage-only ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from consumers.folding import Folder, FoldTable
+from simulations.instrument import Instrument, Orientation
+from simulations.reference import load_reference
+from steering.advisor import Advisor, candidate_omegas
+from steering.exceptions import AdvisorError
+
+OMEGAS = (0.0, 30.0, 60.0, 90.0)
+
+
+@pytest.fixture(scope="module")
+def setup_ge(ge):  # type: ignore[no-untyped-def]
+    ins = Instrument.arcs_like(n_columns=160, n_rows=96)
+    orientation = Orientation.from_vectors(ge.crystal, (1, 0, 0), (0, 1, 0))
+    folder = Folder(FoldTable.cached(ge.crystal, ge.grid), ge.grid, ins, orientation, 80.0)
+    coverage = np.stack([folder.coverage(w) for w in OMEGAS])
+    ref = load_reference("Ge")
+    theta = ref.mean[[ref.names.index(n) for n in ref.kept]]
+    return Advisor("Ge", material_setup=ge), coverage, theta
+
+
+def test_candidate_ranges_and_their_errors() -> None:
+    np.testing.assert_array_equal(candidate_omegas(0, 3, 1), [0.0, 1.0, 2.0])
+    with pytest.raises(AdvisorError, match="empty"):
+        candidate_omegas(10, 10, 1)
+    with pytest.raises(AdvisorError, match="step"):
+        candidate_omegas(0, 10, 0)
+    ins = Instrument.arcs_like()
+    lo, _ = ins.goniometer_limits
+    with pytest.raises(AdvisorError, match="goniometer limits"):
+        candidate_omegas(lo - 10, lo + 10, 1, ins)
+
+
+def test_fisher_ranking_is_the_d_optimal_gain(setup_ge) -> None:  # type: ignore[no-untyped-def]
+    """Score, expected std and counts recomputed independently for every candidate."""
+    adv, coverage, theta = setup_ge
+    std = 0.2 * adv.width
+    r = adv.rank(OMEGAS, coverage, mean=theta, std=std, counts_scale=50.0, charge=2.0)
+    assert r.basis == "fisher-d-optimal"
+    scores = [c.score for c in r.candidates]
+    assert scores == sorted(scores, reverse=True)
+    intensity, jac = adv.fm.jacobian(theta)
+    g = np.broadcast_to(adv.g, intensity.shape)
+    p0 = np.diag(1.0 / (std / adv.width) ** 2)
+    for cand in r.candidates:
+        c = coverage[OMEGAS.index(cand.omega)] * 2.0
+        lam = c * 50.0 * g * np.maximum(intensity, 0)
+        ok = (lam > 0) & (g > 0)
+        jw = (c * 50.0 * g)[ok][:, None] * jac[ok] * adv.width[None, :]
+        fisher = jw.T @ (jw / lam[ok][:, None])
+        post = p0 + fisher
+        expect = np.linalg.slogdet(post)[1] - np.linalg.slogdet(p0)[1]
+        assert cand.score == pytest.approx(expect, rel=1e-9)
+        assert cand.expected_counts == pytest.approx(lam[ok].sum(), rel=1e-9)
+        after = np.sqrt(np.diag(np.linalg.inv(post))) * adv.width
+        np.testing.assert_allclose(list(cand.expected_std.values()), after, rtol=1e-9)
+        assert all(a < b for a, b in zip(after, std, strict=True))  # measuring always narrows
+    # more charge (counts) is more information; a blind angle is worth nothing
+    more = adv.rank(OMEGAS, coverage, mean=theta, std=std, counts_scale=50.0, charge=4.0)
+    assert more.best.score > r.best.score
+    blind = adv.rank((5.0,), np.zeros((1, *coverage.shape[1:])), mean=theta, std=std)
+    assert blind.best.score == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(list(blind.best.expected_std.values()), std, rtol=1e-9)
+
+
+def test_counts_scale_is_fitted_to_the_measured_counts(setup_ge) -> None:  # type: ignore[no-untyped-def]
+    adv, coverage, theta = setup_ge
+    intensity, _ = adv.fm.jacobian(theta)
+    exposure = coverage[0] * 3.0
+    counts = 7.0 * exposure * adv.g[None, :] * np.maximum(intensity, 0)
+    r = adv.rank(
+        OMEGAS, coverage, mean=theta, std=0.1 * adv.width, counts=counts, exposure=exposure
+    )
+    assert r.counts_scale == pytest.approx(7.0, rel=1e-9)
+
+
+def test_without_an_estimate_the_coverage_decides_and_says_so(setup_ge) -> None:  # type: ignore[no-untyped-def]
+    adv, coverage, _ = setup_ge
+    r = adv.rank(OMEGAS, coverage, measured=[0.0])
+    assert r.basis == "coverage"
+    assert "coverage alone" in r.note
+    assert [c.measured for c in r.candidates if c.omega == 0.0] == [True]
+    assert all(c.expected_std == {} for c in r.candidates)
+    # where an angle has been measured a lot, the same angle gains least
+    r2 = adv.rank(OMEGAS, coverage, exposure=100.0 * coverage[1])
+    assert r2.candidates[-1].omega == 30.0
+    assert r2.best.new_bins >= 0
+
+
+def test_bad_input_is_refused_clearly(setup_ge) -> None:  # type: ignore[no-untyped-def]
+    adv, coverage, theta = setup_ge
+    with pytest.raises(AdvisorError, match="empty"):
+        adv.rank((), coverage[:0])
+    with pytest.raises(AdvisorError, match="shape"):
+        adv.rank(OMEGAS, coverage[:, :10])
+    with pytest.raises(AdvisorError, match="8 finite FCs"):
+        adv.rank(OMEGAS, coverage, mean=theta[:3], std=np.ones(3))
+    with pytest.raises(AdvisorError, match="std"):
+        adv.rank(OMEGAS, coverage, mean=theta, std=np.zeros(8))
+    with pytest.raises(AdvisorError, match="std or covariance"):
+        adv.rank(OMEGAS, coverage, mean=theta)
+    with pytest.raises(AdvisorError, match="finite"):
+        adv.rank(OMEGAS, np.full_like(coverage, np.nan))
