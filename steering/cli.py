@@ -22,6 +22,9 @@ from model_server.exceptions import ModelServerError
 from simulations.exceptions import SimulationError
 from simulations.jsonutil import json_default
 
+from .cli_advise import advise_app
+from .exceptions import SteeringError
+
 __all__ = ["app", "main"]
 
 logger = logging.getLogger("steering")
@@ -39,6 +42,7 @@ simulate_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(advise_app, name="advise")
 
 MaterialOpt = Annotated[
     str, typer.Option("--material", "-m", help="Shipped material (Ge, Nb, Al) or a CIF file.")
@@ -613,11 +617,26 @@ def train_cmd(
         Path | None,
         typer.Option("--coverage", help="Saved coverage bank (.npz) instead of rebuilding it."),
     ] = None,
+    calibrate_only: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate-only",
+            help="Only redo the calibration and out-of-domain thresholds of the model in "
+            "--out (trained on --data).",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the VAE, the regressor (calibrated) and the baseline CNN; write a frozen model."""
-    from model_server.training import TrainConfig, train_model
+    from model_server.training import TrainConfig, recalibrate_model, train_model
+
+    if calibrate_only:
+        summary = recalibrate_model(
+            out, data, progress=not quiet, command=shlex.join(["steer", *sys.argv[1:]])
+        )
+        _emit(summary, as_json)
+        return
 
     config = TrainConfig(
         seed=seed,
@@ -701,7 +720,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app(args=argv, standalone_mode=False)
-    except (SimulationError, ConsumerError, ModelServerError) as exc:
+    except (SimulationError, ConsumerError, ModelServerError, SteeringError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
     except (typer.Abort, KeyboardInterrupt):

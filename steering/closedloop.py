@@ -1,0 +1,371 @@
+"""Closed-loop benchmark of the advisor: how many orientations each strategy needs.
+
+For every seed, all candidate orientations are simulated once (events from the full
+S(Q, E) of the true FC set, :func:`simulations.run.simulate_run`) and folded
+(:func:`consumers.offline.fold_recorded_run`), which gives each orientation's counts and
+exposure. Every strategy then picks orientations one at a time from the same candidates;
+after each pick the counts and exposure of the picks so far are summed into I = counts /
+exposure and the model server estimates the FCs (:class:`model_server.inference.Estimator`).
+All strategies see the same events, so they differ only in the order.
+
+Strategies:
+
+* ``advisor``: the :class:`steering.advisor.Advisor`'s best unmeasured candidate under the
+  latest estimate (by coverage alone before the first estimate);
+* ``sequential``: the conventional sweep, in order of angle;
+* ``spread``: coarse to fine: every 8th candidate, then the midpoints, and so on;
+* ``random``: a seeded random order.
+
+The FC error is the RMSE over the influential FCs (the first ``n_influential`` of the
+model's FCs, the seed paper's FC0..FC3) of (estimate - truth) / training-domain width. The
+target is the error of the estimate from all candidates; ``orientations_to_target`` is the
+first count from which the error stays within ``tolerance`` (10 %) of the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .advisor import Advisor
+from .exceptions import AdvisorError
+
+__all__ = ["STRATEGIES", "CandidateData", "closed_loop", "simulate_candidates", "spread_order"]
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("advisor", "sequential", "spread", "random")
+
+
+def spread_order(n: int, coarse: int = 8) -> list[int]:
+    """Coarse-to-fine order of ``n`` candidates: every ``coarse``-th, then the midpoints
+    (every ``coarse/2``-th not taken), and so on down to every one.
+
+    >>> spread_order(8, coarse=4)
+    [0, 4, 2, 6, 1, 3, 5, 7]
+    """
+    order: list[int] = []
+    taken = np.zeros(n, dtype=bool)
+    stride = coarse
+    while stride >= 1:
+        for i in range(0, n, stride):
+            if not taken[i]:
+                taken[i] = True
+                order.append(i)
+        stride //= 2
+    return order
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CandidateData:
+    """Every candidate orientation of one seed, simulated and folded.
+
+    Attributes
+    ----------
+    omegas
+        (n,) angles, degrees (the readback means).
+    counts, exposure
+        (n, n_q, n_E) per orientation (exposure in uC sr meV).
+    charge
+        (n,) proton charge per orientation, uC.
+    truth
+        {FC name: value, eV/A^2} of the simulated crystal.
+    """
+
+    omegas: NDArray[np.float64]
+    counts: NDArray[np.float64]
+    exposure: NDArray[np.float64]
+    charge: NDArray[np.float64]
+    truth: dict[str, float]
+
+    @property
+    def coverage(self) -> NDArray[np.float64]:
+        """(n, n_q, n_E) coverage, sr meV (exposure per uC)."""
+        return np.asarray(self.exposure / self.charge[:, None, None])
+
+
+def simulate_candidates(
+    material: str,
+    fc: str,
+    omegas: Sequence[float] | NDArray[np.float64],
+    *,
+    seed: int,
+    events_per_orientation: float = 2e5,
+    workdir: Path | None = None,
+    progress: bool = False,
+) -> CandidateData:
+    """Simulate and fold every candidate of one seed (see the module docstring)."""
+    from consumers.offline import fold_recorded_run
+    from simulations.materials import setup
+    from simulations.reference import resolve_fc
+    from simulations.run import RunPlan, simulate_run
+
+    ms = setup(material)
+    _, coefficients = resolve_fc(material, fc, ms)
+    truth = dict(zip(ms.basis.names, map(float, coefficients), strict=True))
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        run = Path(tmp) / f"candidates-{seed}.steer"
+        plan = RunPlan(
+            material=material,
+            fc=fc,
+            omegas=tuple(float(w) for w in omegas),
+            seed=seed,
+            events_per_orientation=events_per_orientation,
+        )
+        simulate_run(plan, run, progress=progress)
+        _, acc = fold_recorded_run(run, None, progress=progress)
+    return CandidateData(
+        omegas=np.array([r.omega for r in acc.records]),
+        counts=np.stack(acc.per_orientation_counts),
+        exposure=np.stack(acc.per_orientation_exposure),
+        charge=np.array([r.proton_charge for r in acc.records]),
+        truth=truth,
+    )
+
+
+def _error(
+    mean: NDArray[np.float64], truth: NDArray[np.float64], width: NDArray[np.float64], k: int
+) -> float:
+    return float(np.sqrt(np.mean(((mean[:k] - truth[:k]) / width[:k]) ** 2)))
+
+
+def _to_target(errors: Sequence[float], target: float, tolerance: float) -> int:
+    """First count n (1-based) from which every error is within ``tolerance`` of target."""
+    limit = target * (1.0 + tolerance)
+    n = len(errors)
+    for i in range(len(errors) - 1, -1, -1):
+        if errors[i] > limit:
+            break
+        n = i
+    return n + 1
+
+
+def _strategy_order(name: str, n: int, rng: np.random.Generator) -> list[int] | None:
+    if name == "sequential":
+        return list(range(n))
+    if name == "spread":
+        return spread_order(n)
+    if name == "random":
+        return [int(i) for i in rng.permutation(n)]
+    if name == "advisor":
+        return None
+    raise AdvisorError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def run_strategy(
+    name: str,
+    data: CandidateData,
+    estimate: Callable[[NDArray[np.float64], NDArray[np.bool_]], Any],
+    advisor: Advisor,
+    *,
+    fc_names: Sequence[str],
+    width: NDArray[np.float64],
+    budget: int,
+    n_influential: int,
+    seed: int,
+) -> dict[str, Any]:
+    """One strategy on one seed: the error and mean normalised std after each pick.
+
+    For the advisor also the std it predicted for its pick and the std the model server
+    reported after measuring it (per FC, domain-width units), and its ranking times.
+    """
+    n = len(data.omegas)
+    order = _strategy_order(name, n, np.random.default_rng(seed))
+    truth = np.array([data.truth[k] for k in fc_names])
+    counts = np.zeros(data.counts.shape[1:])
+    exposure = np.zeros(data.exposure.shape[1:])
+    coverage = data.coverage
+    picked: list[int] = []
+    errors: list[float] = []
+    stds: list[float] = []
+    predicted: list[list[float]] = []
+    reported: list[list[float]] = []
+    rank_seconds: list[float] = []
+    last = None
+    for step in range(min(budget, n)):
+        if order is not None:
+            pick = order[step]
+        else:
+            left = [i for i in range(n) if i not in picked]
+            kwargs: dict[str, Any] = {}
+            if last is not None:
+                kwargs = {
+                    "mean": last.mean,
+                    "std": last.std,
+                    "counts": counts,
+                    "exposure": exposure,
+                }
+            t0 = time.perf_counter()
+            ranking = advisor.rank(
+                data.omegas[left],
+                coverage[left],
+                charge=float(np.mean(data.charge)),
+                **kwargs,
+            )
+            rank_seconds.append(time.perf_counter() - t0)
+            best = ranking.best
+            pick = left[int(np.argmin(np.abs(data.omegas[left] - best.omega)))]
+            if best.expected_std:
+                exp = best.expected_std
+                predicted.append([exp[k] / w for k, w in zip(fc_names, width, strict=True)])
+        picked.append(pick)
+        counts += data.counts[pick]
+        exposure += data.exposure[pick]
+        mask = exposure > 0
+        intensity = np.where(mask, counts / np.where(mask, exposure, 1.0), np.nan)
+        last = estimate(intensity, mask)
+        errors.append(_error(last.mean, truth, width, n_influential))
+        stds.append(float(np.mean(last.std[:n_influential] / width[:n_influential])))
+        if order is None and len(predicted) > len(reported):
+            reported.append(list(last.std / width))
+    out: dict[str, Any] = {
+        "omegas": [float(data.omegas[i]) for i in picked],
+        "error": errors,
+        "std": stds,
+    }
+    if order is None:
+        out["predicted_std"] = predicted
+        out["reported_std"] = reported
+        out["rank_seconds"] = rank_seconds
+    return out
+
+
+def closed_loop(
+    material: str,
+    fc: str,
+    *,
+    model: str | Path,
+    strategies: Sequence[str] = STRATEGIES,
+    budget: int = 120,
+    seeds: int = 5,
+    candidates: Sequence[float] | None = None,
+    events_per_orientation: float = 2e5,
+    n_influential: int = 4,
+    tolerance: float = 0.10,
+    progress: bool = True,
+    plot: Path | None = None,
+) -> dict[str, Any]:
+    """The closed-loop benchmark (``steer advise benchmark``); returns the JSON result.
+
+    ``candidates`` default to ``budget`` angles 0, 1, ... degrees.
+    """
+    from tqdm import tqdm
+
+    from model_server.inference import Estimator
+
+    t_start = time.perf_counter()
+    for s in strategies:
+        _strategy_order(s, 1, np.random.default_rng(0))  # refuse unknown names early
+    if budget < 1 or seeds < 1:
+        raise AdvisorError(f"budget and seeds must be >= 1, got {budget} and {seeds}")
+    omegas = np.arange(float(budget)) if candidates is None else np.asarray(candidates, float)
+    estimator = Estimator(model)
+    fc_names = estimator.fc_names
+    width = np.asarray(estimator.model.domain[:, 1] - estimator.model.domain[:, 0], float)
+    advisor = Advisor(material)
+    if tuple(advisor.fc_names) != tuple(fc_names):
+        raise AdvisorError(f"model FCs {fc_names} differ from the advisor's {advisor.fc_names}")
+
+    def estimate(intensity: NDArray[np.float64], mask: NDArray[np.bool_]) -> Any:
+        return estimator.estimate(intensity, mask)
+
+    result: dict[str, Any] = {
+        "strategies": {
+            s: {"orientations_to_target": [], "final_error": [], "curve": []} for s in strategies
+        },
+        "target_error": [],
+    }
+    corr_pred: list[float] = []
+    corr_rep: list[float] = []
+    rank_times: list[float] = []
+    bar = tqdm(total=seeds * len(strategies), desc="closed loop", disable=not progress)
+    for seed in range(seeds):
+        data = simulate_candidates(
+            material, fc, omegas, seed=seed, events_per_orientation=events_per_orientation
+        )
+        truth = np.array([data.truth[k] for k in fc_names])
+        mask = data.exposure.sum(0) > 0
+        full = np.where(mask, data.counts.sum(0) / np.where(mask, data.exposure.sum(0), 1), np.nan)
+        target = _error(estimate(full, mask).mean, truth, width, n_influential)
+        result["target_error"].append(target)
+        for s in strategies:
+            run = run_strategy(
+                s,
+                data,
+                estimate,
+                advisor,
+                fc_names=fc_names,
+                width=width,
+                budget=budget,
+                n_influential=n_influential,
+                seed=seed,
+            )
+            entry = result["strategies"][s]
+            entry["orientations_to_target"].append(_to_target(run["error"], target, tolerance))
+            entry["final_error"].append(run["error"][-1])
+            entry["curve"].append({"error": run["error"], "std": run["std"]})
+            if s == "advisor":
+                k = n_influential
+                for p, r in zip(run["predicted_std"], run["reported_std"], strict=False):
+                    corr_pred += p[:k]
+                    corr_rep += r[:k]
+                rank_times += run["rank_seconds"]
+            bar.update()
+    bar.close()
+    med = {
+        s: float(np.median(result["strategies"][s]["orientations_to_target"])) for s in strategies
+    }
+    if "advisor" in med:
+        result["ratios"] = {
+            f"advisor/{s}": med["advisor"] / med[s] for s in strategies if s != "advisor"
+        }
+    result["median_orientations_to_target"] = med
+    if len(corr_pred) > 2:
+        result["advisor_std_correlation"] = float(np.corrcoef(corr_pred, corr_rep)[0, 1])
+    if rank_times:
+        result["advisor_rank_seconds_median"] = float(np.median(rank_times))
+    result["influential_fcs"] = list(fc_names[:n_influential])
+    result["seconds"] = time.perf_counter() - t_start
+    if plot is not None:
+        plot_curves(result, plot)
+        result["plot"] = str(plot)
+    return result
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> None:
+    """Median FC error and posterior std against orientations measured, per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, entry in result["strategies"].items():
+        for ax, key in zip(axes, ("error", "std"), strict=True):
+            curves = np.array([c[key] for c in entry["curve"]])
+            x = np.arange(1, curves.shape[1] + 1)
+            med = np.median(curves, axis=0)
+            (line,) = ax.plot(x, med, label=name)
+            if len(curves) > 1:
+                lo, hi = np.percentile(curves, [25, 75], axis=0)
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+    target = float(np.median(result["target_error"]))
+    axes[0].axhline(target, color="k", ls="--", lw=0.8, label="target (all orientations)")
+    axes[0].set_ylabel("FC error (RMSE / domain width)")
+    axes[1].set_ylabel("posterior std / domain width")
+    for ax in axes:
+        ax.set_xlabel("orientations measured")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle("Closed loop: median over seeds (band: quartiles)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
