@@ -86,6 +86,7 @@ class Augmenter:
         config: AugmentConfig | None = None,
     ) -> None:
         self.bank = bank
+        self.energy_centres = np.asarray(energy_centres, dtype=np.float64)
         self.config = config or AugmentConfig()
         self._exposure = torch.from_numpy(bank.exposure.reshape(bank.n_orientations, -1))
         e = np.maximum(np.asarray(energy_centres, dtype=np.float64), self.config.energy_floor_meV)

@@ -96,7 +96,7 @@ class _Runner:
                     inp,
                     n_samples=self.est.n_samples,
                     gen=gen,
-                    std_scale=self.est._scale,
+                    calibration=self.est.calibration,
                 )
                 means.append(out["mean"].cpu().numpy())
                 stds.append(out["std"].cpu().numpy())

@@ -4,8 +4,9 @@ For a spectrum I(q, E) and its mask the frozen encoder gives the latent distribu
 N(mu, sigma^2) (20 dimensions); ``n_samples`` latent samples go through the regressor,
 which gives for each a Gaussian over the scaled FCs (mean m_s, variance v_s). The estimate
 is the mixture: mean = <m_s>, variance = <v_s> + Var(m_s), then scaled per FC by the
-calibration factor fitted on held-out data (``model.json`` ``calibration.std_scale``), so
-that mean +- std holds the truth about 68 % of the time. Quantiles come from the mixture
+calibration fitted on held-out data (:class:`Calibration`: a factor times a power of the
+input's reconstruction error, which tracks noise and missing coverage), so that mean +- std
+holds the truth about 68 % of the time at every noise level. Quantiles come from the mixture
 samples ``mean + scale (m_s - mean + sqrt(v_s) eps)``.
 
 Out-of-domain score: the reconstruction error of the decoder on the measured bins and the
@@ -34,7 +35,16 @@ from .exceptions import InputSpectrumError
 from .networks import VAE, Regressor
 from .preprocess import check_spectrum, prepare
 
-__all__ = ["QUANTILES", "Estimate", "Estimator", "predictive", "read_folded"]
+__all__ = [
+    "QUANTILES",
+    "Calibration",
+    "Estimate",
+    "Estimator",
+    "latent_distance",
+    "predictive",
+    "read_folded",
+    "reconstruction_error",
+]
 
 #: Quantile levels reported per FC.
 QUANTILES = (0.05, 0.16, 0.5, 0.84, 0.95)
@@ -97,6 +107,48 @@ class Estimate:
         }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Calibration:
+    """Post-hoc calibration of the mixture std, fitted on held-out data.
+
+    ``std = std_raw * scale * (r / r_ref) ** power`` per FC, with ``r`` the reconstruction
+    error of the input (a measure of how noisy or incomplete it is: the encoder is trained to
+    denoise, so its latent spread hardly grows with noise, but the reconstruction error
+    does). ``power = 0`` is plain temperature scaling.
+
+    Attributes
+    ----------
+    scale, power
+        (n_fc,) float.
+    reference
+        r_ref, the median held-out reconstruction error.
+    """
+
+    scale: torch.Tensor
+    power: torch.Tensor
+    reference: float
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Calibration:
+        """From ``model.json``'s ``calibration``."""
+        scale = torch.tensor(meta["std_scale"], dtype=torch.float32)
+        power = torch.tensor(meta.get("noise_power", [0.0] * len(scale)), dtype=torch.float32)
+        return cls(scale=scale, power=power, reference=float(meta.get("reference_recon", 1.0)))
+
+    def factor(self, recon: torch.Tensor) -> torch.Tensor:
+        """(B, n_fc) std factor for (B,) reconstruction errors."""
+        ratio = (recon.clamp(min=1e-12) / self.reference)[:, None]
+        return self.scale.to(recon.device)[None, :] * ratio ** self.power.to(recon.device)
+
+
+def reconstruction_error(vae: VAE, inputs: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared error of the decoded latent mean on the measured (pooled) bins."""
+    recon = vae.decoder(mu)
+    measured = inputs[:, 1] > 0
+    sq = (recon - inputs[:, 0]) ** 2 * measured
+    return sq.sum(dim=(1, 2)) / measured.sum(dim=(1, 2)).clamp(min=1)
+
+
 def predictive(
     vae: VAE,
     regressor: Regressor,
@@ -104,12 +156,13 @@ def predictive(
     *,
     n_samples: int,
     gen: torch.Generator,
-    std_scale: torch.Tensor | None = None,
+    calibration: Calibration | None = None,
     quantiles: tuple[float, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Mixture prediction in scaled FC units for prepared inputs (B, 2, H, W).
 
-    Returns ``mean``, ``std`` (B, n_fc), ``mu`` (B, latent) and, when ``quantiles`` are
+    Returns ``mean``, ``std`` (B, n_fc) (calibrated when ``calibration`` is given),
+    ``std_raw`` (B, n_fc), ``mu`` (B, latent), ``recon`` (B,) and, when ``quantiles`` are
     asked for, ``quantiles`` (n_q, B, n_fc).
     """
     mu, logvar = vae.encoder(inputs)
@@ -121,34 +174,25 @@ def predictive(
     m, lv = regressor(z)
     v = torch.exp(lv)
     mean = m.mean(dim=0)
-    var = v.mean(dim=0) + m.var(dim=0, unbiased=False)
-    scale = std_scale.to(mean.device) if std_scale is not None else torch.ones(mean.shape[-1])
-    out = {"mean": mean, "std": torch.sqrt(var) * scale, "mu": mu}
+    std_raw = torch.sqrt(v.mean(dim=0) + m.var(dim=0, unbiased=False))
+    recon = reconstruction_error(vae, inputs, mu)
+    factor = calibration.factor(recon) if calibration is not None else torch.ones_like(mean)
+    out = {"mean": mean, "std": std_raw * factor, "std_raw": std_raw, "mu": mu, "recon": recon}
     if quantiles:
         e2 = torch.randn((n_samples, 1, m.shape[2]), generator=gen).to(m.device)
-        draws = mean[None] + scale * (m - mean[None] + torch.sqrt(v) * e2)
+        draws = mean[None] + factor[None] * (m - mean[None] + torch.sqrt(v) * e2)
         out["quantiles"] = torch.quantile(
             draws, torch.tensor(quantiles, dtype=draws.dtype, device=draws.device), dim=0
         )
     return out
 
 
-def ood_scores(
-    vae: VAE,
-    inputs: torch.Tensor,
-    mu: torch.Tensor,
-    latent_mean: torch.Tensor,
-    latent_precision: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) reconstruction error on measured bins and (B,) latent Mahalanobis distance^2 / L."""
-    recon = vae.decoder(mu)
-    measured = inputs[:, 1] > 0
-    err = ((recon - inputs[:, 0]) ** 2 * measured).sum(dim=(1, 2)) / measured.sum(dim=(1, 2)).clamp(
-        min=1
-    )
+def latent_distance(
+    mu: torch.Tensor, latent_mean: torch.Tensor, latent_precision: torch.Tensor
+) -> torch.Tensor:
+    """(B,) squared Mahalanobis distance per latent dimension of latent means (B, L)."""
     d = mu - latent_mean
-    maha = torch.einsum("bi,ij,bj->b", d, latent_precision, d) / mu.shape[1]
-    return err, maha
+    return torch.einsum("bi,ij,bj->b", d, latent_precision, d) / mu.shape[1]
 
 
 def read_folded(path: str | Path, *, first: int | None = None) -> dict[str, Any]:
@@ -245,7 +289,7 @@ class Estimator:
         self.vae = self.model.vae.to(self.device)
         self.regressor = self.model.regressor.to(self.device)
         meta = self.model.meta
-        self._scale = torch.tensor(meta["calibration"]["std_scale"], dtype=torch.float32)
+        self.calibration = Calibration.from_meta(meta["calibration"])
         ood = meta["ood"]
         self._lat_mean = torch.tensor(ood["latent_mean"], dtype=torch.float32, device=self.device)
         self._lat_prec = torch.tensor(
@@ -321,10 +365,11 @@ class Estimator:
                 inputs,
                 n_samples=self.n_samples,
                 gen=gen,
-                std_scale=self._scale,
+                calibration=self.calibration,
                 quantiles=QUANTILES,
             )
-            err, maha = ood_scores(self.vae, inputs, out["mu"], self._lat_mean, self._lat_prec)
+            err = out["recon"]
+            maha = latent_distance(out["mu"], self._lat_mean, self._lat_prec)
         mean = out["mean"].cpu().numpy()
         std = out["std"].cpu().numpy()
         qs = out["quantiles"].cpu().numpy()

@@ -12,9 +12,10 @@ Steps (each with a progress bar; losses per epoch go into ``model.json`` and
    the latent space;
 4. the encoder frozen, the regressor latent sample -> (FC mean, log-variance), trained with
    the beta-NLL loss (Seitzer et al. 2022, beta 0.5) on fresh augmented inputs;
-5. calibration on the held-out spectra under the training augmentation: a per-FC factor on
-   the predicted std so that mean +- std covers 68.3 % of true values; out-of-domain
-   thresholds (99.5 % quantiles of reconstruction error and latent distance);
+5. calibration on the held-out spectra (:func:`fit_calibration`): per FC, the mixture std
+   times a factor and a power of the input's reconstruction error, so that mean +- std
+   covers 68.3 % of true values at every noise level; out-of-domain thresholds (99.5 %
+   quantiles of reconstruction error and latent distance);
 6. the direct CNN baseline (:class:`~model_server.networks.BaselineCNN`) on the same data and
    augmentation, mean squared error;
 7. the model directory (:func:`model_server.artifact.save_model`).
@@ -27,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from .artifact import save_model
 from .augment import AugmentConfig, Augmenter
 from .coverage import CoverageBank, build_coverage_bank
 from .exceptions import TrainingError
-from .inference import ood_scores, predictive
+from .inference import latent_distance, predictive
 from .networks import VAE, BaselineCNN, Regressor
 from .preprocess import pooled_shape, prepare
 
@@ -287,62 +288,95 @@ class _Trainer:
         return reg
 
     # ---------------------------------------------------------------- calibration
-    def calibrate(self, vae: VAE, reg: Regressor) -> tuple[dict[str, Any], dict[str, Any]]:
-        cfg = self.config
-        inputs, _, cond = self._held_out_inputs(cfg.seed + 3)
-        g = torch.Generator().manual_seed(cfg.seed + 4)
-        means, stds, mus, errs = [], [], [], []
+    def _components(
+        self, vae: VAE, reg: Regressor, inputs: torch.Tensor, seed: int
+    ) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        parts: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad():
             for s in range(0, len(inputs), 250):
                 out = predictive(
-                    vae, reg, inputs[s : s + 250], n_samples=cfg.calibration_samples, gen=g
+                    vae, reg, inputs[s : s + 250], n_samples=self.config.calibration_samples, gen=g
                 )
-                means.append(out["mean"])
-                stds.append(out["std"])
-                mus.append(out["mu"])
-        mean, std, mu = torch.cat(means), torch.cat(stds), torch.cat(mus)
-        z = ((mean - self.hold_y).abs() / std).numpy()
-        scale = np.array([_coverage_scale(z[:, k], ONE_SIGMA) for k in range(self.n_fc)])
-        inside = z <= scale[None, :]
+                for k in ("mean", "std_raw", "mu", "recon"):
+                    parts.setdefault(k, []).append(out[k])
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def calibrate(self, vae: VAE, reg: Regressor) -> tuple[dict[str, Any], dict[str, Any]]:
+        cfg = self.config
+        # calibration: the held-out spectra twice, under the training conditions without
+        # the intensity weights (forward-model spectra, as the benchmark measures them)
+        plain = Augmenter(
+            self.augmenter.bank,
+            self.augmenter.energy_centres,
+            replace(cfg.augment, p_weight=0.0),
+        )
+        ins, conds = [], []
+        g = torch.Generator().manual_seed(cfg.seed + 3)
+        for _ in range(2):
+            for s in range(0, len(self.hold_x), 250):
+                noisy, mask, c = plain(self.hold_x[s : s + 250], g)
+                ins.append(prepare(noisy, mask))
+                conds.append(c)
+        inputs, cond = torch.cat(ins), torch.cat(conds).numpy()
+        truth = torch.cat([self.hold_y, self.hold_y]).numpy()
+        comp = self._components(vae, reg, inputs, cfg.seed + 4)
+        err = np.abs(comp["mean"].numpy() - truth)
+        std_raw = comp["std_raw"].numpy()
+        recon = comp["recon"].numpy()
+        reference = float(np.median(recon))
+        fits = [
+            fit_calibration(err[:, k], std_raw[:, k], recon / reference) for k in range(self.n_fc)
+        ]
+        scale = np.array([f[0] for f in fits])
+        power = np.array([f[1] for f in fits])
+        std = std_raw * scale[None, :] * (recon / reference)[:, None] ** power[None, :]
+        inside = err <= std
         by_cond = {
-            name: float(inside[cond.numpy() == c].mean())
+            name: round(float(inside[cond == c].mean()), 4)
             for c, name in enumerate(("clean", "paper_noise", "orientations"))
             if bool((cond == c).any())
         }
+        edges = np.quantile(recon, np.linspace(0, 1, 6))
+        bins = np.clip(np.searchsorted(edges, recon, side="right") - 1, 0, 4)
+        by_noise = [round(float(inside[bins == b].mean()), 4) for b in range(5)]
         calibration = {
-            "method": "per-FC factor on the mixture std so that mean +- std covers 68.3 % of "
-            "the held-out spectra under the training augmentation",
+            "method": "std = std_raw * std_scale * (recon / reference_recon) ** noise_power per "
+            "FC; power chosen so that mean +- std covers 68.3 % in each quintile of the "
+            "reconstruction error, scale for 68.3 % overall, on the held-out spectra (twice) "
+            "under the training conditions without intensity weights",
             "std_scale": scale.tolist(),
+            "noise_power": power.tolist(),
+            "reference_recon": reference,
             "n_heldout": len(inputs),
             "samples": cfg.calibration_samples,
             "coverage_1sigma_heldout_by_condition": by_cond,
+            "coverage_1sigma_heldout_by_recon_quintile": by_noise,
         }
+        ood = self._ood(vae, reg)
+        return calibration, ood
+
+    def _ood(self, vae: VAE, reg: Regressor) -> dict[str, Any]:
+        inputs, _, _ = self._held_out_inputs(self.config.seed + 5)
+        comp = self._components(vae, reg, inputs, self.config.seed + 6)
+        mu = comp["mu"]
         lat_mean = mu.mean(dim=0)
         cov = torch.cov((mu - lat_mean).T) + 1e-6 * torch.eye(mu.shape[1])
         prec = torch.linalg.inv(cov)
-        with torch.no_grad():
-            for s in range(0, len(inputs), 250):
-                e, _ = ood_scores(vae, inputs[s : s + 250], mu[s : s + 250], lat_mean, prec)
-                errs.append(e)
-        err = torch.cat(errs).numpy()
-        d = mu - lat_mean
-        maha = (torch.einsum("bi,ij,bj->b", d, prec, d) / mu.shape[1]).numpy()
-        ood = {
+        err = comp["recon"].numpy()
+        maha = latent_distance(mu, lat_mean, prec).numpy()
+        qs = (0.5, 0.9, 0.99, 0.995)
+        return {
             "method": "reconstruction error on measured bins and latent Mahalanobis distance "
-            "(squared, per dimension) above their 99.5 % quantiles on held-out training-like "
-            "inputs",
+            "(squared, per dimension) above their 99.5 % quantiles on held-out inputs under the "
+            "training augmentation",
             "latent_mean": lat_mean.tolist(),
             "latent_precision": prec.tolist(),
             "reconstruction_threshold": float(np.quantile(err, 0.995)),
             "latent_threshold": float(np.quantile(maha, 0.995)),
-            "reconstruction_quantiles": {
-                str(q): float(np.quantile(err, q)) for q in (0.5, 0.9, 0.99, 0.995)
-            },
-            "latent_quantiles": {
-                str(q): float(np.quantile(maha, q)) for q in (0.5, 0.9, 0.99, 0.995)
-            },
+            "reconstruction_quantiles": {str(q): float(np.quantile(err, q)) for q in qs},
+            "latent_quantiles": {str(q): float(np.quantile(maha, q)) for q in qs},
         }
-        return calibration, ood
 
     # ---------------------------------------------------------------- baseline
     def train_baseline(self) -> BaselineCNN:
@@ -379,6 +413,44 @@ def _coverage_scale(z: NDArray[np.floating], target: float) -> float:
     zs = np.sort(np.asarray(z, dtype=np.float64))
     k = min(len(zs) - 1, max(0, math.ceil(target * len(zs)) - 1))
     return float(max(zs[k], 1e-6))
+
+
+def fit_calibration(
+    err: NDArray[np.floating],
+    std_raw: NDArray[np.floating],
+    recon_ratio: NDArray[np.floating],
+    *,
+    target: float = ONE_SIGMA,
+    powers: NDArray[np.floating] | None = None,
+) -> tuple[float, float]:
+    """(scale, power) with ``std = std_raw * scale * recon_ratio ** power`` calibrated.
+
+    For each power on a grid (0..3), the scale gives coverage ``target`` overall; the power
+    kept is the one whose coverage is closest to ``target`` in the worst of the five
+    quintiles of ``recon_ratio`` (the smallest power among ties).
+
+    Parameters
+    ----------
+    err
+        (n,) |mean - truth|.
+    std_raw
+        (n,) uncalibrated std.
+    recon_ratio
+        (n,) reconstruction error over its reference (median).
+    """
+    grid = np.linspace(0.0, 3.0, 31) if powers is None else np.asarray(powers)
+    r = np.maximum(np.asarray(recon_ratio, dtype=np.float64), 1e-12)
+    edges = np.quantile(r, np.linspace(0, 1, 6))
+    bins = np.clip(np.searchsorted(edges, r, side="right") - 1, 0, 4)
+    best = (np.inf, 1.0, 0.0)
+    for power in grid:
+        z = np.asarray(err) / (np.asarray(std_raw) * r**power)
+        scale = _coverage_scale(z, target)
+        inside = z <= scale
+        worst = max(abs(float(inside[bins == b].mean()) - target) for b in range(5))
+        if worst < best[0] - 1e-9:
+            best = (worst, scale, float(power))
+    return best[1], best[2]
 
 
 def plot_losses(history: dict[str, list[float]], out: Path, title: str) -> Path:
@@ -515,6 +587,58 @@ def train_model(
         "n_holdout": len(trainer.hold_x),
         "minutes": minutes,
         "calibration_std_scale": calibration["std_scale"],
+        "calibration_noise_power": calibration["noise_power"],
         "coverage_1sigma_heldout_by_condition": calibration["coverage_1sigma_heldout_by_condition"],
         "loss_curves": str(out / "loss_curves.png"),
+    }
+
+
+def recalibrate_model(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Redo step 5 (calibration, out-of-domain thresholds) of a trained model in place.
+
+    ``data`` must be the training set the model was trained on (same size and seed): its
+    held-out part is used. The networks are not touched; ``model.json`` gets the new
+    ``calibration`` and ``ood`` and the command under ``provenance.calibration_command``.
+    """
+    import json
+
+    from .artifact import load_model
+
+    model = load_model(model_dir)
+    meta = json.loads((model.path / "model.json").read_text())
+    ds = load_training_set(data, model.material)
+    prov = meta["provenance"]["training_set"]
+    if (ds["attrs"]["n_spectra"], ds["attrs"]["seed"]) != (prov["n_spectra"], prov["seed"]):
+        raise TrainingError(
+            f"{data} has {ds['attrs']['n_spectra']} spectra with seed {ds['attrs']['seed']}, "
+            f"the model was trained on {prov['n_spectra']} with seed {prov['seed']}"
+        )
+    saved = dict(meta["training"]["config"])
+    aug: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in dict(saved.pop("augment")).items()
+    }
+    cfg = TrainConfig(**saved, augment=AugmentConfig(**aug))
+    torch.set_num_threads(max(1, cfg.threads))
+    t0 = time.perf_counter()
+    trainer = _Trainer(ds, model.coverage, cfg, progress)
+    calibration, ood = trainer.calibrate(model.vae, model.regressor)
+    meta["calibration"], meta["ood"] = calibration, ood
+    meta["provenance"]["calibration_command"] = command
+    meta["training"]["minutes"]["recalibration"] = round((time.perf_counter() - t0) / 60, 3)
+    (model.path / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return {
+        "out": str(model.path),
+        "calibration_std_scale": calibration["std_scale"],
+        "calibration_noise_power": calibration["noise_power"],
+        "coverage_1sigma_heldout_by_condition": calibration["coverage_1sigma_heldout_by_condition"],
+        "coverage_1sigma_heldout_by_recon_quintile": calibration[
+            "coverage_1sigma_heldout_by_recon_quintile"
+        ],
+        "minutes": meta["training"]["minutes"]["recalibration"],
     }
