@@ -1,0 +1,82 @@
+"""Closed-loop benchmark: strategy orders, the target rule, and a small real loop."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from steering.closedloop import _to_target, spread_order
+from steering.exceptions import AdvisorError
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "ge"
+
+
+def test_spread_order_is_coarse_to_fine_and_complete() -> None:
+    order = spread_order(120)
+    assert sorted(order) == list(range(120))
+    assert order[:15] == list(range(0, 120, 8))
+    assert order[15:30] == list(range(4, 120, 8))
+    assert spread_order(8, coarse=4) == [0, 4, 2, 6, 1, 3, 5, 7]
+
+
+def test_orientations_to_target_needs_the_error_to_stay_within_the_band() -> None:
+    # within 10 % of 1.0 from the 3rd on, though the 2nd dipped in and out
+    assert _to_target([3.0, 1.05, 2.0, 1.08, 0.9, 1.0], 1.0, 0.1) == 4
+    assert _to_target([1.0, 1.0], 1.0, 0.1) == 1
+    assert _to_target([5.0, 4.0, 1.0], 1.0, 0.1) == 3
+
+
+def test_closed_loop_on_the_committed_ge_model(tmp_path: Path) -> None:
+    """Six candidates, two strategies, small runs: every strategy measures every
+    candidate once, and after all of them all reach the same (target) error."""
+    from steering.closedloop import closed_loop
+
+    r = closed_loop(
+        "Ge",
+        "raman",
+        model=MODEL,
+        strategies=["advisor", "sequential"],
+        budget=6,
+        seeds=1,
+        candidates=np.arange(0.0, 60.0, 10.0),
+        events_per_orientation=2e4,
+        progress=False,
+        plot=tmp_path / "curves.png",
+    )
+    target = r["target_error"][0]
+    for name in ("advisor", "sequential"):
+        entry = r["strategies"][name]
+        curve = entry["curve"][0]
+        assert len(curve["error"]) == len(curve["std"]) == 6
+        # (sums in another order: float rounding only)
+        assert entry["final_error"][0] == pytest.approx(target, rel=1e-4)
+        assert 1 <= entry["orientations_to_target"][0] <= 6
+    assert "advisor/sequential" in r["ratios"]
+    assert r["advisor_rank_seconds_median"] < 5
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    with pytest.raises(AdvisorError, match="unknown strategy"):
+        closed_loop("Ge", "raman", model=MODEL, strategies=["bogus"], budget=2, seeds=1)
+
+
+def test_advise_rank_cli_errors_and_coverage_mode() -> None:
+    def steer(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "steering.cli", "advise", "rank", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    empty = steer("--candidates", "10:10")
+    assert empty.returncode == 2
+    assert "empty" in empty.stderr
+    far = steer("--candidates", "400:420")
+    assert far.returncode == 2
+    assert "goniometer limits" in far.stderr
+    ok = steer("--candidates", "0:30:10", "--json")
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert out["basis"] == "coverage"
+    assert "coverage alone" in out["note"]
+    assert [c["omega"] for c in out["candidates"]] != []
