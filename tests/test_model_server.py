@@ -118,6 +118,27 @@ def test_r2_scores_reference():
     assert_allclose(r2_scores(t, p), [0.0, 0.8])
 
 
+def test_fit_calibration_recovers_a_noise_power():
+    """Errors whose spread grows as recon^0.8 while the raw std is flat: the fit finds the
+    power and covers 68 % in every noise quintile (plain temperature scaling cannot)."""
+    from model_server.training import fit_calibration
+
+    rng = np.random.default_rng(6)
+    n = 20000
+    recon = np.exp(rng.uniform(-1.5, 1.5, n))
+    std_raw = np.full(n, 0.1)
+    err = np.abs(rng.normal(0.0, 0.05 * recon**0.8))
+    scale, power = fit_calibration(err, std_raw, recon)
+    assert power == pytest.approx(0.8, abs=0.15)
+    std = std_raw * scale * recon**power
+    for lo, hi in ((0.2, 0.4), (0.9, 1.1), (3.0, 4.5)):
+        sel = (recon > lo) & (recon < hi)
+        assert np.mean(err[sel] <= std[sel]) == pytest.approx(0.683, abs=0.04)
+    flat_scale, _ = fit_calibration(err, std_raw, recon, powers=np.array([0.0]))
+    low = recon < 0.4
+    assert np.mean(err[low] <= std_raw[low] * flat_scale) > 0.9  # far too wide there
+
+
 # ------------------------------------------------------------------ coverage and augmentation
 
 
@@ -336,6 +357,26 @@ def test_estimate_folded_file_and_cli(tiny, ge, capsys):
     err = capsys.readouterr().err
     assert nb.grid.fingerprint in err
     assert ge.grid.fingerprint in err
+
+
+def test_recalibrate_in_place(tiny, tmp_path, capsys):
+    import shutil
+
+    from steering.cli import main
+
+    tmp, _ = tiny
+    copy = tmp_path / "m"
+    shutil.copytree(tmp / "model", copy)
+    before = json.loads((copy / "model.json").read_text())
+    args = ["train", "--material", "Ge", "--data", str(tmp / "ge.h5"), "--out", str(copy)]
+    main([*args, "--calibrate-only", "--quiet", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    after = json.loads((copy / "model.json").read_text())
+    assert after["provenance"]["calibration_command"].startswith("steer ")  # argv of the process
+    assert after["calibration"]["std_scale"] == out["calibration_std_scale"]
+    assert after["calibration"]["reference_recon"] > 0
+    assert (copy / "weights.pt").read_bytes() == (tmp / "model" / "weights.pt").read_bytes()
+    assert after["fc_names"] == before["fc_names"]
 
 
 def test_artifact_errors(tiny, tmp_path):
