@@ -333,6 +333,8 @@ def closed_loop(
     if rank_times:
         result["advisor_rank_seconds_median"] = float(np.median(rank_times))
     result["influential_fcs"] = list(fc_names[:n_influential])
+    result["model_version"] = estimator.estimate(full, mask).model_version
+    result["events_per_orientation"] = events_per_orientation
     result["seconds"] = time.perf_counter() - t_start
     if plot is not None:
         plot_curves(result, plot)
