@@ -22,7 +22,7 @@ from streaming_data_types.run_start_pl72 import deserialise_pl72
 from simulations.instrument import Instrument, Orientation
 from simulations.materials import setup
 
-from .accumulate import OrientationRecord, RunAccumulator
+from .accumulate import OrientationRecord, RunAccumulator, Snapshot
 from .exceptions import ConsumerError
 from .folding import DROP_REASONS, Folder, FoldTable
 from .segment import Chunk, Segmenter
@@ -92,6 +92,10 @@ class RunPipeline:
         self._jobs: deque[tuple[Chunk, Future[_Folded]]] = deque()
         #: seconds of fold + coverage of each collected orientation (the caller drains it)
         self.fold_seconds: list[float] = []
+        #: with ``keep_snapshots``: the cumulative spectrum as it stood after each collected
+        #: orientation, by index (the caller pops them)
+        self.keep_snapshots = False
+        self.snapshots: dict[int, Snapshot] = {}
         self.tolerance = float(tolerance)
         self.voxels = int(voxels)
         self.meta: dict[str, Any] | None = None
@@ -220,6 +224,8 @@ class RunPipeline:
                 )
             )
             self.fold_seconds.append(seconds)
+            if self.keep_snapshots:
+                self.snapshots[out[-1].index] = self.acc.snapshot()
         return out
 
     def close(self) -> None:

@@ -143,6 +143,7 @@ class ConsumerService:
         self._tolerance = float(tolerance)
         self.pipeline = RunPipeline(mode=mode, tolerance=tolerance)
         self.on_snapshot = on_snapshot
+        self.pipeline.keep_snapshots = on_snapshot is not None
         self.on_run_complete = on_run_complete
         self.follow = follow
         #: summaries of the runs completed by this state dir, oldest first
@@ -257,12 +258,13 @@ class ConsumerService:
             self._checkpoint()
             self.source.commit(self.next_offsets)
             saved, self._unsaved = self._unsaved, []
-            # snapshots go out once what they show is checkpointed
+            # snapshots go out once what they show is checkpointed, each as the spectrum
+            # stood after its orientation
             if self.on_snapshot is not None and self.pipeline.acc is not None:
-                snap = self.pipeline.acc.snapshot()
                 for rec in saved:
+                    snap = self.pipeline.snapshots.pop(rec.index, None)
                     try:
-                        self.on_snapshot(snap, rec)
+                        self.on_snapshot(snap or self.pipeline.acc.snapshot(), rec)
                     except Exception:
                         logger.exception("snapshot hand-off failed (orientation %d)", rec.index)
         if became_done and self.on_run_complete is not None and self.pipeline.acc is not None:
@@ -351,6 +353,7 @@ class ConsumerService:
         self._bluesky_started = False
         self.pipeline.close()
         self.pipeline = RunPipeline(mode=self._mode, tolerance=self._tolerance)
+        self.pipeline.keep_snapshots = self.on_snapshot is not None
         self.done = False
         self._moving_seen = 0
         completed = self._route(held, fresh=False)

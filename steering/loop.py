@@ -1,0 +1,288 @@
+"""Snapshot -> estimate -> advice: the model server and the advisor beside a consumer.
+
+:class:`SteeringLoop` is a :class:`consumers.service.SnapshotSink`. After every completed
+orientation it estimates the FCs of the cumulative folded spectrum
+(:class:`model_server.inference.Estimator`), ranks the candidate angles
+(:class:`steering.advisor.Advisor`) under that estimate, keeps both in its history and hands
+the advice to its sinks:
+
+* :class:`KafkaAdviceSink`: the ranking as JSON on ``<prefix>_advice`` (key: run id) and the
+  same as bluesky documents (a ``steer_advice`` run: one Event per update in the
+  ``advice`` stream) on ``<prefix>_advice_docs``, in the ``bluesky-json`` convention of the
+  run topics (kept off the run's own bluesky topic, whose consumer would take a second
+  RunStart for a new run);
+* :class:`AdviceDocuments` alone, with any ``(name, doc)`` callback (a bluesky Publisher,
+  a RunEngine subscription, a list in tests).
+
+The candidates' coverages come from the run's metadata (instrument, mounting, Ei; the
+planned angles by default) and are computed on a background thread when the run starts;
+until they are all ready, the ranking covers the ones that are (and says how many).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .advisor import Advisor
+from .exceptions import AdvisorError
+
+__all__ = ["AdviceDocuments", "CandidateCoverage", "KafkaAdviceSink", "SteeringLoop"]
+
+logger = logging.getLogger(__name__)
+
+AdviceSink = Callable[[dict[str, Any]], None]
+
+
+def _key(dtype: str, shape: list[int] | None = None, units: str = "") -> dict[str, Any]:
+    """An event-model data key of the advice stream."""
+    key: dict[str, Any] = {"source": "steer", "dtype": dtype, "shape": shape or []}
+    if units:
+        key["units"] = units
+    return key
+
+
+class AdviceDocuments:
+    """Advice as a bluesky run of its own: start, an ``advice`` descriptor, one Event per
+    update (best angle, its score, the top angles and scores, the estimate), stop.
+
+    ``emit(name, doc)`` receives the documents (event-model's schemas).
+    """
+
+    def __init__(
+        self, emit: Callable[[str, dict[str, Any]], None], *, run_id: str, material: str
+    ) -> None:
+        self.emit = emit
+        self.run_id = run_id
+        self.material = material
+        self._bundle: Any = None
+        self._desc: Any = None
+
+    def publish(self, advice: dict[str, Any]) -> None:
+        """One advice update as an Event (the run and descriptor open on the first)."""
+        import event_model
+
+        now = time.time()
+        ranking = advice["ranking"]
+        top = ranking["candidates"][:10]
+        if self._bundle is None:
+            self._bundle = event_model.compose_run(
+                time=now,
+                metadata={
+                    "plan_name": "steer_advice",
+                    "run_id": self.run_id,
+                    "material": self.material,
+                    "fc_names": ranking["fc_names"],
+                },
+            )
+            self.emit("start", dict(self._bundle.start_doc))
+            self._desc = self._bundle.compose_descriptor(
+                name="advice",
+                data_keys={
+                    "n_orientations": _key("integer"),
+                    "best_omega": _key("number", units="deg"),
+                    "best_score": _key("number"),
+                    "top_omegas": _key("array", [len(top)], units="deg"),
+                    "top_scores": _key("array", [len(top)]),
+                    "basis": _key("string"),
+                    "fc_mean": _key("array", [len(ranking["fc_names"])], units="eV/A^2"),
+                    "fc_std": _key("array", [len(ranking["fc_names"])], units="eV/A^2"),
+                },
+                time=now,
+            )
+            self.emit("descriptor", dict(self._desc.descriptor_doc))
+        est = advice.get("estimate") or {}
+        names = ranking["fc_names"]
+        data = {
+            "n_orientations": int(advice["n_orientations"]),
+            "best_omega": float(top[0]["omega"]) if top else float("nan"),
+            "best_score": float(top[0]["score"]) if top else float("nan"),
+            "top_omegas": [float(c["omega"]) for c in top],
+            "top_scores": [float(c["score"]) for c in top],
+            "basis": str(ranking["basis"]),
+            "fc_mean": [float(est["fc"][n]["mean"]) for n in names] if est else [],
+            "fc_std": [float(est["fc"][n]["std"]) for n in names] if est else [],
+        }
+        event = self._desc.compose_event(data=data, timestamps=dict.fromkeys(data, now), time=now)
+        self.emit("event", dict(event))
+
+    def close(self, exit_status: str = "success") -> None:
+        """Close the advice run (a stop document), if one was opened."""
+        if self._bundle is not None:
+            self.emit("stop", dict(self._bundle.compose_stop(exit_status=exit_status)))
+            self._bundle = None
+
+
+class KafkaAdviceSink:
+    """Advice to Kafka: JSON on ``<prefix>_advice``, bluesky documents on
+    ``<prefix>_advice_docs`` (``schema: bluesky-json`` header, payload ``[name, doc]``)."""
+
+    def __init__(self, bootstrap: str, prefix: str, *, run_id: str, material: str) -> None:
+        from kafka import KafkaProducer
+
+        from consumers.kafka import ensure_topics
+
+        self.topic = f"{prefix}_advice"
+        self.docs_topic = f"{prefix}_advice_docs"
+        ensure_topics(bootstrap, [self.topic, self.docs_topic])
+        self._producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=8 << 20)
+        self._key = run_id.encode()
+        self.documents = AdviceDocuments(self._send_doc, run_id=run_id, material=material)
+
+    def _send_doc(self, name: str, doc: dict[str, Any]) -> None:
+        from simulations.jsonutil import json_default
+
+        payload = json.dumps([name, doc], default=json_default).encode()
+        self._producer.send(
+            self.docs_topic,
+            value=payload,
+            key=self._key,
+            headers=[("schema", b"bluesky-json"), ("document", name.encode())],
+        )
+
+    def __call__(self, advice: dict[str, Any]) -> None:
+        from simulations.jsonutil import json_default
+
+        self._producer.send(
+            self.topic,
+            value=json.dumps(advice, default=json_default).encode(),
+            key=self._key,
+            headers=[("schema", b"steer-advice-json")],
+        )
+        self.documents.publish(advice)
+
+    def close(self) -> None:
+        self.documents.close()
+        self._producer.flush()
+        self._producer.close()
+
+
+class CandidateCoverage:
+    """Coverages of candidate angles for one run, computed on a background thread.
+
+    ``meta`` is the run's pl72 metadata (``material``, ``instrument``, ``orientation``,
+    ``ei_meV``, ``planned_omegas_deg``); ``omegas`` default to the planned angles.
+    """
+
+    def __init__(self, meta: dict[str, Any], omegas: Sequence[float] | None = None) -> None:
+        from consumers.folding import Folder, FoldTable
+        from simulations.instrument import Instrument, Orientation
+        from simulations.materials import setup
+
+        ms = setup(str(meta["material"]))
+        ins = Instrument.from_metadata(dict(meta["instrument"]))
+        o = meta["orientation"]
+        orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
+        w = meta.get("planned_omegas_deg", []) if omegas is None else omegas
+        self.omegas = np.asarray(ins.check_omegas(np.asarray(w, dtype=float)), dtype=float)
+        self._folder = Folder(
+            FoldTable.cached(ms.crystal, ms.grid), ms.grid, ins, orientation, float(meta["ei_meV"])
+        )
+        self._done: list[NDArray[np.float64]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="candidate-coverage", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        for w in self.omegas:
+            cov = self._folder.coverage(float(w))
+            with self._lock:
+                self._done.append(cov)
+
+    def ready(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """(omegas, coverages) of the candidates computed so far."""
+        with self._lock:
+            n = len(self._done)
+            cov = np.stack(self._done) if n else np.zeros((0, *self._folder.grid.shape))
+        return self.omegas[:n], cov
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for all; True when done."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class SteeringLoop:
+    """Estimate and advise after every completed orientation (a snapshot sink).
+
+    Parameters
+    ----------
+    estimator
+        The model server (``estimate(intensity, mask) -> Estimate``).
+    advisor
+        The run's advisor.
+    candidates
+        Candidate angles and their coverage (:class:`CandidateCoverage`).
+    sinks
+        Called with every advice dict.
+    run_id
+        The run's id (in every advice).
+    """
+
+    def __init__(
+        self,
+        estimator: Any,
+        advisor: Advisor,
+        candidates: CandidateCoverage,
+        *,
+        sinks: Sequence[AdviceSink] = (),
+        run_id: str = "",
+    ) -> None:
+        self.estimator = estimator
+        self.advisor = advisor
+        self.candidates = candidates
+        self.sinks = list(sinks)
+        self.run_id = run_id
+        self.history: list[dict[str, Any]] = []
+        self.measured: list[float] = []
+
+    def __call__(self, snapshot: Any, record: Any) -> None:
+        """A completed orientation: estimate, rank, publish."""
+        self.measured.append(float(record.omega))
+        t0 = time.perf_counter()
+        est = self.estimator.estimate(snapshot.intensity, snapshot.mask)
+        omegas, coverage = self.candidates.ready()
+        advice: dict[str, Any] = {
+            "run_id": self.run_id,
+            "n_orientations": int(snapshot.n_orientations),
+            "omega": float(record.omega),
+            "estimate": est.to_dict(),
+            "candidates_ready": len(omegas),
+            "candidates_total": len(self.candidates.omegas),
+        }
+        if len(omegas):
+            try:
+                ranking = self.advisor.rank(
+                    omegas,
+                    coverage,
+                    mean=est.mean,
+                    std=est.std,
+                    counts=snapshot.counts,
+                    exposure=snapshot.exposure,
+                    measured=self.measured,
+                    charge=max(float(record.proton_charge), 1e-9),
+                )
+                advice["ranking"] = ranking.to_dict(top=20)
+            except AdvisorError as exc:
+                logger.warning("no advice after orientation %d: %s", record.index, exc)
+                advice["ranking"] = None
+                advice["error"] = str(exc)
+        else:
+            advice["ranking"] = None
+            advice["error"] = "candidate coverages are still being computed"
+        advice["seconds"] = time.perf_counter() - t0
+        self.history.append(advice)
+        if advice["ranking"] is None:
+            return
+        for sink in self.sinks:
+            try:
+                sink(advice)
+            except Exception:
+                logger.exception("advice sink failed (orientation %d)", record.index)
