@@ -150,6 +150,8 @@ class KafkaAdviceSink:
     def __call__(self, advice: dict[str, Any]) -> None:
         from simulations.jsonutil import json_default
 
+        if advice.get("ranking") is None:  # an estimate without a ranking: nothing to advise
+            return
         self._producer.send(
             self.topic,
             value=json.dumps(advice, default=json_default).encode(),
@@ -221,7 +223,8 @@ class SteeringLoop:
     candidates
         Candidate angles and their coverage (:class:`CandidateCoverage`).
     sinks
-        Called with every advice dict.
+        Called with every advice dict (``ranking`` is None while no candidate coverage is
+        ready or the advisor refused the input; ``error`` says why).
     run_id
         The run's id (in every advice).
     """
@@ -279,8 +282,6 @@ class SteeringLoop:
             advice["error"] = "candidate coverages are still being computed"
         advice["seconds"] = time.perf_counter() - t0
         self.history.append(advice)
-        if advice["ranking"] is None:
-            return
         for sink in self.sinks:
             try:
                 sink(advice)
