@@ -95,6 +95,8 @@ class RunPipeline:
         #: with ``keep_snapshots``: the cumulative spectrum as it stood after each collected
         #: orientation, by index (the caller pops them)
         self.keep_snapshots = False
+        #: orientations whose fold failed (lost; see :meth:`collect`)
+        self.failed: list[dict[str, Any]] = []
         self.snapshots: dict[int, Snapshot] = {}
         self.tolerance = float(tolerance)
         self.voxels = int(voxels)
@@ -139,10 +141,19 @@ class RunPipeline:
             if schema == "ev44":
                 ev = deserialise_ev44(payload)
                 tof = np.asarray(ev.time_of_flight)
-                if len(ev.pixel_id) != len(tof) or (
-                    len(ev.reference_time_index) and ev.reference_time_index.max() > len(tof)
+                index = np.asarray(ev.reference_time_index, dtype=np.int64)
+                pulses = np.asarray(ev.reference_time)
+                if (
+                    len(ev.pixel_id) != len(tof)
+                    or len(pulses) != len(index)
+                    or (len(tof) and (len(index) == 0 or index[0] != 0))
+                    or (len(index) and (index.max() > len(tof) or np.any(np.diff(index) < 0)))
                 ):
-                    raise MalformedMessage("malformed_ev44", "inconsistent array lengths")
+                    raise MalformedMessage(
+                        "malformed_ev44",
+                        "inconsistent arrays (pixel ids, times of flight, pulse times and "
+                        "their start indices)",
+                    )
                 self.n_events += len(tof)
                 chunks = self.segmenter.on_events(
                     ev.reference_time, ev.reference_time_index, tof, ev.pixel_id
@@ -195,8 +206,9 @@ class RunPipeline:
         """Add the orientations whose fold is done, in the order they closed; with
         ``block``, wait for all of them. Returns the completed orientations.
 
-        Raises whatever the fold of an orientation raised (that orientation is lost, and
-        logged with its angle and window).
+        An orientation whose fold raised (a bug, never bad input: that is refused before)
+        is lost: it is logged with its angle and window and listed in :attr:`failed`, and
+        the others go on.
         """
         out: list[OrientationRecord] = []
         assert self.acc is not None or not self._jobs
@@ -204,14 +216,23 @@ class RunPipeline:
             chunk, job = self._jobs.popleft()
             try:
                 counts, coverage, dropped, seconds = job.result()
-            except Exception:
+            except Exception as exc:
                 logger.exception(
-                    "orientation at omega %s [%d, %d) could not be folded",
+                    "orientation at omega %s [%d, %d) could not be folded; it is lost",
                     chunk.omega,
                     chunk.start_ns,
                     chunk.stop_ns,
                 )
-                raise
+                self.failed.append(
+                    {
+                        "omega": chunk.omega,
+                        "start_ns": chunk.start_ns,
+                        "stop_ns": chunk.stop_ns,
+                        "events": len(chunk.pixel_id),
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
+                continue
             assert self.acc is not None
             out.append(
                 self.acc.add(
@@ -301,6 +322,8 @@ class RunPipeline:
                 folded += rec.folded
         if self.segmenter is not None:
             dropped["moving"] += self.segmenter.moving
+        for f in self.failed:
+            dropped["fold_failed"] += int(f["events"])
         return {
             "orientations": len(self.acc.records) if self.acc else 0,
             "events_folded": folded,
@@ -346,6 +369,7 @@ class RunPipeline:
             ],
             "stopped": self.stopped,
             "n_events": self.n_events,
+            "failed": self.failed,
         }, arrays
 
     def restore(self, js: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -376,3 +400,4 @@ class RunPipeline:
                 )
             )
         self.stopped = bool(js.get("stopped", False))
+        self.failed = list(js.get("failed", []))

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -399,7 +400,8 @@ class ConsumerService:
         With ``follow``, go on with the runs that follow. A state dir whose run is already
         complete returns at once unless messages of a next run were held.
         """
-        old = signal.signal(signal.SIGTERM, self._request_stop)
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, self._request_stop) if main else None
         last = time.monotonic()
         finished = len(self.finished_runs)
         try:
@@ -415,7 +417,8 @@ class ConsumerService:
             # leaving: the orientations still folding are checkpointed before we go
             self._finish_step(self.pipeline.collect(block=True), False)
         finally:
-            signal.signal(signal.SIGTERM, old)
+            if main:
+                signal.signal(signal.SIGTERM, old)
 
     def _request_stop(self, *_: object) -> None:
         self._stop_requested = True

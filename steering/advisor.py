@@ -317,8 +317,9 @@ class Advisor:
         new_bins = ((cov > 0) & (have[None, :] <= 0) & useful[None, :]).sum(axis=1)
         done = np.array([any(abs(x - m) < 1e-6 for m in measured) for x in w])
         if mean is None:
-            floor = 1e-3 * float(np.median(cov[cov > 0])) if np.any(cov > 0) else 1.0
-            gain = np.log1p(cov[:, useful] / np.maximum(have[useful], floor)[None, :]).sum(1)
+            add = cov[:, useful] * charge  # exposure each candidate would add (uC sr meV)
+            floor = 1e-3 * float(np.median(add[add > 0])) if np.any(add > 0) else 1.0
+            gain = np.log1p(add / np.maximum(have[useful], floor)[None, :]).sum(1)
             ranked = [
                 RankedCandidate(
                     omega=float(w[i]),
@@ -347,9 +348,10 @@ class Advisor:
                 f"got {theta.shape[0]}"
             )
         if covariance is not None:
-            c0 = np.asarray(covariance, dtype=float) / np.outer(self.width, self.width)
-            if c0.shape != (n_fc, n_fc) or not np.all(np.isfinite(c0)):
+            c_in = np.asarray(covariance, dtype=float)
+            if c_in.shape != (n_fc, n_fc) or not np.all(np.isfinite(c_in)):
                 raise AdvisorError(f"covariance must be a finite ({n_fc}, {n_fc}) matrix")
+            c0 = c_in / np.outer(self.width, self.width)
         elif std is not None:
             s = np.asarray(std, dtype=float).ravel()
             if s.shape != (n_fc,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
@@ -368,9 +370,13 @@ class Advisor:
             kappa = float(counts_scale)
         elif counts is not None and exposure is not None:
             n = np.asarray(counts, dtype=float).ravel()
+            if n.shape != have.shape:
+                raise AdvisorError(f"counts must have shape ({n_q}, {n_e})")
             ok = useful & (have > 0) & np.isfinite(n)
             expected = (have * signal)[ok].sum()
-            kappa = float(n[ok].sum() / expected) if expected > 0 else 1.0
+            # counts = kappa * exposure * g I + beta * exposure
+            net = n[ok].sum() - self.background * have[ok].sum()
+            kappa = float(net / expected) if expected > 0 and net > 0 else 1.0
         else:
             kappa = 1.0
         if not kappa > 0:

@@ -74,6 +74,9 @@ def rank_cmd(
         float, typer.Option("--charge", help="Proton charge of one orientation, uC.")
     ] = 23.3,
     ei: Annotated[float | None, typer.Option("--ei", help="Incident energy, meV.")] = None,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Sample temperature, K (Bose factor).")
+    ] = 5.0,
     top: Annotated[int, typer.Option("--top", help="Candidates to print.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -92,10 +95,11 @@ def rank_cmd(
     omegas = candidate_omegas(*_range(candidates), ins)
     done = list(candidate_omegas(*_range(measured), ins)) if measured else []
     ms = setup(material)
-    advisor = Advisor(material, material_setup=ms)
+    advisor = Advisor(material, material_setup=ms, temperature=temperature)
     kwargs: dict[str, Any] = {}
     if estimate is not None:
         kwargs["mean"], kwargs["std"] = _estimate_from(estimate, advisor.fc_names)
+        kwargs["counts_scale"] = counts_scale
     elif fc is not None:
         ref = load_reference(material)
         _, full = resolve_fc(material, fc, ms)

@@ -137,15 +137,16 @@ def _error(
     return float(np.sqrt(np.mean(((mean[:k] - truth[:k]) / width[:k]) ** 2)))
 
 
-def _to_target(errors: Sequence[float], target: float, tolerance: float) -> int:
-    """First count n (1-based) from which every error is within ``tolerance`` of target."""
+def _to_target(errors: Sequence[float], target: float, tolerance: float) -> int | None:
+    """First count n (1-based) from which every error is within ``tolerance`` of target
+    (at most ``(1 + tolerance) target``; lower is within too); None if the last is not."""
     limit = target * (1.0 + tolerance)
     n = len(errors)
     for i in range(len(errors) - 1, -1, -1):
         if errors[i] > limit:
             break
         n = i
-    return n + 1
+    return n + 1 if n < len(errors) else None
 
 
 def _strategy_order(name: str, n: int, rng: np.random.Generator) -> list[int] | None:
@@ -320,8 +321,17 @@ def closed_loop(
                 rank_times += run["rank_seconds"]
             bar.update()
     bar.close()
+    # a seed that never reached the target counts as needing more than the budget
     med = {
-        s: float(np.median(result["strategies"][s]["orientations_to_target"])) for s in strategies
+        s: float(
+            np.median(
+                [
+                    budget + 1 if n is None else n
+                    for n in result["strategies"][s]["orientations_to_target"]
+                ]
+            )
+        )
+        for s in strategies
     }
     if "advisor" in med:
         result["ratios"] = {

@@ -176,6 +176,60 @@ def test_malformed_messages_are_counted_and_skipped(ge_run, tmp_path) -> None:  
     assert summary["events_folded"] == good["events_folded"]
 
 
+def test_ev44_with_inconsistent_pulse_index_is_refused_not_poisonous(ge_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """ev44 whose pulse-start index does not start at 0, or has no pulses for its events,
+    decodes, but would corrupt the segmenter: refused as malformed_ev44, the run unharmed."""
+    from streaming_data_types.eventdata_ev44 import serialise_ev44
+
+    bad = tmp_path / "bad_index.steer"
+    with RunReader(ge_run) as reader, RunWriter(bad, metadata=reader.metadata) as writer:
+        for i, msg in enumerate(reader):
+            writer.write(msg)
+            if i == 60:
+                for ref, idx in (([1_700_000_000_000_000_000], [2]), ([], [])):
+                    payload = serialise_ev44(
+                        "bad",
+                        1,
+                        ref,
+                        idx,
+                        np.array([5000000, 6000000, 7000000]),
+                        np.array([1, 2, 3]),
+                    )
+                    writer.write(
+                        RecordedMessage(
+                            topic=msg.topic,
+                            key=msg.key,
+                            timestamp_ns=msg.timestamp_ns,
+                            headers=(("schema", b"ev44"),),
+                            payload=bytes(payload),
+                        )
+                    )
+    summary, acc = fold_recorded_run(bad, mode="bluesky", progress=False)
+    good, good_acc = fold_recorded_run(ge_run, mode="bluesky", progress=False)
+    assert summary["malformed"] == {"malformed_ev44": 2}
+    assert summary["orientations"] == good["orientations"]
+    np.testing.assert_array_equal(acc.counts, good_acc.counts)
+
+
+def test_a_failing_fold_loses_one_orientation_loudly_not_the_run(ge_run, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A bug in the fold of one orientation (simulated) must not stop the consumer: that
+    orientation is logged, listed and counted as dropped; the others are folded."""
+    good, good_acc = fold_recorded_run(ge_run, mode="bluesky", progress=False)
+    original = Folder.fold
+    victim = good_acc.records[1].omega
+
+    def fold(self, pixel_id, tof_ns, omega, counts=None):  # type: ignore[no-untyped-def]
+        if omega == victim:
+            raise RuntimeError("simulated bug")
+        return original(self, pixel_id, tof_ns, omega, counts)
+
+    monkeypatch.setattr(Folder, "fold", fold)
+    summary, acc = fold_recorded_run(ge_run, mode="bluesky", progress=False)
+    assert summary["orientations"] == good["orientations"] - 1
+    assert summary["dropped_by_reason"]["fold_failed"] == good_acc.records[1].events
+    assert victim not in [r.omega for r in acc.records]
+
+
 def test_steer_fold_json_contract(ge_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "iqe.h5"
     proc = subprocess.run(

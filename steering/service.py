@@ -1,0 +1,221 @@
+"""The running service: consumer + model server + advisor + run history + API state.
+
+:class:`SteeringService` consumes the run topics of an instrument prefix
+(:class:`consumers.service.ConsumerService`, following run after run) on a thread. After
+every completed orientation a :class:`steering.loop.SteeringLoop` estimates the FCs and
+ranks the candidate angles; the estimate and advice go to the run history
+(:class:`steering.db.History`), to Kafka (``<prefix>_advice``, ``<prefix>_advice_docs``) and
+to the live state the API serves (:class:`steering.api.LiveState`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .api import LiveState
+from .db import History
+
+__all__ = ["SteeringService"]
+
+logger = logging.getLogger(__name__)
+
+
+class SteeringService:
+    """Consumer, model server and advisor of one instrument prefix, on a thread.
+
+    Parameters
+    ----------
+    bootstrap, prefix
+        Kafka and the instrument's topic prefix.
+    state_dir
+        The consumer's checkpoint folder (runs are exported to ``state_dir/runs``).
+    history
+        The run history.
+    live
+        State shared with the API.
+    model_dir
+        Folder of frozen models, one per material (``<model_dir>/<material lower>``).
+    publish_advice
+        Also publish the advice to Kafka.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        prefix: str,
+        *,
+        state_dir: str | Path,
+        history: History,
+        live: LiveState,
+        model_dir: str | Path = "models",
+        publish_advice: bool = True,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.state_dir = Path(state_dir)
+        self.history = history
+        self.live = live
+        self.model_dir = Path(model_dir)
+        self.publish_advice = publish_advice
+        self._loops: dict[str, Any] = {}
+        self._sinks: dict[str, Any] = {}
+        self._estimators: dict[str, Any] = {}
+        self._thread: threading.Thread | None = None
+        self.service: Any = None
+        self.error: str | None = None
+        self.latencies: list[float] = []
+        live.reload = self.reload_models
+
+    # -- model server ------------------------------------------------------------------------
+
+    def estimator(self, material: str) -> Any:
+        """The (cached) estimator of a material's frozen model."""
+        from model_server.inference import Estimator
+
+        key = material.lower()
+        if key not in self._estimators:
+            path = self.model_dir / key
+            est = Estimator(path)
+            self._estimators[key] = est
+            self.live.model_version = str(est.model.version)
+            self.history.add_model(self.live.model_version, material=material, path=str(path))
+        return self._estimators[key]
+
+    def reload_models(self) -> str:
+        """Drop the loaded models; the next estimate loads them again. Returns a version."""
+        materials = list(self._estimators)
+        self._estimators.clear()
+        for loop in self._loops.values():
+            loop.estimator = self.estimator(loop.advisor.material)
+        for m in materials:
+            if m not in self._estimators:
+                self.estimator(m)
+        return self.live.model_version or "none"
+
+    # -- the consumer's callbacks ------------------------------------------------------------
+
+    def _loop_for(self, meta: dict[str, Any]) -> Any:
+        from .advisor import Advisor
+        from .loop import CandidateCoverage, KafkaAdviceSink, SteeringLoop
+
+        run_id = str(meta.get("run_id", "run"))
+        loop = self._loops.get(run_id)
+        if loop is not None:
+            return loop
+        material = str(meta["material"])
+        rng = self.live.advisor_ranges.get(run_id)
+        omegas = None
+        if rng is not None:
+            import numpy as np
+
+            omegas = list(np.arange(rng["start"], rng["stop"], rng["step"]))
+        candidates = CandidateCoverage(meta, omegas=omegas)
+        sinks: list[Any] = [self._record]
+        if self.publish_advice:
+            sink = KafkaAdviceSink(self.bootstrap, self.prefix, run_id=run_id, material=material)
+            self._sinks[run_id] = sink
+            sinks.append(sink)
+        loop = SteeringLoop(
+            self.estimator(material),
+            Advisor(material, temperature=float(meta.get("temperature_K", 5.0))),
+            candidates,
+            sinks=sinks,
+            run_id=run_id,
+        )
+        self._loops[run_id] = loop
+        self.history.upsert_run(run_id, material=material, state="running")
+        from simulations.materials import setup
+
+        self.live.grids[run_id] = {"energy": setup(material).grid.energy_centres.tolist()}
+        return loop
+
+    def _on_snapshot(self, snapshot: Any, record: Any) -> None:
+        meta = self.service.pipeline.meta or {}
+        run_id = str(meta.get("run_id", "run"))
+        with self.live.lock:
+            self.live.snapshots[run_id] = snapshot
+        t0 = time.perf_counter()
+        self._loop_for(meta)(snapshot, record)
+        self.latencies.append(time.perf_counter() - t0)
+        summary = self.service.summary()
+        summary.pop("finished_runs", None)
+        self.history.upsert_run(
+            run_id,
+            material=str(meta.get("material", "?")),
+            n_orientations=int(snapshot.n_orientations),
+            summary=summary,
+        )
+
+    def _record(self, advice: dict[str, Any]) -> None:
+        run_id = str(advice["run_id"])
+        self.history.add_estimate(
+            run_id,
+            n_orientations=int(advice["n_orientations"]),
+            omega=float(advice["omega"]),
+            estimate=advice["estimate"],
+            latency_s=float(advice.get("seconds", 0.0)),
+        )
+        if advice.get("ranking") is not None:
+            self.history.add_advice(
+                run_id, n_orientations=int(advice["n_orientations"]), ranking=advice["ranking"]
+            )
+
+    def _on_run_complete(self, summary: dict[str, Any], acc: Any) -> None:
+        run_id = str(summary.get("run_id") or (self.service.pipeline.meta or {}).get("run_id"))
+        self.history.upsert_run(
+            run_id,
+            material=str((self.service.pipeline.meta or {}).get("material", "?")),
+            state="complete",
+            summary={k: v for k, v in summary.items() if k != "path"},
+            export_path=str(summary.get("path")) if summary.get("path") else None,
+        )
+        sink = self._sinks.pop(run_id, None)
+        if sink is not None:
+            sink.close()
+
+    # -- thread ------------------------------------------------------------------------------
+
+    def start(self, *, idle_exit_s: float | None = None) -> None:
+        """Start consuming on a thread (follows run after run)."""
+        from consumers.kafka import KafkaSource
+        from consumers.service import ConsumerService
+
+        source = KafkaSource(self.bootstrap, self.prefix)
+        self.service = ConsumerService(
+            source,
+            self.state_dir,
+            on_snapshot=self._on_snapshot,
+            on_run_complete=self._on_run_complete,
+            follow=True,
+        )
+
+        def work() -> None:
+            try:
+                self.service.run(idle_exit_s=idle_exit_s)
+            except Exception as exc:  # the API stays up and says what happened
+                self.error = f"{type(exc).__name__}: {exc}"
+                logger.exception("consumer stopped")
+            finally:
+                source.close()
+
+        self._thread = threading.Thread(target=work, name="consumer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the consumer to stop (it checkpoints) and wait."""
+        if self.service is not None:
+            self.service._request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for sink in self._sinks.values():
+            sink.close()
+        self._sinks.clear()
+
+    @property
+    def running(self) -> bool:
+        """The consumer thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
