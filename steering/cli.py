@@ -572,6 +572,72 @@ def zmq_proxy_cmd(
     proxy.start()
 
 
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str, typer.Option("--host", envvar="STEER_HOST", help="Bind address.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", envvar="STEER_PORT", help="HTTP port.")] = 8000,
+    database: Annotated[
+        str,
+        typer.Option(
+            "--database", envvar="STEER_DATABASE_URL", help="SQLAlchemy URL of the run history."
+        ),
+    ] = "sqlite:///steer.db",
+    bootstrap: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap",
+            envvar="STEER_BOOTSTRAP",
+            help="Kafka to consume from (host:port); without it only the history is served.",
+        ),
+    ] = None,
+    prefix: Annotated[
+        str, typer.Option("--prefix", envvar="STEER_PREFIX", help="Instrument topic prefix.")
+    ] = "arcs",
+    state_dir: Annotated[
+        Path,
+        typer.Option("--state-dir", envvar="STEER_STATE_DIR", help="Consumer checkpoints."),
+    ] = Path("steer_state"),
+    model_dir: Annotated[
+        Path,
+        typer.Option("--model-dir", envvar="STEER_MODEL_DIR", help="Frozen models by material."),
+    ] = Path("models"),
+) -> None:
+    """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
+    consumer, model server and advisor of a prefix. State changes need STEER_API_TOKEN."""
+    import os
+
+    import uvicorn
+
+    from .api import LiveState, create_app
+    from .db import History
+    from .service import SteeringService
+
+    history = History(database)
+    live = LiveState()
+    service = None
+    if bootstrap:
+        service = SteeringService(
+            bootstrap,
+            prefix,
+            state_dir=state_dir,
+            history=history,
+            live=live,
+            model_dir=model_dir,
+        )
+        service.start()
+    token = os.environ.get("STEER_API_TOKEN") or None
+    if token is None:
+        logger.warning("STEER_API_TOKEN is not set: state-changing endpoints are disabled")
+    typer.echo(f"serving on http://{host}:{port}/ (OpenAPI at /docs)", err=True)
+    try:
+        uvicorn.run(create_app(history, token=token, live=live), host=host, port=port)
+    finally:
+        if service is not None:
+            service.stop()
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's outputs.")] = Path(
