@@ -14,7 +14,7 @@ sets are (:func:`simulations.dataset.generate_dataset`, FCs uniform in the domai
   orientations of the instrument model (random subsets, per-bin exposure from the coverage
   bank; counts ``Poisson(P1 e (I + B))`` with ``P1`` = 20 counts per unit of the min-max
   scaled intensity per orientation, the level of one orientation of the simulated Ge run,
-  and ``B`` = 0.01), with R^2 beside it;
+  and ``B`` = 0.01), with R^2 and the mean predicted std beside it;
 * ``baseline_r2``: the direct CNN on the clean test, and on the noise grid;
 * ``inference_ms_p50``: wall time of :meth:`Estimator.estimate` for one spectrum with
   ``n_samples`` latent samples (median of 50 calls after 5 warm-up calls);
@@ -193,18 +193,26 @@ def _heatmaps(
 
 
 def _latency(est: Estimator, spectrum: NDArray[np.float32]) -> dict[str, float]:
+    """Wall time of one estimate, measured on one torch thread (a single spectrum gains
+    nothing from more, and one thread is not stalled by a busy machine's other work)."""
     mask = np.ones(spectrum.shape, dtype=bool)
-    for _ in range(5):
-        est.estimate(spectrum, mask)
-    times = []
-    for _ in range(50):
-        t = time.perf_counter()
-        est.estimate(spectrum, mask)
-        times.append((time.perf_counter() - t) * 1e3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(5):
+            est.estimate(spectrum, mask)
+        times = []
+        for _ in range(50):
+            t = time.perf_counter()
+            est.estimate(spectrum, mask)
+            times.append((time.perf_counter() - t) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
     return {
         "p50": round(float(np.median(times)), 3),
         "p90": round(float(np.quantile(times, 0.9)), 3),
-        "threads": torch.get_num_threads(),
+        "threads": 1,
+        "n_samples": est.n_samples,
     }
 
 
@@ -284,6 +292,7 @@ def evaluate_model(
 
     by_orient: dict[str, float] = {}
     r2_orient: dict[str, dict[str, float]] = {}
+    std_orient: dict[str, dict[str, float]] = {}
     for k in tqdm(ORIENTATION_COUNTS, desc="orientations", disable=not progress):
         n_o = model.coverage.n_orientations if k == 0 else k
         rng = np.random.default_rng([seed, 2, n_o])
@@ -291,8 +300,10 @@ def evaluate_model(
         m, s, _ = runner.run(x, mk)
         by_orient[str(n_o)] = round(float(_coverage(true, m, s).mean()), 4)
         r2_orient[str(n_o)] = _named(names, r2_scores(true, m))
+        std_orient[str(n_o)] = _named(names, s.mean(axis=0))
     report["coverage_by_orientations"] = by_orient
     report["r2_by_orientations"] = r2_orient
+    report["mean_std_by_orientations"] = std_orient
     report["orientation_noise"] = {
         "P1_counts_per_unit_intensity_per_orientation": ORIENTATION_P1,
         "background": ORIENTATION_BACKGROUND,

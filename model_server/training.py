@@ -469,10 +469,11 @@ def plot_losses(history: dict[str, list[float]], out: Path, title: str) -> Path:
     for ax, (name, keys) in zip(axes, panels, strict=True):
         for k in keys:
             vals = np.asarray(history[k])
-            if name == "regressor" and k.endswith("loss"):
+            if name == "regressor" and not k.endswith("mse"):
                 ax2 = ax.twinx()
-                ax2.plot(np.arange(1, len(vals) + 1), vals, "k:", label=k)
-                ax2.set_ylabel("beta-NLL loss")
+                style = "k:" if k.endswith("loss") else "r--"
+                ax2.plot(np.arange(1, len(vals) + 1), vals, style, label=k)
+                ax2.set_ylabel("train beta-NLL (k:), held-out NLL (r--)")
                 continue
             if np.all(vals > 0):
                 ax.semilogy(np.arange(1, len(vals) + 1), vals, label=k)
