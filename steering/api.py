@@ -82,6 +82,7 @@ def create_app(
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     import consumers.metrics  # noqa: F401  (registers the service's metrics)
+    import steering.metrics  # noqa: F401
 
     live = live or LiveState()
     app = FastAPI(

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from . import metrics
 from .advisor import Advisor
 from .exceptions import AdvisorError
 
@@ -227,6 +228,9 @@ class SteeringLoop:
         ready or the advisor refused the input; ``error`` says why).
     run_id
         The run's id (in every advice).
+    first_wait_s
+        At the first orientation, wait this long at most for the candidates' coverages
+        (they start with the run, and counting one orientation takes about a minute).
     """
 
     def __init__(
@@ -237,6 +241,7 @@ class SteeringLoop:
         *,
         sinks: Sequence[AdviceSink] = (),
         run_id: str = "",
+        first_wait_s: float = 60.0,
     ) -> None:
         self.estimator = estimator
         self.advisor = advisor
@@ -245,12 +250,18 @@ class SteeringLoop:
         self.run_id = run_id
         self.history: list[dict[str, Any]] = []
         self.measured: list[float] = []
+        self.first_wait_s = float(first_wait_s)
 
     def __call__(self, snapshot: Any, record: Any) -> None:
         """A completed orientation: estimate, rank, publish."""
         self.measured.append(float(record.omega))
         t0 = time.perf_counter()
         est = self.estimator.estimate(snapshot.intensity, snapshot.mask)
+        t_est = time.perf_counter()
+        metrics.ESTIMATE_SECONDS.observe(t_est - t0)
+        metrics.MODEL_INFO.info({"version": str(est.model_version)})
+        if not self.history:  # started with the run; normally done before its first count
+            self.candidates.wait(self.first_wait_s)
         omegas, coverage = self.candidates.ready()
         advice: dict[str, Any] = {
             "run_id": self.run_id,
@@ -273,6 +284,7 @@ class SteeringLoop:
                     charge=max(float(record.proton_charge), 1e-9),
                 )
                 advice["ranking"] = ranking.to_dict(top=20)
+                metrics.ADVISOR_SECONDS.observe(time.perf_counter() - t_est)
             except AdvisorError as exc:
                 logger.warning("no advice after orientation %d: %s", record.index, exc)
                 advice["ranking"] = None

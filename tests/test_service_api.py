@@ -59,6 +59,16 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             assert h5.status_code == 200
             assert h5.content[:8] == b"\x89HDF\r\n\x1a\n"
             assert c.get(f"{base}/health").json()["model_version"].startswith("Ge")
+            from prometheus_client.parser import text_string_to_metric_families
+
+            text = c.get(f"{base}/metrics").text
+            fams = {f.name: f for f in text_string_to_metric_families(text)}
+            count = [
+                s.value for s in fams["steer_estimate_seconds"].samples if s.name.endswith("_count")
+            ]
+            assert count[0] >= 4
+            assert "steer_advisor_seconds" in fams
+            assert "steer_model_info" in fams
         assert len(service.latencies) == 4
     finally:
         service.stop()

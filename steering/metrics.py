@@ -1,0 +1,17 @@
+"""Prometheus metrics of the model server and the advisor (served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Histogram, Info
+
+__all__ = ["ADVISOR_SECONDS", "ESTIMATE_SECONDS", "MODEL_INFO"]
+
+_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+ESTIMATE_SECONDS = Histogram(
+    "steer_estimate_seconds", "Model-server estimate of one snapshot", buckets=_BUCKETS
+)
+ADVISOR_SECONDS = Histogram(
+    "steer_advisor_seconds", "Advisor ranking after one estimate", buckets=_BUCKETS
+)
+MODEL_INFO = Info("steer_model", "The frozen model in use")
