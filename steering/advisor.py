@@ -263,6 +263,7 @@ class Advisor:
         measured: Sequence[float] = (),
         charge: float = 1.0,
         counts_scale: float | None = None,
+        prior: str = "model",
     ) -> Ranking:
         """Rank candidate angles.
 
@@ -285,6 +286,13 @@ class Advisor:
             Proton charge (uC) one new orientation will get.
         counts_scale
             kappa, when it is known rather than fitted.
+        prior
+            The posterior the gain is measured against: ``"model"`` (the model server's
+            std or covariance) or ``"information"`` (the uniform training-domain prior plus
+            the Fisher information of the exposure measured so far, at the current
+            estimate: the ideal observer's posterior, which, unlike a learned model's
+            calibrated std, grows with every orientation, so that candidates that repeat
+            what was measured gain less).
 
         Raises
         ------
@@ -293,6 +301,8 @@ class Advisor:
             the wrong number of FCs or a non-positive std.
         """
         t0 = time.perf_counter()
+        if prior not in ("model", "information"):
+            raise AdvisorError(f"prior must be 'model' or 'information', got {prior!r}")
         w = np.asarray(omegas, dtype=float).ravel()
         if len(w) == 0:
             raise AdvisorError("no candidate angles to rank (empty candidate range)")
@@ -390,6 +400,14 @@ class Advisor:
         jk = jac[keep]
         outer = (jk[:, :, None] * jk[:, None, :]).reshape(len(jk), -1)
         fisher = (weight @ outer).reshape(len(w), n_fc, n_fc)
+        if prior == "information":
+            # the information already gathered: Fisher information is linear in exposure,
+            # F(C) = sum_b C_b (kappa g_b)^2 / (kappa g_b I_b + beta) J_b J_b^T
+            per_exposure = (kappa * g_bins[keep]) ** 2 / (kappa * signal[keep] + self.background)
+            measured_f = ((have[keep] * per_exposure) @ outer).reshape(n_fc, n_fc)
+            c0 = np.eye(n_fc) / 12.0  # uniform prior over the training domain
+            p0 = np.linalg.inv(c0) + measured_f
+            c0 = np.linalg.inv(p0)
         post = p0[None] + fisher
         _, logdet0 = np.linalg.slogdet(p0)
         sign, logdet = np.linalg.slogdet(post)

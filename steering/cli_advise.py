@@ -146,6 +146,14 @@ def benchmark_cmd(
     out: Annotated[Path, typer.Option("--out", help="PNG of the curves.")] = Path(
         "advise_benchmark.png"
     ),
+    prior: Annotated[
+        str,
+        typer.Option(
+            "--prior",
+            help="Advisor's posterior: information (prior + Fisher information measured "
+            "so far) or model (the model server's std).",
+        ),
+    ] = "information",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Closed loop: each strategy picks orientations one at a time from the same simulated
@@ -162,6 +170,7 @@ def benchmark_cmd(
         events_per_orientation=events,
         progress=True,
         plot=out,
+        prior=prior,
     )
     if as_json:
         typer.echo(json.dumps(result))

@@ -172,6 +172,7 @@ def run_strategy(
     budget: int,
     n_influential: int,
     seed: int,
+    prior: str = "information",
 ) -> dict[str, Any]:
     """One strategy on one seed: the error and mean normalised std after each pick.
 
@@ -209,6 +210,7 @@ def run_strategy(
                 data.omegas[left],
                 coverage[left],
                 charge=float(np.mean(data.charge)),
+                prior=prior,
                 **kwargs,
             )
             rank_seconds.append(time.perf_counter() - t0)
@@ -253,6 +255,7 @@ def closed_loop(
     tolerance: float = 0.10,
     progress: bool = True,
     plot: Path | None = None,
+    prior: str = "information",
 ) -> dict[str, Any]:
     """The closed-loop benchmark (``steer advise benchmark``); returns the JSON result.
 
@@ -308,6 +311,7 @@ def closed_loop(
                 budget=budget,
                 n_influential=n_influential,
                 seed=seed,
+                prior=prior,
             )
             entry = result["strategies"][s]
             entry["orientations_to_target"].append(_to_target(run["error"], target, tolerance))
@@ -345,6 +349,7 @@ def closed_loop(
     result["influential_fcs"] = list(fc_names[:n_influential])
     result["model_version"] = estimator.estimate(full, mask).model_version
     result["events_per_orientation"] = events_per_orientation
+    result["advisor_prior"] = prior
     result["seconds"] = time.perf_counter() - t_start
     if plot is not None:
         plot_curves(result, plot)

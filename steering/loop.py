@@ -282,6 +282,7 @@ class SteeringLoop:
                     exposure=snapshot.exposure,
                     measured=self.measured,
                     charge=max(float(record.proton_charge), 1e-9),
+                    prior="information",
                 )
                 advice["ranking"] = ranking.to_dict(top=20)
                 metrics.ADVISOR_SECONDS.observe(time.perf_counter() - t_est)

@@ -107,3 +107,20 @@ def test_bad_input_is_refused_clearly(setup_ge) -> None:  # type: ignore[no-unty
         adv.rank(OMEGAS, coverage, mean=theta)
     with pytest.raises(AdvisorError, match="finite"):
         adv.rank(OMEGAS, np.full_like(coverage, np.nan))
+
+
+def test_information_prior_gives_diminishing_returns(setup_ge) -> None:  # type: ignore[no-untyped-def]
+    """With the information prior, what was measured counts: the angle measured most gains
+    least, and its gain falls as its exposure grows."""
+    adv, coverage, theta = setup_ge
+    kw = {"mean": theta, "std": 0.1 * adv.width, "counts_scale": 50.0, "prior": "information"}
+    fresh = adv.rank(OMEGAS, coverage, **kw)
+    gains = {c.omega: c.score for c in fresh.candidates}
+    seen = adv.rank(OMEGAS, coverage, exposure=5.0 * coverage[1], **kw)
+    again = {c.omega: c.score for c in seen.candidates}
+    assert again[30.0] < gains[30.0]
+    assert seen.candidates[-1].omega == 30.0 or again[30.0] < min(again.values()) * 1.5
+    more = adv.rank(OMEGAS, coverage, exposure=50.0 * coverage[1], **kw)
+    assert {c.omega: c.score for c in more.candidates}[30.0] < again[30.0]
+    with pytest.raises(AdvisorError, match="prior"):
+        adv.rank(OMEGAS, coverage, mean=theta, std=0.1 * adv.width, prior="bogus")
