@@ -412,9 +412,6 @@ def test_committed_model(material):
     """The committed frozen model loads, fits its material's grid, is small, carries its
     provenance and evaluation, and recovers the leading FCs of fresh spectra."""
     model_dir = ROOT / "models" / material.lower()
-    if material == "Nb" and not (model_dir / "model.json").is_file():
-        # issue 5 is open: the Nb model was still training when this was committed
-        pytest.skip(f"no Nb model committed yet in {model_dir} (issue 5 open)")
     if not (model_dir / "model.json").is_file():
         pytest.fail(f"no committed model in {model_dir}")
     size = sum(p.stat().st_size for p in model_dir.iterdir())
