@@ -73,20 +73,19 @@ class Snapshot:
     mask: NDArray[np.bool_]
     n_orientations: int
 
-
-def _snapshot(counts: NDArray[np.float64], exposure: NDArray[np.float64], n: int) -> Snapshot:
-    mask = exposure > 0
-    safe = np.where(mask, exposure, 1.0)
-    intensity = np.where(mask, counts / safe, np.nan)
-    variance = np.where(mask, np.maximum(counts, 1.0) / safe**2, np.nan)
-    return Snapshot(
-        intensity=intensity,
-        variance=variance,
-        counts=counts.copy(),
-        exposure=exposure.copy(),
-        mask=mask,
-        n_orientations=n,
-    )
+    @classmethod
+    def of(cls, counts: NDArray[np.float64], exposure: NDArray[np.float64], n: int) -> Snapshot:
+        """The spectrum of ``counts`` over ``exposure`` (copied) after ``n`` orientations."""
+        mask = exposure > 0
+        safe = np.where(mask, exposure, 1.0)
+        return cls(
+            intensity=np.where(mask, counts / safe, np.nan),
+            variance=np.where(mask, np.maximum(counts, 1.0) / safe**2, np.nan),
+            counts=counts.copy(),
+            exposure=exposure.copy(),
+            mask=mask,
+            n_orientations=n,
+        )
 
 
 @dataclass(slots=True)
@@ -141,11 +140,11 @@ class RunAccumulator:
 
     def snapshot(self) -> Snapshot:
         """The cumulative spectrum."""
-        return _snapshot(self.counts, self.exposure, len(self.records))
+        return Snapshot.of(self.counts, self.exposure, len(self.records))
 
     def orientation_snapshot(self, index: int) -> Snapshot:
         """The spectrum of orientation ``index`` alone."""
-        return _snapshot(
+        return Snapshot.of(
             self.per_orientation_counts[index].astype(float),
             self.per_orientation_exposure[index].astype(float),
             1,

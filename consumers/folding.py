@@ -769,11 +769,7 @@ class Folder:
         and averages down over orientations. Thread-safe (it holds no state), and the
         kernel releases the GIL, so that it runs beside the consumer's Python work.
         """
-        return self._compute_coverage(float(omega), e_substeps, pixel_stride)
-
-    def _compute_coverage(
-        self, omega: float, e_substeps: int, pixel_stride: int
-    ) -> NDArray[np.float64]:
+        omega = float(omega)
         if not np.isfinite(omega):
             raise FoldError(f"goniometer angle must be finite, got {omega}")
         n_sub = self.grid.n_e * e_substeps

@@ -237,16 +237,7 @@ def _from_export(path: Path) -> tuple[Any, dict[str, Any]]:
         exposure = np.asarray(data["exposure"][()], float)
         edges = np.asarray(e["grid/energy_edges"][()], float)
         n = len(e["orientations/omega"][()]) if "orientations" in e else 0
-    mask = exposure > 0
-    safe = np.where(mask, exposure, 1.0)
-    snap = Snapshot(
-        intensity=np.where(mask, counts / safe, np.nan),
-        variance=np.where(mask, np.maximum(counts, 1.0) / safe**2, np.nan),
-        counts=counts,
-        exposure=exposure,
-        mask=mask,
-        n_orientations=n,
-    )
+    snap = Snapshot.of(counts, exposure, n)
     return snap, {"energy": (0.5 * (edges[1:] + edges[:-1])).tolist()}
 
 

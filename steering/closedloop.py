@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from consumers.accumulate import Snapshot
+
 from .advisor import Advisor
 from .exceptions import AdvisorError
 
@@ -222,9 +224,8 @@ def run_strategy(
         picked.append(pick)
         counts += data.counts[pick]
         exposure += data.exposure[pick]
-        mask = exposure > 0
-        intensity = np.where(mask, counts / np.where(mask, exposure, 1.0), np.nan)
-        last = estimate(intensity, mask)
+        snap = Snapshot.of(counts, exposure, step + 1)
+        last = estimate(snap.intensity, snap.mask)
         errors.append(_error(last.mean, truth, width, n_influential))
         stds.append(float(np.mean(last.std[:n_influential] / width[:n_influential])))
         if order is None and len(predicted) > len(reported):
@@ -296,9 +297,10 @@ def closed_loop(
             material, fc, omegas, seed=seed, events_per_orientation=events_per_orientation
         )
         truth = np.array([data.truth[k] for k in fc_names])
-        mask = data.exposure.sum(0) > 0
-        full = np.where(mask, data.counts.sum(0) / np.where(mask, data.exposure.sum(0), 1), np.nan)
-        target = _error(estimate(full, mask).mean, truth, width, n_influential)
+        everything = Snapshot.of(data.counts.sum(0), data.exposure.sum(0), len(omegas))
+        from_all = estimate(everything.intensity, everything.mask)
+        result["model_version"] = from_all.model_version
+        target = _error(from_all.mean, truth, width, n_influential)
         result["target_error"].append(target)
         for s in strategies:
             run = run_strategy(
@@ -347,7 +349,6 @@ def closed_loop(
     if rank_times:
         result["advisor_rank_seconds_median"] = float(np.median(rank_times))
     result["influential_fcs"] = list(fc_names[:n_influential])
-    result["model_version"] = estimator.estimate(full, mask).model_version
     result["events_per_orientation"] = events_per_orientation
     result["advisor_prior"] = prior
     result["seconds"] = time.perf_counter() - t_start
