@@ -74,6 +74,8 @@ class LiveState:
     grids: dict[str, dict[str, Any]] = field(default_factory=dict)
     advisor_ranges: dict[str, dict[str, float]] = field(default_factory=dict)
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: run id -> {orientation index: (counts, exposure)} of each orientation alone
+    orientations: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     reload: Any = None
     model_version: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -180,12 +182,39 @@ def create_app(
         "/runs/{run_id}/spectrum",
         responses={200: {"content": {"application/json": {}, "image/png": {}}}},
     )
-    def spectrum(run_id: str, request: Request, format: str = "json") -> Response:
+    def spectrum(
+        run_id: str,
+        request: Request,
+        format: str = "json",
+        orientation: Annotated[
+            int | None,
+            Query(ge=0, description="0-based index of one orientation: its spectrum alone."),
+        ] = None,
+    ) -> Response:
         """I(q, E) (1/(uC sr meV), null where unmeasured) with its mask; PNG with
-        ``Accept: image/png``; the HDF5 export with ``format=h5``."""
+        ``Accept: image/png``; the HDF5 export with ``format=h5``; one orientation's
+        spectrum alone with ``orientation=k`` (live runs)."""
         info = get_run(run_id)
         if format not in ("json", "h5", "png"):
             raise HTTPException(422, "format must be json, png or h5")
+        if orientation is not None:
+            if format == "h5":
+                raise HTTPException(422, "the HDF5 export is of the whole run")
+            with live.lock:
+                one = live.orientations.get(run_id, {}).get(orientation)
+                grid = live.grids.get(run_id, {})
+            if one is None:
+                raise HTTPException(
+                    404, f"run {run_id!r} has no orientation {orientation} in this service"
+                )
+            from consumers.accumulate import Snapshot
+
+            alone = Snapshot.of(one[0].astype(float), one[1].astype(float), 1)
+            if format == "png" or "image/png" in request.headers.get("accept", ""):
+                return Response(
+                    _png(alone, grid, f"{run_id} #{orientation}"), media_type="image/png"
+                )
+            return JSONResponse(_spectrum_json(run_id, alone, grid, orientation=orientation))
         if format == "h5":
             path = info.get("export_path")
             if not path or not Path(path).is_file():
@@ -202,17 +231,7 @@ def create_app(
                 raise HTTPException(404, f"run {run_id!r} has no spectrum yet")
         if format == "png" or "image/png" in request.headers.get("accept", ""):
             return Response(_png(snap, grid, run_id), media_type="image/png")
-        return JSONResponse(
-            {
-                "run_id": run_id,
-                "n_orientations": int(snap.n_orientations),
-                "units": "1/(uC sr meV)",
-                "energy_meV": grid.get("energy"),
-                "q_index": list(range(snap.intensity.shape[0])),
-                "intensity": _finite(snap.intensity),
-                "mask": snap.mask.tolist(),
-            }
-        )
+        return JSONResponse(_spectrum_json(run_id, snap, grid))
 
     @app.get("/models")
     def models() -> dict[str, Any]:
@@ -348,6 +367,23 @@ class FigureName(StrEnum):
 
 def _page_html() -> str:
     return (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+
+
+def _spectrum_json(
+    run_id: str, snap: Any, grid: dict[str, Any], *, orientation: int | None = None
+) -> dict[str, Any]:
+    out = {
+        "run_id": run_id,
+        "n_orientations": int(snap.n_orientations),
+        "units": "1/(uC sr meV)",
+        "energy_meV": grid.get("energy"),
+        "q_index": list(range(snap.intensity.shape[0])),
+        "intensity": _finite(snap.intensity),
+        "mask": snap.mask.tolist(),
+    }
+    if orientation is not None:
+        out["orientation"] = orientation
+    return out
 
 
 def _from_export(path: Path) -> tuple[Any, dict[str, Any]]:

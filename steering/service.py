@@ -16,11 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import metrics
 from .api import LiveState
 from .db import History
 
-__all__ = ["SteeringService"]
+__all__ = ["MAX_ORIENTATION_SPECTRA", "SteeringService"]
+
+#: per-orientation spectra kept for the API, per run (float32 counts + exposure: 160 kB each
+#: on the Ge grid)
+MAX_ORIENTATION_SPECTRA = 720
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +122,6 @@ class SteeringService:
         rng = self.live.advisor_ranges.get(run_id)
         omegas = None
         if rng is not None:
-            import numpy as np
-
             omegas = list(np.arange(rng["start"], rng["stop"], rng["step"]))
         candidates = CandidateCoverage(meta, omegas=omegas)
         sinks: list[Any] = [self._record]
@@ -152,7 +156,23 @@ class SteeringService:
         meta = self.service.pipeline.meta or {}
         run_id = str(meta.get("run_id", "run"))
         with self.live.lock:
+            prev = self.live.snapshots.get(run_id)
             self.live.snapshots[run_id] = snapshot
+            per = self.live.orientations.setdefault(run_id, {})
+            if prev is not None and prev.n_orientations == snapshot.n_orientations - 1:
+                per[int(record.index)] = (
+                    (snapshot.counts - prev.counts).astype(np.float32),
+                    (snapshot.exposure - prev.exposure).astype(np.float32),
+                )
+            elif snapshot.n_orientations == 1:
+                per[int(record.index)] = (
+                    snapshot.counts.astype(np.float32),
+                    snapshot.exposure.astype(np.float32),
+                )
+            while len(per) > MAX_ORIENTATION_SPECTRA:
+                per.pop(min(per))
+            for old in list(self.live.orientations)[:-2]:  # the last two runs only
+                self.live.orientations.pop(old)
         self._closed_at = getattr(self.service, "closed_at", None)
         t0 = time.perf_counter()
         loop = self._loop_for(meta)
@@ -197,7 +217,6 @@ class SteeringService:
 
     def latency_summary(self) -> dict[str, float | int | None]:
         """p50 / p99 / max (s) of :attr:`chunk_to_estimate` and the count."""
-        import numpy as np
 
         lat = np.asarray(self.chunk_to_estimate, dtype=float)
         if not len(lat):

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from consumers.kafka import EmbeddedBroker, replay
 from steering.api import LiveState, create_app
@@ -18,7 +19,9 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small_run) -> None:  # type: ignore[no-untyped-def]
-    path, offline, _ = make_small_run(tmp_path / "ge.steer", (0.0, 20.0, 40.0, 60.0), seed=12)
+    path, offline, offline_acc = make_small_run(
+        tmp_path / "ge.steer", (0.0, 20.0, 40.0, 60.0), seed=12
+    )
     history = History(f"sqlite:///{tmp_path / 'steer.db'}")
     live = LiveState()
     broker = EmbeddedBroker()
@@ -55,6 +58,15 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             assert advice[-1]["basis"] in ("fisher-d-optimal", "coverage")
             spec = c.get(f"{base}/runs/{run_id}/spectrum").json()
             assert spec["n_orientations"] == 4
+            # each orientation's spectrum alone; together they make the run's counts
+            one = c.get(f"{base}/runs/{run_id}/spectrum", params={"orientation": 2}).json()
+            assert one["orientation"] == 2
+            assert c.get(f"{base}/runs/{run_id}/spectrum?orientation=4").status_code == 404
+            per = live.orientations[run_id]
+            assert sorted(per) == [0, 1, 2, 3]
+            total = sum(np.asarray(per[k][0], dtype=float) for k in per)
+            assert np.array_equal(total, offline_acc.counts)
+            assert np.array_equal(np.asarray(one["mask"]), per[2][1] > 0)
             h5 = c.get(f"{base}/runs/{run_id}/spectrum?format=h5")
             assert h5.status_code == 200
             assert h5.content[:8] == b"\x89HDF\r\n\x1a\n"
