@@ -61,6 +61,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -327,7 +328,7 @@ class Prediction:
             if name == "iqe" and self.iqe is not None:
                 img = np.ma.masked_invalid(self.iqe.intensity.T)
                 x = np.arange(len(self.qpoints) + 1) - 0.5
-                m = ax.pcolormesh(x, e, img, cmap="viridis", norm=_norm(self.iqe.intensity))
+                m = _image(ax, img, (x[0], x[-1], e[0], e[-1]), _norm(self.iqe.intensity))
                 for k in range(self.iqe.dispersion.shape[1]):
                     ax.plot(np.arange(len(self.qpoints)), self.iqe.dispersion[:, k], "w-", lw=0.4)
                 ax.set_xticks([i for i, _ in self.ticks])
@@ -338,11 +339,11 @@ class Prediction:
                 fig.colorbar(m, ax=ax, label="mbarn/(sr meV)/atom")
             elif name == "detector" and self.detector is not None:
                 d = self.detector
-                with np.errstate(invalid="ignore"):
-                    mean = np.nanmean(d.intensity, axis=0) if len(d.intensity) else d.q_magnitude
-                m = ax.pcolormesh(
-                    d.angle_edges, e, np.ma.masked_invalid(mean.T), cmap="viridis", norm=_norm(mean)
-                )
+                with warnings.catch_warnings():  # an angle bin without detector: NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(d.intensity, axis=0)
+                extent = (d.angle_edges[0], d.angle_edges[-1], e[0], e[-1])
+                m = _image(ax, np.ma.masked_invalid(mean.T), extent, _norm(mean))
                 ax.set_xlabel("scattering angle (deg)")
                 label = f"omega {self.omegas[0]:g}" if len(self.omegas) == 1 else "mean of omegas"
                 ax.set_title(f"detector S, {label}")
@@ -352,7 +353,7 @@ class Prediction:
                 dq = p.q[1] - p.q[0] if len(p.q) > 1 else 1.0
                 q_edges = np.concatenate([p.q - dq / 2, [p.q[-1] + dq / 2]])
                 img = np.ma.masked_where(~p.accessible.T, p.intensity.T)
-                m = ax.pcolormesh(q_edges, e, img, cmap="viridis", norm=_norm(p.intensity))
+                m = _image(ax, img, (q_edges[0], q_edges[-1], e[0], e[-1]), _norm(p.intensity))
                 ax.set_xlabel("|Q| (1/Å)")
                 ax.set_title("powder S(|Q|,E)")
                 fig.colorbar(m, ax=ax, label="mbarn/meV/atom")
@@ -365,6 +366,19 @@ class Prediction:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi)
         return buf.getvalue()
+
+
+def _image(ax: Any, img: Any, extent: tuple[float, ...], norm: Any) -> Any:
+    """An image on uniform bins (all axes here are uniform)."""
+    return ax.imshow(
+        img,
+        origin="lower",
+        aspect="auto",
+        extent=extent,
+        cmap="viridis",
+        norm=norm,
+        interpolation="nearest",
+    )
 
 
 def _norm(a: NDArray[np.float64]) -> Any:
@@ -420,7 +434,7 @@ _LOCK = threading.Lock()
 _SETUPS = _LRU(8)
 _FORWARD = _LRU(8)
 _FOLD_TABLES = _LRU(8)
-_PHONON_TABLES = _LRU(8)
+_PHONON_TABLES = _LRU(4)  # up to ~40 MB each (Ge, 40^3 mesh)
 _MODELS = _LRU(16)
 _POWDER = _LRU(16)
 
@@ -1059,9 +1073,9 @@ def _predict_locked(
     dispersion, min_freq = _dispersion(mat, c)
     fm = _forward(mat)
     stable = bool(min_freq >= -fm.imaginary_tol)
-    warnings: list[str] = []
+    notes: list[str] = []
     if not stable:
-        warnings.append(
+        notes.append(
             f"the FC set is dynamically unstable (lowest frequency {min_freq:.3f} THz): "
             "imaginary modes are left out of S(Q, E)"
         )
@@ -1178,7 +1192,7 @@ def _predict_locked(
         ticks=qp.ticks,
         stable=stable,
         min_frequency_thz=min_freq,
-        warnings=tuple(warnings),
+        warnings=tuple(notes),
         iqe=iqe,
         detector=detector,
         powder=powder,

@@ -165,6 +165,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
         },
     },
+    400: {"model": PredictError, "description": "The body cannot be parsed as JSON."},
     404: {"model": PredictError, "description": "`current:<run id>`: no such run or estimate."},
     422: {"model": PredictError, "description": "The request is invalid (the message says why)."},
 }
