@@ -607,6 +607,7 @@ def serve_cmd(
     """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
     consumer, model server and advisor of a prefix. State changes need STEER_API_TOKEN."""
     import os
+    import signal
 
     import uvicorn
 
@@ -631,8 +632,25 @@ def serve_cmd(
     if token is None:
         logger.warning("STEER_API_TOKEN is not set: state-changing endpoints are disabled")
     typer.echo(f"serving on http://{host}:{port}/ (OpenAPI at /docs)", err=True)
+
+    class _Terminated(Exception):
+        pass
+
+    def _on_term(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    # uvicorn shuts down on SIGTERM, then raises the signal again: here, so that the
+    # consumer checkpoints and the process exits 0 (a restart, not a crash)
+    signal.signal(signal.SIGTERM, _on_term)
     try:
-        uvicorn.run(create_app(history, token=token, live=live), host=host, port=port)
+        uvicorn.run(
+            create_app(history, token=token, live=live),
+            host=host,
+            port=port,
+            timeout_graceful_shutdown=5,
+        )
+    except _Terminated:
+        logger.info("SIGTERM: stopped")
     finally:
         if service is not None:
             service.stop()
