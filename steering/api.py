@@ -11,6 +11,8 @@ service has no token configured they are disabled: 403).
 * ``GET /runs/{id}/advice``: the advisor's latest ranking (``?history=true``: all);
 * ``GET /runs/{id}/spectrum``: I(q, E) with mask as JSON arrays (``Accept: image/png``: a
   PNG; ``?format=h5``: the HDF5 export), live while the run goes on;
+* ``POST /predict``: the spectrum expected for a material (or CIF), FCs, Ei, temperature and
+  angles (:mod:`steering.api_predict`);
 * ``GET /models``; ``POST /models/reload``; ``POST /runs/{id}/advisor`` (candidate range);
 * ``GET /metrics``: Prometheus;
 * ``GET /``: the live page; ``GET /stream``: server-sent events (an ``update`` per new
@@ -42,7 +44,7 @@ from fastapi.responses import (
     StreamingResponse,
 )
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .db import History
 
@@ -53,6 +55,8 @@ _BEARER = HTTPBearer(auto_error=False)
 
 class AdvisorRange(BaseModel):
     """Candidate range of a run's advisor (degrees)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     start: float = Field(description="First candidate angle, degrees.")
     stop: float = Field(description="Stop (exclusive), degrees.")
@@ -138,6 +142,17 @@ def create_app(
         if run is None:
             raise HTTPException(404, f"no run {run_id!r}")
         return run
+
+    from fastapi.exceptions import RequestValidationError
+
+    from .api_predict import predict_router, validation_error_response
+
+    # FastAPI's own handler echoes a NaN input back and fails to serialise it (a 500)
+    app.add_exception_handler(
+        RequestValidationError,
+        lambda request, exc: validation_error_response(exc),  # type: ignore[arg-type]
+    )
+    app.include_router(predict_router(live, history))
 
     @app.get("/health")
     def health() -> dict[str, Any]:
