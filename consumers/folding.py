@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -47,7 +48,12 @@ from simulations.instrument import E_PER_K2, Instrument, Orientation, energy_to_
 
 from .exceptions import FoldError
 
-__all__ = ["DROP_REASONS", "FoldTable", "Folder", "table_cache_dir"]
+__all__ = ["COVERAGE_CACHE_SIZE", "DROP_REASONS", "FoldTable", "Folder", "table_cache_dir"]
+
+#: coverages kept by :meth:`Folder.coverage` (160 kB each on the Ge grid)
+COVERAGE_CACHE_SIZE = 256
+_COVERAGE_CACHE: OrderedDict[tuple[str, float, int, int], NDArray[np.float64]] = OrderedDict()
+_COVERAGE_LOCK = threading.Lock()
 
 logger = logging.getLogger(__name__)
 
@@ -614,6 +620,27 @@ class Folder:
             self._lut[ids - self._id0] = np.arange(len(ids), dtype=np.int32)
         self._n_ids = span
         self._pixel_tables: dict[float, tuple[NDArray[np.float32], NDArray[np.float64]]] = {}
+        self._signature: str | None = None
+
+    @property
+    def signature(self) -> str:
+        """Digest of everything a coverage depends on (the table, the grid's energy bins,
+        the detector, the UB, Ei): equal signatures give equal coverages."""
+        if self._signature is None:
+            h = hashlib.blake2b(digest_size=16)
+            for f in fields(self.table):
+                h.update(f.name.encode())
+                h.update(np.ascontiguousarray(getattr(self.table, f.name)).tobytes())
+            for a in (
+                self.grid.energy_edges,
+                self._dirs,
+                self.instrument.solid_angles,
+                np.asarray(self.orientation.lab_to_rlu_matrix(0.0)),
+                np.array([self.ei, self.grid.n_q, self.grid.n_e], dtype=float),
+            ):
+                h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+            self._signature = h.hexdigest()
+        return self._signature
 
     def pixel_index(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:
         """Row index of detector ids; -1 for ids the instrument does not have."""
@@ -756,7 +783,7 @@ class Folder:
         )
 
     def coverage(
-        self, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2
+        self, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2, cache: bool = True
     ) -> NDArray[np.float64]:
         """(n_q, n_E) float: sum of k_f/k_i dOmega dE over detector cells folded into each bin.
 
@@ -768,10 +795,22 @@ class Folder:
         5 %) for one orientation; the error is in the energy sampling of the tube crossings
         and averages down over orientations. Thread-safe (it holds no state), and the
         kernel releases the GIL, so that it runs beside the consumer's Python work.
+
+        Coverages are kept in a process-wide cache (the last :data:`COVERAGE_CACHE_SIZE`,
+        keyed by :attr:`signature`, angle and sampling), so that the service computes each
+        angle once for the advisor's candidates and the consumer's exposure; ``cache=False``
+        computes afresh (benchmarks). A copy is returned.
         """
         omega = float(omega)
         if not np.isfinite(omega):
             raise FoldError(f"goniometer angle must be finite, got {omega}")
+        key = (self.signature, omega, int(e_substeps), int(pixel_stride))
+        if cache:
+            with _COVERAGE_LOCK:
+                hit = _COVERAGE_CACHE.get(key)
+                if hit is not None:
+                    _COVERAGE_CACHE.move_to_end(key)
+                    return hit.copy()
         n_sub = self.grid.n_e * e_substeps
         de = self._de / e_substeps
         energies = self._e0 + (np.arange(n_sub) + 0.5) * de
@@ -806,4 +845,10 @@ class Folder:
             t.clear,
             hist,
         )
-        return np.asarray(hist.reshape(self.grid.shape)[self.table.alias])
+        out = np.asarray(hist.reshape(self.grid.shape)[self.table.alias])
+        if cache:
+            with _COVERAGE_LOCK:
+                _COVERAGE_CACHE[key] = out.copy()
+                while len(_COVERAGE_CACHE) > COVERAGE_CACHE_SIZE:
+                    _COVERAGE_CACHE.popitem(last=False)
+        return out

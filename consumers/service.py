@@ -119,6 +119,10 @@ class ConsumerService:
     on_run_complete
         Called with the run's summary and accumulator when a run is complete (after its
         export to ``<state_dir>/runs/<run_id>.h5``).
+    on_run_start
+        Called with the run's metadata (pl72) as soon as a run starts (or is restored
+        from the checkpoint), so that what follows can get ready before the first
+        orientation completes. It runs on the consumer's thread: return quickly.
     follow
         Go on to the next run on the topics after one is complete (:meth:`run` returns
         only on SIGTERM or ``idle_exit_s``); otherwise :meth:`run` returns when the
@@ -136,6 +140,7 @@ class ConsumerService:
         dead_letter: Callable[[SourceMessage, str], None] | None = None,
         on_run_complete: Callable[[dict[str, object], Any], None] | None = None,
         follow: bool = False,
+        on_run_start: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.source = source
         self.state_dir = Path(state_dir)
@@ -149,6 +154,8 @@ class ConsumerService:
         self.closed_at: float | None = None
         self.pipeline.keep_snapshots = on_snapshot is not None
         self.on_run_complete = on_run_complete
+        self.on_run_start = on_run_start
+        self._started_meta: object = None
         self.follow = follow
         #: summaries of the runs completed by this state dir, oldest first
         self.finished_runs: list[dict[str, object]] = []
@@ -169,7 +176,9 @@ class ConsumerService:
         self.early_limit = 200_000
         #: completed orientations not checkpointed yet (their snapshots wait for it)
         self._unsaved: list[OrientationRecord] = []
-        #: longest wait (s) for the background fold before a checkpoint is forced
+        #: longest wait (s) for the background fold before a checkpoint is forced; the
+        #: snapshots of completed orientations wait for their checkpoint, so this bounds
+        #: how late they reach the model server when data come faster than they fold
         self.checkpoint_max_delay_s = 5.0
         self._fold_seconds: list[float] = []
         self._checkpoint_t = time.monotonic()
@@ -372,6 +381,7 @@ class ConsumerService:
             n0 = self.pipeline.n_events
             done = self.pipeline.handle(schema, m.payload, m.timestamp_ns, m.key)
             metrics.EVENTS_CONSUMED.inc(self.pipeline.n_events - n0)
+            self._announce_run()
             return done
         except MalformedMessage as exc:
             reason = exc.reason
@@ -386,6 +396,17 @@ class ConsumerService:
             logger.exception("%s: message could not be processed", where)
         self._dead(m, reason)
         return []
+
+    def _announce_run(self) -> None:
+        """Call ``on_run_start`` once per run (the pipeline's metadata is new)."""
+        meta = self.pipeline.meta
+        if meta is None or meta is self._started_meta or self.on_run_start is None:
+            return
+        self._started_meta = meta
+        try:
+            self.on_run_start(meta)
+        except Exception:
+            logger.exception("run-start hand-off failed")
 
     def _dead(self, m: SourceMessage, reason: str) -> None:
         """Count a refused message and hand it to the dead-letter sink."""

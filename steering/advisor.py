@@ -55,6 +55,10 @@ from .exceptions import AdvisorError
 
 __all__ = ["Advisor", "RankedCandidate", "Ranking", "candidate_omegas"]
 
+#: a candidate counts as measured when an angle measured so far is this close (degrees): the
+#: goniometer settles within 0.01 degrees of its setpoint (the segmenter's tolerance)
+MEASURED_TOLERANCE_DEG = 0.02
+
 #: k_B in meV / K.
 K_B = 0.0861733
 
@@ -325,7 +329,8 @@ class Advisor:
             raise AdvisorError(f"exposure must have shape ({n_q}, {n_e})")
         have = np.where(np.isfinite(have), have, 0.0)
         new_bins = ((cov > 0) & (have[None, :] <= 0) & useful[None, :]).sum(axis=1)
-        done = np.array([any(abs(x - m) < 1e-6 for m in measured) for x in w])
+        # a measured angle is the goniometer's settled reading: within MEASURED_TOLERANCE_DEG
+        done = np.array([any(abs(x - m) <= MEASURED_TOLERANCE_DEG for m in measured) for x in w])
         if mean is None:
             add = cov[:, useful] * charge  # exposure each candidate would add (uC sr meV)
             floor = 1e-3 * float(np.median(add[add > 0])) if np.any(add > 0) else 1.0

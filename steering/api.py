@@ -363,7 +363,9 @@ def create_app(
                     snap, material, latest, truth=truth, temperature=temperature
                 )
             else:
-                png = figures.coverage_figure(snap, material, extra.get("omegas", ()))
+                # angles measured: the live run's, else those of the estimates on record
+                omegas = extra.get("omegas") or [e["omega"] for e in est]
+                png = figures.coverage_figure(snap, material, omegas)
         except (KeyError, FileNotFoundError, ValueError) as exc:
             raise HTTPException(404, f"no figure for run {run_id!r}: {exc}") from exc
         return Response(png, media_type="image/png")

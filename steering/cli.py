@@ -835,6 +835,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     for noisy in ("matplotlib", "h5py", "PIL", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python warns whenever another thread holds the GIL for 0.1 s (a fold): noise
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     try:
         app(args=argv, standalone_mode=False)
     except (SimulationError, ConsumerError, ModelServerError, SteeringError) as exc:

@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 DemoResult = dict[str, Any]
 
 
+def _say(text: str) -> None:
+    """Progress for people: on stderr (stdout carries the summary, or JSON)."""
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,7 +70,7 @@ class _View:
     def __init__(self, total: int, url: str) -> None:
         self.total = total
         self.url = url
-        self.tty = sys.stdout.isatty()
+        self.tty = sys.stderr.isatty()
         self._live: Any = None
         self._last_line = 0.0
 
@@ -74,7 +79,7 @@ class _View:
             from rich.console import Console
             from rich.live import Live
 
-            self._live = Live(console=Console(), refresh_per_second=4, transient=False)
+            self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=False)
             self._live.__enter__()
         return self
 
@@ -93,6 +98,7 @@ class _View:
             print(
                 f"[demo] {state['n']}/{self.total} orientations, "
                 f"{state['events_per_s']:.0f} events/s {est}",
+                file=sys.stderr,
                 flush=True,
             )
 
@@ -201,7 +207,7 @@ def run_demo(
     model_dir = Path(model_dir) if model_dir else Path(__file__).resolve().parents[1] / "models"
     if not (model_dir / "ge").is_dir():
         raise FileNotFoundError(f"no Ge model in {model_dir} (expected {model_dir / 'ge'})")
-    print(f"[demo] simulated Ge run: {orientations} orientations ...", flush=True)
+    _say(f"simulated Ge run: {orientations} orientations ...")
     run_file, reused = _simulated_run(out, orientations, events_per_orientation, seed)
     t_sim = time.perf_counter() - t0
     db = out / "steer.db"
@@ -235,7 +241,7 @@ def run_demo(
         )
         api = threading.Thread(target=server.run, name="api", daemon=True)
         api.start()
-        print(f"[demo] broker {broker.bootstrap}; page and API at {url}", flush=True)
+        _say(f"broker {broker.bootstrap}; page and API at {url}")
         sent: dict[str, Any] = {}
 
         def send() -> None:
@@ -300,7 +306,7 @@ def run_demo(
                 }
             )
             if keep_serving:
-                print(f"[demo] done; serving {url} until Ctrl-C", flush=True)
+                _say(f"done; serving {url} until Ctrl-C")
                 try:
                     while api.is_alive():
                         time.sleep(1)
@@ -372,6 +378,7 @@ def _summary(
         "fc_within_2_std": f"{sum(within)}/{len(within)}",
         "estimates": len(est),
         "chunk_to_estimate_latency": service.latency_summary(),
+        "chunk_to_estimate_s": [round(x, 3) for x in service.chunk_to_estimate],
         "events_folded": (history.run(run_id) or {}).get("summary", {}).get("events_folded"),
         "live_equals_offline": live_equals_offline,
         "plots": plots,

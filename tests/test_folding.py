@@ -411,3 +411,20 @@ def test_pixel_table_ids_fold_like_their_rows(ge, ge_table, tmp_path, spread) ->
     ref = ReferenceBinning(ge.crystal, ge.grid, 0.05)
     np.testing.assert_array_equal(counts, ref.histogram(orientation.lab_to_rlu(q_lab, 40.0), e))
     assert dropped[3] == unknown.sum()
+
+
+def test_coverage_cache(ge, ge_table) -> None:  # type: ignore[no-untyped-def]
+    """Coverages are cached per folder signature and angle: equal to a fresh computation,
+    returned as copies, and kept apart for different set-ups."""
+    ins = Instrument.arcs_like(n_columns=80, n_rows=48)
+    orientation = Orientation.from_vectors(ge.crystal, (1, 0, 0), (0, 1, 0))
+    folder = Folder(ge_table, ge.grid, ins, orientation, EI)
+    twin = Folder(ge_table, ge.grid, ins, orientation, EI)
+    other = Folder(ge_table, ge.grid, ins, orientation, EI + 5.0)
+    assert folder.signature == twin.signature != other.signature
+    first = folder.coverage(21.5)
+    first[:] = -1.0  # the caller's copy: the cache keeps its own
+    again = twin.coverage(21.5)
+    np.testing.assert_array_equal(again, folder.coverage(21.5, cache=False))
+    assert again.min() >= 0
+    assert not np.array_equal(other.coverage(21.5), again)
