@@ -588,7 +588,7 @@ def serve_cmd(
         str | None,
         typer.Option(
             "--bootstrap",
-            envvar="STEER_BOOTSTRAP",
+            envvar=["STEER_KAFKA_BOOTSTRAP", "STEER_BOOTSTRAP"],
             help="Kafka to consume from (host:port); without it only the history is served.",
         ),
     ] = None,

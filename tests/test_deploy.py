@@ -33,3 +33,115 @@ def test_grafana_dashboard_uses_only_metrics_the_service_exports() -> None:
     assert not unseen, f"metrics missing from the dashboard: {sorted(unseen)}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# -- compose stack and Kubernetes manifests (no container engine here: checked against the
+#    code they configure) ---------------------------------------------------------------------
+
+DEPLOY = ROOT / "deploy"
+
+
+def _known_env() -> set[str]:
+    """STEER_* variables the code reads: CLI options' envvars and direct reads."""
+    import click
+    import typer
+
+    from steering.cli import app
+
+    names: set[str] = set()
+
+    def walk(cmd: click.Command) -> None:
+        for p in cmd.params:
+            env = p.envvar
+            names.update([env] if isinstance(env, str) else list(env or []))
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    for path in ROOT.glob("*/*.py"):
+        if path.parts[-2] in ("simulations", "consumers", "model_server", "steering"):
+            names.update(re.findall(r"environ(?:\.get)?\(\s*\"(STEER_[A-Z_]+)\"", path.read_text()))
+    return names
+
+
+def _topics(prefix: str) -> set[str]:
+    from consumers.kafka import topics_for
+
+    return {
+        *topics_for(prefix),
+        f"{prefix}_deadletter",
+        f"{prefix}_advice",
+        f"{prefix}_advice_docs",
+    }
+
+
+def _created_topics(script: str, prefix: str) -> set[str]:
+    """Topics a kafka-topics.sh loop script creates (``for s in a b; do ... _$s``)."""
+    out: set[str] = set()
+    for words in re.findall(r"for s in ([\w ]+); do", script):
+        out.update(f"{prefix}_{w}" for w in words.split())
+    out.update(f"{prefix}_{w}" for w in re.findall(r"\{STEER_PREFIX\}_(\w+) ", script))
+    return out
+
+
+def test_compose_stack_matches_the_service() -> None:
+    import yaml
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"kafka", "kafka-init", "postgres", "steer", "prometheus", "grafana"} <= set(services)
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")  # the official image
+    assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft
+    steer = services["steer"]
+    env = steer["environment"]
+    known = _known_env()
+    unknown = {k for k in env if k.startswith("STEER_")} - known
+    assert not unknown, f"compose sets variables the service never reads: {unknown}"
+    assert env["STEER_DATABASE_URL"].startswith("postgresql+psycopg://")
+    prefix = env["STEER_PREFIX"]
+    script = services["kafka-init"]["command"][0].replace("$$", "$")
+    assert _created_topics(script, prefix) == _topics(prefix)
+    assert steer["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    # Dockerfile copies what exists; Prometheus scrapes the service's port and path
+    for src in re.findall(r"^COPY (\S+)", (DEPLOY / "Dockerfile").read_text(), re.M):
+        assert (ROOT / src).exists(), src
+    prom = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    job = prom["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"steer:{env['STEER_PORT']}"]
+    # Grafana: the provisioned dashboard is the one in the repository
+    mounts = services["grafana"]["volumes"]
+    assert any(m.startswith("./grafana/steer-dashboard.json:") for m in mounts)
+    prov = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/steer.yml").read_text())
+    assert any(m.endswith(prov["providers"][0]["options"]["path"] + "/steer-dashboard.json:ro")
+               for m in mounts)  # fmt: skip
+
+
+def test_kubernetes_manifests() -> None:
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s/steer.yaml").read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Job", "Deployment",
+            "Service"} <= set(kinds)  # fmt: skip
+    for d in docs:
+        assert d["apiVersion"]
+        assert d["metadata"]["name"]
+    known = _known_env()
+    config = {**kinds["ConfigMap"]["data"], **kinds["Secret"]["stringData"]}
+    assert not {k for k in config if k.startswith("STEER_")} - known
+    dep = kinds["Deployment"]["spec"]
+    assert dep["strategy"]["type"] == "Recreate"  # one consumer per prefix at a time
+    pod = dep["template"]["spec"]
+    c = pod["containers"][0]
+    port = c["ports"][0]["containerPort"]
+    assert str(port) == config["STEER_PORT"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim == kinds["PersistentVolumeClaim"]["metadata"]["name"]
+    assert c["volumeMounts"][0]["mountPath"] == config["STEER_STATE_DIR"]
+    svc = kinds["Service"]["spec"]
+    assert svc["selector"] == dep["selector"]["matchLabels"]
+    script = kinds["Job"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert _created_topics(script, config["STEER_PREFIX"]) == _topics(config["STEER_PREFIX"])
