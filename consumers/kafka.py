@@ -24,6 +24,7 @@ from simulations.recording import RecordedMessage, RunReader, RunWriter
 from .exceptions import ConsumerError
 
 __all__ = [
+    "SECURITY_ENV",
     "SUFFIXES",
     "EmbeddedBroker",
     "KafkaDeadLetter",
@@ -32,6 +33,7 @@ __all__ = [
     "MergedSource",
     "MessageSource",
     "SourceMessage",
+    "client_security",
     "embedded_broker",
     "record",
     "replay",
@@ -47,6 +49,84 @@ SUFFIXES = ("runInfo", "motion", "events", "bluesky")
 def topics_for(prefix: str) -> list[str]:
     """The run topics of an instrument prefix, e.g. ``arcs_events``."""
     return [f"{prefix}_{s}" for s in SUFFIXES]
+
+
+#: environment variables of the broker connection's security -> kafka-python settings
+SECURITY_ENV = {
+    "STEER_KAFKA_SECURITY_PROTOCOL": "security_protocol",
+    "STEER_KAFKA_SSL_CAFILE": "ssl_cafile",
+    "STEER_KAFKA_SSL_CERTFILE": "ssl_certfile",
+    "STEER_KAFKA_SSL_KEYFILE": "ssl_keyfile",
+    "STEER_KAFKA_SSL_PASSWORD": "ssl_password",
+    "STEER_KAFKA_SASL_MECHANISM": "sasl_mechanism",
+    "STEER_KAFKA_SASL_USERNAME": "sasl_plain_username",
+    "STEER_KAFKA_SASL_PASSWORD": "sasl_plain_password",
+}
+_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def client_security(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """kafka-python settings of a secured facility broker, from ``STEER_KAFKA_*`` variables.
+
+    ``STEER_KAFKA_SECURITY_PROTOCOL`` (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL; default
+    PLAINTEXT), ``STEER_KAFKA_SSL_CAFILE`` / ``_CERTFILE`` / ``_KEYFILE`` / ``_PASSWORD`` (TLS,
+    client certificates optional), ``STEER_KAFKA_SASL_MECHANISM`` (PLAIN, SCRAM-SHA-256,
+    SCRAM-SHA-512), ``STEER_KAFKA_SASL_USERNAME`` and ``STEER_KAFKA_SASL_PASSWORD`` (or
+    ``STEER_KAFKA_SASL_PASSWORD_FILE``, e.g. a mounted secret). Every Kafka client of the
+    service is made with these. Raises :class:`ConsumerError` for an inconsistent set.
+    """
+    import os
+
+    env = dict(os.environ if env is None else env)
+    out: dict[str, Any] = {}
+    for var, key in SECURITY_ENV.items():
+        value = env.get(var, "").strip()
+        if value:
+            out[key] = value
+    pw_file = env.get("STEER_KAFKA_SASL_PASSWORD_FILE", "").strip()
+    if pw_file and "sasl_plain_password" not in out:
+        try:
+            out["sasl_plain_password"] = Path(pw_file).read_text().strip()
+        except OSError as exc:
+            raise ConsumerError(f"STEER_KAFKA_SASL_PASSWORD_FILE {pw_file}: {exc}") from exc
+    protocol = str(out.get("security_protocol", "PLAINTEXT")).upper()
+    if protocol not in _PROTOCOLS:
+        raise ConsumerError(
+            f"STEER_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(_PROTOCOLS)}, "
+            f"got {protocol!r}"
+        )
+    out["security_protocol"] = protocol
+    if protocol.startswith("SASL"):
+        mech = str(out.get("sasl_mechanism", "")).upper()
+        if mech not in _MECHANISMS:
+            raise ConsumerError(
+                f"{protocol} needs STEER_KAFKA_SASL_MECHANISM, one of {', '.join(_MECHANISMS)}"
+                + (f" (got {mech!r})" if mech else "")
+            )
+        out["sasl_mechanism"] = mech
+        missing = [
+            v
+            for v, k in (
+                ("STEER_KAFKA_SASL_USERNAME", "sasl_plain_username"),
+                ("STEER_KAFKA_SASL_PASSWORD", "sasl_plain_password"),
+            )
+            if not out.get(k)
+        ]
+        if missing:
+            raise ConsumerError(f"{protocol} needs {' and '.join(missing)}")
+    elif "sasl_mechanism" in out:
+        raise ConsumerError(
+            f"STEER_KAFKA_SASL_MECHANISM is set but the protocol is {protocol}: "
+            "set STEER_KAFKA_SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT)"
+        )
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if key in out and not Path(out[key]).is_file():
+            var = next(v for v, k in SECURITY_ENV.items() if k == key)
+            raise ConsumerError(f"{var}: no such file {out[key]}")
+    if protocol == "PLAINTEXT":
+        return {"security_protocol": "PLAINTEXT"}
+    return out
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,7 +237,7 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 1) -> Non
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_security())
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
@@ -193,6 +273,7 @@ class KafkaSource:
             session_timeout_ms=6000,
             max_partition_fetch_bytes=16 << 20,
             fetch_max_bytes=64 << 20,
+            **client_security(),
         )
         parts = []
         for t in self.topics:
@@ -334,7 +415,9 @@ class KafkaDeadLetter:
 
         self.topic = f"{prefix}_deadletter"
         ensure_topics(bootstrap, [self.topic])
-        self._producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=32 << 20)
+        self._producer = KafkaProducer(
+            bootstrap_servers=bootstrap, max_request_size=32 << 20, **client_security()
+        )
 
     def __call__(self, msg: SourceMessage, reason: str) -> None:
         headers = [
@@ -364,7 +447,9 @@ class KafkaSnapshotSink:
         self.topic = f"{prefix}_folded"
         self.grid_fingerprint = grid_fingerprint
         ensure_topics(bootstrap, [self.topic])
-        self._producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=32 << 20)
+        self._producer = KafkaProducer(
+            bootstrap_servers=bootstrap, max_request_size=32 << 20, **client_security()
+        )
 
     def __call__(self, snapshot: Any, record: Any) -> None:
         import io
@@ -432,6 +517,7 @@ def replay(
         new = prefix or old
         ensure_topics(bootstrap, topics_for(new))
         producer = KafkaProducer(
+            **client_security(),
             bootstrap_servers=bootstrap,
             acks="all",
             linger_ms=5,

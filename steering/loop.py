@@ -133,7 +133,11 @@ class KafkaAdviceSink:
         self.topic = f"{prefix}_advice"
         self.docs_topic = f"{prefix}_advice_docs"
         ensure_topics(bootstrap, [self.topic, self.docs_topic])
-        self._producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=8 << 20)
+        from consumers.kafka import client_security
+
+        self._producer = KafkaProducer(
+            bootstrap_servers=bootstrap, max_request_size=8 << 20, **client_security()
+        )
         self._key = run_id.encode()
         self.documents = AdviceDocuments(self._send_doc, run_id=run_id, material=material)
 
