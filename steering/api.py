@@ -82,6 +82,8 @@ class LiveState:
     orientations: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     reload: Any = None
     model_version: str | None = None
+    #: why the model server cannot estimate now (None when it can)
+    model_error: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: incremented on every update; ``updates`` holds the latest update of each run
     version: int = 0
@@ -163,6 +165,7 @@ def create_app(
             "runs": len(runs),
             "running": sum(r["state"] == "running" for r in runs),
             "model_version": live.model_version,
+            "model_error": live.model_error,
         }
 
     @app.get("/runs")

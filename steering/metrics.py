@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import Histogram, Info
+from prometheus_client import Counter, Histogram, Info
 
-__all__ = ["ADVISOR_SECONDS", "CHUNK_TO_ESTIMATE_SECONDS", "ESTIMATE_SECONDS", "MODEL_INFO"]
+__all__ = [
+    "ADVISOR_SECONDS",
+    "CHUNK_TO_ESTIMATE_SECONDS",
+    "ESTIMATES_SKIPPED",
+    "ESTIMATE_SECONDS",
+    "MODEL_INFO",
+]
 
 _BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -19,5 +25,10 @@ CHUNK_TO_ESTIMATE_SECONDS = Histogram(
     "From an orientation's close to its estimate in the run history (fold, checkpoint, "
     "estimate, advice)",
     buckets=_BUCKETS,
+)
+ESTIMATES_SKIPPED = Counter(
+    "steer_estimates_skipped_total",
+    "Completed orientations not estimated (model unavailable)",
+    ["reason"],
 )
 MODEL_INFO = Info("steer_model", "The frozen model in use")

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from model_server.exceptions import ModelServerError
+
 from . import metrics
 from .api import LiveState
 from .db import History
@@ -87,6 +89,8 @@ class SteeringService:
         self._thread: threading.Thread | None = None
         self.service: Any = None
         self.error: str | None = None
+        #: why the last estimate could not be made (the model is unavailable), or None
+        self.model_error: str | None = None
         #: seconds of estimate + advice of each orientation
         self.latencies: list[float] = []
         #: seconds from each orientation's close to its estimate in the history (what the
@@ -130,6 +134,8 @@ class SteeringService:
         def work() -> None:
             try:
                 self._loop_for(meta)
+            except (ModelServerError, OSError) as exc:
+                logger.warning("model unavailable at the run start: %s", exc)
             except Exception:
                 logger.exception("could not prepare the steering loop of a run")
 
@@ -148,6 +154,8 @@ class SteeringService:
         if loop is not None:
             return loop
         material = str(meta["material"])
+        # the model first: without it nothing else is made (the next orientation retries)
+        estimator = self.estimator(material)
         rng = self.live.advisor_ranges.get(run_id)
         omegas = None
         if rng is not None:
@@ -159,7 +167,7 @@ class SteeringService:
             self._sinks[run_id] = sink
             sinks.append(sink)
         loop = SteeringLoop(
-            self.estimator(material),
+            estimator,
             Advisor(material, temperature=float(meta.get("temperature_K", 5.0))),
             candidates,
             sinks=sinks,
@@ -170,19 +178,27 @@ class SteeringService:
         )
         self._loops[run_id] = loop
         self.history.upsert_run(run_id, material=material, state="running")
-        sim = meta.get("simulation")
-        truth = sim.get("coefficients") if isinstance(sim, dict) else None
-        with self.live.lock:
-            self.live.runs[run_id] = {
-                "material": material,
-                "temperature": float(meta.get("temperature_K", 5.0)),
-                "omegas": [],
-                "truth": dict(truth) if isinstance(truth, dict) else None,
-            }
+        self._run_info(meta)
         from simulations.materials import setup
 
         self.live.grids[run_id] = {"energy": setup(material).grid.energy_centres.tolist()}
         return loop
+
+    def _run_info(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The run's entry in the live state (material, temperature, angles, truth)."""
+        run_id = str(meta.get("run_id", "run"))
+        with self.live.lock:
+            info = self.live.runs.get(run_id)
+            if info is None:
+                sim = meta.get("simulation")
+                truth = sim.get("coefficients") if isinstance(sim, dict) else None
+                info = self.live.runs[run_id] = {
+                    "material": str(meta.get("material", "?")),
+                    "temperature": float(meta.get("temperature_K", 5.0)),
+                    "omegas": [],
+                    "truth": dict(truth) if isinstance(truth, dict) else None,
+                }
+            return info
 
     def _on_snapshot(self, snapshot: Any, record: Any) -> None:
         meta = self.service.pipeline.meta or {}
@@ -207,11 +223,10 @@ class SteeringService:
                 self.live.orientations.pop(old)
         self._closed_at = getattr(self.service, "closed_at", None)
         t0 = time.perf_counter()
-        loop = self._loop_for(meta)
+        info = self._run_info(meta)
         with self.live.lock:
-            self.live.runs[run_id]["omegas"].append(float(record.omega))
-        loop(snapshot, record)
-        self.latencies.append(time.perf_counter() - t0)
+            info["omegas"].append(float(record.omega))
+        # the run and its progress are on record whatever happens to the estimate
         summary = self.service.summary()
         summary.pop("finished_runs", None)
         self.history.upsert_run(
@@ -220,6 +235,28 @@ class SteeringService:
             n_orientations=int(snapshot.n_orientations),
             summary=summary,
         )
+        try:
+            loop = self._loop_for(meta)
+        except (ModelServerError, OSError) as exc:
+            # no model (missing, unreadable, being replaced): folding goes on, and the next
+            # orientation tries again, so that estimates resume when the model is back
+            metrics.ESTIMATES_SKIPPED.labels(reason="model_unavailable").inc()
+            if self.model_error is None:
+                logger.error(
+                    "model server unavailable for run %s (%s): folding goes on; estimates "
+                    "resume when the model is back",
+                    run_id,
+                    exc,
+                )
+            self.model_error = f"{type(exc).__name__}: {exc}"
+            self.live.model_error = self.model_error
+            return
+        if self.model_error is not None:
+            logger.info("model server back for run %s: estimating again", run_id)
+            self.model_error = None
+            self.live.model_error = None
+        loop(snapshot, record)
+        self.latencies.append(time.perf_counter() - t0)
 
     def _record(self, advice: dict[str, Any]) -> None:
         run_id = str(advice["run_id"])
