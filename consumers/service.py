@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ from simulations.jsonutil import json_default
 
 from . import metrics
 from .accumulate import OrientationRecord, Snapshot
+from .exceptions import ConsumerError
 from .kafka import MessageSource, SourceMessage
 from .pipeline import MalformedMessage, RunPipeline, schema_of
 
@@ -144,7 +146,12 @@ class ConsumerService:
     ) -> None:
         self.source = source
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConsumerError(
+                f"state folder {self.state_dir} cannot be created: {exc.strerror or exc}"
+            ) from exc
         self._mode = mode
         self._tolerance = float(tolerance)
         self.pipeline = RunPipeline(mode=mode, tolerance=tolerance)
@@ -466,11 +473,22 @@ class ConsumerService:
         js["held_early"], arrays["held_early"] = _pack(self._early)
         blob = np.frombuffer(json.dumps(js, default=json_default).encode(), dtype=np.uint8)
         tmp = self.state_dir / (CHECKPOINT + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, __json__=blob, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.checkpoint_path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, __json__=blob, **arrays)  # type: ignore[arg-type]
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.checkpoint_path)
+        except OSError as exc:
+            # disk full, read-only or vanished state folder: stop (nothing is committed to
+            # the broker beyond the last good checkpoint, which is left as it was)
+            with suppress(OSError):
+                tmp.unlink()
+            raise ConsumerError(
+                f"cannot write the checkpoint in {self.state_dir}: {exc.strerror or exc}; "
+                "the previous checkpoint is intact and the consumer stops (free space or "
+                "fix the folder, then restart: it resumes from there)"
+            ) from exc
         self._checkpoint_t = time.monotonic()
 
     def _load(self) -> None:

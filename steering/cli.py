@@ -509,6 +509,12 @@ def consume_cmd(
     from consumers.kafka import KafkaDeadLetter, KafkaSnapshotSink, KafkaSource, MergedSource
     from consumers.service import ConsumerService
 
+    try:  # the state folder first: a bad one is refused before Kafka is reached
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConsumerError(
+            f"state folder {state_dir} cannot be created: {exc.strerror or exc}"
+        ) from exc
     dead = KafkaDeadLetter(bootstrap, prefix)
     source: KafkaSource | MergedSource
     zmq_source = None
@@ -853,6 +859,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(exc.exit_code) from None
         if isinstance(exc, click.exceptions.Exit):
             raise SystemExit(exc.exit_code) from None
+        from kafka.errors import KafkaError
+
+        if isinstance(exc, KafkaError):  # e.g. no broker at the bootstrap address
+            typer.echo(f"error: Kafka: {exc}", err=True)
+            raise SystemExit(2) from None
         raise
 
 

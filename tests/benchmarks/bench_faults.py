@@ -1,0 +1,106 @@
+"""Fault benchmark (``make bench``): kill -9 of ``steer consume`` at 20 random moments across
+a 120-orientation replay through the embedded broker, each followed by a restart; the final
+counts and exposure must equal the uninterrupted (offline) fold bit for bit.
+
+Writes bench-results/faults.json. (tests/test_kafka.py does the same with 5 kills in the
+test suite; this is the long version.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from consumers.kafka import embedded_broker, replay
+from tests.conftest import small_ge_run
+
+RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
+KILLS = 20
+
+
+def _consume(bootstrap: str, state: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "steering.cli", "consume", "--bootstrap", bootstrap,
+        "--prefix", "faults", "--state-dir", str(state), "--idle-exit", "20", "--json",
+    ]  # fmt: skip
+
+
+def bench_kill_9_twenty_times(tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    omegas = tuple(float(w) for w in np.arange(0.0, 120.0))
+    path, offline, acc = small_ge_run(tmp_path / "ge120.steer", omegas, seed=120)
+    state = tmp_path / "state"
+    ckpt = state / "checkpoint.npz"
+    rng = np.random.default_rng(2026)
+    kills: list[dict[str, float | bool]] = []
+    with embedded_broker() as broker:
+        # 120 orientations of 5 s (plus moves) at 4x: about 3 minutes, room for 20 restarts
+        sender = threading.Thread(
+            target=replay, args=(path, broker.bootstrap), kwargs={"prefix": "faults", "speed": 4}
+        )
+        sender.start()
+        t_replay = time.perf_counter()
+        for _ in range(KILLS):
+            before = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
+            proc = subprocess.Popen(
+                _consume(broker.bootstrap, state),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 90
+            while proc.poll() is None and time.monotonic() < deadline:
+                if ckpt.exists() and ckpt.stat().st_mtime_ns != before:
+                    break
+                time.sleep(0.02)
+            time.sleep(float(rng.uniform(0.0, 2.0)))
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills.append(
+                    {
+                        "at_s": round(time.perf_counter() - t_replay, 2),
+                        "during_replay": sender.is_alive(),
+                        "checkpoint_existed": ckpt.exists(),
+                    }
+                )
+        sender.join()
+        done = subprocess.run(
+            _consume(broker.bootstrap, state),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    summary = json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-2000:]}
+    with np.load(ckpt) as f:
+        counts_equal = bool(np.array_equal(f["counts"], acc.counts))
+        exposure_equal = bool(np.array_equal(f["exposure"], acc.exposure))
+    out = {
+        "orientations": len(omegas),
+        "kills": len(kills),
+        "kills_during_replay": sum(bool(k["during_replay"]) for k in kills),
+        "kill_moments_s": [k["at_s"] for k in kills],
+        "final_done": bool(summary.get("done")),
+        "events_folded": summary.get("events_folded"),
+        "events_folded_offline": offline["events_folded"],
+        "events_dropped_equal": summary.get("events_dropped") == offline["events_dropped"],
+        "counts_identical": counts_equal,
+        "exposure_identical": exposure_equal,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "faults.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    assert out["kills"] == KILLS
+    assert out["final_done"]
+    assert counts_equal
+    assert exposure_equal
+    assert out["events_folded"] == offline["events_folded"]
