@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 from streaming_data_types.eventdata_ev44 import deserialise_ev44
 from streaming_data_types.run_start_pl72 import deserialise_pl72
+from streaming_data_types.run_stop_6s4t import deserialise_6s4t
 
 from simulations.instrument import Instrument, Orientation
 from simulations.materials import setup
@@ -28,12 +29,16 @@ from .folding import DROP_REASONS, Folder, FoldTable
 from .segment import Chunk, Segmenter
 from .wire import decode_f144
 
-__all__ = ["MAX_IN_FLIGHT", "MalformedMessage", "RunPipeline", "schema_of"]
+__all__ = ["MAX_IN_FLIGHT", "MAX_PULSE_CHARGE", "MalformedMessage", "RunPipeline", "schema_of"]
 
 logger = logging.getLogger(__name__)
 
 #: Closed orientations waiting for the background fold, at most.
 MAX_IN_FLIGHT = 4
+
+#: Largest proton charge of one pulse (uC) taken as real: far above any source's (ESS
+#: ~4 uC, SNS ~23 uC), and low enough that an orientation's sum cannot overflow.
+MAX_PULSE_CHARGE = 1e6
 
 # counts (n_q, n_E), coverage (n_q, n_E), dropped (4,), seconds
 _Folded = tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], float]
@@ -170,18 +175,23 @@ class RunPipeline:
                 if source == "proton_charge":
                     if value < 0:
                         raise MalformedMessage("negative_charge", f"proton_charge {value}")
+                    if value > MAX_PULSE_CHARGE:
+                        raise MalformedMessage("huge_charge", f"proton_charge {value} uC")
                     chunks = self.segmenter.on_charge(t_ns, value)
                 elif source in ("omega", "omega_setpoint"):
                     chunks = self.segmenter.on_omega(source, value, t_ns)
                 else:
                     chunks = []
             elif schema == "6s4t":
+                deserialise_6s4t(payload)  # a run stop must at least be one
                 self.segmenter.on_stop(timestamp_ns)
                 self.stopped = True
                 chunks = []
             elif schema == "bluesky-json":
                 name, doc = json.loads(payload)
-                chunks = self.segmenter.on_bluesky(str(name), doc)
+                if not isinstance(name, str) or not isinstance(doc, dict):
+                    raise ValueError("not a [name, document] pair")
+                chunks = self.segmenter.on_bluesky(name, doc)
             else:
                 raise MalformedMessage("unknown_schema", f"schema {schema!r}")
         except MalformedMessage:
@@ -280,6 +290,8 @@ class RunPipeline:
         return []
 
     def _setup(self, meta: dict[str, Any]) -> None:
+        # everything is built before anything is kept: a run start that fails here leaves
+        # the pipeline waiting for a usable one
         mode = self.mode
         if mode == "auto":
             mode = "bluesky" if "bluesky" in meta.get("topics", {}) else "omega"
@@ -287,12 +299,19 @@ class RunPipeline:
         ins = Instrument.from_metadata(meta["instrument"])
         o = meta["orientation"]
         orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
+        if not np.all(np.isfinite(orientation.ub)):
+            raise ValueError(f"orientation vectors u={o['u']}, v={o['v']} give no UB matrix")
+        ei = float(meta["ei_meV"])
+        if not np.isfinite(ei):
+            raise ValueError(f"Ei = {ei} meV")
         table = FoldTable.cached(ms.crystal, ms.grid, tolerance=self.tolerance, voxels=self.voxels)
+        folder = Folder(table, ms.grid, ins, orientation, ei)
+        segmenter = Segmenter(mode)
         self.meta = meta
         self._run_key = str(meta.get("run_id", "")).encode()
-        self.folder = Folder(table, ms.grid, ins, orientation, float(meta["ei_meV"]))
+        self.folder = folder
         self.acc = RunAccumulator(ms.grid)
-        self.segmenter = Segmenter(mode)
+        self.segmenter = segmenter
 
     def _submit(self, chunk: Chunk) -> None:
         """Fold a closed orientation: on the background worker, or here (``background``

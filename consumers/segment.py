@@ -30,6 +30,9 @@ __all__ = ["Chunk", "Segmenter"]
 
 logger = logging.getLogger(__name__)
 
+# pulse times are int64 ns: a counting window outside that range cannot exist
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Chunk:
@@ -82,13 +85,6 @@ class _Pulses:
             return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
         return np.concatenate(self.pulse), np.concatenate(self.tof), np.concatenate(self.pixel)
 
-    def drop_before(self, t: int) -> int:
-        """Discard events with pulse < t; return how many."""
-        pulse, tof, pix = self.arrays()
-        keep = pulse >= t
-        self.pulse, self.tof, self.pixel = [pulse[keep]], [tof[keep]], [pix[keep]]
-        return int((~keep).sum())
-
 
 class Segmenter:
     """Cut one run's messages into orientation chunks.
@@ -117,6 +113,8 @@ class Segmenter:
         # latest pulse time seen on the event and charge streams (topics arrive in any order)
         self._event_mark = -1
         self._charge_mark = -1
+        # end of the latest bluesky counting window: steps follow one another in time
+        self._window_end: int | None = None
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -170,8 +168,16 @@ class Segmenter:
         assert isinstance(data, dict)
         lo, hi = int(data["count_start_ns"]), int(data["count_stop_ns"])
         omega = float(data["omega"])
-        if not np.isfinite(omega) or not hi > lo:
+        if not np.isfinite(omega) or not _I64_MIN <= lo < hi <= _I64_MAX:
             raise ValueError(f"bluesky Event with omega {omega} and window [{lo}, {hi})")
+        if self._window_end is not None and lo < self._window_end:
+            # a repeated or out-of-order Event: it would take (or leave as moving) the
+            # events of another step
+            raise ValueError(
+                f"bluesky Event window [{lo}, {hi}) starts before the end of the previous "
+                f"one ({self._window_end})"
+            )
+        self._window_end = hi
         self._windows.append((omega, lo, hi))
         return self._drain()
 
@@ -186,7 +192,8 @@ class Segmenter:
         over were taken while moving."""
         out = [self._close(*w) for w in self._windows]
         self._windows = []
-        self.moving += self._events.drop_before(2**62)
+        self.moving += len(self._events.arrays()[0])
+        self._events = _Pulses()
         return out
 
     @property
@@ -208,6 +215,7 @@ class Segmenter:
             "windows": [list(w) for w in self._windows],
             "event_mark": self._event_mark,
             "charge_mark": self._charge_mark,
+            "window_end": self._window_end,
             "charge_t": np.asarray(self._charge_t, dtype=np.int64),
             "charge_v": np.asarray(self._charge_v, dtype=np.float64),
             "pulse": pulse,
@@ -225,6 +233,8 @@ class Segmenter:
         seg._windows = [(float(a), int(b), int(c)) for a, b, c in st["windows"]]  # type: ignore[attr-defined]
         seg._event_mark = int(st["event_mark"])  # type: ignore[call-overload]
         seg._charge_mark = int(st["charge_mark"])  # type: ignore[call-overload]
+        end = st.get("window_end")  # absent from older checkpoints
+        seg._window_end = None if end is None else int(end)  # type: ignore[call-overload]
         seg._charge_t = np.asarray(st["charge_t"]).tolist()
         seg._charge_v = np.asarray(st["charge_v"]).tolist()
         seg._events.add(
