@@ -43,7 +43,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as npst
-from streaming_data_types.eventdata_ev44 import serialise_ev44
+from streaming_data_types.eventdata_ev44 import deserialise_ev44, serialise_ev44
 from streaming_data_types.logdata_f144 import serialise_f144
 from streaming_data_types.run_start_pl72 import deserialise_pl72, serialise_pl72
 from streaming_data_types.run_stop_6s4t import serialise_6s4t
@@ -331,7 +331,7 @@ def _f144_value(d: Draw, lo: float, hi: float) -> Any:
     """A finite scalar in [lo, hi] as a Python float or int, or a numpy scalar."""
     how = d.choice(("float", "float32", "int"))
     if how == "int":
-        t = d.choice(_F144_DTYPES)
+        t: Any = d.choice(_F144_DTYPES)
         info = np.iinfo(t)
         a, b = max(int(info.min), math.ceil(lo)), min(int(info.max), math.floor(hi))
         if a <= b:
@@ -563,7 +563,7 @@ def _bluesky(d: Draw, ctx: Ctx) -> Hostile:
     if kind == "not_json":
         raw = d.choice((b"", b"[", b'["event", {]', b"\xff\xfe", d.blob(40) + b"\x00"))
     elif kind == "not_a_pair":
-        value = d.choice(
+        value: Any = d.choice(
             ("ev", [1, 2], ["event"], ["event", {}, {}], {"event": {}, "x": 1}, None, 3.5)
         )
         if d.choice((False, True)):
@@ -684,8 +684,14 @@ def run_context(msgs: Sequence[Any], mode: str = "bluesky") -> Ctx:
             what = "bluesky/" + h.get("document", b"").decode()
             if what == "bluesky/descriptor":
                 descriptor = json.loads(m.payload)[1]["uid"]
-        elif schema == "ev44" and len(m.payload) > 4000:
-            continue  # keep the mutations of events cheap
+        elif schema == "ev44" and what not in samples:  # its first 30 events: cheap to mutate
+            ev = deserialise_ev44(m.payload)
+            n = min(30, len(ev.time_of_flight))
+            small = serialise_ev44(
+                ev.source_name, ev.message_id, ev.reference_time[:1], [0],
+                ev.time_of_flight[:n], ev.pixel_id[:n],
+            )  # fmt: skip
+            samples[what] = (tuple(m.headers), bytes(small))
         samples.setdefault(what, (tuple(m.headers), bytes(m.payload)))
     from simulations.instrument import Instrument
 
@@ -907,7 +913,9 @@ def attack_pipeline(
         must_refuse = h.expect == "refuse" or (
             key == OTHER_RUN_KEY and pipe.meta is not None and schema != "pl72"
         )
-        assert not must_refuse, f"{h.kind} ({schema}, key {key!r}) was accepted"
+        # (after an accepted message that may carry other valid data, such as a bit-flipped
+        # run start that opened a differently segmented run, expectations no longer hold)
+        assert unsure or not must_refuse, f"{h.kind} ({schema}, key {key!r}) was accepted"
         unsure |= h.expect == "any"
     pipe.finish()
     result = Result.of(pipe)
@@ -926,6 +934,7 @@ _FUZZ = settings(
 
 @settings(_FUZZ, max_examples=1500)
 @given(data=st.data())
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN orientation vectors and such
 def test_hostile_messages_never_change_the_pipeline_s_result(
     cuts: dict[str, Cut], data: st.DataObject
 ) -> None:
@@ -938,6 +947,29 @@ def test_hostile_messages_never_change_the_pipeline_s_result(
         h = hostile(d, cut.ctx)
         attack.append((h, key_for(d, cut.ctx), _time(d, cut.ctx)))
     attack_pipeline(cut, attack)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_the_fuzzer_reaches_every_kind_and_reason(cuts: dict[str, Cut]) -> None:
+    """The seeded generator of the benchmark, on the same properties: every kind of hostile
+    message comes up, and is refused under every reason the pipeline has."""
+    d = RandomDraw(8)
+    tally = Tally()
+    names = sorted(cuts)
+    while tally.cases < 1500:
+        cut = cuts[d.choice(names)]
+        attack = [
+            (hostile(d, cut.ctx), key_for(d, cut.ctx), _time(d, cut.ctx))
+            for _ in range(d.integer(1, 12))
+        ]
+        attack_pipeline(cut, attack, tally)
+    assert len(tally.by_kind) >= 50, sorted(tally.by_kind)
+    assert set(tally.by_reason) == {
+        "before_run_start", "other_run", "unknown_schema", "second_run_start",
+        "malformed_pl72", "malformed_ev44", "malformed_f144", "malformed_6s4t",
+        "malformed_bluesky-json", "non_finite", "negative_charge", "huge_charge",
+    }  # fmt: skip
+    assert set(tally.by_schema) >= {"ev44", "f144", "pl72", "6s4t", "bluesky-json", "unknown"}
 
 
 # -- the live consumer --------------------------------------------------------------------------
@@ -1028,8 +1060,9 @@ def attack_service(
     state_dir: Path,
     *,
     check_logs: bool = True,
-) -> tuple[ConsumerService, list[tuple[SourceMessage, str]]]:
-    """Run the live consumer over ``msgs`` and check every property."""
+) -> tuple[ConsumerService, list[tuple[SourceMessage, str]], bool]:
+    """Run the live consumer over ``msgs`` and check every property; returns it, its dead
+    letters and whether its result was compared with ``clean``."""
     letters: list[tuple[SourceMessage, str]] = []
     service = ConsumerService(
         ListSource(msgs), state_dir, dead_letter=lambda m, r: letters.append((m, r))
@@ -1059,16 +1092,16 @@ def attack_service(
         for m, _ in letters:
             where = f"{m.topic}[{m.partition}]@{m.offset}"
             assert any(where in line for line in records.lines), where
-    # the invalid ones are refused (or held for a next run that never came)
-    held = {(m.topic, m.partition, m.offset) for m in service._next + service._early}
-    missed = refuse - set(dead) - held
-    assert not missed, f"accepted: {sorted(missed)[:5]}"
-    accepted_unsure = unsure - set(dead) - held
     result = Result.of(service.pipeline)
     result.check_accounted()
-    if not accepted_unsure:
-        result.check_same_as(clean)
-    return service, letters
+    held = {(m.topic, m.partition, m.offset) for m in service._next + service._early}
+    if unsure - set(dead) - held:
+        return service, letters, False  # other valid data may have come in (a flipped run start)
+    # the invalid ones are refused (or held for a next run that never came)
+    missed = refuse - set(dead) - held
+    assert not missed, f"accepted: {sorted(missed)[:5]}"
+    result.check_same_as(clean)
+    return service, letters, True
 
 
 @pytest.fixture(scope="module")
@@ -1084,8 +1117,9 @@ def clean_result(fuzz_run: Any) -> Result:
     return result
 
 
-@settings(_FUZZ, max_examples=20)
+@settings(_FUZZ, max_examples=30)
 @given(data=st.data())
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_hostile_messages_interleaved_into_a_live_run(
     fuzz_run: Any, clean_result: Result, data: st.DataObject
 ) -> None:
@@ -1179,7 +1213,8 @@ def test_a_bad_run_start_first_does_not_stop_the_live_consumer(
         "runInfo",
     )
     stream, refuse, unsure = interleave(msgs, [(0, bad, msgs[0].key, 0, 1)])
-    _, letters = attack_service(stream, refuse, unsure, clean_result, tmp_path)
+    _, letters, compared = attack_service(stream, refuse, unsure, clean_result, tmp_path)
+    assert compared
     assert [r for _, r in letters] == ["malformed_pl72"]
 
 
@@ -1191,7 +1226,8 @@ def test_a_run_stop_that_does_not_decode_is_refused(fuzz_run: Any) -> None:
     real = next(m for m in msgs if dict(m.headers).get("schema") == b"6s4t").payload
     wrong_id = real[:4] + b"6s4u" + real[8:]
     at = len(msgs) // 2
-    inserts = {at: [((("schema", b"6s4t"),), b"stop!"), ((("schema", b"6s4t"),), wrong_id)]}
+    headers: tuple[tuple[str, bytes], ...] = (("schema", b"6s4t"),)
+    inserts = {at: [(headers, b"stop!"), (headers, bytes(wrong_id))]}
     pipe, reasons = _fold_with(msgs, inserts, mode="omega")
     assert reasons == ["malformed_6s4t", "malformed_6s4t"]
     Result.of(pipe).check_same_as(Result.of(clean))
