@@ -22,6 +22,11 @@ Each one says what the consumer must do with it (:attr:`Hostile.expect`): ``"ref
 ``"harmless"`` (refused, or accepted without changing the result), or ``"any"`` (bit flips
 and truncations of real messages can decode into other valid data, so only "no crash" and
 "a refused message leaves no trace" are checked for them).
+
+Not generated, because nothing in them tells them from real data: a proton charge of at
+most 1e6 uC inside a counting step, omega logs under omega segmentation, a run stop under
+omega segmentation, an Event document with a plausible window (also for an unknown
+descriptor: the 0MQ source deliberately goes on after lost descriptors).
 """
 
 from __future__ import annotations
@@ -932,7 +937,7 @@ _FUZZ = settings(
 )
 
 
-@settings(_FUZZ, max_examples=1500)
+@settings(_FUZZ, max_examples=1200)
 @given(data=st.data())
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN orientation vectors and such
 def test_hostile_messages_never_change_the_pipeline_s_result(
@@ -1117,7 +1122,7 @@ def clean_result(fuzz_run: Any) -> Result:
     return result
 
 
-@settings(_FUZZ, max_examples=30)
+@settings(_FUZZ, max_examples=25)
 @given(data=st.data())
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_hostile_messages_interleaved_into_a_live_run(
