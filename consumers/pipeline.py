@@ -7,7 +7,6 @@ so both give identical results. It holds no I/O: callers feed it messages and sa
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter, deque
@@ -27,7 +26,7 @@ from .accumulate import OrientationRecord, RunAccumulator, Snapshot
 from .exceptions import ConsumerError
 from .folding import DROP_REASONS, Folder, FoldTable
 from .segment import Chunk, Segmenter
-from .wire import decode_f144
+from .wire import decode_f144, loads_json
 
 __all__ = ["MAX_IN_FLIGHT", "MAX_PULSE_CHARGE", "MalformedMessage", "RunPipeline", "schema_of"]
 
@@ -188,7 +187,7 @@ class RunPipeline:
                 self.stopped = True
                 chunks = []
             elif schema == "bluesky-json":
-                name, doc = json.loads(payload)
+                name, doc = loads_json(payload)
                 if not isinstance(name, str) or not isinstance(doc, dict):
                     raise ValueError("not a [name, document] pair")
                 chunks = self.segmenter.on_bluesky(name, doc)
@@ -278,7 +277,7 @@ class RunPipeline:
 
     def _run_start(self, payload: bytes) -> list[OrientationRecord]:
         try:
-            meta = json.loads(deserialise_pl72(payload).metadata)
+            meta = loads_json(deserialise_pl72(payload).metadata)
         except Exception as exc:
             raise MalformedMessage("malformed_pl72", str(exc)) from exc
         if self.meta is not None:

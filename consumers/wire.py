@@ -13,11 +13,40 @@ library's.
 
 from __future__ import annotations
 
+import json
 import struct
+from typing import Any
 
+import numpy as np
 from streaming_data_types.logdata_f144 import deserialise_f144
 
-__all__ = ["decode_f144"]
+__all__ = ["MAX_JSON_DEPTH", "decode_f144", "loads_json"]
+
+#: Deepest nesting of arrays and objects accepted in JSON from the wire (run-start metadata,
+#: bluesky documents): real documents nest a handful of levels.
+MAX_JSON_DEPTH = 256
+
+
+def loads_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for input from the wire, refusing nesting deeper than ``max_depth``
+    before it is parsed (ValueError).
+
+    Python's JSON parser recurses in C once per level, guarded only by the recursion
+    limit, and a library imported beside it raises that limit for the whole process (symfc
+    sets ``sys.setrecursionlimit(100000)``): a document nested 100,000 deep then overflows
+    the C stack and kills the consumer. Brackets inside strings count too, which can only
+    make the check stricter than the real nesting.
+    """
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    if raw.count(b"[") + raw.count(b"{") > max_depth:
+        b = np.frombuffer(raw, dtype=np.uint8)
+        step = (
+            (b == ord("[")).astype(np.int64) + (b == ord("{")) - (b == ord("]")) - (b == ord("}"))
+        )
+        if int(np.cumsum(step).max()) > max_depth:
+            raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    return json.loads(raw)
+
 
 _U16 = struct.Struct("<H").unpack_from
 _U32 = struct.Struct("<I").unpack_from

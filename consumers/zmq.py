@@ -54,6 +54,7 @@ from simulations.jsonutil import json_default
 from . import metrics
 from .exceptions import ConsumerError
 from .kafka import SourceMessage
+from .wire import loads_json
 
 __all__ = [
     "DESERIALIZERS",
@@ -123,7 +124,7 @@ def _json_dumps(doc: Any) -> bytes:
 #: Document body decoders by format name (``msgpack`` only where it is installed).
 DESERIALIZERS: dict[str, Callable[[bytes], Any]] = {
     "pickle": restricted_loads,
-    "json": json.loads,
+    "json": loads_json,
 }
 #: Document body encoders for :func:`make_publisher`, by format name.
 SERIALIZERS: dict[str, Callable[[Any], bytes]] = {"pickle": pickle.dumps, "json": _json_dumps}

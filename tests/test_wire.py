@@ -80,3 +80,26 @@ def test_fast_f144_is_used_for_the_scalar_logs() -> None:
     assert decode_f144(buf) == ("proton_charge", 2.5, 17)
     with pytest.raises(Exception, match="f144"):
         decode_f144(b"\x08\x00\x00\x00ev44" + bytes(16))
+
+
+def test_deeply_nested_json_is_refused_before_it_is_parsed() -> None:
+    """symfc raises the recursion limit to 100,000 for the whole process; a run start or a
+    bluesky document nested that deep must be refused, not overflow the C stack."""
+    import sys
+
+    from consumers.wire import MAX_JSON_DEPTH, loads_json
+
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(100_000)
+    try:
+        deep = '{"material": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        with pytest.raises(ValueError, match="nested deeper"):
+            loads_json(deep)
+        with pytest.raises(ValueError, match="nested deeper"):
+            loads_json(deep.encode())
+    finally:
+        sys.setrecursionlimit(old)
+    ok = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert loads_json(ok) is not None
+    # brackets in strings are counted, but real documents stay far below the limit
+    assert loads_json('["start", {"plan_name": "scan[[[", "n": [1, [2, [3]]]}]')[0] == "start"
