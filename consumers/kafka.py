@@ -257,30 +257,52 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 1) -> Non
 class KafkaSource:
     """The run topics of a prefix, by manual assignment (offsets come from checkpoints).
 
+    ``partitions`` limits it to those partition numbers of every topic (a lane of
+    :class:`consumers.group.GroupConsumer`: a run's messages share a key, so they are on
+    the same partition number of every topic); by default all partitions are read.
+
     ``bluesky=False`` leaves out ``<prefix>_bluesky`` (when the documents come over 0MQ,
     :class:`consumers.zmq.ZmqBlueskySource`, so that they are not taken twice).
     """
 
     def __init__(
-        self, bootstrap: str, prefix: str, *, group_id: str | None = None, bluesky: bool = True
+        self,
+        bootstrap: str,
+        prefix: str,
+        *,
+        group_id: str | None = None,
+        bluesky: bool = True,
+        partitions: Sequence[int] | None = None,
     ) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
         self.topics = [t for t in topics_for(prefix) if bluesky or not t.endswith("_bluesky")]
-        ensure_topics(bootstrap, self.topics)
+        if partitions is None:
+            ensure_topics(bootstrap, self.topics)
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group_id or f"steer-{prefix}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=6000,
+            heartbeat_interval_ms=2000,
             max_partition_fetch_bytes=16 << 20,
             fetch_max_bytes=64 << 20,
             **client_security(),
         )
         parts = []
         for t in self.topics:
-            for p in sorted(self._consumer.partitions_for_topic(t) or {0}):
+            there = sorted(self._consumer.partitions_for_topic(t) or {0})
+            if partitions is not None:
+                missing = sorted(set(partitions) - set(there))
+                if missing:
+                    self._consumer.close()
+                    raise ConsumerError(
+                        f"topic {t} has no partition {missing[0]} (it has {len(there)}): the "
+                        "run topics of a prefix must have the same number of partitions"
+                    )
+                there = sorted(partitions)
+            for p in there:
                 parts.append(TopicPartition(t, p))
         self._parts = parts
         self._consumer.assign(parts)
@@ -498,8 +520,14 @@ def replay(
     zmq_prefix: bytes = b"",
     zmq_format: str = "pickle",
     zmq_connect_wait_s: float = 0.5,
+    partitions: int = 1,
 ) -> dict[str, object]:
     """Publish a recorded run onto Kafka, in order.
+
+    Topics that do not exist yet are created with ``partitions`` partitions; every message
+    goes to the partition of its key (the run id), as Kafka's default partitioner places it,
+    so a run's messages share one partition number on every topic (scale-out by consumer
+    group, :class:`consumers.group.GroupConsumer`).
 
     ``prefix`` renames the topics (``<old prefix>_x`` -> ``<prefix>_x``); ``speed`` scales
     the original timing (60 = sixty times faster), ``None`` sends as fast as possible.
@@ -518,7 +546,7 @@ def replay(
     with RunReader(path) as reader:
         old = str(reader.metadata.get("prefix", ""))
         new = prefix or old
-        ensure_topics(bootstrap, topics_for(new))
+        ensure_topics(bootstrap, topics_for(new), partitions)
         producer = KafkaProducer(
             **client_security(),
             bootstrap_servers=bootstrap,

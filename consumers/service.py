@@ -455,6 +455,10 @@ class ConsumerService:
     def _request_stop(self, *_: object) -> None:
         self._stop_requested = True
 
+    def request_stop(self) -> None:
+        """Ask :meth:`run` (on any thread) to checkpoint what is folding and return."""
+        self._stop_requested = True
+
     # -- checkpoints -------------------------------------------------------------------------
 
     @property

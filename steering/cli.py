@@ -423,6 +423,15 @@ def replay_cmd(
     ] = None,
     zmq_prefix: ZmqPrefixOpt = "",
     zmq_format: ZmqFormatOpt = "pickle",
+    partitions: Annotated[
+        int,
+        typer.Option(
+            "--partitions",
+            min=1,
+            help="Partitions of the topics when they have to be created (messages go to the "
+            "partition of their key, the run id).",
+        ),
+    ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Publish a recorded run onto Kafka (bluesky documents optionally over 0MQ), in order,
@@ -440,6 +449,7 @@ def replay_cmd(
         bluesky_zmq=bluesky_zmq,
         zmq_prefix=zmq_prefix.encode(),
         zmq_format=zmq_format,
+        partitions=partitions,
     )
     _emit(result, as_json)
 
@@ -499,6 +509,24 @@ def consume_cmd(
             "exported to STATE_DIR/runs/<run id>.h5); stop with SIGTERM or --idle-exit.",
         ),
     ] = False,
+    group: Annotated[
+        bool,
+        typer.Option(
+            "--group",
+            help="Scale out: join the consumer group steer-<prefix> and fold the partitions "
+            "it gives this process, one lane per partition number in STATE_DIR/partition-<p>/ "
+            "(a folder every member shares; a member that dies is taken over). Implies "
+            "--follow; runs are exported to STATE_DIR/partition-<p>/runs/<run id>.h5.",
+        ),
+    ] = False,
+    partitions: Annotated[
+        int,
+        typer.Option(
+            "--partitions",
+            min=1,
+            help="With --group: partitions of the run topics when they have to be created.",
+        ),
+    ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the live consumer: fold a run, checkpointing after every orientation.
@@ -509,6 +537,11 @@ def consume_cmd(
     from consumers.kafka import KafkaDeadLetter, KafkaSnapshotSink, KafkaSource, MergedSource
     from consumers.service import ConsumerService
 
+    if group and (out is not None or bluesky_zmq):
+        raise typer.BadParameter(
+            "--group exports every run to STATE_DIR/partition-<p>/runs/ and reads the bluesky "
+            "documents from Kafka: leave out --out and --bluesky-zmq"
+        )
     try:  # the state folder first: a bad one is refused before Kafka is reached
         state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -516,6 +549,27 @@ def consume_cmd(
             f"state folder {state_dir} cannot be created: {exc.strerror or exc}"
         ) from exc
     dead = KafkaDeadLetter(bootstrap, prefix)
+    if group:
+        from consumers.group import GroupConsumer
+
+        sink = KafkaSnapshotSink(bootstrap, prefix) if publish else None
+        try:
+            members = GroupConsumer(
+                bootstrap,
+                prefix,
+                state_dir,
+                partitions=partitions,
+                mode=mode,
+                dead_letter=dead,
+                on_snapshot=sink,
+            )
+            members.run(idle_exit_s=idle)
+        finally:
+            dead.close()
+            if sink is not None:
+                sink.close()
+        _emit(members.summary(), as_json)
+        return
     source: KafkaSource | MergedSource
     zmq_source = None
     if bluesky_zmq:
