@@ -47,7 +47,14 @@ from typing import IO, Any
 from kafka import ConsumerRebalanceListener
 
 from .exceptions import ConsumerError
-from .kafka import KafkaSource, SourceMessage, client_security, ensure_topics, topics_for
+from .kafka import (
+    KafkaSnapshotSink,
+    KafkaSource,
+    SourceMessage,
+    client_security,
+    ensure_topics,
+    topics_for,
+)
 from .service import ConsumerService
 
 __all__ = ["LANE_PREFIX", "GroupConsumer", "lane_dir"]
@@ -95,9 +102,11 @@ class GroupConsumer:
         are used as they are).
     mode, tolerance
         Passed to every lane's :class:`~consumers.service.ConsumerService`.
-    dead_letter, on_snapshot
+    dead_letter
         Shared by the lanes (called from their threads: must be thread-safe, as the
         Kafka sinks of :mod:`consumers.kafka` are).
+    snapshots
+        Where the lanes publish their snapshots (bound to each lane's run), or None.
     session_timeout_ms
         How long the broker waits for a silent member before it gives its partitions to
         the others (a killed member is noticed after this).
@@ -114,7 +123,7 @@ class GroupConsumer:
         mode: str = "auto",
         tolerance: float = 0.05,
         dead_letter: Callable[[SourceMessage, str], None] | None = None,
-        on_snapshot: Callable[..., None] | None = None,
+        snapshots: KafkaSnapshotSink | None = None,
         session_timeout_ms: int = 6000,
     ) -> None:
         from kafka import KafkaConsumer
@@ -133,7 +142,7 @@ class GroupConsumer:
         self.mode = mode
         self.tolerance = float(tolerance)
         self.dead_letter = dead_letter
-        self.on_snapshot = on_snapshot
+        self.snapshots = snapshots
         self.topics = topics_for(prefix)
         ensure_topics(bootstrap, self.topics, partitions)
         self._consumer = KafkaConsumer(
@@ -230,9 +239,10 @@ class GroupConsumer:
                     mode=self.mode,
                     tolerance=self.tolerance,
                     dead_letter=self.dead_letter,
-                    on_snapshot=self.on_snapshot,
                     follow=True,
                 )
+                if self.snapshots is not None:
+                    service.set_snapshot_sink(self.snapshots.bind(service.run_info))
             except BaseException:
                 source.close()
                 raise

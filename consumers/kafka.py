@@ -13,7 +13,7 @@ import logging
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -454,6 +454,10 @@ class KafkaDeadLetter:
         ]
         self._producer.send(self.topic, value=msg.payload, key=msg.key, headers=headers)
 
+    def flush(self) -> None:
+        """Wait until every dead letter sent so far is acknowledged."""
+        self._producer.flush()
+
     def close(self) -> None:
         self._producer.flush()
         self._producer.close()
@@ -463,7 +467,11 @@ class KafkaSnapshotSink:
     """Publishes each folded snapshot to ``<prefix>_folded`` for model servers (deployed mode).
 
     Payload: an ``.npz`` (no pickle) with ``intensity``, ``variance``, ``counts``,
-    ``exposure``, ``mask`` and a JSON ``meta`` (orientation index, omega, grid fingerprint).
+    ``exposure``, ``mask`` and a JSON ``meta`` (orientation index, omega, orientations so
+    far, grid fingerprint, and with :meth:`bind` the run id, material and temperature),
+    header ``schema: steer-snapshot-npz``. Bound to a run, the message key is the run id,
+    so a run's snapshots stay in order on one partition (model-server replicas,
+    :mod:`model_server.replica`, share the partitions).
     """
 
     def __init__(self, bootstrap: str, prefix: str, *, grid_fingerprint: str = "") -> None:
@@ -476,17 +484,30 @@ class KafkaSnapshotSink:
             bootstrap_servers=bootstrap, max_request_size=32 << 20, **client_security()
         )
 
-    def __call__(self, snapshot: Any, record: Any) -> None:
+    def bind(self, run: Callable[[], dict[str, Any] | None]) -> Callable[[Any, Any], None]:
+        """A sink for one consumer: ``run()`` gives its current run's metadata (pl72)."""
+
+        def sink(snapshot: Any, record: Any) -> None:
+            self(snapshot, record, run=run())
+
+        return sink
+
+    def __call__(self, snapshot: Any, record: Any, run: dict[str, Any] | None = None) -> None:
         import io
         import json
 
         import numpy as np
 
+        run = run or {}
+        run_id = str(run.get("run_id", "")) or None
         meta = {
             "orientation": record.index,
             "omega": record.omega,
             "n_orientations": snapshot.n_orientations,
-            "grid_fingerprint": self.grid_fingerprint,
+            "grid_fingerprint": run.get("grid_fingerprint") or self.grid_fingerprint,
+            "run_id": run_id,
+            "material": run.get("material"),
+            "temperature_K": run.get("temperature_K"),
         }
         buf = io.BytesIO()
         np.savez_compressed(
@@ -499,7 +520,10 @@ class KafkaSnapshotSink:
             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
         )
         self._producer.send(
-            self.topic, value=buf.getvalue(), headers=[("schema", b"steer-snapshot-npz")]
+            self.topic,
+            value=buf.getvalue(),
+            key=None if run_id is None else run_id.encode(),
+            headers=[("schema", b"steer-snapshot-npz")],
         )
 
     def close(self) -> None:

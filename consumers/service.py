@@ -455,6 +455,22 @@ class ConsumerService:
     def _request_stop(self, *_: object) -> None:
         self._stop_requested = True
 
+    def set_snapshot_sink(
+        self, sink: SnapshotSink | Callable[[Snapshot, OrientationRecord], None] | None
+    ) -> None:
+        """Hand snapshots to ``sink`` from now on (see ``on_snapshot``)."""
+        self.on_snapshot = sink
+        self.pipeline.keep_snapshots = sink is not None
+
+    def run_info(self) -> dict[str, Any] | None:
+        """The current run's metadata (pl72) with its grid's fingerprint, or None."""
+        if self.pipeline.meta is None:
+            return None
+        info = dict(self.pipeline.meta)
+        if self.pipeline.acc is not None:
+            info["grid_fingerprint"] = self.pipeline.acc.grid.fingerprint
+        return info
+
     def request_stop(self) -> None:
         """Ask :meth:`run` (on any thread) to checkpoint what is folding and return."""
         self._stop_requested = True

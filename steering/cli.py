@@ -561,7 +561,7 @@ def consume_cmd(
                 partitions=partitions,
                 mode=mode,
                 dead_letter=dead,
-                on_snapshot=sink,
+                snapshots=sink,
             )
             members.run(idle_exit_s=idle)
         finally:
@@ -593,9 +593,9 @@ def consume_cmd(
         source = KafkaSource(bootstrap, prefix)
     sink = KafkaSnapshotSink(bootstrap, prefix) if publish else None
     try:
-        service = ConsumerService(
-            source, state_dir, mode=mode, dead_letter=dead, on_snapshot=sink, follow=follow
-        )
+        service = ConsumerService(source, state_dir, mode=mode, dead_letter=dead, follow=follow)
+        if sink is not None:
+            service.set_snapshot_sink(sink.bind(service.run_info))
         service.run(idle_exit_s=idle)
         summary = service.summary()
         if zmq_source is not None:
@@ -609,6 +609,39 @@ def consume_cmd(
         if sink is not None:
             sink.close()
     _emit(summary, as_json)
+
+
+@app.command("model-serve")
+def model_serve_cmd(
+    bootstrap: BootstrapOpt,
+    prefix: PrefixOpt,
+    model_dir: Annotated[
+        Path,
+        typer.Option("--model-dir", envvar="STEER_MODEL_DIR", help="Frozen models by material."),
+    ] = Path("models"),
+    partitions: Annotated[
+        int,
+        typer.Option(
+            "--partitions", min=1, help="Partitions of <prefix>_folded when it is created."
+        ),
+    ] = 1,
+    idle: Annotated[
+        float | None, typer.Option("--idle-exit", help="Exit after this many idle seconds.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A stateless model-server replica: estimates every snapshot on <prefix>_folded
+    (published by steer consume --publish-snapshots) and publishes it to
+    <prefix>_estimates. Run as many as <prefix>_folded has partitions; they share them in
+    the consumer group steer-<prefix>-model. Stop with SIGTERM or --idle-exit."""
+    from model_server.replica import ModelReplica
+
+    replica = ModelReplica(bootstrap, prefix, model_dir, partitions=partitions)
+    try:
+        replica.run(idle_exit_s=idle)
+    finally:
+        replica.close()
+    _emit(replica.summary(), as_json)
 
 
 @app.command("zmq-proxy")

@@ -72,6 +72,8 @@ def _topics(prefix: str) -> set[str]:
         f"{prefix}_deadletter",
         f"{prefix}_advice",
         f"{prefix}_advice_docs",
+        f"{prefix}_folded",  # scale-out: snapshots for the model-server replicas
+        f"{prefix}_estimates",
     }
 
 
@@ -99,6 +101,12 @@ def test_compose_stack_matches_the_service() -> None:
     unknown = {k for k in env if k.startswith("STEER_")} - known
     assert not unknown, f"compose sets variables the service never reads: {unknown}"
     assert env["STEER_DATABASE_URL"].startswith("postgresql+psycopg://")
+    # the scale-out workers (profile scale-out): a consumer group and model replicas
+    assert services["consumer"]["command"][:2] == ["consume", "--group"]
+    assert services["model"]["command"][0] == "model-serve"
+    for name in ("consumer", "model"):
+        extra = set(services[name]["environment"]) - known
+        assert not {k for k in extra if k.startswith("STEER_")}, (name, extra)
     prefix = env["STEER_PREFIX"]
     script = services["kafka-init"]["command"][0].replace("$$", "$")
     assert _created_topics(script, prefix) == _topics(prefix)
@@ -123,6 +131,9 @@ def test_kubernetes_manifests() -> None:
 
     docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s/steer.yaml").read_text()) if d]
     kinds = {d["kind"]: d for d in docs}
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    kinds["Deployment"] = by_name["Deployment", "steer"]
+    kinds["PersistentVolumeClaim"] = by_name["PersistentVolumeClaim", "steer-state"]
     assert {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Job", "Deployment",
             "Service"} <= set(kinds)  # fmt: skip
     for d in docs:
@@ -145,3 +156,25 @@ def test_kubernetes_manifests() -> None:
     assert svc["selector"] == dep["selector"]["matchLabels"]
     script = kinds["Job"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert _created_topics(script, config["STEER_PREFIX"]) == _topics(config["STEER_PREFIX"])
+    # scale-out: a consumer group over the partitions on a shared volume, and stateless
+    # model-server replicas; the run topics are created with the partitions they expect
+    group = by_name["Deployment", "steer-consumer"]["spec"]
+    args = group["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["consume", "--group"]
+    n_parts = args[args.index("--partitions") + 1]
+    assert group["replicas"] <= int(n_parts)
+    shared = group["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert by_name["PersistentVolumeClaim", shared]["spec"]["accessModes"] == ["ReadWriteMany"]
+    model = by_name["Deployment", "steer-model"]["spec"]["template"]["spec"]
+    assert model["containers"][0]["args"][0] == "model-serve"
+    assert "volumes" not in model  # stateless
+    parts: dict[str, str] = {}
+    loop: list[str] = []
+    for line in script.splitlines():
+        if m := re.search(r"for s in ([\w ]+); do", line):
+            loop = m.group(1).split()
+        elif m := re.search(r"--partitions (\d+)", line):
+            named = re.findall(r"\{STEER_PREFIX\}_(\w+) ", line)
+            parts.update(dict.fromkeys(named or loop, m.group(1)))
+    for topic in ("events", "runInfo", "motion", "bluesky"):
+        assert parts[topic] == n_parts, parts
