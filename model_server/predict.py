@@ -1,8 +1,8 @@
 """The prediction endpoint's computation: the spectra a crystal is expected to give.
 
-For a material (or a CIF with its force constants), a set of FCs, Ei, the temperature and a
-list of goniometer angles, :func:`predict` returns up to three outputs (all on the
-material's (q, E) grid energies, meV):
+For a material or a CIF, a set of FCs (or none: the e3nn model predicts them), Ei, the
+temperature and a list of goniometer angles, :func:`predict` returns up to five outputs
+(the first three on the material's (q, E) grid energies, meV):
 
 ``iqe``
     The folded I(q, E) that those orientations would give: the expected spectrum of a
@@ -40,12 +40,42 @@ material's (q, E) grid energies, meV):
     per |Q|, seeded), mbarn / meV per atom (per steradian omitted, as for S), with the mask
     of the (|Q|, E) that the detector's scattering angles reach at Ei.
 
-Materials are the shipped ones (``Ge``, ``Nb``, ``Al``) with their named FC sets
-(:func:`simulations.reference.named_fc_set`) or coefficients by name (the others held at
-``mlff_mean``). A CIF is supported too, with every coefficient of its basis given by name
-(``{"coefficients": {...}}``; a request without them is answered with the names it needs):
-its crystal, FC basis (4 shells), q-path and grid follow the generic defaults of
-:func:`simulations.materials.setup`, and its fold table is built on first use (seconds).
+``dos``
+    Phonon DOS and partial DOS (per element and per atom) on a Gamma-centred q mesh,
+    Gaussian broadening ``dos_sigma`` meV, states/meV per primitive cell
+    (:func:`model_server.spectra.phonon_dos`).
+``indirect``
+    The 1D S(E) of a VISION- or TOSCA-like indirect-geometry spectrometer in the incoherent
+    approximation, fundamentals and overtones up to ``indirect_orders``, mbarn/(sr meV) per
+    atom (:func:`model_server.indirect.indirect_spectrum`).
+
+Where the force constants come from (``fc_source`` in the result):
+
+``reference``
+    A shipped material (``Ge``, ``Nb``, ``Al``) with one of its named FC sets
+    (:func:`simulations.reference.named_fc_set`; default ``mlff_mean``).
+``given``
+    Coefficients by name (for a shipped material the others are held at ``mlff_mean``; for
+    a CIF every coefficient of its 4-shell basis must be given), or a run's latest estimate.
+``e3nn``
+    Predicted from the structure by the e3nn model (:mod:`model_server.predict_fc`): the
+    default for a CIF, ``fc="e3nn"`` for a shipped material. The predicted per-pair FCs are
+    used as they are, through a one-coefficient basis
+    (:meth:`model_server.crystal_fc.CrystalFC.basis`: no projection, every bond up to the
+    model's cutoff kept). The result carries the model's ``distance`` from its training
+    set, ``in_domain`` and ``message``; an out-of-domain prediction is returned with a
+    warning first in ``warnings`` and in the PNG's title. For a CIF the energy grid reaches
+    1.1 x the highest predicted mode (rounded up to 5 meV; at most 0.9 Ei when Ei is
+    given) and the default Ei is 1.25 x that. Without a usable model the answer is an
+    error with status 503 that says what is missing.
+
+A CIF is read by :func:`model_server.cif_input.crystal_from_cif` (clear errors for
+unparseable text, partial occupancy with a supercell hint, too many sites); its q-path and
+grid follow the generic defaults of :func:`simulations.materials.setup`, and its fold table
+is built on first use (seconds). Primitive-cell atom limits: :data:`MAX_CIF_ATOMS` for
+``iqe`` and ``detector`` and for given coefficients (the phonon table and FC basis grow
+quickly), :data:`~model_server.spectra.MAX_ATOMS_POWDER` for ``powder``,
+:data:`~model_server.spectra.MAX_ATOMS_DOS` for ``dos`` and ``indirect``.
 
 Everything that does not change between requests is cached: material setups, fold tables,
 forward models (the dispersion and stability check), phonon tables per FC set, S(Q, E)
@@ -56,38 +86,65 @@ kernels use every core already.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numba
 import numpy as np
 from numpy.typing import NDArray
-from scipy import constants as sc
 
 from consumers.exceptions import ConsumerError
-from consumers.folding import Folder, FoldTable, _popcount, table_cache_dir
-from simulations.crystals import SHIPPED_MATERIALS, load_crystal
-from simulations.events import OrientationSimulator, PhononTable
+from consumers.folding import Folder, FoldTable, table_cache_dir
+from simulations.crystals import SHIPPED_MATERIALS, Crystal
+from simulations.events import PhononTable
 from simulations.exceptions import SimulationError
-from simulations.instrument import E_PER_K2, Instrument, Orientation, energy_to_k, energy_to_speed
-from simulations.materials import MaterialSetup, setup
+from simulations.grid import make_grid
+from simulations.instrument import Instrument, Orientation, energy_to_k
+from simulations.materials import MaterialDefaults, MaterialSetup, setup
 from simulations.reference import resolve_fc
-from simulations.sqe import CoherentSQE, bose_occupation
+from simulations.resolution import instrument_resolution
+from simulations.sqe import CoherentSQE
 
+from .cif_input import CIFError, ParsedCIF, crystal_from_cif
+from .crystal_fc import CrystalFC, project_onto_basis
 from .exceptions import ModelServerError
+from .fc_phonons import THZ_TO_MEV, MeshPhonons
+from .indirect import INDIRECT_INSTRUMENTS, indirect_spectrum
+from .predict_expected import FoldSampler, GridSimulator, accessible, angle_bins
+from .predict_fc import (
+    FC_MODEL_NAME,
+    FCModelUnavailableError,
+    ModelFCs,
+    model_version,
+    predict_fcs,
+)
+from .predict_results import (
+    DEFAULT_OUTPUTS,
+    OUTPUTS,
+    DetectorPrediction,
+    IQEPrediction,
+    PowderPrediction,
+    Prediction,
+)
+from .spectra import (
+    MAX_ATOMS_DOS,
+    MAX_ATOMS_POWDER,
+    debye_waller_mesh,
+    mesh_modes,
+    phonon_dos,
+    powder_spectrum,
+)
 
 __all__ = [
+    "DEFAULT_OUTPUTS",
+    "FC_SOURCES",
     "MAX_CIF_ATOMS",
     "MAX_OMEGAS",
     "OUTPUTS",
@@ -96,311 +153,53 @@ __all__ = [
     "PowderPrediction",
     "Prediction",
     "PredictionError",
+    "atom_limit",
+    "powder_spectrum",
     "predict",
 ]
 
-#: The outputs a prediction can return.
-OUTPUTS = ("iqe", "detector", "powder")
+#: Where a prediction's force constants come from.
+FC_SOURCES = ("reference", "given", "e3nn")
 #: Most goniometer angles in one prediction.
 MAX_OMEGAS = 360
-#: Most atoms in the primitive cell of a CIF (the FC basis and S(Q, E) grow quickly).
+#: Most atoms in the primitive cell for ``iqe`` and ``detector`` (the 40^3 phonon table) and
+#: for a CIF with given coefficients (its FC basis); see :func:`atom_limit` for the others.
 MAX_CIF_ATOMS = 8
+#: Energy-grid resolution (meV) of a CIF's grid top with predicted FCs.
+_E_TOP_STEP = 5.0
 #: Phonon-table mesh (points per axis), the one simulated runs use.
 TABLE_MESH = 40
 #: Powder |Q| points.
 POWDER_N_Q = 100
-#: Fold sampling: the defaults of :meth:`Folder.coverage`.
-PIXEL_STRIDE = 2
-E_SUBSTEPS = 4
-
-# k (1/Angstrom) = _K_PER_V v (m/s), as in consumers.folding
-_K_PER_V = sc.neutron_mass / sc.hbar * 1e-10
 
 
 class PredictionError(ModelServerError, ValueError):
     """A prediction request that cannot be answered; ``status`` is the HTTP status to give
-    (404 for an unknown run, else 422)."""
+    (404 for an unknown run, 503 when the structure -> FC model is unavailable, else 422)."""
 
     def __init__(self, message: str, status: int = 422) -> None:
         super().__init__(message)
         self.status = status
 
 
-# -- results ------------------------------------------------------------------------------
+def atom_limit(output: str) -> int:
+    """Most atoms in the primitive cell for ``output`` (with predicted FCs)."""
+    if output in ("iqe", "detector"):
+        return MAX_CIF_ATOMS
+    if output == "powder":
+        return MAX_ATOMS_POWDER
+    return MAX_ATOMS_DOS
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IQEPrediction:
-    """Folded I(q, E) of the requested orientations together.
-
-    Attributes
-    ----------
-    intensity
-        (n_q, n_E) coverage-weighted mean S(Q, E) per bin, mbarn/(sr meV) per atom; NaN
-        where no orientation covers the bin.
-    coverage
-        (n_q, n_E) sum of k_f/k_i dOmega dE folded into each bin, sr meV (the service's
-        exposure per uC).
-    signal
-        (n_q, n_E) ``intensity x coverage``, mbarn per atom (expected counts = flux x atoms x
-        signal).
-    dispersion
-        (n_q, n_branches) phonon energies on the path (the forward model's), meV.
-    """
-
-    intensity: NDArray[np.float64]
-    coverage: NDArray[np.float64]
-    signal: NDArray[np.float64]
-    dispersion: NDArray[np.float64]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DetectorPrediction:
-    """Expected S(Q, E) on the detector for each orientation.
-
-    Attributes
-    ----------
-    angle_edges
-        (n_angle + 1,) in-plane scattering angle bin edges, degrees (+ towards +x).
-    intensity
-        (n_omega, n_angle, n_E) weighted mean S per bin, mbarn/(sr meV) per atom; NaN where
-        no detector lies in an angle bin.
-    q_magnitude
-        (n_angle, n_E) |Q| at each bin centre in the horizontal plane, 1/Angstrom.
-    """
-
-    angle_edges: NDArray[np.float64]
-    intensity: NDArray[np.float64]
-    q_magnitude: NDArray[np.float64]
-
-    @property
-    def angles(self) -> NDArray[np.float64]:
-        """(n_angle,) bin centres, degrees."""
-        return 0.5 * (self.angle_edges[1:] + self.angle_edges[:-1])
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PowderPrediction:
-    """Coherent one-phonon powder spectrum.
-
-    Attributes
-    ----------
-    q
-        (n_Q,) |Q| bin centres, 1/Angstrom.
-    intensity
-        (n_Q, n_E) spherical average of S(Q, E), mbarn/meV per atom.
-    accessible
-        (n_Q, n_E) bool: reached by the detector's scattering angles at Ei.
-    directions, seed
-        Directions averaged at every |Q| and the seed of their random rotations.
-    """
-
-    q: NDArray[np.float64]
-    intensity: NDArray[np.float64]
-    accessible: NDArray[np.bool_]
-    directions: int
-    seed: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Prediction:
-    """What :func:`predict` returns; :meth:`to_dict` is the endpoint's JSON, :meth:`to_png`
-    its image."""
-
-    material: str
-    fc_label: str
-    fc_names: tuple[str, ...]
-    coefficients: NDArray[np.float64]
-    ei: float
-    temperature: float
-    omegas: NDArray[np.float64]
-    u: tuple[float, float, float]
-    v: tuple[float, float, float]
-    instrument: dict[str, Any]
-    resolution: dict[str, Any]
-    energy_edges: NDArray[np.float64]
-    qpoints: NDArray[np.float64]
-    q_distance: NDArray[np.float64]
-    ticks: tuple[tuple[int, str], ...]
-    stable: bool
-    min_frequency_thz: float
-    warnings: tuple[str, ...] = ()
-    iqe: IQEPrediction | None = None
-    detector: DetectorPrediction | None = None
-    powder: PowderPrediction | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def energies(self) -> NDArray[np.float64]:
-        """(n_E,) energy bin centres, meV."""
-        return 0.5 * (self.energy_edges[1:] + self.energy_edges[:-1])
-
-    @property
-    def outputs(self) -> tuple[str, ...]:
-        """The outputs computed."""
-        return tuple(o for o in OUTPUTS if getattr(self, o) is not None)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (NaN and inf as None)."""
-        out: dict[str, Any] = {
-            "material": self.material,
-            "fc": {
-                "label": self.fc_label,
-                "units": "eV/A^2",
-                "coefficients": {
-                    n: float(c) for n, c in zip(self.fc_names, self.coefficients, strict=True)
-                },
-            },
-            "ei_meV": self.ei,
-            "temperature_K": self.temperature,
-            "omegas_deg": self.omegas.tolist(),
-            "orientation": {"u": list(self.u), "v": list(self.v)},
-            "instrument": self.instrument,
-            "resolution": self.resolution,
-            "stable": self.stable,
-            "min_frequency_thz": self.min_frequency_thz,
-            "warnings": list(self.warnings),
-            "outputs": list(self.outputs),
-            "energy_meV": self.energies.tolist(),
-            "energy_edges_meV": self.energy_edges.tolist(),
-            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
-        }
-        if self.iqe is not None:
-            out["iqe"] = {
-                "description": "folded I(q, E) of the orientations together: coverage-weighted "
-                "mean S(Q, E) of the Q folded into each bin (null: not covered)",
-                "axes": ["q_index", "energy_meV"],
-                "units": "mbarn/(sr meV) per atom",
-                "q_index": list(range(len(self.qpoints))),
-                "qpoints_rlu": self.qpoints.tolist(),
-                "q_distance_inv_angstrom": self.q_distance.tolist(),
-                "ticks": [[int(i), str(label)] for i, label in self.ticks],
-                "energy_meV": self.energies.tolist(),
-                "intensity": json_array(self.iqe.intensity),
-                "coverage": json_array(self.iqe.coverage),
-                "coverage_units": "sr meV",
-                "signal": json_array(self.iqe.signal),
-                "signal_units": "mbarn per atom",
-                "dispersion_meV": json_array(self.iqe.dispersion),
-            }
-        if self.detector is not None:
-            d = self.detector
-            out["detector"] = {
-                "description": "expected S(Q, E) on the detector per omega: weighted mean over "
-                "the pixels of each in-plane scattering-angle bin (tube angle, summed over "
-                "the tube height)",
-                "axes": ["omega_deg", "angle_deg", "energy_meV"],
-                "units": "mbarn/(sr meV) per atom",
-                "omega_deg": self.omegas.tolist(),
-                "angle_deg": d.angles.tolist(),
-                "angle_edges_deg": d.angle_edges.tolist(),
-                "energy_meV": self.energies.tolist(),
-                "intensity": json_array(d.intensity),
-                "q_magnitude_inv_angstrom": json_array(d.q_magnitude),
-            }
-        if self.powder is not None:
-            p = self.powder
-            out["powder"] = {
-                "description": "coherent one-phonon S(|Q|, E), spherical average over "
-                f"{p.directions} directions per |Q| (seed {p.seed})",
-                "axes": ["q_inv_angstrom", "energy_meV"],
-                "units": "mbarn/meV per atom",
-                "q_inv_angstrom": p.q.tolist(),
-                "energy_meV": self.energies.tolist(),
-                "intensity": json_array(p.intensity),
-                "accessible": p.accessible.tolist(),
-                "directions": p.directions,
-                "seed": p.seed,
-            }
-        return out
-
-    def to_png(self, dpi: int = 90) -> bytes:
-        """PNG with one panel per output (the detector panel: the mean over the omegas)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        panels = self.outputs
-        fig = Figure(figsize=(5.0 * len(panels), 4.2))
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        e = self.energy_edges
-        for ax, name in zip(axes, panels, strict=True):
-            if name == "iqe" and self.iqe is not None:
-                img = np.ma.masked_invalid(self.iqe.intensity.T)
-                x = np.arange(len(self.qpoints) + 1) - 0.5
-                m = _image(ax, img, (x[0], x[-1], e[0], e[-1]), _norm(self.iqe.intensity))
-                for k in range(self.iqe.dispersion.shape[1]):
-                    ax.plot(np.arange(len(self.qpoints)), self.iqe.dispersion[:, k], "w-", lw=0.4)
-                ax.set_xticks([i for i, _ in self.ticks])
-                ax.set_xticklabels([label.replace("G", "Γ") for _, label in self.ticks])
-                ax.set_ylim(e[0], e[-1])
-                ax.set_xlabel("q-path")
-                ax.set_title(f"I(q,E), {len(self.omegas)} orientation(s)")
-                fig.colorbar(m, ax=ax, label="mbarn/(sr meV)/atom")
-            elif name == "detector" and self.detector is not None:
-                d = self.detector
-                with warnings.catch_warnings():  # an angle bin without detector: NaN
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    mean = np.nanmean(d.intensity, axis=0)
-                extent = (d.angle_edges[0], d.angle_edges[-1], e[0], e[-1])
-                m = _image(ax, np.ma.masked_invalid(mean.T), extent, _norm(mean))
-                ax.set_xlabel("scattering angle (deg)")
-                label = f"omega {self.omegas[0]:g}" if len(self.omegas) == 1 else "mean of omegas"
-                ax.set_title(f"detector S, {label}")
-                fig.colorbar(m, ax=ax, label="mbarn/(sr meV)/atom")
-            elif name == "powder" and self.powder is not None:
-                p = self.powder
-                dq = p.q[1] - p.q[0] if len(p.q) > 1 else 1.0
-                q_edges = np.concatenate([p.q - dq / 2, [p.q[-1] + dq / 2]])
-                img = np.ma.masked_where(~p.accessible.T, p.intensity.T)
-                m = _image(ax, img, (q_edges[0], q_edges[-1], e[0], e[-1]), _norm(p.intensity))
-                ax.set_xlabel("|Q| (1/Å)")
-                ax.set_title("powder S(|Q|,E)")
-                fig.colorbar(m, ax=ax, label="mbarn/meV/atom")
-            ax.set_ylabel("E (meV)")
-        fig.suptitle(
-            f"{self.material}, FC {self.fc_label}, Ei {self.ei:g} meV, T {self.temperature:g} K",
-            fontsize=10,
+def _check_atom_limits(n_atoms: int, outputs: Sequence[str], what: str) -> None:
+    over = [o for o in outputs if n_atoms > atom_limit(o)]
+    if over:
+        limits = ", ".join(f"{o} {atom_limit(o)}" for o in OUTPUTS)
+        raise PredictionError(
+            f"{what}'s primitive cell has {n_atoms} atoms, more than the "
+            f"{', '.join(over)} output{'s' if len(over) > 1 else ''} can take "
+            f"(atom limits: {limits}); ask for other outputs or a smaller cell"
         )
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi)
-        return buf.getvalue()
-
-
-def _image(ax: Any, img: Any, extent: tuple[float, ...], norm: Any) -> Any:
-    """An image on uniform bins (all axes here are uniform)."""
-    return ax.imshow(
-        img,
-        origin="lower",
-        aspect="auto",
-        extent=extent,
-        cmap="viridis",
-        norm=norm,
-        interpolation="nearest",
-    )
-
-
-def _norm(a: NDArray[np.float64]) -> Any:
-    """Square-root colour scale up to the 99.5th percentile (weak branches stay visible)."""
-    from matplotlib.colors import PowerNorm
-
-    finite = a[np.isfinite(a) & (a > 0)]
-    top = float(np.percentile(finite, 99.5)) if finite.size else 1.0
-    return PowerNorm(0.5, vmin=0.0, vmax=top)
-
-
-def json_array(a: NDArray[Any]) -> list[Any]:
-    """Nested lists with NaN and inf as None."""
-    arr = np.asarray(a, dtype=float)
-    bad = ~np.isfinite(arr)
-    if not bad.any():
-        out: list[Any] = arr.tolist()
-        return out
-    obj = arr.astype(object)
-    obj[bad] = None
-    result: list[Any] = obj.tolist()
-    return result
 
 
 # -- caches -------------------------------------------------------------------------------
@@ -437,12 +236,25 @@ _FOLD_TABLES = _LRU(8)
 _PHONON_TABLES = _LRU(4)  # up to ~40 MB each (Ge, 40^3 mesh)
 _MODELS = _LRU(16)
 _POWDER = _LRU(16)
+_PARSED = _LRU(16)  # CIF text -> ParsedCIF
+_PREDICTED = _LRU(16)  # crystal + model version -> ModelFCs
+_MODES = _LRU(4)  # FC set -> mesh phonons with eigenvectors
 
 
 def clear_caches() -> None:
     """Forget every cached setup, table and spectrum (tests, memory)."""
     with _LOCK:
-        for c in (_SETUPS, _FORWARD, _FOLD_TABLES, _PHONON_TABLES, _MODELS, _POWDER):
+        for c in (
+            _SETUPS,
+            _FORWARD,
+            _FOLD_TABLES,
+            _PHONON_TABLES,
+            _MODELS,
+            _POWDER,
+            _PARSED,
+            _PREDICTED,
+            _MODES,
+        ):
             c.clear()
 
 
@@ -453,39 +265,67 @@ def _instrument() -> Instrument:
 
 @dataclass(frozen=True, slots=True)
 class _Material:
-    key: str  # cache key: the shipped name or "cif-<sha>"
+    key: str  # cache key: the shipped name, "cif-<sha>", or either + "-e3nn-<version>..."
     name: str
     setup: MaterialSetup
     shipped: bool
 
 
-def _material(material: str | None, cif: str | None) -> _Material:
+def _cif_key(cif: str) -> str:
+    return "cif-" + hashlib.sha256(cif.encode()).hexdigest()[:16]
+
+
+def _parsed_cif(cif: str) -> ParsedCIF:
+    """The CIF read and checked (:func:`crystal_from_cif`), cached by its text."""
+    key = _cif_key(cif)
+
+    def parse() -> ParsedCIF:
+        try:
+            return crystal_from_cif(cif, name=key)
+        except CIFError as exc:
+            raise PredictionError(str(exc)) from exc
+
+    return _PARSED.get(key, parse)
+
+
+def _check_material_choice(material: str | None, cif: str | None) -> None:
     if (material is None) == (cif is None):
         raise PredictionError(
             "give either a shipped material "
             f"({', '.join(sorted(SHIPPED_MATERIALS))}) or a CIF, not "
             + ("both" if material is not None else "neither")
         )
+    if material is not None and material not in SHIPPED_MATERIALS:
+        raise PredictionError(
+            f"unknown material {material!r}; shipped materials: "
+            f"{', '.join(sorted(SHIPPED_MATERIALS))} (or send a CIF as 'cif')"
+        )
+
+
+def _material(material: str | None, cif: str | None) -> _Material:
+    _check_material_choice(material, cif)
     if material is not None:
-        if material not in SHIPPED_MATERIALS:
-            raise PredictionError(
-                f"unknown material {material!r}; shipped materials: "
-                f"{', '.join(sorted(SHIPPED_MATERIALS))} (or send a CIF as 'cif')"
-            )
         ms = _SETUPS.get(material, lambda: setup(material))
         return _Material(key=material, name=material, setup=ms, shipped=True)
     assert cif is not None
-    digest = hashlib.sha256(cif.encode()).hexdigest()[:16]
-    key = f"cif-{digest}"
+    key = _cif_key(cif)
     return _Material(
         key=key, name=key, setup=_SETUPS.get(key, lambda: _cif_setup(cif, key)), shipped=False
     )
 
 
 def _cif_setup(cif: str, key: str) -> MaterialSetup:
-    """MaterialSetup of a CIF's crystal (generic defaults), via a file in the cache folder."""
-    if not cif.strip():
-        raise PredictionError("the CIF is empty")
+    """MaterialSetup of a CIF's crystal (generic defaults, 4-shell basis), via a file in the
+    cache folder."""
+    parsed = _parsed_cif(cif)
+    n = parsed.crystal.n_atoms
+    if n > MAX_CIF_ATOMS:
+        raise PredictionError(
+            f"the CIF's primitive cell ({parsed.formula}) has {n} atoms; FCs given as "
+            f"coefficients need a basis, built for at most {MAX_CIF_ATOMS} atoms. Leave fc out "
+            "to have the e3nn model predict them (dos and indirect up to "
+            f"{MAX_ATOMS_DOS} atoms, powder up to {MAX_ATOMS_POWDER})"
+        )
     folder = table_cache_dir() / "cif"
     path = folder / f"{key}.cif"
     try:
@@ -496,17 +336,6 @@ def _cif_setup(cif: str, key: str) -> MaterialSetup:
             os.replace(tmp, path)
     except OSError as exc:
         raise PredictionError(f"cannot store the CIF for parsing: {exc}") from exc
-    try:
-        crystal = load_crystal(path)
-    except SimulationError as exc:
-        raise PredictionError(f"cannot read the CIF: {exc}") from exc
-    except Exception as exc:  # pymatgen / spglib raise many kinds on odd structures
-        raise PredictionError(f"cannot use the CIF's structure: {exc}") from exc
-    if crystal.n_atoms > MAX_CIF_ATOMS:
-        raise PredictionError(
-            f"the CIF's primitive cell has {crystal.n_atoms} atoms; predictions support at "
-            f"most {MAX_CIF_ATOMS}"
-        )
     try:
         return setup(Path(path))
     except SimulationError as exc:
@@ -540,8 +369,9 @@ def _coefficients(
         raise PredictionError(f"cannot read FC specification {fc!r}")
     if not mat.shipped:
         raise PredictionError(
-            f"a CIF has no named FC sets (got {fc!r}): give its FCs as "
-            '{"coefficients": {name: value}} (eV/A^2) with every one of '
+            f"a CIF has no named FC sets (got {fc!r}): leave fc out (or give "
+            f'"{FC_MODEL_NAME}") to have the e3nn model predict them from the structure, or '
+            'give them as {"coefficients": {name: value}} (eV/A^2) with every one of '
             f"{', '.join(basis.names)}"
         )
     if fc.endswith(".json") or "/" in fc or "\\" in fc:
@@ -550,6 +380,141 @@ def _coefficients(
         return resolve_fc(mat.name, fc, ms)
     except SimulationError as exc:
         raise PredictionError(str(exc)) from exc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _FCChoice:
+    """The material and FCs a prediction runs on."""
+
+    mat: _Material
+    label: str
+    coefficients: NDArray[np.float64]
+    source: str
+    formula: str
+    model: ModelFCs | None = None
+    notes: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def crystal_fc(self) -> CrystalFC:
+        """The FCs per pair (those of the model, or the basis' blocks)."""
+        if self.model is not None:
+            return self.model.fcs
+        basis = self.mat.setup.basis
+        return CrystalFC.from_basis(basis, self.coefficients, name=self.formula)
+
+
+def _uses_model(cif: str | None, fc: object) -> bool:
+    return (fc is None and cif is not None) or (isinstance(fc, str) and fc == FC_MODEL_NAME)
+
+
+def _choose_fcs(
+    material: str | None,
+    cif: str | None,
+    fc: str | Mapping[str, Any] | NDArray[np.float64] | None,
+    outputs: tuple[str, ...],
+    ei: float | None,
+) -> _FCChoice:
+    """Resolve the material and its FCs (shipped set, given coefficients or the model)."""
+    _check_material_choice(material, cif)
+    if not _uses_model(cif, fc):
+        mat = _material(material, cif)
+        formula = material if material is not None else _parsed_cif(str(cif)).formula
+        label, c = _coefficients(mat, "mlff_mean" if fc is None else fc)
+        source = "reference" if mat.shipped and (fc is None or isinstance(fc, str)) else "given"
+        return _FCChoice(mat=mat, label=label, coefficients=c, source=source, formula=formula)
+    if material is not None:
+        base_setup = _SETUPS.get(material, lambda: setup(material))
+        crystal, formula, base_key = base_setup.crystal, material, material
+    else:
+        parsed = _parsed_cif(str(cif))
+        crystal, formula, base_key = parsed.crystal, parsed.formula, _cif_key(str(cif))
+    _check_atom_limits(crystal.n_atoms, outputs, f"{formula}")
+    try:
+        version = model_version()
+    except FCModelUnavailableError as exc:
+        raise PredictionError(str(exc), status=503) from exc
+    key = f"{base_key}-e3nn-{version}"
+    predicted = _PREDICTED.get(key, lambda: predict_fcs(crystal, name=formula))
+    fcs = predicted.fcs
+    notes: list[str] = []
+    details: dict[str, Any] = {
+        "model_version": predicted.version,
+        "n_pairs": len(fcs.pairs),
+        "longest_bond_A": fcs.cutoff,
+        "acoustic_sum_rule_residual": fcs.asr_residual(),
+        "symmetry_residual": fcs.symmetry_residual(),
+    }
+    if material is not None:
+        ms = replace(base_setup, basis=fcs.basis(base_setup.crystal))
+        proj = project_onto_basis(fcs, base_setup.basis)
+        details["projection"] = {
+            "description": f"least-squares projection onto {material}'s symmetry-reduced "
+            "basis (for comparison with its named sets; the spectra use the FCs as predicted)",
+            "coefficients": dict(
+                zip(base_setup.basis.names, proj.coefficients.tolist(), strict=True)
+            ),
+            "residual": proj.residual,
+            "truncated": proj.truncated,
+        }
+    else:
+        modes, _ = _mesh_modes(key, fcs)
+        e_phonon = float(modes.frequencies.max()) * THZ_TO_MEV
+        e_top = max(20.0, _E_TOP_STEP * math.ceil(1.1 * e_phonon / _E_TOP_STEP))
+        if ei is not None and math.isfinite(ei) and e_top > 0.9 * ei:
+            e_top = 0.9 * float(ei)
+            if e_phonon > e_top:
+                notes.append(
+                    f"the highest predicted mode ({e_phonon:.1f} meV) lies above 0.9 Ei: iqe, "
+                    f"detector and powder stop at {e_top:.1f} meV"
+                )
+        ei_default = (
+            float(ei) if ei is not None else _E_TOP_STEP * math.ceil(1.25 * e_top / _E_TOP_STEP)
+        )
+        key = f"{key}-E{e_top:.3f}-Ei{ei_default:.3f}"
+        ms = _SETUPS.get(key, lambda: _predicted_setup(crystal, fcs, e_top, ei_default))
+    if not predicted.in_domain:
+        notes.insert(0, f"OUT OF THE MODEL'S DOMAIN: {predicted.message}")
+    mat = _Material(
+        key=key, name=formula if material is None else material, setup=ms, shipped=False
+    )
+    return _FCChoice(
+        mat=mat,
+        label=f"{FC_MODEL_NAME} ({predicted.version})",
+        coefficients=np.ones(1),
+        source=FC_MODEL_NAME,
+        formula=formula,
+        model=predicted,
+        notes=tuple(notes),
+        details=details,
+    )
+
+
+def _predicted_setup(crystal: Crystal, fcs: CrystalFC, e_top: float, ei: float) -> MaterialSetup:
+    """Generic grid (q-path of the lattice, 100 energy bins up to ``e_top`` meV) on the
+    predicted FCs as a one-coefficient basis."""
+    defaults = replace(MaterialDefaults(), e_max=float(e_top), ei=float(ei))
+    return MaterialSetup(
+        crystal=crystal,
+        basis=fcs.basis(crystal),
+        grid=make_grid(
+            crystal,
+            path=defaults.path,
+            n_q=defaults.n_q,
+            e_min=defaults.e_min,
+            e_max=defaults.e_max,
+            n_e=defaults.n_e,
+        ),
+        resolution=instrument_resolution(
+            defaults.instrument, defaults.ei, defaults.chopper_frequency, e_max=defaults.e_max
+        ),
+        defaults=defaults,
+    )
+
+
+def _mesh_modes(key: str, fcs: CrystalFC) -> tuple[MeshPhonons, tuple[int, int, int]]:
+    """Mesh phonons with eigenvectors (default mesh) of an FC set, cached by key + FCs."""
+    digest = hashlib.sha256(np.ascontiguousarray(fcs.fc).tobytes()).hexdigest()[:16]
+    return _MODES.get((key, digest), lambda: mesh_modes(fcs))
 
 
 def _forward(mat: _Material) -> Any:
@@ -587,6 +552,7 @@ def _model(mat: _Material, c: NDArray[np.float64], temperature: float, ei: float
             c,
             temperature=temperature,
             resolution=_instrument().resolution(ei),
+            dw_mesh=debye_waller_mesh(mat.setup.crystal.n_atoms),
         ),
     )
 
@@ -597,329 +563,6 @@ def _phonon_table(mat: _Material, model: CoherentSQE) -> PhononTable:
     return _PHONON_TABLES.get(key, lambda: PhononTable.build(model, TABLE_MESH))
 
 
-# -- the expected folded spectrum ---------------------------------------------------------
-
-
-class _GridSimulator(OrientationSimulator):
-    """:class:`OrientationSimulator` whose energy grid is the centres of given bin edges
-    (uniform), so that its expected counts line up with the (q, E) grid."""
-
-    def __init__(
-        self,
-        model: CoherentSQE,
-        instrument: Instrument,
-        orientation: Orientation,
-        ei: float,
-        *,
-        energy_edges: NDArray[np.float64],
-        table: PhononTable,
-    ) -> None:
-        super().__init__(model, instrument, orientation, ei, table=table)
-        edges = np.asarray(energy_edges, dtype=float)
-        centres = 0.5 * (edges[1:] + edges[:-1])
-        self.n_e = len(centres)
-        self.kf_over_ki = np.asarray(energy_to_k(self.ei - centres)) / self._ki
-        # The kernel gives exactly 0 more than 6 sigma_max above the highest mode (its own
-        # skip): those energies are left out and padded with zeros.
-        res = model.resolution
-        cap = float(np.max(res.sigma(np.linspace(0.0, res.e_max, 64))))
-        reach = table.max_energy + 6.0 * cap
-        self.n_eval = int(np.searchsorted(centres, reach, side="right"))
-        self.e_edges = edges[: self.n_eval + 1]
-        self.e_centres = centres[: self.n_eval]
-        self.e_step = float(edges[1] - edges[0])
-        self._kf = np.asarray(energy_to_k(self.ei - self.e_centres))
-
-    @property
-    def group_of_pixel(self) -> NDArray[np.int64]:
-        """(n_pixels,) super-pixel of every pixel."""
-        group = np.empty(self.instrument.n_pixels, dtype=np.int64)
-        group[self._members] = np.repeat(np.arange(self.n_groups), self._counts)
-        return group
-
-    @property
-    def group_directions(self) -> NDArray[np.float64]:
-        """(n_groups, 3) unit vectors of the super-pixel centres."""
-        return np.asarray(self._group_dir)
-
-    @property
-    def group_solid_angles(self) -> NDArray[np.float64]:
-        """(n_groups,) solid angles, sr."""
-        return np.asarray(self._group_solid)
-
-    def sqe(self, omega: float) -> NDArray[np.float64]:
-        """(n_groups, n_E) S(Q, E) at the super-pixel centres, mbarn/(sr meV) per atom."""
-        out = np.zeros((self.n_groups, self.n_e))
-        if self.n_eval:
-            k = self.kf_over_ki[None, : self.n_eval]
-            weight = k * self.group_solid_angles[:, None] * self.e_step
-            out[:, : self.n_eval] = self.expected(omega) / weight
-        return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _fold_signal_kernel(
-    dm: np.ndarray,  # (n_pix, 3) K_PER_V M d (r.l.u. per m/s) of the sampled pixels
-    solid: np.ndarray,  # (n_pix,) weight of each sampled pixel (sr)
-    group: np.ndarray,  # (n_pix,) int64 row of ``s_group`` of each sampled pixel
-    s_group: np.ndarray,  # (n_groups, n_e) S at the super-pixel centres
-    v_f: np.ndarray,  # (n_sub,) final speeds (m/s) of the energy samples
-    w_e: np.ndarray,  # (n_sub,) k_f/k_i dE (meV) of each energy sample
-    col: np.ndarray,  # (n_sub,) int64 energy bin of each sample
-    h_inf: np.ndarray,  # (3,) M k_i (r.l.u.)
-    voxels: int,
-    live: np.ndarray,
-    rank: np.ndarray,
-    offsets: np.ndarray,
-    candidates: np.ndarray,
-    star_xyz: np.ndarray,
-    star_index: np.ndarray,
-    rec: np.ndarray,
-    tol2: float,
-    n_q: int,
-    n_e: int,
-    clear: np.ndarray,
-    cov: np.ndarray,  # (n_q * n_e,) float64, added to
-    sig: np.ndarray,  # (n_q * n_e,) float64, added to
-) -> int:
-    """``consumers.folding._coverage_kernel`` (the same trajectory walk, dead-voxel skips and
-    nearest-star search) that adds each sample's weight to ``cov`` and its weight times the
-    S of its pixel's super-pixel to ``sig``. The test holds ``cov`` equal to
-    :meth:`Folder.coverage`."""
-    n_sub = v_f.shape[0]
-    computed = 0
-    for p in range(dm.shape[0]):
-        d0 = dm[p, 0]
-        d1 = dm[p, 1]
-        d2 = dm[p, 2]
-        wp = solid[p]
-        gp = group[p]
-        g = 1.0 / (voxels * max(abs(d0), abs(d1), abs(d2), 1e-300))
-        s = 0
-        while s < n_sub:
-            v = v_f[s]
-            computed += 1
-            h0 = h_inf[0] - v * d0
-            h1 = h_inf[1] - v * d1
-            h2 = h_inf[2] - v * d2
-            f0 = h0 - math.floor(h0)
-            f1 = h1 - math.floor(h1)
-            f2 = h2 - math.floor(h2)
-            vx = (
-                min(int(f0 * voxels), voxels - 1) * voxels + min(int(f1 * voxels), voxels - 1)
-            ) * voxels + min(int(f2 * voxels), voxels - 1)
-            word = live[vx >> 6]
-            bit = np.uint64(vx & 63)
-            if not (word >> bit) & np.uint64(1):
-                s += 1
-                reach = int(clear[vx]) - 1
-                if reach > 0:
-                    v_stop = v - (reach - 1e-6) * g
-                    while s < n_sub and v_f[s] > v_stop:
-                        s += 1
-                continue
-            r = rank[vx >> 6] + _popcount(word & ((np.uint64(1) << bit) - np.uint64(1)))
-            cx = f0 * rec[0, 0] + f1 * rec[1, 0] + f2 * rec[2, 0]
-            cy = f0 * rec[0, 1] + f1 * rec[1, 1] + f2 * rec[2, 1]
-            cz = f0 * rec[0, 2] + f1 * rec[1, 2] + f2 * rec[2, 2]
-            best = 1e300
-            iq = n_q
-            for c in range(offsets[r], offsets[r + 1]):
-                q = candidates[c]
-                dx = star_xyz[q, 0] - cx
-                dy = star_xyz[q, 1] - cy
-                dz = star_xyz[q, 2] - cz
-                dd = dx * dx + dy * dy + dz * dz
-                closer = dd < best
-                iq = star_index[q] if closer else iq
-                best = dd if closer else best
-            if best <= tol2:
-                w = wp * w_e[s]
-                b = iq * n_e + col[s]
-                cov[b] += w
-                sig[b] += w * s_group[gp, col[s]]
-            s += 1
-    return computed
-
-
-class _FoldSampler:
-    """The samples of :meth:`Folder.coverage` for one (instrument, Ei, grid)."""
-
-    def __init__(
-        self, folder: Folder, group_of_pixel: NDArray[np.int64], *, threads: int = 2
-    ) -> None:
-        grid = folder.grid
-        self.folder = folder
-        ins = folder.instrument
-        de = float(grid.energy_edges[1] - grid.energy_edges[0]) / E_SUBSTEPS
-        n_sub = grid.n_e * E_SUBSTEPS
-        energies = float(grid.energy_edges[0]) + (np.arange(n_sub) + 0.5) * de
-        self.v_f = np.asarray(energy_to_speed(np.asarray(folder.ei - energies)), dtype=float)
-        self.w_e = np.sqrt((folder.ei - energies) / folder.ei) * de
-        self.col = np.arange(n_sub, dtype=np.int64) // E_SUBSTEPS
-        pix = np.arange(0, ins.n_pixels, PIXEL_STRIDE)
-        self.solid = np.ascontiguousarray(ins.solid_angles[pix] * PIXEL_STRIDE)
-        self.dirs = np.ascontiguousarray(ins.directions[pix])
-        self.group = np.ascontiguousarray(group_of_pixel[pix])
-        self.ki = math.sqrt(folder.ei / E_PER_K2)
-        self.threads = max(1, threads)
-
-    def fold(
-        self, omega: float, s_group: NDArray[np.float64]
-    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """(coverage, signal), each (n_q, n_E), of one orientation (alias-expanded)."""
-        f = self.folder
-        grid, t = f.grid, f.table
-        m = np.asarray(f.orientation.lab_to_rlu_matrix(omega), dtype=np.float64)
-        dm = np.ascontiguousarray(_K_PER_V * (self.dirs @ m.T))
-        h_inf = np.ascontiguousarray(m @ np.array([0.0, 0.0, self.ki]))
-        s_group = np.ascontiguousarray(s_group, dtype=np.float64)
-        bounds = np.linspace(0, len(dm), self.threads + 1).astype(int)
-
-        def work(k: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-            cov = np.zeros(grid.n_q * grid.n_e)
-            sig = np.zeros(grid.n_q * grid.n_e)
-            sl = slice(bounds[k], bounds[k + 1])
-            _fold_signal_kernel(
-                dm[sl],
-                self.solid[sl],
-                self.group[sl],
-                s_group,
-                self.v_f,
-                self.w_e,
-                self.col,
-                h_inf,
-                t.voxels,
-                t.live,
-                t.rank,
-                t.offsets,
-                t.candidates,
-                t.star_xyz,
-                t.star_index,
-                t.reciprocal,
-                t.tolerance**2,
-                grid.n_q,
-                grid.n_e,
-                t.clear,
-                cov,
-                sig,
-            )
-            return cov, sig
-
-        if self.threads == 1:
-            parts = [work(0)]
-        else:
-            with ThreadPoolExecutor(self.threads) as pool:
-                parts = list(pool.map(work, range(self.threads)))
-        cov = np.sum([p[0] for p in parts], axis=0).reshape(grid.shape)
-        sig = np.sum([p[1] for p in parts], axis=0).reshape(grid.shape)
-        return cov[t.alias], sig[t.alias]
-
-
-# -- powder -------------------------------------------------------------------------------
-
-
-def _fibonacci_sphere(n: int) -> NDArray[np.float64]:
-    """(n, 3) quasi-uniform unit vectors."""
-    k = np.arange(n) + 0.5
-    z = 1.0 - 2.0 * k / n
-    r = np.sqrt(np.maximum(0.0, 1.0 - z * z))
-    phi = math.pi * (3.0 - math.sqrt(5.0)) * k
-    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=-1)
-
-
-def _broadening_matrix(
-    model: CoherentSQE, energies: NDArray[np.float64], fine: NDArray[np.float64]
-) -> NDArray[np.float64]:
-    """(n_fine, n_E): unit-area Gaussians of width sigma(|e_fine|) centred at each fine
-    energy, evaluated at ``energies`` (as :meth:`CoherentSQE.sqe_from_modes` does)."""
-    sigma = model.resolution.sigma(np.abs(fine))[:, None]
-    z = (energies[None, :] - fine[:, None]) / sigma
-    out: NDArray[np.float64] = np.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * sigma)
-    return out
-
-
-def powder_spectrum(
-    model: CoherentSQE,
-    q: NDArray[np.float64],
-    energies: NDArray[np.float64],
-    *,
-    directions: int = 128,
-    seed: int = 0,
-) -> NDArray[np.float64]:
-    """(n_Q, n_E) spherical average of ``model``'s S(Q, E) at |Q| = ``q`` (1/Angstrom).
-
-    At every |Q| the Fibonacci sphere of ``directions`` points is turned by a random rotation
-    (seeded). Mode energies go onto a fine energy grid (1/10 of the narrowest resolution
-    width, each mode split linearly between its two nearest points, which keeps its weight
-    and mean energy) that one matrix broadens with sigma(E) of the mode: the same
-    Gaussians as :meth:`CoherentSQE.sqe_from_modes`, loss and gain.
-    """
-    from scipy.spatial.transform import Rotation
-
-    rng = np.random.default_rng(seed)
-    base = _fibonacci_sphere(directions)
-    rot = Rotation.random(len(q), random_state=rng).as_matrix()  # (n_Q, 3, 3)
-    dirs = np.einsum("qij,dj->qdi", rot, base)
-    q_cart = (np.asarray(q, dtype=float)[:, None, None] * dirs).reshape(-1, 3)
-    q_rlu = q_cart @ np.linalg.inv(model.crystal.reciprocal_lattice)
-    e_mode, sf = model.structure_factors(q_rlu)  # (n_Q * n_dir, n_m)
-    n = bose_occupation(e_mode, model.temperature)
-    keep = sf > 0
-    energies = np.asarray(energies, dtype=float)
-    sig_min = float(np.min(model.resolution.sigma(np.linspace(0, model.resolution.e_max, 64))))
-    step = max(sig_min / 10.0, 1e-3)
-    top = max(float(np.abs(energies).max()), float(e_mode.max(initial=0.0))) + 1.0
-    n_half = math.ceil(top / step)
-    fine = np.asarray(step * np.arange(-n_half, n_half + 1), dtype=np.float64)
-    row = np.repeat(np.arange(len(q)), directions * e_mode.shape[1]).reshape(e_mode.shape)
-    centres = np.concatenate([e_mode[keep], -e_mode[keep]])
-    weights = np.concatenate([(sf * (n + 1.0))[keep], (sf * n)[keep]])
-    rows = np.concatenate([row[keep], row[keep]])
-    x = (centres - fine[0]) / step
-    lo = np.clip(np.floor(x).astype(np.int64), 0, len(fine) - 2)
-    frac = np.clip(x - lo, 0.0, 1.0)
-    hist = np.bincount(
-        rows * len(fine) + lo, weights * (1 - frac), minlength=len(q) * len(fine)
-    ) + np.bincount(rows * len(fine) + lo + 1, weights * frac, minlength=len(q) * len(fine))
-    hist = hist.reshape(len(q), len(fine))
-    used = np.nonzero(hist.any(axis=0))[0]
-    kernel = _broadening_matrix(model, energies, fine[used])
-    out: NDArray[np.float64] = hist[:, used] @ kernel / directions
-    return out
-
-
-def _accessible(
-    q: NDArray[np.float64], energies: NDArray[np.float64], ei: float, ins: Instrument
-) -> NDArray[np.bool_]:
-    """(n_Q, n_E): |Q| reachable at E by some scattering angle the detector covers."""
-    cos_tt = ins.directions[:, 2]
-    lo, hi = float(cos_tt.min()), float(cos_tt.max())
-    ki = float(energy_to_k(ei))
-    kf = np.asarray(energy_to_k(np.maximum(ei - energies, 0.0)))[None, :]
-    qq = np.asarray(q, dtype=float)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = (ki * ki + kf * kf - qq * qq) / (2 * ki * kf)
-    return np.asarray((c >= lo) & (c <= hi) & (kf > 0))
-
-
-# -- detector -----------------------------------------------------------------------------
-
-
-def _angle_bins(
-    directions: NDArray[np.float64], step: float
-) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
-    """In-plane angle bin edges (degrees) and the bin of every direction."""
-    phi = np.degrees(np.arctan2(directions[:, 0], directions[:, 2]))
-    lo = math.floor(float(phi.min()) / step) * step
-    n = max(1, math.ceil((float(phi.max()) - lo) / step))
-    if lo + n * step <= float(phi.max()):
-        n += 1
-    edges = np.asarray(lo + step * np.arange(n + 1), dtype=np.float64)
-    idx = np.clip(((phi - lo) / step).astype(np.int64), 0, n - 1)
-    return edges, idx
-
-
 # -- the entry point ----------------------------------------------------------------------
 
 
@@ -927,32 +570,38 @@ def predict(
     material: str | None = None,
     *,
     cif: str | None = None,
-    fc: str | Mapping[str, Any] | NDArray[np.float64] = "mlff_mean",
+    fc: str | Mapping[str, Any] | NDArray[np.float64] | None = None,
     fc_label: str | None = None,
     ei: float | None = None,
     temperature: float = 5.0,
     omegas: Sequence[float] = (0.0,),
-    outputs: Sequence[str] = OUTPUTS,
+    outputs: Sequence[str] = DEFAULT_OUTPUTS,
     u: Sequence[float] = (1.0, 0.0, 0.0),
     v: Sequence[float] = (0.0, 1.0, 0.0),
     powder_directions: int = 128,
     seed: int = 0,
     detector_angle_step: float = 2.0,
+    dos_sigma: float = 0.5,
+    indirect_instrument: str = "vision",
+    indirect_orders: int = 2,
 ) -> Prediction:
-    """Expected spectra of a crystal on the ARCS-like spectrometer (see the module docstring).
+    """Expected spectra of a crystal (see the module docstring).
 
     Parameters
     ----------
     material
         A shipped material (``"Ge"``, ``"Nb"``, ``"Al"``); or give ``cif`` instead.
     cif
-        CIF text; its FCs must be given as every coefficient by name.
+        CIF text of an ordered crystal.
     fc
-        A named set (``"mlff_mean"``, a force-field name, ``"raman"`` for Ge), a mapping
-        ``{name: value}`` or ``{"coefficients": {name: value}}`` (eV/A^2; for a shipped
-        material the coefficients left out are ``mlff_mean``'s), or a full vector.
+        ``None``: ``mlff_mean`` for a shipped material, the e3nn model's prediction for a
+        CIF. ``"e3nn"``: the model's prediction (a shipped material too). A named set
+        (``"mlff_mean"``, a force-field name, ``"raman"`` for Ge), a mapping ``{name:
+        value}`` or ``{"coefficients": {name: value}}`` (eV/A^2; for a shipped material the
+        coefficients left out are ``mlff_mean``'s; for a CIF all of its basis), or a full
+        vector.
     fc_label
-        Label of the FCs in the result (default: the set's name, or ``custom``).
+        Label of the FCs in the result (default: the set's name, ``custom``, or the model).
     ei
         Incident energy, meV (default: the material's); must exceed the grid's top energy.
     temperature
@@ -961,7 +610,7 @@ def predict(
         Goniometer angles, degrees (within the goniometer limits), for ``iqe`` and
         ``detector``.
     outputs
-        Any of ``"iqe"``, ``"detector"``, ``"powder"``.
+        Any of :data:`OUTPUTS` (default :data:`DEFAULT_OUTPUTS`).
     u, v
         Orientation vectors (conventional hkl) along the beam / in the horizontal plane at
         omega = 0 (those of simulated runs by default).
@@ -969,11 +618,16 @@ def predict(
         Directions averaged per |Q| and the seed of their rotations.
     detector_angle_step
         Width of the detector output's angle bins, degrees.
+    dos_sigma
+        Gaussian broadening of the ``dos`` output, meV.
+    indirect_instrument, indirect_orders
+        ``"vision"`` or ``"tosca"``; highest phonon order (1..4) of the ``indirect`` output.
 
     Raises
     ------
     PredictionError
-        For anything the request gets wrong (the message says what).
+        For anything the request gets wrong (the message says what); status 503 when the
+        FCs are to come from the e3nn model and it is unavailable.
     """
     t_start = time.perf_counter()
     wanted = tuple(dict.fromkeys(str(o) for o in outputs))
@@ -984,6 +638,14 @@ def predict(
         raise PredictionError(f"no outputs requested; choose from {', '.join(OUTPUTS)}")
     _check_number("temperature", temperature, lo=0.0, hi=1e4)
     _check_number("detector_angle_step", detector_angle_step, lo=0.05, hi=90.0, open_lo=True)
+    _check_number("dos_sigma", dos_sigma, lo=0.0, hi=50.0, open_lo=True)
+    if str(indirect_instrument).lower() not in INDIRECT_INSTRUMENTS:
+        raise PredictionError(
+            f"unknown indirect_instrument {indirect_instrument!r}; choose from "
+            f"{', '.join(INDIRECT_INSTRUMENTS)}"
+        )
+    if not 1 <= int(indirect_orders) <= 4:
+        raise PredictionError(f"indirect_orders must be 1..4, got {indirect_orders}")
     if not 1 <= int(powder_directions) <= 100_000:
         raise PredictionError(f"powder_directions must be 1..100000, got {powder_directions}")
     w = np.atleast_1d(np.asarray(omegas, dtype=float))
@@ -1000,6 +662,19 @@ def predict(
             w = ins.check_omegas(w)
         except SimulationError as exc:
             raise PredictionError(str(exc)) from exc
+    options = _Options(
+        temperature=float(temperature),
+        omegas=w,
+        outputs=wanted,
+        u=uu,
+        v=vv,
+        powder_directions=int(powder_directions),
+        seed=int(seed),
+        detector_angle_step=float(detector_angle_step),
+        dos_sigma=float(dos_sigma),
+        indirect_instrument=str(indirect_instrument).lower(),
+        indirect_orders=int(indirect_orders),
+    )
     with _LOCK:
         try:
             return _predict_locked(
@@ -1008,20 +683,32 @@ def predict(
                 fc=fc,
                 fc_label=fc_label,
                 ei=ei,
-                temperature=float(temperature),
-                omegas=w,
-                outputs=wanted,
-                u=uu,
-                v=vv,
-                powder_directions=int(powder_directions),
-                seed=int(seed),
-                detector_angle_step=float(detector_angle_step),
+                options=options,
                 t_start=t_start,
             )
         except PredictionError:
             raise
+        except FCModelUnavailableError as exc:
+            raise PredictionError(str(exc), status=503) from exc
         except (SimulationError, ConsumerError, ModelServerError) as exc:
             raise PredictionError(str(exc)) from exc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Options:
+    """The validated settings of one prediction (see :func:`predict`)."""
+
+    temperature: float
+    omegas: NDArray[np.float64]
+    outputs: tuple[str, ...]
+    u: tuple[float, float, float]
+    v: tuple[float, float, float]
+    powder_directions: int
+    seed: int
+    detector_angle_step: float
+    dos_sigma: float
+    indirect_instrument: str
+    indirect_orders: int
 
 
 def _check_number(name: str, value: float, *, lo: float, hi: float, open_lo: bool = False) -> None:
@@ -1043,25 +730,22 @@ def _predict_locked(
     *,
     material: str | None,
     cif: str | None,
-    fc: str | Mapping[str, Any] | NDArray[np.float64],
+    fc: str | Mapping[str, Any] | NDArray[np.float64] | None,
     fc_label: str | None,
     ei: float | None,
-    temperature: float,
-    omegas: NDArray[np.float64],
-    outputs: tuple[str, ...],
-    u: tuple[float, float, float],
-    v: tuple[float, float, float],
-    powder_directions: int,
-    seed: int,
-    detector_angle_step: float,
+    options: _Options,
     t_start: float,
 ) -> Prediction:
     seconds: dict[str, float] = {}
+    outputs = options.outputs
     t = time.perf_counter()
-    mat = _material(material, cif)
+    choice = _choose_fcs(material, cif, fc, outputs, ei)
+    seconds["fc"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mat = choice.mat
     ms = mat.setup
     grid = ms.grid
-    label, c = _coefficients(mat, fc)
+    c = choice.coefficients
     e_top = float(grid.energy_edges[-1])
     ei_value = float(ms.defaults.ei if ei is None else ei)
     if not math.isfinite(ei_value) or not ei_value > e_top:
@@ -1070,122 +754,75 @@ def _predict_locked(
             f"energy grid, {e_top:g} meV (a neutron cannot lose more energy than it has)"
         )
     ins = _instrument()
-    dispersion, min_freq = _dispersion(mat, c)
-    fm = _forward(mat)
-    stable = bool(min_freq >= -fm.imaginary_tol)
-    notes: list[str] = []
+    notes = list(choice.notes)
+    n_atoms = ms.crystal.n_atoms
+    fcs: CrystalFC | None = None
+    modes: MeshPhonons | None = None
+    if "dos" in outputs or "indirect" in outputs or n_atoms > MAX_CIF_ATOMS:
+        fcs = choice.crystal_fc()
+        modes, _ = _mesh_modes(mat.key, fcs)
+    if n_atoms <= MAX_CIF_ATOMS:  # dispersion and stability on the path and a mesh
+        dispersion, min_freq = _dispersion(mat, c)
+        stable = bool(min_freq >= -_forward(mat).imaginary_tol)
+    else:  # large cells (dos, indirect, powder only): stability on the DOS mesh
+        assert modes is not None
+        dispersion = np.zeros((grid.n_q, 0))
+        min_freq = float(modes.frequencies.min())
+        stable = bool(min_freq >= -0.05)
     if not stable:
         notes.append(
             f"the FC set is dynamically unstable (lowest frequency {min_freq:.3f} THz): "
-            "imaginary modes are left out of S(Q, E)"
+            "imaginary modes are left out of S(Q, E) and of the indirect spectrum"
         )
-    model = _model(mat, c, temperature, ei_value)
     seconds["setup"] = time.perf_counter() - t
-    energies = grid.energy_centres
+    model: CoherentSQE | None = None
+    if {"iqe", "detector", "powder"} & set(outputs):
+        t = time.perf_counter()
+        model = _model(mat, c, options.temperature, ei_value)
+        seconds["sqe_model"] = time.perf_counter() - t
     iqe = detector = powder = None
     if "iqe" in outputs or "detector" in outputs:
-        try:
-            orientation = Orientation.from_vectors(ms.crystal, u, v)
-        except SimulationError as exc:
-            raise PredictionError(str(exc)) from exc
-        t = time.perf_counter()
-        table = _phonon_table(mat, model)
-        seconds["phonon_table"] = time.perf_counter() - t
-        sim = _GridSimulator(
-            model, ins, orientation, ei_value, energy_edges=grid.energy_edges, table=table
-        )
-        t = time.perf_counter()
-        sampler = None
-        if "iqe" in outputs:
-            folder = Folder(_fold_table(mat), grid, ins, orientation, ei_value)
-            sampler = _FoldSampler(folder, sim.group_of_pixel, threads=min(4, os.cpu_count() or 1))
-        seconds["fold_setup"] = time.perf_counter() - t
-        cov = np.zeros(grid.shape)
-        sig = np.zeros(grid.shape)
-        det_num: list[NDArray[np.float64]] = []
-        if "detector" in outputs:
-            edges, bin_of = _angle_bins(sim.group_directions, detector_angle_step)
-            n_bins = len(edges) - 1
-            onehot = np.zeros((n_bins, sim.n_groups))
-            onehot[bin_of, np.arange(sim.n_groups)] = sim.group_solid_angles
-            den = onehot.sum(axis=1)[:, None] * sim.kf_over_ki[None, :]
-        t_s = t_f = 0.0
-        for omega in omegas:
-            t = time.perf_counter()
-            s_group = sim.sqe(float(omega))
-            t_s += time.perf_counter() - t
-            t = time.perf_counter()
-            if sampler is not None:
-                c_w, s_w = sampler.fold(float(omega), s_group)
-                cov += c_w
-                sig += s_w
-            if "detector" in outputs:
-                det_num.append(onehot @ (s_group * sim.kf_over_ki[None, :]))
-            t_f += time.perf_counter() - t
-        seconds["sqe"] = t_s
-        seconds["fold"] = t_f
-        if "iqe" in outputs:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                intensity = np.where(cov > 0, sig / np.where(cov > 0, cov, 1.0), np.nan)
-            iqe = IQEPrediction(
-                intensity=intensity, coverage=cov, signal=sig, dispersion=dispersion
-            )
-        if "detector" in outputs:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                det = np.stack(det_num) / np.where(den > 0, den, np.nan)[None]
-            centres = 0.5 * (edges[1:] + edges[:-1])
-            ki = float(energy_to_k(ei_value))
-            kf = np.asarray(energy_to_k(ei_value - energies))
-            qmag = np.sqrt(
-                np.maximum(
-                    ki * ki
-                    + kf[None, :] ** 2
-                    - 2 * ki * kf[None, :] * np.cos(np.radians(centres))[:, None],
-                    0.0,
-                )
-            )
-            detector = DetectorPrediction(angle_edges=edges, intensity=det, q_magnitude=qmag)
+        assert model is not None
+        iqe, detector = _single_crystal(mat, model, ei_value, dispersion, options, seconds)
     if "powder" in outputs:
+        assert model is not None
         t = time.perf_counter()
-        cos_max = float(ins.directions[:, 2].min())
-        ki = float(energy_to_k(ei_value))
-        kf0 = float(energy_to_k(ei_value - float(grid.energy_edges[0])))
-        q_top = math.sqrt(ki * ki + kf0 * kf0 - 2 * ki * kf0 * cos_max)
-        q = (np.arange(POWDER_N_Q) + 0.5) * q_top / POWDER_N_Q
-        key = (
-            mat.key,
-            np.asarray(c).tobytes(),
-            temperature,
-            ei_value,
-            powder_directions,
-            seed,
-        )
-        spectrum = _POWDER.get(
-            key,
-            lambda: powder_spectrum(model, q, energies, directions=powder_directions, seed=seed),
-        )
-        powder = PowderPrediction(
-            q=q,
-            intensity=spectrum,
-            accessible=_accessible(q, energies, ei_value, ins),
-            directions=powder_directions,
-            seed=seed,
-        )
+        powder = _powder(mat, model, c, ei_value, options)
         seconds["powder"] = time.perf_counter() - t
+    dos = indirect = None
+    if "dos" in outputs:
+        assert fcs is not None
+        assert modes is not None
+        t = time.perf_counter()
+        dos = phonon_dos(fcs, modes=modes, sigma=options.dos_sigma)
+        seconds["dos"] = time.perf_counter() - t
+    if "indirect" in outputs:
+        assert fcs is not None
+        assert modes is not None
+        t = time.perf_counter()
+        indirect = indirect_spectrum(
+            fcs,
+            temperature=options.temperature,
+            instrument=options.indirect_instrument,
+            orders=options.indirect_orders,
+            modes=modes,
+        )
+        seconds["indirect"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_start
     qp = grid.qpath
+    resolution = model.resolution if model is not None else ins.resolution(ei_value)
     return Prediction(
         material=mat.name,
-        fc_label=fc_label or label,
+        fc_label=fc_label or choice.label,
         fc_names=tuple(ms.basis.names),
         coefficients=np.asarray(c, dtype=float),
         ei=ei_value,
-        temperature=temperature,
-        omegas=np.asarray(omegas, dtype=float),
-        u=u,
-        v=v,
+        temperature=options.temperature,
+        omegas=np.asarray(options.omegas, dtype=float),
+        u=options.u,
+        v=options.v,
         instrument=ins.to_metadata(),
-        resolution=model.resolution.to_dict(),
+        resolution=resolution.to_dict(),
         energy_edges=np.asarray(grid.energy_edges, dtype=float),
         qpoints=np.asarray(qp.qpoints, dtype=float),
         q_distance=np.asarray(qp.distance, dtype=float),
@@ -1196,5 +833,126 @@ def _predict_locked(
         iqe=iqe,
         detector=detector,
         powder=powder,
+        dos=dos,
+        indirect=indirect,
+        formula=choice.formula,
+        n_atoms=n_atoms,
+        fc_source=choice.source,
+        fc_details=choice.details,
+        model=choice.model,
         seconds=seconds,
+    )
+
+
+def _single_crystal(
+    mat: _Material,
+    model: CoherentSQE,
+    ei: float,
+    dispersion: NDArray[np.float64],
+    options: _Options,
+    seconds: dict[str, float],
+) -> tuple[IQEPrediction | None, DetectorPrediction | None]:
+    """The ``iqe`` and ``detector`` outputs (those asked for) of the orientations."""
+    ms = mat.setup
+    grid = ms.grid
+    ins = _instrument()
+    outputs = options.outputs
+    energies = grid.energy_centres
+    try:
+        orientation = Orientation.from_vectors(ms.crystal, options.u, options.v)
+    except SimulationError as exc:
+        raise PredictionError(str(exc)) from exc
+    t = time.perf_counter()
+    table = _phonon_table(mat, model)
+    seconds["phonon_table"] = time.perf_counter() - t
+    sim = GridSimulator(model, ins, orientation, ei, energy_edges=grid.energy_edges, table=table)
+    t = time.perf_counter()
+    sampler = None
+    if "iqe" in outputs:
+        folder = Folder(_fold_table(mat), grid, ins, orientation, ei)
+        sampler = FoldSampler(folder, sim.group_of_pixel, threads=min(4, os.cpu_count() or 1))
+    seconds["fold_setup"] = time.perf_counter() - t
+    cov = np.zeros(grid.shape)
+    sig = np.zeros(grid.shape)
+    det_num: list[NDArray[np.float64]] = []
+    if "detector" in outputs:
+        edges, bin_of = angle_bins(sim.group_directions, options.detector_angle_step)
+        n_bins = len(edges) - 1
+        onehot = np.zeros((n_bins, sim.n_groups))
+        onehot[bin_of, np.arange(sim.n_groups)] = sim.group_solid_angles
+        den = onehot.sum(axis=1)[:, None] * sim.kf_over_ki[None, :]
+    t_s = t_f = 0.0
+    for omega in options.omegas:
+        t = time.perf_counter()
+        s_group = sim.sqe(float(omega))
+        t_s += time.perf_counter() - t
+        t = time.perf_counter()
+        if sampler is not None:
+            c_w, s_w = sampler.fold(float(omega), s_group)
+            cov += c_w
+            sig += s_w
+        if "detector" in outputs:
+            det_num.append(onehot @ (s_group * sim.kf_over_ki[None, :]))
+        t_f += time.perf_counter() - t
+    seconds["sqe"] = t_s
+    seconds["fold"] = t_f
+    iqe = detector = None
+    if "iqe" in outputs:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            intensity = np.where(cov > 0, sig / np.where(cov > 0, cov, 1.0), np.nan)
+        iqe = IQEPrediction(intensity=intensity, coverage=cov, signal=sig, dispersion=dispersion)
+    if "detector" in outputs:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            det = np.stack(det_num) / np.where(den > 0, den, np.nan)[None]
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        ki = float(energy_to_k(ei))
+        kf = np.asarray(energy_to_k(ei - energies))
+        qmag = np.sqrt(
+            np.maximum(
+                ki * ki
+                + kf[None, :] ** 2
+                - 2 * ki * kf[None, :] * np.cos(np.radians(centres))[:, None],
+                0.0,
+            )
+        )
+        detector = DetectorPrediction(angle_edges=edges, intensity=det, q_magnitude=qmag)
+    return iqe, detector
+
+
+def _powder(
+    mat: _Material,
+    model: CoherentSQE,
+    c: NDArray[np.float64],
+    ei: float,
+    options: _Options,
+) -> PowderPrediction:
+    """The ``powder`` output: |Q| up to what the detector reaches at the grid's lowest E."""
+    grid = mat.setup.grid
+    ins = _instrument()
+    energies = grid.energy_centres
+    cos_max = float(ins.directions[:, 2].min())
+    ki = float(energy_to_k(ei))
+    kf0 = float(energy_to_k(ei - float(grid.energy_edges[0])))
+    q_top = math.sqrt(ki * ki + kf0 * kf0 - 2 * ki * kf0 * cos_max)
+    q = (np.arange(POWDER_N_Q) + 0.5) * q_top / POWDER_N_Q
+    key = (
+        mat.key,
+        np.asarray(c).tobytes(),
+        options.temperature,
+        ei,
+        options.powder_directions,
+        options.seed,
+    )
+    spectrum = _POWDER.get(
+        key,
+        lambda: powder_spectrum(
+            model, q, energies, directions=options.powder_directions, seed=options.seed
+        ),
+    )
+    return PowderPrediction(
+        q=q,
+        intensity=spectrum,
+        accessible=accessible(q, energies, ei, ins),
+        directions=options.powder_directions,
+        seed=options.seed,
     )

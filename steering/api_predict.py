@@ -6,10 +6,17 @@ caching); this module validates the request (pydantic, documented in the OpenAPI
 resolves ``fc: "current:<run id>"`` from the run history and answers JSON or, with
 ``Accept: image/png``, a PNG with one panel per output.
 
+A CIF without force constants is answered from the FCs that the e3nn structure ->
+force-constant model predicts (``fc_source: "e3nn"``), with the model's ``distance`` from
+its training set, ``in_domain`` and ``message`` in the answer; an out-of-domain prediction
+is returned, marked in ``warnings`` and in the PNG's title.
+
 Errors are 4xx with a message, never 500: an unknown run in ``current:`` (or a run without
 an estimate) is 404; everything else the request gets wrong (unknown material or FC set,
 Ei not above the grid's top energy, omegas outside the goniometer limits, empty outputs,
-a CIF without its coefficients, non-finite or out-of-range numbers) is 422.
+an unparseable CIF, partial occupancy, an element the model does not know, a cell above an
+atom limit, non-finite or out-of-range numbers) is 422. When the FCs are to come from the
+e3nn model and no usable model is installed, the answer is 503 with what is missing.
 """
 
 from __future__ import annotations
@@ -28,9 +35,20 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from consumers.exceptions import ConsumerError
 from model_server.exceptions import ModelServerError
-from model_server.predict import MAX_OMEGAS, OUTPUTS, PredictionError, predict
+from model_server.indirect import INDIRECT_INSTRUMENTS
+from model_server.predict import (
+    DEFAULT_OUTPUTS,
+    MAX_CIF_ATOMS,
+    MAX_OMEGAS,
+    OUTPUTS,
+    PredictionError,
+    predict,
+)
+from model_server.spectra import MAX_ATOMS_DOS, MAX_ATOMS_POWDER
 from simulations.crystals import SHIPPED_MATERIALS
 from simulations.exceptions import SimulationError
+
+from .api_predict_schema import PredictResponse
 
 __all__ = ["FCCoefficients", "PredictRequest", "predict_router", "validation_error_response"]
 
@@ -41,11 +59,11 @@ _SHIPPED = ", ".join(sorted(SHIPPED_MATERIALS))
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Miller = Annotated[float, Field(allow_inf_nan=False, ge=-100.0, le=100.0)]
 CoefficientValue = Annotated[float, Field(allow_inf_nan=False, ge=-1000.0, le=1000.0)]
-Output = Literal["iqe", "detector", "powder"]
+Output = Literal["iqe", "detector", "powder", "dos", "indirect"]
 CoefficientName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
-def _all_outputs() -> list[Output]:
+def _default_outputs() -> list[Output]:
     return ["iqe", "detector", "powder"]
 
 
@@ -73,6 +91,7 @@ class PredictRequest(BaseModel):
                 {"material": "Ge", "fc": "raman", "ei": 80.0, "omegas": [0.0, 30.0]},
                 {"material": "Nb", "fc": {"coefficients": {"1NN_xx": 1.9}}, "ei": 50.0},
                 {"fc": "current:sim-Ge-0", "omegas": [12.0], "outputs": ["iqe"]},
+                {"cif": "data_NaCl ...", "outputs": ["dos", "indirect", "powder"]},
             ]
         },
     )
@@ -84,17 +103,27 @@ class PredictRequest(BaseModel):
     )
     cif: Annotated[str, StringConstraints(max_length=200_000)] | None = Field(
         None,
-        description="CIF text of an ordered crystal (at most 8 atoms in the primitive cell) "
-        "instead of `material`. It has no named FC sets: give `fc` as coefficients, every "
-        "one of its basis (the 422 answer of a request without them lists the names). Its "
-        "q-path and grid are the generic defaults; the first request builds its fold "
-        "table (seconds).",
+        description="CIF text of an ordered crystal instead of `material`. Without `fc` the "
+        "e3nn structure -> force-constant model predicts its FCs (the answer carries the "
+        "model's `distance`, `in_domain` and `message`; 503 when no model is installed). "
+        "Atoms in the primitive cell: at most "
+        f"{MAX_CIF_ATOMS} for `iqe`/`detector` and for FCs given as coefficients (every "
+        "coefficient of its 4-shell basis; the 422 answer to a named set lists them), "
+        f"{MAX_ATOMS_POWDER} for `powder`, {MAX_ATOMS_DOS} for `dos`/`indirect`. Partial "
+        "occupancy is refused with a supercell hint. Its q-path and grid are the generic "
+        "defaults (with predicted FCs the grid reaches 1.1 x the highest mode); the first "
+        "request builds its fold table (seconds).",
     )
-    fc: Annotated[str, StringConstraints(min_length=1, max_length=300)] | FCCoefficients = Field(
-        "mlff_mean",
-        description="Force constants: a named set of the material (`mlff_mean`, a force-field "
-        "name, `raman` for Ge), `current:<run id>` (the latest estimate of that run in the "
-        'history: its FC means), or `{"coefficients": {name: value}}` (eV/A^2).',
+    fc: Annotated[str, StringConstraints(min_length=1, max_length=300)] | FCCoefficients | None = (
+        Field(
+            None,
+            description="Force constants. Left out: `mlff_mean` for a shipped material, the e3nn "
+            "model's prediction for a CIF. `e3nn`: the model's prediction (shipped materials "
+            "too, with its projection onto their named coefficients for comparison). A named "
+            "set of the material (`mlff_mean`, a force-field name, `raman` for Ge), "
+            "`current:<run id>` (the latest estimate of that run in the history: its FC "
+            'means), or `{"coefficients": {name: value}}` (eV/A^2).',
+        )
     )
     ei: float | None = Field(
         None,
@@ -114,11 +143,13 @@ class PredictRequest(BaseModel):
         f"at most {MAX_OMEGAS}. Needed by `iqe` and `detector`; about 0.5 s each.",
     )
     outputs: list[Output] = Field(
-        default_factory=_all_outputs,
+        default_factory=_default_outputs,
         max_length=10,
         description="Any of `iqe` (the folded I(q,E) the orientations would give), `detector` "
-        "(expected S(Q,E) on the detector per omega: scattering angle vs E) and `powder` "
-        "(coherent S(|Q|,E)); default all three.",
+        "(expected S(Q,E) on the detector per omega: scattering angle vs E), `powder` "
+        "(coherent S(|Q|,E)), `dos` (phonon DOS, partial by element and atom) and "
+        "`indirect` (1D S(E) of a VISION/TOSCA-like indirect-geometry spectrometer); "
+        f"default {', '.join(DEFAULT_OUTPUTS)}.",
     )
     u: tuple[Miller, Miller, Miller] = Field(
         (1.0, 0.0, 0.0),
@@ -141,6 +172,25 @@ class PredictRequest(BaseModel):
         allow_inf_nan=False,
         description="Width of the detector output's scattering-angle bins, degrees.",
     )
+    dos_sigma: float = Field(
+        0.5,
+        ge=0.05,
+        le=20.0,
+        allow_inf_nan=False,
+        description="Gaussian broadening (standard deviation) of the `dos` output, meV.",
+    )
+    indirect_instrument: Literal[tuple(INDIRECT_INSTRUMENTS)] = Field(  # type: ignore[valid-type]
+        "vision",
+        description="Indirect-geometry spectrometer of the `indirect` output: `vision` (E_f "
+        "3.5 meV, banks at 45 and 135 deg, FWHM 1.25 % of E) or `tosca`.",
+    )
+    indirect_orders: int = Field(
+        2,
+        ge=1,
+        le=4,
+        description="Highest phonon order of the `indirect` output (1: fundamentals; 2: "
+        "with overtones and combinations of two phonons, ...).",
+    )
 
     @field_validator("outputs")
     @classmethod
@@ -158,16 +208,19 @@ class PredictError(BaseModel):
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
+        "model": PredictResponse,
         "description": "The prediction: JSON with axes and units (NaN as null), or a PNG "
         "with one panel per output when the request has `Accept: image/png`.",
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-        },
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
     },
     400: {"model": PredictError, "description": "The body cannot be parsed as JSON."},
     404: {"model": PredictError, "description": "`current:<run id>`: no such run or estimate."},
     422: {"model": PredictError, "description": "The request is invalid (the message says why)."},
+    503: {
+        "model": PredictError,
+        "description": "The FCs are to come from the e3nn structure -> force-constant model "
+        "and no usable model is installed (the message says what is missing).",
+    },
 }
 
 
@@ -256,6 +309,13 @@ def predict_router(live: Any, history: Any) -> APIRouter:
           in-plane scattering angle (degrees) and E, with |Q| of every bin.
         * `powder`: coherent S(|Q|,E) (mbarn/meV per atom) averaged over directions, with
           the mask of what the detector reaches.
+        * `dos`: phonon DOS (states/meV per primitive cell), partial by element and atom.
+        * `indirect`: 1D S(E) of a VISION/TOSCA-like spectrometer (mbarn/(sr meV) per atom),
+          incoherent approximation, per bank and order.
+
+        Where the FCs come from is `fc_source` (`reference`, `given`, `e3nn`); with `e3nn`
+        the answer carries `distance`, `in_domain` and `message` (an out-of-domain
+        prediction is marked in `warnings` and in the PNG's title).
 
         About 0.5 s per omega once the material is loaded (the first request of a material
         or FC set takes seconds).
@@ -290,8 +350,13 @@ def predict_router(live: Any, history: Any) -> APIRouter:
                 powder_directions=body.powder_directions,
                 seed=body.seed,
                 detector_angle_step=body.detector_angle_step,
+                dos_sigma=body.dos_sigma,
+                indirect_instrument=body.indirect_instrument,
+                indirect_orders=body.indirect_orders,
             )
         except PredictionError as exc:
+            if exc.status >= 500:
+                logger.warning("prediction unavailable: %s", exc)
             raise HTTPException(exc.status, str(exc)) from exc
         except (SimulationError, ConsumerError, ModelServerError, ValueError) as exc:
             logger.info("prediction refused: %s", exc)

@@ -249,7 +249,7 @@ _GE = {"material": "Ge", "fc": "raman"}
         ({**_GE, "omegas": [0.0] * (MAX_OMEGAS + 1)}, f"at most {MAX_OMEGAS} items"),
         ({**_GE, "omegas": [], "outputs": ["iqe"]}, "need at least one omega"),
         ({**_GE, "outputs": []}, "outputs is empty"),
-        ({**_GE, "outputs": ["sqw"]}, "'iqe', 'detector' or 'powder'"),
+        ({**_GE, "outputs": ["sqw"]}, "'powder', 'dos' or 'indirect'"),
         ({**_GE, "temperature": -3.0}, "greater than or equal to 0"),
         ({**_GE, "u": [1, 0, 0], "v": [2, 0, 0]}, "parallel"),
         ({**_GE, "u": [0, 0, 0]}, "zero vector"),
