@@ -298,9 +298,11 @@ class Prediction:
                 _plot_indirect(ax, self.indirect)
                 continue
             ax.set_ylabel("E (meV)")
+        uses_ei = {"iqe", "detector", "powder"} & set(panels)
         title = (
-            f"{self.formula or self.material}, FC {self.fc_label}, Ei {self.ei:g} meV, "
-            f"T {self.temperature:g} K"
+            f"{self.formula or self.material}, FC {self.fc_label}"
+            + (f", Ei {self.ei:g} meV" if uses_ei else "")
+            + f", T {self.temperature:g} K"
         )
         if self.model is not None and not self.model.in_domain:
             fig.suptitle(

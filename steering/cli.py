@@ -23,6 +23,7 @@ from simulations.exceptions import SimulationError
 from simulations.jsonutil import json_default
 
 from .cli_advise import advise_app
+from .cli_predict import predict_cmd
 from .exceptions import SteeringError
 
 __all__ = ["app", "main"]
@@ -43,6 +44,7 @@ simulate_app = typer.Typer(
 )
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(advise_app, name="advise")
+app.command("predict")(predict_cmd)
 
 MaterialOpt = Annotated[
     str, typer.Option("--material", "-m", help="Shipped material (Ge, Nb, Al) or a CIF file.")
