@@ -249,7 +249,15 @@ class Prediction:
         return out
 
     def to_png(self, dpi: int = 90) -> bytes:
-        """PNG with one panel per output (the detector panel: the mean over the omegas)."""
+        """PNG of :meth:`figure`."""
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png", dpi=dpi)
+        return buf.getvalue()
+
+    def figure(self) -> Any:
+        """A matplotlib Figure (Agg) with one panel per output (the detector panel: the mean
+        over the omegas); its title names the crystal, the FCs and the setting, and says so
+        in red when the e3nn model's prediction is out of its domain."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -315,9 +323,7 @@ class Prediction:
         else:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi)
-        return buf.getvalue()
+        return fig
 
 
 def _plot_dos(ax: Any, dos: PhononDOS) -> None:
