@@ -12,13 +12,15 @@ the training set.
   ``spread`` their standard deviation.
 * Inference runs in float64 (the networks are built with float64 Clebsch-Gordan
   coefficients; trained float32 weights are loaded into them).
-* **Distance from the training set**: each atom's rotation-invariant descriptor (the even
-  scalar features after the last interaction of the first member), standardised with the
-  training atoms' mean and std; its Euclidean distance to the nearest training atom; the
-  structure's distance is the largest over its atoms, divided by the 95th percentile of the
-  same quantity for the training crystals computed leave-one-crystal-out (so ~1 is the edge
-  of the training set). ``in_domain`` is ``distance <= max_distance`` and relative ensemble
-  spread ``||std|| / ||mean||`` (all blocks) ``<= max_spread`` (thresholds in model.json).
+* **Distance from the training set**: each atom's rotation-invariant neighbourhood
+  descriptor (:func:`model_server.fc_graph.atom_descriptors`: Gaussian-smeared radial
+  distributions of its neighbours, counted and weighted by covalent radius), standardised
+  with the training atoms' mean and std; its Euclidean distance to the nearest training atom
+  *of the same element*; the structure's distance is the largest over its atoms, divided by
+  the 95th percentile of the same quantity for the training crystals computed
+  leave-one-crystal-out (so ~1 is the edge of the training set). ``in_domain`` is
+  ``distance <= max_distance`` and relative ensemble spread ``||std|| / ||mean||`` (all
+  blocks) ``<= max_spread`` (thresholds in model.json).
 
 Layout of the model directory (default ``models/fc_e3nn``)::
 
@@ -26,8 +28,8 @@ Layout of the model directory (default ``models/fc_e3nn``)::
                   members, distance calibration and thresholds, training settings and
                   history, training-set provenance and fingerprint, evaluation metrics,
                   the rebuild command
-    weights.pt    parameters of every member (float32) and the standardised training-atom
-                  descriptors (torch.load(weights_only=True): no pickled code)
+    weights.pt    parameters of every member (float32), the training atoms' standardised
+                  descriptors and elements (torch.load(weights_only=True): no pickled code)
 
 Entry point: ``python -m model_server.fc_e3nn train|evaluate ...`` (see
 :mod:`model_server.fc_e3nn_train`).
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +58,9 @@ from .fc_graph import (
     CellTooLargeError,
     FCModelError,
     InvalidStructureError,
+    PeriodicGraph,
     UnknownElementError,
+    atom_descriptors,
     build_graph,
     check_structure,
 )
@@ -165,6 +170,7 @@ class FCModel:
         meta: dict[str, Any],
         nets: Sequence[FCNet],
         bank: NDArray[np.float64],
+        bank_species: NDArray[np.int64],
     ) -> None:
         self.path = path
         self.meta = meta
@@ -176,7 +182,9 @@ class FCModel:
         self._scale = float(dist["scale"])
         self.max_distance = float(dist["max_distance"])
         self.max_spread = float(dist["max_relative_spread"])
-        self._bank = torch.from_numpy(np.asarray(bank, dtype=np.float64))
+        bank_t = torch.from_numpy(np.asarray(bank, dtype=np.float64))
+        species_arr = np.asarray(bank_species, dtype=np.int64)
+        self._bank = {int(z): bank_t[species_arr == z] for z in np.unique(species_arr)}
         self._index = {z: k for k, z in enumerate(self.config.species)}
 
     @property
@@ -241,14 +249,12 @@ class FCModel:
         z, lat, x = check_structure(numbers, lattice, frac)
         graph = build_graph(z, lat, x, self.config.cutoff)
         batch = collate([graph], self._index, torch.float64)
-        bonds, selfs, descs = [], [], []
+        bonds, selfs = [], []
         with torch.no_grad():
-            for k, net in enumerate(self.nets):
-                bond, self_fc, desc = net(batch)
+            for net in self.nets:
+                bond, self_fc, _ = net(batch)
                 bonds.append(bond.numpy())
                 selfs.append(self_fc.numpy())
-                if k == 0:
-                    descs.append(desc.numpy())
         n = graph.n_atoms
         self_pairs = np.column_stack([np.arange(n), np.arange(n), np.zeros((n, 3))])
         pairs = np.concatenate([self_pairs.astype(np.int64), graph.pairs])
@@ -260,7 +266,7 @@ class FCModel:
             if spread is not None
             else 0.0
         )
-        distance = self.distance(descs[0])
+        distance = self.distance(graph)
         problems = []
         if distance > self.max_distance:
             problems.append(
@@ -289,11 +295,16 @@ class FCModel:
             relative_spread=rel,
         )
 
-    def distance(self, descriptors: NDArray[np.float64]) -> float:
-        """Normalised distance of a structure's per-atom descriptors (n, d) to the training set."""
-        d = torch.from_numpy((np.asarray(descriptors) - self._mean) / self._std)
-        nearest = torch.cdist(d, self._bank).min(dim=1).values
-        return float(nearest.max()) / self._scale
+    def distance(self, graph: PeriodicGraph) -> float:
+        """Normalised distance of a structure (its bond graph) from the training set."""
+        d = torch.from_numpy((atom_descriptors(graph) - self._mean) / self._std)
+        worst = 0.0
+        for i, z in enumerate(graph.numbers.tolist()):
+            bank = self._bank.get(int(z))
+            if bank is None or len(bank) == 0:
+                return math.inf
+            worst = max(worst, float(torch.cdist(d[i : i + 1], bank).min()))
+        return worst / self._scale
 
 
 def default_model_dir() -> Path:
@@ -318,6 +329,7 @@ def save_fc_model(
     *,
     nets: Sequence[FCNet],
     bank: NDArray[np.float64],
+    bank_species: NDArray[np.int64],
     meta: dict[str, Any],
 ) -> Path:
     """Write a model directory (weights.pt, then model.json with the weights' version).
@@ -329,6 +341,7 @@ def save_fc_model(
     path.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {f"member{k}": parameters_of(net) for k, net in enumerate(nets)}
     state["bank"] = torch.from_numpy(np.asarray(bank, dtype=np.float32))
+    state["bank_species"] = torch.from_numpy(np.asarray(bank_species, dtype=np.int64))
     torch.save(state, path / "weights.pt")
     full = dict(meta)
     full["format_version"] = FORMAT_VERSION
@@ -384,7 +397,8 @@ def _load_cached(where_s: str) -> FCModel:
             _load_parameters(net, state[f"member{k}"], weights_path)
             nets.append(net)
         bank = state["bank"].to(torch.float64).numpy()
-        return FCModel(path=where, meta=meta, nets=nets, bank=bank)
+        bank_species = state["bank_species"].numpy()
+        return FCModel(path=where, meta=meta, nets=nets, bank=bank, bank_species=bank_species)
     except ArtifactError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:

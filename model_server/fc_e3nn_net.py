@@ -16,8 +16,10 @@ Architecture (a NequIP-like message-passing network with a bond head):
    of two linear projections of the end atoms' features), then ``(x) Y(r)`` with weights from
    a radial MLP (zero at the cutoff), then a linear map to ``0e + 1e + 2e``: 9 numbers that
    are the isotropic, antisymmetric and symmetric-traceless parts of a 3x3 Cartesian tensor
-   (e3nn ``ReducedTensorProducts('ij', i='1o', j='1o')`` change of basis), times a fixed scale
-   (eV/A^2).
+   (e3nn ``ReducedTensorProducts('ij', i='1o', j='1o')`` change of basis). Added to it, a
+   direct invariant path: an MLP of both atoms' scalar features and the radial basis gives
+   ``alpha I + beta (u u^T - I/3)`` (``u = r/|r|``; the central-force-like part, easy to
+   learn), times the envelope. The sum is multiplied by a fixed scale (eV/A^2).
 4. **Constraints** (:func:`constrain`), exact by construction:
 
    * pair symmetry ``Phi(i0, jR) = Phi(j0, i(-R))^T``: each bond's tensor is averaged with the
@@ -306,6 +308,15 @@ class FCNet(nn.Module):
             torch.nn.functional.silu,
         )
         self.out = o3.Linear(edge_out, o3.Irreps("0e + 1e + 2e"))
+        # Direct invariant path: an MLP of both atoms' scalars and the radial basis gives the
+        # isotropic and the longitudinal (r r^T) parts of the bond tensor.
+        self.direct = torch.nn.Sequential(
+            torch.nn.Linear(2 * c.n_scalar + c.n_radial, c.radial_hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(c.radial_hidden, c.radial_hidden),
+            torch.nn.SiLU(),
+            torch.nn.Linear(c.radial_hidden, 2),
+        )
         rtp = o3.ReducedTensorProducts("ij", i="1o", j="1o")
         assert str(rtp.irreps_out) == "1x0e+1x1e+1x2e"
         self.register_buffer("change_of_basis", rtp.change_of_basis.clone())
@@ -359,7 +370,19 @@ class FCNet(nn.Module):
         z = self.pair_tp(a, b)
         w = self.edge_radial(radial) * env[:, None]
         irr = self.out(self.edge_tp(z, sh, w))  # (E, 9)
-        raw = torch.einsum("ek,kxy->exy", irr, self.change_of_basis) * self.config.fc_scale
+        raw = torch.einsum("ek,kxy->exy", irr, self.change_of_basis)
+        n = self.config.n_scalar
+        ab = self.direct(torch.cat([h[batch.src, :n], h[batch.dst, :n], radial], dim=1))
+        ab = ab * env[:, None]
+        u = batch.vectors.to(raw.dtype)
+        u = u / torch.linalg.norm(u, dim=1, keepdim=True)
+        eye = torch.eye(3, dtype=raw.dtype)
+        raw = (
+            raw
+            + ab[:, 0, None, None] * eye
+            + ab[:, 1, None, None] * (u[:, :, None] * u[:, None, :] - eye / 3.0)
+        )
+        raw = raw * self.config.fc_scale
         bond, self_fc = constrain(raw, batch)
         return bond, self_fc, self.descriptors(h)
 

@@ -59,10 +59,12 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from simulations.exceptions import SimulationError
+
 from .exceptions import ModelServerError, TrainingError
 from .fc_e3nn import FCModel, build_net, load_fc_model, parameters_of, save_fc_model
 from .fc_e3nn_net import FCNet, GraphBatch, NetConfig, collate
-from .fc_graph import PeriodicGraph, build_graph, match_pairs
+from .fc_graph import PeriodicGraph, atom_descriptors, build_graph, match_pairs
 from .fc_phonons import THZ_TO_MEV, dos_histogram, dynamical_matrices, mesh_frequencies
 
 __all__ = [
@@ -561,7 +563,7 @@ def train(
         net = build_net(config, torch.float64)
         net.load_state_dict(params, strict=False)
         nets.append(net)
-    calibration, bank = _calibrate(nets, config, train_p, val_p, settings)
+    calibration, bank, bank_species = _calibrate(nets, config, train_p, val_p, settings)
     meta: dict[str, Any] = {
         "kind": "structure -> force constants (e3nn)",
         "units": {"fc": "eV/A^2", "lengths": "Angstrom", "frequencies": "THz"},
@@ -589,7 +591,7 @@ def train(
             **(provenance or {}),
         },
     }
-    save_fc_model(out, nets=nets, bank=bank, meta=meta)
+    save_fc_model(out, nets=nets, bank=bank, bank_species=bank_species, meta=meta)
     ckpt_path.unlink(missing_ok=True)
     return json.loads((out / "model.json").read_text())
 
@@ -606,31 +608,29 @@ def _calibrate(
     train_p: Sequence[Prepared],
     val_p: Sequence[Prepared],
     settings: TrainSettings,
-) -> tuple[dict[str, Any], NDArray[np.float64]]:
+) -> tuple[dict[str, Any], NDArray[np.float64], NDArray[np.int64]]:
     """Descriptor standardisation, leave-one-crystal-out distance scale, spread threshold."""
     index = {z: k for k, z in enumerate(config.species)}
-    descs, keys = [], []
-    with torch.no_grad():
-        for p in train_p:
-            _, _, d = nets[0](collate([p.graph], index, torch.float64))
-            descs.append(d.numpy())
-            keys.extend([p.key] * p.graph.n_atoms)
+    descs = [atom_descriptors(p.graph) for p in train_p]
+    species = np.concatenate([p.graph.numbers for p in train_p])
+    keys = np.concatenate([[p.key] * p.graph.n_atoms for p in train_p])
     allx = np.concatenate(descs)
     mean = allx.mean(axis=0)
-    std = allx.std(axis=0) + 1e-6
+    std = allx.std(axis=0)
+    std = std + 0.1 * float(std.mean()) + 1e-9  # floor: features that barely vary in training
     bank = (allx - mean) / std
-    key_arr = np.array(keys)
     loco = []
-    bank_t = torch.from_numpy(bank)
-    for p in train_p:
-        sel = key_arr == p.key
-        mine = bank_t[torch.from_numpy(sel)]
-        others = bank_t[torch.from_numpy(~sel)]
-        if len(others) == 0:
-            continue
-        loco.append(float(torch.cdist(mine, others).min(dim=1).values.max()))
+    for p, d in zip(train_p, descs, strict=True):
+        found = []
+        for i, z in enumerate(p.graph.numbers.tolist()):
+            others = bank[(species == z) & (keys != p.key)]
+            if len(others):  # elements of this crystal only are skipped
+                found.append(float(np.linalg.norm(others - (d[i] - mean) / std, axis=1).min()))
+        if found:
+            loco.append(max(found))
+    # Without any element shared between crystals there is nothing to calibrate on: scale 1.
     scale = float(np.percentile(loco, 95)) if loco else 1.0
-    scale = max(scale, 1e-6)
+    scale = scale if scale > 1e-6 else 1.0
     # Relative ensemble spread on the validation crystals (or training ones without val).
     spreads = []
     for p in val_p or train_p:
@@ -647,7 +647,9 @@ def _calibrate(
     else:
         max_spread = math.inf
     calibration = {
-        "descriptor": "even scalar features after the last interaction of member 0",
+        "descriptor": "model_server.fc_graph.atom_descriptors (radial distributions of the "
+        "neighbours, counted and covalent-radius weighted); nearest training atom of the "
+        "same element",
         "descriptor_mean": mean.tolist(),
         "descriptor_std": std.tolist(),
         "scale": scale,
@@ -659,7 +661,7 @@ def _calibrate(
         "validation crystals",
         "n_bank_atoms": len(bank),
     }
-    return calibration, bank
+    return calibration, bank, species
 
 
 # --------------------------------------------------------------------------------------
@@ -840,7 +842,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
             model = load_fc_model(args.model)
             report = evaluate(model, entries, args.split)
             print(json.dumps(report if args.json else report["summary"], indent=1))
-    except ModelServerError as e:
+    except (ModelServerError, SimulationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -30,6 +30,7 @@ __all__ = [
     "InvalidStructureError",
     "PeriodicGraph",
     "UnknownElementError",
+    "atom_descriptors",
     "build_graph",
     "check_structure",
     "match_pairs",
@@ -254,3 +255,33 @@ def match_pairs(table: ArrayLike, keys: ArrayLike) -> NDArray[np.int64]:
         np.asarray(table, dtype=np.int64).reshape(-1, 5),
         np.asarray(keys, dtype=np.int64).reshape(-1, 5),
     )
+
+
+#: Centres (Angstrom) and width of the Gaussians of :func:`atom_descriptors`.
+DESCRIPTOR_CENTRES = np.linspace(1.0, 6.0, 21)
+DESCRIPTOR_WIDTH = 0.25
+
+
+def atom_descriptors(graph: PeriodicGraph) -> NDArray[np.float64]:
+    """Rotation-invariant description of every atom's neighbourhood (for the domain check).
+
+    Two Gaussian-smeared radial distributions of the neighbours within the graph's cutoff
+    (centres :data:`DESCRIPTOR_CENTRES`, sigma :data:`DESCRIPTOR_WIDTH`, times the smooth
+    cutoff envelope): one counting neighbours, one weighting each by its covalent radius
+    (Angstrom, ASE's table), so that both the geometry and the kind of neighbours count.
+
+    Returns
+    -------
+    (n, 2 * len(DESCRIPTOR_CENTRES)) float.
+    """
+    from ase.data import covalent_radii
+
+    r = graph.lengths
+    x = np.clip(r / graph.cutoff, 0.0, 1.0)
+    env = 1.0 - 28.0 * x**6 + 48.0 * x**7 - 21.0 * x**8
+    g = np.exp(-0.5 * ((r[:, None] - DESCRIPTOR_CENTRES[None, :]) / DESCRIPTOR_WIDTH) ** 2)
+    g = g * env[:, None]
+    radius = np.asarray(covalent_radii[graph.numbers[graph.pairs[:, 1]]], dtype=np.float64)
+    out = np.zeros((graph.n_atoms, 2 * len(DESCRIPTOR_CENTRES)))
+    np.add.at(out, graph.pairs[:, 0], np.concatenate([g, g * radius[:, None]], axis=1))
+    return out

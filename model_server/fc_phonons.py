@@ -11,7 +11,7 @@ Dynamical matrix (phonopy's convention, the same as
     D_{ia,jb}(q) = sum_{(i, j, n)} Phi_ab(i0, jn) exp(2 pi i q.(n + x_j - x_i)) / sqrt(m_i m_j)
 
 with ``q`` in reduced coordinates of the primitive reciprocal lattice (r.l.u.), ``x`` the
-fractional coordinates and ``m`` the masses (amu, pymatgen's standard atomic weights). Its
+fractional coordinates and ``m`` the masses (amu, ASE's standard atomic weights). Its
 eigenvalues ``lambda`` (eV/A^2/amu) give the frequencies ``nu = sign(lambda)
 sqrt(|lambda|) * VASP_TO_THZ`` in THz; imaginary modes come out negative.
 
@@ -22,7 +22,6 @@ and by the spectra of the prediction endpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -46,16 +45,13 @@ __all__ = [
 THZ_TO_MEV = 4.135667696
 
 
-@lru_cache(maxsize=128)
-def _mass(z: int) -> float:
-    from pymatgen.core import Element
-
-    return float(Element.from_Z(z).atomic_mass)
-
-
 def atomic_masses(numbers: ArrayLike) -> NDArray[np.float64]:
-    """Standard atomic weights (amu) of atomic numbers, shape (n,) (pymatgen's table)."""
-    return np.array([_mass(int(z)) for z in np.asarray(numbers).ravel()], dtype=np.float64)
+    """Standard atomic weights (amu) of atomic numbers, shape (n,) (ASE's table, as the FC
+    database uses)."""
+    from ase.data import atomic_masses as table
+
+    z = np.asarray(numbers, dtype=np.int64).ravel()
+    return np.asarray(table[z], dtype=np.float64)
 
 
 def _check_fc(
