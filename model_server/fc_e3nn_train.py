@@ -93,14 +93,22 @@ EVAL_MESH = (10, 10, 10)
 class FCSampleLike(Protocol):
     """What training needs of a database entry (``simulations.fcdb.FCEntry`` has it)."""
 
-    name: str
-    prototype: str
-    numbers: NDArray[np.int64]
-    lattice: NDArray[np.float64]
-    frac: NDArray[np.float64]
-    pairs: NDArray[np.int64]
-    fc: NDArray[np.float64]
-    split: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def prototype(self) -> str: ...
+    @property
+    def numbers(self) -> NDArray[np.int64]: ...
+    @property
+    def lattice(self) -> NDArray[np.float64]: ...
+    @property
+    def frac(self) -> NDArray[np.float64]: ...
+    @property
+    def pairs(self) -> NDArray[np.int64]: ...
+    @property
+    def fc(self) -> NDArray[np.float64]: ...
+    @property
+    def split(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
