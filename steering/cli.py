@@ -23,6 +23,7 @@ from simulations.exceptions import SimulationError
 from simulations.jsonutil import json_default
 
 from .cli_advise import advise_app
+from .cli_fcdb import fcdb_app
 from .cli_predict import predict_cmd
 from .exceptions import SteeringError
 
@@ -44,6 +45,7 @@ simulate_app = typer.Typer(
 )
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(advise_app, name="advise")
+app.add_typer(fcdb_app, name="fcdb")
 app.command("predict")(predict_cmd)
 
 MaterialOpt = Annotated[
