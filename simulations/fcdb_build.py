@@ -9,7 +9,8 @@ For every :class:`~simulations.fcdb_catalogue.Candidate`:
    up to :data:`~simulations.fcdb.CUTOFF_ANGSTROM` is chosen, so every stored bond is its own
    unique shortest image (no aliasing inside the cutoff);
 4. :func:`simulations.mlff.build_phonopy` gives finite-displacement FCs (0.01 A, symmetrised);
-5. the FCs are cut into per-bond blocks up to the cutoff, made exactly
+5. the FCs are cut into per-bond blocks up to the cutoff, averaged over the space group (so
+   the blocks obey the crystal's symmetry exactly), made exactly
    ``Phi(i0, jR) == Phi(j0, i(-R)).T`` (mean of the two) and the self terms set by the acoustic
    sum rule;
 6. the frequencies on a :data:`~simulations.fcdb.STABILITY_MESH` mesh decide ``stable``.
@@ -227,13 +228,15 @@ def pairs_from_supercell(
     sc_frac: NDArray[np.float64],
     fc_full: NDArray[np.float64],
     cutoff: float = CUTOFF_ANGSTROM,
+    numbers: NDArray[np.int64] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.float64], dict[str, float]]:
     """Cut full supercell FCs into per-bond blocks of the primitive cell.
 
     Each supercell pair is represented by its shortest image(s), equal-length images sharing
-    the block equally (phonopy's convention); bonds up to ``cutoff`` are kept, each block is
-    replaced by the mean of itself and its partner's transpose, and the self terms are set by
-    the acoustic sum rule.
+    the block equally (phonopy's convention); bonds up to ``cutoff`` are kept; with
+    ``numbers`` the blocks are averaged over the space group; each block is replaced by the
+    mean of itself and its partner's transpose, and the self terms are set by the acoustic
+    sum rule.
 
     Parameters
     ----------
@@ -245,6 +248,8 @@ def pairs_from_supercell(
         (N, N, 3, 3) eV/A^2, full supercell FCs.
     cutoff : float
         Longest kept bond, A.
+    numbers : numpy.ndarray, optional
+        (n,) atomic numbers: average the blocks over the space group (spglib, 1e-3 A).
 
     Returns
     -------
@@ -253,7 +258,7 @@ def pairs_from_supercell(
         by length), and diagnostics: ``max_split_bond`` (longest kept bond shared between
         images, 0 when none), ``transpose_mismatch`` (max |Phi - partner.T| before averaging),
         ``self_asymmetry`` (max |S - S.T| of the self terms), ``dropped_max`` (largest |Phi| of
-        a dropped bond), eV/A^2.
+        a dropped bond), ``space_group_change`` (max change by the space-group average), eV/A^2.
     """
     from ase.geometry import minkowski_reduce
 
@@ -299,6 +304,11 @@ def pairs_from_supercell(
     pairs = np.array(rows, dtype=np.int64)
     phi = np.array(blocks)
     index = {r: k for k, r in enumerate(rows)}
+    group_change = 0.0
+    if numbers is not None:
+        averaged = _space_group_average(lattice, frac, numbers, pairs, phi, index)
+        group_change = float(np.abs(averaged - phi).max())
+        phi = averaged
     sym = phi.copy()
     mismatch = 0.0
     for k, (i, j, a, b, c) in enumerate(rows):
@@ -322,8 +332,50 @@ def pairs_from_supercell(
             "transpose_mismatch": mismatch,
             "self_asymmetry": asym,
             "dropped_max": dropped,
+            "space_group_change": group_change,
         },
     )
+
+
+def _space_group_average(
+    lattice: NDArray[np.float64],
+    frac: NDArray[np.float64],
+    numbers: NDArray[np.int64],
+    pairs: NDArray[np.int64],
+    phi: NDArray[np.float64],
+    index: dict[tuple[int, int, int, int, int], int],
+    symprec: float = 1e-3,
+) -> NDArray[np.float64]:
+    """Project per-bond blocks onto the crystal's space-group symmetry.
+
+    ``Phi(g b) = C_g Phi(b) C_g^T`` for every operation ``g`` (Cartesian rotation ``C_g``);
+    the average over the group (the Reynolds projection) restores it exactly where the
+    finite-displacement FCs (float32 forces, phonopy's translational symmetrisation) broke it.
+    The bond set must be closed under the group (all bonds up to a length are).
+    """
+    import spglib
+
+    cell: Any = (lattice, frac, numbers)
+    ops = spglib.get_symmetry(cell, symprec=symprec)
+    if ops is None:
+        raise _StageError("fc", "spglib found no symmetry operations")
+    a_inv = np.linalg.inv(lattice)
+    out = np.zeros_like(phi)
+    for w, t in zip(ops["rotations"], ops["translations"], strict=True):
+        moved = frac @ w.T + t  # (n, 3): W f_i + t
+        diff = moved[:, None, :] - frac[None, :, :]
+        perm = np.argmin(np.abs(diff - np.round(diff)).max(axis=-1), axis=1)
+        shift = np.round(diff[np.arange(len(frac)), perm]).astype(np.int64)  # (n, 3)
+        rot = lattice.T @ w @ a_inv.T  # Cartesian rotation (column vectors)
+        new_r = shift[pairs[:, 1]] + pairs[:, 2:] @ w.T - shift[pairs[:, 0]]
+        targets = [
+            index.get((int(perm[i]), int(perm[j]), int(r[0]), int(r[1]), int(r[2])))
+            for i, j, r in zip(pairs[:, 0], pairs[:, 1], new_r, strict=True)
+        ]
+        if any(k is None for k in targets):
+            raise _StageError("fc", "the bond set is not closed under the space group")
+        out[np.array(targets)] += rot @ phi @ rot.T
+    return out / len(ops["rotations"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +422,8 @@ def compute_entry(
         ``scale_start`` (A, -), ``relax_converged``, ``relax_steps``, ``energy_per_atom`` (eV),
         ``volume_per_atom`` (A^3), ``supercell_matrix`` (3, 3), ``n_supercell_atoms``,
         ``n_displacements``, ``longest_bond`` and ``supercell_shortest`` (A),
-        ``transpose_mismatch``, ``self_asymmetry``, ``dropped_max`` (eV/A^2),
+        ``transpose_mismatch``, ``self_asymmetry``, ``dropped_max``, ``space_group_change``
+        (eV/A^2),
         ``truncation_freq_err_thz`` (max |f - f_phonopy| on the stability mesh: the effect of
         dropping the supercell's bonds beyond the cutoff, THz), ``max_freq_thz`` (stored FCs,
         THz), ``min_freq_full_thz`` (phonopy's full supercell FCs, THz), ``seconds``.
@@ -435,15 +488,15 @@ def compute_entry(
     fc_full = np.asarray(ph.force_constants, dtype=float)
     if not np.isfinite(fc_full).all():
         raise _StageError("fc", "non-finite force constants")
+    numbers = np.array(relaxed.numbers, dtype=np.int64)
     pairs, fc, diag = pairs_from_supercell(
         lattice, frac, sc_lattice, np.array(ph.supercell.scaled_positions), fc_full,
-        settings.cutoff,
+        settings.cutoff, numbers,
     )  # fmt: skip
     if diag["max_split_bond"] > 0:
         raise _StageError("fc", f"bond of {diag['max_split_bond']:.3f} A shared between images")
     from ase.data import atomic_masses
 
-    numbers = np.array(relaxed.numbers, dtype=np.int64)
     masses = atomic_masses[numbers]
     mesh = mesh_qpoints(STABILITY_MESH)
     freqs = phonon_frequencies(pairs, fc, masses, mesh)
@@ -481,6 +534,7 @@ def compute_entry(
         "transpose_mismatch": diag["transpose_mismatch"],
         "self_asymmetry": diag["self_asymmetry"],
         "dropped_max": diag["dropped_max"],
+        "space_group_change": diag["space_group_change"],
         "truncation_freq_err_thz": trunc,
         "max_freq_thz": float(freqs.max()),
         "min_freq_full_thz": float(full.min()),
@@ -709,10 +763,6 @@ def build_database(
     from .exceptions import StructureError
 
     full = resolve_model(model)
-    if full not in mlff.available_models():
-        raise mlff.MLFFUnavailableError(
-            f"force field {full!r} is not installed here; {mlff.INSTALL_HINT} (make mlff)"
-        )
     if limit is not None and limit < 1:
         raise FCDatabaseError(f"--limit must be at least 1, got {limit}")
     n_jobs = (os.cpu_count() or 1) if jobs is None else jobs
@@ -737,6 +787,10 @@ def build_database(
         raise FCDatabaseError(
             f"{path} already exists (or has unpacked parts in {parts}); pass --resume to "
             "continue it or --overwrite to start over"
+        )
+    if full not in mlff.available_models():
+        raise mlff.MLFFUnavailableError(
+            f"force field {full!r} is not installed here; {mlff.INSTALL_HINT} (make mlff)"
         )
     if overwrite:
         path.unlink(missing_ok=True)

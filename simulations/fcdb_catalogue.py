@@ -342,9 +342,9 @@ def catalogue(prototypes: Iterable[str] | None = None) -> list[Candidate]:
     groups["diamond"] = [_elemental(x, "diamond") for x in DIAMOND]
     for f in ROCKSALT:
         a, x = _split_formula(f)
-        groups["rocksalt"].append(
-            Candidate(prototype="rocksalt", symbols=(a, x), a=2 * (_ionic(a) + _ionic(x)))
-        )
+        # carbides, nitrides and hydrides of metals are metallic-covalent, the rest ionic
+        d = _metallic(a) + _covalent(x) if x in ("C", "N", "H") else _ionic(a) + _ionic(x)
+        groups["rocksalt"].append(Candidate(prototype="rocksalt", symbols=(a, x), a=2 * d))
     for f in ZINCBLENDE:
         a, x = _split_formula(f)
         d = _covalent(a) + _covalent(x)
