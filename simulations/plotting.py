@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -11,7 +12,42 @@ from numpy.typing import NDArray
 from .forward import THZ_TO_MEV
 from .grid import Grid
 
-__all__ = ["plot_dispersion"]
+__all__ = ["path_axes", "path_branches", "path_mesh", "plot_dispersion"]
+
+
+def path_axes(ax: Any, grid: Grid, *, ylabel: str = "Energy transfer (meV)") -> NDArray[np.float64]:
+    """Set up a matplotlib axes for a (q, E) picture along ``grid``'s path: the
+    high-symmetry points as labelled ticks with faint lines, the path and energy ranges as
+    limits. Returns the distance along the path of every q point, (n_q,) 1/A."""
+    x = np.asarray(grid.qpath.distance)
+    for i, _ in grid.qpath.ticks:
+        ax.axvline(x[i], color="0.85", lw=0.6)
+    ax.set_xticks([x[i] for i, _ in grid.qpath.ticks])
+    ax.set_xticklabels([label.replace("G", "Γ") for _, label in grid.qpath.ticks])
+    ax.set_xlim(x[0], x[-1])
+    ax.set_ylim(grid.energy_edges[0], grid.energy_edges[-1])
+    ax.set_ylabel(ylabel)
+    return x
+
+
+def path_mesh(ax: Any, grid: Grid, z: NDArray[np.float64], **kw: Any) -> Any:
+    """``pcolormesh`` of ``z`` (n_q, n_E) on the path (NaN masked; cell edges along the path
+    at the midpoints, so jumps between path segments stay zero-width cells)."""
+    x = grid.qpath.distance
+    xe = np.concatenate([[x[0]], 0.5 * (x[1:] + x[:-1]), [x[-1]]])
+    return ax.pcolormesh(
+        xe, grid.energy_edges, np.ma.masked_invalid(np.asarray(z).T), shading="flat", **kw
+    )
+
+
+def path_branches(ax: Any, grid: Grid, frequencies_thz: NDArray[np.float64], **kw: Any) -> None:
+    """Draw phonon branches (n_q, n_branches) THz as lines in meV, broken at the path's
+    jumps ('|' in a tick label)."""
+    x = grid.qpath.distance
+    energies = np.asarray(frequencies_thz) * THZ_TO_MEV
+    breaks = [i for i, label in grid.qpath.ticks if "|" in label]
+    for a, b in itertools.pairwise([0, *breaks, len(x)]):
+        ax.plot(x[a:b], energies[a:b], **kw)
 
 
 def plot_dispersion(
@@ -41,25 +77,10 @@ def plot_dispersion(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = grid.qpath.distance
-    # Cell edges along x: midpoints; jumps (zero-length steps) are kept as zero-width cells.
-    xe = np.concatenate([[x[0]], 0.5 * (x[1:] + x[:-1]), [x[-1]]])
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    mesh = ax.pcolormesh(
-        xe, grid.energy_edges, np.asarray(intensity).T, cmap="viridis", shading="flat"
-    )
-    energies = np.asarray(frequencies_thz) * THZ_TO_MEV
-    breaks = [i for i, label in grid.qpath.ticks if "|" in label]
-    starts = [0, *breaks, len(x)]
-    for a, b in itertools.pairwise(starts):
-        ax.plot(x[a:b], energies[a:b], color="white", lw=0.8, alpha=0.8)
-    for i, _ in grid.qpath.ticks:
-        ax.axvline(x[i], color="0.85", lw=0.6)
-    ax.set_xticks([x[i] for i, _ in grid.qpath.ticks])
-    ax.set_xticklabels([label.replace("G", "Γ") for _, label in grid.qpath.ticks])
-    ax.set_xlim(x[0], x[-1])
-    ax.set_ylim(grid.energy_edges[0], grid.energy_edges[-1])
-    ax.set_ylabel("Energy transfer (meV)")
+    mesh = path_mesh(ax, grid, intensity, cmap="viridis")
+    path_branches(ax, grid, frequencies_thz, color="white", lw=0.8, alpha=0.8)
+    path_axes(ax, grid)
     ax.set_xlabel("Wave vector along the path")
     if title:
         ax.set_title(title)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import functools
 import io
-import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from simulations.plotting import path_axes, path_branches, path_mesh
 
 __all__ = [
     "FigureModel",
@@ -32,7 +33,6 @@ __all__ = [
     "spectrum_figure",
 ]
 
-THZ_TO_MEV = 4.135667696
 K_B = 0.0861733  # meV/K
 
 
@@ -112,32 +112,6 @@ def bose_corrected(
     return np.asarray(intensity, dtype=float) * factor[None, :]
 
 
-def _axes_setup(ax: Any, grid: Any) -> NDArray[np.float64]:
-    x = grid.qpath.distance
-    for i, _ in grid.qpath.ticks:
-        ax.axvline(x[i], color="0.85", lw=0.6)
-    ax.set_xticks([x[i] for i, _ in grid.qpath.ticks])
-    ax.set_xticklabels([label.replace("G", "Γ") for _, label in grid.qpath.ticks])
-    ax.set_xlim(x[0], x[-1])
-    ax.set_ylim(grid.energy_edges[0], grid.energy_edges[-1])
-    ax.set_ylabel("E (meV)")
-    return np.asarray(x)
-
-
-def _mesh(ax: Any, grid: Any, z: NDArray[np.float64], **kw: Any) -> Any:
-    x = grid.qpath.distance
-    xe = np.concatenate([[x[0]], 0.5 * (x[1:] + x[:-1]), [x[-1]]])
-    return ax.pcolormesh(xe, grid.energy_edges, np.ma.masked_invalid(z.T), shading="flat", **kw)
-
-
-def _branches(ax: Any, grid: Any, freqs: NDArray[np.float64], **kw: Any) -> None:
-    x = grid.qpath.distance
-    energies = np.asarray(freqs) * THZ_TO_MEV
-    breaks = [i for i, label in grid.qpath.ticks if "|" in label]
-    for a, b in itertools.pairwise([0, *breaks, len(x)]):
-        ax.plot(x[a:b], energies[a:b], **kw)
-
-
 def _measured(snapshot: Any, grid: Any, temperature: float) -> NDArray[np.float64]:
     data = bose_corrected(snapshot.intensity, grid.energy_centres, temperature)
     return np.where(snapshot.mask, data, np.nan)
@@ -161,7 +135,7 @@ def spectrum_figure(
     data = _measured(snapshot, grid, temperature)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     vmax = float(np.nanpercentile(data, 99)) if np.isfinite(data).any() else 1.0
-    _mesh(axes[0], grid, data, cmap="viridis", vmin=0, vmax=max(vmax, 1e-30))
+    path_mesh(axes[0], grid, data, cmap="viridis", vmin=0, vmax=max(vmax, 1e-30))
     axes[0].set_title(f"measured, {snapshot.n_orientations} orientations")
     if estimate is not None and estimate.get("fc"):
         model, _ = fm.spectrum(fm.theta(estimate["fc"]))
@@ -169,13 +143,13 @@ def spectrum_figure(
         denom = float((model[ok] ** 2).sum())
         scale = float((model[ok] * data[ok]).sum()) / denom if denom > 0 else 1.0
         shown = np.where(snapshot.mask, model * scale, np.nan)
-        _mesh(axes[1], grid, shown, cmap="viridis", vmin=0, vmax=max(vmax, 1e-30))
+        path_mesh(axes[1], grid, shown, cmap="viridis", vmin=0, vmax=max(vmax, 1e-30))
         axes[1].set_title("model at the current estimate (measured bins)")
     else:
         axes[1].text(0.5, 0.5, "no estimate yet", ha="center", va="center")
         axes[1].set_title("model")
     for ax in axes:
-        _axes_setup(ax, grid)
+        path_axes(ax, grid, ylabel="E (meV)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -198,18 +172,18 @@ def dispersion_figure(
     data = _measured(snapshot, grid, temperature)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     vmax = float(np.nanpercentile(data, 99)) if np.isfinite(data).any() else 1.0
-    m = _mesh(ax, grid, data, cmap="magma", vmin=0, vmax=max(vmax, 1e-30))
+    m = path_mesh(ax, grid, data, cmap="magma", vmin=0, vmax=max(vmax, 1e-30))
     fig.colorbar(m, ax=ax, label="I E (1 - exp(-E/kT)) (arb.)")
     if estimate is not None and estimate.get("fc"):
         _, freqs = fm.spectrum(fm.theta(estimate["fc"]))
-        _branches(ax, grid, freqs, color="white", lw=1.0)
+        path_branches(ax, grid, freqs, color="white", lw=1.0)
         ax.plot([], [], color="white", lw=1.0, label="estimate")
     if truth is not None:
         theta = fm.theta(truth)
         _, freqs = fm.spectrum(theta)
-        _branches(ax, grid, freqs, color="cyan", lw=0.8, ls="--")
+        path_branches(ax, grid, freqs, color="cyan", lw=0.8, ls="--")
         ax.plot([], [], color="cyan", lw=0.8, ls="--", label="truth")
-    _axes_setup(ax, grid)
+    path_axes(ax, grid, ylabel="E (meV)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=8, facecolor="0.3", labelcolor="white")
     ax.set_title(f"dispersion of the estimate over the data ({snapshot.n_orientations} orient.)")
@@ -228,9 +202,9 @@ def coverage_figure(snapshot: Any, material: str, omegas: Sequence[float] = ()) 
         1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 1]}, layout="constrained"
     )
     if np.isfinite(exposure).any():
-        m = _mesh(ax, grid, exposure, cmap="cividis", norm=LogNorm())
+        m = path_mesh(ax, grid, exposure, cmap="cividis", norm=LogNorm())
         fig.colorbar(m, ax=ax, label="exposure (uC sr meV)")
-    _axes_setup(ax, grid)
+    path_axes(ax, grid, ylabel="E (meV)")
     frac = float(np.mean(snapshot.mask))
     ax.set_title(f"coverage: {100 * frac:.1f} % of bins measured")
     w = np.asarray(list(omegas), dtype=float)
