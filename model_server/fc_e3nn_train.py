@@ -417,6 +417,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     provenance: dict[str, Any] | None = None,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train the ensemble on the ``train`` split, calibrate the distance, save the model.
 
@@ -435,10 +436,13 @@ def train(
         Show a tqdm progress bar on stderr.
     provenance
         Extra facts to store (database path, command...).
+    stop_after
+        Stop after this many epochs in all (counting every member), leaving only the
+        checkpoint, as a crash would (for tests of ``resume``).
 
     Returns
     -------
-    The model.json contents written.
+    The model.json contents written (empty when stopped by ``stop_after``).
     """
     from tqdm import tqdm
 
@@ -513,9 +517,10 @@ def train(
             state.epoch, state.best, state.best_epoch = 0, math.inf, -1
             state.history.append([])
         resumed = None
-        rng = np.random.default_rng(settings.seed + 1000 * k + state.epoch)
         while state.epoch < settings.epochs:
             net.train()
+            # One generator per (member, epoch): a resumed run draws the same batches.
+            rng = np.random.default_rng([settings.seed, k, state.epoch])
             order = rng.permutation(len(train_p))
             running = 0.0
             for s in range(steps_per_epoch):
@@ -543,6 +548,7 @@ def train(
             state.seconds = time.perf_counter() - t_run
             bar.set_postfix(member=k, train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
             bar.update(1)
+            done_epochs = k * settings.epochs + state.epoch
             torch.save(
                 {
                     "config": json.dumps(config.to_json(), sort_keys=True),
@@ -560,6 +566,9 @@ def train(
                 },
                 ckpt_path,
             )
+            if stop_after is not None and done_epochs >= stop_after:
+                bar.close()
+                return {}
         members.append(best_params)
         logger.info("member %d: best loss %.4f at epoch %d", k, state.best, state.best_epoch)
         state.member += 1
@@ -789,11 +798,14 @@ def _load_entries(db: str | None, reference: bool) -> tuple[list[Any], dict[str,
     from simulations import fcdb  # type: ignore[attr-defined,unused-ignore]
 
     path = Path(db) if db else fcdb.database_path()
-    entries = fcdb.load_database(path)
+    everything = fcdb.load_database(path)
+    entries = [e for e in everything if getattr(e, "stable", True)]
     info = {
         "training_set": str(path),
         "training_set_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "n_entries_in_file": len(everything),
         "n_entries": len(entries),
+        "selection": "dynamically stable entries only (FCEntry.stable)",
         "n_per_split": {s: sum(e.split == s for e in entries) for s in ("train", "val", "test")},
     }
     return list(entries), info
