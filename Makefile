@@ -32,6 +32,7 @@ test: check
 
 bench: $(STAMP)
 	mkdir -p bench-results
+	$(BIN)/python -m pip install --quiet atheris==3.0.0 || echo "atheris did not install: bench_fuzz skips its coverage-guided phase"
 	$(BIN)/python -m pytest -q -s tests/benchmarks -o python_files='bench_*.py' -o python_functions='bench_*' -p no:cacheprovider
 
 # Optional: the ML force fields that rebuild the reference FCs (simulate reference).

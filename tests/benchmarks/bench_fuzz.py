@@ -19,7 +19,7 @@ from a seeded generator instead of hypothesis so that 1e5 cases stay cheap, in t
 the consumer caught an unexpected exception for (dead-lettered as ``internal_error``),
 ``violations`` the broken properties; all three must be 0.
 
-Where ``atheris`` is installed (it is no dependency of the project: ``pip install atheris``),
+Where ``atheris`` is installed (the ``fuzz`` extra; ``make bench`` installs it when it can),
 a third, coverage-guided phase mutates raw bytes under any schema, from the run's real
 messages as seeds, into ``RunPipeline.handle`` on a mid-run pipeline (libFuzzer in a
 subprocess: only ``MalformedMessage`` may leave ``handle``, and ``finish`` must not raise).
