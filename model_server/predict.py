@@ -104,8 +104,8 @@ from consumers.exceptions import ConsumerError
 from consumers.folding import Folder, FoldTable, table_cache_dir
 from simulations.crystals import SHIPPED_MATERIALS, Crystal
 from simulations.events import PhononTable
-from simulations.exceptions import SimulationError
-from simulations.grid import make_grid
+from simulations.exceptions import GridError, SimulationError
+from simulations.grid import Grid, make_grid
 from simulations.instrument import Instrument, Orientation, energy_to_k
 from simulations.materials import MaterialDefaults, MaterialSetup, setup
 from simulations.reference import resolve_fc
@@ -140,6 +140,7 @@ from .spectra import (
     mesh_modes,
     phonon_dos,
     powder_spectrum,
+    single_threaded_blas,
 )
 
 __all__ = [
@@ -457,7 +458,7 @@ def _choose_fcs(
             "truncated": proj.truncated,
         }
     else:
-        modes, _ = _mesh_modes(key, fcs)
+        modes, _ = _mesh_modes(fcs)
         e_phonon = float(modes.frequencies.max()) * THZ_TO_MEV
         e_top = max(20.0, _E_TOP_STEP * math.ceil(1.1 * e_phonon / _E_TOP_STEP))
         if ei is not None and math.isfinite(ei) and e_top > 0.9 * ei:
@@ -472,8 +473,14 @@ def _choose_fcs(
         )
         key = f"{key}-E{e_top:.3f}-Ei{ei_default:.3f}"
         ms = _SETUPS.get(key, lambda: _predicted_setup(crystal, fcs, e_top, ei_default))
+        if ms.defaults.path is not None and {"iqe", "detector"} & set(outputs):
+            notes.append(
+                f"the lattice's standard q-path has a piece of zero length; iqe uses the path "
+                f"{ms.defaults.path} ({crystal.kpoints[ms.defaults.path[2:]]} r.l.u.)"
+            )
     if not predicted.in_domain:
-        notes.insert(0, f"OUT OF THE MODEL'S DOMAIN: {predicted.message}")
+        message = predicted.message.removeprefix("Out of the model's domain: ")
+        notes.insert(0, f"OUT OF THE MODEL'S DOMAIN: {message}")
     mat = _Material(
         key=key, name=formula if material is None else material, setup=ms, shipped=False
     )
@@ -493,17 +500,18 @@ def _predicted_setup(crystal: Crystal, fcs: CrystalFC, e_top: float, ei: float) 
     """Generic grid (q-path of the lattice, 100 energy bins up to ``e_top`` meV) on the
     predicted FCs as a one-coefficient basis."""
     defaults = replace(MaterialDefaults(), e_max=float(e_top), ei=float(ei))
+    try:
+        grid = _grid(crystal, defaults)
+    except GridError:
+        # pymatgen's standard path of a distorted low-symmetry cell can have a zero-length
+        # piece: fall back to Gamma and the first other labelled point
+        label = next(k for k, v in crystal.kpoints.items() if k != "G" and np.linalg.norm(v) > 1e-6)
+        defaults = replace(defaults, path=f"G-{label}")
+        grid = _grid(crystal, defaults)
     return MaterialSetup(
         crystal=crystal,
         basis=fcs.basis(crystal),
-        grid=make_grid(
-            crystal,
-            path=defaults.path,
-            n_q=defaults.n_q,
-            e_min=defaults.e_min,
-            e_max=defaults.e_max,
-            n_e=defaults.n_e,
-        ),
+        grid=grid,
         resolution=instrument_resolution(
             defaults.instrument, defaults.ei, defaults.chopper_frequency, e_max=defaults.e_max
         ),
@@ -511,10 +519,23 @@ def _predicted_setup(crystal: Crystal, fcs: CrystalFC, e_top: float, ei: float) 
     )
 
 
-def _mesh_modes(key: str, fcs: CrystalFC) -> tuple[MeshPhonons, tuple[int, int, int]]:
-    """Mesh phonons with eigenvectors (default mesh) of an FC set, cached by key + FCs."""
-    digest = hashlib.sha256(np.ascontiguousarray(fcs.fc).tobytes()).hexdigest()[:16]
-    return _MODES.get((key, digest), lambda: mesh_modes(fcs))
+def _grid(crystal: Crystal, defaults: MaterialDefaults) -> Grid:
+    return make_grid(
+        crystal,
+        path=defaults.path,
+        n_q=defaults.n_q,
+        e_min=defaults.e_min,
+        e_max=defaults.e_max,
+        n_e=defaults.n_e,
+    )
+
+
+def _mesh_modes(fcs: CrystalFC) -> tuple[MeshPhonons, tuple[int, int, int]]:
+    """Mesh phonons with eigenvectors (default mesh) of an FC set, cached by its arrays."""
+    h = hashlib.sha256()
+    for a in (fcs.numbers, fcs.lattice, fcs.frac, fcs.pairs, fcs.fc, fcs.masses):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return _MODES.get(h.hexdigest(), lambda: mesh_modes(fcs))
 
 
 def _forward(mat: _Material) -> Any:
@@ -675,7 +696,7 @@ def predict(
         indirect_instrument=str(indirect_instrument).lower(),
         indirect_orders=int(indirect_orders),
     )
-    with _LOCK:
+    with _LOCK, single_threaded_blas():
         try:
             return _predict_locked(
                 material=material,
@@ -760,7 +781,7 @@ def _predict_locked(
     modes: MeshPhonons | None = None
     if "dos" in outputs or "indirect" in outputs or n_atoms > MAX_CIF_ATOMS:
         fcs = choice.crystal_fc()
-        modes, _ = _mesh_modes(mat.key, fcs)
+        modes, _ = _mesh_modes(fcs)
     if n_atoms <= MAX_CIF_ATOMS:  # dispersion and stability on the path and a mesh
         dispersion, min_freq = _dispersion(mat, c)
         stable = bool(min_freq >= -_forward(mat).imaginary_tol)

@@ -113,7 +113,7 @@ def test_out_of_domain_is_returned_but_marked() -> None:
     assert p.in_domain is False
     assert p.model.distance > 1.0
     assert p.warnings[0].startswith("OUT OF THE MODEL'S DOMAIN")
-    assert p.model.message in p.warnings[0]
+    assert p.model.message.removeprefix("Out of the model's domain: ") in p.warnings[0]
     d = p.to_dict()
     assert d["in_domain"] is False
     assert d["message"]
