@@ -66,6 +66,64 @@ def small_ge_run(path: Path, omegas: tuple[float, ...], seed: int) -> tuple[Path
     return path, summary, acc
 
 
+def consume_cmd(bootstrap: str, prefix: str, state: Path, idle_exit_s: float = 20) -> list[str]:
+    """``steer consume`` of ``prefix`` into ``state`` (JSON summary on stdout)."""
+    import sys
+
+    return [
+        sys.executable, "-m", "steering.cli", "consume", "--bootstrap", bootstrap,
+        "--prefix", prefix, "--state-dir", str(state), "--idle-exit", str(idle_exit_s), "--json",
+    ]  # fmt: skip
+
+
+def kill_restart_cycles(
+    bootstrap: str,
+    prefix: str,
+    state: Path,
+    kills: int,
+    rng: np.random.Generator,
+    *,
+    max_delay_s: float,
+    sender: Any,
+) -> list[dict[str, Any]]:
+    """Start ``steer consume`` and ``kill -9`` it ``kills`` times, each at a random moment
+    (up to ``max_delay_s``) after it has written a new checkpoint (so that a slow start on a
+    loaded machine cannot make a kill moot). Returns one record per kill: seconds since the
+    first start, whether ``sender`` (the replay thread) was still sending, whether a
+    checkpoint existed."""
+    import signal
+    import subprocess
+    import time
+
+    ckpt = state / "checkpoint.npz"
+    t0 = time.perf_counter()
+    out: list[dict[str, Any]] = []
+    for _ in range(kills):
+        before = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
+        proc = subprocess.Popen(
+            consume_cmd(bootstrap, prefix, state),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ckpt.exists() and ckpt.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.02)
+        time.sleep(float(rng.uniform(0.0, max_delay_s)))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            out.append(
+                {
+                    "at_s": round(time.perf_counter() - t0, 2),
+                    "during_replay": sender.is_alive(),
+                    "checkpoint_existed": ckpt.exists(),
+                }
+            )
+    return out
+
+
 @pytest.fixture(scope="session")
 def make_small_run() -> Any:
     """:func:`small_ge_run`, for module-scoped fixtures."""

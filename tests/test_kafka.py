@@ -4,12 +4,8 @@ live consumer against the offline fold, kill -9 and restart, record, bad message
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +21,7 @@ from consumers.kafka import (
 )
 from consumers.offline import fold_recorded_run
 from consumers.service import ConsumerService
+from tests.conftest import consume_cmd, kill_restart_cycles
 
 pytestmark = pytest.mark.kafka
 
@@ -89,13 +86,6 @@ def test_live_consumer_equals_offline_fold(broker, small_run, tmp_path) -> None:
     assert meta["n_orientations"] == len(acc.records)
 
 
-def _consume_cmd(bootstrap: str, prefix: str, state: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "steering.cli", "consume", "--bootstrap", bootstrap,
-        "--prefix", prefix, "--state-dir", str(state), "--idle-exit", "20", "--json",
-    ]  # fmt: skip
-
-
 def test_kill_9_at_five_moments_then_restart_loses_nothing(broker, small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """kill -9 of `steer consume` at 5 random moments *during* a replay, each followed by a
     restart; the final counts equal the uninterrupted (offline) fold bit for bit."""
@@ -103,7 +93,6 @@ def test_kill_9_at_five_moments_then_restart_loses_nothing(broker, small_run, tm
 
     path, offline, acc = small_run
     state = tmp_path / "state"
-    ckpt = state / "checkpoint.npz"
     # the run lasts ~2 minutes of instrument time, replayed in real time: five consumer
     # starts (each several seconds on a loaded 2-core machine) fit into it
     sender = threading.Thread(
@@ -111,31 +100,12 @@ def test_kill_9_at_five_moments_then_restart_loses_nothing(broker, small_run, tm
     )
     sender.start()
     rng = np.random.default_rng(12)
-    kills = after_checkpoint = 0
-    for _ in range(5):
-        before = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
-        proc = subprocess.Popen(
-            _consume_cmd(broker.bootstrap, "crash", state),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        # a random moment after this consumer has made progress (a new checkpoint), so
-        # that a slow start (cold caches, a loaded machine) cannot make the kills moot
-        deadline = time.monotonic() + 90
-        while proc.poll() is None and time.monotonic() < deadline:
-            if ckpt.exists() and ckpt.stat().st_mtime_ns != before:
-                break
-            time.sleep(0.02)
-        time.sleep(float(rng.uniform(0.0, 1.5)))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            after_checkpoint += ckpt.exists()
-    assert sender.is_alive()  # every kill came during the replay
+    kills = kill_restart_cycles(
+        broker.bootstrap, "crash", state, 5, rng, max_delay_s=1.5, sender=sender
+    )
     sender.join()
     done = subprocess.run(
-        _consume_cmd(broker.bootstrap, "crash", state),
+        consume_cmd(broker.bootstrap, "crash", state),
         capture_output=True,
         text=True,
         timeout=300,
@@ -144,8 +114,10 @@ def test_kill_9_at_five_moments_then_restart_loses_nothing(broker, small_run, tm
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
     assert summary["done"]
-    assert kills == 5
-    assert after_checkpoint >= 2  # restarts really resumed from checkpoints
+    assert len(kills) == 5
+    assert all(k["during_replay"] for k in kills)  # every kill came during the replay
+    # restarts really resumed from checkpoints
+    assert sum(k["checkpoint_existed"] for k in kills) >= 2
     assert summary["events_folded"] == offline["events_folded"]
     assert summary["events_dropped"] == offline["events_dropped"]
     with np.load(state / "checkpoint.npz") as f:

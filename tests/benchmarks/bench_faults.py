@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,17 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from consumers.kafka import embedded_broker, replay
-from tests.conftest import small_ge_run
+from tests.conftest import consume_cmd, kill_restart_cycles, small_ge_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 KILLS = 20
-
-
-def _consume(bootstrap: str, state: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "steering.cli", "consume", "--bootstrap", bootstrap,
-        "--prefix", "faults", "--state-dir", str(state), "--idle-exit", "20", "--json",
-    ]  # fmt: skip
 
 
 def bench_kill_9_twenty_times(tmp_path: Path) -> None:
@@ -40,40 +31,18 @@ def bench_kill_9_twenty_times(tmp_path: Path) -> None:
     state = tmp_path / "state"
     ckpt = state / "checkpoint.npz"
     rng = np.random.default_rng(2026)
-    kills: list[dict[str, float | bool]] = []
     with embedded_broker() as broker:
         # 120 orientations of 5 s (plus moves) at 4x: about 3 minutes, room for 20 restarts
         sender = threading.Thread(
             target=replay, args=(path, broker.bootstrap), kwargs={"prefix": "faults", "speed": 4}
         )
         sender.start()
-        t_replay = time.perf_counter()
-        for _ in range(KILLS):
-            before = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
-            proc = subprocess.Popen(
-                _consume(broker.bootstrap, state),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            deadline = time.monotonic() + 90
-            while proc.poll() is None and time.monotonic() < deadline:
-                if ckpt.exists() and ckpt.stat().st_mtime_ns != before:
-                    break
-                time.sleep(0.02)
-            time.sleep(float(rng.uniform(0.0, 2.0)))
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                kills.append(
-                    {
-                        "at_s": round(time.perf_counter() - t_replay, 2),
-                        "during_replay": sender.is_alive(),
-                        "checkpoint_existed": ckpt.exists(),
-                    }
-                )
+        kills = kill_restart_cycles(
+            broker.bootstrap, "faults", state, KILLS, rng, max_delay_s=2.0, sender=sender
+        )
         sender.join()
         done = subprocess.run(
-            _consume(broker.bootstrap, state),
+            consume_cmd(broker.bootstrap, "faults", state),
             capture_output=True,
             text=True,
             timeout=600,
