@@ -170,6 +170,8 @@ class GroupConsumer:
         self.history: list[int] = []
         self.rebalances = 0
         self._stop = threading.Event()
+        # the rebalance callbacks run on kafka-python's IO thread: lanes change under a lock
+        self._lanes_lock = threading.RLock()
         self._consumer.subscribe(self.topics, listener=_Listener(self))
 
     # -- rebalance callbacks (on the polling thread, inside poll) ----------------------------
@@ -177,9 +179,10 @@ class GroupConsumer:
     def _revoked(self, revoked: list[Any]) -> None:
         numbers = sorted({tp.partition for tp in revoked})
         logger.info("group %s: partitions %s revoked", self.group_id, numbers)
-        self.assigned = set()
-        for p in list(self.lanes):
-            self._stop_lane(p)
+        with self._lanes_lock:
+            self.assigned = set()
+            for p in list(self.lanes):
+                self._stop_lane(p)
 
     def _assigned(self, assigned: list[Any]) -> None:
         self.rebalances += 1
@@ -197,7 +200,8 @@ class GroupConsumer:
                 p,
                 sorted(by_number[p]),
             )
-        self.assigned = whole
+        with self._lanes_lock:
+            self.assigned = whole
         logger.info("group %s: partitions %s assigned", self.group_id, sorted(whole))
 
     # -- lanes -------------------------------------------------------------------------------
@@ -292,13 +296,14 @@ class GroupConsumer:
         try:
             while not self._stop.is_set():
                 self._consumer.poll(timeout_ms=int(poll_s * 1000))
-                for p in sorted(self.assigned - set(self.lanes)):
-                    deadline = pending.setdefault(p, time.monotonic() + LOCK_WAIT_S)
-                    if self._start_lane(p, deadline):
-                        pending.pop(p, None)
-                for p in list(pending):
-                    if p not in self.assigned:
-                        pending.pop(p)
+                with self._lanes_lock:
+                    for p in sorted(self.assigned - set(self.lanes)):
+                        deadline = pending.setdefault(p, time.monotonic() + LOCK_WAIT_S)
+                        if self._start_lane(p, deadline):
+                            pending.pop(p, None)
+                    for p in list(pending):
+                        if p not in self.assigned:
+                            pending.pop(p)
                 for lane in list(self.lanes.values()):
                     if lane.error:
                         raise ConsumerError(
@@ -310,11 +315,12 @@ class GroupConsumer:
                 elif idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
                     break
         finally:
-            for p in list(self.lanes):
-                try:
-                    self._stop_lane(p)
-                except Exception:
-                    logger.exception("stopping partition %d", p)
+            with self._lanes_lock:
+                for p in list(self.lanes):
+                    try:
+                        self._stop_lane(p)
+                    except Exception:
+                        logger.exception("stopping partition %d", p)
             self._consumer.close()  # leaves the group: the others rebalance at once
             if main:
                 signal.signal(signal.SIGTERM, old)
