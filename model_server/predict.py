@@ -505,7 +505,12 @@ def _predicted_setup(crystal: Crystal, fcs: CrystalFC, e_top: float, ei: float) 
     except GridError:
         # pymatgen's standard path of a distorted low-symmetry cell can have a zero-length
         # piece: fall back to Gamma and the first other labelled point
-        label = next(k for k, v in crystal.kpoints.items() if k != "G" and np.linalg.norm(v) > 1e-6)
+        label = next(
+            (k for k, v in crystal.kpoints.items() if k != "G" and np.linalg.norm(v) > 1e-6),
+            None,
+        )
+        if label is None:
+            raise PredictionError(f"no q-path can be made for {crystal.name}'s lattice") from None
         defaults = replace(defaults, path=f"G-{label}")
         grid = _grid(crystal, defaults)
     return MaterialSetup(

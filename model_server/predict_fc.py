@@ -23,6 +23,7 @@ from .exceptions import ArtifactError, ModelServerError
 __all__ = [
     "FC_MODEL_NAME",
     "FCModelUnavailableError",
+    "FCPredictionError",
     "ModelFCs",
     "fc_model",
     "model_version",
@@ -35,6 +36,10 @@ FC_MODEL_NAME = "e3nn"
 
 class FCModelUnavailableError(ModelServerError):
     """The structure -> force-constant model cannot be used here (HTTP 503)."""
+
+
+class FCPredictionError(ModelServerError, ValueError):
+    """The model failed on a structure in a way its own checks did not catch (HTTP 422)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,7 +127,14 @@ def predict_fcs(crystal: Crystal, *, name: str | None = None) -> ModelFCs:
         a cell above its atom limit, overlapping atoms (a :class:`ModelServerError`).
     """
     model = fc_model()
-    pred = model.predict(crystal.numbers, crystal.lattice, crystal.positions)
+    try:
+        pred = model.predict(crystal.numbers, crystal.lattice, crystal.positions)
+    except ModelServerError:
+        raise
+    except (ValueError, RuntimeError, IndexError, FloatingPointError) as exc:
+        raise FCPredictionError(
+            f"the e3nn model cannot predict the force constants of {name or crystal.name}: {exc}"
+        ) from exc
     fcs = CrystalFC.from_arrays(
         crystal.numbers,
         crystal.lattice,
