@@ -88,6 +88,11 @@ DOS_SIGMA_MEV = 1.0
 DOS_STEP_MEV = 0.1
 DOS_EMIN_MEV = -20.0
 EVAL_MESH = (10, 10, 10)
+#: Entries whose largest force constant is below this (eV/A^2) carry no information (a force
+#: field that gave no forces at all): left out of training and evaluation, and listed.
+MIN_FC = 1e-3
+#: Floor of the per-crystal loss normalisation, eV/A^2 per tensor component.
+LOSS_FLOOR = 0.02
 
 
 class FCSampleLike(Protocol):
@@ -292,7 +297,8 @@ def batch_loss(
         w = targets.weight[e0:e1, None, None]
         tb, ts = targets.bond[e0:e1], targets.self_fc[a0:a1]
         num = (w * (bond[e0:e1] - tb) ** 2).sum() + ((self_fc[a0:a1] - ts) ** 2).sum()
-        den = (w * tb**2).sum() + (ts**2).sum() + 1e-12
+        # Floor: (LOSS_FLOOR eV/A^2)^2 per component, so a very soft crystal cannot dominate.
+        den = (w * tb**2).sum() + (ts**2).sum() + LOSS_FLOOR**2 * 9 * (a1 - a0)
         loss = num / den
         if w_dyn > 0:
             pc = targets.per_crystal[c]
@@ -450,6 +456,10 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, settings.threads))
     t_start = time.perf_counter()
+    empty = sorted(e.name for e in entries if float(np.abs(e.fc).max()) < MIN_FC)
+    if empty:
+        logger.warning("left out %d entries without force constants: %s", len(empty), empty)
+    entries = [e for e in entries if e.name not in set(empty)]
     train_e = [e for e in entries if e.split == "train"]
     val_e = [e for e in entries if e.split == "val"]
     if not train_e:
@@ -591,6 +601,7 @@ def train(
             "settings": asdict(settings),
             "n_train": len(train_p),
             "n_val": len(val_p),
+            "left_out_without_fcs": empty,
             "train_seconds": round(train_seconds, 1),
             "history": state.history,
             "best_epochs": [
@@ -737,6 +748,11 @@ def evaluate(
     t0 = time.perf_counter()
     for e in entries:
         if e.split != split:
+            continue
+        if float(np.abs(e.fc).max()) < MIN_FC:
+            skipped.append(
+                {"name": e.name, "reason": "the database's force constants are all zero"}
+            )
             continue
         try:
             pred = model.predict(e.numbers, e.lattice, e.frac)
