@@ -23,8 +23,8 @@ without any ML force field installed. HDF5 layout (format ``ins-steering-fcdb`` 
   steps, number of displacements, seconds...), see :mod:`simulations.fcdb_build`;
 * ``failures/{name, prototype, stage, message}``: (n_f,) str, crystals that could not be built;
 * root attributes: ``format``, ``format_version``, ``cutoff_angstrom``, ``stability_mesh``,
-  ``stability_tol_thz``, ``split_seed``, ``provenance`` (JSON: model, package versions, dates,
-  commands, git commits, wall times of every build session).
+  ``stability_tol_thz``, ``full_stability_tol_thz``, ``split_seed``, ``provenance`` (JSON:
+  model, package versions, dates, commands, git commits, wall times of every build session).
 
 Frequencies are signed: an imaginary frequency ``i*f`` is reported as ``-f`` (THz), as in
 phonopy.
@@ -51,6 +51,7 @@ __all__ = [
     "CUTOFF_ANGSTROM",
     "FORMAT",
     "FORMAT_VERSION",
+    "FULL_STABILITY_TOL_THZ",
     "SPLITS",
     "STABILITY_MESH",
     "STABILITY_TOL_THZ",
@@ -75,8 +76,13 @@ FORMAT_VERSION = 1
 CUTOFF_ANGSTROM = 6.0
 #: Gamma-centred mesh on which ``stable`` and ``min_freq_thz`` are decided.
 STABILITY_MESH = (10, 10, 10)
-#: A frequency below ``-STABILITY_TOL_THZ`` (imaginary) makes an entry unstable, THz.
+#: A frequency below ``-STABILITY_TOL_THZ`` (imaginary) from the stored FCs makes an entry
+#: unstable, THz.
 STABILITY_TOL_THZ = 0.05
+#: ... and so does one below ``-FULL_STABILITY_TOL_THZ`` from the force field's full supercell
+#: FCs (phonopy, every pair of the finite-displacement supercell; looser, for the
+#: interpolation artefacts of a minimal supercell), THz.
+FULL_STABILITY_TOL_THZ = 0.2
 #: sqrt(eV / (A^2 amu)) in THz (the unit of frequencies from FCs in eV/A^2 and masses in amu).
 THZ_PER_SQRT_EV_A2_AMU = 15.633302
 #: Allowed values of :attr:`FCEntry.split`.
@@ -115,7 +121,10 @@ class FCEntry:
     fc : numpy.ndarray
         (m, 3, 3) float64, eV/A^2: ``Phi_ab(i0, jR)``.
     stable : bool
-        No frequency below ``-STABILITY_TOL_THZ`` on the :data:`STABILITY_MESH` mesh.
+        Dynamically stable: on the :data:`STABILITY_MESH` mesh no frequency below
+        ``-STABILITY_TOL_THZ`` from the stored FCs, nor below ``-FULL_STABILITY_TOL_THZ`` from
+        the force field's full supercell FCs (the builder's ``min_freq_full_thz``): a crystal
+        that the cutoff makes look stable is not kept.
     min_freq_thz : float
         Lowest (signed) frequency on that mesh, THz.
     split : str
@@ -370,6 +379,7 @@ def write_database(
             f.attrs["cutoff_angstrom"] = CUTOFF_ANGSTROM
             f.attrs["stability_mesh"] = np.array(STABILITY_MESH)
             f.attrs["stability_tol_thz"] = STABILITY_TOL_THZ
+            f.attrs["full_stability_tol_thz"] = FULL_STABILITY_TOL_THZ
             for key, value in (attrs or {}).items():
                 f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
             g = f.create_group("entries")

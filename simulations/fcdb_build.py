@@ -13,7 +13,10 @@ For every :class:`~simulations.fcdb_catalogue.Candidate`:
    the blocks obey the crystal's symmetry exactly), made exactly
    ``Phi(i0, jR) == Phi(j0, i(-R)).T`` (mean of the two) and the self terms set by the acoustic
    sum rule;
-6. the frequencies on a :data:`~simulations.fcdb.STABILITY_MESH` mesh decide ``stable``.
+6. the frequencies on a :data:`~simulations.fcdb.STABILITY_MESH` mesh, from the stored blocks
+   and from phonopy's full supercell FCs, decide ``stable`` (both must be free of imaginary
+   modes); a crystal without any interaction (atoms beyond the force field's cutoff, as
+   SevenNet gives for Rb and Cs) fails.
 
 Results are written one crystal at a time to ``<out>.parts/`` (atomic small files) and packed
 into ``<out>`` every few crystals and at the end, so a crash or Ctrl-C loses at most the
@@ -44,6 +47,7 @@ from numpy.typing import NDArray
 
 from .fcdb import (
     CUTOFF_ANGSTROM,
+    FULL_STABILITY_TOL_THZ,
     STABILITY_MESH,
     STABILITY_TOL_THZ,
     Failure,
@@ -77,6 +81,9 @@ logger = logging.getLogger(__name__)
 MODEL_ALIASES = {"chgnet": "chgnet-0.3.0", "sevennet": "sevennet-0", "7net": "sevennet-0"}
 
 _PACKAGE = {"chgnet": "chgnet", "sevennet": "sevenn"}
+
+#: A crystal whose highest frequency is below this (THz) has no interaction in the force field.
+NO_INTERACTION_THZ = 0.2
 
 
 def resolve_model(name: str) -> str:
@@ -501,6 +508,13 @@ def compute_entry(
     mesh = mesh_qpoints(STABILITY_MESH)
     freqs = phonon_frequencies(pairs, fc, masses, mesh)
     min_freq = float(freqs.min())
+    if float(freqs.max()) < NO_INTERACTION_THZ:
+        raise _StageError(
+            "fc",
+            f"no interaction: highest frequency {freqs.max():.3f} THz (the atoms sit beyond the "
+            f"force field's cutoff at the relaxed volume {relaxed.get_volume() / len(relaxed):.1f}"
+            " A^3/atom)",
+        )
     ph.masses = masses
     full = np.array(ph.run_qpoints(mesh).frequencies, dtype=float)  # type: ignore[union-attr]
     trunc = float(np.abs(np.sort(freqs, axis=1) - np.sort(full, axis=1)).max())
@@ -513,7 +527,9 @@ def compute_entry(
         model=settings.model,
         pairs=pairs,
         fc=fc,
-        stable=bool(min_freq >= -STABILITY_TOL_THZ),
+        stable=bool(
+            min_freq >= -STABILITY_TOL_THZ and float(full.min()) >= -FULL_STABILITY_TOL_THZ
+        ),
         min_freq_thz=min_freq,
         split=split,
     )
