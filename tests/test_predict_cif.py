@@ -22,7 +22,15 @@ from steering.api_predict import predict_router
 from steering.cli import app, main
 from steering.db import History
 
-GE_CIF = Path(__file__).parents[1] / "simulations/data/structures" / SHIPPED_MATERIALS["Ge"]
+STRUCTURES = Path(__file__).parents[1] / "simulations/data/structures"
+GE_CIF = STRUCTURES / SHIPPED_MATERIALS["Ge"]
+
+
+@pytest.fixture(scope="module")
+def known() -> str:
+    """A shipped material whose element the committed e3nn model knows (Ge first)."""
+    elements = load_fc_model().elements
+    return next(m for m in ("Ge", "Al", "Nb") if m in elements)
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +66,24 @@ def _post(client: TestClient, body: dict[str, Any], **kw: Any) -> Any:
     return client.post("/predict", json=body, **kw)
 
 
-def test_cif_without_fcs_uses_the_model(client: TestClient) -> None:
+def test_cif_without_fcs_uses_the_model(client: TestClient, known: str) -> None:
     """A CIF alone: the e3nn model's FCs, its verdict in the answer (the same as the model
     gives for the CIF's primitive cell), DOS and indirect outputs with axes and units."""
-    text = GE_CIF.read_text()
+    path = STRUCTURES / SHIPPED_MATERIALS[known]
+    text = path.read_text()
     r = _post(client, {"cif": text, "outputs": ["dos", "indirect"], "indirect_orders": 1})
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["fc_source"] == "e3nn"
-    assert out["formula"] == "Ge"
-    assert out["n_atoms"] == 2
+    cryst = load_crystal(path)
+    assert out["formula"] == known
+    assert out["n_atoms"] == cryst.n_atoms
     assert out["outputs"] == ["dos", "indirect"]
     assert out["fc"]["source"] == "e3nn"
     assert out["fc"]["coefficients"] == {}
     assert out["fc"]["symmetry_residual"] < 1e-6  # equivariant output on a symmetric cell
     assert out["fc"]["acoustic_sum_rule_residual"] < 1e-9
     model = load_fc_model()
-    cryst = load_crystal(GE_CIF)
     direct = model.predict(cryst.numbers, cryst.lattice, cryst.positions)
     assert out["distance"] == pytest.approx(direct.distance, rel=1e-6)
     assert out["in_domain"] == direct.in_domain
@@ -87,8 +96,9 @@ def test_cif_without_fcs_uses_the_model(client: TestClient) -> None:
     dos = out["dos"]
     assert dos["units"] == "states/meV per primitive cell"
     e = np.array(dos["energy_meV"])
-    assert float(np.sum(dos["total"]) * (e[1] - e[0])) == pytest.approx(6.0, rel=1e-2)
-    assert set(dos["by_element"]) == {"Ge"}
+    n_states = 3.0 * cryst.n_atoms
+    assert float(np.sum(dos["total"]) * (e[1] - e[0])) == pytest.approx(n_states, rel=1e-2)
+    assert set(dos["by_element"]) == {known}
     ind = out["indirect"]
     assert ind["units"] == "mbarn/(sr meV) per atom"
     assert ind["instrument"]["name"] == "VISION"
@@ -103,11 +113,16 @@ def test_cif_without_fcs_uses_the_model(client: TestClient) -> None:
     assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_out_of_domain_is_returned_but_marked() -> None:
-    """Al squeezed into a simple-cubic cell with 2.2 A bonds (fcc Al: 2.86 A) is far from
-    anything the model was trained on: the prediction comes back, flagged in the result,
-    first in the warnings and in red in the figure's title."""
-    p = predict(cif=_cif("Al", 2.2, [("Al", (0, 0, 0))]), outputs=["dos"])
+def test_out_of_domain_is_returned_but_marked(known: str) -> None:
+    """A known element squeezed into a simple-cubic cell with bonds 0.77 x its shipped
+    crystal's nearest-neighbour distance (Ge: 1.89 A instead of 2.45 A) is far from anything
+    the model was trained on: the prediction comes back, flagged in the result, first in
+    the warnings and in red in the figure's title."""
+    cryst = load_crystal(known)
+    d = np.linalg.norm(cryst.lattice, axis=1).min()
+    if cryst.n_atoms > 1:
+        d = min(d, float(np.linalg.norm((cryst.positions[1] - cryst.positions[0]) @ cryst.lattice)))
+    p = predict(cif=_cif(known, round(0.77 * d, 4), [(known, (0, 0, 0))]), outputs=["dos"])
     assert p.fc_source == "e3nn"
     assert p.model is not None
     assert p.in_domain is False
@@ -123,18 +138,18 @@ def test_out_of_domain_is_returned_but_marked() -> None:
     assert title.get_color() == "red"
 
 
-def test_shipped_material_with_the_model_and_its_projection(client: TestClient) -> None:
-    r = _post(client, {"material": "Ge", "fc": "e3nn", "outputs": ["dos"]})
+def test_shipped_material_with_the_model_and_its_projection(client: TestClient, known: str) -> None:
+    r = _post(client, {"material": known, "fc": "e3nn", "outputs": ["dos"]})
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["fc_source"] == "e3nn"
     proj = out["fc"]["projection"]
     assert "1NN_xx" in proj["coefficients"]
     # an equivariant prediction lies in the symmetry-reduced space (up to round-off);
-    # what the 5-shell basis cannot hold is the model's bonds beyond it
+    # what the basis cannot hold is the model's bonds beyond its shells
     assert proj["residual"] < 1e-6
     assert 0.0 <= proj["truncated"] < 1.0
-    ref = _post(client, {"material": "Ge", "outputs": ["dos"]}).json()
+    ref = _post(client, {"material": known, "outputs": ["dos"]}).json()
     assert ref["fc_source"] == "reference"
     assert ref["in_domain"] is None
     assert ref["fc_model"] is None
@@ -231,17 +246,18 @@ def test_openapi_describes_the_new_outputs(client: TestClient) -> None:
     assert schemas["IndirectOutput"]["properties"]["by_bank"]["description"]
 
 
-def test_cli_predict_dos_json_and_png(tmp_path: Path) -> None:
+def test_cli_predict_dos_json_and_png(tmp_path: Path, known: str) -> None:
     png = tmp_path / "dos.png"
+    cif = STRUCTURES / SHIPPED_MATERIALS[known]
     result = CliRunner().invoke(
-        app, ["predict", str(GE_CIF), "--kind", "dos", "--json", "--out", str(png)]
+        app, ["predict", str(cif), "--kind", "dos", "--json", "--out", str(png)]
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["kind"] == "dos"
     assert doc["fc_source"] == "e3nn"
-    assert doc["formula"] == "Ge"
-    assert doc["n_atoms"] == 2
+    assert doc["formula"] == known
+    assert doc["n_atoms"] == load_crystal(known).n_atoms
     assert isinstance(doc["distance"], float)
     assert isinstance(doc["in_domain"], bool)
     assert len(doc["dos"]["energy_meV"]) == len(doc["dos"]["total"])
