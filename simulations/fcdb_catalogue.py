@@ -4,7 +4,8 @@ A :class:`Candidate` is a small ordered crystal named by formula and prototype, 
 starting lattice parameter from tabulated radii (the force field relaxes it afterwards):
 elemental fcc / bcc / hcp over metals, group-14 diamond, binary rock-salt, zinc-blende,
 wurtzite, CsCl and fluorite (and anti-fluorite) compounds, cubic perovskites ABX3, L1_2
-A3B, full-Heusler X2YZ and half-Heusler XYZ intermetallics.
+A3B, full-Heusler X2YZ and half-Heusler XYZ intermetallics, tetragonal L1_0 AB, hexagonal
+WC-type MX, cubic ReO3-type BX3 and D0_3 X3Z.
 
 Metastable polymorphs are included on purpose (every metal in all of fcc, bcc and hcp): the
 builder keeps only the dynamically stable ones.
@@ -102,6 +103,17 @@ HALF_HEUSLER = [
         "Zn-Li-As Ag-Mg-As Mg-Li-N Ti-Co-Bi"
     )
 ]
+#: (A, B) of L1_0 AB (tetragonal CuAu type).
+L10 = [
+    tuple(s.split("-"))
+    for s in _words("Cu-Au Fe-Pt Co-Pt Fe-Pd Ni-Pt Mn-Al Ti-Al Mn-Pt Mn-Ni Mg-In")
+]
+#: (M, X) of hexagonal WC-type MX.
+WC = [tuple(s.split("-")) for s in _words("W-C Mo-C W-N Mo-N Ta-N Nb-N")]
+#: (B, X) of cubic ReO3-type BX3.
+REO3 = [tuple(s.split("-")) for s in _words("Re-O W-O Sc-F Al-F Nb-F Ti-F In-F")]
+#: (X, Z) of D0_3 X3Z (Fe3Al type).
+D03 = [tuple(s.split("-")) for s in _words("Fe-Al Fe-Si Fe-Ga Li-Bi Li-Sb Li-As Na-Bi Cu-Al")]
 
 #: Every prototype of the catalogue, in build order.
 PROTOTYPES = (
@@ -118,6 +130,10 @@ PROTOTYPES = (
     "l12",
     "heusler",
     "halfheusler",
+    "l10",
+    "wc",
+    "reo3",
+    "d03",
 )
 
 _SQRT3 = math.sqrt(3.0)
@@ -135,6 +151,10 @@ _N_SITES = {
     "l12": 4,
     "heusler": 4,
     "halfheusler": 3,
+    "l10": 2,
+    "wc": 2,
+    "reo3": 4,
+    "d03": 4,
 }
 
 
@@ -264,6 +284,15 @@ class Candidate:
             return bulk("".join(s), "cesiumchloride", a=a)
         if p == "wurtzite":
             return bulk("".join(s[:2]), "wurtzite", a=a, c=a * self.c_over_a, u=self.u)
+        if p in ("l10", "wc"):
+            c = a * self.c_over_a
+            if p == "l10":  # primitive tetragonal cell of the CuAu structure
+                cell = np.diag([a, a, c])
+                frac = [(0.0, 0.0, 0.0), (0.5, 0.5, 0.5)]
+            else:
+                cell = np.array([[a, 0, 0], [-a / 2, a * _SQRT3 / 2, 0], [0, 0, c]])
+                frac = [(0.0, 0.0, 0.0), (1 / 3, 2 / 3, 0.5)]
+            return Atoms(list(s), scaled_positions=frac, cell=cell, pbc=True)
         fcc = a / 2 * np.array([[0.0, 1, 1], [1, 0, 1], [1, 1, 0]])
         cubic = a * np.eye(3)
         # fractional positions in the conventional cube, converted to the cell's basis
@@ -279,7 +308,9 @@ class Candidate:
                 [(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
             ),
             "l12": (cubic, [(0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5), (0, 0, 0)]),
+            "reo3": (cubic, [(0, 0, 0), (0.5, 0, 0), (0, 0.5, 0), (0, 0, 0.5)]),
         }
+        conv["d03"] = conv["heusler"]
         cell, sites = conv[p]
         cart = np.array(sites, dtype=float) * a
         return Atoms(list(s), positions=cart, cell=cell, pbc=True)
@@ -398,6 +429,21 @@ def catalogue(prototypes: Iterable[str] | None = None) -> list[Candidate]:
         groups["halfheusler"].append(
             Candidate(prototype="halfheusler", symbols=(x, y, z), a=4 * d / _SQRT3)
         )
+    for a_, b_ in L10:
+        # tetragonal a_t = a_fcc / sqrt(2) ~ the bond length; c / a_t a little below sqrt(2)
+        d = _metallic(a_) + _metallic(b_)
+        groups["l10"].append(Candidate(prototype="l10", symbols=(a_, b_), a=d, c_over_a=1.35))
+    for m, x in WC:
+        d = _metallic(m) + _covalent(x)  # M-X bond: sqrt(a^2 / 3 + c^2 / 4), c = a
+        a_wc = d / math.sqrt(1 / 3 + 1 / 4)
+        groups["wc"].append(Candidate(prototype="wc", symbols=(m, x), a=a_wc, c_over_a=1.0))
+    for b_, x in REO3:
+        groups["reo3"].append(
+            Candidate(prototype="reo3", symbols=(b_, x, x, x), a=2 * (_ionic(b_) + _ionic(x)))
+        )
+    for x, z in D03:
+        d = _metallic(x) + _metallic(z)  # X(1/4)-Z(0) bond, a sqrt(3) / 4
+        groups["d03"].append(Candidate(prototype="d03", symbols=(x, x, x, z), a=4 * d / _SQRT3))
     chosen = [groups[p] for p in PROTOTYPES if p in wanted]
     out: list[Candidate] = []
     seen: set[str] = set()
