@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from streaming_data_types.eventdata_ev44 import deserialise_ev44
 from streaming_data_types.run_start_pl72 import deserialise_pl72
 from streaming_data_types.run_stop_6s4t import deserialise_6s4t
 
@@ -26,7 +25,7 @@ from .accumulate import OrientationRecord, RunAccumulator, Snapshot
 from .exceptions import ConsumerError
 from .folding import DROP_REASONS, Folder, FoldTable
 from .segment import Chunk, Segmenter
-from .wire import decode_f144, loads_json
+from .wire import decode_ev44, decode_f144, loads_json
 
 __all__ = ["MAX_IN_FLIGHT", "MAX_PULSE_CHARGE", "MalformedMessage", "RunPipeline", "schema_of"]
 
@@ -147,12 +146,12 @@ class RunPipeline:
             if key and self._run_key and key != self._run_key:
                 raise MalformedMessage("other_run", f"key {key!r} is not this run's")
             if schema == "ev44":
-                ev = deserialise_ev44(payload)
-                tof = np.asarray(ev.time_of_flight)
-                index = np.asarray(ev.reference_time_index, dtype=np.int64)
-                pulses = np.asarray(ev.reference_time)
+                ref_time, ref_index, tof_raw, pixel_id = decode_ev44(payload)
+                tof = np.asarray(tof_raw)
+                index = np.asarray(ref_index, dtype=np.int64)
+                pulses = np.asarray(ref_time)
                 if (
-                    len(ev.pixel_id) != len(tof)
+                    len(pixel_id) != len(tof)
                     or len(pulses) != len(index)
                     or (len(tof) and (len(index) == 0 or index[0] != 0))
                     or (len(index) and (index.max() > len(tof) or np.any(np.diff(index) < 0)))
@@ -163,9 +162,7 @@ class RunPipeline:
                         "their start indices)",
                     )
                 self.n_events += len(tof)
-                chunks = self.segmenter.on_events(
-                    ev.reference_time, ev.reference_time_index, tof, ev.pixel_id
-                )
+                chunks = self.segmenter.on_events(ref_time, ref_index, tof, pixel_id)
             elif schema == "f144":
                 source, raw, t_ns = decode_f144(payload)
                 value = float(raw)  # type: ignore[arg-type]

@@ -1,12 +1,14 @@
-"""The fast f144 decoder gives exactly what streaming_data_types gives, corrupted or not."""
+"""The fast f144 and ev44 decoders give exactly what streaming_data_types gives, corrupted
+or not."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from streaming_data_types.eventdata_ev44 import deserialise_ev44, serialise_ev44
 from streaming_data_types.logdata_f144 import deserialise_f144, serialise_f144
 
-from consumers.wire import decode_f144
+from consumers.wire import decode_ev44, decode_f144
 
 _TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64)
 
@@ -103,3 +105,69 @@ def test_deeply_nested_json_is_refused_before_it_is_parsed() -> None:
     assert loads_json(ok) is not None
     # brackets in strings are counted, but real documents stay far below the limit
     assert loads_json('["start", {"plan_name": "scan[[[", "n": [1, [2, [3]]]}]')[0] == "start"
+
+
+def _ev44_library(buf: bytes) -> tuple[object, ...]:
+    try:
+        ev = deserialise_ev44(buf)
+    except Exception as exc:
+        return ("error", type(exc).__name__)
+    return ("ok", ev.reference_time, ev.reference_time_index, ev.time_of_flight, ev.pixel_id)
+
+
+def _ev44_fast(buf: bytes) -> tuple[object, ...]:
+    try:
+        return ("ok", *decode_ev44(buf))
+    except Exception as exc:
+        return ("error", type(exc).__name__)
+
+
+def _ev44_same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    if a[0] != b[0] or len(a) != len(b):
+        return False
+    if a[0] == "error":
+        return a == b
+    for x, y in zip(a[1:], b[1:], strict=True):
+        if isinstance(x, np.ndarray) != isinstance(y, np.ndarray):
+            return False
+        if isinstance(x, np.ndarray):
+            assert isinstance(y, np.ndarray)
+            if x.dtype != y.dtype or not np.array_equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fast_ev44_equals_the_library(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n_corrupt = 0
+    for _ in range(1500):
+        n_pulses = int(rng.integers(0, 4))
+        counts = rng.integers(0, 20, n_pulses)
+        n = int(counts.sum())
+        buf = bytearray(
+            serialise_ev44(
+                str(rng.choice(["arcs_detector", "", "détecteur"])),
+                int(rng.integers(0, 2**40)),
+                rng.integers(0, 2**62, n_pulses),
+                np.concatenate([[0], np.cumsum(counts)[:-1]]) if n_pulses else [],
+                rng.integers(0, 2**31 - 1, n),
+                rng.integers(0, 2**31 - 1, n),
+            )
+        )
+        assert _ev44_same(_ev44_fast(bytes(buf)), _ev44_library(bytes(buf)))
+        how = rng.integers(0, 3)
+        if how == 0:
+            for i in rng.integers(0, len(buf), rng.integers(1, 4)):
+                buf[i] = int(rng.integers(0, 256))
+        elif how == 1:
+            buf = buf[: rng.integers(0, len(buf))]
+        else:
+            i = int(rng.integers(0, max(1, len(buf) - 4)))
+            buf[i : i + 4] = int(rng.integers(0, 2**32)).to_bytes(4, "little")
+        fast, lib = _ev44_fast(bytes(buf)), _ev44_library(bytes(buf))
+        assert _ev44_same(fast, lib), (bytes(buf).hex(), fast, lib)
+        n_corrupt += lib[0] == "error"
+    assert n_corrupt > 100
