@@ -211,42 +211,51 @@ class ConsumerService:
     def _route(self, msgs: list[SourceMessage], *, fresh: bool = True) -> list[OrientationRecord]:
         """Deduplicate (``fresh`` messages), hold or handle; returns completed orientations."""
         completed: list[OrientationRecord] = []
-        for m in msgs:
-            key = (m.topic, m.partition)
-            if fresh:
-                if m.offset < self.next_offsets.get(key, 0):
-                    self.counters["duplicates"] += 1
-                    metrics.MESSAGES_DUPLICATE.inc()
-                    continue
-                self.next_offsets[key] = m.offset + 1
-                self.counters["messages"] += 1
-                counter = self._topic_counters.get(m.topic)
+        per_topic: Counter[str] = Counter()  # the metric is added to once per poll
+        try:
+            for m in msgs:
+                completed += self._route_one(m, fresh, per_topic)
+        finally:
+            for topic, n in per_topic.items():
+                counter = self._topic_counters.get(topic)
                 if counter is None:
-                    counter = self._topic_counters[m.topic] = metrics.MESSAGES.labels(m.topic)
-                counter.inc()
-            schema = schema_of(m.headers, m.payload)
-            if self.pipeline.meta is not None:
-                run_key = self.pipeline.run_key
-                if m.key and run_key and m.key == run_key and key in self._next_seen:
-                    # this run goes on on that partition: what was held there was a stray
-                    self._release_strays(key)
-                if self._is_next_run(m, schema, key):
-                    self._hold(m, key)
-                    continue
-            # topics arrive in any order: hold what precedes the run start (bounded)
-            if (
-                self.pipeline.meta is None
-                and schema != "pl72"
-                and len(self._early) < self.early_limit
-            ):
-                self._early.append(m)
-                continue
-            if schema == "bluesky-json" and dict(m.headers).get("document") == b"start":
-                self._bluesky_started = True
-            completed += self._handle(m, schema)
-            if self._early and self.pipeline.meta is not None:
-                early, self._early = self._early, []
-                completed += self._route(early, fresh=False)
+                    counter = self._topic_counters[topic] = metrics.MESSAGES.labels(topic)
+                counter.inc(n)
+        return completed
+
+    def _route_one(
+        self, m: SourceMessage, fresh: bool, per_topic: Counter[str]
+    ) -> list[OrientationRecord]:
+        """One message of :meth:`_route` (counted in ``per_topic`` when fresh)."""
+        key = (m.topic, m.partition)
+        completed: list[OrientationRecord] = []
+        if fresh:
+            if m.offset < self.next_offsets.get(key, 0):
+                self.counters["duplicates"] += 1
+                metrics.MESSAGES_DUPLICATE.inc()
+                return completed
+            self.next_offsets[key] = m.offset + 1
+            self.counters["messages"] += 1
+            per_topic[m.topic] += 1
+        schema = schema_of(m.headers, m.payload)
+        if self.pipeline.meta is not None:
+            run_key = self.pipeline.run_key
+            if m.key and run_key and m.key == run_key and key in self._next_seen:
+                # this run goes on on that partition: what was held there was a stray
+                self._release_strays(key)
+            if self._is_next_run(m, schema, key):
+                self._hold(m, key)
+                return completed
+        # topics arrive in any order: hold what precedes the run start (bounded)
+        if self.pipeline.meta is None and schema != "pl72" and len(self._early) < self.early_limit:
+            self._early.append(m)
+            return completed
+        if schema == "bluesky-json" and dict(m.headers).get("document") == b"start":
+            self._bluesky_started = True
+        completed += self._handle(m, schema)
+        if self._early and self.pipeline.meta is not None:
+            early, self._early = self._early, []
+            completed += self._route(early, fresh=False)
         return completed
 
     def _finish_step(self, completed: list[OrientationRecord], became_done: bool) -> None:
@@ -383,14 +392,15 @@ class ConsumerService:
 
     def _handle(self, m: SourceMessage, schema: str) -> list[OrientationRecord]:
         """One message through the pipeline; bad ones are counted and dead-lettered."""
-        where = f"{m.topic}[{m.partition}]@{m.offset}"
         try:
             n0 = self.pipeline.n_events
             done = self.pipeline.handle(schema, m.payload, m.timestamp_ns, m.key)
-            metrics.EVENTS_CONSUMED.inc(self.pipeline.n_events - n0)
+            if self.pipeline.n_events != n0:
+                metrics.EVENTS_CONSUMED.inc(self.pipeline.n_events - n0)
             self._announce_run()
             return done
         except MalformedMessage as exc:
+            where = f"{m.topic}[{m.partition}]@{m.offset}"
             reason = exc.reason
             logger.warning(
                 "%s: malformed message dead-lettered: %s",
@@ -400,7 +410,9 @@ class ConsumerService:
             )
         except Exception:  # never stop the consumer; say loudly what happened
             reason = "internal_error"
-            logger.exception("%s: message could not be processed", where)
+            logger.exception(
+                "%s[%d]@%d: message could not be processed", m.topic, m.partition, m.offset
+            )
         self._dead(m, reason)
         return []
 
