@@ -5,7 +5,7 @@ starting lattice parameter from tabulated radii (the force field relaxes it afte
 elemental fcc / bcc / hcp over metals, group-14 diamond, binary rock-salt, zinc-blende,
 wurtzite, CsCl and fluorite (and anti-fluorite) compounds, cubic perovskites ABX3, L1_2
 A3B, full-Heusler X2YZ and half-Heusler XYZ intermetallics, tetragonal L1_0 AB, hexagonal
-WC-type MX, cubic ReO3-type BX3 and D0_3 X3Z.
+WC-type MX, cubic ReO3-type BX3, D0_3 X3Z, rutile MX2, A15 A3B and NiAs-type MX.
 
 Metastable polymorphs are included on purpose (every metal in all of fcc, bcc and hcp): the
 builder keeps only the dynamically stable ones.
@@ -114,6 +114,17 @@ WC = [tuple(s.split("-")) for s in _words("W-C Mo-C W-N Mo-N Ta-N Nb-N")]
 REO3 = [tuple(s.split("-")) for s in _words("Re-O W-O Sc-F Al-F Nb-F Ti-F In-F")]
 #: (X, Z) of D0_3 X3Z (Fe3Al type).
 D03 = [tuple(s.split("-")) for s in _words("Fe-Al Fe-Si Fe-Ga Li-Bi Li-Sb Li-As Na-Bi Cu-Al")]
+#: (M, X) of rutile MX2.
+RUTILE = [
+    tuple(s.split("-"))
+    for s in _words("Ti-O Sn-O Ge-O Pb-O Ru-O Ir-O Cr-O Mn-O Mg-F Zn-F Ni-F Co-F Fe-F Mn-F")
+]
+#: (A, B) of A15 A3B.
+A15 = [tuple(s.split("-")) for s in _words("Nb-Sn V-Si Nb-Al Cr-Si V-Ga Mo-Si Nb-Ge Nb-Ga")]
+#: (M, X) of hexagonal NiAs-type MX.
+NIAS = [
+    tuple(s.split("-")) for s in _words("Ni-As Fe-S Co-S Ni-S Cr-Sb Mn-Bi Mn-Sb Co-Sb Ni-Sb Fe-Se")
+]
 
 #: Every prototype of the catalogue, in build order.
 PROTOTYPES = (
@@ -134,6 +145,9 @@ PROTOTYPES = (
     "wc",
     "reo3",
     "d03",
+    "rutile",
+    "a15",
+    "nias",
 )
 
 _SQRT3 = math.sqrt(3.0)
@@ -155,6 +169,9 @@ _N_SITES = {
     "wc": 2,
     "reo3": 4,
     "d03": 4,
+    "rutile": 6,
+    "a15": 8,
+    "nias": 4,
 }
 
 
@@ -226,7 +243,7 @@ class Candidate:
     c_over_a : float
         Starting c/a of hexagonal cells (ignored otherwise).
     u : float
-        Starting internal parameter of wurtzite (ignored otherwise).
+        Starting internal parameter of wurtzite and rutile (ignored otherwise).
     """
 
     prototype: str
@@ -293,6 +310,22 @@ class Candidate:
                 cell = np.array([[a, 0, 0], [-a / 2, a * _SQRT3 / 2, 0], [0, 0, c]])
                 frac = [(0.0, 0.0, 0.0), (1 / 3, 2 / 3, 0.5)]
             return Atoms(list(s), scaled_positions=frac, cell=cell, pbc=True)
+        if p == "rutile":
+            x = self.u
+            frac = [
+                (0.0, 0.0, 0.0),
+                (0.5, 0.5, 0.5),
+                (x, x, 0.0),
+                (-x, -x, 0.0),
+                (0.5 + x, 0.5 - x, 0.5),
+                (0.5 - x, 0.5 + x, 0.5),
+            ]
+            cell = np.diag([a, a, a * self.c_over_a])
+            return Atoms(list(s), scaled_positions=frac, cell=cell, pbc=True)
+        if p == "nias":
+            cell = np.array([[a, 0, 0], [-a / 2, a * _SQRT3 / 2, 0], [0, 0, a * self.c_over_a]])
+            frac = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.5), (1 / 3, 2 / 3, 0.25), (2 / 3, 1 / 3, 0.75)]
+            return Atoms(list(s), scaled_positions=frac, cell=cell, pbc=True)
         fcc = a / 2 * np.array([[0.0, 1, 1], [1, 0, 1], [1, 1, 0]])
         cubic = a * np.eye(3)
         # fractional positions in the conventional cube, converted to the cell's basis
@@ -309,6 +342,13 @@ class Candidate:
             ),
             "l12": (cubic, [(0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5), (0, 0, 0)]),
             "reo3": (cubic, [(0, 0, 0), (0.5, 0, 0), (0, 0.5, 0), (0, 0, 0.5)]),
+            "a15": (
+                cubic,
+                [
+                    *[(0.25, 0, 0.5), (0.75, 0, 0.5), (0.5, 0.25, 0), (0.5, 0.75, 0)],
+                    *[(0, 0.5, 0.25), (0, 0.5, 0.75), (0, 0, 0), (0.5, 0.5, 0.5)],
+                ],
+            ),
         }
         conv["d03"] = conv["heusler"]
         cell, sites = conv[p]
@@ -444,6 +484,27 @@ def catalogue(prototypes: Iterable[str] | None = None) -> list[Candidate]:
     for x, z in D03:
         d = _metallic(x) + _metallic(z)  # X(1/4)-Z(0) bond, a sqrt(3) / 4
         groups["d03"].append(Candidate(prototype="d03", symbols=(x, x, x, z), a=4 * d / _SQRT3))
+    for m, x in RUTILE:
+        d = _ionic(m) + _ionic(x)  # apical M-X bond: sqrt(2) u a, u = 0.305
+        groups["rutile"].append(
+            Candidate(
+                prototype="rutile",
+                symbols=(m, m, x, x, x, x),
+                a=d / (math.sqrt(2) * 0.305),
+                c_over_a=0.65,
+                u=0.305,
+            )
+        )
+    for a_, b_ in A15:  # A-A chains along the cube edges at a / 2
+        groups["a15"].append(
+            Candidate(prototype="a15", symbols=(a_,) * 6 + (b_, b_), a=4 * _metallic(a_))
+        )
+    for m, x in NIAS:
+        d = _metallic(m) + _covalent(x)  # M-X bond: sqrt(a^2 / 3 + c^2 / 16), c = 1.39 a
+        a_n = d / math.sqrt(1 / 3 + 1.39**2 / 16)
+        groups["nias"].append(
+            Candidate(prototype="nias", symbols=(m, m, x, x), a=a_n, c_over_a=1.39)
+        )
     chosen = [groups[p] for p in PROTOTYPES if p in wanted]
     out: list[Candidate] = []
     seen: set[str] = set()
