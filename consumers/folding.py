@@ -481,6 +481,11 @@ def _fold_kernel(
     return sink
 
 
+_NO_GROUP = np.zeros(0, dtype=np.int64)
+_NO_SIGNAL = np.zeros((0, 0))
+_NO_HIST = np.zeros(0)
+
+
 @numba.njit(cache=True, nogil=True)
 def _coverage_kernel(
     dm: np.ndarray,  # (n_pix, 3) K_PER_V M d (r.l.u. per m/s) of the sampled pixels
@@ -502,8 +507,16 @@ def _coverage_kernel(
     n_e: int,
     clear: np.ndarray,  # (voxels^3,) uint8, FoldTable.clear
     hist: np.ndarray,  # (n_q * n_e,) float64, added to
+    with_signal: bool = False,
+    group: np.ndarray = _NO_GROUP,  # (n_pix,) int64 row of ``s_group`` of each pixel
+    s_group: np.ndarray = _NO_SIGNAL,  # (n_groups, n_e) a signal per pixel group and bin
+    sig: np.ndarray = _NO_HIST,  # (n_q * n_e,) float64, added to
 ) -> int:
     """Coverage of one orientation: every (pixel, energy sample) folded with its weight.
+
+    With ``with_signal``, each sample's weight times ``s_group[group[pixel], bin]`` is added
+    to ``sig`` as well (the prediction endpoint's expected signal, folded exactly as the
+    coverage; :mod:`model_server.predict_expected`).
 
     The same chain as :func:`_fold_kernel` (Q = h_inf - v_f M d K_PER_V, fractional
     coordinates, voxel, candidates, nearest star point within the tolerance) without
@@ -564,7 +577,11 @@ def _coverage_kernel(
                 iq = star_index[q] if closer else iq
                 best = dd if closer else best
             if best <= tol2:
-                hist[iq * n_e + col[s]] += wp * w_e[s]
+                w = wp * w_e[s]
+                b = iq * n_e + col[s]
+                hist[b] += w
+                if with_signal:
+                    sig[b] += w * s_group[group[p], col[s]]
             s += 1
     return computed
 

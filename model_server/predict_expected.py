@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 from numpy.typing import NDArray
 from scipy import constants as sc
 
-from consumers.folding import Folder, _popcount
+from consumers.folding import Folder, _coverage_kernel
 from simulations.events import OrientationSimulator, PhononTable
 from simulations.instrument import E_PER_K2, Instrument, Orientation, energy_to_k, energy_to_speed
 from simulations.sqe import CoherentSQE
@@ -90,91 +89,6 @@ class GridSimulator(OrientationSimulator):
         return out
 
 
-@numba.njit(cache=True, nogil=True)
-def _fold_signal_kernel(
-    dm: np.ndarray,  # (n_pix, 3) K_PER_V M d (r.l.u. per m/s) of the sampled pixels
-    solid: np.ndarray,  # (n_pix,) weight of each sampled pixel (sr)
-    group: np.ndarray,  # (n_pix,) int64 row of ``s_group`` of each sampled pixel
-    s_group: np.ndarray,  # (n_groups, n_e) S at the super-pixel centres
-    v_f: np.ndarray,  # (n_sub,) final speeds (m/s) of the energy samples
-    w_e: np.ndarray,  # (n_sub,) k_f/k_i dE (meV) of each energy sample
-    col: np.ndarray,  # (n_sub,) int64 energy bin of each sample
-    h_inf: np.ndarray,  # (3,) M k_i (r.l.u.)
-    voxels: int,
-    live: np.ndarray,
-    rank: np.ndarray,
-    offsets: np.ndarray,
-    candidates: np.ndarray,
-    star_xyz: np.ndarray,
-    star_index: np.ndarray,
-    rec: np.ndarray,
-    tol2: float,
-    n_q: int,
-    n_e: int,
-    clear: np.ndarray,
-    cov: np.ndarray,  # (n_q * n_e,) float64, added to
-    sig: np.ndarray,  # (n_q * n_e,) float64, added to
-) -> int:
-    """``consumers.folding._coverage_kernel`` (the same trajectory walk, dead-voxel skips and
-    nearest-star search) that adds each sample's weight to ``cov`` and its weight times the
-    S of its pixel's super-pixel to ``sig``. The test holds ``cov`` equal to
-    :meth:`Folder.coverage`."""
-    n_sub = v_f.shape[0]
-    computed = 0
-    for p in range(dm.shape[0]):
-        d0 = dm[p, 0]
-        d1 = dm[p, 1]
-        d2 = dm[p, 2]
-        wp = solid[p]
-        gp = group[p]
-        g = 1.0 / (voxels * max(abs(d0), abs(d1), abs(d2), 1e-300))
-        s = 0
-        while s < n_sub:
-            v = v_f[s]
-            computed += 1
-            h0 = h_inf[0] - v * d0
-            h1 = h_inf[1] - v * d1
-            h2 = h_inf[2] - v * d2
-            f0 = h0 - math.floor(h0)
-            f1 = h1 - math.floor(h1)
-            f2 = h2 - math.floor(h2)
-            vx = (
-                min(int(f0 * voxels), voxels - 1) * voxels + min(int(f1 * voxels), voxels - 1)
-            ) * voxels + min(int(f2 * voxels), voxels - 1)
-            word = live[vx >> 6]
-            bit = np.uint64(vx & 63)
-            if not (word >> bit) & np.uint64(1):
-                s += 1
-                reach = int(clear[vx]) - 1
-                if reach > 0:
-                    v_stop = v - (reach - 1e-6) * g
-                    while s < n_sub and v_f[s] > v_stop:
-                        s += 1
-                continue
-            r = rank[vx >> 6] + _popcount(word & ((np.uint64(1) << bit) - np.uint64(1)))
-            cx = f0 * rec[0, 0] + f1 * rec[1, 0] + f2 * rec[2, 0]
-            cy = f0 * rec[0, 1] + f1 * rec[1, 1] + f2 * rec[2, 1]
-            cz = f0 * rec[0, 2] + f1 * rec[1, 2] + f2 * rec[2, 2]
-            best = 1e300
-            iq = n_q
-            for c in range(offsets[r], offsets[r + 1]):
-                q = candidates[c]
-                dx = star_xyz[q, 0] - cx
-                dy = star_xyz[q, 1] - cy
-                dz = star_xyz[q, 2] - cz
-                dd = dx * dx + dy * dy + dz * dz
-                closer = dd < best
-                iq = star_index[q] if closer else iq
-                best = dd if closer else best
-            if best <= tol2:
-                w = wp * w_e[s]
-                b = iq * n_e + col[s]
-                cov[b] += w
-                sig[b] += w * s_group[gp, col[s]]
-            s += 1
-    return computed
-
-
 class FoldSampler:
     """The samples of :meth:`Folder.coverage` for one (instrument, Ei, grid)."""
 
@@ -213,11 +127,9 @@ class FoldSampler:
             cov = np.zeros(grid.n_q * grid.n_e)
             sig = np.zeros(grid.n_q * grid.n_e)
             sl = slice(bounds[k], bounds[k + 1])
-            _fold_signal_kernel(
+            _coverage_kernel(
                 dm[sl],
                 self.solid[sl],
-                self.group[sl],
-                s_group,
                 self.v_f,
                 self.w_e,
                 self.col,
@@ -235,6 +147,9 @@ class FoldSampler:
                 grid.n_e,
                 t.clear,
                 cov,
+                True,
+                self.group[sl],
+                s_group,
                 sig,
             )
             return cov, sig
