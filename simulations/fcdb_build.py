@@ -34,6 +34,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import subprocess
 import time
 import traceback
@@ -771,7 +772,7 @@ def build_database(
     simulations.mlff.MLFFUnavailableError
         When the force field is not installed.
     KeyboardInterrupt
-        Re-raised after the finished crystals have been packed.
+        On Ctrl-C or SIGTERM, re-raised after the finished crystals have been packed.
     """
     from tqdm import tqdm
 
@@ -908,6 +909,7 @@ def build_database(
         since_pack = 0
 
     bar = tqdm(total=len(todo), desc=f"fcdb {full}", unit="crystal", disable=not progress)
+    previous = _interrupt_on_sigterm()
     try:
         if todo and n_jobs == 1:
             _init_worker(full, 1)
@@ -920,12 +922,27 @@ def build_database(
         summary.interrupted = True
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         bar.close()
         pack()
         summary.seconds = round(time.perf_counter() - t_start, 1)
         with contextlib.suppress(OSError):
             parts.rmdir()  # only when empty
     return summary
+
+
+def _interrupt_on_sigterm() -> Any:
+    """Make SIGTERM stop the build like Ctrl-C (finished crystals are packed); return the
+    previous handler (None when not in the main thread, where handlers cannot be set)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _run_pool(
