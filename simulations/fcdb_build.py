@@ -467,7 +467,7 @@ def compute_entry(
         raise _StageError("relax", f"{type(exc).__name__}: {exc}") from exc
     v1 = relaxed.get_volume() / len(relaxed)
     dist = relaxed.get_all_distances(mic=True) + 1e9 * np.eye(len(relaxed))
-    if not (np.isfinite(e_relaxed) and 0.5 < v1 / v0 < 2.0 and dist.min() > 0.6):
+    if not (np.isfinite(e_relaxed) and 1 / 3 < v1 / v0 < 3.0 and dist.min() > 0.6):
         raise _StageError(
             "relax",
             f"relaxation blew up: volume/atom {v0:.2f} -> {v1:.2f} A^3, "
