@@ -80,9 +80,9 @@ STABILITY_MESH = (10, 10, 10)
 #: unstable, THz.
 STABILITY_TOL_THZ = 0.05
 #: ... and so does one below ``-FULL_STABILITY_TOL_THZ`` from the force field's full supercell
-#: FCs (phonopy, every pair of the finite-displacement supercell; looser, for the
-#: interpolation artefacts of a minimal supercell), THz.
-FULL_STABILITY_TOL_THZ = 0.2
+#: FCs (phonopy, every pair of the finite-displacement supercell) at the q-points commensurate
+#: with that supercell, where they are exact (no interpolation), THz.
+FULL_STABILITY_TOL_THZ = 0.1
 #: sqrt(eV / (A^2 amu)) in THz (the unit of frequencies from FCs in eV/A^2 and masses in amu).
 THZ_PER_SQRT_EV_A2_AMU = 15.633302
 #: Allowed values of :attr:`FCEntry.split`.
@@ -121,10 +121,11 @@ class FCEntry:
     fc : numpy.ndarray
         (m, 3, 3) float64, eV/A^2: ``Phi_ab(i0, jR)``.
     stable : bool
-        Dynamically stable: on the :data:`STABILITY_MESH` mesh no frequency below
-        ``-STABILITY_TOL_THZ`` from the stored FCs, nor below ``-FULL_STABILITY_TOL_THZ`` from
-        the force field's full supercell FCs (the builder's ``min_freq_full_thz``): a crystal
-        that the cutoff makes look stable is not kept.
+        Dynamically stable: no frequency below ``-STABILITY_TOL_THZ`` from the stored FCs on
+        the :data:`STABILITY_MESH` mesh, nor below ``-FULL_STABILITY_TOL_THZ`` from the force
+        field's full supercell FCs at the supercell's commensurate q-points (the builder's
+        ``min_freq_commensurate_thz``): a crystal that the cutoff makes look stable is not
+        kept.
     min_freq_thz : float
         Lowest (signed) frequency on that mesh, THz.
     split : str

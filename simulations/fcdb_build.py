@@ -13,10 +13,11 @@ For every :class:`~simulations.fcdb_catalogue.Candidate`:
    the blocks obey the crystal's symmetry exactly), made exactly
    ``Phi(i0, jR) == Phi(j0, i(-R)).T`` (mean of the two) and the self terms set by the acoustic
    sum rule;
-6. the frequencies on a :data:`~simulations.fcdb.STABILITY_MESH` mesh, from the stored blocks
-   and from phonopy's full supercell FCs, decide ``stable`` (both must be free of imaginary
-   modes); a crystal without any interaction (atoms beyond the force field's cutoff, as
-   SevenNet gives for Rb and Cs) fails.
+6. ``stable`` needs both the stored blocks (on a :data:`~simulations.fcdb.STABILITY_MESH`
+   mesh) and the force field's full supercell FCs (at the q-points commensurate with the
+   supercell, where phonopy's frequencies are exact) to be free of imaginary modes; a crystal
+   without any interaction (atoms beyond the force field's cutoff, as SevenNet gives for Rb
+   and Cs) or with a collapsed cell fails.
 
 Results are written one crystal at a time to ``<out>.parts/`` (atomic small files) and packed
 into ``<out>`` every few crystals and at the end, so a crash or Ctrl-C loses at most the
@@ -85,6 +86,8 @@ _PACKAGE = {"chgnet": "chgnet", "sevennet": "sevenn"}
 
 #: A crystal whose highest frequency is below this (THz) has no interaction in the force field.
 NO_INTERACTION_THZ = 0.2
+#: ... and one above this (THz) has collapsed (diamond, the stiffest solid, reaches 40 THz).
+COLLAPSE_THZ = 80.0
 
 
 def resolve_model(name: str) -> str:
@@ -434,7 +437,9 @@ def compute_entry(
         (eV/A^2),
         ``truncation_freq_err_thz`` (max |f - f_phonopy| on the stability mesh: the effect of
         dropping the supercell's bonds beyond the cutoff, THz), ``max_freq_thz`` (stored FCs,
-        THz), ``min_freq_full_thz`` (phonopy's full supercell FCs, THz), ``seconds``.
+        THz), ``min_freq_full_thz`` (phonopy's full supercell FCs on the stability mesh,
+        interpolated, THz), ``min_freq_commensurate_thz`` (the same at the supercell's
+        commensurate q-points, exact, THz), ``seconds``.
 
     Raises
     ------
@@ -516,9 +521,20 @@ def compute_entry(
             f"force field's cutoff at the relaxed volume {relaxed.get_volume() / len(relaxed):.1f}"
             " A^3/atom)",
         )
+    if float(freqs.max()) > COLLAPSE_THZ:
+        raise _StageError(
+            "relax",
+            f"collapsed: highest frequency {freqs.max():.0f} THz at "
+            f"{relaxed.get_volume() / len(relaxed):.1f} A^3/atom",
+        )
+    from phonopy.harmonic.dynmat_to_fc import get_commensurate_points
+
     ph.masses = masses
     full = np.array(ph.run_qpoints(mesh).frequencies, dtype=float)  # type: ignore[union-attr]
     trunc = float(np.abs(np.sort(freqs, axis=1) - np.sort(full, axis=1)).max())
+    commensurate = get_commensurate_points(p.T)  # exact for the supercell FCs
+    exact = np.array(ph.run_qpoints(commensurate).frequencies, dtype=float)  # type: ignore[union-attr]
+    min_exact = float(exact.min())
     entry = FCEntry(
         name=candidate.name(settings.model),
         prototype=candidate.prototype,
@@ -528,9 +544,7 @@ def compute_entry(
         model=settings.model,
         pairs=pairs,
         fc=fc,
-        stable=bool(
-            min_freq >= -STABILITY_TOL_THZ and float(full.min()) >= -FULL_STABILITY_TOL_THZ
-        ),
+        stable=bool(min_freq >= -STABILITY_TOL_THZ and min_exact >= -FULL_STABILITY_TOL_THZ),
         min_freq_thz=min_freq,
         split=split,
     )
@@ -555,6 +569,7 @@ def compute_entry(
         "truncation_freq_err_thz": trunc,
         "max_freq_thz": float(freqs.max()),
         "min_freq_full_thz": float(full.min()),
+        "min_freq_commensurate_thz": min_exact,
         "seconds": time.perf_counter() - t0,
     }
     return entry, meta

@@ -54,18 +54,24 @@ def build_cmd(
     """
     from simulations.fcdb_build import build_database
 
-    summary = build_database(
-        out,
-        model=model,
-        limit=limit,
-        jobs=jobs,
-        resume=resume,
-        overwrite=overwrite,
-        retry_failed=retry_failed,
-        prototypes=prototype or None,
-        progress=True,
-        command="steer " + shlex.join(sys.argv[1:]),
-    )
+    try:
+        summary = build_database(
+            out,
+            model=model,
+            limit=limit,
+            jobs=jobs,
+            resume=resume,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+            prototypes=prototype or None,
+            progress=True,
+            command="steer " + shlex.join(sys.argv[1:]),
+        )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the finished crystals were packed
+        typer.echo(
+            f"interrupted: the finished crystals are in {out}; continue with --resume", err=True
+        )
+        raise SystemExit(130) from None
     payload = summary.to_dict()
     if as_json:
         typer.echo(json.dumps(payload))
