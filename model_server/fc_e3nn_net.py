@@ -3,7 +3,9 @@
 Architecture (a NequIP-like message-passing network with a bond head):
 
 1. **Embedding.** Each atom's species (an index into the known elements) -> ``n_scalar``
-   scalars (``0e``).
+   scalars (``0e``): an MLP of physical element features (period, group, covalent radius,
+   electronegativity, log Z; :func:`element_features`) plus a free per-species vector that
+   starts at zero (or the free vector alone for a model without features).
 2. **Interactions** (``n_layers`` of them). For every directed bond ``e = (i -> j)`` with
    vector ``r`` (Angstrom): spherical harmonics ``Y^l(r/|r|)``, ``l <= lmax``, and a Bessel
    radial basis of ``|r|`` with a smooth polynomial cutoff envelope. The message to ``i`` is
@@ -50,7 +52,37 @@ from torch import Tensor, nn
 
 from .fc_graph import PeriodicGraph
 
-__all__ = ["FCNet", "GraphBatch", "NetConfig", "collate", "constrain"]
+__all__ = ["FCNet", "GraphBatch", "NetConfig", "collate", "constrain", "element_features"]
+
+#: What :func:`element_features` gives per element (scaled to about 0..1).
+ELEMENT_FEATURES = (
+    "period / 7",
+    "group / 18 (f-block: 3 / 18)",
+    "covalent radius / 2 A (ASE)",
+    "Pauling electronegativity / 4 (pymatgen; 0 where undefined)",
+    "log(Z) / log(118)",
+)
+
+
+def element_features(z: int) -> tuple[float, ...]:
+    """Physical descriptors of an element for the species embedding (see ELEMENT_FEATURES)."""
+    import warnings
+
+    from ase.data import covalent_radii
+    from pymatgen.core import Element
+
+    el = Element.from_Z(int(z))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = float(el.X)
+    group = el.group if 1 <= el.group <= 18 else 3
+    return (
+        round(el.row / 7.0, 6),
+        round(group / 18.0, 6),
+        round(float(covalent_radii[int(z)]) / 2.0, 6),
+        round(x / 4.0 if math.isfinite(x) else 0.0, 6),
+        round(math.log(int(z)) / math.log(118.0), 6),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +109,9 @@ class NetConfig:
         Average number of bonds per atom in training (normalises the message sums).
     fc_scale
         Output scale, eV/A^2 (RMS of the training bond tensors).
+    species_features
+        Per species, :func:`element_features` (stored, so that the model does not depend on
+        the tables' versions); empty: a free embedding per species only.
     """
 
     species: tuple[int, ...]
@@ -91,11 +126,13 @@ class NetConfig:
     radial_hidden: int = 32
     avg_neighbours: float = 50.0
     fc_scale: float = 1.0
+    species_features: tuple[tuple[float, ...], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
         d = asdict(self)
         d["species"] = list(self.species)
+        d["species_features"] = [list(f) for f in self.species_features]
         return d
 
     @classmethod
@@ -103,6 +140,9 @@ class NetConfig:
         """Inverse of :meth:`to_json`."""
         d = dict(data)
         d["species"] = tuple(int(z) for z in d["species"])
+        d["species_features"] = tuple(
+            tuple(float(v) for v in f) for f in d.get("species_features", ())
+        )
         return cls(**d)
 
 
@@ -270,6 +310,8 @@ class _Interaction(nn.Module):
 class FCNet(nn.Module):
     """Structure graph -> per-bond 3x3 force constants (eV/A^2) and self terms."""
 
+    species_table: Tensor
+
     def __init__(self, config: NetConfig) -> None:
         super().__init__()
         self.config = config
@@ -280,6 +322,18 @@ class FCNet(nn.Module):
             f" + {c.n_tensor}x2e + {c.n_tensor}x2o"
         ).simplify()
         self.embed = nn.Embedding(len(c.species), c.n_scalar)
+        self.embed_features: nn.Module | None = None
+        if c.species_features:
+            # Embedding = MLP(element features) + a free per-species part starting at zero, so
+            # that rare elements borrow from chemically similar ones.
+            feats = torch.tensor(c.species_features, dtype=torch.get_default_dtype())
+            self.register_buffer("species_table", feats, persistent=False)
+            self.embed_features = torch.nn.Sequential(
+                torch.nn.Linear(feats.shape[1], c.n_scalar),
+                torch.nn.SiLU(),
+                torch.nn.Linear(c.n_scalar, c.n_scalar),
+            )
+            torch.nn.init.zeros_(self.embed.weight)
         irreps = o3.Irreps(f"{c.n_scalar}x0e")
         layers = []
         for _ in range(c.n_layers):
@@ -344,6 +398,8 @@ class FCNet(nn.Module):
         env = _envelope(r, self.config.cutoff)
         radial = _bessel(r, self.config.cutoff, self.config.n_radial) * env[:, None]
         h = self.embed(batch.species).to(dtype)
+        if self.embed_features is not None:
+            h = h + self.embed_features(self.species_table[batch.species])
         for layer in self.layers:
             h = layer(h, batch.src, batch.dst, sh, radial, env)
         return h, sh, radial, env

@@ -21,7 +21,7 @@ crystals count alike::
 with ``D(q)`` the mass-weighted dynamical matrix (:mod:`model_server.fc_phonons`) on the
 2x2x2 Gamma-centred mesh plus 4 seeded random q-points; ``D_db`` uses every database pair.
 
-**Optimiser.** Adam, cosine learning-rate decay over the epochs, gradient-norm clipping at
+**Optimiser.** AdamW (decoupled weight decay 0.05), cosine learning-rate decay over the epochs, gradient-norm clipping at
 10; each member has its own seed (``seed + k``); the weights kept are those of the epoch
 with the lowest validation loss. A checkpoint (``<out>/checkpoint.pt``: member, epoch,
 parameters, optimiser, best so far) is written after every epoch; ``--resume`` continues
@@ -63,7 +63,7 @@ from simulations.exceptions import SimulationError
 
 from .exceptions import ModelServerError, TrainingError
 from .fc_e3nn import FCModel, build_net, load_fc_model, parameters_of, save_fc_model
-from .fc_e3nn_net import FCNet, GraphBatch, NetConfig, collate
+from .fc_e3nn_net import FCNet, GraphBatch, NetConfig, collate, element_features
 from .fc_graph import PeriodicGraph, atom_descriptors, build_graph, match_pairs
 from .fc_phonons import THZ_TO_MEV, dos_histogram, dynamical_matrices, mesh_frequencies
 
@@ -328,7 +328,7 @@ def batch_loss(
 class TrainSettings:
     """Training hyper-parameters (stored in model.json)."""
 
-    epochs: int = 60
+    epochs: int = 30
     seed: int = 0
     members: int = 3
     batch_size: int = 8
@@ -345,6 +345,8 @@ class TrainSettings:
     lmax: int = 2
     n_radial: int = 8
     radial_hidden: int = 32
+    element_features: bool = True
+    weight_decay: float = 0.05
     max_distance: float = 1.0
     max_relative_spread: float = 0.0  # 0: calibrated on the validation split
     max_steps: int = 0  # 0: no limit (tests: a few steps)
@@ -382,6 +384,9 @@ def _net_config(settings: TrainSettings, train: Sequence[Prepared]) -> NetConfig
         radial_hidden=settings.radial_hidden,
         avg_neighbours=round(n_bonds / max(n_atoms, 1), 3),
         fc_scale=round(rms, 6),
+        species_features=(
+            tuple(element_features(z) for z in species) if settings.element_features else ()
+        ),
     )
 
 
@@ -513,7 +518,9 @@ def train(
         k = state.member
         torch.manual_seed(settings.seed + k)
         net = build_net(config, torch.float32).train()
-        opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=max(settings.epochs, 1), eta_min=settings.lr_final
         )
@@ -841,7 +848,11 @@ def cli(argv: Sequence[str] | None = None) -> int:
     defaults = TrainSettings()
     for f in TrainSettings.__dataclass_fields__:
         val = getattr(defaults, f)
-        tr.add_argument("--" + f.replace("_", "-"), type=type(val), default=val, dest=f)
+        flag = "--" + f.replace("_", "-")
+        if isinstance(val, bool):
+            tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=val, dest=f)
+        else:
+            tr.add_argument(flag, type=type(val), default=val, dest=f)
     ev = sub.add_parser("evaluate", help="DOS metrics on a split of the database")
     ev.add_argument("--db", default=None)
     ev.add_argument("--model", default=None)
