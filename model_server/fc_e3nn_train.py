@@ -21,11 +21,11 @@ crystals count alike::
 with ``D(q)`` the mass-weighted dynamical matrix (:mod:`model_server.fc_phonons`) on the
 2x2x2 Gamma-centred mesh plus 4 seeded random q-points; ``D_db`` uses every database pair.
 
-**Optimiser.** AdamW (decoupled weight decay 0.05), cosine learning-rate decay over the epochs, gradient-norm clipping at
-10; each member has its own seed (``seed + k``); the weights kept are those of the epoch
-with the lowest validation loss. A checkpoint (``<out>/checkpoint.pt``: member, epoch,
-parameters, optimiser, best so far) is written after every epoch; ``--resume`` continues
-from it.
+**Optimiser.** AdamW (decoupled weight decay 0.05), cosine learning-rate decay over the
+epochs, gradient-norm clipping at 10; each member has its own seed (``seed + k``); the
+weights kept are those of the epoch with the lowest validation loss. A checkpoint
+(``<out>/checkpoint.pt``: member, epoch, parameters, optimiser, best so far) is written
+after every epoch; ``--resume`` continues from it.
 
 **Distance calibration** (after training): see :mod:`model_server.fc_e3nn`.
 

@@ -802,6 +802,11 @@ def build_database(
         raise FCDatabaseError(f"--jobs must be at least 1, got {jobs}")
     if resume and overwrite:
         raise FCDatabaseError("use either --resume or --overwrite, not both")
+    try:
+        everything = catalogue()
+        cands = catalogue(prototypes)
+    except StructureError as exc:
+        raise FCDatabaseError(str(exc)) from exc
     base = settings or BuildSettings()
     cfg = BuildSettings(
         model=full,
@@ -828,11 +833,6 @@ def build_database(
         path.unlink(missing_ok=True)
         for p in parts.glob("*.h5") if parts.is_dir() else []:
             p.unlink()
-    try:
-        everything = catalogue()
-        cands = catalogue(prototypes)
-    except StructureError as exc:
-        raise FCDatabaseError(str(exc)) from exc
     splits = assign_splits(everything, seed=cfg.split_seed)
     chosen = cands[:limit] if limit is not None else cands
     t_start = time.perf_counter()

@@ -15,8 +15,9 @@ count (1: this machine is shared).
   once. This is a lower bound on the real route, which also relaxes the structure and needs
   a supercell at least twice the 6 A cutoff across (more atoms per force call).
 
-The ratio is ``fd_seconds / e3nn_median_seconds``; the target is >= 100. Needs the ML force
-fields (``make mlff``); without them the benchmark is skipped with that message.
+The ratio is ``fd_seconds / e3nn_median_seconds``; the target is >= 100. The force field is
+the one the database entry was computed with (``FCEntry.model``, e.g. sevennet-0). Needs the
+ML force fields (``make mlff``); without them the benchmark is skipped with that message.
 """
 
 from __future__ import annotations
