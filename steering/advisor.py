@@ -26,9 +26,15 @@ correlated combinations as much as single FCs; A-optimality (the trace of the co
 also reported) would favour whichever FC is worst in the chosen units. The expected std of
 every FC after the measurement, ``sqrt(diag((P0 + F)^-1))``, is reported too.
 
-Without an estimate yet, the ranking uses the coverage alone: the D-optimal gain of a
-model in which every bin's intensity is its own parameter, ``sum_b log(1 + c_b(omega) /
-max(C_b, floor))`` over the exposure C measured so far; the output says so.
+The candidates are sorted by default by the **spectrum's D-optimal gain**: the same
+criterion for a model in which every bin's intensity is its own parameter, ``sum_b log(1 +
+c_b(omega) / max(C_b, floor))`` over the exposure C measured so far. That is what the learned
+estimator needs (it reads the whole I(q, E)); in the closed loop, sorting by the FCs' gain
+instead piles the first 15 picks onto two groups of angles and the estimate's error rises
+before it falls (``docs/advisor.md``). ``score="fc"`` sorts by the FCs' gain, which is right
+for an estimator that fits the forward model to the counts. Both gains and the expected std
+of every FC are reported for every candidate. Without an estimate yet, only the spectrum's
+gain can be computed; the output says so.
 
 Scoring is batched over all candidates (one matrix product for the Fisher matrices, one
 batched log-determinant): 360 candidates rank in well under a second here (see
@@ -100,8 +106,8 @@ class RankedCandidate:
     omega
         Goniometer angle, degrees.
     score
-        D-optimal gain, ``log det(P0 + F) - log det P0`` (or the coverage gain without an
-        estimate; see :class:`Ranking`).
+        The gain the ranking sorts by (:attr:`Ranking.basis`): the spectrum's D-optimal gain
+        or the FCs' (``log det(P0 + F) - log det P0``).
     measured
         Already measured (re-measuring is allowed when it pays).
     new_bins
@@ -112,6 +118,11 @@ class RankedCandidate:
         {FC name: expected std after measuring it, eV/A^2} (empty without an estimate).
     a_gain
         A-optimal gain: the drop of the trace of the covariance (domain-width units).
+    spectrum_gain
+        D-optimal gain of the spectrum's bins, ``sum_b log(1 + c_b / C_b)`` (see
+        :meth:`Advisor.rank`).
+    fc_gain
+        D-optimal gain of the FC posterior (None without an estimate).
     """
 
     omega: float
@@ -121,6 +132,8 @@ class RankedCandidate:
     expected_counts: float | None
     expected_std: dict[str, float]
     a_gain: float | None
+    spectrum_gain: float | None = None
+    fc_gain: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -132,6 +145,8 @@ class RankedCandidate:
             "expected_counts": self.expected_counts,
             "expected_std": self.expected_std,
             "a_gain": self.a_gain,
+            "spectrum_gain": self.spectrum_gain,
+            "fc_gain": self.fc_gain,
         }
 
 
@@ -144,7 +159,8 @@ class Ranking:
     candidates
         Ranked, best first.
     basis
-        ``"fisher-d-optimal"`` or ``"coverage"`` (no estimate yet).
+        ``"spectrum-d-optimal"``, ``"fisher-d-optimal"`` or ``"coverage"`` (no estimate
+        yet: the spectrum's gain alone, which needs none).
     note
         A sentence for people (says when the ranking uses the coverage alone).
     fc_names
@@ -268,6 +284,7 @@ class Advisor:
         charge: float = 1.0,
         counts_scale: float | None = None,
         prior: str = "model",
+        score: str = "spectrum",
     ) -> Ranking:
         """Rank candidate angles.
 
@@ -297,6 +314,20 @@ class Advisor:
             estimate: the ideal observer's posterior, which, unlike a learned model's
             calibrated std, grows with every orientation, so that candidates that repeat
             what was measured gain less).
+        score
+            What the candidates are sorted by (both gains are reported):
+
+            * ``"spectrum"`` (default): the D-optimal gain of the spectrum, every bin's
+              intensity its own parameter, ``sum_b log(1 + c_b / C_b)`` over the bins
+              with E > 0 (c the candidate's exposure, C what was measured, floored at
+              1e-3 of a typical orientation's). The learned estimator reads the whole
+              I(q, E), and the closed loop shows that it needs the spectrum measured
+              evenly: sorting by the FCs' gain piles the picks onto the few angles most
+              sensitive at the current estimate, and its error then rises before it
+              falls (docs/advisor.md).
+            * ``"fc"``: the D-optimal gain of the FC posterior (Fisher information of the
+              Poisson counts, above): the ideal observer's choice, for an estimator that
+              fits the forward model to the counts.
 
         Raises
         ------
@@ -307,6 +338,8 @@ class Advisor:
         t0 = time.perf_counter()
         if prior not in ("model", "information"):
             raise AdvisorError(f"prior must be 'model' or 'information', got {prior!r}")
+        if score not in ("spectrum", "fc"):
+            raise AdvisorError(f"score must be 'spectrum' or 'fc', got {score!r}")
         w = np.asarray(omegas, dtype=float).ravel()
         if len(w) == 0:
             raise AdvisorError("no candidate angles to rank (empty candidate range)")
@@ -331,10 +364,13 @@ class Advisor:
         new_bins = ((cov > 0) & (have[None, :] <= 0) & useful[None, :]).sum(axis=1)
         # a measured angle is the goniometer's settled reading: within MEASURED_TOLERANCE_DEG
         done = np.array([any(abs(x - m) <= MEASURED_TOLERANCE_DEG for m in measured) for x in w])
+        # the spectrum's D-optimal gain: each bin's intensity its own parameter, whose
+        # precision grows with its exposure
+        add = cov[:, useful] * charge  # exposure each candidate would add (uC sr meV)
+        floor = 1e-3 * float(np.median(add[add > 0])) if np.any(add > 0) else 1.0
+        spectrum_gain = np.log1p(add / np.maximum(have[useful], floor)[None, :]).sum(1)
         if mean is None:
-            add = cov[:, useful] * charge  # exposure each candidate would add (uC sr meV)
-            floor = 1e-3 * float(np.median(add[add > 0])) if np.any(add > 0) else 1.0
-            gain = np.log1p(add / np.maximum(have[useful], floor)[None, :]).sum(1)
+            gain = spectrum_gain
             ranked = [
                 RankedCandidate(
                     omega=float(w[i]),
@@ -344,6 +380,7 @@ class Advisor:
                     expected_counts=None,
                     expected_std={},
                     a_gain=None,
+                    spectrum_gain=float(gain[i]),
                 )
                 for i in np.argsort(-gain, kind="stable")
             ]
@@ -422,24 +459,38 @@ class Advisor:
         a_gain = np.trace(c0) - var_after.sum(axis=1)
         std_after = np.sqrt(np.maximum(var_after, 0.0)) * self.width[None, :]
         expected_counts = lam.sum(axis=1)
+        by = spectrum_gain if score == "spectrum" else d_gain
         ranked = [
             RankedCandidate(
                 omega=float(w[i]),
-                score=float(d_gain[i]),
+                score=float(by[i]),
                 measured=bool(done[i]),
                 new_bins=int(new_bins[i]),
                 expected_counts=float(expected_counts[i]),
                 expected_std=dict(zip(self.fc_names, map(float, std_after[i]), strict=True)),
                 a_gain=float(a_gain[i]),
+                spectrum_gain=float(spectrum_gain[i]),
+                fc_gain=float(d_gain[i]),
             )
-            for i in np.argsort(-d_gain, kind="stable")
+            for i in np.argsort(-by, kind="stable")
         ]
         current = np.sqrt(np.diag(c0)) * self.width
+        if score == "spectrum":
+            basis = "spectrum-d-optimal"
+            note = (
+                "ranked by the expected D-optimal gain of the spectrum (every bin's intensity "
+                "its own parameter); the FC posterior each pick would give is reported beside"
+            )
+        else:
+            basis = "fisher-d-optimal"
+            note = (
+                "ranked by the expected D-optimal gain of the FC posterior (Fisher "
+                "information of the Poisson counts under the current estimate)"
+            )
         return Ranking(
             candidates=tuple(ranked),
-            basis="fisher-d-optimal",
-            note="ranked by the expected D-optimal gain of the FC posterior (Fisher "
-            "information of the Poisson counts under the current estimate)",
+            basis=basis,
+            note=note,
             fc_names=self.fc_names,
             current_std={n: float(x) for n, x in zip(self.fc_names, current, strict=True)},
             counts_scale=kappa,

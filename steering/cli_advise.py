@@ -78,10 +78,19 @@ def rank_cmd(
         float, typer.Option("--temperature", help="Sample temperature, K (Bose factor).")
     ] = 5.0,
     top: Annotated[int, typer.Option("--top", help="Candidates to print.")] = 10,
+    score: Annotated[
+        str,
+        typer.Option(
+            "--score",
+            help="Sort by the spectrum's D-optimal gain (spectrum: what the learned "
+            "estimator needs) or the FC posterior's (fc); both are reported.",
+        ),
+    ] = "spectrum",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Rank candidate angles (the instrument model's coverage of each, ARCS-like detector,
-    mounting u = [1,0,0], v = [0,1,0]) by the D-optimal gain of the FC posterior."""
+    mounting u = [1,0,0], v = [0,1,0]) by their D-optimal gain (--score), reporting the FC
+    posterior each would give."""
     from tqdm import tqdm
 
     from consumers.folding import Folder, FoldTable
@@ -112,7 +121,7 @@ def rank_cmd(
     cover = np.stack(
         [folder.coverage(w) for w in tqdm(omegas, desc="coverage", unit="angle", leave=False)]
     )
-    ranking = advisor.rank(omegas, cover, measured=done, charge=charge, **kwargs)
+    ranking = advisor.rank(omegas, cover, measured=done, charge=charge, score=score, **kwargs)
     out = ranking.to_dict(top=top)
     if as_json:
         typer.echo(json.dumps(out))
@@ -154,6 +163,14 @@ def benchmark_cmd(
             "so far) or model (the model server's std).",
         ),
     ] = "information",
+    score: Annotated[
+        str,
+        typer.Option(
+            "--score",
+            help="Sort by the spectrum's D-optimal gain (spectrum: what the learned "
+            "estimator needs) or the FC posterior's (fc); both are reported.",
+        ),
+    ] = "spectrum",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Closed loop: each strategy picks orientations one at a time from the same simulated
@@ -171,6 +188,7 @@ def benchmark_cmd(
         progress=True,
         plot=out,
         prior=prior,
+        score=score,
     )
     if as_json:
         typer.echo(json.dumps(result))

@@ -175,6 +175,7 @@ def run_strategy(
     n_influential: int,
     seed: int,
     prior: str = "information",
+    score: str = "spectrum",
 ) -> dict[str, Any]:
     """One strategy on one seed: the error and mean normalised std after each pick.
 
@@ -213,6 +214,7 @@ def run_strategy(
                 coverage[left],
                 charge=float(np.mean(data.charge)),
                 prior=prior,
+                score=score,
                 **kwargs,
             )
             rank_seconds.append(time.perf_counter() - t0)
@@ -257,6 +259,7 @@ def closed_loop(
     progress: bool = True,
     plot: Path | None = None,
     prior: str = "information",
+    score: str = "spectrum",
 ) -> dict[str, Any]:
     """The closed-loop benchmark (``steer advise benchmark``); returns the JSON result.
 
@@ -269,6 +272,8 @@ def closed_loop(
     t_start = time.perf_counter()
     for s in strategies:
         _strategy_order(s, 1, np.random.default_rng(0))  # refuse unknown names early
+    if score not in ("spectrum", "fc"):
+        raise AdvisorError(f"score must be 'spectrum' or 'fc', got {score!r}")
     if budget < 1 or seeds < 1:
         raise AdvisorError(f"budget and seeds must be >= 1, got {budget} and {seeds}")
     omegas = np.arange(float(budget)) if candidates is None else np.asarray(candidates, float)
@@ -314,6 +319,7 @@ def closed_loop(
                 n_influential=n_influential,
                 seed=seed,
                 prior=prior,
+                score=score,
             )
             entry = result["strategies"][s]
             entry["orientations_to_target"].append(_to_target(run["error"], target, tolerance))
@@ -351,6 +357,7 @@ def closed_loop(
     result["influential_fcs"] = list(fc_names[:n_influential])
     result["events_per_orientation"] = events_per_orientation
     result["advisor_prior"] = prior
+    result["advisor_score"] = score
     result["seconds"] = time.perf_counter() - t_start
     if plot is not None:
         plot_curves(result, plot)

@@ -41,7 +41,7 @@ def test_fisher_ranking_is_the_d_optimal_gain(setup_ge) -> None:  # type: ignore
     """Score, expected std and counts recomputed independently for every candidate."""
     adv, coverage, theta = setup_ge
     std = 0.2 * adv.width
-    r = adv.rank(OMEGAS, coverage, mean=theta, std=std, counts_scale=50.0, charge=2.0)
+    r = adv.rank(OMEGAS, coverage, mean=theta, std=std, counts_scale=50.0, charge=2.0, score="fc")
     assert r.basis == "fisher-d-optimal"
     scores = [c.score for c in r.candidates]
     assert scores == sorted(scores, reverse=True)
@@ -57,14 +57,17 @@ def test_fisher_ranking_is_the_d_optimal_gain(setup_ge) -> None:  # type: ignore
         post = p0 + fisher
         expect = np.linalg.slogdet(post)[1] - np.linalg.slogdet(p0)[1]
         assert cand.score == pytest.approx(expect, rel=1e-9)
+        assert cand.fc_gain == cand.score
         assert cand.expected_counts == pytest.approx(lam[ok].sum(), rel=1e-9)
         after = np.sqrt(np.diag(np.linalg.inv(post))) * adv.width
         np.testing.assert_allclose(list(cand.expected_std.values()), after, rtol=1e-9)
         assert all(a < b for a, b in zip(after, std, strict=True))  # measuring always narrows
     # more charge (counts) is more information; a blind angle is worth nothing
-    more = adv.rank(OMEGAS, coverage, mean=theta, std=std, counts_scale=50.0, charge=4.0)
+    more = adv.rank(
+        OMEGAS, coverage, mean=theta, std=std, counts_scale=50.0, charge=4.0, score="fc"
+    )
     assert more.best.score > r.best.score
-    blind = adv.rank((5.0,), np.zeros((1, *coverage.shape[1:])), mean=theta, std=std)
+    blind = adv.rank((5.0,), np.zeros((1, *coverage.shape[1:])), mean=theta, std=std, score="fc")
     assert blind.best.score == pytest.approx(0.0, abs=1e-12)
     np.testing.assert_allclose(list(blind.best.expected_std.values()), std, rtol=1e-9)
 
@@ -113,7 +116,13 @@ def test_information_prior_gives_diminishing_returns(setup_ge) -> None:  # type:
     """With the information prior, what was measured counts: the angle measured most gains
     least, and its gain falls as its exposure grows."""
     adv, coverage, theta = setup_ge
-    kw = {"mean": theta, "std": 0.1 * adv.width, "counts_scale": 50.0, "prior": "information"}
+    kw = {
+        "mean": theta,
+        "std": 0.1 * adv.width,
+        "counts_scale": 50.0,
+        "prior": "information",
+        "score": "fc",
+    }
     fresh = adv.rank(OMEGAS, coverage, **kw)
     gains = {c.omega: c.score for c in fresh.candidates}
     seen = adv.rank(OMEGAS, coverage, exposure=5.0 * coverage[1], **kw)
@@ -124,3 +133,40 @@ def test_information_prior_gives_diminishing_returns(setup_ge) -> None:  # type:
     assert {c.omega: c.score for c in more.candidates}[30.0] < again[30.0]
     with pytest.raises(AdvisorError, match="prior"):
         adv.rank(OMEGAS, coverage, mean=theta, std=0.1 * adv.width, prior="bogus")
+
+
+def test_spectrum_score_is_the_per_bin_d_optimal_gain(setup_ge) -> None:  # type: ignore[no-untyped-def]
+    """The default sort: sum_b log(1 + c_b / max(C_b, floor)) over the bins with E > 0,
+    recomputed here; the FC gain and expected std are still reported; it prefers what was
+    measured least, whatever the FCs' sensitivity."""
+    adv, coverage, theta = setup_ge
+    have = 5.0 * coverage[1]
+    r = adv.rank(
+        OMEGAS, coverage, mean=theta, std=0.1 * adv.width, counts_scale=50.0, exposure=have
+    )
+    fc = adv.rank(
+        OMEGAS,
+        coverage,
+        mean=theta,
+        std=0.1 * adv.width,
+        counts_scale=50.0,
+        exposure=have,
+        score="fc",
+    )
+    assert r.basis == "spectrum-d-optimal"
+    assert "spectrum" in r.note
+    useful = np.broadcast_to(adv.g > 0, coverage.shape[1:])
+    add = coverage[:, useful]
+    floor = 1e-3 * np.median(add[add > 0])
+    expect = np.log1p(add / np.maximum(have[useful], floor)[None, :]).sum(1)
+    fc_gain = {c.omega: c.score for c in fc.candidates}
+    for cand in r.candidates:
+        assert cand.score == pytest.approx(expect[OMEGAS.index(cand.omega)], rel=1e-9)
+        assert cand.spectrum_gain == cand.score
+        assert cand.fc_gain == pytest.approx(fc_gain[cand.omega], rel=1e-12)
+        assert len(cand.expected_std) == 8
+    assert [c.score for c in r.candidates] == sorted((c.score for c in r.candidates), reverse=True)
+    assert r.candidates[-1].omega == 30.0  # the angle measured already
+    assert r.to_dict()["candidates"][0]["spectrum_gain"] == r.best.score
+    with pytest.raises(AdvisorError, match="score"):
+        adv.rank(OMEGAS, coverage, mean=theta, std=0.1 * adv.width, score="bogus")

@@ -78,7 +78,7 @@ def test_agent_drives_an_ophyd_goniometer_with_bluesky_adaptive(agent_setup) -> 
     assert "start" in documents
     assert "stop" in documents
     report = agent.report()
-    assert report["basis"] == "fisher-d-optimal"
+    assert report["basis"] == "spectrum-d-optimal"
     assert set(report["estimate"]) == set(advisor.fc_names)
     assert report["measured"] == agent.measured
     # the classic interface: the next angle is the top of the ranking among the rest

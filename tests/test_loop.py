@@ -82,7 +82,7 @@ def test_live_run_gets_advice_after_every_orientation(  # type: ignore[no-untype
     for k, advice in enumerate(loop.history, start=1):
         assert advice["n_orientations"] == k
         ranking = advice["ranking"]
-        assert ranking["basis"] == "fisher-d-optimal"
+        assert ranking["basis"] == "spectrum-d-optimal"
         assert [c["omega"] for c in ranking["candidates"]] != []
         assert set(advice["estimate"]["fc"]) == set(ranking["fc_names"])
     # the same advice on <prefix>_advice, and as a valid bluesky run on <prefix>_advice_docs

@@ -55,7 +55,7 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             assert all(e["model_version"].startswith("Ge") for e in est)
             advice = c.get(f"{base}/runs/{run_id}/advice").json()["advice"]
             assert advice
-            assert advice[-1]["basis"] in ("fisher-d-optimal", "coverage")
+            assert advice[-1]["basis"] in ("spectrum-d-optimal", "coverage")
             spec = c.get(f"{base}/runs/{run_id}/spectrum").json()
             assert spec["n_orientations"] == 4
             # each orientation's spectrum alone; together they make the run's counts
