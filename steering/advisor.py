@@ -1,4 +1,4 @@
-"""The advisor: rank the next goniometer angles by the information they would add on the FCs.
+"""The advisor: rank the next goniometer angles by the information they would add.
 
 For each candidate angle omega the instrument model gives its coverage c_b(omega) of every
 (q, E) bin b (sr meV, :meth:`consumers.folding.Folder.coverage`). Under the current FC
@@ -27,14 +27,14 @@ also reported) would favour whichever FC is worst in the chosen units. The expec
 every FC after the measurement, ``sqrt(diag((P0 + F)^-1))``, is reported too.
 
 The candidates are sorted by default by the **spectrum's D-optimal gain**: the same
-criterion for a model in which every bin's intensity is its own parameter, ``sum_b log(1 +
-c_b(omega) / max(C_b, floor))`` over the exposure C measured so far. That is what the learned
-estimator needs (it reads the whole I(q, E)); in the closed loop, sorting by the FCs' gain
-instead piles the first 15 picks onto two groups of angles and the estimate's error rises
-before it falls (``docs/advisor.md``). ``score="fc"`` sorts by the FCs' gain, which is right
-for an estimator that fits the forward model to the counts. Both gains and the expected std
-of every FC are reported for every candidate. Without an estimate yet, only the spectrum's
-gain can be computed; the output says so.
+criterion for a model in which every bin's intensity is its own parameter, ``sum_b log(1 + Q
+c_b(omega) / max(C_b, floor))`` over the exposure C measured so far (uC sr meV). That is
+what the learned estimator needs (it reads the whole I(q, E)); in the closed loop, sorting
+by the FCs' gain instead piles the first 15 picks onto two groups of angles and the
+estimate's error rises before it falls (``docs/advisor.md``). ``score="fc"`` sorts by the
+FCs' gain, which is right for an estimator that fits the forward model to the counts. Both
+gains and the expected std of every FC are reported for every candidate. Without an estimate
+yet, only the spectrum's gain can be computed; the output says so.
 
 Scoring is batched over all candidates (one matrix product for the Fisher matrices, one
 batched log-determinant): 360 candidates rank in well under a second here (see
@@ -119,7 +119,7 @@ class RankedCandidate:
     a_gain
         A-optimal gain: the drop of the trace of the covariance (domain-width units).
     spectrum_gain
-        D-optimal gain of the spectrum's bins, ``sum_b log(1 + c_b / C_b)`` (see
+        D-optimal gain of the spectrum's bins, ``sum_b log(1 + Q c_b / C_b)`` (see
         :meth:`Advisor.rank`).
     fc_gain
         D-optimal gain of the FC posterior (None without an estimate).
@@ -318,9 +318,10 @@ class Advisor:
             What the candidates are sorted by (both gains are reported):
 
             * ``"spectrum"`` (default): the D-optimal gain of the spectrum, every bin's
-              intensity its own parameter, ``sum_b log(1 + c_b / C_b)`` over the bins
-              with E > 0 (c the candidate's exposure, C what was measured, floored at
-              1e-3 of a typical orientation's). The learned estimator reads the whole
+              intensity its own parameter, ``sum_b log(1 + Q c_b / max(C_b, floor))``
+              over the bins with E > 0 (Q c the exposure the candidate adds, C what was
+              measured, the floor 1e-3 of a typical orientation's). Without an estimate
+              this is the only gain, whatever ``score`` says. The learned estimator reads the whole
               I(q, E), and the closed loop shows that it needs the spectrum measured
               evenly: sorting by the FCs' gain piles the picks onto the few angles most
               sensitive at the current estimate, and its error then rises before it

@@ -100,6 +100,8 @@ def rank_cmd(
 
     from .advisor import Advisor, candidate_omegas
 
+    if score not in ("spectrum", "fc"):
+        raise AdvisorError(f"--score must be 'spectrum' or 'fc', got {score!r}")
     ins = Instrument.arcs_like()
     omegas = candidate_omegas(*_range(candidates), ins)
     done = list(candidate_omegas(*_range(measured), ins)) if measured else []

@@ -71,6 +71,9 @@ def test_advise_rank_cli_errors_and_coverage_mode() -> None:
     empty = steer("--candidates", "10:10")
     assert empty.returncode == 2
     assert "empty" in empty.stderr
+    bogus = steer("--score", "bogus")
+    assert bogus.returncode == 2
+    assert "--score must be 'spectrum' or 'fc'" in bogus.stderr
     far = steer("--candidates", "400:420")
     assert far.returncode == 2
     assert "goniometer limits" in far.stderr
