@@ -59,11 +59,27 @@ from simulations.reference import load_reference
 
 from .exceptions import AdvisorError
 
-__all__ = ["Advisor", "RankedCandidate", "Ranking", "candidate_omegas"]
+__all__ = ["SCORES", "Advisor", "RankedCandidate", "Ranking", "candidate_omegas", "check_score"]
 
 #: a candidate counts as measured when an angle measured so far is this close (degrees): the
 #: goniometer settles within 0.01 degrees of its setpoint (the segmenter's tolerance)
 MEASURED_TOLERANCE_DEG = 0.02
+
+#: what :meth:`Advisor.rank` can sort by (its ``score``)
+SCORES = ("spectrum", "fc")
+
+
+def check_score(score: str, name: str = "score") -> None:
+    """Refuse a ``score`` that is not one of :data:`SCORES` (``name``: how the caller calls it).
+
+    Raises
+    ------
+    AdvisorError
+        An unknown score.
+    """
+    if score not in SCORES:
+        raise AdvisorError(f"{name} must be 'spectrum' or 'fc', got {score!r}")
+
 
 #: k_B in meV / K.
 K_B = 0.0861733
@@ -339,8 +355,7 @@ class Advisor:
         t0 = time.perf_counter()
         if prior not in ("model", "information"):
             raise AdvisorError(f"prior must be 'model' or 'information', got {prior!r}")
-        if score not in ("spectrum", "fc"):
-            raise AdvisorError(f"score must be 'spectrum' or 'fc', got {score!r}")
+        check_score(score)
         w = np.asarray(omegas, dtype=float).ravel()
         if len(w) == 0:
             raise AdvisorError("no candidate angles to rank (empty candidate range)")

@@ -20,6 +20,17 @@ advise_app = typer.Typer(
 )
 
 
+#: ``--score`` of ``advise rank`` and ``advise benchmark``
+ScoreOption = Annotated[
+    str,
+    typer.Option(
+        "--score",
+        help="Sort by the spectrum's D-optimal gain (spectrum: what the learned "
+        "estimator needs) or the FC posterior's (fc); both are reported.",
+    ),
+]
+
+
 def _range(spec: str) -> tuple[float, float, float]:
     try:
         parts = [float(x) for x in spec.split(":")]
@@ -78,14 +89,7 @@ def rank_cmd(
         float, typer.Option("--temperature", help="Sample temperature, K (Bose factor).")
     ] = 5.0,
     top: Annotated[int, typer.Option("--top", help="Candidates to print.")] = 10,
-    score: Annotated[
-        str,
-        typer.Option(
-            "--score",
-            help="Sort by the spectrum's D-optimal gain (spectrum: what the learned "
-            "estimator needs) or the FC posterior's (fc); both are reported.",
-        ),
-    ] = "spectrum",
+    score: ScoreOption = "spectrum",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Rank candidate angles (the instrument model's coverage of each, ARCS-like detector,
@@ -98,10 +102,9 @@ def rank_cmd(
     from simulations.materials import setup
     from simulations.reference import load_reference, resolve_fc
 
-    from .advisor import Advisor, candidate_omegas
+    from .advisor import Advisor, candidate_omegas, check_score
 
-    if score not in ("spectrum", "fc"):
-        raise AdvisorError(f"--score must be 'spectrum' or 'fc', got {score!r}")
+    check_score(score, "--score")
     ins = Instrument.arcs_like()
     omegas = candidate_omegas(*_range(candidates), ins)
     done = list(candidate_omegas(*_range(measured), ins)) if measured else []
@@ -165,14 +168,7 @@ def benchmark_cmd(
             "so far) or model (the model server's std).",
         ),
     ] = "information",
-    score: Annotated[
-        str,
-        typer.Option(
-            "--score",
-            help="Sort by the spectrum's D-optimal gain (spectrum: what the learned "
-            "estimator needs) or the FC posterior's (fc); both are reported.",
-        ),
-    ] = "spectrum",
+    score: ScoreOption = "spectrum",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Closed loop: each strategy picks orientations one at a time from the same simulated

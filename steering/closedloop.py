@@ -37,7 +37,7 @@ from numpy.typing import NDArray
 
 from consumers.accumulate import Snapshot
 
-from .advisor import Advisor
+from .advisor import Advisor, check_score
 from .exceptions import AdvisorError
 
 __all__ = ["STRATEGIES", "CandidateData", "closed_loop", "simulate_candidates", "spread_order"]
@@ -272,8 +272,7 @@ def closed_loop(
     t_start = time.perf_counter()
     for s in strategies:
         _strategy_order(s, 1, np.random.default_rng(0))  # refuse unknown names early
-    if score not in ("spectrum", "fc"):
-        raise AdvisorError(f"score must be 'spectrum' or 'fc', got {score!r}")
+    check_score(score)
     if budget < 1 or seeds < 1:
         raise AdvisorError(f"budget and seeds must be >= 1, got {budget} and {seeds}")
     omegas = np.arange(float(budget)) if candidates is None else np.asarray(candidates, float)
