@@ -48,10 +48,22 @@ from simulations.instrument import E_PER_K2, Instrument, Orientation, energy_to_
 
 from .exceptions import FoldError
 
-__all__ = ["COVERAGE_CACHE_SIZE", "DROP_REASONS", "FoldTable", "Folder", "table_cache_dir"]
+__all__ = [
+    "COVERAGE_CACHE_SIZE",
+    "COVERAGE_DISK_MB",
+    "DROP_REASONS",
+    "FoldTable",
+    "Folder",
+    "coverage_cache_dir",
+    "coverage_disk_limit",
+    "table_cache_dir",
+]
 
-#: coverages kept by :meth:`Folder.coverage` (160 kB each on the Ge grid)
+#: coverages kept in memory by :meth:`Folder.coverage` (160 kB each on the Ge grid)
 COVERAGE_CACHE_SIZE = 256
+#: default bound (MB) of the coverages kept on disk (``$STEER_COVERAGE_CACHE_MB``; 0 keeps
+#: none): about 6,000 angles of the Ge grid, the oldest set-ups are removed first
+COVERAGE_DISK_MB = 1024.0
 _COVERAGE_CACHE: OrderedDict[tuple[str, float, int, int], NDArray[np.float64]] = OrderedDict()
 _COVERAGE_LOCK = threading.Lock()
 
@@ -252,6 +264,68 @@ def table_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ins-steering"
+
+
+_MODULE_DIGEST: bytes | None = None
+
+
+def _module_digest() -> bytes:
+    """Digest of this module's source: a changed coverage or fold algorithm never reads
+    the coverages an old one wrote."""
+    global _MODULE_DIGEST
+    if _MODULE_DIGEST is None:
+        _MODULE_DIGEST = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=16).digest()
+    return _MODULE_DIGEST
+
+
+def coverage_cache_dir() -> Path:
+    """Where :meth:`Folder.coverage` keeps coverages on disk: ``coverage/`` under
+    :func:`table_cache_dir`, one folder per set-up (signature and sampling), one ``.npy`` file
+    per goniometer angle."""
+    return table_cache_dir() / "coverage"
+
+
+def coverage_disk_limit() -> float:
+    """The disk bound of the coverage cache, MB (``$STEER_COVERAGE_CACHE_MB``)."""
+    raw = os.environ.get("STEER_COVERAGE_CACHE_MB")
+    if raw is None or not raw.strip():
+        return COVERAGE_DISK_MB
+    try:
+        value = float(raw)
+    except ValueError:
+        logger.warning(
+            "STEER_COVERAGE_CACHE_MB=%r is not a number: using %s", raw, COVERAGE_DISK_MB
+        )
+        return COVERAGE_DISK_MB
+    return max(value, 0.0)
+
+
+_COVERAGE_WRITES = 0
+
+
+def _prune_coverage_disk(root: Path, limit_mb: float) -> None:
+    """Remove the least recently written set-up folders until ``root`` holds at most
+    ``limit_mb`` (the newest folder is kept whole)."""
+    try:
+        setups = []
+        for d in root.iterdir():
+            if d.is_dir():
+                files = [f.stat() for f in d.iterdir()]
+                newest = max((f.st_mtime for f in files), default=d.stat().st_mtime)
+                setups.append((newest, sum(f.st_size for f in files), d))
+        total = sum(size for _, size, _ in setups)
+        for _, size, d in sorted(setups, key=lambda x: x[0])[:-1]:
+            if total <= limit_mb * 1e6:
+                break
+            for f in d.iterdir():
+                f.unlink(missing_ok=True)
+            d.rmdir()
+            total -= size
+            logger.info(
+                "coverage cache: removed %s (%.1f MB) to stay under %s MB", d, size / 1e6, limit_mb
+            )
+    except OSError as exc:  # another process pruning at the same time, a read-only disk
+        logger.warning("coverage cache %s not pruned: %s", root, exc)
 
 
 def _table_key(crystal: Crystal, grid: Grid, tolerance: float, voxels: int) -> str:
@@ -642,9 +716,11 @@ class Folder:
     @property
     def signature(self) -> str:
         """Digest of everything a coverage depends on (the table, the grid's energy bins,
-        the detector, the UB, Ei): equal signatures give equal coverages."""
+        the detector, the UB, Ei, and this module's code): equal signatures give equal
+        coverages."""
         if self._signature is None:
             h = hashlib.blake2b(digest_size=16)
+            h.update(_module_digest())
             for f in fields(self.table):
                 h.update(f.name.encode())
                 h.update(np.ascontiguousarray(getattr(self.table, f.name)).tobytes())
@@ -813,10 +889,19 @@ class Folder:
         and averages down over orientations. Thread-safe (it holds no state), and the
         kernel releases the GIL, so that it runs beside the consumer's Python work.
 
-        Coverages are kept in a process-wide cache (the last :data:`COVERAGE_CACHE_SIZE`,
-        keyed by :attr:`signature`, angle and sampling), so that the service computes each
-        angle once for the advisor's candidates and the consumer's exposure; ``cache=False``
-        computes afresh (benchmarks). A copy is returned.
+        Coverages are cached, keyed by :attr:`signature` (which includes this module's
+        code), angle and sampling: in memory for the process (the last
+        :data:`COVERAGE_CACHE_SIZE`), so that the service computes each angle once for the
+        advisor's candidates and the consumer's exposure, and on disk under
+        :func:`coverage_cache_dir` (bounded by ``$STEER_COVERAGE_CACHE_MB``, default
+        :data:`COVERAGE_DISK_MB`), so that a coverage depends only on the set-up and is
+        computed once per machine, like the fold table: the next run of a set-up, a
+        restarted consumer, ``steer fold`` of a recorded run, or every run after
+        ``steer coverage`` read it (1 ms against 0.3 s). The files hold the float64 values
+        as computed, so a read gives bitwise the same exposure. A file that cannot be read
+        or does not fit is recomputed and rewritten; one that cannot be written is only
+        logged. ``cache=False`` computes afresh and touches neither (benchmarks). A copy
+        is returned.
         """
         omega = float(omega)
         if not np.isfinite(omega):
@@ -828,6 +913,10 @@ class Folder:
                 if hit is not None:
                     _COVERAGE_CACHE.move_to_end(key)
                     return hit.copy()
+            stored = self._read_coverage(key)
+            if stored is not None:
+                self._remember(key, stored)
+                return stored
         n_sub = self.grid.n_e * e_substeps
         de = self._de / e_substeps
         energies = self._e0 + (np.arange(n_sub) + 0.5) * de
@@ -864,8 +953,80 @@ class Folder:
         )
         out = np.asarray(hist.reshape(self.grid.shape)[self.table.alias])
         if cache:
-            with _COVERAGE_LOCK:
-                _COVERAGE_CACHE[key] = out.copy()
-                while len(_COVERAGE_CACHE) > COVERAGE_CACHE_SIZE:
-                    _COVERAGE_CACHE.popitem(last=False)
+            self._remember(key, out)
+            self._write_coverage(key, out)
         return out
+
+    def on_disk(self, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2) -> bool:
+        """Whether the disk cache holds a usable coverage of this set-up at ``omega``."""
+        key = (self.signature, float(omega), int(e_substeps), int(pixel_stride))
+        return self._read_coverage(key) is not None
+
+    @staticmethod
+    def _remember(key: tuple[str, float, int, int], coverage: NDArray[np.float64]) -> None:
+        """Keep a copy of a coverage in the process-wide cache."""
+        with _COVERAGE_LOCK:
+            _COVERAGE_CACHE[key] = coverage.copy()
+            while len(_COVERAGE_CACHE) > COVERAGE_CACHE_SIZE:
+                _COVERAGE_CACHE.popitem(last=False)
+
+    @staticmethod
+    def _coverage_path(key: tuple[str, float, int, int]) -> Path:
+        """The disk cache's file of a coverage (the angle written exactly, as a float hex)."""
+        signature, omega, e_substeps, pixel_stride = key
+        return (
+            coverage_cache_dir()
+            / f"{signature}-e{e_substeps}-p{pixel_stride}"
+            / f"omega{float(omega).hex()}.npy"
+        )
+
+    def _read_coverage(self, key: tuple[str, float, int, int]) -> NDArray[np.float64] | None:
+        """The disk cache's coverage for ``key``, or None (absent, or unusable: logged)."""
+        if coverage_disk_limit() <= 0:
+            return None
+        path = self._coverage_path(key)
+        try:
+            out = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # a damaged file: recompute and overwrite it
+            logger.warning("coverage cache %s unreadable (%s): recomputing", path, exc)
+            return None
+        if (
+            out.shape != self.grid.shape
+            or out.dtype != np.float64
+            or not np.all(np.isfinite(out) & (out >= 0))
+        ):
+            logger.warning(
+                "coverage cache %s holds a %s %s array, not a finite non-negative %s float64 "
+                "one: recomputing",
+                path,
+                out.shape,
+                out.dtype,
+                self.grid.shape,
+            )
+            return None
+        return np.ascontiguousarray(out)
+
+    def _write_coverage(
+        self, key: tuple[str, float, int, int], coverage: NDArray[np.float64]
+    ) -> None:
+        """Write a coverage to the disk cache atomically (a reader sees all or nothing)."""
+        global _COVERAGE_WRITES
+        limit = coverage_disk_limit()
+        if limit <= 0:
+            return
+        path = self._coverage_path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
+            np.save(tmp, coverage, allow_pickle=False)
+            os.replace(tmp, path)
+        except OSError as exc:
+            logger.warning("coverage not cached in %s: %s", path.parent, exc)
+            return
+        with _COVERAGE_LOCK:
+            _COVERAGE_WRITES += 1
+            check = _COVERAGE_WRITES % 64 == 1
+        if check:
+            _prune_coverage_disk(path.parent.parent, limit)

@@ -24,6 +24,7 @@ from simulations.recording import RecordedMessage, RunReader, RunWriter
 from .exceptions import ConsumerError
 
 __all__ = [
+    "END_OFFSETS_MAX_AGE_S",
     "SECURITY_ENV",
     "SUFFIXES",
     "EmbeddedBroker",
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: Topic suffixes of an instrument prefix.
 SUFFIXES = ("runInfo", "motion", "events", "bluesky")
+#: :meth:`KafkaSource.caught_up` trusts the end offsets it fetched for this long (s)
+END_OFFSETS_MAX_AGE_S = 2.0
 
 
 def topics_for(prefix: str) -> list[str]:
@@ -305,6 +308,8 @@ class KafkaSource:
             for p in there:
                 parts.append(TopicPartition(t, p))
         self._parts = parts
+        self._ends: dict[tuple[str, int], int] | None = None  # see caught_up
+        self._ends_at = 0.0
         self._consumer.assign(parts)
         self._consumer.seek_to_beginning(*parts)
         self._tp = TopicPartition
@@ -343,8 +348,24 @@ class KafkaSource:
             logger.warning("offset commit failed (checkpoint keeps them): %s", exc)
 
     def caught_up(self, offsets: dict[tuple[str, int], int]) -> bool:
+        """Whether ``offsets`` reached every partition's end offset.
+
+        The end offsets are a broker round trip (tens of ms); a partition's end only
+        grows, so while ``offsets`` lie below the ends last fetched (within
+        :data:`END_OFFSETS_MAX_AGE_S`, in case a topic was recreated) the answer is no
+        without asking: a consumer catching up asks about once.
+        """
+        now = time.monotonic()
+        if (
+            self._ends is not None
+            and now - self._ends_at < END_OFFSETS_MAX_AGE_S
+            and any(offsets.get(key, 0) < end for key, end in self._ends.items())
+        ):
+            return False
         ends = self._consumer.end_offsets(self._parts)
-        return all(offsets.get((tp.topic, tp.partition), 0) >= end for tp, end in ends.items())
+        self._ends = {(tp.topic, tp.partition): int(end) for tp, end in ends.items()}
+        self._ends_at = now
+        return all(offsets.get(key, 0) >= end for key, end in self._ends.items())
 
     def close(self) -> None:
         self._consumer.close()

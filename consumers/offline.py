@@ -8,15 +8,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from simulations.recording import RunReader
 
 from .accumulate import RunAccumulator
 from .exceptions import FoldError
+from .folding import Folder, coverage_cache_dir, coverage_disk_limit
 from .pipeline import MalformedMessage, RunPipeline, schema_of
+from .wire import decode_f144, loads_json
 
-__all__ = ["fold_recorded_run"]
+__all__ = ["fold_recorded_run", "precompute_coverages", "run_setup"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,4 +190,67 @@ def dispersion_check(
         "columns_checked": int(checked.sum()),
         "columns_on_branch": int(on_branch.sum()),
         "fraction_on_branch": float(on_branch.sum() / max(1, checked.sum())),
+    }
+
+
+def run_setup(
+    path: str | Path, *, mode: str = "auto", tolerance: float = 0.05, voxels: int = 96
+) -> tuple[Folder, list[float]]:
+    """The folder of a recorded run's set-up (its run start: material, instrument, UB, Ei)
+    and the goniometer angles it counted at, in order (the omega log's setpoints and the
+    bluesky Event documents' omegas, by the segmentation ``mode`` as the consumer chooses
+    it; each once). Event data are not read."""
+    pipe = RunPipeline(mode=mode, tolerance=tolerance, voxels=voxels)
+    setpoints: dict[float, None] = {}
+    events: dict[float, None] = {}
+    with RunReader(path) as reader:
+        for msg in reader:
+            schema = schema_of(msg.headers, msg.payload)
+            try:
+                if schema == "pl72" and pipe.folder is None:
+                    pipe.handle(schema, msg.payload, msg.timestamp_ns)
+                elif schema == "f144":
+                    source, value, _ = decode_f144(msg.payload)
+                    if source == "omega_setpoint" and np.isfinite(float(value)):  # type: ignore[arg-type]
+                        setpoints[float(value)] = None  # type: ignore[arg-type]
+                elif schema == "bluesky-json":
+                    name, doc = loads_json(msg.payload)
+                    if name == "event" and np.isfinite(float(doc["data"]["omega"])):
+                        events[float(doc["data"]["omega"])] = None
+            except Exception as exc:  # the consumer would dead-letter it: so do we
+                logger.warning("%s: message on %s skipped: %s", path, msg.topic, exc)
+    pipe.close()
+    if pipe.folder is None:
+        raise FoldError(f"{path}: no usable run start (pl72) found")
+    assert pipe.segmenter is not None
+    return pipe.folder, list(events if pipe.segmenter.mode == "bluesky" else setpoints)
+
+
+def precompute_coverages(
+    folder: Folder, angles: list[float], *, progress: bool = True
+) -> dict[str, object]:
+    """Put the coverage of every angle of ``folder``'s set-up into the disk cache (see
+    :meth:`Folder.coverage`), so that the consumers of its runs read them and compute
+    none. Returns ``{"angles", "computed", "already_cached", "seconds", "cache_dir",
+    "signature"}``."""
+    if coverage_disk_limit() <= 0:
+        raise FoldError(
+            "the disk cache of coverages is off (STEER_COVERAGE_CACHE_MB=0): nothing to fill"
+        )
+    t0 = time.perf_counter()
+    computed = 0
+    for omega in tqdm(angles, desc="coverage", unit="angle", disable=not progress):
+        if not np.isfinite(omega):
+            raise FoldError(f"goniometer angle must be finite, got {omega}")
+        if folder.on_disk(omega):
+            continue
+        folder.coverage(float(omega))
+        computed += 1
+    return {
+        "angles": len(angles),
+        "computed": computed,
+        "already_cached": len(angles) - computed,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "cache_dir": str(coverage_cache_dir()),
+        "signature": folder.signature,
     }

@@ -6,7 +6,8 @@ flatbuffers accessors cost tens of microseconds each. :func:`decode_f144` reads 
 fields of a scalar f144 ``LogData`` table (``source_name``, ``timestamp``, ``value``) with
 precompiled ``struct`` readers: the same reads the generated flatbuffers code makes, and the
 same results (checked against the library, including corrupted buffers, in
-``tests/test_wire.py``). Anything else (array values, a buffer the fast path cannot read)
+``tests/test_wire.py``). A layout seen before (a producer repeats its own) is recognised by
+a byte comparison and only its value and timestamp are read. Anything else (array values, a buffer the fast path cannot read)
 goes to ``streaming_data_types.logdata_f144.deserialise_f144``, so errors stay the
 library's. :func:`decode_ev44` does the same for the four arrays of an ev44 event message
 (numpy views into the buffer, as the library gives), with ``deserialise_ev44`` behind it.
@@ -14,6 +15,7 @@ library's. :func:`decode_ev44` does the same for the four arrays of an ev44 even
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from typing import Any
@@ -58,6 +60,7 @@ _I64 = struct.Struct("<q").unpack_from
 _SCALARS = {
     code: struct.Struct("<" + fmt).unpack_from for code, fmt in enumerate("bBhHiIqQfd", start=1)
 }
+_SIZES = {code: struct.calcsize("<" + fmt) for code, fmt in enumerate("bBhHiIqQfd", start=1)}
 
 
 def _field(buf: bytes, table: int, vtable: int, vt_size: int, slot: int) -> int:
@@ -77,17 +80,66 @@ def _table(buf: bytes, pos: int) -> tuple[int, int]:
     return vtable, _U16(buf, vtable)[0]
 
 
+#: f144 layouts seen, the latest few per buffer length: (the slices outside the value and
+#: timestamp, their bytes, value position, value reader, timestamp position, source name);
+#: see :func:`decode_f144`
+_Layout = tuple[tuple[slice, ...], tuple[bytes, ...], int, Any, int, str]
+_F144_LAYOUTS: dict[int, tuple[_Layout, ...]] = {}
+_F144_LAYOUTS_MAX = 64
+_F144_PER_LENGTH = 4
+#: messages decoded by a known layout (tests check that the shortcut is taken)
+f144_layout_hits = 0
+
+
+def _f144_layout(
+    buf: bytes,
+    spans: list[tuple[int, int]],
+    value: tuple[int, int],
+    time: tuple[int, int],
+    read: Any,
+    name: str,
+) -> None:
+    """Remember the layout of a decoded scalar f144 buffer whose value and timestamp bytes
+    overlap none of the bytes its decoding read (``spans``: the offsets, vtables, union
+    type and source name), so that a buffer equal to it outside those two fields decodes
+    to the same name with its own value and timestamp."""
+    (v0, v1), (t0, t1) = value, time
+    if v1 > t0 and t1 > v0:
+        return
+    for a, b in spans:
+        if (a < v1 and v0 < b) or (a < t1 and t0 < b):
+            return
+    (a0, a1), (b0, b1) = sorted((value, time))
+    cuts = (slice(0, a0), slice(a1, b0), slice(b1, len(buf)))
+    if len(_F144_LAYOUTS) >= _F144_LAYOUTS_MAX:
+        with contextlib.suppress(StopIteration, RuntimeError):  # another thread's doing it
+            _F144_LAYOUTS.pop(next(iter(_F144_LAYOUTS)), None)
+    same_length = _F144_LAYOUTS.get(len(buf), ())[: _F144_PER_LENGTH - 1]
+    layout = (cuts, tuple(buf[c] for c in cuts), v0, read, t0, name)
+    _F144_LAYOUTS[len(buf)] = (layout, *same_length)
+
+
 def decode_f144(buf: bytes) -> tuple[str, int | float | object, int]:
     """``(source_name, value, timestamp_unix_ns)`` of an f144 message.
 
     ``value`` is a Python int or float for the scalar value types (what the library's
     ``LogData.value`` is for them) and the library's numpy array for array types.
 
+    A producer sends the same log with the same layout every time: a buffer whose bytes
+    equal those of one decoded before (same length) everywhere except its value and
+    timestamp fields takes the same decisions, so those two fields are read directly.
+    Layouts whose fields overlap the bytes that decide are never remembered.
+
     Raises
     ------
     Exception
         Whatever ``deserialise_f144`` raises for a buffer it cannot read.
     """
+    global f144_layout_hits
+    for cuts, parts, v0, read, t0, name in _F144_LAYOUTS.get(len(buf), ()):
+        if buf[cuts[0]] == parts[0] and buf[cuts[1]] == parts[1] and buf[cuts[2]] == parts[2]:
+            f144_layout_hits += 1
+            return name, read(buf, v0)[0], _I64(buf, t0)[0]
     try:
         if len(buf) < 8 or buf[4:8] != b"f144":
             raise IndexError("not an f144 buffer")
@@ -105,6 +157,7 @@ def decode_f144(buf: bytes) -> tuple[str, int | float | object, int]:
         value = read(buf, p_scalar)[0] if p_scalar else (0.0 if code >= 9 else 0)
         p_name = _field(buf, root, vtable, vt_size, 0)
         name = ""
+        start = length = 0
         if p_name:
             start = p_name + _U32(buf, p_name)[0]
             length = _U32(buf, start)[0]
@@ -113,6 +166,25 @@ def decode_f144(buf: bytes) -> tuple[str, int | float | object, int]:
             name = bytes(buf[start + 4 : start + 4 + length]).decode()
         p_time = _field(buf, root, vtable, vt_size, 1)
         timestamp = _I64(buf, p_time)[0] if p_time else 0
+        if p_scalar and p_time and p_name and type(buf) is bytes:
+            _f144_layout(
+                buf,
+                [
+                    (0, 8),
+                    (root, root + 4),
+                    (vtable, vtable + vt_size),
+                    (p_type, p_type + 1),
+                    (p_value, p_value + 4),
+                    (value_pos, value_pos + 4),
+                    (v_vtable, v_vtable + v_size),
+                    (p_name, p_name + 4),
+                    (start, start + 4 + length),
+                ],
+                (p_scalar, p_scalar + _SIZES[code]),
+                (p_time, p_time + 8),
+                read,
+                name,
+            )
         return name, value, timestamp
     except (struct.error, IndexError, UnicodeDecodeError):
         log = deserialise_f144(buf)

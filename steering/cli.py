@@ -387,6 +387,84 @@ def fold(
     _emit(summary, as_json)
 
 
+def _vector(spec: str, name: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in spec.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or not all(np.isfinite(parts)):
+        raise SteeringError(f"{name} {spec!r}: give three numbers h,k,l")
+    return parts  # type: ignore[return-value]
+
+
+@app.command("coverage")
+def coverage_cmd(
+    run: Annotated[
+        Path | None,
+        typer.Option(
+            "--run",
+            help="Recorded run (.steer): its set-up (run start) and the angles it counted at.",
+        ),
+    ] = None,
+    material: Annotated[
+        str, typer.Option("--material", "-m", help="Shipped material (without --run).")
+    ] = "Ge",
+    angles: Annotated[
+        str | None,
+        typer.Option(
+            "--angles",
+            help="Goniometer angles start:stop[:step], degrees, below stop as the "
+            "advisor's candidates (default: the run's angles with --run, else 0:120:1).",
+        ),
+    ] = None,
+    ei: Annotated[
+        float | None, typer.Option("--ei", help="Incident energy, meV (material's default).")
+    ] = None,
+    u: Annotated[str, typer.Option("--u", help="Mounting: u (along the beam at omega 0).")] = (
+        "1,0,0"
+    ),
+    v: Annotated[str, typer.Option("--v", help="Mounting: v (in the horizontal plane).")] = (
+        "0,1,0"
+    ),
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Distance to the q-path, 1/A.")
+    ] = 0.05,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compute a set-up's coverages (exposure per unit charge) of its goniometer angles into
+    the disk cache, before the run: its consumers then read them and compute none. Without
+    --run: the ARCS-like instrument of the simulated runs."""
+    from consumers.folding import Folder, FoldTable
+    from consumers.offline import precompute_coverages, run_setup
+    from simulations.instrument import Instrument, Orientation
+    from simulations.materials import setup
+
+    from .advisor import candidate_omegas
+    from .cli_advise import _range
+
+    if run is not None:
+        folder, run_angles = run_setup(run, tolerance=tolerance)
+    else:
+        ms = setup(material)
+        energy = float(ei if ei is not None else ms.defaults.ei)
+        orientation = Orientation.from_vectors(ms.crystal, _vector(u, "--u"), _vector(v, "--v"))
+        if not np.all(np.isfinite(orientation.ub)):
+            raise SteeringError(f"--u {u} and --v {v} give no UB matrix (parallel?)")
+        table = FoldTable.cached(ms.crystal, ms.grid, tolerance=tolerance)
+        folder = Folder(table, ms.grid, Instrument.arcs_like(), orientation, energy)
+        run_angles = []
+    if angles is not None or run is None:
+        # the advisor's candidates: the same angles, the same checks
+        grid = candidate_omegas(*_range(angles or "0:120:1"), folder.instrument)
+        todo = [float(x) for x in grid]
+    else:
+        todo = run_angles
+    if not todo:
+        raise SteeringError("no angles: the run has none; give --angles")
+    _emit(precompute_coverages(folder, todo, progress=not quiet), as_json)
+
+
 BootstrapOpt = Annotated[
     str, typer.Option("--bootstrap", envvar="STEER_KAFKA_BOOTSTRAP", help="Kafka host:port.")
 ]

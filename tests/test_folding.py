@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -411,6 +412,89 @@ def test_pixel_table_ids_fold_like_their_rows(ge, ge_table, tmp_path, spread) ->
     ref = ReferenceBinning(ge.crystal, ge.grid, 0.05)
     np.testing.assert_array_equal(counts, ref.histogram(orientation.lab_to_rlu(q_lab, 40.0), e))
     assert dropped[3] == unknown.sum()
+
+
+def test_coverage_disk_cache(ge, ge_table, tmp_path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Coverages are kept on disk per set-up: a new process (here: an empty memory cache)
+    reads bitwise the values computed; a damaged file is recomputed and rewritten; a cache
+    bound of 0 keeps nothing on disk; the folder is pruned to its bound."""
+    import consumers.folding as folding
+
+    monkeypatch.setenv("STEER_CACHE_DIR", str(tmp_path))
+    ins = Instrument.arcs_like(n_columns=80, n_rows=48)
+    orientation = Orientation.from_vectors(ge.crystal, (1, 0, 0), (0, 1, 0))
+    folder = Folder(ge_table, ge.grid, ins, orientation, EI)
+    fresh = folder.coverage(33.0, cache=False)
+    assert not folder.on_disk(33.0)
+    first = folder.coverage(33.0)
+    files = list((tmp_path / "coverage").rglob("*.npy"))
+    assert len(files) == 1
+    assert folder.on_disk(33.0)
+    folding._COVERAGE_CACHE.clear()
+    np.testing.assert_array_equal(
+        Folder(ge_table, ge.grid, ins, orientation, EI).coverage(33.0), fresh
+    )
+    np.testing.assert_array_equal(first, fresh)
+    # damaged: garbage, then the wrong shape: recomputed, said, rewritten
+    for damage in (b"not a numpy file", None):
+        if damage is None:
+            np.save(files[0], np.ones((3, 3)))
+        else:
+            files[0].write_bytes(damage)
+        folding._COVERAGE_CACHE.clear()
+        caplog.clear()
+        np.testing.assert_array_equal(folder.coverage(33.0), fresh)
+        assert "recomputing" in caplog.text
+        np.testing.assert_array_equal(np.load(files[0]), fresh)
+    # off
+    monkeypatch.setenv("STEER_COVERAGE_CACHE_MB", "0")
+    folder.coverage(34.0)
+    assert not folder.on_disk(34.0)
+    assert len(list((tmp_path / "coverage").rglob("*.npy"))) == 1
+    # pruned: a second set-up pushes the first out under a bound smaller than both
+    monkeypatch.setenv("STEER_COVERAGE_CACHE_MB", "0.2")
+    other = Folder(ge_table, ge.grid, ins, orientation, EI + 5.0)
+    other.coverage(33.0)
+    other.coverage(34.0)
+    folding._prune_coverage_disk(tmp_path / "coverage", 0.2)
+    assert not folder.on_disk(33.0)
+    assert other.on_disk(34.0)
+
+
+def test_steer_coverage_precomputes_a_runs_angles(make_small_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`steer coverage --run` fills the disk cache with the run's angles, which the
+    offline fold then reads (same exposure as computed afresh)."""
+    import consumers.folding as folding
+    from consumers.offline import run_setup
+
+    run, _, _ = make_small_run(tmp_path / "run.steer", (0.0, 5.0, 10.0), seed=2)
+    monkeypatch.setenv("STEER_CACHE_DIR", str(tmp_path))
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "steering.cli", "coverage", "--run", str(run), "--json", "--quiet"]
+    out = json.loads(
+        subprocess.run(cmd, env=env, capture_output=True, check=True, text=True).stdout
+    )
+    folder, angles = run_setup(run)
+    assert out["angles"] == len(angles) > 0
+    assert out["computed"] == len(angles)
+    assert out["signature"] == folder.signature
+    again = json.loads(
+        subprocess.run(cmd, env=env, capture_output=True, check=True, text=True).stdout
+    )
+    assert again["computed"] == 0
+    assert again["already_cached"] == len(angles)
+    bad = subprocess.run(
+        [sys.executable, "-m", "steering.cli", "coverage", "--angles", "0:400:1", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "goniometer limits" in bad.stderr
+    folding._COVERAGE_CACHE.clear()
+    for omega in angles:
+        on_disk = np.load(folding.Folder._coverage_path((folder.signature, omega, 4, 2)))
+        np.testing.assert_array_equal(on_disk, folder.coverage(omega, cache=False))
 
 
 def test_coverage_cache(ge, ge_table) -> None:  # type: ignore[no-untyped-def]

@@ -77,6 +77,27 @@ def test_fast_f144_equals_the_library(seed: int) -> None:
     assert n_corrupt > 100  # the corruptions do make the library fail often
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_known_f144_layouts_decode_as_the_library(seed: int) -> None:
+    """A producer's repeated layout is read by the shortcut; a byte changed anywhere
+    (inside the value or timestamp or in what decides the layout) still gives exactly
+    what the library gives."""
+    import consumers.wire as wire
+
+    rng = np.random.default_rng(100 + seed)
+    hits = wire.f144_layout_hits
+    names = ("proton_charge", "omega", "omega_setpoint")
+    for i in range(3000):
+        name = names[i % 3]
+        value: object = float(rng.normal() * 30.0) if i % 2 else int(rng.integers(-(2**40), 2**40))
+        buf = bytearray(serialise_f144(name, value, int(rng.integers(0, 2**62))))
+        if i % 4 == 3:  # corrupt a byte anywhere
+            buf[int(rng.integers(0, len(buf)))] = int(rng.integers(0, 256))
+        fast, lib = _fast(bytes(buf)), _library(bytes(buf))
+        assert _same(fast, lib), (bytes(buf).hex(), fast, lib)
+    assert wire.f144_layout_hits - hits > 1500  # the shortcut is taken
+
+
 def test_fast_f144_is_used_for_the_scalar_logs() -> None:
     buf = bytes(serialise_f144("proton_charge", 2.5, 17))
     assert decode_f144(buf) == ("proton_charge", 2.5, 17)
