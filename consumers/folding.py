@@ -906,7 +906,7 @@ class Folder:
         omega = float(omega)
         if not np.isfinite(omega):
             raise FoldError(f"goniometer angle must be finite, got {omega}")
-        key = (self.signature, omega, int(e_substeps), int(pixel_stride))
+        key = self._coverage_key(omega, e_substeps, pixel_stride)
         if cache:
             with _COVERAGE_LOCK:
                 hit = _COVERAGE_CACHE.get(key)
@@ -959,8 +959,13 @@ class Folder:
 
     def on_disk(self, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2) -> bool:
         """Whether the disk cache holds a usable coverage of this set-up at ``omega``."""
-        key = (self.signature, float(omega), int(e_substeps), int(pixel_stride))
-        return self._read_coverage(key) is not None
+        return self._read_coverage(self._coverage_key(omega, e_substeps, pixel_stride)) is not None
+
+    def _coverage_key(
+        self, omega: float, e_substeps: int, pixel_stride: int
+    ) -> tuple[str, float, int, int]:
+        """Key of a coverage in both caches: set-up, angle and sampling."""
+        return (self.signature, float(omega), int(e_substeps), int(pixel_stride))
 
     @staticmethod
     def _remember(key: tuple[str, float, int, int], coverage: NDArray[np.float64]) -> None:

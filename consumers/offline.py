@@ -240,9 +240,7 @@ def precompute_coverages(
     t0 = time.perf_counter()
     computed = 0
     for omega in tqdm(angles, desc="coverage", unit="angle", disable=not progress):
-        if not np.isfinite(omega):
-            raise FoldError(f"goniometer angle must be finite, got {omega}")
-        if folder.on_disk(omega):
+        if folder.on_disk(omega):  # Folder.coverage refuses a non-finite angle
             continue
         folder.coverage(float(omega))
         computed += 1
