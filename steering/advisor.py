@@ -59,7 +59,17 @@ from simulations.reference import load_reference
 
 from .exceptions import AdvisorError
 
-__all__ = ["SCORES", "Advisor", "RankedCandidate", "Ranking", "candidate_omegas", "check_score"]
+__all__ = [
+    "SCORES",
+    "WEIGHTINGS",
+    "Advisor",
+    "RankedCandidate",
+    "Ranking",
+    "candidate_omegas",
+    "check_score",
+    "check_weighting",
+    "scarcity_weights",
+]
 
 #: a candidate counts as measured when an angle measured so far is this close (degrees): the
 #: goniometer settles within 0.01 degrees of its setpoint (the segmenter's tolerance)
@@ -67,6 +77,9 @@ MEASURED_TOLERANCE_DEG = 0.02
 
 #: what :meth:`Advisor.rank` can sort by (its ``score``)
 SCORES = ("spectrum", "fc")
+
+#: how :meth:`Advisor.rank` weighs the bins of the spectrum's gain (its ``weighting``)
+WEIGHTINGS = ("scarcity", "uniform")
 
 
 def check_score(score: str, name: str = "score") -> None:
@@ -79,6 +92,42 @@ def check_score(score: str, name: str = "score") -> None:
     """
     if score not in SCORES:
         raise AdvisorError(f"{name} must be 'spectrum' or 'fc', got {score!r}")
+
+
+def check_weighting(weighting: str, name: str = "weighting") -> None:
+    """Refuse a ``weighting`` that is not one of :data:`WEIGHTINGS`.
+
+    Raises
+    ------
+    AdvisorError
+        An unknown weighting.
+    """
+    if weighting not in WEIGHTINGS:
+        raise AdvisorError(f"{name} must be 'scarcity' or 'uniform', got {weighting!r}")
+
+
+def scarcity_weights(coverage: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Weights of the bins by how few candidates reach them.
+
+    Parameters
+    ----------
+    coverage
+        (n_c, n_b) coverage of every candidate (sr meV), bins flattened.
+
+    Returns
+    -------
+    (n_b,) ``w_b = 1 / sum_c coverage[c, b]``, scaled to mean 1 over the bins some candidate
+    reaches; 0 where none does. A bin that only a few angles of the range reach weighs much,
+    one that every angle reaches little.
+    """
+    cov = np.asarray(coverage, dtype=float)
+    total = cov.sum(axis=0)
+    reached = total > 0
+    w = np.zeros(total.shape)
+    w[reached] = 1.0 / total[reached]
+    if reached.any():
+        w /= w[reached].mean()
+    return w
 
 
 #: k_B in meV / K.
@@ -187,6 +236,8 @@ class Ranking:
         kappa (counts per uC per sr meV per unit of g I), fitted or given.
     seconds
         Time the ranking took.
+    weighting
+        How the spectrum's gain weighs the bins: ``"scarcity"`` or ``"uniform"``.
     """
 
     candidates: tuple[RankedCandidate, ...]
@@ -196,6 +247,7 @@ class Ranking:
     current_std: dict[str, float] = field(default_factory=dict)
     counts_scale: float | None = None
     seconds: float = 0.0
+    weighting: str = "scarcity"
 
     @property
     def best(self) -> RankedCandidate:
@@ -207,6 +259,7 @@ class Ranking:
         cands = self.candidates if top is None else self.candidates[:top]
         return {
             "basis": self.basis,
+            "weighting": self.weighting,
             "note": self.note,
             "fc_names": list(self.fc_names),
             "current_std": self.current_std,
@@ -301,6 +354,7 @@ class Advisor:
         counts_scale: float | None = None,
         prior: str = "model",
         score: str = "spectrum",
+        weighting: str = "scarcity",
     ) -> Ranking:
         """Rank candidate angles.
 
@@ -345,17 +399,29 @@ class Advisor:
             * ``"fc"``: the D-optimal gain of the FC posterior (Fisher information of the
               Poisson counts, above): the ideal observer's choice, for an estimator that
               fits the forward model to the counts.
+        weighting
+            How the spectrum's gain weighs its bins:
+
+            * ``"scarcity"`` (default): bin b by ``1 / sum_c c_b(omega_c)``, the inverse of
+              the coverage all the candidates passed give it (:func:`scarcity_weights`), so
+              that the bins only a few angles of the range reach are measured first; bins
+              that every angle reaches fill up whatever is picked. Pass every candidate of
+              the run, measured ones too (``measured`` marks them), so that the weights
+              describe the whole range.
+            * ``"uniform"``: every bin weighs the same.
 
         Raises
         ------
         AdvisorError
             No candidates, coverages of the wrong shape or not finite, an estimate with
-            the wrong number of FCs or a non-positive std.
+            the wrong number of FCs or a non-positive std, an unknown score, weighting
+            or prior.
         """
         t0 = time.perf_counter()
         if prior not in ("model", "information"):
             raise AdvisorError(f"prior must be 'model' or 'information', got {prior!r}")
         check_score(score)
+        check_weighting(weighting)
         w = np.asarray(omegas, dtype=float).ravel()
         if len(w) == 0:
             raise AdvisorError("no candidate angles to rank (empty candidate range)")
@@ -384,7 +450,11 @@ class Advisor:
         # precision grows with its exposure
         add = cov[:, useful] * charge  # exposure each candidate would add (uC sr meV)
         floor = 1e-3 * float(np.median(add[add > 0])) if np.any(add > 0) else 1.0
-        spectrum_gain = np.log1p(add / np.maximum(have[useful], floor)[None, :]).sum(1)
+        per_bin = np.log1p(add / np.maximum(have[useful], floor)[None, :])
+        if weighting == "scarcity":
+            spectrum_gain = per_bin @ scarcity_weights(cov[:, useful])
+        else:
+            spectrum_gain = per_bin.sum(1)
         if mean is None:
             gain = spectrum_gain
             ranked = [
@@ -403,8 +473,10 @@ class Advisor:
             return Ranking(
                 candidates=tuple(ranked),
                 basis="coverage",
+                weighting=weighting,
                 note="no FC estimate yet: ranked by expected coverage alone (the exposure "
-                "each angle adds where little has been measured)",
+                "each angle adds where little has been measured"
+                + (", most where few angles reach)" if weighting == "scarcity" else ")"),
                 fc_names=self.fc_names,
                 seconds=time.perf_counter() - t0,
             )
@@ -495,7 +567,9 @@ class Advisor:
             basis = "spectrum-d-optimal"
             note = (
                 "ranked by the expected D-optimal gain of the spectrum (every bin's intensity "
-                "its own parameter); the FC posterior each pick would give is reported beside"
+                "its own parameter"
+                + (", bins that few angles reach weighing most" if weighting == "scarcity" else "")
+                + "); the FC posterior each pick would give is reported beside"
             )
         else:
             basis = "fisher-d-optimal"
@@ -506,6 +580,7 @@ class Advisor:
         return Ranking(
             candidates=tuple(ranked),
             basis=basis,
+            weighting=weighting,
             note=note,
             fc_names=self.fc_names,
             current_std={n: float(x) for n, x in zip(self.fc_names, current, strict=True)},

@@ -31,6 +31,17 @@ ScoreOption = Annotated[
 ]
 
 
+#: ``--weighting`` of ``advise rank`` and ``advise benchmark``
+WeightingOption = Annotated[
+    str,
+    typer.Option(
+        "--weighting",
+        help="How the spectrum's gain weighs its bins: scarcity (bins that few candidate "
+        "angles reach weigh most) or uniform.",
+    ),
+]
+
+
 def _range(spec: str) -> tuple[float, float, float]:
     try:
         parts = [float(x) for x in spec.split(":")]
@@ -90,6 +101,7 @@ def rank_cmd(
     ] = 5.0,
     top: Annotated[int, typer.Option("--top", help="Candidates to print.")] = 10,
     score: ScoreOption = "spectrum",
+    weighting: WeightingOption = "scarcity",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Rank candidate angles (the instrument model's coverage of each, ARCS-like detector,
@@ -102,9 +114,10 @@ def rank_cmd(
     from simulations.materials import setup
     from simulations.reference import load_reference, resolve_fc
 
-    from .advisor import Advisor, candidate_omegas, check_score
+    from .advisor import Advisor, candidate_omegas, check_score, check_weighting
 
     check_score(score, "--score")
+    check_weighting(weighting, "--weighting")
     ins = Instrument.arcs_like()
     omegas = candidate_omegas(*_range(candidates), ins)
     done = list(candidate_omegas(*_range(measured), ins)) if measured else []
@@ -126,7 +139,9 @@ def rank_cmd(
     cover = np.stack(
         [folder.coverage(w) for w in tqdm(omegas, desc="coverage", unit="angle", leave=False)]
     )
-    ranking = advisor.rank(omegas, cover, measured=done, charge=charge, score=score, **kwargs)
+    ranking = advisor.rank(
+        omegas, cover, measured=done, charge=charge, score=score, weighting=weighting, **kwargs
+    )
     out = ranking.to_dict(top=top)
     if as_json:
         typer.echo(json.dumps(out))
@@ -151,6 +166,9 @@ def benchmark_cmd(
         int, typer.Option("--budget", help="Candidates (0, 1, ... deg) and picks.")
     ] = 120,
     seeds: Annotated[int, typer.Option("--seeds", help="Simulated crystals (seeds 0..).")] = 5,
+    first_seed: Annotated[
+        int, typer.Option("--first-seed", help="First seed (held-out seeds: e.g. 5).")
+    ] = 0,
     events: Annotated[
         float, typer.Option("--events", help="Events per orientation of the simulation.")
     ] = 2e5,
@@ -169,6 +187,15 @@ def benchmark_cmd(
         ),
     ] = "information",
     score: ScoreOption = "spectrum",
+    weighting: WeightingOption = "scarcity",
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache",
+            help="Keep each seed's simulated candidates here and reuse them (keyed by the "
+            "arguments and the simulation and fold code).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Closed loop: each strategy picks orientations one at a time from the same simulated
@@ -187,6 +214,9 @@ def benchmark_cmd(
         plot=out,
         prior=prior,
         score=score,
+        weighting=weighting,
+        cache_dir=cache,
+        first_seed=first_seed,
     )
     if as_json:
         typer.echo(json.dumps(result))

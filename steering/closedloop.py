@@ -25,6 +25,7 @@ first count from which the error stays within ``tolerance`` (10 %) of the target
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,10 +38,17 @@ from numpy.typing import NDArray
 
 from consumers.accumulate import Snapshot
 
-from .advisor import Advisor, check_score
+from .advisor import Advisor, check_score, check_weighting
 from .exceptions import AdvisorError
 
-__all__ = ["STRATEGIES", "CandidateData", "closed_loop", "simulate_candidates", "spread_order"]
+__all__ = [
+    "STRATEGIES",
+    "CandidateData",
+    "closed_loop",
+    "load_or_simulate",
+    "simulate_candidates",
+    "spread_order",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +100,73 @@ class CandidateData:
     def coverage(self) -> NDArray[np.float64]:
         """(n, n_q, n_E) coverage, sr meV (exposure per uC)."""
         return np.asarray(self.exposure / self.charge[:, None, None])
+
+
+def _cache_key(
+    material: str, fc: str, omegas: NDArray[np.float64], seed: int, events: float
+) -> str:
+    """File name of one seed's candidates: the arguments and the source of the
+    ``simulations`` and ``consumers`` packages, so that a changed simulation or fold never
+    reads an old one's candidates."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{material}|{fc}|{seed}|{events!r}".encode())
+    h.update(np.ascontiguousarray(omegas, dtype=np.float64).tobytes())
+    for package in ("simulations", "consumers"):
+        for f in sorted((root / package).glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return f"{material}-{fc}-seed{seed}-{h.hexdigest()}.npz"
+
+
+def load_or_simulate(
+    material: str,
+    fc: str,
+    omegas: Sequence[float] | NDArray[np.float64],
+    *,
+    seed: int,
+    events_per_orientation: float = 2e5,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> CandidateData:
+    """:func:`simulate_candidates`, kept in ``cache_dir`` (None: not kept) as one ``.npz`` per
+    material, FC set, seed, events, angles and source of the simulation and fold modules."""
+    w = np.asarray(omegas, dtype=float)
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / _cache_key(material, fc, w, seed, events_per_orientation)
+        if path.exists():
+            try:
+                with np.load(path) as z:
+                    names = [str(x) for x in z["truth_names"]]
+                    return CandidateData(
+                        omegas=z["omegas"],
+                        counts=z["counts"],
+                        exposure=z["exposure"],
+                        charge=z["charge"],
+                        truth=dict(zip(names, map(float, z["truth_values"]), strict=True)),
+                    )
+            except (OSError, ValueError, KeyError) as exc:
+                logger.warning("candidate cache %s is unreadable (%s): simulating again", path, exc)
+    data = simulate_candidates(
+        material, fc, w, seed=seed, events_per_orientation=events_per_orientation, progress=progress
+    )
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(
+            tmp,
+            omegas=data.omegas,
+            counts=data.counts,
+            exposure=data.exposure,
+            charge=data.charge,
+            truth_names=np.array(list(data.truth)),
+            truth_values=np.array(list(data.truth.values())),
+        )
+        os.replace(tmp, path)
+    return data
 
 
 def simulate_candidates(
@@ -176,6 +251,7 @@ def run_strategy(
     seed: int,
     prior: str = "information",
     score: str = "spectrum",
+    weighting: str = "scarcity",
 ) -> dict[str, Any]:
     """One strategy on one seed: the error and mean normalised std after each pick.
 
@@ -199,7 +275,6 @@ def run_strategy(
         if order is not None:
             pick = order[step]
         else:
-            left = [i for i in range(n) if i not in picked]
             kwargs: dict[str, Any] = {}
             if last is not None:
                 kwargs = {
@@ -209,16 +284,22 @@ def run_strategy(
                     "exposure": exposure,
                 }
             t0 = time.perf_counter()
+            # every candidate is ranked, those measured marked (as in the live loop, so that
+            # the scarcity weights describe the whole range); each orientation's events exist
+            # once here, so the best one not yet measured is taken
             ranking = advisor.rank(
-                data.omegas[left],
-                coverage[left],
+                data.omegas,
+                coverage,
+                measured=[float(data.omegas[i]) for i in picked],
                 charge=float(np.mean(data.charge)),
                 prior=prior,
                 score=score,
+                weighting=weighting,
                 **kwargs,
             )
             rank_seconds.append(time.perf_counter() - t0)
-            best = ranking.best
+            best = next(c for c in ranking.candidates if not c.measured)
+            left = [i for i in range(n) if i not in picked]
             pick = left[int(np.argmin(np.abs(data.omegas[left] - best.omega)))]
             if best.expected_std:
                 exp = best.expected_std
@@ -260,10 +341,15 @@ def closed_loop(
     plot: Path | None = None,
     prior: str = "information",
     score: str = "spectrum",
+    weighting: str = "scarcity",
+    cache_dir: Path | None = None,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     """The closed-loop benchmark (``steer advise benchmark``); returns the JSON result.
 
-    ``candidates`` default to ``budget`` angles 0, 1, ... degrees.
+    ``candidates`` default to ``budget`` angles 0, 1, ... degrees; the seeds are
+    ``first_seed, first_seed + 1, ...`` (``seeds`` of them); ``cache_dir`` keeps each seed's
+    simulated candidates (:func:`load_or_simulate`).
     """
     from tqdm import tqdm
 
@@ -273,8 +359,11 @@ def closed_loop(
     for s in strategies:
         _strategy_order(s, 1, np.random.default_rng(0))  # refuse unknown names early
     check_score(score)
+    check_weighting(weighting)
     if budget < 1 or seeds < 1:
         raise AdvisorError(f"budget and seeds must be >= 1, got {budget} and {seeds}")
+    if first_seed < 0:
+        raise AdvisorError(f"first seed must be >= 0, got {first_seed}")
     omegas = np.arange(float(budget)) if candidates is None else np.asarray(candidates, float)
     estimator = Estimator(model)
     fc_names = estimator.fc_names
@@ -296,9 +385,14 @@ def closed_loop(
     corr_rep: list[float] = []
     rank_times: list[float] = []
     bar = tqdm(total=seeds * len(strategies), desc="closed loop", disable=not progress)
-    for seed in range(seeds):
-        data = simulate_candidates(
-            material, fc, omegas, seed=seed, events_per_orientation=events_per_orientation
+    for seed in range(first_seed, first_seed + seeds):
+        data = load_or_simulate(
+            material,
+            fc,
+            omegas,
+            seed=seed,
+            events_per_orientation=events_per_orientation,
+            cache_dir=cache_dir,
         )
         truth = np.array([data.truth[k] for k in fc_names])
         everything = Snapshot.of(data.counts.sum(0), data.exposure.sum(0), len(omegas))
@@ -319,6 +413,7 @@ def closed_loop(
                 seed=seed,
                 prior=prior,
                 score=score,
+                weighting=weighting,
             )
             entry = result["strategies"][s]
             entry["orientations_to_target"].append(_to_target(run["error"], target, tolerance))
@@ -357,6 +452,8 @@ def closed_loop(
     result["events_per_orientation"] = events_per_orientation
     result["advisor_prior"] = prior
     result["advisor_score"] = score
+    result["advisor_weighting"] = weighting
+    result["seeds"] = list(range(first_seed, first_seed + seeds))
     result["seconds"] = time.perf_counter() - t_start
     if plot is not None:
         plot_curves(result, plot)

@@ -8,7 +8,7 @@ import pytest
 from consumers.folding import Folder, FoldTable
 from simulations.instrument import Instrument, Orientation
 from simulations.reference import load_reference
-from steering.advisor import Advisor, candidate_omegas
+from steering.advisor import Advisor, candidate_omegas, scarcity_weights
 from steering.exceptions import AdvisorError
 
 OMEGAS = (0.0, 30.0, 60.0, 90.0)
@@ -142,7 +142,13 @@ def test_spectrum_score_is_the_per_bin_d_optimal_gain(setup_ge) -> None:  # type
     adv, coverage, theta = setup_ge
     have = 5.0 * coverage[1]
     r = adv.rank(
-        OMEGAS, coverage, mean=theta, std=0.1 * adv.width, counts_scale=50.0, exposure=have
+        OMEGAS,
+        coverage,
+        mean=theta,
+        std=0.1 * adv.width,
+        counts_scale=50.0,
+        exposure=have,
+        weighting="uniform",
     )
     fc = adv.rank(
         OMEGAS,
@@ -168,5 +174,50 @@ def test_spectrum_score_is_the_per_bin_d_optimal_gain(setup_ge) -> None:  # type
     assert [c.score for c in r.candidates] == sorted((c.score for c in r.candidates), reverse=True)
     assert r.candidates[-1].omega == 30.0  # the angle measured already
     assert r.to_dict()["candidates"][0]["spectrum_gain"] == r.best.score
+    assert r.to_dict()["weighting"] == "uniform"
+    # the default weighs every bin by 1 / (coverage of all candidates): recomputed here
+    scarce = adv.rank(
+        OMEGAS, coverage, mean=theta, std=0.1 * adv.width, counts_scale=50.0, exposure=have
+    )
+    total = add.sum(0)
+    w = np.where(total > 0, 1.0 / np.where(total > 0, total, 1.0), 0.0)
+    w /= w[total > 0].mean()
+    expect_w = np.log1p(add / np.maximum(have[useful], floor)[None, :]) @ w
+    assert scarce.weighting == "scarcity"
+    assert "few angles" in scarce.note
+    for cand in scarce.candidates:
+        assert cand.score == pytest.approx(expect_w[OMEGAS.index(cand.omega)], rel=1e-9)
     with pytest.raises(AdvisorError, match="score"):
         adv.rank(OMEGAS, coverage, mean=theta, std=0.1 * adv.width, score="bogus")
+    with pytest.raises(AdvisorError, match="weighting must be 'scarcity' or 'uniform'"):
+        adv.rank(OMEGAS, coverage, weighting="bogus")
+
+
+def test_scarcity_weighting_measures_the_rare_bins_first(setup_ge) -> None:  # type: ignore[no-untyped-def]
+    """Two made-up candidates on the Ge grid: one reaches many bins that every other
+    candidate reaches too, the other a few bins that only it reaches. Uniform weights
+    prefer the first (more bins), scarcity weights the second (its bins are only to be had
+    there)."""
+    adv, _, _ = setup_ge
+    n_q, n_e = adv.grid_shape
+    useful = np.broadcast_to(adv.g > 0, (n_q, n_e))
+    common = np.zeros((n_q, n_e))
+    common[:10][useful[:10]] = 1.0  # 10 q rows, against 3 rare ones
+    rare = np.zeros((n_q, n_e))
+    rare[-3:][useful[-3:]] = 1.0
+    others = [common.copy() for _ in range(6)]
+    cov = np.stack([common, rare, *others])
+    omegas = [float(i) for i in range(len(cov))]
+    uniform = adv.rank(omegas, cov, weighting="uniform")
+    scarce = adv.rank(omegas, cov)
+    assert uniform.best.omega != 1.0
+    assert scarce.best.omega == 1.0
+    w = scarcity_weights(cov.reshape(len(cov), -1))
+    assert w.shape == (n_q * n_e,)
+    reached = cov.reshape(len(cov), -1).sum(0) > 0
+    assert np.all(w[~reached] == 0)
+    assert w[reached].mean() == pytest.approx(1.0)
+    # a rare bin weighs as much more as it is reached less (7 candidates against 1)
+    assert w[np.ravel_multi_index((n_q - 1, int(np.argmax(useful[-1]))), (n_q, n_e))] == (
+        pytest.approx(7.0 * w[np.ravel_multi_index((0, int(np.argmax(useful[0]))), (n_q, n_e))])
+    )

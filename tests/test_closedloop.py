@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steering.closedloop import _to_target, spread_order
+from simulations.reference import resolve_fc
+from steering.closedloop import _to_target, load_or_simulate, spread_order
 from steering.exceptions import AdvisorError
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "ge"
@@ -31,7 +32,7 @@ def test_orientations_to_target_needs_the_error_to_stay_within_the_band() -> Non
     assert _to_target([5.0, 4.0, 1.0], 1.0, 0.1) == 3
 
 
-def test_closed_loop_on_the_committed_ge_model(tmp_path: Path) -> None:
+def test_closed_loop_on_the_committed_ge_model(tmp_path: Path, ge) -> None:  # type: ignore[no-untyped-def]
     """Six candidates, two strategies, small runs: every strategy measures every
     candidate once, and after all of them all reach the same (target) error."""
     from steering.closedloop import closed_loop
@@ -47,6 +48,7 @@ def test_closed_loop_on_the_committed_ge_model(tmp_path: Path) -> None:
         events_per_orientation=2e4,
         progress=False,
         plot=tmp_path / "curves.png",
+        cache_dir=tmp_path / "cache",
     )
     target = r["target_error"][0]
     for name in ("advisor", "sequential"):
@@ -59,6 +61,25 @@ def test_closed_loop_on_the_committed_ge_model(tmp_path: Path) -> None:
     assert "advisor/sequential" in r["ratios"]
     assert r["advisor_rank_seconds_median"] < 5
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert r["advisor_weighting"] == "scarcity"
+    assert r["seeds"] == [0]
+    # the simulated candidates were kept: the same arguments read them back, bit for bit
+    (kept,) = (tmp_path / "cache").glob("Ge-raman-seed0-*.npz")
+    again = load_or_simulate(
+        "Ge",
+        "raman",
+        np.arange(0.0, 60.0, 10.0),
+        seed=0,
+        events_per_orientation=2e4,
+        cache_dir=tmp_path / "cache",
+    )
+    with np.load(kept) as z:
+        np.testing.assert_array_equal(again.counts, z["counts"])
+        np.testing.assert_array_equal(again.exposure, z["exposure"])
+    _, coefficients = resolve_fc("Ge", "raman", ge)
+    assert again.truth == dict(zip(ge.basis.names, map(float, coefficients), strict=True))
+    with pytest.raises(AdvisorError, match="first seed"):
+        closed_loop("Ge", "raman", model=MODEL, budget=2, seeds=1, first_seed=-1)
     with pytest.raises(AdvisorError, match="unknown strategy"):
         closed_loop("Ge", "raman", model=MODEL, strategies=["bogus"], budget=2, seeds=1)
 
