@@ -188,6 +188,17 @@ def benchmark_cmd(
     ] = "information",
     score: ScoreOption = "spectrum",
     weighting: WeightingOption = "scarcity",
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            "--tolerance",
+            help="Target band: reached when the error stays within this fraction of the "
+            "all-orientations error.",
+        ),
+    ] = 0.10,
+    loose_tolerance: Annotated[
+        float, typer.Option("--loose-tolerance", help="A looser band, reported beside it.")
+    ] = 0.25,
     cache: Annotated[
         Path | None,
         typer.Option(
@@ -217,10 +228,15 @@ def benchmark_cmd(
         weighting=weighting,
         cache_dir=cache,
         first_seed=first_seed,
+        tolerance=tolerance,
+        loose_tolerance=loose_tolerance,
     )
     if as_json:
         typer.echo(json.dumps(result))
         return
     for name, entry in result["strategies"].items():
-        typer.echo(f"{name:>10}: orientations to target {entry['orientations_to_target']}")
+        typer.echo(
+            f"{name:>10}: orientations to target {entry['orientations_to_target']} "
+            f"(within {loose_tolerance:.0%}: {entry['orientations_to_loose_target']})"
+        )
     typer.echo(f"curves: {out}")

@@ -19,7 +19,11 @@ Strategies:
 The FC error is the RMSE over the influential FCs (the first ``n_influential`` of the
 model's FCs, the seed paper's FC0..FC3) of (estimate - truth) / training-domain width. The
 target is the error of the estimate from all candidates; ``orientations_to_target`` is the
-first count from which the error stays within ``tolerance`` (10 %) of the target.
+first count from which the error stays within ``tolerance`` (10 %) of the target. The same
+count for a looser band (``loose_tolerance``, 25 %) is reported beside it: after a few dozen
+orientations the estimate of the poorly determined FCs wanders by far more than 10 % of the
+target error while staying well within the model's std (``docs/advisor.md``), so the 10 %
+count measures that wander as much as the strategy.
 """
 
 from __future__ import annotations
@@ -337,6 +341,7 @@ def closed_loop(
     events_per_orientation: float = 2e5,
     n_influential: int = 4,
     tolerance: float = 0.10,
+    loose_tolerance: float = 0.25,
     progress: bool = True,
     plot: Path | None = None,
     prior: str = "information",
@@ -360,6 +365,11 @@ def closed_loop(
         _strategy_order(s, 1, np.random.default_rng(0))  # refuse unknown names early
     check_score(score)
     check_weighting(weighting)
+    if not (0 < tolerance <= loose_tolerance):
+        raise AdvisorError(
+            f"tolerances must satisfy 0 < tolerance <= loose tolerance, got {tolerance} and "
+            f"{loose_tolerance}"
+        )
     if budget < 1 or seeds < 1:
         raise AdvisorError(f"budget and seeds must be >= 1, got {budget} and {seeds}")
     if first_seed < 0:
@@ -377,7 +387,13 @@ def closed_loop(
 
     result: dict[str, Any] = {
         "strategies": {
-            s: {"orientations_to_target": [], "final_error": [], "curve": []} for s in strategies
+            s: {
+                "orientations_to_target": [],
+                "orientations_to_loose_target": [],
+                "final_error": [],
+                "curve": [],
+            }
+            for s in strategies
         },
         "target_error": [],
     }
@@ -417,6 +433,9 @@ def closed_loop(
             )
             entry = result["strategies"][s]
             entry["orientations_to_target"].append(_to_target(run["error"], target, tolerance))
+            entry["orientations_to_loose_target"].append(
+                _to_target(run["error"], target, loose_tolerance)
+            )
             entry["final_error"].append(run["error"][-1])
             entry["curve"].append({"error": run["error"], "std": run["std"]})
             if s == "advisor":
@@ -428,22 +447,20 @@ def closed_loop(
             bar.update()
     bar.close()
     # a seed that never reached the target counts as needing more than the budget
-    med = {
-        s: float(
-            np.median(
-                [
-                    budget + 1 if n is None else n
-                    for n in result["strategies"][s]["orientations_to_target"]
-                ]
+    for key, suffix in (("orientations_to_target", ""), ("orientations_to_loose_target", "_loose")):
+        med = {
+            s: float(
+                np.median([budget + 1 if n is None else n for n in result["strategies"][s][key]])
             )
-        )
-        for s in strategies
-    }
-    if "advisor" in med:
-        result["ratios"] = {
-            f"advisor/{s}": med["advisor"] / med[s] for s in strategies if s != "advisor"
+            for s in strategies
         }
-    result["median_orientations_to_target"] = med
+        if "advisor" in med:
+            result["ratios" + suffix] = {
+                f"advisor/{s}": med["advisor"] / med[s] for s in strategies if s != "advisor"
+            }
+        result[f"median_{key}"] = med
+    result["tolerance"] = tolerance
+    result["loose_tolerance"] = loose_tolerance
     if len(corr_pred) > 2:
         result["advisor_std_correlation"] = float(np.corrcoef(corr_pred, corr_rep)[0, 1])
     if rank_times:

@@ -58,7 +58,11 @@ def test_closed_loop_on_the_committed_ge_model(tmp_path: Path, ge) -> None:  # t
         # (sums in another order: float rounding only)
         assert entry["final_error"][0] == pytest.approx(target, rel=1e-4)
         assert 1 <= entry["orientations_to_target"][0] <= 6
+        # a looser band is reached no later
+        assert 1 <= entry["orientations_to_loose_target"][0] <= entry["orientations_to_target"][0]
     assert "advisor/sequential" in r["ratios"]
+    assert "advisor/sequential" in r["ratios_loose"]
+    assert (r["tolerance"], r["loose_tolerance"]) == (0.10, 0.25)
     assert r["advisor_rank_seconds_median"] < 5
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert r["advisor_weighting"] == "scarcity"
@@ -78,6 +82,8 @@ def test_closed_loop_on_the_committed_ge_model(tmp_path: Path, ge) -> None:  # t
         np.testing.assert_array_equal(again.exposure, z["exposure"])
     _, coefficients = resolve_fc("Ge", "raman", ge)
     assert again.truth == dict(zip(ge.basis.names, map(float, coefficients), strict=True))
+    with pytest.raises(AdvisorError, match="tolerance"):
+        closed_loop("Ge", "raman", model=MODEL, budget=2, seeds=1, loose_tolerance=0.05)
     with pytest.raises(AdvisorError, match="first seed"):
         closed_loop("Ge", "raman", model=MODEL, budget=2, seeds=1, first_seed=-1)
     with pytest.raises(AdvisorError, match="unknown strategy"):
