@@ -27,10 +27,13 @@ also reported) would favour whichever FC is worst in the chosen units. The expec
 every FC after the measurement, ``sqrt(diag((P0 + F)^-1))``, is reported too.
 
 The candidates are sorted by default by the **spectrum's D-optimal gain**: the same
-criterion for a model in which every bin's intensity is its own parameter, ``sum_b log(1 + Q
-c_b(omega) / max(C_b, floor))`` over the exposure C measured so far (uC sr meV). That is
-what the learned estimator needs (it reads the whole I(q, E)); in the closed loop, sorting
-by the FCs' gain instead piles the first 15 picks onto two groups of angles and the
+criterion for a model in which every bin's intensity is its own parameter, ``sum_b w_b log(1
++ Q c_b(omega) / max(C_b, floor))`` over the exposure C measured so far (uC sr meV), with
+each bin weighted by its scarcity, ``w_b`` proportional to ``1 / sum_c c_b(omega_c)`` over all
+the candidates (:func:`scarcity_weights`: the bins that few angles reach go first; in the
+closed loop this needs fewer orientations than uniform weights on 7 of 10 seeds, as many on
+1). That is what the learned estimator needs (it reads the whole I(q, E)); in the closed
+loop, sorting by the FCs' gain instead piles the first 15 picks onto two groups of angles and the
 estimate's error rises before it falls (``docs/advisor.md``). ``score="fc"`` sorts by the
 FCs' gain, which is right for an estimator that fits the forward model to the counts. Both
 gains and the expected std of every FC are reported for every candidate. Without an estimate

@@ -497,6 +497,10 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
     target = float(np.median(result["target_error"]))
     axes[0].axhline(target, color="k", ls="--", lw=0.8, label="target (all orientations)")
+    for key, ls in (("tolerance", ":"), ("loose_tolerance", "-.")):
+        if key in result:
+            tol = float(result[key])
+            axes[0].axhline(target * (1 + tol), color="k", ls=ls, lw=0.6, label=f"+{tol:.0%}")
     axes[0].set_ylabel("FC error (RMSE / domain width)")
     axes[1].set_ylabel("posterior std / domain width")
     for ax in axes:
