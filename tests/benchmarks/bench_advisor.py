@@ -38,7 +38,7 @@ def bench_advisor_ranking() -> None:
     advisor = Advisor("Ge", material_setup=ms)
     std = 0.05 * advisor.width
     advisor.rank(omegas[:2], coverage[:2], mean=theta, std=std)  # warm up
-    jac, score, total = [], [], []
+    jac, score, total, uniform = [], [], [], []
     for i in range(10):
         mean = theta * (1 + 1e-3 * (i + 1))  # a new estimate: the Jacobian is recomputed
         t = time.perf_counter()
@@ -48,12 +48,19 @@ def bench_advisor_ranking() -> None:
         ranking = advisor.rank(omegas, coverage, mean=mean, std=std, counts_scale=1e3)
         score.append(time.perf_counter() - t)
         total.append(jac[-1] + score[-1])
+        t = time.perf_counter()
+        advisor.rank(omegas, coverage, mean=mean, std=std, counts_scale=1e3, weighting="uniform")
+        uniform.append(time.perf_counter() - t)
     out = {
         "candidates": len(omegas),
         "rank_seconds_best": min(total),
         "rank_seconds_median": float(np.median(total)),
         "jacobian_seconds_median": float(np.median(jac)),
         "scoring_seconds_median": float(np.median(score)),
+        "weighting": ranking.weighting,
+        # the same scoring with uniform weights, in the same process: what the scarcity
+        # weights cost
+        "scoring_seconds_median_uniform": float(np.median(uniform)),
         "coverage_seconds_per_candidate": t_cov / len(omegas),
         "best_omega": ranking.best.omega,
         "target_rank_seconds": 1.0,
