@@ -101,6 +101,9 @@ def test_advise_rank_cli_errors_and_coverage_mode() -> None:
     bogus = steer("--score", "bogus")
     assert bogus.returncode == 2
     assert "--score must be 'spectrum' or 'fc'" in bogus.stderr
+    unweighted = steer("--weighting", "bogus")
+    assert unweighted.returncode == 2
+    assert "--weighting must be 'scarcity' or 'uniform'" in unweighted.stderr
     far = steer("--candidates", "400:420")
     assert far.returncode == 2
     assert "goniometer limits" in far.stderr
@@ -108,5 +111,6 @@ def test_advise_rank_cli_errors_and_coverage_mode() -> None:
     assert ok.returncode == 0, ok.stderr
     out = json.loads(ok.stdout)
     assert out["basis"] == "coverage"
+    assert out["weighting"] == "scarcity"
     assert "coverage alone" in out["note"]
     assert [c["omega"] for c in out["candidates"]] != []
