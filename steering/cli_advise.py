@@ -165,7 +165,14 @@ def benchmark_cmd(
     budget: Annotated[
         int, typer.Option("--budget", help="Candidates (0, 1, ... deg) and picks.")
     ] = 120,
-    seeds: Annotated[int, typer.Option("--seeds", help="Simulated crystals (seeds 0..).")] = 5,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds",
+            help="Simulated runs of the same crystal (--fc): each seed draws new events, "
+            "readbacks and charges.",
+        ),
+    ] = 5,
     first_seed: Annotated[
         int, typer.Option("--first-seed", help="First seed (held-out seeds: e.g. 5).")
     ] = 0,

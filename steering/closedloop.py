@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -109,20 +110,62 @@ class CandidateData:
 def _cache_key(
     material: str, fc: str, omegas: NDArray[np.float64], seed: int, events: float
 ) -> str:
-    """File name of one seed's candidates: the arguments and the source of the
-    ``simulations`` and ``consumers`` packages, so that a changed simulation or fold never
-    reads an old one's candidates."""
+    """File name of one seed's candidates.
+
+    The digest covers the arguments (an FC set given as a file by its contents), the source
+    of the ``simulations`` and ``consumers`` packages and the files under
+    ``simulations/data`` (structures, reference FC sets, scattering lengths), so that a
+    changed simulation, fold or reference never reads an old one's candidates.
+    """
     import hashlib
 
     root = Path(__file__).resolve().parent.parent
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"{material}|{fc}|{seed}|{events!r}".encode())
+    h.update(f"{material}|{fc}|{seed}|{float(events)!r}".encode())
+    fc_path = Path(fc)
+    if fc_path.is_file():
+        h.update(fc_path.read_bytes())
     h.update(np.ascontiguousarray(omegas, dtype=np.float64).tobytes())
-    for package in ("simulations", "consumers"):
-        for f in sorted((root / package).glob("*.py")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return f"{material}-{fc}-seed{seed}-{h.hexdigest()}.npz"
+    sources = [
+        *sorted((root / "simulations").glob("*.py")),
+        *sorted((root / "consumers").glob("*.py")),
+        *sorted(f for f in (root / "simulations" / "data").rglob("*") if f.is_file()),
+    ]
+    if not sources:
+        raise AdvisorError(f"cannot key the candidate cache: no sources under {root}")
+    for f in sources:
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", fc_path.stem if fc_path.suffix else fc)
+    return f"{material}-{name}-seed{seed}-{h.hexdigest()}.npz"
+
+
+def _read_candidates(path: Path, n: int) -> CandidateData | None:
+    """The candidates kept in ``path``, or None (logged) when it is damaged or does not
+    hold ``n`` candidates."""
+    try:
+        with np.load(path) as z:
+            names = [str(x) for x in z["truth_names"]]
+            data = CandidateData(
+                omegas=np.asarray(z["omegas"], dtype=float),
+                counts=np.asarray(z["counts"], dtype=float),
+                exposure=np.asarray(z["exposure"], dtype=float),
+                charge=np.asarray(z["charge"], dtype=float),
+                truth=dict(zip(names, map(float, z["truth_values"]), strict=True)),
+            )
+    except Exception as exc:  # a damaged zip raises BadZipFile, an empty one EOFError
+        logger.warning("candidate cache %s is unreadable (%s): simulating again", path, exc)
+        return None
+    if not (
+        data.omegas.shape == (n,)
+        and data.charge.shape == (n,)
+        and data.counts.ndim == 3
+        and data.counts.shape[0] == n
+        and data.exposure.shape == data.counts.shape
+    ):
+        logger.warning("candidate cache %s does not hold %d candidates: simulating again", path, n)
+        return None
+    return data
 
 
 def load_or_simulate(
@@ -136,40 +179,42 @@ def load_or_simulate(
     progress: bool = False,
 ) -> CandidateData:
     """:func:`simulate_candidates`, kept in ``cache_dir`` (None: not kept) as one ``.npz`` per
-    material, FC set, seed, events, angles and source of the simulation and fold modules."""
+    material, FC set, seed, events, angles and source of the simulation (:func:`_cache_key`).
+
+    A damaged file, or one that does not hold the candidates asked for, is simulated again
+    and replaced; files are written to a temporary name, synced and renamed, so a crash
+    leaves no partial file under the final name.
+    """
     w = np.asarray(omegas, dtype=float)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / _cache_key(material, fc, w, seed, events_per_orientation)
         if path.exists():
-            try:
-                with np.load(path) as z:
-                    names = [str(x) for x in z["truth_names"]]
-                    return CandidateData(
-                        omegas=z["omegas"],
-                        counts=z["counts"],
-                        exposure=z["exposure"],
-                        charge=z["charge"],
-                        truth=dict(zip(names, map(float, z["truth_values"]), strict=True)),
-                    )
-            except (OSError, ValueError, KeyError) as exc:
-                logger.warning("candidate cache %s is unreadable (%s): simulating again", path, exc)
+            kept = _read_candidates(path, len(w))
+            if kept is not None:
+                return kept
     data = simulate_candidates(
         material, fc, w, seed=seed, events_per_orientation=events_per_orientation, progress=progress
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(
-            tmp,
-            omegas=data.omegas,
-            counts=data.counts,
-            exposure=data.exposure,
-            charge=data.charge,
-            truth_names=np.array(list(data.truth)),
-            truth_values=np.array(list(data.truth.values())),
-        )
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    omegas=data.omegas,
+                    counts=data.counts,
+                    exposure=data.exposure,
+                    charge=data.charge,
+                    truth_names=np.array(list(data.truth)),
+                    truth_values=np.array(list(data.truth.values())),
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return data
 
 
@@ -224,7 +269,7 @@ def _to_target(errors: Sequence[float], target: float, tolerance: float) -> int 
     limit = target * (1.0 + tolerance)
     n = len(errors)
     for i in range(len(errors) - 1, -1, -1):
-        if errors[i] > limit:
+        if not errors[i] <= limit:  # NaN is not within
             break
         n = i
     return n + 1 if n < len(errors) else None
@@ -302,9 +347,15 @@ def run_strategy(
                 **kwargs,
             )
             rank_seconds.append(time.perf_counter() - t0)
-            best = next(c for c in ranking.candidates if not c.measured)
-            left = [i for i in range(n) if i not in picked]
-            pick = left[int(np.argmin(np.abs(data.omegas[left] - best.omega)))]
+            # the best-ranked candidate not picked yet (by index: two candidates closer than
+            # the measured tolerance are still two orientations)
+            taken = set(picked)
+            best, pick = next(
+                (c, int(i))
+                for c in ranking.candidates
+                for i in np.flatnonzero(data.omegas == c.omega)
+                if int(i) not in taken
+            )
             if best.expected_std:
                 exp = best.expected_std
                 predicted.append([exp[k] / w for k, w in zip(fc_names, width, strict=True)])

@@ -30,6 +30,8 @@ def test_orientations_to_target_needs_the_error_to_stay_within_the_band() -> Non
     assert _to_target([3.0, 1.05, 2.0, 1.08, 0.9, 1.0], 1.0, 0.1) == 4
     assert _to_target([1.0, 1.0], 1.0, 0.1) == 1
     assert _to_target([5.0, 4.0, 1.0], 1.0, 0.1) == 3
+    assert _to_target([1.0, float("nan"), 1.0], 1.0, 0.1) == 3  # NaN is not within
+    assert _to_target([1.0, float("nan")], 1.0, 0.1) is None
 
 
 def test_closed_loop_on_the_committed_ge_model(tmp_path: Path, ge) -> None:  # type: ignore[no-untyped-def]
@@ -80,6 +82,20 @@ def test_closed_loop_on_the_committed_ge_model(tmp_path: Path, ge) -> None:  # t
     with np.load(kept) as z:
         np.testing.assert_array_equal(again.counts, z["counts"])
         np.testing.assert_array_equal(again.exposure, z["exposure"])
+    # a damaged file is simulated again (the same seed gives the same events) and replaced
+    kept.write_bytes(kept.read_bytes()[:1000])
+    redone = load_or_simulate(
+        "Ge",
+        "raman",
+        np.arange(0.0, 60.0, 10.0),
+        seed=0,
+        events_per_orientation=2e4,
+        cache_dir=tmp_path / "cache",
+    )
+    np.testing.assert_array_equal(redone.counts, again.counts)
+    with np.load(kept) as z:
+        np.testing.assert_array_equal(z["counts"], again.counts)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [kept.name]
     _, coefficients = resolve_fc("Ge", "raman", ge)
     assert again.truth == dict(zip(ge.basis.names, map(float, coefficients), strict=True))
     with pytest.raises(AdvisorError, match="tolerance"):
