@@ -30,14 +30,16 @@ The candidates are sorted by default by the **spectrum's D-optimal gain**: the s
 criterion for a model in which every bin's intensity is its own parameter, ``sum_b w_b log(1
 + Q c_b(omega) / max(C_b, floor))`` over the exposure C measured so far (uC sr meV), with
 each bin weighted by its scarcity, ``w_b`` proportional to ``1 / sum_c c_b(omega_c)`` over all
-the candidates (:func:`scarcity_weights`: the bins that few angles reach go first; in the
-closed loop this needs fewer orientations than uniform weights on 7 of 10 seeds, as many on
-1). That is what the learned estimator needs (it reads the whole I(q, E)); in the closed
-loop, sorting by the FCs' gain instead piles the first 15 picks onto two groups of angles and the
-estimate's error rises before it falls (``docs/advisor.md``). ``score="fc"`` sorts by the
-FCs' gain, which is right for an estimator that fits the forward model to the counts. Both
-gains and the expected std of every FC are reported for every candidate. Without an estimate
-yet, only the spectrum's gain can be computed; the output says so.
+the candidates (:func:`scarcity_weights`: the bins with the least exposure to be had go
+first, for Ge mostly the rows at the high-symmetry points of the q-path, whose folded
+q-region is smallest; in the closed loop this needs fewer orientations than uniform weights
+on 7 of 10 seeds, as many on 1, more on 2). That is what the learned estimator needs (it
+reads the whole I(q, E)); in the closed loop, sorting by the FCs' gain instead piles the
+first 15 picks onto two groups of angles and the estimate's error rises before it falls
+(``docs/advisor.md``). ``score="fc"`` sorts by the FCs' gain, which is right for an
+estimator that fits the forward model to the counts. Both gains and the expected std of
+every FC are reported for every candidate. Without an estimate yet, only the spectrum's gain
+can be computed; the output says so.
 
 Scoring is batched over all candidates (one matrix product for the Fisher matrices, one
 batched log-determinant): 360 candidates rank in well under a second here (see
@@ -110,7 +112,7 @@ def check_weighting(weighting: str, name: str = "weighting") -> None:
 
 
 def scarcity_weights(coverage: NDArray[np.floating]) -> NDArray[np.float64]:
-    """Weights of the bins by how few candidates reach them.
+    """Weights of the bins by how little exposure all the candidates together give them.
 
     Parameters
     ----------
@@ -120,8 +122,10 @@ def scarcity_weights(coverage: NDArray[np.floating]) -> NDArray[np.float64]:
     Returns
     -------
     (n_b,) ``w_b = 1 / sum_c coverage[c, b]``, scaled to mean 1 over the bins some candidate
-    reaches; 0 where none does. A bin that only a few angles of the range reach weighs much,
-    one that every angle reaches little.
+    reaches; 0 where none does. A bin with little exposure to be had over the whole range
+    weighs much: a small folded q-region (the rows at the high-symmetry points of the
+    q-path: for Ge over 0-119 degrees the two Gamma rows carry half the weight) or few
+    angles reaching it. One that every angle reaches well weighs little.
     """
     cov = np.asarray(coverage, dtype=float)
     total = cov.sum(axis=0)
@@ -394,9 +398,10 @@ class Advisor:
               intensity its own parameter, ``sum_b log(1 + Q c_b / max(C_b, floor))``
               over the bins with E > 0 (Q c the exposure the candidate adds, C what was
               measured, the floor 1e-3 of a typical orientation's). Without an estimate
-              this is the only gain, whatever ``score`` says. The learned estimator reads the whole
-              I(q, E), and the closed loop shows that it needs the spectrum measured
-              evenly: sorting by the FCs' gain piles the picks onto the few angles most
+              this is the only gain, whatever ``score`` says. The learned estimator
+              reads the whole I(q, E), and the closed loop shows that it needs the whole
+              spectrum measured, its scarcest bins first (``weighting``): sorting by the
+              FCs' gain piles the picks onto the few angles most
               sensitive at the current estimate, and its error then rises before it
               falls (docs/advisor.md).
             * ``"fc"``: the D-optimal gain of the FC posterior (Fisher information of the
@@ -407,8 +412,9 @@ class Advisor:
 
             * ``"scarcity"`` (default): bin b by ``1 / sum_c c_b(omega_c)``, the inverse of
               the coverage all the candidates passed give it (:func:`scarcity_weights`), so
-              that the bins only a few angles of the range reach are measured first; bins
-              that every angle reaches fill up whatever is picked. Pass every candidate of
+              that the bins with the least exposure to be had are measured first (small
+              folded q-regions at the high-symmetry points, bins few angles reach); bins
+              that every angle reaches well fill up whatever is picked. Pass every candidate of
               the run, measured ones too (``measured`` marks them), so that the weights
               describe the whole range.
             * ``"uniform"``: every bin weighs the same.
@@ -479,7 +485,7 @@ class Advisor:
                 weighting=weighting,
                 note="no FC estimate yet: ranked by expected coverage alone (the exposure "
                 "each angle adds where little has been measured"
-                + (", most where few angles reach)" if weighting == "scarcity" else ")"),
+                + (", most where the whole range gives least)" if weighting == "scarcity" else ")"),
                 fc_names=self.fc_names,
                 seconds=time.perf_counter() - t0,
             )
@@ -571,7 +577,11 @@ class Advisor:
             note = (
                 "ranked by the expected D-optimal gain of the spectrum (every bin's intensity "
                 "its own parameter"
-                + (", bins that few angles reach weighing most" if weighting == "scarcity" else "")
+                + (
+                    ", the bins the whole range gives least exposure weighing most"
+                    if weighting == "scarcity"
+                    else ""
+                )
                 + "); the FC posterior each pick would give is reported beside"
             )
         else:

@@ -36,8 +36,9 @@ WeightingOption = Annotated[
     str,
     typer.Option(
         "--weighting",
-        help="How the spectrum's gain weighs its bins: scarcity (bins that few candidate "
-        "angles reach weigh most) or uniform.",
+        help="How the spectrum's gain weighs its bins: scarcity (1 / the exposure all the "
+        "candidates together give the bin: the high-symmetry points' small bins weigh most) "
+        "or uniform.",
     ),
 ]
 

@@ -184,7 +184,7 @@ def test_spectrum_score_is_the_per_bin_d_optimal_gain(setup_ge) -> None:  # type
     w /= w[total > 0].mean()
     expect_w = np.log1p(add / np.maximum(have[useful], floor)[None, :]) @ w
     assert scarce.weighting == "scarcity"
-    assert "few angles" in scarce.note
+    assert "least exposure weighing most" in scarce.note
     for cand in scarce.candidates:
         assert cand.score == pytest.approx(expect_w[OMEGAS.index(cand.omega)], rel=1e-9)
     with pytest.raises(AdvisorError, match="score"):
