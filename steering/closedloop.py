@@ -136,7 +136,7 @@ def _cache_key(
     for f in sources:
         h.update(str(f.relative_to(root)).encode())
         h.update(f.read_bytes())
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", fc_path.stem if fc_path.suffix else fc)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", fc_path.stem if fc_path.is_file() else fc)
     return f"{material}-{name}-seed{seed}-{h.hexdigest()}.npz"
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from simulations.reference import resolve_fc
-from steering.closedloop import _to_target, load_or_simulate, spread_order
+from steering.closedloop import _cache_key, _to_target, load_or_simulate, spread_order
 from steering.exceptions import AdvisorError
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "ge"
@@ -32,6 +32,25 @@ def test_orientations_to_target_needs_the_error_to_stay_within_the_band() -> Non
     assert _to_target([5.0, 4.0, 1.0], 1.0, 0.1) == 3
     assert _to_target([1.0, float("nan"), 1.0], 1.0, 0.1) == 3  # NaN is not within
     assert _to_target([1.0, float("nan")], 1.0, 0.1) is None
+
+
+def test_candidate_cache_key(tmp_path: Path) -> None:
+    """One flat file name per material, FC set, seed, events and angles; an FC file is keyed
+    by its contents."""
+    w = np.arange(3.0)
+    key = _cache_key("Ge", "chgnet-0.3.0", w, 0, 2e5)
+    assert key.startswith("Ge-chgnet-0.3.0-seed0-")
+    assert key.endswith(".npz")
+    assert key == _cache_key("Ge", "chgnet-0.3.0", w, 0, 200000)
+    assert key != _cache_key("Ge", "chgnet-0.3.0", w, 1, 2e5)
+    assert key != _cache_key("Ge", "chgnet-0.3.0", w + 0.5, 0, 2e5)
+    fc = tmp_path / "my fc.json"
+    fc.write_text('{"1NN_xx": 1.0}')
+    first = _cache_key("Ge", str(fc), w, 0, 2e5)
+    assert "/" not in first
+    assert first.startswith("Ge-my_fc-seed0-")
+    fc.write_text('{"1NN_xx": 2.0}')
+    assert _cache_key("Ge", str(fc), w, 0, 2e5) != first
 
 
 def test_closed_loop_on_the_committed_ge_model(tmp_path: Path, ge) -> None:  # type: ignore[no-untyped-def]
