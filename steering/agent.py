@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .advisor import Advisor, Ranking
+from .advisor import Advisor, Ranking, check_score, check_weighting
 from .exceptions import AdvisorError
 
 __all__ = ["OrientationAgent"]
@@ -47,6 +47,9 @@ class OrientationAgent:
         Proton charge of one orientation, uC.
     remeasure
         Offer angles already measured too (the advisor decides whether they pay).
+    score, weighting
+        What the advisor sorts by and how it weighs the spectrum's bins
+        (:meth:`steering.advisor.Advisor.rank`).
     """
 
     def __init__(
@@ -58,7 +61,13 @@ class OrientationAgent:
         motor: str = "omega",
         charge: float = 1.0,
         remeasure: bool = False,
+        score: str = "spectrum",
+        weighting: str = "scarcity",
     ) -> None:
+        check_score(score)
+        check_weighting(weighting)
+        self.score = score
+        self.weighting = weighting
         self.advisor = advisor
         self.omegas = np.asarray(omegas, dtype=float)
         self.coverage = np.asarray(coverage, dtype=float)
@@ -163,6 +172,12 @@ class OrientationAgent:
             if self.counts is not None:
                 kwargs.update(counts=self.counts, exposure=self.exposure)
         self.last_ranking = self.advisor.rank(
-            self.omegas, self.coverage, measured=self.measured, charge=self.charge, **kwargs
+            self.omegas,
+            self.coverage,
+            measured=self.measured,
+            charge=self.charge,
+            score=self.score,
+            weighting=self.weighting,
+            **kwargs,
         )
         return self.last_ranking

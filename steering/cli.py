@@ -778,6 +778,23 @@ def serve_cmd(
         Path,
         typer.Option("--model-dir", envvar="STEER_MODEL_DIR", help="Frozen models by material."),
     ] = Path("models"),
+    advisor_score: Annotated[
+        str,
+        typer.Option(
+            "--advisor-score",
+            envvar="STEER_ADVISOR_SCORE",
+            help="What the advisor sorts by: spectrum (the D-optimal gain of the spectrum, "
+            "what the learned estimator needs) or fc (the FC posterior's).",
+        ),
+    ] = "spectrum",
+    advisor_weighting: Annotated[
+        str,
+        typer.Option(
+            "--advisor-weighting",
+            envvar="STEER_ADVISOR_WEIGHTING",
+            help="How the spectrum's gain weighs its bins: scarcity or uniform.",
+        ),
+    ] = "scarcity",
 ) -> None:
     """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
     consumer, model server and advisor of a prefix. State changes need STEER_API_TOKEN."""
@@ -790,6 +807,11 @@ def serve_cmd(
     from .db import History
     from .service import SteeringService
 
+    if (advisor_score, advisor_weighting) != ("spectrum", "scarcity"):
+        from .advisor import check_score, check_weighting
+
+        check_score(advisor_score, "--advisor-score")
+        check_weighting(advisor_weighting, "--advisor-weighting")
     history = History(database)
     live = LiveState()
     service = None
@@ -801,6 +823,8 @@ def serve_cmd(
             history=history,
             live=live,
             model_dir=model_dir,
+            advisor_score=advisor_score,
+            advisor_weighting=advisor_weighting,
         )
         service.start()
     token = os.environ.get("STEER_API_TOKEN") or None

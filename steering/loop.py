@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import metrics
-from .advisor import Advisor
+from .advisor import Advisor, check_score, check_weighting
 from .exceptions import AdvisorError
 
 __all__ = ["AdviceDocuments", "CandidateCoverage", "KafkaAdviceSink", "SteeringLoop"]
@@ -235,6 +235,9 @@ class SteeringLoop:
     first_wait_s
         At the first orientation, wait this long at most for the candidates' coverages
         (they start with the run, and counting one orientation takes about a minute).
+    score, weighting
+        What the advisor sorts by and how it weighs the spectrum's bins
+        (:meth:`steering.advisor.Advisor.rank`).
     """
 
     def __init__(
@@ -246,7 +249,13 @@ class SteeringLoop:
         sinks: Sequence[AdviceSink] = (),
         run_id: str = "",
         first_wait_s: float = 60.0,
+        score: str = "spectrum",
+        weighting: str = "scarcity",
     ) -> None:
+        check_score(score)
+        check_weighting(weighting)
+        self.score = score
+        self.weighting = weighting
         self.estimator = estimator
         self.advisor = advisor
         self.candidates = candidates
@@ -287,6 +296,8 @@ class SteeringLoop:
                     measured=self.measured,
                     charge=max(float(record.proton_charge), 1e-9),
                     prior="information",
+                    score=self.score,
+                    weighting=self.weighting,
                 )
                 advice["ranking"] = ranking.to_dict(top=20)
                 metrics.ADVISOR_SECONDS.observe(time.perf_counter() - t_est)

@@ -58,6 +58,9 @@ class SteeringService:
     first_wait_s
         How long the first estimate of a run waits for the advisor's candidate coverages
         (computed from the run start on a thread); then it ranks those ready.
+    advisor_score, advisor_weighting
+        What the advisor sorts by and how it weighs the spectrum's bins
+        (:meth:`steering.advisor.Advisor.rank`).
     """
 
     def __init__(
@@ -72,7 +75,15 @@ class SteeringService:
         publish_advice: bool = True,
         snapshot_max_delay_s: float = 1.0,
         first_wait_s: float = 2.0,
+        advisor_score: str = "spectrum",
+        advisor_weighting: str = "scarcity",
     ) -> None:
+        from .advisor import check_score, check_weighting
+
+        check_score(advisor_score, "advisor score")
+        check_weighting(advisor_weighting, "advisor weighting")
+        self.advisor_score = advisor_score
+        self.advisor_weighting = advisor_weighting
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.state_dir = Path(state_dir)
@@ -175,6 +186,8 @@ class SteeringService:
             # rank with the candidates ready so far rather than hold the first estimate
             # back (the advice says how many are ready; the rest follow)
             first_wait_s=self.first_wait_s,
+            score=self.advisor_score,
+            weighting=self.advisor_weighting,
         )
         self._loops[run_id] = loop
         self.history.upsert_run(run_id, material=material, state="running")

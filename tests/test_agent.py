@@ -101,3 +101,15 @@ def test_agent_before_any_estimate_and_bad_outcomes(agent_setup) -> None:  # typ
         agent.tell(w, {"fc_mean": truth, "fc_std": 0.01 + 0 * truth})
     with pytest.raises(AdvisorError, match="every candidate"):
         agent.ask(1)
+    # the sort and the bins' weights are the agent's to choose
+    fc_agent = OrientationAgent(advisor, OMEGAS, coverage, score="fc", weighting="uniform")
+    fc_agent.tell(OMEGAS[0], {"fc_mean": truth, "fc_std": 0.1 + 0 * truth})
+    docs, _ = fc_agent.ask(1)
+    assert docs[0]["basis"] == "fisher-d-optimal"
+    assert docs[0]["score"] == docs[0]["fc_gain"]
+    assert fc_agent.report()["weighting"] == "uniform"
+    assert agent.report()["weighting"] == "scarcity"
+    with pytest.raises(AdvisorError, match="weighting must be"):
+        OrientationAgent(advisor, OMEGAS, coverage, weighting="bogus")
+    with pytest.raises(AdvisorError, match="score must be"):
+        OrientationAgent(advisor, OMEGAS, coverage, score="bogus")

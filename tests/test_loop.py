@@ -83,6 +83,7 @@ def test_live_run_gets_advice_after_every_orientation(  # type: ignore[no-untype
         assert advice["n_orientations"] == k
         ranking = advice["ranking"]
         assert ranking["basis"] == "spectrum-d-optimal"
+        assert ranking["weighting"] == "scarcity"
         assert [c["omega"] for c in ranking["candidates"]] != []
         assert set(advice["estimate"]["fc"]) == set(ranking["fc_names"])
     # the same advice on <prefix>_advice, and as a valid bluesky run on <prefix>_advice_docs
@@ -94,3 +95,38 @@ def test_live_run_gets_advice_after_every_orientation(  # type: ignore[no-untype
     for name, doc in docs:
         event_model.schema_validators[getattr(event_model.DocumentNames, name)].validate(doc)
     assert docs[2][1]["data"]["best_omega"] in (10.0, 30.0, 50.0, 70.0)
+
+
+def test_loop_and_service_refuse_an_unknown_sort_or_weighting(tmp_path: Path, ge) -> None:  # type: ignore[no-untyped-def]
+    """The sort and the bins' weights are checked when the loop or the service is made, not
+    at the first orientation of a run."""
+    from steering.api import LiveState
+    from steering.db import History
+    from steering.exceptions import AdvisorError
+    from steering.service import SteeringService
+
+    advisor = Advisor("Ge", material_setup=ge)
+    estimator = Estimator(MODEL, n_samples=8)
+    with pytest.raises(AdvisorError, match="score must be 'spectrum' or 'fc'"):
+        SteeringLoop(estimator, advisor, None, score="bogus")  # type: ignore[arg-type]
+    with pytest.raises(AdvisorError, match="weighting must be 'scarcity' or 'uniform'"):
+        SteeringLoop(estimator, advisor, None, weighting="even")  # type: ignore[arg-type]
+    with pytest.raises(AdvisorError, match="advisor weighting must be"):
+        SteeringService(
+            "127.0.0.1:9",
+            "p",
+            state_dir=tmp_path / "state",
+            history=History(f"sqlite:///{tmp_path / 'h.db'}"),
+            live=LiveState(),
+            advisor_weighting="even",
+        )
+
+
+def test_serve_refuses_an_unknown_advisor_weighting(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "steering.cli", "serve", "--advisor-weighting", "even"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "--advisor-weighting must be 'scarcity' or 'uniform'" in out.stderr
