@@ -87,6 +87,12 @@ SCORES = ("spectrum", "fc")
 WEIGHTINGS = ("scarcity", "uniform")
 
 
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        allowed = " or ".join(repr(c) for c in choices)
+        raise AdvisorError(f"{name} must be {allowed}, got {value!r}")
+
+
 def check_score(score: str, name: str = "score") -> None:
     """Refuse a ``score`` that is not one of :data:`SCORES` (``name``: how the caller calls it).
 
@@ -95,8 +101,7 @@ def check_score(score: str, name: str = "score") -> None:
     AdvisorError
         An unknown score.
     """
-    if score not in SCORES:
-        raise AdvisorError(f"{name} must be 'spectrum' or 'fc', got {score!r}")
+    _check_choice(score, SCORES, name)
 
 
 def check_weighting(weighting: str, name: str = "weighting") -> None:
@@ -107,8 +112,7 @@ def check_weighting(weighting: str, name: str = "weighting") -> None:
     AdvisorError
         An unknown weighting.
     """
-    if weighting not in WEIGHTINGS:
-        raise AdvisorError(f"{name} must be 'scarcity' or 'uniform', got {weighting!r}")
+    _check_choice(weighting, WEIGHTINGS, name)
 
 
 def scarcity_weights(coverage: NDArray[np.floating]) -> NDArray[np.float64]:

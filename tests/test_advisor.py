@@ -141,30 +141,16 @@ def test_spectrum_score_is_the_per_bin_d_optimal_gain(setup_ge) -> None:  # type
     measured least, whatever the FCs' sensitivity."""
     adv, coverage, theta = setup_ge
     have = 5.0 * coverage[1]
-    r = adv.rank(
-        OMEGAS,
-        coverage,
-        mean=theta,
-        std=0.1 * adv.width,
-        counts_scale=50.0,
-        exposure=have,
-        weighting="uniform",
-    )
-    fc = adv.rank(
-        OMEGAS,
-        coverage,
-        mean=theta,
-        std=0.1 * adv.width,
-        counts_scale=50.0,
-        exposure=have,
-        score="fc",
-    )
+    estimate = {"mean": theta, "std": 0.1 * adv.width, "counts_scale": 50.0, "exposure": have}
+    r = adv.rank(OMEGAS, coverage, weighting="uniform", **estimate)
+    fc = adv.rank(OMEGAS, coverage, score="fc", **estimate)
     assert r.basis == "spectrum-d-optimal"
     assert "spectrum" in r.note
     useful = np.broadcast_to(adv.g > 0, coverage.shape[1:])
     add = coverage[:, useful]
     floor = 1e-3 * np.median(add[add > 0])
-    expect = np.log1p(add / np.maximum(have[useful], floor)[None, :]).sum(1)
+    per_bin = np.log1p(add / np.maximum(have[useful], floor)[None, :])
+    expect = per_bin.sum(1)
     fc_gain = {c.omega: c.score for c in fc.candidates}
     for cand in r.candidates:
         assert cand.score == pytest.approx(expect[OMEGAS.index(cand.omega)], rel=1e-9)
@@ -176,13 +162,11 @@ def test_spectrum_score_is_the_per_bin_d_optimal_gain(setup_ge) -> None:  # type
     assert r.to_dict()["candidates"][0]["spectrum_gain"] == r.best.score
     assert r.to_dict()["weighting"] == "uniform"
     # the default weighs every bin by 1 / (coverage of all candidates): recomputed here
-    scarce = adv.rank(
-        OMEGAS, coverage, mean=theta, std=0.1 * adv.width, counts_scale=50.0, exposure=have
-    )
+    scarce = adv.rank(OMEGAS, coverage, **estimate)
     total = add.sum(0)
     w = np.where(total > 0, 1.0 / np.where(total > 0, total, 1.0), 0.0)
     w /= w[total > 0].mean()
-    expect_w = np.log1p(add / np.maximum(have[useful], floor)[None, :]) @ w
+    expect_w = per_bin @ w
     assert scarce.weighting == "scarcity"
     assert "least exposure weighing most" in scarce.note
     for cand in scarce.candidates:

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from simulations.reference import resolve_fc
-from steering.closedloop import _cache_key, _to_target, load_or_simulate, spread_order
+from steering.closedloop import (
+    CandidateData,
+    _cache_key,
+    _to_target,
+    load_or_simulate,
+    spread_order,
+)
 from steering.exceptions import AdvisorError
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "ge"
@@ -90,27 +96,24 @@ def test_closed_loop_on_the_committed_ge_model(tmp_path: Path, ge) -> None:  # t
     assert r["seeds"] == [0]
     # the simulated candidates were kept: the same arguments read them back, bit for bit
     (kept,) = (tmp_path / "cache").glob("Ge-raman-seed0-*.npz")
-    again = load_or_simulate(
-        "Ge",
-        "raman",
-        np.arange(0.0, 60.0, 10.0),
-        seed=0,
-        events_per_orientation=2e4,
-        cache_dir=tmp_path / "cache",
-    )
+
+    def load() -> CandidateData:
+        return load_or_simulate(
+            "Ge",
+            "raman",
+            np.arange(0.0, 60.0, 10.0),
+            seed=0,
+            events_per_orientation=2e4,
+            cache_dir=tmp_path / "cache",
+        )
+
+    again = load()
     with np.load(kept) as z:
         np.testing.assert_array_equal(again.counts, z["counts"])
         np.testing.assert_array_equal(again.exposure, z["exposure"])
     # a damaged file is simulated again (the same seed gives the same events) and replaced
     kept.write_bytes(kept.read_bytes()[:1000])
-    redone = load_or_simulate(
-        "Ge",
-        "raman",
-        np.arange(0.0, 60.0, 10.0),
-        seed=0,
-        events_per_orientation=2e4,
-        cache_dir=tmp_path / "cache",
-    )
+    redone = load()
     np.testing.assert_array_equal(redone.counts, again.counts)
     with np.load(kept) as z:
         np.testing.assert_array_equal(z["counts"], again.counts)
