@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from simulations.recording import RunReader
-
-from .accumulate import RunAccumulator
-from .exceptions import FoldError
-from .folding import Folder, coverage_cache_dir, coverage_disk_limit
-from .pipeline import MalformedMessage, RunPipeline, schema_of
-from .wire import decode_f144, loads_json
+from consumers.exceptions import FoldError
+from consumers.reduction.accumulate import RunAccumulator
+from consumers.reduction.folding import Folder, coverage_cache_dir, coverage_disk_limit
+from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
+from consumers.wire import decode_f144, loads_json
+from simulations.runs.recording import RunReader
 
 __all__ = ["fold_recorded_run", "precompute_coverages", "run_setup"]
 
@@ -107,7 +106,7 @@ def dispersion_check(
     Two figures:
 
     * ``pearson``: Pearson correlation of the folded I(q, E) with the forward-model
-      I(q, E) (:meth:`simulations.forward.ForwardModel.spectra`, exact broadening) over
+      I(q, E) (:meth:`simulations.lattice.forward.ForwardModel.spectra`, exact broadening) over
       the measured bins; ``pearson_column_normalised`` after scaling every q column of
       both to unit sum. The forward model has no eigenvectors, Debye-Waller or Bose
       factor (the seed paper's training model), while the data do, so the raw figure is
@@ -130,10 +129,10 @@ def dispersion_check(
     import numpy as np
     import torch
 
-    from simulations.forward import THZ_TO_MEV
-    from simulations.instrument import Instrument
-    from simulations.materials import setup
-    from simulations.runcheck import peaks_on_branches
+    from simulations.instrument.spectrometer import Instrument
+    from simulations.lattice.forward import THZ_TO_MEV
+    from simulations.lattice.materials import setup
+    from simulations.runs.check import peaks_on_branches
 
     sim = meta.get("simulation")
     truth = sim.get("coefficients") if isinstance(sim, dict) else None

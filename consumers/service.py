@@ -1,4 +1,4 @@
-"""The live consumer: a steppable service around :class:`~consumers.pipeline.RunPipeline`.
+"""The live consumer: a steppable service around :class:`~consumers.reduction.pipeline.RunPipeline`.
 
 Each :meth:`ConsumerService.step` polls the source once. Every message is checked against
 the offsets already consumed (a re-delivered topic/partition/offset is counted and
@@ -37,13 +37,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from consumers import metrics
+from consumers.exceptions import ConsumerError
+from consumers.kafka.transport import MessageSource, SourceMessage
+from consumers.reduction.accumulate import OrientationRecord, Snapshot
+from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
 from simulations.jsonutil import json_default
-
-from . import metrics
-from .accumulate import OrientationRecord, Snapshot
-from .exceptions import ConsumerError
-from .kafka import MessageSource, SourceMessage
-from .pipeline import MalformedMessage, RunPipeline, schema_of
 
 __all__ = ["ConsumerService", "SnapshotSink"]
 
@@ -95,7 +94,7 @@ def _unpack(meta: list[list[Any]], blob: np.ndarray) -> list[SourceMessage]:
 
 class SnapshotSink(Protocol):
     """Where folded snapshots go: an in-process model server (embedded mode) or a topic
-    (:class:`consumers.kafka.KafkaSnapshotSink`, deployed mode)."""
+    (:class:`consumers.kafka.transport.KafkaSnapshotSink`, deployed mode)."""
 
     def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         """Called after every completed orientation with the cumulative spectrum."""

@@ -5,7 +5,8 @@ The run engine publishes its documents with bluesky's own
 (``steer zmq-proxy`` or bluesky's ``bluesky-0MQ-proxy``); :class:`ZmqBlueskySource`
 subscribes to the proxy's out port with a :class:`~bluesky.callbacks.zmq.RemoteDispatcher`
 running in a background thread and serves the documents through the
-:class:`~consumers.kafka.MessageSource` protocol, so that :class:`~consumers.kafka.MergedSource`
+:class:`~consumers.kafka.transport.MessageSource` protocol, so that
+:class:`~consumers.kafka.transport.MergedSource`
 can combine it with the Kafka topics of the run (events, motion, run info).
 
 0MQ cannot re-deliver, so every received document is first appended to a journal in the
@@ -49,12 +50,11 @@ from bluesky.callbacks.zmq import Publisher, RemoteDispatcher
 from event_model import DocumentNames
 from zmq.utils.monitor import parse_monitor_message
 
+from consumers import metrics
+from consumers.exceptions import ConsumerError
+from consumers.kafka.transport import SourceMessage
+from consumers.wire import loads_json
 from simulations.jsonutil import json_default
-
-from . import metrics
-from .exceptions import ConsumerError
-from .kafka import SourceMessage
-from .wire import loads_json
 
 __all__ = [
     "DESERIALIZERS",

@@ -6,20 +6,20 @@ Torch lives in the networks, training and inference modules; the package imports
 ``simulations`` and ``consumers`` (coverage from the instrument model) and nothing above.
 """
 
-from .artifact import FrozenModel, load_model, save_model
-from .augment import AugmentConfig, Augmenter
-from .coverage import CoverageBank, build_coverage_bank
-from .evaluation import evaluate_model, r2_scores
-from .exceptions import (
+from model_server.exceptions import (
     ArtifactError,
     GridMismatchError,
     InputSpectrumError,
     ModelServerError,
     TrainingError,
 )
-from .inference import Estimate, Estimator, read_folded
-from .preprocess import prepare
-from .training import TrainConfig, train_model
+from model_server.inversion.artifact import FrozenModel, load_model, save_model
+from model_server.inversion.augment import AugmentConfig, Augmenter
+from model_server.inversion.coverage import CoverageBank, build_coverage_bank
+from model_server.inversion.evaluation import evaluate_model, r2_scores
+from model_server.inversion.inference import Estimate, Estimator, read_folded
+from model_server.inversion.preprocess import prepare
+from model_server.inversion.training import TrainConfig, train_model
 
 __all__ = [
     "ArtifactError",

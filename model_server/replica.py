@@ -2,7 +2,7 @@
 
 In the deployed, scaled-out mode the consumers (``steer consume --group
 --publish-snapshots``) publish every orientation's cumulative snapshot to
-``<prefix>_folded`` (keyed by run id, :class:`consumers.kafka.KafkaSnapshotSink`). Any
+``<prefix>_folded`` (keyed by run id, :class:`consumers.kafka.transport.KafkaSnapshotSink`). Any
 number of replicas (``steer model-serve``) share that topic's partitions in the consumer
 group ``steer-<prefix>-model``; each snapshot is self-contained (the whole cumulative
 I(q, E), its mask, the run's material and the grid fingerprint), so a replica keeps no
@@ -38,14 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from consumers.kafka import (
+from consumers.kafka.transport import (
     KafkaDeadLetter,
     SourceMessage,
     client_security,
     ensure_topics,
 )
-
-from .exceptions import ModelServerError
+from model_server.exceptions import ModelServerError
 
 __all__ = ["ModelReplica", "decode_snapshot"]
 
@@ -148,7 +147,7 @@ class ModelReplica:
 
     def estimator(self, material: str) -> Any:
         """The cached estimator of a material's frozen model."""
-        from .inference import Estimator
+        from model_server.inversion.inference import Estimator
 
         key = material.lower()
         if key not in self._estimators:

@@ -6,11 +6,7 @@ formats, recorded-run files, the noise model).
 No streaming or web code lives here (see DESIGN.md, Folders).
 """
 
-from .binning import ReferenceBinning
-from .crystals import Crystal, load_crystal
-from .dataset import generate_dataset, read_dataset
-from .events import EventBatch, OrientationSimulator, PhononTable
-from .exceptions import (
+from simulations.exceptions import (
     DatasetError,
     ForceConstantError,
     GridError,
@@ -22,18 +18,26 @@ from .exceptions import (
     StructureError,
     UnknownFCSetError,
 )
-from .force_constants import FCBasis, build_fc_basis
-from .forward import ForwardModel, SpectraResult
-from .grid import Grid, QPath, make_grid, make_qpath
-from .instrument import Instrument, Orientation
-from .materials import MaterialSetup, setup
-from .noise import add_noise, counting_noise, noise_grid
-from .phonopy_export import full_force_constants, to_phonopy, write_phonopy_params
-from .recording import RecordedMessage, RunReader, RunWriter, read_run, write_run
-from .reference import ReferenceEnsemble, load_reference, named_fc_set, resolve_fc
-from .resolution import EnergyResolution, instrument_resolution
-from .run import RunPlan, RunSummary, parse_omegas, simulate_run
-from .sqe import CoherentSQE, PhononModes
+from simulations.fcdb.dataset import generate_dataset, read_dataset
+from simulations.fcdb.reference import ReferenceEnsemble, load_reference, named_fc_set, resolve_fc
+from simulations.instrument.binning import ReferenceBinning
+from simulations.instrument.events import EventBatch, OrientationSimulator, PhononTable
+from simulations.instrument.noise import add_noise, counting_noise, noise_grid
+from simulations.instrument.spectrometer import Instrument, Orientation
+from simulations.lattice.crystals import Crystal, load_crystal
+from simulations.lattice.force_constants import FCBasis, build_fc_basis
+from simulations.lattice.forward import ForwardModel, SpectraResult
+from simulations.lattice.grid import Grid, QPath, make_grid, make_qpath
+from simulations.lattice.materials import MaterialSetup, setup
+from simulations.lattice.phonopy_export import (
+    full_force_constants,
+    to_phonopy,
+    write_phonopy_params,
+)
+from simulations.lattice.resolution import EnergyResolution, instrument_resolution
+from simulations.lattice.sqe import CoherentSQE, PhononModes
+from simulations.runs.recording import RecordedMessage, RunReader, RunWriter, read_run, write_run
+from simulations.runs.simulate import RunPlan, RunSummary, parse_omegas, simulate_run
 
 __all__ = [
     "CoherentSQE",

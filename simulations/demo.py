@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .dataset import generate_dataset
-from .materials import setup
-from .phonopy_export import write_phonopy_params
-from .plotting import plot_dispersion
-from .reference import gamma_optical_thz, load_reference, named_fc_set
+from simulations.fcdb.dataset import generate_dataset
+from simulations.fcdb.reference import gamma_optical_thz, load_reference, named_fc_set
+from simulations.lattice.materials import setup
+from simulations.lattice.phonopy_export import write_phonopy_params
+from simulations.plotting import plot_dispersion
 
 __all__ = ["run_demo"]
 
@@ -59,8 +59,8 @@ def run_demo(out: str | Path, *, n: int = 2000, material: str = "Ge") -> dict[st
         material, n, out / f"{material}_train.h5", material_setup=ms, command="steer demo"
     )
     # the synthetic instrument: a short rotation run, read back and binned simply
-    from .run import RunPlan, simulate_run
-    from .runcheck import check_run
+    from simulations.runs.check import check_run
+    from simulations.runs.simulate import RunPlan, simulate_run
 
     fc = "raman" if "raman" in ref.fc_set_names() else "mlff_mean"
     run_file = out / f"{material}_run.steer"

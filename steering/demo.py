@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 def _simulated_run(out: Path, orientations: int, events: float, seed: int) -> tuple[Path, bool]:
     """The demo's run file (made once; reused when its plan matches)."""
-    from simulations.run import RunPlan, simulate_run
+    from simulations.runs.simulate import RunPlan, simulate_run
 
     omegas = tuple(float(w) for w in np.linspace(0.0, 120.0, orientations, endpoint=False))
     plan = RunPlan(
@@ -193,13 +193,12 @@ def run_demo(
     """
     import uvicorn
 
-    from consumers.kafka import embedded_broker, replay
+    from consumers.kafka.transport import embedded_broker, replay
     from consumers.offline import fold_recorded_run
-
-    from . import figures
-    from .api import LiveState, create_app
-    from .db import History
-    from .service import SteeringService
+    from steering import figures
+    from steering.api.app import LiveState, create_app
+    from steering.db import History
+    from steering.service import SteeringService
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -61,8 +61,8 @@ class FigureModel:
     def __init__(self, material: str) -> None:
         import torch
 
-        from simulations.materials import setup
-        from simulations.reference import load_reference
+        from simulations.fcdb.reference import load_reference
+        from simulations.lattice.materials import setup
 
         self.material = material
         self.ms = setup(material)

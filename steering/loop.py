@@ -2,8 +2,8 @@
 
 :class:`SteeringLoop` is a :class:`consumers.service.SnapshotSink`. After every completed
 orientation it estimates the FCs of the cumulative folded spectrum
-(:class:`model_server.inference.Estimator`), ranks the candidate angles
-(:class:`steering.advisor.Advisor`) under that estimate, keeps both in its history and hands
+(:class:`model_server.inversion.inference.Estimator`), ranks the candidate angles
+(:class:`steering.advisor.ranking.Advisor`) under that estimate, keeps both in its history and hands
 the advice to its sinks:
 
 * :class:`KafkaAdviceSink`: the ranking as JSON on ``<prefix>_advice`` (key: run id) and the
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from . import metrics
-from .advisor import Advisor, check_score, check_weighting
-from .exceptions import AdvisorError
+from steering import metrics
+from steering.advisor.ranking import Advisor, check_score, check_weighting
+from steering.exceptions import AdvisorError
 
 __all__ = ["AdviceDocuments", "CandidateCoverage", "KafkaAdviceSink", "SteeringLoop"]
 
@@ -128,12 +128,12 @@ class KafkaAdviceSink:
     def __init__(self, bootstrap: str, prefix: str, *, run_id: str, material: str) -> None:
         from kafka import KafkaProducer
 
-        from consumers.kafka import ensure_topics
+        from consumers.kafka.transport import ensure_topics
 
         self.topic = f"{prefix}_advice"
         self.docs_topic = f"{prefix}_advice_docs"
         ensure_topics(bootstrap, [self.topic, self.docs_topic])
-        from consumers.kafka import client_security
+        from consumers.kafka.transport import client_security
 
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap, max_request_size=8 << 20, **client_security()
@@ -179,9 +179,9 @@ class CandidateCoverage:
     """
 
     def __init__(self, meta: dict[str, Any], omegas: Sequence[float] | None = None) -> None:
-        from consumers.folding import Folder, FoldTable
-        from simulations.instrument import Instrument, Orientation
-        from simulations.materials import setup
+        from consumers.reduction.folding import Folder, FoldTable
+        from simulations.instrument.spectrometer import Instrument, Orientation
+        from simulations.lattice.materials import setup
 
         ms = setup(str(meta["material"]))
         ins = Instrument.from_metadata(dict(meta["instrument"]))
@@ -237,7 +237,7 @@ class SteeringLoop:
         (they start with the run, and counting one orientation takes about a minute).
     score, weighting
         What the advisor sorts by and how it weighs the spectrum's bins
-        (:meth:`steering.advisor.Advisor.rank`).
+        (:meth:`steering.advisor.ranking.Advisor.rank`).
     """
 
     def __init__(

@@ -5,7 +5,7 @@
 every completed orientation a :class:`steering.loop.SteeringLoop` estimates the FCs and
 ranks the candidate angles; the estimate and advice go to the run history
 (:class:`steering.db.History`), to Kafka (``<prefix>_advice``, ``<prefix>_advice_docs``) and
-to the live state the API serves (:class:`steering.api.LiveState`).
+to the live state the API serves (:class:`steering.api.app.LiveState`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from model_server.exceptions import ModelServerError
-
-from . import metrics
-from .api import LiveState
-from .db import History
+from steering import metrics
+from steering.api.app import LiveState
+from steering.db import History
 
 __all__ = ["MAX_ORIENTATION_SPECTRA", "SteeringService"]
 
@@ -60,7 +59,7 @@ class SteeringService:
         (computed from the run start on a thread); then it ranks those ready.
     advisor_score, advisor_weighting
         What the advisor sorts by and how it weighs the spectrum's bins
-        (:meth:`steering.advisor.Advisor.rank`).
+        (:meth:`steering.advisor.ranking.Advisor.rank`).
     """
 
     def __init__(
@@ -78,7 +77,7 @@ class SteeringService:
         advisor_score: str = "spectrum",
         advisor_weighting: str = "scarcity",
     ) -> None:
-        from .advisor import check_score, check_weighting
+        from steering.advisor.ranking import check_score, check_weighting
 
         check_score(advisor_score, "advisor score")
         check_weighting(advisor_weighting, "advisor weighting")
@@ -114,7 +113,7 @@ class SteeringService:
 
     def estimator(self, material: str) -> Any:
         """The (cached) estimator of a material's frozen model."""
-        from model_server.inference import Estimator
+        from model_server.inversion.inference import Estimator
 
         key = material.lower()
         if key not in self._estimators:
@@ -157,8 +156,8 @@ class SteeringService:
             return self._make_loop(meta)
 
     def _make_loop(self, meta: dict[str, Any]) -> Any:
-        from .advisor import Advisor
-        from .loop import CandidateCoverage, KafkaAdviceSink, SteeringLoop
+        from steering.advisor.ranking import Advisor
+        from steering.loop import CandidateCoverage, KafkaAdviceSink, SteeringLoop
 
         run_id = str(meta.get("run_id", "run"))
         loop = self._loops.get(run_id)
@@ -192,7 +191,7 @@ class SteeringService:
         self._loops[run_id] = loop
         self.history.upsert_run(run_id, material=material, state="running")
         self._run_info(meta)
-        from simulations.materials import setup
+        from simulations.lattice.materials import setup
 
         self.live.grids[run_id] = {"energy": setup(material).grid.energy_centres.tolist()}
         return loop
@@ -327,7 +326,7 @@ class SteeringService:
 
     def start(self, *, idle_exit_s: float | None = None) -> None:
         """Start consuming on a thread (follows run after run)."""
-        from consumers.kafka import KafkaSource
+        from consumers.kafka.transport import KafkaSource
         from consumers.service import ConsumerService
 
         source = KafkaSource(self.bootstrap, self.prefix)

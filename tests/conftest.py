@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from simulations.materials import MaterialSetup, setup
+from simulations.lattice.materials import MaterialSetup, setup
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,7 +50,7 @@ def small_ge_run(path: Path, omegas: tuple[float, ...], seed: int) -> tuple[Path
     """A short simulated Ge ``raman`` run (5e4 events, 5 s per orientation, 16^3 phonon
     mesh) written to ``path``, with its offline fold: ``(path, summary, accumulator)``."""
     from consumers.offline import fold_recorded_run
-    from simulations.run import RunPlan, simulate_run
+    from simulations.runs.simulate import RunPlan, simulate_run
 
     plan = RunPlan(
         material="Ge",
@@ -142,8 +142,8 @@ def _estimate(k: int) -> dict[str, Any]:
 @pytest.fixture
 def filled(tmp_path: Path, ge) -> tuple[Any, Any, str]:  # type: ignore[no-untyped-def]
     """A run history with one run (3 estimates, one advice) and its live snapshot."""
-    from consumers.accumulate import RunAccumulator
-    from steering.api import LiveState
+    from consumers.reduction.accumulate import RunAccumulator
+    from steering.api.app import LiveState
     from steering.db import History
 
     url = f"sqlite:///{tmp_path / 'steer.db'}"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumers.folding import Folder, FoldTable
-from simulations.instrument import Instrument, Orientation
-from simulations.reference import load_reference
-from steering.advisor import Advisor, candidate_omegas, scarcity_weights
+from consumers.reduction.folding import Folder, FoldTable
+from simulations.fcdb.reference import load_reference
+from simulations.instrument.spectrometer import Instrument, Orientation
+from steering.advisor.ranking import Advisor, candidate_omegas, scarcity_weights
 from steering.exceptions import AdvisorError
 
 OMEGAS = (0.0, 30.0, 60.0, 90.0)

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.folding import Folder, FoldTable
-from simulations.instrument import Instrument, Orientation
-from simulations.reference import load_reference, resolve_fc
-from steering.advisor import Advisor
-from steering.agent import OrientationAgent
+from consumers.reduction.folding import Folder, FoldTable
+from simulations.fcdb.reference import load_reference, resolve_fc
+from simulations.instrument.spectrometer import Instrument, Orientation
+from steering.advisor.agent import OrientationAgent
+from steering.advisor.ranking import Advisor
 from steering.exceptions import AdvisorError
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "ge"
@@ -40,7 +40,7 @@ def test_agent_drives_an_ophyd_goniometer_with_bluesky_adaptive(agent_setup) -> 
     from bluesky_adaptive.protocols import OptimizationProblem, Optimizer
     from ophyd.sim import SynAxis, SynGauss
 
-    from model_server.inference import Estimator
+    from model_server.inversion.inference import Estimator
 
     advisor, coverage, truth = agent_setup
     agent = OrientationAgent(advisor, OMEGAS, coverage, motor="omega", charge=20.0)

@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from steering.api import create_app
+from steering.api.app import create_app
 from steering.db import History
 
 TOKEN = "s3cret-token"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.kafka import EmbeddedBroker, replay
+from consumers.kafka.transport import EmbeddedBroker, replay
 
 
 class OutageProxy:

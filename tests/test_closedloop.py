@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.reference import resolve_fc
-from steering.closedloop import (
+from simulations.fcdb.reference import resolve_fc
+from steering.advisor.closedloop import (
     CandidateData,
     _cache_key,
     _to_target,
@@ -62,7 +62,7 @@ def test_candidate_cache_key(tmp_path: Path) -> None:
 def test_closed_loop_on_the_committed_ge_model(tmp_path: Path, ge) -> None:  # type: ignore[no-untyped-def]
     """Six candidates, two strategies, small runs: every strategy measures every
     candidate once, and after all of them all reach the same (target) error."""
-    from steering.closedloop import closed_loop
+    from steering.advisor.closedloop import closed_loop
 
     r = closed_loop(
         "Ge",

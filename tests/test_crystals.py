@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.crystals import SHIPPED_MATERIALS, load_crystal
 from simulations.exceptions import StructureError
+from simulations.lattice.crystals import SHIPPED_MATERIALS, load_crystal
 
 DATA = Path(__file__).parent / "data"
 

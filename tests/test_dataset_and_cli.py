@@ -11,10 +11,10 @@ import h5py
 import numpy as np
 import pytest
 
-from simulations.dataset import generate_dataset, read_dataset
 from simulations.exceptions import DatasetError
-from simulations.materials import MaterialSetup
-from simulations.reference import load_reference
+from simulations.fcdb.dataset import generate_dataset, read_dataset
+from simulations.fcdb.reference import load_reference
+from simulations.lattice.materials import MaterialSetup
 
 PARTIAL_CIF = str(Path(__file__).parent / "data" / "partial_occupancy.cif")
 

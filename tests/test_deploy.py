@@ -46,7 +46,7 @@ def _known_env() -> set[str]:
     import click
     import typer
 
-    from steering.cli import app
+    from steering.cli.app import app
 
     names: set[str] = set()
 
@@ -65,7 +65,7 @@ def _known_env() -> set[str]:
 
 
 def _topics(prefix: str) -> set[str]:
-    from consumers.kafka import topics_for
+    from consumers.kafka.transport import topics_for
 
     return {
         *topics_for(prefix),

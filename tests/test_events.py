@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from simulations.binning import ReferenceBinning
-from simulations.events import OrientationSimulator, PhononTable
 from simulations.exceptions import InstrumentError
-from simulations.forward import THZ_TO_MEV
-from simulations.instrument import Instrument, Orientation
-from simulations.reference import resolve_fc
-from simulations.sqe import CoherentSQE, bose_occupation
+from simulations.fcdb.reference import resolve_fc
+from simulations.instrument.binning import ReferenceBinning
+from simulations.instrument.events import OrientationSimulator, PhononTable
+from simulations.instrument.spectrometer import Instrument, Orientation
+from simulations.lattice.forward import THZ_TO_MEV
+from simulations.lattice.sqe import CoherentSQE, bose_occupation
 
 EI = 80.0
 

@@ -1,4 +1,4 @@
-"""The structure -> force-constant e3nn model (model_server.fc_e3nn): the committed model
+"""The structure -> force-constant e3nn model (model_server.structure_fc.model): the committed model
 loads and predicts; its output is equivariant, obeys pair symmetry and the acoustic sum rule,
 carries the crystal's space-group symmetry; bad input gives clear errors; far-off structures
 are flagged; a tiny training run lowers the loss. Phonon helper checked against the
@@ -17,7 +17,8 @@ from scipy.spatial.transform import Rotation
 
 from model_server import ModelServerError
 from model_server.exceptions import ArtifactError
-from model_server.fc_e3nn import (
+from model_server.structure_fc.graph import build_graph
+from model_server.structure_fc.model import (
     MAX_ATOMS,
     CellTooLargeError,
     FCModel,
@@ -26,18 +27,17 @@ from model_server.fc_e3nn import (
     build_net,
     load_fc_model,
 )
-from model_server.fc_e3nn_net import NetConfig, collate, constrain
-from model_server.fc_e3nn_train import (
+from model_server.structure_fc.network import NetConfig, collate, constrain
+from model_server.structure_fc.train import (
     TrainSettings,
     dos_metrics,
     prepare,
     reference_samples,
     train,
 )
-from model_server.fc_graph import build_graph
-from model_server.fc_phonons import frequencies_at, mesh_frequencies
-from simulations.forward import VASP_TO_THZ
-from simulations.materials import setup
+from simulations.lattice.forward import VASP_TO_THZ
+from simulations.lattice.materials import setup
+from simulations.lattice.pair_phonons import frequencies_at, mesh_frequencies
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,8 +137,8 @@ def test_equivariance_rotating_the_structure_rotates_the_tensors(model: FCModel)
 
 def test_prediction_carries_the_space_group(model: FCModel) -> None:
     """The predicted FCs of a symmetric crystal lie in its symmetry-reduced FC space."""
-    from simulations.crystals import Crystal
-    from simulations.force_constants import build_fc_basis
+    from simulations.lattice.crystals import Crystal
+    from simulations.lattice.force_constants import build_fc_basis
 
     z, lattice, frac = _known_structure(model)
     from ase.data import atomic_masses, chemical_symbols
@@ -288,7 +288,7 @@ def test_graph_has_every_bond_once_with_its_reverse() -> None:
 
 def test_frequencies_match_the_symmetry_reduced_model() -> None:
     """fc_phonons on the blocks of Ge's reference FCs == the FC basis' dynamical matrix."""
-    from simulations.reference import named_fc_set
+    from simulations.fcdb.reference import named_fc_set
 
     ms = setup("Ge")
     c = named_fc_set("Ge", "mlff_mean", ms)
@@ -373,7 +373,7 @@ def test_float64_network_builds_with_float64_constants() -> None:
 def test_entry_point_reports_errors_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from model_server.fc_e3nn import main
+    from model_server.structure_fc.model import main
 
     assert main(["evaluate", "--db", str(tmp_path / "x.h5")]) == 2
     err = capsys.readouterr().err

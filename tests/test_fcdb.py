@@ -1,4 +1,4 @@
-"""The force-constant database (simulations.fcdb): the committed file against its contract,
+"""The force-constant database (simulations.fcdb.database): the committed file against its contract,
 the builder's geometry on an analytic spring model, the catalogue and the split, clear errors;
 one end-to-end build with a real force field (marked ``mlff``)."""
 
@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.fcdb import (
+from simulations.fcdb.build import choose_supercell, pairs_from_supercell
+from simulations.fcdb.catalogue import PROTOTYPES, assign_splits, catalogue
+from simulations.fcdb.database import (
     CUTOFF_ANGSTROM,
     FULL_STABILITY_TOL_THZ,
     SPLITS,
@@ -33,8 +35,6 @@ from simulations.fcdb import (
     read_database,
     write_database,
 )
-from simulations.fcdb_build import choose_supercell, pairs_from_supercell
-from simulations.fcdb_catalogue import PROTOTYPES, assign_splits, catalogue
 
 #: Space group of every prototype (International Tables number).
 SPACEGROUP = {
@@ -228,7 +228,7 @@ def test_info_counts_and_provenance(everything: list[FCEntry]) -> None:
 
 def run_steer(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """``steer ARGS`` in this process: (exit code, stdout, stderr)."""
-    from steering.cli import main
+    from steering.cli.app import main
 
     try:
         main(list(args))
@@ -449,7 +449,7 @@ def test_split_is_seeded_stratified_and_order_free() -> None:
 @pytest.mark.mlff
 def test_build_two_crystals_crash_and_resume(tmp_path: Path) -> None:
     """A real build of two CsCl-type crystals: killed (SIGKILL) after the first one, resumed."""
-    from simulations import mlff
+    from simulations.fcdb import mlff
 
     if "sevennet-0" not in mlff.available_models():
         pytest.skip("sevennet-0 is not installed (make mlff)")

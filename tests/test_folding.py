@@ -14,13 +14,13 @@ import pytest
 import torch
 from streaming_data_types.eventdata_ev44 import deserialise_ev44
 
-from consumers.folding import Folder, FoldTable
 from consumers.offline import fold_recorded_run
-from simulations.binning import ReferenceBinning
-from simulations.forward import THZ_TO_MEV
-from simulations.instrument import Instrument, Orientation, energy_to_speed
-from simulations.recording import RecordedMessage, RunReader, RunWriter
-from simulations.run import RunPlan, simulate_run
+from consumers.reduction.folding import Folder, FoldTable
+from simulations.instrument.binning import ReferenceBinning
+from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
+from simulations.lattice.forward import THZ_TO_MEV
+from simulations.runs.recording import RecordedMessage, RunReader, RunWriter
+from simulations.runs.simulate import RunPlan, simulate_run
 
 EI = 80.0
 
@@ -108,7 +108,7 @@ def test_offline_fold_loses_nothing_and_shows_the_dispersion(ge, ge_run, tmp_pat
 
     snap = acc.snapshot()
     fm = ge.forward_model(dtype=torch.float64, method="exact")
-    from simulations.reference import resolve_fc
+    from simulations.fcdb.reference import resolve_fc
 
     _, c = resolve_fc("Ge", "raman", ge)
     with torch.no_grad():
@@ -234,7 +234,16 @@ def test_a_failing_fold_loses_one_orientation_loudly_not_the_run(ge_run, monkeyp
 def test_steer_fold_json_contract(ge_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "iqe.h5"
     proc = subprocess.run(
-        [sys.executable, "-m", "steering.cli", "fold", str(ge_run), "--out", str(out), "--json"],
+        [
+            sys.executable,
+            "-m",
+            "steering.cli.app",
+            "fold",
+            str(ge_run),
+            "--out",
+            str(out),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -288,7 +297,7 @@ def test_coverage_skipping_is_exact(ge, ge_table) -> None:  # type: ignore[no-un
 
 def test_background_fold_equals_inline_fold(tmp_path: Path, make_small_run) -> None:  # type: ignore[no-untyped-def]
     """Orientations folded on the worker thread are added in order: bitwise the same."""
-    from consumers.pipeline import RunPipeline, schema_of
+    from consumers.reduction.pipeline import RunPipeline, schema_of
 
     path, _, _ = make_small_run(tmp_path / "run.steer", (0.0, 3.0, 6.0, 9.0, 12.0), seed=4)
     results = []
@@ -418,7 +427,7 @@ def test_coverage_disk_cache(ge, ge_table, tmp_path, monkeypatch, caplog) -> Non
     """Coverages are kept on disk per set-up: a new process (here: an empty memory cache)
     reads bitwise the values computed; a damaged file is recomputed and rewritten; a cache
     bound of 0 keeps nothing on disk; the folder is pruned to its bound."""
-    import consumers.folding as folding
+    import consumers.reduction.folding as folding
 
     monkeypatch.setenv("STEER_CACHE_DIR", str(tmp_path))
     ins = Instrument.arcs_like(n_columns=80, n_rows=48)
@@ -464,13 +473,22 @@ def test_coverage_disk_cache(ge, ge_table, tmp_path, monkeypatch, caplog) -> Non
 def test_steer_coverage_precomputes_a_runs_angles(make_small_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """`steer coverage --run` fills the disk cache with the run's angles, which the
     offline fold then reads (same exposure as computed afresh)."""
-    import consumers.folding as folding
+    import consumers.reduction.folding as folding
     from consumers.offline import run_setup
 
     run, _, _ = make_small_run(tmp_path / "run.steer", (0.0, 5.0, 10.0), seed=2)
     monkeypatch.setenv("STEER_CACHE_DIR", str(tmp_path))
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "steering.cli", "coverage", "--run", str(run), "--json", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "steering.cli.app",
+        "coverage",
+        "--run",
+        str(run),
+        "--json",
+        "--quiet",
+    ]
     out = json.loads(
         subprocess.run(cmd, env=env, capture_output=True, check=True, text=True).stdout
     )

@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from simulations.crystals import crystal_from_structure
 from simulations.exceptions import ForceConstantError, InvalidCoefficientsError
-from simulations.force_constants import build_fc_basis
-from simulations.forward import VASP_TO_THZ
-from simulations.materials import MaterialSetup
-from simulations.phonopy_export import full_force_constants, to_phonopy, write_phonopy_params
-from simulations.reference import load_reference
+from simulations.fcdb.reference import load_reference
+from simulations.lattice.crystals import crystal_from_structure
+from simulations.lattice.force_constants import build_fc_basis
+from simulations.lattice.forward import VASP_TO_THZ
+from simulations.lattice.materials import MaterialSetup
+from simulations.lattice.phonopy_export import (
+    full_force_constants,
+    to_phonopy,
+    write_phonopy_params,
+)
 
 
 def _our_frequencies(ms_basis, coeffs, q):  # type: ignore[no-untyped-def]

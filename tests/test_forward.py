@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from simulations.exceptions import GridError, InvalidCoefficientsError
-from simulations.forward import THZ_TO_MEV, ForwardModel
-from simulations.grid import make_grid
-from simulations.materials import MaterialSetup
-from simulations.reference import load_reference, named_fc_set
-from simulations.resolution import EnergyResolution, instrument_resolution
+from simulations.fcdb.reference import load_reference, named_fc_set
+from simulations.lattice.forward import THZ_TO_MEV, ForwardModel
+from simulations.lattice.grid import make_grid
+from simulations.lattice.materials import MaterialSetup
+from simulations.lattice.resolution import EnergyResolution, instrument_resolution
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_resolution_from_resins_matches_the_documented_arcs_values() -> None:
 
 
 def test_compiled_small_eigensolver_matches_lapack(rng: np.random.Generator) -> None:
-    from simulations._eig import eigvalsh_small
+    from simulations.lattice.eig import eigvalsh_small
 
     a = rng.normal(size=(500, 6, 6))
     a = a + a.transpose(0, 2, 1)
@@ -156,7 +156,7 @@ def test_centrosymmetric_crystal_is_made_real_with_unchanged_frequencies(
 def test_jacobian_matches_central_differences(material: str) -> None:
     """ForwardModel.jacobian (perturbation theory x forward-mode bin profiles) against
     central differences of spectra(); Nb's dynamical matrices are complex."""
-    from simulations.materials import setup
+    from simulations.lattice.materials import setup
 
     ms = setup(material)
     ref = load_reference(material)

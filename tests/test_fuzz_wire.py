@@ -2,7 +2,7 @@
 
 Hostile ev44, f144, pl72 and 6s4t payloads and bluesky documents, structurally valid (built
 with the real ``streaming_data_types`` serialisers) or raw garbage, are fed to the pipeline
-(:class:`consumers.pipeline.RunPipeline`) and to the live consumer
+(:class:`consumers.reduction.pipeline.RunPipeline`) and to the live consumer
 (:class:`consumers.service.ConsumerService`, from an in-memory source: no broker) in the
 middle of a real simulated run. The properties:
 
@@ -53,8 +53,8 @@ from streaming_data_types.logdata_f144 import serialise_f144
 from streaming_data_types.run_start_pl72 import deserialise_pl72, serialise_pl72
 from streaming_data_types.run_stop_6s4t import serialise_6s4t
 
-from consumers.kafka import SourceMessage
-from consumers.pipeline import MalformedMessage, RunPipeline, schema_of
+from consumers.kafka.transport import SourceMessage
+from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
 from consumers.service import ConsumerService
 
 T = TypeVar("T")
@@ -700,7 +700,7 @@ def run_context(msgs: Sequence[Any], mode: str = "bluesky") -> Ctx:
             )  # fmt: skip
             samples[what] = (tuple(m.headers), bytes(small))
         samples.setdefault(what, (tuple(m.headers), bytes(m.payload)))
-    from simulations.instrument import Instrument
+    from simulations.instrument.spectrometer import Instrument
 
     ids = Instrument.from_metadata(meta["instrument"]).pixel_ids
     return Ctx(
@@ -816,7 +816,7 @@ class Cut:
 @pytest.fixture(scope="module")
 def fuzz_run(tmp_path_factory: pytest.TempPathFactory, make_small_run: Any) -> Any:
     """A short simulated Ge run (3 orientations), its messages and its offline fold."""
-    from simulations.recording import RunReader
+    from simulations.runs.recording import RunReader
 
     path = tmp_path_factory.mktemp("fuzz") / "ge.steer"
     path, summary, acc = make_small_run(path, (0.0, 20.0, 40.0), seed=5)
@@ -983,7 +983,7 @@ def test_the_fuzzer_reaches_every_kind_and_reason(cuts: dict[str, Cut]) -> None:
 
 
 class ListSource:
-    """A :class:`~consumers.kafka.MessageSource` over a list (no broker)."""
+    """A :class:`~consumers.kafka.transport.MessageSource` over a list (no broker)."""
 
     def __init__(self, msgs: list[SourceMessage]) -> None:
         self.msgs = msgs

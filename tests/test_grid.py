@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from simulations.exceptions import GridError
-from simulations.grid import make_grid
-from simulations.materials import MaterialSetup
+from simulations.lattice.grid import make_grid
+from simulations.lattice.materials import MaterialSetup
 
 
 def test_ge_path_and_grid_size(ge: MaterialSetup) -> None:

@@ -1,4 +1,4 @@
-"""Spectrometer geometry, kinematics and UB (simulations.instrument).
+"""Spectrometer geometry, kinematics and UB (simulations.instrument.spectrometer).
 
 Reference numbers in the hand-computed cases come from CODATA 2018 (via scipy.constants):
 hbar^2 / (2 m_n) = 2.07212485 meV A^2 and v = 437.393362 m/s * sqrt(E / meV). They are typed
@@ -17,7 +17,7 @@ from scipy import constants as sc
 
 from simulations import Crystal, load_crystal
 from simulations.exceptions import InstrumentError
-from simulations.instrument import (
+from simulations.instrument.spectrometer import (
     E_PER_K2,
     Instrument,
     Orientation,

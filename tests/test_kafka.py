@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from consumers.kafka import (
+from consumers.kafka.transport import (
     EmbeddedBroker,
     KafkaDeadLetter,
     KafkaSnapshotSink,
@@ -224,7 +224,7 @@ class _ListSource:
 
 
 def test_duplicate_delivery_is_ignored(small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from simulations.recording import RunReader
+    from simulations.runs.recording import RunReader
 
     path, _, acc = small_run
     msgs = []
@@ -260,7 +260,7 @@ def test_poison_messages_never_stop_the_consumer(small_run, tmp_path) -> None:  
     empty payload: each is counted and dead-lettered; the spectrum is unchanged."""
     from streaming_data_types.logdata_f144 import serialise_f144
 
-    from simulations.recording import RunReader
+    from simulations.runs.recording import RunReader
 
     path, _, acc = small_run
     msgs: list[SourceMessage] = []
@@ -368,7 +368,7 @@ def test_runs_that_follow_one_another_on_the_same_topics(
 
 
 def test_a_run_start_inside_an_open_run_is_refused(small_run, second_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from simulations.recording import RunReader
+    from simulations.runs.recording import RunReader
 
     path_a, _, acc_a = small_run
     with RunReader(second_run[0]) as reader:
@@ -399,7 +399,7 @@ def test_next_run_messages_before_the_stop_are_held_not_refused(
     """Topics read one after the other (as a consumer catching up a backlog may): the
     second run's events and logs arrive before the first run's start and stop. Each run
     still gets exactly its own messages."""
-    from simulations.recording import RunReader
+    from simulations.runs.recording import RunReader
 
     by_topic: dict[str, list[SourceMessage]] = {}
     for path in (small_run[0], second_run[0]):

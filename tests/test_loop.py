@@ -10,10 +10,10 @@ from pathlib import Path
 import event_model
 import pytest
 
-from consumers.kafka import EmbeddedBroker, KafkaSource, replay
+from consumers.kafka.transport import EmbeddedBroker, KafkaSource, replay
 from consumers.service import ConsumerService
-from model_server.inference import Estimator
-from steering.advisor import Advisor
+from model_server.inversion.inference import Estimator
+from steering.advisor.ranking import Advisor
 from steering.loop import CandidateCoverage, KafkaAdviceSink, SteeringLoop
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "ge"
@@ -100,7 +100,7 @@ def test_live_run_gets_advice_after_every_orientation(  # type: ignore[no-untype
 def test_loop_and_service_refuse_an_unknown_sort_or_weighting(tmp_path: Path, ge) -> None:  # type: ignore[no-untyped-def]
     """The sort and the bins' weights are checked when the loop or the service is made, not
     at the first orientation of a run."""
-    from steering.api import LiveState
+    from steering.api.app import LiveState
     from steering.db import History
     from steering.exceptions import AdvisorError
     from steering.service import SteeringService

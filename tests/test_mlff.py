@@ -1,4 +1,4 @@
-"""Tests of :mod:`simulations.mlff` (pretrained ML force fields + phonopy).
+"""Tests of :mod:`simulations.fcdb.mlff` (pretrained ML force fields + phonopy).
 
 The heavy test needs the optional ``mlff`` extra (CHGNet); it is skipped when
 CHGNet is not installed and carries the ``mlff`` marker so it can be selected
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 
-from simulations import mlff
+from simulations.fcdb import mlff
 
 GE_A = 5.658  # Å, conventional lattice constant of diamond Ge (experiment)
 MODEL = "chgnet-0.3.0"

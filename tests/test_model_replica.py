@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.kafka import EmbeddedBroker, KafkaSnapshotSink, KafkaSource, replay
+from consumers.kafka.transport import EmbeddedBroker, KafkaSnapshotSink, KafkaSource, replay
 from consumers.service import ConsumerService
 from model_server.replica import SnapshotError, decode_snapshot
 
@@ -50,7 +50,7 @@ def _model_serve(bootstrap: str) -> dict[str, int]:
 
 
 def test_replica_estimates_every_snapshot_once(broker, make_small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from model_server.inference import Estimator
+    from model_server.inversion.inference import Estimator
 
     path, _, _ = make_small_run(tmp_path / "run.steer", (0.0, 20.0, 40.0, 60.0), seed=21)
     replay(path, broker.bootstrap, prefix="mr")

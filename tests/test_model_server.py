@@ -31,8 +31,8 @@ from model_server import (
     r2_scores,
     train_model,
 )
-from simulations.dataset import generate_dataset
-from simulations.materials import setup
+from simulations.fcdb.dataset import generate_dataset
+from simulations.lattice.materials import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_KEYS = {
@@ -121,7 +121,7 @@ def test_r2_scores_reference():
 def test_fit_calibration_recovers_a_noise_power():
     """Errors whose spread grows as recon^0.8 while the raw std is flat: the fit finds the
     power and covers 68 % in every noise quintile (plain temperature scaling cannot)."""
-    from model_server.training import fit_calibration
+    from model_server.inversion.training import fit_calibration
 
     rng = np.random.default_rng(6)
     n = 20000
@@ -310,8 +310,8 @@ def test_wrong_grid_says_which_grids(tiny, ge):
 
 def test_estimate_folded_file_and_cli(tiny, ge, capsys):
     """A folded file in the consumers' format; on the wrong grid, a clear CLI error."""
-    from consumers.accumulate import RunAccumulator
-    from steering.cli import main
+    from consumers.reduction.accumulate import RunAccumulator
+    from steering.cli.app import main
 
     tmp, _ = tiny
     rng = np.random.default_rng(5)
@@ -362,7 +362,7 @@ def test_estimate_folded_file_and_cli(tiny, ge, capsys):
 def test_recalibrate_in_place(tiny, tmp_path, capsys):
     import shutil
 
-    from steering.cli import main
+    from steering.cli.app import main
 
     tmp, _ = tiny
     copy = tmp_path / "m"

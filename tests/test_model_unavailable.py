@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.kafka import EmbeddedBroker, replay
-from steering.api import LiveState
+from consumers.kafka.transport import EmbeddedBroker, replay
+from steering.api.app import LiveState
 from steering.db import History
 from steering.service import SteeringService
 

@@ -9,7 +9,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from simulations.exceptions import NoiseError, SimulationError
-from simulations.noise import (
+from simulations.instrument.noise import (
     NOISE_GRID_BACKGROUNDS,
     NOISE_GRID_POISSON,
     add_noise,

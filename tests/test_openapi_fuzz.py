@@ -16,7 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from steering.api import LiveState, create_app
+from steering.api.app import LiveState, create_app
 from steering.db import History
 from tests.test_api import TOKEN, serve
 
@@ -25,8 +25,8 @@ SERVER_ERRORS: list[str] = []
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from consumers.accumulate import RunAccumulator
-    from simulations.materials import setup
+    from consumers.reduction.accumulate import RunAccumulator
+    from simulations.lattice.materials import setup
 
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     history = History(f"sqlite:///{tmp / 'steer.db'}")

@@ -1,5 +1,5 @@
 """POST /predict on a real FastAPI app (TestClient) over a SQLite history, and the Python
-helper behind it (model_server.predict)."""
+helper behind it (model_server.prediction.predict)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from consumers.folding import Folder, FoldTable
-from model_server.predict import MAX_OMEGAS, predict
-from simulations.crystals import SHIPPED_MATERIALS
-from simulations.forward import THZ_TO_MEV
-from simulations.instrument import Instrument, Orientation
-from simulations.reference import resolve_fc
-from simulations.sqe import HBAR2_OVER_2AMU, CoherentSQE, scattering_length
-from steering.api import LiveState
-from steering.api_predict import predict_router
+from consumers.reduction.folding import Folder, FoldTable
+from model_server.prediction.predict import MAX_OMEGAS, predict
+from simulations.fcdb.reference import resolve_fc
+from simulations.instrument.spectrometer import Instrument, Orientation
+from simulations.lattice.crystals import SHIPPED_MATERIALS
+from simulations.lattice.forward import THZ_TO_MEV
+from simulations.lattice.sqe import HBAR2_OVER_2AMU, CoherentSQE, scattering_length
+from steering.api.app import LiveState
+from steering.api.predict import predict_router
 from steering.db import History
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

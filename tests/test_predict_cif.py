@@ -14,12 +14,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from model_server.fc_e3nn import load_fc_model
-from model_server.predict import predict
-from simulations.crystals import SHIPPED_MATERIALS, load_crystal
-from steering.api import LiveState
-from steering.api_predict import predict_router
-from steering.cli import app, main
+from model_server.prediction.predict import predict
+from model_server.structure_fc.model import load_fc_model
+from simulations.lattice.crystals import SHIPPED_MATERIALS, load_crystal
+from steering.api.app import LiveState
+from steering.api.predict import predict_router
+from steering.cli.app import app, main
 from steering.db import History
 
 STRUCTURES = Path(__file__).parents[1] / "simulations/data/structures"
@@ -267,8 +267,8 @@ def test_cli_predict_dos_json_and_png(tmp_path: Path, known: str) -> None:
 
 def test_cli_predict_with_given_coefficients_and_kinds(tmp_path: Path, ge) -> None:  # type: ignore[no-untyped-def]
     """--fc overrides the model: Ge's raman coefficients on the CIF's 4-shell basis."""
-    from simulations.materials import setup
-    from simulations.reference import resolve_fc
+    from simulations.fcdb.reference import resolve_fc
+    from simulations.lattice.materials import setup
 
     setup_names = setup(GE_CIF).basis.names
     _, raman = resolve_fc("Ge", "raman", ge)

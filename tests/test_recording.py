@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from simulations.exceptions import RecordingError, SimulationError
-from simulations.recording import (
+from simulations.runs.recording import (
     MAGIC,
     RecordedMessage,
     RunReader,

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from simulations.exceptions import InvalidCoefficientsError, UnknownFCSetError
-from simulations.materials import MaterialSetup
-from simulations.reference import (
+from simulations.fcdb.reference import (
     gamma_optical_thz,
     load_reference,
     named_fc_set,
     resolve_fc,
     training_domain,
 )
+from simulations.lattice.materials import MaterialSetup
 
 
 @pytest.mark.parametrize("material", ["Ge", "Nb", "Al"])

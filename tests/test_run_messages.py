@@ -1,7 +1,7 @@
-"""A simulated run as the messages an instrument publishes (simulations.run).
+"""A simulated run as the messages an instrument publishes (simulations.runs.simulate).
 
 One small Ge run (3 orientations, ~5000 events each) is generated once per module and read
-back with :class:`simulations.recording.RunReader`; every payload is decoded with the
+back with :class:`simulations.runs.recording.RunReader`; every payload is decoded with the
 ESS ``streaming_data_types`` deserialisers and every bluesky document validated against the
 ``event_model`` JSON schemas.
 """
@@ -25,9 +25,9 @@ from streaming_data_types import (
 )
 
 from simulations.exceptions import InstrumentError, SimulationError, StructureError
-from simulations.instrument import Instrument, energy_to_speed
-from simulations.recording import RecordedMessage, RunReader
-from simulations.run import DEFAULT_START_NS, RunPlan, parse_omegas, simulate_run
+from simulations.instrument.spectrometer import Instrument, energy_to_speed
+from simulations.runs.recording import RecordedMessage, RunReader
+from simulations.runs.simulate import DEFAULT_START_NS, RunPlan, parse_omegas, simulate_run
 
 PLAN = RunPlan(
     material="Ge",
@@ -324,7 +324,7 @@ def test_f144_template_payloads_equal_serialise_f144() -> None:
     """The fast per-pulse f144 path must produce exactly the library's bytes."""
     from streaming_data_types.logdata_f144 import serialise_f144
 
-    from simulations.run import _F144Template
+    from simulations.runs.simulate import _F144Template
 
     rng = np.random.default_rng(11)
     for source in ("proton_charge", "omega", "omega_setpoint"):

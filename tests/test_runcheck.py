@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from simulations.exceptions import InstrumentError
-from simulations.instrument import Instrument
-from simulations.run import RunPlan, simulate_run
-from simulations.runcheck import check_run, iter_orientations
+from simulations.instrument.spectrometer import Instrument
+from simulations.runs.check import check_run, iter_orientations
+from simulations.runs.simulate import RunPlan, simulate_run
 
 
 def test_run_with_a_loaded_pixel_table_reads_back_and_checks(tmp_path: Path) -> None:

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from consumers.exceptions import ConsumerError
-from consumers.group import GroupConsumer, lane_dir
-from consumers.kafka import EmbeddedBroker, ensure_topics, replay, topics_for
+from consumers.kafka.group import GroupConsumer, lane_dir
+from consumers.kafka.transport import EmbeddedBroker, ensure_topics, replay, topics_for
 from consumers.offline import fold_recorded_run
-from simulations.run import RunPlan, simulate_run
+from simulations.runs.simulate import RunPlan, simulate_run
 
 pytestmark = pytest.mark.kafka
 
@@ -182,7 +182,7 @@ def test_topics_with_unequal_partitions_are_refused(broker, tmp_path) -> None:  
 def test_group_mode_refuses_a_single_export(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from typer.testing import CliRunner
 
-    from steering.cli import app
+    from steering.cli.app import app
 
     args = [
         "consume", "--group", "--bootstrap", "127.0.0.1:1", "--prefix", "x",

@@ -18,7 +18,7 @@ import h5py
 import httpx
 import numpy as np
 
-from consumers.kafka import EmbeddedBroker, replay
+from consumers.kafka.transport import EmbeddedBroker, replay
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "restart-token"

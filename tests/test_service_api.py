@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from consumers.kafka import EmbeddedBroker, replay
-from steering.api import LiveState, create_app
+from consumers.kafka.transport import EmbeddedBroker, replay
+from steering.api.app import LiveState, create_app
 from steering.db import History
 from steering.service import SteeringService
 from tests.test_api import TOKEN, serve

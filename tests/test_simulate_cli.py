@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.recording import RunReader
+from simulations.runs.recording import RunReader
 
 
 def steer(*args: str) -> subprocess.CompletedProcess[str]:

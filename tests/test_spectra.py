@@ -1,5 +1,6 @@
-"""Spectra from per-pair force constants (model_server.spectra, model_server.indirect,
-model_server.crystal_fc): DOS against phonopy, the indirect-geometry S(E) against the
+"""Spectra from per-pair force constants (model_server.prediction.spectra,
+model_server.prediction.indirect,
+model_server.prediction.crystal_fc): DOS against phonopy, the indirect-geometry S(E) against the
 closed form of an Einstein crystal, the direct path against the symmetry-reduced basis."""
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from model_server.cross_sections import SEARS_1992, UnknownCrossSectionError, cross_sections
-from model_server.crystal_fc import CrystalFC, FCInputError, project_onto_basis
-from model_server.indirect import INDIRECT_INSTRUMENTS, IndirectInstrument, indirect_spectrum
-from model_server.predict import powder_spectrum
-from model_server.spectra import (
+from model_server.prediction.cross_sections import (
+    SEARS_1992,
+    UnknownCrossSectionError,
+    cross_sections,
+)
+from model_server.prediction.crystal_fc import CrystalFC, FCInputError, project_onto_basis
+from model_server.prediction.indirect import (
+    INDIRECT_INSTRUMENTS,
+    IndirectInstrument,
+    indirect_spectrum,
+)
+from model_server.prediction.predict import powder_spectrum
+from model_server.prediction.spectra import (
     MAX_ATOMS_DOS,
     SpectraError,
     cosine_similarity,
@@ -24,13 +33,13 @@ from model_server.spectra import (
     phonon_dos,
     powder_from_fc,
 )
-from simulations.forward import THZ_TO_MEV, VASP_TO_THZ
-from simulations.instrument import E_PER_K2
-from simulations.materials import setup
-from simulations.phonopy_export import to_phonopy
-from simulations.reference import resolve_fc
-from simulations.resolution import EnergyResolution
-from simulations.sqe import HBAR2_OVER_2AMU, K_B_MEV, CoherentSQE, bose_occupation
+from simulations.fcdb.reference import resolve_fc
+from simulations.instrument.spectrometer import E_PER_K2
+from simulations.lattice.forward import THZ_TO_MEV, VASP_TO_THZ
+from simulations.lattice.materials import setup
+from simulations.lattice.phonopy_export import to_phonopy
+from simulations.lattice.resolution import EnergyResolution
+from simulations.lattice.sqe import HBAR2_OVER_2AMU, K_B_MEV, CoherentSQE, bose_occupation
 
 
 @pytest.fixture(scope="module")

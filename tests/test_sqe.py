@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.phonopy_export import write_phonopy_params
-from simulations.reference import resolve_fc
-from simulations.resolution import EnergyResolution
-from simulations.sqe import CoherentSQE, bose_occupation, scattering_length
+from simulations.fcdb.reference import resolve_fc
+from simulations.lattice.phonopy_export import write_phonopy_params
+from simulations.lattice.resolution import EnergyResolution
+from simulations.lattice.sqe import CoherentSQE, bose_occupation, scattering_length
 
 SCRIPT = Path(__file__).parent / "euphonic_reference.py"
 LENGTHS = {"Ge": 8.185, "Nb": 7.054, "Al": 3.449}

@@ -14,8 +14,8 @@ from phonopy.structure.cells import get_supercell
 from symfc.basis_sets import FCBasisSetO2
 from symfc.utils.utils import SymfcAtoms
 
-from simulations.materials import MaterialSetup
-from simulations.phonopy_export import full_force_constants, supercell_size
+from simulations.lattice.materials import MaterialSetup
+from simulations.lattice.phonopy_export import full_force_constants, supercell_size
 
 
 @pytest.mark.parametrize("material", ["Ge", "Nb", "Al"])

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from consumers.exceptions import ConsumerError
-from consumers.kafka import (
+from consumers.kafka.transport import (
     EmbeddedBroker,
     KafkaSource,
     MergedSource,
@@ -32,7 +32,7 @@ from consumers.kafka import (
 )
 from consumers.service import ConsumerService
 from consumers.zmq import JOURNAL, ZmqBlueskySource, make_publisher, restricted_loads
-from simulations.recording import RunReader
+from simulations.runs.recording import RunReader
 
 kafka = pytest.mark.kafka
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.folding import Folder, FoldTable
-from simulations.instrument import Instrument, Orientation
-from simulations.materials import setup
-from simulations.reference import load_reference
-from steering.advisor import Advisor
+from consumers.reduction.folding import Folder, FoldTable
+from simulations.fcdb.reference import load_reference
+from simulations.instrument.spectrometer import Instrument, Orientation
+from simulations.lattice.materials import setup
+from steering.advisor.ranking import Advisor
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 

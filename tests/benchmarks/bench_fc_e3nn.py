@@ -11,7 +11,7 @@ count (1: this machine is shared).
   then best and median of 5.
 * **Force field, finite displacements**: phonopy displacements of the 50-atom cell itself
   (supercell = the cell, no symmetry: 2 x 3 x 50 displaced cells) and the force field's
-  forces on each (``simulations.mlff.build_phonopy`` with the database's force field), timed
+  forces on each (``simulations.fcdb.mlff.build_phonopy`` with the database's force field), timed
   once. This is a lower bound on the real route, which also relaxes the structure and needs
   a supercell at least twice the 6 A cutoff across (more atoms per force call).
 
@@ -37,7 +37,7 @@ SEED = 50
 
 def _cell() -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray]:
     """(source entry name, force field, numbers, lattice, frac) of the 50-atom cell."""
-    from simulations.fcdb import load_database
+    from simulations.fcdb.database import load_database
 
     entries = [e for e in load_database() if e.prototype == "perovskite"]
     if not entries:
@@ -55,7 +55,7 @@ def _cell() -> tuple[str, str, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def bench_fc_e3nn_speed() -> None:
-    from simulations.mlff import available_models
+    from simulations.fcdb.mlff import available_models
 
     torch.set_num_threads(1)
     name, ff, numbers, lattice, frac = _cell()
@@ -65,7 +65,7 @@ def bench_fc_e3nn_speed() -> None:
             f"force field {ff!r} not installed (`make mlff`): the finite-displacement side of "
             "the e3nn speed benchmark cannot run"
         )
-    from model_server.fc_e3nn import load_fc_model
+    from model_server.structure_fc.model import load_fc_model
 
     t = time.perf_counter()
     model = load_fc_model()
@@ -79,7 +79,7 @@ def bench_fc_e3nn_speed() -> None:
 
     from ase import Atoms
 
-    from simulations.mlff import build_phonopy, make_calculator
+    from simulations.fcdb.mlff import build_phonopy, make_calculator
 
     atoms = Atoms(numbers=numbers, cell=lattice, scaled_positions=frac, pbc=True)
     calc = make_calculator(ff, num_threads=1)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.folding import Folder, FoldTable
 from consumers.offline import fold_recorded_run
-from simulations.binning import ReferenceBinning
-from simulations.instrument import Instrument, Orientation, energy_to_speed
-from simulations.materials import setup
-from simulations.run import RunPlan, simulate_run
+from consumers.reduction.folding import Folder, FoldTable
+from simulations.instrument.binning import ReferenceBinning
+from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
+from simulations.lattice.materials import setup
+from simulations.runs.simulate import RunPlan, simulate_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 

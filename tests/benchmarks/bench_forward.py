@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.dataset import generate_dataset, sample_domain
-from simulations.materials import setup
-from simulations.phonopy_export import full_force_constants, to_phonopy
-from simulations.reference import load_reference
+from simulations.fcdb.dataset import generate_dataset, sample_domain
+from simulations.fcdb.reference import load_reference
+from simulations.lattice.materials import setup
+from simulations.lattice.phonopy_export import full_force_constants, to_phonopy
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 

@@ -40,10 +40,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from consumers.kafka import SourceMessage
-from consumers.pipeline import RunPipeline, schema_of
+from consumers.kafka.transport import SourceMessage
+from consumers.reduction.pipeline import RunPipeline, schema_of
 from consumers.service import ConsumerService
-from simulations.recording import RunReader
+from simulations.runs.recording import RunReader
 from tests.conftest import small_ge_run
 from tests.test_fuzz_wire import (
     OTHER_RUN_KEY,
@@ -70,11 +70,11 @@ ATHERIS_RUNS, ATHERIS_TIMEOUT = 60_000, 300
 _ATHERIS_TARGET = """
 import copy, json, os, sys, time
 import atheris
-import consumers.folding  # numba kernels: left uninstrumented
+import consumers.reduction.folding  # numba kernels: left uninstrumented
 with atheris.instrument_imports():
-    import consumers.segment, consumers.wire, streaming_data_types
-    from consumers.pipeline import MalformedMessage, RunPipeline, schema_of
-from simulations.recording import RunReader
+    import consumers.reduction.segment, consumers.wire, streaming_data_types
+    from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
+from simulations.runs.recording import RunReader
 
 run, n_first, runs, corpus, stats_path = sys.argv[1:6]
 with RunReader(run) as reader:

@@ -22,13 +22,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-import consumers.folding as folding
-from consumers.folding import FoldTable
-from consumers.kafka import KafkaSource, embedded_broker, replay
+import consumers.reduction.folding as folding
+from consumers.kafka.transport import KafkaSource, embedded_broker, replay
 from consumers.offline import precompute_coverages, run_setup
+from consumers.reduction.folding import FoldTable
 from consumers.service import ConsumerService
-from simulations.materials import setup
-from simulations.run import RunPlan, simulate_run
+from simulations.lattice.materials import setup
+from simulations.runs.simulate import RunPlan, simulate_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 REPEATS = 3

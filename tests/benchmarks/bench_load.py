@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.kafka import embedded_broker, replay, topics_for
-from simulations.run import RunPlan, simulate_run
+from consumers.kafka.transport import embedded_broker, replay, topics_for
+from simulations.runs.simulate import RunPlan, simulate_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 MINUTES = float(os.environ.get("STEER_LOAD_MINUTES", "10"))

@@ -19,8 +19,8 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from steering.api import LiveState
-from steering.api_predict import predict_router
+from steering.api.app import LiveState
+from steering.api.predict import predict_router
 from steering.db import History
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.events import OrientationSimulator
-from simulations.instrument import Instrument, Orientation
-from simulations.materials import setup
-from simulations.reference import resolve_fc
-from simulations.run import RunPlan, simulate_run
-from simulations.sqe import CoherentSQE
+from simulations.fcdb.reference import resolve_fc
+from simulations.instrument.events import OrientationSimulator
+from simulations.instrument.spectrometer import Instrument, Orientation
+from simulations.lattice.materials import setup
+from simulations.lattice.sqe import CoherentSQE
+from simulations.runs.simulate import RunPlan, simulate_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 

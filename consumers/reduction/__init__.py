@@ -1,0 +1,4 @@
+"""The transport-neutral reduction core: the fold table and kernels, the coverage and its
+cache, accumulation, segmentation of the run into orientations, and the pipeline that
+turns messages into snapshots. Imports no transport (Kafka, 0MQ).
+"""

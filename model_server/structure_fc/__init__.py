@@ -1,0 +1,3 @@
+"""The equivariant structure-to-force-constant model (e3nn): the crystal graph, the
+network, the frozen model and its training.
+"""

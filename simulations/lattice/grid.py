@@ -1,0 +1,213 @@
+"""High-symmetry q-paths and the (q, E) grid on which I(q, E) lives.
+
+A path is written as labelled points joined by ``-`` with ``|`` for a jump, e.g.
+``"G-X-U|K-G-L-W-X"`` (``G`` is Gamma). Point coordinates are the Setyawan-Curtarolo ones
+for the crystal's lattice, in r.l.u. of the standard primitive reciprocal lattice.
+
+The :class:`Grid` carries a fingerprint (a hash of the path's q-points and the energy bin
+edges) that every model and every folded data set stores, so that spectra on different
+grids are never mixed silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from simulations.exceptions import GridError
+from simulations.lattice.crystals import Crystal
+
+__all__ = ["Grid", "QPath", "make_grid", "make_qpath"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QPath:
+    """Points along a high-symmetry path.
+
+    Attributes
+    ----------
+    path
+        Path string, e.g. ``"G-X-U|K-G-L-W-X"``.
+    qpoints
+        (n_q, 3) float, r.l.u. of the primitive reciprocal lattice.
+    distance
+        (n_q,) float, 1/Angstrom, cumulative distance along the path (jumps add nothing).
+    ticks
+        ``(index, label)`` of every labelled point; a jump shows as ``"U|K"``.
+    """
+
+    path: str
+    qpoints: NDArray[np.float64]
+    distance: NDArray[np.float64]
+    ticks: tuple[tuple[int, str], ...]
+
+    @property
+    def n_q(self) -> int:
+        """Number of q-points."""
+        return len(self.qpoints)
+
+
+def _parse_path(path: str, kpoints: dict[str, tuple[float, float, float]]) -> list[list[str]]:
+    if not path or not path.strip():
+        raise GridError("empty q-path; give labelled points such as 'G-X-U|K-G-L-W-X'")
+    segments = [[p.strip() for p in seg.split("-")] for seg in path.split("|")]
+    for seg in segments:
+        if len(seg) < 2 or any(not p for p in seg):
+            raise GridError(f"q-path {path!r}: every piece between '|' needs two or more points")
+        unknown = [p for p in seg if p not in kpoints]
+        if unknown:
+            raise GridError(
+                f"q-path {path!r}: unknown point(s) {unknown}; this lattice has "
+                f"{', '.join(sorted(kpoints))} ('G' is Gamma)"
+            )
+    return segments
+
+
+def make_qpath(crystal: Crystal, path: str | None = None, n_q: int = 200) -> QPath:
+    """Sample a path with about ``n_q`` points spaced evenly in |q| (1/Angstrom).
+
+    Every labelled point lies exactly on the path; each straight piece gets a number of
+    intervals proportional to its length (at least one).
+    """
+    path = path or crystal.default_path
+    if n_q < 2:
+        raise GridError(f"a q-path needs at least 2 points, got n_q={n_q}")
+    segments = _parse_path(path, crystal.kpoints)
+    recip = crystal.reciprocal_lattice
+    pieces = [
+        (np.array(crystal.kpoints[a]), np.array(crystal.kpoints[b]))
+        for seg in segments
+        for a, b in itertools.pairwise(seg)
+    ]
+    lengths = np.array([np.linalg.norm((b - a) @ recip) for a, b in pieces])
+    if np.any(lengths <= 0):
+        raise GridError(f"q-path {path!r} has a piece of zero length")
+    n_lines = len(segments)
+    # Points = sum(intervals) + one closing point per continuous line.
+    budget = max(n_q - n_lines, len(pieces))
+    intervals = np.maximum(1, np.round(lengths / lengths.sum() * budget).astype(int))
+    qs: list[NDArray[np.float64]] = []
+    ticks: list[tuple[int, str]] = []
+    jumps: list[int] = []  # step i -> i+1 is a jump between lines (no distance)
+    k = 0
+    for s, seg in enumerate(segments):
+        for p, (a_label, b_label) in enumerate(itertools.pairwise(seg)):
+            if p > 0:
+                ticks.append((len(qs), a_label))
+            elif s == 0:
+                ticks.append((0, a_label))
+            else:  # the end of the previous line and this start share one tick "U|K"
+                _, previous = ticks.pop()
+                jumps.append(len(qs) - 1)
+                ticks.append((len(qs), f"{previous}|{a_label}"))
+            a, b = np.array(crystal.kpoints[a_label]), np.array(crystal.kpoints[b_label])
+            n = int(intervals[k])
+            k += 1
+            qs.extend(a + (b - a) * t / n for t in range(n))
+        qs.append(np.array(crystal.kpoints[seg[-1]]))
+        ticks.append((len(qs) - 1, seg[-1]))
+    q = np.array(qs)
+    steps = np.linalg.norm(np.diff(q @ recip, axis=0), axis=1)
+    steps[jumps] = 0.0
+    distance = np.concatenate([[0.0], np.cumsum(steps)])
+    return QPath(path=path, qpoints=q, distance=distance, ticks=tuple(ticks))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Grid:
+    """The (q, E) grid of a spectrum I(q, E).
+
+    Attributes
+    ----------
+    qpath
+        The q-points (rows of the spectrum).
+    energy_edges
+        (n_E + 1,) float, meV, increasing bin edges.
+    """
+
+    qpath: QPath
+    energy_edges: NDArray[np.float64]
+
+    @property
+    def n_q(self) -> int:
+        """Number of q-points."""
+        return self.qpath.n_q
+
+    @property
+    def n_e(self) -> int:
+        """Number of energy bins."""
+        return len(self.energy_edges) - 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_q, n_E)."""
+        return (self.n_q, self.n_e)
+
+    @property
+    def energy_centres(self) -> NDArray[np.float64]:
+        """(n_E,) float, meV."""
+        return 0.5 * (self.energy_edges[1:] + self.energy_edges[:-1])
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the path, its q-points and the energy bins."""
+        payload = {
+            "path": self.qpath.path,
+            "qpoints_rlu": np.round(self.qpath.qpoints, 9).tolist(),
+            "energy_edges_meV": np.round(self.energy_edges, 9).tolist(),
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready description (enough to rebuild and check the grid)."""
+        return {
+            "path": self.qpath.path,
+            "n_q": self.n_q,
+            "n_e": self.n_e,
+            "e_min_meV": float(self.energy_edges[0]),
+            "e_max_meV": float(self.energy_edges[-1]),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def make_grid(
+    crystal: Crystal,
+    *,
+    path: str | None = None,
+    n_q: int = 200,
+    e_min: float = 0.0,
+    e_max: float = 70.0,
+    n_e: int = 100,
+) -> Grid:
+    """Build a (q, E) grid.
+
+    Parameters
+    ----------
+    path
+        Path string; the crystal's Setyawan-Curtarolo path by default.
+    n_q
+        Approximate number of q-points.
+    e_min, e_max
+        Energy range, meV; ``e_max`` must be positive and above ``e_min``.
+    n_e
+        Number of energy bins.
+    """
+    for name, value in (("e_min", e_min), ("e_max", e_max)):
+        if not np.isfinite(value):
+            raise GridError(f"{name} must be a finite energy in meV, got {value}")
+    if e_max <= 0:
+        raise GridError(f"E max must be > 0 meV (phonon energies are positive), got {e_max}")
+    if e_max <= e_min:
+        raise GridError(f"E max ({e_max} meV) must be above E min ({e_min} meV)")
+    if n_e < 1:
+        raise GridError(f"need at least one energy bin, got n_e={n_e}")
+    return Grid(
+        qpath=make_qpath(crystal, path, n_q),
+        energy_edges=np.linspace(e_min, e_max, n_e + 1),
+    )

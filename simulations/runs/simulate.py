@@ -1,0 +1,570 @@
+"""A simulated rotation run, as the messages an instrument would publish, in time order.
+
+One run is written as a recorded-run file (:mod:`simulations.runs.recording`) holding, per
+topic of an instrument prefix (default ``arcs``):
+
+* ``<prefix>_runInfo``: **pl72** run start (metadata JSON below) and **6s4t** run stop;
+* ``<prefix>_motion``: **f144** ``omega`` readbacks (degrees; 10 Hz while moving, 1 Hz
+  while counting, jitter 0.002 deg), ``omega_setpoint`` at every move, and
+  ``proton_charge`` (uC per pulse, stamped with the pulse time);
+* ``<prefix>_events``: **ev44**, ``pulses_per_message`` pulses each (60 Hz pulse times in
+  ``reference_time``, ns);
+* ``<prefix>_bluesky``: bluesky documents made with ``event-model`` (RunStart,
+  EventDescriptor, one Event per orientation with omega and the count window, RunStop),
+  JSON ``[name, doc]``.
+
+Events are also produced while the goniometer moves (drawn from the target orientation's
+spectrum: a consumer is expected to drop them). Every message's key is the run id.
+
+The pl72 ``metadata`` JSON carries everything a consumer needs to derive its own grid:
+``material``, ``crystal`` (space group, conventional lattice), ``orientation`` (lattice
+parameters, u, v, UB), ``ei_meV``, ``temperature_K``, ``instrument`` (geometry),
+``goniometer``, ``planned_omegas_deg``, ``count_time_s``, ``topics``, and under
+``simulation`` the ground truth (FC set and coefficients, seed) for evaluation only.
+It does not carry a grid fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import event_model
+import numpy as np
+from numpy.typing import NDArray
+from streaming_data_types.eventdata_ev44 import serialise_ev44
+from streaming_data_types.logdata_f144 import serialise_f144
+from streaming_data_types.run_start_pl72 import serialise_pl72
+from streaming_data_types.run_stop_6s4t import serialise_6s4t
+from tqdm import tqdm
+
+from simulations.exceptions import InstrumentError
+from simulations.fcdb.reference import resolve_fc
+from simulations.instrument.events import OrientationSimulator
+from simulations.instrument.spectrometer import Instrument, Orientation
+from simulations.jsonutil import json_default
+from simulations.lattice.materials import setup
+from simulations.lattice.sqe import CoherentSQE
+from simulations.runs.recording import RecordedMessage, RunWriter
+
+__all__ = ["RunPlan", "RunSummary", "parse_omegas", "simulate_run"]
+
+logger = logging.getLogger(__name__)
+
+#: 2026-01-01T00:00:00Z: default start of simulated runs (deterministic files).
+DEFAULT_START_NS = 1_767_225_600 * 10**9
+
+
+def parse_omegas(spec: str) -> NDArray[np.float64]:
+    """Goniometer angles from ``"start:stop:step"`` (stop exclusive) or ``"a,b,c"`` (degrees).
+
+    >>> parse_omegas("0:4:1").tolist()
+    [0.0, 1.0, 2.0, 3.0]
+    """
+    try:
+        if ":" in spec:
+            parts = [float(x) for x in spec.split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError
+            start, stop = parts[0], parts[1]
+            step = parts[2] if len(parts) == 3 else 1.0
+            if step == 0 or (stop - start) / step <= 0:
+                raise ValueError
+            n = int(np.ceil((stop - start) / step - 1e-9))
+            return np.asarray(start + step * np.arange(n), dtype=np.float64)
+        return np.array([float(x) for x in spec.split(",") if x.strip()])
+    except ValueError:
+        raise InstrumentError(
+            f"cannot read omegas {spec!r}: use 'start:stop:step' (stop exclusive, degrees) "
+            "or a comma-separated list"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunPlan:
+    """What to simulate.
+
+    Attributes
+    ----------
+    material
+        Shipped material name or CIF path.
+    fc
+        FC set: a name (``mlff_mean``, ``raman``...), JSON path or mapping.
+    omegas
+        Goniometer angles, degrees, in measurement order.
+    events_per_orientation
+        Mean number of events per counting step (signal + background), over the run.
+    background_fraction
+        Share of those events from the flat background.
+    temperature
+        Sample temperature, K.
+    ei
+        Incident energy, meV (default: the material's).
+    count_time
+        Seconds of counting per orientation.
+    pulse_rate
+        Source frequency, Hz.
+    pulses_per_message
+        Pulses per ev44 message.
+    proton_charge
+        Mean proton charge per pulse, uC (23.3 uC: 1.4 MW at 1 GeV and 60 Hz), 1% jitter.
+    motor_speed, settle_time
+        Goniometer speed (deg/s) and settling time (s) after each move.
+    u, v
+        Orientation vectors (conventional hkl) along the beam / in the horizontal plane.
+    mesh
+        Phonon-table mesh (points per axis).
+    prefix
+        Kafka topic prefix.
+    run_id
+        Run identifier (default ``sim-<material>-<seed>``).
+    start_time_ns
+        Start of the run, ns since the epoch.
+    seed
+        Random seed: the same plan gives byte-identical files.
+    """
+
+    material: str
+    fc: str | dict[str, float] = "mlff_mean"
+    omegas: tuple[float, ...] = field(default_factory=lambda: tuple(np.arange(0.0, 120.0)))
+    events_per_orientation: float = 2e5
+    background_fraction: float = 0.1
+    temperature: float = 5.0
+    ei: float | None = None
+    count_time: float = 60.0
+    pulse_rate: float = 60.0
+    pulses_per_message: int = 10
+    proton_charge: float = 23.3
+    motor_speed: float = 1.0
+    settle_time: float = 1.0
+    u: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    v: tuple[float, float, float] = (0.0, 1.0, 0.0)
+    mesh: int = 40
+    prefix: str = "arcs"
+    run_id: str | None = None
+    start_time_ns: int = DEFAULT_START_NS
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`InstrumentError` for an impossible plan."""
+        if not np.isfinite(self.events_per_orientation) or self.events_per_orientation < 0:
+            raise InstrumentError(
+                f"events per orientation must be >= 0, got {self.events_per_orientation}"
+            )
+        if not 0 <= self.background_fraction <= 1:
+            raise InstrumentError(
+                f"background fraction must be within 0..1, got {self.background_fraction}"
+            )
+        for name in ("count_time", "pulse_rate", "proton_charge", "motor_speed"):
+            if not getattr(self, name) > 0:
+                raise InstrumentError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.pulses_per_message < 1:
+            raise InstrumentError("pulses_per_message must be >= 1")
+        if len(self.omegas) == 0:
+            raise InstrumentError("a run needs at least one orientation")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSummary:
+    """What :func:`simulate_run` wrote (the ``--json`` output of ``steer simulate run``)."""
+
+    orientations: int
+    events: int
+    messages: int
+    seconds: float
+    fc_set: str
+    path: str
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return {
+            "orientations": self.orientations,
+            "events": self.events,
+            "messages": self.messages,
+            "seconds": round(self.seconds, 3),
+            "fc_set": self.fc_set,
+            "path": self.path,
+        }
+
+
+class _F144Template:
+    """f144 scalar-double payloads of one source, by patching a serialised template.
+
+    ``serialise_f144`` builds each flatbuffer in Python (~80 us); a run has one proton-charge
+    value per pulse (432,000 in a two-hour run). For a fixed source name the layout is
+    fixed, so the value and timestamp are patched into a copy of a template made by
+    ``serialise_f144`` itself; a second probe checks at construction that the patched
+    bytes equal ``serialise_f144``'s, else every call falls back to it.
+    """
+
+    _PROBE_VALUE = 1234.5678901234567
+    _PROBE_TIME = 0x0123456789ABCDEF
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        buf = serialise_f144(source, self._PROBE_VALUE, self._PROBE_TIME)
+        v_at = buf.find(struct.pack("<d", self._PROBE_VALUE))
+        t_at = buf.find(struct.pack("<q", self._PROBE_TIME))
+        self._template = bytearray(buf)
+        self._value_at, self._time_at = v_at, t_at
+        ok = v_at >= 0 and t_at >= 0
+        if ok:
+            probe = (-0.3125, 1_767_225_600_123_456_789)
+            ok = self.payload(*probe) == serialise_f144(source, *probe)
+        self._fast = ok
+
+    def payload(self, value: float, t_ns: int) -> bytes:
+        if not getattr(self, "_fast", True) or self._value_at < 0:
+            return bytes(serialise_f144(self.source, value, t_ns))
+        buf = self._template
+        struct.pack_into("<d", buf, self._value_at, value)
+        struct.pack_into("<q", buf, self._time_at, t_ns)
+        return bytes(buf)
+
+
+class _Clock:
+    """Message factory for one run: keys, topics and ev44 message ids."""
+
+    def __init__(self, plan: RunPlan, run_id: str) -> None:
+        self.key = run_id.encode()
+        self.t_run_info = f"{plan.prefix}_runInfo"
+        self.t_motion = f"{plan.prefix}_motion"
+        self.t_events = f"{plan.prefix}_events"
+        self.t_bluesky = f"{plan.prefix}_bluesky"
+        self.message_id = 0
+        self.n_events = 0
+        self._f144: dict[str, _F144Template] = {}
+
+    def msg(self, topic: str, t_ns: int, payload: bytes, schema: str) -> RecordedMessage:
+        return RecordedMessage(
+            topic=topic,
+            key=self.key,
+            timestamp_ns=int(t_ns),
+            headers=(("schema", schema.encode()),),
+            payload=payload,
+        )
+
+    def f144(self, source: str, value: float, t_ns: int) -> RecordedMessage:
+        template = self._f144.get(source)
+        if template is None:
+            template = self._f144[source] = _F144Template(source)
+        return self.msg(self.t_motion, t_ns, template.payload(float(value), int(t_ns)), "f144")
+
+    def bluesky(self, name: str, doc: dict[str, object], t_ns: int) -> RecordedMessage:
+        payload = json.dumps([name, doc], default=json_default).encode()
+        return RecordedMessage(
+            topic=self.t_bluesky,
+            key=self.key,
+            timestamp_ns=int(t_ns),
+            headers=(("schema", b"bluesky-json"), ("document", name.encode())),
+            payload=payload,
+        )
+
+
+def simulate_run(
+    plan: RunPlan,
+    out: str | Path,
+    *,
+    instrument: Instrument | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Simulate a rotation run and write it as a recorded-run file.
+
+    Raises
+    ------
+    InstrumentError
+        For an impossible plan (omegas outside the goniometer limits, Ei below the
+        material's energy window, negative counts...).
+    SimulationError
+        For an unknown material or FC set.
+    """
+    t_start = time.perf_counter()
+    plan.validate()
+    ms = setup(plan.material)
+    instrument = instrument or Instrument.arcs_like()
+    omegas = instrument.check_omegas(np.asarray(plan.omegas, dtype=float))
+    ei = float(plan.ei if plan.ei is not None else ms.defaults.ei)
+    e_top = float(ms.grid.energy_edges[-1])
+    if 0.95 * ei < e_top:  # events are simulated up to 0.95 Ei
+        raise InstrumentError(
+            f"Ei = {ei:g} meV is too small for {plan.material}'s energy window up to "
+            f"{e_top:g} meV; choose Ei >= {e_top / 0.95:.1f} meV"
+        )
+    label, coefficients = resolve_fc(plan.material, plan.fc, ms)
+    model = CoherentSQE(
+        ms.basis,
+        coefficients,
+        temperature=plan.temperature,
+        resolution=instrument.resolution(ei),
+    )
+    orientation = Orientation.from_vectors(ms.crystal, plan.u, plan.v)
+    sim = OrientationSimulator(model, instrument, orientation, ei, mesh=plan.mesh)
+    rng = np.random.default_rng(plan.seed)
+    run_id = plan.run_id or f"sim-{ms.crystal.name}-{plan.seed}"
+    clock = _Clock(plan, run_id)
+
+    # Flux x time: the mean signal over up to 8 evenly spaced orientations of the run gives
+    # (1 - background_fraction) * events_per_orientation; it then stays fixed, so counts
+    # vary between orientations as a real crystal's do.
+    cal = omegas[np.unique(np.linspace(0, len(omegas) - 1, min(8, len(omegas))).astype(int))]
+    cache = {float(w): sim.expected(float(w)) for w in cal}  # reused when the run gets there
+    mean_signal = float(np.mean([lam.sum() for lam in cache.values()]))
+    n_sig = (1.0 - plan.background_fraction) * plan.events_per_orientation
+    scale = n_sig / mean_signal if mean_signal > 0 else 0.0
+    background = plan.background_fraction * plan.events_per_orientation
+
+    metadata = {
+        "run_id": run_id,
+        "material": plan.material,
+        "crystal": ms.crystal.summary(),
+        "orientation": orientation.to_metadata(),
+        "ei_meV": ei,
+        "temperature_K": plan.temperature,
+        "instrument": instrument.to_metadata(),
+        "goniometer": {"source_name": "omega", "axis": [0.0, 1.0, 0.0], "units": "deg"},
+        "planned_omegas_deg": [float(w) for w in omegas],
+        "count_time_s": plan.count_time,
+        "pulse_rate_Hz": plan.pulse_rate,
+        "proton_charge_units": "uC",
+        "topics": {
+            "run_info": clock.t_run_info,
+            "motion": clock.t_motion,
+            "events": clock.t_events,
+            "bluesky": clock.t_bluesky,
+        },
+        "simulation": {
+            "fc_set": label,
+            "coefficients": dict(zip(ms.basis.names, map(float, coefficients), strict=True)),
+            "seed": plan.seed,
+            "events_per_orientation": plan.events_per_orientation,
+            "background_fraction": plan.background_fraction,
+            "phonon_mesh": plan.mesh,
+        },
+    }
+    file_meta = {
+        "run_id": run_id,
+        "material": plan.material,
+        "fc_set": label,
+        "n_orientations": len(omegas),
+        "prefix": plan.prefix,
+        "topics": metadata["topics"],
+        "created_by": "steer simulate run",
+        "seed": plan.seed,
+    }
+    # gzip level 1: event payloads barely compress further, and level 6 costs 3x the time
+    with RunWriter(out, metadata=file_meta, compresslevel=1) as writer:
+        gen = _messages(plan, clock, sim, omegas, metadata, scale, background, rng, progress, cache)
+        for batch in gen:
+            writer.write_many(batch)
+        n_messages = writer.n_messages
+    return RunSummary(
+        orientations=len(omegas),
+        events=clock.n_events,
+        messages=n_messages,
+        seconds=time.perf_counter() - t_start,
+        fc_set=label,
+        path=str(out),
+    )
+
+
+def _messages(
+    plan: RunPlan,
+    clock: _Clock,
+    sim: OrientationSimulator,
+    omegas: NDArray[np.float64],
+    metadata: dict[str, object],
+    scale: float,
+    background: float,
+    rng: np.random.Generator,
+    progress: bool,
+    cache: dict[float, NDArray[np.float64]],
+) -> Iterator[list[RecordedMessage]]:
+    """Yield the run's messages in time order, one orientation at a time."""
+    period_ns = round(1e9 / plan.pulse_rate)
+    t = plan.start_time_ns
+    run_id = str(metadata["run_id"])
+    ev_source = f"{plan.prefix}_detector"
+    # bluesky uids derived from the plan (not uuid4): the same plan gives identical files
+    run_uid = uuid.uuid5(uuid.NAMESPACE_URL, f"steer-simulated-run:{plan!r}")
+
+    def doc_uid(what: str) -> str:
+        return str(uuid.uuid5(run_uid, what))
+
+    pl72 = serialise_pl72(
+        job_id=run_id,
+        filename=f"{run_id}.nxs",
+        start_time=t // 10**6,
+        run_name=run_id,
+        instrument_name=sim.instrument.name,
+        metadata=json.dumps(metadata),
+    )
+    bundle = event_model.compose_run(
+        uid=doc_uid("start"),
+        time=t / 1e9,
+        metadata={
+            "plan_name": "steer_rotation_scan",
+            "run_id": run_id,
+            "material": plan.material,
+            "motors": ["omega"],
+            "num_points": len(omegas),
+            "ei_meV": metadata["ei_meV"],
+            "temperature_K": plan.temperature,
+            "scan_id": plan.seed,
+        },
+    )
+    desc = bundle.compose_descriptor(
+        name="primary",
+        data_keys={
+            "omega": {"source": "PV:omega", "dtype": "number", "shape": [], "units": "deg"},
+            "omega_setpoint": {
+                "source": "PV:omega_sp",
+                "dtype": "number",
+                "shape": [],
+                "units": "deg",
+            },
+            "count_start": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
+            "count_stop": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
+            "count_start_ns": {"source": "sim", "dtype": "integer", "shape": [], "units": "ns"},
+            "count_stop_ns": {"source": "sim", "dtype": "integer", "shape": [], "units": "ns"},
+            "count_time": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
+            "proton_charge": {"source": "sim", "dtype": "number", "shape": [], "units": "uC"},
+            "events": {"source": "sim", "dtype": "integer", "shape": []},
+        },
+        hints={"omega": {"fields": ["omega"]}},
+        time=t / 1e9,
+        uid=doc_uid("descriptor"),
+    )
+    first = [
+        clock.msg(clock.t_run_info, t, pl72, "pl72"),
+        clock.bluesky("start", dict(bundle.start_doc), t),
+        clock.f144("omega_setpoint", omegas[0], t),
+        clock.f144("omega", omegas[0], t),
+        clock.bluesky("descriptor", dict(desc.descriptor_doc), t),
+    ]
+    yield first
+    t += period_ns
+    current = float(omegas[0])
+    n_pulses = round(plan.count_time * plan.pulse_rate)
+    bar = tqdm(total=len(omegas), desc="orientations", unit="orient", disable=not progress)
+    for k, target in enumerate(omegas):
+        batch: list[RecordedMessage] = []
+        cached = cache.pop(float(target), None)
+        expected = cached if cached is not None else sim.expected(float(target))
+        if k > 0 or abs(target - current) > 0:
+            # move: setpoint, 10 Hz readbacks, events keep arriving (dropped downstream)
+            move_s = abs(target - current) / plan.motor_speed + plan.settle_time
+            batch.append(clock.f144("omega_setpoint", target, t))
+            n_read = max(1, int(move_s * 10))
+            for i in range(1, n_read + 1):
+                frac = min(1.0, i / n_read * move_s / max(move_s - plan.settle_time, 1e-9))
+                value = current + (target - current) * frac
+                batch.append(clock.f144("omega", value, t + int(i * 1e8)))
+            n_move = max(1, round(move_s * plan.pulse_rate))
+            frac_time = n_move / n_pulses
+            batch += _event_messages(
+                plan,
+                clock,
+                sim,
+                expected,
+                scale * frac_time,
+                background * frac_time,
+                n_move,
+                t,
+                period_ns,
+                rng,
+                ev_source,
+            )[0]
+            t += n_move * period_ns
+        current = float(target)
+        count_start = t
+        msgs, n_ev, charge = _event_messages(
+            plan, clock, sim, expected, scale, background, n_pulses, t, period_ns, rng, ev_source
+        )
+        batch += msgs
+        readbacks = current + 0.002 * rng.standard_normal(max(1, int(plan.count_time)))
+        for i, value in enumerate(readbacks):
+            batch.append(clock.f144("omega", value, t + i * 10**9))
+        t += n_pulses * period_ns
+        count_stop = t
+        batch.sort(key=lambda m: m.timestamp_ns)
+        ev_doc = desc.compose_event(
+            data={
+                "omega": float(np.mean(readbacks)),
+                "omega_setpoint": current,
+                "count_start": count_start / 1e9,
+                "count_stop": count_stop / 1e9,
+                # exact pulse-time edges: float seconds near 1.8e9 s resolve only ~240 ns
+                "count_start_ns": int(count_start),
+                "count_stop_ns": int(count_stop),
+                "count_time": (count_stop - count_start) / 1e9,
+                "proton_charge": charge,
+                "events": n_ev,
+            },
+            timestamps=dict.fromkeys(desc.descriptor_doc["data_keys"], count_stop / 1000000000.0),
+            seq_num=k + 1,
+            uid=doc_uid(f"event-{k + 1}"),
+            time=count_stop / 1e9,
+        )
+        batch.append(clock.bluesky("event", dict(ev_doc), count_stop))
+        bar.update(1)
+        yield batch
+    bar.close()
+    stop = bundle.compose_stop(exit_status="success", uid=doc_uid("stop"), time=t / 1e9)
+    yield [
+        clock.bluesky("stop", dict(stop), t),
+        clock.msg(
+            clock.t_run_info,
+            t,
+            serialise_6s4t(job_id=run_id, run_name=run_id, stop_time=t // 10**6),
+            "6s4t",
+        ),
+    ]
+
+
+def _event_messages(
+    plan: RunPlan,
+    clock: _Clock,
+    sim: OrientationSimulator,
+    expected: NDArray[np.float64],
+    scale: float,
+    background: float,
+    n_pulses: int,
+    t0: int,
+    period_ns: int,
+    rng: np.random.Generator,
+    source: str,
+) -> tuple[list[RecordedMessage], int, float]:
+    """ev44 + proton-charge messages for ``n_pulses`` pulses from ``t0``; (msgs, events, uC)."""
+    charge = plan.proton_charge * (1.0 + 0.01 * rng.standard_normal(n_pulses))
+    charge = np.maximum(charge, 0.0)
+    mean_charge = plan.proton_charge
+    # counts scale with the delivered charge relative to the nominal
+    factor = float(charge.sum() / (mean_charge * n_pulses)) if n_pulses else 0.0
+    batch = sim.sample(expected, scale * factor, background * factor, n_pulses, rng, charge)
+    pulse_times = t0 + period_ns * np.arange(n_pulses, dtype=np.int64)
+    starts = np.searchsorted(batch.pulse_index, np.arange(n_pulses + 1))
+    out: list[RecordedMessage] = []
+    ppm = plan.pulses_per_message
+    for p0 in range(0, n_pulses, ppm):
+        p1 = min(p0 + ppm, n_pulses)
+        a, b = starts[p0], starts[p1]
+        payload = serialise_ev44(
+            source,
+            clock.message_id,
+            pulse_times[p0:p1],
+            (starts[p0:p1] - a).astype(np.int32),
+            batch.tof_ns[a:b],
+            batch.pixel_id[a:b],
+        )
+        clock.message_id += 1
+        clock.n_events += int(b - a)
+        out.append(clock.msg(clock.t_events, int(pulse_times[p0]), payload, "ev44"))
+        for p in range(p0, p1):  # one f144 per pulse, stamped with the pulse time
+            out.append(clock.f144("proton_charge", float(charge[p]), int(pulse_times[p])))
+    return out, batch.n_events, float(charge.sum())

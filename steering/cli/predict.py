@@ -1,0 +1,279 @@
+"""``steer predict``: the spectra a crystal is expected to give, from a CIF or a shipped
+material, with the force constants of the e3nn model, a coefficient file or a named set.
+
+``--json`` prints one JSON object on stdout (progress and logs go to stderr)::
+
+    kind            "powder" | "dos" | "indirect" | "single"
+    material        the shipped material, or the CIF's cache name (cif-<hash>)
+    formula         reduced formula
+    n_atoms         atoms in the primitive cell
+    fc_source       "e3nn" (predicted from the structure), "given" (--fc file) or
+                    "reference" (a shipped named set)
+    fc_label        name of the FC set
+    distance        the e3nn model's distance from its training set (~1: its edge), or null
+    in_domain       the model's verdict (null for other sources); false is also a warning
+    message         the model's message when out of domain
+    stable, min_frequency_thz, ei_meV, temperature_K, warnings, seconds
+    out             the PNG written (--out), or null
+    <kind>          the kind's arrays:
+      dos       energy_meV, total, by_element (states/meV per cell), sigma_meV, mesh,
+                mean_energy_meV
+      indirect  energy_meV, total, by_bank, by_order (mbarn/(sr meV) per atom),
+                instrument, orders
+      powder    q_inv_angstrom, energy_meV, intensity (n_Q x n_E, mbarn/meV per atom;
+                null where the detector does not reach)
+      single    iqe: qpoints_rlu, ticks, energy_meV, intensity (n_q x n_E, null where no
+                orientation covers), dispersion_meV; detector: angle_deg, energy_meV,
+                intensity averaged over the omegas (n_angle x n_E)
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import typer
+
+from steering.exceptions import SteeringError
+
+__all__ = ["KINDS", "predict_cmd", "summary"]
+
+#: ``--kind`` -> the prediction outputs it asks for.
+KINDS: dict[str, tuple[str, ...]] = {
+    "powder": ("powder",),
+    "dos": ("dos",),
+    "indirect": ("indirect",),
+    "single": ("iqe", "detector"),
+}
+
+Kind = Literal["powder", "dos", "indirect", "single"]
+
+
+def _structure(arg: str) -> tuple[str | None, str | None]:
+    """(shipped material, CIF text) of the STRUCTURE argument."""
+    from simulations.lattice.crystals import SHIPPED_MATERIALS
+
+    if arg in SHIPPED_MATERIALS:
+        return arg, None
+    path = Path(arg)
+    if not path.is_file():
+        raise SteeringError(
+            f"{arg!r} is neither a CIF file nor a shipped material "
+            f"({', '.join(sorted(SHIPPED_MATERIALS))})"
+        )
+    try:
+        return None, path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SteeringError(f"cannot read {path}: {exc}") from exc
+
+
+def _fc_spec(fc: str | None) -> str | dict[str, Any] | None:
+    """``--fc``: a coefficient JSON file, ``e3nn`` or a named set; None: the default."""
+    if fc is None or not (fc.endswith(".json") or Path(fc).is_file()):
+        return fc
+    try:
+        doc = json.loads(Path(fc).read_text())
+    except (OSError, ValueError) as exc:
+        raise SteeringError(f"cannot read the FC file {fc}: {exc}") from exc
+    values = doc.get("coefficients", doc) if isinstance(doc, dict) else None
+    if not isinstance(values, dict) or not values:
+        raise SteeringError(
+            f'{fc} must hold {{"coefficients": {{name: value}}}} (eV/A^2), e.g. the JSON of '
+            "steer simulate reference"
+        )
+    return {"coefficients": values}
+
+
+def _omegas(values: list[str] | None) -> list[float]:
+    out: list[float] = []
+    for v in values or ["0"]:
+        for part in str(v).split(","):
+            if part.strip():
+                try:
+                    out.append(float(part))
+                except ValueError as exc:
+                    raise SteeringError(f"--omega takes angles in degrees, got {part!r}") from exc
+    return out
+
+
+def summary(prediction: Any, kind: str, out: Path | None) -> dict[str, Any]:
+    """The ``--json`` object of a :class:`model_server.prediction.results.Prediction` (see the
+    module docstring)."""
+    d = prediction.to_dict()
+    doc: dict[str, Any] = {
+        "kind": kind,
+        "material": d["material"],
+        "formula": d["formula"],
+        "n_atoms": d["n_atoms"],
+        "fc_source": d["fc_source"],
+        "fc_label": d["fc"]["label"],
+        "distance": d["distance"],
+        "in_domain": d["in_domain"],
+        "message": d["message"],
+        "stable": d["stable"],
+        "min_frequency_thz": d["min_frequency_thz"],
+        "ei_meV": d["ei_meV"],
+        "temperature_K": d["temperature_K"],
+        "warnings": d["warnings"],
+        "seconds": d["seconds"],
+        "out": str(out) if out is not None else None,
+    }
+    if kind == "dos":
+        dos = d["dos"]
+        doc["dos"] = {
+            k: dos[k]
+            for k in (
+                "units",
+                "energy_meV",
+                "total",
+                "by_element",
+                "sigma_meV",
+                "mesh",
+                "mean_energy_meV",
+            )
+        }
+    elif kind == "indirect":
+        ind = d["indirect"]
+        doc["indirect"] = {
+            k: ind[k]
+            for k in ("units", "energy_meV", "total", "by_bank", "by_order", "instrument", "orders")
+        }
+    elif kind == "powder":
+        p = prediction.powder
+        doc["powder"] = {
+            "units": d["powder"]["units"],
+            "q_inv_angstrom": d["powder"]["q_inv_angstrom"],
+            "energy_meV": d["energy_meV"],
+            "intensity": np.where(p.accessible, p.intensity, np.nan),
+        }
+    else:
+        iqe, det = d["iqe"], d["detector"]
+        with warnings.catch_warnings():  # an angle bin without detector: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(prediction.detector.intensity, axis=0)
+        doc["single"] = {
+            "omegas_deg": d["omegas_deg"],
+            "iqe": {
+                k: iqe[k]
+                for k in (
+                    "units",
+                    "qpoints_rlu",
+                    "ticks",
+                    "energy_meV",
+                    "intensity",
+                    "dispersion_meV",
+                )
+            },
+            "detector": {
+                "units": det["units"],
+                "angle_deg": det["angle_deg"],
+                "energy_meV": det["energy_meV"],
+                "intensity_mean_over_omegas": mean,
+            },
+        }
+    return doc
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        from model_server.prediction.results import json_array
+
+        return json_array(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def predict_cmd(
+    structure: Annotated[
+        str, typer.Argument(help="A CIF file, or a shipped material (Ge, Nb, Al).")
+    ],
+    kind: Annotated[
+        Kind,
+        typer.Option(
+            "--kind",
+            help="powder: coherent S(|Q|,E); dos: phonon DOS and partial DOS; indirect: "
+            "VISION/TOSCA-like S(E); single: single-crystal folded I(q,E) and detector S(Q,E) "
+            "for --omega.",
+        ),
+    ] = "powder",
+    ei: Annotated[
+        float | None,
+        typer.Option("--ei", help="Incident energy, meV (powder, single; default: automatic)."),
+    ] = None,
+    fc: Annotated[
+        str | None,
+        typer.Option(
+            "--fc",
+            help='FCs: a JSON file {"coefficients": {name: value}} (eV/A^2) overriding the '
+            "model, 'e3nn' (the model; the default for a CIF), or a named set of a shipped "
+            "material (mlff_mean, raman...).",
+        ),
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Sample temperature, K.")
+    ] = 5.0,
+    omega: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--omega", help="Goniometer angles for single, degrees: repeat or comma-separate."
+        ),
+    ] = None,
+    instrument: Annotated[
+        str, typer.Option("--instrument", help="indirect: vision or tosca.")
+    ] = "vision",
+    orders: Annotated[
+        int, typer.Option("--orders", help="indirect: highest phonon order (1-4).")
+    ] = 2,
+    sigma: Annotated[float, typer.Option("--sigma", help="dos: Gaussian sigma, meV.")] = 0.5,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write a PNG (labelled axes and units).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Predict the spectrum of a crystal. Without --fc a CIF's force constants come from
+    the e3nn structure -> force-constant model, with its distance from the training set
+    (an out-of-domain prediction is flagged in the output and the PNG's title)."""
+    from model_server.prediction.predict import predict
+
+    material, cif = _structure(structure)
+    prediction = predict(
+        material,
+        cif=cif,
+        fc=_fc_spec(fc),
+        ei=ei,
+        temperature=temperature,
+        omegas=_omegas(omega),
+        outputs=KINDS[kind],
+        dos_sigma=sigma,
+        indirect_instrument=instrument,
+        indirect_orders=orders,
+    )
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(prediction.to_png())
+        except OSError as exc:
+            raise SteeringError(f"cannot write {out}: {exc}") from exc
+    doc = summary(prediction, kind, out)
+    if as_json:
+        typer.echo(json.dumps(doc, default=_json_default))
+        return
+    domain = (
+        ""
+        if doc["in_domain"] is None
+        else f", distance {doc['distance']:.2f} ({'in' if doc['in_domain'] else 'OUT OF'} domain)"
+    )
+    typer.echo(
+        f"{doc['formula']} ({doc['n_atoms']} atoms/cell): {kind}, FCs {doc['fc_label']} "
+        f"[{doc['fc_source']}{domain}], stable {doc['stable']}"
+    )
+    for note in doc["warnings"]:
+        typer.echo(f"  warning: {note}")
+    if kind == "dos":
+        typer.echo(f"  mean phonon energy {doc['dos']['mean_energy_meV']:.2f} meV")
+    if out is not None:
+        typer.echo(f"  wrote {out}")
