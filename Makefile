@@ -25,6 +25,7 @@ check: $(STAMP)
 	$(BIN)/ruff check simulations consumers model_server steering tests
 	$(BIN)/ruff format --check simulations consumers model_server steering tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 
 # pytest exits 5 when it collected nothing: that must fail, and it does (any non-zero).
 test: check

@@ -7,16 +7,22 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from consumers.exceptions import FoldError
 from consumers.reduction.accumulate import RunAccumulator
-from consumers.reduction.folding import Folder, coverage_cache_dir, coverage_disk_limit
+from consumers.reduction.coverage_cache import coverage_cache_dir, coverage_disk_limit
+from consumers.reduction.folding import Folder
 from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
 from consumers.wire import decode_f144, loads_json
 from simulations.runs.recording import RunReader
+from simulations.units import K_B_MEV, THZ_TO_MEV
+
+if TYPE_CHECKING:
+    from simulations.lattice.materials import MaterialSetup
 
 __all__ = ["fold_recorded_run", "precompute_coverages", "run_setup"]
 
@@ -126,39 +132,14 @@ def dispersion_check(
     FoldError
         When the run carries no ground truth.
     """
-    import numpy as np
-    import torch
-
     from simulations.instrument.spectrometer import Instrument
-    from simulations.lattice.forward import THZ_TO_MEV
-    from simulations.lattice.materials import setup
     from simulations.runs.check import peaks_on_branches
 
-    sim = meta.get("simulation")
-    truth = sim.get("coefficients") if isinstance(sim, dict) else None
-    if not truth:
-        raise FoldError("the run has no ground truth (pl72 metadata 'simulation' block)")
-    ms = setup(str(meta["material"]))
-    coefficients = ms.basis.coefficients_from_dict(dict(truth))
-    fm = ms.forward_model(dtype=torch.float64, method="exact")
-    with torch.no_grad():
-        model = fm.spectra(coefficients[None]).intensity[0].numpy()
-        branches = fm.frequencies(coefficients[None])[0].numpy() * THZ_TO_MEV
+    ms, model, branches = _ground_truth(meta)
     snap = acc.snapshot()
     mask = snap.mask
     data = np.where(mask, snap.intensity, np.nan)
     model = np.where(mask, model, np.nan)
-
-    def unit_columns(a: np.ndarray) -> np.ndarray:
-        s = np.nansum(a, axis=1, keepdims=True)
-        return np.asarray(a / np.where(s > 0, s, 1.0))
-
-    def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
-        ok = np.isfinite(a) & np.isfinite(b)
-        if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
-            return None
-        return float(np.corrcoef(a[ok], b[ok])[0, 1])
-
     ec = ms.grid.energy_centres
     ins = Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
     ei = float(meta["ei_meV"])  # type: ignore[arg-type]
@@ -170,26 +151,64 @@ def dispersion_check(
     per_column = [
         r
         for i in np.nonzero(checked)[0]
-        if (r := pearson(data[i][mask[i]], model[i][mask[i]])) is not None
+        if (r := _pearson(data[i][mask[i]], model[i][mask[i]])) is not None
     ]
     weighted = model / np.maximum(np.abs(ec), ec[1] - ec[0])[None, :]
     # E (1 - exp(-E / kT)) = E / (n(E) + 1): divides out the one-phonon cross-section's
     # Bose and 1/omega factors, from E and the sample temperature alone (E > 0 only)
-    kt = 0.0861733 * float(meta.get("temperature_K", 5.0))  # type: ignore[arg-type]
+    kt = K_B_MEV * float(meta.get("temperature_K", 5.0))  # type: ignore[arg-type]
     positive = ec > 0
     bose = np.where(positive, ec * -np.expm1(-np.where(positive, ec, 1.0) / kt), np.nan)
     corrected = data * bose[None, :]
     return {
-        "pearson": pearson(data, model),
-        "pearson_bose_corrected": pearson(corrected, model),
-        "pearson_column_normalised": pearson(unit_columns(data), unit_columns(model)),
+        "pearson": _pearson(data, model),
+        "pearson_bose_corrected": _pearson(corrected, model),
+        "pearson_column_normalised": _pearson(_unit_columns(data), _unit_columns(model)),
         "pearson_per_column_median": float(np.median(per_column)) if per_column else None,
-        "pearson_column_normalised_1_over_e": pearson(unit_columns(data), unit_columns(weighted)),
+        "pearson_column_normalised_1_over_e": _pearson(
+            _unit_columns(data), _unit_columns(weighted)
+        ),
         "bins_measured": int(mask.sum()),
         "columns_checked": int(checked.sum()),
         "columns_on_branch": int(on_branch.sum()),
         "fraction_on_branch": float(on_branch.sum() / max(1, checked.sum())),
     }
+
+
+def _ground_truth(meta: dict[str, object]) -> tuple[MaterialSetup, np.ndarray, np.ndarray]:
+    """The material set-up of a simulated run and the forward model of the FC set it was
+    simulated from: (set-up, (n_q, n_E) I(q, E) with exact broadening, (n_q, n_branches)
+    branch energies in meV). Raises :class:`FoldError` when the run has no ground truth."""
+    import torch
+
+    from simulations.lattice.materials import setup
+
+    sim = meta.get("simulation")
+    truth = sim.get("coefficients") if isinstance(sim, dict) else None
+    if not truth:
+        raise FoldError("the run has no ground truth (pl72 metadata 'simulation' block)")
+    ms = setup(str(meta["material"]))
+    coefficients = ms.basis.coefficients_from_dict(dict(truth))
+    fm = ms.forward_model(dtype=torch.float64, method="exact")
+    with torch.no_grad():
+        model = fm.spectra(coefficients[None]).intensity[0].numpy()
+        branches = fm.frequencies(coefficients[None])[0].numpy() * THZ_TO_MEV
+    return ms, model, branches
+
+
+def _unit_columns(a: np.ndarray) -> np.ndarray:
+    """``a`` with every q column (row) scaled to unit sum (NaN ignored; zero sums kept)."""
+    s = np.nansum(a, axis=1, keepdims=True)
+    return np.asarray(a / np.where(s > 0, s, 1.0))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation over the bins finite in both; None for fewer than 3 such bins or
+    a constant side."""
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
+        return None
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
 
 
 def run_setup(

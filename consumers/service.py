@@ -33,18 +33,18 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from consumers import metrics
 from consumers.exceptions import ConsumerError
-from consumers.kafka.transport import MessageSource, SourceMessage
+from consumers.messages import MessageSource, SnapshotSink, SourceMessage
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
 from simulations.jsonutil import json_default
 
-__all__ = ["ConsumerService", "SnapshotSink"]
+__all__ = ["ConsumerService"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +90,6 @@ def _unpack(meta: list[list[Any]], blob: np.ndarray) -> list[SourceMessage]:
         )
         pos += int(n)
     return out
-
-
-class SnapshotSink(Protocol):
-    """Where folded snapshots go: an in-process model server (embedded mode) or a topic
-    (:class:`consumers.kafka.transport.KafkaSnapshotSink`, deployed mode)."""
-
-    def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
-        """Called after every completed orientation with the cumulative spectrum."""
-        ...
 
 
 class ConsumerService:

@@ -5,9 +5,9 @@ The run engine publishes its documents with bluesky's own
 (``steer zmq-proxy`` or bluesky's ``bluesky-0MQ-proxy``); :class:`ZmqBlueskySource`
 subscribes to the proxy's out port with a :class:`~bluesky.callbacks.zmq.RemoteDispatcher`
 running in a background thread and serves the documents through the
-:class:`~consumers.kafka.transport.MessageSource` protocol, so that
-:class:`~consumers.kafka.transport.MergedSource`
-can combine it with the Kafka topics of the run (events, motion, run info).
+:class:`~consumers.messages.MessageSource` protocol, so that
+:class:`~consumers.kafka.MergedSource` can combine it with the Kafka topics of the run
+(events, motion, run info).
 
 0MQ cannot re-deliver, so every received document is first appended to a journal in the
 consumer's state dir (one JSON line ``[seq, name, doc]``, flushed and fsynced) and only then
@@ -52,7 +52,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from consumers import metrics
 from consumers.exceptions import ConsumerError
-from consumers.kafka.transport import SourceMessage
+from consumers.messages import SourceMessage
 from consumers.wire import loads_json
 from simulations.jsonutil import json_default
 

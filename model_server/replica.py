@@ -2,7 +2,7 @@
 
 In the deployed, scaled-out mode the consumers (``steer consume --group
 --publish-snapshots``) publish every orientation's cumulative snapshot to
-``<prefix>_folded`` (keyed by run id, :class:`consumers.kafka.transport.KafkaSnapshotSink`). Any
+``<prefix>_folded`` (keyed by run id, :class:`consumers.kafka.KafkaSnapshotSink`). Any
 number of replicas (``steer model-serve``) share that topic's partitions in the consumer
 group ``steer-<prefix>-model``; each snapshot is self-contained (the whole cumulative
 I(q, E), its mask, the run's material and the grid fingerprint), so a replica keeps no
@@ -38,12 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from consumers.kafka.transport import (
-    KafkaDeadLetter,
-    SourceMessage,
-    client_security,
-    ensure_topics,
-)
+from consumers.kafka import KafkaDeadLetter, client_security, ensure_topics, to_source_message
 from model_server.exceptions import ModelServerError
 
 __all__ = ["ModelReplica", "decode_snapshot"]
@@ -200,18 +195,7 @@ class ModelReplica:
                     logger.warning(
                         "%s[%d]@%d: %s (dead-lettered)", tp.topic, tp.partition, r.offset, exc
                     )
-                    self._dead(
-                        SourceMessage(
-                            topic=tp.topic,
-                            partition=tp.partition,
-                            offset=r.offset,
-                            key=r.key,
-                            timestamp_ns=int(r.timestamp) * 1_000_000,
-                            headers=tuple((k, bytes(v or b"")) for k, v in (r.headers or [])),
-                            payload=bytes(r.value or b""),
-                        ),
-                        f"snapshot: {exc}",
-                    )
+                    self._dead(to_source_message(r), f"snapshot: {exc}")
                     continue
                 self.counters["estimates"] += 1
                 self._producer.send(self.out_topic, value=json.dumps(out).encode(), key=r.key)

@@ -1,9 +1,30 @@
-"""The physics core: crystals, symmetry-reduced force constants, q-paths and grids, the fast
-forward model I(q, E), reference force constants and training sets; the full S(Q, E), the
-instrument model and the synthetic instrument (events, simulated runs in facility wire
-formats, recorded-run files, the noise model).
+"""The physics core and the synthetic instrument: no streaming or web code lives here.
 
-No streaming or web code lives here (see DESIGN.md, Folders).
+Sub-packages, highest first (``runs`` imports ``instrument`` and ``fcdb``; those two, which
+do not import each other, import only ``lattice``):
+
+``simulations.runs``
+    A simulated rotation run as the facility's wire messages and bluesky documents
+    (``simulate``), the recorded-run file they are kept in (``recording``), the check that a
+    run shows the dispersion it was made from (``check``) and what one orientation sees
+    (``view``).
+``simulations.instrument``
+    The spectrometer: detector geometry, neutron kinematics and the goniometer orientation
+    (``spectrometer``), events drawn from S(Q, E) (``events``), the reference binning and
+    the counting-noise model.
+``simulations.fcdb``
+    Force constants from outside the fit: the MLFF reference ensembles and named FC sets
+    (``reference``), the ML force fields (``mlff``), training sets (``dataset``) and the
+    force-constant database of many crystals with its builder and catalogue.
+``simulations.lattice``
+    Crystals, symmetry-reduced force-constant bases, q-paths and (q, E) grids, the fast
+    batched forward model I(q, E), the full coherent one-phonon S(Q, E), the energy
+    resolution and phonons from per-pair FC blocks (``pair_phonons``).
+
+Beside them: ``units`` (every physical constant and conversion factor), ``provenance``
+(git commit, package versions, host), ``exceptions``, ``plotting``, ``jsonutil``, ``demo``.
+The names below are the curated public API. See ``docs/architecture.md`` for the layout of
+the whole project and the import rules between its parts.
 """
 
 from simulations.exceptions import (

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from simulations.lattice.forward import THZ_TO_MEV
 from simulations.lattice.grid import Grid
+from simulations.units import THZ_TO_MEV
 
 __all__ = ["path_axes", "path_branches", "path_mesh", "plot_dispersion"]
 

@@ -22,9 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from steering.api.state import LiveState
+    from steering.db import History
+    from steering.service import SteeringService
 
 __all__ = ["DemoResult", "format_summary", "run_demo"]
 
@@ -157,6 +162,123 @@ def _errbar(mean: float, std: float, truth: float | None, width: int = 21) -> st
     return "".join(cells)
 
 
+def _fresh_history(out: Path) -> History:
+    """A new run history in ``out/steer.db`` (an earlier demo's history and consumer state
+    are removed)."""
+    from steering.db import History
+
+    db = out / "steer.db"
+    for stale in (db, out / "state"):
+        if stale.is_file():
+            stale.unlink()
+        elif stale.is_dir():
+            import shutil
+
+            shutil.rmtree(stale)
+    return History(f"sqlite:///{db}")
+
+
+def _start_api(app: Any, port: int) -> tuple[Any, threading.Thread]:
+    """(uvicorn server, its thread): ``app`` served on 127.0.0.1:``port``."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+        )
+    )
+    api = threading.Thread(target=server.run, name="api", daemon=True)
+    api.start()
+    return server, api
+
+
+def _start_replay(
+    run_file: Path, bootstrap: str, speed: float
+) -> tuple[threading.Thread, dict[str, Any]]:
+    """(thread, what it sent once done): the run replayed onto the broker at ``speed``."""
+    from consumers.replay import replay
+
+    sent: dict[str, Any] = {}
+
+    def send() -> None:
+        sent.update(replay(run_file, bootstrap, prefix="demo", speed=speed))
+
+    sender = threading.Thread(target=send, name="replay", daemon=True)
+    sender.start()
+    return sender, sent
+
+
+def _progress(
+    run: dict[str, Any], history: History, live: LiveState, elapsed: float
+) -> tuple[dict[str, Any], int]:
+    """(progress state, estimates so far) of ``run`` after ``elapsed`` s of replay: the
+    state is what :class:`_View` shows (orientations, events folded and per second, latest
+    FCs, truth, the advisor's pick)."""
+    run_id = run["run_id"]
+    est = history.estimates(run_id)
+    summ = run.get("summary") or {}
+    advice = history.advice(run_id)
+    cands = advice[-1].get("candidates") if advice else None
+    with live.lock:
+        truth = (live.runs.get(run_id) or {}).get("truth")
+    state = {
+        "n": int(run.get("n_orientations") or 0),
+        "events_folded": int(summ.get("events_folded", 0)),
+        "events_per_s": (int(summ.get("events_folded", 0)) + int(summ.get("events_dropped", 0)))
+        / max(elapsed, 1e-9),
+        "fc": est[-1]["fc"] if est else None,
+        "truth": truth,
+        "pick": cands[0]["omega"] if cands else None,
+        "done": run["state"] == "complete",
+    }
+    return state, len(est)
+
+
+def _follow(
+    service: SteeringService,
+    history: History,
+    live: LiveState,
+    view: _View,
+    *,
+    t_replay: float,
+    timeout_s: float,
+    on_state: Callable[[dict[str, Any]], None] | None,
+) -> tuple[dict[str, Any], str]:
+    """(last progress state, run id): the run followed until it is complete and every
+    orientation has its estimate.
+
+    Raises
+    ------
+    RuntimeError
+        The consumer stopped.
+    TimeoutError
+        The run was not complete ``timeout_s`` after the replay started.
+    """
+    while time.perf_counter() - t_replay < timeout_s:
+        if service.error:
+            raise RuntimeError(f"the consumer stopped: {service.error}")
+        runs = history.runs()
+        if runs:
+            run = runs[0]
+            state, n_estimates = _progress(run, history, live, time.perf_counter() - t_replay)
+            view.update(state)
+            if on_state is not None:
+                on_state(state)
+            if run["state"] == "complete" and n_estimates >= state["n"]:
+                return state, str(run["run_id"])
+        time.sleep(0.25)
+    raise TimeoutError(f"the run was not complete after {timeout_s} s")
+
+
+def _serve_until_interrupted(api: threading.Thread, url: str) -> None:
+    _say(f"done; serving {url} until Ctrl-C")
+    try:
+        while api.is_alive():
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+
+
 def run_demo(
     out: str | Path = "demo_out",
     *,
@@ -191,13 +313,9 @@ def run_demo(
     on_state
         Called with the progress state (tests).
     """
-    import uvicorn
-
-    from consumers.kafka.transport import embedded_broker, replay
-    from consumers.offline import fold_recorded_run
-    from steering import figures
-    from steering.api.app import LiveState, create_app
-    from steering.db import History
+    from consumers.kafka import embedded_broker
+    from steering.api.app import create_app
+    from steering.api.state import LiveState
     from steering.service import SteeringService
 
     t0 = time.perf_counter()
@@ -209,15 +327,7 @@ def run_demo(
     _say(f"simulated Ge run: {orientations} orientations ...")
     run_file, reused = _simulated_run(out, orientations, events_per_orientation, seed)
     t_sim = time.perf_counter() - t0
-    db = out / "steer.db"
-    for stale in (db, out / "state"):
-        if stale.is_file():
-            stale.unlink()
-        elif stale.is_dir():
-            import shutil
-
-            shutil.rmtree(stale)
-    history = History(f"sqlite:///{db}")
+    history = _fresh_history(out)
     live = LiveState()
     port = port or _free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -232,68 +342,24 @@ def run_demo(
             model_dir=model_dir,
         )
         service.start()
-        app = create_app(history, live=live)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
-            )
-        )
-        api = threading.Thread(target=server.run, name="api", daemon=True)
-        api.start()
+        server, api = _start_api(create_app(history, live=live), port)
         _say(f"broker {broker.bootstrap}; page and API at {url}")
-        sent: dict[str, Any] = {}
-
-        def send() -> None:
-            sent.update(replay(run_file, broker.bootstrap, prefix="demo", speed=speed))
-
-        sender = threading.Thread(target=send, name="replay", daemon=True)
         t_replay = time.perf_counter()
-        sender.start()
-        state: dict[str, Any] = {"n": 0, "events_per_s": 0.0, "events_folded": 0}
-        run_id: str | None = None
+        sender, sent = _start_replay(run_file, broker.bootstrap, speed)
         try:
             with _View(orientations, url) as view:
-                while time.perf_counter() - t_replay < timeout_s:
-                    if service.error:
-                        raise RuntimeError(f"the consumer stopped: {service.error}")
-                    runs = history.runs()
-                    run = runs[0] if runs else None
-                    if run is not None:
-                        run_id = run["run_id"]
-                        est = history.estimates(run_id)
-                        summ = run.get("summary") or {}
-                        advice = history.advice(run_id)
-                        cands = advice[-1].get("candidates") if advice else None
-                        elapsed = time.perf_counter() - t_replay
-                        with live.lock:
-                            truth = (live.runs.get(run_id) or {}).get("truth")
-                        state = {
-                            "n": int(run.get("n_orientations") or 0),
-                            "events_folded": int(summ.get("events_folded", 0)),
-                            "events_per_s": (
-                                int(summ.get("events_folded", 0))
-                                + int(summ.get("events_dropped", 0))
-                            )
-                            / max(elapsed, 1e-9),
-                            "fc": est[-1]["fc"] if est else None,
-                            "truth": truth,
-                            "pick": cands[0]["omega"] if cands else None,
-                            "done": run["state"] == "complete",
-                        }
-                        view.update(state)
-                        if on_state is not None:
-                            on_state(state)
-                        if run["state"] == "complete" and len(est) >= state["n"]:
-                            break
-                    time.sleep(0.25)
-                else:
-                    raise TimeoutError(f"the run was not complete after {timeout_s} s")
+                state, run_id = _follow(
+                    service,
+                    history,
+                    live,
+                    view,
+                    t_replay=t_replay,
+                    timeout_s=timeout_s,
+                    on_state=on_state,
+                )
             t_run = time.perf_counter() - t_replay
             sender.join(60)
-            assert run_id is not None
-            result.update(
-                _summary(service, history, live, run_id, run_file, out, figures, fold_recorded_run)
-            )
+            result.update(_summary(service, history, live, run_id, run_file, out))
             result.update(
                 {
                     "url": url,
@@ -305,12 +371,7 @@ def run_demo(
                 }
             )
             if keep_serving:
-                _say(f"done; serving {url} until Ctrl-C")
-                try:
-                    while api.is_alive():
-                        time.sleep(1)
-                except KeyboardInterrupt:
-                    pass
+                _serve_until_interrupted(api, url)
         finally:
             service.stop()
             server.should_exit = True
@@ -321,16 +382,17 @@ def run_demo(
 
 
 def _summary(
-    service: Any,
-    history: Any,
-    live: Any,
+    service: SteeringService,
+    history: History,
+    live: LiveState,
     run_id: str,
     run_file: Path,
     out: Path,
-    figures: Any,
-    fold_recorded_run: Any,
 ) -> DemoResult:
     """Final estimates against the truth, latency, live == offline, plots."""
+    from consumers.offline import fold_recorded_run
+    from steering import figures
+
     est = history.estimates(run_id)
     with live.lock:
         info = dict(live.runs.get(run_id) or {})

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from simulations.plotting import path_axes, path_branches, path_mesh
+from simulations.units import K_B_MEV
 
 __all__ = [
     "FigureModel",
@@ -32,8 +33,6 @@ __all__ = [
     "fc_figure",
     "spectrum_figure",
 ]
-
-K_B = 0.0861733  # meV/K
 
 
 def _plt() -> Any:
@@ -108,7 +107,7 @@ def bose_corrected(
     """I x E (1 - exp(-E/kT)) for E > 0 (NaN elsewhere): proportional to the one-phonon
     weight of each branch, so that high-energy branches show as well as low ones."""
     e = np.asarray(energy, dtype=float)
-    factor = np.where(e > 0, e * -np.expm1(-np.maximum(e, 1e-12) / (K_B * temperature)), np.nan)
+    factor = np.where(e > 0, e * -np.expm1(-np.maximum(e, 1e-12) / (K_B_MEV * temperature)), np.nan)
     return np.asarray(intensity, dtype=float) * factor[None, :]
 
 

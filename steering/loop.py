@@ -1,8 +1,9 @@
 """Snapshot -> estimate -> advice: the model server and the advisor beside a consumer.
 
-:class:`SteeringLoop` is a :class:`consumers.service.SnapshotSink`. After every completed
+:class:`SteeringLoop` is a :class:`consumers.messages.SnapshotSink`. After every completed
 orientation it estimates the FCs of the cumulative folded spectrum
-(:class:`model_server.inversion.inference.Estimator`), ranks the candidate angles
+(an :class:`Estimator`: :class:`model_server.inversion.inference.Estimator`), ranks the
+candidate angles
 (:class:`steering.advisor.ranking.Advisor`) under that estimate, keeps both in its history and hands
 the advice to its sinks:
 
@@ -26,20 +27,64 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
+from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from steering import metrics
 from steering.advisor.ranking import Advisor, check_score, check_weighting
 from steering.exceptions import AdvisorError
 
-__all__ = ["AdviceDocuments", "CandidateCoverage", "KafkaAdviceSink", "SteeringLoop"]
+__all__ = [
+    "AdviceDocuments",
+    "AdviceSink",
+    "CandidateCoverage",
+    "Estimator",
+    "FCEstimate",
+    "KafkaAdviceSink",
+    "SteeringLoop",
+]
 
 logger = logging.getLogger(__name__)
 
+#: where every advice dict goes (a Kafka producer, the service's history and live state)
 AdviceSink = Callable[[dict[str, Any]], None]
+
+
+class FCEstimate(Protocol):
+    """What the loop reads of an estimate
+    (:class:`model_server.inversion.inference.Estimate`)."""
+
+    @property
+    def mean(self) -> NDArray[np.float64]:
+        """(n_fc,) FC means, eV/A^2, in the advisor's order."""
+        ...
+
+    @property
+    def std(self) -> NDArray[np.float64]:
+        """(n_fc,) FC standard deviations, eV/A^2."""
+        ...
+
+    @property
+    def model_version(self) -> str:
+        """The model that made it."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (FCs keyed by name), the ``estimate`` of every advice."""
+        ...
+
+
+class Estimator(Protocol):
+    """What the loop asks of the model server: one estimate per spectrum
+    (:class:`model_server.inversion.inference.Estimator`)."""
+
+    def estimate(self, spectrum: NDArray[np.float64], mask: NDArray[np.bool_]) -> FCEstimate:
+        """The FC estimate of a (n_q, n_E) I(q, E) (1/(uC sr meV), NaN where unmeasured)
+        and its (n_q, n_E) mask (True where measured)."""
+        ...
 
 
 def _key(dtype: str, shape: list[int] | None = None, units: str = "") -> dict[str, Any]:
@@ -128,12 +173,12 @@ class KafkaAdviceSink:
     def __init__(self, bootstrap: str, prefix: str, *, run_id: str, material: str) -> None:
         from kafka import KafkaProducer
 
-        from consumers.kafka.transport import ensure_topics
+        from consumers.kafka import ensure_topics
 
         self.topic = f"{prefix}_advice"
         self.docs_topic = f"{prefix}_advice_docs"
         ensure_topics(bootstrap, [self.topic, self.docs_topic])
-        from consumers.kafka.transport import client_security
+        from consumers.kafka import client_security
 
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap, max_request_size=8 << 20, **client_security()
@@ -179,7 +224,8 @@ class CandidateCoverage:
     """
 
     def __init__(self, meta: dict[str, Any], omegas: Sequence[float] | None = None) -> None:
-        from consumers.reduction.folding import Folder, FoldTable
+        from consumers.reduction.folding import Folder
+        from consumers.reduction.table import FoldTable
         from simulations.instrument.spectrometer import Instrument, Orientation
         from simulations.lattice.materials import setup
 
@@ -222,7 +268,7 @@ class SteeringLoop:
     Parameters
     ----------
     estimator
-        The model server (``estimate(intensity, mask) -> Estimate``).
+        The model server (:class:`Estimator`).
     advisor
         The run's advisor.
     candidates
@@ -242,7 +288,7 @@ class SteeringLoop:
 
     def __init__(
         self,
-        estimator: Any,
+        estimator: Estimator,
         advisor: Advisor,
         candidates: CandidateCoverage,
         *,
@@ -265,8 +311,9 @@ class SteeringLoop:
         self.measured: list[float] = []
         self.first_wait_s = float(first_wait_s)
 
-    def __call__(self, snapshot: Any, record: Any) -> None:
-        """A completed orientation: estimate, rank, publish."""
+    def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
+        """A completed orientation: estimate, rank, publish (a
+        :class:`consumers.messages.SnapshotSink`)."""
         self.measured.append(float(record.omega))
         t0 = time.perf_counter()
         est = self.estimator.estimate(snapshot.intensity, snapshot.mask)
@@ -315,3 +362,15 @@ class SteeringLoop:
                 sink(advice)
             except Exception:
                 logger.exception("advice sink failed (orientation %d)", record.index)
+
+
+if TYPE_CHECKING:
+    # checked by mypy only: the model server's estimator is an Estimator, the loop a sink
+    from consumers.messages import SnapshotSink
+    from model_server.inversion import inference
+
+    def _estimator(e: inference.Estimator) -> Estimator:
+        return e
+
+    def _sink(loop: SteeringLoop) -> SnapshotSink:
+        return loop

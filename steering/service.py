@@ -5,7 +5,7 @@
 every completed orientation a :class:`steering.loop.SteeringLoop` estimates the FCs and
 ranks the candidate angles; the estimate and advice go to the run history
 (:class:`steering.db.History`), to Kafka (``<prefix>_advice``, ``<prefix>_advice_docs``) and
-to the live state the API serves (:class:`steering.api.app.LiveState`).
+to the live state the API serves (:class:`steering.api.state.LiveState`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,19 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from model_server.exceptions import ModelServerError
 from steering import metrics
-from steering.api.app import LiveState
+from steering.api.state import LiveState
 from steering.db import History
+
+if TYPE_CHECKING:
+    from model_server.inversion.inference import Estimator
+    from steering.loop import KafkaAdviceSink, SteeringLoop
 
 __all__ = ["MAX_ORIENTATION_SPECTRA", "SteeringService"]
 
@@ -92,10 +97,10 @@ class SteeringService:
         self.publish_advice = publish_advice
         self.snapshot_max_delay_s = float(snapshot_max_delay_s)
         self.first_wait_s = float(first_wait_s)
-        self._loops: dict[str, Any] = {}
+        self._loops: dict[str, SteeringLoop] = {}
         self._loop_lock = threading.Lock()
-        self._sinks: dict[str, Any] = {}
-        self._estimators: dict[str, Any] = {}
+        self._sinks: dict[str, KafkaAdviceSink] = {}
+        self._estimators: dict[str, Estimator] = {}
         self._thread: threading.Thread | None = None
         self.service: Any = None
         self.error: str | None = None
@@ -111,7 +116,7 @@ class SteeringService:
 
     # -- model server ------------------------------------------------------------------------
 
-    def estimator(self, material: str) -> Any:
+    def estimator(self, material: str) -> Estimator:
         """The (cached) estimator of a material's frozen model."""
         from model_server.inversion.inference import Estimator
 
@@ -151,11 +156,11 @@ class SteeringService:
 
         threading.Thread(target=work, name="prepare-run", daemon=True).start()
 
-    def _loop_for(self, meta: dict[str, Any]) -> Any:
+    def _loop_for(self, meta: dict[str, Any]) -> SteeringLoop:
         with self._loop_lock:
             return self._make_loop(meta)
 
-    def _make_loop(self, meta: dict[str, Any]) -> Any:
+    def _make_loop(self, meta: dict[str, Any]) -> SteeringLoop:
         from steering.advisor.ranking import Advisor
         from steering.loop import CandidateCoverage, KafkaAdviceSink, SteeringLoop
 
@@ -212,7 +217,7 @@ class SteeringService:
                 }
             return info
 
-    def _on_snapshot(self, snapshot: Any, record: Any) -> None:
+    def _on_snapshot(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         meta = self.service.pipeline.meta or {}
         run_id = str(meta.get("run_id", "run"))
         with self.live.lock:
@@ -326,7 +331,7 @@ class SteeringService:
 
     def start(self, *, idle_exit_s: float | None = None) -> None:
         """Start consuming on a thread (follows run after run)."""
-        from consumers.kafka.transport import KafkaSource
+        from consumers.kafka import KafkaSource
         from consumers.service import ConsumerService
 
         source = KafkaSource(self.bootstrap, self.prefix)

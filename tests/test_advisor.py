@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumers.reduction.folding import Folder, FoldTable
+from consumers.reduction.folding import Folder
+from consumers.reduction.table import FoldTable
 from simulations.fcdb.reference import load_reference
 from simulations.instrument.spectrometer import Instrument, Orientation
 from steering.advisor.ranking import Advisor, candidate_omegas, scarcity_weights

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.reduction.folding import Folder, FoldTable
+from consumers.reduction.folding import Folder
+from consumers.reduction.table import FoldTable
 from simulations.fcdb.reference import load_reference, resolve_fc
 from simulations.instrument.spectrometer import Instrument, Orientation
 from steering.advisor.agent import OrientationAgent

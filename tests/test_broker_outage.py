@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.kafka.transport import EmbeddedBroker, replay
+from consumers.kafka import EmbeddedBroker
+from consumers.replay import replay
 
 
 class OutageProxy:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def test_shipped_materials(name: str, spacegroup: str, a: float, n_atoms: int) -
 
 
 def test_cif_path_is_loaded_like_a_shipped_name(tmp_path: Path) -> None:
-    source = Path(load_crystal.__code__.co_filename).parent / "data" / "structures"
+    source = Path(str(resources.files("simulations"))) / "data" / "structures"
     cif = tmp_path / "my_ge.cif"
     cif.write_text((source / SHIPPED_MATERIALS["Ge"]).read_text())
     crystal = load_crystal(cif)

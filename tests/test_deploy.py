@@ -58,14 +58,14 @@ def _known_env() -> set[str]:
             walk(sub)
 
     walk(typer.main.get_command(app))
-    for path in ROOT.glob("*/*.py"):
-        if path.parts[-2] in ("simulations", "consumers", "model_server", "steering"):
+    for package in ("simulations", "consumers", "model_server", "steering"):
+        for path in (ROOT / package).rglob("*.py"):
             names.update(re.findall(r"environ(?:\.get)?\(\s*\"(STEER_[A-Z_]+)\"", path.read_text()))
     return names
 
 
 def _topics(prefix: str) -> set[str]:
-    from consumers.kafka.transport import topics_for
+    from consumers.kafka import topics_for
 
     return {
         *topics_for(prefix),

@@ -12,8 +12,8 @@ from simulations.fcdb.reference import resolve_fc
 from simulations.instrument.binning import ReferenceBinning
 from simulations.instrument.events import OrientationSimulator, PhononTable
 from simulations.instrument.spectrometer import Instrument, Orientation
-from simulations.lattice.forward import THZ_TO_MEV
 from simulations.lattice.sqe import CoherentSQE, bose_occupation
+from simulations.units import THZ_TO_MEV
 
 EI = 80.0
 

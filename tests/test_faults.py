@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.kafka.transport import embedded_broker, replay
+from consumers.kafka import embedded_broker
+from consumers.replay import replay
 
 DEV_FULL = Path("/dev/full")  # every write fails with ENOSPC
 

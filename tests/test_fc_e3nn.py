@@ -35,9 +35,9 @@ from model_server.structure_fc.train import (
     reference_samples,
     train,
 )
-from simulations.lattice.forward import VASP_TO_THZ
 from simulations.lattice.materials import setup
 from simulations.lattice.pair_phonons import frequencies_at, mesh_frequencies
+from simulations.units import VASP_TO_THZ
 
 REPO = Path(__file__).resolve().parents[1]
 

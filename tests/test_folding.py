@@ -15,12 +15,13 @@ import torch
 from streaming_data_types.eventdata_ev44 import deserialise_ev44
 
 from consumers.offline import fold_recorded_run
-from consumers.reduction.folding import Folder, FoldTable
+from consumers.reduction.folding import Folder
+from consumers.reduction.table import FoldTable
 from simulations.instrument.binning import ReferenceBinning
 from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
-from simulations.lattice.forward import THZ_TO_MEV
 from simulations.runs.recording import RecordedMessage, RunReader, RunWriter
 from simulations.runs.simulate import RunPlan, simulate_run
+from simulations.units import THZ_TO_MEV
 
 EI = 80.0
 
@@ -427,7 +428,7 @@ def test_coverage_disk_cache(ge, ge_table, tmp_path, monkeypatch, caplog) -> Non
     """Coverages are kept on disk per set-up: a new process (here: an empty memory cache)
     reads bitwise the values computed; a damaged file is recomputed and rewritten; a cache
     bound of 0 keeps nothing on disk; the folder is pruned to its bound."""
-    import consumers.reduction.folding as folding
+    import consumers.reduction.coverage_cache as coverage_cache
 
     monkeypatch.setenv("STEER_CACHE_DIR", str(tmp_path))
     ins = Instrument.arcs_like(n_columns=80, n_rows=48)
@@ -439,7 +440,7 @@ def test_coverage_disk_cache(ge, ge_table, tmp_path, monkeypatch, caplog) -> Non
     files = list((tmp_path / "coverage").rglob("*.npy"))
     assert len(files) == 1
     assert folder.on_disk(33.0)
-    folding._COVERAGE_CACHE.clear()
+    coverage_cache._COVERAGE_CACHE.clear()
     np.testing.assert_array_equal(
         Folder(ge_table, ge.grid, ins, orientation, EI).coverage(33.0), fresh
     )
@@ -450,7 +451,7 @@ def test_coverage_disk_cache(ge, ge_table, tmp_path, monkeypatch, caplog) -> Non
             np.save(files[0], np.ones((3, 3)))
         else:
             files[0].write_bytes(damage)
-        folding._COVERAGE_CACHE.clear()
+        coverage_cache._COVERAGE_CACHE.clear()
         caplog.clear()
         np.testing.assert_array_equal(folder.coverage(33.0), fresh)
         assert "recomputing" in caplog.text
@@ -465,7 +466,7 @@ def test_coverage_disk_cache(ge, ge_table, tmp_path, monkeypatch, caplog) -> Non
     other = Folder(ge_table, ge.grid, ins, orientation, EI + 5.0)
     other.coverage(33.0)
     other.coverage(34.0)
-    folding._prune_coverage_disk(tmp_path / "coverage", 0.2)
+    coverage_cache._prune_coverage_disk(tmp_path / "coverage", 0.2)
     assert not folder.on_disk(33.0)
     assert other.on_disk(34.0)
 
@@ -473,7 +474,7 @@ def test_coverage_disk_cache(ge, ge_table, tmp_path, monkeypatch, caplog) -> Non
 def test_steer_coverage_precomputes_a_runs_angles(make_small_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """`steer coverage --run` fills the disk cache with the run's angles, which the
     offline fold then reads (same exposure as computed afresh)."""
-    import consumers.reduction.folding as folding
+    import consumers.reduction.coverage_cache as coverage_cache
     from consumers.offline import run_setup
 
     run, _, _ = make_small_run(tmp_path / "run.steer", (0.0, 5.0, 10.0), seed=2)
@@ -509,9 +510,9 @@ def test_steer_coverage_precomputes_a_runs_angles(make_small_run, tmp_path, monk
     )
     assert bad.returncode == 2
     assert "goniometer limits" in bad.stderr
-    folding._COVERAGE_CACHE.clear()
+    coverage_cache._COVERAGE_CACHE.clear()
     for omega in angles:
-        on_disk = np.load(folding.Folder._coverage_path((folder.signature, omega, 4, 2)))
+        on_disk = np.load(coverage_cache.coverage_path((folder.signature, omega, 4, 2)))
         np.testing.assert_array_equal(on_disk, folder.coverage(omega, cache=False))
 
 

@@ -17,13 +17,13 @@ from simulations.exceptions import ForceConstantError, InvalidCoefficientsError
 from simulations.fcdb.reference import load_reference
 from simulations.lattice.crystals import crystal_from_structure
 from simulations.lattice.force_constants import build_fc_basis
-from simulations.lattice.forward import VASP_TO_THZ
 from simulations.lattice.materials import MaterialSetup
 from simulations.lattice.phonopy_export import (
     full_force_constants,
     to_phonopy,
     write_phonopy_params,
 )
+from simulations.units import VASP_TO_THZ
 
 
 def _our_frequencies(ms_basis, coeffs, q):  # type: ignore[no-untyped-def]

@@ -8,10 +8,11 @@ import torch
 
 from simulations.exceptions import GridError, InvalidCoefficientsError
 from simulations.fcdb.reference import load_reference, named_fc_set
-from simulations.lattice.forward import THZ_TO_MEV, ForwardModel
+from simulations.lattice.forward import ForwardModel
 from simulations.lattice.grid import make_grid
 from simulations.lattice.materials import MaterialSetup
 from simulations.lattice.resolution import EnergyResolution, instrument_resolution
+from simulations.units import THZ_TO_MEV
 
 
 @pytest.fixture(scope="module")

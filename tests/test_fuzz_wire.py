@@ -53,7 +53,7 @@ from streaming_data_types.logdata_f144 import serialise_f144
 from streaming_data_types.run_start_pl72 import deserialise_pl72, serialise_pl72
 from streaming_data_types.run_stop_6s4t import serialise_6s4t
 
-from consumers.kafka.transport import SourceMessage
+from consumers.messages import SourceMessage
 from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
 from consumers.service import ConsumerService
 
@@ -983,7 +983,7 @@ def test_the_fuzzer_reaches_every_kind_and_reason(cuts: dict[str, Cut]) -> None:
 
 
 class ListSource:
-    """A :class:`~consumers.kafka.transport.MessageSource` over a list (no broker)."""
+    """A :class:`~consumers.messages.MessageSource` over a list (no broker)."""
 
     def __init__(self, msgs: list[SourceMessage]) -> None:
         self.msgs = msgs

@@ -18,13 +18,13 @@ from scipy import constants as sc
 from simulations import Crystal, load_crystal
 from simulations.exceptions import InstrumentError
 from simulations.instrument.spectrometer import (
-    E_PER_K2,
     Instrument,
     Orientation,
     busing_levy_b,
     energy_to_k,
     energy_to_speed,
 )
+from simulations.units import E_PER_K2
 
 #: hbar^2 / (2 m_n) in meV A^2 (CODATA 2018).
 HBAR2_2MN = 2.07212485
@@ -156,8 +156,8 @@ def test_elastic_event_at_90_degrees() -> None:
     ins = Instrument.arcs_like(n_columns=3, n_rows=1, phi_min=0.0, phi_max=180.0, radius=3.0)
     assert_allclose(ins.positions[1], [3.0, 0.0, 0.0], atol=1e-12)
     ei = 80.0
-    k_i = np.sqrt(80.0 / 2.07212485)  # 6.21359 1/A
-    v = 437.393362 * np.sqrt(80.0)  # 3912.16 m/s
+    k_i = np.sqrt(80.0 / HBAR2_2MN)  # 6.21359 1/A
+    v = V_PER_SQRT_MEV * np.sqrt(80.0)  # 3912.16 m/s
     tof = (13.6 + 3.0) / v * 1e9  # 4.2431747e6 ns
     assert_allclose(tof, 4.2431747e6, rtol=1e-7)
 
@@ -176,9 +176,9 @@ def test_inelastic_event_forward() -> None:
     # columns at -60, 0, 60 deg: pixel 1 sits on the beam axis at (0, 0, 3) m
     ins = Instrument.arcs_like(n_columns=3, n_rows=1, phi_min=-90.0, phi_max=90.0, radius=3.0)
     ei, e_transfer = 80.0, 30.0
-    k_i = np.sqrt(80.0 / 2.07212485)  # 6.21359 1/A
-    k_f = np.sqrt(50.0 / 2.07212485)  # 4.91224 1/A
-    tof = (13.6 / (437.393362 * np.sqrt(80.0)) + 3.0 / (437.393362 * np.sqrt(50.0))) * 1e9
+    k_i = np.sqrt(80.0 / HBAR2_2MN)  # 6.21359 1/A
+    k_f = np.sqrt(50.0 / HBAR2_2MN)  # 4.91224 1/A
+    tof = (13.6 / (V_PER_SQRT_MEV * np.sqrt(80.0)) + 3.0 / (V_PER_SQRT_MEV * np.sqrt(50.0))) * 1e9
 
     q, e = ins.event_to_qe(np.array([1]), np.array([tof]), ei)
     assert_allclose(e, [e_transfer], rtol=1e-7)

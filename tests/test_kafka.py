@@ -10,16 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from consumers.kafka.transport import (
-    EmbeddedBroker,
-    KafkaDeadLetter,
-    KafkaSnapshotSink,
-    KafkaSource,
-    SourceMessage,
-    record,
-    replay,
-)
+from consumers.kafka import EmbeddedBroker, KafkaDeadLetter, KafkaSnapshotSink, KafkaSource
+from consumers.messages import SourceMessage
 from consumers.offline import fold_recorded_run
+from consumers.replay import record, replay
 from consumers.service import ConsumerService
 from tests.conftest import consume_cmd, kill_restart_cycles
 

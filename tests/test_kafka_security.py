@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from consumers.exceptions import ConsumerError
-from consumers.kafka.transport import client_security
+from consumers.kafka import client_security
 
 
 def test_plaintext_by_default() -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import event_model
 import pytest
 
-from consumers.kafka.transport import EmbeddedBroker, KafkaSource, replay
+from consumers.kafka import EmbeddedBroker, KafkaSource
+from consumers.replay import replay
 from consumers.service import ConsumerService
 from model_server.inversion.inference import Estimator
 from steering.advisor.ranking import Advisor
@@ -129,4 +130,6 @@ def test_serve_refuses_an_unknown_advisor_weighting(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "steering.cli", "serve", "--advisor-weighting", "even"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2
-    assert "--advisor-weighting must be 'scarcity' or 'uniform'" in out.stderr
+    assert all(
+        s in out.stderr for s in ("--advisor-weighting", "'even'", "'scarcity'", "'uniform'")
+    )

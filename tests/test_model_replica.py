@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.kafka.transport import EmbeddedBroker, KafkaSnapshotSink, KafkaSource, replay
+from consumers.kafka import EmbeddedBroker, KafkaSnapshotSink, KafkaSource
+from consumers.replay import replay
 from consumers.service import ConsumerService
 from model_server.replica import SnapshotError, decode_snapshot
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.kafka.transport import EmbeddedBroker, replay
+from consumers.kafka import EmbeddedBroker
+from consumers.replay import replay
 from steering.api.app import LiveState
 from steering.db import History
 from steering.service import SteeringService

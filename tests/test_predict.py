@@ -13,13 +13,14 @@ import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from consumers.reduction.folding import Folder, FoldTable
+from consumers.reduction.folding import Folder
+from consumers.reduction.table import FoldTable
 from model_server.prediction.predict import MAX_OMEGAS, predict
 from simulations.fcdb.reference import resolve_fc
 from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.lattice.crystals import SHIPPED_MATERIALS
-from simulations.lattice.forward import THZ_TO_MEV
-from simulations.lattice.sqe import HBAR2_OVER_2AMU, CoherentSQE, scattering_length
+from simulations.lattice.sqe import CoherentSQE, scattering_length
+from simulations.units import HBAR2_OVER_2AMU, THZ_TO_MEV
 from steering.api.app import LiveState
 from steering.api.predict import predict_router
 from steering.db import History

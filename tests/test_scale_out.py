@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from consumers.exceptions import ConsumerError
+from consumers.kafka import EmbeddedBroker, ensure_topics, topics_for
 from consumers.kafka.group import GroupConsumer, lane_dir
-from consumers.kafka.transport import EmbeddedBroker, ensure_topics, replay, topics_for
 from consumers.offline import fold_recorded_run
+from consumers.replay import replay
 from simulations.runs.simulate import RunPlan, simulate_run
 
 pytestmark = pytest.mark.kafka

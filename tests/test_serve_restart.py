@@ -18,7 +18,8 @@ import h5py
 import httpx
 import numpy as np
 
-from consumers.kafka.transport import EmbeddedBroker, replay
+from consumers.kafka import EmbeddedBroker
+from consumers.replay import replay
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "restart-token"

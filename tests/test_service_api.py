@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from consumers.kafka.transport import EmbeddedBroker, replay
+from consumers.kafka import EmbeddedBroker
+from consumers.replay import replay
 from steering.api.app import LiveState, create_app
 from steering.db import History
 from steering.service import SteeringService

@@ -34,12 +34,11 @@ from model_server.prediction.spectra import (
     powder_from_fc,
 )
 from simulations.fcdb.reference import resolve_fc
-from simulations.instrument.spectrometer import E_PER_K2
-from simulations.lattice.forward import THZ_TO_MEV, VASP_TO_THZ
 from simulations.lattice.materials import setup
 from simulations.lattice.phonopy_export import to_phonopy
 from simulations.lattice.resolution import EnergyResolution
-from simulations.lattice.sqe import HBAR2_OVER_2AMU, K_B_MEV, CoherentSQE, bose_occupation
+from simulations.lattice.sqe import CoherentSQE, bose_occupation
+from simulations.units import E_PER_K2, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV, VASP_TO_THZ
 
 
 @pytest.fixture(scope="module")

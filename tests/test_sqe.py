@@ -15,6 +15,7 @@ from simulations.fcdb.reference import resolve_fc
 from simulations.lattice.phonopy_export import write_phonopy_params
 from simulations.lattice.resolution import EnergyResolution
 from simulations.lattice.sqe import CoherentSQE, bose_occupation, scattering_length
+from simulations.units import K_B_MEV
 
 SCRIPT = Path(__file__).parent / "euphonic_reference.py"
 LENGTHS = {"Ge": 8.185, "Nb": 7.054, "Al": 3.449}
@@ -105,7 +106,7 @@ def test_sqe_integrates_to_structure_factors_and_detailed_balance(ge) -> None:  
     np.testing.assert_allclose(np.trapezoid(s, e, axis=1), expect, rtol=1e-6)
     # detailed balance at a mode energy, where broadening does not mix loss and gain
     model0 = CoherentSQE(ge.basis, c, temperature=300.0, resolution=EnergyResolution.constant(0.02))
-    kt = 300.0 * 0.0861733
+    kt = 300.0 * K_B_MEV
     e_mode = energies[0, -1]
     pos, neg = model0.sqe(q[:1], np.array([e_mode, -e_mode]))[0]
     assert neg / pos == pytest.approx(np.exp(-e_mode / kt), rel=1e-6)

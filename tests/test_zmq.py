@@ -22,14 +22,10 @@ import numpy as np
 import pytest
 
 from consumers.exceptions import ConsumerError
-from consumers.kafka.transport import (
-    EmbeddedBroker,
-    KafkaSource,
-    MergedSource,
-    SourceMessage,
-    _free_port,
-    replay,
-)
+from consumers.kafka import EmbeddedBroker, KafkaSource, MergedSource
+from consumers.kafka.broker import _free_port
+from consumers.messages import SourceMessage
+from consumers.replay import replay
 from consumers.service import ConsumerService
 from consumers.zmq import JOURNAL, ZmqBlueskySource, make_publisher, restricted_loads
 from simulations.runs.recording import RunReader

@@ -47,14 +47,11 @@ from typing import IO, Any
 from kafka import ConsumerRebalanceListener
 
 from consumers.exceptions import ConsumerError
-from consumers.kafka.transport import (
-    KafkaSnapshotSink,
-    KafkaSource,
-    SourceMessage,
-    client_security,
-    ensure_topics,
-    topics_for,
-)
+from consumers.kafka.broker import ensure_topics
+from consumers.kafka.config import client_security, topics_for
+from consumers.kafka.sink import KafkaSnapshotSink
+from consumers.kafka.source import KafkaSource
+from consumers.messages import SourceMessage
 from consumers.service import ConsumerService
 
 __all__ = ["LANE_PREFIX", "GroupConsumer", "lane_dir"]
@@ -91,7 +88,7 @@ class GroupConsumer:
     ----------
     bootstrap, prefix
         Broker and instrument prefix (topics ``<prefix>_runInfo`` ... of
-        :func:`~consumers.kafka.transport.topics_for`).
+        :func:`~consumers.kafka.config.topics_for`).
     state_root
         Folder shared by all members; lane ``p`` keeps its checkpoint and its completed
         runs (``runs/<run id>.h5``) in ``partition-<p>/``.
@@ -104,7 +101,7 @@ class GroupConsumer:
         Passed to every lane's :class:`~consumers.service.ConsumerService`.
     dead_letter
         Shared by the lanes (called from their threads: must be thread-safe, as the
-        Kafka sinks of :mod:`consumers.kafka.transport` are).
+        Kafka sinks of :mod:`consumers.kafka.sink` are).
     snapshots
         Where the lanes publish their snapshots (bound to each lane's run), or None.
     session_timeout_ms

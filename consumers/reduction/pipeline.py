@@ -20,8 +20,9 @@ from streaming_data_types.run_stop_6s4t import deserialise_6s4t
 
 from consumers.exceptions import ConsumerError
 from consumers.reduction.accumulate import OrientationRecord, RunAccumulator, Snapshot
-from consumers.reduction.folding import DROP_REASONS, Folder, FoldTable
+from consumers.reduction.folding import DROP_REASONS, Folder
 from consumers.reduction.segment import Chunk, Segmenter
+from consumers.reduction.table import FoldTable
 from consumers.wire import decode_ev44, decode_f144, loads_json
 from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.lattice.materials import setup

@@ -144,7 +144,8 @@ def build_coverage_bank(
     """
     from tqdm import tqdm
 
-    from consumers.reduction.folding import Folder, FoldTable
+    from consumers.reduction.folding import Folder
+    from consumers.reduction.table import FoldTable
     from simulations.instrument.spectrometer import Instrument, Orientation
     from simulations.lattice.materials import setup
 

@@ -15,16 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import constants as sc
 
-from consumers.reduction.folding import Folder, _coverage_kernel
+from consumers.reduction.folding import Folder
 from simulations.instrument.events import OrientationSimulator, PhononTable
 from simulations.instrument.spectrometer import (
-    E_PER_K2,
     Instrument,
     Orientation,
     energy_to_k,
-    energy_to_speed,
 )
 from simulations.lattice.sqe import CoherentSQE
 
@@ -33,9 +30,6 @@ __all__ = ["E_SUBSTEPS", "PIXEL_STRIDE", "FoldSampler", "GridSimulator", "access
 #: Fold sampling: the defaults of :meth:`Folder.coverage`.
 PIXEL_STRIDE = 2
 E_SUBSTEPS = 4
-
-# k (1/Angstrom) = _K_PER_V v (m/s), as in consumers.reduction.folding
-_K_PER_V = sc.neutron_mass / sc.hbar * 1e-10
 
 
 class GridSimulator(OrientationSimulator):
@@ -101,20 +95,9 @@ class FoldSampler:
     def __init__(
         self, folder: Folder, group_of_pixel: NDArray[np.int64], *, threads: int = 2
     ) -> None:
-        grid = folder.grid
         self.folder = folder
-        ins = folder.instrument
-        de = float(grid.energy_edges[1] - grid.energy_edges[0]) / E_SUBSTEPS
-        n_sub = grid.n_e * E_SUBSTEPS
-        energies = float(grid.energy_edges[0]) + (np.arange(n_sub) + 0.5) * de
-        self.v_f = np.asarray(energy_to_speed(np.asarray(folder.ei - energies)), dtype=float)
-        self.w_e = np.sqrt((folder.ei - energies) / folder.ei) * de
-        self.col = np.arange(n_sub, dtype=np.int64) // E_SUBSTEPS
-        pix = np.arange(0, ins.n_pixels, PIXEL_STRIDE)
-        self.solid = np.ascontiguousarray(ins.solid_angles[pix] * PIXEL_STRIDE)
-        self.dirs = np.ascontiguousarray(ins.directions[pix])
-        self.group = np.ascontiguousarray(group_of_pixel[pix])
-        self.ki = math.sqrt(folder.ei / E_PER_K2)
+        self.samples = folder.coverage_samples(e_substeps=E_SUBSTEPS, pixel_stride=PIXEL_STRIDE)
+        self.group = np.ascontiguousarray(group_of_pixel[self.samples.pixels])
         self.threads = max(1, threads)
 
     def fold(
@@ -123,40 +106,23 @@ class FoldSampler:
         """(coverage, signal), each (n_q, n_E), of one orientation (alias-expanded)."""
         f = self.folder
         grid, t = f.grid, f.table
-        m = np.asarray(f.orientation.lab_to_rlu_matrix(omega), dtype=np.float64)
-        dm = np.ascontiguousarray(_K_PER_V * (self.dirs @ m.T))
-        h_inf = np.ascontiguousarray(m @ np.array([0.0, 0.0, self.ki]))
+        dm, h_inf = f.sample_rays(self.samples, omega)
         s_group = np.ascontiguousarray(s_group, dtype=np.float64)
         bounds = np.linspace(0, len(dm), self.threads + 1).astype(int)
 
         def work(k: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
             cov = np.zeros(grid.n_q * grid.n_e)
             sig = np.zeros(grid.n_q * grid.n_e)
-            sl = slice(bounds[k], bounds[k + 1])
-            _coverage_kernel(
-                dm[sl],
-                self.solid[sl],
-                self.v_f,
-                self.w_e,
-                self.col,
+            rows = slice(bounds[k], bounds[k + 1])
+            f.fold_samples(
+                self.samples,
+                dm,
                 h_inf,
-                t.voxels,
-                t.live,
-                t.rank,
-                t.offsets,
-                t.candidates,
-                t.star_xyz,
-                t.star_index,
-                t.reciprocal,
-                t.tolerance**2,
-                grid.n_q,
-                grid.n_e,
-                t.clear,
                 cov,
-                True,
-                self.group[sl],
-                s_group,
-                sig,
+                rows=rows,
+                group=self.group,
+                s_group=s_group,
+                signal=sig,
             )
             return cov, sig
 

@@ -52,9 +52,9 @@ from model_server.prediction.spectra import (
     mesh_modes,
     resolve_mesh,
 )
-from simulations.instrument.spectrometer import E_PER_K2
-from simulations.lattice.pair_phonons import THZ_TO_MEV, MeshPhonons
-from simulations.lattice.sqe import FREQUENCY_MIN_MEV, HBAR2_OVER_2AMU, K_B_MEV, bose_occupation
+from simulations.lattice.pair_phonons import MeshPhonons
+from simulations.lattice.sqe import FREQUENCY_MIN_MEV, bose_occupation
+from simulations.units import E_PER_K2, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV
 
 __all__ = [
     "INDIRECT_INSTRUMENTS",

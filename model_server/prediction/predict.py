@@ -101,7 +101,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.exceptions import ConsumerError
-from consumers.reduction.folding import Folder, FoldTable, table_cache_dir
+from consumers.reduction.folding import Folder
+from consumers.reduction.table import FoldTable, table_cache_dir
 from model_server.exceptions import ModelServerError
 from model_server.prediction.cif_input import CIFError, ParsedCIF, crystal_from_cif
 from model_server.prediction.crystal_fc import CrystalFC, project_onto_basis
@@ -138,9 +139,10 @@ from simulations.instrument.spectrometer import Instrument, Orientation, energy_
 from simulations.lattice.crystals import SHIPPED_MATERIALS, Crystal
 from simulations.lattice.grid import Grid, make_grid
 from simulations.lattice.materials import MaterialDefaults, MaterialSetup, setup
-from simulations.lattice.pair_phonons import THZ_TO_MEV, MeshPhonons
+from simulations.lattice.pair_phonons import MeshPhonons
 from simulations.lattice.resolution import instrument_resolution
 from simulations.lattice.sqe import CoherentSQE
+from simulations.units import THZ_TO_MEV, VASP_TO_THZ
 
 __all__ = [
     "DEFAULT_OUTPUTS",
@@ -553,8 +555,6 @@ def _forward(mat: _Material) -> Any:
 def _dispersion(mat: _Material, c: NDArray[np.float64]) -> tuple[NDArray[np.float64], float]:
     """Path energies (n_q, n_branches) meV and the lowest signed frequency (THz, path+mesh)."""
     import torch
-
-    from simulations.lattice.forward import THZ_TO_MEV, VASP_TO_THZ
 
     fm = _forward(mat)
     with torch.no_grad():

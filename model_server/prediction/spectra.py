@@ -5,7 +5,7 @@ Everything takes a :class:`~model_server.prediction.crystal_fc.CrystalFC` (struc
 in
 eV/A^2), so it does not matter whether the FCs come from the e3nn model, the FC database,
 a force field or a symmetry-reduced coefficient set. Energies are in meV (1 THz =
-4.135667696 meV), Q in 1/Angstrom, masses in amu.
+:data:`~simulations.units.THZ_TO_MEV` = 4.1357 meV), Q in 1/Angstrom, masses in amu.
 
 Phonons on a mesh
     :func:`simulations.lattice.pair_phonons.mesh_frequencies` (the model's evaluation helper): the
@@ -54,12 +54,13 @@ from threadpoolctl import threadpool_limits
 
 from model_server.exceptions import ModelServerError
 from model_server.prediction.crystal_fc import CrystalFC
-from simulations.lattice.pair_phonons import THZ_TO_MEV, MeshPhonons, mesh_frequencies
+from simulations.lattice.pair_phonons import MeshPhonons, mesh_frequencies
 from simulations.lattice.resolution import EnergyResolution
 from simulations.lattice.sqe import (
     CoherentSQE,
     bose_occupation,
 )
+from simulations.units import THZ_TO_MEV
 
 __all__ = [
     "MAX_ATOMS_DOS",

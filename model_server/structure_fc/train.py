@@ -46,8 +46,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -82,11 +80,12 @@ from model_server.structure_fc.network import (
 )
 from simulations.exceptions import SimulationError
 from simulations.lattice.pair_phonons import (
-    THZ_TO_MEV,
     dos_histogram,
     dynamical_matrices,
     mesh_frequencies,
 )
+from simulations.provenance import git_commit, host
+from simulations.units import THZ_TO_MEV
 
 __all__ = [
     "STABILITY_TOL_THZ",
@@ -427,20 +426,6 @@ def _evaluate_loss(
     return total / len(items)
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def train(
     entries: Sequence[FCSampleLike],
     out: str | Path,
@@ -641,9 +626,9 @@ def train(
         "provenance": {
             "training_set_fingerprint": fingerprint(train_e),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "torch": torch.__version__,
-            "python": platform.python_version(),
+            "python": host()["python"],
             **(provenance or {}),
         },
     }

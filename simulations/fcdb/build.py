@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata
 import itertools
 import logging
 import math
 import os
 import signal
-import subprocess
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +55,11 @@ from simulations.fcdb.database import (
     Failure,
     FCDatabaseError,
     FCEntry,
-    mesh_qpoints,
-    phonon_frequencies,
     read_database,
     write_database,
 )
+from simulations.lattice.pair_phonons import frequencies_at, mesh_qpoints
+from simulations.provenance import git_commit, package_version, package_versions
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -272,6 +270,47 @@ def pairs_from_supercell(
         ``self_asymmetry`` (max |S - S.T| of the self terms), ``dropped_max`` (largest |Phi| of
         a dropped bond), ``space_group_change`` (max change by the space-group average), eV/A^2.
     """
+    rows, blocks, lengths, cut = _shortest_image_blocks(
+        lattice, frac, sc_lattice, sc_frac, fc_full, cutoff
+    )
+    pairs = np.array(rows, dtype=np.int64)
+    phi = np.array(blocks)
+    index = {r: k for k, r in enumerate(rows)}
+    group_change = 0.0
+    if numbers is not None:
+        averaged = _space_group_average(lattice, frac, numbers, pairs, phi, index)
+        group_change = float(np.abs(averaged - phi).max())
+        phi = averaged
+    sym, mismatch, asym = _symmetrise_blocks(pairs, phi, index, len(frac))
+    order = np.lexsort((np.array(lengths), pairs[:, 0]))
+    return (
+        pairs[order],
+        sym[order],
+        {
+            "max_split_bond": cut["max_split_bond"],
+            "transpose_mismatch": mismatch,
+            "self_asymmetry": asym,
+            "dropped_max": cut["dropped_max"],
+            "space_group_change": group_change,
+        },
+    )
+
+
+def _shortest_image_blocks(
+    lattice: NDArray[np.float64],
+    frac: NDArray[np.float64],
+    sc_lattice: NDArray[np.float64],
+    sc_frac: NDArray[np.float64],
+    fc_full: NDArray[np.float64],
+    cutoff: float,
+) -> tuple[
+    list[tuple[int, int, int, int, int]], list[NDArray[np.float64]], list[float], dict[str, float]
+]:
+    """The bonds ``(i, j, n1, n2, n3)`` of :func:`pairs_from_supercell` before symmetrisation.
+
+    Returns the rows, their (3, 3) blocks (eV/A^2, shared equally between equal-length
+    images), their lengths (A) and ``{"max_split_bond": A, "dropped_max": eV/A^2}``.
+    """
     from ase.geometry import minkowski_reduce
 
     a_inv = np.linalg.inv(lattice)
@@ -284,13 +323,12 @@ def pairs_from_supercell(
         raise _StageError("fc", "the supercell is not a supercell of the primitive cell")
     reduced, _ = minkowski_reduce(sc_lattice)
     t = np.array(list(itertools.product(range(-2, 3), repeat=3)), dtype=float) @ reduced
-    n = len(frac)
     rows: list[tuple[int, int, int, int, int]] = []
     blocks: list[NDArray[np.float64]] = []
     lengths: list[float] = []
     split_max = 0.0
     dropped = 0.0
-    for i in range(n):
+    for i in range(len(frac)):
         s_i = int(np.flatnonzero(j_of == i)[0])
         d = xs - xs[s_i]
         img = d[:, None, :] + t[None, :, :]  # (N, 125, 3)
@@ -313,17 +351,24 @@ def pairs_from_supercell(
                 lengths.append(float(lmin[s]))
                 if len(near) > 1:
                     split_max = max(split_max, float(lmin[s]))
-    pairs = np.array(rows, dtype=np.int64)
-    phi = np.array(blocks)
-    index = {r: k for k, r in enumerate(rows)}
-    group_change = 0.0
-    if numbers is not None:
-        averaged = _space_group_average(lattice, frac, numbers, pairs, phi, index)
-        group_change = float(np.abs(averaged - phi).max())
-        phi = averaged
+    return rows, blocks, lengths, {"max_split_bond": split_max, "dropped_max": dropped}
+
+
+def _symmetrise_blocks(
+    pairs: NDArray[np.int64],
+    phi: NDArray[np.float64],
+    index: dict[tuple[int, int, int, int, int], int],
+    n_atoms: int,
+) -> tuple[NDArray[np.float64], float, float]:
+    """Make ``Phi(i0, jR) == Phi(j0, i(-R)).T`` (mean of the two) and set the self terms by
+    the acoustic sum rule.
+
+    Returns the blocks (m, 3, 3) eV/A^2, the largest ``|Phi - partner.T|`` before averaging
+    and the largest ``|S - S.T|`` of the self terms after, eV/A^2.
+    """
     sym = phi.copy()
     mismatch = 0.0
-    for k, (i, j, a, b, c) in enumerate(rows):
+    for k, (i, j, a, b, c) in enumerate(pairs.tolist()):
         p = index.get((j, i, -a, -b, -c))
         if p is None:
             raise _StageError("fc", f"bond {(i, j, a, b, c)} has no partner {(j, i, -a, -b, -c)}")
@@ -331,22 +376,11 @@ def pairs_from_supercell(
         sym[k] = 0.5 * (phi[k] + phi[p].T)
     is_self = (pairs[:, 0] == pairs[:, 1]) & ~pairs[:, 2:].any(axis=1)
     others = ~is_self
-    self_sum = np.zeros((n, 3, 3))
+    self_sum = np.zeros((n_atoms, 3, 3))
     np.add.at(self_sum, pairs[others, 0], sym[others])
     sym[is_self] = -self_sum[pairs[is_self, 0]]
     asym = float(np.abs(sym[is_self] - np.swapaxes(sym[is_self], 1, 2)).max())
-    order = np.lexsort((np.array(lengths), pairs[:, 0]))
-    return (
-        pairs[order],
-        sym[order],
-        {
-            "max_split_bond": split_max,
-            "transpose_mismatch": mismatch,
-            "self_asymmetry": asym,
-            "dropped_max": dropped,
-            "space_group_change": group_change,
-        },
-    )
+    return sym, mismatch, asym
 
 
 def _space_group_average(
@@ -408,6 +442,167 @@ def _spacegroup(atoms: Atoms, symprec: float = 1e-3) -> int:
     return int(ds.number) if ds is not None else 0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Relaxed:
+    """A crystal relaxed by the force field (stages ``structure``, ``scan``, ``relax``)."""
+
+    atoms: Atoms
+    spacegroup: int
+    scale: float  # the volume scan's lattice scale, -
+    energy_per_atom: float  # eV
+    volume_per_atom: float  # A^3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _SupercellFC:
+    """The relaxed crystal's finite-displacement FCs cut into per-bond blocks (stages
+    ``supercell``, ``phonopy``, ``fc``)."""
+
+    phonopy: Any  # phonopy.Phonopy with the supercell's force constants
+    matrix: NDArray[np.int64]  # (3, 3) P, supercell rows P @ lattice
+    shortest: float  # the supercell's shortest lattice vector, A
+    longest_bond: float  # A
+    n_atoms: int  # atoms in the supercell
+    pairs: NDArray[np.int64]  # (m, 5)
+    fc: NDArray[np.float64]  # (m, 3, 3) eV/A^2
+    diagnostics: dict[str, float]  # from pairs_from_supercell
+
+
+def _relax_candidate(
+    candidate: Candidate, calculator: Calculator, settings: BuildSettings
+) -> _Relaxed:
+    """Volume scan (11 energies, lattice scaled 0.8-1.3), then relaxation of the best start;
+    a relaxation that blows up or changes the space group fails."""
+    from simulations.fcdb import mlff
+
+    try:
+        start = candidate.atoms()
+        sg0 = _spacegroup(start)
+    except Exception as exc:
+        raise _StageError("structure", f"{type(exc).__name__}: {exc}") from exc
+    scales = np.linspace(0.8, 1.3, 11)
+    try:
+        energies = np.array([_energy_per_atom(candidate.atoms(s), calculator) for s in scales])
+    except Exception as exc:
+        raise _StageError("scan", f"{type(exc).__name__}: {exc}") from exc
+    if not np.isfinite(energies).any():
+        raise _StageError("scan", "no finite energy in the volume scan")
+    scale = float(scales[int(np.nanargmin(energies))])
+    atoms = candidate.atoms(scale)
+    v0 = atoms.get_volume() / len(atoms)
+    try:
+        relaxed = mlff.relax(atoms, calculator, fmax=settings.fmax, steps=settings.relax_steps)
+        e_relaxed = _energy_per_atom(relaxed, calculator)
+    except Exception as exc:
+        raise _StageError("relax", f"{type(exc).__name__}: {exc}") from exc
+    v1 = relaxed.get_volume() / len(relaxed)
+    dist = relaxed.get_all_distances(mic=True) + 1e9 * np.eye(len(relaxed))
+    if not (np.isfinite(e_relaxed) and 1 / 3 < v1 / v0 < 3.0 and dist.min() > 0.6):
+        raise _StageError(
+            "relax",
+            f"relaxation blew up: volume/atom {v0:.2f} -> {v1:.2f} A^3, "
+            f"shortest distance {dist.min():.2f} A, energy {e_relaxed:.3f} eV/atom",
+        )
+    sg1 = _spacegroup(relaxed)
+    if sg1 != sg0:
+        raise _StageError("relax", f"space group changed {sg0} -> {sg1}")
+    return _Relaxed(
+        atoms=relaxed,
+        spacegroup=sg1,
+        scale=scale,
+        energy_per_atom=e_relaxed,
+        volume_per_atom=float(v1),
+    )
+
+
+def _supercell_fc(relaxed: Atoms, calculator: Calculator, settings: BuildSettings) -> _SupercellFC:
+    """Finite-displacement FCs in the smallest safe supercell, cut into per-bond blocks."""
+    from simulations.fcdb import mlff
+
+    lattice = np.array(relaxed.cell[:], dtype=float)
+    frac = np.array(relaxed.get_scaled_positions(wrap=True), dtype=float)
+    p, short, d_max = choose_supercell(lattice, frac, settings.cutoff)
+    n_sc = round(abs(np.linalg.det(p))) * len(relaxed)
+    if n_sc > settings.max_supercell_atoms:
+        raise _StageError(
+            "supercell",
+            f"needs {n_sc} supercell atoms (> {settings.max_supercell_atoms}) for bonds up to "
+            f"{d_max:.2f} A",
+        )
+    try:
+        ph = mlff.build_phonopy(relaxed, calculator, p.T, settings.displacement)
+    except Exception as exc:
+        raise _StageError("phonopy", f"{type(exc).__name__}: {exc}") from exc
+    sc_lattice = np.array(ph.supercell.cell, dtype=float)
+    if not np.allclose(sc_lattice, p @ lattice, atol=1e-6):
+        raise _StageError("phonopy", "phonopy's supercell is not P @ lattice")
+    fc_full = np.asarray(ph.force_constants, dtype=float)
+    if not np.isfinite(fc_full).all():
+        raise _StageError("fc", "non-finite force constants")
+    numbers = np.array(relaxed.numbers, dtype=np.int64)
+    pairs, fc, diag = pairs_from_supercell(
+        lattice, frac, sc_lattice, np.array(ph.supercell.scaled_positions), fc_full,
+        settings.cutoff, numbers,
+    )  # fmt: skip
+    if diag["max_split_bond"] > 0:
+        raise _StageError("fc", f"bond of {diag['max_split_bond']:.3f} A shared between images")
+    return _SupercellFC(
+        phonopy=ph,
+        matrix=p,
+        shortest=short,
+        longest_bond=d_max,
+        n_atoms=int(n_sc),
+        pairs=pairs,
+        fc=fc,
+        diagnostics=diag,
+    )
+
+
+def _frequency_checks(relaxed: _Relaxed, sfc: _SupercellFC) -> dict[str, float]:
+    """Frequencies of the stored blocks on the stability mesh against the force field's full
+    supercell FCs; a crystal without interaction or with a collapsed cell fails.
+
+    Returns ``min_freq_thz``, ``max_freq_thz`` (stored blocks), ``truncation_freq_err_thz``,
+    ``min_freq_full_thz`` and ``min_freq_commensurate_thz``, THz (see :func:`compute_entry`).
+    """
+    from ase.data import atomic_masses
+    from phonopy.harmonic.dynmat_to_fc import get_commensurate_points
+
+    atoms = relaxed.atoms
+    numbers = np.array(atoms.numbers, dtype=np.int64)
+    frac = np.array(atoms.get_scaled_positions(wrap=True), dtype=float)
+    masses = atomic_masses[numbers]
+    mesh = mesh_qpoints(STABILITY_MESH)
+    freqs = frequencies_at(numbers, frac, sfc.pairs, sfc.fc, mesh, masses=masses)
+    if float(freqs.max()) < NO_INTERACTION_THZ:
+        raise _StageError(
+            "fc",
+            f"no interaction: highest frequency {freqs.max():.3f} THz (the atoms sit beyond the "
+            f"force field's cutoff at the relaxed volume {relaxed.volume_per_atom:.1f}"
+            " A^3/atom)",
+        )
+    if float(freqs.max()) > COLLAPSE_THZ:
+        raise _StageError(
+            "relax",
+            f"collapsed: highest frequency {freqs.max():.0f} THz at "
+            f"{relaxed.volume_per_atom:.1f} A^3/atom",
+        )
+    ph = sfc.phonopy
+    ph.masses = masses
+    full = np.array(ph.run_qpoints(mesh).frequencies, dtype=float)
+    commensurate = get_commensurate_points(sfc.matrix.T)  # exact for the supercell FCs
+    exact = np.array(ph.run_qpoints(commensurate).frequencies, dtype=float)
+    return {
+        "min_freq_thz": float(freqs.min()),
+        "max_freq_thz": float(freqs.max()),
+        "truncation_freq_err_thz": float(
+            np.abs(np.sort(freqs, axis=1) - np.sort(full, axis=1)).max()
+        ),
+        "min_freq_full_thz": float(full.min()),
+        "min_freq_commensurate_thz": float(exact.min()),
+    }
+
+
 def compute_entry(
     candidate: Candidate,
     calculator: Calculator,
@@ -448,128 +643,46 @@ def compute_entry(
         With the stage (``structure``, ``scan``, ``relax``, ``supercell``, ``phonopy``, ``fc``)
         and a message.
     """
-    from simulations.fcdb import mlff
-
     t0 = time.perf_counter()
-    try:
-        start = candidate.atoms()
-        sg0 = _spacegroup(start)
-    except Exception as exc:
-        raise _StageError("structure", f"{type(exc).__name__}: {exc}") from exc
-    scales = np.linspace(0.8, 1.3, 11)
-    try:
-        energies = np.array([_energy_per_atom(candidate.atoms(s), calculator) for s in scales])
-    except Exception as exc:
-        raise _StageError("scan", f"{type(exc).__name__}: {exc}") from exc
-    if not np.isfinite(energies).any():
-        raise _StageError("scan", "no finite energy in the volume scan")
-    scale = float(scales[int(np.nanargmin(energies))])
-    atoms = candidate.atoms(scale)
-    v0 = atoms.get_volume() / len(atoms)
-    try:
-        relaxed = mlff.relax(atoms, calculator, fmax=settings.fmax, steps=settings.relax_steps)
-        e_relaxed = _energy_per_atom(relaxed, calculator)
-    except Exception as exc:
-        raise _StageError("relax", f"{type(exc).__name__}: {exc}") from exc
-    v1 = relaxed.get_volume() / len(relaxed)
-    dist = relaxed.get_all_distances(mic=True) + 1e9 * np.eye(len(relaxed))
-    if not (np.isfinite(e_relaxed) and 1 / 3 < v1 / v0 < 3.0 and dist.min() > 0.6):
-        raise _StageError(
-            "relax",
-            f"relaxation blew up: volume/atom {v0:.2f} -> {v1:.2f} A^3, "
-            f"shortest distance {dist.min():.2f} A, energy {e_relaxed:.3f} eV/atom",
-        )
-    sg1 = _spacegroup(relaxed)
-    if sg1 != sg0:
-        raise _StageError("relax", f"space group changed {sg0} -> {sg1}")
-    lattice = np.array(relaxed.cell[:], dtype=float)
-    frac = np.array(relaxed.get_scaled_positions(wrap=True), dtype=float)
-    p, short, d_max = choose_supercell(lattice, frac, settings.cutoff)
-    n_sc = round(abs(np.linalg.det(p))) * len(relaxed)
-    if n_sc > settings.max_supercell_atoms:
-        raise _StageError(
-            "supercell",
-            f"needs {n_sc} supercell atoms (> {settings.max_supercell_atoms}) for bonds up to "
-            f"{d_max:.2f} A",
-        )
-    try:
-        ph = mlff.build_phonopy(relaxed, calculator, p.T, settings.displacement)
-    except Exception as exc:
-        raise _StageError("phonopy", f"{type(exc).__name__}: {exc}") from exc
-    sc_lattice = np.array(ph.supercell.cell, dtype=float)
-    if not np.allclose(sc_lattice, p @ lattice, atol=1e-6):
-        raise _StageError("phonopy", "phonopy's supercell is not P @ lattice")
-    fc_full = np.asarray(ph.force_constants, dtype=float)
-    if not np.isfinite(fc_full).all():
-        raise _StageError("fc", "non-finite force constants")
-    numbers = np.array(relaxed.numbers, dtype=np.int64)
-    pairs, fc, diag = pairs_from_supercell(
-        lattice, frac, sc_lattice, np.array(ph.supercell.scaled_positions), fc_full,
-        settings.cutoff, numbers,
-    )  # fmt: skip
-    if diag["max_split_bond"] > 0:
-        raise _StageError("fc", f"bond of {diag['max_split_bond']:.3f} A shared between images")
-    from ase.data import atomic_masses
-
-    masses = atomic_masses[numbers]
-    mesh = mesh_qpoints(STABILITY_MESH)
-    freqs = phonon_frequencies(pairs, fc, masses, mesh)
-    min_freq = float(freqs.min())
-    if float(freqs.max()) < NO_INTERACTION_THZ:
-        raise _StageError(
-            "fc",
-            f"no interaction: highest frequency {freqs.max():.3f} THz (the atoms sit beyond the "
-            f"force field's cutoff at the relaxed volume {relaxed.get_volume() / len(relaxed):.1f}"
-            " A^3/atom)",
-        )
-    if float(freqs.max()) > COLLAPSE_THZ:
-        raise _StageError(
-            "relax",
-            f"collapsed: highest frequency {freqs.max():.0f} THz at "
-            f"{relaxed.get_volume() / len(relaxed):.1f} A^3/atom",
-        )
-    from phonopy.harmonic.dynmat_to_fc import get_commensurate_points
-
-    ph.masses = masses
-    full = np.array(ph.run_qpoints(mesh).frequencies, dtype=float)  # type: ignore[union-attr]
-    trunc = float(np.abs(np.sort(freqs, axis=1) - np.sort(full, axis=1)).max())
-    commensurate = get_commensurate_points(p.T)  # exact for the supercell FCs
-    exact = np.array(ph.run_qpoints(commensurate).frequencies, dtype=float)  # type: ignore[union-attr]
-    min_exact = float(exact.min())
+    relaxed = _relax_candidate(candidate, calculator, settings)
+    atoms = relaxed.atoms
+    sfc = _supercell_fc(atoms, calculator, settings)
+    freq = _frequency_checks(relaxed, sfc)
+    min_freq, min_exact = freq["min_freq_thz"], freq["min_freq_commensurate_thz"]
     entry = FCEntry(
         name=candidate.name(settings.model),
         prototype=candidate.prototype,
-        numbers=numbers,
-        lattice=lattice,
-        frac=frac,
+        numbers=np.array(atoms.numbers, dtype=np.int64),
+        lattice=np.array(atoms.cell[:], dtype=float),
+        frac=np.array(atoms.get_scaled_positions(wrap=True), dtype=float),
         model=settings.model,
-        pairs=pairs,
-        fc=fc,
+        pairs=sfc.pairs,
+        fc=sfc.fc,
         stable=bool(min_freq >= -STABILITY_TOL_THZ and min_exact >= -FULL_STABILITY_TOL_THZ),
         min_freq_thz=min_freq,
         split=split,
     )
-    n_disp = len(ph.displacements)  # type: ignore[arg-type]
+    diag = sfc.diagnostics
     meta: dict[str, Any] = {
-        "spacegroup": sg1,
+        "spacegroup": relaxed.spacegroup,
         "a0_start": float(candidate.a),
-        "scale_start": scale,
-        "relax_converged": bool(relaxed.info.get("relax_converged", False)),
-        "relax_steps": int(relaxed.info.get("relax_steps", -1)),
-        "energy_per_atom": e_relaxed,
-        "volume_per_atom": float(v1),
-        "supercell_matrix": p,
-        "n_supercell_atoms": int(n_sc),
-        "n_displacements": int(n_disp),
-        "longest_bond": d_max,
-        "supercell_shortest": short,
+        "scale_start": relaxed.scale,
+        "relax_converged": bool(atoms.info.get("relax_converged", False)),
+        "relax_steps": int(atoms.info.get("relax_steps", -1)),
+        "energy_per_atom": relaxed.energy_per_atom,
+        "volume_per_atom": relaxed.volume_per_atom,
+        "supercell_matrix": sfc.matrix,
+        "n_supercell_atoms": sfc.n_atoms,
+        "n_displacements": len(sfc.phonopy.displacements),
+        "longest_bond": sfc.longest_bond,
+        "supercell_shortest": sfc.shortest,
         "transpose_mismatch": diag["transpose_mismatch"],
         "self_asymmetry": diag["self_asymmetry"],
         "dropped_max": diag["dropped_max"],
         "space_group_change": diag["space_group_change"],
-        "truncation_freq_err_thz": trunc,
-        "max_freq_thz": float(freqs.max()),
-        "min_freq_full_thz": float(full.min()),
+        "truncation_freq_err_thz": freq["truncation_freq_err_thz"],
+        "max_freq_thz": freq["max_freq_thz"],
+        "min_freq_full_thz": freq["min_freq_full_thz"],
         "min_freq_commensurate_thz": min_exact,
         "seconds": time.perf_counter() - t0,
     }
@@ -645,27 +758,6 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _pack(
     out: Path,
     session: dict[str, Any],
@@ -732,6 +824,157 @@ def _pack(
     return len(entries), len(failures)
 
 
+def _check_options(limit: int | None, jobs: int | None, *, resume: bool, overwrite: bool) -> int:
+    """Refuse bad ``--limit``/``--jobs``/``--resume --overwrite``; return the worker count."""
+    if limit is not None and limit < 1:
+        raise FCDatabaseError(f"--limit must be at least 1, got {limit}")
+    n_jobs = (os.cpu_count() or 1) if jobs is None else jobs
+    if n_jobs < 1:
+        raise FCDatabaseError(f"--jobs must be at least 1, got {jobs}")
+    if resume and overwrite:
+        raise FCDatabaseError("use either --resume or --overwrite, not both")
+    return n_jobs
+
+
+def _prepare_output(path: Path, model: str, *, resume: bool, overwrite: bool) -> bool:
+    """Refuse an existing output without ``resume``/``overwrite`` and a force field that is not
+    installed; with ``overwrite`` delete the old file and parts. Returns whether unpacked parts
+    were there."""
+    from simulations.fcdb import mlff
+
+    parts = _parts_dir(path)
+    has_parts = parts.is_dir() and any(parts.glob("*.h5"))
+    if (path.exists() or has_parts) and not (resume or overwrite):
+        raise FCDatabaseError(
+            f"{path} already exists (or has unpacked parts in {parts}); pass --resume to "
+            "continue it or --overwrite to start over"
+        )
+    if model not in mlff.available_models():
+        raise mlff.MLFFUnavailableError(
+            f"force field {model!r} is not installed here; {mlff.INSTALL_HINT} (make mlff)"
+        )
+    if overwrite:
+        path.unlink(missing_ok=True)
+        for p in parts.glob("*.h5") if parts.is_dir() else []:
+            p.unlink()
+    return has_parts
+
+
+def _new_session(
+    cfg: BuildSettings,
+    *,
+    command: str,
+    n_jobs: int,
+    limit: int | None,
+    prototypes: Sequence[str] | None,
+) -> dict[str, Any]:
+    """The provenance record of this build run (updated as crystals finish)."""
+    package = _PACKAGE[cfg.model.split("-")[0]]
+    return {
+        "id": f"{os.getpid()}-{time.time():.0f}",
+        "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "git_commit": git_commit(),
+        "model": cfg.model,
+        "model_package": f"{package}=={package_version(package)}",
+        "versions": package_versions(("phonopy", "ase", "torch", "spglib", "numpy")),
+        "jobs": n_jobs,
+        "limit": limit,
+        "prototypes": list(prototypes) if prototypes else "all",
+        "settings": {
+            "cutoff_angstrom": cfg.cutoff,
+            "displacement_angstrom": cfg.displacement,
+            "fmax_ev_per_angstrom": cfg.fmax,
+            "relax_steps": cfg.relax_steps,
+            "max_supercell_atoms": cfg.max_supercell_atoms,
+            "split_seed": cfg.split_seed,
+        },
+        "n_computed": 0,
+        "n_failed": 0,
+        "wall_s": 0.0,
+    }
+
+
+def _done_before(
+    path: Path, session: dict[str, Any], *, seed: int, retry_failed: bool
+) -> tuple[set[str], set[str]]:
+    """Pack leftover parts of an interrupted build into ``path`` and read what it holds.
+
+    Returns the names to skip (entries, and failures unless ``retry_failed``) and the names
+    that failed before.
+    """
+    _pack(path, {**session, "note": "resume: packed leftover parts"}, seed=seed)
+    old = read_database(path)
+    done = {e.name for e in old.entries}
+    failed_before = {f.name for f in old.failures}
+    if not retry_failed:
+        done |= failed_before
+    return done, failed_before
+
+
+class _Recorder:
+    """Writes each finished crystal to the parts folder, counts it in the summary and packs
+    the parts into the database every ``pack_every`` crystals."""
+
+    def __init__(
+        self,
+        path: Path,
+        session: dict[str, Any],
+        summary: BuildSummary,
+        *,
+        seed: int,
+        retried: set[str],
+        pack_every: int,
+        bar: Any,
+        t_start: float,
+    ) -> None:
+        self.path = path
+        self.parts = _parts_dir(path)
+        self.session = session
+        self.summary = summary
+        self.seed = seed
+        self.retried = retried
+        self.pack_every = pack_every
+        self.bar = bar
+        self.t_start = t_start
+        self.since_pack = 0
+
+    def record(self, result: tuple[FCEntry, dict[str, Any]] | Failure) -> None:
+        """Keep one crystal's result (an entry with its build facts, or a failure)."""
+        summary = self.summary
+        if isinstance(result, Failure):
+            write_database(self.parts / f"{_safe(result.name)}.h5", [], failures=[result])
+            summary.n_failed += 1
+            summary.failures.append(f"{result.name} [{result.stage}] {result.message}")
+            logger.warning("%s failed at %s: %s", result.name, result.stage, result.message)
+        else:
+            entry, meta = result
+            write_database(self.parts / f"{_safe(entry.name)}.h5", [entry], meta=[meta])
+            summary.n_computed += 1
+            if entry.stable:
+                summary.n_stable += 1
+            else:
+                summary.n_unstable += 1
+        self.bar.update(1)
+        self.bar.set_postfix(
+            stable=summary.n_stable, unstable=summary.n_unstable, failed=summary.n_failed
+        )
+        self.since_pack += 1
+        if self.since_pack >= self.pack_every:
+            self.pack()
+
+    def pack(self) -> None:
+        """Merge the parts into the database, with the session's counts so far."""
+        self.session.update(
+            finished=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            wall_s=round(time.perf_counter() - self.t_start, 1),
+            n_computed=self.summary.n_computed,
+            n_failed=self.summary.n_failed,
+        )
+        _pack(self.path, self.session, seed=self.seed, drop_failures=self.retried)
+        self.since_pack = 0
+
+
 def build_database(
     out: str | Path,
     *,
@@ -790,87 +1033,28 @@ def build_database(
     KeyboardInterrupt
         On Ctrl-C or SIGTERM, re-raised after the finished crystals have been packed.
     """
-    from tqdm import tqdm
-
     from simulations.exceptions import StructureError
-    from simulations.fcdb import mlff
 
     full = resolve_model(model)
-    if limit is not None and limit < 1:
-        raise FCDatabaseError(f"--limit must be at least 1, got {limit}")
-    n_jobs = (os.cpu_count() or 1) if jobs is None else jobs
-    if n_jobs < 1:
-        raise FCDatabaseError(f"--jobs must be at least 1, got {jobs}")
-    if resume and overwrite:
-        raise FCDatabaseError("use either --resume or --overwrite, not both")
+    n_jobs = _check_options(limit, jobs, resume=resume, overwrite=overwrite)
     try:
         everything = catalogue()
         cands = catalogue(prototypes)
     except StructureError as exc:
         raise FCDatabaseError(str(exc)) from exc
-    base = settings or BuildSettings()
-    cfg = BuildSettings(
-        model=full,
-        cutoff=base.cutoff,
-        displacement=base.displacement,
-        fmax=base.fmax,
-        relax_steps=base.relax_steps,
-        max_supercell_atoms=base.max_supercell_atoms,
-        split_seed=base.split_seed,
-    )
+    cfg = replace(settings or BuildSettings(), model=full)
     path = Path(out)
-    parts = _parts_dir(path)
-    has_parts = parts.is_dir() and any(parts.glob("*.h5"))
-    if (path.exists() or has_parts) and not (resume or overwrite):
-        raise FCDatabaseError(
-            f"{path} already exists (or has unpacked parts in {parts}); pass --resume to "
-            "continue it or --overwrite to start over"
-        )
-    if full not in mlff.available_models():
-        raise mlff.MLFFUnavailableError(
-            f"force field {full!r} is not installed here; {mlff.INSTALL_HINT} (make mlff)"
-        )
-    if overwrite:
-        path.unlink(missing_ok=True)
-        for p in parts.glob("*.h5") if parts.is_dir() else []:
-            p.unlink()
+    has_parts = _prepare_output(path, full, resume=resume, overwrite=overwrite)
     splits = assign_splits(everything, seed=cfg.split_seed)
     chosen = cands[:limit] if limit is not None else cands
     t_start = time.perf_counter()
-    package = _PACKAGE[full.split("-")[0]]
-    session: dict[str, Any] = {
-        "id": f"{os.getpid()}-{time.time():.0f}",
-        "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "command": command,
-        "git_commit": _git_commit(),
-        "model": full,
-        "model_package": f"{package}=={_version(package)}",
-        "versions": {p: _version(p) for p in ("phonopy", "ase", "torch", "spglib", "numpy")},
-        "jobs": n_jobs,
-        "limit": limit,
-        "prototypes": list(prototypes) if prototypes else "all",
-        "settings": {
-            "cutoff_angstrom": cfg.cutoff,
-            "displacement_angstrom": cfg.displacement,
-            "fmax_ev_per_angstrom": cfg.fmax,
-            "relax_steps": cfg.relax_steps,
-            "max_supercell_atoms": cfg.max_supercell_atoms,
-            "split_seed": cfg.split_seed,
-        },
-        "n_computed": 0,
-        "n_failed": 0,
-        "wall_s": 0.0,
-    }
+    session = _new_session(cfg, command=command, n_jobs=n_jobs, limit=limit, prototypes=prototypes)
     done: set[str] = set()
     failed_before: set[str] = set()
     if resume and (path.exists() or has_parts):
-        if has_parts or path.exists():
-            _pack(path, {**session, "note": "resume: packed leftover parts"}, seed=cfg.split_seed)
-        old = read_database(path)
-        done = {e.name for e in old.entries}
-        failed_before = {f.name for f in old.failures}
-        if not retry_failed:
-            done |= failed_before
+        done, failed_before = _done_before(
+            path, session, seed=cfg.split_seed, retry_failed=retry_failed
+        )
     todo = [c for c in chosen if c.name(full) not in done]
     summary = BuildSummary(
         out=str(path),
@@ -886,54 +1070,62 @@ def build_database(
         n_jobs,
         path,
     )
-    parts.mkdir(parents=True, exist_ok=True)
-    retried = {c.name(full) for c in todo} & failed_before
-    since_pack = 0
+    _parts_dir(path).mkdir(parents=True, exist_ok=True)
+    _compute_all(
+        todo,
+        cfg,
+        splits,
+        n_jobs,
+        path=path,
+        session=session,
+        summary=summary,
+        retried={c.name(full) for c in todo} & failed_before,
+        pack_every=pack_every,
+        progress=progress,
+        t_start=t_start,
+    )
+    return summary
 
-    def record(result: tuple[FCEntry, dict[str, Any]] | Failure) -> None:
-        nonlocal since_pack
-        if isinstance(result, Failure):
-            write_database(parts / f"{_safe(result.name)}.h5", [], failures=[result])
-            summary.n_failed += 1
-            summary.failures.append(f"{result.name} [{result.stage}] {result.message}")
-            logger.warning("%s failed at %s: %s", result.name, result.stage, result.message)
-        else:
-            entry, meta = result
-            write_database(parts / f"{_safe(entry.name)}.h5", [entry], meta=[meta])
-            summary.n_computed += 1
-            if entry.stable:
-                summary.n_stable += 1
-            else:
-                summary.n_unstable += 1
-        bar.update(1)
-        bar.set_postfix(
-            stable=summary.n_stable, unstable=summary.n_unstable, failed=summary.n_failed
-        )
-        since_pack += 1
-        if since_pack >= pack_every:
-            pack()
 
-    def pack() -> None:
-        nonlocal since_pack
-        session.update(
-            finished=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            wall_s=round(time.perf_counter() - t_start, 1),
-            n_computed=summary.n_computed,
-            n_failed=summary.n_failed,
-        )
-        _pack(path, session, seed=cfg.split_seed, drop_failures=retried)
-        since_pack = 0
+def _compute_all(
+    todo: Sequence[Candidate],
+    cfg: BuildSettings,
+    splits: dict[str, str],
+    n_jobs: int,
+    *,
+    path: Path,
+    session: dict[str, Any],
+    summary: BuildSummary,
+    retried: set[str],
+    pack_every: int,
+    progress: bool,
+    t_start: float,
+) -> None:
+    """Compute ``todo`` (in this process or on ``n_jobs`` workers), recording and packing as
+    crystals finish; on Ctrl-C or SIGTERM pack what is finished and re-raise. ``t_start``
+    (``time.perf_counter()``) is when the build started."""
+    from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc=f"fcdb {full}", unit="crystal", disable=not progress)
+    bar = tqdm(total=len(todo), desc=f"fcdb {cfg.model}", unit="crystal", disable=not progress)
+    recorder = _Recorder(
+        path,
+        session,
+        summary,
+        seed=cfg.split_seed,
+        retried=retried,
+        pack_every=pack_every,
+        bar=bar,
+        t_start=t_start,
+    )
     previous = _interrupt_on_sigterm()
     try:
         if todo and n_jobs == 1:
-            _init_worker(full, 1)
+            _init_worker(cfg.model, 1)
             for cand in todo:
                 bar.set_description(f"fcdb {cand.crystal_id}")
-                record(_run_one(cand, cfg, splits[cand.crystal_id]))
+                recorder.record(_run_one(cand, cfg, splits[cand.crystal_id]))
         elif todo:
-            _run_pool(todo, cfg, splits, n_jobs, record)
+            _run_pool(todo, cfg, splits, n_jobs, recorder.record)
     except KeyboardInterrupt:
         summary.interrupted = True
         raise
@@ -941,11 +1133,10 @@ def build_database(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         bar.close()
-        pack()
+        recorder.pack()
         summary.seconds = round(time.perf_counter() - t_start, 1)
         with contextlib.suppress(OSError):
-            parts.rmdir()  # only when empty
-    return summary
+            _parts_dir(path).rmdir()  # only when empty
 
 
 def _interrupt_on_sigterm() -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -326,34 +326,42 @@ class Candidate:
             cell = np.array([[a, 0, 0], [-a / 2, a * _SQRT3 / 2, 0], [0, 0, a * self.c_over_a]])
             frac = [(0.0, 0.0, 0.0), (0.0, 0.0, 0.5), (1 / 3, 2 / 3, 0.25), (2 / 3, 1 / 3, 0.75)]
             return Atoms(list(s), scaled_positions=frac, cell=cell, pbc=True)
-        fcc = a / 2 * np.array([[0.0, 1, 1], [1, 0, 1], [1, 1, 0]])
-        cubic = a * np.eye(3)
-        # fractional positions in the conventional cube, converted to the cell's basis
-        conv: dict[str, tuple[np.ndarray, list[tuple[float, float, float]]]] = {
-            "fluorite": (fcc, [(0, 0, 0), (0.25, 0.25, 0.25), (0.75, 0.75, 0.75)]),
-            "halfheusler": (fcc, [(0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (0, 0, 0)]),
-            "heusler": (
-                fcc,
-                [(0.25, 0.25, 0.25), (0.75, 0.75, 0.75), (0.5, 0.5, 0.5), (0, 0, 0)],
-            ),
-            "perovskite": (
-                cubic,
-                [(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
-            ),
-            "l12": (cubic, [(0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5), (0, 0, 0)]),
-            "reo3": (cubic, [(0, 0, 0), (0.5, 0, 0), (0, 0.5, 0), (0, 0, 0.5)]),
-            "a15": (
-                cubic,
-                [
-                    *[(0.25, 0, 0.5), (0.75, 0, 0.5), (0.5, 0.25, 0), (0.5, 0.75, 0)],
-                    *[(0, 0.5, 0.25), (0, 0.5, 0.75), (0, 0, 0), (0.5, 0.5, 0.5)],
-                ],
-            ),
-        }
-        conv["d03"] = conv["heusler"]
-        cell, sites = conv[p]
-        cart = np.array(sites, dtype=float) * a
-        return Atoms(list(s), positions=cart, cell=cell, pbc=True)
+        return _cubic_atoms(p, s, a)
+
+
+#: The cubic prototypes given by their conventional cube: the cell they are built in
+#: (``"fcc"``: the primitive cell of the fcc lattice, ``"cubic"``: the cube) and the sites'
+#: fractional positions in the cube, in the order of :attr:`Candidate.symbols`.
+_CUBIC_SITES: dict[str, tuple[str, list[tuple[float, float, float]]]] = {
+    "fluorite": ("fcc", [(0, 0, 0), (0.25, 0.25, 0.25), (0.75, 0.75, 0.75)]),
+    "halfheusler": ("fcc", [(0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (0, 0, 0)]),
+    "heusler": ("fcc", [(0.25, 0.25, 0.25), (0.75, 0.75, 0.75), (0.5, 0.5, 0.5), (0, 0, 0)]),
+    "d03": ("fcc", [(0.25, 0.25, 0.25), (0.75, 0.75, 0.75), (0.5, 0.5, 0.5), (0, 0, 0)]),
+    "perovskite": (
+        "cubic",
+        [(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)],
+    ),
+    "l12": ("cubic", [(0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5), (0, 0, 0)]),
+    "reo3": ("cubic", [(0, 0, 0), (0.5, 0, 0), (0, 0.5, 0), (0, 0, 0.5)]),
+    "a15": (
+        "cubic",
+        [
+            *[(0.25, 0, 0.5), (0.75, 0, 0.5), (0.5, 0.25, 0), (0.5, 0.75, 0)],
+            *[(0, 0.5, 0.25), (0, 0.5, 0.75), (0, 0, 0), (0.5, 0.5, 0.5)],
+        ],
+    ),
+}
+
+
+def _cubic_atoms(prototype: str, symbols: tuple[str, ...], a: float) -> Atoms:
+    """A prototype of :data:`_CUBIC_SITES` with cube edge ``a`` (A)."""
+    from ase import Atoms
+
+    kind, sites = _CUBIC_SITES[prototype]
+    fcc = a / 2 * np.array([[0.0, 1, 1], [1, 0, 1], [1, 1, 0]])
+    cell = fcc if kind == "fcc" else a * np.eye(3)
+    cart = np.array(sites, dtype=float) * a
+    return Atoms(list(symbols), positions=cart, cell=cell, pbc=True)
 
 
 def _elemental(symbol: str, prototype: str) -> Candidate:
@@ -382,6 +390,187 @@ def _split_formula(pair: str) -> tuple[str, str]:
     return symbols[0], symbols[1]
 
 
+def _rocksalt() -> list[Candidate]:
+    out = []
+    for f in ROCKSALT:
+        a, x = _split_formula(f)
+        # carbides, nitrides and hydrides of metals are metallic-covalent, the rest ionic
+        d = _metallic(a) + _covalent(x) if x in ("C", "N", "H") else _ionic(a) + _ionic(x)
+        out.append(Candidate(prototype="rocksalt", symbols=(a, x), a=2 * d))
+    return out
+
+
+def _zincblende() -> list[Candidate]:
+    out = []
+    for f in ZINCBLENDE:
+        a, x = _split_formula(f)
+        d = _covalent(a) + _covalent(x)
+        out.append(Candidate(prototype="zincblende", symbols=(a, x), a=4 * d / _SQRT3))
+    return out
+
+
+def _wurtzite() -> list[Candidate]:
+    out = []
+    for f in WURTZITE:
+        a, x = _split_formula(f)
+        d = _covalent(a) + _covalent(x)
+        out.append(
+            Candidate(
+                prototype="wurtzite",
+                symbols=(a, x, a, x),
+                a=d * math.sqrt(8 / 3),
+                c_over_a=math.sqrt(8 / 3),
+            )
+        )
+    return out
+
+
+def _cscl() -> list[Candidate]:
+    out = []
+    for f in CSCL:
+        a, x = _split_formula(f)
+        ionic = x in ("Cl", "Br", "I")
+        d = _ionic(a) + _ionic(x) if ionic else _metallic(a) + _metallic(x)
+        out.append(Candidate(prototype="cscl", symbols=(a, x), a=2 * d / _SQRT3))
+    return out
+
+
+def _fluorite() -> list[Candidate]:
+    """Fluorite MX2, then anti-fluorite X2M (the same prototype)."""
+    out = []
+    for cat, an in FLUORITE:
+        d = _ionic(cat) + _ionic(an) if an in ("F", "Cl", "O") else _metallic(cat) + _metallic(an)
+        out.append(Candidate(prototype="fluorite", symbols=(cat, an, an), a=4 * d / _SQRT3))
+    for an, cat in ANTIFLUORITE:
+        d = _ionic(cat) + _ionic(an)
+        out.append(Candidate(prototype="fluorite", symbols=(an, cat, cat), a=4 * d / _SQRT3))
+    return out
+
+
+def _perovskite() -> list[Candidate]:
+    return [
+        Candidate(prototype="perovskite", symbols=(a_, b_, x, x, x), a=2 * (_ionic(b_) + _ionic(x)))
+        for a_, b_, x in PEROVSKITE
+    ]
+
+
+def _l12() -> list[Candidate]:
+    return [
+        Candidate(
+            prototype="l12",
+            symbols=(a_, a_, a_, b_),
+            a=(_metallic(a_) + _metallic(b_)) * math.sqrt(2),
+        )
+        for a_, b_ in L12
+    ]
+
+
+def _heusler() -> list[Candidate]:
+    out = []
+    for x, y, z in HEUSLER:
+        d = _metallic(x) + 0.5 * (_metallic(y) + _metallic(z))
+        out.append(Candidate(prototype="heusler", symbols=(x, x, y, z), a=4 * d / _SQRT3))
+    return out
+
+
+def _half_heusler() -> list[Candidate]:
+    out = []
+    for x, y, z in HALF_HEUSLER:
+        d = _metallic(y) + 0.5 * (_metallic(x) + _metallic(z))
+        out.append(Candidate(prototype="halfheusler", symbols=(x, y, z), a=4 * d / _SQRT3))
+    return out
+
+
+def _l10() -> list[Candidate]:
+    # tetragonal a_t = a_fcc / sqrt(2) ~ the bond length; c / a_t a little below sqrt(2)
+    return [
+        Candidate(prototype="l10", symbols=(a_, b_), a=_metallic(a_) + _metallic(b_), c_over_a=1.35)
+        for a_, b_ in L10
+    ]
+
+
+def _wc() -> list[Candidate]:
+    out = []
+    for m, x in WC:
+        d = _metallic(m) + _covalent(x)  # M-X bond: sqrt(a^2 / 3 + c^2 / 4), c = a
+        a_wc = d / math.sqrt(1 / 3 + 1 / 4)
+        out.append(Candidate(prototype="wc", symbols=(m, x), a=a_wc, c_over_a=1.0))
+    return out
+
+
+def _reo3() -> list[Candidate]:
+    return [
+        Candidate(prototype="reo3", symbols=(b_, x, x, x), a=2 * (_ionic(b_) + _ionic(x)))
+        for b_, x in REO3
+    ]
+
+
+def _d03() -> list[Candidate]:
+    out = []
+    for x, z in D03:
+        d = _metallic(x) + _metallic(z)  # X(1/4)-Z(0) bond, a sqrt(3) / 4
+        out.append(Candidate(prototype="d03", symbols=(x, x, x, z), a=4 * d / _SQRT3))
+    return out
+
+
+def _rutile() -> list[Candidate]:
+    out = []
+    for m, x in RUTILE:
+        d = _ionic(m) + _ionic(x)  # apical M-X bond: sqrt(2) u a, u = 0.305
+        out.append(
+            Candidate(
+                prototype="rutile",
+                symbols=(m, m, x, x, x, x),
+                a=d / (math.sqrt(2) * 0.305),
+                c_over_a=0.65,
+                u=0.305,
+            )
+        )
+    return out
+
+
+def _a15() -> list[Candidate]:
+    # A-A chains along the cube edges at a / 2
+    return [
+        Candidate(prototype="a15", symbols=(a_,) * 6 + (b_, b_), a=4 * _metallic(a_))
+        for a_, b_ in A15
+    ]
+
+
+def _nias() -> list[Candidate]:
+    out = []
+    for m, x in NIAS:
+        d = _metallic(m) + _covalent(x)  # M-X bond: sqrt(a^2 / 3 + c^2 / 16), c = 1.39 a
+        a_n = d / math.sqrt(1 / 3 + 1.39**2 / 16)
+        out.append(Candidate(prototype="nias", symbols=(m, m, x, x), a=a_n, c_over_a=1.39))
+    return out
+
+
+#: How the candidates of each prototype are made (in the order of the element tables).
+_BUILDERS: dict[str, Callable[[], list[Candidate]]] = {
+    "fcc": lambda: [_elemental(m, "fcc") for m in METALS],
+    "bcc": lambda: [_elemental(m, "bcc") for m in METALS],
+    "hcp": lambda: [_elemental(m, "hcp") for m in METALS],
+    "diamond": lambda: [_elemental(x, "diamond") for x in DIAMOND],
+    "rocksalt": _rocksalt,
+    "zincblende": _zincblende,
+    "wurtzite": _wurtzite,
+    "cscl": _cscl,
+    "fluorite": _fluorite,
+    "perovskite": _perovskite,
+    "l12": _l12,
+    "heusler": _heusler,
+    "halfheusler": _half_heusler,
+    "l10": _l10,
+    "wc": _wc,
+    "reo3": _reo3,
+    "d03": _d03,
+    "rutile": _rutile,
+    "a15": _a15,
+    "nias": _nias,
+}
+
+
 def catalogue(prototypes: Iterable[str] | None = None) -> list[Candidate]:
     """Every candidate crystal, interleaved over prototypes (so that the first N are diverse).
 
@@ -406,106 +595,7 @@ def catalogue(prototypes: Iterable[str] | None = None) -> list[Candidate]:
         raise StructureError(
             f"unknown prototype(s) {', '.join(unknown)}; known: {', '.join(PROTOTYPES)}"
         )
-    groups: dict[str, list[Candidate]] = {p: [] for p in PROTOTYPES}
-    for m in METALS:
-        for p in ("fcc", "bcc", "hcp"):
-            groups[p].append(_elemental(m, p))
-    groups["diamond"] = [_elemental(x, "diamond") for x in DIAMOND]
-    for f in ROCKSALT:
-        a, x = _split_formula(f)
-        # carbides, nitrides and hydrides of metals are metallic-covalent, the rest ionic
-        d = _metallic(a) + _covalent(x) if x in ("C", "N", "H") else _ionic(a) + _ionic(x)
-        groups["rocksalt"].append(Candidate(prototype="rocksalt", symbols=(a, x), a=2 * d))
-    for f in ZINCBLENDE:
-        a, x = _split_formula(f)
-        d = _covalent(a) + _covalent(x)
-        groups["zincblende"].append(
-            Candidate(prototype="zincblende", symbols=(a, x), a=4 * d / _SQRT3)
-        )
-    for f in WURTZITE:
-        a, x = _split_formula(f)
-        d = _covalent(a) + _covalent(x)
-        groups["wurtzite"].append(
-            Candidate(
-                prototype="wurtzite",
-                symbols=(a, x, a, x),
-                a=d * math.sqrt(8 / 3),
-                c_over_a=math.sqrt(8 / 3),
-            )
-        )
-    for f in CSCL:
-        a, x = _split_formula(f)
-        ionic = x in ("Cl", "Br", "I")
-        d = _ionic(a) + _ionic(x) if ionic else _metallic(a) + _metallic(x)
-        groups["cscl"].append(Candidate(prototype="cscl", symbols=(a, x), a=2 * d / _SQRT3))
-    for cat, an in FLUORITE:
-        d = _ionic(cat) + _ionic(an) if an in ("F", "Cl", "O") else _metallic(cat) + _metallic(an)
-        groups["fluorite"].append(
-            Candidate(prototype="fluorite", symbols=(cat, an, an), a=4 * d / _SQRT3)
-        )
-    for an, cat in ANTIFLUORITE:
-        d = _ionic(cat) + _ionic(an)
-        groups["fluorite"].append(
-            Candidate(prototype="fluorite", symbols=(an, cat, cat), a=4 * d / _SQRT3)
-        )
-    for a_, b_, x in PEROVSKITE:
-        groups["perovskite"].append(
-            Candidate(
-                prototype="perovskite", symbols=(a_, b_, x, x, x), a=2 * (_ionic(b_) + _ionic(x))
-            )
-        )
-    for a_, b_ in L12:
-        d = _metallic(a_) + _metallic(b_)
-        groups["l12"].append(
-            Candidate(prototype="l12", symbols=(a_, a_, a_, b_), a=d * math.sqrt(2))
-        )
-    for x, y, z in HEUSLER:
-        d = _metallic(x) + 0.5 * (_metallic(y) + _metallic(z))
-        groups["heusler"].append(
-            Candidate(prototype="heusler", symbols=(x, x, y, z), a=4 * d / _SQRT3)
-        )
-    for x, y, z in HALF_HEUSLER:
-        d = _metallic(y) + 0.5 * (_metallic(x) + _metallic(z))
-        groups["halfheusler"].append(
-            Candidate(prototype="halfheusler", symbols=(x, y, z), a=4 * d / _SQRT3)
-        )
-    for a_, b_ in L10:
-        # tetragonal a_t = a_fcc / sqrt(2) ~ the bond length; c / a_t a little below sqrt(2)
-        d = _metallic(a_) + _metallic(b_)
-        groups["l10"].append(Candidate(prototype="l10", symbols=(a_, b_), a=d, c_over_a=1.35))
-    for m, x in WC:
-        d = _metallic(m) + _covalent(x)  # M-X bond: sqrt(a^2 / 3 + c^2 / 4), c = a
-        a_wc = d / math.sqrt(1 / 3 + 1 / 4)
-        groups["wc"].append(Candidate(prototype="wc", symbols=(m, x), a=a_wc, c_over_a=1.0))
-    for b_, x in REO3:
-        groups["reo3"].append(
-            Candidate(prototype="reo3", symbols=(b_, x, x, x), a=2 * (_ionic(b_) + _ionic(x)))
-        )
-    for x, z in D03:
-        d = _metallic(x) + _metallic(z)  # X(1/4)-Z(0) bond, a sqrt(3) / 4
-        groups["d03"].append(Candidate(prototype="d03", symbols=(x, x, x, z), a=4 * d / _SQRT3))
-    for m, x in RUTILE:
-        d = _ionic(m) + _ionic(x)  # apical M-X bond: sqrt(2) u a, u = 0.305
-        groups["rutile"].append(
-            Candidate(
-                prototype="rutile",
-                symbols=(m, m, x, x, x, x),
-                a=d / (math.sqrt(2) * 0.305),
-                c_over_a=0.65,
-                u=0.305,
-            )
-        )
-    for a_, b_ in A15:  # A-A chains along the cube edges at a / 2
-        groups["a15"].append(
-            Candidate(prototype="a15", symbols=(a_,) * 6 + (b_, b_), a=4 * _metallic(a_))
-        )
-    for m, x in NIAS:
-        d = _metallic(m) + _covalent(x)  # M-X bond: sqrt(a^2 / 3 + c^2 / 16), c = 1.39 a
-        a_n = d / math.sqrt(1 / 3 + 1.39**2 / 16)
-        groups["nias"].append(
-            Candidate(prototype="nias", symbols=(m, m, x, x), a=a_n, c_over_a=1.39)
-        )
-    chosen = [groups[p] for p in PROTOTYPES if p in wanted]
+    chosen = [_BUILDERS[p]() for p in PROTOTYPES if p in wanted]
     out: list[Candidate] = []
     seen: set[str] = set()
     for k in range(max((len(g) for g in chosen), default=0)):

@@ -46,6 +46,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from simulations.exceptions import DatasetError
+from simulations.lattice.pair_phonons import frequencies_at
 
 __all__ = [
     "CUTOFF_ANGSTROM",
@@ -55,7 +56,6 @@ __all__ = [
     "SPLITS",
     "STABILITY_MESH",
     "STABILITY_TOL_THZ",
-    "THZ_PER_SQRT_EV_A2_AMU",
     "FCDatabaseError",
     "FCEntry",
     "Failure",
@@ -63,8 +63,6 @@ __all__ = [
     "database_info",
     "database_path",
     "load_database",
-    "mesh_qpoints",
-    "phonon_frequencies",
     "read_database",
     "write_database",
 ]
@@ -83,8 +81,6 @@ STABILITY_TOL_THZ = 0.05
 #: FCs (phonopy, every pair of the finite-displacement supercell) at the q-points commensurate
 #: with that supercell, where they are exact (no interpolation), THz.
 FULL_STABILITY_TOL_THZ = 0.1
-#: sqrt(eV / (A^2 amu)) in THz (the unit of frequencies from FCs in eV/A^2 and masses in amu).
-THZ_PER_SQRT_EV_A2_AMU = 15.633302
 #: Allowed values of :attr:`FCEntry.split`.
 SPLITS = ("train", "val", "test")
 
@@ -176,14 +172,24 @@ class FCEntry:
         return np.asarray(atomic_masses[self.numbers], dtype=float)
 
     def frequencies(self, qpoints: ArrayLike) -> NDArray[np.float64]:
-        """Signed phonon frequencies, THz, (n_q, 3n) ascending; see :func:`phonon_frequencies`.
+        """Signed phonon frequencies from the stored blocks and :meth:`masses`, THz.
+
+        Computed by :func:`simulations.lattice.pair_phonons.frequencies_at`; an imaginary
+        frequency ``i*f`` is ``-f``.
 
         Parameters
         ----------
         qpoints : array_like
             (n_q, 3) reduced coordinates of the primitive reciprocal lattice (r.l.u.).
+
+        Returns
+        -------
+        numpy.ndarray
+            (n_q, 3n) float, THz, ascending per q.
         """
-        return phonon_frequencies(self.pairs, self.fc, self.masses(), qpoints)
+        return frequencies_at(
+            self.numbers, self.frac, self.pairs, self.fc, qpoints, masses=self.masses()
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,69 +215,7 @@ class Failure:
 
 
 # --------------------------------------------------------------------------------------------
-# Lattice dynamics from the stored blocks
-
-
-def mesh_qpoints(mesh: Sequence[int] = STABILITY_MESH) -> NDArray[np.float64]:
-    """Gamma-centred Monkhorst-Pack mesh.
-
-    Parameters
-    ----------
-    mesh : sequence of 3 int
-        Divisions along each reciprocal lattice vector.
-
-    Returns
-    -------
-    numpy.ndarray
-        (prod(mesh), 3) float, r.l.u., in [-0.5, 0.5).
-    """
-    axes = [(np.arange(n) / n + 0.5) % 1.0 - 0.5 for n in mesh]
-    grid = np.meshgrid(*axes, indexing="ij")
-    return np.stack([g.ravel() for g in grid], axis=1)
-
-
-def phonon_frequencies(
-    pairs: ArrayLike,
-    fc: ArrayLike,
-    masses: ArrayLike,
-    qpoints: ArrayLike,
-) -> NDArray[np.float64]:
-    """Signed phonon frequencies from per-bond FC blocks.
-
-    The dynamical matrix is
-    ``D_ia,jb(q) = sum_R Phi_ab(i0, jR) exp(2 pi i q.R) / sqrt(m_i m_j)`` (the phase
-    convention does not change the eigenvalues).
-
-    Parameters
-    ----------
-    pairs : array_like
-        (m, 5) int, ``(i, j, n1, n2, n3)`` as in :class:`FCEntry`.
-    fc : array_like
-        (m, 3, 3) float, eV/A^2.
-    masses : array_like
-        (n,) float, amu.
-    qpoints : array_like
-        (n_q, 3) float, r.l.u. of the primitive reciprocal lattice.
-
-    Returns
-    -------
-    numpy.ndarray
-        (n_q, 3n) float, THz, ascending per q; an imaginary frequency ``i*f`` is ``-f``.
-    """
-    p = np.asarray(pairs, dtype=np.int64)
-    phi = np.asarray(fc, dtype=float)
-    m = np.asarray(masses, dtype=float)
-    q = np.atleast_2d(np.asarray(qpoints, dtype=float))
-    n = len(m)
-    phase = np.exp(2j * np.pi * (q @ p[:, 2:].T))  # (n_q, m)
-    weighted = phi / np.sqrt(m[p[:, 0]] * m[p[:, 1]])[:, None, None]
-    dyn = np.zeros((len(q), n, 3, n, 3), dtype=complex)
-    for k in range(len(p)):  # m is small (a few hundred blocks)
-        dyn[:, p[k, 0], :, p[k, 1], :] += phase[:, k, None, None] * weighted[k]
-    flat = dyn.reshape(len(q), 3 * n, 3 * n)
-    flat = 0.5 * (flat + np.conj(np.swapaxes(flat, 1, 2)))
-    eig = np.linalg.eigvalsh(flat)
-    return np.asarray(np.sign(eig) * np.sqrt(np.abs(eig)) * THZ_PER_SQRT_EV_A2_AMU, dtype=float)
+# Checks
 
 
 def check_entry(entry: FCEntry) -> dict[str, float]:
@@ -370,8 +314,6 @@ def write_database(
     if len(set(names)) != len(names):
         dup = sorted(k for k, v in Counter(names).items() if v > 1)
         raise FCDatabaseError(f"duplicate entry names: {', '.join(dup[:5])}")
-    n_at = np.array([e.n_atoms for e in entries], dtype=np.int64)
-    n_pr = np.array([len(e.pairs) for e in entries], dtype=np.int64)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
@@ -383,36 +325,7 @@ def write_database(
             f.attrs["full_stability_tol_thz"] = FULL_STABILITY_TOL_THZ
             for key, value in (attrs or {}).items():
                 f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
-            g = f.create_group("entries")
-            for key in ("name", "formula", "prototype", "model", "split"):
-                col = [e.formula if key == "formula" else getattr(e, key) for e in entries]
-                g.create_dataset(key, data=_str_array(col))
-            g.create_dataset("stable", data=np.array([e.stable for e in entries], dtype=bool))
-            g.create_dataset(
-                "min_freq_thz", data=np.array([e.min_freq_thz for e in entries], dtype=float)
-            )
-            lat = np.array([e.lattice for e in entries], dtype=float).reshape(-1, 3, 3)
-            g.create_dataset("lattice", data=lat)
-            g.create_dataset("atom_offset", data=np.concatenate([[0], np.cumsum(n_at)]))
-            g.create_dataset("pair_offset", data=np.concatenate([[0], np.cumsum(n_pr)]))
-            a = f.create_group("atoms")
-            a.create_dataset("numbers", data=_cat([e.numbers for e in entries], (0,), np.int16))
-            a.create_dataset(
-                "frac", data=_cat([e.frac for e in entries], (0, 3), float), compression="gzip"
-            )
-            p = f.create_group("pairs")
-            p.create_dataset(
-                "pairs",
-                data=_cat([e.pairs for e in entries], (0, 5), np.int16),
-                compression="gzip",
-                shuffle=True,
-            )
-            p.create_dataset(
-                "fc",
-                data=_cat([e.fc for e in entries], (0, 3, 3), float),
-                compression="gzip",
-                shuffle=True,
-            )
+            _write_entries(f, entries)
             if meta:
                 mg = f.create_group("meta")
                 for key in meta[0]:
@@ -428,6 +341,40 @@ def write_database(
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _write_entries(f: Any, entries: Sequence[FCEntry]) -> None:
+    """The ``entries``, ``atoms`` and ``pairs`` groups of an open HDF5 file (module docstring)."""
+    n_at = np.array([e.n_atoms for e in entries], dtype=np.int64)
+    n_pr = np.array([len(e.pairs) for e in entries], dtype=np.int64)
+    g = f.create_group("entries")
+    for key in ("name", "formula", "prototype", "model", "split"):
+        col = [e.formula if key == "formula" else getattr(e, key) for e in entries]
+        g.create_dataset(key, data=_str_array(col))
+    g.create_dataset("stable", data=np.array([e.stable for e in entries], dtype=bool))
+    g.create_dataset("min_freq_thz", data=np.array([e.min_freq_thz for e in entries], dtype=float))
+    lat = np.array([e.lattice for e in entries], dtype=float).reshape(-1, 3, 3)
+    g.create_dataset("lattice", data=lat)
+    g.create_dataset("atom_offset", data=np.concatenate([[0], np.cumsum(n_at)]))
+    g.create_dataset("pair_offset", data=np.concatenate([[0], np.cumsum(n_pr)]))
+    a = f.create_group("atoms")
+    a.create_dataset("numbers", data=_cat([e.numbers for e in entries], (0,), np.int16))
+    a.create_dataset(
+        "frac", data=_cat([e.frac for e in entries], (0, 3), float), compression="gzip"
+    )
+    p = f.create_group("pairs")
+    p.create_dataset(
+        "pairs",
+        data=_cat([e.pairs for e in entries], (0, 5), np.int16),
+        compression="gzip",
+        shuffle=True,
+    )
+    p.create_dataset(
+        "fc",
+        data=_cat([e.fc for e in entries], (0, 3, 3), float),
+        compression="gzip",
+        shuffle=True,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -474,34 +421,41 @@ def read_database(path: str | Path) -> _Contents:
                     with contextlib.suppress(ValueError):
                         value = json.loads(value)
                 attrs[key] = value.tolist() if isinstance(value, np.ndarray) else value
-            g = f["entries"]
-            cols = {k: _strings(g[k]) for k in ("name", "prototype", "model", "split")}
-            stable = g["stable"][()]
-            min_freq = g["min_freq_thz"][()]
-            lattice = g["lattice"][()]
-            ao = g["atom_offset"][()]
-            po = g["pair_offset"][()]
-            numbers = f["atoms/numbers"][()].astype(np.int64)
-            frac = f["atoms/frac"][()].astype(float)
-            pairs = f["pairs/pairs"][()].astype(np.int64)
-            fc = f["pairs/fc"][()].astype(float)
-            n_e = len(cols["name"])
-            meta: list[dict[str, Any]] = [{} for _ in range(n_e)]
-            if "meta" in f:
-                for key, ds in f["meta"].items():
-                    values: Sequence[Any] = (
-                        _strings(ds) if h5py.check_string_dtype(ds.dtype) else ds[()]
-                    )
-                    for k in range(n_e):
-                        v = values[k]
-                        meta[k][key] = v.item() if isinstance(v, np.generic) else v
+            entries = _read_entries(f, src)
+            meta = _read_meta(f, len(entries))
             fg = f["failures"]
             fcols = {k: _strings(fg[k]) for k in ("name", "prototype", "stage", "message")}
     except (OSError, KeyError) as exc:
         raise FCDatabaseError(f"cannot read force-constant database {src}: {exc}") from exc
+    failures = [
+        Failure(
+            name=fcols["name"][k],
+            prototype=fcols["prototype"][k],
+            stage=fcols["stage"][k],
+            message=fcols["message"][k],
+        )
+        for k in range(len(fcols["name"]))
+    ]
+    return _Contents(entries=entries, meta=meta, failures=failures, attrs=attrs)
+
+
+def _read_entries(f: Any, src: Path) -> list[FCEntry]:
+    """The entries of an open database file ``src``, checking their offsets."""
+    g = f["entries"]
+    cols = {k: _strings(g[k]) for k in ("name", "prototype", "model", "split")}
+    stable = g["stable"][()]
+    min_freq = g["min_freq_thz"][()]
+    lattice = g["lattice"][()]
+    ao = g["atom_offset"][()]
+    po = g["pair_offset"][()]
+    numbers = f["atoms/numbers"][()].astype(np.int64)
+    frac = f["atoms/frac"][()].astype(float)
+    pairs = f["pairs/pairs"][()].astype(np.int64)
+    fc = f["pairs/fc"][()].astype(float)
+    n_e = len(cols["name"])
     if not (len(ao) == len(po) == n_e + 1 and ao[-1] == len(numbers) and po[-1] == len(pairs)):
         raise FCDatabaseError(f"{src}: inconsistent offsets (truncated or corrupt file?)")
-    entries = [
+    return [
         FCEntry(
             name=cols["name"][k],
             prototype=cols["prototype"][k],
@@ -517,16 +471,20 @@ def read_database(path: str | Path) -> _Contents:
         )
         for k in range(n_e)
     ]
-    failures = [
-        Failure(
-            name=fcols["name"][k],
-            prototype=fcols["prototype"][k],
-            stage=fcols["stage"][k],
-            message=fcols["message"][k],
-        )
-        for k in range(len(fcols["name"]))
-    ]
-    return _Contents(entries=entries, meta=meta, failures=failures, attrs=attrs)
+
+
+def _read_meta(f: Any, n_e: int) -> list[dict[str, Any]]:
+    """The per-entry build facts (``meta/<key>`` columns) of an open database file."""
+    import h5py
+
+    meta: list[dict[str, Any]] = [{} for _ in range(n_e)]
+    if "meta" in f:
+        for key, ds in f["meta"].items():
+            values: Sequence[Any] = _strings(ds) if h5py.check_string_dtype(ds.dtype) else ds[()]
+            for k in range(n_e):
+                v = values[k]
+                meta[k][key] = v.item() if isinstance(v, np.generic) else v
+    return meta
 
 
 def load_database(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import platform
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
@@ -39,8 +38,9 @@ from numpy.typing import NDArray
 
 from simulations.exceptions import InvalidCoefficientsError, SimulationError, UnknownFCSetError
 from simulations.lattice.force_constants import FCBasis
-from simulations.lattice.forward import VASP_TO_THZ
 from simulations.lattice.materials import MaterialSetup, setup
+from simulations.provenance import host
+from simulations.units import VASP_TO_THZ
 
 __all__ = [
     "RAMAN_GE_THZ",
@@ -385,7 +385,7 @@ def finish_reference(
             "command": f"steer simulate reference --material {ms.crystal.name}",
             "models": chosen,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "python": platform.python_version(),
+            "python": host()["python"],
             "phonopy": phonopy.__version__,
         },
     }

@@ -42,7 +42,8 @@ from simulations.instrument.spectrometer import (
     energy_to_k,
     energy_to_speed,
 )
-from simulations.lattice.sqe import FREQUENCY_MIN_MEV, HBAR2_OVER_2AMU, K_B_MEV, CoherentSQE
+from simulations.lattice.sqe import FREQUENCY_MIN_MEV, CoherentSQE
+from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, K_B_MEV_ROUNDED
 
 __all__ = ["EventBatch", "OrientationSimulator", "PhononTable"]
 
@@ -143,7 +144,7 @@ def _expected_kernel(
     mesh = table_e.shape[0]
     n_m = table_e.shape[3]
     n_at = amp0.shape[0]
-    pref = HBAR2_OVER_2AMU * 10.0 / n_at  # (hbar^2/amu)/(2 N E), fm^2 -> mbarn
+    pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / n_at  # (hbar^2/amu)/(2 N E), in mbarn
     inv_sqrt_2pi = 1.0 / math.sqrt(2.0 * math.pi)
     kt = K_B_MEV * temperature
     for g in numba.prange(n_g):
@@ -288,7 +289,7 @@ class OrientationSimulator:
         sig0 = float(np.min(res.sigma(np.linspace(0, e_hi, 50))))
         self.e_step = float(e_step or 0.5 * sig0)
         # energy gain: down to where the Bose factor of the modes is negligible
-        kt = 0.0861733 * model.temperature
+        kt = K_B_MEV_ROUNDED * model.temperature
         e_lo = -min(e_hi, 0.5 * ei, max(5.0 * sig0, 10.0 * kt))
         n_e = int(np.ceil((e_hi - e_lo) / self.e_step))
         self.e_edges = e_lo + self.e_step * np.arange(n_e + 1)

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import constants as sc
 
 from simulations.exceptions import GridError, InstrumentError
 from simulations.lattice.crystals import Crystal
 from simulations.lattice.resolution import EnergyResolution, instrument_resolution
+from simulations.units import E_PER_K2, MEV, NEUTRON_MASS
 
 __all__ = [
     "Instrument",
@@ -43,14 +43,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MEV = sc.milli * sc.electron_volt
-#: E (meV) = K_PER_MEV * k^2 with k in 1/Angstrom  (2.0721 meV A^2).
-E_PER_K2 = (sc.hbar * 1e10) ** 2 / (2 * sc.neutron_mass) / _MEV
-
 
 def energy_to_speed(energy: NDArray[np.float64] | float) -> NDArray[np.float64]:
     """Neutron speed (m/s) at kinetic energy ``energy`` (meV)."""
-    return np.sqrt(2.0 * np.asarray(energy, dtype=float) * _MEV / sc.neutron_mass)
+    return np.sqrt(2.0 * np.asarray(energy, dtype=float) * MEV / NEUTRON_MASS)
 
 
 def energy_to_k(energy: NDArray[np.float64] | float) -> NDArray[np.float64]:
@@ -373,7 +369,7 @@ class Instrument:
         with np.errstate(divide="ignore", invalid="ignore"):
             t_f = t - t_i
             v_f = np.where(t_f > 0, l2 / t_f, np.nan)
-        e_f = 0.5 * sc.neutron_mass * v_f**2 / _MEV
+        e_f = 0.5 * NEUTRON_MASS * v_f**2 / MEV
         k_f = energy_to_k(e_f)
         q = -k_f[:, None] * self.directions[idx]
         q[:, 2] += energy_to_k(ei)

@@ -248,6 +248,56 @@ def build_fc_basis(
     symprec
         spglib tolerance, fractional.
     """
+    cutoff = _resolve_cutoff(crystal, shells, cutoff)
+    bonds, vectors, lengths = _all_bonds(crystal, cutoff)
+    if len(bonds) == 0:
+        raise ForceConstantError(
+            f"no bonds of {crystal.name} are shorter than the cutoff {cutoff:.3f} A; "
+            "increase shells= or cutoff="
+        )
+    reps, orbit_of, transforms, rep_constraints = _bond_orbits(
+        crystal, bonds, vectors, lengths, symprec
+    )
+    # Invariant tensor basis per orbit, in reduced row-echelon form.
+    orbit_bases: list[NDArray[np.float64]] = []
+    orbit_pivots: list[list[int]] = []
+    for stabiliser in rep_constraints:
+        basis, pivots = _invariant_basis(stabiliser)
+        orbit_bases.append(basis)
+        orbit_pivots.append(pivots)
+
+    orbits, labels = _make_orbits(crystal, bonds, vectors, lengths, reps, orbit_of)
+
+    # Raw parameters: one per pivot of every orbit.
+    raw_names: list[str] = []
+    raw_orbit: list[int] = []
+    for oid, pivots in enumerate(orbit_pivots):
+        for p in pivots:
+            raw_names.append(f"{labels[oid]}_{_COMPONENTS[p]}")
+            raw_orbit.append(oid)
+    raw_blocks = _raw_blocks(
+        bonds, crystal.n_atoms, orbit_of, transforms, orbit_bases, orbit_pivots
+    )
+    reduction, free = _symmetric_self_terms(raw_blocks, len(bonds), crystal.name)
+    blocks = np.einsum("rf,rbxy->fbxy", reduction, raw_blocks)
+    blocks[np.abs(blocks) < 1e-14] = 0.0
+    pairs = np.array(
+        [list(b) for b in bonds] + [[i, i, 0, 0, 0] for i in range(crystal.n_atoms)],
+        dtype=np.int64,
+    )
+    return FCBasis(
+        crystal=crystal,
+        cutoff=float(cutoff),
+        names=tuple(raw_names[f] for f in free),
+        orbits=tuple(orbits),
+        pairs=pairs,
+        blocks=blocks,
+        coefficient_orbit=np.array([raw_orbit[f] for f in free], dtype=np.int64),
+    )
+
+
+def _resolve_cutoff(crystal: Crystal, shells: int | None, cutoff: float | None) -> float:
+    """The bond cutoff (Angstrom) from exactly one of ``shells`` and ``cutoff``."""
     if (shells is None) == (cutoff is None):
         raise ForceConstantError("give exactly one of shells= (a count) or cutoff= (Angstrom)")
     if shells is not None:
@@ -257,13 +307,35 @@ def build_fc_basis(
     assert cutoff is not None
     if not np.isfinite(cutoff) or cutoff <= 0:
         raise ForceConstantError(f"cutoff must be a positive distance in Angstrom, got {cutoff}")
+    return cutoff
 
-    bonds, vectors, lengths = _all_bonds(crystal, cutoff)
-    if len(bonds) == 0:
-        raise ForceConstantError(
-            f"no bonds of {crystal.name} are shorter than the cutoff {cutoff:.3f} A; "
-            "increase shells= or cutoff="
-        )
+
+def _bond_orbits(
+    crystal: Crystal,
+    bonds: list[tuple[int, ...]],
+    vectors: NDArray[np.float64],
+    lengths: NDArray[np.float64],
+    symprec: float,
+) -> tuple[
+    list[int],
+    NDArray[np.int64],
+    list[tuple[NDArray[np.float64], bool]],
+    list[list[tuple[NDArray[np.float64], bool]]],
+]:
+    """Group the bonds into orbits of the space group (bonds and their reverses).
+
+    Returns
+    -------
+    reps
+        Representative bond (index) of every orbit.
+    orbit_of
+        (n_bonds,) int, the orbit of every bond.
+    transforms
+        Per bond: (Cartesian rotation (3, 3), transposed?) that maps the representative's
+        tensor onto the bond's.
+    stabilisers
+        Per orbit: the (rotation, transposed?) pairs that map the representative onto itself.
+    """
     rotations, translations = crystal.symmetry_operations(symprec)
     lat = crystal.lattice
     # Cartesian rotations R = A^T W A^-T (A rows are lattice vectors).
@@ -305,28 +377,21 @@ def build_fc_basis(
                     orbit_of[kk] = oid
                     transforms[kk] = (cart_rot[op], transposed)
         rep_constraints.append(stabiliser)
+    return reps, orbit_of, transforms, rep_constraints
 
-    # Invariant tensor basis per orbit, in reduced row-echelon form.
-    orbit_bases: list[NDArray[np.float64]] = []
-    orbit_pivots: list[list[int]] = []
-    for stabiliser in rep_constraints:
-        basis, pivots = _invariant_basis(stabiliser)
-        orbit_bases.append(basis)
-        orbit_pivots.append(pivots)
 
-    orbits, labels = _make_orbits(crystal, bonds, vectors, lengths, reps, orbit_of)
-
-    # Raw parameters: one per pivot of every orbit.
-    raw_names: list[str] = []
-    raw_orbit: list[int] = []
-    for oid, pivots in enumerate(orbit_pivots):
-        for p in pivots:
-            raw_names.append(f"{labels[oid]}_{_COMPONENTS[p]}")
-            raw_orbit.append(oid)
-    n_raw = len(raw_names)
-    n_at = crystal.n_atoms
-    n_blocks = len(bonds) + n_at
-    raw_blocks = np.zeros((n_raw, n_blocks, 3, 3))
+def _raw_blocks(
+    bonds: list[tuple[int, ...]],
+    n_atoms: int,
+    orbit_of: NDArray[np.int64],
+    transforms: list[tuple[NDArray[np.float64], bool]],
+    orbit_bases: list[NDArray[np.float64]],
+    orbit_pivots: list[list[int]],
+) -> NDArray[np.float64]:
+    """The 3x3 blocks of every raw parameter (one per pivot of every orbit) on every bond,
+    then the self terms from the acoustic sum rule: (n_raw, n_bonds + n_atoms, 3, 3)."""
+    n_raw = sum(len(p) for p in orbit_pivots)
+    raw_blocks = np.zeros((n_raw, len(bonds) + n_atoms, 3, 3))
     offsets = np.cumsum([0] + [len(p) for p in orbit_pivots])
     for kb in range(len(bonds)):
         oid = int(orbit_of[kb])
@@ -336,11 +401,21 @@ def build_fc_basis(
             raw_blocks[offsets[oid] + a, kb] = t.T if transposed else t
     # Self terms from the acoustic sum rule.
     first_atom = np.array([b[0] for b in bonds])
-    for i in range(n_at):
+    for i in range(n_atoms):
         raw_blocks[:, len(bonds) + i] = -raw_blocks[:, : len(bonds)][:, first_atom == i].sum(axis=1)
+    return raw_blocks
 
-    # Self terms must be symmetric; on low-symmetry sites that constrains the parameters.
-    self_blocks = raw_blocks[:, len(bonds) :]
+
+def _symmetric_self_terms(
+    raw_blocks: NDArray[np.float64], n_bonds: int, name: str
+) -> tuple[NDArray[np.float64], list[int]]:
+    """Self terms must be symmetric; on low-symmetry sites that constrains the parameters.
+
+    Returns the (n_raw, n_free) map from the free parameters to the raw ones and the indices
+    of the raw parameters kept as free.
+    """
+    n_raw = raw_blocks.shape[0]
+    self_blocks = raw_blocks[:, n_bonds:]
     antisym = (self_blocks - self_blocks.transpose(0, 1, 3, 2)).reshape(n_raw, -1).T
     free = list(range(n_raw))
     reduction = np.eye(n_raw)
@@ -348,23 +423,10 @@ def build_fc_basis(
         reduction, free = _eliminate(antisym, n_raw)
         logger.info(
             "%s: %d coefficients fixed by symmetric self terms (acoustic sum rule)",
-            crystal.name,
+            name,
             n_raw - len(free),
         )
-    blocks = np.einsum("rf,rbxy->fbxy", reduction, raw_blocks)
-    blocks[np.abs(blocks) < 1e-14] = 0.0
-    pairs = np.array(
-        [list(b) for b in bonds] + [[i, i, 0, 0, 0] for i in range(n_at)], dtype=np.int64
-    )
-    return FCBasis(
-        crystal=crystal,
-        cutoff=float(cutoff),
-        names=tuple(raw_names[f] for f in free),
-        orbits=tuple(orbits),
-        pairs=pairs,
-        blocks=blocks,
-        coefficient_orbit=np.array([raw_orbit[f] for f in free], dtype=np.int64),
-    )
+    return reduction, free
 
 
 # --------------------------------------------------------------------------- helpers

@@ -4,8 +4,9 @@ For a batch of symmetry-reduced force-constant sets ``c`` (eV/A^2):
 
 1. dynamical matrices on the q-path, ``D(q) = D_fixed(q) + sum_k c_k D_k(q)`` (the basis
    ``D_k`` is precomputed once, so building a batch is one matrix product);
-2. eigenvalues ``lambda`` (no eigenvectors), frequencies ``nu = sqrt(lambda) * 15.6333 THz``
-   and energies ``E = 4.135667 nu`` meV;
+2. eigenvalues ``lambda`` (no eigenvectors), frequencies ``nu = sqrt(lambda) * VASP_TO_THZ``
+   (15.6333 THz) and energies ``E = THZ_TO_MEV * nu`` (4.135667 meV/THz), the factors of
+   :mod:`simulations.units`;
 3. every branch broadened by a unit-area Gaussian whose width is the instrument's energy
    resolution at the branch's energy, integrated over each energy bin; no structure factor,
    no Debye-Waller or Bose factor, no polarisation (all branches weigh the same).
@@ -40,16 +41,11 @@ from simulations.exceptions import InvalidCoefficientsError
 from simulations.lattice.force_constants import FCBasis
 from simulations.lattice.grid import Grid
 from simulations.lattice.resolution import EnergyResolution
+from simulations.units import THZ_TO_MEV, VASP_TO_THZ
 
-__all__ = ["THZ_TO_MEV", "VASP_TO_THZ", "ForwardModel", "SpectraResult"]
+__all__ = ["ForwardModel", "SpectraResult"]
 
 logger = logging.getLogger(__name__)
-
-#: sqrt(eV / A^2 / amu) / (2 pi) in THz, with phonopy's own values of eV and amu
-#: (1.60217733e-19 J, 1.6605402e-27 kg) so that frequencies agree with phonopy to 1e-15.
-VASP_TO_THZ = math.sqrt(1.60217733e-19 / 1e-20 / 1.6605402e-27) / (2 * math.pi) / 1e12
-#: 1 THz in meV (h * 1 THz).
-THZ_TO_MEV = 4.135667696
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

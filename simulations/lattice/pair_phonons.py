@@ -28,10 +28,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from simulations.exceptions import ForceConstantError
-from simulations.lattice.forward import VASP_TO_THZ
+from simulations.units import VASP_TO_THZ
 
 __all__ = [
-    "THZ_TO_MEV",
     "MeshPhonons",
     "atomic_masses",
     "dos_histogram",
@@ -40,9 +39,6 @@ __all__ = [
     "mesh_frequencies",
     "mesh_qpoints",
 ]
-
-#: 1 THz in meV (h * 1 THz).
-THZ_TO_MEV = 4.135667696
 
 
 def atomic_masses(numbers: ArrayLike) -> NDArray[np.float64]:
@@ -108,7 +104,7 @@ def dynamical_matrices(
     m = atomic_masses(z) if masses is None else np.asarray(masses, dtype=np.float64)
     q = np.atleast_2d(np.asarray(qpoints, dtype=np.float64))
     shift = p[:, 2:5] + x[p[:, 1]] - x[p[:, 0]]  # (m, 3) fractional
-    phase = np.exp(2j * np.pi * q @ shift.T)  # (n_q, m)
+    phase = np.exp(2j * np.pi * (q @ shift.T))  # (n_q, m)
     weight = 1.0 / np.sqrt(m[p[:, 0]] * m[p[:, 1]])
     out = np.zeros((len(q), n, n, 3, 3), dtype=np.complex128)
     # Group the pairs by atom pair (i, j) and sum their blocks with phases.

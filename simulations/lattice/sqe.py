@@ -38,16 +38,13 @@ from importlib import resources
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import constants as sc
 
 from simulations.exceptions import InvalidCoefficientsError, StructureError
 from simulations.lattice.force_constants import FCBasis
-from simulations.lattice.forward import THZ_TO_MEV, VASP_TO_THZ
 from simulations.lattice.resolution import EnergyResolution
+from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV, VASP_TO_THZ
 
 __all__ = [
-    "HBAR2_OVER_2AMU",
-    "K_B_MEV",
     "CoherentSQE",
     "PhononModes",
     "bose_occupation",
@@ -56,10 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: hbar^2 / (2 amu) in meV Angstrom^2 (2.0901).
-HBAR2_OVER_2AMU = sc.hbar**2 / (2 * sc.atomic_mass) / (sc.milli * sc.electron_volt) * 1e20
-#: Boltzmann constant, meV / K.
-K_B_MEV = sc.k / (sc.milli * sc.electron_volt)
 #: Modes below this energy (meV) are left out of the Debye-Waller sum and of S(Q, E).
 FREQUENCY_MIN_MEV = 0.01
 
@@ -275,7 +268,7 @@ class CoherentSQE:
         safe = np.where(keep, energies, 1.0)
         # (hbar^2 / amu) / (2 N E) = HBAR2_OVER_2AMU / (N E)
         sf = np.abs(term) ** 2 * HBAR2_OVER_2AMU / (self.crystal.n_atoms * safe)
-        return np.where(keep, sf * 10.0, 0.0)  # fm^2 -> mbarn
+        return np.where(keep, sf * FM2_TO_MBARN, 0.0)
 
     def sqe(
         self, qpoints: NDArray[np.float64], energies: NDArray[np.float64]

@@ -26,6 +26,7 @@ from simulations.instrument.binning import ReferenceBinning
 from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.lattice.materials import MaterialSetup, setup
 from simulations.runs.recording import RunReader
+from simulations.units import THZ_TO_MEV
 
 __all__ = ["OrientationEvents", "check_run", "iter_orientations", "peaks_on_branches"]
 
@@ -163,8 +164,6 @@ def check_run(
     and ``plot`` when ``out`` is given.
     """
     import torch
-
-    from simulations.lattice.forward import THZ_TO_MEV
 
     n_orient = n_events = 0
     ctx: _Context | None = None

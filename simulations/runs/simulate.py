@@ -26,6 +26,7 @@ It does not carry a grid fingerprint.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import struct
@@ -49,7 +50,7 @@ from simulations.fcdb.reference import resolve_fc
 from simulations.instrument.events import OrientationSimulator
 from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.jsonutil import json_default
-from simulations.lattice.materials import setup
+from simulations.lattice.materials import MaterialSetup, setup
 from simulations.lattice.sqe import CoherentSQE
 from simulations.runs.recording import RecordedMessage, RunWriter
 
@@ -308,45 +309,8 @@ def simulate_run(
     rng = np.random.default_rng(plan.seed)
     run_id = plan.run_id or f"sim-{ms.crystal.name}-{plan.seed}"
     clock = _Clock(plan, run_id)
-
-    # Flux x time: the mean signal over up to 8 evenly spaced orientations of the run gives
-    # (1 - background_fraction) * events_per_orientation; it then stays fixed, so counts
-    # vary between orientations as a real crystal's do.
-    cal = omegas[np.unique(np.linspace(0, len(omegas) - 1, min(8, len(omegas))).astype(int))]
-    cache = {float(w): sim.expected(float(w)) for w in cal}  # reused when the run gets there
-    mean_signal = float(np.mean([lam.sum() for lam in cache.values()]))
-    n_sig = (1.0 - plan.background_fraction) * plan.events_per_orientation
-    scale = n_sig / mean_signal if mean_signal > 0 else 0.0
-    background = plan.background_fraction * plan.events_per_orientation
-
-    metadata = {
-        "run_id": run_id,
-        "material": plan.material,
-        "crystal": ms.crystal.summary(),
-        "orientation": orientation.to_metadata(),
-        "ei_meV": ei,
-        "temperature_K": plan.temperature,
-        "instrument": instrument.to_metadata(),
-        "goniometer": {"source_name": "omega", "axis": [0.0, 1.0, 0.0], "units": "deg"},
-        "planned_omegas_deg": [float(w) for w in omegas],
-        "count_time_s": plan.count_time,
-        "pulse_rate_Hz": plan.pulse_rate,
-        "proton_charge_units": "uC",
-        "topics": {
-            "run_info": clock.t_run_info,
-            "motion": clock.t_motion,
-            "events": clock.t_events,
-            "bluesky": clock.t_bluesky,
-        },
-        "simulation": {
-            "fc_set": label,
-            "coefficients": dict(zip(ms.basis.names, map(float, coefficients), strict=True)),
-            "seed": plan.seed,
-            "events_per_orientation": plan.events_per_orientation,
-            "background_fraction": plan.background_fraction,
-            "phonon_mesh": plan.mesh,
-        },
-    }
+    scale, background, cache = _calibrate(plan, sim, omegas)
+    metadata = _run_metadata(plan, ms, sim, omegas, clock, run_id, label, coefficients)
     file_meta = {
         "run_id": run_id,
         "material": plan.material,
@@ -373,6 +337,139 @@ def simulate_run(
     )
 
 
+def _calibrate(
+    plan: RunPlan, sim: OrientationSimulator, omegas: NDArray[np.float64]
+) -> tuple[float, float, dict[float, NDArray[np.float64]]]:
+    """Flux x time of the run: the signal scale, the background events per orientation, and
+    the expected counts computed on the way (by omega, reused when the run gets there).
+
+    The mean signal over up to 8 evenly spaced orientations of the run gives
+    (1 - background_fraction) * events_per_orientation; it then stays fixed, so counts vary
+    between orientations as a real crystal's do.
+    """
+    cal = omegas[np.unique(np.linspace(0, len(omegas) - 1, min(8, len(omegas))).astype(int))]
+    cache = {float(w): sim.expected(float(w)) for w in cal}
+    mean_signal = float(np.mean([lam.sum() for lam in cache.values()]))
+    n_sig = (1.0 - plan.background_fraction) * plan.events_per_orientation
+    scale = n_sig / mean_signal if mean_signal > 0 else 0.0
+    background = plan.background_fraction * plan.events_per_orientation
+    return scale, background, cache
+
+
+def _run_metadata(
+    plan: RunPlan,
+    ms: MaterialSetup,
+    sim: OrientationSimulator,
+    omegas: NDArray[np.float64],
+    clock: _Clock,
+    run_id: str,
+    label: str,
+    coefficients: NDArray[np.float64],
+) -> dict[str, object]:
+    """The pl72 run-start metadata (see the module docstring)."""
+    return {
+        "run_id": run_id,
+        "material": plan.material,
+        "crystal": ms.crystal.summary(),
+        "orientation": sim.orientation.to_metadata(),
+        "ei_meV": sim.ei,
+        "temperature_K": plan.temperature,
+        "instrument": sim.instrument.to_metadata(),
+        "goniometer": {"source_name": "omega", "axis": [0.0, 1.0, 0.0], "units": "deg"},
+        "planned_omegas_deg": [float(w) for w in omegas],
+        "count_time_s": plan.count_time,
+        "pulse_rate_Hz": plan.pulse_rate,
+        "proton_charge_units": "uC",
+        "topics": {
+            "run_info": clock.t_run_info,
+            "motion": clock.t_motion,
+            "events": clock.t_events,
+            "bluesky": clock.t_bluesky,
+        },
+        "simulation": {
+            "fc_set": label,
+            "coefficients": dict(zip(ms.basis.names, map(float, coefficients), strict=True)),
+            "seed": plan.seed,
+            "events_per_orientation": plan.events_per_orientation,
+            "background_fraction": plan.background_fraction,
+            "phonon_mesh": plan.mesh,
+        },
+    }
+
+
+#: Data keys of the run's bluesky EventDescriptor: one Event per orientation.
+_DATA_KEYS: dict[str, dict[str, object]] = {
+    "omega": {"source": "PV:omega", "dtype": "number", "shape": [], "units": "deg"},
+    "omega_setpoint": {
+        "source": "PV:omega_sp",
+        "dtype": "number",
+        "shape": [],
+        "units": "deg",
+    },
+    "count_start": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
+    "count_stop": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
+    "count_start_ns": {"source": "sim", "dtype": "integer", "shape": [], "units": "ns"},
+    "count_stop_ns": {"source": "sim", "dtype": "integer", "shape": [], "units": "ns"},
+    "count_time": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
+    "proton_charge": {"source": "sim", "dtype": "number", "shape": [], "units": "uC"},
+    "events": {"source": "sim", "dtype": "integer", "shape": []},
+}
+
+
+class _Documents:
+    """The bluesky documents of one run (start, descriptor, events, stop).
+
+    Their uids are derived from the plan (not uuid4): the same plan gives identical files.
+    """
+
+    def __init__(
+        self, plan: RunPlan, metadata: dict[str, object], n_points: int, t_ns: int
+    ) -> None:
+        self._run_uid = uuid.uuid5(uuid.NAMESPACE_URL, f"steer-simulated-run:{plan!r}")
+        self.bundle = event_model.compose_run(
+            uid=self.uid("start"),
+            time=t_ns / 1e9,
+            metadata={
+                "plan_name": "steer_rotation_scan",
+                "run_id": metadata["run_id"],
+                "material": plan.material,
+                "motors": ["omega"],
+                "num_points": n_points,
+                "ei_meV": metadata["ei_meV"],
+                "temperature_K": plan.temperature,
+                "scan_id": plan.seed,
+            },
+        )
+        self.desc = self.bundle.compose_descriptor(
+            name="primary",
+            data_keys=copy.deepcopy(_DATA_KEYS),
+            hints={"omega": {"fields": ["omega"]}},
+            time=t_ns / 1e9,
+            uid=self.uid("descriptor"),
+        )
+
+    def uid(self, what: str) -> str:
+        """The uid of one document of the run."""
+        return str(uuid.uuid5(self._run_uid, what))
+
+    def event(self, seq_num: int, data: dict[str, object], t_ns: int) -> dict[str, object]:
+        """The Event of orientation ``seq_num`` (from 1), stamped ``t_ns``."""
+        doc = self.desc.compose_event(
+            data=data,
+            timestamps=dict.fromkeys(self.desc.descriptor_doc["data_keys"], t_ns / 1000000000.0),
+            seq_num=seq_num,
+            uid=self.uid(f"event-{seq_num}"),
+            time=t_ns / 1e9,
+        )
+        return dict(doc)
+
+    def stop(self, t_ns: int) -> dict[str, object]:
+        """The RunStop (exit status ``success``) at ``t_ns``."""
+        return dict(
+            self.bundle.compose_stop(exit_status="success", uid=self.uid("stop"), time=t_ns / 1e9)
+        )
+
+
 def _messages(
     plan: RunPlan,
     clock: _Clock,
@@ -386,16 +483,17 @@ def _messages(
     cache: dict[float, NDArray[np.float64]],
 ) -> Iterator[list[RecordedMessage]]:
     """Yield the run's messages in time order, one orientation at a time."""
-    period_ns = round(1e9 / plan.pulse_rate)
+    beam = _Beam(
+        plan=plan,
+        clock=clock,
+        sim=sim,
+        rng=rng,
+        period_ns=round(1e9 / plan.pulse_rate),
+        source=f"{plan.prefix}_detector",
+    )
     t = plan.start_time_ns
     run_id = str(metadata["run_id"])
-    ev_source = f"{plan.prefix}_detector"
-    # bluesky uids derived from the plan (not uuid4): the same plan gives identical files
-    run_uid = uuid.uuid5(uuid.NAMESPACE_URL, f"steer-simulated-run:{plan!r}")
-
-    def doc_uid(what: str) -> str:
-        return str(uuid.uuid5(run_uid, what))
-
+    docs = _Documents(plan, metadata, len(omegas), t)
     pl72 = serialise_pl72(
         job_id=run_id,
         filename=f"{run_id}.nxs",
@@ -404,120 +502,29 @@ def _messages(
         instrument_name=sim.instrument.name,
         metadata=json.dumps(metadata),
     )
-    bundle = event_model.compose_run(
-        uid=doc_uid("start"),
-        time=t / 1e9,
-        metadata={
-            "plan_name": "steer_rotation_scan",
-            "run_id": run_id,
-            "material": plan.material,
-            "motors": ["omega"],
-            "num_points": len(omegas),
-            "ei_meV": metadata["ei_meV"],
-            "temperature_K": plan.temperature,
-            "scan_id": plan.seed,
-        },
-    )
-    desc = bundle.compose_descriptor(
-        name="primary",
-        data_keys={
-            "omega": {"source": "PV:omega", "dtype": "number", "shape": [], "units": "deg"},
-            "omega_setpoint": {
-                "source": "PV:omega_sp",
-                "dtype": "number",
-                "shape": [],
-                "units": "deg",
-            },
-            "count_start": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
-            "count_stop": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
-            "count_start_ns": {"source": "sim", "dtype": "integer", "shape": [], "units": "ns"},
-            "count_stop_ns": {"source": "sim", "dtype": "integer", "shape": [], "units": "ns"},
-            "count_time": {"source": "sim", "dtype": "number", "shape": [], "units": "s"},
-            "proton_charge": {"source": "sim", "dtype": "number", "shape": [], "units": "uC"},
-            "events": {"source": "sim", "dtype": "integer", "shape": []},
-        },
-        hints={"omega": {"fields": ["omega"]}},
-        time=t / 1e9,
-        uid=doc_uid("descriptor"),
-    )
-    first = [
+    yield [
         clock.msg(clock.t_run_info, t, pl72, "pl72"),
-        clock.bluesky("start", dict(bundle.start_doc), t),
+        clock.bluesky("start", dict(docs.bundle.start_doc), t),
         clock.f144("omega_setpoint", omegas[0], t),
         clock.f144("omega", omegas[0], t),
-        clock.bluesky("descriptor", dict(desc.descriptor_doc), t),
+        clock.bluesky("descriptor", dict(docs.desc.descriptor_doc), t),
     ]
-    yield first
-    t += period_ns
+    t += beam.period_ns
     current = float(omegas[0])
-    n_pulses = round(plan.count_time * plan.pulse_rate)
     bar = tqdm(total=len(omegas), desc="orientations", unit="orient", disable=not progress)
     for k, target in enumerate(omegas):
-        batch: list[RecordedMessage] = []
         cached = cache.pop(float(target), None)
         expected = cached if cached is not None else sim.expected(float(target))
+        batch: list[RecordedMessage] = []
         if k > 0 or abs(target - current) > 0:
-            # move: setpoint, 10 Hz readbacks, events keep arriving (dropped downstream)
-            move_s = abs(target - current) / plan.motor_speed + plan.settle_time
-            batch.append(clock.f144("omega_setpoint", target, t))
-            n_read = max(1, int(move_s * 10))
-            for i in range(1, n_read + 1):
-                frac = min(1.0, i / n_read * move_s / max(move_s - plan.settle_time, 1e-9))
-                value = current + (target - current) * frac
-                batch.append(clock.f144("omega", value, t + int(i * 1e8)))
-            n_move = max(1, round(move_s * plan.pulse_rate))
-            frac_time = n_move / n_pulses
-            batch += _event_messages(
-                plan,
-                clock,
-                sim,
-                expected,
-                scale * frac_time,
-                background * frac_time,
-                n_move,
-                t,
-                period_ns,
-                rng,
-                ev_source,
-            )[0]
-            t += n_move * period_ns
+            t = beam.move(batch, expected, scale, background, current, float(target), t)
         current = float(target)
-        count_start = t
-        msgs, n_ev, charge = _event_messages(
-            plan, clock, sim, expected, scale, background, n_pulses, t, period_ns, rng, ev_source
-        )
-        batch += msgs
-        readbacks = current + 0.002 * rng.standard_normal(max(1, int(plan.count_time)))
-        for i, value in enumerate(readbacks):
-            batch.append(clock.f144("omega", value, t + i * 10**9))
-        t += n_pulses * period_ns
-        count_stop = t
-        batch.sort(key=lambda m: m.timestamp_ns)
-        ev_doc = desc.compose_event(
-            data={
-                "omega": float(np.mean(readbacks)),
-                "omega_setpoint": current,
-                "count_start": count_start / 1e9,
-                "count_stop": count_stop / 1e9,
-                # exact pulse-time edges: float seconds near 1.8e9 s resolve only ~240 ns
-                "count_start_ns": int(count_start),
-                "count_stop_ns": int(count_stop),
-                "count_time": (count_stop - count_start) / 1e9,
-                "proton_charge": charge,
-                "events": n_ev,
-            },
-            timestamps=dict.fromkeys(desc.descriptor_doc["data_keys"], count_stop / 1000000000.0),
-            seq_num=k + 1,
-            uid=doc_uid(f"event-{k + 1}"),
-            time=count_stop / 1e9,
-        )
-        batch.append(clock.bluesky("event", dict(ev_doc), count_stop))
+        t = beam.count(batch, docs, k + 1, expected, scale, background, current, t)
         bar.update(1)
         yield batch
     bar.close()
-    stop = bundle.compose_stop(exit_status="success", uid=doc_uid("stop"), time=t / 1e9)
     yield [
-        clock.bluesky("stop", dict(stop), t),
+        clock.bluesky("stop", docs.stop(t), t),
         clock.msg(
             clock.t_run_info,
             t,
@@ -527,44 +534,125 @@ def _messages(
     ]
 
 
-def _event_messages(
-    plan: RunPlan,
-    clock: _Clock,
-    sim: OrientationSimulator,
-    expected: NDArray[np.float64],
-    scale: float,
-    background: float,
-    n_pulses: int,
-    t0: int,
-    period_ns: int,
-    rng: np.random.Generator,
-    source: str,
-) -> tuple[list[RecordedMessage], int, float]:
-    """ev44 + proton-charge messages for ``n_pulses`` pulses from ``t0``; (msgs, events, uC)."""
-    charge = plan.proton_charge * (1.0 + 0.01 * rng.standard_normal(n_pulses))
-    charge = np.maximum(charge, 0.0)
-    mean_charge = plan.proton_charge
-    # counts scale with the delivered charge relative to the nominal
-    factor = float(charge.sum() / (mean_charge * n_pulses)) if n_pulses else 0.0
-    batch = sim.sample(expected, scale * factor, background * factor, n_pulses, rng, charge)
-    pulse_times = t0 + period_ns * np.arange(n_pulses, dtype=np.int64)
-    starts = np.searchsorted(batch.pulse_index, np.arange(n_pulses + 1))
-    out: list[RecordedMessage] = []
-    ppm = plan.pulses_per_message
-    for p0 in range(0, n_pulses, ppm):
-        p1 = min(p0 + ppm, n_pulses)
-        a, b = starts[p0], starts[p1]
-        payload = serialise_ev44(
-            source,
-            clock.message_id,
-            pulse_times[p0:p1],
-            (starts[p0:p1] - a).astype(np.int32),
-            batch.tof_ns[a:b],
-            batch.pixel_id[a:b],
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Beam:
+    """The pulses of one run: events and proton charges, goniometer readbacks, counting."""
+
+    plan: RunPlan
+    clock: _Clock
+    sim: OrientationSimulator
+    rng: np.random.Generator
+    period_ns: int  # between pulses
+    source: str  # ev44 source name
+
+    @property
+    def n_pulses(self) -> int:
+        """Pulses in one counting step."""
+        return round(self.plan.count_time * self.plan.pulse_rate)
+
+    def move(
+        self,
+        batch: list[RecordedMessage],
+        expected: NDArray[np.float64],
+        scale: float,
+        background: float,
+        current: float,
+        target: float,
+        t: int,
+    ) -> int:
+        """Move the goniometer from ``current`` to ``target`` (degrees) from ``t`` (ns):
+        setpoint, 10 Hz readbacks, and events that keep arriving (dropped downstream), drawn
+        from ``expected`` of the target. Appends to ``batch``; returns the time after."""
+        plan, clock = self.plan, self.clock
+        move_s = abs(target - current) / plan.motor_speed + plan.settle_time
+        batch.append(clock.f144("omega_setpoint", target, t))
+        n_read = max(1, int(move_s * 10))
+        for i in range(1, n_read + 1):
+            frac = min(1.0, i / n_read * move_s / max(move_s - plan.settle_time, 1e-9))
+            value = current + (target - current) * frac
+            batch.append(clock.f144("omega", value, t + int(i * 1e8)))
+        n_move = max(1, round(move_s * plan.pulse_rate))
+        frac_time = n_move / self.n_pulses
+        batch += self.pulses(expected, scale * frac_time, background * frac_time, n_move, t)[0]
+        return t + n_move * self.period_ns
+
+    def count(
+        self,
+        batch: list[RecordedMessage],
+        docs: _Documents,
+        seq_num: int,
+        expected: NDArray[np.float64],
+        scale: float,
+        background: float,
+        omega: float,
+        t: int,
+    ) -> int:
+        """Count at ``omega`` (degrees) from ``t`` (ns): events, 1 Hz readbacks with jitter,
+        then the orientation's bluesky Event. Appends to ``batch`` (sorted by time, the Event
+        last); returns the time after."""
+        plan, clock = self.plan, self.clock
+        n_pulses = self.n_pulses
+        count_start = t
+        msgs, n_ev, charge = self.pulses(expected, scale, background, n_pulses, t)
+        batch += msgs
+        readbacks = omega + 0.002 * self.rng.standard_normal(max(1, int(plan.count_time)))
+        for i, value in enumerate(readbacks):
+            batch.append(clock.f144("omega", value, t + i * 10**9))
+        t += n_pulses * self.period_ns
+        count_stop = t
+        batch.sort(key=lambda m: m.timestamp_ns)
+        data: dict[str, object] = {
+            "omega": float(np.mean(readbacks)),
+            "omega_setpoint": omega,
+            "count_start": count_start / 1e9,
+            "count_stop": count_stop / 1e9,
+            # exact pulse-time edges: float seconds near 1.8e9 s resolve only ~240 ns
+            "count_start_ns": int(count_start),
+            "count_stop_ns": int(count_stop),
+            "count_time": (count_stop - count_start) / 1e9,
+            "proton_charge": charge,
+            "events": n_ev,
+        }
+        batch.append(clock.bluesky("event", docs.event(seq_num, data, count_stop), count_stop))
+        return t
+
+    def pulses(
+        self,
+        expected: NDArray[np.float64],
+        scale: float,
+        background: float,
+        n_pulses: int,
+        t0: int,
+    ) -> tuple[list[RecordedMessage], int, float]:
+        """ev44 + proton-charge messages for ``n_pulses`` pulses from ``t0``; (msgs, events,
+        uC)."""
+        plan, clock, rng = self.plan, self.clock, self.rng
+        charge = plan.proton_charge * (1.0 + 0.01 * rng.standard_normal(n_pulses))
+        charge = np.maximum(charge, 0.0)
+        mean_charge = plan.proton_charge
+        # counts scale with the delivered charge relative to the nominal
+        factor = float(charge.sum() / (mean_charge * n_pulses)) if n_pulses else 0.0
+        batch = self.sim.sample(
+            expected, scale * factor, background * factor, n_pulses, rng, charge
         )
-        clock.message_id += 1
-        clock.n_events += int(b - a)
-        out.append(clock.msg(clock.t_events, int(pulse_times[p0]), payload, "ev44"))
-        for p in range(p0, p1):  # one f144 per pulse, stamped with the pulse time
-            out.append(clock.f144("proton_charge", float(charge[p]), int(pulse_times[p])))
-    return out, batch.n_events, float(charge.sum())
+        pulse_times = t0 + self.period_ns * np.arange(n_pulses, dtype=np.int64)
+        starts = np.searchsorted(batch.pulse_index, np.arange(n_pulses + 1))
+        out: list[RecordedMessage] = []
+        ppm = plan.pulses_per_message
+        for p0 in range(0, n_pulses, ppm):
+            p1 = min(p0 + ppm, n_pulses)
+            a, b = starts[p0], starts[p1]
+            payload = serialise_ev44(
+                self.source,
+                clock.message_id,
+                pulse_times[p0:p1],
+                (starts[p0:p1] - a).astype(np.int32),
+                batch.tof_ns[a:b],
+                batch.pixel_id[a:b],
+            )
+            clock.message_id += 1
+            clock.n_events += int(b - a)
+            out.append(clock.msg(clock.t_events, int(pulse_times[p0]), payload, "ev44"))
+            for p in range(p0, p1):  # one f144 per pulse, stamped with the pulse time
+                out.append(clock.f144("proton_charge", float(charge[p]), int(pulse_times[p])))
+        return out, batch.n_events, float(charge.sum())

@@ -35,7 +35,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.reduction.accumulate import Snapshot
-from steering.advisor.ranking import Advisor, check_score, check_weighting
+from steering.advisor.ranking import Advisor, RankedCandidate, check_score, check_weighting
 from steering.exceptions import AdvisorError
 
 __all__ = [
@@ -263,6 +263,20 @@ def _error(
     return float(np.sqrt(np.mean(((mean[:k] - truth[:k]) / width[:k]) ** 2)))
 
 
+def _target(
+    data: CandidateData,
+    estimate: Callable[[NDArray[np.float64], NDArray[np.bool_]], Any],
+    fc_names: Sequence[str],
+    width: NDArray[np.float64],
+    n_influential: int,
+) -> tuple[str, float]:
+    """(model version, target error): the error of the estimate from every candidate."""
+    truth = np.array([data.truth[k] for k in fc_names])
+    everything = Snapshot.of(data.counts.sum(0), data.exposure.sum(0), len(data.omegas))
+    from_all = estimate(everything.intensity, everything.mask)
+    return from_all.model_version, _error(from_all.mean, truth, width, n_influential)
+
+
 def _to_target(errors: Sequence[float], target: float, tolerance: float) -> int | None:
     """First count n (1-based) from which every error is within ``tolerance`` of target
     (at most ``(1 + tolerance) target``; lower is within too); None if the last is not."""
@@ -285,6 +299,55 @@ def _strategy_order(name: str, n: int, rng: np.random.Generator) -> list[int] | 
     if name == "advisor":
         return None
     raise AdvisorError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def _advisor_pick(
+    advisor: Advisor,
+    data: CandidateData,
+    picked: Sequence[int],
+    last: Any,
+    counts: NDArray[np.float64],
+    exposure: NDArray[np.float64],
+    *,
+    prior: str,
+    score: str,
+    weighting: str,
+) -> tuple[RankedCandidate, int, float]:
+    """(the advisor's best candidate not picked yet, its index, seconds the ranking took)
+    under the estimate ``last`` (None: by coverage alone)."""
+    kwargs: dict[str, Any] = {}
+    if last is not None:
+        kwargs = {
+            "mean": last.mean,
+            "std": last.std,
+            "counts": counts,
+            "exposure": exposure,
+        }
+    t0 = time.perf_counter()
+    # every candidate is ranked, those measured marked (as in the live loop, so that
+    # the scarcity weights describe the whole range); each orientation's events exist
+    # once here, so the best one not yet measured is taken
+    ranking = advisor.rank(
+        data.omegas,
+        data.coverage,
+        measured=[float(data.omegas[i]) for i in picked],
+        charge=float(np.mean(data.charge)),
+        prior=prior,
+        score=score,
+        weighting=weighting,
+        **kwargs,
+    )
+    seconds = time.perf_counter() - t0
+    # the best-ranked candidate not picked yet (by index: two candidates closer than
+    # the measured tolerance are still two orientations)
+    taken = set(picked)
+    best, pick = next(
+        (c, int(i))
+        for c in ranking.candidates
+        for i in np.flatnonzero(data.omegas == c.omega)
+        if int(i) not in taken
+    )
+    return best, pick, seconds
 
 
 def run_strategy(
@@ -312,7 +375,6 @@ def run_strategy(
     truth = np.array([data.truth[k] for k in fc_names])
     counts = np.zeros(data.counts.shape[1:])
     exposure = np.zeros(data.exposure.shape[1:])
-    coverage = data.coverage
     picked: list[int] = []
     errors: list[float] = []
     stds: list[float] = []
@@ -324,38 +386,18 @@ def run_strategy(
         if order is not None:
             pick = order[step]
         else:
-            kwargs: dict[str, Any] = {}
-            if last is not None:
-                kwargs = {
-                    "mean": last.mean,
-                    "std": last.std,
-                    "counts": counts,
-                    "exposure": exposure,
-                }
-            t0 = time.perf_counter()
-            # every candidate is ranked, those measured marked (as in the live loop, so that
-            # the scarcity weights describe the whole range); each orientation's events exist
-            # once here, so the best one not yet measured is taken
-            ranking = advisor.rank(
-                data.omegas,
-                coverage,
-                measured=[float(data.omegas[i]) for i in picked],
-                charge=float(np.mean(data.charge)),
+            best, pick, seconds = _advisor_pick(
+                advisor,
+                data,
+                picked,
+                last,
+                counts,
+                exposure,
                 prior=prior,
                 score=score,
                 weighting=weighting,
-                **kwargs,
             )
-            rank_seconds.append(time.perf_counter() - t0)
-            # the best-ranked candidate not picked yet (by index: two candidates closer than
-            # the measured tolerance are still two orientations)
-            taken = set(picked)
-            best, pick = next(
-                (c, int(i))
-                for c in ranking.candidates
-                for i in np.flatnonzero(data.omegas == c.omega)
-                if int(i) not in taken
-            )
+            rank_seconds.append(seconds)
             if best.expected_std:
                 exp = best.expected_std
                 predicted.append([exp[k] / w for k, w in zip(fc_names, width, strict=True)])
@@ -378,6 +420,99 @@ def run_strategy(
         out["reported_std"] = reported
         out["rank_seconds"] = rank_seconds
     return out
+
+
+def _check_benchmark(
+    strategies: Sequence[str],
+    *,
+    score: str,
+    weighting: str,
+    tolerance: float,
+    loose_tolerance: float,
+    budget: int,
+    seeds: int,
+    first_seed: int,
+) -> None:
+    """Refuse the benchmark's arguments before anything is loaded or simulated.
+
+    Raises
+    ------
+    AdvisorError
+        An unknown strategy, score or weighting, tolerances out of order, a budget or a
+        seed count below 1, a negative first seed.
+    """
+    for s in strategies:
+        _strategy_order(s, 1, np.random.default_rng(0))  # refuse unknown names early
+    check_score(score)
+    check_weighting(weighting)
+    if not (0 < tolerance <= loose_tolerance):
+        raise AdvisorError(
+            f"tolerances must satisfy 0 < tolerance <= loose tolerance, got {tolerance} and "
+            f"{loose_tolerance}"
+        )
+    if budget < 1 or seeds < 1:
+        raise AdvisorError(f"budget and seeds must be >= 1, got {budget} and {seeds}")
+    if first_seed < 0:
+        raise AdvisorError(f"first seed must be >= 0, got {first_seed}")
+
+
+@dataclass(slots=True)
+class _AdvisorTrace:
+    """The advisor's predicted and reported stds (influential FCs) and its ranking times,
+    over every seed."""
+
+    predicted: list[float] = field(default_factory=list)
+    reported: list[float] = field(default_factory=list)
+    rank_seconds: list[float] = field(default_factory=list)
+
+    def add(self, run: dict[str, Any], n_influential: int) -> None:
+        """Add the advisor's :func:`run_strategy` result on one seed."""
+        k = n_influential
+        for p, r in zip(run["predicted_std"], run["reported_std"], strict=False):
+            self.predicted += p[:k]
+            self.reported += r[:k]
+        self.rank_seconds += run["rank_seconds"]
+
+    def summarise(self, result: dict[str, Any]) -> None:
+        """Add the correlation of the predicted and reported stds and the median ranking
+        time to ``result`` (each when there is one)."""
+        if len(self.predicted) > 2:
+            result["advisor_std_correlation"] = float(
+                np.corrcoef(self.predicted, self.reported)[0, 1]
+            )
+        if self.rank_seconds:
+            result["advisor_rank_seconds_median"] = float(np.median(self.rank_seconds))
+
+
+def _add_run(
+    entry: dict[str, list[Any]],
+    run: dict[str, Any],
+    target: float,
+    tolerance: float,
+    loose_tolerance: float,
+) -> None:
+    """Add one strategy's run on one seed to its ``entry`` of the result."""
+    entry["orientations_to_target"].append(_to_target(run["error"], target, tolerance))
+    entry["orientations_to_loose_target"].append(_to_target(run["error"], target, loose_tolerance))
+    entry["final_error"].append(run["error"][-1])
+    entry["curve"].append({"error": run["error"], "std": run["std"]})
+
+
+def _add_medians(result: dict[str, Any], strategies: Sequence[str], budget: int) -> None:
+    """The median orientations to each target per strategy, and the advisor's ratios."""
+    # a seed that never reached the target counts as needing more than the budget
+    for key, suffix in (("orientations_to_target", ""), ("orientations_to_loose_target", "_loose")):
+        med = {
+            s: float(
+                np.median([budget + 1 if n is None else n for n in result["strategies"][s][key]])
+            )
+            for s in strategies
+        }
+        if "advisor" in med:
+            result["ratios" + suffix] = {
+                f"advisor/{s}": med["advisor"] / med[s] for s in strategies if s != "advisor"
+            }
+        result[f"median_{key}"] = med
 
 
 def closed_loop(
@@ -412,19 +547,16 @@ def closed_loop(
     from model_server.inversion.inference import Estimator
 
     t_start = time.perf_counter()
-    for s in strategies:
-        _strategy_order(s, 1, np.random.default_rng(0))  # refuse unknown names early
-    check_score(score)
-    check_weighting(weighting)
-    if not (0 < tolerance <= loose_tolerance):
-        raise AdvisorError(
-            f"tolerances must satisfy 0 < tolerance <= loose tolerance, got {tolerance} and "
-            f"{loose_tolerance}"
-        )
-    if budget < 1 or seeds < 1:
-        raise AdvisorError(f"budget and seeds must be >= 1, got {budget} and {seeds}")
-    if first_seed < 0:
-        raise AdvisorError(f"first seed must be >= 0, got {first_seed}")
+    _check_benchmark(
+        strategies,
+        score=score,
+        weighting=weighting,
+        tolerance=tolerance,
+        loose_tolerance=loose_tolerance,
+        budget=budget,
+        seeds=seeds,
+        first_seed=first_seed,
+    )
     omegas = np.arange(float(budget)) if candidates is None else np.asarray(candidates, float)
     estimator = Estimator(model)
     fc_names = estimator.fc_names
@@ -432,25 +564,22 @@ def closed_loop(
     advisor = Advisor(material)
     if tuple(advisor.fc_names) != tuple(fc_names):
         raise AdvisorError(f"model FCs {fc_names} differ from the advisor's {advisor.fc_names}")
-
-    def estimate(intensity: NDArray[np.float64], mask: NDArray[np.bool_]) -> Any:
-        return estimator.estimate(intensity, mask)
-
+    estimate = estimator.estimate
+    options: dict[str, Any] = {
+        "fc_names": fc_names,
+        "width": width,
+        "budget": budget,
+        "n_influential": n_influential,
+        "prior": prior,
+        "score": score,
+        "weighting": weighting,
+    }
+    keys = ("orientations_to_target", "orientations_to_loose_target", "final_error", "curve")
     result: dict[str, Any] = {
-        "strategies": {
-            s: {
-                "orientations_to_target": [],
-                "orientations_to_loose_target": [],
-                "final_error": [],
-                "curve": [],
-            }
-            for s in strategies
-        },
+        "strategies": {s: {k: [] for k in keys} for s in strategies},
         "target_error": [],
     }
-    corr_pred: list[float] = []
-    corr_rep: list[float] = []
-    rank_times: list[float] = []
+    trace = _AdvisorTrace()
     bar = tqdm(total=seeds * len(strategies), desc="closed loop", disable=not progress)
     for seed in range(first_seed, first_seed + seeds):
         data = load_or_simulate(
@@ -461,61 +590,19 @@ def closed_loop(
             events_per_orientation=events_per_orientation,
             cache_dir=cache_dir,
         )
-        truth = np.array([data.truth[k] for k in fc_names])
-        everything = Snapshot.of(data.counts.sum(0), data.exposure.sum(0), len(omegas))
-        from_all = estimate(everything.intensity, everything.mask)
-        result["model_version"] = from_all.model_version
-        target = _error(from_all.mean, truth, width, n_influential)
+        result["model_version"], target = _target(data, estimate, fc_names, width, n_influential)
         result["target_error"].append(target)
         for s in strategies:
-            run = run_strategy(
-                s,
-                data,
-                estimate,
-                advisor,
-                fc_names=fc_names,
-                width=width,
-                budget=budget,
-                n_influential=n_influential,
-                seed=seed,
-                prior=prior,
-                score=score,
-                weighting=weighting,
-            )
-            entry = result["strategies"][s]
-            entry["orientations_to_target"].append(_to_target(run["error"], target, tolerance))
-            entry["orientations_to_loose_target"].append(
-                _to_target(run["error"], target, loose_tolerance)
-            )
-            entry["final_error"].append(run["error"][-1])
-            entry["curve"].append({"error": run["error"], "std": run["std"]})
+            run = run_strategy(s, data, estimate, advisor, seed=seed, **options)
+            _add_run(result["strategies"][s], run, target, tolerance, loose_tolerance)
             if s == "advisor":
-                k = n_influential
-                for p, r in zip(run["predicted_std"], run["reported_std"], strict=False):
-                    corr_pred += p[:k]
-                    corr_rep += r[:k]
-                rank_times += run["rank_seconds"]
+                trace.add(run, n_influential)
             bar.update()
     bar.close()
-    # a seed that never reached the target counts as needing more than the budget
-    for key, suffix in (("orientations_to_target", ""), ("orientations_to_loose_target", "_loose")):
-        med = {
-            s: float(
-                np.median([budget + 1 if n is None else n for n in result["strategies"][s][key]])
-            )
-            for s in strategies
-        }
-        if "advisor" in med:
-            result["ratios" + suffix] = {
-                f"advisor/{s}": med["advisor"] / med[s] for s in strategies if s != "advisor"
-            }
-        result[f"median_{key}"] = med
+    _add_medians(result, strategies, budget)
     result["tolerance"] = tolerance
     result["loose_tolerance"] = loose_tolerance
-    if len(corr_pred) > 2:
-        result["advisor_std_correlation"] = float(np.corrcoef(corr_pred, corr_rep)[0, 1])
-    if rank_times:
-        result["advisor_rank_seconds_median"] = float(np.median(rank_times))
+    trace.summarise(result)
     result["influential_fcs"] = list(fc_names[:n_influential])
     result["events_per_orientation"] = events_per_orientation
     result["advisor_prior"] = prior

@@ -61,6 +61,7 @@ from numpy.typing import NDArray
 from simulations.fcdb.reference import load_reference
 from simulations.instrument.spectrometer import Instrument
 from simulations.lattice.materials import MaterialSetup, setup
+from simulations.units import K_B_MEV_ROUNDED
 from steering.exceptions import AdvisorError
 
 __all__ = [
@@ -138,10 +139,6 @@ def scarcity_weights(coverage: NDArray[np.floating]) -> NDArray[np.float64]:
     if reached.any():
         w /= w[reached].mean()
     return w
-
-
-#: k_B in meV / K.
-K_B = 0.0861733
 
 
 def candidate_omegas(
@@ -320,7 +317,7 @@ class Advisor:
         self.background = float(background)
         e = self.ms.grid.energy_centres
         positive = e > 0
-        kt = K_B * self.temperature
+        kt = K_B_MEV_ROUNDED * self.temperature
         safe = np.where(positive, e, 1.0)
         #: (n_E,) g(E) = 1 / (E (1 - exp(-E/kT))) for E > 0, else 0 (left out)
         self.g = np.where(positive, 1.0 / (safe * -np.expm1(-safe / kt)), 0.0)
@@ -434,6 +431,33 @@ class Advisor:
             raise AdvisorError(f"prior must be 'model' or 'information', got {prior!r}")
         check_score(score)
         check_weighting(weighting)
+        cands = self._candidates(omegas, coverage, exposure, measured, charge)
+        spectrum_gain = _spectrum_gain(cands, charge, weighting)
+        if mean is None:
+            return self._coverage_ranking(cands, spectrum_gain, weighting, t0)
+        theta, c0, p0 = self._estimate_prior(mean, std, covariance)
+        # counts are fitted only together with the exposure they were measured with
+        gains = self._fc_gains(
+            cands,
+            theta,
+            c0,
+            p0,
+            counts=None if exposure is None else counts,
+            counts_scale=counts_scale,
+            charge=charge,
+            prior=prior,
+        )
+        return self._estimate_ranking(cands, spectrum_gain, gains, score, weighting, t0)
+
+    def _candidates(
+        self,
+        omegas: Sequence[float] | NDArray[np.float64],
+        coverage: NDArray[np.floating],
+        exposure: NDArray[np.floating] | None,
+        measured: Sequence[float],
+        charge: float,
+    ) -> _Candidates:
+        """The candidates checked and flattened onto the grid's bins (see :meth:`rank`)."""
         w = np.asarray(omegas, dtype=float).ravel()
         if len(w) == 0:
             raise AdvisorError("no candidate angles to rank (empty candidate range)")
@@ -458,40 +482,57 @@ class Advisor:
         new_bins = ((cov > 0) & (have[None, :] <= 0) & useful[None, :]).sum(axis=1)
         # a measured angle is the goniometer's settled reading: within MEASURED_TOLERANCE_DEG
         done = np.array([any(abs(x - m) <= MEASURED_TOLERANCE_DEG for m in measured) for x in w])
-        # the spectrum's D-optimal gain: each bin's intensity its own parameter, whose
-        # precision grows with its exposure
-        add = cov[:, useful] * charge  # exposure each candidate would add (uC sr meV)
-        floor = 1e-3 * float(np.median(add[add > 0])) if np.any(add > 0) else 1.0
-        per_bin = np.log1p(add / np.maximum(have[useful], floor)[None, :])
-        if weighting == "scarcity":
-            spectrum_gain = per_bin @ scarcity_weights(cov[:, useful])
-        else:
-            spectrum_gain = per_bin.sum(1)
-        if mean is None:
-            gain = spectrum_gain
-            ranked = [
-                RankedCandidate(
-                    omega=float(w[i]),
-                    score=float(gain[i]),
-                    measured=bool(done[i]),
-                    new_bins=int(new_bins[i]),
-                    expected_counts=None,
-                    expected_std={},
-                    a_gain=None,
-                    spectrum_gain=float(gain[i]),
-                )
-                for i in np.argsort(-gain, kind="stable")
-            ]
-            return Ranking(
-                candidates=tuple(ranked),
-                basis="coverage",
-                weighting=weighting,
-                note="no FC estimate yet: ranked by expected coverage alone (the exposure "
-                "each angle adds where little has been measured"
-                + (", most where the whole range gives least)" if weighting == "scarcity" else ")"),
-                fc_names=self.fc_names,
-                seconds=time.perf_counter() - t0,
+        return _Candidates(
+            omegas=w,
+            coverage=cov,
+            have=have,
+            g_bins=g_bins,
+            useful=useful,
+            new_bins=new_bins,
+            measured=done,
+        )
+
+    def _coverage_ranking(
+        self,
+        cands: _Candidates,
+        spectrum_gain: NDArray[np.float64],
+        weighting: str,
+        t0: float,
+    ) -> Ranking:
+        """The ranking without an estimate: by the spectrum's gain alone."""
+        gain = spectrum_gain
+        ranked = [
+            RankedCandidate(
+                omega=float(cands.omegas[i]),
+                score=float(gain[i]),
+                measured=bool(cands.measured[i]),
+                new_bins=int(cands.new_bins[i]),
+                expected_counts=None,
+                expected_std={},
+                a_gain=None,
+                spectrum_gain=float(gain[i]),
             )
+            for i in np.argsort(-gain, kind="stable")
+        ]
+        return Ranking(
+            candidates=tuple(ranked),
+            basis="coverage",
+            weighting=weighting,
+            note="no FC estimate yet: ranked by expected coverage alone (the exposure "
+            "each angle adds where little has been measured"
+            + (", most where the whole range gives least)" if weighting == "scarcity" else ")"),
+            fc_names=self.fc_names,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _estimate_prior(
+        self,
+        mean: NDArray[np.float64],
+        std: NDArray[np.float64] | None,
+        covariance: NDArray[np.float64] | None,
+    ) -> tuple[NDArray[np.float64], NDArray[np.floating], NDArray[np.floating]]:
+        """(theta (n_fc,) eV/A^2, covariance c0 and precision p0 (n_fc, n_fc), both in
+        training-domain widths) of the model server's estimate, checked."""
         theta = np.asarray(mean, dtype=float).ravel()
         n_fc = len(self.fc_names)
         if theta.shape != (n_fc,) or not np.all(np.isfinite(theta)):
@@ -516,13 +557,23 @@ class Advisor:
             np.linalg.cholesky(p0)
         except np.linalg.LinAlgError as exc:
             raise AdvisorError("the estimate's covariance is not positive definite") from exc
-        intensity, jac = self.model(theta)
-        signal = np.maximum(intensity, 0.0) * g_bins  # g I per bin (0 where E <= 0)
+        return theta, c0, p0
+
+    def _counts_scale(
+        self,
+        signal: NDArray[np.float64],
+        cands: _Candidates,
+        counts: NDArray[np.floating] | None,
+        counts_scale: float | None,
+    ) -> float:
+        """kappa: given, else fitted to the ``counts`` measured with ``cands.have``, else 1."""
+        have, useful = cands.have, cands.useful
         if counts_scale is not None:
             kappa = float(counts_scale)
-        elif counts is not None and exposure is not None:
+        elif counts is not None:
             n = np.asarray(counts, dtype=float).ravel()
             if n.shape != have.shape:
+                n_q, n_e = self.grid_shape
                 raise AdvisorError(f"counts must have shape ({n_q}, {n_e})")
             ok = useful & (have > 0) & np.isfinite(n)
             expected = (have * signal)[ok].sum()
@@ -533,73 +584,181 @@ class Advisor:
             kappa = 1.0
         if not kappa > 0:
             raise AdvisorError(f"counts scale must be > 0, got {kappa}")
+        return kappa
+
+    def _fc_gains(
+        self,
+        cands: _Candidates,
+        theta: NDArray[np.float64],
+        c0: NDArray[np.floating],
+        p0: NDArray[np.floating],
+        *,
+        counts: NDArray[np.floating] | None,
+        counts_scale: float | None,
+        charge: float,
+        prior: str,
+    ) -> _FCGains:
+        """The Fisher information each candidate adds under ``theta`` and the gains of the
+        FC posterior (against the prior ``c0``/``p0``, or the information one)."""
+        n_fc = len(self.fc_names)
+        intensity, jac = self.model(theta)
+        signal = np.maximum(intensity, 0.0) * cands.g_bins  # g I per bin (0 where E <= 0)
+        kappa = self._counts_scale(signal, cands, counts, counts_scale)
         # lambda (n_c, n_b) and the per-bin Fisher weight (Q c kappa g)^2 / lambda
-        keep = useful & (signal + self.background > 0)
-        cb = cov[:, keep] * charge
+        g_bins = cands.g_bins
+        keep = cands.useful & (signal + self.background > 0)
+        cb = cands.coverage[:, keep] * charge
         lam = cb * (kappa * signal[keep] + self.background)[None, :]
         amp = cb * (kappa * g_bins[keep])[None, :]
         weight = np.divide(amp * amp, lam, out=np.zeros_like(lam), where=lam > 0)
         jk = jac[keep]
         outer = (jk[:, :, None] * jk[:, None, :]).reshape(len(jk), -1)
-        fisher = (weight @ outer).reshape(len(w), n_fc, n_fc)
+        fisher = (weight @ outer).reshape(len(cands.omegas), n_fc, n_fc)
         if prior == "information":
             # the information already gathered: Fisher information is linear in exposure,
             # F(C) = sum_b C_b (kappa g_b)^2 / (kappa g_b I_b + beta) J_b J_b^T
             per_exposure = (kappa * g_bins[keep]) ** 2 / (kappa * signal[keep] + self.background)
-            measured_f = ((have[keep] * per_exposure) @ outer).reshape(n_fc, n_fc)
+            measured_f = ((cands.have[keep] * per_exposure) @ outer).reshape(n_fc, n_fc)
             c0 = np.eye(n_fc) / 12.0  # uniform prior over the training domain
             p0 = np.linalg.inv(c0) + measured_f
             c0 = np.linalg.inv(p0)
-        post = p0[None] + fisher
-        _, logdet0 = np.linalg.slogdet(p0)
-        sign, logdet = np.linalg.slogdet(post)
-        d_gain = np.where(sign > 0, logdet - logdet0, 0.0)
-        post_cov = np.linalg.inv(post)
-        var_after = np.diagonal(post_cov, axis1=1, axis2=2)
-        a_gain = np.trace(c0) - var_after.sum(axis=1)
-        std_after = np.sqrt(np.maximum(var_after, 0.0)) * self.width[None, :]
-        expected_counts = lam.sum(axis=1)
-        by = spectrum_gain if score == "spectrum" else d_gain
+        return _posterior_gains(c0, p0, fisher, lam, kappa, self.width)
+
+    def _estimate_ranking(
+        self,
+        cands: _Candidates,
+        spectrum_gain: NDArray[np.float64],
+        gains: _FCGains,
+        score: str,
+        weighting: str,
+        t0: float,
+    ) -> Ranking:
+        """The ranking under an estimate, sorted by ``score``'s gain."""
+        by = spectrum_gain if score == "spectrum" else gains.d_gain
         ranked = [
             RankedCandidate(
-                omega=float(w[i]),
+                omega=float(cands.omegas[i]),
                 score=float(by[i]),
-                measured=bool(done[i]),
-                new_bins=int(new_bins[i]),
-                expected_counts=float(expected_counts[i]),
-                expected_std=dict(zip(self.fc_names, map(float, std_after[i]), strict=True)),
-                a_gain=float(a_gain[i]),
+                measured=bool(cands.measured[i]),
+                new_bins=int(cands.new_bins[i]),
+                expected_counts=float(gains.expected_counts[i]),
+                expected_std=dict(zip(self.fc_names, map(float, gains.std_after[i]), strict=True)),
+                a_gain=float(gains.a_gain[i]),
                 spectrum_gain=float(spectrum_gain[i]),
-                fc_gain=float(d_gain[i]),
+                fc_gain=float(gains.d_gain[i]),
             )
             for i in np.argsort(-by, kind="stable")
         ]
-        current = np.sqrt(np.diag(c0)) * self.width
-        if score == "spectrum":
-            basis = "spectrum-d-optimal"
-            note = (
-                "ranked by the expected D-optimal gain of the spectrum (every bin's intensity "
-                "its own parameter"
-                + (
-                    ", the bins the whole range gives least exposure weighing most"
-                    if weighting == "scarcity"
-                    else ""
-                )
-                + "); the FC posterior each pick would give is reported beside"
-            )
-        else:
-            basis = "fisher-d-optimal"
-            note = (
-                "ranked by the expected D-optimal gain of the FC posterior (Fisher "
-                "information of the Poisson counts under the current estimate)"
-            )
+        basis, note = _basis_and_note(score, weighting)
         return Ranking(
             candidates=tuple(ranked),
             basis=basis,
             weighting=weighting,
             note=note,
             fc_names=self.fc_names,
-            current_std={n: float(x) for n, x in zip(self.fc_names, current, strict=True)},
-            counts_scale=kappa,
+            current_std={
+                n: float(x) for n, x in zip(self.fc_names, gains.current_std, strict=True)
+            },
+            counts_scale=gains.kappa,
             seconds=time.perf_counter() - t0,
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Candidates:
+    """The candidates of one ranking on the grid's n_b = n_q * n_E bins (flattened)."""
+
+    #: (n_c,) goniometer angles, degrees
+    omegas: NDArray[np.float64]
+    #: (n_c, n_b) coverage of every candidate, sr meV
+    coverage: NDArray[np.float64]
+    #: (n_b,) exposure measured so far, uC sr meV (0 where not finite or not given)
+    have: NDArray[np.float64]
+    #: (n_b,) g(E) of every bin (0 where E <= 0)
+    g_bins: NDArray[np.float64]
+    #: (n_b,) bool: the bins with E > 0, the only ones that carry information here
+    useful: NDArray[np.bool_]
+    #: (n_c,) bins with E > 0 each would measure that nothing measured so far covers
+    new_bins: NDArray[np.integer]
+    #: (n_c,) bool: already measured
+    measured: NDArray[np.bool_]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _FCGains:
+    """What measuring each candidate would do to the FC posterior."""
+
+    #: (n_c,) D-optimal gain, ``log det(P0 + F) - log det P0``
+    d_gain: NDArray[np.float64]
+    #: (n_c,) A-optimal gain: drop of the trace of the covariance (domain-width units)
+    a_gain: NDArray[np.float64]
+    #: (n_c, n_fc) expected std of every FC after the measurement, eV/A^2
+    std_after: NDArray[np.float64]
+    #: (n_c,) counts each would give in the bins with E > 0
+    expected_counts: NDArray[np.float64]
+    #: (n_fc,) std of the prior the gains are measured against, eV/A^2
+    current_std: NDArray[np.float64]
+    #: counts per uC per sr meV per unit of g I
+    kappa: float
+
+
+def _spectrum_gain(cands: _Candidates, charge: float, weighting: str) -> NDArray[np.float64]:
+    """(n_c,) the spectrum's D-optimal gain: each bin's intensity its own parameter, whose
+    precision grows with its exposure, ``sum_b w_b log(1 + Q c_b / max(C_b, floor))``."""
+    useful, have = cands.useful, cands.have
+    add = cands.coverage[:, useful] * charge  # exposure each candidate would add (uC sr meV)
+    floor = 1e-3 * float(np.median(add[add > 0])) if np.any(add > 0) else 1.0
+    per_bin = np.log1p(add / np.maximum(have[useful], floor)[None, :])
+    if weighting == "scarcity":
+        gain: NDArray[np.float64] = per_bin @ scarcity_weights(cands.coverage[:, useful])
+        return gain
+    return per_bin.sum(1)
+
+
+def _posterior_gains(
+    c0: NDArray[np.floating],
+    p0: NDArray[np.floating],
+    fisher: NDArray[np.float64],
+    lam: NDArray[np.float64],
+    kappa: float,
+    width: NDArray[np.float64],
+) -> _FCGains:
+    """The gains of adding ``fisher`` (n_c, n_fc, n_fc) to the precision ``p0`` (covariance
+    ``c0``, domain-width units); ``lam`` (n_c, n_b) the expected counts per bin, ``width``
+    (n_fc,) the training domain's, eV/A^2."""
+    post = p0[None] + fisher
+    _, logdet0 = np.linalg.slogdet(p0)
+    sign, logdet = np.linalg.slogdet(post)
+    d_gain = np.where(sign > 0, logdet - logdet0, 0.0)
+    post_cov = np.linalg.inv(post)
+    var_after = np.diagonal(post_cov, axis1=1, axis2=2)
+    a_gain = np.trace(c0) - var_after.sum(axis=1)
+    std_after = np.sqrt(np.maximum(var_after, 0.0)) * width[None, :]
+    return _FCGains(
+        d_gain=d_gain,
+        a_gain=a_gain,
+        std_after=std_after,
+        expected_counts=lam.sum(axis=1),
+        current_std=np.sqrt(np.diag(c0)) * width,
+        kappa=kappa,
+    )
+
+
+def _basis_and_note(score: str, weighting: str) -> tuple[str, str]:
+    """:attr:`Ranking.basis` and :attr:`Ranking.note` of a ranking under an estimate."""
+    if score == "spectrum":
+        note = (
+            "ranked by the expected D-optimal gain of the spectrum (every bin's intensity "
+            "its own parameter"
+            + (
+                ", the bins the whole range gives least exposure weighing most"
+                if weighting == "scarcity"
+                else ""
+            )
+            + "); the FC posterior each pick would give is reported beside"
+        )
+        return "spectrum-d-optimal", note
+    return "fisher-d-optimal", (
+        "ranked by the expected D-optimal gain of the FC posterior (Fisher "
+        "information of the Poisson counts under the current estimate)"
+    )

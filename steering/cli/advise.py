@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
+from steering.cli.options import (
+    EiOpt,
+    JsonOpt,
+    MaterialOpt,
+    Prior,
+    ScoreOpt,
+    TemperatureOpt,
+    WeightingOpt,
+    parse_range,
+)
 from steering.exceptions import AdvisorError
+
+if TYPE_CHECKING:
+    from simulations.instrument.spectrometer import Instrument
+    from simulations.lattice.materials import MaterialSetup
+    from steering.advisor.ranking import Advisor
 
 __all__ = ["advise_app"]
 
@@ -18,39 +33,6 @@ advise_app = typer.Typer(
     "FCs; the closed-loop benchmark of strategies.",
     no_args_is_help=True,
 )
-
-
-#: ``--score`` of ``advise rank`` and ``advise benchmark``
-ScoreOption = Annotated[
-    str,
-    typer.Option(
-        "--score",
-        help="Sort by the spectrum's D-optimal gain (spectrum: what the learned "
-        "estimator needs) or the FC posterior's (fc); both are reported.",
-    ),
-]
-
-
-#: ``--weighting`` of ``advise rank`` and ``advise benchmark``
-WeightingOption = Annotated[
-    str,
-    typer.Option(
-        "--weighting",
-        help="How the spectrum's gain weighs its bins: scarcity (1 / the exposure all the "
-        "candidates together give the bin: the high-symmetry points' small bins weigh most) "
-        "or uniform.",
-    ),
-]
-
-
-def _range(spec: str) -> tuple[float, float, float]:
-    try:
-        parts = [float(x) for x in spec.split(":")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (2, 3):
-        raise AdvisorError(f"cannot read range {spec!r}: use start:stop[:step] (degrees)")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else 1.0
 
 
 def _estimate_from(path: Path, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +52,7 @@ def _estimate_from(path: Path, names: tuple[str, ...]) -> tuple[np.ndarray, np.n
 
 @advise_app.command("rank")
 def rank_cmd(
-    material: Annotated[str, typer.Option("--material", "-m", help="Shipped material.")] = "Ge",
+    material: MaterialOpt = "Ge",
     candidates: Annotated[
         str, typer.Option("--candidates", help="Candidate angles start:stop[:step], degrees.")
     ] = "0:120:1",
@@ -96,31 +78,23 @@ def rank_cmd(
     charge: Annotated[
         float, typer.Option("--charge", help="Proton charge of one orientation, uC.")
     ] = 23.3,
-    ei: Annotated[float | None, typer.Option("--ei", help="Incident energy, meV.")] = None,
-    temperature: Annotated[
-        float, typer.Option("--temperature", help="Sample temperature, K (Bose factor).")
-    ] = 5.0,
+    ei: EiOpt = None,
+    temperature: TemperatureOpt = 5.0,
     top: Annotated[int, typer.Option("--top", help="Candidates to print.")] = 10,
-    score: ScoreOption = "spectrum",
-    weighting: WeightingOption = "scarcity",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    score: ScoreOpt = "spectrum",
+    weighting: WeightingOpt = "scarcity",
+    as_json: JsonOpt = False,
 ) -> None:
     """Rank candidate angles (the instrument model's coverage of each, ARCS-like detector,
     mounting u = [1,0,0], v = [0,1,0]) by their D-optimal gain (--score), reporting the FC
     posterior each would give."""
-    from tqdm import tqdm
-
-    from consumers.reduction.folding import Folder, FoldTable
-    from simulations.fcdb.reference import load_reference, resolve_fc
-    from simulations.instrument.spectrometer import Instrument, Orientation
+    from simulations.instrument.spectrometer import Instrument
     from simulations.lattice.materials import setup
-    from steering.advisor.ranking import Advisor, candidate_omegas, check_score, check_weighting
+    from steering.advisor.ranking import Advisor, candidate_omegas
 
-    check_score(score, "--score")
-    check_weighting(weighting, "--weighting")
     ins = Instrument.arcs_like()
-    omegas = candidate_omegas(*_range(candidates), ins)
-    done = list(candidate_omegas(*_range(measured), ins)) if measured else []
+    omegas = candidate_omegas(*parse_range(candidates), ins)
+    done = list(candidate_omegas(*parse_range(measured), ins)) if measured else []
     ms = setup(material)
     advisor = Advisor(material, material_setup=ms, temperature=temperature)
     kwargs: dict[str, Any] = {}
@@ -128,17 +102,10 @@ def rank_cmd(
         kwargs["mean"], kwargs["std"] = _estimate_from(estimate, advisor.fc_names)
         kwargs["counts_scale"] = counts_scale
     elif fc is not None:
-        ref = load_reference(material)
-        _, full = resolve_fc(material, fc, ms)
-        kwargs["mean"] = np.array([full[ref.names.index(n)] for n in advisor.fc_names])
-        kwargs["std"] = std_fraction * advisor.width
+        kwargs["mean"], kwargs["std"] = _named_estimate(advisor, ms, fc, std_fraction)
         kwargs["counts_scale"] = counts_scale
     energy = float(ei if ei is not None else ms.defaults.ei)
-    orientation = Orientation.from_vectors(ms.crystal, (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
-    folder = Folder(FoldTable.cached(ms.crystal, ms.grid), ms.grid, ins, orientation, energy)
-    cover = np.stack(
-        [folder.coverage(w) for w in tqdm(omegas, desc="coverage", unit="angle", leave=False)]
-    )
+    cover = _coverages(ms, ins, omegas, energy)
     ranking = advisor.rank(
         omegas, cover, measured=done, charge=charge, score=score, weighting=weighting, **kwargs
     )
@@ -152,9 +119,75 @@ def rank_cmd(
         typer.echo(f"  omega {c['omega']:7.2f} deg  score {c['score']:.4g}{mark}")
 
 
+def _named_estimate(
+    advisor: Advisor, ms: MaterialSetup, fc: str, std_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of the advisor's FCs: the named set ``fc`` (eV/A^2), with a std of
+    ``std_fraction`` of the training domain's width."""
+    from simulations.fcdb.reference import load_reference, resolve_fc
+
+    ref = load_reference(advisor.material)
+    _, full = resolve_fc(advisor.material, fc, ms)
+    mean = np.array([full[ref.names.index(n)] for n in advisor.fc_names])
+    return mean, std_fraction * advisor.width
+
+
+def _coverages(
+    ms: MaterialSetup, instrument: Instrument, omegas: np.ndarray, ei: float
+) -> np.ndarray:
+    """Coverage of each goniometer angle in ``omegas`` (degrees), (n_omega, n_q, n_E), for
+    the mounting u = [1,0,0], v = [0,1,0] at incident energy ``ei`` (meV)."""
+    from tqdm import tqdm
+
+    from consumers.reduction.folding import Folder
+    from consumers.reduction.table import FoldTable
+    from simulations.instrument.spectrometer import Orientation
+
+    orientation = Orientation.from_vectors(ms.crystal, (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    folder = Folder(FoldTable.cached(ms.crystal, ms.grid), ms.grid, instrument, orientation, ei)
+    return np.stack(
+        [folder.coverage(w) for w in tqdm(omegas, desc="coverage", unit="angle", leave=False)]
+    )
+
+
+# benchmark's options with long help texts
+SeedsOpt = Annotated[
+    int,
+    typer.Option(
+        "--seeds",
+        help="Simulated runs of the same crystal (--fc): each seed draws new events, "
+        "readbacks and charges.",
+    ),
+]
+PriorOpt = Annotated[
+    Prior,
+    typer.Option(
+        "--prior",
+        help="Advisor's posterior: information (prior + Fisher information measured "
+        "so far) or model (the model server's std).",
+    ),
+]
+TargetOpt = Annotated[
+    float,
+    typer.Option(
+        "--tolerance",
+        help="Target band: reached when the error stays within this fraction of the "
+        "all-orientations error.",
+    ),
+]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache",
+        help="Keep each seed's simulated candidates here and reuse them (keyed by the "
+        "arguments and the simulation and fold code).",
+    ),
+]
+
+
 @advise_app.command("benchmark")
 def benchmark_cmd(
-    material: Annotated[str, typer.Option("--material", "-m", help="Shipped material.")] = "Ge",
+    material: MaterialOpt = "Ge",
     fc: Annotated[str, typer.Option("--fc", help="True FC set of the simulated crystal.")] = (
         "raman"
     ),
@@ -165,14 +198,7 @@ def benchmark_cmd(
     budget: Annotated[
         int, typer.Option("--budget", help="Candidates (0, 1, ... deg) and picks.")
     ] = 120,
-    seeds: Annotated[
-        int,
-        typer.Option(
-            "--seeds",
-            help="Simulated runs of the same crystal (--fc): each seed draws new events, "
-            "readbacks and charges.",
-        ),
-    ] = 5,
+    seeds: SeedsOpt = 5,
     first_seed: Annotated[
         int, typer.Option("--first-seed", help="First seed (held-out seeds: e.g. 5).")
     ] = 0,
@@ -185,36 +211,15 @@ def benchmark_cmd(
     out: Annotated[Path, typer.Option("--out", help="PNG of the curves.")] = Path(
         "advise_benchmark.png"
     ),
-    prior: Annotated[
-        str,
-        typer.Option(
-            "--prior",
-            help="Advisor's posterior: information (prior + Fisher information measured "
-            "so far) or model (the model server's std).",
-        ),
-    ] = "information",
-    score: ScoreOption = "spectrum",
-    weighting: WeightingOption = "scarcity",
-    tolerance: Annotated[
-        float,
-        typer.Option(
-            "--tolerance",
-            help="Target band: reached when the error stays within this fraction of the "
-            "all-orientations error.",
-        ),
-    ] = 0.10,
+    prior: PriorOpt = "information",
+    score: ScoreOpt = "spectrum",
+    weighting: WeightingOpt = "scarcity",
+    tolerance: TargetOpt = 0.10,
     loose_tolerance: Annotated[
         float, typer.Option("--loose-tolerance", help="A looser band, reported beside it.")
     ] = 0.25,
-    cache: Annotated[
-        Path | None,
-        typer.Option(
-            "--cache",
-            help="Keep each seed's simulated candidates here and reuse them (keyed by the "
-            "arguments and the simulation and fold code).",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Closed loop: each strategy picks orientations one at a time from the same simulated
     candidates; after each pick the model server estimates the FCs."""
@@ -240,10 +245,15 @@ def benchmark_cmd(
     )
     if as_json:
         typer.echo(json.dumps(result))
-        return
+    else:
+        _print_benchmark(result, loose_tolerance, out)
+
+
+def _print_benchmark(result: dict[str, Any], loose_tolerance: float, plot: Path) -> None:
+    """Each strategy's orientations to the target bands, and where the curves are."""
     for name, entry in result["strategies"].items():
         typer.echo(
             f"{name:>10}: orientations to target {entry['orientations_to_target']} "
             f"(within {loose_tolerance:.0%}: {entry['orientations_to_loose_target']})"
         )
-    typer.echo(f"curves: {out}")
+    typer.echo(f"curves: {plot}")

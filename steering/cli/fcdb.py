@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from steering.cli.options import JsonOpt
+from steering.cli.output import command_line
 
 __all__ = ["fcdb_app"]
 
@@ -46,7 +47,7 @@ def build_cmd(
         list[str] | None,
         typer.Option("--prototype", help="Only this prototype (repeatable), e.g. fcc."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Relax each crystal, compute its FCs by finite displacements, keep its stability verdict.
 
@@ -65,7 +66,7 @@ def build_cmd(
             retry_failed=retry_failed,
             prototypes=prototype or None,
             progress=True,
-            command="steer " + shlex.join(sys.argv[1:]),
+            command=command_line(),
         )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the finished crystals were packed
         typer.echo(
@@ -88,7 +89,7 @@ def info_cmd(
     path: Annotated[
         Path | None, typer.Argument(help="Database file (default: the committed one).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Counts per prototype, split and stability; provenance of the build."""
     from simulations.fcdb.database import database_info

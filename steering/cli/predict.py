@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import typer
 
+from steering.cli.options import IndirectInstrument, JsonOpt, TemperatureOpt
 from steering.exceptions import SteeringError
 
 __all__ = ["KINDS", "predict_cmd", "summary"]
@@ -213,9 +214,7 @@ def predict_cmd(
             "material (mlff_mean, raman...).",
         ),
     ] = None,
-    temperature: Annotated[
-        float, typer.Option("--temperature", help="Sample temperature, K.")
-    ] = 5.0,
+    temperature: TemperatureOpt = 5.0,
     omega: Annotated[
         list[str] | None,
         typer.Option(
@@ -223,7 +222,8 @@ def predict_cmd(
         ),
     ] = None,
     instrument: Annotated[
-        str, typer.Option("--instrument", help="indirect: vision or tosca.")
+        IndirectInstrument,
+        typer.Option("--instrument", case_sensitive=False, help="indirect: vision or tosca."),
     ] = "vision",
     orders: Annotated[
         int, typer.Option("--orders", help="indirect: highest phonon order (1-4).")
@@ -232,7 +232,7 @@ def predict_cmd(
     out: Annotated[
         Path | None, typer.Option("--out", help="Write a PNG (labelled axes and units).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Predict the spectrum of a crystal. Without --fc a CIF's force constants come from
     the e3nn structure -> force-constant model, with its distance from the training set
@@ -253,15 +253,25 @@ def predict_cmd(
         indirect_orders=orders,
     )
     if out is not None:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(prediction.to_png())
-        except OSError as exc:
-            raise SteeringError(f"cannot write {out}: {exc}") from exc
+        _write_png(prediction, out)
     doc = summary(prediction, kind, out)
     if as_json:
         typer.echo(json.dumps(doc, default=_json_default))
-        return
+    else:
+        _print_summary(doc, kind, out)
+
+
+def _write_png(prediction: Any, out: Path) -> None:
+    """Write the prediction's figure to ``out`` (PNG), making its folder."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(prediction.to_png())
+    except OSError as exc:
+        raise SteeringError(f"cannot write {out}: {exc}") from exc
+
+
+def _print_summary(doc: dict[str, Any], kind: str, out: Path | None) -> None:
+    """The text form of :func:`summary`'s ``doc``: the crystal, its FCs, warnings."""
     domain = (
         ""
         if doc["in_domain"] is None

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.reduction.folding import Folder, FoldTable
+from consumers.reduction.folding import Folder
+from consumers.reduction.table import FoldTable
 from simulations.fcdb.reference import load_reference
 from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.lattice.materials import setup

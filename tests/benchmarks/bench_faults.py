@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.kafka.transport import embedded_broker, replay
+from consumers.kafka import embedded_broker
+from consumers.replay import replay
 from tests.conftest import consume_cmd, kill_restart_cycles, small_ge_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from consumers.offline import fold_recorded_run
-from consumers.reduction.folding import Folder, FoldTable
+from consumers.reduction.folding import Folder
+from consumers.reduction.table import FoldTable
 from simulations.instrument.binning import ReferenceBinning
 from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
 from simulations.lattice.materials import setup

@@ -40,7 +40,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from consumers.kafka.transport import SourceMessage
+from consumers.messages import SourceMessage
 from consumers.reduction.pipeline import RunPipeline, schema_of
 from consumers.service import ConsumerService
 from simulations.runs.recording import RunReader

@@ -22,10 +22,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-import consumers.reduction.folding as folding
-from consumers.kafka.transport import KafkaSource, embedded_broker, replay
+import consumers.reduction.coverage_cache as coverage_cache
+from consumers.kafka import KafkaSource, embedded_broker
 from consumers.offline import precompute_coverages, run_setup
-from consumers.reduction.folding import FoldTable
+from consumers.reduction.table import FoldTable
+from consumers.replay import replay
 from consumers.service import ConsumerService
 from simulations.lattice.materials import setup
 from simulations.runs.simulate import RunPlan, simulate_run
@@ -66,8 +67,8 @@ def bench_kafka_end_to_end(tmp_path: Path, monkeypatch) -> None:  # type: ignore
 
     def live(bootstrap: str, *, memory: bool = False) -> tuple[float, ConsumerService]:
         if not memory:  # a fresh consumer process: nothing in memory
-            with folding._COVERAGE_LOCK:
-                folding._COVERAGE_CACHE.clear()
+            with coverage_cache._COVERAGE_LOCK:
+                coverage_cache._COVERAGE_CACHE.clear()
         g = next(groups)
         src = KafkaSource(bootstrap, "bench", group_id=f"bench-live-{g}")
         t = time.perf_counter()
@@ -87,7 +88,7 @@ def bench_kafka_end_to_end(tmp_path: Path, monkeypatch) -> None:  # type: ignore
         folder, angles = run_setup(run)
         pre = precompute_coverages(folder, angles, progress=False)
         assert pre["computed"] == 0, pre  # the cold run wrote every angle
-        folding._COVERAGE_CACHE.clear()
+        coverage_cache._COVERAGE_CACHE.clear()
         t = time.perf_counter()
         fresh = precompute_coverages(folder, angles, progress=False)
         t_setup_check = time.perf_counter() - t

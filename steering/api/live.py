@@ -1,0 +1,128 @@
+"""The service itself: health, models, metrics, the live page and its event stream.
+
+* ``GET /health``: liveness and a one-line state;
+* ``GET /models``; ``POST /models/reload`` (token);
+* ``GET /metrics``: Prometheus;
+* ``GET /``: the live page; ``GET /stream``: server-sent events (an ``update`` per new
+  estimate).
+
+The run history and the live state come from the app (:mod:`steering.api.deps`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import consumers.metrics  # noqa: F401  (registers the service's metrics)
+import steering.metrics  # noqa: F401
+from steering.api.deps import HistoryDep, LiveDep, require_token
+from steering.api.state import LiveState
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+#: seconds between the stream's ``: keep-alive`` comments and between its polls of the state
+KEEP_ALIVE_S = 15
+POLL_S = 0.2
+
+
+@router.get("/health")
+def health(history: HistoryDep, live: LiveDep) -> dict[str, Any]:
+    """Liveness and a one-line state."""
+    runs = history.runs()
+    return {
+        "status": "ok",
+        "runs": len(runs),
+        "running": sum(r["state"] == "running" for r in runs),
+        "model_version": live.model_version,
+        "model_error": live.model_error,
+    }
+
+
+@router.get("/models")
+def models(history: HistoryDep, live: LiveDep) -> dict[str, Any]:
+    """The model in use and the versions loaded before."""
+    return {"current": live.model_version, "loaded": history.models()}
+
+
+@router.post("/models/reload", dependencies=[Depends(require_token)])
+def reload(live: LiveDep) -> dict[str, Any]:
+    """Reload the frozen model from its directory (token)."""
+    if live.reload is None:
+        raise HTTPException(409, "this service runs no model server")
+    try:
+        version = live.reload()
+    except Exception as exc:
+        raise HTTPException(422, f"reload failed: {exc}") from exc
+    live.model_version = str(version)
+    return {"model_version": live.model_version}
+
+
+@router.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _page_html() -> str:
+    return (Path(__file__).resolve().parents[1] / "static" / "index.html").read_text(
+        encoding="utf-8"
+    )
+
+
+@router.get("/", response_class=HTMLResponse)
+def page() -> HTMLResponse:
+    """The live page: spectrum and model, dispersion, FC trajectories, advice, coverage."""
+    return HTMLResponse(_page_html())
+
+
+async def _events(
+    request: Request, live: LiveState, start: int, timeout: float
+) -> AsyncIterator[str]:
+    """Server-sent events of the updates after version ``start``, for ``timeout`` s."""
+    seen = start
+    t_end = time.monotonic() + timeout
+    t_alive = time.monotonic()
+    yield "retry: 2000\n\n"
+    while time.monotonic() < t_end:
+        version, updates = live.changes(seen)
+        for u in sorted(updates, key=lambda x: x["version"]):
+            yield f"id: {u['version']}\nevent: update\ndata: {json.dumps(u)}\n\n"
+        seen = version
+        if time.monotonic() - t_alive > KEEP_ALIVE_S:
+            t_alive = time.monotonic()
+            yield ": keep-alive\n\n"
+        if await request.is_disconnected():
+            break
+        await asyncio.sleep(POLL_S)
+
+
+@router.get("/stream", responses={200: {"content": {"text/event-stream": {}}}})
+async def stream(
+    request: Request,
+    live: LiveDep,
+    since: Annotated[int, Query(ge=0, description="Last version seen.")] = 0,
+    timeout: Annotated[
+        float, Query(gt=0, le=86400, description="Close the stream after this many s.")
+    ] = 3600.0,
+) -> StreamingResponse:
+    """Server-sent events: an ``update`` event (JSON: run id, version, orientations,
+    latest FC means and stds) whenever a run gets a new estimate; ``: keep-alive``
+    comments every 15 s. Reconnecting clients send ``since`` (or Last-Event-ID)."""
+    last_id = request.headers.get("last-event-id", "")
+    start = int(last_id) if last_id.isdigit() else since
+    return StreamingResponse(
+        _events(request, live, start, timeout),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )

@@ -1,0 +1,131 @@
+"""``steer`` commands of the learned inversion (:mod:`model_server.inversion`): train a model,
+evaluate it, and estimate the FCs of a folded spectrum."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from steering.cli.options import (
+    JsonOpt,
+    MaterialOpt,
+    ModelOpt,
+    QuietOpt,
+    SamplesOpt,
+    SeedOpt,
+    ThreadsOpt,
+)
+from steering.cli.output import command_line, emit
+
+__all__ = ["estimate_cmd", "evaluate_cmd", "train_cmd"]
+
+
+def train_cmd(
+    material: MaterialOpt = "Ge",
+    data: Annotated[
+        Path, typer.Option("--data", help="Training set (steer simulate dataset --out).")
+    ] = Path("train.h5"),
+    out: Annotated[Path, typer.Option("--out", help="Model directory to write.")] = Path(
+        "models/ge"
+    ),
+    seed: SeedOpt = 0,
+    vae_epochs: Annotated[int, typer.Option("--vae-epochs", help="VAE epochs.")] = 10,
+    regressor_epochs: Annotated[
+        int, typer.Option("--regressor-epochs", help="Regressor epochs.")
+    ] = 8,
+    baseline_epochs: Annotated[
+        int, typer.Option("--baseline-epochs", help="Baseline CNN epochs.")
+    ] = 8,
+    threads: ThreadsOpt = 2,
+    coverage: Annotated[
+        Path | None,
+        typer.Option("--coverage", help="Saved coverage bank (.npz) instead of rebuilding it."),
+    ] = None,
+    calibrate_only: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate-only",
+            help="Only redo the calibration and out-of-domain thresholds of the model in "
+            "--out (trained on --data).",
+        ),
+    ] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the VAE, the regressor (calibrated) and the baseline CNN; write a frozen model."""
+    from model_server.inversion.training import TrainConfig, recalibrate_model, train_model
+
+    if calibrate_only:
+        summary = recalibrate_model(out, data, progress=not quiet, command=command_line())
+        emit(summary, as_json)
+        return
+
+    config = TrainConfig(
+        seed=seed,
+        vae_epochs=vae_epochs,
+        regressor_epochs=regressor_epochs,
+        baseline_epochs=baseline_epochs,
+        threads=threads,
+    )
+    summary = train_model(
+        material,
+        data,
+        out,
+        config=config,
+        coverage=coverage,
+        progress=not quiet,
+        command=command_line(),
+    )
+    emit(summary, as_json)
+
+
+def evaluate_cmd(
+    model: ModelOpt = Path("models/ge"),
+    n: Annotated[int, typer.Option("--n", help="Fresh test spectra.")] = 1500,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the test set and noise.")] = 123,
+    samples: SamplesOpt = 256,
+    threads: ThreadsOpt = 2,
+    no_write: Annotated[
+        bool,
+        typer.Option("--no-write", help="Do not write evaluation.json and PNGs to the model."),
+    ] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate on a fresh forward-model test set: R^2 clean and on the 5x5 noise grid,
+    calibration (clean, noisy, by orientations), the baseline CNN side by side."""
+    import torch
+
+    from model_server.inversion.evaluation import evaluate_model
+
+    torch.set_num_threads(max(1, threads))
+    report = evaluate_model(
+        model,
+        n=n,
+        seed=seed,
+        n_samples=samples,
+        write=not no_write,
+        progress=not quiet,
+        command=command_line(),
+    )
+    emit(report, as_json)
+
+
+def estimate_cmd(
+    iqe: Annotated[Path, typer.Argument(help="Folded spectrum file (steer fold --out).")],
+    model: ModelOpt = Path("models/ge"),
+    samples: SamplesOpt = 256,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    first: Annotated[
+        int | None,
+        typer.Option("--orientations", help="Use only the run's first N orientations."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """FC estimate (mean, std, quantiles, out-of-domain flag) of a folded spectrum."""
+    from model_server.inversion.inference import Estimator
+
+    estimator = Estimator(model, device=device, n_samples=samples)
+    emit(estimator.estimate_file(iqe, first=first).to_dict(), as_json)

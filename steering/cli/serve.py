@@ -1,0 +1,246 @@
+"""``steer`` commands that run the service: the status API with the live loop (``serve``), a
+model-server replica (``model-serve``) and the whole service on a simulated run (``demo``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from steering.cli.options import (
+    BootstrapOpt,
+    IdleExitOpt,
+    JsonOpt,
+    ModelDirOpt,
+    PrefixOpt,
+    Score,
+    StateDirOpt,
+    Weighting,
+)
+from steering.cli.output import emit
+
+if TYPE_CHECKING:
+    from steering.api.app import LiveState
+    from steering.db import History
+    from steering.service import SteeringService
+
+__all__ = ["demo_cmd", "model_serve_cmd", "serve_cmd"]
+
+logger = logging.getLogger(__name__)
+
+
+def serve_cmd(
+    host: Annotated[str, typer.Option("--host", envvar="STEER_HOST", help="Bind address.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", envvar="STEER_PORT", help="HTTP port.")] = 8000,
+    database: Annotated[
+        str,
+        typer.Option(
+            "--database", envvar="STEER_DATABASE_URL", help="SQLAlchemy URL of the run history."
+        ),
+    ] = "sqlite:///steer.db",
+    bootstrap: Annotated[
+        str | None,
+        typer.Option(
+            "--bootstrap",
+            envvar=["STEER_KAFKA_BOOTSTRAP", "STEER_BOOTSTRAP"],
+            help="Kafka to consume from (host:port); without it only the history is served.",
+        ),
+    ] = None,
+    prefix: PrefixOpt = "arcs",
+    state_dir: StateDirOpt = Path("steer_state"),
+    model_dir: ModelDirOpt = Path("models"),
+    advisor_score: Annotated[
+        Score,
+        typer.Option(
+            "--advisor-score",
+            envvar="STEER_ADVISOR_SCORE",
+            help="What the advisor sorts by: spectrum (the D-optimal gain of the spectrum, "
+            "what the learned estimator needs) or fc (the FC posterior's).",
+        ),
+    ] = "spectrum",
+    advisor_weighting: Annotated[
+        Weighting,
+        typer.Option(
+            "--advisor-weighting",
+            envvar="STEER_ADVISOR_WEIGHTING",
+            help="How the spectrum's gain weighs its bins: scarcity or uniform.",
+        ),
+    ] = "scarcity",
+) -> None:
+    """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
+    consumer, model server and advisor of a prefix. State changes need STEER_API_TOKEN."""
+    import os
+
+    from steering.api.app import LiveState
+    from steering.db import History
+
+    history = History(database)
+    live = LiveState()
+    service = None
+    if bootstrap:
+        service = _start_service(
+            bootstrap,
+            prefix,
+            state_dir=state_dir,
+            history=history,
+            live=live,
+            model_dir=model_dir,
+            advisor_score=advisor_score,
+            advisor_weighting=advisor_weighting,
+        )
+    token = os.environ.get("STEER_API_TOKEN") or None
+    if token is None:
+        logger.warning("STEER_API_TOKEN is not set: state-changing endpoints are disabled")
+    typer.echo(f"serving on http://{host}:{port}/ (OpenAPI at /docs)", err=True)
+    _serve_until_stopped(history, live, token, host=host, port=port, service=service)
+
+
+def _start_service(
+    bootstrap: str,
+    prefix: str,
+    *,
+    state_dir: Path,
+    history: History,
+    live: LiveState,
+    model_dir: Path,
+    advisor_score: Score,
+    advisor_weighting: Weighting,
+) -> SteeringService:
+    """Start the consumer, model server and advisor of ``prefix`` on the Kafka at
+    ``bootstrap`` (the arguments: those of :class:`steering.service.SteeringService`)."""
+    from steering.service import SteeringService
+
+    service = SteeringService(
+        bootstrap,
+        prefix,
+        state_dir=state_dir,
+        history=history,
+        live=live,
+        model_dir=model_dir,
+        advisor_score=advisor_score,
+        advisor_weighting=advisor_weighting,
+    )
+    service.start()
+    return service
+
+
+def _serve_until_stopped(
+    history: History,
+    live: LiveState,
+    token: str | None,
+    *,
+    host: str,
+    port: int,
+    service: SteeringService | None,
+) -> None:
+    """Serve the status API with uvicorn on ``host``:``port`` until Ctrl-C or SIGTERM (exit 0),
+    then stop ``service``."""
+    import signal
+
+    import uvicorn
+
+    from steering.api.app import create_app
+
+    class _Terminated(Exception):
+        pass
+
+    def _on_term(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    # uvicorn shuts down on SIGTERM, then raises the signal again: here, so that the
+    # consumer checkpoints and the process exits 0 (a restart, not a crash)
+    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        uvicorn.run(
+            create_app(history, token=token, live=live),
+            host=host,
+            port=port,
+            timeout_graceful_shutdown=5,
+        )
+    except _Terminated:
+        logger.info("SIGTERM: stopped")
+    finally:
+        if service is not None:
+            service.stop()
+
+
+def model_serve_cmd(
+    bootstrap: BootstrapOpt,
+    prefix: PrefixOpt,
+    model_dir: ModelDirOpt = Path("models"),
+    partitions: Annotated[
+        int,
+        typer.Option(
+            "--partitions", min=1, help="Partitions of <prefix>_folded when it is created."
+        ),
+    ] = 1,
+    idle: IdleExitOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A stateless model-server replica: estimates every snapshot on <prefix>_folded
+    (published by steer consume --publish-snapshots) and publishes it to
+    <prefix>_estimates. Run as many as <prefix>_folded has partitions; they share them in
+    the consumer group steer-<prefix>-model. Stop with SIGTERM or --idle-exit."""
+    from model_server.replica import ModelReplica
+
+    replica = ModelReplica(bootstrap, prefix, model_dir, partitions=partitions)
+    try:
+        replica.run(idle_exit_s=idle)
+    finally:
+        replica.close()
+    emit(replica.summary(), as_json)
+
+
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's outputs.")] = Path(
+        "demo_out"
+    ),
+    orientations: Annotated[
+        int, typer.Option("--orientations", min=2, max=720, help="Angles of the run (0-120 deg).")
+    ] = 60,
+    events: Annotated[
+        float, typer.Option("--events", min=1e3, help="Events per orientation (before folding).")
+    ] = 2e5,
+    speed: Annotated[
+        float, typer.Option("--speed", min=1.0, help="Replay speed (x real time, 60 s/angle).")
+    ] = 60.0,
+    port: Annotated[
+        int | None, typer.Option("--port", help="API / page port (default: a free one).")
+    ] = None,
+    keep_serving: Annotated[
+        bool, typer.Option("--keep-serving", help="Keep the page up after the run (Ctrl-C).")
+    ] = False,
+    physics: Annotated[
+        bool,
+        typer.Option(
+            "--physics", help="Also the physics demo (FC sets, phonopy export, training set)."
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole service on a simulated Ge run: embedded broker, fast replay, consumer, model
+    server, advisor, API and live page; a progress view, then a summary and plots."""
+    from steering.demo import run_demo
+
+    result = run_demo(
+        out,
+        orientations=orientations,
+        events_per_orientation=events,
+        speed=speed,
+        port=port,
+        keep_serving=keep_serving,
+    )
+    if physics:
+        from simulations.demo import run_demo as physics_demo
+
+        result["physics"] = physics_demo(out / "physics", n=500)
+    if as_json:
+        emit(result, True)
+    else:
+        from steering.demo import format_summary
+
+        typer.echo(format_summary(result))

@@ -1,0 +1,312 @@
+"""``steer simulate``: the physics and the synthetic instrument (force constants, dispersions,
+training sets, simulated runs and their checks)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from consumers.exceptions import ConsumerError
+from simulations.exceptions import SimulationError
+from steering.cli.options import (
+    EiOpt,
+    FcOpt,
+    JsonOpt,
+    MaterialOpt,
+    QuietOpt,
+    RunArg,
+    RunOutOpt,
+    SeedOpt,
+    TemperatureOpt,
+    ToleranceOpt,
+)
+from steering.cli.output import command_line, emit
+
+__all__ = ["simulate_app"]
+
+logger = logging.getLogger(__name__)
+
+simulate_app = typer.Typer(
+    help="Physics and the synthetic instrument: force constants, dispersions, training sets, "
+    "simulated runs.",
+    no_args_is_help=True,
+)
+
+
+@simulate_app.command("fc")
+def simulate_fc(
+    material: MaterialOpt = "Ge",
+    fc: FcOpt = "mlff_mean",
+    out: Annotated[Path, typer.Option("--out", help="Folder for phonopy_params.yaml.")] = Path(
+        "fc_export"
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the full force constants of an FC set in phonopy's format (phonopy_params.yaml)."""
+    from simulations.fcdb.reference import resolve_fc
+    from simulations.lattice.materials import setup
+    from simulations.lattice.phonopy_export import supercell_size, write_phonopy_params
+
+    ms = setup(material)
+    label, coeffs = resolve_fc(material, fc, ms)
+    path = write_phonopy_params(ms.basis, coeffs, out)
+    table = out / "coefficients.json"
+    table.write_text(
+        json.dumps(
+            {
+                "material": ms.crystal.name,
+                "fc_set": label,
+                "coefficients": dict(zip(ms.basis.names, coeffs.tolist(), strict=True)),
+                "orbits": ms.basis.describe(),
+                "units": "eV/A^2",
+            },
+            indent=2,
+        )
+    )
+    n = supercell_size(ms.basis)
+    emit(
+        {
+            "material": ms.crystal.name,
+            "fc_set": label,
+            "phonopy_params": str(path),
+            "coefficients_file": str(table),
+            "supercell_matrix": np.diag([n, n, n]).tolist(),
+            "n_coefficients": ms.basis.n_coefficients,
+        },
+        as_json,
+    )
+
+
+@simulate_app.command("dispersion")
+def simulate_dispersion(
+    material: MaterialOpt = "Ge",
+    fc: FcOpt = "mlff_mean",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="PNG of I(q,E) with the dispersion.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Phonon dispersion of an FC set along the material's q-path, drawn over I(q, E)."""
+    import torch
+
+    from simulations.fcdb.reference import gamma_optical_thz, resolve_fc
+    from simulations.lattice.materials import setup
+    from simulations.plotting import plot_dispersion
+
+    ms = setup(material)
+    label, coeffs = resolve_fc(material, fc, ms)
+    fm = ms.forward_model(dtype=torch.float64, method="exact")
+    with torch.no_grad():
+        freqs = fm.frequencies(coeffs[None])[0].numpy()
+        result = fm.spectra(coeffs[None])
+    if not bool(result.stable[0]):
+        logger.warning(
+            "FC set %s is dynamically unstable (lowest frequency %.3f THz)",
+            label,
+            float(result.min_frequency_thz[0]),
+        )
+    if out is not None:
+        plot_dispersion(
+            ms.grid,
+            result.intensity[0].numpy(),
+            freqs,
+            out,
+            title=f"{ms.crystal.name}, FC set {label}",
+        )
+    payload = {
+        "material": ms.crystal.name,
+        "fc_set": label,
+        "fc_names": list(ms.basis.names),
+        "fc_values": coeffs.tolist(),
+        "qpoints_rlu": ms.grid.qpath.qpoints.round(10).tolist(),
+        "frequencies_thz": freqs.round(8).tolist(),
+        "gamma_optical_thz": gamma_optical_thz(ms.basis, coeffs),
+    }
+    if out is not None:
+        payload["plot"] = str(out)
+    emit(payload, as_json)
+
+
+@simulate_app.command("dataset")
+def simulate_dataset(
+    material: MaterialOpt = "Ge",
+    n: Annotated[int, typer.Option("--n", help="Number of stable spectra.")] = 10000,
+    seed: SeedOpt = 0,
+    out: Annotated[Path, typer.Option("--out", help="HDF5 file to write.")] = Path("train.h5"),
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Training set: FCs sampled uniformly in the training domain, stable ones kept, I(q,E)."""
+    from simulations.fcdb.dataset import generate_dataset
+
+    summary = generate_dataset(
+        material,
+        n,
+        out,
+        seed=seed,
+        progress=not quiet,
+        command=command_line(),
+    )
+    emit(summary.to_dict(), as_json)
+
+
+@simulate_app.command("info")
+def simulate_info(material: MaterialOpt = "Ge", as_json: JsonOpt = False) -> None:
+    """The material's crystal, FC coefficients, named sets, kept coefficients, domain, grid."""
+    from simulations.fcdb.reference import load_reference
+    from simulations.lattice.materials import setup
+
+    ms = setup(material)
+    payload: dict[str, Any] = {
+        "crystal": ms.crystal.summary(),
+        "shells": ms.defaults.shells,
+        "cutoff_A": round(ms.basis.cutoff, 6),
+        "coefficients": ms.basis.describe(),
+        "grid": ms.grid.to_dict(),
+        "resolution": ms.resolution.to_dict(),
+    }
+    try:
+        ref = load_reference(ms.crystal.name)
+    except (SimulationError, ConsumerError) as exc:
+        payload["reference"] = str(exc)
+    else:
+        payload["fc_sets"] = ref.fc_set_names()
+        payload["kept"] = list(ref.kept)
+        payload["domain"] = ref.domain.tolist()
+        payload["sensitivity"] = ref.sensitivity
+    emit(payload, as_json)
+
+
+@simulate_app.command("reference")
+def simulate_reference(
+    material: MaterialOpt = "Ge",
+    models: Annotated[
+        list[str] | None, typer.Option("--model", help="Force field (repeat); default all.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="JSON to write (default: the package data file)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rebuild the reference FCs from the ML force fields in wheels (needs the mlff extra)."""
+    from simulations.fcdb.reference import build_reference, reference_path
+
+    record = build_reference(material, models)
+    target = out or reference_path(material)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=1) + "\n")
+    emit(
+        {
+            "material": material,
+            "written": str(target),
+            "models": list(record["models"]),  # type: ignore[call-overload]
+            "kept": record["kept"],
+            "gamma_optical_thz_mean": record["gamma_optical_thz_mean"],
+        },
+        as_json,
+    )
+
+
+@simulate_app.command("run")
+def simulate_run_cmd(
+    material: MaterialOpt = "Ge",
+    fc: FcOpt = "mlff_mean",
+    omegas: Annotated[
+        str,
+        typer.Option("--omegas", help="Goniometer angles, deg: 'start:stop:step' or 'a,b,c'."),
+    ] = "0:120:1",
+    events: Annotated[
+        float,
+        typer.Option("--events-per-orientation", help="Mean events per orientation."),
+    ] = 2e5,
+    seed: SeedOpt = 0,
+    out: RunOutOpt = Path("run.steer"),
+    ei: EiOpt = None,
+    temperature: TemperatureOpt = 5.0,
+    count_time: Annotated[
+        float, typer.Option("--count-time", help="Seconds of counting per orientation.")
+    ] = 60.0,
+    background: Annotated[
+        float, typer.Option("--background-fraction", help="Share of flat-background events.")
+    ] = 0.1,
+    prefix: Annotated[str, typer.Option("--prefix", help="Kafka topic prefix.")] = "arcs",
+    pixel_table: Annotated[
+        Path | None,
+        typer.Option("--pixel-table", help="CSV id,x,y,z[,solid_angle] (default: ARCS-like)."),
+    ] = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate a rotation run: pl72/f144/ev44/6s4t messages and bluesky documents."""
+    from simulations.instrument.spectrometer import Instrument
+    from simulations.runs.simulate import RunPlan, parse_omegas, simulate_run
+
+    instrument = Instrument.from_pixel_table(pixel_table) if pixel_table else None
+
+    plan = RunPlan(
+        material=material,
+        fc=fc,
+        omegas=tuple(float(w) for w in parse_omegas(omegas)),
+        events_per_orientation=events,
+        seed=seed,
+        ei=ei,
+        temperature=temperature,
+        count_time=count_time,
+        background_fraction=background,
+        prefix=prefix,
+    )
+    emit(simulate_run(plan, out, instrument=instrument, progress=not quiet).to_dict(), as_json)
+
+
+@simulate_app.command("sqe")
+def simulate_sqe(
+    material: MaterialOpt = "Ge",
+    fc: FcOpt = "mlff_mean",
+    ei: EiOpt = None,
+    omega: Annotated[float, typer.Option("--omega", help="Goniometer angle, deg.")] = 0.0,
+    energy: Annotated[
+        float | None,
+        typer.Option("--energy", help="Energy of the constant-E slice, meV (default: mid)."),
+    ] = None,
+    temperature: TemperatureOpt = 5.0,
+    out: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("slice.png"),
+    as_json: JsonOpt = False,
+) -> None:
+    """What one orientation sees: a constant-E slice and a Q-E cut of S(Q,E) on the detector."""
+    from simulations.runs.view import orientation_view
+
+    emit(
+        orientation_view(
+            material, fc, ei=ei, omega=omega, energy=energy, temperature=temperature, out=out
+        ),
+        as_json,
+    )
+
+
+@simulate_app.command("check-run")
+def simulate_check_run(
+    run: RunArg,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="PNG of the binned run over the dispersion.")
+    ] = None,
+    tolerance: ToleranceOpt = 0.05,
+    pixel_table: Annotated[
+        Path | None,
+        typer.Option("--pixel-table", help="The pixel table the run was made with, if any."),
+    ] = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bin a simulated run simply; check each q column's peak lies on a true branch."""
+    from simulations.runs.check import check_run
+
+    result = check_run(
+        run, tolerance=tolerance, out=out, progress=not quiet, pixel_table=pixel_table
+    )
+    emit(result, as_json)

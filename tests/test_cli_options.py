@@ -1,0 +1,67 @@
+"""The ``steer`` command line: its commands, the choices of the shared options (the same as
+the library's), and a bad choice refused as a usage error (exit 2) that names the choices."""
+
+from __future__ import annotations
+
+import json
+from typing import get_args
+
+import pytest
+import typer
+
+from consumers.zmq import DESERIALIZERS
+from model_server.prediction.indirect import INDIRECT_INSTRUMENTS
+from steering.advisor.ranking import SCORES, WEIGHTINGS
+from steering.cli import options
+from steering.cli.app import app, main
+
+
+def test_commands_and_groups_are_registered() -> None:
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert {
+        "predict", "fold", "coverage", "replay", "record", "consume", "model-serve",
+        "zmq-proxy", "serve", "demo", "train", "evaluate", "estimate",
+        "simulate", "advise", "fcdb",
+    } <= set(commands)  # fmt: skip
+    assert set(commands["simulate"].commands) == {
+        "fc", "dispersion", "dataset", "info", "reference", "run", "sqe", "check-run",
+    }  # fmt: skip
+    assert set(commands["advise"].commands) == {"rank", "benchmark"}
+    assert set(commands["fcdb"].commands) == {"build", "info"}
+
+
+def test_choices_are_the_library_ones() -> None:
+    assert get_args(options.Score) == SCORES
+    assert get_args(options.Weighting) == WEIGHTINGS
+    assert set(get_args(options.IndirectInstrument)) == set(INDIRECT_INSTRUMENTS)
+    assert set(DESERIALIZERS) <= set(get_args(options.ZmqFormat))  # msgpack where installed
+
+
+@pytest.mark.parametrize(
+    ("args", "choices"),
+    [
+        (["advise", "rank", "--score", "bogus"], ("spectrum", "fc")),
+        (["advise", "benchmark", "--weighting", "bogus"], ("scarcity", "uniform")),
+        (["advise", "benchmark", "--prior", "bogus"], ("information", "model")),
+        (["serve", "--advisor-score", "bogus"], ("spectrum", "fc")),
+        (["fold", "run.steer", "--segmentation", "bogus"], ("auto", "bluesky", "omega")),
+        (["consume", "--bootstrap", "h:1", "--prefix", "p", "--state-dir", "s",
+          "--zmq-format", "bogus"], ("pickle", "json")),
+        (["predict", "Ge", "--instrument", "bogus"], ("vision", "tosca")),
+    ],
+)  # fmt: skip
+def test_a_bad_choice_is_a_usage_error(
+    args: list[str], choices: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "'bogus'" in err
+    assert all(f"'{c}'" in err for c in choices)
+    assert "Traceback" not in err
+
+
+def test_choices_ignore_case_where_the_library_does(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["predict", "Ge", "--kind", "indirect", "--instrument", "TOSCA", "--json"])
+    assert json.loads(capsys.readouterr().out)["indirect"]["instrument"]["name"] == "TOSCA"
