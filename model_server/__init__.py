@@ -1,9 +1,29 @@
-"""The learned models: VAE + regressor with calibrated uncertainties, the direct CNN baseline,
-training with augmentation from the instrument model, frozen model directories, inference,
-evaluation against the seed paper's benchmark (see DESIGN.md, Learned models).
+"""The model server: the learned models and the predictions for planners.
 
-Torch lives in the networks, training and inference modules; the package imports
-``simulations`` and ``consumers`` (coverage from the instrument model) and nothing above.
+Three parts (the import rules between them are import-linter contracts in pyproject.toml):
+
+``inversion/``
+    The learned inversion of a folded spectrum: the frozen VAE encoder + regressor with
+    calibrated uncertainties (and the direct CNN baseline), preprocessing, augmentation with
+    the instrument model's coverage, training, frozen model directories, inference
+    (:class:`Estimator`) and evaluation against the seed paper's benchmark.
+``structure_fc/``
+    The equivariant (e3nn) structure -> force-constant model: crystal graph, network, frozen
+    ensemble with a distance from its training set, training and evaluation on the FC
+    database (``steer fcmodel``).
+``prediction/``
+    Expected spectra for planners: folded I(q, E), detector S(Q, E) per angle, powder, DOS
+    and indirect-geometry S(E) of any crystal, with FCs from a named set, given coefficients
+    or the e3nn model.
+
+Beside them, ``replica.py`` is the scaled-out model-server replica (snapshots in, estimates
+out), and ``exceptions.py`` holds the package's errors. ``inversion`` and ``structure_fc``
+do not import each other; ``prediction`` uses the e3nn model. Torch lives in the networks,
+training and inference modules; the package imports ``simulations`` and ``consumers`` and
+nothing above. The layout of the whole project: docs/architecture.md.
+
+This package re-exports the inversion's public API (below); the other parts are imported
+from their modules.
 """
 
 from model_server.exceptions import (

@@ -17,6 +17,8 @@ from scipy.spatial.transform import Rotation
 
 from model_server import ModelServerError
 from model_server.exceptions import ArtifactError
+from model_server.structure_fc.dataset import reference_samples
+from model_server.structure_fc.evaluation import dos_metrics
 from model_server.structure_fc.graph import build_graph
 from model_server.structure_fc.model import (
     MAX_ATOMS,
@@ -28,13 +30,8 @@ from model_server.structure_fc.model import (
     load_fc_model,
 )
 from model_server.structure_fc.network import NetConfig, collate, constrain
-from model_server.structure_fc.train import (
-    TrainSettings,
-    dos_metrics,
-    prepare,
-    reference_samples,
-    train,
-)
+from model_server.structure_fc.settings import TrainSettings
+from model_server.structure_fc.train import prepare, train
 from simulations.lattice.materials import setup
 from simulations.lattice.pair_phonons import frequencies_at, mesh_frequencies
 from simulations.units import VASP_TO_THZ
@@ -220,7 +217,7 @@ def test_bad_structures_are_refused_clearly(model: FCModel, change: str, match: 
 
 
 def test_missing_model_directory_says_how_to_rebuild(tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match=r"python -m model_server\.fc_e3nn train"):
+    with pytest.raises(ArtifactError, match=r"steer fcmodel train"):
         load_fc_model(tmp_path / "nowhere")
 
 
@@ -370,12 +367,31 @@ def test_float64_network_builds_with_float64_constants() -> None:
     assert all(b.dtype == torch.float64 for b in net.buffers() if b.is_floating_point())
 
 
+def test_train_command_has_an_option_per_setting() -> None:
+    """``steer fcmodel train`` offers every TrainSettings field, under its own name."""
+    import dataclasses
+
+    import typer
+
+    from steering.cli.app import app
+
+    group = typer.main.get_command(app).commands["fcmodel"]  # type: ignore[attr-defined]
+    assert set(group.commands) == {"train", "evaluate"}
+    params = {p.name: p for p in group.commands["train"].params}
+    for f in dataclasses.fields(TrainSettings):
+        assert f.name in params, f.name
+        assert params[f.name].default == f.default, f.name
+        assert f"--{f.name.replace('_', '-')}" in params[f.name].opts, f.name
+
+
 def test_entry_point_reports_errors_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from model_server.structure_fc.model import main
+    from steering.cli.app import main
 
-    assert main(["evaluate", "--db", str(tmp_path / "x.h5")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["fcmodel", "evaluate", "--db", str(tmp_path / "x.h5")])
+    assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ")
     assert "fcdb build" in err  # the database's own message: how to build it

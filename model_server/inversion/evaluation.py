@@ -230,44 +230,104 @@ def evaluate_model(
 
     ``write`` puts ``evaluation.json`` and ``noise_grid_r2.png`` into the model directory.
     """
-    from tqdm import tqdm
-
-    from simulations.fcdb.dataset import generate_dataset
-    from simulations.instrument.noise import add_noise, minmax_scale, noise_grid
-
     t0 = time.perf_counter()
     est = Estimator(model_dir, n_samples=n_samples, seed=seed)
     model = est.model
     names = model.fc_names
+    spectra, true = _test_set(model, n, seed, progress)
+    runner = _Runner(est, seed)
+    report: dict[str, Any] = {"model_version": model.version, "material": model.material}
+    report.update({"n": n, "seed": seed, "n_samples": n_samples})
+    report.update(_clean_metrics(runner, spectra, true, names))
+    grid_vae, grid_base, grid_report = _noise_grid_metrics(
+        runner, spectra, true, names, seed, progress
+    )
+    report.update(grid_report)
+    report.update(_orientation_metrics(runner, spectra, true, model, seed, progress))
+    report["inference_ms"] = _latency(est, spectra[0])
+    report["command"] = command
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    if write:
+        fig = _heatmaps(
+            grid_vae,
+            grid_base,
+            names,
+            model.path / "noise_grid_r2.png",
+            f"{model.material}: R^2 on the 5 x 5 noise grid (n = {n}, seed {seed})",
+        )
+        report["figures"] = [str(fig)]
+        (model.path / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _test_set(
+    model: FrozenModel, n: int, seed: int, progress: bool
+) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    """A fresh test set generated as training sets are: (n, n_q, n_E) spectra and (n, n_fc)
+    true FCs, eV/A^2.
+
+    Raises
+    ------
+    ModelServerError
+        The test set varies other FCs than the model estimates, or is on another grid.
+    """
+    import h5py
+
+    from model_server.inversion.artifact import check_grid
+    from simulations.fcdb.dataset import generate_dataset
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "test.h5"
         generate_dataset(model.material, n, path, seed=seed, progress=progress)
-        import h5py
-
         with h5py.File(path, "r") as f:
             spectra = np.asarray(f["spectra"][()], dtype=np.float32)
             true = np.asarray(f["fc"][()], dtype=np.float64)
             test_names = tuple(str(s) for s in f.attrs["fc_names"])
             fingerprint = str(f.attrs["grid_fingerprint"])
-    if test_names != names:
+    if test_names != model.fc_names:
         raise ModelServerError(
-            f"the test set varies {test_names}, the model estimates {names}: the material's "
-            "reference changed since training; retrain"
+            f"the test set varies {test_names}, the model estimates {model.fc_names}: the "
+            "material's reference changed since training; retrain"
         )
-    from model_server.inversion.artifact import check_grid
-
     check_grid(model, fingerprint, None)
-    runner = _Runner(est, seed)
-    report: dict[str, Any] = {"model_version": model.version, "material": model.material}
-    report.update({"n": n, "seed": seed, "n_samples": n_samples})
+    return spectra, true
 
+
+def _clean_metrics(
+    runner: _Runner,
+    spectra: NDArray[np.float32],
+    true: NDArray[np.float64],
+    names: tuple[str, ...],
+) -> dict[str, Any]:
+    """R^2 (VAE and baseline), 1-sigma coverage and mean std on the clean spectra."""
     mean, std, base = runner.run(spectra)
     inside = _coverage(true, mean, std)
-    report["r2"] = _named(names, r2_scores(true, mean))
-    report["baseline_r2"] = _named(names, r2_scores(true, base))
-    report["coverage_1sigma"] = round(float(inside.mean()), 4)
-    report["coverage_1sigma_per_fc"] = _named(names, inside.mean(axis=0))
-    report["mean_std_clean"] = _named(names, std.mean(axis=0))
+    return {
+        "r2": _named(names, r2_scores(true, mean)),
+        "baseline_r2": _named(names, r2_scores(true, base)),
+        "coverage_1sigma": round(float(inside.mean()), 4),
+        "coverage_1sigma_per_fc": _named(names, inside.mean(axis=0)),
+        "mean_std_clean": _named(names, std.mean(axis=0)),
+    }
+
+
+def _noise_grid_metrics(
+    runner: _Runner,
+    spectra: NDArray[np.float32],
+    true: NDArray[np.float64],
+    names: tuple[str, ...],
+    seed: int,
+    progress: bool,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, Any]]:
+    """R^2 (VAE, baseline) and 1-sigma coverage on every cell of the noise grid.
+
+    Returns
+    -------
+    The VAE's and the baseline's R^2 per cell (keys ``"B,P"``) and the report's entries.
+    """
+    from tqdm import tqdm
+
+    from simulations.instrument.noise import add_noise, minmax_scale, noise_grid
 
     grid_vae: dict[str, dict[str, float]] = {}
     grid_base: dict[str, dict[str, float]] = {}
@@ -284,12 +344,32 @@ def evaluate_model(
         coverage_grid[key] = round(float(_coverage(true, m, s).mean()), 4)
     mid = cells[len(cells) // 2]
     mid_key = f"{mid[0]:g},{mid[1]:g}"
-    report["r2_noise_grid"] = grid_vae
-    report["baseline_r2_noise_grid"] = grid_base
-    report["noise_mid_cell"] = mid_key
-    report["coverage_1sigma_noise_mid"] = coverage_grid[mid_key]
-    report["coverage_1sigma_noise_grid"] = coverage_grid
+    return (
+        grid_vae,
+        grid_base,
+        {
+            "r2_noise_grid": grid_vae,
+            "baseline_r2_noise_grid": grid_base,
+            "noise_mid_cell": mid_key,
+            "coverage_1sigma_noise_mid": coverage_grid[mid_key],
+            "coverage_1sigma_noise_grid": coverage_grid,
+        },
+    )
 
+
+def _orientation_metrics(
+    runner: _Runner,
+    spectra: NDArray[np.float32],
+    true: NDArray[np.float64],
+    model: FrozenModel,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """1-sigma coverage, R^2 and mean std of spectra measured by
+    :data:`ORIENTATION_COUNTS` orientations."""
+    from tqdm import tqdm
+
+    names = model.fc_names
     by_orient: dict[str, float] = {}
     r2_orient: dict[str, dict[str, float]] = {}
     std_orient: dict[str, dict[str, float]] = {}
@@ -301,25 +381,13 @@ def evaluate_model(
         by_orient[str(n_o)] = round(float(_coverage(true, m, s).mean()), 4)
         r2_orient[str(n_o)] = _named(names, r2_scores(true, m))
         std_orient[str(n_o)] = _named(names, s.mean(axis=0))
-    report["coverage_by_orientations"] = by_orient
-    report["r2_by_orientations"] = r2_orient
-    report["mean_std_by_orientations"] = std_orient
-    report["orientation_noise"] = {
-        "P1_counts_per_unit_intensity_per_orientation": ORIENTATION_P1,
-        "background": ORIENTATION_BACKGROUND,
-        "orientations_in_bank": model.coverage.n_orientations,
+    return {
+        "coverage_by_orientations": by_orient,
+        "r2_by_orientations": r2_orient,
+        "mean_std_by_orientations": std_orient,
+        "orientation_noise": {
+            "P1_counts_per_unit_intensity_per_orientation": ORIENTATION_P1,
+            "background": ORIENTATION_BACKGROUND,
+            "orientations_in_bank": model.coverage.n_orientations,
+        },
     }
-    report["inference_ms"] = _latency(est, spectra[0])
-    report["command"] = command
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    if write:
-        fig = _heatmaps(
-            grid_vae,
-            grid_base,
-            names,
-            model.path / "noise_grid_r2.png",
-            f"{model.material}: R^2 on the 5 x 5 noise grid (n = {n}, seed {seed})",
-        )
-        report["figures"] = [str(fig)]
-        (model.path / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
-    return report

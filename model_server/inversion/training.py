@@ -529,15 +529,7 @@ def train_model(
 
     ds = load_training_set(data, material)
     t = stage("read", t0)
-    if coverage is not None:
-        bank = CoverageBank.load(coverage)
-    else:
-        bank = build_coverage_bank(material, progress=progress)
-    if bank.grid_fingerprint != ds["grid"]["fingerprint"]:
-        raise TrainingError(
-            f"coverage bank is for grid {bank.grid_fingerprint}, the training set for "
-            f"{ds['grid']['fingerprint']}"
-        )
+    bank = _coverage_bank(material, coverage, ds["grid"]["fingerprint"], progress)
     t = stage("coverage", t)
     trainer = _Trainer(ds, bank, cfg, progress)
     vae = trainer.train_vae()
@@ -550,7 +542,53 @@ def train_model(
     baseline = trainer.train_baseline()
     t = stage("baseline", t)
     minutes["total"] = round((time.perf_counter() - t0) / 60.0, 3)
-    meta: dict[str, Any] = {
+    meta = _model_meta(material, ds, cfg, trainer, bank, calibration, ood, minutes, command)
+    out = save_model(out, meta, vae, reg, baseline, bank)
+    plot_losses(trainer.history, out / "loss_curves.png", f"{material}: training losses")
+    logger.info("model written to %s (%.1f min)", out, minutes["total"])
+    return {
+        "out": str(out),
+        "material": material,
+        "n_train": len(trainer.train_x),
+        "n_holdout": len(trainer.hold_x),
+        "minutes": minutes,
+        "calibration_std_scale": calibration["std_scale"],
+        "calibration_noise_power": calibration["noise_power"],
+        "coverage_1sigma_heldout_by_condition": calibration["coverage_1sigma_heldout_by_condition"],
+        "loss_curves": str(out / "loss_curves.png"),
+    }
+
+
+def _coverage_bank(
+    material: str, coverage: str | Path | None, fingerprint: str, progress: bool
+) -> CoverageBank:
+    """The saved coverage bank ``coverage``, or the material's computed from the instrument
+    model; it must be on the training set's grid (``fingerprint``)."""
+    if coverage is not None:
+        bank = CoverageBank.load(coverage)
+    else:
+        bank = build_coverage_bank(material, progress=progress)
+    if bank.grid_fingerprint != fingerprint:
+        raise TrainingError(
+            f"coverage bank is for grid {bank.grid_fingerprint}, the training set for {fingerprint}"
+        )
+    return bank
+
+
+def _model_meta(
+    material: str,
+    ds: dict[str, Any],
+    cfg: TrainConfig,
+    trainer: _Trainer,
+    bank: CoverageBank,
+    calibration: dict[str, Any],
+    ood: dict[str, Any],
+    minutes: dict[str, float],
+    command: str,
+) -> dict[str, Any]:
+    """The model.json contents of a trained model (grid, scalers, calibration, training
+    history and provenance)."""
+    return {
         "material": material,
         "fc_names": ds["fc_names"],
         "domain": ds["domain"].tolist(),
@@ -579,20 +617,6 @@ def train_model(
             "training_set": ds["attrs"],
             "coverage": bank.description,
         },
-    }
-    out = save_model(out, meta, vae, reg, baseline, bank)
-    plot_losses(trainer.history, out / "loss_curves.png", f"{material}: training losses")
-    logger.info("model written to %s (%.1f min)", out, minutes["total"])
-    return {
-        "out": str(out),
-        "material": material,
-        "n_train": len(trainer.train_x),
-        "n_holdout": len(trainer.hold_x),
-        "minutes": minutes,
-        "calibration_std_scale": calibration["std_scale"],
-        "calibration_noise_power": calibration["noise_power"],
-        "coverage_1sigma_heldout_by_condition": calibration["coverage_1sigma_heldout_by_condition"],
-        "loss_curves": str(out / "loss_curves.png"),
     }
 
 

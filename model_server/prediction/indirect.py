@@ -306,27 +306,82 @@ def indirect_spectrum(
         An element without a tabulated cross section.
     """
     check_atom_limit(fcs, MAX_ATOMS_DOS, "indirect-geometry spectrum")
-    if isinstance(instrument, str):
-        if instrument.lower() not in INDIRECT_INSTRUMENTS:
-            raise SpectraError(
-                f"unknown indirect-geometry instrument {instrument!r}; choose from "
-                f"{', '.join(INDIRECT_INSTRUMENTS)}"
-            )
-        ins = INDIRECT_INSTRUMENTS[instrument.lower()]
-    else:
-        ins = instrument
-    if not 1 <= int(orders) <= 4:
-        raise SpectraError(f"orders must be 1..4, got {orders}")
-    if cross_section not in ("total", "incoherent"):
-        raise SpectraError(f"cross_section must be 'total' or 'incoherent', got {cross_section!r}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise SpectraError(f"temperature must be >= 0 K, got {temperature}")
+    ins = _resolve_instrument(instrument)
+    _check_settings(orders, cross_section, temperature)
     xs = np.array([cross_sections(s) for s in fcs.species])  # (n, 2) barn
     sigma_atom = xs.sum(axis=1) if cross_section == "total" else xs[:, 1]
     if modes is None:
         modes, size = mesh_modes(fcs, mesh)
     else:
         size = resolve_mesh(fcs, mesh)
+    terms = _mode_terms(fcs, modes, temperature)
+    e_max = float(terms.energies[terms.keep].max(initial=0.0))
+    edges = _output_edges(energy_edges, n_energies, orders, e_max)
+    top = float(edges[-1])
+    sig_top = float(np.max(ins.sigma(np.array([top]))))
+    fine_top = top + 6.0 * sig_top
+    step = min(0.01, fine_top / 8192)
+    n_fine = math.ceil(fine_top / step) + 2
+    fine = np.asarray(step * np.arange(n_fine), dtype=np.float64)
+    elements = tuple(dict.fromkeys(fcs.species))
+    member = np.array([[s == el for s in fcs.species] for el in elements], dtype=float)  # (n_el, n)
+    pref = sigma_atom * 1000.0 / (4.0 * math.pi) / fcs.n_atoms  # mbarn/sr per atom of the cell
+    fine_w = _fine_weights(terms, ins, int(orders), member, pref, fine, step)
+    out = _binned(fine_w, fine, ins.sigma(fine), edges)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    return IndirectSpectrum(
+        energy_edges=edges,
+        by_bank=out.sum(axis=(1, 2)),
+        by_order=out.sum(axis=2).mean(axis=0),
+        by_element=out.sum(axis=1).mean(axis=0),
+        elements=elements,
+        q=ins.q(centres),
+        instrument=ins,
+        temperature=float(temperature),
+        orders=int(orders),
+        cross_section=cross_section,
+        mesh=size,
+        left_out_modes=int((~terms.keep).sum()),
+    )
+
+
+def _resolve_instrument(instrument: str | IndirectInstrument) -> IndirectInstrument:
+    """The instrument of a name (:data:`INDIRECT_INSTRUMENTS`) or the one given."""
+    if not isinstance(instrument, str):
+        return instrument
+    if instrument.lower() not in INDIRECT_INSTRUMENTS:
+        raise SpectraError(
+            f"unknown indirect-geometry instrument {instrument!r}; choose from "
+            f"{', '.join(INDIRECT_INSTRUMENTS)}"
+        )
+    return INDIRECT_INSTRUMENTS[instrument.lower()]
+
+
+def _check_settings(orders: int, cross_section: str, temperature: float) -> None:
+    """Raise :class:`SpectraError` for an order, cross section or temperature out of range."""
+    if not 1 <= int(orders) <= 4:
+        raise SpectraError(f"orders must be 1..4, got {orders}")
+    if cross_section not in ("total", "incoherent"):
+        raise SpectraError(f"cross_section must be 'total' or 'incoherent', got {cross_section!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise SpectraError(f"temperature must be >= 0 K, got {temperature}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _ModeTerms:
+    """The per-atom, per-mode quantities of the module docstring's formulas."""
+
+    energies: NDArray[np.float64]  # (n_q, 3n) mode energies E_nu, meV
+    keep: NDArray[np.bool_]  # (n_q, 3n) modes above FREQUENCY_MIN_MEV
+    tr_a: NDArray[np.float64]  # (n,) Tr A_i, Angstrom^2
+    tr_b: NDArray[np.float64]  # (n_q, n, 3n) Tr B_nu,i, Angstrom^2
+    alpha: NDArray[np.float64]  # (n_q, n, 3n) alpha_nu,i, Angstrom^2
+    n_q: int  # q-points of the mesh
+
+
+def _mode_terms(fcs: CrystalFC, modes: MeshPhonons, temperature: float) -> _ModeTerms:
+    """A_i, Tr B_nu,i and alpha_nu,i of every atom and mode of the mesh (modes at or below
+    :data:`FREQUENCY_MIN_MEV` get zero weight)."""
     n_at = fcs.n_atoms
     n_q = modes.frequencies.shape[0]
     e_all = modes.frequencies * THZ_TO_MEV  # (n_q, 3n)
@@ -350,35 +405,48 @@ def indirect_spectrum(
     tr_b = norm2 * scale * (n_occ + 1.0)[:, None, :]  # (n_q, n, 3n), Angstrom^2
     with np.errstate(invalid="ignore", divide="ignore"):
         alpha = (tr_a[None, :, None] + 2.0 * np.where(norm2 > 0, cac / norm2, 0.0)) / 5.0
+    return _ModeTerms(energies=e_all, keep=keep, tr_a=tr_a, tr_b=tr_b, alpha=alpha, n_q=n_q)
 
-    e_max = float(e_all[keep].max(initial=0.0))
+
+def _output_edges(
+    energy_edges: NDArray[np.float64] | None, n_energies: int, orders: int, e_max: float
+) -> NDArray[np.float64]:
+    """The output bin edges (meV): those given (checked), or ``n_energies`` bins from 0 to
+    1.05 x ``orders`` x ``e_max``."""
     if energy_edges is None:
         top = max(1.0, 1.05 * int(orders) * e_max)
-        edges = np.linspace(0.0, top, int(n_energies) + 1)
-    else:
-        edges = np.asarray(energy_edges, dtype=float).ravel()
-        if edges.size < 2 or not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
-            raise SpectraError("energy_edges must be at least two increasing numbers of meV")
-        if edges[0] < 0:
-            raise SpectraError("energy_edges must not be negative (energy loss only)")
-    top = float(edges[-1])
-    sig_top = float(np.max(ins.sigma(np.array([top]))))
-    fine_top = top + 6.0 * sig_top
-    step = min(0.01, fine_top / 8192)
-    n_fine = math.ceil(fine_top / step) + 2
-    fine = np.asarray(step * np.arange(n_fine), dtype=np.float64)
-    q_fine = ins.q(fine)  # (n_banks, n_fine)
+        return np.linspace(0.0, top, int(n_energies) + 1)
+    edges = np.asarray(energy_edges, dtype=float).ravel()
+    if edges.size < 2 or not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
+        raise SpectraError("energy_edges must be at least two increasing numbers of meV")
+    if edges[0] < 0:
+        raise SpectraError("energy_edges must not be negative (energy loss only)")
+    return edges
 
-    elements = tuple(dict.fromkeys(fcs.species))
-    member = np.array([[s == el for s in fcs.species] for el in elements], dtype=float)  # (n_el, n)
-    pref = sigma_atom * 1000.0 / (4.0 * math.pi) / n_at  # mbarn/sr per atom of the cell
+
+def _fine_weights(
+    terms: _ModeTerms,
+    ins: IndirectInstrument,
+    orders: int,
+    member: NDArray[np.float64],
+    pref: NDArray[np.float64],
+    fine: NDArray[np.float64],
+    step: float,
+) -> NDArray[np.float64]:
+    """(n_banks, orders, n_elements, n_fine) S on the fine grid, before broadening: the
+    fundamentals mode by mode, the orders n >= 2 by n-fold self-convolution of b_i(E).
+
+    ``member`` (n_elements, n) is 1 where an atom is of an element; ``pref`` (n,) is
+    sigma_i / (4 pi) per atom of the cell, mbarn/sr."""
+    n_fine = len(fine)
     n_banks = len(ins.banks)
-    # fine-grid weights per (bank, order, element)
-    fine_w = np.zeros((n_banks, int(orders), len(elements), n_fine))
-    e_modes = np.asarray(e_all[keep], dtype=np.float64)  # (n_keep,)
+    n_elements = member.shape[0]
+    fine_w = np.zeros((n_banks, orders, n_elements, n_fine))
+    keep, n_q = terms.keep, terms.n_q
+    e_modes = np.asarray(terms.energies[keep], dtype=np.float64)  # (n_keep,)
     q_modes = ins.q(e_modes)  # (n_banks, n_keep)
-    tr_b_k = tr_b.transpose(1, 0, 2)[:, keep]  # (n, n_keep)
-    alpha_k = alpha.transpose(1, 0, 2)[:, keep]  # (n, n_keep)
+    tr_b_k = terms.tr_b.transpose(1, 0, 2)[:, keep]  # (n, n_keep)
+    alpha_k = terms.alpha.transpose(1, 0, 2)[:, keep]  # (n, n_keep)
     for b in range(n_banks):
         q2 = q_modes[b] ** 2  # (n_keep,)
         w1 = pref[:, None] * q2[None, :] * tr_b_k / 3.0 * np.exp(-q2[None, :] * alpha_k) / n_q
@@ -386,34 +454,33 @@ def indirect_spectrum(
     if orders >= 2:
         from scipy.signal import fftconvolve
 
+        q_fine = ins.q(fine)  # (n_banks, n_fine)
         base = _split(e_modes, tr_b_k / 3.0 / n_q, step, n_fine)  # (n, n_fine) Angstrom^2
         power = base.copy()
-        for order in range(2, int(orders) + 1):
+        for order in range(2, orders + 1):
             power = np.maximum(fftconvolve(power, base, axes=1)[:, :n_fine], 0.0)
             for b in range(n_banks):
                 q2 = q_fine[b] ** 2
-                dw = np.exp(-q2[None, :] * tr_a[:, None] / 3.0)
+                dw = np.exp(-q2[None, :] * terms.tr_a[:, None] / 3.0)
                 w = pref[:, None] * q2[None, :] ** order / math.factorial(order) * dw * power
                 fine_w[b, order - 1] = member @ w
-    sigma_fine = ins.sigma(fine)
+    return fine_w
+
+
+def _binned(
+    fine_w: NDArray[np.float64],
+    fine: NDArray[np.float64],
+    sigma_fine: NDArray[np.float64],
+    edges: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """(..., n_E) the fine-grid weights (..., n_fine) Gaussian-broadened with ``sigma_fine``
+    (meV at each fine energy) and averaged over each output bin (only fine points with
+    weight are visited, 2048 at a time)."""
+    n_fine = fine_w.shape[-1]
     used = np.nonzero(fine_w.reshape(-1, n_fine).any(axis=0))[0]
-    out = np.zeros((n_banks, int(orders), len(elements), len(edges) - 1))
+    out = np.zeros((*fine_w.shape[:-1], len(edges) - 1))
     for start in range(0, len(used), 2048):
         idx = used[start : start + 2048]
         kernel = _bin_kernel(fine[idx], sigma_fine[idx], edges)  # (chunk, n_E)
         out += fine_w[..., idx] @ kernel
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    return IndirectSpectrum(
-        energy_edges=edges,
-        by_bank=out.sum(axis=(1, 2)),
-        by_order=out.sum(axis=2).mean(axis=0),
-        by_element=out.sum(axis=1).mean(axis=0),
-        elements=elements,
-        q=ins.q(centres),
-        instrument=ins,
-        temperature=float(temperature),
-        orders=int(orders),
-        cross_section=cross_section,
-        mesh=size,
-        left_out_modes=int((~keep).sum()),
-    )
+    return out

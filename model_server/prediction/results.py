@@ -197,57 +197,67 @@ class Prediction:
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
         }
         if self.iqe is not None:
-            out["iqe"] = {
-                "description": "folded I(q, E) of the orientations together: coverage-weighted "
-                "mean S(Q, E) of the Q folded into each bin (null: not covered)",
-                "axes": ["q_index", "energy_meV"],
-                "units": "mbarn/(sr meV) per atom",
-                "q_index": list(range(len(self.qpoints))),
-                "qpoints_rlu": self.qpoints.tolist(),
-                "q_distance_inv_angstrom": self.q_distance.tolist(),
-                "ticks": [[int(i), str(label)] for i, label in self.ticks],
-                "energy_meV": self.energies.tolist(),
-                "intensity": json_array(self.iqe.intensity),
-                "coverage": json_array(self.iqe.coverage),
-                "coverage_units": "sr meV",
-                "signal": json_array(self.iqe.signal),
-                "signal_units": "mbarn per atom",
-                "dispersion_meV": json_array(self.iqe.dispersion),
-            }
+            out["iqe"] = self._iqe_dict(self.iqe)
         if self.detector is not None:
-            d = self.detector
-            out["detector"] = {
-                "description": "expected S(Q, E) on the detector per omega: weighted mean over "
-                "the pixels of each in-plane scattering-angle bin (tube angle, summed over "
-                "the tube height)",
-                "axes": ["omega_deg", "angle_deg", "energy_meV"],
-                "units": "mbarn/(sr meV) per atom",
-                "omega_deg": self.omegas.tolist(),
-                "angle_deg": d.angles.tolist(),
-                "angle_edges_deg": d.angle_edges.tolist(),
-                "energy_meV": self.energies.tolist(),
-                "intensity": json_array(d.intensity),
-                "q_magnitude_inv_angstrom": json_array(d.q_magnitude),
-            }
+            out["detector"] = self._detector_dict(self.detector)
         if self.powder is not None:
-            p = self.powder
-            out["powder"] = {
-                "description": "coherent one-phonon S(|Q|, E), spherical average over "
-                f"{p.directions} directions per |Q| (seed {p.seed})",
-                "axes": ["q_inv_angstrom", "energy_meV"],
-                "units": "mbarn/meV per atom",
-                "q_inv_angstrom": p.q.tolist(),
-                "energy_meV": self.energies.tolist(),
-                "intensity": json_array(p.intensity),
-                "accessible": p.accessible.tolist(),
-                "directions": p.directions,
-                "seed": p.seed,
-            }
+            out["powder"] = self._powder_dict(self.powder)
         if self.dos is not None:
             out["dos"] = self.dos.to_dict()
         if self.indirect is not None:
             out["indirect"] = self.indirect.to_dict()
         return out
+
+    def _iqe_dict(self, iqe: IQEPrediction) -> dict[str, Any]:
+        """The ``iqe`` output's JSON."""
+        return {
+            "description": "folded I(q, E) of the orientations together: coverage-weighted "
+            "mean S(Q, E) of the Q folded into each bin (null: not covered)",
+            "axes": ["q_index", "energy_meV"],
+            "units": "mbarn/(sr meV) per atom",
+            "q_index": list(range(len(self.qpoints))),
+            "qpoints_rlu": self.qpoints.tolist(),
+            "q_distance_inv_angstrom": self.q_distance.tolist(),
+            "ticks": [[int(i), str(label)] for i, label in self.ticks],
+            "energy_meV": self.energies.tolist(),
+            "intensity": json_array(iqe.intensity),
+            "coverage": json_array(iqe.coverage),
+            "coverage_units": "sr meV",
+            "signal": json_array(iqe.signal),
+            "signal_units": "mbarn per atom",
+            "dispersion_meV": json_array(iqe.dispersion),
+        }
+
+    def _detector_dict(self, d: DetectorPrediction) -> dict[str, Any]:
+        """The ``detector`` output's JSON."""
+        return {
+            "description": "expected S(Q, E) on the detector per omega: weighted mean over "
+            "the pixels of each in-plane scattering-angle bin (tube angle, summed over "
+            "the tube height)",
+            "axes": ["omega_deg", "angle_deg", "energy_meV"],
+            "units": "mbarn/(sr meV) per atom",
+            "omega_deg": self.omegas.tolist(),
+            "angle_deg": d.angles.tolist(),
+            "angle_edges_deg": d.angle_edges.tolist(),
+            "energy_meV": self.energies.tolist(),
+            "intensity": json_array(d.intensity),
+            "q_magnitude_inv_angstrom": json_array(d.q_magnitude),
+        }
+
+    def _powder_dict(self, p: PowderPrediction) -> dict[str, Any]:
+        """The ``powder`` output's JSON."""
+        return {
+            "description": "coherent one-phonon S(|Q|, E), spherical average over "
+            f"{p.directions} directions per |Q| (seed {p.seed})",
+            "axes": ["q_inv_angstrom", "energy_meV"],
+            "units": "mbarn/meV per atom",
+            "q_inv_angstrom": p.q.tolist(),
+            "energy_meV": self.energies.tolist(),
+            "intensity": json_array(p.intensity),
+            "accessible": p.accessible.tolist(),
+            "directions": p.directions,
+            "seed": p.seed,
+        }
 
     def to_png(self, dpi: int = 90) -> bytes:
         """PNG of :meth:`figure`."""

@@ -1,3 +1,3 @@
 """The equivariant structure-to-force-constant model (e3nn): the crystal graph, the
-network, the frozen model and its training.
+network, the frozen model, its training data and settings, training and evaluation.
 """

@@ -31,8 +31,8 @@ Layout of the model directory (default ``models/fc_e3nn``)::
     weights.pt    parameters of every member (float32), the training atoms' standardised
                   descriptors and elements (torch.load(weights_only=True): no pickled code)
 
-Entry point: ``python -m model_server.structure_fc.model train|evaluate ...`` (see
-:mod:`model_server.structure_fc.train`).
+Command line: ``steer fcmodel train|evaluate ...`` (training in
+:mod:`model_server.structure_fc.train`, evaluation in :mod:`model_server.structure_fc.evaluation`).
 """
 
 from __future__ import annotations
@@ -372,10 +372,7 @@ def load_fc_model(path: str | Path | None = None) -> FCModel:
 @lru_cache(maxsize=4)
 def _load_cached(where_s: str) -> FCModel:
     where = Path(where_s)
-    rebuild = (
-        "rebuild it with `python -m model_server.structure_fc.model train --out "
-        f"{where}` (see docs/fc_e3nn.md)"
-    )
+    rebuild = f"rebuild it with `steer fcmodel train --out {where}` (see docs/fc_e3nn.md)"
     meta_path, weights_path = where / "model.json", where / "weights.pt"
     if not meta_path.is_file() or not weights_path.is_file():
         raise ArtifactError(
@@ -403,14 +400,3 @@ def _load_cached(where_s: str) -> FCModel:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise ArtifactError(f"damaged model directory {where}: {e!r}; {rebuild}") from e
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m model_server.structure_fc.model``: see :mod:`model_server.structure_fc.train`."""
-    from model_server.structure_fc.train import cli
-
-    return cli(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

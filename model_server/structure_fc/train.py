@@ -1,15 +1,13 @@
-"""Training and evaluation of the structure -> force-constant e3nn model.
+"""Training of the structure -> force-constant e3nn model.
 
-Command line (``python -m model_server.structure_fc.model ...``)::
+Command line: ``steer fcmodel train --db PATH --out DIR --epochs N --seed S [--members K]
+[--resume] ...`` (:mod:`steering.cli.fcmodel`). The entries come from
+:mod:`model_server.structure_fc.dataset`; the evaluation is in
+:mod:`model_server.structure_fc.evaluation`.
 
-    train     --db PATH --out DIR --epochs N --seed S [--members K] [--resume] ...
-    evaluate  --db PATH --model DIR [--split test] [--json]
-
-**Data.** Entries of the FC database (``simulations.fcdb.database.load_database``): primitive cell,
-per-pair 3x3 force constants (eV/A^2, self terms included) and a train/val/test split by
-crystal. For each entry the model's bond graph (cutoff ``NetConfig.cutoff``) is built and the
-database's blocks are matched to its bonds by ``(i, j, n1, n2, n3)``; a model bond that the
-database does not list is a zero target when it is shorter than the entry's longest
+**Targets.** For each entry the model's bond graph (cutoff ``NetConfig.cutoff``) is built and
+the database's blocks are matched to its bonds by ``(i, j, n1, n2, n3)``; a model bond that
+the database does not list is a zero target when it is shorter than the entry's longest
 listed bond, and unweighted otherwise (beyond the database's cutoff: unknown).
 
 **Loss** (per crystal, then averaged over the batch), relative so that soft and stiff
@@ -28,21 +26,11 @@ weights kept are those of the epoch with the lowest validation loss. A checkpoin
 after every epoch; ``--resume`` continues from it.
 
 **Distance calibration** (after training): see :mod:`model_server.structure_fc.model`.
-
-**Evaluation** (:func:`evaluate`): for every entry of a split, the DOS from the predicted
-force constants against the DOS from the database's, both from
-:func:`simulations.lattice.pair_phonons.mesh_frequencies` on a 10x10x10 Gamma-centred mesh, the same
-energy points (every 0.1 meV from -20 meV to 1.2 x the highest frequency of either plus
-5 meV) and the same Gaussian broadening (sigma 1 meV): cosine similarity, the mean
-frequency over all modes of the mesh (imaginary ones negative), and whether the predicted
-set is dynamically stable (lowest frequency on the mesh >= -:data:`STABILITY_TOL_THZ`).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -51,26 +39,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from model_server.exceptions import ModelServerError, TrainingError
+from model_server.exceptions import TrainingError
+from model_server.structure_fc.dataset import MIN_FC, FCSampleLike, crystal_key, fingerprint
 from model_server.structure_fc.graph import (
     PeriodicGraph,
     atom_descriptors,
     build_graph,
     match_pairs,
 )
-from model_server.structure_fc.model import (
-    FCModel,
-    build_net,
-    load_fc_model,
-    parameters_of,
-    save_fc_model,
-)
+from model_server.structure_fc.model import build_net, parameters_of, save_fc_model
 from model_server.structure_fc.network import (
     FCNet,
     GraphBatch,
@@ -78,129 +61,22 @@ from model_server.structure_fc.network import (
     collate,
     element_features,
 )
-from simulations.exceptions import SimulationError
-from simulations.lattice.pair_phonons import (
-    dos_histogram,
-    dynamical_matrices,
-    mesh_frequencies,
-)
+from model_server.structure_fc.settings import TrainSettings
+from simulations.lattice.pair_phonons import dynamical_matrices
 from simulations.provenance import git_commit, host
-from simulations.units import THZ_TO_MEV
 
 __all__ = [
-    "STABILITY_TOL_THZ",
-    "FCSample",
+    "Prepared",
     "TrainSettings",
-    "cli",
-    "dos_metrics",
-    "evaluate",
-    "reference_samples",
+    "batch_loss",
+    "prepare",
     "train",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: A predicted FC set is "dynamically stable" when no frequency on the evaluation mesh is
-#: below -STABILITY_TOL_THZ (THz): numerical noise of the acoustic branches near Gamma.
-STABILITY_TOL_THZ = 0.05
-#: DOS comparison: Gaussian sigma (meV), energy step (meV), lowest energy (meV), mesh.
-DOS_SIGMA_MEV = 1.0
-DOS_STEP_MEV = 0.1
-DOS_EMIN_MEV = -20.0
-EVAL_MESH = (10, 10, 10)
-#: Entries whose largest force constant is below this (eV/A^2) carry no information (a force
-#: field that gave no forces at all): left out of training and evaluation, and listed.
-MIN_FC = 1e-3
 #: Floor of the per-crystal loss normalisation, eV/A^2 per tensor component.
 LOSS_FLOOR = 0.02
-
-
-class FCSampleLike(Protocol):
-    """What training needs of a database entry (``simulations.fcdb.database.FCEntry`` has it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def prototype(self) -> str: ...
-    @property
-    def numbers(self) -> NDArray[np.int64]: ...
-    @property
-    def lattice(self) -> NDArray[np.float64]: ...
-    @property
-    def frac(self) -> NDArray[np.float64]: ...
-    @property
-    def pairs(self) -> NDArray[np.int64]: ...
-    @property
-    def fc(self) -> NDArray[np.float64]: ...
-    @property
-    def split(self) -> str: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FCSample:
-    """One crystal's force constants in the database's convention (see FCSampleLike)."""
-
-    name: str
-    prototype: str
-    numbers: NDArray[np.int64]
-    lattice: NDArray[np.float64]
-    frac: NDArray[np.float64]
-    pairs: NDArray[np.int64]
-    fc: NDArray[np.float64]
-    split: str
-    model: str = ""
-
-
-def reference_samples() -> list[FCSample]:
-    """The shipped crystals' reference force constants (Ge, Nb, Al; one sample per force
-    field of ``simulations/data/reference_fc``), all with split ``"train"``.
-
-    Real force-field FCs projected on each crystal's symmetry-reduced basis (4-5 shells);
-    for development and tests when the FC database is not at hand.
-    """
-    from simulations.fcdb.reference import load_reference
-    from simulations.lattice.materials import setup
-
-    out = []
-    for material, proto in (("Ge", "diamond"), ("Nb", "bcc"), ("Al", "fcc")):
-        ms = setup(material)
-        ref = load_reference(material)
-        for model in sorted(ref.models):
-            fc = ms.basis.block_values(ref.models[model])
-            out.append(
-                FCSample(
-                    name=f"{material}-{proto}-{model}",
-                    prototype=proto,
-                    numbers=ms.crystal.numbers,
-                    lattice=ms.crystal.lattice,
-                    frac=ms.crystal.positions,
-                    pairs=ms.basis.pairs,
-                    fc=fc,
-                    split="train",
-                    model=model,
-                )
-            )
-    return out
-
-
-def crystal_key(entry: FCSampleLike) -> str:
-    """Identity of a crystal across force fields: prototype and sorted atomic numbers."""
-    z = "-".join(str(int(v)) for v in sorted(np.asarray(entry.numbers).tolist()))
-    return f"{entry.prototype}:{z}"
-
-
-def fingerprint(entries: Sequence[FCSampleLike]) -> str:
-    """SHA-256 (16 hex digits) of the entries' names, structures and force constants."""
-    h = hashlib.sha256()
-    for e in sorted(entries, key=lambda e: e.name):
-        h.update(e.name.encode())
-        for a in (e.numbers, e.lattice, e.frac, e.pairs, e.fc):
-            h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------
-# Prepared data
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -344,35 +220,6 @@ def batch_loss(
 # Training
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TrainSettings:
-    """Training hyper-parameters (stored in model.json)."""
-
-    epochs: int = 30
-    seed: int = 0
-    members: int = 3
-    batch_size: int = 8
-    lr: float = 3e-3
-    lr_final: float = 1e-4
-    w_dyn: float = 1.0
-    clip: float = 10.0
-    cutoff: float = 6.0
-    n_layers: int = 3
-    n_scalar: int = 32
-    n_pseudo: int = 8
-    n_vector: int = 8
-    n_tensor: int = 6
-    lmax: int = 2
-    n_radial: int = 8
-    radial_hidden: int = 32
-    element_features: bool = True
-    weight_decay: float = 0.05
-    max_distance: float = 1.0
-    max_relative_spread: float = 0.0  # 0: calibrated on the validation split
-    max_steps: int = 0  # 0: no limit (tests: a few steps)
-    threads: int = 1  # torch threads (process-wide); 1 is fastest on a shared machine
-
-
 @dataclass
 class _Progress:
     member: int = 0
@@ -467,18 +314,123 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, settings.threads))
     t_start = time.perf_counter()
+    train_e, val_e, empty = _splits(entries)
+    train_p, val_p, config = _prepare_splits(train_e, val_e, settings, t_start)
+    ckpt_path = out / "checkpoint.pt"
+    state = _Progress()
+    members: list[dict[str, torch.Tensor]] = []
+    resumed: dict[str, Any] | None = None
+    if resume and ckpt_path.is_file():
+        state, members, resumed = _resume_from(ckpt_path, config)
+    steps_per_epoch = math.ceil(len(train_p) / settings.batch_size)
+    if settings.max_steps:
+        steps_per_epoch = min(steps_per_epoch, settings.max_steps)
+    bar = tqdm(
+        total=settings.members * settings.epochs,
+        initial=state.member * settings.epochs + state.epoch,
+        desc="fc_e3nn",
+        unit="epoch",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    run = _Run(
+        settings=settings,
+        config=config,
+        index={z: k for k, z in enumerate(config.species)},
+        train_p=train_p,
+        val_p=val_p,
+        steps_per_epoch=steps_per_epoch,
+        ckpt_path=ckpt_path,
+        bar=bar,
+        t_run=time.perf_counter() - state.seconds,
+        stop_after=stop_after,
+    )
+    while state.member < settings.members:
+        best_params = _train_member(run, state, members, resumed)
+        resumed = None
+        if best_params is None:  # stopped by stop_after
+            bar.close()
+            return {}
+        members.append(best_params)
+        logger.info(
+            "member %d: best loss %.4f at epoch %d", state.member, state.best, state.best_epoch
+        )
+        state.member += 1
+        state.epoch = 0
+    bar.close()
+    training = {
+        "settings": asdict(settings),
+        "n_train": len(train_p),
+        "n_val": len(val_p),
+        "left_out_without_fcs": empty,
+        "train_seconds": round(time.perf_counter() - run.t_run, 1),
+        "history": state.history,
+        "best_epochs": [
+            int(np.argmin([h["val"] if val_p else h["train"] for h in hist]))
+            for hist in state.history
+        ],
+        "loss": "per crystal: |dPhi|^2/|Phi|^2 (bonds + self) + w_dyn |dD(q)|^2/|D(q)|^2",
+    }
+    _save(out, run, members, training, fingerprint(train_e), provenance)
+    ckpt_path.unlink(missing_ok=True)
+    return json.loads((out / "model.json").read_text())
+
+
+def _splits(
+    entries: Sequence[FCSampleLike],
+) -> tuple[list[FCSampleLike], list[FCSampleLike], list[str]]:
+    """The ``train`` and ``val`` entries with force constants, and the names of those left
+    out for having none (below :data:`MIN_FC`).
+
+    Raises
+    ------
+    TrainingError
+        No ``train`` entry to fit on.
+    """
     empty = sorted(e.name for e in entries if float(np.abs(e.fc).max()) < MIN_FC)
     if empty:
         logger.warning("left out %d entries without force constants: %s", len(empty), empty)
-    entries = [e for e in entries if e.name not in set(empty)]
-    train_e = [e for e in entries if e.split == "train"]
-    val_e = [e for e in entries if e.split == "val"]
+    usable = [e for e in entries if e.name not in set(empty)]
+    train_e = [e for e in usable if e.split == "train"]
     if not train_e:
         raise TrainingError("no entries with split 'train' to fit the model on")
+    return train_e, [e for e in usable if e.split == "val"], empty
+
+
+def _save(
+    out: Path,
+    run: _Run,
+    members: Sequence[dict[str, torch.Tensor]],
+    training: dict[str, Any],
+    training_set_fingerprint: str,
+    provenance: dict[str, Any] | None,
+) -> None:
+    """Build the float64 ensemble of the members' best parameters, calibrate its distance
+    and spread, and write the model directory."""
+    nets = []
+    for params in members:
+        net = build_net(run.config, torch.float64)
+        net.load_state_dict(params, strict=False)
+        nets.append(net)
+    calibration, bank, bank_species = _calibrate(
+        nets, run.config, run.train_p, run.val_p, run.settings
+    )
+    meta = _model_meta(run.config, calibration, training, training_set_fingerprint, provenance)
+    save_fc_model(out, nets=nets, bank=bank, bank_species=bank_species, meta=meta)
+
+
+def _prepare_splits(
+    train_e: Sequence[FCSampleLike],
+    val_e: Sequence[FCSampleLike],
+    settings: TrainSettings,
+    t_start: float,
+) -> tuple[list[Prepared], list[Prepared], NetConfig]:
+    """Prepare the training and validation crystals and choose the network's configuration
+    (validation crystals with an element the training set lacks are left out)."""
     train_p = [prepare(e, settings.cutoff) for e in train_e]
     config = _net_config(settings, train_p)
-    index = {z: k for k, z in enumerate(config.species)}
-    val_p = [prepare(e, settings.cutoff) for e in val_e if set(e.numbers.tolist()) <= set(index)]
+    known = set(config.species)
+    val_p = [prepare(e, settings.cutoff) for e in val_e if set(e.numbers.tolist()) <= known]
     logger.info(
         "prepared %d train / %d val crystals in %.1f s; %d elements, %.1f bonds per atom",
         len(train_p),
@@ -487,144 +439,160 @@ def train(
         len(config.species),
         config.avg_neighbours,
     )
-    ckpt_path = out / "checkpoint.pt"
-    state = _Progress()
-    members: list[dict[str, torch.Tensor]] = []
-    resumed: dict[str, Any] | None = None
-    if resume and ckpt_path.is_file():
-        resumed = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if resumed.get("config") != json.dumps(config.to_json(), sort_keys=True):
-            raise TrainingError(
-                f"{ckpt_path} was written for other data or settings; remove it or train "
-                "without --resume"
-            )
-        members = list(resumed["members"])
-        state = _Progress(
-            member=int(resumed["member"]),
-            epoch=int(resumed["epoch"]),
-            best=float(resumed["best"]),
-            best_epoch=int(resumed["best_epoch"]),
-            history=json.loads(resumed["history"]),
-            seconds=float(resumed["seconds"]),
+    return train_p, val_p, config
+
+
+def _resume_from(
+    ckpt_path: Path, config: NetConfig
+) -> tuple[_Progress, list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Progress, finished members and the raw checkpoint of an interrupted run.
+
+    Raises
+    ------
+    TrainingError
+        The checkpoint was written for another network configuration (other data or
+        settings).
+    """
+    resumed: dict[str, Any] = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if resumed.get("config") != json.dumps(config.to_json(), sort_keys=True):
+        raise TrainingError(
+            f"{ckpt_path} was written for other data or settings; remove it or train "
+            "without --resume"
         )
-    steps_per_epoch = math.ceil(len(train_p) / settings.batch_size)
-    if settings.max_steps:
-        steps_per_epoch = min(steps_per_epoch, settings.max_steps)
-    total = settings.members * settings.epochs
-    bar = tqdm(
-        total=total,
-        initial=state.member * settings.epochs + state.epoch,
-        desc="fc_e3nn",
-        unit="epoch",
-        disable=not progress,
-        file=sys.stderr,
+    state = _Progress(
+        member=int(resumed["member"]),
+        epoch=int(resumed["epoch"]),
+        best=float(resumed["best"]),
+        best_epoch=int(resumed["best_epoch"]),
+        history=json.loads(resumed["history"]),
+        seconds=float(resumed["seconds"]),
     )
-    t_run = time.perf_counter() - state.seconds
-    while state.member < settings.members:
-        k = state.member
-        torch.manual_seed(settings.seed + k)
-        net = build_net(config, torch.float32).train()
-        opt = torch.optim.AdamW(
-            net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    return state, list(resumed["members"]), resumed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Run:
+    """What the training of every member shares."""
+
+    settings: TrainSettings
+    config: NetConfig
+    index: dict[int, int]  # atomic number -> embedding row
+    train_p: list[Prepared]
+    val_p: list[Prepared]
+    steps_per_epoch: int
+    ckpt_path: Path
+    bar: Any  # tqdm progress bar
+    t_run: float  # perf_counter() at the start of the run, less the resumed run's seconds
+    stop_after: int | None
+
+
+def _train_member(
+    run: _Run,
+    state: _Progress,
+    members: list[dict[str, torch.Tensor]],
+    resumed: dict[str, Any] | None,
+) -> dict[str, torch.Tensor] | None:
+    """Train member ``state.member`` (from ``resumed`` if it holds this member mid-way),
+    writing a checkpoint after every epoch.
+
+    Returns
+    -------
+    The parameters of its best epoch, or ``None`` when ``run.stop_after`` epochs are done.
+    """
+    settings = run.settings
+    k = state.member
+    torch.manual_seed(settings.seed + k)
+    net = build_net(run.config, torch.float32).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=max(settings.epochs, 1), eta_min=settings.lr_final
+    )
+    best_params = parameters_of(net)
+    if resumed is not None and int(resumed["member"]) == k and state.epoch > 0:
+        net.load_state_dict(resumed["net"], strict=False)
+        opt.load_state_dict(resumed["opt"])
+        sched.load_state_dict(resumed["sched"])
+        best_params = dict(resumed["best_params"])
+    else:
+        state.epoch, state.best, state.best_epoch = 0, math.inf, -1
+        state.history.append([])
+    while state.epoch < settings.epochs:
+        train_loss = _train_epoch(run, net, opt, k, state.epoch)
+        sched.step()
+        val_loss = _evaluate_loss(net, run.val_p, run.index, settings.w_dyn, 16)
+        select = val_loss if run.val_p else train_loss
+        if select < state.best:
+            state.best, state.best_epoch = select, state.epoch
+            best_params = parameters_of(net)
+        state.history[k].append(
+            {"epoch": state.epoch, "train": round(train_loss, 6), "val": round(val_loss, 6)}
         )
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(settings.epochs, 1), eta_min=settings.lr_final
+        state.epoch += 1
+        state.seconds = time.perf_counter() - run.t_run
+        run.bar.set_postfix(member=k, train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+        run.bar.update(1)
+        torch.save(
+            {
+                "config": json.dumps(run.config.to_json(), sort_keys=True),
+                "member": k,
+                "epoch": state.epoch,
+                "best": state.best,
+                "best_epoch": state.best_epoch,
+                "history": json.dumps(state.history),
+                "seconds": state.seconds,
+                "members": members,
+                "net": parameters_of(net),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "best_params": best_params,
+            },
+            run.ckpt_path,
         )
-        best_params = parameters_of(net)
-        if resumed is not None and int(resumed["member"]) == k and state.epoch > 0:
-            net.load_state_dict(resumed["net"], strict=False)
-            opt.load_state_dict(resumed["opt"])
-            sched.load_state_dict(resumed["sched"])
-            best_params = dict(resumed["best_params"])
-        else:
-            state.epoch, state.best, state.best_epoch = 0, math.inf, -1
-            state.history.append([])
-        resumed = None
-        while state.epoch < settings.epochs:
-            net.train()
-            # One generator per (member, epoch): a resumed run draws the same batches.
-            rng = np.random.default_rng([settings.seed, k, state.epoch])
-            order = rng.permutation(len(train_p))
-            running = 0.0
-            for s in range(steps_per_epoch):
-                chunk = [
-                    train_p[i] for i in order[s * settings.batch_size :][: settings.batch_size]
-                ]
-                batch = collate([p.graph for p in chunk], index)
-                loss, _ = batch_loss(net, batch, _targets(chunk, torch.float32), settings.w_dyn)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), settings.clip)
-                opt.step()
-                running += float(loss.detach())
-            sched.step()
-            train_loss = running / steps_per_epoch
-            val_loss = _evaluate_loss(net, val_p, index, settings.w_dyn, 16)
-            select = val_loss if val_p else train_loss
-            if select < state.best:
-                state.best, state.best_epoch = select, state.epoch
-                best_params = parameters_of(net)
-            state.history[k].append(
-                {"epoch": state.epoch, "train": round(train_loss, 6), "val": round(val_loss, 6)}
-            )
-            state.epoch += 1
-            state.seconds = time.perf_counter() - t_run
-            bar.set_postfix(member=k, train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-            bar.update(1)
-            done_epochs = k * settings.epochs + state.epoch
-            torch.save(
-                {
-                    "config": json.dumps(config.to_json(), sort_keys=True),
-                    "member": k,
-                    "epoch": state.epoch,
-                    "best": state.best,
-                    "best_epoch": state.best_epoch,
-                    "history": json.dumps(state.history),
-                    "seconds": state.seconds,
-                    "members": members,
-                    "net": parameters_of(net),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "best_params": best_params,
-                },
-                ckpt_path,
-            )
-            if stop_after is not None and done_epochs >= stop_after:
-                bar.close()
-                return {}
-        members.append(best_params)
-        logger.info("member %d: best loss %.4f at epoch %d", k, state.best, state.best_epoch)
-        state.member += 1
-        state.epoch = 0
-    bar.close()
-    train_seconds = time.perf_counter() - t_run
-    nets = []
-    for params in members:
-        net = build_net(config, torch.float64)
-        net.load_state_dict(params, strict=False)
-        nets.append(net)
-    calibration, bank, bank_species = _calibrate(nets, config, train_p, val_p, settings)
-    meta: dict[str, Any] = {
+        done_epochs = k * settings.epochs + state.epoch
+        if run.stop_after is not None and done_epochs >= run.stop_after:
+            return None
+    return best_params
+
+
+def _train_epoch(
+    run: _Run, net: FCNet, opt: torch.optim.Optimizer, member: int, epoch: int
+) -> float:
+    """One epoch of optimiser steps on shuffled batches; returns the mean training loss."""
+    settings = run.settings
+    net.train()
+    # One generator per (member, epoch): a resumed run draws the same batches.
+    rng = np.random.default_rng([settings.seed, member, epoch])
+    order = rng.permutation(len(run.train_p))
+    running = 0.0
+    for s in range(run.steps_per_epoch):
+        chunk = [run.train_p[i] for i in order[s * settings.batch_size :][: settings.batch_size]]
+        batch = collate([p.graph for p in chunk], run.index)
+        loss, _ = batch_loss(net, batch, _targets(chunk, torch.float32), settings.w_dyn)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), settings.clip)
+        opt.step()
+        running += float(loss.detach())
+    return running / run.steps_per_epoch
+
+
+def _model_meta(
+    config: NetConfig,
+    calibration: dict[str, Any],
+    training: dict[str, Any],
+    training_set_fingerprint: str,
+    provenance: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What model.json records besides the format, members and version."""
+    return {
         "kind": "structure -> force constants (e3nn)",
         "units": {"fc": "eV/A^2", "lengths": "Angstrom", "frequencies": "THz"},
         "config": config.to_json(),
         "elements": [_sym(z) for z in config.species],
         "distance": calibration,
-        "training": {
-            "settings": asdict(settings),
-            "n_train": len(train_p),
-            "n_val": len(val_p),
-            "left_out_without_fcs": empty,
-            "train_seconds": round(train_seconds, 1),
-            "history": state.history,
-            "best_epochs": [
-                int(np.argmin([h["val"] if val_p else h["train"] for h in hist]))
-                for hist in state.history
-            ],
-            "loss": "per crystal: |dPhi|^2/|Phi|^2 (bonds + self) + w_dyn |dD(q)|^2/|D(q)|^2",
-        },
+        "training": training,
         "provenance": {
-            "training_set_fingerprint": fingerprint(train_e),
+            "training_set_fingerprint": training_set_fingerprint,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "git_commit": git_commit(),
             "torch": torch.__version__,
@@ -632,9 +600,6 @@ def train(
             **(provenance or {}),
         },
     }
-    save_fc_model(out, nets=nets, bank=bank, bank_species=bank_species, meta=meta)
-    ckpt_path.unlink(missing_ok=True)
-    return json.loads((out / "model.json").read_text())
 
 
 def _sym(z: int) -> str:
@@ -708,205 +673,3 @@ def _calibrate(
 
 # --------------------------------------------------------------------------------------
 # Evaluation
-
-
-def dos_metrics(
-    numbers: NDArray[np.int64],
-    frac: NDArray[np.float64],
-    pairs_ref: NDArray[np.int64],
-    fc_ref: NDArray[np.float64],
-    pairs_pred: NDArray[np.int64],
-    fc_pred: NDArray[np.float64],
-    mesh: tuple[int, int, int] = EVAL_MESH,
-) -> dict[str, float]:
-    """DOS comparison of two force-constant sets of one crystal (see the module docstring).
-
-    Returns
-    -------
-    ``cosine`` (DOS cosine similarity), ``mean_ref_meV``, ``mean_pred_meV`` (mean frequency
-    over all modes of the mesh), ``min_pred_thz``, ``min_ref_thz`` (lowest frequency),
-    ``stable_pred`` (1.0 or 0.0).
-    """
-    ref = mesh_frequencies(numbers, frac, pairs_ref, fc_ref, mesh).frequencies * THZ_TO_MEV
-    pred = mesh_frequencies(numbers, frac, pairs_pred, fc_pred, mesh).frequencies * THZ_TO_MEV
-    top = 1.2 * max(float(np.abs(ref).max()), float(np.abs(pred).max())) + 5.0
-    energies = np.arange(DOS_EMIN_MEV, top, DOS_STEP_MEV)
-    g_ref = dos_histogram(ref, energies, DOS_SIGMA_MEV)
-    g_pred = dos_histogram(pred, energies, DOS_SIGMA_MEV)
-    cosine = float(g_ref @ g_pred / (np.linalg.norm(g_ref) * np.linalg.norm(g_pred)))
-    return {
-        "cosine": cosine,
-        "mean_ref_meV": float(ref.mean()),
-        "mean_pred_meV": float(pred.mean()),
-        "min_ref_thz": float(ref.min() / THZ_TO_MEV),
-        "min_pred_thz": float(pred.min() / THZ_TO_MEV),
-        "stable_pred": float(pred.min() / THZ_TO_MEV >= -STABILITY_TOL_THZ),
-    }
-
-
-def evaluate(
-    model: FCModel, entries: Sequence[FCSampleLike], split: str = "test"
-) -> dict[str, Any]:
-    """DOS metrics of the model on one split of the database.
-
-    Returns
-    -------
-    A JSON-ready report: per-crystal rows and the summary (mean cosine similarity, mean
-    absolute and relative error of the mean frequency, fraction predicted stable, how many
-    were in domain and the same figures for those, entries skipped for unknown elements).
-    """
-    from model_server.structure_fc.graph import FCModelError
-
-    rows = []
-    skipped = []
-    t0 = time.perf_counter()
-    for e in entries:
-        if e.split != split:
-            continue
-        if float(np.abs(e.fc).max()) < MIN_FC:
-            skipped.append(
-                {"name": e.name, "reason": "the database's force constants are all zero"}
-            )
-            continue
-        try:
-            pred = model.predict(e.numbers, e.lattice, e.frac)
-        except FCModelError as err:
-            skipped.append({"name": e.name, "reason": str(err).split(":")[0]})
-            continue
-        m = dos_metrics(e.numbers, e.frac, e.pairs, e.fc, pred.pairs, pred.fc)
-        rows.append(
-            {
-                "name": e.name,
-                "prototype": e.prototype,
-                **{k: round(v, 5) for k, v in m.items()},
-                "distance": round(pred.distance, 4),
-                "relative_spread": round(pred.relative_spread, 5),
-                "in_domain": pred.in_domain,
-            }
-        )
-
-    def summary(sel: list[dict[str, Any]]) -> dict[str, Any]:
-        if not sel:
-            return {"n": 0}
-        ref = np.array([r["mean_ref_meV"] for r in sel])
-        pred = np.array([r["mean_pred_meV"] for r in sel])
-        return {
-            "n": len(sel),
-            "dos_cosine_mean": round(float(np.mean([r["cosine"] for r in sel])), 4),
-            "dos_cosine_median": round(float(np.median([r["cosine"] for r in sel])), 4),
-            "dos_cosine_min": round(float(np.min([r["cosine"] for r in sel])), 4),
-            "mean_freq_abs_error_meV": round(float(np.mean(np.abs(pred - ref))), 3),
-            "mean_freq_rel_error": round(float(np.mean(np.abs(pred - ref) / np.abs(ref))), 4),
-            "fraction_stable": round(float(np.mean([r["stable_pred"] for r in sel])), 4),
-        }
-
-    return {
-        "split": split,
-        "dos": {
-            "mesh": list(EVAL_MESH),
-            "sigma_meV": DOS_SIGMA_MEV,
-            "step_meV": DOS_STEP_MEV,
-            "energies": f"{DOS_EMIN_MEV} meV to 1.2 x max |frequency| of both + 5 meV",
-            "stability_tolerance_thz": STABILITY_TOL_THZ,
-        },
-        "summary": summary(rows),
-        "summary_in_domain": summary([r for r in rows if r["in_domain"]]),
-        "summary_out_of_domain": summary([r for r in rows if not r["in_domain"]]),
-        "skipped": skipped,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "rows": rows,
-    }
-
-
-# --------------------------------------------------------------------------------------
-# Command line
-
-
-def _load_entries(db: str | None, reference: bool) -> tuple[list[Any], dict[str, Any]]:
-    if reference:
-        return list(reference_samples()), {"training_set": "shipped reference FCs (Ge, Nb, Al)"}
-    from simulations.fcdb import database as fcdb
-
-    path = Path(db) if db else fcdb.database_path()
-    everything = fcdb.load_database(path)
-    entries = [e for e in everything if getattr(e, "stable", True)]
-    info = {
-        "training_set": str(path),
-        "training_set_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "n_entries_in_file": len(everything),
-        "n_entries": len(entries),
-        "selection": "dynamically stable entries only (FCEntry.stable)",
-        "n_per_split": {s: sum(e.split == s for e in entries) for s in ("train", "val", "test")},
-    }
-    return list(entries), info
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    """``python -m model_server.structure_fc.model {train,evaluate}``; exit 0, or 2 with a
-    message."""
-    parser = argparse.ArgumentParser(prog="python -m model_server.structure_fc.model")
-    sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train the ensemble and write the model directory")
-    tr.add_argument("--db", default=None, help="FC database (default: the committed one)")
-    tr.add_argument("--reference", action="store_true", help="train on the shipped reference FCs")
-    tr.add_argument("--out", default="models/fc_e3nn")
-    tr.add_argument("--resume", action="store_true")
-    tr.add_argument("--quiet", action="store_true")
-    tr.add_argument("--no-evaluate", action="store_true", help="skip the test-split evaluation")
-    defaults = TrainSettings()
-    for f in TrainSettings.__dataclass_fields__:
-        val = getattr(defaults, f)
-        flag = "--" + f.replace("_", "-")
-        if isinstance(val, bool):
-            tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=val, dest=f)
-        else:
-            tr.add_argument(flag, type=type(val), default=val, dest=f)
-    ev = sub.add_parser("evaluate", help="DOS metrics on a split of the database")
-    ev.add_argument("--db", default=None)
-    ev.add_argument("--model", default=None)
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--json", action="store_true", help="print the whole report")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "train":
-            settings = TrainSettings(
-                **{f: getattr(args, f) for f in TrainSettings.__dataclass_fields__}
-            )
-            entries, info = _load_entries(args.db, args.reference)
-            info["command"] = "python -m model_server.structure_fc.model " + " ".join(
-                sys.argv[1:] if argv is None else list(argv)
-            )
-            meta = train(
-                entries,
-                args.out,
-                settings,
-                resume=args.resume,
-                progress=not args.quiet,
-                provenance=info,
-            )
-            if not args.no_evaluate and any(e.split == "test" for e in entries):
-                model = load_fc_model(args.out)
-                report = evaluate(model, entries, "test")
-                _store_evaluation(Path(args.out), report)
-                print(json.dumps(report["summary"], indent=1))
-            else:
-                print(json.dumps(meta["training"]["best_epochs"]))
-        else:
-            entries, _ = _load_entries(args.db, False)
-            model = load_fc_model(args.model)
-            report = evaluate(model, entries, args.split)
-            print(json.dumps(report if args.json else report["summary"], indent=1))
-    except (ModelServerError, SimulationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _store_evaluation(out: Path, report: dict[str, Any]) -> None:
-    """Add the evaluation summary to model.json (the weights, hence the version, unchanged)."""
-    meta_path = out / "model.json"
-    meta = json.loads(meta_path.read_text())
-    meta["evaluation"] = {k: v for k, v in report.items() if k != "rows"}
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
-    (out / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -6,9 +6,8 @@ For every :class:`~simulations.fcdb.catalogue.Candidate`:
 2. :func:`simulations.fcdb.mlff.relax` relaxes cell and positions, keeping the space group;
 3. the smallest supercell (among diagonal, fcc-, bcc- and hexagonal-shaped multiples of the
    primitive or conventional cell) whose shortest lattice vector exceeds twice the longest bond
-   up to :data:`~simulations.fcdb.database.CUTOFF_ANGSTROM` is chosen, so every stored bond is its
-   own
-   unique shortest image (no aliasing inside the cutoff);
+   up to :data:`~simulations.fcdb.database.CUTOFF_ANGSTROM` is chosen, so every stored bond is
+   its own unique shortest image (no aliasing inside the cutoff);
 4. :func:`simulations.fcdb.mlff.build_phonopy` gives finite-displacement FCs (0.01 A, symmetrised);
 5. the FCs are cut into per-bond blocks up to the cutoff, averaged over the space group (so
    the blocks obey the crystal's symmetry exactly), made exactly

@@ -1,10 +1,10 @@
 """Phonons of any crystal from per-pair force-constant blocks (numpy, no phonopy object).
 
-A force-constant set is given the way the FC database (``simulations.fcdb.database``) and the e3nn
-model (:mod:`model_server.structure_fc.model`) give it: ``pairs`` (m, 5) int rows ``(i, j, n1, n2,
-n3)``
-= atom ``i`` of the home cell to atom ``j`` of the cell at lattice vector ``(n1, n2, n3)``,
-and ``fc`` (m, 3, 3) float, eV/A^2, ``Phi_ab(i0, jR)`` with the self terms included.
+A force-constant set is given the way the FC database (``simulations.fcdb.database``) and the
+e3nn model (:mod:`model_server.structure_fc.model`) give it: ``pairs`` (m, 5) int rows
+``(i, j, n1, n2, n3)`` = atom ``i`` of the home cell to atom ``j`` of the cell at lattice
+vector ``(n1, n2, n3)``, and ``fc`` (m, 3, 3) float, eV/A^2, ``Phi_ab(i0, jR)`` with the self
+terms included.
 
 Dynamical matrix (phonopy's convention, the same as
 ``simulations.lattice.force_constants.FCBasis.dynamical_basis``)::

@@ -2,7 +2,7 @@
 
 Include it with ``app.include_router(predict_router(live, history))``. The computation is
 :func:`model_server.prediction.predict.predict` (see its module docstring for the physics, units and
-caching); this module validates the request (pydantic, documented in the OpenAPI spec),
+caching); this module validates the request (:class:`steering.api.schemas.PredictRequest`),
 resolves ``fc: "current:<run id>"`` from the run history and answers JSON or, with
 ``Accept: image/png``, a PNG with one panel per output.
 

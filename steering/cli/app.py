@@ -22,6 +22,7 @@ from model_server.exceptions import ModelServerError
 from simulations.exceptions import SimulationError
 from steering.cli.advise import advise_app
 from steering.cli.fcdb import fcdb_app
+from steering.cli.fcmodel import fcmodel_app
 from steering.cli.model import estimate_cmd, evaluate_cmd, train_cmd
 from steering.cli.predict import predict_cmd
 from steering.cli.serve import demo_cmd, model_serve_cmd, serve_cmd
@@ -62,6 +63,7 @@ app.command("estimate")(estimate_cmd)
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(advise_app, name="advise")
 app.add_typer(fcdb_app, name="fcdb")
+app.add_typer(fcmodel_app, name="fcmodel")
 
 
 def main(argv: list[str] | None = None) -> None:
