@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from consumers.kafka import EmbeddedBroker
 from simulations.lattice.materials import MaterialSetup, setup
 
 
@@ -24,6 +25,15 @@ def _table_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("STEER_CACHE_DIR", None)
     else:
         os.environ["STEER_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[EmbeddedBroker]:
+    """A real Kafka-protocol broker (the embedded Tansu), one per test module."""
+    b = EmbeddedBroker()
+    b.start()
+    yield b
+    b.stop()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ Phonon DOS (:func:`phonon_dos`)
     deviation ``sigma`` (meV): states / meV per primitive cell, integrating to 3 n. The
     partial DOS of atom ``i`` weighs each mode by ``sum_a |e_ia,nu(q)|^2`` (integrates to
     3); per element, the sum over its atoms. Checked against phonopy's total DOS of the
-    same FCs (``tests/test_spectra.py``). Imaginary modes appear at negative energies.
+    same FCs (``tests/model_server/prediction/test_spectra.py``). Imaginary modes appear at
+    negative energies.
 
 Coherent powder S(|Q|, E) (:func:`powder_spectrum`, :func:`powder_from_fc`)
     The one-phonon coherent S(Q, E) of :class:`simulations.lattice.sqe.CoherentSQE` (eigenvectors,

@@ -12,7 +12,8 @@
 Outcomes (``tell``'s ``y``, ``ingest``'s points) carry the model server's estimate after the
 measurement: ``fc_mean`` and ``fc_std`` (eV/A^2, in the advisor's FC order) and optionally
 ``counts`` / ``exposure`` (the run's folded arrays so far) for the counts scale. An
-example plan with ``ophyd.sim`` devices is in the README and in ``tests/test_agent.py``.
+example plan with ``ophyd.sim`` devices is in the README and in
+``tests/steering/advisor/test_agent.py``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 a 120-orientation replay through the embedded broker, each followed by a restart; the final
 counts and exposure must equal the uninterrupted (offline) fold bit for bit.
 
-Writes bench-results/faults.json. (tests/test_kafka.py does the same with 5 kills in the
-test suite; this is the long version.)
+Writes bench-results/faults.json. (tests/consumers/kafka/test_kafka.py does the same with 5
+kills in the test suite; this is the long version.)
 """
 
 from __future__ import annotations

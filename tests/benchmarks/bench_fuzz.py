@@ -1,6 +1,6 @@
 """Fuzzing the consumer at volume (``make bench``): writes bench-results/fuzz.json.
 
-The hostile messages of ``tests/test_fuzz_wire.py`` (its :func:`hostile` generator), drawn
+The hostile messages of ``tests/consumers/test_fuzz_wire.py`` (its :func:`hostile` generator), drawn
 from a seeded generator instead of hypothesis so that 1e5 cases stay cheap, in two phases:
 
 * **per message**: batches of hostile messages handed one by one to
@@ -45,9 +45,8 @@ from consumers.reduction.pipeline import RunPipeline, schema_of
 from consumers.service import ConsumerService
 from simulations.runs.recording import RunReader
 from tests.conftest import small_ge_run
-from tests.test_fuzz_wire import (
+from tests.consumers.test_fuzz_wire import (
     OTHER_RUN_KEY,
-    ListSource,
     RandomDraw,
     Result,
     _feed,
@@ -61,6 +60,7 @@ from tests.test_fuzz_wire import (
     make_cuts,
     run_context,
 )
+from tests.fakes import ListSource
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 
