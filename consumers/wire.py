@@ -8,7 +8,8 @@ precompiled ``struct`` readers: the same reads the generated flatbuffers code ma
 same results (checked against the library, including corrupted buffers, in
 ``tests/consumers/test_wire.py``). A layout seen before (a producer repeats its own) is
 recognised by a byte comparison and only its value and timestamp are read. Anything else
-(array values, a buffer the fast path cannot read) goes to ``streaming_data_types.logdata_f144.deserialise_f144``, so errors stay the library's.
+(array values, a buffer the fast path cannot read) goes to
+``streaming_data_types.logdata_f144.deserialise_f144``, so errors stay the library's.
 :func:`decode_ev44` does the same for the four arrays of an ev44 event message (numpy
 views into the buffer, as the library gives), with ``deserialise_ev44`` behind it.
 """
