@@ -35,6 +35,7 @@ from simulations.fcdb.database import (
 )
 from simulations.lattice.pair_phonons import frequencies_at, mesh_qpoints
 from simulations.units import VASP_TO_THZ
+from tests.commands import steer
 from tests.paths import REPO
 
 #: Space group of every prototype (International Tables number).
@@ -60,16 +61,6 @@ SPACEGROUP = {
     "a15": 223,
     "nias": 194,
 }
-
-
-def steer(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "steering.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")

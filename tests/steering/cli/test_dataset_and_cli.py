@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,19 +13,10 @@ from simulations.exceptions import DatasetError
 from simulations.fcdb.dataset import generate_dataset, read_dataset
 from simulations.fcdb.reference import load_reference
 from simulations.lattice.materials import MaterialSetup
+from tests.commands import steer
 from tests.paths import DATA
 
 PARTIAL_CIF = str(DATA / "partial_occupancy.cif")
-
-
-def steer(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "steering.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_dataset_contents(ge: MaterialSetup, tmp_path: Path) -> None:

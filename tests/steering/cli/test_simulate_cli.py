@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from simulations.runs.recording import RunReader
-
-
-def steer(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "steering.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+from tests.commands import steer
 
 
 def test_simulate_run_json_contract_and_check_run(tmp_path: Path) -> None:
