@@ -8,6 +8,9 @@ Hierarchy::
     +-- InputSpectrumError           a spectrum or mask the model cannot use (NaN, all zero,
     |                                empty mask, wrong shape)
     +-- TrainingError                a training set or training setting that cannot work
+    +-- RefinementError              counts the likelihood refinement cannot fit (no measured
+                                     bins, no moments, another grid, a material without a
+                                     forward model)
 
 Every message says what was wrong and how to fix it.
 """
@@ -19,6 +22,7 @@ __all__ = [
     "GridMismatchError",
     "InputSpectrumError",
     "ModelServerError",
+    "RefinementError",
     "TrainingError",
 ]
 
@@ -41,3 +45,7 @@ class InputSpectrumError(ModelServerError):
 
 class TrainingError(ModelServerError):
     """A training set or setting that cannot work."""
+
+
+class RefinementError(ModelServerError):
+    """Counts, exposure or moments that the likelihood refinement cannot fit."""

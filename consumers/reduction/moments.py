@@ -1,0 +1,468 @@
+"""Per-bin moments of the folded detector cells: what the counts model needs of the geometry.
+
+The expected counts of a folded (q, E) bin are a sum over the detector cells (pixel,
+energy sample) folded into it, each weighted by ``w = k_f/k_i dOmega dE`` (the coverage's
+weight), of the coherent one-phonon cross-section at the cell's own Q. With the mode
+energies and eigenvectors taken at the bin's path point q and the cell's Q rotated back
+into the path point's frame (S(Q, E) is invariant under the point group and time
+reversal), the cross-section of mode m is ``e_m^H M(Q') e_m / E_m`` times Bose and
+resolution factors, with the (3N, 3N) Hermitian matrix ``M(Q') = conj(c) c^T`` and
+``c_{j a} = b_j / sqrt(M_j) exp(-W_j(Q')) Q'_a exp(-2 pi i G'.x_j)`` (G' the reciprocal
+lattice vector with Q' = q + G' + delta). Summing over cells before the force constants
+are known gives, per bin,
+
+* ``T_b = sum w M(Q')`` (complex (3N, 3N)), the structure-factor moment tensor;
+* ``d1_b = sum w delta`` and ``d2_b = sum w delta delta^T`` (1/Angstrom, Cartesian, in the
+  path point's frame): the offsets of the cells from the path point, which broaden and
+  shift a dispersive mode (its energy at the cell is ``E_m + v_m . delta``);
+* ``bg_b = sum dOmega L2 dE / v_f^3``: the shape of a background flat in time of flight
+  (``dt/dE = L2 / (m v_f^3)``), in sr m meV (s/m)^3 x 1e12.
+
+They add over orientations (weighted by proton charge, like the exposure), so a run's
+moments are kept with its counts and restored with its checkpoint. The Debye-Waller
+tensors are those of the reference force constants at the run's temperature (held fixed:
+at 5 K they are zero-point motion, a few per cent of the intensity at the largest Q).
+
+:func:`orientation_moments` computes them for one goniometer angle by the same walk
+along every sampled pixel's trajectory as the coverage
+(:meth:`consumers.reduction.folding.Folder.coverage`), so their ``coverage`` equals it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+from numpy.typing import NDArray
+
+from consumers.exceptions import FoldError
+from consumers.reduction.folding import CoverageSamples, Folder
+from consumers.reduction.kernels import _popcount
+from simulations.lattice.force_constants import FCBasis
+
+__all__ = [
+    "BinMoments",
+    "StructureConstants",
+    "orientation_moments",
+    "star_operations",
+    "structure_constants",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Orientations' moments kept in memory per process (about 15 MB each for Ge).
+MOMENT_CACHE_SIZE = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StructureConstants:
+    """The crystal constants of the cross-section that do not depend on the fit.
+
+    Attributes
+    ----------
+    positions
+        (n_atoms, 3) fractional coordinates.
+    amplitudes
+        (n_atoms,) ``b_j / sqrt(M_j)``, fm / sqrt(amu).
+    debye_waller
+        (n_atoms, 3, 3) Debye-Waller exponent tensors ``B_j`` (``W_j = Q.B_j.Q``), A^2.
+    operations
+        (n_ops, 3, 3) integer rotations (direct-lattice basis) of the point group followed
+        by their negatives (time reversal), in the order of
+        :class:`simulations.instrument.binning.ReferenceBinning`.
+    temperature
+        K, the temperature the Debye-Waller tensors are for.
+    """
+
+    positions: NDArray[np.float64]
+    amplitudes: NDArray[np.float64]
+    debye_waller: NDArray[np.float64]
+    operations: NDArray[np.float64]
+    temperature: float
+
+    @property
+    def n_branches(self) -> int:
+        """3 x atoms."""
+        return 3 * len(self.positions)
+
+    def digest(self) -> str:
+        """Hex digest of the constants (part of a moment cache key)."""
+        h = hashlib.blake2b(digest_size=12)
+        for a in (self.positions, self.amplitudes, self.debye_waller, self.operations):
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        h.update(np.float64(self.temperature).tobytes())
+        return h.hexdigest()
+
+
+@dataclass(slots=True, kw_only=True)
+class BinMoments:
+    """Moments of the folded cells per canonical (q, E) bin, summed over orientations.
+
+    Bins are flattened ``q * n_E + E`` on the path's canonical points (before the alias
+    expansion of :attr:`consumers.reduction.table.FoldTable.alias`); each array is weighted
+    by proton charge (uC) when orientations are added (:meth:`add`).
+
+    Attributes
+    ----------
+    tensor
+        (n_bins, 3N, 3N) complex128, ``sum w M(Q')``, uC sr meV fm^2 / (amu A^2).
+    offset1, offset2
+        (n_bins, 3) and (n_bins, 3, 3) float64, ``sum w delta`` and
+        ``sum w delta delta^T`` (uC sr meV / A and / A^2).
+    weight
+        (n_bins,) float64, ``sum w`` (uC sr meV): the exposure before alias expansion.
+    background
+        (n_bins,) float64, the flat-in-time-of-flight background shape (module docstring).
+    n_orientations
+        Orientations added.
+    """
+
+    tensor: NDArray[np.complex128]
+    offset1: NDArray[np.float64]
+    offset2: NDArray[np.float64]
+    weight: NDArray[np.float64]
+    background: NDArray[np.float64]
+    n_orientations: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def zeros(cls, n_bins: int, n_branches: int) -> BinMoments:
+        """Empty moments of ``n_bins`` bins."""
+        return cls(
+            tensor=np.zeros((n_bins, n_branches, n_branches), dtype=np.complex128),
+            offset1=np.zeros((n_bins, 3)),
+            offset2=np.zeros((n_bins, 3, 3)),
+            weight=np.zeros(n_bins),
+            background=np.zeros(n_bins),
+        )
+
+    def add(self, other: BinMoments, charge: float = 1.0) -> None:
+        """Add ``charge`` times another set (one orientation's) in place."""
+        if not (np.isfinite(charge) and charge >= 0):
+            raise FoldError(f"proton charge must be finite and >= 0, got {charge}")
+        if other.tensor.shape != self.tensor.shape:
+            raise FoldError(
+                f"moments of shape {other.tensor.shape} cannot be added to {self.tensor.shape}"
+            )
+        with self._lock:
+            self.tensor += charge * other.tensor
+            self.offset1 += charge * other.offset1
+            self.offset2 += charge * other.offset2
+            self.weight += charge * other.weight
+            self.background += charge * other.background
+            self.n_orientations += other.n_orientations
+
+    def copy(self) -> BinMoments:
+        """A deep copy."""
+        with self._lock:
+            return BinMoments(
+                tensor=self.tensor.copy(),
+                offset1=self.offset1.copy(),
+                offset2=self.offset2.copy(),
+                weight=self.weight.copy(),
+                background=self.background.copy(),
+                n_orientations=self.n_orientations,
+            )
+
+    def arrays(self, prefix: str = "moments_") -> dict[str, NDArray[np.generic]]:
+        """The arrays by name (for a checkpoint or a file)."""
+        with self._lock:
+            return {
+                f"{prefix}tensor": self.tensor.copy(),
+                f"{prefix}offset1": self.offset1.copy(),
+                f"{prefix}offset2": self.offset2.copy(),
+                f"{prefix}weight": self.weight.copy(),
+                f"{prefix}background": self.background.copy(),
+                f"{prefix}n": np.array(self.n_orientations),
+            }
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: dict[str, NDArray[np.generic]], prefix: str = "moments_"
+    ) -> BinMoments | None:
+        """Moments from :meth:`arrays` output; None when they are not there."""
+        if f"{prefix}tensor" not in arrays:
+            return None
+        return cls(
+            tensor=np.asarray(arrays[f"{prefix}tensor"], dtype=np.complex128).copy(),
+            offset1=np.asarray(arrays[f"{prefix}offset1"], dtype=np.float64).copy(),
+            offset2=np.asarray(arrays[f"{prefix}offset2"], dtype=np.float64).copy(),
+            weight=np.asarray(arrays[f"{prefix}weight"], dtype=np.float64).copy(),
+            background=np.asarray(arrays[f"{prefix}background"], dtype=np.float64).copy(),
+            n_orientations=int(np.asarray(arrays[f"{prefix}n"])),
+        )
+
+
+def star_operations(folder: Folder, operations: NDArray[np.float64]) -> NDArray[np.float64]:
+    """(n_star, 3, 3) float64: for every star point of the fold table, the inverse R^-1 of
+    an operation R with ``star point = q_path R + integer`` (row vectors, r.l.u.), so that
+    ``Q R^-1`` lies near the path point plus a reciprocal lattice vector."""
+    t = folder.table
+    frac = t.star_xyz @ np.linalg.inv(t.reciprocal)
+    path = folder.grid.qpath.qpoints[t.star_index]  # (n_star, 3)
+    images = np.einsum("sa,oab->osb", path, operations)  # (n_ops, n_star, 3)
+    diff = images - frac[None]
+    off = np.abs(diff - np.rint(diff)).max(axis=2)  # (n_ops, n_star)
+    op = np.argmin(off, axis=0)
+    if float(off[op, np.arange(len(op))].max(initial=0.0)) > 1e-6:
+        raise FoldError("a star point of the fold table is no image of its path point")
+    return np.ascontiguousarray(np.linalg.inv(operations)[op])
+
+
+_CACHE: OrderedDict[tuple[str, str, float], BinMoments] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def orientation_moments(
+    folder: Folder,
+    constants: StructureConstants,
+    omega: float,
+    *,
+    e_substeps: int = 4,
+    pixel_stride: int = 2,
+    inverse_ops: NDArray[np.float64] | None = None,
+) -> BinMoments:
+    """The moments of one orientation at goniometer angle ``omega`` (degrees), unit charge.
+
+    The samples are those of :meth:`Folder.coverage` (``pixel_stride``, ``e_substeps``),
+    so ``weight`` is its coverage before the alias expansion. Cached in memory (the last
+    :data:`MOMENT_CACHE_SIZE`) by the folder's signature, the constants and the angle;
+    a copy is returned. Runs the compiled walk without the GIL.
+    """
+    omega = float(omega)
+    if not math.isfinite(omega):
+        raise FoldError(f"goniometer angle must be finite, got {omega}")
+    key = (folder.signature + f"/{e_substeps}/{pixel_stride}", constants.digest(), omega)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit.copy()
+    if inverse_ops is None:
+        inverse_ops = star_operations(folder, constants.operations)
+    samples = folder.coverage_samples(e_substeps=e_substeps, pixel_stride=pixel_stride)
+    dm, h_inf = folder.sample_rays(samples, omega)
+    grid = folder.grid
+    out = BinMoments.zeros(grid.n_q * grid.n_e, constants.n_branches)
+    out.n_orientations = 1
+    _walk(folder, samples, dm, h_inf, constants, inverse_ops, out)
+    with _CACHE_LOCK:
+        _CACHE[key] = out
+        while len(_CACHE) > MOMENT_CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return out.copy()
+
+
+def _walk(
+    folder: Folder,
+    samples: CoverageSamples,
+    dm: NDArray[np.float64],
+    h_inf: NDArray[np.float64],
+    constants: StructureConstants,
+    inverse_ops: NDArray[np.float64],
+    out: BinMoments,
+) -> None:
+    """Run :func:`moments_kernel` over the samples of one orientation."""
+    t = folder.table
+    de_sub = float(folder.grid.energy_edges[1] - folder.grid.energy_edges[0]) / (
+        len(samples.v_f) // folder.grid.n_e
+    )
+    l2 = folder.instrument.l2[samples.pixels]
+    # background: dOmega L2 dE / v_f^3 in units of (ms/m)^3 so that values stay O(1)
+    bg_pix = np.ascontiguousarray(samples.solid * l2)
+    bg_e = np.ascontiguousarray(de_sub / (samples.v_f * 1e-3) ** 3)
+    moments_kernel(
+        dm,
+        samples.solid,
+        bg_pix,
+        samples.v_f,
+        samples.w_e,
+        bg_e,
+        samples.col,
+        h_inf,
+        t.voxels,
+        t.live,
+        t.rank,
+        t.offsets,
+        t.candidates,
+        t.star_xyz,
+        t.star_index,
+        t.reciprocal,
+        t.tolerance**2,
+        folder.grid.n_e,
+        t.clear,
+        inverse_ops,
+        np.ascontiguousarray(folder.grid.qpath.qpoints, dtype=np.float64),
+        np.ascontiguousarray(constants.positions, dtype=np.float64),
+        np.ascontiguousarray(constants.amplitudes, dtype=np.float64),
+        np.ascontiguousarray(constants.debye_waller, dtype=np.float64),
+        out.tensor,
+        out.offset1,
+        out.offset2,
+        out.weight,
+        out.background,
+    )
+
+
+@numba.njit(cache=True, nogil=True)
+def moments_kernel(
+    dm: np.ndarray,  # (n_pix, 3) K_PER_V M d of each sampled pixel
+    solid: np.ndarray,  # (n_pix,) sr
+    bg_pix: np.ndarray,  # (n_pix,) solid x L2
+    v_f: np.ndarray,  # (n_sub,) m/s, falling
+    w_e: np.ndarray,  # (n_sub,) k_f/k_i dE, meV
+    bg_e: np.ndarray,  # (n_sub,) dE / v_f^3
+    col: np.ndarray,  # (n_sub,) energy bin
+    h_inf: np.ndarray,  # (3,) r.l.u.
+    voxels: int,
+    live: np.ndarray,
+    rank: np.ndarray,
+    offsets: np.ndarray,
+    candidates: np.ndarray,
+    star_xyz: np.ndarray,
+    star_index: np.ndarray,
+    rec: np.ndarray,  # (3, 3) rows b_i, 1/A
+    tol2: float,
+    n_e: int,
+    clear: np.ndarray,
+    inv_ops: np.ndarray,  # (n_star, 3, 3) R^-1 of each star point
+    qpath: np.ndarray,  # (n_q, 3) r.l.u.
+    xfrac: np.ndarray,  # (n_at, 3)
+    amp0: np.ndarray,  # (n_at,)
+    dw: np.ndarray,  # (n_at, 3, 3) A^2
+    tensor: np.ndarray,  # (n_bins, 3N, 3N) complex, added to
+    off1: np.ndarray,  # (n_bins, 3)
+    off2: np.ndarray,  # (n_bins, 3, 3)
+    weight: np.ndarray,  # (n_bins,)
+    background: np.ndarray,  # (n_bins,)
+) -> int:
+    """The coverage walk of :func:`consumers.reduction.kernels.coverage_kernel`, adding
+    each folded sample's moments (module docstring) to its bin. Returns the samples
+    computed."""
+    n_sub = v_f.shape[0]
+    n_at = xfrac.shape[0]
+    nb = 3 * n_at
+    c = np.empty(nb, dtype=np.complex128)
+    computed = 0
+    for p in range(dm.shape[0]):
+        d0 = dm[p, 0]
+        d1 = dm[p, 1]
+        d2 = dm[p, 2]
+        g = 1.0 / (voxels * max(abs(d0), abs(d1), abs(d2), 1e-300))
+        s = 0
+        while s < n_sub:
+            v = v_f[s]
+            computed += 1
+            h0 = h_inf[0] - v * d0
+            h1 = h_inf[1] - v * d1
+            h2 = h_inf[2] - v * d2
+            f0 = h0 - math.floor(h0)
+            f1 = h1 - math.floor(h1)
+            f2 = h2 - math.floor(h2)
+            vx = (
+                min(int(f0 * voxels), voxels - 1) * voxels + min(int(f1 * voxels), voxels - 1)
+            ) * voxels + min(int(f2 * voxels), voxels - 1)
+            word = live[vx >> 6]
+            bit = np.uint64(vx & 63)
+            if not (word >> bit) & np.uint64(1):
+                s += 1
+                reach = int(clear[vx]) - 1
+                if reach > 0:
+                    v_stop = v - (reach - 1e-6) * g
+                    while s < n_sub and v_f[s] > v_stop:
+                        s += 1
+                continue
+            r = rank[vx >> 6] + _popcount(word & ((np.uint64(1) << bit) - np.uint64(1)))
+            cx = f0 * rec[0, 0] + f1 * rec[1, 0] + f2 * rec[2, 0]
+            cy = f0 * rec[0, 1] + f1 * rec[1, 1] + f2 * rec[2, 1]
+            cz = f0 * rec[0, 2] + f1 * rec[1, 2] + f2 * rec[2, 2]
+            best = 1e300
+            row = -1
+            for k in range(offsets[r], offsets[r + 1]):
+                q = candidates[k]
+                dx = star_xyz[q, 0] - cx
+                dy = star_xyz[q, 1] - cy
+                dz = star_xyz[q, 2] - cz
+                dd = dx * dx + dy * dy + dz * dz
+                if dd < best:
+                    best = dd
+                    row = q
+            if best <= tol2:
+                iq = star_index[row]
+                w = solid[p] * w_e[s]
+                b = iq * n_e + col[s]
+                # Q rotated back into the path point's frame: Q' = h R^-1 (row vectors)
+                a0 = h0 * inv_ops[row, 0, 0] + h1 * inv_ops[row, 1, 0] + h2 * inv_ops[row, 2, 0]
+                a1 = h0 * inv_ops[row, 0, 1] + h1 * inv_ops[row, 1, 1] + h2 * inv_ops[row, 2, 1]
+                a2 = h0 * inv_ops[row, 0, 2] + h1 * inv_ops[row, 1, 2] + h2 * inv_ops[row, 2, 2]
+                g0 = math.floor(a0 - qpath[iq, 0] + 0.5)
+                g1 = math.floor(a1 - qpath[iq, 1] + 0.5)
+                g2 = math.floor(a2 - qpath[iq, 2] + 0.5)
+                e0 = a0 - qpath[iq, 0] - g0
+                e1 = a1 - qpath[iq, 1] - g1
+                e2 = a2 - qpath[iq, 2] - g2
+                qx = a0 * rec[0, 0] + a1 * rec[1, 0] + a2 * rec[2, 0]
+                qy = a0 * rec[0, 1] + a1 * rec[1, 1] + a2 * rec[2, 1]
+                qz = a0 * rec[0, 2] + a1 * rec[1, 2] + a2 * rec[2, 2]
+                ex = e0 * rec[0, 0] + e1 * rec[1, 0] + e2 * rec[2, 0]
+                ey = e0 * rec[0, 1] + e1 * rec[1, 1] + e2 * rec[2, 1]
+                ez = e0 * rec[0, 2] + e1 * rec[1, 2] + e2 * rec[2, 2]
+                for j in range(n_at):
+                    wj = (
+                        qx * (dw[j, 0, 0] * qx + dw[j, 0, 1] * qy + dw[j, 0, 2] * qz)
+                        + qy * (dw[j, 1, 0] * qx + dw[j, 1, 1] * qy + dw[j, 1, 2] * qz)
+                        + qz * (dw[j, 2, 0] * qx + dw[j, 2, 1] * qy + dw[j, 2, 2] * qz)
+                    )
+                    ph = -2.0 * math.pi * (g0 * xfrac[j, 0] + g1 * xfrac[j, 1] + g2 * xfrac[j, 2])
+                    a = amp0[j] * math.exp(-wj) * complex(math.cos(ph), math.sin(ph))
+                    c[3 * j] = a * qx
+                    c[3 * j + 1] = a * qy
+                    c[3 * j + 2] = a * qz
+                for x in range(nb):
+                    cx_conj = w * c[x].conjugate()
+                    for y in range(nb):
+                        tensor[b, x, y] += cx_conj * c[y]
+                off1[b, 0] += w * ex
+                off1[b, 1] += w * ey
+                off1[b, 2] += w * ez
+                off2[b, 0, 0] += w * ex * ex
+                off2[b, 0, 1] += w * ex * ey
+                off2[b, 0, 2] += w * ex * ez
+                off2[b, 1, 1] += w * ey * ey
+                off2[b, 1, 2] += w * ey * ez
+                off2[b, 2, 2] += w * ez * ez
+                off2[b, 1, 0] += w * ex * ey
+                off2[b, 2, 0] += w * ex * ez
+                off2[b, 2, 1] += w * ey * ez
+                weight[b] += w
+                background[b] += bg_pix[p] * bg_e[s]
+            s += 1
+    return computed
+
+
+def structure_constants(
+    basis: FCBasis, coefficients: NDArray[np.float64], temperature: float
+) -> StructureConstants:
+    """The :class:`StructureConstants` of a crystal, with the Debye-Waller tensors of
+    ``coefficients`` (eV/A^2, (n_coeff,)) at ``temperature`` (K)."""
+    from simulations.lattice.sqe import CoherentSQE
+
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise FoldError(f"temperature must be finite and >= 0 K, got {temperature}")
+    model = CoherentSQE(basis, coefficients, temperature=temperature)
+    crystal = basis.crystal
+    rotations, _ = crystal.symmetry_operations()
+    ops = np.concatenate([rotations, -rotations]).astype(np.float64)
+    return StructureConstants(
+        positions=np.asarray(crystal.positions, dtype=np.float64),
+        amplitudes=np.asarray(model.scattering_lengths / np.sqrt(crystal.masses)),
+        debye_waller=np.asarray(model.debye_waller_tensor, dtype=np.float64),
+        operations=ops,
+        temperature=float(temperature),
+    )

@@ -1,0 +1,1 @@
+"""The Poisson-likelihood refinement of force constants against the folded counts."""

@@ -1,0 +1,385 @@
+"""Expected counts of every folded (q, E) bin for given force constants, with the Jacobian.
+
+For the bins of the path's canonical points (:class:`consumers.reduction.moments.BinMoments`
+holds their geometry, summed over orientations and weighted by proton charge)::
+
+    lambda_b = s * sum_m A_bm h_bm + beta * bg_b
+
+* ``A_bm = e_m^H T_b e_m``: the structure-factor moment tensor of the bin (the cells' Q,
+  Debye-Waller factors and phases) contracted with the eigenvector of mode m at the bin's
+  path point q (eigenvectors of ``D(q) = sum_k c_k D_k(q)``);
+* ``h_bm = P / E_m [(n(E_m) + 1) g(E_b; E_m + mu_bm, sigma_bm) + n(E_m) g(E_b; -E_m - mu_bm,
+  sigma_bm)]``: ``P = hbar^2/(2 amu) x 10 mbarn/fm^2 / N`` (the simulator's units, mbarn per
+  atom), ``n`` the Bose occupation, ``g`` a unit-area Gaussian averaged over the energy
+  bin. The centre moves by ``mu_bm = v_m . <delta>_b`` and the width is
+  ``sigma_bm^2 = (r sigma_res(E_m))^2 + v_m^T Cov(delta)_b v_m``: the mode's group velocity
+  ``v_m = dE_m/dQ`` (1/A -> meV A) across the folding tube (``delta``, the cells' offsets
+  from the path point) and the instrument's resolution scaled by the nuisance ``r``;
+* ``s`` (counts per unit, fitted as ``log s``) and ``beta`` (the background's amplitude on
+  the flat-in-time-of-flight shape ``bg_b``) are nuisance parameters.
+
+Degenerate modes (equal eigenvalues to a relative 1e-7) share the cluster's mean energy
+derivative and velocity, so that the sum over a degenerate group depends only on the
+subspace (``tr(P_cluster T_b)``) and not on the eigenvectors ``eigh`` picks.
+
+The Jacobian is exact first-order perturbation theory for the energies
+(``dlambda_m/dc_k = e_m^H D_k e_m``) and eigenvectors
+(``de_m/dc_k = sum_{n not in cluster(m)} e_n (e_n^H D_k e_m) / (lambda_m - lambda_n)``);
+the velocities' dependence on ``c`` keeps the energy term only (their eigenvector term is
+second order in the tube's small width); the tests check it against finite differences.
+
+Bins whose path point lies within :data:`GAMMA_EXCLUSION` tube radii of a zone centre
+are left out: there the acoustic modes are a cone across the tube, not a plane.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.special import ndtr
+
+from consumers.reduction.moments import BinMoments
+from model_server.exceptions import RefinementError
+from simulations.lattice.force_constants import FCBasis
+from simulations.lattice.grid import Grid
+from simulations.lattice.resolution import EnergyResolution
+from simulations.lattice.sqe import FREQUENCY_MIN_MEV
+from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV, VASP_TO_THZ
+
+__all__ = ["GAMMA_EXCLUSION", "NUISANCE", "CountsModel", "Evaluation"]
+
+#: Path points closer than this many tube radii to a zone centre are not fitted.
+GAMMA_EXCLUSION = 2.0
+
+#: Names of the nuisance parameters after the coefficients, in order.
+NUISANCE = ("log_scale", "background", "resolution_scale")
+
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
+_TO_MEV = VASP_TO_THZ * THZ_TO_MEV  # sqrt(eV/A^2/amu) -> meV
+_DEGENERATE = 1e-7
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evaluation:
+    """The model at one parameter vector.
+
+    Attributes
+    ----------
+    expected
+        (n_bins,) expected counts of the fitted bins.
+    jacobian
+        (n_bins, n_params) d expected / d parameter, or None when not asked for.
+    energies
+        (n_points, n_branches) mode energies at the fitted path points, meV.
+    stable
+        False when a mode at a fitted path point is imaginary (the model is then
+        meaningless there; the fit treats it as an infinite deviance).
+    """
+
+    expected: NDArray[np.float64]
+    jacobian: NDArray[np.float64] | None
+    energies: NDArray[np.float64]
+    stable: bool
+
+
+class CountsModel:
+    """Expected counts of the folded bins of a run, as a function of the parameters.
+
+    Parameters
+    ----------
+    basis
+        The material's symmetry-reduced FC basis (all its coefficients are parameters).
+    grid
+        The (q, E) grid of the counts (uniform energy bins).
+    resolution
+        The instrument's energy resolution sigma(E).
+    moments
+        The run's per-bin moments (canonical bins, ``n_q * n_E`` of them).
+    alias
+        (n_q,) int, :attr:`consumers.reduction.table.FoldTable.alias`: only points with
+        ``alias[q] == q`` are fitted (the others hold copies of their counts).
+    tolerance
+        The folding tube's radius, 1/A (for the zone-centre exclusion).
+    temperature
+        Sample temperature, K (Bose factor).
+    min_weight
+        Bins with less exposure (uC sr meV) than this are left out.
+
+    The parameter vector is the ``n_coeff`` coefficients (eV/A^2) in the basis's order,
+    then :data:`NUISANCE`.
+    """
+
+    def __init__(
+        self,
+        basis: FCBasis,
+        grid: Grid,
+        resolution: EnergyResolution,
+        moments: BinMoments,
+        *,
+        alias: NDArray[np.int64],
+        tolerance: float,
+        temperature: float,
+        min_weight: float = 0.0,
+    ) -> None:
+        n_q, n_e = grid.shape
+        if moments.weight.shape != (n_q * n_e,):
+            raise RefinementError(
+                f"the moments hold {moments.weight.shape[0]} bins but the grid has "
+                f"{n_q} x {n_e}: they were accumulated on another grid"
+            )
+        m = 3 * basis.crystal.n_atoms
+        if moments.tensor.shape[1:] != (m, m):
+            raise RefinementError(
+                f"the moments are for {moments.tensor.shape[1] // 3} atoms, the crystal has "
+                f"{basis.crystal.n_atoms}"
+            )
+        edges = grid.energy_edges
+        if not np.allclose(np.diff(edges), edges[1] - edges[0]):
+            raise RefinementError("the counts model needs uniform energy bins")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise RefinementError(f"temperature must be finite and >= 0 K, got {temperature}")
+        self.basis = basis
+        self.grid = grid
+        self.resolution = resolution
+        self.temperature = float(temperature)
+        self.n_coefficients = basis.n_coefficients
+        self.names = tuple(basis.names) + NUISANCE
+        qpts = np.asarray(grid.qpath.qpoints, dtype=float)
+        rec = basis.crystal.reciprocal_lattice
+        reduced = qpts - np.rint(qpts)
+        far = np.linalg.norm(reduced @ rec, axis=1) > GAMMA_EXCLUSION * tolerance
+        canonical = np.asarray(alias) == np.arange(n_q)
+        weight = moments.weight.reshape(n_q, n_e)
+        use = (canonical & far)[:, None] & (weight > max(min_weight, 0.0))
+        if not use.any():
+            raise RefinementError(
+                "no measured bins to fit: nothing was folded away from the zone centres yet"
+            )
+        self.points = np.nonzero(use.any(axis=1))[0]  # fitted path points
+        self._use = use[self.points]  # (n_p, n_E): the fitted bins among the points' rows
+        dense = (self.points[:, None] * n_e + np.arange(n_e)[None, :]).reshape(-1)
+        #: (n_bins,) flat indices (q * n_E + E) of the fitted bins in the (n_q, n_E) grid.
+        self.bins = dense[self._use.reshape(-1)]
+        shape = (len(self.points), n_e)
+        w = moments.weight[dense].reshape(shape)
+        safe = np.where(w > 0, w, 1.0)
+        m_ = moments.tensor.shape[1]
+        self._tensor = moments.tensor[dense].reshape(*shape, m_, m_)  # (p, e, m, m)
+        mean = moments.offset1[dense].reshape(*shape, 3) / safe[..., None]
+        self._mean_offset = mean  # (p, e, 3)
+        self._offset_cov = moments.offset2[dense].reshape(*shape, 3, 3) / safe[
+            ..., None, None
+        ] - np.einsum("pei,pej->peij", mean, mean)
+        self._background = moments.background[dense].reshape(shape)
+        self._e_lo = edges[:-1][None, :, None]  # (1, e, 1)
+        self._de = float(edges[1] - edges[0])
+        self._dyn = basis.dynamical_basis(qpts[self.points])  # (k, n_p, m, m)
+        self._ddyn = self._dynamical_gradient(qpts[self.points], rec)  # (k, n_p, 3, m, m)
+        self._pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / basis.crystal.n_atoms
+
+    @property
+    def n_bins(self) -> int:
+        """Fitted bins."""
+        return len(self.bins)
+
+    @property
+    def n_params(self) -> int:
+        """Coefficients plus nuisance parameters."""
+        return self.n_coefficients + len(NUISANCE)
+
+    def observed(self, counts: NDArray[np.float64]) -> NDArray[np.float64]:
+        """(n_bins,) the fitted bins of (n_q, n_E) counts."""
+        c = np.asarray(counts, dtype=float)
+        if c.shape != self.grid.shape:
+            raise RefinementError(f"counts of shape {c.shape}, the grid is {self.grid.shape}")
+        out = c.reshape(-1)[self.bins]
+        if not np.all(np.isfinite(out)) or np.any(out < 0):
+            raise RefinementError("counts must be finite and >= 0")
+        return np.asarray(out)
+
+    def _dynamical_gradient(
+        self, qpts: NDArray[np.float64], rec: NDArray[np.float64]
+    ) -> NDArray[np.complex128]:
+        """dD_k/dQ_a (Cartesian, 1/A) at the path points by central differences."""
+        h = 1e-4  # 1/A
+        inv = np.linalg.inv(rec)
+        out = []
+        for a in range(3):
+            step = h * inv[a]  # r.l.u. of a Cartesian step along a
+            plus = self.basis.dynamical_basis(qpts + step)
+            minus = self.basis.dynamical_basis(qpts - step)
+            out.append((plus - minus) / (2 * h))
+        return np.stack(out, axis=2)
+
+    def start_nuisance(
+        self, coefficients: NDArray[np.float64], counts: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        """A starting parameter vector: ``coefficients`` with the scale and background
+        that match the observed total and the counts' share in the bins with no signal."""
+        y = self.observed(counts)
+        theta = np.concatenate([np.asarray(coefficients, float), [0.0, 0.0, 1.0]])
+        ev = self.evaluate(theta, jacobian=False)
+        sig = ev.expected
+        # least squares of y on (signal, background) over all bins, non-negative
+        a = np.stack([sig, self._background[self._use]], axis=1)
+        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+        s = max(float(coef[0]), 1e-12 if sig.sum() <= 0 else 0.05 * y.sum() / sig.sum())
+        beta = max(float(coef[1]), 0.0)
+        theta[-3] = math.log(s)
+        theta[-2] = beta
+        return theta
+
+    def evaluate(self, theta: NDArray[np.float64], *, jacobian: bool = True) -> Evaluation:
+        """Expected counts (and their Jacobian) at ``theta`` ((n_params,))."""
+        theta = np.asarray(theta, dtype=float)
+        if theta.shape != (self.n_params,):
+            raise RefinementError(f"expected {self.n_params} parameters, got {theta.shape}")
+        k = self.n_coefficients
+        c = theta[:k]
+        scale = math.exp(float(theta[k]))
+        beta, r = float(theta[k + 1]), float(theta[k + 2])
+        d = np.einsum("k,kqij->qij", c, self._dyn)
+        lam, vec = np.linalg.eigh(d)  # (n_p, m), (n_p, m, m) columns
+        stable = bool(np.all(lam > -1e-9 * max(1.0, float(np.abs(lam).max()))))
+        ok = lam > (FREQUENCY_MIN_MEV / _TO_MEV) ** 2
+        lam_safe = np.where(ok, lam, 1.0)
+        energy = np.where(ok, _TO_MEV * np.sqrt(lam_safe), 0.0)
+        cluster = self._clusters(lam)
+        avg = self._cluster_weights(cluster)  # (p, m, m)
+        # energy derivatives per coefficient and velocities, cluster-averaged
+        y_k = np.einsum("qim,kqij,qjn->kqmn", vec.conj(), self._dyn, vec)  # (k, p, m, m)
+        dlam = np.einsum("kqm,qnm->kqn", np.einsum("kqmm->kqm", y_k).real, avg)  # (k, p, m)
+        dd = np.einsum("k,kqaij->qaij", c, self._ddyn)
+        vlam = np.einsum("qim,qaij,qjm->qam", vec.conj(), dd, vec).real  # dlambda/dQ
+        vlam = np.einsum("qam,qnm->qan", vlam, avg)
+        half_inv = np.where(ok, _TO_MEV / (2.0 * np.sqrt(lam_safe)), 0.0)  # dE/dlambda
+        vel = vlam * half_inv[:, None, :]  # (p, 3, m) meV A
+        n_p, n_e = self._use.shape
+        # per (point, energy) bin, dense; the fitted ones are selected at the end
+        mu = self._mean_offset @ vel  # (p, e, m)
+        cv = self._offset_cov @ vel[:, None]  # (p, e, 3, m)
+        tau2 = np.maximum(np.sum(vel[:, None] * cv, axis=2), 0.0)  # (p, e, m)
+        e_b = np.broadcast_to(energy[:, None, :], mu.shape)
+        sres, dsres = self._sigma_res(e_b)
+        sigma = np.sqrt(np.maximum((r * sres) ** 2 + tau2, 1e-12))
+        nb, dnb = self._bose(e_b)
+        inv_e = np.where(e_b > 0, 1.0 / np.where(e_b > 0, e_b, 1.0), 0.0)
+        lo = self._e_lo
+        g_l, gc_l, gs_l = self._bin_gauss(lo, lo + self._de, e_b + mu, sigma)
+        g_g, gc_g, gs_g = self._bin_gauss(lo, lo + self._de, -e_b - mu, sigma)
+        prof = (nb + 1.0) * g_l + nb * g_g
+        h = self._pref * inv_e * prof  # (p, e, m)
+        uh = np.conj(np.swapaxes(vec, 1, 2))[:, None]
+        x_b = uh @ self._tensor @ vec[:, None]  # (p, e, m, n): e_m^H T e_n
+        a_bm = np.real(np.einsum("pemm->pem", x_b))
+        signal = scale * np.sum(a_bm * h, axis=2)
+        use = self._use
+        expected = (signal + beta * self._background)[use]
+        if not jacobian:
+            return Evaluation(expected=expected, jacobian=None, energies=energy, stable=stable)
+        m = lam.shape[1]
+        # dA/dc_k = sum_{n not in cluster(m)} 2 Re(X_mn Y_k,nm) / (lambda_m - lambda_n);
+        # summed with h: sum_mn Re((X h_m)_mn Z_k,mn) as one product per point
+        gap = lam[:, :, None] - lam[:, None, :]  # (p, m, n)
+        same = cluster[:, :, None] == cluster[:, None, :]
+        inv_gap = np.where(same, 0.0, 1.0 / np.where(same, 1.0, gap))
+        z = 2.0 * np.transpose(y_k, (1, 0, 3, 2)) * inv_gap[:, None]  # (p, k, m, n)
+        z = z.reshape(n_p, k, m * m)
+        xh = (x_b * h[..., None]).reshape(n_p, n_e, m * m)
+        jac_a = xh.real @ np.swapaxes(z.real, 1, 2) - xh.imag @ np.swapaxes(z.imag, 1, 2)
+        # dh/dE (explicit), dh/dmu, dh/dsigma
+        dprof_dc = (nb + 1.0) * gc_l - nb * gc_g
+        dprof_ds = (nb + 1.0) * gs_l + nb * gs_g
+        dsig_de = r * r * sres * dsres / sigma
+        dh_de = self._pref * (
+            -(inv_e**2) * prof + inv_e * (dprof_dc + dprof_ds * dsig_de + (g_l + g_g) * dnb)
+        )
+        dh_dmu = self._pref * inv_e * dprof_dc
+        dh_dsig = self._pref * inv_e * dprof_ds
+        de_dc = dlam * half_inv[None]  # (k, p, m)
+        # velocities: dv/dc_k ~ dE/dlambda e^H dD_k/dQ e - v dlambda/dc_k / (2 lambda)
+        dv_lam = np.einsum("qim,kqaij,qjm->kqam", vec.conj(), self._ddyn, vec).real
+        dv_lam = np.einsum("kqam,qnm->kqan", dv_lam, avg)
+        inv_lam = np.where(ok, 1.0 / lam_safe, 0.0)
+        dvel = (
+            dv_lam * half_inv[None, :, None, :]
+            - vel[None] * (0.5 * dlam * inv_lam[None])[:, :, None, :]
+        )  # (k, p, 3, m)
+        dvel_p = np.transpose(dvel, (1, 2, 0, 3))  # (p, 3, k, m)
+        # sum_m A (dE dh_de + dmu dh_dmu + dtau2 / (2 sigma) dh_dsig)
+        jac_e = (a_bm * dh_de) @ np.transpose(de_dc, (1, 2, 0))  # (p, e, k)
+        w_mu = a_bm * dh_dmu  # (p, e, m)
+        w_tau = a_bm * dh_dsig / sigma  # (p, e, m); d sigma = d tau2 / (2 sigma), x2 below
+        dmu_w = (self._mean_offset @ dvel_p.reshape(n_p, 3, k * m)).reshape(n_p, n_e, k, m)
+        cvw = np.swapaxes(cv * w_tau[:, :, None, :], 2, 3)  # (p, e, m, 3) = C v w_tau
+        # sum_m sum_a dvel[p,a,k,m] (C v w)[p,e,m,a]
+        jac_tau = np.einsum("pema,pakm->pek", cvw, dvel_p)
+        jac_mu = np.einsum("pekm,pem->pek", dmu_w, w_mu)
+        jac_c = scale * (jac_a + jac_e + jac_mu + jac_tau)  # (p, e, k)
+        jac = np.empty((self.n_bins, self.n_params))
+        jac[:, :k] = jac_c[use]
+        jac[:, k] = signal[use]
+        jac[:, k + 1] = self._background[use]
+        dsig_dr = r * sres**2 / sigma
+        jac[:, k + 2] = (scale * np.sum(a_bm * dh_dsig * dsig_dr, axis=2))[use]
+        return Evaluation(expected=expected, jacobian=jac, energies=energy, stable=stable)
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _clusters(lam: NDArray[np.float64]) -> NDArray[np.int64]:
+        """(n_p, m) label of each mode's degenerate cluster (ascending eigenvalues)."""
+        tol = _DEGENERATE * np.maximum(np.abs(lam).max(axis=1, keepdims=True), 1e-12)
+        jump = np.diff(lam, axis=1) > tol
+        return np.concatenate(
+            [np.zeros((lam.shape[0], 1), dtype=np.int64), np.cumsum(jump, axis=1)], axis=1
+        )
+
+    @staticmethod
+    def _cluster_weights(cluster: NDArray[np.int64]) -> NDArray[np.float64]:
+        """(n_p, m, m) averaging matrix over each point's degenerate clusters."""
+        onehot = (cluster[:, :, None] == cluster[:, None, :]).astype(float)
+        return np.asarray(onehot / onehot.sum(axis=2, keepdims=True))
+
+    def _sigma_res(self, e: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Resolution sigma(E) (meV) and its derivative, as the simulator evaluates it."""
+        res = self.resolution
+        coef = np.asarray(res.coefficients, dtype=float)
+        ec = np.clip(e, 0.0, res.e_max)
+        s = np.polyval(coef, ec)
+        ds = np.where((e > 0) & (e < res.e_max), np.polyval(np.polyder(coef), ec), 0.0)
+        floor = s < 1e-3
+        return np.where(floor, 1e-3, s), np.where(floor, 0.0, ds)
+
+    def _bose(self, e: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Bose occupation n(E) and dn/dE (zero above 40 kT and at 0 K, as the simulator)."""
+        kt = K_B_MEV * self.temperature
+        if kt <= 0:
+            z = np.zeros_like(e)
+            return z, z
+        use = (e > 0) & (e < 40.0 * kt)
+        x = np.where(use, e / kt, 1.0)
+        n = np.where(use, 1.0 / np.expm1(x), 0.0)
+        dn = np.where(use, -n * (n + 1.0) / kt, 0.0)
+        return n, dn
+
+    def _bin_gauss(
+        self,
+        lo: NDArray[np.float64],
+        hi: NDArray[np.float64],
+        centre: NDArray[np.float64],
+        sigma: NDArray[np.float64],
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """Unit-area Gaussian averaged over [lo, hi] (1/meV) and its derivatives by the
+        centre and by sigma."""
+        z_hi = (hi - centre) / sigma
+        z_lo = (lo - centre) / sigma
+        g = (ndtr(z_hi) - ndtr(z_lo)) / self._de
+        p_hi = np.exp(-0.5 * z_hi**2) / _SQRT_2PI
+        p_lo = np.exp(-0.5 * z_lo**2) / _SQRT_2PI
+        dg_dc = (p_lo - p_hi) / (sigma * self._de)
+        dg_ds = (z_lo * p_lo - z_hi * p_hi) / (sigma * self._de)
+        return g, dg_dc, dg_ds
