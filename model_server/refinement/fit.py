@@ -1,0 +1,351 @@
+"""The Poisson-likelihood fit of all force-constant coefficients to the folded counts.
+
+Minimises the Poisson deviance ``D = 2 sum_b [y_b log(y_b / lambda_b) - (y_b - lambda_b)]``
+of the counts ``y`` against :class:`~model_server.refinement.counts.CountsModel` over every
+symmetry-allowed coefficient and the nuisance parameters (log scale, background amplitude,
+resolution scale), plus a Gaussian prior term ``sum ((c - c0) / s)^2`` on the coefficients
+that have a prior width (by default the ones the VAE does not vary, around the reference
+set; the others are free).
+
+Levenberg-Marquardt on the Fisher information ``F = J^T diag(1/lambda) J`` (the expected
+Hessian of D/2) with the model's exact Jacobian; steps that raise the deviance, make a
+mode imaginary or a bin's expectation non-positive are rejected and damped. Converged
+when a step changes no parameter by more than 1e-3 of its standard deviation and D by
+less than 1e-4.
+
+Covariance: the Laplace approximation ``(F + prior)^-1`` at the optimum, multiplied by
+Pearson's chi^2 per degree of freedom when that exceeds 1 (the model misfits: the errors
+are scaled up, as Tobyfit and SpinW's fitters do). The deviance per degree of freedom is
+reported with every fit; ``starts`` (several starting points, e.g. VAE posterior samples)
+report a second minimum when one ends lower than the best start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from model_server.exceptions import RefinementError
+from model_server.refinement.counts import NUISANCE, CountsModel
+
+__all__ = ["Prior", "Refined", "deviance", "refine"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prior:
+    """Independent Gaussian priors on the coefficients.
+
+    Attributes
+    ----------
+    mean
+        (n_coeff,) centres, eV/A^2.
+    std
+        (n_coeff,) widths, eV/A^2; ``inf`` for a free coefficient.
+    """
+
+    mean: NDArray[np.float64]
+    std: NDArray[np.float64]
+
+    @property
+    def precision(self) -> NDArray[np.float64]:
+        """(n_coeff,) 1 / std^2 (0 for free coefficients)."""
+        with np.errstate(divide="ignore"):
+            return np.where(np.isfinite(self.std), 1.0 / np.asarray(self.std) ** 2, 0.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refined:
+    """A refined estimate.
+
+    Attributes
+    ----------
+    names
+        Coefficient names, in order.
+    mean, std
+        (n_coeff,) eV/A^2.
+    covariance
+        (n_coeff, n_coeff) (eV/A^2)^2, inflated by ``inflation``.
+    nuisance
+        Fitted ``log_scale``, ``background``, ``resolution_scale``.
+    deviance, dof
+        Poisson deviance of the data at the optimum and bins minus parameters.
+    pearson_chi2_per_dof
+        Pearson's chi^2 / dof (its expectation is 1 for any count level).
+    inflation
+        The factor the covariance was multiplied by (>= 1).
+    iterations, converged, seconds
+        Levenberg-Marquardt steps, whether it converged, wall time.
+    n_bins
+        Bins fitted.
+    second_minimum
+        When another start ended in a different minimum: its deviance above the best and
+        its coefficients; None otherwise.
+    """
+
+    names: tuple[str, ...]
+    mean: NDArray[np.float64]
+    std: NDArray[np.float64]
+    covariance: NDArray[np.float64]
+    nuisance: dict[str, float]
+    deviance: float
+    dof: int
+    pearson_chi2_per_dof: float
+    inflation: float
+    iterations: int
+    converged: bool
+    seconds: float
+    n_bins: int
+    theta: NDArray[np.float64] = field(repr=False)
+    second_minimum: dict[str, Any] | None = None
+
+    @property
+    def deviance_per_dof(self) -> float:
+        """Deviance / dof."""
+        return self.deviance / max(self.dof, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (the ``refined`` object of ``steer estimate --refine --json``)."""
+        return {
+            "mean": {n: float(v) for n, v in zip(self.names, self.mean, strict=True)},
+            "std": {n: float(v) for n, v in zip(self.names, self.std, strict=True)},
+            "covariance": [[float(x) for x in row] for row in self.covariance],
+            "names": list(self.names),
+            "units": "eV/A^2",
+            "deviance": float(self.deviance),
+            "dof": int(self.dof),
+            "deviance_per_dof": float(self.deviance_per_dof),
+            "pearson_chi2_per_dof": float(self.pearson_chi2_per_dof),
+            "inflation": float(self.inflation),
+            "nuisance": {k: float(v) for k, v in self.nuisance.items()},
+            "iterations": int(self.iterations),
+            "converged": bool(self.converged),
+            "seconds": round(float(self.seconds), 4),
+            "n_bins": int(self.n_bins),
+            "second_minimum": self.second_minimum,
+        }
+
+
+def deviance(y: NDArray[np.float64], lam: NDArray[np.float64]) -> float:
+    """Poisson deviance of counts ``y`` against expectations ``lam`` (> 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        term = np.where(y > 0, y * np.log(y / lam), 0.0) - (y - lam)
+    return float(2.0 * term.sum())
+
+
+@dataclass(slots=True)
+class _State:
+    theta: NDArray[np.float64]
+    objective: float
+    lam: NDArray[np.float64]
+
+
+def _objective(
+    model: CountsModel, y: NDArray[np.float64], theta: NDArray[np.float64], prior: Prior
+) -> _State | None:
+    """Deviance plus prior at ``theta``; None where the model is invalid there."""
+    k = model.n_coefficients
+    if theta[k + 1] < 0 or theta[k + 2] <= 0:
+        return None
+    ev = model.evaluate(theta, jacobian=False)
+    lam = ev.expected
+    if not ev.stable or not np.all(np.isfinite(lam)) or np.any(lam <= 0):
+        return None
+    pen = float(np.sum(prior.precision * (theta[:k] - prior.mean) ** 2))
+    return _State(theta=theta, objective=deviance(y, lam) + pen, lam=lam)
+
+
+def _descend(
+    model: CountsModel,
+    y: NDArray[np.float64],
+    theta0: NDArray[np.float64],
+    prior: Prior,
+    max_iter: int,
+) -> tuple[_State, NDArray[np.float64], int, bool]:
+    """Levenberg-Marquardt from ``theta0``: (state, Fisher + prior, iterations, converged)."""
+    k = model.n_coefficients
+    state = _objective(model, y, theta0, prior)
+    if state is None:
+        raise RefinementError(
+            "the starting force constants give an unstable lattice or no expected counts; "
+            "start from another estimate"
+        )
+    prec = np.concatenate([prior.precision, np.zeros(len(NUISANCE))])
+    damping = 1e-3
+    converged = False
+    it = 0
+    fisher = np.eye(model.n_params)
+    for it in range(1, max_iter + 1):  # noqa: B007
+        ev = model.evaluate(state.theta)
+        assert ev.jacobian is not None
+        jac, lam = ev.jacobian, ev.expected
+        fisher = jac.T @ (jac / lam[:, None]) + np.diag(prec)
+        grad = jac.T @ (1.0 - y / lam)
+        grad[:k] += prec[:k] * (state.theta[:k] - prior.mean)
+        diag = np.maximum(np.diag(fisher), 1e-12)
+        accepted = False
+        for _ in range(12):
+            a = fisher + damping * np.diag(diag)
+            try:
+                step = -np.linalg.solve(a, grad)
+            except np.linalg.LinAlgError:
+                damping *= 10.0
+                continue
+            trial = state.theta + step
+            trial[k + 1] = max(trial[k + 1], 0.0)
+            trial[k + 2] = max(trial[k + 2], 0.05)
+            new = _objective(model, y, trial, prior)
+            if new is not None and new.objective <= state.objective + 1e-9:
+                gain = state.objective - new.objective
+                state = new
+                damping = max(damping / 5.0, 1e-9)
+                accepted = True
+                break
+            damping *= 5.0
+        if not accepted:
+            converged = bool(np.max(np.abs(grad) / np.sqrt(diag)) < 1e-2)
+            break
+        sd = np.sqrt(diag)
+        if np.max(np.abs(step) * sd) < 1e-3 and gain < 1e-4:
+            converged = True
+            break
+    ev = model.evaluate(state.theta)
+    assert ev.jacobian is not None
+    fisher = ev.jacobian.T @ (ev.jacobian / ev.expected[:, None]) + np.diag(prec)
+    return state, fisher, it, converged
+
+
+def refine(
+    model: CountsModel,
+    counts: NDArray[np.float64],
+    start: NDArray[np.float64] | Sequence[NDArray[np.float64]],
+    *,
+    prior: Prior,
+    warm: NDArray[np.float64] | None = None,
+    max_iter: int = 40,
+) -> Refined:
+    """Fit the coefficients to ``counts`` ((n_q, n_E), the folded counts of the run).
+
+    Parameters
+    ----------
+    model
+        The run's expected-counts model.
+    counts
+        (n_q, n_E) folded counts (alias-expanded, as the snapshot holds them).
+    start
+        (n_coeff,) starting coefficients (eV/A^2), or several: every start is fitted and
+        the lowest deviance wins; a start that ends in another minimum is reported.
+    prior
+        Priors of the coefficients.
+    warm
+        A previous optimum's full parameter vector (coefficients and nuisance), tried
+        first: the fit of the next snapshot then takes a few steps.
+    max_iter
+        Levenberg-Marquardt iterations per start.
+
+    Raises
+    ------
+    RefinementError
+        No counts, bad counts, or no start with a stable lattice.
+    """
+    t0 = time.perf_counter()
+    y = model.observed(counts)
+    if y.sum() <= 0:
+        raise RefinementError("no counts in the fitted bins: nothing to refine yet")
+    starts = [np.asarray(start, dtype=float)] if np.ndim(start) == 1 else list(start)
+    thetas = [] if warm is None else [np.asarray(warm, dtype=float)]
+    for s in starts:
+        if s.shape != (model.n_coefficients,) or not np.all(np.isfinite(s)):
+            raise RefinementError(
+                f"a start needs {model.n_coefficients} finite coefficients, got {s.shape}"
+            )
+        thetas.append(model.start_nuisance(s, counts))
+    results = []
+    for theta in thetas:
+        try:
+            results.append(_descend(model, y, theta, prior, max_iter))
+        except RefinementError as exc:
+            logger.info("refinement start skipped: %s", exc)
+    if not results:
+        raise RefinementError("no start gave a stable lattice with positive expected counts")
+    results.sort(key=lambda r: r[0].objective)
+    state, fisher, iterations, converged = results[0]
+    second = _second_minimum(results, fisher, model)
+    k = model.n_coefficients
+    lam = state.lam
+    dof = max(len(y) - model.n_params, 1)
+    pearson = float(np.sum((y - lam) ** 2 / lam) / dof)
+    dev = deviance(y, lam)
+    try:
+        cov_full = np.linalg.inv(fisher)
+    except np.linalg.LinAlgError:
+        cov_full = np.linalg.pinv(fisher)
+    inflation = max(1.0, pearson)
+    cov = cov_full[:k, :k] * inflation
+    std = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    theta = state.theta
+    return Refined(
+        names=tuple(model.basis.names),
+        mean=theta[:k].copy(),
+        std=std,
+        covariance=cov,
+        nuisance={n: float(v) for n, v in zip(NUISANCE, theta[k:], strict=True)},
+        deviance=dev,
+        dof=dof,
+        pearson_chi2_per_dof=pearson,
+        inflation=inflation,
+        iterations=iterations,
+        converged=converged,
+        seconds=time.perf_counter() - t0,
+        n_bins=len(y),
+        theta=theta.copy(),
+        second_minimum=second,
+    )
+
+
+def _second_minimum(
+    results: list[tuple[_State, NDArray[np.float64], int, bool]],
+    fisher: NDArray[np.float64],
+    model: CountsModel,
+) -> dict[str, Any] | None:
+    """The best other optimum more than 3 standard deviations from the best, if any."""
+    if len(results) < 2:
+        return None
+    best = results[0][0]
+    k = model.n_coefficients
+    try:
+        sd = np.sqrt(np.maximum(np.diag(np.linalg.inv(fisher))[:k], 1e-30))
+    except np.linalg.LinAlgError:
+        return None
+    for state, *_ in results[1:]:
+        dist = float(np.max(np.abs(state.theta[:k] - best.theta[:k]) / sd))
+        if dist > 3.0:
+            return {
+                "deviance_above_best": float(state.objective - best.objective),
+                "max_distance_in_std": dist,
+                "mean": {
+                    n: float(v) for n, v in zip(model.basis.names, state.theta[:k], strict=True)
+                },
+            }
+    return None
+
+
+def default_prior(
+    names: Sequence[str],
+    reference: NDArray[np.float64],
+    spread: NDArray[np.float64],
+    free: Sequence[str],
+) -> Prior:
+    """Free coefficients ``free`` (no prior); the others around ``reference`` with the
+    reference ensemble's spread (max - min, at least 0.01 eV/A^2) as the width."""
+    std = np.maximum(np.asarray(spread, dtype=float), 0.01)
+    std = np.where([n in set(free) for n in names], math.inf, std)
+    return Prior(mean=np.asarray(reference, dtype=float), std=std)
