@@ -93,7 +93,9 @@ def fold_recorded_run(
     result = {k: result[k] for k in order} | {k: v for k, v in result.items() if k not in order}
     if out is not None:
         meta = pipe.meta or {}
-        pipe.acc.write_hdf5(out, metadata={"source": str(path), "run": meta.get("run_id")})
+        pipe.acc.write_hdf5(
+            out, metadata={"source": str(path), "run": meta.get("run_id"), "run_start": meta}
+        )
         result["path"] = str(out)
     if check:
         result["dispersion"] = dispersion_check(pipe.acc, pipe.meta or {})

@@ -48,6 +48,12 @@ class RunRow(_Base):
     export_path: Mapped[str | None] = mapped_column(String(1000), nullable=True)
 
 
+#: The keys of an estimate that the history returns (``/runs/{id}/estimates``): the
+#: running estimate (``fc``, from ``source``: ``refined`` or ``vae``), both estimators'
+#: results and why the refinement did not stand, when it did not.
+_ESTIMATE_KEYS = ("fc", "units", "ood", "source", "vae", "refined", "fallback")
+
+
 class EstimateRow(_Base):
     __tablename__ = "estimates"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -194,7 +200,7 @@ class History:
                     "model_version": r.model_version,
                     "out_of_domain": r.out_of_domain,
                     "latency_s": r.latency_s,
-                    **{k: v for k, v in r.estimate.items() if k in ("fc", "units", "ood")},
+                    **{k: v for k, v in r.estimate.items() if k in _ESTIMATE_KEYS},
                 }
                 for r in rows
             ]

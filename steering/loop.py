@@ -37,6 +37,9 @@ from steering import metrics
 from steering.advisor.ranking import Advisor, check_score, check_weighting
 from steering.exceptions import AdvisorError
 
+if TYPE_CHECKING:
+    from model_server.refinement.refiner import RunRefiner
+
 __all__ = [
     "AdviceDocuments",
     "AdviceSink",
@@ -48,6 +51,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: (quantile level, standard-normal quantile) of the refined estimate's Gaussian quantiles
+_GAUSS_Q = (
+    (0.05, -1.6448536),
+    (0.16, -0.9944579),
+    (0.5, 0.0),
+    (0.84, 0.9944579),
+    (0.95, 1.6448536),
+)
 
 #: where every advice dict goes (a Kafka producer, the service's history and live state)
 AdviceSink = Callable[[dict[str, Any]], None]
@@ -297,6 +309,8 @@ class SteeringLoop:
         first_wait_s: float = 60.0,
         score: str = "spectrum",
         weighting: str = "scarcity",
+        refiner: RunRefiner | None = None,
+        recheck_every: int = 10,
     ) -> None:
         check_score(score)
         check_weighting(weighting)
@@ -310,6 +324,9 @@ class SteeringLoop:
         self.history: list[dict[str, Any]] = []
         self.measured: list[float] = []
         self.first_wait_s = float(first_wait_s)
+        self.refiner = refiner
+        self.recheck_every = max(1, int(recheck_every))
+        self._warm: NDArray[np.float64] | None = None
 
     def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         """A completed orientation: estimate, rank, publish (a
@@ -317,9 +334,10 @@ class SteeringLoop:
         self.measured.append(float(record.omega))
         t0 = time.perf_counter()
         est = self.estimator.estimate(snapshot.intensity, snapshot.mask)
-        t_est = time.perf_counter()
-        metrics.ESTIMATE_SECONDS.observe(t_est - t0)
+        metrics.ESTIMATE_SECONDS.observe(time.perf_counter() - t0)
         metrics.MODEL_INFO.info({"version": str(est.model_version)})
+        running, mean, std = self._running_estimate(snapshot, est)
+        t_est = time.perf_counter()
         if not self.history:  # started with the run; normally done before its first count
             self.candidates.wait(self.first_wait_s)
         omegas, coverage = self.candidates.ready()
@@ -327,7 +345,7 @@ class SteeringLoop:
             "run_id": self.run_id,
             "n_orientations": int(snapshot.n_orientations),
             "omega": float(record.omega),
-            "estimate": est.to_dict(),
+            "estimate": running,
             "candidates_ready": len(omegas),
             "candidates_total": len(self.candidates.omegas),
         }
@@ -336,8 +354,8 @@ class SteeringLoop:
                 ranking = self.advisor.rank(
                     omegas,
                     coverage,
-                    mean=est.mean,
-                    std=est.std,
+                    mean=mean,
+                    std=std,
                     counts=snapshot.counts,
                     exposure=snapshot.exposure,
                     measured=self.measured,
@@ -362,6 +380,79 @@ class SteeringLoop:
                 sink(advice)
             except Exception:
                 logger.exception("advice sink failed (orientation %d)", record.index)
+
+    def _running_estimate(
+        self, snapshot: Snapshot, est: FCEstimate
+    ) -> tuple[dict[str, Any], NDArray[np.float64], NDArray[np.float64]]:
+        """The running estimate of a snapshot: the likelihood refinement started from the
+        VAE's estimate (and warm-started from the last optimum), else the VAE's estimate
+        with the reason (never silently). Returns (the estimate dict of the advice, and
+        the mean and std in the VAE's order for the advisor)."""
+        vae = est.to_dict()
+        mean, std = np.asarray(est.mean, dtype=float), np.asarray(est.std, dtype=float)
+
+        def fallback(
+            reason: str | None, refined: dict[str, Any] | None = None
+        ) -> tuple[dict[str, Any], NDArray[np.float64], NDArray[np.float64]]:
+            out = vae | {"source": "vae", "vae": vae, "refined": refined}
+            if reason:
+                out["fallback"] = reason
+            return out, mean, std
+
+        if self.refiner is None:
+            return fallback(None)
+        if snapshot.moments is None:
+            return fallback("the consumer took no moments for this run")
+        names = list(vae.get("fc", {}))
+        start = {n: float(vae["fc"][n]["mean"]) for n in names}
+        recheck = self._warm is None or snapshot.n_orientations % self.recheck_every == 0
+        t0 = time.perf_counter()
+        try:
+            refined = self.refiner.refine(
+                snapshot.counts,
+                snapshot.moments,
+                [start] if recheck else [],
+                warm=self._warm,
+            )
+        except Exception as exc:  # a failed fit never stops the run: the VAE stands in
+            logger.warning("refinement failed at %d orientations: %s", snapshot.n_orientations, exc)
+            metrics.REFINE_FALLBACKS.inc()
+            return fallback(f"refinement failed: {exc}")
+        metrics.REFINE_SECONDS.observe(time.perf_counter() - t0)
+        summary = refined.to_dict()
+        if not refined.converged:
+            metrics.REFINE_FALLBACKS.inc()
+            return fallback(
+                f"refinement did not converge in {refined.iterations} iterations", summary
+            )
+        self._warm = refined.theta
+        fc = {
+            n: {
+                "mean": float(m),
+                "std": float(sd),
+                **{f"q{round(100 * q):02d}": float(m + z * sd) for q, z in _GAUSS_Q},
+            }
+            for n, m, sd in zip(refined.names, refined.mean, refined.std, strict=True)
+        }
+        running = {
+            "model_version": vae.get("model_version"),
+            "source": "refined",
+            "fc": fc,
+            "units": "eV/A^2",
+            "out_of_domain": vae.get("out_of_domain", False),
+            "ood": vae.get("ood", {}),
+            "deviance_per_dof": summary["deviance_per_dof"],
+            "converged": True,
+            "latency_ms": round(1e3 * refined.seconds, 3),
+            "vae": vae,
+            "refined": summary,
+        }
+        index = {n: i for i, n in enumerate(refined.names)}
+        sel = [index.get(n, -1) for n in names]
+        if all(i >= 0 for i in sel) and len(sel) == len(mean):
+            mean = refined.mean[sel].copy()
+            std = refined.std[sel].copy()
+        return running, mean, std
 
 
 if TYPE_CHECKING:

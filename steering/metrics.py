@@ -10,12 +10,23 @@ __all__ = [
     "ESTIMATES_SKIPPED",
     "ESTIMATE_SECONDS",
     "MODEL_INFO",
+    "REFINE_FALLBACKS",
+    "REFINE_SECONDS",
 ]
 
 _BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 ESTIMATE_SECONDS = Histogram(
     "steer_estimate_seconds", "Model-server estimate of one snapshot", buckets=_BUCKETS
+)
+REFINE_SECONDS = Histogram(
+    "steer_refine_seconds",
+    "Likelihood refinement of one snapshot (the running estimate)",
+    buckets=_BUCKETS,
+)
+REFINE_FALLBACKS = Counter(
+    "steer_refine_fallbacks_total",
+    "Snapshots whose running estimate fell back to the VAE (refinement failed or did not converge)",
 )
 ADVISOR_SECONDS = Histogram(
     "steer_advisor_seconds", "Advisor ranking after one estimate", buckets=_BUCKETS

@@ -26,6 +26,7 @@ from steering.db import History
 
 if TYPE_CHECKING:
     from model_server.inversion.inference import Estimator
+    from model_server.refinement.refiner import RunRefiner
     from steering.loop import KafkaAdviceSink, SteeringLoop
 
 __all__ = ["MAX_ORIENTATION_SPECTRA", "SteeringService"]
@@ -65,6 +66,9 @@ class SteeringService:
     advisor_score, advisor_weighting
         What the advisor sorts by and how it weighs the spectrum's bins
         (:meth:`steering.advisor.ranking.Advisor.rank`).
+    refine
+        Refine the running estimate against the counts
+        (:mod:`model_server.refinement`); off, the VAE's estimate is the running one.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class SteeringService:
         first_wait_s: float = 2.0,
         advisor_score: str = "spectrum",
         advisor_weighting: str = "scarcity",
+        refine: bool = True,
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
 
@@ -97,6 +102,7 @@ class SteeringService:
         self.publish_advice = publish_advice
         self.snapshot_max_delay_s = float(snapshot_max_delay_s)
         self.first_wait_s = float(first_wait_s)
+        self.refine = bool(refine)
         self._loops: dict[str, SteeringLoop] = {}
         self._loop_lock = threading.Lock()
         self._sinks: dict[str, KafkaAdviceSink] = {}
@@ -160,6 +166,19 @@ class SteeringService:
         with self._loop_lock:
             return self._make_loop(meta)
 
+    def _refiner(self, meta: dict[str, Any]) -> RunRefiner | None:
+        """The run's likelihood refinement, or None (logged) when it cannot have one: its
+        running estimate is then the VAE's, flagged as such."""
+        if not self.refine:
+            return None
+        from model_server.refinement.refiner import RunRefiner
+
+        try:
+            return RunRefiner.from_metadata(meta)
+        except (ModelServerError, ValueError, KeyError) as exc:
+            logger.warning("run %s is not refined: %s", meta.get("run_id"), exc)
+            return None
+
     def _make_loop(self, meta: dict[str, Any]) -> SteeringLoop:
         from steering.advisor.ranking import Advisor
         from steering.loop import CandidateCoverage, KafkaAdviceSink, SteeringLoop
@@ -185,6 +204,7 @@ class SteeringService:
             estimator,
             Advisor(material, temperature=float(meta.get("temperature_K", 5.0))),
             candidates,
+            refiner=self._refiner(meta),
             sinks=sinks,
             run_id=run_id,
             # rank with the candidates ready so far rather than hold the first estimate

@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.exceptions import FoldError
+from consumers.reduction.moments import BinMoments
 from simulations.lattice.grid import Grid
 
 __all__ = ["OrientationRecord", "RunAccumulator", "Snapshot"]
@@ -63,6 +64,10 @@ class Snapshot:
         (n_q, n_E) bool: True where measured (exposure > 0).
     n_orientations
         Orientations folded so far.
+    moments
+        The per-bin moments of the folded cells (:mod:`consumers.reduction.moments`),
+        summed like the exposure, for the likelihood refinement; None when the run's
+        material has no reference force constants to take them with.
     """
 
     intensity: NDArray[np.float64]
@@ -71,10 +76,18 @@ class Snapshot:
     exposure: NDArray[np.float64]
     mask: NDArray[np.bool_]
     n_orientations: int
+    moments: BinMoments | None = None
 
     @classmethod
-    def of(cls, counts: NDArray[np.float64], exposure: NDArray[np.float64], n: int) -> Snapshot:
-        """The spectrum of ``counts`` over ``exposure`` (copied) after ``n`` orientations."""
+    def of(
+        cls,
+        counts: NDArray[np.float64],
+        exposure: NDArray[np.float64],
+        n: int,
+        moments: BinMoments | None = None,
+    ) -> Snapshot:
+        """The spectrum of ``counts`` over ``exposure`` (copied) after ``n`` orientations
+        (with a copy of ``moments``)."""
         mask = exposure > 0
         safe = np.where(mask, exposure, 1.0)
         return cls(
@@ -84,6 +97,7 @@ class Snapshot:
             exposure=exposure.copy(),
             mask=mask,
             n_orientations=n,
+            moments=None if moments is None else moments.copy(),
         )
 
 
@@ -97,6 +111,8 @@ class RunAccumulator:
     per_orientation_counts: list[NDArray[np.float32]] = field(default_factory=list)
     per_orientation_exposure: list[NDArray[np.float32]] = field(default_factory=list)
     records: list[OrientationRecord] = field(default_factory=list)
+    #: the run's per-bin moments (charge-weighted), None when they are not taken
+    moments: BinMoments | None = None
 
     def __post_init__(self) -> None:
         self.counts = np.zeros(self.grid.shape)
@@ -111,8 +127,10 @@ class RunAccumulator:
         proton_charge: float,
         events: int,
         dropped: dict[str, int],
+        moments: BinMoments | None = None,
     ) -> OrientationRecord:
-        """Add one completed orientation (its folded counts and coverage).
+        """Add one completed orientation (its folded counts and coverage, and its moments
+        at unit charge when the run takes them).
 
         ``events - sum(dropped)`` events were folded (rows of path points that alias an
         earlier one hold copies, so ``counts.sum()`` can be larger).
@@ -122,6 +140,8 @@ class RunAccumulator:
         if not (np.isfinite(proton_charge) and proton_charge >= 0):
             raise FoldError(f"proton charge must be finite and >= 0, got {proton_charge}")
         exposure = proton_charge * coverage
+        if moments is not None and self.moments is not None:
+            self.moments.add(moments, proton_charge)
         self.counts += counts
         self.exposure += exposure
         self.per_orientation_counts.append(counts.astype(np.float32))
@@ -139,7 +159,7 @@ class RunAccumulator:
 
     def snapshot(self) -> Snapshot:
         """The cumulative spectrum."""
-        return Snapshot.of(self.counts, self.exposure, len(self.records))
+        return Snapshot.of(self.counts, self.exposure, len(self.records), self.moments)
 
     def orientation_snapshot(self, index: int) -> Snapshot:
         """The spectrum of orientation ``index`` alone."""
@@ -193,6 +213,11 @@ class RunAccumulator:
             o.create_dataset("proton_charge", data=[r.proton_charge for r in self.records])
             o.create_dataset("events", data=[r.events for r in self.records])
             o.create_dataset("folded", data=[r.folded for r in self.records])
+            if self.moments is not None:
+                m = entry.create_group("moments")
+                m.attrs["note"] = "per-bin moments of the folded cells, for the refinement"
+                for name, values in self.moments.arrays(prefix="").items():
+                    m.create_dataset(name, data=values, compression="gzip" if values.ndim else None)
             if self.records:
                 o.create_dataset(
                     "counts", data=np.stack(self.per_orientation_counts), compression="gzip"

@@ -15,8 +15,11 @@ are known gives, per bin,
 * ``d1_b = sum w delta`` and ``d2_b = sum w delta delta^T`` (1/Angstrom, Cartesian, in the
   path point's frame): the offsets of the cells from the path point, which broaden and
   shift a dispersive mode (its energy at the cell is ``E_m + v_m . delta``);
-* ``bg_b = sum dOmega L2 dE / v_f^3``: the shape of a background flat in time of flight
-  (``dt/dE = L2 / (m v_f^3)``), in sr m meV (s/m)^3 x 1e12.
+* ``bg_b = sum dOmega dE / v_f^3``: the shape of a background flat in time of flight
+  over each pixel's time window and equal per unit solid angle (the simulated
+  instrument's room background): a pixel's rate per unit time is proportional to
+  ``dOmega / L2`` (its window is proportional to L2) and ``dt/dE = L2 / (m v_f^3)``, so
+  L2 cancels; in sr meV (ms/m)^3.
 
 They add over orientations (weighted by proton charge, like the exposure), so a run's
 moments are kept with its counts and restored with its checkpoint. The Debye-Waller
@@ -273,9 +276,8 @@ def _walk(
     de_sub = float(folder.grid.energy_edges[1] - folder.grid.energy_edges[0]) / (
         len(samples.v_f) // folder.grid.n_e
     )
-    l2 = folder.instrument.l2[samples.pixels]
-    # background: dOmega L2 dE / v_f^3 in units of (ms/m)^3 so that values stay O(1)
-    bg_pix = np.ascontiguousarray(samples.solid * l2)
+    # background: dOmega dE / v_f^3 in units of (ms/m)^3 so that values stay O(1)
+    bg_pix = np.ascontiguousarray(samples.solid)
     bg_e = np.ascontiguousarray(de_sub / (samples.v_f * 1e-3) ** 3)
     moments_kernel(
         dm,
@@ -314,7 +316,7 @@ def _walk(
 def moments_kernel(
     dm: np.ndarray,  # (n_pix, 3) K_PER_V M d of each sampled pixel
     solid: np.ndarray,  # (n_pix,) sr
-    bg_pix: np.ndarray,  # (n_pix,) solid x L2
+    bg_pix: np.ndarray,  # (n_pix,) solid angle x stride, sr
     v_f: np.ndarray,  # (n_sub,) m/s, falling
     w_e: np.ndarray,  # (n_sub,) k_f/k_i dE, meV
     bg_e: np.ndarray,  # (n_sub,) dE / v_f^3

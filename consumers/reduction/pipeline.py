@@ -21,13 +21,27 @@ from streaming_data_types.run_stop_6s4t import deserialise_6s4t
 from consumers.exceptions import ConsumerError
 from consumers.reduction.accumulate import OrientationRecord, RunAccumulator, Snapshot
 from consumers.reduction.folding import DROP_REASONS, Folder
+from consumers.reduction.moments import (
+    BinMoments,
+    StructureConstants,
+    orientation_moments,
+    star_operations,
+    structure_constants,
+)
 from consumers.reduction.segment import Chunk, Segmenter
 from consumers.reduction.table import FoldTable
 from consumers.wire import decode_ev44, decode_f144, loads_json
 from simulations.instrument.spectrometer import Instrument, Orientation
-from simulations.lattice.materials import setup
+from simulations.lattice.materials import MaterialSetup, setup
 
-__all__ = ["MAX_IN_FLIGHT", "MAX_PULSE_CHARGE", "MalformedMessage", "RunPipeline", "schema_of"]
+__all__ = [
+    "MAX_IN_FLIGHT",
+    "MAX_PULSE_CHARGE",
+    "MalformedMessage",
+    "RunPipeline",
+    "run_folder",
+    "schema_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +52,36 @@ MAX_IN_FLIGHT = 4
 #: ~4 uC, SNS ~23 uC), and low enough that an orientation's sum cannot overflow.
 MAX_PULSE_CHARGE = 1e6
 
-# counts (n_q, n_E), coverage (n_q, n_E), dropped (4,), seconds
-_Folded = tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], float]
+# counts (n_q, n_E), coverage (n_q, n_E), dropped (4,), seconds, moments (unit charge)
+_Folded = tuple[
+    NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], float, BinMoments | None
+]
 
 _FLATBUFFER_IDS = {"ev44", "f144", "pl72", "6s4t"}
+
+
+def run_folder(
+    meta: dict[str, Any], *, tolerance: float = 0.05, voxels: int = 96
+) -> tuple[MaterialSetup, Folder]:
+    """The material set-up and the folder of a run start's metadata (``material``,
+    ``instrument``, ``orientation`` u and v, ``ei_meV``).
+
+    Raises
+    ------
+    ValueError, KeyError
+        For metadata that give no usable set-up.
+    """
+    ms = setup(str(meta["material"]))
+    ins = Instrument.from_metadata(meta["instrument"])
+    o = meta["orientation"]
+    orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
+    if not np.all(np.isfinite(orientation.ub)):
+        raise ValueError(f"orientation vectors u={o['u']}, v={o['v']} give no UB matrix")
+    ei = float(meta["ei_meV"])
+    if not np.isfinite(ei):
+        raise ValueError(f"Ei = {ei} meV")
+    table = FoldTable.cached(ms.crystal, ms.grid, tolerance=tolerance, voxels=voxels)
+    return ms, Folder(table, ms.grid, ins, orientation, ei)
 
 
 class MalformedMessage(ConsumerError):
@@ -88,8 +128,13 @@ class RunPipeline:
         tolerance: float = 0.05,
         voxels: int = 96,
         background: bool = True,
+        moments: bool = True,
     ) -> None:
         self.mode = mode
+        #: take the per-bin moments of the refinement (:mod:`consumers.reduction.moments`)
+        self.take_moments = bool(moments)
+        self._constants: StructureConstants | None = None
+        self._inverse_ops: NDArray[np.float64] | None = None
         self.background = bool(background)
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: deque[tuple[Chunk, Future[_Folded]]] = deque()
@@ -226,7 +271,7 @@ class RunPipeline:
             chunk, job = self._jobs.popleft()
             t_closed = self._closed.popleft()
             try:
-                counts, coverage, dropped, seconds = job.result()
+                counts, coverage, dropped, seconds, moments = job.result()
             except Exception as exc:
                 logger.exception(
                     "orientation at omega %s [%d, %d) could not be folded; it is lost",
@@ -253,6 +298,7 @@ class RunPipeline:
                     proton_charge=chunk.proton_charge,
                     events=len(chunk.pixel_id),
                     dropped=dict(zip(DROP_REASONS, map(int, dropped), strict=True)),
+                    moments=moments,
                 )
             )
             self.fold_seconds.append(seconds)
@@ -291,23 +337,36 @@ class RunPipeline:
         mode = self.mode
         if mode == "auto":
             mode = "bluesky" if "bluesky" in meta.get("topics", {}) else "omega"
-        ms = setup(str(meta["material"]))
-        ins = Instrument.from_metadata(meta["instrument"])
-        o = meta["orientation"]
-        orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
-        if not np.all(np.isfinite(orientation.ub)):
-            raise ValueError(f"orientation vectors u={o['u']}, v={o['v']} give no UB matrix")
-        ei = float(meta["ei_meV"])
-        if not np.isfinite(ei):
-            raise ValueError(f"Ei = {ei} meV")
-        table = FoldTable.cached(ms.crystal, ms.grid, tolerance=self.tolerance, voxels=self.voxels)
-        folder = Folder(table, ms.grid, ins, orientation, ei)
+        ms, folder = run_folder(meta, tolerance=self.tolerance, voxels=self.voxels)
         segmenter = Segmenter(mode)
+        constants = self._moment_constants(meta, ms) if self.take_moments else None
         self.meta = meta
         self._run_key = str(meta.get("run_id", "")).encode()
         self.folder = folder
         self.acc = RunAccumulator(ms.grid)
         self.segmenter = segmenter
+        self._constants = constants
+        if constants is not None:
+            self._inverse_ops = star_operations(folder, constants.operations)
+            self.acc.moments = BinMoments.zeros(ms.grid.n_q * ms.grid.n_e, constants.n_branches)
+
+    @staticmethod
+    def _moment_constants(meta: dict[str, Any], ms: Any) -> StructureConstants | None:
+        """The structure constants of the run's moments, or None (logged) for a material
+        without reference force constants: the run is folded, only not refined."""
+        from simulations.fcdb.reference import load_reference
+
+        try:
+            ref = load_reference(str(meta["material"]))
+            temperature = float(meta.get("temperature_K", 5.0))
+            return structure_constants(ms.basis, ref.mean, temperature)
+        except Exception as exc:
+            logger.warning(
+                "run %s: no moments for the refinement (%s); folding goes on",
+                meta.get("run_id"),
+                exc,
+            )
+            return None
 
     def _submit(self, chunk: Chunk) -> None:
         """Fold a closed orientation: on the background worker, or here (``background``
@@ -331,7 +390,12 @@ class RunPipeline:
         t0 = time.perf_counter()
         counts, dropped = self.folder.fold(chunk.pixel_id, chunk.tof_ns, chunk.omega)
         coverage = self.folder.coverage(chunk.omega)
-        return counts, coverage, dropped, time.perf_counter() - t0
+        moments = None
+        if self._constants is not None:
+            moments = orientation_moments(
+                self.folder, self._constants, chunk.omega, inverse_ops=self._inverse_ops
+            )
+        return counts, coverage, dropped, time.perf_counter() - t0, moments
 
     # -- summary and state -------------------------------------------------------------------
 
@@ -373,6 +437,8 @@ class RunPipeline:
         seg_json = {k: v for k, v in seg.items() if not isinstance(v, np.ndarray)}
         arrays["counts"] = self.acc.counts
         arrays["exposure"] = self.acc.exposure
+        if self.acc.moments is not None:
+            arrays.update(self.acc.moments.arrays())
         if self.acc.records:
             arrays["orient_counts"] = np.stack(self.acc.per_orientation_counts)
             arrays["orient_exposure"] = np.stack(self.acc.per_orientation_exposure)
@@ -407,6 +473,14 @@ class RunPipeline:
         self.segmenter = Segmenter.from_state(seg)
         self.acc.counts[:] = arrays["counts"]
         self.acc.exposure[:] = arrays["exposure"]
+        restored = BinMoments.from_arrays(arrays)
+        if self.acc.moments is not None and restored is not None:
+            if restored.tensor.shape != self.acc.moments.tensor.shape:
+                raise ConsumerError("the checkpoint's moments do not fit this run's grid")
+            self.acc.moments = restored
+        elif self.acc.moments is not None and js.get("records"):
+            # a checkpoint from before moments were taken: the refinement starts afresh
+            logger.warning("checkpoint without moments: refinement covers new orientations")
         from consumers.reduction.accumulate import OrientationRecord as Rec
 
         for i, r in enumerate(js["records"]):

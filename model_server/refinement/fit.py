@@ -260,8 +260,13 @@ def refine(
     y = model.observed(counts)
     if y.sum() <= 0:
         raise RefinementError("no counts in the fitted bins: nothing to refine yet")
-    starts = [np.asarray(start, dtype=float)] if np.ndim(start) == 1 else list(start)
+    if isinstance(start, np.ndarray) and start.ndim == 1:
+        starts = [np.asarray(start, dtype=float)]
+    else:
+        starts = [np.asarray(s, dtype=float) for s in start]
     thetas = [] if warm is None else [np.asarray(warm, dtype=float)]
+    if not starts and not thetas:
+        raise RefinementError("no starting point: give a start or a warm parameter vector")
     for s in starts:
         if s.shape != (model.n_coefficients,) or not np.all(np.isfinite(s)):
             raise RefinementError(
@@ -289,7 +294,7 @@ def refine(
     except np.linalg.LinAlgError:
         cov_full = np.linalg.pinv(fisher)
     inflation = max(1.0, pearson)
-    cov = cov_full[:k, :k] * inflation
+    cov = np.asarray(cov_full[:k, :k] * inflation, dtype=np.float64)
     std = np.sqrt(np.maximum(np.diag(cov), 0.0))
     theta = state.theta
     return Refined(

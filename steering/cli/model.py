@@ -122,10 +122,28 @@ def estimate_cmd(
         int | None,
         typer.Option("--orientations", help="Use only the run's first N orientations."),
     ] = None,
+    refine: Annotated[
+        bool,
+        typer.Option(
+            "--refine",
+            help="Also fit every coefficient to the counts (Poisson likelihood), started "
+            "from the VAE's estimate; prints {vae, refined}.",
+        ),
+    ] = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """FC estimate (mean, std, quantiles, out-of-domain flag) of a folded spectrum."""
+    """FC estimate (mean, std, quantiles, out-of-domain flag) of a folded spectrum; with
+    --refine, the likelihood refinement against its counts beside it."""
     from model_server.inversion.inference import Estimator
 
     estimator = Estimator(model, device=device, n_samples=samples)
-    emit(estimator.estimate_file(iqe, first=first).to_dict(), as_json)
+    vae = estimator.estimate_file(iqe, first=first).to_dict()
+    if not refine:
+        emit(vae, as_json)
+        return
+    from model_server.refinement.refiner import refine_file
+
+    start = {name: float(v["mean"]) for name, v in vae["fc"].items()}
+    refined = refine_file(iqe, start, first=first, progress=not quiet and not as_json)
+    emit({"vae": vae, "refined": refined.to_dict()}, as_json)

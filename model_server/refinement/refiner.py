@@ -1,0 +1,249 @@
+"""The refinement of one run: its set-up, prior and expected-counts model in one place.
+
+:class:`RunRefiner` is what the service, ``steer estimate --refine`` and the calibration
+study use: built from a run's metadata (material, instrument, Ei, temperature), it turns
+the run's folded counts and per-bin moments into a :class:`~model_server.refinement.fit.Refined`
+estimate, started from the VAE's estimate (its coefficients by name; the others at the
+reference set) and warm-started from the previous snapshot's optimum.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from consumers.reduction.moments import BinMoments, StructureConstants, structure_constants
+from consumers.reduction.table import FoldTable
+from model_server.exceptions import RefinementError
+from model_server.refinement.counts import CountsModel
+from model_server.refinement.fit import Prior, Refined, default_prior, refine
+from simulations.exceptions import SimulationError
+from simulations.instrument.spectrometer import Instrument
+from simulations.lattice.materials import MaterialSetup, setup
+
+__all__ = ["RunRefiner", "read_counts_file", "refine_file", "run_moments"]
+
+logger = logging.getLogger(__name__)
+
+
+class RunRefiner:
+    """Refines the force constants of one run from its counts.
+
+    Parameters
+    ----------
+    material
+        Shipped material name (it needs a reference FC set: the prior's centre and the
+        Debye-Waller factors).
+    instrument
+        The spectrometer (its energy resolution at ``ei``).
+    ei
+        Incident energy, meV.
+    temperature
+        Sample temperature, K.
+    table
+        The run's fold table (its alias and tolerance); built (cached) when not given.
+    free
+        Coefficients without a prior (default: the reference set's kept ones, which the
+        VAE varies); the others get the reference ensemble's spread as a prior width.
+    """
+
+    def __init__(
+        self,
+        material: str,
+        instrument: Instrument,
+        ei: float,
+        temperature: float,
+        *,
+        table: FoldTable | None = None,
+        free: Sequence[str] | None = None,
+        material_setup: MaterialSetup | None = None,
+    ) -> None:
+        from simulations.fcdb.reference import load_reference
+
+        try:
+            self.setup = material_setup or setup(material)
+            ref = load_reference(material)
+        except (SimulationError, FileNotFoundError, OSError) as exc:
+            raise RefinementError(
+                f"no forward model for material {material!r} (a shipped material with a "
+                f"reference FC set is needed): {exc}"
+            ) from exc
+        if not (math.isfinite(ei) and ei > 0):
+            raise RefinementError(f"Ei must be a positive number of meV, got {ei}")
+        self.material = material
+        self.ei = float(ei)
+        self.temperature = float(temperature)
+        self.reference = np.asarray(ref.mean, dtype=float)
+        self.names = tuple(self.setup.basis.names)
+        self.free = tuple(ref.kept if free is None else free)
+        self.prior: Prior = default_prior(
+            self.names, self.reference, ref.maximum - ref.minimum, self.free
+        )
+        self.resolution = instrument.resolution(self.ei)
+        self.table = table or FoldTable.cached(self.setup.crystal, self.setup.grid)
+        self._constants: StructureConstants | None = None
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], **kwargs: Any) -> RunRefiner:
+        """From a run start's metadata (``material``, ``instrument``, ``ei_meV``,
+        ``temperature_K``; 5 K when absent)."""
+        try:
+            instrument = Instrument.from_metadata(meta["instrument"])
+            return cls(
+                str(meta["material"]),
+                instrument,
+                float(meta["ei_meV"]),
+                float(meta.get("temperature_K", 5.0)),
+                **kwargs,
+            )
+        except KeyError as exc:
+            raise RefinementError(f"run metadata lacks {exc}: cannot refine") from exc
+
+    @property
+    def constants(self) -> StructureConstants:
+        """The crystal constants of the moments (Debye-Waller of the reference set)."""
+        if self._constants is None:
+            self._constants = structure_constants(
+                self.setup.basis, self.reference, self.temperature
+            )
+        return self._constants
+
+    def model(self, moments: BinMoments) -> CountsModel:
+        """The expected-counts model of a run's moments."""
+        return CountsModel(
+            self.setup.basis,
+            self.setup.grid,
+            self.resolution,
+            moments,
+            alias=self.table.alias,
+            tolerance=self.table.tolerance,
+            temperature=self.temperature,
+        )
+
+    def start_from(self, estimate: Mapping[str, float] | None) -> NDArray[np.float64]:
+        """(n_coeff,) start: the named values of ``estimate`` (e.g. the VAE's means), the
+        reference set elsewhere."""
+        start = self.reference.copy()
+        for name, value in (estimate or {}).items():
+            if name in self.names and math.isfinite(float(value)):
+                start[self.names.index(name)] = float(value)
+        return start
+
+    def refine(
+        self,
+        counts: NDArray[np.float64],
+        moments: BinMoments,
+        starts: Sequence[Mapping[str, float]] | Mapping[str, float] | None = None,
+        *,
+        warm: NDArray[np.float64] | None = None,
+        model: CountsModel | None = None,
+        max_iter: int = 40,
+    ) -> Refined:
+        """Fit ``counts`` ((n_q, n_E) folded counts) given the run's ``moments``.
+
+        ``starts``: one or several starting estimates by name (the VAE's mean, posterior
+        samples); ``warm``: the previous optimum's parameter vector.
+        """
+        if moments.n_orientations == 0 or not np.any(moments.weight > 0):
+            raise RefinementError("no measured bins: no orientation has been folded yet")
+        if isinstance(starts, Mapping) or starts is None:
+            starts = [starts or {}]
+        vectors = [self.start_from(s) for s in starts]
+        model = model or self.model(moments)
+        return refine(model, counts, vectors, prior=self.prior, warm=warm, max_iter=max_iter)
+
+
+def read_counts_file(
+    path: str | Path, *, first: int | None = None
+) -> tuple[NDArray[np.float64], dict[str, Any], list[float], list[float], BinMoments | None]:
+    """The counts of a folded-run file (``steer fold --out``) for the refinement.
+
+    Returns ``(counts, run_start, omegas, charges, moments)``: (n_q, n_E) counts of the
+    whole run or of its first ``first`` orientations, the run start's metadata, the angles
+    (deg) and proton charges (uC) of those orientations, and the moments the file holds
+    for the whole run (None when it has none, or for ``first`` below the run's count).
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise RefinementError(f"no folded-run file at {path} (write one with steer fold --out)")
+    try:
+        with h5py.File(path, "r") as f:
+            entry = f["entry"]
+            meta = json.loads(str(entry.attrs.get("metadata", "{}")))
+            run_start = meta.get("run_start")
+            if not run_start:
+                raise RefinementError(
+                    f"{path} holds no run-start metadata: fold the run again with this "
+                    "version of steer fold to refine it"
+                )
+            o = entry["orientations"]
+            omegas = [float(w) for w in o["omega"][()]]
+            charges = [float(c) for c in o["proton_charge"][()]]
+            n = len(omegas)
+            if first is not None and not 1 <= first <= n:
+                raise RefinementError(f"{path} has {n} orientations; cannot take the first {first}")
+            k = n if first is None else first
+            if k == n:
+                counts = np.asarray(entry["iqe/counts"][()], dtype=np.float64)
+            else:
+                counts = np.asarray(o["counts"][:k], dtype=np.float64).sum(axis=0)
+            moments = None
+            if k == n and "moments" in entry:
+                g = entry["moments"]
+                moments = BinMoments.from_arrays({name: g[name][()] for name in g}, prefix="")
+    except (OSError, KeyError) as exc:
+        raise RefinementError(f"{path} is not a folded-run file: {exc}") from exc
+    return counts, dict(run_start), omegas[:k], charges[:k], moments
+
+
+def run_moments(
+    run_start: Mapping[str, Any],
+    omegas: Sequence[float],
+    charges: Sequence[float],
+    refiner: RunRefiner,
+    *,
+    progress: bool = False,
+) -> BinMoments:
+    """The charge-weighted moments of a run's orientations, computed from its set-up."""
+    from tqdm import tqdm
+
+    from consumers.reduction.moments import orientation_moments, star_operations
+    from consumers.reduction.pipeline import run_folder
+
+    _, folder = run_folder(dict(run_start), tolerance=refiner.table.tolerance)
+    ops = star_operations(folder, refiner.constants.operations)
+    grid = refiner.setup.grid
+    out = BinMoments.zeros(grid.n_q * grid.n_e, refiner.constants.n_branches)
+    for w, c in tqdm(
+        list(zip(omegas, charges, strict=True)),
+        desc="moments",
+        unit="orient",
+        disable=not progress,
+    ):
+        out.add(orientation_moments(folder, refiner.constants, w, inverse_ops=ops), c)
+    return out
+
+
+def refine_file(
+    path: str | Path,
+    start: Mapping[str, float] | None = None,
+    *,
+    first: int | None = None,
+    progress: bool = False,
+) -> Refined:
+    """Refine the force constants of a folded-run file (``steer fold --out``), from the
+    whole run or its first ``first`` orientations, started from ``start`` (by name)."""
+    counts, run_start, omegas, charges, moments = read_counts_file(path, first=first)
+    refiner = RunRefiner.from_metadata(run_start)
+    if moments is None:
+        moments = run_moments(run_start, omegas, charges, refiner, progress=progress)
+    return refiner.refine(counts, moments, start)
