@@ -11,7 +11,11 @@ resolution factors, with the (3N, 3N) Hermitian matrix ``M(Q') = conj(c) c^T`` a
 lattice vector with Q' = q + G' + delta). Summing over cells before the force constants
 are known gives, per bin,
 
-* ``T_b = sum w M(Q')`` (complex (3N, 3N)), the structure-factor moment tensor;
+* ``T_b = sum w M(Q')`` (complex (3N, 3N)), the structure-factor moment tensor, and
+  ``T2_b = sum w |Q'|^2 M(Q')``, its first moment in |Q|^2: a change ``db_j`` of atom
+  j's isotropic Debye-Waller exponent (``W_j = b_j |Q|^2``) changes the atom blocks
+  (j, k) of T by ``-(db_j + db_k) T2``, so the refinement follows the Debye-Waller
+  factors of the force constants it tries;
 * ``d1_b = sum w delta`` and ``d2_b = sum w delta delta^T`` (1/Angstrom, Cartesian, in the
   path point's frame): the offsets of the cells from the path point, which broaden and
   shift a dispersive mode (its energy at the cell is ``E_m + v_m . delta``);
@@ -23,8 +27,8 @@ are known gives, per bin,
 
 They add over orientations (weighted by proton charge, like the exposure), so a run's
 moments are kept with its counts and restored with its checkpoint. The Debye-Waller
-tensors are those of the reference force constants at the run's temperature (held fixed:
-at 5 K they are zero-point motion, a few per cent of the intensity at the largest Q).
+tensors are those of the reference force constants at the run's temperature; ``T2``
+carries them to any other force constants to first order.
 
 :func:`orientation_moments` computes them for one goniometer angle by the same walk
 along every sampled pixel's trajectory as the coverage
@@ -90,6 +94,11 @@ class StructureConstants:
     temperature: float
 
     @property
+    def isotropic_debye_waller(self) -> NDArray[np.float64]:
+        """(n_atoms,) ``b_j = tr(B_j) / 3``, A^2."""
+        return np.asarray(np.trace(self.debye_waller, axis1=1, axis2=2) / 3.0)
+
+    @property
     def n_branches(self) -> int:
         """3 x atoms."""
         return 3 * len(self.positions)
@@ -115,6 +124,8 @@ class BinMoments:
     ----------
     tensor
         (n_bins, 3N, 3N) complex128, ``sum w M(Q')``, uC sr meV fm^2 / (amu A^2).
+    tensor_q2
+        (n_bins, 3N, 3N) complex128, ``sum w |Q'|^2 M(Q')`` (the same units / A^2).
     offset1, offset2
         (n_bins, 3) and (n_bins, 3, 3) float64, ``sum w delta`` and
         ``sum w delta delta^T`` (uC sr meV / A and / A^2).
@@ -127,6 +138,7 @@ class BinMoments:
     """
 
     tensor: NDArray[np.complex128]
+    tensor_q2: NDArray[np.complex128]
     offset1: NDArray[np.float64]
     offset2: NDArray[np.float64]
     weight: NDArray[np.float64]
@@ -139,6 +151,7 @@ class BinMoments:
         """Empty moments of ``n_bins`` bins."""
         return cls(
             tensor=np.zeros((n_bins, n_branches, n_branches), dtype=np.complex128),
+            tensor_q2=np.zeros((n_bins, n_branches, n_branches), dtype=np.complex128),
             offset1=np.zeros((n_bins, 3)),
             offset2=np.zeros((n_bins, 3, 3)),
             weight=np.zeros(n_bins),
@@ -155,6 +168,7 @@ class BinMoments:
             )
         with self._lock:
             self.tensor += charge * other.tensor
+            self.tensor_q2 += charge * other.tensor_q2
             self.offset1 += charge * other.offset1
             self.offset2 += charge * other.offset2
             self.weight += charge * other.weight
@@ -166,6 +180,7 @@ class BinMoments:
         with self._lock:
             return BinMoments(
                 tensor=self.tensor.copy(),
+                tensor_q2=self.tensor_q2.copy(),
                 offset1=self.offset1.copy(),
                 offset2=self.offset2.copy(),
                 weight=self.weight.copy(),
@@ -178,6 +193,7 @@ class BinMoments:
         with self._lock:
             return {
                 f"{prefix}tensor": self.tensor.copy(),
+                f"{prefix}tensor_q2": self.tensor_q2.copy(),
                 f"{prefix}offset1": self.offset1.copy(),
                 f"{prefix}offset2": self.offset2.copy(),
                 f"{prefix}weight": self.weight.copy(),
@@ -194,6 +210,7 @@ class BinMoments:
             return None
         return cls(
             tensor=np.asarray(arrays[f"{prefix}tensor"], dtype=np.complex128).copy(),
+            tensor_q2=np.asarray(arrays[f"{prefix}tensor_q2"], dtype=np.complex128).copy(),
             offset1=np.asarray(arrays[f"{prefix}offset1"], dtype=np.float64).copy(),
             offset2=np.asarray(arrays[f"{prefix}offset2"], dtype=np.float64).copy(),
             weight=np.asarray(arrays[f"{prefix}weight"], dtype=np.float64).copy(),
@@ -305,6 +322,7 @@ def _walk(
         np.ascontiguousarray(constants.amplitudes, dtype=np.float64),
         np.ascontiguousarray(constants.debye_waller, dtype=np.float64),
         out.tensor,
+        out.tensor_q2,
         out.offset1,
         out.offset2,
         out.weight,
@@ -339,6 +357,7 @@ def moments_kernel(
     amp0: np.ndarray,  # (n_at,)
     dw: np.ndarray,  # (n_at, 3, 3) A^2
     tensor: np.ndarray,  # (n_bins, 3N, 3N) complex, added to
+    tensor_q2: np.ndarray,  # (n_bins, 3N, 3N) complex, added to
     off1: np.ndarray,  # (n_bins, 3)
     off2: np.ndarray,  # (n_bins, 3, 3)
     weight: np.ndarray,  # (n_bins,)
@@ -426,10 +445,13 @@ def moments_kernel(
                     c[3 * j] = a * qx
                     c[3 * j + 1] = a * qy
                     c[3 * j + 2] = a * qz
+                q2 = qx * qx + qy * qy + qz * qz
                 for x in range(nb):
                     cx_conj = w * c[x].conjugate()
                     for y in range(nb):
-                        tensor[b, x, y] += cx_conj * c[y]
+                        term = cx_conj * c[y]
+                        tensor[b, x, y] += term
+                        tensor_q2[b, x, y] += q2 * term
                 off1[b, 0] += w * ex
                 off1[b, 1] += w * ey
                 off1[b, 2] += w * ez

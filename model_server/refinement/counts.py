@@ -28,6 +28,13 @@ The Jacobian is exact first-order perturbation theory for the energies
 the velocities' dependence on ``c`` keeps the energy term only (their eigenvector term is
 second order in the tube's small width); the tests check it against finite differences.
 
+The Debye-Waller factors follow the coefficients: the moments were taken with those of
+the reference set (isotropic parts ``b0_j``); at ``c`` the tensor is
+``T_b - (db_j + db_k) T2_b`` on the atom blocks (j, k), with ``db_j = b_j(c) - b0_j`` the
+change of the isotropic exponent computed from the modes of ``c`` on a Gamma-centred
+:data:`DW_MESH`^3 mesh (first order in ``db |Q|^2``, a few per cent at most; its
+Jacobian keeps the mode energies' dependence on ``c``, not the eigenvectors').
+
 Bins whose path point lies within :data:`GAMMA_EXCLUSION` tube radii of a zone centre
 are left out: there the acoustic modes are a cone across the tube, not a plane.
 """
@@ -53,6 +60,9 @@ __all__ = ["GAMMA_EXCLUSION", "NUISANCE", "CountsModel", "Evaluation"]
 
 #: Path points closer than this many tube radii to a zone centre are not fitted.
 GAMMA_EXCLUSION = 2.0
+
+#: Points per axis of the mesh of the Debye-Waller factors' changes.
+DW_MESH = 8
 
 #: Names of the nuisance parameters after the coefficients, in order.
 NUISANCE = ("log_scale", "background", "resolution_scale")
@@ -104,7 +114,10 @@ class CountsModel:
     tolerance
         The folding tube's radius, 1/A (for the zone-centre exclusion).
     temperature
-        Sample temperature, K (Bose factor).
+        Sample temperature, K (Bose factor, Debye-Waller factors).
+    reference
+        (n_coeff,) the coefficients whose Debye-Waller factors the moments were taken
+        with; None holds the Debye-Waller factors at those of the moments.
     min_weight
         Bins with less exposure (uC sr meV) than this are left out.
 
@@ -122,6 +135,7 @@ class CountsModel:
         alias: NDArray[np.int64],
         tolerance: float,
         temperature: float,
+        reference: NDArray[np.float64] | None = None,
         min_weight: float = 0.0,
     ) -> None:
         n_q, n_e = grid.shape
@@ -168,6 +182,7 @@ class CountsModel:
         safe = np.where(w > 0, w, 1.0)
         m_ = moments.tensor.shape[1]
         self._tensor = moments.tensor[dense].reshape(*shape, m_, m_)  # (p, e, m, m)
+        self._tensor_q2 = moments.tensor_q2[dense].reshape(*shape, m_, m_)
         mean = moments.offset1[dense].reshape(*shape, 3) / safe[..., None]
         self._mean_offset = mean  # (p, e, 3)
         self._offset_cov = moments.offset2[dense].reshape(*shape, 3, 3) / safe[
@@ -179,11 +194,29 @@ class CountsModel:
         self._dyn = basis.dynamical_basis(qpts[self.points])  # (k, n_p, m, m)
         self._ddyn = self._dynamical_gradient(qpts[self.points], rec)  # (k, n_p, 3, m, m)
         self._pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / basis.crystal.n_atoms
+        self._dw_ref: NDArray[np.float64] | None = None
+        if reference is not None:
+            g = np.arange(DW_MESH) / DW_MESH
+            mesh = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+            self._dw_dyn = basis.dynamical_basis(mesh)  # (k, n_mesh, m, m)
+            atom = np.arange(m) // 3
+            self._atom_onehot = (atom[:, None] == np.arange(basis.crystal.n_atoms)).astype(
+                float
+            )  # (m, n_at)
+            self._dw_pref = HBAR2_OVER_2AMU / (
+                2.0 * np.asarray(basis.crystal.masses) * len(mesh) * 3.0
+            )
+            self._dw_ref = self.debye_waller(np.asarray(reference, dtype=float))[0]
 
     @property
     def n_bins(self) -> int:
         """Fitted bins."""
         return len(self.bins)
+
+    @property
+    def background_shape(self) -> NDArray[np.float64]:
+        """(n_bins,) the background's shape in the fitted bins (its Jacobian column)."""
+        return np.asarray(self._background[self._use])
 
     @property
     def n_params(self) -> int:
@@ -232,6 +265,36 @@ class CountsModel:
         theta[-2] = beta
         return theta
 
+    def debye_waller(
+        self, c: NDArray[np.float64], *, jacobian: bool = False
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
+        """Isotropic Debye-Waller exponents ``b_j`` (A^2, (n_atoms,)) of coefficients ``c``
+        on the :data:`DW_MESH` mesh and, with ``jacobian``, ``db_j/dc_k`` ((n_atoms,
+        n_coeff), through the mode energies)."""
+        d = np.einsum("k,kqij->qij", c, self._dw_dyn)
+        lam, vec = np.linalg.eigh(d)
+        ok = lam > (FREQUENCY_MIN_MEV / _TO_MEV) ** 2
+        lam_safe = np.where(ok, lam, 1.0)
+        e = _TO_MEV * np.sqrt(lam_safe)
+        kt = K_B_MEV * self.temperature
+        if kt > 0:
+            x = e / (2.0 * kt)
+            th = np.tanh(x)
+            f = 1.0 / (e * th)
+            df = -1.0 / (e * e * th) - 1.0 / (e * np.sinh(x) ** 2 * 2.0 * kt)
+        else:
+            f = 1.0 / e
+            df = -1.0 / (e * e)
+        f = np.where(ok, f, 0.0)
+        weight = np.einsum("qim,ia->qma", np.abs(vec) ** 2, self._atom_onehot)
+        b = self._dw_pref * np.einsum("qm,qma->a", f, weight)
+        if not jacobian:
+            return b, None
+        dlam = np.real(np.sum(vec.conj()[None] * (self._dw_dyn @ vec[None]), axis=-2))
+        de = np.where(ok, _TO_MEV / (2.0 * np.sqrt(lam_safe)), 0.0)[None] * dlam  # (k,q,m)
+        db = self._dw_pref[:, None] * np.einsum("qm,kqm,qma->ak", np.where(ok, df, 0.0), de, weight)
+        return b, db
+
     def evaluate(self, theta: NDArray[np.float64], *, jacobian: bool = True) -> Evaluation:
         """Expected counts (and their Jacobian) at ``theta`` ((n_params,))."""
         theta = np.asarray(theta, dtype=float)
@@ -273,7 +336,14 @@ class CountsModel:
         prof = (nb + 1.0) * g_l + nb * g_g
         h = self._pref * inv_e * prof  # (p, e, m)
         uh = np.conj(np.swapaxes(vec, 1, 2))[:, None]
-        x_b = uh @ self._tensor @ vec[:, None]  # (p, e, m, n): e_m^H T e_n
+        tensor = self._tensor
+        ddw = None
+        if self._dw_ref is not None:
+            b_now, ddw = self.debye_waller(c, jacobian=jacobian)
+            shift = self._atom_onehot @ (b_now - self._dw_ref)  # (m,) db of each row's atom
+            pair = shift[:, None] + shift[None, :]
+            tensor = tensor - pair * self._tensor_q2
+        x_b = uh @ tensor @ vec[:, None]  # (p, e, m, n): e_m^H T e_n
         a_bm = np.real(np.einsum("pemm->pem", x_b))
         signal = scale * np.sum(a_bm * h, axis=2)
         use = self._use
@@ -319,6 +389,13 @@ class CountsModel:
         jac_tau = np.einsum("pema,pakm->pek", cvw, dvel_p)
         jac_mu = np.einsum("pekm,pem->pek", dmu_w, w_mu)
         jac_c = scale * (jac_a + jac_e + jac_mu + jac_tau)  # (p, e, k)
+        if ddw is not None:
+            # dT/dc_k = -sum_a db_a/dc_k (P_a T2 + T2 P_a), P_a the rows of atom a:
+            # dA_m/dc_k = -2 sum_a db_a/dc_k Re(e_m^H P_a T2 e_m)
+            t2u = self._tensor_q2 @ vec[:, None]  # (p, e, i, m)
+            g = np.einsum("pim,peim,ia->pema", vec.conj(), t2u, self._atom_onehot).real
+            t2h = np.einsum("pem,pema->pea", h, g)
+            jac_c -= scale * 2.0 * (t2h @ ddw)
         jac = np.empty((self.n_bins, self.n_params))
         jac[:, :k] = jac_c[use]
         jac[:, k] = signal[use]

@@ -148,6 +148,16 @@ class _State:
     lam: NDArray[np.float64]
 
 
+#: Least resolution scale the fit tries.
+_MIN_RESOLUTION_SCALE = 0.05
+
+
+def background_floor(model: CountsModel, y: NDArray[np.float64]) -> float:
+    """The least background amplitude: an expectation of 1e-4 of the mean count per bin,
+    so that no bin's expectation is exactly zero (the Fisher information weighs 1/lambda)."""
+    return float(1e-4 * max(y.sum(), 1.0) / max(model.background_shape.sum(), 1e-300))
+
+
 def _objective(
     model: CountsModel, y: NDArray[np.float64], theta: NDArray[np.float64], prior: Prior
 ) -> _State | None:
@@ -172,6 +182,8 @@ def _descend(
 ) -> tuple[_State, NDArray[np.float64], int, bool]:
     """Levenberg-Marquardt from ``theta0``: (state, Fisher + prior, iterations, converged)."""
     k = model.n_coefficients
+    theta0 = theta0.copy()
+    theta0[k + 1] = max(theta0[k + 1], background_floor(model, y))
     state = _objective(model, y, theta0, prior)
     if state is None:
         raise RefinementError(
@@ -179,6 +191,7 @@ def _descend(
             "start from another estimate"
         )
     prec = np.concatenate([prior.precision, np.zeros(len(NUISANCE))])
+    floor = background_floor(model, y)
     damping = 1e-3
     converged = False
     it = 0
@@ -191,17 +204,24 @@ def _descend(
         grad = jac.T @ (1.0 - y / lam)
         grad[:k] += prec[:k] * (state.theta[:k] - prior.mean)
         diag = np.maximum(np.diag(fisher), 1e-12)
+        # bounds: a parameter at its bound that the gradient pushes out stays there
+        free = np.ones(model.n_params, dtype=bool)
+        free[k + 1] = not (state.theta[k + 1] <= floor * (1 + 1e-9) and grad[k + 1] > 0)
+        free[k + 2] = not (state.theta[k + 2] <= _MIN_RESOLUTION_SCALE and grad[k + 2] > 0)
+        idx = np.nonzero(free)[0]
         accepted = False
         for _ in range(12):
-            a = fisher + damping * np.diag(diag)
+            a = fisher[np.ix_(idx, idx)] + damping * np.diag(diag[idx])
             try:
-                step = -np.linalg.solve(a, grad)
+                sub = -np.linalg.solve(a, grad[idx])
             except np.linalg.LinAlgError:
                 damping *= 10.0
                 continue
-            trial = state.theta + step
-            trial[k + 1] = max(trial[k + 1], 0.0)
-            trial[k + 2] = max(trial[k + 2], 0.05)
+            trial = state.theta.copy()
+            trial[idx] += sub
+            trial[k + 1] = max(trial[k + 1], floor)
+            trial[k + 2] = max(trial[k + 2], _MIN_RESOLUTION_SCALE)
+            step = trial - state.theta
             new = _objective(model, y, trial, prior)
             if new is not None and new.objective <= state.objective + 1e-9:
                 gain = state.objective - new.objective
@@ -211,7 +231,7 @@ def _descend(
                 break
             damping *= 5.0
         if not accepted:
-            converged = bool(np.max(np.abs(grad) / np.sqrt(diag)) < 1e-2)
+            converged = bool(np.max(np.abs(grad[idx]) / np.sqrt(diag[idx])) < 1e-2)
             break
         sd = np.sqrt(diag)
         if np.max(np.abs(step) * sd) < 1e-3 and gain < 1e-4:

@@ -125,6 +125,7 @@ class RunRefiner:
             alias=self.table.alias,
             tolerance=self.table.tolerance,
             temperature=self.temperature,
+            reference=self.reference,
         )
 
     def start_from(self, estimate: Mapping[str, float] | None) -> NDArray[np.float64]:

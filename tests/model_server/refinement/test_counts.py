@@ -1,0 +1,83 @@
+"""The expected counts of the folded bins: against the brute-force expected fold (the
+prediction endpoint's per-pixel cross-section folded sample by sample), the Jacobian
+against finite differences, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from consumers.reduction.moments import BinMoments
+from model_server.exceptions import RefinementError
+from model_server.prediction.expected import FoldSampler, GridSimulator
+from model_server.refinement.counts import CountsModel
+from simulations.instrument.events import PhononTable
+from simulations.lattice.sqe import CoherentSQE
+from tests.ge_moments import EI, TEMPERATURE, ge_moments, ge_run
+
+
+def _theta(model: CountsModel, coefficients: np.ndarray) -> np.ndarray:
+    return np.concatenate([coefficients, [0.0, 0.0, 1.0]])
+
+
+def test_expected_counts_match_the_brute_force_fold() -> None:
+    run = ge_run()
+    omega = 10.0
+    model = run.refiner.model(ge_moments((omega,)))
+    lam = model.evaluate(_theta(model, run.truth), jacobian=False).expected
+    sqe = CoherentSQE(
+        run.refiner.setup.basis, run.truth, temperature=TEMPERATURE, resolution=model.resolution
+    )
+    table = PhononTable.build(sqe, 40)
+    sim = GridSimulator(
+        sqe,
+        run.folder.instrument,
+        run.folder.orientation,
+        EI,
+        energy_edges=run.folder.grid.energy_edges,
+        table=table,
+    )
+    _, signal = FoldSampler(run.folder, sim.group_of_pixel, threads=1).fold(omega, sim.sqe(omega))
+    brute = signal.reshape(-1)[model.bins]
+    assert lam.sum() == pytest.approx(brute.sum(), rel=0.03)
+    strong = brute > 0.05 * brute.max()
+    ratio = lam[strong] / brute[strong]
+    assert np.median(np.abs(ratio - 1.0)) < 0.03
+    assert np.mean(np.abs(ratio - 1.0) < 0.1) > 0.8
+
+
+def test_jacobian_matches_finite_differences() -> None:
+    run = ge_run()
+    model = run.refiner.model(ge_moments((10.0, 40.0)))
+    theta = _theta(model, run.truth)
+    theta[-2] = 0.01
+    jac = model.evaluate(theta).jacobian
+    assert jac is not None
+    assert jac.shape == (model.n_bins, model.n_params)
+    for k in (0, 1, 2, 3, 6, 13, 16, 17, 18):
+        h = 1e-5 * max(1.0, abs(theta[k]))
+        up, down = theta.copy(), theta.copy()
+        up[k] += h
+        down[k] -= h
+        fd = (
+            model.evaluate(up, jacobian=False).expected
+            - model.evaluate(down, jacobian=False).expected
+        ) / (2 * h)
+        scale = np.abs(fd).max()
+        assert np.abs(jac[:, k] - fd).max() < 0.02 * scale, model.names[k]
+
+
+def test_clear_errors() -> None:
+    run = ge_run()
+    m = ge_moments((10.0,))
+    with pytest.raises(RefinementError, match="another grid"):
+        run.refiner.model(BinMoments.zeros(100, 6))
+    with pytest.raises(RefinementError, match="no measured bins"):
+        run.refiner.model(BinMoments.zeros(len(m.weight), 6))
+    model = run.refiner.model(m)
+    with pytest.raises(RefinementError, match="finite"):
+        model.observed(np.full(run.folder.grid.shape, np.nan))
+    with pytest.raises(RefinementError, match="shape"):
+        model.observed(np.zeros((3, 3)))
+    with pytest.raises(RefinementError, match="parameters"):
+        model.evaluate(np.zeros(3))

@@ -1,0 +1,93 @@
+"""The Poisson-likelihood fit on Poisson replicas of the model: it converges from a
+VAE-like start, its errors are honest, its std shrinks as 1/sqrt(counts), and bad input
+gets a clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model_server.exceptions import RefinementError
+from model_server.refinement.fit import deviance, refine
+from tests.ge_moments import ge_moments, ge_run, replica_counts
+
+OMEGAS = (10.0, 40.0)
+
+
+def _truth_theta(model, truth: np.ndarray, events: float) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The truth with ``events`` signal counts and a tenth as many background counts."""
+    theta = np.concatenate([truth, [0.0, 0.0, 1.0]])
+    signal = model.evaluate(theta, jacobian=False).expected.sum()
+    theta[-3] = np.log(events / signal)
+    theta[-2] = 0.1 * events / model.background_shape.sum()
+    return theta
+
+
+def _start(run, rng: np.random.Generator) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The truth's kept coefficients off by ~3 % (a VAE's error), the others at the
+    reference set."""
+    start = run.refiner.reference.copy()
+    kept = [run.refiner.names.index(n) for n in run.refiner.free]
+    start[kept] = run.truth[kept] * (1.0 + 0.03 * rng.standard_normal(len(kept)))
+    return start
+
+
+def test_fit_converges_with_honest_errors() -> None:
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    theta = _truth_theta(model, run.truth, 30000.0)
+    zs = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        _, counts = replica_counts(model, theta, rng)
+        fit = refine(model, counts, _start(run, rng), prior=run.refiner.prior)
+        assert fit.converged
+        # ~1.8 counts a bin: the deviance per dof is below 1, Pearson's chi2 is not
+        assert fit.deviance_per_dof < 1.0
+        assert 0.85 < fit.pearson_chi2_per_dof < 1.15
+        assert fit.nuisance["resolution_scale"] == pytest.approx(1.0, abs=0.1)
+        zs.append((fit.mean - run.truth)[:4] / fit.std[:4])
+        assert fit.covariance.shape == (16, 16)
+        np.testing.assert_allclose(np.sqrt(np.diag(fit.covariance)), fit.std)
+    assert np.abs(zs).max() < 4.5
+    js = fit.to_dict()
+    assert set(js["mean"]) == set(run.refiner.names)
+    assert js["converged"] is True
+
+
+def test_std_shrinks_as_one_over_root_counts() -> None:
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    stds = []
+    for events in (20000.0, 80000.0):
+        theta = _truth_theta(model, run.truth, events)
+        _, counts = replica_counts(model, theta, np.random.default_rng(5))
+        fit = refine(model, counts, run.truth, prior=run.refiner.prior, warm=theta)
+        stds.append(fit.std[:4])
+    ratio = stds[1] / stds[0]
+    assert np.all((ratio > 0.4) & (ratio < 0.62)), ratio
+
+
+def test_clear_errors_for_inputs_it_cannot_fit() -> None:
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    zero = np.zeros(model.grid.shape)
+    with pytest.raises(RefinementError, match="no counts"):
+        refine(model, zero, run.truth, prior=run.refiner.prior)
+    _, counts = replica_counts(
+        model, _truth_theta(model, run.truth, 5000.0), np.random.default_rng(1)
+    )
+    with pytest.raises(RefinementError, match="16 finite coefficients"):
+        refine(model, counts, np.zeros(3), prior=run.refiner.prior)
+    with pytest.raises(RefinementError, match="stable lattice"):
+        refine(model, counts, -run.truth, prior=run.refiner.prior)
+    with pytest.raises(RefinementError, match="no measured bins"):
+        from consumers.reduction.moments import BinMoments
+
+        run.refiner.refine(counts, BinMoments.zeros(len(model.bins), 6))
+
+
+def test_deviance_is_zero_at_the_data_and_positive_elsewhere() -> None:
+    y = np.array([0.0, 3.0, 10.0])
+    assert deviance(y, np.maximum(y, 1e-300)) == pytest.approx(0.0, abs=1e-9)
+    assert deviance(y, y + 1.0) > 0
