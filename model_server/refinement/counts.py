@@ -12,9 +12,11 @@ holds their geometry, summed over orientations and weighted by proton charge)::
   sigma_bm)]``: ``P = hbar^2/(2 amu) x 10 mbarn/fm^2 / N`` (the simulator's units, mbarn per
   atom), ``n`` the Bose occupation, ``g`` a unit-area Gaussian averaged over the energy
   bin. The centre moves by ``mu_bm = v_m . <delta>_b`` and the width is
-  ``sigma_bm^2 = (r sigma_res(E_m))^2 + v_m^T Cov(delta)_b v_m``: the mode's group velocity
-  ``v_m = dE_m/dQ`` (1/A -> meV A) across the folding tube (``delta``, the cells' offsets
-  from the path point) and the instrument's resolution scaled by the nuisance ``r``;
+  ``sigma_bm^2 = (r sigma_res(E_m))^2 + v_m^T (Cov(delta)_b + eta^2 I) v_m``: the mode's
+  group velocity ``v_m = dE_m/dQ`` (1/A -> meV A) across the folding tube (``delta``, the
+  cells' offsets from the path point), the instrument's energy resolution scaled by the
+  nuisance ``r``, and an isotropic Q resolution of variance ``eta^2`` (1/A^2; the
+  nuisance ``q_variance``: mosaic spread, pixel size);
 * ``s`` (counts per unit, fitted as ``log s``) and ``beta`` (the background's amplitude on
   the flat-in-time-of-flight shape ``bg_b``) are nuisance parameters.
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -59,13 +62,13 @@ from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV
 __all__ = ["GAMMA_EXCLUSION", "NUISANCE", "CountsModel", "Evaluation"]
 
 #: Path points closer than this many tube radii to a zone centre are not fitted.
-GAMMA_EXCLUSION = 2.0
+GAMMA_EXCLUSION = 6.0
 
 #: Points per axis of the mesh of the Debye-Waller factors' changes.
 DW_MESH = 8
 
 #: Names of the nuisance parameters after the coefficients, in order.
-NUISANCE = ("log_scale", "background", "resolution_scale")
+NUISANCE = ("log_scale", "background", "resolution_scale", "q_variance")
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _TO_MEV = VASP_TO_THZ * THZ_TO_MEV  # sqrt(eV/A^2/amu) -> meV
@@ -247,13 +250,29 @@ class CountsModel:
             out.append((plus - minus) / (2 * h))
         return np.stack(out, axis=2)
 
+    def theta(
+        self,
+        coefficients: NDArray[np.float64],
+        *,
+        log_scale: float = 0.0,
+        background: float = 0.0,
+        resolution_scale: float = 1.0,
+        q_variance: float = 0.0,
+    ) -> NDArray[np.float64]:
+        """The parameter vector of ``coefficients`` ((n_coeff,), eV/A^2) and nuisances."""
+        c = np.asarray(coefficients, dtype=float)
+        if c.shape != (self.n_coefficients,):
+            raise RefinementError(f"expected {self.n_coefficients} coefficients, got {c.shape}")
+        return np.concatenate([c, [log_scale, background, resolution_scale, q_variance]])
+
     def start_nuisance(
         self, coefficients: NDArray[np.float64], counts: NDArray[np.float64]
     ) -> NDArray[np.float64]:
         """A starting parameter vector: ``coefficients`` with the scale and background
         that match the observed total and the counts' share in the bins with no signal."""
         y = self.observed(counts)
-        theta = np.concatenate([np.asarray(coefficients, float), [0.0, 0.0, 1.0]])
+        k0 = self.n_coefficients
+        theta = self.theta(coefficients)
         ev = self.evaluate(theta, jacobian=False)
         sig = ev.expected
         # least squares of y on (signal, background) over all bins, non-negative
@@ -261,8 +280,8 @@ class CountsModel:
         coef, *_ = np.linalg.lstsq(a, y, rcond=None)
         s = max(float(coef[0]), 1e-12 if sig.sum() <= 0 else 0.05 * y.sum() / sig.sum())
         beta = max(float(coef[1]), 0.0)
-        theta[-3] = math.log(s)
-        theta[-2] = beta
+        theta[k0] = math.log(s)
+        theta[k0 + 1] = beta
         return theta
 
     def debye_waller(
@@ -303,7 +322,7 @@ class CountsModel:
         k = self.n_coefficients
         c = theta[:k]
         scale = math.exp(float(theta[k]))
-        beta, r = float(theta[k + 1]), float(theta[k + 2])
+        beta, r, eta2 = float(theta[k + 1]), float(theta[k + 2]), max(float(theta[k + 3]), 0.0)
         d = np.einsum("k,kqij->qij", c, self._dyn)
         lam, vec = np.linalg.eigh(d)  # (n_p, m), (n_p, m, m) columns
         stable = bool(np.all(lam > -1e-9 * max(1.0, float(np.abs(lam).max()))))
@@ -316,25 +335,25 @@ class CountsModel:
         y_k = np.einsum("qim,kqij,qjn->kqmn", vec.conj(), self._dyn, vec)  # (k, p, m, m)
         dlam = np.einsum("kqm,qnm->kqn", np.einsum("kqmm->kqm", y_k).real, avg)  # (k, p, m)
         dd = np.einsum("k,kqaij->qaij", c, self._ddyn)
-        vlam = np.einsum("qim,qaij,qjm->qam", vec.conj(), dd, vec).real  # dlambda/dQ
+        bq = np.einsum("qim,qaij,qjn->qamn", vec.conj(), dd, vec)  # e_m^H dD/dQ_a e_n
+        vlam = np.einsum("qamm->qam", bq).real  # dlambda/dQ
         vlam = np.einsum("qam,qnm->qan", vlam, avg)
+        same = (cluster[:, :, None] == cluster[:, None, :]).astype(float)  # (p, m, n)
+        split = self._splitting(bq, same)  # (p, a, b, m)
         half_inv = np.where(ok, _TO_MEV / (2.0 * np.sqrt(lam_safe)), 0.0)  # dE/dlambda
         vel = vlam * half_inv[:, None, :]  # (p, 3, m) meV A
         n_p, n_e = self._use.shape
         # per (point, energy) bin, dense; the fitted ones are selected at the end
         mu = self._mean_offset @ vel  # (p, e, m)
         cv = self._offset_cov @ vel[:, None]  # (p, e, 3, m)
-        tau2 = np.maximum(np.sum(vel[:, None] * cv, axis=2), 0.0)  # (p, e, m)
+        v2 = np.sum(vel * vel, axis=1)[:, None, :]  # (p, 1, m) |v|^2
+        tau2 = np.maximum(np.sum(vel[:, None] * cv, axis=2), 0.0) + eta2 * v2  # (p, e, m)
+        # degenerate modes split across the tube: the spread of their energies about the
+        # cluster's mean, E[delta^T K delta] (dE/dlambda)^2 with the second moment of delta
+        second = self._offset_cov + np.einsum("pea,peb->peab", self._mean_offset, self._mean_offset)
+        tau2 = tau2 + np.einsum("peab,pabm->pem", second, split) * (half_inv**2)[:, None, :]
         e_b = np.broadcast_to(energy[:, None, :], mu.shape)
-        sres, dsres = self._sigma_res(e_b)
-        sigma = np.sqrt(np.maximum((r * sres) ** 2 + tau2, 1e-12))
-        nb, dnb = self._bose(e_b)
-        inv_e = np.where(e_b > 0, 1.0 / np.where(e_b > 0, e_b, 1.0), 0.0)
-        lo = self._e_lo
-        g_l, gc_l, gs_l = self._bin_gauss(lo, lo + self._de, e_b + mu, sigma)
-        g_g, gc_g, gs_g = self._bin_gauss(lo, lo + self._de, -e_b - mu, sigma)
-        prof = (nb + 1.0) * g_l + nb * g_g
-        h = self._pref * inv_e * prof  # (p, e, m)
+        h = self._profile(e_b, mu, tau2, r)  # (p, e, m)
         uh = np.conj(np.swapaxes(vec, 1, 2))[:, None]
         tensor = self._tensor
         ddw = None
@@ -360,15 +379,7 @@ class CountsModel:
         z = z.reshape(n_p, k, m * m)
         xh = (x_b * h[..., None]).reshape(n_p, n_e, m * m)
         jac_a = xh.real @ np.swapaxes(z.real, 1, 2) - xh.imag @ np.swapaxes(z.imag, 1, 2)
-        # dh/dE (explicit), dh/dmu, dh/dsigma
-        dprof_dc = (nb + 1.0) * gc_l - nb * gc_g
-        dprof_ds = (nb + 1.0) * gs_l + nb * gs_g
-        dsig_de = r * r * sres * dsres / sigma
-        dh_de = self._pref * (
-            -(inv_e**2) * prof + inv_e * (dprof_dc + dprof_ds * dsig_de + (g_l + g_g) * dnb)
-        )
-        dh_dmu = self._pref * inv_e * dprof_dc
-        dh_dsig = self._pref * inv_e * dprof_ds
+        dh_de, dh_dmu, dh_dtau2, dh_dr = self._profile_derivatives(e_b, mu, tau2, r, h)
         de_dc = dlam * half_inv[None]  # (k, p, m)
         # velocities: dv/dc_k ~ dE/dlambda e^H dD_k/dQ e - v dlambda/dc_k / (2 lambda)
         dv_lam = np.einsum("qim,kqaij,qjm->kqam", vec.conj(), self._ddyn, vec).real
@@ -379,14 +390,17 @@ class CountsModel:
             - vel[None] * (0.5 * dlam * inv_lam[None])[:, :, None, :]
         )  # (k, p, 3, m)
         dvel_p = np.transpose(dvel, (1, 2, 0, 3))  # (p, 3, k, m)
-        # sum_m A (dE dh_de + dmu dh_dmu + dtau2 / (2 sigma) dh_dsig)
+        # sum_m A (dE dh_de + dmu dh_dmu + dtau2 dh_dtau2)
         jac_e = (a_bm * dh_de) @ np.transpose(de_dc, (1, 2, 0))  # (p, e, k)
         w_mu = a_bm * dh_dmu  # (p, e, m)
-        w_tau = a_bm * dh_dsig / sigma  # (p, e, m); d sigma = d tau2 / (2 sigma), x2 below
+        w_tau = 2.0 * a_bm * dh_dtau2  # (p, e, m); dtau2 = 2 v^T C dv
         dmu_w = (self._mean_offset @ dvel_p.reshape(n_p, 3, k * m)).reshape(n_p, n_e, k, m)
         cvw = np.swapaxes(cv * w_tau[:, :, None, :], 2, 3)  # (p, e, m, 3) = C v w_tau
         # sum_m sum_a dvel[p,a,k,m] (C v w)[p,e,m,a]
         jac_tau = np.einsum("pema,pakm->pek", cvw, dvel_p)
+        if eta2 > 0:  # d(eta^2 |v|^2) = 2 eta^2 v.dv
+            vw = vel[:, None] * w_tau[:, :, None, :]  # (p, e, 3, m)
+            jac_tau = jac_tau + eta2 * np.einsum("peam,pakm->pek", vw, dvel_p)
         jac_mu = np.einsum("pekm,pem->pek", dmu_w, w_mu)
         jac_c = scale * (jac_a + jac_e + jac_mu + jac_tau)  # (p, e, k)
         if ddw is not None:
@@ -400,8 +414,8 @@ class CountsModel:
         jac[:, :k] = jac_c[use]
         jac[:, k] = signal[use]
         jac[:, k + 1] = self._background[use]
-        dsig_dr = r * sres**2 / sigma
-        jac[:, k + 2] = (scale * np.sum(a_bm * dh_dsig * dsig_dr, axis=2))[use]
+        jac[:, k + 2] = (scale * np.sum(a_bm * dh_dr, axis=2))[use]
+        jac[:, k + 3] = (scale * np.sum(a_bm * dh_dtau2 * v2, axis=2))[use]
         return Evaluation(expected=expected, jacobian=jac, energies=energy, stable=stable)
 
     # -- pieces -----------------------------------------------------------------------------
@@ -416,10 +430,81 @@ class CountsModel:
         )
 
     @staticmethod
+    def _splitting(bq: NDArray[np.complex128], same: NDArray[np.float64]) -> NDArray[np.float64]:
+        """(p, 3, 3, m) K_ab of each mode: the mean square splitting of its degenerate
+        cluster per unit offset, ``(1/g) Re tr(B_a B_b)`` with ``B_a`` the traceless part of
+        ``dD/dQ_a`` projected on the cluster (degenerate perturbation theory); 0 for modes
+        of no degenerate cluster."""
+        g = same.sum(axis=2)  # (p, m) cluster sizes
+        proj = bq * same[:, None]  # (p, a, m, n) within clusters
+        diag = np.einsum("pamm->pam", proj).real
+        mean = np.einsum("pam,pnm->pan", diag, same / g[:, :, None])  # cluster mean of diag
+        eye = np.eye(same.shape[1])[None, None]
+        tl = proj - eye * mean[:, :, :, None]  # traceless within each cluster
+        # sum over n, l in the cluster of mode m: Re(tl_a[n, l] tl_b[l, n]) / g
+        prod = np.einsum("panl,pbln->pabnl", tl, tl).real  # (p, a, b, n, l)
+        k = np.einsum("pabnl,pmn,pml->pabm", prod, same, same) / g[:, None, None, :]
+        return np.asarray(np.where(g[:, None, None, :] > 1, k, 0.0))
+
+    @staticmethod
     def _cluster_weights(cluster: NDArray[np.int64]) -> NDArray[np.float64]:
         """(n_p, m, m) averaging matrix over each point's degenerate clusters."""
         onehot = (cluster[:, :, None] == cluster[:, None, :]).astype(float)
         return np.asarray(onehot / onehot.sum(axis=2, keepdims=True))
+
+    def _profile(
+        self,
+        e: NDArray[np.float64],
+        mu: NDArray[np.float64],
+        tau2: NDArray[np.float64],
+        r: float,
+    ) -> NDArray[np.float64]:
+        """``h``: the cross-section factor of a mode of energy ``e`` (meV) in each bin,
+        whose cells' energies are offset by ``u`` of mean ``mu`` and variance ``tau2``.
+
+        A cell's one-phonon weight is ``1 / (e + u)`` (times Bose, ~1 at the fitted
+        temperatures' energies); to second order in ``u`` and with Gaussian ``u``
+        (Stein's identities), its mean over the bin's cells with the resolution Gaussian
+        ``g`` of width ``sqrt((r sigma_res(e))^2 + tau2)`` centred at ``e + mu`` is
+        ``[(1 - mu/e + (mu^2 + tau2)/e^2) g + (2 mu - e) tau2/e^2 g' + tau2^2/e^2 g'']/e``
+        (``'`` derivatives by the centre), for energy loss and its mirror for gain.
+        """
+        sres = self._sigma_res(e)[0]
+        sigma = np.sqrt(np.maximum((r * sres) ** 2 + tau2, 1e-12))
+        nb = self._bose(e)[0]
+        ok = e > 0
+        inv_e = np.where(ok, 1.0 / np.where(ok, e, 1.0), 0.0)
+        lo = self._e_lo
+        c0 = 1.0 - mu * inv_e + (mu * mu + tau2) * inv_e**2
+        c1 = (2.0 * mu * inv_e - 1.0) * tau2 * inv_e
+        c2 = tau2 * tau2 * inv_e**2
+        g_l, d1_l, d2_l = self._bin_gauss(lo, lo + self._de, e + mu, sigma)
+        g_g, d1_g, d2_g = self._bin_gauss(lo, lo + self._de, -e - mu, sigma)
+        loss = c0 * g_l + c1 * d1_l + c2 * d2_l
+        gain = c0 * g_g - c1 * d1_g + c2 * d2_g  # u enters the gain peak with the other sign
+        return np.asarray(self._pref * inv_e * ((nb + 1.0) * loss + nb * gain))
+
+    def _profile_derivatives(
+        self,
+        e: NDArray[np.float64],
+        mu: NDArray[np.float64],
+        tau2: NDArray[np.float64],
+        r: float,
+        h: NDArray[np.float64],
+    ) -> tuple[NDArray[np.float64], ...]:
+        """Partial derivatives of :meth:`_profile` by ``e``, ``mu``, ``tau2`` and ``r``
+        (central differences of the closed form, relative steps 1e-6)."""
+        out = []
+        for name in ("e", "mu", "tau2", "r"):
+            args: dict[str, Any] = {"e": e, "mu": mu, "tau2": tau2, "r": r}
+            base = args[name]
+            step = 1e-6 * np.maximum(np.abs(base), 1e-3 if name != "tau2" else 1e-4)
+            args[name] = base + step
+            up = self._profile(**args)
+            args[name] = base - step
+            down = self._profile(**args)
+            out.append((up - down) / (2.0 * step))
+        return tuple(out)
 
     def _sigma_res(self, e: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """Resolution sigma(E) (meV) and its derivative, as the simulator evaluates it."""
@@ -450,13 +535,13 @@ class CountsModel:
         centre: NDArray[np.float64],
         sigma: NDArray[np.float64],
     ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-        """Unit-area Gaussian averaged over [lo, hi] (1/meV) and its derivatives by the
-        centre and by sigma."""
+        """Unit-area Gaussian averaged over [lo, hi] (1/meV) and its first and second
+        derivatives by the centre."""
         z_hi = (hi - centre) / sigma
         z_lo = (lo - centre) / sigma
         g = (ndtr(z_hi) - ndtr(z_lo)) / self._de
         p_hi = np.exp(-0.5 * z_hi**2) / _SQRT_2PI
         p_lo = np.exp(-0.5 * z_lo**2) / _SQRT_2PI
-        dg_dc = (p_lo - p_hi) / (sigma * self._de)
-        dg_ds = (z_lo * p_lo - z_hi * p_hi) / (sigma * self._de)
-        return g, dg_dc, dg_ds
+        d1 = (p_lo - p_hi) / (sigma * self._de)
+        d2 = (z_lo * p_lo - z_hi * p_hi) / (sigma * sigma * self._de)
+        return g, d1, d2

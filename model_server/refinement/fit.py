@@ -75,7 +75,7 @@ class Refined:
     covariance
         (n_coeff, n_coeff) (eV/A^2)^2, inflated by ``inflation``.
     nuisance
-        Fitted ``log_scale``, ``background``, ``resolution_scale``.
+        Fitted ``log_scale``, ``background``, ``resolution_scale``, ``q_variance``.
     deviance, dof
         Poisson deviance of the data at the optimum and bins minus parameters.
     pearson_chi2_per_dof
@@ -163,7 +163,7 @@ def _objective(
 ) -> _State | None:
     """Deviance plus prior at ``theta``; None where the model is invalid there."""
     k = model.n_coefficients
-    if theta[k + 1] < 0 or theta[k + 2] <= 0:
+    if theta[k + 1] < 0 or theta[k + 2] <= 0 or theta[k + 3] < 0:
         return None
     ev = model.evaluate(theta, jacobian=False)
     lam = ev.expected
@@ -208,6 +208,7 @@ def _descend(
         free = np.ones(model.n_params, dtype=bool)
         free[k + 1] = not (state.theta[k + 1] <= floor * (1 + 1e-9) and grad[k + 1] > 0)
         free[k + 2] = not (state.theta[k + 2] <= _MIN_RESOLUTION_SCALE and grad[k + 2] > 0)
+        free[k + 3] = not (state.theta[k + 3] <= 0.0 and grad[k + 3] > 0)
         idx = np.nonzero(free)[0]
         accepted = False
         for _ in range(12):
@@ -221,6 +222,7 @@ def _descend(
             trial[idx] += sub
             trial[k + 1] = max(trial[k + 1], floor)
             trial[k + 2] = max(trial[k + 2], _MIN_RESOLUTION_SCALE)
+            trial[k + 3] = max(trial[k + 3], 0.0)
             step = trial - state.theta
             new = _objective(model, y, trial, prior)
             if new is not None and new.objective <= state.objective + 1e-9:

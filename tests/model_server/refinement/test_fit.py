@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from consumers.reduction.moments import BinMoments
 from model_server.exceptions import RefinementError
 from model_server.refinement.fit import deviance, refine
 from tests.ge_moments import ge_moments, ge_run, replica_counts
@@ -16,10 +17,10 @@ OMEGAS = (10.0, 40.0)
 
 def _truth_theta(model, truth: np.ndarray, events: float) -> np.ndarray:  # type: ignore[no-untyped-def]
     """The truth with ``events`` signal counts and a tenth as many background counts."""
-    theta = np.concatenate([truth, [0.0, 0.0, 1.0]])
+    theta = model.theta(truth)
     signal = model.evaluate(theta, jacobian=False).expected.sum()
-    theta[-3] = np.log(events / signal)
-    theta[-2] = 0.1 * events / model.background_shape.sum()
+    theta[-4] = np.log(events / signal)
+    theta[-3] = 0.1 * events / model.background_shape.sum()
     return theta
 
 
@@ -81,10 +82,9 @@ def test_clear_errors_for_inputs_it_cannot_fit() -> None:
         refine(model, counts, np.zeros(3), prior=run.refiner.prior)
     with pytest.raises(RefinementError, match="stable lattice"):
         refine(model, counts, -run.truth, prior=run.refiner.prior)
+    empty = BinMoments.zeros(len(model.bins), 6)
     with pytest.raises(RefinementError, match="no measured bins"):
-        from consumers.reduction.moments import BinMoments
-
-        run.refiner.refine(counts, BinMoments.zeros(len(model.bins), 6))
+        run.refiner.refine(counts, empty)
 
 
 def test_deviance_is_zero_at_the_data_and_positive_elsewhere() -> None:
