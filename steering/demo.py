@@ -399,10 +399,13 @@ def _summary(
         snap = live.snapshots.get(run_id)
     truth = info.get("truth") or {}
     last = est[-1] if est else {"fc": {}}
+    vae = (last.get("vae") or {}).get("fc", {})
     fcs = {
         name: {
             "mean": round(v["mean"], 5),
             "std": round(v["std"], 5),
+            "vae_mean": None if name not in vae else round(vae[name]["mean"], 5),
+            "vae_std": None if name not in vae else round(vae[name]["std"], 5),
             "truth": None if name not in truth else round(float(truth[name]), 5),
             "error_over_std": None
             if name not in truth or v["std"] <= 0
@@ -435,6 +438,9 @@ def _summary(
         "run_id": run_id,
         "model_version": last.get("model_version"),
         "out_of_domain": last.get("out_of_domain"),
+        "estimate_source": last.get("source", "vae"),
+        "fallback": last.get("fallback"),
+        "deviance_per_dof": (last.get("refined") or {}).get("deviance_per_dof"),
         "fc": fcs,
         "fc_within_2_std": f"{sum(within)}/{len(within)}",
         "estimates": len(est),
@@ -451,13 +457,26 @@ def format_summary(result: DemoResult) -> str:
     lines = [
         f"run {result.get('run_id')}: {result.get('orientations')} orientations, "
         f"{result.get('events_folded')} events folded, model {result.get('model_version')}",
-        f"{'FC':>10} {'estimate':>10} {'± std':>8} {'truth':>10} {'(est-truth)/std':>16}",
+        f"running estimate: {result.get('estimate_source')}"
+        + (
+            f" (deviance/dof {result['deviance_per_dof']:.3f})"
+            if result.get("deviance_per_dof") is not None
+            else ""
+        )
+        + (f"; {result['fallback']}" if result.get("fallback") else ""),
+        f"{'FC':>10} {'refined':>10} {'± std':>8} {'VAE':>10} {'± std':>8} {'truth':>10} "
+        f"{'(est-truth)/std':>16}",
     ]
+
+    def num(x: float | None, width: int) -> str:
+        return f"{'' if x is None else format(x, '.4f'):>{width}}"
+
     for name, v in (result.get("fc") or {}).items():
         z = v.get("error_over_std")
         lines.append(
             f"{name:>10} {v['mean']:>10.4f} {v['std']:>8.4f} "
-            f"{'' if v['truth'] is None else format(v['truth'], '.4f'):>10} "
+            f"{num(v.get('vae_mean'), 10)} {num(v.get('vae_std'), 8)} "
+            f"{num(v['truth'], 10)} "
             f"{'' if z is None else format(z, '+.2f'):>16}"
         )
     lat = result.get("chunk_to_estimate_latency") or {}

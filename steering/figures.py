@@ -54,7 +54,9 @@ def _png(fig: Any) -> bytes:
 class FigureModel:
     """The forward model of a material at the estimated FCs (cached per material).
 
-    ``theta`` are the model's FCs (the reference set's ``kept`` ones, eV/A^2) in order.
+    ``theta`` are all the material's coefficients (eV/A^2) in the basis's order: a refined
+    estimate gives every one, the VAE's the reference set's ``kept`` ones (the others take
+    the reference set's values).
     """
 
     def __init__(self, material: str) -> None:
@@ -66,11 +68,9 @@ class FigureModel:
         self.material = material
         self.ms = setup(material)
         ref = load_reference(material)
-        self.fc_names = tuple(ref.kept)
-        self.reference = dict(zip(ref.kept, ref.mean[ref.kept_index].tolist(), strict=True))
-        self.fm = self.ms.forward_model(
-            free=ref.kept, reference=ref.mean, dtype=torch.float64, method="exact"
-        )
+        self.fc_names = tuple(self.ms.basis.names)
+        self.reference = dict(zip(self.fc_names, ref.mean.tolist(), strict=True))
+        self.fm = self.ms.forward_model(dtype=torch.float64, method="exact")
 
     @classmethod
     @functools.cache

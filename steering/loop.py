@@ -52,15 +52,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: (quantile level, standard-normal quantile) of the refined estimate's Gaussian quantiles
-_GAUSS_Q = (
-    (0.05, -1.6448536),
-    (0.16, -0.9944579),
-    (0.5, 0.0),
-    (0.84, 0.9944579),
-    (0.95, 1.6448536),
-)
-
 #: where every advice dict goes (a Kafka producer, the service's history and live state)
 AdviceSink = Callable[[dict[str, Any]], None]
 
@@ -388,21 +379,18 @@ class SteeringLoop:
         VAE's estimate (and warm-started from the last optimum), else the VAE's estimate
         with the reason (never silently). Returns (the estimate dict of the advice, and
         the mean and std in the VAE's order for the advisor)."""
+        from model_server.refinement.refiner import running_estimate
+
         vae = est.to_dict()
         mean, std = np.asarray(est.mean, dtype=float), np.asarray(est.std, dtype=float)
-
-        def fallback(
-            reason: str | None, refined: dict[str, Any] | None = None
-        ) -> tuple[dict[str, Any], NDArray[np.float64], NDArray[np.float64]]:
-            out = vae | {"source": "vae", "vae": vae, "refined": refined}
-            if reason:
-                out["fallback"] = reason
-            return out, mean, std
-
         if self.refiner is None:
-            return fallback(None)
+            return running_estimate(vae), mean, std
         if snapshot.moments is None:
-            return fallback("the consumer took no moments for this run")
+            return (
+                running_estimate(vae, reason="the consumer took no moments for this run"),
+                mean,
+                std,
+            )
         names = list(vae.get("fc", {}))
         start = {n: float(vae["fc"][n]["mean"]) for n in names}
         recheck = self._warm is None or snapshot.n_orientations % self.recheck_every == 0
@@ -417,36 +405,13 @@ class SteeringLoop:
         except Exception as exc:  # a failed fit never stops the run: the VAE stands in
             logger.warning("refinement failed at %d orientations: %s", snapshot.n_orientations, exc)
             metrics.REFINE_FALLBACKS.inc()
-            return fallback(f"refinement failed: {exc}")
+            return running_estimate(vae, reason=f"refinement failed: {exc}"), mean, std
         metrics.REFINE_SECONDS.observe(time.perf_counter() - t0)
-        summary = refined.to_dict()
-        if not refined.converged:
+        running = running_estimate(vae, refined)
+        if running["source"] != "refined":
             metrics.REFINE_FALLBACKS.inc()
-            return fallback(
-                f"refinement did not converge in {refined.iterations} iterations", summary
-            )
+            return running, mean, std
         self._warm = refined.theta
-        fc = {
-            n: {
-                "mean": float(m),
-                "std": float(sd),
-                **{f"q{round(100 * q):02d}": float(m + z * sd) for q, z in _GAUSS_Q},
-            }
-            for n, m, sd in zip(refined.names, refined.mean, refined.std, strict=True)
-        }
-        running = {
-            "model_version": vae.get("model_version"),
-            "source": "refined",
-            "fc": fc,
-            "units": "eV/A^2",
-            "out_of_domain": vae.get("out_of_domain", False),
-            "ood": vae.get("ood", {}),
-            "deviance_per_dof": summary["deviance_per_dof"],
-            "converged": True,
-            "latency_ms": round(1e3 * refined.seconds, 3),
-            "vae": vae,
-            "refined": summary,
-        }
         index = {n: i for i, n in enumerate(refined.names)}
         sel = [index.get(n, -1) for n in names]
         if all(i >= 0 for i in sel) and len(sel) == len(mean):

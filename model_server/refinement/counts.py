@@ -123,6 +123,9 @@ class CountsModel:
         with; None holds the Debye-Waller factors at those of the moments.
     min_weight
         Bins with less exposure (uC sr meV) than this are left out.
+    exclusion
+        1/A: points closer than this to a zone centre are left out (default
+        :data:`GAMMA_EXCLUSION` tube radii).
 
     The parameter vector is the ``n_coeff`` coefficients (eV/A^2) in the basis's order,
     then :data:`NUISANCE`.
@@ -140,6 +143,7 @@ class CountsModel:
         temperature: float,
         reference: NDArray[np.float64] | None = None,
         min_weight: float = 0.0,
+        exclusion: float | None = None,
     ) -> None:
         n_q, n_e = grid.shape
         if moments.weight.shape != (n_q * n_e,):
@@ -167,7 +171,8 @@ class CountsModel:
         qpts = np.asarray(grid.qpath.qpoints, dtype=float)
         rec = basis.crystal.reciprocal_lattice
         reduced = qpts - np.rint(qpts)
-        far = np.linalg.norm(reduced @ rec, axis=1) > GAMMA_EXCLUSION * tolerance
+        radius = GAMMA_EXCLUSION * tolerance if exclusion is None else float(exclusion)
+        far = np.linalg.norm(reduced @ rec, axis=1) > radius
         canonical = np.asarray(alias) == np.arange(n_q)
         weight = moments.weight.reshape(n_q, n_e)
         use = (canonical & far)[:, None] & (weight > max(min_weight, 0.0))

@@ -28,7 +28,7 @@ from simulations.exceptions import SimulationError
 from simulations.instrument.spectrometer import Instrument
 from simulations.lattice.materials import MaterialSetup, setup
 
-__all__ = ["RunRefiner", "read_counts_file", "refine_file", "run_moments"]
+__all__ = ["RunRefiner", "read_counts_file", "refine_file", "run_moments", "running_estimate"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class RunRefiner:
         if not (math.isfinite(ei) and ei > 0):
             raise RefinementError(f"Ei must be a positive number of meV, got {ei}")
         self.material = material
+        self.instrument = instrument
         self.ei = float(ei)
         self.temperature = float(temperature)
         self.reference = np.asarray(ref.mean, dtype=float)
@@ -248,3 +249,56 @@ def refine_file(
     if moments is None:
         moments = run_moments(run_start, omegas, charges, refiner, progress=progress)
     return refiner.refine(counts, moments, start)
+
+
+#: (quantile level, standard-normal quantile) of a refined estimate's Gaussian quantiles.
+_GAUSS_Q = (
+    (0.05, -1.6448536),
+    (0.16, -0.9944579),
+    (0.5, 0.0),
+    (0.84, 0.9944579),
+    (0.95, 1.6448536),
+)
+
+
+def running_estimate(
+    vae: dict[str, Any], refined: Refined | None = None, *, reason: str | None = None
+) -> dict[str, Any]:
+    """The running estimate of a snapshot, as the service, the replicas and the history
+    keep it: the refined estimate (``source: "refined"``; every coefficient under ``fc``
+    with Gaussian quantiles) when it converged, else the VAE's estimate (``source: "vae"``)
+    with ``fallback`` saying why (never silently); both results under ``vae`` and
+    ``refined``.
+
+    ``vae`` is :meth:`model_server.inversion.inference.Estimate.to_dict` output.
+    """
+    summary = None if refined is None else refined.to_dict()
+    if refined is None or not refined.converged:
+        out = vae | {"source": "vae", "vae": vae, "refined": summary}
+        if refined is not None and not refined.converged:
+            reason = reason or f"refinement did not converge in {refined.iterations} iterations"
+        if reason:
+            out["fallback"] = reason
+        return out
+    assert summary is not None
+    fc = {
+        n: {
+            "mean": float(m),
+            "std": float(sd),
+            **{f"q{round(100 * q):02d}": float(m + z * sd) for q, z in _GAUSS_Q},
+        }
+        for n, m, sd in zip(refined.names, refined.mean, refined.std, strict=True)
+    }
+    return {
+        "model_version": vae.get("model_version"),
+        "source": "refined",
+        "fc": fc,
+        "units": "eV/A^2",
+        "out_of_domain": vae.get("out_of_domain", False),
+        "ood": vae.get("ood", {}),
+        "deviance_per_dof": summary["deviance_per_dof"],
+        "converged": True,
+        "latency_ms": round(1e3 * refined.seconds, 3),
+        "vae": vae,
+        "refined": summary,
+    }

@@ -121,6 +121,9 @@ class RunPlan:
         Orientation vectors (conventional hkl) along the beam / in the horizontal plane.
     mesh
         Phonon-table mesh (points per axis).
+    group_rows
+        Pixels per super-pixel along a tube of a regular detector (S(Q, E) is evaluated at
+        each super-pixel's centre; 1: every pixel).
     prefix
         Kafka topic prefix.
     run_id
@@ -147,6 +150,7 @@ class RunPlan:
     u: tuple[float, float, float] = (1.0, 0.0, 0.0)
     v: tuple[float, float, float] = (0.0, 1.0, 0.0)
     mesh: int = 40
+    group_rows: int = 4
     prefix: str = "arcs"
     run_id: str | None = None
     start_time_ns: int = DEFAULT_START_NS
@@ -165,6 +169,11 @@ class RunPlan:
         for name in ("count_time", "pulse_rate", "proton_charge", "motor_speed"):
             if not getattr(self, name) > 0:
                 raise InstrumentError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.mesh < 4 or self.group_rows < 1:
+            raise InstrumentError(
+                f"phonon mesh must be >= 4 and super-pixel rows >= 1, got {self.mesh} and "
+                f"{self.group_rows}"
+            )
         if self.pulses_per_message < 1:
             raise InstrumentError("pulses_per_message must be >= 1")
         if len(self.omegas) == 0:
@@ -305,7 +314,9 @@ def simulate_run(
         resolution=instrument.resolution(ei),
     )
     orientation = Orientation.from_vectors(ms.crystal, plan.u, plan.v)
-    sim = OrientationSimulator(model, instrument, orientation, ei, mesh=plan.mesh)
+    sim = OrientationSimulator(
+        model, instrument, orientation, ei, mesh=plan.mesh, group_rows=plan.group_rows
+    )
     rng = np.random.default_rng(plan.seed)
     run_id = plan.run_id or f"sim-{ms.crystal.name}-{plan.seed}"
     clock = _Clock(plan, run_id)
@@ -393,6 +404,7 @@ def _run_metadata(
             "events_per_orientation": plan.events_per_orientation,
             "background_fraction": plan.background_fraction,
             "phonon_mesh": plan.mesh,
+            "super_pixel_rows": plan.group_rows,
         },
     }
 

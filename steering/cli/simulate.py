@@ -240,6 +240,24 @@ def simulate_run_cmd(
         Path | None,
         typer.Option("--pixel-table", help="CSV id,x,y,z[,solid_angle] (default: ARCS-like)."),
     ] = None,
+    mesh: Annotated[
+        int,
+        typer.Option(
+            "--phonon-mesh",
+            min=4,
+            help="Phonon-table points per axis (energies interpolated, eigenvectors from the "
+            "nearest point); finer is more exact and slower to build.",
+        ),
+    ] = 40,
+    group_rows: Annotated[
+        int,
+        typer.Option(
+            "--super-pixel-rows",
+            min=1,
+            help="Pixels per super-pixel along a tube (S(Q, E) is evaluated at its centre); "
+            "1 evaluates every pixel (4x slower).",
+        ),
+    ] = 4,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -260,6 +278,8 @@ def simulate_run_cmd(
         count_time=count_time,
         background_fraction=background,
         prefix=prefix,
+        mesh=mesh,
+        group_rows=group_rows,
     )
     emit(simulate_run(plan, out, instrument=instrument, progress=not quiet).to_dict(), as_json)
 
