@@ -3,7 +3,8 @@
 Only dynamically stable sets are kept; unstable draws are counted and reported. The HDF5
 layout (read by :func:`read_dataset` and by the model trainers):
 
-* ``spectra``: (n, n_q, n_E) float32, I(q, E) of the forward model (unit area per branch);
+* ``spectra``: (n, n_q, n_E) float32, I(q, E) of the forward model (unit area per branch),
+  in lzf-compressed chunks of 64 spectra;
 * ``fc``: (n, n_fc) float64, the varied coefficients (eV/A^2), columns named by the
   attribute ``fc_names``;
 * ``qpoints``: (n_q, 3) r.l.u.; ``energy_edges``: (n_E + 1,) meV;
@@ -32,6 +33,8 @@ from simulations.lattice.materials import MaterialSetup, setup
 __all__ = ["DatasetSummary", "generate_dataset", "read_dataset", "sample_domain"]
 
 logger = logging.getLogger(__name__)
+
+_CHUNK_ROWS = 64  # spectra per HDF5 chunk of ``spectra``
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,6 +82,9 @@ def generate_dataset(
 ) -> DatasetSummary:
     """Generate ``n`` stable spectra of ``material`` and write them to ``out`` (HDF5).
 
+    Draws are evaluated ``batch`` at a time and the spectra stream to disk, so memory holds
+    about one batch of spectra (``batch`` x 80 kB for Ge) whatever ``n``.
+
     Raises
     ------
     DatasetError
@@ -93,37 +99,27 @@ def generate_dataset(
     start = time.perf_counter()
     ms = material_setup or setup(material)
     ref = load_reference(material)
-    fm = ms.forward_model(free=ref.kept, reference=ref.mean)
-    rng = np.random.default_rng(seed)
-    spectra = np.empty((n, *ms.grid.shape), dtype=np.float32)
-    fcs = np.empty((n, len(ref.kept)))
-    got = drawn = 0
-    from tqdm import tqdm
-
-    bar = tqdm(total=n, desc=f"{material} spectra", unit="sp", disable=not progress)
+    writer = _SpectraWriter(out, n, ms.grid.shape, batch)
     try:
-        while got < n:
-            if drawn > max_draw_factor * n:
-                raise DatasetError(
-                    f"only {got} of {drawn} draws were dynamically stable; the training "
-                    "domain is mostly unstable"
-                )
-            acceptance = (got + 1) / (drawn + 1) if drawn else 0.8
-            size = int(min(batch * 8, max(batch, (n - got) / max(acceptance, 0.05) * 1.05)))
-            c = sample_domain(ref.domain, size, rng)
-            intensity, stable, _ = fm.spectra_fast(c)
-            drawn += size
-            keep = np.nonzero(stable)[0][: n - got]
-            spectra[got : got + len(keep)] = intensity[keep]
-            fcs[got : got + len(keep)] = c[keep]
-            got += len(keep)
-            bar.update(len(keep))
-    finally:
-        bar.close()
-    # Draws after the n-th stable one in the last batch are not "discarded": they were not
-    # needed. Count unstable draws up to the last kept one.
-    n_discarded = _count_discarded(drawn, size, stable, keep, n)
-    _write(out, ms, ref, spectra, fcs, seed=seed, n_discarded=n_discarded, command=command)
+        fcs, n_discarded = _draw_stable(
+            ms,
+            ref,
+            n,
+            writer,
+            seed=seed,
+            batch=batch,
+            max_draw_factor=max_draw_factor,
+            progress=progress,
+        )
+        writer.close(
+            fc=fcs, extra=_contents(ms, ref, seed=seed, n_discarded=n_discarded, command=command)
+        )
+    except OSError as exc:
+        writer.abort()
+        raise DatasetError(f"could not write {out}: {exc}") from exc
+    except BaseException:
+        writer.abort()
+        raise
     seconds = time.perf_counter() - start
     logger.info("%s: %d spectra, %d unstable discarded, %.1f s", out, n, n_discarded, seconds)
     return DatasetSummary(
@@ -134,6 +130,55 @@ def generate_dataset(
         spectra_shape=(n, *ms.grid.shape),
         fc_names=ref.kept,
     )
+
+
+def _draw_stable(
+    ms: MaterialSetup,
+    ref: ReferenceEnsemble,
+    n: int,
+    writer: _SpectraWriter,
+    *,
+    seed: int,
+    batch: int,
+    max_draw_factor: float,
+    progress: bool,
+) -> tuple[NDArray[np.float64], int]:
+    """Draw until ``n`` sets are stable, their spectra to ``writer``; returns their
+    coefficients (n, n_fc) and the number of unstable draws discarded."""
+    from tqdm import tqdm
+
+    fm = ms.forward_model(free=ref.kept, reference=ref.mean)
+    rng = np.random.default_rng(seed)
+    fcs = np.empty((n, len(ref.kept)))
+    buffer = np.empty((batch, *ms.grid.shape), dtype=np.float32)  # one batch, reused
+    got = drawn = 0
+    with tqdm(total=n, desc=f"{ms.crystal.name} spectra", unit="sp", disable=not progress) as bar:
+        while got < n:
+            if drawn > max_draw_factor * n:
+                raise DatasetError(
+                    f"only {got} of {drawn} draws were dynamically stable; the training "
+                    "domain is mostly unstable"
+                )
+            size = _next_batch(n - got, got, drawn, batch)
+            c = sample_domain(ref.domain, size, rng)
+            # Unstable draws are dropped, so their spectra are not computed.
+            intensity, stable, _ = fm.spectra_fast(c, stable_only=True, out=buffer[:size])
+            drawn += size
+            keep = np.nonzero(stable)[0][: n - got]
+            writer.append(intensity, keep)
+            fcs[got : got + len(keep)] = c[keep]
+            got += len(keep)
+            bar.update(len(keep))
+    # Draws after the n-th stable one in the last batch are not "discarded": they were not
+    # needed. Count unstable draws up to the last kept one.
+    return fcs, _count_discarded(drawn, size, stable, keep, n)
+
+
+def _next_batch(needed: int, got: int, drawn: int, batch: int) -> int:
+    """Draws for the next batch: enough for the ``needed`` stable sets at the acceptance
+    seen so far (5 % spare), at most ``batch``; the draws' order does not depend on it."""
+    acceptance = (got + 1) / (drawn + 1) if drawn else 0.8
+    return int(min(batch, max(16, np.ceil(needed / max(acceptance, 0.05) * 1.05))))
 
 
 def _count_discarded(
@@ -147,47 +192,96 @@ def _count_discarded(
     return examined - n
 
 
-def _write(
-    out: Path,
-    ms: MaterialSetup,
-    ref: ReferenceEnsemble,
-    spectra: NDArray[np.float32],
-    fcs: NDArray[np.float64],
-    *,
-    seed: int,
-    n_discarded: int,
-    command: str,
-) -> None:
-    fixed = [k for k, name in enumerate(ref.names) if name not in ref.kept]
-    tmp = out.with_suffix(out.suffix + ".partial")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(
+class _SpectraWriter:
+    """A training set being written to ``<out>.partial``: the spectra stream in whole HDF5
+    chunks (``_CHUNK_ROWS`` spectra, lzf); :meth:`close` adds the rest and renames the file
+    to ``out``, :meth:`abort` removes it."""
+
+    def __init__(self, out: Path, n: int, shape: tuple[int, int], batch: int) -> None:
+        self.out = out
+        self.tmp = out.with_suffix(out.suffix + ".partial")
+        self._rows = min(_CHUNK_ROWS, n)
+        self._file: h5py.File | None = None
+        try:
+            self._file = h5py.File(self.tmp, "w")
+            self._spectra = self._file.create_dataset(
                 "spectra",
-                data=spectra,
-                chunks=(min(64, len(spectra)), *spectra.shape[1:]),
+                shape=(n, *shape),
+                dtype=np.float32,
+                chunks=(self._rows, *shape),
                 compression="lzf",
-                shuffle=True,
             )
-            f.create_dataset("fc", data=fcs)
-            f.create_dataset("qpoints", data=ms.grid.qpath.qpoints)
-            f.create_dataset("energy_edges", data=ms.grid.energy_edges)
-            f.attrs["material"] = ms.crystal.name
-            f.attrs["fc_names"] = list(ref.kept)
-            f.attrs["grid_fingerprint"] = ms.grid.fingerprint
-            f.attrs["grid"] = json.dumps(ms.grid.to_dict())
-            f.attrs["domain"] = ref.domain
-            f.attrs["fixed_names"] = [ref.names[k] for k in fixed]
-            f.attrs["fixed_values"] = ref.mean[fixed]
-            f.attrs["seed"] = seed
-            f.attrs["n_discarded"] = n_discarded
-            f.attrs["resolution"] = json.dumps(ms.resolution.to_dict())
-            f.attrs["command"] = command
-            f.attrs["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-        tmp.replace(out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DatasetError(f"could not write {out}: {exc}") from exc
+        except OSError as exc:
+            self.abort()
+            raise DatasetError(f"could not write {out}: {exc}") from exc
+        # Spectra not yet written: less than a chunk, plus one batch.
+        self._pending = np.empty((batch + self._rows, *shape), dtype=np.float32)
+        self._filled = 0
+        self._written = 0
+
+    def append(self, source: NDArray[np.float32], rows: NDArray[np.int64]) -> None:
+        """Add the spectra ``source[rows]``; the whole chunks among those pending go out."""
+        end = self._filled + len(rows)
+        # mode="clip": no bounds-check buffer (the rows are valid), copied straight to ``out``
+        np.take(source, rows, axis=0, out=self._pending[self._filled : end], mode="clip")
+        self._filled = end
+        self._flush(self._filled - self._filled % self._rows)
+
+    def _flush(self, count: int) -> None:
+        """Write the first ``count`` pending spectra and move the rest to the front."""
+        if count == 0:
+            return
+        self._spectra[self._written : self._written + count] = self._pending[:count]
+        self._written += count
+        rest = self._filled - count
+        self._pending[:rest] = self._pending[count : self._filled]
+        self._filled = rest
+
+    def close(self, *, fc: NDArray[np.float64], extra: dict[str, object]) -> None:
+        """Write what is pending, ``fc`` and ``extra`` (``/``-prefixed keys are datasets,
+        the others attributes), and move the file to ``out``."""
+        if self._file is None:
+            raise DatasetError(f"{self.out}: the training set was already closed")
+        self._flush(self._filled)
+        self._file.create_dataset("fc", data=fc)
+        for key, value in extra.items():
+            if key.startswith("/"):
+                self._file.create_dataset(key[1:], data=value)
+            else:
+                self._file.attrs[key] = value
+        self._file.close()
+        self._file = None
+        self.tmp.replace(self.out)
+
+    def abort(self) -> None:
+        """Close and remove the partial file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _contents(
+    ms: MaterialSetup, ref: ReferenceEnsemble, *, seed: int, n_discarded: int, command: str
+) -> dict[str, object]:
+    """The small datasets (``/``-prefixed) and the attributes of a training set."""
+    fixed = [k for k, name in enumerate(ref.names) if name not in ref.kept]
+    return {
+        "/qpoints": ms.grid.qpath.qpoints,
+        "/energy_edges": ms.grid.energy_edges,
+        "material": ms.crystal.name,
+        "fc_names": list(ref.kept),
+        "grid_fingerprint": ms.grid.fingerprint,
+        "grid": json.dumps(ms.grid.to_dict()),
+        "domain": ref.domain,
+        "fixed_names": [ref.names[k] for k in fixed],
+        "fixed_values": ref.mean[fixed],
+        "seed": seed,
+        "n_discarded": n_discarded,
+        "resolution": json.dumps(ms.resolution.to_dict()),
+        "command": command,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def read_dataset(path: str | Path) -> dict[str, object]:

@@ -1,19 +1,31 @@
-"""Eigenvalues of many small real symmetric matrices, compiled with numba.
+"""Compiled kernels of the forward model: eigenvalues of many small real symmetric matrices
+and table broadening, with numba.
 
 LAPACK's per-call overhead dominates for 6x6 matrices (~1.3 us each); a fused
 Householder tridiagonalisation plus implicit QL iteration with Wilkinson-type shifts
-(eigenvalues only, the classic ``tred2``/``tqli`` pair) costs a fraction of that. Used by
-the forward model's no-gradient fast path; results are checked against ``eigvalsh`` in
-the tests.
+(eigenvalues only, the classic ``tred2``/``tqli`` pair) costs a fraction of that. The
+forward model's matrices are affine in the force-constant coefficients, ``D(q) = sum_k c_k
+F_k(q) + F_fixed(q)``: :func:`spectra_table` builds each lower triangle from the
+coefficients, diagonalises it and broadens the mode energies by table interpolation in one
+single-threaded pass per set, with nothing between the steps in memory but one spectrum's
+mode energies. Results are checked against ``eigvalsh`` and exact broadening in the tests.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-__all__ = ["eigvalsh_small"]
+__all__ = [
+    "broaden_table",
+    "eigvalsh_affine",
+    "eigvalsh_small",
+    "pack_lower",
+    "spectra_table",
+]
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -116,6 +128,18 @@ def _tql(d: NDArray[np.float64], e: NDArray[np.float64]) -> None:
             e[m] = 0.0
 
 
+@njit(cache=True, inline="always")
+def _sort_small(d: NDArray[np.float64]) -> None:
+    """Insertion sort, ascending (faster than a general sort for a handful of values)."""
+    for i in range(1, d.shape[0]):
+        v = d[i]
+        j = i - 1
+        while j >= 0 and d[j] > v:
+            d[j + 1] = d[j]
+            j -= 1
+        d[j + 1] = v
+
+
 @njit(cache=True, nogil=True)
 def _batched(mats: NDArray[np.float64], out: NDArray[np.float64]) -> None:
     n_mat, n, _ = mats.shape
@@ -128,13 +152,7 @@ def _batched(mats: NDArray[np.float64], out: NDArray[np.float64]) -> None:
                 a[i, j] = mats[b, i, j]
         _tridiagonalise(a, d, e)
         _tql(d, e)
-        for i in range(1, n):  # insertion sort, ascending
-            v = d[i]
-            j = i - 1
-            while j >= 0 and d[j] > v:
-                d[j + 1] = d[j]
-                j -= 1
-            d[j + 1] = v
+        _sort_small(d)
         for i in range(n):
             out[b, i] = d[i]
 
@@ -152,42 +170,243 @@ def eigvalsh_small(mats: NDArray[np.floating]) -> NDArray[np.float64]:
     return out.reshape(shape[:-1])
 
 
-@njit(cache=True, nogil=True, fastmath=True)
-def _broaden(
-    energy: NDArray[np.float64],
-    table: NDArray[np.float64],
-    start: NDArray[np.int64],
-    step: float,
-    out: NDArray[np.float64],
+def pack_lower(free: NDArray[np.float64], fixed: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Lower triangles of an affine family of matrices, laid out for :func:`eigvalsh_affine`.
+
+    Parameters
+    ----------
+    free
+        (n_free, n_q, m, m) real symmetric matrices, one set per coefficient.
+    fixed
+        (n_q, m, m) the constant part.
+
+    Returns
+    -------
+    (n_q, m (m + 1) / 2, n_free + 1) float64: row-major lower-triangle entries, the
+    coefficients' matrices first and the constant part last, so that ``D(q) = packed[q] @
+    [c, 1]`` is one short dot product per entry.
+    """
+    m = fixed.shape[-1]
+    rows, cols = np.tril_indices(m)
+    stacked = np.concatenate([free, fixed[None]], axis=0)  # (n_free + 1, n_q, m, m)
+    return np.ascontiguousarray(stacked[:, :, rows, cols].transpose(1, 2, 0), dtype=np.float64)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _eig_at(
+    coef: NDArray[np.float64],
+    packed: NDArray[np.float64],
+    q: int,
+    a: NDArray[np.float64],
+    d: NDArray[np.float64],
+    e: NDArray[np.float64],
 ) -> None:
-    """``out`` is (B, n_q, n_E + width): padded so that no window needs a bounds check."""
-    n_rows, width = table.shape
-    n_spec, n_q, n_modes = energy.shape
+    """Eigenvalues (unsorted, into ``d``) of ``D(q) = packed[q] @ [coef, 1]``."""
+    n = a.shape[0]
+    n_free = coef.shape[0]
+    t = 0
+    for i in range(n):
+        for j in range(i + 1):
+            s = packed[q, t, n_free]
+            for k in range(n_free):
+                s += coef[k] * packed[q, t, k]
+            a[i, j] = s
+            t += 1
+    _tridiagonalise(a, d, e)
+    _tql(d, e)
+
+
+@njit(cache=True, nogil=True)
+def _eigvalsh_affine(
+    coef: NDArray[np.float64], packed: NDArray[np.float64], out: NDArray[np.float64]
+) -> None:
+    n_spec, n_q, n = out.shape
+    a = np.empty((n, n))
+    d = np.empty(n)
+    e = np.empty(n)
     for b in range(n_spec):
         for q in range(n_q):
-            row = out[b, q]
-            for k in range(n_modes):
-                pos = energy[b, q, k] / step
-                if pos < 0.0 or pos >= n_rows - 1:
-                    continue
-                i0 = int(pos)
-                f = pos - i0
-                s0 = start[i0]
-                s1 = start[i0 + 1]
-                w0 = 1.0 - f
-                for j in range(width):
-                    row[s0 + j] += w0 * table[i0, j]
-                for j in range(width):
-                    row[s1 + j] += f * table[i0 + 1, j]
+            _eig_at(coef[b], packed, q, a, d, e)
+            _sort_small(d)
+            for i in range(n):
+                out[b, q, i] = d[i]
+
+
+def eigvalsh_affine(
+    coefficients: NDArray[np.float64], packed: NDArray[np.float64], m: int
+) -> NDArray[np.float64]:
+    """Ascending eigenvalues of ``D_b(q) = sum_k c_bk F_k(q) + F_fixed(q)``.
+
+    Parameters
+    ----------
+    coefficients
+        (B, n_free) coefficients c.
+    packed
+        (n_q, m (m + 1) / 2, n_free + 1) from :func:`pack_lower`.
+    m
+        Matrix size.
+
+    Returns
+    -------
+    (B, n_q, m) float64 eigenvalues, in the units of the matrices.
+    """
+    coef = np.ascontiguousarray(coefficients, dtype=np.float64)
+    out = np.empty((coef.shape[0], packed.shape[0], m))
+    _eigvalsh_affine(coef, packed, out)
+    return out
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _broaden_row(
+    energy: NDArray[np.float64],
+    profile: NDArray[np.float64],
+    slope: NDArray[np.float64],
+    start: NDArray[np.int64],
+    step: float,
+    acc: NDArray[np.float64],
+    out: NDArray[np.floating],
+) -> None:
+    """Tabulated bin profiles of the modes ``energy`` (n_q, m), meV, summed into ``out``
+    (n_q, n_E); ``acc`` is (n_E,) work space."""
+    n_rows, width = profile.shape
+    n_q, n_modes = energy.shape
+    for q in range(n_q):
+        acc[:] = 0.0
+        for k in range(n_modes):
+            pos = energy[q, k] / step
+            if pos < 0.0 or pos >= n_rows - 1:
+                continue
+            i0 = int(pos)
+            f = pos - i0
+            s0 = start[i0]
+            for j in range(width):
+                acc[s0 + j] += profile[i0, j] + f * slope[i0, j]
+        for j in range(acc.shape[0]):
+            out[q, j] = acc[j]
+
+
+@njit(cache=True, nogil=True)
+def _spectra_table(
+    n: int,
+    coef: NDArray[np.float64],
+    packed: NDArray[np.float64],
+    lam_stable: float,
+    stable_only: bool,
+    scale: float,
+    profile: NDArray[np.float64],
+    slope: NDArray[np.float64],
+    start: NDArray[np.int64],
+    step: float,
+    out: NDArray[np.floating],
+    min_lam: NDArray[np.float64],
+) -> None:
+    n_spec, n_path, n_e = out.shape
+    n_q = packed.shape[0]
+    a = np.empty((n, n))
+    d = np.empty(n)
+    e = np.empty(n)
+    energy = np.empty((n_path, n))
+    acc = np.empty(n_e)
+    for b in range(n_spec):
+        low = np.inf
+        # The stability mesh first: most unstable sets show it there, at a few matrices' cost.
+        for q in range(n_path, n_q):
+            _eig_at(coef[b], packed, q, a, d, e)
+            for i in range(n):
+                low = min(low, d[i])
+        if not (stable_only and low < lam_stable):
+            for q in range(n_path):
+                _eig_at(coef[b], packed, q, a, d, e)
+                for i in range(n):
+                    low = min(low, d[i])
+                    energy[q, i] = np.sqrt(max(d[i], 1e-12)) * scale
+        min_lam[b] = low
+        if stable_only and low < lam_stable:
+            out[b] = 0.0
+        else:
+            _broaden_row(energy, profile, slope, start, step, acc, out[b])
+
+
+def spectra_table(
+    coefficients: NDArray[np.float64],
+    packed: NDArray[np.float64],
+    table: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], float],
+    *,
+    scale: float,
+    lam_stable: float,
+    stable_only: bool,
+    out: NDArray[np.floating],
+) -> NDArray[np.float64]:
+    """Broadened spectra of an affine family of dynamical matrices, in one compiled pass.
+
+    For each coefficient set: eigenvalues on the stability mesh, then on the path (the
+    first ``out.shape[1]`` q-points of ``packed``), mode energies ``sqrt(lambda) * scale``,
+    and the sum of their tabulated, linearly interpolated bin profiles. Runs without the GIL.
+
+    Parameters
+    ----------
+    coefficients
+        (B, n_free) coefficients.
+    packed
+        (n_q_path + n_q_mesh, m (m + 1) / 2, n_free + 1) from :func:`pack_lower`.
+    table
+        ``(profile, slope, start, step)``: ``profile`` (n_rows, width) is the bin profile
+        of a mode at energy ``row * step`` (meV) over the ``width`` bins from ``start[row]``;
+        ``slope`` (n_rows, width) is the next row's profile minus this one's on the same bins.
+    scale
+        Energy (meV) per square root of an eigenvalue.
+    lam_stable
+        Lowest eigenvalue that counts as stable.
+    stable_only
+        Skip unstable sets (their path eigenvalues too when the mesh already shows it);
+        their rows of ``out`` are zero.
+    out
+        (B, n_q_path, n_E) float32 or float64, written in full.
+
+    Returns
+    -------
+    (B,) lowest eigenvalue found per set (path and mesh; for a skipped set, the lowest
+    before it was skipped, already below ``lam_stable``).
+    """
+    profile, slope, start, step = table
+    coef = np.ascontiguousarray(coefficients, dtype=np.float64)
+    min_lam = np.empty(coef.shape[0])
+    _spectra_table(
+        (math.isqrt(8 * packed.shape[1] + 1) - 1) // 2,  # packed.shape[1] = m (m + 1) / 2
+        coef,
+        packed,
+        float(lam_stable),
+        bool(stable_only),
+        float(scale),
+        profile,
+        slope,
+        start,
+        float(step),
+        out,
+        min_lam,
+    )
+    return min_lam
+
+
+@njit(cache=True, nogil=True)
+def _broaden_many(
+    energy: NDArray[np.float64],
+    profile: NDArray[np.float64],
+    slope: NDArray[np.float64],
+    start: NDArray[np.int64],
+    step: float,
+    out: NDArray[np.floating],
+) -> None:
+    acc = np.empty(out.shape[2])
+    for b in range(energy.shape[0]):
+        _broaden_row(energy[b], profile, slope, start, step, acc, out[b])
 
 
 def broaden_table(
     energy: NDArray[np.floating],
-    table: NDArray[np.float64],
-    start: NDArray[np.int64],
-    step: float,
-    n_e: int,
-) -> NDArray[np.float64]:
+    table: tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], float],
+    out: NDArray[np.floating],
+) -> None:
     """Sum of tabulated bin profiles of every mode, linearly interpolated in mode energy.
 
     Parameters
@@ -195,10 +414,10 @@ def broaden_table(
     energy
         (B, n_q, n_modes) mode energies, meV.
     table
-        (n_rows, width): profile of a mode at energy ``row * step`` over the ``width``
-        bins starting at ``start[row]``.
+        ``(profile, slope, start, step)`` as in :func:`spectra_table`.
+    out
+        (B, n_q, n_E) float32 or float64, written in full.
     """
+    profile, slope, start, step = table
     e = np.ascontiguousarray(energy, dtype=np.float64)
-    out = np.zeros((*e.shape[:2], n_e + table.shape[1]))
-    _broaden(e, table, start, float(step), out)
-    return out[..., :n_e]
+    _broaden_many(e, profile, slope, start, float(step), out)

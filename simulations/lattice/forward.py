@@ -16,7 +16,9 @@ energy window. Two broadening methods give the same numbers: ``"exact"`` (error 
 the bin edges) and ``"table"`` (default, much faster: the bin profile of a mode is
 interpolated linearly from a precomputed table over mode energy, max. deviation from exact
 ~1e-4 of the peak). The table is used only where no gradient is recorded; with autograd
-the exact broadening runs, so Jacobians are exact.
+the exact broadening runs, so Jacobians are exact. Without autograd, real dynamical matrices
+go through compiled kernels (:mod:`simulations.lattice.eig`): building each matrix from the
+coefficients, its eigenvalues and the table broadening in one float64 pass per set.
 
 Dynamical stability is checked on the path and on an irreducible Gamma-centred mesh; a set
 with a frequency below ``-imaginary_tol`` THz anywhere is reported unstable.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -194,12 +197,18 @@ class ForwardModel:
         self._d_fixed = (
             ref_t @ flat[fixed_idx] if fixed_idx else torch.zeros_like(flat[0])
         ).contiguous()
-        if self.is_real:  # float64 copies for the compiled no-gradient path
-            dyn_real = np.ascontiguousarray(dyn.real).reshape(basis.n_coefficients, -1)
-            self._d_free_np = dyn_real[free_idx]
-            self._d_fixed_np = self.reference[fixed_idx] @ dyn_real[fixed_idx]
+        if self.is_real:  # float64 lower triangles for the compiled no-gradient path
+            from simulations.lattice.eig import pack_lower
+
+            dyn_real = dyn.real
+            self._packed = pack_lower(
+                dyn_real[free_idx],
+                np.einsum("k,kqij->qij", self.reference[fixed_idx], dyn_real[fixed_idx]),
+            )
         self._edges = torch.from_numpy(grid.energy_edges).to(dtype)
         self._scale = VASP_TO_THZ * THZ_TO_MEV  # sqrt(eV/A^2/amu) -> meV
+        # A set is stable when its lowest eigenvalue is at least this (eV/A^2/amu).
+        self._lam_stable = -((self.imaginary_tol / VASP_TO_THZ) ** 2)
         self._poly = torch.tensor(resolution.coefficients, dtype=dtype)
         if method == "table":
             self._build_table()
@@ -217,6 +226,10 @@ class ForwardModel:
 
     # ------------------------------------------------------------------ core
     def _as_tensor(self, coefficients: NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
+        return self._validated(coefficients).to(self.dtype)
+
+    def _validated(self, coefficients: NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
+        """The coefficients as a tensor in their own dtype, checked: (batch, n_free), finite."""
         if isinstance(coefficients, torch.Tensor):
             c = coefficients
         else:
@@ -232,23 +245,26 @@ class ForwardModel:
             raise InvalidCoefficientsError(
                 f"non-finite force-constant coefficients (NaN or inf) in {', '.join(bad)}"
             )
-        return c.to(self.dtype)
+        return c
+
+    def _compiled(self, c: torch.Tensor) -> bool:
+        """Whether ``c`` goes to the compiled kernels: real matrices and no gradient wanted."""
+        return self.is_real and not (c.requires_grad and torch.is_grad_enabled())
 
     def eigenvalues(self, coefficients: NDArray[np.float64] | torch.Tensor) -> torch.Tensor:
         """Eigenvalues of D(q), (B, n_q_path + n_q_mesh, n_branches), eV/A^2/amu, ascending.
 
         Without autograd, real matrices go to a compiled small-matrix solver
-        (:func:`simulations.lattice.eig.eigvalsh_small`); with autograd, to
-        ``torch.linalg.eigvalsh``.
+        (:func:`simulations.lattice.eig.eigvalsh_affine`, float64 throughout); with
+        autograd, to ``torch.linalg.eigvalsh``.
         """
-        c = self._as_tensor(coefficients)
-        if self.is_real and not (c.requires_grad and torch.is_grad_enabled()):
-            from simulations.lattice.eig import eigvalsh_small
+        c = self._validated(coefficients)
+        if self._compiled(c):
+            from simulations.lattice.eig import eigvalsh_affine
 
-            d_np = c.detach().double().numpy() @ self._d_free_np + self._d_fixed_np
-            d_np = d_np.reshape(c.shape[0], self._n_q_all, self._m, self._m)
-            return torch.from_numpy(eigvalsh_small(d_np)).to(self.dtype)
-        d = c.to(self._d_free.dtype) @ self._d_free + self._d_fixed
+            lam = eigvalsh_affine(c.detach().double().numpy(), self._packed, self._m)
+            return torch.from_numpy(lam).to(self.dtype)
+        d = c.to(self.dtype).to(self._d_free.dtype) @ self._d_free + self._d_fixed
         d = d.reshape(c.shape[0], self._n_q_all, self._m, self._m)
         return torch.linalg.eigvalsh(d)
 
@@ -258,8 +274,21 @@ class ForwardModel:
         return torch.sign(lam) * torch.sqrt(lam.abs()) * VASP_TO_THZ
 
     def spectra(self, coefficients: NDArray[np.float64] | torch.Tensor) -> SpectraResult:
-        """I(q, E) for a batch of coefficient sets, shape (B, n_free) -> (B, n_q, n_E)."""
-        lam = self.eigenvalues(coefficients)
+        """I(q, E) for a batch of coefficient sets, shape (B, n_free) -> (B, n_q, n_E).
+
+        Without autograd, real matrices and table broadening run in one compiled pass
+        (:func:`simulations.lattice.eig.spectra_table`), as :meth:`spectra_fast`.
+        """
+        c = self._validated(coefficients)
+        if self.method == "table" and self._compiled(c):
+            out = np.empty((c.shape[0], *self.grid.shape), dtype=self._np_dtype)
+            lowest = self._spectra_compiled(c.detach().double().numpy(), out, stable_only=False)
+            return SpectraResult(
+                intensity=torch.from_numpy(out),
+                stable=torch.from_numpy(lowest >= self._lam_stable),
+                min_frequency_thz=torch.from_numpy(_signed_frequency(lowest)).to(self.dtype),
+            )
+        lam = self.eigenvalues(c)
         min_lam = lam[..., 0].amin(dim=1)
         min_freq = torch.sign(min_lam) * torch.sqrt(min_lam.abs()) * VASP_TO_THZ
         stable = min_freq >= -self.imaginary_tol
@@ -278,30 +307,79 @@ class ForwardModel:
         coefficients: NDArray[np.float64],
         *,
         chunk: int = 256,
-        workers: int = 2,
+        workers: int | None = None,
+        stable_only: bool = False,
+        out: NDArray[np.float32] | None = None,
     ) -> tuple[NDArray[np.float32], NDArray[np.bool_], NDArray[np.float64]]:
         """No-gradient batched evaluation over threads, for training-set generation.
 
-        Returns numpy arrays ``(intensity (B, n_q, n_E) float32, stable (B,), min_freq (B,))``.
+        Parameters
+        ----------
+        coefficients
+            (B, n_free) eV/A^2.
+        chunk
+            Sets per task handed to a thread.
+        workers
+            Threads (default: the CPU cores this process may use); 1 runs in the caller.
+        stable_only
+            Skip the broadening (and, where the stability mesh already shows it, the path
+            eigenvalues) of unstable sets: their rows of the intensity are zero and their
+            ``min_freq`` is the lowest found before they were skipped (below the tolerance,
+            so the verdict stands). Real dynamical matrices with table broadening only;
+            otherwise every set is evaluated in full.
+        out
+            (B, n_q, n_E) float32 array to write the intensity into (default: a new one).
+
+        Returns
+        -------
+        ``(intensity (B, n_q, n_E) float32, stable (B,) bool, min_freq (B,) THz)``.
         """
-        c = np.asarray(coefficients, dtype=float)
-        self._as_tensor(c)  # validate shape and finiteness once, up front
-        out = np.empty((len(c), *self.grid.shape), dtype=np.float32)
+        c = np.ascontiguousarray(coefficients, dtype=np.float64)
+        self._validated(c)  # shape and finiteness once, up front
+        shape = (len(c), *self.grid.shape)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"out must be a {shape} float32 array, got {out.shape} {out.dtype}")
         stable = np.empty(len(c), dtype=bool)
         min_freq = np.empty(len(c))
+        compiled = self.is_real and self.method == "table"
 
         def work(start: int) -> None:
+            rows = slice(start, start + chunk)
+            if compiled:
+                min_lam = self._spectra_compiled(c[rows], out[rows], stable_only)
+                stable[rows] = min_lam >= self._lam_stable
+                min_freq[rows] = _signed_frequency(min_lam)
+                return
             with torch.no_grad():
-                res = self.spectra(torch.from_numpy(c[start : start + chunk]))
-            out[start : start + chunk] = res.intensity.to(torch.float32).numpy()
-            stable[start : start + chunk] = res.stable.numpy()
-            min_freq[start : start + chunk] = res.min_frequency_thz.double().numpy()
+                res = self.spectra(torch.from_numpy(c[rows]))
+            out[rows] = res.intensity.to(torch.float32).numpy()
+            stable[rows] = res.stable.numpy()
+            min_freq[rows] = res.min_frequency_thz.double().numpy()
 
+        n_workers = _usable_cores() if workers is None else workers
         starts = range(0, len(c), chunk)
         # One BLAS thread per worker: the workers already use the cores.
-        with threadpool_limits(limits=1 if workers > 1 else None):
-            self._run_chunks(work, starts, workers, len(c) <= chunk)
+        with threadpool_limits(limits=1 if n_workers > 1 and not compiled else None):
+            self._run_chunks(work, starts, n_workers, len(c) <= chunk)
         return out, stable, min_freq
+
+    def _spectra_compiled(
+        self, c: NDArray[np.float64], out: NDArray[np.floating], stable_only: bool
+    ) -> NDArray[np.float64]:
+        """Intensity of ``c`` (B, n_free) into ``out``; returns the lowest eigenvalues (B,)."""
+        from simulations.lattice.eig import spectra_table
+
+        return spectra_table(
+            c,
+            self._packed,
+            self._table,
+            scale=self._scale,
+            lam_stable=self._lam_stable,
+            stable_only=stable_only,
+            out=out,
+        )
 
     @staticmethod
     def _run_chunks(work: Any, starts: range, workers: int, single: bool) -> None:
@@ -384,10 +462,17 @@ class ForwardModel:
         return intensity.numpy(), jac.numpy()
 
     def _build_table(self) -> None:
-        """Bin profile of a mode at energies 0, step, 2 step, ... (windowed, float64)."""
+        """Bin profile of a mode at energies 0, step, 2 step, ... (windowed, float64).
+
+        Sets ``self._table = (profile, slope, start, step)`` for
+        :func:`simulations.lattice.eig.spectra_table`: row ``i`` holds the profile of a mode
+        at ``i * step`` meV over the ``width`` bins from ``start[i]``, and the next row's
+        profile minus it on the same bins, so that interpolating is one pass over a window.
+        """
         from scipy.special import erf
 
         edges = self.grid.energy_edges
+        n_e = len(edges) - 1
         e_grid = np.linspace(0, self.resolution.e_max, 64)
         sig_grid = self.resolution.sigma(e_grid)
         sig_max, sig_min = float(sig_grid.max()), float(sig_grid.min())
@@ -398,24 +483,38 @@ class ForwardModel:
         cdf = 0.5 * erf((edges[None, :] - e_modes[:, None]) / (sig * np.sqrt(2.0)))
         full = np.diff(cdf, axis=1)  # (n_rows, n_E)
         # Keep a window of bins around each mode: beyond 5 sigma lies < 3e-7 of its area.
+        # The window also holds the next row's profile (one step higher), and is moved
+        # inside the grid at its ends (the bins it then gains are ones the profile covers).
         half = int(np.ceil(5.0 * sig_max / (edges[1] - edges[0]))) + 1
+        width = min(2 * half + 2, n_e)
         centre = np.searchsorted(edges, e_modes) - 1
-        start = np.clip(centre - half, 0, None).astype(np.int64)
-        width = 2 * half + 2
-        padded = np.hstack([full, np.zeros((len(full), width))])
+        start = np.clip(centre - half, 0, n_e - width).astype(np.int64)
+        cols = start[:, None] + np.arange(width)[None, :]
         rows = np.arange(len(full))[:, None]
-        self._table = padded[rows, start[:, None] + np.arange(width)[None, :]]
-        self._table_start = start
-        self._table_step = step
+        profile = full[rows, cols]
+        slope = np.zeros_like(profile)
+        slope[:-1] = full[rows[1:], cols[:-1]] - profile[:-1]
+        self._table = (profile, slope, start, float(step))
 
     def _broaden_table(self, energy: torch.Tensor) -> torch.Tensor:
         from simulations.lattice.eig import broaden_table
 
-        out = broaden_table(
-            energy.detach().numpy(),
-            self._table,
-            self._table_start,
-            self._table_step,
-            self.grid.n_e,
-        )
-        return torch.from_numpy(out).to(self.dtype)
+        out = np.empty((*energy.shape[:2], self.grid.n_e), dtype=self._np_dtype)
+        broaden_table(energy.detach().numpy(), self._table, out)
+        return torch.from_numpy(out)
+
+    @property
+    def _np_dtype(self) -> type[np.floating[Any]]:
+        return np.float32 if self.dtype == torch.float32 else np.float64
+
+
+def _signed_frequency(lam: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Signed frequencies (THz, negative = imaginary) of eigenvalues ``lam`` (eV/A^2/amu)."""
+    return np.sign(lam) * np.sqrt(np.abs(lam)) * VASP_TO_THZ
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1

@@ -119,6 +119,43 @@ def test_spectra_fast_equals_spectra(ge: MaterialSetup, rng: np.random.Generator
     assert stable.tolist() == slow.stable.tolist()
 
 
+def test_spectra_fast_stable_only_into_a_given_array(
+    ge: MaterialSetup, rng: np.random.Generator
+) -> None:
+    """``stable_only`` leaves the unstable rows zero and the stable ones as in full."""
+    ref = load_reference("Ge")
+    fm = ge.forward_model(free=ref.kept, reference=ref.mean)
+    c = ref.domain[:, 0] + (ref.domain[:, 1] - ref.domain[:, 0]) * rng.random((200, 8))
+    full, stable, min_freq = fm.spectra_fast(c, workers=1)
+    buffer = np.full((len(c), *ge.grid.shape), np.nan, dtype=np.float32)
+    out, stable_2, min_freq_2 = fm.spectra_fast(c, chunk=64, stable_only=True, out=buffer)
+    assert out is buffer
+    assert 0 < stable.sum() < len(c)
+    assert stable_2.tolist() == stable.tolist()
+    np.testing.assert_allclose(out[stable], full[stable], atol=1e-6)
+    assert not out[~stable].any()
+    np.testing.assert_allclose(min_freq_2[stable], min_freq[stable], atol=1e-9)
+    assert np.all(min_freq_2[~stable] < -fm.imaginary_tol)
+    float64 = np.empty((len(c), *ge.grid.shape))
+    with pytest.raises(ValueError, match="float32"):
+        fm.spectra_fast(c, out=float64)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n_e", [60, 4])
+def test_table_broadening_at_the_top_of_a_short_grid(ge: MaterialSetup, n_e: int) -> None:
+    """Modes near the grid's top edge (table windows moved inside the grid), and a grid
+    narrower than a window, broaden as the exact model does."""
+    grid = make_grid(ge.crystal, path="G-X-U|K-G-L", n_q=30, e_max=40.0, n_e=n_e)
+    c = named_fc_set("Ge", "raman", ge)[None]
+    models = {
+        method: ForwardModel(ge.basis, grid, ge.resolution, dtype=torch.float64, method=method)
+        for method in ("exact", "table")
+    }
+    exact = models["exact"].spectra(c).intensity
+    table = models["table"].spectra(c).intensity
+    assert float((exact - table).abs().max() / exact.max()) < 2e-4
+
+
 def test_resolution_from_resins_matches_the_documented_arcs_values() -> None:
     # DESIGN.md: ARCS, Ei = 80 meV, 600 Hz: sigma 1.30 meV elastic, 0.71 meV at 60 meV.
     res = instrument_resolution("ARCS", 80.0, 600.0)
