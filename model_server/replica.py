@@ -2,24 +2,38 @@
 
 In the deployed, scaled-out mode the consumers (``steer consume --group
 --publish-snapshots``) publish every orientation's cumulative snapshot to
-``<prefix>_folded`` (keyed by run id, :class:`consumers.kafka.KafkaSnapshotSink`). Any
-number of replicas (``steer model-serve``) share that topic's partitions in the consumer
-group ``steer-<prefix>-model``; each snapshot is self-contained (the whole cumulative
-I(q, E), its mask, the run's material and the grid fingerprint), so a replica keeps no
-state beyond its cached frozen models and any replica can take any snapshot.
+``<prefix>_folded`` (keyed by run id, :class:`consumers.kafka.KafkaSnapshotSink`; the
+message layout is :mod:`consumers.kafka.sink`'s). Any number of replicas (``steer
+model-serve``) share that topic's partitions in the consumer group ``steer-<prefix>-model``;
+each snapshot is self-contained (the whole cumulative I(q, E) and counts, its mask, the
+per-bin moments of the folded cells, the run's material, instrument, Ei, temperature and
+grid fingerprint), so any replica can take any snapshot. A replica keeps only its frozen
+models and one :class:`~model_server.refinement.refiner.RunRefiner` per set-up (material,
+instrument, Ei, temperature, :class:`RefinerCache`).
 
-Every estimate is published to ``<prefix>_estimates`` as JSON, keyed by run id::
+Every snapshot is estimated by the VAE; when it carries moments, the likelihood refinement
+(:mod:`model_server.refinement`) starts from the VAE's means and its result becomes the
+running estimate, as in the in-process loop
+(:func:`~model_server.refinement.refiner.running_estimate`): ``source: "refined"`` with
+every coefficient, or ``source: "vae"`` with ``fallback`` saying why (no moments, a
+material that cannot be refined, a fit that failed or did not converge; logged and
+counted, never dead-lettered). The fit is not warm-started from the run's previous
+snapshot: a snapshot's estimate is then a function of the snapshot alone, whichever replica
+handles it (a warm-started fit can stop early, a few hundredths of a standard deviation from
+the optimum a start from the VAE reaches, which would make it depend on which snapshots a
+replica saw before). Every estimate is published to ``<prefix>_estimates`` as JSON, keyed
+by run id::
 
     {"run_id", "material", "orientation", "n_orientations", "omega", "model_version",
-     "estimate": Estimate.to_dict(), "replica", "seconds"}
+     "estimate": running_estimate(vae, refined), "replica", "seconds"}
 
 Offsets are committed after the estimate has been acknowledged by the broker, so a replica
 that dies loses nothing: the next owner of its partitions estimates the snapshots that were
 not committed (an estimate may then be published twice; it is the same estimate, since the
-estimator is seeded, and ``(run_id, orientation)`` identifies it). A snapshot that cannot be
-estimated (not a snapshot, wrong grid, unknown material, no usable bins) is counted, logged
-with its position and dead-lettered to ``<prefix>_deadletter`` with the reason; the replica
-goes on.
+estimator is seeded and the fit starts from it, and ``(run_id, orientation)`` identifies
+it). A snapshot that cannot be estimated (not a snapshot, wrong grid, unknown material, no
+usable bins, moments of the wrong shape) is counted, logged with its position and
+dead-lettered to ``<prefix>_deadletter`` with the reason; the replica goes on.
 """
 
 from __future__ import annotations
@@ -32,16 +46,28 @@ import signal
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from consumers.kafka import KafkaDeadLetter, client_security, ensure_topics, to_source_message
-from model_server.exceptions import ModelServerError
+from model_server.exceptions import ModelServerError, RefinementError
 
-__all__ = ["ModelReplica", "decode_snapshot"]
+if TYPE_CHECKING:
+    from consumers.reduction.moments import BinMoments
+    from model_server.refinement.refiner import RunRefiner
+
+__all__ = [
+    "ModelReplica",
+    "RefinerCache",
+    "SnapshotError",
+    "check_moments",
+    "decode_snapshot",
+    "snapshot_moments",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +75,11 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_SCHEMA = b"steer-snapshot-npz"
 #: Largest snapshot payload accepted, bytes.
 MAX_SNAPSHOT_BYTES = 64 << 20
+#: The per-bin moment arrays of a snapshot (``moments_<name>``) besides ``moments_index``
+#: and ``moments_n`` (:meth:`consumers.reduction.moments.BinMoments.arrays`).
+MOMENT_FIELDS = ("tensor", "tensor_q2", "offset1", "offset2", "weight", "background")
+#: Set-ups (material, instrument, Ei, temperature) whose refiner a replica keeps.
+REFINER_CACHE_SIZE = 4
 
 
 class SnapshotError(ModelServerError, ValueError):
@@ -56,13 +87,14 @@ class SnapshotError(ModelServerError, ValueError):
 
 
 def decode_snapshot(payload: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Arrays (``intensity``, ``mask``, ...) and metadata of a snapshot message.
+    """Arrays (``intensity``, ``mask``, ``moments_*``, ...) and metadata of a snapshot
+    message (layout: :mod:`consumers.kafka.sink`).
 
     Raises
     ------
     SnapshotError
-        Not an ``.npz`` without pickles, an array missing or of the wrong shape, bad
-        metadata.
+        Not an ``.npz`` without pickles, an array missing or of the wrong shape, moments
+        that do not fit the spectrum's (n_q, n_E) bins or (3N, 3N) branches, bad metadata.
     """
     if len(payload) > MAX_SNAPSHOT_BYTES:
         raise SnapshotError(f"snapshot of {len(payload)} bytes (limit {MAX_SNAPSHOT_BYTES})")
@@ -85,7 +117,153 @@ def decode_snapshot(payload: bytes) -> tuple[dict[str, np.ndarray], dict[str, An
         raise SnapshotError(f"snapshot metadata is not JSON: {exc}") from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("material"), str):
         raise SnapshotError("snapshot metadata names no material (a consumer older than this?)")
+    check_moments(arrays)
     return arrays, meta
+
+
+def check_moments(arrays: Mapping[str, np.ndarray]) -> None:
+    """Check a snapshot's ``moments_*`` arrays (if any) against its intensity's shape.
+
+    ``moments_index``: (n_m,) strictly increasing flat bins ``q * n_E + E`` of the
+    (n_q, n_E) intensity; ``moments_tensor``, ``moments_tensor_q2``: (n_m, 3N, 3N);
+    ``moments_offset1``: (n_m, 3); ``moments_offset2``: (n_m, 3, 3); ``moments_weight``,
+    ``moments_background``: (n_m,) (>= 0); ``moments_n``: () orientations (>= 0); and the
+    run's ``counts`` (n_q, n_E) (>= 0). All finite.
+
+    Raises
+    ------
+    SnapshotError
+        What is missing or wrong.
+    """
+    present = {k for k in arrays if k.startswith("moments_")}
+    if not present:
+        return
+    missing = sorted(
+        {"moments_index", "moments_n", *(f"moments_{f}" for f in MOMENT_FIELDS)} - present
+    )
+    if missing:
+        raise SnapshotError(f"snapshot moments without {', '.join(missing)}")
+    n_q, n_e = arrays["intensity"].shape
+    counts = arrays.get("counts")
+    if counts is None or counts.shape != (n_q, n_e) or counts.dtype.kind not in "fiu":
+        raise SnapshotError(
+            f"a snapshot with moments needs the run's counts of the intensity's shape "
+            f"({n_q}, {n_e}), got {None if counts is None else counts.shape}"
+        )
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise SnapshotError("the snapshot's counts must be finite and >= 0")
+    index = arrays["moments_index"]
+    if index.ndim != 1 or index.dtype.kind not in "iu":
+        raise SnapshotError(
+            f"moments_index must be a 1-d integer array, got {index.dtype} {index.shape}"
+        )
+    if len(index) and (
+        int(index[0]) < 0 or int(index[-1]) >= n_q * n_e or np.any(np.diff(index) <= 0)
+    ):
+        raise SnapshotError(
+            f"moments_index must be strictly increasing flat bins in [0, {n_q * n_e}) of the "
+            f"({n_q}, {n_e}) intensity"
+        )
+    m = len(index)
+    tensor = arrays["moments_tensor"]
+    if (
+        tensor.ndim != 3
+        or tensor.shape[0] != m
+        or tensor.shape[1] != tensor.shape[2]
+        or tensor.shape[1] % 3
+        or not tensor.shape[1]
+    ):
+        raise SnapshotError(
+            f"moments_tensor {tensor.shape} must be (n_m, 3N, 3N) with n_m = {m}, the bins of "
+            "moments_index"
+        )
+    b = tensor.shape[1]
+    shapes = {
+        "tensor": (m, b, b),
+        "tensor_q2": (m, b, b),
+        "offset1": (m, 3),
+        "offset2": (m, 3, 3),
+        "weight": (m,),
+        "background": (m,),
+    }
+    for name, shape in shapes.items():
+        a = arrays[f"moments_{name}"]
+        if a.shape != shape:
+            raise SnapshotError(f"moments_{name} {a.shape} must be {shape} (n_m = {m}, 3N = {b})")
+        if a.dtype.kind not in ("fc" if name.startswith("tensor") else "f") or not np.all(
+            np.isfinite(a)
+        ):
+            raise SnapshotError(f"moments_{name} must hold finite numbers ({a.dtype})")
+    if np.any(arrays["moments_weight"] < 0) or np.any(arrays["moments_background"] < 0):
+        raise SnapshotError("moments_weight and moments_background must be >= 0")
+    n = arrays["moments_n"]
+    if n.shape != () or n.dtype.kind not in "iu" or int(n) < 0:
+        raise SnapshotError(f"moments_n must be an integer >= 0, got {n.dtype} {n.shape}")
+
+
+def snapshot_moments(arrays: Mapping[str, np.ndarray]) -> BinMoments | None:
+    """The :class:`~consumers.reduction.moments.BinMoments` of a checked snapshot (zero in
+    the bins it does not send), or None when it carries none."""
+    from consumers.reduction.moments import BinMoments
+
+    if "moments_index" not in arrays:
+        return None
+    n_q, n_e = arrays["intensity"].shape
+    index = arrays["moments_index"]
+    out = BinMoments.zeros(n_q * n_e, arrays["moments_tensor"].shape[1])
+    for name in MOMENT_FIELDS:
+        getattr(out, name)[index] = arrays[f"moments_{name}"]
+    out.n_orientations = int(arrays["moments_n"])
+    return out
+
+
+class RefinerCache:
+    """The :class:`~model_server.refinement.refiner.RunRefiner` of each set-up (material,
+    instrument, Ei, temperature) a replica has seen, the last :data:`REFINER_CACHE_SIZE`;
+    a set-up that cannot be refined is remembered with the reason, not retried. Not
+    thread-safe (a replica handles one snapshot at a time)."""
+
+    def __init__(self) -> None:
+        self._refiners: OrderedDict[str, RunRefiner | str] = OrderedDict()
+
+    @staticmethod
+    def setup_key(meta: Mapping[str, Any]) -> str:
+        """The set-up of a snapshot's run: material, instrument, Ei and temperature."""
+        return json.dumps(
+            [meta.get(k) for k in ("material", "instrument", "ei_meV", "temperature_K")],
+            sort_keys=True,
+        )
+
+    def get(self, meta: Mapping[str, Any]) -> RunRefiner:
+        """The refiner of a snapshot's set-up (``meta``: the snapshot's metadata).
+
+        Raises
+        ------
+        RefinementError
+            The set-up cannot be refined (no reference FC set, no instrument or Ei, ...).
+        """
+        from model_server.refinement.refiner import RunRefiner
+
+        key = self.setup_key(meta)
+        hit = self._refiners.get(key)
+        if hit is None:
+            try:
+                hit = RunRefiner.from_metadata({k: v for k, v in meta.items() if v is not None})
+            except Exception as exc:  # remembered: the set-up's next snapshots are not retried
+                hit = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    "material %s at Ei %s meV cannot be refined: %s",
+                    meta.get("material"),
+                    meta.get("ei_meV"),
+                    hit,
+                )
+            self._refiners[key] = hit
+            while len(self._refiners) > REFINER_CACHE_SIZE:
+                self._refiners.popitem(last=False)
+        self._refiners.move_to_end(key)
+        if isinstance(hit, str):
+            raise RefinementError(hit)
+        return hit
 
 
 class ModelReplica:
@@ -102,6 +280,9 @@ class ModelReplica:
     partitions
         Partitions of ``<prefix>_folded`` and ``<prefix>_estimates`` when this replica
         creates them.
+    refine
+        Refine the snapshots that carry moments; off, the VAE's estimate is the running
+        one.
     """
 
     def __init__(
@@ -113,6 +294,7 @@ class ModelReplica:
         group_id: str | None = None,
         partitions: int = 1,
         session_timeout_ms: int = 6000,
+        refine: bool = True,
     ) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
@@ -137,6 +319,7 @@ class ModelReplica:
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", **client_security())
         self._dead = KafkaDeadLetter(bootstrap, prefix)
         self._estimators: dict[str, Any] = {}
+        self.refiners = RefinerCache() if refine else None
         self.counters: Counter[str] = Counter()
         self._stop = threading.Event()
 
@@ -153,7 +336,14 @@ class ModelReplica:
         return self._estimators[key]
 
     def handle(self, payload: bytes) -> dict[str, Any]:
-        """The estimate message of one snapshot payload (raises :class:`SnapshotError`)."""
+        """The estimate message of one snapshot payload: the VAE's estimate, refined when the
+        snapshot carries moments (:meth:`running_estimate`).
+
+        Raises
+        ------
+        SnapshotError
+            A payload that is no usable snapshot (dead-lettered by :meth:`step`).
+        """
         t0 = time.perf_counter()
         arrays, meta = decode_snapshot(payload)
         est = self.estimator(str(meta["material"]))
@@ -172,10 +362,75 @@ class ModelReplica:
             "n_orientations": meta.get("n_orientations"),
             "omega": meta.get("omega"),
             "model_version": estimate.model_version,
-            "estimate": estimate.to_dict(),
+            "estimate": self.running_estimate(estimate.to_dict(), arrays, meta),
             "replica": self.name,
             "seconds": time.perf_counter() - t0,
         }
+
+    def running_estimate(
+        self, vae: dict[str, Any], arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The running estimate of a decoded snapshot given its VAE estimate ``vae``
+        (:meth:`~model_server.inversion.inference.Estimate.to_dict`): the refinement's when it
+        converged, else the VAE's with the reason (logged, counted).
+
+        Raises
+        ------
+        SnapshotError
+            The moments do not fit the material (3N branches, grid).
+        """
+        from model_server.refinement.refiner import running_estimate
+
+        if self.refiners is None:
+            return running_estimate(vae)
+        if "moments_index" not in arrays:
+            return running_estimate(vae, reason="the snapshot carries no moments")
+        extra = {"run_id": meta.get("run_id"), "orientation": meta.get("orientation")}
+        try:
+            refiner = self.refiners.get(meta)
+        except RefinementError as exc:
+            self.counters["refine_fallbacks"] += 1
+            return running_estimate(vae, reason=f"refinement unavailable: {exc}")
+        branches = 3 * len(refiner.setup.crystal.positions)
+        if arrays["moments_tensor"].shape[1] != branches:
+            raise SnapshotError(
+                f"moments of {arrays['moments_tensor'].shape[1]} branches; "
+                f"{meta['material']} has {branches}"
+            )
+        if arrays["intensity"].shape != refiner.setup.grid.shape:
+            raise SnapshotError(
+                f"moments over a {arrays['intensity'].shape} grid; {meta['material']}'s is "
+                f"{refiner.setup.grid.shape}"
+            )
+        moments = snapshot_moments(arrays)
+        assert moments is not None
+        start = {n: float(v["mean"]) for n, v in vae.get("fc", {}).items()}
+        counts = np.asarray(arrays["counts"], dtype=np.float64)
+        try:
+            refined = refiner.refine(counts, moments, start)
+        except Exception as exc:  # a failed fit never loses the snapshot: the VAE stands in
+            logger.warning(
+                "run %s, orientation %s: refinement failed: %s",
+                meta.get("run_id"),
+                meta.get("orientation"),
+                exc,
+                extra=extra,
+            )
+            self.counters["refine_fallbacks"] += 1
+            return running_estimate(vae, reason=f"refinement failed: {exc}")
+        running = running_estimate(vae, refined)
+        if running["source"] == "refined":
+            self.counters["refined"] += 1
+        else:
+            self.counters["refine_fallbacks"] += 1
+            logger.warning(
+                "run %s, orientation %s: %s",
+                meta.get("run_id"),
+                meta.get("orientation"),
+                running.get("fallback"),
+                extra=extra,
+            )
+        return running
 
     def step(self, timeout_s: float = 0.5) -> int:
         """Poll once, estimate and publish what came, commit; returns messages handled."""

@@ -5,12 +5,34 @@
 model-server replicas (bound to a run, it is a :class:`~consumers.messages.SnapshotSink`).
 Both are thread-safe (kafka-python's producer is), so the lanes of a consumer group share
 them.
+
+A snapshot message (:func:`snapshot_payload`) is a compressed ``.npz`` without pickles::
+
+    intensity, variance, counts, exposure   (n_q, n_E) float64
+    mask                                    (n_q, n_E) bool
+    meta                                    uint8: UTF-8 JSON (below)
+    moments_index                           (n_m,) int64, flat bins q * n_E + E
+    moments_tensor, moments_tensor_q2       (n_m, 3N, 3N) complex128
+    moments_offset1, moments_offset2        (n_m, 3), (n_m, 3, 3) float64
+    moments_weight, moments_background      (n_m,) float64
+    moments_n                               () int64, orientations in the moments
+
+``meta``: ``orientation``, ``omega``, ``n_orientations``, ``grid_fingerprint``, and of the
+bound run ``run_id``, ``material``, ``temperature_K``, ``ei_meV`` and ``instrument`` (the
+run start's instrument block, a few hundred bytes), which is what the replicas' likelihood
+refinement needs. The ``moments_*`` arrays
+(:class:`consumers.reduction.moments.BinMoments`, only the ``n_m`` bins of weight > 0) are
+there only when the consumer took moments for the run; for Ge (200 x 100 bins, 3N = 6)
+they make the message about 13 MB from the first orientations on (nearly every bin is
+reached at once), against about 0.3 MB without them. A message that would exceed
+:data:`MAX_SNAPSHOT_PAYLOAD` is published without its moments (logged).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +42,15 @@ from consumers.kafka.broker import ensure_topics
 from consumers.kafka.config import client_security
 from consumers.messages import SnapshotSink, SourceMessage
 
-__all__ = ["KafkaDeadLetter", "KafkaSnapshotSink"]
+__all__ = ["MAX_SNAPSHOT_PAYLOAD", "KafkaDeadLetter", "KafkaSnapshotSink", "snapshot_payload"]
+
+logger = logging.getLogger(__name__)
+
+#: The producers' ``max_request_size``, bytes.
+MAX_REQUEST_SIZE = 32 << 20
+#: Largest snapshot message published with its moments, bytes (1 MB below the request size
+#: for the record's framing and headers).
+MAX_SNAPSHOT_PAYLOAD = MAX_REQUEST_SIZE - (1 << 20)
 
 
 class KafkaDeadLetter:
@@ -32,7 +62,7 @@ class KafkaDeadLetter:
         self.topic = f"{prefix}_deadletter"
         ensure_topics(bootstrap, [self.topic])
         self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap, max_request_size=32 << 20, **client_security()
+            bootstrap_servers=bootstrap, max_request_size=MAX_REQUEST_SIZE, **client_security()
         )
 
     def __call__(self, msg: SourceMessage, reason: str) -> None:
@@ -58,11 +88,9 @@ class KafkaDeadLetter:
 class KafkaSnapshotSink:
     """Publishes each folded snapshot to ``<prefix>_folded`` for model servers (deployed mode).
 
-    Payload: an ``.npz`` (no pickle) with ``intensity``, ``variance``, ``counts``,
-    ``exposure``, ``mask`` and a JSON ``meta`` (orientation index, omega, orientations so
-    far, grid fingerprint, and with :meth:`bind` the run id, material and temperature),
-    header ``schema: steer-snapshot-npz``. Bound to a run, the message key is the run id,
-    so a run's snapshots stay in order on one partition (model-server replicas,
+    Payload: :func:`snapshot_payload`, an ``.npz`` (no pickle) with header ``schema:
+    steer-snapshot-npz``. Bound to a run, the message key is the run id, so a run's
+    snapshots stay in order on one partition (model-server replicas,
     :mod:`model_server.replica`, share the partitions).
     """
 
@@ -73,7 +101,7 @@ class KafkaSnapshotSink:
         self.grid_fingerprint = grid_fingerprint
         ensure_topics(bootstrap, [self.topic])
         self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap, max_request_size=32 << 20, **client_security()
+            bootstrap_servers=bootstrap, max_request_size=MAX_REQUEST_SIZE, **client_security()
         )
 
     def bind(self, run: Callable[[], dict[str, Any] | None]) -> SnapshotSink:
@@ -88,28 +116,23 @@ class KafkaSnapshotSink:
         """Publish one snapshot (with the run's metadata ``run``, when given)."""
         run = run or {}
         run_id = str(run.get("run_id", "")) or None
-        meta = {
-            "orientation": record.index,
-            "omega": record.omega,
-            "n_orientations": snapshot.n_orientations,
-            "grid_fingerprint": run.get("grid_fingerprint") or self.grid_fingerprint,
-            "run_id": run_id,
-            "material": run.get("material"),
-            "temperature_K": run.get("temperature_K"),
-        }
-        buf = io.BytesIO()
-        np.savez_compressed(
-            buf,
-            intensity=snapshot.intensity,
-            variance=snapshot.variance,
-            counts=snapshot.counts,
-            exposure=snapshot.exposure,
-            mask=snapshot.mask,
-            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-        )
+        payload = snapshot_payload(snapshot, record, run, grid_fingerprint=self.grid_fingerprint)
+        if len(payload) > MAX_SNAPSHOT_PAYLOAD and getattr(snapshot, "moments", None) is not None:
+            logger.warning(
+                "run %s: snapshot %d of %d bytes with its moments (limit %d); published "
+                "without them (the model servers fall back to the VAE's estimate)",
+                run_id,
+                record.index,
+                len(payload),
+                MAX_SNAPSHOT_PAYLOAD,
+                extra={"run_id": run_id, "topic": self.topic},
+            )
+            payload = snapshot_payload(
+                snapshot, record, run, grid_fingerprint=self.grid_fingerprint, moments=False
+            )
         self._producer.send(
             self.topic,
-            value=buf.getvalue(),
+            value=payload,
             key=None if run_id is None else run_id.encode(),
             headers=[("schema", b"steer-snapshot-npz")],
         )
@@ -118,3 +141,64 @@ class KafkaSnapshotSink:
         """Flush what was sent and close the producer."""
         self._producer.flush()
         self._producer.close()
+
+
+def snapshot_payload(
+    snapshot: Any,
+    record: Any,
+    run: dict[str, Any] | None = None,
+    *,
+    grid_fingerprint: str = "",
+    moments: bool = True,
+) -> bytes:
+    """The ``.npz`` message of one snapshot (layout in the module docstring).
+
+    Parameters
+    ----------
+    snapshot
+        A :class:`consumers.reduction.accumulate.Snapshot` (its ``moments`` may be None).
+    record
+        The orientation just completed (``index``, ``omega``).
+    run
+        The run's metadata (pl72, with ``grid_fingerprint``), or None.
+    grid_fingerprint
+        Used when ``run`` carries none.
+    moments
+        Include the snapshot's moments (when it has them).
+    """
+    run = run or {}
+    meta = {
+        "orientation": record.index,
+        "omega": record.omega,
+        "n_orientations": snapshot.n_orientations,
+        "grid_fingerprint": run.get("grid_fingerprint") or grid_fingerprint,
+        "run_id": str(run.get("run_id", "")) or None,
+        "material": run.get("material"),
+        "temperature_K": run.get("temperature_K"),
+        "ei_meV": run.get("ei_meV"),
+        "instrument": run.get("instrument"),
+    }
+    arrays: dict[str, Any] = {
+        "intensity": snapshot.intensity,
+        "variance": snapshot.variance,
+        "counts": snapshot.counts,
+        "exposure": snapshot.exposure,
+        "mask": snapshot.mask,
+        "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+    }
+    bin_moments = getattr(snapshot, "moments", None)
+    if moments and bin_moments is not None:
+        arrays.update(_moment_arrays(bin_moments))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def _moment_arrays(moments: Any) -> dict[str, np.ndarray]:
+    """``moments_*`` arrays of the bins of weight > 0 (``moments_index``: their flat bins)."""
+    full = moments.arrays(prefix="")
+    index = np.flatnonzero(full["weight"] > 0).astype(np.int64)
+    out = {"moments_index": index}
+    for name, values in full.items():
+        out[f"moments_{name}"] = values if values.ndim == 0 else values[index]
+    return out

@@ -70,7 +70,17 @@ def test_live_consumer_equals_offline_fold(broker, small_run, tmp_path) -> None:
     with np.load(io.BytesIO(payloads[-1])) as last:
         np.testing.assert_array_equal(last["counts"], acc.counts)
         meta = json.loads(bytes(last["meta"]).decode())
+        moments = {k.removeprefix("moments_"): last[k] for k in last.files if "moments_" in k}
     assert meta["n_orientations"] == len(acc.records)
+    # with the run's moments (those of the offline fold), in the bins of weight > 0
+    assert acc.moments is not None
+    index = np.flatnonzero(acc.moments.weight > 0)
+    np.testing.assert_array_equal(moments["index"], index)
+    assert int(moments["n"]) == len(acc.records)
+    for name, full in acc.moments.arrays(prefix="").items():
+        if name != "n":
+            scale = float(np.abs(full).max())
+            np.testing.assert_allclose(moments[name], full[index], rtol=1e-9, atol=1e-12 * scale)
 
 
 def test_kill_9_at_five_moments_then_restart_loses_nothing(broker, small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
