@@ -337,10 +337,11 @@ class CountsModel:
         cluster = self._clusters(lam)
         avg = self._cluster_weights(cluster)  # (p, m, m)
         # energy derivatives per coefficient and velocities, cluster-averaged
-        y_k = np.einsum("qim,kqij,qjn->kqmn", vec.conj(), self._dyn, vec)  # (k, p, m, m)
+        vh = np.conj(np.swapaxes(vec, 1, 2))  # (p, m, i)
+        y_k = vh[None] @ (self._dyn @ vec[None])  # (k, p, m, m): e_m^H D_k e_n
         dlam = np.einsum("kqm,qnm->kqn", np.einsum("kqmm->kqm", y_k).real, avg)  # (k, p, m)
         dd = np.einsum("k,kqaij->qaij", c, self._ddyn)
-        bq = np.einsum("qim,qaij,qjn->qamn", vec.conj(), dd, vec)  # e_m^H dD/dQ_a e_n
+        bq = vh[:, None] @ (dd @ vec[:, None])  # (p, a, m, n): e_m^H dD/dQ_a e_n
         vlam = np.einsum("qamm->qam", bq).real  # dlambda/dQ
         vlam = np.einsum("qam,qnm->qan", vlam, avg)
         same = (cluster[:, :, None] == cluster[:, None, :]).astype(float)  # (p, m, n)
@@ -356,7 +357,9 @@ class CountsModel:
         # degenerate modes split across the tube: the spread of their energies about the
         # cluster's mean, E[delta^T K delta] (dE/dlambda)^2 with the second moment of delta
         second = self._offset_cov + np.einsum("pea,peb->peab", self._mean_offset, self._mean_offset)
-        tau2 = tau2 + np.einsum("peab,pabm->pem", second, split) * (half_inv**2)[:, None, :]
+        n_p0, n_e0 = second.shape[:2]
+        spread = second.reshape(n_p0, n_e0, 9) @ split.reshape(n_p0, 9, -1)  # (p, e, m)
+        tau2 = tau2 + spread * (half_inv**2)[:, None, :]
         e_b = np.broadcast_to(energy[:, None, :], mu.shape)
         h = self._profile(e_b, mu, tau2, r)  # (p, e, m)
         uh = np.conj(np.swapaxes(vec, 1, 2))[:, None]
@@ -387,7 +390,9 @@ class CountsModel:
         dh_de, dh_dmu, dh_dtau2, dh_dr = self._profile_derivatives(e_b, mu, tau2, r, h)
         de_dc = dlam * half_inv[None]  # (k, p, m)
         # velocities: dv/dc_k ~ dE/dlambda e^H dD_k/dQ e - v dlambda/dc_k / (2 lambda)
-        dv_lam = np.einsum("qim,kqaij,qjm->kqam", vec.conj(), self._ddyn, vec).real
+        dv_lam = np.sum(
+            vec.conj()[None, :, None] * (self._ddyn @ vec[None, :, None]), axis=-2
+        ).real  # (k, p, a, m): e_m^H dD_k/dQ_a e_m
         dv_lam = np.einsum("kqam,qnm->kqan", dv_lam, avg)
         inv_lam = np.where(ok, 1.0 / lam_safe, 0.0)
         dvel = (
@@ -402,18 +407,21 @@ class CountsModel:
         dmu_w = (self._mean_offset @ dvel_p.reshape(n_p, 3, k * m)).reshape(n_p, n_e, k, m)
         cvw = np.swapaxes(cv * w_tau[:, :, None, :], 2, 3)  # (p, e, m, 3) = C v w_tau
         # sum_m sum_a dvel[p,a,k,m] (C v w)[p,e,m,a]
-        jac_tau = np.einsum("pema,pakm->pek", cvw, dvel_p)
+        dvel_ma = np.transpose(dvel, (1, 3, 2, 0)).reshape(n_p, m * 3, k)  # (p, m a, k)
+        jac_tau = cvw.reshape(n_p, n_e, m * 3) @ dvel_ma  # sum_m,a dvel (C v w)
         if eta2 > 0:  # d(eta^2 |v|^2) = 2 eta^2 v.dv
             vw = vel[:, None] * w_tau[:, :, None, :]  # (p, e, 3, m)
-            jac_tau = jac_tau + eta2 * np.einsum("peam,pakm->pek", vw, dvel_p)
-        jac_mu = np.einsum("pekm,pem->pek", dmu_w, w_mu)
+            vw_ma = np.swapaxes(vw, 2, 3).reshape(n_p, n_e, m * 3)
+            jac_tau = jac_tau + eta2 * (vw_ma @ dvel_ma)
+        jac_mu = (dmu_w @ w_mu[..., None])[..., 0]
         jac_c = scale * (jac_a + jac_e + jac_mu + jac_tau)  # (p, e, k)
         if ddw is not None:
             # dT/dc_k = -sum_a db_a/dc_k (P_a T2 + T2 P_a), P_a the rows of atom a:
             # dA_m/dc_k = -2 sum_a db_a/dc_k Re(e_m^H P_a T2 e_m)
             t2u = self._tensor_q2 @ vec[:, None]  # (p, e, i, m)
-            g = np.einsum("pim,peim,ia->pema", vec.conj(), t2u, self._atom_onehot).real
-            t2h = np.einsum("pem,pema->pea", h, g)
+            n_at = self._atom_onehot.shape[1]
+            g = (vec.conj()[:, None] * t2u).real.reshape(n_p, n_e, n_at, 3, m).sum(axis=3)
+            t2h = (g @ h[..., None])[..., 0]  # (p, e, a)
             jac_c -= scale * 2.0 * (t2h @ ddw)
         jac = np.empty((self.n_bins, self.n_params))
         jac[:, :k] = jac_c[use]
@@ -463,7 +471,9 @@ class CountsModel:
         mu: NDArray[np.float64],
         tau2: NDArray[np.float64],
         r: float,
-    ) -> NDArray[np.float64]:
+        *,
+        derivatives: bool = False,
+    ) -> Any:
         """``h``: the cross-section factor of a mode of energy ``e`` (meV) in each bin,
         whose cells' energies are offset by ``u`` of mean ``mu`` and variance ``tau2``.
 
@@ -473,21 +483,81 @@ class CountsModel:
         ``g`` of width ``sqrt((r sigma_res(e))^2 + tau2)`` centred at ``e + mu`` is
         ``[(1 - mu/e + (mu^2 + tau2)/e^2) g + (2 mu - e) tau2/e^2 g' + tau2^2/e^2 g'']/e``
         (``'`` derivatives by the centre), for energy loss and its mirror for gain.
+
+        With ``derivatives``, returns ``(h, dh/de, dh/dmu, dh/dtau2, dh/dr)`` (analytic:
+        a Gaussian's derivative by its width is ``sigma`` times its second derivative by
+        its centre).
         """
-        sres = self._sigma_res(e)[0]
+        sres, dsres = self._sigma_res(e)
         sigma = np.sqrt(np.maximum((r * sres) ** 2 + tau2, 1e-12))
-        nb = self._bose(e)[0]
+        nb, dnb = self._bose(e)
         ok = e > 0
         inv_e = np.where(ok, 1.0 / np.where(ok, e, 1.0), 0.0)
         lo = self._e_lo
         c0 = 1.0 - mu * inv_e + (mu * mu + tau2) * inv_e**2
         c1 = (2.0 * mu * inv_e - 1.0) * tau2 * inv_e
         c2 = tau2 * tau2 * inv_e**2
-        g_l, d1_l, d2_l = self._bin_gauss(lo, lo + self._de, e + mu, sigma)
-        g_g, d1_g, d2_g = self._bin_gauss(lo, lo + self._de, -e - mu, sigma)
-        loss = c0 * g_l + c1 * d1_l + c2 * d2_l
-        gain = c0 * g_g - c1 * d1_g + c2 * d2_g  # u enters the gain peak with the other sign
-        return np.asarray(self._pref * inv_e * ((nb + 1.0) * loss + nb * gain))
+        gl = self._bin_gauss(lo, lo + self._de, e + mu, sigma, order=4 if derivatives else 2)
+        loss = c0 * gl[0] + c1 * gl[1] + c2 * gl[2]
+        # energy gain: only where the Bose factor is not zero (the gain peak sits at -e - mu,
+        # and u enters it with the other sign)
+        gain_rows: NDArray[np.int64] = np.nonzero(np.asarray(nb > 0).reshape(len(nb), -1).any(1))[0]
+        gg: list[NDArray[np.float64]] | None = None
+        gain = np.zeros_like(loss)
+        if len(gain_rows):
+            sel = (gain_rows,)
+            gg = [np.zeros_like(loss) for _ in range(5 if derivatives else 3)]
+            part = self._bin_gauss(
+                lo, lo + self._de, -e[sel] - mu[sel], sigma[sel], order=4 if derivatives else 2
+            )
+            for full, piece in zip(gg, part, strict=True):
+                full[sel] = piece
+            gain = c0 * gg[0] - c1 * gg[1] + c2 * gg[2]
+        prof = (nb + 1.0) * loss + nb * gain
+        h = self._pref * inv_e * prof
+        if not derivatives:
+            return h
+        g0, g1, g2, g3, g4 = gl
+        # partials of the loss bracket by its centre and width, and by c0, c1, c2
+        l_c = c0 * g1 + c1 * g2 + c2 * g3
+        l_s = sigma * (c0 * g2 + c1 * g3 + c2 * g4)
+        if gg is not None:
+            q0, q1, q2, q3, q4 = gg
+            n_c = -(c0 * q1 - c1 * q2 + c2 * q3)  # d gain / d(e + mu) (its centre is -e - mu)
+            n_s = sigma * (c0 * q2 - c1 * q3 + c2 * q4)
+        else:
+            q0 = q1 = q2 = np.zeros_like(loss)
+            n_c = n_s = np.zeros_like(loss)
+        p_c = (nb + 1.0) * l_c + nb * n_c  # by the centre shift (e or mu)
+        p_s = (nb + 1.0) * l_s + nb * n_s  # by sigma
+        p_c0 = (nb + 1.0) * g0 + nb * q0
+        p_c1 = (nb + 1.0) * g1 - nb * q1
+        p_c2 = (nb + 1.0) * g2 + nb * q2
+        i2, i3 = inv_e**2, inv_e**3
+        dc0_dmu, dc0_dt, dc0_de = -inv_e + 2 * mu * i2, i2, mu * i2 - 2 * (mu * mu + tau2) * i3
+        dc1_dmu, dc1_dt = 2 * tau2 * i2, (2 * mu * inv_e - 1.0) * inv_e
+        dc1_de = -4 * mu * tau2 * i3 + tau2 * i2
+        dc2_dt, dc2_de = 2 * tau2 * i2, -2 * tau2 * tau2 * i3
+        ds_de = r * r * sres * dsres / sigma
+        ds_dt = 0.5 / sigma
+        ds_dr = r * sres * sres / sigma
+        pref = self._pref * inv_e
+        d_mu = pref * (p_c + p_c0 * dc0_dmu + p_c1 * dc1_dmu)
+        d_t = pref * (p_s * ds_dt + p_c0 * dc0_dt + p_c1 * dc1_dt + p_c2 * dc2_dt)
+        d_r = pref * p_s * ds_dr
+        d_e = (
+            pref
+            * (
+                p_c
+                + p_s * ds_de
+                + p_c0 * dc0_de
+                + p_c1 * dc1_de
+                + p_c2 * dc2_de
+                + (loss + gain) * dnb
+            )
+            - self._pref * i2 * prof
+        )
+        return h, d_e, d_mu, d_t, d_r
 
     def _profile_derivatives(
         self,
@@ -497,19 +567,9 @@ class CountsModel:
         r: float,
         h: NDArray[np.float64],
     ) -> tuple[NDArray[np.float64], ...]:
-        """Partial derivatives of :meth:`_profile` by ``e``, ``mu``, ``tau2`` and ``r``
-        (central differences of the closed form, relative steps 1e-6)."""
-        out = []
-        for name in ("e", "mu", "tau2", "r"):
-            args: dict[str, Any] = {"e": e, "mu": mu, "tau2": tau2, "r": r}
-            base = args[name]
-            step = 1e-6 * np.maximum(np.abs(base), 1e-3 if name != "tau2" else 1e-4)
-            args[name] = base + step
-            up = self._profile(**args)
-            args[name] = base - step
-            down = self._profile(**args)
-            out.append((up - down) / (2.0 * step))
-        return tuple(out)
+        """``(dh/de, dh/dmu, dh/dtau2, dh/dr)`` of :meth:`_profile`."""
+        out = self._profile(e, mu, tau2, r, derivatives=True)
+        return tuple(out[1:])
 
     def _sigma_res(self, e: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """Resolution sigma(E) (meV) and its derivative, as the simulator evaluates it."""
@@ -539,14 +599,22 @@ class CountsModel:
         hi: NDArray[np.float64],
         centre: NDArray[np.float64],
         sigma: NDArray[np.float64],
-    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-        """Unit-area Gaussian averaged over [lo, hi] (1/meV) and its first and second
-        derivatives by the centre."""
+        *,
+        order: int = 2,
+    ) -> list[NDArray[np.float64]]:
+        """Unit-area Gaussian averaged over [lo, hi] (1/meV) and its derivatives by the
+        centre up to ``order`` (from the same error functions and densities: the n-th
+        derivative of the density is ``(-1)^n He_n(z) phi(z) / sigma^n``)."""
         z_hi = (hi - centre) / sigma
         z_lo = (lo - centre) / sigma
-        g = (ndtr(z_hi) - ndtr(z_lo)) / self._de
+        out = [(ndtr(z_hi) - ndtr(z_lo)) / self._de]
         p_hi = np.exp(-0.5 * z_hi**2) / _SQRT_2PI
         p_lo = np.exp(-0.5 * z_lo**2) / _SQRT_2PI
-        d1 = (p_lo - p_hi) / (sigma * self._de)
-        d2 = (z_lo * p_lo - z_hi * p_hi) / (sigma * sigma * self._de)
-        return g, d1, d2
+        # d^n g / dc^n = (He_{n-1}(z_lo) phi_lo - He_{n-1}(z_hi) phi_hi) / (sigma^n de)
+        he_lo = (1.0, z_lo, z_lo * z_lo - 1.0, z_lo * (z_lo * z_lo - 3.0))
+        he_hi = (1.0, z_hi, z_hi * z_hi - 1.0, z_hi * (z_hi * z_hi - 3.0))
+        scale = np.full_like(sigma, self._de)
+        for n in range(1, order + 1):
+            scale = scale * sigma
+            out.append((he_lo[n - 1] * p_lo - he_hi[n - 1] * p_hi) / scale)
+        return out

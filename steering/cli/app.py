@@ -3,11 +3,11 @@
 This module only builds the root command and registers the command groups, one module each:
 :mod:`~steering.cli.simulate` (``steer simulate``), :mod:`~steering.cli.stream` (fold,
 coverage, replay, record, consume, zmq-proxy), :mod:`~steering.cli.serve` (serve, model-serve,
-demo), :mod:`~steering.cli.model` (train, evaluate, estimate), :mod:`~steering.cli.predict`,
-:mod:`~steering.cli.advise` and :mod:`~steering.cli.fcdb`; the options they share are in
-:mod:`~steering.cli.options`. The physics lives in :mod:`simulations`. Every command that
-computes results prints them as JSON with ``--json`` (on stdout; progress bars and logs go to
-stderr).
+demo), :mod:`~steering.cli.model` (train, evaluate, estimate, evaluate-posterior),
+:mod:`~steering.cli.predict`, :mod:`~steering.cli.advise` and :mod:`~steering.cli.fcdb`; the
+options they share are in :mod:`~steering.cli.options`. The physics lives in
+:mod:`simulations`. Every command that computes results prints them as JSON with ``--json``
+(on stdout; progress bars and logs go to stderr).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from simulations.exceptions import SimulationError
 from steering.cli.advise import advise_app
 from steering.cli.fcdb import fcdb_app
 from steering.cli.fcmodel import fcmodel_app
-from steering.cli.model import estimate_cmd, evaluate_cmd, train_cmd
+from steering.cli.model import estimate_cmd, evaluate_cmd, evaluate_posterior_cmd, train_cmd
 from steering.cli.predict import predict_cmd
 from steering.cli.serve import demo_cmd, model_serve_cmd, serve_cmd
 from steering.cli.simulate import simulate_app
@@ -60,6 +60,7 @@ app.command("demo")(demo_cmd)
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("estimate")(estimate_cmd)
+app.command("evaluate-posterior")(evaluate_posterior_cmd)
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(advise_app, name="advise")
 app.add_typer(fcdb_app, name="fcdb")

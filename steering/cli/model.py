@@ -1,10 +1,12 @@
 """``steer`` commands of the learned inversion (:mod:`model_server.inversion`): train a model,
-evaluate it, and estimate the FCs of a folded spectrum."""
+evaluate it, and estimate the FCs of a folded spectrum; and the calibration study of the
+likelihood refinement started from it (``evaluate-posterior``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -19,7 +21,9 @@ from steering.cli.options import (
 )
 from steering.cli.output import command_line, emit
 
-__all__ = ["estimate_cmd", "evaluate_cmd", "train_cmd"]
+__all__ = ["estimate_cmd", "evaluate_cmd", "evaluate_posterior_cmd", "train_cmd"]
+
+_Num = TypeVar("_Num", int, float)
 
 
 def train_cmd(
@@ -147,3 +151,110 @@ def estimate_cmd(
     start = {name: float(v["mean"]) for name, v in vae["fc"].items()}
     refined = refine_file(iqe, start, first=first, progress=not quiet and not as_json)
     emit({"vae": vae, "refined": refined.to_dict()}, as_json)
+
+
+def _parse_list(spec: str, option: str, kind: Callable[[str], _Num], what: str) -> tuple[_Num, ...]:
+    """The comma-separated ``what`` (``kind`` values) of ``option``; a usage error (exit 2)
+    for anything else."""
+    try:
+        values = tuple(kind(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise typer.BadParameter(
+            f"{spec!r}: give a comma-separated list of {what}", param_hint=option
+        )
+    return values
+
+
+def evaluate_posterior_cmd(
+    material: MaterialOpt = "Ge",
+    model: ModelOpt = Path("models/ge"),
+    truths: Annotated[
+        int,
+        typer.Option(
+            "--truths",
+            help="Force-constant sets: the named sets first, then draws from the training domain.",
+        ),
+    ] = 20,
+    seed: SeedOpt = 0,
+    orientations: Annotated[
+        str,
+        typer.Option(
+            "--orientations",
+            help="Levels: the first k orientations of the README run (0, 1, ..., 119 deg), "
+            "comma-separated.",
+        ),
+    ] = "1,2,5,10,20,60,120",
+    count_scales: Annotated[
+        str,
+        typer.Option(
+            "--count-scales",
+            help="Multiples of the README run's counts (200,000 events per orientation, "
+            "a tenth of them background), comma-separated.",
+        ),
+    ] = "0.25,1,4",
+    samples: SamplesOpt = 256,
+    threads: ThreadsOpt = 2,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="PNG: std and error against counts, VAE vs refined."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the JSON result here.")] = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Calibration study of the likelihood refinement: Poisson replicas of the expected
+    counts of many truths at every orientation count and count scale, started from the
+    VAE; coverage, RMSE / Cramer-Rao bound, bias and std scaling."""
+    import json
+
+    from model_server.refinement.study import StudySettings, posterior_study
+
+    settings = StudySettings(
+        material=material,
+        n_truths=truths,
+        seed=seed,
+        orientations=_parse_list(orientations, "--orientations", int, "integers"),
+        count_scales=_parse_list(count_scales, "--count-scales", float, "numbers"),
+    )
+    settings.validate()  # before the models load: a bad value fails at once
+    if threads < 1:
+        raise typer.BadParameter(f"must be >= 1, got {threads}", param_hint="--threads")
+
+    import numpy as np
+    import torch
+    from numpy.typing import NDArray
+    from threadpoolctl import threadpool_limits
+
+    from model_server.inversion.inference import Estimator
+    from model_server.refinement.posterior_stats import plot_study
+    from simulations.jsonutil import json_default
+    from steering.exceptions import SteeringError
+
+    torch.set_num_threads(threads)
+    estimator = Estimator(model, n_samples=samples)
+    trained_on = str(estimator.model.meta.get("material", material))
+    if trained_on != material:
+        raise SteeringError(f"model {model} was trained on {trained_on}, not {material}")
+
+    def start_fn(
+        intensity: NDArray[np.float64], mask: NDArray[np.bool_]
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """The VAE's means and stds by name: the refinement's start."""
+        est = estimator.estimate(intensity, mask)
+        names = est.fc_names
+        return (
+            {n: float(v) for n, v in zip(names, est.mean, strict=True)},
+            {n: float(v) for n, v in zip(names, est.std, strict=True)},
+        )
+
+    with threadpool_limits(limits=threads):
+        result = posterior_study(settings, start_fn, progress=not quiet)
+    result["model_version"] = estimator.model.version
+    result["command"] = command_line()
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")
+    if plot is not None:
+        plot_study(result, plot)
+    emit(result, as_json)

@@ -82,3 +82,27 @@ def test_clear_errors() -> None:
         model.observed(np.zeros((3, 3)))
     with pytest.raises(RefinementError, match="parameters"):
         model.evaluate(np.zeros(3))
+
+
+@pytest.mark.parametrize("temperature", [5.0, 300.0])
+def test_profile_derivatives_are_analytic_and_right(temperature: float) -> None:
+    run = ge_run()
+    model = run.refiner.model(ge_moments((10.0,)))
+    model.temperature = temperature
+    rng = np.random.default_rng(3)
+    shape = (4, model.grid.n_e, 6)
+    e = rng.uniform(2.0, 40.0, shape)
+    mu = rng.normal(0.0, 0.5, shape)
+    tau2 = rng.uniform(0.0, 1.5, shape)
+    r = 1.1
+    _, *analytic = model._profile(e, mu, tau2, r, derivatives=True)
+    for i, name in enumerate(("e", "mu", "tau2", "r")):
+        args = {"e": e, "mu": mu, "tau2": tau2, "r": r}
+        step = 1e-5 * (1.0 if name != "tau2" else 0.1)
+        args[name] = args[name] + step
+        up = model._profile(**args)
+        args[name] = args[name] - 2 * step
+        down = model._profile(**args)
+        fd = (up - down) / (2 * step)
+        scale = np.abs(fd).max()
+        assert np.abs(analytic[i] - fd).max() < 1e-4 * scale, name
