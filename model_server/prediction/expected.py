@@ -45,8 +45,9 @@ class GridSimulator(OrientationSimulator):
         *,
         energy_edges: NDArray[np.float64],
         table: PhononTable,
+        group_rows: int = 4,
     ) -> None:
-        super().__init__(model, instrument, orientation, ei, table=table)
+        super().__init__(model, instrument, orientation, ei, table=table, group_rows=group_rows)
         edges = np.asarray(energy_edges, dtype=float)
         centres = 0.5 * (edges[1:] + edges[:-1])
         self.n_e = len(centres)

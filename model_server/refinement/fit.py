@@ -89,6 +89,11 @@ class Refined:
     second_minimum
         When another start ended in a different minimum: its deviance above the best and
         its coefficients; None otherwise.
+    start
+        Which start the optimum came from: ``"warm"`` (the previous optimum), ``"start
+        <i>"`` (the i-th given start), or, only when no given start had a stable lattice,
+        the first start moved part of the way to the prior's centre (``"start 0 shrunk
+        ..."``) or that centre itself (``"reference"``).
     """
 
     names: tuple[str, ...]
@@ -106,6 +111,7 @@ class Refined:
     n_bins: int
     theta: NDArray[np.float64] = field(repr=False)
     second_minimum: dict[str, Any] | None = None
+    start: str = "start 0"
 
     @property
     def deviance_per_dof(self) -> float:
@@ -131,6 +137,7 @@ class Refined:
             "seconds": round(float(self.seconds), 4),
             "n_bins": int(self.n_bins),
             "second_minimum": self.second_minimum,
+            "start": self.start,
         }
 
 
@@ -286,26 +293,29 @@ def refine(
         starts = [np.asarray(start, dtype=float)]
     else:
         starts = [np.asarray(s, dtype=float) for s in start]
-    thetas = [] if warm is None else [np.asarray(warm, dtype=float)]
+    thetas = [] if warm is None else [("warm", np.asarray(warm, dtype=float))]
     if not starts and not thetas:
         raise RefinementError("no starting point: give a start or a warm parameter vector")
-    for s in starts:
+    for i, s in enumerate(starts):
         if s.shape != (model.n_coefficients,) or not np.all(np.isfinite(s)):
             raise RefinementError(
                 f"a start needs {model.n_coefficients} finite coefficients, got {s.shape}"
             )
-        thetas.append(model.start_nuisance(s, counts))
-    results = []
-    for theta in thetas:
-        try:
-            results.append(_descend(model, y, theta, prior, max_iter))
-        except RefinementError as exc:
-            logger.info("refinement start skipped: %s", exc)
+        thetas.append((f"start {i}", model.start_nuisance(s, counts)))
+    results = _descend_all(model, y, thetas, prior, max_iter)
+    if not results and starts:
+        # Every start was unstable (a VAE estimate at the edge of the domain, say): the
+        # first stable point on the way from the first start to the prior's centre (the
+        # reference set, a stable lattice).
+        fallback = _toward_reference(model, y, starts[0], counts, prior)
+        logger.info("no given start had a stable lattice: starting from %s", fallback[0])
+        results = _descend_all(model, y, [fallback], prior, max_iter)
     if not results:
         raise RefinementError("no start gave a stable lattice with positive expected counts")
-    results.sort(key=lambda r: r[0].objective)
-    state, fisher, iterations, converged = results[0]
-    second = _second_minimum(results, fisher, model)
+    results.sort(key=lambda r: r[1][0].objective)
+    start_label = results[0][0]
+    state, fisher, iterations, converged = results[0][1]
+    second = _second_minimum([r for _, r in results], fisher, model)
     k = model.n_coefficients
     lam = state.lam
     dof = max(len(y) - model.n_params, 1)
@@ -335,7 +345,48 @@ def refine(
         n_bins=len(y),
         theta=theta.copy(),
         second_minimum=second,
+        start=start_label,
     )
+
+
+#: Fractions of the way from an unstable start back to the reference set that are tried.
+_SHRINK = (0.75, 0.5, 0.25)
+
+
+def _toward_reference(
+    model: CountsModel,
+    y: NDArray[np.float64],
+    start: NDArray[np.float64],
+    counts: NDArray[np.float64],
+    prior: Prior,
+) -> tuple[str, NDArray[np.float64]]:
+    """The first stable start ``reference + t (start - reference)`` for t in
+    :data:`_SHRINK`, else the reference set itself, labelled."""
+    for t in _SHRINK:
+        theta = model.start_nuisance(prior.mean + t * (start - prior.mean), counts)
+        k = model.n_coefficients
+        theta[k + 1] = max(theta[k + 1], background_floor(model, y))
+        if _objective(model, y, theta, prior) is not None:
+            return f"start 0 shrunk to {t:g} of its offset from the reference", theta
+    return "reference", model.start_nuisance(prior.mean, counts)
+
+
+def _descend_all(
+    model: CountsModel,
+    y: NDArray[np.float64],
+    thetas: Sequence[tuple[str, NDArray[np.float64]]],
+    prior: Prior,
+    max_iter: int,
+) -> list[tuple[str, tuple[_State, NDArray[np.float64], int, bool]]]:
+    """:func:`_descend` from every labelled start; the starts without a stable lattice are
+    skipped (logged)."""
+    out = []
+    for label, theta in thetas:
+        try:
+            out.append((label, _descend(model, y, theta, prior, max_iter)))
+        except RefinementError as exc:
+            logger.info("refinement %s skipped: %s", label, exc)
+    return out
 
 
 def _second_minimum(

@@ -9,7 +9,7 @@ import pytest
 
 from consumers.reduction.moments import BinMoments
 from model_server.exceptions import RefinementError
-from model_server.refinement.fit import deviance, refine
+from model_server.refinement.fit import Prior, deviance, refine
 from tests.ge_moments import ge_moments, ge_run, replica_counts
 
 OMEGAS = (10.0, 40.0)
@@ -80,11 +80,33 @@ def test_clear_errors_for_inputs_it_cannot_fit() -> None:
     )
     with pytest.raises(RefinementError, match="16 finite coefficients"):
         refine(model, counts, np.zeros(3), prior=run.refiner.prior)
+    # an unstable start and an unstable prior centre: nothing to start from
+    unstable_prior = Prior(mean=-run.truth, std=run.refiner.prior.std)
     with pytest.raises(RefinementError, match="stable lattice"):
-        refine(model, counts, -run.truth, prior=run.refiner.prior)
+        refine(model, counts, -run.truth, prior=unstable_prior)
     empty = BinMoments.zeros(len(model.bins), 6)
     with pytest.raises(RefinementError, match="no measured bins"):
         run.refiner.refine(counts, empty)
+
+
+def test_an_unstable_start_moves_toward_the_reference_set() -> None:
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    theta = _truth_theta(model, run.truth, 30000.0)
+    _, counts = replica_counts(model, theta, np.random.default_rng(7))
+    # a VAE-like start 25 % off that is dynamically unstable (seed found by search)
+    rng = np.random.default_rng(6)
+    kept = [run.refiner.names.index(n) for n in run.refiner.free]
+    start = run.refiner.reference.copy()
+    start[kept] = run.truth[kept] * (1.0 + 0.25 * rng.standard_normal(len(kept)))
+    assert not model.evaluate(model.theta(start), jacobian=False).stable
+    fit = refine(model, counts, [start], prior=run.refiner.prior)
+    assert fit.start.startswith("start 0 shrunk") or fit.start == "reference"
+    assert fit.converged
+    assert np.all(np.abs(fit.mean - run.truth)[:4] < 5 * fit.std[:4])
+    good = refine(model, counts, [start, run.truth], prior=run.refiner.prior)
+    assert good.start == "start 1"  # a stable given start: no fallback
+    assert good.to_dict()["start"] == "start 1"
 
 
 def test_deviance_is_zero_at_the_data_and_positive_elsewhere() -> None:
