@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,7 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import consumers.metrics  # noqa: F401  (registers the service's metrics)
 import steering.metrics  # noqa: F401
-from steering.api.deps import HistoryDep, LiveDep, require_token
+from steering.api.deps import HistoryDep, LimitsDep, LiveDep, public_path, require_token
+from steering.api.limits import ENV
 from steering.api.state import LiveState
 
 __all__ = ["router"]
@@ -50,12 +52,24 @@ def health(history: HistoryDep, live: LiveDep) -> dict[str, Any]:
 
 
 @router.get("/models")
-def models(history: HistoryDep, live: LiveDep) -> dict[str, Any]:
-    """The model in use and the versions loaded before."""
-    return {"current": live.model_version, "loaded": history.models()}
+def models(request: Request, history: HistoryDep, live: LiveDep) -> dict[str, Any]:
+    """The model in use and the versions loaded before (paths relative to the model
+    folder)."""
+    loaded = history.models()
+    for m in loaded:
+        if "path" in m:
+            m["path"] = public_path(m["path"], request.app.state.model_dir)
+    return {"current": live.model_version, "loaded": loaded}
 
 
-@router.post("/models/reload", dependencies=[Depends(require_token)])
+@router.post(
+    "/models/reload",
+    dependencies=[Depends(require_token)],
+    responses={
+        409: {"description": "This service runs no model server."},
+        422: {"description": "The reload failed (the message says why)."},
+    },
+)
 def reload(live: LiveDep) -> dict[str, Any]:
     """Reload the frozen model from its directory (token)."""
     if live.reload is None:
@@ -68,9 +82,18 @@ def reload(live: LiveDep) -> dict[str, Any]:
     return {"model_version": live.model_version}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format.",
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+        }
+    },
+)
 def metrics() -> Response:
-    """Prometheus metrics."""
+    """Prometheus metrics (text exposition format 0.0.4)."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -80,7 +103,11 @@ def _page_html() -> str:
     )
 
 
-@router.get("/", response_class=HTMLResponse)
+@router.get(
+    "/",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}},
+)
 def page() -> HTMLResponse:
     """The live page: spectrum and model, dispersion, FC trajectories, advice, coverage."""
     return HTMLResponse(_page_html())
@@ -107,10 +134,24 @@ async def _events(
         await asyncio.sleep(POLL_S)
 
 
-@router.get("/stream", responses={200: {"content": {"text/event-stream": {}}}})
+@router.get(
+    "/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        503: {
+            "description": "As many event streams are open as the service takes "
+            f"({ENV['max_streams']}); retry after `Retry-After` seconds.",
+            "headers": {
+                "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
+            },
+        },
+    },
+)
 async def stream(
     request: Request,
     live: LiveDep,
+    limits: LimitsDep,
     since: Annotated[int, Query(ge=0, description="Last version seen.")] = 0,
     timeout: Annotated[
         float, Query(gt=0, le=86400, description="Close the stream after this many s.")
@@ -120,9 +161,21 @@ async def stream(
     latest FC means and stds) whenever a run gets a new estimate; ``: keep-alive``
     comments every 15 s. Reconnecting clients send ``since`` (or Last-Event-ID)."""
     last_id = request.headers.get("last-event-id", "")
-    start = int(last_id) if last_id.isdigit() else since
+    start = int(last_id) if last_id.isdigit() and len(last_id) < 19 else since
+    # the open streams are the event generators still alive (a weak set: one that ends, or
+    # whose connection is dropped before it starts, leaves it)
+    streams: weakref.WeakSet[Any] = request.app.state.streams
+    if len(streams) >= limits.max_streams:
+        raise HTTPException(
+            503,
+            f"{len(streams)} event streams are open, the most this service takes "
+            f"({ENV['max_streams']}); retry later",
+            headers={"Retry-After": "15"},
+        )
+    events = _events(request, live, start, timeout)
+    streams.add(events)
     return StreamingResponse(
-        _events(request, live, start, timeout),
+        events,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )

@@ -25,6 +25,7 @@ __all__ = [
     "AdvisorRange",
     "DOSOutput",
     "DetectorOutput",
+    "ErrorBody",
     "FCCoefficients",
     "FCInfo",
     "FCModelInfo",
@@ -183,10 +184,18 @@ class PredictRequest(BaseModel):
         return list(dict.fromkeys(value))
 
 
-class PredictError(BaseModel):
-    """An error: a message, or pydantic's list of validation errors."""
+class ErrorBody(BaseModel):
+    """An error answer: a message, or (422 for a request that does not match its schema)
+    pydantic's list of validation errors, each with ``loc``, ``msg``, ``type`` and the
+    offending ``input`` (shortened)."""
 
-    detail: str | list[dict[str, Any]]
+    detail: str | list[dict[str, Any]] = Field(
+        description="What was wrong and how to fix it, or the list of validation errors."
+    )
+
+
+#: The error answer of ``POST /predict`` (the same as every route's).
+PredictError = ErrorBody
 
 
 # The JSON answer of ``POST /predict``.
