@@ -218,6 +218,8 @@ def count_cif_sites(text: str, *, max_sites: int = MAX_CIF_SITES) -> int:
         raise
     except Exception as exc:  # pymatgen raises many kinds on bad CIFs
         raise _unreadable(exc) from exc
+    if total == 0 and not any("_cell_length_a" in b.data for b in blocks):
+        raise _unreadable(ValueError("no data block with a unit cell and atom sites"))
     if total == 0:
         raise CIFError(
             "the CIF has no atom sites: give them in a loop_ of _atom_site_label (or "

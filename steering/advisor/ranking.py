@@ -170,8 +170,10 @@ def candidate_omegas(
         raise AdvisorError(f"candidate range {start}:{stop}:{step} must be finite")
     if step <= 0:
         raise AdvisorError(f"candidate step must be > 0 degrees, got {step}")
-    count = math.ceil((stop - 1e-9 * step - start) / step)
-    if count > max_candidates:
+    count = (stop - 1e-9 * step - start) / step  # float: may be +-inf for extreme ranges
+    if count <= 0:
+        raise AdvisorError(f"candidate range {start}:{stop}:{step} deg is empty (stop <= start)")
+    if not count <= max_candidates:
         raise AdvisorError(
             f"candidate range {start:g}:{stop:g}:{step:g} deg has {count:.4g} angles; at "
             f"most {max_candidates} are accepted (the candidate limit): use a larger step"

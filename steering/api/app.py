@@ -40,13 +40,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_server.prediction.pool import PredictionPool
 from steering.api import live as live_routes
 from steering.api import runs as run_routes
-from steering.api.errors import validation_error_response
+from steering.api.errors import body_not_decoded, validation_error_response
 from steering.api.limits import BodySizeLimit, ServiceLimits
 from steering.api.openapi import truthful_openapi
 from steering.api.predict import predict_router
@@ -116,6 +118,11 @@ def create_app(
         RequestValidationError,
         lambda request, exc: validation_error_response(exc),  # type: ignore[arg-type]
     )
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return body_not_decoded(exc) or await http_exception_handler(request, exc)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.include_router(predict_router(live, history, runner=pool, limits=limits))
     app.include_router(live_routes.router)
     app.include_router(run_routes.router)

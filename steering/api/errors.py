@@ -13,13 +13,13 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-__all__ = ["ValidatedRoute", "validation_error_response"]
+__all__ = ["ValidatedRoute", "body_not_decoded", "validation_error_response"]
 
 
 #: Longest string, and most items of a list or object, echoed back in a validation error;
@@ -50,8 +50,27 @@ def _error_entry(error: dict[str, Any]) -> dict[str, Any]:
     if "ctx" in error:
         out["ctx"] = {k: str(v) for k, v in error["ctx"].items()}
     if "input" in error:
-        out["input"] = _json_safe(error["input"])
+        value = error["input"]
+        if isinstance(value, bytes | bytearray):
+            value = bytes(value[: 4 * MAX_ECHO]).decode("utf-8", errors="replace")
+        out["input"] = _json_safe(value)
     return out
+
+
+def body_not_decoded(exc: HTTPException) -> JSONResponse | None:
+    """FastAPI answers a body it cannot decode (not UTF-8) with 400 and a message of its own;
+    the API answers every body that is not JSON with 422 and a validation error instead,
+    as its OpenAPI document says. None for any other HTTP error."""
+    if exc.status_code != 400 or exc.detail != "There was an error parsing the body":
+        return None
+    errors = [
+        {
+            "type": "json_invalid",
+            "loc": ["body"],
+            "msg": "the body is not JSON text (UTF-8)",
+        }
+    ]
+    return JSONResponse(status_code=422, content={"detail": errors})
 
 
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:

@@ -21,7 +21,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 import consumers.metrics  # noqa: F401  (registers the service's metrics)
 import steering.metrics  # noqa: F401
@@ -88,13 +89,13 @@ def reload(live: LiveDep) -> dict[str, Any]:
     responses={
         200: {
             "description": "Prometheus text exposition format.",
-            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            "content": {CONTENT_TYPE_PLAIN_0_0_4: {"schema": {"type": "string"}}},
         }
     },
 )
 def metrics() -> Response:
     """Prometheus metrics (text exposition format 0.0.4)."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 def _page_html() -> str:

@@ -9,8 +9,9 @@ around them:
   dropped;
 * 413 on every operation that takes a body (:class:`steering.api.limits.BodySizeLimit`);
 * 401 (with ``WWW-Authenticate``) and 403 on the operations that need the token;
-* the body of ``POST /predict``, which the route parses itself off the event loop, is
-  :class:`~steering.api.schemas.PredictRequest`, its ``omegas`` at most the service's limit.
+* the ``omegas`` of ``POST /predict``'s body (:class:`~steering.api.schemas.PredictRequest`,
+  inlined: the route parses the body itself, off the event loop) are at most the service's
+  angle limit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from steering.api.limits import ServiceLimits
-from steering.api.schemas import ErrorBody, PredictRequest
+from steering.api.schemas import ErrorBody
 
 __all__ = ["truthful_openapi"]
 
@@ -40,14 +41,17 @@ _AUTH: dict[int, dict[str, Any]] = {
 }
 
 
-def _add_models(schemas: dict[str, Any], limits: ServiceLimits) -> None:
-    for model in (ErrorBody, PredictRequest):
-        doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, sub in doc.pop("$defs", {}).items():
-            schemas.setdefault(name, sub)
-        schemas[model.__name__] = doc
-    omegas = schemas["PredictRequest"]["properties"]["omegas"]
-    omegas["maxItems"] = limits.predict_max_omegas
+def _add_models(schemas: dict[str, Any]) -> None:
+    schemas["ErrorBody"] = ErrorBody.model_json_schema()
+
+
+def _limit_omegas(doc: dict[str, Any], limits: ServiceLimits) -> None:
+    """The ``omegas`` of ``POST /predict``'s body: at most the service's angle limit."""
+    op = doc.get("paths", {}).get("/predict", {}).get("post")
+    if op is None:
+        return
+    schema = op["requestBody"]["content"]["application/json"]["schema"]
+    schema["properties"]["omegas"]["maxItems"] = limits.predict_max_omegas
 
 
 def _patch_operation(op: dict[str, Any], limits: ServiceLimits) -> None:
@@ -83,7 +87,8 @@ def truthful_openapi(app: FastAPI, limits: ServiceLimits) -> None:
             routes=app.routes,
         )
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        _add_models(schemas, limits)
+        _add_models(schemas)
+        _limit_omegas(doc, limits)
         for item in doc.get("paths", {}).values():
             for op in item.values():
                 _patch_operation(op, limits)

@@ -45,7 +45,7 @@ from steering.api.limits import ENV, ServiceLimits
 from steering.api.schemas import ErrorBody, FCCoefficients, PredictRequest, PredictResponse
 from steering.db import History
 
-__all__ = ["current_estimate", "predict_router"]
+__all__ = ["current_estimate", "predict_router", "request_schema"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,26 @@ def _resolve_fc(body: PredictRequest, history: History) -> tuple[str | None, Any
     return material, fc, label
 
 
+def request_schema() -> dict[str, Any]:
+    """The JSON schema of :class:`PredictRequest` with its sub-schemas inlined (the route
+    parses the body itself, so FastAPI does not list the model among the components)."""
+    doc = PredictRequest.model_json_schema()
+    defs = doc.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    result: dict[str, Any] = inline(doc)
+    return result
+
+
 def _job(raw: bytes, history: History, limits: ServiceLimits, png: bool) -> dict[str, Any]:
     """The prediction job of a request body (run in a thread: parsing, validation, the
     limits, the run history).
@@ -154,7 +174,7 @@ def _job(raw: bytes, history: History, limits: ServiceLimits, png: bool) -> dict
             f"{len(body.omegas)} omegas; at most {limits.predict_max_omegas} are accepted per "
             f"prediction (the angle limit, {ENV['predict_max_omegas']})",
         )
-    if body.cif is not None:
+    if body.cif is not None and body.material is None:
         try:
             count_cif_sites(body.cif, max_sites=limits.predict_max_cif_sites)
         except CIFError as exc:
@@ -207,9 +227,7 @@ def predict_router(
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}
-                },
+                "content": {"application/json": {"schema": request_schema()}},
             }
         },
     )

@@ -236,7 +236,7 @@ def test_openapi_describes_the_new_outputs(client: TestClient) -> None:
     assert "dos" in op["description"]
     assert "indirect" in op["description"]
     schemas = spec["components"]["schemas"]
-    props = schemas["PredictRequest"]["properties"]
+    props = op["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert {"dos_sigma", "indirect_instrument", "indirect_orders"} <= set(props)
     outputs = json.dumps(props["outputs"])
     assert "dos" in outputs
