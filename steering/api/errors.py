@@ -13,11 +13,12 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 __all__ = ["ValidatedRoute", "body_not_decoded", "validation_error_response"]
 
