@@ -99,28 +99,34 @@ def parse_omegas(spec: str, *, max_count: int = MAX_ORIENTATIONS) -> NDArray[np.
             step = parts[2] if len(parts) == 3 else 1.0
             if step == 0 or (stop - start) / step <= 0:
                 raise ValueError
-            count = np.ceil((stop - start) / step - 1e-9)
-            _check_count(spec, count, max_count)
-            return np.asarray(start + step * np.arange(int(count)), dtype=np.float64)
-        items = [x for x in spec.split(",") if x.strip()]
-        _check_count(spec, len(items), max_count)
-        values = np.array([float(x) for x in items])
-        if not np.all(np.isfinite(values)):
-            raise ValueError
-        return values
+            count = float(np.ceil((stop - start) / step - 1e-9))
+            items: list[str] = []
+        else:
+            items = [x for x in spec.split(",") if x.strip()]
+            count = float(len(items))
     except ValueError:
-        raise InstrumentError(
-            f"cannot read omegas {spec!r}: use 'start:stop:step' (stop exclusive, degrees) "
-            "or a comma-separated list of finite angles"
-        ) from None
-
-
-def _check_count(spec: str, count: float, max_count: int) -> None:
+        raise _unreadable(spec) from None
     if count > max_count:
         raise InstrumentError(
             f"omegas {spec!r} gives {count:.4g} angles; at most {max_count} are accepted "
             "per run: use a larger step or fewer angles"
         )
+    if ":" in spec:
+        return np.asarray(start + step * np.arange(int(count)), dtype=np.float64)
+    try:
+        values = np.array([float(x) for x in items])
+    except ValueError:
+        raise _unreadable(spec) from None
+    if not np.all(np.isfinite(values)):
+        raise _unreadable(spec)
+    return values
+
+
+def _unreadable(spec: str) -> InstrumentError:
+    return InstrumentError(
+        f"cannot read omegas {spec!r}: use 'start:stop:step' (stop exclusive, degrees) "
+        "or a comma-separated list of finite angles"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
