@@ -35,7 +35,6 @@ to the state or model folder. The OpenAPI document lists every status and error 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -112,7 +111,7 @@ def create_app(
     app.state.predictions = pool
     app.state.state_dir = Path(state_dir).resolve() if state_dir is not None else None
     app.state.model_dir = Path(model_dir).resolve() if model_dir is not None else None
-    app.state.streams = weakref.WeakSet()  # the open event streams (steering.api.live)
+    app.state.streams = 0  # event streams running (steering.api.live)
     # FastAPI's own handler echoes a NaN input back and fails to serialise it (a 500)
     app.add_exception_handler(
         RequestValidationError,

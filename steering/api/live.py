@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -117,22 +116,28 @@ def page() -> HTMLResponse:
 async def _events(
     request: Request, live: LiveState, start: int, timeout: float
 ) -> AsyncIterator[str]:
-    """Server-sent events of the updates after version ``start``, for ``timeout`` s."""
-    seen = start
-    t_end = time.monotonic() + timeout
-    t_alive = time.monotonic()
-    yield "retry: 2000\n\n"
-    while time.monotonic() < t_end:
-        version, updates = live.changes(seen)
-        for u in sorted(updates, key=lambda x: x["version"]):
-            yield f"id: {u['version']}\nevent: update\ndata: {json.dumps(u)}\n\n"
-        seen = version
-        if time.monotonic() - t_alive > KEEP_ALIVE_S:
-            t_alive = time.monotonic()
-            yield ": keep-alive\n\n"
-        if await request.is_disconnected():
-            break
-        await asyncio.sleep(POLL_S)
+    """Server-sent events of the updates after version ``start``, for ``timeout`` s; counted
+    in ``app.state.streams`` while they run."""
+    state = request.app.state
+    state.streams += 1
+    try:
+        seen = start
+        t_end = time.monotonic() + timeout
+        t_alive = time.monotonic()
+        yield "retry: 2000\n\n"
+        while time.monotonic() < t_end:
+            version, updates = live.changes(seen)
+            for u in sorted(updates, key=lambda x: x["version"]):
+                yield f"id: {u['version']}\nevent: update\ndata: {json.dumps(u)}\n\n"
+            seen = version
+            if time.monotonic() - t_alive > KEEP_ALIVE_S:
+                t_alive = time.monotonic()
+                yield ": keep-alive\n\n"
+            if await request.is_disconnected():
+                break
+            await asyncio.sleep(POLL_S)
+    finally:
+        state.streams -= 1
 
 
 @router.get(
@@ -163,20 +168,17 @@ async def stream(
     comments every 15 s. Reconnecting clients send ``since`` (or Last-Event-ID)."""
     last_id = request.headers.get("last-event-id", "")
     start = int(last_id) if last_id.isdigit() and len(last_id) < 19 else since
-    # the open streams are the event generators still alive (a weak set: one that ends, or
-    # whose connection is dropped before it starts, leaves it)
-    streams: weakref.WeakSet[Any] = request.app.state.streams
-    if len(streams) >= limits.max_streams:
+    # the streams running (a stream counts from its first event until it ends, however it
+    # ends; one whose connection is dropped before it starts is never counted)
+    if request.app.state.streams >= limits.max_streams:
         raise HTTPException(
             503,
-            f"{len(streams)} event streams are open, the most this service takes "
-            f"({ENV['max_streams']}); retry later",
+            f"{request.app.state.streams} event streams are open, the most this service "
+            f"takes ({ENV['max_streams']}); retry later",
             headers={"Retry-After": "15"},
         )
-    events = _events(request, live, start, timeout)
-    streams.add(events)
     return StreamingResponse(
-        events,
+        _events(request, live, start, timeout),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
