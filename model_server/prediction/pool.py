@@ -187,17 +187,30 @@ class PredictionPool:
         self._count("answered")
         return result
 
-    def _take_worker(self) -> _Worker:
+    async def _start_worker(self) -> _Worker:
+        """A new worker, started in a thread (spawning is not instant; the loop goes on).
+        One whose request is cancelled while it starts is killed once it has started."""
+        starting = asyncio.ensure_future(asyncio.to_thread(_Worker, self._ctx))
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            starting.add_done_callback(_kill_started)
+            raise
+
+    async def _take_worker(self) -> _Worker:
         if self._closed:
             raise PredictionUnavailable("the service is stopping", retry_after=5)
-        w = self._idle.pop() if self._idle else _Worker(self._ctx)
+        w = self._idle.pop() if self._idle else await self._start_worker()
+        if self._closed:  # closed while it started
+            w.kill()
+            raise PredictionUnavailable("the service is stopping", retry_after=5)
         self._busy.add(w)
         return w
 
     async def _run_in_worker(
         self, job: dict[str, Any], disconnected: Disconnected | None
     ) -> Answer:
-        w = self._take_worker()
+        w = await self._take_worker()
         ok = False
         try:
             await asyncio.to_thread(w.conn.send, job)
@@ -285,6 +298,13 @@ class PredictionPool:
         for w in [*self._idle, *self._busy]:
             w.reap(timeout)
         self._idle.clear()
+
+
+def _kill_started(starting: asyncio.Future[_Worker]) -> None:
+    if not starting.cancelled() and starting.exception() is None:
+        w = starting.result()
+        w.kill()
+        w.reap(5.0)
 
 
 def _release(slots: asyncio.Semaphore, n: int) -> None:
