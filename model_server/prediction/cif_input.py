@@ -216,6 +216,12 @@ def count_cif_sites(text: str, *, max_sites: int = MAX_CIF_SITES) -> int:
                 total += int(_orbit_sizes(xyz, ops).sum())
     except CIFError:
         raise
+    except ZeroDivisionError as exc:  # pymatgen's reader on a loop_ with names, no values
+        raise CIFError(
+            "the CIF has no atom sites: a loop_ (such as its _atom_site_ loop) has names but "
+            "no values; give one row of _atom_site_label (or _atom_site_type_symbol) and "
+            "_atom_site_fract_x/y/z per site"
+        ) from exc
     except Exception as exc:  # pymatgen raises many kinds on bad CIFs
         raise _unreadable(exc) from exc
     if total == 0 and not any("_cell_length_a" in b.data for b in blocks):

@@ -217,6 +217,8 @@ def test_huge_cell_states_the_limits(client: TestClient) -> None:
     [
         ({"cif": "this is not a CIF"}, "cannot read the CIF"),
         ({"cif": "   "}, "the CIF is empty"),
+        # a cell without atoms once answered "integer modulo by zero"
+        ({"cif": _cif("X", 5.0, [])}, "the CIF has no atom sites"),
         ({"cif": GE_CIF.read_text(), "fc": "raman"}, 'leave fc out (or give "e3nn")'),
         ({"cif": GE_CIF.read_text(), "indirect_orders": 7}, "less than or equal to 4"),
         ({"cif": GE_CIF.read_text(), "indirect_instrument": "iris"}, "vision"),

@@ -151,3 +151,31 @@ def test_files_only_from_the_state_folder(api, tmp_path: Path) -> None:  # type:
         models = c.get(f"{base}/models").json()["loaded"]
         assert [m["path"] for m in models] == ["ge"]
         assert str(tmp_path) not in c.get(f"{base}/runs").text + c.get(f"{base}/models").text
+
+
+def test_a_client_that_leaves_has_its_prediction_stopped(filled) -> None:  # type: ignore[no-untyped-def]
+    """The real disconnect path: uvicorn tells the route the client has gone, and the
+    worker computing its 360 angles is killed (not left running for minutes)."""
+    history, live, _ = filled
+    app = create_app(history, live=live)
+    pool = app.state.predictions
+    body = {
+        "material": "Ge",
+        "fc": "raman",
+        "omegas": [float(w) for w in range(-180, 180)],
+        "outputs": ["iqe", "detector"],
+    }
+    with serve(app) as base:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/predict", json=body, timeout=3.0)
+        (worker,) = pool.processes or [None]
+        deadline = time.monotonic() + 5
+        while pool.outcomes.get("client_gone", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.outcomes.get("client_gone") == 1, pool.outcomes
+        assert not pool.processes  # the worker was killed, not returned to the pool
+        with httpx.Client(timeout=10) as c:
+            assert c.get(f"{base}/health").status_code == 200
+    if worker is not None:
+        worker.join(5)
+        assert worker.exitcode is not None
