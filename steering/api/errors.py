@@ -26,6 +26,8 @@ __all__ = ["ValidatedRoute", "body_not_decoded", "validation_error_response"]
 #: Longest string, and most items of a list or object, echoed back in a validation error;
 #: a larger input is described, not echoed (a 200 MB body was once echoed whole).
 MAX_ECHO = 200
+#: Most validation errors listed in one answer (a body of 100,000 unknown keys has as many).
+MAX_ERRORS = 20
 
 
 def _json_safe(value: Any, depth: int = 0) -> Any:
@@ -83,7 +85,17 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     ``app.add_exception_handler(RequestValidationError, lambda r, e:
     validation_error_response(e))``.
     """
-    errors = [_error_entry(dict(e)) for e in exc.errors()]
+    all_errors = exc.errors()
+    errors = [_error_entry(dict(e)) for e in all_errors[:MAX_ERRORS]]
+    if len(all_errors) > MAX_ERRORS:
+        errors.append(
+            {
+                "type": "too_many_errors",
+                "loc": ["body"],
+                "msg": f"and {len(all_errors) - MAX_ERRORS} more errors (the first "
+                f"{MAX_ERRORS} are listed)",
+            }
+        )
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
 

@@ -179,3 +179,22 @@ def test_a_client_that_leaves_has_its_prediction_stopped(filled) -> None:  # typ
     if worker is not None:
         worker.join(5)
         assert worker.exitcode is not None
+
+
+def test_many_errors_are_listed_briefly(api) -> None:  # type: ignore[no-untyped-def]
+    """A body just under the size limit with 80,000 unknown keys: 80,000 validation errors,
+    of which 20 are listed, answered quickly with /health unaffected."""
+    base, _, _ = api
+    body = {f"k{i}": 0 for i in range(80_000)}
+    with httpx.Client(timeout=30) as c:
+        t0 = time.perf_counter()
+        r = c.post(f"{base}/predict", json=body)
+        dt = time.perf_counter() - t0
+        assert r.status_code == 422
+        detail = r.json()["detail"]
+        assert len(detail) == 21
+        assert "and 79980 more errors" in detail[-1]["msg"]
+        assert dt < 2.0, dt
+        t0 = time.perf_counter()
+        assert c.get(f"{base}/health").status_code == 200
+        assert time.perf_counter() - t0 < 0.5
