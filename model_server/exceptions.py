@@ -60,10 +60,21 @@ class PredictionUnavailable(ModelServerError):
 
     ``status`` is the HTTP status to answer (429: the queue is full; 503: the time budget ran
     out, the worker was lost, or the service is stopping); ``retry_after`` the seconds after
-    which a retry may succeed (None when a retry of the same request would not).
+    which a retry may succeed (None when a retry of the same request would not); ``reason``
+    a short name of what happened.
     """
 
-    def __init__(self, message: str, *, status: int = 503, retry_after: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 503,
+        retry_after: int | None = None,
+        reason: str = "unavailable",
+    ):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        #: a short name of what happened (``queue_full``, ``timed_out``, ``client_gone``,
+        #: ``worker_lost``, ``stopping``), for metrics
+        self.reason = reason

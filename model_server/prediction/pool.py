@@ -152,7 +152,7 @@ class PredictionPool:
             When the caller is cancelled (its worker is killed first).
         """
         if self._closed:
-            raise PredictionUnavailable("the service is stopping", retry_after=5)
+            raise PredictionUnavailable("the service is stopping", retry_after=5, reason="stopping")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.workers)
             self._loop = asyncio.get_running_loop()
@@ -164,6 +164,7 @@ class PredictionPool:
                 "STEER_PREDICT_WORKERS, STEER_PREDICT_QUEUE); retry later",
                 status=429,
                 retry_after=max(1, math.ceil(self._typical_s)),
+                reason="queue_full",
             )
         self._pending += 1
         t0 = time.monotonic()
@@ -178,7 +179,8 @@ class PredictionPool:
             self._count("timed_out")
             raise PredictionUnavailable(
                 f"the prediction ran past its time budget of {self.budget_s:g} s "
-                "(STEER_PREDICT_TIMEOUT_S) and was stopped; ask for fewer angles or outputs"
+                "(STEER_PREDICT_TIMEOUT_S) and was stopped; ask for fewer angles or outputs",
+                reason="timed_out",
             ) from None
         finally:
             self._pending -= 1
@@ -199,11 +201,11 @@ class PredictionPool:
 
     async def _take_worker(self) -> _Worker:
         if self._closed:
-            raise PredictionUnavailable("the service is stopping", retry_after=5)
+            raise PredictionUnavailable("the service is stopping", retry_after=5, reason="stopping")
         w = self._idle.pop() if self._idle else await self._start_worker()
         if self._closed:  # closed while it started
             w.kill()
-            raise PredictionUnavailable("the service is stopping", retry_after=5)
+            raise PredictionUnavailable("the service is stopping", retry_after=5, reason="stopping")
         self._busy.add(w)
         return w
 
@@ -219,13 +221,16 @@ class PredictionPool:
             return result
         except (EOFError, OSError) as exc:
             if self._closed:
-                raise PredictionUnavailable("the service is stopping", retry_after=5) from None
+                raise PredictionUnavailable(
+                    "the service is stopping", retry_after=5, reason="stopping"
+                ) from None
             self._count("worker_lost")
             logger.warning("a prediction worker was lost (exit code %s)", w.process.exitcode)
             raise PredictionUnavailable(
                 f"the prediction's worker stopped ({type(exc).__name__}, exit code "
                 f"{w.process.exitcode}); it is replaced, retry later",
                 retry_after=5,
+                reason="worker_lost",
             ) from exc
         finally:
             self._busy.discard(w)
@@ -249,7 +254,7 @@ class PredictionPool:
                 if disconnected is not None and await disconnected():
                     self._count("client_gone")
                     logger.info("client gone: its prediction is stopped")
-                    raise PredictionUnavailable("the client disconnected")
+                    raise PredictionUnavailable("the client disconnected", reason="client_gone")
         finally:
             if not received.done():
                 received.cancel()

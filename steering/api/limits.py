@@ -22,6 +22,7 @@ from typing import Any
 
 from model_server.prediction.cif_input import MAX_CIF_SITES
 from model_server.prediction.request import MAX_OMEGAS
+from steering import metrics
 from steering.advisor.ranking import MAX_CANDIDATES
 from steering.exceptions import SteeringError
 
@@ -157,6 +158,7 @@ class BodySizeLimit:
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            metrics.REQUESTS_REFUSED.labels(limit="body").inc()
             for message in self._refusal(f"{int(length)} bytes"):
                 await send(message)
             return
@@ -183,6 +185,8 @@ class BodySizeLimit:
 
         with contextlib.suppress(_TooLarge):
             await self.app(scope, limited_receive, guarded_send)
+        if over:
+            metrics.REQUESTS_REFUSED.labels(limit="body").inc()
         if over and not started:
             for message in self._refusal(f"more than {self.max_bytes} bytes"):
                 await send(message)

@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 import consumers.metrics  # noqa: F401  (registers the service's metrics)
-import steering.metrics  # noqa: F401
+from steering import metrics as steering_metrics  # also registers the service's metrics
 from steering.api.deps import HistoryDep, LimitsDep, LiveDep, public_path, require_token
 from steering.api.limits import ENV
 from steering.api.state import LiveState
@@ -171,6 +171,7 @@ async def stream(
     # the streams running (a stream counts from its first event until it ends, however it
     # ends; one whose connection is dropped before it starts is never counted)
     if request.app.state.streams >= limits.max_streams:
+        steering_metrics.REQUESTS_REFUSED.labels(limit="streams").inc()
         raise HTTPException(
             503,
             f"{request.app.state.streams} event streams are open, the most this service "

@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from model_server.exceptions import PredictionUnavailable
 from model_server.prediction.cif_input import CIFError, count_cif_sites
 from model_server.prediction.pool import InlinePredictions, PredictionRunner
+from steering import metrics
 from steering.api.errors import ValidatedRoute
 from steering.api.limits import ENV, ServiceLimits
 from steering.api.schemas import ErrorBody, FCCoefficients, PredictRequest, PredictResponse
@@ -169,6 +170,7 @@ def _job(raw: bytes, history: History, limits: ServiceLimits, png: bool) -> dict
             e["loc"] = ("body", *e["loc"])
         raise RequestValidationError(errors) from None
     if len(body.omegas) > limits.predict_max_omegas:
+        metrics.REQUESTS_REFUSED.labels(limit="omegas").inc()
         raise HTTPException(
             422,
             f"{len(body.omegas)} omegas; at most {limits.predict_max_omegas} are accepted per "
@@ -178,6 +180,8 @@ def _job(raw: bytes, history: History, limits: ServiceLimits, png: bool) -> dict
         try:
             count_cif_sites(body.cif, max_sites=limits.predict_max_cif_sites)
         except CIFError as exc:
+            if "site limit" in str(exc):
+                metrics.REQUESTS_REFUSED.labels(limit="cif_sites").inc()
             raise HTTPException(422, str(exc)) from exc
     material, fc, label = _resolve_fc(body, history)
     return {
@@ -263,8 +267,11 @@ def predict_router(
         try:
             answer = await run.run(job, disconnected=request.is_disconnected)
         except PredictionUnavailable as exc:
+            metrics.PREDICTIONS.labels(outcome=exc.reason).inc()
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
             raise HTTPException(exc.status, str(exc), headers=headers) from exc
+        outcome = "ok" if answer.status == 200 else "invalid" if answer.status < 500 else "failed"
+        metrics.PREDICTIONS.labels(outcome=outcome).inc()
         if answer.status != 200:
             raise HTTPException(answer.status, answer.detail)
         return Response(answer.body, media_type=answer.media_type)

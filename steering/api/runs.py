@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from consumers.reduction.accumulate import Snapshot
+from steering import metrics
 from steering.api.deps import (
     HistoryDep,
     LimitsDep,
@@ -196,6 +197,8 @@ def set_advisor(
             max_candidates=limits.advisor_max_candidates,
         )
     except AdvisorError as exc:
+        if "candidate limit" in str(exc):
+            metrics.REQUESTS_REFUSED.labels(limit="advisor_candidates").inc()
         raise HTTPException(422, str(exc)) from exc
     live.advisor_ranges[run_id] = body.model_dump()
     return {"run_id": run_id, "candidates": len(omegas), **body.model_dump()}

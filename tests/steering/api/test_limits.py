@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from steering.api.app import create_app
 from steering.api.limits import ServiceLimits
@@ -63,6 +64,17 @@ def test_a_large_body_is_413_at_once_and_health_is_unaffected(api) -> None:  # t
         t0 = time.perf_counter()
         assert c.get(f"{base}/health").status_code == 200
         assert time.perf_counter() - t0 < 0.5
+        # counted, by limit, in /metrics (text format 0.0.4)
+        r = c.get(f"{base}/metrics")
+        assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+        refused = {
+            s.labels["limit"]: s.value
+            for f in text_string_to_metric_families(r.text)
+            if f.name == "steer_requests_refused"
+            for s in f.samples
+            if s.name.endswith("_total")
+        }
+        assert refused["body"] >= 2
 
 
 def test_a_huge_cif_is_refused_before_its_symmetry_is_expanded(api) -> None:  # type: ignore[no-untyped-def]
