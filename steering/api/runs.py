@@ -56,16 +56,19 @@ def _public(run: dict[str, Any], request: Request) -> dict[str, Any]:
     return run
 
 
-def _read_export(run_id: str, path: Path) -> tuple[Snapshot, dict[str, Any]]:
-    """The snapshot of a run's export; 503 with the reason when it cannot be read."""
+def _read_export(run_id: str, path: Path, request: Request) -> tuple[Snapshot, dict[str, Any]]:
+    """The snapshot of a run's export; 503 with the reason when it cannot be read (the
+    reason names the file relative to the state folder, as every answer does)."""
     try:
         return snapshot_from_export(path)
     except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
         logger.warning("run %s: export %s cannot be read: %s", run_id, path, exc)
+        name = public_path(str(path), request.app.state.state_dir) or path.name
+        reason = str(exc).replace(str(path), name).replace(str(path.parent), ".")
         raise HTTPException(
             503,
-            f"the export of run {run_id!r} cannot be read ({type(exc).__name__}: {exc}); "
-            "it is damaged or incomplete",
+            f"the export of run {run_id!r} ({name}) cannot be read "
+            f"({type(exc).__name__}: {reason}); it is damaged or incomplete",
         ) from exc
 
 
@@ -120,7 +123,9 @@ def _orientation_spectrum(run_id: str, orientation: int, live: LiveState, *, png
     return JSONResponse(spectrum_json(run_id, alone, grid, orientation=orientation))
 
 
-def _run_spectrum(run_id: str, export: Path | None, live: LiveState, *, png: bool) -> Response:
+def _run_spectrum(
+    run_id: str, export: Path | None, live: LiveState, request: Request, *, png: bool
+) -> Response:
     """The run's cumulative spectrum: the live one, else that of its export."""
     with live.lock:
         snap = live.snapshots.get(run_id)
@@ -128,7 +133,7 @@ def _run_spectrum(run_id: str, export: Path | None, live: LiveState, *, png: boo
     if snap is None:
         if export is None:
             raise HTTPException(404, f"run {run_id!r} has no spectrum yet")
-        snap, grid = _read_export(run_id, export)
+        snap, grid = _read_export(run_id, export, request)
     if png:
         return Response(spectrum_png(snap, grid, run_id), media_type="image/png")
     return JSONResponse(spectrum_json(run_id, snap, grid))
@@ -174,7 +179,7 @@ def spectrum(
         if export is None:
             raise HTTPException(404, f"run {run_id!r} has no HDF5 export yet (complete runs)")
         return FileResponse(export, media_type="application/x-hdf5", filename=f"{run_id}.h5")
-    return _run_spectrum(run_id, export, live, png=_wants_png(format, request))
+    return _run_spectrum(run_id, export, live, request, png=_wants_png(format, request))
 
 
 @router.post("/runs/{run_id}/advisor", dependencies=[Depends(require_token)], responses=_NOT_FOUND)
@@ -258,7 +263,7 @@ def figure(
     if snap is None:
         export = export_file(request, info)
         if export is not None:
-            snap, _ = _read_export(run_id, export)
+            snap, _ = _read_export(run_id, export, request)
     material = str(extra.get("material") or info["material"])
     if snap is None:
         raise HTTPException(404, f"run {run_id!r} has no spectrum yet")

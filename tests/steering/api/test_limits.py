@@ -152,7 +152,8 @@ def test_files_only_from_the_state_folder(api, tmp_path: Path) -> None:  # type:
         assert c.get(f"{base}/runs/run-out/spectrum").status_code == 404
         r = c.get(f"{base}/runs/run-bad/spectrum")
         assert r.status_code == 503
-        assert "cannot be read" in r.json()["detail"]
+        assert "(runs/run-bad.h5) cannot be read" in r.json()["detail"]
+        assert str(tmp_path) not in r.text
         assert c.get(f"{base}/runs/run-bad/figures/spectrum.png").status_code == 503
         assert c.get(f"{base}/runs/run-bad/figures/fc.png").status_code == 200
         # names relative to the state or model folder, never the server's paths
