@@ -66,7 +66,7 @@ def answer(job: dict[str, Any]) -> Answer:
     except PredictionError as exc:
         if exc.status >= 500:
             logger.warning("prediction unavailable: %s", exc)
-        return Answer(status=exc.status, detail=str(exc))
+        return Answer(status=exc.status, detail=_without_server_paths(str(exc)))
     except (SimulationError, ConsumerError, ModelServerError, ValueError) as exc:
         logger.info("prediction refused: %s", exc)
         return Answer(status=422, detail=str(exc))
@@ -76,6 +76,19 @@ def answer(job: dict[str, Any]) -> Answer:
     except Exception as exc:  # a bug: logged with its traceback, answered without it
         logger.exception("prediction failed")
         return Answer(status=500, detail=f"the prediction failed ({type(exc).__name__})")
+
+
+def _without_server_paths(message: str) -> str:
+    """``message`` with the server's folders (the e3nn model's, the working folder) named
+    rather than spelled out: answers carry no absolute server paths."""
+    from pathlib import Path
+
+    from model_server.structure_fc.model import default_model_dir
+
+    model = default_model_dir()
+    for spelled in {str(model.resolve()), str(model)}:
+        message = message.replace(spelled, "<the fc model folder: STEER_FC_MODEL>")
+    return message.replace(str(Path.cwd()) + os.sep, "")
 
 
 def _one_thread() -> None:

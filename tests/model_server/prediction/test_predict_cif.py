@@ -165,6 +165,8 @@ def test_no_model_is_503(
     detail = r.json()["detail"]
     assert "force-constant model is not available" in detail
     assert "model.json" in detail
+    assert str(tmp_path) not in detail  # no server paths in answers
+    assert "STEER_FC_MODEL" in detail
     # given coefficients need no model
     r = _post(client, {"material": "Ge", "outputs": ["dos"]})
     assert r.status_code == 200
