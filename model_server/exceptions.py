@@ -9,8 +9,11 @@ Hierarchy::
     |                                empty mask, wrong shape)
     +-- TrainingError                a training set or training setting that cannot work
     +-- RefinementError              counts the likelihood refinement cannot fit (no measured
-                                     bins, no moments, another grid, a material without a
-                                     forward model)
+    |                                bins, no moments, another grid, a material without a
+    |                                forward model)
+    +-- PredictionUnavailable        the prediction pool cannot take or finish a request now:
+                                     its queue is full (429), the request ran past its time
+                                     budget, its worker was lost, the service is stopping (503)
 
 Every message says what was wrong and how to fix it.
 """
@@ -22,6 +25,7 @@ __all__ = [
     "GridMismatchError",
     "InputSpectrumError",
     "ModelServerError",
+    "PredictionUnavailable",
     "RefinementError",
     "TrainingError",
 ]
@@ -49,3 +53,28 @@ class TrainingError(ModelServerError):
 
 class RefinementError(ModelServerError):
     """Counts, exposure or moments that the likelihood refinement cannot fit."""
+
+
+class PredictionUnavailable(ModelServerError):
+    """The prediction pool cannot take or finish a request now.
+
+    ``status`` is the HTTP status to answer (429: the queue is full; 503: the time budget ran
+    out, the worker was lost, or the service is stopping); ``retry_after`` the seconds after
+    which a retry may succeed (None when a retry of the same request would not); ``reason``
+    a short name of what happened.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 503,
+        retry_after: int | None = None,
+        reason: str = "unavailable",
+    ):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        #: a short name of what happened (``queue_full``, ``timed_out``, ``client_gone``,
+        #: ``worker_lost``, ``stopping``), for metrics
+        self.reason = reason

@@ -342,7 +342,9 @@ def run_demo(
             model_dir=model_dir,
         )
         service.start()
-        server, api = _start_api(create_app(history, live=live), port)
+        server, api = _start_api(
+            create_app(history, live=live, state_dir=out / "state", model_dir=model_dir), port
+        )
         _say(f"broker {broker.bootstrap}; page and API at {url}")
         t_replay = time.perf_counter()
         sender, sent = _start_replay(run_file, broker.bootstrap, speed)

@@ -10,8 +10,10 @@ __all__ = [
     "ESTIMATES_SKIPPED",
     "ESTIMATE_SECONDS",
     "MODEL_INFO",
+    "PREDICTIONS",
     "REFINE_FALLBACKS",
     "REFINE_SECONDS",
+    "REQUESTS_REFUSED",
 ]
 
 _BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -43,3 +45,17 @@ ESTIMATES_SKIPPED = Counter(
     ["reason"],
 )
 MODEL_INFO = Info("steer_model", "The frozen model in use")
+
+PREDICTIONS = Counter(
+    "steer_predictions_total",
+    "POST /predict requests that reached the prediction pool, by outcome: ok, invalid (4xx "
+    "from the physics checks), failed, queue_full (429), timed_out, client_gone, "
+    "worker_lost, stopping",
+    ["outcome"],
+)
+REQUESTS_REFUSED = Counter(
+    "steer_requests_refused_total",
+    "Requests refused by a limit before any work: body, omegas, cif_sites, "
+    "advisor_candidates, streams",
+    ["limit"],
+)

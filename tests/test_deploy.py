@@ -42,7 +42,8 @@ DEPLOY = ROOT / "deploy"
 
 
 def _known_env() -> set[str]:
-    """STEER_* variables the code reads: CLI options' envvars and direct reads."""
+    """STEER_* variables the code reads: CLI options' envvars, direct reads and the
+    service's limits."""
     import click
     import typer
 
@@ -58,6 +59,9 @@ def _known_env() -> set[str]:
             walk(sub)
 
     walk(typer.main.get_command(app))
+    from steering.api.limits import ENV  # the service's request limits
+
+    names.update(ENV.values())
     for package in ("simulations", "consumers", "model_server", "steering"):
         for path in (ROOT / package).rglob("*.py"):
             names.update(re.findall(r"environ(?:\.get)?\(\s*\"(STEER_[A-Z_]+)\"", path.read_text()))

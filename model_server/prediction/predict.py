@@ -80,8 +80,9 @@ quickly), :data:`~model_server.prediction.spectra.MAX_ATOMS_POWDER` for ``powder
 Everything that does not change between requests is cached
 (:mod:`model_server.prediction.cache`): material setups, fold tables, forward models (the
 dispersion and stability check), phonon tables per FC set, S(Q, E) models per (FCs, T, Ei)
-and powder spectra. Predictions run one at a time (a lock): the kernels use every core
-already.
+and powder spectra. Predictions in one process run one at a time (a lock). The service
+runs them in worker processes instead (:mod:`model_server.prediction.pool`: one
+prediction per worker, BLAS on one thread, a time budget, killed when the client leaves).
 
 The parts: the request's checks and limits (:mod:`model_server.prediction.request`), the
 crystal and FCs (:mod:`model_server.prediction.fc_choice`), the single-crystal and powder

@@ -29,6 +29,7 @@ __all__ = [
     "FC_SOURCES",
     "MAX_CIF_ATOMS",
     "MAX_OMEGAS",
+    "MAX_TEMPERATURE",
     "PredictionError",
     "PredictionOptions",
     "atom_limit",
@@ -39,6 +40,8 @@ __all__ = [
 
 #: Where a prediction's force constants come from.
 FC_SOURCES = ("reference", "given", "e3nn")
+#: Highest sample temperature, K (the API's schema and the CLI take the same range).
+MAX_TEMPERATURE = 2000.0
 #: Most goniometer angles in one prediction.
 MAX_OMEGAS = 360
 #: Most atoms in the primitive cell for ``iqe`` and ``detector`` (the 40^3 phonon table) and
@@ -117,7 +120,7 @@ def check_options(
         The first setting out of range, unknown or malformed (the message says which).
     """
     wanted = _check_outputs(outputs)
-    _check_number("temperature", temperature, lo=0.0, hi=1e4)
+    _check_number("temperature", temperature, lo=0.0, hi=MAX_TEMPERATURE)
     _check_number("detector_angle_step", detector_angle_step, lo=0.05, hi=90.0, open_lo=True)
     _check_number("dos_sigma", dos_sigma, lo=0.0, hi=50.0, open_lo=True)
     if str(indirect_instrument).lower() not in INDIRECT_INSTRUMENTS:

@@ -452,6 +452,12 @@ class RunReader:
 
     def _read_header(self) -> tuple[dict[str, Any], int]:
         pre = self._read(_PREAMBLE.size, what="the header", index=None)
+        if pre[: len(MAGIC)] == MAGIC and len(pre) < _PREAMBLE.size:
+            raise RecordingError(
+                f"{self._name} is a truncated recorded run: it starts with {MAGIC!r} but ends "
+                f"after {len(pre)} bytes, before its header (format version and header "
+                "length); the run was cut off while being written, or copied only in part"
+            )
         if len(pre) < _PREAMBLE.size or pre[:8] != MAGIC:
             raise RecordingError(
                 f"{self._name} is not a recorded run: it does not start with {MAGIC!r} "

@@ -54,7 +54,14 @@ from simulations.lattice.materials import MaterialSetup, setup
 from simulations.lattice.sqe import CoherentSQE
 from simulations.runs.recording import RecordedMessage, RunWriter
 
-__all__ = ["RunPlan", "RunSummary", "parse_omegas", "simulate_run"]
+__all__ = [
+    "MAX_EVENTS_PER_ORIENTATION",
+    "MAX_ORIENTATIONS",
+    "RunPlan",
+    "RunSummary",
+    "parse_omegas",
+    "simulate_run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,29 +69,64 @@ logger = logging.getLogger(__name__)
 DEFAULT_START_NS = 1_767_225_600 * 10**9
 
 
-def parse_omegas(spec: str) -> NDArray[np.float64]:
+#: Most orientations of one simulated run (:func:`parse_omegas`): a run of 3,600 angles at
+#: the default 2e5 events each is 7e8 events.
+MAX_ORIENTATIONS = 3600
+#: Most mean events per orientation (:class:`RunPlan`): 1e8 events are about 2 GB while drawn.
+MAX_EVENTS_PER_ORIENTATION = 1e8
+
+
+def parse_omegas(spec: str, *, max_count: int = MAX_ORIENTATIONS) -> NDArray[np.float64]:
     """Goniometer angles from ``"start:stop:step"`` (stop exclusive) or ``"a,b,c"`` (degrees).
+
+    The number of angles is counted before any is made: more than ``max_count`` is refused.
 
     >>> parse_omegas("0:4:1").tolist()
     [0.0, 1.0, 2.0, 3.0]
+
+    Raises
+    ------
+    InstrumentError
+        Text that is not a range or a list of finite numbers, an empty range, or more than
+        ``max_count`` angles (the message names the limit).
     """
     try:
         if ":" in spec:
             parts = [float(x) for x in spec.split(":")]
-            if len(parts) not in (2, 3):
+            if len(parts) not in (2, 3) or not all(np.isfinite(parts)):
                 raise ValueError
             start, stop = parts[0], parts[1]
             step = parts[2] if len(parts) == 3 else 1.0
             if step == 0 or (stop - start) / step <= 0:
                 raise ValueError
-            n = int(np.ceil((stop - start) / step - 1e-9))
-            return np.asarray(start + step * np.arange(n), dtype=np.float64)
-        return np.array([float(x) for x in spec.split(",") if x.strip()])
+            count = float(np.ceil((stop - start) / step - 1e-9))
+            items: list[str] = []
+        else:
+            items = [x for x in spec.split(",") if x.strip()]
+            count = float(len(items))
     except ValueError:
+        raise _unreadable(spec) from None
+    if count > max_count:
         raise InstrumentError(
-            f"cannot read omegas {spec!r}: use 'start:stop:step' (stop exclusive, degrees) "
-            "or a comma-separated list"
-        ) from None
+            f"omegas {spec!r} gives {count:.4g} angles; at most {max_count} are accepted "
+            "per run: use a larger step or fewer angles"
+        )
+    if ":" in spec:
+        return np.asarray(start + step * np.arange(int(count)), dtype=np.float64)
+    try:
+        values = np.array([float(x) for x in items])
+    except ValueError:
+        raise _unreadable(spec) from None
+    if not np.all(np.isfinite(values)):
+        raise _unreadable(spec)
+    return values
+
+
+def _unreadable(spec: str) -> InstrumentError:
+    return InstrumentError(
+        f"cannot read omegas {spec!r}: use 'start:stop:step' (stop exclusive, degrees) "
+        "or a comma-separated list of finite angles"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,9 +200,15 @@ class RunPlan:
 
     def validate(self) -> None:
         """Raise :class:`InstrumentError` for an impossible plan."""
-        if not np.isfinite(self.events_per_orientation) or self.events_per_orientation < 0:
+        events = self.events_per_orientation
+        if not np.isfinite(events) or not 0 < events <= MAX_EVENTS_PER_ORIENTATION:
             raise InstrumentError(
-                f"events per orientation must be >= 0, got {self.events_per_orientation}"
+                f"events per orientation must be > 0 and at most "
+                f"{MAX_EVENTS_PER_ORIENTATION:.0e} (the limit per orientation), got {events:g}"
+            )
+        if len(self.omegas) > MAX_ORIENTATIONS:
+            raise InstrumentError(
+                f"a run has at most {MAX_ORIENTATIONS} orientations, got {len(self.omegas)}"
             )
         if not 0 <= self.background_fraction <= 1:
             raise InstrumentError(

@@ -65,6 +65,7 @@ from simulations.units import K_B_MEV_ROUNDED
 from steering.exceptions import AdvisorError
 
 __all__ = [
+    "MAX_CANDIDATES",
     "SCORES",
     "WEIGHTINGS",
     "Advisor",
@@ -141,21 +142,42 @@ def scarcity_weights(coverage: NDArray[np.floating]) -> NDArray[np.float64]:
     return w
 
 
+#: Most candidate angles of an advisor's range (:func:`candidate_omegas`): 0.1 degree over
+#: the whole circle.
+MAX_CANDIDATES = 3600
+
+
 def candidate_omegas(
-    start: float, stop: float, step: float, instrument: Instrument | None = None
+    start: float,
+    stop: float,
+    step: float,
+    instrument: Instrument | None = None,
+    *,
+    max_candidates: int = MAX_CANDIDATES,
 ) -> NDArray[np.float64]:
     """Goniometer angles ``start, start + step, ...`` below ``stop`` (degrees).
+
+    Their number is counted from ``start``, ``stop`` and ``step`` before any is made.
 
     Raises
     ------
     AdvisorError
-        For a non-positive step, an empty range, or angles outside the goniometer limits
-        of ``instrument`` (the message gives both ranges).
+        For a non-positive step, an empty range, more than ``max_candidates`` angles (the
+        message names the limit), or angles outside the goniometer limits of
+        ``instrument`` (the message gives both ranges).
     """
     if not (math.isfinite(start) and math.isfinite(stop) and math.isfinite(step)):
         raise AdvisorError(f"candidate range {start}:{stop}:{step} must be finite")
     if step <= 0:
         raise AdvisorError(f"candidate step must be > 0 degrees, got {step}")
+    count = (stop - 1e-9 * step - start) / step  # float: may be +-inf for extreme ranges
+    if count <= 0:
+        raise AdvisorError(f"candidate range {start}:{stop}:{step} deg is empty (stop <= start)")
+    if not count <= max_candidates:
+        raise AdvisorError(
+            f"candidate range {start:g}:{stop:g}:{step:g} deg has {count:.4g} angles; at "
+            f"most {max_candidates} are accepted (the candidate limit): use a larger step"
+        )
     omegas = np.arange(start, stop - 1e-9 * step, step, dtype=float)
     if len(omegas) == 0:
         raise AdvisorError(f"candidate range {start}:{stop}:{step} deg is empty (stop <= start)")

@@ -8,16 +8,32 @@ to the OpenAPI document, so the routes' parameters are those of the path and the
 
 from __future__ import annotations
 
+import logging
 import secrets
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from steering.api.limits import ServiceLimits
 from steering.api.state import LiveState
 from steering.db import History
 
-__all__ = ["HistoryDep", "LiveDep", "get_history", "get_live", "get_run", "require_token"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HistoryDep",
+    "LimitsDep",
+    "LiveDep",
+    "export_file",
+    "get_history",
+    "get_limits",
+    "get_live",
+    "get_run",
+    "public_path",
+    "require_token",
+]
 
 _BEARER = HTTPBearer(auto_error=False)
 
@@ -34,8 +50,48 @@ async def get_live(request: Request) -> LiveState:
     return live
 
 
+async def get_limits(request: Request) -> ServiceLimits:
+    """The request limits of the app serving ``request``."""
+    limits: ServiceLimits = request.app.state.limits
+    return limits
+
+
 HistoryDep = Annotated[History, Depends(get_history)]
 LiveDep = Annotated[LiveState, Depends(get_live)]
+LimitsDep = Annotated[ServiceLimits, Depends(get_limits)]
+
+
+def public_path(path: str | None, folder: Path | None) -> str | None:
+    """``path`` as the public sees it: relative to ``folder`` (the state or model folder),
+    else its file name alone; never the server's absolute path."""
+    if not path:
+        return path
+    p = Path(path)
+    if folder is not None:
+        try:
+            return p.resolve().relative_to(folder).as_posix()
+        except ValueError:
+            pass
+    return p.name
+
+
+def export_file(request: Request, run: dict[str, Any]) -> Path | None:
+    """The run's HDF5 export when it is a file inside the app's state folder (the resolved
+    path is checked: a history that names a file elsewhere gets None, logged)."""
+    path = run.get("export_path")
+    folder: Path | None = request.app.state.state_dir
+    if not path:
+        return None
+    resolved = Path(path).resolve()
+    if folder is None or not resolved.is_relative_to(folder):
+        logger.warning(
+            "run %s: its export %s is not in the state folder %s: not served",
+            run.get("run_id"),
+            path,
+            folder,
+        )
+        return None
+    return resolved if resolved.is_file() else None
 
 
 def require_token(

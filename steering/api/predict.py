@@ -1,9 +1,15 @@
 """``POST /predict``: the spectra a crystal is expected to give, as a FastAPI router.
 
-Include it with ``app.include_router(predict_router(live, history))``. The computation is
-:func:`model_server.prediction.predict.predict` (see its module docstring for the physics, units and
-caching); this module validates the request (:class:`steering.api.schemas.PredictRequest`),
-resolves ``fc: "current:<run id>"`` from the run history and answers JSON or, with
+Include it with ``app.include_router(predict_router(live, history, runner=pool))``. The
+computation is :func:`model_server.prediction.predict.predict` (see its module docstring for
+the physics, units and caching); this module parses and validates the request
+(:class:`steering.api.schemas.PredictRequest`) in a thread, off the event loop, applies the
+service's limits before any work (angles, CIF sites counted before symmetry expansion:
+:class:`steering.api.limits.ServiceLimits`), resolves ``fc: "current:<run id>"`` from the
+run history and hands the prediction to the runner: in a service the bounded pool of worker
+processes (:class:`model_server.prediction.pool.PredictionPool`: 429 when its queue is full,
+503 past the time budget; a client that disconnects has its prediction stopped), else
+:class:`~model_server.prediction.pool.InlinePredictions`. The answer is JSON or, with
 ``Accept: image/png``, a PNG with one panel per output.
 
 A CIF without force constants is answered from the FCs that the e3nn structure ->
@@ -15,8 +21,9 @@ Errors are 4xx with a message, never 500: an unknown run in ``current:`` (or a r
 an estimate) is 404; everything else the request gets wrong (unknown material or FC set,
 Ei not above the grid's top energy, omegas outside the goniometer limits, empty outputs,
 an unparseable CIF, partial occupancy, an element the model does not know, a cell above an
-atom limit, non-finite or out-of-range numbers) is 422. When the FCs are to come from the
-e3nn model and no usable model is installed, the answer is 503 with what is missing.
+atom or site limit, more angles than the limit, non-finite or out-of-range numbers) is 422.
+When the FCs are to come from the e3nn model and no usable model is installed, the answer
+is 503 with what is missing.
 """
 
 from __future__ import annotations
@@ -24,19 +31,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
 
-from consumers.exceptions import ConsumerError
-from model_server.exceptions import ModelServerError
-from model_server.prediction.predict import PredictionError, predict
-from model_server.prediction.results import Prediction
-from simulations.exceptions import SimulationError
+from model_server.exceptions import PredictionUnavailable
+from model_server.prediction.cif_input import CIFError, count_cif_sites
+from model_server.prediction.pool import InlinePredictions, PredictionRunner
+from steering import metrics
 from steering.api.errors import ValidatedRoute
-from steering.api.schemas import FCCoefficients, PredictError, PredictRequest, PredictResponse
+from steering.api.limits import ENV, ServiceLimits
+from steering.api.schemas import ErrorBody, FCCoefficients, PredictRequest, PredictResponse
 from steering.db import History
 
-__all__ = ["current_estimate", "predict_router"]
+__all__ = ["current_estimate", "predict_router", "request_schema"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +57,26 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "with one panel per output when the request has `Accept: image/png`.",
         "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
     },
-    400: {"model": PredictError, "description": "The body cannot be parsed as JSON."},
-    404: {"model": PredictError, "description": "`current:<run id>`: no such run or estimate."},
-    422: {"model": PredictError, "description": "The request is invalid (the message says why)."},
+    404: {"model": ErrorBody, "description": "`current:<run id>`: no such run or estimate."},
+    413: {"model": ErrorBody, "description": "The body is over the size limit."},
+    422: {
+        "model": ErrorBody,
+        "description": "The request is invalid, not JSON, or over a limit (angles, CIF "
+        "sites, atoms): `detail` says why, as a message or as a list of validation errors.",
+    },
+    429: {
+        "model": ErrorBody,
+        "description": "The prediction queue is full; retry after `Retry-After` seconds.",
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
+        },
+    },
     503: {
-        "model": PredictError,
-        "description": "The FCs are to come from the e3nn structure -> force-constant model "
-        "and no usable model is installed (the message says what is missing).",
+        "model": ErrorBody,
+        "description": "No answer now: the FCs are to come from the e3nn structure -> "
+        "force-constant model and no usable model is installed, the prediction ran past its "
+        "time budget, its worker was lost, or the service is stopping (the message says "
+        "which).",
     },
 }
 
@@ -108,47 +131,111 @@ def _resolve_fc(body: PredictRequest, history: History) -> tuple[str | None, Any
     return material, fc, label
 
 
-def _predict(body: PredictRequest, history: History) -> Prediction:
-    """:func:`model_server.prediction.predict.predict` of the request, its errors as 4xx/5xx."""
-    material, fc, label = _resolve_fc(body, history)
+def request_schema() -> dict[str, Any]:
+    """The JSON schema of :class:`PredictRequest` with its sub-schemas inlined (the route
+    parses the body itself, so FastAPI does not list the model among the components)."""
+    doc = PredictRequest.model_json_schema()
+    defs = doc.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    result: dict[str, Any] = inline(doc)
+    return result
+
+
+def _job(raw: bytes, history: History, limits: ServiceLimits, png: bool) -> dict[str, Any]:
+    """The prediction job of a request body (run in a thread: parsing, validation, the
+    limits, the run history).
+
+    Raises
+    ------
+    RequestValidationError
+        A body that is not JSON or not a valid request (422, pydantic's list of errors).
+    HTTPException
+        422 over a limit or for a bad ``current:`` / CIF; 404 for an unknown run.
+    """
     try:
-        return predict(
-            material,
-            cif=body.cif,
-            fc=fc,
-            fc_label=label,
-            ei=body.ei,
-            temperature=body.temperature,
-            omegas=body.omegas,
-            outputs=body.outputs,
-            u=body.u,
-            v=body.v,
-            powder_directions=body.powder_directions,
-            seed=body.seed,
-            detector_angle_step=body.detector_angle_step,
-            dos_sigma=body.dos_sigma,
-            indirect_instrument=body.indirect_instrument,
-            indirect_orders=body.indirect_orders,
+        body = PredictRequest.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        for e in errors:
+            e["loc"] = ("body", *e["loc"])
+        raise RequestValidationError(errors) from None
+    if len(body.omegas) > limits.predict_max_omegas:
+        metrics.REQUESTS_REFUSED.labels(limit="omegas").inc()
+        raise HTTPException(
+            422,
+            f"{len(body.omegas)} omegas; at most {limits.predict_max_omegas} are accepted per "
+            f"prediction (the angle limit, {ENV['predict_max_omegas']})",
         )
-    except PredictionError as exc:
-        if exc.status >= 500:
-            logger.warning("prediction unavailable: %s", exc)
-        raise HTTPException(exc.status, str(exc)) from exc
-    except (SimulationError, ConsumerError, ModelServerError, ValueError) as exc:
-        logger.info("prediction refused: %s", exc)
-        raise HTTPException(422, str(exc)) from exc
+    if body.cif is not None and body.material is None:
+        try:
+            count_cif_sites(body.cif, max_sites=limits.predict_max_cif_sites)
+        except CIFError as exc:
+            if "site limit" in str(exc):
+                metrics.REQUESTS_REFUSED.labels(limit="cif_sites").inc()
+            raise HTTPException(422, str(exc)) from exc
+    material, fc, label = _resolve_fc(body, history)
+    return {
+        "material": material,
+        "cif": body.cif,
+        "fc": fc,
+        "fc_label": label,
+        "ei": body.ei,
+        "temperature": body.temperature,
+        "omegas": list(body.omegas),
+        "outputs": list(body.outputs),
+        "u": tuple(body.u),
+        "v": tuple(body.v),
+        "powder_directions": body.powder_directions,
+        "seed": body.seed,
+        "detector_angle_step": body.detector_angle_step,
+        "dos_sigma": body.dos_sigma,
+        "indirect_instrument": body.indirect_instrument,
+        "indirect_orders": body.indirect_orders,
+        "png": png,
+    }
 
 
-def predict_router(live: Any, history: History) -> APIRouter:
+def predict_router(
+    live: Any,
+    history: History,
+    *,
+    runner: PredictionRunner | None = None,
+    limits: ServiceLimits | None = None,
+) -> APIRouter:
     """A router with ``POST /predict`` over the run ``history`` (:class:`steering.db.History`).
 
     ``live`` (:class:`steering.api.state.LiveState`) is accepted for the app's wiring; the
-    estimates that ``current:<run id>`` needs come from the history.
+    estimates that ``current:<run id>`` needs come from the history. ``runner`` runs the
+    predictions (default :class:`~model_server.prediction.pool.InlinePredictions`; a service
+    passes its :class:`~model_server.prediction.pool.PredictionPool`); ``limits`` are the
+    request limits (default :class:`~steering.api.limits.ServiceLimits`).
     """
     router = APIRouter(tags=["prediction"], route_class=ValidatedRoute)
+    run = runner or InlinePredictions()
+    lim = limits or ServiceLimits()
 
-    @router.post("/predict", responses=_RESPONSES, response_class=Response)
-    def predict_endpoint(body: PredictRequest, request: Request) -> Response:
+    @router.post(
+        "/predict",
+        responses=_RESPONSES,
+        response_class=Response,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": request_schema()}},
+            }
+        },
+    )
+    async def predict_endpoint(request: Request) -> Response:
         """The spectra a crystal is expected to give for an instrument setting and a list of
         goniometer angles.
 
@@ -170,11 +257,23 @@ def predict_router(live: Any, history: History) -> APIRouter:
         prediction is marked in `warnings` and in the PNG's title).
 
         About 0.5 s per omega once the material is loaded (the first request of a material
-        or FC set takes seconds).
+        or FC set takes seconds). Limits (the service's settings): the body size (413),
+        angles and CIF sites (422), the queue of predictions (429 with `Retry-After`), the
+        time budget of a prediction (503).
         """
-        result = _predict(body, history)
-        if "image/png" in request.headers.get("accept", ""):
-            return Response(result.to_png(), media_type="image/png")
-        return JSONResponse(result.to_dict())
+        png = "image/png" in request.headers.get("accept", "")
+        raw = await request.body()
+        job = await anyio.to_thread.run_sync(_job, raw, history, lim, png)
+        try:
+            answer = await run.run(job, disconnected=request.is_disconnected)
+        except PredictionUnavailable as exc:
+            metrics.PREDICTIONS.labels(outcome=exc.reason).inc()
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+            raise HTTPException(exc.status, str(exc), headers=headers) from exc
+        outcome = "ok" if answer.status == 200 else "invalid" if answer.status < 500 else "failed"
+        metrics.PREDICTIONS.labels(outcome=outcome).inc()
+        if answer.status != 200:
+            raise HTTPException(answer.status, answer.detail)
+        return Response(answer.body, media_type=answer.media_type)
 
     return router

@@ -13,6 +13,7 @@ The run history and the live state come from the app (:mod:`steering.api.deps`).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,26 +21,67 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from consumers.reduction.accumulate import Snapshot
-from steering.api.deps import HistoryDep, LiveDep, get_run, require_token
+from steering import metrics
+from steering.api.deps import (
+    HistoryDep,
+    LimitsDep,
+    LiveDep,
+    export_file,
+    get_run,
+    public_path,
+    require_token,
+)
 from steering.api.schemas import AdvisorRange, FigureName
 from steering.api.spectra import snapshot_from_export, spectrum_json, spectrum_png
 from steering.api.state import LiveState
 
 __all__ = ["router"]
 
+logger = logging.getLogger(__name__)
+
 router = APIRouter()
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such run (or nothing of that kind for it yet)."}
+}
+_DAMAGED: dict[int | str, dict[str, Any]] = {
+    503: {"description": "The run's export cannot be read (the message says why)."}
+}
+
+
+def _public(run: dict[str, Any], request: Request) -> dict[str, Any]:
+    """A run as the public sees it: its export named relative to the state folder."""
+    if run.get("export_path"):
+        run["export_path"] = public_path(run["export_path"], request.app.state.state_dir)
+    return run
+
+
+def _read_export(run_id: str, path: Path, request: Request) -> tuple[Snapshot, dict[str, Any]]:
+    """The snapshot of a run's export; 503 with the reason when it cannot be read (the
+    reason names the file relative to the state folder, as every answer does)."""
+    try:
+        return snapshot_from_export(path)
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
+        logger.warning("run %s: export %s cannot be read: %s", run_id, path, exc)
+        name = public_path(str(path), request.app.state.state_dir) or path.name
+        reason = str(exc).replace(str(path), name).replace(str(path.parent), ".")
+        raise HTTPException(
+            503,
+            f"the export of run {run_id!r} ({name}) cannot be read "
+            f"({type(exc).__name__}: {reason}); it is damaged or incomplete",
+        ) from exc
 
 
 @router.get("/runs")
-def runs(history: HistoryDep) -> list[dict[str, Any]]:
+def runs(request: Request, history: HistoryDep) -> list[dict[str, Any]]:
     """Every run, newest first."""
-    return history.runs()
+    return [_public(r, request) for r in history.runs()]
 
 
-@router.get("/runs/{run_id}")
-def run(run_id: str, history: HistoryDep, live: LiveDep) -> dict[str, Any]:
+@router.get("/runs/{run_id}", responses=_NOT_FOUND)
+def run(run_id: str, request: Request, history: HistoryDep, live: LiveDep) -> dict[str, Any]:
     """One run: state, orientations, events folded and dropped, latest estimate."""
-    out = get_run(history, run_id)
+    out = _public(get_run(history, run_id), request)
     est = history.estimates(run_id)
     out["model_version"] = est[-1]["model_version"] if est else None
     out["estimates"] = len(est)
@@ -47,14 +89,14 @@ def run(run_id: str, history: HistoryDep, live: LiveDep) -> dict[str, Any]:
     return out
 
 
-@router.get("/runs/{run_id}/estimates")
+@router.get("/runs/{run_id}/estimates", responses=_NOT_FOUND)
 def estimates(run_id: str, history: HistoryDep) -> dict[str, Any]:
     """FC estimates (mean, std, quantiles, out-of-domain) against orientations."""
     get_run(history, run_id)
     return {"run_id": run_id, "estimates": history.estimates(run_id)}
 
 
-@router.get("/runs/{run_id}/advice")
+@router.get("/runs/{run_id}/advice", responses=_NOT_FOUND)
 def advice(run_id: str, history: HistoryDep, history_: bool = False) -> dict[str, Any]:
     """The advisor's latest ranking (``history_=true``: every one)."""
     get_run(history, run_id)
@@ -81,17 +123,17 @@ def _orientation_spectrum(run_id: str, orientation: int, live: LiveState, *, png
     return JSONResponse(spectrum_json(run_id, alone, grid, orientation=orientation))
 
 
-def _run_spectrum(run_id: str, info: dict[str, Any], live: LiveState, *, png: bool) -> Response:
+def _run_spectrum(
+    run_id: str, export: Path | None, live: LiveState, request: Request, *, png: bool
+) -> Response:
     """The run's cumulative spectrum: the live one, else that of its export."""
     with live.lock:
         snap = live.snapshots.get(run_id)
         grid = live.grids.get(run_id, {})
     if snap is None:
-        path = info.get("export_path")
-        if path and Path(path).is_file():
-            snap, grid = snapshot_from_export(Path(path))
-        else:
+        if export is None:
             raise HTTPException(404, f"run {run_id!r} has no spectrum yet")
+        snap, grid = _read_export(run_id, export, request)
     if png:
         return Response(spectrum_png(snap, grid, run_id), media_type="image/png")
     return JSONResponse(spectrum_json(run_id, snap, grid))
@@ -99,7 +141,17 @@ def _run_spectrum(run_id: str, info: dict[str, Any], live: LiveState, *, png: bo
 
 @router.get(
     "/runs/{run_id}/spectrum",
-    responses={200: {"content": {"application/json": {}, "image/png": {}}}},
+    responses={
+        200: {
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "application/x-hdf5": {"schema": {"type": "string", "format": "binary"}},
+            }
+        },
+        **_NOT_FOUND,
+        **_DAMAGED,
+    },
 )
 def spectrum(
     run_id: str,
@@ -122,27 +174,36 @@ def spectrum(
         if format == "h5":
             raise HTTPException(422, "the HDF5 export is of the whole run")
         return _orientation_spectrum(run_id, orientation, live, png=_wants_png(format, request))
+    export = export_file(request, info)
     if format == "h5":
-        path = info.get("export_path")
-        if not path or not Path(path).is_file():
+        if export is None:
             raise HTTPException(404, f"run {run_id!r} has no HDF5 export yet (complete runs)")
-        return FileResponse(path, media_type="application/x-hdf5", filename=f"{run_id}.h5")
-    return _run_spectrum(run_id, info, live, png=_wants_png(format, request))
+        return FileResponse(export, media_type="application/x-hdf5", filename=f"{run_id}.h5")
+    return _run_spectrum(run_id, export, live, request, png=_wants_png(format, request))
 
 
-@router.post("/runs/{run_id}/advisor", dependencies=[Depends(require_token)])
+@router.post("/runs/{run_id}/advisor", dependencies=[Depends(require_token)], responses=_NOT_FOUND)
 def set_advisor(
-    run_id: str, body: AdvisorRange, history: HistoryDep, live: LiveDep
+    run_id: str, body: AdvisorRange, history: HistoryDep, live: LiveDep, limits: LimitsDep
 ) -> dict[str, Any]:
-    """Set the advisor's candidate range for a run (token)."""
+    """Set the advisor's candidate range for a run (token). The candidates are counted
+    before they are made: more than the limit (`STEER_ADVISOR_MAX_CANDIDATES`) is 422."""
     from simulations.instrument.spectrometer import Instrument
     from steering.advisor.ranking import candidate_omegas
     from steering.exceptions import AdvisorError
 
     get_run(history, run_id)
     try:
-        omegas = candidate_omegas(body.start, body.stop, body.step, Instrument.arcs_like())
+        omegas = candidate_omegas(
+            body.start,
+            body.stop,
+            body.step,
+            Instrument.arcs_like(),
+            max_candidates=limits.advisor_max_candidates,
+        )
     except AdvisorError as exc:
+        if "candidate limit" in str(exc):
+            metrics.REQUESTS_REFUSED.labels(limit="advisor_candidates").inc()
         raise HTTPException(422, str(exc)) from exc
     live.advisor_ranges[run_id] = body.model_dump()
     return {"run_id": run_id, "candidates": len(omegas), **body.model_dump()}
@@ -177,10 +238,16 @@ def _figure_png(
 
 @router.get(
     "/runs/{run_id}/figures/{name}.png",
-    responses={200: {"content": {"image/png": {}}}},
+    responses={
+        200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+        **_NOT_FOUND,
+        **_DAMAGED,
+    },
     response_class=Response,
 )
-def figure(run_id: str, name: FigureName, history: HistoryDep, live: LiveDep) -> Response:
+def figure(
+    run_id: str, name: FigureName, request: Request, history: HistoryDep, live: LiveDep
+) -> Response:
     """A figure of the run (PNG): ``spectrum`` (data beside the model at the estimate),
     ``dispersion`` (the estimate's branches over the data), ``coverage`` (exposure map
     and angles measured), ``fc`` (FC estimates with error bars against orientations)."""
@@ -191,11 +258,13 @@ def figure(run_id: str, name: FigureName, history: HistoryDep, live: LiveDep) ->
     with live.lock:
         snap = live.snapshots.get(run_id)
         extra = dict(live.runs.get(run_id, {}))
-    if snap is None and info.get("export_path") and Path(info["export_path"]).is_file():
-        snap, _ = snapshot_from_export(Path(info["export_path"]))
-    material = str(extra.get("material") or info["material"])
-    if name == "fc":
+    if name == "fc":  # the estimates alone: the export is not read
         return Response(figures.fc_figure(est, truth=extra.get("truth")), media_type="image/png")
+    if snap is None:
+        export = export_file(request, info)
+        if export is not None:
+            snap, _ = _read_export(run_id, export, request)
+    material = str(extra.get("material") or info["material"])
     if snap is None:
         raise HTTPException(404, f"run {run_id!r} has no spectrum yet")
     try:

@@ -25,6 +25,7 @@ __all__ = [
     "AdvisorRange",
     "DOSOutput",
     "DetectorOutput",
+    "ErrorBody",
     "FCCoefficients",
     "FCInfo",
     "FCModelInfo",
@@ -53,7 +54,7 @@ def _default_outputs() -> list[Output]:
 class FCCoefficients(BaseModel):
     """Force constants by coefficient name."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     coefficients: dict[CoefficientName, CoefficientValue] = Field(
         max_length=500,
@@ -67,14 +68,16 @@ class FCCoefficients(BaseModel):
 class PredictRequest(BaseModel):
     """What to predict: crystal, force constants, instrument setting and orientations."""
 
+    # strict: a boolean or a string is not a number (lax mode would read true as 1.0)
+    # the examples are requests the server answers (a test sends each)
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"material": "Ge", "fc": "raman", "ei": 80.0, "omegas": [0.0, 30.0]},
                 {"material": "Nb", "fc": {"coefficients": {"1NN_xx": 1.9}}, "ei": 50.0},
-                {"fc": "current:sim-Ge-0", "omegas": [12.0], "outputs": ["iqe"]},
-                {"cif": "data_NaCl ...", "outputs": ["dos", "indirect", "powder"]},
+                {"material": "Al", "temperature": 300.0, "outputs": ["dos", "indirect"]},
             ]
         },
     )
@@ -183,10 +186,18 @@ class PredictRequest(BaseModel):
         return list(dict.fromkeys(value))
 
 
-class PredictError(BaseModel):
-    """An error: a message, or pydantic's list of validation errors."""
+class ErrorBody(BaseModel):
+    """An error answer: a message, or (422 for a request that does not match its schema)
+    pydantic's list of validation errors, each with ``loc``, ``msg``, ``type`` and the
+    offending ``input`` (shortened)."""
 
-    detail: str | list[dict[str, Any]]
+    detail: str | list[dict[str, Any]] = Field(
+        description="What was wrong and how to fix it, or the list of validation errors."
+    )
+
+
+#: The error answer of ``POST /predict`` (the same as every route's).
+PredictError = ErrorBody
 
 
 # The JSON answer of ``POST /predict``.
@@ -326,11 +337,18 @@ class PredictResponse(_Doc):
 class AdvisorRange(BaseModel):
     """Candidate range of a run's advisor (degrees)."""
 
-    model_config = ConfigDict(allow_inf_nan=False)
+    # strict: a boolean is not an angle (lax mode would read false as 0.0)
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
 
-    start: float = Field(description="First candidate angle, degrees.")
-    stop: float = Field(description="Stop (exclusive), degrees.")
-    step: float = Field(1.0, gt=0, description="Step, degrees.")
+    start: float = Field(ge=-360.0, le=360.0, description="First candidate angle, degrees.")
+    stop: float = Field(ge=-360.0, le=360.0, description="Stop (exclusive), degrees.")
+    step: float = Field(
+        1.0,
+        gt=0,
+        le=360.0,
+        description="Step, degrees; at most `STEER_ADVISOR_MAX_CANDIDATES` (3600) angles, "
+        "counted before they are made, within the goniometer's limits.",
+    )
 
 
 class FigureName(StrEnum):

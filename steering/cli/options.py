@@ -99,7 +99,10 @@ FcOpt = Annotated[
 EiOpt = Annotated[
     float | None, typer.Option("--ei", help="Incident energy, meV (default: material's).")
 ]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sample temperature, K.")]
+TemperatureOpt = Annotated[
+    float,
+    typer.Option("--temperature", min=0.0, max=2000.0, help="Sample temperature, K (0 to 2000)."),
+]
 ToleranceOpt = Annotated[float, typer.Option("--tolerance", help="Distance to the q-path, 1/A.")]
 
 # -- recorded runs and the live services -------------------------------------------------------

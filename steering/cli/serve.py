@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,6 +23,7 @@ from steering.cli.output import emit
 
 if TYPE_CHECKING:
     from steering.api.app import LiveState
+    from steering.api.limits import ServiceLimits
     from steering.db import History
     from steering.service import SteeringService
 
@@ -76,8 +77,10 @@ def serve_cmd(
     import os
 
     from steering.api.app import LiveState
+    from steering.api.limits import ServiceLimits
     from steering.db import History
 
+    ServiceLimits.from_env()  # a bad STEER_* limit stops the service before anything starts
     history = History(database)
     live = LiveState()
     service = None
@@ -95,8 +98,20 @@ def serve_cmd(
     token = os.environ.get("STEER_API_TOKEN") or None
     if token is None:
         logger.warning("STEER_API_TOKEN is not set: state-changing endpoints are disabled")
+    limits = ServiceLimits.from_env()
+    logger.info("request limits: %s", limits.to_dict())
     typer.echo(f"serving on http://{host}:{port}/ (OpenAPI at /docs)", err=True)
-    _serve_until_stopped(history, live, token, host=host, port=port, service=service)
+    _serve_until_stopped(
+        history,
+        live,
+        token,
+        host=host,
+        port=port,
+        service=service,
+        limits=limits,
+        state_dir=state_dir,
+        model_dir=model_dir,
+    )
 
 
 def _start_service(
@@ -136,13 +151,22 @@ def _serve_until_stopped(
     host: str,
     port: int,
     service: SteeringService | None,
+    limits: ServiceLimits,
+    state_dir: Path,
+    model_dir: Path,
 ) -> None:
     """Serve the status API with uvicorn on ``host``:``port`` until Ctrl-C or SIGTERM (exit 0),
-    then stop ``service``."""
+    then stop ``service``.
+
+    On the signal the prediction workers are killed at once (the predictions in flight are
+    answered 503), so that uvicorn's graceful shutdown does not wait for them: the process
+    is gone within seconds.
+    """
     import signal
 
     import uvicorn
 
+    from model_server.prediction.pool import PredictionPool
     from steering.api.app import create_app
 
     class _Terminated(Exception):
@@ -151,19 +175,36 @@ def _serve_until_stopped(
     def _on_term(signum: int, frame: object) -> None:
         raise _Terminated
 
+    pool = PredictionPool(
+        workers=limits.predict_workers,
+        queue=limits.predict_queue,
+        budget_s=limits.predict_timeout_s,
+    )
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            pool.close()
+            super().handle_exit(sig, frame)
+
+    app = create_app(
+        history,
+        token=token,
+        live=live,
+        limits=limits,
+        predictions=pool,
+        state_dir=state_dir,
+        model_dir=model_dir,
+    )
     # uvicorn shuts down on SIGTERM, then raises the signal again: here, so that the
     # consumer checkpoints and the process exits 0 (a restart, not a crash)
     signal.signal(signal.SIGTERM, _on_term)
     try:
-        uvicorn.run(
-            create_app(history, token=token, live=live),
-            host=host,
-            port=port,
-            timeout_graceful_shutdown=5,
-        )
+        pool.start()
+        _Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=3)).run()
     except _Terminated:
         logger.info("SIGTERM: stopped")
     finally:
+        pool.close_now()
         if service is not None:
             service.stop()
 

@@ -219,11 +219,19 @@ def simulate_run_cmd(
     fc: FcOpt = "mlff_mean",
     omegas: Annotated[
         str,
-        typer.Option("--omegas", help="Goniometer angles, deg: 'start:stop:step' or 'a,b,c'."),
+        typer.Option(
+            "--omegas",
+            help="Goniometer angles, deg: 'start:stop:step' or 'a,b,c'; at most 3600.",
+        ),
     ] = "0:120:1",
     events: Annotated[
         float,
-        typer.Option("--events-per-orientation", help="Mean events per orientation."),
+        typer.Option(
+            "--events-per-orientation",
+            min=1.0,
+            max=1e8,
+            help="Mean events per orientation (1 to 1e8).",
+        ),
     ] = 2e5,
     seed: SeedOpt = 0,
     out: RunOutOpt = Path("run.steer"),

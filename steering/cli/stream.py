@@ -4,6 +4,7 @@ replay and record runs on Kafka, run the live consumer, and bluesky's 0MQ proxy.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -182,9 +183,14 @@ def replay_cmd(
     at any speed."""
     from consumers.replay import replay
 
-    factor = None if speed == "max" else float(speed)
-    if factor is not None and not factor > 0:
-        raise typer.BadParameter("--speed must be > 0 or 'max'")
+    try:
+        factor = None if speed == "max" else float(speed)
+    except ValueError:
+        factor = math.nan
+    if factor is not None and not (math.isfinite(factor) and factor > 0):
+        raise typer.BadParameter(
+            f"{speed!r} is not a speed: give a factor > 0 or 'max'", param_hint="--speed"
+        )
     result = replay(
         run,
         bootstrap,

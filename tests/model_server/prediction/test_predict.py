@@ -314,7 +314,20 @@ def test_openapi_documents_the_request(client) -> None:  # type: ignore[no-untyp
     op = spec["paths"]["/predict"]["post"]
     assert set(op["responses"]["200"]["content"]) == {"application/json", "image/png"}
     assert {"404", "422"} <= set(op["responses"])
-    props = spec["components"]["schemas"]["PredictRequest"]["properties"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert body["title"] == "PredictRequest"
+    props = body["properties"]
     assert {"material", "cif", "fc", "ei", "temperature", "omegas", "outputs"} <= set(props)
     assert all(p.get("description") for p in props.values())
     assert props["omegas"]["maxItems"] == MAX_OMEGAS
+
+
+def test_openapi_examples_are_answered(client) -> None:  # type: ignore[no-untyped-def]
+    """Every example of the request schema is a request the server answers with 200."""
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    examples = body["schema"]["examples"]
+    assert len(examples) >= 3
+    for example in examples:
+        r = _post(client, example)
+        assert r.status_code == 200, (example, r.text[:300])

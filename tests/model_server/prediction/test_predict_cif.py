@@ -165,6 +165,8 @@ def test_no_model_is_503(
     detail = r.json()["detail"]
     assert "force-constant model is not available" in detail
     assert "model.json" in detail
+    assert str(tmp_path) not in detail  # no server paths in answers
+    assert "STEER_FC_MODEL" in detail
     # given coefficients need no model
     r = _post(client, {"material": "Ge", "outputs": ["dos"]})
     assert r.status_code == 200
@@ -217,6 +219,8 @@ def test_huge_cell_states_the_limits(client: TestClient) -> None:
     [
         ({"cif": "this is not a CIF"}, "cannot read the CIF"),
         ({"cif": "   "}, "the CIF is empty"),
+        # a cell without atoms once answered "integer modulo by zero"
+        ({"cif": _cif("X", 5.0, [])}, "the CIF has no atom sites"),
         ({"cif": GE_CIF.read_text(), "fc": "raman"}, 'leave fc out (or give "e3nn")'),
         ({"cif": GE_CIF.read_text(), "indirect_orders": 7}, "less than or equal to 4"),
         ({"cif": GE_CIF.read_text(), "indirect_instrument": "iris"}, "vision"),
@@ -236,7 +240,7 @@ def test_openapi_describes_the_new_outputs(client: TestClient) -> None:
     assert "dos" in op["description"]
     assert "indirect" in op["description"]
     schemas = spec["components"]["schemas"]
-    props = schemas["PredictRequest"]["properties"]
+    props = op["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert {"dos_sigma", "indirect_instrument", "indirect_orders"} <= set(props)
     outputs = json.dumps(props["outputs"])
     assert "dos" in outputs

@@ -214,6 +214,15 @@ def test_wrong_magic(tmp_path: Path) -> None:
         RunReader(bad)
 
 
+def test_only_the_magic_is_a_truncated_run(tmp_path: Path) -> None:
+    """A gzip holding the magic and nothing more starts with it: it is cut off."""
+    bad = tmp_path / "cut.steer"
+    bad.write_bytes(gzip.compress(b"STEERRUN"))
+    with pytest.raises(RecordingError, match=r"cut\.steer is a truncated recorded run") as err:
+        RunReader(bad)
+    assert "does not start with" not in str(err.value)
+
+
 def test_not_gzip(tmp_path: Path) -> None:
     bad = tmp_path / "plain.steer"
     bad.write_bytes(b"STEERRUN not compressed")

@@ -295,10 +295,24 @@ def test_omegas_outside_goniometer_limits(tmp_path: Path) -> None:
         simulate_run(plan, tmp_path / "x.steer", progress=False)
 
 
-def test_negative_events(tmp_path: Path) -> None:
-    plan = RunPlan(material="Ge", omegas=(0.0,), events_per_orientation=-1)
-    with pytest.raises(InstrumentError, match="events per orientation must be >= 0"):
+@pytest.mark.parametrize("events", [-1.0, 0.0, 1e12, float("nan")])
+def test_events_out_of_range(tmp_path: Path, events: float) -> None:
+    """Refused before anything is drawn or written (1e12 once ended in a traceback and a
+    partial file; 0 in an empty run with exit 0)."""
+    plan = RunPlan(material="Ge", omegas=(0.0,), events_per_orientation=events)
+    with pytest.raises(InstrumentError, match=r"events per orientation must be > 0 and at most"):
         simulate_run(plan, tmp_path / "x.steer", progress=False)
+    assert not (tmp_path / "x.steer").exists()
+
+
+def test_omegas_are_counted_before_they_are_made() -> None:
+    from simulations.runs.simulate import parse_omegas
+
+    with pytest.raises(InstrumentError, match=r"gives 1e\+09 angles; at most 3600"):
+        parse_omegas("0:1e9:1")
+    with pytest.raises(InstrumentError, match=r"at most 3600"):
+        parse_omegas("0:4:1e-12")
+    assert parse_omegas("0:3:1").tolist() == [0.0, 1.0, 2.0]
 
 
 def test_ei_below_energy_window(tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             model_dir=MODELS,
         )
         service.start(idle_exit_s=15)
-        with serve(create_app(history, token=TOKEN, live=live)) as base, httpx.Client() as c:
+        app = create_app(history, token=TOKEN, live=live, state_dir=tmp_path / "state")
+        with serve(app) as base, httpx.Client() as c:
             deadline = time.monotonic() + 240
             run: dict = {}  # type: ignore[type-arg]
             while time.monotonic() < deadline:
@@ -51,6 +52,7 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             assert run, f"run not complete in time (consumer error: {service.error})"
             run_id = run["run_id"]
             assert run["n_orientations"] == 4
+            assert not Path(run["export_path"]).is_absolute()  # relative to the state folder
             assert run["summary"]["events_folded"] == offline["events_folded"]
             est = c.get(f"{base}/runs/{run_id}/estimates").json()["estimates"]
             assert [e["n_orientations"] for e in est] == [1, 2, 3, 4]

@@ -59,7 +59,13 @@ def test_simulate_sqe_draws_a_slice(tmp_path: Path) -> None:
     [
         (["simulate", "run", "--material", "Zz"], "unknown material 'Zz'"),
         (["simulate", "run", "--omegas", "0:400:1"], "outside the goniometer limits"),
-        (["simulate", "run", "--events-per-orientation", "-5"], "must be >= 0"),
+        (["simulate", "run", "--events-per-orientation", "-5"], "greater than or equal to 1"),
+        # limits decided before any allocation or file (the measured cases)
+        (["simulate", "run", "--events-per-orientation", "0"], "greater than or equal to 1"),
+        (["simulate", "run", "--events-per-orientation", "1e12"], "less than or equal to"),
+        (["simulate", "run", "--omegas", "0:1e9:1"], "at most 3600 are accepted"),
+        (["simulate", "run", "--omegas", "0:4:1e-12"], "at most 3600 are accepted"),
+        (["simulate", "run", "--temperature", "10000"], "less than or equal to 2000"),
         (["simulate", "run", "--ei", "30"], "too small"),
         (["simulate", "run", "--omegas", "a:b"], "cannot read omegas"),
         (["simulate", "sqe", "--ei", "20"], "too small"),
@@ -70,4 +76,20 @@ def test_simulate_errors_are_one_clear_line(tmp_path: Path, args: list[str], mes
     proc = steer(*args, "--out", str(tmp_path / "x"))
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_refused_run_leaves_no_file(tmp_path: Path) -> None:
+    out = tmp_path / "big.steer"
+    proc = steer("simulate", "run", "--events-per-orientation", "1e12", "--out", str(out))
+    assert proc.returncode == 2
+    assert not out.exists()
+
+
+def test_replay_speed_must_be_a_number(tmp_path: Path) -> None:
+    run = tmp_path / "x.steer"
+    run.write_bytes(b"")
+    proc = steer("replay", str(run), "--bootstrap", "127.0.0.1:1", "--speed", "abc")
+    assert proc.returncode == 2, proc.stderr
+    assert "'abc' is not a speed" in proc.stderr
     assert "Traceback" not in proc.stderr
