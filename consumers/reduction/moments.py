@@ -188,6 +188,10 @@ class BinMoments:
                 n_orientations=self.n_orientations,
             )
 
+    def __deepcopy__(self, memo: dict[int, object]) -> BinMoments:
+        """:meth:`copy` (a new lock: a lock cannot be copied)."""
+        return self.copy()
+
     def arrays(self, prefix: str = "moments_") -> dict[str, NDArray[np.generic]]:
         """The arrays by name (for a checkpoint or a file)."""
         with self._lock:

@@ -726,6 +726,9 @@ def clone(pipe: RunPipeline) -> RunPipeline:
     if pipe.folder is not None:
         memo[id(pipe.folder)] = pipe.folder
         memo[id(pipe.folder.grid)] = pipe.folder.grid
+    # the moments' structure constants (with their cache's lock) are shared machinery too
+    if pipe._constants is not None:
+        memo[id(pipe._constants)] = pipe._constants
     return copy.deepcopy(pipe, memo)
 
 

@@ -95,7 +95,12 @@ def test_replica_estimates_every_snapshot_once(broker, make_small_run, tmp_path,
     assert meta["ei_meV"] > 0
     assert meta["instrument"]["name"]
     direct = est.estimate(arrays["intensity"], arrays["mask"]).to_dict()
-    assert estimates[3]["estimate"]["vae"]["fc"] == json.loads(json.dumps(direct))["fc"]
+    # the same estimate as the estimator gives directly (to float rounding: torch's
+    # reductions may take another order on another thread)
+    got = estimates[3]["estimate"]["vae"]["fc"]
+    assert set(got) == set(direct["fc"])
+    for name, fc in direct["fc"].items():
+        assert got[name] == pytest.approx(fc, rel=1e-6, abs=1e-9), name
     # another replica, which saw none of the run's earlier snapshots, refines the last one
     # alike: the fit is a function of the snapshot (a warm start would move it by ~0.06 std)
     other = ModelReplica(broker.bootstrap, "mr", ROOT / "models", group_id="mr-other")

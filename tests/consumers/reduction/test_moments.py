@@ -89,3 +89,14 @@ def test_a_cached_orientation_is_returned_as_a_copy() -> None:
     assert b.weight.min() >= 0.0
     with pytest.raises(FoldError, match="finite"):
         orientation_moments(run.folder, run.refiner.constants, float("nan"))
+
+
+def test_moments_deep_copy_is_independent() -> None:
+    import copy
+
+    m = BinMoments.zeros(4, 6)
+    m.weight[:] = 1.0
+    c = copy.deepcopy(m)
+    c.weight[0] = 5.0
+    assert m.weight[0] == 1.0
+    np.testing.assert_array_equal(c.tensor, m.tensor)
