@@ -60,13 +60,13 @@ def test_answers_queue_bound_and_a_client_that_leaves() -> None:
         t0 = time.monotonic()
         with pytest.raises(PredictionUnavailable) as full:
             await pool.run(QUICK)
-        assert time.monotonic() - t0 < 0.1
+        assert time.monotonic() - t0 < 1.0  # refused at once (a generous bound for CI)
         assert full.value.status == 429
         assert full.value.retry_after is not None
         assert full.value.retry_after >= 1
         with pytest.raises(PredictionUnavailable, match="client disconnected"):
             await long
-        assert gone_at[0] - t_leave < 0.5  # polled every 0.2 s
+        assert gone_at[0] - t_leave < 2.0  # polled every 0.2 s (a generous bound for CI)
         await asyncio.to_thread(_gone, worker)
         assert worker.exitcode is not None  # killed, not left computing
         assert pool.outcomes["client_gone"] == 1
@@ -104,7 +104,7 @@ def test_time_budget_and_close() -> None:
         closing.close()
         with pytest.raises(PredictionUnavailable, match="stopping") as exc:
             await long
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 3.0
         assert exc.value.status == 503
         assert await asyncio.to_thread(_gone, worker, 2.0)
         with pytest.raises(PredictionUnavailable, match="stopping"):

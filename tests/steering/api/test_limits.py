@@ -57,13 +57,13 @@ def test_a_large_body_is_413_at_once_and_health_is_unaffected(api) -> None:  # t
         dt = time.perf_counter() - t0
         assert r.status_code == 413
         assert "STEER_MAX_BODY_BYTES" in r.json()["detail"]
-        assert dt < 1.0
+        assert dt < 5.0  # bounds for a loaded CI machine; bench_hostile has the timings
         # a body without a length (chunked) is cut at the limit too
         r = c.post(f"{base}/runs/run-1/advisor", content=iter([b"x" * 65536] * 40), headers=AUTH)
         assert r.status_code == 413
         t0 = time.perf_counter()
         assert c.get(f"{base}/health").status_code == 200
-        assert time.perf_counter() - t0 < 0.5
+        assert time.perf_counter() - t0 < 2.0
         # counted, by limit, in /metrics (text format 0.0.4)
         r = c.get(f"{base}/metrics")
         assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -88,7 +88,7 @@ def test_a_huge_cif_is_refused_before_its_symmetry_is_expanded(api) -> None:  # 
     assert r.status_code == 422, r.text
     assert "once its symmetry is applied; at most 1000" in r.json()["detail"]
     assert "STEER_CIF_MAX_SITES" in r.json()["detail"]
-    assert dt < 1.0
+    assert dt < 5.0  # building the sites took 23 s; bench_hostile times it (0.36 s)
 
 
 def test_validation_errors_do_not_echo_large_inputs(api) -> None:  # type: ignore[no-untyped-def]
@@ -109,7 +109,7 @@ def test_advisor_range_is_counted_before_it_is_made(api) -> None:  # type: ignor
             json={"start": -180, "stop": 180, "step": 2e-7},
             headers=AUTH,
         )
-        assert time.perf_counter() - t0 < 1.0
+        assert time.perf_counter() - t0 < 5.0  # making them took 20.7 s
         assert r.status_code == 422
         assert "1.8e+09 angles; at most 3600" in r.json()["detail"]
         r = c.post(f"{base}/runs/run-1/advisor", json={"start": 0, "stop": False}, headers=AUTH)
@@ -207,7 +207,7 @@ def test_many_errors_are_listed_briefly(api) -> None:  # type: ignore[no-untyped
         detail = r.json()["detail"]
         assert len(detail) == 21
         assert "and 79980 more errors" in detail[-1]["msg"]
-        assert dt < 2.0, dt
+        assert dt < 10.0, dt
         t0 = time.perf_counter()
         assert c.get(f"{base}/health").status_code == 200
-        assert time.perf_counter() - t0 < 0.5
+        assert time.perf_counter() - t0 < 2.0
