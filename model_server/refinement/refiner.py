@@ -116,8 +116,9 @@ class RunRefiner:
             )
         return self._constants
 
-    def model(self, moments: BinMoments) -> CountsModel:
-        """The expected-counts model of a run's moments."""
+    def model(self, moments: BinMoments, *, exclusion: float | None = None) -> CountsModel:
+        """The expected-counts model of a run's moments (``exclusion``: the radius around
+        the zone centres left out, 1/A; default the model's, a negative one keeps all)."""
         return CountsModel(
             self.setup.basis,
             self.setup.grid,
@@ -127,6 +128,7 @@ class RunRefiner:
             tolerance=self.table.tolerance,
             temperature=self.temperature,
             reference=self.reference,
+            exclusion=exclusion,
         )
 
     def start_from(self, estimate: Mapping[str, float] | None) -> NDArray[np.float64]:

@@ -575,17 +575,7 @@ def _fit_one(
 
 def _build_level(refiner: RunRefiner, k: int, moments: BinMoments) -> _Level:
     """The fit's model and the full model (every measured canonical bin) of a level."""
-    full = CountsModel(
-        refiner.setup.basis,
-        refiner.setup.grid,
-        refiner.resolution,
-        moments,
-        alias=refiner.table.alias,
-        tolerance=refiner.table.tolerance,
-        temperature=refiner.temperature,
-        reference=refiner.reference,
-        exclusion=-1.0,  # every measured canonical bin, the zone centres included
-    )
+    full = refiner.model(moments, exclusion=-1.0)  # every measured bin, zone centres too
     return _Level(
         k=k, moments=moments, model=refiner.model(moments), full=full, alias=refiner.table.alias
     )
