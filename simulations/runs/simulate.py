@@ -193,6 +193,8 @@ class RunPlan:
     v: tuple[float, float, float] = (0.0, 1.0, 0.0)
     mesh: int = 40
     group_rows: int = 4
+    max_orientations: int = MAX_ORIENTATIONS
+    max_events_per_orientation: float = MAX_EVENTS_PER_ORIENTATION
     prefix: str = "arcs"
     run_id: str | None = None
     start_time_ns: int = DEFAULT_START_NS
@@ -201,14 +203,16 @@ class RunPlan:
     def validate(self) -> None:
         """Raise :class:`InstrumentError` for an impossible plan."""
         events = self.events_per_orientation
-        if not np.isfinite(events) or not 0 < events <= MAX_EVENTS_PER_ORIENTATION:
+        if not np.isfinite(events) or not 0 < events <= self.max_events_per_orientation:
             raise InstrumentError(
                 f"events per orientation must be > 0 and at most "
-                f"{MAX_EVENTS_PER_ORIENTATION:.0e} (the limit per orientation), got {events:g}"
+                f"{self.max_events_per_orientation:.0e} (the limit per orientation, "
+                f"STEER_MAX_EVENTS_PER_ORIENTATION), got {events:g}"
             )
-        if len(self.omegas) > MAX_ORIENTATIONS:
+        if len(self.omegas) > self.max_orientations:
             raise InstrumentError(
-                f"a run has at most {MAX_ORIENTATIONS} orientations, got {len(self.omegas)}"
+                f"a run has at most {self.max_orientations} orientations "
+                f"(STEER_MAX_ORIENTATIONS), got {len(self.omegas)}"
             )
         if not 0 <= self.background_fraction <= 1:
             raise InstrumentError(

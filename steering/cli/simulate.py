@@ -221,7 +221,8 @@ def simulate_run_cmd(
         str,
         typer.Option(
             "--omegas",
-            help="Goniometer angles, deg: 'start:stop:step' or 'a,b,c'; at most 3600.",
+            help="Goniometer angles, deg: 'start:stop:step' or 'a,b,c'; at most "
+            "--max-orientations.",
         ),
     ] = "0:120:1",
     events: Annotated[
@@ -229,10 +230,28 @@ def simulate_run_cmd(
         typer.Option(
             "--events-per-orientation",
             min=1.0,
-            max=1e8,
-            help="Mean events per orientation (1 to 1e8).",
+            help="Mean events per orientation (1 to --max-events-per-orientation).",
         ),
     ] = 2e5,
+    max_orientations: Annotated[
+        int,
+        typer.Option(
+            "--max-orientations",
+            envvar="STEER_MAX_ORIENTATIONS",
+            min=1,
+            help="Most angles a run may have: counted before any is made (a run of 3,600 "
+            "angles at 2e5 events is about 6 GB of events).",
+        ),
+    ] = 3600,
+    max_events: Annotated[
+        float,
+        typer.Option(
+            "--max-events-per-orientation",
+            envvar="STEER_MAX_EVENTS_PER_ORIENTATION",
+            min=1.0,
+            help="Most mean events per orientation (1e8 events are about 2 GB while drawn).",
+        ),
+    ] = 1e8,
     seed: SeedOpt = 0,
     out: RunOutOpt = Path("run.steer"),
     ei: EiOpt = None,
@@ -278,8 +297,10 @@ def simulate_run_cmd(
     plan = RunPlan(
         material=material,
         fc=fc,
-        omegas=tuple(float(w) for w in parse_omegas(omegas)),
+        omegas=tuple(float(w) for w in parse_omegas(omegas, max_count=max_orientations)),
         events_per_orientation=events,
+        max_orientations=max_orientations,
+        max_events_per_orientation=max_events,
         seed=seed,
         ei=ei,
         temperature=temperature,

@@ -62,7 +62,7 @@ def test_simulate_sqe_draws_a_slice(tmp_path: Path) -> None:
         (["simulate", "run", "--events-per-orientation", "-5"], "greater than or equal to 1"),
         # limits decided before any allocation or file (the issue's measured cases)
         (["simulate", "run", "--events-per-orientation", "0"], "greater than or equal to 1"),
-        (["simulate", "run", "--events-per-orientation", "1e12"], "less than or equal to"),
+        (["simulate", "run", "--events-per-orientation", "1e12"], "at most 1e+08"),
         (["simulate", "run", "--omegas", "0:1e9:1"], "at most 3600 are accepted"),
         (["simulate", "run", "--omegas", "0:4:1e-12"], "at most 3600 are accepted"),
         (["simulate", "run", "--temperature", "10000"], "less than or equal to 2000"),
@@ -84,6 +84,24 @@ def test_refused_run_leaves_no_file(tmp_path: Path) -> None:
     proc = steer("simulate", "run", "--events-per-orientation", "1e12", "--out", str(out))
     assert proc.returncode == 2
     assert not out.exists()
+
+
+def test_cli_limits_are_settings(tmp_path: Path) -> None:
+    """The limits are options with STEER_* variables: lowered, they refuse what passed."""
+    proc = steer(
+        "simulate", "run", "--omegas", "0:10:1", "--max-orientations", "5",
+        "--out", str(tmp_path / "a.steer"),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "at most 5 are accepted" in proc.stderr
+    proc = steer(
+        "simulate", "run", "--omegas", "0:2:1", "--events-per-orientation", "2000",
+        "--out", str(tmp_path / "b.steer"), env={"STEER_MAX_EVENTS_PER_ORIENTATION": "1000"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "at most 1e+03" in proc.stderr
+    assert "STEER_MAX_EVENTS_PER_ORIENTATION" in proc.stderr
+    assert not (tmp_path / "b.steer").exists()
 
 
 def test_replay_speed_must_be_a_number(tmp_path: Path) -> None:
