@@ -94,9 +94,10 @@ class Refined:
         its coefficients; None otherwise.
     start
         Which start the optimum came from: ``"warm"`` (the previous optimum), ``"start
-        <i>"`` (the i-th given start), or, only when no given start had a stable lattice,
-        the first start moved part of the way to the prior's centre (``"start 0 shrunk
-        ..."``) or that centre itself (``"reference"``).
+        <i>"`` (the i-th given start), one of the restarts after a misfit (``"start 0
+        moved to <t> of its offset from the reference"``), or, only when no given start
+        had a stable lattice, the first start moved part of the way to the prior's centre
+        (``"start 0 shrunk ..."``) or that centre itself (``"reference"``).
     """
 
     names: tuple[str, ...]
