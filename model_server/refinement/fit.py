@@ -317,20 +317,21 @@ def refine(
     if not results:
         raise RefinementError("no start gave a stable lattice with positive expected counts")
     results.sort(key=lambda r: r[1][0].objective)
-    if starts and _pearson(y, results[0][1][0].lam, model) > MISFIT_RESTART:
+    misfit = _pearson(y, results[0][1][0].lam, model)
+    if starts and misfit > MISFIT_RESTART:
         # A misfit this large is a second minimum more often than a model error: the
         # landscape of many counts has several. Starts between the first one and the
         # reference set often reach the right basin; the lowest deviance wins.
         more = [
             (
                 f"start 0 moved to {t:g} of its offset from the reference",
-                model.start_nuisance(prior.mean + t * (starts[0] - prior.mean), counts),
+                _partway(model, counts, starts[0], prior, t),
             )
             for t in _RESTART
         ]
         logger.info(
             "Pearson chi2/dof %.2f > %.2f: %d more starts toward the reference set",
-            _pearson(y, results[0][1][0].lam, model),
+            misfit,
             MISFIT_RESTART,
             len(more),
         )
@@ -398,15 +399,27 @@ def _toward_reference(
     counts: NDArray[np.float64],
     prior: Prior,
 ) -> tuple[str, NDArray[np.float64]]:
-    """The first stable start ``reference + t (start - reference)`` for t in
-    :data:`_SHRINK`, else the reference set itself, labelled."""
+    """The first stable start :func:`_partway` for t in :data:`_SHRINK`, else the
+    reference set itself, labelled."""
+    k = model.n_coefficients
     for t in _SHRINK:
-        theta = model.start_nuisance(prior.mean + t * (start - prior.mean), counts)
-        k = model.n_coefficients
+        theta = _partway(model, counts, start, prior, t)
         theta[k + 1] = max(theta[k + 1], background_floor(model, y))
         if _objective(model, y, theta, prior) is not None:
             return f"start 0 shrunk to {t:g} of its offset from the reference", theta
     return "reference", model.start_nuisance(prior.mean, counts)
+
+
+def _partway(
+    model: CountsModel,
+    counts: NDArray[np.float64],
+    start: NDArray[np.float64],
+    prior: Prior,
+    t: float,
+) -> NDArray[np.float64]:
+    """The parameter vector of the coefficients ``reference + t (start - reference)``
+    (the reference set is the prior's centre), with nuisances started from ``counts``."""
+    return model.start_nuisance(prior.mean + t * (start - prior.mean), counts)
 
 
 def _descend_all(

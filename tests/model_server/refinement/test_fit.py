@@ -24,12 +24,12 @@ def _truth_theta(model, truth: np.ndarray, events: float) -> np.ndarray:  # type
     return theta
 
 
-def _start(run, rng: np.random.Generator) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """The truth's kept coefficients off by ~3 % (a VAE's error), the others at the
-    reference set."""
+def _start(run, rng: np.random.Generator, spread: float = 0.03) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The truth's kept coefficients off by a relative ``spread`` (~3 %: a VAE's error),
+    the others at the reference set."""
     start = run.refiner.reference.copy()
     kept = [run.refiner.names.index(n) for n in run.refiner.free]
-    start[kept] = run.truth[kept] * (1.0 + 0.03 * rng.standard_normal(len(kept)))
+    start[kept] = run.truth[kept] * (1.0 + spread * rng.standard_normal(len(kept)))
     return start
 
 
@@ -95,10 +95,7 @@ def test_an_unstable_start_moves_toward_the_reference_set() -> None:
     theta = _truth_theta(model, run.truth, 30000.0)
     _, counts = replica_counts(model, theta, np.random.default_rng(7))
     # a VAE-like start 25 % off that is dynamically unstable (seed found by search)
-    rng = np.random.default_rng(6)
-    kept = [run.refiner.names.index(n) for n in run.refiner.free]
-    start = run.refiner.reference.copy()
-    start[kept] = run.truth[kept] * (1.0 + 0.25 * rng.standard_normal(len(kept)))
+    start = _start(run, np.random.default_rng(6), spread=0.25)
     assert not model.evaluate(model.theta(start), jacobian=False).stable
     fit = refine(model, counts, [start], prior=run.refiner.prior)
     assert fit.start.startswith("start 0 shrunk") or fit.start == "reference"
@@ -119,10 +116,7 @@ def test_a_misfit_tries_starts_toward_the_reference_set(monkeypatch: pytest.Monk
     model = run.refiner.model(ge_moments(OMEGAS))
     theta = _truth_theta(model, run.truth, 2e6)
     _, counts = replica_counts(model, theta, np.random.default_rng(11))
-    rng = np.random.default_rng(107)
-    kept = [run.refiner.names.index(n) for n in run.refiner.free]
-    start = run.refiner.reference.copy()
-    start[kept] = run.truth[kept] * (1.0 + 0.35 * rng.standard_normal(len(kept)))
+    start = _start(run, np.random.default_rng(107), spread=0.35)
     monkeypatch.setattr(fit_module, "MISFIT_RESTART", np.inf)
     alone = refine(model, counts, [start], prior=run.refiner.prior)
     assert alone.pearson_chi2_per_dof > 5.0
