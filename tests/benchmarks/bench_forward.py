@@ -37,6 +37,7 @@ from simulations.fcdb.reference import load_reference
 from simulations.lattice.materials import setup
 from simulations.lattice.phonopy_export import full_force_constants, to_phonopy
 from simulations.units import THZ_TO_MEV
+from tests.benchmarks.timing import best_of
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 ONE_CORE_TARGET = 1000.0  # unit-area Ge spectra per second on one core
@@ -74,15 +75,6 @@ def _one_core() -> Iterator[None]:
             os.sched_setaffinity(0, affinity)
 
 
-def _best_of(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def bench_ge_forward_model(tmp_path: Path) -> None:
     ms = setup("Ge")
     ref = load_reference("Ge")
@@ -90,7 +82,7 @@ def bench_ge_forward_model(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     sets = sample_domain(ref.domain, 4000, rng)
     fm.spectra_fast(sets[:256])  # warm-up
-    t_ours = _best_of(lambda: fm.spectra_fast(sets))
+    t_ours = best_of(lambda: fm.spectra_fast(sets))
     ours_per_s = len(sets) / t_ours
 
     # phonopy baseline: same sets (first 40), FC array by linear combination, run_qpoints.
@@ -113,7 +105,7 @@ def bench_ge_forward_model(tmp_path: Path) -> None:
             ph.force_constants = np.einsum("k,kabxy->abxy", c, unit)
             ph.run_qpoints(q)
 
-    t_ph = _best_of(phonopy_loop, repeats=2)
+    t_ph = best_of(phonopy_loop, repeats=2)
     phonopy_per_s = n_ph / t_ph
 
     # The plain workflow: build each set's full FC array with the export, then phonopy.
@@ -122,7 +114,7 @@ def bench_ge_forward_model(tmp_path: Path) -> None:
             ph.force_constants = full_force_constants(ms.basis, c, n_sc)[0]
             ph.run_qpoints(q)
 
-    workflow_per_s = 10 / _best_of(phonopy_workflow, repeats=1)
+    workflow_per_s = 10 / best_of(phonopy_workflow, repeats=1)
 
     t0 = time.perf_counter()
     summary = generate_dataset(
@@ -202,8 +194,8 @@ def bench_ge_forward_one_core(tmp_path: Path) -> None:
     with _one_core():
         fm.spectra_fast(sets[:64], workers=1)  # warm-up (compiled kernels loaded)
         baseline(full[0])
-        t_ours = _best_of(lambda: fm.spectra_fast(sets, workers=1))
-        t_base = _best_of(lambda: [baseline(c) for c in full[:n_base]], repeats=2)
+        t_ours = best_of(lambda: fm.spectra_fast(sets, workers=1))
+        t_base = best_of(lambda: [baseline(c) for c in full[:n_base]], repeats=2)
     ours_per_s = len(sets) / t_ours
     base_per_s = n_base / t_base
     # The two compute the same thing (stable sets; the baseline samples bin centres).

@@ -30,6 +30,7 @@ from model_server.prediction.expected import FoldSampler, GridSimulator
 from model_server.refinement.fit import refine
 from simulations.instrument.events import PhononTable
 from simulations.lattice.sqe import CoherentSQE
+from tests.benchmarks.timing import best_of
 from tests.ge_moments import EI, TEMPERATURE, ge_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
@@ -40,15 +41,6 @@ SIGNAL_PER_ORIENTATION = 12600.0
 BACKGROUND_SHARE = 0.1
 
 
-def _best(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def bench_refine() -> None:
     run = ge_run()
     refiner, folder = run.refiner, run.folder
@@ -57,8 +49,8 @@ def bench_refine() -> None:
     out: dict[str, object] = {"orientations": len(omegas), "material": "Ge", "threads": 1}
     with threadpool_limits(1):
         orientation_moments(folder, constants, 200.0)  # compile
-        t_mom = _best(lambda: orientation_moments(folder, constants, 201.0 + time.time() % 1), 3)
-        t_cov = _best(lambda: folder.coverage(202.0 + time.time() % 1, cache=False), 3)
+        t_mom = best_of(lambda: orientation_moments(folder, constants, 201.0 + time.time() % 1), 3)
+        t_cov = best_of(lambda: folder.coverage(202.0 + time.time() % 1, cache=False), 3)
         out["moments_one_orientation_s"] = round(t_mom, 4)
         out["coverage_one_orientation_s"] = round(t_cov, 4)
         out["moments_over_coverage"] = round(t_mom / t_cov, 2)
@@ -99,7 +91,7 @@ def bench_refine() -> None:
             warm = fit.theta
             if k in (1, len(omegas)):
                 std_1nn[k] = float(fit.std[0])
-        ev_time = _best(lambda: model.evaluate(theta_true), 5)
+        ev_time = best_of(lambda: model.evaluate(theta_true), 5)
         out["expected_counts_with_jacobian_120_s"] = round(ev_time, 4)
         out["expected_counts_bins"] = model.n_bins
         out["expected_counts_target_s"] = 0.1
@@ -116,7 +108,7 @@ def bench_refine() -> None:
             table=PhononTable.build(sqe, 40),
         )
         sampler = FoldSampler(folder, sim.group_of_pixel, threads=1)
-        t_brute = _best(lambda: sampler.fold(10.0, sim.sqe(10.0)), 2)
+        t_brute = best_of(lambda: sampler.fold(10.0, sim.sqe(10.0)), 2)
         out["brute_force_fold_one_orientation_s"] = round(t_brute, 4)
         out["model_120_over_brute_force_1"] = round(ev_time / t_brute, 3)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +28,10 @@ from consumers.reduction.folding import Folder
 from consumers.reduction.moments import orientation_moments, star_operations
 from consumers.reduction.table import FoldTable
 from model_server.refinement.wedge import crb_comparison, wedge_grid
+from tests.benchmarks.timing import best_of
 from tests.ge_moments import ge_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
-
-
-def _seconds(fn) -> float:  # type: ignore[no-untyped-def]
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def bench_wedge() -> None:
@@ -54,10 +48,11 @@ def bench_wedge() -> None:
             orientation_moments(folder, refiner.constants, 0.0, inverse_ops=ops)  # compile
             for stride in (1, 4):
                 cost[f"{label}_stride{stride}_s"] = round(
-                    _seconds(
+                    best_of(
                         lambda f=folder, o=ops, s=stride: orientation_moments(
                             f, refiner.constants, 3.0, inverse_ops=o, pixel_stride=s
-                        )
+                        ),
+                        repeats=1,
                     ),
                     3,
                 )
