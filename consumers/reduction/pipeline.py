@@ -28,6 +28,7 @@ from consumers.reduction.moments import (
     star_operations,
     structure_constants,
 )
+from consumers.reduction.nexus_setup import NexusSetup, read_nexus_setup
 from consumers.reduction.segment import Chunk, Segmenter
 from consumers.reduction.table import FoldTable
 from consumers.wire import decode_ev44, decode_f144, loads_json
@@ -61,23 +62,39 @@ _FLATBUFFER_IDS = {"ev44", "f144", "pl72", "6s4t"}
 
 
 def run_folder(
-    meta: dict[str, Any], *, tolerance: float = 0.05, voxels: int = 96
+    meta: dict[str, Any],
+    *,
+    tolerance: float = 0.05,
+    voxels: int = 96,
+    nexus: NexusSetup | None = None,
 ) -> tuple[MaterialSetup, Folder]:
-    """The material set-up and the folder of a run start's metadata (``material``,
-    ``instrument``, ``orientation`` u and v, ``ei_meV``).
+    """The material set-up and the folder of a run start: from ``nexus`` (read from its
+    ``nexus_structure`` by :func:`~consumers.reduction.nexus_setup.read_nexus_setup`) when
+    given, else from its metadata (``material``, ``instrument``, ``orientation`` u and v,
+    ``ei_meV``).
 
     Raises
     ------
     ValueError, KeyError
         For metadata that give no usable set-up.
+    NexusStructureError
+        For a ``nexus`` whose UB does not fit its material.
+    SimulationError
+        For a material that is not shipped.
     """
-    ms = setup(str(meta["material"]))
-    ins = Instrument.from_metadata(meta["instrument"])
-    o = meta["orientation"]
-    orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
-    if not np.all(np.isfinite(orientation.ub)):
-        raise ValueError(f"orientation vectors u={o['u']}, v={o['v']} give no UB matrix")
-    ei = float(meta["ei_meV"])
+    if nexus is not None:
+        ms = setup(nexus.material)
+        ins = nexus.instrument()
+        orientation = nexus.orientation(ms.crystal)
+        ei = nexus.ei
+    else:
+        ms = setup(str(meta["material"]))
+        ins = Instrument.from_metadata(meta["instrument"])
+        o = meta["orientation"]
+        orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
+        if not np.all(np.isfinite(orientation.ub)):
+            raise ValueError(f"orientation vectors u={o['u']}, v={o['v']} give no UB matrix")
+        ei = float(meta["ei_meV"])
     if not np.isfinite(ei):
         raise ValueError(f"Ei = {ei} meV")
     table = FoldTable.cached(ms.crystal, ms.grid, tolerance=tolerance, voxels=voxels)
@@ -153,6 +170,10 @@ class RunPipeline:
         self.tolerance = float(tolerance)
         self.voxels = int(voxels)
         self.meta: dict[str, Any] | None = None
+        #: the set-up read from the run start's ``nexus_structure`` (its stream names
+        #: included), or None when it came from the private metadata
+        self.nexus: NexusSetup | None = None
+        self._nexus_text: str | None = None
         self.segmenter: Segmenter | None = None
         self.folder: Folder | None = None
         self.acc: RunAccumulator | None = None
@@ -320,27 +341,58 @@ class RunPipeline:
 
     def _run_start(self, payload: bytes) -> list[OrientationRecord]:
         try:
-            meta = loads_json(deserialise_pl72(payload).metadata)
+            pl72 = deserialise_pl72(payload)
+            meta = loads_json(pl72.metadata) if pl72.metadata else {}
+            if not isinstance(meta, dict):
+                raise ValueError("the metadata is not a JSON object")
         except Exception as exc:
             raise MalformedMessage("malformed_pl72", str(exc)) from exc
         if self.meta is not None:
             raise MalformedMessage(
                 "second_run_start", f"run {meta.get('run_id')} while {self.meta.get('run_id')}"
             )
-        self._setup(meta)
+        self._setup(meta, pl72.nexus_structure or None, job_id=pl72.job_id or "")
         assert self.segmenter is not None
         return []
 
-    def _setup(self, meta: dict[str, Any]) -> None:
+    def _set_up_folder(
+        self, meta: dict[str, Any], nexus_structure: str | None
+    ) -> tuple[NexusSetup | None, MaterialSetup, Folder]:
+        """The set-up from the ``nexus_structure`` when it gives a complete one, else from
+        the private metadata (logged when the structure was refused)."""
+        if nexus_structure:
+            try:
+                nexus = read_nexus_setup(nexus_structure)
+                return nexus, *run_folder(
+                    meta, tolerance=self.tolerance, voxels=self.voxels, nexus=nexus
+                )
+            except Exception as exc:
+                if "material" not in meta:
+                    raise
+                logger.warning(
+                    "run %s: set-up from the run start's metadata; its nexus_structure is "
+                    "not used: %s",
+                    meta.get("run_id"),
+                    exc,
+                )
+        return None, *run_folder(meta, tolerance=self.tolerance, voxels=self.voxels)
+
+    def _setup(
+        self, meta: dict[str, Any], nexus_structure: str | None = None, *, job_id: str = ""
+    ) -> None:
         # everything is built before anything is kept: a run start that fails here leaves
         # the pipeline waiting for a usable one
+        nexus, ms, folder = self._set_up_folder(meta, nexus_structure)
+        if nexus is not None and "material" not in meta:  # no private metadata (a facility)
+            meta = {"run_id": job_id, **nexus.summary(), **meta}
         mode = self.mode
         if mode == "auto":
             mode = "bluesky" if "bluesky" in meta.get("topics", {}) else "omega"
-        ms, folder = run_folder(meta, tolerance=self.tolerance, voxels=self.voxels)
         segmenter = Segmenter(mode)
         constants = self._moment_constants(meta, ms) if self.take_moments else None
         self.meta = meta
+        self.nexus = nexus
+        self._nexus_text = nexus_structure if nexus is not None else None
         self._run_key = str(meta.get("run_id", "")).encode()
         self.folder = folder
         self.acc = RunAccumulator(ms.grid)
@@ -439,6 +491,8 @@ class RunPipeline:
         arrays["exposure"] = self.acc.exposure
         if self.acc.moments is not None:
             arrays.update(self.acc.moments.arrays())
+        if self._nexus_text is not None:  # the set-up's source, to be read again on restore
+            arrays["nexus_structure"] = np.frombuffer(self._nexus_text.encode(), dtype=np.uint8)
         if self.acc.records:
             arrays["orient_counts"] = np.stack(self.acc.per_orientation_counts)
             arrays["orient_exposure"] = np.stack(self.acc.per_orientation_exposure)
@@ -466,7 +520,8 @@ class RunPipeline:
         self.n_events = int(js.get("n_events", 0))
         if not js.get("started"):
             return
-        self._setup(js["meta"])
+        nexus = arrays.get("nexus_structure")
+        self._setup(js["meta"], None if nexus is None else bytes(np.asarray(nexus)).decode())
         assert self.acc is not None
         seg = dict(js["segmenter"])
         seg.update({k[4:]: v for k, v in arrays.items() if k.startswith("seg_")})

@@ -3,7 +3,8 @@
 One run is written as a recorded-run file (:mod:`simulations.runs.recording`) holding, per
 topic of an instrument prefix (default ``arcs``):
 
-* ``<prefix>_runInfo``: **pl72** run start (metadata JSON below) and **6s4t** run stop;
+* ``<prefix>_runInfo``: **pl72** run start (``metadata`` JSON below, and the
+  ``nexus_structure`` of :mod:`simulations.runs.nexus_structure`) and **6s4t** run stop;
 * ``<prefix>_motion``: **f144** ``omega`` readbacks (degrees; 10 Hz while moving, 1 Hz
   while counting, jitter 0.002 deg), ``omega_setpoint`` at every move, and
   ``proton_charge`` (uC per pulse, stamped with the pulse time);
@@ -21,7 +22,9 @@ The pl72 ``metadata`` JSON carries everything a consumer needs to derive its own
 parameters, u, v, UB), ``ei_meV``, ``temperature_K``, ``instrument`` (geometry),
 ``goniometer``, ``planned_omegas_deg``, ``count_time_s``, ``topics``, and under
 ``simulation`` the ground truth (FC set and coefficients, seed) for evaluation only.
-It does not carry a grid fingerprint.
+It does not carry a grid fingerprint. The same set-up (less the simulation's truth) is in
+the pl72 ``nexus_structure``, as an ESS instrument sends it; a consumer prefers that one
+and falls back on ``metadata``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.jsonutil import json_default
 from simulations.lattice.materials import MaterialSetup, setup
 from simulations.lattice.sqe import CoherentSQE
+from simulations.runs.nexus_structure import StreamNames, encode, nexus_structure
 from simulations.runs.recording import RecordedMessage, RunWriter
 
 __all__ = [
@@ -553,7 +557,7 @@ def _messages(
         sim=sim,
         rng=rng,
         period_ns=round(1e9 / plan.pulse_rate),
-        source=f"{plan.prefix}_detector",
+        source=StreamNames.simulator(plan.prefix).events_source,
     )
     t = plan.start_time_ns
     run_id = str(metadata["run_id"])
@@ -565,6 +569,17 @@ def _messages(
         run_name=run_id,
         instrument_name=sim.instrument.name,
         metadata=json.dumps(metadata),
+        nexus_structure=encode(
+            nexus_structure(
+                instrument=sim.instrument,
+                orientation=sim.orientation,
+                material=plan.material,
+                ei=sim.ei,
+                temperature=plan.temperature,
+                streams=StreamNames.simulator(plan.prefix),
+                run_id=run_id,
+            )
+        ),
     )
     yield [
         clock.msg(clock.t_run_info, t, pl72, "pl72"),
