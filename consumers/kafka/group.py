@@ -150,6 +150,10 @@ class GroupConsumer:
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=max(100, session_timeout_ms // 6),
             partition_assignment_strategy=(RangePartitionAssignor,),
+            # a run start with the nexus_structure of a 102,400-pixel array is ~9 MB: the
+            # same limits as KafkaSource's (kafka-python's default is 1 MB a partition)
+            max_partition_fetch_bytes=16 << 20,
+            fetch_max_bytes=64 << 20,
             **client_security(),
         )
         counts = {t: len(self._consumer.partitions_for_topic(t) or ()) for t in self.topics}
