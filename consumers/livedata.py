@@ -84,9 +84,7 @@ def _axes(grid: Grid, n_orientations: int) -> list[Variable]:
     ]
 
 
-def snapshot_da00(
-    snapshot: Any, grid: Grid, *, run_id: str, timestamp_ns: int
-) -> dict[str, bytes]:
+def snapshot_da00(snapshot: Any, grid: Grid, *, run_id: str, timestamp_ns: int) -> dict[str, bytes]:
     """The da00 messages of one folded snapshot, by source name (:data:`IQE_SOURCE`,
     :data:`IQE_COVERAGE_SOURCE`).
 

@@ -368,7 +368,7 @@ class ConsumerService:
             folder = self.state_dir / RUNS
             folder.mkdir(exist_ok=True)
             tmp = folder / f".{safe}.h5.tmp"
-            acc.write_hdf5(tmp, metadata={"run": meta.get("run_id")})
+            acc.write_hdf5(tmp, metadata={"run": meta.get("run_id")}, run_start=meta)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, folder / f"{safe}.h5")
