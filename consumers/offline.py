@@ -16,8 +16,13 @@ from consumers.exceptions import FoldError
 from consumers.reduction.accumulate import RunAccumulator
 from consumers.reduction.coverage_cache import coverage_cache_dir, coverage_disk_limit
 from consumers.reduction.folding import Folder
-from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
-from consumers.wire import decode_f144, loads_json
+from consumers.reduction.pipeline import (
+    BLUESKY_SCHEMAS,
+    MalformedMessage,
+    RunPipeline,
+    schema_of,
+)
+from consumers.wire import decode_bluesky, decode_f144
 from simulations.runs.recording import RunReader
 from simulations.units import K_B_MEV, THZ_TO_MEV
 
@@ -233,8 +238,8 @@ def run_setup(
                     source, value, _ = decode_f144(msg.payload)
                     if source == "omega_setpoint" and np.isfinite(float(value)):  # type: ignore[arg-type]
                         setpoints[float(value)] = None  # type: ignore[arg-type]
-                elif schema == "bluesky-json":
-                    name, doc = loads_json(msg.payload)
+                elif schema in BLUESKY_SCHEMAS:
+                    name, doc = decode_bluesky(schema, msg.payload)
                     if name == "event" and np.isfinite(float(doc["data"]["omega"])):
                         events[float(doc["data"]["omega"])] = None
             except Exception as exc:  # the consumer would dead-letter it: so do we

@@ -8,7 +8,6 @@ over :mod:`consumers.kafka` and :mod:`consumers.zmq`, which do not import each o
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from consumers.kafka.broker import ensure_topics
 from consumers.kafka.config import client_security, topics_for
 from consumers.kafka.source import KafkaSource
 from consumers.messages import SourceMessage
+from consumers.wire import decode_bluesky
 from simulations.runs.recording import RecordedMessage, RunReader, RunWriter
 
 __all__ = ["record", "replay"]
@@ -116,7 +116,9 @@ def _publish(
             if lag > 0:
                 time.sleep(lag)
         if publisher is not None and msg.topic.endswith("_bluesky"):
-            name, doc = json.loads(msg.payload)
+            header = dict(msg.headers).get("schema")
+            schema = "bluesky-json" if header == b"bluesky-json" else "bluesky-msgpack"
+            name, doc = decode_bluesky(schema, msg.payload)
             producer.flush()  # what came before it in the run goes out first
             publisher(str(name), doc)
             n_zmq += 1

@@ -42,6 +42,7 @@ from consumers.exceptions import ConsumerError
 from consumers.messages import MessageSource, SnapshotSink, SourceMessage
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
+from consumers.wire import msgpack_document_name
 from simulations.jsonutil import json_default
 
 __all__ = ["ConsumerService"]
@@ -69,6 +70,13 @@ def _pack(msgs: list[SourceMessage]) -> tuple[list[list[Any]], np.ndarray]:
         )
     blob = np.frombuffer(b"".join(m.payload for m in msgs), dtype=np.uint8)
     return meta, blob
+
+
+def _is_bluesky_start(m: SourceMessage, schema: str) -> bool:
+    """A bluesky RunStart: by its ``document`` header (JSON) or its name (msgpack)."""
+    if schema == "bluesky-json":
+        return dict(m.headers).get("document") == b"start"
+    return schema == "bluesky-msgpack" and msgpack_document_name(m.payload) == "start"
 
 
 def _unpack(meta: list[list[Any]], blob: np.ndarray) -> list[SourceMessage]:
@@ -240,7 +248,7 @@ class ConsumerService:
         if self.pipeline.meta is None and schema != "pl72" and len(self._early) < self.early_limit:
             self._early.append(m)
             return completed
-        if schema == "bluesky-json" and dict(m.headers).get("document") == b"start":
+        if _is_bluesky_start(m, schema):
             self._bluesky_started = True
         completed += self._handle(m, schema)
         if self._early and self.pipeline.meta is not None:
@@ -301,9 +309,11 @@ class ConsumerService:
         or, after this run's stop, a run start, a second bluesky RunStart, or a keyless
         message on a partition that has moved on."""
         run_key = self.pipeline.run_key
-        if m.key and run_key and m.key != run_key:
+        # bluesky-kafka keys its documents by publisher, not by run id (see RunPipeline.handle)
+        key = None if schema == "bluesky-msgpack" else m.key
+        if key and run_key and key != run_key:
             return True
-        if not self.pipeline.stopped or (m.key and m.key == run_key):
+        if not self.pipeline.stopped or (key and key == run_key):
             return False
         if schema == "pl72":
             return True
@@ -311,7 +321,7 @@ class ConsumerService:
             return True
         # a second bluesky RunStart (0MQ documents carry no key); the first one may come
         # after the 6s4t, over another transport
-        return self._bluesky_started and dict(m.headers).get("document") == b"start"
+        return self._bluesky_started and _is_bluesky_start(m, schema)
 
     def _hold(self, m: SourceMessage, part: tuple[str, int]) -> None:
         """Hold a next-run message (bounded; beyond the bound it is dead-lettered)."""
@@ -358,7 +368,7 @@ class ConsumerService:
             folder = self.state_dir / RUNS
             folder.mkdir(exist_ok=True)
             tmp = folder / f".{safe}.h5.tmp"
-            acc.write_hdf5(tmp, metadata={"run": meta.get("run_id")})
+            acc.write_hdf5(tmp, metadata={"run": meta.get("run_id")}, run_start=meta)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, folder / f"{safe}.h5")

@@ -12,6 +12,12 @@ recognised by a byte comparison and only its value and timestamp are read. Anyth
 ``streaming_data_types.logdata_f144.deserialise_f144``, so errors stay the library's.
 :func:`decode_ev44` does the same for the four arrays of an ev44 event message (numpy
 views into the buffer, as the library gives), with ``deserialise_ev44`` behind it.
+
+bluesky documents come in two forms: JSON ``[name, doc]`` with a ``schema: bluesky-json``
+header (this project's simulator and recorder, :func:`loads_json`), and bluesky-kafka's
+Publisher form, ``msgpack.dumps((name, doc), default=msgpack_numpy.encode)`` with no
+header (:func:`msgpack_document_name` recognises it, :func:`loads_msgpack` decodes it,
+numpy arrays included, never with pickle). :func:`decode_bluesky` takes either.
 """
 
 from __future__ import annotations
@@ -21,11 +27,22 @@ import json
 import struct
 from typing import Any
 
+import msgpack
 import numpy as np
 from streaming_data_types.eventdata_ev44 import deserialise_ev44
 from streaming_data_types.logdata_f144 import deserialise_f144
 
-__all__ = ["MAX_JSON_DEPTH", "decode_ev44", "decode_f144", "loads_json"]
+__all__ = [
+    "BLUESKY_DOCUMENT_NAMES",
+    "MAX_JSON_DEPTH",
+    "MAX_MSGPACK_BYTES",
+    "decode_bluesky",
+    "decode_ev44",
+    "decode_f144",
+    "loads_json",
+    "loads_msgpack",
+    "msgpack_document_name",
+]
 
 #: Deepest nesting of arrays and objects accepted in JSON from the wire (run-start metadata,
 #: bluesky documents): real documents nest a handful of levels.
@@ -51,6 +68,176 @@ def loads_json(data: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
         if int(np.cumsum(step).max()) > max_depth:
             raise ValueError(f"JSON nested deeper than {max_depth} levels")
     return json.loads(raw)
+
+
+#: The document names of event-model (``event_model.DocumentNames``; a test keeps them equal).
+BLUESKY_DOCUMENT_NAMES = frozenset(
+    {
+        "bulk_datum",
+        "bulk_events",
+        "datum",
+        "datum_page",
+        "descriptor",
+        "event",
+        "event_page",
+        "resource",
+        "start",
+        "stop",
+        "stream_datum",
+        "stream_resource",
+    }
+)
+
+#: Largest msgpack bluesky message decoded, bytes (the consumers' fetch limit is lower).
+MAX_MSGPACK_BYTES = 64 << 20
+
+#: numpy dtype kinds accepted from msgpack_numpy arrays: bool, integers, floats, complex
+#: (never object "O" or structured "V", whose decoding would need pickle or a descr).
+_NUMPY_KINDS = frozenset("biufc")
+
+
+def _numpy_hook(obj: dict[Any, Any]) -> Any:
+    """msgpack_numpy's map convention (``{b"nd": True, b"type": "<f8", b"kind": b"",
+    b"shape": [...], b"data": b"..."}``, ``b"nd": False`` for a numpy scalar,
+    ``{b"complex": True, b"data": "(1+2j)"}``) decoded without pickle; other maps are
+    returned as they are.
+
+    Raises
+    ------
+    ValueError
+        For an array whose dtype is not numeric (object arrays are msgpack_numpy's pickle
+        path), whose shape is not a list of sizes, or whose data do not fill its shape.
+    """
+    if b"nd" in obj:
+        kind = obj.get(b"kind", b"")
+        descr = obj.get(b"type")
+        data = obj.get(b"data")
+        if kind not in (b"", "") or not isinstance(descr, str) or not isinstance(data, bytes):
+            raise ValueError(f"msgpack_numpy array of kind {kind!r}, type {descr!r} refused")
+        dtype = np.dtype(descr)
+        if dtype.kind not in _NUMPY_KINDS or dtype.hasobject:
+            raise ValueError(f"msgpack_numpy array of dtype {descr!r} refused")
+        if obj[b"nd"] is True:
+            shape = obj.get(b"shape")
+            if not isinstance(shape, list | tuple) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+            ):
+                raise ValueError(f"msgpack_numpy array of shape {shape!r}")
+            size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            if size * dtype.itemsize != len(data):
+                raise ValueError(
+                    f"msgpack_numpy array of shape {shape} and dtype {descr} with "
+                    f"{len(data)} bytes of data"
+                )
+            return np.frombuffer(data, dtype=dtype).reshape(shape)
+        if len(data) != dtype.itemsize:
+            raise ValueError(f"msgpack_numpy scalar of dtype {descr} with {len(data)} bytes")
+        return np.frombuffer(data, dtype=dtype)[0]
+    if obj.get(b"complex") is True and isinstance(obj.get(b"data"), str | bytes):
+        text = obj[b"data"]
+        return complex(text.decode() if isinstance(text, bytes) else text)
+    return obj
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} refused")
+
+
+def _depth(obj: Any, max_depth: int) -> None:
+    """Raise ValueError when lists and dicts nest deeper than ``max_depth`` (iterative)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, list | dict):
+            if d > max_depth:
+                raise ValueError(f"msgpack nested deeper than {max_depth} levels")
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+
+
+def loads_msgpack(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """msgpack from the wire, as bluesky-kafka's Publisher writes it (msgpack with
+    ``msgpack_numpy.encode``): strings as str, numpy arrays and scalars decoded by dtype
+    and shape, never by pickle.
+
+    Sizes are bounded by the message (``max_str_len`` and friends), extension types are
+    refused, and nesting deeper than ``max_depth`` (the limit of :func:`loads_json`) is
+    refused; msgpack's C unpacker keeps its own stack, so a deeper message cannot overflow
+    the C stack before that check.
+
+    Raises
+    ------
+    ValueError
+        For anything that is not one whole msgpack object within those limits
+        (``msgpack`` raises ValueError subclasses for malformed data too).
+    """
+    raw = bytes(data)
+    if len(raw) > MAX_MSGPACK_BYTES:
+        raise ValueError(f"msgpack message of {len(raw)} bytes (limit {MAX_MSGPACK_BYTES})")
+    n = len(raw)
+    try:
+        out = msgpack.unpackb(
+            raw,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            object_hook=_numpy_hook,
+            ext_hook=_refuse_ext,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+            max_ext_len=n,
+        )
+    except msgpack.StackError as exc:
+        raise ValueError(f"msgpack nested deeper than {max_depth} levels") from exc
+    except (TypeError, KeyError, OverflowError) as exc:  # a map key of an unhashable type...
+        raise ValueError(f"malformed msgpack: {exc}") from exc
+    _depth(out, max_depth)
+    return out
+
+
+def msgpack_document_name(payload: bytes) -> str | None:
+    """The document name of a bluesky-kafka message (msgpack array of 2 whose first item
+    is an event-model document name), else None. Reads a few bytes only."""
+    if len(payload) < 3 or payload[0] != 0x92:  # fixarray of 2
+        return None
+    head = payload[1]
+    if 0xA0 <= head <= 0xBF:  # fixstr
+        start, length = 2, head - 0xA0
+    elif head == 0xD9 and len(payload) > 2:  # str 8
+        start, length = 3, payload[2]
+    else:
+        return None
+    try:
+        name = bytes(payload[start : start + length]).decode()
+    except UnicodeDecodeError:
+        return None
+    return name if name in BLUESKY_DOCUMENT_NAMES else None
+
+
+def decode_bluesky(schema: str, payload: bytes) -> tuple[str, dict[str, Any]]:
+    """``(name, document)`` of a bluesky message of schema ``bluesky-json`` (JSON
+    ``[name, doc]``) or ``bluesky-msgpack`` (bluesky-kafka's msgpack ``(name, doc)``).
+
+    Raises
+    ------
+    ValueError
+        For a payload that is not a ``[name, document]`` pair of a known document name.
+    """
+    if schema == "bluesky-json":
+        pair = loads_json(payload)
+    elif schema == "bluesky-msgpack":
+        pair = loads_msgpack(payload)
+    else:
+        raise ValueError(f"schema {schema!r} is no bluesky document")
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise ValueError("not a [name, document] pair")
+    name, doc = pair
+    if not isinstance(name, str) or not isinstance(doc, dict):
+        raise ValueError("not a [name, document] pair")
+    if schema == "bluesky-msgpack" and name not in BLUESKY_DOCUMENT_NAMES:
+        raise ValueError(f"{name!r} is no bluesky document name")
+    return name, doc
 
 
 _U16 = struct.Struct("<H").unpack_from

@@ -5,7 +5,10 @@
 every completed orientation a :class:`steering.loop.SteeringLoop` estimates the FCs and
 ranks the candidate angles; the estimate and advice go to the run history
 (:class:`steering.db.History`), to Kafka (``<prefix>_advice``, ``<prefix>_advice_docs``) and
-to the live state the API serves (:class:`steering.api.state.LiveState`).
+to the live state the API serves (:class:`steering.api.state.LiveState`). With
+``publish_livedata`` (the default) every snapshot's I(q, E) and every estimate also go to
+``<prefix>_livedata`` as da00 for the facility's dashboards
+(:class:`consumers.kafka.KafkaLivedataSink`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from steering.api.state import LiveState
 from steering.db import History
 
 if TYPE_CHECKING:
+    from consumers.kafka import KafkaLivedataSink
     from model_server.inversion.inference import Estimator
     from model_server.refinement.refiner import RunRefiner
     from steering.loop import KafkaAdviceSink, SteeringLoop
@@ -55,6 +59,8 @@ class SteeringService:
         Folder of frozen models, one per material (``<model_dir>/<material lower>``).
     publish_advice
         Also publish the advice to Kafka.
+    publish_livedata
+        Also publish snapshots and estimates as da00 to ``<prefix>_livedata``.
     snapshot_max_delay_s
         The consumer's ``checkpoint_max_delay_s``: how long a completed orientation may wait
         for its checkpoint (and so for its estimate) while later ones are still folding.
@@ -81,6 +87,7 @@ class SteeringService:
         live: LiveState,
         model_dir: str | Path = "models",
         publish_advice: bool = True,
+        publish_livedata: bool = True,
         snapshot_max_delay_s: float = 1.0,
         first_wait_s: float = 2.0,
         advisor_score: str = "spectrum",
@@ -100,6 +107,8 @@ class SteeringService:
         self.live = live
         self.model_dir = Path(model_dir)
         self.publish_advice = publish_advice
+        self.publish_livedata = bool(publish_livedata)
+        self._livedata: KafkaLivedataSink | None = None
         self.snapshot_max_delay_s = float(snapshot_max_delay_s)
         self.first_wait_s = float(first_wait_s)
         self.refine = bool(refine)
@@ -196,6 +205,8 @@ class SteeringService:
             omegas = list(np.arange(rng["start"], rng["stop"], rng["step"]))
         candidates = CandidateCoverage(meta, omegas=omegas)
         sinks: list[Any] = [self._record]
+        if self._livedata is not None:
+            sinks.append(self._livedata.estimate)
         if self.publish_advice:
             sink = KafkaAdviceSink(self.bootstrap, self.prefix, run_id=run_id, material=material)
             self._sinks[run_id] = sink
@@ -258,6 +269,8 @@ class SteeringService:
                 per.pop(min(per))
             for old in list(self.live.orientations)[:-2]:  # the last two runs only
                 self.live.orientations.pop(old)
+        if self._livedata is not None:  # best effort: logged and counted, never raises
+            self._livedata.snapshot(snapshot, meta)
         self._closed_at = getattr(self.service, "closed_at", None)
         t0 = time.perf_counter()
         info = self._run_info(meta)
@@ -355,6 +368,10 @@ class SteeringService:
         from consumers.service import ConsumerService
 
         source = KafkaSource(self.bootstrap, self.prefix)
+        if self.publish_livedata and self._livedata is None:
+            from consumers.kafka import KafkaLivedataSink
+
+            self._livedata = KafkaLivedataSink(self.bootstrap, self.prefix)
         self.service = ConsumerService(
             source,
             self.state_dir,
@@ -386,6 +403,9 @@ class SteeringService:
         for sink in self._sinks.values():
             sink.close()
         self._sinks.clear()
+        if self._livedata is not None:
+            self._livedata.close()
+            self._livedata = None
 
     @property
     def running(self) -> bool:

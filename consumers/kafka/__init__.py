@@ -1,5 +1,5 @@
-"""The Kafka adapters: the embedded broker, the message source, the snapshot and
-dead-letter sinks, and consumer groups (:mod:`consumers.kafka.group`). Record and replay,
+"""The Kafka adapters: the embedded broker, the message source, the snapshot, livedata (da00)
+and dead-letter sinks, and consumer groups (:mod:`consumers.kafka.group`). Record and replay,
 which also speak 0MQ, are :mod:`consumers.replay`.
 """
 
@@ -11,6 +11,7 @@ from consumers.kafka.config import (
     client_security,
     topics_for,
 )
+from consumers.kafka.livedata import KafkaLivedataSink
 from consumers.kafka.sink import KafkaDeadLetter, KafkaSnapshotSink
 from consumers.kafka.source import KafkaSource, MergedSource, to_source_message
 
@@ -20,6 +21,7 @@ __all__ = [
     "SUFFIXES",
     "EmbeddedBroker",
     "KafkaDeadLetter",
+    "KafkaLivedataSink",
     "KafkaSnapshotSink",
     "KafkaSource",
     "MergedSource",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -169,60 +170,17 @@ class RunAccumulator:
             1,
         )
 
-    def write_hdf5(self, path: str | Path, *, metadata: dict[str, object] | None = None) -> Path:
-        """Export I(q,E), variance, counts, exposure, mask, the grid and per-orientation data.
-
-        NeXus-style: an ``NXentry`` with an ``NXdata`` group ``iqe`` whose signal is
-        ``intensity`` on axes ``q_index`` and ``energy`` (meV), units as attributes.
+    def write_hdf5(
+        self,
+        path: str | Path,
+        *,
+        metadata: dict[str, object] | None = None,
+        run_start: dict[str, Any] | None = None,
+    ) -> Path:
+        """Export I(q,E) with its errors, variance, counts, exposure, mask, the grid and the
+        per-orientation data as a NeXus file (:func:`consumers.reduction.nexus.write_nexus`:
+        NXentry, NXdata ``iqe``, NXsample and NXinstrument from ``run_start``, NXprocess).
         """
-        import json
+        from consumers.reduction.nexus import write_nexus
 
-        import h5py
-
-        snap = self.snapshot()
-        path = Path(path)
-        with h5py.File(path, "w") as f:
-            entry = f.create_group("entry")
-            entry.attrs["NX_class"] = "NXentry"
-            entry.attrs["grid_fingerprint"] = self.grid.fingerprint
-            entry.attrs["metadata"] = json.dumps(metadata or {}, default=str)
-            data = entry.create_group("iqe")
-            data.attrs["NX_class"] = "NXdata"
-            data.attrs["signal"] = "intensity"
-            data.attrs["axes"] = ["q_index", "energy"]
-            for name, arr, units in (
-                ("intensity", snap.intensity, "1/(uC sr meV)"),
-                ("variance", snap.variance, "1/(uC sr meV)^2"),
-                ("counts", snap.counts, "counts"),
-                ("exposure", snap.exposure, "uC sr meV"),
-            ):
-                ds = data.create_dataset(name, data=arr, compression="gzip")
-                ds.attrs["units"] = units
-            data.create_dataset("mask", data=snap.mask)
-            data.create_dataset("q_index", data=np.arange(self.grid.n_q))
-            e = data.create_dataset("energy", data=self.grid.energy_centres)
-            e.attrs["units"] = "meV"
-            g = entry.create_group("grid")
-            g.create_dataset("qpoints_rlu", data=self.grid.qpath.qpoints)
-            g.create_dataset("distance", data=self.grid.qpath.distance)
-            g.create_dataset("energy_edges", data=self.grid.energy_edges).attrs["units"] = "meV"
-            g.attrs["path"] = self.grid.qpath.path
-            g.attrs["ticks"] = json.dumps(list(self.grid.qpath.ticks))
-            o = entry.create_group("orientations")
-            o.create_dataset("omega", data=[r.omega for r in self.records]).attrs["units"] = "deg"
-            o.create_dataset("proton_charge", data=[r.proton_charge for r in self.records])
-            o.create_dataset("events", data=[r.events for r in self.records])
-            o.create_dataset("folded", data=[r.folded for r in self.records])
-            if self.moments is not None:
-                m = entry.create_group("moments")
-                m.attrs["note"] = "per-bin moments of the folded cells, for the refinement"
-                for name, values in self.moments.arrays(prefix="").items():
-                    m.create_dataset(name, data=values, compression="gzip" if values.ndim else None)
-            if self.records:
-                o.create_dataset(
-                    "counts", data=np.stack(self.per_orientation_counts), compression="gzip"
-                )
-                o.create_dataset(
-                    "exposure", data=np.stack(self.per_orientation_exposure), compression="gzip"
-                )
-        return path
+        return write_nexus(self, path, metadata=metadata, run_start=run_start)

@@ -31,11 +31,18 @@ from consumers.reduction.moments import (
 from consumers.reduction.nexus_setup import NexusSetup, read_nexus_setup
 from consumers.reduction.segment import Chunk, Segmenter
 from consumers.reduction.table import FoldTable
-from consumers.wire import decode_ev44, decode_f144, loads_json
+from consumers.wire import (
+    decode_bluesky,
+    decode_ev44,
+    decode_f144,
+    loads_json,
+    msgpack_document_name,
+)
 from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.lattice.materials import MaterialSetup, setup
 
 __all__ = [
+    "BLUESKY_SCHEMAS",
     "MAX_IN_FLIGHT",
     "MAX_PULSE_CHARGE",
     "MalformedMessage",
@@ -59,6 +66,9 @@ _Folded = tuple[
 ]
 
 _FLATBUFFER_IDS = {"ev44", "f144", "pl72", "6s4t"}
+
+#: The schemas of bluesky documents: JSON with a header, bluesky-kafka's msgpack without.
+BLUESKY_SCHEMAS = ("bluesky-json", "bluesky-msgpack")
 
 
 def run_folder(
@@ -110,12 +120,17 @@ class MalformedMessage(ConsumerError):
 
 
 def schema_of(headers: Any, payload: bytes) -> str:
-    """The message's schema: its ``schema`` header, else the flatbuffer file identifier."""
+    """The message's schema: its ``schema`` header, else the flatbuffer file identifier
+    (ev44, f144, pl72, 6s4t at bytes 4:8), else ``bluesky-msgpack`` for bluesky-kafka's
+    msgpack ``(name, doc)`` (:func:`consumers.wire.msgpack_document_name`), else
+    ``unknown``."""
     for k, v in headers or ():
         if k == "schema":
             return bytes(v).decode(errors="replace")
     ident = payload[4:8].decode("ascii", errors="replace")
-    return ident if ident in _FLATBUFFER_IDS else "unknown"
+    if ident in _FLATBUFFER_IDS:
+        return ident
+    return "bluesky-msgpack" if msgpack_document_name(payload) else "unknown"
 
 
 class RunPipeline:
@@ -194,7 +209,9 @@ class RunPipeline:
         """Feed one message; returns the orientations it completed.
 
         Messages keyed with another run's id (the simulated instrument keys every message
-        with its run id) are refused as ``other_run``.
+        with its run id) are refused as ``other_run``; bluesky-kafka's msgpack documents
+        are keyed by their publisher (a fixed key or the RunStart uid, never the pl72 run
+        id), so their key is not compared, as for 0MQ documents, which have none.
 
         Raises
         ------
@@ -209,7 +226,7 @@ class RunPipeline:
                 raise MalformedMessage("unknown_schema", "not ev44, f144, pl72, 6s4t or bluesky")
             if self.segmenter is None:
                 raise MalformedMessage("before_run_start", f"{schema} message before pl72")
-            if key and self._run_key and key != self._run_key:
+            if key and self._run_key and key != self._run_key and schema != "bluesky-msgpack":
                 raise MalformedMessage("other_run", f"key {key!r} is not this run's")
             if schema == "ev44":
                 ref_time, ref_index, tof_raw, pixel_id = decode_ev44(payload)
@@ -249,17 +266,16 @@ class RunPipeline:
                 self.segmenter.on_stop(timestamp_ns)
                 self.stopped = True
                 chunks = []
-            elif schema == "bluesky-json":
-                name, doc = loads_json(payload)
-                if not isinstance(name, str) or not isinstance(doc, dict):
-                    raise ValueError("not a [name, document] pair")
+            elif schema in BLUESKY_SCHEMAS:
+                name, doc = decode_bluesky(schema, payload)
                 chunks = self.segmenter.on_bluesky(name, doc)
             else:
                 raise MalformedMessage("unknown_schema", f"schema {schema!r}")
         except MalformedMessage:
             raise
         except Exception as exc:
-            raise MalformedMessage(f"malformed_{schema}", str(exc)) from exc
+            reason = "malformed_bluesky" if schema == "bluesky-msgpack" else f"malformed_{schema}"
+            raise MalformedMessage(reason, str(exc)) from exc
         for c in chunks:
             self._submit(c)
         return self.collect()

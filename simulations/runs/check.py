@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 from numpy.typing import NDArray
 from streaming_data_types.eventdata_ev44 import deserialise_ev44
@@ -63,6 +64,8 @@ def iter_orientations(path: str | Path) -> Iterator[tuple[dict[str, Any], Orient
     with RunReader(path) as reader:
         for msg in reader:
             schema = dict(msg.headers).get("schema", b"").decode()
+            if not schema and msg.payload[:1] == b"\x92":  # bluesky-kafka's msgpack (name, doc)
+                schema = "bluesky-msgpack"
             if schema == "pl72":
                 meta = json.loads(deserialise_pl72(msg.payload).metadata)
             elif schema == "ev44":
@@ -70,8 +73,14 @@ def iter_orientations(path: str | Path) -> Iterator[tuple[dict[str, Any], Orient
                 counts = np.diff(np.append(ev.reference_time_index, len(ev.time_of_flight)))
                 pulse = np.repeat(np.asarray(ev.reference_time, dtype=np.int64), counts)
                 pending.append((pulse, ev.time_of_flight, ev.pixel_id))
-            elif schema == "bluesky-json":
-                name, doc = json.loads(msg.payload)
+            elif schema in ("bluesky-json", "bluesky-msgpack"):
+                # plain msgpack: no msgpack_numpy hook, so nothing is ever unpickled
+                pair = (
+                    json.loads(msg.payload)
+                    if schema == "bluesky-json"
+                    else msgpack.unpackb(msg.payload, raw=False)
+                )
+                name, doc = pair
                 if name != "event":
                     continue
                 if meta is None:

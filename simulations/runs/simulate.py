@@ -12,10 +12,11 @@ topic of an instrument prefix (default ``arcs``):
   ``reference_time``, ns);
 * ``<prefix>_bluesky``: bluesky documents made with ``event-model`` (RunStart,
   EventDescriptor, one Event per orientation with omega and the count window, RunStop),
-  JSON ``[name, doc]``.
+  JSON ``[name, doc]``, or with ``bluesky_format="msgpack"`` as bluesky-kafka's
+  Publisher sends them (msgpack, no header, keyed by the RunStart uid).
 
 Events are also produced while the goniometer moves (drawn from the target orientation's
-spectrum: a consumer is expected to drop them). Every message's key is the run id.
+spectrum: a consumer is expected to drop them). Every other message's key is the run id.
 
 The pl72 ``metadata`` JSON carries everything a consumer needs to derive its own grid:
 ``material``, ``crystal`` (space group, conventional lattice), ``orientation`` (lattice
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import event_model
+import msgpack
+import msgpack_numpy
 import numpy as np
 from numpy.typing import NDArray
 from streaming_data_types.eventdata_ev44 import serialise_ev44
@@ -59,6 +62,7 @@ from simulations.runs.nexus_structure import StreamNames, encode, nexus_structur
 from simulations.runs.recording import RecordedMessage, RunWriter
 
 __all__ = [
+    "BLUESKY_FORMATS",
     "MAX_EVENTS_PER_ORIENTATION",
     "MAX_ORIENTATIONS",
     "RunPlan",
@@ -78,6 +82,8 @@ DEFAULT_START_NS = 1_767_225_600 * 10**9
 MAX_ORIENTATIONS = 3600
 #: Most mean events per orientation (:class:`RunPlan`): 1e8 events are about 2 GB while drawn.
 MAX_EVENTS_PER_ORIENTATION = 1e8
+#: How the bluesky documents are written (:func:`simulate_run`).
+BLUESKY_FORMATS = ("json", "msgpack")
 
 
 def parse_omegas(spec: str, *, max_count: int = MAX_ORIENTATIONS) -> NDArray[np.float64]:
@@ -297,8 +303,10 @@ class _F144Template:
 class _Clock:
     """Message factory for one run: keys, topics and ev44 message ids."""
 
-    def __init__(self, plan: RunPlan, run_id: str) -> None:
+    def __init__(self, plan: RunPlan, run_id: str, bluesky_format: str = "json") -> None:
         self.key = run_id.encode()
+        self.bluesky_format = bluesky_format
+        self._bluesky_key = self.key
         self.t_run_info = f"{plan.prefix}_runInfo"
         self.t_motion = f"{plan.prefix}_motion"
         self.t_events = f"{plan.prefix}_events"
@@ -323,6 +331,18 @@ class _Clock:
         return self.msg(self.t_motion, t_ns, template.payload(float(value), int(t_ns)), "f144")
 
     def bluesky(self, name: str, doc: dict[str, object], t_ns: int) -> RecordedMessage:
+        if self.bluesky_format == "msgpack":
+            # as bluesky-kafka's Publisher sends them: msgpack (name, doc) with numpy by
+            # msgpack_numpy, no headers, keyed by the RunStart uid
+            if name == "start":
+                self._bluesky_key = str(doc["uid"]).encode()
+            return RecordedMessage(
+                topic=self.t_bluesky,
+                key=self._bluesky_key,
+                timestamp_ns=int(t_ns),
+                headers=(),
+                payload=msgpack.packb((name, doc), default=msgpack_numpy.encode),
+            )
         payload = json.dumps([name, doc], default=json_default).encode()
         return RecordedMessage(
             topic=self.t_bluesky,
@@ -339,8 +359,13 @@ def simulate_run(
     *,
     instrument: Instrument | None = None,
     progress: bool = True,
+    bluesky_format: str = "json",
 ) -> RunSummary:
     """Simulate a rotation run and write it as a recorded-run file.
+
+    ``bluesky_format``: ``"json"`` (``[name, doc]`` with a ``schema: bluesky-json``
+    header, keyed by run id) or ``"msgpack"`` (bluesky-kafka's Publisher form: msgpack
+    ``(name, doc)``, no header, keyed by the RunStart uid).
 
     Raises
     ------
@@ -352,6 +377,10 @@ def simulate_run(
     """
     t_start = time.perf_counter()
     plan.validate()
+    if bluesky_format not in BLUESKY_FORMATS:
+        raise InstrumentError(
+            f"bluesky format must be one of {', '.join(BLUESKY_FORMATS)}, got {bluesky_format!r}"
+        )
     ms = setup(plan.material)
     instrument = instrument or Instrument.arcs_like()
     omegas = instrument.check_omegas(np.asarray(plan.omegas, dtype=float))
@@ -375,7 +404,7 @@ def simulate_run(
     )
     rng = np.random.default_rng(plan.seed)
     run_id = plan.run_id or f"sim-{ms.crystal.name}-{plan.seed}"
-    clock = _Clock(plan, run_id)
+    clock = _Clock(plan, run_id, bluesky_format)
     scale, background, cache = _calibrate(plan, sim, omegas)
     metadata = _run_metadata(plan, ms, sim, omegas, clock, run_id, label, coefficients)
     file_meta = {

@@ -22,6 +22,7 @@ import typer
 from steering.exceptions import AdvisorError, SteeringError
 
 __all__ = [
+    "BlueskyFormat",
     "BootstrapOpt",
     "EiOpt",
     "FcOpt",
@@ -68,6 +69,8 @@ Segmentation = Literal["auto", "bluesky", "omega"]
 #: bluesky 0MQ document serialization (:data:`consumers.zmq.DESERIALIZERS`; msgpack where
 #: installed).
 ZmqFormat = Literal["pickle", "json", "msgpack"]
+#: bluesky documents of a simulated run (:data:`simulations.runs.simulate.BLUESKY_FORMATS`).
+BlueskyFormat = Literal["json", "msgpack"]
 #: Indirect-geometry instruments (:data:`model_server.prediction.indirect.INDIRECT_INSTRUMENTS`).
 IndirectInstrument = Literal["vision", "tosca"]
 

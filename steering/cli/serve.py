@@ -71,6 +71,15 @@ def serve_cmd(
             help="How the spectrum's gain weighs its bins: scarcity or uniform.",
         ),
     ] = "scarcity",
+    livedata: Annotated[
+        bool,
+        typer.Option(
+            "--livedata/--no-livedata",
+            envvar="STEER_LIVEDATA",
+            help="Publish I(q, E) snapshots and FC estimates as da00 on <prefix>_livedata "
+            "for the facility's dashboards (docs/outputs.md).",
+        ),
+    ] = True,
 ) -> None:
     """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
     consumer, model server and advisor of a prefix. State changes need STEER_API_TOKEN."""
@@ -94,6 +103,7 @@ def serve_cmd(
             model_dir=model_dir,
             advisor_score=advisor_score,
             advisor_weighting=advisor_weighting,
+            livedata=livedata,
         )
     token = os.environ.get("STEER_API_TOKEN") or None
     if token is None:
@@ -124,6 +134,7 @@ def _start_service(
     model_dir: Path,
     advisor_score: Score,
     advisor_weighting: Weighting,
+    livedata: bool = True,
 ) -> SteeringService:
     """Start the consumer, model server and advisor of ``prefix`` on the Kafka at
     ``bootstrap`` (the arguments: those of :class:`steering.service.SteeringService`)."""
@@ -138,6 +149,7 @@ def _start_service(
         model_dir=model_dir,
         advisor_score=advisor_score,
         advisor_weighting=advisor_weighting,
+        publish_livedata=livedata,
     )
     service.start()
     return service

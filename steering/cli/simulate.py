@@ -14,6 +14,7 @@ import typer
 from consumers.exceptions import ConsumerError
 from simulations.exceptions import SimulationError
 from steering.cli.options import (
+    BlueskyFormat,
     EiOpt,
     FcOpt,
     JsonOpt,
@@ -285,6 +286,14 @@ def simulate_run_cmd(
             "1 evaluates every pixel (4x slower).",
         ),
     ] = 4,
+    bluesky_format: Annotated[
+        BlueskyFormat,
+        typer.Option(
+            "--bluesky-format",
+            help="bluesky documents as JSON with a schema header, or as bluesky-kafka's "
+            "Publisher sends them (msgpack, no header, keyed by the RunStart uid).",
+        ),
+    ] = "json",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -310,7 +319,10 @@ def simulate_run_cmd(
         mesh=mesh,
         group_rows=group_rows,
     )
-    emit(simulate_run(plan, out, instrument=instrument, progress=not quiet).to_dict(), as_json)
+    summary = simulate_run(
+        plan, out, instrument=instrument, progress=not quiet, bluesky_format=bluesky_format
+    )
+    emit(summary.to_dict(), as_json)
 
 
 @simulate_app.command("sqe")

@@ -433,7 +433,9 @@ def _consume(
         if zmq_source is not None:
             summary["bluesky_zmq"] = zmq_source.stats()
         if out is not None and service.pipeline.acc is not None:
-            service.pipeline.acc.write_hdf5(out, metadata={"bootstrap": bootstrap})
+            service.pipeline.acc.write_hdf5(
+                out, metadata={"bootstrap": bootstrap}, run_start=service.pipeline.meta
+            )
             summary["path"] = str(out)
     finally:
         source.close()

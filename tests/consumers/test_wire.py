@@ -192,3 +192,118 @@ def test_fast_ev44_equals_the_library(seed: int) -> None:
         assert _ev44_same(fast, lib), (bytes(buf).hex(), fast, lib)
         n_corrupt += lib[0] == "error"
     assert n_corrupt > 100
+
+
+# -- bluesky documents as bluesky-kafka publishes them (msgpack + msgpack_numpy) -------------
+
+
+def _bluesky_kafka(name: str, doc: object) -> bytes:
+    """Serialised as bluesky-kafka's Publisher does: ``msgpack.dumps((name, doc))`` after
+    ``msgpack_numpy.patch()``, i.e. with ``default=msgpack_numpy.encode``."""
+    import msgpack
+    import msgpack_numpy
+
+    return msgpack.dumps((name, doc), default=msgpack_numpy.encode)
+
+
+def _run_documents() -> list[tuple[str, dict]]:
+    """A run's documents from event_model, an Event holding a numpy image and scalars."""
+    import event_model
+
+    bundle = event_model.compose_run(uid="3c5ad2ba-0b7b-4f2b-9b8f-0c7d7a3f3e01", time=1.0)
+    desc = bundle.compose_descriptor(
+        name="primary",
+        data_keys={
+            "omega": {"source": "sim", "dtype": "number", "shape": []},
+            "image": {"source": "sim", "dtype": "array", "shape": [3, 4]},
+        },
+        time=1.0,
+    )
+    image = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    event = desc.compose_event(
+        data={"omega": np.float64(12.5), "image": image},
+        timestamps={"omega": 1.5, "image": 1.5},
+        seq_num=1,
+        time=1.5,
+    )
+    stop = bundle.compose_stop(exit_status="success", time=2.0)
+    return [
+        ("start", dict(bundle.start_doc)),
+        ("descriptor", dict(desc.descriptor_doc)),
+        ("event", dict(event)),
+        ("stop", dict(stop)),
+    ]
+
+
+def test_bluesky_kafka_documents_decode_with_their_numpy_arrays() -> None:
+    from consumers.reduction.pipeline import schema_of
+    from consumers.wire import decode_bluesky, msgpack_document_name
+
+    for name, doc in _run_documents():
+        payload = _bluesky_kafka(name, doc)
+        assert msgpack_document_name(payload) == name
+        assert schema_of((), payload) == "bluesky-msgpack"
+        got_name, got = decode_bluesky("bluesky-msgpack", payload)
+        assert got_name == name
+        assert got["uid"] == doc["uid"]
+        if name == "event":
+            image = got["data"]["image"]
+            assert image.dtype == np.uint16
+            np.testing.assert_array_equal(image, np.arange(12).reshape(3, 4))
+            assert got["data"]["omega"] == 12.5
+    # a header still wins, and flatbuffers are still recognised by their file identifier
+    payload = _bluesky_kafka("start", {"uid": "x"})
+    assert schema_of((("schema", b"bluesky-json"),), payload) == "bluesky-json"
+    assert schema_of((), serialise_f144("omega", 1.0, 0)) == "f144"
+    assert schema_of((), b"\x92\xa4nope\x80") == "unknown"  # not a document name
+    assert schema_of((), b"") == "unknown"
+
+
+def test_the_document_names_are_event_models() -> None:
+    import event_model
+
+    from consumers.wire import BLUESKY_DOCUMENT_NAMES
+
+    assert {d.name for d in event_model.DocumentNames} == BLUESKY_DOCUMENT_NAMES
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        # an object array: msgpack_numpy would unpickle its data
+        (lambda: _bluesky_kafka("event", {"data": np.array([{"a": 1}], dtype=object)}), "kind"),
+        # numpy bytes of another length than the shape says
+        (
+            lambda: _bluesky_kafka(
+                "event",
+                {"x": {b"nd": True, b"type": "<f8", b"kind": b"", b"shape": [4], b"data": b"1"}},
+            ),
+            "bytes of data",
+        ),
+        (lambda: _bluesky_kafka("event", {"x": {b"nd": True, b"type": "O", b"data": b""}}), "O"),
+        (lambda: _bluesky_kafka("start", {"uid": "x"})[:-3], "."),  # truncated
+        (lambda: b"\x92\xa5start\xc7\x01\x05x", "extension"),  # an ext type
+        (lambda: _bluesky_kafka("start", [[[[1]]]]), "pair"),  # a document that is no map
+        (lambda: b"\x92\xa5start" + b"\x91" * 300 + b"\x00", "nested deeper"),
+        (lambda: b"\x92\xa5start" + b"\x91" * 100_000 + b"\x00", "nested deeper"),
+    ],
+)
+def test_malformed_msgpack_is_refused_without_unpickling(payload, match) -> None:  # type: ignore[no-untyped-def]
+    import pickle
+
+    from consumers.wire import decode_bluesky
+
+    calls: list[object] = []
+    real = pickle.loads
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    pickle.loads = spy  # type: ignore[assignment]
+    try:
+        with pytest.raises(ValueError, match=match):
+            decode_bluesky("bluesky-msgpack", payload())
+    finally:
+        pickle.loads = real
+    assert calls == []
