@@ -22,6 +22,7 @@ from consumers.reduction.pipeline import (
     RunPipeline,
     schema_of,
 )
+from consumers.streams import InstrumentConfig
 from consumers.wire import decode_bluesky, decode_f144
 from simulations.runs.recording import RunReader
 from simulations.units import K_B_MEV, THZ_TO_MEV
@@ -43,6 +44,7 @@ def fold_recorded_run(
     voxels: int = 96,
     progress: bool = True,
     check: bool = False,
+    streams: InstrumentConfig | None = None,
 ) -> tuple[dict[str, object], RunAccumulator]:
     """Fold every counting step of a recorded run into I(q, E); optionally write HDF5.
 
@@ -54,6 +56,9 @@ def fold_recorded_run(
     check
         Compare with the forward model of the run's true FC set (a simulated run):
         adds ``dispersion`` (see :func:`dispersion_check`).
+    streams
+        Which (topic, source) is which (:class:`consumers.streams.InstrumentConfig`); None
+        tells streams apart by source name, as the simulator names them.
 
     Returns
     -------
@@ -66,14 +71,17 @@ def fold_recorded_run(
         The run's counts and exposure.
     """
     t0 = time.perf_counter()
-    pipe = RunPipeline(mode=mode, tolerance=tolerance, voxels=voxels)
+    pipe = RunPipeline(mode=mode, tolerance=tolerance, voxels=voxels, streams=streams)
     malformed: Counter[str] = Counter()
     bar = tqdm(desc="orientations", unit="orient", disable=not progress)
     with RunReader(path) as reader:
         for i, msg in enumerate(reader):
             try:
                 done = pipe.handle(
-                    schema_of(msg.headers, msg.payload), msg.payload, msg.timestamp_ns
+                    schema_of(msg.headers, msg.payload),
+                    msg.payload,
+                    msg.timestamp_ns,
+                    topic=msg.topic,
                 )
             except MalformedMessage as exc:
                 logger.warning("%s: message %d on %s skipped: %s", path, i, msg.topic, exc)
@@ -219,13 +227,18 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def run_setup(
-    path: str | Path, *, mode: str = "auto", tolerance: float = 0.05, voxels: int = 96
+    path: str | Path,
+    *,
+    mode: str = "auto",
+    tolerance: float = 0.05,
+    voxels: int = 96,
+    streams: InstrumentConfig | None = None,
 ) -> tuple[Folder, list[float]]:
     """The folder of a recorded run's set-up (its run start: material, instrument, UB, Ei)
     and the goniometer angles it counted at, in order (the omega log's setpoints and the
     bluesky Event documents' omegas, by the segmentation ``mode`` as the consumer chooses
     it; each once). Event data are not read."""
-    pipe = RunPipeline(mode=mode, tolerance=tolerance, voxels=voxels)
+    pipe = RunPipeline(mode=mode, tolerance=tolerance, voxels=voxels, streams=streams)
     setpoints: dict[float, None] = {}
     events: dict[float, None] = {}
     with RunReader(path) as reader:
@@ -236,7 +249,8 @@ def run_setup(
                     pipe.handle(schema, msg.payload, msg.timestamp_ns)
                 elif schema == "f144":
                     source, value, _ = decode_f144(msg.payload)
-                    if source == "omega_setpoint" and np.isfinite(float(value)):  # type: ignore[arg-type]
+                    role = pipe.streams.role(msg.topic if streams else "", source)
+                    if role == "goniometer_setpoint" and np.isfinite(float(value)):  # type: ignore[arg-type]
                         setpoints[float(value)] = None  # type: ignore[arg-type]
                 elif schema in BLUESKY_SCHEMAS:
                     name, doc = decode_bluesky(schema, msg.payload)

@@ -23,6 +23,7 @@ run (each topic is in time order). The complete run is exported to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from consumers.exceptions import ConsumerError
 from consumers.messages import MessageSource, SnapshotSink, SourceMessage
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
+from consumers.streams import InstrumentConfig
 from consumers.wire import msgpack_document_name
 from simulations.jsonutil import json_default
 
@@ -127,6 +129,10 @@ class ConsumerService:
         Go on to the next run on the topics after one is complete (:meth:`run` returns
         only on SIGTERM or ``idle_exit_s``); otherwise :meth:`run` returns when the
         current run is complete and the next one starts at the next start.
+    streams
+        The instrument's streams (:class:`consumers.streams.InstrumentConfig`): which
+        (topic, source) is the detector, the goniometer, the charge, the monitors; whether
+        message keys are run ids. None: by source name, as the simulator names them.
     """
 
     def __init__(
@@ -141,8 +147,11 @@ class ConsumerService:
         on_run_complete: Callable[[dict[str, object], Any], None] | None = None,
         follow: bool = False,
         on_run_start: Callable[[dict[str, Any]], None] | None = None,
+        streams: InstrumentConfig | None = None,
     ) -> None:
         self.source = source
+        #: which (topic, source) is which (None: by source name, the simulator's names)
+        self.streams = streams
         self.state_dir = Path(state_dir)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +161,7 @@ class ConsumerService:
             ) from exc
         self._mode = mode
         self._tolerance = float(tolerance)
-        self.pipeline = RunPipeline(mode=mode, tolerance=tolerance)
+        self.pipeline = RunPipeline(mode=mode, tolerance=tolerance, streams=streams)
         self.on_snapshot = on_snapshot
         #: wall time (s since the epoch) at which the orientation being handed to
         #: ``on_snapshot`` closed (None when unknown)
@@ -225,6 +234,8 @@ class ConsumerService:
         self, m: SourceMessage, fresh: bool, per_topic: Counter[str]
     ) -> list[OrientationRecord]:
         """One message of :meth:`_route` (counted in ``per_topic`` when fresh)."""
+        if m.key is not None and self.streams is not None and not self.streams.keyed_by_run:
+            m = dataclasses.replace(m, key=None)  # an ESS producer's keys say nothing of runs
         key = (m.topic, m.partition)
         completed: list[OrientationRecord] = []
         if fresh:
@@ -382,7 +393,9 @@ class ConsumerService:
         self._next_seen = set()
         self._bluesky_started = False
         self.pipeline.close()
-        self.pipeline = RunPipeline(mode=self._mode, tolerance=self._tolerance)
+        self.pipeline = RunPipeline(
+            mode=self._mode, tolerance=self._tolerance, streams=self.streams
+        )
         self.pipeline.keep_snapshots = self.on_snapshot is not None
         self.done = False
         self._moving_seen = 0
@@ -394,7 +407,7 @@ class ConsumerService:
         """One message through the pipeline; bad ones are counted and dead-lettered."""
         try:
             n0 = self.pipeline.n_events
-            done = self.pipeline.handle(schema, m.payload, m.timestamp_ns, m.key)
+            done = self.pipeline.handle(schema, m.payload, m.timestamp_ns, m.key, topic=m.topic)
             if self.pipeline.n_events != n0:
                 metrics.EVENTS_CONSUMED.inc(self.pipeline.n_events - n0)
             self._announce_run()

@@ -39,6 +39,7 @@ __all__ = [
     "decode_bluesky",
     "decode_ev44",
     "decode_f144",
+    "ev44_source",
     "loads_json",
     "loads_msgpack",
     "msgpack_document_name",
@@ -382,6 +383,32 @@ def decode_f144(buf: bytes) -> tuple[str, int | float | object, int]:
 # ev44 Event44Message slots: source_name, message_id, reference_time ([long]),
 # reference_time_index ([int]), time_of_flight ([int]), pixel_id ([int])
 _EV44_VECTORS = ((2, "<i8", 8), (3, "<i4", 4), (4, "<i4", 4), (5, "<i4", 4))
+
+
+def ev44_source(buf: bytes) -> str:
+    """The ``source_name`` of an ev44 message ("" when absent), read without the arrays.
+
+    Raises
+    ------
+    Exception
+        Whatever ``deserialise_ev44`` raises for a buffer the fast path cannot read.
+    """
+    try:
+        n = len(buf)
+        if n < 8 or buf[4:8] != b"ev44":
+            raise IndexError("not an ev44 buffer")
+        root = _U32(buf, 0)[0]
+        vtable, vt_size = _table(buf, root)
+        p_name = _field(buf, root, vtable, vt_size, 0)
+        if not p_name:
+            return ""
+        start = p_name + _U32(buf, p_name)[0]
+        length = _U32(buf, start)[0]
+        if start + 4 + length > n:
+            raise IndexError("string outside the buffer")
+        return bytes(buf[start + 4 : start + 4 + length]).decode()
+    except (IndexError, struct.error, UnicodeDecodeError):
+        return str(deserialise_ev44(bytes(buf)).source_name)
 
 
 def decode_ev44(buf: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -31,10 +31,12 @@ from consumers.reduction.moments import (
 from consumers.reduction.nexus_setup import NexusSetup, read_nexus_setup
 from consumers.reduction.segment import Chunk, Segmenter
 from consumers.reduction.table import FoldTable
+from consumers.streams import InstrumentConfig, StreamTally, preset
 from consumers.wire import (
     decode_bluesky,
     decode_ev44,
     decode_f144,
+    ev44_source,
     loads_json,
     msgpack_document_name,
 )
@@ -151,6 +153,11 @@ class RunPipeline:
         order the orientations closed, so they are the same either way. A pipeline with
         orientations in flight has no consistent :meth:`state`: callers checkpoint when
         :attr:`in_flight` is 0 (or :meth:`collect` with ``block``).
+    streams
+        Which (topic, source) is which (:class:`consumers.streams.InstrumentConfig`); the
+        caller passes each message's topic to :meth:`handle`. Without it, streams are told
+        apart by source name alone, as the project's simulator names them (``omega``,
+        ``omega_setpoint``, ``proton_charge``; every ev44 source is a detector).
     """
 
     def __init__(
@@ -161,8 +168,15 @@ class RunPipeline:
         voxels: int = 96,
         background: bool = True,
         moments: bool = True,
+        streams: InstrumentConfig | None = None,
     ) -> None:
         self.mode = mode
+        #: the streams' roles; ``_by_topic`` False matches by source name only
+        self.streams = streams if streams is not None else preset("simulator", "any")
+        self._by_topic = streams is not None
+        self.tally = StreamTally(self.streams)
+        #: monitor events of the run, by (topic, source)
+        self.monitor_events: Counter[str] = Counter()
         #: take the per-bin moments of the refinement (:mod:`consumers.reduction.moments`)
         self.take_moments = bool(moments)
         self._constants: StructureConstants | None = None
@@ -204,14 +218,21 @@ class RunPipeline:
     # -- messages ----------------------------------------------------------------------------
 
     def handle(
-        self, schema: str, payload: bytes, timestamp_ns: int, key: bytes | None = None
+        self,
+        schema: str,
+        payload: bytes,
+        timestamp_ns: int,
+        key: bytes | None = None,
+        topic: str = "",
     ) -> list[OrientationRecord]:
-        """Feed one message; returns the orientations it completed.
+        """Feed one message (from ``topic``); returns the orientations it completed.
 
         Messages keyed with another run's id (the simulated instrument keys every message
-        with its run id) are refused as ``other_run``; bluesky-kafka's msgpack documents
-        are keyed by their publisher (a fixed key or the RunStart uid, never the pl72 run
-        id), so their key is not compared, as for 0MQ documents, which have none.
+        with its run id) are refused as ``other_run`` when the streams are keyed by run;
+        bluesky-kafka's msgpack documents are keyed by their publisher (a fixed key or the
+        RunStart uid, never the pl72 run id), so their key is not compared, as for 0MQ
+        documents, which have none. An f144 or ev44 source that the streams do not map is
+        counted (:attr:`tally`) and skipped.
 
         Raises
         ------
@@ -226,9 +247,19 @@ class RunPipeline:
                 raise MalformedMessage("unknown_schema", "not ev44, f144, pl72, 6s4t or bluesky")
             if self.segmenter is None:
                 raise MalformedMessage("before_run_start", f"{schema} message before pl72")
-            if key and self._run_key and key != self._run_key and schema != "bluesky-msgpack":
+            if (
+                self.streams.keyed_by_run
+                and key
+                and self._run_key
+                and key != self._run_key
+                and schema != "bluesky-msgpack"
+            ):
                 raise MalformedMessage("other_run", f"key {key!r} is not this run's")
+            where = topic if self._by_topic else ""
             if schema == "ev44":
+                role = self._ev44_role(where, payload)
+                if role != "detector":
+                    return self.collect()
                 ref_time, ref_index, tof_raw, pixel_id = decode_ev44(payload)
                 tof = np.asarray(tof_raw)
                 index = np.asarray(ref_index, dtype=np.int64)
@@ -248,19 +279,22 @@ class RunPipeline:
                 chunks = self.segmenter.on_events(ref_time, ref_index, tof, pixel_id)
             elif schema == "f144":
                 source, raw, t_ns = decode_f144(payload)
+                role = self.streams.role(where, source)
+                self.tally.count(where, source, role)
+                if role not in ("proton_charge", "goniometer", "goniometer_setpoint"):
+                    return self.collect()
                 value = float(raw)  # type: ignore[arg-type]
                 if not np.isfinite(value):
                     raise MalformedMessage("non_finite", f"f144 {source} = {value}")
-                if source == "proton_charge":
+                if role == "proton_charge":
                     if value < 0:
                         raise MalformedMessage("negative_charge", f"proton_charge {value}")
                     if value > MAX_PULSE_CHARGE:
                         raise MalformedMessage("huge_charge", f"proton_charge {value} uC")
                     chunks = self.segmenter.on_charge(t_ns, value)
-                elif source in ("omega", "omega_setpoint"):
-                    chunks = self.segmenter.on_omega(source, value, t_ns)
                 else:
-                    chunks = []
+                    name = "omega" if role == "goniometer" else "omega_setpoint"
+                    chunks = self.segmenter.on_omega(name, value, t_ns)
             elif schema == "6s4t":
                 deserialise_6s4t(payload)  # a run stop must at least be one
                 self.segmenter.on_stop(timestamp_ns)
@@ -279,6 +313,20 @@ class RunPipeline:
         for c in chunks:
             self._submit(c)
         return self.collect()
+
+    def _ev44_role(self, where: str, payload: bytes) -> str | None:
+        """The role of an ev44 message (counted); monitor events are added up here."""
+        try:
+            source = ev44_source(payload)
+        except Exception as exc:
+            raise MalformedMessage("malformed_ev44", str(exc)) from exc
+        # without topics, every ev44 source the streams do not name is a detector's
+        role = self.streams.role(where, source) or (None if where else "detector")
+        self.tally.count(where, source, role)
+        if role == "monitor":
+            _, _, tof, _ = decode_ev44(payload)
+            self.monitor_events[f"{where}/{source}" if where else source] += len(tof)
+        return role
 
     def finish(self) -> list[OrientationRecord]:
         """The run is over and every message is in: close the remaining windows and wait
@@ -404,11 +452,14 @@ class RunPipeline:
         mode = self.mode
         if mode == "auto":
             mode = "bluesky" if "bluesky" in meta.get("topics", {}) else "omega"
+        streams = self._streams_of(meta, nexus)
         segmenter = Segmenter(mode)
         constants = self._moment_constants(meta, ms) if self.take_moments else None
         self.meta = meta
         self.nexus = nexus
         self._nexus_text = nexus_structure if nexus is not None else None
+        if streams is not self.streams:
+            self.streams = self.tally.config = streams
         self._run_key = str(meta.get("run_id", "")).encode()
         self.folder = folder
         self.acc = RunAccumulator(ms.grid)
@@ -417,6 +468,30 @@ class RunPipeline:
         if constants is not None:
             self._inverse_ops = star_operations(folder, constants.operations)
             self.acc.moments = BinMoments.zeros(ms.grid.n_q * ms.grid.n_e, constants.n_branches)
+
+    def _streams_of(self, meta: dict[str, Any], nexus: NexusSetup | None) -> InstrumentConfig:
+        """The streams, with those the run start names added for the roles they leave out
+        (the rotation's readback and set-point, the charge, the monitors: from the
+        ``nexus_structure``, else the metadata's ``goniometer``)."""
+        named: dict[str, list[tuple[str, str]]] = {}
+        if nexus is not None:
+            g = nexus.goniometer
+            named["goniometer"] = [(g.stream.topic, g.stream.source)]
+            if g.setpoint is not None:
+                named["goniometer_setpoint"] = [(g.setpoint.topic, g.setpoint.source)]
+            if nexus.proton_charge is not None:
+                named["proton_charge"] = [(nexus.proton_charge.topic, nexus.proton_charge.source)]
+            named["monitor"] = [(m.topic, m.source) for m in nexus.monitors]
+        else:
+            gonio = meta.get("goniometer")
+            if isinstance(gonio, dict) and gonio.get("source_name"):
+                named["goniometer"] = [(str(gonio.get("topic", "")), str(gonio["source_name"]))]
+        if not self._by_topic:  # matched by source name: topics play no part
+            named = {r: [("", s) for _, s in pairs] for r, pairs in named.items()}
+        try:
+            return self.streams.with_run_start(named)
+        except ConsumerError as exc:
+            raise ValueError(str(exc)) from exc
 
     @staticmethod
     def _moment_constants(meta: dict[str, Any], ms: Any) -> StructureConstants | None:
@@ -486,6 +561,8 @@ class RunPipeline:
             "dropped_by_reason": dict(dropped),
             "segmentation": self.segmenter.mode if self.segmenter else None,
             "grid_fingerprint": self.acc.grid.fingerprint if self.acc else None,
+            "monitor_events": dict(self.monitor_events),
+            "streams": self.tally.summary(),
         }
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
