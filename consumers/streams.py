@@ -197,17 +197,20 @@ class InstrumentConfig(BaseModel):
         """The (topic, source) pairs of a role (source ``*`` for a wildcard)."""
         return [(self.topic(r), r.source) for r in self.streams if r.role == role]
 
-    def with_run_start(self, named: dict[str, list[tuple[str, str]]]) -> InstrumentConfig:
+    def with_run_start(
+        self, named: dict[str, list[tuple[str, str]]], *, beside: bool = False
+    ) -> InstrumentConfig:
         """This config with the streams a run start names (``{role: [(topic, source)]}``)
-        added for every role the config itself maps nowhere: the run start says which f144
-        source drives the rotation, which carries the charge, which ev44 sources are
-        monitors. A source named without a topic goes on the config's f144 log topic."""
+        added for every role the config itself maps nowhere (``beside``: for every role,
+        beside the config's own rules): the run start says which f144 source drives the
+        rotation, which carries the charge, which ev44 sources are monitors. A source named
+        without a topic goes on the config's f144 log topic."""
         added = []
         for role, pairs in named.items():
-            if role not in ROLES or self.sources(role):
+            if role not in ROLES or (self.sources(role) and not beside):
                 continue
             for topic, source in pairs:
-                if source:
+                if source and source not in self._by_src:
                     added.append(
                         StreamRule(topic=topic or self._log_topic(), source=source, role=role)  # type: ignore[arg-type]
                     )
@@ -366,8 +369,11 @@ class StreamTally:
     on their topics, so that a misspelt source name is found from the log.
     """
 
-    def __init__(self, config: InstrumentConfig) -> None:
+    def __init__(self, config: InstrumentConfig, *, warn_missing: bool = True) -> None:
         self.config = config
+        #: :meth:`warnings` names configured streams that never appeared (off for the
+        #: default mapping by source name, whose streams are only a guess)
+        self.warn_missing = warn_missing
         self.seen: Counter[tuple[str, str]] = Counter()
         self.unmapped: Counter[tuple[str, str]] = Counter()
 
@@ -387,6 +393,8 @@ class StreamTally:
     def missing(self) -> list[tuple[str, str, str]]:
         """(topic, source, role) of the config's exact streams that have not appeared."""
         out: list[tuple[str, str, str]] = []
+        if not self.warn_missing:
+            return out
         seen_topics = {t for t, _ in self.seen}
         seen_pairs = set(self.seen)
         for r in self.config.streams:

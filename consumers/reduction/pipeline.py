@@ -174,7 +174,7 @@ class RunPipeline:
         #: the streams' roles; ``_by_topic`` False matches by source name only
         self.streams = streams if streams is not None else preset("simulator", "any")
         self._by_topic = streams is not None
-        self.tally = StreamTally(self.streams)
+        self.tally = StreamTally(self.streams, warn_missing=streams is not None)
         #: monitor events of the run, by (topic, source)
         self.monitor_events: Counter[str] = Counter()
         #: take the per-bin moments of the refinement (:mod:`consumers.reduction.moments`)
@@ -489,7 +489,7 @@ class RunPipeline:
         if not self._by_topic:  # matched by source name: topics play no part
             named = {r: [("", s) for _, s in pairs] for r, pairs in named.items()}
         try:
-            return self.streams.with_run_start(named)
+            return self.streams.with_run_start(named, beside=not self._by_topic)
         except ConsumerError as exc:
             raise ValueError(str(exc)) from exc
 

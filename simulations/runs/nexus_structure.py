@@ -53,7 +53,14 @@ import numpy as np
 from simulations.exceptions import InstrumentError
 from simulations.instrument.spectrometer import Instrument, Orientation, busing_levy_b
 
-__all__ = ["MonitorStream", "StreamNames", "encode", "nexus_structure", "reduced_formula"]
+__all__ = [
+    "STREAM_LAYOUTS",
+    "MonitorStream",
+    "StreamNames",
+    "encode",
+    "nexus_structure",
+    "reduced_formula",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +99,14 @@ class StreamNames:
         f144 source of the proton charge per pulse (uC).
     monitors
         Beam monitors' ev44 streams.
+    run_info_topic, bluesky_topic
+        Topics of the run start/stop and of the bluesky documents.
+    keyed_by_run
+        Every message keyed with the run id (the simulator's layout) or none (ESS).
+    private_metadata
+        The run start also carries the project's own ``metadata`` JSON (the simulator's
+        layout); without it only the ``nexus_structure`` describes the run (and the
+        metadata holds the simulation's truth alone).
     """
 
     events_topic: str
@@ -101,6 +116,10 @@ class StreamNames:
     omega_setpoint_source: str = "omega_setpoint"
     proton_charge_source: str = "proton_charge"
     monitors: tuple[MonitorStream, ...] = ()
+    run_info_topic: str = ""
+    bluesky_topic: str = ""
+    keyed_by_run: bool = True
+    private_metadata: bool = True
 
     @classmethod
     def simulator(cls, prefix: str) -> StreamNames:
@@ -110,7 +129,43 @@ class StreamNames:
             events_topic=f"{prefix}_events",
             events_source=f"{prefix}_detector",
             motion_topic=f"{prefix}_motion",
+            run_info_topic=f"{prefix}_runInfo",
+            bluesky_topic=f"{prefix}_bluesky",
         )
+
+    @classmethod
+    def ess(cls, prefix: str) -> StreamNames:
+        """An ESS-style layout: ``<prefix>_filewriter`` (run start and stop),
+        ``<prefix>_detector``, ``<prefix>_motion`` with EPICS-style source names (the
+        goniometer's readback ``<PREFIX>-SpGon:MC-RotY-01:Mtr.RBV`` and set-point ``...VAL``,
+        the charge ``<PREFIX>-Acc:ProtonCharge``), no message keys, and only the
+        ``nexus_structure`` to describe the run."""
+        motor = f"{prefix.upper()}-SpGon:MC-RotY-01:Mtr"
+        return cls(
+            events_topic=f"{prefix}_detector",
+            events_source=f"{prefix}_detector_0",
+            motion_topic=f"{prefix}_motion",
+            omega_source=f"{motor}.RBV",
+            omega_setpoint_source=f"{motor}.VAL",
+            proton_charge_source=f"{prefix.upper()}-Acc:ProtonCharge",
+            run_info_topic=f"{prefix}_filewriter",
+            bluesky_topic=f"{prefix}_bluesky",
+            keyed_by_run=False,
+            private_metadata=False,
+        )
+
+    @classmethod
+    def layout(cls, name: str, prefix: str) -> StreamNames:
+        """The layout called ``name`` (:data:`STREAM_LAYOUTS`)."""
+        if name not in STREAM_LAYOUTS:
+            raise ValueError(
+                f"stream layout must be one of {', '.join(STREAM_LAYOUTS)}, got {name!r}"
+            )
+        return cls.simulator(prefix) if name == "simulator" else cls.ess(prefix)
+
+
+#: the stream layouts the simulator can publish with
+STREAM_LAYOUTS = ("simulator", "ess")
 
 
 def _attr(name: str, values: object, dtype: str = "string") -> dict[str, object]:

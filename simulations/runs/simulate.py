@@ -303,14 +303,27 @@ class _F144Template:
 class _Clock:
     """Message factory for one run: keys, topics and ev44 message ids."""
 
-    def __init__(self, plan: RunPlan, run_id: str, bluesky_format: str = "json") -> None:
-        self.key = run_id.encode()
+    def __init__(
+        self,
+        plan: RunPlan,
+        run_id: str,
+        bluesky_format: str = "json",
+        streams: StreamNames | None = None,
+    ) -> None:
+        self.streams = streams = streams or StreamNames.simulator(plan.prefix)
+        self.key: bytes | None = run_id.encode() if streams.keyed_by_run else None
         self.bluesky_format = bluesky_format
         self._bluesky_key = self.key
-        self.t_run_info = f"{plan.prefix}_runInfo"
-        self.t_motion = f"{plan.prefix}_motion"
-        self.t_events = f"{plan.prefix}_events"
-        self.t_bluesky = f"{plan.prefix}_bluesky"
+        self.t_run_info = streams.run_info_topic
+        self.t_motion = streams.motion_topic
+        self.t_events = streams.events_topic
+        self.t_bluesky = streams.bluesky_topic
+        #: the simulator's names of its f144 logs -> the layout's source names
+        self._sources = {
+            "omega": streams.omega_source,
+            "omega_setpoint": streams.omega_setpoint_source,
+            "proton_charge": streams.proton_charge_source,
+        }
         self.message_id = 0
         self.n_events = 0
         self._f144: dict[str, _F144Template] = {}
@@ -327,7 +340,7 @@ class _Clock:
     def f144(self, source: str, value: float, t_ns: int) -> RecordedMessage:
         template = self._f144.get(source)
         if template is None:
-            template = self._f144[source] = _F144Template(source)
+            template = self._f144[source] = _F144Template(self._sources.get(source, source))
         return self.msg(self.t_motion, t_ns, template.payload(float(value), int(t_ns)), "f144")
 
     def bluesky(self, name: str, doc: dict[str, object], t_ns: int) -> RecordedMessage:
@@ -360,8 +373,15 @@ def simulate_run(
     instrument: Instrument | None = None,
     progress: bool = True,
     bluesky_format: str = "json",
+    stream_layout: str = "simulator",
 ) -> RunSummary:
     """Simulate a rotation run and write it as a recorded-run file.
+
+    ``stream_layout``: ``"simulator"`` (the module docstring's topics and sources, every
+    message keyed by run id, the private ``metadata`` beside the ``nexus_structure``) or
+    ``"ess"`` (:meth:`StreamNames.ess`: ESS topic and EPICS-style source names, no keys,
+    the run described by the ``nexus_structure`` alone; the pl72 ``metadata`` keeps only
+    the simulation's truth, for evaluation).
 
     ``bluesky_format``: ``"json"`` (``[name, doc]`` with a ``schema: bluesky-json``
     header, keyed by run id) or ``"msgpack"`` (bluesky-kafka's Publisher form: msgpack
@@ -404,7 +424,11 @@ def simulate_run(
     )
     rng = np.random.default_rng(plan.seed)
     run_id = plan.run_id or f"sim-{ms.crystal.name}-{plan.seed}"
-    clock = _Clock(plan, run_id, bluesky_format)
+    try:
+        streams = StreamNames.layout(stream_layout, plan.prefix)
+    except ValueError as exc:
+        raise InstrumentError(str(exc)) from None
+    clock = _Clock(plan, run_id, bluesky_format, streams)
     scale, background, cache = _calibrate(plan, sim, omegas)
     metadata = _run_metadata(plan, ms, sim, omegas, clock, run_id, label, coefficients)
     file_meta = {
@@ -471,7 +495,12 @@ def _run_metadata(
         "ei_meV": sim.ei,
         "temperature_K": plan.temperature,
         "instrument": sim.instrument.to_metadata(),
-        "goniometer": {"source_name": "omega", "axis": [0.0, 1.0, 0.0], "units": "deg"},
+        "goniometer": {
+            "source_name": clock.streams.omega_source,
+            "topic": clock.t_motion,
+            "axis": [0.0, 1.0, 0.0],
+            "units": "deg",
+        },
         "planned_omegas_deg": [float(w) for w in omegas],
         "count_time_s": plan.count_time,
         "pulse_rate_Hz": plan.pulse_rate,
@@ -586,7 +615,7 @@ def _messages(
         sim=sim,
         rng=rng,
         period_ns=round(1e9 / plan.pulse_rate),
-        source=StreamNames.simulator(plan.prefix).events_source,
+        source=clock.streams.events_source,
     )
     t = plan.start_time_ns
     run_id = str(metadata["run_id"])
@@ -597,7 +626,11 @@ def _messages(
         start_time=t // 10**6,
         run_name=run_id,
         instrument_name=sim.instrument.name,
-        metadata=json.dumps(metadata),
+        metadata=json.dumps(
+            metadata
+            if clock.streams.private_metadata
+            else {"run_id": run_id, "simulation": metadata["simulation"]}
+        ),
         nexus_structure=encode(
             nexus_structure(
                 instrument=sim.instrument,
@@ -605,7 +638,7 @@ def _messages(
                 material=plan.material,
                 ei=sim.ei,
                 temperature=plan.temperature,
-                streams=StreamNames.simulator(plan.prefix),
+                streams=clock.streams,
                 run_id=run_id,
             )
         ),
