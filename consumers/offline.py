@@ -18,6 +18,7 @@ from consumers.reduction.coverage_cache import coverage_cache_dir, coverage_disk
 from consumers.reduction.folding import Folder
 from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
 from consumers.wire import decode_f144, loads_json
+from simulations.instrument.spectrometer import Instrument
 from simulations.runs.recording import RunReader
 from simulations.units import K_B_MEV, THZ_TO_MEV
 
@@ -38,6 +39,7 @@ def fold_recorded_run(
     voxels: int = 96,
     progress: bool = True,
     check: bool = False,
+    instrument_file: str | Path | None = None,
 ) -> tuple[dict[str, object], RunAccumulator]:
     """Fold every counting step of a recorded run into I(q, E); optionally write HDF5.
 
@@ -49,6 +51,9 @@ def fold_recorded_run(
     check
         Compare with the forward model of the run's true FC set (a simulated run):
         adds ``dispersion`` (see :func:`dispersion_check`).
+    instrument_file
+        The pixel table or instrument definition (IDF) the run's instrument came from,
+        when it is not where the run start says (nor, for an IDF, in the cache).
 
     Returns
     -------
@@ -61,7 +66,9 @@ def fold_recorded_run(
         The run's counts and exposure.
     """
     t0 = time.perf_counter()
-    pipe = RunPipeline(mode=mode, tolerance=tolerance, voxels=voxels)
+    pipe = RunPipeline(
+        mode=mode, tolerance=tolerance, voxels=voxels, instrument_file=instrument_file
+    )
     malformed: Counter[str] = Counter()
     bar = tqdm(desc="orientations", unit="orient", disable=not progress)
     with RunReader(path) as reader:
@@ -98,7 +105,10 @@ def fold_recorded_run(
         )
         result["path"] = str(out)
     if check:
-        result["dispersion"] = dispersion_check(pipe.acc, pipe.meta or {})
+        assert pipe.folder is not None
+        result["dispersion"] = dispersion_check(
+            pipe.acc, pipe.meta or {}, instrument=pipe.folder.instrument
+        )
     return result, pipe.acc
 
 
@@ -107,8 +117,11 @@ def dispersion_check(
     meta: dict[str, object],
     *,
     min_counts: int = 50,
+    instrument: Instrument | None = None,
 ) -> dict[str, object]:
     """Compare a folded run with the forward model of the FC set it was simulated from.
+
+    ``instrument``: the run's (default: rebuilt from ``meta``; only its resolution is used).
 
     Needs the ground truth of a simulated run (pl72 metadata ``simulation.coefficients``).
     Two figures:
@@ -134,7 +147,6 @@ def dispersion_check(
     FoldError
         When the run carries no ground truth.
     """
-    from simulations.instrument.spectrometer import Instrument
     from simulations.runs.check import peaks_on_branches
 
     ms, model, branches = _ground_truth(meta)
@@ -143,7 +155,7 @@ def dispersion_check(
     data = np.where(mask, snap.intensity, np.nan)
     model = np.where(mask, model, np.nan)
     ec = ms.grid.energy_centres
-    ins = Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
+    ins = instrument or Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
     ei = float(meta["ei_meV"])  # type: ignore[arg-type]
     sigma = ins.resolution(ei, e_max=min(float(ms.grid.energy_edges[-1]), 0.95 * ei)).sigma
     # (unmeasured bins hold no counts, so the peak of a checked column is a measured bin)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,10 +62,16 @@ _FLATBUFFER_IDS = {"ev44", "f144", "pl72", "6s4t"}
 
 
 def run_folder(
-    meta: dict[str, Any], *, tolerance: float = 0.05, voxels: int = 96
+    meta: dict[str, Any],
+    *,
+    tolerance: float = 0.05,
+    voxels: int = 96,
+    instrument_file: str | Path | None = None,
 ) -> tuple[MaterialSetup, Folder]:
     """The material set-up and the folder of a run start's metadata (``material``,
-    ``instrument``, ``orientation`` u and v, ``ei_meV``).
+    ``instrument``, ``orientation`` u and v, ``ei_meV``). ``instrument_file``: the pixel
+    table or instrument definition the run's instrument came from, when it is not where
+    the run start says (:meth:`Instrument.from_metadata`).
 
     Raises
     ------
@@ -72,7 +79,7 @@ def run_folder(
         For metadata that give no usable set-up.
     """
     ms = setup(str(meta["material"]))
-    ins = Instrument.from_metadata(meta["instrument"])
+    ins = Instrument.from_metadata(meta["instrument"], instrument_file)
     o = meta["orientation"]
     orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
     if not np.all(np.isfinite(orientation.ub)):
@@ -113,6 +120,9 @@ class RunPipeline:
         Distance to the q-path, 1/Angstrom.
     voxels
         Fold-table voxels per axis.
+    instrument_file
+        The pixel table or instrument definition (IDF) the run's instrument came from,
+        when it is not where the run start says (and, for an IDF, not in the cache).
     background
         Fold closed orientations (fold kernel and coverage, both without the GIL) on a
         worker thread while the caller goes on decoding messages; results are added in the
@@ -129,8 +139,11 @@ class RunPipeline:
         voxels: int = 96,
         background: bool = True,
         moments: bool = True,
+        instrument_file: str | Path | None = None,
     ) -> None:
         self.mode = mode
+        #: the file the run's instrument came from, when not where the run start says
+        self.instrument_file = instrument_file
         #: take the per-bin moments of the refinement (:mod:`consumers.reduction.moments`)
         self.take_moments = bool(moments)
         self._constants: StructureConstants | None = None
@@ -337,7 +350,12 @@ class RunPipeline:
         mode = self.mode
         if mode == "auto":
             mode = "bluesky" if "bluesky" in meta.get("topics", {}) else "omega"
-        ms, folder = run_folder(meta, tolerance=self.tolerance, voxels=self.voxels)
+        ms, folder = run_folder(
+            meta,
+            tolerance=self.tolerance,
+            voxels=self.voxels,
+            instrument_file=self.instrument_file,
+        )
         segmenter = Segmenter(mode)
         constants = self._moment_constants(meta, ms) if self.take_moments else None
         self.meta = meta

@@ -242,6 +242,8 @@ class RunSummary:
     seconds: float
     fc_set: str
     path: str
+    n_pixels: int
+    super_pixels: int
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready."""
@@ -252,6 +254,8 @@ class RunSummary:
             "seconds": round(self.seconds, 3),
             "fc_set": self.fc_set,
             "path": self.path,
+            "n_pixels": self.n_pixels,
+            "super_pixels": self.super_pixels,
         }
 
 
@@ -397,6 +401,8 @@ def simulate_run(
         seconds=time.perf_counter() - t_start,
         fc_set=label,
         path=str(out),
+        n_pixels=instrument.n_pixels,
+        super_pixels=sim.n_groups,
     )
 
 
