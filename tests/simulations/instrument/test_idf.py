@@ -17,7 +17,6 @@ from simulations.instrument.events import OrientationSimulator
 from simulations.instrument.idf import IdfGeometry, read_idf
 from simulations.instrument.spectrometer import Instrument
 from simulations.runs.simulate import RunPlan, simulate_run
-from tests.commands import steer
 from tests.paths import DATA, REPO
 
 TINY = DATA / "idf" / "tiny.xml"
@@ -233,15 +232,3 @@ def test_arcs_run_simulates_and_folds(tmp_path: Path) -> None:
     assert result["orientations"] == 2
     assert int(result["events_folded"]) > 1000  # type: ignore[call-overload]
     assert acc.snapshot().counts.sum() > 1000
-
-
-@needs_shared
-def test_cli_refuses_two_detectors_and_reports_pixels(tmp_path: Path) -> None:
-    table = tmp_path / "p.csv"
-    Instrument.arcs_like(n_columns=4, n_rows=2).write_pixel_table(table)
-    both = steer(
-        "simulate", "run", "--pixel-table", str(table), "--instrument", str(ARCS),
-        "--omegas", "0", "--out", str(tmp_path / "x.steer"), "--quiet",
-    )  # fmt: skip
-    assert both.returncode != 0
-    assert "give one of them" in both.stderr
