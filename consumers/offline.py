@@ -70,6 +70,7 @@ def fold_recorded_run(
         mode=mode, tolerance=tolerance, voxels=voxels, instrument_file=instrument_file
     )
     malformed: Counter[str] = Counter()
+    refused_start = ""  # why the last run start could not be used
     bar = tqdm(desc="orientations", unit="orient", disable=not progress)
     with RunReader(path) as reader:
         for i, msg in enumerate(reader):
@@ -80,12 +81,16 @@ def fold_recorded_run(
             except MalformedMessage as exc:
                 logger.warning("%s: message %d on %s skipped: %s", path, i, msg.topic, exc)
                 malformed[exc.reason] += 1
+                if exc.reason == "malformed_pl72":
+                    refused_start = str(exc)
                 continue
             bar.update(len(done))
     bar.update(len(pipe.finish()))
     bar.close()
     pipe.close()
     if pipe.acc is None:
+        if refused_start:
+            raise FoldError(f"{path}: the run start (pl72) cannot be used: {refused_start}")
         raise FoldError(f"{path}: no run start (pl72) found")
     seconds = time.perf_counter() - t0
     result = pipe.summary()

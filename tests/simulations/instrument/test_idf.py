@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from consumers.exceptions import FoldError
 from consumers.offline import fold_recorded_run
 from simulations.exceptions import InstrumentError
 from simulations.instrument import idf
@@ -232,3 +233,23 @@ def test_arcs_run_simulates_and_folds(tmp_path: Path) -> None:
     assert result["orientations"] == 2
     assert int(result["events_folded"]) > 1000  # type: ignore[call-overload]
     assert acc.snapshot().counts.sum() > 1000
+
+
+def test_fold_finds_a_moved_definition_only_when_given(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.xml"
+    shutil.copy(TINY, path)
+    run = tmp_path / "run.steer"
+    plan = RunPlan(
+        material="Ge", fc="raman", omegas=(0.0, 1.0), events_per_orientation=500,
+        count_time=1.0, mesh=8, seed=2,
+    )  # fmt: skip
+    # six pixels; the name picks ARCS's resolution model
+    simulate_run(plan, run, instrument=Instrument.from_idf(path, name="ARCS"), progress=False)
+    path.unlink()
+    for f in idf.idf_cache_dir().iterdir():
+        f.unlink()
+    idf._MEMORY.clear()
+    with pytest.raises(FoldError, match=r"tiny\.xml .*pass the definition file"):
+        fold_recorded_run(run, progress=False)
+    result, _ = fold_recorded_run(run, progress=False, instrument_file=TINY)
+    assert result["orientations"] == 2
