@@ -164,8 +164,9 @@ class RunPlan:
     mesh
         Phonon-table mesh (points per axis).
     group_rows
-        Pixels per super-pixel along a tube of a regular detector (S(Q, E) is evaluated at
-        each super-pixel's centre; 1: every pixel).
+        Pixels per super-pixel along a tube of a regular detector or of an instrument
+        definition whose tubes have equal lengths (S(Q, E) is evaluated at each
+        super-pixel's centre; 1: every pixel; a pixel table is never grouped).
     prefix
         Kafka topic prefix.
     run_id
