@@ -24,6 +24,7 @@ from consumers.reduction.pipeline import (
 )
 from consumers.streams import InstrumentConfig
 from consumers.wire import decode_bluesky, decode_f144
+from simulations.instrument.spectrometer import Instrument
 from simulations.runs.recording import RunReader
 from simulations.units import K_B_MEV, THZ_TO_MEV
 
@@ -45,6 +46,7 @@ def fold_recorded_run(
     progress: bool = True,
     check: bool = False,
     streams: InstrumentConfig | None = None,
+    instrument_file: str | Path | None = None,
 ) -> tuple[dict[str, object], RunAccumulator]:
     """Fold every counting step of a recorded run into I(q, E); optionally write HDF5.
 
@@ -59,6 +61,9 @@ def fold_recorded_run(
     streams
         Which (topic, source) is which (:class:`consumers.streams.InstrumentConfig`); None
         tells streams apart by source name, as the simulator names them.
+    instrument_file
+        The pixel table or instrument definition (IDF) the run's instrument came from,
+        when it is not where the run start says (nor, for an IDF, in the cache).
 
     Returns
     -------
@@ -71,8 +76,15 @@ def fold_recorded_run(
         The run's counts and exposure.
     """
     t0 = time.perf_counter()
-    pipe = RunPipeline(mode=mode, tolerance=tolerance, voxels=voxels, streams=streams)
+    pipe = RunPipeline(
+        mode=mode,
+        tolerance=tolerance,
+        voxels=voxels,
+        streams=streams,
+        instrument_file=instrument_file,
+    )
     malformed: Counter[str] = Counter()
+    refused_start = ""  # why the last run start could not be used
     bar = tqdm(desc="orientations", unit="orient", disable=not progress)
     with RunReader(path) as reader:
         for i, msg in enumerate(reader):
@@ -86,12 +98,16 @@ def fold_recorded_run(
             except MalformedMessage as exc:
                 logger.warning("%s: message %d on %s skipped: %s", path, i, msg.topic, exc)
                 malformed[exc.reason] += 1
+                if exc.reason == "malformed_pl72":
+                    refused_start = str(exc)
                 continue
             bar.update(len(done))
     bar.update(len(pipe.finish()))
     bar.close()
     pipe.close()
     if pipe.acc is None:
+        if refused_start:
+            raise FoldError(f"{path}: the run start (pl72) cannot be used: {refused_start}")
         raise FoldError(f"{path}: no run start (pl72) found")
     seconds = time.perf_counter() - t0
     result = pipe.summary()
@@ -111,7 +127,10 @@ def fold_recorded_run(
         )
         result["path"] = str(out)
     if check:
-        result["dispersion"] = dispersion_check(pipe.acc, pipe.meta or {})
+        assert pipe.folder is not None
+        result["dispersion"] = dispersion_check(
+            pipe.acc, pipe.meta or {}, instrument=pipe.folder.instrument
+        )
     return result, pipe.acc
 
 
@@ -120,8 +139,11 @@ def dispersion_check(
     meta: dict[str, object],
     *,
     min_counts: int = 50,
+    instrument: Instrument | None = None,
 ) -> dict[str, object]:
     """Compare a folded run with the forward model of the FC set it was simulated from.
+
+    ``instrument``: the run's (default: rebuilt from ``meta``; only its resolution is used).
 
     Needs the ground truth of a simulated run (pl72 metadata ``simulation.coefficients``).
     Two figures:
@@ -147,7 +169,6 @@ def dispersion_check(
     FoldError
         When the run carries no ground truth.
     """
-    from simulations.instrument.spectrometer import Instrument
     from simulations.runs.check import peaks_on_branches
 
     ms, model, branches = _ground_truth(meta)
@@ -156,7 +177,7 @@ def dispersion_check(
     data = np.where(mask, snap.intensity, np.nan)
     model = np.where(mask, model, np.nan)
     ec = ms.grid.energy_centres
-    ins = Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
+    ins = instrument or Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
     ei = float(meta["ei_meV"])  # type: ignore[arg-type]
     sigma = ins.resolution(ei, e_max=min(float(ms.grid.energy_edges[-1]), 0.95 * ei)).sigma
     # (unmeasured bins hold no counts, so the peak of a checked column is a measured bin)

@@ -145,8 +145,9 @@ class Folder:
         self._id0 = int(ids.min()) if len(ids) else 0
         span = int(ids.max()) - self._id0 + 1 if len(ids) else 0
         self._lut: NDArray[np.int32] | None = None
-        self._dense_ids = bool(instrument.layout) or span <= max(4 * len(ids), 1 << 20)
-        if not instrument.layout and self._dense_ids:
+        offsets = instrument.ids_consecutive
+        self._dense_ids = offsets or span <= max(4 * len(ids), 1 << 20)
+        if not offsets and self._dense_ids:
             self._lut = np.full(span, -1, dtype=np.int32)
             self._lut[ids - self._id0] = np.arange(len(ids), dtype=np.int32)
         self._n_ids = span

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,11 +80,14 @@ def run_folder(
     tolerance: float = 0.05,
     voxels: int = 96,
     nexus: NexusSetup | None = None,
+    instrument_file: str | Path | None = None,
 ) -> tuple[MaterialSetup, Folder]:
     """The material set-up and the folder of a run start: from ``nexus`` (read from its
     ``nexus_structure`` by :func:`~consumers.reduction.nexus_setup.read_nexus_setup`) when
     given, else from its metadata (``material``, ``instrument``, ``orientation`` u and v,
-    ``ei_meV``).
+    ``ei_meV``). ``instrument_file``: the pixel table or instrument definition the run's
+    instrument came from, when it is not where the metadata say
+    (:meth:`Instrument.from_metadata`).
 
     Raises
     ------
@@ -101,7 +105,7 @@ def run_folder(
         ei = nexus.ei
     else:
         ms = setup(str(meta["material"]))
-        ins = Instrument.from_metadata(meta["instrument"])
+        ins = Instrument.from_metadata(meta["instrument"], instrument_file)
         o = meta["orientation"]
         orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
         if not np.all(np.isfinite(orientation.ub)):
@@ -147,6 +151,9 @@ class RunPipeline:
         Distance to the q-path, 1/Angstrom.
     voxels
         Fold-table voxels per axis.
+    instrument_file
+        The pixel table or instrument definition (IDF) the run's instrument came from,
+        when it is not where the run start says (and, for an IDF, not in the cache).
     background
         Fold closed orientations (fold kernel and coverage, both without the GIL) on a
         worker thread while the caller goes on decoding messages; results are added in the
@@ -169,6 +176,7 @@ class RunPipeline:
         background: bool = True,
         moments: bool = True,
         streams: InstrumentConfig | None = None,
+        instrument_file: str | Path | None = None,
     ) -> None:
         self.mode = mode
         #: the streams' roles; ``_by_topic`` False matches by source name only
@@ -177,6 +185,8 @@ class RunPipeline:
         self.tally = StreamTally(self.streams, warn_missing=streams is not None)
         #: monitor events of the run, by (topic, source)
         self.monitor_events: Counter[str] = Counter()
+        #: the file the run's instrument came from, when not where the run start says
+        self.instrument_file = instrument_file
         #: take the per-bin moments of the refinement (:mod:`consumers.reduction.moments`)
         self.take_moments = bool(moments)
         self._constants: StructureConstants | None = None
@@ -439,7 +449,12 @@ class RunPipeline:
                     meta.get("run_id"),
                     exc,
                 )
-        return None, *run_folder(meta, tolerance=self.tolerance, voxels=self.voxels)
+        return None, *run_folder(
+            meta,
+            tolerance=self.tolerance,
+            voxels=self.voxels,
+            instrument_file=self.instrument_file,
+        )
 
     def _setup(
         self, meta: dict[str, Any], nexus_structure: str | None = None, *, job_id: str = ""

@@ -24,6 +24,7 @@ from scipy.spatial import cKDTree
 
 from consumers.exceptions import FoldError
 from consumers.reduction import kernels
+from simulations.cache import cache_root
 from simulations.instrument.binning import ReferenceBinning
 from simulations.lattice.crystals import Crystal
 from simulations.lattice.grid import Grid
@@ -211,11 +212,7 @@ class FoldTable:
 def table_cache_dir() -> Path:
     """Where :meth:`FoldTable.cached` keeps tables: ``$STEER_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/ins-steering`` (``~/.cache/ins-steering``)."""
-    env = os.environ.get("STEER_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ins-steering"
+    return cache_root()
 
 
 def _table_key(crystal: Crystal, grid: Grid, tolerance: float, voxels: int) -> str:

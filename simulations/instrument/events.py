@@ -256,7 +256,10 @@ class OrientationSimulator:
     mesh
         Phonon table points per axis.
     group_columns, group_rows
-        Super-pixel size of a regular array (loaded pixel tables use single pixels).
+        Super-pixel size: tubes x pixels along a tube, for a regular array or an instrument
+        definition with tubes of equal length (``Instrument.layout``; loaded pixel tables
+        use single pixels). On an instrument definition, neighbouring "columns" are the
+        next tube in the file's order (the next pack's first tube at a pack's end).
     e_step
         Energy grid step, meV (default: half the smallest resolution sigma).
     """

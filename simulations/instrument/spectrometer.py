@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,6 +33,9 @@ from simulations.exceptions import GridError, InstrumentError
 from simulations.lattice.crystals import Crystal
 from simulations.lattice.resolution import EnergyResolution, instrument_resolution
 from simulations.units import E_PER_K2, MEV, NEUTRON_MASS
+
+if TYPE_CHECKING:
+    from simulations.instrument.idf import IdfGeometry
 
 __all__ = [
     "Instrument",
@@ -83,9 +87,14 @@ class Instrument:
         (min, max) omega, degrees.
     layout
         ``{"n_columns", "n_rows", "radius", ...}`` for the regular cylindrical array (a fast
-        inverse lookup and super-pixel grouping use it); empty for a loaded pixel table.
+        inverse lookup and super-pixel grouping use it); ``{"n_columns", "n_rows"}`` alone
+        for an instrument definition whose tubes all have ``n_rows`` pixels, consecutive
+        in the pixel arrays (``n_columns`` tubes: super-pixel grouping along a tube uses
+        it); empty for a loaded pixel table or irregular tubes.
     pixel_table, pixel_table_sha256
-        Path and SHA-256 of a loaded pixel table (empty for a regular array).
+        Path and SHA-256 of a loaded pixel table (empty otherwise).
+    idf, idf_sha256
+        Path and SHA-256 of the Mantid instrument definition read (empty otherwise).
     """
 
     name: str
@@ -98,6 +107,8 @@ class Instrument:
     layout: dict[str, float] = field(default_factory=dict)
     pixel_table: str = ""
     pixel_table_sha256: str = ""
+    idf: str = ""
+    idf_sha256: str = ""
 
     # -- construction -----------------------------------------------------------------------
 
@@ -211,6 +222,76 @@ class Instrument:
             pixel_table_sha256=digest,
         )
 
+    @classmethod
+    def from_idf(
+        cls,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        chopper_frequency: float = 600.0,
+        goniometer_limits: tuple[float, float] = (-180.0, 180.0),
+    ) -> Instrument:
+        """Read a Mantid instrument definition file (see :mod:`simulations.instrument.idf`).
+
+        Pixel ids are the file's detector ids, positions relative to its sample position,
+        ``l1 = |sample - source|``, solid angles from the pixels' cylinders; the monitors
+        are left out (:func:`simulations.instrument.idf.read_idf` returns them). The derived
+        geometry is cached by the file's SHA-256, so a second load is fast.
+
+        Parameters
+        ----------
+        name
+            Instrument name, also the ``resins`` model of the energy resolution (default:
+            the file's ``<instrument name=...>``).
+        """
+        from simulations.instrument.idf import read_idf
+
+        path = Path(path)
+        geom = read_idf(path)
+        return cls._from_geometry(
+            geom,
+            str(path.resolve()),
+            name=name,
+            chopper_frequency=chopper_frequency,
+            goniometer_limits=goniometer_limits,
+        )
+
+    @classmethod
+    def _from_geometry(
+        cls,
+        geom: IdfGeometry,
+        path: str,
+        *,
+        name: str | None,
+        chopper_frequency: float,
+        goniometer_limits: tuple[float, float],
+    ) -> Instrument:
+        layout: dict[str, float] = {}
+        if geom.pixels_per_tube:
+            layout = {"n_columns": geom.n_tubes, "n_rows": geom.pixels_per_tube}
+        else:
+            logger.info(
+                "%s: tubes of unequal length: no super-pixel grouping (every pixel evaluated)",
+                path,
+            )
+        return cls(
+            name=name or geom.name or "ARCS",
+            l1=geom.l1,
+            pixel_ids=geom.pixel_ids,
+            positions=geom.positions,
+            solid_angles=geom.solid_angles,
+            chopper_frequency=float(chopper_frequency),
+            goniometer_limits=(float(goniometer_limits[0]), float(goniometer_limits[1])),
+            layout=layout,
+            idf=path,
+            idf_sha256=geom.sha256,
+        )
+
+    @property
+    def regular(self) -> bool:
+        """Whether this is the regular cylindrical array of :meth:`arcs_like`."""
+        return "radius" in self.layout
+
     def write_pixel_table(self, path: str | Path) -> None:
         """Write ``id,x,y,z,solid_angle`` as CSV (readable by :meth:`from_pixel_table`)."""
         table = np.column_stack([self.pixel_ids, self.positions, self.solid_angles])
@@ -224,33 +305,54 @@ class Instrument:
         )
 
     def to_metadata(self) -> dict[str, object]:
-        """JSON-ready description (enough to rebuild a regular array)."""
-        return {
+        """JSON-ready description: the whole regular array, or the file a pixel table or an
+        instrument definition came from (path, name and SHA-256)."""
+        meta: dict[str, object] = {
             "name": self.name,
             "l1_m": self.l1,
             "n_pixels": self.n_pixels,
             "chopper_frequency_Hz": self.chopper_frequency,
             "goniometer_limits_deg": list(self.goniometer_limits),
-            "layout": dict(self.layout) if self.layout else "pixel_table",
-            **(
-                {"pixel_table": self.pixel_table, "pixel_table_sha256": self.pixel_table_sha256}
-                if not self.layout
-                else {}
-            ),
         }
+        if self.idf:
+            meta |= {
+                "layout": "idf",
+                "idf": self.idf,
+                "idf_name": Path(self.idf).name,
+                "idf_sha256": self.idf_sha256,
+            }
+        elif self.regular:
+            meta["layout"] = dict(self.layout)
+        else:
+            meta |= {
+                "layout": "pixel_table",
+                "pixel_table": self.pixel_table,
+                "pixel_table_sha256": self.pixel_table_sha256,
+            }
+        return meta
 
     @classmethod
     def from_metadata(
-        cls, meta: dict[str, object], pixel_table: str | Path | None = None
+        cls,
+        meta: dict[str, object],
+        file: str | Path | None = None,
     ) -> Instrument:
         """Rebuild the instrument from :meth:`to_metadata` output.
 
-        A pixel-table instrument is reloaded from ``pixel_table`` (or the recorded path);
-        its SHA-256 must match the recorded one.
+        Parameters
+        ----------
+        file
+            The file the instrument came from, of the kind the metadata names: a pixel
+            table (CSV) or a Mantid instrument definition (IDF). Without it a pixel table is
+            reloaded from the recorded path; an instrument definition from the geometry
+            cached under its SHA-256, else from the recorded path. The file's SHA-256 must
+            match the recorded one.
         """
         layout = meta.get("layout")
+        if layout == "idf":
+            return cls._from_idf_metadata(meta, file)
         if not isinstance(layout, dict):
-            path = Path(pixel_table or str(meta.get("pixel_table", "")))
+            path = Path(file or str(meta.get("pixel_table", "")))
             if not str(path) or not path.is_file():
                 raise InstrumentError(
                     f"the run used the pixel table {meta.get('pixel_table')!r}, which is not "
@@ -285,6 +387,37 @@ class Instrument:
             name=str(meta.get("name", "ARCS")),
         )
 
+    @classmethod
+    def _from_idf_metadata(cls, meta: dict[str, object], idf: str | Path | None) -> Instrument:
+        from simulations.instrument.idf import idf_cache_dir, load_cached, read_idf
+
+        want = str(meta.get("idf_sha256", ""))
+        recorded = str(meta.get("idf", ""))
+        label = str(meta.get("idf_name") or Path(recorded).name or "?")
+        geom = load_cached(want) if want and idf is None else None
+        path = Path(idf) if idf is not None else Path(recorded)
+        if geom is None:
+            if not str(path) or not path.is_file():
+                raise InstrumentError(
+                    f"the run used the instrument definition {label} (sha256 {want[:12]}...), "
+                    f"which is neither at {str(path)!r} nor in the cache {idf_cache_dir()}; "
+                    "pass the definition file (--instrument FILE)"
+                )
+            geom = read_idf(path)
+            if want and geom.sha256 != want:
+                raise InstrumentError(
+                    f"instrument definition {path} (sha256 {geom.sha256[:12]}...) is not the "
+                    f"one the run used, {label} (sha256 {want[:12]}...); pass that file"
+                )
+        lims = meta.get("goniometer_limits_deg", (-180.0, 180.0))
+        return cls._from_geometry(
+            geom,
+            str(path.resolve()) if idf is not None else recorded,
+            name=str(meta.get("name", "")) or None,
+            chopper_frequency=float(meta.get("chopper_frequency_Hz", 600.0)),  # type: ignore[arg-type]
+            goniometer_limits=(float(lims[0]), float(lims[1])),  # type: ignore[index]
+        )
+
     # -- properties -------------------------------------------------------------------------
 
     @property
@@ -305,13 +438,21 @@ class Instrument:
     def pixel_rows(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:
         """Row index in the pixel arrays of detector ids ``pixel_id``; -1 for unknown ids."""
         ids = np.asarray(pixel_id, dtype=np.int64)
-        if self.layout:
+        if self.ids_consecutive:
             idx = ids - int(self.pixel_ids[0])
             return np.where((idx >= 0) & (idx < self.n_pixels), idx, -1)
         order = np.argsort(self.pixel_ids)
         pos = np.clip(np.searchsorted(self.pixel_ids, ids, sorter=order), 0, self.n_pixels - 1)
         idx = order[pos]
         return np.where(self.pixel_ids[idx] == ids, idx, -1).astype(np.int64)
+
+    @property
+    def ids_consecutive(self) -> bool:
+        """Whether the pixel ids are ``id_0, id_0 + 1, ...`` in array order (so that a row
+        index is the id minus the first id)."""
+        ids = self.pixel_ids
+        n = len(ids)
+        return n > 0 and int(ids[-1]) - int(ids[0]) == n - 1 and bool(np.all(np.diff(ids) == 1))
 
     def index_of(self, pixel_id: NDArray[np.integer]) -> NDArray[np.int64]:
         """Row index in the pixel arrays of detector ids ``pixel_id``; unknown ids raise."""
@@ -387,7 +528,7 @@ class Instrument:
         q = np.atleast_2d(np.asarray(q_lab, dtype=float))
         kf = -q
         kf[:, 2] += energy_to_k(ei)
-        if self.layout:
+        if self.regular:
             idx = self._regular_lookup(kf)
         else:
             from scipy.spatial import cKDTree

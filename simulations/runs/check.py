@@ -116,13 +116,13 @@ class _Context:
 
     @classmethod
     def from_metadata(
-        cls, meta: dict[str, Any], tolerance: float, pixel_table: str | Path | None = None
+        cls, meta: dict[str, Any], tolerance: float, instrument_file: str | Path | None = None
     ) -> _Context:
         ms = setup(str(meta["material"]))
         o = meta["orientation"]
         return cls(
             setup=ms,
-            instrument=Instrument.from_metadata(meta["instrument"], pixel_table),
+            instrument=Instrument.from_metadata(meta["instrument"], instrument_file),
             orientation=Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"])),
             ei=float(meta["ei_meV"]),
             binning=ReferenceBinning(ms.crystal, ms.grid, tolerance),
@@ -161,12 +161,17 @@ def check_run(
     out: str | Path | None = None,
     progress: bool = True,
     pixel_table: str | Path | None = None,
+    instrument_file: str | Path | None = None,
 ) -> dict[str, object]:
     """Bin a recorded run onto its material's q-path; test each q column's peak.
 
     A column with at least ``min_counts`` events passes when the energy of its largest bin
     lies within ``max(2 sigma(E), bin width)`` of a branch of the forward model for the
     run's true FC set (from the pl72 ``simulation`` block).
+
+    ``pixel_table`` or ``instrument_file`` (a Mantid IDF or a pixel table): the file the
+    run's instrument came from, when it is not where the run start says (see
+    :meth:`Instrument.from_metadata`).
 
     Returns a JSON-ready dict: ``orientations``, ``events``, ``events_on_path``,
     ``columns_checked``, ``columns_passing``, ``fraction_passing``, ``max_distance_meV``
@@ -179,7 +184,7 @@ def check_run(
     bar = tqdm(desc="orientations", unit="orient", disable=not progress)
     for meta, chunk in iter_orientations(path):
         if ctx is None:
-            ctx = _Context.from_metadata(meta, tolerance, pixel_table)
+            ctx = _Context.from_metadata(meta, tolerance, instrument_file or pixel_table)
         q, e = ctx.instrument.event_to_qe(
             ctx.instrument.index_of(chunk.pixel_id), chunk.tof_ns, ctx.ei
         )

@@ -174,8 +174,9 @@ class RunPlan:
     mesh
         Phonon-table mesh (points per axis).
     group_rows
-        Pixels per super-pixel along a tube of a regular detector (S(Q, E) is evaluated at
-        each super-pixel's centre; 1: every pixel).
+        Pixels per super-pixel along a tube of a regular detector or of an instrument
+        definition whose tubes have equal lengths (S(Q, E) is evaluated at each
+        super-pixel's centre; 1: every pixel; a pixel table is never grouped).
     prefix
         Kafka topic prefix.
     run_id
@@ -252,6 +253,8 @@ class RunSummary:
     seconds: float
     fc_set: str
     path: str
+    n_pixels: int
+    super_pixels: int
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready."""
@@ -262,6 +265,8 @@ class RunSummary:
             "seconds": round(self.seconds, 3),
             "fc_set": self.fc_set,
             "path": self.path,
+            "n_pixels": self.n_pixels,
+            "super_pixels": self.super_pixels,
         }
 
 
@@ -454,6 +459,8 @@ def simulate_run(
         seconds=time.perf_counter() - t_start,
         fc_set=label,
         path=str(out),
+        n_pixels=instrument.n_pixels,
+        super_pixels=sim.n_groups,
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "FcOpt",
     "IdleExitOpt",
     "IndirectInstrument",
+    "InstrumentFileOpt",
     "JsonOpt",
     "MaterialOpt",
     "ModelDirOpt",
@@ -76,6 +77,15 @@ IndirectInstrument = Literal["vision", "tosca"]
 
 # -- common to most commands -------------------------------------------------------------------
 
+InstrumentFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--instrument",
+        help="The instrument file the run was made with (the Mantid IDF .xml or the "
+        "pixel-table CSV), when it is not where the run start says (nor, for an IDF, in "
+        "the cache).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]

@@ -17,6 +17,7 @@ from steering.cli.options import (
     BlueskyFormat,
     EiOpt,
     FcOpt,
+    InstrumentFileOpt,
     JsonOpt,
     MaterialOpt,
     QuietOpt,
@@ -27,6 +28,7 @@ from steering.cli.options import (
     ToleranceOpt,
 )
 from steering.cli.output import command_line, emit
+from steering.exceptions import SteeringError
 
 __all__ = ["simulate_app"]
 
@@ -268,6 +270,14 @@ def simulate_run_cmd(
         Path | None,
         typer.Option("--pixel-table", help="CSV id,x,y,z[,solid_angle] (default: ARCS-like)."),
     ] = None,
+    instrument_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--instrument",
+            help="Mantid instrument definition (IDF .xml, e.g. ARCS_Definition_*.xml): the "
+            "real detector geometry (default: ARCS-like). Not with --pixel-table.",
+        ),
+    ] = None,
     mesh: Annotated[
         int,
         typer.Option(
@@ -301,7 +311,15 @@ def simulate_run_cmd(
     from simulations.instrument.spectrometer import Instrument
     from simulations.runs.simulate import RunPlan, parse_omegas, simulate_run
 
-    instrument = Instrument.from_pixel_table(pixel_table) if pixel_table else None
+    if pixel_table is not None and instrument_file is not None:
+        raise SteeringError(
+            "--pixel-table and --instrument both give the detector: give one of them"
+        )
+    instrument = None
+    if pixel_table is not None:
+        instrument = Instrument.from_pixel_table(pixel_table)
+    elif instrument_file is not None:
+        instrument = Instrument.from_idf(instrument_file)
 
     plan = RunPlan(
         material=material,
@@ -361,13 +379,21 @@ def simulate_check_run(
         Path | None,
         typer.Option("--pixel-table", help="The pixel table the run was made with, if any."),
     ] = None,
+    instrument_file: InstrumentFileOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Bin a simulated run simply; check each q column's peak lies on a true branch."""
     from simulations.runs.check import check_run
 
+    if pixel_table is not None and instrument_file is not None:
+        raise SteeringError("--pixel-table and --instrument both name the detector: give one")
     result = check_run(
-        run, tolerance=tolerance, out=out, progress=not quiet, pixel_table=pixel_table
+        run,
+        tolerance=tolerance,
+        out=out,
+        progress=not quiet,
+        pixel_table=pixel_table,
+        instrument_file=instrument_file,
     )
     emit(result, as_json)

@@ -16,6 +16,7 @@ from steering.cli.options import (
     BootstrapOpt,
     EiOpt,
     IdleExitOpt,
+    InstrumentFileOpt,
     JsonOpt,
     PrefixOpt,
     QuietOpt,
@@ -67,13 +68,20 @@ def fold_cmd(
             "(Pearson correlations, peaks on branches) under 'dispersion'.",
         ),
     ] = False,
+    instrument_file: InstrumentFileOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold a recorded run offline through the consumers' code path (no broker)."""
     from consumers.offline import fold_recorded_run
 
     summary, _ = fold_recorded_run(
-        run, out, mode=mode, tolerance=tolerance, progress=not quiet, check=check
+        run,
+        out,
+        mode=mode,
+        tolerance=tolerance,
+        progress=not quiet,
+        check=check,
+        instrument_file=instrument_file,
     )
     emit(summary, as_json)
 

@@ -20,8 +20,12 @@ def test_simulate_run_json_contract_and_check_run(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert set(result) == {"orientations", "events", "messages", "seconds", "fc_set", "path"}
+    assert set(result) == {
+        "orientations", "events", "messages", "seconds", "fc_set", "path", "n_pixels",
+        "super_pixels",
+    }  # fmt: skip
     assert result["orientations"] == 3
+    assert result["n_pixels"] == 102_400  # the default ARCS-like array
     assert result["fc_set"] == "raman"
     assert result["path"] == str(out)
     # 20k per 5 s step, plus the events while moving (2 x (1 deg at 1 deg/s + 1 s settle))
@@ -69,6 +73,8 @@ def test_simulate_sqe_draws_a_slice(tmp_path: Path) -> None:
         (["simulate", "run", "--ei", "30"], "too small"),
         (["simulate", "run", "--omegas", "a:b"], "cannot read omegas"),
         (["simulate", "sqe", "--ei", "20"], "too small"),
+        (["simulate", "run", "--pixel-table", "a.csv", "--instrument", "b.xml"], "one of them"),
+        (["simulate", "run", "--instrument", "absent.xml"], "cannot read instrument definition"),
         (["simulate", "sqe", "--omega", "720"], "outside the goniometer limits"),
     ],
 )
