@@ -33,6 +33,7 @@ def replay(
     zmq_format: str = "pickle",
     zmq_connect_wait_s: float = 0.5,
     partitions: int = 1,
+    topics: list[str] | None = None,
 ) -> dict[str, object]:
     """Publish a recorded run onto Kafka, in order.
 
@@ -40,6 +41,10 @@ def replay(
     goes to the partition of its key (the run id), as Kafka's default partitioner places it,
     so a run's messages share one partition number on every topic (scale-out by consumer
     group, :class:`consumers.kafka.group.GroupConsumer`).
+
+    ``topics``: the topics to create when missing (an instrument config's,
+    :meth:`consumers.streams.InstrumentConfig.topics`); by default those the file's
+    metadata names, else the prefix's four.
 
     ``prefix`` renames the topics (``<old prefix>_x`` -> ``<prefix>_x``); ``speed`` scales
     the original timing (60 = sixty times faster), ``None`` sends as fast as possible.
@@ -57,7 +62,7 @@ def replay(
     with RunReader(path) as reader:
         old = str(reader.metadata.get("prefix", ""))
         new = prefix or old
-        ensure_topics(bootstrap, topics_for(new), partitions)
+        ensure_topics(bootstrap, topics or _file_topics(reader.metadata, old, new), partitions)
         producer = KafkaProducer(
             **client_security(),
             bootstrap_servers=bootstrap,
@@ -135,14 +140,32 @@ def _publish(
     return n, n_zmq
 
 
+def _file_topics(meta: dict[str, Any], old: str, new: str) -> list[str]:
+    """The topics a recorded file's metadata names (renamed from ``old`` to ``new``
+    prefix), else the ``new`` prefix's four."""
+    named = meta.get("topics")
+    if not isinstance(named, dict) or not named:
+        return topics_for(new)
+    out = [str(t) for t in named.values()]
+    if old and new != old:
+        out = [new + t[len(old) :] if t.startswith(old + "_") else t for t in out]
+    return out
+
+
 def record(
-    bootstrap: str, prefix: str, out: str | Path, *, idle_timeout_s: float = 10.0
+    bootstrap: str,
+    prefix: str,
+    out: str | Path,
+    *,
+    idle_timeout_s: float = 10.0,
+    topics: list[str] | None = None,
 ) -> dict[str, object]:
-    """Record a run's topics from the beginning until its run stop (6s4t) and the end of
-    every partition, or until nothing arrives for ``idle_timeout_s``."""
+    """Record a run's topics (``topics``, e.g. an instrument config's; by default the
+    prefix's four) from the beginning until its run stop (6s4t) and the end of every
+    partition, or until nothing arrives for ``idle_timeout_s``."""
     from consumers.reduction.pipeline import schema_of
 
-    src = KafkaSource(bootstrap, prefix, group_id=f"steer-record-{prefix}")
+    src = KafkaSource(bootstrap, prefix, group_id=f"steer-record-{prefix}", topics=topics)
     nxt: dict[tuple[str, int], int] = {}
     msgs: list[SourceMessage] = []
     stopped = False
@@ -162,6 +185,8 @@ def record(
         src.close()
     msgs.sort(key=lambda m: (m.timestamp_ns, m.topic, m.offset))
     meta: dict[str, Any] = {"prefix": prefix, "recorded_from": bootstrap}
+    if topics:
+        meta["topics"] = {t: t for t in topics}
     with RunWriter(out, metadata=meta) as writer:
         writer.write_many(
             RecordedMessage(

@@ -23,6 +23,9 @@ Roles (:data:`ROLES`):
     pl72 run start and 6s4t run stop.
 ``bluesky``
     bluesky documents (JSON with the project's header, or bluesky-kafka's msgpack).
+``log``
+    f144 logs the service reads but does not use (sample environment, other motors): a
+    topic to subscribe to whose goniometer or charge source the run start names.
 
 A config is a TOML or YAML file (:func:`load_instrument_config`); topic names may use
 ``{prefix}``, filled in from the command line's ``--prefix``. ``source = "*"`` matches any
@@ -88,6 +91,7 @@ Role = Literal[
     "proton_charge",
     "run_control",
     "bluesky",
+    "log",
 ]
 #: every role a stream can have
 ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
@@ -224,7 +228,7 @@ class InstrumentConfig(BaseModel):
         """The topic of the config's f144 logs (its first goniometer, set-point or charge
         rule), for a source a run start names without a topic."""
         for r in self.streams:
-            if r.role in _EXACT_ROLES:
+            if r.role in (*_EXACT_ROLES, "log"):
                 return r.topic
         raise ConsumerError(
             f"instrument {self.name}: the run start names an f144 source but not its topic, "
@@ -290,6 +294,7 @@ def _ess(prefix: str) -> InstrumentConfig:
             ("{prefix}_filewriter", "*", "run_control"),
             ("{prefix}_detector", "*", "detector"),
             ("{prefix}_beam_monitor", "*", "monitor"),
+            ("{prefix}_motion", "*", "log"),
             ("{prefix}_bluesky", "*", "bluesky"),
         ),
     )
@@ -314,8 +319,8 @@ def load_instrument_config(spec: str | Path, *, prefix: str | None = None) -> In
     """An instrument config from a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, or a
     preset's name (``simulator``, ``ess``).
 
-    ``prefix`` (the command line's ``--prefix``) overrides the file's ``prefix``; a preset
-    needs it (default ``arcs``).
+    ``prefix`` (the command line's ``--prefix``) fills in a file's ``prefix`` when the file
+    has none (a file that names its own keeps it), and a preset's (default ``arcs``).
 
     Raises
     ------
@@ -335,7 +340,7 @@ def load_instrument_config(spec: str | Path, *, prefix: str | None = None) -> In
             f"preset ({', '.join(PRESETS)})"
         ) from exc
     data = _parse(path, raw_text)
-    if prefix:
+    if prefix and "prefix" not in data:
         data["prefix"] = prefix
     try:
         return InstrumentConfig.model_validate(data)

@@ -29,6 +29,7 @@ from steering.db import History
 
 if TYPE_CHECKING:
     from consumers.kafka import KafkaLivedataSink
+    from consumers.streams import InstrumentConfig
     from model_server.inversion.inference import Estimator
     from model_server.refinement.refiner import RunRefiner
     from steering.loop import KafkaAdviceSink, SteeringLoop
@@ -75,6 +76,10 @@ class SteeringService:
     refine
         Refine the running estimate against the counts
         (:mod:`model_server.refinement`); off, the VAE's estimate is the running one.
+    streams
+        The instrument's streams (:class:`consumers.streams.InstrumentConfig`, e.g. from
+        ``--instrument-config``): the topics read and which source is which. None: the
+        simulator's four topics of ``prefix``.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class SteeringService:
         advisor_score: str = "spectrum",
         advisor_weighting: str = "scarcity",
         refine: bool = True,
+        streams: InstrumentConfig | None = None,
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
 
@@ -102,6 +108,8 @@ class SteeringService:
         self.advisor_weighting = advisor_weighting
         self.bootstrap = bootstrap
         self.prefix = prefix
+        #: which (topic, source) is which (None: the simulator's topics of ``prefix``)
+        self.streams = streams
         self.state_dir = Path(state_dir)
         self.history = history
         self.live = live
@@ -367,7 +375,8 @@ class SteeringService:
         from consumers.kafka import KafkaSource
         from consumers.service import ConsumerService
 
-        source = KafkaSource(self.bootstrap, self.prefix)
+        topics = self.streams.topics() if self.streams is not None else None
+        source = KafkaSource(self.bootstrap, self.prefix, topics=topics)
         if self.publish_livedata and self._livedata is None:
             from consumers.kafka import KafkaLivedataSink
 
@@ -379,6 +388,7 @@ class SteeringService:
             on_run_complete=self._on_run_complete,
             on_run_start=self._prepare,
             follow=True,
+            streams=self.streams,
         )
         self.service.checkpoint_max_delay_s = self.snapshot_max_delay_s
 

@@ -53,6 +53,7 @@ from consumers.kafka.sink import KafkaSnapshotSink
 from consumers.kafka.source import KafkaSource
 from consumers.messages import SourceMessage
 from consumers.service import ConsumerService
+from consumers.streams import InstrumentConfig
 
 __all__ = ["LANE_PREFIX", "GroupConsumer", "lane_dir"]
 
@@ -122,6 +123,7 @@ class GroupConsumer:
         dead_letter: Callable[[SourceMessage, str], None] | None = None,
         snapshots: KafkaSnapshotSink | None = None,
         session_timeout_ms: int = 6000,
+        streams: InstrumentConfig | None = None,
     ) -> None:
         from kafka import KafkaConsumer
         from kafka.coordinator.assignors.range import RangePartitionAssignor
@@ -140,7 +142,9 @@ class GroupConsumer:
         self.tolerance = float(tolerance)
         self.dead_letter = dead_letter
         self.snapshots = snapshots
-        self.topics = topics_for(prefix)
+        #: which (topic, source) is which; its topics replace the prefix's four
+        self.streams = streams
+        self.topics = streams.topics() if streams is not None else topics_for(prefix)
         ensure_topics(bootstrap, self.topics, partitions)
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -235,7 +239,11 @@ class GroupConsumer:
             return False
         try:
             source = KafkaSource(
-                self.bootstrap, self.prefix, group_id=f"{self.group_id}-lanes", partitions=[p]
+                self.bootstrap,
+                self.prefix,
+                group_id=f"{self.group_id}-lanes",
+                partitions=[p],
+                topics=self.topics,
             )
             try:
                 service = ConsumerService(
@@ -243,6 +251,7 @@ class GroupConsumer:
                     folder,
                     mode=self.mode,
                     tolerance=self.tolerance,
+                    streams=self.streams,
                     dead_letter=self.dead_letter,
                     follow=True,
                 )

@@ -51,6 +51,11 @@ class KafkaSource:
 
     ``bluesky=False`` leaves out ``<prefix>_bluesky`` (when the documents come over 0MQ,
     :class:`consumers.zmq.ZmqBlueskySource`, so that they are not taken twice).
+
+    ``topics`` reads those topics instead of the prefix's four (an instrument config's,
+    :meth:`consumers.streams.InstrumentConfig.topics`). Topics that do not exist are
+    created (a config naming one that never gets data is reported by the consumer's
+    stream tally, with the topics the broker has).
     """
 
     def __init__(
@@ -61,10 +66,14 @@ class KafkaSource:
         group_id: str | None = None,
         bluesky: bool = True,
         partitions: Sequence[int] | None = None,
+        topics: Sequence[str] | None = None,
     ) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
-        self.topics = [t for t in topics_for(prefix) if bluesky or not t.endswith("_bluesky")]
+        if topics is not None:
+            self.topics = list(topics)
+        else:
+            self.topics = [t for t in topics_for(prefix) if bluesky or not t.endswith("_bluesky")]
         if partitions is None:
             ensure_topics(bootstrap, self.topics)
         self._consumer = KafkaConsumer(

@@ -14,12 +14,15 @@ h,k,l vectors).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import typer
 
 from steering.exceptions import AdvisorError, SteeringError
+
+if TYPE_CHECKING:
+    from consumers.streams import InstrumentConfig
 
 __all__ = [
     "BlueskyFormat",
@@ -28,6 +31,7 @@ __all__ = [
     "FcOpt",
     "IdleExitOpt",
     "IndirectInstrument",
+    "InstrumentConfigOpt",
     "InstrumentFileOpt",
     "JsonOpt",
     "MaterialOpt",
@@ -45,6 +49,7 @@ __all__ = [
     "Segmentation",
     "SegmentationOpt",
     "StateDirOpt",
+    "StreamLayout",
     "TemperatureOpt",
     "ThreadsOpt",
     "ToleranceOpt",
@@ -53,6 +58,7 @@ __all__ = [
     "ZmqFormat",
     "ZmqFormatOpt",
     "ZmqPrefixOpt",
+    "instrument_streams",
     "parse_range",
     "parse_vector",
 ]
@@ -72,6 +78,8 @@ Segmentation = Literal["auto", "bluesky", "omega"]
 ZmqFormat = Literal["pickle", "json", "msgpack"]
 #: bluesky documents of a simulated run (:data:`simulations.runs.simulate.BLUESKY_FORMATS`).
 BlueskyFormat = Literal["json", "msgpack"]
+#: the simulator's stream layouts (simulations.runs.nexus_structure.STREAM_LAYOUTS)
+StreamLayout = Literal["simulator", "ess"]
 #: Indirect-geometry instruments (:data:`model_server.prediction.indirect.INDIRECT_INSTRUMENTS`).
 IndirectInstrument = Literal["vision", "tosca"]
 
@@ -124,6 +132,17 @@ RunArg = Annotated[Path, typer.Argument(help="Recorded-run file (.steer).")]
 RunOutOpt = Annotated[Path, typer.Option("--out", help="Recorded-run file to write.")]
 BootstrapOpt = Annotated[
     str, typer.Option("--bootstrap", envvar="STEER_KAFKA_BOOTSTRAP", help="Kafka host:port.")
+]
+InstrumentConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--instrument-config",
+        envvar="STEER_INSTRUMENT_CONFIG",
+        metavar="FILE|PRESET",
+        help="Which topic and source is which: a TOML or YAML instrument config "
+        "(docs/streams.md) or a preset (simulator, ess; its topics take --prefix). Default: "
+        "the simulator's topics of --prefix.",
+    ),
 ]
 PrefixOpt = Annotated[
     str, typer.Option("--prefix", envvar="STEER_PREFIX", help="Instrument topic prefix.")
@@ -213,3 +232,13 @@ def parse_vector(spec: str, name: str) -> tuple[float, float, float]:
     if len(parts) != 3 or not all(np.isfinite(parts)):
         raise SteeringError(f"{name} {spec!r}: give three numbers h,k,l")
     return parts  # type: ignore[return-value]
+
+
+def instrument_streams(spec: str | None, prefix: str | None) -> InstrumentConfig | None:
+    """The ``--instrument-config`` (a file or a preset, ``{prefix}`` filled in from
+    ``prefix`` where the file names none), or None without one."""
+    if not spec:
+        return None
+    from consumers.streams import load_instrument_config
+
+    return load_instrument_config(spec, prefix=prefix)

@@ -12,16 +12,19 @@ import typer
 from steering.cli.options import (
     BootstrapOpt,
     IdleExitOpt,
+    InstrumentConfigOpt,
     JsonOpt,
     ModelDirOpt,
     PrefixOpt,
     Score,
     StateDirOpt,
     Weighting,
+    instrument_streams,
 )
 from steering.cli.output import emit
 
 if TYPE_CHECKING:
+    from consumers.streams import InstrumentConfig
     from steering.api.app import LiveState
     from steering.api.limits import ServiceLimits
     from steering.db import History
@@ -80,6 +83,7 @@ def serve_cmd(
             "for the facility's dashboards (docs/outputs.md).",
         ),
     ] = True,
+    instrument_config: InstrumentConfigOpt = None,
 ) -> None:
     """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
     consumer, model server and advisor of a prefix. State changes need STEER_API_TOKEN."""
@@ -90,6 +94,9 @@ def serve_cmd(
     from steering.db import History
 
     ServiceLimits.from_env()  # a bad STEER_* limit stops the service before anything starts
+    streams = instrument_streams(instrument_config, prefix)  # and so does a bad config
+    if streams is not None:
+        prefix = streams.prefix
     history = History(database)
     live = LiveState()
     service = None
@@ -104,6 +111,7 @@ def serve_cmd(
             advisor_score=advisor_score,
             advisor_weighting=advisor_weighting,
             livedata=livedata,
+            streams=streams,
         )
     token = os.environ.get("STEER_API_TOKEN") or None
     if token is None:
@@ -135,6 +143,7 @@ def _start_service(
     advisor_score: Score,
     advisor_weighting: Weighting,
     livedata: bool = True,
+    streams: InstrumentConfig | None = None,
 ) -> SteeringService:
     """Start the consumer, model server and advisor of ``prefix`` on the Kafka at
     ``bootstrap`` (the arguments: those of :class:`steering.service.SteeringService`)."""
@@ -150,6 +159,7 @@ def _start_service(
         advisor_score=advisor_score,
         advisor_weighting=advisor_weighting,
         publish_livedata=livedata,
+        streams=streams,
     )
     service.start()
     return service

@@ -24,6 +24,7 @@ from steering.cli.options import (
     RunArg,
     RunOutOpt,
     SeedOpt,
+    StreamLayout,
     TemperatureOpt,
     ToleranceOpt,
 )
@@ -304,6 +305,16 @@ def simulate_run_cmd(
             "Publisher sends them (msgpack, no header, keyed by the RunStart uid).",
         ),
     ] = "json",
+    stream_layout: Annotated[
+        StreamLayout,
+        typer.Option(
+            "--stream-layout",
+            help="Topic and source names: simulator (<prefix>_runInfo/_events/_motion/"
+            "_bluesky, keyed by run id, private metadata beside the nexus_structure) or ess "
+            "(<prefix>_filewriter/_detector/_motion, EPICS-style sources, no keys, the run "
+            "start's nexus_structure alone; consume with --instrument-config ess).",
+        ),
+    ] = "simulator",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -338,7 +349,12 @@ def simulate_run_cmd(
         group_rows=group_rows,
     )
     summary = simulate_run(
-        plan, out, instrument=instrument, progress=not quiet, bluesky_format=bluesky_format
+        plan,
+        out,
+        instrument=instrument,
+        progress=not quiet,
+        bluesky_format=bluesky_format,
+        stream_layout=stream_layout,
     )
     emit(summary.to_dict(), as_json)
 

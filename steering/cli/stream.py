@@ -16,6 +16,7 @@ from steering.cli.options import (
     BootstrapOpt,
     EiOpt,
     IdleExitOpt,
+    InstrumentConfigOpt,
     InstrumentFileOpt,
     JsonOpt,
     PrefixOpt,
@@ -29,6 +30,7 @@ from steering.cli.options import (
     ZmqFormat,
     ZmqFormatOpt,
     ZmqPrefixOpt,
+    instrument_streams,
     parse_range,
     parse_vector,
 )
@@ -38,6 +40,7 @@ from steering.exceptions import SteeringError
 if TYPE_CHECKING:
     from consumers.kafka import KafkaDeadLetter, KafkaSource, MergedSource
     from consumers.reduction.folding import Folder
+    from consumers.streams import InstrumentConfig
     from consumers.zmq import ZmqBlueskySource
 
 __all__ = [
@@ -69,11 +72,28 @@ def fold_cmd(
         ),
     ] = False,
     instrument_file: InstrumentFileOpt = None,
+    instrument_config: InstrumentConfigOpt = None,
+    prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--prefix",
+            help="Fills {prefix} in --instrument-config's topics (default: the prefix the "
+            "recorded file names).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold a recorded run offline through the consumers' code path (no broker)."""
     from consumers.offline import fold_recorded_run
 
+    streams = None
+    if instrument_config:
+        if prefix is None:
+            from simulations.runs.recording import RunReader
+
+            with RunReader(run) as reader:
+                prefix = str(reader.metadata.get("prefix") or "") or None
+        streams = instrument_streams(instrument_config, prefix)
     summary, _ = fold_recorded_run(
         run,
         out,
@@ -82,6 +102,7 @@ def fold_cmd(
         progress=not quiet,
         check=check,
         instrument_file=instrument_file,
+        streams=streams,
     )
     emit(summary, as_json)
 
@@ -185,6 +206,7 @@ def replay_cmd(
             "partition of their key, the run id).",
         ),
     ] = 1,
+    instrument_config: InstrumentConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Publish a recorded run onto Kafka (bluesky documents optionally over 0MQ), in order,
@@ -208,8 +230,15 @@ def replay_cmd(
         zmq_prefix=zmq_prefix.encode(),
         zmq_format=zmq_format,
         partitions=partitions,
+        topics=_config_topics(instrument_config, prefix),
     )
     emit(result, as_json)
+
+
+def _config_topics(spec: str | None, prefix: str | None) -> list[str] | None:
+    """The topics of ``--instrument-config`` (None without one)."""
+    streams = instrument_streams(spec, prefix)
+    return streams.topics() if streams is not None else None
 
 
 def record_cmd(
@@ -219,12 +248,14 @@ def record_cmd(
     idle: Annotated[
         float, typer.Option("--idle-timeout", help="Stop after this many idle seconds.")
     ] = 10.0,
+    instrument_config: InstrumentConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Record a run's topics from Kafka into a recorded-run file."""
     from consumers.replay import record
 
-    emit(record(bootstrap, prefix, out, idle_timeout_s=idle), as_json)
+    topics = _config_topics(instrument_config, prefix)
+    emit(record(bootstrap, prefix, out, idle_timeout_s=idle, topics=topics), as_json)
 
 
 # consume's options with long help texts
@@ -284,6 +315,7 @@ def consume_cmd(
     follow: FollowOpt = False,
     group: GroupOpt = False,
     partitions: GroupPartitionsOpt = 1,
+    instrument_config: InstrumentConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the live consumer: fold a run, checkpointing after every orientation.
@@ -298,6 +330,9 @@ def consume_cmd(
             "--group exports every run to STATE_DIR/partition-<p>/runs/ and reads the bluesky "
             "documents from Kafka: leave out --out and --bluesky-zmq"
         )
+    streams = instrument_streams(instrument_config, prefix)  # a bad config: before Kafka
+    if streams is not None:
+        prefix = streams.prefix
     _make_state_dir(state_dir)  # first: a bad one is refused before Kafka is reached
     dead = KafkaDeadLetter(bootstrap, prefix)
     if group:
@@ -310,10 +345,11 @@ def consume_cmd(
             mode=mode,
             publish=publish,
             idle=idle,
+            streams=streams,
         )
     else:
         source, zmq_source = _open_source(
-            bootstrap, prefix, state_dir, dead, bluesky_zmq, zmq_prefix, zmq_format
+            bootstrap, prefix, state_dir, dead, bluesky_zmq, zmq_prefix, zmq_format, streams
         )
         summary = _consume(
             bootstrap,
@@ -327,6 +363,7 @@ def consume_cmd(
             publish=publish,
             follow=follow,
             idle=idle,
+            streams=streams,
         )
     emit(summary, as_json)
 
@@ -351,6 +388,7 @@ def _consume_as_group(
     mode: Segmentation,
     publish: bool,
     idle: float | None,
+    streams: InstrumentConfig | None = None,
 ) -> dict[str, Any]:
     """``consume --group``: fold the partitions the consumer group gives this process until
     SIGTERM or ``idle`` seconds without messages; returns the members' summary. Closes
@@ -368,6 +406,7 @@ def _consume_as_group(
             mode=mode,
             dead_letter=dead,
             snapshots=sink,
+            streams=streams,
         )
         members.run(idle_exit_s=idle)
     finally:
@@ -385,6 +424,7 @@ def _open_source(
     bluesky_zmq: str | None,
     zmq_prefix: str,
     zmq_format: ZmqFormat,
+    streams: InstrumentConfig | None = None,
 ) -> tuple[KafkaSource | MergedSource, ZmqBlueskySource | None]:
     """The consumer's message source: the run's Kafka topics, with the bluesky documents from
     the 0MQ proxy at ``bluesky_zmq`` (HOST:PORT) instead of Kafka when given; and that 0MQ
@@ -392,10 +432,12 @@ def _open_source(
     from consumers.kafka import KafkaSource, MergedSource
 
     if not bluesky_zmq:
-        return KafkaSource(bootstrap, prefix), None
+        topics = streams.topics() if streams is not None else None
+        return KafkaSource(bootstrap, prefix, topics=topics), None
     from consumers.zmq import ZmqBlueskySource
 
-    kafka = KafkaSource(bootstrap, prefix, bluesky=False)
+    topics = streams.topics(bluesky=False) if streams is not None else None
+    kafka = KafkaSource(bootstrap, prefix, bluesky=False, topics=topics)
     try:
         zmq_source = ZmqBlueskySource(
             bluesky_zmq,
@@ -424,6 +466,7 @@ def _consume(
     publish: bool,
     follow: bool,
     idle: float | None,
+    streams: InstrumentConfig | None = None,
 ) -> dict[str, Any]:
     """Run one consumer on ``source`` until its run is complete (with ``follow``: until
     SIGTERM or ``idle`` seconds without messages); returns its summary, with the HDF5 export
@@ -433,7 +476,9 @@ def _consume(
 
     sink = KafkaSnapshotSink(bootstrap, prefix) if publish else None
     try:
-        service = ConsumerService(source, state_dir, mode=mode, dead_letter=dead, follow=follow)
+        service = ConsumerService(
+            source, state_dir, mode=mode, dead_letter=dead, follow=follow, streams=streams
+        )
         if sink is not None:
             service.set_snapshot_sink(sink.bind(service.run_info))
         service.run(idle_exit_s=idle)

@@ -56,6 +56,7 @@ def test_presets_map_the_simulators_and_ess_names() -> None:
     assert ess.role("bifrost_detector", "bifrost_detector_0") == "detector"
     assert ess.role("bifrost_beam_monitor", "m1") == "monitor"
     assert ess.sources("goniometer") == []  # the run start names it
+    assert ess.role("bifrost_motion", "SE:T") == "log"
 
 
 def test_toml_and_yaml_files_load_with_the_prefix_filled_in(tmp_path: Path) -> None:
@@ -66,7 +67,7 @@ def test_toml_and_yaml_files_load_with_the_prefix_filled_in(tmp_path: Path) -> N
     # an exact source wins over the topic's wildcard
     assert cfg.role("bifrost_detector", "bifrost_mon") == "monitor"
     assert cfg.role("bifrost_detector", "bank1") == "detector"
-    assert load_instrument_config(path, prefix="test").topics()[0] == "test_filewriter"
+    assert load_instrument_config(path, prefix="test").prefix == "bifrost"  # the file names its own
     # the TOML it writes reads back the same, and YAML works too
     again = tmp_path / "again.toml"
     again.write_text(cfg.to_toml())
@@ -122,8 +123,18 @@ def test_the_run_start_fills_in_roles_the_config_leaves_out() -> None:
         "proton_charge": [("", "ACC:Q")],  # no topic: the config's f144 log topic
         "monitor": [("bifrost_beam_monitor", "mon0")],
     }
+    no_logs = InstrumentConfig.model_validate(
+        {
+            "name": "b",
+            "prefix": "b",
+            "streams": [
+                {"topic": "b_fw", "role": "run_control"},
+                {"topic": "b_det", "role": "detector"},
+            ],
+        }
+    )
     with pytest.raises(ConsumerError, match="no f144 log topic"):
-        ess.with_run_start({"proton_charge": [("", "ACC:Q")]})
+        no_logs.with_run_start({"proton_charge": [("", "ACC:Q")]})
     full = ess.with_run_start({"goniometer": [("bifrost_motion", "ROT.RBV")]}).with_run_start(named)
     assert full.role("bifrost_motion", "ROT.RBV") == "goniometer"
     assert full.role("bifrost_motion", "ACC:Q") == "proton_charge"
@@ -131,7 +142,7 @@ def test_the_run_start_fills_in_roles_the_config_leaves_out() -> None:
     assert full.sources("monitor") == [("bifrost_beam_monitor", "*")]
     # a config that names its goniometer keeps it
     own = full.with_run_start({"goniometer": [("bifrost_motion", "OTHER")]})
-    assert own.role("bifrost_motion", "OTHER") is None
+    assert own.role("bifrost_motion", "OTHER") == "log"  # read, not used
 
 
 def test_the_tally_counts_unmapped_sources_and_names_streams_never_seen() -> None:
