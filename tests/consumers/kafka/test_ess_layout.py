@@ -66,14 +66,10 @@ def test_an_ess_layout_run_consumed_live_with_only_the_instrument_config(
 def test_a_bad_instrument_config_stops_the_consumer_before_kafka(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('name = "x"\nprefix = "x"\n[[streams]]\ntopic = "x_fw"\nrole = "run_control"\n')
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "steering.cli", "consume", "--bootstrap", "127.0.0.1:1",
-            "--prefix", "x", "--instrument-config", str(cfg), "--state-dir", str(tmp_path / "s"),
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    cmd = [
+        sys.executable, "-m", "steering.cli", "consume", "--bootstrap", "127.0.0.1:1",
+        "--prefix", "x", "--instrument-config", str(cfg), "--state-dir", str(tmp_path / "s"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "no detector stream" in done.stderr
