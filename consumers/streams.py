@@ -346,7 +346,9 @@ def load_instrument_config(spec: str | Path, *, prefix: str | None = None) -> In
         return InstrumentConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: "
+            + str(e["msg"]).removeprefix("Value error, ")
+            for e in exc.errors()
         )
         raise ConsumerError(f"instrument config {path}: {problems}") from exc
 

@@ -7,6 +7,7 @@ facility the service talks to Apache Kafka instead.
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import time
@@ -15,6 +16,8 @@ from contextlib import contextmanager, suppress
 
 from consumers.exceptions import ConsumerError
 from consumers.kafka.config import client_security
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EmbeddedBroker", "embedded_broker", "ensure_topics"]
 
@@ -89,8 +92,15 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
         broker.stop()
 
 
-def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 1) -> None:
-    """Create the topics that do not exist yet."""
+def ensure_topics(
+    bootstrap: str, topics: list[str], partitions: int = 1, *, warn: bool = False
+) -> list[str]:
+    """Create the topics that do not exist yet; returns those created.
+
+    ``warn``: log a warning for each created topic naming the topics the broker had (an
+    instrument config naming a topic the instrument never publishes to is found from
+    the log, not from a silent wait).
+    """
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
@@ -104,3 +114,12 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int = 1) -> Non
                 admin.create_topics(new)
     finally:
         admin.close()
+    created = [t.name for t in new]
+    if warn and created:
+        there = sorted(t for t in existing if not t.startswith("__"))
+        logger.warning(
+            "topics %s were not on the broker (created; no data yet); topics there: %s",
+            ", ".join(created),
+            ", ".join(there) or "none",
+        )
+    return created

@@ -75,7 +75,7 @@ class KafkaSource:
         else:
             self.topics = [t for t in topics_for(prefix) if bluesky or not t.endswith("_bluesky")]
         if partitions is None:
-            ensure_topics(bootstrap, self.topics)
+            ensure_topics(bootstrap, self.topics, warn=topics is not None)
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group_id or f"steer-{prefix}",

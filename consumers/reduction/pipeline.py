@@ -309,6 +309,8 @@ class RunPipeline:
                 deserialise_6s4t(payload)  # a run stop must at least be one
                 self.segmenter.on_stop(timestamp_ns)
                 self.stopped = True
+                for line in self.tally.warnings():  # a misnamed stream shows at the run's end
+                    logger.warning("run %s: %s", (self.meta or {}).get("run_id"), line)
                 chunks = []
             elif schema in BLUESKY_SCHEMAS:
                 name, doc = decode_bluesky(schema, payload)

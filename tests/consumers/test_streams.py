@@ -206,3 +206,12 @@ def test_an_ess_layout_run_folds_with_only_the_instrument_config(tmp_path: Path)
     out, _ = fold_recorded_run(ess, progress=False, streams=bad)
     assert out["orientations"] == 0
     assert "ARCS-SpGon:MC-RotY-01:Mtr.RBV" in " ".join(out["streams"]["never_seen"])
+
+
+def test_the_shipped_config_files_load() -> None:
+    root = Path(__file__).resolve().parents[2] / "deploy" / "instruments"
+    sim = load_instrument_config(root / "simulator.toml", prefix="arcs")
+    assert sim == preset("simulator", "arcs").model_copy(update={"name": sim.name})
+    ess = load_instrument_config(root / "ess_example.toml")
+    assert ess.role("bifrost_motion", "BIFROST-SpGon:MC-RotY-01:Mtr.RBV") == "goniometer"
+    assert ess.role("bifrost_motion", "BIFROST-SE:Temperature") == "log"
