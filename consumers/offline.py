@@ -7,7 +7,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -116,6 +116,7 @@ def fold_recorded_run(
             "seconds": round(seconds, 3),
             "events_per_second": pipe.n_events / seconds if seconds > 0 else 0.0,
             "malformed": dict(malformed),
+            "run": _run_facts(pipe.meta or {}),
         }
     )
     order = ["orientations", "events_folded", "events_dropped", "seconds", "events_per_second"]
@@ -132,6 +133,19 @@ def fold_recorded_run(
             pipe.acc, pipe.meta or {}, instrument=pipe.folder.instrument
         )
     return result, pipe.acc
+
+
+def _run_facts(meta: dict[str, Any]) -> dict[str, Any]:
+    """The run's id, material and temperature, and for a simulated run the true FC
+    coefficients (eV/A^2, the pl72 ``simulation`` block)."""
+    sim = meta.get("simulation")
+    truth = sim.get("coefficients") if isinstance(sim, dict) else None
+    return {
+        "run_id": meta.get("run_id"),
+        "material": meta.get("material"),
+        "temperature_K": meta.get("temperature_K"),
+        "truth": dict(truth) if isinstance(truth, dict) else None,
+    }
 
 
 def dispersion_check(

@@ -162,9 +162,11 @@ def dispersion_figure(
     *,
     truth: Mapping[str, float] | None = None,
     temperature: float = 5.0,
+    title: str = "",
 ) -> bytes:
     """PNG: the estimate's phonon branches (white) over the measured, Bose-corrected data;
-    the truth's branches dashed when given (a simulated run)."""
+    the truth's branches dashed when given (a simulated run); ``title`` replaces the
+    default one."""
     plt = _plt()
     fm = FigureModel.of(material)
     grid = fm.ms.grid
@@ -185,7 +187,9 @@ def dispersion_figure(
     path_axes(ax, grid, ylabel="E (meV)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=8, facecolor="0.3", labelcolor="white")
-    ax.set_title(f"dispersion of the estimate over the data ({snapshot.n_orientations} orient.)")
+    ax.set_title(
+        title or f"dispersion of the estimate over the data ({snapshot.n_orientations} orient.)"
+    )
     fig.tight_layout()
     return _png(fig)
 

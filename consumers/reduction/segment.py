@@ -115,6 +115,9 @@ class Segmenter:
         self._charge_mark = -1
         # end of the latest bluesky counting window: steps follow one another in time
         self._window_end: int | None = None
+        # the run stop's time (ns), once seen: the last omega-mode step ends there, even when
+        # its readback settles after the stop has been read (topics arrive in any order)
+        self._stop_at: int | None = None
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class Segmenter:
             and self._setpoint is not None
             and self._settled_at is None
             and abs(float(value) - self._setpoint) <= self.tolerance
+            and (self._stop_at is None or int(t_ns) <= self._stop_at)
         ):
             self._settled_at = int(t_ns)
         return self._drain()
@@ -182,14 +186,26 @@ class Segmenter:
         return self._drain()
 
     def on_stop(self, t_ns: int) -> None:
-        """Run stop: an open omega-mode step ends here (closed by :meth:`flush`)."""
-        if self.mode == "omega" and self._setpoint is not None and self._settled_at is not None:
-            self._windows.append((self._setpoint, self._settled_at, int(t_ns) + 1))
+        """Run stop: the omega-mode step open at the end of the run ends here. Which step
+        that is, is known only once the whole motion log is in (the run-control topic may be
+        read before it), so :meth:`flush` makes its window."""
+        self._stop_at = int(t_ns)
+
+    def _end_last_step(self) -> None:
+        """After the run stop: the settled omega-mode step becomes the last window."""
+        if (
+            self.mode == "omega"
+            and self._stop_at is not None
+            and self._setpoint is not None
+            and self._settled_at is not None
+        ):
+            self._windows.append((self._setpoint, self._settled_at, self._stop_at + 1))
             self._setpoint = None
 
     def flush(self) -> list[Chunk]:
         """Close every announced window (all messages of the run are in); the events left
         over were taken while moving."""
+        self._end_last_step()
         out = [self._close(*w) for w in self._windows]
         self._windows = []
         self.moving += len(self._events.arrays()[0])
@@ -216,6 +232,7 @@ class Segmenter:
             "event_mark": self._event_mark,
             "charge_mark": self._charge_mark,
             "window_end": self._window_end,
+            "stop_at": self._stop_at,
             "charge_t": np.asarray(self._charge_t, dtype=np.int64),
             "charge_v": np.asarray(self._charge_v, dtype=np.float64),
             "pulse": pulse,
@@ -235,6 +252,8 @@ class Segmenter:
         seg._charge_mark = int(st["charge_mark"])  # type: ignore[call-overload]
         end = st.get("window_end")  # absent from older checkpoints
         seg._window_end = None if end is None else int(end)  # type: ignore[call-overload]
+        stop = st.get("stop_at")  # absent from older checkpoints
+        seg._stop_at = None if stop is None else int(stop)  # type: ignore[call-overload]
         seg._charge_t = np.asarray(st["charge_t"]).tolist()
         seg._charge_v = np.asarray(st["charge_v"]).tolist()
         seg._events.add(

@@ -81,6 +81,14 @@ def fold_cmd(
             "recorded file names).",
         ),
     ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="PNG of the folded I(q, E) (Bose-corrected) along the q-path; a simulated "
+            "run's true branches dashed over it.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold a recorded run offline through the consumers' code path (no broker)."""
@@ -94,7 +102,7 @@ def fold_cmd(
             with RunReader(run) as reader:
                 prefix = str(reader.metadata.get("prefix") or "") or None
         streams = instrument_streams(instrument_config, prefix)
-    summary, _ = fold_recorded_run(
+    summary, acc = fold_recorded_run(
         run,
         out,
         mode=mode,
@@ -104,7 +112,30 @@ def fold_cmd(
         instrument_file=instrument_file,
         streams=streams,
     )
+    if plot is not None:
+        _plot_fold(plot, summary, acc, run.name)
+        summary["plot"] = str(plot)
     emit(summary, as_json)
+
+
+def _plot_fold(plot: Path, summary: dict[str, Any], acc: Any, name: str) -> None:
+    """Write ``steer fold --plot``: the folded spectrum with the truth's branches."""
+    from steering.figures import dispersion_figure
+
+    facts = summary.get("run") or {}
+    material = facts.get("material")
+    if not material:
+        raise SteeringError("--plot: the run start names no material to draw the q-path of")
+    png = dispersion_figure(
+        acc.snapshot(),
+        str(material),
+        None,
+        truth=facts.get("truth"),
+        temperature=float(facts.get("temperature_K") or 5.0),
+        title=f"{name}: {summary['orientations']} orientations, "
+        f"{summary['events_folded']:,} events folded",
+    )
+    plot.write_bytes(png)
 
 
 def coverage_cmd(

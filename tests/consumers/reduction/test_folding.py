@@ -243,6 +243,8 @@ def test_steer_fold_json_contract(ge_run, tmp_path) -> None:  # type: ignore[no-
             str(ge_run),
             "--out",
             str(out),
+            "--plot",
+            str(tmp_path / "fold.png"),
             "--json",
         ],
         capture_output=True,
@@ -256,6 +258,10 @@ def test_steer_fold_json_contract(ge_run, tmp_path) -> None:  # type: ignore[no-
         assert key in result
     assert result["orientations"] == 12
     assert out.exists()
+    # the run's facts, with a simulated run's truth; the PNG drawn
+    assert result["run"]["material"] == "Ge"
+    assert set(result["run"]["truth"]) >= {"1NN_xx", "1NN_xy"}
+    assert (tmp_path / "fold.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_coverage_converges_to_a_finely_sampled_reference(ge, ge_table) -> None:  # type: ignore[no-untyped-def]
