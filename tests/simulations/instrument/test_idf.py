@@ -249,7 +249,41 @@ def test_fold_finds_a_moved_definition_only_when_given(tmp_path: Path) -> None:
     for f in idf.idf_cache_dir().iterdir():
         f.unlink()
     idf._MEMORY.clear()
-    with pytest.raises(FoldError, match=r"tiny\.xml .*pass the definition file"):
-        fold_recorded_run(run, progress=False)
-    result, _ = fold_recorded_run(run, progress=False, instrument_file=TINY)
+    # the run start's nexus_structure carries the pixels: the fold needs no file
+    result, _ = fold_recorded_run(run, progress=False)
     assert result["orientations"] == 2
+    # a run start with the private metadata alone names the file, which has moved
+    legacy = tmp_path / "legacy.steer"
+    _without_nexus_structure(run, legacy)
+    with pytest.raises(FoldError, match=r"tiny\.xml .*pass the definition file"):
+        fold_recorded_run(legacy, progress=False)
+    result, _ = fold_recorded_run(legacy, progress=False, instrument_file=TINY)
+    assert result["orientations"] == 2
+
+
+def _without_nexus_structure(src: Path, dst: Path) -> None:
+    """Copy a recorded run with its pl72 stripped of the nexus_structure."""
+    import dataclasses
+
+    from streaming_data_types.run_start_pl72 import deserialise_pl72, serialise_pl72
+
+    from simulations.runs.recording import RunReader, write_run
+
+    with RunReader(src) as reader:
+        meta = dict(reader.metadata)
+        msgs = list(reader)
+    for i, m in enumerate(msgs):
+        if m.payload[4:8] == b"pl72":
+            r = deserialise_pl72(m.payload)
+            payload = serialise_pl72(
+                job_id=r.job_id,
+                filename=r.filename,
+                start_time=r.start_time,
+                run_name=r.run_name,
+                instrument_name=r.instrument_name,
+                metadata=r.metadata,
+            )
+            msgs[i] = dataclasses.replace(m, payload=bytes(payload))
+    meta.pop("format", None)
+    meta.pop("version", None)
+    write_run(dst, msgs, meta)
