@@ -1,6 +1,6 @@
 """Kafka settings of the service: the run topics of a prefix and the broker's security.
 
-A run is published on five topics of an instrument prefix (:func:`topics_for`); the
+A run is published on four topics of an instrument prefix (:func:`topics_for`); the
 connection to a secured facility broker is set with ``STEER_KAFKA_*`` environment variables
 (:func:`client_security`), and every Kafka client of the service is made with those.
 """
@@ -16,7 +16,7 @@ from consumers.exceptions import ConsumerError
 __all__ = ["END_OFFSETS_MAX_AGE_S", "SECURITY_ENV", "SUFFIXES", "client_security", "topics_for"]
 
 #: Topic suffixes of an instrument prefix.
-SUFFIXES = ("runInfo", "motion", "events", "monitor", "bluesky")
+SUFFIXES = ("runInfo", "motion", "events", "bluesky")
 #: :meth:`consumers.kafka.KafkaSource.caught_up` trusts the end offsets it fetched for this
 #: long (s)
 END_OFFSETS_MAX_AGE_S = 2.0

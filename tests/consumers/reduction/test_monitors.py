@@ -32,6 +32,7 @@ PLAN = RunPlan(
     count_time=2.0,
     mesh=8,
     seed=11,
+    monitors=True,
 )
 
 

@@ -31,6 +31,7 @@ PLAN = RunPlan(
     count_time=1.0,
     mesh=8,
     seed=3,
+    monitors=True,
 )
 
 
