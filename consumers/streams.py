@@ -2,10 +2,10 @@
 
 A facility instrument publishes on topics and with source names of its own: the simulator
 of this project on ``<prefix>_runInfo``, ``_motion`` (sources ``omega``,
-``omega_setpoint``, ``proton_charge``), ``_events`` and ``_bluesky``; an ESS instrument on
-``<instrument>_filewriter`` (run start and stop), ``_detector``, ``_beam_monitor`` and
-``_motion`` with EPICS-like source names. The consumers never name a topic or a source:
-they ask an :class:`InstrumentConfig` for the role of what arrived.
+``omega_setpoint``, ``proton_charge``), ``_events``, ``_monitor`` and ``_bluesky``; an
+ESS instrument on ``<instrument>_filewriter`` (run start and stop), ``_detector``,
+``_beam_monitor`` and ``_motion`` with EPICS-like source names. The consumers never name
+a topic or a source: they ask an :class:`InstrumentConfig` for the role of what arrived.
 
 Roles (:data:`ROLES`):
 
@@ -34,6 +34,12 @@ mapped topic that no rule names is counted (:class:`StreamTally`), never fatal. 
 config names no goniometer stream, the run start names it (the simulator's
 ``goniometer.source_name``, or the f144 stream that drives the rotation in a
 ``nexus_structure``).
+
+Normalisation: ``normalisation = "proton_charge"`` (the default) weights each
+orientation's exposure by its proton charge; ``"monitor"`` by its counts in the beam
+monitor ``monitor`` (a source name; default: the first monitor the config or the run start
+names exactly). A run whose config and run start name no monitor is refused at its run
+start. Both quantities are recorded per orientation whichever is used.
 
 Two presets ship with the package (:data:`PRESETS`): ``simulator`` (the project's own
 simulated instrument, the default) and ``ess`` (ESS topic naming; the rotation stream and
@@ -64,6 +70,7 @@ from __future__ import annotations
 import logging
 import tomllib
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,6 +145,13 @@ class InstrumentConfig(BaseModel):
         refused. Off, message keys are ignored.
     streams
         The rules; at least one ``run_control`` topic and one ``detector`` stream.
+    normalisation
+        The exposure weight of an orientation: ``"proton_charge"`` (uC; I in
+        1/(uC sr meV)) or ``"monitor"`` (counts of the beam monitor ``monitor``; I in
+        counts per monitor count, 1/(sr meV)).
+    monitor
+        The monitor source of ``"monitor"`` normalisation (None: the first monitor named
+        exactly by the config or the run start).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -146,6 +160,8 @@ class InstrumentConfig(BaseModel):
     prefix: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     keyed_by_run: bool = False
     streams: tuple[StreamRule, ...]
+    normalisation: Literal["proton_charge", "monitor"] = "proton_charge"
+    monitor: str | None = Field(default=None, min_length=1)
     _lut: dict[tuple[str, str], str] = PrivateAttr(default_factory=dict)
     _by_src: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -164,7 +180,46 @@ class InstrumentConfig(BaseModel):
                     f"{r.role})"
                 )
             seen[key] = r.role
+        if self.monitor is not None and self._by_source_rules().get(self.monitor) not in (
+            None,
+            "monitor",
+        ):
+            raise ValueError(
+                f"monitor {self.monitor!r} is mapped to role "
+                f"{self._by_source_rules()[self.monitor]}, not monitor: name a monitor source"
+            )
         return self
+
+    def _by_source_rules(self) -> dict[str, str]:
+        return {r.source: r.role for r in self.streams if r.source != "*"}
+
+    def normalisation_monitor(self, named: Sequence[str] = ()) -> str | None:
+        """The monitor source that ``"monitor"`` normalisation weights by, or None for
+        ``"proton_charge"``; ``named``: the monitor sources the run start names.
+
+        Raises
+        ------
+        ConsumerError
+            With ``"monitor"`` normalisation when no monitor can be chosen: the config
+            names none and maps no monitor stream, or maps only wildcard ones.
+        """
+        if self.normalisation == "proton_charge":
+            return None
+        named = [*(s for _, s in self.sources("monitor") if s != "*"), *named]
+        if self.monitor is not None and (named or self.sources("monitor")):
+            return self.monitor
+        if self.monitor is None and named:
+            return named[0]
+        raise ConsumerError(
+            f"instrument {self.name}: normalisation = 'monitor' but "
+            + (
+                f"no stream carries monitor {self.monitor!r}"
+                if self.monitor is not None
+                else "neither the config nor the run start names a beam monitor source"
+            )
+            + ': add a [[streams]] rule with role = "monitor" and its source (and '
+            'monitor = SOURCE), or set normalisation = "proton_charge"'
+        )
 
     # -- queries --------------------------------------------------------------------------
 
@@ -251,7 +306,10 @@ class InstrumentConfig(BaseModel):
             f"name = {_q(self.name)}",
             f"prefix = {_q(self.prefix)}",
             f"keyed_by_run = {'true' if self.keyed_by_run else 'false'}",
+            f"normalisation = {_q(self.normalisation)}",
         ]
+        if self.monitor is not None:
+            lines.append(f"monitor = {_q(self.monitor)}")
         for r in self.streams:
             lines += ["", "[[streams]]", f"topic = {_q(r.topic)}"]
             if r.source != "*":
@@ -280,6 +338,7 @@ def _simulator(prefix: str) -> InstrumentConfig:
             ("{prefix}_motion", "omega", "goniometer"),
             ("{prefix}_motion", "omega_setpoint", "goniometer_setpoint"),
             ("{prefix}_motion", "proton_charge", "proton_charge"),
+            ("{prefix}_monitor", "*", "monitor"),
             ("{prefix}_bluesky", "*", "bluesky"),
         ),
     )
@@ -304,15 +363,19 @@ def _ess(prefix: str) -> InstrumentConfig:
 PRESETS = {"simulator": _simulator, "ess": _ess}
 
 
-def preset(name: str, prefix: str) -> InstrumentConfig:
-    """A shipped preset (:data:`PRESETS`) for the instrument ``prefix``."""
+def preset(name: str, prefix: str, **settings: Any) -> InstrumentConfig:
+    """A shipped preset (:data:`PRESETS`) for the instrument ``prefix``; ``settings``
+    (``normalisation``, ``monitor``) replace the preset's."""
     try:
-        return PRESETS[name](prefix)
+        config = PRESETS[name](prefix)
     except KeyError:
         raise ConsumerError(
             f"no instrument-config preset {name!r}; presets: {', '.join(PRESETS)} (or give a "
             "TOML/YAML file)"
         ) from None
+    if not settings:
+        return config
+    return InstrumentConfig.model_validate({**config.model_dump(), **settings})
 
 
 def load_instrument_config(spec: str | Path, *, prefix: str | None = None) -> InstrumentConfig:

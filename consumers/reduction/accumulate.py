@@ -1,14 +1,18 @@
 """Accumulators of folded counts and exposure, per orientation and for the whole run.
 
-``I = counts / exposure`` with exposure = proton charge (uC) x coverage (sr meV, from the
-instrument model), so intensities of different orientations are comparable; bins that no
-orientation measured are masked (NaN), never zero. Variance from Poisson counts:
+``I = counts / exposure`` with exposure = weight x coverage (sr meV, from the instrument
+model), so intensities of different orientations are comparable; bins that no orientation
+measured are masked (NaN), never zero. The weight (:data:`NORMALISATIONS`) is the
+orientation's proton charge (uC; the default: I in 1/(uC sr meV)) or its counts in one beam
+monitor (``"monitor"``: I in counts per monitor count, 1/(sr meV)); both are recorded per
+orientation whichever is used. Variance from Poisson counts:
 ``var(I) = counts / exposure^2`` (an empty but measured bin gets ``1 / exposure^2``, the
 variance of one count, so that it is not taken as exact).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,13 @@ from consumers.exceptions import FoldError
 from consumers.reduction.moments import BinMoments
 from simulations.lattice.grid import Grid
 
-__all__ = ["OrientationRecord", "RunAccumulator", "Snapshot"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["NORMALISATIONS", "OrientationRecord", "RunAccumulator", "Snapshot"]
+
+#: What an orientation's exposure is weighted by: its proton charge (uC) or its counts in
+#: one beam monitor.
+NORMALISATIONS = ("proton_charge", "monitor")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,6 +49,18 @@ class OrientationRecord:
         Events in the window and events that landed in a (q, E) bin.
     dropped
         Events not folded, per reason.
+    monitor_counts
+        Beam-monitor events over the counting window, per monitor source.
+    monitor_incomplete
+        Monitor sources whose stream stopped before the window's end (their counts are
+        partial or missing).
+    weight
+        What the exposure was weighted by: ``proton_charge`` (uC) or the chosen monitor's
+        counts, per the run's normalisation; None for a record from before it was kept.
+    normalised
+        False when the run is normalised by a monitor whose counts this orientation lacks
+        and no complete orientation gave a monitor-per-charge ratio to estimate them: its
+        counts and exposure are kept per orientation but left out of the run's total.
     """
 
     index: int
@@ -47,6 +69,30 @@ class OrientationRecord:
     events: int
     folded: int
     dropped: dict[str, int]
+    monitor_counts: dict[str, int] = field(default_factory=dict)
+    monitor_incomplete: tuple[str, ...] = ()
+    weight: float | None = None
+    normalised: bool = True
+
+    @property
+    def monitor_total(self) -> int:
+        """Events of every monitor over the window."""
+        return int(sum(self.monitor_counts.values()))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready fields (checkpoints, summaries)."""
+        return {
+            "omega": self.omega,
+            "proton_charge": self.proton_charge,
+            "events": self.events,
+            "folded": self.folded,
+            "dropped": self.dropped,
+            "monitor_counts": self.monitor_counts,
+            "monitor_total": self.monitor_total,
+            "monitor_incomplete": list(self.monitor_incomplete),
+            "weight": self.weight,
+            "normalised": self.normalised,
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,7 +150,15 @@ class Snapshot:
 
 @dataclass(slots=True)
 class RunAccumulator:
-    """Counts and exposure of one run, per orientation and cumulatively."""
+    """Counts and exposure of one run, per orientation and cumulatively.
+
+    ``normalisation`` (:data:`NORMALISATIONS`) chooses each orientation's exposure weight:
+    its proton charge (uC), or with ``"monitor"`` its counts in the beam monitor
+    ``monitor`` (a source name). An orientation whose monitor stream stopped before its
+    end is weighted by its charge times the run's monitor counts per uC over the complete
+    orientations so far (logged); with none yet, it is kept but not added
+    (:attr:`OrientationRecord.normalised`).
+    """
 
     grid: Grid
     counts: NDArray[np.float64] = field(init=False)
@@ -114,10 +168,60 @@ class RunAccumulator:
     records: list[OrientationRecord] = field(default_factory=list)
     #: the run's per-bin moments (charge-weighted), None when they are not taken
     moments: BinMoments | None = None
+    normalisation: str = "proton_charge"
+    #: the monitor source of ``"monitor"`` normalisation
+    monitor: str | None = None
 
     def __post_init__(self) -> None:
+        if self.normalisation not in NORMALISATIONS:
+            raise FoldError(
+                f"normalisation must be one of {', '.join(NORMALISATIONS)}, got "
+                f"{self.normalisation!r}"
+            )
+        if self.normalisation == "monitor" and not self.monitor:
+            raise FoldError(
+                "normalisation 'monitor' needs the monitor's source name (monitor = ...)"
+            )
         self.counts = np.zeros(self.grid.shape)
         self.exposure = np.zeros(self.grid.shape)
+
+    @property
+    def exposure_unit(self) -> str:
+        """Unit of :attr:`exposure`: ``uC*sr*meV`` or, normalised by a monitor,
+        ``sr*meV`` per monitor count (written ``counts*sr*meV``)."""
+        return "uC*sr*meV" if self.normalisation == "proton_charge" else "counts*sr*meV"
+
+    def weight_of(
+        self, proton_charge: float, monitor_counts: dict[str, int], incomplete: tuple[str, ...]
+    ) -> float | None:
+        """The exposure weight of an orientation (see the class docstring); None when it
+        cannot be known."""
+        if self.normalisation == "proton_charge":
+            return float(proton_charge)
+        m = self.monitor
+        assert m is not None
+        if m in monitor_counts and m not in incomplete:
+            return float(monitor_counts[m])
+        good = [r for r in self.records if m in r.monitor_counts and m not in r.monitor_incomplete]
+        charge = sum(r.proton_charge for r in good)
+        if charge <= 0:
+            logger.warning(
+                "orientation %d: no counts of monitor %s and no complete orientation to "
+                "estimate them from; kept, not added to the run's spectrum",
+                len(self.records),
+                m,
+            )
+            return None
+        ratio = sum(r.monitor_counts[m] for r in good) / charge
+        logger.warning(
+            "orientation %d: monitor %s stopped; weight estimated from its proton charge "
+            "(%.6g uC) x %.6g counts/uC",
+            len(self.records),
+            m,
+            proton_charge,
+            ratio,
+        )
+        return float(proton_charge) * ratio
 
     def add(
         self,
@@ -129,9 +233,12 @@ class RunAccumulator:
         events: int,
         dropped: dict[str, int],
         moments: BinMoments | None = None,
+        monitor_counts: dict[str, int] | None = None,
+        monitor_incomplete: tuple[str, ...] = (),
     ) -> OrientationRecord:
-        """Add one completed orientation (its folded counts and coverage, and its moments
-        at unit charge when the run takes them).
+        """Add one completed orientation (its folded counts and coverage, its moments at
+        unit weight when the run takes them, its beam-monitor counts per source and the
+        monitors whose stream stopped before its end).
 
         ``events - sum(dropped)`` events were folded (rows of path points that alias an
         earlier one hold copies, so ``counts.sum()`` can be larger).
@@ -140,11 +247,14 @@ class RunAccumulator:
             raise FoldError(f"expected arrays of shape {self.grid.shape}, got {counts.shape}")
         if not (np.isfinite(proton_charge) and proton_charge >= 0):
             raise FoldError(f"proton charge must be finite and >= 0, got {proton_charge}")
-        exposure = proton_charge * coverage
-        if moments is not None and self.moments is not None:
-            self.moments.add(moments, proton_charge)
-        self.counts += counts
-        self.exposure += exposure
+        monitors = {str(k): int(v) for k, v in (monitor_counts or {}).items()}
+        weight = self.weight_of(proton_charge, monitors, monitor_incomplete)
+        exposure = (0.0 if weight is None else weight) * coverage
+        if weight is not None:
+            if moments is not None and self.moments is not None:
+                self.moments.add(moments, weight)
+            self.counts += counts
+            self.exposure += exposure
         self.per_orientation_counts.append(counts.astype(np.float32))
         self.per_orientation_exposure.append(exposure.astype(np.float32))
         rec = OrientationRecord(
@@ -154,6 +264,10 @@ class RunAccumulator:
             events=int(events),
             folded=int(events) - int(sum(dropped.values())),
             dropped=dict(dropped),
+            monitor_counts=monitors,
+            monitor_incomplete=tuple(monitor_incomplete),
+            weight=weight,
+            normalised=weight is not None,
         )
         self.records.append(rec)
         return rec

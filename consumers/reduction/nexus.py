@@ -21,8 +21,19 @@ Layout (``docs/outputs.md``)::
       instrument          NXinstrument  name; fermi_chopper (NXfermi_chopper) energy = Ei
                                     (meV); detector (NXdetector) description, n_pixels,
                                     distance = L1 (m)
+        <monitor source>  NXmonitor  per beam monitor: integral (counts over the folded
+                                    orientations), orientation_counts (n_orient,) counts,
+                                    orientation_incomplete (n_orient,) bool (its stream
+                                    stopped before the orientation's end)
       process             NXprocess program, version, date, git_commit
-      grid, orientations, moments   NXcollection (this project's own, as before)
+      grid, orientations, moments   NXcollection (this project's own, as before);
+                          orientations holds proton_charge (uC), monitor_counts
+                          (n_orient, n_mon) with attribute sources, monitor_total, weight
+                          (the exposure weight, uC or counts) and normalised
+
+``entry`` carries the attribute ``normalisation`` (``proton_charge`` or ``monitor``, with
+``normalisation_monitor``); normalised by a monitor, intensity is in counts per monitor
+count, ``1/(sr*meV)`` (:data:`IQE_UNIT_MONITOR`), and exposure in ``counts*sr*meV``.
 
 The sample and instrument groups are written from the run start (pl72 metadata) when it
 is given; without it they hold what the accumulator knows.
@@ -39,10 +50,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["IQE_UNIT", "chemical_formula", "write_nexus"]
+__all__ = ["IQE_UNIT", "IQE_UNIT_MONITOR", "chemical_formula", "write_nexus"]
 
 #: Unit of I(q, E) = counts / exposure, as scipp and udunits read it.
 IQE_UNIT = "1/(uC*sr*meV)"
+#: Unit of I(q, E) normalised by a beam monitor: counts per monitor count per sr meV.
+IQE_UNIT_MONITOR = "1/(sr*meV)"
 
 
 def chemical_formula(species: list[str]) -> str:
@@ -115,6 +128,24 @@ def _instrument(entry: Any, run_start: dict[str, Any]) -> None:
         det.create_dataset("distance", data=float(ins_meta["l1_m"])).attrs["units"] = "m"
 
 
+def _monitors(entry: Any, records: list[Any]) -> None:
+    """An NXmonitor per beam-monitor source of the records, in the instrument group."""
+    ins = entry["instrument"]
+    sources = sorted({m for r in records for m in getattr(r, "monitor_counts", {})})
+    for source in sources:
+        name = "".join(c if c.isalnum() or c in "_-." else "_" for c in source)
+        g = ins.create_group(name if name not in ins else f"monitor_{name}")
+        g.attrs["NX_class"] = "NXmonitor"
+        _text(g, "source_name", source)
+        counts = np.asarray([r.monitor_counts.get(source, 0) for r in records], np.int64)
+        g.create_dataset("integral", data=int(counts.sum())).attrs["units"] = "counts"
+        g.create_dataset("orientation_counts", data=counts).attrs["units"] = "counts"
+        g.create_dataset(
+            "orientation_incomplete",
+            data=np.asarray([source in r.monitor_incomplete for r in records], bool),
+        )
+
+
 def _process(entry: Any) -> None:
     from simulations.provenance import git_commit, package_version
 
@@ -154,6 +185,8 @@ def write_nexus(
     run_start = run_start or {}
     snap = acc.snapshot()
     grid = acc.grid
+    by_monitor = getattr(acc, "normalisation", "proton_charge") == "monitor"
+    iqe_unit = IQE_UNIT_MONITOR if by_monitor else IQE_UNIT
     path = Path(path)
     with h5py.File(path, "w") as f:
         f.attrs["default"] = "entry"
@@ -162,6 +195,9 @@ def write_nexus(
         entry.attrs["NX_class"] = "NXentry"
         entry.attrs["default"] = "iqe"
         entry.attrs["grid_fingerprint"] = grid.fingerprint
+        entry.attrs["normalisation"] = "monitor" if by_monitor else "proton_charge"
+        if by_monitor:
+            entry.attrs["normalisation_monitor"] = str(acc.monitor)
         entry.attrs["metadata"] = json.dumps(metadata or {}, default=str)
         _text(entry, "title", str(run_start.get("run_id") or (metadata or {}).get("run") or ""))
         _text(entry, "program_name", "steer")
@@ -173,11 +209,11 @@ def write_nexus(
         data.attrs["energy_indices"] = 1
         data.attrs["q_index_indices"] = 0
         for name, arr, units in (
-            ("intensity", snap.intensity, IQE_UNIT),
-            ("intensity_errors", np.sqrt(snap.variance), IQE_UNIT),
-            ("variance", snap.variance, f"({IQE_UNIT})**2"),
+            ("intensity", snap.intensity, iqe_unit),
+            ("intensity_errors", np.sqrt(snap.variance), iqe_unit),
+            ("variance", snap.variance, f"({iqe_unit})**2"),
             ("counts", snap.counts, "counts"),
-            ("exposure", snap.exposure, "uC*sr*meV"),
+            ("exposure", snap.exposure, "counts*sr*meV" if by_monitor else "uC*sr*meV"),
         ):
             ds = data.create_dataset(name, data=arr, compression="gzip")
             ds.attrs["units"] = units
@@ -189,6 +225,7 @@ def write_nexus(
         data.create_dataset("energy", data=grid.energy_centres).attrs["units"] = "meV"
         _sample(entry, run_start)
         _instrument(entry, run_start)
+        _monitors(entry, acc.records)
         _process(entry)
         g = entry.create_group("grid")
         g.attrs["NX_class"] = "NXcollection"
@@ -203,6 +240,24 @@ def write_nexus(
         o.create_dataset("proton_charge", data=[r.proton_charge for r in acc.records]).attrs[
             "units"
         ] = "uC"
+        sources = sorted({m for r in acc.records for m in getattr(r, "monitor_counts", {})})
+        mc = o.create_dataset(
+            "monitor_counts",
+            data=np.asarray(
+                [[r.monitor_counts.get(m, 0) for m in sources] for r in acc.records], np.int64
+            ).reshape(len(acc.records), len(sources)),
+        )
+        mc.attrs["units"] = "counts"
+        mc.attrs["sources"] = json.dumps(sources)
+        o.create_dataset(
+            "monitor_total", data=np.asarray([r.monitor_total for r in acc.records], np.int64)
+        ).attrs["units"] = "counts"
+        w = o.create_dataset(
+            "weight",
+            data=np.asarray([np.nan if r.weight is None else r.weight for r in acc.records], float),
+        )
+        w.attrs["units"] = "counts" if by_monitor else "uC"
+        o.create_dataset("normalised", data=np.asarray([r.normalised for r in acc.records], bool))
         o.create_dataset("events", data=[r.events for r in acc.records])
         o.create_dataset("folded", data=[r.folded for r in acc.records])
         if acc.moments is not None:

@@ -164,7 +164,10 @@ class RunPipeline:
         Which (topic, source) is which (:class:`consumers.streams.InstrumentConfig`); the
         caller passes each message's topic to :meth:`handle`. Without it, streams are told
         apart by source name alone, as the project's simulator names them (``omega``,
-        ``omega_setpoint``, ``proton_charge``; every ev44 source is a detector).
+        ``omega_setpoint``, ``proton_charge``; every ev44 source is a detector, but the
+        monitors the run start names). Its ``normalisation`` (and ``monitor``) chooses the
+        exposure weight of each orientation: proton charge or beam-monitor counts
+        (:class:`~consumers.reduction.accumulate.RunAccumulator`).
     """
 
     def __init__(
@@ -267,8 +270,8 @@ class RunPipeline:
                 raise MalformedMessage("other_run", f"key {key!r} is not this run's")
             where = topic if self._by_topic else ""
             if schema == "ev44":
-                role = self._ev44_role(where, payload)
-                if role != "detector":
+                role, source = self._ev44_role(where, payload)
+                if role not in ("detector", "monitor"):
                     return self.collect()
                 ref_time, ref_index, tof_raw, pixel_id = decode_ev44(payload)
                 tof = np.asarray(tof_raw)
@@ -285,8 +288,12 @@ class RunPipeline:
                         "inconsistent arrays (pixel ids, times of flight, pulse times and "
                         "their start indices)",
                     )
-                self.n_events += len(tof)
-                chunks = self.segmenter.on_events(ref_time, ref_index, tof, pixel_id)
+                if role == "monitor":
+                    self.monitor_events[f"{where}/{source}" if where else source] += len(tof)
+                    chunks = self.segmenter.on_monitor(source, pulses, index, len(tof))
+                else:
+                    self.n_events += len(tof)
+                    chunks = self.segmenter.on_events(ref_time, ref_index, tof, pixel_id)
             elif schema == "f144":
                 source, raw, t_ns = decode_f144(payload)
                 role = self.streams.role(where, source)
@@ -326,8 +333,8 @@ class RunPipeline:
             self._submit(c)
         return self.collect()
 
-    def _ev44_role(self, where: str, payload: bytes) -> str | None:
-        """The role of an ev44 message (counted); monitor events are added up here."""
+    def _ev44_role(self, where: str, payload: bytes) -> tuple[str | None, str]:
+        """The role and source name of an ev44 message (counted)."""
         try:
             source = ev44_source(payload)
         except Exception as exc:
@@ -335,10 +342,7 @@ class RunPipeline:
         # without topics, every ev44 source the streams do not name is a detector's
         role = self.streams.role(where, source) or (None if where else "detector")
         self.tally.count(where, source, role)
-        if role == "monitor":
-            _, _, tof, _ = decode_ev44(payload)
-            self.monitor_events[f"{where}/{source}" if where else source] += len(tof)
-        return role
+        return role, source
 
     def finish(self) -> list[OrientationRecord]:
         """The run is over and every message is in: close the remaining windows and wait
@@ -396,6 +400,8 @@ class RunPipeline:
                     events=len(chunk.pixel_id),
                     dropped=dict(zip(DROP_REASONS, map(int, dropped), strict=True)),
                     moments=moments,
+                    monitor_counts=chunk.monitor_counts,
+                    monitor_incomplete=chunk.monitor_incomplete,
                 )
             )
             self.fold_seconds.append(seconds)
@@ -470,7 +476,15 @@ class RunPipeline:
         if mode == "auto":
             mode = "bluesky" if "bluesky" in meta.get("topics", {}) else "omega"
         streams = self._streams_of(meta, nexus)
-        segmenter = Segmenter(mode)
+        named = self._monitors_named(meta, nexus)
+        monitors = tuple(
+            dict.fromkeys([*(s for _, s in streams.sources("monitor") if s != "*"), *named])
+        )
+        try:
+            norm_monitor = streams.normalisation_monitor(monitors)
+        except ConsumerError as exc:
+            raise ValueError(str(exc)) from exc
+        segmenter = Segmenter(mode, monitors=monitors)
         constants = self._moment_constants(meta, ms) if self.take_moments else None
         self.meta = meta
         self.nexus = nexus
@@ -479,12 +493,24 @@ class RunPipeline:
             self.streams = self.tally.config = streams
         self._run_key = str(meta.get("run_id", "")).encode()
         self.folder = folder
-        self.acc = RunAccumulator(ms.grid)
+        self.acc = RunAccumulator(
+            ms.grid, normalisation=streams.normalisation, monitor=norm_monitor
+        )
         self.segmenter = segmenter
         self._constants = constants
         if constants is not None:
             self._inverse_ops = star_operations(folder, constants.operations)
             self.acc.moments = BinMoments.zeros(ms.grid.n_q * ms.grid.n_e, constants.n_branches)
+
+    @staticmethod
+    def _monitors_named(meta: dict[str, Any], nexus: NexusSetup | None) -> list[str]:
+        """The monitor sources the run start names (``nexus_structure``, else metadata)."""
+        if nexus is not None:
+            return [m.source for m in nexus.monitors if m.source]
+        monitors = meta.get("monitors")
+        if not isinstance(monitors, list):
+            return []
+        return [str(m["source"]) for m in monitors if isinstance(m, dict) and m.get("source")]
 
     def _streams_of(self, meta: dict[str, Any], nexus: NexusSetup | None) -> InstrumentConfig:
         """The streams, with those the run start names added for the roles they leave out
@@ -503,6 +529,13 @@ class RunPipeline:
             gonio = meta.get("goniometer")
             if isinstance(gonio, dict) and gonio.get("source_name"):
                 named["goniometer"] = [(str(gonio.get("topic", "")), str(gonio["source_name"]))]
+            monitors = meta.get("monitors")
+            if isinstance(monitors, list):
+                named["monitor"] = [
+                    (str(m.get("topic", "")), str(m["source"]))
+                    for m in monitors
+                    if isinstance(m, dict) and m.get("source") and m.get("topic")
+                ]
         if not self._by_topic:  # matched by source name: topics play no part
             named = {r: [("", s) for _, s in pairs] for r, pairs in named.items()}
         try:
@@ -571,6 +604,10 @@ class RunPipeline:
             dropped["moving"] += self.segmenter.moving
         for f in self.failed:
             dropped["fold_failed"] += int(f["events"])
+        records = self.acc.records if self.acc is not None else []
+        per_monitor: Counter[str] = Counter()
+        for rec in records:
+            per_monitor.update(rec.monitor_counts)
         return {
             "orientations": len(self.acc.records) if self.acc else 0,
             "events_folded": folded,
@@ -579,6 +616,17 @@ class RunPipeline:
             "segmentation": self.segmenter.mode if self.segmenter else None,
             "grid_fingerprint": self.acc.grid.fingerprint if self.acc else None,
             "monitor_events": dict(self.monitor_events),
+            "normalisation": self.acc.normalisation if self.acc else None,
+            "normalisation_monitor": self.acc.monitor if self.acc else None,
+            "proton_charge_uC": float(sum(r.proton_charge for r in records)),
+            "monitor_counts": dict(per_monitor),
+            "monitor_counts_total": int(sum(per_monitor.values())),
+            "monitor_outside_windows": (
+                dict(self.segmenter.monitor_outside) if self.segmenter else {}
+            ),
+            # orientations whose monitor stream stopped before their end (warned each)
+            "orientations_monitor_incomplete": sum(bool(r.monitor_incomplete) for r in records),
+            "orientations_not_normalised": sum(not r.normalised for r in records),
             "streams": self.tally.summary(),
         }
 
@@ -610,16 +658,9 @@ class RunPipeline:
             "started": True,
             "meta": self.meta,
             "segmenter": seg_json,
-            "records": [
-                {
-                    "omega": r.omega,
-                    "proton_charge": r.proton_charge,
-                    "events": r.events,
-                    "folded": r.folded,
-                    "dropped": r.dropped,
-                }
-                for r in self.acc.records
-            ],
+            "normalisation": [self.acc.normalisation, self.acc.monitor],
+            "monitor_events": dict(self.monitor_events),
+            "records": [r.to_json() for r in self.acc.records],
             "stopped": self.stopped,
             "n_events": self.n_events,
             "failed": self.failed,
@@ -633,6 +674,15 @@ class RunPipeline:
         nexus = arrays.get("nexus_structure")
         self._setup(js["meta"], None if nexus is None else bytes(np.asarray(nexus)).decode())
         assert self.acc is not None
+        saved = js.get("normalisation", ["proton_charge", None])
+        if list(saved) != [self.acc.normalisation, self.acc.monitor]:
+            raise ConsumerError(
+                f"the checkpoint's run is normalised by {saved[0]} ({saved[1] or '-'}), this "
+                f"service by {self.acc.normalisation} ({self.acc.monitor or '-'}): restart "
+                "with the run's instrument config, or start the run afresh without the "
+                "checkpoint"
+            )
+        self.monitor_events = Counter(js.get("monitor_events", {}))
         seg = dict(js["segmenter"])
         seg.update({k[4:]: v for k, v in arrays.items() if k.startswith("seg_")})
         self.segmenter = Segmenter.from_state(seg)
@@ -659,6 +709,10 @@ class RunPipeline:
                     events=r["events"],
                     folded=r["folded"],
                     dropped=r["dropped"],
+                    monitor_counts=dict(r.get("monitor_counts", {})),
+                    monitor_incomplete=tuple(r.get("monitor_incomplete", ())),
+                    weight=r.get("weight"),
+                    normalised=bool(r.get("normalised", True)),
                 )
             )
         self.stopped = bool(js.get("stopped", False))

@@ -14,6 +14,14 @@ partition), so an announced window is closed only when both the event stream and
 proton-charge stream have reached its end (a pulse at or after ``stop``), or when the run
 is over (:meth:`Segmenter.flush`). Events that belong to no step are counted as
 ``moving``.
+
+Beam-monitor events (:meth:`Segmenter.on_monitor`) are kept as counts per pulse and
+assigned to windows by pulse time like the detector's events and the charge. A window also
+waits for each monitor stream, but at most until the detector stream is
+:data:`MONITOR_LAG_NS` of pulse time past its end: a monitor stream that far behind is taken
+as stopped, and the window closes with what it has, its monitor listed in
+:attr:`Chunk.monitor_incomplete` (a monitor stream "complete" for a window has reached its
+end, or at the run's end the detector stream's last pulse).
 """
 
 from __future__ import annotations
@@ -26,12 +34,16 @@ from numpy.typing import NDArray
 
 from consumers.exceptions import FoldError
 
-__all__ = ["Chunk", "Segmenter"]
+__all__ = ["MONITOR_LAG_NS", "Chunk", "Segmenter"]
 
 logger = logging.getLogger(__name__)
 
 # pulse times are int64 ns: a counting window outside that range cannot exist
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+#: Pulse time (ns) the detector stream may run ahead of a window's end before the window
+#: stops waiting for a monitor stream that has not reached it (taken as stopped): 30 s.
+MONITOR_LAG_NS = 30 * 10**9
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +60,12 @@ class Chunk:
         (n,) int32 each.
     proton_charge
         uC delivered by the pulses in the window.
+    monitor_counts
+        Beam-monitor events in the window, per monitor source (every monitor the run
+        names or that has sent events).
+    monitor_incomplete
+        Monitor sources whose stream had not reached the window's end when it closed
+        (stopped or far behind): their counts cover part of the window or none of it.
     """
 
     omega: float
@@ -56,6 +74,8 @@ class Chunk:
     pixel_id: NDArray[np.int32]
     tof_ns: NDArray[np.int32]
     proton_charge: float
+    monitor_counts: dict[str, int] = field(default_factory=dict)
+    monitor_incomplete: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -95,9 +115,21 @@ class Segmenter:
         ``"bluesky"`` or ``"omega"`` (see the module docstring).
     tolerance
         Omega settling tolerance, degrees (``"omega"`` mode).
+    monitors
+        Monitor sources the run names (their counts are expected in every window).
+    monitor_lag_ns
+        How far (pulse time, ns) the detector stream may run past a window's end while the
+        window waits for a monitor stream (:data:`MONITOR_LAG_NS`).
     """
 
-    def __init__(self, mode: str = "bluesky", tolerance: float = 0.01) -> None:
+    def __init__(
+        self,
+        mode: str = "bluesky",
+        tolerance: float = 0.01,
+        *,
+        monitors: tuple[str, ...] = (),
+        monitor_lag_ns: int = MONITOR_LAG_NS,
+    ) -> None:
         if mode not in ("bluesky", "omega"):
             raise FoldError(f"segmentation mode must be 'bluesky' or 'omega', got {mode!r}")
         self.mode = mode
@@ -118,6 +150,13 @@ class Segmenter:
         # the run stop's time (ns), once seen: the last omega-mode step ends there, even when
         # its readback settles after the stop has been read (topics arrive in any order)
         self._stop_at: int | None = None
+        self.monitor_lag_ns = int(monitor_lag_ns)
+        # per monitor source: pulse times (ns) and events of each pulse; latest pulse seen
+        self._mon_t: dict[str, list[int]] = {m: [] for m in monitors}
+        self._mon_n: dict[str, list[int]] = {m: [] for m in monitors}
+        self._mon_mark: dict[str, int] = dict.fromkeys(monitors, -1)
+        #: monitor events outside every window (the goniometer moving), per source
+        self.monitor_outside: dict[str, int] = dict.fromkeys(monitors, 0)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -136,6 +175,23 @@ class Segmenter:
         self._events.add(pulse, np.asarray(tof), np.asarray(pixel))
         if len(times):
             self._event_mark = max(self._event_mark, int(times.max()))
+        return self._drain()
+
+    def on_monitor(
+        self, source: str, pulse_times: NDArray[np.int64], index: NDArray[np.integer], n: int
+    ) -> list[Chunk]:
+        """A monitor's ev44 message: its pulse times (ns), their start indices and its
+        number of events ``n`` (only the counts per pulse are kept)."""
+        times = np.asarray(pulse_times, dtype=np.int64)
+        counts = np.diff(np.append(np.asarray(index, dtype=np.int64), n))
+        if source not in self._mon_t:
+            self._mon_t[source], self._mon_n[source] = [], []
+            self._mon_mark[source] = -1
+            self.monitor_outside[source] = 0
+        self._mon_t[source] += times.tolist()
+        self._mon_n[source] += counts.tolist()
+        if len(times):
+            self._mon_mark[source] = max(self._mon_mark[source], int(times.max()))
         return self._drain()
 
     def on_charge(self, t_ns: int, value: float) -> list[Chunk]:
@@ -210,6 +266,9 @@ class Segmenter:
         self._windows = []
         self.moving += len(self._events.arrays()[0])
         self._events = _Pulses()
+        for m, counts in self._mon_n.items():
+            self.monitor_outside[m] += int(sum(counts))
+            self._mon_t[m], self._mon_n[m] = [], []
         return out
 
     @property
@@ -238,12 +297,36 @@ class Segmenter:
             "pulse": pulse,
             "tof": tof,
             "pixel": pix,
+            "monitor_lag_ns": self.monitor_lag_ns,
+            "monitor_sources": list(self._mon_t),
+            "monitor_mark": [self._mon_mark[m] for m in self._mon_t],
+            "monitor_outside": [self.monitor_outside[m] for m in self._mon_t],
+            "mon_t": np.asarray([t for m in self._mon_t for t in self._mon_t[m]], np.int64),
+            "mon_n": np.asarray([c for m in self._mon_n for c in self._mon_n[m]], np.int64),
+            "mon_len": np.asarray([len(self._mon_t[m]) for m in self._mon_t], np.int64),
         }
 
     @classmethod
     def from_state(cls, st: dict[str, object]) -> Segmenter:
         """Rebuild from :meth:`state`."""
-        seg = cls(str(st["mode"]), float(st["tolerance"]))  # type: ignore[arg-type]
+        sources = [str(m) for m in st.get("monitor_sources", [])]  # type: ignore[attr-defined]
+        seg = cls(
+            str(st["mode"]),
+            float(st["tolerance"]),  # type: ignore[arg-type]
+            monitors=tuple(sources),
+            monitor_lag_ns=int(st.get("monitor_lag_ns", MONITOR_LAG_NS)),  # type: ignore[call-overload]
+        )
+        if sources:
+            ends = np.cumsum(np.asarray(st["mon_len"], dtype=np.int64))
+            mon_t = np.split(np.asarray(st["mon_t"], dtype=np.int64), ends[:-1])
+            mon_n = np.split(np.asarray(st["mon_n"], dtype=np.int64), ends[:-1])
+            marks = st["monitor_mark"]
+            outside = st["monitor_outside"]
+            for i, m in enumerate(sources):
+                seg._mon_t[m] = mon_t[i].tolist()
+                seg._mon_n[m] = mon_n[i].tolist()
+                seg._mon_mark[m] = int(marks[i])  # type: ignore[index]
+                seg.monitor_outside[m] = int(outside[i])  # type: ignore[index]
         seg.moving = int(st["moving"])  # type: ignore[call-overload]
         seg._setpoint = None if st["setpoint"] is None else float(st["setpoint"])  # type: ignore[arg-type]
         seg._settled_at = None if st["settled_at"] is None else int(st["settled_at"])  # type: ignore[call-overload]
@@ -269,9 +352,17 @@ class Segmenter:
         """Close the windows whose events and charges have all arrived, in order."""
         out: list[Chunk] = []
         mark = min(self._event_mark, self._charge_mark)
-        while self._windows and self._windows[0][2] <= mark:
+        while (
+            self._windows and self._windows[0][2] <= mark and self._monitors_in(self._windows[0][2])
+        ):
             out.append(self._close(*self._windows.pop(0)))
         return out
+
+    def _monitors_in(self, hi: int) -> bool:
+        """Every monitor stream has reached ``hi`` or is taken as stopped (the detector
+        stream is :attr:`monitor_lag_ns` past it)."""
+        late = self._event_mark >= hi + self.monitor_lag_ns
+        return late or all(m >= hi for m in self._mon_mark.values())
 
     def _close(self, omega: float, lo: int, hi: int) -> Chunk:
         pix, tof, before = self._events.take(lo, hi)
@@ -283,6 +374,33 @@ class Segmenter:
         keep = t >= hi
         self._charge_t = t[keep].tolist()
         self._charge_v = v[keep].tolist()
+        counts: dict[str, int] = {}
+        incomplete = []
+        for m in self._mon_t:
+            mt = np.asarray(self._mon_t[m], dtype=np.int64)
+            mn = np.asarray(self._mon_n[m], dtype=np.int64)
+            counts[m] = int(mn[(mt >= lo) & (mt < hi)].sum())
+            self.monitor_outside[m] += int(mn[mt < lo].sum())
+            self._mon_t[m], self._mon_n[m] = mt[mt >= hi].tolist(), mn[mt >= hi].tolist()
+            # reached the window's end (or, at the run's end, the detector's last pulse)
+            if self._mon_mark[m] < min(hi, max(self._event_mark, lo)):
+                incomplete.append(m)
+        if incomplete:
+            logger.warning(
+                "orientation at omega %s [%d, %d): monitor stream %s did not reach its end; "
+                "its monitor counts are incomplete",
+                omega,
+                lo,
+                hi,
+                ", ".join(incomplete),
+            )
         return Chunk(
-            omega=omega, start_ns=lo, stop_ns=hi, pixel_id=pix, tof_ns=tof, proton_charge=charge
+            omega=omega,
+            start_ns=lo,
+            stop_ns=hi,
+            pixel_id=pix,
+            tof_ns=tof,
+            proton_charge=charge,
+            monitor_counts=counts,
+            monitor_incomplete=tuple(incomplete),
         )

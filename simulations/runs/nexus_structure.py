@@ -75,12 +75,15 @@ class MonitorStream:
         Its ev44 topic and source name.
     distance
         Position along the beam from the sample, m (negative upstream).
+    detector_number
+        The monitor's pixel id in its ev44 events (an IDF's monitor id), or None.
     """
 
     name: str
     topic: str
     source: str
     distance: float
+    detector_number: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +102,8 @@ class StreamNames:
         f144 source of the proton charge per pulse (uC).
     monitors
         Beam monitors' ev44 streams.
+    monitor_topic
+        Topic of the beam monitors' ev44 events (``""``: the layout has none).
     run_info_topic, bluesky_topic
         Topics of the run start/stop and of the bluesky documents.
     keyed_by_run
@@ -116,6 +121,7 @@ class StreamNames:
     omega_setpoint_source: str = "omega_setpoint"
     proton_charge_source: str = "proton_charge"
     monitors: tuple[MonitorStream, ...] = ()
+    monitor_topic: str = ""
     run_info_topic: str = ""
     bluesky_topic: str = ""
     keyed_by_run: bool = True
@@ -123,12 +129,14 @@ class StreamNames:
 
     @classmethod
     def simulator(cls, prefix: str) -> StreamNames:
-        """The simulator's layout: ``<prefix>_events`` (source ``<prefix>_detector``) and
-        ``<prefix>_motion`` (``omega``, ``omega_setpoint``, ``proton_charge``)."""
+        """The simulator's layout: ``<prefix>_events`` (source ``<prefix>_detector``),
+        ``<prefix>_motion`` (``omega``, ``omega_setpoint``, ``proton_charge``) and
+        ``<prefix>_monitor`` (the beam monitors' events)."""
         return cls(
             events_topic=f"{prefix}_events",
             events_source=f"{prefix}_detector",
             motion_topic=f"{prefix}_motion",
+            monitor_topic=f"{prefix}_monitor",
             run_info_topic=f"{prefix}_runInfo",
             bluesky_topic=f"{prefix}_bluesky",
         )
@@ -136,15 +144,17 @@ class StreamNames:
     @classmethod
     def ess(cls, prefix: str) -> StreamNames:
         """An ESS-style layout: ``<prefix>_filewriter`` (run start and stop),
-        ``<prefix>_detector``, ``<prefix>_motion`` with EPICS-style source names (the
-        goniometer's readback ``<PREFIX>-SpGon:MC-RotY-01:Mtr.RBV`` and set-point ``...VAL``,
-        the charge ``<PREFIX>-Acc:ProtonCharge``), no message keys, and only the
-        ``nexus_structure`` to describe the run."""
+        ``<prefix>_detector``, ``<prefix>_beam_monitor``, ``<prefix>_motion`` with
+        EPICS-style source names (the goniometer's readback
+        ``<PREFIX>-SpGon:MC-RotY-01:Mtr.RBV`` and set-point ``...VAL``, the charge
+        ``<PREFIX>-Acc:ProtonCharge``), no message keys, and only the ``nexus_structure``
+        to describe the run."""
         motor = f"{prefix.upper()}-SpGon:MC-RotY-01:Mtr"
         return cls(
             events_topic=f"{prefix}_detector",
             events_source=f"{prefix}_detector_0",
             motion_topic=f"{prefix}_motion",
+            monitor_topic=f"{prefix}_beam_monitor",
             omega_source=f"{motor}.RBV",
             omega_setpoint_source=f"{motor}.VAL",
             proton_charge_source=f"{prefix.upper()}-Acc:ProtonCharge",
@@ -298,6 +308,11 @@ def nexus_structure(
             m.name,
             "NXmonitor",
             [
+                *(
+                    [_dataset("detector_number", m.detector_number)]
+                    if m.detector_number is not None
+                    else []
+                ),
                 _dataset("depends_on", f"/entry/instrument/{m.name}/transformations/position"),
                 _group(
                     "transformations",

@@ -10,6 +10,9 @@ topic of an instrument prefix (default ``arcs``):
   ``proton_charge`` (uC per pulse, stamped with the pulse time);
 * ``<prefix>_events``: **ev44**, ``pulses_per_message`` pulses each (60 Hz pulse times in
   ``reference_time``, ns);
+* ``<prefix>_monitor`` (with :attr:`RunPlan.monitors`): **ev44** beam-monitor events
+  (sources ``monitor1``, ``monitor2``, :data:`SIMULATED_MONITORS`), one message per monitor
+  beside each detector message, over the same pulses;
 * ``<prefix>_bluesky``: bluesky documents made with ``event-model`` (RunStart,
   EventDescriptor, one Event per orientation with omega and the count window, RunStop),
   JSON ``[name, doc]``, or with ``bluesky_format="msgpack"`` as bluesky-kafka's
@@ -21,7 +24,7 @@ spectrum: a consumer is expected to drop them). Every other message's key is the
 The pl72 ``metadata`` JSON carries everything a consumer needs to derive its own grid:
 ``material``, ``crystal`` (space group, conventional lattice), ``orientation`` (lattice
 parameters, u, v, UB), ``ei_meV``, ``temperature_K``, ``instrument`` (geometry),
-``goniometer``, ``planned_omegas_deg``, ``count_time_s``, ``topics``, and under
+``goniometer``, ``planned_omegas_deg``, ``count_time_s``, ``topics``, ``monitors``, and under
 ``simulation`` the ground truth (FC set and coefficients, seed) for evaluation only.
 It does not carry a grid fingerprint. The same set-up (less the simulation's truth) is in
 the pl72 ``nexus_structure``, as an ESS instrument sends it; a consumer prefers that one
@@ -37,7 +40,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import event_model
@@ -54,19 +57,21 @@ from tqdm import tqdm
 from simulations.exceptions import InstrumentError
 from simulations.fcdb.reference import resolve_fc
 from simulations.instrument.events import OrientationSimulator
-from simulations.instrument.spectrometer import Instrument, Orientation
+from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
 from simulations.jsonutil import json_default
 from simulations.lattice.materials import MaterialSetup, setup
 from simulations.lattice.sqe import CoherentSQE
-from simulations.runs.nexus_structure import StreamNames, encode, nexus_structure
+from simulations.runs.nexus_structure import MonitorStream, StreamNames, encode, nexus_structure
 from simulations.runs.recording import RecordedMessage, RunWriter
 
 __all__ = [
     "BLUESKY_FORMATS",
     "MAX_EVENTS_PER_ORIENTATION",
     "MAX_ORIENTATIONS",
+    "SIMULATED_MONITORS",
     "RunPlan",
     "RunSummary",
+    "SimulatedMonitor",
     "parse_omegas",
     "simulate_run",
 ]
@@ -84,6 +89,50 @@ MAX_ORIENTATIONS = 3600
 MAX_EVENTS_PER_ORIENTATION = 1e8
 #: How the bluesky documents are written (:func:`simulate_run`).
 BLUESKY_FORMATS = ("json", "msgpack")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimulatedMonitor:
+    """A beam monitor of the simulated instrument.
+
+    Attributes
+    ----------
+    name, source
+        NXmonitor group name and ev44 source name.
+    pixel_id
+        The id in its events (an IDF's monitor id).
+    distance
+        Position along the beam from the sample, m (negative upstream).
+    counts_per_uC
+        Mean counts per uC of proton charge: the monitor's efficiency times the incident
+        flux per uC (about 1e-4 of the flux at ARCS's upstream monitor is far more; these
+        rates keep files small: ~1e3 counts per 10-pulse message at 23.3 uC per pulse).
+    """
+
+    name: str
+    source: str
+    pixel_id: int
+    distance: float
+    counts_per_uC: float
+
+
+#: The simulated instrument's monitors: ARCS's ids and positions (its IDF, monitors -1 and
+#: -2 at z = -1.769 m and 4.9 m from the sample), and rates that keep files small (the
+#: downstream monitor sees the beam the sample transmits, through a thinner converter).
+SIMULATED_MONITORS = (
+    SimulatedMonitor(
+        name="monitor_1", source="monitor1", pixel_id=-1, distance=-1.769, counts_per_uC=3.0
+    ),
+    SimulatedMonitor(
+        name="monitor_2", source="monitor2", pixel_id=-2, distance=4.9, counts_per_uC=1.0
+    ),
+)
+#: Standard deviation of a monitor event's time of flight about (L1 + z) / v_i, ns (the
+#: moderator's pulse width at thermal energies).
+MONITOR_TOF_SPREAD_NS = 20_000.0
+#: Salt of the monitors' random stream: they draw from their own generator, so the detector
+#: events, charges and readbacks of a seed are the same with monitors on or off.
+_MONITOR_SEED_SALT = 0x6D6F6E
 
 
 def parse_omegas(spec: str, *, max_count: int = MAX_ORIENTATIONS) -> NDArray[np.float64]:
@@ -177,6 +226,14 @@ class RunPlan:
         Pixels per super-pixel along a tube of a regular detector or of an instrument
         definition whose tubes have equal lengths (S(Q, E) is evaluated at each
         super-pixel's centre; 1: every pixel; a pixel table is never grouped).
+    monitors
+        Publish the beam monitors' events (:data:`SIMULATED_MONITORS`: Poisson counts
+        proportional to each pulse's proton charge, on the layout's monitor topic) and name
+        them in the run start. They draw from a generator of their own, so the other
+        messages of a seed do not change with this switch. Off by default: the monitors'
+        events outnumber a small test run's detector events (2 s at 60 Hz: ~5.6e4 against
+        2.5e4), and the runs and tests written before them expect every ev44 message to be
+        a detector's.
     prefix
         Kafka topic prefix.
     run_id
@@ -206,6 +263,7 @@ class RunPlan:
     group_rows: int = 4
     max_orientations: int = MAX_ORIENTATIONS
     max_events_per_orientation: float = MAX_EVENTS_PER_ORIENTATION
+    monitors: bool = False
     prefix: str = "arcs"
     run_id: str | None = None
     start_time_ns: int = DEFAULT_START_NS
@@ -255,6 +313,7 @@ class RunSummary:
     path: str
     n_pixels: int
     super_pixels: int
+    monitor_events: int = 0
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready."""
@@ -267,6 +326,7 @@ class RunSummary:
             "path": self.path,
             "n_pixels": self.n_pixels,
             "super_pixels": self.super_pixels,
+            "monitor_events": self.monitor_events,
         }
 
 
@@ -331,6 +391,9 @@ class _Clock:
         }
         self.message_id = 0
         self.n_events = 0
+        self.n_monitor_events = 0
+        #: ev44 message ids of each monitor (their own counters: the detector's are unchanged)
+        self.monitor_message_id: dict[str, int] = {}
         self._f144: dict[str, _F144Template] = {}
 
     def msg(self, topic: str, t_ns: int, payload: bytes, schema: str) -> RecordedMessage:
@@ -433,6 +496,20 @@ def simulate_run(
         streams = StreamNames.layout(stream_layout, plan.prefix)
     except ValueError as exc:
         raise InstrumentError(str(exc)) from None
+    if plan.monitors:
+        streams = replace(
+            streams,
+            monitors=tuple(
+                MonitorStream(
+                    name=m.name,
+                    topic=streams.monitor_topic,
+                    source=m.source,
+                    distance=m.distance,
+                    detector_number=m.pixel_id,
+                )
+                for m in SIMULATED_MONITORS
+            ),
+        )
     clock = _Clock(plan, run_id, bluesky_format, streams)
     scale, background, cache = _calibrate(plan, sim, omegas)
     metadata = _run_metadata(plan, ms, sim, omegas, clock, run_id, label, coefficients)
@@ -461,6 +538,7 @@ def simulate_run(
         path=str(out),
         n_pixels=instrument.n_pixels,
         super_pixels=sim.n_groups,
+        monitor_events=clock.n_monitor_events,
     )
 
 
@@ -494,6 +572,14 @@ def _run_metadata(
     coefficients: NDArray[np.float64],
 ) -> dict[str, object]:
     """The pl72 run-start metadata (see the module docstring)."""
+    topics = {
+        "run_info": clock.t_run_info,
+        "motion": clock.t_motion,
+        "events": clock.t_events,
+        "bluesky": clock.t_bluesky,
+    }
+    if clock.streams.monitors:
+        topics["monitor"] = clock.streams.monitor_topic
     return {
         "run_id": run_id,
         "material": plan.material,
@@ -512,12 +598,17 @@ def _run_metadata(
         "count_time_s": plan.count_time,
         "pulse_rate_Hz": plan.pulse_rate,
         "proton_charge_units": "uC",
-        "topics": {
-            "run_info": clock.t_run_info,
-            "motion": clock.t_motion,
-            "events": clock.t_events,
-            "bluesky": clock.t_bluesky,
-        },
+        "topics": topics,
+        "monitors": [
+            {
+                "name": m.name,
+                "topic": m.topic,
+                "source": m.source,
+                "pixel_id": m.detector_number,
+                "distance_m": m.distance,
+            }
+            for m in clock.streams.monitors
+        ],
         "simulation": {
             "fc_set": label,
             "coefficients": dict(zip(ms.basis.names, map(float, coefficients), strict=True)),
@@ -623,6 +714,8 @@ def _messages(
         rng=rng,
         period_ns=round(1e9 / plan.pulse_rate),
         source=clock.streams.events_source,
+        monitors=tuple(m for m in SIMULATED_MONITORS if plan.monitors),
+        monitor_rng=np.random.default_rng([_MONITOR_SEED_SALT, plan.seed]),
     )
     t = plan.start_time_ns
     run_id = str(metadata["run_id"])
@@ -692,6 +785,8 @@ class _Beam:
     rng: np.random.Generator
     period_ns: int  # between pulses
     source: str  # ev44 source name
+    monitors: tuple[SimulatedMonitor, ...] = ()
+    monitor_rng: np.random.Generator | None = None  # the monitors' own random stream
 
     @property
     def n_pulses(self) -> int:
@@ -801,6 +896,39 @@ class _Beam:
             clock.message_id += 1
             clock.n_events += int(b - a)
             out.append(clock.msg(clock.t_events, int(pulse_times[p0]), payload, "ev44"))
+            out += self.monitor_messages(pulse_times[p0:p1], charge[p0:p1])
             for p in range(p0, p1):  # one f144 per pulse, stamped with the pulse time
                 out.append(clock.f144("proton_charge", float(charge[p]), int(pulse_times[p])))
         return out, batch.n_events, float(charge.sum())
+
+    def monitor_messages(
+        self, pulse_times: NDArray[np.int64], charge: NDArray[np.float64]
+    ) -> list[RecordedMessage]:
+        """One ev44 message per monitor over these pulses (ns; charges in uC): Poisson
+        counts of ``counts_per_uC`` x charge per pulse, times of flight
+        (L1 + distance) / v_i (ns) with a Gaussian spread of :data:`MONITOR_TOF_SPREAD_NS`,
+        pixel ids the monitor's id."""
+        if not self.monitors or self.monitor_rng is None:
+            return []
+        clock, rng = self.clock, self.monitor_rng
+        speed = float(energy_to_speed(self.sim.ei))  # m/s
+        out = []
+        for m in self.monitors:
+            counts = rng.poisson(m.counts_per_uC * charge)
+            n = int(counts.sum())
+            t0 = (self.sim.instrument.l1 + m.distance) / speed * 1e9
+            tof = np.maximum(t0 + MONITOR_TOF_SPREAD_NS * rng.standard_normal(n), 0.0)
+            index = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+            msg_id = clock.monitor_message_id.get(m.source, 0)
+            clock.monitor_message_id[m.source] = msg_id + 1
+            payload = serialise_ev44(
+                m.source,
+                msg_id,
+                pulse_times,
+                index,
+                tof.astype(np.int32),
+                np.full(n, m.pixel_id, dtype=np.int32),
+            )
+            clock.n_monitor_events += n
+            out.append(clock.msg(clock.streams.monitor_topic, int(pulse_times[0]), payload, "ev44"))
+        return out

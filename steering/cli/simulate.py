@@ -315,6 +315,15 @@ def simulate_run_cmd(
             "start's nexus_structure alone; consume with --instrument-config ess).",
         ),
     ] = "simulator",
+    monitors: Annotated[
+        bool,
+        typer.Option(
+            "--monitors/--no-monitors",
+            help="Publish beam-monitor events (monitor1, monitor2: counts proportional to "
+            "each pulse's proton charge) on <prefix>_monitor (ess: <prefix>_beam_monitor) "
+            "and name them in the run start.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -347,6 +356,7 @@ def simulate_run_cmd(
         prefix=prefix,
         mesh=mesh,
         group_rows=group_rows,
+        monitors=monitors,
     )
     summary = simulate_run(
         plan,

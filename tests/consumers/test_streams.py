@@ -42,8 +42,14 @@ role = "goniometer"
 
 def test_presets_map_the_simulators_and_ess_names() -> None:
     sim = preset("simulator", "arcs")
-    assert sim.topics() == ["arcs_runInfo", "arcs_events", "arcs_motion", "arcs_bluesky"]
-    assert sim.topics(bluesky=False)[-1] == "arcs_motion"
+    assert sim.topics() == [
+        "arcs_runInfo",
+        "arcs_events",
+        "arcs_motion",
+        "arcs_monitor",
+        "arcs_bluesky",
+    ]
+    assert sim.topics(bluesky=False)[-1] == "arcs_monitor"
     assert sim.role("arcs_motion", "omega") == "goniometer"
     assert sim.role("arcs_motion", "proton_charge") == "proton_charge"
     assert sim.role("arcs_events", "anything") == "detector"
