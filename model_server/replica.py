@@ -27,6 +27,11 @@ by run id::
     {"run_id", "material", "orientation", "n_orientations", "omega", "model_version",
      "estimate": running_estimate(vae, refined), "replica", "seconds"}
 
+and, for the facility's dashboards, as da00 on ``<prefix>_livedata`` (the source
+``steer/fc_estimate``, :class:`consumers.kafka.KafkaLivedataSink`; best effort: a failure
+is logged and counted, and never stops the replica). ``steer serve --follow-replicas``
+(:mod:`steering.follow`) reads the JSON into the run history, the page and the advisor.
+
 Offsets are committed after the estimate has been acknowledged by the broker, so a replica
 that dies loses nothing: the next owner of its partitions estimates the snapshots that were
 not committed (an estimate may then be published twice; it is the same estimate, since the
@@ -53,7 +58,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from consumers.kafka import KafkaDeadLetter, client_security, ensure_topics, to_source_message
+from consumers.kafka import (
+    KafkaDeadLetter,
+    KafkaLivedataSink,
+    client_security,
+    ensure_topics,
+    to_source_message,
+)
 from model_server.exceptions import ModelServerError, RefinementError
 
 if TYPE_CHECKING:
@@ -283,6 +294,8 @@ class ModelReplica:
     refine
         Refine the snapshots that carry moments; off, the VAE's estimate is the running
         one.
+    livedata
+        Also publish every estimate as da00 on ``<prefix>_livedata``.
     """
 
     def __init__(
@@ -295,6 +308,7 @@ class ModelReplica:
         partitions: int = 1,
         session_timeout_ms: int = 6000,
         refine: bool = True,
+        livedata: bool = True,
     ) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
@@ -318,6 +332,7 @@ class ModelReplica:
         )
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", **client_security())
         self._dead = KafkaDeadLetter(bootstrap, prefix)
+        self._livedata = KafkaLivedataSink(bootstrap, prefix) if livedata else None
         self._estimators: dict[str, Any] = {}
         self.refiners = RefinerCache() if refine else None
         self.counters: Counter[str] = Counter()
@@ -454,10 +469,14 @@ class ModelReplica:
                     continue
                 self.counters["estimates"] += 1
                 self._producer.send(self.out_topic, value=json.dumps(out).encode(), key=r.key)
+                if self._livedata is not None:  # best effort: logged and counted
+                    self._livedata.estimate(out)
         if offsets:
             # acknowledged estimates first, then the offsets: nothing is lost on a crash
             self._producer.flush()
             self._dead.flush()
+            if self._livedata is not None:
+                self._livedata.flush()
             self._consumer.commit(offsets)
         return n
 
@@ -485,7 +504,12 @@ class ModelReplica:
         self._consumer.close()
         self._producer.close()
         self._dead.close()
+        if self._livedata is not None:
+            self._livedata.close()
 
     def summary(self) -> dict[str, object]:
         """Counts so far (JSON-ready)."""
-        return {"replica": self.name, **self.counters}
+        out: dict[str, object] = {"replica": self.name, **self.counters}
+        if self._livedata is not None and self._livedata.failures:
+            out["livedata_failures"] = self._livedata.failures
+        return out

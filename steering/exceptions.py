@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AdvisorError", "SteeringError"]
+__all__ = ["AdvisorError", "FollowError", "SteeringError"]
 
 
 class SteeringError(Exception):
@@ -12,3 +12,8 @@ class SteeringError(Exception):
 class AdvisorError(SteeringError, ValueError):
     """Bad input to the advisor: an empty or unreachable candidate range, coverages of
     the wrong shape, an unusable estimate."""
+
+
+class FollowError(SteeringError, ValueError):
+    """A message on ``<prefix>_folded`` or ``<prefix>_estimates`` that the follower of the
+    model-server replicas (:mod:`steering.follow`) cannot use; it is dead-lettered."""

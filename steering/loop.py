@@ -271,7 +271,8 @@ class SteeringLoop:
     Parameters
     ----------
     estimator
-        The model server (:class:`Estimator`).
+        The model server (:class:`Estimator`); None when the estimates are made elsewhere
+        (the model-server replicas) and handed in with :meth:`advise`.
     advisor
         The run's advisor.
     candidates
@@ -291,7 +292,7 @@ class SteeringLoop:
 
     def __init__(
         self,
-        estimator: Estimator,
+        estimator: Estimator | None,
         advisor: Advisor,
         candidates: CandidateCoverage,
         *,
@@ -322,12 +323,45 @@ class SteeringLoop:
     def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         """A completed orientation: estimate, rank, publish (a
         :class:`consumers.messages.SnapshotSink`)."""
-        self.measured.append(float(record.omega))
+        if self.estimator is None:
+            raise AdvisorError(
+                "this steering loop has no estimator (it follows the model-server replicas): "
+                "hand it their estimates with advise()"
+            )
         t0 = time.perf_counter()
         est = self.estimator.estimate(snapshot.intensity, snapshot.mask)
         metrics.ESTIMATE_SECONDS.observe(time.perf_counter() - t0)
         metrics.MODEL_INFO.info({"version": str(est.model_version)})
         running, mean, std = self._running_estimate(snapshot, est)
+        self.advise(snapshot, record, running, mean, std, started=t0)
+
+    def advise(
+        self,
+        snapshot: Snapshot,
+        record: OrientationRecord,
+        running: dict[str, Any],
+        mean: NDArray[np.float64],
+        std: NDArray[np.float64],
+        *,
+        started: float | None = None,
+    ) -> None:
+        """Rank the candidates under an estimate made elsewhere and publish the advice.
+
+        Parameters
+        ----------
+        snapshot, record
+            The cumulative spectrum and the orientation just completed.
+        running
+            The running estimate (JSON-ready, the advice's ``estimate``).
+        mean, std
+            (n_fc,) float, eV/A^2: the estimate in the advisor's order
+            (:attr:`steering.advisor.ranking.Advisor.fc_names`).
+        started
+            ``time.perf_counter()`` when the orientation's work began (default: now); the
+            advice's ``seconds`` count from it.
+        """
+        t0 = time.perf_counter() if started is None else started
+        self.measured.append(float(record.omega))
         t_est = time.perf_counter()
         if not self.history:  # started with the run; normally done before its first count
             self.candidates.wait(self.first_wait_s)

@@ -9,6 +9,15 @@ to the live state the API serves (:class:`steering.api.state.LiveState`). With
 ``publish_livedata`` (the default) every snapshot's I(q, E) and every estimate also go to
 ``<prefix>_livedata`` as da00 for the facility's dashboards
 (:class:`consumers.kafka.KafkaLivedataSink`).
+
+With ``follow_replicas`` (``steer serve --follow-replicas``, the deployed, scaled-out
+mode) it runs no consumer and no model of its own: a :class:`steering.follow.ReplicaFollower`
+reads the consumers' snapshots (``<prefix>_folded``) and the model-server replicas'
+estimates (``<prefix>_estimates``), and the service records them in the run history with
+the same calls and JSON as in-process, updates the live state and feeds the advisor (the
+replicas' estimate stands in for its own). An estimate of an orientation the history
+already holds is not recorded again (redelivery after a restart). Only the snapshots go
+to ``<prefix>_livedata`` then: the replicas publish their estimates there themselves.
 """
 
 from __future__ import annotations
@@ -26,12 +35,14 @@ from model_server.exceptions import ModelServerError
 from steering import metrics
 from steering.api.state import LiveState
 from steering.db import History
+from steering.exceptions import SteeringError
 
 if TYPE_CHECKING:
     from consumers.kafka import KafkaLivedataSink
     from consumers.streams import InstrumentConfig
     from model_server.inversion.inference import Estimator
     from model_server.refinement.refiner import RunRefiner
+    from steering.follow import ReplicaFollower
     from steering.loop import KafkaAdviceSink, SteeringLoop
 
 __all__ = ["MAX_ORIENTATION_SPECTRA", "SteeringService"]
@@ -80,6 +91,11 @@ class SteeringService:
         The instrument's streams (:class:`consumers.streams.InstrumentConfig`, e.g. from
         ``--instrument-config``): the topics read and which source is which. None: the
         simulator's four topics of ``prefix``.
+    follow_replicas
+        Follow the model-server replicas (``<prefix>_folded``, ``<prefix>_estimates``)
+        instead of running a consumer and a model (the module docstring).
+    follow_group
+        The follower's consumer group (default ``steer-<prefix>-follow``).
     """
 
     def __init__(
@@ -99,6 +115,8 @@ class SteeringService:
         advisor_weighting: str = "scarcity",
         refine: bool = True,
         streams: InstrumentConfig | None = None,
+        follow_replicas: bool = False,
+        follow_group: str | None = None,
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
 
@@ -135,7 +153,16 @@ class SteeringService:
         #: page and ``/estimates`` see); see :meth:`latency_summary`
         self.chunk_to_estimate: list[float] = []
         self._closed_at: float | None = None
-        live.reload = self.reload_models
+        self.follow_replicas = bool(follow_replicas)
+        self.follow_group = follow_group
+        self.follower: ReplicaFollower | None = None
+        #: run id -> orientation counts whose estimate / advice the history holds
+        self._estimated: dict[str, set[int]] = {}
+        self._advised: dict[str, set[int]] = {}
+        #: run id -> why the advisor cannot follow it (logged once)
+        self._no_advice: dict[str, str] = {}
+        if not self.follow_replicas:
+            live.reload = self.reload_models
 
     # -- model server ------------------------------------------------------------------------
 
@@ -205,15 +232,24 @@ class SteeringService:
         if loop is not None:
             return loop
         material = str(meta["material"])
-        # the model first: without it nothing else is made (the next orientation retries)
-        estimator = self.estimator(material)
+        estimator: Estimator | None = None
+        if self.follow_replicas:  # the replicas estimate; the candidates need the mounting
+            if not isinstance(meta.get("sample_orientation"), dict):
+                raise SteeringError(
+                    f"run {run_id}: its snapshots carry no sample orientation (u, v); the "
+                    "consumers publishing <prefix>_folded are older than this service"
+                )
+            meta = {**meta, "orientation": meta["sample_orientation"]}
+        else:
+            # the model first: without it nothing else is made (the next orientation retries)
+            estimator = self.estimator(material)
         rng = self.live.advisor_ranges.get(run_id)
         omegas = None
         if rng is not None:
             omegas = list(np.arange(rng["start"], rng["stop"], rng["step"]))
         candidates = CandidateCoverage(meta, omegas=omegas)
-        sinks: list[Any] = [self._record]
-        if self._livedata is not None:
+        sinks: list[Any] = [self._record_advice if self.follow_replicas else self._record]
+        if self._livedata is not None and not self.follow_replicas:
             sinks.append(self._livedata.estimate)
         if self.publish_advice:
             sink = KafkaAdviceSink(self.bootstrap, self.prefix, run_id=run_id, material=material)
@@ -223,7 +259,7 @@ class SteeringService:
             estimator,
             Advisor(material, temperature=float(meta.get("temperature_K", 5.0))),
             candidates,
-            refiner=self._refiner(meta),
+            refiner=None if self.follow_replicas else self._refiner(meta),
             sinks=sinks,
             run_id=run_id,
             # rank with the candidates ready so far rather than hold the first estimate
@@ -259,6 +295,27 @@ class SteeringService:
     def _on_snapshot(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         meta = self.service.pipeline.meta or {}
         run_id = str(meta.get("run_id", "run"))
+        self._live_snapshot(run_id, snapshot, record)
+        if self._livedata is not None:  # best effort: logged and counted, never raises
+            self._livedata.snapshot(snapshot, meta)
+        self._closed_at = getattr(self.service, "closed_at", None)
+        t0 = time.perf_counter()
+        info = self._run_info(meta)
+        with self.live.lock:
+            info["omegas"].append(float(record.omega))
+        # the run and its progress are on record whatever happens to the estimate
+        summary = self.service.summary()
+        summary.pop("finished_runs", None)
+        self.history.upsert_run(
+            run_id,
+            material=str(meta.get("material", "?")),
+            n_orientations=int(snapshot.n_orientations),
+            summary=summary,
+        )
+        self._estimate_and_advise(run_id, meta, snapshot, record, t0)
+
+    def _live_snapshot(self, run_id: str, snapshot: Snapshot, record: OrientationRecord) -> None:
+        """The run's latest snapshot and the orientation's own spectrum, for the API."""
         with self.live.lock:
             prev = self.live.snapshots.get(run_id)
             self.live.snapshots[run_id] = snapshot
@@ -277,22 +334,16 @@ class SteeringService:
                 per.pop(min(per))
             for old in list(self.live.orientations)[:-2]:  # the last two runs only
                 self.live.orientations.pop(old)
-        if self._livedata is not None:  # best effort: logged and counted, never raises
-            self._livedata.snapshot(snapshot, meta)
-        self._closed_at = getattr(self.service, "closed_at", None)
-        t0 = time.perf_counter()
-        info = self._run_info(meta)
-        with self.live.lock:
-            info["omegas"].append(float(record.omega))
-        # the run and its progress are on record whatever happens to the estimate
-        summary = self.service.summary()
-        summary.pop("finished_runs", None)
-        self.history.upsert_run(
-            run_id,
-            material=str(meta.get("material", "?")),
-            n_orientations=int(snapshot.n_orientations),
-            summary=summary,
-        )
+
+    def _estimate_and_advise(
+        self,
+        run_id: str,
+        meta: dict[str, Any],
+        snapshot: Snapshot,
+        record: OrientationRecord,
+        t0: float,
+    ) -> None:
+        """The in-process loop on one snapshot (the model loaded when it can be)."""
         try:
             loop = self._loop_for(meta)
         except (ModelServerError, OSError) as exc:
@@ -317,6 +368,7 @@ class SteeringService:
         self.latencies.append(time.perf_counter() - t0)
 
     def _record(self, advice: dict[str, Any]) -> None:
+        """The in-process loop's sink: the estimate and the advice into the history."""
         run_id = str(advice["run_id"])
         self.history.add_estimate(
             run_id,
@@ -325,22 +377,136 @@ class SteeringService:
             estimate=advice["estimate"],
             latency_s=float(advice.get("seconds", 0.0)),
         )
-        if advice.get("ranking") is not None:
-            self.history.add_advice(
-                run_id, n_orientations=int(advice["n_orientations"]), ranking=advice["ranking"]
-            )
+        self._record_advice(advice)
         if self._closed_at is not None:
             dt = max(time.time() - self._closed_at, 0.0)
             self.chunk_to_estimate.append(dt)
             metrics.CHUNK_TO_ESTIMATE_SECONDS.observe(dt)
-        fc = advice["estimate"].get("fc", {})
+        self._notify(run_id, advice)
+
+    def _record_advice(self, advice: dict[str, Any]) -> None:
+        """The advice (when the advisor ranked) into the history."""
+        if advice.get("ranking") is not None:
+            self.history.add_advice(
+                str(advice["run_id"]),
+                n_orientations=int(advice["n_orientations"]),
+                ranking=advice["ranking"],
+            )
+
+    def _notify(self, run_id: str, message: dict[str, Any]) -> None:
+        """Tell the page about a new estimate (an advice or a replica's estimate message)."""
+        fc = message["estimate"].get("fc", {})
         self.live.notify(
             run_id,
-            n_orientations=int(advice["n_orientations"]),
-            omega=float(advice["omega"]),
+            n_orientations=int(message["n_orientations"]),
+            omega=float(message["omega"]),
             fc={k: {"mean": v["mean"], "std": v["std"]} for k, v in fc.items()},
-            out_of_domain=bool(advice["estimate"].get("out_of_domain", False)),
+            out_of_domain=bool(message["estimate"].get("out_of_domain", False)),
         )
+
+    # -- following the model-server replicas ---------------------------------------------------
+
+    def _recorded(self, done: dict[str, set[int]], run_id: str, what: str) -> set[int]:
+        """The orientation counts of a run whose estimates (``what="estimates"``) or advice
+        the history holds (read once per run, then kept up to date)."""
+        if run_id not in done:
+            rows = (
+                self.history.estimates(run_id)
+                if what == "estimates"
+                else self.history.advice(run_id, latest=False)
+            )
+            done[run_id] = {int(r["n_orientations"]) for r in rows}
+        return done[run_id]
+
+    def follow_snapshot(
+        self, meta: dict[str, Any], snapshot: Snapshot, record: OrientationRecord
+    ) -> None:
+        """A consumer's snapshot from ``<prefix>_folded``: the page's spectrum, coverage and
+        run, and the run's progress in the history (:class:`steering.follow.FollowHandler`)."""
+        run_id = str(meta["run_id"])
+        self._live_snapshot(run_id, snapshot, record)
+        if self._livedata is not None:
+            self._livedata.snapshot(snapshot, meta)
+        if run_id not in self.live.grids:
+            from simulations.lattice.materials import setup
+
+            energy = setup(str(meta["material"])).grid.energy_centres.tolist()
+            self.live.grids[run_id] = {"energy": energy}
+        info = self._run_info(meta)
+        with self.live.lock:  # redelivered snapshots do not add their angle twice
+            if len(info["omegas"]) == record.index:
+                info["omegas"].append(float(record.omega))
+        run = self.history.run(run_id)
+        if run is None or run["n_orientations"] < snapshot.n_orientations:
+            self.history.upsert_run(
+                run_id,
+                material=str(meta.get("material", "?")),
+                n_orientations=int(snapshot.n_orientations),
+            )
+
+    def follow_estimate(self, message: dict[str, Any]) -> bool:
+        """A replica's estimate from ``<prefix>_estimates`` into the history (as the
+        in-process loop records it) and onto the page; False when the history already
+        holds the estimate of that orientation (:class:`steering.follow.FollowHandler`)."""
+        run_id = str(message["run_id"])
+        n = int(message["n_orientations"])
+        done = self._recorded(self._estimated, run_id, "estimates")
+        if n in done:
+            logger.info(
+                "run %s: the estimate after %d orientations is already recorded (redelivered)",
+                run_id,
+                n,
+                extra={"run_id": run_id},
+            )
+            return False
+        material = str(message.get("material") or "?")
+        if self.history.run(run_id) is None:  # the estimate came before the run's snapshot
+            self.history.upsert_run(run_id, material=material, state="running")
+        version = message.get("model_version")
+        if isinstance(version, str) and version:
+            self.live.model_version = version
+            self.history.add_model(
+                version, material=material, path=f"replica {message.get('replica')}"
+            )
+        self.history.add_estimate(
+            run_id,
+            n_orientations=n,
+            omega=float(message["omega"]),
+            estimate=message["estimate"],
+            latency_s=float(message.get("seconds") or 0.0),
+        )
+        done.add(n)
+        self._notify(run_id, message)
+        return True
+
+    def follow_pair(
+        self,
+        meta: dict[str, Any],
+        snapshot: Snapshot,
+        record: OrientationRecord,
+        message: dict[str, Any],
+    ) -> None:
+        """An orientation's snapshot and its replica's estimate: the advisor ranks the
+        candidates under that estimate (:class:`steering.follow.FollowHandler`)."""
+        run_id = str(meta["run_id"])
+        done = self._recorded(self._advised, run_id, "advice")
+        if snapshot.n_orientations in done or run_id in self._no_advice:
+            return
+        try:
+            loop = self._loop_for(meta)
+        except (SteeringError, KeyError, TypeError, ValueError, OSError) as exc:
+            self._no_advice[run_id] = f"{type(exc).__name__}: {exc}"
+            logger.warning("run %s: no advice: %s", run_id, exc, extra={"run_id": run_id})
+            return
+        fc = message["estimate"]["fc"]
+        nan = {"mean": np.nan, "std": np.nan}  # a missing FC: the advisor says which
+        names = loop.advisor.fc_names
+        mean = np.array([fc.get(n, nan)["mean"] for n in names], dtype=float)
+        std = np.array([fc.get(n, nan)["std"] for n in names], dtype=float)
+        t0 = time.perf_counter()
+        loop.advise(snapshot, record, message["estimate"], mean, std)
+        done.add(snapshot.n_orientations)
+        self.latencies.append(time.perf_counter() - t0)
 
     def latency_summary(self) -> dict[str, float | int | None]:
         """p50 / p99 / max (s) of :attr:`chunk_to_estimate` and the count."""
@@ -371,7 +537,11 @@ class SteeringService:
     # -- thread ------------------------------------------------------------------------------
 
     def start(self, *, idle_exit_s: float | None = None) -> None:
-        """Start consuming on a thread (follows run after run)."""
+        """Start consuming on a thread (follows run after run), or, with
+        ``follow_replicas``, following the replicas."""
+        if self.follow_replicas:
+            self._start_following(idle_exit_s)
+            return
         from consumers.kafka import KafkaSource
         from consumers.service import ConsumerService
 
@@ -404,8 +574,33 @@ class SteeringService:
         self._thread = threading.Thread(target=work, name="consumer", daemon=True)
         self._thread.start()
 
+    def _start_following(self, idle_exit_s: float | None) -> None:
+        from steering.follow import ReplicaFollower
+
+        if self.publish_livedata and self._livedata is None:
+            from consumers.kafka import KafkaLivedataSink
+
+            self._livedata = KafkaLivedataSink(self.bootstrap, self.prefix)
+        follower = self.follower = ReplicaFollower(
+            self.bootstrap, self.prefix, self, group_id=self.follow_group
+        )
+
+        def work() -> None:
+            try:
+                follower.run(idle_exit_s=idle_exit_s)
+            except Exception as exc:  # the API stays up and says what happened
+                self.error = f"{type(exc).__name__}: {exc}"
+                logger.exception("follower of the replicas stopped")
+            finally:
+                follower.close()
+
+        self._thread = threading.Thread(target=work, name="follow-replicas", daemon=True)
+        self._thread.start()
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask the consumer to stop (it checkpoints) and wait."""
+        """Ask the consumer (or the follower) to stop (it checkpoints) and wait."""
+        if self.follower is not None:
+            self.follower.stop()
         if self.service is not None:
             self.service._request_stop()
         if self._thread is not None:

@@ -108,7 +108,10 @@ def test_compose_stack_matches_the_service() -> None:
     # the scale-out workers (profile scale-out): a consumer group and model replicas
     assert services["consumer"]["command"][:2] == ["consume", "--group"]
     assert services["model"]["command"][0] == "model-serve"
-    for name in ("consumer", "model"):
+    # the page, history and advisor of the scale-out workers follow the replicas
+    assert services["steer-follow"]["command"] == ["serve", "--follow-replicas"]
+    assert "STEER_INSTRUMENT_CONFIG" not in services["steer-follow"]["environment"]
+    for name in ("consumer", "model", "steer-follow"):
         extra = set(services[name]["environment"]) - known
         assert not {k for k in extra if k.startswith("STEER_")}, (name, extra)
     prefix = env["STEER_PREFIX"]
@@ -172,6 +175,8 @@ def test_kubernetes_manifests() -> None:
     model = by_name["Deployment", "steer-model"]["spec"]["template"]["spec"]
     assert model["containers"][0]["args"][0] == "model-serve"
     assert "volumes" not in model  # stateless
+    follow = by_name["Deployment", "steer-follow"]["spec"]["template"]["spec"]["containers"][0]
+    assert follow["args"] == ["serve", "--follow-replicas"]
     parts: dict[str, str] = {}
     loop: list[str] = []
     for line in script.splitlines():

@@ -17,15 +17,17 @@ A snapshot message (:func:`snapshot_payload`) is a compressed ``.npz`` without p
     moments_weight, moments_background      (n_m,) float64
     moments_n                               () int64, orientations in the moments
 
-``meta``: ``orientation``, ``omega``, ``n_orientations``, ``grid_fingerprint``, and of the
-bound run ``run_id``, ``material``, ``temperature_K``, ``ei_meV`` and ``instrument`` (the
-run start's instrument block, a few hundred bytes), which is what the replicas' likelihood
-refinement needs. The ``moments_*`` arrays
-(:class:`consumers.reduction.moments.BinMoments`, only the ``n_m`` bins of weight > 0) are
-there only when the consumer took moments for the run; for Ge (200 x 100 bins, 3N = 6)
-they make the message about 13 MB from the first orientations on (nearly every bin is
-reached at once), against about 0.3 MB without them. A message that would exceed
-:data:`MAX_SNAPSHOT_PAYLOAD` is published without its moments (logged).
+``meta``: ``orientation``, ``omega``, ``proton_charge`` (uC of that orientation),
+``n_orientations``, ``grid_fingerprint``, and of the bound run ``run_id``, ``material``,
+``temperature_K``, ``ei_meV`` and ``instrument`` (the run start's instrument block, a few
+hundred bytes), which is what the replicas' likelihood refinement needs, and
+``sample_orientation`` (the run start's ``orientation``: u, v) and ``planned_omegas_deg``,
+which is what the advisor of ``steer serve --follow-replicas`` needs for its candidates.
+The ``moments_*`` arrays (:class:`consumers.reduction.moments.BinMoments`, only the ``n_m``
+bins of weight > 0) are there only when the consumer took moments for the run; for Ge
+(200 x 100 bins, 3N = 6) they make the message about 13 MB from the first orientations on
+(nearly every bin is reached at once), against about 0.3 MB without them. A message that
+would exceed :data:`MAX_SNAPSHOT_PAYLOAD` is published without its moments (logged).
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ def snapshot_payload(
     meta = {
         "orientation": record.index,
         "omega": record.omega,
+        "proton_charge": getattr(record, "proton_charge", None),
         "n_orientations": snapshot.n_orientations,
         "grid_fingerprint": run.get("grid_fingerprint") or grid_fingerprint,
         "run_id": str(run.get("run_id", "")) or None,
@@ -177,6 +180,8 @@ def snapshot_payload(
         "temperature_K": run.get("temperature_K"),
         "ei_meV": run.get("ei_meV"),
         "instrument": run.get("instrument"),
+        "sample_orientation": run.get("orientation"),
+        "planned_omegas_deg": run.get("planned_omegas_deg"),
     }
     arrays: dict[str, Any] = {
         "intensity": snapshot.intensity,

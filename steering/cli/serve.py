@@ -84,9 +84,22 @@ def serve_cmd(
         ),
     ] = True,
     instrument_config: InstrumentConfigOpt = None,
+    follow_replicas: Annotated[
+        bool,
+        typer.Option(
+            "--follow-replicas",
+            envvar="STEER_FOLLOW_REPLICAS",
+            help="Deployed, scaled-out mode: run no consumer and no model here, but follow "
+            "the consumers' snapshots on <prefix>_folded (steer consume --publish-snapshots) "
+            "and the replicas' estimates on <prefix>_estimates (steer model-serve) into the "
+            "run history, the page and the advisor. Needs --bootstrap.",
+        ),
+    ] = False,
 ) -> None:
     """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
-    consumer, model server and advisor of a prefix. State changes need STEER_API_TOKEN."""
+    consumer, model server and advisor of a prefix (with --follow-replicas: the advisor
+    over the scaled-out consumers and model-server replicas). State changes need
+    STEER_API_TOKEN."""
     import os
 
     from steering.api.app import LiveState
@@ -94,6 +107,8 @@ def serve_cmd(
     from steering.db import History
 
     ServiceLimits.from_env()  # a bad STEER_* limit stops the service before anything starts
+    if follow_replicas:
+        check_follow_options(bootstrap=bootstrap, instrument_config=instrument_config)
     streams = instrument_streams(instrument_config, prefix)  # and so does a bad config
     if streams is not None:
         prefix = streams.prefix
@@ -112,6 +127,7 @@ def serve_cmd(
             advisor_weighting=advisor_weighting,
             livedata=livedata,
             streams=streams,
+            follow_replicas=follow_replicas,
         )
     token = os.environ.get("STEER_API_TOKEN") or None
     if token is None:
@@ -132,6 +148,29 @@ def serve_cmd(
     )
 
 
+def check_follow_options(*, bootstrap: str | None, instrument_config: str | None) -> None:
+    """Refuse ``--follow-replicas`` with what only the in-process consumer uses.
+
+    Raises
+    ------
+    typer.BadParameter
+        No ``--bootstrap`` (nothing to follow), or an ``--instrument-config`` (the run
+        topics and sources are the consumers' business: give it to ``steer consume``).
+    """
+    if not bootstrap:
+        raise typer.BadParameter(
+            "follows <prefix>_folded and <prefix>_estimates on a Kafka: give --bootstrap "
+            "(or STEER_KAFKA_BOOTSTRAP)",
+            param_hint="--follow-replicas",
+        )
+    if instrument_config:
+        raise typer.BadParameter(
+            "--instrument-config sets the run topics of the in-process consumer, which "
+            "--follow-replicas does not run: give it to steer consume --publish-snapshots",
+            param_hint="--follow-replicas",
+        )
+
+
 def _start_service(
     bootstrap: str,
     prefix: str,
@@ -144,6 +183,7 @@ def _start_service(
     advisor_weighting: Weighting,
     livedata: bool = True,
     streams: InstrumentConfig | None = None,
+    follow_replicas: bool = False,
 ) -> SteeringService:
     """Start the consumer, model server and advisor of ``prefix`` on the Kafka at
     ``bootstrap`` (the arguments: those of :class:`steering.service.SteeringService`)."""
@@ -160,6 +200,7 @@ def _start_service(
         advisor_weighting=advisor_weighting,
         publish_livedata=livedata,
         streams=streams,
+        follow_replicas=follow_replicas,
     )
     service.start()
     return service
@@ -242,6 +283,15 @@ def model_serve_cmd(
         ),
     ] = 1,
     idle: IdleExitOpt = None,
+    livedata: Annotated[
+        bool,
+        typer.Option(
+            "--livedata/--no-livedata",
+            envvar="STEER_LIVEDATA",
+            help="Also publish every estimate as da00 on <prefix>_livedata for the "
+            "facility's dashboards (docs/outputs.md).",
+        ),
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """A stateless model-server replica: estimates every snapshot on <prefix>_folded
@@ -250,7 +300,7 @@ def model_serve_cmd(
     the consumer group steer-<prefix>-model. Stop with SIGTERM or --idle-exit."""
     from model_server.replica import ModelReplica
 
-    replica = ModelReplica(bootstrap, prefix, model_dir, partitions=partitions)
+    replica = ModelReplica(bootstrap, prefix, model_dir, partitions=partitions, livedata=livedata)
     try:
         replica.run(idle_exit_s=idle)
     finally:

@@ -22,6 +22,8 @@ RUN = {
     "ei_meV": 80.0,
     "instrument": {"name": "ARCS", "l1_m": 13.6, "layout": {"n_columns": 4}},
     "grid_fingerprint": "abc",
+    "orientation": {"u": [1, 0, 0], "v": [0, 1, 0]},
+    "planned_omegas_deg": [0.0, 10.0],
     "crystal": {"not": "sent"},
 }
 BASE = {"intensity", "variance", "counts", "exposure", "mask", "meta"}
@@ -79,6 +81,9 @@ def test_payload_carries_the_moments_of_the_measured_bins() -> None:
     assert (meta["material"], meta["ei_meV"], meta["temperature_K"]) == ("Ge", 80.0, 5.0)
     assert (meta["run_id"], meta["grid_fingerprint"], meta["orientation"]) == ("run-7", "abc", 1)
     assert "crystal" not in meta
+    # what the advisor of `steer serve --follow-replicas` needs for its candidates
+    assert meta["sample_orientation"] == RUN["orientation"]
+    assert (meta["planned_omegas_deg"], meta["proton_charge"]) == ([0.0, 10.0], 1.0)
 
 
 def test_payload_without_moments_is_as_before() -> None:
