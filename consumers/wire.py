@@ -385,6 +385,28 @@ def decode_f144(buf: bytes) -> tuple[str, int | float | object, int]:
 _EV44_VECTORS = ((2, "<i8", 8), (3, "<i4", 4), (4, "<i4", 4), (5, "<i4", 4))
 
 
+def _ev44_root(buf: bytes) -> tuple[int, int, int]:
+    """(root table, vtable, vtable size) of an ev44 buffer (IndexError when it is none)."""
+    if len(buf) < 8 or buf[4:8] != b"ev44":
+        raise IndexError("not an ev44 buffer")
+    root = _U32(buf, 0)[0]
+    vtable, vt_size = _table(buf, root)
+    return root, vtable, vt_size
+
+
+def _ev44_name(buf: bytes, root: int, vtable: int, vt_size: int) -> str:
+    """The ev44 ``source_name`` ("" when absent); IndexError or UnicodeDecodeError for one
+    outside the buffer or not UTF-8."""
+    p_name = _field(buf, root, vtable, vt_size, 0)
+    if not p_name:
+        return ""
+    start = p_name + _U32(buf, p_name)[0]
+    length = _U32(buf, start)[0]
+    if start + 4 + length > len(buf):
+        raise IndexError("string outside the buffer")
+    return bytes(buf[start + 4 : start + 4 + length]).decode()
+
+
 def ev44_source(buf: bytes) -> str:
     """The ``source_name`` of an ev44 message ("" when absent), read without the arrays.
 
@@ -394,19 +416,7 @@ def ev44_source(buf: bytes) -> str:
         Whatever ``deserialise_ev44`` raises for a buffer the fast path cannot read.
     """
     try:
-        n = len(buf)
-        if n < 8 or buf[4:8] != b"ev44":
-            raise IndexError("not an ev44 buffer")
-        root = _U32(buf, 0)[0]
-        vtable, vt_size = _table(buf, root)
-        p_name = _field(buf, root, vtable, vt_size, 0)
-        if not p_name:
-            return ""
-        start = p_name + _U32(buf, p_name)[0]
-        length = _U32(buf, start)[0]
-        if start + 4 + length > n:
-            raise IndexError("string outside the buffer")
-        return bytes(buf[start + 4 : start + 4 + length]).decode()
+        return _ev44_name(buf, *_ev44_root(buf))
     except (IndexError, struct.error, UnicodeDecodeError):
         return str(deserialise_ev44(bytes(buf)).source_name)
 
@@ -428,17 +438,8 @@ def decode_ev44(buf: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     """
     try:
         n = len(buf)
-        if n < 8 or buf[4:8] != b"ev44":
-            raise IndexError("not an ev44 buffer")
-        root = _U32(buf, 0)[0]
-        vtable, vt_size = _table(buf, root)
-        p_name = _field(buf, root, vtable, vt_size, 0)
-        if p_name:  # the library decodes the source name: a bad one is its error
-            start = p_name + _U32(buf, p_name)[0]
-            length = _U32(buf, start)[0]
-            if start + 4 + length > n:
-                raise IndexError("string outside the buffer")
-            bytes(buf[start + 4 : start + 4 + length]).decode()
+        root, vtable, vt_size = _ev44_root(buf)
+        _ev44_name(buf, root, vtable, vt_size)  # the library decodes it: a bad one is its error
         p_id = _field(buf, root, vtable, vt_size, 1)
         if p_id:  # and reads the message id
             _I64(buf, p_id)

@@ -307,3 +307,23 @@ def test_malformed_msgpack_is_refused_without_unpickling(payload, match) -> None
     finally:
         pickle.loads = real
     assert calls == []
+
+
+def test_ev44_source_reads_the_name_as_the_library_does() -> None:
+    import numpy as np
+    from streaming_data_types.eventdata_ev44 import deserialise_ev44, serialise_ev44
+
+    from consumers.wire import ev44_source
+
+    for name in ("arcs_detector", "ARCS-SpGon:MC-RotY-01", "", "détecteur"):
+        buf = bytes(
+            serialise_ev44(
+                name,
+                7,
+                np.array([1, 2], dtype=np.int64),
+                np.array([0, 1], dtype=np.int32),
+                np.array([10, 20, 30], dtype=np.int32),
+                np.array([1, 2, 3], dtype=np.int32),
+            )
+        )
+        assert ev44_source(buf) == deserialise_ev44(buf).source_name == name
