@@ -272,6 +272,7 @@ class RunPipeline:
             if schema == "ev44":
                 role, source = self._ev44_role(where, payload)
                 if role not in ("detector", "monitor"):
+                    self.tally.count(where, source, role)  # skipped, not refused
                     return self.collect()
                 ref_time, ref_index, tof_raw, pixel_id = decode_ev44(payload)
                 tof = np.asarray(tof_raw)
@@ -288,6 +289,7 @@ class RunPipeline:
                         "inconsistent arrays (pixel ids, times of flight, pulse times and "
                         "their start indices)",
                     )
+                self.tally.count(where, source, role)  # valid: counted as it is used
                 if role == "monitor":
                     self.monitor_events[f"{where}/{source}" if where else source] += len(tof)
                     chunks = self.segmenter.on_monitor(source, pulses, index, len(tof))
@@ -297,8 +299,8 @@ class RunPipeline:
             elif schema == "f144":
                 source, raw, t_ns = decode_f144(payload)
                 role = self.streams.role(where, source)
-                self.tally.count(where, source, role)
                 if role not in ("proton_charge", "goniometer", "goniometer_setpoint"):
+                    self.tally.count(where, source, role)  # skipped, not refused
                     return self.collect()
                 value = float(raw)  # type: ignore[arg-type]
                 if not np.isfinite(value):
@@ -308,6 +310,8 @@ class RunPipeline:
                         raise MalformedMessage("negative_charge", f"proton_charge {value}")
                     if value > MAX_PULSE_CHARGE:
                         raise MalformedMessage("huge_charge", f"proton_charge {value} uC")
+                self.tally.count(where, source, role)  # refused messages leave no trace
+                if role == "proton_charge":
                     chunks = self.segmenter.on_charge(t_ns, value)
                 else:
                     name = "omega" if role == "goniometer" else "omega_setpoint"
@@ -334,15 +338,14 @@ class RunPipeline:
         return self.collect()
 
     def _ev44_role(self, where: str, payload: bytes) -> tuple[str | None, str]:
-        """The role and source name of an ev44 message (counted)."""
+        """The role and source name of an ev44 message (the caller counts it once it is
+        known to be usable: a refused message leaves no trace)."""
         try:
             source = ev44_source(payload)
         except Exception as exc:
             raise MalformedMessage("malformed_ev44", str(exc)) from exc
         # without topics, every ev44 source the streams do not name is a detector's
-        role = self.streams.role(where, source) or (None if where else "detector")
-        self.tally.count(where, source, role)
-        return role, source
+        return self.streams.role(where, source) or (None if where else "detector"), source
 
     def finish(self) -> list[OrientationRecord]:
         """The run is over and every message is in: close the remaining windows and wait
