@@ -33,7 +33,6 @@ Everything missing for a fold is collected and refused at once with
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.exceptions import NexusStructureError
+from consumers.wire import loads_json
 from simulations.instrument.spectrometer import Instrument, Orientation, busing_levy_b
 from simulations.lattice.crystals import SHIPPED_MATERIALS, Crystal
 from simulations.runs.nexus_structure import reduced_formula
@@ -646,8 +646,8 @@ def read_nexus_setup(structure: str | bytes | dict[str, Any]) -> NexusSetup:
         lacks anything a spectrometer fold needs: the message lists every missing piece.
     """
     if isinstance(structure, (str, bytes)):
-        try:
-            structure = json.loads(structure)
+        try:  # from the wire: nesting bounded before the C parser recurses
+            structure = loads_json(structure)
         except ValueError as exc:
             raise NexusStructureError(f"nexus_structure is not JSON: {exc}") from exc
     if not isinstance(structure, dict):

@@ -213,6 +213,14 @@ def test_text_that_is_not_json_is_refused() -> None:
         read_nexus_setup("{children: [")
 
 
+def test_a_structure_nested_beyond_the_wire_limit_is_refused_before_parsing() -> None:
+    # a hostile run start: 100,000 levels would overflow the C parser's stack in a process
+    # whose recursion limit a library has raised; it is refused before it is parsed
+    deep = '{"children": ' * 100_000 + "[]" + "}" * 100_000
+    with pytest.raises(NexusStructureError, match="nested deeper than"):
+        read_nexus_setup(deep)
+
+
 def test_a_goniometer_about_another_axis_is_refused(structure) -> None:  # type: ignore[no-untyped-def]
     omega = node(structure, "/entry/sample/transformations/omega")
     for a in omega["attributes"]:
