@@ -65,6 +65,7 @@ from consumers.kafka import (
     ensure_topics,
     to_source_message,
 )
+from consumers.kafka.sink import is_run_complete
 from model_server.exceptions import ModelServerError, RefinementError
 
 if TYPE_CHECKING:
@@ -458,6 +459,9 @@ class ModelReplica:
             for r in records:
                 n += 1
                 offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+                if is_run_complete(r.headers):  # for the services that follow: not ours
+                    self.counters["runs_complete"] += 1
+                    continue
                 try:
                     out = self.handle(bytes(r.value or b""))
                 except SnapshotError as exc:

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from consumers.kafka import KafkaDeadLetter, client_security, ensure_topics, to_source_message
+from consumers.kafka.sink import is_run_complete
 from consumers.messages import SourceMessage
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from model_server.replica import MAX_SNAPSHOT_BYTES, SnapshotError, decode_snapshot
@@ -81,6 +82,10 @@ class FollowHandler(Protocol):
         message: dict[str, Any],
     ) -> None:
         """The snapshot and the estimate of the same orientation of a run."""
+        ...
+
+    def follow_run_complete(self, run_id: str, summary: dict[str, Any]) -> None:
+        """A consumer says the run is complete (its summary: orientations, events...)."""
         ...
 
 
@@ -237,6 +242,8 @@ class ReplicaFollower:
         try:
             if msg.topic == self.estimate_topic:
                 self._on_estimate(check_estimate(msg.payload))
+            elif is_run_complete(msg.headers):
+                self._on_run_complete(msg.payload)
             else:
                 self._on_snapshot(msg.payload)
         except SnapshotError as exc:  # no snapshot at all: the replicas dead-letter those
@@ -253,6 +260,18 @@ class ReplicaFollower:
                 extra={"topic": msg.topic, "partition": msg.partition, "offset": msg.offset},
             )
             self._dead(msg, f"follower: {kind}: {exc}")
+
+    def _on_run_complete(self, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+            run_id = str(body["run_id"])
+            summary = body.get("summary") or {}
+            if not run_id or not isinstance(summary, dict):
+                raise ValueError("no run id, or a summary that is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FollowError(f"run-complete message: {exc}") from exc
+        self.counters["runs_complete"] += 1
+        self.handler.follow_run_complete(run_id, summary)
 
     def _on_snapshot(self, payload: bytes) -> None:
         arrays, meta = decode_snapshot(payload)

@@ -444,6 +444,18 @@ class SteeringService:
                 n_orientations=int(snapshot.n_orientations),
             )
 
+    def follow_run_complete(self, run_id: str, summary: dict[str, Any]) -> None:
+        """A consumer's run-complete message on ``<prefix>_folded``: the run is complete in
+        the history, with the consumer's summary (:class:`steering.follow.FollowHandler`)."""
+        run = self.history.run(run_id)
+        self.history.upsert_run(
+            run_id,
+            material=str(run["material"]) if run else "?",
+            state="complete",
+            summary=summary,
+        )
+        logger.info("run %s complete (from its consumer)", run_id, extra={"run_id": run_id})
+
     def follow_estimate(self, message: dict[str, Any]) -> bool:
         """A replica's estimate from ``<prefix>_estimates`` into the history (as the
         in-process loop records it) and onto the page; False when the history already

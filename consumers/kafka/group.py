@@ -257,6 +257,7 @@ class GroupConsumer:
                 )
                 if self.snapshots is not None:
                     service.set_snapshot_sink(self.snapshots.bind(service.run_info))
+                    service.on_run_complete = self.snapshots.run_complete
             except BaseException:
                 source.close()
                 raise

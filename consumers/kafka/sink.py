@@ -43,8 +43,16 @@ import numpy as np
 from consumers.kafka.broker import ensure_topics
 from consumers.kafka.config import client_security
 from consumers.messages import SnapshotSink, SourceMessage
+from simulations.jsonutil import json_default
 
-__all__ = ["MAX_SNAPSHOT_PAYLOAD", "KafkaDeadLetter", "KafkaSnapshotSink", "snapshot_payload"]
+__all__ = [
+    "MAX_SNAPSHOT_PAYLOAD",
+    "RUN_COMPLETE_SCHEMA",
+    "KafkaDeadLetter",
+    "KafkaSnapshotSink",
+    "is_run_complete",
+    "snapshot_payload",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +147,34 @@ class KafkaSnapshotSink:
             headers=[("schema", b"steer-snapshot-npz")],
         )
 
+    def run_complete(self, summary: dict[str, Any], _acc: Any = None) -> None:
+        """Publish that a run is complete (the consumer's ``on_run_complete``): JSON
+        ``{"run_id", "summary"}`` keyed by the run id, after its last snapshot on the same
+        partition, with header ``schema: steer-run-complete`` (model servers skip it; a
+        service following them marks the run complete)."""
+        run_id = str(summary.get("run_id") or "")
+        body = {"run_id": run_id, "summary": {k: v for k, v in summary.items() if k != "path"}}
+        self._producer.send(
+            self.topic,
+            value=json.dumps(body, default=json_default).encode(),
+            key=run_id.encode() or None,
+            headers=[("schema", RUN_COMPLETE_SCHEMA)],
+        )
+        self._producer.flush()
+
     def close(self) -> None:
         """Flush what was sent and close the producer."""
         self._producer.flush()
         self._producer.close()
+
+
+#: header ``schema`` of the run-complete message on ``<prefix>_folded``
+RUN_COMPLETE_SCHEMA = b"steer-run-complete"
+
+
+def is_run_complete(headers: Any) -> bool:
+    """Whether a ``<prefix>_folded`` message (its headers) is a run-complete message."""
+    return any(k == "schema" and bytes(v or b"") == RUN_COMPLETE_SCHEMA for k, v in headers or ())
 
 
 def snapshot_payload(

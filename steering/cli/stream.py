@@ -512,6 +512,7 @@ def _consume(
         )
         if sink is not None:
             service.set_snapshot_sink(sink.bind(service.run_info))
+            service.on_run_complete = sink.run_complete
         service.run(idle_exit_s=idle)
         summary = service.summary()
         if zmq_source is not None:

@@ -65,6 +65,7 @@ def test_serve_follows_the_replicas(broker, make_small_run, tmp_path: Path) -> N
     src = KafkaSource(broker.bootstrap, "fw")
     consumer = ConsumerService(src, tmp_path / "state")
     consumer.set_snapshot_sink(sink.bind(consumer.run_info))
+    consumer.on_run_complete = sink.run_complete  # as steer consume wires it
     consumer.run(idle_exit_s=5)
     src.close()
     sink.close()
@@ -72,7 +73,15 @@ def test_serve_follows_the_replicas(broker, make_small_run, tmp_path: Path) -> N
     # a replica (steer model-serve), stepped until it has estimated the four snapshots
     replica = ModelReplica(broker.bootstrap, "fw", MODELS, refine=False)
     try:
-        _wait(lambda: replica.step() >= 0 and replica.counters["estimates"] >= 4, "estimates")
+        _wait(
+            lambda: (
+                replica.step() >= 0
+                and replica.counters["estimates"] >= 4
+                and replica.counters["runs_complete"] >= 1
+            ),
+            "estimates",
+        )
+        assert replica.counters["dead_lettered"] == 0  # the run-complete message is skipped
     finally:
         replica.close()
     published = [json.loads(r.value) for r in _read_all(broker.bootstrap, "fw_estimates", 4)]
@@ -116,8 +125,12 @@ def test_serve_follows_the_replicas(broker, make_small_run, tmp_path: Path) -> N
                 "the run's four orientations",
             )
             assert [r["run_id"] for r in runs] == [run_id]
-            run = c.get(f"{base}/runs/{run_id}").json()
+            run = _wait(
+                lambda: (r := c.get(f"{base}/runs/{run_id}").json())["state"] == "complete" and r,
+                "the run complete (the consumer's run-complete message)",
+            )
             assert run["material"] == "Ge"
+            assert run["summary"]["orientations"] == 4
             spec = c.get(f"{base}/runs/{run_id}/spectrum").json()
             assert spec["n_orientations"] == 4
             advice = _wait(lambda: c.get(f"{base}/runs/{run_id}/advice").json()["advice"], "advice")
@@ -212,6 +225,46 @@ def test_a_malformed_estimate_is_dead_lettered(broker, tmp_path: Path) -> None: 
     assert reasons[1].startswith("follower: estimate: no estimate with FCs"), reasons
     assert dead[0].value == b"not json"
     assert dict(dead[1].headers)["source_topic"] == b"fm_estimates"
+
+
+def test_run_complete_messages_mark_the_run_and_bad_ones_are_dead_lettered(broker) -> None:  # type: ignore[no-untyped-def]
+    from consumers.kafka.sink import RUN_COMPLETE_SCHEMA
+    from consumers.messages import SourceMessage
+    from steering.follow import ReplicaFollower
+
+    complete: list[tuple[str, dict[str, Any]]] = []
+
+    class Handler:
+        def follow_run_complete(self, run_id: str, summary: dict[str, Any]) -> None:
+            complete.append((run_id, summary))
+
+    letters: list[tuple[SourceMessage, str]] = []
+    follower = ReplicaFollower(
+        broker.bootstrap,
+        "fc",
+        Handler(),  # type: ignore[arg-type]
+        dead_letter=lambda m, reason: letters.append((m, reason)),
+    )
+    try:
+        for i, payload in enumerate(
+            (b'{"run_id": "run-c", "summary": {"orientations": 3}}', b"{", b'{"summary": {}}')
+        ):
+            follower.handle(
+                SourceMessage(
+                    topic="fc_folded",
+                    partition=0,
+                    offset=i,
+                    key=b"run-c",
+                    timestamp_ns=0,
+                    headers=(("schema", RUN_COMPLETE_SCHEMA),),
+                    payload=payload,
+                )
+            )
+    finally:
+        follower.close()
+    assert complete == [("run-c", {"orientations": 3})]
+    assert [r.split(":")[:2] for _, r in letters] == [["follower", " snapshot"]] * 2
+    assert all("run-complete message" in r for _, r in letters)
 
 
 def test_follow_replicas_refuses_in_process_options() -> None:
