@@ -28,6 +28,11 @@ bins of weight > 0) are there only when the consumer took moments for the run; f
 (200 x 100 bins, 3N = 6) they make the message about 13 MB from the first orientations on
 (nearly every bin is reached at once), against about 0.3 MB without them. A message that
 would exceed :data:`MAX_SNAPSHOT_PAYLOAD` is published without its moments (logged).
+
+After a run's last snapshot, :meth:`KafkaSnapshotSink.run_complete` publishes a
+run-complete message on the same topic and key: JSON ``{"run_id", "summary"}`` with header
+``schema: steer-run-complete`` (:func:`is_run_complete`); replicas skip it, a service that
+follows them marks the run complete.
 """
 
 from __future__ import annotations
