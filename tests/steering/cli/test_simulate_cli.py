@@ -22,8 +22,9 @@ def test_simulate_run_json_contract_and_check_run(tmp_path: Path) -> None:
     result = json.loads(proc.stdout)
     assert set(result) == {
         "orientations", "events", "messages", "seconds", "fc_set", "path", "n_pixels",
-        "super_pixels",
+        "super_pixels", "monitor_events",
     }  # fmt: skip
+    assert result["monitor_events"] == 0  # monitors are off unless --monitors
     assert result["orientations"] == 3
     assert result["n_pixels"] == 102_400  # the default ARCS-like array
     assert result["fc_set"] == "raman"
