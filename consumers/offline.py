@@ -284,7 +284,7 @@ def run_setup(
                     pipe.handle(schema, msg.payload, msg.timestamp_ns)
                 elif schema == "f144":
                     source, value, _ = decode_f144(msg.payload)
-                    role = pipe.streams.role(msg.topic if streams else "", source)
+                    role = pipe.role(msg.topic, source)
                     if role == "goniometer_setpoint" and np.isfinite(float(value)):  # type: ignore[arg-type]
                         setpoints[float(value)] = None  # type: ignore[arg-type]
                 elif schema in BLUESKY_SCHEMAS:

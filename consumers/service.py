@@ -42,7 +42,7 @@ from consumers import metrics
 from consumers.exceptions import ConsumerError
 from consumers.messages import MessageSource, SnapshotSink, SourceMessage
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
-from consumers.reduction.pipeline import MalformedMessage, RunPipeline, schema_of
+from consumers.reduction.pipeline import MalformedMessage, RunPipeline, run_key_of, schema_of
 from consumers.streams import InstrumentConfig
 from consumers.wire import msgpack_document_name
 from simulations.jsonutil import json_default
@@ -320,8 +320,7 @@ class ConsumerService:
         or, after this run's stop, a run start, a second bluesky RunStart, or a keyless
         message on a partition that has moved on."""
         run_key = self.pipeline.run_key
-        # bluesky-kafka keys its documents by publisher, not by run id (see RunPipeline.handle)
-        key = None if schema == "bluesky-msgpack" else m.key
+        key = run_key_of(schema, m.key)
         if key and run_key and key != run_key:
             return True
         if not self.pipeline.stopped or (key and key == run_key):

@@ -94,6 +94,23 @@ class OrientationRecord:
             "normalised": self.normalised,
         }
 
+    @classmethod
+    def from_json(cls, index: int, js: dict[str, Any]) -> OrientationRecord:
+        """The record of :meth:`to_json` (``index``: its place in the run; the monitor and
+        normalisation fields default for a checkpoint from before they were kept)."""
+        return cls(
+            index=index,
+            omega=js["omega"],
+            proton_charge=js["proton_charge"],
+            events=js["events"],
+            folded=js["folded"],
+            dropped=js["dropped"],
+            monitor_counts=dict(js.get("monitor_counts", {})),
+            monitor_incomplete=tuple(js.get("monitor_incomplete", ())),
+            weight=js.get("weight"),
+            normalised=bool(js.get("normalised", True)),
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Snapshot:

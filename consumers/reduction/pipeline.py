@@ -51,6 +51,7 @@ __all__ = [
     "MalformedMessage",
     "RunPipeline",
     "run_folder",
+    "run_key_of",
     "schema_of",
 ]
 
@@ -115,6 +116,12 @@ def run_folder(
         raise ValueError(f"Ei = {ei} meV")
     table = FoldTable.cached(ms.crystal, ms.grid, tolerance=tolerance, voxels=voxels)
     return ms, Folder(table, ms.grid, ins, orientation, ei)
+
+
+def run_key_of(schema: str, key: bytes | None) -> bytes | None:
+    """The message key as a run id: None for bluesky-kafka's msgpack documents, which are
+    keyed by their publisher (a fixed key or the RunStart uid, never the pl72 run id)."""
+    return None if schema == "bluesky-msgpack" else key
 
 
 class MalformedMessage(ConsumerError):
@@ -260,13 +267,8 @@ class RunPipeline:
                 raise MalformedMessage("unknown_schema", "not ev44, f144, pl72, 6s4t or bluesky")
             if self.segmenter is None:
                 raise MalformedMessage("before_run_start", f"{schema} message before pl72")
-            if (
-                self.streams.keyed_by_run
-                and key
-                and self._run_key
-                and key != self._run_key
-                and schema != "bluesky-msgpack"
-            ):
+            key = run_key_of(schema, key) if self.streams.keyed_by_run else None
+            if key and self._run_key and key != self._run_key:
                 raise MalformedMessage("other_run", f"key {key!r} is not this run's")
             where = topic if self._by_topic else ""
             if schema == "ev44":
@@ -336,6 +338,11 @@ class RunPipeline:
         for c in chunks:
             self._submit(c)
         return self.collect()
+
+    def role(self, topic: str, source: str) -> str | None:
+        """The role of ``source`` on ``topic`` in this run's streams (by source name alone
+        when the pipeline was given no instrument config)."""
+        return self.streams.role(topic if self._by_topic else "", source)
 
     def _ev44_role(self, where: str, payload: bytes) -> tuple[str | None, str]:
         """The role and source name of an ev44 message (the caller counts it once it is
@@ -478,10 +485,15 @@ class RunPipeline:
         mode = self.mode
         if mode == "auto":
             mode = "bluesky" if "bluesky" in meta.get("topics", {}) else "omega"
-        streams = self._streams_of(meta, nexus)
-        named = self._monitors_named(meta, nexus)
+        named = self._run_start_streams(meta, nexus)
+        streams = self._streams_of(named)
         monitors = tuple(
-            dict.fromkeys([*(s for _, s in streams.sources("monitor") if s != "*"), *named])
+            dict.fromkeys(
+                [
+                    *(s for _, s in streams.sources("monitor") if s != "*"),
+                    *(s for _, s in named.get("monitor", [])),
+                ]
+            )
         )
         try:
             norm_monitor = streams.normalisation_monitor(monitors)
@@ -506,19 +518,12 @@ class RunPipeline:
             self.acc.moments = BinMoments.zeros(ms.grid.n_q * ms.grid.n_e, constants.n_branches)
 
     @staticmethod
-    def _monitors_named(meta: dict[str, Any], nexus: NexusSetup | None) -> list[str]:
-        """The monitor sources the run start names (``nexus_structure``, else metadata)."""
-        if nexus is not None:
-            return [m.source for m in nexus.monitors if m.source]
-        monitors = meta.get("monitors")
-        if not isinstance(monitors, list):
-            return []
-        return [str(m["source"]) for m in monitors if isinstance(m, dict) and m.get("source")]
-
-    def _streams_of(self, meta: dict[str, Any], nexus: NexusSetup | None) -> InstrumentConfig:
-        """The streams, with those the run start names added for the roles they leave out
-        (the rotation's readback and set-point, the charge, the monitors: from the
-        ``nexus_structure``, else the metadata's ``goniometer``)."""
+    def _run_start_streams(
+        meta: dict[str, Any], nexus: NexusSetup | None
+    ) -> dict[str, list[tuple[str, str]]]:
+        """The (topic, source) pairs the run start names, by role: the rotation's readback
+        and set-point, the charge and the monitors from the ``nexus_structure``, else the
+        metadata's ``goniometer`` and ``monitors`` (a monitor's topic may be "")."""
         named: dict[str, list[tuple[str, str]]] = {}
         if nexus is not None:
             g = nexus.goniometer
@@ -527,18 +532,25 @@ class RunPipeline:
                 named["goniometer_setpoint"] = [(g.setpoint.topic, g.setpoint.source)]
             if nexus.proton_charge is not None:
                 named["proton_charge"] = [(nexus.proton_charge.topic, nexus.proton_charge.source)]
-            named["monitor"] = [(m.topic, m.source) for m in nexus.monitors]
-        else:
-            gonio = meta.get("goniometer")
-            if isinstance(gonio, dict) and gonio.get("source_name"):
-                named["goniometer"] = [(str(gonio.get("topic", "")), str(gonio["source_name"]))]
-            monitors = meta.get("monitors")
-            if isinstance(monitors, list):
-                named["monitor"] = [
-                    (str(m.get("topic", "")), str(m["source"]))
-                    for m in monitors
-                    if isinstance(m, dict) and m.get("source") and m.get("topic")
-                ]
+            named["monitor"] = [(m.topic, m.source) for m in nexus.monitors if m.source]
+            return named
+        gonio = meta.get("goniometer")
+        if isinstance(gonio, dict) and gonio.get("source_name"):
+            named["goniometer"] = [(str(gonio.get("topic", "")), str(gonio["source_name"]))]
+        monitors = meta.get("monitors")
+        if isinstance(monitors, list):
+            named["monitor"] = [
+                (str(m.get("topic", "")), str(m["source"]))
+                for m in monitors
+                if isinstance(m, dict) and m.get("source")
+            ]
+        return named
+
+    def _streams_of(self, named: dict[str, list[tuple[str, str]]]) -> InstrumentConfig:
+        """The streams, with those the run start names (:meth:`_run_start_streams`) added
+        for the roles they leave out; a monitor named without its topic is not mapped (it
+        is not on the f144 log topic a source without one goes to)."""
+        named = {**named, "monitor": [(t, s) for t, s in named.get("monitor", []) if t]}
         if not self._by_topic:  # matched by source name: topics play no part
             named = {r: [("", s) for _, s in pairs] for r, pairs in named.items()}
         try:
@@ -699,24 +711,9 @@ class RunPipeline:
         elif self.acc.moments is not None and js.get("records"):
             # a checkpoint from before moments were taken: the refinement starts afresh
             logger.warning("checkpoint without moments: refinement covers new orientations")
-        from consumers.reduction.accumulate import OrientationRecord as Rec
-
         for i, r in enumerate(js["records"]):
             self.acc.per_orientation_counts.append(arrays["orient_counts"][i])
             self.acc.per_orientation_exposure.append(arrays["orient_exposure"][i])
-            self.acc.records.append(
-                Rec(
-                    index=i,
-                    omega=r["omega"],
-                    proton_charge=r["proton_charge"],
-                    events=r["events"],
-                    folded=r["folded"],
-                    dropped=r["dropped"],
-                    monitor_counts=dict(r.get("monitor_counts", {})),
-                    monitor_incomplete=tuple(r.get("monitor_incomplete", ())),
-                    weight=r.get("weight"),
-                    normalised=bool(r.get("normalised", True)),
-                )
-            )
+            self.acc.records.append(OrientationRecord.from_json(i, r))
         self.stopped = bool(js.get("stopped", False))
         self.failed = list(js.get("failed", []))

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
-from streaming_data_types.run_start_pl72 import deserialise_pl72, serialise_pl72
 
 from consumers.reduction.pipeline import RunPipeline, schema_of
 from simulations.runs.recording import RecordedMessage, RunReader
 from simulations.runs.simulate import RunPlan, simulate_run
+from tests.runstarts import pl72_with
 
 PLAN = RunPlan(
     material="Ge",
@@ -37,21 +37,6 @@ def messages(tmp_path_factory: pytest.TempPathFactory) -> list[RecordedMessage]:
         return list(reader)
 
 
-def _pl72(payload: bytes, *, metadata: bool, nexus: bool) -> bytes:
-    run = deserialise_pl72(payload)
-    return bytes(
-        serialise_pl72(
-            job_id=run.job_id,
-            filename=run.filename,
-            start_time=run.start_time,
-            run_name=run.run_name,
-            instrument_name=run.instrument_name,
-            metadata=run.metadata if metadata else "",
-            nexus_structure=run.nexus_structure if nexus else "",
-        )
-    )
-
-
 def _fold(
     messages: list[RecordedMessage], *, mode: str, metadata: bool = True, nexus: bool = True
 ) -> RunPipeline:
@@ -60,7 +45,7 @@ def _fold(
         schema = schema_of(m.headers, m.payload)
         payload = m.payload
         if schema == "pl72":
-            payload = _pl72(payload, metadata=metadata, nexus=nexus)
+            payload = pl72_with(payload, metadata=metadata, nexus=nexus)
         pipe.handle(schema, payload, m.timestamp_ns, m.key)
     pipe.finish()
     pipe.close()
@@ -112,14 +97,14 @@ def test_neither_usable_set_up_refuses_the_run_start(messages: list[RecordedMess
     pipe = RunPipeline(background=False, moments=False)
     broken = pl72.payload.replace(b"NXfermi_chopper", b"NXfermi_choppeR")  # no Ei
     with pytest.raises(MalformedMessage, match="no spectrometer set-up: no Ei"):
-        pipe.handle("pl72", _pl72(broken, metadata=False, nexus=True), 0)
+        pipe.handle("pl72", pl72_with(broken, metadata=False, nexus=True), 0)
     assert pipe.meta is None  # still waiting for a usable run start
 
 
 def test_a_checkpoint_keeps_the_nexus_set_up(messages: list[RecordedMessage]) -> None:
     pipe = RunPipeline(background=False, moments=False)
     pl72 = next(m for m in messages if schema_of(m.headers, m.payload) == "pl72")
-    pipe.handle("pl72", _pl72(pl72.payload, metadata=False, nexus=True), pl72.timestamp_ns)
+    pipe.handle("pl72", pl72_with(pl72.payload, metadata=False, nexus=True), pl72.timestamp_ns)
     js, arrays = pipe.state()
     assert "nexus_structure" in arrays
     resumed = RunPipeline(background=False, moments=False)

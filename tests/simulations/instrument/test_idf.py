@@ -265,25 +265,15 @@ def _without_nexus_structure(src: Path, dst: Path) -> None:
     """Copy a recorded run with its pl72 stripped of the nexus_structure."""
     import dataclasses
 
-    from streaming_data_types.run_start_pl72 import deserialise_pl72, serialise_pl72
-
     from simulations.runs.recording import RunReader, write_run
+    from tests.runstarts import pl72_with
 
     with RunReader(src) as reader:
         meta = dict(reader.metadata)
         msgs = list(reader)
     for i, m in enumerate(msgs):
         if m.payload[4:8] == b"pl72":
-            r = deserialise_pl72(m.payload)
-            payload = serialise_pl72(
-                job_id=r.job_id,
-                filename=r.filename,
-                start_time=r.start_time,
-                run_name=r.run_name,
-                instrument_name=r.instrument_name,
-                metadata=r.metadata,
-            )
-            msgs[i] = dataclasses.replace(m, payload=bytes(payload))
+            msgs[i] = dataclasses.replace(m, payload=pl72_with(m.payload, nexus=False))
     meta.pop("format", None)
     meta.pop("version", None)
     write_run(dst, msgs, meta)
