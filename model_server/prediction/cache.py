@@ -84,6 +84,10 @@ _FOLD_TABLES = LRU(8)
 _PHONON_TABLES = LRU(4)  # up to ~40 MB each (Ge, 40^3 mesh)
 _MODELS = LRU(16)
 POWDER = LRU(16)
+CAN = LRU(4)  # the aluminium can's powder table by (T, Ei, energies, |Q| reach)
+COMPONENT_SQE = LRU(4)  # background components on the super-pixels (~40 MB each for Ge)
+FULL_SIMULATORS = LRU(2)  # event simulators over the whole energy window (tof background)
+SAMPLE_TOTALS = LRU(4096)  # a sample's expected counts over that window, by angle
 PARSED = LRU(16)  # CIF text -> ParsedCIF
 PREDICTED = LRU(16)  # crystal + model version -> ModelFCs
 _MODES = LRU(4)  # FC set -> mesh phonons with eigenvectors
@@ -99,6 +103,10 @@ def clear_caches() -> None:
             _PHONON_TABLES,
             _MODELS,
             POWDER,
+            CAN,
+            COMPONENT_SQE,
+            FULL_SIMULATORS,
+            SAMPLE_TOTALS,
             PARSED,
             PREDICTED,
             _MODES,

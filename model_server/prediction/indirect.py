@@ -19,7 +19,7 @@ Per atom ``i`` and mode ``nu`` (each q-point of the mesh weighted 1/N_q)::
 (fundamentals in the almost-isotropic form, overtones and combinations of order n >= 2
 in AbINS' isotropic form, by n-fold self-convolution of b on a fine grid). ``sigma_i``
 is the total bound cross section (coherent + incoherent; ``cross_section="incoherent"``
-for the incoherent one only) of Sears (1992), :mod:`model_server.prediction.cross_sections`. Energy
+for the incoherent one only) of Sears (1992), :mod:`simulations.lattice.cross_sections`. Energy
 loss only (the 1 -> 0 transitions are left out, as AbINS does; negligible at VISION's
 5-10 K). Each mode's Q is that of its energy on each bank. The result is Gaussian-
 broadened with the instrument's width and averaged over each output bin: VISION
@@ -43,7 +43,6 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.special import ndtr
 
-from model_server.prediction.cross_sections import cross_sections
 from model_server.prediction.crystal_fc import CrystalFC
 from model_server.prediction.spectra import (
     MAX_ATOMS_DOS,
@@ -52,6 +51,7 @@ from model_server.prediction.spectra import (
     mesh_modes,
     resolve_mesh,
 )
+from simulations.lattice.cross_sections import cross_sections
 from simulations.lattice.pair_phonons import MeshPhonons
 from simulations.lattice.sqe import FREQUENCY_MIN_MEV, bose_occupation
 from simulations.units import E_PER_K2, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV
@@ -302,7 +302,7 @@ def indirect_spectrum(
     ------
     SpectraError
         Bad settings or a cell above the atom limit.
-    model_server.prediction.cross_sections.UnknownCrossSectionError
+    simulations.lattice.cross_sections.UnknownCrossSectionError
         An element without a tabulated cross section.
     """
     check_atom_limit(fcs, MAX_ATOMS_DOS, "indirect-geometry spectrum")

@@ -6,6 +6,7 @@ see :mod:`model_server.prediction.predict` for the physics and units). The ``dos
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -14,14 +15,32 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.reduction.folding import Folder
-from model_server.prediction.cache import POWDER, Material, fold_table, instrument, phonon_table
+from model_server.prediction.cache import (
+    CAN,
+    COMPONENT_SQE,
+    FULL_SIMULATORS,
+    POWDER,
+    SAMPLE_TOTALS,
+    Material,
+    fold_table,
+    instrument,
+    phonon_table,
+)
 from model_server.prediction.expected import FoldSampler, GridSimulator, accessible, angle_bins
 from model_server.prediction.request import PredictionError, PredictionOptions
 from model_server.prediction.results import DetectorPrediction, IQEPrediction, PowderPrediction
 from model_server.prediction.spectra import powder_spectrum
 from simulations.exceptions import SimulationError
+from simulations.instrument.events import OrientationSimulator
 from simulations.instrument.spectrometer import Orientation, energy_to_k
+from simulations.lattice.backgrounds import (
+    COMPONENTS,
+    Backgrounds,
+    IncoherentScattering,
+    elastic_line,
+)
 from simulations.lattice.sqe import CoherentSQE
+from simulations.runs.can import aluminium_can
 
 __all__ = ["POWDER_N_Q", "powder", "single_crystal"]
 
@@ -69,8 +88,15 @@ def single_crystal(
         folder = Folder(fold_table(mat), grid, ins, orientation, ei)
         sampler = FoldSampler(folder, sim.group_of_pixel, threads=min(4, os.cpu_count() or 1))
     seconds["fold_setup"] = time.perf_counter() - t
+    t = time.perf_counter()
+    comp_s = component_sqe(mat, sim, grid.energy_edges, options)
+    if "tof_background" in comp_s:
+        level = tof_level(mat, sim, options)
+        comp_s = {**comp_s, "tof_background": comp_s["tof_background"] * level}
+    seconds["components"] = time.perf_counter() - t
     cov = np.zeros(grid.shape)
     sig = np.zeros(grid.shape)
+    comp_sig = {name: np.zeros(grid.shape) for name in comp_s}
     det_num: list[NDArray[np.float64]] = []
     if "detector" in outputs:
         edges, bin_of = angle_bins(sim.group_directions, options.detector_angle_step)
@@ -88,6 +114,8 @@ def single_crystal(
             c_w, s_w = sampler.fold(float(omega), s_group)
             cov += c_w
             sig += s_w
+            for name, s_comp in comp_s.items():
+                comp_sig[name] += sampler.fold(float(omega), s_comp)[1]
         if "detector" in outputs:
             det_num.append(onehot @ (s_group * sim.kf_over_ki[None, :]))
         t_f += time.perf_counter() - t
@@ -95,12 +123,147 @@ def single_crystal(
     seconds["fold"] = t_f
     iqe = detector = None
     if "iqe" in outputs:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            intensity = np.where(cov > 0, sig / np.where(cov > 0, cov, 1.0), np.nan)
-        iqe = IQEPrediction(intensity=intensity, coverage=cov, signal=sig, dispersion=dispersion)
+        iqe = IQEPrediction(
+            intensity=_per_coverage(sig, cov),
+            coverage=cov,
+            signal=sig,
+            dispersion=dispersion,
+            components={k: _per_coverage(v, cov) for k, v in comp_sig.items()},
+        )
     if "detector" in outputs:
-        detector = _detector(np.stack(det_num), den, edges, ei, grid.energy_centres)
+        comp_det = {
+            k: onehot @ (v * sim.kf_over_ki[None, :]) / np.where(den > 0, den, np.nan)
+            for k, v in comp_s.items()
+        }
+        detector = _detector(np.stack(det_num), den, edges, ei, grid.energy_centres, comp_det)
     return iqe, detector
+
+
+def _per_coverage(signal: NDArray[np.float64], cov: NDArray[np.float64]) -> NDArray[np.float64]:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cov > 0, signal / np.where(cov > 0, cov, 1.0), np.nan)
+
+
+def component_sqe(
+    mat: Material, sim: GridSimulator, edges: NDArray[np.float64], options: PredictionOptions
+) -> dict[str, NDArray[np.float64]]:
+    """The request's background components on the super-pixels, each (n_groups, n_E) in
+    S units (mbarn/(sr meV) per atom), the same at every angle; cached.
+
+    ``tof_background`` comes at the level of one event in all per orientation (the caller
+    scales it: :func:`tof_level`).
+    """
+    wanted = options.backgrounds
+    if not wanted:
+        return {}
+    key = (
+        mat.key,
+        np.asarray(sim.model.coefficients).tobytes(),
+        sim.model.temperature,
+        sim.ei,
+        wanted,
+        options.can_atoms,
+        np.asarray(edges).tobytes(),
+        sim.orientation.lab_to_rlu_matrix(0.0).tobytes(),
+    )
+    return COMPONENT_SQE.get(key, lambda: _component_sqe(sim, edges, options))
+
+
+def _component_sqe(
+    sim: GridSimulator, edges: NDArray[np.float64], options: PredictionOptions
+) -> dict[str, NDArray[np.float64]]:
+    wanted = options.backgrounds
+    bg = Backgrounds(
+        elastic="elastic" in wanted,
+        multiphonon="multiphonon" in wanted,
+        can="can" in wanted,
+        can_atoms=options.can_atoms,
+    )
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    can = None
+    if bg.can:
+        q_max = float(sim.q_magnitude(centres).max())
+        can = CAN.get(
+            (sim.model.temperature, sim.ei, np.asarray(edges).tobytes(), round(q_max, 3)),
+            lambda: aluminium_can(
+                sim.model.temperature, sim.model.resolution, q_max=q_max, energies=centres
+            ),
+        )
+    parts = sim.components(bg, can=can, edges=edges)
+    weight = _weights(sim, edges)
+    out = {k: v / weight for k, v in parts.items()}
+    if "tof_background" in wanted:
+        out["tof_background"] = sim.flat_background(1.0, edges) / weight
+    return {k: out[k] for k in COMPONENTS if k in out}
+
+
+def _weights(sim: GridSimulator, edges: NDArray[np.float64]) -> NDArray[np.float64]:
+    """(n_groups, n_E) ``k_f/k_i dOmega dE`` of the super-pixels on ``edges``."""
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    kf = np.asarray(energy_to_k(np.maximum(sim.ei - centres, 0.0)))
+    weight = (kf / float(energy_to_k(sim.ei)))[None, :] * sim.group_solid_angles[:, None]
+    return np.asarray(weight * float(edges[1] - edges[0]))
+
+
+def tof_level(mat: Material, sim: GridSimulator, options: PredictionOptions) -> float:
+    """Events per orientation of the time-of-flight background, in the units of the expected
+    counts (S x ``k_f/k_i dOmega dE``), as ``steer simulate run --background-fraction f``
+    makes them: ``f / (1 - f)`` times the sample's events (one-phonon plus the sample's
+    components over the simulator's whole energy window, energy gain included), averaged
+    over up to 8 evenly spaced angles of the request as the simulator calibrates a run."""
+    wanted = options.backgrounds
+    bg = Backgrounds(
+        elastic="elastic" in wanted,
+        multiphonon="multiphonon" in wanted,
+        can="can" in wanted,
+        can_atoms=options.can_atoms,
+    )
+    reach = bg.multiphonon or bg.can
+    base = (
+        mat.key,
+        np.asarray(sim.model.coefficients).tobytes(),
+        sim.model.temperature,
+        sim.ei,
+        sim.orientation.lab_to_rlu_matrix(0.0).tobytes(),
+    )
+    full = FULL_SIMULATORS.get(
+        (*base, reach),
+        lambda: OrientationSimulator(
+            sim.model,
+            sim.instrument,
+            sim.orientation,
+            sim.ei,
+            table=sim.table,
+            e_top=0.95 * sim.ei if reach else None,
+        ),
+    )
+
+    def parts_total() -> float:
+        can = None
+        if bg.can:
+            q_max = float(full.q_magnitude().max())
+            can = aluminium_can(
+                full.model.temperature, full.model.resolution, q_max=q_max, energies=full.e_centres
+            )
+        return float(sum(v.sum() for v in full.components(bg, can=can).values()))
+
+    components = SAMPLE_TOTALS.get((*base, "components", bg), parts_total)
+    w = np.asarray(options.omegas, dtype=float)
+    cal = w[np.unique(np.linspace(0, len(w) - 1, min(8, len(w))).astype(int))]
+
+    def one_phonon_total(omega: float) -> float:
+        return float(full.expected(omega).sum())
+
+    one_phonon = np.mean(
+        [
+            SAMPLE_TOTALS.get(
+                (*base, reach, float(o)), functools.partial(one_phonon_total, float(o))
+            )
+            for o in cal
+        ]
+    )
+    f = options.background_fraction
+    return float(f / (1.0 - f) * (one_phonon + components))
 
 
 def _detector(
@@ -109,6 +272,7 @@ def _detector(
     edges: NDArray[np.float64],
     ei: float,
     energies: NDArray[np.float64],
+    components: dict[str, NDArray[np.float64]] | None = None,
 ) -> DetectorPrediction:
     """The ``detector`` output from its per-omega numerators (n_omega, n_angle, n_E) and
     denominators (n_angle, n_E), with the in-plane |Q| of every (angle, E) bin centre."""
@@ -125,7 +289,9 @@ def _detector(
             0.0,
         )
     )
-    return DetectorPrediction(angle_edges=edges, intensity=det, q_magnitude=qmag)
+    return DetectorPrediction(
+        angle_edges=edges, intensity=det, q_magnitude=qmag, components=components or {}
+    )
 
 
 def powder(
@@ -164,4 +330,41 @@ def powder(
         accessible=accessible(q, energies, ei, ins),
         directions=options.powder_directions,
         seed=options.seed,
+        components=_powder_components(mat, model, q, grid.energy_edges, options),
     )
+
+
+def _powder_components(
+    mat: Material,
+    model: CoherentSQE,
+    q: NDArray[np.float64],
+    edges: NDArray[np.float64],
+    options: PredictionOptions,
+) -> dict[str, NDArray[np.float64]]:
+    """The sample's components of the powder output, (n_Q, n_E) each."""
+    wanted = options.backgrounds
+    energies = 0.5 * (edges[1:] + edges[:-1])
+    step = float(edges[1] - edges[0])
+    out: dict[str, NDArray[np.float64]] = {}
+    line = elastic_line(energies, float(model.resolution.sigma(np.array(0.0))), step)
+    if "elastic" in wanted or "multiphonon" in wanted:
+        table = phonon_table(mat, model)
+        inc = IncoherentScattering.from_modes(model, table.energies, table.eigenvectors)
+        if "elastic" in wanted:
+            out["elastic"] = inc.elastic(q[:, None], line[None, :])
+        if "multiphonon" in wanted:
+            out["multiphonon"] = inc.multiphonon(
+                q[:, None], inc.broadened_orders(energies, model.resolution)
+            )
+    if "can" in wanted:
+        key = (model.temperature, float(model.resolution.ei), edges.tobytes(), float(q[-1]))
+        can = CAN.get(
+            key,
+            lambda: aluminium_can(
+                model.temperature, model.resolution, q_max=float(q[-1]) + 0.1, energies=energies
+            ),
+        )
+        s_can = can.inelastic(q[:, None] * np.ones((1, len(energies))))
+        s_can = s_can + can.elastic(q[:, None], line[None, :], Backgrounds().ring_width)
+        out["can"] = options.can_atoms * s_can
+    return out

@@ -115,6 +115,7 @@ from model_server.prediction.fc_source import FCModelUnavailableError
 from model_server.prediction.indirect import IndirectSpectrum, indirect_spectrum
 from model_server.prediction.outputs import powder, single_crystal
 from model_server.prediction.request import (
+    DEFAULT_BACKGROUNDS,
     FC_SOURCES,
     MAX_CIF_ATOMS,
     MAX_OMEGAS,
@@ -178,6 +179,9 @@ def predict(
     dos_sigma: float = 0.5,
     indirect_instrument: str = "vision",
     indirect_orders: int = 2,
+    backgrounds: Sequence[str] = DEFAULT_BACKGROUNDS,
+    background_fraction: float = 0.1,
+    can_atoms: float = 0.2,
 ) -> Prediction:
     """Expected spectra of a crystal (see the module docstring).
 
@@ -216,6 +220,15 @@ def predict(
         Gaussian broadening of the ``dos`` output, meV.
     indirect_instrument, indirect_orders
         ``"vision"`` or ``"tosca"``; highest phonon order (1..4) of the ``indirect`` output.
+    backgrounds
+        The background components of ``iqe``, ``detector`` and ``powder`` (any of
+        :data:`~simulations.lattice.backgrounds.COMPONENTS`; default
+        :data:`~model_server.prediction.request.DEFAULT_BACKGROUNDS`; ``()``: none).
+    background_fraction
+        Share of a simulated run's events in the flat time-of-flight background
+        (``tof_background``; 0.1 as in ``steer simulate run``).
+    can_atoms
+        Al atoms of the can in the beam per sample atom (``can``).
 
     Raises
     ------
@@ -236,6 +249,9 @@ def predict(
         dos_sigma=dos_sigma,
         indirect_instrument=indirect_instrument,
         indirect_orders=indirect_orders,
+        backgrounds=backgrounds,
+        background_fraction=background_fraction,
+        can_atoms=can_atoms,
     )
     with LOCK, single_threaded_blas():
         try:

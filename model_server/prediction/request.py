@@ -23,9 +23,11 @@ from model_server.prediction.indirect import INDIRECT_INSTRUMENTS
 from model_server.prediction.results import OUTPUTS
 from model_server.prediction.spectra import MAX_ATOMS_DOS, MAX_ATOMS_POWDER
 from simulations.exceptions import SimulationError
+from simulations.lattice.backgrounds import COMPONENTS
 from simulations.lattice.grid import Grid
 
 __all__ = [
+    "DEFAULT_BACKGROUNDS",
     "FC_SOURCES",
     "MAX_CIF_ATOMS",
     "MAX_OMEGAS",
@@ -38,6 +40,8 @@ __all__ = [
     "check_options",
 ]
 
+#: The background components of a request that names none (the can is asked for).
+DEFAULT_BACKGROUNDS = ("elastic", "multiphonon", "tof_background")
 #: Where a prediction's force constants come from.
 FC_SOURCES = ("reference", "given", "e3nn")
 #: Highest sample temperature, K (the API's schema and the CLI take the same range).
@@ -95,6 +99,9 @@ class PredictionOptions:
     dos_sigma: float
     indirect_instrument: str
     indirect_orders: int
+    backgrounds: tuple[str, ...] = DEFAULT_BACKGROUNDS
+    background_fraction: float = 0.1
+    can_atoms: float = 0.2
 
 
 def check_options(
@@ -110,6 +117,9 @@ def check_options(
     dos_sigma: float,
     indirect_instrument: str,
     indirect_orders: int,
+    backgrounds: Sequence[str] = DEFAULT_BACKGROUNDS,
+    background_fraction: float = 0.1,
+    can_atoms: float = 0.2,
 ) -> PredictionOptions:
     """Check a request's settings (those of :func:`~model_server.prediction.predict.predict`
     besides the crystal, its FCs and Ei) and return them validated.
@@ -120,6 +130,9 @@ def check_options(
         The first setting out of range, unknown or malformed (the message says which).
     """
     wanted = _check_outputs(outputs)
+    components = _check_backgrounds(backgrounds)
+    _check_number("background_fraction", background_fraction, lo=0.0, hi=0.99)
+    _check_number("can_atoms", can_atoms, lo=0.0, hi=100.0)
     _check_number("temperature", temperature, lo=0.0, hi=MAX_TEMPERATURE)
     _check_number("detector_angle_step", detector_angle_step, lo=0.05, hi=90.0, open_lo=True)
     _check_number("dos_sigma", dos_sigma, lo=0.0, hi=50.0, open_lo=True)
@@ -157,6 +170,9 @@ def check_options(
         dos_sigma=float(dos_sigma),
         indirect_instrument=str(indirect_instrument).lower(),
         indirect_orders=int(indirect_orders),
+        backgrounds=components,
+        background_fraction=float(background_fraction),
+        can_atoms=float(can_atoms),
     )
 
 
@@ -180,6 +196,19 @@ def _check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
         raise PredictionError(f"unknown outputs {unknown}; choose from {', '.join(OUTPUTS)}")
     if not wanted:
         raise PredictionError(f"no outputs requested; choose from {', '.join(OUTPUTS)}")
+    return wanted
+
+
+def _check_backgrounds(backgrounds: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(backgrounds, str):
+        backgrounds = [backgrounds]
+    wanted = tuple(dict.fromkeys(str(b) for b in backgrounds))
+    unknown = [b for b in wanted if b not in COMPONENTS]
+    if unknown:
+        raise PredictionError(
+            f"unknown background components {unknown}; choose from {', '.join(COMPONENTS)} "
+            "(an empty list: the one-phonon signal alone)"
+        )
     return wanted
 
 

@@ -29,6 +29,17 @@ __all__ = [
     "json_array",
 ]
 
+#: What the ``components`` of the outputs are (the JSON repeats it).
+COMPONENTS_DESCRIPTION = {
+    "elastic": "incoherent elastic line: sigma_inc/(4 pi) exp(-Q^2 <u^2>) x the resolution "
+    "at E = 0, averaged over each energy bin",
+    "multiphonon": "incoherent multiphonon orders 2-3 in the incoherent approximation "
+    "(total cross sections; the DOS-weighted response self-convolved)",
+    "tof_background": "a background flat in time of flight, per pixel by solid angle, with "
+    "background_fraction of the events (intensity ~ (Ei - E)^-2)",
+    "can": "an aluminium can (can_atoms Al atoms per sample atom): coherent one-phonon "
+    "powder S(|Q|, E), multiphonon, elastic line and Debye-Scherrer rings",
+}
 #: The outputs a prediction can return.
 OUTPUTS = ("iqe", "detector", "powder", "dos", "indirect")
 #: The outputs of a request that names none.
@@ -52,12 +63,22 @@ class IQEPrediction:
         signal).
     dispersion
         (n_q, n_branches) phonon energies on the path (the forward model's), meV.
+    components
+        Background component -> (n_q, n_E) its coverage-weighted mean in the same units
+        (:mod:`simulations.lattice.backgrounds`); the total expected intensity is
+        ``intensity`` plus their sum.
     """
 
     intensity: NDArray[np.float64]
     coverage: NDArray[np.float64]
     signal: NDArray[np.float64]
     dispersion: NDArray[np.float64]
+    components: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+
+    @property
+    def total(self) -> NDArray[np.float64]:
+        """(n_q, n_E) one-phonon plus every component."""
+        return np.asarray(self.intensity + sum(self.components.values(), np.zeros(1)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,11 +94,15 @@ class DetectorPrediction:
         no detector lies in an angle bin.
     q_magnitude
         (n_angle, n_E) |Q| at each bin centre in the horizontal plane, 1/Angstrom.
+    components
+        Background component -> (n_angle, n_E), the same at every omega (functions of
+        |Q| and E), same units.
     """
 
     angle_edges: NDArray[np.float64]
     intensity: NDArray[np.float64]
     q_magnitude: NDArray[np.float64]
+    components: dict[str, NDArray[np.float64]] = field(default_factory=dict)
 
     @property
     def angles(self) -> NDArray[np.float64]:
@@ -99,6 +124,10 @@ class PowderPrediction:
         (n_Q, n_E) bool: reached by the detector's scattering angles at Ei.
     directions, seed
         Directions averaged at every |Q| and the seed of their random rotations.
+    components
+        Background component -> (n_Q, n_E), mbarn/(sr meV) per atom: ``elastic``,
+        ``multiphonon`` and ``can`` (the time-of-flight background is the detector's, not
+        the sample's, and is left out of the powder output).
     """
 
     q: NDArray[np.float64]
@@ -106,6 +135,7 @@ class PowderPrediction:
     accessible: NDArray[np.bool_]
     directions: int
     seed: int
+    components: dict[str, NDArray[np.float64]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,6 +256,9 @@ class Prediction:
             "signal": json_array(iqe.signal),
             "signal_units": "mbarn per atom",
             "dispersion_meV": json_array(iqe.dispersion),
+            "components": {k: json_array(v) for k, v in iqe.components.items()},
+            "total_intensity": json_array(iqe.total),
+            "components_description": COMPONENTS_DESCRIPTION,
         }
 
     def _detector_dict(self, d: DetectorPrediction) -> dict[str, Any]:
@@ -242,6 +275,8 @@ class Prediction:
             "energy_meV": self.energies.tolist(),
             "intensity": json_array(d.intensity),
             "q_magnitude_inv_angstrom": json_array(d.q_magnitude),
+            "components": {k: json_array(v) for k, v in d.components.items()},
+            "components_axes": ["angle_deg", "energy_meV"],
         }
 
     def _powder_dict(self, p: PowderPrediction) -> dict[str, Any]:
@@ -257,6 +292,7 @@ class Prediction:
             "accessible": p.accessible.tolist(),
             "directions": p.directions,
             "seed": p.seed,
+            "components": {k: json_array(v) for k, v in p.components.items()},
         }
 
     def to_png(self, dpi: int = 90) -> bytes:

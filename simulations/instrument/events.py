@@ -42,6 +42,12 @@ from simulations.instrument.spectrometer import (
     energy_to_k,
     energy_to_speed,
 )
+from simulations.lattice.backgrounds import (
+    Backgrounds,
+    IncoherentScattering,
+    PowderCan,
+    elastic_line,
+)
 from simulations.lattice.sqe import FREQUENCY_MIN_MEV, CoherentSQE
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, K_B_MEV_ROUNDED
 
@@ -262,6 +268,9 @@ class OrientationSimulator:
         next tube in the file's order (the next pack's first tube at a pack's end).
     e_step
         Energy grid step, meV (default: half the smallest resolution sigma).
+    e_top
+        Highest energy transfer of the grid, meV (default: 5 sigma above the highest mode,
+        at most 0.95 Ei; multiphonon scattering reaches further).
     """
 
     def __init__(
@@ -276,6 +285,7 @@ class OrientationSimulator:
         group_rows: int = 4,
         e_step: float | None = None,
         table: PhononTable | None = None,
+        e_top: float | None = None,
     ) -> None:
         if not np.isfinite(ei) or ei <= 0:
             raise InstrumentError(f"incident energy must be a positive number of meV, got {ei}")
@@ -291,6 +301,8 @@ class OrientationSimulator:
         )
         sig0 = float(np.min(res.sigma(np.linspace(0, e_hi, 50))))
         self.e_step = float(e_step or 0.5 * sig0)
+        if e_top is not None:
+            e_hi = min(max(float(e_top), e_hi), 0.95 * ei)
         # energy gain: down to where the Bose factor of the modes is negligible
         kt = K_B_MEV_ROUNDED * model.temperature
         e_lo = -min(e_hi, 0.5 * ei, max(5.0 * sig0, 10.0 * kt))
@@ -300,6 +312,10 @@ class OrientationSimulator:
         self._group(group_columns, group_rows)
         self._ki = float(energy_to_k(ei))
         self._kf = np.asarray(energy_to_k(ei - self.e_centres))
+        #: (n_groups, n_E) expected counts per unit scale added at every angle (the sample's
+        #: background components, :meth:`components`), or None.
+        self.extra: NDArray[np.float64] | None = None
+        self._components_cache: tuple[object, dict[str, NDArray[np.float64]]] | None = None
 
     def _group(self, gc: int, gr: int) -> None:
         ins = self.instrument
@@ -356,6 +372,87 @@ class OrientationSimulator:
             out,
         )
         return out
+
+    def components(
+        self,
+        backgrounds: Backgrounds,
+        *,
+        can: PowderCan | None = None,
+        edges: NDArray[np.float64] | None = None,
+    ) -> dict[str, NDArray[np.float64]]:
+        """Expected scattering of the sample besides the one-phonon signal, by component.
+
+        Each is (n_groups, n_E), in the units of :meth:`expected` (S x kf/ki x dOmega x dE,
+        mbarn sr per atom), the same at every omega (the components are functions of |Q|
+        and E: :mod:`simulations.lattice.backgrounds`). ``can``: the can's table on the
+        same energies (required when ``backgrounds.can``). ``edges``: uniform energy bin
+        edges (meV) to use instead of the simulator's own.
+        """
+        cached = self._components_cache
+        if edges is None and cached is not None and cached[0] == (backgrounds, id(can)):
+            return cached[1]
+        e_edges = self.e_edges if edges is None else np.asarray(edges, dtype=float)
+        centres = 0.5 * (e_edges[1:] + e_edges[:-1])
+        step = float(e_edges[1] - e_edges[0])
+        out: dict[str, NDArray[np.float64]] = {}
+        if backgrounds.any:
+            q = self.q_magnitude(centres)
+            kf = np.asarray(energy_to_k(np.maximum(self.ei - centres, 0.0)))
+            weight = (kf / self._ki)[None, :] * self._group_solid[:, None] * step
+            res = self.model.resolution
+            line = elastic_line(centres, float(res.sigma(np.array(0.0))), step)
+            if backgrounds.elastic or backgrounds.multiphonon:
+                inc = self.incoherent(backgrounds.orders)
+                if backgrounds.elastic:
+                    out["elastic"] = inc.elastic(q, line[None, :]) * weight
+                if backgrounds.multiphonon:
+                    broad = inc.broadened_orders(centres, res)
+                    out["multiphonon"] = inc.multiphonon(q, broad) * weight
+            if backgrounds.can:
+                if can is None or len(can.energies) != len(centres):
+                    raise InstrumentError(
+                        "the can component needs the can's table on the same energies"
+                    )
+                s_can = can.inelastic(q) + can.elastic(q, line[None, :], backgrounds.ring_width)
+                out["can"] = backgrounds.can_atoms * s_can * weight
+        if edges is None:
+            self._components_cache = ((backgrounds, id(can)), out)
+        return out
+
+    def incoherent(self, max_order: int = 3) -> IncoherentScattering:
+        """The crystal's incoherent scattering from this simulator's phonon table."""
+        return IncoherentScattering.from_modes(
+            self.model, self.table.energies, self.table.eigenvectors, max_order=max_order
+        )
+
+    def q_magnitude(self, energies: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
+        """(n_groups, n_E) |Q| (1/Angstrom) of every super-pixel centre at every energy
+        transfer (meV; default: the simulator's energy centres)."""
+        e = self.e_centres if energies is None else np.asarray(energies, dtype=float)
+        kf = np.asarray(energy_to_k(np.maximum(self.ei - e, 0.0)))[None, :]
+        d_z = self._group_dir[:, 2][:, None]
+        q2 = self._ki**2 + kf * kf - 2.0 * self._ki * kf * d_z
+        return np.asarray(np.sqrt(np.maximum(q2, 0.0)))
+
+    def flat_background(
+        self, n_events: float, edges: NDArray[np.float64] | None = None
+    ) -> NDArray[np.float64]:
+        """(n_groups, n_E) expected events of :meth:`sample`'s flat background (``n_events``
+        in all) in each super-pixel and energy bin (``edges``, meV; default the
+        simulator's): per pixel by solid angle, uniform in time of flight between the
+        flight times of 1.5 Ei and 0.05 Ei (the group's solid-angle-weighted mean flight
+        path)."""
+        ins = self.instrument
+        e_edges = self.e_edges if edges is None else np.asarray(edges, dtype=float)
+        sol = ins.solid_angles[self._members]
+        l2 = np.add.reduceat(ins.l2[self._members] * sol, self._starts) / self._group_solid
+        v = np.asarray(energy_to_speed(np.clip(self.ei - e_edges, 0.05 * self.ei, None)))
+        t = l2[:, None] / v[None, :]  # (n_groups, n_edges)
+        t_lo = l2 / energy_to_speed(1.5 * self.ei)
+        t_hi = l2 / energy_to_speed(0.05 * self.ei)
+        frac = np.diff(np.clip(t, t_lo[:, None], t_hi[:, None]), axis=1) / (t_hi - t_lo)[:, None]
+        share = self._group_solid / self._group_solid.sum()
+        return np.asarray(n_events * share[:, None] * frac)
 
     def sample(
         self,

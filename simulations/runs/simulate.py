@@ -59,8 +59,10 @@ from simulations.fcdb.reference import resolve_fc
 from simulations.instrument.events import OrientationSimulator
 from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
 from simulations.jsonutil import json_default
+from simulations.lattice.backgrounds import Backgrounds
 from simulations.lattice.materials import MaterialSetup, setup
 from simulations.lattice.sqe import CoherentSQE
+from simulations.runs.can import aluminium_can
 from simulations.runs.nexus_structure import MonitorStream, StreamNames, encode, nexus_structure
 from simulations.runs.recording import RecordedMessage, RunWriter
 
@@ -204,6 +206,11 @@ class RunPlan:
         Mean number of events per counting step (signal + background), over the run.
     background_fraction
         Share of those events from the flat background.
+    backgrounds
+        The sample's scattering besides the coherent one-phonon signal
+        (:class:`~simulations.lattice.backgrounds.Backgrounds`: the incoherent elastic line
+        and multiphonon scattering by default, an aluminium can on request); their counts
+        come out of ``events_per_orientation`` like the signal's.
     temperature
         Sample temperature, K.
     ei
@@ -249,6 +256,7 @@ class RunPlan:
     omegas: tuple[float, ...] = field(default_factory=lambda: tuple(np.arange(0.0, 120.0)))
     events_per_orientation: float = 2e5
     background_fraction: float = 0.1
+    backgrounds: Backgrounds = field(default_factory=Backgrounds)
     temperature: float = 5.0
     ei: float | None = None
     count_time: float = 60.0
@@ -487,8 +495,15 @@ def simulate_run(
         resolution=instrument.resolution(ei),
     )
     orientation = Orientation.from_vectors(ms.crystal, plan.u, plan.v)
+    reach = plan.backgrounds.multiphonon or plan.backgrounds.can
     sim = OrientationSimulator(
-        model, instrument, orientation, ei, mesh=plan.mesh, group_rows=plan.group_rows
+        model,
+        instrument,
+        orientation,
+        ei,
+        mesh=plan.mesh,
+        group_rows=plan.group_rows,
+        e_top=0.95 * ei if reach else None,
     )
     rng = np.random.default_rng(plan.seed)
     run_id = plan.run_id or f"sim-{ms.crystal.name}-{plan.seed}"
@@ -511,6 +526,7 @@ def simulate_run(
             ),
         )
     clock = _Clock(plan, run_id, bluesky_format, streams)
+    sim.extra = _sample_extra(plan, sim, instrument, ei)
     scale, background, cache = _calibrate(plan, sim, omegas)
     metadata = _run_metadata(plan, ms, sim, omegas, clock, run_id, label, coefficients)
     file_meta = {
@@ -542,6 +558,30 @@ def simulate_run(
     )
 
 
+def _sample_extra(
+    plan: RunPlan, sim: OrientationSimulator, instrument: Instrument, ei: float
+) -> NDArray[np.float64] | None:
+    """(n_groups, n_E) the expected counts of the background components (the same at
+    every angle), in the units of :meth:`OrientationSimulator.expected`; None when off."""
+    bg = plan.backgrounds
+    if not bg.any:
+        return None
+    can = None
+    if bg.can:
+        q_max = float(sim.q_magnitude().max())
+        can = aluminium_can(
+            plan.temperature, instrument.resolution(ei), q_max=q_max, energies=sim.e_centres
+        )
+    parts = sim.components(bg, can=can)
+    return np.asarray(sum(parts.values()))
+
+
+def _expected(sim: OrientationSimulator, omega: float) -> NDArray[np.float64]:
+    """Expected counts per unit scale at ``omega``: one-phonon plus the components."""
+    lam = sim.expected(omega)
+    return lam if sim.extra is None else lam + sim.extra
+
+
 def _calibrate(
     plan: RunPlan, sim: OrientationSimulator, omegas: NDArray[np.float64]
 ) -> tuple[float, float, dict[float, NDArray[np.float64]]]:
@@ -553,7 +593,7 @@ def _calibrate(
     between orientations as a real crystal's do.
     """
     cal = omegas[np.unique(np.linspace(0, len(omegas) - 1, min(8, len(omegas))).astype(int))]
-    cache = {float(w): sim.expected(float(w)) for w in cal}
+    cache = {float(w): _expected(sim, float(w)) for w in cal}
     mean_signal = float(np.mean([lam.sum() for lam in cache.values()]))
     n_sig = (1.0 - plan.background_fraction) * plan.events_per_orientation
     scale = n_sig / mean_signal if mean_signal > 0 else 0.0
@@ -615,6 +655,7 @@ def _run_metadata(
             "seed": plan.seed,
             "events_per_orientation": plan.events_per_orientation,
             "background_fraction": plan.background_fraction,
+            "backgrounds": plan.backgrounds.to_dict(),
             "phonon_mesh": plan.mesh,
             "super_pixel_rows": plan.group_rows,
         },
@@ -755,7 +796,7 @@ def _messages(
     bar = tqdm(total=len(omegas), desc="orientations", unit="orient", disable=not progress)
     for k, target in enumerate(omegas):
         cached = cache.pop(float(target), None)
-        expected = cached if cached is not None else sim.expected(float(target))
+        expected = cached if cached is not None else _expected(sim, float(target))
         batch: list[RecordedMessage] = []
         if k > 0 or abs(target - current) > 0:
             t = beam.move(batch, expected, scale, background, current, float(target), t)

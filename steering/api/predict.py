@@ -201,6 +201,9 @@ def _job(raw: bytes, history: History, limits: ServiceLimits, png: bool) -> dict
         "dos_sigma": body.dos_sigma,
         "indirect_instrument": body.indirect_instrument,
         "indirect_orders": body.indirect_orders,
+        "backgrounds": list(body.backgrounds),
+        "background_fraction": body.background_fraction,
+        "can_atoms": body.can_atoms,
         "png": png,
     }
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from model_server.prediction.indirect import INDIRECT_INSTRUMENTS
 from model_server.prediction.predict import DEFAULT_OUTPUTS, MAX_CIF_ATOMS, MAX_OMEGAS, OUTPUTS
 from model_server.prediction.spectra import MAX_ATOMS_DOS, MAX_ATOMS_POWDER
+from simulations.lattice.backgrounds import COMPONENTS
 from simulations.lattice.crystals import SHIPPED_MATERIALS
 
 __all__ = [
@@ -63,6 +64,10 @@ class FCCoefficients(BaseModel):
         "every coefficient of its basis must be given (a request without them is answered "
         "with their names).",
     )
+
+
+#: A background component of a prediction.
+Background = Literal["elastic", "multiphonon", "tof_background", "can"]
 
 
 class PredictRequest(BaseModel):
@@ -176,6 +181,34 @@ class PredictRequest(BaseModel):
         le=4,
         description="Highest phonon order of the `indirect` output (1: fundamentals; 2: "
         "with overtones and combinations of two phonons, ...).",
+    )
+    backgrounds: list[Background] = Field(
+        ["elastic", "multiphonon", "tof_background"],
+        max_length=len(COMPONENTS),
+        description="Background components returned beside the one-phonon signal (in "
+        "`iqe`, `detector` and `powder`, under `components`; `iqe.total_intensity` is their "
+        "sum with the signal): `elastic` (incoherent elastic line: sigma_inc/(4 pi) "
+        "exp(-Q^2 <u^2>) times the resolution at E = 0), `multiphonon` (orders 2-3 in the "
+        "incoherent approximation, total cross sections), `tof_background` (a background "
+        "flat in time of flight with `background_fraction` of the events; not in `powder`), "
+        "`can` (an aluminium can: its powder phonons, multiphonon, elastic line and "
+        "Debye-Scherrer rings, `can_atoms` Al atoms per sample atom). Same units as the "
+        "signal, mbarn/(sr meV) per atom. `[]`: the one-phonon signal alone.",
+    )
+    background_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=0.99,
+        allow_inf_nan=False,
+        description="Share of the events in the time-of-flight background, as `steer "
+        "simulate run --background-fraction` makes it.",
+    )
+    can_atoms: float = Field(
+        0.2,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="Al atoms of the can in the beam per sample atom.",
     )
 
     @field_validator("outputs")

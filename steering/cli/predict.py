@@ -149,6 +149,7 @@ def summary(prediction: Any, kind: str, out: Path | None) -> dict[str, Any]:
             "q_inv_angstrom": d["powder"]["q_inv_angstrom"],
             "energy_meV": d["energy_meV"],
             "intensity": np.where(p.accessible, p.intensity, np.nan),
+            "components": {k: np.where(p.accessible, v, np.nan) for k, v in p.components.items()},
         }
     else:
         iqe, det = d["iqe"], d["detector"]
@@ -166,6 +167,8 @@ def summary(prediction: Any, kind: str, out: Path | None) -> dict[str, Any]:
                     "energy_meV",
                     "intensity",
                     "dispersion_meV",
+                    "components",
+                    "total_intensity",
                 )
             },
             "detector": {
@@ -229,6 +232,15 @@ def predict_cmd(
         int, typer.Option("--orders", help="indirect: highest phonon order (1-4).")
     ] = 2,
     sigma: Annotated[float, typer.Option("--sigma", help="dos: Gaussian sigma, meV.")] = 0.5,
+    backgrounds: Annotated[
+        str,
+        typer.Option(
+            "--backgrounds",
+            help="powder, single: background components beside the one-phonon signal, "
+            "comma-separated: elastic, multiphonon, tof_background (single only), can; "
+            "'none' for the signal alone.",
+        ),
+    ] = "elastic,multiphonon,tof_background",
     out: Annotated[
         Path | None, typer.Option("--out", help="Write a PNG (labelled axes and units).")
     ] = None,
@@ -251,6 +263,7 @@ def predict_cmd(
         dos_sigma=sigma,
         indirect_instrument=instrument,
         indirect_orders=orders,
+        backgrounds=_backgrounds(backgrounds),
     )
     if out is not None:
         _write_png(prediction, out)
@@ -259,6 +272,12 @@ def predict_cmd(
         typer.echo(json.dumps(doc, default=_json_default))
     else:
         _print_summary(doc, kind, out)
+
+
+def _backgrounds(spec: str) -> tuple[str, ...]:
+    """``--backgrounds``: a comma-separated list, or ``none``."""
+    words = tuple(w.strip() for w in spec.split(",") if w.strip())
+    return () if words in ((), ("none",)) else words
 
 
 def _write_png(prediction: Any, out: Path) -> None:

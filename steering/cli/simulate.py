@@ -324,12 +324,36 @@ def simulate_run_cmd(
             "and name them in the run start.",
         ),
     ] = False,
+    backgrounds: Annotated[
+        str,
+        typer.Option(
+            "--backgrounds",
+            help="The sample's scattering besides the one-phonon signal, comma-separated: "
+            "elastic (incoherent elastic line), multiphonon (orders 2-3, incoherent "
+            "approximation), can (an aluminium can's powder phonons, elastic line and "
+            "rings); 'none' for the one-phonon signal alone, 'all' for the three. The flat "
+            "time-of-flight background is --background-fraction.",
+        ),
+    ] = "elastic,multiphonon",
+    can_atoms: Annotated[
+        float,
+        typer.Option(
+            "--can-atoms",
+            min=0.0,
+            help="With the can: Al atoms in the beam per sample atom.",
+        ),
+    ] = 0.2,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Simulate a rotation run: pl72/f144/ev44/6s4t messages and bluesky documents."""
+    from dataclasses import replace
+
     from simulations.instrument.spectrometer import Instrument
+    from simulations.lattice.backgrounds import Backgrounds
     from simulations.runs.simulate import RunPlan, parse_omegas, simulate_run
+
+    components = replace(Backgrounds.parse(backgrounds), can_atoms=can_atoms)
 
     if pixel_table is not None and instrument_file is not None:
         raise SteeringError(
@@ -353,6 +377,7 @@ def simulate_run_cmd(
         temperature=temperature,
         count_time=count_time,
         background_fraction=background,
+        backgrounds=components,
         prefix=prefix,
         mesh=mesh,
         group_rows=group_rows,

@@ -179,6 +179,79 @@ def test_detector_and_powder(client, ge, raman) -> None:  # type: ignore[no-unty
     np.testing.assert_allclose(first[sel], expected[sel], rtol=0.01)
 
 
+def test_background_components(client, ge) -> None:  # type: ignore[no-untyped-def]
+    """Each component by itself in every output, in the signal's units: the elastic line
+    at E = 0 only, the time-of-flight background growing as (Ei / (Ei - E))^2 in every
+    bin, the multiphonon reaching past the top mode; the total is the signal plus their
+    sum; none when asked for none."""
+    body = {
+        "material": "Ge",
+        "fc": "raman",
+        "omegas": [20.0],
+        "temperature": 300,
+        "backgrounds": ["elastic", "multiphonon", "tof_background", "can"],
+    }
+    r = _post(client, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    e = ge.grid.energy_centres
+    iqe = out["iqe"]
+    assert list(iqe["components"]) == ["elastic", "multiphonon", "tof_background", "can"]
+    assert set(iqe["components_description"]) == set(iqe["components"])
+    comp = {k: _array(v) for k, v in iqe["components"].items()}
+    one = _array(iqe["intensity"])
+    covered = np.isfinite(one)
+    total = _array(iqe["total_intensity"])
+    np.testing.assert_allclose(total[covered], (one + sum(comp.values()))[covered], rtol=1e-12)
+    sigma0 = float(Instrument.arcs_like().resolution(80.0).sigma(np.array(0.0)))
+    el = np.nan_to_num(comp["elastic"])
+    assert el[:, e < 2 * sigma0].sum() > 0
+    assert el[:, e > 6 * sigma0].max() < 1e-6 * el.max()
+    tof = comp["tof_background"]
+    lo, hi = np.argmin(np.abs(e - 10.0)), np.argmin(np.abs(e - 60.0))
+    both = covered[:, lo] & covered[:, hi]
+    ratio = tof[both, hi] / tof[both, lo]
+    expected = ((80.0 - e[lo]) / (80.0 - e[hi])) ** 2
+    np.testing.assert_allclose(ratio, expected, rtol=0.02)
+    assert np.nanmax(comp["multiphonon"][:, e > 45.0]) > 0  # two phonons: past the top mode
+    det = out["detector"]
+    assert set(det["components"]) == set(comp)
+    assert (
+        _array(det["components"]["tof_background"]).shape
+        == _array(det["q_magnitude_inv_angstrom"]).shape
+    )
+    pw = out["powder"]
+    assert list(pw["components"]) == ["elastic", "multiphonon", "can"]  # no detector background
+    assert np.all(_array(pw["components"]["multiphonon"]) >= 0)
+
+    r = _post(client, {**body, "backgrounds": [], "outputs": ["iqe", "powder"]})
+    assert r.status_code == 200, r.text
+    bare = r.json()
+    assert bare["iqe"]["components"] == {}
+    assert bare["powder"]["components"] == {}
+    np.testing.assert_array_equal(
+        _array(bare["iqe"]["total_intensity"]), _array(bare["iqe"]["intensity"])
+    )
+    r = _post(client, {**body, "backgrounds": ["elastic", "phonons"]})
+    assert r.status_code == 422
+    assert "tof_background" in r.text  # the choices are named
+
+
+def test_background_choices_are_the_physics_components() -> None:
+    import inspect
+    import typing
+
+    from model_server.prediction.request import DEFAULT_BACKGROUNDS
+    from simulations.lattice.backgrounds import COMPONENTS
+    from steering.api.schemas import Background, PredictRequest
+    from steering.cli.predict import predict_cmd
+
+    assert typing.get_args(Background) == COMPONENTS
+    assert tuple(PredictRequest.model_fields["backgrounds"].default) == DEFAULT_BACKGROUNDS
+    default = inspect.signature(predict_cmd).parameters["backgrounds"].default
+    assert tuple(default.split(",")) == DEFAULT_BACKGROUNDS
+
+
 def test_png(client) -> None:  # type: ignore[no-untyped-def]
     r = _post(
         client,

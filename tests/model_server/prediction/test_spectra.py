@@ -12,11 +12,6 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from model_server.prediction.cross_sections import (
-    SEARS_1992,
-    UnknownCrossSectionError,
-    cross_sections,
-)
 from model_server.prediction.crystal_fc import CrystalFC, FCInputError, project_onto_basis
 from model_server.prediction.indirect import (
     INDIRECT_INSTRUMENTS,
@@ -34,6 +29,11 @@ from model_server.prediction.spectra import (
     powder_from_fc,
 )
 from simulations.fcdb.reference import resolve_fc
+from simulations.lattice.cross_sections import (
+    SEARS_1992,
+    UnknownCrossSectionError,
+    cross_sections,
+)
 from simulations.lattice.materials import setup
 from simulations.lattice.phonopy_export import to_phonopy
 from simulations.lattice.resolution import EnergyResolution

@@ -15,7 +15,7 @@ def test_simulate_run_json_contract_and_check_run(tmp_path: Path) -> None:
     out = tmp_path / "ge.steer"
     proc = steer(
         "simulate", "run", "--material", "Ge", "--fc", "raman", "--omegas", "0:3:1",
-        "--events-per-orientation", "20000", "--count-time", "5", "--seed", "1",
+        "--events-per-orientation", "60000", "--count-time", "5", "--seed", "1",
         "--out", str(out), "--quiet", "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -29,8 +29,8 @@ def test_simulate_run_json_contract_and_check_run(tmp_path: Path) -> None:
     assert result["n_pixels"] == 102_400  # the default ARCS-like array
     assert result["fc_set"] == "raman"
     assert result["path"] == str(out)
-    # 20k per 5 s step, plus the events while moving (2 x (1 deg at 1 deg/s + 1 s settle))
-    assert 68_000 < result["events"] < 84_000
+    # 60k per 5 s step, plus the events while moving (2 x (1 deg at 1 deg/s + 1 s settle))
+    assert 204_000 < result["events"] < 252_000
     with RunReader(out) as reader:
         assert reader.count() == result["messages"]
         assert reader.metadata["fc_set"] == "raman"

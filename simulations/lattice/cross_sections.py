@@ -19,7 +19,7 @@ of the rows described above); not edited by hand.
 
 from __future__ import annotations
 
-from model_server.exceptions import ModelServerError
+from simulations.exceptions import SimulationError
 
 __all__ = ["SEARS_1992", "UnknownCrossSectionError", "cross_sections"]
 
@@ -111,7 +111,7 @@ SEARS_1992: dict[str, tuple[float, float]] = {
 }
 
 
-class UnknownCrossSectionError(ModelServerError, ValueError):
+class UnknownCrossSectionError(SimulationError, ValueError):
     """An element with no tabulated cross section (no stable isotope)."""
 
 
