@@ -178,25 +178,30 @@ def dispersion_check(
     * ``fraction_on_branch``: q columns with at least ``min_counts`` counts whose
       strongest bin lies within ``max(2 sigma(E), bin width)`` of a forward-model branch.
 
+    Both leave out the elastic line's bins (energies up to
+    :data:`simulations.runs.check.ELASTIC_SIGMAS` resolution widths at E = 0).
+
     Raises
     ------
     FoldError
         When the run carries no ground truth.
     """
-    from simulations.runs.check import peaks_on_branches
+    from simulations.runs.check import ELASTIC_SIGMAS, peaks_on_branches
 
     ms, model, branches = _ground_truth(meta)
     snap = acc.snapshot()
-    mask = snap.mask
-    data = np.where(mask, snap.intensity, np.nan)
-    model = np.where(mask, model, np.nan)
     ec = ms.grid.energy_centres
     ins = instrument or Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
     ei = float(meta["ei_meV"])  # type: ignore[arg-type]
     sigma = ins.resolution(ei, e_max=min(float(ms.grid.energy_edges[-1]), 0.95 * ei)).sigma
+    # the elastic line (simulated runs have it by default) is no phonon: its bins are out
+    inelastic = ec > ELASTIC_SIGMAS * float(sigma(np.array(0.0)))
+    mask = snap.mask & inelastic[None, :]
+    data = np.where(mask, snap.intensity, np.nan)
+    model = np.where(mask, model, np.nan)
     # (unmeasured bins hold no counts, so the peak of a checked column is a measured bin)
     checked, _, on_branch = peaks_on_branches(
-        ec, snap.counts, branches, sigma, min_counts=min_counts
+        ec[inelastic], snap.counts[:, inelastic], branches, sigma, min_counts=min_counts
     )
     per_column = [
         r

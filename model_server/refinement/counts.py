@@ -3,7 +3,7 @@
 For the bins of the path's canonical points (:class:`consumers.reduction.moments.BinMoments`
 holds their geometry, summed over orientations and weighted by proton charge)::
 
-    lambda_b = s * sum_m A_bm h_bm + beta * bg_b
+    lambda_b = s * (sum_m A_bm h_bm + f_b) + beta * bg_b
 
 * ``A_bm = e_m^H T_b e_m``: the structure-factor moment tensor of the bin (the cells' Q,
   Debye-Waller factors and phases) contracted with the eigenvector of mode m at the bin's
@@ -18,7 +18,10 @@ holds their geometry, summed over orientations and weighted by proton charge)::
   nuisance ``r``, and an isotropic Q resolution of variance ``eta^2`` (1/A^2; the
   nuisance ``q_variance``: mosaic spread, pixel size);
 * ``s`` (counts per unit, fitted as ``log s``) and ``beta`` (the background's amplitude on
-  the flat-in-time-of-flight shape ``bg_b``) are nuisance parameters.
+  the flat-in-time-of-flight shape ``bg_b``) are nuisance parameters;
+* an optional fixed signal per bin, ``f_b``, is added to the sum under the scale (the
+  sample's multiphonon scattering: :meth:`model_server.refinement.refiner.RunRefiner.multiphonon`),
+  and the bins below ``e_min`` (the elastic line's) are not fitted.
 
 Degenerate modes (equal eigenvalues to a relative 1e-7) share the cluster's mean energy
 derivative and velocity, so that the sum over a degenerate group depends only on the
@@ -144,6 +147,8 @@ class CountsModel:
         reference: NDArray[np.float64] | None = None,
         min_weight: float = 0.0,
         exclusion: float | None = None,
+        e_min: float | None = None,
+        extra: NDArray[np.float64] | None = None,
     ) -> None:
         n_q, n_e = grid.shape
         if moments.weight.shape != (n_q * n_e,):
@@ -176,9 +181,16 @@ class CountsModel:
         canonical = np.asarray(alias) == np.arange(n_q)
         weight = moments.weight.reshape(n_q, n_e)
         use = (canonical & far)[:, None] & (weight > max(min_weight, 0.0))
+        if e_min is not None:  # the elastic line's bins are not fitted
+            use &= (edges[:-1] >= e_min)[None, :]
         if not use.any():
             raise RefinementError(
-                "no measured bins to fit: nothing was folded away from the zone centres yet"
+                "no measured bins to fit: nothing was folded away from the zone centres "
+                "and above the elastic line yet"
+            )
+        if extra is not None and np.shape(extra) != (n_q * n_e,):
+            raise RefinementError(
+                f"the fixed signal has {np.size(extra)} bins, the grid {n_q} x {n_e}"
             )
         self.points = np.nonzero(use.any(axis=1))[0]  # fitted path points
         self._use = use[self.points]  # (n_p, n_E): the fitted bins among the points' rows
@@ -197,6 +209,11 @@ class CountsModel:
             ..., None, None
         ] - np.einsum("pei,pej->peij", mean, mean)
         self._background = moments.background[dense].reshape(shape)
+        self._extra = (
+            np.zeros(shape)
+            if extra is None
+            else np.asarray(extra, dtype=float)[dense].reshape(shape)
+        )
         self._e_lo = edges[:-1][None, :, None]  # (1, e, 1)
         self._de = float(edges[1] - edges[0])
         self._dyn = basis.dynamical_basis(qpts[self.points])  # (k, n_p, m, m)
@@ -372,7 +389,7 @@ class CountsModel:
             tensor = tensor - pair * self._tensor_q2
         x_b = uh @ tensor @ vec[:, None]  # (p, e, m, n): e_m^H T e_n
         a_bm = np.real(np.einsum("pemm->pem", x_b))
-        signal = scale * np.sum(a_bm * h, axis=2)
+        signal = scale * (np.sum(a_bm * h, axis=2) + self._extra)
         use = self._use
         expected = (signal + beta * self._background)[use]
         if not jacobian:

@@ -9,6 +9,7 @@ reference set) and warm-started from the previous snapshot's optimum.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,11 +27,20 @@ from model_server.refinement.counts import CountsModel
 from model_server.refinement.fit import Prior, Refined, default_prior, refine
 from simulations.exceptions import SimulationError
 from simulations.instrument.spectrometer import Instrument
+from simulations.lattice.backgrounds import IncoherentScattering
 from simulations.lattice.materials import MaterialSetup, setup
+from simulations.lattice.sqe import CoherentSQE
 
 __all__ = ["RunRefiner", "read_counts_file", "refine_file", "run_moments", "running_estimate"]
 
 logger = logging.getLogger(__name__)
+
+#: Fitted bins start this many resolution widths (at E = 0) above the elastic line.
+ELASTIC_SIGMAS = 4.0
+#: Points per axis of the mesh of the multiphonon responses.
+MULTIPHONON_MESH = 16
+#: Relative change of the coefficients (2-norm) that remakes the multiphonon template.
+TEMPLATE_TOLERANCE = 0.01
 
 
 class RunRefiner:
@@ -90,6 +100,7 @@ class RunRefiner:
         self.resolution = instrument.resolution(self.ei)
         self.table = table or FoldTable.cached(self.setup.crystal, self.setup.grid)
         self._constants: StructureConstants | None = None
+        self._incoherent: tuple[NDArray[np.float64], IncoherentScattering] | None = None
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], **kwargs: Any) -> RunRefiner:
@@ -116,9 +127,80 @@ class RunRefiner:
             )
         return self._constants
 
-    def model(self, moments: BinMoments, *, exclusion: float | None = None) -> CountsModel:
+    @property
+    def elastic_cut(self) -> float:
+        """Lowest energy transfer (meV) of a fitted bin's lower edge:
+        :data:`ELASTIC_SIGMAS` widths of the resolution at E = 0 (below, the elastic line)."""
+        return ELASTIC_SIGMAS * float(self.resolution.sigma(np.array(0.0)))
+
+    def incoherent(self, at: NDArray[np.float64] | None = None) -> IncoherentScattering:
+        """The incoherent scattering (multiphonon responses) of coefficients ``at`` (default:
+        the reference set); the last one is kept and reused while the coefficients stay
+        within :data:`TEMPLATE_TOLERANCE` (relative) of those it was made for."""
+        c = self.reference if at is None else np.asarray(at, dtype=float)
+        if self._incoherent is not None:
+            c0, inc = self._incoherent
+            if np.linalg.norm(c - c0) <= TEMPLATE_TOLERANCE * np.linalg.norm(c0):
+                return inc
+        model = CoherentSQE(
+            self.setup.basis, c, temperature=self.temperature, resolution=self.resolution
+        )
+        g = np.arange(MULTIPHONON_MESH) / MULTIPHONON_MESH
+        q = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+        modes = model.modes(q)
+        keep = modes.energies > 0
+        if not np.all(keep[:, 3:]):  # an unstable set: its multiphonon is not defined
+            c = self.reference
+            model = CoherentSQE(
+                self.setup.basis, c, temperature=self.temperature, resolution=self.resolution
+            )
+            modes = model.modes(q)
+        inc = IncoherentScattering.from_modes(model, modes.energies, modes.eigenvectors)
+        self._incoherent = (c.copy(), inc)
+        return inc
+
+    def multiphonon(
+        self, moments: BinMoments, at: NDArray[np.float64] | None = None
+    ) -> NDArray[np.float64]:
+        """(n_q * n_E,) the expected multiphonon signal of every bin per unit scale, from
+        the moments (in the units of the one-phonon sum): the incoherent approximation of
+        :class:`~simulations.lattice.backgrounds.IncoherentScattering` at the reference
+        set, with each cell's ``exp(-2W) |Q|^4`` summed by the moments' atom blocks
+        (``tr T2_jj / (b_j^2 / M_j)``) and ``|Q|^6`` as ``(|Q|^4)^2 / |Q|^2`` of the bin
+        (exact for the narrow tube's nearly constant |Q|); the phonons those of the
+        coefficients ``at`` (default: the reference set)."""
+        inc = self.incoherent(at)
+        amp2 = self.constants.amplitudes**2  # (n_at,) b^2 / M
+        n_at = len(amp2)
+        diag2 = np.einsum("bii->bi", moments.tensor.real).reshape(-1, n_at, 3).sum(axis=2)
+        diag4 = np.einsum("bii->bi", moments.tensor_q2.real).reshape(-1, n_at, 3).sum(axis=2)
+        m2 = diag2 / amp2[None, :]  # sum w exp(-2W) |Q|^2
+        m4 = diag4 / amp2[None, :]  # sum w exp(-2W) |Q|^4
+        m6 = np.where(m2 > 0, m4 * m4 / np.where(m2 > 0, m2, 1.0), 0.0)
+        grid = self.setup.grid
+        broad = inc.broadened_orders(grid.energy_centres, self.resolution)  # (n, at, e)
+        n_e = grid.n_e
+        out = np.zeros((len(m2) // n_e, n_e))
+        for j in range(n_at):
+            per_atom = (m4[:, j].reshape(-1, n_e) / 2.0) * broad[0, j][None, :]
+            if len(broad) > 1:
+                per_atom += (m6[:, j].reshape(-1, n_e) / 6.0) * broad[1, j][None, :]
+            out += inc.sigma_total[j] / (4 * math.pi) * per_atom
+        return np.asarray(out.reshape(-1) / n_at)
+
+    def model(
+        self,
+        moments: BinMoments,
+        *,
+        exclusion: float | None = None,
+        at: NDArray[np.float64] | None = None,
+    ) -> CountsModel:
         """The expected-counts model of a run's moments (``exclusion``: the radius around
-        the zone centres left out, 1/A; default the model's, a negative one keeps all)."""
+        the zone centres left out, 1/A; default the model's, a negative one keeps all):
+        the bins above the elastic line (:attr:`elastic_cut`), the sample's multiphonon
+        scattering a fixed part of the signal, made with the phonons of the coefficients
+        ``at`` (default: the reference set; the fit makes it at its start and again at its
+        optimum when that moved: :meth:`refine`)."""
         return CountsModel(
             self.setup.basis,
             self.setup.grid,
@@ -129,6 +211,8 @@ class RunRefiner:
             temperature=self.temperature,
             reference=self.reference,
             exclusion=exclusion,
+            e_min=self.elastic_cut,
+            extra=self.multiphonon(moments, at),
         )
 
     def start_from(self, estimate: Mapping[str, float] | None) -> NDArray[np.float64]:
@@ -160,8 +244,27 @@ class RunRefiner:
         if isinstance(starts, Mapping) or starts is None:
             starts = [starts or {}]
         vectors = [self.start_from(s) for s in starts]
-        model = model or self.model(moments)
-        return refine(model, counts, vectors, prior=self.prior, warm=warm, max_iter=max_iter)
+        if model is not None:
+            return refine(model, counts, vectors, prior=self.prior, warm=warm, max_iter=max_iter)
+        k = len(self.names)
+        at = vectors[0] if warm is None else np.asarray(warm, dtype=float)[:k]
+        model = self.model(moments, at=at)
+        fit = refine(model, counts, vectors, prior=self.prior, warm=warm, max_iter=max_iter)
+        best = np.asarray(fit.theta, dtype=float)[:k]
+        if np.linalg.norm(best - at) > TEMPLATE_TOLERANCE * np.linalg.norm(at):
+            # the multiphonon template follows the optimum: remade there, fitted again from it
+            model = self.model(moments, at=best)
+            again = refine(
+                model, counts, [best], prior=self.prior, warm=fit.theta, max_iter=max_iter
+            )
+            fit = dataclasses.replace(
+                again,
+                iterations=fit.iterations + again.iterations,
+                seconds=fit.seconds + again.seconds,
+                second_minimum=again.second_minimum or fit.second_minimum,
+                start=fit.start,
+            )
+        return fit
 
 
 def read_counts_file(

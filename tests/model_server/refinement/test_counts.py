@@ -12,6 +12,7 @@ from model_server.exceptions import RefinementError
 from model_server.prediction.expected import FoldSampler, GridSimulator
 from model_server.refinement.counts import CountsModel
 from simulations.instrument.events import PhononTable
+from simulations.lattice.backgrounds import Backgrounds
 from simulations.lattice.sqe import CoherentSQE
 from tests.ge_moments import EI, TEMPERATURE, ge_moments, ge_run
 
@@ -23,7 +24,7 @@ def _theta(model: CountsModel, coefficients: np.ndarray) -> np.ndarray:
 def test_expected_counts_match_the_brute_force_fold() -> None:
     run = ge_run()
     omega = 10.0
-    model = run.refiner.model(ge_moments((omega,)))
+    model = run.refiner.model(ge_moments((omega,)), at=run.truth)
     lam = model.evaluate(_theta(model, run.truth), jacobian=False).expected
     sqe = CoherentSQE(
         run.refiner.setup.basis, run.truth, temperature=TEMPERATURE, resolution=model.resolution
@@ -37,13 +38,45 @@ def test_expected_counts_match_the_brute_force_fold() -> None:
         energy_edges=run.folder.grid.energy_edges,
         table=table,
     )
-    _, signal = FoldSampler(run.folder, sim.group_of_pixel, threads=1).fold(omega, sim.sqe(omega))
-    brute = signal.reshape(-1)[model.bins]
+    sampler = FoldSampler(run.folder, sim.group_of_pixel, threads=1)
+    _, signal = sampler.fold(omega, sim.sqe(omega))
+    # the model's fixed multiphonon part, against its own brute-force fold
+    mp_s = _multiphonon_sqe(sim)
+    _, mp_signal = sampler.fold(omega, mp_s)
+    mp_brute = mp_signal.reshape(-1)[model.bins]
+    mp_model = run.refiner.multiphonon(ge_moments((omega,)), run.truth)[model.bins]
+    # (the moments carry the reference set's Debye-Waller factors, the template's DOS comes
+    # from a 16^3 mesh: a few per cent low, most at low energy)
+    assert mp_model.sum() == pytest.approx(mp_brute.sum(), rel=0.08)
+    strong_mp = mp_brute > 0.2 * mp_brute.max()
+    assert np.median(np.abs(mp_model[strong_mp] / mp_brute[strong_mp] - 1.0)) < 0.1
+    brute = signal.reshape(-1)[model.bins] + mp_brute
     assert lam.sum() == pytest.approx(brute.sum(), rel=0.03)
     strong = brute > 0.05 * brute.max()
     ratio = lam[strong] / brute[strong]
     assert np.median(np.abs(ratio - 1.0)) < 0.03
     assert np.mean(np.abs(ratio - 1.0) < 0.1) > 0.8
+
+
+def _multiphonon_sqe(sim: GridSimulator) -> np.ndarray:
+    """(n_groups, n_E) the multiphonon S of the super-pixels on the grid's energies."""
+    edges = np.asarray(ge_run().folder.grid.energy_edges)
+    parts = sim.components(Backgrounds(elastic=False), edges=edges)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    kf = np.sqrt(np.maximum(EI - centres, 0.0) / EI)
+    weight = kf[None, :] * sim.group_solid_angles[:, None] * (edges[1] - edges[0])
+    return np.asarray(parts["multiphonon"] / weight)
+
+
+def test_elastic_bins_are_not_fitted() -> None:
+    run = ge_run()
+    model = run.refiner.model(ge_moments((10.0,)))
+    n_e = run.folder.grid.n_e
+    lower = run.folder.grid.energy_edges[:-1][model.bins % n_e]
+    assert lower.min() >= run.refiner.elastic_cut
+    assert run.refiner.elastic_cut == pytest.approx(
+        4.0 * float(model.resolution.sigma(np.array(0.0)))
+    )
 
 
 def test_jacobian_matches_finite_differences() -> None:

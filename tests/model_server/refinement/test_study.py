@@ -28,6 +28,7 @@ from model_server.refinement.study import (
 )
 from simulations.fcdb.reference import load_reference, named_fc_set
 from simulations.instrument.events import OrientationSimulator
+from simulations.lattice.backgrounds import Backgrounds
 from simulations.lattice.sqe import CoherentSQE
 from steering.cli.app import main
 from tests.commands import steer
@@ -44,12 +45,12 @@ RESULT_KEYS = {"levels", "std_count_slope", "sbc_chi2"}
 
 def test_count_calibration_matches_folded_simulated_events() -> None:
     """Count scale 1 against the event simulator folded by the real folder, one
-    orientation: the signal in the fitted bins (the model's exact modes against the
-    simulator's phonon table and super-pixels: 2 % allowed beyond the counting error) and
-    the flat background (counting error only)."""
+    orientation: the signal in the fitted bins (one-phonon and multiphonon; the model's
+    exact modes against the simulator's phonon table and super-pixels: 2 % allowed beyond
+    the counting error) and the flat background (counting error only)."""
     run = ge_run()
     omega = 30.0
-    model = run.refiner.model(ge_moments((omega,)))
+    model = run.refiner.model(ge_moments((omega,)), at=run.truth)
     cal = count_calibration(
         run.refiner,
         run.folder.orientation,
@@ -61,8 +62,10 @@ def test_count_calibration_matches_folded_simulated_events() -> None:
     sqe = CoherentSQE(
         run.refiner.setup.basis, run.truth, temperature=5.0, resolution=run.refiner.resolution
     )
-    sim = OrientationSimulator(sqe, run.refiner.instrument, run.folder.orientation, 80.0)
-    expected = sim.expected(omega)
+    sim = OrientationSimulator(
+        sqe, run.refiner.instrument, run.folder.orientation, 80.0, e_top=0.95 * 80.0
+    )
+    expected = sim.expected(omega) + sim.components(Backgrounds(elastic=False))["multiphonon"]
     rng = np.random.default_rng(11)
     grid = run.folder.grid
 
