@@ -137,9 +137,9 @@ class NACTerm:
         q = np.atleast_2d(np.asarray(qpoints, dtype=np.float64))
         reciprocal = np.linalg.inv(self.lattice).T  # rows: b_i / (2 pi)
         base = q - np.round(q)
-        shifts = np.stack(
-            np.meshgrid(*(np.arange(-1, 2),) * 3, indexing="ij"), axis=-1
-        ).reshape(-1, 3)
+        shifts = np.stack(np.meshgrid(*(np.arange(-1, 2),) * 3, indexing="ij"), axis=-1).reshape(
+            -1, 3
+        )
         cand = (base[:, None, :] + shifts[None]) @ reciprocal  # (n_q, 27, 3)
         lengths = np.einsum("qsx,qsx->qs", cand, cand)
         best = np.argmin(lengths + 1e-12 * np.arange(27), axis=1)
@@ -164,7 +164,9 @@ class NACTerm:
         denom = np.einsum("qa,ab,qb->q", q_cart, self.dielectric, q_cart)
         at_gamma = np.einsum("qa,qa->q", q_cart, q_cart) < _Q_ZERO**2
         factor = np.where(
-            at_gamma, 0.0, COULOMB_EV_ANGSTROM * 4.0 * math.pi / volume / np.where(at_gamma, 1, denom)
+            at_gamma,
+            0.0,
+            COULOMB_EV_ANGSTROM * 4.0 * math.pi / volume / np.where(at_gamma, 1, denom),
         )
         charge = np.einsum("qa,iab->qib", q_cart, self.born)  # (n_q, n, 3)
         p = self.pairs

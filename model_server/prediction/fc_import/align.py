@@ -134,9 +134,9 @@ def _atom_map(
         dist = np.where(numbers[:, None] == t_num[None, :], dist, np.inf)
         perm = np.argmin(dist, axis=1)
         worst = float(dist[np.arange(len(perm)), perm].max())
-        if len(set(perm.tolist())) == len(perm) and worst <= POSITION_TOL:
-            if best is None or worst < best[2]:
-                best = (perm.astype(np.int64), shift, worst)
+        unique = len(set(perm.tolist())) == len(perm)
+        if unique and worst <= POSITION_TOL and (best is None or worst < best[2]):
+            best = (perm.astype(np.int64), shift, worst)
     if best is None:
         raise FCImportError(
             "the FC file's atoms do not sit on the structure's sites (no origin shift maps "
@@ -163,7 +163,7 @@ def align_to_crystal(fcs: CrystalFC, target: Crystal) -> Alignment:
         )
     m, rot, scale = _lattice_map(fcs.lattice, target.lattice)
     frac = fcs.frac @ np.linalg.inv(m)  # the file's atoms in the rows of M L_file
-    perm, shift, worst = _atom_map(frac, fcs.numbers, target)
+    perm, _, worst = _atom_map(frac, fcs.numbers, target)
     q = rot.T  # Cartesian, file frame -> target frame
     p = fcs.pairs
     bond = (p[:, 2:5] + fcs.frac[p[:, 1]] - fcs.frac[p[:, 0]]) @ np.linalg.inv(m)

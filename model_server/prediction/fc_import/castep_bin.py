@@ -73,7 +73,9 @@ def read_castep_bin(data: bytes, *, nac: bool = True) -> tuple[CrystalFC, dict[s
     origins = np.asarray(arrays["cell_origins"], dtype=np.int64)
     n = len(frac)
     fc = np.asarray(arrays["force_constants"], dtype=np.float64).reshape(len(origins), n, 3, n, 3)
-    pairs, blocks, weights = supercell_images(lattice, frac, sc, origins, fc.transpose(1, 0, 2, 3, 4))
+    pairs, blocks, weights = supercell_images(
+        lattice, frac, sc, origins, fc.transpose(1, 0, 2, 3, 4)
+    )
     nac_term = None
     if nac and "born" in arrays:
         try:
@@ -145,9 +147,7 @@ def supercell_images(
             count = near.sum(axis=1)
             cell_index, shift_index = np.nonzero(near)
             cells = origins[cell_index] + shifts[shift_index]
-            pairs.append(
-                np.column_stack([np.full(len(cells), i), np.full(len(cells), j), cells])
-            )
+            pairs.append(np.column_stack([np.full(len(cells), i), np.full(len(cells), j), cells]))
             share = 1.0 / count[cell_index]
             blocks.append(fc[i, cell_index, j] * share[:, None, None])
             weights.append(share / n_cells)
@@ -179,7 +179,7 @@ def _read_in_child(data: bytes) -> dict[str, Any]:
         target = Path(folder) / "arrays.npz"
         source.write_bytes(data)
         try:
-            done = subprocess.run(  # noqa: S603 - our own script, arguments are our paths
+            done = subprocess.run(  # our own script; the arguments are our paths
                 [sys.executable, str(script), str(source), str(target)],
                 capture_output=True,
                 timeout=_TIMEOUT_S,
@@ -187,9 +187,7 @@ def _read_in_child(data: bytes) -> dict[str, Any]:
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise FCImportError(
-                f"reading the CASTEP file took more than {_TIMEOUT_S:g} s"
-            ) from exc
+            raise FCImportError(f"reading the CASTEP file took more than {_TIMEOUT_S:g} s") from exc
         if done.returncode == 3:
             reason = done.stderr.decode(errors="replace").strip()[-600:]
             raise FCImportError(f"cannot read the CASTEP file: {reason}")

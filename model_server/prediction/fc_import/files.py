@@ -165,8 +165,7 @@ def read_fc_file(spec: FCFile) -> ImportedFC:
             text = spec.data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise FCImportError(
-                f"the phonopy file is not UTF-8 text (byte {exc.start}); send the YAML "
-                "uncompressed"
+                f"the phonopy file is not UTF-8 text (byte {exc.start}); send the YAML uncompressed"
             ) from exc
         fcs, meta = read_phonopy(text, spec.extras, nac=spec.nac)
     imported = ImportedFC(

@@ -58,12 +58,10 @@ def _yaml_data(text: str) -> dict[str, Any]:
 
     try:
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+        data = yaml.load(text, Loader=loader)  # a safe loader: no Python objects
     except yaml.YAMLError as exc:
         raise FCImportError(f"the phonopy file is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict) or not (
-        {"unit_cell", "primitive_cell", "supercell"} & set(data)
-    ):
+    if not isinstance(data, dict) or not ({"unit_cell", "primitive_cell", "supercell"} & set(data)):
         raise FCImportError(
             "the phonopy file has no unit_cell: send phonopy.yaml or phonopy_params.yaml as "
             "written by phonopy (phonopy.save() or phonopy --writefc with phonopy.yaml)"
@@ -84,7 +82,7 @@ def read_phonopy(
         ``force_constants``, ``force_sets``, ``born``: contents of ``FORCE_CONSTANTS``,
         ``FORCE_SETS``, ``BORN`` (each optional).
     nac
-        Read the Born charges and dielectric tensor (the YAML's ``born``/``dielectric``, or
+        Read the Born charges and dielectric tensor (the YAML's ``born``/``dielectric``, else
         ``BORN``) into the non-analytic term.
 
     Returns
@@ -128,13 +126,13 @@ def _phonopy_object(yml: Any, extras: Mapping[str, bytes], folder: Path) -> tupl
     from phonopy.file_IO import parse_FORCE_CONSTANTS, parse_FORCE_SETS
 
     smat = yml.supercell_matrix if yml.supercell_matrix is not None else np.eye(3, dtype=int)
-    n_super = int(round(abs(np.linalg.det(smat)))) * len(yml.unitcell)
+    n_super = round(abs(float(np.linalg.det(smat)))) * len(yml.unitcell)
     if n_super > MAX_SUPERCELL_ATOMS:
         raise FCImportError(
             f"the phonopy file's supercell has {n_super} atoms; at most "
             f"{MAX_SUPERCELL_ATOMS} are read (the full FC array grows as the square)"
         )
-    pmat = yml.primitive_matrix if yml.primitive_matrix is not None else "auto"
+    pmat: Any = yml.primitive_matrix if yml.primitive_matrix is not None else "auto"
     try:
         ph = Phonopy(
             yml.unitcell, smat, primitive_matrix=pmat, calculator=yml.calculator, log_level=0
@@ -148,9 +146,7 @@ def _phonopy_object(yml: Any, extras: Mapping[str, bytes], folder: Path) -> tupl
         if extras.get("force_constants"):
             path = folder / "FORCE_CONSTANTS"
             path.write_bytes(extras["force_constants"])
-            ph.force_constants = parse_FORCE_CONSTANTS(
-                filename=path, p2s_map=ph.primitive.p2s_map
-            )
+            ph.force_constants = parse_FORCE_CONSTANTS(filename=path, p2s_map=ph.primitive.p2s_map)
             return ph, "FORCE_CONSTANTS"
         dataset = yml.dataset
         if extras.get("force_sets"):
@@ -184,7 +180,10 @@ def _has_forces(dataset: Mapping[str, Any]) -> bool:
 def _nac_params(
     yml: Any, extras: Mapping[str, bytes], ph: Any, folder: Path
 ) -> dict[str, Any] | None:
-    """Born charges and dielectric tensor: ``BORN`` beside the file, else the YAML's."""
+    """Born charges and dielectric tensor: the YAML's, else ``BORN`` beside the file (the
+    order of phonopy's ``load``)."""
+    if yml.nac_params is not None:
+        return dict(yml.nac_params)
     if extras.get("born"):
         from phonopy.file_IO import parse_BORN
 
@@ -195,7 +194,7 @@ def _nac_params(
         except Exception as exc:
             raise FCImportError(f"cannot read BORN: {exc}") from exc
         return params
-    return dict(yml.nac_params) if yml.nac_params is not None else None
+    return None
 
 
 def _fc_factor(ph: Any) -> tuple[float, float]:
