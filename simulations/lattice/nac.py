@@ -68,6 +68,9 @@ class NACTerm:
     weights
         (m,) float: ``1 / (N multiplicity)`` of every image pair, so that the weights of one
         atom pair ``(i, j)`` sum to 1.
+    volume
+        Omega, Angstrom^3: the volume of the cell the charges were computed in (that of
+        ``lattice`` unless FCs of a slightly different cell were put on this one).
     """
 
     lattice: NDArray[np.float64]
@@ -77,6 +80,7 @@ class NACTerm:
     dielectric: NDArray[np.float64]
     pairs: NDArray[np.int64]
     weights: NDArray[np.float64]
+    volume: float
 
     @classmethod
     def from_arrays(
@@ -89,8 +93,9 @@ class NACTerm:
         dielectric: ArrayLike,
         pairs: ArrayLike,
         weights: ArrayLike,
+        volume: float | None = None,
     ) -> NACTerm:
-        """Validate and copy.
+        """Validate and copy (``volume``: default the lattice's).
 
         Raises
         ------
@@ -124,7 +129,19 @@ class NACTerm:
                 "the dielectric tensor is not positive definite: give eps_inf (e.g. phonopy's "
                 "BORN file's first line)"
             )
-        return cls(lattice=lat, frac=x, masses=m, born=z, dielectric=eps, pairs=p, weights=w)
+        omega = abs(float(np.linalg.det(lat))) if volume is None else float(volume)
+        if not (math.isfinite(omega) and omega > 1e-3):
+            raise ForceConstantError(f"NAC: the cell volume must be positive, got {omega}")
+        return cls(
+            lattice=lat,
+            frac=x,
+            masses=m,
+            born=z,
+            dielectric=eps,
+            pairs=p,
+            weights=w,
+            volume=omega,
+        )
 
     @property
     def n_atoms(self) -> int:
@@ -160,7 +177,7 @@ class NACTerm:
         q = np.atleast_2d(np.asarray(qpoints, dtype=np.float64))
         n = self.n_atoms
         q_cart = self.directions(q)
-        volume = abs(float(np.linalg.det(self.lattice)))
+        volume = self.volume
         denom = np.einsum("qa,ab,qb->q", q_cart, self.dielectric, q_cart)
         at_gamma = np.einsum("qa,qa->q", q_cart, q_cart) < _Q_ZERO**2
         factor = np.where(

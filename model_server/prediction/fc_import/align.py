@@ -11,7 +11,8 @@ few per cent off. :func:`align_to_crystal` finds
   within :data:`POSITION_TOL` Angstrom),
 
 and rewrites every pair ``(i, j, n)`` in the target's cell and every block as
-``R^T Phi R`` (Born charges and the dielectric tensor too). The target's masses are used.
+``R^T Phi R`` (Born charges and the dielectric tensor too; the non-analytic term keeps the
+file's cell volume, so its strength is the file's). The target's masses are used.
 Anything that does not fit is an :class:`~model_server.exceptions.FCImportError` that says
 what differs.
 """
@@ -193,6 +194,7 @@ def align_to_crystal(fcs: CrystalFC, target: Crystal) -> Alignment:
             dielectric=q @ src.dielectric @ q.T,
             pairs=np.column_stack([ni, nj, ncell]),
             weights=src.weights,
+            volume=src.volume,  # the dipole-dipole strength of the file's cell
         )
     masses = np.empty_like(fcs.masses)
     masses[perm] = fcs.masses

@@ -74,7 +74,7 @@ def read_castep_bin(data: bytes, *, nac: bool = True) -> tuple[CrystalFC, dict[s
     n = len(frac)
     fc = np.asarray(arrays["force_constants"], dtype=np.float64).reshape(len(origins), n, 3, n, 3)
     pairs, blocks, weights = supercell_images(
-        lattice, frac, sc, origins, fc.transpose(1, 0, 2, 3, 4)
+        lattice, frac, sc, origins, fc.transpose(1, 0, 3, 2, 4)
     )
     nac_term = None
     if nac and "born" in arrays:

@@ -124,7 +124,7 @@ def detect_format(data: bytes, filename: str | None = None) -> str:
     )
 
 
-_CACHE: OrderedDict[str, ImportedFC] = OrderedDict()
+_CACHE: OrderedDict[str, tuple[CrystalFC, dict[str, Any]]] = OrderedDict()
 _CACHE_SIZE = 8
 
 
@@ -155,20 +155,14 @@ def read_fc_file(spec: FCFile) -> ImportedFC:
     key = spec.sha256 + fmt
     if key in _CACHE:
         _CACHE.move_to_end(key)
-        return _CACHE[key]
-    if fmt == "castep_bin":
-        if spec.extras:
-            raise FCImportError("files beside the FC file are read only for phonopy")
-        fcs, meta = read_castep_bin(spec.data, nac=spec.nac)
+        cached = _CACHE[key]
     else:
-        try:
-            text = spec.data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise FCImportError(
-                f"the phonopy file is not UTF-8 text (byte {exc.start}); send the YAML uncompressed"
-            ) from exc
-        fcs, meta = read_phonopy(text, spec.extras, nac=spec.nac)
-    imported = ImportedFC(
+        cached = _read(spec, fmt)
+        _CACHE[key] = cached
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    fcs, meta = cached
+    return ImportedFC(
         fcs=fcs,
         format=fmt,
         meta={
@@ -180,7 +174,18 @@ def read_fc_file(spec: FCFile) -> ImportedFC:
             **meta,
         },
     )
-    _CACHE[key] = imported
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return imported
+
+
+def _read(spec: FCFile, fmt: str) -> tuple[CrystalFC, dict[str, Any]]:
+    """The FCs and what the reader says of them."""
+    if fmt == "castep_bin":
+        if spec.extras:
+            raise FCImportError("files beside the FC file are read only for phonopy")
+        return read_castep_bin(spec.data, nac=spec.nac)
+    try:
+        text = spec.data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FCImportError(
+            f"the phonopy file is not UTF-8 text (byte {exc.start}); send the YAML uncompressed"
+        ) from exc
+    return read_phonopy(text, spec.extras, nac=spec.nac)

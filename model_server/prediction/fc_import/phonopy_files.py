@@ -107,7 +107,9 @@ def read_phonopy(
     except Exception as exc:  # phonopy raises anything from KeyError to TypeError
         raise FCImportError(f"phonopy cannot read the file's cells: {exc}") from exc
     if yml.unitcell is None:
-        raise FCImportError("the phonopy file has no unit cell (unit_cell)")
+        raise FCImportError(
+            "the phonopy file has no usable unit cell (unit_cell with lattice and points)"
+        )
     with tempfile.TemporaryDirectory(prefix="steer-fc-") as folder:
         ph, fc_from = _phonopy_object(yml, extras, Path(folder))
         nac_params = _nac_params(yml, extras, ph, Path(folder)) if nac else None
