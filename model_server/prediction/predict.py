@@ -69,6 +69,12 @@ Where the force constants come from (``fc_source`` in the result):
     given) and the default Ei is 1.25 x that. Without a usable model the answer is an
     error with status 503 that says what is missing.
 
+``imported``
+    An FC file (phonopy YAML, CASTEP ``.castep_bin``;
+    :mod:`model_server.prediction.fc_import`), mapped onto the material's or CIF's cell (or
+    the file's own structure) and used as it is, with the non-analytic (LO-TO) term of its
+    Born charges; for a shipped material also projected onto its named coefficients.
+
 A CIF is read by :func:`model_server.prediction.cif_input.crystal_from_cif` (clear errors for
 unparseable text, partial occupancy with a supercell hint, too many sites); its q-path and
 grid follow the generic defaults of :func:`simulations.lattice.materials.setup`, and its fold table
