@@ -46,7 +46,12 @@ from model_server.prediction.request import MAX_CIF_ATOMS, PredictionError, chec
 from model_server.prediction.spectra import MAX_ATOMS_DOS, MAX_ATOMS_POWDER
 from simulations.exceptions import GridError, SimulationError
 from simulations.fcdb.reference import resolve_fc
-from simulations.lattice.crystals import SHIPPED_MATERIALS, Crystal, crystal_from_structure
+from simulations.lattice.crystals import (
+    SHIPPED_MATERIALS,
+    Crystal,
+    crystal_from_structure,
+    load_crystal,
+)
 from simulations.lattice.grid import Grid, make_grid
 from simulations.lattice.materials import MaterialDefaults, MaterialSetup, setup
 from simulations.lattice.resolution import instrument_resolution
@@ -300,14 +305,10 @@ def _projection(
     }
 
 
-def _shipped_setup(name: str) -> MaterialSetup:
-    return SETUPS.get(name, lambda: setup(name))
-
-
 def _shipped_match(fcs: CrystalFC) -> str | None:
     """The shipped material whose structure the FCs' cell is, if any."""
     for name in sorted(SHIPPED_MATERIALS):
-        crystal = _shipped_setup(name).crystal
+        crystal = load_crystal(name)  # cached; the setup (its basis) only for a match
         if sorted(crystal.species) != sorted(fcs.species):
             continue
         try:
