@@ -11,6 +11,9 @@ Hierarchy::
     +-- RefinementError              counts the likelihood refinement cannot fit (no measured
     |                                bins, no moments, another grid, a material without a
     |                                forward model)
+    +-- FCImportError                a force-constant file that cannot be imported (unreadable,
+    |                                unknown format, no force constants, too large, or for
+    |                                another structure than the request's)
     +-- PredictionUnavailable        the prediction pool cannot take or finish a request now:
                                      its queue is full (429), the request ran past its time
                                      budget, its worker was lost, the service is stopping (503)
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactError",
+    "FCImportError",
     "GridMismatchError",
     "InputSpectrumError",
     "ModelServerError",
@@ -49,6 +53,11 @@ class InputSpectrumError(ModelServerError):
 
 class TrainingError(ModelServerError):
     """A training set or setting that cannot work."""
+
+
+class FCImportError(ModelServerError, ValueError):
+    """A force-constant file (phonopy, CASTEP) that cannot be imported; the message names
+    the file's problem and what to send instead."""
 
 
 class RefinementError(ModelServerError):

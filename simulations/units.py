@@ -31,9 +31,12 @@ from scipy import constants as _sc
 
 __all__ = [
     "AMU",
+    "BOHR_TO_ANGSTROM",
+    "COULOMB_EV_ANGSTROM",
     "E_PER_K2",
     "E_PER_V2",
     "FM2_TO_MBARN",
+    "HARTREE_TO_EV",
     "HBAR",
     "HBAR2_OVER_2AMU",
     "K_B_MEV",
@@ -41,6 +44,7 @@ __all__ = [
     "K_PER_V",
     "MEV",
     "NEUTRON_MASS",
+    "RYDBERG_TO_EV",
     "THZ_TO_MEV",
     "VASP_TO_THZ",
 ]
@@ -99,3 +103,20 @@ K_PER_V: float = NEUTRON_MASS / HBAR * 1e-10
 #: 1 fm^2 in mbarn (1 barn = 100 fm^2 = 1000 mbarn): a squared scattering length (fm^2) times
 #: this is a cross-section in mbarn.
 FM2_TO_MBARN: float = 10.0
+
+# --------------------------------------------------------------------------------------------
+# Electrostatics and the units of other codes' force constants
+
+#: e^2 / (4 pi epsilon_0) in eV Angstrom (14.39965172592227): the prefactor of the
+#: non-analytic (dipole-dipole) term of a dynamical matrix with Born charges in e, volumes in
+#: Angstrom^3 and force constants in eV/Angstrom^2. Kept, like :data:`VASP_TO_THZ`, with
+#: phonopy's own values (``e mu_0 c^2 / 4 pi`` with its e = 1.60217733e-19 C and mu_0 =
+#: 4 pi 1e-7 H/m: its ``Hartree * Bohr``, the ``nac_factor`` of VASP-like units) so that LO-TO
+#: splittings agree with phonopy; CODATA 2022 gives 14.399645468..., 4.3e-7 relative lower.
+COULOMB_EV_ANGSTROM: float = 1.60217733e-19 * 1e-7 * _sc.c**2 * 1e10
+#: 1 bohr in Angstrom (0.529177...).
+BOHR_TO_ANGSTROM: float = _sc.physical_constants["Bohr radius"][0] * 1e10
+#: 1 hartree in eV (27.2113...).
+HARTREE_TO_EV: float = _sc.physical_constants["Hartree energy in eV"][0]
+#: 1 rydberg in eV (13.6056...).
+RYDBERG_TO_EV: float = HARTREE_TO_EV / 2

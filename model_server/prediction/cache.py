@@ -135,6 +135,9 @@ def cached_mesh_modes(fcs: CrystalFC) -> tuple[MeshPhonons, tuple[int, int, int]
     h = hashlib.sha256()
     for a in (fcs.numbers, fcs.lattice, fcs.frac, fcs.pairs, fcs.fc, fcs.masses):
         h.update(np.ascontiguousarray(a).tobytes())
+    if fcs.nac is not None:  # imported FCs with Born charges: the LO-TO term
+        for a in (fcs.nac.born, fcs.nac.dielectric, fcs.nac.pairs, fcs.nac.weights):
+            h.update(np.ascontiguousarray(a).tobytes())
     return _MODES.get(h.hexdigest(), lambda: mesh_modes(fcs))
 
 

@@ -38,6 +38,7 @@ from numpy.typing import ArrayLike, NDArray
 from model_server.exceptions import ModelServerError
 from simulations.lattice.crystals import Crystal, _lattice_type
 from simulations.lattice.force_constants import FCBasis, _atom_permutation
+from simulations.lattice.nac import NACTerm
 
 __all__ = ["CrystalFC", "FCInputError", "ProjectionResult", "project_onto_basis"]
 
@@ -89,6 +90,9 @@ class CrystalFC:
         (m, 3, 3) float, eV/Angstrom^2.
     masses
         (n,) float, amu (default: standard atomic weights).
+    nac
+        The non-analytic term (Born charges and dielectric tensor of a polar crystal,
+        :class:`simulations.lattice.nac.NACTerm`) on this cell, or ``None``.
     """
 
     name: str
@@ -98,6 +102,7 @@ class CrystalFC:
     pairs: NDArray[np.int64]
     fc: NDArray[np.float64]
     masses: NDArray[np.float64]
+    nac: NACTerm | None = None
 
     @classmethod
     def from_arrays(
@@ -110,8 +115,10 @@ class CrystalFC:
         *,
         masses: ArrayLike | None = None,
         name: str | None = None,
+        nac: NACTerm | None = None,
     ) -> CrystalFC:
-        """Validate and wrap arrays (copies, float64 / int64).
+        """Validate and wrap arrays (copies, float64 / int64); ``nac`` must be on the same
+        cell.
 
         Raises
         ------
@@ -154,7 +161,13 @@ class CrystalFC:
             from collections import Counter
 
             name = "".join(f"{s}{c if c > 1 else ''}" for s, c in Counter(symbols).items())
-        return cls(name=name, numbers=z, lattice=lat, frac=x, pairs=p, fc=f, masses=m)
+        if nac is not None and not (
+            nac.n_atoms == n
+            and np.allclose(nac.lattice, lat, atol=1e-8)
+            and np.allclose(nac.frac, x, atol=1e-8)
+        ):
+            raise FCInputError("the NAC term is not on the cell of the force constants")
+        return cls(name=name, numbers=z, lattice=lat, frac=x, pairs=p, fc=f, masses=m, nac=nac)
 
     @classmethod
     def from_basis(
@@ -170,6 +183,7 @@ class CrystalFC:
             basis.block_values(np.asarray(coefficients, dtype=float)),
             masses=cryst.masses,
             name=name or cryst.name,
+            nac=basis.nac,
         )
 
     # -- properties ---------------------------------------------------------------------
@@ -263,8 +277,8 @@ class CrystalFC:
         """The blocks as a one-coefficient basis (coefficient ``1.0``, named ``"scale"``).
 
         Every model that takes a basis and coefficients then uses exactly these FCs:
-        ``CoherentSQE(fcs.basis(), [1.0])``. ``crystal`` must hold this cell's lattice and
-        positions (default: :meth:`crystal`).
+        ``CoherentSQE(fcs.basis(), [1.0])`` (with the non-analytic term, when there is one).
+        ``crystal`` must hold this cell's lattice and positions (default: :meth:`crystal`).
         """
         cryst = crystal if crystal is not None else self.crystal()
         if not (
@@ -282,6 +296,7 @@ class CrystalFC:
             pairs=self.pairs.copy(),
             blocks=self.fc[None].copy(),
             coefficient_orbit=np.zeros(1, dtype=np.int64),
+            nac=self.nac,
         )
 
 

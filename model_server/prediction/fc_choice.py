@@ -1,5 +1,6 @@
 """The crystal and FCs a prediction runs on: a shipped material or a CIF; a named FC set,
-given coefficients, or the e3nn model's prediction (see ``fc_source`` in
+given coefficients, the e3nn model's prediction, or an imported FC file (phonopy, CASTEP;
+:mod:`model_server.prediction.fc_import`) (see ``fc_source`` in
 :mod:`model_server.prediction.predict`).
 
 A CIF is read by :func:`model_server.prediction.cif_input.crystal_from_cif`; its q-path and
@@ -23,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.reduction.table import table_cache_dir
+from model_server.exceptions import FCImportError
 from model_server.prediction.cache import (
     PARSED,
     PREDICTED,
@@ -32,6 +34,7 @@ from model_server.prediction.cache import (
 )
 from model_server.prediction.cif_input import CIFError, ParsedCIF, crystal_from_cif
 from model_server.prediction.crystal_fc import CrystalFC, project_onto_basis
+from model_server.prediction.fc_import import FCFile, align_to_crystal, read_fc_file
 from model_server.prediction.fc_source import (
     FC_MODEL_NAME,
     FCModelUnavailableError,
@@ -43,7 +46,12 @@ from model_server.prediction.request import MAX_CIF_ATOMS, PredictionError, chec
 from model_server.prediction.spectra import MAX_ATOMS_DOS, MAX_ATOMS_POWDER
 from simulations.exceptions import GridError, SimulationError
 from simulations.fcdb.reference import resolve_fc
-from simulations.lattice.crystals import SHIPPED_MATERIALS, Crystal
+from simulations.lattice.crystals import (
+    SHIPPED_MATERIALS,
+    Crystal,
+    crystal_from_structure,
+    load_crystal,
+)
 from simulations.lattice.grid import Grid, make_grid
 from simulations.lattice.materials import MaterialDefaults, MaterialSetup, setup
 from simulations.lattice.resolution import instrument_resolution
@@ -195,19 +203,26 @@ def _uses_model(cif: str | None, fc: object) -> bool:
 def choose_fcs(
     material: str | None,
     cif: str | None,
-    fc: str | Mapping[str, Any] | NDArray[np.float64] | None,
+    fc: str | Mapping[str, Any] | NDArray[np.float64] | FCFile | None,
     outputs: tuple[str, ...],
     ei: float | None,
 ) -> FCChoice:
-    """Resolve the material and its FCs (shipped set, given coefficients or the model).
+    """Resolve the material and its FCs (shipped set, given coefficients, the model or an
+    imported file).
 
     Raises
     ------
     PredictionError
-        Neither or both of ``material`` and ``cif``, an unknown material, a bad CIF or FC
-        specification, a cell over an output's atom limit; status 503 when the FCs are to
-        come from the e3nn model and it is unavailable.
+        Neither or both of ``material`` and ``cif`` (an imported file may come without
+        either), an unknown material, a bad CIF, FC specification or FC file, a cell over an
+        output's atom limit; status 503 when the FCs are to come from the e3nn model and it
+        is unavailable.
     """
+    if isinstance(fc, FCFile):
+        try:
+            return _imported_fcs(material, cif, fc, outputs, ei)
+        except FCImportError as exc:
+            raise PredictionError(str(exc)) from exc
     _check_material_choice(material, cif)
     if not _uses_model(cif, fc):
         return _given_fcs(material, cif, fc)
@@ -274,15 +289,123 @@ def _model_fcs(
     )
 
 
-def _projection(fcs: CrystalFC, base_setup: MaterialSetup, material: str) -> dict[str, Any]:
-    """The predicted FCs projected onto a shipped material's symmetry-reduced basis."""
+def _projection(
+    fcs: CrystalFC, base_setup: MaterialSetup, material: str, what: str = "predicted"
+) -> dict[str, Any]:
+    """The predicted (or imported) FCs projected onto a shipped material's symmetry-reduced
+    basis."""
     proj = project_onto_basis(fcs, base_setup.basis)
     return {
         "description": f"least-squares projection onto {material}'s symmetry-reduced "
-        "basis (for comparison with its named sets; the spectra use the FCs as predicted)",
+        f"basis (for comparison with its named sets and to seed a refinement; the spectra "
+        f"use the FCs as {what})",
         "coefficients": dict(zip(base_setup.basis.names, proj.coefficients.tolist(), strict=True)),
         "residual": proj.residual,
         "truncated": proj.truncated,
+    }
+
+
+def _shipped_match(fcs: CrystalFC) -> str | None:
+    """The shipped material whose structure the FCs' cell is, if any."""
+    for name in sorted(SHIPPED_MATERIALS):
+        crystal = load_crystal(name)  # cached; the setup (its basis) only for a match
+        if sorted(crystal.species) != sorted(fcs.species):
+            continue
+        try:
+            align_to_crystal(fcs, crystal)
+        except FCImportError:
+            continue
+        return name
+    return None
+
+
+def _imported_fcs(
+    material: str | None,
+    cif: str | None,
+    spec: FCFile,
+    outputs: tuple[str, ...],
+    ei: float | None,
+) -> FCChoice:
+    """An FC file's FCs on the request's structure (a shipped material, a CIF, or the
+    file's own cell, which is a shipped material's when it matches one), used as they are;
+    for a shipped material also projected onto its named coefficients."""
+    if material is not None and cif is not None:
+        raise PredictionError("give a shipped material or a CIF with the FC file, not both")
+    if material is not None:
+        _check_material_choice(material, None)
+    imported = read_fc_file(spec)
+    if material is None and cif is None:
+        material = _shipped_match(imported.fcs)
+    if material is not None:
+        base_setup = SETUPS.get(material, lambda: setup(material))
+        crystal, formula, base_key = base_setup.crystal, material, material
+    elif cif is not None:
+        parsed = _parsed_cif(cif)
+        crystal, formula, base_key = parsed.crystal, parsed.formula, _cif_key(cif)
+    else:
+        crystal = _file_crystal(imported.fcs)
+        formula, base_key = imported.fcs.name, f"fcfile-{imported.fcs.name}"
+    check_atom_limits(crystal.n_atoms, outputs, formula)
+    alignment = align_to_crystal(imported.fcs, crystal)
+    fcs = alignment.fcs
+    notes: list[str] = []
+    if abs(alignment.scale - 1.0) > 1e-3:
+        notes.append(
+            f"the FC file's lattice constant is {100 * (alignment.scale - 1):+.1f} % off "
+            f"{formula}'s; its force constants are used on {formula}'s cell"
+        )
+    if alignment.mass_ratio > 1e-3:
+        notes.append(f"the FC file's masses differ from {formula}'s; {formula}'s are used")
+    details: dict[str, Any] = {
+        "file": imported.meta,
+        "alignment": alignment.to_dict(),
+        "n_pairs": len(fcs.pairs),
+        "longest_bond_A": fcs.cutoff,
+        "acoustic_sum_rule_residual": fcs.asr_residual(),
+        "symmetry_residual": fcs.symmetry_residual(),
+        "nac": _nac_details(fcs),
+    }
+    key = f"{base_key}-imported-{spec.sha256[:16]}"
+    if material is not None:
+        ms = replace(base_setup, basis=fcs.basis(base_setup.crystal))
+        details["projection"] = _projection(fcs, base_setup, material, what="imported")
+        name = material
+    else:
+        key, ms = _predicted_cif_setup(crystal, fcs, key, outputs, ei, notes)
+        name = formula
+    mat = Material(key=key, name=name, setup=ms, shipped=False)
+    return FCChoice(
+        mat=mat,
+        label=spec.label,
+        coefficients=np.ones(1),
+        source="imported",
+        formula=formula,
+        notes=tuple(notes),
+        details=details,
+    )
+
+
+def _file_crystal(fcs: CrystalFC) -> Crystal:
+    """The standard primitive cell (with its q-path) of an FC file's own structure."""
+    from pymatgen.core import Lattice, Structure
+
+    try:
+        structure = Structure(Lattice(fcs.lattice), list(fcs.species), fcs.frac)
+        return crystal_from_structure(structure, name=fcs.name)
+    except Exception as exc:
+        raise PredictionError(f"cannot make a crystal of the FC file's cell: {exc}") from exc
+
+
+def _nac_details(fcs: CrystalFC) -> dict[str, Any] | None:
+    """The non-analytic term's inputs and where it applies (None without Born charges)."""
+    if fcs.nac is None:
+        return None
+    return {
+        "method": "wang",
+        "born_charges_e": fcs.nac.born.tolist(),
+        "dielectric": fcs.nac.dielectric.tolist(),
+        "applied_to": ["dos", "indirect", "iqe", "detector", "powder"],
+        "not_applied_to": ["dispersion_meV", "stability check"],
     }
 
 

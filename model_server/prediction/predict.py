@@ -69,6 +69,12 @@ Where the force constants come from (``fc_source`` in the result):
     given) and the default Ei is 1.25 x that. Without a usable model the answer is an
     error with status 503 that says what is missing.
 
+``imported``
+    An FC file (phonopy YAML, CASTEP ``.castep_bin``;
+    :mod:`model_server.prediction.fc_import`), mapped onto the material's or CIF's cell (or
+    the file's own structure) and used as it is, with the non-analytic (LO-TO) term of its
+    Born charges; for a shipped material also projected onto its named coefficients.
+
 A CIF is read by :func:`model_server.prediction.cif_input.crystal_from_cif` (clear errors for
 unparseable text, partial occupancy with a supercell hint, too many sites); its q-path and
 grid follow the generic defaults of :func:`simulations.lattice.materials.setup`, and its fold table
@@ -111,6 +117,7 @@ from model_server.prediction.cache import (
 )
 from model_server.prediction.crystal_fc import CrystalFC
 from model_server.prediction.fc_choice import FCChoice, choose_fcs
+from model_server.prediction.fc_import import FCFile
 from model_server.prediction.fc_source import FCModelUnavailableError
 from model_server.prediction.indirect import IndirectSpectrum, indirect_spectrum
 from model_server.prediction.outputs import powder, single_crystal
@@ -165,7 +172,7 @@ def predict(
     material: str | None = None,
     *,
     cif: str | None = None,
-    fc: str | Mapping[str, Any] | NDArray[np.float64] | None = None,
+    fc: str | Mapping[str, Any] | NDArray[np.float64] | FCFile | None = None,
     fc_label: str | None = None,
     ei: float | None = None,
     temperature: float = 5.0,
@@ -197,7 +204,9 @@ def predict(
         (``"mlff_mean"``, a force-field name, ``"raman"`` for Ge), a mapping ``{name:
         value}`` or ``{"coefficients": {name: value}}`` (eV/A^2; for a shipped material the
         coefficients left out are ``mlff_mean``'s; for a CIF all of its basis), or a full
-        vector.
+        vector. An :class:`~model_server.prediction.fc_import.FCFile` (phonopy, CASTEP):
+        its FCs as they are (``fc_source`` ``imported``; ``material`` and ``cif`` may both be
+        left out, the file's structure is then used).
     fc_label
         Label of the FCs in the result (default: the set's name, ``custom``, or the model).
     ei
@@ -276,7 +285,7 @@ def _predict_locked(
     *,
     material: str | None,
     cif: str | None,
-    fc: str | Mapping[str, Any] | NDArray[np.float64] | None,
+    fc: str | Mapping[str, Any] | NDArray[np.float64] | FCFile | None,
     fc_label: str | None,
     ei: float | None,
     options: PredictionOptions,

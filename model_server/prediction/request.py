@@ -43,7 +43,7 @@ __all__ = [
 #: The background components of a request that names none (the can is asked for).
 DEFAULT_BACKGROUNDS = ("elastic", "multiphonon", "tof_background")
 #: Where a prediction's force constants come from.
-FC_SOURCES = ("reference", "given", "e3nn")
+FC_SOURCES = ("reference", "given", "e3nn", "imported")
 #: Highest sample temperature, K (the API's schema and the CLI take the same range).
 MAX_TEMPERATURE = 2000.0
 #: Most goniometer angles in one prediction.

@@ -192,7 +192,7 @@ class Prediction:
         """JSON-ready (NaN and inf as None)."""
         coefficients = (
             {}
-            if self.fc_source == FC_MODEL_NAME
+            if self.fc_source in (FC_MODEL_NAME, "imported")  # per-pair FCs, no coefficients
             else {n: float(c) for n, c in zip(self.fc_names, self.coefficients, strict=True)}
         )
         m = self.model

@@ -185,6 +185,7 @@ def _mesh_frequencies(fcs: CrystalFC, size: tuple[int, int, int], chunk: int) ->
         masses=fcs.masses,
         eigenvectors=True,
         chunk=chunk,
+        nac=fcs.nac,
     )
 
 

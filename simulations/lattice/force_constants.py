@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from simulations.exceptions import ForceConstantError, InvalidCoefficientsError
 from simulations.lattice.crystals import Crystal
+
+if TYPE_CHECKING:
+    from simulations.lattice.nac import NACTerm
 
 __all__ = ["BondOrbit", "FCBasis", "build_fc_basis"]
 
@@ -100,6 +103,12 @@ class FCBasis:
         (n_coeff, n_blocks, 3, 3) float: ``Phi(block) = sum_k c_k blocks[k, block]``.
     coefficient_orbit
         (n_coeff,) int: index into ``orbits`` of the bond each coefficient belongs to.
+    nac
+        The non-analytic term of a polar crystal (imported FCs with Born charges), or
+        ``None``. It does not scale with the coefficients: the S(Q, E) model
+        (:class:`simulations.lattice.sqe.CoherentSQE`) adds it to its dynamical matrices;
+        :meth:`dynamical_basis` (so the forward model's dispersion and stability check)
+        leaves it out.
     """
 
     crystal: Crystal
@@ -109,6 +118,7 @@ class FCBasis:
     pairs: NDArray[np.int64]
     blocks: NDArray[np.float64]
     coefficient_orbit: NDArray[np.int64]
+    nac: NACTerm | None = None
 
     @property
     def n_coefficients(self) -> int:

@@ -23,12 +23,16 @@ and by the spectra of the prediction endpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from simulations.exceptions import ForceConstantError
 from simulations.units import VASP_TO_THZ
+
+if TYPE_CHECKING:
+    from simulations.lattice.nac import NACTerm
 
 __all__ = [
     "MeshPhonons",
@@ -79,6 +83,7 @@ def dynamical_matrices(
     qpoints: ArrayLike,
     *,
     masses: ArrayLike | None = None,
+    nac: NACTerm | None = None,
 ) -> NDArray[np.complex128]:
     """Mass-weighted dynamical matrices at reduced wave vectors.
 
@@ -94,6 +99,9 @@ def dynamical_matrices(
         (n_q, 3) float, r.l.u. of the primitive reciprocal lattice.
     masses
         (n,) float, amu; default: standard atomic weights of ``numbers``.
+    nac
+        The non-analytic term of a polar crystal (:class:`simulations.lattice.nac.NACTerm`),
+        added when given.
 
     Returns
     -------
@@ -116,6 +124,8 @@ def dynamical_matrices(
         if len(sel):
             out[:, ij // n, ij % n] = np.einsum("qb,bxy->qxy", phase[:, sel] * weight[sel], f[sel])
     d = out.transpose(0, 1, 3, 2, 4).reshape(len(q), 3 * n, 3 * n)
+    if nac is not None:
+        d = d + nac.matrices(q)
     return np.asarray(0.5 * (d + d.conj().transpose(0, 2, 1)))
 
 
@@ -131,14 +141,15 @@ def frequencies_at(
     qpoints: ArrayLike,
     *,
     masses: ArrayLike | None = None,
+    nac: NACTerm | None = None,
 ) -> NDArray[np.float64]:
-    """Phonon frequencies at reduced wave vectors.
+    """Phonon frequencies at reduced wave vectors (arguments: :func:`dynamical_matrices`).
 
     Returns
     -------
     (n_q, 3 n) float, THz, ascending per q; imaginary modes negative.
     """
-    d = dynamical_matrices(numbers, frac, pairs, fc, qpoints, masses=masses)
+    d = dynamical_matrices(numbers, frac, pairs, fc, qpoints, masses=masses, nac=nac)
     return _to_thz(np.asarray(np.linalg.eigvalsh(d), dtype=np.float64))
 
 
@@ -197,12 +208,13 @@ def mesh_frequencies(
     masses: ArrayLike | None = None,
     eigenvectors: bool = False,
     chunk: int = 256,
+    nac: NACTerm | None = None,
 ) -> MeshPhonons:
     """Frequencies (and optionally eigenvectors) on a Gamma-centred regular mesh.
 
     Parameters
     ----------
-    numbers, frac, pairs, fc, masses
+    numbers, frac, pairs, fc, masses, nac
         See :func:`dynamical_matrices`.
     mesh
         (3,) int, points along each reciprocal axis (all points, no symmetry reduction).
@@ -215,7 +227,9 @@ def mesh_frequencies(
     freqs = []
     vecs = []
     for start in range(0, len(q), chunk):
-        d = dynamical_matrices(numbers, frac, pairs, fc, q[start : start + chunk], masses=masses)
+        d = dynamical_matrices(
+            numbers, frac, pairs, fc, q[start : start + chunk], masses=masses, nac=nac
+        )
         if eigenvectors:
             w, v = np.linalg.eigh(d)
             vecs.append(v)

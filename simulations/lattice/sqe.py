@@ -183,6 +183,8 @@ class CoherentSQE:
                 if len(sel):
                     out[:, i, :, j, :] = np.einsum("qb,bxy->qxy", phase[:, sel], self._blocks[sel])
         d = out.reshape(len(q), 3 * n_at, 3 * n_at)
+        if self.basis.nac is not None:  # LO-TO splitting of a polar crystal
+            d = d + self.basis.nac.matrices(q)
         return np.asarray(0.5 * (d + d.conj().transpose(0, 2, 1)), dtype=np.complex128)
 
     def modes(self, qpoints: NDArray[np.float64], chunk: int = 8192) -> PhononModes:

@@ -21,13 +21,17 @@ Errors are 4xx with a message, never 500: an unknown run in ``current:`` (or a r
 an estimate) is 404; everything else the request gets wrong (unknown material or FC set,
 Ei not above the grid's top energy, omegas outside the goniometer limits, empty outputs,
 an unparseable CIF, partial occupancy, an element the model does not know, a cell above an
-atom or site limit, more angles than the limit, non-finite or out-of-range numbers) is 422.
+atom or site limit, more angles than the limit, non-finite or out-of-range numbers, an FC
+file that is garbled, has no force constants, is too large or is for another structure) is
+422.
 When the FCs are to come from the e3nn model and no usable model is installed, the answer
 is 503 with what is missing.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from typing import Any
 
@@ -39,11 +43,18 @@ from pydantic import ValidationError
 
 from model_server.exceptions import PredictionUnavailable
 from model_server.prediction.cif_input import CIFError, count_cif_sites
+from model_server.prediction.fc_import import MAX_FC_FILE_BYTES, FCFile
 from model_server.prediction.pool import InlinePredictions, PredictionRunner
 from steering import metrics
 from steering.api.errors import ValidatedRoute
 from steering.api.limits import ENV, ServiceLimits
-from steering.api.schemas import ErrorBody, FCCoefficients, PredictRequest, PredictResponse
+from steering.api.schemas import (
+    ErrorBody,
+    FCCoefficients,
+    FCFileUpload,
+    PredictRequest,
+    PredictResponse,
+)
 from steering.db import History
 
 __all__ = ["current_estimate", "predict_router", "request_schema"]
@@ -128,7 +139,42 @@ def _resolve_fc(body: PredictRequest, history: History) -> tuple[str | None, Any
         material = run_material
     elif isinstance(fc, FCCoefficients):
         fc = dict(fc.coefficients)
+    elif isinstance(fc, FCFileUpload):
+        fc = _fc_file(fc)
     return material, fc, label
+
+
+def _decoded(field: str, text: str) -> bytes:
+    """The bytes of a base64 field of ``fc`` (422 when it is not base64 or too large)."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise HTTPException(422, f"fc.{field} is not base64: {exc}") from exc
+    if len(data) > MAX_FC_FILE_BYTES:
+        raise HTTPException(
+            422, f"fc.{field} has {len(data)} bytes; at most {MAX_FC_FILE_BYTES} are read"
+        )
+    return data
+
+
+def _fc_file(upload: FCFileUpload) -> FCFile:
+    """The FC file of a request (its base64 fields decoded)."""
+    extras = {
+        role: _decoded(role, text)
+        for role, text in (
+            ("force_constants", upload.force_constants),
+            ("force_sets", upload.force_sets),
+            ("born", upload.born),
+        )
+        if text is not None
+    }
+    return FCFile(
+        data=_decoded("file", upload.file),
+        filename=upload.filename,
+        format=upload.format,
+        extras=extras,
+        nac=upload.nac,
+    )
 
 
 def request_schema() -> dict[str, Any]:
@@ -255,9 +301,11 @@ def predict_router(
         * `indirect`: 1D S(E) of a VISION/TOSCA-like spectrometer (mbarn/(sr meV) per atom),
           incoherent approximation, per bank and order.
 
-        Where the FCs come from is `fc_source` (`reference`, `given`, `e3nn`); with `e3nn`
-        the answer carries `distance`, `in_domain` and `message` (an out-of-domain
-        prediction is marked in `warnings` and in the PNG's title).
+        Where the FCs come from is `fc_source` (`reference`, `given`, `e3nn`, `imported`);
+        with `e3nn` the answer carries `distance`, `in_domain` and `message` (an
+        out-of-domain prediction is marked in `warnings` and in the PNG's title). An FC file
+        (`fc: {"file": <base64>}`: phonopy YAML, CASTEP .castep_bin) is used as it is, on
+        the request's structure (422 when it is for another one).
 
         About 0.5 s per omega once the material is loaded (the first request of a material
         or FC set takes seconds). Limits (the service's settings): the body size (413),

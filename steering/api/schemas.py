@@ -1,6 +1,7 @@
 """The API's schemas: the bodies, answers and path values of the routes, as pydantic models.
 
-* ``POST /predict``: :class:`PredictRequest` (with :class:`FCCoefficients`), its JSON answer
+* ``POST /predict``: :class:`PredictRequest` (with :class:`FCCoefficients` or
+  :class:`FCFileUpload`), its JSON answer
   :class:`PredictResponse` and :class:`PredictError`. The answer's models describe what
   :meth:`model_server.prediction.results.Prediction.to_dict` writes (axes, units, where the
   force constants came from); the endpoint itself returns that dict as it is. Arrays are
@@ -28,6 +29,7 @@ __all__ = [
     "DetectorOutput",
     "ErrorBody",
     "FCCoefficients",
+    "FCFileUpload",
     "FCInfo",
     "FCModelInfo",
     "FigureName",
@@ -69,6 +71,41 @@ class FCCoefficients(BaseModel):
 #: A background component of a prediction.
 Background = Literal["elastic", "multiphonon", "tof_background", "can"]
 
+Base64 = Annotated[str, StringConstraints(min_length=1, max_length=50_000_000)]
+
+
+class FCFileUpload(BaseModel):
+    """Force constants of a file: phonopy's YAML or CASTEP's .castep_bin, base64-encoded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    file: Base64 = Field(
+        description="The file's bytes, base64: `phonopy.yaml` / `phonopy_params.yaml` (with "
+        "force constants or forces inside, or FORCE_CONSTANTS / FORCE_SETS below) or a "
+        "CASTEP `.castep_bin` (PHONON_WRITE_FORCE_CONSTANTS). The body size limit applies "
+        "(`STEER_MAX_BODY_BYTES`, 1 MiB by default: raise it for large supercells)."
+    )
+    format: Literal["phonopy", "castep_bin"] | None = Field(
+        None, description="The file's format; left out: told from the content."
+    )
+    filename: Annotated[str, StringConstraints(max_length=200)] | None = Field(
+        None, description="The file's name, shown in the answer (`fc.file.filename`)."
+    )
+    force_constants: Base64 | None = Field(
+        None, description="phonopy: FORCE_CONSTANTS beside the YAML, base64."
+    )
+    force_sets: Base64 | None = Field(
+        None, description="phonopy: FORCE_SETS beside the YAML, base64 (phonopy makes the FCs)."
+    )
+    born: Base64 | None = Field(
+        None, description="phonopy: BORN beside the YAML, base64 (used when the YAML has none)."
+    )
+    nac: bool = Field(
+        True,
+        description="Apply the non-analytic (LO-TO) term when the file has Born charges and "
+        "a dielectric tensor (Wang's method; see docs/predict.md for where it applies).",
+    )
+
 
 class PredictRequest(BaseModel):
     """What to predict: crystal, force constants, instrument setting and orientations."""
@@ -105,16 +142,22 @@ class PredictRequest(BaseModel):
         "defaults (with predicted FCs the grid reaches 1.1 x the highest mode); the first "
         "request builds its fold table (seconds).",
     )
-    fc: Annotated[str, StringConstraints(min_length=1, max_length=300)] | FCCoefficients | None = (
-        Field(
-            None,
-            description="Force constants. Left out: `mlff_mean` for a shipped material, the e3nn "
-            "model's prediction for a CIF. `e3nn`: the model's prediction (shipped materials "
-            "too, with its projection onto their named coefficients for comparison). A named "
-            "set of the material (`mlff_mean`, a force-field name, `raman` for Ge), "
-            "`current:<run id>` (the latest estimate of that run in the history: its FC "
-            'means), or `{"coefficients": {name: value}}` (eV/A^2).',
-        )
+    fc: (
+        Annotated[str, StringConstraints(min_length=1, max_length=300)]
+        | FCCoefficients
+        | FCFileUpload
+        | None
+    ) = Field(
+        None,
+        description="Force constants. Left out: `mlff_mean` for a shipped material, the e3nn "
+        "model's prediction for a CIF. `e3nn`: the model's prediction (shipped materials "
+        "too, with its projection onto their named coefficients for comparison). A named "
+        "set of the material (`mlff_mean`, a force-field name, `raman` for Ge), "
+        "`current:<run id>` (the latest estimate of that run in the history: its FC "
+        'means), `{"coefficients": {name: value}}` (eV/A^2), or an FC file `{"file": '
+        '"<base64>", "format": "phonopy" | "castep_bin"}` (`fc_source: imported`; with a '
+        "material or CIF the file must be for that structure, without either its own "
+        "structure is used).",
     )
     ei: float | None = Field(
         None,
@@ -262,11 +305,13 @@ class FCInfo(_Doc):
     """The force constants used."""
 
     label: str = Field(description="Name of the set, `custom`, or `e3nn (<version>)`.")
-    source: Literal["reference", "given", "e3nn"] = Field(description="Where they came from.")
+    source: Literal["reference", "given", "e3nn", "imported"] = Field(
+        description="Where they came from."
+    )
     units: Literal["eV/A^2"] = Field(description="Units of the coefficients.")
     coefficients: dict[str, float] = Field(
-        description="Symmetry-reduced coefficients by name (empty for `e3nn`: the predicted "
-        "per-pair blocks are used as they are; see `projection` for a shipped material)."
+        description="Symmetry-reduced coefficients by name (empty for `e3nn` and `imported`: "
+        "the per-pair blocks are used as they are; see `projection` for a shipped material)."
     )
 
 
@@ -342,9 +387,10 @@ class PredictResponse(_Doc):
     material: str = Field(description="Shipped material, or `cif-<hash>` / formula of a CIF.")
     formula: str = Field(description="Reduced formula.")
     n_atoms: int = Field(description="Atoms in the primitive cell.")
-    fc_source: Literal["reference", "given", "e3nn"] = Field(
+    fc_source: Literal["reference", "given", "e3nn", "imported"] = Field(
         description="`reference`: a shipped named set; `given`: coefficients or a run's "
-        "estimate; `e3nn`: predicted from the structure."
+        "estimate; `e3nn`: predicted from the structure; `imported`: an FC file (`fc.file`: "
+        "name, format, SHA-256)."
     )
     in_domain: bool | None = Field(
         description="The e3nn model's verdict (null for other FC sources); an out-of-domain "

@@ -1,5 +1,12 @@
 """``steer predict``: the spectra a crystal is expected to give, from a CIF or a shipped
-material, with the force constants of the e3nn model, a coefficient file or a named set.
+material, with the force constants of the e3nn model, a coefficient file, a named set or
+an FC file of phonopy or CASTEP.
+
+``--fc FILE`` is read by its content: a JSON object of coefficients, a phonopy YAML
+(``phonopy.yaml``, ``phonopy_params.yaml``; ``FORCE_CONSTANTS``, ``FORCE_SETS`` and ``BORN``
+in the same folder are read with it, as phonopy reads them) or a CASTEP ``.castep_bin``
+(``fc_source`` ``imported``). STRUCTURE may itself be such an FC file: its own structure is
+then used (a shipped material's when it is one).
 
 ``--json`` prints one JSON object on stdout (progress and logs go to stderr)::
 
@@ -7,8 +14,8 @@ material, with the force constants of the e3nn model, a coefficient file or a na
     material        the shipped material, or the CIF's cache name (cif-<hash>)
     formula         reduced formula
     n_atoms         atoms in the primitive cell
-    fc_source       "e3nn" (predicted from the structure), "given" (--fc file) or
-                    "reference" (a shipped named set)
+    fc_source       "e3nn" (predicted from the structure), "given" (--fc coefficient
+                    file), "reference" (a shipped named set) or "imported" (phonopy/CASTEP)
     fc_label        name of the FC set
     distance        the e3nn model's distance from its training set (~1: its edge), or null
     in_domain       the model's verdict (null for other sources); false is also a warning
@@ -32,13 +39,16 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import typer
 
 from steering.cli.options import IndirectInstrument, JsonOpt, TemperatureOpt
 from steering.exceptions import SteeringError
+
+if TYPE_CHECKING:
+    from model_server.prediction.fc_import import FCFile
 
 __all__ = ["KINDS", "predict_cmd", "summary"]
 
@@ -71,14 +81,54 @@ def _structure(arg: str) -> tuple[str | None, str | None]:
         raise SteeringError(f"cannot read {path}: {exc}") from exc
 
 
-def _fc_spec(fc: str | None) -> str | dict[str, Any] | None:
-    """``--fc``: a coefficient JSON file, ``e3nn`` or a named set; None: the default."""
+def _fc_file(path: Path) -> FCFile | None:
+    """The FC file (phonopy YAML, CASTEP binary) at ``path``, or None for anything else."""
+    from model_server.exceptions import FCImportError
+    from model_server.prediction.fc_import import MAX_FC_FILE_BYTES, FCFile, detect_format
+
+    if path.suffix.lower() == ".json":
+        return None
+    try:
+        size = path.stat().st_size
+        if size > MAX_FC_FILE_BYTES:
+            raise SteeringError(
+                f"the FC file {path} has {size} bytes; at most {MAX_FC_FILE_BYTES} are read"
+            )
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SteeringError(f"cannot read the FC file {path}: {exc}") from exc
+    try:
+        fmt = detect_format(data, path.name)
+    except FCImportError:  # a CIF, a coefficient file, or neither (their readers say so)
+        return None
+    extras: dict[str, bytes] = {}
+    if fmt == "phonopy":
+        for role, name in (
+            ("force_constants", "FORCE_CONSTANTS"),
+            ("force_sets", "FORCE_SETS"),
+            ("born", "BORN"),
+        ):
+            beside = path.parent / name
+            if beside.is_file():
+                extras[role] = beside.read_bytes()
+    return FCFile(data=data, filename=path.name, format=fmt, extras=extras)
+
+
+def _fc_spec(fc: str | None) -> str | dict[str, Any] | FCFile | None:
+    """``--fc``: a coefficient JSON file, an FC file (phonopy, CASTEP), ``e3nn`` or a named
+    set; None: the default."""
     if fc is None or not (fc.endswith(".json") or Path(fc).is_file()):
         return fc
+    imported = _fc_file(Path(fc))
+    if imported is not None:
+        return imported
     try:
         doc = json.loads(Path(fc).read_text())
     except (OSError, ValueError) as exc:
-        raise SteeringError(f"cannot read the FC file {fc}: {exc}") from exc
+        raise SteeringError(
+            f"cannot read the FC file {fc}: it is not a phonopy YAML or CASTEP .castep_bin, "
+            f"and not JSON coefficients ({exc})"
+        ) from exc
     values = doc.get("coefficients", doc) if isinstance(doc, dict) else None
     if not isinstance(values, dict) or not values:
         raise SteeringError(
@@ -193,7 +243,11 @@ def _json_default(value: Any) -> Any:
 
 def predict_cmd(
     structure: Annotated[
-        str, typer.Argument(help="A CIF file, or a shipped material (Ge, Nb, Al).")
+        str,
+        typer.Argument(
+            help="A CIF file, a shipped material (Ge, Nb, Al), or an FC file (phonopy YAML, "
+            ".castep_bin) whose own structure and FCs are used."
+        ),
     ],
     kind: Annotated[
         Kind,
@@ -213,8 +267,9 @@ def predict_cmd(
         typer.Option(
             "--fc",
             help='FCs: a JSON file {"coefficients": {name: value}} (eV/A^2) overriding the '
-            "model, 'e3nn' (the model; the default for a CIF), or a named set of a shipped "
-            "material (mlff_mean, raman...).",
+            "model, a phonopy YAML or CASTEP .castep_bin (imported as they are; FORCE_CONSTANTS, "
+            "FORCE_SETS, BORN beside the YAML are read with it), 'e3nn' (the model; the "
+            "default for a CIF), or a named set of a shipped material (mlff_mean, raman...).",
         ),
     ] = None,
     temperature: TemperatureOpt = 5.0,
@@ -251,11 +306,19 @@ def predict_cmd(
     (an out-of-domain prediction is flagged in the output and the PNG's title)."""
     from model_server.prediction.predict import predict
 
-    material, cif = _structure(structure)
+    own = _fc_file(Path(structure)) if Path(structure).is_file() else None
+    fc_value: Any
+    if own is not None:  # an FC file as STRUCTURE: its own structure
+        if fc is not None:
+            raise SteeringError(f"{structure} is an FC file: leave --fc out, or give a CIF")
+        material, cif, fc_value = None, None, own
+    else:
+        material, cif = _structure(structure)
+        fc_value = _fc_spec(fc)
     prediction = predict(
         material,
         cif=cif,
-        fc=_fc_spec(fc),
+        fc=fc_value,
         ei=ei,
         temperature=temperature,
         omegas=_omegas(omega),
