@@ -325,6 +325,15 @@ class IQEOutput(_Doc):
     signal: _Grid = Field(description="(n_q, n_E) mbarn per atom.")
     qpoints_rlu: _Grid = Field(description="(n_q, 3) q-path, r.l.u. of the primitive cell.")
     dispersion_meV: _Grid = Field(description="(n_q, n_branches) phonon energies on the path.")
+    components: dict[str, _Grid] = Field(
+        description="Background component (`elastic`, `multiphonon`, `tof_background`, "
+        "`can`: those asked for in `backgrounds`) -> (n_q, n_E) its coverage-weighted mean, "
+        "in the units of `intensity`; null where not covered."
+    )
+    total_intensity: _Grid = Field(
+        description="(n_q, n_E) `intensity` plus every component: the expected spectrum."
+    )
+    components_description: dict[str, str] = Field(description="What each component is.")
 
 
 class DetectorOutput(_Doc):
@@ -335,6 +344,10 @@ class DetectorOutput(_Doc):
     intensity: _Grid = Field(description="(n_omega, n_angle, n_E).")
     angle_deg: list[float] = Field(description="In-plane scattering-angle bin centres.")
     q_magnitude_inv_angstrom: _Grid = Field(description="(n_angle, n_E) |Q| of every bin.")
+    components: dict[str, _Grid] = Field(
+        description="Background component -> (n_angle, n_E), the same at every omega "
+        "(functions of |Q| and E), in the units of `intensity`."
+    )
 
 
 class PowderOutput(_Doc):
@@ -345,6 +358,11 @@ class PowderOutput(_Doc):
     q_inv_angstrom: list[float] = Field(description="|Q| bin centres, 1/Angstrom.")
     intensity: _Grid = Field(description="(n_Q, n_E) spherical average of S(Q, E).")
     accessible: _Grid = Field(description="(n_Q, n_E) bool: reached by the detector at Ei.")
+    components: dict[str, _Grid] = Field(
+        description="Background component (`elastic`, `multiphonon`, `can`; the "
+        "time-of-flight background is the detector's and not here) -> (n_Q, n_E), in the "
+        "units of `intensity`."
+    )
 
 
 class DOSOutput(_Doc):
