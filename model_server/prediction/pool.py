@@ -16,7 +16,12 @@ BLAS/OpenMP/torch/numba on one thread each), so that
   get 503 and the service stops within a second.
 
 Workers start on first use (or with :meth:`PredictionPool.start`) and keep their caches
-(materials, fold tables, S(Q, E) models) between requests; a killed one loses them.
+(materials, fold tables, S(Q, E) models) between requests; a killed one loses them. With
+``warmup=True`` every worker warms itself as soon as it starts
+(:data:`model_server.prediction.worker.WARMUP_STEPS`: Ge's setup, tables and compiled
+kernels, the e3nn model), between jobs: a request that arrives meanwhile waits at most for
+the step in progress, never fails for it. :meth:`PredictionPool.state` says how far the
+workers are (``GET /health`` shows it).
 Everything here runs on the event loop of the caller (asyncio); the pipe reads and writes
 that could block go to threads.
 
@@ -37,7 +42,7 @@ from typing import Any, Protocol
 
 from model_server.exceptions import PredictionUnavailable
 from model_server.prediction import worker as worker_module
-from model_server.prediction.worker import Answer, answer
+from model_server.prediction.worker import STEP_FAILED, WARMUP_STEPS, Answer, answer
 
 __all__ = ["Answer", "InlinePredictions", "PredictionPool", "PredictionRunner"]
 
@@ -59,17 +64,35 @@ class PredictionRunner(Protocol):
 
 
 class _Worker:
-    """One worker process and the parent's end of its pipe."""
+    """One worker process and the parent's end of its pipe; with ``warmup``, the shared
+    array where it writes when each warm-up step ended (see :func:`worker_module.serve`)."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Any, warmup: bool = False) -> None:
         parent, child = ctx.Pipe(duplex=True)
+        self.warmup: Any = None
+        args: tuple[Any, ...] = (child,)
+        if warmup:
+            self.warmup = ctx.Array("d", [math.nan] * len(WARMUP_STEPS), lock=False)
+            args = (child, self.warmup)
+        self.started = time.time()
         self.process = ctx.Process(
-            target=worker_module.serve, args=(child,), name="steer-predict", daemon=True
+            target=worker_module.serve, args=args, name="steer-predict", daemon=True
         )
         self.process.start()
         child.close()
         self.conn = parent
         self.jobs = 0
+
+    def warmup_steps(self) -> list[float | None]:
+        """Per warm-up step: seconds from the process's start to the step's end, ``-1.0``
+        when it failed, ``None`` while to do."""
+        out: list[float | None] = []
+        for ended in self.warmup:
+            if math.isnan(ended):
+                out.append(None)
+            else:
+                out.append(STEP_FAILED if ended == STEP_FAILED else ended - self.started)
+        return out
 
     def kill(self) -> None:
         """Kill the process (signal-safe: no waiting)."""
@@ -95,9 +118,13 @@ class PredictionPool:
         with status 429.
     budget_s
         Seconds a request may take, waiting included; past it the worker is killed.
+    warmup
+        Workers warm themselves up as soon as they start (see the module docstring).
     """
 
-    def __init__(self, *, workers: int = 1, queue: int = 4, budget_s: float = 120.0) -> None:
+    def __init__(
+        self, *, workers: int = 1, queue: int = 4, budget_s: float = 120.0, warmup: bool = False
+    ) -> None:
         if workers < 1 or queue < 0 or not budget_s > 0:
             raise ValueError(
                 f"a prediction pool needs workers >= 1, queue >= 0 and a budget > 0 s, got "
@@ -106,6 +133,7 @@ class PredictionPool:
         self.workers = int(workers)
         self.queue = int(queue)
         self.budget_s = float(budget_s)
+        self.warmup = bool(warmup)
         self._ctx = multiprocessing.get_context("spawn")
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
@@ -134,9 +162,43 @@ class PredictionPool:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def start(self) -> None:
-        """Start the worker processes now rather than on first use."""
+        """Start the worker processes now rather than on first use (with ``warmup``, they
+        warm up at once). Spawning does not wait for the process to be ready."""
         while len(self._idle) + len(self._busy) < self.workers and not self._closed:
-            self._idle.append(_Worker(self._ctx))
+            self._idle.append(_Worker(self._ctx, self.warmup))
+
+    def state(self) -> dict[str, Any]:
+        """What the pool is doing, JSON-ready: ``workers`` (processes alive), ``running``,
+        ``pending`` (running or waiting), ``warmup``: ``off`` (not asked for), ``not
+        started`` (no worker yet), ``warming`` (a worker has steps to do) or ``ready``;
+        ``warmup_s``: per step of :data:`~model_server.prediction.worker.WARMUP_STEPS`, the
+        seconds from its worker's start to its end (the slowest worker's), ``"failed"``, or
+        null while to do. Safe to call from any thread."""
+        workers = (*self._idle, *self._busy)
+        out: dict[str, Any] = {
+            "workers": len(workers),
+            "running": len(workers) - len(self._idle),
+            "pending": self._pending,
+            "warmup": "off",
+        }
+        if not self.warmup:
+            return out
+        if not workers:
+            out["warmup"] = "not started"
+            return out
+        per_worker = [w.warmup_steps() for w in workers]
+        steps: dict[str, float | str | None] = {}
+        for k, step in enumerate(WARMUP_STEPS):
+            seen = [ws[k] for ws in per_worker]
+            if any(v == STEP_FAILED for v in seen):
+                steps[step.name] = "failed"
+            elif any(v is None for v in seen):
+                steps[step.name] = None
+            else:
+                steps[step.name] = round(max(v for v in seen if v is not None), 2)
+        out["warmup"] = "warming" if None in steps.values() else "ready"
+        out["warmup_s"] = steps
+        return out
 
     # -- running a prediction ----------------------------------------------------------------
 
@@ -192,7 +254,7 @@ class PredictionPool:
     async def _start_worker(self) -> _Worker:
         """A new worker, started in a thread (spawning is not instant; the loop goes on).
         One whose request is cancelled while it starts is killed once it has started."""
-        starting = asyncio.ensure_future(asyncio.to_thread(_Worker, self._ctx))
+        starting = asyncio.ensure_future(asyncio.to_thread(_Worker, self._ctx, self.warmup))
         try:
             return await asyncio.shield(starting)
         except asyncio.CancelledError:

@@ -6,6 +6,16 @@ arguments and ``png``) and returns an :class:`Answer`: the JSON or PNG body, or 
 a message. :func:`serve` is a worker process's main loop: jobs in, answers out, over a pipe.
 The module imports only the standard library at the top, so that a worker limits BLAS,
 OpenMP, torch and numba to one thread each before they start theirs.
+
+Warm-up. A worker started with a status array warms itself with :data:`WARMUP_STEPS`
+(the imports; a Ge prediction with its default FC set: setup, fold table, forward model,
+phonon table, compiled kernels; one with ``raman``; the e3nn model and its first call; a
+CIF without FCs: CIF parsing, the generic setup), one step at a time and only while no job
+waits: a job that arrives during the warm-up waits at most for the step in progress, then
+runs before the next one. The prediction steps are requests like any other, so what they
+leave in the caches is what a request needs. The status array holds, per step, the time it
+ended (``time.time()``; NaN while to do, :data:`STEP_FAILED` when it failed, e.g. without an
+e3nn model: logged, not fatal).
 """
 
 from __future__ import annotations
@@ -13,10 +23,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Answer", "answer", "serve"]
+__all__ = ["STEP_FAILED", "WARMUP_STEPS", "Answer", "WarmupStep", "answer", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +51,61 @@ class Answer:
     media_type: str = "application/json"
     body: bytes = b""
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WarmupStep:
+    """One step of a worker's warm-up: ``run()`` does it, and raises when it fails."""
+
+    name: str
+    run: Callable[[], None]
+
+
+def _import_predict() -> None:
+    import model_server.prediction.predict  # noqa: F401
+
+
+def _predicts(job: Callable[[], dict[str, Any]]) -> Callable[[], None]:
+    """A step that answers ``job()`` like a request (every cache it fills is one a request
+    uses); an answer other than 200 is a failure."""
+
+    def run() -> None:
+        result = answer(job())
+        if result.status != 200:
+            raise RuntimeError(f"status {result.status}: {result.detail}")
+
+    return run
+
+
+def _load_fc_model() -> None:
+    """The e3nn model loaded, and its first prediction made (Ge's primitive cell)."""
+    from model_server.prediction.fc_source import predict_fcs
+    from simulations.lattice.crystals import load_crystal
+
+    predict_fcs(load_crystal("Ge"))
+
+
+def _shipped_cif(name: str) -> str:
+    from importlib import resources
+
+    return (resources.files("simulations") / "data" / "structures" / f"{name}.cif").read_text()
+
+
+#: What a worker does before its first job, in this order (the most asked first); each step
+#: a few seconds at most, so that a request waits little for the one in progress.
+WARMUP_STEPS: tuple[WarmupStep, ...] = (
+    WarmupStep(name="imports", run=_import_predict),
+    WarmupStep(name="Ge", run=_predicts(lambda: {"material": "Ge", "omegas": [0.0]})),
+    WarmupStep(
+        name="Ge raman",
+        run=_predicts(lambda: {"material": "Ge", "fc": "raman", "omegas": [0.0]}),
+    ),
+    WarmupStep(name="e3nn model", run=_load_fc_model),
+    WarmupStep(name="CIF", run=_predicts(lambda: {"cif": _shipped_cif("Ge"), "omegas": [0.0]})),
+)
+
+#: The status of a step that failed.
+STEP_FAILED = -1.0
 
 
 def answer(job: dict[str, Any]) -> Answer:
@@ -109,16 +176,40 @@ def _one_thread() -> None:
         pass
 
 
-def serve(conn: Any) -> None:
+def _warm(step: WarmupStep) -> float:
+    """Run one warm-up step; the time it ended (``time.time()``), or :data:`STEP_FAILED`
+    (logged: a worker whose warm-up failed is as it would be without one)."""
+    try:
+        step.run()
+    except Exception as exc:
+        logger.warning("prediction warm-up %r failed: %s", step.name, exc)
+        return STEP_FAILED
+    return time.time()
+
+
+def serve(conn: Any, warmup: MutableSequence[float] | None = None) -> None:
     """A worker process's main loop: receive a job from ``conn``
     (:class:`multiprocessing.connection.Connection`), send its :class:`Answer`; ``None`` or
-    a closed pipe ends it."""
+    a closed pipe ends it.
+
+    ``warmup`` (a shared array of ``len(WARMUP_STEPS)`` floats, NaN each): warm up with
+    :data:`WARMUP_STEPS` while no job waits, writing the time each step ended
+    (``time.time()``, or :data:`STEP_FAILED`) into it. Without it the worker only imports
+    before its first job.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     _one_thread()
-    import model_server.prediction.predict  # noqa: F401  (imported before the first job)
+    steps = list(range(len(WARMUP_STEPS))) if warmup is not None else []
+    if warmup is None:
+        import model_server.prediction.predict  # noqa: F401  (imported before the first job)
 
     while True:
         try:
+            if steps and not conn.poll():
+                k = steps.pop(0)
+                assert warmup is not None
+                warmup[k] = _warm(WARMUP_STEPS[k])
+                continue
             job = conn.recv()
         except (EOFError, OSError):
             return

@@ -37,6 +37,7 @@ Command line: ``steer fcmodel train|evaluate ...`` (training in
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -388,11 +389,13 @@ def _load_cached(where_s: str) -> FCModel:
             )
         config = NetConfig.from_json(meta["config"])
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        nets = []
-        for k in range(int(meta["members"])):
-            net = build_net(config, torch.float64)
+        # the members share one architecture: build it once (e3nn generates and optimises
+        # the code of every tensor product, most of the load time) and copy it
+        template = build_net(config, torch.float64)
+        members = int(meta["members"])
+        nets = [template, *(copy.deepcopy(template) for _ in range(members - 1))]
+        for k, net in enumerate(nets):
             _load_parameters(net, state[f"member{k}"], weights_path)
-            nets.append(net)
         bank = state["bank"].to(torch.float64).numpy()
         bank_species = state["bank_species"].numpy()
         return FCModel(path=where, meta=meta, nets=nets, bank=bank, bank_species=bank_species)

@@ -1,6 +1,6 @@
 """The service itself: health, models, metrics, the live page and its event stream.
 
-* ``GET /health``: liveness and a one-line state;
+* ``GET /health``: liveness and a one-line state, with the prediction workers' warm-up;
 * ``GET /models``; ``POST /models/reload`` (token);
 * ``GET /metrics``: Prometheus;
 * ``GET /``: the live page; ``GET /stream``: server-sent events (an ``update`` per new
@@ -39,16 +39,21 @@ POLL_S = 0.2
 
 
 @router.get("/health")
-def health(history: HistoryDep, live: LiveDep) -> dict[str, Any]:
-    """Liveness and a one-line state."""
+def health(request: Request, history: HistoryDep, live: LiveDep) -> dict[str, Any]:
+    """Liveness and a one-line state; ``predictions``: the prediction workers and how far
+    their warm-up is (:meth:`model_server.prediction.pool.PredictionPool.state`)."""
     runs = history.runs()
-    return {
+    out: dict[str, Any] = {
         "status": "ok",
         "runs": len(runs),
         "running": sum(r["state"] == "running" for r in runs),
         "model_version": live.model_version,
         "model_error": live.model_error,
     }
+    pool = getattr(request.app.state, "predictions", None)
+    if pool is not None and hasattr(pool, "state"):
+        out["predictions"] = pool.state()
+    return out
 
 
 @router.get("/models")

@@ -25,6 +25,7 @@ from steering.cli.output import emit
 
 if TYPE_CHECKING:
     from consumers.streams import InstrumentConfig
+    from model_server.prediction.pool import PredictionPool
     from steering.api.app import LiveState
     from steering.api.limits import ServiceLimits
     from steering.db import History
@@ -95,6 +96,17 @@ def serve_cmd(
             "run history, the page and the advisor. Needs --bootstrap.",
         ),
     ] = False,
+    predict_warmup: Annotated[
+        bool,
+        typer.Option(
+            "--predict-warmup/--no-predict-warmup",
+            envvar="STEER_PREDICT_WARMUP",
+            help="Have the prediction workers, started with the service, load what POST "
+            "/predict needs (Ge's setup, tables and compiled kernels, the e3nn model) in the "
+            "background; /health shows how far they are. Without it they only import their "
+            "code, and the first requests load the rest.",
+        ),
+    ] = True,
 ) -> None:
     """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
     consumer, model server and advisor of a prefix (with --follow-replicas: the advisor
@@ -102,37 +114,51 @@ def serve_cmd(
     STEER_API_TOKEN."""
     import os
 
-    from steering.api.app import LiveState
+    from model_server.prediction.pool import PredictionPool
     from steering.api.limits import ServiceLimits
-    from steering.db import History
 
-    ServiceLimits.from_env()  # a bad STEER_* limit stops the service before anything starts
+    limits = ServiceLimits.from_env()  # a bad STEER_* limit stops the service before anything
     if follow_replicas:
         check_follow_options(bootstrap=bootstrap, instrument_config=instrument_config)
     streams = instrument_streams(instrument_config, prefix)  # and so does a bad config
     if streams is not None:
         prefix = streams.prefix
-    history = History(database)
-    live = LiveState()
-    service = None
-    if bootstrap:
-        service = _start_service(
-            bootstrap,
-            prefix,
-            state_dir=state_dir,
-            history=history,
-            live=live,
-            model_dir=model_dir,
-            advisor_score=advisor_score,
-            advisor_weighting=advisor_weighting,
-            livedata=livedata,
-            streams=streams,
-            follow_replicas=follow_replicas,
-        )
+    # the prediction workers start first: they import and warm up in their own processes
+    # while this one imports the API and starts the consumer
+    pool = PredictionPool(
+        workers=limits.predict_workers,
+        queue=limits.predict_queue,
+        budget_s=limits.predict_timeout_s,
+        warmup=predict_warmup,
+    )
+    pool.start()
+    try:
+        from steering.api.app import LiveState
+        from steering.db import History
+
+        history = History(database)
+        live = LiveState()
+        service = None
+        if bootstrap:
+            service = _start_service(
+                bootstrap,
+                prefix,
+                state_dir=state_dir,
+                history=history,
+                live=live,
+                model_dir=model_dir,
+                advisor_score=advisor_score,
+                advisor_weighting=advisor_weighting,
+                livedata=livedata,
+                streams=streams,
+                follow_replicas=follow_replicas,
+            )
+    except BaseException:
+        pool.close_now()
+        raise
     token = os.environ.get("STEER_API_TOKEN") or None
     if token is None:
         logger.warning("STEER_API_TOKEN is not set: state-changing endpoints are disabled")
-    limits = ServiceLimits.from_env()
     logger.info("request limits: %s", limits.to_dict())
     typer.echo(f"serving on http://{host}:{port}/ (OpenAPI at /docs)", err=True)
     _serve_until_stopped(
@@ -143,6 +169,7 @@ def serve_cmd(
         port=port,
         service=service,
         limits=limits,
+        pool=pool,
         state_dir=state_dir,
         model_dir=model_dir,
     )
@@ -215,21 +242,22 @@ def _serve_until_stopped(
     port: int,
     service: SteeringService | None,
     limits: ServiceLimits,
+    pool: PredictionPool,
     state_dir: Path,
     model_dir: Path,
 ) -> None:
     """Serve the status API with uvicorn on ``host``:``port`` until Ctrl-C or SIGTERM (exit 0),
-    then stop ``service``.
+    then stop ``service`` and ``pool``.
 
-    On the signal the prediction workers are killed at once (the predictions in flight are
-    answered 503), so that uvicorn's graceful shutdown does not wait for them: the process
-    is gone within seconds.
+    The prediction workers of ``pool`` may still be warming up (in their own processes:
+    neither the event loop nor ``/health`` waits for them). On the signal they are killed
+    at once (the predictions in flight are answered 503), so that uvicorn's graceful
+    shutdown does not wait for them: the process is gone within seconds.
     """
     import signal
 
     import uvicorn
 
-    from model_server.prediction.pool import PredictionPool
     from steering.api.app import create_app
 
     class _Terminated(Exception):
@@ -237,12 +265,6 @@ def _serve_until_stopped(
 
     def _on_term(signum: int, frame: object) -> None:
         raise _Terminated
-
-    pool = PredictionPool(
-        workers=limits.predict_workers,
-        queue=limits.predict_queue,
-        budget_s=limits.predict_timeout_s,
-    )
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -262,7 +284,6 @@ def _serve_until_stopped(
     # consumer checkpoints and the process exits 0 (a restart, not a crash)
     signal.signal(signal.SIGTERM, _on_term)
     try:
-        pool.start()
         _Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=3)).run()
     except _Terminated:
         logger.info("SIGTERM: stopped")
