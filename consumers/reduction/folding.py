@@ -415,8 +415,9 @@ class Folder:
         limits it to those sampled pixels (rows of ``dm``), so that threads can share an
         orientation. With ``signal``, each sample's weight times
         ``s_group[group[pixel], bin]`` is added to ``signal`` as well (``group``: (n_pix,)
-        int64 row of ``s_group``, (n_groups, n_E) float64, of every sampled pixel). Runs
-        without the GIL; returns the number of samples computed.
+        int64 row of ``s_group``, (n_groups, n_E) float64, of every sampled pixel; or
+        several channels at once: ``s_group`` (n_groups, n_E, n_ch) and ``signal``
+        (n_ch, n_q * n_E)). Runs without the GIL; returns the number of samples computed.
         """
         t = self.table
         args = (
@@ -444,7 +445,13 @@ class Folder:
             return int(coverage_kernel(*args))
         if group is None or s_group is None:
             raise FoldError("folding a signal needs the pixels' groups and the groups' signal")
-        return int(coverage_kernel(*args, True, group[rows], s_group, signal))
+        if s_group.ndim == 2:  # one channel
+            s_group, signal = s_group[:, :, None], signal[None, :]
+        if s_group.ndim != 3 or signal.shape != (s_group.shape[2], self.grid.n_q * self.grid.n_e):
+            raise FoldError(
+                f"signals of shape {s_group.shape} cannot fill a histogram of {signal.shape}"
+            )
+        return int(coverage_kernel(*args, True, group[rows], np.ascontiguousarray(s_group), signal))
 
     def on_disk(self, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2) -> bool:
         """Whether the disk cache holds a usable coverage of this set-up at ``omega``."""

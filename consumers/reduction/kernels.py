@@ -239,8 +239,8 @@ def fold_kernel(
 
 
 _NO_GROUP = np.zeros(0, dtype=np.int64)
-_NO_SIGNAL = np.zeros((0, 0))
-_NO_HIST = np.zeros(0)
+_NO_SIGNAL = np.zeros((0, 0, 0))
+_NO_HIST = np.zeros((0, 0))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -266,14 +266,15 @@ def coverage_kernel(
     hist: np.ndarray,  # (n_q * n_e,) float64, added to
     with_signal: bool = False,
     group: np.ndarray = _NO_GROUP,  # (n_pix,) int64 row of ``s_group`` of each pixel
-    s_group: np.ndarray = _NO_SIGNAL,  # (n_groups, n_e) a signal per pixel group and bin
-    sig: np.ndarray = _NO_HIST,  # (n_q * n_e,) float64, added to
+    s_group: np.ndarray = _NO_SIGNAL,  # (n_groups, n_e, n_ch) signals per pixel group and bin
+    sig: np.ndarray = _NO_HIST,  # (n_ch, n_q * n_e) float64, added to
 ) -> int:
     """Coverage of one orientation: every (pixel, energy sample) folded with its weight.
 
-    With ``with_signal``, each sample's weight times ``s_group[group[pixel], bin]`` is added
-    to ``sig`` as well (the prediction endpoint's expected signal, folded exactly as the
-    coverage; :mod:`model_server.prediction.expected`).
+    With ``with_signal``, each sample's weight times ``s_group[group[pixel], bin, ch]`` is
+    added to ``sig[ch]`` as well, for every channel ``ch`` (the prediction endpoint's
+    expected signal and its background components, folded exactly as the coverage in one
+    walk; :mod:`model_server.prediction.expected`).
 
     The same chain as :func:`fold_kernel` (Q = h_inf - v_f M d K_PER_V, fractional
     coordinates, voxel, candidates, nearest star point within the tolerance) without
@@ -338,6 +339,9 @@ def coverage_kernel(
                 b = iq * n_e + col[s]
                 hist[b] += w
                 if with_signal:
-                    sig[b] += w * s_group[group[p], col[s]]
+                    gp = group[p]
+                    cs = col[s]
+                    for ch in range(s_group.shape[2]):
+                        sig[ch, b] += w * s_group[gp, cs, ch]
             s += 1
     return computed

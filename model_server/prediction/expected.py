@@ -104,16 +104,20 @@ class FoldSampler:
     def fold(
         self, omega: float, s_group: NDArray[np.float64]
     ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """(coverage, signal), each (n_q, n_E), of one orientation (alias-expanded)."""
+        """(coverage, signal) of one orientation (alias-expanded): coverage (n_q, n_E);
+        signal (n_q, n_E) for ``s_group`` (n_groups, n_E), or (n_ch, n_q, n_E) for several
+        signals at once, ``s_group`` (n_groups, n_E, n_ch): one walk over the samples."""
         f = self.folder
         grid, t = f.grid, f.table
         dm, h_inf = f.sample_rays(self.samples, omega)
-        s_group = np.ascontiguousarray(s_group, dtype=np.float64)
+        single = s_group.ndim == 2
+        stack = np.ascontiguousarray(s_group[:, :, None] if single else s_group, dtype=np.float64)
+        n_ch = stack.shape[2]
         bounds = np.linspace(0, len(dm), self.threads + 1).astype(int)
 
         def work(k: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
             cov = np.zeros(grid.n_q * grid.n_e)
-            sig = np.zeros(grid.n_q * grid.n_e)
+            sig = np.zeros((n_ch, grid.n_q * grid.n_e))
             rows = slice(bounds[k], bounds[k + 1])
             f.fold_samples(
                 self.samples,
@@ -122,7 +126,7 @@ class FoldSampler:
                 cov,
                 rows=rows,
                 group=self.group,
-                s_group=s_group,
+                s_group=stack,
                 signal=sig,
             )
             return cov, sig
@@ -133,8 +137,8 @@ class FoldSampler:
             with ThreadPoolExecutor(self.threads) as pool:
                 parts = list(pool.map(work, range(self.threads)))
         cov = np.sum([p[0] for p in parts], axis=0).reshape(grid.shape)
-        sig = np.sum([p[1] for p in parts], axis=0).reshape(grid.shape)
-        return cov[t.alias], sig[t.alias]
+        sig = np.sum([p[1] for p in parts], axis=0).reshape(n_ch, *grid.shape)
+        return cov[t.alias], (sig[0][t.alias] if single else sig[:, t.alias])
 
 
 # -- powder and detector angles -----------------------------------------------------------

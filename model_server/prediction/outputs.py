@@ -6,7 +6,6 @@ see :mod:`model_server.prediction.predict` for the physics and units). The ``dos
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -42,7 +41,10 @@ from simulations.lattice.backgrounds import (
 from simulations.lattice.sqe import CoherentSQE
 from simulations.runs.can import aluminium_can
 
-__all__ = ["POWDER_N_Q", "powder", "single_crystal"]
+__all__ = ["LEVEL_GROUP_ROWS", "POWDER_N_Q", "powder", "single_crystal"]
+
+#: Super-pixel rows of the simulator that sets the time-of-flight background's level.
+LEVEL_GROUP_ROWS = 16
 
 #: Powder |Q| points.
 POWDER_N_Q = 100
@@ -90,9 +92,10 @@ def single_crystal(
     seconds["fold_setup"] = time.perf_counter() - t
     t = time.perf_counter()
     comp_s = component_sqe(mat, sim, grid.energy_edges, options)
-    if "tof_background" in comp_s:
-        level = tof_level(mat, sim, options)
-        comp_s = {**comp_s, "tof_background": comp_s["tof_background"] * level}
+    weight = _weights(sim, grid.energy_edges)
+    w_all = np.asarray(options.omegas, dtype=float)
+    cal = set(calibration_angles(w_all).tolist())
+    window_totals: list[float] = []  # the one-phonon signal on the grid, calibration angles
     seconds["components"] = time.perf_counter() - t
     cov = np.zeros(grid.shape)
     sig = np.zeros(grid.shape)
@@ -108,19 +111,29 @@ def single_crystal(
     for omega in options.omegas:
         t = time.perf_counter()
         s_group = sim.sqe(float(omega))
+        if float(omega) in cal:
+            window_totals.append(float((s_group * weight).sum()))
         t_s += time.perf_counter() - t
         t = time.perf_counter()
         if sampler is not None:
-            c_w, s_w = sampler.fold(float(omega), s_group)
+            # the signal and every component in one walk over the fold's samples
+            stack = np.stack([s_group, *comp_s.values()], axis=-1)
+            c_w, s_w = sampler.fold(float(omega), stack)
             cov += c_w
-            sig += s_w
-            for name, s_comp in comp_s.items():
-                comp_sig[name] += sampler.fold(float(omega), s_comp)[1]
+            sig += s_w[0]
+            for k, name in enumerate(comp_s):
+                comp_sig[name] += s_w[k + 1]
         if "detector" in outputs:
             det_num.append(onehot @ (s_group * sim.kf_over_ki[None, :]))
         t_f += time.perf_counter() - t
     seconds["sqe"] = t_s
     seconds["fold"] = t_f
+    if "tof_background" in comp_s:  # folded at one event: scaled now the signal is known
+        t = time.perf_counter()
+        level = tof_level(mat, sim, options, float(np.mean(window_totals)))
+        comp_s = {**comp_s, "tof_background": comp_s["tof_background"] * level}
+        comp_sig["tof_background"] = comp_sig["tof_background"] * level
+        seconds["components"] += time.perf_counter() - t
     iqe = detector = None
     if "iqe" in outputs:
         iqe = IQEPrediction(
@@ -205,12 +218,27 @@ def _weights(sim: GridSimulator, edges: NDArray[np.float64]) -> NDArray[np.float
     return np.asarray(weight * float(edges[1] - edges[0]))
 
 
-def tof_level(mat: Material, sim: GridSimulator, options: PredictionOptions) -> float:
+def calibration_angles(omegas: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Up to 8 evenly spaced angles of ``omegas``: those a simulated run calibrates on."""
+    w = np.asarray(omegas, dtype=float)
+    return w[np.unique(np.linspace(0, len(w) - 1, min(8, len(w))).astype(int))]
+
+
+def tof_level(
+    mat: Material, sim: GridSimulator, options: PredictionOptions, window_signal: float
+) -> float:
     """Events per orientation of the time-of-flight background, in the units of the expected
     counts (S x ``k_f/k_i dOmega dE``), as ``steer simulate run --background-fraction f``
     makes them: ``f / (1 - f)`` times the sample's events (one-phonon plus the sample's
     components over the simulator's whole energy window, energy gain included), averaged
-    over up to 8 evenly spaced angles of the request as the simulator calibrates a run."""
+    over the calibration angles of the request (:func:`calibration_angles`) as the
+    simulator calibrates a run.
+
+    ``window_signal``: the mean one-phonon signal of those angles on the grid's energies.
+    The whole window's is that times the ratio of the two at the first angle a set of FCs
+    was asked for, and the components' totals, both from an event simulator with
+    super-pixels of :data:`LEVEL_GROUP_ROWS` pixels (totals, not shapes: computed once per
+    FCs, T and Ei and cached; the ratio changes by a few per cent between angles)."""
     wanted = options.backgrounds
     bg = Backgrounds(
         elastic="elastic" in wanted,
@@ -235,6 +263,7 @@ def tof_level(mat: Material, sim: GridSimulator, options: PredictionOptions) -> 
             sim.ei,
             table=sim.table,
             e_top=0.95 * sim.ei if reach else None,
+            group_rows=LEVEL_GROUP_ROWS,
         ),
     )
 
@@ -248,22 +277,18 @@ def tof_level(mat: Material, sim: GridSimulator, options: PredictionOptions) -> 
         return float(sum(v.sum() for v in full.components(bg, can=can).values()))
 
     components = SAMPLE_TOTALS.get((*base, "components", bg), parts_total)
-    w = np.asarray(options.omegas, dtype=float)
-    cal = w[np.unique(np.linspace(0, len(w) - 1, min(8, len(w))).astype(int))]
+    omega = float(options.omegas[0])
 
-    def one_phonon_total(omega: float) -> float:
-        return float(full.expected(omega).sum())
+    def window_ratio() -> float:
+        lam = full.expected(omega)
+        edges = np.asarray(mat.setup.grid.energy_edges)
+        on_grid = (full.e_centres >= edges[0]) & (full.e_centres < edges[-1])
+        inside = float(lam[:, on_grid].sum())
+        return float(lam.sum()) / inside if inside > 0 else 1.0
 
-    one_phonon = np.mean(
-        [
-            SAMPLE_TOTALS.get(
-                (*base, reach, float(o)), functools.partial(one_phonon_total, float(o))
-            )
-            for o in cal
-        ]
-    )
+    ratio = SAMPLE_TOTALS.get((*base, reach, "ratio"), window_ratio)
     f = options.background_fraction
-    return float(f / (1.0 - f) * (one_phonon + components))
+    return float(f / (1.0 - f) * (ratio * window_signal + components))
 
 
 def _detector(

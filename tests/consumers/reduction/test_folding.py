@@ -19,6 +19,7 @@ from consumers.reduction.folding import Folder
 from consumers.reduction.table import FoldTable
 from simulations.instrument.binning import ReferenceBinning
 from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
+from simulations.lattice.backgrounds import Backgrounds
 from simulations.runs.recording import RecordedMessage, RunReader, RunWriter
 from simulations.runs.simulate import RunPlan, simulate_run
 from simulations.units import THZ_TO_MEV
@@ -71,6 +72,8 @@ def ge_run(tmp_path_factory):  # type: ignore[no-untyped-def]
         count_time=10.0,
         mesh=24,
         seed=4,
+        # the one-phonon signal alone: the test compares with the one-phonon forward model
+        backgrounds=Backgrounds.none(),
     )
     simulate_run(plan, path, progress=False)
     return path
