@@ -174,4 +174,4 @@ def sqe_model(mat: Material, c: NDArray[np.float64], temperature: float, ei: flo
 def phonon_table(mat: Material, model: CoherentSQE) -> PhononTable:
     """The phonon table of the model's FCs (it depends on nothing else)."""
     key = (mat.key, np.asarray(model.coefficients, dtype=np.float64).tobytes())
-    return _PHONON_TABLES.get(key, lambda: PhononTable.build(model, TABLE_MESH))
+    return _PHONON_TABLES.get(key, lambda: PhononTable.cached(model, TABLE_MESH))

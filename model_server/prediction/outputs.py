@@ -186,12 +186,7 @@ def _component_sqe(
     sim: GridSimulator, edges: NDArray[np.float64], options: PredictionOptions
 ) -> dict[str, NDArray[np.float64]]:
     wanted = options.backgrounds
-    bg = Backgrounds(
-        elastic="elastic" in wanted,
-        multiphonon="multiphonon" in wanted,
-        can="can" in wanted,
-        can_atoms=options.can_atoms,
-    )
+    bg = _sample_backgrounds(options)
     centres = 0.5 * (edges[1:] + edges[:-1])
     can = None
     if bg.can:
@@ -208,6 +203,18 @@ def _component_sqe(
     if "tof_background" in wanted:
         out["tof_background"] = sim.flat_background(1.0, edges) / weight
     return {k: out[k] for k in COMPONENTS if k in out}
+
+
+def _sample_backgrounds(options: PredictionOptions) -> Backgrounds:
+    """The sample's components a request asks for (the time-of-flight background is the
+    detector's, handled apart)."""
+    wanted = options.backgrounds
+    return Backgrounds(
+        elastic="elastic" in wanted,
+        multiphonon="multiphonon" in wanted,
+        can="can" in wanted,
+        can_atoms=options.can_atoms,
+    )
 
 
 def _weights(sim: GridSimulator, edges: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -239,13 +246,7 @@ def tof_level(
     was asked for, and the components' totals, both from an event simulator with
     super-pixels of :data:`LEVEL_GROUP_ROWS` pixels (totals, not shapes: computed once per
     FCs, T and Ei and cached; the ratio changes by a few per cent between angles)."""
-    wanted = options.backgrounds
-    bg = Backgrounds(
-        elastic="elastic" in wanted,
-        multiphonon="multiphonon" in wanted,
-        can="can" in wanted,
-        can_atoms=options.can_atoms,
-    )
+    bg = _sample_backgrounds(options)
     reach = bg.multiphonon or bg.can
     base = (
         mat.key,

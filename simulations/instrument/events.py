@@ -27,14 +27,17 @@ The background is flat in time of flight and proportional to each pixel's solid 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 from numpy.typing import NDArray
 
+from simulations.cache import cache_root
 from simulations.exceptions import InstrumentError
 from simulations.instrument.spectrometer import (
     Instrument,
@@ -93,6 +96,53 @@ class PhononTable:
     def max_energy(self) -> float:
         """Highest mode energy on the mesh, meV."""
         return float(self.energies.max())
+
+    @classmethod
+    def cached(cls, model: CoherentSQE, mesh: int = 40) -> PhononTable:
+        """:meth:`build`, kept in the machine's cache directory
+        (:func:`simulations.cache.cache_root`, ``phonon_tables/``) by a hash of everything
+        the phonons depend on (the FC blocks and their bonds, positions, masses, the
+        non-analytic term, the mesh): a restarted service reads the table (~40 MB for two
+        atoms, ~0.05 s) instead of solving 64,000 dynamical matrices (~0.6 s)."""
+        path = cache_root() / "phonon_tables" / f"{_table_key(model, mesh)}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                table = cls(mesh=mesh, energies=f["energies"], eigenvectors=f["eigenvectors"])
+            if table.energies.shape[:3] == (mesh, mesh, mesh):
+                return table
+        except (OSError, KeyError, ValueError):
+            pass
+        table = cls.build(model, mesh)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, energies=table.energies, eigenvectors=table.eigenvectors)
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only cache: built again next time
+            logger.debug("phonon table not cached at %s: %s", path, exc)
+        return table
+
+
+def _table_key(model: CoherentSQE, mesh: int) -> str:
+    """Hash of what a phonon table depends on."""
+    h = hashlib.sha256(b"phonon-table-1")
+    crystal = model.crystal
+    parts = [
+        np.asarray(model.basis.block_values(model.coefficients), dtype=np.float64),
+        np.asarray(model.basis.pairs),
+        np.asarray(crystal.positions, dtype=np.float64),
+        np.asarray(crystal.lattice, dtype=np.float64),
+        np.asarray(crystal.masses, dtype=np.float64),
+        np.asarray([mesh]),
+    ]
+    nac = getattr(model.basis, "nac", None)
+    if nac is not None:
+        parts += [np.asarray(nac.born), np.asarray(nac.dielectric), np.asarray(nac.pairs)]
+        parts += [np.asarray(nac.weights), np.asarray([nac.volume])]
+    for a in parts:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

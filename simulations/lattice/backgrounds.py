@@ -31,7 +31,7 @@ transfer, > 0 loss).
     the orders n >= 0 sum to ``sigma_i / (4 pi)`` (the test checks both).
 ``can``
     A sample can of aluminium: the coherent one-phonon *powder* S(|Q|, E) of Al (every
-    direction of Q averaged: Fibonacci directions under a seeded random rotation per |Q|)
+    direction of Q averaged: :func:`simulations.lattice.powder.powder_spectrum`)
     from the shipped Al force constants, plus its elastic scattering (the incoherent line
     and the Debye-Scherrer rings of its powder, Gaussian in |Q| of width ``ring_width``),
     per Al atom, times ``can_atoms``: Al atoms in the beam per sample atom.
@@ -54,6 +54,7 @@ from scipy.special import ndtr
 
 from simulations.exceptions import SimulationError
 from simulations.lattice.cross_sections import cross_sections
+from simulations.lattice.powder import powder_spectrum
 from simulations.lattice.resolution import EnergyResolution
 from simulations.lattice.sqe import FREQUENCY_MIN_MEV, CoherentSQE, bose_occupation
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU
@@ -286,14 +287,7 @@ class PowderCan:
         """Tabulate the powder average of ``model`` (Al) up to ``q_max`` (1/A)."""
         q = np.asarray(q_step * np.arange(1, math.ceil(q_max / q_step) + 1), dtype=np.float64)
         e = np.asarray(energies, dtype=float)
-        rng = np.random.default_rng(seed)
-        dirs = _fibonacci(n_directions)
-        inv = np.linalg.inv(model._to_cartesian)  # cartesian -> r.l.u.
-        table = np.zeros((len(q), len(e)))
-        for k, qk in enumerate(q):
-            rot = _random_rotation(rng)
-            cart = qk * dirs @ rot.T
-            table[k] = model.sqe(cart @ inv, e).mean(axis=0)
+        table = powder_spectrum(model, q, e, directions=n_directions, seed=seed)
         if incoherent is not None:
             broad = incoherent.broadened_orders(e, model.resolution)
             table += incoherent.multiphonon(q[:, None], broad)
@@ -394,21 +388,6 @@ class Backgrounds:
             "can_al_atoms_per_sample_atom": self.can_atoms if self.can else 0.0,
             "can_ring_width_inv_angstrom": self.ring_width,
         }
-
-
-def _fibonacci(n: int) -> NDArray[np.float64]:
-    k = np.arange(n) + 0.5
-    phi = np.arccos(1 - 2 * k / n)
-    theta = math.pi * (1 + 5**0.5) * k
-    return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], axis=1)
-
-
-def _random_rotation(rng: np.random.Generator) -> NDArray[np.float64]:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return np.asarray(q)
 
 
 def _debye_scherrer(

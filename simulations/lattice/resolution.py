@@ -8,12 +8,17 @@ frozen model can record exactly what resolution it was trained with.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
+from simulations.cache import cache_root
 from simulations.exceptions import GridError
 
 __all__ = ["EnergyResolution", "instrument_resolution"]
@@ -113,6 +118,10 @@ def instrument_resolution(
             f"Ei = {ei} meV is too small for energy transfers up to {e_max} meV: a neutron "
             "cannot lose more energy than it has; choose Ei above the grid's E max"
         )
+    key = _resolution_key(instrument, ei, chopper_frequency, e_max, degree)
+    stored = _read_resolution(key)
+    if stored is not None:
+        return stored
     try:
         from resins import Instrument
 
@@ -131,10 +140,69 @@ def instrument_resolution(
     coeffs = np.polyfit(energies, sigma, degree)
     err = np.max(np.abs(np.polyval(coeffs, energies) - sigma) / sigma)
     logger.debug("%s Ei=%g: sigma(E) polynomial fit, max rel. error %.2g", instrument, ei, err)
-    return EnergyResolution(
+    result = EnergyResolution(
         instrument=instrument,
         ei=float(ei),
         chopper_frequency=float(chopper_frequency),
         coefficients=tuple(float(c) for c in coeffs),
         e_max=e_max,
     )
+    _write_resolution(key, result)
+    return result
+
+
+def _resolution_key(
+    instrument: str, ei: float, chopper_frequency: float, e_max: float, degree: int
+) -> str:
+    """Hash of a resolution fit's settings and the ``resins`` version that made it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        resins_version = version("resins")
+    except PackageNotFoundError:
+        resins_version = "none"
+    text = json.dumps(
+        [instrument, float(ei), float(chopper_frequency), float(e_max), int(degree), resins_version]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _resolution_path(key: str) -> Path:
+    return cache_root() / "resolution" / f"{key}.json"
+
+
+def _read_resolution(key: str) -> EnergyResolution | None:
+    """A fit stored by :func:`_write_resolution` (``resins`` and scipy.stats take 0.6 s to
+    import: a restarted service reads the fit instead), or None."""
+    try:
+        d = json.loads(_resolution_path(key).read_text())
+        return EnergyResolution(
+            instrument=str(d["instrument"]),
+            ei=float(d["ei"]),
+            chopper_frequency=float(d["chopper_frequency"]),
+            coefficients=tuple(float(c) for c in d["coefficients"]),
+            e_max=float(d["e_max"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_resolution(key: str, res: EnergyResolution) -> None:
+    path = _resolution_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "instrument": res.instrument,
+                    "ei": res.ei,
+                    "chopper_frequency": res.chopper_frequency,
+                    "coefficients": list(res.coefficients),
+                    "e_max": res.e_max,
+                }
+            )
+        )
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache: the fit is made again next time
+        logger.debug("resolution fit not cached at %s: %s", path, exc)
