@@ -356,7 +356,10 @@ def powder(
         accessible=accessible(q, energies, ei, ins),
         directions=options.powder_directions,
         seed=options.seed,
-        components=_powder_components(mat, model, q, grid.energy_edges, options),
+        components=POWDER.get(
+            (*key, "components", options.backgrounds, options.can_atoms),
+            lambda: _powder_components(mat, model, q, grid.energy_edges, options),
+        ),
     )
 
 
