@@ -3,7 +3,8 @@
 One prediction can take minutes and gigabytes (a 360-angle Ge request, a large cell), and a
 thread running it cannot be stopped. :class:`PredictionPool` runs each prediction in a
 worker process (:func:`model_server.prediction.worker.serve`, started with ``spawn``,
-BLAS/OpenMP/torch/numba on one thread each), so that
+BLAS/OpenMP/torch on one thread each, numba's kernels on the cores shared among the
+workers), so that
 
 * at most ``workers`` predictions run at once, and at most ``queue`` more wait for a worker:
   a request beyond that is refused at once (:class:`~model_server.exceptions.
@@ -36,6 +37,7 @@ import contextlib
 import logging
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -67,7 +69,7 @@ class _Worker:
     """One worker process and the parent's end of its pipe; with ``warmup``, the shared
     array where it writes when each warm-up step ended (see :func:`worker_module.serve`)."""
 
-    def __init__(self, ctx: Any, warmup: bool = False) -> None:
+    def __init__(self, ctx: Any, warmup: bool = False, numba_threads: int = 1) -> None:
         parent, child = ctx.Pipe(duplex=True)
         self.warmup: Any = None
         args: tuple[Any, ...] = (child,)
@@ -76,7 +78,11 @@ class _Worker:
             args = (child, self.warmup)
         self.started = time.time()
         self.process = ctx.Process(
-            target=worker_module.serve, args=args, name="steer-predict", daemon=True
+            target=worker_module.serve,
+            args=args,
+            kwargs={"numba_threads": numba_threads},
+            name="steer-predict",
+            daemon=True,
         )
         self.process.start()
         child.close()
@@ -112,7 +118,9 @@ class PredictionPool:
     Parameters
     ----------
     workers
-        Predictions running at once (worker processes).
+        Predictions running at once (worker processes). Each runs BLAS, OpenMP and torch on
+        one thread and numba's parallel kernels on the machine's cores divided among the
+        workers (:attr:`numba_threads`).
     queue
         Requests that may wait for a worker; beyond ``workers + queue`` a request is refused
         with status 429.
@@ -131,6 +139,9 @@ class PredictionPool:
                 f"{workers}, {queue} and {budget_s}"
             )
         self.workers = int(workers)
+        #: Threads of numba's parallel kernels in each worker: the machine's cores shared
+        #: among the workers (BLAS, OpenMP and torch stay on one thread).
+        self.numba_threads = max(1, (os.cpu_count() or 1) // self.workers)
         self.queue = int(queue)
         self.budget_s = float(budget_s)
         self.warmup = bool(warmup)
@@ -165,7 +176,7 @@ class PredictionPool:
         """Start the worker processes now rather than on first use (with ``warmup``, they
         warm up at once). Spawning does not wait for the process to be ready."""
         while len(self._idle) + len(self._busy) < self.workers and not self._closed:
-            self._idle.append(_Worker(self._ctx, self.warmup))
+            self._idle.append(_Worker(self._ctx, self.warmup, self.numba_threads))
 
     def state(self) -> dict[str, Any]:
         """What the pool is doing, JSON-ready: ``workers`` (processes alive), ``running``,

@@ -158,8 +158,10 @@ def _without_server_paths(message: str) -> str:
     return message.replace(str(Path.cwd()) + os.sep, "")
 
 
-def _one_thread() -> None:
-    """BLAS, OpenMP, torch and numba on one thread in this process."""
+def _one_thread(numba_threads: int = 1) -> None:
+    """BLAS, OpenMP and torch on one thread in this process; numba's parallel kernels (the
+    expected S(Q, E) of the super-pixels) on ``numba_threads`` (the pool's share of the
+    machine's cores per worker)."""
     for name in _THREAD_VARIABLES:
         os.environ[name] = "1"
     from threadpoolctl import threadpool_limits
@@ -171,7 +173,8 @@ def _one_thread() -> None:
     try:
         import numba
 
-        numba.set_num_threads(1)
+        limit = int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))
+        numba.set_num_threads(max(1, min(int(numba_threads), limit)))
     except (ImportError, ValueError):  # numba absent, or already at its own limit
         pass
 
@@ -187,7 +190,7 @@ def _warm(step: WarmupStep) -> float:
     return time.time()
 
 
-def serve(conn: Any, warmup: MutableSequence[float] | None = None) -> None:
+def serve(conn: Any, warmup: MutableSequence[float] | None = None, numba_threads: int = 1) -> None:
     """A worker process's main loop: receive a job from ``conn``
     (:class:`multiprocessing.connection.Connection`), send its :class:`Answer`; ``None`` or
     a closed pipe ends it.
@@ -195,10 +198,11 @@ def serve(conn: Any, warmup: MutableSequence[float] | None = None) -> None:
     ``warmup`` (a shared array of ``len(WARMUP_STEPS)`` floats, NaN each): warm up with
     :data:`WARMUP_STEPS` while no job waits, writing the time each step ended
     (``time.time()``, or :data:`STEP_FAILED`) into it. Without it the worker only imports
-    before its first job.
+    before its first job. ``numba_threads``: the threads of numba's parallel kernels (BLAS,
+    OpenMP and torch stay on one).
     """
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    _one_thread()
+    _one_thread(numba_threads)
     steps = list(range(len(WARMUP_STEPS))) if warmup is not None else []
     if warmup is None:
         import model_server.prediction.predict  # noqa: F401  (imported before the first job)
