@@ -179,23 +179,25 @@ def dispersion_check(
       strongest bin lies within ``max(2 sigma(E), bin width)`` of a forward-model branch.
 
     Both leave out the elastic line's bins (energies up to
-    :data:`simulations.runs.check.ELASTIC_SIGMAS` resolution widths at E = 0).
+    :func:`simulations.lattice.backgrounds.elastic_reach`).
 
     Raises
     ------
     FoldError
         When the run carries no ground truth.
     """
-    from simulations.runs.check import ELASTIC_SIGMAS, peaks_on_branches
+    from simulations.lattice.backgrounds import elastic_reach
+    from simulations.runs.check import peaks_on_branches
 
     ms, model, branches = _ground_truth(meta)
     snap = acc.snapshot()
     ec = ms.grid.energy_centres
     ins = instrument or Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
     ei = float(meta["ei_meV"])  # type: ignore[arg-type]
-    sigma = ins.resolution(ei, e_max=min(float(ms.grid.energy_edges[-1]), 0.95 * ei)).sigma
+    resolution = ins.resolution(ei, e_max=min(float(ms.grid.energy_edges[-1]), 0.95 * ei))
+    sigma = resolution.sigma
     # the elastic line (simulated runs have it by default) is no phonon: its bins are out
-    inelastic = ec > ELASTIC_SIGMAS * float(sigma(np.array(0.0)))
+    inelastic = ec > elastic_reach(resolution)
     mask = snap.mask & inelastic[None, :]
     data = np.where(mask, snap.intensity, np.nan)
     model = np.where(mask, model, np.nan)

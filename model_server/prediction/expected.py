@@ -84,9 +84,7 @@ class GridSimulator(OrientationSimulator):
         """(n_groups, n_E) S(Q, E) at the super-pixel centres, mbarn/(sr meV) per atom."""
         out = np.zeros((self.n_groups, self.n_e))
         if self.n_eval:
-            k = self.kf_over_ki[None, : self.n_eval]
-            weight = k * self.group_solid_angles[:, None] * self.e_step
-            out[:, : self.n_eval] = self.expected(omega) / weight
+            out[:, : self.n_eval] = self.expected(omega) / self.cell_weights()
         return out
 
 

@@ -40,6 +40,7 @@ from simulations.lattice.backgrounds import (
 )
 from simulations.lattice.sqe import CoherentSQE
 from simulations.runs.can import aluminium_can
+from simulations.runs.simulate import calibration_angles
 
 __all__ = ["LEVEL_GROUP_ROWS", "POWDER_N_Q", "powder", "single_crystal"]
 
@@ -92,7 +93,7 @@ def single_crystal(
     seconds["fold_setup"] = time.perf_counter() - t
     t = time.perf_counter()
     comp_s = component_sqe(mat, sim, grid.energy_edges, options)
-    weight = _weights(sim, grid.energy_edges)
+    weight = sim.cell_weights(grid.energy_edges)
     w_all = np.asarray(options.omegas, dtype=float)
     cal = set(calibration_angles(w_all).tolist())
     window_totals: list[float] = []  # the one-phonon signal on the grid, calibration angles
@@ -169,17 +170,20 @@ def component_sqe(
     wanted = options.backgrounds
     if not wanted:
         return {}
-    key = (
+    key = (*_model_key(mat, sim), wanted, options.can_atoms, np.asarray(edges).tobytes())
+    return COMPONENT_SQE.get(key, lambda: _component_sqe(sim, edges, options))
+
+
+def _model_key(mat: Material, sim: GridSimulator) -> tuple[object, ...]:
+    """What the components of a request's simulator depend on besides the request's own
+    settings: the material, FCs, temperature, Ei and the crystal's mounting."""
+    return (
         mat.key,
         np.asarray(sim.model.coefficients).tobytes(),
         sim.model.temperature,
         sim.ei,
-        wanted,
-        options.can_atoms,
-        np.asarray(edges).tobytes(),
         sim.orientation.lab_to_rlu_matrix(0.0).tobytes(),
     )
-    return COMPONENT_SQE.get(key, lambda: _component_sqe(sim, edges, options))
 
 
 def _component_sqe(
@@ -198,7 +202,7 @@ def _component_sqe(
             ),
         )
     parts = sim.components(bg, can=can, edges=edges)
-    weight = _weights(sim, edges)
+    weight = sim.cell_weights(edges)
     out = {k: v / weight for k, v in parts.items()}
     if "tof_background" in wanted:
         out["tof_background"] = sim.flat_background(1.0, edges) / weight
@@ -217,20 +221,6 @@ def _sample_backgrounds(options: PredictionOptions) -> Backgrounds:
     )
 
 
-def _weights(sim: GridSimulator, edges: NDArray[np.float64]) -> NDArray[np.float64]:
-    """(n_groups, n_E) ``k_f/k_i dOmega dE`` of the super-pixels on ``edges``."""
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    kf = np.asarray(energy_to_k(np.maximum(sim.ei - centres, 0.0)))
-    weight = (kf / float(energy_to_k(sim.ei)))[None, :] * sim.group_solid_angles[:, None]
-    return np.asarray(weight * float(edges[1] - edges[0]))
-
-
-def calibration_angles(omegas: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Up to 8 evenly spaced angles of ``omegas``: those a simulated run calibrates on."""
-    w = np.asarray(omegas, dtype=float)
-    return w[np.unique(np.linspace(0, len(w) - 1, min(8, len(w))).astype(int))]
-
-
 def tof_level(
     mat: Material, sim: GridSimulator, options: PredictionOptions, window_signal: float
 ) -> float:
@@ -238,7 +228,8 @@ def tof_level(
     counts (S x ``k_f/k_i dOmega dE``), as ``steer simulate run --background-fraction f``
     makes them: ``f / (1 - f)`` times the sample's events (one-phonon plus the sample's
     components over the simulator's whole energy window, energy gain included), averaged
-    over the calibration angles of the request (:func:`calibration_angles`) as the
+    over the calibration angles of the request
+    (:func:`simulations.runs.simulate.calibration_angles`) as the
     simulator calibrates a run.
 
     ``window_signal``: the mean one-phonon signal of those angles on the grid's energies.
@@ -248,13 +239,7 @@ def tof_level(
     FCs, T and Ei and cached; the ratio changes by a few per cent between angles)."""
     bg = _sample_backgrounds(options)
     reach = bg.multiphonon or bg.can
-    base = (
-        mat.key,
-        np.asarray(sim.model.coefficients).tobytes(),
-        sim.model.temperature,
-        sim.ei,
-        sim.orientation.lab_to_rlu_matrix(0.0).tobytes(),
-    )
+    base = _model_key(mat, sim)
     full = FULL_SIMULATORS.get(
         (*base, reach),
         lambda: OrientationSimulator(

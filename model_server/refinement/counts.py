@@ -59,7 +59,7 @@ from model_server.exceptions import RefinementError
 from simulations.lattice.force_constants import FCBasis
 from simulations.lattice.grid import Grid
 from simulations.lattice.resolution import EnergyResolution
-from simulations.lattice.sqe import FREQUENCY_MIN_MEV
+from simulations.lattice.sqe import FREQUENCY_MIN_MEV, mesh_points
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV, VASP_TO_THZ
 
 __all__ = ["GAMMA_EXCLUSION", "NUISANCE", "CountsModel", "Evaluation"]
@@ -221,8 +221,7 @@ class CountsModel:
         self._pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / basis.crystal.n_atoms
         self._dw_ref: NDArray[np.float64] | None = None
         if reference is not None:
-            g = np.arange(DW_MESH) / DW_MESH
-            mesh = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+            mesh = mesh_points(DW_MESH)
             self._dw_dyn = basis.dynamical_basis(mesh)  # (k, n_mesh, m, m)
             atom = np.arange(m) // 3
             self._atom_onehot = (atom[:, None] == np.arange(basis.crystal.n_atoms)).astype(

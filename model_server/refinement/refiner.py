@@ -27,16 +27,14 @@ from model_server.refinement.counts import CountsModel
 from model_server.refinement.fit import Prior, Refined, default_prior, refine
 from simulations.exceptions import SimulationError
 from simulations.instrument.spectrometer import Instrument
-from simulations.lattice.backgrounds import IncoherentScattering
+from simulations.lattice.backgrounds import IncoherentScattering, elastic_reach
 from simulations.lattice.materials import MaterialSetup, setup
-from simulations.lattice.sqe import CoherentSQE
+from simulations.lattice.sqe import CoherentSQE, mesh_points
 
 __all__ = ["RunRefiner", "read_counts_file", "refine_file", "run_moments", "running_estimate"]
 
 logger = logging.getLogger(__name__)
 
-#: Fitted bins start this many resolution widths (at E = 0) above the elastic line.
-ELASTIC_SIGMAS = 4.0
 #: Points per axis of the mesh of the multiphonon responses.
 MULTIPHONON_MESH = 16
 #: Relative change of the coefficients (2-norm) that remakes the multiphonon template.
@@ -129,9 +127,9 @@ class RunRefiner:
 
     @property
     def elastic_cut(self) -> float:
-        """Lowest energy transfer (meV) of a fitted bin's lower edge:
-        :data:`ELASTIC_SIGMAS` widths of the resolution at E = 0 (below, the elastic line)."""
-        return ELASTIC_SIGMAS * float(self.resolution.sigma(np.array(0.0)))
+        """Lowest energy transfer (meV) of a fitted bin's lower edge: the elastic line's
+        reach (:func:`~simulations.lattice.backgrounds.elastic_reach`)."""
+        return elastic_reach(self.resolution)
 
     def incoherent(self, at: NDArray[np.float64] | None = None) -> IncoherentScattering:
         """The incoherent scattering (multiphonon responses) of coefficients ``at`` (default:
@@ -145,8 +143,7 @@ class RunRefiner:
         model = CoherentSQE(
             self.setup.basis, c, temperature=self.temperature, resolution=self.resolution
         )
-        g = np.arange(MULTIPHONON_MESH) / MULTIPHONON_MESH
-        q = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+        q = mesh_points(MULTIPHONON_MESH)
         modes = model.modes(q)
         keep = modes.energies > 0
         if not np.all(keep[:, 3:]):  # an unstable set: its multiphonon is not defined

@@ -84,6 +84,7 @@ from simulations.fcdb.reference import ReferenceEnsemble
 from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
 from simulations.lattice.force_constants import FCBasis
 from simulations.lattice.grid import Grid
+from simulations.lattice.sqe import mesh_points
 from simulations.units import E_PER_V2, VASP_TO_THZ
 
 __all__ = [
@@ -269,9 +270,7 @@ class CountCalibration:
 def is_stable(basis: FCBasis, grid: Grid, coefficients: NDArray[np.float64]) -> bool:
     """Whether no mode is imaginary (below ``-IMAGINARY_TOL_THZ``) on the path or on a
     Gamma-centred 8^3 mesh."""
-    g = np.arange(8) / 8.0
-    mesh = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    q = np.concatenate([np.asarray(grid.qpath.qpoints, dtype=float), mesh])
+    q = np.concatenate([np.asarray(grid.qpath.qpoints, dtype=float), mesh_points(8)])
     d = np.einsum("k,kqij->qij", np.asarray(coefficients, dtype=float), basis.dynamical_basis(q))
     lowest = float(np.linalg.eigvalsh(d).min())
     return lowest >= -((IMAGINARY_TOL_THZ / VASP_TO_THZ) ** 2)
@@ -319,13 +318,6 @@ def study_truths(
 # -- counts --------------------------------------------------------------------------------
 
 
-def calibration_angles(angles: Sequence[float]) -> NDArray[np.float64]:
-    """The angles :func:`simulations.runs.simulate.simulate_run` calibrates its scale on:
-    up to 8 evenly spaced ones of the run."""
-    a = np.asarray(angles, dtype=float)
-    return a[np.unique(np.linspace(0, len(a) - 1, min(8, len(a))).astype(int))]
-
-
 def background_per_event(instrument: Instrument, ei: float) -> float:
     """The background amplitude (on the moments' ``background`` shape, in (ms/m)^3) of one
     flat background event per orientation, spread as the event simulator spreads it.
@@ -355,6 +347,7 @@ def count_calibration(
     and background events per orientation."""
     from simulations.instrument.events import OrientationSimulator
     from simulations.lattice.sqe import CoherentSQE
+    from simulations.runs.simulate import calibration_angles
 
     model = CoherentSQE(
         refiner.setup.basis,

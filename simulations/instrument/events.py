@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from simulations.cache import cache_root
 from simulations.exceptions import InstrumentError
@@ -51,7 +51,7 @@ from simulations.lattice.backgrounds import (
     PowderCan,
     elastic_line,
 )
-from simulations.lattice.sqe import FREQUENCY_MIN_MEV, CoherentSQE
+from simulations.lattice.sqe import FREQUENCY_MIN_MEV, CoherentSQE, mesh_points
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, K_B_MEV_ROUNDED
 
 __all__ = ["EventBatch", "OrientationSimulator", "PhononTable"]
@@ -82,9 +82,7 @@ class PhononTable:
         """Solve the dynamical matrix on the mesh (about 1 s for 64k points, two atoms)."""
         if mesh < 4:
             raise InstrumentError(f"phonon table mesh must be >= 4 points per axis, got {mesh}")
-        g = np.arange(mesh) / mesh
-        q = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-        m = model.modes(q)
+        m = model.modes(mesh_points(mesh))
         n_m = m.energies.shape[1]
         return cls(
             mesh=mesh,
@@ -447,8 +445,7 @@ class OrientationSimulator:
         out: dict[str, NDArray[np.float64]] = {}
         if backgrounds.any:
             q = self.q_magnitude(centres)
-            kf = np.asarray(energy_to_k(np.maximum(self.ei - centres, 0.0)))
-            weight = (kf / self._ki)[None, :] * self._group_solid[:, None] * step
+            weight = self.cell_weights(e_edges)
             res = self.model.resolution
             line = elastic_line(centres, float(res.sigma(np.array(0.0))), step)
             if backgrounds.elastic or backgrounds.multiphonon:
@@ -468,6 +465,16 @@ class OrientationSimulator:
         if edges is None:
             self._components_cache = ((backgrounds, id(can)), out)
         return out
+
+    def cell_weights(self, edges: ArrayLike | None = None) -> NDArray[np.float64]:
+        """(n_groups, n_E) ``k_f/k_i dOmega dE`` of every super-pixel and energy bin
+        (uniform ``edges``, meV; default the simulator's): what turns S (mbarn/(sr meV)
+        per atom) into the units of :meth:`expected`."""
+        e_edges = self.e_edges if edges is None else np.asarray(edges, dtype=float)
+        centres = 0.5 * (e_edges[1:] + e_edges[:-1])
+        kf = np.asarray(energy_to_k(np.maximum(self.ei - centres, 0.0)))
+        step = float(e_edges[1] - e_edges[0])
+        return np.asarray((kf / self._ki)[None, :] * self._group_solid[:, None] * step)
 
     def incoherent(self, max_order: int = 3) -> IncoherentScattering:
         """The crystal's incoherent scattering from this simulator's phonon table."""

@@ -66,6 +66,7 @@ __all__ = [
     "IncoherentScattering",
     "PowderCan",
     "elastic_line",
+    "elastic_reach",
     "tof_shape",
 ]
 
@@ -73,6 +74,9 @@ __all__ = [
 COMPONENTS = ("elastic", "multiphonon", "tof_background", "can")
 #: 1 barn in mbarn.
 BARN_TO_MBARN = 1000.0
+#: Resolution widths (at E = 0) the elastic line is taken to reach: the bins below are
+#: left out of phonon checks and fits.
+ELASTIC_SIGMAS = 4.0
 #: Fine energy step of the multiphonon convolutions, meV.
 FINE_STEP = 0.1
 
@@ -89,6 +93,12 @@ def elastic_line(
         return np.asarray(np.exp(-0.5 * (e / sigma) ** 2) / (math.sqrt(2 * math.pi) * sigma))
     h = 0.5 * bin_width
     return np.asarray((ndtr((e + h) / sigma) - ndtr((e - h) / sigma)) / bin_width)
+
+
+def elastic_reach(resolution: EnergyResolution) -> float:
+    """Energy transfer (meV) up to which the elastic line dominates: :data:`ELASTIC_SIGMAS`
+    widths of ``resolution`` at E = 0 (5.2 meV for the ARCS-like instrument at 80 meV)."""
+    return ELASTIC_SIGMAS * float(resolution.sigma(np.array(0.0)))
 
 
 def tof_shape(energies: NDArray[np.float64], ei: float) -> NDArray[np.float64]:

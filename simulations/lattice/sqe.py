@@ -48,6 +48,7 @@ __all__ = [
     "CoherentSQE",
     "PhononModes",
     "bose_occupation",
+    "mesh_points",
     "scattering_length",
 ]
 
@@ -79,6 +80,13 @@ def scattering_length(element: str) -> float:
             "scattering_lengths={'El': b_fm} explicitly"
         )
     return table[element]
+
+
+def mesh_points(n: int) -> NDArray[np.float64]:
+    """(n^3, 3) the points of a Gamma-centred ``n x n x n`` mesh of the primitive
+    reciprocal cell, r.l.u. in [0, 1)."""
+    g = np.arange(n) / n
+    return np.asarray(np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3))
 
 
 def bose_occupation(energy: NDArray[np.float64], temperature: float) -> NDArray[np.float64]:
@@ -202,9 +210,7 @@ class CoherentSQE:
 
     def _debye_waller(self, mesh: int) -> NDArray[np.float64]:
         """(n_atoms, 3, 3) float, Angstrom^2: the Debye-Waller exponent tensor B_j."""
-        grid = np.arange(mesh) / mesh
-        q = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), -1).reshape(-1, 3)
-        m = self.modes(q)
+        m = self.modes(mesh_points(mesh))
         return self.debye_waller_from_modes(m)
 
     def debye_waller_from_modes(self, m: PhononModes) -> NDArray[np.float64]:

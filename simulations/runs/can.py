@@ -11,7 +11,7 @@ from simulations.fcdb.reference import resolve_fc
 from simulations.lattice.backgrounds import IncoherentScattering, PowderCan
 from simulations.lattice.materials import setup
 from simulations.lattice.resolution import EnergyResolution
-from simulations.lattice.sqe import CoherentSQE
+from simulations.lattice.sqe import CoherentSQE, mesh_points
 
 __all__ = ["CAN_FC_SET", "aluminium_can"]
 
@@ -34,8 +34,6 @@ def aluminium_can(
     al = setup("Al")
     _, coefficients = resolve_fc("Al", CAN_FC_SET, al)
     model = CoherentSQE(al.basis, coefficients, temperature=temperature, resolution=resolution)
-    g = np.arange(_CAN_MESH) / _CAN_MESH
-    q = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    modes = model.modes(q)
+    modes = model.modes(mesh_points(_CAN_MESH))
     incoherent = IncoherentScattering.from_modes(model, modes.energies, modes.eigenvectors)
     return PowderCan.build(model, q_max=q_max, energies=energies, incoherent=incoherent)

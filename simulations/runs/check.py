@@ -25,6 +25,7 @@ from tqdm import tqdm
 from simulations.exceptions import RecordingError
 from simulations.instrument.binning import ReferenceBinning
 from simulations.instrument.spectrometer import Instrument, Orientation
+from simulations.lattice.backgrounds import elastic_reach
 from simulations.lattice.materials import MaterialSetup, setup
 from simulations.runs.recording import RunReader
 from simulations.units import THZ_TO_MEV
@@ -32,9 +33,6 @@ from simulations.units import THZ_TO_MEV
 __all__ = ["OrientationEvents", "check_run", "iter_orientations", "peaks_on_branches"]
 
 logger = logging.getLogger(__name__)
-
-#: Bins below this many resolution widths (at E = 0) belong to the elastic line.
-ELASTIC_SIGMAS = 4.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,7 +167,7 @@ def check_run(
     """Bin a recorded run onto its material's q-path; test each q column's peak.
 
     A column with at least ``min_counts`` events (above the elastic line: energies over
-    :data:`ELASTIC_SIGMAS` resolution widths at E = 0) passes when the energy of its
+    :func:`simulations.lattice.backgrounds.elastic_reach`) passes when the energy of its
     largest bin there lies within ``max(2 sigma(E), bin width)`` of a branch of the
     forward model for the run's true FC set (from the pl72 ``simulation`` block).
 
@@ -210,7 +208,7 @@ def check_run(
         ctx.ei, e_max=min(ms.grid.energy_edges[-1], 0.95 * ctx.ei)
     )
     # the elastic line (on by default in simulated runs) is no phonon: its bins are left out
-    inelastic = ms.grid.energy_centres > ELASTIC_SIGMAS * float(resolution.sigma(np.array(0.0)))
+    inelastic = ms.grid.energy_centres > elastic_reach(resolution)
     checked, dist, passing = peaks_on_branches(
         ms.grid.energy_centres[inelastic],
         hist[:, inelastic],

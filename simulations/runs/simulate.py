@@ -47,7 +47,7 @@ import event_model
 import msgpack
 import msgpack_numpy
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 from streaming_data_types.eventdata_ev44 import serialise_ev44
 from streaming_data_types.logdata_f144 import serialise_f144
 from streaming_data_types.run_start_pl72 import serialise_pl72
@@ -74,6 +74,7 @@ __all__ = [
     "RunPlan",
     "RunSummary",
     "SimulatedMonitor",
+    "calibration_angles",
     "parse_omegas",
     "simulate_run",
 ]
@@ -582,6 +583,13 @@ def _expected(sim: OrientationSimulator, omega: float) -> NDArray[np.float64]:
     return lam if sim.extra is None else lam + sim.extra
 
 
+def calibration_angles(omegas: ArrayLike) -> NDArray[np.float64]:
+    """The angles a run's scale is calibrated on: up to 8 evenly spaced ones of ``omegas``
+    (degrees)."""
+    w = np.asarray(omegas, dtype=float)
+    return w[np.unique(np.linspace(0, len(w) - 1, min(8, len(w))).astype(int))]
+
+
 def _calibrate(
     plan: RunPlan, sim: OrientationSimulator, omegas: NDArray[np.float64]
 ) -> tuple[float, float, dict[float, NDArray[np.float64]]]:
@@ -592,8 +600,7 @@ def _calibrate(
     (1 - background_fraction) * events_per_orientation; it then stays fixed, so counts vary
     between orientations as a real crystal's do.
     """
-    cal = omegas[np.unique(np.linspace(0, len(omegas) - 1, min(8, len(omegas))).astype(int))]
-    cache = {float(w): _expected(sim, float(w)) for w in cal}
+    cache = {float(w): _expected(sim, float(w)) for w in calibration_angles(omegas)}
     mean_signal = float(np.mean([lam.sum() for lam in cache.values()]))
     n_sig = (1.0 - plan.background_fraction) * plan.events_per_orientation
     scale = n_sig / mean_signal if mean_signal > 0 else 0.0

@@ -62,10 +62,7 @@ def _multiphonon_sqe(sim: GridSimulator) -> np.ndarray:
     """(n_groups, n_E) the multiphonon S of the super-pixels on the grid's energies."""
     edges = np.asarray(ge_run().folder.grid.energy_edges)
     parts = sim.components(Backgrounds(elastic=False), edges=edges)
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    kf = np.sqrt(np.maximum(EI - centres, 0.0) / EI)
-    weight = kf[None, :] * sim.group_solid_angles[:, None] * (edges[1] - edges[0])
-    return np.asarray(parts["multiphonon"] / weight)
+    return np.asarray(parts["multiphonon"] / sim.cell_weights(edges))
 
 
 def test_elastic_bins_are_not_fitted() -> None:
