@@ -24,9 +24,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from model_server.exceptions import FCImportError
-from model_server.prediction.crystal_fc import CrystalFC, FCInputError
-from simulations.exceptions import ForceConstantError
-from simulations.lattice.nac import NACTerm
+from model_server.prediction.crystal_fc import CrystalFC
+from model_server.prediction.fc_import.assemble import assemble
 
 __all__ = ["is_castep_bin", "read_castep_bin", "supercell_images"]
 
@@ -76,26 +75,19 @@ def read_castep_bin(data: bytes, *, nac: bool = True) -> tuple[CrystalFC, dict[s
     pairs, blocks, weights = supercell_images(
         lattice, frac, sc, origins, fc.transpose(1, 0, 3, 2, 4)
     )
-    nac_term = None
-    if nac and "born" in arrays:
-        try:
-            nac_term = NACTerm.from_arrays(
-                lattice=lattice,
-                frac=frac,
-                masses=masses,
-                born=arrays["born"],
-                dielectric=arrays["dielectric"],
-                pairs=pairs,
-                weights=weights,
-            )
-        except ForceConstantError as exc:
-            raise FCImportError(f"the CASTEP file's Born charges: {exc}") from exc
-    try:
-        fcs = CrystalFC.from_arrays(
-            numbers, lattice, frac, pairs, blocks, masses=masses, nac=nac_term
-        )
-    except FCInputError as exc:
-        raise FCImportError(f"the CASTEP file's force constants: {exc}") from exc
+    with_nac = nac and "born" in arrays
+    fcs = assemble(
+        numbers=numbers,
+        lattice=lattice,
+        frac=frac,
+        pairs=pairs,
+        blocks=blocks,
+        weights=weights,
+        masses=masses,
+        born=arrays["born"] if with_nac else None,
+        dielectric=arrays["dielectric"] if with_nac else None,
+        what="the CASTEP file",
+    )
     return fcs, {
         "calculator": "castep",
         "supercell_matrix": sc.tolist(),

@@ -28,9 +28,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from model_server.exceptions import FCImportError
-from model_server.prediction.crystal_fc import CrystalFC, FCInputError
-from simulations.exceptions import ForceConstantError
-from simulations.lattice.nac import NACTerm
+from model_server.prediction.crystal_fc import CrystalFC
+from model_server.prediction.fc_import.assemble import assemble
 from simulations.units import BOHR_TO_ANGSTROM, HARTREE_TO_EV, RYDBERG_TO_EV
 
 __all__ = ["MAX_SUPERCELL_ATOMS", "read_phonopy"]
@@ -253,29 +252,23 @@ def _to_crystal_fc(ph: Any, nac_params: Mapping[str, Any] | None) -> CrystalFC:
     p = np.concatenate(pairs)
     lattice = np.asarray(prim.cell, dtype=np.float64) * to_a
     masses = np.asarray(prim.masses, dtype=np.float64)
-    nac = None
+    born = dielectric = None
     if nac_params is not None:
         try:
-            nac = NACTerm.from_arrays(
-                lattice=lattice,
-                frac=frac,
-                masses=masses,
-                born=nac_params["born"],
-                dielectric=nac_params["dielectric"],
-                pairs=p,
-                weights=np.concatenate(weights),
-            )
-        except (KeyError, ForceConstantError) as exc:
-            raise FCImportError(f"the Born charges or dielectric tensor: {exc}") from exc
-    try:
-        return CrystalFC.from_arrays(
-            np.asarray(prim.numbers),
-            lattice,
-            frac,
-            p,
-            np.concatenate(blocks),
-            masses=masses,
-            nac=nac,
-        )
-    except FCInputError as exc:
-        raise FCImportError(f"the phonopy file's force constants: {exc}") from exc
+            born, dielectric = nac_params["born"], nac_params["dielectric"]
+        except KeyError as exc:
+            raise FCImportError(
+                f"the phonopy file's Born charges or dielectric tensor: {exc} missing"
+            ) from exc
+    return assemble(
+        numbers=np.asarray(prim.numbers),
+        lattice=lattice,
+        frac=frac,
+        pairs=p,
+        blocks=np.concatenate(blocks),
+        weights=np.concatenate(weights),
+        masses=masses,
+        born=born,
+        dielectric=dielectric,
+        what="the phonopy file",
+    )
