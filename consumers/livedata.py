@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from streaming_data_types.dataarray_da00 import Variable, serialise_da00
 
-from simulations.lattice.grid import Grid
+from simulations.lattice.grid import Grid, PowderGrid
 
 __all__ = [
     "FC_ESTIMATE_SOURCE",
@@ -63,15 +63,18 @@ EXPOSURE_UNIT = "uC*sr*meV"
 FC_UNIT = "eV/angstrom**2"
 
 
-def _axes(grid: Grid, n_orientations: int) -> list[Variable]:
-    """The coordinates of an I(q, E) message: q-path distance, energy edges, count."""
+def _axes(grid: Grid | PowderGrid, n_orientations: int) -> list[Variable]:
+    """The coordinates of an I(q, E) message: q-path distance (a powder's: |Q| bin edges),
+    energy edges, count."""
+    q = grid.q_edges if isinstance(grid, PowderGrid) else grid.qpath.distance
+    powder = isinstance(grid, PowderGrid)
     return [
         Variable(
             name="q",
-            data=np.asarray(grid.qpath.distance, dtype=np.float64),
+            data=np.asarray(q, dtype=np.float64),
             axes=["q"],
             unit="1/angstrom",
-            label="distance along the q-path",
+            label="|Q| (bin edges)" if powder else "distance along the q-path",
         ),
         Variable(
             name="energy",
@@ -84,7 +87,9 @@ def _axes(grid: Grid, n_orientations: int) -> list[Variable]:
     ]
 
 
-def snapshot_da00(snapshot: Any, grid: Grid, *, run_id: str, timestamp_ns: int) -> dict[str, bytes]:
+def snapshot_da00(
+    snapshot: Any, grid: Grid | PowderGrid, *, run_id: str, timestamp_ns: int
+) -> dict[str, bytes]:
     """The da00 messages of one folded snapshot, by source name (:data:`IQE_SOURCE`,
     :data:`IQE_COVERAGE_SOURCE`).
 

@@ -22,6 +22,7 @@ from consumers.reduction.pipeline import (
     RunPipeline,
     schema_of,
 )
+from consumers.reduction.powder import PowderFolder
 from consumers.streams import InstrumentConfig
 from consumers.wire import decode_bluesky, decode_f144
 from simulations.instrument.spectrometer import Instrument
@@ -127,7 +128,12 @@ def fold_recorded_run(
             out, metadata={"source": str(path), "run": meta.get("run_id"), "run_start": meta}
         )
         result["path"] = str(out)
-    if check:
+    if check and getattr(pipe.acc.grid, "kind", "") == "powder":
+        assert pipe.folder is not None
+        result["powder_check"] = powder_check(
+            pipe.acc, pipe.meta or {}, instrument=pipe.folder.instrument
+        )
+    elif check:
         assert pipe.folder is not None
         result["dispersion"] = dispersion_check(
             pipe.acc, pipe.meta or {}, instrument=pipe.folder.instrument
@@ -232,6 +238,64 @@ def dispersion_check(
     }
 
 
+def powder_check(
+    acc: RunAccumulator,
+    meta: dict[str, object],
+    *,
+    min_counts: int = 20,
+    instrument: Instrument | None = None,
+) -> dict[str, object]:
+    """Compare a folded powder run with the coherent one-phonon powder average of the FC
+    set it was simulated from (:func:`simulations.lattice.powder.powder_shells` at the bin
+    centres, times the exposure, scaled to the counts of the compared bins).
+
+    Compared: bins with at least ``min_counts`` counts above the elastic line
+    (:func:`~simulations.lattice.backgrounds.elastic_reach`). Returns ``chi2_per_bin``
+    (Poisson, against the scaled model), ``pearson`` of the intensity with S(|Q|, E),
+    ``median_relative_deviation`` and ``bins_compared``. A run with background
+    components (multiphonon, can, the flat background) departs from the one-phonon model
+    by them: its chi^2 says how much.
+
+    Raises
+    ------
+    FoldError
+        When the run carries no ground truth.
+    """
+    from simulations.lattice.backgrounds import elastic_reach
+    from simulations.lattice.materials import setup
+    from simulations.lattice.powder import powder_shells
+    from simulations.lattice.sqe import CoherentSQE
+
+    sim = meta.get("simulation")
+    truth = sim.get("coefficients") if isinstance(sim, dict) else None
+    if not truth:
+        raise FoldError("the run has no ground truth (pl72 metadata 'simulation' block)")
+    ms = setup(str(meta["material"]))
+    ins = instrument or Instrument.from_metadata(dict(meta["instrument"]))  # type: ignore[call-overload]
+    ei = float(meta["ei_meV"])  # type: ignore[arg-type]
+    model = CoherentSQE(
+        ms.basis,
+        ms.basis.coefficients_from_dict(dict(truth)),
+        temperature=float(meta.get("temperature_K", 5.0)),  # type: ignore[arg-type]
+        resolution=ins.resolution(ei),
+    )
+    grid = acc.grid
+    s = powder_shells(model, grid.q_centres, grid.energy_centres)  # type: ignore[union-attr]
+    inelastic = grid.energy_centres > elastic_reach(model.resolution)
+    mu = s * acc.exposure
+    use = (acc.counts >= min_counts) & inelastic[None, :] & (mu > 1e-9 * mu.max())
+    if use.sum() < 3:
+        return {"bins_compared": int(use.sum()), "chi2_per_bin": None, "pearson": None}
+    mu = mu * acc.counts[use].sum() / mu[use].sum()
+    snap = acc.snapshot()
+    return {
+        "chi2_per_bin": float(((acc.counts[use] - mu[use]) ** 2 / mu[use]).mean()),
+        "pearson": _pearson(snap.intensity[use], s[use]),
+        "median_relative_deviation": float(np.median(np.abs(acc.counts[use] - mu[use]) / mu[use])),
+        "bins_compared": int(use.sum()),
+    }
+
+
 def _ground_truth(meta: dict[str, object]) -> tuple[MaterialSetup, np.ndarray, np.ndarray]:
     """The material set-up of a simulated run and the forward model of the FC set it was
     simulated from: (set-up, (n_q, n_E) I(q, E) with exact broadening, (n_q, n_branches)
@@ -275,11 +339,12 @@ def run_setup(
     tolerance: float = 0.05,
     voxels: int = 96,
     streams: InstrumentConfig | None = None,
-) -> tuple[Folder, list[float]]:
+) -> tuple[Folder | PowderFolder, list[float]]:
     """The folder of a recorded run's set-up (its run start: material, instrument, UB, Ei)
     and the goniometer angles it counted at, in order (the omega log's setpoints and the
     bluesky Event documents' omegas, by the segmentation ``mode`` as the consumer chooses
-    it; each once). Event data are not read."""
+    it; each once). Event data are not read. A powder run has no angles: its folder and
+    ``[0.0]`` (its one coverage)."""
     pipe = RunPipeline(mode=mode, tolerance=tolerance, voxels=voxels, streams=streams)
     setpoints: dict[float, None] = {}
     events: dict[float, None] = {}
@@ -294,7 +359,7 @@ def run_setup(
                     role = pipe.role(msg.topic, source)
                     if role == "goniometer_setpoint" and np.isfinite(float(value)):  # type: ignore[arg-type]
                         setpoints[float(value)] = None  # type: ignore[arg-type]
-                elif schema in BLUESKY_SCHEMAS:
+                elif schema in BLUESKY_SCHEMAS and not isinstance(pipe.folder, PowderFolder):
                     name, doc = decode_bluesky(schema, msg.payload)
                     if name == "event" and np.isfinite(float(doc["data"]["omega"])):
                         events[float(doc["data"]["omega"])] = None
@@ -304,11 +369,13 @@ def run_setup(
     if pipe.folder is None:
         raise FoldError(f"{path}: no usable run start (pl72) found")
     assert pipe.segmenter is not None
+    if isinstance(pipe.folder, PowderFolder):
+        return pipe.folder, [0.0]
     return pipe.folder, list(events if pipe.segmenter.mode == "bluesky" else setpoints)
 
 
 def precompute_coverages(
-    folder: Folder, angles: list[float], *, progress: bool = True
+    folder: Folder | PowderFolder, angles: list[float], *, progress: bool = True
 ) -> dict[str, object]:
     """Put the coverage of every angle of ``folder``'s set-up into the disk cache (see
     :meth:`Folder.coverage`), so that the consumers of its runs read them and compute

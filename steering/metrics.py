@@ -41,7 +41,7 @@ CHUNK_TO_ESTIMATE_SECONDS = Histogram(
 )
 ESTIMATES_SKIPPED = Counter(
     "steer_estimates_skipped_total",
-    "Completed orientations not estimated (model unavailable)",
+    "Completed orientations not estimated (model unavailable, powder run)",
     ["reason"],
 )
 MODEL_INFO = Info("steer_model", "The frozen model in use")

@@ -196,6 +196,9 @@ class SteeringService:
         """A run started: load its model, advisor and candidates on a thread now, rather
         than when its first orientation completes."""
 
+        if meta.get("sample_kind") == "powder":  # no single-crystal loop for a powder
+            return
+
         def work() -> None:
             try:
                 self._loop_for(meta)
@@ -295,6 +298,12 @@ class SteeringService:
     def _on_snapshot(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         meta = self.service.pipeline.meta or {}
         run_id = str(meta.get("run_id", "run"))
+        acc = self.service.pipeline.acc
+        if run_id not in self.live.grids and acc is not None:  # the folded run's own grid
+            grid: dict[str, Any] = {"energy": acc.grid.energy_centres.tolist()}
+            if getattr(acc.grid, "kind", "") == "powder":
+                grid["q_edges"] = acc.grid.q_edges.tolist()
+            self.live.grids[run_id] = grid
         self._live_snapshot(run_id, snapshot, record)
         if self._livedata is not None:  # best effort: logged and counted, never raises
             self._livedata.snapshot(snapshot, meta)
@@ -344,6 +353,16 @@ class SteeringService:
         t0: float,
     ) -> None:
         """The in-process loop on one snapshot (the model loaded when it can be)."""
+        if meta.get("sample_kind") == "powder":
+            # the single-crystal models and the advisor's angles do not apply to S(|Q|, E)
+            metrics.ESTIMATES_SKIPPED.labels(reason="powder_run").inc()
+            if int(snapshot.n_orientations) == 1:
+                logger.info(
+                    "run %s is a powder: folded into S(|Q|, E) and published; no "
+                    "single-crystal estimate or angle advice",
+                    run_id,
+                )
+            return
         try:
             loop = self._loop_for(meta)
         except (ModelServerError, OSError) as exc:

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from consumers.exceptions import FoldError
 from consumers.reduction.moments import BinMoments
-from simulations.lattice.grid import Grid
+from simulations.lattice.grid import Grid, PowderGrid
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class RunAccumulator:
     (:attr:`OrientationRecord.normalised`).
     """
 
-    grid: Grid
+    grid: Grid | PowderGrid
     counts: NDArray[np.float64] = field(init=False)
     exposure: NDArray[np.float64] = field(init=False)
     per_orientation_counts: list[NDArray[np.float32]] = field(default_factory=list)

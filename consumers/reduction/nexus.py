@@ -11,8 +11,10 @@ Layout (``docs/outputs.md``)::
         variance          (n_q, n_E) (1/(uC*sr*meV))**2 (kept for this project's readers)
         counts, exposure  (n_q, n_E) counts, uC*sr*meV
         mask              (n_q, n_E) bool, True where measured
-        q                 (n_q,) distance along the q-path, 1/angstrom
-        q_index           (n_q,) index of the q-path point
+        q                 (n_q,) distance along the q-path, 1/angstrom; for a powder
+                          (entry attribute sample_kind = "powder") the (n_q + 1,) |Q|
+                          bin edges, 1/angstrom
+        q_index           (n_q,) index of the q-path point (not for a powder)
         energy            (n_E,) bin centres, meV
       sample              NXsample  name, chemical_formula, unit_cell_abc (angstrom),
                                     unit_cell_alphabetagamma (deg), unit_cell (1, 6),
@@ -100,6 +102,12 @@ def _sample(entry: Any, run_start: dict[str, Any]) -> None:
         for name in ("u", "v"):
             if orientation.get(name) is not None:
                 s.create_dataset(f"{name}_vector", data=np.asarray(orientation[name], float))
+    kind = str(run_start.get("sample_kind", "single_crystal"))
+    _text(s, "physical_form", "powder" if kind == "powder" else "single crystal")
+    if abc is None and crystal.get("conventional_abc_A") is not None:  # a powder: no UB
+        s.create_dataset(
+            "unit_cell_abc", data=np.asarray(crystal["conventional_abc_A"], float)
+        ).attrs["units"] = "angstrom"
     if run_start.get("temperature_K") is not None:
         t = s.create_dataset("temperature", data=float(run_start["temperature_K"]))
         t.attrs["units"] = "K"
@@ -207,7 +215,10 @@ def write_nexus(
         data.attrs["axes"] = ["q", "energy"]
         data.attrs["q_indices"] = 0
         data.attrs["energy_indices"] = 1
-        data.attrs["q_index_indices"] = 0
+        powder = getattr(grid, "kind", "single_crystal") == "powder"
+        entry.attrs["sample_kind"] = "powder" if powder else "single_crystal"
+        if not powder:
+            data.attrs["q_index_indices"] = 0
         for name, arr, units in (
             ("intensity", snap.intensity, iqe_unit),
             ("intensity_errors", np.sqrt(snap.variance), iqe_unit),
@@ -218,10 +229,14 @@ def write_nexus(
             ds = data.create_dataset(name, data=arr, compression="gzip")
             ds.attrs["units"] = units
         data.create_dataset("mask", data=snap.mask)
-        q = data.create_dataset("q", data=grid.qpath.distance)
+        if powder:
+            q = data.create_dataset("q", data=grid.q_edges)  # bin edges: (n_Q + 1,)
+            q.attrs["long_name"] = "|Q|"
+        else:
+            q = data.create_dataset("q", data=grid.qpath.distance)
+            q.attrs["long_name"] = "distance along the q-path"
+            data.create_dataset("q_index", data=np.arange(grid.n_q))
         q.attrs["units"] = "1/angstrom"
-        q.attrs["long_name"] = "distance along the q-path"
-        data.create_dataset("q_index", data=np.arange(grid.n_q))
         data.create_dataset("energy", data=grid.energy_centres).attrs["units"] = "meV"
         _sample(entry, run_start)
         _instrument(entry, run_start)
@@ -229,11 +244,15 @@ def write_nexus(
         _process(entry)
         g = entry.create_group("grid")
         g.attrs["NX_class"] = "NXcollection"
-        g.create_dataset("qpoints_rlu", data=grid.qpath.qpoints)
-        g.create_dataset("distance", data=grid.qpath.distance).attrs["units"] = "1/angstrom"
+        g.attrs["kind"] = "powder" if powder else "single_crystal"
+        if powder:
+            g.create_dataset("q_edges", data=grid.q_edges).attrs["units"] = "1/angstrom"
+        else:
+            g.create_dataset("qpoints_rlu", data=grid.qpath.qpoints)
+            g.create_dataset("distance", data=grid.qpath.distance).attrs["units"] = "1/angstrom"
+            g.attrs["path"] = grid.qpath.path
+            g.attrs["ticks"] = json.dumps(list(grid.qpath.ticks))
         g.create_dataset("energy_edges", data=grid.energy_edges).attrs["units"] = "meV"
-        g.attrs["path"] = grid.qpath.path
-        g.attrs["ticks"] = json.dumps(list(grid.qpath.ticks))
         o = entry.create_group("orientations")
         o.attrs["NX_class"] = "NXcollection"
         o.create_dataset("omega", data=[r.omega for r in acc.records]).attrs["units"] = "deg"

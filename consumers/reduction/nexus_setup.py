@@ -23,6 +23,9 @@ Pure JSON -> numpy: no transport. :func:`read_nexus_setup` walks the tree (group
 * the goniometer: the rotation in the sample's ``depends_on`` chain whose value is an f144
   stream (its topic and source are how the consumer learns which stream drives the
   angle); its set-point is an f144 NXlog named ``<rotation>_setpoint`` under NXsample;
+* the sample's kind: a **powder** when ``physical_form`` says powder (or polycrystalline),
+  else a single crystal; a powder needs neither UB nor goniometer (it is folded into
+  S(|Q|, E));
 * streams: every NXdetector's ev44, every NXmonitor's ev44, and the NXlog
   ``proton_charge`` (f144).
 
@@ -133,11 +136,15 @@ class NexusSetup:
     lattice_abc, lattice_angles
         (3,) float, Angstrom, and (3,) float, degrees: the conventional cell.
     ub
-        (3, 3) float, 1/Angstrom without 2 pi: ``Q_sample = 2 pi UB h`` at angle 0.
+        (3, 3) float, 1/Angstrom without 2 pi: ``Q_sample = 2 pi UB h`` at angle 0; None
+        for a powder.
     temperature
         Sample temperature, K, or None.
     goniometer
-        The rotation and its stream.
+        The rotation and its stream; None for a powder.
+    sample_kind
+        ``"single_crystal"`` or ``"powder"`` (the NXsample's ``physical_form`` says powder
+        or polycrystalline).
     detectors, monitors
         ev44 streams of the NXdetector and NXmonitor groups.
     proton_charge
@@ -159,13 +166,14 @@ class NexusSetup:
     space_group: str
     lattice_abc: NDArray[np.float64]
     lattice_angles: NDArray[np.float64]
-    ub: NDArray[np.float64]
+    ub: NDArray[np.float64] | None
     temperature: float | None
-    goniometer: GoniometerAxis
+    goniometer: GoniometerAxis | None
     detectors: tuple[StreamRef, ...]
     monitors: tuple[StreamRef, ...] = ()
     proton_charge: StreamRef | None = None
     logs: dict[str, StreamRef] = field(default_factory=dict)
+    sample_kind: str = "single_crystal"
 
     def instrument(self) -> Instrument:
         """The spectrometer of these pixels (no regular layout; solid angles estimated from
@@ -194,8 +202,11 @@ class NexusSetup:
         Raises
         ------
         NexusStructureError
-            When the UB is not a rotation of ``crystal``'s B matrix (1e-6 relative).
+            When the UB is not a rotation of ``crystal``'s B matrix (1e-6 relative), or
+            the sample is a powder (it has none).
         """
+        if self.ub is None:
+            raise NexusStructureError(f"the {self.sample_kind} sample has no UB matrix")
         b = busing_levy_b(crystal.conventional_lattice)
         u_matrix = self.ub @ np.linalg.inv(b)
         if not np.allclose(u_matrix @ u_matrix.T, np.eye(3), atol=1e-6):
@@ -221,12 +232,19 @@ class NexusSetup:
             **({"temperature_K": self.temperature} if self.temperature is not None else {}),
             "instrument_name": self.instrument_name,
             "n_pixels": len(self.pixel_ids),
-            "goniometer": {
-                "source_name": self.goniometer.stream.source,
-                "topic": self.goniometer.stream.topic,
-                "axis": list(self.goniometer.vector),
-                "units": self.goniometer.units,
-            },
+            "sample_kind": self.sample_kind,
+            **(
+                {}
+                if self.goniometer is None
+                else {
+                    "goniometer": {
+                        "source_name": self.goniometer.stream.source,
+                        "topic": self.goniometer.stream.topic,
+                        "axis": list(self.goniometer.vector),
+                        "units": self.goniometer.units,
+                    }
+                }
+            ),
         }
 
 
@@ -579,6 +597,14 @@ def _match_material(formula: str, space_group: str) -> str | None:
     return None
 
 
+def _sample_kind(sample: _Node) -> str:
+    """``"powder"`` for an NXsample whose ``physical_form`` says powder or polycrystalline,
+    else ``"single_crystal"`` (a sample that says nothing is taken as a single crystal, so
+    that one whose UB was left out is refused rather than folded as a powder)."""
+    form = _text(sample.child("physical_form")).lower()
+    return "powder" if "powder" in form or "polycrystal" in form else "single_crystal"
+
+
 def _goniometer(
     sample: _Node, index: dict[str, _Node], missing: list[str]
 ) -> GoniometerAxis | None:
@@ -668,6 +694,7 @@ def read_nexus_setup(structure: str | bytes | dict[str, Any]) -> NexusSetup:
     samples = _groups(root, "NXsample")
     sample = samples[0] if samples else None
     material = lattice = ub = gonio = temperature = None
+    kind = "single_crystal"
     if sample is None:
         missing.append("no NXsample")
     else:
@@ -677,9 +704,13 @@ def read_nexus_setup(structure: str | bytes | dict[str, Any]) -> NexusSetup:
                 f"no lattice in {sample.path} (unit_cell_abc and unit_cell_alphabetagamma)"
             )
         ub_node = sample.child("ub_matrix")
-        if ub_node is None:
-            missing.append(f"no ub_matrix in {sample.path}")
-        else:
+        kind = _sample_kind(sample)
+        if ub_node is None and kind == "single_crystal":
+            missing.append(
+                f"no ub_matrix in {sample.path} (for a powder sample, say so: "
+                "physical_form = 'powder')"
+            )
+        elif ub_node is not None:
             ub = _numbers(ub_node, "ub_matrix")
             if ub.shape != (3, 3) or abs(np.linalg.det(ub)) < 1e-12:
                 raise NexusStructureError(f"ub_matrix {ub_node.path} must be an invertible 3x3")
@@ -695,7 +726,8 @@ def read_nexus_setup(structure: str | bytes | dict[str, Any]) -> NexusSetup:
         t = sample.child("temperature")
         if t is not None and t.kind == "dataset":
             temperature = float(_numbers(t, "temperature").reshape(-1)[0])
-        gonio = _goniometer(sample, index, missing)
+        if kind == "single_crystal":
+            gonio = _goniometer(sample, index, missing)
     if missing:
         raise NexusStructureError(
             "nexus_structure gives no spectrometer set-up: "
@@ -704,8 +736,7 @@ def read_nexus_setup(structure: str | bytes | dict[str, Any]) -> NexusSetup:
         )
     assert sample is not None
     assert lattice is not None
-    assert ub is not None
-    assert gonio is not None
+    assert kind == "powder" or (ub is not None and gonio is not None)
     assert l1 is not None
     assert ei is not None
     assert material
@@ -743,4 +774,5 @@ def read_nexus_setup(structure: str | bytes | dict[str, Any]) -> NexusSetup:
         monitors=tuple(monitors),
         proton_charge=charge,
         logs=logs,
+        sample_kind=kind,
     )

@@ -30,6 +30,7 @@ from consumers.reduction.moments import (
     structure_constants,
 )
 from consumers.reduction.nexus_setup import NexusSetup, read_nexus_setup
+from consumers.reduction.powder import PowderFolder
 from consumers.reduction.segment import Chunk, Segmenter
 from consumers.reduction.table import FoldTable
 from consumers.streams import InstrumentConfig, StreamTally, preset
@@ -52,6 +53,7 @@ __all__ = [
     "RunPipeline",
     "run_folder",
     "run_key_of",
+    "sample_kind_of",
     "schema_of",
 ]
 
@@ -75,6 +77,26 @@ _FLATBUFFER_IDS = {"ev44", "f144", "pl72", "6s4t"}
 BLUESKY_SCHEMAS = ("bluesky-json", "bluesky-msgpack")
 
 
+#: The kinds of sample a run start can announce (:func:`sample_kind_of`).
+SAMPLE_KINDS = ("single_crystal", "powder")
+
+
+def sample_kind_of(meta: dict[str, Any], nexus: NexusSetup | None = None) -> str:
+    """``"single_crystal"`` or ``"powder"``: from the ``nexus_structure`` when it was read
+    (:attr:`NexusSetup.sample_kind`), else the metadata's ``sample_kind`` (a run start
+    from before it was written is a single crystal's).
+
+    Raises
+    ------
+    ValueError
+        For a ``sample_kind`` that is neither.
+    """
+    kind = nexus.sample_kind if nexus is not None else str(meta.get("sample_kind", SAMPLE_KINDS[0]))
+    if kind not in SAMPLE_KINDS:
+        raise ValueError(f"sample_kind {kind!r} is not one of {', '.join(SAMPLE_KINDS)}")
+    return kind
+
+
 def run_folder(
     meta: dict[str, Any],
     *,
@@ -82,13 +104,17 @@ def run_folder(
     voxels: int = 96,
     nexus: NexusSetup | None = None,
     instrument_file: str | Path | None = None,
-) -> tuple[MaterialSetup, Folder]:
+) -> tuple[MaterialSetup, Folder | PowderFolder]:
     """The material set-up and the folder of a run start: from ``nexus`` (read from its
     ``nexus_structure`` by :func:`~consumers.reduction.nexus_setup.read_nexus_setup`) when
     given, else from its metadata (``material``, ``instrument``, ``orientation`` u and v,
     ``ei_meV``). ``instrument_file``: the pixel table or instrument definition the run's
     instrument came from, when it is not where the metadata say
     (:meth:`Instrument.from_metadata`).
+
+    A powder sample (:func:`sample_kind_of`) gets a
+    :class:`~consumers.reduction.powder.PowderFolder` on the material's powder grid at the
+    run's Ei (:meth:`MaterialSetup.powder_grid`): no orientation, no fold table.
 
     Raises
     ------
@@ -99,14 +125,24 @@ def run_folder(
     SimulationError
         For a material that is not shipped.
     """
+    powder = sample_kind_of(meta, nexus) == "powder"
     if nexus is not None:
         ms = setup(nexus.material)
         ins = nexus.instrument()
-        orientation = nexus.orientation(ms.crystal)
         ei = nexus.ei
+        if powder:
+            return ms, PowderFolder(ms.powder_grid(ei), ins, ei)
+        orientation = nexus.orientation(ms.crystal)
     else:
         ms = setup(str(meta["material"]))
         ins = Instrument.from_metadata(meta["instrument"], instrument_file)
+        if powder:
+            if "ei_meV" not in meta:
+                raise ValueError("a powder run start without Ei (ei_meV): its |Q| is unknown")
+            ei = float(meta["ei_meV"])
+            if not (np.isfinite(ei) and ei > 0):
+                raise ValueError(f"Ei = {ei} meV")
+            return ms, PowderFolder(ms.powder_grid(ei), ins, ei)
         o = meta["orientation"]
         orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
         if not np.all(np.isfinite(orientation.ub)):
@@ -224,7 +260,7 @@ class RunPipeline:
         self.nexus: NexusSetup | None = None
         self._nexus_text: str | None = None
         self.segmenter: Segmenter | None = None
-        self.folder: Folder | None = None
+        self.folder: Folder | PowderFolder | None = None
         self.acc: RunAccumulator | None = None
         self.stopped = False
         self.n_events = 0
@@ -449,7 +485,7 @@ class RunPipeline:
 
     def _set_up_folder(
         self, meta: dict[str, Any], nexus_structure: str | None
-    ) -> tuple[NexusSetup | None, MaterialSetup, Folder]:
+    ) -> tuple[NexusSetup | None, MaterialSetup, Folder | PowderFolder]:
         """The set-up from the ``nexus_structure`` when it gives a complete one, else from
         the private metadata (logged when the structure was refused)."""
         if nexus_structure:
@@ -483,8 +519,14 @@ class RunPipeline:
         if nexus is not None and "material" not in meta:  # no private metadata (a facility)
             meta = {"run_id": job_id, **nexus.summary(), **meta}
         mode = self.mode
+        powder = isinstance(folder, PowderFolder)
         if mode == "auto":
-            mode = "bluesky" if "bluesky" in meta.get("topics", {}) else "omega"
+            mode = "bluesky" if powder or "bluesky" in meta.get("topics", {}) else "omega"
+        if powder and mode != "bluesky":
+            raise ValueError(
+                "a powder run has no goniometer: it is cut into steps by its bluesky Events; "
+                "consume its bluesky documents (segmentation bluesky or auto)"
+            )
         named = self._run_start_streams(meta, nexus)
         streams = self._streams_of(named)
         monitors = tuple(
@@ -499,8 +541,9 @@ class RunPipeline:
             norm_monitor = streams.normalisation_monitor(monitors)
         except ConsumerError as exc:
             raise ValueError(str(exc)) from exc
-        segmenter = Segmenter(mode, monitors=monitors)
-        constants = self._moment_constants(meta, ms) if self.take_moments else None
+        segmenter = Segmenter(mode, monitors=monitors, powder=powder)
+        # the refinement's moments are a single crystal's (per path point and branch)
+        constants = self._moment_constants(meta, ms) if self.take_moments and not powder else None
         self.meta = meta
         self.nexus = nexus
         self._nexus_text = nexus_structure if nexus is not None else None
@@ -509,11 +552,12 @@ class RunPipeline:
         self._run_key = str(meta.get("run_id", "")).encode()
         self.folder = folder
         self.acc = RunAccumulator(
-            ms.grid, normalisation=streams.normalisation, monitor=norm_monitor
+            folder.grid, normalisation=streams.normalisation, monitor=norm_monitor
         )
         self.segmenter = segmenter
         self._constants = constants
         if constants is not None:
+            assert isinstance(folder, Folder)
             self._inverse_ops = star_operations(folder, constants.operations)
             self.acc.moments = BinMoments.zeros(ms.grid.n_q * ms.grid.n_e, constants.n_branches)
 
@@ -527,9 +571,10 @@ class RunPipeline:
         named: dict[str, list[tuple[str, str]]] = {}
         if nexus is not None:
             g = nexus.goniometer
-            named["goniometer"] = [(g.stream.topic, g.stream.source)]
-            if g.setpoint is not None:
-                named["goniometer_setpoint"] = [(g.setpoint.topic, g.setpoint.source)]
+            if g is not None:  # a powder has none
+                named["goniometer"] = [(g.stream.topic, g.stream.source)]
+                if g.setpoint is not None:
+                    named["goniometer_setpoint"] = [(g.setpoint.topic, g.setpoint.source)]
             if nexus.proton_charge is not None:
                 named["proton_charge"] = [(nexus.proton_charge.topic, nexus.proton_charge.source)]
             named["monitor"] = [(m.topic, m.source) for m in nexus.monitors if m.source]
@@ -600,6 +645,7 @@ class RunPipeline:
         coverage = self.folder.coverage(chunk.omega)
         moments = None
         if self._constants is not None:
+            assert isinstance(self.folder, Folder)
             moments = orientation_moments(
                 self.folder, self._constants, chunk.omega, inverse_ops=self._inverse_ops
             )

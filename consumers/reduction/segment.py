@@ -120,6 +120,9 @@ class Segmenter:
     monitor_lag_ns
         How far (pulse time, ns) the detector stream may run past a window's end while the
         window waits for a monitor stream (:data:`MONITOR_LAG_NS`).
+    powder
+        A powder run: no goniometer, so its Events carry no omega (every step is at angle
+        0); only ``"bluesky"`` segmentation.
     """
 
     def __init__(
@@ -129,10 +132,17 @@ class Segmenter:
         *,
         monitors: tuple[str, ...] = (),
         monitor_lag_ns: int = MONITOR_LAG_NS,
+        powder: bool = False,
     ) -> None:
         if mode not in ("bluesky", "omega"):
             raise FoldError(f"segmentation mode must be 'bluesky' or 'omega', got {mode!r}")
+        if powder and mode != "bluesky":
+            raise FoldError(
+                "a powder run has no goniometer: its counting steps come from its bluesky "
+                "Events (segmentation 'bluesky')"
+            )
         self.mode = mode
+        self.powder = bool(powder)
         self.tolerance = float(tolerance)
         self.moving = 0
         self._events = _Pulses()
@@ -227,7 +237,7 @@ class Segmenter:
         data = doc["data"]
         assert isinstance(data, dict)
         lo, hi = int(data["count_start_ns"]), int(data["count_stop_ns"])
-        omega = float(data["omega"])
+        omega = 0.0 if self.powder else float(data["omega"])
         if not np.isfinite(omega) or not _I64_MIN <= lo < hi <= _I64_MAX:
             raise ValueError(f"bluesky Event with omega {omega} and window [{lo}, {hi})")
         if self._window_end is not None and lo < self._window_end:
@@ -283,6 +293,7 @@ class Segmenter:
         pulse, tof, pix = self._events.arrays()
         return {
             "mode": self.mode,
+            "powder": self.powder,
             "tolerance": self.tolerance,
             "moving": self.moving,
             "setpoint": self._setpoint,
@@ -315,6 +326,7 @@ class Segmenter:
             float(st["tolerance"]),  # type: ignore[arg-type]
             monitors=tuple(sources),
             monitor_lag_ns=int(st.get("monitor_lag_ns", MONITOR_LAG_NS)),  # type: ignore[call-overload]
+            powder=bool(st.get("powder", False)),
         )
         if sources:
             ends = np.cumsum(np.asarray(st["mon_len"], dtype=np.int64))

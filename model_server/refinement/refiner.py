@@ -320,10 +320,16 @@ def run_moments(
     """The charge-weighted moments of a run's orientations, computed from its set-up."""
     from tqdm import tqdm
 
+    from consumers.reduction.folding import Folder
     from consumers.reduction.moments import orientation_moments, star_operations
     from consumers.reduction.pipeline import run_folder
 
     _, folder = run_folder(dict(run_start), tolerance=refiner.table.tolerance)
+    if not isinstance(folder, Folder):
+        raise RefinementError(
+            "a powder run's S(|Q|, E) has no single-crystal moments: the likelihood "
+            "refinement takes single-crystal runs"
+        )
     ops = star_operations(folder, refiner.constants.operations)
     grid = refiner.setup.grid
     out = BinMoments.zeros(grid.n_q * grid.n_e, refiner.constants.n_branches)

@@ -21,6 +21,10 @@ Speed comes from two approximations, both measured against the exact S(Q, E) by 
   resolution width; each sampled event lands on a pixel of its block (chosen by solid angle)
   at an energy uniform within its bin.
 
+A powder sample (:class:`PowderSimulator`) has the same counts with the spherical average
+S(|Q|, E) (:func:`~simulations.lattice.powder.powder_shells`) at each super-pixel's |Q|,
+the same at every step of the run.
+
 The background is flat in time of flight and proportional to each pixel's solid angle
 (a time-independent room background), over the energy window ``[-Ei/2, 0.95 Ei]``.
 """
@@ -54,7 +58,7 @@ from simulations.lattice.backgrounds import (
 from simulations.lattice.sqe import FREQUENCY_MIN_MEV, CoherentSQE, mesh_points
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, K_B_MEV_ROUNDED
 
-__all__ = ["EventBatch", "OrientationSimulator", "PhononTable"]
+__all__ = ["EventBatch", "OrientationSimulator", "PhononTable", "PowderSimulator"]
 
 logger = logging.getLogger(__name__)
 
@@ -593,3 +597,70 @@ class OrientationSimulator:
         pos = np.searchsorted(self._member_cum, lo + (hi - lo) * rng.random(len(grp)), side="right")
         pos = np.clip(pos, start, start + self._counts[grp] - 1)
         return np.asarray(self._members[pos], dtype=np.int64)
+
+
+#: |Q| step of the powder table a :class:`PowderSimulator` interpolates, 1/Angstrom (each
+#: node averages the points within one step of it).
+POWDER_TABLE_Q_STEP = 0.04
+#: q mesh of the powder average of a :class:`PowderSimulator`'s table (points per axis).
+POWDER_MESH = 48
+
+
+class PowderSimulator(OrientationSimulator):
+    """Expected counts and Poisson events of a powder sample (no goniometer).
+
+    Each super-pixel at each energy sees the spherical average S(|Q|, E) of the crystal's
+    coherent one-phonon scattering (:func:`~simulations.lattice.powder.powder_shells` on
+    a ``powder_mesh``^3 q mesh, with the model's energy resolution, Debye-Waller and Bose
+    factors) at its own |Q| = |k_i - k_f| (from the super-pixel's centre direction):
+    computed once on |Q| nodes ``q_step`` apart (1/Angstrom) and interpolated linearly.
+    Against a 64^3 mesh, Al at 300 K (nodes 0.02 apart) differs by a median 1.5 % per
+    node at 48^3 and 5 % at 32^3.
+    :meth:`expected` is the same at every ``omega``. Parameters as
+    :class:`OrientationSimulator` (no orientation).
+    """
+
+    def __init__(
+        self,
+        model: CoherentSQE,
+        instrument: Instrument,
+        ei: float,
+        *,
+        powder_mesh: int = POWDER_MESH,
+        q_step: float = POWDER_TABLE_Q_STEP,
+        **kwargs: object,
+    ) -> None:
+        # the goniometer plays no part: any orientation serves the parent's set-up
+        mounting = Orientation.from_vectors(model.crystal, (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+        super().__init__(model, instrument, mounting, ei, **kwargs)  # type: ignore[arg-type]
+        if powder_mesh < 4 or not q_step > 0:
+            raise InstrumentError(
+                f"a powder average needs a q mesh >= 4 and a |Q| step > 0, got "
+                f"{powder_mesh} and {q_step}"
+            )
+        self.powder_mesh = int(powder_mesh)
+        self.q_step = float(q_step)
+        self._powder: NDArray[np.float64] | None = None
+
+    def powder_table(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """(|Q| points (n_t,) 1/Angstrom, S (n_t, n_E) mbarn/(sr meV) per atom) on the
+        simulator's energy centres."""
+        from simulations.lattice.powder import powder_shells
+
+        q_top = float(self.q_magnitude().max()) + 2.0 * self.q_step
+        q = np.asarray(self.q_step * np.arange(int(np.ceil(q_top / self.q_step)) + 1), float)
+        return q, powder_shells(self.model, q, self.e_centres, mesh=self.powder_mesh)
+
+    def expected(self, omega: float = 0.0) -> NDArray[np.float64]:
+        """(n_groups, n_E) float: S(|Q|, E) x kf/ki x dOmega x dE (the units of
+        :meth:`OrientationSimulator.expected`), the same at every ``omega``."""
+        if self._powder is None:
+            q_tab, s_tab = self.powder_table()
+            q = self.q_magnitude()
+            x = np.clip(q / self.q_step, 0.0, len(q_tab) - 1.000001)
+            i = np.floor(x).astype(np.int64)
+            f = x - i
+            cols = np.arange(q.shape[1])[None, :]
+            s = (1.0 - f) * s_tab[i, cols] + f * s_tab[i + 1, cols]
+            self._powder = np.asarray(s * self.cell_weights())
+        return self._powder.copy()

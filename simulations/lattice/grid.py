@@ -4,6 +4,9 @@ A path is written as labelled points joined by ``-`` with ``|`` for a jump, e.g.
 ``"G-X-U|K-G-L-W-X"`` (``G`` is Gamma). Point coordinates are the Setyawan-Curtarolo ones
 for the crystal's lattice, in r.l.u. of the standard primitive reciprocal lattice.
 
+A powder sample's spectrum S(|Q|, E) lives on a :class:`PowderGrid` of |Q| bins instead
+(:func:`make_powder_grid`).
+
 The :class:`Grid` carries a fingerprint (a hash of the path's q-points and the energy bin
 edges) that every model and every folded data set stores, so that spectra on different
 grids are never mixed silently.
@@ -22,7 +25,7 @@ from numpy.typing import NDArray
 from simulations.exceptions import GridError
 from simulations.lattice.crystals import Crystal
 
-__all__ = ["Grid", "QPath", "make_grid", "make_qpath"]
+__all__ = ["Grid", "PowderGrid", "QPath", "make_grid", "make_powder_grid", "make_qpath"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,6 +136,9 @@ class Grid:
     qpath: QPath
     energy_edges: NDArray[np.float64]
 
+    #: what kind of sample's spectrum lives on this grid (a :class:`PowderGrid`'s is "powder")
+    kind = "single_crystal"
+
     @property
     def n_q(self) -> int:
         """Number of q-points."""
@@ -210,4 +216,127 @@ def make_grid(
     return Grid(
         qpath=make_qpath(crystal, path, n_q),
         energy_edges=np.linspace(e_min, e_max, n_e + 1),
+    )
+
+
+#: Width of the |Q| bins of a powder run's grid (:func:`make_powder_grid`), 1/Angstrom.
+POWDER_Q_STEP = 0.05
+#: Top of a powder run's |Q| axis, 1/Angstrom (the powder-VAE paper's crop: 0-10 1/A).
+POWDER_Q_MAX = 10.0
+#: Width of the energy bins of a powder run's grid, meV.
+POWDER_E_STEP = 0.5
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PowderGrid:
+    """The (|Q|, E) grid of a powder spectrum S(|Q|, E).
+
+    It answers what the fold, the accumulators and the exports ask of a :class:`Grid`
+    (``n_q``, ``n_e``, ``shape``, ``energy_edges``, ``energy_centres``, ``fingerprint``,
+    ``to_dict``), with |Q| bins where a :class:`Grid` has path points.
+
+    Attributes
+    ----------
+    q_edges
+        (n_Q + 1,) float, 1/Angstrom, increasing uniform |Q| bin edges.
+    energy_edges
+        (n_E + 1,) float, meV, increasing uniform bin edges.
+    """
+
+    q_edges: NDArray[np.float64]
+    energy_edges: NDArray[np.float64]
+
+    #: what kind of sample's spectrum lives on this grid
+    kind = "powder"
+
+    def __post_init__(self) -> None:
+        for name, edges in (("|Q|", self.q_edges), ("energy", self.energy_edges)):
+            e = np.asarray(edges, dtype=float)
+            if e.ndim != 1 or len(e) < 2 or not np.all(np.isfinite(e)):
+                raise GridError(f"{name} edges must be >= 2 finite numbers")
+            step = np.diff(e)
+            if not np.all(step > 0) or not np.allclose(step, step[0], rtol=1e-9):
+                raise GridError(f"{name} edges must increase in equal steps")
+        if self.q_edges[0] < 0:
+            raise GridError(f"|Q| edges start at {self.q_edges[0]} 1/Angstrom: |Q| >= 0")
+
+    @property
+    def n_q(self) -> int:
+        """Number of |Q| bins."""
+        return len(self.q_edges) - 1
+
+    @property
+    def n_e(self) -> int:
+        """Number of energy bins."""
+        return len(self.energy_edges) - 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_Q, n_E)."""
+        return (self.n_q, self.n_e)
+
+    @property
+    def q_centres(self) -> NDArray[np.float64]:
+        """(n_Q,) float, 1/Angstrom."""
+        return 0.5 * (self.q_edges[1:] + self.q_edges[:-1])
+
+    @property
+    def energy_centres(self) -> NDArray[np.float64]:
+        """(n_E,) float, meV."""
+        return 0.5 * (self.energy_edges[1:] + self.energy_edges[:-1])
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the |Q| and energy bins."""
+        payload = {
+            "kind": self.kind,
+            "q_edges_inv_angstrom": np.round(self.q_edges, 9).tolist(),
+            "energy_edges_meV": np.round(self.energy_edges, 9).tolist(),
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready description (enough to rebuild and check the grid)."""
+        return {
+            "kind": self.kind,
+            "n_q": self.n_q,
+            "n_e": self.n_e,
+            "q_min_inv_angstrom": float(self.q_edges[0]),
+            "q_max_inv_angstrom": float(self.q_edges[-1]),
+            "e_min_meV": float(self.energy_edges[0]),
+            "e_max_meV": float(self.energy_edges[-1]),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def make_powder_grid(
+    ei: float,
+    *,
+    e_max: float,
+    e_min: float = 0.0,
+    q_max: float = POWDER_Q_MAX,
+    q_step: float = POWDER_Q_STEP,
+    e_step: float = POWDER_E_STEP,
+) -> PowderGrid:
+    """The (|Q|, E) grid of a powder run at incident energy ``ei`` (meV).
+
+    |Q| from 0 to ``q_max`` (1/Angstrom) in steps of ``q_step``; energies from ``e_min`` to
+    the lower of ``e_max`` (the material's window) and 0.9 Ei (meV), in steps of ``e_step``
+    (the top edge rounded down to a whole step). Bins the instrument cannot reach stay
+    unmeasured (NaN in the folded spectrum).
+    """
+    for name, value in (("Ei", ei), ("e_max", e_max), ("q_max", q_max)):
+        if not (np.isfinite(value) and value > 0):
+            raise GridError(f"{name} must be a positive number, got {value}")
+    if not (q_step > 0 and e_step > 0):
+        raise GridError(f"bin widths must be > 0, got {q_step} 1/A and {e_step} meV")
+    top = min(float(e_max), 0.9 * float(ei))
+    n_e = int(np.floor((top - e_min) / e_step + 1e-9))
+    if n_e < 1:
+        raise GridError(f"no energy bin between {e_min} and {top:g} meV at Ei = {ei:g} meV")
+    n_q = int(np.floor(q_max / q_step + 1e-9))
+    return PowderGrid(
+        q_edges=q_step * np.arange(n_q + 1, dtype=np.float64),
+        energy_edges=e_min + e_step * np.arange(n_e + 1, dtype=np.float64),
     )

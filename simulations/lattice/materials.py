@@ -15,7 +15,7 @@ import torch
 from simulations.lattice.crystals import Crystal, load_crystal
 from simulations.lattice.force_constants import FCBasis, build_fc_basis
 from simulations.lattice.forward import ForwardModel
-from simulations.lattice.grid import Grid, make_grid
+from simulations.lattice.grid import Grid, PowderGrid, make_grid, make_powder_grid
 from simulations.lattice.resolution import EnergyResolution, instrument_resolution
 
 __all__ = ["MATERIAL_DEFAULTS", "MaterialDefaults", "MaterialSetup", "defaults_for", "setup"]
@@ -80,6 +80,11 @@ class MaterialSetup:
         """A :class:`ForwardModel` on this setup; keyword arguments go to its constructor."""
         kwargs.setdefault("dtype", torch.float32)
         return ForwardModel(self.basis, self.grid, self.resolution, **kwargs)  # type: ignore[arg-type]
+
+    def powder_grid(self, ei: float) -> PowderGrid:
+        """The (|Q|, E) grid of a powder run of this material at ``ei`` (meV): the
+        material's energy window up to 0.9 Ei (:func:`make_powder_grid`)."""
+        return make_powder_grid(ei, e_min=self.defaults.e_min, e_max=self.defaults.e_max)
 
 
 def setup(material: str | Path, **overrides: object) -> MaterialSetup:

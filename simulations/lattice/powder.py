@@ -1,6 +1,17 @@
 """The coherent one-phonon powder spectrum: S(Q, E) of a crystal averaged over every
-direction of Q at each |Q| (the prediction endpoint's ``powder`` output and the simulated
-sample can's phonons)."""
+direction of Q at each |Q|.
+
+Two ways of averaging:
+
+* :func:`powder_spectrum` samples ``directions`` quasi-random directions at each |Q| (the
+  prediction endpoint's ``powder`` output and the simulated sample can's phonons). Cheap
+  for a few |Q|, but its error is that of the sampling: between two seeds, the median
+  bin of Al at 300 K differs by 13 % at 256 directions and 5 % at 1,024.
+* :func:`powder_shells` averages over every point Q = q + G of a Gamma-centred mesh of q
+  (its irreducible points, weighted by their stars) and every reciprocal-lattice vector
+  G, each point shared between its two nearest |Q| nodes: a stratified average that
+  converges much faster (the simulated powder runs use it).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +22,7 @@ from numpy.typing import NDArray
 
 from simulations.lattice.sqe import CoherentSQE, bose_occupation
 
-__all__ = ["powder_spectrum"]
+__all__ = ["powder_shells", "powder_spectrum"]
 
 #: Elements of the eigenvector arrays of one batch of |Q| points (~64 MB complex).
 _CHUNK_ELEMENTS = 4_000_000
@@ -97,4 +108,109 @@ def powder_spectrum(
     used = np.nonzero(table.any(axis=0))[0]
     kernel = _broadening_matrix(model, energies, fine[used])
     out: NDArray[np.float64] = table[:, used] @ kernel / directions
+    return out
+
+
+def _shell_points(
+    model: CoherentSQE, q_top: float, mesh: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Points Q = q + G (r.l.u., (n, 3)) with |Q| < ``q_top`` (1/Angstrom) for the
+    irreducible q of a Gamma-centred ``mesh``^3 and every G, and their weights (n,) (the
+    star size of their q): a sum over them equals the sum over the whole mesh and every G
+    of any function of Q that the point group (with time reversal) leaves unchanged."""
+    import spglib
+
+    crystal = model.crystal
+    mapping, grid = spglib.get_ir_reciprocal_mesh(
+        [mesh] * 3, crystal.spglib_cell(), is_shift=[0, 0, 0]
+    )
+    irr, star = np.unique(mapping, return_counts=True)
+    q_irr = np.asarray(grid[irr], dtype=float) / mesh  # (n_irr, 3), r.l.u.
+    rec = np.asarray(crystal.reciprocal_lattice, dtype=float)  # rows b_i, 1/Angstrom
+    q_reach = float(np.max(np.linalg.norm(q_irr @ rec, axis=1)))
+    # |h_i| <= |Q| |a_i| / (2 pi) for the real-space vectors a_i
+    n_max = np.ceil((q_top + q_reach) * np.linalg.norm(crystal.lattice, axis=1) / (2 * np.pi))
+    axes = [np.arange(-int(n), int(n) + 1) for n in n_max]
+    g = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3).astype(float)
+    g = g[np.linalg.norm(g @ rec, axis=1) < q_top + q_reach]
+    big_q = (q_irr[:, None, :] + g[None, :, :]).reshape(-1, 3)
+    weight = np.repeat(star.astype(float), len(g))
+    keep = np.linalg.norm(big_q @ rec, axis=1) < q_top
+    return big_q[keep], weight[keep]
+
+
+def powder_shells(
+    model: CoherentSQE,
+    q: NDArray[np.float64],
+    energies: NDArray[np.float64],
+    *,
+    mesh: int = 32,
+) -> NDArray[np.float64]:
+    """(n_Q, n_E) spherical average of ``model``'s S(Q, E) at |Q| = ``q`` (1/Angstrom,
+    uniformly spaced, increasing), mbarn/meV per atom, on ``energies`` (meV).
+
+    Every point Q = q + G of a Gamma-centred ``mesh``^3 of the reciprocal cell and every
+    reciprocal-lattice vector G (:func:`_shell_points`: the irreducible q, weighted by their
+    stars) is shared between its two nearest |Q| nodes (weights 1 - f and f, f its
+    fractional distance from the lower node); a node's S is the weighted mean of its
+    points', so that each node averages the points within one node spacing of it. Mode
+    energies are broadened as in :func:`powder_spectrum` (the model's resolution, loss and
+    gain with Bose factors; modes at Gamma and unstable ones carry nothing).
+
+    Al at 300 K on nodes 0.02 1/Angstrom apart, ``mesh`` 32: about 3e5 points for |Q| up
+    to 10 1/Angstrom.
+    """
+    q = np.asarray(q, dtype=float)
+    energies = np.asarray(energies, dtype=float)
+    if q.ndim != 1 or len(q) < 2 or not np.all(np.diff(q) > 0):
+        raise ValueError("powder_shells needs >= 2 increasing |Q| nodes")
+    step_q = float(q[1] - q[0])
+    if not np.allclose(np.diff(q), step_q, rtol=1e-6):
+        raise ValueError("powder_shells needs uniformly spaced |Q| nodes")
+    points, weight = _shell_points(model, float(q[-1]) + step_q, mesh)
+    q_abs = np.linalg.norm(model.cartesian(points), axis=1)
+    x = (q_abs - q[0]) / step_q
+    inside = (x >= 0) & (x < len(q) - 1)
+    points, weight, x = points[inside], weight[inside], x[inside]
+    lo_q = np.floor(x).astype(np.int64)
+    f_q = x - lo_q
+    res = model.resolution
+    sig_grid = res.sigma(np.linspace(0, res.e_max, 64))
+    sig_min, sig_max = float(np.min(sig_grid)), float(np.max(sig_grid))
+    step = max(sig_min / 10.0, 1e-3)
+    top = float(np.abs(energies).max()) + 8.0 * sig_max + 1.0
+    n_half = math.ceil(top / step)
+    fine = np.asarray(step * np.arange(-n_half, n_half + 1), dtype=np.float64)
+    n_fine = len(fine)
+    hist = np.zeros(len(q) * n_fine)
+    norm = np.bincount(lo_q, weight * (1 - f_q), minlength=len(q))
+    norm += np.bincount(lo_q + 1, weight * f_q, minlength=len(q))
+    n_at = model.crystal.n_atoms
+    rows = max(1, _CHUNK_ELEMENTS // (9 * n_at * n_at))
+    for start in range(0, len(points), rows):
+        sl = slice(start, start + rows)
+        e_mode, sf = model.structure_factors(points[sl])  # (n, n_m)
+        n = bose_occupation(e_mode, model.temperature)
+        keep = (sf > 0) & (e_mode < top)
+        n_m = e_mode.shape[1]
+        w = np.repeat(weight[sl], n_m).reshape(e_mode.shape)
+        node = np.repeat(lo_q[sl], n_m).reshape(e_mode.shape)
+        frac_q = np.repeat(f_q[sl], n_m).reshape(e_mode.shape)
+        centres = np.concatenate([e_mode[keep], -e_mode[keep]])
+        amp = np.concatenate([(w * sf * (n + 1.0))[keep], (w * sf * n)[keep]])
+        nodes = np.concatenate([node[keep], node[keep]])
+        fq = np.concatenate([frac_q[keep], frac_q[keep]])
+        xe = (centres - fine[0]) / step
+        lo = np.clip(np.floor(xe).astype(np.int64), 0, n_fine - 2)
+        fe = np.clip(xe - lo, 0.0, 1.0)
+        for dq, wq in ((0, 1.0 - fq), (1, fq)):
+            base = (nodes + dq) * n_fine
+            hist += np.bincount(base + lo, amp * wq * (1 - fe), minlength=hist.size)
+            hist += np.bincount(base + lo + 1, amp * wq * fe, minlength=hist.size)
+    table = hist.reshape(len(q), n_fine) / np.where(norm > 0, norm, 1.0)[:, None]
+    used = np.nonzero(table.any(axis=0))[0]
+    if len(used) == 0:
+        return np.zeros((len(q), len(energies)))
+    kernel = _broadening_matrix(model, energies, fine[used])
+    out: NDArray[np.float64] = table[:, used] @ kernel
     return out

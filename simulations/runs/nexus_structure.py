@@ -24,7 +24,8 @@ it back; the mapping is in ``docs/nexus_structure.md``):
   without 2 pi), ``orientation_matrix`` (U), ``temperature`` (K), the project's
   ``steer_material`` (the shipped material whose set-up the fold uses), ``depends_on``
   the goniometer: ``transformations/omega``, an NXlog rotation about +y whose value is the
-  f144 omega stream, and ``omega_setpoint`` (NXlog, f144) beside it;
+  f144 omega stream, and ``omega_setpoint`` (NXlog, f144) beside it; a **powder** sample
+  has ``physical_form`` = ``powder`` and neither UB, orientation nor goniometer;
 * ``/entry/instrument/<name>`` (NXmonitor) with an ev44 stream per monitor, when given.
 
 Size. Numbers are written with Python's shortest round-trip ``repr`` (so they read back
@@ -46,12 +47,15 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import gcd
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from simulations.exceptions import InstrumentError
 from simulations.instrument.spectrometer import Instrument, Orientation, busing_levy_b
+
+if TYPE_CHECKING:
+    from simulations.lattice.crystals import Crystal
 
 __all__ = [
     "STREAM_LAYOUTS",
@@ -237,12 +241,13 @@ def reduced_formula(species: Sequence[str]) -> str:
 def nexus_structure(
     *,
     instrument: Instrument,
-    orientation: Orientation,
+    orientation: Orientation | None,
     material: str,
     ei: float,
     temperature: float,
     streams: StreamNames,
     run_id: str = "",
+    crystal: Crystal | None = None,
 ) -> dict[str, Any]:
     """The ``nexus_structure`` of a simulated run (the layout in the module docstring).
 
@@ -251,7 +256,8 @@ def nexus_structure(
     instrument
         The spectrometer: pixel ids, positions (n_pix, 3) m, solid angles (n_pix,) sr, L1 m.
     orientation
-        The crystal and its UB (1/Angstrom without 2 pi) at omega = 0.
+        The crystal and its UB (1/Angstrom without 2 pi) at omega = 0; None for a powder
+        sample (then ``crystal`` names the crystal).
     material
         The project's material name (``"Ge"``...), written as ``/entry/sample/steer_material``.
     ei
@@ -274,13 +280,15 @@ def nexus_structure(
             f"cannot describe a run with Ei = {ei} meV, L1 = {instrument.l1} m or non-finite "
             "pixel positions: fix the instrument or the plan"
         )
-    crystal = orientation.crystal
+    if orientation is not None:
+        crystal = orientation.crystal
+    elif crystal is None:
+        raise InstrumentError("a powder sample's nexus_structure needs its crystal")
     lat = crystal.conventional_lattice
-    meta = orientation.to_metadata()
+    meta = Orientation.from_vectors(crystal, (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)).to_metadata()
     det_t = "/entry/instrument/detector/transformations/position"
     mod_t = "/entry/instrument/moderator/transformations/position"
     omega_t = "/entry/sample/transformations/omega"
-    u_matrix = orientation.ub @ np.linalg.inv(busing_levy_b(lat))
     detector = _group(
         "detector",
         "NXdetector",
@@ -401,24 +409,33 @@ def nexus_structure(
             _dataset("space_group", crystal.spacegroup),
             _dataset("unit_cell_abc", np.linalg.norm(lat, axis=1), "angstrom"),
             _dataset("unit_cell_alphabetagamma", meta["lattice_angles_deg"], "deg"),
-            _dataset("ub_matrix", orientation.ub, "1/angstrom"),
-            _dataset("orientation_matrix", u_matrix),
             _dataset("temperature", float(temperature), "K"),
-            _dataset("depends_on", omega_t),
-            _group("transformations", "NXtransformations", [omega_log]),
-            _group(
-                "omega_setpoint",
-                "NXlog",
-                [
-                    _stream(
-                        "f144",
-                        streams.motion_topic,
-                        streams.omega_setpoint_source,
-                        dtype="double",
-                        value_units="deg",
-                    )
-                ],
-                units="deg",
+            *(
+                [_dataset("physical_form", "powder")]
+                if orientation is None
+                else [
+                    _dataset("physical_form", "single crystal"),
+                    _dataset("ub_matrix", orientation.ub, "1/angstrom"),
+                    _dataset(
+                        "orientation_matrix", orientation.ub @ np.linalg.inv(busing_levy_b(lat))
+                    ),
+                    _dataset("depends_on", omega_t),
+                    _group("transformations", "NXtransformations", [omega_log]),
+                    _group(
+                        "omega_setpoint",
+                        "NXlog",
+                        [
+                            _stream(
+                                "f144",
+                                streams.motion_topic,
+                                streams.omega_setpoint_source,
+                                dtype="double",
+                                value_units="deg",
+                            )
+                        ],
+                        units="deg",
+                    ),
+                ]
             ),
         ],
     )

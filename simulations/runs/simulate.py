@@ -21,6 +21,12 @@ topic of an instrument prefix (default ``arcs``):
 Events are also produced while the goniometer moves (drawn from the target orientation's
 spectrum: a consumer is expected to drop them). Every other message's key is the run id.
 
+A **powder** run (:attr:`RunPlan.powder`) has no goniometer: the sample sees every
+direction at once (:class:`~simulations.instrument.events.PowderSimulator`), each counting
+step is a bluesky Event without omega (plan ``steer_powder_count``), no omega stream is
+published, and the run start says ``sample_kind: "powder"`` (metadata) and
+``physical_form: powder`` without a UB or goniometer (``nexus_structure``).
+
 The pl72 ``metadata`` JSON carries everything a consumer needs to derive its own grid:
 ``material``, ``crystal`` (space group, conventional lattice), ``orientation`` (lattice
 parameters, u, v, UB), ``ei_meV``, ``temperature_K``, ``instrument`` (geometry),
@@ -56,7 +62,7 @@ from tqdm import tqdm
 
 from simulations.exceptions import InstrumentError
 from simulations.fcdb.reference import resolve_fc
-from simulations.instrument.events import OrientationSimulator
+from simulations.instrument.events import OrientationSimulator, PowderSimulator
 from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
 from simulations.jsonutil import json_default
 from simulations.lattice.backgrounds import Backgrounds
@@ -234,6 +240,10 @@ class RunPlan:
         Pixels per super-pixel along a tube of a regular detector or of an instrument
         definition whose tubes have equal lengths (S(Q, E) is evaluated at each
         super-pixel's centre; 1: every pixel; a pixel table is never grouped).
+    powder
+        A powder sample: no goniometer, every step counts at omega 0 (``omegas`` gives
+        the number of steps and must hold one angle repeated), events drawn from the
+        spherical average S(|Q|, E).
     monitors
         Publish the beam monitors' events (:data:`SIMULATED_MONITORS`: Poisson counts
         proportional to each pulse's proton charge, on the layout's monitor topic) and name
@@ -273,6 +283,7 @@ class RunPlan:
     max_orientations: int = MAX_ORIENTATIONS
     max_events_per_orientation: float = MAX_EVENTS_PER_ORIENTATION
     monitors: bool = False
+    powder: bool = False
     prefix: str = "arcs"
     run_id: str | None = None
     start_time_ns: int = DEFAULT_START_NS
@@ -308,6 +319,11 @@ class RunPlan:
             raise InstrumentError("pulses_per_message must be >= 1")
         if len(self.omegas) == 0:
             raise InstrumentError("a run needs at least one orientation")
+        if self.powder and len(set(self.omegas)) > 1:
+            raise InstrumentError(
+                "a powder run has no goniometer: its steps are counts at one position, "
+                "not a list of angles (give the number of steps)"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -483,7 +499,7 @@ def simulate_run(
     omegas = instrument.check_omegas(np.asarray(plan.omegas, dtype=float))
     ei = float(plan.ei if plan.ei is not None else ms.defaults.ei)
     e_top = float(ms.grid.energy_edges[-1])
-    if 0.95 * ei < e_top:  # events are simulated up to 0.95 Ei
+    if not plan.powder and 0.95 * ei < e_top:  # events are simulated up to 0.95 Ei
         raise InstrumentError(
             f"Ei = {ei:g} meV is too small for {plan.material}'s energy window up to "
             f"{e_top:g} meV; choose Ei >= {e_top / 0.95:.1f} meV"
@@ -495,17 +511,27 @@ def simulate_run(
         temperature=plan.temperature,
         resolution=instrument.resolution(ei),
     )
-    orientation = Orientation.from_vectors(ms.crystal, plan.u, plan.v)
     reach = plan.backgrounds.multiphonon or plan.backgrounds.can
-    sim = OrientationSimulator(
-        model,
-        instrument,
-        orientation,
-        ei,
-        mesh=plan.mesh,
-        group_rows=plan.group_rows,
-        e_top=0.95 * ei if reach else None,
-    )
+    sim: OrientationSimulator
+    if plan.powder:
+        sim = PowderSimulator(
+            model,
+            instrument,
+            ei,
+            mesh=plan.mesh,
+            group_rows=plan.group_rows,
+            e_top=0.95 * ei if reach else None,
+        )
+    else:
+        sim = OrientationSimulator(
+            model,
+            instrument,
+            Orientation.from_vectors(ms.crystal, plan.u, plan.v),
+            ei,
+            mesh=plan.mesh,
+            group_rows=plan.group_rows,
+            e_top=0.95 * ei if reach else None,
+        )
     rng = np.random.default_rng(plan.seed)
     run_id = plan.run_id or f"sim-{ms.crystal.name}-{plan.seed}"
     try:
@@ -627,21 +653,29 @@ def _run_metadata(
     }
     if clock.streams.monitors:
         topics["monitor"] = clock.streams.monitor_topic
+    mounting: dict[str, object]
+    if plan.powder:
+        mounting = {"sample_kind": "powder", "steps": len(omegas)}
+    else:
+        mounting = {
+            "sample_kind": "single_crystal",
+            "orientation": sim.orientation.to_metadata(),
+            "goniometer": {
+                "source_name": clock.streams.omega_source,
+                "topic": clock.t_motion,
+                "axis": [0.0, 1.0, 0.0],
+                "units": "deg",
+            },
+            "planned_omegas_deg": [float(w) for w in omegas],
+        }
     return {
         "run_id": run_id,
         "material": plan.material,
         "crystal": ms.crystal.summary(),
-        "orientation": sim.orientation.to_metadata(),
         "ei_meV": sim.ei,
         "temperature_K": plan.temperature,
         "instrument": sim.instrument.to_metadata(),
-        "goniometer": {
-            "source_name": clock.streams.omega_source,
-            "topic": clock.t_motion,
-            "axis": [0.0, 1.0, 0.0],
-            "units": "deg",
-        },
-        "planned_omegas_deg": [float(w) for w in omegas],
+        **mounting,
         "count_time_s": plan.count_time,
         "pulse_rate_Hz": plan.pulse_rate,
         "proton_charge_units": "uC",
@@ -698,14 +732,18 @@ class _Documents:
         self, plan: RunPlan, metadata: dict[str, object], n_points: int, t_ns: int
     ) -> None:
         self._run_uid = uuid.uuid5(uuid.NAMESPACE_URL, f"steer-simulated-run:{plan!r}")
+        data_keys = copy.deepcopy(_DATA_KEYS)
+        if plan.powder:  # no goniometer
+            del data_keys["omega"], data_keys["omega_setpoint"]
         self.bundle = event_model.compose_run(
             uid=self.uid("start"),
             time=t_ns / 1e9,
             metadata={
-                "plan_name": "steer_rotation_scan",
+                "plan_name": "steer_powder_count" if plan.powder else "steer_rotation_scan",
+                "sample_kind": "powder" if plan.powder else "single_crystal",
                 "run_id": metadata["run_id"],
                 "material": plan.material,
-                "motors": ["omega"],
+                "motors": [] if plan.powder else ["omega"],
                 "num_points": n_points,
                 "ei_meV": metadata["ei_meV"],
                 "temperature_K": plan.temperature,
@@ -714,8 +752,8 @@ class _Documents:
         )
         self.desc = self.bundle.compose_descriptor(
             name="primary",
-            data_keys=copy.deepcopy(_DATA_KEYS),
-            hints={"omega": {"fields": ["omega"]}},
+            data_keys=data_keys,
+            hints={} if plan.powder else {"omega": {"fields": ["omega"]}},
             time=t_ns / 1e9,
             uid=self.uid("descriptor"),
         )
@@ -782,7 +820,8 @@ def _messages(
         nexus_structure=encode(
             nexus_structure(
                 instrument=sim.instrument,
-                orientation=sim.orientation,
+                orientation=None if plan.powder else sim.orientation,
+                crystal=sim.model.crystal,
                 material=plan.material,
                 ei=sim.ei,
                 temperature=plan.temperature,
@@ -794,8 +833,11 @@ def _messages(
     yield [
         clock.msg(clock.t_run_info, t, pl72, "pl72"),
         clock.bluesky("start", dict(docs.bundle.start_doc), t),
-        clock.f144("omega_setpoint", omegas[0], t),
-        clock.f144("omega", omegas[0], t),
+        *(
+            []
+            if plan.powder
+            else [clock.f144("omega_setpoint", omegas[0], t), clock.f144("omega", omegas[0], t)]
+        ),
         clock.bluesky("descriptor", dict(docs.desc.descriptor_doc), t),
     ]
     t += beam.period_ns
@@ -805,7 +847,7 @@ def _messages(
         cached = cache.pop(float(target), None)
         expected = cached if cached is not None else _expected(sim, float(target))
         batch: list[RecordedMessage] = []
-        if k > 0 or abs(target - current) > 0:
+        if not plan.powder and (k > 0 or abs(target - current) > 0):
             t = beam.move(batch, expected, scale, background, current, float(target), t)
         current = float(target)
         t = beam.count(batch, docs, k + 1, expected, scale, background, current, t)
@@ -886,15 +928,17 @@ class _Beam:
         count_start = t
         msgs, n_ev, charge = self.pulses(expected, scale, background, n_pulses, t)
         batch += msgs
-        readbacks = omega + 0.002 * self.rng.standard_normal(max(1, int(plan.count_time)))
-        for i, value in enumerate(readbacks):
-            batch.append(clock.f144("omega", value, t + i * 10**9))
+        position: dict[str, object] = {}
+        if not plan.powder:  # a powder sample has no goniometer to read back
+            readbacks = omega + 0.002 * self.rng.standard_normal(max(1, int(plan.count_time)))
+            for i, value in enumerate(readbacks):
+                batch.append(clock.f144("omega", value, t + i * 10**9))
+            position = {"omega": float(np.mean(readbacks)), "omega_setpoint": omega}
         t += n_pulses * self.period_ns
         count_stop = t
         batch.sort(key=lambda m: m.timestamp_ns)
         data: dict[str, object] = {
-            "omega": float(np.mean(readbacks)),
-            "omega_setpoint": omega,
+            **position,
             "count_start": count_start / 1e9,
             "count_stop": count_stop / 1e9,
             # exact pulse-time edges: float seconds near 1.8e9 s resolve only ~240 ns

@@ -35,8 +35,9 @@ def finite_list(a: np.ndarray) -> list[Any]:
 def spectrum_json(
     run_id: str, snap: Snapshot, grid: dict[str, Any], *, orientation: int | None = None
 ) -> dict[str, Any]:
-    """The JSON answer: (n_q, n_E) intensity (null where unmeasured), mask, energies (meV)."""
-    out = {
+    """The JSON answer: (n_q, n_E) intensity (null where unmeasured), mask, energies (meV);
+    a powder run's has ``sample_kind`` powder and its |Q| bin edges (1/Angstrom)."""
+    out: dict[str, Any] = {
         "run_id": run_id,
         "n_orientations": int(snap.n_orientations),
         "units": "1/(uC sr meV)",
@@ -45,6 +46,9 @@ def spectrum_json(
         "intensity": finite_list(snap.intensity),
         "mask": snap.mask.tolist(),
     }
+    if grid.get("q_edges") is not None:
+        out["sample_kind"] = "powder"
+        out["q_edges_inv_angstrom"] = grid["q_edges"]
     if orientation is not None:
         out["orientation"] = orientation
     return out
@@ -60,9 +64,13 @@ def snapshot_from_export(path: Path) -> tuple[Snapshot, dict[str, Any]]:
         counts = np.asarray(data["counts"][()], float)
         exposure = np.asarray(data["exposure"][()], float)
         edges = np.asarray(e["grid/energy_edges"][()], float)
+        q_edges = e["grid/q_edges"][()].tolist() if "q_edges" in e["grid"] else None
         n = len(e["orientations/omega"][()]) if "orientations" in e else 0
     snap = Snapshot.of(counts, exposure, n)
-    return snap, {"energy": (0.5 * (edges[1:] + edges[:-1])).tolist()}
+    grid: dict[str, Any] = {"energy": (0.5 * (edges[1:] + edges[:-1])).tolist()}
+    if q_edges is not None:
+        grid["q_edges"] = q_edges
+    return snap, grid
 
 
 def spectrum_png(snap: Snapshot, grid: dict[str, Any], run_id: str) -> bytes:
@@ -74,15 +82,18 @@ def spectrum_png(snap: Snapshot, grid: dict[str, Any], run_id: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     energy = grid.get("energy")
+    q_edges = grid.get("q_edges")
     extent = None
     if energy:
-        extent = (0, snap.intensity.shape[0], energy[0], energy[-1])
+        q_lo, q_hi = (q_edges[0], q_edges[-1]) if q_edges else (0, snap.intensity.shape[0])
+        extent = (q_lo, q_hi, energy[0], energy[-1])
     img = np.ma.masked_invalid(snap.intensity.T)
     m = ax.imshow(img, origin="lower", aspect="auto", extent=extent, cmap="viridis")
     fig.colorbar(m, ax=ax, label="I (1/(uC sr meV))")
-    ax.set_xlabel("q-path index")
+    ax.set_xlabel("|Q| (1/Å)" if q_edges else "q-path index")
     ax.set_ylabel("E (meV)")
-    ax.set_title(f"{run_id}: {snap.n_orientations} orientations")
+    steps = "steps" if q_edges else "orientations"
+    ax.set_title(f"{run_id}: {snap.n_orientations} {steps}")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)

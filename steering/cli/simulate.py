@@ -343,10 +343,28 @@ def simulate_run_cmd(
             help="With the can: Al atoms in the beam per sample atom.",
         ),
     ] = 0.2,
+    powder: Annotated[
+        bool,
+        typer.Option(
+            "--powder",
+            help="A powder sample: no goniometer, --steps counts of --count-time at one "
+            "position, events from the spherical average S(|Q|, E); the run start says "
+            "sample_kind powder (fold and consume detect it).",
+        ),
+    ] = False,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            min=1,
+            help="With --powder: counting steps (bluesky Events), default 30.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Simulate a rotation run: pl72/f144/ev44/6s4t messages and bluesky documents."""
+    """Simulate a rotation run (or, with --powder, a powder run): pl72/f144/ev44/6s4t
+    messages and bluesky documents."""
     from dataclasses import replace
 
     from simulations.instrument.spectrometer import Instrument
@@ -354,6 +372,21 @@ def simulate_run_cmd(
     from simulations.runs.simulate import RunPlan, parse_omegas, simulate_run
 
     components = replace(Backgrounds.parse(backgrounds), can_atoms=can_atoms)
+    if powder and omegas != "0:120:1":
+        raise SteeringError(
+            "--omegas are a rotation run's angles; a powder run has no goniometer: give --steps"
+        )
+    if steps is not None and not powder:
+        raise SteeringError("--steps counts a powder run's steps: add --powder")
+    if powder and steps is not None and steps > max_orientations:
+        raise SteeringError(
+            f"a run has at most {max_orientations} steps (--max-orientations), got {steps}"
+        )
+    angles = (
+        (0.0,) * (30 if steps is None else steps)
+        if powder
+        else tuple(float(w) for w in parse_omegas(omegas, max_count=max_orientations))
+    )
 
     if pixel_table is not None and instrument_file is not None:
         raise SteeringError(
@@ -368,7 +401,8 @@ def simulate_run_cmd(
     plan = RunPlan(
         material=material,
         fc=fc,
-        omegas=tuple(float(w) for w in parse_omegas(omegas, max_count=max_orientations)),
+        omegas=angles,
+        powder=powder,
         events_per_orientation=events,
         max_orientations=max_orientations,
         max_events_per_orientation=max_events,

@@ -120,3 +120,35 @@ def test_super_pixels_against_single_pixels(ge) -> None:  # type: ignore[no-unty
     # integrated over energy, per super-pixel
     per_group = np.abs(a.sum(1) - b.sum(1)) / b.sum(1)
     assert np.median(per_group) < 0.02
+
+
+def test_powder_simulator_is_the_orientation_average_of_the_single_crystal() -> None:
+    """A powder's expected counts equal those of the same crystal averaged over random
+    orientations (48 here), |Q| band by band within 4 %: the two share units and
+    kinematics, and the powder average is the orientation average."""
+    from simulations.fcdb.reference import resolve_fc
+    from simulations.instrument.events import OrientationSimulator, PowderSimulator
+    from simulations.instrument.spectrometer import Instrument, Orientation
+    from simulations.lattice.materials import setup
+    from simulations.lattice.sqe import CoherentSQE
+
+    ms = setup("Al")
+    ins = Instrument.arcs_like()
+    _, c = resolve_fc("Al", "mlff_mean", ms)
+    model = CoherentSQE(ms.basis, c, temperature=300.0, resolution=ins.resolution(50.0))
+    powder = PowderSimulator(model, ins, 50.0, group_rows=16)
+    lam = powder.expected()
+    np.testing.assert_array_equal(powder.expected(37.0), lam)  # no goniometer
+    rng = np.random.default_rng(1)
+    mean = np.zeros_like(lam)
+    for _ in range(16):
+        mount = Orientation.from_vectors(
+            ms.crystal, tuple(rng.normal(size=3)), tuple(rng.normal(size=3))
+        )
+        sim = OrientationSimulator(model, ins, mount, 50.0, group_rows=16, table=powder.table)
+        for w in rng.uniform(0.0, 360.0, 3):
+            mean += sim.expected(float(w)) / 48
+    q = powder.q_magnitude()
+    for lo, hi in ((1.0, 3.0), (3.0, 5.0), (5.0, 7.0), (7.0, 9.0)):
+        band = (q >= lo) & (q < hi)
+        assert lam[band].sum() / mean[band].sum() == pytest.approx(1.0, abs=0.04)

@@ -77,6 +77,9 @@ def test_simulate_sqe_draws_a_slice(tmp_path: Path) -> None:
         (["simulate", "run", "--pixel-table", "a.csv", "--instrument", "b.xml"], "one of them"),
         (["simulate", "run", "--instrument", "absent.xml"], "cannot read instrument definition"),
         (["simulate", "sqe", "--omega", "720"], "outside the goniometer limits"),
+        (["simulate", "run", "--powder", "--omegas", "0:5:1"], "give --steps"),
+        (["simulate", "run", "--steps", "4"], "add --powder"),
+        (["simulate", "run", "--powder", "--steps", "5000"], "at most 3600 steps"),
     ],
 )
 def test_simulate_errors_are_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -118,3 +121,37 @@ def test_replay_speed_must_be_a_number(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "'abc' is not a speed" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_simulate_powder_run_then_fold_detects_the_powder(tmp_path: Path) -> None:
+    """`steer simulate run --powder` then `steer fold`: the run start says powder, and the
+    fold makes S(|Q|, E) on the powder grid without being told."""
+    out = tmp_path / "al.steer"
+    proc = steer(
+        "simulate", "run", "--material", "Al", "--powder", "--ei", "50", "--steps", "2",
+        "--count-time", "2", "--events-per-orientation", "50000", "--temperature", "300",
+        "--phonon-mesh", "16", "--out", str(out), "--quiet", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["orientations"] == 2
+    with RunReader(out) as reader:
+        assert not any(dict(m.headers).get("schema") == b"f144" and b"omega" in m.payload
+                       for m in reader)  # fmt: skip
+    h5 = tmp_path / "al.h5"
+    proc = steer("fold", str(out), "--out", str(h5), "--check", "--json")
+    assert proc.returncode == 0, proc.stderr
+    folded = json.loads(proc.stdout)
+    assert folded["orientations"] == 2
+    assert folded["segmentation"] == "bluesky"
+    assert folded["dropped_by_reason"]["moving"] == 0
+    # the comparison with the one-phonon powder average (its quality: test_powder_fold.py)
+    assert set(folded["powder_check"]) == {
+        "chi2_per_bin", "pearson", "median_relative_deviation", "bins_compared",
+    }  # fmt: skip
+    assert folded["powder_check"]["bins_compared"] > 0
+    import h5py
+
+    with h5py.File(h5, "r") as f:
+        assert f["entry"].attrs["sample_kind"] == "powder"
+        assert f["entry/iqe/intensity"].shape == (200, 90)
