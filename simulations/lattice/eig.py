@@ -9,6 +9,10 @@ F_k(q) + F_fixed(q)``: :func:`spectra_table` builds each lower triangle from the
 coefficients, diagonalises it and broadens the mode energies by table interpolation in one
 single-threaded pass per set, with nothing between the steps in memory but one spectrum's
 mode energies. Results are checked against ``eigvalsh`` and exact broadening in the tests.
+
+:func:`eigh_small` gives eigenvectors too (cyclic Jacobi rotations; ~0.3 us for a 3x3
+matrix against ~1 us for LAPACK through numpy or torch), for the powder forward model
+(:mod:`simulations.lattice.powder_forward`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "broaden_table",
+    "eigh_small",
     "eigvalsh_affine",
     "eigvalsh_small",
     "pack_lower",
@@ -421,3 +426,115 @@ def broaden_table(
     profile, slope, start, step = table
     e = np.ascontiguousarray(energy, dtype=np.float64)
     _broaden_many(e, profile, slope, start, float(step), out)
+
+
+@njit(cache=True, nogil=True)
+def _jacobi_batched(
+    mats: NDArray[np.float64], w: NDArray[np.float64], v: NDArray[np.float64]
+) -> None:
+    """Eigenpairs of the symmetric parts of ``mats`` (n_mat, n, n) by cyclic Jacobi rotations
+    into ``w`` (n_mat, n) ascending and ``v`` (n_mat, n, n) (columns)."""
+    n_mat, n, _ = mats.shape
+    a = np.empty((n, n))
+    z = np.empty((n, n))
+    d = np.empty(n)
+    for b in range(n_mat):
+        norm = 0.0
+        for i in range(n):
+            for j in range(n):
+                a[i, j] = 0.5 * (mats[b, i, j] + mats[b, j, i])
+                z[i, j] = 0.0
+                norm += a[i, j] * a[i, j]
+            z[i, i] = 1.0
+        for _sweep in range(60):  # converges quadratically: a handful of sweeps
+            off = 0.0
+            for p in range(n):
+                for q in range(p + 1, n):
+                    off += a[p, q] * a[p, q]
+            if off <= 1e-32 * norm:
+                break
+            for p in range(n):
+                for q in range(p + 1, n):
+                    apq = a[p, q]
+                    if apq * apq <= 1e-36 * norm:
+                        continue
+                    theta = (a[q, q] - a[p, p]) / (2.0 * apq)
+                    t = 1.0 / (abs(theta) + np.sqrt(theta * theta + 1.0))
+                    if theta < 0.0:
+                        t = -t
+                    c = 1.0 / np.sqrt(t * t + 1.0)
+                    s = t * c
+                    a[p, p] -= t * apq
+                    a[q, q] += t * apq
+                    a[p, q] = 0.0
+                    a[q, p] = 0.0
+                    for r in range(n):
+                        if r != p and r != q:
+                            arp = a[r, p]
+                            arq = a[r, q]
+                            a[r, p] = c * arp - s * arq
+                            a[p, r] = a[r, p]
+                            a[r, q] = s * arp + c * arq
+                            a[q, r] = a[r, q]
+                        zrp = z[r, p]
+                        zrq = z[r, q]
+                        z[r, p] = c * zrp - s * zrq
+                        z[r, q] = s * zrp + c * zrq
+        for i in range(n):
+            d[i] = a[i, i]
+        for i in range(n):  # selection sort, ascending, columns of z with their values
+            k = i
+            for j in range(i + 1, n):
+                if d[j] < d[k]:
+                    k = j
+            w[b, i] = d[k]
+            for r in range(n):
+                v[b, r, i] = z[r, k]
+            if k != i:
+                d[k] = d[i]
+                for r in range(n):
+                    z[r, k] = z[r, i]
+
+
+def eigh_small(
+    mats: NDArray[np.floating], workers: int = 1
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Eigenvalues and eigenvectors of small real symmetric matrices (cyclic Jacobi).
+
+    Parameters
+    ----------
+    mats
+        (..., n, n) real; their symmetric parts are diagonalised.
+    workers
+        Threads, each taking a contiguous share of the matrices (the kernel runs without
+        the GIL).
+
+    Returns
+    -------
+    ``(w (..., n) ascending, v (..., n, n) float64)`` with eigenvectors in the columns of
+    ``v``, as ``numpy.linalg.eigh``. Eigenvalues to ~1e-15 of the matrix norm.
+    """
+    arr = np.ascontiguousarray(mats, dtype=np.float64)
+    shape = arr.shape
+    flat = arr.reshape(-1, shape[-1], shape[-1])
+    w = np.empty(flat.shape[:2])
+    v = np.empty_like(flat)
+    n_mat = flat.shape[0]
+    if workers <= 1 or n_mat < 2048:
+        _jacobi_batched(flat, w, v)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        bounds = np.linspace(0, n_mat, workers + 1).astype(int)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(
+                pool.map(
+                    lambda k: _jacobi_batched(
+                        flat[bounds[k] : bounds[k + 1]],
+                        w[bounds[k] : bounds[k + 1]],
+                        v[bounds[k] : bounds[k + 1]],
+                    ),
+                    range(workers),
+                )
+            )
+    return w.reshape(shape[:-1]), v.reshape(shape)
