@@ -20,9 +20,10 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
+from simulations.lattice.crystals import Crystal
 from simulations.lattice.sqe import CoherentSQE, bose_occupation
 
-__all__ = ["powder_shells", "powder_spectrum"]
+__all__ = ["powder_shells", "powder_spectrum", "shell_nodes", "shell_points"]
 
 #: Elements of the eigenvector arrays of one batch of |Q| points (~64 MB complex).
 _CHUNK_ELEMENTS = 4_000_000
@@ -111,16 +112,22 @@ def powder_spectrum(
     return out
 
 
-def _shell_points(
-    model: CoherentSQE, q_top: float, mesh: int
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Points Q = q + G (r.l.u., (n, 3)) with |Q| < ``q_top`` (1/Angstrom) for the
-    irreducible q of a Gamma-centred ``mesh``^3 and every G, and their weights (n,) (the
-    star size of their q): a sum over them equals the sum over the whole mesh and every G
-    of any function of Q that the point group (with time reversal) leaves unchanged."""
+def shell_points(
+    crystal: Crystal, q_top: float, mesh: int
+) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
+    """The points Q = q + G of a powder shell average: every irreducible q of a
+    Gamma-centred ``mesh``^3 and every reciprocal-lattice vector G with |Q| < ``q_top``
+    (1/Angstrom).
+
+    Returns ``(q_irr, q_index, points, weight)``: q_irr (n_irr, 3) r.l.u.; for each point
+    its q (q_index (n,) rows of q_irr), Q (points (n, 3) r.l.u.; ``points - q_irr[q_index]``
+    is an integer G) and weight (n,) the star size of its q. A sum over them equals the sum
+    over the whole mesh and every G of any function of Q that the point group (with time
+    reversal) leaves unchanged: the star of q with every G is the set of Rq + G, and
+    ``f(Rq + G) = f(q + R^-1 G)`` with R^-1 G running over every G.
+    """
     import spglib
 
-    crystal = model.crystal
     mapping, grid = spglib.get_ir_reciprocal_mesh(
         [mesh] * 3, crystal.spglib_cell(), is_shift=[0, 0, 0]
     )
@@ -133,10 +140,29 @@ def _shell_points(
     axes = [np.arange(-int(n), int(n) + 1) for n in n_max]
     g = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3).astype(float)
     g = g[np.linalg.norm(g @ rec, axis=1) < q_top + q_reach]
-    big_q = (q_irr[:, None, :] + g[None, :, :]).reshape(-1, 3)
+    q_index = np.repeat(np.arange(len(q_irr)), len(g))
+    points = (q_irr[:, None, :] + g[None, :, :]).reshape(-1, 3)
     weight = np.repeat(star.astype(float), len(g))
-    keep = np.linalg.norm(big_q @ rec, axis=1) < q_top
-    return big_q[keep], weight[keep]
+    keep = np.linalg.norm(points @ rec, axis=1) < q_top
+    return q_irr, q_index[keep], points[keep], weight[keep]
+
+
+def shell_nodes(
+    q_abs: NDArray[np.float64], q: NDArray[np.float64]
+) -> tuple[NDArray[np.bool_], NDArray[np.int64], NDArray[np.float64]]:
+    """How points at |Q| = ``q_abs`` are shared between uniformly spaced |Q| nodes ``q``:
+    ``(inside, lower, frac)``: the points between the first and last node, each one's
+    lower node and its fractional distance from it (weights 1 - frac and frac)."""
+    q = np.asarray(q, dtype=float)
+    if q.ndim != 1 or len(q) < 2 or not np.all(np.diff(q) > 0):
+        raise ValueError("a shell average needs >= 2 increasing |Q| nodes")
+    step = float(q[1] - q[0])
+    if not np.allclose(np.diff(q), step, rtol=1e-6):
+        raise ValueError("a shell average needs uniformly spaced |Q| nodes")
+    x = (np.asarray(q_abs, dtype=float) - q[0]) / step
+    inside = (x >= 0) & (x < len(q) - 1)
+    lower = np.floor(x[inside]).astype(np.int64)
+    return inside, lower, x[inside] - lower
 
 
 def powder_shells(
@@ -150,7 +176,7 @@ def powder_shells(
     uniformly spaced, increasing), mbarn/meV per atom, on ``energies`` (meV).
 
     Every point Q = q + G of a Gamma-centred ``mesh``^3 of the reciprocal cell and every
-    reciprocal-lattice vector G (:func:`_shell_points`: the irreducible q, weighted by their
+    reciprocal-lattice vector G (:func:`shell_points`: the irreducible q, weighted by their
     stars) is shared between its two nearest |Q| nodes (weights 1 - f and f, f its
     fractional distance from the lower node); a node's S is the weighted mean of its
     points', so that each node averages the points within one node spacing of it. Mode
@@ -162,18 +188,10 @@ def powder_shells(
     """
     q = np.asarray(q, dtype=float)
     energies = np.asarray(energies, dtype=float)
-    if q.ndim != 1 or len(q) < 2 or not np.all(np.diff(q) > 0):
-        raise ValueError("powder_shells needs >= 2 increasing |Q| nodes")
-    step_q = float(q[1] - q[0])
-    if not np.allclose(np.diff(q), step_q, rtol=1e-6):
-        raise ValueError("powder_shells needs uniformly spaced |Q| nodes")
-    points, weight = _shell_points(model, float(q[-1]) + step_q, mesh)
-    q_abs = np.linalg.norm(model.cartesian(points), axis=1)
-    x = (q_abs - q[0]) / step_q
-    inside = (x >= 0) & (x < len(q) - 1)
-    points, weight, x = points[inside], weight[inside], x[inside]
-    lo_q = np.floor(x).astype(np.int64)
-    f_q = x - lo_q
+    step_q = float(q[1] - q[0]) if len(q) > 1 else 0.0
+    _, _, points, weight = shell_points(model.crystal, float(q[-1]) + step_q, mesh)
+    inside, lo_q, f_q = shell_nodes(np.linalg.norm(model.cartesian(points), axis=1), q)
+    points, weight = points[inside], weight[inside]
     res = model.resolution
     sig_grid = res.sigma(np.linspace(0, res.e_max, 64))
     sig_min, sig_max = float(np.min(sig_grid)), float(np.max(sig_grid))

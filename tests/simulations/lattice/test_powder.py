@@ -11,7 +11,7 @@ from simulations.fcdb.reference import resolve_fc
 from simulations.instrument.spectrometer import Instrument
 from simulations.lattice.grid import PowderGrid, make_powder_grid
 from simulations.lattice.materials import setup
-from simulations.lattice.powder import _shell_points, powder_shells, powder_spectrum
+from simulations.lattice.powder import powder_shells, powder_spectrum, shell_points
 from simulations.lattice.sqe import CoherentSQE
 
 
@@ -40,7 +40,7 @@ def test_shell_average_agrees_with_many_sampled_directions(al_300k: CoherentSQE)
 def test_shell_points_weigh_reciprocal_space_uniformly(al_300k: CoherentSQE) -> None:
     """The irreducible q (weighted by their stars) plus every G fill reciprocal space with
     mesh^3 points per reciprocal cell: a shell's weight is its volume in those units."""
-    points, weight = _shell_points(al_300k, 6.0, 16)
+    _, _, points, weight = shell_points(al_300k.crystal, 6.0, 16)
     q_abs = np.linalg.norm(al_300k.cartesian(points), axis=1)
     cell = abs(np.linalg.det(al_300k.crystal.reciprocal_lattice))
     for lo, hi in ((2.0, 3.0), (4.0, 5.0), (5.0, 5.9)):
