@@ -323,6 +323,43 @@ class PowderFolder:
             write_coverage(key, out)
         return out.copy()
 
+    def flat_background(
+        self, *, e_substeps: int = POWDER_E_SUBSTEPS, pixel_stride: int = POWDER_PIXEL_STRIDE
+    ) -> NDArray[np.float64]:
+        """(n_Q, n_E) float: the share of a background flat in time of flight that folds into
+        each bin: events on each pixel in proportion to its solid angle, their flight times
+        uniform between those of final energies 1.5 Ei and 0.05 Ei (as the simulator draws
+        its flat background), so that a pixel's events per meV are
+        ``1 / (2 E_f v_f (1 / v(0.05 Ei) - 1 / v(1.5 Ei)))`` (its flight path cancels).
+        The sum over the grid is the share that lands in it (< 1)."""
+        n_sub = self.grid.n_e * e_substeps
+        de = self._de / e_substeps
+        energies = self._e0 + (np.arange(n_sub) + 0.5) * de
+        e_f = np.maximum(self.ei - energies, 1e-12)
+        v_f = np.asarray(energy_to_speed(e_f), dtype=float)
+        span = 1.0 / float(energy_to_speed(0.05 * self.ei)) - 1.0 / float(
+            energy_to_speed(1.5 * self.ei)
+        )
+        inside = (e_f >= 0.05 * self.ei) & (e_f <= 1.5 * self.ei)
+        per_mev = np.where(inside, 1.0 / (2.0 * e_f * v_f * span), 0.0)
+        pix = np.arange(0, self.instrument.n_pixels, pixel_stride)
+        solid = np.asarray(self.instrument.solid_angles, dtype=float)
+        hist = np.zeros(self.grid.n_q * self.grid.n_e)
+        _powder_coverage_kernel(
+            np.ascontiguousarray(self._cos2t[pix]),
+            np.ascontiguousarray(solid[pix] * pixel_stride / solid.sum()),
+            np.sqrt(e_f / E_PER_K2),
+            per_mev * de,
+            np.arange(n_sub, dtype=np.int64) // e_substeps,
+            self._ki,
+            self._q0,
+            1.0 / self._dq,
+            self.grid.n_q,
+            self.grid.n_e,
+            hist,
+        )
+        return hist.reshape(self.grid.shape)
+
     def on_disk(
         self,
         omega: float = 0.0,
