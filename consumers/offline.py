@@ -246,8 +246,9 @@ def powder_check(
     instrument: Instrument | None = None,
 ) -> dict[str, object]:
     """Compare a folded powder run with the coherent one-phonon powder average of the FC
-    set it was simulated from (:func:`simulations.lattice.powder.powder_shells` at the bin
-    centres, times the exposure, scaled to the counts of the compared bins).
+    set it was simulated from (:func:`simulations.lattice.powder.powder_shells` averaged
+    over each |Q| bin with the run's |Q| resolution, times the exposure, scaled to the
+    counts of the compared bins).
 
     Compared: bins with at least ``min_counts`` counts above the elastic line
     (:func:`~simulations.lattice.backgrounds.elastic_reach`). Returns ``chi2_per_bin``
@@ -263,7 +264,7 @@ def powder_check(
     """
     from simulations.lattice.backgrounds import elastic_reach
     from simulations.lattice.materials import setup
-    from simulations.lattice.powder import powder_shells
+    from simulations.lattice.powder import POWDER_Q_SIGMA, powder_shells
     from simulations.lattice.sqe import CoherentSQE
 
     sim = meta.get("simulation")
@@ -280,7 +281,15 @@ def powder_check(
         resolution=ins.resolution(ei),
     )
     grid = acc.grid
-    s = powder_shells(model, grid.q_centres, grid.energy_centres)  # type: ignore[union-attr]
+    assert isinstance(sim, dict)
+    q_sigma = float(sim.get("powder_q_sigma_inv_angstrom", POWDER_Q_SIGMA))
+    s = powder_shells(
+        model,
+        grid.q_centres,  # type: ignore[union-attr]
+        grid.energy_centres,
+        q_sigma=q_sigma,
+        bins=True,
+    )
     inelastic = grid.energy_centres > elastic_reach(model.resolution)
     mu = s * acc.exposure
     use = (acc.counts >= min_counts) & inelastic[None, :] & (mu > 1e-9 * mu.max())

@@ -43,6 +43,7 @@ from simulations.instrument.spectrometer import Instrument
 from simulations.lattice.backgrounds import IncoherentScattering, elastic_reach
 from simulations.lattice.grid import PowderGrid
 from simulations.lattice.materials import setup
+from simulations.lattice.powder import POWDER_Q_SIGMA
 from simulations.lattice.powder_forward import PowderForwardModel
 from simulations.lattice.sqe import CoherentSQE, mesh_points
 
@@ -75,6 +76,9 @@ class PowderRun:
         Shipped material, Ei (meV), sample temperature (K).
     instrument
         The detector (for the flat background's shape).
+    q_sigma
+        Gaussian |Q| resolution, 1/A (a simulated run's records it; else
+        :data:`~simulations.lattice.powder.POWDER_Q_SIGMA`).
     """
 
     counts: NDArray[np.float64]
@@ -84,6 +88,7 @@ class PowderRun:
     ei: float
     temperature: float
     instrument: Instrument
+    q_sigma: float = POWDER_Q_SIGMA
 
 
 class PowderRefiner:
@@ -100,6 +105,8 @@ class PowderRefiner:
         Values (eV/A^2) of coefficients of the basis held fixed (default: none).
     mesh
         q mesh of the shell average.
+    q_sigma
+        |Q| resolution of the model, 1/A (default: the run's).
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class PowderRefiner:
         shells: int = 2,
         fixed: dict[str, float] | None = None,
         mesh: int = POWDER_FIT_MESH,
+        q_sigma: float | None = None,
     ) -> None:
         if run.counts.shape != run.grid.shape or run.exposure.shape != run.grid.shape:
             raise RefinementError(
@@ -133,6 +141,8 @@ class PowderRefiner:
             run.temperature,
             average="shells",
             mesh=mesh,
+            q_sigma=run.q_sigma if q_sigma is None else q_sigma,
+            bins=True,
             dw_mesh=12,
             free=self.names,
             reference=reference,
@@ -394,6 +404,9 @@ def powder_run_from_file(path: str | Path, *, first: int | None = None) -> Powde
         ei=ei,
         temperature=float(meta.get("temperature_K", 5.0)),
         instrument=instrument,
+        q_sigma=float(
+            (meta.get("simulation") or {}).get("powder_q_sigma_inv_angstrom", POWDER_Q_SIGMA)
+        ),
     )
 
 

@@ -23,7 +23,15 @@ from numpy.typing import NDArray
 from simulations.lattice.crystals import Crystal
 from simulations.lattice.sqe import CoherentSQE, bose_occupation
 
-__all__ = ["powder_shells", "powder_spectrum", "shell_nodes", "shell_points"]
+__all__ = [
+    "POWDER_Q_SIGMA",
+    "SHELL_FINE_STEP",
+    "powder_shells",
+    "powder_spectrum",
+    "q_smoothing",
+    "shell_nodes",
+    "shell_points",
+]
 
 #: Elements of the eigenvector arrays of one batch of |Q| points (~64 MB complex).
 _CHUNK_ELEMENTS = 4_000_000
@@ -165,12 +173,62 @@ def shell_nodes(
     return inside, lower, x[inside] - lower
 
 
+#: Spacing of the fine |Q| nodes of a smoothed shell average (:func:`q_smoothing`), 1/A.
+SHELL_FINE_STEP = 0.01
+#: Gaussian |Q| resolution of the simulated powder runs and of their refinement, 1/A: what
+#: pixel size, sample size and beam divergence give a direct-geometry spectrometer at
+#: Ei ~ 50 meV (an angular width of ~0.5 deg at k ~ 5 1/A).
+POWDER_Q_SIGMA = 0.04
+
+
+def q_smoothing(
+    q: NDArray[np.float64], q_sigma: float = 0.0, bins: bool = False
+) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
+    """The |Q| nodes a shell average collects its points on, and how they make the
+    values at ``q`` (uniformly spaced, 1/Angstrom).
+
+    Returns ``(nodes, weights)``: with no resolution (``q_sigma`` 0) and point values,
+    the nodes are ``q`` and ``weights`` None (each value is its node's tent average).
+    Otherwise nodes :data:`SHELL_FINE_STEP` apart (at most half the spacing of ``q``)
+    reaching 4 ``q_sigma`` and one spacing beyond ``q``, and ``weights`` (n_Q, n_nodes):
+    a Gaussian |Q| resolution of width ``q_sigma`` (1/A) at each value, integrated over
+    its bin of width ``q[1] - q[0]`` with ``bins`` (the average a folded |Q| bin holds).
+    A value is ``sum_k w_k hist_k / sum_k w_k norm_k`` of the nodes' sums.
+    """
+    from scipy.special import ndtr
+
+    q = np.asarray(q, dtype=float)
+    if q.ndim != 1 or len(q) < 2:
+        raise ValueError("a shell average needs >= 2 |Q| values")
+    step = float(q[1] - q[0])
+    if not q_sigma >= 0:
+        raise ValueError(f"the |Q| resolution must be >= 0 1/A, got {q_sigma}")
+    if q_sigma == 0 and not bins:
+        return q, None
+    fine = min(SHELL_FINE_STEP, step / 2)
+    pad = 4.0 * q_sigma + step
+    lo = max(float(q[0]) - pad, 0.0)
+    nodes = np.asarray(
+        lo + fine * np.arange(int(np.ceil((float(q[-1]) + pad - lo) / fine)) + 1), dtype=float
+    )
+    d = q[:, None] - nodes[None, :]
+    if q_sigma > 0 and bins:
+        w = ndtr((d + 0.5 * step) / q_sigma) - ndtr((d - 0.5 * step) / q_sigma)
+    elif q_sigma > 0:
+        w = np.exp(-0.5 * (d / q_sigma) ** 2)
+    else:  # the bin alone
+        w = np.clip((0.5 * step - np.abs(d)) / fine + 0.5, 0.0, 1.0)
+    return nodes, np.asarray(w, dtype=float)
+
+
 def powder_shells(
     model: CoherentSQE,
     q: NDArray[np.float64],
     energies: NDArray[np.float64],
     *,
     mesh: int = 32,
+    q_sigma: float = 0.0,
+    bins: bool = False,
 ) -> NDArray[np.float64]:
     """(n_Q, n_E) spherical average of ``model``'s S(Q, E) at |Q| = ``q`` (1/Angstrom,
     uniformly spaced, increasing), mbarn/meV per atom, on ``energies`` (meV).
@@ -183,11 +241,16 @@ def powder_shells(
     energies are broadened as in :func:`powder_spectrum` (the model's resolution, loss and
     gain with Bose factors; modes at Gamma and unstable ones carry nothing).
 
+    With a |Q| resolution ``q_sigma`` (1/A) or ``bins`` (bin averages of width
+    ``q[1] - q[0]``), the points are collected on finer nodes and combined as
+    :func:`q_smoothing` says.
+
     Al at 300 K on nodes 0.02 1/Angstrom apart, ``mesh`` 32: about 3e5 points for |Q| up
     to 10 1/Angstrom.
     """
-    q = np.asarray(q, dtype=float)
+    q_out = np.asarray(q, dtype=float)
     energies = np.asarray(energies, dtype=float)
+    q, smoothing = q_smoothing(q_out, q_sigma, bins)
     step_q = float(q[1] - q[0]) if len(q) > 1 else 0.0
     _, _, points, weight = shell_points(model.crystal, float(q[-1]) + step_q, mesh)
     inside, lo_q, f_q = shell_nodes(np.linalg.norm(model.cartesian(points), axis=1), q)
@@ -225,10 +288,14 @@ def powder_shells(
             base = (nodes + dq) * n_fine
             hist += np.bincount(base + lo, amp * wq * (1 - fe), minlength=hist.size)
             hist += np.bincount(base + lo + 1, amp * wq * fe, minlength=hist.size)
-    table = hist.reshape(len(q), n_fine) / np.where(norm > 0, norm, 1.0)[:, None]
+    if smoothing is None:
+        table = hist.reshape(len(q), n_fine) / np.where(norm > 0, norm, 1.0)[:, None]
+    else:
+        den = smoothing @ norm
+        table = (smoothing @ hist.reshape(len(q), n_fine)) / np.where(den > 0, den, 1.0)[:, None]
     used = np.nonzero(table.any(axis=0))[0]
     if len(used) == 0:
-        return np.zeros((len(q), len(energies)))
+        return np.zeros((len(q_out), len(energies)))
     kernel = _broadening_matrix(model, energies, fine[used])
     out: NDArray[np.float64] = table[:, used] @ kernel
     return out

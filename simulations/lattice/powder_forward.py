@@ -88,7 +88,7 @@ from simulations.exceptions import GridError, InvalidCoefficientsError
 from simulations.lattice.eig import eigh_small
 from simulations.lattice.force_constants import FCBasis
 from simulations.lattice.forward import _realifying_transform
-from simulations.lattice.powder import _fibonacci_sphere, shell_nodes, shell_points
+from simulations.lattice.powder import _fibonacci_sphere, q_smoothing, shell_nodes, shell_points
 from simulations.lattice.resolution import EnergyResolution
 from simulations.lattice.sqe import FREQUENCY_MIN_MEV, mesh_points, scattering_length
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV, VASP_TO_THZ
@@ -160,6 +160,12 @@ class PowderForwardModel:
         |Q| values ``q`` must be uniformly spaced nodes.
     mesh
         q mesh points per axis of the ``"shells"`` average.
+    q_sigma
+        Gaussian |Q| resolution of the shell average, 1/A (0: none).
+    bins
+        With the shell average: each value the average over its |Q| bin of width
+        ``q[1] - q[0]`` (as a folded |Q| bin holds it) instead of the value at ``q``
+        (:func:`~simulations.lattice.powder.q_smoothing`).
     seed
         Seed of the random rotation of the directions at each |Q|.
     dw_mesh
@@ -199,6 +205,8 @@ class PowderForwardModel:
         directions: int = 64,
         average: str = "directions",
         mesh: int = 32,
+        q_sigma: float = 0.0,
+        bins: bool = False,
         seed: int = 0,
         dw_mesh: int = 8,
         free: Sequence[str] | None = None,
@@ -215,6 +223,8 @@ class PowderForwardModel:
         _check_grid(self.q, self.energy_edges)
         if average not in ("directions", "shells"):
             raise ValueError(f"average must be 'directions' or 'shells', got {average!r}")
+        self.q_sigma = float(q_sigma)
+        self.bins = bool(bins)
         if average == "shells" and mesh < 2:
             raise ValueError(f"the shell average needs a q mesh >= 2, got {mesh}")
         if broadening not in ("bin", "centre"):
@@ -296,13 +306,15 @@ class PowderForwardModel:
     def _shells(self) -> NDArray[np.float64]:
         """Set up the shell average; returns the irreducible q (n_irr, 3) r.l.u. whose
         phonons are solved (its points, weights, nodes and phases are kept)."""
-        step = float(self.q[1] - self.q[0]) if len(self.q) > 1 else 0.0
+        nodes, self._sh_map = q_smoothing(self.q, self.q_sigma, self.bins)
+        self._sh_nodes = nodes
+        step = float(nodes[1] - nodes[0])
         q_irr, q_index, points, weight = shell_points(
-            self.crystal, float(self.q[-1]) + step, self.mesh
+            self.crystal, float(nodes[-1]) + step, self.mesh
         )
         rec = np.asarray(self.crystal.reciprocal_lattice, dtype=float)
         q_cart = points @ rec
-        inside, lower, frac = shell_nodes(np.linalg.norm(q_cart, axis=1), self.q)
+        inside, lower, frac = shell_nodes(np.linalg.norm(q_cart, axis=1), nodes)
         g = np.rint(points[inside] - q_irr[q_index[inside]])  # integer G, r.l.u.
         self._sh_q_cart = np.ascontiguousarray(q_cart[inside])
         self._sh_index = np.ascontiguousarray(q_index[inside])
@@ -313,9 +325,13 @@ class PowderForwardModel:
         self._sh_phase = np.ascontiguousarray(
             np.exp(-2j * np.pi * g @ np.asarray(self.crystal.positions, dtype=float).T)
         )
-        norm = np.bincount(lower, weight[inside] * (1 - frac), minlength=len(self.q))
-        norm += np.bincount(lower + 1, weight[inside] * frac, minlength=len(self.q))
-        self._sh_norm = np.where(norm > 0, norm, 1.0)
+        norm = np.bincount(lower, weight[inside] * (1 - frac), minlength=len(nodes))
+        norm += np.bincount(lower + 1, weight[inside] * frac, minlength=len(nodes))
+        if self._sh_map is None:
+            self._sh_norm = np.where(norm > 0, norm, 1.0)
+        else:
+            den = self._sh_map @ norm
+            self._sh_norm = np.where(den > 0, den, 1.0)
         logger.info(
             "powder shells: %d points from %d irreducible q (mesh %d)",
             len(lower),
@@ -459,7 +475,7 @@ class PowderForwardModel:
         item = 16 if not self.is_real else 8
         per_set = 3 * n_pts * m * m * item + 40 * p * m * 8 + self.shape[0] * self._n_fine * 8
         if self.average == "shells":
-            per_set += 2 * p * m * m * 16
+            per_set += 2 * p * m * m * 16 + 2 * len(self._sh_nodes) * self._n_fine * 8
         return max(1, self.max_chunk_bytes // per_set)
 
     # ------------------------------------------------------------------ core
@@ -590,8 +606,8 @@ class PowderForwardModel:
             (torch.sign(lam) * torch.sqrt(lam.abs()) * self._scale).numpy()
         )
         evec = np.ascontiguousarray(self._cartesian_vectors(vec).to(torch.complex128).numpy())
-        n_q, n_fine = len(self.q), self._n_fine
-        hist = np.zeros((bc, n_q, n_fine))
+        n_fine, n_nodes = self._n_fine, len(self._sh_nodes)
+        hist = np.zeros((bc, n_nodes, n_fine))
         pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / n_at
         amp0 = np.ascontiguousarray(self._amp0.numpy())
 
@@ -624,9 +640,11 @@ class PowderForwardModel:
         else:  # sets split among threads; each writes only its own rows
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(deposit, parts))
-        hist /= self._sh_norm[None, :, None]
-        spec = torch.from_numpy(hist).reshape(bc * n_q, n_fine) @ self._kernel
-        return spec.reshape(bc, n_q, -1), min_lam
+        spec = torch.from_numpy(hist).reshape(bc * n_nodes, n_fine) @ self._kernel
+        spec = spec.reshape(bc, n_nodes, -1)
+        if self._sh_map is not None:  # the nodes into the values (resolution, bins)
+            spec = torch.einsum("qk,bke->bqe", torch.from_numpy(self._sh_map), spec)
+        return spec / torch.from_numpy(self._sh_norm)[None, :, None], min_lam
 
 
 @njit(cache=True, nogil=True)

@@ -697,6 +697,11 @@ def _run_metadata(
             "events_per_orientation": plan.events_per_orientation,
             "background_fraction": plan.background_fraction,
             "backgrounds": plan.backgrounds.to_dict(),
+            **(
+                {"powder_q_sigma_inv_angstrom": float(getattr(sim, "q_sigma", 0.0))}
+                if plan.powder
+                else {}
+            ),
             "phonon_mesh": plan.mesh,
             "super_pixel_rows": plan.group_rows,
         },
