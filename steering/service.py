@@ -139,6 +139,8 @@ class SteeringService:
         self.first_wait_s = float(first_wait_s)
         self.refine = bool(refine)
         self._loops: dict[str, SteeringLoop] = {}
+        #: each powder run's last refined coefficients (the next step's start)
+        self._powder_last: dict[str, Any] = {}
         self._loop_lock = threading.Lock()
         self._sinks: dict[str, KafkaAdviceSink] = {}
         self._estimators: dict[str, Estimator] = {}
@@ -323,6 +325,64 @@ class SteeringService:
         )
         self._estimate_and_advise(run_id, meta, snapshot, record, t0)
 
+    def _powder_estimate(
+        self,
+        run_id: str,
+        meta: dict[str, Any],
+        snapshot: Snapshot,
+        record: OrientationRecord,
+        t0: float,
+    ) -> None:
+        """A powder run's running estimate: the likelihood refinement of its S(|Q|, E)
+        counts (:class:`~model_server.refinement.powder.PowderRefiner`), started from the
+        previous step's optimum or the reference set; no angle advice. A failed fit is
+        logged and counted, and folding goes on."""
+        from model_server.exceptions import RefinementError
+        from model_server.refinement.powder import PowderRefiner, PowderRun, reference_start
+        from model_server.refinement.refiner import running_estimate
+        from simulations.lattice.powder import POWDER_Q_SIGMA
+
+        pipe = self.service.pipeline
+        if pipe.acc is None or pipe.folder is None or not self.refine:
+            metrics.ESTIMATES_SKIPPED.labels(reason="powder_run").inc()
+            return
+        sim = meta.get("simulation")
+        if not isinstance(sim, dict):
+            sim = {}
+        run = PowderRun(
+            counts=snapshot.counts,
+            exposure=snapshot.exposure,
+            grid=pipe.acc.grid,  # type: ignore[arg-type]
+            material=str(meta.get("material")),
+            ei=float(pipe.folder.ei),
+            temperature=float(meta.get("temperature_K", 5.0)),
+            instrument=pipe.folder.instrument,
+            q_sigma=float(sim.get("powder_q_sigma_inv_angstrom", POWDER_Q_SIGMA)),
+        )
+        try:
+            refiner = PowderRefiner(run)
+            start = self._powder_last.get(run_id)
+            if start is None:
+                start = reference_start(run.material, refiner.names)
+            refined = refiner.refine(start)
+        except (RefinementError, ValueError) as exc:
+            metrics.REFINE_FALLBACKS.inc()
+            logger.warning("run %s: powder refinement failed: %s", run_id, exc)
+            return
+        self._powder_last[run_id] = refined.mean.copy()
+        source = "powder refinement (no powder model): started from the reference set"
+        estimate = running_estimate({"model_version": source, "fc": {}}, refined)
+        advice = {
+            "run_id": run_id,
+            "n_orientations": int(snapshot.n_orientations),
+            "omega": float(record.omega),
+            "estimate": estimate,
+            "ranking": None,
+            "seconds": time.perf_counter() - t0,
+        }
+        self._record(advice)
+        self.latencies.append(time.perf_counter() - t0)
+
     def _live_snapshot(self, run_id: str, snapshot: Snapshot, record: OrientationRecord) -> None:
         """The run's latest snapshot and the orientation's own spectrum, for the API."""
         with self.live.lock:
@@ -354,14 +414,9 @@ class SteeringService:
     ) -> None:
         """The in-process loop on one snapshot (the model loaded when it can be)."""
         if meta.get("sample_kind") == "powder":
-            # the single-crystal models and the advisor's angles do not apply to S(|Q|, E)
-            metrics.ESTIMATES_SKIPPED.labels(reason="powder_run").inc()
-            if int(snapshot.n_orientations) == 1:
-                logger.info(
-                    "run %s is a powder: folded into S(|Q|, E) and published; no "
-                    "single-crystal estimate or angle advice",
-                    run_id,
-                )
+            # the single-crystal models and the advisor's angles do not apply to S(|Q|, E):
+            # the powder refinement of the counts gives the running estimate
+            self._powder_estimate(run_id, meta, snapshot, record, t0)
             return
         try:
             loop = self._loop_for(meta)

@@ -21,7 +21,7 @@ from consumers.kafka.broker import ensure_topics
 from consumers.kafka.config import client_security
 from consumers.livedata import FC_ESTIMATE_SOURCE, estimate_da00, snapshot_da00
 from consumers.messages import SnapshotSink
-from simulations.lattice.grid import Grid
+from simulations.lattice.grid import Grid, PowderGrid
 
 __all__ = ["KafkaLivedataSink"]
 
@@ -31,10 +31,15 @@ logger = logging.getLogger(__name__)
 MAX_REQUEST_SIZE = 16 << 20
 
 
-def _material_grid(meta: Mapping[str, Any]) -> Grid:
+def _material_grid(meta: Mapping[str, Any]) -> Grid | PowderGrid:
+    """The grid the consumer folds a run onto: the material's, or for a powder run its
+    powder grid at the run's Ei."""
     from simulations.lattice.materials import setup
 
-    return setup(str(meta["material"])).grid
+    ms = setup(str(meta["material"]))
+    if meta.get("sample_kind") == "powder":
+        return ms.powder_grid(float(meta["ei_meV"]))
+    return ms.grid
 
 
 class KafkaLivedataSink:
@@ -54,13 +59,13 @@ class KafkaLivedataSink:
         bootstrap: str,
         prefix: str,
         *,
-        grid_of: Callable[[Mapping[str, Any]], Grid] = _material_grid,
+        grid_of: Callable[[Mapping[str, Any]], Grid | PowderGrid] = _material_grid,
     ) -> None:
         from kafka import KafkaProducer
 
         self.topic = f"{prefix}_livedata"
         self._grid_of = grid_of
-        self._grids: dict[str, Grid] = {}
+        self._grids: dict[tuple[str, str, float], Grid | PowderGrid] = {}
         self._lock = threading.Lock()
         #: messages that could not be encoded or sent
         self.failures = 0
@@ -81,11 +86,15 @@ class KafkaLivedataSink:
         """Publish the I(q, E) and exposure of one snapshot of run ``run`` (pl72 metadata)."""
         run_id = str(run.get("run_id", ""))
         try:
-            material = str(run["material"])
+            key = (
+                str(run["material"]),
+                str(run.get("sample_kind", "single_crystal")),
+                float(run.get("ei_meV", 0.0)) if run.get("sample_kind") == "powder" else 0.0,
+            )
             with self._lock:
-                grid = self._grids.get(material)
+                grid = self._grids.get(key)
                 if grid is None:
-                    grid = self._grids[material] = self._grid_of(run)
+                    grid = self._grids[key] = self._grid_of(run)
             messages = snapshot_da00(snapshot, grid, run_id=run_id, timestamp_ns=time.time_ns())
         except Exception:
             self._failed("snapshot", run_id)

@@ -47,7 +47,13 @@ from simulations.lattice.powder import POWDER_Q_SIGMA
 from simulations.lattice.powder_forward import PowderForwardModel
 from simulations.lattice.sqe import CoherentSQE, mesh_points
 
-__all__ = ["PowderRefiner", "refine_powder_file"]
+__all__ = [
+    "PowderRefiner",
+    "PowderRun",
+    "powder_run_from_file",
+    "reference_start",
+    "refine_powder_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -421,3 +427,15 @@ def refine_powder_file(
     run = powder_run_from_file(path, first=first)
     refiner = PowderRefiner(run, shells=shells)
     return refiner.refine(start if isinstance(start, dict) else np.asarray(start, float))
+
+
+def reference_start(material: str, names: Sequence[str]) -> NDArray[np.float64]:
+    """The shipped reference set's values (eV/A^2) of coefficients ``names`` of
+    ``material``: the start of a refinement without a model's estimate."""
+    from simulations.fcdb.reference import load_reference
+
+    ref = load_reference(material)
+    missing = [n for n in names if n not in ref.names]
+    if missing:
+        raise RefinementError(f"no reference values of {missing} for {material}")
+    return np.array([ref.mean[ref.names.index(n)] for n in names])

@@ -60,8 +60,15 @@ def test_powder_run_through_the_service_and_the_api(tmp_path: Path) -> None:
             run_id = run["run_id"]
             assert run["n_orientations"] == 3
             assert run["summary"]["events_folded"] == offline["events_folded"]
-            # no single-crystal estimate and no angle advice for a powder
-            assert c.get(f"{base}/runs/{run_id}/estimates").json()["estimates"] == []
+            # the running estimate of each step is the powder refinement of its counts;
+            # no angle advice for a powder
+            est = c.get(f"{base}/runs/{run_id}/estimates").json()["estimates"]
+            assert [e["n_orientations"] for e in est] == [1, 2, 3]
+            fc = est[-1]["fc"]
+            assert set(fc) == {"1NN_xx", "1NN_zz", "1NN_xy", "2NN_xx", "2NN_yy"}
+            assert est[-1]["source"] == "refined"
+            # more counts, a smaller std
+            assert fc["1NN_xx"]["std"] < est[0]["fc"]["1NN_xx"]["std"]
             assert c.get(f"{base}/runs/{run_id}/advice").json()["advice"] == []
             spec = c.get(f"{base}/runs/{run_id}/spectrum").json()
             assert spec["sample_kind"] == "powder"
