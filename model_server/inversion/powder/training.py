@@ -449,8 +449,10 @@ def plot_powder_losses(history: dict[str, list[float]], out: Path, title: str) -
             x = np.arange(1, len(v) + 1)
             if np.all(v > 0):
                 ax.semilogy(x, v, label=k)
-            else:
-                ax.plot(x, v, label=k)
+            else:  # a beta-NLL can be negative: its own linear axis
+                twin = ax.twinx()
+                twin.plot(x, v, "k:", label=k)
+                twin.set_ylabel(f"{k} (k:)")
         ax.set_title(prefix.rstrip("_"))
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
