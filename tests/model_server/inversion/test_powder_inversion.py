@@ -212,3 +212,30 @@ def test_nmse_is_zero_for_equal_shapes_and_scale_free() -> None:
     mask = np.ones((10, 8), dtype=bool)
     assert np.allclose(nmse(5.0 * a, a, mask), 0.0)
     assert np.all(nmse(a[::-1], a, mask)[[0, 2]] > 0)
+
+
+def test_cli_powder_dataset_and_train(tmp_path: Path) -> None:
+    data = tmp_path / "al_powder.h5"
+    done = steer(
+        "simulate", "dataset", "--powder", "--material", "Al", "--n", "24", "--ei", "50",
+        "--temperature", "300", "--seed", "4", "--directions", "16", "--out", str(data),
+        "--quiet", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["sample_kind"] == "powder"
+    assert summary["spectra_shape"] == [24, 200, 70]
+    assert summary["spec"]["averaging"] == "directions"
+    done = steer(
+        "train", "--powder", "--variant", "cnn", "--material", "Al", "--data", str(data),
+        "--out", str(tmp_path / "m"), "--vae-epochs", "1", "--regressor-epochs", "1",
+        "--threads", "1", "--quiet", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["variant"] == "cnn"
+    assert out["minutes"]["total"] > 0
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["sample_kind"] == "powder"
+    bad = steer("train", "--powder", "--variant", "mlp", "--data", str(data), "--out", "x")
+    assert bad.returncode == 2
+    assert "variant" in bad.stderr
