@@ -5,6 +5,8 @@ Hierarchy::
     ModelServerError                 any failure of the learned models (exit code 2 in steer)
     +-- ArtifactError                a frozen model directory is missing, incomplete or damaged
     +-- GridMismatchError            the spectrum's grid is not the grid the model was trained on
+    +-- SampleKindError              a powder spectrum given to a single-crystal model, or the
+    |                                reverse
     +-- InputSpectrumError           a spectrum or mask the model cannot use (NaN, all zero,
     |                                empty mask, wrong shape)
     +-- TrainingError                a training set or training setting that cannot work
@@ -31,6 +33,7 @@ __all__ = [
     "ModelServerError",
     "PredictionUnavailable",
     "RefinementError",
+    "SampleKindError",
     "TrainingError",
 ]
 
@@ -45,6 +48,11 @@ class ArtifactError(ModelServerError):
 
 class GridMismatchError(ModelServerError):
     """Spectrum and model live on different (q, E) grids; never resampled silently."""
+
+
+class SampleKindError(ModelServerError):
+    """A powder spectrum given to a single-crystal model, or a single-crystal spectrum to a
+    powder model."""
 
 
 class InputSpectrumError(ModelServerError):

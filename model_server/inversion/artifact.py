@@ -186,6 +186,14 @@ def load_model(path: str | Path) -> FrozenModel:
             f"no model directory at {path}; train one with `steer train --material Ge "
             f"--data ge.h5 --out {path}`"
         )
+    from model_server.inversion.kinds import model_kind
+
+    if model_kind(path) == "powder":
+        raise ArtifactError(
+            f"{path} is a powder model; load it with "
+            "model_server.inversion.powder.artifact.load_powder_model (steer estimate and "
+            "steer evaluate pick it by its model.json)"
+        )
     missing = [n for n in ("model.json", "weights.pt", "coverage.npz") if not (path / n).is_file()]
     if missing:
         raise ArtifactError(f"model directory {path} is incomplete: missing {', '.join(missing)}")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from model_server.exceptions import InputSpectrumError
+from model_server.exceptions import InputSpectrumError, SampleKindError
 from model_server.inversion.artifact import FrozenModel, check_grid, load_model
 from model_server.inversion.networks import VAE, Regressor
 from model_server.inversion.preprocess import check_spectrum, prepare
@@ -406,7 +406,20 @@ class Estimator:
 
     def estimate_file(self, path: str | Path, *, first: int | None = None) -> Estimate:
         """Estimate from a folded spectrum file (``steer fold --out``), grid checked;
-        ``first``: from its first orientations only."""
+        ``first``: from its first orientations only.
+
+        Raises
+        ------
+        SampleKindError
+            The file is a powder run (a single-crystal model cannot read it).
+        """
+        from model_server.inversion.kinds import file_sample_kind
+
+        if Path(path).is_file() and file_sample_kind(path) == "powder":
+            raise SampleKindError(
+                f"{path} is a powder run but {self.model.path} is a single-crystal model; "
+                "use a powder model (steer train --powder)"
+            )
         data = read_folded(path, first=first)
         est = self.estimate(
             data["intensity"],

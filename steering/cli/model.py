@@ -35,10 +35,13 @@ def train_cmd(
         "models/ge"
     ),
     seed: SeedOpt = 0,
-    vae_epochs: Annotated[int, typer.Option("--vae-epochs", help="VAE epochs.")] = 10,
+    vae_epochs: Annotated[
+        int | None, typer.Option("--vae-epochs", help="VAE epochs (10; --powder: 30).")
+    ] = None,
     regressor_epochs: Annotated[
-        int, typer.Option("--regressor-epochs", help="Regressor epochs.")
-    ] = 8,
+        int | None,
+        typer.Option("--regressor-epochs", help="Regressor epochs (8; --powder: 20)."),
+    ] = None,
     baseline_epochs: Annotated[
         int, typer.Option("--baseline-epochs", help="Baseline CNN epochs.")
     ] = 8,
@@ -55,11 +58,48 @@ def train_cmd(
             "--out (trained on --data).",
         ),
     ] = False,
+    powder: Annotated[
+        bool,
+        typer.Option(
+            "--powder",
+            help="A powder model from a powder training set (steer simulate dataset --powder).",
+        ),
+    ] = False,
+    variant: Annotated[
+        str,
+        typer.Option(
+            "--variant",
+            help="With --powder: 'fc' (the fully connected VAE) or 'cnn' (convolutional).",
+        ),
+    ] = "fc",
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train the VAE, the regressor (calibrated) and the baseline CNN; write a frozen model."""
+    """Train the VAE, the regressor (calibrated) and the baseline CNN; write a frozen model
+    (with --powder: a powder model, VAE of --variant and regressor)."""
     from model_server.inversion.training import TrainConfig, recalibrate_model, train_model
+
+    if powder:
+        if calibrate_only:
+            raise typer.BadParameter("not available for powder models", param_hint="--powder")
+        from model_server.inversion.powder.training import PowderTrainConfig, train_powder_model
+
+        pcfg = PowderTrainConfig(
+            variant=variant,
+            seed=seed,
+            vae_epochs=vae_epochs or 30,
+            regressor_epochs=regressor_epochs or 20,
+            threads=threads,
+        )
+        emit(
+            train_powder_model(
+                material, data, out, config=pcfg, progress=not quiet, command=command_line()
+            ),
+            as_json,
+        )
+        return
+    vae_epochs = vae_epochs or 10
+    regressor_epochs = regressor_epochs or 8
 
     if calibrate_only:
         summary = recalibrate_model(out, data, progress=not quiet, command=command_line())
@@ -95,16 +135,32 @@ def evaluate_cmd(
         bool,
         typer.Option("--no-write", help="Do not write evaluation.json and PNGs to the model."),
     ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Powder models: the test set (steer simulate dataset --powder at a seed not "
+            "used in training); default: made afresh with --n and --seed.",
+        ),
+    ] = None,
+    nmse_n: Annotated[
+        int, typer.Option("--nmse-n", help="Powder models: test spectra for the NMSE.")
+    ] = 300,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate on a fresh forward-model test set: R^2 clean and on the 5x5 noise grid,
-    calibration (clean, noisy, by orientations), the baseline CNN side by side."""
+    calibration (clean, noisy, by orientations), the baseline CNN side by side (a powder
+    model: R^2, coverage and NMSE clean and at three Poisson count levels)."""
     import torch
 
     from model_server.inversion.evaluation import evaluate_model
+    from model_server.inversion.kinds import model_kind
 
     torch.set_num_threads(max(1, threads))
+    if model_kind(model) == "powder":
+        emit(_evaluate_powder(model, data, n, seed, samples, nmse_n, no_write, quiet), as_json)
+        return
     report = evaluate_model(
         model,
         n=n,
@@ -140,7 +196,16 @@ def estimate_cmd(
     """FC estimate (mean, std, quantiles, out-of-domain flag) of a folded spectrum; with
     --refine, the likelihood refinement against its counts beside it."""
     from model_server.inversion.inference import Estimator
+    from model_server.inversion.kinds import model_kind
 
+    if model_kind(model) == "powder":
+        from model_server.inversion.powder.inference import PowderEstimator
+
+        if refine:
+            raise typer.BadParameter("not available for powder models", param_hint="--refine")
+        powder_est = PowderEstimator(model, n_samples=samples)
+        emit(powder_est.estimate_file(iqe, first=first).to_dict(), as_json)
+        return
     estimator = Estimator(model, device=device, n_samples=samples)
     vae = estimator.estimate_file(iqe, first=first).to_dict()
     if not refine:
@@ -151,6 +216,49 @@ def estimate_cmd(
     start = {name: float(v["mean"]) for name, v in vae["fc"].items()}
     refined = refine_file(iqe, start, first=first, progress=not quiet and not as_json)
     emit({"vae": vae, "refined": refined.to_dict()}, as_json)
+
+
+def _evaluate_powder(
+    model: Path,
+    data: Path | None,
+    n: int,
+    seed: int,
+    samples: int,
+    nmse_n: int,
+    no_write: bool,
+    quiet: bool,
+) -> dict[str, object]:
+    """``steer evaluate`` of a powder model: on ``data``, or on a test set of ``n`` spectra
+    made now at ``seed`` (the model's spec)."""
+    import json
+    import tempfile
+
+    from model_server.inversion.powder.evaluation import evaluate_powder_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if data is None:
+            from simulations.fcdb.powder_dataset import PowderSpec, generate_powder_dataset
+
+            meta = json.loads((model / "model.json").read_text())
+            data = Path(tmp) / "test.h5"
+            generate_powder_dataset(
+                PowderSpec.from_dict(meta["spec"]),
+                n,
+                data,
+                seed=seed,
+                progress=not quiet,
+                command=command_line(),
+            )
+        return evaluate_powder_model(
+            model,
+            data,
+            n_nmse=nmse_n,
+            n_samples=samples,
+            seed=seed,
+            write=not no_write,
+            progress=not quiet,
+            command=command_line(),
+        )
 
 
 def _parse_list(spec: str, option: str, kind: Callable[[str], _Num], what: str) -> tuple[_Num, ...]:

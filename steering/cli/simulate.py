@@ -142,12 +142,50 @@ def simulate_dataset(
     n: Annotated[int, typer.Option("--n", help="Number of stable spectra.")] = 10000,
     seed: SeedOpt = 0,
     out: Annotated[Path, typer.Option("--out", help="HDF5 file to write.")] = Path("train.h5"),
+    powder: Annotated[
+        bool,
+        typer.Option(
+            "--powder",
+            help="A powder training set: S(|Q|, E) on the powder grid at --ei, cropped to "
+            "0-10 1/A x 10-45 meV, each FC uniform in 0.5-1.5 x reference.",
+        ),
+    ] = False,
+    ei: Annotated[float, typer.Option("--ei", help="With --powder: incident energy, meV.")] = 50.0,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="With --powder: sample temperature, K.")
+    ] = 300.0,
+    averaging: Annotated[
+        str,
+        typer.Option(
+            "--averaging",
+            help="With --powder: powder average, 'directions' (sampled) or 'shells'.",
+        ),
+    ] = "directions",
+    directions: Annotated[
+        int, typer.Option("--directions", help="With --powder: directions per |Q|.")
+    ] = 512,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Training set: FCs sampled uniformly in the training domain, stable ones kept, I(q,E)."""
+    """Training set: FCs sampled uniformly in the training domain, stable ones kept, I(q,E)
+    (with --powder: S(|Q|, E) of a powder)."""
     from simulations.fcdb.dataset import generate_dataset
 
+    if powder:
+        from simulations.fcdb.powder_dataset import PowderSpec, generate_powder_dataset
+
+        spec = PowderSpec(
+            material=material,
+            ei=ei,
+            temperature=temperature,
+            averaging=averaging,
+            directions=directions,
+        )
+        summary = generate_powder_dataset(
+            spec, n, out, seed=seed, progress=not quiet, command=command_line()
+        )
+        emit({**summary.to_dict(), "sample_kind": "powder", "spec": spec.to_dict()}, as_json)
+        return
     summary = generate_dataset(
         material,
         n,
