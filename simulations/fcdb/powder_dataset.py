@@ -42,6 +42,7 @@ from simulations.fcdb.dataset import DatasetSummary, _SpectraWriter, sample_doma
 from simulations.fcdb.reference import load_reference
 from simulations.lattice.grid import PowderGrid
 from simulations.lattice.materials import MaterialSetup, setup
+from simulations.lattice.powder import POWDER_Q_SIGMA
 from simulations.lattice.powder_forward import PowderForwardModel
 from simulations.lattice.resolution import EnergyResolution, instrument_resolution
 from simulations.units import E_PER_K2
@@ -87,9 +88,11 @@ class PowderSpec:
     q_crop, e_crop
         |Q| (1/A) and energy (meV) ranges kept: bins whose centres lie inside.
     averaging
-        ``"directions"`` (sampled directions, ``directions`` per |Q|) or ``"shells"``
-        (mesh-shell average on a ``mesh``^3 q mesh, when the forward model has it).
-    directions, mesh, direction_seed
+        ``"shells"`` (default: the mesh-shell average on a ``mesh``^3 q mesh with the
+        Gaussian |Q| resolution ``q_sigma`` (1/A), averaged over each |Q| bin: what a
+        simulated powder run folds to) or ``"directions"`` (``directions`` sampled
+        directions per |Q|, no |Q| resolution).
+    directions, mesh, direction_seed, q_sigma
         Settings of the average.
     two_theta_deg
         (min, max) scattering angle of the detectors, degrees: the kinematic limit.
@@ -102,9 +105,10 @@ class PowderSpec:
     factor_range: tuple[float, float] = (0.5, 1.5)
     q_crop: tuple[float, float] = (0.0, 10.0)
     e_crop: tuple[float, float] = (10.0, 45.0)
-    averaging: str = "directions"
+    averaging: str = "shells"
     directions: int = 512
     mesh: int = 32
+    q_sigma: float = POWDER_Q_SIGMA
     direction_seed: int = 0
     two_theta_deg: tuple[float, float] = ARCS_TWO_THETA_DEG
 
@@ -222,7 +226,7 @@ def build_powder_forward(spec: PowderSpec) -> tuple[PowderForwardModel, dict[str
     kwargs: dict[str, Any] = (
         {"directions": spec.directions, "seed": spec.direction_seed}
         if spec.averaging == "directions"
-        else {"average": "shells", "mesh": spec.mesh}
+        else {"average": "shells", "mesh": spec.mesh, "q_sigma": spec.q_sigma, "bins": True}
     )
     try:
         fm = PowderForwardModel(
@@ -342,6 +346,7 @@ def generate_powder_dataset(
                     "method": spec.averaging,
                     "directions": spec.directions if spec.averaging == "directions" else None,
                     "mesh": spec.mesh if spec.averaging == "shells" else None,
+                    "q_sigma_inv_angstrom": spec.q_sigma if spec.averaging == "shells" else None,
                     "direction_seed": spec.direction_seed,
                 }
             ),

@@ -158,9 +158,11 @@ def simulate_dataset(
         str,
         typer.Option(
             "--averaging",
-            help="With --powder: powder average, 'directions' (sampled) or 'shells'.",
+            help="With --powder: powder average, 'shells' (every q + G of a 32^3 q mesh "
+            "with the runs' |Q| resolution, averaged over each |Q| bin: what a simulated "
+            "powder run folds to) or 'directions' (sampled, no |Q| resolution).",
         ),
-    ] = "directions",
+    ] = "shells",
     directions: Annotated[
         int, typer.Option("--directions", help="With --powder: directions per |Q|.")
     ] = 512,

@@ -86,7 +86,8 @@ def test_powder_training_set_layout(tiny_set: Path) -> None:
     assert np.all((data["fc"] >= lo) & (data["fc"] <= hi))
     # 0.5 .. 1.5 x reference: the domain's ends are a factor 3 apart
     np.testing.assert_allclose(np.maximum(hi / lo, lo / hi), 3.0, rtol=1e-9)
-    assert data["averaging"]["method"] == "directions"
+    assert data["averaging"]["method"] == "shells"
+    assert data["averaging"]["q_sigma_inv_angstrom"] == pytest.approx(0.04)
     assert np.all(np.isfinite(data["spectra"]))
     assert data["spectra"][:, data["kinematic_mask"]].mean() > 0
 
@@ -218,7 +219,8 @@ def test_cli_powder_dataset_and_train(tmp_path: Path) -> None:
     data = tmp_path / "al_powder.h5"
     done = steer(
         "simulate", "dataset", "--powder", "--material", "Al", "--n", "24", "--ei", "50",
-        "--temperature", "300", "--seed", "4", "--directions", "16", "--out", str(data),
+        "--temperature", "300", "--seed", "4", "--averaging", "directions", "--directions", "16",
+        "--out", str(data),
         "--quiet", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
