@@ -201,10 +201,16 @@ def estimate_cmd(
     if model_kind(model) == "powder":
         from model_server.inversion.powder.inference import PowderEstimator
 
-        if refine:
-            raise typer.BadParameter("not available for powder models", param_hint="--refine")
         powder_est = PowderEstimator(model, n_samples=samples)
-        emit(powder_est.estimate_file(iqe, first=first).to_dict(), as_json)
+        vae_powder = powder_est.estimate_file(iqe, first=first).to_dict()
+        if not refine:
+            emit(vae_powder, as_json)
+            return
+        from model_server.refinement.powder import refine_powder_file
+
+        start = {name: float(v["mean"]) for name, v in vae_powder["fc"].items()}
+        refined_powder = refine_powder_file(iqe, start, first=first)
+        emit({"vae": vae_powder, "refined": refined_powder.to_dict()}, as_json)
         return
     estimator = Estimator(model, device=device, n_samples=samples)
     vae = estimator.estimate_file(iqe, first=first).to_dict()

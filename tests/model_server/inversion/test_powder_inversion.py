@@ -157,6 +157,13 @@ def test_estimate_a_folded_powder_run(models: dict[str, Path], powder_run: Path)
     out: dict[str, Any] = json.loads(done.stdout)
     assert set(out["fc"]) == {"1NN_xx", "1NN_zz", "1NN_xy", "2NN_xx", "2NN_yy"}
     assert all(np.isfinite(v["std"]) for v in out["fc"].values())
+    # --refine: the likelihood refinement of the counts, started from the model's estimate
+    done = steer("estimate", str(powder_run), "--model", str(models["fc"]), "--refine", "--json")
+    assert done.returncode == 0, done.stderr
+    both: dict[str, Any] = json.loads(done.stdout)
+    assert set(both) == {"vae", "refined"}
+    assert both["refined"]["names"] == ["1NN_xx", "1NN_zz", "1NN_xy", "2NN_xx", "2NN_yy"]
+    assert all(v > 0 for v in both["refined"]["std"].values())
 
 
 def test_wrong_sample_kind_is_a_clear_error(
