@@ -299,25 +299,11 @@ class PowderFolder:
             if stored is not None:
                 remember(key, stored)
                 return stored
-        n_sub = self.grid.n_e * e_substeps
-        de = self._de / e_substeps
-        energies = self._e0 + (np.arange(n_sub) + 0.5) * de
-        pix = np.arange(0, self.instrument.n_pixels, pixel_stride)
-        hist = np.zeros(self.grid.n_q * self.grid.n_e)
-        _powder_coverage_kernel(
-            np.ascontiguousarray(self._cos2t[pix]),
-            np.ascontiguousarray(self.instrument.solid_angles[pix] * pixel_stride, dtype=float),
-            np.sqrt((self.ei - energies) / E_PER_K2),
-            np.sqrt((self.ei - energies) / self.ei) * de,
-            np.arange(n_sub, dtype=np.int64) // e_substeps,
-            self._ki,
-            self._q0,
-            1.0 / self._dq,
-            self.grid.n_q,
-            self.grid.n_e,
-            hist,
+        energies, de = self._energy_samples(e_substeps)
+        solid = np.asarray(self.instrument.solid_angles, dtype=float)
+        out = self._fold_samples(
+            solid, np.sqrt((self.ei - energies) / self.ei) * de, e_substeps, pixel_stride
         )
-        out = hist.reshape(self.grid.shape)
         if cache:
             remember(key, out)
             write_coverage(key, out)
@@ -332,9 +318,7 @@ class PowderFolder:
         its flat background), so that a pixel's events per meV are
         ``1 / (2 E_f v_f (1 / v(0.05 Ei) - 1 / v(1.5 Ei)))`` (its flight path cancels).
         The sum over the grid is the share that lands in it (< 1)."""
-        n_sub = self.grid.n_e * e_substeps
-        de = self._de / e_substeps
-        energies = self._e0 + (np.arange(n_sub) + 0.5) * de
+        energies, de = self._energy_samples(e_substeps)
         e_f = np.maximum(self.ei - energies, 1e-12)
         v_f = np.asarray(energy_to_speed(e_f), dtype=float)
         span = 1.0 / float(energy_to_speed(0.05 * self.ei)) - 1.0 / float(
@@ -342,15 +326,35 @@ class PowderFolder:
         )
         inside = (e_f >= 0.05 * self.ei) & (e_f <= 1.5 * self.ei)
         per_mev = np.where(inside, 1.0 / (2.0 * e_f * v_f * span), 0.0)
-        pix = np.arange(0, self.instrument.n_pixels, pixel_stride)
         solid = np.asarray(self.instrument.solid_angles, dtype=float)
+        return self._fold_samples(solid / solid.sum(), per_mev * de, e_substeps, pixel_stride)
+
+    def _energy_samples(self, e_substeps: int) -> tuple[NDArray[np.float64], float]:
+        """(energy transfers of the samples (n_E e_substeps,) meV, their width meV):
+        ``e_substeps`` midpoints per bin."""
+        de = self._de / e_substeps
+        k = np.arange(self.grid.n_e * e_substeps, dtype=np.float64)
+        return np.asarray(self._e0 + (k + 0.5) * de, dtype=np.float64), de
+
+    def _fold_samples(
+        self,
+        pixel_weight: NDArray[np.float64],
+        sample_weight: NDArray[np.float64],
+        e_substeps: int,
+        pixel_stride: int,
+    ) -> NDArray[np.float64]:
+        """(n_Q, n_E) sum of ``pixel_weight`` (n_pix,) x ``sample_weight`` (one per
+        :meth:`_energy_samples`) over every ``pixel_stride``-th pixel (weighted by the
+        stride) and energy sample, each in the bin of its |Q| and energy."""
+        energies, _ = self._energy_samples(e_substeps)
+        pix = np.arange(0, self.instrument.n_pixels, pixel_stride)
         hist = np.zeros(self.grid.n_q * self.grid.n_e)
         _powder_coverage_kernel(
             np.ascontiguousarray(self._cos2t[pix]),
-            np.ascontiguousarray(solid[pix] * pixel_stride / solid.sum()),
-            np.sqrt(e_f / E_PER_K2),
-            per_mev * de,
-            np.arange(n_sub, dtype=np.int64) // e_substeps,
+            np.ascontiguousarray(pixel_weight[pix] * pixel_stride, dtype=float),
+            np.sqrt(np.maximum(self.ei - energies, 0.0) / E_PER_K2),
+            np.ascontiguousarray(sample_weight, dtype=float),
+            np.arange(len(energies), dtype=np.int64) // e_substeps,
             self._ki,
             self._q0,
             1.0 / self._dq,

@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from model_server.exceptions import RefinementError
 from model_server.refinement.counts import NUISANCE, CountsModel
 
-__all__ = ["MISFIT_RESTART", "Prior", "Refined", "deviance", "refine"]
+__all__ = ["MISFIT_RESTART", "Prior", "Refined", "deviance", "laplace_covariance", "refine"]
 
 logger = logging.getLogger(__name__)
 
@@ -345,13 +345,7 @@ def refine(
     dof = max(len(y) - model.n_params, 1)
     pearson = _pearson(y, lam, model)
     dev = deviance(y, lam)
-    try:
-        cov_full = np.linalg.inv(fisher)
-    except np.linalg.LinAlgError:
-        cov_full = np.linalg.pinv(fisher)
-    inflation = max(1.0, pearson)
-    cov = np.asarray(cov_full[:k, :k] * inflation, dtype=np.float64)
-    std = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    cov, std, inflation = laplace_covariance(fisher, k, pearson)
     theta = state.theta
     return Refined(
         names=tuple(model.basis.names),
@@ -371,6 +365,21 @@ def refine(
         second_minimum=second,
         start=start_label,
     )
+
+
+def laplace_covariance(
+    fisher: NDArray[np.float64], k: int, pearson: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64], float]:
+    """The Laplace covariance of the first ``k`` parameters from the Fisher information
+    (plus prior) at the optimum, multiplied by Pearson's chi^2 per dof when that exceeds 1:
+    ``(covariance (k, k), std (k,), the factor)``."""
+    try:
+        cov_full = np.linalg.inv(fisher)
+    except np.linalg.LinAlgError:
+        cov_full = np.linalg.pinv(fisher)
+    inflation = max(1.0, float(pearson))
+    cov = np.asarray(cov_full[:k, :k] * inflation, dtype=np.float64)
+    return cov, np.sqrt(np.maximum(np.diag(cov), 0.0)), inflation
 
 
 #: Pearson chi^2 / dof of the best fit above which more starts are tried (a fit of the

@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 
 from consumers.reduction.powder import PowderFolder
 from model_server.exceptions import RefinementError
-from model_server.refinement.fit import Refined, deviance
+from model_server.refinement.fit import Refined, deviance, laplace_covariance
 from simulations.instrument.spectrometer import Instrument
 from simulations.lattice.backgrounds import IncoherentScattering, elastic_reach
 from simulations.lattice.grid import PowderGrid
@@ -321,16 +321,11 @@ class PowderRefiner:
         y = self._y
         dof = max(len(y) - len(theta), 1)
         pearson = float(np.sum((y - lam) ** 2 / lam) / dof)
-        try:
-            cov_full = np.linalg.inv(fisher)
-        except np.linalg.LinAlgError:
-            cov_full = np.linalg.pinv(fisher)
-        inflation = max(1.0, pearson)
-        cov = np.asarray(cov_full[:k, :k] * inflation)
+        cov, std, inflation = laplace_covariance(fisher, k, pearson)
         return Refined(
             names=self.names,
             mean=theta[:k].copy(),
-            std=np.sqrt(np.maximum(np.diag(cov), 0.0)),
+            std=std,
             covariance=cov,
             nuisance={"log_scale": float(theta[k]), "background": float(theta[k + 1])},
             deviance=deviance(y, lam),

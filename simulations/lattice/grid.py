@@ -121,8 +121,41 @@ def make_qpath(crystal: Crystal, path: str | None = None, n_q: int = 200) -> QPa
     return QPath(path=path, qpoints=q, distance=distance, ticks=tuple(ticks))
 
 
+class _EnergyBins:
+    """The energy bins every grid has (``energy_edges``, meV, increasing)."""
+
+    __slots__ = ()
+    energy_edges: NDArray[np.float64]
+
+    @property
+    def n_e(self) -> int:
+        """Number of energy bins."""
+        return len(self.energy_edges) - 1
+
+    @property
+    def energy_centres(self) -> NDArray[np.float64]:
+        """(n_E,) float, meV."""
+        return 0.5 * (self.energy_edges[1:] + self.energy_edges[:-1])
+
+    @property
+    def n_q(self) -> int:
+        """Number of q rows."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_q, n_E)."""
+        return (self.n_q, self.n_e)
+
+    @staticmethod
+    def _digest(payload: dict[str, object]) -> str:
+        """16 hex digits of the JSON of ``payload`` (a grid's fingerprint)."""
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Grid:
+class Grid(_EnergyBins):
     """The (q, E) grid of a spectrum I(q, E).
 
     Attributes
@@ -145,30 +178,15 @@ class Grid:
         return self.qpath.n_q
 
     @property
-    def n_e(self) -> int:
-        """Number of energy bins."""
-        return len(self.energy_edges) - 1
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(n_q, n_E)."""
-        return (self.n_q, self.n_e)
-
-    @property
-    def energy_centres(self) -> NDArray[np.float64]:
-        """(n_E,) float, meV."""
-        return 0.5 * (self.energy_edges[1:] + self.energy_edges[:-1])
-
-    @property
     def fingerprint(self) -> str:
         """16 hex digits identifying the path, its q-points and the energy bins."""
-        payload = {
-            "path": self.qpath.path,
-            "qpoints_rlu": np.round(self.qpath.qpoints, 9).tolist(),
-            "energy_edges_meV": np.round(self.energy_edges, 9).tolist(),
-        }
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return self._digest(
+            {
+                "path": self.qpath.path,
+                "qpoints_rlu": np.round(self.qpath.qpoints, 9).tolist(),
+                "energy_edges_meV": np.round(self.energy_edges, 9).tolist(),
+            }
+        )
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready description (enough to rebuild and check the grid)."""
@@ -228,7 +246,7 @@ POWDER_E_STEP = 0.5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PowderGrid:
+class PowderGrid(_EnergyBins):
     """The (|Q|, E) grid of a powder spectrum S(|Q|, E).
 
     It answers what the fold, the accumulators and the exports ask of a :class:`Grid`
@@ -266,35 +284,20 @@ class PowderGrid:
         return len(self.q_edges) - 1
 
     @property
-    def n_e(self) -> int:
-        """Number of energy bins."""
-        return len(self.energy_edges) - 1
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(n_Q, n_E)."""
-        return (self.n_q, self.n_e)
-
-    @property
     def q_centres(self) -> NDArray[np.float64]:
         """(n_Q,) float, 1/Angstrom."""
         return 0.5 * (self.q_edges[1:] + self.q_edges[:-1])
 
     @property
-    def energy_centres(self) -> NDArray[np.float64]:
-        """(n_E,) float, meV."""
-        return 0.5 * (self.energy_edges[1:] + self.energy_edges[:-1])
-
-    @property
     def fingerprint(self) -> str:
         """16 hex digits identifying the |Q| and energy bins."""
-        payload = {
-            "kind": self.kind,
-            "q_edges_inv_angstrom": np.round(self.q_edges, 9).tolist(),
-            "energy_edges_meV": np.round(self.energy_edges, 9).tolist(),
-        }
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return self._digest(
+            {
+                "kind": self.kind,
+                "q_edges_inv_angstrom": np.round(self.q_edges, 9).tolist(),
+                "energy_edges_meV": np.round(self.energy_edges, 9).tolist(),
+            }
+        )
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready description (enough to rebuild and check the grid)."""

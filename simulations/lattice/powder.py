@@ -46,6 +46,22 @@ def _fibonacci_sphere(n: int) -> NDArray[np.float64]:
     return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=-1)
 
 
+def _fine_energies(
+    model: CoherentSQE, energies: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], float, float]:
+    """The fine energy grid modes are put on before one matrix broadens them: ``(fine,
+    step, top)``, step 1/10 of the narrowest resolution width (at least 1e-3 meV), reaching
+    ``top`` = the largest |energy| + 8 of the widest widths + 1 meV both ways (modes
+    beyond add < 1e-14 of a peak)."""
+    res = model.resolution
+    sig_grid = res.sigma(np.linspace(0, res.e_max, 64))
+    sig_min, sig_max = float(np.min(sig_grid)), float(np.max(sig_grid))
+    step = max(sig_min / 10.0, 1e-3)
+    top = float(np.abs(energies).max()) + 8.0 * sig_max + 1.0
+    n_half = math.ceil(top / step)
+    return np.asarray(step * np.arange(-n_half, n_half + 1), dtype=np.float64), step, top
+
+
 def _broadening_matrix(
     model: CoherentSQE, energies: NDArray[np.float64], fine: NDArray[np.float64]
 ) -> NDArray[np.float64]:
@@ -83,14 +99,7 @@ def powder_spectrum(
     rot = Rotation.random(len(q), random_state=rng).as_matrix()  # (n_Q, 3, 3)
     to_rlu = np.linalg.inv(model.crystal.reciprocal_lattice)
     energies = np.asarray(energies, dtype=float)
-    res = model.resolution
-    sig_grid = res.sigma(np.linspace(0, res.e_max, 64))
-    sig_min, sig_max = float(np.min(sig_grid)), float(np.max(sig_grid))
-    step = max(sig_min / 10.0, 1e-3)
-    # Modes more than 8 sigma_max above the top energy add nothing (< 1e-14 of a peak).
-    top = float(np.abs(energies).max()) + 8.0 * sig_max + 1.0
-    n_half = math.ceil(top / step)
-    fine = np.asarray(step * np.arange(-n_half, n_half + 1), dtype=np.float64)
+    fine, step, top = _fine_energies(model, energies)
     n_fine = len(fine)
     hist = np.zeros(len(q) * n_fine)
     n_at = model.crystal.n_atoms
@@ -255,13 +264,7 @@ def powder_shells(
     _, _, points, weight = shell_points(model.crystal, float(q[-1]) + step_q, mesh)
     inside, lo_q, f_q = shell_nodes(np.linalg.norm(model.cartesian(points), axis=1), q)
     points, weight = points[inside], weight[inside]
-    res = model.resolution
-    sig_grid = res.sigma(np.linspace(0, res.e_max, 64))
-    sig_min, sig_max = float(np.min(sig_grid)), float(np.max(sig_grid))
-    step = max(sig_min / 10.0, 1e-3)
-    top = float(np.abs(energies).max()) + 8.0 * sig_max + 1.0
-    n_half = math.ceil(top / step)
-    fine = np.asarray(step * np.arange(-n_half, n_half + 1), dtype=np.float64)
+    fine, step, top = _fine_energies(model, energies)
     n_fine = len(fine)
     hist = np.zeros(len(q) * n_fine)
     norm = np.bincount(lo_q, weight * (1 - f_q), minlength=len(q))

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -582,14 +582,7 @@ class PowderForwardModel:
                 hist[rows],
             )
 
-        workers = min(torch.get_num_threads(), bc)
-        bounds = np.linspace(0, bc, workers + 1).astype(int)
-        parts = [slice(bounds[k], bounds[k + 1]) for k in range(workers)]
-        if workers <= 1:
-            deposit(slice(None))
-        else:  # sets split among threads; each writes only its own rows
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(deposit, parts))
+        _by_sets(deposit, bc)
         hist_t = torch.from_numpy(hist)
         spec = hist_t.reshape(bc * n_q, n_fine) @ self._kernel
         return spec.reshape(bc, n_q, -1), min_lam
@@ -632,19 +625,25 @@ class PowderForwardModel:
                 hist[rows],
             )
 
-        workers = min(torch.get_num_threads(), bc)
-        bounds = np.linspace(0, bc, workers + 1).astype(int)
-        parts = [slice(bounds[k], bounds[k + 1]) for k in range(workers)]
-        if workers <= 1:
-            deposit(slice(None))
-        else:  # sets split among threads; each writes only its own rows
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(deposit, parts))
+        _by_sets(deposit, bc)
         spec = torch.from_numpy(hist).reshape(bc * n_nodes, n_fine) @ self._kernel
         spec = spec.reshape(bc, n_nodes, -1)
         if self._sh_map is not None:  # the nodes into the values (resolution, bins)
             spec = torch.einsum("qk,bke->bqe", torch.from_numpy(self._sh_map), spec)
         return spec / torch.from_numpy(self._sh_norm)[None, :, None], min_lam
+
+
+def _by_sets(deposit: Callable[[slice], None], n_sets: int) -> None:
+    """Run ``deposit`` over the rows of ``n_sets`` sets, split among
+    ``torch.get_num_threads()`` threads (each writes only its own rows; the compiled
+    deposits release the GIL)."""
+    workers = min(torch.get_num_threads(), n_sets)
+    if workers <= 1:
+        deposit(slice(None))
+        return
+    bounds = np.linspace(0, n_sets, workers + 1).astype(int)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(deposit, [slice(bounds[k], bounds[k + 1]) for k in range(workers)]))
 
 
 @njit(cache=True, nogil=True)
