@@ -9,18 +9,19 @@ phonon energies by ~7.7 %: the size of the softening measured in Al over that ra
 (Kresch et al., Phys. Rev. B 77, 024301 (2008), the paper's reference 11).
 
 At each temperature a run is simulated (default background components and a flat
-background), folded, and its force constants estimated: by a powder model
-(:class:`model_server.inversion.inference.Estimator` of a ``sample_kind: powder``
-artifact) when one is given, and by the likelihood refinement
-(:class:`~model_server.refinement.powder.PowderRefiner`) started from that estimate or,
-without a model, from the 50 K reference set.
+background), folded, and its force constants estimated: by a powder model when one is
+given (``estimate``: a folded run's file -> the model's estimate dict with ``fc``, e.g.
+:meth:`model_server.inversion.powder.inference.PowderEstimator.estimate_file` followed by
+``to_dict``; passed in, since the refinement does not import the learned inversion), and
+by the likelihood refinement (:class:`~model_server.refinement.powder.PowderRefiner`)
+started from that estimate or, without a model, from the 50 K reference set.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,23 +62,19 @@ def temperature_series(
     steps: int = 10,
     events_per_step: float = 2e5,
     seed: int = 500,
-    model: str | Path | None = None,
+    estimate: Callable[[Path], dict[str, Any]] | None = None,
+    model: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Simulate, fold and estimate the series; the runs (``.steer``) and folds (``.h5``)
     stay in ``out_dir``. JSON-ready result: per temperature the truth, the refined mean and
-    std (and the model's, with ``model``) of each coefficient, the Pearson chi^2 per dof
-    and the seconds of each stage."""
+    std (and the model's, with ``estimate``; ``model`` names it in the result) of each
+    coefficient, the Pearson chi^2 per dof and the seconds of each stage."""
     from consumers.offline import fold_recorded_run
     from simulations.runs.simulate import RunPlan, simulate_run
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    estimator = None
-    if model is not None:
-        from model_server.inversion.inference import Estimator
-
-        estimator = Estimator(model)
     rows = []
     start_ref = np.array([softened(50.0)[n] for n in NAMES])
     for i, t in enumerate(tqdm(temperatures, desc="temperatures", disable=not progress)):
@@ -106,8 +103,8 @@ def temperature_series(
             "truth": {n: truth[n] for n in NAMES},
         }
         start = start_ref
-        if estimator is not None:
-            est = estimator.estimate_file(h5).to_dict()
+        if estimate is not None:
+            est = estimate(h5)
             row["model"] = {
                 n: {"mean": est["fc"][n]["mean"], "std": est["fc"][n]["std"]} for n in NAMES
             }
