@@ -248,3 +248,21 @@ def test_cli_powder_dataset_and_train(tmp_path: Path) -> None:
     bad = steer("train", "--powder", "--variant", "mlp", "--data", str(data), "--out", "x")
     assert bad.returncode == 2
     assert "variant" in bad.stderr
+
+
+def test_active_latent_dimensions(models: dict[str, Path], tiny_set: Path) -> None:
+    """Per-dimension KL of the encoder over a data set: non-negative, sorted copy, and the
+    active count is those above the threshold."""
+    from model_server.inversion.powder.latent import active_dimensions
+
+    data = read_powder_dataset(tiny_set)
+    for path in models.values():
+        r = active_dimensions(path, data["spectra"])
+        kl = np.array(r["kl_per_dimension"])
+        assert r["latent"] == len(kl) == 30
+        assert r["n_fc"] == 5
+        assert np.all(kl >= 0)
+        assert r["kl_sorted"] == sorted(r["kl_per_dimension"], reverse=True)
+        assert r["active"] == int(np.sum(kl > r["threshold_nats"]))
+        everything = active_dimensions(path, data["spectra"], threshold=0.0)
+        assert everything["active"] == int(np.sum(kl > 0))
