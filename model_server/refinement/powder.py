@@ -39,13 +39,14 @@ from numpy.typing import NDArray
 from consumers.reduction.powder import PowderFolder
 from model_server.exceptions import RefinementError
 from model_server.refinement.fit import Refined, deviance, laplace_covariance
+from simulations.exceptions import SimulationError
 from simulations.instrument.spectrometer import Instrument
-from simulations.lattice.backgrounds import IncoherentScattering, elastic_reach
+from simulations.lattice.backgrounds import elastic_reach, powder_multiphonon
 from simulations.lattice.grid import PowderGrid
 from simulations.lattice.materials import setup
 from simulations.lattice.powder import POWDER_Q_SIGMA
 from simulations.lattice.powder_forward import PowderForwardModel
-from simulations.lattice.sqe import CoherentSQE, mesh_points
+from simulations.lattice.sqe import CoherentSQE
 
 __all__ = [
     "PowderRefiner",
@@ -186,13 +187,11 @@ class PowderRefiner:
             temperature=self.run.temperature,
             resolution=self.resolution,
         )
-        modes = model.modes(mesh_points(16))
-        if not np.all(modes.energies[:, 3:] > 0):
-            raise RefinementError("the multiphonon template needs a stable lattice")
-        inc = IncoherentScattering.from_modes(model, modes.energies, modes.eigenvectors)
         g = self.run.grid
-        broad = inc.broadened_orders(g.energy_centres, self.resolution)
-        s = inc.multiphonon(np.broadcast_to(g.q_centres[:, None], g.shape), broad)
+        try:
+            s = powder_multiphonon(model, g.q_centres, g.energy_centres)
+        except SimulationError as exc:
+            raise RefinementError(f"the multiphonon template: {exc}") from exc
         return np.asarray(s[self.fitted])
 
     def _signal(

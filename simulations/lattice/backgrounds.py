@@ -56,7 +56,7 @@ from simulations.exceptions import SimulationError
 from simulations.lattice.cross_sections import cross_sections
 from simulations.lattice.powder import powder_spectrum
 from simulations.lattice.resolution import EnergyResolution
-from simulations.lattice.sqe import FREQUENCY_MIN_MEV, CoherentSQE, bose_occupation
+from simulations.lattice.sqe import FREQUENCY_MIN_MEV, CoherentSQE, bose_occupation, mesh_points
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "PowderCan",
     "elastic_line",
     "elastic_reach",
+    "powder_multiphonon",
     "tof_shape",
 ]
 
@@ -253,6 +254,45 @@ class IncoherentScattering:
                 power = power * q2 / (n + 1)
             total += self.sigma_total[i] / (4 * math.pi) * np.exp(-q2 * self.u2[i]) * atom
         return np.asarray(total / len(self.u2))
+
+
+def powder_multiphonon(
+    model: CoherentSQE,
+    q: NDArray[np.float64],
+    energies: NDArray[np.float64],
+    *,
+    mesh: int = 16,
+    max_order: int = 3,
+) -> NDArray[np.float64]:
+    """Multiphonon S (orders 2..``max_order``, incoherent approximation) of a powder of
+    ``model``'s crystal on a (|Q|, E) grid, mbarn/(sr meV) per atom, shape (n_Q, n_E).
+
+    Parameters
+    ----------
+    model
+        The crystal's S(Q, E) (force constants, temperature, energy resolution).
+    q
+        (n_Q,) |Q|, 1/A.
+    energies
+        (n_E,) energy transfers, meV.
+    mesh
+        Points per axis of the Gamma-centred q mesh of the phonons.
+
+    Raises
+    ------
+    SimulationError
+        The lattice is unstable (an imaginary mode on the mesh).
+    """
+    modes = model.modes(mesh_points(mesh))
+    if not np.all(modes.energies[:, 3:] > 0):
+        raise SimulationError("the multiphonon of a powder needs a stable lattice")
+    inc = IncoherentScattering.from_modes(
+        model, modes.energies, modes.eigenvectors, max_order=max_order
+    )
+    e = np.asarray(energies, dtype=float)
+    qq = np.asarray(q, dtype=float)
+    broad = inc.broadened_orders(e, model.resolution)
+    return inc.multiphonon(np.broadcast_to(qq[:, None], (len(qq), len(e))), broad)
 
 
 @dataclass(frozen=True, slots=True)

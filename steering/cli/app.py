@@ -23,7 +23,13 @@ from simulations.exceptions import SimulationError
 from steering.cli.advise import advise_app
 from steering.cli.fcdb import fcdb_app
 from steering.cli.fcmodel import fcmodel_app
-from steering.cli.model import estimate_cmd, evaluate_cmd, evaluate_posterior_cmd, train_cmd
+from steering.cli.model import (
+    estimate_cmd,
+    evaluate_cmd,
+    evaluate_posterior_cmd,
+    finetune_cmd,
+    train_cmd,
+)
 from steering.cli.predict import predict_cmd
 from steering.cli.serve import demo_cmd, model_serve_cmd, serve_cmd
 from steering.cli.simulate import simulate_app
@@ -61,6 +67,7 @@ app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("estimate")(estimate_cmd)
 app.command("evaluate-posterior")(evaluate_posterior_cmd)
+app.command("finetune")(finetune_cmd)
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(advise_app, name="advise")
 app.add_typer(fcdb_app, name="fcdb")

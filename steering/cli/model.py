@@ -21,7 +21,7 @@ from steering.cli.options import (
 )
 from steering.cli.output import command_line, emit
 
-__all__ = ["estimate_cmd", "evaluate_cmd", "evaluate_posterior_cmd", "train_cmd"]
+__all__ = ["estimate_cmd", "evaluate_cmd", "evaluate_posterior_cmd", "finetune_cmd", "train_cmd"]
 
 _Num = TypeVar("_Num", int, float)
 
@@ -146,6 +146,22 @@ def evaluate_cmd(
     nmse_n: Annotated[
         int, typer.Option("--nmse-n", help="Powder models: test spectra for the NMSE.")
     ] = 300,
+    latent: Annotated[
+        bool,
+        typer.Option(
+            "--latent",
+            help="Powder models: the latent-space study instead (active dimensions, PCA/UMAP "
+            "maps coloured by each FC, latent chi^2 against the counts' deviance on "
+            "measured-like spectra of --truths test sets); needs --data.",
+        ),
+    ] = False,
+    truths: Annotated[
+        int, typer.Option("--truths", help="--latent: test sets scanned for the chi^2.")
+    ] = 20,
+    figures: Annotated[
+        Path | None,
+        typer.Option("--figures", help="--latent: folder for the figures (default: the model's)."),
+    ] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -158,6 +174,9 @@ def evaluate_cmd(
     from model_server.inversion.kinds import model_kind
 
     torch.set_num_threads(max(1, threads))
+    if latent:
+        emit(_latent_powder(model, data, n, truths, figures, no_write, quiet), as_json)
+        return
     if model_kind(model) == "powder":
         emit(_evaluate_powder(model, data, n, seed, samples, nmse_n, no_write, quiet), as_json)
         return
@@ -222,6 +241,41 @@ def estimate_cmd(
     start = {name: float(v["mean"]) for name, v in vae["fc"].items()}
     refined = refine_file(iqe, start, first=first, progress=not quiet and not as_json)
     emit({"vae": vae, "refined": refined.to_dict()}, as_json)
+
+
+def _latent_powder(
+    model: Path,
+    data: Path | None,
+    n: int,
+    truths: int,
+    figures: Path | None,
+    no_write: bool,
+    quiet: bool,
+) -> dict[str, object]:
+    """``steer evaluate --latent``: the latent study of a powder model on the test set
+    ``data``; JSON beside the model (``latent.json``) unless ``no_write``."""
+    import json
+
+    from model_server.exceptions import TrainingError
+    from model_server.inversion.kinds import model_kind
+    from model_server.inversion.powder.latent_study import latent_study
+
+    if model_kind(model) != "powder":
+        raise TrainingError(f"--latent studies powder models; {model} is a single-crystal one")
+    if data is None:
+        raise typer.BadParameter("the latent study needs a fresh test set", param_hint="--data")
+    result = latent_study(
+        model,
+        data,
+        n_map=n,
+        n_truths=truths,
+        figures=figures or (None if no_write else model),
+        progress=not quiet,
+    )
+    result["command"] = command_line()
+    if not no_write:
+        (model / "latent.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def _evaluate_powder(
@@ -372,3 +426,137 @@ def evaluate_posterior_cmd(
     if plot is not None:
         plot_study(result, plot)
     emit(result, as_json)
+
+
+def _measured_spectra(files: list[Path], model: Path) -> tuple[object, str]:
+    """(n, n_Q, n_E) spectra on ``model``'s crop from folded powder runs (``steer fold
+    --out``) or measured-like sets, and a description of them."""
+    import numpy as np
+
+    from model_server.exceptions import TrainingError
+    from model_server.inversion.powder.domain import read_measured_like
+    from model_server.inversion.powder.inference import PowderEstimator
+
+    est = PowderEstimator(model)
+    qs, es = est.model.crop
+    rows = []
+    for f in files:
+        try:
+            ml = read_measured_like(f)
+        except TrainingError:
+            ml = None
+        if ml is not None:
+            rows += list(np.asarray(ml["spectra"], np.float32))
+            continue
+        from model_server.inversion.inference import read_folded
+
+        data = read_folded(f)
+        if data["grid_fingerprint"] != est.model.grid_fingerprint:
+            raise TrainingError(f"{f} is not on the powder grid of {model}")
+        spectrum = np.asarray(data["intensity"], np.float32)[qs, es]
+        rows.append(np.where(np.asarray(data["mask"])[qs, es], spectrum, np.nan))
+    if not rows:
+        raise TrainingError("no measured spectra given (--measured)")
+    return np.stack(rows), f"{len(rows)} spectra from {', '.join(str(f) for f in files)}"
+
+
+def finetune_cmd(
+    model: ModelOpt = Path("models/al_powder"),
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="The powder training set the model was trained on."),
+    ] = Path("al_powder.h5"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Model directory (or, --study, folder) to write.")
+    ] = Path("models/al_powder_ft"),
+    measured: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--measured",
+            help="Folded powder runs (steer fold --out) or measured-like sets to fine-tune on "
+            "(repeat the option).",
+        ),
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="'measured' (fine-tune on --measured) or 'extended' (train as long on the "
+            "simulated set: the control).",
+        ),
+    ] = "measured",
+    epochs: Annotated[int, typer.Option("--epochs", help="Fine-tuning passes.")] = 10,
+    lr_factor: Annotated[
+        float, typer.Option("--lr-factor", help="Learning rate as a share of the model's.")
+    ] = 0.1,
+    study: Annotated[
+        bool,
+        typer.Option(
+            "--study",
+            help="The domain-shift study: bias on measured-like spectra of the model, "
+            "fine-tuned and extended (needs --test); JSON and a figure in --out.",
+        ),
+    ] = False,
+    test: Annotated[
+        Path | None, typer.Option("--test", help="--study: a fresh powder test set.")
+    ] = None,
+    n_finetune: Annotated[
+        int, typer.Option("--n-finetune", help="--study: measured-like spectra to fine-tune on.")
+    ] = 2000,
+    n_test: Annotated[int, typer.Option("--n-test", help="--study: test sets reported.")] = 500,
+    test_offset: Annotated[
+        int, typer.Option("--test-offset", help="--study: first test set reported.")
+    ] = 0,
+    threads: ThreadsOpt = 1,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a powder model's autoencoder on unlabelled measured spectra at a reduced
+    learning rate, then retrain its regressor on the simulated set (the powder-VAE paper's
+    fix for the domain shift); or, with --study, measure the bias it removes."""
+    import json
+
+    import torch
+
+    from model_server.inversion.powder.finetune import finetune_powder_model
+
+    torch.set_num_threads(max(1, threads))
+    if study:
+        from model_server.inversion.powder.domain_study import domain_study, plot_domain_study
+
+        if test is None:
+            raise typer.BadParameter("the study needs a fresh test set", param_hint="--test")
+        result = domain_study(
+            model,
+            data,
+            test,
+            out,
+            n_finetune=n_finetune,
+            n_test=n_test,
+            test_offset=test_offset,
+            epochs=epochs,
+            lr_factor=lr_factor,
+            progress=not quiet,
+        )
+        result["command"] = command_line()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "domain_study.json").write_text(json.dumps(result, indent=1) + "\n")
+        result["figure"] = str(plot_domain_study(result, out / "domain_study.png"))
+        emit(result, as_json)
+        return
+    spectra, source = (None, "") if mode == "extended" else _measured_spectra(measured or [], model)
+    emit(
+        finetune_powder_model(
+            model,
+            data,
+            out,
+            measured=spectra,  # type: ignore[arg-type]
+            mode=mode,
+            epochs=epochs,
+            lr_factor=lr_factor,
+            source=source,
+            progress=not quiet,
+            command=command_line(),
+        ),
+        as_json,
+    )
