@@ -72,6 +72,15 @@ def train_cmd(
             help="With --powder: 'fc' (the fully connected VAE) or 'cnn' (convolutional).",
         ),
     ] = "fc",
+    measured_like: Annotated[
+        bool,
+        typer.Option(
+            "--measured-like",
+            help="With --powder: train on measured-like inputs (each set's multiphonon and a "
+            "flat-in-time-of-flight background added before the counting; the targets stay "
+            "one-phonon), so that the model reads folded runs without their domain shift.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -90,6 +99,7 @@ def train_cmd(
             vae_epochs=vae_epochs or 30,
             regressor_epochs=regressor_epochs or 20,
             threads=threads,
+            measured_like=measured_like,
         )
         emit(
             train_powder_model(

@@ -39,13 +39,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from model_server.exceptions import TrainingError
 
 __all__ = [
     "MeasuredLikeSpec",
+    "crop_exposure",
     "measured_like",
+    "measured_like_noise",
+    "multiphonon_set",
     "read_measured_like",
     "shift_metrics",
     "write_measured_like",
@@ -98,8 +102,9 @@ class MeasuredLikeSpec:
         return d
 
 
-def _exposure(data: dict[str, Any]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """(exposure per unit charge, flat background share) on the data set's crop."""
+def crop_exposure(data: dict[str, Any]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(exposure ``X`` per unit charge (sr meV), flat background share ``T``) (n_Q, n_E)
+    on a powder training set's crop, for the ARCS-like detector at the set's Ei."""
     from consumers.reduction.powder import PowderFolder
     from simulations.instrument.spectrometer import Instrument
     from simulations.lattice.materials import setup
@@ -140,32 +145,11 @@ def measured_like(
     """
     from tqdm import tqdm
 
-    from simulations.exceptions import SimulationError
-    from simulations.lattice.backgrounds import powder_multiphonon
-    from simulations.lattice.materials import setup
-    from simulations.lattice.resolution import EnergyResolution
-    from simulations.lattice.sqe import CoherentSQE
-
     spec = spec or MeasuredLikeSpec()
     idx = np.asarray(indices, dtype=np.int64)
     rng = np.random.default_rng(spec.seed)
-    exposure, flat = _exposure(data)
+    exposure, flat = crop_exposure(data)
     mask = np.asarray(data["kinematic_mask"], bool) & (exposure > 0)
-    q = 0.5 * (np.asarray(data["q_edges"])[1:] + np.asarray(data["q_edges"])[:-1])
-    e = 0.5 * (np.asarray(data["energy_edges"])[1:] + np.asarray(data["energy_edges"])[:-1])
-    dspec = data["spec"]
-    ms = setup(str(data["material"]), shells=int(dspec["shells"]))
-    names = list(data["fc_names"])
-    if list(ms.basis.names) != names:
-        raise TrainingError(f"the data set's coefficients {names} are not {ms.basis.names}")
-    r = data["resolution"]
-    res = EnergyResolution(
-        instrument=str(r["instrument"]),
-        ei=float(r["ei_meV"]),
-        chopper_frequency=float(r["chopper_frequency_Hz"]),
-        coefficients=tuple(float(c) for c in r["sigma_poly_meV"]),
-        e_max=float(r["e_max_meV"]),
-    )
     lo, hi = (math.log(x) for x in spec.counts_range)
     n = len(idx)
     out = np.full((n, *mask.shape), np.nan, dtype=np.float32)
@@ -174,20 +158,16 @@ def measured_like(
     mp_share = np.zeros(n)
     scale = np.zeros(n)
     x, t = exposure[mask], flat[mask]
+    mps = (
+        multiphonon_set(data, idx, mesh=spec.multiphonon_mesh, progress=progress)
+        if spec.multiphonon
+        else None
+    )
     for i in tqdm(range(n), desc="measured-like spectra", unit="sp", disable=not progress):
         s1 = np.asarray(data["spectra"][idx[i]], float)[mask]
         signal = np.clip(s1, 0.0, None)
-        if spec.multiphonon:
-            model = CoherentSQE(
-                ms.basis,
-                np.asarray(data["fc"][idx[i]], float),
-                temperature=float(dspec["temperature"]),
-                resolution=res,
-            )
-            try:
-                mp = powder_multiphonon(model, q, e, mesh=spec.multiphonon_mesh)[mask]
-            except SimulationError as exc:  # stable on the training mesh, not on this one
-                raise TrainingError(f"set {idx[i]}: {exc}") from exc
+        if mps is not None:
+            mp = np.asarray(mps[i], float)[mask]
             mp_share[i] = float((mp * x).sum() / max(((signal + mp) * x).sum(), 1e-300))
             signal = signal + mp
         sig_events = (signal * x).sum()
@@ -211,8 +191,57 @@ def measured_like(
         "flat_background": flat,
         "spec": spec.to_dict(),
         "indices": idx,
-        "fc_names": names,
+        "fc_names": list(data["fc_names"]),
     }
+
+
+def multiphonon_set(
+    data: dict[str, Any],
+    indices: NDArray[np.integer] | list[int],
+    *,
+    mesh: int = 16,
+    progress: bool = True,
+) -> NDArray[np.float32]:
+    """(n, n_Q, n_E) multiphonon S (orders 2-3, mbarn/(sr meV) per atom) on a powder
+    training set's crop for its sets ``indices``, each with its own phonons
+    (:func:`~simulations.lattice.backgrounds.powder_multiphonon`, ``mesh``^3 q mesh)."""
+    from tqdm import tqdm
+
+    from simulations.exceptions import SimulationError
+    from simulations.lattice.backgrounds import powder_multiphonon
+    from simulations.lattice.materials import setup
+    from simulations.lattice.resolution import EnergyResolution
+    from simulations.lattice.sqe import CoherentSQE
+
+    idx = np.asarray(indices, dtype=np.int64)
+    q = 0.5 * (np.asarray(data["q_edges"])[1:] + np.asarray(data["q_edges"])[:-1])
+    e = 0.5 * (np.asarray(data["energy_edges"])[1:] + np.asarray(data["energy_edges"])[:-1])
+    dspec = data["spec"]
+    ms = setup(str(data["material"]), shells=int(dspec["shells"]))
+    names = list(data["fc_names"])
+    if list(ms.basis.names) != names:
+        raise TrainingError(f"the data set's coefficients {names} are not {ms.basis.names}")
+    r = data["resolution"]
+    res = EnergyResolution(
+        instrument=str(r["instrument"]),
+        ei=float(r["ei_meV"]),
+        chopper_frequency=float(r["chopper_frequency_Hz"]),
+        coefficients=tuple(float(c) for c in r["sigma_poly_meV"]),
+        e_max=float(r["e_max_meV"]),
+    )
+    out = np.zeros((len(idx), len(q), len(e)), dtype=np.float32)
+    for i in tqdm(range(len(idx)), desc="multiphonon", unit="sp", disable=not progress):
+        model = CoherentSQE(
+            ms.basis,
+            np.asarray(data["fc"][idx[i]], float),
+            temperature=float(dspec["temperature"]),
+            resolution=res,
+        )
+        try:
+            out[i] = powder_multiphonon(model, q, e, mesh=mesh)
+        except SimulationError as exc:  # stable on the training mesh, not on this one
+            raise TrainingError(f"set {idx[i]}: {exc}") from exc
+    return out
 
 
 def write_measured_like(path: str | Path, ml: dict[str, Any], source: str) -> Path:
@@ -259,6 +288,45 @@ def read_measured_like(path: str | Path) -> dict[str, Any]:
     except (OSError, KeyError, ValueError) as exc:
         raise TrainingError(f"cannot read the measured-like set {path}: {exc}") from exc
     return out
+
+
+def measured_like_noise(
+    spectra: torch.Tensor,
+    multiphonon: torch.Tensor,
+    mask: torch.Tensor,
+    exposure: torch.Tensor,
+    flat: torch.Tensor,
+    counts: torch.Tensor,
+    share: torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """The torch counterpart of :func:`measured_like` for a batch (training inputs).
+
+    Parameters
+    ----------
+    spectra, multiphonon
+        (B, n_Q, n_E) one-phonon and multiphonon S on the crop.
+    mask
+        (n_Q, n_E) bool, the measured bins (exposure > 0 there).
+    exposure, flat
+        (n_Q, n_E) ``X`` and ``T`` (:func:`crop_exposure`).
+    counts, share
+        (B,) expected events over the mask and the background's share of them.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, n_Q, n_E) float32: counts / (k X) on the mask, 0 elsewhere.
+    """
+    m = mask.to(torch.float64)
+    sx = (spectra.double().clamp(min=0) + multiphonon.double()) * exposure.double() * m
+    k = counts.double() * (1.0 - share.double()) / sx.sum(dim=(1, 2)).clamp(min=1e-300)
+    tm = flat.double() * m
+    b = counts.double() * share.double() / tm.sum().clamp(min=1e-300)
+    lam = k[:, None, None] * sx + b[:, None, None] * tm[None]
+    observed = torch.poisson(lam, generator=gen)
+    denom = (k[:, None, None] * exposure.double()[None]).clamp(min=1e-300)
+    return torch.where(mask[None], observed / denom, torch.zeros_like(observed)).to(torch.float32)
 
 
 def shift_metrics(

@@ -158,14 +158,18 @@ def finetune_powder_model(
                     inp = inputs[idx]
                     target = inp[:, 0]
                 else:
-                    inp, target, _ = trainer.inputs(trainer.train_x[idx], gen)
+                    inp, target, _ = trainer.inputs(
+                        trainer.train_x[idx], gen, trainer.split_mp("train", idx)
+                    )
                 recon, mu, logvar, _ = vae(inp, gen)
                 rec = (((recon - target) ** 2) * px).sum(dim=(1, 2)).mean()
                 kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1).mean()
                 loss = rec + cfg.beta * kl
                 if supervised:
                     sim = torch.randint(0, len(trainer.train_x), (batch,), generator=gen)
-                    s_in, s_clean, _ = trainer.inputs(trainer.train_x[sim], gen)
+                    s_in, s_clean, _ = trainer.inputs(
+                        trainer.train_x[sim], gen, trainer.split_mp("train", sim)
+                    )
                     s_rec, s_mu, s_lv, s_aux = vae(s_in, gen)
                     loss = (
                         loss

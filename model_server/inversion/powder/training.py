@@ -82,6 +82,8 @@ class PowderTrainConfig:
     p_clean: float = 0.25
     counts_range: tuple[float, float] = (3e3, 3e6)
     background_max: float = 0.1
+    measured_like: bool = False
+    background_share_max: float = 0.15
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -217,6 +219,23 @@ class _PowderTrainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.history: dict[str, list[float]] = {}
         self.batch_size = min(cfg.batch, len(self.train_x))
+        self.mp: dict[str, torch.Tensor | None] = {"train": None, "cal": None, "test": None}
+        self.input_mask = self.mask
+        if cfg.measured_like:
+            from model_server.inversion.powder.domain import crop_exposure
+
+            if "multiphonon" not in data:
+                raise TrainingError("measured-like training needs the set's multiphonon spectra")
+            mp = torch.from_numpy(np.asarray(data["multiphonon"], dtype=np.float32))
+            self.mp = {
+                "train": mp[:n_train],
+                "cal": mp[n_train : n_train + n_cal],
+                "test": mp[n_train + n_cal :],
+            }
+            x_np, t_np = crop_exposure(data)
+            self.exposure = torch.from_numpy(x_np)
+            self.flat = torch.from_numpy(t_np)
+            self.input_mask = self.mask & (self.exposure > 0)
 
     def _log(self, key: str, value: float) -> None:
         self.history.setdefault(key, []).append(float(value))
@@ -240,18 +259,52 @@ class _PowderTrainer:
         return counts, background
 
     def inputs(
-        self, x: torch.Tensor, gen: torch.Generator
+        self, x: torch.Tensor, gen: torch.Generator, mp: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy prepared input (B, 2, H, W), clean target (B, H, W), counts (B,))."""
+        """(noisy prepared input (B, 2, H, W), clean target (B, H, W), counts (B,)).
+
+        With ``measured_like`` (and ``mp``, the spectra's multiphonon S): the noisy inputs
+        are measured-like (:func:`~model_server.inversion.powder.domain.
+        measured_like_noise`: one-phonon + multiphonon + a flat-in-time-of-flight
+        background of 0-``background_share_max`` of the events, counted over the fold's
+        exposure); the clean ones and every target the one-phonon spectrum."""
         counts, bkg = self.conditions(len(x), gen)
-        noisy = noisy_spectra(x, self.mask, counts, bkg, gen)
-        masks = self.mask[None].expand(len(x), -1, -1)
-        clean = prepare(x, masks)[:, 0]
+        if self.cfg.measured_like and mp is not None:
+            from model_server.inversion.powder.domain import measured_like_noise
+
+            finite = torch.isfinite(counts)
+            share = self.cfg.background_share_max * torch.rand(len(x), generator=gen)
+            noisy = measured_like_noise(
+                x,
+                mp,
+                self.input_mask,
+                self.exposure,
+                self.flat,
+                torch.where(finite, counts, torch.ones_like(counts)),
+                share,
+                gen,
+            )
+            noisy = torch.where(finite[:, None, None], noisy, x * self.input_mask)
+        else:
+            noisy = noisy_spectra(x, self.mask, counts, bkg, gen)
+        masks = self.input_mask[None].expand(len(x), -1, -1)
+        clean = prepare(x, self.mask[None].expand(len(x), -1, -1))[:, 0]
         return prepare(noisy, masks), clean, counts
 
-    def _held(self, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split_mp(self, split: str, idx: torch.Tensor | slice) -> torch.Tensor | None:
+        """The multiphonon S of items ``idx`` of ``split`` (None without measured-like
+        training)."""
+        mp = self.mp[split]
+        return None if mp is None else mp[idx]
+
+    def _held(
+        self, x: torch.Tensor, seed: int, split: str = "cal"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
-        parts = [self.inputs(x[s : s + 256], g) for s in range(0, len(x), 256)]
+        parts = [
+            self.inputs(x[s : s + 256], g, self.split_mp(split, slice(s, s + 256)))
+            for s in range(0, len(x), 256)
+        ]
         return tuple(torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ VAE
@@ -276,7 +329,9 @@ class _PowderTrainer:
             sums = np.zeros(4)
             n = 0
             for idx in _batches(len(self.train_x), self.batch_size, self.gen):
-                inp, clean, _ = self.inputs(self.train_x[idx], self.gen)
+                inp, clean, _ = self.inputs(
+                    self.train_x[idx], self.gen, self.split_mp("train", idx)
+                )
                 recon, mu, logvar, aux = vae(inp, self.gen)
                 rec = (((recon - clean) ** 2) * px).sum(dim=(1, 2)).mean()
                 kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1).mean()
@@ -324,7 +379,7 @@ class _PowderTrainer:
             reg.train()
             total, n = 0.0, 0
             for idx in _batches(len(self.train_x), self.batch_size, self.gen):
-                inp, _, _ = self.inputs(self.train_x[idx], self.gen)
+                inp, _, _ = self.inputs(self.train_x[idx], self.gen, self.split_mp("train", idx))
                 with torch.no_grad():
                     mu, logvar = vae.encoder(inp)
                     z = mu + torch.randn(mu.shape, generator=self.gen) * torch.exp(0.5 * logvar)
@@ -425,7 +480,7 @@ class _PowderTrainer:
         g = torch.Generator().manual_seed(self.cfg.seed + 6)
         masks = self.mask[None].expand(len(self.test_x), -1, -1)
         clean_in = prepare(self.test_x, masks)
-        noisy_in, _, _ = self._held(self.test_x, self.cfg.seed + 7)
+        noisy_in, _, _ = self._held(self.test_x, self.cfg.seed + 7, "test")
         out = {}
         for name, inp in (("clean", clean_in), ("training_noise", noisy_in)):
             comp = self.components(vae, reg, inp, int(torch.randint(0, 2**31, (1,), generator=g)))
@@ -493,6 +548,10 @@ def train_powder_model(
         return now
 
     ds = load_powder_training_set(data, material)
+    if cfg.measured_like:
+        from model_server.inversion.powder.domain import multiphonon_set
+
+        ds["multiphonon"] = multiphonon_set(ds, np.arange(len(ds["spectra"])), progress=progress)
     t = stage("read", t0)
     trainer = _PowderTrainer(ds, cfg, progress)
     vae = trainer.train_vae()

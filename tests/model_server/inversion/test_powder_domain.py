@@ -242,3 +242,37 @@ def test_cli_latent_study(tiny: dict[str, Path], tmp_path: Path) -> None:
     no_data = steer("evaluate", "--model", tiny["model"], "--latent")
     assert no_data.returncode == 2
     assert "--data" in no_data.stderr
+
+
+def test_torch_measured_like_noise_matches_the_numpy_draws(tiny: dict[str, Path]) -> None:
+    """The training inputs' measured-like noise has the expectation of measured_like's."""
+    from model_server.inversion.powder.domain import measured_like_noise, multiphonon_set
+
+    data = read_powder_dataset(tiny["test"])
+    spec = MeasuredLikeSpec(counts_range=(1e14, 1e14), background_share=(0.1, 0.1))
+    ml = measured_like(data, [0, 1], spec, progress=False)
+    mp = multiphonon_set(data, [0, 1], progress=False)
+    mask = torch.from_numpy(ml["mask"])
+    out = measured_like_noise(
+        torch.from_numpy(np.asarray(data["spectra"][:2], np.float32)),
+        torch.from_numpy(mp),
+        mask,
+        torch.from_numpy(ml["exposure"]),
+        torch.from_numpy(ml["flat_background"]),
+        torch.tensor([1e14, 1e14]),
+        torch.tensor([0.1, 0.1]),
+        torch.Generator().manual_seed(0),
+    ).numpy()
+    assert np.all(out[:, ~ml["mask"]] == 0)
+    a = np.nansum(np.where(ml["mask"][None], ml["spectra"], 0.0), axis=1)  # per energy column
+    np.testing.assert_allclose(out.sum(axis=1), a, rtol=1e-3, atol=1e-6)
+
+
+def test_measured_like_training(tiny: dict[str, Path], tmp_path: Path) -> None:
+    cfg = PowderTrainConfig(
+        variant="fc", vae_epochs=1, regressor_epochs=1, calibration_samples=8, measured_like=True
+    )
+    summary = train_powder_model("Al", tiny["train"], tmp_path / "ml", config=cfg, progress=False)
+    meta = load_powder_model(tmp_path / "ml").meta
+    assert meta["training"]["config"]["measured_like"] is True
+    assert set(summary["internal_test_r2"]) == {"clean", "training_noise"}
