@@ -517,6 +517,14 @@ def finetune_cmd(
     test_offset: Annotated[
         int, typer.Option("--test-offset", help="--study: first test set reported.")
     ] = 0,
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--compare",
+            help="--study: more model directories estimated on the same spectra (e.g. one "
+            "trained with --measured-like); repeat the option.",
+        ),
+    ] = None,
     threads: ThreadsOpt = 1,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -546,6 +554,7 @@ def finetune_cmd(
             test_offset=test_offset,
             epochs=epochs,
             lr_factor=lr_factor,
+            compare={p.name: p for p in compare or []},
             progress=not quiet,
         )
         result["command"] = command_line()

@@ -71,10 +71,13 @@ def domain_study(
     test_seed: int = 2,
     epochs: int = 10,
     lr_factor: float = 0.1,
+    compare: dict[str, str | Path] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the study (module docstring); the two trained models go to ``out_dir``
-    (``fine_tuned/``, ``extended/``). JSON-ready result."""
+    """Run the study (module docstring); the trained models go to ``out_dir``
+    (``fine_tuned/``, ``fine_tuned_supervised/``, ``extended/``); ``compare``: more
+    models (name -> directory, e.g. one trained with ``measured_like``) estimated on the
+    same spectra. JSON-ready result."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +127,8 @@ def domain_study(
             progress=progress,
         )
         trained[name] = {"path": summary["out"], "minutes": summary["minutes"]}
+    for name, path in (compare or {}).items():
+        trained[name] = {"path": str(path), "minutes": None}
     results: dict[str, Any] = {}
     names = list(test["fc_names"])
     for name, info in trained.items():
@@ -183,7 +188,7 @@ def plot_domain_study(result: dict[str, Any], out: str | Path) -> Path:
     names = result["fc_names"]
     width = result["domain_width"]
     res = result["results"]
-    models = [m for m in MODELS if m in res]
+    models = [m for m in MODELS if m in res] + [m for m in res if m not in MODELS]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     x = np.arange(len(names))
     bw = 0.8 / (len(models) * 2)
@@ -193,6 +198,9 @@ def plot_domain_study(result: dict[str, Any], out: str | Path) -> Path:
         "fine_tuned_supervised": "tab:green",
         "extended": "tab:grey",
     }
+    extra = iter(["tab:purple", "tab:brown", "tab:olive", "tab:cyan"])
+    for m in models:
+        colours.setdefault(m, next(extra, "k"))
     for j, m in enumerate(models):
         for c_i, cond in enumerate(("noise_only", "measured_like")):
             r = res[m][cond]

@@ -276,3 +276,22 @@ def test_measured_like_training(tiny: dict[str, Path], tmp_path: Path) -> None:
     meta = load_powder_model(tmp_path / "ml").meta
     assert meta["training"]["config"]["measured_like"] is True
     assert set(summary["internal_test_r2"]) == {"clean", "training_noise"}
+
+
+def test_cli_domain_study(tiny: dict[str, Path], tmp_path: Path) -> None:
+    r = steer(
+        "finetune", "--study", "--model", tiny["model"], "--data", tiny["train"],
+        "--test", tiny["test"], "--out", tmp_path, "--n-finetune", "8", "--n-test", "6",
+        "--epochs", "1", "--compare", tiny["model"], "--json", "--quiet",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    models = {"sim_only", "fine_tuned", "fine_tuned_supervised", "extended", "fc"}
+    assert set(out["results"]) == models
+    for m in models:
+        assert set(out["results"][m]) == {"clean", "noise_only", "measured_like"}
+        assert out["results"][m]["measured_like"]["n"] == 6
+    # the compared model is the original: the same estimates as sim_only
+    assert out["results"]["fc"]["clean"]["bias"] == out["results"]["sim_only"]["clean"]["bias"]
+    assert json.loads((tmp_path / "domain_study.json").read_text())["test_set"]["indices"] == [0, 6]
+    assert (tmp_path / "domain_study.png").stat().st_size > 10_000
