@@ -354,12 +354,24 @@ def demo_cmd(
             "--physics", help="Also the physics demo (FC sets, phonopy export, training set)."
         ),
     ] = False,
+    powder_series: Annotated[
+        bool,
+        typer.Option(
+            "--powder-series",
+            help="Instead: the Al powder temperature series (50-640 K, 10 steps each) "
+            "through the service, run after run, with the page up; a figure of the "
+            "service's force constants against temperature.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole service on a simulated Ge run: embedded broker, fast replay, consumer, model
     server, advisor, API and live page; a progress view, then a summary and plots."""
-    from steering.demo import run_demo
+    from steering.demo import run_demo, run_powder_series_demo
 
+    if powder_series:
+        emit(run_powder_series_demo(out, port=port, keep_serving=keep_serving), as_json)
+        return
     result = run_demo(
         out,
         orientations=orientations,
