@@ -513,10 +513,12 @@ def run_powder_series_demo(
     consumer into S(|Q|, E) and refined step by step from the counts (the service's powder
     estimate), the page and API up all along. Returns (and writes to
     ``out/powder_series_summary.json``) per temperature the truth and the service's final
-    estimate, and ``out/powder_series_service.png``: the service's force constants against
+    estimate, whether the service's live fold equals the offline fold of the run file
+    (bitwise counts), and ``out/powder_series_service.png``: the service's force constants against
     temperature with their error bars and the truth.
     """
     from consumers.kafka import embedded_broker
+    from consumers.offline import fold_recorded_run
     from model_server.refinement.powder_series import NAMES, PAPER_TEMPERATURES, softened
     from simulations.runs.simulate import RunPlan, simulate_run
     from steering.api.app import create_app
@@ -575,6 +577,9 @@ def run_powder_series_demo(
                         raise TimeoutError(f"{run_id} not complete after {timeout_s} s")
                     time.sleep(0.25)
                 sender.join(60)
+                acc = service.service.pipeline.acc if service.service is not None else None
+                _, offline = fold_recorded_run(run_file, progress=False)
+                same = bool(acc is not None and np.array_equal(acc.counts, offline.counts))
                 last = est[-1]
                 truth = softened(t)
                 fc: dict[str, dict[str, float]] = {
@@ -594,6 +599,7 @@ def run_powder_series_demo(
                     "estimates": len(est),
                     "source": last.get("source"),
                     "seconds": round(time.perf_counter() - t_run, 1),
+                    "live_equals_offline": same,
                     "fc": fc,
                 }
                 rows.append(row)
@@ -612,6 +618,7 @@ def run_powder_series_demo(
     result: DemoResult = {
         "url": url,
         "runs": rows,
+        "live_equals_offline": all(r["live_equals_offline"] for r in rows),
         "within_1_std": f"{sum(z <= 1 for z in zs)}/{len(zs)}",
         "within_2_std": f"{sum(z <= 2 for z in zs)}/{len(zs)}",
         "steps": steps,

@@ -28,5 +28,6 @@ def test_powder_series_through_the_service(tmp_path: Path) -> None:
     # the truth softens by 14.75 % from 50 to 640 K; the service sees it in 1NN_xx
     a, b = (r["fc"]["1NN_xx"] for r in runs)
     assert b["mean"] > a["mean"] + 3 * math.hypot(a["std"], b["std"])  # less negative
+    assert result["live_equals_offline"] is True
     assert json.loads((tmp_path / "powder_series_summary.json").read_text())["steps"] == 2
     assert Path(result["figure"]).stat().st_size > 10_000

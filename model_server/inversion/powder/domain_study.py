@@ -189,7 +189,7 @@ def plot_domain_study(result: dict[str, Any], out: str | Path) -> Path:
     width = result["domain_width"]
     res = result["results"]
     models = [m for m in MODELS if m in res] + [m for m in res if m not in MODELS]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     x = np.arange(len(names))
     bw = 0.8 / (len(models) * 2)
     colours = {
@@ -200,7 +200,8 @@ def plot_domain_study(result: dict[str, Any], out: str | Path) -> Path:
     }
     extra = iter(["tab:purple", "tab:brown", "tab:olive", "tab:cyan"])
     for m in models:
-        colours.setdefault(m, next(extra, "k"))
+        if m not in colours:
+            colours[m] = next(extra, "k")
     for j, m in enumerate(models):
         for c_i, cond in enumerate(("noise_only", "measured_like")):
             r = res[m][cond]
@@ -230,13 +231,14 @@ def plot_domain_study(result: dict[str, Any], out: str | Path) -> Path:
     axes[1].set_ylim(min(-0.2, axes[1].get_ylim()[0]), 1.02)
     for ax in axes:
         ax.set_xticks(x, names)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(
         f"{result['material']} powder model on measured-like spectra "
         f"({result['results']['sim_only']['measured_like']['n']} test sets): before and after "
         "fine-tuning"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7)
     out = Path(out)
     fig.savefig(out, dpi=90)
     plt.close(fig)
