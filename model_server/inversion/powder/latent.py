@@ -93,7 +93,7 @@ def latent_means(
     with torch.inference_mode():
         for s in range(0, len(x), chunk):
             xs = torch.nan_to_num(torch.from_numpy(x[s : s + chunk]))
-            inputs = prepare(xs, torch.from_numpy(np.ascontiguousarray(mk[s : s + chunk])) & kin)
+            inputs = prepare(xs, torch.from_numpy(np.array(mk[s : s + chunk], dtype=bool)) & kin)
             mu, _ = m.vae.encoder(inputs)  # type: ignore[operator]
             out.append(mu.double().numpy())
     return np.concatenate(out)
