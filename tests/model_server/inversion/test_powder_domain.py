@@ -176,17 +176,28 @@ def test_finetune_errors(tiny: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_cli_finetune(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """On a measured-like set and a folded powder run (steer fold --out) together."""
+    from consumers.offline import fold_recorded_run
+    from simulations.runs.simulate import RunPlan, simulate_run
+
     data = read_powder_dataset(tiny["train"])
     path = write_measured_like(
         tmp_path / "ml.h5", measured_like(data, np.arange(4), progress=False), "train"
     )
+    plan = RunPlan(
+        material="Al", powder=True, omegas=(0.0,) * 2, ei=50.0, temperature=300.0,
+        events_per_orientation=3e4, count_time=2.0, mesh=16, seed=3,
+    )  # fmt: skip
+    simulate_run(plan, tmp_path / "al.steer", progress=False)
+    fold_recorded_run(tmp_path / "al.steer", out=tmp_path / "al.h5", progress=False)
     r = steer(
         "finetune", "--model", tiny["model"], "--data", tiny["train"], "--measured", path,
-        "--out", tmp_path / "ft", "--epochs", "1", "--json", "--quiet",
+        "--measured", tmp_path / "al.h5", "--out", tmp_path / "ft", "--epochs", "1", "--json",
+        "--quiet",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["mode"] == "measured"
-    assert load_powder_model(tmp_path / "ft").meta["finetune"]["n_spectra"] == 4
+    assert load_powder_model(tmp_path / "ft").meta["finetune"]["n_spectra"] == 5
     bad = steer("finetune", "--model", tiny["model"], "--data", tiny["train"], "--study")
     assert bad.returncode == 2
     assert "--test" in bad.stderr
