@@ -519,8 +519,13 @@ def run_powder_series_demo(
     """
     from consumers.kafka import embedded_broker
     from consumers.offline import fold_recorded_run
-    from model_server.refinement.powder_series import NAMES, PAPER_TEMPERATURES, softened
-    from simulations.runs.simulate import RunPlan, simulate_run
+    from model_server.refinement.powder_series import (
+        NAMES,
+        PAPER_TEMPERATURES,
+        series_plan,
+        softened,
+    )
+    from simulations.runs.simulate import simulate_run
     from steering.api.app import create_app
     from steering.api.state import LiveState
     from steering.service import SteeringService
@@ -534,20 +539,7 @@ def run_powder_series_demo(
         run = out / f"al_powder_{round(t)}K.steer"
         if not run.is_file():
             _say(f"simulating the {t:g} K run ({steps} steps x {events_per_step:g} events) ...")
-            plan = RunPlan(
-                material="Al",
-                fc=softened(t),
-                powder=True,
-                omegas=(0.0,) * steps,
-                ei=50.0,
-                temperature=float(t),
-                events_per_orientation=events_per_step,
-                count_time=60.0,
-                mesh=16,
-                seed=seed + i,
-                run_id=f"al-powder-{round(t)}K",
-            )
-            simulate_run(plan, run, progress=False)
+            simulate_run(series_plan(t, i, steps, events_per_step, seed), run, progress=False)
         files.append(run)
     history = _fresh_history(out)
     live = LiveState()

@@ -30,7 +30,14 @@ from tqdm import tqdm
 
 from model_server.refinement.powder import PowderRefiner, powder_run_from_file
 
-__all__ = ["PAPER_TEMPERATURES", "SOFTENING", "plot_series", "softened", "temperature_series"]
+__all__ = [
+    "PAPER_TEMPERATURES",
+    "SOFTENING",
+    "plot_series",
+    "series_plan",
+    "softened",
+    "temperature_series",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,30 @@ def softened(temperature: float) -> dict[str, float]:
     }
 
 
+def series_plan(
+    temperature: float, index: int, steps: int, events_per_step: float, seed: int
+) -> Any:
+    """The :class:`~simulations.runs.simulate.RunPlan` of the series' run at
+    ``temperature`` (K), the ``index``-th of the series: the softened truth, ``steps``
+    counting steps of 60 s with ``events_per_step`` events, seed ``seed + index``, run id
+    ``al-powder-<T>K``."""
+    from simulations.runs.simulate import RunPlan
+
+    return RunPlan(
+        material="Al",
+        fc=softened(temperature),
+        powder=True,
+        omegas=(0.0,) * steps,
+        ei=50.0,
+        temperature=float(temperature),
+        events_per_orientation=events_per_step,
+        count_time=60.0,
+        mesh=16,
+        seed=seed + index,
+        run_id=f"al-powder-{round(temperature)}K",
+    )
+
+
 def temperature_series(
     out_dir: str | Path,
     *,
@@ -71,7 +102,7 @@ def temperature_series(
     std (and the model's, with ``estimate``; ``model`` names it in the result) of each
     coefficient, the Pearson chi^2 per dof and the seconds of each stage."""
     from consumers.offline import fold_recorded_run
-    from simulations.runs.simulate import RunPlan, simulate_run
+    from simulations.runs.simulate import simulate_run
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,20 +113,7 @@ def temperature_series(
         run = out / f"al_powder_{round(t)}K.steer"
         h5 = run.with_suffix(".h5")
         t0 = time.perf_counter()
-        plan = RunPlan(
-            material="Al",
-            fc=truth,
-            powder=True,
-            omegas=(0.0,) * steps,
-            ei=50.0,
-            temperature=float(t),
-            events_per_orientation=events_per_step,
-            count_time=60.0,
-            mesh=16,
-            seed=seed + i,
-            run_id=f"al-powder-{round(t)}K",
-        )
-        simulate_run(plan, run, progress=False)
+        simulate_run(series_plan(t, i, steps, events_per_step, seed), run, progress=False)
         t_sim = time.perf_counter() - t0
         fold_recorded_run(run, h5, progress=False)
         row: dict[str, Any] = {
