@@ -21,8 +21,8 @@ sets of a powder training set, directly on the model's crop of the powder grid::
   which a share ``background_share`` is background; both drawn per spectrum
   (:class:`MeasuredLikeSpec`).
 
-The incoherent elastic line is left out: at Ei = 50 meV its tail is below 1e-6 of the
-inelastic signal at the crop's lower edge (10 meV).
+The incoherent elastic line is left out: at Ei = 50 meV its Gaussian width at E = 0 is
+0.66 meV, so the crop's lower edge (10 meV) is 15 widths away.
 
 :func:`shift_metrics` measures what the shift does to a model's estimates: per
 coefficient the bias (mean of estimate - truth), the RMSE, R^2 and the 1-sigma coverage
