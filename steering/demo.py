@@ -270,6 +270,13 @@ def _follow(
     raise TimeoutError(f"the run was not complete after {timeout_s} s")
 
 
+def _stop(service: SteeringService, server: Any, api: threading.Thread) -> None:
+    """Stop the service, then the API server, waiting up to 10 s for its thread."""
+    service.stop()
+    server.should_exit = True
+    api.join(10)
+
+
 def _serve_until_interrupted(api: threading.Thread, url: str) -> None:
     _say(f"done; serving {url} until Ctrl-C")
     try:
@@ -375,9 +382,7 @@ def run_demo(
             if keep_serving:
                 _serve_until_interrupted(api, url)
         finally:
-            service.stop()
-            server.should_exit = True
-            api.join(10)
+            _stop(service, server, api)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2, default=str))
     return result
@@ -603,9 +608,7 @@ def run_powder_series_demo(
             if keep_serving:
                 _serve_until_interrupted(api, url)
         finally:
-            service.stop()
-            server.should_exit = True
-            api.join(10)
+            _stop(service, server, api)
     zs = [abs(v["error_over_std"]) for r in rows for v in r["fc"].values()]  # type: ignore[union-attr]
     result: DemoResult = {
         "url": url,

@@ -106,11 +106,12 @@ def crop_exposure(data: dict[str, Any]) -> tuple[NDArray[np.float64], NDArray[np
     """(exposure ``X`` per unit charge (sr meV), flat background share ``T``) (n_Q, n_E)
     on a powder training set's crop, for the ARCS-like detector at the set's Ei."""
     from consumers.reduction.powder import PowderFolder
+    from simulations.fcdb.powder_dataset import PowderSpec
     from simulations.instrument.spectrometer import Instrument
-    from simulations.lattice.materials import setup
 
-    ei = float(data["spec"]["ei"])
-    grid = setup(str(data["material"]), shells=int(data["spec"]["shells"])).powder_grid(ei)
+    spec = PowderSpec.from_dict(data["spec"])
+    ei = spec.ei
+    grid = spec.material_setup().powder_grid(ei)
     if grid.fingerprint != data["grid"]["fingerprint"]:
         raise TrainingError(
             f"the data set's powder grid {data['grid']['fingerprint']} is not the "
@@ -208,33 +209,25 @@ def multiphonon_set(
     from tqdm import tqdm
 
     from simulations.exceptions import SimulationError
+    from simulations.fcdb.powder_dataset import PowderSpec
     from simulations.lattice.backgrounds import powder_multiphonon
-    from simulations.lattice.materials import setup
-    from simulations.lattice.resolution import EnergyResolution
     from simulations.lattice.sqe import CoherentSQE
 
     idx = np.asarray(indices, dtype=np.int64)
     q = 0.5 * (np.asarray(data["q_edges"])[1:] + np.asarray(data["q_edges"])[:-1])
     e = 0.5 * (np.asarray(data["energy_edges"])[1:] + np.asarray(data["energy_edges"])[:-1])
-    dspec = data["spec"]
-    ms = setup(str(data["material"]), shells=int(dspec["shells"]))
+    spec = PowderSpec.from_dict(data["spec"])
+    ms = spec.material_setup()
     names = list(data["fc_names"])
     if list(ms.basis.names) != names:
         raise TrainingError(f"the data set's coefficients {names} are not {ms.basis.names}")
-    r = data["resolution"]
-    res = EnergyResolution(
-        instrument=str(r["instrument"]),
-        ei=float(r["ei_meV"]),
-        chopper_frequency=float(r["chopper_frequency_Hz"]),
-        coefficients=tuple(float(c) for c in r["sigma_poly_meV"]),
-        e_max=float(r["e_max_meV"]),
-    )
+    res = spec.resolution(ms)  # the resolution the set was made with (its file records it)
     out = np.zeros((len(idx), len(q), len(e)), dtype=np.float32)
     for i in tqdm(range(len(idx)), desc="multiphonon", unit="sp", disable=not progress):
         model = CoherentSQE(
             ms.basis,
             np.asarray(data["fc"][idx[i]], float),
-            temperature=float(dspec["temperature"]),
+            temperature=spec.temperature,
             resolution=res,
         )
         try:

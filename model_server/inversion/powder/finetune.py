@@ -147,7 +147,6 @@ def finetune_powder_model(
     steps = steps_per_epoch or max(1, n_items // batch)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr * lr_factor, weight_decay=1e-5)
     sched = _cosine(opt, epochs * steps)
-    px = trainer.pixels.float()
     gen = torch.Generator().manual_seed(cfg.seed + 100)
     for _ in trainer._epochs(f"fine-tune ({mode})", epochs):
         vae.train()
@@ -161,22 +160,17 @@ def finetune_powder_model(
                     inp, target, _ = trainer.inputs(
                         trainer.train_x[idx], gen, trainer.split_mp("train", idx)
                     )
-                recon, mu, logvar, _ = vae(inp, gen)
-                rec = (((recon - target) ** 2) * px).sum(dim=(1, 2)).mean()
-                kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1).mean()
+                rec, kl, _ = trainer.vae_terms(vae, inp, target, None, gen)
                 loss = rec + cfg.beta * kl
                 if supervised:
                     sim = torch.randint(0, len(trainer.train_x), (batch,), generator=gen)
                     s_in, s_clean, _ = trainer.inputs(
                         trainer.train_x[sim], gen, trainer.split_mp("train", sim)
                     )
-                    s_rec, s_mu, s_lv, s_aux = vae(s_in, gen)
-                    loss = (
-                        loss
-                        + (((s_rec - s_clean) ** 2) * px).sum(dim=(1, 2)).mean()
-                        + cfg.beta * 0.5 * (s_mu**2 + s_lv.exp() - 1 - s_lv).sum(dim=1).mean()
-                        + cfg.aux_weight * ((s_aux - trainer.train_y[sim]) ** 2).sum(dim=1).mean()
+                    s_rec, s_kl, s_sup = trainer.vae_terms(
+                        vae, s_in, s_clean, trainer.train_y[sim], gen
                     )
+                    loss = loss + s_rec + cfg.beta * s_kl + cfg.aux_weight * s_sup
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)

@@ -308,6 +308,24 @@ class _PowderTrainer:
         return tuple(torch.cat([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ VAE
+    def vae_terms(
+        self,
+        vae: PowderVAE,
+        inp: torch.Tensor,
+        target: torch.Tensor,
+        y: torch.Tensor | None,
+        gen: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The VAE loss's terms for a batch: (sum of squared reconstruction errors of
+        ``target`` on the pixels inside the kinematic limit, KL to the prior, squared error
+        of the auxiliary FC head against scaled FCs ``y`` (0 without labels)), each the
+        batch mean."""
+        recon, mu, logvar, aux = vae(inp, gen)
+        rec = (((recon - target) ** 2) * self.pixels.float()).sum(dim=(1, 2)).mean()
+        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1).mean()
+        sup = torch.zeros(()) if y is None else ((aux - y) ** 2).sum(dim=1).mean()
+        return rec, kl, sup
+
     def train_vae(self) -> PowderVAE:
         cfg = self.cfg
         vae, _ = build_networks(
@@ -332,10 +350,7 @@ class _PowderTrainer:
                 inp, clean, _ = self.inputs(
                     self.train_x[idx], self.gen, self.split_mp("train", idx)
                 )
-                recon, mu, logvar, aux = vae(inp, self.gen)
-                rec = (((recon - clean) ** 2) * px).sum(dim=(1, 2)).mean()
-                kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(dim=1).mean()
-                sup = ((aux - self.train_y[idx]) ** 2).sum(dim=1).mean()
+                rec, kl, sup = self.vae_terms(vae, inp, clean, self.train_y[idx], self.gen)
                 loss = rec + cfg.beta * kl + cfg.aux_weight * sup
                 opt.zero_grad()
                 loss.backward()
@@ -349,11 +364,11 @@ class _PowderTrainer:
             vae.eval()
             with torch.no_grad():
                 mu, _ = vae.encoder(hold_in)
-                rec = float((((vae.decoder(mu) - hold_clean) ** 2) * px).sum(dim=(1, 2)).mean())
-                sup = float(((vae.aux(mu) - self.cal_y) ** 2).sum(dim=1).mean())
-            self._log("vae_holdout_recon", rec)
-            self._log("vae_holdout_aux", sup)
-            logger.info("VAE epoch: holdout recon %.3f aux %.4f", rec, sup)
+                h_rec = float((((vae.decoder(mu) - hold_clean) ** 2) * px).sum(dim=(1, 2)).mean())
+                h_sup = float(((vae.aux(mu) - self.cal_y) ** 2).sum(dim=1).mean())
+            self._log("vae_holdout_recon", h_rec)
+            self._log("vae_holdout_aux", h_sup)
+            logger.info("VAE epoch: holdout recon %.3f aux %.4f", h_rec, h_sup)
         _round_fp16(vae)
         return vae
 
