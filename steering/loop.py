@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from steering import metrics
+from steering.advisor.planner import InformationPlanner
 from steering.advisor.ranking import Advisor, check_score, check_weighting
 from steering.exceptions import AdvisorError
 
@@ -238,7 +239,8 @@ class CandidateCoverage:
         orientation = Orientation.from_vectors(ms.crystal, tuple(o["u"]), tuple(o["v"]))
         w = meta.get("planned_omegas_deg", []) if omegas is None else omegas
         self.omegas = np.asarray(ins.check_omegas(np.asarray(w, dtype=float)), dtype=float)
-        self._folder = Folder(
+        #: the run's folder (detector, mounting, Ei)
+        self.folder = self._folder = Folder(
             FoldTable.cached(ms.crystal, ms.grid), ms.grid, ins, orientation, float(meta["ei_meV"])
         )
         self._done: list[NDArray[np.float64]] = []
@@ -303,6 +305,9 @@ class SteeringLoop:
         weighting: str = "scarcity",
         refiner: RunRefiner | None = None,
         recheck_every: int = 10,
+        planner: InformationPlanner | None = None,
+        target: dict[str, Any] | None = None,
+        forbidden: Sequence[Sequence[float]] = (),
     ) -> None:
         check_score(score)
         check_weighting(weighting)
@@ -319,6 +324,17 @@ class SteeringLoop:
         self.refiner = refiner
         self.recheck_every = max(1, int(recheck_every))
         self._warm: NDArray[np.float64] | None = None
+        #: ranks the angles by the refined posterior's information per beam time and says
+        #: when the target is met (None: the ranking alone suggests)
+        self.planner = planner
+        #: the target precision of the stop criterion (``{"std": {name: eV/A^2}}`` and/or
+        #: ``{"d_criterion": eV/A^2}``)
+        self.target = target
+        #: closed angle ranges (deg) never suggested
+        self.forbidden: list[tuple[float, float]] = [(float(a), float(b)) for a, b in forbidden]
+        #: (theta, covariance, inflation, cumulative model) of the last refined estimate
+        self._posterior: tuple[Any, ...] | None = None
+        self._last_next: dict[str, Any] | None = None
 
     def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         """A completed orientation: estimate, rank, publish (a
@@ -398,6 +414,7 @@ class SteeringLoop:
         else:
             advice["ranking"] = None
             advice["error"] = "candidate coverages are still being computed"
+        self._plan(advice, record)
         advice["seconds"] = time.perf_counter() - t0
         self.history.append(advice)
         for sink in self.sinks:
@@ -405,6 +422,83 @@ class SteeringLoop:
                 sink(advice)
             except Exception:
                 logger.exception("advice sink failed (orientation %d)", record.index)
+
+    def _plan(self, advice: dict[str, Any], record: OrientationRecord) -> None:
+        """The information plan, the stop state and the next angle of an advice.
+
+        With a planner and a refined posterior: ``plan`` (candidates by expected gain per
+        beam time), ``stop`` (:class:`steering.advisor.planner.StopState`), ``state``
+        (``"done"`` when the target is met, else ``"measuring"``) and ``next`` (the best
+        candidate; None when done). Without them the ranking's best angle is ``next``
+        and ``plan`` and ``stop`` are None with the reason in ``plan_error``.
+        """
+        advice["plan"] = None
+        advice["stop"] = None
+        advice["state"] = "measuring" if advice.get("ranking") else "waiting"
+        advice["next"] = None
+        ranking = advice.get("ranking")
+        if ranking and ranking.get("candidates"):
+            best = ranking["candidates"][0]
+            advice["next"] = {"omega": float(best["omega"]), "source": "advisor", "by": None}
+        planner = self.planner
+        if planner is None:
+            return
+        if self._posterior is None:
+            advice["plan_error"] = "no refined posterior yet (the plan needs the counts' fit)"
+            return
+        if not planner.prepared and not (not self.history and planner.wait(self.first_wait_s)):
+            advice["plan_error"] = "the planner's nodes are still being computed"
+            return
+        theta, cov, inflation, model = self._posterior
+        charge = max(float(record.proton_charge), 1e-9)
+        t0 = time.perf_counter()
+        try:
+            last = self._last_next
+            if last is not None and abs(float(last["omega"]) - float(record.omega)) < 0.05:
+                planner.observe(float(last["gain"]), last["covariance"], cov)
+            planner.refresh(theta, cov, model, charge=charge, inflation=inflation, reuse_within=0.5)
+            t1 = time.perf_counter()
+            cands = planner.rank(
+                cov, current=float(record.omega), measured=self.measured, forbidden=self.forbidden
+            )
+            rank_s = time.perf_counter() - t1
+            stop = planner.stop(
+                cov, self.target, current=float(record.omega), forbidden=self.forbidden
+            )
+        except AdvisorError as exc:
+            logger.warning("no plan after orientation %d: %s", record.index, exc)
+            advice["plan_error"] = str(exc)
+            return
+        advice["plan"] = {
+            "basis": "information-per-beam-time",
+            "note": (
+                "expected information gain of the refined posterior (nats) per second of "
+                "beam time: counting + goniometer travel + settling"
+            ),
+            "speed_deg_s": planner.cost.speed_deg_s,
+            "settle_s": planner.cost.settle_s,
+            "candidates": [c.to_dict() for c in cands[:20]],
+            "refresh_seconds": round(planner.refresh_seconds, 4),
+            "rank_seconds": round(rank_s, 4),
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
+        advice["stop"] = stop.to_dict()
+        if stop.met:
+            advice["state"] = "done"
+            advice["next"] = None
+            self._last_next = None
+            return
+        advice["state"] = "measuring"
+        best = cands[0]
+        advice["next"] = {
+            "omega": best.omega,
+            "count_time_s": best.count_time_s,
+            "source": "advisor",
+            "by": None,
+            "gain": best.gain,
+            "predicted_std": best.predicted_std,
+        }
+        self._last_next = {"omega": best.omega, "gain": best.gain, "covariance": cov}
 
     def _running_estimate(
         self, snapshot: Snapshot, est: FCEstimate
@@ -446,6 +540,12 @@ class SteeringLoop:
             metrics.REFINE_FALLBACKS.inc()
             return running, mean, std
         self._warm = refined.theta
+        self._posterior = (
+            refined.theta,
+            refined.covariance,
+            refined.inflation,
+            getattr(self.refiner, "last_model", None),
+        )
         index = {n: i for i, n in enumerate(refined.names)}
         sel = [index.get(n, -1) for n in names]
         if all(i >= 0 for i in sel) and len(sel) == len(mean):

@@ -35,15 +35,16 @@ from model_server.exceptions import ModelServerError
 from steering import metrics
 from steering.api.state import LiveState
 from steering.db import History
-from steering.exceptions import SteeringError
+from steering.exceptions import AdvisorError, SteeringError
 
 if TYPE_CHECKING:
     from consumers.kafka import KafkaLivedataSink
     from consumers.streams import InstrumentConfig
     from model_server.inversion.inference import Estimator
     from model_server.refinement.refiner import RunRefiner
+    from steering.advisor.planner import InformationPlanner
     from steering.follow import ReplicaFollower
-    from steering.loop import KafkaAdviceSink, SteeringLoop
+    from steering.loop import CandidateCoverage, KafkaAdviceSink, SteeringLoop
 
 __all__ = ["MAX_ORIENTATION_SPECTRA", "SteeringService"]
 
@@ -117,6 +118,9 @@ class SteeringService:
         streams: InstrumentConfig | None = None,
         follow_replicas: bool = False,
         follow_group: str | None = None,
+        plan: bool = True,
+        plan_node_step: float = 5.0,
+        target: dict[str, Any] | None = None,
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
 
@@ -138,6 +142,11 @@ class SteeringService:
         self.snapshot_max_delay_s = float(snapshot_max_delay_s)
         self.first_wait_s = float(first_wait_s)
         self.refine = bool(refine)
+        #: plan by the refined posterior's information per beam time (needs ``refine``)
+        self.plan = bool(plan)
+        self.plan_node_step = float(plan_node_step)
+        #: the stop criterion's target precision for new runs (None: no target)
+        self.target = target
         self._loops: dict[str, SteeringLoop] = {}
         #: each powder run's last refined coefficients (the next step's start)
         self._powder_last: dict[str, Any] = {}
@@ -228,6 +237,33 @@ class SteeringService:
             logger.warning("run %s is not refined: %s", meta.get("run_id"), exc)
             return None
 
+    def _planner(
+        self, meta: dict[str, Any], refiner: RunRefiner | None, candidates: CandidateCoverage
+    ) -> InformationPlanner | None:
+        """The run's information planner (its nodes built on a background thread), or None
+        without a refinement or with planning off."""
+        if refiner is None or not self.plan or len(candidates.omegas) == 0:
+            return None
+        from steering.advisor.planner import BeamCost, InformationPlanner
+
+        try:
+            planner = InformationPlanner(
+                refiner,
+                candidates.folder,
+                candidates.omegas,
+                node_step=self.plan_node_step,
+                count_time_s=float(meta.get("count_time_s", 60.0)),
+                cost=BeamCost(
+                    float(meta.get("motor_speed_deg_s", 1.0)),
+                    float(meta.get("settle_time_s", 1.0)),
+                ),
+            )
+        except AdvisorError as exc:
+            logger.warning("run %s has no information plan: %s", meta.get("run_id"), exc)
+            return None
+        planner.start()
+        return planner
+
     def _make_loop(self, meta: dict[str, Any]) -> SteeringLoop:
         from steering.advisor.ranking import Advisor
         from steering.loop import CandidateCoverage, KafkaAdviceSink, SteeringLoop
@@ -260,11 +296,14 @@ class SteeringService:
             sink = KafkaAdviceSink(self.bootstrap, self.prefix, run_id=run_id, material=material)
             self._sinks[run_id] = sink
             sinks.append(sink)
+        refiner = None if self.follow_replicas else self._refiner(meta)
         loop = SteeringLoop(
             estimator,
             Advisor(material, temperature=float(meta.get("temperature_K", 5.0))),
             candidates,
-            refiner=None if self.follow_replicas else self._refiner(meta),
+            refiner=refiner,
+            planner=self._planner(meta, refiner, candidates),
+            target=self.target,
             sinks=sinks,
             run_id=run_id,
             # rank with the candidates ready so far rather than hold the first estimate
@@ -459,12 +498,14 @@ class SteeringService:
         self._notify(run_id, advice)
 
     def _record_advice(self, advice: dict[str, Any]) -> None:
-        """The advice (when the advisor ranked) into the history."""
+        """The advice (when the advisor ranked) into the history: the ranking with the
+        run's state, the next angle, the information plan and the stop state beside it."""
         if advice.get("ranking") is not None:
+            extra = {k: advice[k] for k in ("state", "next", "plan", "stop") if k in advice}
             self.history.add_advice(
                 str(advice["run_id"]),
                 n_orientations=int(advice["n_orientations"]),
-                ranking=advice["ranking"],
+                ranking={**advice["ranking"], **extra},
             )
 
     def _notify(self, run_id: str, message: dict[str, Any]) -> None:

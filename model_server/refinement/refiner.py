@@ -98,6 +98,8 @@ class RunRefiner:
         self.resolution = instrument.resolution(self.ei)
         self.table = table or FoldTable.cached(self.setup.crystal, self.setup.grid)
         self._constants: StructureConstants | None = None
+        #: the expected-counts model of the last :meth:`refine` (the planner's cumulative)
+        self.last_model: CountsModel | None = None
         self._incoherent: tuple[NDArray[np.float64], IncoherentScattering] | None = None
 
     @classmethod
@@ -242,6 +244,7 @@ class RunRefiner:
             starts = [starts or {}]
         vectors = [self.start_from(s) for s in starts]
         if model is not None:
+            self.last_model = model
             return refine(model, counts, vectors, prior=self.prior, warm=warm, max_iter=max_iter)
         k = len(self.names)
         at = vectors[0] if warm is None else np.asarray(warm, dtype=float)[:k]
@@ -261,6 +264,7 @@ class RunRefiner:
                 second_minimum=again.second_minimum or fit.second_minimum,
                 start=fit.start,
             )
+        self.last_model = model
         return fit
 
 

@@ -60,6 +60,16 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             advice = c.get(f"{base}/runs/{run_id}/advice").json()["advice"]
             assert advice
             assert advice[-1]["basis"] in ("spectrum-d-optimal", "coverage")
+            # the information plan of the refined posterior, the stop state and the next angle
+            last = advice[-1]
+            assert last["state"] in ("measuring", "done")
+            plan = last["plan"]
+            assert plan["basis"] == "information-per-beam-time"
+            gains = [c["gain_per_minute"] for c in plan["candidates"]]
+            assert gains == sorted(gains, reverse=True)
+            assert gains[0] > 0
+            assert last["next"]["omega"] == plan["candidates"][0]["omega"]
+            assert last["stop"]["state"] in ("no target", "measuring", "done", "unreachable")
             spec = c.get(f"{base}/runs/{run_id}/spectrum").json()
             assert spec["n_orientations"] == 4
             # each orientation's spectrum alone; together they make the run's counts

@@ -1,0 +1,152 @@
+"""The information planner: expected gain of the refined posterior per beam time, checked
+against the Fisher information of the folded counts computed directly, and the stop state."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pytest
+
+from steering.advisor.planner import (
+    BeamCost,
+    InformationPlanner,
+    allowed,
+    check_ranges,
+    check_target,
+)
+from steering.exceptions import AdvisorError
+from tests.ge_moments import ge_moments, ge_run, replica_counts
+
+#: the first orientation's angle and the candidates (nodes every 4 degrees)
+FIRST = 0.0
+OMEGAS = np.arange(0.0, 9.0)
+
+
+@lru_cache(maxsize=1)
+def _posterior() -> tuple[Any, Any, Any]:
+    """A refined posterior after one Ge orientation (README count level) and its model."""
+    run = ge_run()
+    r = run.refiner
+    m = ge_moments((FIRST,))
+    model = r.model(m)
+    theta = model.theta(run.truth)
+    signal = model.evaluate(theta, jacobian=False).expected.sum()
+    theta[-4] = np.log(12600.0 / signal)
+    theta[-3] = 1260.0 / model.background_shape.sum()
+    _, counts = replica_counts(model, theta, np.random.default_rng(7))
+    fit = r.refine(counts, m, [dict(zip(r.names, run.truth, strict=True))])
+    assert fit.converged
+    return fit, r.last_model, theta
+
+
+@lru_cache(maxsize=1)
+def _planner() -> InformationPlanner:
+    run = ge_run()
+    fit, model, _ = _posterior()
+    p = InformationPlanner(
+        run.refiner, run.folder, OMEGAS, node_step=4.0, samples=2, pixel_stride=2, e_substeps=4
+    )
+    p.prepare()
+    p.refresh(fit.theta, fit.covariance, model, charge=1.0, inflation=fit.inflation)
+    return p
+
+
+def test_ranges_targets_and_costs_are_checked() -> None:
+    assert check_ranges([(10, 20)], 0, 119) == [(10.0, 20.0)]
+    with pytest.raises(AdvisorError, match="empty"):
+        check_ranges([(20, 10)], 0, 119)
+    with pytest.raises(AdvisorError, match="outside the goniometer"):
+        check_ranges([(150, 160)], 0, 119)
+    with pytest.raises(AdvisorError, match="not finite"):
+        check_ranges([(float("nan"), 3)], 0, 119)
+    assert allowed([0, 5, 10, 15], [(4, 10)]).tolist() == [True, False, False, True]
+    names = ("1NN_xx", "1NN_xy")
+    assert check_target({"std": {"1NN_xx": 0.01}}, names) == {"std": {"1NN_xx": 0.01}}
+    with pytest.raises(AdvisorError, match="not a coefficient"):
+        check_target({"std": {"9NN_xx": 0.01}}, names)
+    with pytest.raises(AdvisorError, match="> 0"):
+        check_target({"std": {"1NN_xx": -1}}, names)
+    with pytest.raises(AdvisorError, match="d_criterion"):
+        check_target({"d_criterion": 0}, names)
+    with pytest.raises(AdvisorError, match="a target is"):
+        check_target({"precision": 1}, names)
+    with pytest.raises(AdvisorError, match="speed"):
+        BeamCost(0.0)
+    cost = BeamCost(2.0, 3.0)
+    assert cost.travel_s(10.0, np.array([10.0, 30.0])).tolist() == [0.0, 13.0]
+
+
+def test_the_gain_is_the_folded_counts_information() -> None:
+    """The predicted std after a count at a node equals the std from the Fisher information
+    of the folded sum (the run's counts plus the node's) computed on the summed moments."""
+    run = ge_run()
+    r = run.refiner
+    p = _planner()
+    fit, _, _theta = _posterior()
+    ranked = {c.omega: c for c in p.rank(fit.covariance, current=None)}
+    for w in (0.0, 8.0):
+        m = ge_moments((FIRST,)).copy()
+        m.add(ge_moments((w,)), 1.0)
+        model = r.model(m)
+        ev = model.evaluate(fit.theta)
+        jac = ev.jacobian
+        fisher = jac.T @ (jac / ev.expected[:, None])
+        # the coefficients' block with the nuisances profiled as the refinement does
+        k = len(r.names)
+        prec = np.concatenate([r.prior.precision, np.zeros(fisher.shape[0] - k)])
+        cov = np.linalg.inv(fisher + np.diag(prec))[:k, :k] * fit.inflation
+        direct = np.sqrt(np.diag(cov))
+        predicted = np.array([ranked[w].predicted_std[n] for n in r.names])
+        assert np.allclose(predicted[:4], direct[:4], rtol=0.1), (w, predicted[:4], direct[:4])
+    # a revisit of the measured angle adds more than an angle whose Q differ (the fold's
+    # loss), and every gain is positive
+    assert ranked[0.0].gain > ranked[8.0].gain > 0
+
+
+def test_ranking_respects_travel_forbidden_ranges_and_count_times() -> None:
+    p = _planner()
+    fit, _, _ = _posterior()
+    near = p.rank(fit.covariance, current=8.0)
+    free = p.rank(fit.covariance, current=None)
+    by = {c.omega: c for c in near}
+    assert by[8.0].travel_s == 0.0
+    assert by[0.0].travel_s == pytest.approx(8.0 + 1.0)
+    assert by[0.0].gain == pytest.approx({c.omega: c for c in free}[0.0].gain)
+    scores = [c.gain_per_minute for c in near]
+    assert scores == sorted(scores, reverse=True)
+    assert all(c.gain_per_minute == pytest.approx(60 * c.gain / c.beam_time_s) for c in near)
+    kept = p.rank(fit.covariance, forbidden=[(0.0, 3.5)])
+    assert min(c.omega for c in kept) == 4.0
+    with pytest.raises(AdvisorError, match="forbidden"):
+        p.rank(fit.covariance, forbidden=[(0.0, 8.0)])
+    with pytest.raises(AdvisorError, match="covariance"):
+        p.rank(np.eye(3))
+
+
+def test_stop_state() -> None:
+    p = _planner()
+    fit, _, _ = _posterior()
+    names = p.names
+    std = np.sqrt(np.diag(fit.covariance))
+    done = p.stop(fit.covariance, {"std": {names[0]: 1.01 * std[0]}})
+    assert done.state == "done"
+    assert done.met
+    assert done.expected_beam_time_s == 0.0
+    half = p.stop(fit.covariance, {"std": {names[0]: 0.7 * std[0]}}, current=FIRST)
+    assert half.state == "measuring"
+    assert not half.met
+    assert half.expected_orientations is not None
+    assert half.expected_orientations >= 1
+    assert half.expected_beam_time_s >= 60.0 * half.expected_orientations
+    never = p.stop(
+        fit.covariance, {"std": {names[0]: 1e-4 * std[0]}}, current=FIRST, max_beam_time_s=600
+    )
+    assert never.state == "unreachable"
+    assert never.expected_beam_time_s is None
+    assert never.best_reachable_std is not None
+    assert 1e-4 * std[0] < never.best_reachable_std[names[0]] < std[0]
+    assert p.stop(fit.covariance, None).state == "no target"
+    out = half.to_dict()
+    assert set(out) >= {"state", "met", "target", "expected_beam_time_s", "std"}
