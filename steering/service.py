@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +97,9 @@ class SteeringService:
         instead of running a consumer and a model (the module docstring).
     follow_group
         The follower's consumer group (default ``steer-<prefix>-follow``).
+    advice_sinks
+        Further sinks of every run's advice (e.g. the bluesky-queueserver queue sink,
+        :class:`steering.advisor.queueserver.QueueSink`); their owner closes them.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class SteeringService:
         streams: InstrumentConfig | None = None,
         follow_replicas: bool = False,
         follow_group: str | None = None,
+        advice_sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
 
@@ -157,6 +162,7 @@ class SteeringService:
         self._closed_at: float | None = None
         self.follow_replicas = bool(follow_replicas)
         self.follow_group = follow_group
+        self.advice_sinks = list(advice_sinks)
         self.follower: ReplicaFollower | None = None
         #: run id -> orientation counts whose estimate / advice the history holds
         self._estimated: dict[str, set[int]] = {}
@@ -260,6 +266,7 @@ class SteeringService:
             sink = KafkaAdviceSink(self.bootstrap, self.prefix, run_id=run_id, material=material)
             self._sinks[run_id] = sink
             sinks.append(sink)
+        sinks.extend(self.advice_sinks)
         loop = SteeringLoop(
             estimator,
             Advisor(material, temperature=float(meta.get("temperature_K", 5.0))),

@@ -142,3 +142,16 @@ def test_queue_sink_counts_an_unreachable_manager_and_never_raises(
         sink(advice)  # on the thread: the caller does not wait
     assert sink.counts["unreachable"] == 2
     assert "did not answer" in caplog.text
+
+
+def test_serve_refuses_queue_options_it_cannot_use() -> None:
+    import typer
+
+    from steering.cli.serve import queue_sink
+
+    ok: dict[str, Any] = {"plan": "steer_count_at", "count_time": None, "autostart": False}
+    with pytest.raises(typer.BadParameter, match="--bootstrap"):
+        queue_sink("tcp://127.0.0.1:1", bootstrap=None, plan_kwargs=None, **ok)
+    for bad in ("{not json", "[1, 2]"):
+        with pytest.raises(typer.BadParameter):
+            queue_sink("tcp://127.0.0.1:1", bootstrap="kafka:9092", plan_kwargs=bad, **ok)

@@ -95,8 +95,9 @@ class Manager:
     events: Path
 
     def reset(self) -> None:
-        """Empty queue and events, autostart off."""
+        """Empty queue and events, autostart off, nothing running."""
         self.api.queue_autostart(False)
+        self.api.wait_for_idle(timeout=30)
         self.api.queue_clear()
         self.events.write_text("")
 
@@ -160,7 +161,12 @@ def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manager]:
             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
         address = f"tcp://127.0.0.1:{control}"
-        api = REManagerAPI(zmq_control_addr=address, timeout_recv=1.0)
+        api = REManagerAPI(
+            zmq_control_addr=address,
+            timeout_recv=1.0,
+            status_expiration_period=0.05,
+            status_polling_period=0.05,
+        )
         deadline = time.monotonic() + 30
         while True:
             assert proc.poll() is None, log.read_text()
@@ -251,10 +257,12 @@ def test_autostart_runs_the_item_without_anyone_pressing_start(manager: Manager)
         while manager.omegas() != [17.0]:
             assert time.monotonic() < deadline, manager.api.status(reload=True)
             time.sleep(0.05)
+        manager.api.wait_for_idle(timeout=30)
     finally:
         sink.close()
         manager.api.queue_autostart(False)
     assert sink.counts["added"] == 1
+    assert manager.queue() == []
 
 
 def test_a_rejected_item_is_counted_and_logged_not_raised(
@@ -266,3 +274,29 @@ def test_a_rejected_item_is_counted_and_logged_not_raised(
     assert sink.counts["rejected"] == 1
     assert "refused" in caplog.text
     assert manager.queue() == []
+
+
+def test_steer_serve_queue_options_reach_the_queue(manager: Manager) -> None:
+    """What ``steer serve --queueserver ... --queue-plan-kwargs ...`` makes, on the real queue:
+    the extra keyword arguments ride along (here the run's metadata)."""
+    from steering.cli.serve import queue_sink
+
+    manager.reset()
+    sink = queue_sink(
+        manager.address,
+        bootstrap="kafka:9092",
+        plan="steer_count_at",
+        plan_kwargs='{"md": {"proposal": "IPTS-1"}}',
+        count_time=0.01,
+        autostart=False,
+    )
+    try:
+        sink(_advice(1, 8.0))
+    finally:
+        sink.close()  # submits what was handed over first
+    assert [i["kwargs"] for i in manager.queue()] == [
+        {"md": {"proposal": "IPTS-1"}, "omega": 8.0, "count_time": 0.01}
+    ]
+    manager.api.queue_start()
+    manager.api.wait_for_idle(timeout=30)
+    assert manager.omegas() == [8.0]
