@@ -134,7 +134,8 @@ class QueueSink:
         #: outcomes so far: added, replaced, duplicate, withdrawn, skipped, rejected,
         #: unreachable, superseded
         self.counts: Counter[str] = Counter()
-        self._submitted: set[str] = set()
+        #: the suggestions submitted lately (run, advice count, plan, arguments), oldest first
+        self._submitted: dict[str, None] = {}
         self._autostart_set = False
         self._lock = threading.Lock()
         self._wake = threading.Condition()
@@ -243,6 +244,12 @@ class QueueSink:
             kwargs[self.count_time_kwarg] = float(count_time)
         return kwargs
 
+    def _remember(self, key: str, keep: int = 1000) -> None:
+        """Remember a suggestion as submitted (the latest ``keep`` of them)."""
+        self._submitted[key] = None
+        while len(self._submitted) > keep:
+            del self._submitted[next(iter(self._submitted))]
+
     def _ours(self, item: Mapping[str, Any] | None) -> bool:
         """An item this sink submitted (its user, and the ``steer`` key in its meta)."""
         if not item or item.get("user") != self.user:
@@ -285,7 +292,7 @@ class QueueSink:
             if i.get("name") == self.plan and i.get("kwargs") == kwargs
         ]
         if same:
-            self._submitted.add(key)
+            self._remember(key)
             return "duplicate"
         meta = {
             "steer": {
@@ -307,7 +314,7 @@ class QueueSink:
         else:
             self.manager.item_add(item, user=self.user, user_group=self.user_group)
             outcome = "added"
-        self._submitted.add(key)
+        self._remember(key)
         logger.info(
             "queued %s(%s) for run %s after %s orientations (%s)",
             self.plan,
