@@ -11,6 +11,7 @@ __all__ = [
     "ESTIMATE_SECONDS",
     "MODEL_INFO",
     "PREDICTIONS",
+    "QUEUE_SUBMISSIONS",
     "REFINE_FALLBACKS",
     "REFINE_SECONDS",
     "REQUESTS_REFUSED",
@@ -51,6 +52,12 @@ PREDICTIONS = Counter(
     "POST /predict requests that reached the prediction pool, by outcome: ok, invalid (4xx "
     "from the physics checks), failed, queue_full (429), timed_out, client_gone, "
     "worker_lost, stopping",
+    ["outcome"],
+)
+QUEUE_SUBMISSIONS = Counter(
+    "steer_queue_submissions_total",
+    "Advice handed to the bluesky-queueserver queue sink, by outcome: added, replaced, "
+    "duplicate, withdrawn, skipped, rejected, unreachable, superseded",
     ["outcome"],
 )
 REQUESTS_REFUSED = Counter(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +98,9 @@ class SteeringService:
         instead of running a consumer and a model (the module docstring).
     follow_group
         The follower's consumer group (default ``steer-<prefix>-follow``).
+    advice_sinks
+        Further sinks of every run's advice (e.g. the bluesky-queueserver queue sink,
+        :class:`steering.advisor.queueserver.QueueSink`); their owner closes them.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class SteeringService:
         plan: bool = True,
         plan_node_step: float = 5.0,
         target: dict[str, Any] | None = None,
+        advice_sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
 
@@ -166,6 +171,7 @@ class SteeringService:
         self._closed_at: float | None = None
         self.follow_replicas = bool(follow_replicas)
         self.follow_group = follow_group
+        self.advice_sinks = list(advice_sinks)
         self.follower: ReplicaFollower | None = None
         #: run id -> orientation counts whose estimate / advice the history holds
         self._estimated: dict[str, set[int]] = {}
@@ -296,6 +302,7 @@ class SteeringService:
             sink = KafkaAdviceSink(self.bootstrap, self.prefix, run_id=run_id, material=material)
             self._sinks[run_id] = sink
             sinks.append(sink)
+        sinks.extend(self.advice_sinks)
         refiner = None if self.follow_replicas else self._refiner(meta)
         loop = SteeringLoop(
             estimator,
@@ -501,7 +508,9 @@ class SteeringService:
         """The advice (when the advisor ranked) into the history: the ranking with the
         run's state, the next angle, the information plan and the stop state beside it."""
         if advice.get("ranking") is not None:
-            extra = {k: advice[k] for k in ("state", "next", "plan", "stop") if k in advice}
+            extra: dict[str, Any] = {
+                k: advice[k] for k in ("state", "next", "plan", "stop") if k in advice
+            }
             self.history.add_advice(
                 str(advice["run_id"]),
                 n_orientations=int(advice["n_orientations"]),

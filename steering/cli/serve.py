@@ -24,14 +24,18 @@ from steering.cli.options import (
 from steering.cli.output import emit
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from consumers.streams import InstrumentConfig
     from model_server.prediction.pool import PredictionPool
+    from steering.advisor.queueserver import QueueSink
     from steering.api.app import LiveState
     from steering.api.limits import ServiceLimits
     from steering.db import History
+    from steering.loop import AdviceSink
     from steering.service import SteeringService
 
-__all__ = ["demo_cmd", "model_serve_cmd", "serve_cmd"]
+__all__ = ["demo_cmd", "model_serve_cmd", "queue_sink", "serve_cmd"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +111,59 @@ def serve_cmd(
             "code, and the first requests load the rest.",
         ),
     ] = True,
+    queueserver: Annotated[
+        str | None,
+        typer.Option(
+            "--queueserver",
+            envvar="STEER_QUEUESERVER",
+            help="0MQ control address of a bluesky-queueserver RE Manager "
+            "(tcp://127.0.0.1:60615): put the advisor's next orientation on its queue as a "
+            "plan item after every orientation (docs/advisor.md, 'Into the control "
+            "system'). Needs --bootstrap.",
+        ),
+    ] = None,
+    queue_plan: Annotated[
+        str,
+        typer.Option(
+            "--queue-plan",
+            envvar="STEER_QUEUE_PLAN",
+            help="The plan the queued items run, defined in the RE Manager's profile "
+            "collection; called with omega=<deg> and count_time=<s>.",
+        ),
+    ] = "steer_count_at",
+    queue_plan_kwargs: Annotated[
+        str | None,
+        typer.Option(
+            "--queue-plan-kwargs",
+            envvar="STEER_QUEUE_PLAN_KWARGS",
+            help='Further keyword arguments of every queued item, a JSON object ({"md": '
+            '{"proposal": "IPTS-1"}}).',
+        ),
+    ] = None,
+    queue_count_time: Annotated[
+        float | None,
+        typer.Option(
+            "--queue-count-time",
+            envvar="STEER_QUEUE_COUNT_TIME",
+            min=0.0,
+            help="Seconds to count at each queued orientation where the advice gives none "
+            "(default: the plan's).",
+        ),
+    ] = None,
+    queue_autostart: Annotated[
+        bool,
+        typer.Option(
+            "--queue-autostart/--no-queue-autostart",
+            envvar="STEER_QUEUE_AUTOSTART",
+            help="Switch the queue's autostart on, so that queued orientations run without "
+            "anyone pressing start.",
+        ),
+    ] = False,
 ) -> None:
     """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
     consumer, model server and advisor of a prefix (with --follow-replicas: the advisor
-    over the scaled-out consumers and model-server replicas). State changes need
-    STEER_API_TOKEN."""
+    over the scaled-out consumers and model-server replicas; with --queueserver: its next
+    orientation onto a bluesky-queueserver queue). State changes need STEER_API_TOKEN."""
     import os
 
     from model_server.prediction.pool import PredictionPool
@@ -121,6 +173,16 @@ def serve_cmd(
     if follow_replicas:
         check_follow_options(bootstrap=bootstrap, instrument_config=instrument_config)
     streams = instrument_streams(instrument_config, prefix)  # and so does a bad config
+    queue = None
+    if queueserver:  # and so do bad queue options
+        queue = queue_sink(
+            queueserver,
+            bootstrap=bootstrap,
+            plan=queue_plan,
+            plan_kwargs=queue_plan_kwargs,
+            count_time=queue_count_time,
+            autostart=queue_autostart,
+        )
     if streams is not None:
         prefix = streams.prefix
     # the prediction workers start first: they import and warm up in their own processes
@@ -152,27 +214,35 @@ def serve_cmd(
                 livedata=livedata,
                 streams=streams,
                 follow_replicas=follow_replicas,
+                advice_sinks=[queue] if queue is not None else [],
             )
     except BaseException:
         pool.close_now()
+        if queue is not None:
+            queue.close()
         raise
     token = os.environ.get("STEER_API_TOKEN") or None
     if token is None:
         logger.warning("STEER_API_TOKEN is not set: state-changing endpoints are disabled")
     logger.info("request limits: %s", limits.to_dict())
     typer.echo(f"serving on http://{host}:{port}/ (OpenAPI at /docs)", err=True)
-    _serve_until_stopped(
-        history,
-        live,
-        token,
-        host=host,
-        port=port,
-        service=service,
-        limits=limits,
-        pool=pool,
-        state_dir=state_dir,
-        model_dir=model_dir,
-    )
+    try:
+        _serve_until_stopped(
+            history,
+            live,
+            token,
+            host=host,
+            port=port,
+            service=service,
+            limits=limits,
+            pool=pool,
+            state_dir=state_dir,
+            model_dir=model_dir,
+        )
+    finally:
+        if queue is not None:
+            queue.close()
+            logger.info("queue sink: %s", dict(queue.counts))
 
 
 def check_follow_options(*, bootstrap: str | None, instrument_config: str | None) -> None:
@@ -198,6 +268,57 @@ def check_follow_options(*, bootstrap: str | None, instrument_config: str | None
         )
 
 
+def queue_sink(
+    address: str,
+    *,
+    bootstrap: str | None,
+    plan: str,
+    plan_kwargs: str | None,
+    count_time: float | None,
+    autostart: bool,
+) -> QueueSink:
+    """The started queue sink of ``--queueserver`` (nothing is sent before the first advice).
+
+    Raises
+    ------
+    typer.BadParameter
+        No ``--bootstrap`` (no advice to queue), ``--queue-plan-kwargs`` that is not a JSON
+        object, or bluesky-queueserver-api not installed.
+    """
+    import json
+
+    from steering.advisor.queueserver import QueueSink
+
+    if not bootstrap:
+        raise typer.BadParameter(
+            "queues the advice of the live loop, which needs a Kafka: give --bootstrap "
+            "(or STEER_KAFKA_BOOTSTRAP)",
+            param_hint="--queueserver",
+        )
+    kwargs: Any = {}
+    if plan_kwargs:
+        try:
+            kwargs = json.loads(plan_kwargs)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--queue-plan-kwargs") from exc
+        if not isinstance(kwargs, dict):
+            raise typer.BadParameter(
+                'a JSON object of keyword arguments ({"md": {...}})',
+                param_hint="--queue-plan-kwargs",
+            )
+    try:
+        sink = QueueSink.connect(
+            address, plan=plan, plan_kwargs=kwargs, count_time=count_time, autostart=autostart
+        )
+    except ImportError as exc:
+        raise typer.BadParameter(
+            f"needs bluesky-queueserver-api ({exc}): pip install '.[queueserver]'",
+            param_hint="--queueserver",
+        ) from exc
+    logger.info("advice -> %s(omega=..., ...) on the queue of %s", plan, address)
+    return sink.start()
+
+
 def _start_service(
     bootstrap: str,
     prefix: str,
@@ -211,6 +332,7 @@ def _start_service(
     livedata: bool = True,
     streams: InstrumentConfig | None = None,
     follow_replicas: bool = False,
+    advice_sinks: Sequence[AdviceSink] = (),
 ) -> SteeringService:
     """Start the consumer, model server and advisor of ``prefix`` on the Kafka at
     ``bootstrap`` (the arguments: those of :class:`steering.service.SteeringService`)."""
@@ -228,6 +350,7 @@ def _start_service(
         publish_livedata=livedata,
         streams=streams,
         follow_replicas=follow_replicas,
+        advice_sinks=advice_sinks,
     )
     service.start()
     return service
