@@ -375,6 +375,15 @@ class InformationPlanner:
         self._lock = threading.Lock()
         self.refresh_seconds = 0.0
 
+    def focus(self, names: Sequence[str] | None) -> None:
+        """Make the posterior volume of ``names`` the criterion (None: all coefficients):
+        the coefficients a target names, so that the plan serves the stop criterion."""
+        sel = self.names if not names else tuple(names)
+        for n in sel:
+            if n not in self.names:
+                raise AdvisorError(f"{n!r} is not a coefficient of {self.refiner.material}")
+        self.index = np.array([self.names.index(n) for n in sel])
+
     # -- the nodes' Fisher information -------------------------------------------------------
 
     def _node_model(self, omega: float) -> Any:

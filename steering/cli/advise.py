@@ -1,4 +1,5 @@
-"""``steer advise``: rank the next orientations; the closed-loop benchmark."""
+"""``steer advise``: rank the next orientations; the beam-time benchmark and the learned
+estimator's closed loop."""
 
 from __future__ import annotations
 
@@ -185,8 +186,8 @@ CacheOpt = Annotated[
 ]
 
 
-@advise_app.command("benchmark")
-def benchmark_cmd(
+@advise_app.command("closed-loop")
+def closed_loop_cmd(
     material: MaterialOpt = "Ge",
     fc: Annotated[str, typer.Option("--fc", help="True FC set of the simulated crystal.")] = (
         "raman"
@@ -221,8 +222,9 @@ def benchmark_cmd(
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Closed loop: each strategy picks orientations one at a time from the same simulated
-    candidates; after each pick the model server estimates the FCs."""
+    """Closed loop of the learned estimator: each strategy picks orientations one at a time
+    from the same simulated candidates; after each pick the model server (the VAE, not the
+    refinement) estimates the FCs. The beam-time benchmark is ``steer advise benchmark``."""
     from steering.advisor.closedloop import closed_loop
 
     result = closed_loop(
@@ -257,3 +259,83 @@ def _print_benchmark(result: dict[str, Any], loose_tolerance: float, plot: Path)
             f"(within {loose_tolerance:.0%}: {entry['orientations_to_loose_target']})"
         )
     typer.echo(f"curves: {plot}")
+
+
+@advise_app.command("benchmark")
+def benchmark_cmd(
+    truths: Annotated[
+        int, typer.Option("--truths", help="True FC sets: the named sets, then domain draws.")
+    ] = 30,
+    seeds: Annotated[int, typer.Option("--seeds", help="Noise seeds per truth.")] = 3,
+    first_seed: Annotated[
+        int,
+        typer.Option("--first-seed", help="First noise seed (seeds below 100 are for tuning)."),
+    ] = 100,
+    events: Annotated[
+        float,
+        typer.Option(
+            "--events-per-orientation", help="Detector events of one standard count (60 s)."
+        ),
+    ] = 2e5,
+    strategies: Annotated[
+        str,
+        typer.Option(
+            "--strategies",
+            help="Comma-separated: advisor, sequential, random, coarse-to-fine, gp, oracle.",
+        ),
+    ] = "advisor,sequential,random,coarse-to-fine,gp,oracle",
+    target_fraction: Annotated[
+        float,
+        typer.Option(
+            "--target-fraction",
+            help="Target std of FC0-FC3 as a fraction of each one's training-domain width.",
+        ),
+    ] = 0.005,
+    budget: Annotated[
+        int, typer.Option("--budget", help="Orientations at most per strategy and run.")
+    ] = 240,
+    step: Annotated[float, typer.Option("--step", help="Candidate spacing, degrees.")] = 2.0,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Posterior points the advisor averages over.")
+    ] = 2,
+    truth_seed: Annotated[
+        int, typer.Option("--truth-seed", help="Seed of the domain draws among the truths.")
+    ] = 100,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="PNG of median std and RMSE against beam time.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Beam time to a target precision: strategies of choosing orientations on many simulated
+    Ge crystals and noise seeds, each refined from its counts; ratios with paired bootstrap
+    95 % intervals."""
+    from steering.advisor.benchmark import beam_time_benchmark, plot_benchmark
+
+    result = beam_time_benchmark(
+        truths=truths,
+        seeds=seeds,
+        first_seed=first_seed,
+        events_per_orientation=events,
+        strategies=[x.strip() for x in strategies.split(",") if x.strip()],
+        target_fraction=target_fraction,
+        budget=budget,
+        step=step,
+        samples=samples,
+        truth_seed=truth_seed,
+        progress=not as_json,
+    )
+    if plot is not None:
+        plot_benchmark(result, plot)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for name, med in result["median_beam_time_to_target_s"].items():
+        met = sum(v is not None for v in result["strategies"][name]["beam_time_to_target_s"])
+        n = len(result["strategies"][name]["beam_time_to_target_s"])
+        shown = "never" if med is None else f"{med / 60:.1f} min"
+        typer.echo(f"{name:>15}: median beam time to target {shown} ({met}/{n} met)")
+    for key, r in result["ratios"].items():
+        lo, hi = r["ci95"]
+        typer.echo(f"{key:>28}: {r['median']:.3f} (95 % CI {lo:.3f}-{hi:.3f})")
+    if plot is not None:
+        typer.echo(f"figure: {plot}")

@@ -26,7 +26,7 @@ def test_commands_and_groups_are_registered() -> None:
     assert set(commands["simulate"].commands) == {
         "fc", "dispersion", "dataset", "info", "reference", "run", "sqe", "check-run",
     }  # fmt: skip
-    assert set(commands["advise"].commands) == {"rank", "benchmark"}
+    assert set(commands["advise"].commands) == {"rank", "benchmark", "closed-loop"}
     assert set(commands["fcdb"].commands) == {"build", "info"}
 
 
@@ -41,8 +41,8 @@ def test_choices_are_the_library_ones() -> None:
     ("args", "choices"),
     [
         (["advise", "rank", "--score", "bogus"], ("spectrum", "fc")),
-        (["advise", "benchmark", "--weighting", "bogus"], ("scarcity", "uniform")),
-        (["advise", "benchmark", "--prior", "bogus"], ("information", "model")),
+        (["advise", "closed-loop", "--weighting", "bogus"], ("scarcity", "uniform")),
+        (["advise", "closed-loop", "--prior", "bogus"], ("information", "model")),
         (["serve", "--advisor-score", "bogus"], ("spectrum", "fc")),
         (["fold", "run.steer", "--segmentation", "bogus"], ("auto", "bluesky", "omega")),
         (["consume", "--bootstrap", "h:1", "--prefix", "p", "--state-dir", "s",

@@ -1,0 +1,630 @@
+"""Beam time saved: strategies of choosing orientations compared on many simulated crystals.
+
+``steer advise benchmark``. One set-up (the README's: Ge, ARCS-like detector, Ei 80 meV,
+5 K, mounting u = [1,0,0], v = [0,1,0]), candidate angles every ``step`` degrees over
+``[0, span)``, one standard count of ``count_time_s`` seconds per orientation at
+``events_per_orientation`` detector events (10 % of them flat background), the goniometer
+moving at 1 deg/s and settling 1 s after each move. For every truth x noise seed, each
+strategy picks orientations one at a time (revisits allowed for those that want them) from
+the goniometer's start at 0 degrees; each count is a Poisson replica of the expected
+counts of that orientation (:class:`~model_server.refinement.counts.CountsModel` on the
+orientation's own moments at the truth: the counts model is exact here, so the benchmark
+measures the design, not the model's accuracy); the refinement fits the folded sum as the
+service does (warm-started, the coefficients the VAE does not vary with their prior).
+
+**Primary metric**: beam time (counting + travel + settling) until the refined posterior's
+std of FC0-FC3 is below the target (``target_fraction`` of each coefficient's training
+domain width) *and* the truth lies within its 2-sigma interval, every one of the four.
+Strategies whose picks do not depend on the data (sequential, random, coarse-to-fine, the
+GP sampler, the oracle) are fitted from the first orientation where the Cramer-Rao bound at
+the truth meets the target on (before it, the refined std cannot: the refinement's std is
+the bound times at least 1); the advisor is fitted after every orientation (it plans with
+the posterior). Common random numbers: the j-th count of candidate c has the same
+replica in every strategy.
+
+Strategies:
+
+* ``advisor``: :class:`steering.advisor.planner.InformationPlanner` on the refined posterior
+  (gain per beam time, posterior samples, revisits);
+* ``sequential``: the sweep 0, step, 2 step, ... and back;
+* ``random``: a random order of the candidates, then another;
+* ``coarse-to-fine``: every 8th candidate, then the midpoints, and so on
+  (:func:`steering.advisor.closedloop.spread_order`);
+* ``gp``: a model-agnostic Gaussian-process uncertainty sampler on I(q, E)
+  (scikit-learn's GP on the angle with a Matern kernel and a white-noise term, outputs the
+  orientation's counts in 32 (q, E) blocks; the next angle is the unmeasured one of
+  largest predictive std, then the largest overall);
+* ``oracle``: the greedy D-optimal design at the true FCs (the planner with the truth as
+  its posterior mean and the Cramer-Rao covariance: the upper bound).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from steering.advisor.closedloop import spread_order
+from steering.advisor.planner import BeamCost, InformationPlanner
+from steering.exceptions import AdvisorError
+
+__all__ = ["STRATEGIES", "BenchmarkSetup", "beam_time_benchmark", "plot_benchmark"]
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("advisor", "sequential", "random", "coarse-to-fine", "gp", "oracle")
+
+#: The coefficients of the target: the first four of the basis (FC0-FC3).
+N_TARGET = 4
+
+#: The data-independent strategies are fitted once the Cramer-Rao bound at the truth is
+#: within this factor of the target (the refined std is evaluated at the estimate and can
+#: fall a little below the bound at the truth).
+CRB_MARGIN = 1.1
+
+#: The planner keeps its nodes' Jacobians while the posterior mean stays within this many
+#: std of where they were computed.
+REUSE = 1.0
+
+
+@dataclass
+class BenchmarkSetup:
+    """What every run of the benchmark shares: the refiner, the candidates' moments and
+    their expected-counts models (unit charge), the target."""
+
+    refiner: Any
+    folder: Any
+    omegas: NDArray[np.float64]
+    moments: list[Any]
+    models: list[Any]
+    target: NDArray[np.float64]  # (N_TARGET,) std, eV/A^2
+    names: tuple[str, ...]
+    widths: NDArray[np.float64]
+    count_time_s: float
+    cost: BeamCost
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        material: str = "Ge",
+        step: float = 2.0,
+        span: float = 120.0,
+        target_fraction: float = 0.005,
+        count_time_s: float = 60.0,
+        pixel_stride: int = 4,
+        e_substeps: int = 2,
+        progress: bool = False,
+    ) -> BenchmarkSetup:
+        from tqdm import tqdm
+
+        from consumers.reduction.folding import Folder
+        from consumers.reduction.moments import orientation_moments, star_operations
+        from consumers.reduction.table import FoldTable
+        from model_server.refinement.counts import CountsModel
+        from model_server.refinement.refiner import RunRefiner
+        from simulations.fcdb.reference import load_reference
+        from simulations.instrument.spectrometer import Instrument, Orientation
+        from simulations.lattice.materials import setup
+
+        if not (0 < target_fraction < 1):
+            raise AdvisorError(f"target fraction must be in (0, 1), got {target_fraction}")
+        ms = setup(material)
+        ins = Instrument.arcs_like()
+        table = FoldTable.cached(ms.crystal, ms.grid)
+        folder = Folder(
+            table, ms.grid, ins, Orientation.from_vectors(ms.crystal, (1, 0, 0), (0, 1, 0)), 80.0
+        )
+        refiner = RunRefiner(material, ins, 80.0, 5.0, table=table, material_setup=ms)
+        omegas = np.arange(0.0, span, step)
+        ops = star_operations(folder, refiner.constants.operations)
+        moments, models = [], []
+        for w in tqdm(omegas, desc="candidates", unit="orient", disable=not progress):
+            m = orientation_moments(
+                folder,
+                refiner.constants,
+                float(w),
+                pixel_stride=pixel_stride,
+                e_substeps=e_substeps,
+                inverse_ops=ops,
+            )
+            moments.append(m)
+            models.append(_model(refiner, m, CountsModel))
+        ref = load_reference(material)
+        dom = np.asarray(ref.domain, dtype=float)
+        widths = np.full(len(refiner.names), np.nan)
+        for j, n in enumerate(ref.kept):
+            widths[refiner.names.index(n)] = dom[j, 1] - dom[j, 0]
+        if not np.all(np.isfinite(widths[:N_TARGET])):
+            raise AdvisorError("the first four coefficients need a training domain")
+        return cls(
+            refiner=refiner,
+            folder=folder,
+            omegas=omegas,
+            moments=moments,
+            models=models,
+            target=target_fraction * widths[:N_TARGET],
+            names=tuple(refiner.names),
+            widths=widths,
+            count_time_s=float(count_time_s),
+            cost=BeamCost(1.0, 1.0),
+        )
+
+    def cumulative_model(self, counts_of: NDArray[np.int64]) -> Any:
+        """The expected-counts model of the folded sum of ``counts_of[c]`` counts of each
+        candidate c (unit charge each)."""
+        from consumers.reduction.moments import BinMoments
+        from model_server.refinement.counts import CountsModel
+
+        grid = self.refiner.setup.grid
+        acc = BinMoments.zeros(grid.n_q * grid.n_e, self.refiner.constants.n_branches)
+        for c in np.nonzero(counts_of)[0]:
+            acc.add(self.moments[c], float(counts_of[c]))
+        return _model(self.refiner, acc, CountsModel)
+
+
+def _model(refiner: Any, moments: Any, counts_model: Any) -> Any:
+    """A counts model of ``moments`` as the refinement builds it (no multiphonon: the
+    benchmark's counts have none)."""
+    return counts_model(
+        refiner.setup.basis,
+        refiner.setup.grid,
+        refiner.resolution,
+        moments,
+        alias=refiner.table.alias,
+        tolerance=refiner.table.tolerance,
+        temperature=refiner.temperature,
+        reference=refiner.reference,
+        e_min=refiner.elastic_cut,
+    )
+
+
+def benchmark_truths(setup: BenchmarkSetup, n: int, seed: int) -> list[tuple[str, NDArray]]:
+    """``n`` stable truths: the named sets (``mlff_mean``, ``raman``, the ML force fields),
+    then alternately draws from the training domain's interior (central 80 % of every
+    coefficient's range) and its edges (one coefficient in the outer 5 % of its range)."""
+    from model_server.refinement.study import is_stable
+    from simulations.fcdb.reference import load_reference, named_fc_set
+
+    r = setup.refiner
+    ref = load_reference(r.material)
+    out: list[tuple[str, NDArray]] = []
+    names = ref.fc_set_names()
+    order: list[str] = [x for x in ("mlff_mean", "raman") if x in names]
+    order += [x for x in names if x not in order]
+    for name in order[:n]:
+        c = named_fc_set(r.material, name)
+        if is_stable(r.setup.basis, r.setup.grid, c):
+            out.append((name, c))
+    rng = np.random.default_rng(seed)
+    dom = np.asarray(ref.domain, dtype=float)
+    kept = ref.kept_index
+    i = 0
+    while len(out) < n:
+        if i > 100 * n:
+            raise AdvisorError("too few stable truths in the training domain")
+        lo, hi = dom[:, 0], dom[:, 1]
+        width = hi - lo
+        edge = i % 2 == 1
+        u = rng.uniform(0.1, 0.9, len(lo))
+        if edge:
+            j = rng.integers(len(lo))
+            u[j] = rng.choice([rng.uniform(0.0, 0.05), rng.uniform(0.95, 1.0)])
+        c = ref.mean.copy()
+        c[kept] = lo + u * width
+        i += 1
+        if is_stable(r.setup.basis, r.setup.grid, c):
+            out.append((f"{'edge' if edge else 'interior'}-{i - 1}", c))
+    return out
+
+
+class _Run:
+    """One truth x seed: its replicas, the cumulative counts, fits and the stop test."""
+
+    def __init__(
+        self,
+        setup: BenchmarkSetup,
+        truth: NDArray[np.float64],
+        theta_truth: NDArray[np.float64],
+        seed: int,
+        truth_index: int,
+    ) -> None:
+        self.s = setup
+        self.truth = truth
+        self.theta_truth = theta_truth
+        self.seed = seed
+        self.truth_index = truth_index
+        grid = setup.refiner.setup.grid
+        self.n_bins = grid.n_q * grid.n_e
+        self.lam = []
+        for model in setup.models:
+            ev = model.evaluate(theta_truth, jacobian=False)
+            self.lam.append((model.bins, ev.expected))
+
+    def replica(self, c: int, visit: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        """The ``visit``-th count of candidate ``c`` (common to every strategy)."""
+        rng = np.random.default_rng([self.seed, self.truth_index, c, visit])
+        bins, lam = self.lam[c]
+        return bins, rng.poisson(lam).astype(float)
+
+
+@dataclass
+class _Trace:
+    """One strategy on one run."""
+
+    picks: list[int]
+    beam_time_s: list[float]
+    std: dict[int, NDArray[np.float64]]
+    error: dict[int, NDArray[np.float64]]
+    to_target: int | None = None
+    beam_to_target: float | None = None
+    fits: int = 0
+
+
+def _fit(
+    s: BenchmarkSetup,
+    run: _Run,
+    counts: NDArray[np.float64],
+    visits: NDArray[np.int64],
+    warm: NDArray[np.float64] | None,
+    rng: np.random.Generator,
+) -> tuple[Any, Any]:
+    """The refinement of the folded counts so far (warm-started; a start 2 % from the truth
+    on the free coefficients the first time, as the VAE's estimate is)."""
+    from model_server.refinement.fit import refine
+
+    model = s.cumulative_model(visits)
+    starts = []
+    if warm is None:
+        r = s.refiner
+        start = r.reference.copy()
+        kept = [r.names.index(n) for n in r.free]
+        start[kept] = run.truth[kept] * (1 + 0.02 * rng.standard_normal(len(kept)))
+        starts.append(start)
+    fit = refine(
+        model, counts.reshape(s.refiner.setup.grid.shape), starts, prior=s.refiner.prior, warm=warm
+    )
+    return fit, model
+
+
+def _meets(s: BenchmarkSetup, fit: Any, truth: NDArray[np.float64]) -> bool:
+    if not fit.converged:
+        return False
+    std = np.asarray(fit.std[:N_TARGET])
+    err = np.abs(np.asarray(fit.mean[:N_TARGET]) - truth[:N_TARGET])
+    return bool(np.all(std <= s.target) and np.all(err <= 2.0 * std))
+
+
+def _crb(s: BenchmarkSetup, model: Any, theta: NDArray[np.float64]) -> NDArray[np.float64]:
+    from model_server.refinement.study import cramer_rao
+
+    return np.sqrt(np.asarray(cramer_rao(model, theta, s.refiner.prior)))
+
+
+def _gp_pick(
+    s: BenchmarkSetup, visits: NDArray[np.int64], features: dict[int, NDArray[np.float64]]
+) -> int:
+    """The GP uncertainty sampler's next candidate."""
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+    done = sorted(features)
+    x = s.omegas[done][:, None]
+    y = np.stack([features[c] for c in done])
+    y = (y - y.mean(axis=0)) / (y.std(axis=0) + 1e-12) if len(done) > 1 else y * 0
+    kernel = ConstantKernel(1.0, (1e-3, 1e3)) * Matern(
+        length_scale=10.0, length_scale_bounds=(1.0, 200.0), nu=2.5
+    ) + WhiteKernel(1e-2, (1e-6, 1.0))
+    gp = GaussianProcessRegressor(kernel=kernel, normalize_y=False, random_state=0)
+    gp.fit(x, y)
+    _, sd = gp.predict(s.omegas[:, None], return_std=True)
+    sd = sd if sd.ndim == 1 else sd.mean(axis=1)
+    fresh = visits == 0
+    pool = np.nonzero(fresh)[0] if fresh.any() else np.arange(len(s.omegas))
+    return int(pool[np.argmax(sd[pool])])
+
+
+def _features(s: BenchmarkSetup, bins: NDArray[np.int64], y: NDArray[np.float64]) -> NDArray:
+    """An orientation's counts summed into 8 q x 4 E blocks (the GP's outputs)."""
+    n_q, n_e = s.refiner.setup.grid.shape
+    dense = np.zeros(n_q * n_e)
+    dense[bins] = y
+    d = dense.reshape(n_q, n_e)
+    qb = np.array_split(np.arange(n_q), 8)
+    eb = np.array_split(np.arange(n_e), 4)
+    return np.array([d[np.ix_(a, b)].sum() for a in qb for b in eb])
+
+
+def _run_strategy(
+    name: str,
+    s: BenchmarkSetup,
+    run: _Run,
+    *,
+    budget: int,
+    checkpoints: set[int],
+    samples: int,
+) -> _Trace:
+    """One strategy on one run, until the target is met or ``budget`` orientations."""
+    n = len(s.omegas)
+    rng = np.random.default_rng([run.seed, run.truth_index, 7])
+    order: list[int] = []
+    if name == "sequential":
+        sweep = list(range(n)) + list(range(n - 1, -1, -1))
+        order = [sweep[i % len(sweep)] for i in range(budget)]
+    elif name == "random":
+        while len(order) < budget:
+            order += list(rng.permutation(n))
+    elif name == "coarse-to-fine":
+        base = spread_order(n)
+        order = [base[i % n] for i in range(budget)]
+    visits = np.zeros(n, dtype=np.int64)
+    counts = np.zeros(run.n_bins)
+    trace = _Trace(picks=[], beam_time_s=[], std={}, error={})
+    pos = 0.0
+    elapsed = 0.0
+    warm = None
+    planner: InformationPlanner | None = None
+    if name in ("advisor", "oracle"):
+        planner = InformationPlanner(
+            s.refiner,
+            s.folder,
+            s.omegas,
+            node_step=float(s.omegas[1] - s.omegas[0]) if n > 1 else 1.0,
+            samples=samples if name == "advisor" else 1,
+            count_time_s=s.count_time_s,
+            cost=s.cost,
+            seed=run.seed,
+        )
+        planner.focus(s.names[:N_TARGET])
+        planner._models = dict(zip((float(w) for w in s.omegas), s.models, strict=True))
+        planner._prepared.set()
+    features: dict[int, NDArray[np.float64]] = {}
+    screened = name != "advisor"
+    post: tuple[Any, ...] | None = None
+    for k in range(1, budget + 1):
+        if k == 1:
+            c = int(order[0]) if order else 0
+        elif name in ("advisor", "oracle"):
+            assert planner is not None
+            assert post is not None
+            theta, cov, infl, model = post
+            planner.refresh(theta, cov, model, charge=1.0, inflation=infl, reuse_within=REUSE)
+            c = int(np.argmin(np.abs(s.omegas - planner.rank(cov, current=pos)[0].omega)))
+        elif name == "gp":
+            c = _gp_pick(s, visits, features)
+        else:
+            c = int(order[k - 1])
+        bins, y = run.replica(c, int(visits[c]))
+        counts[bins] += y
+        visits[c] += 1
+        if name == "gp" and c not in features:
+            features[c] = _features(s, bins, y)
+        step = s.cost.travel_s(pos, float(s.omegas[c]))
+        elapsed += float(step) + s.count_time_s
+        pos = float(s.omegas[c])
+        trace.picks.append(c)
+        trace.beam_time_s.append(elapsed)
+        model = None
+        need_fit = name == "advisor" or k in checkpoints
+        if screened and not need_fit:
+            model = s.cumulative_model(visits)
+            crb = _crb(s, model, run.theta_truth)
+            need_fit = bool(np.all(crb[:N_TARGET] <= CRB_MARGIN * s.target))
+        post = None
+        if name == "oracle":
+            if model is None:
+                model = s.cumulative_model(visits)
+            ev = model.evaluate(run.theta_truth)
+            jac = ev.jacobian
+            f = jac.T @ (jac / ev.expected[:, None])
+            kk = len(s.names)
+            prec = np.concatenate([s.refiner.prior.precision, np.zeros(f.shape[0] - kk)])
+            cov = np.linalg.inv(f + np.diag(prec))[:kk, :kk]
+            post = (run.theta_truth, cov, 1.0, model)
+        if need_fit:
+            fit, model = _fit(s, run, counts, visits, warm, rng)
+            trace.fits += 1
+            if fit.converged:
+                warm = fit.theta
+            trace.std[k] = np.asarray(fit.std[:N_TARGET])
+            trace.error[k] = np.abs(np.asarray(fit.mean[:N_TARGET]) - run.truth[:N_TARGET])
+            if name == "advisor":
+                post = (fit.theta, fit.covariance, fit.inflation, model)
+            if _meets(s, fit, run.truth):
+                trace.to_target = k
+                trace.beam_to_target = elapsed
+                break
+    return trace
+
+
+def _bootstrap_ratio(
+    a: Sequence[float | None], b: Sequence[float | None], rng: np.random.Generator, n: int = 2000
+) -> dict[str, Any]:
+    """Median of ``a`` over median of ``b`` (paired, never-met as infinite) and its paired
+    bootstrap 95 % interval."""
+    x = np.array([math.inf if v is None else v for v in a], dtype=float)
+    y = np.array([math.inf if v is None else v for v in b], dtype=float)
+
+    def ratio(i: NDArray[np.int64]) -> float:
+        mx, my = float(np.median(x[i])), float(np.median(y[i]))
+        if math.isinf(my):
+            return 0.0 if not math.isinf(mx) else math.nan
+        return mx / my
+
+    idx = np.arange(len(x))
+    boot = np.array([ratio(rng.integers(0, len(x), len(x))) for _ in range(n)])
+    boot = boot[np.isfinite(boot)]
+    med = ratio(idx)
+    ci = (
+        [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        if boot.size
+        else [math.nan, math.nan]
+    )
+    return {"median": med, "ci95": ci}
+
+
+def beam_time_benchmark(
+    *,
+    truths: int = 30,
+    seeds: int = 3,
+    first_seed: int = 100,
+    events_per_orientation: float = 2e5,
+    strategies: Sequence[str] = STRATEGIES,
+    target_fraction: float = 0.005,
+    budget: int = 240,
+    step: float = 2.0,
+    samples: int = 2,
+    truth_seed: int = 100,
+    setup: BenchmarkSetup | None = None,
+    progress: bool = False,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The benchmark's JSON result (``steer advise benchmark --json``)::
+
+        {"strategies": {name: {"beam_time_to_target_s": [...], "orientations_to_target": [...],
+                               "fits": [...]}},
+         "ratios": {"advisor/sequential": {"median": x, "ci95": [lo, hi]}, ...},
+         "truths": [...], "seeds": [...], "target": {name: std}, "curves": {...}, ...}
+
+    one entry per truth x seed in the order of ``runs`` (null where the target was not met
+    within ``budget`` orientations).
+    """
+    from tqdm import tqdm
+
+    from model_server.refinement.study import count_calibration
+
+    t0 = time.perf_counter()
+    for name in strategies:
+        if name not in STRATEGIES:
+            raise AdvisorError(f"unknown strategy {name!r}: choose from {', '.join(STRATEGIES)}")
+    if truths < 1 or seeds < 1 or budget < 1:
+        raise AdvisorError("truths, seeds and budget must be >= 1")
+    if not (math.isfinite(events_per_orientation) and events_per_orientation > 0):
+        raise AdvisorError(f"events per orientation must be > 0, got {events_per_orientation}")
+    s = setup or BenchmarkSetup.build(step=step, target_fraction=target_fraction, progress=progress)
+    chosen = benchmark_truths(s, truths, truth_seed)
+    seed_list = list(range(first_seed, first_seed + seeds))
+    checkpoints = {1, 2, 4, 8, 16, 32, 64, 128}
+    per: dict[str, dict[str, list[Any]]] = {
+        n: {"beam_time_to_target_s": [], "orientations_to_target": [], "fits": []}
+        for n in strategies
+    }
+    curves: dict[str, list[dict[str, Any]]] = {n: [] for n in strategies}
+    runs = []
+    bar = tqdm(
+        total=len(chosen) * len(seed_list) * len(strategies), desc="benchmark", disable=not progress
+    )
+    for ti, (tname, coeffs) in enumerate(chosen):
+        cal = count_calibration(
+            s.refiner,
+            s.folder.orientation,
+            coeffs,
+            list(s.omegas),
+            events_per_orientation=events_per_orientation,
+            background_fraction=0.1,
+        )
+        theta = s.models[0].theta(coeffs, log_scale=cal.log_scale, background=cal.background)
+        for seed in seed_list:
+            run = _Run(s, coeffs, theta, seed, ti)
+            runs.append({"truth": tname, "seed": seed})
+            for name in strategies:
+                tr = _run_strategy(
+                    name, s, run, budget=budget, checkpoints=checkpoints, samples=samples
+                )
+                per[name]["beam_time_to_target_s"].append(tr.beam_to_target)
+                per[name]["orientations_to_target"].append(tr.to_target)
+                per[name]["fits"].append(tr.fits)
+                curves[name].append(
+                    {
+                        "beam_time_s": [tr.beam_time_s[k - 1] for k in sorted(tr.std)],
+                        "std": [tr.std[k].tolist() for k in sorted(tr.std)],
+                        "error": [tr.error[k].tolist() for k in sorted(tr.std)],
+                    }
+                )
+                bar.update()
+            if on_result is not None:
+                on_result({"truth": tname, "seed": seed, "done": len(runs)})
+    bar.close()
+    rng = np.random.default_rng(0)
+    ratios = {}
+    if "advisor" in per:
+        for other in strategies:
+            if other == "advisor":
+                continue
+            ratios[f"advisor/{other}"] = _bootstrap_ratio(
+                per["advisor"]["beam_time_to_target_s"], per[other]["beam_time_to_target_s"], rng
+            )
+    medians = {}
+    for name, entry in per.items():
+        vals = [math.inf if v is None else v for v in entry["beam_time_to_target_s"]]
+        med = float(np.median(vals))
+        medians[name] = None if math.isinf(med) else med
+    return {
+        "strategies": per,
+        "ratios": ratios,
+        "median_beam_time_to_target_s": medians,
+        "truths": [t for t, _ in chosen],
+        "seeds": seed_list,
+        "runs": runs,
+        "target": {n: float(v) for n, v in zip(s.names[:N_TARGET], s.target, strict=True)},
+        "target_fraction": target_fraction,
+        "events_per_orientation": events_per_orientation,
+        "candidates_deg": [float(s.omegas[0]), float(s.omegas[-1]), float(step)],
+        "count_time_s": s.count_time_s,
+        "goniometer": {"speed_deg_s": s.cost.speed_deg_s, "settle_s": s.cost.settle_s},
+        "budget_orientations": budget,
+        "posterior_samples": samples,
+        "curves": curves,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def plot_benchmark(result: dict[str, Any], path: str | Path) -> None:
+    """Median refined std and RMS error of FC0 against beam time, per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    target = next(iter(result["target"].values()))
+    for name, runs in result["curves"].items():
+        pts: dict[float, list[tuple[float, float]]] = {}
+        for r in runs:
+            for t, sd, er in zip(r["beam_time_s"], r["std"], r["error"], strict=True):
+                pts.setdefault(round(t / 300.0) * 300.0, []).append((sd[0], er[0]))
+        if not pts:
+            continue
+        ts = sorted(pts)
+        axes[0].plot(
+            [t / 60 for t in ts],
+            [np.median([p[0] for p in pts[t]]) for t in ts],
+            "o-",
+            ms=3,
+            label=name,
+        )
+        axes[1].plot(
+            [t / 60 for t in ts],
+            [math.sqrt(np.mean([p[1] ** 2 for p in pts[t]])) for t in ts],
+            "o-",
+            ms=3,
+            label=name,
+        )
+    for ax, title in zip(axes, ("median refined std", "RMS error"), strict=True):
+        ax.axhline(target, color="k", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("beam time (min)")
+        ax.set_title(f"{next(iter(result['target']))}: {title}")
+    axes[0].set_ylabel("eV/A^2")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
