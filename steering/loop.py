@@ -15,6 +15,11 @@ the advice to its sinks:
 * :class:`AdviceDocuments` alone, with any ``(name, doc)`` callback (a bluesky Publisher,
   a RunEngine subscription, a list in tests).
 
+After the ranking, the people's controls of the advice
+(:class:`steering.advisor.controls.AdvisorControls`: pause, excluded angles, a forced next
+angle) are applied (:meth:`SteeringLoop._apply_controls`): every advice says the advisor's
+``state``, the ``next`` angle and where it came from, and the ``controls``.
+
 The candidates' coverages come from the run's metadata (instrument, mounting, Ei; the
 planned angles by default) and are computed on a background thread when the run starts;
 until they are all ready, the ranking covers the ones that are (and says how many).
@@ -34,6 +39,7 @@ from numpy.typing import NDArray
 
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from steering import metrics
+from steering.advisor.controls import AdvisorControls
 from steering.advisor.ranking import Advisor, check_score, check_weighting
 from steering.exceptions import AdvisorError
 
@@ -288,7 +294,12 @@ class SteeringLoop:
     score, weighting
         What the advisor sorts by and how it weighs the spectrum's bins
         (:meth:`steering.advisor.ranking.Advisor.rank`).
+    controls
+        The people's controls of the advice (shared with the API; default: none set).
     """
+
+    #: overrides of the log carried in each advice (the history and the API have them all)
+    ADVICE_OVERRIDES = 20
 
     def __init__(
         self,
@@ -303,6 +314,7 @@ class SteeringLoop:
         weighting: str = "scarcity",
         refiner: RunRefiner | None = None,
         recheck_every: int = 10,
+        controls: AdvisorControls | None = None,
     ) -> None:
         check_score(score)
         check_weighting(weighting)
@@ -319,6 +331,7 @@ class SteeringLoop:
         self.refiner = refiner
         self.recheck_every = max(1, int(recheck_every))
         self._warm: NDArray[np.float64] | None = None
+        self.controls = controls if controls is not None else AdvisorControls()
 
     def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         """A completed orientation: estimate, rank, publish (a
@@ -398,6 +411,7 @@ class SteeringLoop:
         else:
             advice["ranking"] = None
             advice["error"] = "candidate coverages are still being computed"
+        self._apply_controls(advice)
         advice["seconds"] = time.perf_counter() - t0
         self.history.append(advice)
         for sink in self.sinks:
@@ -405,6 +419,32 @@ class SteeringLoop:
                 sink(advice)
             except Exception:
                 logger.exception("advice sink failed (orientation %d)", record.index)
+
+    def _apply_controls(self, advice: dict[str, Any]) -> None:
+        """Apply the people's controls to an advice whose ranking is made (in place).
+
+        The orientation just measured uses up a forced angle that was offered; excluded
+        candidates leave the ranking's list (``excluded``: how many left); the advice gains
+        ``state`` (``"paused"``, ``"waiting"`` without a ranking, else ``"measuring"``; a
+        ``"done"`` set before is kept), ``next`` (``{"omega", "source": "advisor" |
+        "forced", "by"}``, None when paused, done or nothing is allowed) and ``controls``
+        (:meth:`AdvisorControls.to_dict` with the last :attr:`ADVICE_OVERRIDES` overrides).
+        """
+        controls = self.controls
+        controls.measured(float(advice["omega"]))
+        ranking = advice.get("ranking")
+        candidates: list[dict[str, Any]] = []
+        if ranking is not None:
+            listed = list(ranking.get("candidates") or [])
+            ok = controls.allowed([float(c["omega"]) for c in listed])
+            candidates = [c for c, good in zip(listed, ok, strict=True) if good]
+            ranking["candidates"] = candidates
+            ranking["excluded"] = len(listed) - len(candidates)
+        if advice.get("state") != "done":
+            advice["state"] = controls.state_name(ranked=ranking is not None)
+        done = advice["state"] == "done"
+        advice["next"] = None if done else controls.next_angle(candidates, offer=True)
+        advice["controls"] = controls.to_dict(last=self.ADVICE_OVERRIDES)
 
     def _running_estimate(
         self, snapshot: Snapshot, est: FCEstimate

@@ -35,13 +35,14 @@ from model_server.exceptions import ModelServerError
 from steering import metrics
 from steering.api.state import LiveState
 from steering.db import History
-from steering.exceptions import SteeringError
+from steering.exceptions import AdvisorError, SteeringError
 
 if TYPE_CHECKING:
     from consumers.kafka import KafkaLivedataSink
     from consumers.streams import InstrumentConfig
     from model_server.inversion.inference import Estimator
     from model_server.refinement.refiner import RunRefiner
+    from steering.advisor.controls import AdvisorControls
     from steering.follow import ReplicaFollower
     from steering.loop import KafkaAdviceSink, SteeringLoop
 
@@ -253,6 +254,23 @@ class SteeringService:
         if rng is not None:
             omegas = list(np.arange(rng["start"], rng["stop"], rng["step"]))
         candidates = CandidateCoverage(meta, omegas=omegas)
+        # the people's controls of the advice: those set over the API (before the loop, or
+        # before a restart: the history keeps them) and the goniometer range they are
+        # checked against
+        controls: AdvisorControls | None
+        try:
+            controls = self.live.controls_for(run_id, self.history)
+        except AdvisorError as exc:  # the run goes on, with controls kept in memory only
+            logger.error(
+                "run %s: its stored advisor controls are damaged (%s): ignored", run_id, exc
+            )
+            controls = None
+        if len(candidates.omegas):
+            with self.live.lock:
+                self.live.omega_ranges[run_id] = (
+                    float(candidates.omegas.min()),
+                    float(candidates.omegas.max()),
+                )
         sinks: list[Any] = [self._record_advice if self.follow_replicas else self._record]
         if self._livedata is not None and not self.follow_replicas:
             sinks.append(self._livedata.estimate)
@@ -272,6 +290,7 @@ class SteeringService:
             first_wait_s=self.first_wait_s,
             score=self.advisor_score,
             weighting=self.advisor_weighting,
+            controls=controls,
         )
         self._loops[run_id] = loop
         self.history.upsert_run(run_id, material=material, state="running")
@@ -459,12 +478,14 @@ class SteeringService:
         self._notify(run_id, advice)
 
     def _record_advice(self, advice: dict[str, Any]) -> None:
-        """The advice (when the advisor ranked) into the history."""
+        """The advice (when the advisor ranked) into the history, with the state and the
+        next angle that the controls made of it."""
         if advice.get("ranking") is not None:
+            extra: dict[str, Any] = {k: advice[k] for k in ("state", "next") if k in advice}
             self.history.add_advice(
                 str(advice["run_id"]),
                 n_orientations=int(advice["n_orientations"]),
-                ranking=advice["ranking"],
+                ranking={**advice["ranking"], **extra},
             )
 
     def _notify(self, run_id: str, message: dict[str, Any]) -> None:
