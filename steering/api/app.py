@@ -53,7 +53,7 @@ from model_server.prediction.pool import PredictionPool
 from steering.api import controls as control_routes
 from steering.api import live as live_routes
 from steering.api import runs as run_routes
-from steering.api.errors import body_not_decoded, validation_error_response
+from steering.api.errors import allowed_methods, body_not_decoded, validation_error_response
 from steering.api.limits import BodySizeLimit, ServiceLimits
 from steering.api.openapi import truthful_openapi
 from steering.api.predict import predict_router
@@ -133,6 +133,9 @@ def create_app(
     )
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:  # every method of the path, not the first route's only
+            headers = {**(exc.headers or {}), "Allow": allowed_methods(request)}
+            exc = StarletteHTTPException(405, exc.detail, headers=headers)
         return body_not_decoded(exc) or await http_exception_handler(request, exc)
 
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]

@@ -49,6 +49,11 @@ def test_controls_need_a_token_and_record_its_name(filled) -> None:  # type: ign
         assert c.post(f"{url}/pause", headers=_auth("wrong")).status_code == 401
         assert c.post(f"{base}/runs/nope/advisor/pause", headers=_auth(TOKEN)).status_code == 404
         assert c.get(f"{base}/runs/nope/advisor").status_code == 404
+        # a path of two routes (the candidate range, the controls): 405 lists both methods
+        put = c.put(url)
+        assert put.status_code == 405
+        assert put.headers["allow"] == "GET, HEAD, POST"
+        assert c.put(f"{url}/exclude").headers["allow"] == "DELETE, POST"
         view = c.get(url).json()  # open: no token
         assert view["state"] == "measuring"
         assert view["next"] == {"omega": 7.0, "source": "advisor", "by": None}
