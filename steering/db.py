@@ -1,4 +1,6 @@
-"""Run history in a real database: runs, FC estimates, advice, model versions.
+"""Run history in a real database: runs, FC estimates, advice, model versions, and the
+controls of each run's advisor with the log of who changed them
+(:class:`steering.advisor.controls.AdvisorControls`).
 
 SQLite file by default, any SQLAlchemy URL by setting (``STEER_DATABASE_URL``; PostgreSQL in
 ``deploy/``). The service writes here as runs progress and the API reads from here, so the
@@ -74,6 +76,27 @@ class AdviceRow(_Base):
     n_orientations: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     ranking: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ControlsRow(_Base):
+    """A run's advisor controls (:meth:`AdvisorControls.state`), the latest only."""
+
+    __tablename__ = "advisor_controls"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), primary_key=True)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[_dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class OverrideRow(_Base):
+    """One change of a run's advisor controls: what, to what, who, when."""
+
+    __tablename__ = "advisor_overrides"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), index=True)
+    action: Mapped[str] = mapped_column(String(40))
+    value: Mapped[Any] = mapped_column(JSON, nullable=True)
+    who: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    at: Mapped[str] = mapped_column(String(40))
 
 
 class ModelRow(_Base):
@@ -166,6 +189,30 @@ class History:
         with self._lock, Session(self.engine) as s, s.begin():
             s.add(AdviceRow(run_id=run_id, n_orientations=n_orientations, ranking=ranking))
 
+    def save_controls(
+        self, run_id: str, state: dict[str, Any], override: dict[str, Any] | None = None
+    ) -> None:
+        """Keep a run's advisor controls ``state`` (:meth:`AdvisorControls.state`) and append
+        ``override`` (``{"action", "value", "who", "at"}``) to its log, in one transaction.
+        """
+        with self._lock, Session(self.engine) as s, s.begin():
+            row = s.get(ControlsRow, run_id)
+            if row is None:
+                s.add(ControlsRow(run_id=run_id, state=dict(state)))
+            else:
+                row.state = dict(state)
+                row.updated_at = _now()
+            if override is not None:
+                s.add(
+                    OverrideRow(
+                        run_id=run_id,
+                        action=str(override["action"]),
+                        value=override.get("value"),
+                        who=override.get("who"),
+                        at=str(override["at"]),
+                    )
+                )
+
     def add_model(self, version: str, *, material: str, path: str) -> None:
         """Record that a model version was loaded."""
         with self._lock, Session(self.engine) as s, s.begin():
@@ -219,6 +266,23 @@ class History:
                 }
                 for r in rows
             ]
+
+    def load_controls(self, run_id: str) -> dict[str, Any] | None:
+        """A run's advisor controls with their whole override log (oldest first), or None
+        when none were set (:meth:`AdvisorControls.from_dict` reads it)."""
+        with Session(self.engine) as s:
+            row = s.get(ControlsRow, run_id)
+            if row is None:
+                return None
+            log = s.scalars(
+                select(OverrideRow).where(OverrideRow.run_id == run_id).order_by(OverrideRow.id)
+            ).all()
+            return {
+                **row.state,
+                "overrides": [
+                    {"action": o.action, "value": o.value, "who": o.who, "at": o.at} for o in log
+                ],
+            }
 
     def models(self) -> list[dict[str, Any]]:
         """Model versions loaded so far, newest first."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AdvisorError", "FollowError", "SteeringError"]
+__all__ = ["AdvisorError", "ControlsConflict", "FollowError", "SteeringError"]
 
 
 class SteeringError(Exception):
@@ -11,7 +11,13 @@ class SteeringError(Exception):
 
 class AdvisorError(SteeringError, ValueError):
     """Bad input to the advisor: an empty or unreachable candidate range, coverages of
-    the wrong shape, an unusable estimate."""
+    the wrong shape, an unusable estimate, a bad control of the advisor (an excluded range
+    that is empty or off the goniometer, a forced angle out of range, a bad target)."""
+
+
+class ControlsConflict(AdvisorError):
+    """A control of the advisor that contradicts those already set (a forced angle in an
+    excluded range, an excluded range over the forced angle): clear the other first."""
 
 
 class FollowError(SteeringError, ValueError):

@@ -15,6 +15,11 @@ the advice to its sinks:
 * :class:`AdviceDocuments` alone, with any ``(name, doc)`` callback (a bluesky Publisher,
   a RunEngine subscription, a list in tests).
 
+After the ranking, the people's controls of the advice
+(:class:`steering.advisor.controls.AdvisorControls`: pause, excluded angles, a forced next
+angle) are applied (:meth:`SteeringLoop._apply_controls`): every advice says the advisor's
+``state``, the ``next`` angle and where it came from, and the ``controls``.
+
 The candidates' coverages come from the run's metadata (instrument, mounting, Ei; the
 planned angles by default) and are computed on a background thread when the run starts;
 until they are all ready, the ranking covers the ones that are (and says how many).
@@ -34,6 +39,7 @@ from numpy.typing import NDArray
 
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from steering import metrics
+from steering.advisor.controls import AdvisorControls
 from steering.advisor.planner import InformationPlanner
 from steering.advisor.ranking import Advisor, check_score, check_weighting
 from steering.exceptions import AdvisorError
@@ -290,7 +296,12 @@ class SteeringLoop:
     score, weighting
         What the advisor sorts by and how it weighs the spectrum's bins
         (:meth:`steering.advisor.ranking.Advisor.rank`).
+    controls
+        The people's controls of the advice (shared with the API; default: none set).
     """
+
+    #: overrides of the log carried in each advice (the history and the API have them all)
+    ADVICE_OVERRIDES = 20
 
     def __init__(
         self,
@@ -307,7 +318,7 @@ class SteeringLoop:
         recheck_every: int = 10,
         planner: InformationPlanner | None = None,
         target: dict[str, Any] | None = None,
-        forbidden: Sequence[Sequence[float]] = (),
+        controls: AdvisorControls | None = None,
     ) -> None:
         check_score(score)
         check_weighting(weighting)
@@ -330,11 +341,10 @@ class SteeringLoop:
         #: the target precision of the stop criterion (``{"std": {name: eV/A^2}}`` and/or
         #: ``{"d_criterion": eV/A^2}``)
         self.target = target
-        #: closed angle ranges (deg) never suggested
-        self.forbidden: list[tuple[float, float]] = [(float(a), float(b)) for a, b in forbidden]
         #: (theta, covariance, inflation, cumulative model) of the last refined estimate
         self._posterior: tuple[Any, ...] | None = None
         self._last_next: dict[str, Any] | None = None
+        self.controls = controls if controls is not None else AdvisorControls()
 
     def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         """A completed orientation: estimate, rank, publish (a
@@ -415,6 +425,7 @@ class SteeringLoop:
             advice["ranking"] = None
             advice["error"] = "candidate coverages are still being computed"
         self._plan(advice, record)
+        self._apply_controls(advice)
         advice["seconds"] = time.perf_counter() - t0
         self.history.append(advice)
         for sink in self.sinks:
@@ -424,22 +435,17 @@ class SteeringLoop:
                 logger.exception("advice sink failed (orientation %d)", record.index)
 
     def _plan(self, advice: dict[str, Any], record: OrientationRecord) -> None:
-        """The information plan, the stop state and the next angle of an advice.
+        """The information plan and the stop state of an advice.
 
         With a planner and a refined posterior: ``plan`` (candidates by expected gain per
-        beam time), ``stop`` (:class:`steering.advisor.planner.StopState`), ``state``
-        (``"done"`` when the target is met, else ``"measuring"``) and ``next`` (the best
-        candidate; None when done). Without them the ranking's best angle is ``next``
-        and ``plan`` and ``stop`` are None with the reason in ``plan_error``.
+        beam time, none in the controls' excluded ranges) and ``stop``
+        (:class:`steering.advisor.planner.StopState` against the controls' target, else the
+        loop's); ``state`` is ``"done"`` when the target is met. Without them ``plan`` and
+        ``stop`` are None with the reason in ``plan_error`` (the ranking's best angle is
+        then the next: :meth:`_apply_controls`).
         """
         advice["plan"] = None
         advice["stop"] = None
-        advice["state"] = "measuring" if advice.get("ranking") else "waiting"
-        advice["next"] = None
-        ranking = advice.get("ranking")
-        if ranking and ranking.get("candidates"):
-            best = ranking["candidates"][0]
-            advice["next"] = {"omega": float(best["omega"]), "source": "advisor", "by": None}
         planner = self.planner
         if planner is None:
             return
@@ -451,20 +457,21 @@ class SteeringLoop:
             return
         theta, cov, inflation, model = self._posterior
         charge = max(float(record.proton_charge), 1e-9)
+        forbidden = list(self.controls.excluded)
+        target = self.controls.target or self.target
         t0 = time.perf_counter()
         try:
+            planner.focus(list((target or {}).get("std") or []) or None)
             last = self._last_next
             if last is not None and abs(float(last["omega"]) - float(record.omega)) < 0.05:
                 planner.observe(float(last["gain"]), last["covariance"], cov)
             planner.refresh(theta, cov, model, charge=charge, inflation=inflation, reuse_within=0.5)
             t1 = time.perf_counter()
             cands = planner.rank(
-                cov, current=float(record.omega), measured=self.measured, forbidden=self.forbidden
+                cov, current=float(record.omega), measured=self.measured, forbidden=forbidden
             )
             rank_s = time.perf_counter() - t1
-            stop = planner.stop(
-                cov, self.target, current=float(record.omega), forbidden=self.forbidden
-            )
+            stop = planner.stop(cov, target, current=float(record.omega), forbidden=forbidden)
         except AdvisorError as exc:
             logger.warning("no plan after orientation %d: %s", record.index, exc)
             advice["plan_error"] = str(exc)
@@ -475,6 +482,7 @@ class SteeringLoop:
                 "expected information gain of the refined posterior (nats) per second of "
                 "beam time: counting + goniometer travel + settling"
             ),
+            "criterion": [planner.names[i] for i in planner.index],
             "speed_deg_s": planner.cost.speed_deg_s,
             "settle_s": planner.cost.settle_s,
             "candidates": [c.to_dict() for c in cands[:20]],
@@ -485,20 +493,47 @@ class SteeringLoop:
         advice["stop"] = stop.to_dict()
         if stop.met:
             advice["state"] = "done"
-            advice["next"] = None
             self._last_next = None
             return
-        advice["state"] = "measuring"
         best = cands[0]
-        advice["next"] = {
-            "omega": best.omega,
-            "count_time_s": best.count_time_s,
-            "source": "advisor",
-            "by": None,
-            "gain": best.gain,
-            "predicted_std": best.predicted_std,
-        }
         self._last_next = {"omega": best.omega, "gain": best.gain, "covariance": cov}
+
+    def _apply_controls(self, advice: dict[str, Any]) -> None:
+        """Apply the people's controls to an advice whose ranking is made (in place).
+
+        The orientation just measured uses up a forced angle that was offered; excluded
+        candidates leave the ranking's list (``excluded``: how many left); the advice gains
+        ``state`` (``"paused"``, ``"waiting"`` without a ranking, else ``"measuring"``; a
+        ``"done"`` set before is kept), ``next`` (``{"omega", "source": "advisor" |
+        "forced", "by"}``, None when paused, done or nothing is allowed) and ``controls``
+        (:meth:`AdvisorControls.to_dict` with the last :attr:`ADVICE_OVERRIDES` overrides).
+        """
+        controls = self.controls
+        controls.measured(float(advice["omega"]))
+        ranking = advice.get("ranking")
+        candidates: list[dict[str, Any]] = []
+        if ranking is not None:
+            listed = list(ranking.get("candidates") or [])
+            ok = controls.allowed([float(c["omega"]) for c in listed])
+            candidates = [c for c, good in zip(listed, ok, strict=True) if good]
+            ranking["candidates"] = candidates
+            ranking["excluded"] = len(listed) - len(candidates)
+        plan = advice.get("plan")
+        if plan is not None:  # the information plan decides (its ranges are the controls')
+            candidates = list(plan["candidates"])
+        if advice.get("state") != "done":
+            advice["state"] = controls.state_name(ranked=ranking is not None or plan is not None)
+        done = advice["state"] == "done"
+        advice["next"] = None if done else controls.next_angle(candidates, offer=True)
+        nxt = advice["next"]
+        if plan is not None and nxt is not None and nxt["source"] == "advisor":
+            best = next(c for c in candidates if float(c["omega"]) == float(nxt["omega"]))
+            nxt.update(
+                count_time_s=best["count_time_s"],
+                gain=best["gain"],
+                predicted_std=best["predicted_std"],
+            )
+        advice["controls"] = controls.to_dict(last=self.ADVICE_OVERRIDES)
 
     def _running_estimate(
         self, snapshot: Snapshot, est: FCEstimate

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from consumers.streams import InstrumentConfig
     from model_server.inversion.inference import Estimator
     from model_server.refinement.refiner import RunRefiner
+    from steering.advisor.controls import AdvisorControls
     from steering.advisor.planner import InformationPlanner
     from steering.follow import ReplicaFollower
     from steering.loop import CandidateCoverage, KafkaAdviceSink, SteeringLoop
@@ -295,6 +296,23 @@ class SteeringService:
         if rng is not None:
             omegas = list(np.arange(rng["start"], rng["stop"], rng["step"]))
         candidates = CandidateCoverage(meta, omegas=omegas)
+        # the people's controls of the advice: those set over the API (before the loop, or
+        # before a restart: the history keeps them) and the goniometer range they are
+        # checked against
+        controls: AdvisorControls | None
+        try:
+            controls = self.live.controls_for(run_id, self.history)
+        except AdvisorError as exc:  # the run goes on, with controls kept in memory only
+            logger.error(
+                "run %s: its stored advisor controls are damaged (%s): ignored", run_id, exc
+            )
+            controls = None
+        if len(candidates.omegas):
+            with self.live.lock:
+                self.live.omega_ranges[run_id] = (
+                    float(candidates.omegas.min()),
+                    float(candidates.omegas.max()),
+                )
         sinks: list[Any] = [self._record_advice if self.follow_replicas else self._record]
         if self._livedata is not None and not self.follow_replicas:
             sinks.append(self._livedata.estimate)
@@ -318,6 +336,7 @@ class SteeringService:
             first_wait_s=self.first_wait_s,
             score=self.advisor_score,
             weighting=self.advisor_weighting,
+            controls=controls,
         )
         self._loops[run_id] = loop
         self.history.upsert_run(run_id, material=material, state="running")

@@ -302,6 +302,14 @@ def _meets(s: BenchmarkSetup, fit: Any, truth: NDArray[np.float64]) -> bool:
     return bool(np.all(std <= s.target) and np.all(err <= 2.0 * std))
 
 
+def _unmet(s: BenchmarkSetup, cov: NDArray[np.float64]) -> list[str]:
+    """The target's coefficients whose std is still above it (all of them once none is):
+    the plan's criterion, so that it buys what the stop rule still lacks."""
+    std = np.sqrt(np.maximum(np.diag(cov)[:N_TARGET], 0.0))
+    names = [n for n, sd, t in zip(s.names, std, s.target, strict=False) if sd > t]
+    return names or list(s.names[:N_TARGET])
+
+
 def _crb(s: BenchmarkSetup, model: Any, theta: NDArray[np.float64]) -> NDArray[np.float64]:
     from model_server.refinement.study import cramer_rao
 
@@ -395,6 +403,7 @@ def _run_strategy(
             assert planner is not None
             assert post is not None
             theta, cov, infl, model = post
+            planner.focus(_unmet(s, cov))
             planner.refresh(theta, cov, model, charge=1.0, inflation=infl, reuse_within=REUSE)
             c = int(np.argmin(np.abs(s.omegas - planner.rank(cov, current=pos)[0].omega)))
         elif name == "gp":

@@ -1,8 +1,10 @@
 """``steer serve``: the status API (FastAPI) over the run history and the live runs.
 
 Read-only endpoints are open (facility network); state-changing ones need
-``Authorization: Bearer <STEER_API_TOKEN>`` (401 without or with a wrong token; when the
-service has no token configured they are disabled: 403).
+``Authorization: Bearer <token>``: ``STEER_API_TOKEN`` (named ``default``) or one of the
+named ``STEER_API_TOKENS`` (:mod:`steering.api.tokens`; the name is recorded with the
+advisor's overrides). 401 without or with a wrong token; when the service has no token
+configured they are disabled: 403.
 
 :func:`create_app` only wires the parts together: the run history, the live state and the
 token go on ``app.state`` (read by the routes through :mod:`steering.api.deps`), and one
@@ -20,7 +22,10 @@ router per resource serves them:
   ``GET /runs/{id}/spectrum`` (I(q, E) with mask as JSON arrays, ``Accept: image/png``: a
   PNG, ``?format=h5``: the HDF5 export, live while the run goes on);
   ``POST /runs/{id}/advisor`` (candidate range); ``GET /runs/{id}/figures/{name}.png``
-  (the page's figures).
+  (the page's figures);
+* :mod:`steering.api.controls`: ``GET /runs/{id}/advisor`` and the person in charge's
+  controls of the advisor (pause, resume, exclude, force, target), each recorded with the
+  token's name.
 
 The request and answer schemas are in :mod:`steering.api.schemas`, the state shared with
 the service in :mod:`steering.api.state`. What one request may ask is bounded before any
@@ -35,7 +40,7 @@ to the state or model folder. The OpenAPI document lists every status and error 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -45,14 +50,16 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_server.prediction.pool import PredictionPool
+from steering.api import controls as control_routes
 from steering.api import live as live_routes
 from steering.api import runs as run_routes
-from steering.api.errors import body_not_decoded, validation_error_response
+from steering.api.errors import allowed_methods, body_not_decoded, validation_error_response
 from steering.api.limits import BodySizeLimit, ServiceLimits
 from steering.api.openapi import truthful_openapi
 from steering.api.predict import predict_router
 from steering.api.schemas import AdvisorRange
 from steering.api.state import LiveState
+from steering.api.tokens import token_table
 from steering.db import History
 
 __all__ = ["AdvisorRange", "LiveState", "create_app"]
@@ -62,16 +69,22 @@ def create_app(
     history: History,
     *,
     token: str | None = None,
+    tokens: Mapping[str, str] | None = None,
     live: LiveState | None = None,
     limits: ServiceLimits | None = None,
     predictions: PredictionPool | None = None,
     state_dir: str | Path | None = None,
     model_dir: str | Path | None = None,
 ) -> FastAPI:
-    """The API over ``history`` (and ``live`` runs); ``token`` guards state changes.
+    """The API over ``history`` (and ``live`` runs); the tokens guard state changes.
 
     Parameters
     ----------
+    token
+        ``STEER_API_TOKEN``: the token named ``default``.
+    tokens
+        Named tokens {name: token} (``STEER_API_TOKENS``,
+        :func:`steering.api.tokens.parse_tokens`).
     limits
         What one request may ask (default :class:`~steering.api.limits.ServiceLimits`).
     predictions
@@ -107,6 +120,7 @@ def create_app(
     app.state.history = history
     app.state.live = live
     app.state.token = token
+    app.state.tokens = token_table(token, tokens)
     app.state.limits = limits
     app.state.predictions = pool
     app.state.state_dir = Path(state_dir).resolve() if state_dir is not None else None
@@ -119,12 +133,16 @@ def create_app(
     )
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:  # every method of the path, not the first route's only
+            headers = {**(exc.headers or {}), "Allow": allowed_methods(request)}
+            exc = StarletteHTTPException(405, exc.detail, headers=headers)
         return body_not_decoded(exc) or await http_exception_handler(request, exc)
 
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.include_router(predict_router(live, history, runner=pool, limits=limits))
     app.include_router(live_routes.router)
     app.include_router(run_routes.router)
+    app.include_router(control_routes.router)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     truthful_openapi(app, limits)
     return app

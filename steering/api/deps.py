@@ -1,8 +1,9 @@
-"""What the routers share: the run history, the live state and the token, as dependencies.
+"""What the routers share: the run history, the live state and the tokens, as dependencies.
 
 :func:`steering.api.app.create_app` puts them on ``app.state`` (``history``, ``live``,
-``token``); the routes ask for them with :data:`HistoryDep`, :data:`LiveDep` and
-``dependencies=[Depends(require_token)]``. A :class:`fastapi.Request` parameter adds nothing
+``tokens``: {name: token}); the routes ask for them with :data:`HistoryDep`, :data:`LiveDep`
+and ``dependencies=[Depends(require_token)]``, or :data:`TokenName` for the name of the
+token presented (who made a change). A :class:`fastapi.Request` parameter adds nothing
 to the OpenAPI document, so the routes' parameters are those of the path and the query.
 """
 
@@ -26,6 +27,7 @@ __all__ = [
     "HistoryDep",
     "LimitsDep",
     "LiveDep",
+    "TokenName",
     "export_file",
     "get_history",
     "get_limits",
@@ -97,22 +99,40 @@ def export_file(request: Request, run: dict[str, Any]) -> Path | None:
 def require_token(
     request: Request,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
-) -> None:
+) -> str:
     """Let a state change through only with ``Authorization: Bearer <token>``.
+
+    Returns
+    -------
+    str
+        The token's name (``default`` for ``STEER_API_TOKEN``; the names of
+        ``STEER_API_TOKENS``), for the record of who made the change.
 
     Raises
     ------
     HTTPException
         403 when the app has no token configured (state changes disabled); 401 without
-        the token or with a wrong one.
+        a token or with a wrong one.
     """
-    token: str | None = request.app.state.token
-    if not token:
-        raise HTTPException(403, "state changes are disabled: no STEER_API_TOKEN configured")
-    if creds is None or not secrets.compare_digest(creds.credentials, token):
+    tokens: dict[str, str] = request.app.state.tokens
+    if not tokens:
+        raise HTTPException(
+            403, "state changes are disabled: no STEER_API_TOKEN or STEER_API_TOKENS configured"
+        )
+    given = creds.credentials.encode() if creds is not None else b""
+    name = None
+    for candidate, token in tokens.items():  # every token compared: no early exit
+        if secrets.compare_digest(given, token.encode()) and name is None:
+            name = candidate
+    if creds is None or name is None:
         raise HTTPException(
             401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
         )
+    return name
+
+
+#: The name of the token a state change was made with (:func:`require_token`).
+TokenName = Annotated[str, Depends(require_token)]
 
 
 def get_run(history: History, run_id: str) -> dict[str, Any]:

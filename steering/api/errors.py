@@ -10,6 +10,7 @@ router answer its own validation errors the same way when it is used without the
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-__all__ = ["ValidatedRoute", "body_not_decoded", "validation_error_response"]
+__all__ = ["ValidatedRoute", "allowed_methods", "body_not_decoded", "validation_error_response"]
 
 
 #: Longest string, and most items of a list or object, echoed back in a validation error;
@@ -58,6 +59,28 @@ def _error_entry(error: dict[str, Any]) -> dict[str, Any]:
             value = bytes(value[: 4 * MAX_ECHO]).decode("utf-8", errors="replace")
         out["input"] = _json_safe(value)
     return out
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` header of a 405: the methods the OpenAPI document gives the request's
+    path (with ``HEAD`` beside ``GET``).
+
+    Starlette lists those of the first route on the path only, and a path served by two
+    routes (``POST /runs/{id}/advisor`` for the candidate range, ``GET`` for the controls)
+    would then say less than the document.
+    """
+    path = request.url.path
+    methods: set[str] = set()
+    for template, item in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods |= {m.upper() for m in item if m.upper() in _METHODS}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 def body_not_decoded(exc: HTTPException) -> JSONResponse | None:

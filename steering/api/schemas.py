@@ -7,6 +7,8 @@
   force constants came from); the endpoint itself returns that dict as it is. Arrays are
   nested lists, ``null`` where a value is not finite (e.g. a bin no orientation covers).
 * ``POST /runs/{id}/advisor``: :class:`AdvisorRange`.
+* ``POST /runs/{id}/advisor/exclude``, ``/force``, ``/target``: :class:`ExcludeRange`,
+  :class:`ForceNext`, :class:`TargetPrecision`.
 * ``GET /runs/{id}/figures/{name}.png``: :class:`FigureName`.
 """
 
@@ -28,17 +30,20 @@ __all__ = [
     "DOSOutput",
     "DetectorOutput",
     "ErrorBody",
+    "ExcludeRange",
     "FCCoefficients",
     "FCFileUpload",
     "FCInfo",
     "FCModelInfo",
     "FigureName",
+    "ForceNext",
     "IQEOutput",
     "IndirectOutput",
     "PowderOutput",
     "PredictError",
     "PredictRequest",
     "PredictResponse",
+    "TargetPrecision",
 ]
 
 _SHIPPED = ", ".join(sorted(SHIPPED_MATERIALS))
@@ -445,6 +450,44 @@ class AdvisorRange(BaseModel):
         le=360.0,
         description="Step, degrees; at most `STEER_ADVISOR_MAX_CANDIDATES` (3600) angles, "
         "counted before they are made, within the goniometer's limits.",
+    )
+
+
+Angle = Annotated[float, Field(ge=-360.0, le=360.0)]
+PositiveFinite = Annotated[float, Field(gt=0.0, le=1e6)]
+
+
+class ExcludeRange(BaseModel):
+    """A closed range of goniometer angles the advisor must not offer (degrees)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, strict=True, extra="forbid")
+
+    from_: Angle = Field(alias="from", description="Lower end, degrees (included).")
+    to: Angle = Field(description="Upper end, degrees (included); above `from`.")
+
+
+class ForceNext(BaseModel):
+    """The angle to offer next, once, before the advisor's best (degrees)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, strict=True, extra="forbid")
+
+    omega: Angle = Field(description="Goniometer angle, degrees, within the run's candidates.")
+
+
+class TargetPrecision(BaseModel):
+    """The precision the experiment aims at: per-coefficient standard deviations and/or a
+    D-criterion (at least one)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, strict=True, extra="forbid")
+
+    std: dict[CoefficientName, PositiveFinite] | None = Field(
+        None,
+        max_length=500,
+        description="Target standard deviation per FC coefficient, eV/A^2 (positive).",
+    )
+    d_criterion: PositiveFinite | None = Field(
+        None,
+        description="Target D-criterion: det(FC covariance)^(1/n_fc), (eV/A^2)^2 (positive).",
     )
 
 

@@ -163,13 +163,19 @@ def serve_cmd(
     """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
     consumer, model server and advisor of a prefix (with --follow-replicas: the advisor
     over the scaled-out consumers and model-server replicas; with --queueserver: its next
-    orientation onto a bluesky-queueserver queue). State changes need STEER_API_TOKEN."""
+    orientation onto a bluesky-queueserver queue). State changes need STEER_API_TOKEN or one
+    of the named STEER_API_TOKENS ("alice:tok1,bob:tok2")."""
     import os
 
     from model_server.prediction.pool import PredictionPool
     from steering.api.limits import ServiceLimits
+    from steering.api.tokens import parse_tokens, token_table
 
     limits = ServiceLimits.from_env()  # a bad STEER_* limit stops the service before anything
+
+    token = os.environ.get("STEER_API_TOKEN") or None
+    tokens = parse_tokens(os.environ.get("STEER_API_TOKENS"))  # and so do bad named tokens
+    token_table(token, tokens)
     if follow_replicas:
         check_follow_options(bootstrap=bootstrap, instrument_config=instrument_config)
     streams = instrument_streams(instrument_config, prefix)  # and so does a bad config
@@ -221,9 +227,13 @@ def serve_cmd(
         if queue is not None:
             queue.close()
         raise
-    token = os.environ.get("STEER_API_TOKEN") or None
-    if token is None:
-        logger.warning("STEER_API_TOKEN is not set: state-changing endpoints are disabled")
+    if token is None and not tokens:
+        logger.warning(
+            "neither STEER_API_TOKEN nor STEER_API_TOKENS is set: state-changing endpoints "
+            "are disabled"
+        )
+    elif tokens:
+        logger.info("named API tokens: %s", ", ".join(sorted(tokens)))
     logger.info("request limits: %s", limits.to_dict())
     typer.echo(f"serving on http://{host}:{port}/ (OpenAPI at /docs)", err=True)
     try:
@@ -231,6 +241,7 @@ def serve_cmd(
             history,
             live,
             token,
+            tokens=tokens,
             host=host,
             port=port,
             service=service,
@@ -361,6 +372,7 @@ def _serve_until_stopped(
     live: LiveState,
     token: str | None,
     *,
+    tokens: dict[str, str] | None = None,
     host: str,
     port: int,
     service: SteeringService | None,
@@ -397,6 +409,7 @@ def _serve_until_stopped(
     app = create_app(
         history,
         token=token,
+        tokens=tokens,
         live=live,
         limits=limits,
         predictions=pool,

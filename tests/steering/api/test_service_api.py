@@ -70,6 +70,13 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             assert gains[0] > 0
             assert last["next"]["omega"] == plan["candidates"][0]["omega"]
             assert last["stop"]["state"] in ("no target", "measuring", "done", "unreachable")
+            # what the people's controls made of it: none set, the advisor's best is next
+            assert advice[-1]["state"] == "measuring"
+            assert advice[-1]["next"]["source"] == "advisor"
+            controls = c.get(f"{base}/runs/{run_id}/advisor").json()
+            lo, hi = controls["omega_range"]  # the run's candidate angles
+            assert lo < hi
+            assert controls["controls"]["overrides"] == []
             spec = c.get(f"{base}/runs/{run_id}/spectrum").json()
             assert spec["n_orientations"] == 4
             # each orientation's spectrum alone; together they make the run's counts

@@ -166,6 +166,20 @@ def test_page_updates_live_in_chromium(tmp_path: Path, make_small_run) -> None: 
                 time.sleep(0.5)
             assert loaded, "figures not shown"
             assert rows > 0, "no advice listed"
+            # a person in charge: the advisor's state and next angle are shown, and a pause
+            # sent with the token typed into the page is recorded under the token's name
+            assert driver.find_element("id", "advisor-state").text in ("measuring", "waiting")
+            driver.find_element("id", "token").send_keys(TOKEN)
+            driver.find_element("id", "btn-pause").click()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                state = driver.find_element("id", "advisor-state").text
+                if state == "paused":
+                    break
+                time.sleep(0.3)
+            assert state == "paused"
+            assert "by default" in driver.find_element("id", "controls-msg").text
+            assert driver.find_element("id", "advisor-next").text == "–"
             driver.save_screenshot(str(tmp_path / "page.png"))
             sender.join(120)
     finally:
