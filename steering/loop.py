@@ -107,7 +107,8 @@ def _key(dtype: str, shape: list[int] | None = None, units: str = "") -> dict[st
 
 class AdviceDocuments:
     """Advice as a bluesky run of its own: start, an ``advice`` descriptor, one Event per
-    update (best angle, its score, the top angles and scores, the estimate), stop.
+    update (best angle, its score, the top angles and scores, the estimate, the run's state,
+    the next angle, whether the target is met and the expected beam time to it), stop.
 
     ``emit(name, doc)`` receives the documents (event-model's schemas).
     """
@@ -150,6 +151,10 @@ class AdviceDocuments:
                     "basis": _key("string"),
                     "fc_mean": _key("array", [len(ranking["fc_names"])], units="eV/A^2"),
                     "fc_std": _key("array", [len(ranking["fc_names"])], units="eV/A^2"),
+                    "state": _key("string"),
+                    "next_omega": _key("number", units="deg"),
+                    "target_met": _key("boolean"),
+                    "expected_beam_time_s": _key("number", units="s"),
                 },
                 time=now,
             )
@@ -165,6 +170,13 @@ class AdviceDocuments:
             "basis": str(ranking["basis"]),
             "fc_mean": [float(est["fc"][n]["mean"]) for n in names] if est else [],
             "fc_std": [float(est["fc"][n]["std"]) for n in names] if est else [],
+            # the run's state and the stop criterion (NaN: no next angle / no estimate)
+            "state": str(advice.get("state") or "measuring"),
+            "next_omega": float((advice.get("next") or {}).get("omega", float("nan"))),
+            "target_met": bool((advice.get("stop") or {}).get("met", False)),
+            "expected_beam_time_s": float(
+                (advice.get("stop") or {}).get("expected_beam_time_s") or float("nan")
+            ),
         }
         event = self._desc.compose_event(data=data, timestamps=dict.fromkeys(data, now), time=now)
         self.emit("event", dict(event))
@@ -461,7 +473,7 @@ class SteeringLoop:
         target = self.controls.target or self.target
         t0 = time.perf_counter()
         try:
-            planner.focus(list((target or {}).get("std") or []) or None)
+            planner.focus_on_target(cov, target)
             last = self._last_next
             if last is not None and abs(float(last["omega"]) - float(record.omega)) < 0.05:
                 planner.observe(float(last["gain"]), last["covariance"], cov)

@@ -314,6 +314,8 @@ class InformationPlanner:
         Every how many detector pixels the nodes' moments take (4: ~0.3 s a node).
     seed
         Seed of the posterior draws.
+    nodes
+        The nodes' angles (default: every ``node_step`` over the candidates' span).
     """
 
     def __init__(
@@ -331,6 +333,7 @@ class InformationPlanner:
         pixel_stride: int = 4,
         e_substeps: int = 2,
         seed: int = 0,
+        nodes: Sequence[float] | None = None,
     ) -> None:
         w = np.unique(np.asarray(omegas, dtype=float))
         if w.size == 0 or not np.all(np.isfinite(w)):
@@ -350,6 +353,10 @@ class InformationPlanner:
         self.lo, self.hi = float(w[0]), float(w[-1])
         n_nodes = max(2, math.ceil((self.hi - self.lo) / node_step) + 1)
         self.nodes = np.linspace(self.lo, self.hi, n_nodes) if self.hi > self.lo else w[:1]
+        if nodes is not None:  # given: they must span the candidates
+            self.nodes = np.unique(np.asarray(nodes, dtype=float))
+            if self.nodes[0] > self.lo or self.nodes[-1] < self.hi:
+                raise AdvisorError("the planner's nodes must span the candidate angles")
         self.samples = int(samples)
         self.count_time_s = float(count_time_s)
         self.count_factors = factors
@@ -383,6 +390,22 @@ class InformationPlanner:
             if n not in self.names:
                 raise AdvisorError(f"{n!r} is not a coefficient of {self.refiner.material}")
         self.index = np.array([self.names.index(n) for n in sel])
+
+    def focus_on_target(
+        self, covariance: NDArray[np.float64], target: Mapping[str, Any] | None
+    ) -> list[str]:
+        """Focus the criterion on what the stop rule still lacks: the coefficients of the
+        ``target``'s ``std`` whose posterior std is still above it (all of the target's
+        once none is; every coefficient without a std target). Returns them."""
+        std_target = dict((target or {}).get("std") or {})
+        cov = np.asarray(covariance, dtype=float)
+        names = [
+            n
+            for n, v in std_target.items()
+            if math.sqrt(max(cov[self.names.index(n), self.names.index(n)], 0.0)) > v
+        ] or list(std_target)
+        self.focus(names or None)
+        return [self.names[i] for i in self.index]
 
     # -- the nodes' Fisher information -------------------------------------------------------
 

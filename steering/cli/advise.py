@@ -295,6 +295,9 @@ def benchmark_cmd(
         int, typer.Option("--budget", help="Orientations at most per strategy and run.")
     ] = 240,
     step: Annotated[float, typer.Option("--step", help="Candidate spacing, degrees.")] = 2.0,
+    span: Annotated[
+        float, typer.Option("--span", help="Candidates over [0, span) degrees.")
+    ] = 120.0,
     samples: Annotated[
         int, typer.Option("--samples", help="Posterior points the advisor averages over.")
     ] = 2,
@@ -320,6 +323,7 @@ def benchmark_cmd(
         target_fraction=target_fraction,
         budget=budget,
         step=step,
+        span=span,
         samples=samples,
         truth_seed=truth_seed,
         progress=not as_json,
