@@ -44,7 +44,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +329,8 @@ class _Trace:
     to_target: int | None = None
     beam_to_target: float | None = None
     fits: int = 0
+    #: the advisor's (predicted std of FC0-FC3 after its pick, the refined std after it)
+    predictions: list[tuple[list[float], list[float]]] = field(default_factory=list)
 
 
 def _fit(
@@ -446,6 +448,7 @@ def _run_strategy(
     features: dict[int, NDArray[np.float64]] = {}
     screened = name != "advisor"
     post: tuple[Any, ...] | None = None
+    predicted: list[float] | None = None
     for k in range(1, budget + 1):
         if k == 1:
             c = int(order[0]) if order else 0
@@ -455,7 +458,9 @@ def _run_strategy(
             theta, cov, infl, model = post
             planner.focus_on_target(cov, target)
             planner.refresh(theta, cov, model, charge=1.0, inflation=infl, reuse_within=REUSE)
-            c = int(np.argmin(np.abs(s.omegas - planner.rank(cov, current=pos)[0].omega)))
+            pick = planner.rank(cov, current=pos)[0]
+            c = int(np.argmin(np.abs(s.omegas - pick.omega)))
+            predicted = [pick.predicted_std[n] for n in s.names[:N_TARGET]]
         elif name == "gp":
             c = _gp_pick(s, visits, features)
         else:
@@ -494,6 +499,8 @@ def _run_strategy(
             trace.error[k] = np.abs(np.asarray(fit.mean[:N_TARGET]) - run.truth[:N_TARGET])
             if name == "advisor":
                 post = (fit.theta, fit.covariance, fit.inflation, model)
+                if predicted is not None and fit.converged:
+                    trace.predictions.append((predicted, [float(v) for v in fit.std[:N_TARGET]]))
             if _meets(s, fit, run.truth):
                 trace.to_target = k
                 trace.beam_to_target = elapsed
@@ -553,7 +560,11 @@ def beam_time_benchmark(
         {"strategies": {name: {"beam_time_to_target_s": [...], "orientations_to_target": [...],
                                "fits": [...]}},
          "ratios": {"advisor/sequential": {"median": x, "ci95": [lo, hi]}, ...},
-         "truths": [...], "seeds": [...], "target": {name: std}, "curves": {...}, ...}
+         "truths": [...], "seeds": [...], "target": {name: std}, "curves": {...},
+         "prediction": {"pairs": n, "correlation": {name: r}, "median_ratio": {name: x}}, ...}
+
+    ``prediction`` pairs the std of FC0-FC3 the advisor predicted for each pick with the
+    std the refinement reported after it (per coefficient, over every pick of every run).
 
     one entry per truth x seed in the order of ``runs`` (null where the target was not met
     within ``budget`` orientations).
@@ -579,6 +590,7 @@ def beam_time_benchmark(
         for n in strategies
     }
     curves: dict[str, list[dict[str, Any]]] = {n: [] for n in strategies}
+    predictions: list[tuple[list[float], list[float]]] = []
     runs = []
     bar = tqdm(
         total=len(chosen) * len(seed_list) * len(strategies), desc="benchmark", disable=not progress
@@ -604,6 +616,7 @@ def beam_time_benchmark(
                 per[name]["beam_time_to_target_s"].append(tr.beam_to_target)
                 per[name]["orientations_to_target"].append(tr.to_target)
                 per[name]["fits"].append(tr.fits)
+                predictions += tr.predictions
                 curves[name].append(
                     {
                         "beam_time_s": [tr.beam_time_s[k - 1] for k in sorted(tr.std)],
@@ -629,9 +642,17 @@ def beam_time_benchmark(
         vals = [math.inf if v is None else v for v in entry["beam_time_to_target_s"]]
         med = float(np.median(vals))
         medians[name] = None if math.isinf(med) else med
+    prediction: dict[str, Any] = {"pairs": len(predictions), "correlation": {}}
+    if len(predictions) > 2:
+        pred = np.array([p for p, _ in predictions])
+        got = np.array([g for _, g in predictions])
+        for j, n in enumerate(s.names[:N_TARGET]):
+            prediction["correlation"][n] = float(np.corrcoef(pred[:, j], got[:, j])[0, 1])
+            prediction.setdefault("median_ratio", {})[n] = float(np.median(got[:, j] / pred[:, j]))
     return {
         "strategies": per,
         "ratios": ratios,
+        "prediction": prediction,
         "median_beam_time_to_target_s": medians,
         "truths": [t for t, _ in chosen],
         "seeds": seed_list,

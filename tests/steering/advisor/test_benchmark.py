@@ -43,6 +43,7 @@ def test_a_small_benchmark_keeps_its_contract() -> None:
     assert set(ratio) == {"median", "ci95"}
     assert len(ratio["ci95"]) == 2
     assert set(result["target"]) == {"1NN_xx", "1NN_xy", "2NN_xx", "2NN_zz"}
+    assert result["prediction"]["pairs"] >= 0
     # a 2 % target at the README's counts is met within the budget by every strategy
     assert all(v is not None for v in result["median_beam_time_to_target_s"].values())
 
