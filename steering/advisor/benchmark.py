@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,6 +371,7 @@ def _gp_pick(
     s: BenchmarkSetup, visits: NDArray[np.int64], features: dict[int, NDArray[np.float64]]
 ) -> int:
     """The GP uncertainty sampler's next candidate."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
@@ -381,7 +383,9 @@ def _gp_pick(
         length_scale=10.0, length_scale_bounds=(1.0, 200.0), nu=2.5
     ) + WhiteKernel(1e-2, (1e-6, 1.0))
     gp = GaussianProcessRegressor(kernel=kernel, normalize_y=False, random_state=0)
-    gp.fit(x, y)
+    with warnings.catch_warnings():  # hyperparameters at their bounds are expected here
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gp.fit(x, y)
     _, sd = gp.predict(s.omegas[:, None], return_std=True)
     sd = sd if sd.ndim == 1 else sd.mean(axis=1)
     fresh = visits == 0
