@@ -59,6 +59,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: the plan keeps its nodes' Jacobians while the posterior mean stays within this many std
+PLAN_REUSE = 1.0
+
 #: where every advice dict goes (a Kafka producer, the service's history and live state)
 AdviceSink = Callable[[dict[str, Any]], None]
 
@@ -477,7 +480,9 @@ class SteeringLoop:
             last = self._last_next
             if last is not None and abs(float(last["omega"]) - float(record.omega)) < 0.05:
                 planner.observe(float(last["gain"]), last["covariance"], cov)
-            planner.refresh(theta, cov, model, charge=charge, inflation=inflation, reuse_within=0.5)
+            planner.refresh(
+                theta, cov, model, charge=charge, inflation=inflation, reuse_within=PLAN_REUSE
+            )
             t1 = time.perf_counter()
             cands = planner.rank(
                 cov, current=float(record.omega), measured=self.measured, forbidden=forbidden

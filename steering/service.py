@@ -259,6 +259,7 @@ class SteeringService:
                 candidates.folder,
                 candidates.omegas,
                 node_step=self.plan_node_step,
+                samples=2,
                 count_time_s=float(meta.get("count_time_s", 60.0)),
                 cost=BeamCost(
                     float(meta.get("motor_speed_deg_s", 1.0)),
