@@ -4,6 +4,7 @@ model-server replica (``model-serve``) and the whole service on a simulated run 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -79,6 +80,25 @@ def serve_cmd(
             help="How the spectrum's gain weighs its bins: scarcity or uniform.",
         ),
     ] = "scarcity",
+    target_std: Annotated[
+        str | None,
+        typer.Option(
+            "--target-std",
+            envvar="STEER_TARGET_STD",
+            help="Every run's target precision, NAME=eV/A^2 pairs (e.g. "
+            "1NN_xx=0.02,2NN_xx=0.002): the plan's stop criterion says done when the refined "
+            "std of each is below it (a person can change it: POST /runs/{id}/advisor/target).",
+        ),
+    ] = None,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan/--no-plan",
+            envvar="STEER_PLAN",
+            help="Rank angles by the refined posterior's information per beam time and say "
+            "when the target is met (docs/advisor.md); off: the spectrum's ranking alone.",
+        ),
+    ] = True,
     livedata: Annotated[
         bool,
         typer.Option(
@@ -179,6 +199,7 @@ def serve_cmd(
     if follow_replicas:
         check_follow_options(bootstrap=bootstrap, instrument_config=instrument_config)
     streams = instrument_streams(instrument_config, prefix)  # and so does a bad config
+    target = _parse_target(target_std)  # refused before anything starts
     queue = None
     if queueserver:  # and so do bad queue options
         queue = queue_sink(
@@ -217,6 +238,8 @@ def serve_cmd(
                 model_dir=model_dir,
                 advisor_score=advisor_score,
                 advisor_weighting=advisor_weighting,
+                target=target,
+                plan=plan,
                 livedata=livedata,
                 streams=streams,
                 follow_replicas=follow_replicas,
@@ -330,6 +353,27 @@ def queue_sink(
     return sink.start()
 
 
+def _parse_target(text: str | None) -> dict[str, Any] | None:
+    """``NAME=value,...`` -> ``{"std": {NAME: value}}`` (None when not given)."""
+    if not text:
+        return None
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            v = float(value)
+        except ValueError:
+            v = math.nan
+        if not sep or not name.strip() or not (math.isfinite(v) and v > 0):
+            raise typer.BadParameter(
+                f"{part!r}: the target is NAME=eV/A^2 pairs with values > 0, e.g. "
+                "1NN_xx=0.02,2NN_xx=0.002",
+                param_hint="--target-std",
+            )
+        out[name.strip()] = v
+    return {"std": out}
+
+
 def _start_service(
     bootstrap: str,
     prefix: str,
@@ -340,6 +384,8 @@ def _start_service(
     model_dir: Path,
     advisor_score: Score,
     advisor_weighting: Weighting,
+    target: dict[str, Any] | None = None,
+    plan: bool = True,
     livedata: bool = True,
     streams: InstrumentConfig | None = None,
     follow_replicas: bool = False,
@@ -358,6 +404,8 @@ def _start_service(
         model_dir=model_dir,
         advisor_score=advisor_score,
         advisor_weighting=advisor_weighting,
+        target=target,
+        plan=plan,
         publish_livedata=livedata,
         streams=streams,
         follow_replicas=follow_replicas,

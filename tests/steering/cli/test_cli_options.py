@@ -65,3 +65,14 @@ def test_a_bad_choice_is_a_usage_error(
 def test_choices_ignore_case_where_the_library_does(capsys: pytest.CaptureFixture[str]) -> None:
     main(["predict", "Ge", "--kind", "indirect", "--instrument", "TOSCA", "--json"])
     assert json.loads(capsys.readouterr().out)["indirect"]["instrument"]["name"] == "TOSCA"
+
+
+def test_serve_refuses_a_bad_target() -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "steering.cli", "serve", "--target-std", "1NN_xx=-1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "--target-std" in out.stderr
+    assert "NAME=eV/A^2" in out.stderr
