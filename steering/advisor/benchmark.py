@@ -629,6 +629,14 @@ def beam_time_benchmark(
                     }
                 )
                 bar.update()
+            logger.info(
+                "benchmark: truth %s seed %d: %s (%d of %d)",
+                tname,
+                seed,
+                ", ".join(f"{n} {per[n]['orientations_to_target'][-1]}" for n in strategies),
+                len(runs),
+                len(chosen) * len(seed_list),
+            )
             if on_result is not None:
                 on_result({"truth": tname, "seed": seed, "done": len(runs)})
     bar.close()
