@@ -200,6 +200,18 @@ class RunRefiner:
         scattering a fixed part of the signal, made with the phonons of the coefficients
         ``at`` (default: the reference set; the fit makes it at its start and again at its
         optimum when that moved: :meth:`refine`)."""
+        return self.counts_model(moments, exclusion=exclusion, extra=self.multiphonon(moments, at))
+
+    def counts_model(
+        self,
+        moments: BinMoments,
+        *,
+        exclusion: float | None = None,
+        extra: NDArray[np.float64] | None = None,
+    ) -> CountsModel:
+        """The one-phonon expected-counts model of ``moments`` (plus the fixed signal
+        ``extra``, (n_q * n_E,), when given) on the run's grid, fold table, resolution and
+        temperature, the bins above the elastic line."""
         return CountsModel(
             self.setup.basis,
             self.setup.grid,
@@ -211,7 +223,7 @@ class RunRefiner:
             reference=self.reference,
             exclusion=exclusion,
             e_min=self.elastic_cut,
-            extra=self.multiphonon(moments, at),
+            extra=extra,
         )
 
     def start_from(self, estimate: Mapping[str, float] | None) -> NDArray[np.float64]:

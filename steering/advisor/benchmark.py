@@ -113,7 +113,6 @@ class BenchmarkSetup:
         from consumers.reduction.folding import Folder
         from consumers.reduction.moments import orientation_moments, star_operations
         from consumers.reduction.table import FoldTable
-        from model_server.refinement.counts import CountsModel
         from model_server.refinement.refiner import RunRefiner
         from simulations.fcdb.reference import load_reference
         from simulations.instrument.spectrometer import Instrument, Orientation
@@ -141,7 +140,7 @@ class BenchmarkSetup:
                 inverse_ops=ops,
             )
             moments.append(m)
-            models.append(_model(refiner, m, CountsModel))
+            models.append(refiner.counts_model(m))
         ref = load_reference(material)
         dom = np.asarray(ref.domain, dtype=float)
         widths = np.full(len(refiner.names), np.nan)
@@ -171,37 +170,15 @@ class BenchmarkSetup:
 
     def model_of(self, moments: Any) -> Any:
         """The expected-counts model of ``moments``."""
-        from model_server.refinement.counts import CountsModel
-
-        return _model(self.refiner, moments, CountsModel)
+        return self.refiner.counts_model(moments)
 
     def cumulative_model(self, counts_of: NDArray[np.int64]) -> Any:
         """The expected-counts model of the folded sum of ``counts_of[c]`` counts of each
         candidate c (unit charge each)."""
-        from consumers.reduction.moments import BinMoments
-        from model_server.refinement.counts import CountsModel
-
-        grid = self.refiner.setup.grid
-        acc = BinMoments.zeros(grid.n_q * grid.n_e, self.refiner.constants.n_branches)
+        acc = self.empty_moments()
         for c in np.nonzero(counts_of)[0]:
             acc.add(self.moments[c], float(counts_of[c]))
-        return _model(self.refiner, acc, CountsModel)
-
-
-def _model(refiner: Any, moments: Any, counts_model: Any) -> Any:
-    """A counts model of ``moments`` as the refinement builds it (no multiphonon: the
-    benchmark's counts have none)."""
-    return counts_model(
-        refiner.setup.basis,
-        refiner.setup.grid,
-        refiner.resolution,
-        moments,
-        alias=refiner.table.alias,
-        tolerance=refiner.table.tolerance,
-        temperature=refiner.temperature,
-        reference=refiner.reference,
-        e_min=refiner.elastic_cut,
-    )
+        return self.model_of(acc)
 
 
 def benchmark_truths(setup: BenchmarkSetup, n: int, seed: int) -> list[tuple[str, NDArray]]:

@@ -412,7 +412,6 @@ class InformationPlanner:
     def _node_model(self, omega: float) -> Any:
         """The expected-counts model of one orientation at ``omega`` (unit charge)."""
         from consumers.reduction.moments import orientation_moments, star_operations
-        from model_server.refinement.counts import CountsModel
 
         hit = self._models.get(omega)
         if hit is not None:
@@ -429,17 +428,7 @@ class InformationPlanner:
             inverse_ops=self._ops,
         )
         try:
-            model = CountsModel(
-                r.setup.basis,
-                r.setup.grid,
-                r.resolution,
-                m,
-                alias=r.table.alias,
-                tolerance=r.table.tolerance,
-                temperature=r.temperature,
-                reference=r.reference,
-                e_min=r.elastic_cut,
-            )
+            model = r.counts_model(m)
         except Exception:  # an angle that reaches no fitted bin carries no information
             model = None
         self._models[omega] = model
