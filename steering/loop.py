@@ -481,7 +481,13 @@ class SteeringLoop:
             if last is not None and abs(float(last["omega"]) - float(record.omega)) < 0.05:
                 planner.observe(float(last["gain"]), last["covariance"], cov)
             planner.refresh(
-                theta, cov, model, charge=charge, inflation=inflation, reuse_within=PLAN_REUSE
+                theta,
+                cov,
+                model,
+                charge=charge,
+                inflation=inflation,
+                reuse_within=PLAN_REUSE,
+                background=True,  # the estimate is not held back by the nodes' Jacobians
             )
             t1 = time.perf_counter()
             cands = planner.rank(

@@ -41,6 +41,7 @@ it; the ranking itself compares candidates, which the common factor does not cha
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -57,11 +58,20 @@ __all__ = [
     "BeamCost",
     "InformationPlanner",
     "PlanCandidate",
+    "PlanNotReady",
     "StopState",
     "allowed",
     "check_ranges",
     "default_target",
 ]
+
+logger = logging.getLogger(__name__)
+
+
+class PlanNotReady(AdvisorError):
+    """The plan's information is still being computed (the advice says so; the run goes
+    on)."""
+
 
 #: Target precision of the benchmark and the default target: this fraction of each of the
 #: first four coefficients' training-domain width (std, eV/A^2).
@@ -378,6 +388,7 @@ class InformationPlanner:
         self._node_cache: tuple[Any, Any, Any] | None = None
         self._charge = 1.0
         self._prepared = threading.Event()
+        self._node_thread: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.refresh_seconds = 0.0
@@ -468,6 +479,7 @@ class InformationPlanner:
         charge: float,
         inflation: float = 1.0,
         reuse_within: float = 0.0,
+        background: bool = False,
     ) -> None:
         """Recompute what each node's count would add to the posterior, at the posterior's
         mean and draws.
@@ -483,7 +495,9 @@ class InformationPlanner:
         of a standard count), divided by the refinement's
         covariance ``inflation``. ``reuse_within``: keep the nodes' own Jacobians when
         the mean moved by less than this many std since they were computed (they depend on
-        the coefficients only).
+        the coefficients only). ``background``: recompute them on a thread and use the last
+        ones meanwhile (the service: the estimate is not held back); raises
+        :class:`PlanNotReady` while the first ones are being made.
         """
         t0 = time.perf_counter()
         theta = np.asarray(theta, dtype=float)
@@ -500,36 +514,23 @@ class InformationPlanner:
             and reuse_within > 0
             and float(np.max(np.abs(theta[:k] - self._node_cache[0][:k]) / std)) < reuse_within
         )
+        if not reuse:
+            points = self._points(theta, cov)
+            if background and self._node_cache is not None:
+                # the nodes' Jacobians at the new points are made on a thread; this refresh
+                # uses the last ones (computed at an earlier estimate)
+                self._nodes_in_background(points)
+                reuse = True
+            elif background:
+                self._nodes_in_background(points)
+                raise PlanNotReady("the plan's node information is being computed")
+            else:
+                self._node_cache = (theta.copy(), points, self._node_terms(points))
+        assert self._node_cache is not None
+        points = [np.concatenate([p[:k], theta[k:]]) for p in self._node_cache[1]]
+        node_terms = self._node_cache[2]
         if reuse:
-            assert self._node_cache is not None
-            points = self._node_cache[1]
-            node_terms = self._node_cache[2]
-            points = [np.concatenate([p[:k], theta[k:]]) for p in points]
             points[0] = theta
-        else:
-            points = [theta]
-            if self.samples > 1:
-                chol = np.linalg.cholesky(0.5 * (cov + cov.T) + 1e-18 * np.eye(k))
-                for _ in range(self.samples - 1):
-                    t = theta.copy()
-                    t[:k] = theta[:k] + chol @ self.rng.standard_normal(k)
-                    points.append(t)
-            node_terms = []
-            for w in self.nodes:
-                model = self._node_model(float(w))
-                per: list[tuple[Any, Any, Any] | None] = []
-                for t in points:
-                    if model is None:
-                        per.append(None)
-                        continue
-                    ev = model.evaluate(t)
-                    if not ev.stable:
-                        per.append(None)
-                        continue
-                    # per uC of the node's count; the scale and background are the run's
-                    per.append((model.bins, ev.expected, ev.jacobian[:, :k]))
-                node_terms.append(per)
-            self._node_cache = (theta.copy(), points, node_terms)
         n_bins = int(np.prod(self.refiner.setup.grid.shape))
         charge = self._charge
         factors = self.count_factors
@@ -565,6 +566,55 @@ class InformationPlanner:
         with self._lock:
             self._fisher = fisher[use] if use.any() else fisher[:1]
         self.refresh_seconds = time.perf_counter() - t0
+
+    def _points(self, theta: NDArray[np.float64], cov: NDArray[np.float64]) -> list[Any]:
+        """The posterior's mean and ``samples - 1`` draws (full parameter vectors)."""
+        k = len(self.names)
+        points = [theta.copy()]
+        if self.samples > 1:
+            chol = np.linalg.cholesky(0.5 * (cov + cov.T) + 1e-18 * np.eye(k))
+            for _ in range(self.samples - 1):
+                t = theta.copy()
+                t[:k] = theta[:k] + chol @ self.rng.standard_normal(k)
+                points.append(t)
+        return points
+
+    def _node_terms(self, points: list[Any]) -> list[Any]:
+        """Each node's (bins, expected counts, coefficients' Jacobian) per uC at each
+        point (None where the lattice is unstable or the node reaches no fitted bin)."""
+        k = len(self.names)
+        node_terms = []
+        for w in self.nodes:
+            model = self._node_model(float(w))
+            per: list[tuple[Any, Any, Any] | None] = []
+            for t in points:
+                if model is None:
+                    per.append(None)
+                    continue
+                ev = model.evaluate(t)
+                if not ev.stable:
+                    per.append(None)
+                    continue
+                # per uC of the node's count; the scale and background are the run's
+                per.append((model.bins, ev.expected, ev.jacobian[:, :k]))
+            node_terms.append(per)
+        return node_terms
+
+    def _nodes_in_background(self, points: list[Any]) -> None:
+        """Recompute the nodes' terms at ``points`` on a thread (one at a time; a newer
+        request waits for the next refresh)."""
+        if self._node_thread is not None and self._node_thread.is_alive():
+            return
+
+        def work() -> None:
+            try:
+                terms = self._node_terms(points)
+                self._node_cache = (points[0].copy(), points, terms)
+            except Exception:  # logged; the plan goes on with the last terms
+                logger.exception("the plan's node information failed")
+
+        self._node_thread = threading.Thread(target=work, name="planner-refresh", daemon=True)
+        self._node_thread.start()
 
     @property
     def ready(self) -> bool:

@@ -150,3 +150,22 @@ def test_stop_state() -> None:
     assert p.stop(fit.covariance, None).state == "no target"
     out = half.to_dict()
     assert set(out) >= {"state", "met", "target", "expected_beam_time_s", "std"}
+
+
+def test_background_refresh_never_holds_the_estimate_back() -> None:
+    """The service's refresh: the nodes' Jacobians are made on a thread; until the first
+    ones exist the plan says it is not ready, then it ranks with the last ones."""
+    from steering.advisor.planner import PlanNotReady
+
+    run = ge_run()
+    fit, model, _ = _posterior()
+    p = InformationPlanner(
+        run.refiner, run.folder, OMEGAS, node_step=8.0, samples=1, pixel_stride=4
+    )
+    p.prepare()
+    with pytest.raises(PlanNotReady, match="being computed"):
+        p.refresh(fit.theta, fit.covariance, model, charge=1.0, background=True)
+    assert p._node_thread is not None
+    p._node_thread.join(120)
+    p.refresh(fit.theta, fit.covariance, model, charge=1.0, background=True, reuse_within=1.0)
+    assert p.rank(fit.covariance)[0].gain > 0
