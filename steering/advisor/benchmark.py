@@ -532,6 +532,7 @@ def beam_time_benchmark(
     span: float = 120.0,
     samples: int = 2,
     truth_seed: int = 100,
+    first_truth: int = 0,
     setup: BenchmarkSetup | None = None,
     progress: bool = False,
     on_result: Callable[[dict[str, Any]], None] | None = None,
@@ -563,7 +564,7 @@ def beam_time_benchmark(
     if not (math.isfinite(events_per_orientation) and events_per_orientation > 0):
         raise AdvisorError(f"events per orientation must be > 0, got {events_per_orientation}")
     s = setup or BenchmarkSetup.build(step=step, target_fraction=target_fraction, progress=progress)
-    chosen = benchmark_truths(s, truths, truth_seed)
+    chosen = benchmark_truths(s, first_truth + truths, truth_seed)[first_truth:]
     seed_list = list(range(first_seed, first_seed + seeds))
     checkpoints = {1, 2, 4, 8, 16, 32, 64, 128}
     per: dict[str, dict[str, list[Any]]] = {
@@ -617,27 +618,7 @@ def beam_time_benchmark(
             if on_result is not None:
                 on_result({"truth": tname, "seed": seed, "done": len(runs)})
     bar.close()
-    rng = np.random.default_rng(0)
-    ratios = {}
-    if "advisor" in per:
-        for other in strategies:
-            if other == "advisor":
-                continue
-            ratios[f"advisor/{other}"] = _bootstrap_ratio(
-                per["advisor"]["beam_time_to_target_s"], per[other]["beam_time_to_target_s"], rng
-            )
-    medians = {}
-    for name, entry in per.items():
-        vals = [math.inf if v is None else v for v in entry["beam_time_to_target_s"]]
-        med = float(np.median(vals))
-        medians[name] = None if math.isinf(med) else med
-    prediction: dict[str, Any] = {"pairs": len(predictions), "correlation": {}}
-    if len(predictions) > 2:
-        pred = np.array([p for p, _ in predictions])
-        got = np.array([g for _, g in predictions])
-        for j, n in enumerate(s.names[:N_TARGET]):
-            prediction["correlation"][n] = float(np.corrcoef(pred[:, j], got[:, j])[0, 1])
-            prediction.setdefault("median_ratio", {})[n] = float(np.median(got[:, j] / pred[:, j]))
+    ratios, medians, prediction = _summary(per, predictions, s.names[:N_TARGET])
     return {
         "strategies": per,
         "ratios": ratios,
@@ -657,6 +638,93 @@ def beam_time_benchmark(
         "curves": curves,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _summary(
+    per: dict[str, dict[str, list[Any]]],
+    predictions: list[tuple[list[float], list[float]]],
+    names: Sequence[str],
+) -> tuple[dict[str, Any], dict[str, float | None], dict[str, Any]]:
+    """The ratios (advisor over each other strategy, paired bootstrap), the medians and
+    the prediction check of a benchmark's per-run lists."""
+    rng = np.random.default_rng(0)
+    ratios = {}
+    if "advisor" in per:
+        for other in per:
+            if other == "advisor":
+                continue
+            ratios[f"advisor/{other}"] = _bootstrap_ratio(
+                per["advisor"]["beam_time_to_target_s"], per[other]["beam_time_to_target_s"], rng
+            )
+    medians: dict[str, float | None] = {}
+    for name, entry in per.items():
+        vals = [math.inf if v is None else v for v in entry["beam_time_to_target_s"]]
+        med = float(np.median(vals))
+        medians[name] = None if math.isinf(med) else med
+    prediction: dict[str, Any] = {
+        "pairs": len(predictions),
+        "correlation": {},
+        "median_ratio": {},
+        "predicted": [p for p, _ in predictions],
+        "reported": [g for _, g in predictions],
+    }
+    if len(predictions) > 2:
+        pred = np.array([p for p, _ in predictions])
+        got = np.array([g for _, g in predictions])
+        for j, n in enumerate(names):
+            prediction["correlation"][n] = float(np.corrcoef(pred[:, j], got[:, j])[0, 1])
+            prediction["median_ratio"][n] = float(np.median(got[:, j] / pred[:, j]))
+    return ratios, medians, prediction
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result of several runs of the benchmark on the same set-up (other truths or
+    seeds): the per-run lists joined and the ratios, medians and prediction check made
+    again over all of them."""
+    if not results:
+        raise AdvisorError("nothing to merge")
+    first = results[0]
+    keys = (
+        "target",
+        "events_per_orientation",
+        "candidates_deg",
+        "count_time_s",
+        "budget_orientations",
+    )
+    for r in results[1:]:
+        for key in keys:
+            if r.get(key) != first.get(key):
+                raise AdvisorError(f"cannot merge benchmarks with different {key}")
+        if set(r["strategies"]) != set(first["strategies"]):
+            raise AdvisorError("cannot merge benchmarks of different strategies")
+    per: dict[str, dict[str, list[Any]]] = {
+        n: {k: [] for k in first["strategies"][n]} for n in first["strategies"]
+    }
+    curves: dict[str, list[Any]] = {n: [] for n in first["strategies"]}
+    predictions: list[tuple[list[float], list[float]]] = []
+    out = dict(first)
+    out["runs"], out["truths"], out["seeds"] = [], [], []
+    for r in results:
+        for n, entry in r["strategies"].items():
+            for k, v in entry.items():
+                per[n][k] += v
+            curves[n] += r["curves"][n]
+        pr = r.get("prediction", {})
+        predictions += list(zip(pr.get("predicted", []), pr.get("reported", []), strict=True))
+        out["runs"] += r["runs"]
+        out["truths"] += [t for t in r["truths"] if t not in out["truths"]]
+        out["seeds"] += [x for x in r["seeds"] if x not in out["seeds"]]
+    ratios, medians, prediction = _summary(per, predictions, list(first["target"]))
+    out.update(
+        strategies=per,
+        curves=curves,
+        ratios=ratios,
+        median_beam_time_to_target_s=medians,
+        prediction=prediction,
+        seconds=round(sum(float(r.get("seconds", 0.0)) for r in results), 1),
+        merged=len(results),
+    )
+    return out
 
 
 def plot_benchmark(result: dict[str, Any], path: str | Path) -> None:

@@ -304,6 +304,18 @@ def benchmark_cmd(
     truth_seed: Annotated[
         int, typer.Option("--truth-seed", help="Seed of the domain draws among the truths.")
     ] = 100,
+    first_truth: Annotated[
+        int,
+        typer.Option("--first-truth", help="Skip this many truths of the list (more of them)."),
+    ] = 0,
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--merge",
+            help="Instead of running: join these results (--json output of other runs on the "
+            "same set-up) and make the ratios again over all of them.",
+        ),
+    ] = None,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="PNG of median std and RMSE against beam time.")
     ] = None,
@@ -312,22 +324,52 @@ def benchmark_cmd(
     """Beam time to a target precision: strategies of choosing orientations on many simulated
     Ge crystals and noise seeds, each refined from its counts; ratios with paired bootstrap
     95 % intervals."""
-    from steering.advisor.benchmark import beam_time_benchmark, plot_benchmark
+    from steering.advisor.benchmark import merge_results
 
-    result = beam_time_benchmark(
-        truths=truths,
-        seeds=seeds,
-        first_seed=first_seed,
+    if merge:
+        try:
+            docs = [json.loads(p.read_text()) for p in merge]
+        except (OSError, ValueError) as exc:
+            raise AdvisorError(f"cannot read a result to merge: {exc}") from exc
+        result = merge_results(docs)
+    else:
+        result = _run_benchmark(
+            truths=truths,
+            seeds=seeds,
+            first_seed=first_seed,
+            events=events,
+            strategies=strategies,
+            target_fraction=target_fraction,
+            budget=budget,
+            step=step,
+            span=span,
+            samples=samples,
+            truth_seed=truth_seed,
+            first_truth=first_truth,
+            progress=not as_json,
+        )
+    _report_benchmark(result, plot, as_json)
+
+
+def _run_benchmark(*, events: float, strategies: str, progress: bool, **kwargs: Any) -> Any:
+    from steering.advisor.benchmark import beam_time_benchmark
+
+    return beam_time_benchmark(
         events_per_orientation=events,
         strategies=[x.strip() for x in strategies.split(",") if x.strip()],
-        target_fraction=target_fraction,
-        budget=budget,
-        step=step,
-        span=span,
-        samples=samples,
-        truth_seed=truth_seed,
-        progress=not as_json,
+        progress=progress,
+        **kwargs,
     )
+
+
+def _num(x: float | None) -> str:
+    """A ratio, or "never" where a strategy never met the target."""
+    return "never" if x is None else f"{x:.3f}"
+
+
+def _report_benchmark(result: dict[str, Any], plot: Path | None, as_json: bool) -> None:
+    from steering.advisor.benchmark import plot_benchmark
+
     if plot is not None:
         plot_benchmark(result, plot)
     if as_json:
@@ -340,6 +382,6 @@ def benchmark_cmd(
         typer.echo(f"{name:>15}: median beam time to target {shown} ({met}/{n} met)")
     for key, r in result["ratios"].items():
         lo, hi = r["ci95"]
-        typer.echo(f"{key:>28}: {r['median']:.3f} (95 % CI {lo:.3f}-{hi:.3f})")
+        typer.echo(f"{key:>28}: {_num(r['median'])} (95 % CI {_num(lo)}-{_num(hi)})")
     if plot is not None:
         typer.echo(f"figure: {plot}")

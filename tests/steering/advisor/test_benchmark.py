@@ -11,6 +11,7 @@ from steering.advisor.benchmark import (
     BenchmarkSetup,
     _bootstrap_ratio,
     beam_time_benchmark,
+    merge_results,
 )
 from steering.exceptions import AdvisorError
 
@@ -46,6 +47,13 @@ def test_a_small_benchmark_keeps_its_contract() -> None:
     assert result["prediction"]["pairs"] >= 0
     # a 2 % target at the README's counts is met within the budget by every strategy
     assert all(v is not None for v in result["median_beam_time_to_target_s"].values())
+    # two runs on the same set-up join into one (the ratios made again over both)
+    both = merge_results([result, result])
+    assert len(both["strategies"]["advisor"]["beam_time_to_target_s"]) == 4
+    assert both["ratios"]["advisor/sequential"]["median"] == ratio["median"]
+    assert both["prediction"]["pairs"] == 2 * result["prediction"]["pairs"]
+    with pytest.raises(AdvisorError, match="different events_per_orientation"):
+        merge_results([result, {**result, "events_per_orientation": 1.0}])
 
 
 def test_bootstrap_ratio_is_paired_and_treats_never_as_infinite() -> None:
