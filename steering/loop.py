@@ -467,7 +467,8 @@ class SteeringLoop:
         if self._posterior is None:
             advice["plan_error"] = "no refined posterior yet (the plan needs the counts' fit)"
             return
-        if not planner.prepared and not (not self.history and planner.wait(self.first_wait_s)):
+        # the first orientation waits for the nodes a while (they start with the run)
+        if not planner.prepared and (self.history or not planner.wait(self.first_wait_s)):
             advice["plan_error"] = "the planner's nodes are still being computed"
             return
         theta, cov, inflation, model = self._posterior

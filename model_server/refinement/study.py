@@ -276,6 +276,14 @@ def is_stable(basis: FCBasis, grid: Grid, coefficients: NDArray[np.float64]) -> 
     return lowest >= -((IMAGINARY_TOL_THZ / VASP_TO_THZ) ** 2)
 
 
+def named_set_order(ref: ReferenceEnsemble) -> list[str]:
+    """The material's named FC sets as truths come from them: ``mlff_mean``, ``raman``,
+    then the ML force fields'."""
+    names = ref.fc_set_names()
+    order: list[str] = [n for n in ("mlff_mean", "raman") if n in names]
+    return order + [n for n in names if n not in order]
+
+
 def study_truths(
     ref: ReferenceEnsemble, basis: FCBasis, grid: Grid, n: int, rng: np.random.Generator
 ) -> tuple[list[Truth], int]:
@@ -285,9 +293,7 @@ def study_truths(
     from simulations.fcdb.dataset import sample_domain
     from simulations.fcdb.reference import named_fc_set
 
-    names = ref.fc_set_names()
-    order: list[str] = [n_ for n_ in ("mlff_mean", "raman") if n_ in names]
-    order += [n_ for n_ in names if n_ not in order]
+    order = named_set_order(ref)
     truths: list[Truth] = []
     skipped = 0
     for name in order:

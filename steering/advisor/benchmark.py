@@ -172,29 +172,18 @@ class BenchmarkSetup:
         """The expected-counts model of ``moments``."""
         return self.refiner.counts_model(moments)
 
-    def cumulative_model(self, counts_of: NDArray[np.int64]) -> Any:
-        """The expected-counts model of the folded sum of ``counts_of[c]`` counts of each
-        candidate c (unit charge each)."""
-        acc = self.empty_moments()
-        for c in np.nonzero(counts_of)[0]:
-            acc.add(self.moments[c], float(counts_of[c]))
-        return self.model_of(acc)
-
 
 def benchmark_truths(setup: BenchmarkSetup, n: int, seed: int) -> list[tuple[str, NDArray]]:
     """``n`` stable truths: the named sets (``mlff_mean``, ``raman``, the ML force fields),
     then alternately draws from the training domain's interior (central 80 % of every
     coefficient's range) and its edges (one coefficient in the outer 5 % of its range)."""
-    from model_server.refinement.study import is_stable
+    from model_server.refinement.study import is_stable, named_set_order
     from simulations.fcdb.reference import load_reference, named_fc_set
 
     r = setup.refiner
     ref = load_reference(r.material)
     out: list[tuple[str, NDArray]] = []
-    names = ref.fc_set_names()
-    order: list[str] = [x for x in ("mlff_mean", "raman") if x in names]
-    order += [x for x in names if x not in order]
-    for name in order[:n]:
+    for name in named_set_order(ref)[:n]:
         c = named_fc_set(r.material, name)
         if is_stable(r.setup.basis, r.setup.grid, c):
             out.append((name, c))
@@ -270,7 +259,6 @@ class _Run:
         truth_index: int,
         terms: list[tuple[NDArray[np.int64], NDArray, NDArray]],
     ) -> None:
-        self.s = setup
         self.truth = truth
         self.theta_truth = theta_truth
         self.seed = seed
@@ -450,7 +438,7 @@ def _run_strategy(
         counts[bins] += y
         visits[c] += 1
         acc.add(s.moments[c], 1.0)
-        if name != "advisor":
+        if screened:
             folded.add(run.terms[c])
         if name == "gp" and c not in features:
             features[c] = _features(s, bins, y)

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_TARGET_COEFFICIENTS",
     "AdvisorControls",
     "ControlsStore",
+    "allowed",
     "check_target",
 ]
 
@@ -90,14 +91,28 @@ def _check_range(omega_range: tuple[float, float] | None) -> tuple[float, float]
     return (min(lo, hi), max(lo, hi))
 
 
-def check_target(target: Mapping[str, Any]) -> dict[str, Any]:
-    """A target precision checked for shape, finiteness and sign.
+def allowed(omegas: ArrayLike, excluded: Sequence[Sequence[float]]) -> NDArray[np.bool_]:
+    """(n,) bool: True where an angle (degrees) lies in none of the closed ``excluded``
+    ranges."""
+    w = np.asarray(omegas, dtype=float)
+    ok = np.ones(w.shape, dtype=bool)
+    for lo, hi in excluded:
+        ok &= ~((w >= float(lo)) & (w <= float(hi)))
+    return ok
+
+
+def check_target(target: Mapping[str, Any], names: Sequence[str] | None = None) -> dict[str, Any]:
+    """A target precision checked for shape, finiteness and sign (and, with ``names``,
+    that it names coefficients of the material).
 
     Parameters
     ----------
     target
         ``{"std": {coefficient name: std, eV/A^2}}`` and/or ``{"d_criterion": x}`` (the
-        D-criterion, det of the FC covariance to the power 1/n_fc, (eV/A^2)^2).
+        D-criterion, ``det(C)^(1/(2k))`` of the k coefficients' covariance, eV/A^2).
+    names
+        The material's coefficients (None: names are not checked, e.g. before the run's
+        material is known).
 
     Returns
     -------
@@ -108,13 +123,14 @@ def check_target(target: Mapping[str, Any]) -> dict[str, Any]:
     ------
     AdvisorError
         Not a mapping, no known key, an unknown key, an empty or too long ``std``, a name
-        that is not a string, or a value that is not a positive finite number.
+        that is not a string (or not one of ``names``), or a value that is not a positive
+        finite number.
     """
     if not isinstance(target, Mapping):
         raise AdvisorError(f"a target is an object, got {type(target).__name__}")
     unknown = sorted(str(k) for k in target if k not in ("std", "d_criterion"))
     if unknown:
-        raise AdvisorError(f"a target has `std` and/or `d_criterion`; unknown keys: {unknown}")
+        raise AdvisorError(f"a target is `std` and/or `d_criterion`; unknown keys: {unknown}")
     out: dict[str, Any] = {}
     if target.get("std") is not None:
         std = target["std"]
@@ -130,9 +146,11 @@ def check_target(target: Mapping[str, Any]) -> dict[str, Any]:
         for name, value in std.items():
             if not isinstance(name, str) or not 1 <= len(name) <= 64:
                 raise AdvisorError(f"a coefficient name is 1 to 64 characters, got {name!r}")
+            if names is not None and name not in names:
+                raise AdvisorError(f"target names {name!r}, not a coefficient of {list(names)}")
             x = _finite(value, f"target std of {name}")
             if x <= 0:
-                raise AdvisorError(f"target std of {name} must be positive (eV/A^2), got {x}")
+                raise AdvisorError(f"target std of {name} must be > 0 eV/A^2, got {x}")
             checked[name] = x
         out["std"] = checked
     if target.get("d_criterion") is not None:
@@ -240,12 +258,8 @@ class AdvisorControls:
 
     def allowed(self, omegas: ArrayLike) -> NDArray[np.bool_]:
         """(n,) bool: True where an angle (degrees) lies in no excluded range."""
-        w = np.asarray(omegas, dtype=float)
-        ok = np.ones(w.shape, dtype=bool)
         with self._lock:
-            for lo, hi in self.excluded:
-                ok &= ~((w >= lo) & (w <= hi))
-        return ok
+            return allowed(omegas, self.excluded)
 
     def state_name(self, *, ranked: bool) -> str:
         """``"paused"``, ``"waiting"`` (no ranking yet) or ``"measuring"``."""

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from steering.advisor.controls import allowed, check_target
 from steering.exceptions import AdvisorError
 
 __all__ = [
@@ -60,9 +61,7 @@ __all__ = [
     "PlanCandidate",
     "PlanNotReady",
     "StopState",
-    "allowed",
     "check_ranges",
-    "default_target",
 ]
 
 logger = logging.getLogger(__name__)
@@ -71,11 +70,6 @@ logger = logging.getLogger(__name__)
 class PlanNotReady(AdvisorError):
     """The plan's information is still being computed (the advice says so; the run goes
     on)."""
-
-
-#: Target precision of the benchmark and the default target: this fraction of each of the
-#: first four coefficients' training-domain width (std, eV/A^2).
-DEFAULT_TARGET_FRACTION = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,28 +125,6 @@ def check_ranges(
             )
         out.append((a, b))
     return out
-
-
-def allowed(
-    omegas: NDArray[np.float64] | Sequence[float], forbidden: Sequence[Sequence[float]]
-) -> NDArray[np.bool_]:
-    """(n,) True where an angle lies in none of the closed ``forbidden`` ranges."""
-    w = np.asarray(omegas, dtype=float)
-    ok = np.ones(w.shape, dtype=bool)
-    for a, b in forbidden:
-        ok &= ~((w >= float(a)) & (w <= float(b)))
-    return ok
-
-
-def default_target(names: Sequence[str], widths: NDArray[np.float64]) -> dict[str, Any]:
-    """The default target: std of the first four coefficients at
-    :data:`DEFAULT_TARGET_FRACTION` of their domain widths (eV/A^2)."""
-    return {
-        "std": {
-            n: float(DEFAULT_TARGET_FRACTION * w)
-            for n, w in zip(names[:4], widths[:4], strict=False)
-        }
-    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,38 +233,6 @@ def _logdet(p: NDArray[np.floating]) -> NDArray[np.float64]:
     """log det of a batch of symmetric positive-definite matrices (Cholesky)."""
     chol = np.linalg.cholesky(p)
     return np.asarray(2.0 * np.sum(np.log(np.diagonal(chol, axis1=-2, axis2=-1)), axis=-1))
-
-
-def check_target(target: Mapping[str, Any] | None, names: Sequence[str]) -> dict[str, Any] | None:
-    """A validated target (``{"std": {name: > 0}}`` and/or ``{"d_criterion": > 0}``)."""
-    if target is None:
-        return None
-    if not isinstance(target, Mapping) or not ({"std", "d_criterion"} & set(target)):
-        raise AdvisorError(
-            "a target is {'std': {coefficient: eV/A^2}} and/or {'d_criterion': eV/A^2}, "
-            f"got {target!r}"
-        )
-    out: dict[str, Any] = {}
-    std = target.get("std")
-    if std is not None:
-        if not isinstance(std, Mapping) or not std:
-            raise AdvisorError("target 'std' must map coefficient names to eV/A^2")
-        clean = {}
-        for name, value in std.items():
-            if name not in names:
-                raise AdvisorError(f"target names {name!r}, not a coefficient of {list(names)}")
-            v = float(value)
-            if not (math.isfinite(v) and v > 0):
-                raise AdvisorError(f"target std of {name} must be > 0 eV/A^2, got {value!r}")
-            clean[str(name)] = v
-        out["std"] = clean
-    d = target.get("d_criterion")
-    if d is not None:
-        v = float(d)
-        if not (math.isfinite(v) and v > 0):
-            raise AdvisorError(f"target d_criterion must be > 0 eV/A^2, got {d!r}")
-        out["d_criterion"] = v
-    return out
 
 
 class InformationPlanner:
@@ -616,11 +556,6 @@ class InformationPlanner:
         self._node_thread = threading.Thread(target=work, name="planner-refresh", daemon=True)
         self._node_thread.start()
 
-    @property
-    def ready(self) -> bool:
-        """Whether :meth:`refresh` has run."""
-        return self._fisher is not None
-
     def candidate_fisher(self, omegas: NDArray[np.float64]) -> NDArray[np.float64]:
         """(S, n, n_factors, k, k): what a count of each angle adds to the precision
         ((eV/A^2)^-2), linear between the nodes."""
@@ -753,7 +688,7 @@ class InformationPlanner:
         met, ``max_beam_time_s`` (default: four sweeps of the range at the standard count)
         or ``max_orientations`` is spent."""
         cov = np.asarray(covariance, dtype=float)
-        target = check_target(target, self.names)
+        target = None if target is None else check_target(target, self.names)
         std_now = {n: float(math.sqrt(max(cov[i, i], 0.0))) for i, n in enumerate(self.names)}
         shown = (
             {n: std_now[n] for n in target.get("std", {})}

@@ -9,13 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from steering.advisor.planner import (
-    BeamCost,
-    InformationPlanner,
-    allowed,
-    check_ranges,
-    check_target,
-)
+from steering.advisor.controls import allowed, check_target
+from steering.advisor.planner import BeamCost, InformationPlanner, check_ranges
 from steering.exceptions import AdvisorError
 from tests.ge_moments import ge_moments, ge_run, replica_counts
 
