@@ -319,6 +319,15 @@ def benchmark_cmd(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="PNG of median std and RMSE against beam time.")
     ] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="BLAS threads of this run (1: run one per core side by side; more threads "
+            "than free cores make the small matrix products many times slower).",
+        ),
+    ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Beam time to a target precision: strategies of choosing orientations on many simulated
@@ -347,19 +356,28 @@ def benchmark_cmd(
             truth_seed=truth_seed,
             first_truth=first_truth,
             progress=not as_json,
+            threads=threads,
         )
     _report_benchmark(result, plot, as_json)
 
 
-def _run_benchmark(*, events: float, strategies: str, progress: bool, **kwargs: Any) -> Any:
+def _run_benchmark(
+    *, events: float, strategies: str, progress: bool, threads: int = 1, **kwargs: Any
+) -> Any:
+    """The benchmark with the BLAS pools limited to ``threads``: its matrix products are
+    small (bins x 16), and a pool of two threads on a core another run is using waits for
+    it (10x slower, measured on the 2-core development machine)."""
+    from threadpoolctl import threadpool_limits
+
     from steering.advisor.benchmark import beam_time_benchmark
 
-    return beam_time_benchmark(
-        events_per_orientation=events,
-        strategies=[x.strip() for x in strategies.split(",") if x.strip()],
-        progress=progress,
-        **kwargs,
-    )
+    with threadpool_limits(limits=threads):
+        return beam_time_benchmark(
+            events_per_orientation=events,
+            strategies=[x.strip() for x in strategies.split(",") if x.strip()],
+            progress=progress,
+            **kwargs,
+        )
 
 
 def _num(x: float | None) -> str:

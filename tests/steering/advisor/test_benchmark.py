@@ -73,3 +73,28 @@ def test_bad_arguments_are_refused() -> None:
         beam_time_benchmark(truths=0, setup=object())  # type: ignore[arg-type]
     with pytest.raises(AdvisorError, match="target fraction"):
         BenchmarkSetup.build(target_fraction=2.0)
+
+
+def test_the_command_limits_the_blas_pools_to_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`steer advise benchmark --threads 1` (the default) runs with one BLAS thread, so that
+    runs side by side do not wait on each other's pools."""
+    from threadpoolctl import threadpool_info
+
+    import steering.advisor.benchmark as bench
+    from steering.cli.advise import _run_benchmark
+
+    seen: dict[str, object] = {}
+
+    def fake(**kwargs: object) -> dict[str, object]:
+        seen.update(kwargs)
+        seen["pools"] = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        return {}
+
+    monkeypatch.setattr(bench, "beam_time_benchmark", fake)
+    _run_benchmark(events=2e4, strategies="advisor, sequential", progress=False, threads=1)
+    pools = seen["pools"]
+    assert isinstance(pools, list)
+    assert pools
+    assert set(pools) == {1}
+    assert seen["strategies"] == ["advisor", "sequential"]
+    assert seen["events_per_orientation"] == 2e4
