@@ -37,6 +37,7 @@ __all__ = [
     "MaterialOpt",
     "ModelDirOpt",
     "ModelOpt",
+    "NumericThreadsOpt",
     "PrefixOpt",
     "Prior",
     "QuietOpt",
@@ -59,6 +60,7 @@ __all__ = [
     "ZmqFormatOpt",
     "ZmqPrefixOpt",
     "instrument_streams",
+    "limit_numeric_threads",
     "parse_range",
     "parse_vector",
 ]
@@ -242,3 +244,39 @@ def instrument_streams(spec: str | None, prefix: str | None) -> InstrumentConfig
     from consumers.streams import load_instrument_config
 
     return load_instrument_config(spec, prefix=prefix)
+
+
+NumericThreadsOpt = Annotated[
+    int,
+    typer.Option(
+        "--threads",
+        min=1,
+        envvar="STEER_THREADS",
+        help="Threads of each numeric pool of the process (BLAS, OpenMP, torch). The service's "
+        "matrix products are small and run on several of its threads at once: pools wider "
+        "than that oversubscribe the cores (measured: 3x slower under load).",
+    ),
+]
+
+
+def limit_numeric_threads(threads: int) -> None:
+    """Limit the process's BLAS and OpenMP pools (threadpoolctl) and torch's intra-op pool to
+    ``threads``, for the rest of the process.
+
+    The service folds, infers, refines and plans on several Python threads at once, each
+    calling numpy/scipy on arrays of ~20,000 x 20: a pool per call as wide as the machine
+    spins on cores the other threads are using. Measured on the 2-core development machine
+    with two other single-threaded jobs running: ``steer demo`` took 722 s with the default
+    pools and 216 s with one thread each (chunk close -> estimate p50 31.9 -> 11.2 s, p99
+    99.2 -> 19.6 s).
+    """
+    import os
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)  # the pools of libraries loaded later (torch's)
+    threadpool_limits(limits=threads)  # and of those loaded already
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)

@@ -16,11 +16,13 @@ from steering.cli.options import (
     InstrumentConfigOpt,
     JsonOpt,
     ModelDirOpt,
+    NumericThreadsOpt,
     PrefixOpt,
     Score,
     StateDirOpt,
     Weighting,
     instrument_streams,
+    limit_numeric_threads,
 )
 from steering.cli.output import emit
 
@@ -179,6 +181,7 @@ def serve_cmd(
             "anyone pressing start.",
         ),
     ] = False,
+    threads: NumericThreadsOpt = 1,
 ) -> None:
     """Status API (FastAPI + uvicorn) over the run history; with --bootstrap also the
     consumer, model server and advisor of a prefix (with --follow-replicas: the advisor
@@ -192,6 +195,7 @@ def serve_cmd(
     from steering.api.tokens import parse_tokens, token_table
 
     limits = ServiceLimits.from_env()  # a bad STEER_* limit stops the service before anything
+    limit_numeric_threads(threads)
 
     token = os.environ.get("STEER_API_TOKEN") or None
     tokens = parse_tokens(os.environ.get("STEER_API_TOKENS"))  # and so do bad named tokens
@@ -547,12 +551,14 @@ def demo_cmd(
             "service's force constants against temperature.",
         ),
     ] = False,
+    threads: NumericThreadsOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole service on a simulated Ge run: embedded broker, fast replay, consumer, model
     server, advisor, API and live page; a progress view, then a summary and plots."""
     from steering.demo import run_demo, run_powder_series_demo
 
+    limit_numeric_threads(threads)
     if powder_series:
         emit(run_powder_series_demo(out, port=port, keep_serving=keep_serving), as_json)
         return

@@ -76,3 +76,30 @@ def test_serve_refuses_a_bad_target() -> None:
     assert out.returncode == 2
     assert "--target-std" in out.stderr
     assert "NAME=eV/A^2" in out.stderr
+
+
+def test_the_service_limits_its_numeric_pools() -> None:
+    """`steer serve/demo --threads 1`: the BLAS pools loaded already and torch, loaded after,
+    run one thread each (a fresh interpreter: the limit is process-wide)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, numpy\n"
+        "from steering.cli.options import limit_numeric_threads\n"
+        "limit_numeric_threads(1)\n"
+        "import torch\n"
+        "from threadpoolctl import threadpool_info\n"
+        "print(json.dumps({'blas': [p['num_threads'] for p in threadpool_info()"
+        " if p['user_api'] == 'blas'], 'torch': torch.get_num_threads()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["blas"]
+    assert set(seen["blas"]) == {1}
+    assert seen["torch"] == 1
