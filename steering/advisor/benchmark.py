@@ -759,8 +759,10 @@ def plot_benchmark(result: dict[str, Any], path: str | Path) -> None:
                 grid / 60, np.sqrt(np.nanmean(error**2, axis=0)), color=colour, ls="--", lw=0.8
             )
     axes[0].set_ylabel("share of runs at the target")
+    n_runs = len(result.get("runs") or []) or len(result["truths"]) * len(result["seeds"])
     axes[0].set_title(
-        f"{len(result['truths'])} truths x {len(result['seeds'])} seeds, "
+        f"{n_runs} runs ({len(result['truths'])} truths, seeds "
+        f"{min(result['seeds'])}-{max(result['seeds'])}), "
         f"{result['events_per_orientation']:.0e} events / orientation"
     )
     axes[1].axhline(1.0, color="k", lw=0.8)
