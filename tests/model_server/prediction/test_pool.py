@@ -24,7 +24,10 @@ LONG: dict[str, Any] = {
 }
 
 
-def _gone(process: Any, timeout: float = 5.0) -> bool:
+def _gone(process: Any, timeout: float = 15.0) -> bool:
+    """Whether ``process`` ended within ``timeout`` s. A killed worker ends at once on an idle
+    machine; the generous bound is for a loaded one (CI on 2 shared cores: a worker killed
+    while importing its libraries took more than 2 s to be reaped)."""
     process.join(timeout)
     return process.exitcode is not None
 
@@ -106,7 +109,7 @@ def test_time_budget_and_close() -> None:
             await long
         assert time.monotonic() - t0 < 3.0
         assert exc.value.status == 503
-        assert await asyncio.to_thread(_gone, worker, 2.0)
+        assert await asyncio.to_thread(_gone, worker)
         with pytest.raises(PredictionUnavailable, match="stopping"):
             await closing.run(QUICK)
 
