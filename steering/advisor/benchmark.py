@@ -30,10 +30,14 @@ Strategies:
 * ``random``: a random order of the candidates, then another;
 * ``coarse-to-fine``: every 8th candidate, then the midpoints, and so on
   (:func:`steering.advisor.closedloop.spread_order`);
-* ``gp``: a model-agnostic Gaussian-process uncertainty sampler on I(q, E)
-  (scikit-learn's GP on the angle with a Matern kernel and a white-noise term, outputs the
-  orientation's counts in 32 (q, E) blocks; the next angle is the unmeasured one of
-  largest predictive std, then the largest overall);
+* ``gpcam``: a model-agnostic Gaussian-process uncertainty sampler on I(q, E) with gpCAM
+  (:class:`gpcam.GPOptimizer` on the angle, its default Matern kernel, outputs the
+  orientation's counts in 32 (q, E) blocks with their Poisson variances as the noise,
+  hyperparameters trained after every count; ``ask`` picks the unmeasured candidate, then
+  any, of largest mean posterior variance per second of beam time, gpCAM's cost function
+  being the count + travel + settle time from the goniometer's position);
+* ``gp``: the same sampler with scikit-learn's GP (Matern 5/2 and a fitted white-noise
+  term instead of the Poisson variances, no cost: the largest predictive std);
 * ``oracle``: the greedy D-optimal design at the true FCs (the planner with the truth as
   its posterior mean and the Cramer-Rao covariance: the upper bound).
 """
@@ -60,7 +64,7 @@ __all__ = ["STRATEGIES", "BenchmarkSetup", "beam_time_benchmark", "plot_benchmar
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("advisor", "sequential", "random", "coarse-to-fine", "gp", "oracle")
+STRATEGIES = ("advisor", "sequential", "random", "coarse-to-fine", "gpcam", "gp", "oracle")
 
 #: The coefficients of the target: the first four of the basis (FC0-FC3).
 N_TARGET = 4
@@ -358,6 +362,73 @@ def _gp_pick(
     return int(pool[np.argmax(sd[pool])])
 
 
+@dataclass
+class _GpData:
+    """What the gpCAM sampler has seen: one row per count (revisits are rows of their own)."""
+
+    omega: list[float] = field(default_factory=list)  # degrees
+    blocks: list[NDArray[np.float64]] = field(default_factory=list)  # (32,) counts
+    hyperparameters: NDArray[np.float64] | None = None  # last trained, the next start
+
+
+#: gpCAM's default kernel's hyperparameters: signal variance, length scale (degrees).
+GPCAM_BOUNDS = np.array([[1e-3, 1e3], [1.0, 200.0]])
+
+
+def _gpcam_pick(s: BenchmarkSetup, visits: NDArray[np.int64], data: _GpData, pos: float) -> int:
+    """gpCAM's uncertainty sampler's next candidate: the 32 block outputs standardised,
+    their Poisson variances (in the same units, averaged over blocks: gpCAM's outputs share
+    one noise vector) as the noise; the kernel trained locally from the last
+    hyperparameters (deterministic); ``ask`` over the unmeasured candidates (all once
+    every one is measured) with the mean posterior variance as the acquisition, divided
+    by the beam time from ``pos`` (gpCAM's cost function)."""
+    from gpcam import GPOptimizer
+
+    x = np.asarray(data.omega, dtype=float)[:, None]
+    raw = np.stack(data.blocks)  # (V, 32)
+    if len(raw) > 1:
+        mu, sd = raw.mean(axis=0), raw.std(axis=0)
+        sd = np.where(sd > 0, sd, 1.0)
+        y = (raw - mu) / sd
+        noise = (np.maximum(raw, 1.0) / sd**2).mean(axis=1)
+    else:
+        y = np.zeros_like(raw)
+        noise = np.full(1, 1e-2)
+    count_s = s.count_time_s
+
+    def cost(origin: NDArray[np.float64], xs: NDArray[np.float64]) -> NDArray[np.float64]:
+        return count_s + s.cost.travel_s(float(origin[0]), np.asarray(xs)[:, 0])
+
+    def mean_variance(xs: NDArray[np.float64], gpo: Any) -> NDArray[np.float64]:
+        v = np.asarray(gpo.posterior_covariance(xs, variance_only=True)["v(x)"])
+        return v.mean(axis=1) if v.ndim == 2 else v
+
+    start = data.hyperparameters if data.hyperparameters is not None else np.array([1.0, 10.0])
+    gp = GPOptimizer(x, y, init_hyperparameters=start, noise_variances=noise, cost_function=cost)
+    if len(raw) > 2:
+        with warnings.catch_warnings():  # hyperparameters at their bounds are expected here
+            warnings.simplefilter("ignore")
+            gp.train(
+                hyperparameter_bounds=GPCAM_BOUNDS,
+                init_hyperparameters=start,
+                method="local",
+                n_restarts=1,
+                max_iter=200,
+            )
+        data.hyperparameters = np.asarray(gp.hyperparameters, dtype=float)
+    fresh = visits == 0
+    pool = np.nonzero(fresh)[0] if fresh.any() else np.arange(len(s.omegas))
+    got = gp.ask(
+        [np.array([float(s.omegas[c])]) for c in pool],
+        acquisition_function=mean_variance,
+        position=np.array([pos]),
+        n=1,
+        vectorized=True,
+    )
+    best = float(np.asarray(got["x"]).ravel()[0])
+    return int(pool[np.argmin(np.abs(s.omegas[pool] - best))])
+
+
 def _features(s: BenchmarkSetup, bins: NDArray[np.int64], y: NDArray[np.float64]) -> NDArray:
     """An orientation's counts summed into 8 q x 4 E blocks (the GP's outputs)."""
     n_q, n_e = s.refiner.setup.grid.shape
@@ -415,6 +486,7 @@ def _run_strategy(
         planner._prepared.set()
     target = {"std": {n: float(v) for n, v in zip(s.names, s.target, strict=False)}}
     features: dict[int, NDArray[np.float64]] = {}
+    gp_data = _GpData()
     screened = name != "advisor"
     post: tuple[Any, ...] | None = None
     predicted: list[float] | None = None
@@ -432,6 +504,8 @@ def _run_strategy(
             predicted = [pick.predicted_std[n] for n in s.names[:N_TARGET]]
         elif name == "gp":
             c = _gp_pick(s, visits, features)
+        elif name == "gpcam":
+            c = _gpcam_pick(s, visits, gp_data, pos)
         else:
             c = int(order[k - 1])
         bins, y = run.replica(c, int(visits[c]))
@@ -442,6 +516,9 @@ def _run_strategy(
             folded.add(run.terms[c])
         if name == "gp" and c not in features:
             features[c] = _features(s, bins, y)
+        if name == "gpcam":
+            gp_data.omega.append(float(s.omegas[c]))
+            gp_data.blocks.append(_features(s, bins, y))
         step = s.cost.travel_s(pos, float(s.omegas[c]))
         elapsed += float(step) + s.count_time_s
         pos = float(s.omegas[c])
@@ -666,9 +743,10 @@ def _summary(
 
 
 def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One result of several runs of the benchmark on the same set-up (other truths or
-    seeds): the per-run lists joined and the ratios, medians and prediction check made
-    again over all of them."""
+    """One result of several runs of the benchmark on the same set-up: other truths or
+    seeds (rows), or other strategies on the same truths and seeds (columns, matched by
+    truth and seed), in any mix; the ratios, medians and prediction check made again over
+    all of them. Every strategy must have exactly one result for every run."""
     if not results:
         raise AdvisorError("nothing to merge")
     first = results[0]
@@ -683,25 +761,37 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key in keys:
             if r.get(key) != first.get(key):
                 raise AdvisorError(f"cannot merge benchmarks with different {key}")
-        if set(r["strategies"]) != set(first["strategies"]):
-            raise AdvisorError("cannot merge benchmarks of different strategies")
-    per: dict[str, dict[str, list[Any]]] = {
-        n: {k: [] for k in first["strategies"][n]} for n in first["strategies"]
-    }
-    curves: dict[str, list[Any]] = {n: [] for n in first["strategies"]}
+    runs: list[tuple[str, int]] = []
+    cells: dict[str, dict[tuple[str, int], tuple[dict[str, Any], Any]]] = {}
     predictions: list[tuple[list[float], list[float]]] = []
-    out = dict(first)
-    out["runs"], out["truths"], out["seeds"] = [], [], []
     for r in results:
+        keyed = [(str(x["truth"]), int(x["seed"])) for x in r["runs"]]
+        runs += [k for k in keyed if k not in runs]
         for n, entry in r["strategies"].items():
-            for k, v in entry.items():
-                per[n][k] += v
-            curves[n] += r["curves"][n]
+            own = cells.setdefault(n, {})
+            for i, k in enumerate(keyed):
+                if k in own:
+                    raise AdvisorError(f"{n} has two results for truth {k[0]} seed {k[1]}")
+                own[k] = ({f: v[i] for f, v in entry.items()}, r["curves"][n][i])
         pr = r.get("prediction", {})
         predictions += list(zip(pr.get("predicted", []), pr.get("reported", []), strict=True))
-        out["runs"] += r["runs"]
-        out["truths"] += [t for t in r["truths"] if t not in out["truths"]]
-        out["seeds"] += [x for x in r["seeds"] if x not in out["seeds"]]
+    order = [n for n in STRATEGIES if n in cells] + [n for n in cells if n not in STRATEGIES]
+    per: dict[str, dict[str, list[Any]]] = {}
+    curves: dict[str, list[Any]] = {}
+    for n in order:
+        missing = [k for k in runs if k not in cells[n]]
+        if missing:
+            t, seed = missing[0]
+            raise AdvisorError(
+                f"{n} has no result for truth {t} seed {seed} ({len(missing)} runs missing)"
+            )
+        fields = list(cells[n][runs[0]][0])
+        per[n] = {f: [cells[n][k][0].get(f) for k in runs] for f in fields}
+        curves[n] = [cells[n][k][1] for k in runs]
+    out = dict(first)
+    out["runs"] = [{"truth": t, "seed": seed} for t, seed in runs]
+    out["truths"] = list(dict.fromkeys(t for t, _ in runs))
+    out["seeds"] = sorted({seed for _, seed in runs})
     ratios, medians, prediction = _summary(per, predictions, list(first["target"]))
     out.update(
         strategies=per,

@@ -281,9 +281,10 @@ def benchmark_cmd(
         str,
         typer.Option(
             "--strategies",
-            help="Comma-separated: advisor, sequential, random, coarse-to-fine, gp, oracle.",
+            help="Comma-separated: advisor, sequential, random, coarse-to-fine, gpcam, gp "
+            "(scikit-learn), oracle.",
         ),
-    ] = "advisor,sequential,random,coarse-to-fine,gp,oracle",
+    ] = "advisor,sequential,random,coarse-to-fine,gpcam,gp,oracle",
     target_fraction: Annotated[
         float,
         typer.Option(
@@ -313,7 +314,8 @@ def benchmark_cmd(
         typer.Option(
             "--merge",
             help="Instead of running: join these results (--json output of other runs on the "
-            "same set-up) and make the ratios again over all of them.",
+            "same set-up: other truths or seeds, or other strategies on the same truths and "
+            "seeds, matched by truth and seed) and make the ratios again over all of them.",
         ),
     ] = None,
     plot: Annotated[

@@ -7,17 +7,26 @@ import numpy as np
 import pytest
 
 from steering.advisor.benchmark import (
+    GPCAM_BOUNDS,
     STRATEGIES,
     BenchmarkSetup,
     _bootstrap_ratio,
+    _gpcam_pick,
+    _GpData,
     beam_time_benchmark,
     merge_results,
 )
 from steering.exceptions import AdvisorError
 
 
-def test_a_small_benchmark_keeps_its_contract() -> None:
-    setup = BenchmarkSetup.build(step=4.0, span=13.0, target_fraction=0.02)
+@pytest.fixture(scope="module")
+def small() -> BenchmarkSetup:
+    """Four candidates, 0-12 degrees; a 2 % target."""
+    return BenchmarkSetup.build(step=4.0, span=13.0, target_fraction=0.02)
+
+
+def test_a_small_benchmark_keeps_its_contract(small: BenchmarkSetup) -> None:
+    setup = small
     assert setup.omegas.tolist() == [0.0, 4.0, 8.0, 12.0]
     result = beam_time_benchmark(
         truths=1,
@@ -47,13 +56,74 @@ def test_a_small_benchmark_keeps_its_contract() -> None:
     assert result["prediction"]["pairs"] >= 0
     # a 2 % target at the README's counts is met within the budget by every strategy
     assert all(v is not None for v in result["median_beam_time_to_target_s"].values())
-    # two runs on the same set-up join into one (the ratios made again over both)
-    both = merge_results([result, result])
-    assert len(both["strategies"]["advisor"]["beam_time_to_target_s"]) == 4
-    assert both["ratios"]["advisor/sequential"]["median"] == ratio["median"]
-    assert both["prediction"]["pairs"] == 2 * result["prediction"]["pairs"]
+    # runs of other seeds (rows) and of other strategies on the same runs (columns) join
+    # into the one result, the ratios made again over all of it
+    by_seed = [_part(result, seeds={x}) for x in (100, 101)]
+    both = merge_results(by_seed)
+    assert both["strategies"] == result["strategies"]
+    assert both["ratios"] == result["ratios"]
+    assert both["prediction"]["pairs"] == result["prediction"]["pairs"]
+    cols = merge_results(
+        [_part(result, names={"advisor", "sequential"}), _part(result, names={"gpcam", "gp"})]
+        + [
+            _part(result, names={"random", "coarse-to-fine", "oracle"}, seeds={x})
+            for x in (101, 100)
+        ]
+    )
+    assert list(cols["strategies"]) == list(STRATEGIES)
+    assert cols["strategies"] == result["strategies"]
+    assert cols["curves"] == result["curves"]
+    assert cols["ratios"] == result["ratios"]
     with pytest.raises(AdvisorError, match="different events_per_orientation"):
         merge_results([result, {**result, "events_per_orientation": 1.0}])
+    with pytest.raises(AdvisorError, match="advisor has two results for truth mlff_mean seed 100"):
+        merge_results([result, by_seed[0]])
+    with pytest.raises(AdvisorError, match="gpcam has no result for truth mlff_mean seed 101"):
+        merge_results([by_seed[0], _part(by_seed[1], names=set(STRATEGIES) - {"gpcam"})])
+
+
+def _part(result: dict, *, names: set[str] | None = None, seeds: set[int] | None = None) -> dict:
+    """The result of running only ``names`` on only ``seeds`` (what a part file holds)."""
+    keep = [i for i, r in enumerate(result["runs"]) if seeds is None or r["seed"] in seeds]
+    chosen = [n for n in result["strategies"] if names is None or n in names]
+    pr = result["prediction"]
+    with_advisor = "advisor" in chosen
+    per_run = len(pr["predicted"]) // len(result["runs"]) if result["runs"] else 0
+    assert per_run * len(result["runs"]) == len(pr["predicted"])  # one advisor pick per run
+    picks = [j for i in keep for j in range(i * per_run, (i + 1) * per_run)] if with_advisor else []
+    return {
+        **result,
+        "runs": [result["runs"][i] for i in keep],
+        "seeds": sorted({result["runs"][i]["seed"] for i in keep}),
+        "strategies": {
+            n: {f: [v[i] for i in keep] for f, v in result["strategies"][n].items()} for n in chosen
+        },
+        "curves": {n: [result["curves"][n][i] for i in keep] for n in chosen},
+        "prediction": {
+            "predicted": [pr["predicted"][j] for j in picks],
+            "reported": [pr["reported"][j] for j in picks],
+        },
+    }
+
+
+def test_the_gpcam_sampler_measures_every_angle_before_it_revisits(small: BenchmarkSetup) -> None:
+    """gpCAM's sampler: unmeasured candidates first, then revisits; its kernel trained
+    within the bounds once it has three counts, the next training started from them."""
+    rng = np.random.default_rng(0)
+    data, visits, pos, picks = _GpData(), np.zeros(len(small.omegas), dtype=np.int64), 0.0, []
+    for k in range(7):
+        c = _gpcam_pick(small, visits, data, pos) if k else 0
+        picks.append(c)
+        visits[c] += 1
+        pos = float(small.omegas[c])
+        shape = 200 + 80 * np.sin(pos / 6.0 + np.arange(32))
+        data.omega.append(pos)
+        data.blocks.append(rng.poisson(shape).astype(float))
+    assert sorted(picks[:4]) == [0, 1, 2, 3]
+    assert all(0 <= c < 4 for c in picks[4:])
+    hp = data.hyperparameters
+    assert hp is not None
+    assert np.all((GPCAM_BOUNDS[:, 0] <= hp) & (hp <= GPCAM_BOUNDS[:, 1]))
 
 
 def test_bootstrap_ratio_is_paired_and_treats_never_as_infinite() -> None:
