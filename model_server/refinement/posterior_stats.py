@@ -106,6 +106,34 @@ class FitRecord:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.asarray(self.error / np.where(self.std > 0, self.std, np.nan))
 
+    def to_dict(self, names: Sequence[str]) -> dict[str, Any]:
+        """This fit as JSON-ready values (``steer evaluate-posterior --records``): the
+        level, the outcome, and ``z``, ``error``, ``std`` and ``crb_std`` by coefficient
+        name (eV/A^2; None where the fit failed)."""
+
+        def named(values: NDArray[np.float64]) -> dict[str, float | None]:
+            return {
+                n: (float(v) if math.isfinite(v) else None)
+                for n, v in zip(names, np.asarray(values, dtype=float), strict=True)
+            }
+
+        dev = float(self.deviance_per_dof)
+        return {
+            "truth": self.truth,
+            "orientations": int(self.orientations),
+            "count_scale": float(self.count_scale),
+            "converged": bool(self.converged),
+            "reason": self.reason,
+            "counts": float(self.counts),
+            "deviance_per_dof": dev if math.isfinite(dev) else None,
+            "iterations": int(self.iterations),
+            "seconds": float(self.seconds),
+            "z": named(self.z),
+            "error": named(self.error),
+            "std": named(self.std),
+            "crb_std": named(np.sqrt(np.maximum(self.crb, 0.0))),
+        }
+
 
 def _by_name(names: Sequence[str], values: NDArray[np.float64]) -> dict[str, float]:
     return {n: float(v) for n, v in zip(names, values, strict=True)}

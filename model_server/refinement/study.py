@@ -634,12 +634,14 @@ def posterior_study(
     progress: bool = False,
     instrument: Instrument | None = None,
     truths: Sequence[Truth] | None = None,
+    records: list[FitRecord] | None = None,
 ) -> dict[str, Any]:
     """Run the calibration study (module docstring) and return its JSON-ready result.
 
     ``start_fn`` gives the refinement's start (the VAE's estimate) of every simulated
     spectrum; ``truths`` replaces the drawn truths (``settings.n_truths`` is then ignored);
-    ``instrument`` defaults to :meth:`Instrument.arcs_like`.
+    ``instrument`` defaults to :meth:`Instrument.arcs_like`; ``records``, when given, gets
+    every fit's :class:`FitRecord` appended (the summaries do not keep them).
 
     Returns ``levels`` (per orientation count and count scale, in that order:
     ``coverage_1sigma``, ``coverage_2sigma``, ``rmse_over_crb``, ``bias_over_std``,
@@ -701,12 +703,12 @@ def posterior_study(
         ):
             level = _build_level(refiner, k, moments)
             fits = _level_fits(refiner, level, truths, calib, settings, start_fn, bar)
-            for c, records in fits.items():
+            for c, level_records in fits.items():
                 summary = level_summary(
-                    records, names, events=k * c * settings.events_per_orientation
+                    level_records, names, events=k * c * settings.events_per_orientation
                 )
                 summaries.append(summary)
-                every += records
+                every += level_records
                 logger.info(
                     "%d orientations x %g counts: %d/%d converged, 1/2 sigma coverage %.2f/%.2f",
                     k,
@@ -717,6 +719,8 @@ def posterior_study(
                     summary["coverage_2sigma"],
                 )
             del level, moments
+    if records is not None:
+        records += every
     sbc, sbc_p = sbc_chi2(every, names)
     result: dict[str, Any] = {
         "levels": summaries,

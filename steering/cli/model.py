@@ -379,6 +379,15 @@ def evaluate_posterior_cmd(
         typer.Option("--plot", help="PNG: std and error against counts, VAE vs refined."),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the JSON result here.")] = None,
+    records: Annotated[
+        Path | None,
+        typer.Option(
+            "--records",
+            help="Write every fit here, one JSON object a line (truth, level, converged, "
+            "deviance/dof, z, error, std and Cramer-Rao std by name): what to read when a "
+            "level's figures are carried by a few fits.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -406,7 +415,7 @@ def evaluate_posterior_cmd(
     from threadpoolctl import threadpool_limits
 
     from model_server.inversion.inference import Estimator
-    from model_server.refinement.posterior_stats import plot_study
+    from model_server.refinement.posterior_stats import FitRecord, plot_study
     from simulations.jsonutil import json_default
     from steering.exceptions import SteeringError
 
@@ -427,8 +436,12 @@ def evaluate_posterior_cmd(
             {n: float(v) for n, v in zip(names, est.std, strict=True)},
         )
 
+    fits: list[FitRecord] = []
     with threadpool_limits(limits=threads):
-        result = posterior_study(settings, start_fn, progress=not quiet)
+        result = posterior_study(settings, start_fn, progress=not quiet, records=fits)
+    if records is not None:
+        names = result["names"]
+        records.write_text("".join(json.dumps(f.to_dict(names)) + "\n" for f in fits))
     result["model_version"] = estimator.model.version
     result["command"] = command_line()
     if out is not None:

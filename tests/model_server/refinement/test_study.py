@@ -16,6 +16,7 @@ import pytest
 import model_server.refinement.study as study
 from consumers.reduction.table import table_cache_dir
 from model_server.exceptions import RefinementError
+from model_server.refinement.posterior_stats import FitRecord
 from model_server.refinement.study import (
     README_ANGLES,
     StudySettings,
@@ -162,6 +163,7 @@ class _FakeVae:
         ref = load_reference("Ge")
         self.mean = {n: float(ref.mean[ref.names.index(n)]) * 1.02 for n in ref.kept}
         self.calls = 0
+        self.records: list[FitRecord] = []  # the study's fits, kept by the fixture
 
     def __call__(
         self, intensity: np.ndarray, mask: np.ndarray
@@ -182,7 +184,10 @@ def small_study() -> tuple[dict[str, Any], _FakeVae]:
     truths = [Truth(name="mlff_mean", coefficients=mean), Truth(name="near", coefficients=near)]
     fake = _FakeVae()
     settings = StudySettings(n_truths=2, seed=5, orientations=(2, 1), count_scales=(1.0,))
-    return posterior_study(settings, fake, truths=truths), fake
+    records: list[FitRecord] = []
+    result = posterior_study(settings, fake, truths=truths, records=records)
+    fake.records = records
+    return result, fake
 
 
 def test_small_study_reports_every_level_with_sensible_numbers(
@@ -224,6 +229,21 @@ def test_small_study_reports_every_level_with_sensible_numbers(
     assert isinstance(t["all_pass"], bool)
     assert all(isinstance(v["pass"], bool) for v in t.values() if isinstance(v, dict))
     assert result["truths"] == ["mlff_mean", "near"]
+    # every fit's record, in level order, agrees with the level summaries
+    records = fake.records
+    assert [(r.orientations, r.truth) for r in records] == [
+        (1, "mlff_mean"),
+        (1, "near"),
+        (2, "mlff_mean"),
+        (2, "near"),
+    ]
+    rows = [r.to_dict(names) for r in records]
+    json.dumps(rows, allow_nan=False)
+    for lv, pair in zip(result["levels"], (rows[:2], rows[2:]), strict=True):
+        z = np.array([[row["z"][n] for n in names[:4]] for row in pair])
+        assert lv["bias_over_std"][names[0]] == pytest.approx(z[:, 0].mean())
+        assert lv["coverage_1sigma"] == pytest.approx((np.abs(z) < 1).mean())
+        assert all(row["converged"] and row["crb_std"][names[0]] > 0 for row in pair)
 
 
 @pytest.mark.parametrize(
@@ -253,7 +273,7 @@ def test_cli_runs_a_tiny_study_with_the_vae(tmp_path: Path) -> None:
         "evaluate-posterior", "--material", "Ge", "--model", str(MODELS / "ge"),
         "--truths", "1", "--seed", "3", "--orientations", "1", "--count-scales", "1",
         "--samples", "32", "--threads", "1", "--quiet", "--json",
-        "--out", str(out), "--plot", str(png),
+        "--out", str(out), "--plot", str(png), "--records", str(tmp_path / "fits.jsonl"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
@@ -266,4 +286,7 @@ def test_cli_runs_a_tiny_study_with_the_vae(tmp_path: Path) -> None:
     assert set(level["vae_rmse"]) == set(load_reference("Ge").kept)
     assert result["model_version"].startswith("Ge-")
     assert png.stat().st_size > 1000
+    (fit,) = [json.loads(line) for line in (tmp_path / "fits.jsonl").read_text().splitlines()]
+    assert (fit["truth"], fit["orientations"], fit["count_scale"]) == ("mlff_mean", 1, 1.0)
+    assert set(fit["z"]) == set(result["names"])
     assert (table_cache_dir() / "moments").is_dir()
