@@ -165,6 +165,11 @@ class BenchmarkSetup:
             cost=BeamCost(1.0, 1.0),
         )
 
+    def beam_time_s(self, start: float, omegas: NDArray[np.float64] | float) -> NDArray[np.float64]:
+        """Seconds of beam time to measure each of ``omegas`` from the goniometer at
+        ``start``: the move, its settling and one standard count."""
+        return self.count_time_s + self.cost.travel_s(start, omegas)
+
     def empty_moments(self) -> Any:
         """Zero moments on the set-up's grid (the cumulative moments start here)."""
         from consumers.reduction.moments import BinMoments
@@ -336,6 +341,13 @@ def _meets(s: BenchmarkSetup, fit: Any, truth: NDArray[np.float64]) -> bool:
     return bool(np.all(std <= s.target) and np.all(err <= 2.0 * std))
 
 
+def _unmeasured_first(visits: NDArray[np.int64]) -> NDArray[np.int64]:
+    """The candidates a GP sampler chooses from: the unmeasured ones, all once every one
+    has been measured."""
+    fresh = visits == 0
+    return np.nonzero(fresh)[0] if fresh.any() else np.arange(len(visits))
+
+
 def _gp_pick(
     s: BenchmarkSetup, visits: NDArray[np.int64], features: dict[int, NDArray[np.float64]]
 ) -> int:
@@ -357,8 +369,7 @@ def _gp_pick(
         gp.fit(x, y)
     _, sd = gp.predict(s.omegas[:, None], return_std=True)
     sd = sd if sd.ndim == 1 else sd.mean(axis=1)
-    fresh = visits == 0
-    pool = np.nonzero(fresh)[0] if fresh.any() else np.arange(len(s.omegas))
+    pool = _unmeasured_first(visits)
     return int(pool[np.argmax(sd[pool])])
 
 
@@ -394,10 +405,9 @@ def _gpcam_pick(s: BenchmarkSetup, visits: NDArray[np.int64], data: _GpData, pos
     else:
         y = np.zeros_like(raw)
         noise = np.full(1, 1e-2)
-    count_s = s.count_time_s
 
     def cost(origin: NDArray[np.float64], xs: NDArray[np.float64]) -> NDArray[np.float64]:
-        return count_s + s.cost.travel_s(float(origin[0]), np.asarray(xs)[:, 0])
+        return s.beam_time_s(float(origin[0]), np.asarray(xs)[:, 0])
 
     def mean_variance(xs: NDArray[np.float64], gpo: Any) -> NDArray[np.float64]:
         v = np.asarray(gpo.posterior_covariance(xs, variance_only=True)["v(x)"])
@@ -416,8 +426,7 @@ def _gpcam_pick(s: BenchmarkSetup, visits: NDArray[np.int64], data: _GpData, pos
                 max_iter=200,
             )
         data.hyperparameters = np.asarray(gp.hyperparameters, dtype=float)
-    fresh = visits == 0
-    pool = np.nonzero(fresh)[0] if fresh.any() else np.arange(len(s.omegas))
+    pool = _unmeasured_first(visits)
     got = gp.ask(
         [np.array([float(s.omegas[c])]) for c in pool],
         acquisition_function=mean_variance,
@@ -519,8 +528,7 @@ def _run_strategy(
         if name == "gpcam":
             gp_data.omega.append(float(s.omegas[c]))
             gp_data.blocks.append(_features(s, bins, y))
-        step = s.cost.travel_s(pos, float(s.omegas[c]))
-        elapsed += float(step) + s.count_time_s
+        elapsed += float(s.beam_time_s(pos, float(s.omegas[c])))
         pos = float(s.omegas[c])
         trace.picks.append(c)
         trace.beam_time_s.append(elapsed)
