@@ -80,6 +80,8 @@ class FitRecord:
         Of the refinement (``seconds``: the refinement's own time).
     wall_seconds
         The whole fit: replica, VAE, refinement and Cramer-Rao bound.
+    start
+        Which start the optimum came from (:attr:`Refined.start`); empty when it failed.
     reason
         Why it failed or did not converge; empty otherwise.
     """
@@ -98,6 +100,7 @@ class FitRecord:
     iterations: int = 0
     seconds: float = 0.0
     wall_seconds: float = 0.0
+    start: str = ""
     reason: str = ""
 
     @property
@@ -128,6 +131,7 @@ class FitRecord:
             "deviance_per_dof": dev if math.isfinite(dev) else None,
             "iterations": int(self.iterations),
             "seconds": float(self.seconds),
+            "start": self.start,
             "z": named(self.z),
             "error": named(self.error),
             "std": named(self.std),

@@ -235,6 +235,14 @@ class RunRefiner:
                 start[self.names.index(name)] = float(value)
         return start
 
+    def spread_from(self, spread: Mapping[str, float]) -> NDArray[np.float64]:
+        """(n_coeff,) the named uncertainties of ``spread`` (eV/A^2), NaN elsewhere."""
+        out = np.full(len(self.names), np.nan)
+        for name, value in spread.items():
+            if name in self.names:
+                out[self.names.index(name)] = float(value)
+        return out
+
     def refine(
         self,
         counts: NDArray[np.float64],
@@ -243,25 +251,39 @@ class RunRefiner:
         *,
         warm: NDArray[np.float64] | None = None,
         model: CountsModel | None = None,
+        spread: Mapping[str, float] | None = None,
         max_iter: int = 40,
     ) -> Refined:
         """Fit ``counts`` ((n_q, n_E) folded counts) given the run's ``moments``.
 
         ``starts``: one or several starting estimates by name (the VAE's mean, posterior
-        samples); ``warm``: the previous optimum's parameter vector.
+        samples); ``warm``: the previous optimum's parameter vector; ``spread``: the first
+        start's uncertainty by name (the VAE's std, eV/A^2), the step of the grid of starts
+        tried when the fit still misfits (:func:`~model_server.refinement.fit.refine`).
         """
         if moments.n_orientations == 0 or not np.any(moments.weight > 0):
             raise RefinementError("no measured bins: no orientation has been folded yet")
         if isinstance(starts, Mapping) or starts is None:
             starts = [starts or {}]
         vectors = [self.start_from(s) for s in starts]
+        steps = None if spread is None else self.spread_from(spread)
         if model is not None:
             self.last_model = model
-            return refine(model, counts, vectors, prior=self.prior, warm=warm, max_iter=max_iter)
+            return refine(
+                model,
+                counts,
+                vectors,
+                prior=self.prior,
+                warm=warm,
+                spread=steps,
+                max_iter=max_iter,
+            )
         k = len(self.names)
         at = vectors[0] if warm is None else np.asarray(warm, dtype=float)[:k]
         model = self.model(moments, at=at)
-        fit = refine(model, counts, vectors, prior=self.prior, warm=warm, max_iter=max_iter)
+        fit = refine(
+            model, counts, vectors, prior=self.prior, warm=warm, spread=steps, max_iter=max_iter
+        )
         best = np.asarray(fit.theta, dtype=float)[:k]
         if np.linalg.norm(best - at) > TEMPLATE_TOLERANCE * np.linalg.norm(at):
             # the multiphonon template follows the optimum: remade there, fitted again from it
@@ -364,15 +386,17 @@ def refine_file(
     start: Mapping[str, float] | None = None,
     *,
     first: int | None = None,
+    spread: Mapping[str, float] | None = None,
     progress: bool = False,
 ) -> Refined:
     """Refine the force constants of a folded-run file (``steer fold --out``), from the
-    whole run or its first ``first`` orientations, started from ``start`` (by name)."""
+    whole run or its first ``first`` orientations, started from ``start`` (by name) whose
+    uncertainty is ``spread`` (by name, eV/A^2; the step of the scan after a misfit)."""
     counts, run_start, omegas, charges, moments = read_counts_file(path, first=first)
     refiner = RunRefiner.from_metadata(run_start)
     if moments is None:
         moments = run_moments(run_start, omegas, charges, refiner, progress=progress)
-    return refiner.refine(counts, moments, start)
+    return refiner.refine(counts, moments, start, spread=spread)
 
 
 #: (quantile level, standard-normal quantile) of a refined estimate's Gaussian quantiles.

@@ -550,7 +550,12 @@ def _fit_one(
     record["vae_std"] = {n: v for n, v in vae_std.items() if n in names}
     try:
         fit = refiner.refine(
-            counts, level.moments, [vae_mean], model=level.model, max_iter=max_iter
+            counts,
+            level.moments,
+            [vae_mean],
+            model=level.model,
+            spread=vae_std or None,
+            max_iter=max_iter,
         )
     except RefinementError as exc:
         return FitRecord(
@@ -564,6 +569,7 @@ def _fit_one(
         "deviance_per_dof": fit.deviance_per_dof,
         "iterations": fit.iterations,
         "seconds": fit.seconds,
+        "start": fit.start,
     }
     reason = "" if fit.converged else f"not converged in {fit.iterations} iterations"
     return FitRecord(**record, reason=reason, wall_seconds=time.perf_counter() - t0)

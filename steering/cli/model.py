@@ -249,7 +249,10 @@ def estimate_cmd(
     from model_server.refinement.refiner import refine_file
 
     start = {name: float(v["mean"]) for name, v in vae["fc"].items()}
-    refined = refine_file(iqe, start, first=first, progress=not quiet and not as_json)
+    spread = {name: float(v["std"]) for name, v in vae["fc"].items()}
+    refined = refine_file(
+        iqe, start, first=first, spread=spread, progress=not quiet and not as_json
+    )
     emit({"vae": vae, "refined": refined.to_dict()}, as_json)
 
 

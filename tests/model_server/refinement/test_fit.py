@@ -132,3 +132,75 @@ def test_deviance_is_zero_at_the_data_and_positive_elsewhere() -> None:
     y = np.array([0.0, 3.0, 10.0])
     assert deviance(y, np.maximum(y, 1e-300)) == pytest.approx(0.0, abs=1e-9)
     assert deviance(y, y + 1.0) > 0
+
+
+def test_the_scan_threshold_allows_for_the_noise_of_few_counts() -> None:
+    from model_server.refinement.fit import SCAN_NOISE_SIGMAS, _scan_threshold
+
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    n = model.n_params + 20000
+    # many counts a bin: Pearson's chi2/dof scatters by sqrt(2 / dof) = 0.01
+    many = _scan_threshold(np.full(n, 100.0), model)
+    assert many == pytest.approx(1.0 + SCAN_NOISE_SIGMAS * np.sqrt(2.01 / 20000), abs=1e-3)
+    # 0.01 counts a bin: it scatters by 0.07, a misfit of 1.1 is noise
+    assert _scan_threshold(np.full(n, 0.01), model) > 1.1
+
+
+def test_the_scan_steps_the_two_free_coefficients_of_largest_spread() -> None:
+    from model_server.refinement.fit import SCAN_OFFSETS, _scan_starts
+
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    _, counts = replica_counts(
+        model, _truth_theta(model, run.truth, 30000.0), np.random.default_rng(3)
+    )
+    names = list(model.basis.names)
+    free = [names.index(n) for n in run.refiner.free]
+    held = [i for i in range(len(names)) if i not in free]
+    spread = np.full(len(names), 0.01)
+    spread[free[2]] = 0.05
+    spread[free[0]] = 0.04
+    spread[held[0]] = 1.0  # has a prior: never scanned
+    starts = _scan_starts(model, counts, run.truth, spread, run.refiner.prior)
+    assert len(starts) == len(SCAN_OFFSETS) ** 2
+    label, theta = starts[0]
+    assert names[free[2]] in label
+    assert names[free[0]] in label
+    step = (theta[: len(names)] - run.truth) / spread
+    moved = np.flatnonzero(np.abs(step) > 1e-9)
+    assert sorted(moved) == sorted([free[0], free[2]])
+    np.testing.assert_allclose(np.abs(step[moved]), 2.0)
+    # spreads unknown (NaN) but for one coefficient: nothing to scan
+    one = np.full(len(names), np.nan)
+    one[free[0]] = 0.05
+    assert _scan_starts(model, counts, run.truth, one, run.refiner.prior) == []
+    with pytest.raises(RefinementError, match="spread needs 16"):
+        _scan_starts(model, counts, run.truth, np.ones(3), run.refiner.prior)
+
+
+def test_a_misfit_left_after_the_restarts_scans_around_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The misfit case above with the restarts toward the reference set taken away: the
+    scan around the start (the start's uncertainty as its step) reaches the truth's basin.
+    Only the grid's positive offsets are kept, to keep the test short."""
+    import model_server.refinement.fit as fit_module
+
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    theta = _truth_theta(model, run.truth, 2e6)
+    _, counts = replica_counts(model, theta, np.random.default_rng(11))
+    start = _start(run, np.random.default_rng(102), spread=0.35)
+    monkeypatch.setattr(fit_module, "_RESTART", ())
+    monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (1.0, 2.0))
+    names = list(model.basis.names)
+    spread = np.full(len(names), np.nan)
+    for n in run.refiner.free:
+        spread[names.index(n)] = 0.35 * abs(run.truth[names.index(n)])
+    alone = refine(model, counts, [start], prior=run.refiner.prior)
+    assert alone.pearson_chi2_per_dof > 2.0
+    fit = refine(model, counts, [start], prior=run.refiner.prior, spread=spread)
+    assert fit.start.startswith("start 0 with ")
+    assert fit.pearson_chi2_per_dof < fit_module.MISFIT_RESTART
+    assert np.all(np.abs(fit.mean - run.truth)[:4] < 5 * fit.std[:4])
