@@ -342,12 +342,9 @@ def refine(
         ]
         logger.info(
             "Pearson chi2/dof %.2f > %.2f: %d more starts toward the reference set",
-            misfit,
-            MISFIT_RESTART,
-            len(more),
+            *(misfit, MISFIT_RESTART, len(more)),
         )
-        results += _descend_all(model, y, more, prior, max_iter)
-        results.sort(key=lambda r: r[1][0].objective)
+        results = _with_more(model, y, results, more, prior, max_iter)
     if starts and spread is not None:
         lam = results[0][1][0].lam
         misfit, threshold = _pearson(y, lam, model), _scan_threshold(lam, model)
@@ -357,12 +354,9 @@ def refine(
             grid = _scan_starts(model, counts, starts[0], spread, prior)
             logger.info(
                 "Pearson chi2/dof %.3f above %.3f: %d starts on a grid around start 0",
-                misfit,
-                threshold,
-                len(grid),
+                *(misfit, threshold, len(grid)),
             )
-            results += _descend_all(model, y, grid, prior, max_iter)
-            results.sort(key=lambda r: r[1][0].objective)
+            results = _with_more(model, y, results, grid, prior, max_iter)
     start_label = results[0][0]
     state, fisher, iterations, converged = results[0][1]
     second = _second_minimum([r for _, r in results], fisher, model)
@@ -525,6 +519,20 @@ def _descend_all(
             out.append((label, _descend(model, y, theta, prior, max_iter)))
         except RefinementError as exc:
             logger.info("refinement %s skipped: %s", label, exc)
+    return out
+
+
+def _with_more(
+    model: CountsModel,
+    y: NDArray[np.float64],
+    results: list[tuple[str, tuple[_State, NDArray[np.float64], int, bool]]],
+    more: Sequence[tuple[str, NDArray[np.float64]]],
+    prior: Prior,
+    max_iter: int,
+) -> list[tuple[str, tuple[_State, NDArray[np.float64], int, bool]]]:
+    """``results`` and the fits from the labelled starts ``more``, lowest objective first."""
+    out = results + _descend_all(model, y, more, prior, max_iter)
+    out.sort(key=lambda r: r[1][0].objective)
     return out
 
 
