@@ -439,8 +439,9 @@ def _scan_starts(
     prior: Prior,
 ) -> list[tuple[str, NDArray[np.float64]]]:
     """The scan's labelled starts: ``start`` moved by :data:`SCAN_OFFSETS` x ``spread`` in
-    the two free coefficients (no prior) with the largest known spread (Ge: the
-    nearest-neighbour pair); none when fewer than two qualify."""
+    the two free coefficients (no prior) with the largest known spread (Ge, the VAE's std:
+    1NN_xy and, depending on the spectrum, 1NN_xx or a second-neighbour term); none when
+    fewer than two qualify."""
     k = model.n_coefficients
     spread = np.asarray(spread, dtype=float)
     if spread.shape != (k,):
