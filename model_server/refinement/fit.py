@@ -342,7 +342,9 @@ def refine(
         ]
         logger.info(
             "Pearson chi2/dof %.2f > %.2f: %d more starts toward the reference set",
-            *(misfit, MISFIT_RESTART, len(more)),
+            misfit,
+            MISFIT_RESTART,
+            len(more),
         )
         results = _with_more(model, y, results, more, prior, max_iter)
     if starts and spread is not None:
@@ -354,7 +356,9 @@ def refine(
             grid = _scan_starts(model, counts, starts[0], spread, prior)
             logger.info(
                 "Pearson chi2/dof %.3f above %.3f: %d starts on a grid around start 0",
-                *(misfit, threshold, len(grid)),
+                misfit,
+                threshold,
+                len(grid),
             )
             results = _with_more(model, y, results, grid, prior, max_iter)
     start_label = results[0][0]

@@ -229,17 +229,18 @@ class RunRefiner:
     def start_from(self, estimate: Mapping[str, float] | None) -> NDArray[np.float64]:
         """(n_coeff,) start: the named values of ``estimate`` (e.g. the VAE's means), the
         reference set elsewhere."""
-        start = self.reference.copy()
-        for name, value in (estimate or {}).items():
-            if name in self.names and math.isfinite(float(value)):
-                start[self.names.index(name)] = float(value)
-        return start
+        return self._by_name(estimate or {}, self.reference.copy())
 
     def spread_from(self, spread: Mapping[str, float]) -> NDArray[np.float64]:
         """(n_coeff,) the named uncertainties of ``spread`` (eV/A^2), NaN elsewhere."""
-        out = np.full(len(self.names), np.nan)
-        for name, value in spread.items():
-            if name in self.names:
+        return self._by_name(spread, np.full(len(self.names), np.nan))
+
+    def _by_name(
+        self, values: Mapping[str, float], out: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        """``out`` ((n_coeff,)) with the finite ones of the named ``values`` put in."""
+        for name, value in values.items():
+            if name in self.names and math.isfinite(float(value)):
                 out[self.names.index(name)] = float(value)
         return out
 
