@@ -45,7 +45,9 @@ from steering.advisor.ranking import Advisor, check_score, check_weighting
 from steering.exceptions import AdvisorError
 
 if TYPE_CHECKING:
+    from model_server.refinement.fit import Refined
     from model_server.refinement.refiner import RunRefiner
+    from model_server.refinement.scan import BackgroundScan, ScanResult
 
 __all__ = [
     "AdviceDocuments",
@@ -334,6 +336,7 @@ class SteeringLoop:
         planner: InformationPlanner | None = None,
         target: dict[str, Any] | None = None,
         controls: AdvisorControls | None = None,
+        scan: bool = True,
     ) -> None:
         check_score(score)
         check_weighting(weighting)
@@ -360,6 +363,13 @@ class SteeringLoop:
         self._posterior: tuple[Any, ...] | None = None
         self._last_next: dict[str, Any] | None = None
         self.controls = controls if controls is not None else AdvisorControls()
+        #: the refinement's grid of starts around the VAE's estimate, on a thread, when a
+        #: recheck's fit misfits (:mod:`model_server.refinement.scan`); None: no scan
+        self.scan: BackgroundScan | None = None
+        if scan and refiner is not None:
+            from model_server.refinement.scan import BackgroundScan
+
+            self.scan = BackgroundScan(refiner.prior)
 
     def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         """A completed orientation: estimate, rank, publish (a
@@ -581,12 +591,16 @@ class SteeringLoop:
         names = list(vae.get("fc", {}))
         start = {n: float(vae["fc"][n]["mean"]) for n in names}
         recheck = self._warm is None or snapshot.n_orientations % self.recheck_every == 0
+        starts = [start] if recheck else []
+        scanned = self._scanned()
+        if scanned is not None:
+            starts.append(scanned.coefficients)  # beside the warm start: the lower wins
         t0 = time.perf_counter()
         try:
             refined = self.refiner.refine(
                 snapshot.counts,
                 snapshot.moments,
-                [start] if recheck else [],
+                starts,
                 warm=self._warm,
             )
         except Exception as exc:  # a failed fit never stops the run: the VAE stands in
@@ -595,6 +609,13 @@ class SteeringLoop:
             return running_estimate(vae, reason=f"refinement failed: {exc}"), mean, std
         metrics.REFINE_SECONDS.observe(time.perf_counter() - t0)
         running = running_estimate(vae, refined)
+        if recheck:  # a misfit (converged or not) is scanned on a thread
+            self._submit_scan(snapshot, refined, start, vae)
+        if scanned is not None:
+            adopted = refined.start == f"start {len(starts) - 1}"
+            running["scan"] = scanned.to_dict() | {"adopted": adopted}
+            if adopted:
+                metrics.REFINE_SCANS.labels(outcome="adopted").inc()
         if running["source"] != "refined":
             metrics.REFINE_FALLBACKS.inc()
             return running, mean, std
@@ -611,6 +632,37 @@ class SteeringLoop:
             mean = refined.mean[sel].copy()
             std = refined.std[sel].copy()
         return running, mean, std
+
+    def _scanned(self) -> ScanResult | None:
+        """A finished background scan's lower minimum (once), else None."""
+        if self.scan is None:
+            return None
+        result = self.scan.take()
+        if result is None:
+            return None
+        metrics.REFINE_SCANS.labels(outcome="found" if result.found else "none").inc()
+        return result if result.found else None
+
+    def _submit_scan(
+        self, snapshot: Snapshot, refined: Refined, start: dict[str, float], vae: dict[str, Any]
+    ) -> None:
+        """Hand a recheck's misfitting fit to the background scan (the VAE's std as its
+        step); a snapshot offered while a scan runs is skipped."""
+        model = getattr(self.refiner, "last_model", None)
+        if self.scan is None or self.refiner is None or model is None:
+            return
+        if not self.scan.worth_scanning(refined):
+            return
+        spread = {n: float(v["std"]) for n, v in vae.get("fc", {}).items() if "std" in v}
+        ok = self.scan.submit(
+            model,
+            snapshot.counts,
+            refined,
+            self.refiner.start_from(start),
+            self.refiner.spread_from(spread),
+            int(snapshot.n_orientations),
+        )
+        metrics.REFINE_SCANS.labels(outcome="started" if ok else "skipped").inc()
 
 
 if TYPE_CHECKING:

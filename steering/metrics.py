@@ -13,6 +13,7 @@ __all__ = [
     "PREDICTIONS",
     "QUEUE_SUBMISSIONS",
     "REFINE_FALLBACKS",
+    "REFINE_SCANS",
     "REFINE_SECONDS",
     "REQUESTS_REFUSED",
 ]
@@ -30,6 +31,13 @@ REFINE_SECONDS = Histogram(
 REFINE_FALLBACKS = Counter(
     "steer_refine_fallbacks_total",
     "Snapshots whose running estimate fell back to the VAE (refinement failed or did not converge)",
+)
+REFINE_SCANS = Counter(
+    "steer_refine_scans_total",
+    "Background scans of a misfitting fit's grid of starts, by outcome: started, skipped "
+    "(one was running), found (a lower minimum), none (no lower one), adopted (the next "
+    "snapshot's fit ended there)",
+    ["outcome"],
 )
 ADVISOR_SECONDS = Histogram(
     "steer_advisor_seconds", "Advisor ranking after one estimate", buckets=_BUCKETS

@@ -124,6 +124,7 @@ class SteeringService:
         follow_replicas: bool = False,
         follow_group: str | None = None,
         plan: bool = True,
+        scan: bool = True,
         plan_node_step: float = 5.0,
         target: dict[str, Any] | None = None,
         advice_sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
@@ -151,6 +152,8 @@ class SteeringService:
         #: plan by the refined posterior's information per beam time (needs ``refine``)
         self.plan = bool(plan)
         self.plan_node_step = float(plan_node_step)
+        #: scan a misfitting fit's grid of starts on a thread (:mod:`model_server.refinement.scan`)
+        self.scan = bool(scan)
         #: the stop criterion's target precision for new runs (None: no target)
         self.target = target
         self._loops: dict[str, SteeringLoop] = {}
@@ -338,6 +341,7 @@ class SteeringService:
             score=self.advisor_score,
             weighting=self.advisor_weighting,
             controls=controls,
+            scan=self.scan,
         )
         self._loops[run_id] = loop
         self.history.upsert_run(run_id, material=material, state="running")

@@ -101,6 +101,16 @@ def serve_cmd(
             "when the target is met (docs/advisor.md); off: the spectrum's ranking alone.",
         ),
     ] = True,
+    scan: Annotated[
+        bool,
+        typer.Option(
+            "--scan/--no-scan",
+            envvar="STEER_SCAN",
+            help="When a fit misfits beyond the counts' noise, fit a grid of starts around "
+            "the VAE's estimate on a background thread and start the next snapshot's fit "
+            "from a lower minimum it finds too (docs/refinement.md).",
+        ),
+    ] = True,
     livedata: Annotated[
         bool,
         typer.Option(
@@ -244,6 +254,7 @@ def serve_cmd(
                 advisor_weighting=advisor_weighting,
                 target=target,
                 plan=plan,
+                scan=scan,
                 livedata=livedata,
                 streams=streams,
                 follow_replicas=follow_replicas,
@@ -390,6 +401,7 @@ def _start_service(
     advisor_weighting: Weighting,
     target: dict[str, Any] | None = None,
     plan: bool = True,
+    scan: bool = True,
     livedata: bool = True,
     streams: InstrumentConfig | None = None,
     follow_replicas: bool = False,
@@ -410,6 +422,7 @@ def _start_service(
         advisor_weighting=advisor_weighting,
         target=target,
         plan=plan,
+        scan=scan,
         publish_livedata=livedata,
         streams=streams,
         follow_replicas=follow_replicas,

@@ -1,0 +1,196 @@
+"""The grid of starts of a misfitting fit, off the live path.
+
+The refinement's scan (:func:`~model_server.refinement.fit.refine` with ``spread``: 16
+starts around the VAE's estimate, tried when the best fit misfits beyond the counts'
+noise) is what keeps the calibration study free of wrong minima of the nearest-neighbour
+pair, but it costs 16 fits: too much for the service's one-snapshot latency. The live
+loop therefore hands a snapshot's fit to a :class:`BackgroundScan`, which runs the scan on
+a thread of its own (one at a time; a snapshot offered while one runs is skipped and
+counted) and keeps the coefficients of a better minimum when the grid found one. The
+loop's next snapshot adds them to its starts, beside the warm start in the old basin:
+the lower deviance wins there, as within one fit, so a scan can only move the running
+estimate to a better fit of the counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from model_server.refinement.counts import CountsModel
+from model_server.refinement.fit import Prior, Refined, refine
+
+__all__ = ["BackgroundScan", "ScanResult"]
+
+logger = logging.getLogger(__name__)
+
+#: How much lower than the live fit's (Poisson deviance units) the scan's best must end
+#: for its coefficients to be handed to the next snapshot.
+FOUND_DEVIANCE = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScanResult:
+    """What one background scan found.
+
+    Attributes
+    ----------
+    n_orientations
+        The snapshot it scanned (orientations folded).
+    found
+        Whether the scan ended lower than the live fit it was started beside (by more than
+        :data:`FOUND_DEVIANCE`).
+    coefficients
+        The best fit's coefficients by name, eV/A^2 (the live fit's own when nothing better
+        was found).
+    start
+        The winning start's label (``"warm"``: the live fit's optimum, carried on).
+    deviance_per_dof, live_deviance_per_dof
+        The scan's best and the live fit's, on the same counts and model.
+    seconds
+        Wall time of the scan.
+    """
+
+    n_orientations: int
+    found: bool
+    coefficients: dict[str, float]
+    start: str
+    deviance_per_dof: float
+    live_deviance_per_dof: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready (the ``scan`` object of a running estimate that adopted it)."""
+        return {
+            "n_orientations": self.n_orientations,
+            "found": self.found,
+            "start": self.start,
+            "deviance_per_dof": round(self.deviance_per_dof, 6),
+            "live_deviance_per_dof": round(self.live_deviance_per_dof, 6),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class BackgroundScan:
+    """Runs the refinement's grid of starts on a thread, one scan at a time.
+
+    Parameters
+    ----------
+    prior
+        The run's priors (:attr:`RunRefiner.prior`).
+    max_iter
+        Levenberg-Marquardt iterations per start.
+    """
+
+    def __init__(self, prior: Prior, *, max_iter: int = 40) -> None:
+        self.prior = prior
+        self.max_iter = int(max_iter)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._result: ScanResult | None = None
+        #: scans started, and snapshots offered while one ran (not scanned)
+        self.started = 0
+        self.skipped = 0
+        #: the last scan's error, when it failed (it never reaches the live loop)
+        self.error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether a scan is running now."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(
+        self,
+        model: CountsModel,
+        counts: NDArray[np.float64],
+        live: Refined,
+        start: NDArray[np.float64],
+        spread: NDArray[np.float64],
+        n_orientations: int,
+    ) -> bool:
+        """Scan the snapshot whose live fit is ``live`` (on ``model`` and ``counts``,
+        (n_q, n_E)) around ``start`` ((n_coeff,) the VAE's means, eV/A^2) in steps of
+        ``spread`` ((n_coeff,) its stds; NaN where unknown). Returns False, and counts a
+        skip, while another scan runs."""
+        if self.running:
+            self.skipped += 1
+            return False
+        self.started += 1
+        args = (model, np.array(counts, dtype=float), live, np.array(start), np.array(spread))
+        self._thread = threading.Thread(
+            target=self._work, args=(*args, int(n_orientations)), name="refine-scan", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def _work(
+        self,
+        model: CountsModel,
+        counts: NDArray[np.float64],
+        live: Refined,
+        start: NDArray[np.float64],
+        spread: NDArray[np.float64],
+        n_orientations: int,
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            # the live optimum is the warm start: the grid only wins by ending lower
+            best = refine(
+                model,
+                counts,
+                [start],
+                prior=self.prior,
+                warm=live.theta,
+                spread=spread,
+                max_iter=self.max_iter,
+            )
+        except Exception as exc:  # a failed scan leaves the live estimate as it is
+            logger.warning("background scan at %d orientations failed: %s", n_orientations, exc)
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        # lower by more than one unit of deviance (a likelihood ratio of e^0.5): from the
+        # grid, or from the live optimum carried further when that had not converged
+        found = best.deviance < live.deviance - FOUND_DEVIANCE
+        result = ScanResult(
+            n_orientations=n_orientations,
+            found=found,
+            coefficients={n: float(v) for n, v in zip(best.names, best.mean, strict=True)},
+            start=best.start,
+            deviance_per_dof=best.deviance_per_dof,
+            live_deviance_per_dof=live.deviance_per_dof,
+            seconds=time.perf_counter() - t0,
+        )
+        logger.info(
+            "background scan at %d orientations: %s (deviance/dof %.4f, live %.4f, %.1f s)",
+            n_orientations,
+            f"a lower minimum from {best.start!r}" if found else "no lower minimum",
+            result.deviance_per_dof,
+            result.live_deviance_per_dof,
+            result.seconds,
+        )
+        with self._lock:
+            self._result = result
+
+    def take(self) -> ScanResult | None:
+        """The last finished scan's result, once (None when none finished since)."""
+        with self._lock:
+            out, self._result = self._result, None
+        return out
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for a running scan; True when none runs."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    @staticmethod
+    def worth_scanning(live: Refined) -> bool:
+        """Whether a live fit is worth a scan: it misfits (Pearson chi^2 / dof above 1;
+        converged or not, a fit stuck in a wrong basin often does not converge); the scan
+        itself decides with its noise threshold."""
+        return bool(live.pearson_chi2_per_dof > 1.0)

@@ -1,0 +1,152 @@
+"""The background scan: a live fit in a wrong minimum is scanned on a thread, the lower
+minimum it finds is handed over once, and a fit started from it beside the old optimum
+ends there; a fit that does not misfit finds nothing; one scan at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import model_server.refinement.fit as fit_module
+from model_server.refinement.fit import refine
+from model_server.refinement.scan import BackgroundScan
+from tests.ge_moments import ge_moments, ge_run, replica_counts
+from tests.model_server.refinement.test_fit import OMEGAS, _start, _truth_theta
+
+
+@pytest.fixture
+def wrong_minimum(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """(run, model, counts, start, spread, live fit): the misfit case of ``test_fit`` with
+    the restarts toward the reference set taken away and the grid's positive offsets only
+    (to keep it short); the live fit ends its 40 steps far from the truth, misfitting by
+    ~4.7 in deviance per dof."""
+    monkeypatch.setattr(fit_module, "_RESTART", ())
+    monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (1.0, 2.0))
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    theta = _truth_theta(model, run.truth, 2e6)
+    _, counts = replica_counts(model, theta, np.random.default_rng(11))
+    start = _start(run, np.random.default_rng(102), spread=0.35)
+    names = list(model.basis.names)
+    spread = np.full(len(names), np.nan)
+    for n in run.refiner.free:
+        spread[names.index(n)] = 0.35 * abs(run.truth[names.index(n)])
+    live = refine(model, counts, [start], prior=run.refiner.prior)
+    assert live.pearson_chi2_per_dof > 2.0  # the live fit (no scan) is in a wrong minimum
+    return run, model, counts, start, spread, live
+
+
+def test_a_scan_finds_the_lower_minimum_and_the_next_fit_takes_it(wrong_minimum) -> None:  # type: ignore[no-untyped-def]
+    run, model, counts, start, spread, live = wrong_minimum
+    scan = BackgroundScan(run.refiner.prior)
+    assert scan.worth_scanning(live)
+    assert scan.take() is None
+    assert scan.submit(model, counts, live, start, spread, n_orientations=2)
+    # one scan at a time: a second snapshot offered meanwhile is skipped, and counted
+    assert not scan.submit(model, counts, live, start, spread, n_orientations=3)
+    assert scan.skipped == 1
+    assert scan.join(timeout=300)
+    result = scan.take()
+    assert result is not None
+    assert scan.take() is None
+    assert result.found
+    assert result.deviance_per_dof < live.deviance_per_dof
+    assert result.n_orientations == 2
+    assert result.seconds > 0
+    # the next snapshot's fit: the old optimum warm, the scan's coefficients a start; the
+    # lower deviance wins, and it is near the truth
+    names = list(model.basis.names)
+    found = np.array([result.coefficients[n] for n in names])
+    nxt = refine(model, counts, [found], prior=run.refiner.prior, warm=live.theta)
+    assert nxt.deviance_per_dof <= result.deviance_per_dof + 1e-3
+    assert np.all(np.abs(nxt.mean - run.truth)[:4] < 5 * nxt.std[:4])
+    assert result.to_dict()["found"] is True
+
+
+def test_a_fit_in_the_right_minimum_finds_nothing_lower() -> None:
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    theta = _truth_theta(model, run.truth, 2e5)
+    _, counts = replica_counts(model, theta, np.random.default_rng(5))
+    start = _start(run, np.random.default_rng(6))
+    live = refine(model, counts, [start], prior=run.refiner.prior)
+    spread = np.full(len(run.truth), 0.05)
+    scan = BackgroundScan(run.refiner.prior)
+    scan.submit(model, counts, live, start, spread, n_orientations=2)
+    assert scan.join(timeout=300)
+    result = scan.take()
+    assert result is not None
+    assert not result.found
+    assert result.deviance_per_dof == pytest.approx(live.deviance_per_dof, rel=1e-6)
+    assert scan.error is None
+
+
+def test_a_failed_scan_is_kept_off_the_live_estimate() -> None:
+    run = ge_run()
+    model = run.refiner.model(ge_moments(OMEGAS))
+    theta = _truth_theta(model, run.truth, 2e5)
+    _, counts = replica_counts(model, theta, np.random.default_rng(5))
+    live = refine(model, counts, [run.truth], prior=run.refiner.prior)
+    scan = BackgroundScan(run.refiner.prior)
+    scan.submit(model, counts, live, np.full(3, np.nan), np.ones(3), n_orientations=2)
+    assert scan.join(timeout=60)
+    assert scan.take() is None
+    assert scan.error is not None
+    assert "finite coefficients" in scan.error
+
+
+class _VAE:
+    """A VAE-like estimate of the free coefficients (what the loop reads of one)."""
+
+    def __init__(self, names: list[str], mean: np.ndarray, std: np.ndarray) -> None:
+        self.names, self.mean, self.std = names, mean, std
+        self.model_version = "test"
+
+    def to_dict(self) -> dict[str, object]:
+        fc = {
+            n: {"mean": float(m), "std": float(s)}
+            for n, m, s in zip(self.names, self.mean, self.std, strict=True)
+        }
+        return {"model_version": self.model_version, "fc": fc}
+
+
+def test_the_live_loop_scans_a_misfit_and_its_next_estimate_says_so(wrong_minimum) -> None:  # type: ignore[no-untyped-def]
+    """The steering loop with a real refiner: a recheck's misfitting fit goes to the
+    background scan; the next snapshot's fit starts from what a scan found beside its warm
+    start, and its estimate says so (``scan``); with ``scan=False`` nothing is scanned."""
+    from types import SimpleNamespace
+
+    from steering.loop import SteeringLoop
+
+    run, model, counts, start, spread, live = wrong_minimum
+    names = list(run.refiner.free)
+    idx = [run.refiner.names.index(n) for n in names]
+    vae = _VAE(names, start[idx], spread[idx])
+    loop = SteeringLoop(None, None, None, refiner=run.refiner)  # type: ignore[arg-type]
+    assert loop.scan is not None
+    assert SteeringLoop(None, None, None, refiner=run.refiner, scan=False).scan is None  # type: ignore[arg-type]
+    moments = ge_moments(OMEGAS)
+    first = SimpleNamespace(n_orientations=1, counts=counts, moments=moments)
+    est, _, _ = loop._running_estimate(first, vae)  # type: ignore[arg-type]
+    assert "scan" not in est
+    # the fixture's counts carry the reference set's multiphonon template, the refiner's
+    # follows the coefficients: a misfit, so the recheck's fit is scanned
+    assert est["refined"]["pearson_chi2_per_dof"] > 2.0
+    assert loop.scan.started == 1
+    assert loop.scan.join(timeout=300)
+    first_deviance = est["refined"]["deviance"]
+    # the next snapshot (not a recheck: the warm start alone) with a scan that found a
+    # lower minimum finished meanwhile (the fixture's fit, scanned)
+    scan = BackgroundScan(run.refiner.prior)
+    scan.submit(model, counts, live, start, spread, n_orientations=1)
+    assert scan.join(timeout=300)
+    loop.scan = scan
+    second = SimpleNamespace(n_orientations=2, counts=counts, moments=moments)
+    est, _, _ = loop._running_estimate(second, vae)  # type: ignore[arg-type]
+    assert est["scan"]["found"] is True
+    assert est["scan"]["n_orientations"] == 1
+    assert est["scan"]["deviance_per_dof"] < est["scan"]["live_deviance_per_dof"]
+    assert est["scan"]["adopted"] == (est["refined"]["start"] == "start 0")
+    assert est["source"] == "refined"
+    assert est["refined"]["deviance"] <= first_deviance + 1e-6 * abs(first_deviance)
+    assert scan.take() is None  # handed over once
