@@ -651,7 +651,7 @@ class SteeringLoop:
         model = getattr(self.refiner, "last_model", None)
         if self.scan is None or self.refiner is None or model is None:
             return
-        if not self.scan.worth_scanning(refined):
+        if not self.scan.worth_scanning(refined) or not self.scan.due(snapshot.n_orientations):
             return
         spread = {n: float(v["std"]) for n, v in vae.get("fc", {}).items() if "std" in v}
         ok = self.scan.submit(

@@ -52,6 +52,7 @@ def test_a_scan_finds_the_lower_minimum_and_the_next_fit_takes_it(wrong_minimum)
     assert result.found
     assert result.deviance_per_dof < live.deviance_per_dof
     assert result.n_orientations == 2
+    assert scan.due(3)  # found: the next recheck may scan again
     assert result.seconds > 0
     # the next snapshot's fit: the old optimum warm, the scan's coefficients a start; the
     # lower deviance wins, and it is near the truth
@@ -79,6 +80,9 @@ def test_a_fit_in_the_right_minimum_finds_nothing_lower() -> None:
     assert not result.found
     assert result.deviance_per_dof == pytest.approx(live.deviance_per_dof, rel=1e-6)
     assert scan.error is None
+    # nothing lower at 2 orientations: the next scan waits for 4
+    assert not scan.due(3)
+    assert scan.due(4)
 
 
 def test_a_failed_scan_is_kept_off_the_live_estimate() -> None:
