@@ -96,7 +96,12 @@ def _change(
             metrics.REQUESTS_REFUSED.labels(limit="advisor_excluded").inc()
         raise HTTPException(422, str(exc)) from exc
     logger.info("run %s: advisor %s by %s: %s", run_id, record["action"], record["who"], record)
-    return {**_view(run_id, controls, history, live), "override": record}
+    view = _view(run_id, controls, history, live)
+    # every open page sees the change at once (the live stream's ``controls`` event)
+    live.notify(
+        run_id, event="controls", action=record["action"], who=record["who"], state=view["state"]
+    )
+    return {**view, "override": record}
 
 
 @router.get("/runs/{run_id}/advisor", responses=_READ)

@@ -4,7 +4,7 @@
 * ``GET /models``; ``POST /models/reload`` (token);
 * ``GET /metrics``: Prometheus;
 * ``GET /``: the live page; ``GET /stream``: server-sent events (an ``update`` per new
-  estimate).
+  estimate, a ``controls`` event per change of a run's advisor controls).
 
 The run history and the live state come from the app (:mod:`steering.api.deps`).
 """
@@ -133,7 +133,8 @@ async def _events(
         while time.monotonic() < t_end:
             version, updates = live.changes(seen)
             for u in sorted(updates, key=lambda x: x["version"]):
-                yield f"id: {u['version']}\nevent: update\ndata: {json.dumps(u)}\n\n"
+                event = u.get("event", "update")
+                yield f"id: {u['version']}\nevent: {event}\ndata: {json.dumps(u)}\n\n"
             seen = version
             if time.monotonic() - t_alive > KEEP_ALIVE_S:
                 t_alive = time.monotonic()
@@ -169,8 +170,10 @@ async def stream(
     ] = 3600.0,
 ) -> StreamingResponse:
     """Server-sent events: an ``update`` event (JSON: run id, version, orientations,
-    latest FC means and stds) whenever a run gets a new estimate; ``: keep-alive``
-    comments every 15 s. Reconnecting clients send ``since`` (or Last-Event-ID)."""
+    latest FC means and stds) whenever a run gets a new estimate, a ``controls`` event
+    (JSON: run id, version, ``action``, ``who``, the advisor's ``state``) whenever a person
+    changes a run's advisor controls; ``: keep-alive`` comments every 15 s. Reconnecting
+    clients send ``since`` (or Last-Event-ID)."""
     last_id = request.headers.get("last-event-id", "")
     start = int(last_id) if last_id.isdigit() and len(last_id) < 19 else since
     # the streams running (a stream counts from its first event until it ends, however it

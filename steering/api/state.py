@@ -47,15 +47,22 @@ class LiveState:
     controls: dict[str, AdvisorControls] = field(default_factory=dict)
     omega_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    #: incremented on every update; ``updates`` holds the latest update of each run
+    #: incremented on every update; ``updates`` holds the latest update of each run and
+    #: event kind
     version: int = 0
-    updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    updates: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
-    def notify(self, run_id: str, **update: Any) -> None:
-        """Tell the page (server-sent events) that ``run_id`` changed."""
+    def notify(self, run_id: str, *, event: str = "update", **update: Any) -> None:
+        """Tell the page (server-sent events) that ``run_id`` changed: ``update`` (a new
+        estimate) or ``controls`` (a person changed the advisor's controls)."""
         with self.lock:
             self.version += 1
-            self.updates[run_id] = {"run_id": run_id, "version": self.version, **update}
+            self.updates[(run_id, event)] = {
+                "run_id": run_id,
+                "version": self.version,
+                "event": event,
+                **update,
+            }
 
     def changes(self, since: int) -> tuple[int, list[dict[str, Any]]]:
         """(current version, the runs' latest updates newer than ``since``)."""

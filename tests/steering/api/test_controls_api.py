@@ -140,3 +140,61 @@ def test_controls_survive_a_restart(filled) -> None:  # type: ignore[no-untyped-
     assert controls.paused
     assert controls.excluded == [(40.0, 50.0)]
     assert controls.target == {"d_criterion": 0.002}
+
+
+def test_a_change_of_the_controls_is_pushed_on_the_live_stream(filled) -> None:  # type: ignore[no-untyped-def]
+    """Every open page hears of a change at once: a ``controls`` event on ``/stream`` with
+    what was done, by whom, and the advisor's state; the estimates' ``update`` events are
+    left as they were."""
+    import json
+    import threading
+    import time
+
+    history, live, _ = filled
+    live.omega_ranges["run-1"] = (0.0, 90.0)
+    got: list[tuple[str, dict[str, Any]]] = []
+    listening = threading.Event()
+
+    def read(base: str) -> None:
+        with (
+            httpx.Client(timeout=30) as c,
+            c.stream("GET", f"{base}/stream", params={"since": live.version, "timeout": 20}) as r,
+        ):
+            event = ""
+            for line in r.iter_lines():
+                listening.set()  # the stream's first line ("retry:") came
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    got.append((event, json.loads(line.split(":", 1)[1])))
+                if len(got) >= 3:
+                    return
+
+    app = create_app(history, token=TOKEN, tokens=NAMED, live=live)
+    with serve(app) as base, httpx.Client() as c:
+        reader = threading.Thread(target=read, args=(base,), daemon=True)
+        reader.start()
+        assert listening.wait(15)
+        url = f"{base}/runs/run-1/advisor"
+
+        def heard(n: int) -> bool:  # the stream keeps each run's latest event of a kind:
+            t_end = time.monotonic() + 10  # one at a time, so that none is coalesced
+            while len(got) < n and time.monotonic() < t_end:
+                time.sleep(0.05)
+            return len(got) >= n
+
+        assert c.post(f"{url}/pause", headers=_auth(NAMED["alice"])).status_code == 200
+        assert heard(1)
+        live.notify("run-1", n_orientations=9, fc={})
+        assert heard(2)
+        r = c.post(f"{url}/exclude", json={"from": 5, "to": 10}, headers=_auth(NAMED["bob"]))
+        assert r.status_code == 200, r.text
+        reader.join(15)
+    assert [e for e, _ in got] == ["controls", "update", "controls"]
+    controls = [u for e, u in got if e == "controls"]
+    assert [(u["action"], u["who"], u["state"]) for u in controls] == [
+        ("pause", "alice", "paused"),
+        ("exclude", "bob", "paused"),
+    ]
+    assert all(u["run_id"] == "run-1" for _, u in got)
+    assert next(u for e, u in got if e == "update")["n_orientations"] == 9
