@@ -31,6 +31,7 @@ __all__ = [
     "FitRecord",
     "finite_or_none",
     "level_summary",
+    "merge_results",
     "plot_study",
     "sbc_chi2",
     "std_count_slopes",
@@ -326,6 +327,78 @@ def targets(result: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
         }
     out["all_pass"] = all(v["pass"] for v in out.values() if isinstance(v, dict))
     return out
+
+
+#: Settings that runs of one study share (the levels differ).
+_SHARED = ("material", "n_truths", "seed", "angles_deg", "events_per_orientation")
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One study of several runs of the same study at other levels (``steer
+    evaluate-posterior --merge``): the levels of all, sorted, and the statistics over
+    the levels made again (``std_count_slope``, ``std_ratio_120_over_1``, ``targets``).
+    The simulation-based calibration needs the fits, which the results do not keep: each
+    run's is under ``parts``, with its levels and command.
+
+    Raises
+    ------
+    ValueError
+        Fewer than two results, runs of different studies (material, truths, seed,
+        angles, counts), different coefficients or truths, or a level in two runs.
+    """
+    if len(results) < 2:
+        raise ValueError("give two or more study results to merge")
+    first = results[0]
+    names = list(first["names"])
+    for r in results[1:]:
+        for key in _SHARED:
+            if r["settings"].get(key) != first["settings"].get(key):
+                raise ValueError(
+                    f"not one study: {key} is {r['settings'].get(key)!r} in one run and "
+                    f"{first['settings'].get(key)!r} in another"
+                )
+        if list(r["names"]) != names or list(r["truths"]) != list(first["truths"]):
+            raise ValueError("not one study: the coefficients or the truths differ")
+    levels: dict[tuple[int, float], dict[str, Any]] = {}
+    for r in results:
+        for lv in r["levels"]:
+            at = (int(lv["orientations"]), float(lv["count_scale"]))
+            if at in levels:
+                raise ValueError(f"level {at[0]} orientations x {at[1]:g} is in two runs")
+            levels[at] = lv
+    merged = [levels[k] for k in sorted(levels)]
+    n_fits = sum(int(r["n_fits"]) for r in results)
+    out: dict[str, Any] = {
+        "levels": merged,
+        "std_count_slope": std_count_slopes(merged, names),
+        "n_fits": n_fits,
+        "converged_fraction": sum(r["converged_fraction"] * r["n_fits"] for r in results)
+        / max(n_fits, 1),
+        "truths": list(first["truths"]),
+        "names": names,
+        "settings": {k: first["settings"].get(k) for k in _SHARED}
+        | {
+            "orientations": sorted({k for k, _ in levels}),
+            "count_scales": sorted({c for _, c in levels}),
+        },
+        "parts": [
+            {
+                "levels": [[lv["orientations"], lv["count_scale"]] for lv in r["levels"]],
+                "sbc_p_value": r.get("sbc_p_value"),
+                "n_fits": r["n_fits"],
+                "seconds": r.get("seconds"),
+                "model_version": r.get("model_version"),
+                "command": r.get("command"),
+            }
+            for r in results
+        ],
+    }
+    angles = first["settings"].get("angles_deg")  # (first, last, count) of the whole run
+    ratio = std_ratio(merged, names[0], int(angles[2])) if angles else {}
+    if ratio:
+        out["std_ratio_120_over_1"] = ratio
+    out["targets"] = targets(out, names)
+    return dict(finite_or_none(out))
 
 
 def finite_or_none(obj: Any) -> Any:

@@ -391,6 +391,15 @@ def evaluate_posterior_cmd(
             "level's figures are carried by a few fits.",
         ),
     ] = None,
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--merge",
+            help="Run nothing: merge the JSON results (--out) of runs of one study at other "
+            "levels (same material, truths, seed) and judge the targets over all their "
+            "levels; give it once per file.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -400,6 +409,10 @@ def evaluate_posterior_cmd(
     import json
 
     from model_server.refinement.study import StudySettings, posterior_study
+
+    if merge:
+        _merge_studies(merge, out, plot, as_json)
+        return
 
     settings = StudySettings(
         material=material,
@@ -446,6 +459,33 @@ def evaluate_posterior_cmd(
         names = result["names"]
         records.write_text("".join(json.dumps(f.to_dict(names)) + "\n" for f in fits))
     result["model_version"] = estimator.model.version
+    result["command"] = command_line()
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")
+    if plot is not None:
+        plot_study(result, plot)
+    emit(result, as_json)
+
+
+def _merge_studies(files: list[Path], out: Path | None, plot: Path | None, as_json: bool) -> None:
+    """``steer evaluate-posterior --merge``: one result of several runs' JSON results."""
+    import json
+
+    from model_server.refinement.posterior_stats import merge_results, plot_study
+    from simulations.jsonutil import json_default
+
+    results = []
+    for f in files:
+        try:
+            results.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(
+                f"{f}: not a study result ({exc})", param_hint="--merge"
+            ) from exc
+    try:
+        result = merge_results(results)
+    except (KeyError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--merge") from exc
     result["command"] = command_line()
     if out is not None:
         out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")

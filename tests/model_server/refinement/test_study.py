@@ -290,3 +290,33 @@ def test_cli_runs_a_tiny_study_with_the_vae(tmp_path: Path) -> None:
     assert (fit["truth"], fit["orientations"], fit["count_scale"]) == ("mlff_mean", 1, 1.0)
     assert set(fit["z"]) == set(result["names"])
     assert (table_cache_dir() / "moments").is_dir()
+
+
+def test_runs_of_one_study_at_other_levels_merge_into_one() -> None:
+    """``steer evaluate-posterior --merge``: the committed seed-4 runs (20 and 120, then 60
+    orientations) make one study of six levels, judged over all of them; runs of another
+    study or with a level twice are refused."""
+    from model_server.refinement.posterior_stats import merge_results, std_count_slopes
+
+    docs = Path(__file__).resolve().parents[3] / "docs"
+    a = json.loads((docs / "refinement_study_seed4_scan.json").read_text())
+    b = json.loads((docs / "refinement_study_seed4_scan_60.json").read_text())
+    merged = merge_results([a, b])
+    assert [(lv["orientations"], lv["count_scale"]) for lv in merged["levels"]] == [
+        (20, 1.0), (20, 4.0), (60, 1.0), (60, 4.0), (120, 1.0), (120, 4.0),
+    ]  # fmt: skip
+    assert merged["n_fits"] == a["n_fits"] + b["n_fits"]
+    assert merged["settings"]["orientations"] == [20, 60, 120]
+    names = merged["names"]
+    assert merged["std_count_slope"] == pytest.approx(std_count_slopes(merged["levels"], names))
+    worst = max(lv["rmse_over_crb"][n] for lv in merged["levels"] for n in names[:4])
+    assert merged["targets"]["rmse_over_crb_max"]["value"] == pytest.approx(worst)
+    assert "std_ratio_120_over_1" not in merged  # no one-orientation level
+    assert [p["sbc_p_value"] for p in merged["parts"]] == [a["sbc_p_value"], b["sbc_p_value"]]
+    with pytest.raises(ValueError, match="two runs"):
+        merge_results([a, a])
+    other = json.loads((docs / "refinement_study_seed3.json").read_text())
+    with pytest.raises(ValueError, match="seed"):
+        merge_results([a, other])
+    with pytest.raises(ValueError, match="two or more"):
+        merge_results([a])
