@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -133,22 +134,16 @@ class BackgroundScan:
             self.skipped += 1
             return False
         self.started += 1
-        args = (model, np.array(counts, dtype=float), live, np.array(start), np.array(spread))
+        job = (model, np.array(counts, dtype=float), live, np.array(start), np.array(spread))
         self._thread = threading.Thread(
-            target=self._work, args=(*args, int(n_orientations)), name="refine-scan", daemon=True
+            target=self._work, args=(job, int(n_orientations)), name="refine-scan", daemon=True
         )
         self._thread.start()
         return True
 
-    def _work(
-        self,
-        model: CountsModel,
-        counts: NDArray[np.float64],
-        live: Refined,
-        start: NDArray[np.float64],
-        spread: NDArray[np.float64],
-        n_orientations: int,
-    ) -> None:
+    def _work(self, job: tuple[Any, ...], n_orientations: int) -> None:
+        """The scan of one snapshot (``job``: :meth:`submit`'s arrays, copied)."""
+        model, counts, live, start, spread = job
         t0 = time.perf_counter()
         try:
             # the live optimum is the warm start: the grid only wins by ending lower

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -431,8 +431,7 @@ def evaluate_posterior_cmd(
     from threadpoolctl import threadpool_limits
 
     from model_server.inversion.inference import Estimator
-    from model_server.refinement.posterior_stats import FitRecord, plot_study
-    from simulations.jsonutil import json_default
+    from model_server.refinement.posterior_stats import FitRecord
     from steering.exceptions import SteeringError
 
     torch.set_num_threads(threads)
@@ -459,6 +458,19 @@ def evaluate_posterior_cmd(
         names = result["names"]
         records.write_text("".join(json.dumps(f.to_dict(names)) + "\n" for f in fits))
     result["model_version"] = estimator.model.version
+    _write_study(result, out, plot, as_json)
+
+
+def _write_study(
+    result: dict[str, Any], out: Path | None, plot: Path | None, as_json: bool
+) -> None:
+    """A study's result with the command that made it: to ``out`` (JSON), ``plot`` (PNG)
+    and stdout."""
+    import json
+
+    from model_server.refinement.posterior_stats import plot_study
+    from simulations.jsonutil import json_default
+
     result["command"] = command_line()
     if out is not None:
         out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")
@@ -471,8 +483,7 @@ def _merge_studies(files: list[Path], out: Path | None, plot: Path | None, as_js
     """``steer evaluate-posterior --merge``: one result of several runs' JSON results."""
     import json
 
-    from model_server.refinement.posterior_stats import merge_results, plot_study
-    from simulations.jsonutil import json_default
+    from model_server.refinement.posterior_stats import merge_results
 
     results = []
     for f in files:
@@ -486,12 +497,7 @@ def _merge_studies(files: list[Path], out: Path | None, plot: Path | None, as_js
         result = merge_results(results)
     except (KeyError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--merge") from exc
-    result["command"] = command_line()
-    if out is not None:
-        out.write_text(json.dumps(result, indent=1, default=json_default) + "\n")
-    if plot is not None:
-        plot_study(result, plot)
-    emit(result, as_json)
+    _write_study(result, out, plot, as_json)
 
 
 def _measured_spectra(files: list[Path], model: Path) -> tuple[object, str]:
