@@ -53,7 +53,7 @@ class RunRow(_Base):
 #: The keys of an estimate that the history returns (``/runs/{id}/estimates``): the
 #: running estimate (``fc``, from ``source``: ``refined`` or ``vae``), both estimators'
 #: results and why the refinement did not stand, when it did not.
-_ESTIMATE_KEYS = ("fc", "units", "ood", "source", "vae", "refined", "fallback")
+_ESTIMATE_KEYS = ("fc", "units", "ood", "source", "vae", "refined", "fallback", "scan")
 
 
 class EstimateRow(_Base):

@@ -441,6 +441,11 @@ def _summary(
             plots[name] = str(path)
     zs = [v["error_over_std"] for v in fcs.values() if v["error_over_std"] is not None]
     within = [abs(z) <= 2 for z in zs]
+    # the fits' background scans: how many ran, and the lower minima they handed over
+    handed = [e["scan"] for e in est if isinstance(e.get("scan"), dict)]
+    scans = service.scan_summary(run_id)
+    if scans is not None:
+        scans |= {"found": len(handed), "adopted": sum(bool(h.get("adopted")) for h in handed)}
     return {
         "run_id": run_id,
         "model_version": last.get("model_version"),
@@ -451,12 +456,23 @@ def _summary(
         "fc": fcs,
         "fc_within_2_std": f"{sum(within)}/{len(within)}",
         "estimates": len(est),
+        "scans": scans,
         "chunk_to_estimate_latency": service.latency_summary(),
         "chunk_to_estimate_s": [round(x, 3) for x in service.chunk_to_estimate],
         "events_folded": (history.run(run_id) or {}).get("summary", {}).get("events_folded"),
         "live_equals_offline": live_equals_offline,
         "plots": plots,
     }
+
+
+def _scan_line(scans: dict[str, Any] | None) -> str:
+    """The background scans in words."""
+    if not scans:
+        return "background scans of misfitting fits: off"
+    return (
+        f"background scans of misfitting fits: {scans['started']} run, "
+        f"{scans['found']} found a lower minimum, {scans['adopted']} taken by the next fit"
+    )
 
 
 def format_summary(result: DemoResult) -> str:
@@ -489,6 +505,7 @@ def format_summary(result: DemoResult) -> str:
     lat = result.get("chunk_to_estimate_latency") or {}
     lines += [
         f"within 2 std of the truth: {result.get('fc_within_2_std')}",
+        _scan_line(result.get("scans")),
         f"chunk close -> estimate in the history: p50 {lat.get('p50_s')} s, "
         f"p99 {lat.get('p99_s')} s over {lat.get('n')} orientations",
         f"live fold equals the offline fold (bitwise counts): {result.get('live_equals_offline')}",

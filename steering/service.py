@@ -668,6 +668,16 @@ class SteeringService:
         done.add(snapshot.n_orientations)
         self.latencies.append(time.perf_counter() - t0)
 
+    def scan_summary(self, run_id: str) -> dict[str, Any] | None:
+        """The background scans of a run's fits (:mod:`model_server.refinement.scan`):
+        ``started``, ``skipped`` (one was running), the last ``error``; None when the run's
+        loop has no scan."""
+        loop = self._loops.get(run_id)
+        scan = None if loop is None else loop.scan
+        if scan is None:
+            return None
+        return {"started": scan.started, "skipped": scan.skipped, "error": scan.error}
+
     def latency_summary(self) -> dict[str, float | int | None]:
         """p50 / p99 / max (s) of :attr:`chunk_to_estimate` and the count."""
 
