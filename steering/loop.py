@@ -609,7 +609,7 @@ class SteeringLoop:
             return running_estimate(vae, reason=f"refinement failed: {exc}"), mean, std
         metrics.REFINE_SECONDS.observe(time.perf_counter() - t0)
         running = running_estimate(vae, refined)
-        if recheck:  # a misfit (converged or not) is scanned on a thread
+        if recheck:  # converged or not, scanned on a thread when due
             self._submit_scan(snapshot, refined, start, vae)
         if scanned is not None:
             adopted = refined.start == f"start {len(starts) - 1}"
@@ -646,12 +646,12 @@ class SteeringLoop:
     def _submit_scan(
         self, snapshot: Snapshot, refined: Refined, start: dict[str, float], vae: dict[str, Any]
     ) -> None:
-        """Hand a recheck's misfitting fit to the background scan (the VAE's std as its
-        step); a snapshot offered while a scan runs is skipped."""
+        """Hand a recheck's fit to the background scan when one is due (the VAE's std as
+        its step); a snapshot offered while a scan runs is skipped."""
         model = getattr(self.refiner, "last_model", None)
         if self.scan is None or self.refiner is None or model is None:
             return
-        if not self.scan.worth_scanning(refined) or not self.scan.due(snapshot.n_orientations):
+        if not self.scan.due(snapshot.n_orientations):
             return
         spread = {n: float(v["std"]) for n, v in vae.get("fc", {}).items() if "std" in v}
         ok = self.scan.submit(

@@ -204,3 +204,39 @@ def test_a_misfit_left_after_the_restarts_scans_around_the_start(
     assert fit.start.startswith("start 0 with ")
     assert fit.pearson_chi2_per_dof < fit_module.MISFIT_RESTART
     assert np.all(np.abs(fit.mean - run.truth)[:4] < 5 * fit.std[:4])
+
+
+def test_the_deviance_moments_match_poisson_replicas() -> None:
+    """Each bin's expected Poisson deviance and its variance, from the table, against
+    200,000 seeded Poisson draws per mean (tolerance: 5 standard errors of the draws)."""
+    from model_server.refinement.fit import poisson_deviance_moments
+
+    rng = np.random.default_rng(12)
+    for lam in (0.003, 0.1, 0.5, 2.0, 20.0, 500.0, 5000.0):
+        y = rng.poisson(lam, size=200_000).astype(float)
+        d = np.array([deviance(np.array([v]), np.array([lam])) for v in np.unique(y)])
+        per = d[np.searchsorted(np.unique(y), y)]
+        mean, var = poisson_deviance_moments(np.array([lam]))
+        se = np.sqrt(per.var() / len(per))
+        assert abs(per.mean() - mean[0]) < 5 * se + 1e-4, lam
+        assert var[0] == pytest.approx(per.var(), rel=0.05, abs=1e-3), lam
+    # many counts: 1 + 1 / (6 lam) and 2
+    mean, var = poisson_deviance_moments(np.array([2000.0]))
+    assert mean[0] == pytest.approx(1 + 1 / 12000, abs=1e-4)
+    assert var[0] == pytest.approx(2.0, abs=0.01)
+
+
+def test_the_deviance_excess_is_a_standard_score_where_the_model_holds() -> None:
+    """Counts drawn from the model itself (few counts a bin, where Pearson's chi^2 is
+    noisy): the excess scatters about 0 with unit spread; counts of a model 60 % off in
+    a quarter of the bins stand out."""
+    from model_server.refinement.fit import deviance_excess
+
+    rng = np.random.default_rng(7)
+    lam = rng.uniform(0.05, 3.0, size=20_000)
+    scores = [deviance_excess(rng.poisson(lam).astype(float), lam, 0) for _ in range(300)]
+    assert abs(np.mean(scores)) < 0.25
+    assert np.std(scores) == pytest.approx(1.0, abs=0.15)
+    off = lam.copy()
+    off[: len(lam) // 4] *= 1.6
+    assert deviance_excess(rng.poisson(off).astype(float), lam, 0) > 6

@@ -39,7 +39,6 @@ def wrong_minimum(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-d
 def test_a_scan_finds_the_lower_minimum_and_the_next_fit_takes_it(wrong_minimum) -> None:  # type: ignore[no-untyped-def]
     run, model, counts, start, spread, live = wrong_minimum
     scan = BackgroundScan(run.refiner.prior)
-    assert scan.worth_scanning(live)
     assert scan.take() is None
     assert scan.submit(model, counts, live, start, spread, n_orientations=2)
     # one scan at a time: a second snapshot offered meanwhile is skipped, and counted
@@ -64,7 +63,8 @@ def test_a_scan_finds_the_lower_minimum_and_the_next_fit_takes_it(wrong_minimum)
     assert result.to_dict()["found"] is True
 
 
-def test_a_fit_in_the_right_minimum_finds_nothing_lower() -> None:
+def test_a_fit_in_the_right_minimum_finds_nothing_lower(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (1.0, 2.0))  # short: 4 starts
     run = ge_run()
     model = run.refiner.model(ge_moments(OMEGAS))
     theta = _truth_theta(model, run.truth, 2e5)
