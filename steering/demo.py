@@ -298,6 +298,7 @@ def run_demo(
     keep_serving: bool = False,
     timeout_s: float = 1800.0,
     on_state: Callable[[dict[str, Any]], None] | None = None,
+    scan: bool = True,
 ) -> DemoResult:
     """Run the demo; returns the summary (also written to ``out/demo_summary.json``).
 
@@ -311,6 +312,8 @@ def run_demo(
         Replay speed (x real time; each orientation counts 60 s).
     port
         The API's port (a free one by default).
+    scan
+        The fits' background scan for lower minima (:mod:`model_server.refinement.scan`).
     model_dir
         Frozen models (default: the repository's ``models``).
     keep_serving
@@ -347,6 +350,7 @@ def run_demo(
             history=history,
             live=live,
             model_dir=model_dir,
+            scan=scan,
         )
         service.start()
         server, api = _start_api(

@@ -564,6 +564,14 @@ def demo_cmd(
             "service's force constants against temperature.",
         ),
     ] = False,
+    scan: Annotated[
+        bool,
+        typer.Option(
+            "--scan/--no-scan",
+            envvar="STEER_SCAN",
+            help="The fits' background scan for lower minima (steer serve --scan).",
+        ),
+    ] = True,
     threads: NumericThreadsOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
@@ -582,6 +590,7 @@ def demo_cmd(
         speed=speed,
         port=port,
         keep_serving=keep_serving,
+        scan=scan,
     )
     if physics:
         from simulations.demo import run_demo as physics_demo
