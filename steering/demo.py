@@ -472,9 +472,9 @@ def _summary(
 def _scan_line(scans: dict[str, Any] | None) -> str:
     """The background scans in words."""
     if not scans:
-        return "background scans of misfitting fits: off"
+        return "background scans of the fits: off"
     return (
-        f"background scans of misfitting fits: {scans['started']} run, "
+        f"background scans of the fits: {scans['started']} run, "
         f"{scans['found']} found a lower minimum, {scans['adopted']} taken by the next fit"
     )
 

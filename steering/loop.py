@@ -363,8 +363,8 @@ class SteeringLoop:
         self._posterior: tuple[Any, ...] | None = None
         self._last_next: dict[str, Any] | None = None
         self.controls = controls if controls is not None else AdvisorControls()
-        #: the refinement's grid of starts around the VAE's estimate, on a thread, when a
-        #: recheck's fit misfits (:mod:`model_server.refinement.scan`); None: no scan
+        #: the refinement's grid of starts around the VAE's estimate, on a thread, for the
+        #: recheck snapshots' fits (:mod:`model_server.refinement.scan`); None: no scan
         self.scan: BackgroundScan | None = None
         if scan and refiner is not None:
             from model_server.refinement.scan import BackgroundScan

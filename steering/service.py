@@ -152,7 +152,7 @@ class SteeringService:
         #: plan by the refined posterior's information per beam time (needs ``refine``)
         self.plan = bool(plan)
         self.plan_node_step = float(plan_node_step)
-        #: scan a misfitting fit's grid of starts on a thread (:mod:`model_server.refinement.scan`)
+        #: scan the fits' grid of starts on a thread (:mod:`model_server.refinement.scan`)
         self.scan = bool(scan)
         #: the stop criterion's target precision for new runs (None: no target)
         self.target = target

@@ -32,6 +32,7 @@ __all__ = [
     "finite_or_none",
     "level_summary",
     "merge_results",
+    "over_levels",
     "plot_study",
     "sbc_chi2",
     "std_count_slopes",
@@ -329,6 +330,19 @@ def targets(result: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def over_levels(
+    levels: Sequence[dict[str, Any]], names: Sequence[str], whole: int
+) -> dict[str, Any]:
+    """The statistics over a study's levels: ``std_count_slope`` by name and, when the
+    levels have one orientation and ``whole`` orientations at a count scale,
+    ``std_ratio_120_over_1`` (FC0's, per count scale)."""
+    out: dict[str, Any] = {"std_count_slope": std_count_slopes(levels, names)}
+    ratio = std_ratio(levels, names[0], whole)
+    if ratio:
+        out["std_ratio_120_over_1"] = ratio
+    return out
+
+
 #: Settings that runs of one study share (the levels differ).
 _SHARED = ("material", "n_truths", "seed", "angles_deg", "events_per_orientation")
 
@@ -368,9 +382,10 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             levels[at] = lv
     merged = [levels[k] for k in sorted(levels)]
     n_fits = sum(int(r["n_fits"]) for r in results)
+    angles = first["settings"]["angles_deg"]  # (first, last, count) of the whole run
     out: dict[str, Any] = {
         "levels": merged,
-        "std_count_slope": std_count_slopes(merged, names),
+        **over_levels(merged, names, int(angles[2])),
         "n_fits": n_fits,
         "converged_fraction": sum(r["converged_fraction"] * r["n_fits"] for r in results)
         / max(n_fits, 1),
@@ -393,10 +408,6 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             for r in results
         ],
     }
-    angles = first["settings"].get("angles_deg")  # (first, last, count) of the whole run
-    ratio = std_ratio(merged, names[0], int(angles[2])) if angles else {}
-    if ratio:
-        out["std_ratio_120_over_1"] = ratio
     out["targets"] = targets(out, names)
     return dict(finite_or_none(out))
 

@@ -1,4 +1,4 @@
-"""The grid of starts of a misfitting fit, off the live path.
+"""The grid of starts of the live fits, off the live path.
 
 The refinement's scan (:func:`~model_server.refinement.fit.refine` with ``spread``: 16
 starts around the VAE's estimate, tried when the best fit misfits beyond the counts'

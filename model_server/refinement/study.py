@@ -74,9 +74,8 @@ from model_server.refinement.posterior_stats import (
     FitRecord,
     finite_or_none,
     level_summary,
+    over_levels,
     sbc_chi2,
-    std_count_slopes,
-    std_ratio,
     targets,
 )
 from model_server.refinement.refiner import RunRefiner
@@ -730,14 +729,11 @@ def posterior_study(
     sbc, sbc_p = sbc_chi2(every, names)
     result: dict[str, Any] = {
         "levels": summaries,
-        "std_count_slope": std_count_slopes(summaries, names),
+        **over_levels(summaries, names, len(settings.angles)),
         "sbc_chi2": sbc,
         "sbc_p_value": sbc_p,
         "sbc_bins": SBC_BINS,
     }
-    ratio = std_ratio(summaries, names[0], len(settings.angles))
-    if ratio and max(levels) == len(settings.angles):
-        result["std_ratio_120_over_1"] = ratio
     result |= {
         "n_fits": len(every),
         "converged_fraction": sum(f.converged for f in every) / max(len(every), 1),

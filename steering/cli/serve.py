@@ -106,9 +106,9 @@ def serve_cmd(
         typer.Option(
             "--scan/--no-scan",
             envvar="STEER_SCAN",
-            help="When a fit misfits beyond the counts' noise, fit a grid of starts around "
-            "the VAE's estimate on a background thread and start the next snapshot's fit "
-            "from a lower minimum it finds too (docs/refinement.md).",
+            help="Every 10th snapshot, fit a grid of starts around the VAE's estimate on a "
+            "background thread (lowest priority) and start the next snapshot's fit from a "
+            "lower minimum it finds too (docs/refinement.md).",
         ),
     ] = True,
     livedata: Annotated[
