@@ -56,6 +56,7 @@ from simulations.lattice.force_constants import FCBasis
 __all__ = [
     "BinMoments",
     "StructureConstants",
+    "folded_samples",
     "orientation_moments",
     "star_operations",
     "structure_constants",
@@ -494,3 +495,129 @@ def structure_constants(
         operations=ops,
         temperature=float(temperature),
     )
+
+
+def folded_samples(
+    folder: Folder, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2
+) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.int64], NDArray[np.float64]]:
+    """Every sample of :meth:`Folder.coverage` at ``omega`` (degrees) that folds into a bin,
+    one by one, for references that evaluate a cross-section at each sample's own Q.
+
+    Returns ``(rows, q, sub, weight)``: rows (n,) int64 the fold table's star point
+    (:attr:`FoldTable.star_index` gives its path point ``iq``, and the bin before the
+    alias expansion is ``iq * n_E + col[sub]``); q (n, 3) float64 the sample's Q in r.l.u.
+    of the lab (not rotated to its path point); sub (n,) int64 the energy sample (index into
+    :meth:`Folder.coverage_samples`' energies); weight (n,) float64 ``k_f/k_i dOmega dE``
+    (sr meV), whose sum per bin is the coverage.
+    """
+    samples = folder.coverage_samples(e_substeps=e_substeps, pixel_stride=pixel_stride)
+    dm, h_inf = folder.sample_rays(samples, float(omega))
+    t = folder.table
+    args = (
+        dm,
+        samples.solid,
+        samples.v_f,
+        samples.w_e,
+        h_inf,
+        t.voxels,
+        t.live,
+        t.rank,
+        t.offsets,
+        t.candidates,
+        t.star_xyz,
+        t.reciprocal,
+        t.tolerance**2,
+        t.clear,
+    )
+    size = 1 << 16
+    while True:
+        bins = np.empty(size, dtype=np.int64)
+        q = np.empty((size, 3))
+        sub = np.empty(size, dtype=np.int64)
+        weight = np.empty(size)
+        n = _sample_list_kernel(*args, bins, q, sub, weight)
+        if n <= size:
+            return bins[:n], q[:n], sub[:n], weight[:n]
+        size = n
+
+
+@numba.njit(cache=True, nogil=True)
+def _sample_list_kernel(
+    dm: np.ndarray,
+    solid: np.ndarray,
+    v_f: np.ndarray,
+    w_e: np.ndarray,
+    h_inf: np.ndarray,
+    voxels: int,
+    live: np.ndarray,
+    rank: np.ndarray,
+    offsets: np.ndarray,
+    candidates: np.ndarray,
+    star_xyz: np.ndarray,
+    rec: np.ndarray,
+    tol2: float,
+    clear: np.ndarray,
+    out_row: np.ndarray,
+    out_q: np.ndarray,
+    out_sub: np.ndarray,
+    out_w: np.ndarray,
+) -> int:
+    """The walk of :func:`moments_kernel`, writing each folded sample (its star point, Q, energy
+    sample and weight) while there is room; returns how many folded (all of them, so that
+    a caller with too little room can call again)."""
+    n_sub = v_f.shape[0]
+    cap = out_row.shape[0]
+    found = 0
+    for p in range(dm.shape[0]):
+        d0 = dm[p, 0]
+        d1 = dm[p, 1]
+        d2 = dm[p, 2]
+        g = 1.0 / (voxels * max(abs(d0), abs(d1), abs(d2), 1e-300))
+        s = 0
+        while s < n_sub:
+            v = v_f[s]
+            h0 = h_inf[0] - v * d0
+            h1 = h_inf[1] - v * d1
+            h2 = h_inf[2] - v * d2
+            f0 = h0 - math.floor(h0)
+            f1 = h1 - math.floor(h1)
+            f2 = h2 - math.floor(h2)
+            vx = (
+                min(int(f0 * voxels), voxels - 1) * voxels + min(int(f1 * voxels), voxels - 1)
+            ) * voxels + min(int(f2 * voxels), voxels - 1)
+            word = live[vx >> 6]
+            bit = np.uint64(vx & 63)
+            if not (word >> bit) & np.uint64(1):
+                s += 1
+                reach = int(clear[vx]) - 1
+                if reach > 0:
+                    v_stop = v - (reach - 1e-6) * g
+                    while s < n_sub and v_f[s] > v_stop:
+                        s += 1
+                continue
+            r = rank[vx >> 6] + _popcount(word & ((np.uint64(1) << bit) - np.uint64(1)))
+            cx = f0 * rec[0, 0] + f1 * rec[1, 0] + f2 * rec[2, 0]
+            cy = f0 * rec[0, 1] + f1 * rec[1, 1] + f2 * rec[2, 1]
+            cz = f0 * rec[0, 2] + f1 * rec[1, 2] + f2 * rec[2, 2]
+            best = 1e300
+            row = -1
+            for k in range(offsets[r], offsets[r + 1]):
+                qq = candidates[k]
+                dx = star_xyz[qq, 0] - cx
+                dy = star_xyz[qq, 1] - cy
+                dz = star_xyz[qq, 2] - cz
+                dd = dx * dx + dy * dy + dz * dz
+                if dd < best:
+                    best = dd
+                    row = qq
+            if best <= tol2:
+                if found < cap:
+                    out_row[found] = row
+                    out_q[found, 0] = h0
+                    out_q[found, 1] = h1
+                    out_q[found, 2] = h2
+                    out_sub[found] = s
+                    out_w[found] = solid[p] * w_e[s]
+                found += 1
+            s += 1
+    return found

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from consumers.exceptions import FoldError
-from consumers.reduction.moments import BinMoments, orientation_moments, star_operations
+from consumers.reduction.moments import (
+    BinMoments,
+    folded_samples,
+    orientation_moments,
+    star_operations,
+)
 from simulations.lattice.sqe import CoherentSQE
 from tests.ge_moments import TEMPERATURE, ge_moments, ge_run
 
@@ -20,6 +25,34 @@ def test_weights_are_the_coverage_before_alias_expansion() -> None:
     w = m.weight.reshape(run.folder.grid.shape)
     np.testing.assert_allclose(w[canonical], cov[canonical], rtol=1e-10, atol=1e-14)
     assert m.n_orientations == 1
+
+
+def test_folded_samples_are_the_moments_samples_one_by_one() -> None:
+    """The per-sample list (for references at each sample's own Q) holds the walk's
+    samples: their weights sum to the moments' weight per bin, their offsets to the first
+    moment, and every Q lies within the tube of its star point."""
+    run = ge_run()
+    f, t, grid = run.folder, run.folder.table, run.folder.grid
+    m = ge_moments((10.0,))
+    rows, q, sub, w = folded_samples(f, 10.0)
+    assert len(rows) == len(q) == len(sub) == len(w) > 100_000
+    bins = t.star_index[rows] * grid.n_e + sub // 4
+    per_bin = np.bincount(bins, weights=w, minlength=grid.n_q * grid.n_e)
+    np.testing.assert_allclose(per_bin, m.weight, rtol=1e-10, atol=1e-14)
+    # Q's distance from its star point (Cartesian, modulo the reciprocal lattice)
+    frac = t.star_xyz[rows] @ np.linalg.inv(t.reciprocal)
+    d = q - frac
+    d = (d - np.rint(d)) @ t.reciprocal
+    assert np.linalg.norm(d, axis=1).max() <= t.tolerance * (1 + 1e-9)
+    # the same offsets the moments carry, rotated into the path point's frame
+    inv = star_operations(f, run.refiner.constants.operations)
+    qp = np.einsum("na,nab->nb", q, inv[rows])
+    path = grid.qpath.qpoints[t.star_index[rows]]
+    delta = (qp - path - np.rint(qp - path)) @ t.reciprocal
+    off1 = np.stack(
+        [np.bincount(bins, weights=w * delta[:, a], minlength=len(m.weight)) for a in range(3)], 1
+    )
+    np.testing.assert_allclose(off1, m.offset1, atol=1e-9 * np.abs(m.offset1).max())
 
 
 def test_tensors_are_hermitian_and_positive() -> None:
