@@ -149,6 +149,7 @@ class CountsModel:
         exclusion: float | None = None,
         e_min: float | None = None,
         extra: NDArray[np.float64] | None = None,
+        correction: NDArray[np.float64] | None = None,
     ) -> None:
         n_q, n_e = grid.shape
         if moments.weight.shape != (n_q * n_e,):
@@ -192,6 +193,14 @@ class CountsModel:
             raise RefinementError(
                 f"the fixed signal has {np.size(extra)} bins, the grid {n_q} x {n_e}"
             )
+        if correction is not None and (
+            np.shape(correction) != (n_q * n_e,)
+            or not np.all(np.isfinite(correction))
+            or np.any(np.asarray(correction) <= 0)
+        ):
+            raise RefinementError(
+                f"the exact-fold correction must be {n_q * n_e} finite factors > 0"
+            )
         self.points = np.nonzero(use.any(axis=1))[0]  # fitted path points
         self._use = use[self.points]  # (n_p, n_E): the fitted bins among the points' rows
         dense = (self.points[:, None] * n_e + np.arange(n_e)[None, :]).reshape(-1)
@@ -213,6 +222,11 @@ class CountsModel:
             np.zeros(shape)
             if extra is None
             else np.asarray(extra, dtype=float)[dense].reshape(shape)
+        )
+        self._correction = (
+            None
+            if correction is None
+            else np.asarray(correction, dtype=float)[dense].reshape(shape)
         )
         self._e_lo = edges[:-1][None, :, None]  # (1, e, 1)
         self._de = float(edges[1] - edges[0])
@@ -388,7 +402,11 @@ class CountsModel:
             tensor = tensor - pair * self._tensor_q2
         x_b = uh @ tensor @ vec[:, None]  # (p, e, m, n): e_m^H T e_n
         a_bm = np.real(np.einsum("pemm->pem", x_b))
-        signal = scale * (np.sum(a_bm * h, axis=2) + self._extra)
+        one = np.sum(a_bm * h, axis=2)  # (p, e) the one-phonon part at unit scale
+        corr = self._correction
+        if corr is not None:
+            one = one * corr
+        signal = scale * (one + self._extra)
         use = self._use
         expected = (signal + beta * self._background)[use]
         if not jacobian:
@@ -439,12 +457,18 @@ class CountsModel:
             g = (vec.conj()[:, None] * t2u).real.reshape(n_p, n_e, n_at, 3, m).sum(axis=3)
             t2h = (g @ h[..., None])[..., 0]  # (p, e, a)
             jac_c -= scale * 2.0 * (t2h @ ddw)
+        jac_r = scale * np.sum(a_bm * dh_dr, axis=2)
+        jac_eta = scale * np.sum(a_bm * dh_dtau2 * v2, axis=2)
+        if corr is not None:
+            jac_c = jac_c * corr[..., None]
+            jac_r = jac_r * corr
+            jac_eta = jac_eta * corr
         jac = np.empty((self.n_bins, self.n_params))
         jac[:, :k] = jac_c[use]
         jac[:, k] = signal[use]
         jac[:, k + 1] = self._background[use]
-        jac[:, k + 2] = (scale * np.sum(a_bm * dh_dr, axis=2))[use]
-        jac[:, k + 3] = (scale * np.sum(a_bm * dh_dtau2 * v2, axis=2))[use]
+        jac[:, k + 2] = jac_r[use]
+        jac[:, k + 3] = jac_eta[use]
         return Evaluation(expected=expected, jacobian=jac, energies=energy, stable=stable)
 
     # -- pieces -----------------------------------------------------------------------------

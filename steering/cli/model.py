@@ -219,11 +219,23 @@ def estimate_cmd(
             "from the VAE's estimate; prints {vae, refined}.",
         ),
     ] = False,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact",
+            help="With --refine: fit again with the exact-fold correction made at the "
+            "optimum (the cross-section at every folded sample's own Q; about 18 s an "
+            "orientation on one core); prints the corrected fit as refined, the first as "
+            "refined_model_only.",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """FC estimate (mean, std, quantiles, out-of-domain flag) of a folded spectrum; with
     --refine, the likelihood refinement against its counts beside it."""
+    if exact and not refine:
+        raise typer.BadParameter("--exact corrects the refinement: give --refine too")
     from model_server.inversion.inference import Estimator
     from model_server.inversion.kinds import model_kind
 
@@ -235,6 +247,11 @@ def estimate_cmd(
         if not refine:
             emit(vae_powder, as_json)
             return
+        if exact:
+            raise typer.BadParameter(
+                "the exact-fold correction is for single-crystal runs, not powder ones",
+                param_hint="--exact",
+            )
         from model_server.refinement.powder import refine_powder_file
 
         start = {name: float(v["mean"]) for name, v in vae_powder["fc"].items()}
@@ -246,10 +263,21 @@ def estimate_cmd(
     if not refine:
         emit(vae, as_json)
         return
-    from model_server.refinement.refiner import refine_file
+    from model_server.refinement.refiner import refine_file, refine_file_exact
 
     start = {name: float(v["mean"]) for name, v in vae["fc"].items()}
     spread = {name: float(v["std"]) for name, v in vae["fc"].items()}
+    if exact:
+        corrected, first_fit, correction = refine_file_exact(
+            iqe, start, first=first, spread=spread, progress=not quiet and not as_json
+        )
+        out = {
+            "vae": vae,
+            "refined": corrected.to_dict() | {"exact_correction": correction},
+            "refined_model_only": first_fit.to_dict(),
+        }
+        emit(out, as_json)
+        return
     refined = refine_file(
         iqe, start, first=first, spread=spread, progress=not quiet and not as_json
     )

@@ -123,6 +123,46 @@ def test_jacobian_matches_finite_differences() -> None:
         assert np.abs(jac[:, k] - fd).max() < 0.02 * scale, model.names[k]
 
 
+def test_a_per_bin_correction_scales_the_one_phonon_part_and_its_jacobian() -> None:
+    """The exact-fold correction (a fixed factor per bin on the one-phonon part): ones
+    change nothing, and with factors 0.8-1.2 the Jacobian still matches finite differences
+    (the multiphonon part and the background are not scaled)."""
+    run = ge_run()
+    m = ge_moments((10.0,))
+    n = run.folder.grid.n_q * run.folder.grid.n_e
+    extra = np.full(n, 1e-4)
+    plain = run.refiner.counts_model(m, extra=extra)
+    theta = _theta(plain, run.truth)
+    theta[-3] = 0.01
+    same = run.refiner.counts_model(m, extra=extra, correction=np.ones(n))
+    np.testing.assert_allclose(
+        same.evaluate(theta, jacobian=False).expected,
+        plain.evaluate(theta, jacobian=False).expected,
+        rtol=1e-12,
+    )
+    factor = np.random.default_rng(5).uniform(0.8, 1.2, n)
+    model = run.refiner.counts_model(m, extra=extra, correction=factor)
+    ev = model.evaluate(theta)
+    base = plain.evaluate(theta, jacobian=False).expected
+    one = base - extra[model.bins] - theta[-3] * model.background_shape  # scale 1
+    expect = one * factor[model.bins] + extra[model.bins] + theta[-3] * model.background_shape
+    np.testing.assert_allclose(ev.expected, expect, rtol=1e-9, atol=1e-12 * expect.max())
+    assert ev.jacobian is not None
+    for k in (0, 3, 16, 17, 18):
+        h = 1e-5 * max(1.0, abs(theta[k]))
+        up, down = theta.copy(), theta.copy()
+        up[k] += h
+        down[k] -= h
+        fd = (
+            model.evaluate(up, jacobian=False).expected
+            - model.evaluate(down, jacobian=False).expected
+        ) / (2 * h)
+        assert np.abs(ev.jacobian[:, k] - fd).max() < 0.02 * np.abs(fd).max(), model.names[k]
+    for bad in (np.zeros(n), np.full(n, np.nan), np.ones(3)):
+        with pytest.raises(RefinementError, match="correction"):
+            run.refiner.counts_model(m, correction=bad)
+
+
 def test_clear_errors() -> None:
     run = ge_run()
     m = ge_moments((10.0,))

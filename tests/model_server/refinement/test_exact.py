@@ -1,0 +1,73 @@
+"""The exact-fold correction: at the point it was made, the corrected model is the exact
+expected fold; and ``steer estimate --refine --exact`` on a folded run file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_server.prediction.expected import exact_one_phonon_fold
+from model_server.refinement.exact import corrected_model, exact_correction
+from simulations.lattice.sqe import CoherentSQE
+from tests.commands import steer
+from tests.conftest import small_ge_run
+from tests.ge_moments import TEMPERATURE, ge_moments, ge_run
+from tests.paths import MODELS
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_corrected_model_is_the_exact_fold_where_it_was_made() -> None:
+    run = ge_run()
+    omega = 47.0
+    moments = ge_moments((omega,))
+    at = run.truth * 1.01
+    corr = exact_correction(run.refiner, moments, run.folder, [omega], [1.0], at)
+    plain = run.refiner.counts_model(moments)
+    model = corrected_model(run.refiner, moments, corr)
+    # the one-phonon part: the corrected model without its multiphonon part
+    bare = run.refiner.counts_model(moments, extra=corr.additive, correction=corr.factors)
+    lam = bare.evaluate(bare.theta(at), jacobian=False).expected
+    sqe = CoherentSQE(
+        run.refiner.setup.basis, at, temperature=TEMPERATURE, resolution=plain.resolution
+    )
+    exact = exact_one_phonon_fold(run.folder, sqe, omega).reshape(-1)[plain.bins]
+    scaled = corr.factors[plain.bins] != 1.0
+    assert scaled.mean() > 0.3  # (one orientation leaves many fitted bins empty)
+    np.testing.assert_allclose(lam[scaled], exact[scaled], rtol=1e-9)
+    # elsewhere (below the floor) the additive part brings it to the exact fold or above
+    np.testing.assert_array_less(exact[~scaled] - 1e-12 * exact.max(), lam[~scaled])
+    assert np.abs(lam - exact)[~scaled].max() < 1e-5 * exact.max()
+    summary = corr.summary(model)
+    assert summary["orientations"] == 1
+    # the model is a few per cent off per bin: the factors say so
+    assert 0.005 < summary["median_abs_deviation"] < 0.15  # (weak bins included)
+    assert model.evaluate(model.theta(at), jacobian=False).expected.sum() > lam.sum()
+
+
+def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
+    path, _, _ = small_ge_run(tmp_path / "ge.steer", (10.0,), seed=5)
+    iqe = tmp_path / "iqe.h5"
+    done = steer("fold", str(path), "--out", str(iqe), "--quiet")
+    assert done.returncode == 0, done.stderr
+    model = str(MODELS / "ge")
+    bad = steer("estimate", str(iqe), "--model", model, "--exact", "--json")
+    assert bad.returncode != 0
+    assert "--refine" in bad.stderr
+    done = steer("estimate", str(iqe), "--model", model, "--refine", "--exact", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert set(out) == {"vae", "refined", "refined_model_only"}
+    refined, first = out["refined"], out["refined_model_only"]
+    assert refined["converged"]
+    assert first["converged"]
+    assert refined["exact_correction"]["orientations"] == 1
+    assert refined["exact_correction"]["seconds"] > 0
+    assert set(refined["mean"]) == set(first["mean"])
+    assert len(refined["mean"]) == 16
+    # at these few counts the correction moves no coefficient by more than its std
+    for name, value in refined["mean"].items():
+        assert abs(value - first["mean"][name]) < first["std"][name]
