@@ -562,9 +562,13 @@ def _sample_list_kernel(
     out_sub: np.ndarray,
     out_w: np.ndarray,
 ) -> int:
-    """The walk of :func:`moments_kernel`, writing each folded sample (its star point, Q, energy
-    sample and weight) while there is room; returns how many folded (all of them, so that
-    a caller with too little room can call again)."""
+    """The walk of :func:`moments_kernel`, writing each folded sample (its star point, Q,
+    energy sample and weight) while there is room; returns how many folded (all of them, so
+    that a caller with too little room can call again).
+
+    The walk is written out here as in the other walks, not called as a shared step: a
+    shared, inlined step function made the coverage 26 % and the moments 18 % slower
+    (0.236 -> 0.298 s and 0.54 -> 0.63 s an orientation, one core)."""
     n_sub = v_f.shape[0]
     cap = out_row.shape[0]
     found = 0

@@ -9,9 +9,9 @@ off (docs/refinement.md). That error is a smooth function of the force constants
 ratio ``exact(c0) / model(c0)`` of the one-phonon parts at a point ``c0`` near the optimum,
 held fixed, corrects the model near ``c0``: a control variate. On single orientations of
 the README's Ge run (``make bench``, ``bench-results/counts_model.json``), factors made
-0.5 % from the truth in every coefficient leave the corrected model 0.4 % (median; 90th percentile 1.3-1.4 %) per
-bin from the exact fold at the truth, 2 % from it 1.5-1.6 % (5.1-5.6 %), against 4.0-4.1 %
-(14-17 %) uncorrected: the nearer the point, the better.
+0.5 % from the truth in every coefficient leave the corrected model 0.4 % (median; 90th
+percentile 1.3-1.4 %) per bin from the exact fold at the truth, 2 % from it 1.5-1.6 %
+(5.1-5.6 %), against 4.0-4.1 % (14-17 %) uncorrected: the nearer the point, the better.
 
 The exact fold costs about 18 s an orientation on one core (1.5 million samples, each a
 diagonalised dynamical matrix), so the correction is an offline step for a run's final

@@ -403,11 +403,20 @@ def refine_file(
     """Refine the force constants of a folded-run file (``steer fold --out``), from the
     whole run or its first ``first`` orientations, started from ``start`` (by name) whose
     uncertainty is ``spread`` (by name, eV/A^2; the step of the scan after a misfit)."""
+    counts, _, _, _, moments, refiner = _file_inputs(path, first, progress)
+    return refiner.refine(counts, moments, start, spread=spread)
+
+
+def _file_inputs(
+    path: str | Path, first: int | None, progress: bool
+) -> tuple[NDArray[np.float64], dict[str, Any], list[float], list[float], BinMoments, RunRefiner]:
+    """:func:`read_counts_file` with the moments made where the file has none, and the
+    run's refiner."""
     counts, run_start, omegas, charges, moments = read_counts_file(path, first=first)
     refiner = RunRefiner.from_metadata(run_start)
     if moments is None:
         moments = run_moments(run_start, omegas, charges, refiner, progress=progress)
-    return refiner.refine(counts, moments, start, spread=spread)
+    return counts, run_start, omegas, charges, moments, refiner
 
 
 def refine_file_exact(
@@ -428,10 +437,7 @@ def refine_file_exact(
     from consumers.reduction.pipeline import run_folder
     from model_server.refinement.exact import corrected_model, exact_correction
 
-    counts, run_start, omegas, charges, moments = read_counts_file(path, first=first)
-    refiner = RunRefiner.from_metadata(run_start)
-    if moments is None:
-        moments = run_moments(run_start, omegas, charges, refiner, progress=progress)
+    counts, run_start, omegas, charges, moments, refiner = _file_inputs(path, first, progress)
     fit = refiner.refine(counts, moments, start, spread=spread)
     if not fit.converged:
         raise RefinementError(
