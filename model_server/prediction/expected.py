@@ -17,14 +17,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.reduction.folding import Folder
-from consumers.reduction.moments import folded_samples
 from simulations.instrument.events import OrientationSimulator, PhononTable
 from simulations.instrument.spectrometer import (
     Instrument,
     Orientation,
     energy_to_k,
 )
-from simulations.lattice.sqe import CoherentSQE, bose_occupation
+from simulations.lattice.sqe import CoherentSQE
 
 __all__ = [
     "E_SUBSTEPS",
@@ -33,7 +32,6 @@ __all__ = [
     "GridSimulator",
     "accessible",
     "angle_bins",
-    "exact_one_phonon_fold",
 ]
 
 #: Fold sampling: the defaults of :meth:`Folder.coverage`.
@@ -146,48 +144,6 @@ class FoldSampler:
         cov = np.sum([p[0] for p in parts], axis=0).reshape(grid.shape)
         sig = np.sum([p[1] for p in parts], axis=0).reshape(n_ch, *grid.shape)
         return cov[t.alias], (sig[0][t.alias] if single else sig[:, t.alias])
-
-
-def exact_one_phonon_fold(
-    folder: Folder,
-    model: CoherentSQE,
-    omega: float,
-    *,
-    e_substeps: int = E_SUBSTEPS,
-    pixel_stride: int = PIXEL_STRIDE,
-    chunk: int = 65536,
-) -> NDArray[np.float64]:
-    """(n_q, n_E) alias-expanded expected one-phonon fold of one orientation, unit charge:
-    the coherent one-phonon cross-section evaluated exactly at every folded sample's own Q
-    and energy (``model``'s modes diagonalised there, no phonon table, no super-pixels,
-    its Debye-Waller factors and resolution), times the sample's weight
-    (:func:`consumers.reduction.moments.folded_samples`), summed per bin.
-
-    The reference for the counts model and the coarser :class:`FoldSampler` fold; units as
-    theirs (the cross-section in mbarn/(sr meV) per atom times sr meV). About a second per
-    100,000 folded samples on one core.
-    """
-    grid = folder.grid
-    rows, q, sub, weight = folded_samples(
-        folder, omega, e_substeps=e_substeps, pixel_stride=pixel_stride
-    )
-    bins = folder.table.star_index[rows] * grid.n_e + sub // e_substeps
-    edges = np.asarray(grid.energy_edges, dtype=float)
-    e_sample = edges[0] + (sub + 0.5) * (edges[1] - edges[0]) / e_substeps
-    value = np.empty(len(bins))
-    for start in range(0, len(bins), chunk):
-        sl = slice(start, start + chunk)
-        e_mode, sf = model.structure_factors(q[sl])  # (n, n_m) meV, mbarn per atom
-        n = bose_occupation(e_mode, model.temperature)
-        sigma = model.resolution.sigma(np.abs(e_mode))
-        e = e_sample[sl, None]
-        total = np.zeros(e_mode.shape)
-        for sign, occupation in ((1.0, n + 1.0), (-1.0, n)):
-            z = (e - sign * e_mode) / sigma
-            total += occupation * np.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * sigma)
-        value[sl] = np.sum(sf * total, axis=1) * weight[sl]
-    out = np.bincount(bins, weights=value, minlength=grid.n_q * grid.n_e)
-    return np.asarray(out.reshape(grid.shape)[folder.table.alias], dtype=np.float64)
 
 
 # -- powder and detector angles -----------------------------------------------------------

@@ -33,9 +33,9 @@ from simulations.lattice.sqe import CoherentSQE, mesh_points
 
 __all__ = [
     "RunRefiner",
+    "file_inputs",
     "read_counts_file",
     "refine_file",
-    "refine_file_exact",
     "run_moments",
     "running_estimate",
 ]
@@ -403,11 +403,11 @@ def refine_file(
     """Refine the force constants of a folded-run file (``steer fold --out``), from the
     whole run or its first ``first`` orientations, started from ``start`` (by name) whose
     uncertainty is ``spread`` (by name, eV/A^2; the step of the scan after a misfit)."""
-    counts, _, _, _, moments, refiner = _file_inputs(path, first, progress)
+    counts, _, _, _, moments, refiner = file_inputs(path, first, progress)
     return refiner.refine(counts, moments, start, spread=spread)
 
 
-def _file_inputs(
+def file_inputs(
     path: str | Path, first: int | None, progress: bool
 ) -> tuple[NDArray[np.float64], dict[str, Any], list[float], list[float], BinMoments, RunRefiner]:
     """:func:`read_counts_file` with the moments made where the file has none, and the
@@ -417,41 +417,6 @@ def _file_inputs(
     if moments is None:
         moments = run_moments(run_start, omegas, charges, refiner, progress=progress)
     return counts, run_start, omegas, charges, moments, refiner
-
-
-def refine_file_exact(
-    path: str | Path,
-    start: Mapping[str, float] | None = None,
-    *,
-    first: int | None = None,
-    spread: Mapping[str, float] | None = None,
-    progress: bool = False,
-) -> tuple[Refined, Refined, dict[str, Any]]:
-    """:func:`refine_file`, then the fit again with the exact-fold correction made at its
-    optimum (:mod:`model_server.refinement.exact`; about 18 s an orientation on one core).
-
-    Returns ``(corrected, model_only, correction)``: the corrected fit, the first fit and
-    the correction's summary (orientations, the factors' median and 90th-percentile
-    distance from 1 in the fitted bins, seconds)."""
-    from consumers.reduction.folding import Folder
-    from consumers.reduction.pipeline import run_folder
-    from model_server.refinement.exact import corrected_model, exact_correction
-
-    counts, run_start, omegas, charges, moments, refiner = _file_inputs(path, first, progress)
-    fit = refiner.refine(counts, moments, start, spread=spread)
-    if not fit.converged:
-        raise RefinementError(
-            "the refinement did not converge: no optimum to make the exact correction at"
-        )
-    _, folder = run_folder(dict(run_start), tolerance=refiner.table.tolerance)
-    assert isinstance(folder, Folder)  # read_counts_file's moments are single-crystal ones
-    correction = exact_correction(
-        refiner, moments, folder, omegas, charges, fit.mean, progress=progress
-    )
-    model = corrected_model(refiner, moments, correction)
-    best = {n: float(v) for n, v in zip(refiner.names, fit.mean, strict=True)}
-    corrected = refiner.refine(counts, moments, best, model=model, warm=fit.theta)
-    return corrected, fit, correction.summary(model)
 
 
 #: (quantile level, standard-normal quantile) of a refined estimate's Gaussian quantiles.

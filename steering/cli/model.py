@@ -263,7 +263,8 @@ def estimate_cmd(
     if not refine:
         emit(vae, as_json)
         return
-    from model_server.refinement.refiner import refine_file, refine_file_exact
+    from model_server.refinement.exact import refine_file_exact
+    from model_server.refinement.refiner import refine_file
 
     start = {name: float(v["mean"]) for name, v in vae["fc"].items()}
     spread = {name: float(v["std"]) for name, v in vae["fc"].items()}

@@ -8,7 +8,7 @@ pixel, 4 energies a bin):
 * the model: :class:`model_server.refinement.counts.CountsModel` from the orientation's
   moments at the truth (unit scale, no background, its own resolution, no Q resolution),
   the one-phonon part only;
-* the reference: :func:`model_server.prediction.expected.exact_one_phonon_fold`, the
+* the reference: :func:`model_server.refinement.exact.exact_one_phonon_fold`, the
   cross-section (checked against Euphonic) diagonalised at every folded sample's own Q
   and energy;
 * per bin, ``|model / reference - 1|`` over the bins that would hold more than 10 (and
@@ -33,8 +33,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from consumers.reduction.moments import orientation_moments
-from model_server.prediction.expected import exact_one_phonon_fold
-from model_server.refinement.exact import exact_correction
+from model_server.refinement.exact import exact_correction, exact_one_phonon_fold
 from simulations.lattice.sqe import CoherentSQE
 from tests.ge_moments import TEMPERATURE, ge_run
 

@@ -9,8 +9,9 @@ import pytest
 
 from consumers.reduction.moments import BinMoments, orientation_moments
 from model_server.exceptions import RefinementError
-from model_server.prediction.expected import FoldSampler, GridSimulator, exact_one_phonon_fold
+from model_server.prediction.expected import FoldSampler, GridSimulator
 from model_server.refinement.counts import CountsModel
+from model_server.refinement.exact import exact_one_phonon_fold
 from simulations.instrument.events import PhononTable
 from simulations.lattice.backgrounds import Backgrounds
 from simulations.lattice.sqe import CoherentSQE

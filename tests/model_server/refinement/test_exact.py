@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_server.prediction.expected import exact_one_phonon_fold
-from model_server.refinement.exact import corrected_model, exact_correction
+from model_server.refinement.exact import (
+    corrected_model,
+    exact_correction,
+    exact_one_phonon_fold,
+)
 from simulations.lattice.sqe import CoherentSQE
 from tests.commands import steer
 from tests.conftest import small_ge_run
