@@ -25,14 +25,7 @@ from simulations.instrument.spectrometer import (
 )
 from simulations.lattice.sqe import CoherentSQE
 
-__all__ = [
-    "E_SUBSTEPS",
-    "PIXEL_STRIDE",
-    "FoldSampler",
-    "GridSimulator",
-    "accessible",
-    "angle_bins",
-]
+__all__ = ["E_SUBSTEPS", "PIXEL_STRIDE", "FoldSampler", "GridSimulator", "accessible", "angle_bins"]
 
 #: Fold sampling: the defaults of :meth:`Folder.coverage`.
 PIXEL_STRIDE = 2

@@ -20,7 +20,6 @@ estimate (``steer estimate --refine --exact``), not the live loop's.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from model_server.exceptions import RefinementError
 from model_server.refinement.counts import CountsModel
 from model_server.refinement.fit import Refined
 from model_server.refinement.refiner import RunRefiner, file_inputs
-from simulations.lattice.sqe import CoherentSQE, bose_occupation
+from simulations.lattice.sqe import CoherentSQE
 
 __all__ = [
     "FLOOR",
@@ -129,14 +128,7 @@ def exact_one_phonon_fold(
     for start in range(0, len(bins), chunk):
         sl = slice(start, start + chunk)
         e_mode, sf = model.structure_factors(q[sl])  # (n, n_m) meV, mbarn per atom
-        n = bose_occupation(e_mode, model.temperature)
-        sigma = model.resolution.sigma(np.abs(e_mode))
-        e = e_sample[sl, None]
-        total = np.zeros(e_mode.shape)
-        for sign, occupation in ((1.0, n + 1.0), (-1.0, n)):
-            z = (e - sign * e_mode) / sigma
-            total += occupation * np.exp(-0.5 * z * z) / (math.sqrt(2.0 * math.pi) * sigma)
-        value[sl] = np.sum(sf * total, axis=1) * weight[sl]
+        value[sl] = model.sqe_at(e_mode, sf, e_sample[sl]) * weight[sl]
     out = np.bincount(bins, weights=value, minlength=grid.n_q * grid.n_e)
     return np.asarray(out.reshape(grid.shape)[folder.table.alias], dtype=np.float64)
 

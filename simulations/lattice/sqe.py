@@ -297,12 +297,34 @@ class CoherentSQE:
     ) -> NDArray[np.float64]:
         """Broadened S(Q, E) (n_q, n_E) from mode energies and structure factors (n_q, n_m)."""
         energies = np.asarray(energies, dtype=float)
+        return self._line_shapes(e_mode[:, :, None], sf[:, :, None], energies[None, None, :])
+
+    def sqe_at(
+        self,
+        e_mode: NDArray[np.float64],
+        sf: NDArray[np.float64],
+        energies: NDArray[np.float64],
+    ) -> NDArray[np.float64]:
+        """Broadened S(Q, E) (n_q,) at one energy per Q (``energies``, (n_q,) meV), from
+        mode energies and structure factors (n_q, n_m): :meth:`sqe_from_modes` point by
+        point."""
+        energies = np.asarray(energies, dtype=float)
+        return self._line_shapes(e_mode, sf, energies[:, None])
+
+    def _line_shapes(
+        self,
+        e_mode: NDArray[np.float64],
+        sf: NDArray[np.float64],
+        energies: NDArray[np.float64],
+    ) -> NDArray[np.float64]:
+        """The modes' (axis 1 of ``e_mode`` and ``sf``) Bose-weighted, resolution-broadened
+        lines for energy loss and gain at ``energies`` (broadcast against them), summed
+        over the modes."""
         n = bose_occupation(e_mode, self.temperature)
         sigma = self.resolution.sigma(np.abs(e_mode))
-        out = np.zeros((len(e_mode), len(energies)))
+        out = 0.0
         for sign, weight in ((1.0, n + 1.0), (-1.0, n)):
-            centre = sign * e_mode
-            z = (energies[None, None, :] - centre[:, :, None]) / sigma[:, :, None]
-            g = np.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * sigma[:, :, None])
-            out += np.einsum("qm,qme->qe", sf * weight, g)
-        return out
+            z = (energies - sign * e_mode) / sigma
+            g = np.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * sigma)
+            out = out + np.sum(sf * weight * g, axis=1)
+        return np.asarray(out, dtype=np.float64)
