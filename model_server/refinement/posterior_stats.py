@@ -371,6 +371,12 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     f"not one study: {key} is {r['settings'].get(key)!r} in one run and "
                     f"{first['settings'].get(key)!r} in another"
                 )
+        binnings = [x["settings"].get("binning", "path") for x in (first, r)]
+        if binnings[0] != binnings[1]:  # results older than the wedge binning are the path's
+            raise ValueError(
+                f"not one study: the binning is {binnings[1]!r} in one run and "
+                f"{binnings[0]!r} in another"
+            )
         if list(r["names"]) != names or list(r["truths"]) != list(first["truths"]):
             raise ValueError("not one study: the coefficients or the truths differ")
     levels: dict[tuple[int, float], dict[str, Any]] = {}
@@ -395,6 +401,7 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         | {
             "orientations": sorted({k for k, _ in levels}),
             "count_scales": sorted({c for _, c in levels}),
+            "binning": first["settings"].get("binning", "path"),
         },
         "parts": [
             {

@@ -23,11 +23,12 @@ from numpy.typing import NDArray
 from consumers.reduction.moments import BinMoments, StructureConstants, structure_constants
 from consumers.reduction.table import FoldTable
 from model_server.exceptions import RefinementError
-from model_server.refinement.counts import CountsModel
+from model_server.refinement.counts import GAMMA_EXCLUSION, CountsModel
 from model_server.refinement.fit import Prior, Refined, default_prior, refine
 from simulations.exceptions import SimulationError
 from simulations.instrument.spectrometer import Instrument
 from simulations.lattice.backgrounds import IncoherentScattering, elastic_reach
+from simulations.lattice.grid import Grid, make_wedge_grid
 from simulations.lattice.materials import MaterialSetup, setup
 from simulations.lattice.sqe import CoherentSQE, mesh_points
 
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 #: Points per axis of the mesh of the multiphonon responses.
 MULTIPHONON_MESH = 16
+#: Points per axis of the mesh whose irreducible points bin the wedge (:meth:`RunRefiner.wedge`).
+WEDGE_MESH = 16
 #: Relative change of the coefficients (2-norm) that remakes the multiphonon template.
 TEMPLATE_TOLERANCE = 0.01
 
@@ -67,6 +70,12 @@ class RunRefiner:
     free
         Coefficients without a prior (default: the reference set's kept ones, which the
         VAE varies); the others get the reference ensemble's spread as a prior width.
+    grid
+        The binning of the counts (default: the material's q-path grid;
+        :meth:`wedge` bins the whole irreducible wedge).
+    exclusion
+        Radius (1/A) around the zone centres left out of the fit (default:
+        :data:`~model_server.refinement.counts.GAMMA_EXCLUSION` fold-tube radii).
     """
 
     def __init__(
@@ -79,6 +88,8 @@ class RunRefiner:
         table: FoldTable | None = None,
         free: Sequence[str] | None = None,
         material_setup: MaterialSetup | None = None,
+        grid: Grid | None = None,
+        exclusion: float | None = None,
     ) -> None:
         from simulations.fcdb.reference import load_reference
 
@@ -103,7 +114,13 @@ class RunRefiner:
             self.names, self.reference, ref.maximum - ref.minimum, self.free
         )
         self.resolution = instrument.resolution(self.ei)
-        self.table = table or FoldTable.cached(self.setup.crystal, self.setup.grid)
+        self.grid: Grid = grid or self.setup.grid
+        self.table = table or FoldTable.cached(self.setup.crystal, self.grid)
+        self.exclusion = (
+            GAMMA_EXCLUSION * self.table.tolerance if exclusion is None else float(exclusion)
+        )
+        #: "path" (the q-path's tube), "wedge" (:meth:`wedge`) or "grid" (another one)
+        self.binning = "path" if grid is None else "grid"
         self._constants: StructureConstants | None = None
         #: the expected-counts model of the last :meth:`refine` (the planner's cumulative)
         self.last_model: CountsModel | None = None
@@ -124,6 +141,43 @@ class RunRefiner:
             )
         except KeyError as exc:
             raise RefinementError(f"run metadata lacks {exc}: cannot refine") from exc
+
+    @classmethod
+    def wedge(
+        cls,
+        material: str,
+        instrument: Instrument,
+        ei: float,
+        temperature: float,
+        *,
+        mesh: int = WEDGE_MESH,
+        material_setup: MaterialSetup | None = None,
+        **kwargs: Any,
+    ) -> RunRefiner:
+        """The refinement on the whole irreducible wedge: the counts binned by the nearest
+        point of a Gamma-centred ``mesh^3`` mesh's star
+        (:func:`~simulations.lattice.grid.make_wedge_grid`; every event in the energy
+        window counts, about 15 times the path tube's on the README run), the path's
+        energy bins, and the path's zone-centre exclusion (the same radius in 1/A)."""
+        try:
+            ms = material_setup or setup(material)
+        except SimulationError as exc:
+            raise RefinementError(f"no forward model for material {material!r}: {exc}") from exc
+        grid, radius = make_wedge_grid(ms.crystal, ms.grid.energy_edges, mesh)
+        path_tolerance = FoldTable.cached(ms.crystal, ms.grid).tolerance
+        out = cls(
+            material,
+            instrument,
+            ei,
+            temperature,
+            material_setup=ms,
+            grid=grid,
+            table=FoldTable.cached(ms.crystal, grid, tolerance=radius),
+            exclusion=GAMMA_EXCLUSION * path_tolerance,
+            **kwargs,
+        )
+        out.binning = "wedge"
+        return out
 
     @property
     def constants(self) -> StructureConstants:
@@ -183,7 +237,7 @@ class RunRefiner:
         m2 = diag2 / amp2[None, :]  # sum w exp(-2W) |Q|^2
         m4 = diag4 / amp2[None, :]  # sum w exp(-2W) |Q|^4
         m6 = np.where(m2 > 0, m4 * m4 / np.where(m2 > 0, m2, 1.0), 0.0)
-        grid = self.setup.grid
+        grid = self.grid
         broad = inc.broadened_orders(grid.energy_centres, self.resolution)  # (n, at, e)
         n_e = grid.n_e
         out = np.zeros((len(m2) // n_e, n_e))
@@ -223,14 +277,14 @@ class RunRefiner:
         temperature, the bins above the elastic line."""
         return CountsModel(
             self.setup.basis,
-            self.setup.grid,
+            self.grid,
             self.resolution,
             moments,
             alias=self.table.alias,
             tolerance=self.table.tolerance,
             temperature=self.temperature,
             reference=self.reference,
-            exclusion=exclusion,
+            exclusion=self.exclusion if exclusion is None else exclusion,
             e_min=self.elastic_cut,
             extra=extra,
             correction=correction,
@@ -373,6 +427,10 @@ def run_moments(
     from consumers.reduction.moments import orientation_moments, star_operations
     from consumers.reduction.pipeline import run_folder
 
+    if refiner.binning != "path":
+        raise RefinementError(
+            f"a run file's moments are made on its q-path; this refiner bins the {refiner.binning}"
+        )
     _, folder = run_folder(dict(run_start), tolerance=refiner.table.tolerance)
     if not isinstance(folder, Folder):
         raise RefinementError(

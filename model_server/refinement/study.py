@@ -45,6 +45,7 @@ orientations take about a minute to compute.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -78,7 +79,7 @@ from model_server.refinement.posterior_stats import (
     sbc_chi2,
     targets,
 )
-from model_server.refinement.refiner import RunRefiner
+from model_server.refinement.refiner import WEDGE_MESH, RunRefiner
 from simulations.fcdb.reference import ReferenceEnsemble
 from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
 from simulations.lattice.force_constants import FCBasis
@@ -108,6 +109,9 @@ README_ANGLES = tuple(float(w) for w in range(120))
 
 #: Frequency (THz) below which a truth's mode counts as imaginary (the forward model's).
 IMAGINARY_TOL_THZ = 0.05
+
+#: The refinement's binnings (:attr:`StudySettings.binning`).
+BINNINGS = ("path", "wedge")
 
 #: Version of the cached cumulative moments' file layout.
 _CACHE_FORMAT = 1
@@ -144,6 +148,13 @@ class StudySettings:
         Levenberg-Marquardt iterations per fit.
     cache
         Keep the cumulative moments on disk.
+    binning
+        What the refinement fits: ``"path"`` (the folding tube around the q-path, the
+        service's default) or ``"wedge"`` (every event of the zone, binned on the
+        irreducible points of a Gamma-centred ``wedge_mesh^3`` mesh:
+        :meth:`RunRefiner.wedge`); the VAE's start comes from the path's I(q, E) either way.
+    wedge_mesh
+        Points per axis of the wedge's mesh.
     """
 
     material: str = "Ge"
@@ -160,6 +171,8 @@ class StudySettings:
     v: tuple[float, float, float] = (0.0, 1.0, 0.0)
     max_iter: int = 40
     cache: bool = True
+    binning: str = "path"
+    wedge_mesh: int = WEDGE_MESH
 
     def validate(self) -> None:
         """Raise :class:`RefinementError` for settings the study cannot run."""
@@ -194,6 +207,12 @@ class StudySettings:
             raise RefinementError(f"temperature must be >= 0 K, got {self.temperature}")
         if self.max_iter < 1:
             raise RefinementError(f"max_iter must be >= 1, got {self.max_iter}")
+        if self.binning not in BINNINGS:
+            raise RefinementError(
+                f"binning must be one of {', '.join(BINNINGS)}, got {self.binning!r}"
+            )
+        if self.wedge_mesh < 2:
+            raise RefinementError(f"the wedge mesh needs >= 2 points, got {self.wedge_mesh}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the ``settings`` of the study's result)."""
@@ -211,7 +230,8 @@ class StudySettings:
             "u": list(self.u),
             "v": list(self.v),
             "max_iter": self.max_iter,
-        }
+            "binning": self.binning,
+        } | ({"wedge_mesh": self.wedge_mesh} if self.binning == "wedge" else {})
 
 
 class StartFunction(Protocol):
@@ -490,6 +510,7 @@ class _Level:
     model: CountsModel  # the fit's (fitted bins)
     full: CountsModel  # every measured canonical bin (the data the VAE sees)
     alias: NDArray[np.int64]
+    view: _Level | None = None  # the path's level, whose I(q, E) the VAE sees (wedge fits)
 
 
 def _replica(
@@ -517,12 +538,14 @@ def _fit_one(
     start_fn: StartFunction,
     rng: np.random.Generator,
     max_iter: int,
+    view_lam: NDArray[np.float64] | None = None,
 ) -> FitRecord:
     """Simulate, start from the VAE, refine, and compare with the truth and its CRB.
 
     ``theta``: the true parameter vector of the fit's model at count scale ``scale``;
     ``lam_full``: the expected counts of every measured canonical bin (:attr:`_Level.full`)
-    at that scale.
+    at that scale; ``view_lam``: those of the path's level (:attr:`_Level.view`) when the
+    fit bins another way, whose replica (drawn after the fit's) the VAE sees.
     """
     t0 = time.perf_counter()
     k = level.model.n_coefficients
@@ -537,6 +560,8 @@ def _fit_one(
         "crb": nan,
     }
     counts, intensity, mask = _replica(level, lam_full, rng)
+    if level.view is not None and view_lam is not None:
+        _, intensity, mask = _replica(level.view, view_lam, rng)
     record["counts"] = float(level.model.observed(counts).sum())
     try:
         vae_mean, vae_std = _split_start(start_fn(intensity, mask))
@@ -577,11 +602,18 @@ def _fit_one(
 # -- the study -----------------------------------------------------------------------------
 
 
-def _build_level(refiner: RunRefiner, k: int, moments: BinMoments) -> _Level:
+def _build_level(
+    refiner: RunRefiner, k: int, moments: BinMoments, view: _Level | None = None
+) -> _Level:
     """The fit's model and the full model (every measured canonical bin) of a level."""
     full = refiner.model(moments, exclusion=-1.0)  # every measured bin, zone centres too
     return _Level(
-        k=k, moments=moments, model=refiner.model(moments), full=full, alias=refiner.table.alias
+        k=k,
+        moments=moments,
+        model=refiner.model(moments),
+        full=full,
+        alias=refiner.table.alias,
+        view=view,
     )
 
 
@@ -614,6 +646,12 @@ def _level_fits(
             truth.coefficients, log_scale=cal.log_scale, background=cal.background
         )
         lam_full = np.maximum(level.full.evaluate(unit, jacobian=False).expected, 0.0)
+        view_lam = None
+        if level.view is not None:
+            view_unit = level.view.full.theta(
+                truth.coefficients, log_scale=cal.log_scale, background=cal.background
+            )
+            view_lam = np.maximum(level.view.full.evaluate(view_unit, jacobian=False).expected, 0)
         for si, c in enumerate(scales):
             theta = level.model.theta(
                 truth.coefficients,
@@ -625,7 +663,16 @@ def _level_fits(
             rng = np.random.default_rng([settings.seed, 1, ti, level.k, si])
             fits[c].append(
                 _fit_one(
-                    refiner, level, truth, theta, c * lam_full, c, start_fn, rng, settings.max_iter
+                    refiner,
+                    level,
+                    truth,
+                    theta,
+                    c * lam_full,
+                    c,
+                    start_fn,
+                    rng,
+                    settings.max_iter,
+                    None if view_lam is None else c * view_lam,
                 )
             )
             bar.update(1)
@@ -672,9 +719,22 @@ def posterior_study(
     ms = setup(settings.material)
     instrument = instrument or Instrument.arcs_like()
     ei = float(settings.ei if settings.ei is not None else ms.defaults.ei)
-    refiner = RunRefiner(settings.material, instrument, ei, settings.temperature, material_setup=ms)
+    path_refiner = RunRefiner(
+        settings.material, instrument, ei, settings.temperature, material_setup=ms
+    )
+    refiner = path_refiner
+    if settings.binning == "wedge":
+        refiner = RunRefiner.wedge(
+            settings.material,
+            instrument,
+            ei,
+            settings.temperature,
+            mesh=settings.wedge_mesh,
+            material_setup=ms,
+        )
     orientation = Orientation.from_vectors(ms.crystal, settings.u, settings.v)
-    folder = Folder(refiner.table, ms.grid, instrument, orientation, ei)
+    folder = Folder(refiner.table, refiner.grid, instrument, orientation, ei)
+    path_folder = Folder(path_refiner.table, ms.grid, instrument, orientation, ei)
     names = refiner.names
     skipped = 0
     if truths is None:
@@ -697,16 +757,27 @@ def posterior_study(
     summaries: list[dict[str, Any]] = []
     every: list[FitRecord] = []
     n_fits = len(levels) * len(truths) * len(settings.count_scales)
+    cache_dir = table_cache_dir() / "moments" if settings.cache else None
+    views: Iterator[tuple[int, BinMoments] | None] = itertools.repeat(None)
+    if refiner is not path_refiner:  # the VAE's view: the path's moments of each level
+        views = cumulative_moments(
+            path_folder, refiner.constants, settings.angles, levels, cache_dir=cache_dir
+        )
     with tqdm(total=n_fits, desc="fits", unit="fit", disable=not progress) as bar:
-        for k, moments in cumulative_moments(
-            folder,
-            refiner.constants,
-            settings.angles,
-            levels,
-            cache_dir=table_cache_dir() / "moments" if settings.cache else None,
-            progress=progress,
+        for (k, moments), path_level in zip(
+            cumulative_moments(
+                folder,
+                refiner.constants,
+                settings.angles,
+                levels,
+                cache_dir=cache_dir,
+                progress=progress,
+            ),
+            views,
+            strict=False,  # views repeats None for ever on the path
         ):
-            level = _build_level(refiner, k, moments)
+            view = None if path_level is None else _build_level(path_refiner, *path_level)
+            level = _build_level(refiner, k, moments, view)
             fits = _level_fits(refiner, level, truths, calib, settings, start_fn, bar)
             for c, level_records in fits.items():
                 summary = level_summary(
@@ -723,7 +794,7 @@ def posterior_study(
                     summary["coverage_1sigma"],
                     summary["coverage_2sigma"],
                 )
-            del level, moments
+            del level, moments, view
     if records is not None:
         records += every
     sbc, sbc_p = sbc_chi2(every, names)

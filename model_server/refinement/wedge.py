@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import spglib
 from numpy.typing import NDArray
 
 from consumers.reduction.folding import Folder
@@ -28,7 +27,7 @@ from consumers.reduction.table import FoldTable
 from model_server.refinement.counts import GAMMA_EXCLUSION, CountsModel
 from model_server.refinement.refiner import RunRefiner
 from simulations.instrument.spectrometer import Orientation
-from simulations.lattice.grid import Grid, QPath
+from simulations.lattice.grid import Grid, make_wedge_grid
 
 __all__ = ["crb_comparison", "wedge_grid"]
 
@@ -38,19 +37,7 @@ logger = logging.getLogger(__name__)
 def wedge_grid(refiner: RunRefiner, mesh: int) -> tuple[Grid, float]:
     """The grid whose "path" is the irreducible points of a Gamma-centred ``mesh^3`` mesh
     (same energy bins as the run's), and the folding radius (1/A) that reaches every Q."""
-    crystal = refiner.setup.crystal
-    mapping, points = spglib.get_ir_reciprocal_mesh([mesh] * 3, crystal.spglib_cell())
-    ir = np.asarray(points[np.unique(mapping)], dtype=float) / mesh
-    rec = crystal.reciprocal_lattice
-    corner = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)]) / mesh
-    radius = 0.5 * float(np.max(np.linalg.norm(corner @ rec, axis=1))) * 1.05
-    qpath = QPath(
-        path=f"irreducible {mesh}^3 mesh",
-        qpoints=ir,
-        distance=np.arange(len(ir), dtype=float),
-        ticks=(),
-    )
-    return Grid(qpath=qpath, energy_edges=refiner.setup.grid.energy_edges), radius
+    return make_wedge_grid(refiner.setup.crystal, refiner.setup.grid.energy_edges, mesh)
 
 
 def _moments(

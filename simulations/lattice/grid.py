@@ -25,7 +25,15 @@ from numpy.typing import NDArray
 from simulations.exceptions import GridError
 from simulations.lattice.crystals import Crystal
 
-__all__ = ["Grid", "PowderGrid", "QPath", "make_grid", "make_powder_grid", "make_qpath"]
+__all__ = [
+    "Grid",
+    "PowderGrid",
+    "QPath",
+    "make_grid",
+    "make_powder_grid",
+    "make_qpath",
+    "make_wedge_grid",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -311,6 +319,35 @@ class PowderGrid(_EnergyBins):
             "e_max_meV": float(self.energy_edges[-1]),
             "fingerprint": self.fingerprint,
         }
+
+
+def make_wedge_grid(
+    crystal: Crystal, energy_edges: NDArray[np.float64], mesh: int = 16
+) -> tuple[Grid, float]:
+    """The whole irreducible wedge as a grid: its "path" is the irreducible points of a
+    Gamma-centred ``mesh^3`` mesh (r.l.u., spglib's reduction by the crystal's point group
+    and time reversal), with ``energy_edges`` (meV) as the energy bins.
+
+    Returns ``(grid, radius)``: ``radius`` (1/Angstrom) is a folding tolerance that
+    reaches every Q (half the mesh cell's longest diagonal, 5 % over), so that folding to
+    the nearest star point bins every event of the zone into the voxel of its mesh point.
+    """
+    import spglib
+
+    if mesh < 2:
+        raise GridError(f"the wedge mesh needs >= 2 points per axis, got {mesh}")
+    mapping, points = spglib.get_ir_reciprocal_mesh([mesh] * 3, crystal.spglib_cell())
+    ir = np.asarray(points[np.unique(mapping)], dtype=float) / mesh
+    corner = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)]) / mesh
+    radius = 0.5 * float(np.max(np.linalg.norm(corner @ crystal.reciprocal_lattice, axis=1)))
+    qpath = QPath(
+        path=f"irreducible {mesh}^3 mesh",
+        qpoints=ir,
+        distance=np.arange(len(ir), dtype=float),
+        ticks=(),
+    )
+    edges = np.asarray(energy_edges, dtype=np.float64)
+    return Grid(qpath=qpath, energy_edges=edges), radius * 1.05
 
 
 def make_powder_grid(

@@ -406,6 +406,19 @@ def evaluate_posterior_cmd(
     ] = "0.25,1,4",
     samples: SamplesOpt = 256,
     threads: ThreadsOpt = 2,
+    binning: Annotated[
+        str,
+        typer.Option(
+            "--binning",
+            help="What the refinement fits: path (the folding tube around the q-path, the "
+            "service's) or wedge (every event of the zone, on the irreducible points of a "
+            "Gamma-centred mesh; about 15x the counts). The VAE's start comes from the "
+            "path's I(q, E) either way.",
+        ),
+    ] = "path",
+    wedge_mesh: Annotated[
+        int, typer.Option("--wedge-mesh", help="Points per axis of the wedge's mesh.")
+    ] = 16,
     plot: Annotated[
         Path | None,
         typer.Option("--plot", help="PNG: std and error against counts, VAE vs refined."),
@@ -449,6 +462,8 @@ def evaluate_posterior_cmd(
         seed=seed,
         orientations=_parse_list(orientations, "--orientations", int, "integers"),
         count_scales=_parse_list(count_scales, "--count-scales", float, "numbers"),
+        binning=binning,
+        wedge_mesh=wedge_mesh,
     )
     settings.validate()  # before the models load: a bad value fails at once
     if threads < 1:
