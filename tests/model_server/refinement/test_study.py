@@ -148,6 +148,8 @@ def test_cumulative_moments_are_the_sums_and_come_back_from_the_cache(
         ({"count_scales": (-1.0,)}, "finite and > 0"),
         ({"count_scales": (math.nan,)}, "finite and > 0"),
         ({"n_truths": 0}, "--truths"),
+        ({"binning": "cube"}, "binning must be one of path, wedge"),
+        ({"binning": "wedge", "wedge_mesh": 1}, "wedge mesh"),
     ],
 )
 def test_settings_it_cannot_run_are_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -246,6 +248,36 @@ def test_small_study_reports_every_level_with_sensible_numbers(
         assert all(row["converged"] and row["crb_std"][names[0]] > 0 for row in pair)
 
 
+def test_a_wedge_study_fits_the_whole_zone_and_starts_from_the_path(
+    small_study: tuple[dict[str, Any], _FakeVae],
+) -> None:
+    """``binning="wedge"``: the same truth and orientation binned on the whole irreducible
+    wedge holds many times the path tube's counts and gives a tighter, still honest std;
+    the VAE (the fake asserts the path's (200, 100) grid) sees the path's I(q, E)."""
+    path_result, path_fake = small_study
+    ms = ge_run().refiner.setup
+    truth = Truth(name="mlff_mean", coefficients=named_fc_set("Ge", "mlff_mean", ms))
+    fake = _FakeVae()
+    settings = StudySettings(
+        n_truths=1, seed=5, orientations=(1,), count_scales=(1.0,), binning="wedge"
+    )
+    records: list[FitRecord] = []
+    result = posterior_study(settings, fake, truths=[truth], records=records)
+    assert fake.calls == 1
+    assert result["settings"]["binning"] == "wedge"
+    assert result["settings"]["wedge_mesh"] == 16
+    (level,) = result["levels"]
+    assert level["converged_fraction"] == 1.0, level["failures"]
+    (fit,) = records
+    (path_fit,) = [r for r in path_fake.records if (r.orientations, r.truth) == (1, "mlff_mean")]
+    assert fit.counts > 5 * path_fit.counts
+    names = result["names"]
+    for n in names[:4]:
+        assert 0.7 < level["mean_std"][n] / level["crb_std"][n] < 1.4
+        path_std = path_result["levels"][0]["mean_std"][n]  # two truths' mean: near enough
+        assert level["mean_std"][n] < path_std / 1.5, n
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -320,3 +352,7 @@ def test_runs_of_one_study_at_other_levels_merge_into_one() -> None:
         merge_results([a, other])
     with pytest.raises(ValueError, match="two or more"):
         merge_results([a])
+    wedge = json.loads(json.dumps(b))
+    wedge["settings"]["binning"] = "wedge"
+    with pytest.raises(ValueError, match="binning"):
+        merge_results([a, wedge])

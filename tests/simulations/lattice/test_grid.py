@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from simulations.exceptions import GridError
-from simulations.lattice.grid import make_grid
+from simulations.instrument.binning import ReferenceBinning
+from simulations.lattice.grid import make_grid, make_wedge_grid
 from simulations.lattice.materials import MaterialSetup
 
 
@@ -53,3 +54,21 @@ def test_fingerprint_is_stable_and_sensitive(ge: MaterialSetup) -> None:
 def test_bad_grids_are_clear_errors(ge: MaterialSetup, kwargs: dict, message: str) -> None:
     with pytest.raises(GridError, match=message):
         make_grid(ge.crystal, **kwargs)
+
+
+def test_the_wedge_grid_bins_every_q_of_the_zone(ge: MaterialSetup) -> None:
+    """The irreducible points of a 16^3 mesh (145 for Ge's point group with time
+    reversal) and a radius within which every Q has a star point: nothing is dropped, and
+    the mesh's own points reach every irreducible point."""
+    grid, radius = make_wedge_grid(ge.crystal, ge.grid.energy_edges, 16)
+    assert grid.n_q == 145
+    np.testing.assert_array_equal(grid.energy_edges, ge.grid.energy_edges)
+    assert grid.fingerprint != ge.grid.fingerprint
+    binning = ReferenceBinning(ge.crystal, grid, radius)
+    q = np.random.default_rng(0).uniform(-2.0, 2.0, (4000, 3))
+    assert (binning.q_index(q) >= 0).all()
+    steps = np.arange(16) / 16
+    mesh = np.stack(np.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)
+    assert set(binning.q_index(mesh).tolist()) == set(range(145))
+    with pytest.raises(GridError, match=">= 2 points"):
+        make_wedge_grid(ge.crystal, ge.grid.energy_edges, 1)
