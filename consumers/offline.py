@@ -48,6 +48,7 @@ def fold_recorded_run(
     check: bool = False,
     streams: InstrumentConfig | None = None,
     instrument_file: str | Path | None = None,
+    wedge_mesh: int | None = None,
 ) -> tuple[dict[str, object], RunAccumulator]:
     """Fold every counting step of a recorded run into I(q, E); optionally write HDF5.
 
@@ -65,6 +66,10 @@ def fold_recorded_run(
     instrument_file
         The pixel table or instrument definition (IDF) the run's instrument came from,
         when it is not where the run start says (nor, for an IDF, in the cache).
+    wedge_mesh
+        Bin on the whole irreducible wedge (the irreducible points of a Gamma-centred mesh
+        of this many points per axis) instead of the q-path; the file records it
+        (``binning`` in its metadata) for ``steer estimate --refine --wedge``.
 
     Returns
     -------
@@ -83,6 +88,7 @@ def fold_recorded_run(
         voxels=voxels,
         streams=streams,
         instrument_file=instrument_file,
+        wedge_mesh=wedge_mesh,
     )
     malformed: Counter[str] = Counter()
     refused_start = ""  # why the last run start could not be used
@@ -124,8 +130,15 @@ def fold_recorded_run(
     result = {k: result[k] for k in order} | {k: v for k, v in result.items() if k not in order}
     if out is not None:
         meta = pipe.meta or {}
+        binning = {"kind": "path"} if wedge_mesh is None else {"kind": "wedge", "mesh": wedge_mesh}
         pipe.acc.write_hdf5(
-            out, metadata={"source": str(path), "run": meta.get("run_id"), "run_start": meta}
+            out,
+            metadata={
+                "source": str(path),
+                "run": meta.get("run_id"),
+                "run_start": meta,
+                "binning": binning,
+            },
         )
         result["path"] = str(out)
     if check and getattr(pipe.acc.grid, "kind", "") == "powder":

@@ -43,6 +43,7 @@ from consumers.wire import (
     msgpack_document_name,
 )
 from simulations.instrument.spectrometer import Instrument, Orientation
+from simulations.lattice.grid import make_wedge_grid
 from simulations.lattice.materials import MaterialSetup, setup
 
 __all__ = [
@@ -104,13 +105,17 @@ def run_folder(
     voxels: int = 96,
     nexus: NexusSetup | None = None,
     instrument_file: str | Path | None = None,
+    wedge_mesh: int | None = None,
 ) -> tuple[MaterialSetup, Folder | PowderFolder]:
     """The material set-up and the folder of a run start: from ``nexus`` (read from its
     ``nexus_structure`` by :func:`~consumers.reduction.nexus_setup.read_nexus_setup`) when
     given, else from its metadata (``material``, ``instrument``, ``orientation`` u and v,
     ``ei_meV``). ``instrument_file``: the pixel table or instrument definition the run's
     instrument came from, when it is not where the metadata say
-    (:meth:`Instrument.from_metadata`).
+    (:meth:`Instrument.from_metadata`). ``wedge_mesh``: bin a single crystal on the whole
+    irreducible wedge instead of the q-path, the irreducible points of a Gamma-centred
+    ``wedge_mesh^3`` mesh (:func:`~simulations.lattice.grid.make_wedge_grid`; every event
+    of the zone in the energy window is folded, ``tolerance`` is then the mesh's radius).
 
     A powder sample (:func:`sample_kind_of`) gets a
     :class:`~consumers.reduction.powder.PowderFolder` on the material's powder grid at the
@@ -150,8 +155,11 @@ def run_folder(
         ei = float(meta["ei_meV"])
     if not np.isfinite(ei):
         raise ValueError(f"Ei = {ei} meV")
-    table = FoldTable.cached(ms.crystal, ms.grid, tolerance=tolerance, voxels=voxels)
-    return ms, Folder(table, ms.grid, ins, orientation, ei)
+    grid = ms.grid
+    if wedge_mesh is not None:
+        grid, tolerance = make_wedge_grid(ms.crystal, ms.grid.energy_edges, wedge_mesh)
+    table = FoldTable.cached(ms.crystal, grid, tolerance=tolerance, voxels=voxels)
+    return ms, Folder(table, grid, ins, orientation, ei)
 
 
 def run_key_of(schema: str, key: bytes | None) -> bytes | None:
@@ -197,6 +205,10 @@ class RunPipeline:
     instrument_file
         The pixel table or instrument definition (IDF) the run's instrument came from,
         when it is not where the run start says (and, for an IDF, not in the cache).
+    wedge_mesh
+        Fold a single crystal's events on the whole irreducible wedge (the irreducible
+        points of a Gamma-centred mesh of this many points per axis) instead of the
+        q-path (:func:`run_folder`); its moments follow.
     background
         Fold closed orientations (fold kernel and coverage, both without the GIL) on a
         worker thread while the caller goes on decoding messages; results are added in the
@@ -223,6 +235,7 @@ class RunPipeline:
         moments: bool = True,
         streams: InstrumentConfig | None = None,
         instrument_file: str | Path | None = None,
+        wedge_mesh: int | None = None,
     ) -> None:
         self.mode = mode
         #: the streams' roles; ``_by_topic`` False matches by source name only
@@ -254,6 +267,7 @@ class RunPipeline:
         self._closed: deque[float] = deque()
         self.tolerance = float(tolerance)
         self.voxels = int(voxels)
+        self.wedge_mesh = wedge_mesh
         self.meta: dict[str, Any] | None = None
         #: the set-up read from the run start's ``nexus_structure`` (its stream names
         #: included), or None when it came from the private metadata
@@ -492,7 +506,11 @@ class RunPipeline:
             try:
                 nexus = read_nexus_setup(nexus_structure)
                 return nexus, *run_folder(
-                    meta, tolerance=self.tolerance, voxels=self.voxels, nexus=nexus
+                    meta,
+                    tolerance=self.tolerance,
+                    voxels=self.voxels,
+                    nexus=nexus,
+                    wedge_mesh=self.wedge_mesh,
                 )
             except Exception as exc:
                 if "material" not in meta:
@@ -508,6 +526,7 @@ class RunPipeline:
             tolerance=self.tolerance,
             voxels=self.voxels,
             instrument_file=self.instrument_file,
+            wedge_mesh=self.wedge_mesh,
         )
 
     def _setup(
@@ -559,7 +578,8 @@ class RunPipeline:
         if constants is not None:
             assert isinstance(folder, Folder)
             self._inverse_ops = star_operations(folder, constants.operations)
-            self.acc.moments = BinMoments.zeros(ms.grid.n_q * ms.grid.n_e, constants.n_branches)
+            n_bins = folder.grid.n_q * folder.grid.n_e
+            self.acc.moments = BinMoments.zeros(n_bins, constants.n_branches)
 
     @staticmethod
     def _run_start_streams(

@@ -221,7 +221,9 @@ def refine_file_exact(
         raise RefinementError(
             "the refinement did not converge: no optimum to make the exact correction at"
         )
-    _, folder = run_folder(dict(run_start), tolerance=refiner.table.tolerance)
+    _, folder = run_folder(
+        dict(run_start), tolerance=refiner.table.tolerance, wedge_mesh=refiner.wedge_mesh
+    )
     assert isinstance(folder, Folder)  # read_counts_file's moments are single-crystal ones
     correction = exact_correction(
         refiner, moments, folder, omegas, charges, fit.mean, progress=progress

@@ -35,6 +35,7 @@ from simulations.lattice.sqe import CoherentSQE, mesh_points
 __all__ = [
     "RunRefiner",
     "file_inputs",
+    "file_wedge_mesh",
     "read_counts_file",
     "refine_file",
     "run_moments",
@@ -121,24 +122,31 @@ class RunRefiner:
         )
         #: "path" (the q-path's tube), "wedge" (:meth:`wedge`) or "grid" (another one)
         self.binning = "path" if grid is None else "grid"
+        #: the wedge's mesh (points per axis) when :meth:`wedge` made it, else None
+        self.wedge_mesh: int | None = None
         self._constants: StructureConstants | None = None
         #: the expected-counts model of the last :meth:`refine` (the planner's cumulative)
         self.last_model: CountsModel | None = None
         self._incoherent: tuple[NDArray[np.float64], IncoherentScattering] | None = None
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any], **kwargs: Any) -> RunRefiner:
+    def from_metadata(
+        cls, meta: Mapping[str, Any], *, wedge_mesh: int | None = None, **kwargs: Any
+    ) -> RunRefiner:
         """From a run start's metadata (``material``, ``instrument``, ``ei_meV``,
-        ``temperature_K``; 5 K when absent)."""
+        ``temperature_K``; 5 K when absent); on the wedge of a ``wedge_mesh^3`` mesh
+        (:meth:`wedge`) when given."""
         try:
             instrument = Instrument.from_metadata(meta["instrument"])
-            return cls(
+            args = (
                 str(meta["material"]),
                 instrument,
                 float(meta["ei_meV"]),
                 float(meta.get("temperature_K", 5.0)),
-                **kwargs,
             )
+            if wedge_mesh is not None:
+                return cls.wedge(*args, mesh=wedge_mesh, **kwargs)
+            return cls(*args, **kwargs)
         except KeyError as exc:
             raise RefinementError(f"run metadata lacks {exc}: cannot refine") from exc
 
@@ -177,6 +185,7 @@ class RunRefiner:
             **kwargs,
         )
         out.binning = "wedge"
+        out.wedge_mesh = int(mesh)
         return out
 
     @property
@@ -412,6 +421,22 @@ def read_counts_file(
     return counts, dict(run_start), omegas[:k], charges[:k], moments
 
 
+def file_wedge_mesh(path: str | Path) -> int | None:
+    """The wedge mesh (points per axis) of a folded-run file folded on the irreducible
+    wedge (``steer fold --binning wedge``), None for one folded on the q-path."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            meta = json.loads(str(f["entry"].attrs.get("metadata", "{}")))
+    except (OSError, KeyError, ValueError) as exc:
+        raise RefinementError(f"{path} is not a folded-run file: {exc}") from exc
+    binning = meta.get("binning") or {"kind": "path"}
+    if binning.get("kind") == "wedge":
+        return int(binning["mesh"])
+    return None
+
+
 def run_moments(
     run_start: Mapping[str, Any],
     omegas: Sequence[float],
@@ -427,18 +452,18 @@ def run_moments(
     from consumers.reduction.moments import orientation_moments, star_operations
     from consumers.reduction.pipeline import run_folder
 
-    if refiner.binning != "path":
-        raise RefinementError(
-            f"a run file's moments are made on its q-path; this refiner bins the {refiner.binning}"
-        )
-    _, folder = run_folder(dict(run_start), tolerance=refiner.table.tolerance)
+    if refiner.binning == "grid":
+        raise RefinementError("a run file's moments are made on its q-path or its wedge")
+    _, folder = run_folder(
+        dict(run_start), tolerance=refiner.table.tolerance, wedge_mesh=refiner.wedge_mesh
+    )
     if not isinstance(folder, Folder):
         raise RefinementError(
             "a powder run's S(|Q|, E) has no single-crystal moments: the likelihood "
             "refinement takes single-crystal runs"
         )
     ops = star_operations(folder, refiner.constants.operations)
-    grid = refiner.setup.grid
+    grid = refiner.grid
     out = BinMoments.zeros(grid.n_q * grid.n_e, refiner.constants.n_branches)
     for w, c in tqdm(
         list(zip(omegas, charges, strict=True)),
@@ -471,7 +496,7 @@ def file_inputs(
     """:func:`read_counts_file` with the moments made where the file has none, and the
     run's refiner."""
     counts, run_start, omegas, charges, moments = read_counts_file(path, first=first)
-    refiner = RunRefiner.from_metadata(run_start)
+    refiner = RunRefiner.from_metadata(run_start, wedge_mesh=file_wedge_mesh(path))
     if moments is None:
         moments = run_moments(run_start, omegas, charges, refiner, progress=progress)
     return counts, run_start, omegas, charges, moments, refiner

@@ -89,10 +89,35 @@ def fold_cmd(
             "run's true branches dashed over it.",
         ),
     ] = None,
+    binning: Annotated[
+        str,
+        typer.Option(
+            "--binning",
+            help="path: the events within --tolerance of the q-path's star (the VAE's and "
+            "the page's I(q, E)); wedge: every event of the zone in the energy window, on "
+            "the irreducible points of a Gamma-centred mesh (for steer estimate --refine "
+            "--wedge: about 15x the counts of the path).",
+        ),
+    ] = "path",
+    wedge_mesh: Annotated[
+        int, typer.Option("--wedge-mesh", help="Points per axis of the wedge's mesh.")
+    ] = 16,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold a recorded run offline through the consumers' code path (no broker)."""
     from consumers.offline import fold_recorded_run
+
+    if binning not in ("path", "wedge"):
+        raise typer.BadParameter(f"path or wedge, got {binning!r}", param_hint="--binning")
+    if binning == "wedge":
+        if wedge_mesh < 2:
+            raise typer.BadParameter(f"must be >= 2, got {wedge_mesh}", param_hint="--wedge-mesh")
+        for flag, given in (("--check", check), ("--plot", plot is not None)):
+            if given:
+                raise typer.BadParameter(
+                    "compares along the q-path: fold with --binning path for it",
+                    param_hint=flag,
+                )
 
     streams = None
     if instrument_config:
@@ -111,6 +136,7 @@ def fold_cmd(
         check=check,
         instrument_file=instrument_file,
         streams=streams,
+        wedge_mesh=wedge_mesh if binning == "wedge" else None,
     )
     if plot is not None:
         _plot_fold(plot, summary, acc, run.name)
