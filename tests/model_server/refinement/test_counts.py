@@ -7,11 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from consumers.reduction.folding import Folder
 from consumers.reduction.moments import BinMoments, orientation_moments
 from model_server.exceptions import RefinementError
 from model_server.prediction.expected import FoldSampler, GridSimulator
 from model_server.refinement.counts import CountsModel
 from model_server.refinement.exact import exact_one_phonon_fold
+from model_server.refinement.refiner import RunRefiner
 from simulations.instrument.events import PhononTable
 from simulations.lattice.backgrounds import Backgrounds
 from simulations.lattice.sqe import CoherentSQE
@@ -112,6 +114,33 @@ def test_jacobian_matches_finite_differences() -> None:
     assert jac is not None
     assert jac.shape == (model.n_bins, model.n_params)
     _assert_jacobian(model, theta, jac, (0, 1, 2, 3, 6, 13, 16, 17, 18, 19))
+
+
+def test_the_jacobian_holds_across_the_wedges_wide_voxels() -> None:
+    """On the wedge's voxels (radius 0.12 1/A against the tube's 0.05) the velocities'
+    change with the eigenvectors matters: without it the 1NN columns were 0.9-1.4 % off
+    (weighted by 1 / sqrt(lambda), as the Fisher information weighs them), which
+    overstated the information along the 1NN_xx/1NN_xy valley; with it, 0.03-0.06 %."""
+    run = ge_run()
+    refiner = RunRefiner.wedge("Ge", run.refiner.instrument, EI, TEMPERATURE)
+    folder = Folder(refiner.table, refiner.grid, run.refiner.instrument, run.folder.orientation, EI)
+    moments = orientation_moments(folder, refiner.constants, 10.0)
+    model = refiner.model(moments)
+    theta = _theta(model, run.truth)
+    ev = model.evaluate(theta)
+    assert ev.jacobian is not None
+    weight = 1.0 / np.sqrt(ev.expected)
+    for k in (0, 1, 2, 3):
+        h = 1e-5 * abs(theta[k])
+        up, down = theta.copy(), theta.copy()
+        up[k] += h
+        down[k] -= h
+        fd = (
+            model.evaluate(up, jacobian=False).expected
+            - model.evaluate(down, jacobian=False).expected
+        ) / (2 * h)
+        off = np.linalg.norm((ev.jacobian[:, k] - fd) * weight) / np.linalg.norm(fd * weight)
+        assert off < 0.003, (model.names[k], off)
 
 
 def test_a_per_bin_correction_scales_the_one_phonon_part_and_its_jacobian() -> None:
