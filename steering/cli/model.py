@@ -18,6 +18,7 @@ from steering.cli.options import (
     SamplesOpt,
     SeedOpt,
     ThreadsOpt,
+    WedgeMeshOpt,
 )
 from steering.cli.output import command_line, emit
 
@@ -453,9 +454,7 @@ def evaluate_posterior_cmd(
             "path's I(q, E) either way.",
         ),
     ] = "path",
-    wedge_mesh: Annotated[
-        int, typer.Option("--wedge-mesh", help="Points per axis of the wedge's mesh.")
-    ] = 16,
+    wedge_mesh: WedgeMeshOpt = 16,
     plot: Annotated[
         Path | None,
         typer.Option("--plot", help="PNG: std and error against counts, VAE vs refined."),

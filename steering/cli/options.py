@@ -99,6 +99,10 @@ InstrumentFileOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+WedgeMeshOpt = Annotated[
+    int,
+    typer.Option("--wedge-mesh", help="With --binning wedge: points per axis of the wedge's mesh."),
+]
 
 # -- physics -----------------------------------------------------------------------------------
 

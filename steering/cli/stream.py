@@ -27,6 +27,7 @@ from steering.cli.options import (
     SegmentationOpt,
     StateDirOpt,
     ToleranceOpt,
+    WedgeMeshOpt,
     ZmqFormat,
     ZmqFormatOpt,
     ZmqPrefixOpt,
@@ -99,9 +100,7 @@ def fold_cmd(
             "--wedge: about 15x the counts of the path).",
         ),
     ] = "path",
-    wedge_mesh: Annotated[
-        int, typer.Option("--wedge-mesh", help="Points per axis of the wedge's mesh.")
-    ] = 16,
+    wedge_mesh: WedgeMeshOpt = 16,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold a recorded run offline through the consumers' code path (no broker)."""

@@ -131,14 +131,7 @@ def test_the_jacobian_holds_across_the_wedges_wide_voxels() -> None:
     assert ev.jacobian is not None
     weight = 1.0 / np.sqrt(ev.expected)
     for k in (0, 1, 2, 3):
-        h = 1e-5 * abs(theta[k])
-        up, down = theta.copy(), theta.copy()
-        up[k] += h
-        down[k] -= h
-        fd = (
-            model.evaluate(up, jacobian=False).expected
-            - model.evaluate(down, jacobian=False).expected
-        ) / (2 * h)
+        fd = _central_difference(model, theta, k)
         off = np.linalg.norm((ev.jacobian[:, k] - fd) * weight) / np.linalg.norm(fd * weight)
         assert off < 0.003, (model.names[k], off)
 
@@ -174,20 +167,23 @@ def test_a_per_bin_correction_scales_the_one_phonon_part_and_its_jacobian() -> N
             run.refiner.counts_model(m, correction=bad)
 
 
+def _central_difference(model: CountsModel, theta: np.ndarray, k: int) -> np.ndarray:
+    """d expected / d theta_k by central differences (step 1e-5 of max(1, |theta_k|))."""
+    h = 1e-5 * max(1.0, abs(theta[k]))
+    up, down = theta.copy(), theta.copy()
+    up[k] += h
+    down[k] -= h
+    plus = model.evaluate(up, jacobian=False).expected
+    return (plus - model.evaluate(down, jacobian=False).expected) / (2 * h)
+
+
 def _assert_jacobian(
     model: CountsModel, theta: np.ndarray, jac: np.ndarray, params: tuple[int, ...]
 ) -> None:
     """The Jacobian's columns ``params`` against central differences (2 % of each
     column's largest)."""
     for k in params:
-        h = 1e-5 * max(1.0, abs(theta[k]))
-        up, down = theta.copy(), theta.copy()
-        up[k] += h
-        down[k] -= h
-        fd = (
-            model.evaluate(up, jacobian=False).expected
-            - model.evaluate(down, jacobian=False).expected
-        ) / (2 * h)
+        fd = _central_difference(model, theta, k)
         assert np.abs(jac[:, k] - fd).max() < 0.02 * np.abs(fd).max(), model.names[k]
 
 
