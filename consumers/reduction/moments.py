@@ -52,6 +52,7 @@ from consumers.exceptions import FoldError
 from consumers.reduction.folding import CoverageSamples, Folder
 from consumers.reduction.kernels import _popcount
 from simulations.lattice.force_constants import FCBasis
+from simulations.lattice.grid import ZoneClasses
 
 __all__ = [
     "BinMoments",
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: No split: the path's bins.
+ONE_CLASS = ZoneClasses(period=1, table=np.zeros(1, dtype=np.int64), n_classes=1)
 
 #: Orientations' moments kept in memory per process (about 15 MB each for Ge).
 MOMENT_CACHE_SIZE = 8
@@ -252,8 +256,15 @@ def orientation_moments(
     e_substeps: int = 4,
     pixel_stride: int = 2,
     inverse_ops: NDArray[np.float64] | None = None,
+    classes: ZoneClasses | None = None,
 ) -> BinMoments:
     """The moments of one orientation at goniometer angle ``omega`` (degrees), unit charge.
+
+    With ``classes`` the bins are split by the structure-factor class of each cell's zone
+    (:func:`simulations.lattice.grid.zone_classes`): ``n_q * n_classes * n_E`` bins, the
+    path point ``iq``'s class ``c`` on row ``iq * n_classes + c`` (the grid of
+    :func:`simulations.lattice.grid.make_class_grid`); their sum over the classes is the
+    unsplit moments.
 
     The samples are those of :meth:`Folder.coverage` (``pixel_stride``, ``e_substeps``),
     so ``weight`` is its coverage before the alias expansion. Cached in memory (the last
@@ -263,7 +274,12 @@ def orientation_moments(
     omega = float(omega)
     if not math.isfinite(omega):
         raise FoldError(f"goniometer angle must be finite, got {omega}")
-    key = (folder.signature + f"/{e_substeps}/{pixel_stride}", constants.digest(), omega)
+    classes = classes or ONE_CLASS
+    key = (
+        folder.signature + f"/{e_substeps}/{pixel_stride}/{classes.digest()}",
+        constants.digest(),
+        omega,
+    )
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
@@ -274,9 +290,9 @@ def orientation_moments(
     samples = folder.coverage_samples(e_substeps=e_substeps, pixel_stride=pixel_stride)
     dm, h_inf = folder.sample_rays(samples, omega)
     grid = folder.grid
-    out = BinMoments.zeros(grid.n_q * grid.n_e, constants.n_branches)
+    out = BinMoments.zeros(grid.n_q * classes.n_classes * grid.n_e, constants.n_branches)
     out.n_orientations = 1
-    _walk(folder, samples, dm, h_inf, constants, inverse_ops, out)
+    _walk(folder, samples, dm, h_inf, constants, inverse_ops, classes, out)
     with _CACHE_LOCK:
         _CACHE[key] = out
         while len(_CACHE) > MOMENT_CACHE_SIZE:
@@ -291,6 +307,7 @@ def _walk(
     h_inf: NDArray[np.float64],
     constants: StructureConstants,
     inverse_ops: NDArray[np.float64],
+    classes: ZoneClasses,
     out: BinMoments,
 ) -> None:
     """Run :func:`moments_kernel` over the samples of one orientation."""
@@ -326,6 +343,9 @@ def _walk(
         np.ascontiguousarray(constants.positions, dtype=np.float64),
         np.ascontiguousarray(constants.amplitudes, dtype=np.float64),
         np.ascontiguousarray(constants.debye_waller, dtype=np.float64),
+        classes.period,
+        np.ascontiguousarray(classes.table, dtype=np.int64),
+        classes.n_classes,
         out.tensor,
         out.tensor_q2,
         out.offset1,
@@ -361,6 +381,9 @@ def moments_kernel(
     xfrac: np.ndarray,  # (n_at, 3)
     amp0: np.ndarray,  # (n_at,)
     dw: np.ndarray,  # (n_at, 3, 3) A^2
+    zone_period: int,
+    zone_class: np.ndarray,  # (zone_period^3,) int64 class of G mod zone_period
+    n_classes: int,  # 1: the path's bins; else bins iq * n_classes + class
     tensor: np.ndarray,  # (n_bins, 3N, 3N) complex, added to
     tensor_q2: np.ndarray,  # (n_bins, 3N, 3N) complex, added to
     off1: np.ndarray,  # (n_bins, 3)
@@ -369,7 +392,8 @@ def moments_kernel(
     background: np.ndarray,  # (n_bins,)
 ) -> int:
     """The coverage walk of :func:`consumers.reduction.kernels.coverage_kernel`, adding
-    each folded sample's moments (module docstring) to its bin. Returns the samples
+    each folded sample's moments (module docstring) to its bin (with ``n_classes`` > 1, to
+    the bin of its path point's row for its zone's class). Returns the samples
     computed."""
     n_sub = v_f.shape[0]
     n_at = xfrac.shape[0]
@@ -422,7 +446,6 @@ def moments_kernel(
             if best <= tol2:
                 iq = star_index[row]
                 w = solid[p] * w_e[s]
-                b = iq * n_e + col[s]
                 # Q rotated back into the path point's frame: Q' = h R^-1 (row vectors)
                 a0 = h0 * inv_ops[row, 0, 0] + h1 * inv_ops[row, 1, 0] + h2 * inv_ops[row, 2, 0]
                 a1 = h0 * inv_ops[row, 0, 1] + h1 * inv_ops[row, 1, 1] + h2 * inv_ops[row, 2, 1]
@@ -430,6 +453,13 @@ def moments_kernel(
                 g0 = math.floor(a0 - qpath[iq, 0] + 0.5)
                 g1 = math.floor(a1 - qpath[iq, 1] + 0.5)
                 g2 = math.floor(a2 - qpath[iq, 2] + 0.5)
+                ch = 0
+                if n_classes > 1:  # the zone's structure-factor class
+                    m0 = (int(g0) % zone_period + zone_period) % zone_period
+                    m1 = (int(g1) % zone_period + zone_period) % zone_period
+                    m2 = (int(g2) % zone_period + zone_period) % zone_period
+                    ch = zone_class[(m0 * zone_period + m1) * zone_period + m2]
+                b = (iq * n_classes + ch) * n_e + col[s]
                 e0 = a0 - qpath[iq, 0] - g0
                 e1 = a1 - qpath[iq, 1] - g1
                 e2 = a2 - qpath[iq, 2] - g2

@@ -28,7 +28,13 @@ from model_server.refinement.fit import Prior, Refined, default_prior, refine
 from simulations.exceptions import SimulationError
 from simulations.instrument.spectrometer import Instrument
 from simulations.lattice.backgrounds import IncoherentScattering, elastic_reach
-from simulations.lattice.grid import Grid, make_wedge_grid
+from simulations.lattice.grid import (
+    Grid,
+    ZoneClasses,
+    make_class_grid,
+    make_wedge_grid,
+    zone_classes,
+)
 from simulations.lattice.materials import MaterialSetup, setup
 from simulations.lattice.sqe import CoherentSQE, mesh_points
 
@@ -120,8 +126,11 @@ class RunRefiner:
         self.exclusion = (
             GAMMA_EXCLUSION * self.table.tolerance if exclusion is None else float(exclusion)
         )
-        #: "path" (the q-path's tube), "wedge" (:meth:`wedge`) or "grid" (another one)
+        #: "path" (the q-path's tube), "wedge" (:meth:`wedge`), "classes"
+        #: (:meth:`zone_split`) or "grid" (another one)
         self.binning = "path" if grid is None else "grid"
+        #: the zone classes the path's bins are split by (:meth:`zone_split`), else None
+        self.classes: ZoneClasses | None = None
         #: the wedge's mesh (points per axis) when :meth:`wedge` made it, else None
         self.wedge_mesh: int | None = None
         self._constants: StructureConstants | None = None
@@ -187,6 +196,55 @@ class RunRefiner:
         out.binning = "wedge"
         out.wedge_mesh = int(mesh)
         return out
+
+    @classmethod
+    def zone_split(
+        cls,
+        material: str,
+        instrument: Instrument,
+        ei: float,
+        temperature: float,
+        *,
+        material_setup: MaterialSetup | None = None,
+        **kwargs: Any,
+    ) -> RunRefiner:
+        """The refinement on the path's bins split by the structure-factor class of each
+        cell's Brillouin zone (:func:`~simulations.lattice.grid.zone_classes`; four for
+        Ge): the same cells and counts as the path, but a count keeps whether its zone's
+        atoms scatter in phase, out of phase or a quarter turn apart, which the plain fold
+        sums away. The moments are taken with
+        ``orientation_moments(..., classes=refiner.classes)`` on the path's folder; the
+        grid is :func:`~simulations.lattice.grid.make_class_grid`'s."""
+        try:
+            ms = material_setup or setup(material)
+        except SimulationError as exc:
+            raise RefinementError(f"no forward model for material {material!r}: {exc}") from exc
+        classes = zone_classes(ms.crystal)
+        out = cls(
+            material,
+            instrument,
+            ei,
+            temperature,
+            material_setup=ms,
+            grid=make_class_grid(ms.grid, classes),
+            table=FoldTable.cached(ms.crystal, ms.grid),
+            **kwargs,
+        )
+        out.binning = "classes"
+        out.classes = classes
+        return out
+
+    @property
+    def alias(self) -> NDArray[np.int64]:
+        """(n_q,) rows of :attr:`grid` holding the counts of each row (the fold table's
+        alias; with zone classes, each class row of an aliased point follows its own)."""
+        alias = np.asarray(self.table.alias, dtype=np.int64)
+        if self.classes is None:
+            return alias
+        n = self.classes.n_classes
+        return np.asarray(
+            np.repeat(alias, n) * n + np.tile(np.arange(n, dtype=np.int64), len(alias))
+        )
 
     @property
     def constants(self) -> StructureConstants:
@@ -289,7 +347,7 @@ class RunRefiner:
             self.grid,
             self.resolution,
             moments,
-            alias=self.table.alias,
+            alias=self.alias,
             tolerance=self.table.tolerance,
             temperature=self.temperature,
             reference=self.reference,

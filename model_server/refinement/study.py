@@ -83,7 +83,7 @@ from model_server.refinement.refiner import WEDGE_MESH, RunRefiner
 from simulations.fcdb.reference import ReferenceEnsemble
 from simulations.instrument.spectrometer import Instrument, Orientation, energy_to_speed
 from simulations.lattice.force_constants import FCBasis
-from simulations.lattice.grid import Grid
+from simulations.lattice.grid import Grid, ZoneClasses
 from simulations.lattice.sqe import mesh_points
 from simulations.units import E_PER_V2, VASP_TO_THZ
 
@@ -111,7 +111,7 @@ README_ANGLES = tuple(float(w) for w in range(120))
 IMAGINARY_TOL_THZ = 0.05
 
 #: The refinement's binnings (:attr:`StudySettings.binning`).
-BINNINGS = ("path", "wedge")
+BINNINGS = ("path", "wedge", "classes")
 
 #: Version of the cached cumulative moments' file layout.
 _CACHE_FORMAT = 1
@@ -152,7 +152,10 @@ class StudySettings:
         What the refinement fits: ``"path"`` (the folding tube around the q-path, the
         service's default) or ``"wedge"`` (every event of the zone, binned on the
         irreducible points of a Gamma-centred ``wedge_mesh^3`` mesh:
-        :meth:`RunRefiner.wedge`); the VAE's start comes from the path's I(q, E) either way.
+        :meth:`RunRefiner.wedge`) or ``"classes"`` (the path's bins split by the
+        structure-factor class of each cell's zone: :meth:`RunRefiner.zone_split`); the
+        VAE's start comes from the path's I(q, E) in every case (for ``"classes"`` the sum
+        of the classes' counts).
     wedge_mesh
         Points per axis of the wedge's mesh.
     """
@@ -396,7 +399,12 @@ def count_calibration(
 # -- moments -------------------------------------------------------------------------------
 
 
-def _moments_key(folder: Folder, constants: StructureConstants, angles: Sequence[float]) -> str:
+def _moments_key(
+    folder: Folder,
+    constants: StructureConstants,
+    angles: Sequence[float],
+    classes: ZoneClasses | None = None,
+) -> str:
     """Hash of everything the cumulative moments of ``angles`` depend on."""
     import consumers.reduction.moments as moments_module
 
@@ -405,6 +413,8 @@ def _moments_key(folder: Folder, constants: StructureConstants, angles: Sequence
     h.update(folder.signature.encode())
     h.update(constants.digest().encode())
     h.update(np.asarray([*angles, _CACHE_FORMAT], dtype=np.float64).tobytes())
+    if classes is not None and classes.n_classes > 1:
+        h.update(classes.digest().encode())
     return h.hexdigest()
 
 
@@ -437,17 +447,20 @@ def cumulative_moments(
     *,
     cache_dir: Path | None = None,
     progress: bool = False,
+    classes: ZoneClasses | None = None,
 ) -> Iterator[tuple[int, BinMoments]]:
     """Yield ``(k, moments of the first k angles)`` (unit charge each) for every ``k`` of
     ``levels`` in ascending order; only the running sum is held.
 
     With ``cache_dir`` (e.g. ``table_cache_dir() / "moments"``) each level is read from
-    there when it was computed before, and written there when not.
+    there when it was computed before, and written there when not. With ``classes`` the
+    bins are split by zone class (:func:`~consumers.reduction.moments.orientation_moments`).
     """
     from tqdm import tqdm
 
     ops = star_operations(folder, constants.operations)
-    n_bins = folder.grid.n_q * folder.grid.n_e
+    n_classes = 1 if classes is None else classes.n_classes
+    n_bins = folder.grid.n_q * n_classes * folder.grid.n_e
     acc = BinMoments.zeros(n_bins, constants.n_branches)
     done = 0
     todo = sorted(set(levels))
@@ -457,7 +470,8 @@ def cumulative_moments(
         for k in todo:
             path = None
             if cache_dir is not None:
-                path = cache_dir / f"cumulative-{_moments_key(folder, constants, angles[:k])}.npz"
+                key = _moments_key(folder, constants, angles[:k], classes)
+                path = cache_dir / f"cumulative-{key}.npz"
                 hit = _read_moments(path)
                 if hit is not None and hit.n_orientations == k:
                     acc, done = hit, k
@@ -465,7 +479,12 @@ def cumulative_moments(
                     yield k, hit.copy()
                     continue
             for w in angles[done:k]:
-                acc.add(orientation_moments(folder, constants, float(w), inverse_ops=ops), 1.0)
+                acc.add(
+                    orientation_moments(
+                        folder, constants, float(w), inverse_ops=ops, classes=classes
+                    ),
+                    1.0,
+                )
                 bar.update(1)
             done = k
             if path is not None:
@@ -528,6 +547,20 @@ def _replica(
     return counts, intensity, mask
 
 
+def _path_view(
+    level: _Level, counts: NDArray[np.float64], n_classes: int
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """The path's (intensity, mask), (n_q, n_E), of counts split by zone class
+    ((n_q * n_classes, n_E)): the classes' counts and exposures summed."""
+    grid = level.full.grid
+    n_q, n_e = grid.n_q // n_classes, grid.n_e
+    exposure = level.moments.weight.reshape(grid.shape)[level.alias]
+    c = counts.reshape(n_q, n_classes, n_e).sum(axis=1)
+    w = exposure.reshape(n_q, n_classes, n_e).sum(axis=1)
+    mask = w > 0
+    return np.where(mask, c / np.where(mask, w, 1.0), np.nan), mask
+
+
 def _fit_one(
     refiner: RunRefiner,
     level: _Level,
@@ -562,6 +595,8 @@ def _fit_one(
     counts, intensity, mask = _replica(level, lam_full, rng)
     if level.view is not None and view_lam is not None:
         _, intensity, mask = _replica(level.view, view_lam, rng)
+    elif refiner.classes is not None and refiner.classes.n_classes > 1:
+        intensity, mask = _path_view(level, counts, refiner.classes.n_classes)
     record["counts"] = float(level.model.observed(counts).sum())
     try:
         vae_mean, vae_std = _split_start(start_fn(intensity, mask))
@@ -612,7 +647,7 @@ def _build_level(
         moments=moments,
         model=refiner.model(moments),
         full=full,
-        alias=refiner.table.alias,
+        alias=refiner.alias,
         view=view,
     )
 
@@ -732,9 +767,17 @@ def posterior_study(
             mesh=settings.wedge_mesh,
             material_setup=ms,
         )
+    elif settings.binning == "classes":
+        refiner = RunRefiner.zone_split(
+            settings.material, instrument, ei, settings.temperature, material_setup=ms
+        )
     orientation = Orientation.from_vectors(ms.crystal, settings.u, settings.v)
-    folder = Folder(refiner.table, refiner.grid, instrument, orientation, ei)
     path_folder = Folder(path_refiner.table, ms.grid, instrument, orientation, ei)
+    folder = (
+        path_folder  # the classes split the path's cells
+        if refiner.classes is not None
+        else Folder(refiner.table, refiner.grid, instrument, orientation, ei)
+    )
     names = refiner.names
     skipped = 0
     if truths is None:
@@ -759,7 +802,7 @@ def posterior_study(
     n_fits = len(levels) * len(truths) * len(settings.count_scales)
     cache_dir = table_cache_dir() / "moments" if settings.cache else None
     views: Iterator[tuple[int, BinMoments] | None] = itertools.repeat(None)
-    if refiner is not path_refiner:  # the VAE's view: the path's moments of each level
+    if settings.binning == "wedge":  # the VAE's view: the path's moments of each level
         views = cumulative_moments(
             path_folder, refiner.constants, settings.angles, levels, cache_dir=cache_dir
         )
@@ -772,6 +815,7 @@ def posterior_study(
                 levels,
                 cache_dir=cache_dir,
                 progress=progress,
+                classes=refiner.classes,
             ),
             views,
             strict=False,  # views repeats None for ever on the path

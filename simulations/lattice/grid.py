@@ -4,6 +4,11 @@ A path is written as labelled points joined by ``-`` with ``|`` for a jump, e.g.
 ``"G-X-U|K-G-L-W-X"`` (``G`` is Gamma). Point coordinates are the Setyawan-Curtarolo ones
 for the crystal's lattice, in r.l.u. of the standard primitive reciprocal lattice.
 
+The path's bins can be split by the structure-factor class of the Brillouin zone a cell
+lies in (:func:`zone_classes`, :func:`make_class_grid`): zones whose atoms scatter with the
+same relative phases share a class, so that folding keeps what tells optic-like from
+acoustic-like eigenvectors.
+
 A powder sample's spectrum S(|Q|, E) lives on a :class:`PowderGrid` of |Q| bins instead
 (:func:`make_powder_grid`).
 
@@ -29,10 +34,13 @@ __all__ = [
     "Grid",
     "PowderGrid",
     "QPath",
+    "ZoneClasses",
+    "make_class_grid",
     "make_grid",
     "make_powder_grid",
     "make_qpath",
     "make_wedge_grid",
+    "zone_classes",
 ]
 
 
@@ -380,3 +388,89 @@ def make_powder_grid(
         q_edges=q_step * np.arange(n_q + 1, dtype=np.float64),
         energy_edges=e_min + e_step * np.arange(n_e + 1, dtype=np.float64),
     )
+
+
+#: Largest denominator of the atoms' relative fractional coordinates that
+#: :func:`zone_classes` tabulates; crystals beyond it get one class.
+MAX_ZONE_PERIOD = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ZoneClasses:
+    """The structure-factor classes of the Brillouin zones of a crystal.
+
+    The one-phonon cross-section at ``Q = q + G`` carries, for atom j, the phase
+    ``exp(-2 pi i G . x_j)``; only the phases relative to atom 0 matter. Zones G with the
+    same relative phases form a class: within one, S(Q, E) differs only through Q's
+    direction and length. When every ``x_j - x_0`` is a multiple of ``1/period`` the
+    phases repeat with G modulo ``period``, and ``table`` gives the class of every G
+    modulo it.
+
+    Attributes
+    ----------
+    period
+        P: the classes repeat with every component of G (primitive r.l.u.) modulo P.
+    table
+        (P^3,) int64, the class of ``G mod P`` at index ``((g0 % P) * P + g1 % P) * P +
+        g2 % P``; class 0 is the zones of G = 0 (all atoms in phase).
+    n_classes
+        Distinct classes (1 for a one-atom cell, 4 for diamond).
+    """
+
+    period: int
+    table: NDArray[np.int64]
+    n_classes: int
+
+    def of(self, g: NDArray[np.integer]) -> NDArray[np.int64]:
+        """(n,) the class of each reciprocal lattice vector of ``g`` ((n, 3) integers)."""
+        m = np.mod(np.asarray(g, dtype=np.int64), self.period)
+        return np.asarray(self.table[(m[:, 0] * self.period + m[:, 1]) * self.period + m[:, 2]])
+
+    def digest(self) -> str:
+        """Hex digest (part of a cache key)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(np.int64(self.period).tobytes())
+        h.update(np.ascontiguousarray(self.table, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+def zone_classes(crystal: Crystal, max_period: int = MAX_ZONE_PERIOD) -> ZoneClasses:
+    """The :class:`ZoneClasses` of ``crystal``: for diamond-structure Ge (atoms at 0 and
+    1/4 (1, 1, 1) of the primitive cell) the four classes of ``h + k + l`` modulo 4 in
+    the primitive basis (both atoms in phase, out of phase, and the two quarter turns).
+    One class (no split) for a one-atom cell, or when a relative coordinate is no
+    multiple of 1/P for any P <= ``max_period``."""
+    x = np.asarray(crystal.positions, dtype=float)
+    rel = x[1:] - x[0]
+    period = 1
+    if len(rel):
+        for p in range(1, max_period + 1):
+            if np.allclose(rel * p, np.rint(rel * p), atol=1e-6):
+                period = p
+                break
+        else:
+            period = 1
+    if period == 1:
+        return ZoneClasses(period=1, table=np.zeros(1, dtype=np.int64), n_classes=1)
+    g = np.array(list(itertools.product(range(period), repeat=3)), dtype=np.int64)
+    steps = np.mod(np.rint(period * (g @ rel.T)).astype(np.int64), period)  # (P^3, n_at-1)
+    found: dict[tuple[int, ...], int] = {}
+    table = np.array(
+        [found.setdefault(tuple(int(v) for v in row), len(found)) for row in steps],
+        dtype=np.int64,
+    )
+    return ZoneClasses(period=period, table=table, n_classes=len(found))
+
+
+def make_class_grid(grid: Grid, classes: ZoneClasses) -> Grid:
+    """The path's grid with every q-point repeated once per zone class (row ``iq *
+    n_classes + class``), the energy bins unchanged: the bins of the class-split fold."""
+    n = classes.n_classes
+    qp = grid.qpath
+    qpath = QPath(
+        path=f"{qp.path} x {n} zone classes",
+        qpoints=np.repeat(qp.qpoints, n, axis=0),
+        distance=np.repeat(qp.distance, n),
+        ticks=tuple((i * n, label) for i, label in qp.ticks),
+    )
+    return Grid(qpath=qpath, energy_edges=grid.energy_edges)

@@ -449,9 +449,10 @@ def evaluate_posterior_cmd(
         typer.Option(
             "--binning",
             help="What the refinement fits: path (the folding tube around the q-path, the "
-            "service's) or wedge (every event of the zone, on the irreducible points of a "
-            "Gamma-centred mesh; about 15x the counts). The VAE's start comes from the "
-            "path's I(q, E) either way.",
+            "service's), wedge (every event of the zone, on the irreducible points of a "
+            "Gamma-centred mesh; about 15x the counts) or classes (the path's bins split by "
+            "the structure-factor class of each count's Brillouin zone: 4 for Ge). The "
+            "VAE's start comes from the path's I(q, E) in every case.",
         ),
     ] = "path",
     wedge_mesh: WedgeMeshOpt = 16,
