@@ -49,6 +49,7 @@ def fold_recorded_run(
     streams: InstrumentConfig | None = None,
     instrument_file: str | Path | None = None,
     wedge_mesh: int | None = None,
+    zone_classes: bool = False,
 ) -> tuple[dict[str, object], RunAccumulator]:
     """Fold every counting step of a recorded run into I(q, E); optionally write HDF5.
 
@@ -70,6 +71,10 @@ def fold_recorded_run(
         Bin on the whole irreducible wedge (the irreducible points of a Gamma-centred mesh
         of this many points per axis) instead of the q-path; the file records it
         (``binning`` in its metadata) for ``steer estimate --refine --wedge``.
+    zone_classes
+        Split the q-path's bins by the structure-factor class of each event's zone
+        (:meth:`~consumers.reduction.folding.Folder.fold_classes`; ``binning`` kind
+        ``classes``), for ``steer estimate --refine --binned``.
 
     Returns
     -------
@@ -89,6 +94,7 @@ def fold_recorded_run(
         streams=streams,
         instrument_file=instrument_file,
         wedge_mesh=wedge_mesh,
+        zone_classes=zone_classes,
     )
     malformed: Counter[str] = Counter()
     refused_start = ""  # why the last run start could not be used
@@ -130,7 +136,11 @@ def fold_recorded_run(
     result = {k: result[k] for k in order} | {k: v for k, v in result.items() if k not in order}
     if out is not None:
         meta = pipe.meta or {}
-        binning = {"kind": "path"} if wedge_mesh is None else {"kind": "wedge", "mesh": wedge_mesh}
+        binning: dict[str, object] = {"kind": "path"}
+        if wedge_mesh is not None:
+            binning = {"kind": "wedge", "mesh": wedge_mesh}
+        elif pipe.classes is not None:
+            binning = {"kind": "classes", "classes": pipe.classes.n_classes}
         pipe.acc.write_hdf5(
             out,
             metadata={

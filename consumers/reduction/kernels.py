@@ -345,3 +345,49 @@ def coverage_kernel(
                         sig[ch, b] += w * s_group[gp, cs, ch]
             s += 1
     return computed
+
+
+@numba.njit(cache=True, nogil=True)
+def star_rows_kernel(
+    h: np.ndarray,  # (n, 3) Q, r.l.u.
+    voxels: int,
+    live: np.ndarray,
+    rank: np.ndarray,
+    offsets: np.ndarray,
+    candidates: np.ndarray,
+    star_xyz: np.ndarray,
+    rec: np.ndarray,  # (3, 3) rows b_i
+    tol2: float,
+    rows: np.ndarray,  # (n,) int64, written
+) -> None:
+    """The fold table's star point (row) each Q folds to, by the search of
+    :func:`fold_kernel` (the nearest candidate of its voxel within the tolerance), or -1."""
+    for i in range(h.shape[0]):
+        rows[i] = -1
+        f0 = h[i, 0] - math.floor(h[i, 0])
+        f1 = h[i, 1] - math.floor(h[i, 1])
+        f2 = h[i, 2] - math.floor(h[i, 2])
+        vx = (
+            min(int(f0 * voxels), voxels - 1) * voxels + min(int(f1 * voxels), voxels - 1)
+        ) * voxels + min(int(f2 * voxels), voxels - 1)
+        word = live[vx >> 6]
+        bit = np.uint64(vx & 63)
+        if not (word >> bit) & np.uint64(1):
+            continue
+        r = rank[vx >> 6] + _popcount(word & ((np.uint64(1) << bit) - np.uint64(1)))
+        cx = f0 * rec[0, 0] + f1 * rec[1, 0] + f2 * rec[2, 0]
+        cy = f0 * rec[0, 1] + f1 * rec[1, 1] + f2 * rec[2, 1]
+        cz = f0 * rec[0, 2] + f1 * rec[1, 2] + f2 * rec[2, 2]
+        best = 1e300
+        row = -1
+        for k in range(offsets[r], offsets[r + 1]):
+            q = candidates[k]
+            dx = star_xyz[q, 0] - cx
+            dy = star_xyz[q, 1] - cy
+            dz = star_xyz[q, 2] - cz
+            dd = dx * dx + dy * dy + dz * dz
+            if dd < best:
+                best = dd
+                row = q
+        if best <= tol2:
+            rows[i] = row

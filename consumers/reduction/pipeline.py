@@ -43,7 +43,7 @@ from consumers.wire import (
     msgpack_document_name,
 )
 from simulations.instrument.spectrometer import Instrument, Orientation
-from simulations.lattice.grid import make_wedge_grid
+from simulations.lattice.grid import ZoneClasses, make_class_grid, make_wedge_grid, zone_classes
 from simulations.lattice.materials import MaterialSetup, setup
 
 __all__ = [
@@ -209,6 +209,12 @@ class RunPipeline:
         Fold a single crystal's events on the whole irreducible wedge (the irreducible
         points of a Gamma-centred mesh of this many points per axis) instead of the
         q-path (:func:`run_folder`); its moments follow.
+    zone_classes
+        Split the q-path's bins of a single crystal by the structure-factor class of each
+        event's zone (:func:`~simulations.lattice.grid.zone_classes`,
+        :meth:`Folder.fold_classes`): counts, exposure and moments on the grid of
+        :func:`~simulations.lattice.grid.make_class_grid` (for the refinement; the
+        classes' sum is the path's I(q, E)).
     background
         Fold closed orientations (fold kernel and coverage, both without the GIL) on a
         worker thread while the caller goes on decoding messages; results are added in the
@@ -236,6 +242,7 @@ class RunPipeline:
         streams: InstrumentConfig | None = None,
         instrument_file: str | Path | None = None,
         wedge_mesh: int | None = None,
+        zone_classes: bool = False,
     ) -> None:
         self.mode = mode
         #: the streams' roles; ``_by_topic`` False matches by source name only
@@ -268,6 +275,12 @@ class RunPipeline:
         self.tolerance = float(tolerance)
         self.voxels = int(voxels)
         self.wedge_mesh = wedge_mesh
+        #: split the path's bins by zone class (:meth:`Folder.fold_classes`)
+        self.zone_classes = bool(zone_classes)
+        if self.zone_classes and (wedge_mesh is not None or not self.take_moments):
+            raise ValueError("zone classes split the q-path's bins, with their moments")
+        #: the zone classes of a run split by them (set at its run start), else None
+        self.classes: ZoneClasses | None = None
         self.meta: dict[str, Any] | None = None
         #: the set-up read from the run start's ``nexus_structure`` (its stream names
         #: included), or None when it came from the private metadata
@@ -563,6 +576,17 @@ class RunPipeline:
         segmenter = Segmenter(mode, monitors=monitors, powder=powder)
         # the refinement's moments are a single crystal's (per path point and branch)
         constants = self._moment_constants(meta, ms) if self.take_moments and not powder else None
+        classes = None
+        acc_grid = folder.grid
+        if self.zone_classes:
+            if constants is None:
+                raise ValueError(
+                    "zone classes need a single crystal with the refinement's moments "
+                    "(a shipped material's reference force constants)"
+                )
+            assert isinstance(folder, Folder)
+            classes = zone_classes(ms.crystal)
+            acc_grid = make_class_grid(folder.grid, classes)
         self.meta = meta
         self.nexus = nexus
         self._nexus_text = nexus_structure if nexus is not None else None
@@ -570,15 +594,16 @@ class RunPipeline:
             self.streams = self.tally.config = streams
         self._run_key = str(meta.get("run_id", "")).encode()
         self.folder = folder
+        self.classes = classes
         self.acc = RunAccumulator(
-            folder.grid, normalisation=streams.normalisation, monitor=norm_monitor
+            acc_grid, normalisation=streams.normalisation, monitor=norm_monitor
         )
         self.segmenter = segmenter
         self._constants = constants
         if constants is not None:
             assert isinstance(folder, Folder)
             self._inverse_ops = star_operations(folder, constants.operations)
-            n_bins = folder.grid.n_q * folder.grid.n_e
+            n_bins = self.acc.grid.n_q * self.acc.grid.n_e
             self.acc.moments = BinMoments.zeros(n_bins, constants.n_branches)
 
     @staticmethod
@@ -661,6 +686,23 @@ class RunPipeline:
         gives bitwise the same result on any thread). Both kernels release the GIL."""
         assert self.folder is not None
         t0 = time.perf_counter()
+        if self.classes is not None:  # counts, exposure and moments by zone class
+            assert isinstance(self.folder, Folder)
+            assert self._constants is not None
+            assert self._inverse_ops is not None
+            counts, dropped = self.folder.fold_classes(
+                chunk.pixel_id, chunk.tof_ns, chunk.omega, self.classes, self._inverse_ops
+            )
+            split = orientation_moments(
+                self.folder,
+                self._constants,
+                chunk.omega,
+                inverse_ops=self._inverse_ops,
+                classes=self.classes,
+            )
+            alias = self.classes.expand(self.folder.table.alias)
+            coverage = split.weight.reshape(counts.shape)[alias]
+            return counts, coverage, dropped, time.perf_counter() - t0, split
         counts, dropped = self.folder.fold(chunk.pixel_id, chunk.tof_ns, chunk.omega)
         coverage = self.folder.coverage(chunk.omega)
         moments = None

@@ -216,6 +216,11 @@ def refine_file_exact(
     from consumers.reduction.pipeline import run_folder
 
     counts, run_start, omegas, charges, moments, refiner = file_inputs(path, first, progress)
+    if refiner.classes is not None:
+        raise RefinementError(
+            f"{path} is split by zone class: the exact-fold correction is made on the path "
+            "or the wedge, not on zone classes"
+        )
     fit = refiner.refine(counts, moments, start, spread=spread)
     if not fit.converged:
         raise RefinementError(

@@ -40,6 +40,7 @@ from simulations.lattice.sqe import CoherentSQE, mesh_points
 
 __all__ = [
     "RunRefiner",
+    "file_binning",
     "file_inputs",
     "file_wedge_mesh",
     "read_counts_file",
@@ -140,11 +141,17 @@ class RunRefiner:
 
     @classmethod
     def from_metadata(
-        cls, meta: Mapping[str, Any], *, wedge_mesh: int | None = None, **kwargs: Any
+        cls,
+        meta: Mapping[str, Any],
+        *,
+        wedge_mesh: int | None = None,
+        classes: bool = False,
+        **kwargs: Any,
     ) -> RunRefiner:
         """From a run start's metadata (``material``, ``instrument``, ``ei_meV``,
         ``temperature_K``; 5 K when absent); on the wedge of a ``wedge_mesh^3`` mesh
-        (:meth:`wedge`) when given."""
+        (:meth:`wedge`) when given, on the path's bins split by zone class
+        (:meth:`zone_split`) with ``classes``."""
         try:
             instrument = Instrument.from_metadata(meta["instrument"])
             args = (
@@ -155,6 +162,8 @@ class RunRefiner:
             )
             if wedge_mesh is not None:
                 return cls.wedge(*args, mesh=wedge_mesh, **kwargs)
+            if classes:
+                return cls.zone_split(*args, **kwargs)
             return cls(*args, **kwargs)
         except KeyError as exc:
             raise RefinementError(f"run metadata lacks {exc}: cannot refine") from exc
@@ -239,12 +248,7 @@ class RunRefiner:
         """(n_q,) rows of :attr:`grid` holding the counts of each row (the fold table's
         alias; with zone classes, each class row of an aliased point follows its own)."""
         alias = np.asarray(self.table.alias, dtype=np.int64)
-        if self.classes is None:
-            return alias
-        n = self.classes.n_classes
-        return np.asarray(
-            np.repeat(alias, n) * n + np.tile(np.arange(n, dtype=np.int64), len(alias))
-        )
+        return alias if self.classes is None else self.classes.expand(alias)
 
     @property
     def constants(self) -> StructureConstants:
@@ -479,9 +483,10 @@ def read_counts_file(
     return counts, dict(run_start), omegas[:k], charges[:k], moments
 
 
-def file_wedge_mesh(path: str | Path) -> int | None:
-    """The wedge mesh (points per axis) of a folded-run file folded on the irreducible
-    wedge (``steer fold --binning wedge``), None for one folded on the q-path."""
+def file_binning(path: str | Path) -> dict[str, Any]:
+    """How a folded-run file's counts are binned (``binning`` in its metadata, written by
+    ``steer fold --binning``): ``{"kind": "path"}`` (also for files from before it was
+    written), ``{"kind": "wedge", "mesh": m}`` or ``{"kind": "classes", "classes": n}``."""
     import h5py
 
     try:
@@ -490,9 +495,16 @@ def file_wedge_mesh(path: str | Path) -> int | None:
     except (OSError, KeyError, ValueError) as exc:
         raise RefinementError(f"{path} is not a folded-run file: {exc}") from exc
     binning = meta.get("binning") or {"kind": "path"}
-    if binning.get("kind") == "wedge":
-        return int(binning["mesh"])
-    return None
+    if binning.get("kind") not in ("path", "wedge", "classes"):
+        raise RefinementError(f"{path} is binned as {binning!r}, which the refinement lacks")
+    return dict(binning)
+
+
+def file_wedge_mesh(path: str | Path) -> int | None:
+    """The wedge mesh (points per axis) of a folded-run file folded on the irreducible
+    wedge (``steer fold --binning wedge``), None for any other binning."""
+    binning = file_binning(path)
+    return int(binning["mesh"]) if binning["kind"] == "wedge" else None
 
 
 def run_moments(
@@ -511,7 +523,9 @@ def run_moments(
     from consumers.reduction.pipeline import run_folder
 
     if refiner.binning == "grid":
-        raise RefinementError("a run file's moments are made on its q-path or its wedge")
+        raise RefinementError(
+            "a run file's moments are made on its q-path, its wedge or its zone classes"
+        )
     _, folder = run_folder(
         dict(run_start), tolerance=refiner.table.tolerance, wedge_mesh=refiner.wedge_mesh
     )
@@ -523,13 +537,17 @@ def run_moments(
     ops = star_operations(folder, refiner.constants.operations)
     grid = refiner.grid
     out = BinMoments.zeros(grid.n_q * grid.n_e, refiner.constants.n_branches)
+    classes = refiner.classes
     for w, c in tqdm(
         list(zip(omegas, charges, strict=True)),
         desc="moments",
         unit="orient",
         disable=not progress,
     ):
-        out.add(orientation_moments(folder, refiner.constants, w, inverse_ops=ops), c)
+        out.add(
+            orientation_moments(folder, refiner.constants, w, inverse_ops=ops, classes=classes),
+            c,
+        )
     return out
 
 
@@ -554,7 +572,12 @@ def file_inputs(
     """:func:`read_counts_file` with the moments made where the file has none, and the
     run's refiner."""
     counts, run_start, omegas, charges, moments = read_counts_file(path, first=first)
-    refiner = RunRefiner.from_metadata(run_start, wedge_mesh=file_wedge_mesh(path))
+    binning = file_binning(path)
+    refiner = RunRefiner.from_metadata(
+        run_start,
+        wedge_mesh=int(binning["mesh"]) if binning["kind"] == "wedge" else None,
+        classes=binning["kind"] == "classes",
+    )
     if moments is None:
         moments = run_moments(run_start, omegas, charges, refiner, progress=progress)
     return counts, run_start, omegas, charges, moments, refiner

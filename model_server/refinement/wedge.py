@@ -4,7 +4,8 @@ The path fold keeps the events within the folding tube around the q-path (about 
 them). Binned instead by the nearest point of a Gamma-centred ``mesh^3`` grid's star (a
 q-voxel of the whole zone, folded into the irreducible wedge: the irreducible points of
 the mesh play the part of the path's points), every event in the energy window counts.
-The same moments and expected-counts model apply unchanged to that binning, so the
+The same moments and expected-counts model apply unchanged to that binning (and to the
+path's bins split by the structure-factor class of each cell's zone), so the
 Cramer-Rao bound ``sqrt(diag(F^-1))`` (F the Fisher information of the Poisson counts at
 the truth, with the refinement's prior) compares what the two binnings can tell of the
 force constants for the same run: same detector, angles, truth, scale and background.
@@ -27,7 +28,7 @@ from consumers.reduction.table import FoldTable
 from model_server.refinement.counts import GAMMA_EXCLUSION, CountsModel
 from model_server.refinement.refiner import RunRefiner
 from simulations.instrument.spectrometer import Orientation
-from simulations.lattice.grid import Grid, make_wedge_grid
+from simulations.lattice.grid import Grid, ZoneClasses, make_wedge_grid
 
 __all__ = ["crb_comparison", "wedge_grid"]
 
@@ -41,14 +42,23 @@ def wedge_grid(refiner: RunRefiner, mesh: int) -> tuple[Grid, float]:
 
 
 def _moments(
-    folder: Folder, refiner: RunRefiner, omegas: Sequence[float], *, stride: int, substeps: int
-) -> list[BinMoments]:
-    """Cumulative moments after each angle (unit charge each)."""
+    folder: Folder,
+    refiner: RunRefiner,
+    omegas: Sequence[float],
+    levels: Sequence[int],
+    *,
+    stride: int,
+    substeps: int,
+    classes: ZoneClasses | None = None,
+) -> dict[int, BinMoments]:
+    """Cumulative moments of the first k angles (unit charge each) for every k of
+    ``levels``; split by zone class with ``classes``."""
     ops = star_operations(folder, refiner.constants.operations)
     grid = folder.grid
-    acc = BinMoments.zeros(grid.n_q * grid.n_e, refiner.constants.n_branches)
-    out = []
-    for w in omegas:
+    n_classes = 1 if classes is None else classes.n_classes
+    acc = BinMoments.zeros(grid.n_q * n_classes * grid.n_e, refiner.constants.n_branches)
+    out = {}
+    for k, w in enumerate(omegas, start=1):
         acc.add(
             orientation_moments(
                 folder,
@@ -57,10 +67,12 @@ def _moments(
                 e_substeps=substeps,
                 pixel_stride=stride,
                 inverse_ops=ops,
+                classes=classes,
             ),
             1.0,
         )
-        out.append(acc.copy())
+        if k in levels:
+            out[k] = acc.copy()
     return out
 
 
@@ -78,7 +90,8 @@ def crb_comparison(
     e_substeps: int = 2,
     names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Cramer-Rao bounds of the path binning and the wedge binning of the same run.
+    """Cramer-Rao bounds of the path binning, the wedge binning and the path's bins split
+    by zone class (:meth:`RunRefiner.zone_split`) of the same run.
 
     ``omegas``: the run's angles (deg) in order; ``levels``: orientation counts k (the
     first k angles) to report. The scale is set so that the path's fitted bins hold
@@ -86,7 +99,8 @@ def crb_comparison(
     folded share), with ``background_share`` of that as flat background; the wedge uses the
     same scale and background amplitude (they are properties of the run, not the binning).
     Returns ``{"levels": [{"orientations", "path": {name: crb}, "wedge": {...},
-    "wedge_over_path": {...}, "counts": {"path", "wedge"}}], "mesh", "seconds", ...}``.
+    "classes": {...}, "wedge_over_path": {...}, "classes_over_path": {...}, "counts":
+    {"path", "wedge", "classes"}}], "mesh", "seconds", ...}``.
     """
     t0 = time.perf_counter()
     instrument = refiner.instrument
@@ -100,17 +114,31 @@ def crb_comparison(
     w_table = FoldTable.cached(refiner.setup.crystal, w_grid, tolerance=radius)
     wedge_folder = Folder(w_table, w_grid, instrument, orientation, ei)
     used = list(omegas[: levels[-1]])
-    path_m = _moments(path_folder, refiner, used, stride=pixel_stride, substeps=e_substeps)
-    wedge_m = _moments(wedge_folder, refiner, used, stride=pixel_stride, substeps=e_substeps)
+    split = RunRefiner.zone_split(
+        refiner.material, instrument, ei, refiner.temperature, material_setup=refiner.setup
+    )
+    path_m = _moments(path_folder, refiner, used, levels, stride=pixel_stride, substeps=e_substeps)
+    wedge_m = _moments(
+        wedge_folder, refiner, used, levels, stride=pixel_stride, substeps=e_substeps
+    )
+    class_m = _moments(
+        path_folder,
+        refiner,
+        used,
+        levels,
+        stride=pixel_stride,
+        substeps=e_substeps,
+        classes=split.classes,
+    )
     exclusion = GAMMA_EXCLUSION * refiner.table.tolerance
     out_levels = []
     for k in levels:
-        path_model = refiner.model(path_m[k - 1])
+        path_model = refiner.model(path_m[k])
         wedge_model = CountsModel(
             refiner.setup.basis,
             w_grid,
             refiner.resolution,
-            wedge_m[k - 1],
+            wedge_m[k],
             alias=w_table.alias,
             tolerance=radius,
             temperature=refiner.temperature,
@@ -125,7 +153,12 @@ def crb_comparison(
         )
         row: dict[str, Any] = {"orientations": k}
         counts = {}
-        for label, model in (("path", path_model), ("wedge", wedge_model)):
+        models = (
+            ("path", path_model),
+            ("wedge", wedge_model),
+            ("classes", split.model(class_m[k])),
+        )
+        for label, model in models:
             ev = model.evaluate(theta)
             assert ev.jacobian is not None
             fisher = ev.jacobian.T @ (ev.jacobian / ev.expected[:, None])
@@ -135,6 +168,7 @@ def crb_comparison(
             row[label] = {n: float(crb[refiner.names.index(n)]) for n in names}
             counts[label] = float(ev.expected.sum())
         row["wedge_over_path"] = {n: row["wedge"][n] / row["path"][n] for n in names}
+        row["classes_over_path"] = {n: row["classes"][n] / row["path"][n] for n in names}
         row["counts"] = counts
         out_levels.append(row)
     return {
@@ -142,6 +176,7 @@ def crb_comparison(
         "names": names,
         "mesh": mesh,
         "wedge_points": w_grid.n_q,
+        "zone_classes": 1 if split.classes is None else split.classes.n_classes,
         "wedge_radius_per_A": radius,
         "zone_centre_exclusion_per_A": exclusion,
         "pixel_stride": pixel_stride,

@@ -426,6 +426,14 @@ class ZoneClasses:
         m = np.mod(np.asarray(g, dtype=np.int64), self.period)
         return np.asarray(self.table[(m[:, 0] * self.period + m[:, 1]) * self.period + m[:, 2]])
 
+    def expand(self, alias: NDArray[np.integer]) -> NDArray[np.int64]:
+        """(n_q * n_classes,) a fold table's alias (:attr:`FoldTable.alias`, (n_q,)) on
+        the class grid: each class row of an aliased point follows the same class row of
+        its canonical point."""
+        n = self.n_classes
+        a = np.asarray(alias, dtype=np.int64)
+        return np.asarray(np.repeat(a, n) * n + np.tile(np.arange(n, dtype=np.int64), len(a)))
+
     def digest(self) -> str:
         """Hex digest (part of a cache key)."""
         h = hashlib.blake2b(digest_size=8)

@@ -97,7 +97,9 @@ def fold_cmd(
             help="path: the events within --tolerance of the q-path's star (the VAE's and "
             "the page's I(q, E)); wedge: every event of the zone in the energy window, on "
             "the irreducible points of a Gamma-centred mesh (for steer estimate --refine "
-            "--wedge: about 15x the counts of the path).",
+            "--wedge: about 15x the counts of the path); classes: the path's bins split by "
+            "the structure-factor class of each event's Brillouin zone (4 for Ge; for steer "
+            "estimate --refine --binned).",
         ),
     ] = "path",
     wedge_mesh: WedgeMeshOpt = 16,
@@ -106,11 +108,11 @@ def fold_cmd(
     """Fold a recorded run offline through the consumers' code path (no broker)."""
     from consumers.offline import fold_recorded_run
 
-    if binning not in ("path", "wedge"):
-        raise typer.BadParameter(f"path or wedge, got {binning!r}", param_hint="--binning")
-    if binning == "wedge":
-        if wedge_mesh < 2:
-            raise typer.BadParameter(f"must be >= 2, got {wedge_mesh}", param_hint="--wedge-mesh")
+    if binning not in ("path", "wedge", "classes"):
+        raise typer.BadParameter(f"path, wedge or classes, got {binning!r}", param_hint="--binning")
+    if binning == "wedge" and wedge_mesh < 2:
+        raise typer.BadParameter(f"must be >= 2, got {wedge_mesh}", param_hint="--wedge-mesh")
+    if binning != "path":
         for flag, given in (("--check", check), ("--plot", plot is not None)):
             if given:
                 raise typer.BadParameter(
@@ -136,6 +138,7 @@ def fold_cmd(
         instrument_file=instrument_file,
         streams=streams,
         wedge_mesh=wedge_mesh if binning == "wedge" else None,
+        zone_classes=binning == "classes",
     )
     if plot is not None:
         _plot_fold(plot, summary, acc, run.name)

@@ -6,8 +6,9 @@ On the README's Ge set-up (ARCS-like detector, Ei 80 meV, 5 K, omega 0..119 deg,
 much background, the same scale and background amplitude for both binnings), one core:
 
 * the Cramer-Rao bound of FC0-FC3 (``sqrt(diag(F^-1))``, the refinement's prior included)
-  with the path binning (the 0.05 1/A tube around the q-path) and with the irreducible
-  points of a Gamma-centred 16^3 mesh (every Q within reach), at 1, 10 and 120 orientations
+  with the path binning (the 0.05 1/A tube around the q-path), with the irreducible
+  points of a Gamma-centred 16^3 mesh (every Q within reach) and with the path's bins
+  split by zone class (4 for Ge), at 1, 10 and 120 orientations
   (:func:`model_server.refinement.wedge.crb_comparison`, moments from every 4th pixel);
 * what the wedge's moments cost per orientation against the path's, in the same process,
   every pixel and every 4th pixel.
@@ -75,9 +76,13 @@ def bench_wedge() -> None:
     }
     out["wedge_tighter_by_at_least"] = {str(k): round(v, 2) for k, v in tightest.items()}
     first, last = crb["levels"][0], crb["levels"][-1]
+    out["classes_tighter_by_at_least"] = {
+        str(row["orientations"]): round(min(1.0 / v for v in row["classes_over_path"].values()), 2)
+        for row in crb["levels"]
+    }
     out["std_ratio_120_over_1"] = {
         label: {n: round(last[label][n] / first[label][n], 4) for n in crb["names"]}
-        for label in ("path", "wedge")
+        for label in ("path", "wedge", "classes")
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "wedge.json").write_text(json.dumps(out, indent=1) + "\n")

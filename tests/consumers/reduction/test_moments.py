@@ -13,6 +13,7 @@ from consumers.reduction.moments import (
     orientation_moments,
     star_operations,
 )
+from simulations.lattice.grid import zone_classes
 from simulations.lattice.sqe import CoherentSQE
 from tests.ge_moments import TEMPERATURE, ge_moments, ge_run
 
@@ -133,3 +134,24 @@ def test_moments_deep_copy_is_independent() -> None:
     c.weight[0] = 5.0
     assert m.weight[0] == 1.0
     np.testing.assert_array_equal(c.tensor, m.tensor)
+
+
+def test_moments_split_by_zone_class_sum_to_the_path_moments() -> None:
+    """Split by the zones' structure-factor class, every array of every bin sums over the
+    classes to the unsplit one (the same cells, each in one class), and each class holds
+    a real share of the exposure."""
+    run = ge_run()
+    classes = zone_classes(run.refiner.setup.crystal)
+    plain = orientation_moments(run.folder, run.refiner.constants, 20.0)
+    split = orientation_moments(run.folder, run.refiner.constants, 20.0, classes=classes)
+    n_q, n_e = run.folder.grid.shape
+    n = classes.n_classes
+    assert split.weight.shape == (n_q * n * n_e,)
+    for name, a in plain.arrays(prefix="").items():
+        if name == "n":
+            continue
+        b = split.arrays(prefix="")[name]
+        summed = b.reshape(n_q, n, n_e, *b.shape[1:]).sum(axis=1).reshape(a.shape)
+        np.testing.assert_allclose(summed, a, rtol=1e-9, atol=1e-12 * np.abs(a).max(), err_msg=name)
+    share = split.weight.reshape(n_q, n, n_e).sum(axis=(0, 2)) / plain.weight.sum()
+    assert np.all(share > 0.1), share

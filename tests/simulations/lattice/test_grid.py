@@ -7,8 +7,8 @@ import pytest
 
 from simulations.exceptions import GridError
 from simulations.instrument.binning import ReferenceBinning
-from simulations.lattice.grid import make_grid, make_wedge_grid
-from simulations.lattice.materials import MaterialSetup
+from simulations.lattice.grid import make_class_grid, make_grid, make_wedge_grid, zone_classes
+from simulations.lattice.materials import MaterialSetup, setup
 
 
 def test_ge_path_and_grid_size(ge: MaterialSetup) -> None:
@@ -72,3 +72,26 @@ def test_the_wedge_grid_bins_every_q_of_the_zone(ge: MaterialSetup) -> None:
     assert set(binning.q_index(mesh).tolist()) == set(range(145))
     with pytest.raises(GridError, match=">= 2 points"):
         make_wedge_grid(ge.crystal, ge.grid.energy_edges, 1)
+
+
+def test_zone_classes_follow_the_atoms_relative_phases(ge: MaterialSetup) -> None:
+    """Diamond Ge: the atoms' relative phase exp(-2 pi i G.(x_1 - x_0)) is a power of i
+    set by h + k + l modulo 4 (primitive basis), so four classes; one atom, one class."""
+    z = zone_classes(ge.crystal)
+    assert (z.period, z.n_classes) == (4, 4)
+    g = np.random.default_rng(0).integers(-9, 10, (500, 3))
+    cls = z.of(g)
+    rel = ge.crystal.positions[1] - ge.crystal.positions[0]
+    phase = np.exp(-2j * np.pi * (g @ rel))
+    for c in range(4):  # one relative phase per class, a different one for each
+        assert np.ptp(phase[cls == c].real) < 1e-9
+        assert np.ptp(phase[cls == c].imag) < 1e-9
+    assert len({complex(np.round(phase[cls == c][0], 6)) for c in range(4)}) == 4
+    assert z.of(np.zeros((1, 3), dtype=int))[0] == 0
+    al = zone_classes(setup("Al").crystal)
+    assert al.n_classes == 1
+    assert z.digest() != al.digest()
+    grid = make_class_grid(ge.grid, z)
+    assert grid.shape == (4 * ge.grid.n_q, ge.grid.n_e)
+    np.testing.assert_array_equal(grid.qpath.qpoints[4 * 7 + 3], ge.grid.qpath.qpoints[7])
+    assert grid.fingerprint != ge.grid.fingerprint
