@@ -42,7 +42,6 @@ __all__ = [
     "RunRefiner",
     "file_binning",
     "file_inputs",
-    "file_wedge_mesh",
     "read_counts_file",
     "refine_file",
     "run_moments",
@@ -57,6 +56,14 @@ MULTIPHONON_MESH = 16
 WEDGE_MESH = 16
 #: Relative change of the coefficients (2-norm) that remakes the multiphonon template.
 TEMPLATE_TOLERANCE = 0.01
+
+
+def _material_setup(material: str, given: MaterialSetup | None) -> MaterialSetup:
+    """``given``, else the shipped material's set-up (a RefinementError when none)."""
+    try:
+        return given or setup(material)
+    except SimulationError as exc:
+        raise RefinementError(f"no forward model for material {material!r}: {exc}") from exc
 
 
 class RunRefiner:
@@ -185,10 +192,7 @@ class RunRefiner:
         (:func:`~simulations.lattice.grid.make_wedge_grid`; every event in the energy
         window counts, about 15 times the path tube's on the README run), the path's
         energy bins, and the path's zone-centre exclusion (the same radius in 1/A)."""
-        try:
-            ms = material_setup or setup(material)
-        except SimulationError as exc:
-            raise RefinementError(f"no forward model for material {material!r}: {exc}") from exc
+        ms = _material_setup(material, material_setup)
         grid, radius = make_wedge_grid(ms.crystal, ms.grid.energy_edges, mesh)
         path_tolerance = FoldTable.cached(ms.crystal, ms.grid).tolerance
         out = cls(
@@ -224,10 +228,7 @@ class RunRefiner:
         sums away. The moments are taken with
         ``orientation_moments(..., classes=refiner.classes)`` on the path's folder; the
         grid is :func:`~simulations.lattice.grid.make_class_grid`'s."""
-        try:
-            ms = material_setup or setup(material)
-        except SimulationError as exc:
-            raise RefinementError(f"no forward model for material {material!r}: {exc}") from exc
+        ms = _material_setup(material, material_setup)
         classes = zone_classes(ms.crystal)
         out = cls(
             material,
@@ -498,13 +499,6 @@ def file_binning(path: str | Path) -> dict[str, Any]:
     if binning.get("kind") not in ("path", "wedge", "classes"):
         raise RefinementError(f"{path} is binned as {binning!r}, which the refinement lacks")
     return dict(binning)
-
-
-def file_wedge_mesh(path: str | Path) -> int | None:
-    """The wedge mesh (points per axis) of a folded-run file folded on the irreducible
-    wedge (``steer fold --binning wedge``), None for any other binning."""
-    binning = file_binning(path)
-    return int(binning["mesh"]) if binning["kind"] == "wedge" else None
 
 
 def run_moments(
