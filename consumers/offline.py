@@ -84,7 +84,7 @@ def fold_recorded_run(
         ``grid_fingerprint``, ``path`` (when ``out`` is given) and ``dispersion`` (with
         ``check``).
     accumulator
-        The run's counts and exposure.
+        The run's counts and exposure (split by zone class with ``zone_classes``).
     """
     t0 = time.perf_counter()
     pipe = RunPipeline(
@@ -96,6 +96,7 @@ def fold_recorded_run(
         wedge_mesh=wedge_mesh,
         zone_classes=zone_classes,
     )
+    pipe.split_orientations = True  # the file keeps every orientation's split counts
     malformed: Counter[str] = Counter()
     refused_start = ""  # why the last run start could not be used
     bar = tqdm(desc="orientations", unit="orient", disable=not progress)
@@ -141,7 +142,7 @@ def fold_recorded_run(
             binning = {"kind": "wedge", "mesh": wedge_mesh}
         elif pipe.classes is not None:
             binning = {"kind": "classes", "classes": pipe.classes.n_classes}
-        pipe.acc.write_hdf5(
+        (pipe.acc if pipe.split is None else pipe.split).write_hdf5(
             out,
             metadata={
                 "source": str(path),
@@ -161,7 +162,7 @@ def fold_recorded_run(
         result["dispersion"] = dispersion_check(
             pipe.acc, pipe.meta or {}, instrument=pipe.folder.instrument
         )
-    return result, pipe.acc
+    return result, (pipe.acc if pipe.split is None else pipe.split)
 
 
 def _run_facts(meta: dict[str, Any]) -> dict[str, Any]:

@@ -133,6 +133,13 @@ class ConsumerService:
         The instrument's streams (:class:`consumers.streams.InstrumentConfig`): which
         (topic, source) is the detector, the goniometer, the charge, the monitors; whether
         message keys are run ids. None: by source name, as the simulator names them.
+    zone_classes
+        Split a single crystal's bins by zone class for the refinement (the pipeline's
+        ``zone_classes``): ``"auto"`` where the material has more than one (``steer
+        serve``'s default, whose in-process refinement fits them), True (refuse runs that
+        cannot be split) or False (default: the path alone; a consumer that only exports
+        and publishes has no use for the split, whose moments do not fit a snapshot
+        message, :mod:`consumers.kafka.sink`).
     """
 
     def __init__(
@@ -148,8 +155,10 @@ class ConsumerService:
         follow: bool = False,
         on_run_start: Callable[[dict[str, Any]], None] | None = None,
         streams: InstrumentConfig | None = None,
+        zone_classes: bool | str = False,
     ) -> None:
         self.source = source
+        self._zone_classes = zone_classes
         #: which (topic, source) is which (None: by source name, the simulator's names)
         self.streams = streams
         self.state_dir = Path(state_dir)
@@ -161,7 +170,9 @@ class ConsumerService:
             ) from exc
         self._mode = mode
         self._tolerance = float(tolerance)
-        self.pipeline = RunPipeline(mode=mode, tolerance=tolerance, streams=streams)
+        self.pipeline = RunPipeline(
+            mode=mode, tolerance=tolerance, streams=streams, zone_classes=zone_classes
+        )
         self.on_snapshot = on_snapshot
         #: wall time (s since the epoch) at which the orientation being handed to
         #: ``on_snapshot`` closed (None when unknown)
@@ -303,7 +314,7 @@ class ConsumerService:
                     snap = self.pipeline.snapshots.pop(rec.index, None)
                     self.closed_at = self.pipeline.closed_at.pop(rec.index, None)
                     try:
-                        self.on_snapshot(snap or self.pipeline.acc.snapshot(), rec)
+                        self.on_snapshot(snap or self.pipeline.snapshot(), rec)
                     except Exception:
                         logger.exception("snapshot hand-off failed (orientation %d)", rec.index)
         if became_done and self.on_run_complete is not None and self.pipeline.acc is not None:
@@ -393,7 +404,10 @@ class ConsumerService:
         self._bluesky_started = False
         self.pipeline.close()
         self.pipeline = RunPipeline(
-            mode=self._mode, tolerance=self._tolerance, streams=self.streams
+            mode=self._mode,
+            tolerance=self._tolerance,
+            streams=self.streams,
+            zone_classes=self._zone_classes,
         )
         self.pipeline.keep_snapshots = self.on_snapshot is not None
         self.done = False

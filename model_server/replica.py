@@ -67,6 +67,7 @@ from consumers.kafka import (
 )
 from consumers.kafka.sink import is_run_complete
 from model_server.exceptions import ModelServerError, RefinementError
+from simulations.lattice.grid import MAX_ZONE_PERIOD
 
 if TYPE_CHECKING:
     from consumers.reduction.moments import BinMoments
@@ -164,6 +165,8 @@ def check_moments(arrays: Mapping[str, np.ndarray]) -> None:
         )
     if not np.all(np.isfinite(counts)) or np.any(counts < 0):
         raise SnapshotError("the snapshot's counts must be finite and >= 0")
+    n_c = snapshot_classes(arrays)
+    n_q *= n_c  # a run split by zone class: its moments are on the classes' rows
     index = arrays["moments_index"]
     if index.ndim != 1 or index.dtype.kind not in "iu":
         raise SnapshotError(
@@ -213,6 +216,35 @@ def check_moments(arrays: Mapping[str, np.ndarray]) -> None:
         raise SnapshotError(f"moments_n must be an integer >= 0, got {n.dtype} {n.shape}")
 
 
+def snapshot_classes(arrays: Mapping[str, np.ndarray]) -> int:
+    """The zone classes of a snapshot split by them (its ``class_counts``: (n_q * n_c,
+    n_E), finite, >= 0, their sum over classes its ``counts``), 1 without a split.
+
+    Raises
+    ------
+    SnapshotError
+        ``class_counts`` of another shape, or not finite and >= 0.
+    """
+    split = arrays.get("class_counts")
+    if split is None:
+        return 1
+    n_q, n_e = arrays["intensity"].shape
+    if (
+        split.ndim != 2
+        or split.shape[1] != n_e
+        or split.shape[0] % n_q
+        or not 1 <= split.shape[0] // n_q <= MAX_ZONE_PERIOD**3
+        or split.dtype.kind not in "fiu"
+    ):
+        raise SnapshotError(
+            f"class_counts {split.shape} must be (n_q * n_classes, n_E) of the ({n_q}, {n_e}) "
+            "intensity"
+        )
+    if not np.all(np.isfinite(split)) or np.any(split < 0):
+        raise SnapshotError("the snapshot's class_counts must be finite and >= 0")
+    return int(split.shape[0] // n_q)
+
+
 def snapshot_moments(arrays: Mapping[str, np.ndarray]) -> BinMoments | None:
     """The :class:`~consumers.reduction.moments.BinMoments` of a checked snapshot (zero in
     the bins it does not send), or None when it carries none."""
@@ -222,7 +254,7 @@ def snapshot_moments(arrays: Mapping[str, np.ndarray]) -> BinMoments | None:
         return None
     n_q, n_e = arrays["intensity"].shape
     index = arrays["moments_index"]
-    out = BinMoments.zeros(n_q * n_e, arrays["moments_tensor"].shape[1])
+    out = BinMoments.zeros(n_q * snapshot_classes(arrays) * n_e, arrays["moments_tensor"].shape[1])
     for name in MOMENT_FIELDS:
         getattr(out, name)[index] = arrays[f"moments_{name}"]
     out.n_orientations = int(arrays["moments_n"])
@@ -240,9 +272,13 @@ class RefinerCache:
 
     @staticmethod
     def setup_key(meta: Mapping[str, Any]) -> str:
-        """The set-up of a snapshot's run: material, instrument, Ei and temperature."""
+        """The set-up of a snapshot's run: material, instrument, Ei, temperature and the
+        zone classes its bins are split by (``n_classes``, 1 for the path)."""
         return json.dumps(
-            [meta.get(k) for k in ("material", "instrument", "ei_meV", "temperature_K")],
+            [
+                *(meta.get(k) for k in ("material", "instrument", "ei_meV", "temperature_K")),
+                int(meta.get("n_classes") or 1),
+            ],
             sort_keys=True,
         )
 
@@ -260,7 +296,10 @@ class RefinerCache:
         hit = self._refiners.get(key)
         if hit is None:
             try:
-                hit = RunRefiner.from_metadata({k: v for k, v in meta.items() if v is not None})
+                hit = RunRefiner.from_metadata(
+                    {k: v for k, v in meta.items() if v is not None},
+                    classes=int(meta.get("n_classes") or 1) > 1,
+                )
             except Exception as exc:  # remembered: the set-up's next snapshots are not retried
                 hit = f"{type(exc).__name__}: {exc}"
                 logger.warning(
@@ -418,10 +457,16 @@ class ModelReplica:
                 f"moments over a {arrays['intensity'].shape} grid; {meta['material']}'s is "
                 f"{refiner.setup.grid.shape}"
             )
+        n_c = snapshot_classes(arrays)
+        have = 1 if refiner.classes is None else refiner.classes.n_classes
+        if n_c != have:
+            raise SnapshotError(
+                f"a snapshot split by {n_c} zone classes; {meta['material']} has {have}"
+            )
         moments = snapshot_moments(arrays)
         assert moments is not None
         start = {n: float(v["mean"]) for n, v in vae.get("fc", {}).items()}
-        counts = np.asarray(arrays["counts"], dtype=np.float64)
+        counts = np.asarray(arrays["counts" if n_c == 1 else "class_counts"], dtype=np.float64)
         try:
             refined = refiner.refine(counts, moments, start)
         except Exception as exc:  # a failed fit never loses the snapshot: the VAE stands in
@@ -434,7 +479,7 @@ class ModelReplica:
             )
             self.counters["refine_fallbacks"] += 1
             return running_estimate(vae, reason=f"refinement failed: {exc}")
-        running = running_estimate(vae, refined)
+        running = running_estimate(vae, refined, binning=refiner.binning)
         if running["source"] == "refined":
             self.counters["refined"] += 1
         else:

@@ -299,6 +299,7 @@ def run_demo(
     timeout_s: float = 1800.0,
     on_state: Callable[[dict[str, Any]], None] | None = None,
     scan: bool = True,
+    binning: str = "classes",
 ) -> DemoResult:
     """Run the demo; returns the summary (also written to ``out/demo_summary.json``).
 
@@ -314,6 +315,9 @@ def run_demo(
         The API's port (a free one by default).
     scan
         The fits' background scan for lower minima (:mod:`model_server.refinement.scan`).
+    binning
+        What the running refinement fits: ``"classes"`` (the path's bins split by zone
+        class) or ``"path"`` (:class:`~steering.service.SteeringService`).
     model_dir
         Frozen models (default: the repository's ``models``).
     keep_serving
@@ -351,6 +355,7 @@ def run_demo(
             live=live,
             model_dir=model_dir,
             scan=scan,
+            binning=binning,
         )
         service.start()
         server, api = _start_api(
@@ -457,6 +462,7 @@ def _summary(
         "estimate_source": last.get("source", "vae"),
         "fallback": last.get("fallback"),
         "deviance_per_dof": (last.get("refined") or {}).get("deviance_per_dof"),
+        "binning": (last.get("refined") or {}).get("binning"),
         "fc": fcs,
         "fc_within_2_std": f"{sum(within)}/{len(within)}",
         "estimates": len(est),
@@ -486,7 +492,9 @@ def format_summary(result: DemoResult) -> str:
         f"{result.get('events_folded')} events folded, model {result.get('model_version')}",
         f"running estimate: {result.get('estimate_source')}"
         + (
-            f" (deviance/dof {result['deviance_per_dof']:.3f})"
+            f" (deviance/dof {result['deviance_per_dof']:.3f}"
+            + (f", binning {result['binning']}" if result.get("binning") else "")
+            + ")"
             if result.get("deviance_per_dof") is not None
             else ""
         )

@@ -588,6 +588,17 @@ class SteeringLoop:
                 mean,
                 std,
             )
+        split = 1 if self.refiner.classes is None else self.refiner.classes.n_classes
+        if snapshot.n_classes != split:
+            return (
+                running_estimate(
+                    vae,
+                    reason=f"the snapshot is split by {snapshot.n_classes} zone classes, the "
+                    f"refinement by {split}",
+                ),
+                mean,
+                std,
+            )
         names = list(vae.get("fc", {}))
         start = {n: float(vae["fc"][n]["mean"]) for n in names}
         recheck = self._warm is None or snapshot.n_orientations % self.recheck_every == 0
@@ -598,7 +609,7 @@ class SteeringLoop:
         t0 = time.perf_counter()
         try:
             refined = self.refiner.refine(
-                snapshot.counts,
+                snapshot.fitted_counts,
                 snapshot.moments,
                 starts,
                 warm=self._warm,
@@ -608,7 +619,7 @@ class SteeringLoop:
             metrics.REFINE_FALLBACKS.inc()
             return running_estimate(vae, reason=f"refinement failed: {exc}"), mean, std
         metrics.REFINE_SECONDS.observe(time.perf_counter() - t0)
-        running = running_estimate(vae, refined)
+        running = running_estimate(vae, refined, binning=self.refiner.binning)
         if recheck:  # converged or not, scanned on a thread when due
             self._submit_scan(snapshot, refined, start, vae)
         if scanned is not None:
@@ -656,7 +667,7 @@ class SteeringLoop:
         spread = {n: float(v["std"]) for n, v in vae.get("fc", {}).items() if "std" in v}
         ok = self.scan.submit(
             model,
-            snapshot.counts,
+            snapshot.fitted_counts,
             refined,
             self.refiner.start_from(start),
             self.refiner.spread_from(spread),

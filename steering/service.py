@@ -102,6 +102,10 @@ class SteeringService:
     advice_sinks
         Further sinks of every run's advice (e.g. the bluesky-queueserver queue sink,
         :class:`steering.advisor.queueserver.QueueSink`); their owner closes them.
+    binning
+        What the refinement fits: ``"classes"`` (the path's bins split by zone class where
+        the material has more than one; the consumer's ``zone_classes="auto"``) or
+        ``"path"``.
     """
 
     def __init__(
@@ -128,8 +132,13 @@ class SteeringService:
         plan_node_step: float = 5.0,
         target: dict[str, Any] | None = None,
         advice_sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
+        binning: str = "classes",
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
+
+        if binning not in ("classes", "path"):
+            raise SteeringError(f"binning must be classes or path, got {binning!r}")
+        self.binning = binning
 
         check_score(advisor_score, "advisor score")
         check_weighting(advisor_weighting, "advisor weighting")
@@ -241,8 +250,16 @@ class SteeringService:
             return None
         from model_server.refinement.refiner import RunRefiner
 
+        # the consumer's binning: the path's bins split by zone class where it splits them
+        classes = False
+        if self.service is not None:
+            pipe = self.service.pipeline
+            split = pipe.classes is not None and (pipe.meta or {}).get("run_id") == meta.get(
+                "run_id"
+            )
+            classes = split or (pipe.meta is None and pipe.zone_classes is True)
         try:
-            return RunRefiner.from_metadata(meta)
+            return RunRefiner.from_metadata(meta, classes=classes)
         except (ModelServerError, ValueError, KeyError) as exc:
             logger.warning("run %s is not refined: %s", meta.get("run_id"), exc)
             return None
@@ -729,6 +746,7 @@ class SteeringService:
             on_run_start=self._prepare,
             follow=True,
             streams=self.streams,
+            zone_classes="auto" if self.binning == "classes" else False,
         )
         self.service.checkpoint_max_delay_s = self.snapshot_max_delay_s
 

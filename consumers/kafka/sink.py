@@ -16,6 +16,7 @@ A snapshot message (:func:`snapshot_payload`) is a compressed ``.npz`` without p
     moments_offset1, moments_offset2        (n_m, 3), (n_m, 3, 3) float64
     moments_weight, moments_background      (n_m,) float64
     moments_n                               () int64, orientations in the moments
+    class_counts                            (n_q * n_c, n_E) float64, a run split by zone class
 
 ``meta``: ``orientation``, ``omega``, ``proton_charge`` (uC of that orientation),
 ``n_orientations``, ``grid_fingerprint``, and of the bound run ``run_id``, ``material``,
@@ -28,6 +29,14 @@ bins of weight > 0) are there only when the consumer took moments for the run; f
 (200 x 100 bins, 3N = 6) they make the message about 13 MB from the first orientations on
 (nearly every bin is reached at once), against about 0.3 MB without them. A message that
 would exceed :data:`MAX_SNAPSHOT_PAYLOAD` is published without its moments (logged).
+
+A run split by zone class (:attr:`~consumers.reduction.accumulate.Snapshot.class_counts`)
+adds ``class_counts`` and ``n_classes`` (``meta``), and its moments are on the classes'
+grid (flat bins ``(q * n_c + c) * n_E + E``): about n_c times the moments' bytes (Ge,
+four classes: 35-45 MB from the first orientations on). When that exceeds the limit, the
+run's messages carry the path's moments (the classes' sum) from then on, and the replicas
+refine the path (warned once a run). ``steer consume`` folds on the path alone; the split
+is ``steer serve``'s, whose refinement runs in-process.
 
 After a run's last snapshot, :meth:`KafkaSnapshotSink.run_complete` publishes a
 run-complete message on the same topic and key: JSON ``{"run_id", "summary"}`` with header
@@ -114,6 +123,9 @@ class KafkaSnapshotSink:
 
         self.topic = f"{prefix}_folded"
         self.grid_fingerprint = grid_fingerprint
+        #: runs whose zone classes did not fit a message: published with the path's
+        #: moments from then on (warned once)
+        self._path_only: set[str | None] = set()
         ensure_topics(bootstrap, [self.topic])
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap, max_request_size=MAX_REQUEST_SIZE, **client_security()
@@ -131,7 +143,26 @@ class KafkaSnapshotSink:
         """Publish one snapshot (with the run's metadata ``run``, when given)."""
         run = run or {}
         run_id = str(run.get("run_id", "")) or None
-        payload = snapshot_payload(snapshot, record, run, grid_fingerprint=self.grid_fingerprint)
+        split = getattr(snapshot, "class_counts", None) is not None
+        classes = split and run_id not in self._path_only
+        payload = snapshot_payload(
+            snapshot, record, run, grid_fingerprint=self.grid_fingerprint, classes=classes
+        )
+        if len(payload) > MAX_SNAPSHOT_PAYLOAD and classes:
+            logger.warning(
+                "run %s: snapshot %d of %d bytes with its zone classes (limit %d); this run's "
+                "snapshots are published with the path's moments (the model servers refine "
+                "the path)",
+                run_id,
+                record.index,
+                len(payload),
+                MAX_SNAPSHOT_PAYLOAD,
+                extra={"run_id": run_id, "topic": self.topic},
+            )
+            self._path_only.add(run_id)
+            payload = snapshot_payload(
+                snapshot, record, run, grid_fingerprint=self.grid_fingerprint, classes=False
+            )
         if len(payload) > MAX_SNAPSHOT_PAYLOAD and getattr(snapshot, "moments", None) is not None:
             logger.warning(
                 "run %s: snapshot %d of %d bytes with its moments (limit %d); published "
@@ -143,7 +174,12 @@ class KafkaSnapshotSink:
                 extra={"run_id": run_id, "topic": self.topic},
             )
             payload = snapshot_payload(
-                snapshot, record, run, grid_fingerprint=self.grid_fingerprint, moments=False
+                snapshot,
+                record,
+                run,
+                grid_fingerprint=self.grid_fingerprint,
+                moments=False,
+                classes=False,
             )
         self._producer.send(
             self.topic,
@@ -189,6 +225,7 @@ def snapshot_payload(
     *,
     grid_fingerprint: str = "",
     moments: bool = True,
+    classes: bool = True,
 ) -> bytes:
     """The ``.npz`` message of one snapshot (layout in the module docstring).
 
@@ -204,6 +241,9 @@ def snapshot_payload(
         Used when ``run`` carries none.
     moments
         Include the snapshot's moments (when it has them).
+    classes
+        Send a split run's zone classes (``class_counts``, moments on their grid); off,
+        the path's moments (their sum over classes).
     """
     run = run or {}
     meta = {
@@ -229,6 +269,13 @@ def snapshot_payload(
         "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
     }
     bin_moments = getattr(snapshot, "moments", None)
+    class_counts = getattr(snapshot, "class_counts", None)
+    if class_counts is not None and classes:
+        arrays["class_counts"] = class_counts
+        meta["n_classes"] = int(snapshot.n_classes)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    elif class_counts is not None and bin_moments is not None and moments:
+        bin_moments = bin_moments.merge_classes(int(snapshot.n_classes), class_counts.shape[1])
     if moments and bin_moments is not None:
         arrays.update(_moment_arrays(bin_moments))
     buf = io.BytesIO()

@@ -131,7 +131,15 @@ class Snapshot:
     moments
         The per-bin moments of the folded cells (:mod:`consumers.reduction.moments`),
         summed like the exposure, for the likelihood refinement; None when the run's
-        material has no reference force constants to take them with.
+        material has no reference force constants to take them with. On the grid of
+        ``class_counts`` when the run is split by zone class.
+    class_counts
+        (n_q * n_classes, n_E) float: the counts split by the zone class of each event's
+        Brillouin zone (:func:`~simulations.lattice.grid.make_class_grid`'s rows, ``q *
+        n_classes + class``), what the refinement fits; their sum over classes is
+        ``counts``. None for a run folded on the path alone.
+    n_classes
+        The zone classes of ``class_counts`` (1 without a split).
     """
 
     intensity: NDArray[np.float64]
@@ -141,6 +149,14 @@ class Snapshot:
     mask: NDArray[np.bool_]
     n_orientations: int
     moments: BinMoments | None = None
+    class_counts: NDArray[np.float64] | None = None
+    n_classes: int = 1
+
+    @property
+    def fitted_counts(self) -> NDArray[np.float64]:
+        """The counts the refinement fits with :attr:`moments`: the zone classes' when the
+        run is split by them, else the path's."""
+        return self.counts if self.class_counts is None else self.class_counts
 
     @classmethod
     def of(
@@ -183,6 +199,9 @@ class RunAccumulator:
     per_orientation_counts: list[NDArray[np.float32]] = field(default_factory=list)
     per_orientation_exposure: list[NDArray[np.float32]] = field(default_factory=list)
     records: list[OrientationRecord] = field(default_factory=list)
+    #: keep each orientation's counts and exposure (off for a live run's zone-class split,
+    #: whose path accumulator keeps them)
+    keep_orientations: bool = True
     #: the run's per-bin moments (charge-weighted), None when they are not taken
     moments: BinMoments | None = None
     normalisation: str = "proton_charge"
@@ -272,8 +291,9 @@ class RunAccumulator:
                 self.moments.add(moments, weight)
             self.counts += counts
             self.exposure += exposure
-        self.per_orientation_counts.append(counts.astype(np.float32))
-        self.per_orientation_exposure.append(exposure.astype(np.float32))
+        if self.keep_orientations:
+            self.per_orientation_counts.append(counts.astype(np.float32))
+            self.per_orientation_exposure.append(exposure.astype(np.float32))
         rec = OrientationRecord(
             index=len(self.records),
             omega=float(omega),

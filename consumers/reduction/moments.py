@@ -43,6 +43,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numba
 import numpy as np
@@ -190,6 +191,29 @@ class BinMoments:
                 offset2=self.offset2.copy(),
                 weight=self.weight.copy(),
                 background=self.background.copy(),
+                n_orientations=self.n_orientations,
+            )
+
+    def merge_classes(self, n_classes: int, n_e: int) -> BinMoments:
+        """The path's moments of moments split by zone class (bins ``(q * n_classes + c) *
+        n_e + E`` of :func:`~simulations.lattice.grid.make_class_grid`'s grid): summed over
+        the classes, bins ``q * n_e + E`` (the classes partition the path's cells)."""
+        if n_classes < 1 or n_e < 1 or len(self.weight) % (n_classes * n_e):
+            raise FoldError(
+                f"{len(self.weight)} bins are not n_q x {n_classes} classes x {n_e} energies"
+            )
+
+        def merged(a: Any) -> Any:
+            return a.reshape(-1, n_classes, n_e, *a.shape[1:]).sum(axis=1).reshape(-1, *a.shape[1:])
+
+        with self._lock:
+            return BinMoments(
+                tensor=merged(self.tensor),
+                tensor_q2=merged(self.tensor_q2),
+                offset1=merged(self.offset1),
+                offset2=merged(self.offset2),
+                weight=merged(self.weight),
+                background=merged(self.background),
                 n_orientations=self.n_orientations,
             )
 

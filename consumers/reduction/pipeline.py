@@ -7,6 +7,7 @@ so both give identical results. It holds no I/O: callers feed it messages and sa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter, deque
@@ -67,9 +68,16 @@ MAX_IN_FLIGHT = 4
 #: ~4 uC, SNS ~23 uC), and low enough that an orientation's sum cannot overflow.
 MAX_PULSE_CHARGE = 1e6
 
-# counts (n_q, n_E), coverage (n_q, n_E), dropped (4,), seconds, moments (unit charge)
+# counts (n_q, n_E), coverage (n_q, n_E), dropped (4,), seconds, moments (unit charge), and
+# for a run split by zone class, the path's coverage (counts, coverage and moments are the
+# classes', on n_q * n_classes rows)
 _Folded = tuple[
-    NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], float, BinMoments | None
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.int64],
+    float,
+    BinMoments | None,
+    NDArray[np.float64] | None,
 ]
 
 _FLATBUFFER_IDS = {"ev44", "f144", "pl72", "6s4t"}
@@ -212,9 +220,13 @@ class RunPipeline:
     zone_classes
         Split the q-path's bins of a single crystal by the structure-factor class of each
         event's zone (:func:`~simulations.lattice.grid.zone_classes`,
-        :meth:`Folder.fold_classes`): counts, exposure and moments on the grid of
-        :func:`~simulations.lattice.grid.make_class_grid` (for the refinement; the
-        classes' sum is the path's I(q, E)).
+        :meth:`Folder.fold_classes`) for the refinement: counts, exposure and moments on
+        the grid of :func:`~simulations.lattice.grid.make_class_grid` in :attr:`split`,
+        their sum over classes (the path's I(q, E)) in :attr:`acc` as without the split;
+        snapshots carry both (:attr:`Snapshot.class_counts`). ``True`` refuses a run that
+        cannot be split (a powder, a material without reference force constants);
+        ``"auto"`` (the live service's default) splits the runs that can be and that have
+        more than one class, and folds the others on the path alone.
     background
         Fold closed orientations (fold kernel and coverage, both without the GIL) on a
         worker thread while the caller goes on decoding messages; results are added in the
@@ -242,7 +254,7 @@ class RunPipeline:
         streams: InstrumentConfig | None = None,
         instrument_file: str | Path | None = None,
         wedge_mesh: int | None = None,
-        zone_classes: bool = False,
+        zone_classes: bool | str = False,
     ) -> None:
         self.mode = mode
         #: the streams' roles; ``_by_topic`` False matches by source name only
@@ -275,12 +287,23 @@ class RunPipeline:
         self.tolerance = float(tolerance)
         self.voxels = int(voxels)
         self.wedge_mesh = wedge_mesh
-        #: split the path's bins by zone class (:meth:`Folder.fold_classes`)
-        self.zone_classes = bool(zone_classes)
-        if self.zone_classes and (wedge_mesh is not None or not self.take_moments):
+        if zone_classes not in (True, False, "auto"):
+            raise ValueError(f"zone_classes must be True, False or 'auto', got {zone_classes!r}")
+        #: split the path's bins by zone class (:meth:`Folder.fold_classes`): True, False or
+        #: "auto" (where the run can be split)
+        self.zone_classes: bool | str = zone_classes
+        if zone_classes is True and (wedge_mesh is not None or not self.take_moments):
             raise ValueError("zone classes split the q-path's bins, with their moments")
         #: the zone classes of a run split by them (set at its run start), else None
         self.classes: ZoneClasses | None = None
+        #: with :attr:`classes`: the run's counts, exposure and moments split by zone class
+        #: (:func:`~simulations.lattice.grid.make_class_grid`'s grid); :attr:`acc` holds
+        #: their sum over classes
+        self.split: RunAccumulator | None = None
+        #: a restored run's split (its checkpoint's, whatever ``zone_classes`` says)
+        self._restored_split: bool | None = None
+        #: keep each orientation's split counts (a recorded run's file writes them)
+        self.split_orientations = False
         self.meta: dict[str, Any] | None = None
         #: the set-up read from the run start's ``nexus_structure`` (its stream names
         #: included), or None when it came from the private metadata
@@ -445,7 +468,7 @@ class RunPipeline:
             chunk, job = self._jobs.popleft()
             t_closed = self._closed.popleft()
             try:
-                counts, coverage, dropped, seconds, moments = job.result()
+                counts, coverage, dropped, seconds, moments, path_coverage = job.result()
             except Exception as exc:
                 logger.exception(
                     "orientation at omega %s [%d, %d) could not be folded; it is lost",
@@ -464,24 +487,51 @@ class RunPipeline:
                 )
                 continue
             assert self.acc is not None
-            out.append(
-                self.acc.add(
-                    counts,
-                    coverage,
-                    omega=chunk.omega,
-                    proton_charge=chunk.proton_charge,
-                    events=len(chunk.pixel_id),
-                    dropped=dict(zip(DROP_REASONS, map(int, dropped), strict=True)),
-                    moments=moments,
-                    monitor_counts=chunk.monitor_counts,
-                    monitor_incomplete=chunk.monitor_incomplete,
-                )
-            )
+            common: dict[str, Any] = {
+                "omega": chunk.omega,
+                "proton_charge": chunk.proton_charge,
+                "events": len(chunk.pixel_id),
+                "dropped": dict(zip(DROP_REASONS, map(int, dropped), strict=True)),
+                "monitor_counts": chunk.monitor_counts,
+                "monitor_incomplete": chunk.monitor_incomplete,
+            }
+            if self.split is not None:  # the classes' counts; the path's are their sum
+                assert self.classes is not None
+                self.split.add(counts, coverage, moments=moments, **common)
+                assert path_coverage is not None
+                n_c = self.classes.n_classes
+                counts = counts.reshape(-1, n_c, counts.shape[1]).sum(axis=1)
+                coverage = path_coverage  # as unsplit (the classes' sum to rounding)
+                moments = None
+            out.append(self.acc.add(counts, coverage, moments=moments, **common))
             self.fold_seconds.append(seconds)
             if self.keep_snapshots:
-                self.snapshots[out[-1].index] = self.acc.snapshot()
+                self.snapshots[out[-1].index] = self.snapshot()
                 self.closed_at[out[-1].index] = t_closed
         return out
+
+    def snapshot(self) -> Snapshot:
+        """The run's cumulative spectrum (the path's), with the zone classes' counts and
+        moments when the run is split by them (:attr:`Snapshot.class_counts`).
+
+        Raises
+        ------
+        ConsumerError
+            Before the run start.
+        """
+        if self.acc is None:
+            raise ConsumerError("no run has started: there is no spectrum yet")
+        snap = self.acc.snapshot()
+        if self.split is None:
+            return snap
+        assert self.classes is not None
+        moments = self.split.moments
+        return dataclasses.replace(
+            snap,
+            moments=None if moments is None else moments.copy(),
+            class_counts=self.split.counts.copy(),
+            n_classes=self.classes.n_classes,
+        )
 
     def close(self) -> None:
         """Stop the background worker (waiting for the fold in progress; orientations
@@ -576,17 +626,7 @@ class RunPipeline:
         segmenter = Segmenter(mode, monitors=monitors, powder=powder)
         # the refinement's moments are a single crystal's (per path point and branch)
         constants = self._moment_constants(meta, ms) if self.take_moments and not powder else None
-        classes = None
-        acc_grid = folder.grid
-        if self.zone_classes:
-            if constants is None:
-                raise ValueError(
-                    "zone classes need a single crystal with the refinement's moments "
-                    "(a shipped material's reference force constants)"
-                )
-            assert isinstance(folder, Folder)
-            classes = zone_classes(ms.crystal)
-            acc_grid = make_class_grid(folder.grid, classes)
+        classes = self._classes_of(meta, ms, folder, constants)
         self.meta = meta
         self.nexus = nexus
         self._nexus_text = nexus_structure if nexus is not None else None
@@ -596,15 +636,52 @@ class RunPipeline:
         self.folder = folder
         self.classes = classes
         self.acc = RunAccumulator(
-            acc_grid, normalisation=streams.normalisation, monitor=norm_monitor
+            folder.grid, normalisation=streams.normalisation, monitor=norm_monitor
         )
+        self.split = None
         self.segmenter = segmenter
         self._constants = constants
         if constants is not None:
             assert isinstance(folder, Folder)
             self._inverse_ops = star_operations(folder, constants.operations)
-            n_bins = self.acc.grid.n_q * self.acc.grid.n_e
-            self.acc.moments = BinMoments.zeros(n_bins, constants.n_branches)
+            target = self.acc
+            if classes is not None:  # the moments are the split's; the path keeps none
+                target = self.split = RunAccumulator(
+                    make_class_grid(folder.grid, classes),
+                    normalisation=streams.normalisation,
+                    monitor=norm_monitor,
+                    keep_orientations=self.split_orientations,
+                )
+            n_bins = target.grid.n_q * target.grid.n_e
+            target.moments = BinMoments.zeros(n_bins, constants.n_branches)
+
+    def _classes_of(
+        self,
+        meta: dict[str, Any],
+        ms: MaterialSetup,
+        folder: Folder | PowderFolder,
+        constants: StructureConstants | None,
+    ) -> ZoneClasses | None:
+        """The zone classes a run is split by (see ``zone_classes``), or None."""
+        wanted = self.zone_classes if self._restored_split is None else self._restored_split
+        if not wanted or (wanted == "auto" and self.wedge_mesh is not None):
+            return None
+        if constants is None or not isinstance(folder, Folder):
+            if wanted is True:
+                raise ValueError(
+                    "zone classes need a single crystal with the refinement's moments "
+                    "(a shipped material's reference force constants)"
+                )
+            return None
+        classes = zone_classes(ms.crystal)
+        if wanted == "auto" and classes.n_classes < 2:
+            return None  # one class: the split is the path
+        logger.info(
+            "run %s: the path's bins split by %d zone classes for the refinement",
+            meta.get("run_id"),
+            classes.n_classes,
+        )
+        return classes
 
     @staticmethod
     def _run_start_streams(
@@ -702,7 +779,8 @@ class RunPipeline:
             )
             alias = self.classes.expand(self.folder.table.alias)
             coverage = split.weight.reshape(counts.shape)[alias]
-            return counts, coverage, dropped, time.perf_counter() - t0, split
+            path_coverage = self.folder.coverage(chunk.omega)
+            return counts, coverage, dropped, time.perf_counter() - t0, split, path_coverage
         counts, dropped = self.folder.fold(chunk.pixel_id, chunk.tof_ns, chunk.omega)
         coverage = self.folder.coverage(chunk.omega)
         moments = None
@@ -711,7 +789,7 @@ class RunPipeline:
             moments = orientation_moments(
                 self.folder, self._constants, chunk.omega, inverse_ops=self._inverse_ops
             )
-        return counts, coverage, dropped, time.perf_counter() - t0, moments
+        return counts, coverage, dropped, time.perf_counter() - t0, moments, None
 
     # -- summary and state -------------------------------------------------------------------
 
@@ -770,8 +848,12 @@ class RunPipeline:
         seg_json = {k: v for k, v in seg.items() if not isinstance(v, np.ndarray)}
         arrays["counts"] = self.acc.counts
         arrays["exposure"] = self.acc.exposure
-        if self.acc.moments is not None:
-            arrays.update(self.acc.moments.arrays())
+        holder = self.acc if self.split is None else self.split
+        if self.split is not None:
+            arrays["class_counts"] = self.split.counts
+            arrays["class_exposure"] = self.split.exposure
+        if holder.moments is not None:
+            arrays.update(holder.moments.arrays())
         if self._nexus_text is not None:  # the set-up's source, to be read again on restore
             arrays["nexus_structure"] = np.frombuffer(self._nexus_text.encode(), dtype=np.uint8)
         if self.acc.records:
@@ -787,6 +869,7 @@ class RunPipeline:
             "stopped": self.stopped,
             "n_events": self.n_events,
             "failed": self.failed,
+            "zone_classes": 0 if self.classes is None else self.classes.n_classes,
         }, arrays
 
     def restore(self, js: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -795,8 +878,21 @@ class RunPipeline:
         if not js.get("started"):
             return
         nexus = arrays.get("nexus_structure")
-        self._setup(js["meta"], None if nexus is None else bytes(np.asarray(nexus)).decode())
+        # the run goes on binned as it was checkpointed (a checkpoint from before the split
+        # has no ``zone_classes``: the path)
+        self._restored_split = bool(js.get("zone_classes", 0))
+        try:
+            self._setup(js["meta"], None if nexus is None else bytes(np.asarray(nexus)).decode())
+        finally:
+            self._restored_split = None
         assert self.acc is not None
+        saved_classes = int(js.get("zone_classes", 0))
+        have = 0 if self.classes is None else self.classes.n_classes
+        if saved_classes != have:
+            raise ConsumerError(
+                f"the checkpoint's run is split by {saved_classes} zone classes, this "
+                f"material by {have}: start the run afresh without the checkpoint"
+            )
         saved = js.get("normalisation", ["proton_charge", None])
         if list(saved) != [self.acc.normalisation, self.acc.monitor]:
             raise ConsumerError(
@@ -811,17 +907,23 @@ class RunPipeline:
         self.segmenter = Segmenter.from_state(seg)
         self.acc.counts[:] = arrays["counts"]
         self.acc.exposure[:] = arrays["exposure"]
+        holder = self.acc if self.split is None else self.split
+        if self.split is not None:
+            self.split.counts[:] = arrays["class_counts"]
+            self.split.exposure[:] = arrays["class_exposure"]
         restored = BinMoments.from_arrays(arrays)
-        if self.acc.moments is not None and restored is not None:
-            if restored.tensor.shape != self.acc.moments.tensor.shape:
+        if holder.moments is not None and restored is not None:
+            if restored.tensor.shape != holder.moments.tensor.shape:
                 raise ConsumerError("the checkpoint's moments do not fit this run's grid")
-            self.acc.moments = restored
-        elif self.acc.moments is not None and js.get("records"):
+            holder.moments = restored
+        elif holder.moments is not None and js.get("records"):
             # a checkpoint from before moments were taken: the refinement starts afresh
             logger.warning("checkpoint without moments: refinement covers new orientations")
         for i, r in enumerate(js["records"]):
             self.acc.per_orientation_counts.append(arrays["orient_counts"][i])
             self.acc.per_orientation_exposure.append(arrays["orient_exposure"][i])
             self.acc.records.append(OrientationRecord.from_json(i, r))
+            if self.split is not None:
+                self.split.records.append(self.acc.records[-1])
         self.stopped = bool(js.get("stopped", False))
         self.failed = list(js.get("failed", []))

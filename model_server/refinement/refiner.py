@@ -588,7 +588,11 @@ _GAUSS_Q = (
 
 
 def running_estimate(
-    vae: dict[str, Any], refined: Refined | None = None, *, reason: str | None = None
+    vae: dict[str, Any],
+    refined: Refined | None = None,
+    *,
+    reason: str | None = None,
+    binning: str | None = None,
 ) -> dict[str, Any]:
     """The running estimate of a snapshot, as the service, the replicas and the history
     keep it: the refined estimate (``source: "refined"``; every coefficient under ``fc``
@@ -596,9 +600,13 @@ def running_estimate(
     with ``fallback`` saying why (never silently); both results under ``vae`` and
     ``refined``.
 
-    ``vae`` is :meth:`model_server.inversion.inference.Estimate.to_dict` output.
+    ``vae`` is :meth:`model_server.inversion.inference.Estimate.to_dict` output;
+    ``binning``, the refiner's (:attr:`RunRefiner.binning`: ``path``, ``classes``, ...), is
+    kept in ``refined``.
     """
     summary = None if refined is None else refined.to_dict()
+    if summary is not None and binning is not None:
+        summary["binning"] = binning
     if refined is None or not refined.converged:
         out = vae | {"source": "vae", "vae": vae, "refined": summary}
         if refined is not None and not refined.converged:

@@ -377,6 +377,7 @@ class InformationPlanner:
             pixel_stride=self.pixel_stride,
             e_substeps=self.e_substeps,
             inverse_ops=self._ops,
+            classes=r.classes,
         )
         try:
             model = r.counts_model(m)
@@ -471,7 +472,7 @@ class InformationPlanner:
         node_terms = self._node_cache[2]
         if reuse:
             points[0] = theta
-        n_bins = int(np.prod(self.refiner.setup.grid.shape))
+        n_bins = int(np.prod(self.refiner.grid.shape))
         charge = self._charge
         factors = self.count_factors
         fisher = np.zeros((len(points), len(self.nodes), len(factors), k, k))

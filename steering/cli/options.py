@@ -99,6 +99,18 @@ InstrumentFileOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+LiveBinningOpt = Annotated[
+    str,
+    typer.Option(
+        "--binning",
+        envvar="STEER_BINNING",
+        help="What the running refinement fits: classes (default; the q-path's bins split "
+        "by the zone class of each event's Brillouin zone, 2-4x tighter for the 1NN pair "
+        "from the same counts, where the material has more than one class) or path. The "
+        "page, the VAE and the exports show the path's I(q, E) either way "
+        "(docs/refinement.md).",
+    ),
+]
 WedgeMeshOpt = Annotated[
     int,
     typer.Option("--wedge-mesh", help="With --binning wedge: points per axis of the wedge's mesh."),

@@ -15,6 +15,7 @@ from steering.cli.options import (
     IdleExitOpt,
     InstrumentConfigOpt,
     JsonOpt,
+    LiveBinningOpt,
     ModelDirOpt,
     NumericThreadsOpt,
     PrefixOpt,
@@ -120,6 +121,7 @@ def serve_cmd(
             "for the facility's dashboards (docs/outputs.md).",
         ),
     ] = True,
+    binning: LiveBinningOpt = "classes",
     instrument_config: InstrumentConfigOpt = None,
     follow_replicas: Annotated[
         bool,
@@ -214,6 +216,8 @@ def serve_cmd(
         check_follow_options(bootstrap=bootstrap, instrument_config=instrument_config)
     streams = instrument_streams(instrument_config, prefix)  # and so does a bad config
     target = _parse_target(target_std)  # refused before anything starts
+    if binning not in ("classes", "path"):
+        raise typer.BadParameter(f"classes or path, got {binning!r}", param_hint="--binning")
     queue = None
     if queueserver:  # and so do bad queue options
         queue = queue_sink(
@@ -259,6 +263,7 @@ def serve_cmd(
                 streams=streams,
                 follow_replicas=follow_replicas,
                 advice_sinks=[queue] if queue is not None else [],
+                binning=binning,
             )
     except BaseException:
         pool.close_now()
@@ -406,6 +411,7 @@ def _start_service(
     streams: InstrumentConfig | None = None,
     follow_replicas: bool = False,
     advice_sinks: Sequence[AdviceSink] = (),
+    binning: str = "classes",
 ) -> SteeringService:
     """Start the consumer, model server and advisor of ``prefix`` on the Kafka at
     ``bootstrap`` (the arguments: those of :class:`steering.service.SteeringService`)."""
@@ -427,6 +433,7 @@ def _start_service(
         streams=streams,
         follow_replicas=follow_replicas,
         advice_sinks=advice_sinks,
+        binning=binning,
     )
     service.start()
     return service
@@ -572,6 +579,7 @@ def demo_cmd(
             help="The fits' background scan for lower minima (steer serve --scan).",
         ),
     ] = True,
+    binning: LiveBinningOpt = "classes",
     threads: NumericThreadsOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
@@ -591,6 +599,7 @@ def demo_cmd(
         port=port,
         keep_serving=keep_serving,
         scan=scan,
+        binning=binning,
     )
     if physics:
         from simulations.demo import run_demo as physics_demo

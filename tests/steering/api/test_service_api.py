@@ -57,6 +57,9 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             est = c.get(f"{base}/runs/{run_id}/estimates").json()["estimates"]
             assert [e["n_orientations"] for e in est] == [1, 2, 3, 4]
             assert all(e["model_version"].startswith("Ge") for e in est)
+            # the running estimate fits the path's counts split by zone class (Ge: 4)
+            assert est[-1]["source"] == "refined", est[-1].get("fallback")
+            assert est[-1]["refined"]["binning"] == "classes"
             advice = c.get(f"{base}/runs/{run_id}/advice").json()["advice"]
             assert advice
             assert advice[-1]["basis"] in ("spectrum-d-optimal", "coverage")
