@@ -363,6 +363,10 @@ class SteeringLoop:
         self._posterior: tuple[Any, ...] | None = None
         self._last_next: dict[str, Any] | None = None
         self.controls = controls if controls is not None else AdvisorControls()
+        #: the service is stopping: the snapshots still handed over get the VAE's estimate
+        #: (flagged) and no plan, so that a stop is not held up by fits (a fit on the zone
+        #: classes of a few orientations can take tens of seconds)
+        self.hurry = False
         #: the refinement's grid of starts around the VAE's estimate, on a thread, for the
         #: recheck snapshots' fits (:mod:`model_server.refinement.scan`); None: no scan
         self.scan: BackgroundScan | None = None
@@ -473,6 +477,9 @@ class SteeringLoop:
         advice["stop"] = None
         planner = self.planner
         if planner is None:
+            return
+        if self.hurry:
+            advice["plan_error"] = "the service is stopping"
             return
         if self._posterior is None:
             advice["plan_error"] = "no refined posterior yet (the plan needs the counts' fit)"
@@ -585,6 +592,15 @@ class SteeringLoop:
         if snapshot.moments is None:
             return (
                 running_estimate(vae, reason="the consumer took no moments for this run"),
+                mean,
+                std,
+            )
+        if self.hurry:
+            metrics.REFINE_FALLBACKS.inc()
+            return (
+                running_estimate(
+                    vae, reason="the service is stopping: not refined (the next snapshot is)"
+                ),
                 mean,
                 std,
             )

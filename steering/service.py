@@ -525,6 +525,9 @@ class SteeringService:
             logger.info("model server back for run %s: estimating again", run_id)
             self.model_error = None
             self.live.model_error = None
+        # a stop was asked for: what is left of this step is estimated fast (the VAE), so
+        # that every checkpointed orientation is in the history before the process exits
+        loop.hurry = bool(getattr(self.service, "_stop_requested", False))
         loop(snapshot, record)
         self.latencies.append(time.perf_counter() - t0)
 
