@@ -130,7 +130,9 @@ def test_the_live_loop_scans_a_misfit_and_its_next_estimate_says_so(wrong_minimu
     assert loop.scan is not None
     assert SteeringLoop(None, None, None, refiner=run.refiner, scan=False).scan is None  # type: ignore[arg-type]
     moments = ge_moments(OMEGAS)
-    first = SimpleNamespace(n_orientations=1, counts=counts, moments=moments)
+    first = SimpleNamespace(
+        n_orientations=1, counts=counts, moments=moments, n_classes=1, fitted_counts=counts
+    )
     est, _, _ = loop._running_estimate(first, vae)  # type: ignore[arg-type]
     assert "scan" not in est
     # the fixture's counts carry the reference set's multiphonon template, the refiner's
@@ -145,7 +147,9 @@ def test_the_live_loop_scans_a_misfit_and_its_next_estimate_says_so(wrong_minimu
     scan.submit(model, counts, live, start, spread, n_orientations=1)
     assert scan.join(timeout=300)
     loop.scan = scan
-    second = SimpleNamespace(n_orientations=2, counts=counts, moments=moments)
+    second = SimpleNamespace(
+        n_orientations=2, counts=counts, moments=moments, n_classes=1, fitted_counts=counts
+    )
     est, _, _ = loop._running_estimate(second, vae)  # type: ignore[arg-type]
     assert est["scan"]["found"] is True
     assert est["scan"]["n_orientations"] == 1
