@@ -499,8 +499,7 @@ class RunPipeline:
                 assert self.classes is not None
                 self.split.add(counts, coverage, moments=moments, **common)
                 assert path_coverage is not None
-                n_c = self.classes.n_classes
-                counts = counts.reshape(-1, n_c, counts.shape[1]).sum(axis=1)
+                counts = self.classes.merge(counts)
                 coverage = path_coverage  # as unsplit (the classes' sum to rounding)
                 moments = None
             out.append(self.acc.add(counts, coverage, moments=moments, **common))

@@ -548,15 +548,14 @@ def _replica(
 
 
 def _path_view(
-    level: _Level, counts: NDArray[np.float64], n_classes: int
+    level: _Level, counts: NDArray[np.float64], classes: ZoneClasses
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """The path's (intensity, mask), (n_q, n_E), of counts split by zone class
     ((n_q * n_classes, n_E)): the classes' counts and exposures summed."""
     grid = level.full.grid
-    n_q, n_e = grid.n_q // n_classes, grid.n_e
     exposure = level.moments.weight.reshape(grid.shape)[level.alias]
-    c = counts.reshape(n_q, n_classes, n_e).sum(axis=1)
-    w = exposure.reshape(n_q, n_classes, n_e).sum(axis=1)
+    c = classes.merge(counts)
+    w = classes.merge(exposure)
     mask = w > 0
     return np.where(mask, c / np.where(mask, w, 1.0), np.nan), mask
 
@@ -596,7 +595,7 @@ def _fit_one(
     if level.view is not None and view_lam is not None:
         _, intensity, mask = _replica(level.view, view_lam, rng)
     elif refiner.classes is not None and refiner.classes.n_classes > 1:
-        intensity, mask = _path_view(level, counts, refiner.classes.n_classes)
+        intensity, mask = _path_view(level, counts, refiner.classes)
     record["counts"] = float(level.model.observed(counts).sum())
     try:
         vae_mean, vae_std = _split_start(start_fn(intensity, mask))

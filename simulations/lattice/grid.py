@@ -434,6 +434,12 @@ class ZoneClasses:
         a = np.asarray(alias, dtype=np.int64)
         return np.asarray(np.repeat(a, n) * n + np.tile(np.arange(n, dtype=np.int64), len(a)))
 
+    def merge(self, rows: NDArray[np.floating]) -> NDArray[np.float64]:
+        """(n_q, ...) the path's rows of ``rows`` ((n_q * n_classes, ...) on the class
+        grid, row ``q * n_classes + c``): summed over the classes."""
+        a = np.asarray(rows)
+        return np.asarray(a.reshape(-1, self.n_classes, *a.shape[1:]).sum(axis=1))
+
     def digest(self) -> str:
         """Hex digest (part of a cache key)."""
         h = hashlib.blake2b(digest_size=8)
