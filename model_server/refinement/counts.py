@@ -75,6 +75,9 @@ NUISANCE = ("log_scale", "background", "resolution_scale", "q_variance")
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _TO_MEV = VASP_TO_THZ * THZ_TO_MEV  # sqrt(eV/A^2/amu) -> meV
 _DEGENERATE = 1e-7
+#: Widths from a line's centre beyond which its Gaussian is not evaluated (the share of a
+#: bin there is below 1e-17 of the peak's).
+_TAIL_Z = 9.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +101,55 @@ class Evaluation:
     jacobian: NDArray[np.float64] | None
     energies: NDArray[np.float64]
     stable: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Forward:
+    """What :meth:`CountsModel.evaluate`'s forward pass keeps for the Jacobian: per
+    distinct q-point (u) the modes, their clusters, velocities and ``e^H dD/dQ e``; per
+    dense bin (p, e) the line shapes' centres and widths and ``e_m^H T e_n``."""
+
+    energy: NDArray[np.float64]  # (p, m) meV, per fitted point
+    stable: bool
+    expected: NDArray[np.float64]  # (n_bins,)
+    signal: NDArray[np.float64]  # (p, e)
+    lam: NDArray[np.float64]  # (u, m)
+    vec: NDArray[np.complex128]  # (u, m, m)
+    ok: NDArray[np.bool_]  # (u, m)
+    lam_safe: NDArray[np.float64]  # (u, m)
+    cluster: NDArray[np.int64]  # (u, m)
+    avg: NDArray[np.float64]  # (u, m, m)
+    bq: NDArray[np.complex128]  # (u, 3, m, m)
+    half_inv: NDArray[np.float64]  # (u, m)
+    vel: NDArray[np.float64]  # (u, 3, m)
+    cv: NDArray[np.float64]  # (p, e, 3, m)
+    v2: NDArray[np.float64]  # (p, 1, m)
+    near: _Near  # the (p, e, m) elements near a line
+    x_b: NDArray[np.complex128]  # (p, e, m, m)
+    a_bm: NDArray[np.float64]  # (p, e, m)
+
+
+@dataclass(frozen=True, slots=True)
+class _Near:
+    """The elements of an array of ``shape`` near a line's centre (``at``, as from
+    ``np.nonzero``) with their mode energy, offset mean and variance and bin edge (1-D)."""
+
+    shape: tuple[int, ...]
+    at: tuple[NDArray[np.intp], ...]
+    e: NDArray[np.float64]
+    mu: NDArray[np.float64]
+    tau2: NDArray[np.float64]
+    lo: NDArray[np.float64]
+
+    def dense(self, parts: list[NDArray[np.float64]]) -> Any:
+        """``parts`` (1-D, on these elements) as dense arrays of ``shape``, 0 elsewhere:
+        one array, or a tuple of them when there are several."""
+        out = []
+        for part in parts:
+            full = np.zeros(self.shape)
+            full[self.at] = part
+            out.append(full)
+        return tuple(out) if len(out) > 1 else out[0]
 
 
 class CountsModel:
@@ -216,6 +268,10 @@ class CountsModel:
         self._offset_cov = moments.offset2[dense].reshape(*shape, 3, 3) / safe[
             ..., None, None
         ] - np.einsum("pei,pej->peij", mean, mean)
+        # the offsets' second moment about the path point, (p, e, 9)
+        self._second = (self._offset_cov + np.einsum("pea,peb->peab", mean, mean)).reshape(
+            *shape, 9
+        )
         self._background = moments.background[dense].reshape(shape)
         self._extra = (
             np.zeros(shape)
@@ -229,8 +285,14 @@ class CountsModel:
         )
         self._e_lo = edges[:-1][None, :, None]  # (1, e, 1)
         self._de = float(edges[1] - edges[0])
-        self._dyn = basis.dynamical_basis(qpts[self.points])  # (k, n_p, m, m)
-        self._ddyn = self._dynamical_gradient(qpts[self.points], rec)  # (k, n_p, 3, m, m)
+        # the modes are solved per distinct q-point: the zone classes' rows of a path point
+        # repeat its q-point
+        distinct, point_q = np.unique(qpts[self.points], axis=0, return_inverse=True)
+        #: (n_p,) each fitted point's row among the distinct q-points.
+        self._point_q = np.asarray(point_q).reshape(-1)
+        self._dyn = basis.dynamical_basis(distinct)  # (k, n_u, m, m)
+        self._ddyn = self._dynamical_gradient(distinct, rec)  # (k, n_u, 3, m, m)
+        self._last: tuple[bytes, _Forward] | None = None
         self._pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / basis.crystal.n_atoms
         self._dw_ref: NDArray[np.float64] | None = None
         if reference is not None:
@@ -349,130 +411,188 @@ class CountsModel:
         return b, db
 
     def evaluate(self, theta: NDArray[np.float64], *, jacobian: bool = True) -> Evaluation:
-        """Expected counts (and their Jacobian) at ``theta`` ((n_params,))."""
+        """Expected counts (and their Jacobian) at ``theta`` ((n_params,)).
+
+        The modes are solved once per distinct q-point (the zone classes' rows of one
+        path point share them), and the expected counts of the last ``theta`` are kept,
+        so that the Jacobian at a point the fit has just evaluated (its accepted step)
+        adds only its own part."""
         theta = np.asarray(theta, dtype=float)
         if theta.shape != (self.n_params,):
             raise RefinementError(f"expected {self.n_params} parameters, got {theta.shape}")
+        key = theta.tobytes()
+        last = self._last
+        fw = last[1] if last is not None and last[0] == key else self._forward(theta)
+        self._last = (key, fw)
+        if not jacobian:
+            return Evaluation(
+                expected=fw.expected, jacobian=None, energies=fw.energy, stable=fw.stable
+            )
+        return Evaluation(
+            expected=fw.expected,
+            jacobian=self._jacobian(theta, fw),
+            energies=fw.energy,
+            stable=fw.stable,
+        )
+
+    def _forward(self, theta: NDArray[np.float64]) -> _Forward:
+        """The expected counts at ``theta`` and what their Jacobian reuses."""
         k = self.n_coefficients
         c = theta[:k]
         scale = math.exp(float(theta[k]))
         beta, r, eta2 = float(theta[k + 1]), float(theta[k + 2]), max(float(theta[k + 3]), 0.0)
+        # per distinct q-point (u): modes, energy derivatives and velocities
         d = np.einsum("k,kqij->qij", c, self._dyn)
-        lam, vec = np.linalg.eigh(d)  # (n_p, m), (n_p, m, m) columns
+        lam, vec = np.linalg.eigh(d)  # (n_u, m), (n_u, m, m) columns
         stable = bool(np.all(lam > -1e-9 * max(1.0, float(np.abs(lam).max()))))
         ok = lam > (FREQUENCY_MIN_MEV / _TO_MEV) ** 2
         lam_safe = np.where(ok, lam, 1.0)
         energy = np.where(ok, _TO_MEV * np.sqrt(lam_safe), 0.0)
         cluster = self._clusters(lam)
-        avg = self._cluster_weights(cluster)  # (p, m, m)
-        # energy derivatives per coefficient and velocities, cluster-averaged
-        vh = np.conj(np.swapaxes(vec, 1, 2))  # (p, m, i)
-        y_k = vh[None] @ (self._dyn @ vec[None])  # (k, p, m, m): e_m^H D_k e_n
-        dlam = np.einsum("kqm,qnm->kqn", np.einsum("kqmm->kqm", y_k).real, avg)  # (k, p, m)
+        avg = self._cluster_weights(cluster)  # (u, m, m)
+        vh = np.conj(np.swapaxes(vec, 1, 2))  # (u, m, i)
         dd = np.einsum("k,kqaij->qaij", c, self._ddyn)
-        bq = vh[:, None] @ (dd @ vec[:, None])  # (p, a, m, n): e_m^H dD/dQ_a e_n
+        bq = vh[:, None] @ (dd @ vec[:, None])  # (u, a, m, n): e_m^H dD/dQ_a e_n
         vlam = np.einsum("qamm->qam", bq).real  # dlambda/dQ
         vlam = np.einsum("qam,qnm->qan", vlam, avg)
-        same = (cluster[:, :, None] == cluster[:, None, :]).astype(float)  # (p, m, n)
-        split = self._splitting(bq, same)  # (p, a, b, m)
+        same = (cluster[:, :, None] == cluster[:, None, :]).astype(float)  # (u, m, n)
+        split = self._splitting(bq, same)  # (u, a, b, m)
         half_inv = np.where(ok, _TO_MEV / (2.0 * np.sqrt(lam_safe)), 0.0)  # dE/dlambda
-        vel = vlam * half_inv[:, None, :]  # (p, 3, m) meV A
-        n_p, n_e = self._use.shape
+        vel = vlam * half_inv[:, None, :]  # (u, 3, m) meV A
+        # per fitted path point (p): its q-point's
+        at = self._point_q
+        vel_p, vec_p, half_p = vel[at], vec[at], half_inv[at]
         # per (point, energy) bin, dense; the fitted ones are selected at the end
-        mu = self._mean_offset @ vel  # (p, e, m)
-        cv = self._offset_cov @ vel[:, None]  # (p, e, 3, m)
-        v2 = np.sum(vel * vel, axis=1)[:, None, :]  # (p, 1, m) |v|^2
-        tau2 = np.maximum(np.sum(vel[:, None] * cv, axis=2), 0.0) + eta2 * v2  # (p, e, m)
+        mu = self._mean_offset @ vel_p  # (p, e, m)
+        cv = self._offset_cov @ vel_p[:, None]  # (p, e, 3, m)
+        v2 = np.sum(vel_p * vel_p, axis=1)[:, None, :]  # (p, 1, m) |v|^2
+        tau2 = np.maximum(np.sum(vel_p[:, None] * cv, axis=2), 0.0) + eta2 * v2  # (p, e, m)
         # degenerate modes split across the tube: the spread of their energies about the
         # cluster's mean, E[delta^T K delta] (dE/dlambda)^2 with the second moment of delta
-        second = self._offset_cov + np.einsum("pea,peb->peab", self._mean_offset, self._mean_offset)
-        n_p0, n_e0 = second.shape[:2]
-        spread = second.reshape(n_p0, n_e0, 9) @ split.reshape(n_p0, 9, -1)  # (p, e, m)
-        tau2 = tau2 + spread * (half_inv**2)[:, None, :]
-        e_b = np.broadcast_to(energy[:, None, :], mu.shape)
-        h = self._profile(e_b, mu, tau2, r)  # (p, e, m)
-        uh = np.conj(np.swapaxes(vec, 1, 2))[:, None]
+        n_p = self._use.shape[0]
+        spread = self._second @ split[at].reshape(n_p, 9, -1)  # (p, e, m)
+        tau2 = tau2 + spread * (half_p**2)[:, None, :]
+        e_b = energy[at][:, None, :]  # (p, 1, m)
+        near = self._near(e_b, mu, tau2, r)
+        h = near.dense(self._profile_at(near, r, derivatives=False))  # (p, e, m)
         tensor = self._tensor
-        ddw = None
         if self._dw_ref is not None:
-            b_now, ddw = self.debye_waller(c, jacobian=jacobian)
+            b_now, _ = self.debye_waller(c)
             shift = self._atom_onehot @ (b_now - self._dw_ref)  # (m,) db of each row's atom
-            pair = shift[:, None] + shift[None, :]
-            tensor = tensor - pair * self._tensor_q2
-        x_b = uh @ tensor @ vec[:, None]  # (p, e, m, n): e_m^H T e_n
-        a_bm = np.real(np.einsum("pemm->pem", x_b))
+            tensor = tensor - (shift[:, None] + shift[None, :]) * self._tensor_q2
+        x_b = np.conj(np.swapaxes(vec_p, 1, 2))[:, None] @ tensor @ vec_p[:, None]
+        a_bm = np.real(np.einsum("pemm->pem", x_b))  # (p, e, m, n): e_m^H T e_n
         one = np.sum(a_bm * h, axis=2)  # (p, e) the one-phonon part at unit scale
-        corr = self._correction
-        if corr is not None:
-            one = one * corr
+        if self._correction is not None:
+            one = one * self._correction
         signal = scale * (one + self._extra)
-        use = self._use
-        expected = (signal + beta * self._background)[use]
-        if not jacobian:
-            return Evaluation(expected=expected, jacobian=None, energies=energy, stable=stable)
+        expected = (signal + beta * self._background)[self._use]
+        return _Forward(
+            energy=energy[at],
+            stable=stable,
+            expected=expected,
+            signal=signal,
+            lam=lam,
+            vec=vec,
+            ok=ok,
+            lam_safe=lam_safe,
+            cluster=cluster,
+            avg=avg,
+            bq=bq,
+            half_inv=half_inv,
+            vel=vel,
+            cv=cv,
+            v2=v2,
+            near=near,
+            x_b=x_b,
+            a_bm=a_bm,
+        )
+
+    def _jacobian(self, theta: NDArray[np.float64], fw: _Forward) -> NDArray[np.float64]:
+        """(n_bins, n_params) Jacobian at ``theta`` from its forward pass ``fw``."""
+        k = self.n_coefficients
+        c = theta[:k]
+        scale = math.exp(float(theta[k]))
+        r, eta2 = float(theta[k + 2]), max(float(theta[k + 3]), 0.0)
+        lam, vec, avg, bq, vel = fw.lam, fw.vec, fw.avg, fw.bq, fw.vel
+        half_inv, a_bm, x_b, v2 = fw.half_inv, fw.a_bm, fw.x_b, fw.v2
+        at = self._point_q
+        n_p, n_e = self._use.shape
         m = lam.shape[1]
+        # per distinct q-point: energy derivatives per coefficient, cluster-averaged
+        vh = np.conj(np.swapaxes(vec, 1, 2))  # (u, m, i)
+        y_k = vh[None] @ (self._dyn @ vec[None])  # (k, u, m, m): e_m^H D_k e_n
+        dlam = np.einsum("kqm,qnm->kqn", np.einsum("kqmm->kqm", y_k).real, avg)  # (k, u, m)
         # dA/dc_k = sum_{n not in cluster(m)} 2 Re(X_mn Y_k,nm) / (lambda_m - lambda_n);
         # summed with h: sum_mn Re((X h_m)_mn Z_k,mn) as one product per point
-        gap = lam[:, :, None] - lam[:, None, :]  # (p, m, n)
-        same = cluster[:, :, None] == cluster[:, None, :]
+        gap = lam[:, :, None] - lam[:, None, :]  # (u, m, n)
+        same = fw.cluster[:, :, None] == fw.cluster[:, None, :]
         inv_gap = np.where(same, 0.0, 1.0 / np.where(same, 1.0, gap))
-        z = 2.0 * np.transpose(y_k, (1, 0, 3, 2)) * inv_gap[:, None]  # (p, k, m, n)
-        z = z.reshape(n_p, k, m * m)
+        z = 2.0 * np.transpose(y_k, (1, 0, 3, 2)) * inv_gap[:, None]  # (u, k, m, n)
+        z = z.reshape(-1, k, m * m)[at]  # (p, k, m m)
+        h, dh_de, dh_dmu, dh_dtau2, dh_dr = fw.near.dense(
+            self._profile_at(fw.near, r, derivatives=True)
+        )
         xh = (x_b * h[..., None]).reshape(n_p, n_e, m * m)
         jac_a = xh.real @ np.swapaxes(z.real, 1, 2) - xh.imag @ np.swapaxes(z.imag, 1, 2)
-        dh_de, dh_dmu, dh_dtau2, dh_dr = self._profile_derivatives(e_b, mu, tau2, r, h)
-        de_dc = dlam * half_inv[None]  # (k, p, m)
+        de_dc = (dlam * half_inv[None])[:, at]  # (k, p, m)
         # velocities: dv/dc_k = dE/dlambda d(e^H dD/dQ e)/dc_k - v dlambda/dc_k / (2 lambda),
         # d(e_m^H G e_m)/dc_k = e_m^H dD_k/dQ e_m + 2 Re sum_{n not in cluster(m)}
         # conj(Y_k,nm) G_nm / (lambda_m - lambda_n) (the eigenvectors' change: it matters
         # across the wedge's wide voxels, where it was 1 % of the 1NN columns when left out)
         dv_lam = np.sum(
             vec.conj()[None, :, None] * (self._ddyn @ vec[None, :, None]), axis=-2
-        ).real  # (k, p, a, m): e_m^H dD_k/dQ_a e_m
+        ).real  # (k, u, a, m): e_m^H dD_k/dQ_a e_m
         dv_lam += 2.0 * np.einsum("kpnm,panm,pmn->kpam", np.conj(y_k), bq, inv_gap).real
         dv_lam = np.einsum("kqam,qnm->kqan", dv_lam, avg)
-        inv_lam = np.where(ok, 1.0 / lam_safe, 0.0)
+        inv_lam = np.where(fw.ok, 1.0 / fw.lam_safe, 0.0)
         dvel = (
             dv_lam * half_inv[None, :, None, :]
             - vel[None] * (0.5 * dlam * inv_lam[None])[:, :, None, :]
-        )  # (k, p, 3, m)
+        )[:, at]  # (k, p, 3, m)
+        vel_p = vel[at]
         dvel_p = np.transpose(dvel, (1, 2, 0, 3))  # (p, 3, k, m)
         # sum_m A (dE dh_de + dmu dh_dmu + dtau2 dh_dtau2)
         jac_e = (a_bm * dh_de) @ np.transpose(de_dc, (1, 2, 0))  # (p, e, k)
         w_mu = a_bm * dh_dmu  # (p, e, m)
         w_tau = 2.0 * a_bm * dh_dtau2  # (p, e, m); dtau2 = 2 v^T C dv
         dmu_w = (self._mean_offset @ dvel_p.reshape(n_p, 3, k * m)).reshape(n_p, n_e, k, m)
-        cvw = np.swapaxes(cv * w_tau[:, :, None, :], 2, 3)  # (p, e, m, 3) = C v w_tau
+        cvw = np.swapaxes(fw.cv * w_tau[:, :, None, :], 2, 3)  # (p, e, m, 3) = C v w_tau
         # sum_m sum_a dvel[p,a,k,m] (C v w)[p,e,m,a]
         dvel_ma = np.transpose(dvel, (1, 3, 2, 0)).reshape(n_p, m * 3, k)  # (p, m a, k)
         jac_tau = cvw.reshape(n_p, n_e, m * 3) @ dvel_ma  # sum_m,a dvel (C v w)
         if eta2 > 0:  # d(eta^2 |v|^2) = 2 eta^2 v.dv
-            vw = vel[:, None] * w_tau[:, :, None, :]  # (p, e, 3, m)
+            vw = vel_p[:, None] * w_tau[:, :, None, :]  # (p, e, 3, m)
             vw_ma = np.swapaxes(vw, 2, 3).reshape(n_p, n_e, m * 3)
             jac_tau = jac_tau + eta2 * (vw_ma @ dvel_ma)
         jac_mu = (dmu_w @ w_mu[..., None])[..., 0]
         jac_c = scale * (jac_a + jac_e + jac_mu + jac_tau)  # (p, e, k)
-        if ddw is not None:
+        if self._dw_ref is not None:
+            _, ddw = self.debye_waller(c, jacobian=True)
+            assert ddw is not None
             # dT/dc_k = -sum_a db_a/dc_k (P_a T2 + T2 P_a), P_a the rows of atom a:
             # dA_m/dc_k = -2 sum_a db_a/dc_k Re(e_m^H P_a T2 e_m)
-            t2u = self._tensor_q2 @ vec[:, None]  # (p, e, i, m)
+            vec_p = vec[at]
+            t2u = self._tensor_q2 @ vec_p[:, None]  # (p, e, i, m)
             n_at = self._atom_onehot.shape[1]
-            g = (vec.conj()[:, None] * t2u).real.reshape(n_p, n_e, n_at, 3, m).sum(axis=3)
+            g = (vec_p.conj()[:, None] * t2u).real.reshape(n_p, n_e, n_at, 3, m).sum(axis=3)
             t2h = (g @ h[..., None])[..., 0]  # (p, e, a)
             jac_c -= scale * 2.0 * (t2h @ ddw)
         jac_r = scale * np.sum(a_bm * dh_dr, axis=2)
         jac_eta = scale * np.sum(a_bm * dh_dtau2 * v2, axis=2)
+        corr = self._correction
         if corr is not None:
             jac_c = jac_c * corr[..., None]
             jac_r = jac_r * corr
             jac_eta = jac_eta * corr
+        use = self._use
         jac = np.empty((self.n_bins, self.n_params))
         jac[:, :k] = jac_c[use]
-        jac[:, k] = signal[use]
+        jac[:, k] = fw.signal[use]
         jac[:, k + 1] = self._background[use]
         jac[:, k + 2] = jac_r[use]
         jac[:, k + 3] = jac_eta[use]
-        return Evaluation(expected=expected, jacobian=jac, energies=energy, stable=stable)
+        return jac
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -518,7 +638,9 @@ class CountsModel:
         derivatives: bool = False,
     ) -> Any:
         """``h``: the cross-section factor of a mode of energy ``e`` (meV) in each bin,
-        whose cells' energies are offset by ``u`` of mean ``mu`` and variance ``tau2``.
+        whose cells' energies are offset by ``u`` of mean ``mu`` and variance ``tau2``
+        (arrays that broadcast to one shape with the energy bins on axis 1, ``(p, n_E,
+        m)``; ``e`` usually ``(p, 1, m)``).
 
         A cell's one-phonon weight is ``1 / (e + u)`` (times Bose, ~1 at the fitted
         temperatures' energies); to second order in ``u`` and with Gaussian ``u``
@@ -527,50 +649,74 @@ class CountsModel:
         ``[(1 - mu/e + (mu^2 + tau2)/e^2) g + (2 mu - e) tau2/e^2 g' + tau2^2/e^2 g'']/e``
         (``'`` derivatives by the centre), for energy loss and its mirror for gain.
 
+        Only the bins within :data:`_TAIL_Z` widths (and half a bin) of a line's centre
+        are evaluated, a few of the ~100 energy bins of each mode; the others are set to
+        zero (the Gaussian's share there is below 1e-17 of the peak's).
+
         With ``derivatives``, returns ``(h, dh/de, dh/dmu, dh/dtau2, dh/dr)`` (analytic:
         a Gaussian's derivative by its width is ``sigma`` times its second derivative by
         its centre).
         """
+        near = self._near(e, mu, tau2, r)
+        return near.dense(self._profile_at(near, r, derivatives=derivatives))
+
+    def _near(
+        self, e: NDArray[np.float64], mu: NDArray[np.float64], tau2: NDArray[np.float64], r: float
+    ) -> _Near:
+        """The elements of :meth:`_profile`'s arrays within :data:`_TAIL_Z` widths (and
+        half a bin) of a line's centre, and their ``e``, ``mu``, ``tau2`` and bin edge."""
+        sres, _ = self._sigma_res(e)
+        nb, _ = self._bose(e)
+        e, mu, tau2, lo, sres, nb = np.broadcast_arrays(e, mu, tau2, self._e_lo, sres, nb)
+        sigma = np.sqrt(np.maximum((r * sres) ** 2 + tau2, 1e-12))
+        mid = lo + 0.5 * self._de
+        reach = _TAIL_Z * sigma + 0.5 * self._de
+        near = np.abs(e + mu - mid) < reach
+        near |= (nb > 0) & (np.abs(e + mu + mid) < reach)
+        near &= e > 0  # no mode, no weight: h and its derivatives are 0 there
+        at = np.nonzero(near)
+        return _Near(shape=e.shape, at=at, e=e[at], mu=mu[at], tau2=tau2[at], lo=lo[at])
+
+    def _profile_at(self, near: _Near, r: float, *, derivatives: bool) -> list[NDArray[np.float64]]:
+        """:meth:`_profile` on the elements ``near`` names (1-D): ``[h]``, or ``[h, dh/de,
+        dh/dmu, dh/dtau2, dh/dr]``."""
+        e, mu, tau2, lo = near.e, near.mu, near.tau2, near.lo
         sres, dsres = self._sigma_res(e)
         sigma = np.sqrt(np.maximum((r * sres) ** 2 + tau2, 1e-12))
         nb, dnb = self._bose(e)
-        ok = e > 0
-        inv_e = np.where(ok, 1.0 / np.where(ok, e, 1.0), 0.0)
-        lo = self._e_lo
+        inv_e = 1.0 / e
         c0 = 1.0 - mu * inv_e + (mu * mu + tau2) * inv_e**2
         c1 = (2.0 * mu * inv_e - 1.0) * tau2 * inv_e
         c2 = tau2 * tau2 * inv_e**2
-        gl = self._bin_gauss(lo, lo + self._de, e + mu, sigma, order=4 if derivatives else 2)
+        order = 4 if derivatives else 2
+        gl = self._bin_gauss(lo, lo + self._de, e + mu, sigma, order=order)
         loss = c0 * gl[0] + c1 * gl[1] + c2 * gl[2]
         # energy gain: only where the Bose factor is not zero (the gain peak sits at -e - mu,
         # and u enters it with the other sign)
-        gain_rows: NDArray[np.int64] = np.nonzero(np.asarray(nb > 0).reshape(len(nb), -1).any(1))[0]
-        gg: list[NDArray[np.float64]] | None = None
-        gain = np.zeros_like(loss)
-        if len(gain_rows):
-            sel = (gain_rows,)
-            gg = [np.zeros_like(loss) for _ in range(5 if derivatives else 3)]
+        gain_at = np.nonzero(nb > 0)[0]
+        gg = [np.zeros_like(loss) for _ in range(order + 1)]
+        if len(gain_at):
             part = self._bin_gauss(
-                lo, lo + self._de, -e[sel] - mu[sel], sigma[sel], order=4 if derivatives else 2
+                lo[gain_at],
+                lo[gain_at] + self._de,
+                -e[gain_at] - mu[gain_at],
+                sigma[gain_at],
+                order=order,
             )
             for full, piece in zip(gg, part, strict=True):
-                full[sel] = piece
-            gain = c0 * gg[0] - c1 * gg[1] + c2 * gg[2]
+                full[gain_at] = piece
+        gain = c0 * gg[0] - c1 * gg[1] + c2 * gg[2]
         prof = (nb + 1.0) * loss + nb * gain
         h = self._pref * inv_e * prof
         if not derivatives:
-            return h
+            return [h]
         g0, g1, g2, g3, g4 = gl
+        q0, q1, q2, q3, q4 = gg
         # partials of the loss bracket by its centre and width, and by c0, c1, c2
         l_c = c0 * g1 + c1 * g2 + c2 * g3
         l_s = sigma * (c0 * g2 + c1 * g3 + c2 * g4)
-        if gg is not None:
-            q0, q1, q2, q3, q4 = gg
-            n_c = -(c0 * q1 - c1 * q2 + c2 * q3)  # d gain / d(e + mu) (its centre is -e - mu)
-            n_s = sigma * (c0 * q2 - c1 * q3 + c2 * q4)
-        else:
-            q0 = q1 = q2 = np.zeros_like(loss)
-            n_c = n_s = np.zeros_like(loss)
+        n_c = -(c0 * q1 - c1 * q2 + c2 * q3)  # d gain / d(e + mu) (its centre is -e - mu)
+        n_s = sigma * (c0 * q2 - c1 * q3 + c2 * q4)
         p_c = (nb + 1.0) * l_c + nb * n_c  # by the centre shift (e or mu)
         p_s = (nb + 1.0) * l_s + nb * n_s  # by sigma
         p_c0 = (nb + 1.0) * g0 + nb * q0
@@ -600,19 +746,7 @@ class CountsModel:
             )
             - self._pref * i2 * prof
         )
-        return h, d_e, d_mu, d_t, d_r
-
-    def _profile_derivatives(
-        self,
-        e: NDArray[np.float64],
-        mu: NDArray[np.float64],
-        tau2: NDArray[np.float64],
-        r: float,
-        h: NDArray[np.float64],
-    ) -> tuple[NDArray[np.float64], ...]:
-        """``(dh/de, dh/dmu, dh/dtau2, dh/dr)`` of :meth:`_profile`."""
-        out = self._profile(e, mu, tau2, r, derivatives=True)
-        return tuple(out[1:])
+        return [h, d_e, d_mu, d_t, d_r]
 
     def _sigma_res(self, e: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """Resolution sigma(E) (meV) and its derivative, as the simulator evaluates it."""
