@@ -61,7 +61,7 @@ from simulations.lattice.resolution import EnergyResolution
 from simulations.lattice.sqe import FREQUENCY_MIN_MEV, mesh_points
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV, VASP_TO_THZ
 
-__all__ = ["GAMMA_EXCLUSION", "NUISANCE", "CountsModel", "Evaluation"]
+__all__ = ["GAMMA_EXCLUSION", "NUISANCE", "CountsModel", "Evaluation", "ModeBases"]
 
 #: Path points closer than this many tube radii to a zone centre are not fitted.
 GAMMA_EXCLUSION = 6.0
@@ -101,6 +101,57 @@ class Evaluation:
     jacobian: NDArray[np.float64] | None
     energies: NDArray[np.float64]
     stable: bool
+
+
+class ModeBases:
+    """The dynamical-matrix basis of ``basis`` (eV/A^2/amu) and its gradient by Q at
+    q-points, kept per q-point, and on the Debye-Waller factors' mesh: the models of a
+    run's successive snapshots (their fitted points a growing subset of one grid's) share
+    them rather than make them again each time."""
+
+    def __init__(self, basis: FCBasis) -> None:
+        self.basis = basis
+        self._kept: dict[bytes, tuple[NDArray[np.complex128], NDArray[np.complex128]]] = {}
+        self._mesh: NDArray[np.complex128] | None = None
+
+    def at(
+        self, qpoints: NDArray[np.float64]
+    ) -> tuple[NDArray[np.complex128], NDArray[np.complex128]]:
+        """``(D_k(q) (k, n, m, m), dD_k/dQ_a (k, n, 3, m, m))`` at ``qpoints`` ((n, 3),
+        r.l.u.; the gradient by Cartesian Q in 1/A)."""
+        q = np.ascontiguousarray(qpoints, dtype=float)
+        keys = [row.tobytes() for row in q]
+        new = [i for i, key in enumerate(keys) if key not in self._kept]
+        if new:
+            dyn = self.basis.dynamical_basis(q[new])
+            grad = dynamical_gradient(self.basis, q[new])
+            for j, i in enumerate(new):
+                self._kept[keys[i]] = (dyn[:, j], grad[:, j])
+        pairs = [self._kept[key] for key in keys]
+        return (
+            np.stack([d for d, _ in pairs], axis=1),
+            np.stack([g for _, g in pairs], axis=1),
+        )
+
+    def mesh(self) -> NDArray[np.complex128]:
+        """(k, n_mesh, m, m) the basis on the :data:`DW_MESH`^3 mesh."""
+        if self._mesh is None:
+            self._mesh = self.basis.dynamical_basis(mesh_points(DW_MESH))
+        return self._mesh
+
+
+def dynamical_gradient(basis: FCBasis, qpts: NDArray[np.float64]) -> NDArray[np.complex128]:
+    """(k, n, 3, m, m) dD_k/dQ_a (Cartesian, 1/A) at ``qpts`` ((n, 3), r.l.u.) by central
+    differences."""
+    h = 1e-4  # 1/A
+    inv = np.linalg.inv(basis.crystal.reciprocal_lattice)
+    out = []
+    for a in range(3):
+        step = h * inv[a]  # r.l.u. of a Cartesian step along a
+        plus = basis.dynamical_basis(qpts + step)
+        minus = basis.dynamical_basis(qpts - step)
+        out.append((plus - minus) / (2 * h))
+    return np.stack(out, axis=2)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,6 +252,7 @@ class CountsModel:
         e_min: float | None = None,
         extra: NDArray[np.float64] | None = None,
         correction: NDArray[np.float64] | None = None,
+        bases: ModeBases | None = None,
     ) -> None:
         n_q, n_e = grid.shape
         if moments.weight.shape != (n_q * n_e,):
@@ -290,14 +342,14 @@ class CountsModel:
         distinct, point_q = np.unique(qpts[self.points], axis=0, return_inverse=True)
         #: (n_p,) each fitted point's row among the distinct q-points.
         self._point_q = np.asarray(point_q).reshape(-1)
-        self._dyn = basis.dynamical_basis(distinct)  # (k, n_u, m, m)
-        self._ddyn = self._dynamical_gradient(distinct, rec)  # (k, n_u, 3, m, m)
+        bases = ModeBases(basis) if bases is None else bases
+        self._dyn, self._ddyn = bases.at(distinct)  # (k, n_u, m, m), (k, n_u, 3, m, m)
         self._last: tuple[bytes, _Forward] | None = None
         self._pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / basis.crystal.n_atoms
         self._dw_ref: NDArray[np.float64] | None = None
         if reference is not None:
             mesh = mesh_points(DW_MESH)
-            self._dw_dyn = basis.dynamical_basis(mesh)  # (k, n_mesh, m, m)
+            self._dw_dyn = bases.mesh()  # (k, n_mesh, m, m)
             atom = np.arange(m) // 3
             self._atom_onehot = (atom[:, None] == np.arange(basis.crystal.n_atoms)).astype(
                 float
@@ -331,20 +383,6 @@ class CountsModel:
         if not np.all(np.isfinite(out)) or np.any(out < 0):
             raise RefinementError("counts must be finite and >= 0")
         return np.asarray(out)
-
-    def _dynamical_gradient(
-        self, qpts: NDArray[np.float64], rec: NDArray[np.float64]
-    ) -> NDArray[np.complex128]:
-        """dD_k/dQ_a (Cartesian, 1/A) at the path points by central differences."""
-        h = 1e-4  # 1/A
-        inv = np.linalg.inv(rec)
-        out = []
-        for a in range(3):
-            step = h * inv[a]  # r.l.u. of a Cartesian step along a
-            plus = self.basis.dynamical_basis(qpts + step)
-            minus = self.basis.dynamical_basis(qpts - step)
-            out.append((plus - minus) / (2 * h))
-        return np.stack(out, axis=2)
 
     def theta(
         self,

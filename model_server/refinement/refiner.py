@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from consumers.reduction.moments import BinMoments, StructureConstants, structure_constants
 from consumers.reduction.table import FoldTable
 from model_server.exceptions import RefinementError
-from model_server.refinement.counts import GAMMA_EXCLUSION, CountsModel
+from model_server.refinement.counts import GAMMA_EXCLUSION, CountsModel, ModeBases
 from model_server.refinement.fit import Prior, Refined, default_prior, refine
 from simulations.exceptions import SimulationError
 from simulations.instrument.spectrometer import Instrument
@@ -145,6 +145,8 @@ class RunRefiner:
         #: the expected-counts model of the last :meth:`refine` (the planner's cumulative)
         self.last_model: CountsModel | None = None
         self._incoherent: tuple[NDArray[np.float64], IncoherentScattering] | None = None
+        #: the mode bases at the grid's q-points, shared by the snapshots' models
+        self.bases = ModeBases(self.setup.basis)
 
     @classmethod
     def from_metadata(
@@ -360,6 +362,7 @@ class RunRefiner:
             e_min=self.elastic_cut,
             extra=extra,
             correction=correction,
+            bases=self.bases,
         )
 
     def start_from(self, estimate: Mapping[str, float] | None) -> NDArray[np.float64]:
