@@ -10,8 +10,8 @@ set; the others are free).
 Levenberg-Marquardt on the Fisher information ``F = J^T diag(1/lambda) J`` (the expected
 Hessian of D/2) with the model's exact Jacobian; steps that raise the deviance, make a
 mode imaginary or a bin's expectation non-positive are rejected and damped. Converged
-when a step changes no parameter by more than 1e-3 of its standard deviation and D by
-less than 1e-4.
+when a step changes no parameter by more than 1e-2 of its standard deviation and D by
+less than 1e-4 (or when a step that small raises D by less than that: its roundoff).
 
 Covariance: the Laplace approximation ``(F + prior)^-1`` at the optimum, multiplied by
 Pearson's chi^2 per degree of freedom when that exceeds 1 (the model misfits: the errors
@@ -179,6 +179,13 @@ class _State:
 #: Least resolution scale the fit tries.
 _MIN_RESOLUTION_SCALE = 0.05
 
+#: Converged when a step moves no parameter by more than this share of its std (marginal,
+#: from the inverse Fisher information) and lowers the deviance by less than
+#: :data:`GAIN_TOLERANCE`: near the optimum a step gains a factor of ~100, so the fit
+#: then ends ~1e-4 std from it.
+STEP_TOLERANCE = 1e-2
+GAIN_TOLERANCE = 1e-4
+
 
 def background_floor(model: CountsModel, y: NDArray[np.float64]) -> float:
     """The least background amplitude: an expectation of 1e-4 of the mean count per bin,
@@ -238,7 +245,11 @@ def _descend(
         free[k + 2] = not (state.theta[k + 2] <= _MIN_RESOLUTION_SCALE and grad[k + 2] > 0)
         free[k + 3] = not (state.theta[k + 3] <= 0.0 and grad[k + 3] > 0)
         idx = np.nonzero(free)[0]
-        accepted = False
+        try:  # the marginal std of every parameter, the unit of the steps' lengths
+            sd = 1.0 / np.sqrt(np.maximum(np.diag(np.linalg.inv(fisher)), 1e-300))
+        except np.linalg.LinAlgError:
+            sd = np.sqrt(diag)
+        accepted = at_optimum = False
         for _ in range(12):
             a = fisher[np.ix_(idx, idx)] + damping * np.diag(diag[idx])
             try:
@@ -259,12 +270,23 @@ def _descend(
                 damping = max(damping / 5.0, 1e-9)
                 accepted = True
                 break
+            if (
+                new is not None
+                and np.max(np.abs(step) * sd) < STEP_TOLERANCE
+                and new.objective - state.objective < GAIN_TOLERANCE
+            ):
+                # a step this small that the deviance does not take is its roundoff: at
+                # the optimum already (larger damping would only shorten it further)
+                at_optimum = True
+                break
             damping *= 5.0
+        if at_optimum:
+            converged = True
+            break
         if not accepted:
             converged = bool(np.max(np.abs(grad[idx]) / np.sqrt(diag[idx])) < 1e-2)
             break
-        sd = np.sqrt(diag)
-        if np.max(np.abs(step) * sd) < 1e-3 and gain < 1e-4:
+        if np.max(np.abs(step) * sd) < STEP_TOLERANCE and gain < GAIN_TOLERANCE:
             converged = True
             break
     ev = model.evaluate(state.theta)
