@@ -41,6 +41,15 @@ Jacobian keeps the mode energies' dependence on ``c``, not the eigenvectors').
 
 Bins whose path point lies within :data:`GAMMA_EXCLUSION` tube radii of a zone centre
 are left out: there the acoustic modes are a cone across the tube, not a plane.
+
+Cost: the modes are solved once per distinct q-point (the zone classes' rows of a path
+point share theirs; :class:`ModeBases` keeps the dynamical-matrix bases across a run's
+snapshots), and each mode's line is evaluated only in the energy bins within
+:data:`_TAIL_Z` widths of its centre (a quarter of Ge's (bin, mode) elements): the
+structure-factor rows ``e_m^H T e_n`` and the coefficients' Jacobian columns are summed
+over those elements only, in compiled loops (:func:`_structure_rows`,
+:func:`_coefficient_columns`). The expected counts of the last parameters are kept, so
+that the Jacobian at the point a fit has just evaluated adds only its own part.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 from scipy.special import ndtr
 
@@ -176,8 +186,9 @@ class _Forward:
     cv: NDArray[np.float64]  # (p, e, 3, m)
     v2: NDArray[np.float64]  # (p, 1, m)
     near: _Near  # the (p, e, m) elements near a line
-    x_b: NDArray[np.complex128]  # (p, e, m, m)
-    a_bm: NDArray[np.float64]  # (p, e, m)
+    rows: NDArray[np.complex128]  # (n_near, m): e_m^H T e_n of the elements near a line
+    a: NDArray[np.float64]  # (n_near,): e_m^H T e_m
+    g: NDArray[np.float64]  # (n_near, n_atoms): Re e_m^H P_atom T2 e_m (Debye-Waller)
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,7 +510,7 @@ class CountsModel:
         vel = vlam * half_inv[:, None, :]  # (u, 3, m) meV A
         # per fitted path point (p): its q-point's
         at = self._point_q
-        vel_p, vec_p, half_p = vel[at], vec[at], half_inv[at]
+        vel_p, half_p = vel[at], half_inv[at]
         # per (point, energy) bin, dense; the fitted ones are selected at the end
         mu = self._mean_offset @ vel_p  # (p, e, m)
         cv = self._offset_cov @ vel_p[:, None]  # (p, e, 3, m)
@@ -507,20 +518,34 @@ class CountsModel:
         tau2 = np.maximum(np.sum(vel_p[:, None] * cv, axis=2), 0.0) + eta2 * v2  # (p, e, m)
         # degenerate modes split across the tube: the spread of their energies about the
         # cluster's mean, E[delta^T K delta] (dE/dlambda)^2 with the second moment of delta
-        n_p = self._use.shape[0]
+        n_p, n_e = self._use.shape
         spread = self._second @ split[at].reshape(n_p, 9, -1)  # (p, e, m)
         tau2 = tau2 + spread * (half_p**2)[:, None, :]
         e_b = energy[at][:, None, :]  # (p, 1, m)
         near = self._near(e_b, mu, tau2, r)
-        h = near.dense(self._profile_at(near, r, derivatives=False))  # (p, e, m)
-        tensor = self._tensor
+        (h,) = self._profile_at(near, r, derivatives=False)  # on the elements near a line
+        shift = np.zeros(vec.shape[1])
         if self._dw_ref is not None:
             b_now, _ = self.debye_waller(c)
             shift = self._atom_onehot @ (b_now - self._dw_ref)  # (m,) db of each row's atom
-            tensor = tensor - (shift[:, None] + shift[None, :]) * self._tensor_q2
-        x_b = np.conj(np.swapaxes(vec_p, 1, 2))[:, None] @ tensor @ vec_p[:, None]
-        a_bm = np.real(np.einsum("pemm->pem", x_b))  # (p, e, m, n): e_m^H T e_n
-        one = np.sum(a_bm * h, axis=2)  # (p, e) the one-phonon part at unit scale
+        # e_m^H T e_n (T with the Debye-Waller change) for the elements near a line only:
+        # elsewhere h is 0 and they add nothing, to the counts or to the Jacobian
+        ip, ie, im = near.at
+        rows, a, g = _structure_rows(
+            self._tensor,
+            self._tensor_q2,
+            shift,
+            vec,
+            self._point_q,
+            ip,
+            ie,
+            im,
+            self._dw_ref is not None,
+            self._atom_onehot.shape[1] if self._dw_ref is not None else 1,
+        )
+        flat = ip * n_e + ie
+        # (p, e) the one-phonon part at unit scale
+        one = np.bincount(flat, weights=a * h, minlength=n_p * n_e).reshape(n_p, n_e)
         if self._correction is not None:
             one = one * self._correction
         signal = scale * (one + self._extra)
@@ -542,8 +567,9 @@ class CountsModel:
             cv=cv,
             v2=v2,
             near=near,
-            x_b=x_b,
-            a_bm=a_bm,
+            rows=rows,
+            a=a,
+            g=g,
         )
 
     def _jacobian(self, theta: NDArray[np.float64], fw: _Forward) -> NDArray[np.float64]:
@@ -553,10 +579,11 @@ class CountsModel:
         scale = math.exp(float(theta[k]))
         r, eta2 = float(theta[k + 2]), max(float(theta[k + 3]), 0.0)
         lam, vec, avg, bq, vel = fw.lam, fw.vec, fw.avg, fw.bq, fw.vel
-        half_inv, a_bm, x_b, v2 = fw.half_inv, fw.a_bm, fw.x_b, fw.v2
+        half_inv = fw.half_inv
         at = self._point_q
         n_p, n_e = self._use.shape
-        m = lam.shape[1]
+        ip, ie, im = fw.near.at
+        flat = ip * n_e + ie
         # per distinct q-point: energy derivatives per coefficient, cluster-averaged
         vh = np.conj(np.swapaxes(vec, 1, 2))  # (u, m, i)
         y_k = vh[None] @ (self._dyn @ vec[None])  # (k, u, m, m): e_m^H D_k e_n
@@ -567,13 +594,8 @@ class CountsModel:
         same = fw.cluster[:, :, None] == fw.cluster[:, None, :]
         inv_gap = np.where(same, 0.0, 1.0 / np.where(same, 1.0, gap))
         z = 2.0 * np.transpose(y_k, (1, 0, 3, 2)) * inv_gap[:, None]  # (u, k, m, n)
-        z = z.reshape(-1, k, m * m)[at]  # (p, k, m m)
-        h, dh_de, dh_dmu, dh_dtau2, dh_dr = fw.near.dense(
-            self._profile_at(fw.near, r, derivatives=True)
-        )
-        xh = (x_b * h[..., None]).reshape(n_p, n_e, m * m)
-        jac_a = xh.real @ np.swapaxes(z.real, 1, 2) - xh.imag @ np.swapaxes(z.imag, 1, 2)
-        de_dc = (dlam * half_inv[None])[:, at]  # (k, p, m)
+        h, dh_de, dh_dmu, dh_dtau2, dh_dr = self._profile_at(fw.near, r, derivatives=True)
+        de_dc = np.ascontiguousarray(np.transpose(dlam * half_inv[None], (1, 2, 0)))  # (u, m, k)
         # velocities: dv/dc_k = dE/dlambda d(e^H dD/dQ e)/dc_k - v dlambda/dc_k / (2 lambda),
         # d(e_m^H G e_m)/dc_k = e_m^H dD_k/dQ e_m + 2 Re sum_{n not in cluster(m)}
         # conj(Y_k,nm) G_nm / (lambda_m - lambda_n) (the eigenvectors' change: it matters
@@ -587,37 +609,48 @@ class CountsModel:
         dvel = (
             dv_lam * half_inv[None, :, None, :]
             - vel[None] * (0.5 * dlam * inv_lam[None])[:, :, None, :]
-        )[:, at]  # (k, p, 3, m)
-        vel_p = vel[at]
-        dvel_p = np.transpose(dvel, (1, 2, 0, 3))  # (p, 3, k, m)
-        # sum_m A (dE dh_de + dmu dh_dmu + dtau2 dh_dtau2)
-        jac_e = (a_bm * dh_de) @ np.transpose(de_dc, (1, 2, 0))  # (p, e, k)
-        w_mu = a_bm * dh_dmu  # (p, e, m)
-        w_tau = 2.0 * a_bm * dh_dtau2  # (p, e, m); dtau2 = 2 v^T C dv
-        dmu_w = (self._mean_offset @ dvel_p.reshape(n_p, 3, k * m)).reshape(n_p, n_e, k, m)
-        cvw = np.swapaxes(fw.cv * w_tau[:, :, None, :], 2, 3)  # (p, e, m, 3) = C v w_tau
-        # sum_m sum_a dvel[p,a,k,m] (C v w)[p,e,m,a]
-        dvel_ma = np.transpose(dvel, (1, 3, 2, 0)).reshape(n_p, m * 3, k)  # (p, m a, k)
-        jac_tau = cvw.reshape(n_p, n_e, m * 3) @ dvel_ma  # sum_m,a dvel (C v w)
-        if eta2 > 0:  # d(eta^2 |v|^2) = 2 eta^2 v.dv
-            vw = vel_p[:, None] * w_tau[:, :, None, :]  # (p, e, 3, m)
-            vw_ma = np.swapaxes(vw, 2, 3).reshape(n_p, n_e, m * 3)
-            jac_tau = jac_tau + eta2 * (vw_ma @ dvel_ma)
-        jac_mu = (dmu_w @ w_mu[..., None])[..., 0]
-        jac_c = scale * (jac_a + jac_e + jac_mu + jac_tau)  # (p, e, k)
+        )  # (k, u, 3, m)
+        # sum_m [h_m sum_n Re(X_mn Z_k,mn) + A_m (dE dh_de + dmu dh_dmu + dtau2 dh_dtau2)],
+        # dmu = <delta>.dv, dtau2 = 2 (C v + eta^2 v).dv, over the elements near a line
+        jac_c = scale * _coefficient_columns(
+            fw.rows,
+            fw.a,
+            h,
+            dh_de,
+            dh_dmu,
+            dh_dtau2,
+            z,
+            de_dc,
+            np.ascontiguousarray(np.transpose(dvel, (1, 3, 2, 0))),  # (u, m, 3, k)
+            vel,
+            self._mean_offset,
+            fw.cv,
+            eta2,
+            at,
+            ip,
+            ie,
+            im,
+            n_p,
+            n_e,
+        )  # (p, e, k)
         if self._dw_ref is not None:
             _, ddw = self.debye_waller(c, jacobian=True)
             assert ddw is not None
             # dT/dc_k = -sum_a db_a/dc_k (P_a T2 + T2 P_a), P_a the rows of atom a:
             # dA_m/dc_k = -2 sum_a db_a/dc_k Re(e_m^H P_a T2 e_m)
-            vec_p = vec[at]
-            t2u = self._tensor_q2 @ vec_p[:, None]  # (p, e, i, m)
             n_at = self._atom_onehot.shape[1]
-            g = (vec_p.conj()[:, None] * t2u).real.reshape(n_p, n_e, n_at, 3, m).sum(axis=3)
-            t2h = (g @ h[..., None])[..., 0]  # (p, e, a)
+            t2h = np.stack(
+                [
+                    np.bincount(flat, weights=fw.g[:, a] * h, minlength=n_p * n_e)
+                    for a in range(n_at)
+                ],
+                axis=1,
+            ).reshape(n_p, n_e, n_at)  # sum_m Re(e_m^H P_a T2 e_m) h_m
             jac_c -= scale * 2.0 * (t2h @ ddw)
-        jac_r = scale * np.sum(a_bm * dh_dr, axis=2)
-        jac_eta = scale * np.sum(a_bm * dh_dtau2 * v2, axis=2)
+        v2_near = np.sum(vel * vel, axis=1)[at[ip], im]  # |v|^2 of each element's mode
+        jac_r = scale * np.bincount(flat, weights=fw.a * dh_dr, minlength=n_p * n_e)
+        jac_eta = scale * np.bincount(flat, weights=fw.a * dh_dtau2 * v2_near, minlength=n_p * n_e)
+        jac_r, jac_eta = jac_r.reshape(n_p, n_e), jac_eta.reshape(n_p, n_e)
         corr = self._correction
         if corr is not None:
             jac_c = jac_c * corr[..., None]
@@ -833,3 +866,106 @@ class CountsModel:
             scale = scale * sigma
             out.append((he_lo[n - 1] * p_lo - he_hi[n - 1] * p_hi) / scale)
         return out
+
+
+@njit(cache=True, nogil=True)
+def _structure_rows(
+    tensor: NDArray[np.complex128],
+    tensor_q2: NDArray[np.complex128],
+    shift: NDArray[np.float64],
+    vec: NDArray[np.complex128],
+    point_q: NDArray[np.int64],
+    ip: NDArray[np.intp],
+    ie: NDArray[np.intp],
+    im: NDArray[np.intp],
+    with_q2: bool,
+    n_atoms: int,
+) -> tuple[NDArray[np.complex128], NDArray[np.float64], NDArray[np.float64]]:
+    """For each element ``j`` (point ``ip``, energy bin ``ie``, mode ``im``): the row
+    ``e_m^H T' e_n`` (n_near, m) of the bin's tensor ``T' = T - (s_i + s_l) T2`` (``s``
+    the Debye-Waller change of each row's atom, with ``with_q2``) between the point's
+    modes (``vec[point_q[p]]``, columns), its diagonal element (real, (n_near,)) and, with
+    ``with_q2``, ``Re e_m^H P_a T2 e_m`` per atom ``a`` ((n_near, n_atoms), ``P_a`` the
+    atom's three rows)."""
+    n = len(ip)
+    m = vec.shape[1]
+    rows = np.empty((n, m), dtype=np.complex128)
+    diag = np.empty(n)
+    g = np.zeros((n, n_atoms))
+    w = np.empty(m, dtype=np.complex128)
+    for j in range(n):
+        p, e, mm = ip[j], ie[j], im[j]
+        u = point_q[p]
+        for col in range(m):
+            acc = 0j
+            for i in range(m):
+                t = tensor[p, e, i, col]
+                if with_q2:
+                    t = t - (shift[i] + shift[col]) * tensor_q2[p, e, i, col]
+                acc += np.conj(vec[u, i, mm]) * t
+            w[col] = acc
+        for nn in range(m):
+            acc = 0j
+            for col in range(m):
+                acc += w[col] * vec[u, col, nn]
+            rows[j, nn] = acc
+        diag[j] = rows[j, mm].real
+        if with_q2:
+            for i in range(m):
+                acc = 0j
+                for col in range(m):
+                    acc += tensor_q2[p, e, i, col] * vec[u, col, mm]
+                g[j, i // 3] += (np.conj(vec[u, i, mm]) * acc).real
+    return rows, diag, g
+
+
+@njit(cache=True, nogil=True)
+def _coefficient_columns(
+    rows: NDArray[np.complex128],
+    a: NDArray[np.float64],
+    h: NDArray[np.float64],
+    dh_de: NDArray[np.float64],
+    dh_dmu: NDArray[np.float64],
+    dh_dtau2: NDArray[np.float64],
+    z: NDArray[np.complex128],
+    de_dc: NDArray[np.float64],
+    dvel: NDArray[np.float64],
+    vel: NDArray[np.float64],
+    mean: NDArray[np.float64],
+    cv: NDArray[np.float64],
+    eta2: float,
+    point_q: NDArray[np.int64],
+    ip: NDArray[np.intp],
+    ie: NDArray[np.intp],
+    im: NDArray[np.intp],
+    n_p: int,
+    n_e: int,
+) -> NDArray[np.float64]:
+    """(n_p, n_E, k) d(sum_m A_m h_m)/dc_k at unit scale without the Debye-Waller term,
+    from the elements ``j`` near a line (point ``ip``, bin ``ie``, mode ``im``; ``rows``
+    ``X_m.``, ``a`` ``A_m``, ``h`` and its derivatives, 1-D): the eigenvectors' change
+    ``h_m sum_n Re(X_mn Z_k,mn)`` and the line's through its energy (``de_dc`` (n_u, m, k)),
+    centre (``mean`` <delta> (p, e, 3) . dv) and width (``2 (C v + eta^2 v) . dv``, ``cv``
+    (p, e, 3, m)), with ``dvel`` (n_u, m, 3, k) and ``vel`` (n_u, 3, m) per distinct
+    q-point."""
+    k = z.shape[1]
+    m = rows.shape[1]
+    out = np.zeros((n_p, n_e, k))
+    for j in range(len(ip)):
+        p, e, mm = ip[j], ie[j], im[j]
+        u = point_q[p]
+        hj, aj = h[j], a[j]
+        w_e, w_mu, w_tau = aj * dh_de[j], aj * dh_dmu[j], 2.0 * aj * dh_dtau2[j]
+        for kk in range(k):
+            acc = 0.0
+            for nn in range(m):
+                acc += (rows[j, nn] * z[u, kk, mm, nn]).real
+            acc *= hj
+            acc += w_e * de_dc[u, mm, kk]
+            for ax in range(3):
+                dv = dvel[u, mm, ax, kk]
+                acc += dv * (
+                    w_mu * mean[p, e, ax] + w_tau * (cv[p, e, ax, mm] + eta2 * vel[u, ax, mm])
+                )
+            out[p, e, kk] += acc
+    return out
