@@ -347,11 +347,12 @@ class CountsModel:
         w = moments.weight[dense].reshape(shape)
         safe = np.where(w > 0, w, 1.0)
         m_ = moments.tensor.shape[1]
-        self._tensor = moments.tensor[dense].reshape(*shape, m_, m_)  # (p, e, m, m)
-        self._tensor_q2 = moments.tensor_q2[dense].reshape(*shape, m_, m_)
-        mean = moments.offset1[dense].reshape(*shape, 3) / safe[..., None]
+        # np.take: a copy (the accumulator goes on adding), faster than fancy indexing
+        self._tensor = np.take(moments.tensor, dense, axis=0).reshape(*shape, m_, m_)
+        self._tensor_q2 = np.take(moments.tensor_q2, dense, axis=0).reshape(*shape, m_, m_)
+        mean = np.take(moments.offset1, dense, axis=0).reshape(*shape, 3) / safe[..., None]
         self._mean_offset = mean  # (p, e, 3)
-        self._offset_cov = moments.offset2[dense].reshape(*shape, 3, 3) / safe[
+        self._offset_cov = np.take(moments.offset2, dense, axis=0).reshape(*shape, 3, 3) / safe[
             ..., None, None
         ] - np.einsum("pei,pej->peij", mean, mean)
         # the offsets' second moment about the path point, (p, e, 9)
