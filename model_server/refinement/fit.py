@@ -10,8 +10,10 @@ set; the others are free).
 Levenberg-Marquardt on the Fisher information ``F = J^T diag(1/lambda) J`` (the expected
 Hessian of D/2) with the model's exact Jacobian; steps that raise the deviance, make a
 mode imaginary or a bin's expectation non-positive are rejected and damped. Converged
-when a step changes no parameter by more than 1e-2 of its standard deviation and D by
-less than 1e-4 (or when a step that small raises D by less than that: its roundoff).
+when a nearly undamped step changes no parameter by more than 1e-2 of its (marginal)
+standard deviation and D by less than 1e-4, or when such a step raises D by less than
+that while the gradient is below 1e-2 of its scale (the model's precision; the test the
+fit applies when no step is taken).
 
 Covariance: the Laplace approximation ``(F + prior)^-1`` at the optimum, multiplied by
 Pearson's chi^2 per degree of freedom when that exceeds 1 (the model misfits: the errors
@@ -179,12 +181,33 @@ class _State:
 #: Least resolution scale the fit tries.
 _MIN_RESOLUTION_SCALE = 0.05
 
-#: Converged when a step moves no parameter by more than this share of its std (marginal,
-#: from the inverse Fisher information) and lowers the deviance by less than
-#: :data:`GAIN_TOLERANCE`: near the optimum a step gains a factor of ~100, so the fit
-#: then ends ~1e-4 std from it.
+#: Converged when a nearly Gauss-Newton step moves no parameter by more than this share of
+#: its std (marginal, from the inverse Fisher information of the free parameters) and
+#: lowers the deviance by less than :data:`GAIN_TOLERANCE`: near the optimum a step gains a
+#: factor of ~100, so the fit then ends ~1e-4 std from it.
 STEP_TOLERANCE = 1e-2
 GAIN_TOLERANCE = 1e-4
+
+#: Levenberg-Marquardt's starting damping; convergence is declared only on steps damped no
+#: more than this (nearly Gauss-Newton).
+_START_DAMPING = 1e-3
+
+
+def _inverse_marginal_std(
+    fisher: NDArray[np.float64], idx: NDArray[np.intp], diag: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """(n_params,) 1 / the marginal std of each parameter from the Fisher information of
+    the free ones ``idx`` (their block, by eigendecomposition); ``sqrt(diag)`` (1 / the
+    conditional std) where the block is not positive definite or a value is not finite."""
+    out = np.sqrt(diag)
+    block = fisher[np.ix_(idx, idx)]
+    w, v = np.linalg.eigh(0.5 * (block + block.T))
+    if not np.all(np.isfinite(w)) or w.min() <= 1e-12 * max(float(w.max()), 1e-300):
+        return out
+    var = np.einsum("ij,j,ij->i", v, 1.0 / w, v)
+    good = np.isfinite(var) & (var > 0)
+    out[idx[good]] = 1.0 / np.sqrt(var[good])
+    return out
 
 
 def background_floor(model: CountsModel, y: NDArray[np.float64]) -> float:
@@ -227,7 +250,7 @@ def _descend(
         )
     prec = np.concatenate([prior.precision, np.zeros(len(NUISANCE))])
     floor = background_floor(model, y)
-    damping = 1e-3
+    damping = _START_DAMPING
     converged = False
     it = 0
     fisher = np.eye(model.n_params)
@@ -245,12 +268,12 @@ def _descend(
         free[k + 2] = not (state.theta[k + 2] <= _MIN_RESOLUTION_SCALE and grad[k + 2] > 0)
         free[k + 3] = not (state.theta[k + 3] <= 0.0 and grad[k + 3] > 0)
         idx = np.nonzero(free)[0]
-        try:  # the marginal std of every parameter, the unit of the steps' lengths
-            sd = 1.0 / np.sqrt(np.maximum(np.diag(np.linalg.inv(fisher)), 1e-300))
-        except np.linalg.LinAlgError:
-            sd = np.sqrt(diag)
+        inv_sd = _inverse_marginal_std(fisher, idx, diag)  # a step's length: |step| inv_sd
+        near_gradient = bool(np.max(np.abs(grad[idx]) / np.sqrt(diag[idx])) < 1e-2)
         accepted = at_optimum = False
+        used = damping
         for _ in range(12):
+            used = damping
             a = fisher[np.ix_(idx, idx)] + damping * np.diag(diag[idx])
             try:
                 sub = -np.linalg.solve(a, grad[idx])
@@ -272,11 +295,14 @@ def _descend(
                 break
             if (
                 new is not None
-                and np.max(np.abs(step) * sd) < STEP_TOLERANCE
+                and near_gradient
+                and damping <= _START_DAMPING
+                and np.max(np.abs(step) * inv_sd) < STEP_TOLERANCE
                 and new.objective - state.objective < GAIN_TOLERANCE
             ):
-                # a step this small that the deviance does not take is its roundoff: at
-                # the optimum already (larger damping would only shorten it further)
+                # a nearly Gauss-Newton step this small, at a gradient this small, that the
+                # deviance does not take: at the optimum within the model's precision (what
+                # the test after 12 damped tries would say, without the 12 evaluations)
                 at_optimum = True
                 break
             damping *= 5.0
@@ -284,9 +310,14 @@ def _descend(
             converged = True
             break
         if not accepted:
-            converged = bool(np.max(np.abs(grad[idx]) / np.sqrt(diag[idx])) < 1e-2)
+            converged = near_gradient
             break
-        if np.max(np.abs(step) * sd) < STEP_TOLERANCE and gain < GAIN_TOLERANCE:
+        # converged on a nearly Gauss-Newton step (a heavily damped one is short anywhere)
+        if (
+            used <= _START_DAMPING
+            and np.max(np.abs(step) * inv_sd) < STEP_TOLERANCE
+            and gain < GAIN_TOLERANCE
+        ):
             converged = True
             break
     ev = model.evaluate(state.theta)
