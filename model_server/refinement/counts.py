@@ -167,7 +167,8 @@ def dynamical_gradient(basis: FCBasis, qpts: NDArray[np.float64]) -> NDArray[np.
 class _Forward:
     """What :meth:`CountsModel.evaluate`'s forward pass keeps for the Jacobian: per
     distinct q-point (u) the modes, their clusters, velocities and ``e^H dD/dQ e``; per
-    dense bin (p, e) the line shapes' centres and widths and ``e_m^H T e_n``."""
+    (bin, mode) element near a line (``near``) the line's centre shift and width and the
+    rows ``e_m^H T e_n``."""
 
     energy: NDArray[np.float64]  # (p, m) meV, per fitted point
     stable: bool
@@ -514,7 +515,7 @@ class CountsModel:
         c = theta[:k]
         scale = math.exp(float(theta[k]))
         beta, r, eta2 = float(theta[k + 1]), float(theta[k + 2]), max(float(theta[k + 3]), 0.0)
-        # per distinct q-point (u): modes, energy derivatives and velocities
+        # per distinct q-point (u): modes, velocities and degenerate splittings
         d = np.einsum("k,kqij->qij", c, self._dyn)
         lam, vec = np.linalg.eigh(d)  # (n_u, m), (n_u, m, m) columns
         stable = bool(np.all(lam > -1e-9 * max(1.0, float(np.abs(lam).max()))))
@@ -705,7 +706,8 @@ class CountsModel:
 
     @staticmethod
     def _clusters(lam: NDArray[np.float64]) -> NDArray[np.int64]:
-        """(n_p, m) label of each mode's degenerate cluster (ascending eigenvalues)."""
+        """(n, m) label of each mode's degenerate cluster (ascending eigenvalues), per
+        q-point."""
         tol = _DEGENERATE * np.maximum(np.abs(lam).max(axis=1, keepdims=True), 1e-12)
         jump = np.diff(lam, axis=1) > tol
         return np.concatenate(
@@ -714,7 +716,7 @@ class CountsModel:
 
     @staticmethod
     def _splitting(bq: NDArray[np.complex128], same: NDArray[np.float64]) -> NDArray[np.float64]:
-        """(p, 3, 3, m) K_ab of each mode: the mean square splitting of its degenerate
+        """(n, 3, 3, m) K_ab of each mode: the mean square splitting of its degenerate
         cluster per unit offset, ``(1/g) Re tr(B_a B_b)`` with ``B_a`` the traceless part of
         ``dD/dQ_a`` projected on the cluster (degenerate perturbation theory); 0 for modes
         of no degenerate cluster."""
@@ -731,7 +733,7 @@ class CountsModel:
 
     @staticmethod
     def _cluster_weights(cluster: NDArray[np.int64]) -> NDArray[np.float64]:
-        """(n_p, m, m) averaging matrix over each point's degenerate clusters."""
+        """(n, m, m) averaging matrix over each q-point's degenerate clusters."""
         onehot = (cluster[:, :, None] == cluster[:, None, :]).astype(float)
         return np.asarray(onehot / onehot.sum(axis=2, keepdims=True))
 

@@ -144,14 +144,15 @@ def bench_refine() -> None:
 
 
 def _fresh_evaluation(model: CountsModel, theta: np.ndarray) -> Callable[[], object]:
-    """A call of ``model.evaluate`` (with the Jacobian) at ``theta`` nudged by a new
-    1e-12 of its first coefficient each time: the model keeps its last forward pass, and
-    the benchmark times a whole evaluation, forward and Jacobian, as a fit's first one."""
+    """A call of ``model.evaluate`` (with the Jacobian) at ``theta`` with its first
+    coefficient moved by a new 1e-12 eV/A^2 each time: the model keeps its last forward
+    pass, and the benchmark times a whole evaluation, forward and Jacobian, as a fit's
+    first one."""
     calls = iter(range(1, 10**9))
 
     def evaluate() -> object:
         nudged = theta.copy()
-        nudged[0] *= 1.0 + 1e-12 * next(calls)
+        nudged[0] += 1e-12 * next(calls)
         return model.evaluate(nudged)
 
     return evaluate
