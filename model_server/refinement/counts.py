@@ -758,33 +758,18 @@ class CountsModel:
         ``[(1 - mu/e + (mu^2 + tau2)/e^2) g + (2 mu - e) tau2/e^2 g' + tau2^2/e^2 g'']/e``
         (``'`` derivatives by the centre), for energy loss and its mirror for gain.
 
-        Only the bins within :data:`_TAIL_Z` widths (and half a bin) of a line's centre
-        are evaluated, a few of the ~100 energy bins of each mode; the others are set to
-        zero (the Gaussian's share there is below 1e-17 of the peak's).
+        Every element with ``e > 0`` is evaluated here (0 elsewhere); the forward pass
+        evaluates only those within :data:`_TAIL_Z` widths of their line
+        (:func:`_near_lines`), where the others' share is below 1e-17 of the peak's.
 
         With ``derivatives``, returns ``(h, dh/de, dh/dmu, dh/dtau2, dh/dr)`` (analytic:
         a Gaussian's derivative by its width is ``sigma`` times its second derivative by
         its centre).
         """
-        near = self._near(e, mu, tau2, r)
+        e, mu, tau2, lo = np.broadcast_arrays(e, mu, tau2, self._e_lo)
+        at = np.nonzero(e > 0)  # no mode, no weight: h and its derivatives are 0 there
+        near = _Near(shape=e.shape, at=at, e=e[at], mu=mu[at], tau2=tau2[at], lo=lo[at])
         return near.dense(self._profile_at(near, r, derivatives=derivatives))
-
-    def _near(
-        self, e: NDArray[np.float64], mu: NDArray[np.float64], tau2: NDArray[np.float64], r: float
-    ) -> _Near:
-        """The elements of :meth:`_profile`'s arrays within :data:`_TAIL_Z` widths (and
-        half a bin) of a line's centre, and their ``e``, ``mu``, ``tau2`` and bin edge."""
-        sres, _ = self._sigma_res(e)
-        nb, _ = self._bose(e)
-        e, mu, tau2, lo, sres, nb = np.broadcast_arrays(e, mu, tau2, self._e_lo, sres, nb)
-        sigma = np.sqrt(np.maximum((r * sres) ** 2 + tau2, 1e-12))
-        mid = lo + 0.5 * self._de
-        reach = _TAIL_Z * sigma + 0.5 * self._de
-        near = np.abs(e + mu - mid) < reach
-        near |= (nb > 0) & (np.abs(e + mu + mid) < reach)
-        near &= e > 0  # no mode, no weight: h and its derivatives are 0 there
-        at = np.nonzero(near)
-        return _Near(shape=e.shape, at=at, e=e[at], mu=mu[at], tau2=tau2[at], lo=lo[at])
 
     def _profile_at(self, near: _Near, r: float, *, derivatives: bool) -> list[NDArray[np.float64]]:
         """:meth:`_profile` on the elements ``near`` names (1-D): ``[h]``, or ``[h, dh/de,
@@ -959,7 +944,7 @@ def _near_lines(
     """The (point, energy bin, mode) elements within ``tail_z`` widths (and half a bin)
     of their line's centre, energy loss or (where ``gain``) gain: ``(ip, ie, im, mu,
     tau2)``, the line's centre shift ``v . <delta>`` and width ``max(v^T C v, 0) + eta^2
-    |v|^2 + (second . K) (dE/dlambda)^2`` there, as :meth:`CountsModel._near` finds them.
+    |v|^2 + (second . K) (dE/dlambda)^2`` there.
     Per bin: ``mean`` (p, e, 3), ``cov`` (p, e, 3, 3), ``second`` (p, e, 9); per distinct
     q-point: ``vel`` (u, 3, m), ``split`` (u, 9, m), ``half_inv``, ``energy``, ``sres``
     (the resolution's sigma), ``gain`` (u, m)."""
