@@ -11,9 +11,10 @@ Levenberg-Marquardt on the Fisher information ``F = J^T diag(1/lambda) J`` (the 
 Hessian of D/2) with the model's exact Jacobian; steps that raise the deviance, make a
 mode imaginary or a bin's expectation non-positive are rejected and damped. Converged
 when a nearly undamped step changes no parameter by more than 1e-2 of its (marginal)
-standard deviation and D by less than 1e-4, or when such a step raises D by less than
-that while the gradient is below 1e-2 of its scale (the model's precision; the test the
-fit applies when no step is taken).
+standard deviation and D by less than 1e-4, or, while the gradient is below 1e-2 of its
+scale (the test the fit applies when no step is taken), when a damped step that short
+changes D by less than 1e-4 or a nearly undamped one raises it by less than 1e-2 (the
+model's precision: its Jacobian is first order in the voxels' offsets).
 
 Covariance: the Laplace approximation ``(F + prior)^-1`` at the optimum, multiplied by
 Pearson's chi^2 per degree of freedom when that exceeds 1 (the model misfits: the errors
@@ -188,9 +189,20 @@ _MIN_RESOLUTION_SCALE = 0.05
 STEP_TOLERANCE = 1e-2
 GAIN_TOLERANCE = 1e-4
 
-#: Levenberg-Marquardt's starting damping; convergence is declared only on steps damped no
-#: more than this (nearly Gauss-Newton).
+#: Levenberg-Marquardt's starting damping; convergence is declared on steps damped no
+#: more than this (nearly Gauss-Newton), or at a small gradient (below).
 _START_DAMPING = 1e-3
+
+#: A nearly Gauss-Newton step shorter than :data:`STEP_TOLERANCE` std at a small gradient
+#: that raises the deviance by less than this is at the optimum within the model's
+#: precision: its Jacobian is exact to ~0.1 % on the wedge's wide voxels (first order in
+#: the offsets), so near the optimum such a step can raise the deviance by a few 1e-4
+#: (a step's worth of 0.1 std, where the quadratic model says 1e-4).
+RISE_TOLERANCE = 1e-2
+
+#: The gradient's scale at which the fit may stop: every free parameter's gradient below
+#: this share of sqrt(Fisher diagonal) (its conditional scale).
+_GRADIENT_TOLERANCE = 1e-2
 
 
 def _inverse_marginal_std(
@@ -269,7 +281,7 @@ def _descend(
         free[k + 3] = not (state.theta[k + 3] <= 0.0 and grad[k + 3] > 0)
         idx = np.nonzero(free)[0]
         inv_sd = _inverse_marginal_std(fisher, idx, diag)  # a step's length: |step| inv_sd
-        near_gradient = bool(np.max(np.abs(grad[idx]) / np.sqrt(diag[idx])) < 1e-2)
+        near_gradient = bool(np.max(np.abs(grad[idx]) / np.sqrt(diag[idx])) < _GRADIENT_TOLERANCE)
         accepted = at_optimum = False
         used = damping
         for _ in range(12):
@@ -298,7 +310,7 @@ def _descend(
                 and near_gradient
                 and damping <= _START_DAMPING
                 and np.max(np.abs(step) * inv_sd) < STEP_TOLERANCE
-                and new.objective - state.objective < GAIN_TOLERANCE
+                and new.objective - state.objective < RISE_TOLERANCE
             ):
                 # a nearly Gauss-Newton step this small, at a gradient this small, that the
                 # deviance does not take: at the optimum within the model's precision (what
@@ -312,11 +324,13 @@ def _descend(
         if not accepted:
             converged = near_gradient
             break
-        # converged on a nearly Gauss-Newton step (a heavily damped one is short anywhere)
+        # converged on a short step that gains nothing: a nearly Gauss-Newton one, or a
+        # damped one at a small gradient (a heavily damped step is short anywhere; at a
+        # small gradient the Jacobian's precision, not the optimum, keeps it short)
         if (
-            used <= _START_DAMPING
+            (used <= _START_DAMPING or near_gradient)
             and np.max(np.abs(step) * inv_sd) < STEP_TOLERANCE
-            and gain < GAIN_TOLERANCE
+            and abs(gain) < GAIN_TOLERANCE
         ):
             converged = True
             break

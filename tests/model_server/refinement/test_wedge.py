@@ -63,7 +63,7 @@ def test_a_run_folded_on_the_wedge_is_refined_from_the_path_vae(
     assert out["vae"]["fc"] == path_out["vae"]["fc"]
     path_fit, wedge_fit = path_out["refined"], out["refined"]
     assert (path_fit["binning"], wedge_fit["binning"]) == ("path", "wedge")
-    assert wedge_fit["converged"]
+    assert wedge_fit["converged"], {k: wedge_fit[k] for k in ("iterations", "start", "deviance")}
     assert len(wedge_fit["mean"]) == 16
     for name in ("1NN_xx", "1NN_xy", "2NN_xx", "2NN_zz"):
         assert wedge_fit["std"][name] < path_fit["std"][name] / 1.5, name
