@@ -184,9 +184,9 @@ class _Forward:
     half_inv: NDArray[np.float64]  # (u, m)
     vel: NDArray[np.float64]  # (u, 3, m)
     near: _Near  # the (p, e, m) elements near a line
-    rows: NDArray[np.complex128]  # (n_near, m): e_m^H T e_n of the elements near a line
+    rows: NDArray[np.complex128]  # (n_near, m): e_m^H T of the elements near a line
     a: NDArray[np.float64]  # (n_near,): e_m^H T e_m
-    g: NDArray[np.float64]  # (n_near, n_atoms): Re e_m^H P_atom T2 e_m (Debye-Waller)
+    base: NDArray[np.float64]  # (n_near, _BASE_TERMS): the line shapes' transcendentals
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +200,9 @@ class _Near:
     mu: NDArray[np.float64]
     tau2: NDArray[np.float64]
     lo: NDArray[np.float64]
+    #: the resolution's sigma, its derivative, the Bose occupation and its derivative at
+    #: each element's mode energy, when taken per mode (else computed from ``e``)
+    sres: tuple[NDArray[np.float64], ...] | None = None
 
     @classmethod
     def of(
@@ -214,17 +217,21 @@ class _Near:
         tau2: NDArray[np.float64],
         *,
         point_q: NDArray[np.int64],
+        per_mode: tuple[NDArray[np.float64], ...],
     ) -> _Near:
         """From the elements (point, energy bin, mode) :func:`_near_lines` found, with
         the mode energies ``energy`` ((n_u, m) per distinct q-point, ``point_q`` each
-        point's) and the bins' lower edges ``e_lo``."""
+        point's), the bins' lower edges ``e_lo`` and ``per_mode`` (sigma_res, its
+        derivative, Bose, its derivative; (n_u, m) each), gathered for each element."""
+        flat = point_q[ip] * energy.shape[1] + im
         return cls(
             shape=shape,
             at=(ip, ie, im),
-            e=energy[point_q[ip], im],
+            e=np.take(energy, flat),
             mu=mu,
             tau2=tau2,
             lo=e_lo[ie],
+            sres=tuple(np.take(x, flat) for x in per_mode),
         )
 
     def dense(self, parts: list[NDArray[np.float64]]) -> Any:
@@ -341,6 +348,7 @@ class CountsModel:
             )
         self.points = np.nonzero(use.any(axis=1))[0]  # fitted path points
         self._use = use[self.points]  # (n_p, n_E): the fitted bins among the points' rows
+        self._use_at = np.flatnonzero(self._use)  # the same, as flat indices (for np.take)
         dense = (self.points[:, None] * n_e + np.arange(n_e)[None, :]).reshape(-1)
         #: (n_bins,) flat indices (q * n_E + E) of the fitted bins in the (n_q, n_E) grid.
         self.bins = dense[self._use.reshape(-1)]
@@ -380,12 +388,17 @@ class CountsModel:
         self._point_q = np.asarray(point_q).reshape(-1)
         bases = ModeBases(basis) if bases is None else bases
         self._dyn, self._ddyn = bases.at(distinct)  # (k, n_u, m, m), (k, n_u, 3, m, m)
+        #: (n_u, 3 k, 2 m^2) the Q gradients' bases as real rows: the diagonal elements
+        #: e_m^H dD_k/dQ_a e_m of all k and a in one real product per q-point (_diagonal).
+        self._ddyn_rows = _real_rows(self._ddyn)
         self._last: tuple[bytes, _Forward] | None = None
+        self._dw_last: tuple[bytes, NDArray[np.float64], NDArray[np.complex128]] | None = None
         self._pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / basis.crystal.n_atoms
         self._dw_ref: NDArray[np.float64] | None = None
         if reference is not None:
             mesh = mesh_points(DW_MESH)
             self._dw_dyn = bases.mesh()  # (k, n_mesh, m, m)
+            self._dw_rows = _real_rows(self._dw_dyn)  # (n_mesh, k, 2 m^2)
             atom = np.arange(m) // 3
             self._atom_onehot = (atom[:, None] == np.arange(basis.crystal.n_atoms)).astype(
                 float
@@ -460,8 +473,13 @@ class CountsModel:
         """Isotropic Debye-Waller exponents ``b_j`` (A^2, (n_atoms,)) of coefficients ``c``
         on the :data:`DW_MESH` mesh and, with ``jacobian``, ``db_j/dc_k`` ((n_atoms,
         n_coeff), through the mode energies)."""
-        d = np.einsum("k,kqij->qij", c, self._dw_dyn)
-        lam, vec = np.linalg.eigh(d)
+        key = c.tobytes()
+        if self._dw_last is not None and self._dw_last[0] == key:
+            _, lam, vec = self._dw_last  # the forward pass's, for its Jacobian
+        else:
+            d = np.einsum("k,kqij->qij", c, self._dw_dyn)
+            lam, vec = np.linalg.eigh(d)
+            self._dw_last = (key, lam, vec)
         ok = lam > (FREQUENCY_MIN_MEV / _TO_MEV) ** 2
         lam_safe = np.where(ok, lam, 1.0)
         e = _TO_MEV * np.sqrt(lam_safe)
@@ -479,7 +497,7 @@ class CountsModel:
         b = self._dw_pref * np.einsum("qm,qma->a", f, weight)
         if not jacobian:
             return b, None
-        dlam = np.real(np.sum(vec.conj()[None] * (self._dw_dyn @ vec[None]), axis=-2))
+        dlam = _diagonal(self._dw_rows, vec)  # (k, q, m): e_m^H D_k e_m
         de = np.where(ok, _TO_MEV / (2.0 * np.sqrt(lam_safe)), 0.0)[None] * dlam  # (k,q,m)
         db = self._dw_pref[:, None] * np.einsum("qm,kqm,qma->ak", np.where(ok, df, 0.0), de, weight)
         return b, db
@@ -537,8 +555,8 @@ class CountsModel:
         # from the tube: mu = v.<delta>, tau2 = v^T (Cov(delta) + eta^2) v plus the
         # degenerate modes' splitting across it, E[delta^T K delta] (dE/dlambda)^2
         n_p, n_e = self._use.shape
-        sres, _ = self._sigma_res(energy)
-        nb, _ = self._bose(energy)
+        sres, dsres = self._sigma_res(energy)
+        nb, dnb = self._bose(energy)
         near = _Near.of(
             (n_p, n_e, vec.shape[1]),
             energy,
@@ -561,8 +579,11 @@ class CountsModel:
                 self._point_q,
             ),
             point_q=self._point_q,
+            per_mode=(sres, dsres, nb, dnb),
         )
-        (h,) = self._profile_at(near, r, derivatives=False)  # on the elements near a line
+        # on the elements near a line; ``base``: their Gaussians' erfc and exp terms
+        base = np.empty((len(near.e), _BASE_TERMS))
+        (h,) = self._profile_at(near, r, derivatives=False, base=base)
         shift = np.zeros(vec.shape[1])
         if self._dw_ref is not None:
             b_now, _ = self.debye_waller(c)
@@ -570,7 +591,7 @@ class CountsModel:
         # e_m^H T e_n (T with the Debye-Waller change) for the elements near a line only:
         # elsewhere h is 0 and they add nothing, to the counts or to the Jacobian
         ip, ie, im = near.at
-        rows, a, g = _structure_rows(
+        rows, a = _structure_rows(
             self._tensor,
             self._tensor_q2,
             shift,
@@ -580,7 +601,6 @@ class CountsModel:
             ie,
             im,
             self._dw_ref is not None,
-            self._atom_onehot.shape[1] if self._dw_ref is not None else 1,
         )
         flat = ip * n_e + ie
         # (p, e) the one-phonon part at unit scale
@@ -588,7 +608,7 @@ class CountsModel:
         if self._correction is not None:
             one = one * self._correction
         signal = scale * (one + self._extra)
-        expected = (signal + beta * self._background)[self._use]
+        expected = np.take(signal + beta * self._background, self._use_at)
         return _Forward(
             energy=energy[self._point_q],
             stable=stable,
@@ -606,7 +626,7 @@ class CountsModel:
             near=near,
             rows=rows,
             a=a,
-            g=g,
+            base=base,
         )
 
     def _jacobian(self, theta: NDArray[np.float64], fw: _Forward) -> NDArray[np.float64]:
@@ -631,15 +651,18 @@ class CountsModel:
         same = fw.cluster[:, :, None] == fw.cluster[:, None, :]
         inv_gap = np.where(same, 0.0, 1.0 / np.where(same, 1.0, gap))
         z = 2.0 * np.transpose(y_k, (1, 0, 3, 2)) * inv_gap[:, None]  # (u, k, m, n)
-        h, dh_de, dh_dmu, dh_dtau2, dh_dr = self._profile_at(fw.near, r, derivatives=True)
+        # Zt_k,ml = sum_n e_ln Z_k,mn, (u, m, l, k): sum_n (w V)_n Z_k,mn = sum_l w_l Zt_k,ml
+        zt = np.einsum("uln,ukmn->umlk", vec, z)
+        h, dh_de, dh_dmu, dh_dtau2, dh_dr = self._profile_at(
+            fw.near, r, derivatives=True, base=fw.base, reuse=True
+        )
         de_dc = np.ascontiguousarray(np.transpose(dlam * half_inv[None], (1, 2, 0)))  # (u, m, k)
         # velocities: dv/dc_k = dE/dlambda d(e^H dD/dQ e)/dc_k - v dlambda/dc_k / (2 lambda),
         # d(e_m^H G e_m)/dc_k = e_m^H dD_k/dQ e_m + 2 Re sum_{n not in cluster(m)}
         # conj(Y_k,nm) G_nm / (lambda_m - lambda_n) (the eigenvectors' change: it matters
         # across the wedge's wide voxels, where it was 1 % of the 1NN columns when left out)
-        dv_lam = np.sum(
-            vec.conj()[None, :, None] * (self._ddyn @ vec[None, :, None]), axis=-2
-        ).real  # (k, u, a, m): e_m^H dD_k/dQ_a e_m
+        # (k, u, a, m): e_m^H dD_k/dQ_a e_m
+        dv_lam = _diagonal(self._ddyn_rows, vec).reshape(k, 3, *vec.shape[:2]).swapaxes(1, 2)
         dv_lam += 2.0 * np.einsum("kpnm,panm,pmn->kpam", np.conj(y_k), bq, inv_gap).real
         dv_lam = np.einsum("kqam,qnm->kqan", dv_lam, avg)
         inv_lam = np.where(fw.ok, 1.0 / fw.lam_safe, 0.0)
@@ -649,40 +672,39 @@ class CountsModel:
         )  # (k, u, 3, m)
         # sum_m [h_m sum_n Re(X_mn Z_k,mn) + A_m (dE dh_de + dmu dh_dmu + dtau2 dh_dtau2)],
         # dmu = <delta>.dv, dtau2 = 2 (C v + eta^2 v).dv, over the elements near a line
-        jac_c = scale * _coefficient_columns(
+        with_dw = self._dw_ref is not None
+        cols, t2h = _coefficient_columns(
             fw.rows,
             fw.a,
             h,
             dh_de,
             dh_dmu,
             dh_dtau2,
-            z,
+            np.ascontiguousarray(zt.real),
+            np.ascontiguousarray(zt.imag),
             de_dc,
             np.ascontiguousarray(np.transpose(dvel, (1, 3, 2, 0))),  # (u, m, 3, k)
             vel,
             self._mean_offset,
             self._offset_cov,
             eta2,
+            self._tensor_q2,
+            vec,
+            with_dw,
+            self._atom_onehot.shape[1] if with_dw else 1,
             at,
             ip,
             ie,
             im,
             n_p,
             n_e,
-        )  # (p, e, k)
-        if self._dw_ref is not None:
+        )  # (p, e, k), (p, e, atoms)
+        jac_c = scale * cols
+        if with_dw:
             _, ddw = self.debye_waller(c, jacobian=True)
             assert ddw is not None
             # dT/dc_k = -sum_a db_a/dc_k (P_a T2 + T2 P_a), P_a the rows of atom a:
-            # dA_m/dc_k = -2 sum_a db_a/dc_k Re(e_m^H P_a T2 e_m)
-            n_at = self._atom_onehot.shape[1]
-            t2h = np.stack(
-                [
-                    np.bincount(flat, weights=fw.g[:, a] * h, minlength=n_p * n_e)
-                    for a in range(n_at)
-                ],
-                axis=1,
-            ).reshape(n_p, n_e, n_at)  # sum_m Re(e_m^H P_a T2 e_m) h_m
+            # dA_m/dc_k = -2 sum_a db_a/dc_k Re(e_m^H P_a T2 e_m); t2h: that sum with h_m
             jac_c -= scale * 2.0 * (t2h @ ddw)
         v2_near = np.sum(vel * vel, axis=1)[at[ip], im]  # |v|^2 of each element's mode
         jac_r = scale * np.bincount(flat, weights=fw.a * dh_dr, minlength=n_p * n_e)
@@ -693,13 +715,13 @@ class CountsModel:
             jac_c = jac_c * corr[..., None]
             jac_r = jac_r * corr
             jac_eta = jac_eta * corr
-        use = self._use
+        fitted = self._use_at
         jac = np.empty((self.n_bins, self.n_params))
-        jac[:, :k] = jac_c[use]
-        jac[:, k] = fw.signal[use]
-        jac[:, k + 1] = self._background[use]
-        jac[:, k + 2] = jac_r[use]
-        jac[:, k + 3] = jac_eta[use]
+        jac[:, :k] = np.take(jac_c.reshape(-1, k), fitted, axis=0)
+        jac[:, k] = np.take(fw.signal, fitted)
+        jac[:, k + 1] = np.take(self._background, fitted)
+        jac[:, k + 2] = np.take(jac_r, fitted)
+        jac[:, k + 3] = np.take(jac_eta, fitted)
         return jac
 
     # -- pieces -----------------------------------------------------------------------------
@@ -771,11 +793,27 @@ class CountsModel:
         near = _Near(shape=e.shape, at=at, e=e[at], mu=mu[at], tau2=tau2[at], lo=lo[at])
         return near.dense(self._profile_at(near, r, derivatives=derivatives))
 
-    def _profile_at(self, near: _Near, r: float, *, derivatives: bool) -> list[NDArray[np.float64]]:
+    def _profile_at(
+        self,
+        near: _Near,
+        r: float,
+        *,
+        derivatives: bool,
+        base: NDArray[np.float64] | None = None,
+        reuse: bool = False,
+    ) -> list[NDArray[np.float64]]:
         """:meth:`_profile` on the elements ``near`` names (1-D): ``[h]``, or ``[h, dh/de,
-        dh/dmu, dh/dtau2, dh/dr]``."""
-        sres, dsres = self._sigma_res(near.e)
-        nb, dnb = self._bose(near.e)
+        dh/dmu, dh/dtau2, dh/dr]``. ``base`` ((n_near, :data:`_BASE_TERMS`)) receives
+        the Gaussians' erfc and exp terms, or with ``reuse`` holds them (from the forward
+        pass at the same parameters: the Jacobian's line shapes then need no
+        transcendental function)."""
+        if near.sres is not None:
+            sres, dsres, nb, dnb = near.sres
+        else:
+            sres, dsres = self._sigma_res(near.e)
+            nb, dnb = self._bose(near.e)
+        if base is None:
+            base = np.empty((0, _BASE_TERMS))
         out = _line_shapes(
             near.e,
             near.mu,
@@ -789,6 +827,8 @@ class CountsModel:
             self._de,
             self._pref,
             derivatives,
+            base,
+            reuse,
         )
         return list(out) if derivatives else [out[0]]
 
@@ -815,6 +855,25 @@ class CountsModel:
         return n, dn
 
 
+def _real_rows(bases: NDArray[np.complex128]) -> NDArray[np.float64]:
+    """(n_q, n_b, 2 m^2): complex matrices ``bases`` ((k, n_q, [3,] m, m); the leading
+    and any middle axes ``b``) as real rows ``[Re B, -Im B]`` per q-point, for
+    :func:`_diagonal`."""
+    k, n_q, m = bases.shape[0], bases.shape[1], bases.shape[-1]
+    flat = np.moveaxis(bases.reshape(k, n_q, -1, m * m), 1, 0).reshape(n_q, -1, m * m)
+    return np.ascontiguousarray(np.concatenate([flat.real, -flat.imag], axis=2))
+
+
+def _diagonal(rows: NDArray[np.float64], vec: NDArray[np.complex128]) -> NDArray[np.float64]:
+    """(n_b, n_q, m) ``Re e_m^H B_b e_m`` of the bases ``rows`` (:func:`_real_rows`) and
+    the modes ``vec`` ((n_q, m, m), columns): ``sum_ij B_ij conj(e_i) e_j`` as one real
+    matrix product per q-point (``Re(B P) = Re B Re P - Im B Im P``)."""
+    n_q, m = vec.shape[0], vec.shape[1]
+    outer = (vec.conj()[:, :, None, :] * vec[:, None, :, :]).reshape(n_q, m * m, m)
+    both = np.concatenate([outer.real, outer.imag], axis=1)  # (q, 2 m^2, m)
+    return np.moveaxis(rows @ both, 0, 1)
+
+
 @njit(cache=True, nogil=True)
 def _structure_rows(
     tensor: NDArray[np.complex128],
@@ -826,99 +885,115 @@ def _structure_rows(
     ie: NDArray[np.intp],
     im: NDArray[np.intp],
     with_q2: bool,
-    n_atoms: int,
-) -> tuple[NDArray[np.complex128], NDArray[np.float64], NDArray[np.float64]]:
+) -> tuple[NDArray[np.complex128], NDArray[np.float64]]:
     """For each element ``j`` (point ``ip``, energy bin ``ie``, mode ``im``): the row
-    ``e_m^H T' e_n`` (n_near, m) of the bin's tensor ``T' = T - (s_i + s_l) T2`` (``s``
-    the Debye-Waller change of each row's atom, with ``with_q2``) between the point's
-    modes (``vec[point_q[p]]``, columns), its diagonal element (real, (n_near,)) and, with
-    ``with_q2``, ``Re e_m^H P_a T2 e_m`` per atom ``a`` ((n_near, n_atoms), ``P_a`` the
-    atom's three rows)."""
+    ``w = e_m^H T'`` (n_near, m) of the bin's tensor ``T' = T - (s_i + s_l) T2`` (``s``
+    the Debye-Waller change of each row's atom, with ``with_q2``) with the mode
+    ``e_m = vec[point_q[p], :, m]``, and ``A_m = Re w . e_m`` (n_near,). The rows
+    ``e_m^H T' e_n`` are ``w @ vec``: the Jacobian contracts ``w`` with the eigenvectors'
+    change directly (:func:`_coefficient_columns`)."""
     n = len(ip)
     m = vec.shape[1]
     rows = np.empty((n, m), dtype=np.complex128)
     diag = np.empty(n)
-    g = np.zeros((n, n_atoms))
-    w = np.empty(m, dtype=np.complex128)
+    tp = np.empty((m, m), dtype=np.complex128)  # T' of the bin at hand
+    last_p, last_e = -1, -1
     for j in range(n):
         p, e, mm = ip[j], ie[j], im[j]
         u = point_q[p]
+        if p != last_p or e != last_e:  # the elements come bin by bin: T' once per bin
+            for i in range(m):
+                for col in range(m):
+                    t = tensor[p, e, i, col]
+                    if with_q2:
+                        t = t - (shift[i] + shift[col]) * tensor_q2[p, e, i, col]
+                    tp[i, col] = t
+            last_p, last_e = p, e
+        d = 0.0
         for col in range(m):
             acc = 0j
             for i in range(m):
-                t = tensor[p, e, i, col]
-                if with_q2:
-                    t = t - (shift[i] + shift[col]) * tensor_q2[p, e, i, col]
-                acc += np.conj(vec[u, i, mm]) * t
-            w[col] = acc
-        for nn in range(m):
-            acc = 0j
-            for col in range(m):
-                acc += w[col] * vec[u, col, nn]
-            rows[j, nn] = acc
-        diag[j] = rows[j, mm].real
-        if with_q2:
-            for i in range(m):
-                acc = 0j
-                for col in range(m):
-                    acc += tensor_q2[p, e, i, col] * vec[u, col, mm]
-                g[j, i // 3] += (np.conj(vec[u, i, mm]) * acc).real
-    return rows, diag, g
+                acc += np.conj(vec[u, i, mm]) * tp[i, col]
+            rows[j, col] = acc
+            d += (acc * vec[u, col, mm]).real
+        diag[j] = d
+    return rows, diag
 
 
 @njit(cache=True, nogil=True)
 def _coefficient_columns(
-    rows: NDArray[np.complex128],
+    w: NDArray[np.complex128],
     a: NDArray[np.float64],
     h: NDArray[np.float64],
     dh_de: NDArray[np.float64],
     dh_dmu: NDArray[np.float64],
     dh_dtau2: NDArray[np.float64],
-    z: NDArray[np.complex128],
+    zr: NDArray[np.float64],
+    zi: NDArray[np.float64],
     de_dc: NDArray[np.float64],
     dvel: NDArray[np.float64],
     vel: NDArray[np.float64],
     mean: NDArray[np.float64],
     cov: NDArray[np.float64],
     eta2: float,
+    tensor_q2: NDArray[np.complex128],
+    vec: NDArray[np.complex128],
+    with_q2: bool,
+    n_atoms: int,
     point_q: NDArray[np.int64],
     ip: NDArray[np.intp],
     ie: NDArray[np.intp],
     im: NDArray[np.intp],
     n_p: int,
     n_e: int,
-) -> NDArray[np.float64]:
-    """(n_p, n_E, k) d(sum_m A_m h_m)/dc_k at unit scale without the Debye-Waller term,
-    from the elements ``j`` near a line (point ``ip``, bin ``ie``, mode ``im``; ``rows``
-    ``X_m.``, ``a`` ``A_m``, ``h`` and its derivatives, 1-D): the eigenvectors' change
-    ``h_m sum_n Re(X_mn Z_k,mn)`` and the line's through its energy (``de_dc`` (n_u, m, k)),
-    centre (``mean`` <delta> (p, e, 3) . dv) and width (``2 (C v + eta^2 v) . dv``, ``cov``
-    C (p, e, 3, 3)), with ``dvel`` (n_u, m, 3, k) and ``vel`` (n_u, 3, m) per distinct
-    q-point."""
-    k = z.shape[1]
-    m = rows.shape[1]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``(n_p, n_E, k)`` d(sum_m A_m h_m)/dc_k at unit scale without the Debye-Waller
+    term, and ``(n_p, n_E, n_atoms)`` sum_m h_m Re(e_m^H P_a T2 e_m) (``P_a`` the rows of
+    atom ``a``; with ``with_q2``, else zeros), from the elements ``j`` near a line (point
+    ``ip``, bin ``ie``, mode ``im``; ``w`` ``e_m^H T'`` from :func:`_structure_rows`,
+    ``a`` ``A_m``, ``h`` and its derivatives, 1-D): the eigenvectors' change
+    ``h_m sum_l Re(w_l Zt_k,ml)`` (``zr``/``zi`` (n_u, m, m, k): ``Zt_k,ml = sum_n
+    e_ln Z_k,mn``, so that the rows ``e_m^H T' e_n`` are never formed) and the line's
+    through its energy (``de_dc`` (n_u, m, k)), centre (``mean`` <delta> (p, e, 3) . dv)
+    and width (``2 (C v + eta^2 v) . dv``, ``cov`` C (p, e, 3, 3)), with ``dvel`` (n_u,
+    m, 3, k) and ``vel`` (n_u, 3, m) per distinct q-point. The loops over ``k`` run on
+    contiguous memory."""
+    k = zr.shape[3]
+    m = w.shape[1]
     out = np.zeros((n_p, n_e, k))
+    t2h = np.zeros((n_p, n_e, n_atoms))
     width = np.empty(3)
+    acc = np.empty(k)
     for j in range(len(ip)):
         p, e, mm = ip[j], ie[j], im[j]
         u = point_q[p]
         hj, aj = h[j], a[j]
         w_e, w_mu, w_tau = aj * dh_de[j], aj * dh_dmu[j], 2.0 * aj * dh_dtau2[j]
-        for ax in range(3):  # (C v + eta^2 v)_ax, C the offsets' covariance
+        for ax in range(3):  # mean . dv and (C v + eta^2 v) . dv, C the offsets' covariance
             c_v = 0.0
             for bx in range(3):
                 c_v += cov[p, e, ax, bx] * vel[u, bx, mm]
-            width[ax] = c_v + eta2 * vel[u, ax, mm]
+            width[ax] = w_mu * mean[p, e, ax] + w_tau * (c_v + eta2 * vel[u, ax, mm])
         for kk in range(k):
-            acc = 0.0
-            for nn in range(m):
-                acc += (rows[j, nn] * z[u, kk, mm, nn]).real
-            acc *= hj
-            acc += w_e * de_dc[u, mm, kk]
-            for ax in range(3):
-                acc += dvel[u, mm, ax, kk] * (w_mu * mean[p, e, ax] + w_tau * width[ax])
-            out[p, e, kk] += acc
-    return out
+            acc[kk] = w_e * de_dc[u, mm, kk]
+        for col in range(m):
+            wr = w[j, col].real * hj
+            wi = w[j, col].imag * hj
+            for kk in range(k):
+                acc[kk] += wr * zr[u, mm, col, kk] - wi * zi[u, mm, col, kk]
+        for ax in range(3):
+            wa = width[ax]
+            for kk in range(k):
+                acc[kk] += dvel[u, mm, ax, kk] * wa
+        for kk in range(k):
+            out[p, e, kk] += acc[kk]
+        if with_q2:
+            for i in range(m):
+                t = 0j
+                for col in range(m):
+                    t += tensor_q2[p, e, i, col] * vec[u, col, mm]
+                t2h[p, e, i // 3] += hj * (np.conj(vec[u, i, mm]) * t).real
+    return out, t2h
 
 
 @njit(cache=True, nogil=True)
@@ -993,9 +1068,17 @@ def _near_lines(
 _SQRT1_2 = math.sqrt(0.5)
 
 
+#: Per element and line (loss, gain): a Gaussian's mean over the bin and its density at
+#: the bin's two edges (see :func:`_bin_gauss`).
+_BASE_TERMS = 6
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _bin_gauss(
     out: NDArray[np.float64],
+    base: NDArray[np.float64],
+    at: int,
+    reuse: bool,
     lo: float,
     hi: float,
     centre: float,
@@ -1006,12 +1089,19 @@ def _bin_gauss(
     """``out[0]``: a unit-area Gaussian of ``centre`` and ``sigma`` averaged over [lo, hi]
     (1/meV, ``de = hi - lo``); ``out[n]``, n <= ``order``: its n-th derivative by the
     centre (the n-th derivative of the density is ``(-1)^n He_n(z) phi(z) / sigma^n``, so
-    ``(He_{n-1}(z_lo) phi_lo - He_{n-1}(z_hi) phi_hi) / (sigma^n de)``)."""
+    ``(He_{n-1}(z_lo) phi_lo - He_{n-1}(z_hi) phi_hi) / (sigma^n de)``). The erfc and exp
+    terms (``out[0]``, ``phi_lo``, ``phi_hi``) are written to ``base[at:at + 3]``, or with
+    ``reuse`` read from there (``base`` empty: neither)."""
     z_hi = (hi - centre) / sigma
     z_lo = (lo - centre) / sigma
-    out[0] = 0.5 * (math.erfc(-z_hi * _SQRT1_2) - math.erfc(-z_lo * _SQRT1_2)) / de
-    p_hi = math.exp(-0.5 * z_hi * z_hi) / _SQRT_2PI
-    p_lo = math.exp(-0.5 * z_lo * z_lo) / _SQRT_2PI
+    if reuse:
+        out[0], p_lo, p_hi = base[at], base[at + 1], base[at + 2]
+    else:
+        out[0] = 0.5 * (math.erfc(-z_hi * _SQRT1_2) - math.erfc(-z_lo * _SQRT1_2)) / de
+        p_hi = math.exp(-0.5 * z_hi * z_hi) / _SQRT_2PI
+        p_lo = math.exp(-0.5 * z_lo * z_lo) / _SQRT_2PI
+        if len(base):
+            base[at], base[at + 1], base[at + 2] = out[0], p_lo, p_hi
     scale = de
     for n in range(1, order + 1):
         scale *= sigma
@@ -1040,13 +1130,17 @@ def _line_shapes(
     de: float,
     pref: float,
     derivatives: bool,
+    base: NDArray[np.float64],
+    reuse: bool,
 ) -> tuple[NDArray[np.float64], ...]:
     """:meth:`CountsModel._profile` element by element (1-D arrays, ``e > 0``): the mode
     energy ``e``, its offsets' mean ``mu`` and variance ``tau2``, the bin's lower edge
     ``lo`` (width ``de``), the resolution's sigma ``sres`` and its derivative, the Bose
     occupation ``nb`` and its derivative, the resolution scale ``r`` and the prefactor
     ``pref``. Returns ``(h, dh/de, dh/dmu, dh/dtau2, dh/dr)``, the derivatives empty
-    without ``derivatives``."""
+    without ``derivatives``. ``base`` ((n, :data:`_BASE_TERMS`) or empty) receives the
+    loss and gain Gaussians' erfc and exp terms, or with ``reuse`` holds them."""
+    flat = base.reshape(-1)
     n = len(e)
     order = 4 if derivatives else 2
     h = np.empty(n)
@@ -1062,12 +1156,13 @@ def _line_shapes(
         c0 = 1.0 - mj * inv_e + (mj * mj + tj) * i2
         c1 = (2.0 * mj * inv_e - 1.0) * tj * inv_e
         c2 = tj * tj * i2
-        _bin_gauss(gl, lo[j], lo[j] + de, ej + mj, sigma, de, order)
+        at = j * _BASE_TERMS
+        _bin_gauss(gl, flat, at, reuse, lo[j], lo[j] + de, ej + mj, sigma, de, order)
         loss = c0 * gl[0] + c1 * gl[1] + c2 * gl[2]
         # energy gain: only where the Bose factor is not zero (the gain peak sits at -e - mu,
         # and u enters it with the other sign)
         if nbj > 0.0:
-            _bin_gauss(gg, lo[j], lo[j] + de, -ej - mj, sigma, de, order)
+            _bin_gauss(gg, flat, at + 3, reuse, lo[j], lo[j] + de, -ej - mj, sigma, de, order)
         else:
             gg[:] = 0.0
         gain = c0 * gg[0] - c1 * gg[1] + c2 * gg[2]
