@@ -46,8 +46,8 @@ Cost: the modes are solved once per distinct q-point (the zone classes' rows of 
 point share theirs; :class:`ModeBases` keeps the dynamical-matrix bases across a run's
 snapshots), and each mode's line is evaluated only in the energy bins within
 :data:`_TAIL_Z` widths of its centre (a quarter of Ge's (bin, mode) elements): the
-structure-factor rows ``e_m^H T e_n`` and the coefficients' Jacobian columns are summed
-over those elements only, in compiled loops (:func:`_structure_rows`,
+structure factors ``e_m^H T e_m`` and the coefficients' Jacobian columns are summed
+over those elements only, in compiled loops (:func:`_structure_left`,
 :func:`_coefficient_columns`). The expected counts of the last parameters are kept, so
 that the Jacobian at the point a fit has just evaluated adds only its own part.
 """
@@ -168,7 +168,7 @@ class _Forward:
     """What :meth:`CountsModel.evaluate`'s forward pass keeps for the Jacobian: per
     distinct q-point (u) the modes, their clusters, velocities and ``e^H dD/dQ e``; per
     (bin, mode) element near a line (``near``) the line's centre shift and width and the
-    rows ``e_m^H T e_n``."""
+    products ``e_m^H T``."""
 
     energy: NDArray[np.float64]  # (p, m) meV, per fitted point
     stable: bool
@@ -184,7 +184,7 @@ class _Forward:
     half_inv: NDArray[np.float64]  # (u, m)
     vel: NDArray[np.float64]  # (u, 3, m)
     near: _Near  # the (p, e, m) elements near a line
-    rows: NDArray[np.complex128]  # (n_near, m): e_m^H T of the elements near a line
+    left: NDArray[np.complex128]  # (n_near, m): e_m^H T of the elements near a line
     a: NDArray[np.float64]  # (n_near,): e_m^H T e_m
     base: NDArray[np.float64]  # (n_near, _BASE_TERMS): the line shapes' transcendentals
 
@@ -591,7 +591,7 @@ class CountsModel:
         # e_m^H T e_n (T with the Debye-Waller change) for the elements near a line only:
         # elsewhere h is 0 and they add nothing, to the counts or to the Jacobian
         ip, ie, im = near.at
-        rows, a = _structure_rows(
+        left, a = _structure_left(
             self._tensor,
             self._tensor_q2,
             shift,
@@ -624,7 +624,7 @@ class CountsModel:
             half_inv=half_inv,
             vel=vel,
             near=near,
-            rows=rows,
+            left=left,
             a=a,
             base=base,
         )
@@ -674,7 +674,7 @@ class CountsModel:
         # dmu = <delta>.dv, dtau2 = 2 (C v + eta^2 v).dv, over the elements near a line
         with_dw = self._dw_ref is not None
         cols, t2h = _coefficient_columns(
-            fw.rows,
+            fw.left,
             fw.a,
             h,
             dh_de,
@@ -875,7 +875,7 @@ def _diagonal(rows: NDArray[np.float64], vec: NDArray[np.complex128]) -> NDArray
 
 
 @njit(cache=True, nogil=True)
-def _structure_rows(
+def _structure_left(
     tensor: NDArray[np.complex128],
     tensor_q2: NDArray[np.complex128],
     shift: NDArray[np.float64],
@@ -894,7 +894,7 @@ def _structure_rows(
     change directly (:func:`_coefficient_columns`)."""
     n = len(ip)
     m = vec.shape[1]
-    rows = np.empty((n, m), dtype=np.complex128)
+    left = np.empty((n, m), dtype=np.complex128)
     diag = np.empty(n)
     tp = np.empty((m, m), dtype=np.complex128)  # T' of the bin at hand
     last_p, last_e = -1, -1
@@ -914,10 +914,10 @@ def _structure_rows(
             acc = 0j
             for i in range(m):
                 acc += np.conj(vec[u, i, mm]) * tp[i, col]
-            rows[j, col] = acc
+            left[j, col] = acc
             d += (acc * vec[u, col, mm]).real
         diag[j] = d
-    return rows, diag
+    return left, diag
 
 
 @njit(cache=True, nogil=True)
@@ -950,7 +950,7 @@ def _coefficient_columns(
     """``(n_p, n_E, k)`` d(sum_m A_m h_m)/dc_k at unit scale without the Debye-Waller
     term, and ``(n_p, n_E, n_atoms)`` sum_m h_m Re(e_m^H P_a T2 e_m) (``P_a`` the rows of
     atom ``a``; with ``with_q2``, else zeros), from the elements ``j`` near a line (point
-    ``ip``, bin ``ie``, mode ``im``; ``w`` ``e_m^H T'`` from :func:`_structure_rows`,
+    ``ip``, bin ``ie``, mode ``im``; ``w`` ``e_m^H T'`` from :func:`_structure_left`,
     ``a`` ``A_m``, ``h`` and its derivatives, 1-D): the eigenvectors' change
     ``h_m sum_l Re(w_l Zt_k,ml)`` (``zr``/``zi`` (n_u, m, m, k): ``Zt_k,ml = sum_n
     e_ln Z_k,mn``, so that the rows ``e_m^H T' e_n`` are never formed) and the line's
