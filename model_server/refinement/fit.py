@@ -236,22 +236,20 @@ def _inverse_marginal_std(
     return out
 
 
-def _step_length(
+def _damped_step(
     fisher: NDArray[np.float64],
     grad: NDArray[np.float64],
     diag: NDArray[np.float64],
     idx: NDArray[np.intp],
-    inv_sd: NDArray[np.float64],
-) -> float:
-    """The Gauss-Newton step's (damped by :data:`_START_DAMPING`) longest component in std
-    (``inv_sd``: 1 / each parameter's std), on the free parameters ``idx``; inf where the
-    system is singular."""
-    a = fisher[np.ix_(idx, idx)] + _START_DAMPING * np.diag(diag[idx])
+    damping: float,
+) -> NDArray[np.float64] | None:
+    """Levenberg-Marquardt's step on the free parameters ``idx`` at ``damping`` (relative
+    to the Fisher diagonal ``diag``); None where the system is singular."""
+    a = fisher[np.ix_(idx, idx)] + damping * np.diag(diag[idx])
     try:
-        sub = np.linalg.solve(a, grad[idx])
+        return np.asarray(-np.linalg.solve(a, grad[idx]), dtype=np.float64)
     except np.linalg.LinAlgError:
-        return math.inf
-    return float(np.max(np.abs(sub) * inv_sd[idx]))
+        return None
 
 
 def background_floor(model: CountsModel, y: NDArray[np.float64]) -> float:
@@ -316,14 +314,14 @@ def _descend(
         near_gradient = bool(np.max(np.abs(grad[idx]) / np.sqrt(diag[idx])) < _GRADIENT_TOLERANCE)
         accepted = at_optimum = False
         used = damping
-        gauss_newton = _step_length(fisher, grad, diag, idx, inv_sd)  # in std
+        # the Gauss-Newton step's (damped by _START_DAMPING) longest component, in std
+        gn = _damped_step(fisher, grad, diag, idx, _START_DAMPING)
+        gauss_newton = math.inf if gn is None else float(np.max(np.abs(gn) * inv_sd[idx]))
         rising = True  # every try valid, and the deviance rose
         for _ in range(12):
             used = damping
-            a = fisher[np.ix_(idx, idx)] + damping * np.diag(diag[idx])
-            try:
-                sub = -np.linalg.solve(a, grad[idx])
-            except np.linalg.LinAlgError:
+            sub = _damped_step(fisher, grad, diag, idx, damping)
+            if sub is None:
                 damping *= 10.0
                 continue
             trial = state.theta.copy()
@@ -366,7 +364,7 @@ def _descend(
         # it short)
         if (
             (used <= _START_DAMPING or near_gradient or gauss_newton < PRECISION_STEP)
-            and np.max(np.abs(step) * inv_sd) < STEP_TOLERANCE
+            and length < STEP_TOLERANCE
             and abs(gain) < GAIN_TOLERANCE
         ):
             converged = True
