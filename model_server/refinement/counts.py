@@ -202,7 +202,7 @@ class _Near:
     lo: NDArray[np.float64]
     #: the resolution's sigma, its derivative, the Bose occupation and its derivative at
     #: each element's mode energy, when taken per mode (else computed from ``e``)
-    sres: tuple[NDArray[np.float64], ...] | None = None
+    widths: tuple[NDArray[np.float64], ...] | None = None
 
     @classmethod
     def of(
@@ -231,7 +231,7 @@ class _Near:
             mu=mu,
             tau2=tau2,
             lo=e_lo[ie],
-            sres=tuple(np.take(x, flat) for x in per_mode),
+            widths=tuple(np.take(x, flat) for x in per_mode),
         )
 
     def dense(self, parts: list[NDArray[np.float64]]) -> Any:
@@ -807,8 +807,8 @@ class CountsModel:
         the Gaussians' erfc and exp terms, or with ``reuse`` holds them (from the forward
         pass at the same parameters: the Jacobian's line shapes then need no
         transcendental function)."""
-        if near.sres is not None:
-            sres, dsres, nb, dnb = near.sres
+        if near.widths is not None:
+            sres, dsres, nb, dnb = near.widths
         else:
             sres, dsres = self._sigma_res(near.e)
             nb, dnb = self._bose(near.e)
