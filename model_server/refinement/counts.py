@@ -67,7 +67,7 @@ from model_server.exceptions import RefinementError
 from simulations.lattice.force_constants import FCBasis
 from simulations.lattice.grid import Grid
 from simulations.lattice.resolution import EnergyResolution
-from simulations.lattice.sqe import FREQUENCY_MIN_MEV, mesh_points
+from simulations.lattice.sqe import FREQUENCY_MIN_MEV
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV, VASP_TO_THZ
 
 __all__ = ["GAMMA_EXCLUSION", "NUISANCE", "CountsModel", "Evaluation", "ModeBases"]
@@ -121,7 +121,7 @@ class ModeBases:
     def __init__(self, basis: FCBasis) -> None:
         self.basis = basis
         self._kept: dict[bytes, tuple[NDArray[np.complex128], NDArray[np.complex128]]] = {}
-        self._mesh: NDArray[np.complex128] | None = None
+        self._mesh: tuple[NDArray[np.complex128], NDArray[np.float64]] | None = None
 
     def at(
         self, qpoints: NDArray[np.float64]
@@ -142,11 +142,32 @@ class ModeBases:
             np.stack([g for _, g in pairs], axis=1),
         )
 
-    def mesh(self) -> NDArray[np.complex128]:
-        """(k, n_mesh, m, m) the basis on the :data:`DW_MESH`^3 mesh."""
+    def mesh(self) -> tuple[NDArray[np.complex128], NDArray[np.float64]]:
+        """``(D_k (k, n_half, m, m), weights (n_half,))``: the basis on one of each pair
+        ``q, -q`` of the :data:`DW_MESH`^3 mesh (:func:`half_mesh`), and each point's
+        weight (2, or 1 for a point that is its own pair), summing to ``DW_MESH^3``."""
         if self._mesh is None:
-            self._mesh = self.basis.dynamical_basis(mesh_points(DW_MESH))
+            points, weights = half_mesh(DW_MESH)
+            self._mesh = (self.basis.dynamical_basis(points), weights)
         return self._mesh
+
+
+def half_mesh(n: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """``(points (n_half, 3) r.l.u., weights (n_half,))``: one of each pair ``q, -q``
+    (mod a reciprocal lattice vector) of the Gamma-centred ``n^3`` mesh
+    (:func:`mesh_points`), weight 2, and the points that are their own pair, weight 1.
+
+    With real force constants ``D(-q) = D(q)*``: the same mode energies and the same
+    ``|e_j|^2``, so a mesh sum of a function of those (the Debye-Waller exponents) over
+    the half mesh with these weights equals the sum over the whole mesh, at half the
+    eigensolves."""
+    index = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    flat = (index[:, 0] * n + index[:, 1]) * n + index[:, 2]
+    neg = (-index) % n
+    flat_neg = (neg[:, 0] * n + neg[:, 1]) * n + neg[:, 2]
+    keep = flat <= flat_neg
+    weights = np.where(flat[keep] == flat_neg[keep], 1.0, 2.0)
+    return index[keep] / n, weights
 
 
 def dynamical_gradient(basis: FCBasis, qpts: NDArray[np.float64]) -> NDArray[np.complex128]:
@@ -349,6 +370,9 @@ class CountsModel:
         self.points = np.nonzero(use.any(axis=1))[0]  # fitted path points
         self._use = use[self.points]  # (n_p, n_E): the fitted bins among the points' rows
         self._use_at = np.flatnonzero(self._use)  # the same, as flat indices (for np.take)
+        #: (n_p * n_E,) each bin's row among the fitted bins, -1 where it is not fitted
+        self._row_of = np.full(self._use.size, -1, dtype=np.int64)
+        self._row_of[self._use_at] = np.arange(len(self._use_at))
         dense = (self.points[:, None] * n_e + np.arange(n_e)[None, :]).reshape(-1)
         #: (n_bins,) flat indices (q * n_E + E) of the fitted bins in the (n_q, n_E) grid.
         self.bins = dense[self._use.reshape(-1)]
@@ -367,6 +391,18 @@ class CountsModel:
         # the offsets' second moment about the path point, (p, e, 9)
         self._second = (self._offset_cov + np.einsum("pea,peb->peab", mean, mean)).reshape(
             *shape, 9
+        )
+        #: (p, e, 3) per bin, bounds for :func:`_near_lines`' quick test: |<delta>|, the
+        #: Frobenius norm of Cov(delta) (>= its largest |eigenvalue|) and sum |second|
+        self._bin_bounds = np.ascontiguousarray(
+            np.stack(
+                [
+                    np.linalg.norm(mean, axis=-1),
+                    np.sqrt(np.sum(self._offset_cov**2, axis=(-2, -1))),
+                    np.sum(np.abs(self._second), axis=-1),
+                ],
+                axis=-1,
+            )
         )
         self._background = moments.background[dense].reshape(shape)
         self._extra = (
@@ -392,19 +428,20 @@ class CountsModel:
         #: e_m^H dD_k/dQ_a e_m of all k and a in one real product per q-point (_diagonal).
         self._ddyn_rows = _real_rows(self._ddyn)
         self._last: tuple[bytes, _Forward] | None = None
-        self._dw_last: tuple[bytes, NDArray[np.float64], NDArray[np.complex128]] | None = None
+        self._dw_last: (
+            tuple[bytes, NDArray[np.float64], NDArray[np.complex128], NDArray[np.float64]] | None
+        ) = None
         self._pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / basis.crystal.n_atoms
         self._dw_ref: NDArray[np.float64] | None = None
         if reference is not None:
-            mesh = mesh_points(DW_MESH)
-            self._dw_dyn = bases.mesh()  # (k, n_mesh, m, m)
+            self._dw_dyn, self._dw_weights = bases.mesh()  # (k, n_half, m, m), (n_half,)
             self._dw_rows = _real_rows(self._dw_dyn)  # (n_mesh, k, 2 m^2)
             atom = np.arange(m) // 3
             self._atom_onehot = (atom[:, None] == np.arange(basis.crystal.n_atoms)).astype(
                 float
             )  # (m, n_at)
             self._dw_pref = HBAR2_OVER_2AMU / (
-                2.0 * np.asarray(basis.crystal.masses) * len(mesh) * 3.0
+                2.0 * np.asarray(basis.crystal.masses) * DW_MESH**3 * 3.0
             )
             self._dw_ref = self.debye_waller(np.asarray(reference, dtype=float))[0]
 
@@ -471,15 +508,19 @@ class CountsModel:
         self, c: NDArray[np.float64], *, jacobian: bool = False
     ) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
         """Isotropic Debye-Waller exponents ``b_j`` (A^2, (n_atoms,)) of coefficients ``c``
-        on the :data:`DW_MESH` mesh and, with ``jacobian``, ``db_j/dc_k`` ((n_atoms,
-        n_coeff), through the mode energies)."""
+        on the :data:`DW_MESH` mesh (summed over its half, :func:`half_mesh`) and, with
+        ``jacobian``, ``db_j/dc_k`` ((n_atoms, n_coeff), through the mode energies)."""
         key = c.tobytes()
         if self._dw_last is not None and self._dw_last[0] == key:
-            _, lam, vec = self._dw_last  # the forward pass's, for its Jacobian
+            _, lam, vec, weight = self._dw_last  # the forward pass's, for its Jacobian
         else:
-            d = np.einsum("k,kqij->qij", c, self._dw_dyn)
+            d = np.tensordot(c, self._dw_dyn, 1)  # sum_k c_k D_k
             lam, vec = np.linalg.eigh(d)
-            self._dw_last = (key, lam, vec)
+            # |e_j|^2 per atom, times the point's weight on the half mesh: (q, m, atoms)
+            weight = np.einsum(
+                "qim,ia,q->qma", np.abs(vec) ** 2, self._atom_onehot, self._dw_weights
+            )
+            self._dw_last = (key, lam, vec, weight)
         ok = lam > (FREQUENCY_MIN_MEV / _TO_MEV) ** 2
         lam_safe = np.where(ok, lam, 1.0)
         e = _TO_MEV * np.sqrt(lam_safe)
@@ -493,7 +534,6 @@ class CountsModel:
             f = 1.0 / e
             df = -1.0 / (e * e)
         f = np.where(ok, f, 0.0)
-        weight = np.einsum("qim,ia->qma", np.abs(vec) ** 2, self._atom_onehot)
         b = self._dw_pref * np.einsum("qm,qma->a", f, weight)
         if not jacobian:
             return b, None
@@ -534,7 +574,7 @@ class CountsModel:
         scale = math.exp(float(theta[k]))
         beta, r, eta2 = float(theta[k + 1]), float(theta[k + 2]), max(float(theta[k + 3]), 0.0)
         # per distinct q-point (u): modes, velocities and degenerate splittings
-        d = np.einsum("k,kqij->qij", c, self._dyn)
+        d = np.tensordot(c, self._dyn, 1)  # sum_k c_k D_k: (u, m, m)
         lam, vec = np.linalg.eigh(d)  # (n_u, m), (n_u, m, m) columns
         stable = bool(np.all(lam > -1e-9 * max(1.0, float(np.abs(lam).max()))))
         ok = lam > (FREQUENCY_MIN_MEV / _TO_MEV) ** 2
@@ -543,7 +583,7 @@ class CountsModel:
         cluster = self._clusters(lam)
         avg = self._cluster_weights(cluster)  # (u, m, m)
         vh = np.conj(np.swapaxes(vec, 1, 2))  # (u, m, i)
-        dd = np.einsum("k,kqaij->qaij", c, self._ddyn)
+        dd = np.tensordot(c, self._ddyn, 1)  # (u, 3, m, m)
         bq = vh[:, None] @ (dd @ vec[:, None])  # (u, a, m, n): e_m^H dD/dQ_a e_n
         vlam = np.einsum("qamm->qam", bq).real  # dlambda/dQ
         vlam = np.einsum("qam,qnm->qan", vlam, avg)
@@ -577,6 +617,7 @@ class CountsModel:
                 eta2,
                 _TAIL_Z,
                 self._point_q,
+                self._bin_bounds,
             ),
             point_q=self._point_q,
             per_mode=(sres, dsres, nb, dnb),
@@ -673,7 +714,21 @@ class CountsModel:
         # sum_m [h_m sum_n Re(X_mn Z_k,mn) + A_m (dE dh_de + dmu dh_dmu + dtau2 dh_dtau2)],
         # dmu = <delta>.dv, dtau2 = 2 (C v + eta^2 v).dv, over the elements near a line
         with_dw = self._dw_ref is not None
-        cols, t2h = _coefficient_columns(
+        if with_dw:
+            # dT/dc_k = -sum_a db_a/dc_k (P_a T2 + T2 P_a), P_a the rows of atom a:
+            # dA_m/dc_k = -2 sum_a db_a/dc_k Re(e_m^H P_a T2 e_m)
+            _, ddw = self.debye_waller(c, jacobian=True)
+            assert ddw is not None
+        else:
+            ddw = np.zeros((1, k))
+        corr = self._correction
+        mult = np.full((n_p, n_e), scale) if corr is None else scale * corr  # (p, e)
+        jac = np.empty((self.n_bins, self.n_params))
+        jac[:, :k] = 0.0
+        _coefficient_columns(
+            jac,
+            self._row_of,
+            mult,
             fw.left,
             fw.a,
             h,
@@ -691,37 +746,22 @@ class CountsModel:
             self._tensor_q2,
             vec,
             with_dw,
-            self._atom_onehot.shape[1] if with_dw else 1,
+            np.ascontiguousarray(ddw),
             at,
             ip,
             ie,
             im,
-            n_p,
             n_e,
-        )  # (p, e, k), (p, e, atoms)
-        jac_c = scale * cols
-        if with_dw:
-            _, ddw = self.debye_waller(c, jacobian=True)
-            assert ddw is not None
-            # dT/dc_k = -sum_a db_a/dc_k (P_a T2 + T2 P_a), P_a the rows of atom a:
-            # dA_m/dc_k = -2 sum_a db_a/dc_k Re(e_m^H P_a T2 e_m); t2h: that sum with h_m
-            jac_c -= scale * 2.0 * (t2h @ ddw)
+        )  # the coefficients' columns, jac[:, :k]
         v2_near = np.sum(vel * vel, axis=1)[at[ip], im]  # |v|^2 of each element's mode
-        jac_r = scale * np.bincount(flat, weights=fw.a * dh_dr, minlength=n_p * n_e)
-        jac_eta = scale * np.bincount(flat, weights=fw.a * dh_dtau2 * v2_near, minlength=n_p * n_e)
-        jac_r, jac_eta = jac_r.reshape(n_p, n_e), jac_eta.reshape(n_p, n_e)
-        corr = self._correction
-        if corr is not None:
-            jac_c = jac_c * corr[..., None]
-            jac_r = jac_r * corr
-            jac_eta = jac_eta * corr
+        jac_r = np.bincount(flat, weights=fw.a * dh_dr, minlength=n_p * n_e)
+        jac_eta = np.bincount(flat, weights=fw.a * dh_dtau2 * v2_near, minlength=n_p * n_e)
         fitted = self._use_at
-        jac = np.empty((self.n_bins, self.n_params))
-        jac[:, :k] = np.take(jac_c.reshape(-1, k), fitted, axis=0)
+        mult_at = np.take(mult, fitted)
         jac[:, k] = np.take(fw.signal, fitted)
         jac[:, k + 1] = np.take(self._background, fitted)
-        jac[:, k + 2] = np.take(jac_r, fitted)
-        jac[:, k + 3] = np.take(jac_eta, fitted)
+        jac[:, k + 2] = np.take(jac_r, fitted) * mult_at
+        jac[:, k + 3] = np.take(jac_eta, fitted) * mult_at
         return jac
 
     # -- pieces -----------------------------------------------------------------------------
@@ -897,6 +937,7 @@ def _structure_left(
     left = np.empty((n, m), dtype=np.complex128)
     diag = np.empty(n)
     tp = np.empty((m, m), dtype=np.complex128)  # T' of the bin at hand
+    row = np.empty(m, dtype=np.complex128)
     last_p, last_e = -1, -1
     for j in range(n):
         p, e, mm = ip[j], ie[j], im[j]
@@ -909,19 +950,25 @@ def _structure_left(
                         t = t - (shift[i] + shift[col]) * tensor_q2[p, e, i, col]
                     tp[i, col] = t
             last_p, last_e = p, e
+        for col in range(m):
+            row[col] = 0j
+        for i in range(m):  # row-wise over T': contiguous
+            ei = np.conj(vec[u, i, mm])
+            for col in range(m):
+                row[col] += ei * tp[i, col]
         d = 0.0
         for col in range(m):
-            acc = 0j
-            for i in range(m):
-                acc += np.conj(vec[u, i, mm]) * tp[i, col]
-            left[j, col] = acc
-            d += (acc * vec[u, col, mm]).real
+            left[j, col] = row[col]
+            d += (row[col] * vec[u, col, mm]).real
         diag[j] = d
     return left, diag
 
 
 @njit(cache=True, nogil=True)
 def _coefficient_columns(
+    jac: NDArray[np.float64],
+    row_of: NDArray[np.int64],
+    mult: NDArray[np.float64],
     w: NDArray[np.complex128],
     a: NDArray[np.float64],
     h: NDArray[np.float64],
@@ -939,33 +986,36 @@ def _coefficient_columns(
     tensor_q2: NDArray[np.complex128],
     vec: NDArray[np.complex128],
     with_q2: bool,
-    n_atoms: int,
+    ddw: NDArray[np.float64],
     point_q: NDArray[np.int64],
     ip: NDArray[np.intp],
     ie: NDArray[np.intp],
     im: NDArray[np.intp],
-    n_p: int,
     n_e: int,
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """``(n_p, n_E, k)`` d(sum_m A_m h_m)/dc_k at unit scale without the Debye-Waller
-    term, and ``(n_p, n_E, n_atoms)`` sum_m h_m Re(e_m^H P_a T2 e_m) (``P_a`` the rows of
-    atom ``a``; with ``with_q2``, else zeros), from the elements ``j`` near a line (point
-    ``ip``, bin ``ie``, mode ``im``; ``w`` ``e_m^H T'`` from :func:`_structure_left`,
-    ``a`` ``A_m``, ``h`` and its derivatives, 1-D): the eigenvectors' change
-    ``h_m sum_l Re(w_l Zt_k,ml)`` (``zr``/``zi`` (n_u, m, m, k): ``Zt_k,ml = sum_n
-    e_ln Z_k,mn``, so that the rows ``e_m^H T' e_n`` are never formed) and the line's
-    through its energy (``de_dc`` (n_u, m, k)), centre (``mean`` <delta> (p, e, 3) . dv)
-    and width (``2 (C v + eta^2 v) . dv``, ``cov`` C (p, e, 3, 3)), with ``dvel`` (n_u,
-    m, 3, k) and ``vel`` (n_u, 3, m) per distinct q-point. The loops over ``k`` run on
-    contiguous memory."""
+) -> None:
+    """Adds ``mult[p, e]`` times d(sum_m A_m h_m)/dc_k to ``jac[row_of[p n_E + e], k]``
+    (the fitted bins' rows; ``k`` the first ``ddw.shape[1]`` columns) from the elements
+    ``j`` near a line (point ``ip``, bin ``ie``, mode ``im``; ``w`` ``e_m^H T'`` from
+    :func:`_structure_left`, ``a`` ``A_m``, ``h`` and its derivatives, 1-D): the
+    eigenvectors' change ``h_m sum_l Re(w_l Zt_k,ml)`` (``zr``/``zi`` (n_u, m, m, k):
+    ``Zt_k,ml = sum_n e_ln Z_k,mn``, so that the rows ``e_m^H T' e_n`` are never
+    formed), the line's through its energy (``de_dc`` (n_u, m, k)), centre (``mean``
+    <delta> (p, e, 3) . dv) and width (``2 (C v + eta^2 v) . dv``, ``cov`` C (p, e, 3,
+    3)), with ``dvel`` (n_u, m, 3, k) and ``vel`` (n_u, 3, m) per distinct q-point, and
+    with ``with_q2`` the Debye-Waller change ``-2 h_m sum_a Re(e_m^H P_a T2 e_m)
+    ddw[a, k]`` (``P_a`` the rows of atom ``a``, ``ddw`` (n_atoms, k) db_a/dc_k). The
+    loops over ``k`` run on contiguous memory."""
     k = zr.shape[3]
     m = w.shape[1]
-    out = np.zeros((n_p, n_e, k))
-    t2h = np.zeros((n_p, n_e, n_atoms))
+    n_atoms = ddw.shape[0]
     width = np.empty(3)
     acc = np.empty(k)
+    t2 = np.empty(n_atoms)
     for j in range(len(ip)):
         p, e, mm = ip[j], ie[j], im[j]
+        row = row_of[p * n_e + e]
+        if row < 0:
+            continue
         u = point_q[p]
         hj, aj = h[j], a[j]
         w_e, w_mu, w_tau = aj * dh_de[j], aj * dh_dmu[j], 2.0 * aj * dh_dtau2[j]
@@ -985,15 +1035,21 @@ def _coefficient_columns(
             wa = width[ax]
             for kk in range(k):
                 acc[kk] += dvel[u, mm, ax, kk] * wa
-        for kk in range(k):
-            out[p, e, kk] += acc[kk]
         if with_q2:
+            for at_ in range(n_atoms):
+                t2[at_] = 0.0
             for i in range(m):
                 t = 0j
                 for col in range(m):
                     t += tensor_q2[p, e, i, col] * vec[u, col, mm]
-                t2h[p, e, i // 3] += hj * (np.conj(vec[u, i, mm]) * t).real
-    return out, t2h
+                t2[i // 3] += (np.conj(vec[u, i, mm]) * t).real
+            for at_ in range(n_atoms):
+                f = -2.0 * hj * t2[at_]
+                for kk in range(k):
+                    acc[kk] += f * ddw[at_, kk]
+        scale = mult[p, e]
+        for kk in range(k):
+            jac[row, kk] += scale * acc[kk]
 
 
 @njit(cache=True, nogil=True)
@@ -1013,6 +1069,7 @@ def _near_lines(
     eta2: float,
     tail_z: float,
     point_q: NDArray[np.int64],
+    bounds: NDArray[np.float64],
 ) -> tuple[
     NDArray[np.intp], NDArray[np.intp], NDArray[np.intp], NDArray[np.float64], NDArray[np.float64]
 ]:
@@ -1022,9 +1079,30 @@ def _near_lines(
     |v|^2 + (second . K) (dE/dlambda)^2`` there.
     Per bin: ``mean`` (p, e, 3), ``cov`` (p, e, 3, 3), ``second`` (p, e, 9); per distinct
     q-point: ``vel`` (u, 3, m), ``split`` (u, 9, m), ``half_inv``, ``energy``, ``sres``
-    (the resolution's sigma), ``gain`` (u, m)."""
+    (the resolution's sigma), ``gain`` (u, m).
+
+    Most elements are far from their line: ``bounds`` (p, e, 3), per bin ``|<delta>|``,
+    a bound on ``|Cov(delta)|`` and ``sum |second|``, bound ``|mu|`` and the width from
+    above, and an element whose line is farther than those bounds allow is passed over
+    without forming its ``mu`` and ``tau2`` (the same elements are kept)."""
     n_p, n_e = mean.shape[0], mean.shape[1]
     m = vel.shape[2]
+    n_u = vel.shape[0]
+    speed = np.empty((n_u, m))  # |v|
+    split_max = np.empty((n_u, m))  # max |split| (dE/dlambda)^2
+    res2 = np.empty((n_u, m))  # (r sigma_res)^2
+    for u in range(n_u):
+        for mm in range(m):
+            v2 = 0.0
+            for ax in range(3):
+                v2 += vel[u, ax, mm] ** 2
+            speed[u, mm] = math.sqrt(v2)
+            big = 0.0
+            for ab in range(9):
+                big = max(big, abs(split[u, ab, mm]))
+            split_max[u, mm] = big * half_inv[u, mm] ** 2
+            res2[u, mm] = (r * sres[u, mm]) ** 2
+    slack = 1.0 + 1e-9  # the bound's own rounding
     cap = n_p * n_e * m
     ip = np.empty(cap, dtype=np.intp)
     ie = np.empty(cap, dtype=np.intp)
@@ -1036,9 +1114,18 @@ def _near_lines(
         u = point_q[p]
         for e in range(n_e):
             mid = e_lo[e] + 0.5 * de
+            mean_norm, cov_norm, second_sum = bounds[p, e, 0], bounds[p, e, 1], bounds[p, e, 2]
             for mm in range(m):
                 en = energy[u, mm]
                 if en <= 0.0:
+                    continue
+                sp = speed[u, mm]
+                mu_max = mean_norm * sp
+                tau_max = (cov_norm + eta2) * sp * sp + second_sum * split_max[u, mm]
+                far = (
+                    tail_z * math.sqrt(max(res2[u, mm] + tau_max, 1e-12)) + 0.5 * de + mu_max
+                ) * slack
+                if abs(en - mid) >= far and (not gain[u, mm] or abs(en + mid) >= far):
                     continue
                 mu = 0.0
                 vcv = 0.0

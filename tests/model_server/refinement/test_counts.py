@@ -11,12 +11,12 @@ from consumers.reduction.folding import Folder
 from consumers.reduction.moments import BinMoments, orientation_moments
 from model_server.exceptions import RefinementError
 from model_server.prediction.expected import FoldSampler, GridSimulator
-from model_server.refinement.counts import CountsModel
+from model_server.refinement.counts import CountsModel, half_mesh
 from model_server.refinement.exact import exact_one_phonon_fold
 from model_server.refinement.refiner import RunRefiner
 from simulations.instrument.events import PhononTable
 from simulations.lattice.backgrounds import Backgrounds
-from simulations.lattice.sqe import CoherentSQE
+from simulations.lattice.sqe import CoherentSQE, mesh_points
 from tests.ge_moments import EI, TEMPERATURE, ge_moments, ge_run
 
 
@@ -185,6 +185,34 @@ def _assert_jacobian(
     for k in params:
         fd = _central_difference(model, theta, k)
         assert np.abs(jac[:, k] - fd).max() < 0.02 * np.abs(fd).max(), model.names[k]
+
+
+@pytest.mark.parametrize("n", [4, 5, 8])
+def test_the_half_mesh_sums_like_the_whole_mesh(n: int) -> None:
+    """One of each pair q, -q with weight 2 (1 for the points that are their own pair):
+    the Debye-Waller sums of |e_j|^2 / E over the modes come out as on the whole mesh."""
+    points, weights = half_mesh(n)
+    assert weights.sum() == n**3
+    assert len(points) == (n**3 + (8 if n % 2 == 0 else 1)) // 2
+    whole = mesh_points(n)
+    as_index = {tuple(np.rint(q * n).astype(int) % n) for q in points}
+    assert len(as_index) == len(points)
+    for q in whole:  # every point of the mesh is kept, or its negative is
+        i = tuple(np.rint(q * n).astype(int) % n)
+        assert i in as_index or tuple((-np.array(i)) % n) in as_index
+    run = ge_run()
+    basis = run.refiner.setup.basis
+
+    def per_atom(q: np.ndarray, w: np.ndarray) -> np.ndarray:
+        d = np.tensordot(run.truth, basis.dynamical_basis(q), 1)
+        lam, vec = np.linalg.eigh(d)
+        ok = lam > 1e-6
+        f = np.where(ok, 1.0 / np.sqrt(np.where(ok, lam, 1.0)), 0.0)
+        e2 = (np.abs(vec) ** 2).reshape(len(q), -1, 3, vec.shape[-1]).sum(axis=2)
+        return np.einsum("q,qam,qm->a", w, e2, f)
+
+    full = per_atom(whole, np.ones(len(whole)))
+    assert np.allclose(per_atom(points, weights), full, rtol=1e-10, atol=0.0)
 
 
 def test_clear_errors() -> None:
