@@ -427,11 +427,12 @@ class RunRefiner:
         )
         best = np.asarray(fit.theta, dtype=float)[:k]
         if np.linalg.norm(best - at) > TEMPLATE_TOLERANCE * np.linalg.norm(at):
-            # the multiphonon template follows the optimum: remade there, fitted again from it
+            # the multiphonon template follows the optimum: remade there and fitted again
+            # from the optimum alone (its full vector, nuisance included). The first fit
+            # already tried the restarts a misfit asks for; a misfit that remains would
+            # only repeat them from the optimum, which doubled the first snapshot's fit.
             model = self.model(moments, at=best)
-            again = refine(
-                model, counts, [best], prior=self.prior, warm=fit.theta, max_iter=max_iter
-            )
+            again = refine(model, counts, [], prior=self.prior, warm=fit.theta, max_iter=max_iter)
             fit = dataclasses.replace(
                 again,
                 iterations=fit.iterations + again.iterations,

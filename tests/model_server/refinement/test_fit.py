@@ -163,6 +163,35 @@ def test_a_misfit_tries_starts_toward_the_reference_set(monkeypatch: pytest.Monk
     assert np.all(np.abs(fit.mean - run.truth)[:4] < 5 * fit.std[:4])
 
 
+def test_the_templates_remake_does_not_try_the_restarts_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run's fit whose optimum moves the multiphonon template is fitted again from the
+    optimum alone: the restarts a misfit asks for run once (they doubled the first
+    snapshot's fit in the live loop), and the fit still ends at the truth."""
+    import logging
+
+    import model_server.refinement.fit as fit_module
+    from model_server.refinement.refiner import TEMPLATE_TOLERANCE
+
+    run = ge_run()
+    moments = ge_moments(OMEGAS)
+    model = run.refiner.model(moments)
+    theta = _truth_theta(model, run.truth, 30000.0)
+    _, counts = replica_counts(model, theta, np.random.default_rng(3))
+    start = _start(run, np.random.default_rng(4), spread=0.1)
+    monkeypatch.setattr(fit_module, "MISFIT_RESTART", 0.0)  # every fit "misfits"
+    with caplog.at_level(logging.INFO, logger="model_server.refinement.fit"):
+        fit = run.refiner.refine(counts, moments, dict(zip(run.refiner.names, start, strict=True)))
+    # the optimum moved the template (so it was remade and fitted again) ...
+    assert np.linalg.norm(fit.mean - start) > TEMPLATE_TOLERANCE * np.linalg.norm(start)
+    # ... and the restarts ran in the first fit only
+    restarts = [r for r in caplog.records if "more starts toward the reference" in r.message]
+    assert len(restarts) == 1
+    assert fit.converged
+    assert np.all(np.abs(fit.mean - run.truth)[:4] < 5 * fit.std[:4])
+
+
 def test_deviance_is_zero_at_the_data_and_positive_elsewhere() -> None:
     y = np.array([0.0, 3.0, 10.0])
     assert deviance(y, np.maximum(y, 1e-300)) == pytest.approx(0.0, abs=1e-9)
