@@ -189,6 +189,22 @@ class History:
         with self._lock, Session(self.engine) as s, s.begin():
             s.add(AdviceRow(run_id=run_id, n_orientations=n_orientations, ranking=ranking))
 
+    def amend_advice(self, run_id: str, *, n_orientations: int, ranking: dict[str, Any]) -> None:
+        """Replace the run's latest advice after ``n_orientations`` (added when there is
+        none): the last advice of a run planned at its end
+        (:meth:`steering.loop.SteeringLoop.finish`)."""
+        with self._lock, Session(self.engine) as s, s.begin():
+            row = s.scalars(
+                select(AdviceRow)
+                .where(AdviceRow.run_id == run_id, AdviceRow.n_orientations == n_orientations)
+                .order_by(AdviceRow.id.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                s.add(AdviceRow(run_id=run_id, n_orientations=n_orientations, ranking=ranking))
+            else:
+                row.ranking = dict(ranking)
+
     def save_controls(
         self, run_id: str, state: dict[str, Any], override: dict[str, Any] | None = None
     ) -> None:

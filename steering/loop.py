@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from steering import metrics
 from steering.advisor.controls import AdvisorControls
-from steering.advisor.planner import InformationPlanner
+from steering.advisor.planner import InformationPlanner, PlanNotReady
 from steering.advisor.ranking import Advisor, check_score, check_weighting
 from steering.exceptions import AdvisorError
 
@@ -362,6 +362,10 @@ class SteeringLoop:
         #: (theta, covariance, inflation, cumulative model) of the last refined estimate
         self._posterior: tuple[Any, ...] | None = None
         self._last_next: dict[str, Any] | None = None
+        #: the last advice has no plan only because the planner's information was still
+        #: being computed (:meth:`finish` plans it when the run ends), with its record
+        self._plan_pending = False
+        self._last_record: OrientationRecord | None = None
         self.controls = controls if controls is not None else AdvisorControls()
         #: the service is stopping: the snapshots still handed over get the VAE's estimate
         #: (flagged) and no plan, so that a stop is not held up by fits (a fit on the zone
@@ -417,6 +421,7 @@ class SteeringLoop:
         """
         t0 = time.perf_counter() if started is None else started
         self.measured.append(float(record.omega))
+        self._last_record = record
         t_est = time.perf_counter()
         if not self.history:  # started with the run; normally done before its first count
             self.candidates.wait(self.first_wait_s)
@@ -463,7 +468,9 @@ class SteeringLoop:
             except Exception:
                 logger.exception("advice sink failed (orientation %d)", record.index)
 
-    def _plan(self, advice: dict[str, Any], record: OrientationRecord) -> None:
+    def _plan(
+        self, advice: dict[str, Any], record: OrientationRecord, *, background: bool = True
+    ) -> None:
         """The information plan and the stop state of an advice.
 
         With a planner and a refined posterior: ``plan`` (candidates by expected gain per
@@ -471,10 +478,13 @@ class SteeringLoop:
         (:class:`steering.advisor.planner.StopState` against the controls' target, else the
         loop's); ``state`` is ``"done"`` when the target is met. Without them ``plan`` and
         ``stop`` are None with the reason in ``plan_error`` (the ranking's best angle is
-        then the next: :meth:`_apply_controls`).
+        then the next: :meth:`_apply_controls`). ``background``: the nodes' information
+        is recomputed on a thread (the estimate is not held back; the last information is
+        used meanwhile) rather than here (:meth:`finish`).
         """
         advice["plan"] = None
         advice["stop"] = None
+        self._plan_pending = False
         planner = self.planner
         if planner is None:
             return
@@ -487,6 +497,7 @@ class SteeringLoop:
         # the first orientation waits for the nodes a while (they start with the run)
         if not planner.prepared and (self.history or not planner.wait(self.first_wait_s)):
             advice["plan_error"] = "the planner's nodes are still being computed"
+            self._plan_pending = True
             return
         theta, cov, inflation, model = self._posterior
         charge = max(float(record.proton_charge), 1e-9)
@@ -498,6 +509,7 @@ class SteeringLoop:
             last = self._last_next
             if last is not None and abs(float(last["omega"]) - float(record.omega)) < 0.05:
                 planner.observe(float(last["gain"]), last["covariance"], cov)
+                self._last_next = None  # each prediction is observed once
             planner.refresh(
                 theta,
                 cov,
@@ -505,7 +517,7 @@ class SteeringLoop:
                 charge=charge,
                 inflation=inflation,
                 reuse_within=PLAN_REUSE,
-                background=True,  # the estimate is not held back by the nodes' Jacobians
+                background=background,  # the estimate is not held back by the nodes' Jacobians
             )
             t1 = time.perf_counter()
             cands = planner.rank(
@@ -516,6 +528,7 @@ class SteeringLoop:
         except AdvisorError as exc:
             logger.warning("no plan after orientation %d: %s", record.index, exc)
             advice["plan_error"] = str(exc)
+            self._plan_pending = isinstance(exc, PlanNotReady)
             return
         advice["plan"] = {
             "basis": "information-per-beam-time",
@@ -539,7 +552,51 @@ class SteeringLoop:
         best = cands[0]
         self._last_next = {"omega": best.omega, "gain": best.gain, "covariance": cov}
 
-    def _apply_controls(self, advice: dict[str, Any]) -> None:
+    def finish(self, timeout: float) -> dict[str, Any] | None:
+        """The run ended: plan its last advice if it has no plan only because the planner's
+        information was still being computed (a run shorter than that computation: a fast
+        replay, a run of a few orientations).
+
+        Waits at most ``timeout`` s for the planner's nodes and the information being
+        computed for them (:meth:`InformationPlanner.settle`), then plans that advice with
+        the posterior it was made with (the nodes' information computed here if it is still
+        missing or stale: a few seconds) and applies the controls again (without using up
+        a forced angle twice). Returns the amended advice (it
+        replaces the last of :attr:`history`; ``amended`` says why), or None when there is
+        nothing to amend, the service is stopping, or the planner is still not ready (said
+        in the log).
+        """
+        record = self._last_record
+        planner = self.planner
+        if not self._plan_pending or self.hurry or planner is None or record is None:
+            return None
+        if not self.history or self.history[-1].get("plan") is not None:
+            return None
+        t0 = time.perf_counter()
+        planner.settle(timeout)
+        if not planner.prepared:
+            logger.warning(
+                "run %s ended before the planner's nodes were ready (waited %.0f s): "
+                "its last advice has no plan",
+                self.run_id,
+                timeout,
+            )
+            return None
+        advice = dict(self.history[-1])
+        for key in ("plan_error", "state", "next"):
+            advice.pop(key, None)
+        self._plan(advice, record, background=False)
+        if advice["plan"] is None:
+            return None
+        self._apply_controls(advice, again=True)
+        advice["amended"] = (
+            "planned at the run's end: the planner's information was still being computed "
+            f"when this orientation was advised (waited {time.perf_counter() - t0:.1f} s)"
+        )
+        self.history[-1] = advice
+        return advice
+
+    def _apply_controls(self, advice: dict[str, Any], *, again: bool = False) -> None:
         """Apply the people's controls to an advice whose ranking is made (in place).
 
         The orientation just measured uses up a forced angle that was offered; excluded
@@ -548,12 +605,17 @@ class SteeringLoop:
         ``"done"`` set before is kept), ``next`` (``{"omega", "source": "advisor" |
         "forced", "by"}``, None when paused, done or nothing is allowed) and ``controls``
         (:meth:`AdvisorControls.to_dict` with the last :attr:`ADVICE_OVERRIDES` overrides).
+        ``again``: the advice had its controls applied before (:meth:`finish`): the
+        measured angle does not use up a forced angle again, and the ranking's list stays.
         """
         controls = self.controls
-        controls.measured(float(advice["omega"]))
+        if not again:
+            controls.measured(float(advice["omega"]))
         ranking = advice.get("ranking")
         candidates: list[dict[str, Any]] = []
-        if ranking is not None:
+        if ranking is not None and again:
+            candidates = list(ranking.get("candidates") or [])
+        elif ranking is not None:
             listed = list(ranking.get("candidates") or [])
             ok = controls.allowed([float(c["omega"]) for c in listed])
             candidates = [c for c, good in zip(listed, ok, strict=True) if good]

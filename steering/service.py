@@ -23,6 +23,7 @@ to ``<prefix>_livedata`` then: the replicas publish their estimates there themse
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -106,6 +107,11 @@ class SteeringService:
         What the refinement fits: ``"classes"`` (the path's bins split by zone class where
         the material has more than one; the consumer's ``zone_classes="auto"``) or
         ``"path"``.
+    final_plan_wait_s
+        When a run ends before the planner's information for its last advice is ready (a
+        fast replay, a run of a few orientations), how long the run's end waits for it to
+        plan that advice (:meth:`steering.loop.SteeringLoop.finish`); the run is marked
+        complete after. 0: the last advice keeps no plan.
     """
 
     def __init__(
@@ -133,12 +139,16 @@ class SteeringService:
         target: dict[str, Any] | None = None,
         advice_sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
         binning: str = "classes",
+        final_plan_wait_s: float = 30.0,
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
 
         if binning not in ("classes", "path"):
             raise SteeringError(f"binning must be classes or path, got {binning!r}")
         self.binning = binning
+        if not (math.isfinite(final_plan_wait_s) and final_plan_wait_s >= 0):
+            raise SteeringError(f"final_plan_wait_s must be >= 0 s, got {final_plan_wait_s}")
+        self.final_plan_wait_s = float(final_plan_wait_s)
 
         check_score(advisor_score, "advisor score")
         check_weighting(advisor_weighting, "advisor weighting")
@@ -713,6 +723,7 @@ class SteeringService:
 
     def _on_run_complete(self, summary: dict[str, Any], acc: Any) -> None:
         run_id = str(summary.get("run_id") or (self.service.pipeline.meta or {}).get("run_id"))
+        self._finish_plan(run_id)
         self.history.upsert_run(
             run_id,
             material=str((self.service.pipeline.meta or {}).get("material", "?")),
@@ -723,6 +734,40 @@ class SteeringService:
         sink = self._sinks.pop(run_id, None)
         if sink is not None:
             sink.close()
+
+    def _finish_plan(self, run_id: str) -> None:
+        """The run's last advice gets its plan if the run ended before the planner's
+        information was ready: amended in the history and on the advice topic (not sent to
+        the other sinks again: a queue would get a second item)."""
+        loop = self._loops.get(run_id)
+        if loop is None or self.final_plan_wait_s <= 0:
+            return
+        loop.hurry = bool(getattr(self.service, "_stop_requested", False))
+        try:
+            advice = loop.finish(self.final_plan_wait_s)
+        except Exception:  # the run is complete whatever happens to its last plan
+            logger.exception("run %s: the last advice could not be planned", run_id)
+            return
+        if advice is None or advice.get("ranking") is None:
+            return
+        keys = ("state", "next", "plan", "stop", "amended")
+        extra: dict[str, Any] = {k: advice[k] for k in keys if k in advice}
+        self.history.amend_advice(
+            run_id,
+            n_orientations=int(advice["n_orientations"]),
+            ranking={**advice["ranking"], **extra},
+        )
+        sink = self._sinks.get(run_id)
+        if sink is not None:
+            try:
+                sink(advice)
+            except Exception:
+                logger.exception("run %s: the amended last advice was not published", run_id)
+        logger.info(
+            "run %s: its last advice (orientation %d) planned at the run's end",
+            run_id,
+            int(advice["n_orientations"]),
+        )
 
     # -- thread ------------------------------------------------------------------------------
 

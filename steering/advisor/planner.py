@@ -406,6 +406,23 @@ class InformationPlanner:
             self._thread.join(timeout)
         return self._prepared.is_set()
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` s in all) for the nodes' models and then for the node
+        information being computed on a thread (:meth:`refresh` with ``background``).
+        True when a plan can be ranked: :meth:`refresh` then uses information at hand and
+        raises no :class:`PlanNotReady`."""
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        if not self.wait(left()):
+            return False
+        thread = self._node_thread
+        if thread is not None:
+            thread.join(left())
+        return self._node_cache is not None
+
     @property
     def prepared(self) -> bool:
         """Whether every node's model is built."""

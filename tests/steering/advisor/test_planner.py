@@ -164,3 +164,43 @@ def test_background_refresh_never_holds_the_estimate_back() -> None:
     p._node_thread.join(120)
     p.refresh(fit.theta, fit.covariance, model, charge=1.0, background=True, reuse_within=1.0)
     assert p.rank(fit.covariance)[0].gain > 0
+
+
+def test_a_run_that_ends_before_the_plan_is_ready_gets_its_last_advice_planned() -> None:
+    """A run shorter than the nodes' information (a fast replay): its last advice has no
+    plan when it is made; the run's end plans it (the loop's ``finish``), once, with the
+    controls applied again without using anything up."""
+    from types import SimpleNamespace
+
+    from steering.loop import SteeringLoop
+    from tests.steering.test_loop_controls import _Advisor, _Candidates
+
+    run = ge_run()
+    fit, model, _ = _posterior()
+    p = InformationPlanner(
+        run.refiner, run.folder, OMEGAS, node_step=8.0, samples=1, pixel_stride=4
+    )
+    p.prepare()
+    got: list[dict[str, Any]] = []
+    loop = SteeringLoop(None, _Advisor(), _Candidates(5), sinks=[got.append], planner=p)  # type: ignore[arg-type]
+    assert loop.finish(1.0) is None  # nothing advised yet
+    loop._posterior = (fit.theta, fit.covariance, fit.inflation, model)
+    snap = SimpleNamespace(n_orientations=1, counts=None, exposure=None)
+    rec = SimpleNamespace(omega=FIRST, index=0, proton_charge=1.0)
+    loop.advise(snap, rec, {"fc": {}}, np.zeros(1), np.ones(1))  # type: ignore[arg-type]
+    last = got[-1]
+    assert last["plan"] is None
+    assert "being computed" in last["plan_error"]
+    assert last["next"]["source"] == "advisor"  # the ranking's best meanwhile
+
+    amended = loop.finish(120.0)
+    assert amended is not None
+    assert "run's end" in amended["amended"]
+    assert loop.history[-1] is amended
+    assert "plan_error" not in amended
+    plan = amended["plan"]
+    assert plan["basis"] == "information-per-beam-time"
+    assert amended["next"]["omega"] == plan["candidates"][0]["omega"]
+    assert amended["state"] in ("measuring", "done")
+    assert len(got) == 1  # the sinks are the caller's to choose (the service: history, topic)
+    assert loop.finish(1.0) is None  # planned once

@@ -37,10 +37,10 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             history=history,
             live=live,
             model_dir=MODELS,
-            # the first orientation waits for the planner's nodes (computed in the background
-            # from the run start): 4 orientations replayed at full speed can end before a
-            # loaded machine has them, and the last advice would have no plan
-            first_wait_s=60.0,
+            # 4 orientations replayed at full speed end before the planner's information is
+            # ready (computed in the background from the run start): the run's end plans
+            # the last advice (on a loaded machine the nodes can take a minute)
+            final_plan_wait_s=180.0,
         )
         service.start(idle_exit_s=15)
         app = create_app(history, token=TOKEN, live=live, state_dir=tmp_path / "state")
