@@ -552,7 +552,9 @@ class SteeringLoop:
         best = cands[0]
         self._last_next = {"omega": best.omega, "gain": best.gain, "covariance": cov}
 
-    def finish(self, timeout: float) -> dict[str, Any] | None:
+    def finish(
+        self, timeout: float, *, cancelled: Callable[[], bool] | None = None
+    ) -> dict[str, Any] | None:
         """The run ended: plan its last advice if it has no plan only because the planner's
         information was still being computed (a run shorter than that computation: a fast
         replay, a run of a few orientations).
@@ -564,7 +566,8 @@ class SteeringLoop:
         a forced angle twice). Returns the amended advice (it
         replaces the last of :attr:`history`; ``amended`` says why), or None when there is
         nothing to amend, the service is stopping, or the planner is still not ready (said
-        in the log).
+        in the log). ``cancelled``: asked every half second while it waits (the service:
+        a stop was requested); True ends the wait with None.
         """
         record = self._last_record
         planner = self.planner
@@ -573,7 +576,15 @@ class SteeringLoop:
         if not self.history or self.history[-1].get("plan") is not None:
             return None
         t0 = time.perf_counter()
-        planner.settle(timeout)
+        deadline = time.monotonic() + float(timeout)
+        while True:
+            if cancelled is not None and cancelled():
+                return None
+            left = deadline - time.monotonic()
+            if planner.settle(min(0.5, max(left, 0.0))) or left <= 0:
+                break
+            if planner.prepared and not planner.computing:  # _plan computes the information
+                break
         if not planner.prepared:
             logger.warning(
                 "run %s ended before the planner's nodes were ready (waited %.0f s): "

@@ -744,7 +744,10 @@ class SteeringService:
             return
         loop.hurry = bool(getattr(self.service, "_stop_requested", False))
         try:
-            advice = loop.finish(self.final_plan_wait_s)
+            advice = loop.finish(
+                self.final_plan_wait_s,
+                cancelled=lambda: bool(getattr(self.service, "_stop_requested", False)),
+            )
         except Exception:  # the run is complete whatever happens to its last plan
             logger.exception("run %s: the last advice could not be planned", run_id)
             return
@@ -764,7 +767,7 @@ class SteeringService:
             except Exception:
                 logger.exception("run %s: the amended last advice was not published", run_id)
         logger.info(
-            "run %s: its last advice (orientation %d) planned at the run's end",
+            "run %s: its last advice (after %d orientations) planned at the run's end",
             run_id,
             int(advice["n_orientations"]),
         )

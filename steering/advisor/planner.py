@@ -424,6 +424,12 @@ class InformationPlanner:
         return self._node_cache is not None
 
     @property
+    def computing(self) -> bool:
+        """Whether the nodes' information is being computed on a thread."""
+        thread = self._node_thread
+        return thread is not None and thread.is_alive()
+
+    @property
     def prepared(self) -> bool:
         """Whether every node's model is built."""
         return self._prepared.is_set()

@@ -3,6 +3,7 @@ against the Fisher information of the folded counts computed directly, and the s
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -193,6 +194,10 @@ def test_a_run_that_ends_before_the_plan_is_ready_gets_its_last_advice_planned()
     assert "being computed" in last["plan_error"]
     assert last["next"]["source"] == "advisor"  # the ranking's best meanwhile
 
+    t0 = time.monotonic()
+    assert loop.finish(120.0, cancelled=lambda: True) is None  # a stop: no wait, no plan
+    assert time.monotonic() - t0 < 60.0  # not the 120 s wait
+    assert loop.history[-1]["plan"] is None
     amended = loop.finish(120.0)
     assert amended is not None
     assert "run's end" in amended["amended"]
