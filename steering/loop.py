@@ -573,8 +573,6 @@ class SteeringLoop:
         planner = self.planner
         if not self._plan_pending or self.hurry or planner is None or record is None:
             return None
-        if not self.history or self.history[-1].get("plan") is not None:
-            return None
         t0 = time.perf_counter()
         deadline = time.monotonic() + float(timeout)
         while True:

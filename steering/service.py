@@ -537,7 +537,7 @@ class SteeringService:
             self.live.model_error = None
         # a stop was asked for: what is left of this step is estimated fast (the VAE), so
         # that every checkpointed orientation is in the history before the process exits
-        loop.hurry = bool(getattr(self.service, "_stop_requested", False))
+        loop.hurry = self._stopping()
         loop(snapshot, record)
         self.latencies.append(time.perf_counter() - t0)
 
@@ -558,14 +558,16 @@ class SteeringService:
             metrics.CHUNK_TO_ESTIMATE_SECONDS.observe(dt)
         self._notify(run_id, advice)
 
-    def _record_advice(self, advice: dict[str, Any]) -> None:
+    def _record_advice(self, advice: dict[str, Any], *, amend: bool = False) -> None:
         """The advice (when the advisor ranked) into the history: the ranking with the
-        run's state, the next angle, the information plan and the stop state beside it."""
+        run's state, the next angle, the information plan and the stop state beside it.
+        ``amend``: it replaces the run's advice after as many orientations
+        (:meth:`_finish_plan`)."""
         if advice.get("ranking") is not None:
-            extra: dict[str, Any] = {
-                k: advice[k] for k in ("state", "next", "plan", "stop") if k in advice
-            }
-            self.history.add_advice(
+            keys = ("state", "next", "plan", "stop", "amended")
+            extra: dict[str, Any] = {k: advice[k] for k in keys if k in advice}
+            record = self.history.amend_advice if amend else self.history.add_advice
+            record(
                 str(advice["run_id"]),
                 n_orientations=int(advice["n_orientations"]),
                 ranking={**advice["ranking"], **extra},
@@ -735,6 +737,10 @@ class SteeringService:
         if sink is not None:
             sink.close()
 
+    def _stopping(self) -> bool:
+        """Whether the consumer was asked to stop."""
+        return bool(getattr(self.service, "_stop_requested", False))
+
     def _finish_plan(self, run_id: str) -> None:
         """The run's last advice gets its plan if the run ended before the planner's
         information was ready: amended in the history and on the advice topic (not sent to
@@ -742,24 +748,15 @@ class SteeringService:
         loop = self._loops.get(run_id)
         if loop is None or self.final_plan_wait_s <= 0:
             return
-        loop.hurry = bool(getattr(self.service, "_stop_requested", False))
+        loop.hurry = self._stopping()
         try:
-            advice = loop.finish(
-                self.final_plan_wait_s,
-                cancelled=lambda: bool(getattr(self.service, "_stop_requested", False)),
-            )
+            advice = loop.finish(self.final_plan_wait_s, cancelled=self._stopping)
         except Exception:  # the run is complete whatever happens to its last plan
             logger.exception("run %s: the last advice could not be planned", run_id)
             return
         if advice is None or advice.get("ranking") is None:
             return
-        keys = ("state", "next", "plan", "stop", "amended")
-        extra: dict[str, Any] = {k: advice[k] for k in keys if k in advice}
-        self.history.amend_advice(
-            run_id,
-            n_orientations=int(advice["n_orientations"]),
-            ranking={**advice["ranking"], **extra},
-        )
+        self._record_advice(advice, amend=True)
         sink = self._sinks.get(run_id)
         if sink is not None:
             try:
