@@ -110,8 +110,12 @@ class BenchmarkSetup:
         count_time_s: float = 60.0,
         pixel_stride: int = 4,
         e_substeps: int = 2,
+        binning: str = "path",
         progress: bool = False,
     ) -> BenchmarkSetup:
+        """The README's set-up with candidates every ``step`` degrees over ``[0, span)``.
+        ``binning`` is what the refinement fits: ``"path"`` (the q-path's bins) or
+        ``"classes"`` (those bins split by zone class, as ``steer serve`` refines them)."""
         from tqdm import tqdm
 
         from consumers.reduction.folding import Folder
@@ -130,7 +134,12 @@ class BenchmarkSetup:
         folder = Folder(
             table, ms.grid, ins, Orientation.from_vectors(ms.crystal, (1, 0, 0), (0, 1, 0)), 80.0
         )
-        refiner = RunRefiner(material, ins, 80.0, 5.0, table=table, material_setup=ms)
+        if binning == "classes":
+            refiner = RunRefiner.zone_split(material, ins, 80.0, 5.0, material_setup=ms)
+        elif binning == "path":
+            refiner = RunRefiner(material, ins, 80.0, 5.0, table=table, material_setup=ms)
+        else:
+            raise AdvisorError(f"binning must be 'path' or 'classes', got {binning!r}")
         omegas = np.arange(0.0, span, step)
         ops = star_operations(folder, refiner.constants.operations)
         moments, models = [], []
@@ -142,6 +151,7 @@ class BenchmarkSetup:
                 pixel_stride=pixel_stride,
                 e_substeps=e_substeps,
                 inverse_ops=ops,
+                classes=refiner.classes,
             )
             moments.append(m)
             models.append(refiner.counts_model(m))
@@ -174,7 +184,7 @@ class BenchmarkSetup:
         """Zero moments on the set-up's grid (the cumulative moments start here)."""
         from consumers.reduction.moments import BinMoments
 
-        grid = self.refiner.setup.grid
+        grid = self.refiner.grid
         return BinMoments.zeros(grid.n_q * grid.n_e, self.refiner.constants.n_branches)
 
     def model_of(self, moments: Any) -> Any:
@@ -272,7 +282,7 @@ class _Run:
         self.theta_truth = theta_truth
         self.seed = seed
         self.truth_index = truth_index
-        grid = setup.refiner.setup.grid
+        grid = setup.refiner.grid
         self.n_bins = grid.n_q * grid.n_e
         #: each candidate's (bins, expected counts, Jacobian) at the truth, unit charge
         self.terms = terms
@@ -328,7 +338,7 @@ def _fit(
         start[kept] = run.truth[kept] * (1 + 0.02 * rng.standard_normal(len(kept)))
         starts.append(start)
     fit = refine(
-        model, counts.reshape(s.refiner.setup.grid.shape), starts, prior=s.refiner.prior, warm=warm
+        model, counts.reshape(s.refiner.grid.shape), starts, prior=s.refiner.prior, warm=warm
     )
     return fit, model
 
@@ -439,11 +449,15 @@ def _gpcam_pick(s: BenchmarkSetup, visits: NDArray[np.int64], data: _GpData, pos
 
 
 def _features(s: BenchmarkSetup, bins: NDArray[np.int64], y: NDArray[np.float64]) -> NDArray:
-    """An orientation's counts summed into 8 q x 4 E blocks (the GP's outputs)."""
-    n_q, n_e = s.refiner.setup.grid.shape
+    """An orientation's counts summed into 8 q x 4 E blocks of the path's I(q, E) (the GP's
+    outputs; zone classes summed back: the samplers see the spectrum, not the model)."""
+    n_q, n_e = s.refiner.grid.shape
     dense = np.zeros(n_q * n_e)
     dense[bins] = y
     d = dense.reshape(n_q, n_e)
+    if s.refiner.classes is not None:
+        d = s.refiner.classes.merge(d)
+        n_q = d.shape[0]
     qb = np.array_split(np.arange(n_q), 8)
     eb = np.array_split(np.arange(n_e), 4)
     return np.array([d[np.ix_(a, b)].sum() for a in qb for b in eb])
@@ -606,6 +620,7 @@ def beam_time_benchmark(
     samples: int = 2,
     truth_seed: int = 100,
     first_truth: int = 0,
+    binning: str = "path",
     setup: BenchmarkSetup | None = None,
     progress: bool = False,
     on_result: Callable[[dict[str, Any]], None] | None = None,
@@ -636,7 +651,9 @@ def beam_time_benchmark(
         raise AdvisorError("truths, seeds and budget must be >= 1")
     if not (math.isfinite(events_per_orientation) and events_per_orientation > 0):
         raise AdvisorError(f"events per orientation must be > 0, got {events_per_orientation}")
-    s = setup or BenchmarkSetup.build(step=step, target_fraction=target_fraction, progress=progress)
+    s = setup or BenchmarkSetup.build(
+        step=step, target_fraction=target_fraction, binning=binning, progress=progress
+    )
     chosen = benchmark_truths(s, first_truth + truths, truth_seed)[first_truth:]
     seed_list = list(range(first_seed, first_seed + seeds))
     checkpoints = {1, 2, 4, 8, 16, 32, 64, 128}
@@ -702,6 +719,7 @@ def beam_time_benchmark(
         "runs": runs,
         "target": {n: float(v) for n, v in zip(s.names[:N_TARGET], s.target, strict=True)},
         "target_fraction": target_fraction,
+        "binning": s.refiner.binning,
         "events_per_orientation": events_per_orientation,
         "candidates_deg": [float(s.omegas[0]), float(s.omegas[-1]), float(step)],
         "count_time_s": s.count_time_s,
@@ -769,6 +787,8 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key in keys:
             if r.get(key) != first.get(key):
                 raise AdvisorError(f"cannot merge benchmarks with different {key}")
+        if r.get("binning", "path") != first.get("binning", "path"):  # older results: path
+            raise AdvisorError("cannot merge benchmarks with different binning")
     runs: list[tuple[str, int]] = []
     cells: dict[str, dict[tuple[str, int], tuple[dict[str, Any], Any]]] = {}
     predictions: list[tuple[list[float], list[float]]] = []

@@ -309,6 +309,14 @@ def benchmark_cmd(
         int,
         typer.Option("--first-truth", help="Skip this many truths of the list (more of them)."),
     ] = 0,
+    binning: Annotated[
+        str,
+        typer.Option(
+            "--binning",
+            help="What the refinement fits: path (the q-path's bins) or classes (those bins "
+            "split by zone class, as steer serve refines them).",
+        ),
+    ] = "path",
     merge: Annotated[
         list[Path] | None,
         typer.Option(
@@ -357,6 +365,7 @@ def benchmark_cmd(
             samples=samples,
             truth_seed=truth_seed,
             first_truth=first_truth,
+            binning=binning,
             progress=not as_json,
             threads=threads,
         )

@@ -106,6 +106,57 @@ def _part(result: dict, *, names: set[str] | None = None, seeds: set[int] | None
     }
 
 
+def test_the_benchmark_runs_on_the_services_zone_classes(small: BenchmarkSetup) -> None:
+    """``binning="classes"``: the refinement fits the path's bins split by zone class (as
+    ``steer serve`` does), the candidates' moments and the replicas are on that grid, the
+    GP samplers still see the path's I(q, E); its results do not merge with the path's."""
+    setup = BenchmarkSetup.build(step=4.0, span=13.0, target_fraction=0.02, binning="classes")
+    n_classes = setup.refiner.classes.n_classes
+    assert n_classes == 4  # Ge
+    assert setup.refiner.grid.shape[0] == n_classes * small.refiner.grid.shape[0]
+    # the same cells: each candidate's expected counts, summed over the classes, are the
+    # path's (to the model's second order in the bins' offsets, which differ by class)
+    for m, mp in zip(setup.models, small.models, strict=True):
+        ref = setup.refiner.reference
+        ev = m.evaluate(m.theta(ref), jacobian=False)
+        evp = mp.evaluate(mp.theta(ref), jacobian=False)
+        merged = np.zeros(setup.refiner.grid.shape).ravel()
+        merged[m.bins] = ev.expected
+        assert setup.refiner.classes.merge(merged.reshape(setup.refiner.grid.shape)).sum() == (
+            pytest.approx(evp.expected.sum(), rel=1e-3)
+        )
+    strategies = ["advisor", "sequential", "gp", "oracle"]
+    result = beam_time_benchmark(
+        truths=1,
+        seeds=1,
+        strategies=strategies,
+        budget=4,
+        setup=setup,
+        events_per_orientation=2e5,
+    )
+    assert result["binning"] == "classes"
+    assert set(result["strategies"]) == set(strategies)
+    for entry in result["strategies"].values():
+        for t, k in zip(
+            entry["beam_time_to_target_s"], entry["orientations_to_target"], strict=True
+        ):
+            assert (t is None) == (k is None)
+    path = beam_time_benchmark(
+        truths=1,
+        seeds=1,
+        first_seed=101,
+        strategies=strategies,
+        budget=4,
+        setup=small,
+        events_per_orientation=2e5,
+    )
+    assert path["binning"] == "path"
+    with pytest.raises(AdvisorError, match="different binning"):
+        merge_results([result, path])
+    with pytest.raises(AdvisorError, match="binning must be"):
+        BenchmarkSetup.build(step=4.0, span=5.0, binning="wedge")
+
+
 def test_the_gpcam_sampler_measures_every_angle_before_it_revisits(small: BenchmarkSetup) -> None:
     """gpCAM's sampler: unmeasured candidates first, then revisits; its kernel trained
     within the bounds once it has three counts, the next training started from them."""
