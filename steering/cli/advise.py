@@ -313,10 +313,10 @@ def benchmark_cmd(
         str,
         typer.Option(
             "--binning",
-            help="What the refinement fits: path (the q-path's bins) or classes (those bins "
-            "split by zone class, as steer serve refines them).",
+            help="What the refinement fits: classes (the path's bins split by zone class, as "
+            "steer serve refines them) or path (the q-path's bins alone).",
         ),
-    ] = "path",
+    ] = "classes",
     merge: Annotated[
         list[Path] | None,
         typer.Option(

@@ -21,8 +21,8 @@ from steering.exceptions import AdvisorError
 
 @pytest.fixture(scope="module")
 def small() -> BenchmarkSetup:
-    """Four candidates, 0-12 degrees; a 2 % target."""
-    return BenchmarkSetup.build(step=4.0, span=13.0, target_fraction=0.02)
+    """Four candidates, 0-12 degrees; a 2 % target; the path's bins."""
+    return BenchmarkSetup.build(step=4.0, span=13.0, target_fraction=0.02, binning="path")
 
 
 def test_a_small_benchmark_keeps_its_contract(small: BenchmarkSetup) -> None:
@@ -107,10 +107,11 @@ def _part(result: dict, *, names: set[str] | None = None, seeds: set[int] | None
 
 
 def test_the_benchmark_runs_on_the_services_zone_classes(small: BenchmarkSetup) -> None:
-    """``binning="classes"``: the refinement fits the path's bins split by zone class (as
-    ``steer serve`` does), the candidates' moments and the replicas are on that grid, the
-    GP samplers still see the path's I(q, E); its results do not merge with the path's."""
-    setup = BenchmarkSetup.build(step=4.0, span=13.0, target_fraction=0.02, binning="classes")
+    """``binning="classes"`` (the default): the refinement fits the path's bins split by
+    zone class (as ``steer serve`` does), the candidates' moments and the replicas are on
+    that grid, the GP samplers still see the path's I(q, E); its results do not merge
+    with the path's."""
+    setup = BenchmarkSetup.build(step=4.0, span=13.0, target_fraction=0.02)
     n_classes = setup.refiner.classes.n_classes
     assert n_classes == 4  # Ge
     assert setup.refiner.grid.shape[0] == n_classes * small.refiner.grid.shape[0]
