@@ -85,16 +85,62 @@ REUSE = 1.0
 NODE_EVERY = 2
 
 
+def node_indices(n: int) -> list[int]:
+    """The candidates (of ``n``) that are the planner's nodes: every :data:`NODE_EVERY`-th
+    and the last."""
+    return sorted({*range(0, n, NODE_EVERY), n - 1})
+
+
+@dataclass
+class _Compact:
+    """One candidate's moments on the bins it reaches (a :class:`BinMoments`' arrays at
+    ``at``, the rest zero), the structure-factor tensors in single precision (1e-7
+    relative, far below any count's noise): a third of the dense set's memory (one
+    orientation reaches two thirds of the class grid's bins)."""
+
+    at: NDArray[np.int64]
+    arrays: dict[str, NDArray[Any]]
+    n_bins: int
+    n_orientations: int
+
+    @classmethod
+    def of(cls, m: Any) -> _Compact:
+        at = np.flatnonzero((m.weight != 0) | (m.background != 0))
+        names = ("tensor", "tensor_q2", "offset1", "offset2", "weight", "background")
+        arrays = {k: np.ascontiguousarray(getattr(m, k)[at]) for k in names}
+        for k in ("tensor", "tensor_q2"):
+            arrays[k] = arrays[k].astype(np.complex64)
+        return cls(at, arrays, len(m.weight), m.n_orientations)
+
+    def add_to(self, acc: Any, charge: float = 1.0) -> None:
+        """Add ``charge`` times these moments to the dense ``acc`` in place."""
+        for k, v in self.arrays.items():
+            getattr(acc, k)[self.at] += charge * v
+        acc.n_orientations += self.n_orientations
+
+    def dense(self) -> Any:
+        """The dense :class:`BinMoments`."""
+        from consumers.reduction.moments import BinMoments
+
+        t = self.arrays["tensor"]
+        out = BinMoments.zeros(self.n_bins, t.shape[1])
+        self.add_to(out)
+        return out
+
+
 @dataclass
 class BenchmarkSetup:
-    """What every run of the benchmark shares: the refiner, the candidates' moments and
-    their expected-counts models (unit charge), the target."""
+    """What every run of the benchmark shares: the refiner, the candidates' moments (on
+    the bins each reaches), the expected-counts models (unit charge) of the planner's nodes,
+    the target. A candidate's model that is not a node's is made again when it is needed
+    (:meth:`model_at`): on zone classes every model holds ~100 MB, and all 60 of them with
+    their moments took more than 12 GB."""
 
     refiner: Any
     folder: Any
     omegas: NDArray[np.float64]
     moments: list[Any]
-    models: list[Any]
+    models: dict[int, Any]
     target: NDArray[np.float64]  # (N_TARGET,) std, eV/A^2
     names: tuple[str, ...]
     widths: NDArray[np.float64]
@@ -146,8 +192,9 @@ class BenchmarkSetup:
             raise AdvisorError(f"binning must be 'path' or 'classes', got {binning!r}")
         omegas = np.arange(0.0, span, step)
         ops = star_operations(folder, refiner.constants.operations)
-        moments, models = [], []
-        for w in tqdm(omegas, desc="candidates", unit="orient", disable=not progress):
+        moments, models = [], {}
+        nodes = set(node_indices(len(omegas)))
+        for i, w in enumerate(tqdm(omegas, desc="candidates", unit="orient", disable=not progress)):
             m = orientation_moments(
                 folder,
                 refiner.constants,
@@ -157,8 +204,9 @@ class BenchmarkSetup:
                 inverse_ops=ops,
                 classes=refiner.classes,
             )
-            moments.append(m)
-            models.append(refiner.counts_model(m))
+            moments.append(_Compact.of(m))
+            if i in nodes:
+                models[i] = refiner.counts_model(m)
         ref = load_reference(material)
         dom = np.asarray(ref.domain, dtype=float)
         widths = np.full(len(refiner.names), np.nan)
@@ -194,6 +242,17 @@ class BenchmarkSetup:
     def model_of(self, moments: Any) -> Any:
         """The expected-counts model of ``moments``."""
         return self.refiner.counts_model(moments)
+
+    def model_at(self, c: int) -> Any:
+        """The expected-counts model of candidate ``c`` alone (unit charge): the node's,
+        else made from its moments (not kept)."""
+        hit = self.models.get(c)
+        return hit if hit is not None else self.model_of(self.moments[c].dense())
+
+    @property
+    def node_models(self) -> dict[float, Any]:
+        """The planner's node models by angle."""
+        return {float(self.omegas[i]): m for i, m in self.models.items()}
 
 
 def benchmark_truths(setup: BenchmarkSetup, n: int, seed: int) -> list[tuple[str, NDArray]]:
@@ -301,7 +360,8 @@ class _Run:
 def _terms(setup: BenchmarkSetup, theta: NDArray[np.float64]) -> list[Any]:
     """Each candidate's (bins, expected counts, Jacobian) at ``theta``."""
     out = []
-    for model in setup.models:
+    for c in range(len(setup.omegas)):
+        model = setup.model_at(c)
         ev = model.evaluate(theta)
         out.append((model.bins, ev.expected, ev.jacobian))
     return out
@@ -503,13 +563,13 @@ def _run_strategy(
             s.refiner,
             s.folder,
             s.omegas,
-            nodes=[float(s.omegas[i]) for i in sorted({*range(0, n, NODE_EVERY), n - 1})],
+            nodes=[float(s.omegas[i]) for i in node_indices(n)],
             samples=samples if name == "advisor" else 1,
             count_time_s=s.count_time_s,
             cost=s.cost,
             seed=run.seed,
         )
-        planner._models = dict(zip((float(w) for w in s.omegas), s.models, strict=True))
+        planner._models = s.node_models
         planner._prepared.set()
     target = {"std": {n: float(v) for n, v in zip(s.names, s.target, strict=False)}}
     features: dict[int, NDArray[np.float64]] = {}
@@ -538,7 +598,7 @@ def _run_strategy(
         bins, y = run.replica(c, int(visits[c]))
         counts[bins] += y
         visits[c] += 1
-        acc.add(s.moments[c], 1.0)
+        s.moments[c].add_to(acc, 1.0)
         if screened:
             folded.add(run.terms[c])
         if name == "gp" and c not in features:

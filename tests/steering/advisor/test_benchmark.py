@@ -117,7 +117,8 @@ def test_the_benchmark_runs_on_the_services_zone_classes(small: BenchmarkSetup) 
     assert setup.refiner.grid.shape[0] == n_classes * small.refiner.grid.shape[0]
     # the same cells: each candidate's expected counts, summed over the classes, are the
     # path's (to the model's second order in the bins' offsets, which differ by class)
-    for m, mp in zip(setup.models, small.models, strict=True):
+    for c in range(len(setup.omegas)):
+        m, mp = setup.model_at(c), small.model_at(c)
         ref = setup.refiner.reference
         ev = m.evaluate(m.theta(ref), jacobian=False)
         evp = mp.evaluate(mp.theta(ref), jacobian=False)
@@ -126,6 +127,18 @@ def test_the_benchmark_runs_on_the_services_zone_classes(small: BenchmarkSetup) 
         assert setup.refiner.classes.merge(merged.reshape(setup.refiner.grid.shape)).sum() == (
             pytest.approx(evp.expected.sum(), rel=1e-3)
         )
+    # a node's model is kept; the others are made again from the candidate's compact
+    # moments, which hold the dense ones' numbers (tensors in single precision)
+    assert set(setup.models) == {0, 2, 3}
+    kept = setup.models[0]
+    again = setup.model_of(setup.moments[0].dense())
+    theta = kept.theta(setup.refiner.reference)
+    ev_again, ev_kept = again.evaluate(theta), kept.evaluate(theta)
+    np.testing.assert_array_equal(again.bins, kept.bins)
+    top = ev_kept.expected.max()  # far below a count, tails of lines cancel to ~0
+    np.testing.assert_allclose(ev_again.expected, ev_kept.expected, rtol=1e-5, atol=1e-6 * top)
+    scale = np.abs(ev_kept.jacobian).max(axis=0)  # per column: some entries cancel to ~0
+    assert np.all(np.abs(ev_again.jacobian - ev_kept.jacobian) <= 1e-5 * scale)
     strategies = ["advisor", "sequential", "gp", "oracle"]
     result = beam_time_benchmark(
         truths=1,
