@@ -840,19 +840,19 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not results:
         raise AdvisorError("nothing to merge")
     first = results[0]
-    keys = (
-        "target",
-        "events_per_orientation",
-        "candidates_deg",
-        "count_time_s",
-        "budget_orientations",
-    )
+    #: what must agree, and its value in results written before the key existed
+    keys: dict[str, Any] = {
+        "target": None,
+        "events_per_orientation": None,
+        "candidates_deg": None,
+        "count_time_s": None,
+        "budget_orientations": None,
+        "binning": "path",
+    }
     for r in results[1:]:
-        for key in keys:
-            if r.get(key) != first.get(key):
+        for key, older in keys.items():
+            if r.get(key, older) != first.get(key, older):
                 raise AdvisorError(f"cannot merge benchmarks with different {key}")
-        if r.get("binning", "path") != first.get("binning", "path"):  # older results: path
-            raise AdvisorError("cannot merge benchmarks with different binning")
     runs: list[tuple[str, int]] = []
     cells: dict[str, dict[tuple[str, int], tuple[dict[str, Any], Any]]] = {}
     predictions: list[tuple[list[float], list[float]]] = []

@@ -3,6 +3,8 @@ strategies' bookkeeping (travel, revisits, the stop rule)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -117,9 +119,9 @@ def test_the_benchmark_runs_on_the_services_zone_classes(small: BenchmarkSetup) 
     assert setup.refiner.grid.shape[0] == n_classes * small.refiner.grid.shape[0]
     # the same cells: each candidate's expected counts, summed over the classes, are the
     # path's (to the model's second order in the bins' offsets, which differ by class)
+    ref = setup.refiner.reference
     for c in range(len(setup.omegas)):
         m, mp = setup.model_at(c), small.model_at(c)
-        ref = setup.refiner.reference
         ev = m.evaluate(m.theta(ref), jacobian=False)
         evp = mp.evaluate(mp.theta(ref), jacobian=False)
         merged = np.zeros(setup.refiner.grid.shape).ravel()
@@ -140,14 +142,15 @@ def test_the_benchmark_runs_on_the_services_zone_classes(small: BenchmarkSetup) 
     scale = np.abs(ev_kept.jacobian).max(axis=0)  # per column: some entries cancel to ~0
     assert np.all(np.abs(ev_again.jacobian - ev_kept.jacobian) <= 1e-5 * scale)
     strategies = ["advisor", "sequential", "gp", "oracle"]
-    result = beam_time_benchmark(
+    small_run = partial(
+        beam_time_benchmark,
         truths=1,
         seeds=1,
         strategies=strategies,
         budget=4,
-        setup=setup,
         events_per_orientation=2e5,
     )
+    result = small_run(setup=setup)
     assert result["binning"] == "classes"
     assert set(result["strategies"]) == set(strategies)
     for entry in result["strategies"].values():
@@ -155,15 +158,7 @@ def test_the_benchmark_runs_on_the_services_zone_classes(small: BenchmarkSetup) 
             entry["beam_time_to_target_s"], entry["orientations_to_target"], strict=True
         ):
             assert (t is None) == (k is None)
-    path = beam_time_benchmark(
-        truths=1,
-        seeds=1,
-        first_seed=101,
-        strategies=strategies,
-        budget=4,
-        setup=small,
-        events_per_orientation=2e5,
-    )
+    path = small_run(setup=small, first_seed=101)
     assert path["binning"] == "path"
     with pytest.raises(AdvisorError, match="different binning"):
         merge_results([result, path])
