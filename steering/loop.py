@@ -305,6 +305,9 @@ class SteeringLoop:
     sinks
         Called with every advice dict (``ranking`` is None while no candidate coverage is
         ready or the advisor refused the input; ``error`` says why).
+    estimate_sinks
+        Called with every running estimate made here, before the ranking and the plan
+        (:attr:`estimate_sinks`); the advice carries it again.
     run_id
         The run's id (in every advice).
     first_wait_s
@@ -327,6 +330,7 @@ class SteeringLoop:
         candidates: CandidateCoverage,
         *,
         sinks: Sequence[AdviceSink] = (),
+        estimate_sinks: Sequence[AdviceSink] = (),
         run_id: str = "",
         first_wait_s: float = 60.0,
         score: str = "spectrum",
@@ -346,6 +350,10 @@ class SteeringLoop:
         self.advisor = advisor
         self.candidates = candidates
         self.sinks = list(sinks)
+        #: called with each running estimate as soon as it is made, before the ranking and
+        #: the plan (~1-2 s of one core): ``run_id``, ``n_orientations``, ``omega``,
+        #: ``estimate`` and ``seconds`` (from the orientation's hand-over)
+        self.estimate_sinks = list(estimate_sinks)
         self.run_id = run_id
         self.history: list[dict[str, Any]] = []
         self.measured: list[float] = []
@@ -392,6 +400,18 @@ class SteeringLoop:
         metrics.ESTIMATE_SECONDS.observe(time.perf_counter() - t0)
         metrics.MODEL_INFO.info({"version": str(est.model_version)})
         running, mean, std = self._running_estimate(snapshot, est)
+        message = {
+            "run_id": self.run_id,
+            "n_orientations": int(snapshot.n_orientations),
+            "omega": float(record.omega),
+            "estimate": running,
+            "seconds": time.perf_counter() - t0,
+        }
+        for sink in self.estimate_sinks:  # out before the ranking and the plan
+            try:
+                sink(message)
+            except Exception:
+                logger.exception("estimate sink failed (orientation %d)", record.index)
         self.advise(snapshot, record, running, mean, std, started=t0)
 
     def advise(

@@ -344,9 +344,15 @@ class SteeringService:
                     float(candidates.omegas.min()),
                     float(candidates.omegas.max()),
                 )
-        sinks: list[Any] = [self._record_advice if self.follow_replicas else self._record]
-        if self._livedata is not None and not self.follow_replicas:
-            sinks.append(self._livedata.estimate)
+        # the estimate is recorded (and on the page and the live-data topic) as soon as it is
+        # made, the advice once ranked and planned; a replica's estimate is recorded as it
+        # arrives (follow_estimate)
+        sinks: list[Any] = [self._record_advice]
+        estimate_sinks: list[Any] = []
+        if not self.follow_replicas:
+            estimate_sinks.append(self._record_estimate)
+            if self._livedata is not None:
+                estimate_sinks.append(self._livedata.estimate)
         if self.publish_advice:
             sink = KafkaAdviceSink(self.bootstrap, self.prefix, run_id=run_id, material=material)
             self._sinks[run_id] = sink
@@ -361,6 +367,7 @@ class SteeringService:
             planner=self._planner(meta, refiner, candidates),
             target=self.target,
             sinks=sinks,
+            estimate_sinks=estimate_sinks,
             run_id=run_id,
             # rank with the candidates ready so far rather than hold the first estimate
             # back (the advice says how many are ready; the rest follow)
@@ -477,7 +484,7 @@ class SteeringService:
             "ranking": None,
             "seconds": time.perf_counter() - t0,
         }
-        self._record(advice)
+        self._record_estimate(advice)
         self.latencies.append(time.perf_counter() - t0)
 
     def _live_snapshot(self, run_id: str, snapshot: Snapshot, record: OrientationRecord) -> None:
@@ -541,28 +548,29 @@ class SteeringService:
         loop(snapshot, record)
         self.latencies.append(time.perf_counter() - t0)
 
-    def _record(self, advice: dict[str, Any]) -> None:
-        """The in-process loop's sink: the estimate and the advice into the history."""
-        run_id = str(advice["run_id"])
+    def _record_estimate(self, message: dict[str, Any]) -> None:
+        """The in-process loop's estimate sink: the running estimate into the history (its
+        ``latency_s``: from the orientation's hand-over to the estimate) and onto the page,
+        before the advice is ranked; the chunk-to-estimate latency is measured here."""
+        run_id = str(message["run_id"])
         self.history.add_estimate(
             run_id,
-            n_orientations=int(advice["n_orientations"]),
-            omega=float(advice["omega"]),
-            estimate=advice["estimate"],
-            latency_s=float(advice.get("seconds", 0.0)),
+            n_orientations=int(message["n_orientations"]),
+            omega=float(message["omega"]),
+            estimate=message["estimate"],
+            latency_s=float(message.get("seconds", 0.0)),
         )
-        self._record_advice(advice)
         if self._closed_at is not None:
             dt = max(time.time() - self._closed_at, 0.0)
             self.chunk_to_estimate.append(dt)
             metrics.CHUNK_TO_ESTIMATE_SECONDS.observe(dt)
-        self._notify(run_id, advice)
+        self._notify(run_id, message)
 
     def _record_advice(self, advice: dict[str, Any], *, amend: bool = False) -> None:
         """The advice (when the advisor ranked) into the history: the ranking with the
         run's state, the next angle, the information plan and the stop state beside it.
         ``amend``: it replaces the run's advice after as many orientations
-        (:meth:`_finish_plan`)."""
+        (:meth:`_finish_plan`). The page is told again (its estimate came before)."""
         if advice.get("ranking") is not None:
             keys = ("state", "next", "plan", "stop", "amended")
             extra: dict[str, Any] = {k: advice[k] for k in keys if k in advice}
@@ -572,9 +580,12 @@ class SteeringService:
                 n_orientations=int(advice["n_orientations"]),
                 ranking={**advice["ranking"], **extra},
             )
+            if not amend:
+                self._notify(str(advice["run_id"]), advice)
 
     def _notify(self, run_id: str, message: dict[str, Any]) -> None:
-        """Tell the page about a new estimate (an advice or a replica's estimate message)."""
+        """Tell the page about a new estimate or advice (the loop's estimate or advice, or a
+        replica's estimate message)."""
         fc = message["estimate"].get("fc", {})
         self.live.notify(
             run_id,

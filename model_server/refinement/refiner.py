@@ -514,12 +514,14 @@ def run_moments(
     *,
     progress: bool = False,
 ) -> BinMoments:
-    """The charge-weighted moments of a run's orientations, computed from its set-up."""
+    """The charge-weighted moments of a run's orientations, computed from its set-up at
+    their angles rounded as the consumer rounds them
+    (:data:`~consumers.reduction.pipeline.ANGLE_DECIMALS`)."""
     from tqdm import tqdm
 
     from consumers.reduction.folding import Folder
     from consumers.reduction.moments import orientation_moments, star_operations
-    from consumers.reduction.pipeline import run_folder
+    from consumers.reduction.pipeline import ANGLE_DECIMALS, run_folder
 
     if refiner.binning == "grid":
         raise RefinementError(
@@ -543,6 +545,7 @@ def run_moments(
         unit="orient",
         disable=not progress,
     ):
+        w = round(float(w), ANGLE_DECIMALS)
         out.add(
             orientation_moments(folder, refiner.constants, w, inverse_ops=ops, classes=classes),
             c,

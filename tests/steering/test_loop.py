@@ -46,6 +46,10 @@ def test_live_run_gets_advice_after_every_orientation(  # type: ignore[no-untype
     source = KafkaSource(broker.bootstrap, "adv")
     holder: dict[str, SteeringLoop] = {}
     sink: KafkaAdviceSink | None = None
+    estimates: list[tuple[int, int, dict]] = []  # (orientations, advices made by then, estimate)
+
+    def on_estimate(message) -> None:  # type: ignore[no-untyped-def]
+        estimates.append((message["n_orientations"], len(holder["loop"].history), message))
 
     def on_snapshot(snap, rec) -> None:  # type: ignore[no-untyped-def]
         nonlocal sink
@@ -60,6 +64,7 @@ def test_live_run_gets_advice_after_every_orientation(  # type: ignore[no-untype
                 Advisor("Ge", material_setup=ge),
                 candidates,
                 sinks=[sink],
+                estimate_sinks=[on_estimate],
                 run_id=meta["run_id"],
             )
         holder["loop"](snap, rec)
@@ -80,6 +85,13 @@ def test_live_run_gets_advice_after_every_orientation(  # type: ignore[no-untype
         assert ranking["weighting"] == "scarcity"
         assert [c["omega"] for c in ranking["candidates"]] != []
         assert set(advice["estimate"]["fc"]) == set(ranking["fc_names"])
+    # each estimate went out before its orientation's advice was made, the same estimate
+    assert [(n, made) for n, made, _ in estimates] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+    for (_, _, message), advice in zip(estimates, loop.history, strict=True):
+        assert message["estimate"] is advice["estimate"]
+        assert message["omega"] == advice["omega"]
+        assert message["run_id"] == advice["run_id"]
+        assert 0 < message["seconds"] <= advice["seconds"]
     # the same advice on <prefix>_advice, and as a valid bluesky run on <prefix>_advice_docs
     published = _read(broker.bootstrap, "adv_advice", 4)
     assert [json.loads(v)["n_orientations"] for _, v in published] == [1, 2, 3, 4]

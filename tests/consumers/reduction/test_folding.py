@@ -331,6 +331,57 @@ def test_background_fold_equals_inline_fold(tmp_path: Path, make_small_run) -> N
     assert [r.omega for r in results[0][2]] == [r.omega for r in results[1][2]]
 
 
+def test_an_orientations_coverage_and_moments_are_prepared_while_it_counts(  # type: ignore[no-untyped-def]
+    tmp_path: Path, make_small_run, monkeypatch
+) -> None:
+    """The goniometer's setpoint starts its orientation's coverage and moments on the
+    preparing thread, so that the close folds only the events; the spectrum, exposure and
+    moments are bitwise those computed at the close (background off). Both are at the
+    orientation's angle (the readbacks' mean, from the bluesky Event) rounded to
+    ANGLE_DECIMALS, which is the setpoint's here."""
+    import threading
+
+    from consumers.reduction.pipeline import ANGLE_DECIMALS, RunPipeline, schema_of
+
+    omegas = (0.0, 3.0, 6.0)
+    path, _, _ = make_small_run(tmp_path / "run.steer", omegas, seed=5)
+    calls: list[tuple[str, float]] = []
+    angle_parts = RunPipeline._angle_parts
+
+    def spy(self, omega: float):  # type: ignore[no-untyped-def]
+        calls.append((threading.current_thread().name, omega))
+        return angle_parts(self, omega)
+
+    monkeypatch.setattr(RunPipeline, "_angle_parts", spy)
+    results = []
+    for background in (True, False):
+        calls.clear()
+        pipe = RunPipeline(background=background, zone_classes="auto")
+        records = []
+        with RunReader(path) as reader:
+            for msg in reader:
+                records += pipe.handle(schema_of(msg.headers, msg.payload), msg.payload, 0)
+                for job in list(pipe._prepared.values()):  # a count outlasts its preparation
+                    job.result()
+        records += pipe.finish()
+        assert pipe.split is not None
+        assert pipe.split.moments is not None
+        assert [w for _, w in calls] == list(omegas)  # once per orientation, at the setpoint
+        threads = {name.split("_")[0] for name, _ in calls}
+        assert threads == ({"prepare"} if background else {threading.current_thread().name})
+        for rec, w in zip(records, omegas, strict=True):  # the readbacks' mean, near it
+            assert rec.omega != w
+            assert round(rec.omega, ANGLE_DECIMALS) == w
+        results.append(
+            (pipe.acc.counts.copy(), pipe.acc.exposure.copy(), pipe.split.moments.arrays())
+        )
+        pipe.close()
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    for name, value in results[0][2].items():
+        np.testing.assert_array_equal(value, results[1][2][name])
+
+
 def test_fold_table_cache_round_trip(ge, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A cached table loads equal to a built one; a damaged file is rebuilt; another
     tolerance is another table."""
