@@ -12,7 +12,6 @@ import logging
 import time
 from collections import Counter, deque
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ __all__ = [
     "MAX_PULSE_CHARGE",
     "MalformedMessage",
     "RunPipeline",
+    "coverage_angle",
     "run_folder",
     "run_key_of",
     "sample_kind_of",
@@ -76,6 +76,13 @@ MAX_IN_FLIGHT = 4
 #: detector's trajectories redrawn, whose own error is 1.8 % per bin. The readbacks' mean
 #: of a simulated count is 3e-4 deg (60 s) to 1e-3 deg (5 s) from its setpoint.
 ANGLE_DECIMALS = 2
+
+
+def coverage_angle(omega: float) -> float:
+    """An angle (degrees) as its coverage and moments are computed (:data:`ANGLE_DECIMALS`;
+    -0.0 as 0.0, so that both are one cache key)."""
+    return round(float(omega), ANGLE_DECIMALS) + 0.0
+
 
 #: Setpoints whose preparation is kept (the next one can arrive before the current
 #: orientation closes).
@@ -301,7 +308,9 @@ class RunPipeline:
         #: (:data:`ANGLE_DECIMALS`), oldest first
         self._prepared: dict[float, Future[_AngleParts]] = {}
         self._prep_pool: ThreadPoolExecutor | None = None
-        #: seconds of fold + coverage of each collected orientation (the caller drains it)
+        #: seconds of each collected orientation's fold at its close: its events, and its
+        #: coverage and moments where they were not prepared during its count (the caller
+        #: drains it)
         self.fold_seconds: list[float] = []
         #: with ``keep_snapshots``: the cumulative spectrum as it stood after each collected
         #: orientation, by index (the caller pops them)
@@ -431,10 +440,10 @@ class RunPipeline:
                 if role == "proton_charge":
                     chunks = self.segmenter.on_charge(t_ns, value)
                 else:
-                    if role == "goniometer_setpoint":
-                        self._prepare(value)
                     name = "omega" if role == "goniometer" else "omega_setpoint"
                     chunks = self.segmenter.on_omega(name, value, t_ns)
+                    if role == "goniometer_setpoint":
+                        self._prepare(value)  # best effort: never refuses the message
             elif schema == "6s4t":
                 deserialise_6s4t(payload)  # a run stop must at least be one
                 self.segmenter.on_stop(timestamp_ns)
@@ -569,8 +578,8 @@ class RunPipeline:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        if self._prep_pool is not None:
-            self._prep_pool.shutdown(wait=True, cancel_futures=True)
+        if self._prep_pool is not None:  # no fold waits for it any more
+            self._prep_pool.shutdown(wait=False, cancel_futures=True)
             self._prep_pool = None
         self._prepared.clear()
         self._jobs.clear()
@@ -784,7 +793,7 @@ class RunPipeline:
         """Fold a closed orientation: on the background worker, or here (``background``
         off). At most :data:`MAX_IN_FLIGHT` wait; then the reader waits for the oldest."""
         self._closed.append(time.time())
-        angle = round(float(chunk.omega), ANGLE_DECIMALS)
+        angle = coverage_angle(chunk.omega)
         prepared = self._prepared.get(angle)
         if not self.background:
             job: Future[_Folded] = Future()
@@ -801,7 +810,8 @@ class RunPipeline:
         """A goniometer setpoint (degrees): with ``background``, compute the coverage and
         moments of its angle (:data:`ANGLE_DECIMALS`) on the preparing thread while the
         orientation counts. Those of the setpoints before the last
-        :data:`RECENT_SETPOINTS` are dropped (cancelled if not started)."""
+        :data:`RECENT_SETPOINTS` are dropped (cancelled if not started). Best effort: a
+        failure is logged, and the fold computes them at the close."""
         if (
             not self.background
             or self.segmenter is None
@@ -809,32 +819,43 @@ class RunPipeline:
             or not isinstance(self.folder, Folder)
         ):
             return
-        angle = round(float(setpoint), ANGLE_DECIMALS)
-        if angle in self._prepared:
+        angle = coverage_angle(setpoint)
+        job = self._prepared.pop(angle, None)
+        if job is not None and not (job.done() and (job.cancelled() or job.exception())):
+            self._prepared[angle] = job  # a revisit: kept, now the newest
             return
-        if self._prep_pool is None:
-            self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        self._prepared[angle] = self._prep_pool.submit(self._angle_parts, angle)
+        try:
+            if self._prep_pool is None:
+                self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+            self._prepared[angle] = self._prep_pool.submit(
+                self._angle_parts, angle, self._setup_of()
+            )
+        except Exception:
+            logger.exception("could not prepare omega %s: it is computed at its close", angle)
+            return
         while len(self._prepared) > RECENT_SETPOINTS:
             self._prepared.pop(next(iter(self._prepared))).cancel()
 
-    def _angle_parts(self, omega: float) -> _AngleParts:
+    def _setup_of(self) -> tuple[Any, ...]:
+        """What :meth:`_angle_parts` reads of the run (bound when a preparation is
+        submitted, so that it never mixes two runs)."""
+        return self.folder, self._constants, self._inverse_ops, self.classes
+
+    def _angle_parts(self, omega: float, run: tuple[Any, ...] | None = None) -> _AngleParts:
         """What an orientation's fold needs of its angle alone, not of its events: the
         refinement's moments at unit charge (by zone class when the run is split; None
-        without structure constants) and the path's coverage (sr meV). Pure: the same
-        angle gives bitwise the same on any thread; the moments' walk takes ~1 s of one
-        core for Ge, the coverage ~0.3 s (or a cache read)."""
-        assert isinstance(self.folder, Folder)
+        without structure constants) and the path's coverage (sr meV), for ``run``
+        (:meth:`_setup_of`, default the current one). Pure: the same angle gives bitwise
+        the same on any thread; the moments' walk takes ~1 s of one core for Ge, the
+        coverage ~0.3 s (or a cache read)."""
+        folder, constants, inverse_ops, classes = self._setup_of() if run is None else run
+        assert isinstance(folder, Folder)
         moments = None
-        if self._constants is not None:
+        if constants is not None:
             moments = orientation_moments(
-                self.folder,
-                self._constants,
-                omega,
-                inverse_ops=self._inverse_ops,
-                classes=self.classes,
+                folder, constants, omega, inverse_ops=inverse_ops, classes=classes
             )
-        return moments, self.folder.coverage(omega)
+        return moments, folder.coverage(omega)
 
     def _fold(
         self, chunk: Chunk, angle: float, prepared: Future[_AngleParts] | None = None
@@ -858,9 +879,14 @@ class RunPipeline:
         else:
             counts, dropped = self.folder.fold(chunk.pixel_id, chunk.tof_ns, chunk.omega)
         parts = None
-        if prepared is not None:
-            with suppress(CancelledError):  # cancelled unstarted when setpoints ran ahead
+        # a preparation not started yet (queued behind others) is done here instead
+        if prepared is not None and not prepared.cancel():
+            try:
                 parts = prepared.result()
+            except CancelledError:  # cancelled unstarted when setpoints ran ahead
+                pass
+            except Exception:
+                logger.exception("preparing omega %s failed: computed again", angle)
         moments, path_coverage = parts if parts is not None else self._angle_parts(angle)
         seconds = time.perf_counter() - t0
         if self.classes is not None:

@@ -516,12 +516,12 @@ def run_moments(
 ) -> BinMoments:
     """The charge-weighted moments of a run's orientations, computed from its set-up at
     their angles rounded as the consumer rounds them
-    (:data:`~consumers.reduction.pipeline.ANGLE_DECIMALS`)."""
+    (:func:`~consumers.reduction.pipeline.coverage_angle`)."""
     from tqdm import tqdm
 
     from consumers.reduction.folding import Folder
     from consumers.reduction.moments import orientation_moments, star_operations
-    from consumers.reduction.pipeline import ANGLE_DECIMALS, run_folder
+    from consumers.reduction.pipeline import coverage_angle, run_folder
 
     if refiner.binning == "grid":
         raise RefinementError(
@@ -545,9 +545,10 @@ def run_moments(
         unit="orient",
         disable=not progress,
     ):
-        w = round(float(w), ANGLE_DECIMALS)
         out.add(
-            orientation_moments(folder, refiner.constants, w, inverse_ops=ops, classes=classes),
+            orientation_moments(
+                folder, refiner.constants, coverage_angle(w), inverse_ops=ops, classes=classes
+            ),
             c,
         )
     return out

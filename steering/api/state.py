@@ -54,7 +54,8 @@ class LiveState:
 
     def notify(self, run_id: str, *, event: str = "update", **update: Any) -> None:
         """Tell the page (server-sent events) that ``run_id`` changed: ``update`` (a new
-        estimate) or ``controls`` (a person changed the advisor's controls)."""
+        estimate, then again its advice) or ``controls`` (a person changed the advisor's
+        controls)."""
         with self.lock:
             self.version += 1
             self.updates[(run_id, event)] = {

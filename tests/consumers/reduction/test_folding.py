@@ -336,39 +336,48 @@ def test_an_orientations_coverage_and_moments_are_prepared_while_it_counts(  # t
 ) -> None:
     """The goniometer's setpoint starts its orientation's coverage and moments on the
     preparing thread, so that the close folds only the events; the spectrum, exposure and
-    moments are bitwise those computed at the close (background off). Both are at the
-    orientation's angle (the readbacks' mean, from the bluesky Event) rounded to
-    ANGLE_DECIMALS, which is the setpoint's here."""
+    moments are bitwise those computed at the close (background off), and those of a
+    reader that runs ahead of the preparations (one kept, the rest cancelled or done at the
+    close). Both are at the orientation's angle (the readbacks' mean, from the bluesky
+    Event) rounded to ANGLE_DECIMALS, which is the setpoint's here."""
     import threading
 
+    from consumers.reduction import coverage_cache, moments, pipeline
     from consumers.reduction.pipeline import ANGLE_DECIMALS, RunPipeline, schema_of
 
     omegas = (0.0, 3.0, 6.0)
     path, _, _ = make_small_run(tmp_path / "run.steer", omegas, seed=5)
+    monkeypatch.setenv("STEER_COVERAGE_CACHE_MB", "0")  # every pass computes its own
     calls: list[tuple[str, float]] = []
     angle_parts = RunPipeline._angle_parts
 
-    def spy(self, omega: float):  # type: ignore[no-untyped-def]
+    def spy(self, omega: float, run=None):  # type: ignore[no-untyped-def]
         calls.append((threading.current_thread().name, omega))
-        return angle_parts(self, omega)
+        return angle_parts(self, omega, run)
 
     monkeypatch.setattr(RunPipeline, "_angle_parts", spy)
     results = []
-    for background in (True, False):
+    for background, waits in ((True, True), (False, False), (True, False)):
         calls.clear()
+        moments._CACHE.clear()
+        coverage_cache._COVERAGE_CACHE.clear()
+        monkeypatch.setattr(pipeline, "RECENT_SETPOINTS", 3 if waits else 1)
         pipe = RunPipeline(background=background, zone_classes="auto")
         records = []
         with RunReader(path) as reader:
             for msg in reader:
                 records += pipe.handle(schema_of(msg.headers, msg.payload), msg.payload, 0)
-                for job in list(pipe._prepared.values()):  # a count outlasts its preparation
-                    job.result()
+                for job in list(pipe._prepared.values()) if waits else []:
+                    job.result()  # a count outlasts its preparation
         records += pipe.finish()
         assert pipe.split is not None
         assert pipe.split.moments is not None
-        assert [w for _, w in calls] == list(omegas)  # once per orientation, at the setpoint
-        threads = {name.split("_")[0] for name, _ in calls}
-        assert threads == ({"prepare"} if background else {threading.current_thread().name})
+        if waits:  # once per orientation, at the setpoint, on the preparing thread
+            assert calls == [("prepare_0", w) for w in omegas]
+        elif not background:  # at each close, here
+            assert calls == [(threading.current_thread().name, w) for w in omegas]
+        else:  # each angle prepared or done at its close, maybe both
+            assert {w for _, w in calls} == set(omegas)
         for rec, w in zip(records, omegas, strict=True):  # the readbacks' mean, near it
             assert rec.omega != w
             assert round(rec.omega, ANGLE_DECIMALS) == w
@@ -376,10 +385,11 @@ def test_an_orientations_coverage_and_moments_are_prepared_while_it_counts(  # t
             (pipe.acc.counts.copy(), pipe.acc.exposure.copy(), pipe.split.moments.arrays())
         )
         pipe.close()
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    np.testing.assert_array_equal(results[0][1], results[1][1])
-    for name, value in results[0][2].items():
-        np.testing.assert_array_equal(value, results[1][2][name])
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0][0], other[0])
+        np.testing.assert_array_equal(results[0][1], other[1])
+        for name, value in results[0][2].items():
+            np.testing.assert_array_equal(value, other[2][name])
 
 
 def test_fold_table_cache_round_trip(ge, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
