@@ -673,9 +673,6 @@ class RunPipeline:
         self.meta = meta
         self.nexus = nexus
         self._nexus_text = nexus_structure if nexus is not None else None
-        for job in self._prepared.values():  # the last run's angles
-            job.cancel()
-        self._prepared.clear()
         if streams is not self.streams:
             self.streams = self.tally.config = streams
         self._run_key = str(meta.get("run_id", "")).encode()
@@ -812,12 +809,7 @@ class RunPipeline:
         orientation counts. Those of the setpoints before the last
         :data:`RECENT_SETPOINTS` are dropped (cancelled if not started). Best effort: a
         failure is logged, and the fold computes them at the close."""
-        if (
-            not self.background
-            or self.segmenter is None
-            or self.segmenter.powder
-            or not isinstance(self.folder, Folder)
-        ):
+        if not self.background or not isinstance(self.folder, Folder):  # a powder: none
             return
         angle = coverage_angle(setpoint)
         job = self._prepared.pop(angle, None)
