@@ -24,6 +24,7 @@ run (each topic is in time order). The complete run is exported to
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from consumers import metrics
 from consumers.exceptions import ConsumerError
 from consumers.messages import MessageSource, SnapshotSink, SourceMessage
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
+from consumers.reduction.moments import BinMoments
 from consumers.reduction.pipeline import MalformedMessage, RunPipeline, run_key_of, schema_of
 from consumers.streams import InstrumentConfig
 from consumers.wire import msgpack_document_name
@@ -52,7 +55,18 @@ __all__ = ["ConsumerService"]
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.npz"
+#: the run's moments beside the checkpoint (they are ~90 MB for Ge's zone classes, and
+#: depend on the orientations' angles alone): written off the snapshots' path after each
+#: checkpoint, tagged with the run and the orientations they cover
+MOMENTS = "moments.npz"
 RUNS = "runs"
+
+
+def moments_tag(meta: Any, records: list[Any]) -> str:
+    """Digest of a run's metadata and the JSON of the orientation records that a moments
+    file covers (it is read back only for the run and orientations it was written for)."""
+    text = json.dumps({"meta": meta, "records": records}, default=json_default, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _pack(msgs: list[SourceMessage]) -> tuple[list[list[Any]], np.ndarray]:
@@ -207,6 +221,9 @@ class ConsumerService:
         self.checkpoint_max_delay_s = 5.0
         self._fold_seconds: list[float] = []
         self._checkpoint_t = time.monotonic()
+        #: writes :data:`MOMENTS` (one at a time; a newer one replaces one not started)
+        self._moments_pool: ThreadPoolExecutor | None = None
+        self._moments_write: Future[None] | None = None
         self._load()
 
     # -- loop --------------------------------------------------------------------------------
@@ -304,19 +321,24 @@ class ConsumerService:
             self._archive_run()
         self._unsaved += completed
         if (self._unsaved or became_done) and not self.pipeline.in_flight:
-            self._checkpoint()
+            records = self._checkpoint()
             self.source.commit(self.next_offsets)
             saved, self._unsaved = self._unsaved, []
             # snapshots go out once what they show is checkpointed, each as the spectrum
             # stood after its orientation
+            last: BinMoments | None = None
             if self.on_snapshot is not None and self.pipeline.acc is not None:
                 for rec in saved:
                     snap = self.pipeline.snapshots.pop(rec.index, None)
                     self.closed_at = self.pipeline.closed_at.pop(rec.index, None)
+                    snap = snap or self.pipeline.snapshot()
+                    last = snap.moments
                     try:
-                        self.on_snapshot(snap or self.pipeline.snapshot(), rec)
+                        self.on_snapshot(snap, rec)
                     except Exception:
                         logger.exception("snapshot hand-off failed (orientation %d)", rec.index)
+            if saved:
+                self._save_moments(last, records)
         if became_done and self.on_run_complete is not None and self.pipeline.acc is not None:
             try:
                 self.on_run_complete(self.finished_runs[-1], self.pipeline.acc)
@@ -486,6 +508,7 @@ class ConsumerService:
                     break
             # leaving: the orientations still folding are checkpointed before we go
             self._finish_step(self.pipeline.collect(block=True), False)
+            self.flush_moments()
         finally:
             if main:
                 signal.signal(signal.SIGTERM, old)
@@ -520,7 +543,9 @@ class ConsumerService:
         """The checkpoint file."""
         return self.state_dir / CHECKPOINT
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> list[Any]:
+        """Write the checkpoint (not the moments: :meth:`_save_moments`); returns its
+        orientation records (JSON)."""
         js, arrays = self.pipeline.state()
         js["offsets"] = [[t, p, o] for (t, p), o in self.next_offsets.items()]
         js["counters"] = dict(self.counters)
@@ -548,6 +573,83 @@ class ConsumerService:
                 "fix the folder, then restart: it resumes from there)"
             ) from exc
         self._checkpoint_t = time.monotonic()
+        return list(js.get("records", []))
+
+    @property
+    def moments_path(self) -> Path:
+        """The run's moments beside the checkpoint (:data:`MOMENTS`)."""
+        return self.state_dir / MOMENTS
+
+    def _save_moments(self, moments: BinMoments | None, records: list[Any]) -> None:
+        """Write the run's moments after ``records`` (the checkpoint's) on a background
+        thread. ``moments`` is the last snapshot's copy (never changed again); without
+        one, a copy of the run's is taken here. A write not started yet is replaced."""
+        if moments is None:
+            live = self.pipeline.saved_moments()
+            if live is None:
+                return
+            moments = live.copy()
+        tag = moments_tag(self.pipeline.meta, records)
+        if self._moments_pool is None:
+            self._moments_pool = ThreadPoolExecutor(1, thread_name_prefix="moments-save")
+        if self._moments_write is not None:
+            self._moments_write.cancel()
+        self._moments_write = self._moments_pool.submit(
+            self._write_moments, moments, len(records), tag
+        )
+
+    def _write_moments(self, moments: BinMoments, n: int, tag: str) -> None:
+        """Write :data:`MOMENTS` atomically. A failure is logged, never raised: the
+        checkpoint stays exact without it (a restart computes the moments again)."""
+        tmp = self.state_dir / f"{MOMENTS}.{os.getpid()}.{threading.get_ident()}.tmp"
+        t0 = time.perf_counter()
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    tag=np.array(tag),
+                    records=np.array(n),
+                    **moments.arrays(copy=False),  # type: ignore[arg-type]
+                )
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.moments_path)
+        except OSError as exc:
+            with suppress(OSError):
+                tmp.unlink()
+            logger.warning(
+                "cannot write the moments in %s: %s; the checkpoint stays exact (a restart "
+                "computes them again from the angles)",
+                self.state_dir,
+                exc.strerror or exc,
+            )
+            return
+        logger.debug("moments of %d orientations saved in %.2f s", n, time.perf_counter() - t0)
+
+    def flush_moments(self) -> None:
+        """Wait for the moments being written (a clean stop leaves them complete)."""
+        write = self._moments_write
+        if write is not None:
+            with suppress(Exception):
+                write.result()
+
+    def _load_moments(self, js: dict[str, Any]) -> tuple[BinMoments, int] | None:
+        """The saved moments with the number of the checkpoint's orientations they cover;
+        None when there are none for this run (a restore then computes them again)."""
+        if not self.moments_path.exists():
+            return None
+        records = list(js.get("records", []))
+        try:
+            with np.load(self.moments_path) as f:
+                n = int(f["records"])
+                if n > len(records) or str(f["tag"]) != moments_tag(js.get("meta"), records[:n]):
+                    logger.info("%s is of another run or orientations: not used", MOMENTS)
+                    return None
+                moments = BinMoments.from_arrays({k: f[k] for k in f.files})
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("cannot read %s (%s): the moments are computed again", MOMENTS, exc)
+            return None
+        return None if moments is None else (moments, n)
 
     def _load(self) -> None:
         if not self.checkpoint_path.exists():
@@ -555,7 +657,8 @@ class ConsumerService:
         with np.load(self.checkpoint_path) as f:
             js: dict[str, Any] = json.loads(bytes(f["__json__"]).decode())
             arrays = {k: f[k] for k in f.files if k != "__json__"}
-        self.pipeline.restore(js, arrays)
+        moments = None if "moments_tensor" in arrays else self._load_moments(js)
+        self.pipeline.restore(js, arrays, moments=moments)
         self.next_offsets = {(t, int(p)): int(o) for t, p, o in js.get("offsets", [])}
         self.counters = Counter(js.get("counters", {}))
         self.done = bool(js.get("done", False))

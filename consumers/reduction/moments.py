@@ -221,16 +221,20 @@ class BinMoments:
         """:meth:`copy` (a new lock: a lock cannot be copied)."""
         return self.copy()
 
-    def arrays(self, prefix: str = "moments_") -> dict[str, NDArray[np.generic]]:
-        """The arrays by name (for a checkpoint or a file)."""
+    def arrays(
+        self, prefix: str = "moments_", *, copy: bool = True
+    ) -> dict[str, NDArray[np.generic]]:
+        """The arrays by name (for a checkpoint or a file); ``copy=False`` gives the
+        arrays themselves (for a set that is not added to any more)."""
+        keep = np.copy if copy else np.asarray
         with self._lock:
             return {
-                f"{prefix}tensor": self.tensor.copy(),
-                f"{prefix}tensor_q2": self.tensor_q2.copy(),
-                f"{prefix}offset1": self.offset1.copy(),
-                f"{prefix}offset2": self.offset2.copy(),
-                f"{prefix}weight": self.weight.copy(),
-                f"{prefix}background": self.background.copy(),
+                f"{prefix}tensor": keep(self.tensor),
+                f"{prefix}tensor_q2": keep(self.tensor_q2),
+                f"{prefix}offset1": keep(self.offset1),
+                f"{prefix}offset2": keep(self.offset2),
+                f"{prefix}weight": keep(self.weight),
+                f"{prefix}background": keep(self.background),
                 f"{prefix}n": np.array(self.n_orientations),
             }
 

@@ -828,6 +828,39 @@ class RunPipeline:
         while len(self._prepared) > RECENT_SETPOINTS:
             self._prepared.pop(next(iter(self._prepared))).cancel()
 
+    def _add_moments_again(self, moments: BinMoments, records: list[OrientationRecord]) -> None:
+        """Add the moments of ``records``' angles to ``moments`` in order, each at the
+        weight it was added with (:meth:`RunAccumulator.add`; none when it had none)."""
+        todo = [r for r in records if r.weight is not None]
+        if not todo or self._constants is None:
+            return
+        t0 = time.perf_counter()
+        logger.info("computing the moments of %d orientations again", len(todo))
+        folder, constants, inverse_ops, classes = self._setup_of()
+        assert isinstance(folder, Folder)
+        for rec in todo:
+            assert rec.weight is not None
+            one = orientation_moments(
+                folder,
+                constants,
+                coverage_angle(rec.omega),
+                inverse_ops=inverse_ops,
+                classes=classes,
+            )
+            moments.add(one, rec.weight)
+        logger.info(
+            "moments of %d orientations computed again in %.1f s",
+            len(todo),
+            time.perf_counter() - t0,
+        )
+
+    def saved_moments(self) -> BinMoments | None:
+        """The run's moments as :meth:`state` leaves them out (the live object: copy it
+        before the next orientation is added), None when the run takes none."""
+        if self.acc is None:
+            return None
+        return self.acc.moments if self.split is None else self.split.moments
+
     def _setup_of(self) -> tuple[Any, ...]:
         """What :meth:`_angle_parts` reads of the run (bound when a preparation is
         submitted, so that it never mixes two runs)."""
@@ -945,12 +978,12 @@ class RunPipeline:
         seg_json = {k: v for k, v in seg.items() if not isinstance(v, np.ndarray)}
         arrays["counts"] = self.acc.counts
         arrays["exposure"] = self.acc.exposure
-        holder = self.acc if self.split is None else self.split
         if self.split is not None:
             arrays["class_counts"] = self.split.counts
             arrays["class_exposure"] = self.split.exposure
-        if holder.moments is not None:
-            arrays.update(holder.moments.arrays())
+        # the moments (~90 MB for Ge's zone classes) are not in it: they depend on the
+        # orientations' angles alone, so the consumer writes them beside the checkpoint off
+        # the snapshots' path, and :meth:`restore` adds again what that file lacks
         if self._nexus_text is not None:  # the set-up's source, to be read again on restore
             arrays["nexus_structure"] = np.frombuffer(self._nexus_text.encode(), dtype=np.uint8)
         if self.acc.records:
@@ -969,8 +1002,22 @@ class RunPipeline:
             "zone_classes": 0 if self.classes is None else self.classes.n_classes,
         }, arrays
 
-    def restore(self, js: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        """Resume from :meth:`state` output (the fold table is rebuilt)."""
+    def restore(
+        self,
+        js: dict[str, Any],
+        arrays: dict[str, np.ndarray],
+        *,
+        moments: tuple[BinMoments, int] | None = None,
+    ) -> None:
+        """Resume from :meth:`state` output (the fold table is rebuilt).
+
+        ``moments`` are the run's moments after its first ``n`` orientations (the
+        consumer's side file, :mod:`consumers.service`); the moments of the orientations
+        after them are computed again from their angles and added in the order they were
+        (bitwise what the run held; ~1-2 s an orientation for Ge). Without them, all are
+        computed again. A checkpoint that holds its moments (written before they moved
+        beside it) is read as it is.
+        """
         self.n_events = int(js.get("n_events", 0))
         if not js.get("started"):
             return
@@ -1008,18 +1055,27 @@ class RunPipeline:
         if self.split is not None:
             self.split.counts[:] = arrays["class_counts"]
             self.split.exposure[:] = arrays["class_exposure"]
+        records = [OrientationRecord.from_json(i, r) for i, r in enumerate(js["records"])]
         restored = BinMoments.from_arrays(arrays)
-        if holder.moments is not None and restored is not None:
-            if restored.tensor.shape != holder.moments.tensor.shape:
+        covered = len(records)
+        if restored is None and moments is not None:
+            restored, covered = moments
+        if holder.moments is not None:
+            if restored is None:
+                covered = 0
+            elif restored.tensor.shape != holder.moments.tensor.shape:
                 raise ConsumerError("the checkpoint's moments do not fit this run's grid")
-            holder.moments = restored
-        elif holder.moments is not None and js.get("records"):
-            # a checkpoint from before moments were taken: the refinement starts afresh
-            logger.warning("checkpoint without moments: refinement covers new orientations")
-        for i, r in enumerate(js["records"]):
+            elif not 0 <= covered <= len(records):
+                raise ConsumerError(
+                    f"the saved moments cover {covered} orientations, the checkpoint {len(records)}"
+                )
+            else:
+                holder.moments = restored
+            self._add_moments_again(holder.moments, records[covered:])
+        for i, rec in enumerate(records):
             self.acc.per_orientation_counts.append(arrays["orient_counts"][i])
             self.acc.per_orientation_exposure.append(arrays["orient_exposure"][i])
-            self.acc.records.append(OrientationRecord.from_json(i, r))
+            self.acc.records.append(rec)
             if self.split is not None:
                 self.split.records.append(self.acc.records[-1])
         self.stopped = bool(js.get("stopped", False))

@@ -1,0 +1,122 @@
+"""The run's moments beside the checkpoint (``moments.npz``, :mod:`consumers.service`): the
+checkpoint leaves them out (they are most of its bytes and depend on the angles alone), a
+background thread writes them after each checkpoint, and a restart adds again the moments
+of the orientations that file lacks, bitwise what the uninterrupted run holds, whether the
+file is current, behind, of another run or gone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from consumers.messages import SourceMessage
+from consumers.service import MOMENTS, ConsumerService
+from simulations.runs.recording import RunReader
+from tests.fakes import ListSource
+
+
+@pytest.fixture(scope="module")
+def messages(tmp_path_factory: pytest.TempPathFactory, make_small_run: Any) -> list[SourceMessage]:
+    folder = tmp_path_factory.mktemp("moments_file")
+    path, _, _ = make_small_run(folder / "r.steer", (0.0, 10.0, 20.0, 30.0, 40.0), 21)
+    out: list[SourceMessage] = []
+    offsets: dict[str, int] = {}
+    with RunReader(path) as reader:
+        for m in reader:
+            off = offsets.get(m.topic, 0)
+            offsets[m.topic] = off + 1
+            out.append(
+                SourceMessage(
+                    topic=m.topic,
+                    partition=0,
+                    offset=off,
+                    key=m.key,
+                    timestamp_ns=m.timestamp_ns,
+                    headers=m.headers,
+                    payload=m.payload,
+                )
+            )
+    return out
+
+
+def _consume(msgs: list[SourceMessage], state: Path, n_orientations: int | None) -> ConsumerService:
+    """A consumer (zone classes, as ``steer serve`` runs) on ``state``, stepped until the run
+    is done or ``n_orientations`` are checkpointed; its moments file written."""
+    service = ConsumerService(ListSource(msgs), state, zone_classes="auto")
+    while not service.done:
+        service.step(max_records=200, timeout_s=0.0)
+        acc = service.pipeline.acc
+        if n_orientations is not None and acc is not None and len(acc.records) >= n_orientations:
+            break
+    service.pipeline.collect(block=True)
+    service._finish_step([], False)
+    service.flush_moments()
+    service.pipeline.close()
+    return service
+
+
+def _saved(state: Path) -> tuple[int, int]:
+    """(orientations in the checkpoint, orientations the moments file covers)."""
+    with np.load(state / "checkpoint.npz") as f:
+        records = len(json.loads(bytes(f["__json__"]).decode())["records"])
+        assert "moments_tensor" not in f.files  # the checkpoint leaves them out
+    with np.load(state / MOMENTS) as f:
+        return records, int(f["records"])
+
+
+def _same(a: ConsumerService, b: ConsumerService) -> None:
+    ma, mb = a.pipeline.saved_moments(), b.pipeline.saved_moments()
+    assert ma is not None
+    assert mb is not None
+    assert ma.n_orientations == mb.n_orientations == 5
+    for name, want in ma.arrays(prefix="").items():
+        np.testing.assert_array_equal(mb.arrays(prefix="")[name], want, err_msg=name)
+    np.testing.assert_array_equal(
+        b.pipeline.snapshot().fitted_counts, a.pipeline.snapshot().fitted_counts
+    )
+
+
+def test_a_restart_adds_the_moments_its_file_lacks(
+    messages: list[SourceMessage], tmp_path: Path
+) -> None:
+    whole = _consume(messages, tmp_path / "whole", None)
+    assert whole.done
+    assert _saved(tmp_path / "whole") == (5, 5)
+
+    state = tmp_path / "state"
+    _consume(messages, state, 2)
+    behind = tmp_path / "behind.npz"
+    shutil.copy(state / MOMENTS, behind)
+    first = _saved(state)
+    assert first[0] == first[1] >= 2
+    _consume(messages, state, 4)
+    ckpt, covered = _saved(state)
+    assert ckpt == covered > first[1]
+    # the file is behind the checkpoint (a crash before it was written): the restart adds
+    # the moments of the orientations it lacks, and the run ends as the uninterrupted one
+    shutil.copy(behind, state / MOMENTS)
+    keep = tmp_path / "at_restart"
+    shutil.copytree(state, keep)
+    _same(whole, _consume(messages, state, None))
+
+    # without the file, with one ahead of the checkpoint, or with another run's (its tag):
+    # all are computed again
+    for case in ("gone", "ahead", "another run"):
+        again = tmp_path / case
+        shutil.copytree(keep, again)
+        if case == "gone":
+            (again / MOMENTS).unlink()
+        elif case == "ahead":
+            shutil.copy(tmp_path / "whole" / MOMENTS, again / MOMENTS)  # 5 > the checkpoint's
+        else:
+            with np.load(behind) as f:
+                arrays = {k: f[k] for k in f.files}
+            arrays["tag"] = np.array("0" * 32)
+            with open(again / MOMENTS, "wb") as out:
+                np.savez(out, **arrays)
+        _same(whole, _consume(messages, again, None))
