@@ -46,6 +46,7 @@ from consumers.wire import (
 from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.lattice.grid import ZoneClasses, make_class_grid, make_wedge_grid, zone_classes
 from simulations.lattice.materials import MaterialSetup, setup
+from simulations.threads import yield_cpu
 
 __all__ = [
     "ANGLE_DECIMALS",
@@ -818,7 +819,9 @@ class RunPipeline:
             return
         try:
             if self._prep_pool is None:
-                self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+                self._prep_pool = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="prepare", initializer=yield_cpu
+                )
             self._prepared[angle] = self._prep_pool.submit(
                 self._angle_parts, angle, self._setup_of()
             )

@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 
 from model_server.refinement.counts import CountsModel
 from model_server.refinement.fit import Prior, Refined, refine
+from simulations.threads import yield_cpu
 
 __all__ = ["BackgroundScan", "ScanResult"]
 
@@ -144,7 +145,7 @@ class BackgroundScan:
     def _work(self, job: tuple[Any, ...], n_orientations: int) -> None:
         """The scan of one snapshot (``job``: :meth:`submit`'s arrays, copied)."""
         model, counts, live, start, spread = job
-        _yield_cpu()
+        yield_cpu()  # it takes the CPU the live fold, estimate and advice leave
         t0 = time.perf_counter()
         try:
             # the live optimum is the warm start: the grid only wins by ending lower
@@ -199,19 +200,3 @@ class BackgroundScan:
         if self._thread is not None:
             self._thread.join(timeout)
         return not self.running
-
-
-#: Niceness of the scan's thread: it takes the CPU the live path leaves.
-SCAN_NICENESS = 19
-
-
-def _yield_cpu() -> None:
-    """Lower this thread's scheduling priority (Linux schedules threads on their own; the
-    scan then takes only the CPU that the live fold, estimate and advice leave). Where the
-    system does not allow it, the scan runs at the process's priority."""
-    import os
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SCAN_NICENESS)
-    except (AttributeError, OSError) as exc:
-        logger.debug("the scan's thread keeps the process's priority: %s", exc)

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from simulations.threads import yield_cpu
 from steering.advisor.controls import allowed, check_target
 from steering.exceptions import AdvisorError
 
@@ -397,8 +398,15 @@ class InformationPlanner:
     def start(self) -> None:
         """Build the nodes' models on a background thread (with the run's start)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self.prepare, name="planner-nodes", daemon=True)
+            self._thread = threading.Thread(
+                target=self._prepare_in_background, name="planner-nodes", daemon=True
+            )
             self._thread.start()
+
+    def _prepare_in_background(self) -> None:
+        """:meth:`prepare` on :meth:`start`'s thread, at a low priority."""
+        yield_cpu()
+        self.prepare()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for :meth:`start`'s work; True when every node is ready."""
@@ -571,6 +579,7 @@ class InformationPlanner:
             return
 
         def work() -> None:
+            yield_cpu()  # the estimates first
             try:
                 terms = self._node_terms(points)
                 self._node_cache = (points[0].copy(), points, terms)
