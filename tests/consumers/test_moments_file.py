@@ -50,6 +50,8 @@ def _consume(msgs: list[SourceMessage], state: Path, n_orientations: int | None)
     service = ConsumerService(ListSource(msgs), state, zone_classes="auto")
     while not service.done:
         service.step(max_records=200, timeout_s=0.0)
+        # each step's orientations folded before the next (so that it stops where told)
+        service._finish_step(service.pipeline.collect(block=True), False)
         acc = service.pipeline.acc
         if n_orientations is not None and acc is not None and len(acc.records) >= n_orientations:
             break
@@ -94,7 +96,7 @@ def test_a_restart_adds_the_moments_its_file_lacks(
     shutil.copy(state / MOMENTS, behind)
     first = _saved(state)
     assert first[0] == first[1] >= 2
-    _consume(messages, state, 4)
+    _consume(messages, state, first[0] + 2)
     ckpt, covered = _saved(state)
     assert ckpt == covered > first[1]
     # the file is behind the checkpoint (a crash before it was written): the restart adds
