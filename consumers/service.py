@@ -63,6 +63,22 @@ MOMENTS = "moments.npz"
 RUNS = "runs"
 
 
+def _write_npz(path: Path, tmp: Path, arrays: dict[str, Any]) -> None:
+    """``np.savez`` of ``arrays`` to ``tmp``, fsynced, then renamed to ``path`` (a reader
+    sees the old file or the new one, whole). On ``OSError`` the temporary file is removed
+    and the error raised; ``path`` is as it was."""
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def moments_tag(meta: Any, records: list[Any]) -> str:
     """Digest of a run's metadata and the JSON of the orientation records that a moments
     file covers (it is read back only for the run and orientations it was written for)."""
@@ -558,16 +574,10 @@ class ConsumerService:
         blob = np.frombuffer(json.dumps(js, default=json_default).encode(), dtype=np.uint8)
         tmp = self.state_dir / (CHECKPOINT + ".tmp")
         try:
-            with open(tmp, "wb") as f:
-                np.savez(f, __json__=blob, **arrays)  # type: ignore[arg-type]
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.checkpoint_path)
+            _write_npz(self.checkpoint_path, tmp, {"__json__": blob, **arrays})
         except OSError as exc:
             # disk full, read-only or vanished state folder: stop (nothing is committed to
             # the broker beyond the last good checkpoint, which is left as it was)
-            with suppress(OSError):
-                tmp.unlink()
             raise ConsumerError(
                 f"cannot write the checkpoint in {self.state_dir}: {exc.strerror or exc}; "
                 "the previous checkpoint is intact and the consumer stops (free space or "
@@ -606,20 +616,10 @@ class ConsumerService:
         checkpoint stays exact without it (a restart computes the moments again)."""
         tmp = self.state_dir / f"{MOMENTS}.{os.getpid()}.{threading.get_ident()}.tmp"
         t0 = time.perf_counter()
+        arrays = {"tag": np.array(tag), "records": np.array(n), **moments.arrays(copy=False)}
         try:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    tag=np.array(tag),
-                    records=np.array(n),
-                    **moments.arrays(copy=False),  # type: ignore[arg-type]
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.moments_path)
+            _write_npz(self.moments_path, tmp, arrays)
         except OSError as exc:
-            with suppress(OSError):
-                tmp.unlink()
             logger.warning(
                 "cannot write the moments in %s: %s; the checkpoint stays exact (a restart "
                 "computes them again from the angles)",

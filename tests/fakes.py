@@ -4,6 +4,9 @@ embedded broker (the ``broker`` fixture in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from consumers.messages import SourceMessage
 
 __all__ = ["ListSource", "TopicSource"]
@@ -18,6 +21,27 @@ class ListSource:
     def __init__(self, msgs: list[SourceMessage]) -> None:
         self.msgs = msgs
         self.pos = 0
+
+    @classmethod
+    def of_recording(cls, messages: Iterable[Any]) -> ListSource:
+        """A recorded run's messages (:class:`~simulations.runs.recording.RunReader`'s), on
+        partition 0 of their topics, numbered from 0 per topic."""
+        offsets: dict[str, int] = {}
+        msgs = []
+        for m in messages:
+            off = offsets[m.topic] = offsets.get(m.topic, -1) + 1
+            msgs.append(
+                SourceMessage(
+                    topic=m.topic,
+                    partition=0,
+                    offset=off,
+                    key=m.key,
+                    timestamp_ns=m.timestamp_ns,
+                    headers=tuple(m.headers),
+                    payload=m.payload,
+                )
+            )
+        return cls(msgs)
 
     def consume(self, max_records: int, timeout_s: float) -> list[SourceMessage]:
         out = self.msgs[self.pos : self.pos + max_records]

@@ -11,7 +11,6 @@ import msgpack_numpy
 import numpy as np
 import pytest
 
-from consumers.messages import SourceMessage
 from consumers.service import ConsumerService
 from simulations.runs.recording import RecordedMessage, RunReader
 from tests.fakes import ListSource
@@ -45,22 +44,7 @@ def as_bluesky_kafka(messages: list[RecordedMessage]) -> list[RecordedMessage]:
 
 
 def _source(messages: list[RecordedMessage]) -> ListSource:
-    offsets: dict[str, int] = {}
-    msgs = []
-    for m in messages:
-        off = offsets[m.topic] = offsets.get(m.topic, -1) + 1
-        msgs.append(
-            SourceMessage(
-                topic=m.topic,
-                partition=0,
-                offset=off,
-                key=m.key,
-                timestamp_ns=m.timestamp_ns,
-                headers=tuple(m.headers),
-                payload=m.payload,
-            )
-        )
-    return ListSource(msgs)
+    return ListSource.of_recording(messages)
 
 
 def test_msgpack_documents_fold_like_json_ones_and_bad_ones_are_dead_lettered(

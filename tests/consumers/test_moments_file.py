@@ -24,24 +24,8 @@ from tests.fakes import ListSource
 def messages(tmp_path_factory: pytest.TempPathFactory, make_small_run: Any) -> list[SourceMessage]:
     folder = tmp_path_factory.mktemp("moments_file")
     path, _, _ = make_small_run(folder / "r.steer", (0.0, 10.0, 20.0, 30.0, 40.0), 21)
-    out: list[SourceMessage] = []
-    offsets: dict[str, int] = {}
     with RunReader(path) as reader:
-        for m in reader:
-            off = offsets.get(m.topic, 0)
-            offsets[m.topic] = off + 1
-            out.append(
-                SourceMessage(
-                    topic=m.topic,
-                    partition=0,
-                    offset=off,
-                    key=m.key,
-                    timestamp_ns=m.timestamp_ns,
-                    headers=m.headers,
-                    payload=m.payload,
-                )
-            )
-    return out
+        return ListSource.of_recording(reader).msgs
 
 
 def _consume(msgs: list[SourceMessage], state: Path, n_orientations: int | None) -> ConsumerService:
