@@ -595,21 +595,24 @@ class ConsumerService:
         """Write the run's moments after ``records`` (the checkpoint's) on a background
         thread. ``moments`` is the last snapshot's copy (never changed again); without
         one, a copy of the run's is taken here. A write not started yet is replaced."""
-        if moments is None:
-            live = self.pipeline.saved_moments()
-            if live is None:
-                return
-            moments = live.copy()
-        tag = moments_tag(self.pipeline.meta, records)
-        if self._moments_pool is None:
-            self._moments_pool = ThreadPoolExecutor(
-                1, thread_name_prefix="moments-save", initializer=yield_cpu
+        try:
+            if moments is None:
+                live = self.pipeline.saved_moments()
+                if live is None:
+                    return
+                moments = live.copy()
+            tag = moments_tag(self.pipeline.meta, records)
+            if self._moments_pool is None:
+                self._moments_pool = ThreadPoolExecutor(
+                    1, thread_name_prefix="moments-save", initializer=yield_cpu
+                )
+            if self._moments_write is not None:
+                self._moments_write.cancel()
+            self._moments_write = self._moments_pool.submit(
+                self._write_moments, moments, len(records), tag
             )
-        if self._moments_write is not None:
-            self._moments_write.cancel()
-        self._moments_write = self._moments_pool.submit(
-            self._write_moments, moments, len(records), tag
-        )
+        except Exception:  # the checkpoint stays exact without the file: go on folding
+            logger.exception("the moments after %d orientations are not saved", len(records))
 
     def _write_moments(self, moments: BinMoments, n: int, tag: str) -> None:
         """Write :data:`MOMENTS` atomically. A failure is logged, never raised: the
@@ -619,13 +622,18 @@ class ConsumerService:
         arrays = {"tag": np.array(tag), "records": np.array(n), **moments.arrays(copy=False)}
         try:
             _write_npz(self.moments_path, tmp, arrays)
-        except OSError as exc:
+        except OSError as exc:  # disk full, folder gone: no traceback
             logger.warning(
                 "cannot write the moments in %s: %s; the checkpoint stays exact (a restart "
                 "computes them again from the angles)",
                 self.state_dir,
                 exc.strerror or exc,
             )
+            return
+        except Exception:  # anything else is a bug, logged with its traceback
+            logger.exception("cannot write the moments in %s", self.state_dir)
+            with suppress(OSError):
+                tmp.unlink()
             return
         logger.debug("moments of %d orientations saved in %.2f s", n, time.perf_counter() - t0)
 
@@ -649,12 +657,16 @@ class ConsumerService:
                     logger.info("%s is of another run or orientations: not used", MOMENTS)
                     return None
                 moments = BinMoments.from_arrays({k: f[k] for k in f.files})
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # empty, truncated, not an npz: the file is only a shortcut
             logger.warning("cannot read %s (%s): the moments are computed again", MOMENTS, exc)
             return None
         return None if moments is None else (moments, n)
 
     def _load(self) -> None:
+        # moments being written when a process died (this folder is this service's)
+        for stale in self.state_dir.glob(f"{MOMENTS}.*.tmp"):
+            with suppress(OSError):
+                stale.unlink()
         if not self.checkpoint_path.exists():
             return
         with np.load(self.checkpoint_path) as f:
@@ -662,6 +674,8 @@ class ConsumerService:
             arrays = {k: f[k] for k in f.files if k != "__json__"}
         moments = None if "moments_tensor" in arrays else self._load_moments(js)
         self.pipeline.restore(js, arrays, moments=moments)
+        if self.pipeline.moments_recomputed:  # the file is made whole again at once
+            self._save_moments(None, list(js.get("records", [])))
         self.next_offsets = {(t, int(p)): int(o) for t, p, o in js.get("offsets", [])}
         self.counters = Counter(js.get("counters", {}))
         self.done = bool(js.get("done", False))

@@ -13,19 +13,25 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
-__all__ = ["BACKGROUND_NICENESS", "yield_cpu"]
+__all__ = ["BACKGROUND_NICENESS", "WAITED_NICENESS", "yield_cpu"]
 
 logger = logging.getLogger(__name__)
 
 #: Niceness of a background thread (the lowest priority: it takes the CPU the rest leaves).
 BACKGROUND_NICENESS = 19
+#: Niceness of work that the run's first advice waits for (the candidates' coverages, the
+#: planner's nodes): below the live path, above the work nobody waits for.
+WAITED_NICENESS = 10
 
 
 def yield_cpu(niceness: int = BACKGROUND_NICENESS) -> None:
     """Lower the calling thread's scheduling priority to ``niceness`` (never raise it);
     usable as a :class:`~concurrent.futures.ThreadPoolExecutor` ``initializer``."""
+    if sys.platform != "linux":  # a thread id is a task for setpriority on Linux alone
+        return
     try:
         tid = threading.get_native_id()
         if os.getpriority(os.PRIO_PROCESS, tid) < niceness:

@@ -34,7 +34,6 @@ import numpy as np
 
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from model_server.exceptions import ModelServerError
-from simulations.threads import yield_cpu
 from steering import metrics
 from steering.api.state import LiveState
 from steering.db import History
@@ -241,7 +240,6 @@ class SteeringService:
             return
 
         def work() -> None:
-            yield_cpu()  # the run's first orientation is folded meanwhile
             try:
                 self._loop_for(meta)
             except (ModelServerError, OSError) as exc:

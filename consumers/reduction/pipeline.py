@@ -318,6 +318,8 @@ class RunPipeline:
         self.keep_snapshots = False
         #: orientations whose fold failed (lost; see :meth:`collect`)
         self.failed: list[dict[str, Any]] = []
+        #: orientations whose moments :meth:`restore` computed again (not in the saved ones)
+        self.moments_recomputed = 0
         self.snapshots: dict[int, Snapshot] = {}
         #: with ``keep_snapshots``: wall time (s since the epoch) at which each collected
         #: orientation closed, by index (the caller pops them; latency measurements)
@@ -835,7 +837,8 @@ class RunPipeline:
         """Add the moments of ``records``' angles to ``moments`` in order, each at the
         weight it was added with (:meth:`RunAccumulator.add`; none when it had none)."""
         todo = [r for r in records if r.weight is not None]
-        if not todo or self._constants is None:
+        self.moments_recomputed = len(todo) if self._constants is not None else 0
+        if not self.moments_recomputed:
             return
         t0 = time.perf_counter()
         logger.info("computing the moments of %d orientations again", len(todo))
@@ -1017,9 +1020,10 @@ class RunPipeline:
         ``moments`` are the run's moments after its first ``n`` orientations (the
         consumer's side file, :mod:`consumers.service`); the moments of the orientations
         after them are computed again from their angles and added in the order they were
-        (bitwise what the run held; ~1-2 s an orientation for Ge). Without them, all are
-        computed again. A checkpoint that holds its moments (written before they moved
-        beside it) is read as it is.
+        (bitwise what the run held on the same machine and libraries; ~1-2 s an orientation
+        for Ge). Without them, or when they do not fit the grid or the checkpoint, all are
+        computed again (:attr:`moments_recomputed` says how many). A checkpoint that holds
+        its moments (written before they moved beside it) is read as it is.
         """
         self.n_events = int(js.get("n_events", 0))
         if not js.get("started"):
@@ -1059,21 +1063,27 @@ class RunPipeline:
             self.split.counts[:] = arrays["class_counts"]
             self.split.exposure[:] = arrays["class_exposure"]
         records = [OrientationRecord.from_json(i, r) for i, r in enumerate(js["records"])]
-        restored = BinMoments.from_arrays(arrays)
-        covered = len(records)
-        if restored is None and moments is not None:
-            restored, covered = moments
+        inline = BinMoments.from_arrays(arrays)  # a checkpoint from before the side file
         if holder.moments is not None:
-            if restored is None:
+            if inline is not None:
+                if inline.tensor.shape != holder.moments.tensor.shape:
+                    raise ConsumerError("the checkpoint's moments do not fit this run's grid")
+                holder.moments, covered = inline, len(records)
+            elif moments is None:
                 covered = 0
-            elif restored.tensor.shape != holder.moments.tensor.shape:
-                raise ConsumerError("the checkpoint's moments do not fit this run's grid")
-            elif not 0 <= covered <= len(records):
-                raise ConsumerError(
-                    f"the saved moments cover {covered} orientations, the checkpoint {len(records)}"
+            elif moments[0].tensor.shape != holder.moments.tensor.shape or not (
+                0 <= moments[1] <= len(records)
+            ):
+                logger.warning(
+                    "the saved moments (%s, %d orientations) do not fit this run's grid or "
+                    "checkpoint (%d orientations): computed again",
+                    moments[0].tensor.shape,
+                    moments[1],
+                    len(records),
                 )
+                covered = 0
             else:
-                holder.moments = restored
+                holder.moments, covered = moments
             self._add_moments_again(holder.moments, records[covered:])
         for i, rec in enumerate(records):
             self.acc.per_orientation_counts.append(arrays["orient_counts"][i])

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from simulations.threads import yield_cpu
+from simulations.threads import WAITED_NICENESS, yield_cpu
 from steering.advisor.controls import allowed, check_target
 from steering.exceptions import AdvisorError
 
@@ -404,8 +404,9 @@ class InformationPlanner:
             self._thread.start()
 
     def _prepare_in_background(self) -> None:
-        """:meth:`prepare` on :meth:`start`'s thread, at a low priority."""
-        yield_cpu()
+        """:meth:`prepare` on :meth:`start`'s thread, below the live path (the first advice
+        waits for it)."""
+        yield_cpu(WAITED_NICENESS)
         self.prepare()
 
     def wait(self, timeout: float | None = None) -> bool:

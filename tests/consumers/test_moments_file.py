@@ -80,29 +80,41 @@ def test_a_restart_adds_the_moments_its_file_lacks(
     shutil.copy(state / MOMENTS, behind)
     first = _saved(state)
     assert first[0] == first[1] >= 2
-    _consume(messages, state, first[0] + 2)
+    # restarted with the file current: nothing is computed again
+    assert _consume(messages, state, first[0] + 2).pipeline.moments_recomputed == 0
     ckpt, covered = _saved(state)
     assert ckpt == covered > first[1]
     # the file is behind the checkpoint (a crash before it was written): the restart adds
     # the moments of the orientations it lacks, and the run ends as the uninterrupted one
     shutil.copy(behind, state / MOMENTS)
+    (state / f"{MOMENTS}.123.456.tmp").write_bytes(b"a write cut off")
     keep = tmp_path / "at_restart"
     shutil.copytree(state, keep)
-    _same(whole, _consume(messages, state, None))
+    resumed = _consume(messages, state, None)
+    assert resumed.pipeline.moments_recomputed == ckpt - first[1]
+    assert not (state / f"{MOMENTS}.123.456.tmp").exists()  # a dead write's file removed
+    _same(whole, resumed)
 
-    # without the file, with one ahead of the checkpoint, or with another run's (its tag):
-    # all are computed again
-    for case in ("gone", "ahead", "another run"):
+    # without the file, with one ahead of the checkpoint, another run's (its tag), an empty
+    # or a truncated one: all are computed again, and the consumer goes on
+    for case in ("gone", "ahead", "another run", "empty", "truncated"):
         again = tmp_path / case
         shutil.copytree(keep, again)
         if case == "gone":
             (again / MOMENTS).unlink()
         elif case == "ahead":
             shutil.copy(tmp_path / "whole" / MOMENTS, again / MOMENTS)  # 5 > the checkpoint's
+        elif case == "empty":
+            (again / MOMENTS).write_bytes(b"")
+        elif case == "truncated":
+            data = behind.read_bytes()
+            (again / MOMENTS).write_bytes(data[: len(data) // 2])
         else:
             with np.load(behind) as f:
                 arrays = {k: f[k] for k in f.files}
             arrays["tag"] = np.array("0" * 32)
             with open(again / MOMENTS, "wb") as out:
                 np.savez(out, **arrays)
-        _same(whole, _consume(messages, again, None))
+        resumed = _consume(messages, again, None)
+        assert resumed.pipeline.moments_recomputed == ckpt, case
+        _same(whole, resumed)

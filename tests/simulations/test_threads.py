@@ -1,5 +1,5 @@
 """Background threads yield the CPU: :func:`simulations.threads.yield_cpu` lowers the calling
-thread's priority alone (not the process's), and the consumer's preparation pool runs at it."""
+thread's priority alone (not the process's) and never raises it again."""
 
 from __future__ import annotations
 
