@@ -49,7 +49,6 @@ from consumers.reduction.pipeline import MalformedMessage, RunPipeline, run_key_
 from consumers.streams import InstrumentConfig
 from consumers.wire import msgpack_document_name
 from simulations.jsonutil import json_default
-from simulations.threads import yield_cpu
 
 __all__ = ["ConsumerService"]
 
@@ -602,10 +601,8 @@ class ConsumerService:
                     return
                 moments = live.copy()
             tag = moments_tag(self.pipeline.meta, records)
-            if self._moments_pool is None:
-                self._moments_pool = ThreadPoolExecutor(
-                    1, thread_name_prefix="moments-save", initializer=yield_cpu
-                )
+            if self._moments_pool is None:  # a clean stop waits for it: not lowered
+                self._moments_pool = ThreadPoolExecutor(1, thread_name_prefix="moments-save")
             if self._moments_write is not None:
                 self._moments_write.cancel()
             self._moments_write = self._moments_pool.submit(

@@ -1,12 +1,14 @@
 """Background threads that yield the CPU to the live path.
 
-Work that is not waited for (an orientation's coverage and moments prepared while it
-counts, the run's moments saved beside the checkpoint, the candidates' coverages, the
-planner's nodes, a refinement's background scan) runs on threads whose scheduling priority
-is lowered, so that on a machine with few cores the chunk's fold, its estimate and the
-advice are not slowed by it. Linux schedules a process's threads on their own (a thread id
-is a task id for ``setpriority``); elsewhere, or where the system refuses, a thread keeps
-the process's priority.
+Work that nobody waits for (the planner's refresh of its nodes, a refinement's background
+scan) runs on threads whose scheduling priority is lowered, so that on a machine with few
+cores the chunk's fold, its estimate and the advice are not slowed by it. Work that a
+later step may wait for (an orientation's preparation, which its close takes, the moments'
+writer, which a clean stop waits for) keeps the process's priority: a thread at niceness
+19 gets ~1.5 % of a core that a busy process also wants, so whoever waits for it would
+wait for a long time. Linux schedules a process's threads on their own (a thread id is a
+task id for ``setpriority``); elsewhere, or where the system refuses, a thread keeps the
+process's priority.
 """
 
 from __future__ import annotations
@@ -16,15 +18,12 @@ import os
 import sys
 import threading
 
-__all__ = ["BACKGROUND_NICENESS", "WAITED_NICENESS", "yield_cpu"]
+__all__ = ["BACKGROUND_NICENESS", "yield_cpu"]
 
 logger = logging.getLogger(__name__)
 
 #: Niceness of a background thread (the lowest priority: it takes the CPU the rest leaves).
 BACKGROUND_NICENESS = 19
-#: Niceness of work that the run's first advice waits for (the candidates' coverages, the
-#: planner's nodes): below the live path, above the work nobody waits for.
-WAITED_NICENESS = 10
 
 
 def yield_cpu(niceness: int = BACKGROUND_NICENESS) -> None:

@@ -38,7 +38,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
-from simulations.threads import WAITED_NICENESS, yield_cpu
 from steering import metrics
 from steering.advisor.controls import AdvisorControls
 from steering.advisor.planner import InformationPlanner, PlanNotReady
@@ -273,7 +272,6 @@ class CandidateCoverage:
         self._thread.start()
 
     def _work(self) -> None:
-        yield_cpu(WAITED_NICENESS)  # the live fold and estimates first
         for w in self.omegas:
             cov = self._folder.coverage(float(w))
             with self._lock:

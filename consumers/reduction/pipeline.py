@@ -46,7 +46,6 @@ from consumers.wire import (
 from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.lattice.grid import ZoneClasses, make_class_grid, make_wedge_grid, zone_classes
 from simulations.lattice.materials import MaterialSetup, setup
-from simulations.threads import yield_cpu
 
 __all__ = [
     "ANGLE_DECIMALS",
@@ -821,9 +820,8 @@ class RunPipeline:
             return
         try:
             if self._prep_pool is None:
-                self._prep_pool = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="prepare", initializer=yield_cpu
-                )
+                # at the process's priority: an orientation's close may wait for it
+                self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
             self._prepared[angle] = self._prep_pool.submit(
                 self._angle_parts, angle, self._setup_of()
             )

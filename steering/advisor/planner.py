@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from simulations.threads import WAITED_NICENESS, yield_cpu
+from simulations.threads import yield_cpu
 from steering.advisor.controls import allowed, check_target
 from steering.exceptions import AdvisorError
 
@@ -398,16 +398,8 @@ class InformationPlanner:
     def start(self) -> None:
         """Build the nodes' models on a background thread (with the run's start)."""
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._prepare_in_background, name="planner-nodes", daemon=True
-            )
+            self._thread = threading.Thread(target=self.prepare, name="planner-nodes", daemon=True)
             self._thread.start()
-
-    def _prepare_in_background(self) -> None:
-        """:meth:`prepare` on :meth:`start`'s thread, below the live path (the first advice
-        waits for it)."""
-        yield_cpu(WAITED_NICENESS)
-        self.prepare()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for :meth:`start`'s work; True when every node is ready."""
