@@ -53,7 +53,17 @@ class RunRow(_Base):
 #: The keys of an estimate that the history returns (``/runs/{id}/estimates``): the
 #: running estimate (``fc``, from ``source``: ``refined`` or ``vae``), both estimators'
 #: results and why the refinement did not stand, when it did not.
-_ESTIMATE_KEYS = ("fc", "units", "ood", "source", "vae", "refined", "fallback", "scan")
+_ESTIMATE_KEYS = (
+    "fc",
+    "units",
+    "ood",
+    "source",
+    "vae",
+    "refined",
+    "fallback",
+    "scan",
+    "superseded_by",
+)
 
 
 class EstimateRow(_Base):

@@ -300,6 +300,7 @@ def run_demo(
     on_state: Callable[[dict[str, Any]], None] | None = None,
     scan: bool = True,
     binning: str = "classes",
+    estimates: str = "latest",
 ) -> DemoResult:
     """Run the demo; returns the summary (also written to ``out/demo_summary.json``).
 
@@ -318,6 +319,9 @@ def run_demo(
     binning
         What the running refinement fits: ``"classes"`` (the path's bins split by zone
         class) or ``"path"`` (:class:`~steering.service.SteeringService`).
+    estimates
+        ``"latest"`` or ``"every"``: what the estimates do when the fits fall behind the
+        replay (:class:`~steering.service.SteeringService`).
     model_dir
         Frozen models (default: the repository's ``models``).
     keep_serving
@@ -356,6 +360,7 @@ def run_demo(
             model_dir=model_dir,
             scan=scan,
             binning=binning,
+            estimates=estimates,
         )
         service.start()
         server, api = _start_api(
@@ -469,6 +474,8 @@ def _summary(
         "scans": scans,
         "chunk_to_estimate_latency": service.latency_summary(),
         "chunk_to_estimate_s": [round(x, 3) for x in service.chunk_to_estimate],
+        "chunk_to_refined_latency": service.latency_summary(refined=True),
+        "superseded": sum(1 for e in est if e.get("superseded_by") is not None),
         "events_folded": (history.run(run_id) or {}).get("summary", {}).get("events_folded"),
         "live_equals_offline": live_equals_offline,
         "plots": plots,
@@ -515,11 +522,15 @@ def format_summary(result: DemoResult) -> str:
             f"{'' if z is None else format(z, '+.2f'):>16}"
         )
     lat = result.get("chunk_to_estimate_latency") or {}
+    ref = result.get("chunk_to_refined_latency") or {}
     lines += [
         f"within 2 std of the truth: {result.get('fc_within_2_std')}",
         _scan_line(result.get("scans")),
         f"chunk close -> estimate in the history: p50 {lat.get('p50_s')} s, "
         f"p99 {lat.get('p99_s')} s over {lat.get('n')} orientations",
+        f"chunk close -> a refined estimate that includes it: p50 {ref.get('p50_s')} s, "
+        f"p99 {ref.get('p99_s')} s ({result.get('superseded', 0)} snapshots superseded by a "
+        "newer one while the fits were behind: the VAE's estimate, flagged)",
         f"live fold equals the offline fold (bitwise counts): {result.get('live_equals_offline')}",
         f"run {result.get('seconds_run')} s at {result.get('replay_speed')}x, "
         f"total {result.get('seconds')} s",

@@ -361,6 +361,8 @@ class SteeringLoop:
         self.refiner = refiner
         self.recheck_every = max(1, int(recheck_every))
         self._warm: NDArray[np.float64] | None = None
+        #: the orientation count of the last snapshot fitted
+        self._fitted_n = 0
         #: ranks the angles by the refined posterior's information per beam time and says
         #: when the target is met (None: the ranking alone suggests)
         self.planner = planner
@@ -413,6 +415,39 @@ class SteeringLoop:
             except Exception:
                 logger.exception("estimate sink failed (orientation %d)", record.index)
         self.advise(snapshot, record, running, mean, std, started=t0)
+
+    def superseded(self, snapshot: Snapshot, record: OrientationRecord, newer: int) -> None:
+        """A snapshot whose run has a newer one waiting (the estimates fell behind the
+        consumer): the VAE's estimate alone, flagged, into the estimate sinks; no fit and
+        no advice (the newer snapshot, which holds these counts too, gets both). Its
+        angle counts as measured. ``newer`` is the waiting snapshot's orientation count."""
+        from model_server.refinement.refiner import running_estimate
+
+        if self.estimator is None:
+            raise AdvisorError("this steering loop has no estimator (it follows the replicas)")
+        t0 = time.perf_counter()
+        est = self.estimator.estimate(snapshot.intensity, snapshot.mask)
+        metrics.ESTIMATE_SECONDS.observe(time.perf_counter() - t0)
+        running = running_estimate(
+            est.to_dict(),
+            reason=f"superseded: the snapshot after {newer} orientations was already "
+            "waiting; it is refined instead",
+        )
+        running["superseded_by"] = int(newer)
+        message = {
+            "run_id": self.run_id,
+            "n_orientations": int(snapshot.n_orientations),
+            "omega": float(record.omega),
+            "estimate": running,
+            "seconds": time.perf_counter() - t0,
+        }
+        for sink in self.estimate_sinks:
+            try:
+                sink(message)
+            except Exception:
+                logger.exception("estimate sink failed (orientation %d)", record.index)
+        self.measured.append(float(record.omega))
+        self._last_record = record
 
     def advise(
         self,
@@ -708,7 +743,12 @@ class SteeringLoop:
             )
         names = list(vae.get("fc", {}))
         start = {n: float(vae["fc"][n]["mean"]) for n in names}
-        recheck = self._warm is None or snapshot.n_orientations % self.recheck_every == 0
+        # a start from the VAE (and a scan) every ``recheck_every`` orientations: when the
+        # count crossed a multiple of it since the last fit (superseded snapshots skip fits)
+        n = int(snapshot.n_orientations)
+        every = self.recheck_every
+        recheck = self._warm is None or n // every > self._fitted_n // every
+        self._fitted_n = n
         starts = [start] if recheck else []
         scanned = self._scanned()
         if scanned is not None:

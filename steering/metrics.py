@@ -7,7 +7,9 @@ from prometheus_client import Counter, Histogram, Info
 __all__ = [
     "ADVISOR_SECONDS",
     "CHUNK_TO_ESTIMATE_SECONDS",
+    "CHUNK_TO_REFINED_SECONDS",
     "ESTIMATES_SKIPPED",
+    "ESTIMATES_SUPERSEDED",
     "ESTIMATE_SECONDS",
     "MODEL_INFO",
     "PREDICTIONS",
@@ -47,6 +49,17 @@ CHUNK_TO_ESTIMATE_SECONDS = Histogram(
     "From an orientation's close to its estimate in the run history (fold, checkpoint, "
     "estimate, advice)",
     buckets=_BUCKETS,
+)
+CHUNK_TO_REFINED_SECONDS = Histogram(
+    "steer_chunk_to_refined_seconds",
+    "From an orientation's close to the first refined estimate that includes it (a "
+    "superseded snapshot's orientations wait for the newer snapshot's fit)",
+    buckets=_BUCKETS,
+)
+ESTIMATES_SUPERSEDED = Counter(
+    "steer_estimates_superseded_total",
+    "Snapshots given the VAE's estimate alone because a newer snapshot of the run was "
+    "already waiting (the estimates were behind the consumer); the newer one is refined",
 )
 ESTIMATES_SKIPPED = Counter(
     "steer_estimates_skipped_total",

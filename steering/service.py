@@ -22,10 +22,12 @@ to ``<prefix>_livedata`` then: the replicas publish their estimates there themse
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +58,84 @@ __all__ = ["MAX_ORIENTATION_SPECTRA", "SteeringService"]
 MAX_ORIENTATION_SPECTRA = 720
 
 logger = logging.getLogger(__name__)
+
+#: what the estimates do when they fall behind the consumer (:class:`SteeringService`'s
+#: ``estimates``)
+ESTIMATE_MODES = ("latest", "every")
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    """A piece of the estimates thread's work, in the consumer's order: a snapshot to
+    estimate (``snapshot`` set) or a run's end (``snapshot`` None)."""
+
+    run_id: str
+    work: Callable[[_Job], None]
+    snapshot: Snapshot | None = None
+    #: the orientation count of a newer snapshot of the run waiting behind this one
+    superseded_by: int | None = None
+
+
+class _EstimateWorker:
+    """Runs the estimates (VAE, refinement, ranking, plan) on their own thread, so that
+    the consumer goes on folding while a snapshot is fitted.
+
+    Jobs run in the order they came. With ``latest``, a snapshot whose run has a newer
+    snapshot waiting is *superseded*: its moments are dropped at once (~90 MB for Ge's
+    zone classes) and its job gets :attr:`_Job.superseded_by` (the service then gives it
+    the VAE's estimate, flagged, and no fit), so the newest snapshot is refined as soon as
+    the fit in progress ends instead of after every older one.
+    """
+
+    def __init__(self, *, latest: bool) -> None:
+        self.latest = bool(latest)
+        self._jobs: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: _Job) -> None:
+        """Queue a job (starts the thread on the first one)."""
+        with self._cv:
+            if self.latest and job.snapshot is not None:
+                for old in self._jobs:
+                    if old.run_id == job.run_id and old.snapshot is not None:
+                        if old.superseded_by is None and old.snapshot.moments is not None:
+                            old.snapshot = dataclasses.replace(old.snapshot, moments=None)
+                        old.superseded_by = job.snapshot.n_orientations
+            self._jobs.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="estimates", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    @property
+    def pending(self) -> int:
+        """Jobs waiting or running."""
+        with self._cv:
+            return len(self._jobs) + int(self._busy)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued job has run; False on ``timeout``."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                if not self._cv.wait_for(lambda: bool(self._jobs), timeout=60.0):
+                    self._thread = None  # idle: a later submit starts another
+                    return
+                job = self._jobs.popleft()
+                self._busy = True
+            try:
+                job.work(job)
+            except Exception:  # one snapshot's failure never stops the estimates
+                logger.exception("the estimate of run %s failed", job.run_id)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
 
 
 class SteeringService:
@@ -112,6 +192,15 @@ class SteeringService:
         fast replay, a run of a few orientations), how long the run's end waits for it to
         plan that advice (:meth:`steering.loop.SteeringLoop.finish`); the run is marked
         complete after. 0: the last advice keeps no plan.
+    estimates
+        What the estimates do when they fall behind the consumer (a replay faster than
+        the fits, a backlog read after a restart). They run on their own thread, in
+        order, so the consumer never waits for a fit. ``"latest"`` (default): a snapshot
+        with a newer one of its run already waiting gets the VAE's estimate, flagged
+        ``superseded`` (``fallback`` says by which), and no fit or advice; the newest is
+        refined. ``"every"``: every snapshot is refined and advised, in order (the
+        estimates then lag by as much as the fits take). At real time the two are the
+        same: an orientation counts for a minute, a fit takes about one second.
     """
 
     def __init__(
@@ -140,8 +229,16 @@ class SteeringService:
         advice_sinks: Sequence[Callable[[dict[str, Any]], None]] = (),
         binning: str = "classes",
         final_plan_wait_s: float = 30.0,
+        estimates: str = "latest",
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
+
+        if estimates not in ESTIMATE_MODES:
+            raise SteeringError(
+                f"estimates must be one of {', '.join(ESTIMATE_MODES)}, got {estimates!r}"
+            )
+        self.estimates = estimates
+        self._worker = _EstimateWorker(latest=estimates == "latest")
 
         if binning not in ("classes", "path"):
             raise SteeringError(f"binning must be classes or path, got {binning!r}")
@@ -191,7 +288,15 @@ class SteeringService:
         #: seconds from each orientation's close to its estimate in the history (what the
         #: page and ``/estimates`` see); see :meth:`latency_summary`
         self.chunk_to_estimate: list[float] = []
-        self._closed_at: float | None = None
+        #: seconds from each orientation's close to the first *refined* estimate that
+        #: includes it (a superseded snapshot's orientation waits for the newer one's fit)
+        self.chunk_to_refined: list[float] = []
+        #: run id -> (orientation count, close time) of orientations no refined estimate
+        #: includes yet
+        self._unrefined: dict[str, list[tuple[int, float]]] = {}
+        #: the close time of the snapshot whose estimate is being made, per thread
+        self._tls = threading.local()
+        self._unrefined_lock = threading.Lock()
         self.follow_replicas = bool(follow_replicas)
         self.follow_group = follow_group
         self.advice_sinks = list(advice_sinks)
@@ -413,7 +518,7 @@ class SteeringService:
         self._live_snapshot(run_id, snapshot, record)
         if self._livedata is not None:  # best effort: logged and counted, never raises
             self._livedata.snapshot(snapshot, meta)
-        self._closed_at = getattr(self.service, "closed_at", None)
+        closed_at = getattr(self.service, "closed_at", None)
         t0 = time.perf_counter()
         info = self._run_info(meta)
         with self.live.lock:
@@ -427,7 +532,27 @@ class SteeringService:
             n_orientations=int(snapshot.n_orientations),
             summary=summary,
         )
-        self._estimate_and_advise(run_id, meta, snapshot, record, t0)
+        if closed_at is not None:
+            with self._unrefined_lock:
+                self._unrefined.setdefault(run_id, []).append((snapshot.n_orientations, closed_at))
+        if meta.get("sample_kind") == "powder":  # reads the consumer's folder: on its thread
+            self._tls.closed_at = closed_at
+            self._estimate_and_advise(run_id, meta, snapshot, record, t0)
+            return
+
+        def work(job: _Job) -> None:
+            assert job.snapshot is not None
+            self._tls.closed_at = closed_at
+            self._estimate_and_advise(
+                run_id, meta, job.snapshot, record, t0, superseded_by=job.superseded_by
+            )
+
+        self._worker.submit(_Job(run_id, work, snapshot))
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every handed-over snapshot has its estimate (and every run's end is
+        recorded); False on ``timeout``."""
+        return self._worker.drain(timeout)
 
     def _powder_estimate(
         self,
@@ -515,8 +640,12 @@ class SteeringService:
         snapshot: Snapshot,
         record: OrientationRecord,
         t0: float,
+        *,
+        superseded_by: int | None = None,
     ) -> None:
-        """The in-process loop on one snapshot (the model loaded when it can be)."""
+        """The in-process loop on one snapshot (the model loaded when it can be);
+        ``superseded_by``: a newer snapshot of the run is waiting (its orientation count),
+        this one gets the VAE's estimate alone (:meth:`SteeringLoop.superseded`)."""
         if meta.get("sample_kind") == "powder":
             # the single-crystal models and the advisor's angles do not apply to S(|Q|, E):
             # the powder refinement of the counts gives the running estimate
@@ -545,7 +674,11 @@ class SteeringService:
         # a stop was asked for: what is left of this step is estimated fast (the VAE), so
         # that every checkpointed orientation is in the history before the process exits
         loop.hurry = self._stopping()
-        loop(snapshot, record)
+        if superseded_by is not None:
+            metrics.ESTIMATES_SUPERSEDED.inc()
+            loop.superseded(snapshot, record, superseded_by)
+        else:
+            loop(snapshot, record)
         self.latencies.append(time.perf_counter() - t0)
 
     def _record_estimate(self, message: dict[str, Any]) -> None:
@@ -560,10 +693,22 @@ class SteeringService:
             estimate=message["estimate"],
             latency_s=float(message.get("seconds", 0.0)),
         )
-        if self._closed_at is not None:
-            dt = max(time.time() - self._closed_at, 0.0)
+        closed_at = getattr(self._tls, "closed_at", None)
+        now = time.time()
+        if closed_at is not None:
+            dt = max(now - closed_at, 0.0)
             self.chunk_to_estimate.append(dt)
             metrics.CHUNK_TO_ESTIMATE_SECONDS.observe(dt)
+        if message["estimate"].get("source") == "refined":
+            n = int(message["n_orientations"])
+            with self._unrefined_lock:
+                waiting = self._unrefined.get(run_id, [])
+                done = [t for k, t in waiting if k <= n]
+                self._unrefined[run_id] = [(k, t) for k, t in waiting if k > n]
+            for t in done:
+                dt = max(now - t, 0.0)
+                self.chunk_to_refined.append(dt)
+                metrics.CHUNK_TO_REFINED_SECONDS.observe(dt)
         self._notify(run_id, message)
 
     def _record_advice(self, advice: dict[str, Any], *, amend: bool = False) -> None:
@@ -721,10 +866,11 @@ class SteeringService:
             return None
         return {"started": scan.started, "skipped": scan.skipped, "error": scan.error}
 
-    def latency_summary(self) -> dict[str, float | int | None]:
-        """p50 / p99 / max (s) of :attr:`chunk_to_estimate` and the count."""
+    def latency_summary(self, *, refined: bool = False) -> dict[str, float | int | None]:
+        """p50 / p99 / max (s) of :attr:`chunk_to_estimate` (``refined``: of
+        :attr:`chunk_to_refined`) and the count."""
 
-        lat = np.asarray(self.chunk_to_estimate, dtype=float)
+        lat = np.asarray(self.chunk_to_refined if refined else self.chunk_to_estimate, dtype=float)
         if not len(lat):
             return {"n": 0, "p50_s": None, "p99_s": None, "max_s": None}
         return {
@@ -735,18 +881,28 @@ class SteeringService:
         }
 
     def _on_run_complete(self, summary: dict[str, Any], acc: Any) -> None:
-        run_id = str(summary.get("run_id") or (self.service.pipeline.meta or {}).get("run_id"))
-        self._finish_plan(run_id)
-        self.history.upsert_run(
-            run_id,
-            material=str((self.service.pipeline.meta or {}).get("material", "?")),
-            state="complete",
-            summary={k: v for k, v in summary.items() if k != "path"},
-            export_path=str(summary.get("path")) if summary.get("path") else None,
-        )
-        sink = self._sinks.pop(run_id, None)
-        if sink is not None:
-            sink.close()
+        """A run's end: recorded after its snapshots' estimates (on the estimates' thread,
+        behind them), its last advice planned first when it can be."""
+        meta = self.service.pipeline.meta or {}
+        run_id = str(summary.get("run_id") or meta.get("run_id"))
+        material = str(meta.get("material", "?"))
+
+        def work(job: _Job) -> None:
+            self._finish_plan(run_id)
+            self.history.upsert_run(
+                run_id,
+                material=material,
+                state="complete",
+                summary={k: v for k, v in summary.items() if k != "path"},
+                export_path=str(summary.get("path")) if summary.get("path") else None,
+            )
+            with self._unrefined_lock:
+                self._unrefined.pop(run_id, None)
+            sink = self._sinks.pop(run_id, None)
+            if sink is not None:
+                sink.close()
+
+        self._worker.submit(_Job(run_id, work))
 
     def _stopping(self) -> bool:
         """Whether the consumer was asked to stop."""
@@ -817,6 +973,9 @@ class SteeringService:
                 logger.exception("consumer stopped")
             finally:
                 source.close()
+                # every handed-over snapshot gets its estimate before the thread ends (a
+                # stop estimates what is left fast: the loop's hurry)
+                self._worker.drain()
 
         self._thread = threading.Thread(target=work, name="consumer", daemon=True)
         self._thread.start()

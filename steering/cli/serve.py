@@ -44,6 +44,20 @@ __all__ = ["demo_cmd", "model_serve_cmd", "queue_sink", "serve_cmd"]
 logger = logging.getLogger(__name__)
 
 
+#: ``--estimates`` of ``steer serve`` and ``steer demo``
+EstimatesOpt = Annotated[
+    str,
+    typer.Option(
+        "--estimates",
+        envvar="STEER_ESTIMATES",
+        help="When the fits fall behind the consumer (a fast replay, a backlog after a "
+        "restart): 'latest' refines the newest snapshot and gives the older ones waiting "
+        "the VAE's estimate, flagged superseded_by; 'every' refines and advises every "
+        "snapshot in order (the estimates then lag). The same at real time.",
+    ),
+]
+
+
 def serve_cmd(
     host: Annotated[str, typer.Option("--host", envvar="STEER_HOST", help="Bind address.")] = (
         "127.0.0.1"
@@ -122,6 +136,7 @@ def serve_cmd(
         ),
     ] = True,
     binning: LiveBinningOpt = "classes",
+    estimates: EstimatesOpt = "latest",
     instrument_config: InstrumentConfigOpt = None,
     follow_replicas: Annotated[
         bool,
@@ -218,6 +233,8 @@ def serve_cmd(
     target = _parse_target(target_std)  # refused before anything starts
     if binning not in ("classes", "path"):
         raise typer.BadParameter(f"classes or path, got {binning!r}", param_hint="--binning")
+    if estimates not in ("latest", "every"):
+        raise typer.BadParameter(f"latest or every, got {estimates!r}", param_hint="--estimates")
     queue = None
     if queueserver:  # and so do bad queue options
         queue = queue_sink(
@@ -264,6 +281,7 @@ def serve_cmd(
                 follow_replicas=follow_replicas,
                 advice_sinks=[queue] if queue is not None else [],
                 binning=binning,
+                estimates=estimates,
             )
     except BaseException:
         pool.close_now()
@@ -412,6 +430,7 @@ def _start_service(
     follow_replicas: bool = False,
     advice_sinks: Sequence[AdviceSink] = (),
     binning: str = "classes",
+    estimates: str = "latest",
 ) -> SteeringService:
     """Start the consumer, model server and advisor of ``prefix`` on the Kafka at
     ``bootstrap`` (the arguments: those of :class:`steering.service.SteeringService`)."""
@@ -434,6 +453,7 @@ def _start_service(
         follow_replicas=follow_replicas,
         advice_sinks=advice_sinks,
         binning=binning,
+        estimates=estimates,
     )
     service.start()
     return service
@@ -580,6 +600,7 @@ def demo_cmd(
         ),
     ] = True,
     binning: LiveBinningOpt = "classes",
+    estimates: EstimatesOpt = "latest",
     threads: NumericThreadsOpt = 1,
     as_json: JsonOpt = False,
 ) -> None:
@@ -588,6 +609,8 @@ def demo_cmd(
     from steering.demo import run_demo, run_powder_series_demo
 
     limit_numeric_threads(threads)
+    if estimates not in ("latest", "every"):
+        raise typer.BadParameter(f"latest or every, got {estimates!r}", param_hint="--estimates")
     if powder_series:
         emit(run_powder_series_demo(out, port=port, keep_serving=keep_serving), as_json)
         return
@@ -600,6 +623,7 @@ def demo_cmd(
         keep_serving=keep_serving,
         scan=scan,
         binning=binning,
+        estimates=estimates,
     )
     if physics:
         from simulations.demo import run_demo as physics_demo

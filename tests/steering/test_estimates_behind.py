@@ -1,0 +1,170 @@
+"""The estimates on their own thread: the consumer never waits for a fit, and when the fits
+fall behind (a fast replay), the newest snapshot is refined while the older ones waiting
+get the VAE's estimate, flagged (``steer serve --estimates latest``)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from consumers.reduction.accumulate import OrientationRecord, Snapshot
+from steering.api.state import LiveState
+from steering.db import History
+from steering.exceptions import SteeringError
+from steering.service import SteeringService
+from tests.paths import MODELS
+
+
+def _snapshot(n: int) -> Snapshot:
+    counts = np.full((3, 4), float(n))
+    exposure = np.ones((3, 4))
+    return Snapshot(
+        intensity=counts / exposure,
+        variance=counts,
+        counts=counts,
+        exposure=exposure,
+        mask=exposure > 0,
+        n_orientations=n,
+        moments=object(),  # type: ignore[arg-type]  # stands for the ~90 MB of moments
+    )
+
+
+def _record(n: int) -> OrientationRecord:
+    return OrientationRecord(
+        index=n - 1,
+        omega=float(n),
+        proton_charge=1.0,
+        events=10,
+        folded=5,
+        dropped={},
+        weight=1.0,
+    )
+
+
+def _service(tmp_path: Path, estimates: str) -> tuple[SteeringService, list[Any], threading.Event]:
+    """A service whose consumer is a stand-in and whose estimate records its calls, the
+    first one held until the returned event is set (a fit in progress)."""
+    svc = SteeringService(
+        "127.0.0.1:9",
+        "p",
+        state_dir=tmp_path / "state",
+        history=History(f"sqlite:///{tmp_path / 'h.db'}"),
+        live=LiveState(),
+        estimates=estimates,
+    )
+    meta = {"run_id": "r1", "material": "Ge"}
+    svc.service = SimpleNamespace(
+        pipeline=SimpleNamespace(meta=meta, acc=None),
+        closed_at=None,
+        summary=lambda: {"events_folded": 1},
+        _stop_requested=False,
+    )
+    calls: list[Any] = []
+    release = threading.Event()
+    consumer = threading.get_ident()
+
+    def estimate(run_id, meta, snapshot, record, t0, *, superseded_by=None):  # type: ignore[no-untyped-def]
+        assert threading.get_ident() != consumer  # never on the consumer's thread
+        if not calls:
+            assert release.wait(30)
+        calls.append((snapshot.n_orientations, superseded_by, snapshot.moments is None))
+
+    def finish_plan(run_id: str) -> None:
+        calls.append(("end", run_id))
+
+    svc._estimate_and_advise = estimate  # type: ignore[method-assign]
+    svc._finish_plan = finish_plan  # type: ignore[method-assign]
+    return svc, calls, release
+
+
+def test_the_newest_snapshot_is_refined_and_the_ones_waiting_are_superseded(
+    tmp_path: Path,
+) -> None:
+    svc, calls, release = _service(tmp_path, "latest")
+    for n in (1, 2, 3, 4):  # the consumer hands over 4 orientations while the first fits
+        svc._on_snapshot(_snapshot(n), _record(n))
+    svc._on_run_complete({"run_id": "r1"}, None)
+    assert svc._worker.pending == 5  # nothing waited on the consumer's thread
+    assert svc.history.run("r1")["state"] != "complete"  # type: ignore[index]
+    release.set()
+    assert svc.drain(30)
+    # 2 and 3 had 4 behind them: the VAE alone, their moments dropped while they waited
+    assert calls == [
+        (1, None, False),
+        (2, 4, True),
+        (3, 4, True),
+        (4, None, False),
+        ("end", "r1"),
+    ]
+    assert svc.history.run("r1")["state"] == "complete"  # type: ignore[index]
+
+
+def test_every_snapshot_is_refined_in_order_on_request(tmp_path: Path) -> None:
+    svc, calls, release = _service(tmp_path, "every")
+    for n in (1, 2, 3):
+        svc._on_snapshot(_snapshot(n), _record(n))
+    svc._on_run_complete({"run_id": "r1"}, None)
+    release.set()
+    assert svc.drain(30)
+    assert calls == [(1, None, False), (2, None, False), (3, None, False), ("end", "r1")]
+
+
+def test_an_unknown_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SteeringError, match="estimates must be one of latest, every"):
+        SteeringService(
+            "127.0.0.1:9",
+            "p",
+            state_dir=tmp_path / "state",
+            history=History(f"sqlite:///{tmp_path / 'h.db'}"),
+            live=LiveState(),
+            estimates="some",
+        )
+
+
+def test_a_superseded_snapshot_gets_the_vaes_estimate_flagged_and_no_advice(
+    tmp_path: Path, make_small_run, ge
+) -> None:  # type: ignore[no-untyped-def]
+    """The loop's side, with the committed model: the estimate says why it is the VAE's,
+    the history keeps the flag, the angle counts as measured, and no advice is made."""
+    from model_server.inversion.inference import Estimator
+    from steering.advisor.ranking import Advisor
+    from steering.loop import SteeringLoop
+
+    _, _, acc = make_small_run(tmp_path / "ge.steer", (0.0, 30.0), seed=5)
+    history = History(f"sqlite:///{tmp_path / 'h.db'}")
+    history.upsert_run("r1", material="Ge", n_orientations=2)
+    got: list[dict[str, Any]] = []
+
+    def sink(message: dict[str, Any]) -> None:
+        got.append(message)
+        history.add_estimate(
+            "r1",
+            n_orientations=message["n_orientations"],
+            omega=message["omega"],
+            estimate=message["estimate"],
+        )
+
+    loop = SteeringLoop(
+        Estimator(MODELS / "ge", n_samples=8),
+        Advisor("Ge", material_setup=ge),
+        None,  # type: ignore[arg-type]  # a superseded snapshot ranks nothing
+        estimate_sinks=[sink],
+        run_id="r1",
+    )
+    loop.superseded(acc.snapshot(), _record(2), 3)
+    (message,) = got
+    est = message["estimate"]
+    assert est["source"] == "vae"
+    assert est["superseded_by"] == 3
+    assert "superseded" in est["fallback"]
+    assert "after 3 orientations" in est["fallback"]
+    assert set(est["fc"]) == set(est["vae"]["fc"])
+    assert loop.measured == [2.0]
+    assert loop.history == []  # no advice
+    (row,) = history.estimates("r1")
+    assert row["superseded_by"] == 3
