@@ -60,6 +60,10 @@ CHECKPOINT = "checkpoint.npz"
 #: checkpoint, tagged with the run and the orientations they cover
 MOMENTS = "moments.npz"
 RUNS = "runs"
+#: the poll's timeout (s) while a closed orientation is being folded on the background
+#: thread: it is collected (checkpointed, handed over) as soon as its fold ends, not when
+#: the next message comes (the stream is quiet while the goniometer moves)
+IN_FLIGHT_POLL_S = 0.02
 
 
 def _write_npz(path: Path, tmp: Path, arrays: dict[str, Any]) -> None:
@@ -249,6 +253,8 @@ class ConsumerService:
         completed: list[OrientationRecord] = []
         if self.done and self._next:
             completed += self._start_next_run()
+        if self.pipeline.in_flight:
+            timeout_s = min(timeout_s, IN_FLIGHT_POLL_S)
         msgs = self.source.consume(max_records, timeout_s)
         completed += self._route(msgs)
         completed += self.pipeline.collect()  # orientations folded while we read

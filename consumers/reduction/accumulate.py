@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.exceptions import FoldError
-from consumers.reduction.moments import BinMoments
+from consumers.reduction.moments import BinMoments, MomentsRing
 from simulations.lattice.grid import Grid, PowderGrid
 
 logger = logging.getLogger(__name__)
@@ -165,9 +165,12 @@ class Snapshot:
         exposure: NDArray[np.float64],
         n: int,
         moments: BinMoments | None = None,
+        *,
+        copy_moments: bool = True,
     ) -> Snapshot:
         """The spectrum of ``counts`` over ``exposure`` (copied) after ``n`` orientations
-        (with a copy of ``moments``)."""
+        (with a copy of ``moments``; ``copy_moments=False``: the set itself, for one that is
+        never changed again, :class:`~consumers.reduction.moments.MomentsRing`)."""
         mask = exposure > 0
         safe = np.where(mask, exposure, 1.0)
         return cls(
@@ -177,7 +180,7 @@ class Snapshot:
             exposure=exposure.copy(),
             mask=mask,
             n_orientations=n,
-            moments=None if moments is None else moments.copy(),
+            moments=moments.copy() if moments is not None and copy_moments else moments,
         )
 
 
@@ -204,6 +207,10 @@ class RunAccumulator:
     keep_orientations: bool = True
     #: the run's per-bin moments (charge-weighted), None when they are not taken
     moments: BinMoments | None = None
+    #: with a ring, each orientation's moments make a new set (:class:`MomentsRing`)
+    #: instead of being added in place, and snapshots share the set instead of copying it
+    #: (a live run's, whose snapshots are taken after every orientation); once set, kept
+    moments_ring: MomentsRing | None = None
     normalisation: str = "proton_charge"
     #: the monitor source of ``"monitor"`` normalisation
     monitor: str | None = None
@@ -288,7 +295,10 @@ class RunAccumulator:
         exposure = (0.0 if weight is None else weight) * coverage
         if weight is not None:
             if moments is not None and self.moments is not None:
-                self.moments.add(moments, weight)
+                if self.moments_ring is not None:  # a new set: snapshots may hold the old
+                    self.moments = self.moments_ring.plus(self.moments, moments, weight)
+                else:
+                    self.moments.add(moments, weight)
             self.counts += counts
             self.exposure += exposure
         if self.keep_orientations:
@@ -311,7 +321,13 @@ class RunAccumulator:
 
     def snapshot(self) -> Snapshot:
         """The cumulative spectrum."""
-        return Snapshot.of(self.counts, self.exposure, len(self.records), self.moments)
+        return Snapshot.of(
+            self.counts,
+            self.exposure,
+            len(self.records),
+            self.moments,
+            copy_moments=self.moments_ring is None,
+        )
 
     def orientation_snapshot(self, index: int) -> Snapshot:
         """The spectrum of orientation ``index`` alone."""

@@ -25,6 +25,7 @@ from consumers.reduction.accumulate import OrientationRecord, RunAccumulator, Sn
 from consumers.reduction.folding import DROP_REASONS, Folder
 from consumers.reduction.moments import (
     BinMoments,
+    MomentsRing,
     StructureConstants,
     orientation_moments,
     star_operations,
@@ -537,6 +538,10 @@ class RunPipeline:
                 "monitor_counts": chunk.monitor_counts,
                 "monitor_incomplete": chunk.monitor_incomplete,
             }
+            if self.keep_snapshots:  # each snapshot keeps its set: new sets, recycled
+                for holder in (self.acc, self.split):
+                    if holder is not None and holder.moments is not None:
+                        holder.moments_ring = holder.moments_ring or MomentsRing()
             if self.split is not None:  # the classes' counts; the path's are their sum
                 assert self.classes is not None
                 self.split.add(counts, coverage, moments=moments, **common)
@@ -567,9 +572,11 @@ class RunPipeline:
             return snap
         assert self.classes is not None
         moments = self.split.moments
+        if moments is not None and self.split.moments_ring is None:  # else never changed
+            moments = moments.copy()
         return dataclasses.replace(
             snap,
-            moments=None if moments is None else moments.copy(),
+            moments=moments,
             class_counts=self.split.counts.copy(),
             n_classes=self.classes.n_classes,
         )

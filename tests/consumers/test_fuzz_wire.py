@@ -1076,6 +1076,10 @@ def attack_service(
             service.step(max_records=997)
     finally:
         log.removeHandler(records)
+        # the moments are written on a thread after each checkpoint (``run`` waits for
+        # them, a caller that steps does it itself): else the state folder may be removed
+        # while a write is under way (a flaky "directory not empty" at its cleanup)
+        service.flush_moments()
     assert service.done
     # every refused message is counted, under a reason, and dead-lettered once
     malformed = {

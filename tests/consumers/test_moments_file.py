@@ -118,3 +118,37 @@ def test_a_restart_adds_the_moments_its_file_lacks(
         resumed = _consume(messages, again, None)
         assert resumed.pipeline.moments_recomputed == ckpt, case
         _same(whole, resumed)
+
+
+def test_snapshots_share_the_runs_moments_and_keep_them(
+    messages: list[SourceMessage], tmp_path: Path
+) -> None:
+    """A consumer with a snapshot sink adds each orientation's moments into a new set
+    (:class:`~consumers.reduction.moments.MomentsRing`): the snapshot holds the set itself
+    (no copy), every snapshot still holds its own sums when the run is done, and the run's
+    moments are bitwise those of a consumer that adds them in place."""
+    from consumers.reduction.moments import BinMoments
+
+    got: list[tuple[BinMoments, BinMoments]] = []  # (the snapshot's set, a copy at hand-over)
+
+    def on_snapshot(snap: Any, rec: Any) -> None:
+        assert snap.moments is not None
+        got.append((snap.moments, snap.moments.copy()))
+
+    service = ConsumerService(
+        ListSource(messages), tmp_path / "shared", zone_classes="auto", on_snapshot=on_snapshot
+    )
+    while not service.done:
+        service.step(max_records=200, timeout_s=0.0)
+    service.flush_moments()
+    service.pipeline.close()
+    assert [m.n_orientations for m, _ in got] == [1, 2, 3, 4, 5]
+    assert len({id(m) for m, _ in got}) == 5  # a set each
+    assert got[-1][0] is service.pipeline.split.moments  # the run's own, not a copy
+    for held, then in got:
+        for name, want in then.arrays(prefix="").items():
+            np.testing.assert_array_equal(held.arrays(prefix="")[name], want, err_msg=name)
+    ring = service.pipeline.split.moments_ring
+    assert ring is not None
+    assert ring.allocated >= 1
+    _same(_consume(messages, tmp_path / "in_place", None), service)

@@ -9,6 +9,7 @@ import pytest
 from consumers.exceptions import FoldError
 from consumers.reduction.moments import (
     BinMoments,
+    MomentsRing,
     folded_samples,
     orientation_moments,
     star_operations,
@@ -155,3 +156,63 @@ def test_moments_split_by_zone_class_sum_to_the_path_moments() -> None:
         np.testing.assert_allclose(summed, a, rtol=1e-9, atol=1e-12 * np.abs(a).max(), err_msg=name)
     share = split.weight.reshape(n_q, n, n_e).sum(axis=(0, 2)) / plain.weight.sum()
     assert np.all(share > 0.1), share
+
+
+def _random_moments(rng: np.random.Generator, n_bins: int = 40, n_branches: int = 6) -> BinMoments:
+    m = BinMoments.zeros(n_bins, n_branches)
+    for a in m._fields():
+        a[...] = rng.normal(size=a.shape)
+    if np.iscomplexobj(m.tensor):
+        m.tensor += 1j * rng.normal(size=m.tensor.shape)
+    m.n_orientations = 1
+    return m
+
+
+def test_the_ring_sums_as_add_does_and_never_writes_over_a_held_set(rng) -> None:  # type: ignore[no-untyped-def]
+    """A live run's moments as new sets (MomentsRing): bitwise the in-place sums, a set
+    held by a snapshot (or a view of one of its arrays) is left as it was, and sets
+    nothing holds are recycled instead of allocated."""
+    ring = MomentsRing(keep=3)
+    live = BinMoments.zeros(40, 6)
+    ref = BinMoments.zeros(40, 6)
+    held: list[tuple[BinMoments, BinMoments]] = []  # (a snapshot's set, its sums then)
+    view = None
+    for k in range(10):
+        one = _random_moments(rng)
+        charge = 0.5 + 0.37 * k
+        ref.add(one, charge)
+        before = live
+        live = ring.plus(live, one, charge)
+        assert live is not before
+        for a, b in zip(live._fields(), ref._fields(), strict=True):
+            assert np.array_equal(a, b)  # bitwise: base + charge * one
+        assert live.n_orientations == k + 1
+        if k in (2, 5):
+            held.append((live, live.copy()))
+        if k == 7:
+            view = live.tensor_q2[3:9]  # a view keeps its set too
+            view_then = view.copy()
+    for kept, then in held:
+        for a, b in zip(kept._fields(), then._fields(), strict=True):
+            assert np.array_equal(a, b)
+    assert view is not None
+    assert np.array_equal(view, view_then)
+    # nothing held from here on: two sets take turns
+    held.clear()
+    del view
+    allocated = ring.allocated
+    for _ in range(6):
+        live = ring.plus(live, _random_moments(rng), 1.0)
+    assert ring.allocated - allocated <= 1
+    assert ring.recycled >= 5
+
+
+def test_the_ring_refuses_a_bad_charge_or_shape(rng) -> None:  # type: ignore[no-untyped-def]
+    ring = MomentsRing()
+    base = BinMoments.zeros(40, 6)
+    with pytest.raises(FoldError, match="proton charge"):
+        ring.plus(base, _random_moments(rng), float("nan"))
+    with pytest.raises(FoldError, match="cannot be added"):
+        ring.plus(base, _random_moments(rng, n_bins=41), 1.0)
+    with pytest.raises(ValueError, match="keep"):
+        MomentsRing(keep=0)
