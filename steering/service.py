@@ -104,7 +104,7 @@ class _EstimateWorker:
                             old.snapshot = dataclasses.replace(old.snapshot, moments=None)
                         old.superseded_by = job.snapshot.n_orientations
             self._jobs.append(job)
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="estimates", daemon=True)
                 self._thread.start()
             self._cv.notify_all()
@@ -122,10 +122,8 @@ class _EstimateWorker:
 
     def _work(self) -> None:
         while True:
-            with self._cv:
-                if not self._cv.wait_for(lambda: bool(self._jobs), timeout=60.0):
-                    self._thread = None  # idle: a later submit starts another
-                    return
+            with self._cv:  # one thread for the service's life (a daemon)
+                self._cv.wait_for(lambda: bool(self._jobs))
                 job = self._jobs.popleft()
                 self._busy = True
             try:
@@ -133,6 +131,7 @@ class _EstimateWorker:
             except Exception:  # one snapshot's failure never stops the estimates
                 logger.exception("the estimate of run %s failed", job.run_id)
             finally:
+                del job  # the idle thread holds no snapshot (nor the service)
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
