@@ -16,7 +16,7 @@ from consumers.reduction.accumulate import OrientationRecord, Snapshot
 from steering.api.state import LiveState
 from steering.db import History
 from steering.exceptions import SteeringError
-from steering.service import SteeringService
+from steering.service import SteeringService, _Job
 from tests.paths import MODELS
 
 
@@ -46,7 +46,9 @@ def _record(n: int) -> OrientationRecord:
     )
 
 
-def _service(tmp_path: Path, estimates: str) -> tuple[SteeringService, list[Any], threading.Event]:
+def _service(
+    tmp_path: Path, estimates: str, *, yield_s: float = 0.0
+) -> tuple[SteeringService, list[Any], threading.Event]:
     """A service whose consumer is a stand-in and whose estimate records its calls, the
     first one held until the returned event is set (a fit in progress)."""
     svc = SteeringService(
@@ -57,6 +59,7 @@ def _service(tmp_path: Path, estimates: str) -> tuple[SteeringService, list[Any]
         live=LiveState(),
         estimates=estimates,
     )
+    svc.estimate_yield_s = yield_s
     meta = {"run_id": "r1", "material": "Ge"}
     svc.service = SimpleNamespace(
         pipeline=SimpleNamespace(meta=meta, acc=None),
@@ -112,6 +115,35 @@ def test_every_snapshot_is_refined_in_order_on_request(tmp_path: Path) -> None:
     release.set()
     assert svc.drain(30)
     assert calls == [(1, None, False), (2, None, False), (3, None, False), ("end", "r1")]
+
+
+def test_the_consumer_yields_to_an_estimate_only_when_none_is_behind(tmp_path: Path) -> None:
+    """An idle estimates thread: the consumer waits for the snapshot's estimate (up to
+    ``estimate_yield_s``), so that at real time the fit has the cores to itself. A fit in
+    progress: the consumer goes on at once (a fast replay is never held up)."""
+    svc, calls, release = _service(tmp_path, "latest", yield_s=60.0)
+    release.set()  # fits end at once
+    svc._on_snapshot(_snapshot(1), _record(1))
+    assert calls == [(1, None, False)]  # made before the hand-over returned
+    release.clear()  # the next one is held ...
+    calls.clear()
+    t = threading.Thread(target=svc._on_snapshot, args=(_snapshot(2), _record(2)))
+    t.start()
+    t.join(1.0)
+    assert t.is_alive()  # ... and the consumer waits for it (up to 60 s here)
+    release.set()
+    t.join(30)
+    assert calls == [(2, None, False)]
+    assert svc.drain(30)
+    # behind a fit in progress: no wait
+    (tmp_path / "2").mkdir()
+    svc2, calls2, release2 = _service(tmp_path / "2", "latest", yield_s=60.0)
+    svc2._worker.submit(_Job("r1", lambda job: release2.wait(30)))  # a fit in progress
+    svc2._on_snapshot(_snapshot(1), _record(1))  # returns at once
+    assert calls2 == []
+    release2.set()
+    assert svc2.drain(30)
+    assert calls2 == [(1, None, False)]
 
 
 def test_an_unknown_mode_is_refused(tmp_path: Path) -> None:
