@@ -223,7 +223,9 @@ def coverage_figure(snapshot: Any, material: str, omegas: Sequence[float] = ()) 
 def fc_figure(
     estimates: Sequence[Mapping[str, Any]], *, truth: Mapping[str, float] | None = None
 ) -> bytes:
-    """PNG: each FC's mean +- std against orientations measured (truth dashed)."""
+    """PNG: each FC's mean +- std against orientations measured (truth dashed). Estimates
+    that are not the refinement's (the VAE's, e.g. a snapshot superseded while the fits
+    were behind) are drawn hollow and grey, where they have the coefficient at all."""
     plt = _plt()
     names = list(estimates[-1]["fc"]) if estimates else []
     n = max(len(names), 1)
@@ -231,10 +233,22 @@ def fc_figure(
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
-        x = [e["n_orientations"] for e in estimates]
-        mean = [e["fc"][name]["mean"] for e in estimates]
-        std = [e["fc"][name]["std"] for e in estimates]
-        ax.errorbar(x, mean, yerr=std, fmt="o-", ms=2, lw=0.8, capsize=1.5)
+        have = [e for e in estimates if name in e.get("fc", {})]
+        for refined in (True, False):
+            sel = [e for e in have if (e.get("source", "refined") == "refined") == refined]
+            if not sel:
+                continue
+            ax.errorbar(
+                [e["n_orientations"] for e in sel],
+                [e["fc"][name]["mean"] for e in sel],
+                yerr=[e["fc"][name]["std"] for e in sel],
+                fmt="o-" if refined else "o",
+                ms=2 if refined else 3,
+                lw=0.8,
+                capsize=1.5,
+                color=None if refined else "0.6",
+                mfc=None if refined else "none",
+            )
         if truth is not None and name in truth:
             ax.axhline(truth[name], color="k", ls="--", lw=0.8)
         ax.set_title(name, fontsize=9)

@@ -46,3 +46,6 @@ def test_figures_of_a_folded_run(snapshot, tmp_path: Path) -> None:  # type: ign
     _image(coverage_figure(snapshot, "Ge", omegas=(0.0, 30.0, 60.0)))
     _image(fc_figure([ESTIMATE, {**ESTIMATE, "n_orientations": 4}], truth={"1NN_xx": -3.0}))
     _image(fc_figure([]))  # no estimate yet: says so
+    # a superseded snapshot's VAE estimate lacks the coefficients only the refinement fits
+    vae = {**ESTIMATE, "n_orientations": 2, "source": "vae", "fc": {}}
+    _image(fc_figure([ESTIMATE, vae, {**ESTIMATE, "n_orientations": 4}]))
