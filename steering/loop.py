@@ -402,6 +402,13 @@ class SteeringLoop:
         metrics.ESTIMATE_SECONDS.observe(time.perf_counter() - t0)
         metrics.MODEL_INFO.info({"version": str(est.model_version)})
         running, mean, std = self._running_estimate(snapshot, est)
+        self._publish_estimate(snapshot, record, running, t0)  # before the ranking, the plan
+        self.advise(snapshot, record, running, mean, std, started=t0)
+
+    def _publish_estimate(
+        self, snapshot: Snapshot, record: OrientationRecord, running: dict[str, Any], t0: float
+    ) -> None:
+        """The running estimate into the estimate sinks (``seconds`` from ``t0``)."""
         message = {
             "run_id": self.run_id,
             "n_orientations": int(snapshot.n_orientations),
@@ -409,12 +416,11 @@ class SteeringLoop:
             "estimate": running,
             "seconds": time.perf_counter() - t0,
         }
-        for sink in self.estimate_sinks:  # out before the ranking and the plan
+        for sink in self.estimate_sinks:
             try:
                 sink(message)
             except Exception:
                 logger.exception("estimate sink failed (orientation %d)", record.index)
-        self.advise(snapshot, record, running, mean, std, started=t0)
 
     def superseded(self, snapshot: Snapshot, record: OrientationRecord, newer: int) -> None:
         """A snapshot whose run has a newer one waiting (the estimates fell behind the
@@ -428,24 +434,14 @@ class SteeringLoop:
         t0 = time.perf_counter()
         est = self.estimator.estimate(snapshot.intensity, snapshot.mask)
         metrics.ESTIMATE_SECONDS.observe(time.perf_counter() - t0)
+        metrics.MODEL_INFO.info({"version": str(est.model_version)})
         running = running_estimate(
             est.to_dict(),
             reason=f"superseded: the snapshot after {newer} orientations was already "
             "waiting; it is refined instead",
         )
         running["superseded_by"] = int(newer)
-        message = {
-            "run_id": self.run_id,
-            "n_orientations": int(snapshot.n_orientations),
-            "omega": float(record.omega),
-            "estimate": running,
-            "seconds": time.perf_counter() - t0,
-        }
-        for sink in self.estimate_sinks:
-            try:
-                sink(message)
-            except Exception:
-                logger.exception("estimate sink failed (orientation %d)", record.index)
+        self._publish_estimate(snapshot, record, running, t0)
         self.measured.append(float(record.omega))
         self._last_record = record
 
