@@ -227,7 +227,10 @@ def fc_figure(
     that are not the refinement's (the VAE's, e.g. a snapshot superseded while the fits
     were behind) are drawn hollow and grey, where they have the coefficient at all."""
     plt = _plt()
-    names = list(estimates[-1]["fc"]) if estimates else []
+    # the panels: the last estimate with the most coefficients (the last refined one,
+    # while the newest may be a superseded snapshot's VAE estimate)
+    fullest = max(reversed(estimates), key=lambda e: len(e.get("fc", {})), default=None)
+    names = list(fullest["fc"]) if fullest is not None else []
     n = max(len(names), 1)
     cols = min(n, 4)
     rows = -(-n // cols)

@@ -744,7 +744,6 @@ class SteeringLoop:
         n = int(snapshot.n_orientations)
         every = self.recheck_every
         recheck = self._warm is None or n // every > self._fitted_n // every
-        self._fitted_n = n
         starts = [start] if recheck else []
         scanned = self._scanned()
         if scanned is not None:
@@ -762,6 +761,7 @@ class SteeringLoop:
             metrics.REFINE_FALLBACKS.inc()
             return running_estimate(vae, reason=f"refinement failed: {exc}"), mean, std
         metrics.REFINE_SECONDS.observe(time.perf_counter() - t0)
+        self._fitted_n = n  # a failed fit tries the recheck again at the next snapshot
         running = running_estimate(vae, refined, binning=self.refiner.binning)
         if recheck:  # converged or not, scanned on a thread when due
             self._submit_scan(snapshot, refined, start, vae)

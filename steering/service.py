@@ -1026,9 +1026,17 @@ class SteeringService:
             self.follower.stop()
         if self.service is not None:
             self.service._request_stop()
+        t0 = time.monotonic()
         if self._thread is not None:
             self._thread.join(timeout)
-        for sink in self._sinks.values():
+        # the estimates left (made fast: the loop's hurry) before the sinks close
+        if not self._worker.drain(max(timeout - (time.monotonic() - t0), 1.0)):
+            logger.warning(
+                "stopping with %d estimates not made (they are lost; the checkpointed "
+                "counts are not)",
+                self._worker.pending,
+            )
+        for sink in list(self._sinks.values()):
             sink.close()
         self._sinks.clear()
         if self._livedata is not None:

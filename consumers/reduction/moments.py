@@ -330,7 +330,8 @@ class MomentsRing:
             if self._sets[i] is base or self._sets[i].tensor.shape != shape:
                 continue
             if self._refs(i) == self._free_refs:
-                return self._sets[i]
+                self._sets.append(self._sets.pop(i))  # the newest: evicted last
+                return self._sets[-1]
         return None
 
     def plus(self, base: BinMoments, other: BinMoments, charge: float = 1.0) -> BinMoments:

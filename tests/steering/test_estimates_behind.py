@@ -89,16 +89,19 @@ def test_the_newest_snapshot_is_refined_and_the_ones_waiting_are_superseded(
     tmp_path: Path,
 ) -> None:
     svc, calls, release = _service(tmp_path, "latest")
-    for n in (1, 2, 3, 4):  # the consumer hands over 4 orientations while the first fits
+    fitting = threading.Event()
+    svc._worker.submit(_Job("r0", lambda job: fitting.wait(30)))  # a fit in progress
+    for n in (1, 2, 3, 4):  # the consumer hands over 4 orientations meanwhile
         svc._on_snapshot(_snapshot(n), _record(n))
     svc._on_run_complete({"run_id": "r1"}, None)
-    assert svc._worker.pending == 5  # nothing waited on the consumer's thread
+    assert svc._worker.pending == 6  # nothing waited on the consumer's thread
     assert svc.history.run("r1")["state"] != "complete"  # type: ignore[index]
     release.set()
+    fitting.set()
     assert svc.drain(30)
-    # 2 and 3 had 4 behind them: the VAE alone, their moments dropped while they waited
+    # 1-3 had 4 behind them: the VAE alone, their moments dropped while they waited
     assert calls == [
-        (1, None, False),
+        (1, 4, True),
         (2, 4, True),
         (3, 4, True),
         (4, None, False),
@@ -109,6 +112,9 @@ def test_the_newest_snapshot_is_refined_and_the_ones_waiting_are_superseded(
 
 def test_every_snapshot_is_refined_in_order_on_request(tmp_path: Path) -> None:
     svc, calls, release = _service(tmp_path, "every")
+    fitting = threading.Event()
+    svc._worker.submit(_Job("r0", lambda job: fitting.wait(30)))  # a fit in progress
+    fitting.set()
     for n in (1, 2, 3):
         svc._on_snapshot(_snapshot(n), _record(n))
     svc._on_run_complete({"run_id": "r1"}, None)
