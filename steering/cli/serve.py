@@ -44,6 +44,12 @@ __all__ = ["demo_cmd", "model_serve_cmd", "queue_sink", "serve_cmd"]
 logger = logging.getLogger(__name__)
 
 
+def _check_estimates(estimates: str) -> None:
+    """Refuse an ``--estimates`` other than ``latest`` or ``every`` (before anything starts)."""
+    if estimates not in ("latest", "every"):
+        raise typer.BadParameter(f"latest or every, got {estimates!r}", param_hint="--estimates")
+
+
 #: ``--estimates`` of ``steer serve`` and ``steer demo``
 EstimatesOpt = Annotated[
     str,
@@ -233,8 +239,7 @@ def serve_cmd(
     target = _parse_target(target_std)  # refused before anything starts
     if binning not in ("classes", "path"):
         raise typer.BadParameter(f"classes or path, got {binning!r}", param_hint="--binning")
-    if estimates not in ("latest", "every"):
-        raise typer.BadParameter(f"latest or every, got {estimates!r}", param_hint="--estimates")
+    _check_estimates(estimates)
     queue = None
     if queueserver:  # and so do bad queue options
         queue = queue_sink(
@@ -609,8 +614,7 @@ def demo_cmd(
     from steering.demo import run_demo, run_powder_series_demo
 
     limit_numeric_threads(threads)
-    if estimates not in ("latest", "every"):
-        raise typer.BadParameter(f"latest or every, got {estimates!r}", param_hint="--estimates")
+    _check_estimates(estimates)
     if powder_series:
         emit(run_powder_series_demo(out, port=port, keep_serving=keep_serving), as_json)
         return
