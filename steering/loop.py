@@ -705,6 +705,7 @@ class SteeringLoop:
         VAE's estimate (and warm-started from the last optimum), else the VAE's estimate
         with the reason (never silently). Returns (the estimate dict of the advice, and
         the mean and std in the VAE's order for the advisor)."""
+        from model_server.refinement.fit import MISFIT_RESTART
         from model_server.refinement.refiner import running_estimate
 
         vae = est.to_dict()
@@ -748,6 +749,10 @@ class SteeringLoop:
         scanned = self._scanned()
         if scanned is not None:
             starts.append(scanned.coefficients)  # beside the warm start: the lower wins
+        # a misfit's restarts toward the reference set (several fits, tens of seconds on a
+        # few orientations' zone classes) go to the background scan when it is free: the
+        # first answer is published at once, and the next snapshot takes a lower minimum
+        defer = self.scan is not None and not self.scan.running
         t0 = time.perf_counter()
         try:
             refined = self.refiner.refine(
@@ -755,6 +760,7 @@ class SteeringLoop:
                 snapshot.moments,
                 starts,
                 warm=self._warm,
+                restarts=not defer,
             )
         except Exception as exc:  # a failed fit never stops the run: the VAE stands in
             logger.warning("refinement failed at %d orientations: %s", snapshot.n_orientations, exc)
@@ -763,8 +769,18 @@ class SteeringLoop:
         metrics.REFINE_SECONDS.observe(time.perf_counter() - t0)
         self._fitted_n = n  # a failed fit tries the recheck again at the next snapshot
         running = running_estimate(vae, refined, binning=self.refiner.binning)
-        if recheck:  # converged or not, scanned on a thread when due
-            self._submit_scan(snapshot, refined, start, vae)
+        restart = defer and bool(starts) and refined.pearson_chi2_per_dof > MISFIT_RESTART
+        if recheck or restart:  # converged or not, scanned on a thread when due
+            submitted = self._submit_scan(snapshot, refined, start, vae, force=restart)
+            if restart and submitted:
+                running["restarts"] = "background scan"
+                logger.info(
+                    "fit at %d orientations misfits (Pearson chi2/dof %.2f > %.2f): its "
+                    "restarts run in the background scan, the next snapshot takes their best",
+                    n,
+                    refined.pearson_chi2_per_dof,
+                    MISFIT_RESTART,
+                )
         if scanned is not None:
             adopted = refined.start == f"start {len(starts) - 1}"
             running["scan"] = scanned.to_dict() | {"adopted": adopted}
@@ -798,15 +814,22 @@ class SteeringLoop:
         return result if result.found else None
 
     def _submit_scan(
-        self, snapshot: Snapshot, refined: Refined, start: dict[str, float], vae: dict[str, Any]
-    ) -> None:
+        self,
+        snapshot: Snapshot,
+        refined: Refined,
+        start: dict[str, float],
+        vae: dict[str, Any],
+        *,
+        force: bool = False,
+    ) -> bool:
         """Hand a recheck's fit to the background scan when one is due (the VAE's std as
-        its step); a snapshot offered while a scan runs is skipped."""
+        its step), or whatever is due when ``force`` (a misfit whose restarts it takes);
+        a snapshot offered while a scan runs is skipped. Returns whether a scan started."""
         model = getattr(self.refiner, "last_model", None)
         if self.scan is None or self.refiner is None or model is None:
-            return
-        if not self.scan.due(snapshot.n_orientations):
-            return
+            return False
+        if not force and not self.scan.due(snapshot.n_orientations):
+            return False
         spread = {n: float(v["std"]) for n, v in vae.get("fc", {}).items() if "std" in v}
         ok = self.scan.submit(
             model,
@@ -817,6 +840,7 @@ class SteeringLoop:
             int(snapshot.n_orientations),
         )
         metrics.REFINE_SCANS.labels(outcome="started" if ok else "skipped").inc()
+        return ok
 
 
 if TYPE_CHECKING:

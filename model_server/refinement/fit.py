@@ -384,6 +384,7 @@ def refine(
     warm: NDArray[np.float64] | None = None,
     spread: NDArray[np.float64] | None = None,
     scan_always: bool = False,
+    restarts: bool = True,
     max_iter: int = 40,
 ) -> Refined:
     """Fit the coefficients to ``counts`` ((n_q, n_E), the folded counts of the run).
@@ -409,6 +410,10 @@ def refine(
     scan_always
         Scan whatever the misfit (with ``spread``): a wrong minimum that fits the counts
         within their noise is found only so (the live loop's background scan).
+    restarts
+        Try the starts toward the reference set when the best fit misfits (above
+        :data:`MISFIT_RESTART`). False: the first answer alone (the live loop, whose
+        background scan tries them off the live path, with the grid).
     max_iter
         Levenberg-Marquardt iterations per start.
 
@@ -446,7 +451,7 @@ def refine(
         raise RefinementError("no start gave a stable lattice with positive expected counts")
     results.sort(key=lambda r: r[1][0].objective)
     misfit = _pearson(y, results[0][1][0].lam, model)
-    if starts and misfit > MISFIT_RESTART:
+    if restarts and starts and misfit > MISFIT_RESTART:
         # A misfit this large is a second minimum more often than a model error: the
         # landscape of many counts has several. Starts between the first one and the
         # reference set often reach the right basin; the lowest deviance wins.

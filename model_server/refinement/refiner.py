@@ -393,6 +393,7 @@ class RunRefiner:
         warm: NDArray[np.float64] | None = None,
         model: CountsModel | None = None,
         spread: Mapping[str, float] | None = None,
+        restarts: bool = True,
         max_iter: int = 40,
     ) -> Refined:
         """Fit ``counts`` ((n_q, n_E) folded counts) given the run's ``moments``.
@@ -400,7 +401,8 @@ class RunRefiner:
         ``starts``: one or several starting estimates by name (the VAE's mean, posterior
         samples); ``warm``: the previous optimum's parameter vector; ``spread``: the first
         start's uncertainty by name (the VAE's std, eV/A^2), the step of the grid of starts
-        tried when the fit still misfits (:func:`~model_server.refinement.fit.refine`).
+        tried when the fit still misfits; ``restarts``: whether a misfit tries the starts
+        toward the reference set here (:func:`~model_server.refinement.fit.refine`).
         """
         if moments.n_orientations == 0 or not np.any(moments.weight > 0):
             raise RefinementError("no measured bins: no orientation has been folded yet")
@@ -417,13 +419,21 @@ class RunRefiner:
                 prior=self.prior,
                 warm=warm,
                 spread=steps,
+                restarts=restarts,
                 max_iter=max_iter,
             )
         k = len(self.names)
         at = vectors[0] if warm is None else np.asarray(warm, dtype=float)[:k]
         model = self.model(moments, at=at)
         fit = refine(
-            model, counts, vectors, prior=self.prior, warm=warm, spread=steps, max_iter=max_iter
+            model,
+            counts,
+            vectors,
+            prior=self.prior,
+            warm=warm,
+            spread=steps,
+            restarts=restarts,
+            max_iter=max_iter,
         )
         best = np.asarray(fit.theta, dtype=float)[:k]
         if np.linalg.norm(best - at) > TEMPLATE_TOLERANCE * np.linalg.norm(at):

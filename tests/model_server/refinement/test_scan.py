@@ -158,3 +158,67 @@ def test_the_live_loop_scans_a_misfit_and_its_next_estimate_says_so(wrong_minimu
     assert est["source"] == "refined"
     assert est["refined"]["deviance"] <= first_deviance + 1e-6 * abs(first_deviance)
     assert scan.take() is None  # handed over once
+
+
+def test_a_live_misfit_is_answered_at_once_and_its_restarts_run_in_the_scan(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first snapshot's fit misfits (a wrong minimum): the loop publishes that first
+    answer without the restarts toward the reference set (several more fits on the live
+    path), flags it, and hands them to the background scan, whose lower minimum the next
+    snapshot takes. With the scan busy, the restarts run on the live path as before."""
+    import logging
+    from types import SimpleNamespace
+
+    from steering.loop import SteeringLoop
+
+    monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (1.0,))  # short: the restarts + 1 start
+    run = ge_run()
+    moments = ge_moments(OMEGAS)
+    # the counts of the refiner's own model at the truth (its multiphonon template made
+    # there): the start below ends in a wrong minimum alone, the restarts find the truth
+    model = run.refiner.model(moments, at=run.truth)
+    theta = _truth_theta(model, run.truth, 2e6)
+    _, counts = replica_counts(model, theta, np.random.default_rng(11))
+    start = _start(run, np.random.default_rng(103), spread=0.35)
+    names = list(run.refiner.free)
+    idx = [run.refiner.names.index(n) for n in names]
+    vae = _VAE(names, start[idx], 0.35 * np.abs(run.truth[idx]))
+
+    def snapshot(n: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            n_orientations=n, counts=counts, moments=moments, n_classes=1, fitted_counts=counts
+        )
+
+    loop = SteeringLoop(None, None, None, refiner=run.refiner)  # type: ignore[arg-type]
+    assert loop.scan is not None
+    with caplog.at_level(logging.INFO, logger="model_server.refinement.fit"):
+        est, _, _ = loop._running_estimate(snapshot(1), vae)  # type: ignore[arg-type]
+        first_restarts = [r for r in caplog.records if "toward the reference" in r.message]
+        assert first_restarts == []  # none on the live path
+        assert est["refined"]["pearson_chi2_per_dof"] > fit_module.MISFIT_RESTART
+        assert est["restarts"] == "background scan"
+        assert loop.scan.started == 1
+        assert loop.scan.join(timeout=300)
+        # ... they ran in the scan, which found the lower minimum
+        assert [r for r in caplog.records if "toward the reference" in r.message]
+    est2, _, _ = loop._running_estimate(snapshot(2), vae)  # type: ignore[arg-type]
+    assert est2["scan"]["found"] is True
+    assert est2["refined"]["pearson_chi2_per_dof"] < fit_module.MISFIT_RESTART
+    mean = np.array([est2["refined"]["mean"][n] for n in run.refiner.names])
+    std = np.array([est2["refined"]["std"][n] for n in run.refiner.names])
+    assert np.all(np.abs(mean - run.truth)[:4] < 5 * std[:4])
+    assert "restarts" not in est2
+
+    # a scan already running: the live fit tries the restarts itself
+    busy = SteeringLoop(None, None, None, refiner=run.refiner)  # type: ignore[arg-type]
+    assert busy.scan is not None
+    gate = __import__("threading").Event()
+    busy.scan._thread = __import__("threading").Thread(target=gate.wait, daemon=True)
+    busy.scan._thread.start()
+    try:
+        est3, _, _ = busy._running_estimate(snapshot(1), vae)  # type: ignore[arg-type]
+    finally:
+        gate.set()
+    assert "restarts" not in est3
+    assert est3["refined"]["pearson_chi2_per_dof"] < fit_module.MISFIT_RESTART
