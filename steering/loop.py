@@ -706,7 +706,7 @@ class SteeringLoop:
         with the reason (never silently). Returns (the estimate dict of the advice, and
         the mean and std in the VAE's order for the advisor)."""
         from model_server.refinement.fit import MISFIT_RESTART
-        from model_server.refinement.refiner import running_estimate
+        from model_server.refinement.refiner import LIVE_TEMPLATE_TOLERANCE, running_estimate
 
         vae = est.to_dict()
         mean, std = np.asarray(est.mean, dtype=float), np.asarray(est.std, dtype=float)
@@ -761,6 +761,7 @@ class SteeringLoop:
                 starts,
                 warm=self._warm,
                 restarts=not defer,
+                template_tolerance=LIVE_TEMPLATE_TOLERANCE,
             )
         except Exception as exc:  # a failed fit never stops the run: the VAE stands in
             logger.warning("refinement failed at %d orientations: %s", snapshot.n_orientations, exc)

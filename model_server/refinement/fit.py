@@ -296,6 +296,7 @@ def _descend(
     converged = False
     it = 0
     fisher = np.eye(model.n_params)
+    fisher_at_state = False  # whether ``fisher`` is the Jacobian's of the final state
     for it in range(1, max_iter + 1):  # noqa: B007
         ev = model.evaluate(state.theta)
         assert ev.jacobian is not None
@@ -317,6 +318,13 @@ def _descend(
         # the Gauss-Newton step's (damped by _START_DAMPING) longest component, in std
         gn = _damped_step(fisher, grad, diag, idx, _START_DAMPING)
         gauss_newton = math.inf if gn is None else float(np.max(np.abs(gn) * inv_sd[idx]))
+        if near_gradient and gauss_newton < STEP_TOLERANCE:
+            # the Gauss-Newton step from here is already shorter than the test after a
+            # step asks of it: at the optimum, and the Fisher information is this point's
+            # (no trial, no Jacobian again; a warm start's fit often ends so)
+            converged = True
+            fisher_at_state = True
+            break
         rising = True  # every try valid, and the deviance rose
         for _ in range(12):
             used = damping
@@ -353,10 +361,11 @@ def _descend(
                 break
             damping *= 5.0
         if at_optimum:
-            converged = True
+            converged = fisher_at_state = True
             break
         if not accepted:
             converged = near_gradient or (rising and gauss_newton < PRECISION_STEP)
+            fisher_at_state = True
             break
         # converged on a short step that gains nothing: a nearly Gauss-Newton one, or a
         # damped one at a small gradient or a short Gauss-Newton step (a heavily damped
@@ -369,9 +378,10 @@ def _descend(
         ):
             converged = True
             break
-    ev = model.evaluate(state.theta)
-    assert ev.jacobian is not None
-    fisher = ev.jacobian.T @ (ev.jacobian / ev.expected[:, None]) + np.diag(prec)
+    if not fisher_at_state:  # the last step was taken: the information where it ended
+        ev = model.evaluate(state.theta)
+        assert ev.jacobian is not None
+        fisher = ev.jacobian.T @ (ev.jacobian / ev.expected[:, None]) + np.diag(prec)
     return state, fisher, it, converged
 
 
