@@ -211,7 +211,7 @@ class ConsumerService:
         #: wall time (s since the epoch) at which the orientation being handed to
         #: ``on_snapshot`` closed (None when unknown)
         self.closed_at: float | None = None
-        self.pipeline.keep_snapshots = on_snapshot is not None
+        self._keep_snapshots(on_snapshot is not None)
         self.on_run_complete = on_run_complete
         self.on_run_start = on_run_start
         self._started_meta: object = None
@@ -359,6 +359,8 @@ class ConsumerService:
                         self.on_snapshot(snap, rec)
                     except Exception:
                         logger.exception("snapshot hand-off failed (orientation %d)", rec.index)
+                    finally:
+                        self.pipeline.handed_over()
             if saved:
                 self._save_moments(last, records)
         if became_done and self.on_run_complete is not None and self.pipeline.acc is not None:
@@ -453,7 +455,7 @@ class ConsumerService:
             streams=self.streams,
             zone_classes=self._zone_classes,
         )
-        self.pipeline.keep_snapshots = self.on_snapshot is not None
+        self._keep_snapshots(self.on_snapshot is not None)
         self.done = False
         self._moving_seen = 0
         completed = self._route(held, fresh=False)
@@ -543,7 +545,15 @@ class ConsumerService:
     ) -> None:
         """Hand snapshots to ``sink`` from now on (see ``on_snapshot``)."""
         self.on_snapshot = sink
-        self.pipeline.keep_snapshots = sink is not None
+        self._keep_snapshots(sink is not None)
+
+    def _keep_snapshots(self, keep: bool) -> None:
+        """The pipeline keeps a snapshot of each orientation for ``on_snapshot`` (or not),
+        and holds the next setpoint's preparation while a closed orientation has not been
+        handed over: what ``on_snapshot`` starts with it (an estimate) has the cores."""
+        pipeline = self.pipeline
+        pipeline.keep_snapshots = keep
+        pipeline.hold_preparation = (lambda: pipeline.awaiting_handover > 0) if keep else None
 
     def run_info(self) -> dict[str, Any] | None:
         """The current run's metadata (pl72) with its grid's fingerprint, or None."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,13 @@ def coverage_angle(omega: float) -> float:
 #: Setpoints whose preparation is kept (the next one can arrive before the current
 #: orientation closes).
 RECENT_SETPOINTS = 3
+
+#: The longest a setpoint's preparation waits while :attr:`RunPipeline.hold_preparation`
+#: holds it (s): the last orientation's estimate then has the cores.
+PREPARE_HOLD_S = 10.0
+#: How long a preparation first waits for the close that comes with its setpoint (s), and
+#: how often it then asks whether it may start.
+_HOLD_POLL_S = 0.05
 
 #: Largest proton charge of one pulse (uC) taken as real: far above any source's (ESS
 #: ~4 uC, SNS ~23 uC), and low enough that an orientation's sum cannot overflow.
@@ -309,6 +318,16 @@ class RunPipeline:
         #: (:data:`ANGLE_DECIMALS`), oldest first
         self._prepared: dict[float, Future[_AngleParts]] = {}
         self._prep_pool: ThreadPoolExecutor | None = None
+        #: set when the orientation at that angle closed: its preparation waits no more
+        self._needed: dict[float, threading.Event] = {}
+        #: while this returns True, a setpoint's preparation waits (at most
+        #: :data:`PREPARE_HOLD_S`, and not once its own orientation has closed); the
+        #: service holds it while a closed orientation is on its way to its estimate, which
+        #: then has the cores (~1 s of one core that it shared at the close). None: never.
+        self.hold_preparation: Callable[[], bool] | None = None
+        #: closed orientations not yet handed over (:meth:`handed_over`) with
+        #: ``keep_snapshots``; folded and collected without it
+        self.awaiting_handover = 0
         #: seconds of each collected orientation's fold at its close: its events, and its
         #: coverage and moments where they were not prepared during its count (the caller
         #: drains it)
@@ -528,6 +547,7 @@ class RunPipeline:
                         "error": f"{type(exc).__name__}: {exc}",
                     }
                 )
+                self.handed_over()  # nothing of it is handed over
                 continue
             assert self.acc is not None
             common: dict[str, Any] = {
@@ -554,6 +574,8 @@ class RunPipeline:
             if self.keep_snapshots:
                 self.snapshots[out[-1].index] = self.snapshot()
                 self.closed_at[out[-1].index] = t_closed
+            else:  # no snapshot to hand over
+                self.handed_over()
         return out
 
     def snapshot(self) -> Snapshot:
@@ -591,8 +613,15 @@ class RunPipeline:
             self._prep_pool.shutdown(wait=False, cancel_futures=True)
             self._prep_pool = None
         self._prepared.clear()
+        self._needed.clear()
         self._jobs.clear()
         self._closed.clear()
+        self.awaiting_handover = 0
+
+    def handed_over(self, n: int = 1) -> None:
+        """``n`` collected orientations' snapshots were handed over (the caller's
+        estimate of them is done or under way): held preparations may start."""
+        self.awaiting_handover = max(0, self.awaiting_handover - int(n))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -799,8 +828,12 @@ class RunPipeline:
         """Fold a closed orientation: on the background worker, or here (``background``
         off). At most :data:`MAX_IN_FLIGHT` wait; then the reader waits for the oldest."""
         self._closed.append(time.time())
+        self.awaiting_handover += 1
         angle = coverage_angle(chunk.omega)
         prepared = self._prepared.get(angle)
+        needed = self._needed.get(angle)
+        if needed is not None:  # its fold takes it now: held no longer
+            needed.set()
         if not self.background:
             job: Future[_Folded] = Future()
             job.set_result(self._fold(chunk, angle))
@@ -829,14 +862,41 @@ class RunPipeline:
             if self._prep_pool is None:
                 # at the process's priority: an orientation's close may wait for it
                 self._prep_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+            needed = threading.Event()
             self._prepared[angle] = self._prep_pool.submit(
-                self._angle_parts, angle, self._setup_of()
+                self._prepare_when_free, angle, self._setup_of(), needed
             )
+            self._needed[angle] = needed
         except Exception:
             logger.exception("could not prepare omega %s: it is computed at its close", angle)
             return
         while len(self._prepared) > RECENT_SETPOINTS:
-            self._prepared.pop(next(iter(self._prepared))).cancel()
+            old = next(iter(self._prepared))
+            self._prepared.pop(old).cancel()
+            stale = self._needed.pop(old, None)
+            if stale is not None:  # a held one ends its wait (and is not used)
+                stale.set()
+
+    def _prepare_when_free(
+        self, omega: float, run: tuple[Any, ...], needed: threading.Event
+    ) -> _AngleParts:
+        """:meth:`_angle_parts` once :attr:`hold_preparation` lets it start (the
+        preparing thread): after the close that came with the setpoint has been handed
+        over, when the orientation at ``omega`` closes (``needed``), or after
+        :data:`PREPARE_HOLD_S`."""
+        hold = self.hold_preparation
+        if hold is not None:
+            deadline = time.monotonic() + PREPARE_HOLD_S
+            needed.wait(_HOLD_POLL_S)  # the close that comes with the setpoint
+            while not needed.is_set() and time.monotonic() < deadline:
+                try:
+                    if not hold():
+                        break
+                except Exception:  # best effort: a broken hold never stops a preparation
+                    logger.exception("the preparation's hold failed: preparing now")
+                    break
+                needed.wait(_HOLD_POLL_S)
+        return self._angle_parts(omega, run)
 
     def _add_moments_again(self, moments: BinMoments, records: list[OrientationRecord]) -> None:
         """Add the moments of ``records``' angles to ``moments`` in order, each at the

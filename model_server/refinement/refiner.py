@@ -272,14 +272,16 @@ class RunRefiner:
         reach (:func:`~simulations.lattice.backgrounds.elastic_reach`)."""
         return elastic_reach(self.resolution)
 
-    def incoherent(self, at: NDArray[np.float64] | None = None) -> IncoherentScattering:
+    def incoherent(
+        self, at: NDArray[np.float64] | None = None, tolerance: float = TEMPLATE_TOLERANCE
+    ) -> IncoherentScattering:
         """The incoherent scattering (multiphonon responses) of coefficients ``at`` (default:
         the reference set); the last one is kept and reused while the coefficients stay
-        within :data:`TEMPLATE_TOLERANCE` (relative) of those it was made for."""
+        within ``tolerance`` (relative, 2-norm) of those it was made for."""
         c = self.reference if at is None else np.asarray(at, dtype=float)
         if self._incoherent is not None:
             c0, inc = self._incoherent
-            if np.linalg.norm(c - c0) <= TEMPLATE_TOLERANCE * np.linalg.norm(c0):
+            if np.linalg.norm(c - c0) <= tolerance * np.linalg.norm(c0):
                 return inc
         model = CoherentSQE(
             self.setup.basis, c, temperature=self.temperature, resolution=self.resolution
@@ -298,7 +300,10 @@ class RunRefiner:
         return inc
 
     def multiphonon(
-        self, moments: BinMoments, at: NDArray[np.float64] | None = None
+        self,
+        moments: BinMoments,
+        at: NDArray[np.float64] | None = None,
+        tolerance: float = TEMPLATE_TOLERANCE,
     ) -> NDArray[np.float64]:
         """(n_q * n_E,) the expected multiphonon signal of every bin per unit scale, from
         the moments (in the units of the one-phonon sum): the incoherent approximation of
@@ -306,8 +311,9 @@ class RunRefiner:
         set, with each cell's ``exp(-2W) |Q|^4`` summed by the moments' atom blocks
         (``tr T2_jj / (b_j^2 / M_j)``) and ``|Q|^6`` as ``(|Q|^4)^2 / |Q|^2`` of the bin
         (exact for the narrow tube's nearly constant |Q|); the phonons those of the
-        coefficients ``at`` (default: the reference set)."""
-        inc = self.incoherent(at)
+        coefficients ``at`` (default: the reference set; those of the last template while
+        within ``tolerance`` of them, :meth:`incoherent`)."""
+        inc = self.incoherent(at, tolerance)
         amp2 = self.constants.amplitudes**2  # (n_at,) b^2 / M
         n_at = len(amp2)
         rows = np.arange(3 * n_at)  # the diagonals, gathered (a strided view sums slowly)
@@ -333,14 +339,17 @@ class RunRefiner:
         *,
         exclusion: float | None = None,
         at: NDArray[np.float64] | None = None,
+        tolerance: float = TEMPLATE_TOLERANCE,
     ) -> CountsModel:
         """The expected-counts model of a run's moments (``exclusion``: the radius around
         the zone centres left out, 1/A; default the model's, a negative one keeps all):
         the bins above the elastic line (:attr:`elastic_cut`), the sample's multiphonon
         scattering a fixed part of the signal, made with the phonons of the coefficients
         ``at`` (default: the reference set; the fit makes it at its start and again at its
-        optimum when that moved: :meth:`refine`)."""
-        return self.counts_model(moments, exclusion=exclusion, extra=self.multiphonon(moments, at))
+        optimum when that moved: :meth:`refine`; the last template is kept while ``at`` is
+        within ``tolerance`` of its coefficients)."""
+        extra = self.multiphonon(moments, at, tolerance)
+        return self.counts_model(moments, exclusion=exclusion, extra=extra)
 
     def counts_model(
         self,
@@ -432,7 +441,7 @@ class RunRefiner:
             )
         k = len(self.names)
         at = vectors[0] if warm is None else np.asarray(warm, dtype=float)[:k]
-        model = self.model(moments, at=at)
+        model = self.model(moments, at=at, tolerance=template_tolerance)
         fit = refine(
             model,
             counts,
@@ -449,7 +458,7 @@ class RunRefiner:
             # from the optimum alone (its full vector, nuisance included). The first fit
             # already tried the restarts a misfit asks for; a misfit that remains would
             # only repeat them from the optimum, which doubled the first snapshot's fit.
-            model = self.model(moments, at=best)
+            model = self.model(moments, at=best, tolerance=template_tolerance)
             again = refine(model, counts, [], prior=self.prior, warm=fit.theta, max_iter=max_iter)
             fit = dataclasses.replace(
                 again,

@@ -601,3 +601,72 @@ def test_coverage_cache(ge, ge_table) -> None:  # type: ignore[no-untyped-def]
     np.testing.assert_array_equal(again, folder.coverage(21.5, cache=False))
     assert again.min() >= 0
     assert not np.array_equal(other.coverage(21.5), again)
+
+
+def test_a_held_preparation_waits_until_it_is_let_go(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A setpoint's preparation waits while the pipeline's hold says so (the service
+    holds it while a closed orientation's snapshot has not been handed over), and starts
+    when the hold lets go, when its own orientation closes, or after PREPARE_HOLD_S; a
+    hold that raises never stops it."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from consumers.reduction import pipeline
+    from consumers.reduction.pipeline import RunPipeline
+
+    started: list[float] = []
+    monkeypatch.setattr(
+        RunPipeline, "_angle_parts", lambda self, omega, run=None: started.append(omega) or omega
+    )
+    pipe = RunPipeline(background=True)
+    holding = threading.Event()
+    pipe.hold_preparation = holding.is_set
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        holding.set()
+        job = pool.submit(pipe._prepare_when_free, 1.0, (), threading.Event())
+        time.sleep(0.4)
+        assert not job.done() and started == []  # held
+        holding.clear()
+        assert job.result(timeout=30) == 1.0  # let go
+        # its own orientation closed: it starts, hold or not
+        needed = threading.Event()
+        holding.set()
+        job = pool.submit(pipe._prepare_when_free, 2.0, (), needed)
+        time.sleep(0.4)
+        assert not job.done()
+        needed.set()
+        assert job.result(timeout=30) == 2.0
+        # never longer than PREPARE_HOLD_S
+        monkeypatch.setattr(pipeline, "PREPARE_HOLD_S", 0.3)
+        assert pool.submit(pipe._prepare_when_free, 3.0, (), threading.Event()).result(30) == 3.0
+
+        def broken() -> bool:
+            raise RuntimeError("hold failed")
+
+        pipe.hold_preparation = broken
+        assert pool.submit(pipe._prepare_when_free, 4.0, (), threading.Event()).result(30) == 4.0
+    assert started == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_closed_orientations_await_their_hand_over(tmp_path: Path, make_small_run) -> None:  # type: ignore[no-untyped-def]
+    """Each close counts an orientation awaiting its hand-over: without snapshots kept the
+    collection hands it over; with them the caller does (``handed_over``)."""
+    from consumers.reduction.pipeline import RunPipeline, schema_of
+
+    path, _, _ = make_small_run(tmp_path / "run.steer", (0.0, 3.0, 6.0), seed=4)
+    for keep in (False, True):
+        pipe = RunPipeline(background=True)
+        pipe.keep_snapshots = keep
+        records = []
+        with RunReader(path) as reader:
+            for msg in reader:
+                records += pipe.handle(schema_of(msg.headers, msg.payload), msg.payload, 0)
+        records += pipe.finish()
+        assert len(records) == 3
+        assert pipe.awaiting_handover == (3 if keep else 0)
+        pipe.handed_over(len(pipe.snapshots))
+        assert pipe.awaiting_handover == 0
+        pipe.handed_over()
+        assert pipe.awaiting_handover == 0  # never below zero
+        pipe.close()
