@@ -626,7 +626,8 @@ def test_a_held_preparation_waits_until_it_is_let_go(monkeypatch) -> None:  # ty
         holding.set()
         job = pool.submit(pipe._prepare_when_free, 1.0, (), threading.Event())
         time.sleep(0.4)
-        assert not job.done() and started == []  # held
+        assert not job.done()  # held
+        assert started == []
         holding.clear()
         assert job.result(timeout=30) == 1.0  # let go
         # its own orientation closed: it starts, hold or not
