@@ -427,21 +427,13 @@ class RunRefiner:
             starts = [starts or {}]
         vectors = [self.start_from(s) for s in starts]
         steps = None if spread is None else self.spread_from(spread)
-        if model is not None:
-            self.last_model = model
-            return refine(
-                model,
-                counts,
-                vectors,
-                prior=self.prior,
-                warm=warm,
-                spread=steps,
-                restarts=restarts,
-                max_iter=max_iter,
-            )
+        given = model is not None
         k = len(self.names)
-        at = vectors[0] if warm is None else np.asarray(warm, dtype=float)[:k]
-        model = self.model(moments, at=at, tolerance=template_tolerance)
+        if not vectors and warm is None:
+            raise RefinementError("no starting point: give a start or a warm parameter vector")
+        at = np.asarray(warm if warm is not None else vectors[0], dtype=float)[:k]
+        if model is None:
+            model = self.model(moments, at=at, tolerance=template_tolerance)
         fit = refine(
             model,
             counts,
@@ -452,6 +444,9 @@ class RunRefiner:
             restarts=restarts,
             max_iter=max_iter,
         )
+        if given:  # a given model keeps its template
+            self.last_model = model
+            return fit
         best = np.asarray(fit.theta, dtype=float)[:k]
         if np.linalg.norm(best - at) > template_tolerance * np.linalg.norm(at):
             # the multiphonon template follows the optimum: remade there and fitted again
