@@ -749,10 +749,12 @@ class SteeringLoop:
         scanned = self._scanned()
         if scanned is not None:
             starts.append(scanned.coefficients)  # beside the warm start: the lower wins
-        # a misfit's restarts toward the reference set (several fits, tens of seconds on a
-        # few orientations' zone classes) go to the background scan when it is free: the
-        # first answer is published at once, and the next snapshot takes a lower minimum
-        defer = self.scan is not None and not self.scan.running
+        # the run's first fit: a misfit's restarts toward the reference set (several fits,
+        # tens of seconds on a few orientations' zone classes) go to the background scan
+        # when it is free; the first answer is published at once, and the next snapshot
+        # takes a lower minimum. Later rechecks run them here (a run's last snapshot would
+        # never see the scan's answer, and a misfit that persists would scan every time).
+        defer = self._warm is None and self.scan is not None and not self.scan.running
         t0 = time.perf_counter()
         try:
             refined = self.refiner.refine(

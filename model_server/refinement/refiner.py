@@ -56,9 +56,9 @@ MULTIPHONON_MESH = 16
 WEDGE_MESH = 16
 #: Relative change of the coefficients (2-norm) that remakes the multiphonon template.
 TEMPLATE_TOLERANCE = 0.01
-#: The same for the live loop's fits, whose next snapshot makes its template at this
-#: optimum anyway: on the demo's run a remake after a move of 1.5 % changed no coefficient
-#: by 1e-4 of its std, and cost ~0.2 s and a second fit on the live path.
+#: The same for the live loop's fits (the template then stays within 5 % of the optimum):
+#: on the demo's run a remake after a move of 1.5 % changed no coefficient by 1e-4 of its
+#: std, and cost ~0.2 s and a second fit on the live path.
 LIVE_TEMPLATE_TOLERANCE = 0.05
 
 
@@ -448,7 +448,9 @@ class RunRefiner:
             self.last_model = model
             return fit
         best = np.asarray(fit.theta, dtype=float)[:k]
-        if np.linalg.norm(best - at) > template_tolerance * np.linalg.norm(at):
+        # the coefficients the template was made for (a kept one's may differ from ``at``)
+        made = self._incoherent[0] if self._incoherent is not None else at
+        if np.linalg.norm(best - made) > template_tolerance * np.linalg.norm(made):
             # the multiphonon template follows the optimum: remade there and fitted again
             # from the optimum alone (its full vector, nuisance included). The first fit
             # already tried the restarts a misfit asks for; a misfit that remains would
