@@ -754,7 +754,12 @@ class SteeringLoop:
         # when it is free; the first answer is published at once, and the next snapshot
         # takes a lower minimum. Later rechecks run them here (a run's last snapshot would
         # never see the scan's answer, and a misfit that persists would scan every time).
-        defer = self._warm is None and self.scan is not None and not self.scan.running
+        defer = (
+            self._warm is None
+            and self.scan is not None
+            and not self.scan.running
+            and self.scan.due(n)
+        )
         t0 = time.perf_counter()
         try:
             refined = self.refiner.refine(
@@ -772,10 +777,9 @@ class SteeringLoop:
         metrics.REFINE_SECONDS.observe(time.perf_counter() - t0)
         self._fitted_n = n  # a failed fit tries the recheck again at the next snapshot
         running = running_estimate(vae, refined, binning=self.refiner.binning)
-        restart = defer and bool(starts) and refined.pearson_chi2_per_dof > MISFIT_RESTART
-        if recheck or restart:  # converged or not, scanned on a thread when due
-            submitted = self._submit_scan(snapshot, refined, start, vae, force=restart)
-            if restart and submitted:
+        if recheck:  # converged or not, scanned on a thread when due (a deferring fit's is)
+            submitted = self._submit_scan(snapshot, refined, start, vae)
+            if defer and submitted and refined.pearson_chi2_per_dof > MISFIT_RESTART:
                 running["restarts"] = "background scan"
                 logger.info(
                     "fit at %d orientations misfits (Pearson chi2/dof %.2f > %.2f): its "
@@ -822,16 +826,14 @@ class SteeringLoop:
         refined: Refined,
         start: dict[str, float],
         vae: dict[str, Any],
-        *,
-        force: bool = False,
     ) -> bool:
         """Hand a recheck's fit to the background scan when one is due (the VAE's std as
-        its step), or whatever is due when ``force`` (a misfit whose restarts it takes);
-        a snapshot offered while a scan runs is skipped. Returns whether a scan started."""
+        its step); a snapshot offered while a scan runs is skipped. Returns whether a scan
+        started."""
         model = getattr(self.refiner, "last_model", None)
         if self.scan is None or self.refiner is None or model is None:
             return False
-        if not force and not self.scan.due(snapshot.n_orientations):
+        if not self.scan.due(snapshot.n_orientations):
             return False
         spread = {n: float(v["std"]) for n, v in vae.get("fc", {}).items() if "std" in v}
         ok = self.scan.submit(

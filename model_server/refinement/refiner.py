@@ -417,9 +417,9 @@ class RunRefiner:
         start's uncertainty by name (the VAE's std, eV/A^2), the step of the grid of starts
         tried when the fit still misfits; ``restarts``: whether a misfit tries the starts
         toward the reference set here (:func:`~model_server.refinement.fit.refine`);
-        ``template_tolerance``: the relative move of the optimum from where the multiphonon
-        template was made beyond which it is made again there and fitted again (the live
-        loop allows more: its next snapshot's template is made at this optimum).
+        ``template_tolerance``: the relative distance of the optimum from the coefficients
+        the multiphonon template was made for beyond which it is made again there and
+        fitted again (the live loop allows more: :data:`LIVE_TEMPLATE_TOLERANCE`).
         """
         if moments.n_orientations == 0 or not np.any(moments.weight > 0):
             raise RefinementError("no measured bins: no orientation has been folded yet")
