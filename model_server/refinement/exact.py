@@ -21,7 +21,7 @@ estimate (``steer estimate --refine --exact``), not the live loop's.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,17 +204,27 @@ def refine_file_exact(
     *,
     first: int | None = None,
     spread: Mapping[str, float] | None = None,
+    passes: int = 1,
+    on_pass: Callable[[int, Refined, float], None] | None = None,
     progress: bool = False,
 ) -> tuple[Refined, Refined, dict[str, Any]]:
     """:func:`model_server.refinement.refiner.refine_file`, then the fit again with the
     exact-fold correction made at its optimum (:func:`exact_correction`; about 18 s an
-    orientation on one core).
+    orientation on one core); with ``passes`` > 1, the correction is made again at each
+    corrected optimum and the fit repeated, so that the last correction is made where the
+    fit ends (the factors hold best near the point they were made at).
 
-    Returns ``(corrected, model_only, correction)``: the corrected fit, the first fit and
-    the correction's summary (orientations, the factors' median and 90th-percentile
-    distance from 1 in the fitted bins, seconds)."""
+    Returns ``(corrected, model_only, correction)``: the last corrected fit, the first fit
+    and the last correction's summary (orientations, the factors' median and
+    90th-percentile distance from 1 in the fitted bins, seconds), with ``passes`` and, per
+    pass, the largest move of a coefficient in units of its std from the point the pass's
+    correction was made at (``moved_std``: how far from converged the passes are).
+    ``on_pass(k, fit, moved_std)`` is called after the k-th corrected fit (from 1): each
+    pass costs the exact fold again, so a caller can show the fits as they come."""
     from consumers.reduction.pipeline import run_folder
 
+    if passes < 1:
+        raise RefinementError(f"passes must be >= 1 (got {passes})")
     counts, run_start, omegas, charges, moments, refiner = file_inputs(path, first, progress)
     if refiner.classes is not None:
         raise RefinementError(
@@ -230,10 +240,25 @@ def refine_file_exact(
         dict(run_start), tolerance=refiner.table.tolerance, wedge_mesh=refiner.wedge_mesh
     )
     assert isinstance(folder, Folder)  # read_counts_file's moments are single-crystal ones
-    correction = exact_correction(
-        refiner, moments, folder, omegas, charges, fit.mean, progress=progress
-    )
-    model = corrected_model(refiner, moments, correction)
-    best = {n: float(v) for n, v in zip(refiner.names, fit.mean, strict=True)}
-    corrected = refiner.refine(counts, moments, best, model=model, warm=fit.theta)
-    return corrected, fit, correction.summary(model)
+    at = fit
+    moved: list[float] = []
+    for done in range(passes):
+        if progress and passes > 1:
+            print(f"exact-fold correction, pass {done + 1} of {passes}", flush=True)
+        correction = exact_correction(
+            refiner, moments, folder, omegas, charges, at.mean, progress=progress
+        )
+        model = corrected_model(refiner, moments, correction)
+        best = {n: float(v) for n, v in zip(refiner.names, at.mean, strict=True)}
+        corrected = refiner.refine(counts, moments, best, model=model, warm=at.theta)
+        moved.append(float(np.max(np.abs(corrected.mean - at.mean) / corrected.std)))
+        if on_pass is not None:
+            on_pass(done + 1, corrected, moved[-1])
+        if not corrected.converged:
+            break
+        at = corrected
+    summary = correction.summary(model) | {
+        "passes": len(moved),
+        "moved_std": [round(m, 3) for m in moved],
+    }
+    return corrected, fit, summary

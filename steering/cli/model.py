@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -21,6 +21,9 @@ from steering.cli.options import (
     WedgeMeshOpt,
 )
 from steering.cli.output import command_line, emit
+
+if TYPE_CHECKING:
+    from model_server.refinement.fit import Refined
 
 __all__ = ["estimate_cmd", "evaluate_cmd", "evaluate_posterior_cmd", "finetune_cmd", "train_cmd"]
 
@@ -230,6 +233,16 @@ def estimate_cmd(
             "refined_model_only.",
         ),
     ] = False,
+    exact_passes: Annotated[
+        int,
+        typer.Option(
+            "--exact-passes",
+            min=1,
+            help="With --exact: make the correction again at each corrected optimum and "
+            "fit again, this many corrections in all (each costs the exact fold again); "
+            "refined.exact_correction.moved_std says how far each pass moved the fit.",
+        ),
+    ] = 1,
     wedge: Annotated[
         Path | None,
         typer.Option(
@@ -249,6 +262,8 @@ def estimate_cmd(
     --refine, the likelihood refinement against its counts beside it."""
     if exact and not refine:
         raise typer.BadParameter("--exact corrects the refinement: give --refine too")
+    if exact_passes != 1 and not exact:
+        raise typer.BadParameter("--exact-passes repeats the exact correction: give --exact too")
     binning = "path"
     if wedge is not None:
         if not refine:
@@ -294,7 +309,13 @@ def estimate_cmd(
     counts_file = iqe if wedge is None else wedge
     if exact:
         corrected, first_fit, correction = refine_file_exact(
-            counts_file, start, first=first, spread=spread, progress=not quiet and not as_json
+            counts_file,
+            start,
+            first=first,
+            spread=spread,
+            passes=exact_passes,
+            on_pass=None if quiet or exact_passes == 1 else _show_exact_pass,
+            progress=not quiet and not as_json,
         )
         out = {
             "vae": vae,
@@ -307,6 +328,19 @@ def estimate_cmd(
         counts_file, start, first=first, spread=spread, progress=not quiet and not as_json
     )
     emit({"vae": vae, "refined": refined.to_dict() | {"binning": binning}}, as_json)
+
+
+def _show_exact_pass(k: int, fit: Refined, moved_std: float) -> None:
+    """``steer estimate --exact-passes``: one line on stderr per corrected fit (each pass
+    costs the exact fold again, so the fits are shown as they come)."""
+    coeffs = ", ".join(
+        f"{n} {m:.4f} +- {s:.4f}" for n, m, s in zip(fit.names, fit.mean, fit.std, strict=True)
+    )
+    typer.echo(
+        f"exact-fold pass {k}: deviance/dof {fit.deviance_per_dof:.3f}, "
+        f"moved {moved_std:.2f} std, converged {fit.converged}; {coeffs}",
+        err=True,
+    )
 
 
 def _check_wedge_file(iqe: Path, wedge: Path) -> str:

@@ -60,7 +60,21 @@ def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
     bad = steer("estimate", str(iqe), "--model", model, "--exact", "--json")
     assert bad.returncode != 0
     assert "--refine" in bad.stderr
-    done = steer("estimate", str(iqe), "--model", model, "--refine", "--exact", "--json")
+    bad = steer("estimate", str(iqe), "--model", model, "--refine", "--exact-passes", "2")
+    assert bad.returncode != 0
+    assert "--exact" in bad.stderr
+    done = steer(
+        "estimate",
+        str(iqe),
+        "--model",
+        model,
+        "--refine",
+        "--exact",
+        "--exact-passes",
+        "2",
+        "--json",
+        timeout=900,  # two exact folds of the orientation
+    )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert set(out) == {"vae", "refined", "refined_model_only"}
@@ -69,6 +83,11 @@ def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
     assert first["converged"]
     assert refined["exact_correction"]["orientations"] == 1
     assert refined["exact_correction"]["seconds"] > 0
+    # two corrections: the second made at the first corrected optimum
+    assert refined["exact_correction"]["passes"] == 2
+    moved = refined["exact_correction"]["moved_std"]
+    assert len(moved) == 2
+    assert all(m >= 0 for m in moved)
     assert set(refined["mean"]) == set(first["mean"])
     assert len(refined["mean"]) == 16
     # at these few counts the correction moves no coefficient by more than its std
