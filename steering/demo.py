@@ -31,9 +31,19 @@ if TYPE_CHECKING:
     from steering.db import History
     from steering.service import SteeringService
 
-__all__ = ["DemoResult", "format_summary", "run_demo", "run_powder_series_demo"]
+__all__ = [
+    "DemoResult",
+    "default_timeout",
+    "format_summary",
+    "run_demo",
+    "run_powder_series_demo",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds of a simulated orientation at real time, a minute's count and a move of about a
+#: degree (the demo's default time-out is made from it).
+REPLAY_S_PER_ORIENTATION = 62.0
 
 DemoResult = dict[str, Any]
 
@@ -286,6 +296,13 @@ def _serve_until_interrupted(api: threading.Thread, url: str) -> None:
         pass
 
 
+def default_timeout(orientations: int, speed: float) -> float:
+    """Seconds the demo waits for its run to complete after the replay started: twice the
+    replay's own length (``orientations`` x :data:`REPLAY_S_PER_ORIENTATION` / ``speed``)
+    plus 10 minutes, and at least 30 minutes."""
+    return max(1800.0, 2.0 * orientations * REPLAY_S_PER_ORIENTATION / speed + 600.0)
+
+
 def run_demo(
     out: str | Path = "demo_out",
     *,
@@ -296,7 +313,7 @@ def run_demo(
     port: int | None = None,
     model_dir: str | Path | None = None,
     keep_serving: bool = False,
-    timeout_s: float = 1800.0,
+    timeout_s: float | None = None,
     on_state: Callable[[dict[str, Any]], None] | None = None,
     scan: bool = True,
     binning: str = "classes",
@@ -327,7 +344,9 @@ def run_demo(
     keep_serving
         Keep the API and page up after the run until Ctrl-C.
     timeout_s
-        Give up when the run is not complete by then.
+        Give up when the run is not complete this long after the replay started (default:
+        twice the replay's own length, ``orientations`` x 62 s / ``speed``, plus 10
+        minutes, and at least 30 minutes: a run at real time takes hours).
     on_state
         Called with the progress state (tests).
     """
@@ -336,6 +355,8 @@ def run_demo(
     from steering.api.state import LiveState
     from steering.service import SteeringService
 
+    if timeout_s is None:
+        timeout_s = default_timeout(orientations, speed)
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

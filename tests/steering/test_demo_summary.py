@@ -1,8 +1,9 @@
-"""The demo's summary for people says what the fits' background scans did."""
+"""The demo's summary for people says what the fits' background scans did; the demo waits
+for a run at real time as long as it takes."""
 
 from __future__ import annotations
 
-from steering.demo import format_summary
+from steering.demo import default_timeout, format_summary
 
 
 def test_the_summary_counts_the_background_scans() -> None:
@@ -10,3 +11,11 @@ def test_the_summary_counts_the_background_scans() -> None:
     text = format_summary(base | {"scans": {"started": 3, "found": 1, "adopted": 1}})
     assert "background scans of the fits: 3 run, 1 found a lower minimum, 1 taken" in text
     assert "background scans of the fits: off" in format_summary(base | {"scans": None})
+
+
+def test_the_demo_waits_for_a_run_at_real_time() -> None:
+    # 120 orientations at 1x count two hours: the wait must outlast them
+    assert default_timeout(120, 1.0) > 120 * 60.0
+    # a fast replay keeps the half-hour floor; the wait falls with the speed
+    assert default_timeout(60, 60.0) == 1800.0
+    assert default_timeout(120, 2.0) < default_timeout(120, 1.0)
