@@ -25,8 +25,9 @@ __all__ = ["REPLAY_LINGER_MS", "record", "replay"]
 #: sends the 60 Hz proton-charge samples 17 ms apart; at 5 ms each was a batch of its own,
 #: and the embedded broker (Tansu, in memory) works in proportion to the batches its
 #: partition holds on every fetch: 62 % of a core 15 minutes into a run replayed at real
-#: time. At 100 ms about 6 samples share a batch; a message waits at most 0.1 s (a flush,
-#: before every bluesky document, sends at once).
+#: time. At 100 ms about 6 samples share a batch; a message waits at most 0.1 s, and a
+#: paced replay flushes after each bluesky document (an orientation's end goes out at
+#: once, with what came before it).
 REPLAY_LINGER_MS = 100
 
 
@@ -144,6 +145,8 @@ def _publish(
             headers=list(msg.headers),
             timestamp_ms=msg.timestamp_ns // 1_000_000,
         )
+        if speed and msg.topic.endswith("_bluesky"):
+            producer.flush()  # paced: a document (an orientation's end) does not linger
         n += 1
     return n, n_zmq
 

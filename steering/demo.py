@@ -41,9 +41,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Seconds of a simulated orientation at real time, a minute's count and a move of about a
-#: degree (the demo's default time-out is made from it).
-REPLAY_S_PER_ORIENTATION = 62.0
+#: Seconds of a simulated orientation at real time besides its move: a minute's count and
+#: a second's settle (the goniometer moves at 1 deg/s over the run's 120 degrees; the
+#: demo's default time-out is made from these).
+REPLAY_S_PER_ORIENTATION = 61.0
 
 DemoResult = dict[str, Any]
 
@@ -298,9 +299,10 @@ def _serve_until_interrupted(api: threading.Thread, url: str) -> None:
 
 def default_timeout(orientations: int, speed: float) -> float:
     """Seconds the demo waits for its run to complete after the replay started: twice the
-    replay's own length (``orientations`` x :data:`REPLAY_S_PER_ORIENTATION` / ``speed``)
-    plus 10 minutes, and at least 30 minutes."""
-    return max(1800.0, 2.0 * orientations * REPLAY_S_PER_ORIENTATION / speed + 600.0)
+    replay's own length (``orientations`` x :data:`REPLAY_S_PER_ORIENTATION` plus 120 s of
+    moves, over ``speed``) plus 10 minutes, and at least 30 minutes."""
+    replay_s = (orientations * REPLAY_S_PER_ORIENTATION + 120.0) / speed
+    return max(1800.0, 2.0 * replay_s + 600.0)
 
 
 def run_demo(
@@ -345,8 +347,8 @@ def run_demo(
         Keep the API and page up after the run until Ctrl-C.
     timeout_s
         Give up when the run is not complete this long after the replay started (default:
-        twice the replay's own length, ``orientations`` x 62 s / ``speed``, plus 10
-        minutes, and at least 30 minutes: a run at real time takes hours).
+        twice the replay's own length plus 10 minutes, and at least 30 minutes:
+        :func:`default_timeout`; a run at real time takes hours).
     on_state
         Called with the progress state (tests).
     """

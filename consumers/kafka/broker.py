@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -51,10 +52,15 @@ def _parent_death_signal() -> Callable[[], None] | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
-    prctl = ctypes.CDLL(name, use_errno=True).prctl  # looked up before the fork
+    prctl = ctypes.CDLL(name).prctl  # looked up before the fork
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
 
     def preexec() -> None:
         prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
 
     return preexec
 

@@ -20,6 +20,7 @@ estimate (``steer estimate --refine --exact``), not the live loop's.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -211,14 +212,17 @@ def refine_file_exact(
     """:func:`model_server.refinement.refiner.refine_file`, then the fit again with the
     exact-fold correction made at its optimum (:func:`exact_correction`; about 18 s an
     orientation on one core); with ``passes`` > 1, the correction is made again at each
-    corrected optimum and the fit repeated, so that the last correction is made where the
-    fit ends (the factors hold best near the point they were made at).
+    corrected optimum and the fit repeated, so that the last correction is made within
+    ``moved_std[-1]`` std of where the fit ends (the factors hold best near the point
+    they were made at).
 
     Returns ``(corrected, model_only, correction)``: the last corrected fit, the first fit
     and the last correction's summary (orientations, the factors' median and
     90th-percentile distance from 1 in the fitted bins, seconds), with ``passes`` and, per
     pass, the largest move of a coefficient in units of its std from the point the pass's
-    correction was made at (``moved_std``: how far from converged the passes are).
+    correction was made at (``moved_std``: how far from converged the passes are; 0 for a
+    coefficient of zero std). A later pass whose fit does not converge is not returned:
+    the last converged pass is, with ``stopped`` saying which pass failed.
     ``on_pass(k, fit, moved_std)`` is called after the k-th corrected fit (from 1): each
     pass costs the exact fold again, so a caller can show the fits as they come."""
     from consumers.reduction.pipeline import run_folder
@@ -242,23 +246,33 @@ def refine_file_exact(
     assert isinstance(folder, Folder)  # read_counts_file's moments are single-crystal ones
     at = fit
     moved: list[float] = []
+    kept: tuple[Refined, dict[str, Any]] | None = None
     for done in range(passes):
         if progress and passes > 1:
-            print(f"exact-fold correction, pass {done + 1} of {passes}", flush=True)
+            print(f"exact-fold correction, pass {done + 1} of {passes}", file=sys.stderr)
         correction = exact_correction(
             refiner, moments, folder, omegas, charges, at.mean, progress=progress
         )
         model = corrected_model(refiner, moments, correction)
         best = {n: float(v) for n, v in zip(refiner.names, at.mean, strict=True)}
         corrected = refiner.refine(counts, moments, best, model=model, warm=at.theta)
-        moved.append(float(np.max(np.abs(corrected.mean - at.mean) / corrected.std)))
+        step = np.abs(corrected.mean - at.mean)
+        std = corrected.std
+        scaled = np.where(std > 0, step / np.where(std > 0, std, 1.0), 0.0)
+        moved.append(float(np.max(scaled)))
         if on_pass is not None:
             on_pass(done + 1, corrected, moved[-1])
+        if not corrected.converged and kept is not None:
+            # a later pass that fails keeps the last converged one (and says so)
+            last, summary = kept
+            return last, fit, summary | {"stopped": f"pass {done + 1} did not converge"}
+        kept = (
+            corrected,
+            correction.summary(model)
+            | {"passes": len(moved), "moved_std": [round(m, 3) for m in moved]},
+        )
         if not corrected.converged:
             break
         at = corrected
-    summary = correction.summary(model) | {
-        "passes": len(moved),
-        "moved_std": [round(m, 3) for m in moved],
-    }
-    return corrected, fit, summary
+    assert kept is not None  # passes >= 1
+    return kept[0], fit, kept[1]
