@@ -745,7 +745,13 @@ class SteeringLoop:
         n = int(snapshot.n_orientations)
         every = self.recheck_every
         recheck = self._warm is None or n // every > self._fitted_n // every
-        starts = [start] if recheck else []
+        # a later recheck's start from the VAE is fitted off the live path, in the
+        # background (beside the scan's grid when one is due, else alone): the live fit
+        # stays warm-only, ~1 s. Only while the background is busy does it fit here.
+        offload = (
+            recheck and self._warm is not None and self.scan is not None and not self.scan.running
+        )
+        starts = [start] if recheck and not offload else []
         scanned = self._scanned()
         if scanned is not None:
             starts.append(scanned.coefficients)  # beside the warm start: the lower wins
@@ -778,7 +784,7 @@ class SteeringLoop:
         self._fitted_n = n  # a failed fit tries the recheck again at the next snapshot
         running = running_estimate(vae, refined, binning=self.refiner.binning)
         if recheck:  # converged or not, scanned on a thread when due (a deferring fit's is)
-            submitted = self._submit_scan(snapshot, refined, start, vae)
+            submitted = self._submit_scan(snapshot, refined, start, vae, alone=offload)
             if defer and submitted and refined.pearson_chi2_per_dof > MISFIT_RESTART:
                 running["restarts"] = "background scan"
                 logger.info(
@@ -826,14 +832,18 @@ class SteeringLoop:
         refined: Refined,
         start: dict[str, float],
         vae: dict[str, Any],
+        *,
+        alone: bool = False,
     ) -> bool:
         """Hand a recheck's fit to the background scan when one is due (the VAE's std as
-        its step); a snapshot offered while a scan runs is skipped. Returns whether a scan
-        started."""
+        its step); a snapshot offered while a scan runs is skipped. ``alone``: the live fit
+        left out the VAE's start, so when no scan is due the background fits from that
+        start alone (beside the live optimum). Returns whether a scan or fit started."""
         model = getattr(self.refiner, "last_model", None)
         if self.scan is None or self.refiner is None or model is None:
             return False
-        if not self.scan.due(snapshot.n_orientations):
+        grid = self.scan.due(snapshot.n_orientations)
+        if not grid and not alone:
             return False
         spread = {n: float(v["std"]) for n, v in vae.get("fc", {}).items() if "std" in v}
         ok = self.scan.submit(
@@ -843,6 +853,7 @@ class SteeringLoop:
             self.refiner.start_from(start),
             self.refiner.spread_from(spread),
             int(snapshot.n_orientations),
+            grid=grid,
         )
         metrics.REFINE_SCANS.labels(outcome="started" if ok else "skipped").inc()
         return ok

@@ -36,7 +36,8 @@ REFINE_FALLBACKS = Counter(
 )
 REFINE_SCANS = Counter(
     "steer_refine_scans_total",
-    "Background scans of a fit's grid of starts, by outcome: started, skipped "
+    "Background scans of a fit's grid of starts (and a recheck's fit from the VAE's start "
+    "alone), by outcome: started, skipped "
     "(one was running), found (a lower minimum), none (no lower one), adopted (the next "
     "snapshot's fit ended there)",
     ["outcome"],

@@ -358,11 +358,23 @@ class SteeringService:
 
         def work() -> None:
             try:
-                self._loop_for(meta)
+                loop = self._loop_for(meta)
             except (ModelServerError, OSError) as exc:
                 logger.warning("model unavailable at the run start: %s", exc)
+                return
             except Exception:
                 logger.exception("could not prepare the steering loop of a run")
+                return
+            if loop.refiner is None:
+                return
+            # the counts model's compiled kernels, before the first orientation's fit
+            # needs them (a fresh install compiles them once, ~15 s; then ~0.2 s)
+            try:
+                seconds = loop.refiner.warm_up()
+            except Exception as exc:  # the first fit compiles them instead
+                logger.warning("run %s: the counts model's warm-up failed: %s", loop.run_id, exc)
+            else:
+                logger.info("run %s: the counts model is ready (%.1f s)", loop.run_id, seconds)
 
         threading.Thread(target=work, name="prepare-run", daemon=True).start()
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,31 @@ class RunRefiner:
                 per_atom += (m6[:, j].reshape(-1, n_e) / 6.0) * broad[1, j][None, :]
             out += inc.sigma_total[j] / (4 * math.pi) * per_atom
         return np.asarray(out.reshape(-1) / n_at)
+
+    def warm_up(self) -> float:
+        """Compile the expected-counts model's kernels (numba's, cached on disk after a
+        first compile of ~20 s) before the run's first fit needs them: the moments of one
+        orientation (omega 0) and the model's expected counts and Jacobian at the
+        reference set. The path's binning or its zone classes (the live service's); a
+        refiner on another grid warms up the path's model of its material (the same
+        kernels). Returns the seconds it took."""
+        from consumers.reduction.folding import Folder
+        from consumers.reduction.moments import orientation_moments
+        from simulations.instrument.spectrometer import Orientation
+
+        t0 = time.perf_counter()
+        if self.binning not in ("path", "classes"):
+            path = RunRefiner(
+                self.material, self.instrument, self.ei, self.temperature, material_setup=self.setup
+            )
+            path.warm_up()
+            return time.perf_counter() - t0
+        frame = Orientation.from_vectors(self.setup.crystal, (1, 0, 0), (0, 1, 0))
+        folder = Folder(self.table, self.setup.grid, self.instrument, frame, self.ei)
+        moments = orientation_moments(folder, self.constants, 0.0, classes=self.classes)
+        model = self.counts_model(moments)
+        model.evaluate(model.theta(self.reference), jacobian=True)
+        return time.perf_counter() - t0
 
     def model(
         self,

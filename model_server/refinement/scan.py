@@ -14,7 +14,10 @@ the lower deviance wins there, as within one fit, so a scan can only move the ru
 estimate to a better fit of the counts.
 
 After a scan that found nothing lower, the next waits until the run has twice as many
-orientations (:meth:`due`), so a run of n orientations costs about log2(n) scans.
+orientations (:meth:`due`), so a run of n orientations costs about log2(n) scans. The
+loop's rechecks between scans hand over their start from the VAE alone (``grid=False``):
+one fit from there beside the live optimum, also off the live path, which then fits from
+its warm start only.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class ScanResult:
         The scan's best and the live fit's, on the same counts and model.
     seconds
         Wall time of the scan.
+    grid
+        Whether it scanned the grid of starts (else it fitted from the VAE's start alone).
     """
 
     n_orientations: int
@@ -70,6 +75,7 @@ class ScanResult:
     deviance_per_dof: float
     live_deviance_per_dof: float
     seconds: float
+    grid: bool = True
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready (the ``scan`` object of a running estimate that adopted it)."""
@@ -77,6 +83,7 @@ class ScanResult:
             "n_orientations": self.n_orientations,
             "found": self.found,
             "start": self.start,
+            "grid": self.grid,
             "deviance_per_dof": round(self.deviance_per_dof, 6),
             "live_deviance_per_dof": round(self.live_deviance_per_dof, 6),
             "seconds": round(self.seconds, 3),
@@ -126,16 +133,26 @@ class BackgroundScan:
         start: NDArray[np.float64],
         spread: NDArray[np.float64],
         n_orientations: int,
+        *,
+        grid: bool = True,
     ) -> bool:
         """Scan the snapshot whose live fit is ``live`` (on ``model`` and ``counts``,
         (n_q, n_E)) around ``start`` ((n_coeff,) the VAE's means, eV/A^2) in steps of
-        ``spread`` ((n_coeff,) its stds; NaN where unknown). Returns False, and counts a
-        skip, while another scan runs."""
+        ``spread`` ((n_coeff,) its stds; NaN where unknown). ``grid=False``: fit from
+        ``start`` alone beside the live optimum (no grid; :meth:`due`'s schedule is left
+        as it is). Returns False, and counts a skip, while another scan runs."""
         if self.running:
             self.skipped += 1
             return False
         self.started += 1
-        job = (model, np.array(counts, dtype=float), live, np.array(start), np.array(spread))
+        job = (
+            model,
+            np.array(counts, dtype=float),
+            live,
+            np.array(start),
+            np.array(spread),
+            bool(grid),
+        )
         self._thread = threading.Thread(
             target=self._work, args=(job, int(n_orientations)), name="refine-scan", daemon=True
         )
@@ -144,7 +161,7 @@ class BackgroundScan:
 
     def _work(self, job: tuple[Any, ...], n_orientations: int) -> None:
         """The scan of one snapshot (``job``: :meth:`submit`'s arrays, copied)."""
-        model, counts, live, start, spread = job
+        model, counts, live, start, spread, grid = job
         yield_cpu()  # it takes the CPU the live fold, estimate and advice leave
         t0 = time.perf_counter()
         try:
@@ -155,14 +172,15 @@ class BackgroundScan:
                 [start],
                 prior=self.prior,
                 warm=live.theta,
-                spread=spread,
-                scan_always=True,
+                spread=spread if grid else None,
+                scan_always=grid,
                 max_iter=self.max_iter,
             )
         except Exception as exc:  # a failed scan leaves the live estimate as it is
             logger.warning("background scan at %d orientations failed: %s", n_orientations, exc)
             self.error = f"{type(exc).__name__}: {exc}"
-            self.next_at = 2 * n_orientations
+            if grid:
+                self.next_at = 2 * n_orientations
             return
         # lower by more than one unit of deviance (a likelihood ratio of e^0.5): from the
         # grid, or from the live optimum carried further when that had not converged
@@ -175,9 +193,11 @@ class BackgroundScan:
             deviance_per_dof=best.deviance_per_dof,
             live_deviance_per_dof=live.deviance_per_dof,
             seconds=time.perf_counter() - t0,
+            grid=grid,
         )
         logger.info(
-            "background scan at %d orientations: %s (deviance/dof %.4f, live %.4f, %.1f s)",
+            "background %s at %d orientations: %s (deviance/dof %.4f, live %.4f, %.1f s)",
+            "scan" if grid else "fit from the VAE's start",
             n_orientations,
             f"a lower minimum from {best.start!r}" if found else "no lower minimum",
             result.deviance_per_dof,
@@ -187,7 +207,8 @@ class BackgroundScan:
         with self._lock:
             self._result = result
             # nothing lower: wait for twice the orientations (counts) before the next
-            self.next_at = n_orientations + 1 if found else 2 * n_orientations
+            if grid:
+                self.next_at = n_orientations + 1 if found else 2 * n_orientations
 
     def take(self) -> ScanResult | None:
         """The last finished scan's result, once (None when none finished since)."""

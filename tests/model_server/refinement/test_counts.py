@@ -253,3 +253,31 @@ def test_profile_derivatives_are_analytic_and_right(temperature: float) -> None:
         fd = (up - down) / (2 * step)
         scale = np.abs(fd).max()
         assert np.abs(analytic[i] - fd).max() < 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["path", "zone classes"])
+def test_the_warm_up_compiles_every_kernel_a_fit_then_uses(split: bool) -> None:
+    """``RunRefiner.warm_up`` (the service's, at a run's start) compiles the counts
+    model's kernels for the argument types a live fit passes them: a fit after it compiles
+    nothing new."""
+    from numba.core.registry import CPUDispatcher
+
+    import model_server.refinement.counts as counts_module
+    from tests.ge_moments import replica_counts
+
+    run = ge_run()
+    refiner = run.refiner
+    if split:
+        refiner = RunRefiner.zone_split(
+            "Ge", run.folder.instrument, EI, TEMPERATURE, material_setup=run.refiner.setup
+        )
+    assert refiner.warm_up() > 0
+    kernels = {n: k for n, k in vars(counts_module).items() if isinstance(k, CPUDispatcher)}
+    before = {n: set(k.signatures) for n, k in kernels.items()}
+    assert sum(bool(v) for v in before.values()) >= 4  # compiled (one is inlined into them)
+    moments = orientation_moments(run.folder, refiner.constants, 10.0, classes=refiner.classes)
+    model = refiner.model(moments, at=run.truth)
+    _, counts = replica_counts(model, model.theta(run.truth), np.random.default_rng(3))
+    fit = refiner.refine(counts, moments, [dict(zip(refiner.names, run.truth, strict=True))])
+    assert fit.iterations >= 1
+    assert {n: set(k.signatures) for n, k in kernels.items()} == before

@@ -222,3 +222,81 @@ def test_a_live_misfit_is_answered_at_once_and_its_restarts_run_in_the_scan(
         gate.set()
     assert "restarts" not in est3
     assert est3["refined"]["pearson_chi2_per_dof"] < fit_module.MISFIT_RESTART
+
+
+def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the run's first fit, a recheck's live fit starts from the warm optimum alone:
+    the VAE's start goes to the background, beside the scan's grid when one is due, else
+    fitted alone (which leaves the scan's schedule as it was); with the background busy
+    the live fit tries the VAE's start itself, as before."""
+    import threading
+    from types import SimpleNamespace
+
+    from steering.loop import SteeringLoop
+
+    run = ge_run()
+    moments = ge_moments(OMEGAS)
+    model = run.refiner.model(moments, at=run.truth)
+    theta = _truth_theta(model, run.truth, 2e5)
+    _, counts = replica_counts(model, theta, np.random.default_rng(5))
+    start = _start(run, np.random.default_rng(6))
+    names = list(run.refiner.free)
+    idx = [run.refiner.names.index(n) for n in names]
+    vae = _VAE(names, start[idx], 0.05 * np.abs(run.truth[idx]))
+
+    def snapshot(n: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            n_orientations=n, counts=counts, moments=moments, n_classes=1, fitted_counts=counts
+        )
+
+    live_starts: list[int] = []  # the starts of each live fit, besides the warm one
+    refine_live = run.refiner.refine
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        live_starts.append(len(args[2]))
+        return refine_live(*args, **kwargs)
+
+    monkeypatch.setattr(run.refiner, "refine", counting)
+    loop = SteeringLoop(None, None, None, refiner=run.refiner, recheck_every=2)  # type: ignore[arg-type]
+    scan = loop.scan
+    assert scan is not None
+    est, _, _ = loop._running_estimate(snapshot(1), vae)  # type: ignore[arg-type]
+    assert est["source"] == "refined"
+    assert scan.join(timeout=300)  # the first fit's grid scan
+    first = scan.take()
+    assert first is not None
+    assert first.grid
+    assert not first.found
+    assert scan.due(2)
+    assert not scan.due(1)
+    scan.next_at = 4  # as after a grid at 2 that found nothing: none due at 2
+    # orientation 2 is a recheck: the live fit from the warm start alone
+    est, _, _ = loop._running_estimate(snapshot(2), vae)  # type: ignore[arg-type]
+    assert est["source"] == "refined"
+    assert est["refined"]["start"] == "warm"
+    assert live_starts == [1, 0]
+    assert scan.started == 2
+    assert scan.join(timeout=300)
+    alone = scan.take()
+    assert alone is not None
+    assert not alone.grid
+    assert alone.n_orientations == 2
+    assert alone.to_dict()["grid"] is False
+    assert scan.next_at == 4  # a fit from the VAE's start leaves the grid's schedule
+    # orientation 3: no recheck, nothing handed to the background
+    loop._running_estimate(snapshot(3), vae)  # type: ignore[arg-type]
+    assert scan.started == 2
+    assert live_starts == [1, 0, 0]
+    # orientation 4 with the background busy: the VAE's start is fitted on the live path
+    gate = threading.Event()
+    scan._thread = threading.Thread(target=gate.wait, daemon=True)
+    scan._thread.start()
+    try:
+        est, _, _ = loop._running_estimate(snapshot(4), vae)  # type: ignore[arg-type]
+    finally:
+        gate.set()
+    assert live_starts == [1, 0, 0, 1]
+    assert est["source"] == "refined"
+    assert scan.skipped == 1
