@@ -758,8 +758,9 @@ class SteeringLoop:
         # the run's first fit: a misfit's restarts toward the reference set (several fits,
         # tens of seconds on a few orientations' zone classes) go to the background scan
         # when it is free; the first answer is published at once, and the next snapshot
-        # takes a lower minimum. Later rechecks run them here (a run's last snapshot would
-        # never see the scan's answer, and a misfit that persists would scan every time).
+        # takes a lower minimum. A later recheck's live fit has no start of its own (the
+        # VAE's goes to the background, restarts and all) unless the background is busy:
+        # then its restarts run here, as a first fit's do while a scan runs.
         defer = (
             self._warm is None
             and self.scan is not None

@@ -177,7 +177,12 @@ class BackgroundScan:
                 max_iter=self.max_iter,
             )
         except Exception as exc:  # a failed scan leaves the live estimate as it is
-            logger.warning("background scan at %d orientations failed: %s", n_orientations, exc)
+            logger.warning(
+                "background %s at %d orientations failed: %s",
+                "scan" if grid else "fit from the VAE's start",
+                n_orientations,
+                exc,
+            )
             self.error = f"{type(exc).__name__}: {exc}"
             if grid:
                 self.next_at = 2 * n_orientations

@@ -271,7 +271,7 @@ def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_pa
     assert not first.found
     assert scan.due(2)
     assert not scan.due(1)
-    scan.next_at = 4  # as after a grid at 2 that found nothing: none due at 2
+    scan.next_at = 3  # none due at 2 (a fit from the VAE's start alone would set 4)
     # orientation 2 is a recheck: the live fit from the warm start alone
     est, _, _ = loop._running_estimate(snapshot(2), vae)  # type: ignore[arg-type]
     assert est["source"] == "refined"
@@ -284,7 +284,7 @@ def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_pa
     assert not alone.grid
     assert alone.n_orientations == 2
     assert alone.to_dict()["grid"] is False
-    assert scan.next_at == 4  # a fit from the VAE's start leaves the grid's schedule
+    assert scan.next_at == 3  # a fit from the VAE's start leaves the grid's schedule
     # orientation 3: no recheck, nothing handed to the background
     loop._running_estimate(snapshot(3), vae)  # type: ignore[arg-type]
     assert scan.started == 2
