@@ -7,12 +7,17 @@ Runs against a real uvicorn server (with its pool of prediction worker processes
 filled SQLite history. ``/stream`` (an endless event stream) is left out here and tested on
 its own in tests/steering/api/test_web.py and test_limits.py.
 
-Two expectations differ from schemathesis' defaults, in ``schemathesis.toml`` below:
+Three expectations differ from schemathesis' defaults, in ``schemathesis.toml`` below:
 
 * valid-by-schema data may also be answered 422: the schema cannot say everything the
   physics checks (a material's FC set names, Ei above its energy grid, the goniometer's
   limits, a parseable CIF), and those answers say what was wrong;
-* invalid data may also be refused with 413 (a body over the size limit).
+* invalid data may also be refused with 413 (a body over the size limit);
+* a response may take up to the service's own bound on a prediction
+  (``predict_timeout_s``, 30 s here, waiting included; 503 beyond) plus 5 s, not
+  schemathesis' 10 s: a generated Al prediction (DOS and indirect spectrum at 300 K) took
+  15.1 s on a machine loaded with a real-time demo and a long fit besides this run. The
+  check still fails a request that stalls past the service's time-out.
 """
 
 from __future__ import annotations
@@ -31,7 +36,13 @@ from steering.api.limits import ServiceLimits
 from steering.db import History
 from tests.servers import TOKEN, serve
 
-CONFIG = """\
+#: The service's bound on one prediction here, waiting included (s): 503 beyond.
+PREDICT_TIMEOUT_S = 30.0
+
+CONFIG = f"""\
+[checks]
+max_response_time = {PREDICT_TIMEOUT_S + 5.0}
+
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
 
@@ -64,7 +75,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     live.snapshots["run-1"] = acc.snapshot()
     live.runs["run-1"] = {"material": "Ge", "temperature": 5.0, "omegas": [0.0], "truth": None}
     # a few angles per prediction keep the generated predictions to seconds each
-    limits = ServiceLimits(predict_max_omegas=4, predict_timeout_s=30.0)
+    limits = ServiceLimits(predict_max_omegas=4, predict_timeout_s=PREDICT_TIMEOUT_S)
     app = create_app(history, token=TOKEN, live=live, limits=limits, state_dir=tmp)
     with serve(app) as base:
         yield base
