@@ -114,6 +114,23 @@ class _VAE:
         return {"model_version": self.model_version, "fc": fc}
 
 
+def _vae_and_snapshots(run, start, fraction, counts, moments):  # type: ignore[no-untyped-def]
+    """(a VAE-like estimate of the free coefficients at ``start`` with ``fraction`` of the
+    truth as its std, a snapshot of ``n`` orientations holding ``counts``)."""
+    from types import SimpleNamespace
+
+    names = list(run.refiner.free)
+    idx = [run.refiner.names.index(n) for n in names]
+    vae = _VAE(names, start[idx], fraction * np.abs(run.truth[idx]))
+
+    def snapshot(n: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            n_orientations=n, counts=counts, moments=moments, n_classes=1, fitted_counts=counts
+        )
+
+    return vae, snapshot
+
+
 def test_the_live_loop_scans_a_misfit_and_its_next_estimate_says_so(wrong_minimum) -> None:  # type: ignore[no-untyped-def]
     """The steering loop with a real refiner: a recheck's misfitting fit goes to the
     background scan; the next snapshot's fit starts from what a scan found beside its warm
@@ -168,7 +185,6 @@ def test_a_live_misfit_is_answered_at_once_and_its_restarts_run_in_the_scan(
     path), flags it, and hands them to the background scan, whose lower minimum the next
     snapshot takes. With the scan busy, the restarts run on the live path as before."""
     import logging
-    from types import SimpleNamespace
 
     from steering.loop import SteeringLoop
 
@@ -181,14 +197,7 @@ def test_a_live_misfit_is_answered_at_once_and_its_restarts_run_in_the_scan(
     theta = _truth_theta(model, run.truth, 2e6)
     _, counts = replica_counts(model, theta, np.random.default_rng(11))
     start = _start(run, np.random.default_rng(103), spread=0.35)
-    names = list(run.refiner.free)
-    idx = [run.refiner.names.index(n) for n in names]
-    vae = _VAE(names, start[idx], 0.35 * np.abs(run.truth[idx]))
-
-    def snapshot(n: int) -> SimpleNamespace:
-        return SimpleNamespace(
-            n_orientations=n, counts=counts, moments=moments, n_classes=1, fitted_counts=counts
-        )
+    vae, snapshot = _vae_and_snapshots(run, start, 0.35, counts, moments)
 
     loop = SteeringLoop(None, None, None, refiner=run.refiner)  # type: ignore[arg-type]
     assert loop.scan is not None
@@ -232,7 +241,6 @@ def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_pa
     fitted alone (which leaves the scan's schedule as it was); with the background busy
     the live fit tries the VAE's start itself, as before."""
     import threading
-    from types import SimpleNamespace
 
     from steering.loop import SteeringLoop
 
@@ -242,14 +250,7 @@ def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_pa
     theta = _truth_theta(model, run.truth, 2e5)
     _, counts = replica_counts(model, theta, np.random.default_rng(5))
     start = _start(run, np.random.default_rng(6))
-    names = list(run.refiner.free)
-    idx = [run.refiner.names.index(n) for n in names]
-    vae = _VAE(names, start[idx], 0.05 * np.abs(run.truth[idx]))
-
-    def snapshot(n: int) -> SimpleNamespace:
-        return SimpleNamespace(
-            n_orientations=n, counts=counts, moments=moments, n_classes=1, fitted_counts=counts
-        )
+    vae, snapshot = _vae_and_snapshots(run, start, 0.05, counts, moments)
 
     live_starts: list[int] = []  # the starts of each live fit, besides the warm one
     refine_live = run.refiner.refine
