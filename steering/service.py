@@ -368,7 +368,7 @@ class SteeringService:
             if loop.refiner is None:
                 return
             # the counts model's compiled kernels, before the first orientation's fit
-            # needs them (a fresh install compiles them once, ~15 s; then ~0.2 s)
+            # needs them (a fresh install compiles them once, 10-20 s; then under a second)
             try:
                 seconds = loop.refiner.warm_up()
             except Exception as exc:  # the first fit compiles them instead

@@ -336,7 +336,7 @@ class RunRefiner:
 
     def warm_up(self) -> float:
         """Compile the expected-counts model's kernels (numba's, cached on disk after a
-        first compile of ~20 s) before the run's first fit needs them: the moments of one
+        first compile of 10-20 s) before the run's first fit needs them: the moments of one
         orientation (omega 0) and the model's expected counts and Jacobian at the
         reference set. The path's binning or its zone classes (the live service's); a
         refiner on another grid warms up the path's model of its material (the same

@@ -162,6 +162,7 @@ class BackgroundScan:
     def _work(self, job: tuple[Any, ...], n_orientations: int) -> None:
         """The scan of one snapshot (``job``: :meth:`submit`'s arrays, copied)."""
         model, counts, live, start, spread, grid = job
+        what = "scan" if grid else "fit from the VAE's start"
         yield_cpu()  # it takes the CPU the live fold, estimate and advice leave
         t0 = time.perf_counter()
         try:
@@ -179,7 +180,7 @@ class BackgroundScan:
         except Exception as exc:  # a failed scan leaves the live estimate as it is
             logger.warning(
                 "background %s at %d orientations failed: %s",
-                "scan" if grid else "fit from the VAE's start",
+                what,
                 n_orientations,
                 exc,
             )
@@ -202,7 +203,7 @@ class BackgroundScan:
         )
         logger.info(
             "background %s at %d orientations: %s (deviance/dof %.4f, live %.4f, %.1f s)",
-            "scan" if grid else "fit from the VAE's start",
+            what,
             n_orientations,
             f"a lower minimum from {best.start!r}" if found else "no lower minimum",
             result.deviance_per_dof,
