@@ -53,6 +53,7 @@ from numpy.typing import NDArray
 from consumers.exceptions import FoldError
 from consumers.reduction.folding import CoverageSamples, Folder
 from consumers.reduction.kernels import _popcount
+from simulations.lattice.crystals import Crystal
 from simulations.lattice.force_constants import FCBasis
 from simulations.lattice.grid import ZoneClasses
 
@@ -62,6 +63,7 @@ __all__ = [
     "StructureConstants",
     "folded_samples",
     "orientation_moments",
+    "point_operations",
     "star_operations",
     "structure_constants",
 ]
@@ -660,15 +662,20 @@ def structure_constants(
         raise FoldError(f"temperature must be finite and >= 0 K, got {temperature}")
     model = CoherentSQE(basis, coefficients, temperature=temperature)
     crystal = basis.crystal
-    rotations, _ = crystal.symmetry_operations()
-    ops = np.concatenate([rotations, -rotations]).astype(np.float64)
     return StructureConstants(
         positions=np.asarray(crystal.positions, dtype=np.float64),
         amplitudes=np.asarray(model.scattering_lengths / np.sqrt(crystal.masses)),
         debye_waller=np.asarray(model.debye_waller_tensor, dtype=np.float64),
-        operations=ops,
+        operations=point_operations(crystal),
         temperature=float(temperature),
     )
+
+
+def point_operations(crystal: Crystal) -> NDArray[np.float64]:
+    """(n_ops, 3, 3) the integer rotations (direct-lattice basis) of ``crystal``'s point
+    group followed by their negatives (time reversal): :attr:`StructureConstants.operations`."""
+    rotations, _ = crystal.symmetry_operations()
+    return np.asarray(np.concatenate([rotations, -rotations]), dtype=np.float64)
 
 
 def folded_samples(

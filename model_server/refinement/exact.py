@@ -15,7 +15,9 @@ percentile 1.3-1.4 %) per bin from the exact fold at the truth, 2 % from it 1.5-
 
 The exact fold costs about 18 s an orientation on one core (1.5 million samples, each a
 diagonalised dynamical matrix), so the correction is an offline step for a run's final
-estimate (``steer estimate --refine --exact``), not the live loop's.
+estimate (``steer estimate --refine --exact``), not the live loop's. It is made on the
+path's bins, the wedge's or the path's split by zone class (the exact fold puts each
+sample in its zone's class row, as the moments do).
 """
 
 from __future__ import annotations
@@ -31,11 +33,17 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.reduction.folding import Folder
-from consumers.reduction.moments import BinMoments, folded_samples
+from consumers.reduction.moments import (
+    BinMoments,
+    folded_samples,
+    point_operations,
+    star_operations,
+)
 from model_server.exceptions import RefinementError
 from model_server.refinement.counts import CountsModel
 from model_server.refinement.fit import Refined
 from model_server.refinement.refiner import RunRefiner, file_inputs
+from simulations.lattice.grid import ZoneClasses
 from simulations.lattice.sqe import CoherentSQE
 
 __all__ = [
@@ -102,6 +110,8 @@ def exact_one_phonon_fold(
     model: CoherentSQE,
     omega: float,
     *,
+    classes: ZoneClasses | None = None,
+    inverse_ops: NDArray[np.float64] | None = None,
     e_substeps: int = 4,
     pixel_stride: int = 2,
     chunk: int = 65536,
@@ -111,6 +121,13 @@ def exact_one_phonon_fold(
     and energy (``model``'s modes diagonalised there, no phonon table, no super-pixels,
     its Debye-Waller factors and resolution), times the sample's weight
     (:func:`consumers.reduction.moments.folded_samples`), summed per bin.
+
+    With ``classes`` (more than one) each sample goes to the row of its zone's
+    structure-factor class, ``(n_q * n_classes, n_E)`` on the grid of
+    :func:`~simulations.lattice.grid.make_class_grid`, the class taken as
+    :meth:`~consumers.reduction.folding.Folder.fold_classes` and the moments take it
+    (``inverse_ops`` from :func:`~consumers.reduction.moments.star_operations`, made when
+    not given); summed over the classes it is the path's fold.
 
     The reference for the counts model and for the prediction endpoint's coarser fold
     (:class:`model_server.prediction.expected.FoldSampler`; the same samples by default,
@@ -122,7 +139,18 @@ def exact_one_phonon_fold(
     rows, q, sub, weight = folded_samples(
         folder, omega, e_substeps=e_substeps, pixel_stride=pixel_stride
     )
-    bins = folder.table.star_index[rows] * grid.n_e + sub // e_substeps
+    iq = folder.table.star_index[rows]
+    alias = np.asarray(folder.table.alias, dtype=np.int64)
+    n_rows = grid.n_q
+    if classes is not None and classes.n_classes > 1:
+        if inverse_ops is None:
+            inverse_ops = star_operations(folder, point_operations(model.crystal))
+        rotated = np.einsum("na,nab->nb", q, inverse_ops[rows])
+        g = np.floor(rotated - grid.qpath.qpoints[iq] + 0.5).astype(np.int64)
+        iq = iq * classes.n_classes + classes.of(g)
+        alias = classes.expand(alias)
+        n_rows *= classes.n_classes
+    bins = iq * grid.n_e + sub // e_substeps
     edges = np.asarray(grid.energy_edges, dtype=float)
     e_sample = edges[0] + (sub + 0.5) * (edges[1] - edges[0]) / e_substeps
     value = np.empty(len(bins))
@@ -130,8 +158,8 @@ def exact_one_phonon_fold(
         sl = slice(start, start + chunk)
         e_mode, sf = model.structure_factors(q[sl])  # (n, n_m) meV, mbarn per atom
         value[sl] = model.sqe_at(e_mode, sf, e_sample[sl]) * weight[sl]
-    out = np.bincount(bins, weights=value, minlength=grid.n_q * grid.n_e)
-    return np.asarray(out.reshape(grid.shape)[folder.table.alias], dtype=np.float64)
+    out = np.bincount(bins, weights=value, minlength=n_rows * grid.n_e)
+    return np.asarray(out.reshape(n_rows, grid.n_e)[alias], dtype=np.float64)
 
 
 def exact_run_fold(
@@ -140,18 +168,25 @@ def exact_run_fold(
     omegas: Sequence[float],
     charges: Sequence[float],
     *,
+    classes: ZoneClasses | None = None,
     progress: bool = False,
 ) -> NDArray[np.float64]:
     """(n_q, n_E) the exact one-phonon fold of a run: every orientation's
-    :func:`exact_one_phonon_fold` times its proton charge, summed (the moments' units)."""
+    :func:`exact_one_phonon_fold` times its proton charge, summed (the moments' units);
+    with ``classes``, ``(n_q * n_classes, n_E)`` split by zone class."""
     from tqdm import tqdm
 
     if len(omegas) != len(charges) or not len(omegas):
         raise RefinementError("the exact fold needs one charge per orientation, and some")
-    out = np.zeros(folder.grid.shape)
+    split = classes is not None and classes.n_classes > 1
+    ops = star_operations(folder, point_operations(sqe.crystal)) if split else None
+    rows = folder.grid.n_q * (classes.n_classes if split and classes is not None else 1)
+    out = np.zeros((rows, folder.grid.n_e))
     pairs = list(zip(omegas, charges, strict=True))
     for w, c in tqdm(pairs, desc="exact fold", unit="orient", disable=not progress):
-        out += float(c) * exact_one_phonon_fold(folder, sqe, float(w))
+        out += float(c) * exact_one_phonon_fold(
+            folder, sqe, float(w), classes=classes, inverse_ops=ops
+        )
     return out
 
 
@@ -172,7 +207,9 @@ def exact_correction(
     t0 = time.perf_counter()
     plain = refiner.counts_model(moments)
     sqe = CoherentSQE(plain.basis, at, temperature=plain.temperature, resolution=plain.resolution)
-    exact = exact_run_fold(folder, sqe, omegas, charges, progress=progress).reshape(-1)
+    exact = exact_run_fold(
+        folder, sqe, omegas, charges, classes=refiner.classes, progress=progress
+    ).reshape(-1)
     one = np.zeros_like(exact)
     one[plain.bins] = plain.evaluate(plain.theta(at), jacobian=False).expected
     ok = (one > FLOOR * max(float(one.max()), 1e-300)) & (exact > 0)
@@ -230,11 +267,6 @@ def refine_file_exact(
     if passes < 1:
         raise RefinementError(f"passes must be >= 1 (got {passes})")
     counts, run_start, omegas, charges, moments, refiner = file_inputs(path, first, progress)
-    if refiner.classes is not None:
-        raise RefinementError(
-            f"{path} is split by zone class: the exact-fold correction is made on the path "
-            "or the wedge, not on zone classes"
-        )
     fit = refiner.refine(counts, moments, start, spread=spread)
     if not fit.converged:
         raise RefinementError(

@@ -269,11 +269,6 @@ def estimate_cmd(
         if not refine:
             raise typer.BadParameter("--wedge is what --refine fits: give --refine too")
         binning = _check_wedge_file(iqe, wedge)
-        if exact and binning == "classes":
-            raise typer.BadParameter(
-                "the exact-fold correction is made on the path or the wedge, not on zone classes",
-                param_hint="--exact",
-            )
     from model_server.inversion.inference import Estimator
     from model_server.inversion.kinds import model_kind
 

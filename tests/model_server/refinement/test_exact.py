@@ -9,15 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from consumers.reduction.moments import orientation_moments
 from model_server.refinement.exact import (
     corrected_model,
     exact_correction,
     exact_one_phonon_fold,
 )
+from model_server.refinement.refiner import RunRefiner
 from simulations.lattice.sqe import CoherentSQE
 from tests.commands import steer
 from tests.conftest import small_ge_run
-from tests.ge_moments import TEMPERATURE, ge_moments, ge_run
+from tests.ge_moments import EI, TEMPERATURE, ge_moments, ge_run
 from tests.paths import MODELS
 
 pytestmark = pytest.mark.slow
@@ -49,6 +51,36 @@ def test_the_corrected_model_is_the_exact_fold_where_it_was_made() -> None:
     # the model is a few per cent off per bin: the factors say so
     assert 0.005 < summary["median_abs_deviation"] < 0.15  # (weak bins included)
     assert model.evaluate(model.theta(at), jacobian=False).expected.sum() > lam.sum()
+
+
+def test_the_exact_fold_split_by_zone_class_sums_to_the_path_fold() -> None:
+    """Each sample of the exact fold goes to its zone's class row, as the moments put it:
+    summed over the classes it is the path's exact fold, and it fills the class bins the
+    moments fill (every 8th pixel, to be quick)."""
+    run = ge_run()
+    omega, stride = 47.0, 8
+    refiner = run.refiner
+    split = RunRefiner.zone_split(
+        "Ge", run.folder.instrument, EI, TEMPERATURE, material_setup=refiner.setup
+    )
+    classes = split.classes
+    assert classes is not None
+    assert classes.n_classes == 4
+    sqe = CoherentSQE(refiner.setup.basis, run.truth, temperature=TEMPERATURE)
+    path = exact_one_phonon_fold(run.folder, sqe, omega, pixel_stride=stride)
+    by_class = exact_one_phonon_fold(run.folder, sqe, omega, classes=classes, pixel_stride=stride)
+    n_q, n_e = path.shape
+    assert by_class.shape == (n_q * 4, n_e)
+    np.testing.assert_allclose(by_class.reshape(n_q, 4, n_e).sum(axis=1), path, rtol=1e-12)
+    assert np.all(by_class.reshape(n_q, 4, n_e).sum(axis=(0, 2)) > 0.02 * path.sum())
+    moments = orientation_moments(
+        run.folder, split.constants, omega, pixel_stride=stride, classes=classes
+    )
+    canonical = split.alias == np.arange(n_q * 4)
+    filled = moments.weight.reshape(n_q * 4, n_e)[canonical] > 0
+    signal = by_class[canonical] > 0
+    assert np.all(filled[signal])  # no exact signal where the moments saw no cell
+    assert signal.sum() > 0.5 * filled.sum()
 
 
 def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
