@@ -799,7 +799,7 @@ class SteeringLoop:
             adopted = refined.start == f"start {len(starts) - 1}"
             running["scan"] = scanned.to_dict() | {"adopted": adopted}
             if adopted:
-                metrics.REFINE_SCANS.labels(outcome="adopted").inc()
+                metrics.REFINE_SCANS.labels(kind=_scan_kind(scanned.grid), outcome="adopted").inc()
         if running["source"] != "refined":
             metrics.REFINE_FALLBACKS.inc()
             return running, mean, std
@@ -824,7 +824,9 @@ class SteeringLoop:
         result = self.scan.take()
         if result is None:
             return None
-        metrics.REFINE_SCANS.labels(outcome="found" if result.found else "none").inc()
+        metrics.REFINE_SCANS.labels(
+            kind=_scan_kind(result.grid), outcome="found" if result.found else "none"
+        ).inc()
         return result if result.found else None
 
     def _submit_scan(
@@ -856,8 +858,16 @@ class SteeringLoop:
             int(snapshot.n_orientations),
             grid=grid,
         )
-        metrics.REFINE_SCANS.labels(outcome="started" if ok else "skipped").inc()
+        metrics.REFINE_SCANS.labels(
+            kind=_scan_kind(grid), outcome="started" if ok else "skipped"
+        ).inc()
         return ok
+
+
+def _scan_kind(grid: bool) -> str:
+    """The ``kind`` label of ``steer_refine_scans_total``: a grid scan or a single fit
+    from the VAE's start."""
+    return "grid" if grid else "start"
 
 
 if TYPE_CHECKING:

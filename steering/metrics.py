@@ -36,11 +36,11 @@ REFINE_FALLBACKS = Counter(
 )
 REFINE_SCANS = Counter(
     "steer_refine_scans_total",
-    "Background scans of a fit's grid of starts (and a recheck's fit from the VAE's start "
-    "alone), by outcome: started, skipped "
+    "Background jobs of the refinement by kind: grid (a scan of a fit's grid of starts) or "
+    "start (a recheck's fit from the VAE's start alone); and by outcome: started, skipped "
     "(one was running), found (a lower minimum), none (no lower one), adopted (the next "
     "snapshot's fit ended there)",
-    ["outcome"],
+    ["kind", "outcome"],
 )
 ADVISOR_SECONDS = Histogram(
     "steer_advisor_seconds", "Advisor ranking after one estimate", buckets=_BUCKETS

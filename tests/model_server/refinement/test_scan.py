@@ -238,10 +238,12 @@ def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_pa
 ) -> None:
     """After the run's first fit, a recheck's live fit starts from the warm optimum alone:
     the VAE's start goes to the background, beside the scan's grid when one is due, else
-    fitted alone (which leaves the scan's schedule as it was); with the background busy
-    the live fit tries the VAE's start itself, as before."""
+    fitted alone (which leaves the scan's schedule as it was; counted as
+    ``steer_refine_scans_total{kind="start"}``, a grid scan as ``kind="grid"``); with the
+    background busy the live fit tries the VAE's start itself, as before."""
     import threading
 
+    from steering import metrics
     from steering.loop import SteeringLoop
 
     run = ge_run()
@@ -263,8 +265,17 @@ def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_pa
     loop = SteeringLoop(None, None, None, refiner=run.refiner, recheck_every=2)  # type: ignore[arg-type]
     scan = loop.scan
     assert scan is not None
+
+    def started() -> dict[str, float]:  # steer_refine_scans_total{outcome="started"} by kind
+        return {
+            kind: metrics.REFINE_SCANS.labels(kind=kind, outcome="started")._value.get()
+            for kind in ("grid", "start")
+        }
+
+    before = started()
     est, _, _ = loop._running_estimate(snapshot(1), vae)  # type: ignore[arg-type]
     assert est["source"] == "refined"
+    assert started() == {"grid": before["grid"] + 1, "start": before["start"]}
     assert scan.join(timeout=300)  # the first fit's grid scan
     first = scan.take()
     assert first is not None
@@ -279,6 +290,7 @@ def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_pa
     assert est["refined"]["start"] == "warm"
     assert live_starts == [1, 0]
     assert scan.started == 2
+    assert started() == {"grid": before["grid"] + 1, "start": before["start"] + 1}
     assert scan.join(timeout=300)
     alone = scan.take()
     assert alone is not None
