@@ -178,10 +178,9 @@ def exact_run_fold(
 
     if len(omegas) != len(charges) or not len(omegas):
         raise RefinementError("the exact fold needs one charge per orientation, and some")
-    split = classes is not None and classes.n_classes > 1
-    ops = star_operations(folder, point_operations(sqe.crystal)) if split else None
-    rows = folder.grid.n_q * (classes.n_classes if split and classes is not None else 1)
-    out = np.zeros((rows, folder.grid.n_e))
+    n_classes = 1 if classes is None else classes.n_classes
+    ops = star_operations(folder, point_operations(sqe.crystal)) if n_classes > 1 else None
+    out = np.zeros((folder.grid.n_q * n_classes, folder.grid.n_e))
     pairs = list(zip(omegas, charges, strict=True))
     for w, c in tqdm(pairs, desc="exact fold", unit="orient", disable=not progress):
         out += float(c) * exact_one_phonon_fold(
