@@ -116,7 +116,8 @@ def exact_one_phonon_fold(
     pixel_stride: int = 2,
     chunk: int = 65536,
 ) -> NDArray[np.float64]:
-    """(n_q, n_E) alias-expanded expected one-phonon fold of one orientation, unit charge:
+    """(n_q, n_E) (with ``classes``, (n_q * n_classes, n_E)) alias-expanded expected
+    one-phonon fold of one orientation, unit charge:
     the coherent one-phonon cross-section evaluated exactly at every folded sample's own Q
     and energy (``model``'s modes diagonalised there, no phonon table, no super-pixels,
     its Debye-Waller factors and resolution), times the sample's weight
