@@ -383,13 +383,30 @@ class Folder:
                 odd,
                 len(ok),
             )
-        rotated = np.einsum("na,nab->nb", h, inverse_ops[np.maximum(rows, 0)])
-        g = np.floor(rotated - self.grid.qpath.qpoints[iq] + 0.5).astype(np.int64)
-        cls = np.where(found, classes.of(g), 0)
+        cls = np.where(
+            found, self.zone_class_of(h, np.maximum(rows, 0), iq, classes, inverse_ops), 0
+        )
         hist = np.bincount((iq * n + cls) * n_e + ie, minlength=n_q * n * n_e)
         out += hist.reshape(shape)
         out[:] = out[classes.expand(t.alias)]
         return out, dropped
+
+    def zone_class_of(
+        self,
+        h: NDArray[np.float64],
+        rows: NDArray[np.integer],
+        iq: NDArray[np.integer],
+        classes: ZoneClasses,
+        inverse_ops: NDArray[np.float64],
+    ) -> NDArray[np.int64]:
+        """(n,) the structure-factor class of each Q ``h`` ((n, 3) r.l.u. of the lab) folded
+        to star point ``rows`` of path point ``iq``: the class of ``G'`` with ``h R^-1 =
+        q_path + G' + delta`` (R the star point's operation, ``inverse_ops`` from
+        :func:`consumers.reduction.moments.star_operations`), as the moments' kernel takes
+        it."""
+        rotated = np.einsum("na,nab->nb", h, inverse_ops[rows])
+        g = np.floor(rotated - self.grid.qpath.qpoints[iq] + 0.5).astype(np.int64)
+        return np.asarray(classes.of(g), dtype=np.int64)
 
     def coverage(
         self, omega: float, *, e_substeps: int = 4, pixel_stride: int = 2, cache: bool = True

@@ -146,9 +146,7 @@ def exact_one_phonon_fold(
     if classes is not None and classes.n_classes > 1:
         if inverse_ops is None:
             inverse_ops = star_operations(folder, point_operations(model.crystal))
-        rotated = np.einsum("na,nab->nb", q, inverse_ops[rows])
-        g = np.floor(rotated - grid.qpath.qpoints[iq] + 0.5).astype(np.int64)
-        iq = iq * classes.n_classes + classes.of(g)
+        iq = iq * classes.n_classes + folder.zone_class_of(q, rows, iq, classes, inverse_ops)
         alias = classes.expand(alias)
         n_rows *= classes.n_classes
     bins = iq * grid.n_e + sub // e_substeps
