@@ -376,6 +376,10 @@ class SteeringLoop:
         #: being computed (:meth:`finish` plans it when the run ends), with its record
         self._plan_pending = False
         self._last_record: OrientationRecord | None = None
+        #: the last snapshot and its VAE estimate when its fit was taken (None when the
+        #: last snapshot was not refined): a background answer that arrives after the run's
+        #: last snapshot refits it (:meth:`settle_estimate`); dropped once that is done
+        self._last_fit: tuple[Snapshot, dict[str, Any]] | None = None
         self.controls = controls if controls is not None else AdvisorControls()
         #: the service is stopping: the snapshots still handed over get the VAE's estimate
         #: (flagged) and no plan, so that a stop is not held up by fits (a fit on the zone
@@ -441,6 +445,7 @@ class SteeringLoop:
             "waiting; it is refined instead",
         )
         running["superseded_by"] = int(newer)
+        self._last_fit = None
         self._publish_estimate(snapshot, record, running, t0)
         self.measured.append(float(record.omega))
         self._last_record = record
@@ -710,6 +715,7 @@ class SteeringLoop:
 
         vae = est.to_dict()
         mean, std = np.asarray(est.mean, dtype=float), np.asarray(est.std, dtype=float)
+        self._last_fit = None  # set again below when this snapshot's fit is taken
         if self.refiner is None:
             return running_estimate(vae), mean, std
         if snapshot.moments is None:
@@ -804,6 +810,7 @@ class SteeringLoop:
             metrics.REFINE_FALLBACKS.inc()
             return running, mean, std
         self._warm = refined.theta
+        self._last_fit = (snapshot, vae)
         self._posterior = (
             refined.theta,
             refined.covariance,
@@ -816,6 +823,101 @@ class SteeringLoop:
             mean = refined.mean[sel].copy()
             std = refined.std[sel].copy()
         return running, mean, std
+
+    def settle_estimate(
+        self, timeout: float, *, cancelled: Callable[[], bool] | None = None
+    ) -> dict[str, Any] | None:
+        """The run ended: its last recheck's background fit (a grid scan or the fit from
+        the VAE's start) may still be running, with no later snapshot left to take its
+        answer. Waits at most ``timeout`` s for it; when it found a lower minimum, the last
+        refined snapshot is fitted again from there beside the warm optimum, and the
+        estimate is published to the estimate sinks (``amended`` says why) and returned.
+
+        None (said in the log where it matters) when there is nothing to settle: no
+        background fit, none finished in time, nothing lower found, the refit failed, or
+        the service is stopping. ``cancelled``: asked every half second while it waits; True
+        ends the wait. The last snapshot is let go either way.
+        """
+        from model_server.refinement.refiner import LIVE_TEMPLATE_TOLERANCE, running_estimate
+
+        last, self._last_fit = self._last_fit, None
+        scan = self.scan
+        if last is None or scan is None or self.refiner is None or self.hurry:
+            return None
+
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + float(timeout)
+        while scan.running:
+            if cancelled is not None and cancelled():
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.warning(
+                    "run %s ended with its background fit still running (waited %.0f s): "
+                    "its last estimate stands as published",
+                    self.run_id,
+                    timeout,
+                )
+                return None
+            scan.join(min(0.5, left))
+        scanned = self._scanned()
+        if scanned is None:
+            return None
+        snapshot, vae = last
+        if snapshot.moments is None:  # not refined then either
+            return None
+        record = self._last_record  # the last snapshot's orientation (advise() set it)
+        try:
+            refined = self.refiner.refine(
+                snapshot.fitted_counts,
+                snapshot.moments,
+                [scanned.coefficients],
+                warm=self._warm,
+                restarts=False,
+                template_tolerance=LIVE_TEMPLATE_TOLERANCE,
+            )
+        except Exception as exc:  # the published estimate stands
+            logger.warning("run %s: the refit at the run's end failed: %s", self.run_id, exc)
+            return None
+        running = running_estimate(vae, refined, binning=self.refiner.binning)
+        adopted = refined.start == "start 0"
+        running["scan"] = scanned.to_dict() | {"adopted": adopted}
+        if adopted:
+            metrics.REFINE_SCANS.labels(kind=_scan_kind(scanned.grid), outcome="adopted").inc()
+        if running["source"] != "refined":
+            return None
+        self._warm = refined.theta
+        self._posterior = (
+            refined.theta,
+            refined.covariance,
+            refined.inflation,
+            getattr(self.refiner, "last_model", None),
+        )
+        running["amended"] = (
+            "refitted at the run's end: the background fit of the snapshot after "
+            f"{scanned.n_orientations} orientations found a lower minimum after the last "
+            f"snapshot was estimated (took {time.perf_counter() - t0:.1f} s)"
+        )
+        message = {
+            "run_id": self.run_id,
+            "n_orientations": int(snapshot.n_orientations),
+            "omega": float(record.omega) if record is not None else float("nan"),
+            "estimate": running,
+            "seconds": time.perf_counter() - t0,
+        }
+        for sink in self.estimate_sinks:
+            try:
+                sink(message)
+            except Exception:
+                logger.exception("estimate sink failed (the run's settled estimate)")
+        logger.info(
+            "run %s: its last estimate (after %d orientations) refitted at the run's end "
+            "from the background fit's lower minimum (deviance/dof %.4f)",
+            self.run_id,
+            int(snapshot.n_orientations),
+            refined.deviance_per_dof,
+        )
+        return message
 
     def _scanned(self) -> ScanResult | None:
         """A finished background scan's lower minimum (once), else None."""

@@ -199,7 +199,10 @@ class SteeringService:
         When a run ends before the planner's information for its last advice is ready (a
         fast replay, a run of a few orientations), how long the run's end waits for it to
         plan that advice (:meth:`steering.loop.SteeringLoop.finish`); the run is marked
-        complete after. 0: the last advice keeps no plan.
+        complete after. The same wait, before it, lets the last recheck's background fit
+        finish: when that finds a lower minimum the last snapshot is refitted from it
+        (:meth:`steering.loop.SteeringLoop.settle_estimate`). 0: the last advice keeps no
+        plan and the last estimate stands as published.
     estimates
         What the estimates do when they fall behind the consumer (a replay faster than
         the fits, a backlog read after a restart). They run on their own thread, in
@@ -917,6 +920,7 @@ class SteeringService:
         material = str(meta.get("material", "?"))
 
         def work(job: _Job) -> None:
+            self._finish_estimate(run_id)
             self._finish_plan(run_id)
             self.history.upsert_run(
                 run_id,
@@ -936,6 +940,23 @@ class SteeringService:
     def _stopping(self) -> bool:
         """Whether the consumer was asked to stop."""
         return bool(getattr(self.service, "_stop_requested", False))
+
+    def _finish_estimate(self, run_id: str) -> None:
+        """The run's last estimate is refitted when its background fit (the last recheck's
+        scan or fit from the VAE's start) finishes after the last snapshot and finds a
+        lower minimum (:meth:`steering.loop.SteeringLoop.settle_estimate`, waiting at most
+        :attr:`final_plan_wait_s`): a second estimate after as many orientations goes into
+        the history and onto the page, flagged ``amended``; the chunk-to-estimate latency
+        does not count it."""
+        loop = self._loops.get(run_id)
+        if loop is None or self.final_plan_wait_s <= 0:
+            return
+        loop.hurry = self._stopping()
+        self._tls.closed_at = None  # not a chunk's estimate
+        try:
+            loop.settle_estimate(self.final_plan_wait_s, cancelled=self._stopping)
+        except Exception:  # the run is complete whatever happens to its last refit
+            logger.exception("run %s: the last estimate could not be settled", run_id)
 
     def _finish_plan(self, run_id: str) -> None:
         """The run's last advice gets its plan if the run ended before the planner's

@@ -313,3 +313,64 @@ def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_pa
     assert live_starts == [1, 0, 0, 1]
     assert est["source"] == "refined"
     assert scan.skipped == 1
+
+
+def test_the_runs_end_refits_its_last_snapshot_when_the_background_answers_late(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run's last snapshot misfits and hands its restarts to the background scan, but
+    no later snapshot comes to take the answer: at the run's end
+    (:meth:`SteeringLoop.settle_estimate`) the loop waits for the scan, refits the last
+    snapshot from its lower minimum, publishes that estimate (flagged ``amended``) and
+    plans with it; once only. A scan still running at the deadline leaves the published
+    estimate as it is, and says so."""
+    import logging
+    import threading
+
+    from steering.loop import SteeringLoop
+
+    monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (1.0,))
+    run = ge_run()
+    moments = ge_moments(OMEGAS)
+    model = run.refiner.model(moments, at=run.truth)
+    theta = _truth_theta(model, run.truth, 2e6)
+    _, counts = replica_counts(model, theta, np.random.default_rng(11))
+    start = _start(run, np.random.default_rng(103), spread=0.35)
+    vae, snapshot = _vae_and_snapshots(run, start, 0.35, counts, moments)
+
+    published: list[dict] = []
+    loop = SteeringLoop(None, None, None, refiner=run.refiner, estimate_sinks=[published.append])  # type: ignore[arg-type]
+    assert loop.settle_estimate(1.0) is None  # nothing fitted yet
+    est, _, _ = loop._running_estimate(snapshot(1), vae)  # type: ignore[arg-type]
+    assert est["restarts"] == "background scan"  # the run ends here, the scan still going
+    message = loop.settle_estimate(300.0)
+    assert message is not None
+    assert published == [message]
+    settled = message["estimate"]
+    assert message["n_orientations"] == 1
+    assert "amended" in settled
+    assert settled["source"] == "refined"
+    assert settled["scan"]["found"] is True
+    assert settled["refined"]["deviance"] < est["refined"]["deviance"]
+    assert settled["refined"]["pearson_chi2_per_dof"] < fit_module.MISFIT_RESTART
+    assert loop._posterior is not None
+    assert np.allclose(loop._posterior[0], loop._warm)  # the plan uses the settled fit
+    assert loop.settle_estimate(1.0) is None  # once: the snapshot was let go
+    assert len(published) == 1
+
+    # the scan outlives the wait: the estimate stands, and the log says so
+    late = SteeringLoop(None, None, None, refiner=run.refiner, estimate_sinks=[published.append])  # type: ignore[arg-type]
+    assert late.scan is not None
+    late._running_estimate(snapshot(1), vae)  # type: ignore[arg-type]
+    assert late.scan.join(timeout=300)
+    late.scan.take()
+    gate = threading.Event()
+    late.scan._thread = threading.Thread(target=gate.wait, daemon=True)
+    late.scan._thread.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="steering.loop"):
+            assert late.settle_estimate(0.6) is None
+    finally:
+        gate.set()
+    assert any("still running" in r.message for r in caplog.records)
+    assert len(published) == 1
