@@ -403,6 +403,7 @@ def orientation_moments(
     pixel_stride: int = 2,
     inverse_ops: NDArray[np.float64] | None = None,
     classes: ZoneClasses | None = None,
+    cache: bool = True,
 ) -> BinMoments:
     """The moments of one orientation at goniometer angle ``omega`` (degrees), unit charge.
 
@@ -415,7 +416,8 @@ def orientation_moments(
     The samples are those of :meth:`Folder.coverage` (``pixel_stride``, ``e_substeps``),
     so ``weight`` is its coverage before the alias expansion. Cached in memory (the last
     :data:`MOMENT_CACHE_SIZE`) by the folder's signature, the constants and the angle;
-    a copy is returned. Runs the compiled walk without the GIL.
+    a copy is returned. ``cache=False`` neither reads nor fills the cache (a warm-up's
+    moments, which no run asks for again). Runs the compiled walk without the GIL.
     """
     omega = float(omega)
     if not math.isfinite(omega):
@@ -427,7 +429,7 @@ def orientation_moments(
         omega,
     )
     with _CACHE_LOCK:
-        hit = _CACHE.get(key)
+        hit = _CACHE.get(key) if cache else None
         if hit is not None:
             _CACHE.move_to_end(key)
             return hit.copy()
@@ -439,6 +441,8 @@ def orientation_moments(
     out = BinMoments.zeros(grid.n_q * classes.n_classes * grid.n_e, constants.n_branches)
     out.n_orientations = 1
     _walk(folder, samples, dm, h_inf, constants, inverse_ops, classes, out)
+    if not cache:
+        return out
     with _CACHE_LOCK:
         _CACHE[key] = out
         while len(_CACHE) > MOMENT_CACHE_SIZE:

@@ -354,7 +354,10 @@ class RunRefiner:
             return time.perf_counter() - t0
         frame = Orientation.from_vectors(self.setup.crystal, (1, 0, 0), (0, 1, 0))
         folder = Folder(self.table, self.setup.grid, self.instrument, frame, self.ei)
-        moments = orientation_moments(folder, self.constants, 0.0, classes=self.classes)
+        # not cached: a run's own moments keep every slot of the cache
+        moments = orientation_moments(
+            folder, self.constants, 0.0, classes=self.classes, cache=False
+        )
         model = self.counts_model(moments)
         model.evaluate(model.theta(self.reference), jacobian=True)
         return time.perf_counter() - t0

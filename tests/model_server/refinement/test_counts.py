@@ -270,8 +270,12 @@ run = ge_run()
 split = RunRefiner.zone_split(
     "Ge", run.folder.instrument, EI, TEMPERATURE, material_setup=run.refiner.setup
 )
+from consumers.reduction import moments as moments_module
+
 for refiner in (run.refiner, split):
+    cached = list(moments_module._CACHE)
     refiner.warm_up()
+    assert list(moments_module._CACHE) == cached  # the run's moments keep every slot
     before = {n: set(k.signatures) for n, k in kernels.items()}
     assert sum(bool(v) for v in before.values()) >= 4, before  # one is inlined into them
     moments = orientation_moments(run.folder, refiner.constants, 10.0, classes=refiner.classes)
@@ -288,7 +292,8 @@ print("compiled nothing new")
 def test_the_warm_up_compiles_every_kernel_a_fit_then_uses() -> None:
     """``RunRefiner.warm_up`` (the service's, at a run's start) compiles the counts
     model's kernels for the argument types a live fit passes them, on the path and on its
-    zone classes: a fit after it compiles nothing new. In a process of its own, where
+    zone classes: a fit after it compiles nothing new; the warm-up's moments take no
+    slot of the moment cache. In a process of its own, where
     nothing has called the kernels before (numba's disk cache may hold them: loading from
     it adds the signatures too)."""
     import subprocess
