@@ -66,6 +66,9 @@ __all__ = ["STRATEGIES", "BenchmarkSetup", "beam_time_benchmark", "plot_benchmar
 
 logger = logging.getLogger(__name__)
 
+#: In-plane scattering angles (degrees) of the README's ARCS-like detector array.
+DETECTOR_PHI = (-28.0, 135.0)
+
 STRATEGIES = ("advisor", "sequential", "random", "coarse-to-fine", "gpcam", "gp", "oracle")
 
 #: The coefficients of the target: the first four of the basis (FC0-FC3).
@@ -146,6 +149,8 @@ class BenchmarkSetup:
     widths: NDArray[np.float64]
     count_time_s: float
     cost: BeamCost
+    #: in-plane scattering angles of the detector array, degrees
+    detector_phi: tuple[float, float] = DETECTOR_PHI
 
     @classmethod
     def build(
@@ -159,13 +164,17 @@ class BenchmarkSetup:
         pixel_stride: int = 4,
         e_substeps: int = 2,
         binning: str = "classes",
+        detector_phi: tuple[float, float] = DETECTOR_PHI,
         progress: bool = False,
     ) -> BenchmarkSetup:
         """The README's set-up with candidates every ``step`` degrees over ``[0, span)``.
         ``binning`` is what the refinement fits: ``"classes"`` (the path's bins split by
         zone class, as ``steer serve`` refines them; the default) or ``"path"`` (the
         q-path's bins, the benchmark's set-up before zone classes became the live
-        default)."""
+        default). ``detector_phi``: the in-plane scattering angles (degrees) the ARCS-like
+        array spans (default the README's -28..135; a narrower bank keeps the columns'
+        spacing, 400 columns over the default's 163 degrees, so it sees less of Q at
+        each angle)."""
         from tqdm import tqdm
 
         from consumers.reduction.folding import Folder
@@ -179,7 +188,15 @@ class BenchmarkSetup:
         if not (0 < target_fraction < 1):
             raise AdvisorError(f"target fraction must be in (0, 1), got {target_fraction}")
         ms = setup(material)
-        ins = Instrument.arcs_like()
+        lo, hi = (float(v) for v in detector_phi)
+        if not (math.isfinite(lo) and math.isfinite(hi) and -180.0 <= lo < hi <= 180.0):
+            raise AdvisorError(
+                f"the detector's in-plane angles must be -180 <= min < max <= 180, got {lo}:{hi}"
+            )
+        full = DETECTOR_PHI[1] - DETECTOR_PHI[0]
+        ins = Instrument.arcs_like(
+            n_columns=max(1, round(400 * (hi - lo) / full)), phi_min=lo, phi_max=hi
+        )
         table = FoldTable.cached(ms.crystal, ms.grid)
         folder = Folder(
             table, ms.grid, ins, Orientation.from_vectors(ms.crystal, (1, 0, 0), (0, 1, 0)), 80.0
@@ -225,6 +242,7 @@ class BenchmarkSetup:
             widths=widths,
             count_time_s=float(count_time_s),
             cost=BeamCost(1.0, 1.0),
+            detector_phi=(lo, hi),
         )
 
     def beam_time_s(self, start: float, omegas: NDArray[np.float64] | float) -> NDArray[np.float64]:
@@ -685,6 +703,7 @@ def beam_time_benchmark(
     truth_seed: int = 100,
     first_truth: int = 0,
     binning: str = "classes",
+    detector_phi: tuple[float, float] = DETECTOR_PHI,
     setup: BenchmarkSetup | None = None,
     progress: bool = False,
     on_result: Callable[[dict[str, Any]], None] | None = None,
@@ -716,7 +735,11 @@ def beam_time_benchmark(
     if not (math.isfinite(events_per_orientation) and events_per_orientation > 0):
         raise AdvisorError(f"events per orientation must be > 0, got {events_per_orientation}")
     s = setup or BenchmarkSetup.build(
-        step=step, target_fraction=target_fraction, binning=binning, progress=progress
+        step=step,
+        target_fraction=target_fraction,
+        binning=binning,
+        detector_phi=detector_phi,
+        progress=progress,
     )
     chosen = benchmark_truths(s, first_truth + truths, truth_seed)[first_truth:]
     seed_list = list(range(first_seed, first_seed + seeds))
@@ -784,6 +807,7 @@ def beam_time_benchmark(
         "target": {n: float(v) for n, v in zip(s.names[:N_TARGET], s.target, strict=True)},
         "target_fraction": target_fraction,
         "binning": s.refiner.binning,
+        "detector_phi_deg": [float(v) for v in s.detector_phi],
         "events_per_orientation": events_per_orientation,
         "candidates_deg": [float(s.omegas[0]), float(s.omegas[-1]), float(step)],
         "count_time_s": s.count_time_s,
@@ -848,6 +872,7 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "count_time_s": None,
         "budget_orientations": None,
         "binning": "path",
+        "detector_phi_deg": list(DETECTOR_PHI),
     }
     for r in results[1:]:
         for key, older in keys.items():

@@ -317,6 +317,15 @@ def benchmark_cmd(
             "steer serve refines them) or path (the q-path's bins alone).",
         ),
     ] = "classes",
+    detector_phi: Annotated[
+        str,
+        typer.Option(
+            "--detector-phi",
+            help="MIN:MAX in-plane scattering angles (degrees) of the ARCS-like detector "
+            "array; a narrower bank keeps the columns' spacing and sees less of Q at each "
+            "angle. Results of different arrays do not merge.",
+        ),
+    ] = "-28:135",
     merge: Annotated[
         list[Path] | None,
         typer.Option(
@@ -366,10 +375,23 @@ def benchmark_cmd(
             truth_seed=truth_seed,
             first_truth=first_truth,
             binning=binning,
+            detector_phi=_phi_range(detector_phi),
             progress=not as_json,
             threads=threads,
         )
     _report_benchmark(result, plot, as_json)
+
+
+def _phi_range(text: str) -> tuple[float, float]:
+    """``MIN:MAX`` degrees as a pair; a clear error otherwise."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise AdvisorError(f"--detector-phi must be MIN:MAX in degrees, got {text!r}") from None
+    return lo, hi
 
 
 def _run_benchmark(

@@ -203,6 +203,35 @@ def test_bad_arguments_are_refused() -> None:
         beam_time_benchmark(truths=0, setup=object())  # type: ignore[arg-type]
     with pytest.raises(AdvisorError, match="target fraction"):
         BenchmarkSetup.build(target_fraction=2.0)
+    with pytest.raises(AdvisorError, match="min < max"):
+        BenchmarkSetup.build(detector_phi=(40.0, 10.0))
+    from steering.cli.advise import _phi_range
+
+    assert _phi_range("10:50") == (10.0, 50.0)
+    with pytest.raises(AdvisorError, match="MIN:MAX"):
+        _phi_range("10-50")
+
+
+def test_a_narrower_detector_sees_less_at_each_angle_and_does_not_merge(
+    small: BenchmarkSetup,
+) -> None:
+    """``detector_phi``: an ARCS-like array over fewer in-plane angles (the columns'
+    spacing kept) reaches fewer bins at every candidate angle; its results carry the range
+    and do not merge with the full array's."""
+    narrow = BenchmarkSetup.build(
+        step=4.0, span=13.0, target_fraction=0.02, binning="path", detector_phi=(10.0, 60.0)
+    )
+    assert narrow.detector_phi == (10.0, 60.0)
+    assert small.detector_phi == (-28.0, 135.0)
+    for c in range(len(small.omegas)):
+        full, part = small.moments[c].dense().weight, narrow.moments[c].dense().weight
+        assert 0 < np.count_nonzero(part) < 0.9 * np.count_nonzero(full)  # 0.75 here
+        assert 0 < part.sum() < 0.5 * full.sum()  # 0.31: 50 of 163 degrees
+    one = beam_time_benchmark(truths=1, seeds=1, strategies=["sequential"], budget=4, setup=narrow)
+    assert one["detector_phi_deg"] == [10.0, 60.0]
+    other = dict(one, detector_phi_deg=[-28.0, 135.0], runs=[{"truth": "x", "seed": 1}])
+    with pytest.raises(AdvisorError, match="detector_phi_deg"):
+        merge_results([one, other])
 
 
 def test_the_command_limits_the_blas_pools_to_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:
