@@ -63,6 +63,7 @@ _ESTIMATE_KEYS = (
     "fallback",
     "scan",
     "superseded_by",
+    "amended",
 )
 
 

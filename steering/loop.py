@@ -617,9 +617,10 @@ class SteeringLoop:
 
         Waits at most ``timeout`` s for the planner's nodes and the information being
         computed for them (:meth:`InformationPlanner.settle`), then plans that advice with
-        the posterior it was made with (the nodes' information computed here if it is still
-        missing or stale: a few seconds) and applies the controls again (without using up
-        a forced angle twice). Returns the amended advice (it
+        the last posterior (its own, or :meth:`settle_estimate`'s when that refitted it;
+        the nodes' information computed here if it is still missing or stale: a few
+        seconds) and applies the controls again (without using up a forced angle twice).
+        Returns the amended advice (it
         replaces the last of :attr:`history`; ``amended`` says why), or None when there is
         nothing to amend, the service is stopping, or the planner is still not ready (said
         in the log). ``cancelled``: asked every half second while it waits (the service:
@@ -810,7 +811,8 @@ class SteeringLoop:
             metrics.REFINE_FALLBACKS.inc()
             return running, mean, std
         self._warm = refined.theta
-        self._last_fit = (snapshot, vae)
+        if self.scan is not None and self.scan.pending:  # an answer may come after the run
+            self._last_fit = (snapshot, vae)
         self._posterior = (
             refined.theta,
             refined.covariance,
@@ -835,14 +837,17 @@ class SteeringLoop:
 
         None (said in the log where it matters) when there is nothing to settle: no
         background fit, none finished in time, nothing lower found, the refit failed, or
-        the service is stopping. ``cancelled``: asked every half second while it waits; True
-        ends the wait. The last snapshot is let go either way.
+        the service is stopping, ``timeout`` <= 0, or the warm optimum stayed lower. The
+        settled estimate also replaces the one in the last advice of :attr:`history` (for
+        :meth:`finish`). ``cancelled``: asked every half second while it waits; True ends
+        the wait. The last snapshot is let go either way (it is kept only while a
+        background answer may still come).
         """
         from model_server.refinement.refiner import LIVE_TEMPLATE_TOLERANCE, running_estimate
 
         last, self._last_fit = self._last_fit, None
         scan = self.scan
-        if last is None or scan is None or self.refiner is None or self.hurry:
+        if last is None or scan is None or self.refiner is None or self.hurry or timeout <= 0:
             return None
 
         t0 = time.perf_counter()
@@ -880,12 +885,12 @@ class SteeringLoop:
             logger.warning("run %s: the refit at the run's end failed: %s", self.run_id, exc)
             return None
         running = running_estimate(vae, refined, binning=self.refiner.binning)
-        adopted = refined.start == "start 0"
-        running["scan"] = scanned.to_dict() | {"adopted": adopted}
-        if adopted:
-            metrics.REFINE_SCANS.labels(kind=_scan_kind(scanned.grid), outcome="adopted").inc()
-        if running["source"] != "refined":
+        if refined.start != "start 0" or running["source"] != "refined":
+            # the warm optimum stayed lower (the answer was an earlier snapshot's): the
+            # published estimate stands
             return None
+        metrics.REFINE_SCANS.labels(kind=_scan_kind(scanned.grid), outcome="adopted").inc()
+        running["scan"] = scanned.to_dict() | {"adopted": True}
         self._warm = refined.theta
         self._posterior = (
             refined.theta,
@@ -898,6 +903,11 @@ class SteeringLoop:
             f"{scanned.n_orientations} orientations found a lower minimum after the last "
             f"snapshot was estimated (took {time.perf_counter() - t0:.1f} s)"
         )
+        advised = self.history[-1] if self.history else None
+        if advised is not None and int(advised.get("n_orientations", -1)) == int(
+            snapshot.n_orientations
+        ):
+            advised["estimate"] = running  # a last plan made at the run's end goes with it
         message = {
             "run_id": self.run_id,
             "n_orientations": int(snapshot.n_orientations),

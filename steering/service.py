@@ -199,10 +199,10 @@ class SteeringService:
         When a run ends before the planner's information for its last advice is ready (a
         fast replay, a run of a few orientations), how long the run's end waits for it to
         plan that advice (:meth:`steering.loop.SteeringLoop.finish`); the run is marked
-        complete after. The same wait, before it, lets the last recheck's background fit
-        finish: when that finds a lower minimum the last snapshot is refitted from it
-        (:meth:`steering.loop.SteeringLoop.settle_estimate`). 0: the last advice keeps no
-        plan and the last estimate stands as published.
+        complete after. The same wait (one deadline for both), before it, lets the last
+        recheck's background fit finish: when that finds a lower minimum the last
+        snapshot is refitted from it (:meth:`steering.loop.SteeringLoop.settle_estimate`).
+        0: the last advice keeps no plan and the last estimate stands as published.
     estimates
         What the estimates do when they fall behind the consumer (a replay faster than
         the fits, a backlog read after a restart). They run on their own thread, in
@@ -920,8 +920,10 @@ class SteeringService:
         material = str(meta.get("material", "?"))
 
         def work(job: _Job) -> None:
-            self._finish_estimate(run_id)
-            self._finish_plan(run_id)
+            # one wait for both: the estimates' thread serves the next run too
+            deadline = time.monotonic() + self.final_plan_wait_s
+            self._finish_estimate(run_id, self.final_plan_wait_s)
+            self._finish_plan(run_id, max(deadline - time.monotonic(), 0.0))
             self.history.upsert_run(
                 run_id,
                 material=material,
@@ -941,24 +943,27 @@ class SteeringService:
         """Whether the consumer was asked to stop."""
         return bool(getattr(self.service, "_stop_requested", False))
 
-    def _finish_estimate(self, run_id: str) -> None:
+    def _finish_estimate(self, run_id: str, wait_s: float) -> None:
         """The run's last estimate is refitted when its background fit (the last recheck's
         scan or fit from the VAE's start) finishes after the last snapshot and finds a
         lower minimum (:meth:`steering.loop.SteeringLoop.settle_estimate`, waiting at most
-        :attr:`final_plan_wait_s`): a second estimate after as many orientations goes into
-        the history and onto the page, flagged ``amended``; the chunk-to-estimate latency
-        does not count it."""
+        ``wait_s``): a second estimate after as many orientations goes into the history
+        and onto the page, flagged ``amended``; the chunk-to-estimate latency does not
+        count it. The run's last snapshot is let go either way."""
         loop = self._loops.get(run_id)
-        if loop is None or self.final_plan_wait_s <= 0:
+        if loop is None:
+            return
+        if wait_s <= 0:
+            loop.settle_estimate(0.0)  # no wait: it only lets the snapshot go
             return
         loop.hurry = self._stopping()
         self._tls.closed_at = None  # not a chunk's estimate
         try:
-            loop.settle_estimate(self.final_plan_wait_s, cancelled=self._stopping)
+            loop.settle_estimate(wait_s, cancelled=self._stopping)
         except Exception:  # the run is complete whatever happens to its last refit
             logger.exception("run %s: the last estimate could not be settled", run_id)
 
-    def _finish_plan(self, run_id: str) -> None:
+    def _finish_plan(self, run_id: str, wait_s: float) -> None:
         """The run's last advice gets its plan if the run ended before the planner's
         information was ready: amended in the history and on the advice topic (not sent to
         the other sinks again: a queue would get a second item)."""
@@ -967,7 +972,7 @@ class SteeringService:
             return
         loop.hurry = self._stopping()
         try:
-            advice = loop.finish(self.final_plan_wait_s, cancelled=self._stopping)
+            advice = loop.finish(wait_s, cancelled=self._stopping)
         except Exception:  # the run is complete whatever happens to its last plan
             logger.exception("run %s: the last advice could not be planned", run_id)
             return

@@ -216,6 +216,12 @@ class BackgroundScan:
             if grid:
                 self.next_at = n_orientations + 1 if found else 2 * n_orientations
 
+    @property
+    def pending(self) -> bool:
+        """Whether an answer is still to come or waiting to be taken."""
+        with self._lock:
+            return self.running or self._result is not None
+
     def take(self) -> ScanResult | None:
         """The last finished scan's result, once (None when none finished since)."""
         with self._lock:

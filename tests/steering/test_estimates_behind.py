@@ -77,7 +77,8 @@ def _service(
             assert release.wait(30)
         calls.append((snapshot.n_orientations, superseded_by, snapshot.moments is None))
 
-    def finish_plan(run_id: str) -> None:
+    def finish_plan(run_id: str, wait_s: float) -> None:
+        assert 0 <= wait_s <= svc.final_plan_wait_s
         calls.append(("end", run_id))
 
     svc._estimate_and_advise = estimate  # type: ignore[method-assign]

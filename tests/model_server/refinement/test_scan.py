@@ -316,8 +316,8 @@ def test_a_later_recheck_fits_the_vae_start_in_the_background_not_on_the_live_pa
 
 
 def test_the_runs_end_refits_its_last_snapshot_when_the_background_answers_late(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     """The run's last snapshot misfits and hands its restarts to the background scan, but
     no later snapshot comes to take the answer: at the run's end
     (:meth:`SteeringLoop.settle_estimate`) the loop waits for the scan, refits the last
@@ -343,6 +343,7 @@ def test_the_runs_end_refits_its_last_snapshot_when_the_background_answers_late(
     assert loop.settle_estimate(1.0) is None  # nothing fitted yet
     est, _, _ = loop._running_estimate(snapshot(1), vae)  # type: ignore[arg-type]
     assert est["restarts"] == "background scan"  # the run ends here, the scan still going
+    loop.history.append({"n_orientations": 1, "estimate": est})  # its advice
     message = loop.settle_estimate(300.0)
     assert message is not None
     assert published == [message]
@@ -351,12 +352,26 @@ def test_the_runs_end_refits_its_last_snapshot_when_the_background_answers_late(
     assert "amended" in settled
     assert settled["source"] == "refined"
     assert settled["scan"]["found"] is True
+    assert settled["scan"]["adopted"] is True
+    assert loop.history[-1]["estimate"] is settled  # a last plan goes with it
     assert settled["refined"]["deviance"] < est["refined"]["deviance"]
     assert settled["refined"]["pearson_chi2_per_dof"] < fit_module.MISFIT_RESTART
     assert loop._posterior is not None
     assert np.allclose(loop._posterior[0], loop._warm)  # the plan uses the settled fit
     assert loop.settle_estimate(1.0) is None  # once: the snapshot was let go
     assert len(published) == 1
+    # the history keeps the flag: /runs/{id}/estimates tells the two estimates apart
+    from steering.db import History
+
+    history = History(f"sqlite:///{tmp_path / 'h.db'}")
+    history.upsert_run("r", material="Ge")
+    history.add_estimate("r", n_orientations=1, omega=0.0, estimate=settled)
+    assert history.estimates("r")[-1]["amended"] == settled["amended"]
+
+    # no background fit: the loop keeps no snapshot for the run's end
+    plain = SteeringLoop(None, None, None, refiner=run.refiner, scan=False)  # type: ignore[arg-type]
+    plain._running_estimate(snapshot(1), vae)  # type: ignore[arg-type]
+    assert plain._last_fit is None
 
     # the scan outlives the wait: the estimate stands, and the log says so
     late = SteeringLoop(None, None, None, refiner=run.refiner, estimate_sinks=[published.append])  # type: ignore[arg-type]
