@@ -222,9 +222,9 @@ def _start_replay(
 def _progress(
     run: dict[str, Any], history: History, live: LiveState, elapsed: float
 ) -> tuple[dict[str, Any], int]:
-    """(progress state, estimates so far) of ``run`` after ``elapsed`` s of replay: the
-    state is what :class:`_View` shows (orientations, events folded and per second, latest
-    FCs, truth, the advisor's pick)."""
+    """(progress state, orientations estimated so far) of ``run`` after ``elapsed`` s of
+    replay: the state is what :class:`_View` shows (orientations, events folded and per
+    second, latest FCs, truth, the advisor's pick)."""
     run_id = run["run_id"]
     est = history.estimates(run_id)
     summ = run.get("summary") or {}
@@ -242,7 +242,8 @@ def _progress(
         "pick": cands[0]["omega"] if cands else None,
         "done": run["state"] == "complete",
     }
-    return state, len(est)
+    # orientation counts estimated (an estimate amended at the run's end is a second row)
+    return state, len({int(e["n_orientations"]) for e in est})
 
 
 def _follow(
