@@ -410,13 +410,18 @@ class SteeringLoop:
         self.advise(snapshot, record, running, mean, std, started=t0)
 
     def _publish_estimate(
-        self, snapshot: Snapshot, record: OrientationRecord, running: dict[str, Any], t0: float
-    ) -> None:
-        """The running estimate into the estimate sinks (``seconds`` from ``t0``)."""
+        self,
+        snapshot: Snapshot,
+        record: OrientationRecord | None,
+        running: dict[str, Any],
+        t0: float,
+    ) -> dict[str, Any]:
+        """The running estimate into the estimate sinks (``seconds`` from ``t0``; ``omega``
+        NaN without the orientation's ``record``). Returns the message sent."""
         message = {
             "run_id": self.run_id,
             "n_orientations": int(snapshot.n_orientations),
-            "omega": float(record.omega),
+            "omega": float(record.omega) if record is not None else float("nan"),
             "estimate": running,
             "seconds": time.perf_counter() - t0,
         }
@@ -424,7 +429,10 @@ class SteeringLoop:
             try:
                 sink(message)
             except Exception:
-                logger.exception("estimate sink failed (orientation %d)", record.index)
+                logger.exception(
+                    "estimate sink failed (after %d orientations)", int(snapshot.n_orientations)
+                )
+        return message
 
     def superseded(self, snapshot: Snapshot, record: OrientationRecord, newer: int) -> None:
         """A snapshot whose run has a newer one waiting (the estimates fell behind the
@@ -908,18 +916,7 @@ class SteeringLoop:
             snapshot.n_orientations
         ):
             advised["estimate"] = running  # a last plan made at the run's end goes with it
-        message = {
-            "run_id": self.run_id,
-            "n_orientations": int(snapshot.n_orientations),
-            "omega": float(record.omega) if record is not None else float("nan"),
-            "estimate": running,
-            "seconds": time.perf_counter() - t0,
-        }
-        for sink in self.estimate_sinks:
-            try:
-                sink(message)
-            except Exception:
-                logger.exception("estimate sink failed (the run's settled estimate)")
+        message = self._publish_estimate(snapshot, record, running, t0)
         logger.info(
             "run %s: its last estimate (after %d orientations) refitted at the run's end "
             "from the background fit's lower minimum (deviance/dof %.4f)",

@@ -131,6 +131,22 @@ def _vae_and_snapshots(run, start, fraction, counts, moments):  # type: ignore[n
     return vae, snapshot
 
 
+def _misfit_case(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """(run, VAE-like estimate, snapshot maker) of a first fit that misfits: the counts of
+    the refiner's own model at the truth (its multiphonon template made there), a start
+    that ends in a wrong minimum alone, whose restarts find the truth; the scan's grid
+    shortened to the restarts and one start."""
+    monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (1.0,))
+    run = ge_run()
+    moments = ge_moments(OMEGAS)
+    model = run.refiner.model(moments, at=run.truth)
+    theta = _truth_theta(model, run.truth, 2e6)
+    _, counts = replica_counts(model, theta, np.random.default_rng(11))
+    start = _start(run, np.random.default_rng(103), spread=0.35)
+    vae, snapshot = _vae_and_snapshots(run, start, 0.35, counts, moments)
+    return run, vae, snapshot
+
+
 def test_the_live_loop_scans_a_misfit_and_its_next_estimate_says_so(wrong_minimum) -> None:  # type: ignore[no-untyped-def]
     """The steering loop with a real refiner: a recheck's misfitting fit goes to the
     background scan; the next snapshot's fit starts from what a scan found beside its warm
@@ -188,16 +204,7 @@ def test_a_live_misfit_is_answered_at_once_and_its_restarts_run_in_the_scan(
 
     from steering.loop import SteeringLoop
 
-    monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (1.0,))  # short: the restarts + 1 start
-    run = ge_run()
-    moments = ge_moments(OMEGAS)
-    # the counts of the refiner's own model at the truth (its multiphonon template made
-    # there): the start below ends in a wrong minimum alone, the restarts find the truth
-    model = run.refiner.model(moments, at=run.truth)
-    theta = _truth_theta(model, run.truth, 2e6)
-    _, counts = replica_counts(model, theta, np.random.default_rng(11))
-    start = _start(run, np.random.default_rng(103), spread=0.35)
-    vae, snapshot = _vae_and_snapshots(run, start, 0.35, counts, moments)
+    run, vae, snapshot = _misfit_case(monkeypatch)
 
     loop = SteeringLoop(None, None, None, refiner=run.refiner)  # type: ignore[arg-type]
     assert loop.scan is not None
@@ -329,14 +336,7 @@ def test_the_runs_end_refits_its_last_snapshot_when_the_background_answers_late(
 
     from steering.loop import SteeringLoop
 
-    monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (1.0,))
-    run = ge_run()
-    moments = ge_moments(OMEGAS)
-    model = run.refiner.model(moments, at=run.truth)
-    theta = _truth_theta(model, run.truth, 2e6)
-    _, counts = replica_counts(model, theta, np.random.default_rng(11))
-    start = _start(run, np.random.default_rng(103), spread=0.35)
-    vae, snapshot = _vae_and_snapshots(run, start, 0.35, counts, moments)
+    run, vae, snapshot = _misfit_case(monkeypatch)
 
     published: list[dict] = []
     loop = SteeringLoop(None, None, None, refiner=run.refiner, estimate_sinks=[published.append])  # type: ignore[arg-type]
