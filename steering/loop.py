@@ -412,16 +412,16 @@ class SteeringLoop:
     def _publish_estimate(
         self,
         snapshot: Snapshot,
-        record: OrientationRecord | None,
+        record: OrientationRecord,
         running: dict[str, Any],
         t0: float,
     ) -> dict[str, Any]:
-        """The running estimate into the estimate sinks (``seconds`` from ``t0``; ``omega``
-        NaN without the orientation's ``record``). Returns the message sent."""
+        """The running estimate into the estimate sinks (``seconds`` from ``t0``). Returns
+        the message sent."""
         message = {
             "run_id": self.run_id,
             "n_orientations": int(snapshot.n_orientations),
-            "omega": float(record.omega) if record is not None else float("nan"),
+            "omega": float(record.omega),
             "estimate": running,
             "seconds": time.perf_counter() - t0,
         }
@@ -818,15 +818,9 @@ class SteeringLoop:
         if running["source"] != "refined":
             metrics.REFINE_FALLBACKS.inc()
             return running, mean, std
-        self._warm = refined.theta
+        self._take(refined)
         if self.scan is not None and self.scan.pending:  # an answer may come after the run
             self._last_fit = (snapshot, vae)
-        self._posterior = (
-            refined.theta,
-            refined.covariance,
-            refined.inflation,
-            getattr(self.refiner, "last_model", None),
-        )
         index = {n: i for i, n in enumerate(refined.names)}
         sel = [index.get(n, -1) for n in names]
         if all(i >= 0 for i in sel) and len(sel) == len(mean):
@@ -877,9 +871,9 @@ class SteeringLoop:
         if scanned is None:
             return None
         snapshot, vae = last
-        if snapshot.moments is None:  # not refined then either
-            return None
         record = self._last_record  # the last snapshot's orientation (advise() set it)
+        if snapshot.moments is None or record is None:  # not refined, or never advised
+            return None
         try:
             refined = self.refiner.refine(
                 snapshot.fitted_counts,
@@ -899,13 +893,7 @@ class SteeringLoop:
             return None
         metrics.REFINE_SCANS.labels(kind=_scan_kind(scanned.grid), outcome="adopted").inc()
         running["scan"] = scanned.to_dict() | {"adopted": True}
-        self._warm = refined.theta
-        self._posterior = (
-            refined.theta,
-            refined.covariance,
-            refined.inflation,
-            getattr(self.refiner, "last_model", None),
-        )
+        self._take(refined)
         running["amended"] = (
             "refitted at the run's end: the background fit of the snapshot after "
             f"{scanned.n_orientations} orientations found a lower minimum after the last "
@@ -925,6 +913,17 @@ class SteeringLoop:
             refined.deviance_per_dof,
         )
         return message
+
+    def _take(self, refined: Refined) -> None:
+        """A refined fit becomes the run's state: the next fit's warm start and the
+        posterior the plan uses (with the cumulative model it was fitted on)."""
+        self._warm = refined.theta
+        self._posterior = (
+            refined.theta,
+            refined.covariance,
+            refined.inflation,
+            getattr(self.refiner, "last_model", None),
+        )
 
     def _scanned(self) -> ScanResult | None:
         """A finished background scan's lower minimum (once), else None."""

@@ -333,6 +333,7 @@ def test_the_runs_end_refits_its_last_snapshot_when_the_background_answers_late(
     estimate as it is, and says so."""
     import logging
     import threading
+    from types import SimpleNamespace
 
     from steering.loop import SteeringLoop
 
@@ -344,11 +345,13 @@ def test_the_runs_end_refits_its_last_snapshot_when_the_background_answers_late(
     est, _, _ = loop._running_estimate(snapshot(1), vae)  # type: ignore[arg-type]
     assert est["restarts"] == "background scan"  # the run ends here, the scan still going
     loop.history.append({"n_orientations": 1, "estimate": est})  # its advice
+    loop._last_record = SimpleNamespace(omega=12.0, index=0)  # advise() keeps the record
     message = loop.settle_estimate(300.0)
     assert message is not None
     assert published == [message]
     settled = message["estimate"]
     assert message["n_orientations"] == 1
+    assert message["omega"] == 12.0
     assert "amended" in settled
     assert settled["source"] == "refined"
     assert settled["scan"]["found"] is True
