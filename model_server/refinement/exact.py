@@ -13,8 +13,8 @@ the README's Ge run (``make bench``, ``bench-results/counts_model.json``), facto
 percentile 1.3-1.4 %) per bin from the exact fold at the truth, 2 % from it 1.5-1.6 %
 (5.1-5.6 %), against 4.0-4.1 % (14-17 %) uncorrected: the nearer the point, the better.
 
-The exact fold costs about 18 s an orientation on one core (1.5 million samples, each a
-diagonalised dynamical matrix), so the correction is an offline step for a run's final
+The exact fold costs about 19 s an orientation on one core (1.5 million samples, each a
+diagonalised dynamical matrix; ``workers`` fold several at a time), so the correction is an offline step for a run's final
 estimate (``steer estimate --refine --exact``), not the live loop's. It is made on the
 path's bins, the wedge's or the path's split by zone class (the exact fold puts each
 sample in its zone's class row, as the moments do).
@@ -133,7 +133,7 @@ def exact_one_phonon_fold(
     The reference for the counts model and for the prediction endpoint's coarser fold
     (:class:`model_server.prediction.expected.FoldSampler`; the same samples by default,
     every 2nd pixel at 4 energies a bin); units as theirs (the cross-section in
-    mbarn/(sr meV) per atom times sr meV). About 18 s an orientation of the README's Ge
+    mbarn/(sr meV) per atom times sr meV). About 19 s an orientation of the README's Ge
     run on one core (1.5 million samples).
     """
     grid = folder.grid
@@ -169,22 +169,42 @@ def exact_run_fold(
     *,
     classes: ZoneClasses | None = None,
     progress: bool = False,
+    workers: int = 1,
+    pixel_stride: int = 2,
 ) -> NDArray[np.float64]:
     """(n_q, n_E) the exact one-phonon fold of a run: every orientation's
     :func:`exact_one_phonon_fold` times its proton charge, summed (the moments' units);
-    with ``classes``, ``(n_q * n_classes, n_E)`` split by zone class."""
+    with ``classes``, ``(n_q * n_classes, n_E)`` split by zone class.
+
+    ``workers`` > 1 folds that many orientations at a time on threads (the samples'
+    walk, the dynamical matrices and the eigensolver run without the GIL); the sum is
+    taken in the orientations' order either way, so the result does not depend on it.
+    ``pixel_stride``: as :func:`exact_one_phonon_fold`'s (every 2nd pixel, as the moments).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     if len(omegas) != len(charges) or not len(omegas):
         raise RefinementError("the exact fold needs one charge per orientation, and some")
+    if workers < 1:
+        raise RefinementError(f"the exact fold needs at least one worker (got {workers})")
     n_classes = 1 if classes is None else classes.n_classes
     ops = star_operations(folder, point_operations(sqe.crystal)) if n_classes > 1 else None
     out = np.zeros((folder.grid.n_q * n_classes, folder.grid.n_e))
     pairs = list(zip(omegas, charges, strict=True))
-    for w, c in tqdm(pairs, desc="exact fold", unit="orient", disable=not progress):
-        out += float(c) * exact_one_phonon_fold(
-            folder, sqe, float(w), classes=classes, inverse_ops=ops
+
+    def one(pair: tuple[float, float]) -> NDArray[np.float64]:
+        w, c = pair
+        return float(c) * exact_one_phonon_fold(
+            folder, sqe, float(w), classes=classes, inverse_ops=ops, pixel_stride=pixel_stride
         )
+
+    bar = tqdm(total=len(pairs), desc="exact fold", unit="orient", disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=min(workers, len(pairs))) as pool:
+        for part in pool.map(one, pairs):  # in order: the same sum for any worker count
+            out += part
+            bar.update()
     return out
 
 
@@ -197,6 +217,7 @@ def exact_correction(
     at: NDArray[np.float64],
     *,
     progress: bool = False,
+    workers: int = 1,
 ) -> ExactCorrection:
     """The factors of a run at the coefficients ``at``: the exact fold of its orientations
     (``folder``, ``omegas`` in deg, ``charges`` in uC, as ``moments`` were summed) over
@@ -206,7 +227,7 @@ def exact_correction(
     plain = refiner.counts_model(moments)
     sqe = CoherentSQE(plain.basis, at, temperature=plain.temperature, resolution=plain.resolution)
     exact = exact_run_fold(
-        folder, sqe, omegas, charges, classes=refiner.classes, progress=progress
+        folder, sqe, omegas, charges, classes=refiner.classes, progress=progress, workers=workers
     ).reshape(-1)
     one = np.zeros_like(exact)
     one[plain.bins] = plain.evaluate(plain.theta(at), jacobian=False).expected
@@ -243,9 +264,10 @@ def refine_file_exact(
     passes: int = 1,
     on_pass: Callable[[int, Refined, float], None] | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> tuple[Refined, Refined, dict[str, Any]]:
     """:func:`model_server.refinement.refiner.refine_file`, then the fit again with the
-    exact-fold correction made at its optimum (:func:`exact_correction`; about 18 s an
+    exact-fold correction made at its optimum (:func:`exact_correction`; about 19 s an
     orientation on one core); with ``passes`` > 1, the correction is made again at each
     corrected optimum and the fit repeated, so that the last correction is made within
     ``moved_std[-1]`` std of where the fit ends (the factors hold best near the point
@@ -259,7 +281,8 @@ def refine_file_exact(
     coefficient of zero std). A later pass whose fit does not converge is not returned:
     the last converged pass is, with ``stopped`` saying which pass failed.
     ``on_pass(k, fit, moved_std)`` is called after the k-th corrected fit (from 1): each
-    pass costs the exact fold again, so a caller can show the fits as they come."""
+    pass costs the exact fold again, so a caller can show the fits as they come.
+    ``workers``: orientations folded at a time (:func:`exact_run_fold`)."""
     from consumers.reduction.pipeline import run_folder
 
     if passes < 1:
@@ -281,7 +304,7 @@ def refine_file_exact(
         if progress and passes > 1:
             print(f"exact-fold correction, pass {done + 1} of {passes}", file=sys.stderr)
         correction = exact_correction(
-            refiner, moments, folder, omegas, charges, at.mean, progress=progress
+            refiner, moments, folder, omegas, charges, at.mean, progress=progress, workers=workers
         )
         model = corrected_model(refiner, moments, correction)
         best = {n: float(v) for n, v in zip(refiner.names, at.mean, strict=True)}

@@ -46,7 +46,7 @@ from simulations.lattice.grid import Grid
 from simulations.lattice.resolution import EnergyResolution
 from simulations.units import THZ_TO_MEV, VASP_TO_THZ
 
-__all__ = ["ForwardModel", "SpectraResult"]
+__all__ = ["ForwardModel", "SpectraResult", "usable_cores"]
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ class ForwardModel:
             stable[rows] = res.stable.numpy()
             min_freq[rows] = res.min_frequency_thz.double().numpy()
 
-        n_workers = _usable_cores() if workers is None else workers
+        n_workers = usable_cores() if workers is None else workers
         starts = range(0, len(c), chunk)
         # One BLAS thread per worker: the workers already use the cores.
         with threadpool_limits(limits=1 if n_workers > 1 and not compiled else None):
@@ -513,7 +513,7 @@ def _signed_frequency(lam: NDArray[np.float64]) -> NDArray[np.float64]:
     return np.sign(lam) * np.sqrt(np.abs(lam)) * VASP_TO_THZ
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))

@@ -228,7 +228,7 @@ def estimate_cmd(
         typer.Option(
             "--exact",
             help="With --refine: fit again with the exact-fold correction made at the "
-            "optimum (the cross-section at every folded sample's own Q; about 18 s an "
+            "optimum (the cross-section at every folded sample's own Q; about 19 s an "
             "orientation on one core); prints the corrected fit as refined, the first as "
             "refined_model_only.",
         ),
@@ -243,6 +243,14 @@ def estimate_cmd(
             "refined.exact_correction.moved_std says how far each pass moved the fit.",
         ),
     ] = 1,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            help="With --exact: orientations folded at a time, on threads (default: the "
+            "CPU cores this process may use); the result does not depend on it.",
+        ),
+    ] = None,
     wedge: Annotated[
         Path | None,
         typer.Option(
@@ -264,6 +272,10 @@ def estimate_cmd(
         raise typer.BadParameter("--exact corrects the refinement: give --refine too")
     if exact_passes != 1 and not exact:
         raise typer.BadParameter("--exact-passes repeats the exact correction: give --exact too")
+    if jobs is not None and not exact:
+        raise typer.BadParameter("--jobs is for the exact fold: give --exact too")
+    if jobs is not None and jobs < 1:
+        raise typer.BadParameter(f"must be >= 1, got {jobs}", param_hint="--jobs")
     binning = "path"
     if wedge is not None:
         if not refine:
@@ -298,6 +310,7 @@ def estimate_cmd(
         return
     from model_server.refinement.exact import refine_file_exact
     from model_server.refinement.refiner import refine_file
+    from simulations.lattice.forward import usable_cores
 
     start = {name: float(v["mean"]) for name, v in vae["fc"].items()}
     spread = {name: float(v["std"]) for name, v in vae["fc"].items()}
@@ -311,6 +324,7 @@ def estimate_cmd(
             passes=exact_passes,
             on_pass=None if quiet or exact_passes == 1 else _show_exact_pass,
             progress=not quiet and not as_json,
+            workers=jobs if jobs is not None else usable_cores(),
         )
         out = {
             "vae": vae,

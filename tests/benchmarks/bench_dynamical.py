@@ -68,3 +68,34 @@ def bench_dynamical_matrices() -> None:
     (RESULTS / "dynamical.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     assert result["max_abs_difference_over_max"] < 1e-12
+
+
+def bench_exact_fold_threads() -> None:
+    """The exact fold of 4 orientations of the README's Ge run (every 2nd pixel, as the
+    moments), serial and on one thread per usable core: seconds an orientation and the
+    ratio (the same sum either way; ``steer estimate --exact --jobs``)."""
+    from model_server.refinement.exact import exact_run_fold
+    from simulations.lattice.forward import usable_cores
+    from tests.ge_moments import TEMPERATURE, ge_run
+
+    run = ge_run()
+    sqe = CoherentSQE(run.refiner.setup.basis, run.truth, temperature=TEMPERATURE)
+    omegas, charges = [0.0, 30.0, 60.0, 90.0], [1.0] * 4
+    cores = usable_cores()
+    with threadpool_limits(1):
+        exact_run_fold(run.folder, sqe, omegas[:1], charges[:1], pixel_stride=16)  # compile
+        t_serial = best_of(lambda: exact_run_fold(run.folder, sqe, omegas, charges), repeats=1)
+        t_threads = best_of(
+            lambda: exact_run_fold(run.folder, sqe, omegas, charges, workers=cores), repeats=1
+        )
+    result = {
+        "orientations": len(omegas),
+        "cores": cores,
+        "serial_seconds_per_orientation": round(t_serial / len(omegas), 2),
+        "threaded_seconds_per_orientation": round(t_threads / len(omegas), 2),
+        "speedup": round(t_serial / t_threads, 2),
+    }
+    path = RESULTS / "dynamical.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(previous | {"exact_fold": result}, indent=2) + "\n")
+    print(json.dumps(result))

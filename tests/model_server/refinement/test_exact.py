@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from consumers.reduction.moments import orientation_moments
+from model_server.exceptions import RefinementError
 from model_server.refinement.exact import (
     corrected_model,
     exact_correction,
     exact_one_phonon_fold,
+    exact_run_fold,
 )
 from model_server.refinement.refiner import RunRefiner
 from simulations.lattice.sqe import CoherentSQE
@@ -87,6 +89,23 @@ def test_the_exact_fold_split_by_zone_class_sums_to_the_path_fold(
     np.testing.assert_allclose(weights[canonical], expected, rtol=1e-9, atol=1e-12 * expected.max())
 
 
+def test_the_exact_run_fold_on_threads_is_the_serial_one() -> None:
+    """Orientations folded on threads sum, in their order, to exactly the serial fold
+    (every 8th pixel, to be quick); a charge scales its orientation."""
+    run = ge_run()
+    sqe = CoherentSQE(run.refiner.setup.basis, run.truth, temperature=TEMPERATURE)
+    omegas, charges = [10.0, 47.0, 80.0], [1.0, 2.5, 0.5]
+    serial = exact_run_fold(run.folder, sqe, omegas, charges, pixel_stride=8)
+    threaded = exact_run_fold(run.folder, sqe, omegas, charges, pixel_stride=8, workers=3)
+    np.testing.assert_array_equal(threaded, serial)
+    one = exact_one_phonon_fold(run.folder, sqe, 47.0, pixel_stride=8)
+    alone = exact_run_fold(run.folder, sqe, [47.0], [2.5], pixel_stride=8, workers=2)
+    np.testing.assert_allclose(alone, 2.5 * one, rtol=1e-12)
+    assert serial.sum() > alone.sum() > 0
+    with pytest.raises(RefinementError, match="at least one worker"):
+        exact_run_fold(run.folder, sqe, omegas, charges, workers=0)
+
+
 def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
     path, _, _ = small_ge_run(tmp_path / "ge.steer", (10.0,), seed=5)
     iqe = tmp_path / "iqe.h5"
@@ -99,6 +118,9 @@ def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
     bad = steer("estimate", str(iqe), "--model", model, "--refine", "--exact-passes", "2")
     assert bad.returncode != 0
     assert "give --exact too" in bad.stderr
+    bad = steer("estimate", str(iqe), "--model", model, "--refine", "--exact", "--jobs", "0")
+    assert bad.returncode != 0
+    assert "--jobs" in bad.stderr
     done = steer(
         "estimate",
         str(iqe),
@@ -107,6 +129,8 @@ def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
         "--refine",
         "--exact",
         "--exact-passes",
+        "2",
+        "--jobs",
         "2",
         "--json",
         timeout=900,  # two exact folds of the orientation
