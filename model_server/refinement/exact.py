@@ -14,8 +14,9 @@ percentile 1.3-1.4 %) per bin from the exact fold at the truth, 2 % from it 1.5-
 (5.1-5.6 %), against 4.0-4.1 % (14-17 %) uncorrected: the nearer the point, the better.
 
 The exact fold costs about 19 s an orientation on one core (1.5 million samples, each a
-diagonalised dynamical matrix; ``workers`` fold several at a time), so the correction is an offline step for a run's final
-estimate (``steer estimate --refine --exact``), not the live loop's. It is made on the
+diagonalised dynamical matrix; ``workers`` fold several at a time), so the correction is
+an offline step for a run's final estimate (``steer estimate --refine --exact``), not
+the live loop's. It is made on the
 path's bins, the wedge's or the path's split by zone class (the exact fold puts each
 sample in its zone's class row, as the moments do).
 """
