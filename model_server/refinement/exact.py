@@ -184,6 +184,7 @@ def exact_run_fold(
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
     if len(omegas) != len(charges) or not len(omegas):
@@ -202,7 +203,18 @@ def exact_run_fold(
         )
 
     bar = tqdm(total=len(pairs), desc="exact fold", unit="orient", disable=not progress)
-    with bar, ThreadPoolExecutor(max_workers=min(workers, len(pairs))) as pool:
+    if workers == 1 or len(pairs) == 1:
+        with bar:
+            for pair in pairs:
+                out += one(pair)
+                bar.update()
+        return out
+    # one BLAS thread a worker: the workers are the parallelism
+    with (
+        bar,
+        threadpool_limits(1),
+        ThreadPoolExecutor(max_workers=min(workers, len(pairs))) as pool,
+    ):
         for part in pool.map(one, pairs):  # in order: the same sum for any worker count
             out += part
             bar.update()

@@ -186,6 +186,8 @@ class CoherentSQE:
         (one compiled pass per q, :func:`_dynamical_kernel`), symmetrised, plus the LO-TO
         term of a polar crystal."""
         q = np.ascontiguousarray(np.atleast_2d(np.asarray(qpoints, dtype=float)))
+        if q.ndim != 2 or q.shape[1] != 3:
+            raise ValueError(f"qpoints must be (n, 3) r.l.u., got shape {q.shape}")
         n = 3 * self.crystal.n_atoms
         d = np.zeros((len(q), n, n), dtype=np.complex128)
         if len(q):

@@ -248,7 +248,8 @@ def estimate_cmd(
         typer.Option(
             "--jobs",
             help="With --exact: orientations folded at a time, on threads (default: the "
-            "CPU cores this process may use); the result does not depend on it.",
+            "CPU cores this process may use; 0.1-0.3 GB of memory each); the result "
+            "does not depend on it.",
         ),
     ] = None,
     wedge: Annotated[

@@ -65,7 +65,9 @@ def bench_dynamical_matrices() -> None:
         "max_abs_difference_over_max": float(np.abs(kernel - baseline).max() / scale),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "dynamical.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / "dynamical.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(previous | result, indent=2) + "\n")
     print(json.dumps(result))
     assert result["max_abs_difference_over_max"] < 1e-12
 
@@ -84,10 +86,14 @@ def bench_exact_fold_threads() -> None:
     cores = usable_cores()
     with threadpool_limits(1):
         exact_run_fold(run.folder, sqe, omegas[:1], charges[:1], pixel_stride=16)  # compile
-        t_serial = best_of(lambda: exact_run_fold(run.folder, sqe, omegas, charges), repeats=1)
-        t_threads = best_of(
-            lambda: exact_run_fold(run.folder, sqe, omegas, charges, workers=cores), repeats=1
-        )
+        folds: dict[int, np.ndarray] = {}
+
+        def fold(workers: int) -> None:
+            folds[workers] = exact_run_fold(run.folder, sqe, omegas, charges, workers=workers)
+
+        t_serial = best_of(lambda: fold(1), repeats=1)
+        t_threads = best_of(lambda: fold(cores), repeats=1)
+    np.testing.assert_array_equal(folds[cores], folds[1])  # the same sum
     result = {
         "orientations": len(omegas),
         "cores": cores,

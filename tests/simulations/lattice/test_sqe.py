@@ -121,3 +121,26 @@ def test_debye_waller_has_cubic_site_symmetry_and_grows_with_temperature(ge) -> 
     assert hot[0, 0, 0] > 1.5 * cold[0, 0, 0]
     # Ge at 300 K: U_iso = 2 B_xx ~ 0.006-0.008 A^2 (measured B = 8 pi^2 U ~ 0.55 A^2)
     assert 0.004 < 2 * hot[0, 0, 0] < 0.01
+
+
+def test_dynamical_matrices_are_the_pairs_sum(ge) -> None:  # type: ignore[no-untyped-def]
+    """The compiled construction against the sum written out pair by pair (each pair's
+    block times its mass weight and phase into its atoms' rows and columns), Hermitian;
+    a wavevector that is not (n, 3) is refused."""
+    _, c = resolve_fc("Ge", "raman", ge)
+    model = CoherentSQE(ge.basis, c)
+    q = np.random.default_rng(5).uniform(-1.5, 1.5, (7, 3))
+    pos, masses = ge.crystal.positions, ge.crystal.masses
+    blocks = ge.basis.block_values(c)
+    expect = np.zeros((7, 6, 6), dtype=complex)
+    for (i, j, *cell), phi in zip(ge.basis.pairs, blocks, strict=True):
+        phase = np.exp(2j * np.pi * q @ (np.asarray(cell) + pos[j] - pos[i]))
+        w = 1.0 / np.sqrt(masses[i] * masses[j])
+        expect[:, 3 * i : 3 * i + 3, 3 * j : 3 * j + 3] += w * phase[:, None, None] * phi
+    expect = 0.5 * (expect + expect.conj().transpose(0, 2, 1))
+    d = model.dynamical_matrices(q)
+    np.testing.assert_allclose(d, expect, rtol=0, atol=1e-12 * np.abs(expect).max())
+    np.testing.assert_array_equal(d, d.conj().transpose(0, 2, 1))
+    assert model.dynamical_matrices(np.zeros((0, 3))).shape == (0, 6, 6)
+    with pytest.raises(ValueError, match=r"\(n, 3\)"):
+        model.dynamical_matrices(np.zeros((4, 2)))
