@@ -22,10 +22,12 @@ and by the spectra of the prediction endpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numba import njit
 from numpy.typing import ArrayLike, NDArray
 
 from simulations.exceptions import ForceConstantError
@@ -112,21 +114,43 @@ def dynamical_matrices(
     m = atomic_masses(z) if masses is None else np.asarray(masses, dtype=np.float64)
     q = np.atleast_2d(np.asarray(qpoints, dtype=np.float64))
     shift = p[:, 2:5] + x[p[:, 1]] - x[p[:, 0]]  # (m, 3) fractional
-    phase = np.exp(2j * np.pi * (q @ shift.T))  # (n_q, m)
     weight = 1.0 / np.sqrt(m[p[:, 0]] * m[p[:, 1]])
-    out = np.zeros((len(q), n, n, 3, 3), dtype=np.complex128)
-    # Group the pairs by atom pair (i, j) and sum their blocks with phases.
-    flat = p[:, 0] * n + p[:, 1]
-    order = np.argsort(flat, kind="stable")
-    bounds = np.searchsorted(flat[order], np.arange(n * n + 1))
-    for ij in range(n * n):
-        sel = order[bounds[ij] : bounds[ij + 1]]
-        if len(sel):
-            out[:, ij // n, ij % n] = np.einsum("qb,bxy->qxy", phase[:, sel] * weight[sel], f[sel])
-    d = out.transpose(0, 1, 3, 2, 4).reshape(len(q), 3 * n, 3 * n)
+    d = pair_sum(q, shift, weight, f, p[:, :2], n)
     if nac is not None:
         d = d + nac.matrices(q)
-    return np.asarray(0.5 * (d + d.conj().transpose(0, 2, 1)))
+        d = 0.5 * (d + d.conj().transpose(0, 2, 1))
+    return d
+
+
+def pair_sum(
+    qpoints: NDArray[np.float64],
+    shift: NDArray[np.float64],
+    weight: NDArray[np.float64],
+    fc: NDArray[np.float64],
+    atoms: NDArray[np.integer],
+    n_atoms: int,
+) -> NDArray[np.complex128]:
+    """(n_q, 3 n, 3 n) complex, Hermitian (made exactly so): ``sum_p weight_p exp(2 pi i
+    q . shift_p) fc_p`` into each pair's (i, j) block, in one compiled pass per q.
+
+    ``qpoints`` (n_q, 3) r.l.u.; per pair ``shift`` (m, 3) ``n + x_j - x_i`` fractional,
+    ``weight`` (m,) ``1 / sqrt(m_i m_j)`` (1/amu), ``fc`` (m, 3, 3) eV/A^2, ``atoms``
+    (m, 2) ``i, j``. The dynamical matrices without a non-analytic term, eV/A^2/amu.
+    """
+    q = np.ascontiguousarray(qpoints, dtype=np.float64)
+    if q.ndim != 2 or q.shape[1] != 3:
+        raise ValueError(f"qpoints must be (n, 3) r.l.u., got shape {q.shape}")
+    out = np.zeros((len(q), 3 * n_atoms, 3 * n_atoms), dtype=np.complex128)
+    if len(q):
+        _pair_sum_kernel(
+            q,
+            np.ascontiguousarray(shift, dtype=np.float64),
+            np.ascontiguousarray(weight, dtype=np.float64),
+            np.ascontiguousarray(fc, dtype=np.float64),
+            np.ascontiguousarray(atoms, dtype=np.int64),
+            out,
+        )
+    return out
 
 
 def _to_thz(eigenvalues: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -281,3 +305,38 @@ def dos_histogram(
         fs, ws = f[start : start + 4096], w[start : start + 4096]
         out += np.exp(-0.5 * ((e[:, None] - fs[None, :]) / sigma) ** 2) @ ws
     return np.asarray(out * norm / n_rows)
+
+
+@njit(cache=True, nogil=True)
+def _pair_sum_kernel(
+    q: NDArray[np.float64],  # (n_q, 3) r.l.u.
+    phase_vectors: NDArray[np.float64],  # (n_pairs, 3) R + x_j - x_i, lattice units
+    weights: NDArray[np.float64],  # (n_pairs,) 1 / sqrt(M_i M_j), 1/amu
+    blocks: NDArray[np.float64],  # (n_pairs, 3, 3) eV/Angstrom^2
+    pair_atoms: NDArray[np.int64],  # (n_pairs, 2) i, j
+    out: NDArray[np.complex128],  # (n_q, 3N, 3N) zeros on entry
+) -> None:
+    """``out[k]`` = the Hermitian part of ``sum_p w_p exp(2 pi i q_k . r_p) Phi_p``, each
+    pair's block at its atoms' rows and columns (:func:`pair_sum`)."""
+    n_q, n_pairs, n = q.shape[0], phase_vectors.shape[0], out.shape[1]
+    two_pi = 2.0 * math.pi
+    for k in range(n_q):
+        d = out[k]
+        for b in range(n_pairs):
+            arg = two_pi * (
+                q[k, 0] * phase_vectors[b, 0]
+                + q[k, 1] * phase_vectors[b, 1]
+                + q[k, 2] * phase_vectors[b, 2]
+            )
+            c, s = math.cos(arg) * weights[b], math.sin(arg) * weights[b]
+            i0, j0 = 3 * pair_atoms[b, 0], 3 * pair_atoms[b, 1]
+            for x in range(3):
+                for y in range(3):
+                    v = blocks[b, x, y]
+                    d[i0 + x, j0 + y] += complex(c * v, s * v)
+        for x in range(n):
+            d[x, x] = d[x, x].real
+            for y in range(x + 1, n):
+                h = 0.5 * (d[x, y] + d[y, x].conjugate())
+                d[x, y] = h
+                d[y, x] = h.conjugate()

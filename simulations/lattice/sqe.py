@@ -37,11 +37,11 @@ from functools import lru_cache
 from importlib import resources
 
 import numpy as np
-from numba import njit
 from numpy.typing import NDArray
 
 from simulations.exceptions import InvalidCoefficientsError, StructureError
 from simulations.lattice.force_constants import FCBasis
+from simulations.lattice.pair_phonons import pair_sum
 from simulations.lattice.resolution import EnergyResolution
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV, VASP_TO_THZ
 
@@ -169,7 +169,6 @@ class CoherentSQE:
         self._phase_vectors = p[:, 2:5] + pos[p[:, 1]] - pos[p[:, 0]]
         inv_sqrt_m = 1.0 / np.sqrt(self.crystal.masses)
         self._weights = inv_sqrt_m[p[:, 0]] * inv_sqrt_m[p[:, 1]]
-        self._pair_atoms = np.ascontiguousarray(p[:, :2], dtype=np.int64)  # (n_pairs, 2) i, j
         self._to_cartesian = 2.0 * np.pi * np.linalg.inv(self.crystal.lattice).T  # rows b_i
         self.dw_mesh = int(dw_mesh)
         self.debye_waller_tensor = (
@@ -183,17 +182,17 @@ class CoherentSQE:
     def dynamical_matrices(self, qpoints: NDArray[np.float64]) -> NDArray[np.complex128]:
         """(n_q, 3N, 3N) complex dynamical matrices (eV/Angstrom^2/amu) at ``qpoints`` (r.l.u.),
         Hermitian: ``sum_pairs w_p exp(2 pi i q . r_p) Phi_p`` into each pair's (i, j) block
-        (one compiled pass per q, :func:`_dynamical_kernel`), symmetrised, plus the LO-TO
+        (:func:`simulations.lattice.pair_phonons.pair_sum`), plus the LO-TO
         term of a polar crystal."""
-        q = np.ascontiguousarray(np.atleast_2d(np.asarray(qpoints, dtype=float)))
-        if q.ndim != 2 or q.shape[1] != 3:
-            raise ValueError(f"qpoints must be (n, 3) r.l.u., got shape {q.shape}")
-        n = 3 * self.crystal.n_atoms
-        d = np.zeros((len(q), n, n), dtype=np.complex128)
-        if len(q):
-            _dynamical_kernel(
-                q, self._phase_vectors, self._weights, self._blocks, self._pair_atoms, d
-            )
+        q = np.atleast_2d(np.asarray(qpoints, dtype=float))
+        d = pair_sum(
+            q,
+            self._phase_vectors,
+            self._weights,
+            self._blocks,
+            self.basis.pairs[:, :2],
+            self.crystal.n_atoms,
+        )
         if self.basis.nac is not None:  # LO-TO splitting of a polar crystal
             d = d + self.basis.nac.matrices(q)
             d = 0.5 * (d + d.conj().transpose(0, 2, 1))
@@ -332,38 +331,3 @@ class CoherentSQE:
             g = np.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * sigma)
             out = out + np.sum(sf * weight * g, axis=1)
         return np.asarray(out, dtype=np.float64)
-
-
-@njit(cache=True, nogil=True)
-def _dynamical_kernel(
-    q: NDArray[np.float64],  # (n_q, 3) r.l.u.
-    phase_vectors: NDArray[np.float64],  # (n_pairs, 3) R + x_j - x_i, lattice units
-    weights: NDArray[np.float64],  # (n_pairs,) 1 / sqrt(M_i M_j), 1/amu
-    blocks: NDArray[np.float64],  # (n_pairs, 3, 3) eV/Angstrom^2
-    pair_atoms: NDArray[np.int64],  # (n_pairs, 2) i, j
-    out: NDArray[np.complex128],  # (n_q, 3N, 3N) zeros on entry
-) -> None:
-    """``out[k]`` = the Hermitian part of ``sum_p w_p exp(2 pi i q_k . r_p) Phi_p``, each
-    pair's block at its atoms' rows and columns (what ``dynamical_matrices`` returns)."""
-    n_q, n_pairs, n = q.shape[0], phase_vectors.shape[0], out.shape[1]
-    two_pi = 2.0 * math.pi
-    for k in range(n_q):
-        d = out[k]
-        for b in range(n_pairs):
-            arg = two_pi * (
-                q[k, 0] * phase_vectors[b, 0]
-                + q[k, 1] * phase_vectors[b, 1]
-                + q[k, 2] * phase_vectors[b, 2]
-            )
-            c, s = math.cos(arg) * weights[b], math.sin(arg) * weights[b]
-            i0, j0 = 3 * pair_atoms[b, 0], 3 * pair_atoms[b, 1]
-            for x in range(3):
-                for y in range(3):
-                    v = blocks[b, x, y]
-                    d[i0 + x, j0 + y] += complex(c * v, s * v)
-        for x in range(n):
-            d[x, x] = d[x, x].real
-            for y in range(x + 1, n):
-                h = 0.5 * (d[x, y] + d[y, x].conjugate())
-                d[x, y] = h
-                d[y, x] = h.conjugate()

@@ -2,7 +2,8 @@
 bench-results/dynamical.json.
 
 :meth:`simulations.lattice.sqe.CoherentSQE.dynamical_matrices` builds every Q's matrix in
-one compiled pass (:func:`simulations.lattice.sqe._dynamical_kernel`). The exact expected
+one compiled pass (:func:`simulations.lattice.pair_phonons.pair_sum`, shared with
+:func:`simulations.lattice.pair_phonons.dynamical_matrices`). The exact expected
 fold (:func:`model_server.refinement.exact.exact_one_phonon_fold`, 1.5 million samples an
 orientation of the README's Ge run) spent about half its time there, half in the
 eigensolver. Measured on one core, in one process, on the same 65,536 random Ge
