@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,7 @@ def exact_run_fold(
     ``pixel_stride``: as :func:`exact_one_phonon_fold`'s (every 2nd pixel, as the moments).
     """
     from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
 
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
@@ -202,20 +203,16 @@ def exact_run_fold(
             folder, sqe, float(w), classes=classes, inverse_ops=ops, pixel_stride=pixel_stride
         )
 
-    bar = tqdm(total=len(pairs), desc="exact fold", unit="orient", disable=not progress)
-    if workers == 1 or len(pairs) == 1:
-        with bar:
-            for pair in pairs:
-                out += one(pair)
-                bar.update()
-        return out
-    # one BLAS thread a worker: the workers are the parallelism
     with (
-        bar,
-        threadpool_limits(1),
-        ThreadPoolExecutor(max_workers=min(workers, len(pairs))) as pool,
+        tqdm(total=len(pairs), desc="exact fold", unit="orient", disable=not progress) as bar,
+        ExitStack() as stack,
     ):
-        for part in pool.map(one, pairs):  # in order: the same sum for any worker count
+        parts: Iterable[NDArray[np.float64]] = map(one, pairs)
+        if workers > 1 and len(pairs) > 1:
+            stack.enter_context(threadpool_limits(1))  # the workers are the parallelism
+            pool = stack.enter_context(ThreadPoolExecutor(min(workers, len(pairs))))
+            parts = pool.map(one, pairs)
+        for part in parts:  # in order: the same sum for any worker count
             out += part
             bar.update()
     return out
