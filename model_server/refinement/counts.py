@@ -70,7 +70,15 @@ from simulations.lattice.resolution import EnergyResolution
 from simulations.lattice.sqe import FREQUENCY_MIN_MEV
 from simulations.units import FM2_TO_MBARN, HBAR2_OVER_2AMU, K_B_MEV, THZ_TO_MEV, VASP_TO_THZ
 
-__all__ = ["GAMMA_EXCLUSION", "NUISANCE", "CountsModel", "Evaluation", "ModeBases"]
+__all__ = [
+    "FLOOR",
+    "GAMMA_EXCLUSION",
+    "NUISANCE",
+    "CountsModel",
+    "Evaluation",
+    "ExactCorrection",
+    "ModeBases",
+]
 
 #: Path points closer than this many tube radii to a zone centre are not fitted.
 GAMMA_EXCLUSION = 6.0
@@ -87,6 +95,55 @@ _DEGENERATE = 1e-7
 #: Widths from a line's centre beyond which its Gaussian is not evaluated (the share of a
 #: bin there is below 1e-17 of the peak's).
 _TAIL_Z = 9.0
+
+
+#: Below this fraction of its largest value, the model's one-phonon part of a bin is not
+#: scaled (a factor of a near-zero part would be huge): the exact fold is added instead.
+FLOOR = 1e-6
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExactCorrection:
+    """Per-bin factors ``exact / model`` of the one-phonon part, made at ``at``.
+
+    Attributes
+    ----------
+    factors
+        (n_q * n_E,) float, > 0; 1 where either fold is empty, or where the model's part
+        is below :data:`FLOOR` of its largest.
+    additive
+        (n_q * n_E,) float: where no factor is made, what the exact fold holds beyond the
+        model's part (a mode the model does not reach there; >= 0), added as a fixed
+        signal; 0 elsewhere.
+    at
+        (n_coeff,) the coefficients they were made at, eV/A^2.
+    orientations
+        Orientations summed.
+    seconds
+        Wall time of the exact fold.
+    """
+
+    factors: NDArray[np.float64]
+    additive: NDArray[np.float64]
+    at: NDArray[np.float64]
+    orientations: int
+    seconds: float
+
+    def summary(self, model: CountsModel) -> dict[str, float | int]:
+        """JSON-ready: the fitted bins given a factor and how far their factors lie from 1
+        (median and 90th percentile of ``|factor - 1|``), the bins given an additive part,
+        the orientations and the seconds."""
+        f = self.factors[model.bins]
+        made = f != 1.0
+        dev = np.abs(f[made] - 1.0) if made.any() else np.zeros(1)
+        return {
+            "orientations": self.orientations,
+            "bins_scaled": int(made.sum()),
+            "median_abs_deviation": round(float(np.median(dev)), 5),
+            "p90_abs_deviation": round(float(np.percentile(dev, 90)), 5),
+            "bins_added": int(np.count_nonzero(self.additive[model.bins])),
+            "seconds": round(self.seconds, 1),
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from consumers.reduction.moments import BinMoments, StructureConstants, structure_constants
 from consumers.reduction.table import FoldTable
 from model_server.exceptions import RefinementError
-from model_server.refinement.counts import GAMMA_EXCLUSION, CountsModel, ModeBases
+from model_server.refinement.counts import GAMMA_EXCLUSION, CountsModel, ExactCorrection, ModeBases
 from model_server.refinement.fit import Prior, Refined, default_prior, refine
 from simulations.exceptions import SimulationError
 from simulations.instrument.spectrometer import Instrument
@@ -369,6 +369,7 @@ class RunRefiner:
         exclusion: float | None = None,
         at: NDArray[np.float64] | None = None,
         tolerance: float = TEMPLATE_TOLERANCE,
+        correction: ExactCorrection | None = None,
     ) -> CountsModel:
         """The expected-counts model of a run's moments (``exclusion``: the radius around
         the zone centres left out, 1/A; default the model's, a negative one keeps all):
@@ -376,9 +377,18 @@ class RunRefiner:
         scattering a fixed part of the signal, made with the phonons of the coefficients
         ``at`` (default: the reference set; the fit makes it at its start and again at its
         optimum when that moved: :meth:`refine`; the last template is kept while ``at`` is
-        within ``tolerance`` of its coefficients)."""
+        within ``tolerance`` of its coefficients). ``correction``: the exact-fold
+        correction's factors on the one-phonon part and its additive part in the fixed
+        signal (:mod:`model_server.refinement.exact`)."""
         extra = self.multiphonon(moments, at, tolerance)
-        return self.counts_model(moments, exclusion=exclusion, extra=extra)
+        if correction is None:
+            return self.counts_model(moments, exclusion=exclusion, extra=extra)
+        return self.counts_model(
+            moments,
+            exclusion=exclusion,
+            extra=extra + correction.additive,
+            correction=correction.factors,
+        )
 
     def counts_model(
         self,
@@ -438,6 +448,7 @@ class RunRefiner:
         restarts: bool = True,
         template_tolerance: float = TEMPLATE_TOLERANCE,
         max_iter: int = 40,
+        correction: ExactCorrection | None = None,
     ) -> Refined:
         """Fit ``counts`` ((n_q, n_E) folded counts) given the run's ``moments``.
 
@@ -448,7 +459,9 @@ class RunRefiner:
         toward the reference set here (:func:`~model_server.refinement.fit.refine`);
         ``template_tolerance``: the relative distance of the optimum from the coefficients
         the multiphonon template was made for beyond which it is made again there and
-        fitted again (the live loop allows more: :data:`LIVE_TEMPLATE_TOLERANCE`).
+        fitted again (the live loop allows more: :data:`LIVE_TEMPLATE_TOLERANCE`);
+        ``correction``: the exact-fold correction the model is made with (:meth:`model`;
+        ignored with a given ``model``).
         """
         if moments.n_orientations == 0 or not np.any(moments.weight > 0):
             raise RefinementError("no measured bins: no orientation has been folded yet")
@@ -462,7 +475,7 @@ class RunRefiner:
             raise RefinementError("no starting point: give a start or a warm parameter vector")
         at = np.asarray(warm if warm is not None else vectors[0], dtype=float)[:k]
         if model is None:
-            model = self.model(moments, at=at, tolerance=template_tolerance)
+            model = self.model(moments, at=at, tolerance=template_tolerance, correction=correction)
         fit = refine(
             model,
             counts,
@@ -484,7 +497,9 @@ class RunRefiner:
             # from the optimum alone (its full vector, nuisance included). The first fit
             # already tried the restarts a misfit asks for; a misfit that remains would
             # only repeat them from the optimum, which doubled the first snapshot's fit.
-            model = self.model(moments, at=best, tolerance=template_tolerance)
+            model = self.model(
+                moments, at=best, tolerance=template_tolerance, correction=correction
+            )
             again = refine(model, counts, [], prior=self.prior, warm=fit.theta, max_iter=max_iter)
             fit = dataclasses.replace(
                 again,

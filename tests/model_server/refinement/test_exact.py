@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.reduction.moments import orientation_moments
+from consumers.reduction.moments import BinMoments, orientation_moments
 from model_server.exceptions import RefinementError
 from model_server.refinement.exact import (
+    ExactCorrection,
+    LiveExactCorrection,
     corrected_model,
     exact_correction,
     exact_one_phonon_fold,
@@ -155,3 +157,94 @@ def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
     # at these few counts the correction moves no coefficient by more than its std
     for name, value in refined["mean"].items():
         assert abs(value - first["mean"][name]) < first["std"][name]
+
+
+def test_the_live_correction_is_the_exact_fold_of_the_orientations_it_folded() -> None:
+    """The live correction, one orientation at a time: of one orientation, the corrected
+    model is its exact fold; with one of two folded, that orientation's exact fold plus
+    the other's model; with both, the exact fold of both (their weights applied; the
+    model of the summed moments is not quite the sum of the orientations' models, so to
+    a small fraction of the model's own error). Once the running estimate moves more
+    than ``refresh_std`` std away, both are folded again there. Every 8th pixel."""
+    run = ge_run()
+    refiner, stride = run.refiner, 8
+    omegas, weights = (10.0, 47.0), (1.0, 2.5)
+    parts = [
+        orientation_moments(run.folder, refiner.constants, w, pixel_stride=stride) for w in omegas
+    ]
+    first = BinMoments.zeros(parts[0].weight.shape[0], refiner.constants.n_branches)
+    first.add(parts[0], weights[0])
+    both = first.copy()
+    both.add(parts[1], weights[1])
+    at = run.truth * 1.01
+    sqe = CoherentSQE(
+        refiner.setup.basis, at, temperature=TEMPERATURE, resolution=refiner.resolution
+    )
+    exact = [
+        c * exact_one_phonon_fold(run.folder, sqe, w, pixel_stride=stride).reshape(-1)
+        for w, c in zip(omegas, weights, strict=True)
+    ]
+
+    def one_phonon(m: BinMoments, corr: ExactCorrection | None = None) -> np.ndarray:
+        model = refiner.counts_model(
+            m,
+            extra=None if corr is None else corr.additive,
+            correction=None if corr is None else corr.factors,
+        )
+        out = np.zeros(m.weight.shape[0])
+        out[model.bins] = model.evaluate(model.theta(at), jacobian=False).expected
+        return out
+
+    def off(lam: np.ndarray, want: np.ndarray) -> float:
+        strong = want > 1e-3 * want.max()
+        return float(np.median(np.abs(lam[strong] / want[strong] - 1)))
+
+    live = LiveExactCorrection(refiner, run.folder, pixel_stride=stride, refresh_std=1.0)
+    try:
+        assert live.correction(first) is None  # nothing folded yet
+        std = np.abs(at) * 1e-3
+        live.update(at, std)
+        live.add(omegas[0], weights[0])
+        assert live.wait(120)
+        corr = live.correction(first)
+        assert corr is not None
+        assert corr.orientations == 1
+        fitted = refiner.counts_model(first).bins
+        lam, want = one_phonon(first, corr)[fitted], exact[0][fitted]
+        scaled = corr.factors[fitted] != 1.0
+        assert scaled.mean() > 0.3
+        np.testing.assert_allclose(lam[scaled], want[scaled], rtol=1e-9)
+        assert np.abs(lam - want)[~scaled].max() < 1e-5 * want.max()
+        # two in the snapshot, one folded: the other keeps its model
+        corr = live.correction(both)
+        assert corr is not None
+        fitted = refiner.counts_model(both).bins
+        lam = one_phonon(both, corr)[fitted]
+        assert off(lam, (exact[0] + weights[1] * one_phonon(parts[1]))[fitted]) < 0.003
+        live.add(omegas[1], weights[1])
+        assert live.wait(120)
+        corr = live.correction(both)
+        assert corr is not None
+        assert corr.orientations == 2
+        want = (exact[0] + exact[1])[fitted]
+        assert off(one_phonon(both)[fitted], want) > 0.02  # the model as it is
+        assert off(one_phonon(both, corr)[fitted], want) < 0.003
+        summary = live.summary()
+        assert summary["corrected"] == 2
+        assert summary["refreshed"] == 0
+        assert summary["made_within_std"] == 0.0
+        # the estimate moves 3 std: both are folded again where it now is
+        live.update(at + 3 * std, std)
+        assert live.summary()["made_within_std"] == pytest.approx(3.0)
+        assert live.wait(120)
+        summary = live.summary()
+        assert summary["refreshed"] == 2
+        assert summary["made_within_std"] == 0.0
+        assert summary["waiting"] == 0
+        assert summary["failed"] == 0
+    finally:
+        live.close()
+    with pytest.raises(RefinementError, match="finite angle"):
+        live.add(float("nan"), 1.0)
+    with pytest.raises(RefinementError, match="refresh_std"):
+        LiveExactCorrection(refiner, run.folder, refresh_std=0.0, start=False)
