@@ -45,6 +45,7 @@ from steering.advisor.ranking import Advisor, check_score, check_weighting
 from steering.exceptions import AdvisorError
 
 if TYPE_CHECKING:
+    from model_server.refinement.exact import LiveExactCorrection
     from model_server.refinement.fit import Refined
     from model_server.refinement.refiner import RunRefiner
     from model_server.refinement.scan import BackgroundScan, ScanResult
@@ -318,6 +319,14 @@ class SteeringLoop:
         (:meth:`steering.advisor.ranking.Advisor.rank`).
     controls
         The people's controls of the advice (shared with the API; default: none set).
+    exact_correction
+        Make the counts model's exact-fold correction one orientation at a time on a
+        background thread while the next one counts
+        (:class:`~model_server.refinement.exact.LiveExactCorrection`, about 19 s an
+        orientation of one core on the README's Ge set-up), and fit every snapshot with
+        what it has made so far; at the run's end the last snapshot is refitted with all of
+        it (:meth:`settle_estimate`). Needs ``refiner`` on the path's bins or its zone
+        classes.
     """
 
     #: overrides of the log carried in each advice (the history and the API have them all)
@@ -341,6 +350,7 @@ class SteeringLoop:
         target: dict[str, Any] | None = None,
         controls: AdvisorControls | None = None,
         scan: bool = True,
+        exact_correction: bool = False,
     ) -> None:
         check_score(score)
         check_weighting(weighting)
@@ -392,6 +402,49 @@ class SteeringLoop:
             from model_server.refinement.scan import BackgroundScan
 
             self.scan = BackgroundScan(refiner.prior)
+        #: the counts model's exact-fold correction, made on a thread (None: not made)
+        self.exact: LiveExactCorrection | None = None
+        #: the correction's version the last fit was made with
+        self._exact_version = -1
+        if exact_correction and refiner is not None:
+            self.exact = self._live_exact(refiner, candidates)
+
+    def _live_exact(
+        self, refiner: RunRefiner, candidates: CandidateCoverage
+    ) -> LiveExactCorrection | None:
+        """The run's live exact-fold correction on the candidates' detector, mounting and
+        Ei with the refiner's fold table; None (logged) where it cannot be made."""
+        from consumers.reduction.folding import Folder
+        from model_server.refinement.exact import LiveExactCorrection
+
+        try:
+            c = candidates.folder
+            folder = Folder(refiner.table, refiner.setup.grid, c.instrument, c.orientation, c.ei)
+            return LiveExactCorrection(refiner, folder)
+        except Exception as exc:  # the run goes on with the counts model as it is
+            logger.warning(
+                "run %s: no live exact-fold correction (%s): the fits use the counts model "
+                "as it is",
+                self.run_id,
+                exc,
+            )
+            return None
+
+    def _note_orientation(self, record: OrientationRecord) -> None:
+        """A completed orientation whose moments the snapshots hold: queued for its exact
+        fold (an orientation the run could not normalise was not added to them)."""
+        if self.exact is None or not record.normalised:
+            return
+        weight = record.weight if record.weight is not None else record.proton_charge
+        try:
+            self.exact.add(float(record.omega), float(weight))
+        except Exception as exc:  # that orientation stays uncorrected
+            logger.warning(
+                "run %s: the orientation at %s deg is not corrected: %s",
+                self.run_id,
+                record.omega,
+                exc,
+            )
 
     def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         """A completed orientation: estimate, rank, publish (a
@@ -402,6 +455,7 @@ class SteeringLoop:
                 "hand it their estimates with advise()"
             )
         t0 = time.perf_counter()
+        self._note_orientation(record)
         est = self.estimator.estimate(snapshot.intensity, snapshot.mask)
         metrics.ESTIMATE_SECONDS.observe(time.perf_counter() - t0)
         metrics.MODEL_INFO.info({"version": str(est.model_version)})
@@ -444,6 +498,7 @@ class SteeringLoop:
         if self.estimator is None:
             raise AdvisorError("this steering loop has no estimator (it follows the replicas)")
         t0 = time.perf_counter()
+        self._note_orientation(record)
         est = self.estimator.estimate(snapshot.intensity, snapshot.mask)
         metrics.ESTIMATE_SECONDS.observe(time.perf_counter() - t0)
         metrics.MODEL_INFO.info({"version": str(est.model_version)})
@@ -784,6 +839,7 @@ class SteeringLoop:
         )
         t0 = time.perf_counter()
         try:
+            correction = self._correction(snapshot)
             refined = self.refiner.refine(
                 snapshot.fitted_counts,
                 snapshot.moments,
@@ -791,6 +847,7 @@ class SteeringLoop:
                 warm=self._warm,
                 restarts=not defer,
                 template_tolerance=LIVE_TEMPLATE_TOLERANCE,
+                correction=correction,
             )
         except Exception as exc:  # a failed fit never stops the run: the VAE stands in
             logger.warning("refinement failed at %d orientations: %s", snapshot.n_orientations, exc)
@@ -819,7 +876,10 @@ class SteeringLoop:
             metrics.REFINE_FALLBACKS.inc()
             return running, mean, std
         self._take(refined)
-        if self.scan is not None and self.scan.pending:  # an answer may come after the run
+        if self.exact is not None:
+            running["exact_correction"] = self.exact.summary()
+        if (self.scan is not None and self.scan.pending) or self.exact is not None:
+            # an answer (a lower minimum, more of the correction) may come after the run
             self._last_fit = (snapshot, vae)
         index = {n: i for i, n in enumerate(refined.names)}
         sel = [index.get(n, -1) for n in names]
@@ -833,28 +893,48 @@ class SteeringLoop:
     ) -> dict[str, Any] | None:
         """The run ended: its last recheck's background fit (a grid scan or the fit from
         the VAE's start) may still be running, with no later snapshot left to take its
-        answer. Waits at most ``timeout`` s for it; when it found a lower minimum, the last
-        refined snapshot is fitted again from there beside the warm optimum, and the
-        estimate is published to the estimate sinks (``amended`` says why) and returned.
+        answer, and the live exact-fold correction (:attr:`exact`) may still be folding
+        the last orientations. Waits at most ``timeout`` s for both; when the background
+        fit found a lower minimum, or the correction made more since the last fit, the
+        last refined snapshot is fitted again (from the lower minimum beside the warm
+        optimum; with all of the correction made by then), and the estimate is published
+        to the estimate sinks (``amended`` says why) and returned.
 
         None (said in the log where it matters) when there is nothing to settle: no
-        background fit, none finished in time, nothing lower found, the refit failed, or
-        the service is stopping, ``timeout`` <= 0, or the warm optimum stayed lower. The
-        settled estimate also replaces the one in the last advice of :attr:`history` (for
-        :meth:`finish`). ``cancelled``: asked every half second while it waits; True ends
-        the wait. The last snapshot is let go either way (it is kept only while a
-        background answer may still come).
+        background fit or correction, none finished in time, nothing lower found and no
+        more correction, the refit failed, or the service is stopping, ``timeout`` <= 0,
+        or the warm optimum stayed lower. The settled estimate also replaces the one in the
+        last advice of :attr:`history` (for :meth:`finish`). ``cancelled``: asked every
+        half second while it waits; True ends the wait. The last snapshot is let go
+        either way (it is kept only while a background answer may still come), and the
+        correction's thread is stopped.
         """
+        try:
+            return self._settle(timeout, cancelled)
+        finally:
+            if self.exact is not None:
+                self.exact.close()
+
+    def _settle(
+        self, timeout: float, cancelled: Callable[[], bool] | None
+    ) -> dict[str, Any] | None:
+        """:meth:`settle_estimate`'s work."""
         from model_server.refinement.refiner import LIVE_TEMPLATE_TOLERANCE, running_estimate
 
         last, self._last_fit = self._last_fit, None
-        scan = self.scan
-        if last is None or scan is None or self.refiner is None or self.hurry or timeout <= 0:
+        scan, exact = self.scan, self.exact
+        if (
+            last is None
+            or (scan is None and exact is None)
+            or self.refiner is None
+            or self.hurry
+            or timeout <= 0
+        ):
             return None
 
         t0 = time.perf_counter()
         deadline = time.monotonic() + float(timeout)
-        while scan.running:
+        while scan is not None and scan.running:
             if cancelled is not None and cancelled():
                 return None
             left = deadline - time.monotonic()
@@ -865,10 +945,24 @@ class SteeringLoop:
                     self.run_id,
                     timeout,
                 )
-                return None
+                if exact is None:
+                    return None
+                break
             scan.join(min(0.5, left))
-        scanned = self._scanned()
-        if scanned is None:
+        scanned = self._scanned() if scan is not None and not scan.running else None
+        more = False
+        if exact is not None:
+            if not exact.wait(deadline - time.monotonic(), cancelled=cancelled):
+                logger.warning(
+                    "run %s ended with its exact-fold correction still folding (%s): the "
+                    "last estimate is refitted with what it made",
+                    self.run_id,
+                    exact.summary(),
+                )
+            if cancelled is not None and cancelled():
+                return None
+            more = exact.version != self._exact_version
+        if scanned is None and not more:
             return None
         snapshot, vae = last
         record = self._last_record  # the last snapshot's orientation (advise() set it)
@@ -878,26 +972,41 @@ class SteeringLoop:
             refined = self.refiner.refine(
                 snapshot.fitted_counts,
                 snapshot.moments,
-                [scanned.coefficients],
+                [] if scanned is None else [scanned.coefficients],
                 warm=self._warm,
                 restarts=False,
                 template_tolerance=LIVE_TEMPLATE_TOLERANCE,
+                correction=self._correction(snapshot),
             )
         except Exception as exc:  # the published estimate stands
             logger.warning("run %s: the refit at the run's end failed: %s", self.run_id, exc)
             return None
         running = running_estimate(vae, refined, binning=self.refiner.binning)
-        if refined.start != "start 0" or running["source"] != "refined":
-            # the warm optimum stayed lower (the answer was an earlier snapshot's): the
-            # published estimate stands
+        adopted = scanned is not None and refined.start == "start 0"
+        if running["source"] != "refined" or not (adopted or more):
+            # the warm optimum stayed lower (the answer was an earlier snapshot's) and the
+            # model did not change: the published estimate stands
             return None
-        metrics.REFINE_SCANS.labels(kind=_scan_kind(scanned.grid), outcome="adopted").inc()
-        running["scan"] = scanned.to_dict() | {"adopted": True}
+        why = []
+        if scanned is not None and adopted:
+            metrics.REFINE_SCANS.labels(kind=_scan_kind(scanned.grid), outcome="adopted").inc()
+            running["scan"] = scanned.to_dict() | {"adopted": True}
+            why.append(
+                f"the background fit of the snapshot after {scanned.n_orientations} "
+                "orientations found a lower minimum after the last snapshot was estimated"
+            )
+        if exact is not None:
+            summary = exact.summary()
+            running["exact_correction"] = summary
+            if more:
+                why.append(
+                    f"the exact-fold correction had made {summary['corrected']} of "
+                    f"{summary['orientations']} orientations (made within "
+                    f"{summary['made_within_std']} std of the estimate before the refit)"
+                )
         self._take(refined)
         running["amended"] = (
-            "refitted at the run's end: the background fit of the snapshot after "
-            f"{scanned.n_orientations} orientations found a lower minimum after the last "
-            f"snapshot was estimated (took {time.perf_counter() - t0:.1f} s)"
+            f"refitted at the run's end: {'; '.join(why)} (took {time.perf_counter() - t0:.1f} s)"
         )
         advised = self.history[-1] if self.history else None
         if advised is not None and int(advised.get("n_orientations", -1)) == int(
@@ -907,16 +1016,29 @@ class SteeringLoop:
         message = self._publish_estimate(snapshot, record, running, t0)
         logger.info(
             "run %s: its last estimate (after %d orientations) refitted at the run's end "
-            "from the background fit's lower minimum (deviance/dof %.4f)",
+            "(%s; deviance/dof %.4f)",
             self.run_id,
             int(snapshot.n_orientations),
+            "; ".join(why),
             refined.deviance_per_dof,
         )
         return message
 
+    def _correction(self, snapshot: Snapshot) -> Any:
+        """The live exact-fold correction of the snapshot's fit (None: none made yet, or
+        none made for this run); remembers which version of it the fit used."""
+        if self.exact is None or snapshot.moments is None:
+            return None
+        self._exact_version = self.exact.version
+        return self.exact.correction(snapshot.moments)
+
     def _take(self, refined: Refined) -> None:
         """A refined fit becomes the run's state: the next fit's warm start and the
-        posterior the plan uses (with the cumulative model it was fitted on)."""
+        posterior the plan uses (with the cumulative model it was fitted on); the live
+        exact-fold correction is made from now on where it is."""
+        if self.exact is not None:
+            k = len(self.exact.refiner.names)
+            self.exact.update(refined.mean[:k], refined.std[:k])
         self._warm = refined.theta
         self._posterior = (
             refined.theta,

@@ -201,7 +201,14 @@ class SteeringService:
         plan that advice (:meth:`steering.loop.SteeringLoop.finish`); the run is marked
         complete after. The same wait (one deadline for both), before it, lets the last
         recheck's background fit finish: when that finds a lower minimum the last
-        snapshot is refitted from it (:meth:`steering.loop.SteeringLoop.settle_estimate`).
+        snapshot is refitted from it (:meth:`steering.loop.SteeringLoop.settle_estimate`),
+        as it is when the live exact-fold correction made more in that time.
+    exact_correction
+        Make the counts model's exact-fold correction of every run one orientation at a
+        time on a background thread while the next one counts, and fit each snapshot
+        with what it has made (:class:`~model_server.refinement.exact.LiveExactCorrection`;
+        about 19 s an orientation of one spare core on the README's Ge set-up, at the
+        lowest priority). Needs ``refine``.
         0: the last advice keeps no plan and the last estimate stands as published.
     estimates
         What the estimates do when they fall behind the consumer (a replay faster than
@@ -241,6 +248,7 @@ class SteeringService:
         binning: str = "classes",
         final_plan_wait_s: float = 30.0,
         estimates: str = "latest",
+        exact_correction: bool = False,
     ) -> None:
         from steering.advisor.ranking import check_score, check_weighting
 
@@ -285,6 +293,8 @@ class SteeringService:
         self.plan_node_step = float(plan_node_step)
         #: scan the fits' grid of starts on a thread (:mod:`model_server.refinement.scan`)
         self.scan = bool(scan)
+        #: make the counts model's exact-fold correction live (:class:`SteeringLoop`)
+        self.exact_correction = bool(exact_correction) and self.refine
         #: the stop criterion's target precision for new runs (None: no target)
         self.target = target
         self._loops: dict[str, SteeringLoop] = {}
@@ -508,6 +518,7 @@ class SteeringService:
             weighting=self.advisor_weighting,
             controls=controls,
             scan=self.scan,
+            exact_correction=self.exact_correction,
         )
         self._loops[run_id] = loop
         self.history.upsert_run(run_id, material=material, state="running")

@@ -132,6 +132,19 @@ def serve_cmd(
             "lower minimum it finds too (docs/refinement.md).",
         ),
     ] = True,
+    exact_correction: Annotated[
+        str,
+        typer.Option(
+            "--exact-correction",
+            envvar="STEER_EXACT_CORRECTION",
+            help="auto, on or off: make the counts model's exact-fold correction one "
+            "orientation at a time on a background thread (lowest priority, about 19 s an "
+            "orientation of one core for the README's Ge run) and fit every snapshot with "
+            "it; the last one is refitted with all of it at the run's end "
+            "(docs/refinement.md). auto: on with 3 or more usable cores (the consumer and "
+            "the fits keep two).",
+        ),
+    ] = "auto",
     livedata: Annotated[
         bool,
         typer.Option(
@@ -240,6 +253,7 @@ def serve_cmd(
     if binning not in ("classes", "path"):
         raise typer.BadParameter(f"classes or path, got {binning!r}", param_hint="--binning")
     _check_estimates(estimates)
+    exact = _exact_correction(exact_correction)
     queue = None
     if queueserver:  # and so do bad queue options
         queue = queue_sink(
@@ -281,6 +295,7 @@ def serve_cmd(
                 target=target,
                 plan=plan,
                 scan=scan,
+                exact_correction=exact,
                 livedata=livedata,
                 streams=streams,
                 follow_replicas=follow_replicas,
@@ -417,6 +432,20 @@ def _parse_target(text: str | None) -> dict[str, Any] | None:
     return {"std": out}
 
 
+def _exact_correction(choice: str) -> bool:
+    """``--exact-correction``'s choice as on or off (auto: on with 3 or more usable
+    cores)."""
+    from simulations.lattice.forward import usable_cores
+
+    choice = choice.strip().lower()
+    if choice not in ("auto", "on", "off"):
+        raise typer.BadParameter(
+            f"--exact-correction must be auto, on or off (got {choice!r})",
+            param_hint="--exact-correction",
+        )
+    return choice == "on" or (choice == "auto" and usable_cores() >= 3)
+
+
 def _start_service(
     bootstrap: str,
     prefix: str,
@@ -430,6 +459,7 @@ def _start_service(
     target: dict[str, Any] | None = None,
     plan: bool = True,
     scan: bool = True,
+    exact_correction: bool = False,
     livedata: bool = True,
     streams: InstrumentConfig | None = None,
     follow_replicas: bool = False,
@@ -453,6 +483,7 @@ def _start_service(
         target=target,
         plan=plan,
         scan=scan,
+        exact_correction=exact_correction,
         publish_livedata=livedata,
         streams=streams,
         follow_replicas=follow_replicas,

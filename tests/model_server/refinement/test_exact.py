@@ -23,7 +23,7 @@ from model_server.refinement.refiner import RunRefiner
 from simulations.lattice.sqe import CoherentSQE
 from tests.commands import steer
 from tests.conftest import small_ge_run
-from tests.ge_moments import EI, TEMPERATURE, ge_moments, ge_run
+from tests.ge_moments import EI, TEMPERATURE, ge_moments, ge_run, replica_counts
 from tests.paths import MODELS
 
 pytestmark = pytest.mark.slow
@@ -248,3 +248,78 @@ def test_the_live_correction_is_the_exact_fold_of_the_orientations_it_folded() -
         live.add(float("nan"), 1.0)
     with pytest.raises(RefinementError, match="refresh_std"):
         LiveExactCorrection(refiner, run.folder, refresh_std=0.0, start=False)
+
+
+def test_the_live_loop_fits_with_the_correction_and_refits_at_the_runs_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The steering loop with a live correction: the orientations handed over are queued,
+    the first fit (nothing folded yet) says so, and at the run's end the last snapshot is
+    refitted with the correction of both orientations: closer to counts drawn from the
+    exact fold (deviance per dof down to about 1), published flagged ``amended``; the
+    correction's thread stops. Every 8th pixel."""
+    import logging
+    from types import SimpleNamespace
+
+    from steering.loop import SteeringLoop
+    from tests.model_server.refinement.test_fit import _truth_theta
+    from tests.model_server.refinement.test_scan import _vae_and_snapshots
+
+    run = ge_run()
+    refiner, stride = run.refiner, 8
+    omegas = (10.0, 47.0)
+    moments = BinMoments.zeros(
+        run.folder.grid.n_q * run.folder.grid.n_e, refiner.constants.n_branches
+    )
+    for w in omegas:
+        moments.add(orientation_moments(run.folder, refiner.constants, w, pixel_stride=stride), 1.0)
+    # counts drawn from the exact fold at the truth (the correction made there)
+    truth_corr = LiveExactCorrection(refiner, run.folder, pixel_stride=stride)
+    truth_corr.update(run.truth, np.abs(run.truth) * 1e-3)
+    for w in omegas:
+        truth_corr.add(w, 1.0)
+    assert truth_corr.wait(120)
+    exact_model = refiner.model(moments, at=run.truth, correction=truth_corr.correction(moments))
+    truth_corr.close()
+    theta = _truth_theta(exact_model, run.truth, 2e6)
+    _, counts = replica_counts(exact_model, theta, np.random.default_rng(5))
+    vae, snapshot = _vae_and_snapshots(run, run.truth * 1.01, 0.03, counts, moments)
+
+    published: list[dict] = []
+    loop = SteeringLoop(
+        None, None, None, refiner=refiner, scan=False, estimate_sinks=[published.append]
+    )  # type: ignore[arg-type]
+    assert loop.exact is None
+    loop.exact = LiveExactCorrection(refiner, run.folder, pixel_stride=stride)
+    for i, w in enumerate(omegas):
+        loop._note_orientation(
+            SimpleNamespace(index=i, omega=w, weight=1.0, proton_charge=1.0, normalised=True)  # type: ignore[arg-type]
+        )
+    loop._note_orientation(
+        SimpleNamespace(index=2, omega=80.0, weight=None, proton_charge=1.0, normalised=False)  # type: ignore[arg-type]
+    )  # not normalised: not in the moments, not queued
+    est, _, _ = loop._running_estimate(snapshot(2), vae)  # type: ignore[arg-type]
+    assert est["source"] == "refined"
+    assert est["exact_correction"]["orientations"] == 2
+    assert est["exact_correction"]["corrected"] == 0
+    loop.history.append({"n_orientations": 2, "estimate": est})
+    loop._last_record = SimpleNamespace(omega=47.0, index=1)  # type: ignore[assignment]
+    with caplog.at_level(logging.INFO, logger="steering.loop"):
+        message = loop.settle_estimate(300.0)
+    assert message is not None
+    assert published == [message]
+    settled = message["estimate"]
+    assert "exact-fold correction had made 2 of 2" in settled["amended"]
+    assert settled["exact_correction"]["corrected"] == 2
+    before = est["refined"]["deviance_per_dof"]
+    after = settled["refined"]["deviance_per_dof"]
+    assert after < before
+    assert after < 1.2
+    assert loop.history[-1]["estimate"] is settled
+    assert loop.exact._closed  # the thread was told to stop
+    assert loop.settle_estimate(1.0) is None  # once
+    # a loop that cannot make one (no candidates' detector) runs without, and says so
+    with caplog.at_level(logging.WARNING, logger="steering.loop"):
+        bare = SteeringLoop(None, None, None, refiner=refiner, scan=False, exact_correction=True)  # type: ignore[arg-type]
+    assert bare.exact is None
+    assert any("no live exact-fold correction" in r.message for r in caplog.records)
