@@ -321,6 +321,8 @@ def run_demo(
     scan: bool = True,
     binning: str = "classes",
     estimates: str = "latest",
+    exact_correction: bool = False,
+    final_wait_s: float = 30.0,
 ) -> DemoResult:
     """Run the demo; returns the summary (also written to ``out/demo_summary.json``).
 
@@ -342,6 +344,14 @@ def run_demo(
     estimates
         ``"latest"`` or ``"every"``: what the estimates do when the fits fall behind the
         replay (:class:`~steering.service.SteeringService`).
+    exact_correction
+        Make the counts model's exact-fold correction one orientation at a time while
+        the run goes (:class:`~steering.service.SteeringService`; about 19 s an
+        orientation of one core: at the default speed the run ends long before it has
+        folded them all, and the last estimate is refitted with what it made).
+    final_wait_s
+        How long the run's end waits for its last background fit, the rest of the
+        exact-fold correction and the last plan (the service's ``final_plan_wait_s``).
     model_dir
         Frozen models (default: the repository's ``models``).
     keep_serving
@@ -349,7 +359,7 @@ def run_demo(
     timeout_s
         Give up when the run is not complete this long after the replay started (default:
         twice the replay's own length plus 10 minutes, and at least 30 minutes:
-        :func:`default_timeout`; a run at real time takes hours).
+        :func:`default_timeout`; a run at real time takes hours; plus ``final_wait_s``).
     on_state
         Called with the progress state (tests).
     """
@@ -359,7 +369,7 @@ def run_demo(
     from steering.service import SteeringService
 
     if timeout_s is None:
-        timeout_s = default_timeout(orientations, speed)
+        timeout_s = default_timeout(orientations, speed) + final_wait_s
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,6 +395,8 @@ def run_demo(
             scan=scan,
             binning=binning,
             estimates=estimates,
+            exact_correction=exact_correction,
+            final_plan_wait_s=final_wait_s,
         )
         service.start()
         server, api = _start_api(
@@ -496,6 +508,7 @@ def _summary(
         "fc_within_2_std": f"{sum(within)}/{len(within)}",
         "estimates": len(est),
         "scans": scans,
+        "exact_correction": last.get("exact_correction"),
         "chunk_to_estimate_latency": service.latency_summary(),
         "chunk_to_estimate_s": [round(x, 3) for x in service.chunk_to_estimate],
         "chunk_to_refined_latency": service.latency_summary(refined=True),
@@ -513,6 +526,18 @@ def _scan_line(scans: dict[str, Any] | None) -> str:
     return (
         f"background scans of the fits: {scans['started']} run, "
         f"{scans['found']} found a lower minimum, {scans['adopted']} taken by the next fit"
+    )
+
+
+def _exact_line(summary: dict[str, Any] | None) -> str:
+    """The live exact-fold correction in words."""
+    if not summary:
+        return "exact-fold correction of the counts model: off"
+    return (
+        f"exact-fold correction of the counts model: {summary['corrected']} of "
+        f"{summary['orientations']} orientations corrected for the last estimate, "
+        f"{summary['folds']} folds ({summary['refreshed']} made again where the estimate "
+        f"moved), {summary['fold_seconds']} s a fold"
     )
 
 
@@ -550,6 +575,7 @@ def format_summary(result: DemoResult) -> str:
     lines += [
         f"within 2 std of the truth: {result.get('fc_within_2_std')}",
         _scan_line(result.get("scans")),
+        _exact_line(result.get("exact_correction")),
         f"chunk close -> estimate in the history: p50 {lat.get('p50_s')} s, "
         f"p99 {lat.get('p99_s')} s over {lat.get('n')} orientations",
         f"chunk close -> a refined estimate that includes it: p50 {ref.get('p50_s')} s, "

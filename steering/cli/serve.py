@@ -635,6 +635,26 @@ def demo_cmd(
             help="The fits' background scan for lower minima (steer serve --scan).",
         ),
     ] = True,
+    exact_correction: Annotated[
+        str,
+        typer.Option(
+            "--exact-correction",
+            envvar="STEER_EXACT_CORRECTION",
+            help="auto, on or off: the counts model's exact-fold correction made while the "
+            "run goes (steer serve --exact-correction; about 19 s an orientation of one "
+            "core, so at the default 60x the run ends long before it is made). auto: on "
+            "with 3 or more usable cores.",
+        ),
+    ] = "auto",
+    final_wait: Annotated[
+        float,
+        typer.Option(
+            "--final-wait",
+            min=0.0,
+            help="Seconds the run's end waits for its last background fit, the rest of the "
+            "exact-fold correction and the last plan before the last estimate is settled.",
+        ),
+    ] = 30.0,
     binning: LiveBinningOpt = "classes",
     estimates: EstimatesOpt = "latest",
     threads: NumericThreadsOpt = 1,
@@ -646,6 +666,7 @@ def demo_cmd(
 
     limit_numeric_threads(threads)
     _check_estimates(estimates)
+    exact = _exact_correction(exact_correction)
     if powder_series:
         emit(run_powder_series_demo(out, port=port, keep_serving=keep_serving), as_json)
         return
@@ -659,6 +680,8 @@ def demo_cmd(
         scan=scan,
         binning=binning,
         estimates=estimates,
+        exact_correction=exact,
+        final_wait_s=final_wait,
     )
     if physics:
         from simulations.demo import run_demo as physics_demo
