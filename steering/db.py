@@ -64,6 +64,7 @@ _ESTIMATE_KEYS = (
     "scan",
     "superseded_by",
     "amended",
+    "exact_correction",
 )
 
 

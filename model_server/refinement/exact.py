@@ -348,8 +348,13 @@ class LiveExactCorrection:
     refresh_std
         How far, in std of the running estimate, an orientation's correction may have been
         made before it is made again when the worker is idle; ``inf``: never again.
+    nice
+        How much lower than the process the worker thread runs (Linux; elsewhere, as the
+        process).
     pixel_stride
         As :func:`exact_one_phonon_fold`'s; the moments' (2) for a live run.
+    start
+        Start the worker thread (False: a correction that folds nothing, for checks).
     """
 
     def __init__(

@@ -11,6 +11,10 @@ def test_the_summary_counts_the_background_scans() -> None:
     text = format_summary(base | {"scans": {"started": 3, "found": 1, "adopted": 1}})
     assert "background scans of the fits: 3 run, 1 found a lower minimum, 1 taken" in text
     assert "background scans of the fits: off" in format_summary(base | {"scans": None})
+    assert "exact-fold correction of the counts model: off" in text
+    made = {"corrected": 120, "orientations": 120, "folds": 127, "refreshed": 7}
+    text = format_summary(base | {"exact_correction": made | {"fold_seconds": 36.9}})
+    assert "120 of 120 orientations corrected for the last estimate, 127 folds (7 made" in text
 
 
 def test_the_demo_waits_for_a_run_at_real_time() -> None:

@@ -251,7 +251,7 @@ def test_the_live_correction_is_the_exact_fold_of_the_orientations_it_folded() -
 
 
 def test_the_live_loop_fits_with_the_correction_and_refits_at_the_runs_end(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """The steering loop with a live correction: the orientations handed over are queued,
     the first fit (nothing folded yet) says so, and at the run's end the last snapshot is
@@ -318,6 +318,13 @@ def test_the_live_loop_fits_with_the_correction_and_refits_at_the_runs_end(
     assert loop.history[-1]["estimate"] is settled
     assert loop.exact._closed  # the thread was told to stop
     assert loop.settle_estimate(1.0) is None  # once
+    # the history keeps it: /runs/{id}/estimates and steer demo's summary show it
+    from steering.db import History
+
+    history = History(f"sqlite:///{tmp_path / 'h.db'}")
+    history.upsert_run("r", material="Ge")
+    history.add_estimate("r", n_orientations=2, omega=47.0, estimate=settled)
+    assert history.estimates("r")[-1]["exact_correction"] == settled["exact_correction"]
     # a loop that cannot make one (no candidates' detector) runs without, and says so
     with caplog.at_level(logging.WARNING, logger="steering.loop"):
         bare = SteeringLoop(None, None, None, refiner=refiner, scan=False, exact_correction=True)  # type: ignore[arg-type]
