@@ -19,7 +19,14 @@ pixel, 4 energies a bin):
 * the same for the model with the exact-fold correction
   (:mod:`model_server.refinement.exact`) made 0.5 % and 2 % from the truth in every
   coefficient (one seeded draw of the direction), against the exact fold at the truth
-  (``corrected_0.5pc_...``, ``corrected_2pc_...``, ``corrected_met``).
+  (``corrected_0.5pc_...``, ``corrected_2pc_...``, ``corrected_met``);
+* the simulator's expected counts (``steer simulate run``'s shortcuts: S at the centre of
+  super-pixels of ``rows`` pixels along a tube, mode energies interpolated on a ``mesh``^3
+  phonon table with eigenvectors from its nearest point, S at the bins' energy centres;
+  :class:`~model_server.prediction.expected.GridSimulator` folded through the same walk)
+  at its defaults (4 rows, mesh 40) and with each shortcut made finer
+  (``simulator_rows{rows}_mesh{mesh}_...``), scaled to the reference's total (a fit's
+  scale is free): which of them puts a simulated run off the exact fold.
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from consumers.reduction.moments import orientation_moments
+from model_server.prediction.expected import FoldSampler, GridSimulator
 from model_server.refinement.exact import exact_correction, exact_one_phonon_fold
+from simulations.instrument.events import PhononTable
 from simulations.lattice.sqe import CoherentSQE
-from tests.ge_moments import TEMPERATURE, ge_run
+from tests.ge_moments import EI, TEMPERATURE, ge_run
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 
@@ -77,6 +86,21 @@ def bench_counts_model() -> None:
                     moments, extra=corr.additive, correction=corr.factors
                 ).evaluate(model.theta(run.truth), jacobian=False)
                 variants.append((f"corrected_{tag}_", fixed.expected))
+            for rows, mesh in ((4, 40), (4, 80), (1, 40), (1, 80)):
+                sim = GridSimulator(
+                    sqe,
+                    run.folder.instrument,
+                    run.folder.orientation,
+                    EI,
+                    energy_edges=run.folder.grid.energy_edges,
+                    table=PhononTable.build(sqe, mesh),
+                    group_rows=rows,
+                )
+                sampler = FoldSampler(run.folder, sim.group_of_pixel, threads=1)
+                folded = sampler.fold(omega, sim.sqe(omega))[1].reshape(-1)[model.bins]
+                variants.append(
+                    (f"simulator_rows{rows}_mesh{mesh}_", folded * ref.sum() / folded.sum())
+                )
             for label, values in variants:
                 for cut in (10, 100):
                     keep = counts > cut

@@ -14,7 +14,16 @@ Poisson counts of the expected-counts model), one core (BLAS limited to one thre
   estimate every 10th): seconds per snapshot p50 / p99 (targets 1 s / 3 s), iterations,
   and the std of 1NN_xx at 1 and 120 orientations (target ratio <= 0.15);
 * the same on the path's bins split by zone class (``classes``: the live service's
-  default binning, 4x the bins for Ge), with its p50 against the path's.
+  default binning, 4x the bins for Ge), with its p50 against the path's;
+* what the live exact-fold correction (``steer serve --exact-correction on``) adds to a
+  snapshot's fit (``classes.exact_correction``): at 120 orientations, the correction of
+  the snapshot built from 120 folded orientations (:meth:`LiveExactCorrection.correction`:
+  the run's one-phonon part at the running estimate and the folds' sum) and the fit made
+  with it, against the same fit without it, each warm from its own optimum as the live
+  loop's next snapshot would be, alternated in one process (median of 5 pairs). The
+  folds' differences are drawn (4 % of each orientation's share of the model, the counts
+  model's error): the bins each part reaches are the orientation's own, which is what the
+  cost depends on; an exact fold (about 19 s an orientation) is not timed here.
 """
 
 from __future__ import annotations
@@ -33,8 +42,9 @@ from consumers.reduction.folding import Folder
 from consumers.reduction.moments import BinMoments, orientation_moments
 from model_server.prediction.expected import FoldSampler, GridSimulator
 from model_server.refinement.counts import CountsModel
-from model_server.refinement.fit import refine
-from model_server.refinement.refiner import RunRefiner
+from model_server.refinement.exact import LiveExactCorrection, _Part
+from model_server.refinement.fit import Refined, refine
+from model_server.refinement.refiner import LIVE_TEMPLATE_TOLERANCE, RunRefiner
 from simulations.instrument.events import PhononTable
 from simulations.lattice.sqe import CoherentSQE
 from tests.benchmarks.timing import best_of
@@ -62,7 +72,7 @@ def bench_refine() -> None:
         out["coverage_one_orientation_s"] = round(t_cov, 4)
         out["moments_over_coverage"] = round(t_mom / t_cov, 2)
 
-        seconds, iterations, std_1nn, converged, model, theta_true = _snapshots(
+        seconds, iterations, std_1nn, converged, model, theta_true, _ = _snapshots(
             refiner, folder, run.truth
         )
         grid = folder.grid
@@ -110,10 +120,11 @@ def bench_refine() -> None:
         "Ge", folder.instrument, EI, TEMPERATURE, material_setup=refiner.setup
     )
     with threadpool_limits(1):
-        c_seconds, c_iterations, c_std, c_converged, c_model, c_theta = _snapshots(
+        c_seconds, c_iterations, c_std, c_converged, c_model, c_theta, last = _snapshots(
             split, folder, run.truth
         )
         c_ev = best_of(_fresh_evaluation(c_model, c_theta), 5)
+        correction_cost = _correction_cost(split, folder, last)
     c = np.asarray(c_seconds)
     out["classes"] = {
         "zone_classes": split.classes.n_classes if split.classes is not None else 1,
@@ -135,6 +146,7 @@ def bench_refine() -> None:
             "p99_3s": float(np.percentile(c, 99)) <= 3.0,
             "std_ratio_0.15": c_std[len(omegas)] / c_std[1] <= 0.15,
         },
+        "exact_correction": correction_cost,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "refine.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -158,12 +170,84 @@ def _fresh_evaluation(model: CountsModel, theta: np.ndarray) -> Callable[[], obj
     return evaluate
 
 
+def _correction_cost(refiner: RunRefiner, folder: Folder, last: dict[str, Any]) -> dict[str, Any]:
+    """What the live exact-fold correction adds to the fit of the last snapshot (see the
+    module docstring): seconds of the correction, of the fit with it and of the fit
+    without, medians of 5 alternated pairs, and the added share."""
+    acc, counts, fit = last["moments"], last["counts"], last["fit"]
+    k = len(refiner.names)
+    live = LiveExactCorrection(refiner, folder, start=False)
+    live.update(fit.theta[:k], fit.std[:k])
+    lam = np.zeros(acc.weight.shape[0])
+    lam[last["model"].bins] = last["model"].evaluate(fit.theta, jacobian=False).expected
+    rng = np.random.default_rng(20261128)
+    n = len(last["bins"])
+    for i, bins in enumerate(last["bins"]):
+        share = lam[bins] / n
+        part = _Part(
+            omega=float(i),
+            weight=1.0,
+            at=fit.theta[:k].copy(),
+            bins=bins,
+            excess=0.04 * share * rng.standard_normal(len(bins)),
+            seconds=0.0,
+            size=len(lam),
+        )
+        live._keep(i, part)
+
+    def plain(warm: np.ndarray) -> Refined:
+        return refiner.refine(
+            counts, acc, [], warm=warm, template_tolerance=LIVE_TEMPLATE_TOLERANCE
+        )
+
+    def corrected(warm: np.ndarray) -> tuple[Refined, float]:
+        t0 = time.perf_counter()
+        correction = live.correction(acc)
+        made = time.perf_counter() - t0
+        return refiner.refine(
+            counts,
+            acc,
+            [],
+            warm=warm,
+            template_tolerance=LIVE_TEMPLATE_TOLERANCE,
+            correction=correction,
+        ), made
+
+    warm_plain = plain(fit.theta).theta
+    warm_corrected = corrected(fit.theta)[0].theta  # its own optimum, as the next snapshot's
+    t_plain, t_made, t_fit = [], [], []
+    iterations = {"without": [], "with": []}
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a = plain(warm_plain)
+        t_plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b, made = corrected(warm_corrected)
+        t_fit.append(time.perf_counter() - t0 - made)
+        t_made.append(made)
+        iterations["without"].append(a.iterations)
+        iterations["with"].append(b.iterations)
+    plain_s, made_s, fit_s = (float(np.median(t)) for t in (t_plain, t_made, t_fit))
+    return {
+        "orientations_folded": n,
+        "fit_without_s": round(plain_s, 3),
+        "correction_s": round(made_s, 3),
+        "fit_with_s": round(fit_s, 3),
+        "added_s": round(made_s + fit_s - plain_s, 3),
+        "with_over_without": round((made_s + fit_s) / plain_s, 2),
+        "iterations_without": int(np.median(iterations["without"])),
+        "iterations_with": int(np.median(iterations["with"])),
+    }
+
+
 def _snapshots(
     refiner: RunRefiner, folder: Folder, truth: np.ndarray
-) -> tuple[list[float], list[int], dict[int, float], int, CountsModel, np.ndarray]:
+) -> tuple[list[float], list[int], dict[int, float], int, CountsModel, np.ndarray, dict[str, Any]]:
     """Refine every snapshot k = 1..120 as the service does (see the module docstring) on
     ``refiner``'s binning; returns seconds and iterations per snapshot, the std of 1NN_xx at
-    1 and 120 orientations, the converged count, the last model and its truth's vector."""
+    1 and 120 orientations, the converged count, the last model and its truth's vector, and
+    the last snapshot (``moments``, ``counts``, ``fit``, ``model`` and each orientation's
+    ``bins``: where its moments' weight is)."""
     constants = refiner.constants
     omegas = np.arange(120.0)
     grid = refiner.grid
@@ -177,8 +261,12 @@ def _snapshots(
     warm = None
     theta_true: np.ndarray | None = None
     model = None
+    reached: list[np.ndarray] = []
+    fit = None
     for k, w in enumerate(omegas, start=1):
-        acc.add(orientation_moments(folder, constants, float(w), classes=refiner.classes), 1.0)
+        one = orientation_moments(folder, constants, float(w), classes=refiner.classes)
+        reached.append(np.flatnonzero(one.weight > 0))
+        acc.add(one, 1.0)
         t0 = time.perf_counter()
         model = refiner.model(acc)
         t_model = time.perf_counter() - t0
@@ -207,5 +295,7 @@ def _snapshots(
         if k in (1, len(omegas)):
             std_1nn[k] = float(fit.std[0])
     assert model is not None
+    assert fit is not None
     assert theta_true is not None
-    return seconds, iterations, std_1nn, converged, model, theta_true
+    last = {"moments": acc, "counts": counts, "fit": fit, "model": model, "bins": reached}
+    return seconds, iterations, std_1nn, converged, model, theta_true, last

@@ -234,6 +234,8 @@ def test_the_live_correction_is_the_exact_fold_of_the_orientations_it_folded() -
         assert summary["refreshed"] == 0
         assert summary["made_within_std"] == 0.0
         # the estimate moves 3 std: both are folded again where it now is
+        assert live._excess is not None
+        before = live._excess.copy()
         live.update(at + 3 * std, std)
         assert live.summary()["made_within_std"] == pytest.approx(3.0)
         assert live.wait(120)
@@ -242,6 +244,13 @@ def test_the_live_correction_is_the_exact_fold_of_the_orientations_it_folded() -
         assert summary["made_within_std"] == 0.0
         assert summary["waiting"] == 0
         assert summary["failed"] == 0
+        # the running sum the fits use holds the new folds, the first ones taken out
+        kept = np.zeros(both.weight.shape[0])
+        for part in live._parts.values():
+            kept[part.bins] += part.excess
+        assert live._excess is not None
+        np.testing.assert_allclose(live._excess, kept, rtol=0, atol=1e-9 * np.abs(kept).max())
+        assert np.abs(kept - before).max() > 1e-6 * np.abs(before).max()  # made anew
     finally:
         live.close()
     with pytest.raises(RefinementError, match="finite angle"):
