@@ -11,10 +11,13 @@ import numpy as np
 from consumers.reduction.folding import Folder
 from consumers.reduction.moments import BinMoments, orientation_moments
 from consumers.reduction.table import FoldTable
+from model_server.prediction.expected import FoldSampler, GridSimulator
 from model_server.refinement.refiner import RunRefiner
 from simulations.fcdb.reference import named_fc_set
+from simulations.instrument.events import PhononTable
 from simulations.instrument.spectrometer import Instrument, Orientation
 from simulations.lattice.materials import setup
+from simulations.lattice.sqe import CoherentSQE
 
 #: Incident energy (meV) and temperature (K) of the README's Ge run.
 EI, TEMPERATURE = 80.0, 5.0
@@ -39,6 +42,24 @@ def ge_run() -> GeRun:
     )
     refiner = RunRefiner("Ge", ins, EI, TEMPERATURE, table=table, material_setup=ms)
     return GeRun(refiner=refiner, folder=folder, truth=named_fc_set("Ge", "raman", ms))
+
+
+def ge_simulator(
+    run: GeRun, sqe: CoherentSQE, *, mesh: int = 40, group_rows: int = 4
+) -> tuple[GridSimulator, FoldSampler]:
+    """The simulator's expected counts on the run's energy grid (its shortcuts: a
+    ``mesh``^3 phonon table, super-pixels of ``group_rows``) and the sampler that folds them
+    through the coverage's walk, one thread."""
+    sim = GridSimulator(
+        sqe,
+        run.folder.instrument,
+        run.folder.orientation,
+        EI,
+        energy_edges=run.folder.grid.energy_edges,
+        table=PhononTable.build(sqe, mesh),
+        group_rows=group_rows,
+    )
+    return sim, FoldSampler(run.folder, sim.group_of_pixel, threads=1)
 
 
 @lru_cache(maxsize=4)

@@ -40,11 +40,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from consumers.reduction.moments import orientation_moments
-from model_server.prediction.expected import FoldSampler, GridSimulator
 from model_server.refinement.exact import exact_correction, exact_one_phonon_fold
-from simulations.instrument.events import PhononTable
 from simulations.lattice.sqe import CoherentSQE
-from tests.ge_moments import EI, TEMPERATURE, ge_run
+from tests.ge_moments import TEMPERATURE, ge_run, ge_simulator
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 
@@ -87,16 +85,7 @@ def bench_counts_model() -> None:
                 ).evaluate(model.theta(run.truth), jacobian=False)
                 variants.append((f"corrected_{tag}_", fixed.expected))
             for rows, mesh in ((4, 40), (4, 80), (1, 40), (1, 80)):
-                sim = GridSimulator(
-                    sqe,
-                    run.folder.instrument,
-                    run.folder.orientation,
-                    EI,
-                    energy_edges=run.folder.grid.energy_edges,
-                    table=PhononTable.build(sqe, mesh),
-                    group_rows=rows,
-                )
-                sampler = FoldSampler(run.folder, sim.group_of_pixel, threads=1)
+                sim, sampler = ge_simulator(run, sqe, mesh=mesh, group_rows=rows)
                 folded = sampler.fold(omega, sim.sqe(omega))[1].reshape(-1)[model.bins]
                 variants.append(
                     (f"simulator_rows{rows}_mesh{mesh}_", folded * ref.sum() / folded.sum())

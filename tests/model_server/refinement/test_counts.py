@@ -10,14 +10,13 @@ import pytest
 from consumers.reduction.folding import Folder
 from consumers.reduction.moments import BinMoments, orientation_moments
 from model_server.exceptions import RefinementError
-from model_server.prediction.expected import FoldSampler, GridSimulator
+from model_server.prediction.expected import GridSimulator
 from model_server.refinement.counts import CountsModel, half_mesh
 from model_server.refinement.exact import exact_one_phonon_fold
 from model_server.refinement.refiner import RunRefiner
-from simulations.instrument.events import PhononTable
 from simulations.lattice.backgrounds import Backgrounds
 from simulations.lattice.sqe import CoherentSQE, mesh_points
-from tests.ge_moments import EI, TEMPERATURE, ge_moments, ge_run
+from tests.ge_moments import EI, TEMPERATURE, ge_moments, ge_run, ge_simulator
 
 
 def _theta(model: CountsModel, coefficients: np.ndarray) -> np.ndarray:
@@ -32,16 +31,7 @@ def test_expected_counts_match_the_brute_force_fold() -> None:
     sqe = CoherentSQE(
         run.refiner.setup.basis, run.truth, temperature=TEMPERATURE, resolution=model.resolution
     )
-    table = PhononTable.build(sqe, 40)
-    sim = GridSimulator(
-        sqe,
-        run.folder.instrument,
-        run.folder.orientation,
-        EI,
-        energy_edges=run.folder.grid.energy_edges,
-        table=table,
-    )
-    sampler = FoldSampler(run.folder, sim.group_of_pixel, threads=1)
+    sim, sampler = ge_simulator(run, sqe)
     _, signal = sampler.fold(omega, sim.sqe(omega))
     # the model's fixed multiphonon part, against its own brute-force fold
     mp_s = _multiphonon_sqe(sim)
