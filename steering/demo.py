@@ -537,7 +537,13 @@ def _exact_line(summary: dict[str, Any] | None) -> str:
         f"exact-fold correction of the counts model: {summary['corrected']} of "
         f"{summary['orientations']} orientations corrected for the last estimate, "
         f"{summary['folds']} folds ({summary['refreshed']} made again where the estimate "
-        f"moved), {summary['fold_seconds']} s a fold"
+        f"moved)"
+        + (
+            f", {summary['fold_seconds']} s a fold"
+            if summary.get("fold_seconds") is not None
+            else ""
+        )
+        + (f", {summary['failed']} failed" if summary.get("failed") else "")
     )
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.reduction.accumulate import OrientationRecord, Snapshot
+from consumers.reduction.pipeline import coverage_angle
 from steering import metrics
 from steering.advisor.controls import AdvisorControls
 from steering.advisor.planner import InformationPlanner, PlanNotReady
@@ -436,8 +437,8 @@ class SteeringLoop:
         if self.exact is None or not record.normalised:
             return
         weight = record.weight if record.weight is not None else record.proton_charge
-        try:
-            self.exact.add(float(record.omega), float(weight))
+        try:  # at the angle its moments were taken at (the snapshot's)
+            self.exact.add(coverage_angle(float(record.omega)), float(weight))
         except Exception as exc:  # that orientation stays uncorrected
             logger.warning(
                 "run %s: the orientation at %s deg is not corrected: %s",
@@ -952,7 +953,9 @@ class SteeringLoop:
         scanned = self._scanned() if scan is not None and not scan.running else None
         more = False
         if exact is not None:
-            if not exact.wait(deadline - time.monotonic(), cancelled=cancelled):
+            # the first folds of the last orientations, not the folds made again (the
+            # estimate moved by the refit would make more due; the last plan shares the wait)
+            if not exact.wait(deadline - time.monotonic(), cancelled=cancelled, refreshes=False):
                 logger.warning(
                     "run %s ended with its exact-fold correction still folding (%s): the "
                     "last estimate is refitted with what it made",
@@ -981,6 +984,8 @@ class SteeringLoop:
         except Exception as exc:  # the published estimate stands
             logger.warning("run %s: the refit at the run's end failed: %s", self.run_id, exc)
             return None
+        if exact is not None:  # no fold is started for the refit's optimum
+            exact.close()
         running = running_estimate(vae, refined, binning=self.refiner.binning)
         adopted = scanned is not None and refined.start == "start 0"
         if running["source"] != "refined" or not (adopted or more):
@@ -1029,8 +1034,19 @@ class SteeringLoop:
         none made for this run); remembers which version of it the fit used."""
         if self.exact is None or snapshot.moments is None:
             return None
-        self._exact_version = self.exact.version
-        return self.exact.correction(snapshot.moments)
+        try:
+            correction = self.exact.correction(snapshot.moments)
+        except Exception as exc:  # the fit goes on with the counts model as it is
+            logger.warning(
+                "run %s: the exact-fold correction could not be made for the fit of %d "
+                "orientations (fitted without it): %s",
+                self.run_id,
+                int(snapshot.n_orientations),
+                exc,
+            )
+            return None
+        self._exact_version = 0 if correction is None else correction.version
+        return correction
 
     def _take(self, refined: Refined) -> None:
         """A refined fit becomes the run's state: the next fit's warm start and the

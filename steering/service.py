@@ -203,13 +203,13 @@ class SteeringService:
         recheck's background fit finish: when that finds a lower minimum the last
         snapshot is refitted from it (:meth:`steering.loop.SteeringLoop.settle_estimate`),
         as it is when the live exact-fold correction made more in that time.
+        0: the last advice keeps no plan and the last estimate stands as published.
     exact_correction
         Make the counts model's exact-fold correction of every run one orientation at a
         time on a background thread while the next one counts, and fit each snapshot
         with what it has made (:class:`~model_server.refinement.exact.LiveExactCorrection`;
-        about 19 s an orientation of one spare core on the README's Ge set-up, at the
-        lowest priority). Needs ``refine``.
-        0: the last advice keeps no plan and the last estimate stands as published.
+        about 19 s an orientation of one spare core on the README's Ge set-up, at nice
+        +10). Needs ``refine``.
     estimates
         What the estimates do when they fall behind the consumer (a replay faster than
         the fits, a backlog read after a restart). They run on their own thread, in
@@ -1085,6 +1085,9 @@ class SteeringService:
                 "counts are not)",
                 self._worker.pending,
             )
+        for loop in list(self._loops.values()):  # no fold is made after the stop
+            if loop.exact is not None:
+                loop.exact.close()
         for sink in list(self._sinks.values()):
             sink.close()
         self._sinks.clear()

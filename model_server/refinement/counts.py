@@ -121,6 +121,9 @@ class ExactCorrection:
         Orientations summed.
     seconds
         Wall time of the exact fold.
+    version
+        Of a live correction (:class:`~model_server.refinement.exact.LiveExactCorrection`):
+        how many folds it had kept when it was made; -1 otherwise.
     """
 
     factors: NDArray[np.float64]
@@ -128,6 +131,7 @@ class ExactCorrection:
     at: NDArray[np.float64]
     orientations: int
     seconds: float
+    version: int = -1
 
     def summary(self, model: CountsModel) -> dict[str, float | int]:
         """JSON-ready: the fitted bins given a factor and how far their factors lie from 1

@@ -398,6 +398,10 @@ class LiveExactCorrection:
         self._excess: NDArray[np.float64] | None = None
         self._at: NDArray[np.float64] | None = None
         self._std: NDArray[np.float64] | None = None
+        #: orientations whose refresh failed: they keep their earlier fold, not retried
+        self._gave_up: set[int] = set()
+        #: the summary when the worker was stopped (its parts are let go then)
+        self._final: dict[str, Any] | None = None
         self._busy = False
         self._closed = False
         #: folds made (first folds and refreshes), refreshes alone, failed folds
@@ -415,12 +419,15 @@ class LiveExactCorrection:
     def add(self, omega: float, weight: float) -> None:
         """A completed orientation at goniometer angle ``omega`` (deg) whose moments the
         run's snapshots hold times ``weight`` (its exposure weight: proton charge in uC, or
-        the monitor's counts); queued for its exact fold."""
+        the monitor's counts); queued for its exact fold. One with no exposure adds
+        nothing to the snapshots: it is not folded."""
         if not (math.isfinite(omega) and math.isfinite(weight) and weight >= 0):
             raise RefinementError(
                 f"an orientation needs a finite angle and exposure weight >= 0 (got "
                 f"{omega}, {weight})"
             )
+        if weight == 0:
+            return
         with self._cond:
             self._added.append((float(omega), float(weight)))
             self._queue.append(len(self._added) - 1)
@@ -437,6 +444,8 @@ class LiveExactCorrection:
                 f"{std.shape}"
             )
         with self._cond:
+            if self._closed:  # no fold is made any more
+                return
             self._at, self._std = at, std
             self._cond.notify_all()
 
@@ -454,12 +463,20 @@ class LiveExactCorrection:
             return None
         if self._queue:
             return self._queue.pop(0), self._at.copy()
-        if not self._parts or not math.isfinite(self.refresh_std):
+        due = self._refreshable()
+        if not due:
             return None
-        far = max(self._parts, key=lambda k: self._distance(self._parts[k]))
+        far = max(due, key=lambda k: self._distance(self._parts[k]))
         if self._distance(self._parts[far]) > self.refresh_std:
             return far, self._at.copy()
         return None
+
+    def _refreshable(self) -> list[int]:
+        """(under the lock) The folded orientations that may be folded again (none whose
+        refresh failed; none with ``refresh_std`` inf)."""
+        if not math.isfinite(self.refresh_std):
+            return []
+        return [k for k in self._parts if k not in self._gave_up]
 
     def _work(self) -> None:
         """The worker thread: folds what :meth:`_next` gives until :meth:`close`."""
@@ -485,18 +502,22 @@ class LiveExactCorrection:
                 omega, weight = self._added[index]
             try:
                 part = self._fold(omega, weight, at)
-            except Exception as exc:  # a failed fold leaves its orientation uncorrected
+            except Exception as exc:  # a failed fold leaves its orientation as it was
                 log.warning("exact fold of the orientation at %.3f deg failed: %s", omega, exc)
                 with self._cond:
                     self.failed += 1
                     self.error = f"omega {omega:g} deg: {exc}"
+                    # not tried again: uncorrected (a first fold), or its earlier fold kept
+                    self._gave_up.add(index)
                     self._busy = False
                     self._cond.notify_all()
                 continue
             with self._cond:
-                self._keep(index, part)
                 self._busy = False
                 self._cond.notify_all()
+                if self._closed:  # stopped while it folded: let it go
+                    return
+                self._keep(index, part)
 
     def _keep(self, index: int, part: _Part) -> None:
         """Keep ``part`` as the ``index``-th orientation's (in place of its earlier one)
@@ -541,6 +562,8 @@ class LiveExactCorrection:
             pixel_stride=self.pixel_stride,
         ).reshape(-1)
         bins = np.flatnonzero((exact != 0) | (one != 0))
+        if not (np.all(np.isfinite(exact[bins])) and np.all(np.isfinite(one[bins]))):
+            raise RefinementError("the exact fold or the model is not finite")
         return _Part(
             omega=omega,
             weight=weight,
@@ -560,6 +583,7 @@ class LiveExactCorrection:
             parts = list(self._parts.values())
             at = None if self._at is None else self._at.copy()
             excess = None if self._excess is None else self._excess.copy()
+            version = self.version
         if not parts or at is None or excess is None:
             return None
         if len(excess) != n:
@@ -580,6 +604,7 @@ class LiveExactCorrection:
             at=at,
             orientations=len(parts),
             seconds=float(sum(p.seconds for p in parts)),
+            version=version,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -587,6 +612,8 @@ class LiveExactCorrection:
         waiting, folds made and refreshes, failures, the largest distance (std of the
         running estimate) of a kept fold from it, and the mean seconds of a fold."""
         with self._cond:
+            if self._final is not None:
+                return dict(self._final)
             parts = list(self._parts.values())
             far = max((self._distance(p) for p in parts), default=0.0)
             out: dict[str, Any] = {
@@ -616,16 +643,25 @@ class LiveExactCorrection:
             return False
         if self._queue:
             return True
-        if not self._parts or not math.isfinite(self.refresh_std):
+        due = self._refreshable()
+        if not due:
             return False
-        return max(self._distance(p) for p in self._parts.values()) > self.refresh_std
+        return max(self._distance(self._parts[k]) for k in due) > self.refresh_std
 
-    def wait(self, timeout: float, cancelled: Callable[[], bool] | None = None) -> bool:
+    def wait(
+        self,
+        timeout: float,
+        cancelled: Callable[[], bool] | None = None,
+        *,
+        refreshes: bool = True,
+    ) -> bool:
         """Wait at most ``timeout`` s until :meth:`idle` (``cancelled``, asked every half
-        second, ends the wait); True when idle."""
+        second, ends the wait); True when idle. ``refreshes=False``: until every
+        orientation added has had its first fold and none is under way (the folds made
+        again are not waited for)."""
         deadline = time.monotonic() + max(0.0, float(timeout))
         with self._cond:
-            while self._busy or self._next_due():
+            while self._busy or (self._next_due() if refreshes else bool(self._queue)):
                 if self._closed or not self._thread.is_alive():
                     return False
                 left = deadline - time.monotonic()
@@ -635,7 +671,15 @@ class LiveExactCorrection:
             return True
 
     def close(self) -> None:
-        """Stop the worker (a fold under way finishes first, on its own)."""
+        """Stop the worker (a fold under way finishes on its own and is let go) and let
+        the folds go (about 1 MB an orientation on Ge's zone classes); :meth:`summary`
+        keeps saying what was made."""
         with self._cond:
+            if self._closed:
+                return
+            self._final = self.summary()
             self._closed = True
+            self._parts.clear()
+            self._excess = None
+            self._queue.clear()
             self._cond.notify_all()

@@ -138,7 +138,7 @@ def serve_cmd(
             "--exact-correction",
             envvar="STEER_EXACT_CORRECTION",
             help="auto, on or off: make the counts model's exact-fold correction one "
-            "orientation at a time on a background thread (lowest priority, about 19 s an "
+            "orientation at a time on a background thread (nice +10, about 19 s an "
             "orientation of one core for the README's Ge run) and fit every snapshot with "
             "it; the last one is refitted with all of it at the run's end "
             "(docs/refinement.md). auto: on with 3 or more usable cores (the consumer and "

@@ -259,6 +259,55 @@ def test_the_live_correction_is_the_exact_fold_of_the_orientations_it_folded() -
         LiveExactCorrection(refiner, run.folder, refresh_std=0.0, start=False)
 
 
+def test_a_live_fold_that_fails_is_counted_and_not_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refresh whose exact fold is not finite fails: counted, its orientation keeps its
+    earlier fold, and it is not folded again (the worker goes idle instead of folding it
+    over and over); an orientation with no exposure is not folded; once stopped, the
+    correction lets its folds go and its summary stays. Every 8th pixel."""
+    import model_server.refinement.exact as exact_module
+
+    run = ge_run()
+    calls: list[float] = []
+    real = exact_module.exact_one_phonon_fold
+
+    def flaky(*args: object, **kwargs: object) -> np.ndarray:
+        calls.append(float(args[2]))  # type: ignore[arg-type]
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        return out if len(calls) == 1 else out * np.nan
+
+    monkeypatch.setattr(exact_module, "exact_one_phonon_fold", flaky)
+    moments = orientation_moments(run.folder, run.refiner.constants, 10.0, pixel_stride=8)
+    live = LiveExactCorrection(run.refiner, run.folder, pixel_stride=8, refresh_std=1.0)
+    try:
+        at = run.truth * 1.01
+        std = np.abs(at) * 1e-3
+        live.update(at, std)
+        live.add(10.0, 1.0)
+        live.add(20.0, 0.0)  # no exposure: nothing to correct
+        assert live.wait(120)
+        assert live.summary()["corrected"] == 1
+        assert live.summary()["orientations"] == 1
+        assert live._excess is not None
+        before = live._excess.copy()
+        live.update(at + 3 * std, std)  # its refresh is due, and fails
+        assert live.wait(120)  # idle: the failed refresh is not tried again
+        summary = live.summary()
+        assert summary["failed"] == 1
+        assert summary["refreshed"] == 0
+        assert "not finite" in summary["error"]
+        assert calls == [10.0, 10.0]
+        np.testing.assert_array_equal(live._excess, before)  # the earlier fold stands
+        assert live.correction(moments) is not None
+    finally:
+        live.close()
+    assert live.summary()["corrected"] == 1  # what was made, after the stop
+    assert live.correction(moments) is None  # the folds are let go
+    live.update(at, std)  # stopped: nothing more is folded
+    assert calls == [10.0, 10.0]
+
+
 def test_the_live_loop_fits_with_the_correction_and_refits_at_the_runs_end(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
