@@ -1006,7 +1006,7 @@ class SteeringLoop:
             if more:
                 why.append(
                     f"the exact-fold correction had made {summary['corrected']} of "
-                    f"{summary['orientations']} orientations (made within "
+                    f"{int(snapshot.n_orientations)} orientations (made within "
                     f"{summary['made_within_std']} std of the estimate before the refit)"
                 )
         self._take(refined)
