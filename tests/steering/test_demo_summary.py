@@ -15,6 +15,11 @@ def test_the_summary_counts_the_background_scans() -> None:
     made = {"corrected": 120, "orientations": 120, "folds": 127, "refreshed": 7}
     text = format_summary(base | {"exact_correction": made | {"fold_seconds": 36.9}})
     assert "120 of 120 orientations corrected for the last estimate, 127 folds (7 made" in text
+    assert "36.9 s a fold" in text
+    # nothing folded yet, one fold failed: no fold time, the failure said
+    text = format_summary(base | {"exact_correction": made | {"fold_seconds": None, "failed": 1}})
+    assert "None" not in text.split("exact-fold correction")[1].splitlines()[0]
+    assert "1 failed" in text
 
 
 def test_the_demo_waits_for_a_run_at_real_time() -> None:

@@ -103,3 +103,19 @@ def test_the_service_limits_its_numeric_pools() -> None:
     assert seen["blas"]
     assert set(seen["blas"]) == {1}
     assert seen["torch"] == 1
+
+
+def test_exact_correction_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--exact-correction``: on and off as given (any case), auto on with 3 or more
+    usable cores only, anything else a usage error that names the choices."""
+    import simulations.lattice.forward as forward
+    from steering.cli.serve import _exact_correction
+
+    assert _exact_correction("ON") is True
+    assert _exact_correction(" off ") is False
+    monkeypatch.setattr(forward, "usable_cores", lambda: 2)
+    assert _exact_correction("auto") is False
+    monkeypatch.setattr(forward, "usable_cores", lambda: 3)
+    assert _exact_correction("auto") is True
+    with pytest.raises(typer.BadParameter, match="auto, on or off"):
+        _exact_correction("sometimes")
