@@ -971,6 +971,10 @@ class SteeringLoop:
         record = self._last_record  # the last snapshot's orientation (advise() set it)
         if snapshot.moments is None or record is None:  # not refined, or never advised
             return None
+        correction = self._correction(snapshot)
+        more = more and correction is not None  # (one that could not be made: logged)
+        if scanned is None and not more:
+            return None
         try:
             refined = self.refiner.refine(
                 snapshot.fitted_counts,
@@ -979,7 +983,7 @@ class SteeringLoop:
                 warm=self._warm,
                 restarts=False,
                 template_tolerance=LIVE_TEMPLATE_TOLERANCE,
-                correction=self._correction(snapshot),
+                correction=correction,
             )
         except Exception as exc:  # the published estimate stands
             logger.warning("run %s: the refit at the run's end failed: %s", self.run_id, exc)
