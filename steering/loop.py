@@ -973,6 +973,7 @@ class SteeringLoop:
             return None
         correction = self._correction(snapshot)
         more = more and correction is not None  # (one that could not be made: logged)
+        correction_made = 0 if correction is None else correction.orientations
         if scanned is None and not more:
             return None
         try:
@@ -1009,7 +1010,7 @@ class SteeringLoop:
             running["exact_correction"] = summary
             if more:
                 why.append(
-                    f"the exact-fold correction had made {summary['corrected']} of "
+                    f"the exact-fold correction had made {correction_made} of "
                     f"{int(snapshot.n_orientations)} orientations (made within "
                     f"{summary['made_within_std']} std of the estimate before the refit)"
                 )

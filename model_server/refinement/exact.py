@@ -402,6 +402,8 @@ class LiveExactCorrection:
         self._gave_up: set[int] = set()
         #: the summary when the worker was stopped (its parts are let go then)
         self._final: dict[str, Any] | None = None
+        #: no fold is made again from now on (the run is ending: :meth:`wait`)
+        self._no_refresh = False
         self._busy = False
         self._closed = False
         #: folds made (first folds and refreshes), refreshes alone, failed folds
@@ -474,7 +476,7 @@ class LiveExactCorrection:
     def _refreshable(self) -> list[int]:
         """(under the lock) The folded orientations that may be folded again (none whose
         refresh failed; none with ``refresh_std`` inf)."""
-        if not math.isfinite(self.refresh_std):
+        if self._no_refresh or not math.isfinite(self.refresh_std):
             return []
         return [k for k in self._parts if k not in self._gave_up]
 
@@ -517,7 +519,13 @@ class LiveExactCorrection:
                 self._cond.notify_all()
                 if self._closed:  # stopped while it folded: let it go
                     return
-                self._keep(index, part)
+                try:
+                    self._keep(index, part)
+                except Exception as exc:  # counted as a failed fold; the worker goes on
+                    log.warning("exact fold at %.3f deg not kept: %s", omega, exc)
+                    self.failed += 1
+                    self.error = f"omega {omega:g} deg: {exc}"
+                    self._gave_up.add(index)
 
     def _keep(self, index: int, part: _Part) -> None:
         """Keep ``part`` as the ``index``-th orientation's (in place of its earlier one)
@@ -526,6 +534,10 @@ class LiveExactCorrection:
             old = self._parts.get(index)
             if self._excess is None:
                 self._excess = np.zeros(part.size)
+            if part.size != len(self._excess):
+                raise RefinementError(
+                    f"a fold of {part.size} bins, the correction's {len(self._excess)}"
+                )
             if old is not None:
                 self.refreshed += 1
                 self._excess[old.bins] -= old.excess  # a part's bins are distinct
@@ -656,11 +668,15 @@ class LiveExactCorrection:
         refreshes: bool = True,
     ) -> bool:
         """Wait at most ``timeout`` s until :meth:`idle` (``cancelled``, asked every half
-        second, ends the wait); True when idle. ``refreshes=False``: until every
-        orientation added has had its first fold and none is under way (the folds made
-        again are not waited for)."""
+        second, ends the wait); True when idle. ``refreshes=False`` (the run is ending):
+        until every orientation added has had its first fold and none is under way; from
+        then on no fold is made again (a refresh under way finishes)."""
         deadline = time.monotonic() + max(0.0, float(timeout))
         with self._cond:
+            if not refreshes:
+                self._no_refresh = True
+                if self._at is None:  # nothing can be folded
+                    return not self._busy and not self._queue
             while self._busy or (self._next_due() if refreshes else bool(self._queue)):
                 if self._closed or not self._thread.is_alive():
                     return False

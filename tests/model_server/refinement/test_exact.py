@@ -308,6 +308,27 @@ def test_a_live_fold_that_fails_is_counted_and_not_tried_again(
     assert calls == [10.0, 10.0]
 
 
+def test_the_runs_end_waits_for_first_folds_and_stops_the_refreshes() -> None:
+    """At the run's end (``wait(refreshes=False)``) a fold that is due again because the
+    estimate moved is not waited for, and none is started from then on."""
+    from model_server.refinement.exact import _Part
+
+    run = ge_run()
+    live = LiveExactCorrection(run.refiner, run.folder, refresh_std=1.0, start=False)
+    at = run.truth.copy()
+    std = np.abs(at) * 1e-3
+    live.update(at, std)
+    size = run.folder.grid.n_q * run.folder.grid.n_e
+    live._keep(0, _Part(10.0, 1.0, at, np.arange(3), np.ones(3), 0.0, size=size))
+    assert live.idle()
+    live.update(at + 3 * std, std)  # moved 3 std: its fold is due again
+    assert not live.idle()
+    assert not live.wait(0.0)  # a wait for everything would wait for it
+    assert live.wait(0.0, refreshes=False)
+    assert live.idle()  # and none is due any more
+    live.close()
+
+
 def test_the_live_loop_fits_with_the_correction_and_refits_at_the_runs_end(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
