@@ -310,8 +310,6 @@ class _Part:
     bins: NDArray[np.int64]
     excess: NDArray[np.float64]
     seconds: float
-    #: bins of the whole grid (the moments' length)
-    size: int = 0
 
 
 class LiveExactCorrection:
@@ -395,7 +393,7 @@ class LiveExactCorrection:
         #: (n_bins,) the kept parts' excess summed, kept as they come and go (a refresh
         #: takes its orientation's old part out), so that a fit's correction does not sum
         #: every part again (120 orientations of zone classes: 7 million elements)
-        self._excess: NDArray[np.float64] | None = None
+        self._excess = np.zeros(refiner.grid.n_q * refiner.grid.n_e)
         self._at: NDArray[np.float64] | None = None
         self._std: NDArray[np.float64] | None = None
         #: orientations whose refresh failed: they keep their earlier fold, not retried
@@ -502,29 +500,28 @@ class LiveExactCorrection:
                 self._busy = True
                 index, at = job
                 omega, weight = self._added[index]
+            error: Exception | None = None
             try:
-                part = self._fold(omega, weight, at)
-            except Exception as exc:  # a failed fold leaves its orientation as it was
-                log.warning("exact fold of the orientation at %.3f deg failed: %s", omega, exc)
-                with self._cond:
-                    self.failed += 1
-                    self.error = f"omega {omega:g} deg: {exc}"
-                    # not tried again: uncorrected (a first fold), or its earlier fold kept
-                    self._gave_up.add(index)
-                    self._busy = False
-                    self._cond.notify_all()
-                continue
+                part: _Part | None = self._fold(omega, weight, at)
+            except Exception as exc:
+                part, error = None, exc
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
                 if self._closed:  # stopped while it folded: let it go
                     return
-                try:
-                    self._keep(index, part)
-                except Exception as exc:  # counted as a failed fold; the worker goes on
-                    log.warning("exact fold at %.3f deg not kept: %s", omega, exc)
+                if part is not None:
+                    try:
+                        self._keep(index, part)
+                    except Exception as exc:
+                        error = exc
+                if error is not None:  # the worker goes on
+                    log.warning(
+                        "exact fold of the orientation at %.3f deg failed: %s", omega, error
+                    )
                     self.failed += 1
-                    self.error = f"omega {omega:g} deg: {exc}"
+                    self.error = f"omega {omega:g} deg: {error}"
+                    # not tried again: uncorrected (a first fold), or its earlier fold kept
                     self._gave_up.add(index)
 
     def _keep(self, index: int, part: _Part) -> None:
@@ -532,11 +529,10 @@ class LiveExactCorrection:
         in the parts and their running sum."""
         with self._cond:
             old = self._parts.get(index)
-            if self._excess is None:
-                self._excess = np.zeros(part.size)
-            if part.size != len(self._excess):
+            if len(part.bins) and part.bins[-1] >= len(self._excess):  # bins are sorted
                 raise RefinementError(
-                    f"a fold of {part.size} bins, the correction's {len(self._excess)}"
+                    f"a fold reaching bin {part.bins[-1]}, the correction's grid has "
+                    f"{len(self._excess)}"
                 )
             if old is not None:
                 self.refreshed += 1
@@ -583,7 +579,6 @@ class LiveExactCorrection:
             bins=bins,
             excess=weight * (exact[bins] - one[bins]),
             seconds=time.perf_counter() - t0,
-            size=len(one),
         )
 
     def correction(self, moments: BinMoments) -> ExactCorrection | None:
@@ -594,9 +589,9 @@ class LiveExactCorrection:
         with self._cond:
             parts = list(self._parts.values())
             at = None if self._at is None else self._at.copy()
-            excess = None if self._excess is None else self._excess.copy()
+            excess = self._excess.copy()
             version = self.version
-        if not parts or at is None or excess is None:
+        if not parts or at is None:
             return None
         if len(excess) != n:
             raise RefinementError(
@@ -696,6 +691,5 @@ class LiveExactCorrection:
             self._final = self.summary()
             self._closed = True
             self._parts.clear()
-            self._excess = None
             self._queue.clear()
             self._cond.notify_all()

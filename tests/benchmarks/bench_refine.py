@@ -40,15 +40,13 @@ from threadpoolctl import threadpool_limits
 
 from consumers.reduction.folding import Folder
 from consumers.reduction.moments import BinMoments, orientation_moments
-from model_server.prediction.expected import FoldSampler, GridSimulator
 from model_server.refinement.counts import CountsModel
 from model_server.refinement.exact import LiveExactCorrection, _Part
 from model_server.refinement.fit import Refined, refine
 from model_server.refinement.refiner import LIVE_TEMPLATE_TOLERANCE, RunRefiner
-from simulations.instrument.events import PhononTable
 from simulations.lattice.sqe import CoherentSQE
 from tests.benchmarks.timing import best_of
-from tests.ge_moments import EI, TEMPERATURE, ge_run
+from tests.ge_moments import EI, TEMPERATURE, ge_run, ge_simulator
 
 RESULTS = Path(os.environ.get("BENCH_DIR", "bench-results"))
 
@@ -75,7 +73,6 @@ def bench_refine() -> None:
         seconds, iterations, std_1nn, converged, model, theta_true, _ = _snapshots(
             refiner, folder, run.truth
         )
-        grid = folder.grid
         ev_time = best_of(_fresh_evaluation(model, theta_true), 5)
         out["expected_counts_with_jacobian_120_s"] = round(ev_time, 4)
         out["expected_counts_bins"] = model.n_bins
@@ -84,15 +81,7 @@ def bench_refine() -> None:
         sqe = CoherentSQE(
             refiner.setup.basis, run.truth, temperature=TEMPERATURE, resolution=refiner.resolution
         )
-        sim = GridSimulator(
-            sqe,
-            folder.instrument,
-            folder.orientation,
-            EI,
-            energy_edges=grid.energy_edges,
-            table=PhononTable.build(sqe, 40),
-        )
-        sampler = FoldSampler(folder, sim.group_of_pixel, threads=1)
+        sim, sampler = ge_simulator(run, sqe)
         t_brute = best_of(lambda: sampler.fold(10.0, sim.sqe(10.0)), 2)
         out["brute_force_fold_one_orientation_s"] = round(t_brute, 4)
         out["model_120_over_brute_force_1"] = round(ev_time / t_brute, 3)
@@ -191,7 +180,6 @@ def _correction_cost(refiner: RunRefiner, folder: Folder, last: dict[str, Any]) 
             bins=bins,
             excess=0.04 * share * rng.standard_normal(len(bins)),
             seconds=0.0,
-            size=len(lam),
         )
         live._keep(i, part)
 

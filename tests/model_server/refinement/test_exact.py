@@ -318,8 +318,7 @@ def test_the_runs_end_waits_for_first_folds_and_stops_the_refreshes() -> None:
     at = run.truth.copy()
     std = np.abs(at) * 1e-3
     live.update(at, std)
-    size = run.folder.grid.n_q * run.folder.grid.n_e
-    live._keep(0, _Part(10.0, 1.0, at, np.arange(3), np.ones(3), 0.0, size=size))
+    live._keep(0, _Part(10.0, 1.0, at, np.arange(3), np.ones(3), 0.0))
     assert live.idle()
     live.update(at + 3 * std, std)  # moved 3 std: its fold is due again
     assert not live.idle()
