@@ -65,6 +65,17 @@ ESTIMATE_MODES = ("latest", "every")
 #: :attr:`SteeringService.estimate_yield_s`'s default (s): longer than a fit of the live run
 #: (p50 ~0.6 s, p99 ~1.5 s at 120 orientations), much shorter than a count
 ESTIMATE_YIELD_S = 2.0
+#: complete runs whose summaries (:meth:`SteeringService.scan_summary`) are kept once
+#: their loops are let go
+RETIRED_RUNS = 256
+
+
+def _scan_summary(loop: SteeringLoop) -> dict[str, Any] | None:
+    """The background scans of a loop's fits, or None when it has no scan."""
+    scan = loop.scan
+    if scan is None:
+        return None
+    return {"started": scan.started, "skipped": scan.skipped, "error": scan.error}
 
 
 @dataclasses.dataclass(slots=True)
@@ -298,6 +309,9 @@ class SteeringService:
         #: the stop criterion's target precision for new runs (None: no target)
         self.target = target
         self._loops: dict[str, SteeringLoop] = {}
+        #: complete runs whose loop was let go: run id -> what is still asked of it
+        #: (:meth:`scan_summary`), the last :data:`RETIRED_RUNS` runs
+        self._retired: dict[str, dict[str, Any]] = {}
         #: each powder run's last refined coefficients (the next step's start)
         self._powder_last: dict[str, Any] = {}
         self._loop_lock = threading.Lock()
@@ -353,7 +367,9 @@ class SteeringService:
         """Drop the loaded models; the next estimate loads them again. Returns a version."""
         materials = list(self._estimators)
         self._estimators.clear()
-        for loop in self._loops.values():
+        with self._loop_lock:  # a run's end may let its loop go meanwhile
+            loops = list(self._loops.values())
+        for loop in loops:
             loop.estimator = self.estimator(loop.advisor.material)
         for m in materials:
             if m not in self._estimators:
@@ -899,15 +915,21 @@ class SteeringService:
         done.add(snapshot.n_orientations)
         self.latencies.append(time.perf_counter() - t0)
 
+    @property
+    def active_runs(self) -> list[str]:
+        """The runs with a loop: running, or complete and not yet let go (:meth:`_retire`)."""
+        with self._loop_lock:
+            return list(self._loops)
+
     def scan_summary(self, run_id: str) -> dict[str, Any] | None:
         """The background scans of a run's fits (:mod:`model_server.refinement.scan`):
         ``started``, ``skipped`` (one was running), the last ``error``; None when the run's
         loop has no scan."""
         loop = self._loops.get(run_id)
-        scan = None if loop is None else loop.scan
-        if scan is None:
-            return None
-        return {"started": scan.started, "skipped": scan.skipped, "error": scan.error}
+        if loop is None:
+            retired = self._retired.get(run_id)
+            return None if retired is None else retired.get("scans")
+        return _scan_summary(loop)
 
     def latency_summary(self, *, refined: bool = False) -> dict[str, float | int | None]:
         """p50 / p99 / max (s) of :attr:`chunk_to_estimate` (``refined``: of
@@ -947,8 +969,32 @@ class SteeringService:
             sink = self._sinks.pop(run_id, None)
             if sink is not None:
                 sink.close()
+            self._retire(run_id)
 
         self._worker.submit(_Job(run_id, work))
+
+    def _retire(self, run_id: str) -> None:
+        """A complete run's loop is let go: its planner's node models, the candidates'
+        coverage, the refiner and the correction's folds would otherwise stay for as long
+        as the service runs, a run's worth for every run.
+        What is asked of the run later (:meth:`scan_summary`) is kept, and the live
+        snapshot the API serves keeps its spectrum without the moments (tens of MB). A
+        later run of the same id gets a loop of its own. Called behind the run's last
+        estimate, on the estimates' thread: no snapshot of the run is left to need it."""
+        with self._loop_lock:
+            loop = self._loops.pop(run_id, None)
+        if loop is None:
+            return
+        if loop.exact is not None:
+            loop.exact.close()  # (settled already: a no-op unless the settle failed)
+        self._retired[run_id] = {"scans": _scan_summary(loop)}
+        while len(self._retired) > RETIRED_RUNS:
+            self._retired.pop(next(iter(self._retired)))
+        with self.live.lock:
+            snap = self.live.snapshots.get(run_id)
+            if snap is not None and snap.moments is not None:
+                self.live.snapshots[run_id] = dataclasses.replace(snap, moments=None)
+        logger.info("run %s: complete, its loop let go", run_id)
 
     def _stopping(self) -> bool:
         """Whether the consumer was asked to stop."""

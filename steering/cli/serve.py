@@ -145,6 +145,17 @@ def serve_cmd(
             "the fits keep two).",
         ),
     ] = "auto",
+    final_wait: Annotated[
+        float,
+        typer.Option(
+            "--final-wait",
+            min=0.0,
+            envvar="STEER_FINAL_WAIT",
+            help="Seconds a run's end waits for its last background fit, the rest of the "
+            "exact-fold correction and the last plan before its last estimate is settled "
+            "(0: none; the last estimate stays as the last snapshot's).",
+        ),
+    ] = 30.0,
     livedata: Annotated[
         bool,
         typer.Option(
@@ -296,6 +307,7 @@ def serve_cmd(
                 plan=plan,
                 scan=scan,
                 exact_correction=exact,
+                final_wait_s=final_wait,
                 livedata=livedata,
                 streams=streams,
                 follow_replicas=follow_replicas,
@@ -460,6 +472,7 @@ def _start_service(
     plan: bool = True,
     scan: bool = True,
     exact_correction: bool = False,
+    final_wait_s: float = 30.0,
     livedata: bool = True,
     streams: InstrumentConfig | None = None,
     follow_replicas: bool = False,
@@ -484,6 +497,7 @@ def _start_service(
         plan=plan,
         scan=scan,
         exact_correction=exact_correction,
+        final_plan_wait_s=final_wait_s,
         publish_livedata=livedata,
         streams=streams,
         follow_replicas=follow_replicas,

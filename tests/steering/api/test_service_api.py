@@ -109,6 +109,13 @@ def test_replayed_run_through_the_service_and_the_api(tmp_path: Path, make_small
             assert count[0] >= 4
             assert "steer_advisor_seconds" in fams
             assert "steer_model_info" in fams
+            # the complete run's loop is let go (its planner, refiner and candidates); what
+            # is asked of the run later stays, and its spectrum without the moments
+            assert service.drain(60)
+            assert run_id not in service.active_runs
+            assert service.scan_summary(run_id) is not None
+            assert live.snapshots[run_id].moments is None
+            assert c.get(f"{base}/runs/{run_id}/spectrum").json()["n_orientations"] == 4
         assert len(service.latencies) == 4
     finally:
         service.stop()

@@ -4,6 +4,7 @@ the library's), and a bad choice refused as a usage error (exit 2) that names th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -119,3 +120,33 @@ def test_exact_correction_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _exact_correction("auto") is True
     with pytest.raises(typer.BadParameter, match="auto, on or off"):
         _exact_correction("sometimes")
+
+
+def test_serve_final_wait_reaches_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``steer serve --final-wait S`` is the service's wait at a run's end (for its last
+    background fit, the rest of the exact-fold correction and the last plan); a negative
+    one is a usage error."""
+    from steering.api.app import LiveState
+    from steering.cli.serve import _start_service
+    from steering.db import History
+    from steering.service import SteeringService
+
+    monkeypatch.setattr(SteeringService, "start", lambda self: None)  # no broker here
+    service = _start_service(
+        "127.0.0.1:9",
+        "arcs",
+        state_dir=tmp_path / "state",
+        history=History(f"sqlite:///{tmp_path / 'history.db'}"),
+        live=LiveState(),
+        model_dir=tmp_path,
+        advisor_score="fc",
+        advisor_weighting="uniform",
+        final_wait_s=240.0,
+    )
+    assert service.final_plan_wait_s == 240.0
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--final-wait", "-1"])
+    assert exc.value.code == 2
+    assert "--final-wait" in capsys.readouterr().err
