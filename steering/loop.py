@@ -407,6 +407,8 @@ class SteeringLoop:
         self.exact: LiveExactCorrection | None = None
         #: the correction's version the last fit was made with
         self._exact_version = -1
+        #: the orientations (record indices) queued for the correction
+        self._noted: set[int] = set()
         if exact_correction and refiner is not None:
             self.exact = self._live_exact(refiner, candidates)
 
@@ -433,9 +435,10 @@ class SteeringLoop:
 
     def _note_orientation(self, record: OrientationRecord) -> None:
         """A completed orientation whose moments the snapshots hold: queued for its exact
-        fold (an orientation the run could not normalise was not added to them)."""
-        if self.exact is None or not record.normalised:
+        fold (an orientation the run could not normalise was not added to them); once."""
+        if self.exact is None or not record.normalised or record.index in self._noted:
             return
+        self._noted.add(int(record.index))
         weight = record.weight if record.weight is not None else record.proton_charge
         try:  # at the angle its moments were taken at (the snapshot's)
             self.exact.add(coverage_angle(float(record.omega)), float(weight))
@@ -446,6 +449,17 @@ class SteeringLoop:
                 record.omega,
                 exc,
             )
+
+    def note_folded(self, records: Sequence[OrientationRecord]) -> int:
+        """Orientations the run folded before this loop saw them (a run restored from its
+        checkpoint when the service restarted): queued for their exact folds as each
+        completed orientation is, so that the correction covers the whole run and not only
+        what was counted after the restart. Those already queued are not queued again.
+        Returns how many were queued."""
+        before = len(self._noted)
+        for record in records:
+            self._note_orientation(record)
+        return len(self._noted) - before
 
     def __call__(self, snapshot: Snapshot, record: OrientationRecord) -> None:
         """A completed orientation: estimate, rank, publish (a

@@ -537,6 +537,17 @@ class SteeringService:
             exact_correction=self.exact_correction,
         )
         self._loops[run_id] = loop
+        acc = None if self.service is None else self.service.pipeline.acc
+        if loop.exact is not None and acc is not None and acc.records:
+            # a run restored from its checkpoint: its earlier orientations are corrected too
+            queued = loop.note_folded(list(acc.records))
+            if queued:
+                logger.info(
+                    "run %s: %d orientations folded before this loop queued for the "
+                    "exact-fold correction",
+                    run_id,
+                    queued,
+                )
         self.history.upsert_run(run_id, material=material, state="running")
         self._run_info(meta)
         from simulations.lattice.materials import setup

@@ -369,10 +369,14 @@ def test_the_live_loop_fits_with_the_correction_and_refits_at_the_runs_end(
     )  # type: ignore[arg-type]
     assert loop.exact is None
     loop.exact = LiveExactCorrection(refiner, run.folder, pixel_stride=stride)
-    for i, w in enumerate(omegas):
-        loop._note_orientation(
-            SimpleNamespace(index=i, omega=w, weight=1.0, proton_charge=1.0, normalised=True)  # type: ignore[arg-type]
-        )
+    # the first as a completed orientation, both as a restored run's records (steer serve
+    # restarted): the second is queued, the first not again
+    records = [
+        SimpleNamespace(index=i, omega=w, weight=1.0, proton_charge=1.0, normalised=True)
+        for i, w in enumerate(omegas)
+    ]
+    loop._note_orientation(records[0])  # type: ignore[arg-type]
+    assert loop.note_folded(records) == 1  # type: ignore[arg-type]
     loop._note_orientation(
         SimpleNamespace(index=2, omega=80.0, weight=None, proton_charge=1.0, normalised=False)  # type: ignore[arg-type]
     )  # not normalised: not in the moments, not queued
