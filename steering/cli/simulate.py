@@ -325,18 +325,22 @@ def simulate_run_cmd(
             "--phonon-mesh",
             min=4,
             help="Phonon-table points per axis (energies interpolated, eigenvectors from the "
-            "nearest point); finer is more exact and slower to build.",
+            "nearest point); finer is more exact and slower to build. The default, 80, keeps "
+            "the run's expected counts within about 4 % per bin of an exact fold; 40 is "
+            "faster and about 5 % off.",
         ),
-    ] = 40,
+    ] = 80,
     group_rows: Annotated[
         int,
         typer.Option(
             "--super-pixel-rows",
             min=1,
-            help="Pixels per super-pixel along a tube (S(Q, E) is evaluated at its centre); "
-            "1 evaluates every pixel (4x slower).",
+            help="Pixels per super-pixel along a tube (S(Q, E) is evaluated at its centre). "
+            "The default, 1, evaluates every pixel; 4 is about twice as fast and puts the "
+            "run's expected counts further off the exact physics (the largest of the "
+            "simulator's shortcuts).",
         ),
-    ] = 4,
+    ] = 1,
     bluesky_format: Annotated[
         BlueskyFormat,
         typer.Option(

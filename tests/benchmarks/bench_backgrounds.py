@@ -3,9 +3,10 @@ and docs/figures/backgrounds_ge.png.
 
 A simulated Ge run with every component (``steer simulate run --material Ge --fc raman
 --omegas 0:40:2 --events-per-orientation 200000 --temperature 300 --backgrounds all
---seed 11``: incoherent elastic line, multiphonon, an aluminium can, 10 % of the events flat
-in time of flight) is folded like ``steer fold``; the prediction endpoint's expected fold
-of the same angles gives the one-phonon signal and each component per bin (coverage x S).
+--seed 11 --super-pixel-rows 4 --phonon-mesh 40``, the library's defaults: incoherent
+elastic line, multiphonon, an aluminium can, 10 % of the events flat in time of flight) is
+folded like ``steer fold``; the prediction endpoint's expected fold of the same angles gives
+the one-phonon signal and each component per bin (coverage x S).
 One number is fitted, the counts per unit of expected signal (the flux; Poisson maximum
 likelihood: total counts over total expectation). Reported: the share of each component
 in the counts, Pearson chi^2 per bin over the bins with more than 20 and 100 expected

@@ -27,6 +27,7 @@ def test_simulate_run_json_contract_and_check_run(tmp_path: Path) -> None:
     assert result["monitor_events"] == 0  # monitors are off unless --monitors
     assert result["orientations"] == 3
     assert result["n_pixels"] == 102_400  # the default ARCS-like array
+    assert result["super_pixels"] == 102_400  # every pixel evaluated on its own by default
     assert result["fc_set"] == "raman"
     assert result["path"] == str(out)
     # 60k per 5 s step, plus the events while moving (2 x (1 deg at 1 deg/s + 1 s settle))
