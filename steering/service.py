@@ -68,6 +68,9 @@ ESTIMATE_YIELD_S = 2.0
 #: complete runs whose summaries (:meth:`SteeringService.scan_summary`) are kept once
 #: their loops are let go
 RETIRED_RUNS = 256
+#: complete runs whose last snapshot the API keeps in memory; older ones are served from
+#: their exports (``<state>/runs/<run id>.h5``)
+LIVE_COMPLETE_SNAPSHOTS = 8
 
 
 def _scan_summary(loop: SteeringLoop) -> dict[str, Any] | None:
@@ -989,22 +992,29 @@ class SteeringService:
         coverage, the refiner and the correction's folds would otherwise stay for as long
         as the service runs, a run's worth for every run.
         What is asked of the run later (:meth:`scan_summary`) is kept, and the live
-        snapshot the API serves keeps its spectrum without the moments (tens of MB). A
-        later run of the same id gets a loop of its own. Called behind the run's last
-        estimate, on the estimates' thread: no snapshot of the run is left to need it."""
+        snapshot the API serves keeps its spectrum without the moments (tens of MB); the
+        last :data:`LIVE_COMPLETE_SNAPSHOTS` complete runs keep theirs, older ones are
+        served from their exports. A later run of the same id gets a loop of its own.
+        Called behind the run's last estimate, on the estimates' thread: no snapshot of the
+        run is left to need it."""
         with self._loop_lock:
             loop = self._loops.pop(run_id, None)
         if loop is None:
             return
         if loop.exact is not None:
             loop.exact.close()  # (settled already: a no-op unless the settle failed)
+        self._retired.pop(run_id, None)  # (a run of the same id before: now the newest)
         self._retired[run_id] = {"scans": _scan_summary(loop)}
         while len(self._retired) > RETIRED_RUNS:
             self._retired.pop(next(iter(self._retired)))
+        active = set(self.active_runs)
         with self.live.lock:
             snap = self.live.snapshots.get(run_id)
             if snap is not None and snap.moments is not None:
                 self.live.snapshots[run_id] = dataclasses.replace(snap, moments=None)
+            kept = [r for r in self._retired if r in self.live.snapshots and r not in active]
+            for old in kept[:-LIVE_COMPLETE_SNAPSHOTS]:
+                self.live.snapshots.pop(old, None)
         logger.info("run %s: complete, its loop let go", run_id)
 
     def _stopping(self) -> bool:

@@ -207,3 +207,40 @@ def test_a_superseded_snapshot_gets_the_vaes_estimate_flagged_and_no_advice(
     assert loop.history == []  # no advice
     (row,) = history.estimates("r1")
     assert row["superseded_by"] == 3
+
+
+def test_a_complete_runs_loop_is_let_go_and_old_snapshots_are_dropped(tmp_path: Path) -> None:
+    """At a run's end its loop is let go (a run's planner, refiner and candidates would
+    otherwise stay for as long as the service runs): the scan summary is kept, the live
+    snapshot loses its moments, and only the last few complete runs keep a snapshot in
+    memory (the API reads older ones from their exports); a running run keeps its own."""
+    from steering.service import LIVE_COMPLETE_SNAPSHOTS
+
+    svc = SteeringService(
+        "127.0.0.1:9",
+        "p",
+        state_dir=tmp_path / "state",
+        history=History(f"sqlite:///{tmp_path / 'h.db'}"),
+        live=LiveState(),
+    )
+    closed: list[str] = []
+    n = LIVE_COMPLETE_SNAPSHOTS + 3
+    ids = [f"r{i}" for i in range(n)]
+    for run_id in [*ids, "running"]:
+        exact = SimpleNamespace(close=lambda r=run_id: closed.append(r))
+        scan = SimpleNamespace(started=2, skipped=1, error=None)
+        svc._loops[run_id] = SimpleNamespace(exact=exact, scan=scan)  # type: ignore[assignment]
+        svc.live.snapshots[run_id] = _snapshot(3)
+    for run_id in ids:
+        svc._retire(run_id)
+    assert svc.active_runs == ["running"]
+    assert closed == ids
+    assert svc.scan_summary("r0") == {"started": 2, "skipped": 1, "error": None}
+    assert svc.scan_summary("never") is None
+    kept = ids[-LIVE_COMPLETE_SNAPSHOTS:]
+    assert sorted(svc.live.snapshots) == sorted([*kept, "running"])
+    assert all(svc.live.snapshots[r].moments is None for r in kept)
+    assert svc.live.snapshots["running"].moments is not None
+    assert svc.live.snapshots[kept[-1]].counts.sum() == 36.0  # the spectrum stays
+    svc._retire("r0")  # not running: nothing to let go
+    assert closed == ids
