@@ -315,6 +315,11 @@ class SteeringService:
         #: complete runs whose loop was let go: run id -> what is still asked of it
         #: (:meth:`scan_summary`), the last :data:`RETIRED_RUNS` runs
         self._retired: dict[str, dict[str, Any]] = {}
+        #: the run starts (their metadata) of the last runs completed
+        self._completed_meta: deque[dict[str, Any]] = deque(maxlen=16)
+        #: run id -> the orientations a restored run held at its start
+        #: (:meth:`_remember_restored`)
+        self._restored: dict[str, list[OrientationRecord]] = {}
         #: each powder run's last refined coefficients (the next step's start)
         self._powder_last: dict[str, Any] = {}
         self._loop_lock = threading.Lock()
@@ -370,9 +375,7 @@ class SteeringService:
         """Drop the loaded models; the next estimate loads them again. Returns a version."""
         materials = list(self._estimators)
         self._estimators.clear()
-        with self._loop_lock:  # a run's end may let its loop go meanwhile
-            loops = list(self._loops.values())
-        for loop in loops:
+        for loop in list(self._loops.values()):
             loop.estimator = self.estimator(loop.advisor.material)
         for m in materials:
             if m not in self._estimators:
@@ -387,10 +390,14 @@ class SteeringService:
 
         if meta.get("sample_kind") == "powder":  # no single-crystal loop for a powder
             return
+        self._remember_restored(meta)
 
         def work() -> None:
             try:
-                loop = self._loop_for(meta)
+                with self._loop_lock:
+                    if any(m is meta for m in self._completed_meta):
+                        return  # the run ended before this thread got going
+                    loop = self._make_loop(meta)
             except (ModelServerError, OSError) as exc:
                 logger.warning("model unavailable at the run start: %s", exc)
                 return
@@ -409,6 +416,31 @@ class SteeringService:
                 logger.info("run %s: the counts model is ready (%.1f s)", loop.run_id, seconds)
 
         threading.Thread(target=work, name="prepare-run", daemon=True).start()
+
+    def _remember_restored(self, meta: dict[str, Any]) -> None:
+        """At a run's start, on the consumer's thread: the orientations its pipeline
+        already holds (a run restored from its checkpoint when the service restarted),
+        for :meth:`_note_restored`. Nothing for a new run."""
+        pipeline = getattr(self.service, "pipeline", None)
+        acc = None if pipeline is None or pipeline.meta is not meta else pipeline.acc
+        if acc is not None and acc.records:
+            self._restored[str(meta.get("run_id", "run"))] = list(acc.records)
+
+    def _note_restored(self, loop: SteeringLoop, run_id: str) -> None:
+        """A new loop's run was restored from its checkpoint: the orientations folded
+        before the restart are queued for the loop's exact-fold correction (they would
+        keep the uncorrected model otherwise); each orientation is queued once."""
+        records = self._restored.pop(run_id, None)
+        if not records or loop.exact is None:
+            return
+        queued = loop.note_folded(records)
+        if queued:
+            logger.info(
+                "run %s: %d orientations folded before the restart queued for the "
+                "exact-fold correction",
+                run_id,
+                queued,
+            )
 
     def _loop_for(self, meta: dict[str, Any]) -> SteeringLoop:
         with self._loop_lock:
@@ -540,17 +572,7 @@ class SteeringService:
             exact_correction=self.exact_correction,
         )
         self._loops[run_id] = loop
-        acc = None if self.service is None else self.service.pipeline.acc
-        if loop.exact is not None and acc is not None and acc.records:
-            # a run restored from its checkpoint: its earlier orientations are corrected too
-            queued = loop.note_folded(list(acc.records))
-            if queued:
-                logger.info(
-                    "run %s: %d orientations folded before this loop queued for the "
-                    "exact-fold correction",
-                    run_id,
-                    queued,
-                )
+        self._note_restored(loop, run_id)
         self.history.upsert_run(run_id, material=material, state="running")
         self._run_info(meta)
         from simulations.lattice.materials import setup
@@ -932,8 +954,7 @@ class SteeringService:
     @property
     def active_runs(self) -> list[str]:
         """The runs with a loop: running, or complete and not yet let go (:meth:`_retire`)."""
-        with self._loop_lock:
-            return list(self._loops)
+        return list(self._loops)
 
     def scan_summary(self, run_id: str) -> dict[str, Any] | None:
         """The background scans of a run's fits (:mod:`model_server.refinement.scan`):
@@ -965,6 +986,7 @@ class SteeringService:
         meta = self.service.pipeline.meta or {}
         run_id = str(summary.get("run_id") or meta.get("run_id"))
         material = str(meta.get("material", "?"))
+        self._completed_meta.append(meta)  # a late run-start preparation makes no loop
 
         def work(job: _Job) -> None:
             # one wait for both: the estimates' thread serves the next run too
@@ -998,15 +1020,16 @@ class SteeringService:
         Called behind the run's last estimate, on the estimates' thread: no snapshot of the
         run is left to need it."""
         with self._loop_lock:
-            loop = self._loops.pop(run_id, None)
-        if loop is None:
-            return
-        if loop.exact is not None:
+            loop = self._loops.get(run_id)
+            self._retired.pop(run_id, None)  # (a run of the same id before: now the newest)
+            self._retired[run_id] = {"scans": None if loop is None else _scan_summary(loop)}
+            while len(self._retired) > RETIRED_RUNS:
+                self._retired.pop(next(iter(self._retired)))
+            self._loops.pop(run_id, None)
+            self._restored.pop(run_id, None)
+            self._powder_last.pop(run_id, None)
+        if loop is not None and loop.exact is not None:
             loop.exact.close()  # (settled already: a no-op unless the settle failed)
-        self._retired.pop(run_id, None)  # (a run of the same id before: now the newest)
-        self._retired[run_id] = {"scans": _scan_summary(loop)}
-        while len(self._retired) > RETIRED_RUNS:
-            self._retired.pop(next(iter(self._retired)))
         active = set(self.active_runs)
         with self.live.lock:
             snap = self.live.snapshots.get(run_id)
@@ -1015,7 +1038,8 @@ class SteeringService:
             kept = [r for r in self._retired if r in self.live.snapshots and r not in active]
             for old in kept[:-LIVE_COMPLETE_SNAPSHOTS]:
                 self.live.snapshots.pop(old, None)
-        logger.info("run %s: complete, its loop let go", run_id)
+        if loop is not None:
+            logger.info("run %s: complete, its loop let go", run_id)
 
     def _stopping(self) -> bool:
         """Whether the consumer was asked to stop."""

@@ -150,10 +150,12 @@ def serve_cmd(
         typer.Option(
             "--final-wait",
             min=0.0,
+            max=86400.0,
             envvar="STEER_FINAL_WAIT",
             help="Seconds a run's end waits for its last background fit, the rest of the "
             "exact-fold correction and the last plan before its last estimate is settled "
-            "(0: none; the last estimate stays as the last snapshot's).",
+            "(0: no wait; the last estimate stays as the last snapshot's and a last advice "
+            "without its plan stays so). The next run's estimates wait behind it.",
         ),
     ] = 30.0,
     livedata: Annotated[

@@ -244,3 +244,39 @@ def test_a_complete_runs_loop_is_let_go_and_old_snapshots_are_dropped(tmp_path: 
     assert svc.live.snapshots[kept[-1]].counts.sum() == 36.0  # the spectrum stays
     svc._retire("r0")  # not running: nothing to let go
     assert closed == ids
+
+
+def test_a_restored_runs_orientations_are_queued_for_the_correction(tmp_path: Path) -> None:
+    """A run restored from its checkpoint (``steer serve`` restarted mid-run): the
+    orientations its pipeline holds at the run's start are handed to the run's new loop for
+    the exact-fold correction, once; a new run (nothing folded yet), a pipeline already on
+    another run, or a loop without a correction get nothing."""
+    svc = SteeringService(
+        "127.0.0.1:9",
+        "p",
+        state_dir=tmp_path / "state",
+        history=History(f"sqlite:///{tmp_path / 'h.db'}"),
+        live=LiveState(),
+    )
+    meta = {"run_id": "r1", "material": "Ge"}
+    records = [_record(1), _record(2)]
+    svc.service = SimpleNamespace(
+        pipeline=SimpleNamespace(meta=meta, acc=SimpleNamespace(records=records))
+    )
+    handed: list[list[Any]] = []
+    loop = SimpleNamespace(exact=object(), note_folded=lambda r: handed.append(list(r)) or len(r))
+    svc._remember_restored(meta)
+    svc._note_restored(loop, "r1")  # type: ignore[arg-type]
+    assert handed == [records]
+    svc._note_restored(loop, "r1")  # type: ignore[arg-type]
+    assert handed == [records]  # once
+    svc._remember_restored({"run_id": "r1", "material": "Ge"})  # not the pipeline's run
+    svc._note_restored(loop, "r1")  # type: ignore[arg-type]
+    assert handed == [records]
+    svc._remember_restored(meta)
+    svc._note_restored(SimpleNamespace(exact=None), "r1")  # type: ignore[arg-type]
+    assert handed == [records]
+    svc.service.pipeline.acc = SimpleNamespace(records=[])  # a new run
+    svc._remember_restored(meta)
+    svc._note_restored(loop, "r1")  # type: ignore[arg-type]
+    assert handed == [records]
