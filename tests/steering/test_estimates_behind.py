@@ -46,12 +46,9 @@ def _record(n: int) -> OrientationRecord:
     )
 
 
-def _service(
-    tmp_path: Path, estimates: str, *, yield_s: float = 0.0
-) -> tuple[SteeringService, list[Any], threading.Event]:
-    """A service whose consumer is a stand-in and whose estimate records its calls, the
-    first one held until the returned event is set (a fit in progress)."""
-    svc = SteeringService(
+def _bare(tmp_path: Path, estimates: str = "latest") -> SteeringService:
+    """A service that is not started (no broker behind its address)."""
+    return SteeringService(
         "127.0.0.1:9",
         "p",
         state_dir=tmp_path / "state",
@@ -59,6 +56,14 @@ def _service(
         live=LiveState(),
         estimates=estimates,
     )
+
+
+def _service(
+    tmp_path: Path, estimates: str, *, yield_s: float = 0.0
+) -> tuple[SteeringService, list[Any], threading.Event]:
+    """A service whose consumer is a stand-in and whose estimate records its calls, the
+    first one held until the returned event is set (a fit in progress)."""
+    svc = _bare(tmp_path, estimates)
     svc.estimate_yield_s = yield_s
     meta = {"run_id": "r1", "material": "Ge"}
     svc.service = SimpleNamespace(
@@ -216,13 +221,7 @@ def test_a_complete_runs_loop_is_let_go_and_old_snapshots_are_dropped(tmp_path: 
     memory (the API reads older ones from their exports); a running run keeps its own."""
     from steering.service import LIVE_COMPLETE_SNAPSHOTS
 
-    svc = SteeringService(
-        "127.0.0.1:9",
-        "p",
-        state_dir=tmp_path / "state",
-        history=History(f"sqlite:///{tmp_path / 'h.db'}"),
-        live=LiveState(),
-    )
+    svc = _bare(tmp_path)
     closed: list[str] = []
     n = LIVE_COMPLETE_SNAPSHOTS + 3
     ids = [f"r{i}" for i in range(n)]
@@ -251,13 +250,7 @@ def test_a_restored_runs_orientations_are_queued_for_the_correction(tmp_path: Pa
     orientations its pipeline holds at the run's start are handed to the run's new loop for
     the exact-fold correction, once; a new run (nothing folded yet), a pipeline already on
     another run, or a loop without a correction get nothing."""
-    svc = SteeringService(
-        "127.0.0.1:9",
-        "p",
-        state_dir=tmp_path / "state",
-        history=History(f"sqlite:///{tmp_path / 'h.db'}"),
-        live=LiveState(),
-    )
+    svc = _bare(tmp_path)
     meta = {"run_id": "r1", "material": "Ge"}
     records = [_record(1), _record(2)]
     svc.service = SimpleNamespace(
