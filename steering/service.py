@@ -312,9 +312,9 @@ class SteeringService:
         #: the stop criterion's target precision for new runs (None: no target)
         self.target = target
         self._loops: dict[str, SteeringLoop] = {}
-        #: complete runs whose loop was let go: run id -> what is still asked of it
-        #: (:meth:`scan_summary`), the last :data:`RETIRED_RUNS` runs
-        self._retired: dict[str, dict[str, Any]] = {}
+        #: complete runs whose loop was let go, oldest first: run id -> its loop's
+        #: :meth:`scan_summary`, the last :data:`RETIRED_RUNS` runs
+        self._retired: dict[str, dict[str, Any] | None] = {}
         #: the run starts (their metadata) of the last runs completed
         self._completed_meta: deque[dict[str, Any]] = deque(maxlen=16)
         #: run id -> the orientations a restored run held at its start
@@ -959,12 +959,10 @@ class SteeringService:
     def scan_summary(self, run_id: str) -> dict[str, Any] | None:
         """The background scans of a run's fits (:mod:`model_server.refinement.scan`):
         ``started``, ``skipped`` (one was running), the last ``error``; None when the run's
-        loop has no scan."""
+        loop has no scan (or the run is not known). A complete run's is kept after its loop
+        is let go."""
         loop = self._loops.get(run_id)
-        if loop is None:
-            retired = self._retired.get(run_id)
-            return None if retired is None else retired.get("scans")
-        return _scan_summary(loop)
+        return self._retired.get(run_id) if loop is None else _scan_summary(loop)
 
     def latency_summary(self, *, refined: bool = False) -> dict[str, float | int | None]:
         """p50 / p99 / max (s) of :attr:`chunk_to_estimate` (``refined``: of
@@ -1022,7 +1020,7 @@ class SteeringService:
         with self._loop_lock:
             loop = self._loops.get(run_id)
             self._retired.pop(run_id, None)  # (a run of the same id before: now the newest)
-            self._retired[run_id] = {"scans": None if loop is None else _scan_summary(loop)}
+            self._retired[run_id] = None if loop is None else _scan_summary(loop)
             while len(self._retired) > RETIRED_RUNS:
                 self._retired.pop(next(iter(self._retired)))
             self._loops.pop(run_id, None)
