@@ -13,13 +13,18 @@ every 2nd pixel, 4 energies a bin) with its modes diagonalised at its own Q, thr
 * ``quadratic``: the bin average plus the first two Legendre terms of the bin's weighted
   distribution of sample positions (their mean and mean square, two numbers a bin that
   the moments could keep); the Gaussian's integrals against them are closed forms in the
-  same erfc and exp terms as the bin average.
+  same erfc and exp terms as the bin average;
+* ``linear_by_mode``: the bin average plus the first Legendre term of the positions
+  weighted by each mode's own intensity at each sample (``sum w S_m x / sum w S_m`` per
+  bin and mode): what a moment ``sum w x M(Q')`` (one more structure-factor tensor a bin,
+  contracted with each mode's eigenvector as ``sum w M(Q')`` is) would give the model.
 
 Energy loss lines only: the gain lines sit at negative energy transfers, below the
 fitted bins. Per bin, over the bins that would hold more than 10 counts in the
 README run (as ``bench_counts_model``): median, 90th percentile and share within 2 % of
-``|x / point - 1|`` for ``bin_uniform``, ``quadratic``, the counts model, and the counts
-model times ``quadratic / bin_uniform`` (what the moments would give it).
+``|x / point - 1|`` for ``bin_uniform``, ``quadratic``, ``linear_by_mode``, the counts
+model, and the counts model times ``quadratic / bin_uniform`` and ``linear_by_mode /
+bin_uniform`` (what either set of moments would give it).
 """
 
 from __future__ import annotations
@@ -103,6 +108,10 @@ def bench_counts_inbin() -> None:
         x2 = np.bincount(bins, w * x * x, n_bins) / safe + 1.0 / (3.0 * E_SUBSTEPS**2)
         a2 = 2.5 * (3.0 * x2 - 1.0)
         point, uniform, quadratic = (np.zeros(n_bins) for _ in range(3))
+        n_modes = sqe.structure_factors(q[:1])[0].shape[1]
+        # per (bin, mode): sum w S, sum w S x, sum w S g0, sum w S g1 (S the mode's loss
+        # intensity at the sample): the first Legendre term weighted by each mode
+        by_mode = np.zeros((4, n_bins, n_modes))
         for s0 in range(0, len(bins), 65536):
             sl = slice(s0, s0 + 65536)
             e_mode, sf = sqe.structure_factors(q[sl])
@@ -116,12 +125,20 @@ def bench_counts_inbin() -> None:
             uniform += np.bincount(b, np.sum(loss * g0, 1) * w[sl], n_bins)
             corr = g0 + a1[b, None] * g1 + a2[b, None] * g2
             quadratic += np.bincount(b, np.sum(loss * corr, 1) * w[sl], n_bins)
+            ws = loss * w[sl, None]
+            for m in range(n_modes):
+                for i, term in enumerate((ws, ws * x[sl, None], ws * g0, ws * g1)):
+                    by_mode[i, :, m] += np.bincount(b, term[:, m], n_bins)
+        s_sum, x_sum, p0, p1 = by_mode
+        a1_mode = 3.0 * x_sum / np.where(s_sum > 0, s_sum, 1.0)
+        linear_by_mode = np.sum(p0 + a1_mode * p1, axis=1)
     alias = np.asarray(folder.table.alias)
 
     def fitted(a: np.ndarray) -> np.ndarray:
         return np.asarray(a.reshape(grid.n_q, grid.n_e)[alias].reshape(-1)[model.bins])
 
     point, uniform, quadratic = fitted(point), fitted(uniform), fitted(quadratic)
+    linear_by_mode = fitted(linear_by_mode)
     use = point * SIGNAL_PER_ORIENTATION * ORIENTATIONS / point.sum() > 10
     ok = use & (uniform > 0)
     out = {
@@ -134,8 +151,12 @@ def bench_counts_inbin() -> None:
             "bin_uniform": _stats(uniform[use], point[use]),
             "quadratic": _stats(quadratic[use], point[use]),
             "model": _stats(lam[use], point[use]),
+            "linear_by_mode": _stats(linear_by_mode[use], point[use]),
             "model_times_quadratic_over_uniform": _stats(
                 (lam * quadratic / np.where(uniform > 0, uniform, 1.0))[ok], point[ok]
+            ),
+            "model_times_linear_by_mode_over_uniform": _stats(
+                (lam * linear_by_mode / np.where(uniform > 0, uniform, 1.0))[ok], point[ok]
             ),
         },
         "model_against_bin_uniform": _stats(lam[use], uniform[use]),
