@@ -91,6 +91,8 @@ MAX_SNAPSHOT_BYTES = 64 << 20
 #: The per-bin moment arrays of a snapshot (``moments_<name>``) besides ``moments_index``
 #: and ``moments_n`` (:meth:`consumers.reduction.moments.BinMoments.arrays`).
 MOMENT_FIELDS = ("tensor", "tensor_q2", "offset1", "offset2", "weight", "background")
+#: Moment arrays a snapshot may leave out (an older consumer's): zeros then.
+OPTIONAL_MOMENT_FIELDS = ("tensor_x",)
 #: Set-ups (material, instrument, Ei, temperature) whose refiner a replica keeps.
 REFINER_CACHE_SIZE = 4
 
@@ -138,7 +140,8 @@ def check_moments(arrays: Mapping[str, np.ndarray]) -> None:
     """Check a snapshot's ``moments_*`` arrays (if any) against its intensity's shape.
 
     ``moments_index``: (n_m,) strictly increasing flat bins ``q * n_E + E`` of the
-    (n_q, n_E) intensity; ``moments_tensor``, ``moments_tensor_q2``: (n_m, 3N, 3N);
+    (n_q, n_E) intensity; ``moments_tensor``, ``moments_tensor_q2`` and (optional)
+    ``moments_tensor_x``: (n_m, 3N, 3N);
     ``moments_offset1``: (n_m, 3); ``moments_offset2``: (n_m, 3, 3); ``moments_weight``,
     ``moments_background``: (n_m,) (>= 0); ``moments_n``: () orientations (>= 0); and the
     run's ``counts`` (n_q, n_E) (>= 0). All finite.
@@ -196,6 +199,7 @@ def check_moments(arrays: Mapping[str, np.ndarray]) -> None:
     shapes = {
         "tensor": (m, b, b),
         "tensor_q2": (m, b, b),
+        **({"tensor_x": (m, b, b)} if "moments_tensor_x" in arrays else {}),
         "offset1": (m, 3),
         "offset2": (m, 3, 3),
         "weight": (m,),
@@ -255,8 +259,9 @@ def snapshot_moments(arrays: Mapping[str, np.ndarray]) -> BinMoments | None:
     n_q, n_e = arrays["intensity"].shape
     index = arrays["moments_index"]
     out = BinMoments.zeros(n_q * snapshot_classes(arrays) * n_e, arrays["moments_tensor"].shape[1])
-    for name in MOMENT_FIELDS:
-        getattr(out, name)[index] = arrays[f"moments_{name}"]
+    for name in MOMENT_FIELDS + OPTIONAL_MOMENT_FIELDS:
+        if f"moments_{name}" in arrays:
+            getattr(out, name)[index] = arrays[f"moments_{name}"]
     out.n_orientations = int(arrays["moments_n"])
     return out
 

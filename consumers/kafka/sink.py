@@ -13,6 +13,7 @@ A snapshot message (:func:`snapshot_payload`) is a compressed ``.npz`` without p
     meta                                    uint8: UTF-8 JSON (below)
     moments_index                           (n_m,) int64, flat bins q * n_E + E
     moments_tensor, moments_tensor_q2       (n_m, 3N, 3N) complex128
+    moments_tensor_x                        (n_m, 3N, 3N) complex128
     moments_offset1, moments_offset2        (n_m, 3), (n_m, 3, 3) float64
     moments_weight, moments_background      (n_m,) float64
     moments_n                               () int64, orientations in the moments

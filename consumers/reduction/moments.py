@@ -156,6 +156,13 @@ class BinMoments:
         (n_bins, 3N, 3N) complex128, ``sum w M(Q')``, uC sr meV fm^2 / (amu A^2).
     tensor_q2
         (n_bins, 3N, 3N) complex128, ``sum w |Q'|^2 M(Q')`` (the same units / A^2).
+    tensor_x
+        (n_bins, 3N, 3N) complex128, ``sum w x M(Q')`` (the units of ``tensor``): ``x`` in
+        [-1, 1] the sample's energy within its bin (-1 the lower edge). Contracted with a
+        mode's eigenvector it gives where in the bin that mode's intensity was seen (the
+        first Legendre term of the positions, weighted by the mode's own structure factor).
+        Zeros in moments written before it was kept (the counts model then spreads their
+        samples evenly over each bin).
     offset1, offset2
         (n_bins, 3) and (n_bins, 3, 3) float64, ``sum w delta`` and
         ``sum w delta delta^T`` (uC sr meV / A and / A^2).
@@ -169,6 +176,7 @@ class BinMoments:
 
     tensor: NDArray[np.complex128]
     tensor_q2: NDArray[np.complex128]
+    tensor_x: NDArray[np.complex128]
     offset1: NDArray[np.float64]
     offset2: NDArray[np.float64]
     weight: NDArray[np.float64]
@@ -182,6 +190,7 @@ class BinMoments:
         return cls(
             tensor=np.zeros((n_bins, n_branches, n_branches), dtype=np.complex128),
             tensor_q2=np.zeros((n_bins, n_branches, n_branches), dtype=np.complex128),
+            tensor_x=np.zeros((n_bins, n_branches, n_branches), dtype=np.complex128),
             offset1=np.zeros((n_bins, 3)),
             offset2=np.zeros((n_bins, 3, 3)),
             weight=np.zeros(n_bins),
@@ -199,6 +208,7 @@ class BinMoments:
         with self._lock:
             self.tensor += _scaled(other.tensor, charge)
             self.tensor_q2 += _scaled(other.tensor_q2, charge)
+            self.tensor_x += _scaled(other.tensor_x, charge)
             self.offset1 += charge * other.offset1
             self.offset2 += charge * other.offset2
             self.weight += charge * other.weight
@@ -211,6 +221,7 @@ class BinMoments:
             return BinMoments(
                 tensor=self.tensor.copy(),
                 tensor_q2=self.tensor_q2.copy(),
+                tensor_x=self.tensor_x.copy(),
                 offset1=self.offset1.copy(),
                 offset2=self.offset2.copy(),
                 weight=self.weight.copy(),
@@ -234,6 +245,7 @@ class BinMoments:
             return BinMoments(
                 tensor=merged(self.tensor),
                 tensor_q2=merged(self.tensor_q2),
+                tensor_x=merged(self.tensor_x),
                 offset1=merged(self.offset1),
                 offset2=merged(self.offset2),
                 weight=merged(self.weight),
@@ -249,6 +261,7 @@ class BinMoments:
         return (
             self.tensor,
             self.tensor_q2,
+            self.tensor_x,
             self.offset1,
             self.offset2,
             self.weight,
@@ -265,6 +278,7 @@ class BinMoments:
             return {
                 f"{prefix}tensor": keep(self.tensor),
                 f"{prefix}tensor_q2": keep(self.tensor_q2),
+                f"{prefix}tensor_x": keep(self.tensor_x),
                 f"{prefix}offset1": keep(self.offset1),
                 f"{prefix}offset2": keep(self.offset2),
                 f"{prefix}weight": keep(self.weight),
@@ -276,12 +290,23 @@ class BinMoments:
     def from_arrays(
         cls, arrays: dict[str, NDArray[np.generic]], prefix: str = "moments_"
     ) -> BinMoments | None:
-        """Moments from :meth:`arrays` output; None when they are not there."""
+        """Moments from :meth:`arrays` output; None when they are not there. Moments
+        written before ``tensor_x`` was kept get zeros there (logged)."""
         if f"{prefix}tensor" not in arrays:
             return None
+        tensor = np.asarray(arrays[f"{prefix}tensor"], dtype=np.complex128).copy()
+        if f"{prefix}tensor_x" in arrays:
+            tensor_x = np.asarray(arrays[f"{prefix}tensor_x"], dtype=np.complex128).copy()
+        else:
+            logger.warning(
+                "moments without the in-bin positions (written by an older version): the "
+                "counts model spreads their samples evenly over each bin"
+            )
+            tensor_x = np.zeros_like(tensor)
         return cls(
-            tensor=np.asarray(arrays[f"{prefix}tensor"], dtype=np.complex128).copy(),
+            tensor=tensor,
             tensor_q2=np.asarray(arrays[f"{prefix}tensor_q2"], dtype=np.complex128).copy(),
+            tensor_x=tensor_x,
             offset1=np.asarray(arrays[f"{prefix}offset1"], dtype=np.float64).copy(),
             offset2=np.asarray(arrays[f"{prefix}offset2"], dtype=np.float64).copy(),
             weight=np.asarray(arrays[f"{prefix}weight"], dtype=np.float64).copy(),
@@ -355,6 +380,7 @@ class MomentsRing:
             out = BinMoments(
                 tensor=np.empty_like(base.tensor),
                 tensor_q2=np.empty_like(base.tensor_q2),
+                tensor_x=np.empty_like(base.tensor_x),
                 offset1=np.empty_like(base.offset1),
                 offset2=np.empty_like(base.offset2),
                 weight=np.empty_like(base.weight),
@@ -468,6 +494,9 @@ def _walk(
     # background: dOmega dE / v_f^3 in units of (ms/m)^3 so that values stay O(1)
     bg_pix = np.ascontiguousarray(samples.solid)
     bg_e = np.ascontiguousarray(de_sub / (samples.v_f * 1e-3) ** 3)
+    e_sub = len(samples.v_f) // folder.grid.n_e
+    # each energy sample's midpoint within its bin, -1 (lower edge) to 1
+    xpos = np.ascontiguousarray(((np.arange(len(samples.v_f)) % e_sub) + 0.5) * (2.0 / e_sub) - 1.0)
     moments_kernel(
         dm,
         samples.solid,
@@ -476,6 +505,7 @@ def _walk(
         samples.w_e,
         bg_e,
         samples.col,
+        xpos,
         h_inf,
         t.voxels,
         t.live,
@@ -498,6 +528,7 @@ def _walk(
         classes.n_classes,
         out.tensor,
         out.tensor_q2,
+        out.tensor_x,
         out.offset1,
         out.offset2,
         out.weight,
@@ -514,6 +545,7 @@ def moments_kernel(
     w_e: np.ndarray,  # (n_sub,) k_f/k_i dE, meV
     bg_e: np.ndarray,  # (n_sub,) dE / v_f^3
     col: np.ndarray,  # (n_sub,) energy bin
+    xpos: np.ndarray,  # (n_sub,) position in the energy bin, [-1, 1]
     h_inf: np.ndarray,  # (3,) r.l.u.
     voxels: int,
     live: np.ndarray,
@@ -536,6 +568,7 @@ def moments_kernel(
     n_classes: int,  # 1: the path's bins; else bins iq * n_classes + class
     tensor: np.ndarray,  # (n_bins, 3N, 3N) complex, added to
     tensor_q2: np.ndarray,  # (n_bins, 3N, 3N) complex, added to
+    tensor_x: np.ndarray,  # (n_bins, 3N, 3N) complex, added to
     off1: np.ndarray,  # (n_bins, 3)
     off2: np.ndarray,  # (n_bins, 3, 3)
     weight: np.ndarray,  # (n_bins,)
@@ -631,12 +664,14 @@ def moments_kernel(
                     c[3 * j + 1] = a * qy
                     c[3 * j + 2] = a * qz
                 q2 = qx * qx + qy * qy + qz * qz
+                xs = xpos[s]
                 for x in range(nb):
                     cx_conj = w * c[x].conjugate()
                     for y in range(nb):
                         term = cx_conj * c[y]
                         tensor[b, x, y] += term
                         tensor_q2[b, x, y] += q2 * term
+                        tensor_x[b, x, y] += xs * term
                 off1[b, 0] += w * ex
                 off1[b, 1] += w * ey
                 off1[b, 2] += w * ez

@@ -109,9 +109,9 @@ class _Compact:
     @classmethod
     def of(cls, m: Any) -> _Compact:
         at = np.flatnonzero((m.weight != 0) | (m.background != 0))
-        names = ("tensor", "tensor_q2", "offset1", "offset2", "weight", "background")
+        names = ("tensor", "tensor_q2", "tensor_x", "offset1", "offset2", "weight", "background")
         arrays = {k: np.ascontiguousarray(getattr(m, k)[at]) for k in names}
-        for k in ("tensor", "tensor_q2"):
+        for k in ("tensor", "tensor_q2", "tensor_x"):
             arrays[k] = arrays[k].astype(np.complex64)
         return cls(at, arrays, len(m.weight), m.n_orientations)
 

@@ -64,7 +64,7 @@ def test_replica_estimates_every_snapshot_once(broker, make_small_run, tmp_path,
     assert len(snapshots) == 5
     last = snapshots[3][1]
     bad = _with(last, moments_weight=lambda a: a[:-1])  # fewer bins than moments_index
-    branches = {f"moments_{k}": lambda a: a[:, :3, :3] for k in ("tensor", "tensor_q2")}
+    branches = {f"moments_{k}": lambda a: a[:, :3, :3] for k in ("tensor", "tensor_q2", "tensor_x")}
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=32 << 20)
     producer.send("mr_folded", value=bad, key=b"bad-shape")
     producer.send("mr_folded", value=_with(last, **branches), key=b"bad-branches")
@@ -154,8 +154,9 @@ def test_bad_snapshots_are_refused_clearly() -> None:
         decode_snapshot(buf.getvalue())
 
 
-def _small_moments_snapshot() -> bytes:
-    """A (3, 4) Ge-like snapshot with the moments (3N = 6) of 3 bins."""
+def _small_moments_snapshot(*, positions: bool = False) -> bytes:
+    """A (3, 4) Ge-like snapshot with the moments (3N = 6) of 3 bins; without
+    ``positions``, no ``moments_tensor_x`` (an older consumer's message)."""
     import io
 
     rng = np.random.default_rng(5)
@@ -175,6 +176,7 @@ def _small_moments_snapshot() -> bytes:
         moments_weight=np.array([1.0, 2.0, 3.0]),
         moments_background=np.array([0.5, 0.5, 0.5]),
         moments_n=np.array(2),
+        **({"moments_tensor_x": 0.5 * tensor} if positions else {}),
     )
     return buf.getvalue()
 
@@ -191,6 +193,13 @@ def test_moments_are_checked_and_scattered_back() -> None:
     np.testing.assert_array_equal(moments.weight, [0, 1, 0, 0, 2, 0, 0, 0, 0, 0, 0, 3])
     np.testing.assert_array_equal(moments.tensor_q2[4], 3.0 * arrays["moments_tensor"][1])
     np.testing.assert_array_equal(moments.tensor[[0, 2, 3, 5]], 0.0)
+    assert not np.any(moments.tensor_x)  # an older consumer's snapshot: no positions
+    with_x = _small_moments_snapshot(positions=True)
+    moments_x = snapshot_moments(decode_snapshot(with_x)[0])
+    assert moments_x is not None
+    np.testing.assert_array_equal(moments_x.tensor_x[4], 0.5 * arrays["moments_tensor"][1])
+    with pytest.raises(SnapshotError, match=r"moments_tensor_x \(3, 5, 5\) must be"):
+        decode_snapshot(_with(with_x, moments_tensor_x=lambda a: a[:, :5, :5]))
     without = {k: v for k, v in arrays.items() if not k.startswith("moments_")}
     assert snapshot_moments(without) is None
     bad = {

@@ -29,7 +29,17 @@ RUN = {
 BASE = {"intensity", "variance", "counts", "exposure", "mask", "meta"}
 MOMENT_KEYS = {
     f"moments_{k}"
-    for k in ("index", "tensor", "tensor_q2", "offset1", "offset2", "weight", "background", "n")
+    for k in (
+        "index",
+        "tensor",
+        "tensor_q2",
+        "tensor_x",
+        "offset1",
+        "offset2",
+        "weight",
+        "background",
+        "n",
+    )
 }
 
 

@@ -69,6 +69,15 @@ def test_tensors_are_hermitian_and_positive() -> None:
     assert np.linalg.norm(mean, axis=1).max() < 0.2
     assert np.all(m.background[used] > 0)
     assert not np.any(m.tensor[~used])
+    # the positions' tensor sum w x M, x in [-1, 1]: T + T_x and T - T_x are sums of
+    # (1 +- x) w M >= 0, so both positive; not zero (the samples are not even in a bin)
+    tx = m.tensor_x[used]
+    np.testing.assert_allclose(tx, np.conj(np.swapaxes(tx, 1, 2)), atol=1e-12 * np.abs(t).max())
+    for sign in (1.0, -1.0):
+        eig = np.linalg.eigvalsh((t + sign * tx)[:200])
+        assert eig.min() > -1e-9 * eig.max()
+    mean_x = np.trace(tx, axis1=1, axis2=2).real / np.trace(t, axis1=1, axis2=2).real
+    assert 0.01 < np.sqrt(np.mean(mean_x**2)) < 0.5
 
 
 def test_star_operations_take_star_points_back_to_their_path_point() -> None:
@@ -109,7 +118,14 @@ def test_moments_add_by_charge_and_round_trip() -> None:
     assert back is not None
     assert back.n_orientations == 1
     np.testing.assert_array_equal(back.tensor, two.tensor)
+    np.testing.assert_array_equal(back.tensor_x, two.tensor_x)
     assert BinMoments.from_arrays({}) is None
+    # moments written before the positions were kept: zeros there, the rest as written
+    older = {k: v for k, v in two.arrays().items() if k != "moments_tensor_x"}
+    old = BinMoments.from_arrays(older)
+    assert old is not None
+    assert not np.any(old.tensor_x)
+    np.testing.assert_array_equal(old.tensor_q2, two.tensor_q2)
     with pytest.raises(FoldError, match="proton charge"):
         two.add(one, float("nan"))
     with pytest.raises(FoldError, match="cannot be added"):

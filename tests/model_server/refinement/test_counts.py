@@ -47,15 +47,19 @@ def test_expected_counts_match_the_brute_force_fold() -> None:
     assert lam.sum() == pytest.approx(brute.sum(), rel=0.03)
     strong = brute > 0.05 * brute.max()
     ratio = lam[strong] / brute[strong]
-    assert np.median(np.abs(ratio - 1.0)) < 0.03
+    # (the simulator's shortcuts put S at each bin's energy centre, so it is blind to
+    # where in its bin a mode's intensity sits, which the model keeps: ~3.4 % apart)
+    assert np.median(np.abs(ratio - 1.0)) < 0.04
     assert np.mean(np.abs(ratio - 1.0) < 0.1) > 0.8
 
 
 def test_expected_counts_against_the_exact_fold_at_every_sample() -> None:
     """The independent reference: the cross-section (Euphonic-checked) diagonalised at
     every folded sample's own Q and energy, no phonon table, no super-pixels. The model
-    takes the modes at the path point and the tube's offsets to first order (about 3-4 %
-    per strong bin, docs/refinement.md); this guards that level and its lack of bias."""
+    takes the modes at the path point and the tube's offsets to first order (about 2-3 %
+    per strong bin, docs/refinement.md); this guards that level and its lack of bias, and
+    that where in their bins the modes' intensity was seen (the moments' ``tensor_x``)
+    brings the model closer (without it, ~4 %)."""
     run = ge_run()
     omega = 47.0
     stride = 8  # every 8th pixel for both: a quarter of the walk's samples
@@ -71,9 +75,15 @@ def test_expected_counts_against_the_exact_fold_at_every_sample() -> None:
     strong = ref > 0.05 * ref.max()
     assert strong.sum() > 1000
     ratio = lam[strong] / ref[strong] - 1.0
-    assert np.median(np.abs(ratio)) < 0.05
-    assert np.mean(np.abs(ratio) < 0.1) > 0.8
+    assert np.median(np.abs(ratio)) < 0.03
+    assert np.mean(np.abs(ratio) < 0.1) > 0.85
     assert abs(np.median(ratio)) < 0.01
+    evenly = moments.copy()
+    evenly.tensor_x[:] = 0.0  # every bin's samples spread evenly over the bin
+    flat = run.refiner.counts_model(evenly)
+    lam_flat = flat.evaluate(_theta(flat, run.truth), jacobian=False).expected
+    ratio_flat = lam_flat[strong] / ref[strong] - 1.0
+    assert np.median(np.abs(ratio_flat)) > np.median(np.abs(ratio)) + 0.008
 
 
 def _multiphonon_sqe(sim: GridSimulator) -> np.ndarray:
