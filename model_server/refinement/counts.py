@@ -1367,6 +1367,7 @@ def _line_shapes(
     yl = np.zeros(6)
     yg = np.zeros(6)
     parts = np.zeros(5)
+    sc = np.zeros(14)  # the element's scalars, as :func:`_line` reads them
     for j in range(n):
         ej, mj, tj, nbj = e[j], mu[j], tau2[j], nb[j]
         sigma = math.sqrt(max((r * sres[j]) ** 2 + tj, 1e-12))
@@ -1383,27 +1384,10 @@ def _line_shapes(
             _bin_gauss(gg, flat, at + 3, reuse, lo[j], lo[j] + de, -ej - mj, sigma, de, order)
         else:
             gg[:] = 0.0
-        h[j] = _line_parts(gl, gg, ej, mj, tj, nbj, c0, c1, c2, sigma, inv_e, pref)
+        sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6] = ej, mj, tj, nbj, dnb[j], sres[j], dsres[j]
+        sc[7], sc[8], sc[9], sc[10], sc[11], sc[12], sc[13] = r, c0, c1, c2, sigma, inv_e, pref
+        h[j] = _line(parts, gl, gg, sc, derivatives)
         if derivatives:
-            _line_derivatives(
-                parts,
-                gl,
-                gg,
-                ej,
-                mj,
-                tj,
-                nbj,
-                dnb[j],
-                sres[j],
-                dsres[j],
-                r,
-                c0,
-                c1,
-                c2,
-                sigma,
-                inv_e,
-                pref,
-            )
             d_e[j], d_mu[j], d_t[j], d_r[j] = parts[1], parts[2], parts[3], parts[4]
         if not positions:
             continue
@@ -1413,81 +1397,34 @@ def _line_shapes(
             _positioned(yg, gg, -ej - mj, mid, sigma, de, order)
         else:
             yg[:] = 0.0
-        hx[j] = _line_parts(yl, yg, ej, mj, tj, nbj, c0, c1, c2, sigma, inv_e, pref)
+        hx[j] = _line(parts, yl, yg, sc, derivatives)
         if derivatives:
-            _line_derivatives(
-                parts,
-                yl,
-                yg,
-                ej,
-                mj,
-                tj,
-                nbj,
-                dnb[j],
-                sres[j],
-                dsres[j],
-                r,
-                c0,
-                c1,
-                c2,
-                sigma,
-                inv_e,
-                pref,
-            )
             x_e[j], x_mu[j], x_t[j], x_r[j] = parts[1], parts[2], parts[3], parts[4]
     return h, d_e, d_mu, d_t, d_r, hx, x_e, x_mu, x_t, x_r
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _line_parts(
+def _line(
+    parts: NDArray[np.float64],
     gl: NDArray[np.float64],
     gg: NDArray[np.float64],
-    ej: float,
-    mj: float,
-    tj: float,
-    nbj: float,
-    c0: float,
-    c1: float,
-    c2: float,
-    sigma: float,
-    inv_e: float,
-    pref: float,
+    sc: NDArray[np.float64],
+    derivatives: bool,
 ) -> float:
     """The line ``pref / e [(n + 1) loss + n gain]`` of the loss and gain brackets
     ``c0 g0 + c1 g1 + c2 g2`` and ``c0 g0 - c1 g1 + c2 g2`` of ``gl`` and ``gg`` (a
     Gaussian's bin averages and their derivatives by the centre, or the same weighted by
-    the position in the bin)."""
-    loss = c0 * gl[0] + c1 * gl[1] + c2 * gl[2]
-    gain = c0 * gg[0] - c1 * gg[1] + c2 * gg[2]
-    return pref * inv_e * ((nbj + 1.0) * loss + nbj * gain)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _line_derivatives(
-    parts: NDArray[np.float64],
-    gl: NDArray[np.float64],
-    gg: NDArray[np.float64],
-    ej: float,
-    mj: float,
-    tj: float,
-    nbj: float,
-    dnbj: float,
-    sres: float,
-    dsres: float,
-    r: float,
-    c0: float,
-    c1: float,
-    c2: float,
-    sigma: float,
-    inv_e: float,
-    pref: float,
-) -> None:
-    """``parts[1:5]``: the derivatives by ``e``, ``mu``, ``tau2`` and ``r`` of
-    :func:`_line_parts`' line."""
-    i2 = inv_e * inv_e
+    the position in the bin); with ``derivatives``, ``parts[1:5]`` its derivatives by
+    ``e``, ``mu``, ``tau2`` and ``r``. ``sc``: the element's ``e, mu, tau2, n, dn/de,
+    sigma_res, dsigma_res/de, r, c0, c1, c2, sigma, 1/e, pref``."""
+    mj, tj, nbj, dnbj, sres, dsres = sc[1], sc[2], sc[3], sc[4], sc[5], sc[6]
+    r, c0, c1, c2, sigma, inv_e, pref = sc[7], sc[8], sc[9], sc[10], sc[11], sc[12], sc[13]
     loss = c0 * gl[0] + c1 * gl[1] + c2 * gl[2]
     gain = c0 * gg[0] - c1 * gg[1] + c2 * gg[2]
     prof = (nbj + 1.0) * loss + nbj * gain
+    if not derivatives:
+        return pref * inv_e * prof
+    i2 = inv_e * inv_e
     # partials of the loss bracket by its centre and width, and by c0, c1, c2
     l_c = c0 * gl[1] + c1 * gl[2] + c2 * gl[3]
     l_s = sigma * (c0 * gl[2] + c1 * gl[3] + c2 * gl[4])
@@ -1515,3 +1452,4 @@ def _line_derivatives(
         * (p_c + p_s * ds_de + p_c0 * dc0_de + p_c1 * dc1_de + p_c2 * dc2_de + (loss + gain) * dnbj)
         - pref * i2 * prof
     )
+    return pe * prof
