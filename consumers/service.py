@@ -55,7 +55,7 @@ __all__ = ["ConsumerService"]
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.npz"
-#: the run's moments beside the checkpoint (they are ~90 MB for Ge's zone classes, and
+#: the run's moments beside the checkpoint (they are ~135 MB for Ge's zone classes, and
 #: depend on the orientations' angles alone): written off the snapshots' path after each
 #: checkpoint, tagged with the run and the orientations they cover
 MOMENTS = "moments.npz"

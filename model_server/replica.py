@@ -262,6 +262,11 @@ def snapshot_moments(arrays: Mapping[str, np.ndarray]) -> BinMoments | None:
     for name in MOMENT_FIELDS + OPTIONAL_MOMENT_FIELDS:
         if f"moments_{name}" in arrays:
             getattr(out, name)[index] = arrays[f"moments_{name}"]
+        elif name == "tensor_x":
+            logger.warning(
+                "snapshot moments without the in-bin positions (an older consumer's): the "
+                "counts model spreads their samples evenly over each bin"
+            )
     out.n_orientations = int(arrays["moments_n"])
     return out
 

@@ -100,7 +100,7 @@ class _EstimateWorker:
     the consumer goes on folding while a snapshot is fitted.
 
     Jobs run in the order they came. With ``latest``, a snapshot whose run has a newer
-    snapshot waiting is *superseded*: its moments are dropped at once (~90 MB for Ge's
+    snapshot waiting is *superseded*: its moments are dropped at once (~135 MB for Ge's
     zone classes) and its job gets :attr:`_Job.superseded_by` (the service then gives it
     the VAE's estimate, flagged, and no fit), so the newest snapshot is refined as soon as
     the fit in progress ends instead of after every older one.

@@ -27,14 +27,14 @@ hundred bytes), which is what the replicas' likelihood refinement needs, and
 which is what the advisor of ``steer serve --follow-replicas`` needs for its candidates.
 The ``moments_*`` arrays (:class:`consumers.reduction.moments.BinMoments`, only the ``n_m``
 bins of weight > 0) are there only when the consumer took moments for the run; for Ge
-(200 x 100 bins, 3N = 6) they make the message about 13 MB from the first orientations on
+(200 x 100 bins, 3N = 6) they make the message about 20 MB from the first orientations on
 (nearly every bin is reached at once), against about 0.3 MB without them. A message that
 would exceed :data:`MAX_SNAPSHOT_PAYLOAD` is published without its moments (logged).
 
 A run split by zone class (:attr:`~consumers.reduction.accumulate.Snapshot.class_counts`)
 adds ``class_counts`` and ``n_classes`` (``meta``), and its moments are on the classes'
 grid (flat bins ``(q * n_c + c) * n_E + E``): about n_c times the moments' bytes (Ge,
-four classes: 35-45 MB from the first orientations on). When that exceeds the limit, the
+four classes: 50-65 MB from the first orientations on). When that exceeds the limit, the
 run's messages carry the path's moments (the classes' sum) from then on, and the replicas
 refine the path (warned once a run). ``steer consume`` folds on the path alone; the split
 is ``steer serve``'s, whose refinement runs in-process.

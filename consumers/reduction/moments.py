@@ -16,6 +16,10 @@ are known gives, per bin,
   j's isotropic Debye-Waller exponent (``W_j = b_j |Q|^2``) changes the atom blocks
   (j, k) of T by ``-(db_j + db_k) T2``, so the refinement follows the Debye-Waller
   factors of the force constants it tries;
+* ``Tx_b = sum w x M(Q')``, ``x`` in [-1, 1] the sample's energy within its bin: where in
+  the bin each mode's intensity was seen, once contracted with the mode's eigenvector
+  (the cells of a bin come from zones of different structure factors at different
+  energies within it);
 * ``d1_b = sum w delta`` and ``d2_b = sum w delta delta^T`` (1/Angstrom, Cartesian, in the
   path point's frame): the offsets of the cells from the path point, which broaden and
   shift a dispersive mode (its energy at the cell is ``E_m + v_m . delta``);
@@ -73,7 +77,7 @@ logger = logging.getLogger(__name__)
 #: No split: the path's bins.
 ONE_CLASS = ZoneClasses(period=1, table=np.zeros(1, dtype=np.int64), n_classes=1)
 
-#: Orientations' moments kept in memory per process (about 15 MB each for Ge).
+#: Orientations' moments kept in memory per process (about 22 MB each for Ge).
 MOMENT_CACHE_SIZE = 8
 
 
@@ -128,7 +132,7 @@ _SCRATCH = threading.local()
 
 def _scaled(a: NDArray[Any], charge: float) -> NDArray[Any]:
     """``charge * a`` (the same values) in a buffer of the calling thread, reused by its next
-    call: a fresh array of the size of a run's moment tensors (~46 MB for Ge's zone classes)
+    call: a fresh array of the size of a run's moment tensors (~46 MB each for Ge's zone classes)
     costs ~0.1 s of page faults per orientation on a virtual machine. Valid until the
     thread's next call."""
     buffers: dict[tuple[tuple[int, ...], str], NDArray[Any]] = _SCRATCH.__dict__.setdefault(
@@ -318,7 +322,7 @@ class BinMoments:
 class MomentsRing:
     """A run's moments after each orientation as new sets, in recycled buffers.
 
-    A live run's moments (~90 MB for Ge's zone classes) were added in place, so that every
+    A live run's moments (~135 MB for Ge's zone classes) were added in place, so that every
     snapshot had to copy them (~0.15 s per orientation). :meth:`plus` instead writes the
     sum of the run's moments and an orientation's into another set and leaves the old one
     as it is: the snapshot keeps the new set itself, and nothing in it changes again. A
@@ -495,7 +499,8 @@ def _walk(
     bg_pix = np.ascontiguousarray(samples.solid)
     bg_e = np.ascontiguousarray(de_sub / (samples.v_f * 1e-3) ** 3)
     e_sub = len(samples.v_f) // folder.grid.n_e
-    # each energy sample's midpoint within its bin, -1 (lower edge) to 1
+    # each energy sample's midpoint within its bin, -1 (lower edge) to 1: the samples of
+    # Folder.coverage_samples come e_sub to a bin, at rising energies
     xpos = np.ascontiguousarray(((np.arange(len(samples.v_f)) % e_sub) + 0.5) * (2.0 / e_sub) - 1.0)
     moments_kernel(
         dm,

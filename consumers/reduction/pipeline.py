@@ -1052,7 +1052,7 @@ class RunPipeline:
         if self.split is not None:
             arrays["class_counts"] = self.split.counts
             arrays["class_exposure"] = self.split.exposure
-        # the moments (~90 MB for Ge's zone classes) are not in it: they depend on the
+        # the moments (~135 MB for Ge's zone classes) are not in it: they depend on the
         # orientations' angles alone, so the consumer writes them beside the checkpoint off
         # the snapshots' path, and :meth:`restore` adds again what that file lacks
         if self._nexus_text is not None:  # the set-up's source, to be read again on restore

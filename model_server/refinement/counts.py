@@ -894,6 +894,7 @@ class CountsModel:
         r: float,
         *,
         derivatives: bool = False,
+        positions: bool = False,
     ) -> Any:
         """``h``: the cross-section factor of a mode of energy ``e`` (meV) in each bin,
         whose cells' energies are offset by ``u`` of mean ``mu`` and variance ``tau2``
@@ -913,12 +914,14 @@ class CountsModel:
 
         With ``derivatives``, returns ``(h, dh/de, dh/dmu, dh/dtau2, dh/dr)`` (analytic:
         a Gaussian's derivative by its width is ``sigma`` times its second derivative by
-        its centre).
+        its centre). With ``positions``, the same of ``k``: the line weighted by the
+        position ``x`` in [-1, 1] within its bin (:func:`_line_shapes`).
         """
         e, mu, tau2, lo = np.broadcast_arrays(e, mu, tau2, self._e_lo)
         at = np.nonzero(e > 0)  # no mode, no weight: h and its derivatives are 0 there
         near = _Near(shape=e.shape, at=at, e=e[at], mu=mu[at], tau2=tau2[at], lo=lo[at])
-        return near.dense(self._profile_at(near, r, derivatives=derivatives))
+        parts = self._profile_at(near, r, derivatives=derivatives, positions=positions)
+        return near.dense(parts[len(parts) // 2 :] if positions else parts)
 
     def _profile_at(
         self,
@@ -1294,7 +1297,7 @@ def _bin_gauss(
             he_lo, he_hi = z_lo * z_lo - 1.0, z_hi * z_hi - 1.0
         elif n == 4:
             he_lo, he_hi = z_lo * (z_lo * z_lo - 3.0), z_hi * (z_hi * z_hi - 3.0)
-        else:
+        else:  # n == 5, the highest order asked for
             z2_lo, z2_hi = z_lo * z_lo, z_hi * z_hi
             he_lo, he_hi = z2_lo * (z2_lo - 6.0) + 3.0, z2_hi * (z2_hi - 6.0) + 3.0
         out[n] = (he_lo * p_lo - he_hi * p_hi) / scale

@@ -36,7 +36,7 @@ by solid angle, flat in time of flight over ``[t(1.5 Ei), t(0.05 Ei)]``) on the 
 background shape (checked against folded simulated events by the tests).
 
 The cumulative moments of the levels are cached on disk under
-:func:`consumers.reduction.table.table_cache_dir` (``moments/``, 25 MB a level on the Ge
+:func:`consumers.reduction.table.table_cache_dir` (``moments/``, 36 MB a level on the Ge
 grid, not pruned: remove the folder to free it), keyed by the folder's signature, the
 structure constants, the moments' code and the angles; the whole README run's 120
 orientations take about a minute to compute.

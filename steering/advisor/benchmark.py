@@ -136,7 +136,7 @@ class BenchmarkSetup:
     """What every run of the benchmark shares: the refiner, the candidates' moments (on
     the bins each reaches), the expected-counts models (unit charge) of the planner's nodes,
     the target. A candidate's model that is not a node's is made again when it is needed
-    (:meth:`model_at`): on zone classes every model holds ~100 MB, and all 60 of them with
+    (:meth:`model_at`): on zone classes every model holds ~145 MB, and all 60 of them with
     their moments took more than 12 GB."""
 
     refiner: Any

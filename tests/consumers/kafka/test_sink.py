@@ -55,6 +55,7 @@ def _snapshot(with_moments: bool) -> Snapshot:
         sel = exposure.ravel() > 0
         moments.tensor[sel] = rng.normal(size=(5, 6, 6)) + 1j * rng.normal(size=(5, 6, 6))
         moments.tensor_q2[sel] = 2.0 * moments.tensor[sel]
+        moments.tensor_x[sel] = -0.25 * moments.tensor[sel]
         moments.offset1[sel] = rng.normal(size=(5, 3))
         moments.offset2[sel] = rng.normal(size=(5, 3, 3))
         moments.weight[:] = exposure.ravel()

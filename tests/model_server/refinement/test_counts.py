@@ -231,8 +231,11 @@ def test_clear_errors() -> None:
         model.evaluate(np.zeros(3))
 
 
+@pytest.mark.parametrize("positions", [False, True])
 @pytest.mark.parametrize("temperature", [5.0, 300.0])
-def test_profile_derivatives_are_analytic_and_right(temperature: float) -> None:
+def test_profile_derivatives_are_analytic_and_right(temperature: float, positions: bool) -> None:
+    """The line and (``positions``) the line weighted by the position in its bin: their
+    analytic derivatives against central differences."""
     run = ge_run()
     model = run.refiner.model(ge_moments((10.0,)))
     model.temperature = temperature
@@ -242,14 +245,15 @@ def test_profile_derivatives_are_analytic_and_right(temperature: float) -> None:
     mu = rng.normal(0.0, 0.5, shape)
     tau2 = rng.uniform(0.0, 1.5, shape)
     r = 1.1
-    _, *analytic = model._profile(e, mu, tau2, r, derivatives=True)
+    value, *analytic = model._profile(e, mu, tau2, r, derivatives=True, positions=positions)
+    assert np.abs(value).max() > 0
     for i, name in enumerate(("e", "mu", "tau2", "r")):
         args = {"e": e, "mu": mu, "tau2": tau2, "r": r}
         step = 1e-5 * (1.0 if name != "tau2" else 0.1)
         args[name] = args[name] + step
-        up = model._profile(**args)
+        up = model._profile(**args, positions=positions)
         args[name] = args[name] - 2 * step
-        down = model._profile(**args)
+        down = model._profile(**args, positions=positions)
         fd = (up - down) / (2 * step)
         scale = np.abs(fd).max()
         assert np.abs(analytic[i] - fd).max() < 1e-4 * scale, name
@@ -277,7 +281,7 @@ for refiner in (run.refiner, split):
     refiner.warm_up()
     assert list(moments_module._CACHE) == cached  # the run's moments keep every slot
     before = {n: set(k.signatures) for n, k in kernels.items()}
-    assert sum(bool(v) for v in before.values()) >= 4, before  # one is inlined into them
+    assert sum(bool(v) for v in before.values()) >= 4, before  # the inlined ones live in them
     moments = orientation_moments(run.folder, refiner.constants, 10.0, classes=refiner.classes)
     model = refiner.model(moments, at=run.truth)
     _, counts = replica_counts(model, model.theta(run.truth), np.random.default_rng(3))
