@@ -191,6 +191,7 @@ class ModeBases:
     def __init__(self, basis: FCBasis) -> None:
         self.basis = basis
         self._kept: dict[bytes, tuple[NDArray[np.complex128], NDArray[np.complex128]]] = {}
+        self._hessians: dict[bytes, NDArray[np.complex128]] = {}
         self._mesh: tuple[NDArray[np.complex128], NDArray[np.float64]] | None = None
 
     def at(
@@ -211,6 +212,18 @@ class ModeBases:
             np.stack([d for d, _ in pairs], axis=1),
             np.stack([g for _, g in pairs], axis=1),
         )
+
+    def hessian(self, qpoints: NDArray[np.float64]) -> NDArray[np.complex128]:
+        """(k, n, 9, m, m) ``d^2 D_k / dQ_a dQ_b`` (``a b`` flattened, Cartesian, 1/A^2) at
+        ``qpoints`` ((n, 3), r.l.u.; :func:`dynamical_hessian`)."""
+        q = np.ascontiguousarray(qpoints, dtype=float)
+        keys = [row.tobytes() for row in q]
+        new = [i for i, key in enumerate(keys) if key not in self._hessians]
+        if new:
+            hess = dynamical_hessian(self.basis, q[new])
+            for j, i in enumerate(new):
+                self._hessians[keys[i]] = hess[:, j]
+        return np.stack([self._hessians[key] for key in keys], axis=1)
 
     def mesh(self) -> tuple[NDArray[np.complex128], NDArray[np.float64]]:
         """``(D_k (k, n_half, m, m), weights (n_half,))``: the basis on one of each pair
@@ -254,6 +267,194 @@ def dynamical_gradient(basis: FCBasis, qpts: NDArray[np.float64]) -> NDArray[np.
     return np.stack(out, axis=2)
 
 
+def dynamical_hessian(basis: FCBasis, qpts: NDArray[np.float64]) -> NDArray[np.complex128]:
+    """(k, n, 9, m, m) d^2 D_k / dQ_a dQ_b (Cartesian, 1/A^2; ``a b`` flattened) at ``qpts``
+    ((n, 3), r.l.u.) by central differences (step 1e-3 1/A: the truncation error is
+    ``(h r)^2 / 12`` relative, about 1e-6 for the 5th neighbours of Ge)."""
+    h = 1e-3  # 1/A
+    inv = np.linalg.inv(basis.crystal.reciprocal_lattice)
+    at = basis.dynamical_basis(qpts)
+    k, n, m, _ = at.shape
+    out = np.empty((k, n, 3, 3, m, m), dtype=complex)
+    for a in range(3):
+        sa = h * inv[a]
+        out[:, :, a, a] = (
+            basis.dynamical_basis(qpts + sa) - 2.0 * at + basis.dynamical_basis(qpts - sa)
+        ) / (h * h)
+        for b in range(a + 1, 3):
+            sb = h * inv[b]
+            mixed = (
+                basis.dynamical_basis(qpts + sa + sb)
+                - basis.dynamical_basis(qpts + sa - sb)
+                - basis.dynamical_basis(qpts - sa + sb)
+                + basis.dynamical_basis(qpts - sa - sb)
+            ) / (4.0 * h * h)
+            out[:, :, a, b] = mixed
+            out[:, :, b, a] = mixed
+    return out.reshape(k, n, 9, m, m)
+
+
+@dataclass(frozen=True, slots=True)
+class _Bend:
+    """The branches' curvature across the tube at the distinct q-points (u) of a forward
+    pass (:func:`_curvature`): ``w`` (u, 9, m) meV A^2, the line centre's second-order
+    shift per unit second moment of the offsets, and what its derivative reuses."""
+
+    w: NDArray[np.float64]  # (u, 9, m)
+    d2e: NDArray[np.complex128]  # (u, 9, m, n): e_m^H d2D/dQ_a dQ_b e_n
+    pair: NDArray[np.float64]  # (u, 9, m, n): Re(B_a,mn B_b,nm)
+    inv_geff: NDArray[np.float64]  # (u, m, n): 1 / g_eff, 0 within a degenerate cluster
+    root: NDArray[np.float64]  # (u, m, n): sqrt(g^2 / 4 + X)
+    gap: NDArray[np.float64]  # (u, m, n): lambda_m - lambda_n
+    lam2: NDArray[np.float64]  # (u, 9, m): the cluster mean of d2lambda / 2
+    vv: NDArray[np.float64]  # (u, 9, m): v_a v_b
+    k9: NDArray[np.float64]  # (u, 9, m): the degenerate splitting K
+
+
+def _curvature(
+    d2dyn: NDArray[np.complex128],
+    c: NDArray[np.float64],
+    vec: NDArray[np.complex128],
+    vh: NDArray[np.complex128],
+    lam: NDArray[np.float64],
+    cluster: NDArray[np.int64],
+    avg: NDArray[np.float64],
+    bq: NDArray[np.complex128],
+    half_inv: NDArray[np.float64],
+    vel: NDArray[np.float64],
+    energy: NDArray[np.float64],
+    ok: NDArray[np.bool_],
+    split: NDArray[np.float64],
+    sbar: float,
+) -> _Bend:
+    """The mean second-order shift of each mode's energy across the folding tube, per unit
+    second moment ``S = <delta delta^T>`` of the cells' offsets: ``<E(q + delta)> - E(q) -
+    v . <delta> = W : S`` with
+
+        W_m = dE/dlambda Lambda_m - (v_m v_m^T + (dE/dlambda)^2 K_m) / (2 E_m),
+        Lambda_m = e_m^H D_ab e_m / 2 + sum_{n not in C(m)} Re(B_a,mn B_b,nm) / g_eff,mn
+
+    (cluster-averaged over the degenerate cluster C(m); ``D_ab`` the dynamical matrix's
+    second derivatives by Q (``d2dyn`` (k, u, 9, m, m) contracted with the coefficients
+    ``c``), ``B_a = e^H dD/dQ_a e`` (``bq``), ``K`` the degenerate splitting of
+    :meth:`CountsModel._splitting`): second-order perturbation theory for the
+    eigenvalue, and the square root's own curvature. Near-degenerate pairs would make
+    ``1 / (lambda_m - lambda_n)`` blow up where the expansion no longer holds across the
+    tube; ``g_eff = g / 2 + sign(g) sqrt(g^2 / 4 + X)`` with ``X = sbar sum_a |B_a,mn|^2``
+    (``sbar`` the tube's mean square offset per direction, 1/A^2) is ``g`` where the pair
+    is far apart and gives the two-level problem's exact shift at the tube's typical
+    offset where it is not (``X`` averaged over the two modes' clusters)."""
+    n_u, m = lam.shape
+    d2 = np.tensordot(c, d2dyn, 1)  # (u, 9, m, m)
+    d2e = vh[:, None] @ d2 @ vec[:, None]  # (u, 9, m, n)
+    lin = 0.5 * np.einsum("uamm->uam", d2e).real
+    pair = np.einsum("uamn,ubnm->uabmn", bq, bq).real.reshape(n_u, 9, m, m)
+    gap = lam[:, :, None] - lam[:, None, :]
+    other = cluster[:, :, None] != cluster[:, None, :]
+    # X averaged over both modes' clusters (avg X avg^T): invariant under the arbitrary
+    # choice of eigenvectors within a degenerate cluster, as the cluster sums are
+    x = sbar * avg @ np.sum(np.abs(bq) ** 2, axis=1) @ np.swapaxes(avg, 1, 2)
+    root = np.sqrt(0.25 * gap * gap + x)
+    geff = 0.5 * gap + np.sign(gap) * root
+    inv_geff = np.where(other, 1.0 / np.where(other, geff, 1.0), 0.0)
+    lam2 = np.einsum("uam,unm->uan", lin + np.einsum("uamn,umn->uam", pair, inv_geff), avg)
+    vv = np.einsum("uam,ubm->uabm", vel, vel).reshape(n_u, 9, m)
+    k9 = split.reshape(n_u, 9, m)
+    e_safe = np.where(ok, energy, 1.0)[:, None, :]
+    hi = half_inv[:, None, :]
+    w = np.where(ok[:, None, :], hi * lam2 - (vv + hi * hi * k9) / (2.0 * e_safe), 0.0)
+    return _Bend(
+        w=np.ascontiguousarray(w),
+        d2e=d2e,
+        pair=pair,
+        inv_geff=inv_geff,
+        root=root,
+        gap=gap,
+        lam2=lam2,
+        vv=vv,
+        k9=k9,
+    )
+
+
+def _curvature_derivative(
+    bend: _Bend,
+    d2dyn_rows: NDArray[np.float64],
+    ddyn: NDArray[np.complex128],
+    vec: NDArray[np.complex128],
+    vh: NDArray[np.complex128],
+    y_k: NDArray[np.complex128],
+    inv_gap: NDArray[np.float64],
+    dlam: NDArray[np.float64],
+    avg: NDArray[np.float64],
+    bq: NDArray[np.complex128],
+    half_inv: NDArray[np.float64],
+    inv_lam: NDArray[np.float64],
+    energy: NDArray[np.float64],
+    ok: NDArray[np.bool_],
+    vel: NDArray[np.float64],
+    dvel: NDArray[np.float64],
+    de_dc: NDArray[np.float64],
+    sbar: float,
+) -> NDArray[np.float64]:
+    """(u, m, 9, k) dW/dc_k of :func:`_curvature`'s ``W``: first-order perturbation theory
+    for the eigenvectors (``e_m' = sum_{l not in C(m)} e_l Y_k,lm / (lambda_m -
+    lambda_l)``, ``y_k`` (k, u, m, n) ``e_m^H D_k e_n``, ``inv_gap`` (u, m, n) ``1 /
+    (lambda_m - lambda_n)``, 0 within a cluster), so that an operator's elements change
+    by ``A_k + C^H A + A C``; ``dlam`` (k, u, m), ``dvel`` (k, u, 3, m) and ``de_dc``
+    (u, m, k) as the Jacobian has them. The degenerate splitting's own change (``dK``)
+    is left out, as in the line's width."""
+    k, n_u = y_k.shape[0], y_k.shape[1]
+    m = vec.shape[1]
+    cmat = y_k * np.swapaxes(inv_gap, 1, 2)[None]  # C_k[l, m] = Y_k,lm / (lambda_m - lambda_l)
+    cmat_h = np.conj(np.swapaxes(cmat, 2, 3))
+    # d(e_m^H D_ab e_m) / 2: the basis's own second derivatives and the eigenvectors' change
+    # (2 Re sum_l conj(C_lm) (D_ab)_lm, halved)
+    dmean = 0.5 * _diagonal(d2dyn_rows, vec).reshape(k, 9, n_u, m).swapaxes(1, 2)
+    # as one real product per (u, m): Re(conj(C) D) = Re C Re D + Im C Im D over l
+    c_um = np.transpose(cmat, (1, 3, 0, 2))  # (u, m, k, l)
+    d_um = np.transpose(bend.d2e, (0, 3, 2, 1))  # (u, m, l, 9)
+    both = np.concatenate([c_um.real, c_um.imag], axis=3) @ np.concatenate(
+        [d_um.real, d_um.imag], axis=2
+    )  # (u, m, k, 9)
+    dmean += np.transpose(both, (2, 0, 3, 1))
+    # dB_a,mn = e_m^H dD_a,k e_n + (C^H B_a + B_a C)_mn
+    db = vh[None, :, None] @ ddyn @ vec[None, :, None]  # (k, u, 3, m, n)
+    db += cmat_h[:, :, None] @ bq[None] + bq[None] @ cmat[:, :, None]
+    # d sum_n Re(B_a,mn B_b,nm) / g_eff,mn = F_ab + F_ba, F_ab = Re sum_n dB_a,mn B_b,nm /
+    # g_eff,mn (B and dB Hermitian), less sum_n pair_ab,mn dg_eff,mn / g_eff,mn^2
+    gb = np.swapaxes(bq, 2, 3) * bend.inv_geff[:, None]  # (u, 3, m, n): B_b,nm / g_eff,mn
+    # F per (u, m) as one product: (k a, n) @ (n, b), real part
+    db_um = np.transpose(db, (1, 3, 0, 2, 4)).reshape(n_u, m, 3 * k, m)  # (u, m, k a, n)
+    gb_um = np.transpose(gb, (0, 2, 3, 1))  # (u, m, n, b)
+    f = (db_um.real @ gb_um.real - db_um.imag @ gb_um.imag).reshape(n_u, m, k, 3, 3)
+    f = np.transpose(f, (2, 0, 3, 4, 1))  # (k, u, a, b, m)
+    dmean += (f + np.swapaxes(f, 2, 3)).reshape(k, n_u, 9, m)
+    dx = 2.0 * sbar * np.sum(np.conj(bq)[None] * db, axis=2).real  # (k, u, m, n)
+    dx = avg[None] @ dx @ np.swapaxes(avg, 1, 2)[None]
+    dgap = dlam[:, :, :, None] - dlam[:, :, None, :]  # (k, u, m, n)
+    root = np.where(bend.root > 0, bend.root, 1.0)
+    dgeff = 0.5 * dgap + np.sign(bend.gap) * (0.5 * bend.gap * dgap + dx) / (2.0 * root)
+    z = np.moveaxis(dgeff * bend.inv_geff**2, 0, -1)  # (u, m, n, k)
+    # sum_n pair[u, ab, m, n] z[u, m, n, k] as one product per (u, m): (u, m, 9, k)
+    dmean -= np.moveaxis(np.swapaxes(bend.pair, 1, 2) @ z, -1, 0).swapaxes(2, 3)
+    dlam2 = np.einsum("kuam,unm->kuan", dmean, avg)
+    hi = half_inv[None, :, None, :]  # (1, u, 1, m)
+    dhi = (-0.5 * half_inv[None] * dlam * inv_lam[None])[:, :, None, :]  # (k, u, 1, m)
+    de = np.moveaxis(de_dc, 2, 0)[:, :, None, :]  # (k, u, 1, m)
+    e_safe = np.where(ok, energy, 1.0)[None, :, None, :]
+    dvv = (dvel[:, :, :, None] * vel[None, :, None]).reshape(k, n_u, 9, m)
+    dvv = dvv + np.swapaxes(dvv.reshape(k, n_u, 3, 3, m), 2, 3).reshape(k, n_u, 9, m)
+    top = bend.vv[None] + hi * hi * bend.k9[None]
+    dw = (
+        dhi * bend.lam2[None]
+        + hi * dlam2
+        - (dvv + 2.0 * hi * dhi * bend.k9[None]) / (2.0 * e_safe)
+        + top * de / (2.0 * e_safe * e_safe)
+    )
+    dw = np.where(ok[None, :, None, :], dw, 0.0)
+    return np.ascontiguousarray(np.transpose(dw, (1, 3, 2, 0)))  # (u, m, 9, k)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Forward:
     """What :meth:`CountsModel.evaluate`'s forward pass keeps for the Jacobian: per
@@ -280,6 +481,7 @@ class _Forward:
     left_x: NDArray[np.complex128]  # (n_near, m): e_m^H T_x (3 sum w x M, the positions)
     a_x: NDArray[np.float64]  # (n_near,): e_m^H T_x e_m
     base: NDArray[np.float64]  # (n_near, _BASE_TERMS): the line shapes' transcendentals
+    bend: _Bend | None  # the branches' curvature across the tube (None: left out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +590,7 @@ class CountsModel:
         extra: NDArray[np.float64] | None = None,
         correction: NDArray[np.float64] | None = None,
         bases: ModeBases | None = None,
+        curvature: bool = True,
     ) -> None:
         n_q, n_e = grid.shape
         if moments.weight.shape != (n_q * n_e,):
@@ -501,6 +704,11 @@ class CountsModel:
         #: (n_u, 3 k, 2 m^2) the Q gradients' bases as real rows: the diagonal elements
         #: e_m^H dD_k/dQ_a e_m of all k and a in one real product per q-point (_diagonal).
         self._ddyn_rows = _real_rows(self._ddyn)
+        #: the branches' curvature across the tube: d^2 D_k/dQ_a dQ_b (k, n_u, 9, m, m), and
+        #: the tube's mean square offset per direction (1/A^2, a uniform disc of its radius)
+        self._d2dyn = bases.hessian(distinct) if curvature else None
+        self._d2dyn_rows = None if self._d2dyn is None else _real_rows(self._d2dyn)
+        self._sbar = 0.25 * float(tolerance) ** 2
         self._last: tuple[bytes, _Forward] | None = None
         self._dw_last: (
             tuple[bytes, NDArray[np.float64], NDArray[np.complex128], NDArray[np.float64]] | None
@@ -665,6 +873,26 @@ class CountsModel:
         split = self._splitting(bq, same)  # (u, a, b, m)
         half_inv = np.where(ok, _TO_MEV / (2.0 * np.sqrt(lam_safe)), 0.0)  # dE/dlambda
         vel = vlam * half_inv[:, None, :]  # (u, 3, m) meV A
+        bend = (
+            None
+            if self._d2dyn is None
+            else _curvature(
+                self._d2dyn,
+                c,
+                vec,
+                vh,
+                lam,
+                cluster,
+                avg,
+                bq,
+                half_inv,
+                vel,
+                energy,
+                ok,
+                split,
+                self._sbar,
+            )
+        )
         # the (bin, mode) elements near their line, with the line's centre shift and width
         # from the tube: mu = v.<delta>, tau2 = v^T (Cov(delta) + eta^2) v plus the
         # degenerate modes' splitting across it, E[delta^T K delta] (dE/dlambda)^2
@@ -692,6 +920,7 @@ class CountsModel:
                 _TAIL_Z,
                 self._point_q,
                 self._bin_bounds,
+                np.zeros((len(lam), 9, lam.shape[1])) if bend is None else bend.w,
             ),
             point_q=self._point_q,
             per_mode=(sres, dsres, nb, dnb),
@@ -750,6 +979,7 @@ class CountsModel:
             left_x=left_x,
             a_x=a_x,
             base=base,
+            bend=bend,
         )
 
     def _jacobian(self, theta: NDArray[np.float64], fw: _Forward) -> NDArray[np.float64]:
@@ -809,6 +1039,30 @@ class CountsModel:
         jac[:, :k] = 0.0
         zr, zi = np.ascontiguousarray(zt.real), np.ascontiguousarray(zt.imag)
         dvel_t = np.ascontiguousarray(np.transpose(dvel, (1, 3, 2, 0)))  # (u, m, 3, k)
+        if fw.bend is None:
+            dcurv = np.zeros((0, 1, 9, k))
+        else:
+            assert self._d2dyn_rows is not None
+            dcurv = _curvature_derivative(
+                fw.bend,
+                self._d2dyn_rows,
+                self._ddyn,
+                vec,
+                vh,
+                y_k,
+                inv_gap,
+                dlam,
+                avg,
+                bq,
+                half_inv,
+                inv_lam,
+                np.where(fw.ok, _TO_MEV * np.sqrt(fw.lam_safe), 0.0),
+                fw.ok,
+                vel,
+                dvel,
+                de_dc,
+                self._sbar,
+            )
         a, ax = fw.a, fw.a_x
         _coefficient_columns(
             jac,
@@ -831,6 +1085,8 @@ class CountsModel:
             vec,
             with_dw,
             np.ascontiguousarray(ddw),
+            self._second,
+            dcurv,
             at,
             ip,
             ie,
@@ -840,9 +1096,11 @@ class CountsModel:
         # Debye-Waller change)
         v2_near = np.sum(vel * vel, axis=1)[at[ip], im]  # |v|^2 of each element's mode
         jac_r = np.bincount(flat, weights=fw.a * dh_dr + fw.a_x * dx_dr, minlength=n_p * n_e)
-        jac_eta = np.bincount(
-            flat, weights=(fw.a * dh_dtau2 + fw.a_x * dx_dtau2) * v2_near, minlength=n_p * n_e
-        )
+        eta_w = (fw.a * dh_dtau2 + fw.a_x * dx_dtau2) * v2_near
+        if fw.bend is not None:  # the centre's curvature shift eta^2 tr W
+            trace = fw.bend.w[:, 0] + fw.bend.w[:, 4] + fw.bend.w[:, 8]  # (u, m)
+            eta_w = eta_w + (fw.a * dh_dmu + fw.a_x * dx_dmu) * trace[at[ip], im]
+        jac_eta = np.bincount(flat, weights=eta_w, minlength=n_p * n_e)
         fitted = self._use_at
         mult_at = np.take(mult, fitted)
         jac[:, k] = np.take(fw.signal, fitted)
@@ -1082,6 +1340,8 @@ def _coefficient_columns(
     vec: NDArray[np.complex128],
     with_q2: bool,
     ddw: NDArray[np.float64],
+    second: NDArray[np.float64],
+    dcurv: NDArray[np.float64],
     point_q: NDArray[np.int64],
     ip: NDArray[np.intp],
     ie: NDArray[np.intp],
@@ -1100,11 +1360,14 @@ def _coefficient_columns(
     <delta> (p, e, 3) . dv) and width (``2 (C v + eta^2 v) . dv``, ``cov`` C (p, e, 3,
     3)), with ``dvel`` (n_u, m, 3, k) and ``vel`` (n_u, 3, m) per distinct q-point, and
     with ``with_q2`` the Debye-Waller change ``-2 h_m sum_a Re(e_m^H P_a T2 e_m)
-    ddw[a, k]`` (``P_a`` the rows of atom ``a``, ``ddw`` (n_atoms, k) db_a/dc_k). The
+    ddw[a, k]`` (``P_a`` the rows of atom ``a``, ``ddw`` (n_atoms, k) db_a/dc_k), and the
+    centre's change through the branch's curvature across the tube, ``(second + eta^2 I)
+    . dW`` (``second`` (p, e, 9), ``dcurv`` (n_u, m, 9, k); empty: no curvature). The
     loops over ``k`` run on contiguous memory."""
     k = zr.shape[3]
     m = wh.shape[1]
     n_atoms = ddw.shape[0]
+    bent = dcurv.shape[0] > 0
     width = np.empty(3)
     acc = np.empty(k)
     t2 = np.empty(n_atoms)
@@ -1132,6 +1395,13 @@ def _coefficient_columns(
             wa = width[ax]
             for kk in range(k):
                 acc[kk] += dvel[u, mm, ax, kk] * wa
+        if bent:
+            for ab in range(9):
+                f = w_mu * second[p, e, ab]
+                if ab == 0 or ab == 4 or ab == 8:
+                    f += w_mu * eta2
+                for kk in range(k):
+                    acc[kk] += f * dcurv[u, mm, ab, kk]
         if with_q2:
             for at_ in range(n_atoms):
                 t2[at_] = 0.0
@@ -1167,16 +1437,19 @@ def _near_lines(
     tail_z: float,
     point_q: NDArray[np.int64],
     bounds: NDArray[np.float64],
+    curv: NDArray[np.float64],
 ) -> tuple[
     NDArray[np.intp], NDArray[np.intp], NDArray[np.intp], NDArray[np.float64], NDArray[np.float64]
 ]:
     """The (point, energy bin, mode) elements within ``tail_z`` widths (and half a bin)
     of their line's centre, energy loss or (where ``gain``) gain: ``(ip, ie, im, mu,
-    tau2)``, the line's centre shift ``v . <delta>`` and width ``max(v^T C v, 0) + eta^2
-    |v|^2 + (second . K) (dE/dlambda)^2`` there.
+    tau2)``, the line's centre shift ``v . <delta> + (second + eta^2 I) . W`` (``W`` =
+    ``curv``, the branch's curvature across the tube: :func:`_curvature`; zeros leave
+    it out) and width ``max(v^T C v, 0) + eta^2 |v|^2 + (second . K) (dE/dlambda)^2``
+    there.
     Per bin: ``mean`` (p, e, 3), ``cov`` (p, e, 3, 3), ``second`` (p, e, 9); per distinct
-    q-point: ``vel`` (u, 3, m), ``split`` (u, 9, m), ``half_inv``, ``energy``, ``sres``
-    (the resolution's sigma), ``gain`` (u, m).
+    q-point: ``vel`` (u, 3, m), ``split`` (u, 9, m), ``curv`` (u, 9, m), ``half_inv``,
+    ``energy``, ``sres`` (the resolution's sigma), ``gain`` (u, m).
 
     Most elements are far from their line: ``bounds`` (p, e, 3), per bin ``|<delta>|``,
     a bound on ``|Cov(delta)|`` and ``sum |second|``, bound ``|mu|`` and the width from
@@ -1187,6 +1460,8 @@ def _near_lines(
     n_u = vel.shape[0]
     speed = np.empty((n_u, m))  # |v|
     split_max = np.empty((n_u, m))  # max |split| (dE/dlambda)^2
+    curv_max = np.empty((n_u, m))  # max |W|
+    curv_eta = np.empty((n_u, m))  # eta^2 tr W
     res2 = np.empty((n_u, m))  # (r sigma_res)^2
     for u in range(n_u):
         for mm in range(m):
@@ -1195,9 +1470,13 @@ def _near_lines(
                 v2 += vel[u, ax, mm] ** 2
             speed[u, mm] = math.sqrt(v2)
             big = 0.0
+            bend = 0.0
             for ab in range(9):
                 big = max(big, abs(split[u, ab, mm]))
+                bend = max(bend, abs(curv[u, ab, mm]))
             split_max[u, mm] = big * half_inv[u, mm] ** 2
+            curv_max[u, mm] = bend
+            curv_eta[u, mm] = eta2 * (curv[u, 0, mm] + curv[u, 4, mm] + curv[u, 8, mm])
             res2[u, mm] = (r * sres[u, mm]) ** 2
     slack = 1.0 + 1e-9  # the bound's own rounding
     cap = n_p * n_e * m
@@ -1217,7 +1496,7 @@ def _near_lines(
                 if en <= 0.0:
                     continue
                 sp = speed[u, mm]
-                mu_max = mean_norm * sp
+                mu_max = mean_norm * sp + (second_sum + 3.0 * eta2) * curv_max[u, mm]
                 tau_max = (cov_norm + eta2) * sp * sp + second_sum * split_max[u, mm]
                 far = (
                     tail_z * math.sqrt(max(res2[u, mm] + tau_max, 1e-12)) + 0.5 * de + mu_max
@@ -1234,8 +1513,10 @@ def _near_lines(
                     for bx in range(3):
                         vcv += va * cov[p, e, ax, bx] * vel[u, bx, mm]
                 spread = 0.0
+                mu += curv_eta[u, mm]
                 for ab in range(9):
                     spread += second[p, e, ab] * split[u, ab, mm]
+                    mu += second[p, e, ab] * curv[u, ab, mm]
                 tau2 = max(vcv, 0.0) + eta2 * v2 + spread * half_inv[u, mm] ** 2
                 sigma = math.sqrt(max((r * sres[u, mm]) ** 2 + tau2, 1e-12))
                 reach = tail_z * sigma + 0.5 * de
