@@ -303,9 +303,9 @@ class _Bend:
     w: NDArray[np.float64]  # (u, 9, m)
     d2e: NDArray[np.complex128]  # (u, 9, m, n): e_m^H d2D/dQ_a dQ_b e_n
     pair: NDArray[np.float64]  # (u, 9, m, n): Re(B_a,mn B_b,nm)
-    inv_geff: NDArray[np.float64]  # (u, m, n): 1 / g_eff, 0 within a degenerate cluster
-    root: NDArray[np.float64]  # (u, m, n): sqrt(g^2 / 4 + X)
-    gap: NDArray[np.float64]  # (u, m, n): lambda_m - lambda_n
+    inv_geff: NDArray[np.float64]  # (u, m, n): g / (g^2 + 4 X), 0 within a degenerate cluster
+    d_inv_dg: NDArray[np.float64]  # (u, m, n): its derivatives by g
+    d_inv_dx: NDArray[np.float64]  # and by X
     lam2: NDArray[np.float64]  # (u, 9, m): the cluster mean of d2lambda / 2
     vv: NDArray[np.float64]  # (u, 9, m): v_a v_b
     k9: NDArray[np.float64]  # (u, 9, m): the degenerate splitting K
@@ -339,11 +339,12 @@ def _curvature(
     ``c``), ``B_a = e^H dD/dQ_a e`` (``bq``), ``K`` the degenerate splitting of
     :meth:`CountsModel._splitting`): second-order perturbation theory for the
     eigenvalue, and the square root's own curvature. Near-degenerate pairs would make
-    ``1 / (lambda_m - lambda_n)`` blow up where the expansion no longer holds across the
-    tube; ``g_eff = g / 2 + sign(g) sqrt(g^2 / 4 + X)`` with ``X = sbar sum_a |B_a,mn|^2``
-    (``sbar`` the tube's mean square offset per direction, 1/A^2) is ``g`` where the pair
-    is far apart and gives the two-level problem's exact shift at the tube's typical
-    offset where it is not (``X`` averaged over the two modes' clusters)."""
+    ``1 / g`` (``g = lambda_m - lambda_n``) blow up where the expansion no longer holds
+    across the tube, and jump where two branches cross as the coefficients change:
+    ``1 / g_eff = g / (g^2 + 4 X)``, with ``X = sbar sum_a |B_a,mn|^2`` the pair's coupling
+    at the tube's mean square offset per direction ``sbar`` (1/A^2; averaged over the two
+    modes' clusters), is ``1 / g`` for pairs far apart, smooth and odd through a crossing
+    (where the pair's shifts cancel), and at most ``1 / (4 sqrt(X))``."""
     n_u, m = lam.shape
     d2 = np.tensordot(c, d2dyn, 1)  # (u, 9, m, m)
     d2e = vh[:, None] @ d2 @ vec[:, None]  # (u, 9, m, n)
@@ -354,9 +355,10 @@ def _curvature(
     # X averaged over both modes' clusters (avg X avg^T): invariant under the arbitrary
     # choice of eigenvectors within a degenerate cluster, as the cluster sums are
     x = sbar * avg @ np.sum(np.abs(bq) ** 2, axis=1) @ np.swapaxes(avg, 1, 2)
-    root = np.sqrt(0.25 * gap * gap + x)
-    geff = 0.5 * gap + np.sign(gap) * root
-    inv_geff = np.where(other, 1.0 / np.where(other, geff, 1.0), 0.0)
+    den = np.where(other, gap * gap + 4.0 * x, 1.0)
+    inv_geff = np.where(other, gap / den, 0.0)
+    d_inv_dg = np.where(other, (4.0 * x - gap * gap) / (den * den), 0.0)
+    d_inv_dx = np.where(other, -4.0 * gap / (den * den), 0.0)
     lam2 = np.einsum("uam,unm->uan", lin + np.einsum("uamn,umn->uam", pair, inv_geff), avg)
     vv = np.einsum("uam,ubm->uabm", vel, vel).reshape(n_u, 9, m)
     k9 = split.reshape(n_u, 9, m)
@@ -368,8 +370,8 @@ def _curvature(
         d2e=d2e,
         pair=pair,
         inv_geff=inv_geff,
-        root=root,
-        gap=gap,
+        d_inv_dg=d_inv_dg,
+        d_inv_dx=d_inv_dx,
         lam2=lam2,
         vv=vv,
         k9=k9,
@@ -401,8 +403,7 @@ def _curvature_derivative(
     lambda_l)``, ``y_k`` (k, u, m, n) ``e_m^H D_k e_n``, ``inv_gap`` (u, m, n) ``1 /
     (lambda_m - lambda_n)``, 0 within a cluster), so that an operator's elements change
     by ``A_k + C^H A + A C``; ``dlam`` (k, u, m), ``dvel`` (k, u, 3, m) and ``de_dc``
-    (u, m, k) as the Jacobian has them. The degenerate splitting's own change (``dK``)
-    is left out, as in the line's width."""
+    (u, m, k) as the Jacobian has them."""
     k, n_u = y_k.shape[0], y_k.shape[1]
     m = vec.shape[1]
     cmat = y_k * np.swapaxes(inv_gap, 1, 2)[None]  # C_k[l, m] = Y_k,lm / (lambda_m - lambda_l)
@@ -421,7 +422,7 @@ def _curvature_derivative(
     db = vh[None, :, None] @ ddyn @ vec[None, :, None]  # (k, u, 3, m, n)
     db += cmat_h[:, :, None] @ bq[None] + bq[None] @ cmat[:, :, None]
     # d sum_n Re(B_a,mn B_b,nm) / g_eff,mn = F_ab + F_ba, F_ab = Re sum_n dB_a,mn B_b,nm /
-    # g_eff,mn (B and dB Hermitian), less sum_n pair_ab,mn dg_eff,mn / g_eff,mn^2
+    # g_eff,mn (B and dB Hermitian), plus sum_n pair_ab,mn d(1 / g_eff,mn)
     gb = np.swapaxes(bq, 2, 3) * bend.inv_geff[:, None]  # (u, 3, m, n): B_b,nm / g_eff,mn
     # F per (u, m) as one product: (k a, n) @ (n, b), real part
     db_um = np.transpose(db, (1, 3, 0, 2, 4)).reshape(n_u, m, 3 * k, m)  # (u, m, k a, n)
@@ -432,12 +433,23 @@ def _curvature_derivative(
     dx = 2.0 * sbar * np.sum(np.conj(bq)[None] * db, axis=2).real  # (k, u, m, n)
     dx = avg[None] @ dx @ np.swapaxes(avg, 1, 2)[None]
     dgap = dlam[:, :, :, None] - dlam[:, :, None, :]  # (k, u, m, n)
-    root = np.where(bend.root > 0, bend.root, 1.0)
-    dgeff = 0.5 * dgap + np.sign(bend.gap) * (0.5 * bend.gap * dgap + dx) / (2.0 * root)
-    z = np.moveaxis(dgeff * bend.inv_geff**2, 0, -1)  # (u, m, n, k)
+    z = np.moveaxis(bend.d_inv_dg * dgap + bend.d_inv_dx * dx, 0, -1)  # (u, m, n, k)
     # sum_n pair[u, ab, m, n] z[u, m, n, k] as one product per (u, m): (u, m, 9, k)
-    dmean -= np.moveaxis(np.swapaxes(bend.pair, 1, 2) @ z, -1, 0).swapaxes(2, 3)
+    dmean += np.moveaxis(np.swapaxes(bend.pair, 1, 2) @ z, -1, 0).swapaxes(2, 3)
     dlam2 = np.einsum("kuam,unm->kuan", dmean, avg)
+    # the degenerate splitting's change, dK_ab,m = (2 / g) Re tr(dB~_a B~_b) symmetrised,
+    # B~ the traceless part of B within the cluster of m (its projector's change is in dB)
+    same = (avg > 0).astype(float)  # (u, m, n)
+    size = same.sum(axis=2)  # (u, m)
+    mean_b = np.einsum("uamm->uam", bq).real @ (same / size[:, :, None])  # (u, a, n)
+    eye = np.eye(m)
+    tl = bq * same[:, None] - eye * mean_b[..., None]  # (u, a, n, l)
+    dd = np.einsum("kuamm->kuam", db).real @ (same / size[:, :, None])[None]  # (k, u, a, n)
+    dtl = db * same[None, :, None] - eye * dd[..., None]  # (k, u, a, n, l)
+    prod = np.einsum("kuanl,ubln->kuabnl", dtl, tl).real  # Re dB~_a,nl B~_b,ln
+    prod = prod + np.swapaxes(prod, 2, 3)
+    dk9 = np.einsum("kuabnl,umn,uml->kuabm", prod, same, same) / size[None, :, None, None, :]
+    dk9 = np.where(size[None, :, None, None, :] > 1, dk9, 0.0).reshape(k, n_u, 9, m)
     hi = half_inv[None, :, None, :]  # (1, u, 1, m)
     dhi = (-0.5 * half_inv[None] * dlam * inv_lam[None])[:, :, None, :]  # (k, u, 1, m)
     de = np.moveaxis(de_dc, 2, 0)[:, :, None, :]  # (k, u, 1, m)
@@ -448,7 +460,7 @@ def _curvature_derivative(
     dw = (
         dhi * bend.lam2[None]
         + hi * dlam2
-        - (dvv + 2.0 * hi * dhi * bend.k9[None]) / (2.0 * e_safe)
+        - (dvv + 2.0 * hi * dhi * bend.k9[None] + hi * hi * dk9) / (2.0 * e_safe)
         + top * de / (2.0 * e_safe * e_safe)
     )
     dw = np.where(ok[None, :, None, :], dw, 0.0)
@@ -856,23 +868,8 @@ class CountsModel:
         scale = math.exp(float(theta[k]))
         beta, r, eta2 = float(theta[k + 1]), float(theta[k + 2]), max(float(theta[k + 3]), 0.0)
         # per distinct q-point (u): modes, velocities and degenerate splittings
-        d = np.tensordot(c, self._dyn, 1)  # sum_k c_k D_k: (u, m, m)
-        lam, vec = np.linalg.eigh(d)  # (n_u, m), (n_u, m, m) columns
+        lam, vec, ok, lam_safe, energy, cluster, avg, vh, bq, split, half_inv, vel = self._modes(c)
         stable = bool(np.all(lam > -1e-9 * max(1.0, float(np.abs(lam).max()))))
-        ok = lam > (FREQUENCY_MIN_MEV / _TO_MEV) ** 2
-        lam_safe = np.where(ok, lam, 1.0)
-        energy = np.where(ok, _TO_MEV * np.sqrt(lam_safe), 0.0)
-        cluster = self._clusters(lam)
-        avg = self._cluster_weights(cluster)  # (u, m, m)
-        vh = np.conj(np.swapaxes(vec, 1, 2))  # (u, m, i)
-        dd = np.tensordot(c, self._ddyn, 1)  # (u, 3, m, m)
-        bq = vh[:, None] @ (dd @ vec[:, None])  # (u, a, m, n): e_m^H dD/dQ_a e_n
-        vlam = np.einsum("qamm->qam", bq).real  # dlambda/dQ
-        vlam = np.einsum("qam,qnm->qan", vlam, avg)
-        same = (cluster[:, :, None] == cluster[:, None, :]).astype(float)  # (u, m, n)
-        split = self._splitting(bq, same)  # (u, a, b, m)
-        half_inv = np.where(ok, _TO_MEV / (2.0 * np.sqrt(lam_safe)), 0.0)  # dE/dlambda
-        vel = vlam * half_inv[:, None, :]  # (u, 3, m) meV A
         bend = (
             None
             if self._d2dyn is None
@@ -981,6 +978,68 @@ class CountsModel:
             base=base,
             bend=bend,
         )
+
+    def _modes(self, c: NDArray[np.float64]) -> tuple[Any, ...]:
+        """Per distinct q-point (u) at the coefficients ``c``: ``(lam, vec, ok, lam_safe,
+        energy, cluster, avg, vh, bq, split, half_inv, vel)``: eigenvalues (u, m) and
+        eigenvectors (u, m, m, columns), which are above the frequency floor, the energies
+        (meV), the degenerate clusters and their averaging matrices, ``e_m^H dD/dQ_a e_n``
+        (u, 3, m, n), the degenerate splittings (u, 3, 3, m), dE/dlambda and the group
+        velocities (u, 3, m; meV A, cluster-averaged)."""
+        d = np.tensordot(c, self._dyn, 1)  # sum_k c_k D_k: (u, m, m)
+        lam, vec = np.linalg.eigh(d)  # (n_u, m), (n_u, m, m) columns
+        ok = lam > (FREQUENCY_MIN_MEV / _TO_MEV) ** 2
+        lam_safe = np.where(ok, lam, 1.0)
+        energy = np.where(ok, _TO_MEV * np.sqrt(lam_safe), 0.0)
+        cluster = self._clusters(lam)
+        avg = self._cluster_weights(cluster)  # (u, m, m)
+        vh = np.conj(np.swapaxes(vec, 1, 2))  # (u, m, i)
+        dd = np.tensordot(c, self._ddyn, 1)  # (u, 3, m, m)
+        bq = vh[:, None] @ (dd @ vec[:, None])  # (u, a, m, n): e_m^H dD/dQ_a e_n
+        vlam = np.einsum("qamm->qam", bq).real  # dlambda/dQ
+        vlam = np.einsum("qam,qnm->qan", vlam, avg)
+        same = (cluster[:, :, None] == cluster[:, None, :]).astype(float)  # (u, m, n)
+        split = self._splitting(bq, same)  # (u, a, b, m)
+        half_inv = np.where(ok, _TO_MEV / (2.0 * np.sqrt(lam_safe)), 0.0)  # dE/dlambda
+        vel = vlam * half_inv[:, None, :]  # (u, 3, m) meV A
+        return lam, vec, ok, lam_safe, energy, cluster, avg, vh, bq, split, half_inv, vel
+
+    def curvature(
+        self, coefficients: NDArray[np.float64], *, regularised: bool = True
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """The branches' curvature across the tube that the model applies
+        (:func:`_curvature`): ``(qpoints (u, 3) r.l.u., energies (u, m) meV, W (u, 3, 3,
+        m) meV A^2)`` at the fitted points' distinct q-points, each mode's (degenerate
+        cluster's mean) line centre moving by ``W : <delta delta^T>`` across the tube.
+        Without ``regularised``, plain second-order perturbation theory (near-degenerate
+        pairs not damped)."""
+        c = np.asarray(coefficients, dtype=float)
+        if c.shape != (self.n_coefficients,):
+            raise RefinementError(f"expected {self.n_coefficients} coefficients, got {c.shape}")
+        d2dyn = self._d2dyn
+        if d2dyn is None:
+            qpts = np.asarray(self.grid.qpath.qpoints, dtype=float)
+            d2dyn = ModeBases(self.basis).hessian(np.unique(qpts[self.points], axis=0))
+        lam, vec, ok, _, energy, cluster, avg, vh, bq, split, half_inv, vel = self._modes(c)
+        bend = _curvature(
+            d2dyn,
+            c,
+            vec,
+            vh,
+            lam,
+            cluster,
+            avg,
+            bq,
+            half_inv,
+            vel,
+            energy,
+            ok,
+            split,
+            self._sbar if regularised else 0.0,
+        )
+        qpts = np.asarray(self.grid.qpath.qpoints, dtype=float)
+        distinct = np.unique(qpts[self.points], axis=0)
+        return distinct, energy, bend.w.reshape(len(lam), 3, 3, -1)
 
     def _jacobian(self, theta: NDArray[np.float64], fw: _Forward) -> NDArray[np.float64]:
         """(n_bins, n_params) Jacobian at ``theta`` from its forward pass ``fw``."""

@@ -397,11 +397,13 @@ class RunRefiner:
         exclusion: float | None = None,
         extra: NDArray[np.float64] | None = None,
         correction: NDArray[np.float64] | None = None,
+        curvature: bool = True,
     ) -> CountsModel:
         """The one-phonon expected-counts model of ``moments`` (plus the fixed signal
         ``extra``, (n_q * n_E,), when given; its one-phonon part times ``correction``,
         (n_q * n_E,), when given) on the run's grid, fold table, resolution and
-        temperature, the bins above the elastic line."""
+        temperature, the bins above the elastic line; without ``curvature``, the
+        branches taken as planes across the tube (for comparisons)."""
         return CountsModel(
             self.setup.basis,
             self.grid,
@@ -416,6 +418,7 @@ class RunRefiner:
             extra=extra,
             correction=correction,
             bases=self.bases,
+            curvature=curvature,
         )
 
     def start_from(self, estimate: Mapping[str, float] | None) -> NDArray[np.float64]:

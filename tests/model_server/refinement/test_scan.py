@@ -19,14 +19,14 @@ def wrong_minimum(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-d
     """(run, model, counts, start, spread, live fit): the misfit case of ``test_fit`` with
     the restarts toward the reference set taken away and the grid's offsets of +-1 spread only
     (to keep it short); the live fit ends in a second minimum far from the truth, misfitting by
-    ~15 in Pearson's chi^2 per dof."""
+    ~15 in Pearson's chi^2 per dof (start seed found by search: one whose fit converges there)."""
     monkeypatch.setattr(fit_module, "_RESTART", ())
     monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (-1.0, 1.0))
     run = ge_run()
     model = run.refiner.model(ge_moments(OMEGAS))
     theta = _truth_theta(model, run.truth, 2e6)
     _, counts = replica_counts(model, theta, np.random.default_rng(11))
-    start = _start(run, np.random.default_rng(107), spread=0.35)
+    start = _start(run, np.random.default_rng(142), spread=0.35)
     names = list(model.basis.names)
     spread = np.full(len(names), np.nan)
     for n in run.refiner.free:
@@ -134,15 +134,15 @@ def _vae_and_snapshots(run, start, fraction, counts, moments):  # type: ignore[n
 def _misfit_case(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """(run, VAE-like estimate, snapshot maker) of a first fit that misfits: the counts of
     the refiner's own model at the truth (its multiphonon template made there), a start
-    that ends in a wrong minimum alone, whose restarts find the truth; the scan's grid
-    shortened to the restarts and one start."""
+    that ends in a wrong minimum alone, whose restarts find the truth (seed found by
+    search); the scan's grid shortened to the restarts and one start."""
     monkeypatch.setattr(fit_module, "SCAN_OFFSETS", (1.0,))
     run = ge_run()
     moments = ge_moments(OMEGAS)
     model = run.refiner.model(moments, at=run.truth)
     theta = _truth_theta(model, run.truth, 2e6)
     _, counts = replica_counts(model, theta, np.random.default_rng(11))
-    start = _start(run, np.random.default_rng(103), spread=0.35)
+    start = _start(run, np.random.default_rng(101), spread=0.35)
     vae, snapshot = _vae_and_snapshots(run, start, 0.35, counts, moments)
     return run, vae, snapshot
 
@@ -150,7 +150,8 @@ def _misfit_case(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-de
 def test_the_live_loop_scans_a_misfit_and_its_next_estimate_says_so(wrong_minimum) -> None:  # type: ignore[no-untyped-def]
     """The steering loop with a real refiner: a recheck's misfitting fit goes to the
     background scan; the next snapshot's fit starts from what a scan found beside its warm
-    start, and its estimate says so (``scan``); with ``scan=False`` nothing is scanned."""
+    start (or the VAE's, when the first fit did not converge), and its estimate says so
+    (``scan``); with ``scan=False`` nothing is scanned."""
     from types import SimpleNamespace
 
     from steering.loop import SteeringLoop
@@ -168,6 +169,9 @@ def test_the_live_loop_scans_a_misfit_and_its_next_estimate_says_so(wrong_minimu
     )
     est, _, _ = loop._running_estimate(first, vae)  # type: ignore[arg-type]
     assert "scan" not in est
+    # a misfit this far off may not converge (then the VAE's estimate stands in, flagged,
+    # and the next snapshot is a recheck again: the VAE's start, then the scan's)
+    scan_start = "start 0" if est["source"] == "refined" else "start 1"
     # the fixture's counts carry the reference set's multiphonon template, the refiner's
     # follows the coefficients: a misfit, so the recheck's fit is scanned
     assert est["refined"]["pearson_chi2_per_dof"] > 2.0
@@ -187,7 +191,7 @@ def test_the_live_loop_scans_a_misfit_and_its_next_estimate_says_so(wrong_minimu
     assert est["scan"]["found"] is True
     assert est["scan"]["n_orientations"] == 1
     assert est["scan"]["deviance_per_dof"] < est["scan"]["live_deviance_per_dof"]
-    assert est["scan"]["adopted"] == (est["refined"]["start"] == "start 0")
+    assert est["scan"]["adopted"] == (est["refined"]["start"] == scan_start)
     assert est["source"] == "refined"
     assert est["refined"]["deviance"] <= first_deviance + 1e-6 * abs(first_deviance)
     assert scan.take() is None  # handed over once
