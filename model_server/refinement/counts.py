@@ -437,18 +437,16 @@ def _curvature_derivative(
     # sum_n pair[u, ab, m, n] z[u, m, n, k] as one product per (u, m): (u, m, 9, k)
     dmean += np.moveaxis(np.swapaxes(bend.pair, 1, 2) @ z, -1, 0).swapaxes(2, 3)
     dlam2 = np.einsum("kuam,unm->kuan", dmean, avg)
-    # the degenerate splitting's change, dK_ab,m = (2 / g) Re tr(dB~_a B~_b) symmetrised,
-    # B~ the traceless part of B within the cluster of m (its projector's change is in dB)
+    # the degenerate splitting's change: K_ab,m = (1 / g) Re tr_C(B~_a B~_b) over the
+    # cluster C of m, B~ the traceless part of B within it; since B~_b is traceless there,
+    # dK_ab = (1 / g) Re(tr_C(dB_a B~_b) + tr_C(dB_b B~_a)) (the projector's change is in dB)
     same = (avg > 0).astype(float)  # (u, m, n)
     size = same.sum(axis=2)  # (u, m)
     mean_b = np.einsum("uamm->uam", bq).real @ (same / size[:, :, None])  # (u, a, n)
-    eye = np.eye(m)
-    tl = bq * same[:, None] - eye * mean_b[..., None]  # (u, a, n, l)
-    dd = np.einsum("kuamm->kuam", db).real @ (same / size[:, :, None])[None]  # (k, u, a, n)
-    dtl = db * same[None, :, None] - eye * dd[..., None]  # (k, u, a, n, l)
-    prod = np.einsum("kuanl,ubln->kuabnl", dtl, tl).real  # Re dB~_a,nl B~_b,ln
-    prod = prod + np.swapaxes(prod, 2, 3)
-    dk9 = np.einsum("kuabnl,umn,uml->kuabm", prod, same, same) / size[None, :, None, None, :]
+    tl = bq * same[:, None] - np.eye(m) * mean_b[..., None]  # (u, b, l, n)
+    # T_ab,n = sum_l dB_a,nl B~_b,ln, then summed over the cluster's n: (k, u, a, b, m)
+    t_ab = np.einsum("kuanl,ubln->kuabn", db, tl).real @ same[None, :, None].swapaxes(-1, -2)
+    dk9 = (t_ab + np.swapaxes(t_ab, 2, 3)) / size[None, :, None, None, :]
     dk9 = np.where(size[None, :, None, None, :] > 1, dk9, 0.0).reshape(k, n_u, 9, m)
     hi = half_inv[None, :, None, :]  # (1, u, 1, m)
     dhi = (-0.5 * half_inv[None] * dlam * inv_lam[None])[:, :, None, :]  # (k, u, 1, m)
