@@ -11,7 +11,9 @@ holds their geometry, summed over orientations and weighted by proton charge)::
 * ``h_bm = P / E_m [(n(E_m) + 1) g(E_b; E_m + mu_bm, sigma_bm) + n(E_m) g(E_b; -E_m - mu_bm,
   sigma_bm)]``: ``P = hbar^2/(2 amu) x 10 mbarn/fm^2 / N`` (the simulator's units, mbarn per
   atom), ``n`` the Bose occupation, ``g`` a unit-area Gaussian averaged over the energy
-  bin. The centre moves by ``mu_bm = v_m . <delta>_b`` and the width is
+  bin. The centre moves by ``mu_bm = v_m . <delta>_b + W_m : (S_b + eta^2 I)``, the
+  second term the branch's curvature across the tube (``S_b = <delta delta^T>_b``,
+  :func:`_curvature`), and the width is
   ``sigma_bm^2 = (r sigma_res(E_m))^2 + v_m^T (Cov(delta)_b + eta^2 I) v_m``: the mode's
   group velocity ``v_m = dE_m/dQ`` (1/A -> meV A) across the folding tube (``delta``, the
   cells' offsets from the path point), the instrument's energy resolution scaled by the
@@ -270,7 +272,7 @@ def dynamical_gradient(basis: FCBasis, qpts: NDArray[np.float64]) -> NDArray[np.
 def dynamical_hessian(basis: FCBasis, qpts: NDArray[np.float64]) -> NDArray[np.complex128]:
     """(k, n, 9, m, m) d^2 D_k / dQ_a dQ_b (Cartesian, 1/A^2; ``a b`` flattened) at ``qpts``
     ((n, 3), r.l.u.) by central differences (step 1e-3 1/A: the truncation error is
-    ``(h r)^2 / 12`` relative, about 1e-6 for the 5th neighbours of Ge)."""
+    ``(h r)^2 / 12`` relative, about 3e-6 for the 5th neighbours of Ge)."""
     h = 1e-3  # 1/A
     inv = np.linalg.inv(basis.crystal.reciprocal_lattice)
     at = basis.dynamical_basis(qpts)

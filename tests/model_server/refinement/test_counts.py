@@ -86,7 +86,8 @@ def test_expected_counts_against_the_exact_fold_at_every_sample() -> None:
     lam_flat = flat.evaluate(_theta(flat, run.truth), jacobian=False).expected
     ratio_flat = lam_flat[strong] / ref[strong] - 1.0
     assert np.median(np.abs(ratio_flat)) > np.median(np.abs(ratio)) + 0.008
-    # and the branches' curvature across the tube (1.8 % here; planes across it: 2.0 %)
+    # and the branches' curvature across the tube (on these strong bins, every 8th pixel:
+    # 1.8 % with it, 2.0 % with planes across the tube)
     planes = run.refiner.counts_model(moments, curvature=False)
     lam_planes = planes.evaluate(_theta(planes, run.truth), jacobian=False).expected
     ratio_planes = lam_planes[strong] / ref[strong] - 1.0
@@ -366,8 +367,8 @@ def test_the_line_curvature_is_the_branches_second_order_energy() -> None:
     got = w[pick]
     scale = np.abs(hess).max(axis=(1, 2))[:, None, None, :] + 1.0  # meV A^2
     off = np.abs(got - 0.5 * hess) / scale
-    assert np.median(off) < 1e-4
-    assert np.percentile(off, 95) < 2e-3
+    assert np.median(off) < 2e-5
+    assert np.percentile(off, 95) < 1e-3
     # the regularised curvature the model uses differs only where two branches come
     # within the tube's reach of each other
     _, _, damped = model.curvature(run.truth)
@@ -406,6 +407,10 @@ def test_the_curvature_part_of_the_jacobian_matches_finite_differences() -> None
     for k in (0, 1, 2, 3, 9, 15, bent.n_params - 1):
         part = _central_difference(bent, theta, k) - _central_difference(flat, theta, k)
         got = with_.jacobian[:, k] - without.jacobian[:, k]
-        assert np.linalg.norm(part * weight) > 0, bent.names[k]
+        # the curvature's share: 3-6 % of a coefficient column, a third of q_variance's
+        share = np.linalg.norm(part * weight) / np.linalg.norm(
+            _central_difference(bent, theta, k) * weight
+        )
+        assert share > 0.01, (bent.names[k], share)
         off = np.linalg.norm((got - part) * weight) / np.linalg.norm(part * weight)
-        assert off < 0.02, (bent.names[k], off)
+        assert off < 0.015, (bent.names[k], off)  # without dK/dc: up to 0.028
