@@ -311,6 +311,8 @@ class _Bend:
     lam2: NDArray[np.float64]  # (u, 9, m): the cluster mean of d2lambda / 2
     vv: NDArray[np.float64]  # (u, 9, m): v_a v_b
     k9: NDArray[np.float64]  # (u, 9, m): the degenerate splitting K
+    ok: NDArray[np.bool_]  # (u, m): modes above the frequency floor
+    e_safe: NDArray[np.float64]  # (u, m): their energies (meV), 1 elsewhere
 
 
 def _curvature(
@@ -364,9 +366,9 @@ def _curvature(
     lam2 = np.einsum("uam,unm->uan", lin + np.einsum("uamn,umn->uam", pair, inv_geff), avg)
     vv = np.einsum("uam,ubm->uabm", vel, vel).reshape(n_u, 9, m)
     k9 = split.reshape(n_u, 9, m)
-    e_safe = np.where(ok, energy, 1.0)[:, None, :]
+    e_safe = np.where(ok, energy, 1.0)
     hi = half_inv[:, None, :]
-    w = np.where(ok[:, None, :], hi * lam2 - (vv + hi * hi * k9) / (2.0 * e_safe), 0.0)
+    w = np.where(ok[:, None, :], hi * lam2 - (vv + hi * hi * k9) / (2.0 * e_safe[:, None, :]), 0.0)
     return _Bend(
         w=np.ascontiguousarray(w),
         d2e=d2e,
@@ -377,6 +379,8 @@ def _curvature(
         lam2=lam2,
         vv=vv,
         k9=k9,
+        ok=ok,
+        e_safe=e_safe,
     )
 
 
@@ -393,8 +397,6 @@ def _curvature_derivative(
     bq: NDArray[np.complex128],
     half_inv: NDArray[np.float64],
     inv_lam: NDArray[np.float64],
-    energy: NDArray[np.float64],
-    ok: NDArray[np.bool_],
     vel: NDArray[np.float64],
     dvel: NDArray[np.float64],
     de_dc: NDArray[np.float64],
@@ -453,7 +455,7 @@ def _curvature_derivative(
     hi = half_inv[None, :, None, :]  # (1, u, 1, m)
     dhi = (-0.5 * half_inv[None] * dlam * inv_lam[None])[:, :, None, :]  # (k, u, 1, m)
     de = np.moveaxis(de_dc, 2, 0)[:, :, None, :]  # (k, u, 1, m)
-    e_safe = np.where(ok, energy, 1.0)[None, :, None, :]
+    e_safe = bend.e_safe[None, :, None, :]
     dvv = (dvel[:, :, :, None] * vel[None, :, None]).reshape(k, n_u, 9, m)
     dvv = dvv + np.swapaxes(dvv.reshape(k, n_u, 3, 3, m), 2, 3).reshape(k, n_u, 9, m)
     top = bend.vv[None] + hi * hi * bend.k9[None]
@@ -463,7 +465,7 @@ def _curvature_derivative(
         - (dvv + 2.0 * hi * dhi * bend.k9[None] + hi * hi * dk9) / (2.0 * e_safe)
         + top * de / (2.0 * e_safe * e_safe)
     )
-    dw = np.where(ok[None, :, None, :], dw, 0.0)
+    dw = np.where(bend.ok[None, :, None, :], dw, 0.0)
     return np.ascontiguousarray(np.transpose(dw, (1, 3, 2, 0)))  # (u, m, 9, k)
 
 
@@ -712,6 +714,9 @@ class CountsModel:
         #: (n_p,) each fitted point's row among the distinct q-points.
         self._point_q = np.asarray(point_q).reshape(-1)
         bases = ModeBases(basis) if bases is None else bases
+        self._bases = bases
+        #: (n_u, 3) r.l.u., the distinct q-points of the fitted points
+        self._distinct = distinct
         self._dyn, self._ddyn = bases.at(distinct)  # (k, n_u, m, m), (k, n_u, 3, m, m)
         #: (n_u, 3 k, 2 m^2) the Q gradients' bases as real rows: the diagonal elements
         #: e_m^H dD_k/dQ_a e_m of all k and a in one real product per q-point (_diagonal).
@@ -868,28 +873,10 @@ class CountsModel:
         scale = math.exp(float(theta[k]))
         beta, r, eta2 = float(theta[k + 1]), float(theta[k + 2]), max(float(theta[k + 3]), 0.0)
         # per distinct q-point (u): modes, velocities and degenerate splittings
-        lam, vec, ok, lam_safe, energy, cluster, avg, vh, bq, split, half_inv, vel = self._modes(c)
+        modes = self._modes(c)
+        lam, vec, ok, lam_safe, energy, cluster, avg, _vh, bq, split, half_inv, vel = modes
         stable = bool(np.all(lam > -1e-9 * max(1.0, float(np.abs(lam).max()))))
-        bend = (
-            None
-            if self._d2dyn is None
-            else _curvature(
-                self._d2dyn,
-                c,
-                vec,
-                vh,
-                lam,
-                cluster,
-                avg,
-                bq,
-                half_inv,
-                vel,
-                energy,
-                ok,
-                split,
-                self._sbar,
-            )
-        )
+        bend = None if self._d2dyn is None else self._bend(self._d2dyn, c, modes, self._sbar)
         # the (bin, mode) elements near their line, with the line's centre shift and width
         # from the tube: mu = v.<delta>, tau2 = v^T (Cov(delta) + eta^2) v plus the
         # degenerate modes' splitting across it, E[delta^T K delta] (dE/dlambda)^2
@@ -1016,30 +1003,24 @@ class CountsModel:
         c = np.asarray(coefficients, dtype=float)
         if c.shape != (self.n_coefficients,):
             raise RefinementError(f"expected {self.n_coefficients} coefficients, got {c.shape}")
-        d2dyn = self._d2dyn
-        if d2dyn is None:
-            qpts = np.asarray(self.grid.qpath.qpoints, dtype=float)
-            d2dyn = ModeBases(self.basis).hessian(np.unique(qpts[self.points], axis=0))
-        lam, vec, ok, _, energy, cluster, avg, vh, bq, split, half_inv, vel = self._modes(c)
-        bend = _curvature(
-            d2dyn,
-            c,
-            vec,
-            vh,
-            lam,
-            cluster,
-            avg,
-            bq,
-            half_inv,
-            vel,
-            energy,
-            ok,
-            split,
-            self._sbar if regularised else 0.0,
+        d2dyn = self._bases.hessian(self._distinct) if self._d2dyn is None else self._d2dyn
+        modes = self._modes(c)
+        bend = self._bend(d2dyn, c, modes, self._sbar if regularised else 0.0)
+        energy = modes[4]
+        return self._distinct.copy(), energy, bend.w.reshape(*energy.shape[:1], 3, 3, -1)
+
+    @staticmethod
+    def _bend(
+        d2dyn: NDArray[np.complex128],
+        c: NDArray[np.float64],
+        modes: tuple[Any, ...],
+        sbar: float,
+    ) -> _Bend:
+        """:func:`_curvature` of the modes :meth:`_modes` solved at ``c``."""
+        lam, vec, ok, _, energy, cluster, avg, vh, bq, split, half_inv, vel = modes
+        return _curvature(
+            d2dyn, c, vec, vh, lam, cluster, avg, bq, half_inv, vel, energy, ok, split, sbar
         )
-        qpts = np.asarray(self.grid.qpath.qpoints, dtype=float)
-        distinct = np.unique(qpts[self.points], axis=0)
-        return distinct, energy, bend.w.reshape(len(lam), 3, 3, -1)
 
     def _jacobian(self, theta: NDArray[np.float64], fw: _Forward) -> NDArray[np.float64]:
         """(n_bins, n_params) Jacobian at ``theta`` from its forward pass ``fw``."""
@@ -1115,8 +1096,6 @@ class CountsModel:
                 bq,
                 half_inv,
                 inv_lam,
-                np.where(fw.ok, _TO_MEV * np.sqrt(fw.lam_safe), 0.0),
-                fw.ok,
                 vel,
                 dvel,
                 de_dc,
