@@ -23,6 +23,10 @@ are known gives, per bin,
 * ``d1_b = sum w delta`` and ``d2_b = sum w delta delta^T`` (1/Angstrom, Cartesian, in the
   path point's frame): the offsets of the cells from the path point, which broaden and
   shift a dispersive mode (its energy at the cell is ``E_m + v_m . delta``);
+* (not kept with a run's moments: :func:`offset_tensors`, one orientation at a time)
+  ``Td_b = sum w delta_a M(Q')`` (3 tensors), the offsets weighted by each cell's
+  structure factor: a mode's intensity-weighted offset and its eigenvector's first-order
+  change across the tube contract with them;
 * ``bg_b = sum dOmega dE / v_f^3``: the shape of a background flat in time of flight
   over each pixel's time window and equal per unit solid angle (the simulated
   instrument's room background): a pixel's rate per unit time is proportional to
@@ -66,6 +70,7 @@ __all__ = [
     "MomentsRing",
     "StructureConstants",
     "folded_samples",
+    "offset_tensors",
     "orientation_moments",
     "point_operations",
     "star_operations",
@@ -449,9 +454,7 @@ def orientation_moments(
     a copy is returned. ``cache=False`` neither reads nor fills the cache (a warm-up's
     moments, which no run asks for again). Runs the compiled walk without the GIL.
     """
-    omega = float(omega)
-    if not math.isfinite(omega):
-        raise FoldError(f"goniometer angle must be finite, got {omega}")
+    omega = _finite_angle(omega)
     classes = classes or ONE_CLASS
     key = (
         folder.signature + f"/{e_substeps}/{pixel_stride}/{classes.digest()}",
@@ -463,14 +466,9 @@ def orientation_moments(
         if hit is not None:
             _CACHE.move_to_end(key)
             return hit.copy()
-    if inverse_ops is None:
-        inverse_ops = star_operations(folder, constants.operations)
-    samples = folder.coverage_samples(e_substeps=e_substeps, pixel_stride=pixel_stride)
-    dm, h_inf = folder.sample_rays(samples, omega)
-    grid = folder.grid
-    out = BinMoments.zeros(grid.n_q * classes.n_classes * grid.n_e, constants.n_branches)
-    out.n_orientations = 1
-    _walk(folder, samples, dm, h_inf, constants, inverse_ops, classes, out)
+    out = _orientation_walk(
+        folder, constants, omega, e_substeps, pixel_stride, inverse_ops, classes, None
+    )
     if not cache:
         return out
     with _CACHE_LOCK:
@@ -489,8 +487,10 @@ def _walk(
     inverse_ops: NDArray[np.float64],
     classes: ZoneClasses,
     out: BinMoments,
+    tensor_d: NDArray[np.complex128] | None = None,
 ) -> None:
-    """Run :func:`moments_kernel` over the samples of one orientation."""
+    """Run :func:`moments_kernel` over the samples of one orientation (``tensor_d``:
+    where the offsets' tensors go, or None: left out)."""
     t = folder.table
     de_sub = float(folder.grid.energy_edges[1] - folder.grid.energy_edges[0]) / (
         len(samples.v_f) // folder.grid.n_e
@@ -538,7 +538,74 @@ def _walk(
         out.offset2,
         out.weight,
         out.background,
+        np.zeros((0, 3, 0, 0), dtype=np.complex128) if tensor_d is None else tensor_d,
     )
+
+
+def offset_tensors(
+    folder: Folder,
+    constants: StructureConstants,
+    omega: float,
+    *,
+    e_substeps: int = 4,
+    pixel_stride: int = 2,
+    inverse_ops: NDArray[np.float64] | None = None,
+    classes: ZoneClasses | None = None,
+) -> NDArray[np.complex128]:
+    """(n_bins, 3, 3N, 3N) complex ``sum w delta_a M(Q')`` of one orientation at
+    ``omega`` (degrees), unit charge: each folded sample's offset from its path point
+    (1/A, Cartesian, in the path point's frame, as ``d1``) times its structure-factor
+    tensor (module docstring), on the bins of :func:`orientation_moments` (the same walk
+    and samples). Contracted with a mode's eigenvector, ``e_m^H Td_a e_m / e_m^H T e_m`` is
+    the offsets' mean weighted by that mode's own intensity, and ``2 Re (d_a e_m)^H Td_a
+    e_m`` the first-order change of its intensity with its eigenvector across the tube.
+    Not cached and not kept with a run's moments (three more tensors a bin)."""
+    classes = classes or ONE_CLASS
+    grid = folder.grid
+    n_bins = grid.n_q * classes.n_classes * grid.n_e
+    tensor_d = np.zeros((n_bins, 3, constants.n_branches, constants.n_branches), np.complex128)
+    _orientation_walk(
+        folder,
+        constants,
+        _finite_angle(omega),
+        e_substeps,
+        pixel_stride,
+        inverse_ops,
+        classes,
+        tensor_d,
+    )
+    return tensor_d
+
+
+def _finite_angle(omega: float) -> float:
+    """``omega`` as a float, or a :class:`FoldError` when it is not finite."""
+    omega = float(omega)
+    if not math.isfinite(omega):
+        raise FoldError(f"goniometer angle must be finite, got {omega}")
+    return omega
+
+
+def _orientation_walk(
+    folder: Folder,
+    constants: StructureConstants,
+    omega: float,
+    e_substeps: int,
+    pixel_stride: int,
+    inverse_ops: NDArray[np.float64] | None,
+    classes: ZoneClasses,
+    tensor_d: NDArray[np.complex128] | None,
+) -> BinMoments:
+    """The moments of one orientation, walked afresh (:func:`orientation_moments` without
+    its cache), adding the offsets' tensors to ``tensor_d`` when given."""
+    if inverse_ops is None:
+        inverse_ops = star_operations(folder, constants.operations)
+    samples = folder.coverage_samples(e_substeps=e_substeps, pixel_stride=pixel_stride)
+    dm, h_inf = folder.sample_rays(samples, omega)
+    grid = folder.grid
+    out = BinMoments.zeros(grid.n_q * classes.n_classes * grid.n_e, constants.n_branches)
+    out.n_orientations = 1
+    _walk(folder, samples, dm, h_inf, constants, inverse_ops, classes, out, tensor_d)
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -578,11 +645,13 @@ def moments_kernel(
     off2: np.ndarray,  # (n_bins, 3, 3)
     weight: np.ndarray,  # (n_bins,)
     background: np.ndarray,  # (n_bins,)
+    tensor_d: np.ndarray,  # (n_bins, 3, 3N, 3N) complex, added to; or (0, 3, 0, 0): none
 ) -> int:
     """The coverage walk of :func:`consumers.reduction.kernels.coverage_kernel`, adding
     each folded sample's moments (module docstring) to its bin (with ``n_classes`` > 1, to
-    the bin of its path point's row for its zone's class). Returns the samples
-    computed."""
+    the bin of its path point's row for its zone's class), and where ``tensor_d`` has bins
+    the offsets' tensors (:func:`offset_tensors`). Returns the samples computed."""
+    with_d = tensor_d.shape[0] > 0
     n_sub = v_f.shape[0]
     n_at = xfrac.shape[0]
     nb = 3 * n_at
@@ -677,6 +746,10 @@ def moments_kernel(
                         tensor[b, x, y] += term
                         tensor_q2[b, x, y] += q2 * term
                         tensor_x[b, x, y] += xs * term
+                        if with_d:
+                            tensor_d[b, 0, x, y] += ex * term
+                            tensor_d[b, 1, x, y] += ey * term
+                            tensor_d[b, 2, x, y] += ez * term
                 off1[b, 0] += w * ex
                 off1[b, 1] += w * ey
                 off1[b, 2] += w * ez

@@ -20,6 +20,14 @@ final estimate, the correction is made for the whole run at once (``steer estima
 time on a spare core while the next one counts (``steer serve --exact-correction``). It
 is made on the path's bins, the wedge's (offline) or the path's split by zone class (the
 exact fold puts each sample in its zone's class row, as the moments do).
+
+A cheaper correction of the same kind (``steer estimate --refine --first-order``): the
+counts model's two first-order terms across the tube that its fits leave out (each mode's
+intensity-weighted offsets and its eigenvector's change,
+:meth:`~model_server.refinement.counts.CountsModel.first_order`), from each orientation's
+offsets' tensors (:func:`run_offset_tensors`, about 1.3 s an orientation), as factors made
+at the optimum (:func:`first_order_correction`). On the same single orientations they leave
+the model 0.7 % per bin (median) from the exact fold at the truth.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from consumers.reduction.folding import Folder
 from consumers.reduction.moments import (
     BinMoments,
     folded_samples,
+    offset_tensors,
     orientation_moments,
     point_operations,
     star_operations,
@@ -59,7 +68,9 @@ __all__ = [
     "exact_correction",
     "exact_one_phonon_fold",
     "exact_run_fold",
+    "first_order_correction",
     "refine_file_exact",
+    "run_offset_tensors",
 ]
 
 
@@ -210,6 +221,70 @@ def exact_correction(
     )
 
 
+def run_offset_tensors(
+    refiner: RunRefiner,
+    folder: Folder,
+    omegas: Sequence[float],
+    charges: Sequence[float],
+    *,
+    progress: bool = False,
+) -> NDArray[np.complex128]:
+    """(n_bins, 3, 3N, 3N) the offsets' tensors of a run
+    (:func:`~consumers.reduction.moments.offset_tensors` of every orientation, ``omegas``
+    in deg, times its charge in uC, summed in order as the moments are), on the refiner's
+    bins (the path's, or split by zone class). About 1.3 s an orientation on one core."""
+    from tqdm import tqdm
+
+    if len(omegas) != len(charges) or not len(omegas):
+        raise RefinementError("the offsets' tensors need one charge per orientation, and some")
+    classes = refiner.classes
+    ops = star_operations(folder, refiner.constants.operations)
+    out: NDArray[np.complex128] | None = None
+    pairs = list(zip(omegas, charges, strict=True))
+    for omega, charge in tqdm(pairs, desc="offsets' tensors", unit="orient", disable=not progress):
+        part = offset_tensors(
+            folder, refiner.constants, float(omega), inverse_ops=ops, classes=classes
+        )
+        part *= float(charge)
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+def first_order_correction(
+    refiner: RunRefiner,
+    moments: BinMoments,
+    tensor_d: NDArray[np.complex128],
+    at: NDArray[np.float64],
+    *,
+    orientations: int,
+    seconds: float = 0.0,
+) -> ExactCorrection:
+    """The factors of a run at the coefficients ``at`` from the counts model's first-order
+    terms across the tube: its one-phonon part with them
+    (:meth:`~model_server.refinement.counts.CountsModel.first_order`, from the run's
+    offsets' tensors ``tensor_d``, :func:`run_offset_tensors`) over the part without, per
+    bin (1 below the floor). Like :func:`exact_correction`'s, they correct the model near
+    ``at``; ``seconds``: what the tensors cost, added to the factors'."""
+    at = np.asarray(at, dtype=float)
+    t0 = time.perf_counter()
+    plain = refiner.counts_model(moments)
+    theta = plain.theta(at)
+    one = np.zeros(len(moments.weight))
+    one[plain.bins] = plain.evaluate(theta, jacobian=False).expected
+    first = np.zeros_like(one)
+    first[plain.bins] = plain.first_order(theta, tensor_d)
+    ok = (one > FLOOR * max(float(one.max()), 1e-300)) & (first > 0)
+    factors = np.where(ok, first / np.where(ok, one, 1.0), 1.0)
+    return ExactCorrection(
+        factors=np.asarray(factors, dtype=np.float64),
+        additive=np.zeros_like(one),
+        at=at,
+        orientations=orientations,
+        seconds=seconds + time.perf_counter() - t0,
+    )
+
+
 def corrected_model(
     refiner: RunRefiner, moments: BinMoments, correction: ExactCorrection
 ) -> CountsModel:
@@ -232,11 +307,15 @@ def refine_file_exact(
     on_pass: Callable[[int, Refined, float], None] | None = None,
     progress: bool = False,
     workers: int = 1,
+    first_order: bool = False,
 ) -> tuple[Refined, Refined, dict[str, Any]]:
     """:func:`model_server.refinement.refiner.refine_file`, then the fit again with the
     exact-fold correction made at its optimum (:func:`exact_correction`; about 19 s an
-    orientation on one core); with ``passes`` > 1, the correction is made again at each
-    corrected optimum and the fit repeated, so that the last correction is made within
+    orientation on one core), or with ``first_order`` the first-order terms' correction
+    (:func:`first_order_correction`; the run's offsets' tensors, about 1.3 s an
+    orientation, made once for all passes); with ``passes`` > 1, the correction is made
+    again at each corrected optimum and the fit repeated, so that the last correction is
+    made within
     ``moved_std[-1]`` std of where the fit ends (the factors hold best near the point
     they were made at).
 
@@ -258,7 +337,7 @@ def refine_file_exact(
     fit = refiner.refine(counts, moments, start, spread=spread)
     if not fit.converged:
         raise RefinementError(
-            "the refinement did not converge: no optimum to make the exact correction at"
+            "the refinement did not converge: no optimum to make the correction at"
         )
     _, folder = run_folder(
         dict(run_start), tolerance=refiner.table.tolerance, wedge_mesh=refiner.wedge_mesh
@@ -267,12 +346,31 @@ def refine_file_exact(
     at = fit
     moved: list[float] = []
     kept: tuple[Refined, dict[str, Any]] | None = None
+    tensor_d: NDArray[np.complex128] | None = None
+    made = 0.0
+    if first_order:
+        t0 = time.perf_counter()
+        tensor_d = run_offset_tensors(refiner, folder, omegas, charges, progress=progress)
+        made = time.perf_counter() - t0
     for done in range(passes):
         if progress and passes > 1:
-            print(f"exact-fold correction, pass {done + 1} of {passes}", file=sys.stderr)
-        correction = exact_correction(
-            refiner, moments, folder, omegas, charges, at.mean, progress=progress, workers=workers
-        )
+            kind = "first-order" if first_order else "exact-fold"
+            print(f"{kind} correction, pass {done + 1} of {passes}", file=sys.stderr)
+        if tensor_d is not None:
+            correction = first_order_correction(
+                refiner, moments, tensor_d, at.mean, orientations=len(omegas), seconds=made
+            )
+        else:
+            correction = exact_correction(
+                refiner,
+                moments,
+                folder,
+                omegas,
+                charges,
+                at.mean,
+                progress=progress,
+                workers=workers,
+            )
         model = corrected_model(refiner, moments, correction)
         best = {n: float(v) for n, v in zip(refiner.names, at.mean, strict=True)}
         corrected = refiner.refine(counts, moments, best, model=model, warm=at.theta)

@@ -16,6 +16,11 @@ pixel, 4 energies a bin):
   like this one: median, 90th percentile, largest and the share within 2 % (the issue's
   target: <= 2 % wherever lambda > 10, ``met``), the totals' ratio and what the reference
   costs;
+* the model with its two first-order terms across the tube
+  (:meth:`~model_server.refinement.counts.CountsModel.first_order`, from the orientation's
+  :func:`~consumers.reduction.moments.offset_tensors`): at the truth (``first_order_``),
+  and as fixed factors made 0.5 % and 2 % from it (``first_order_at_{level}_``, how the
+  fits use them);
 * where the model's errors sit (``flanks``): the same on the peaks' steep flanks and
   elsewhere, the line shift in energy bins that would make a flank bin's error, and the
   Pearson chi^2 per bin the model's error would add at the README run's counts;
@@ -42,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from consumers.reduction.moments import orientation_moments
+from consumers.reduction.moments import offset_tensors, orientation_moments
 from model_server.refinement.exact import exact_correction, exact_one_phonon_fold
 from simulations.lattice.sqe import CoherentSQE
 from tests.ge_moments import TEMPERATURE, ge_run, ge_simulator
@@ -129,6 +134,18 @@ def bench_counts_model() -> None:
                 "flanks": _flanks(full, model.bins, lam, ref, counts),
             }
             variants = [("", lam)]
+            # the first-order terms across the tube (forward only: the fits take them as
+            # factors made at a point, as the exact fold's)
+            t0 = time.perf_counter()
+            tensor_d = offset_tensors(run.folder, refiner.constants, omega)
+            row["offset_tensors_seconds"] = round(time.perf_counter() - t0, 2)
+            variants.append(("first_order_", model.first_order(model.theta(run.truth), tensor_d)))
+            for tag, level in levels.items():
+                near = run.truth * (1 + level * direction)
+                plain = model.evaluate(model.theta(near), jacobian=False).expected
+                made = model.first_order(model.theta(near), tensor_d)
+                factor = np.where(plain > 0, made / np.where(plain > 0, plain, 1.0), 1.0)
+                variants.append((f"first_order_at_{tag}_", lam * factor))
             for tag, level in levels.items():
                 near = run.truth * (1 + level * direction)
                 corr = exact_correction(refiner, moments, run.folder, [omega], [1.0], near)

@@ -11,6 +11,7 @@ from consumers.reduction.moments import (
     BinMoments,
     MomentsRing,
     folded_samples,
+    offset_tensors,
     orientation_moments,
     star_operations,
 )
@@ -55,6 +56,45 @@ def test_folded_samples_are_the_moments_samples_one_by_one() -> None:
         [np.bincount(bins, weights=w * delta[:, a], minlength=len(m.weight)) for a in range(3)], 1
     )
     np.testing.assert_allclose(off1, m.offset1, atol=1e-9 * np.abs(m.offset1).max())
+
+
+def test_offset_tensors_are_each_samples_offset_times_its_structure_factor(rng) -> None:  # type: ignore[no-untyped-def]
+    """``sum w delta_a M(Q')`` against the same sum made here sample by sample from the
+    per-sample list: each sample's Q rotated into its path point's frame, its offset, and
+    ``c`` (amplitude, Debye-Waller factor, phase of its zone, Q') built in numpy; compared
+    through a random vector ``z`` (``z^H M z = |c . z|^2``), bin by bin."""
+    run = ge_run()
+    f, t, grid = run.folder, run.folder.table, run.folder.grid
+    constants = run.refiner.constants
+    td = offset_tensors(f, constants, 10.0, pixel_stride=4)
+    assert td.shape == (grid.n_q * grid.n_e, 3, 6, 6)
+    np.testing.assert_allclose(td, np.conj(np.swapaxes(td, -1, -2)), atol=1e-12 * np.abs(td).max())
+    rows, q, sub, w = folded_samples(f, 10.0, pixel_stride=4)
+    bins = t.star_index[rows] * grid.n_e + sub // 4
+    inv = star_operations(f, constants.operations)
+    qp = np.einsum("na,nab->nb", q, inv[rows])  # r.l.u., in the path point's frame
+    path = grid.qpath.qpoints[t.star_index[rows]]
+    zone = np.floor(qp - path + 0.5)
+    delta = (qp - path - zone) @ t.reciprocal  # 1/A
+    qc = qp @ t.reciprocal  # Q' (1/A)
+    n_at = len(constants.amplitudes)
+    c = np.empty((len(q), 3 * n_at), dtype=complex)
+    for j in range(n_at):
+        dw = np.einsum("na,ab,nb->n", qc, constants.debye_waller[j], qc)
+        phase = np.exp(-2j * np.pi * zone @ constants.positions[j])
+        c[:, 3 * j : 3 * j + 3] = (constants.amplitudes[j] * np.exp(-dw) * phase)[:, None] * qc
+    z = rng.standard_normal(3 * n_at) + 1j * rng.standard_normal(3 * n_at)
+    mz = np.abs(c @ z) ** 2  # z^H M z per sample
+    for a in range(3):
+        ref = np.bincount(bins, weights=w * delta[:, a] * mz, minlength=len(td))
+        got = np.einsum("x,bxy,y->b", np.conj(z), td[:, a], z)
+        assert np.abs(got.imag).max() <= 1e-9 * np.abs(got).max()
+        np.testing.assert_allclose(got.real, ref, atol=1e-9 * np.abs(ref).max())
+    # on the moments' bins: zero where no sample folded
+    m = orientation_moments(f, constants, 10.0, pixel_stride=4, cache=False)
+    used = m.weight > 0
+    assert np.abs(td[~used]).max() == 0.0
+    assert np.abs(td[used]).max() > 0.0
 
 
 def test_tensors_are_hermitian_and_positive() -> None:
