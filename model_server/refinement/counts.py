@@ -888,20 +888,24 @@ class CountsModel:
         model's per-bin error from 2.1 to 0.7 % (median; ``make bench``,
         ``bench_counts_model``). Forward only: no Jacobian, so the fits use them as fixed
         factors made at a point (:func:`model_server.refinement.exact.first_order_correction`);
-        the Debye-Waller change of the terms is left out."""
+        the Debye-Waller change of the terms is left out. Not for a model built with a
+        correction (its factors would scale the terms too); neither reads nor keeps the
+        forward pass that :meth:`evaluate` keeps for its Jacobian."""
         theta = np.asarray(theta, dtype=float)
         if theta.shape != (self.n_params,):
             raise RefinementError(f"expected {self.n_params} parameters, got {theta.shape}")
-        m = self._tensor.shape[-1]
-        tensor_d = np.asarray(tensor_d)
-        if (
-            tensor_d.ndim != 4
-            or tensor_d.shape[1:] != (3, m, m)
-            or tensor_d.shape[0] <= int(self._dense.max())
-        ):
+        if self._correction is not None:
             raise RefinementError(
-                f"offsets' tensors of shape {tensor_d.shape} do not fit this model's moments "
-                f"(bins up to {int(self._dense.max())}, {m} branches)"
+                "the first-order terms are for the model without a correction (its factors "
+                "would scale them too): build it without one"
+            )
+        m = self._tensor.shape[-1]
+        n_moment_bins = self.grid.n_q * self.grid.n_e
+        tensor_d = np.asarray(tensor_d)
+        if tensor_d.shape != (n_moment_bins, 3, m, m):
+            raise RefinementError(
+                f"offsets' tensors of shape {tensor_d.shape} do not fit this model's moments: "
+                f"expected {(n_moment_bins, 3, m, m)} (the same grid and binning)"
             )
         td = np.take(tensor_d, self._dense, axis=0).reshape(*self._use.shape, 3, m, m)
         return self._forward(theta, tensor_d=td).expected
@@ -1029,16 +1033,20 @@ class CountsModel:
     ) -> NDArray[np.float64]:
         """(n_near,) meV: ``v_m . (<delta>_m - <delta>)`` per element near a line, the
         change of its line's centre when the offsets are weighted by the mode's own
-        intensity (:meth:`first_order`); in blocks, to bound the gathered tensors."""
+        intensity (:meth:`first_order`; a mode with less than 1e-9 of its bin's trace
+        keeps its centre); in blocks, to bound the gathered tensors. The elements near a
+        line are those of the unweighted centre (the shift is ~0.01 meV against a window
+        of several widths)."""
         ip, ie, im = near.at
         out = np.zeros(len(ip))
         for sl in _blocks(len(ip)):
             p, e, mm = ip[sl], ie[sl], im[sl]
             u = self._point_q[p]
             vm = vec[u, :, mm]  # (n, i): each element's eigenvector
-            den = np.einsum("ni,nij,nj->n", vm.conj(), self._tensor[p, e], vm).real
+            t = self._tensor[p, e]
+            den = np.einsum("ni,nij,nj->n", vm.conj(), t, vm).real
             num = np.einsum("ni,naij,nj->na", vm.conj(), tensor_d[p, e], vm).real
-            ok = den > 0
+            ok = den > 1e-9 * np.trace(t, axis1=1, axis2=2).real
             mean = num / np.where(ok, den, 1.0)[:, None] - self._mean_offset[p, e]
             out[sl] = np.where(ok, np.sum(vel[u, :, mm] * mean, axis=1), 0.0)
         return out

@@ -25,7 +25,7 @@ A cheaper correction of the same kind (``steer estimate --refine --first-order``
 counts model's two first-order terms across the tube that its fits leave out (each mode's
 intensity-weighted offsets and its eigenvector's change,
 :meth:`~model_server.refinement.counts.CountsModel.first_order`), from each orientation's
-offsets' tensors (:func:`run_offset_tensors`, about 1.3 s an orientation), as factors made
+offsets' tensors (:func:`run_offset_tensors`, 1.4-2.8 s an orientation), as factors made
 at the optimum (:func:`first_order_correction`). On the same single orientations they leave
 the model 0.7 % per bin (median) from the exact fold at the truth.
 """
@@ -232,21 +232,35 @@ def run_offset_tensors(
     """(n_bins, 3, 3N, 3N) the offsets' tensors of a run
     (:func:`~consumers.reduction.moments.offset_tensors` of every orientation, ``omegas``
     in deg, times its charge in uC, summed in order as the moments are), on the refiner's
-    bins (the path's, or split by zone class). About 1.3 s an orientation on one core."""
+    bins (the path's, or split by zone class). Each angle is taken as the moments take it
+    (:func:`~consumers.reduction.pipeline.coverage_angle`), so that the tensors and the
+    moments come from the same samples. 1.4-1.9 s an orientation of one core on the path,
+    about 2.8 s on Ge's zone classes (measured on a loaded machine)."""
     from tqdm import tqdm
 
+    from consumers.reduction.pipeline import coverage_angle
+
     if len(omegas) != len(charges) or not len(omegas):
-        raise RefinementError("the offsets' tensors need one charge per orientation, and some")
+        raise RefinementError(
+            "the offsets' tensors need one charge per orientation, and some "
+            f"(got {len(omegas)} angles and {len(charges)} charges)"
+        )
+    bad = [c for c in charges if not (math.isfinite(float(c)) and float(c) >= 0.0)]
+    if bad:
+        raise RefinementError(f"charges must be finite and >= 0 (got {bad[0]})")
     classes = refiner.classes
     ops = star_operations(folder, refiner.constants.operations)
     out: NDArray[np.complex128] | None = None
     pairs = list(zip(omegas, charges, strict=True))
     for omega, charge in tqdm(pairs, desc="offsets' tensors", unit="orient", disable=not progress):
         part = offset_tensors(
-            folder, refiner.constants, float(omega), inverse_ops=ops, classes=classes
+            folder, refiner.constants, coverage_angle(omega), inverse_ops=ops, classes=classes
         )
         part *= float(charge)
-        out = part if out is None else out + part
+        if out is None:
+            out = part
+        else:
+            out += part
     assert out is not None
     return out
 
@@ -312,7 +326,7 @@ def refine_file_exact(
     """:func:`model_server.refinement.refiner.refine_file`, then the fit again with the
     exact-fold correction made at its optimum (:func:`exact_correction`; about 19 s an
     orientation on one core), or with ``first_order`` the first-order terms' correction
-    (:func:`first_order_correction`; the run's offsets' tensors, about 1.3 s an
+    (:func:`first_order_correction`; the run's offsets' tensors, 1.4-2.8 s an
     orientation, made once for all passes); with ``passes`` > 1, the correction is made
     again at each corrected optimum and the fit repeated, so that the last correction is
     made within
@@ -327,8 +341,9 @@ def refine_file_exact(
     coefficient of zero std). A later pass whose fit does not converge is not returned:
     the last converged pass is, with ``stopped`` saying which pass failed.
     ``on_pass(k, fit, moved_std)`` is called after the k-th corrected fit (from 1): each
-    pass costs the exact fold again, so a caller can show the fits as they come.
-    ``workers``: orientations folded at a time (:func:`exact_run_fold`)."""
+    exact pass costs the exact fold again, so a caller can show the fits as they come.
+    ``workers``: orientations folded exactly at a time (:func:`exact_run_fold`; the
+    first-order tensors are made one orientation after another)."""
     from consumers.reduction.pipeline import run_folder
 
     if passes < 1:

@@ -241,7 +241,7 @@ def estimate_cmd(
             help="With --refine: fit again with the counts model's first-order terms across "
             "the folding tube (each mode's intensity-weighted offsets and its eigenvector's "
             "change) as factors made at the optimum, from every orientation's offsets' "
-            "tensors (about 1.3 s an orientation on one core; the model then 0.7 % per bin "
+            "tensors (1.4-2.8 s an orientation on one core; the model then 0.7 % per bin "
             "from the exact fold instead of 2 %); prints the corrected fit as refined, the "
             "first as refined_model_only. Instead of --exact.",
         ),
@@ -295,7 +295,10 @@ def estimate_cmd(
             "--exact-passes repeats the correction: give --exact or --first-order too"
         )
     if jobs is not None and not exact:
-        raise typer.BadParameter("--jobs is for the exact fold: give --exact too")
+        raise typer.BadParameter(
+            "--jobs is for the exact fold: give --exact too (--first-order makes its "
+            "tensors one orientation after another)"
+        )
     if jobs is not None and jobs < 1:
         raise typer.BadParameter(f"must be >= 1, got {jobs}", param_hint="--jobs")
     binning = "path"

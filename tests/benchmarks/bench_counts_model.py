@@ -88,6 +88,9 @@ def _flanks(
         "pearson_excess": round(float(np.mean((lam[used] - ref[used]) ** 2 / ref[used]) * scale), 4)
     }
     for label, part in (("flank", flank), ("not_flank", keep & ~flank)):
+        if not part.any():
+            out[label] = {"bins": 0}
+            continue
         e = err[part]
         out[label] = {
             "bins": int(part.sum()),
@@ -96,6 +99,8 @@ def _flanks(
             "max": round(float(e.max()), 4),
             "within_2pc": round(float(np.mean(e <= 0.02)), 3),
         }
+    if not flank.any():
+        return out
     shift = np.abs((lam[flank] - ref[flank]) / slope[flank])
     out["flank_shift_bins"] = {
         "median": round(float(np.median(shift)), 4),

@@ -200,8 +200,14 @@ def test_the_first_order_terms_bring_the_model_near_the_exact_fold() -> None:
     fixed = refiner.counts_model(moments, correction=corr.factors)
     lam = fixed.evaluate(theta, jacobian=False).expected
     np.testing.assert_allclose(lam[keep], first[keep], rtol=1e-9)
+    # the plain model's forward pass, which its Jacobian reuses, is not the terms'
+    np.testing.assert_array_equal(model.evaluate(theta, jacobian=False).expected, plain)
     with pytest.raises(RefinementError, match="offsets' tensors of shape"):
         model.first_order(theta, tensor_d[:, :2])
+    with pytest.raises(RefinementError, match="offsets' tensors of shape"):  # zone classes'
+        model.first_order(theta, np.concatenate([tensor_d] * 4))
+    with pytest.raises(RefinementError, match="without a correction"):
+        fixed.first_order(theta, tensor_d)
 
 
 def test_estimate_refine_first_order_on_a_folded_run(tmp_path: Path) -> None:
