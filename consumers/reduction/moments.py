@@ -59,7 +59,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from consumers.exceptions import FoldError
-from consumers.reduction.folding import CoverageSamples, Folder
+from consumers.reduction.folding import Folder
 from consumers.reduction.kernels import _popcount
 from simulations.lattice.crystals import Crystal
 from simulations.lattice.force_constants import FCBasis
@@ -466,9 +466,7 @@ def orientation_moments(
         if hit is not None:
             _CACHE.move_to_end(key)
             return hit.copy()
-    out = _orientation_walk(
-        folder, constants, omega, e_substeps, pixel_stride, inverse_ops, classes, None
-    )
+    out = _walk(folder, constants, omega, e_substeps, pixel_stride, inverse_ops, classes, None)
     if not cache:
         return out
     with _CACHE_LOCK:
@@ -480,17 +478,24 @@ def orientation_moments(
 
 def _walk(
     folder: Folder,
-    samples: CoverageSamples,
-    dm: NDArray[np.float64],
-    h_inf: NDArray[np.float64],
     constants: StructureConstants,
-    inverse_ops: NDArray[np.float64],
+    omega: float,
+    e_substeps: int,
+    pixel_stride: int,
+    inverse_ops: NDArray[np.float64] | None,
     classes: ZoneClasses,
-    out: BinMoments,
-    tensor_d: NDArray[np.complex128] | None = None,
-) -> None:
-    """Run :func:`moments_kernel` over the samples of one orientation (``tensor_d``:
-    where the offsets' tensors go, or None: left out)."""
+    tensor_d: NDArray[np.complex128] | None,
+) -> BinMoments:
+    """The moments of one orientation, walked afresh (:func:`orientation_moments` without
+    its cache): :func:`moments_kernel` over its samples, adding the offsets' tensors to
+    ``tensor_d`` when given."""
+    if inverse_ops is None:
+        inverse_ops = star_operations(folder, constants.operations)
+    samples = folder.coverage_samples(e_substeps=e_substeps, pixel_stride=pixel_stride)
+    dm, h_inf = folder.sample_rays(samples, omega)
+    grid = folder.grid
+    out = BinMoments.zeros(grid.n_q * classes.n_classes * grid.n_e, constants.n_branches)
+    out.n_orientations = 1
     t = folder.table
     de_sub = float(folder.grid.energy_edges[1] - folder.grid.energy_edges[0]) / (
         len(samples.v_f) // folder.grid.n_e
@@ -540,6 +545,7 @@ def _walk(
         out.background,
         np.zeros((0, 3, 0, 0), dtype=np.complex128) if tensor_d is None else tensor_d,
     )
+    return out
 
 
 def offset_tensors(
@@ -564,7 +570,7 @@ def offset_tensors(
     grid = folder.grid
     n_bins = grid.n_q * classes.n_classes * grid.n_e
     tensor_d = np.zeros((n_bins, 3, constants.n_branches, constants.n_branches), np.complex128)
-    _orientation_walk(
+    _walk(
         folder,
         constants,
         _finite_angle(omega),
@@ -583,29 +589,6 @@ def _finite_angle(omega: float) -> float:
     if not math.isfinite(omega):
         raise FoldError(f"goniometer angle must be finite, got {omega}")
     return omega
-
-
-def _orientation_walk(
-    folder: Folder,
-    constants: StructureConstants,
-    omega: float,
-    e_substeps: int,
-    pixel_stride: int,
-    inverse_ops: NDArray[np.float64] | None,
-    classes: ZoneClasses,
-    tensor_d: NDArray[np.complex128] | None,
-) -> BinMoments:
-    """The moments of one orientation, walked afresh (:func:`orientation_moments` without
-    its cache), adding the offsets' tensors to ``tensor_d`` when given."""
-    if inverse_ops is None:
-        inverse_ops = star_operations(folder, constants.operations)
-    samples = folder.coverage_samples(e_substeps=e_substeps, pixel_stride=pixel_stride)
-    dm, h_inf = folder.sample_rays(samples, omega)
-    grid = folder.grid
-    out = BinMoments.zeros(grid.n_q * classes.n_classes * grid.n_e, constants.n_branches)
-    out.n_orientations = 1
-    _walk(folder, samples, dm, h_inf, constants, inverse_ops, classes, out, tensor_d)
-    return out
 
 
 @numba.njit(cache=True, nogil=True)

@@ -957,8 +957,11 @@ class CountsModel:
             point_q=self._point_q,
             per_mode=(sres, dsres, nb, dnb),
         )
+        change = None
         if tensor_d is not None:
-            near = replace(near, mu=near.mu + self._weighted_offsets(near, vec, vel, tensor_d))
+            inv_gap = _inverse_gaps(lam, cluster) if bend is None else bend.inv_geff
+            shift, change = self._first_order_terms(near, vec, vel, bq, inv_gap, tensor_d)
+            near = replace(near, mu=near.mu + shift)
         # on the elements near a line; ``base``: their Gaussians' erfc and exp terms
         base = np.empty((len(near.e), _BASE_TERMS))
         h, hx = self._profile_at(near, r, derivatives=False, base=base, positions=True)
@@ -986,14 +989,8 @@ class CountsModel:
         left_x, a_x = _structure_left(
             self._tensor_x, self._tensor_q2, shift, vec, self._point_q, ip, ie, im, False
         )
-        if tensor_d is not None:
-            if bend is not None:
-                inv_gap = bend.inv_geff
-            else:
-                other = cluster[:, :, None] != cluster[:, None, :]
-                gap = lam[:, :, None] - lam[:, None, :]
-                inv_gap = np.where(other, 1.0 / np.where(other, gap, 1.0), 0.0)
-            a = a + self._eigenvector_change(near, vec, bq, inv_gap, tensor_d)
+        if change is not None:
+            a = a + change
         flat = ip * n_e + ie
         # (p, e) the one-phonon part at unit scale
         one = np.bincount(flat, weights=a * h + a_x * hx, minlength=n_p * n_e).reshape(n_p, n_e)
@@ -1024,56 +1021,42 @@ class CountsModel:
             bend=bend,
         )
 
-    def _weighted_offsets(
+    def _first_order_terms(
         self,
         near: _Near,
         vec: NDArray[np.complex128],
         vel: NDArray[np.float64],
+        bq: NDArray[np.complex128],
+        inv_gap: NDArray[np.float64],
         tensor_d: NDArray[np.complex128],
-    ) -> NDArray[np.float64]:
-        """(n_near,) meV: ``v_m . (<delta>_m - <delta>)`` per element near a line, the
-        change of its line's centre when the offsets are weighted by the mode's own
-        intensity (:meth:`first_order`; a mode with less than 1e-9 of its bin's trace
-        keeps its centre); in blocks, to bound the gathered tensors. The elements near a
-        line are those of the unweighted centre (the shift is ~0.01 meV against a window
-        of several widths)."""
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """The two terms of :meth:`first_order` per element near a line, (n_near,) each,
+        in blocks (to bound the gathered tensors, each gathered once for both):
+
+        * meV, ``v_m . (<delta>_m - <delta>)``: the change of its line's centre when the
+          offsets are weighted by the mode's own intensity (a mode with less than 1e-9 of
+          its bin's trace keeps its centre; the elements near a line are those of the
+          unweighted centre: the shift is ~0.01 meV against a window of several widths);
+        * ``2 Re sum_a (d_a e_m)^H Td_a e_m``: the first-order change of its mode's
+          intensity with the eigenvector across the tube (``inv_gap`` (u, m, n) ``1 /
+          (lambda_m - lambda_n)``, damped, 0 within a cluster)."""
         ip, ie, im = near.at
-        out = np.zeros(len(ip))
+        shift = np.zeros(len(ip))
+        change = np.zeros(len(ip))
         for sl in _blocks(len(ip)):
             p, e, mm = ip[sl], ie[sl], im[sl]
             u = self._point_q[p]
             vm = vec[u, :, mm]  # (n, i): each element's eigenvector
-            t = self._tensor[p, e]
+            t, td = self._tensor[p, e], tensor_d[p, e]
             den = np.einsum("ni,nij,nj->n", vm.conj(), t, vm).real
-            num = np.einsum("ni,naij,nj->na", vm.conj(), tensor_d[p, e], vm).real
+            num = np.einsum("ni,naij,nj->na", vm.conj(), td, vm).real
             ok = den > 1e-9 * np.trace(t, axis1=1, axis2=2).real
             mean = num / np.where(ok, den, 1.0)[:, None] - self._mean_offset[p, e]
-            out[sl] = np.where(ok, np.sum(vel[u, :, mm] * mean, axis=1), 0.0)
-        return out
-
-    def _eigenvector_change(
-        self,
-        near: _Near,
-        vec: NDArray[np.complex128],
-        bq: NDArray[np.complex128],
-        inv_gap: NDArray[np.float64],
-        tensor_d: NDArray[np.complex128],
-    ) -> NDArray[np.float64]:
-        """(n_near,) ``2 Re sum_a (d_a e_m)^H Td_a e_m`` per element near a line, the
-        first-order change of its mode's intensity with the eigenvector across the tube
-        (:meth:`first_order`; ``inv_gap`` (u, m, n) ``1 / (lambda_m - lambda_n)``, damped,
-        0 within a cluster); in blocks."""
-        ip, ie, im = near.at
-        out = np.zeros(len(ip))
-        for sl in _blocks(len(ip)):
-            p, e, mm = ip[sl], ie[sl], im[sl]
-            u = self._point_q[p]
+            shift[sl] = np.where(ok, np.sum(vel[u, :, mm] * mean, axis=1), 0.0)
             coef = bq[u, :, :, mm] * inv_gap[u, mm, :][:, None, :]  # (n, a, l): B_a,lm / g
             de = np.einsum("nil,nal->nai", vec[u], coef)  # (n, a, i): d_a e_m
-            out[sl] = (
-                2.0 * np.einsum("nai,naij,nj->n", de.conj(), tensor_d[p, e], vec[u, :, mm]).real
-            )
-        return out
+            change[sl] = 2.0 * np.einsum("nai,naij,nj->n", de.conj(), td, vm).real
+        return shift, change
 
     def _modes(self, c: NDArray[np.float64]) -> tuple[Any, ...]:
         """Per distinct q-point (u) at the coefficients ``c``: ``(lam, vec, ok, lam_safe,
@@ -1149,9 +1132,7 @@ class CountsModel:
         dlam = np.einsum("kqm,qnm->kqn", np.einsum("kqmm->kqm", y_k).real, avg)  # (k, u, m)
         # dA/dc_k = sum_{n not in cluster(m)} 2 Re(X_mn Y_k,nm) / (lambda_m - lambda_n);
         # summed with h: sum_mn Re((X h_m)_mn Z_k,mn) as one product per point
-        gap = lam[:, :, None] - lam[:, None, :]  # (u, m, n)
-        same = fw.cluster[:, :, None] == fw.cluster[:, None, :]
-        inv_gap = np.where(same, 0.0, 1.0 / np.where(same, 1.0, gap))
+        inv_gap = _inverse_gaps(lam, fw.cluster)  # (u, m, n)
         z = 2.0 * np.transpose(y_k, (1, 0, 3, 2)) * inv_gap[:, None]  # (u, k, m, n)
         # Zt_k,ml = sum_n e_ln Z_k,mn, (u, m, l, k): sum_n (w V)_n Z_k,mn = sum_l w_l Zt_k,ml
         zt = np.einsum("uln,ukmn->umlk", vec, z)
@@ -1394,6 +1375,14 @@ class CountsModel:
         n = np.where(use, 1.0 / np.expm1(x), 0.0)
         dn = np.where(use, -n * (n + 1.0) / kt, 0.0)
         return n, dn
+
+
+def _inverse_gaps(lam: NDArray[np.float64], cluster: NDArray[np.int64]) -> NDArray[np.float64]:
+    """(u, m, n) ``1 / (lambda_m - lambda_n)`` of the eigenvalues ``lam`` (u, m), 0 within
+    a degenerate cluster (``cluster`` (u, m))."""
+    gap = lam[:, :, None] - lam[:, None, :]
+    same = cluster[:, :, None] == cluster[:, None, :]
+    return np.where(same, 0.0, 1.0 / np.where(same, 1.0, gap))
 
 
 def _blocks(n: int, size: int = 32768) -> list[slice]:

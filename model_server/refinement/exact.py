@@ -207,13 +207,11 @@ def exact_correction(
     exact = exact_run_fold(
         folder, sqe, omegas, charges, classes=refiner.classes, progress=progress, workers=workers
     ).reshape(-1)
-    one = np.zeros_like(exact)
-    one[plain.bins] = plain.evaluate(plain.theta(at), jacobian=False).expected
-    ok = (one > FLOOR * max(float(one.max()), 1e-300)) & (exact > 0)
-    factors = np.where(ok, exact / np.where(ok, one, 1.0), 1.0)
+    one = _one_phonon_part(plain, at, len(exact))
+    factors, ok = _factors(one, exact)
     additive = np.where(ok, 0.0, np.maximum(exact - one, 0.0))
     return ExactCorrection(
-        factors=np.asarray(factors, dtype=np.float64),
+        factors=factors,
         additive=np.asarray(additive, dtype=np.float64),
         at=at,
         orientations=len(omegas),
@@ -283,20 +281,34 @@ def first_order_correction(
     at = np.asarray(at, dtype=float)
     t0 = time.perf_counter()
     plain = refiner.counts_model(moments)
-    theta = plain.theta(at)
-    one = np.zeros(len(moments.weight))
-    one[plain.bins] = plain.evaluate(theta, jacobian=False).expected
+    one = _one_phonon_part(plain, at, len(moments.weight))
     first = np.zeros_like(one)
-    first[plain.bins] = plain.first_order(theta, tensor_d)
-    ok = (one > FLOOR * max(float(one.max()), 1e-300)) & (first > 0)
-    factors = np.where(ok, first / np.where(ok, one, 1.0), 1.0)
+    first[plain.bins] = plain.first_order(plain.theta(at), tensor_d)
     return ExactCorrection(
-        factors=np.asarray(factors, dtype=np.float64),
+        factors=_factors(one, first)[0],
         additive=np.zeros_like(one),
         at=at,
         orientations=orientations,
         seconds=seconds + time.perf_counter() - t0,
     )
+
+
+def _one_phonon_part(plain: CountsModel, at: NDArray[np.float64], n: int) -> NDArray[np.float64]:
+    """(n,) the one-phonon part of the model ``plain`` (no fixed signal, no correction) at
+    the coefficients ``at`` on the moments' ``n`` bins, 0 where it fits none."""
+    one = np.zeros(n)
+    one[plain.bins] = plain.evaluate(plain.theta(at), jacobian=False).expected
+    return one
+
+
+def _factors(
+    one: NDArray[np.float64], target: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """The factors ``target / one`` per bin where the model's part ``one`` is above
+    :data:`FLOOR` of its largest and ``target`` > 0, 1 elsewhere; and where they were made."""
+    ok = (one > FLOOR * max(float(one.max()), 1e-300)) & (target > 0)
+    factors = np.where(ok, target / np.where(ok, one, 1.0), 1.0)
+    return np.asarray(factors, dtype=np.float64), ok
 
 
 def corrected_model(
@@ -669,8 +681,7 @@ class LiveExactCorrection:
             classes=classes,
         )
         plain = refiner.counts_model(moments)
-        one = np.zeros(moments.weight.shape[0])
-        one[plain.bins] = plain.evaluate(plain.theta(at), jacobian=False).expected
+        one = _one_phonon_part(plain, at, moments.weight.shape[0])
         sqe = CoherentSQE(
             plain.basis, at, temperature=plain.temperature, resolution=plain.resolution
         )
@@ -712,14 +723,11 @@ class LiveExactCorrection:
                 f"moments have {n}"
             )
         plain = self.refiner.counts_model(moments)
-        total = np.zeros(n)
-        total[plain.bins] = plain.evaluate(plain.theta(at), jacobian=False).expected
-        corrected = total + excess
-        ok = (total > FLOOR * max(float(total.max()), 1e-300)) & (corrected > 0)
-        factors = np.where(ok, corrected / np.where(ok, total, 1.0), 1.0)
+        total = _one_phonon_part(plain, at, n)
+        factors, ok = _factors(total, total + excess)
         additive = np.where(ok, 0.0, np.maximum(excess, 0.0))
         return ExactCorrection(
-            factors=np.asarray(factors, dtype=np.float64),
+            factors=factors,
             additive=np.asarray(additive, dtype=np.float64),
             at=at,
             orientations=len(parts),

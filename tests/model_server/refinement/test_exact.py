@@ -4,7 +4,9 @@ expected fold; and ``steer estimate --refine --exact`` on a folded run file."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -123,6 +125,23 @@ def _folded_small_run(tmp_path: Path, flag: str) -> tuple[Path, str]:
     return iqe, model
 
 
+def _corrected_fits(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The corrected fit of ``steer estimate --refine --exact`` or ``--first-order``, after
+    the checks both share: both fits converged, all 16 coefficients, and at these few counts
+    the correction moves no coefficient by more than its std."""
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert set(out) == {"vae", "refined", "refined_model_only"}
+    refined, first = out["refined"], out["refined_model_only"]
+    assert refined["converged"]
+    assert first["converged"]
+    assert set(refined["mean"]) == set(first["mean"])
+    assert len(refined["mean"]) == 16
+    for name, value in refined["mean"].items():
+        assert abs(value - first["mean"][name]) < first["std"][name]
+    return dict(refined)
+
+
 def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
     iqe, model = _folded_small_run(tmp_path, "--exact")
     bad = steer("estimate", str(iqe), "--model", model, "--refine", "--exact-passes", "2")
@@ -145,12 +164,7 @@ def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
         "--json",
         timeout=900,  # two exact folds of the orientation
     )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
-    assert set(out) == {"vae", "refined", "refined_model_only"}
-    refined, first = out["refined"], out["refined_model_only"]
-    assert refined["converged"]
-    assert first["converged"]
+    refined = _corrected_fits(done)
     assert refined["exact_correction"]["orientations"] == 1
     assert refined["exact_correction"]["seconds"] > 0
     # two corrections: the second made at the first corrected optimum
@@ -160,11 +174,6 @@ def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
     assert all(np.isfinite(m) and m >= 0 for m in moved)
     assert "exact-fold pass 1:" in done.stderr  # each pass's fit as it comes
     assert "exact-fold pass 2:" in done.stderr
-    assert set(refined["mean"]) == set(first["mean"])
-    assert len(refined["mean"]) == 16
-    # at these few counts the correction moves no coefficient by more than its std
-    for name, value in refined["mean"].items():
-        assert abs(value - first["mean"][name]) < first["std"][name]
 
 
 def test_the_first_order_terms_bring_the_model_near_the_exact_fold() -> None:
@@ -218,20 +227,11 @@ def test_estimate_refine_first_order_on_a_folded_run(tmp_path: Path) -> None:
     done = steer(
         "estimate", str(iqe), "--model", model, "--refine", "--first-order", "--json", timeout=600
     )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
-    assert set(out) == {"vae", "refined", "refined_model_only"}
-    refined, first = out["refined"], out["refined_model_only"]
-    assert refined["converged"]
-    assert first["converged"]
-    summary = refined["first_order_correction"]
+    summary = _corrected_fits(done)["first_order_correction"]
     assert summary["orientations"] == 1
     assert summary["passes"] == 1
     assert summary["bins_scaled"] > 0
     assert 0.0 < summary["median_abs_deviation"] < 0.1
-    # at these few counts the terms move no coefficient by more than its std
-    for name, value in refined["mean"].items():
-        assert abs(value - first["mean"][name]) < first["std"][name]
 
 
 def test_the_live_correction_is_the_exact_fold_of_the_orientations_it_folded() -> None:
