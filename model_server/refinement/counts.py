@@ -316,7 +316,7 @@ class _Bend:
 
 
 def _curvature(
-    d2dyn: NDArray[np.complex128],
+    d2dyn_rows: NDArray[np.float64],
     c: NDArray[np.float64],
     vec: NDArray[np.complex128],
     vh: NDArray[np.complex128],
@@ -339,8 +339,9 @@ def _curvature(
         Lambda_m = e_m^H D_ab e_m / 2 + sum_{n not in C(m)} Re(B_a,mn B_b,nm) / g_eff,mn
 
     (cluster-averaged over the degenerate cluster C(m); ``D_ab`` the dynamical matrix's
-    second derivatives by Q (``d2dyn`` (k, u, 9, m, m) contracted with the coefficients
-    ``c``), ``B_a = e^H dD/dQ_a e`` (``bq``), ``K`` the degenerate splitting of
+    second derivatives by Q (the bases' (k, u, 9, m, m) as :func:`_real_rows`,
+    ``d2dyn_rows`` (u, 9 k, 2 m^2), contracted with the coefficients ``c``), ``B_a = e^H
+    dD/dQ_a e`` (``bq``), ``K`` the degenerate splitting of
     :meth:`CountsModel._splitting`): second-order perturbation theory for the
     eigenvalue, and the square root's own curvature. Near-degenerate pairs would make
     ``1 / g`` (``g = lambda_m - lambda_n``) blow up where the expansion no longer holds
@@ -350,7 +351,9 @@ def _curvature(
     modes' clusters), is ``1 / g`` for pairs far apart, smooth and odd through a crossing
     (where the pair's shifts cancel), and at most ``1 / (4 sqrt(X))``."""
     n_u, m = lam.shape
-    d2 = np.tensordot(c, d2dyn, 1)  # (u, 9, m, m)
+    # sum_k c_k [Re, -Im] of each q-point's bases, one product per q-point: (u, 9, 2 m^2)
+    r = np.matmul(c, d2dyn_rows.reshape(n_u, len(c), -1)).reshape(n_u, 9, 2 * m * m)
+    d2 = (r[..., : m * m] - 1j * r[..., m * m :]).reshape(n_u, 9, m, m)
     d2e = vh[:, None] @ d2 @ vec[:, None]  # (u, 9, m, n)
     lin = 0.5 * np.einsum("uamm->uam", d2e).real
     pair = np.einsum("uamn,ubnm->uabmn", bq, bq).real.reshape(n_u, 9, m, m)
@@ -669,12 +672,14 @@ class CountsModel:
         shape = (len(self.points), n_e)
         w = moments.weight[dense].reshape(shape)
         safe = np.where(w > 0, w, 1.0)
-        m_ = moments.tensor.shape[1]
-        # np.take: a copy (the accumulator goes on adding), faster than fancy indexing
-        self._tensor = np.take(moments.tensor, dense, axis=0).reshape(*shape, m_, m_)
-        self._tensor_q2 = np.take(moments.tensor_q2, dense, axis=0).reshape(*shape, m_, m_)
+        # the bins' tensors, copied (the accumulator goes on adding) in single precision:
+        # half the memory and the memory traffic of the model's largest arrays (a Ge zone
+        # classes' orientation: 56 instead of 113 MB), at a relative 6e-8 of each element
+        # (every product with them is in double precision)
+        self._tensor = _gather_single(moments.tensor, dense, shape)
+        self._tensor_q2 = _gather_single(moments.tensor_q2, dense, shape)
         # 3 sum w x M: the first Legendre term of each bin's positions (x in [-1, 1]) by mode
-        self._tensor_x = 3.0 * np.take(moments.tensor_x, dense, axis=0).reshape(*shape, m_, m_)
+        self._tensor_x = _gather_single(moments.tensor_x, dense, shape, 3.0)
         mean = np.take(moments.offset1, dense, axis=0).reshape(*shape, 3) / safe[..., None]
         self._mean_offset = mean  # (p, e, 3)
         self._offset_cov = np.take(moments.offset2, dense, axis=0).reshape(*shape, 3, 3) / safe[
@@ -724,8 +729,9 @@ class CountsModel:
         self._ddyn_rows = _real_rows(self._ddyn)
         #: the branches' curvature across the tube: d^2 D_k/dQ_a dQ_b (k, n_u, 9, m, m), and
         #: the tube's mean square offset per direction (1/A^2, a uniform disc of its radius)
-        self._d2dyn = bases.hessian(distinct) if curvature else None
-        self._d2dyn_rows = None if self._d2dyn is None else _real_rows(self._d2dyn)
+        # (kept as real rows only: the complex bases would double the model's largest
+        # per-q-point array, 13.5 MB for an orientation of Ge's zone classes)
+        self._d2dyn_rows = _real_rows(bases.hessian(distinct)) if curvature else None
         self._sbar = 0.25 * float(tolerance) ** 2
         self._last: tuple[bytes, _Forward] | None = None
         self._dw_last: (
@@ -754,6 +760,13 @@ class CountsModel:
     def background_shape(self) -> NDArray[np.float64]:
         """(n_bins,) the background's shape in the fitted bins (its Jacobian column)."""
         return np.asarray(self._background[self._use])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays the model holds (its moments' gathered bins and the modes'
+        bases at its q-points), without the forward pass it keeps for the Jacobian
+        (:meth:`release`)."""
+        return int(sum(v.nbytes for k, v in vars(self).items() if isinstance(v, np.ndarray)))
 
     @property
     def n_params(self) -> int:
@@ -867,6 +880,14 @@ class CountsModel:
             stable=fw.stable,
         )
 
+    def release(self) -> None:
+        """Let go of the forward pass that :meth:`evaluate` keeps for the Jacobian at the
+        same point (and the Debye-Waller modes): a model kept for later, as the planner's
+        nodes are, then holds only its moments (the pass of a node of Ge's zone classes is
+        ~45 MB)."""
+        self._last = None
+        self._dw_last = None
+
     def first_order(
         self, theta: NDArray[np.float64], tensor_d: NDArray[np.complex128]
     ) -> NDArray[np.float64]:
@@ -924,7 +945,9 @@ class CountsModel:
         modes = self._modes(c)
         lam, vec, ok, lam_safe, energy, cluster, avg, _vh, bq, split, half_inv, vel = modes
         stable = bool(np.all(lam > -1e-9 * max(1.0, float(np.abs(lam).max()))))
-        bend = None if self._d2dyn is None else self._bend(self._d2dyn, c, modes, self._sbar)
+        bend = (
+            None if self._d2dyn_rows is None else self._bend(self._d2dyn_rows, c, modes, self._sbar)
+        )
         # the (bin, mode) elements near their line, with the line's centre shift and width
         # from the tube: mu = v.<delta>, tau2 = v^T (Cov(delta) + eta^2) v plus the
         # degenerate modes' splitting across it, E[delta^T K delta] (dE/dlambda)^2
@@ -1095,7 +1118,11 @@ class CountsModel:
         c = np.asarray(coefficients, dtype=float)
         if c.shape != (self.n_coefficients,):
             raise RefinementError(f"expected {self.n_coefficients} coefficients, got {c.shape}")
-        d2dyn = self._bases.hessian(self._distinct) if self._d2dyn is None else self._d2dyn
+        d2dyn = (
+            _real_rows(self._bases.hessian(self._distinct))
+            if self._d2dyn_rows is None
+            else self._d2dyn_rows
+        )
         modes = self._modes(c)
         bend = self._bend(d2dyn, c, modes, self._sbar if regularised else 0.0)
         energy = modes[4]
@@ -1103,7 +1130,7 @@ class CountsModel:
 
     @staticmethod
     def _bend(
-        d2dyn: NDArray[np.complex128],
+        d2dyn_rows: NDArray[np.float64],
         c: NDArray[np.float64],
         modes: tuple[Any, ...],
         sbar: float,
@@ -1111,7 +1138,7 @@ class CountsModel:
         """:func:`_curvature` of the modes :meth:`_modes` solved at ``c``."""
         lam, vec, ok, _, energy, cluster, avg, vh, bq, split, half_inv, vel = modes
         return _curvature(
-            d2dyn, c, vec, vh, lam, cluster, avg, bq, half_inv, vel, energy, ok, split, sbar
+            d2dyn_rows, c, vec, vh, lam, cluster, avg, bq, half_inv, vel, energy, ok, split, sbar
         )
 
     def _jacobian(self, theta: NDArray[np.float64], fw: _Forward) -> NDArray[np.float64]:
@@ -1385,6 +1412,24 @@ def _inverse_gaps(lam: NDArray[np.float64], cluster: NDArray[np.int64]) -> NDArr
     return np.where(same, 0.0, 1.0 / np.where(same, 1.0, gap))
 
 
+def _gather_single(
+    tensor: NDArray[np.complex128],
+    rows: NDArray[np.int64],
+    shape: tuple[int, int],
+    factor: float = 1.0,
+) -> NDArray[np.complex64]:
+    """``factor`` times the (n, m, m) ``tensor``'s ``rows`` as (*shape, m, m) single
+    precision complex, gathered in blocks (no double-precision copy of the whole)."""
+    m = tensor.shape[-1]
+    out = np.empty((len(rows), m, m), dtype=np.complex64)
+    for sl in _blocks(len(rows)):
+        block = np.take(tensor, rows[sl], axis=0)
+        if factor != 1.0:
+            block *= factor
+        out[sl] = block
+    return out.reshape(*shape, m, m)
+
+
 def _blocks(n: int, size: int = 32768) -> list[slice]:
     """``n`` elements in slices of at most ``size``."""
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
@@ -1411,8 +1456,8 @@ def _diagonal(rows: NDArray[np.float64], vec: NDArray[np.complex128]) -> NDArray
 
 @njit(cache=True, nogil=True)
 def _structure_left(
-    tensor: NDArray[np.complex128],
-    tensor_q2: NDArray[np.complex128],
+    tensor: NDArray[np.complex64],
+    tensor_q2: NDArray[np.complex64],
     shift: NDArray[np.float64],
     vec: NDArray[np.complex128],
     point_q: NDArray[np.int64],
@@ -1477,7 +1522,7 @@ def _coefficient_columns(
     mean: NDArray[np.float64],
     cov: NDArray[np.float64],
     eta2: float,
-    tensor_q2: NDArray[np.complex128],
+    tensor_q2: NDArray[np.complex64],
     vec: NDArray[np.complex128],
     with_q2: bool,
     ddw: NDArray[np.float64],

@@ -379,6 +379,7 @@ class InformationPlanner:
             e_substeps=self.e_substeps,
             inverse_ops=self._ops,
             classes=r.classes,
+            cache=False,  # walked once: kept as the node's model, never asked for again
         )
         try:
             model = r.counts_model(m)
@@ -429,6 +430,20 @@ class InformationPlanner:
         """Whether the nodes' information is being computed on a thread."""
         thread = self._node_thread
         return thread is not None and thread.is_alive()
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes held by the nodes' models (``models``, :attr:`CountsModel.nbytes`) and by
+        their last information terms (``terms``: expected counts and Jacobians at the
+        posterior points)."""
+        models = sum(m.nbytes for m in list(self._models.values()) if m is not None)
+        cache = self._node_cache
+        terms = 0
+        if cache is not None:
+            for per in cache[2]:
+                for t in per:
+                    if t is not None:
+                        terms += sum(int(a.nbytes) for a in t)
+        return {"models": int(models), "terms": terms}
 
     @property
     def prepared(self) -> bool:
@@ -560,8 +575,12 @@ class InformationPlanner:
                 if not ev.stable:
                     per.append(None)
                     continue
-                # per uC of the node's count; the scale and background are the run's
-                per.append((model.bins, ev.expected, ev.jacobian[:, :k]))
+                # per uC of the node's count; the scale and background are the run's (the
+                # coefficients' columns copied, in single precision: a view would hold the
+                # whole Jacobian, and the ranking needs no more than 7 digits)
+                per.append((model.bins, ev.expected, ev.jacobian[:, :k].astype(np.float32)))
+            if model is not None:
+                model.release()  # kept for the next refresh: its moments only
             node_terms.append(per)
         return node_terms
 

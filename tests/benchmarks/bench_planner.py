@@ -11,7 +11,8 @@ times (0.5, 1, 2 minutes) and the goniometer's travel from 0 degrees:
 * refreshing the nodes' information after a new estimate: with every node's Jacobian
   recomputed at the three posterior points, and with them kept (the mean moved less than
   half a std: the usual case once a few orientations are in);
-* building the nodes (their moments; once per run, on a background thread);
+* building the nodes (their moments; once per run, on a background thread) and the
+  memory their models and their information terms hold;
 * the stop criterion's greedy plan to a target of half the current std of 1NN_xx.
 """
 
@@ -61,6 +62,9 @@ def bench_planner() -> None:
         t = time.perf_counter()
         planner.refresh(fit.theta, fit.covariance, cumulative, charge=1.0, inflation=fit.inflation)
         out["refresh_full_s"] = round(time.perf_counter() - t, 3)
+        held = planner.held_bytes()
+        out["node_models_mb"] = round(held["models"] / 1e6, 1)
+        out["node_terms_mb"] = round(held["terms"] / 1e6, 1)
         out["refresh_kept_jacobians_s"] = round(
             best_of(
                 lambda: planner.refresh(

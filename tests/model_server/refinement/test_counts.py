@@ -124,6 +124,42 @@ def test_jacobian_matches_finite_differences() -> None:
     _assert_jacobian(model, theta, jac, (0, 1, 2, 3, 6, 13, 16, 17, 18, 19))
 
 
+def test_the_model_keeps_its_tensors_in_single_precision_and_lets_its_pass_go() -> None:
+    """The bins' tensors are kept as complex64 (half the model's memory) and give the
+    expected counts of the double-precision moments to 1e-6; release() drops the forward
+    pass kept for the Jacobian, and the next evaluation is the same."""
+    run = ge_run()
+    m = ge_moments((10.0,))
+    model = run.refiner.model(m)
+    assert model._tensor.dtype == np.complex64
+    assert model._tensor_q2.dtype == np.complex64
+    assert model._tensor_x.dtype == np.complex64
+    theta = _theta(model, run.truth)
+    ev = model.evaluate(theta)
+    assert model._last is not None
+    held = model.nbytes
+    model.release()
+    assert model._last is None
+    assert model._dw_last is None
+    assert model.nbytes == held
+    again = model.evaluate(theta)
+    assert np.allclose(again.expected, ev.expected, rtol=1e-12, atol=0.0)
+    # the same model with the tensors in double precision (the moments as they are)
+    m_ = m.tensor.shape[1]
+    shape = model._use.shape
+    double = run.refiner.model(m)
+    double._tensor = np.take(m.tensor, double._dense, axis=0).reshape(*shape, m_, m_)
+    double._tensor_q2 = np.take(m.tensor_q2, double._dense, axis=0).reshape(*shape, m_, m_)
+    double._tensor_x = 3.0 * np.take(m.tensor_x, double._dense, axis=0).reshape(*shape, m_, m_)
+    ref = double.evaluate(theta)
+    big = ref.expected > 1e-3 * ref.expected.max()
+    assert np.allclose(ev.expected[big], ref.expected[big], rtol=1e-6, atol=0.0)
+    assert ref.jacobian is not None
+    assert ev.jacobian is not None
+    scale = np.abs(ref.jacobian).max(axis=0)
+    assert np.all(np.abs(ev.jacobian - ref.jacobian) <= 1e-5 * scale + 1e-300)
+
+
 def test_the_jacobian_holds_across_the_wedges_wide_voxels() -> None:
     """On the wedge's voxels (radius 0.12 1/A against the tube's 0.05) the velocities'
     change with the eigenvectors matters: without it the 1NN columns were 0.9-1.4 % off

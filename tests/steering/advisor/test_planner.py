@@ -101,6 +101,28 @@ def test_the_gain_is_the_folded_counts_information() -> None:
     assert ranked[0.0].gain > ranked[8.0].gain > 0
 
 
+def test_the_nodes_hold_their_moments_and_single_precision_jacobians_only() -> None:
+    """After a refresh the nodes' models keep no forward pass, and their information terms
+    are the coefficients' Jacobian columns in single precision, not views of the whole."""
+    p = _planner()
+    k = len(p.names)
+    models = [m for m in p._models.values() if m is not None]
+    assert models
+    assert all(m._last is None for m in models)
+    assert p._node_cache is not None
+    for per in p._node_cache[2]:
+        for term in per:
+            if term is None:
+                continue
+            bins, _expected, jac = term
+            assert jac.dtype == np.float32
+            assert jac.shape == (len(bins), k)
+            assert jac.base is None
+    held = p.held_bytes()
+    assert held["models"] == sum(m.nbytes for m in models)
+    assert 0 < held["terms"] < held["models"]
+
+
 def test_ranking_respects_travel_forbidden_ranges_and_count_times() -> None:
     p = _planner()
     fit, _, _ = _posterior()
