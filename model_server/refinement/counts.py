@@ -340,8 +340,8 @@ def _curvature(
 
     (cluster-averaged over the degenerate cluster C(m); ``D_ab`` the dynamical matrix's
     second derivatives by Q (the bases' (k, u, 9, m, m) as :func:`_real_rows`,
-    ``d2dyn_rows`` (u, 9 k, 2 m^2), contracted with the coefficients ``c``), ``B_a = e^H
-    dD/dQ_a e`` (``bq``), ``K`` the degenerate splitting of
+    ``d2dyn_rows`` (u, 9 k, 2 m^2) with k the slower index, contracted with the
+    coefficients ``c``), ``B_a = e^H dD/dQ_a e`` (``bq``), ``K`` the degenerate splitting of
     :meth:`CountsModel._splitting`): second-order perturbation theory for the
     eigenvalue, and the square root's own curvature. Near-degenerate pairs would make
     ``1 / g`` (``g = lambda_m - lambda_n``) blow up where the expansion no longer holds
@@ -727,10 +727,11 @@ class CountsModel:
         #: (n_u, 3 k, 2 m^2) the Q gradients' bases as real rows: the diagonal elements
         #: e_m^H dD_k/dQ_a e_m of all k and a in one real product per q-point (_diagonal).
         self._ddyn_rows = _real_rows(self._ddyn)
-        #: the branches' curvature across the tube: d^2 D_k/dQ_a dQ_b (k, n_u, 9, m, m), and
-        #: the tube's mean square offset per direction (1/A^2, a uniform disc of its radius)
-        # (kept as real rows only: the complex bases would double the model's largest
-        # per-q-point array, 13.5 MB for an orientation of Ge's zone classes)
+        #: the branches' curvature across the tube: d^2 D_k/dQ_a dQ_b as real rows (n_u, 9 k,
+        #: 2 m^2), k-major (:func:`_real_rows`; a complex copy in the model would double its
+        #: largest per-q-point array, 13.5 MB for an orientation of Ge's zone classes; the
+        #: bases' own cache keeps one, shared by every model), and the tube's mean square
+        #: offset per direction (1/A^2, a uniform disc of its radius)
         self._d2dyn_rows = _real_rows(bases.hessian(distinct)) if curvature else None
         self._sbar = 0.25 * float(tolerance) ** 2
         self._last: tuple[bytes, _Forward] | None = None
@@ -763,10 +764,18 @@ class CountsModel:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the arrays the model holds (its moments' gathered bins and the modes'
-        bases at its q-points), without the forward pass it keeps for the Jacobian
-        (:meth:`release`)."""
-        return int(sum(v.nbytes for k, v in vars(self).items() if isinstance(v, np.ndarray)))
+        """Bytes of the arrays the model holds of its own (its moments' gathered bins and
+        the modes' bases at its q-points), without the forward pass it keeps for the
+        Jacobian (:meth:`release`) and without what every model of the run shares (the
+        Debye-Waller mesh's bases, the bases' caches)."""
+        shared = {"_dw_dyn", "_dw_weights"}
+        return int(
+            sum(
+                v.nbytes
+                for k, v in vars(self).items()
+                if isinstance(v, np.ndarray) and k not in shared
+            )
+        )
 
     @property
     def n_params(self) -> int:
@@ -824,8 +833,9 @@ class CountsModel:
         on the :data:`DW_MESH` mesh (summed over its half, :func:`half_mesh`) and, with
         ``jacobian``, ``db_j/dc_k`` ((n_atoms, n_coeff), through the mode energies)."""
         key = c.tobytes()
-        if self._dw_last is not None and self._dw_last[0] == key:
-            _, lam, vec, weight = self._dw_last  # the forward pass's, for its Jacobian
+        last = self._dw_last  # read once: release() may drop it from another thread
+        if last is not None and last[0] == key:
+            _, lam, vec, weight = last  # the forward pass's, for its Jacobian
         else:
             d = np.tensordot(c, self._dw_dyn, 1)  # sum_k c_k D_k
             lam, vec = np.linalg.eigh(d)
@@ -1057,7 +1067,7 @@ class CountsModel:
         in blocks (to bound the gathered tensors, each gathered once for both):
 
         * meV, ``v_m . (<delta>_m - <delta>)``: the change of its line's centre when the
-          offsets are weighted by the mode's own intensity (a mode with less than 1e-9 of
+          offsets are weighted by the mode's own intensity (a mode with less than 1e-6 of
           its bin's trace keeps its centre; the elements near a line are those of the
           unweighted centre: the shift is ~0.01 meV against a window of several widths);
         * ``2 Re sum_a (d_a e_m)^H Td_a e_m``: the first-order change of its mode's
@@ -1073,7 +1083,8 @@ class CountsModel:
             t, td = self._tensor[p, e], tensor_d[p, e]
             den = np.einsum("ni,nij,nj->n", vm.conj(), t, vm).real
             num = np.einsum("ni,naij,nj->na", vm.conj(), td, vm).real
-            ok = den > 1e-9 * np.trace(t, axis1=1, axis2=2).real
+            # the tensors are single precision: below ~1e-7 of the trace den is rounding
+            ok = den > 1e-6 * np.trace(t, axis1=1, axis2=2).real
             mean = num / np.where(ok, den, 1.0)[:, None] - self._mean_offset[p, e]
             shift[sl] = np.where(ok, np.sum(vel[u, :, mm] * mean, axis=1), 0.0)
             coef = bq[u, :, :, mm] * inv_gap[u, mm, :][:, None, :]  # (n, a, l): B_a,lm / g

@@ -432,17 +432,17 @@ class InformationPlanner:
         return thread is not None and thread.is_alive()
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes held by the nodes' models (``models``, :attr:`CountsModel.nbytes`) and by
-        their last information terms (``terms``: expected counts and Jacobians at the
-        posterior points)."""
+        """Bytes held by the nodes' models (``models``, :attr:`CountsModel.nbytes`: their
+        own arrays) and by their last information terms (``terms``: expected counts and
+        Jacobians at the posterior points)."""
         models = sum(m.nbytes for m in list(self._models.values()) if m is not None)
         cache = self._node_cache
         terms = 0
         if cache is not None:
             for per in cache[2]:
                 for t in per:
-                    if t is not None:
-                        terms += sum(int(a.nbytes) for a in t)
+                    if t is not None:  # expected counts and Jacobian (the bins: the model's)
+                        terms += int(t[1].nbytes) + int(t[2].nbytes)
         return {"models": int(models), "terms": terms}
 
     @property
