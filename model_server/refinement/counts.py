@@ -194,7 +194,9 @@ class ModeBases:
         self.basis = basis
         self._kept: dict[bytes, tuple[NDArray[np.complex128], NDArray[np.complex128]]] = {}
         self._hessians: dict[bytes, NDArray[np.complex128]] = {}
-        self._mesh: tuple[NDArray[np.complex128], NDArray[np.float64]] | None = None
+        self._mesh: (
+            tuple[NDArray[np.complex128], NDArray[np.float64], NDArray[np.float64]] | None
+        ) = None
 
     def at(
         self, qpoints: NDArray[np.float64]
@@ -227,13 +229,16 @@ class ModeBases:
                 self._hessians[keys[i]] = hess[:, j]
         return np.stack([self._hessians[key] for key in keys], axis=1)
 
-    def mesh(self) -> tuple[NDArray[np.complex128], NDArray[np.float64]]:
-        """``(D_k (k, n_half, m, m), weights (n_half,))``: the basis on one of each pair
-        ``q, -q`` of the :data:`DW_MESH`^3 mesh (:func:`half_mesh`), and each point's
-        weight (2, or 1 for a point that is its own pair), summing to ``DW_MESH^3``."""
+    def mesh(self) -> tuple[NDArray[np.complex128], NDArray[np.float64], NDArray[np.float64]]:
+        """``(D_k (k, n_half, m, m), weights (n_half,), rows (n_half, k, 2 m^2))``: the
+        basis on one of each pair ``q, -q`` of the :data:`DW_MESH`^3 mesh
+        (:func:`half_mesh`), each point's weight (2, or 1 for a point that is its own
+        pair), summing to ``DW_MESH^3``, and the basis as :func:`_real_rows`; made once,
+        shared by every model of the bases."""
         if self._mesh is None:
             points, weights = half_mesh(DW_MESH)
-            self._mesh = (self.basis.dynamical_basis(points), weights)
+            dyn = self.basis.dynamical_basis(points)
+            self._mesh = (dyn, weights, _real_rows(dyn))
         return self._mesh
 
 
@@ -741,8 +746,8 @@ class CountsModel:
         self._pref = HBAR2_OVER_2AMU * FM2_TO_MBARN / basis.crystal.n_atoms
         self._dw_ref: NDArray[np.float64] | None = None
         if reference is not None:
-            self._dw_dyn, self._dw_weights = bases.mesh()  # (k, n_half, m, m), (n_half,)
-            self._dw_rows = _real_rows(self._dw_dyn)  # (n_mesh, k, 2 m^2)
+            # (k, n_half, m, m), (n_half,), (n_half, k, 2 m^2): shared by the bases' models
+            self._dw_dyn, self._dw_weights, self._dw_rows = bases.mesh()
             atom = np.arange(m) // 3
             self._atom_onehot = (atom[:, None] == np.arange(basis.crystal.n_atoms)).astype(
                 float
@@ -768,7 +773,7 @@ class CountsModel:
         the modes' bases at its q-points), without the forward pass it keeps for the
         Jacobian (:meth:`release`) and without what every model of the run shares (the
         Debye-Waller mesh's bases, the bases' caches)."""
-        shared = {"_dw_dyn", "_dw_weights"}
+        shared = {"_dw_dyn", "_dw_weights", "_dw_rows"}
         return int(
             sum(
                 v.nbytes
