@@ -912,7 +912,7 @@ class CountsModel:
     def first_order(
         self, theta: NDArray[np.float64], tensor_d: NDArray[np.complex128]
     ) -> NDArray[np.float64]:
-        """(n_bins,) the expected counts at ``theta`` with two first-order terms across
+        """(n_bins,) the expected counts at ``theta`` with first-order terms across
         the folding tube that :meth:`evaluate` leaves out, from the offsets' tensors
         ``tensor_d`` ((n_moment_bins, 3, 3N, 3N): ``sum w delta_a M(Q')`` on the moments'
         bins, :func:`consumers.reduction.moments.offset_tensors` summed over the run's
@@ -933,8 +933,8 @@ class CountsModel:
           modes as above). Needs the curvature's bases (a model built without them keeps
           the two terms above for every mode).
 
-        Against the exact fold of one orientation of the README's Ge run the two terms
-        take the model's per-bin error from 2.1 to 0.7 % (median; ``make bench``,
+        Against the exact fold of one orientation of the README's Ge run the first two
+        terms take the model's per-bin error from 2.1 to 0.7 % (median; ``make bench``,
         ``bench_counts_model``), and the pairs the bins within 2 % from 81 to 88 % and the
         largest deviation from 60 to 23 %. Forward only: no Jacobian, so the fits use them as fixed
         factors made at a point (:func:`model_server.refinement.exact.first_order_correction`);
@@ -1035,23 +1035,23 @@ class CountsModel:
         )
         if tensor_d is not None:
             inv_gap = _inverse_gaps(lam, cluster) if bend is None else bend.inv_geff
-            groups = None
-            if bend is not None:
-                # the close pairs' lines come from :func:`_pair_lines`; the eigenvectors'
-                # change here is only that towards the modes outside each group
-                groups = _pair_groups(energy, ok, PAIR_GAP_MEV)
-                inv_gap = np.where(groups[:, :, None] == groups[:, None, :], 0.0, inv_gap)
             d_mu, change = self._first_order_terms(near, vec, vel, bq, inv_gap, tensor_d)
             near = replace(near, mu=near.mu + d_mu)
             a = a + change
-            if groups is not None and bend is not None:
+            if bend is not None:
+                # the close groups' lines from :func:`_pair_lines` (it overwrites their
+                # elements' mu, tau2, a and a_x, fresh arrays of this pass), with the
+                # eigenvectors' change towards the modes outside each group only
+                groups = _pair_groups(energy, ok, PAIR_GAP_MEV)
+                outside = np.where(groups[:, :, None] == groups[:, None, :], 0.0, inv_gap)
+                _, change_out = self._first_order_terms(near, vec, vel, bq, outside, tensor_d)
                 _pair_lines(
                     near,
                     a,
                     a_x,
                     left,
                     left_x,
-                    change,
+                    change_out,
                     groups,
                     _PairModel(
                         point_q=self._point_q,
@@ -1059,7 +1059,7 @@ class CountsModel:
                         vec=vec,
                         bq=bq,
                         d2e=bend.d2e,
-                        vel=vel,
+                        inv_gap=inv_gap,
                         mean=self._mean_offset,
                         cov=self._offset_cov,
                         tensor=self._tensor,
@@ -1474,18 +1474,19 @@ def _inverse_gaps(lam: NDArray[np.float64], cluster: NDArray[np.int64]) -> NDArr
 class _PairModel:
     """What :func:`_pair_lines` reads of a forward pass: per distinct q-point the
     eigenvalues ``lam`` (u, m), eigenvectors ``vec`` (u, m, m, columns), ``bq`` (u, 3, m,
-    m) ``e^H dD/dQ_a e``, ``d2e`` (u, 9, m, m) ``e^H d2D/dQ_a dQ_b e``, velocities ``vel``
-    (u, 3, m); per (point, energy) element the offsets' mean ``mean`` (p, e, 3) and
-    covariance ``cov`` (p, e, 3, 3) (1/A), the tensors ``tensor`` (p, e, m, m) and
-    ``tensor_d`` (p, e, 3, m, m); ``point_q`` each point's q-point and the Q resolution's
-    variance ``eta2`` (1/A^2)."""
+    m) ``e^H dD/dQ_a e``, ``d2e`` (u, 9, m, m) ``e^H d2D/dQ_a dQ_b e`` (index ``3 a + b``)
+    and the inverse gaps ``inv_gap`` (u, m, n) (the curvature's damped ``1 / g_eff``); per
+    (point, energy) element the offsets' mean ``mean`` (p, e, 3) and covariance ``cov``
+    (p, e, 3, 3) (1/A), the tensors ``tensor`` (p, e, m, m) and ``tensor_d`` (p, e, 3, m,
+    m); ``point_q`` each point's q-point and the Q resolution's variance ``eta2``
+    (1/A^2)."""
 
     point_q: NDArray[np.int64]
     lam: NDArray[np.float64]
     vec: NDArray[np.complex128]
     bq: NDArray[np.complex128]
     d2e: NDArray[np.complex128]
-    vel: NDArray[np.float64]
+    inv_gap: NDArray[np.float64]
     mean: NDArray[np.float64]
     cov: NDArray[np.float64]
     tensor: NDArray[np.complex64]
@@ -1538,14 +1539,16 @@ def _pair_lines(
     transverse pairs were the largest deviations from the exact fold, 40-60 %). Here,
     for each (bin, group), at the nodes ``delta_j`` of a quadrature over the bin's cells'
     offsets (a product Gauss-Legendre rule, :func:`_pair_nodes`, for a distribution of
-    the bin's mean and covariance, the Q resolution's ``eta^2`` added), the group's block
+    the bin's mean and covariance; the energies' nodes with the Q resolution's ``eta^2``
+    added to the covariance, the tensor's without), the group's block
 
-        H(delta) = diag(lambda_P) + delta_a B_a + delta_a delta_b (D_ab / 2
-                   + sum_{o not in P} B_a,.o B_b,o. / (lambda_P - lambda_o))
+        H_ik(delta) = lambda_i delta_ik + delta_a B_a,ik + delta_a delta_b (D_ab,ik / 2
+                      + sum_{o not in P} B_a,io B_b,ok (1 / g_io + 1 / g_ko) / 2)
 
-    (``B_a = e^H dD/dQ_a e``, eigenvalue units; the coupling to the other modes to second
-    order, Loewdin's partitioning) is diagonalised; branch ``i`` (in order of energy) has
-    the energy ``E_i(delta_j)`` and eigenvector ``w_i(delta_j)``, and the intensity
+    (``B_a = e^H dD/dQ_a e``, ``D_ab`` its second derivatives, eigenvalue units; the
+    coupling to the other modes to second order, Loewdin's partitioning, with the
+    curvature's damped inverse gaps ``1 / g``) is diagonalised; branch ``i`` (in order of
+    energy) has the energy ``E_i(delta_j)`` and eigenvector ``w_i(delta_j)``, and the intensity
     ``w_i^H M(delta_j) w_i`` with ``M(delta) = T + (delta - <delta>) . G``, the bin's
     tensor in the group's eigenvectors with its first-order change across the tube
     (``G = Cov(delta)^+ (Td - <delta> T)``, from the offsets' tensors). The branch's line
@@ -1563,7 +1566,7 @@ def _pair_lines(
     # each group's size and first mode, per q-point
     sizes = np.zeros_like(groups)
     starts = np.zeros_like(groups)
-    for j in range(m - 1, -1, -1):
+    for j in range(m):
         same = groups == groups[:, j : j + 1]
         sizes[:, j] = same.sum(axis=1)
         starts[:, j] = np.argmax(same, axis=1)
@@ -1580,7 +1583,7 @@ def _pair_lines(
     for g in np.unique(count[full]):
         heads = first[full & (count == g)]
         rows = cand[heads[:, None] + np.arange(g)]  # (G, g) elements, by mode
-        per = max(1, (1 << 21) // (len(z) * g * g))
+        per = max(1, (1 << 21) // (len(z) * g * g + 4 * m * m))  # ~50 MB a block
         for sl in _blocks(len(rows), per):
             _pair_block(near, a, a_x, left, left_x, change, rows[sl], pm, z, wz)
 
@@ -1604,23 +1607,28 @@ def _pair_block(
     u = pm.point_q[p]
     modes = im[js]  # (G, g)
     rows, cols = modes[:, None, :, None], modes[:, None, None, :]
-    vec = pm.vec[u]  # (G, m, m)
-    w_p = np.take_along_axis(vec, modes[:, None, :], axis=2)  # (G, m, g)
+    m = pm.vec.shape[1]
+    uu = u[:, None, None, None]
+    w_p = pm.vec[u[:, None, None], np.arange(m)[None, :, None], modes[:, None, :]]  # (G, m, g)
     lam_p = np.take_along_axis(pm.lam[u], modes, axis=1)  # (G, g)
-    b_pp = pm.bq[u[:, None, None, None], np.arange(3)[None, :, None, None], rows, cols]
-    d2 = pm.d2e[u[:, None, None, None], np.arange(9)[None, :, None, None], rows, cols]
-    m = vec.shape[1]
-    others = np.arange(m)[None, None, None, :]
-    b_po = pm.bq[u[:, None, None, None], np.arange(3)[None, :, None, None], rows, others]
+    b_pp = pm.bq[uu, np.arange(3)[None, :, None, None], rows, cols]
+    d2 = pm.d2e[uu, np.arange(9)[None, :, None, None], rows, cols]
+    b_po = pm.bq[uu, np.arange(3)[None, :, None, None], rows, np.arange(m)]  # (G, 3, g, m)
     b_op = np.conj(np.swapaxes(b_po, 2, 3))  # B is Hermitian: B_a,oi = conj(B_a,io)
     inside = (np.arange(m)[None, :] == modes[:, :, None]).any(axis=1)  # (G, m)
-    gap = lam_p.mean(axis=1)[:, None] - pm.lam[u]
-    inv = np.where(inside, 0.0, 1.0 / np.where(inside, 1.0, gap))
-    second = 0.5 * d2.reshape(n_g, 3, 3, g, g) + np.einsum("Gaio,Gbok,Go->Gabik", b_po, b_op, inv)
+    inv = np.where(inside[:, None, :], 0.0, pm.inv_gap[u[:, None], modes])  # (G, g, m)
+    coupled = np.einsum("Gaio,Gbok,Gio->Gabik", b_po, b_op, inv)
+    coupled = 0.5 * (coupled + np.einsum("Gaio,Gbok,Gko->Gabik", b_po, b_op, inv))
+    second = 0.5 * d2.reshape(n_g, 3, 3, g, g) + coupled
     mean, cov = pm.mean[p, e], pm.cov[p, e]  # (G, 3), (G, 3, 3)
-    wv, axes = np.linalg.eigh(cov + pm.eta2 * np.eye(3))
-    spread = axes * np.sqrt(np.clip(wv, 0.0, None))[:, None, :]
-    dl = mean[:, None, :] + np.einsum("jb,Gab->Gja", z, spread)  # (G, J, 3)
+
+    def nodes(c: NDArray[np.float64]) -> NDArray[np.float64]:
+        wv, axes = np.linalg.eigh(c)
+        spread = axes * np.sqrt(np.clip(wv, 0.0, None))[:, None, :]
+        return mean[:, None, :] + np.einsum("jb,Gab->Gja", z, spread)  # (G, J, 3)
+
+    dl = nodes(cov + pm.eta2 * np.eye(3))  # where the energies are taken
+    dm = dl if pm.eta2 <= 0.0 else nodes(cov)  # and the cells' tensor
     h = (
         np.einsum("Gi,ik->Gik", lam_p, np.eye(g))[:, None]
         + np.einsum("Gja,Gaik->Gjik", dl, b_pp)
@@ -1629,13 +1637,15 @@ def _pair_block(
     h = 0.5 * (h + np.conj(np.swapaxes(h, 2, 3)))
     ev, w = np.linalg.eigh(h)  # (G, J, g), (G, J, g, g)
     eps = _TO_MEV * np.sqrt(np.clip(ev, 0.0, None))
-    t_p = np.einsum("Gkm,Gml->Gkl", left[js], w_p)  # e_k^H T' e_l, the Debye-Waller change in
+    t_p = np.einsum("Gkm,Gml->Gkl", left[js], w_p)  # e_k^H T' e_l (T' the Debye-Waller's)
     x_p = np.einsum("Gkm,Gml->Gkl", left_x[js], w_p)
     t0 = np.einsum("Gik,Gij,Gjl->Gkl", w_p.conj(), pm.tensor[p, e].astype(complex), w_p)
     td = np.einsum("Gik,Gaij,Gjl->Gakl", w_p.conj(), pm.tensor_d[p, e].astype(complex), w_p)
     rhs = td - mean[:, :, None, None] * t0[:, None]
-    slope = np.einsum("Gab,Gbkl->Gakl", np.linalg.pinv(cov, rcond=1e-6, hermitian=True), rhs)
-    m_j = t_p[:, None] + np.einsum("Gja,Gakl->Gjkl", dl - mean[:, None, :], slope)
+    # (single-precision tensors: directions of the offsets below 1e-4 of the largest
+    # variance carry no slope)
+    slope = np.einsum("Gab,Gbkl->Gakl", np.linalg.pinv(cov, rcond=1e-4, hermitian=True), rhs)
+    m_j = t_p[:, None] + np.einsum("Gja,Gakl->Gjkl", dm - mean[:, None, :], slope)
     inten = np.einsum("Gjki,Gjkl,Gjli->Gji", w.conj(), m_j, w).real  # (G, J, g)
     inten_x = np.einsum("Gjki,Gkl,Gjli->Gji", w.conj(), x_p, w).real
     share = np.einsum("j,Gjki,Gk->Gi", wz, np.abs(w) ** 2, change[js])

@@ -22,12 +22,13 @@ is made on the path's bins, the wedge's (offline) or the path's split by zone cl
 exact fold puts each sample in its zone's class row, as the moments do).
 
 A cheaper correction of the same kind (``steer estimate --refine --first-order``): the
-counts model's two first-order terms across the tube that its fits leave out (each mode's
-intensity-weighted offsets and its eigenvector's change,
+counts model's first-order terms across the tube that its fits leave out (each mode's
+intensity-weighted offsets and its eigenvector's change, and close modes split together,
 :meth:`~model_server.refinement.counts.CountsModel.first_order`), from each orientation's
 offsets' tensors (:func:`run_offset_tensors`, 1.4-2.8 s an orientation), as factors made
 at the optimum (:func:`first_order_correction`). On the same single orientations they leave
-the model 0.7 % per bin (median) from the exact fold at the truth.
+the model 0.54 % per bin (median) from the exact fold at the truth, 88 % of the bins within
+2 %.
 """
 
 from __future__ import annotations
