@@ -27,7 +27,7 @@ intensity-weighted offsets and its eigenvector's change, and close modes split t
 :meth:`~model_server.refinement.counts.CountsModel.first_order`), from each orientation's
 offsets' tensors (:func:`run_offset_tensors`, 1.4-2.8 s an orientation), as factors made
 at the optimum (:func:`first_order_correction`). On the same single orientations they leave
-the model 0.54 % per bin (median) from the exact fold at the truth, 88 % of the bins within
+the model 0.51 % per bin (median) from the exact fold at the truth, 89 % of the bins within
 2 %.
 """
 
