@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -177,27 +178,41 @@ def test_estimate_refine_exact_on_a_folded_run(tmp_path: Path) -> None:
     assert "exact-fold pass 2:" in done.stderr
 
 
-def test_the_first_order_terms_bring_the_model_near_the_exact_fold() -> None:
-    """The counts model's first-order terms across the tube (each mode's intensity-weighted
-    offsets and its eigenvector's change, from the orientation's offsets' tensors) against
-    the exact fold of one orientation at the truth, all three from the same samples (every
-    8th pixel, to be quick), over the bins above 10 counts at the README run's scale: the
-    median per-bin error less than half the model's (bench: 2.1 -> 0.7 %); the correction's
-    factors made there carry the model to them; a tensor of another shape is refused."""
+@lru_cache(maxsize=1)
+def _first_order_case() -> tuple[BinMoments, np.ndarray, np.ndarray]:
+    """One orientation of the README's Ge run (omega 10, every 8th pixel, to be quick): its
+    moments, its offsets' tensors and the exact fold at the truth, (n_q * n_E,) flat, all
+    from the same samples."""
     run = ge_run()
     refiner, omega, stride = run.refiner, 10.0, 8
     moments = orientation_moments(
         run.folder, refiner.constants, omega, pixel_stride=stride, cache=False
     )
+    tensor_d = offset_tensors(run.folder, refiner.constants, omega, pixel_stride=stride)
+    sqe = CoherentSQE(
+        refiner.setup.basis,
+        run.truth,
+        temperature=TEMPERATURE,
+        resolution=refiner.counts_model(moments).resolution,
+    )
+    exact = exact_one_phonon_fold(run.folder, sqe, omega, pixel_stride=stride).reshape(-1)
+    return moments, tensor_d, exact
+
+
+def test_the_first_order_terms_bring_the_model_near_the_exact_fold() -> None:
+    """The counts model's first-order terms across the tube (each mode's intensity-weighted
+    offsets and its eigenvector's change, from the orientation's offsets' tensors) against
+    the exact fold of one orientation at the truth, all three from the same samples (every
+    8th pixel, to be quick), over the bins above 10 counts at the README run's scale: the
+    median per-bin error less than half the model's (bench: 2.1 -> 0.5 %); the correction's
+    factors made there carry the model to them; a tensor of another shape is refused."""
+    run = ge_run()
+    refiner = run.refiner
+    moments, tensor_d, exact = _first_order_case()
     model = refiner.counts_model(moments)
     theta = model.theta(run.truth)
     plain = model.evaluate(theta, jacobian=False).expected
-    tensor_d = offset_tensors(run.folder, refiner.constants, omega, pixel_stride=stride)
     first = model.first_order(theta, tensor_d)
-    sqe = CoherentSQE(
-        refiner.setup.basis, run.truth, temperature=TEMPERATURE, resolution=model.resolution
-    )
-    exact = exact_one_phonon_fold(run.folder, sqe, omega, pixel_stride=stride).reshape(-1)
     exact = exact[model.bins]
     keep = exact * 12600.0 * 120.0 / exact.sum() > 10.0
     assert keep.sum() > 1000
@@ -232,17 +247,9 @@ def test_close_pairs_split_across_the_tube_as_the_exact_fold_does(
     every 2nd pixel: largest 0.60 -> 0.23) and more bins lie within 2 %, the median no
     worse."""
     run = ge_run()
-    refiner, omega, stride = run.refiner, 10.0, 8
-    moments = orientation_moments(
-        run.folder, refiner.constants, omega, pixel_stride=stride, cache=False
-    )
-    model = refiner.counts_model(moments)
+    moments, tensor_d, exact = _first_order_case()
+    model = run.refiner.counts_model(moments)
     theta = model.theta(run.truth)
-    tensor_d = offset_tensors(run.folder, refiner.constants, omega, pixel_stride=stride)
-    sqe = CoherentSQE(
-        refiner.setup.basis, run.truth, temperature=TEMPERATURE, resolution=model.resolution
-    )
-    exact = exact_one_phonon_fold(run.folder, sqe, omega, pixel_stride=stride).reshape(-1)
     exact = exact[model.bins]
     keep = exact * 12600.0 * 120.0 / exact.sum() > 10.0
     paired = np.abs(model.first_order(theta, tensor_d)[keep] / exact[keep] - 1.0)
