@@ -165,3 +165,14 @@ def test_a_group_missing_a_mode_in_a_bin_is_left_alone() -> None:
     counts._pair_lines(near, a, a_x, rows, rows, np.zeros(2), groups, pm)
     np.testing.assert_array_equal(a, [1.0, 2.0])
     np.testing.assert_array_equal(near.mu, 0.0)
+
+
+def test_the_groups_are_runs_of_close_modes_and_skip_modes_below_the_floor() -> None:
+    """Runs of modes each within the gap of the next form a group (chained: 0.5 + 4 meV
+    apart is one group at a 5 meV gap); a mode below the frequency floor (acoustic at a
+    zone centre) is a group of its own even where it is close to another."""
+    energy = np.array([[0.0, 0.0, 10.0, 10.5, 14.5, 30.0], [1.0, 1.0, 1.0, 40.0, 40.2, 60.0]])
+    ok = np.array([[False, False, True, True, True, True], [True] * 6])
+    groups = counts._pair_groups(energy, ok, 5.0)
+    assert groups[0].tolist() == [0, 1, 2, 2, 2, 3]
+    assert groups[1].tolist() == [0, 0, 0, 1, 1, 2]
