@@ -1040,16 +1040,20 @@ class CountsModel:
         )
         if tensor_d is not None:
             inv_gap = _inverse_gaps(lam, cluster) if bend is None else bend.inv_geff
-            d_mu, change = self._first_order_terms(near, vec, vel, bq, inv_gap, tensor_d)
-            near = replace(near, mu=near.mu + d_mu)
-            a = a + change
-            if bend is not None:
+            if bend is None:
+                d_mu, change = self._first_order_terms(near, vec, vel, bq, (inv_gap,), tensor_d)
+            else:
                 # the close groups' lines from :func:`_pair_lines` (it overwrites their
                 # elements' mu, tau2, a and a_x, fresh arrays of this pass), with the
                 # eigenvectors' change towards the modes outside each group only
                 groups = _pair_groups(energy, ok, PAIR_GAP_MEV)
                 outside = np.where(groups[:, :, None] == groups[:, None, :], 0.0, inv_gap)
-                _, change_out = self._first_order_terms(near, vec, vel, bq, outside, tensor_d)
+                d_mu, change, change_out = self._first_order_terms(
+                    near, vec, vel, bq, (inv_gap, outside), tensor_d
+                )
+            near = replace(near, mu=near.mu + d_mu)
+            a = a + change
+            if bend is not None:
                 _pair_lines(
                     near,
                     a,
@@ -1111,23 +1115,26 @@ class CountsModel:
         vec: NDArray[np.complex128],
         vel: NDArray[np.float64],
         bq: NDArray[np.complex128],
-        inv_gap: NDArray[np.float64],
+        inv_gaps: tuple[NDArray[np.float64], ...],
         tensor_d: NDArray[np.complex128],
-    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    ) -> tuple[NDArray[np.float64], ...]:
         """The two terms of :meth:`first_order` per element near a line, (n_near,) each,
-        in blocks (to bound the gathered tensors, each gathered once for both):
+        in blocks (to bound the gathered tensors, each gathered once for all):
 
         * meV, ``v_m . (<delta>_m - <delta>)``: the change of its line's centre when the
           offsets are weighted by the mode's own intensity (a mode with less than 1e-6 of
           its bin's trace keeps its centre; the elements near a line are those of the
           unweighted centre: the shift is ~0.01 meV against a window of several widths);
         * ``2 Re sum_a (d_a e_m)^H Td_a e_m``: the first-order change of its mode's
-          intensity with the eigenvector across the tube (``inv_gap`` (u, m, n) ``1 /
-          (lambda_m - lambda_n)``, damped, 0 within a cluster and within the close pairs
-          :func:`_pair_lines` takes together)."""
+          intensity with the eigenvector across the tube, once for each of ``inv_gaps``
+          ((u, m, n) ``1 / (lambda_m - lambda_n)``, damped, 0 within a cluster; the second,
+          where given, 0 within the close groups too: :func:`_pair_lines`' change towards
+          the modes outside a group).
+
+        Returns ``(shift, change, ...)``, a change for each of ``inv_gaps``."""
         ip, ie, im = near.at
         shift = np.zeros(len(ip))
-        change = np.zeros(len(ip))
+        changes = [np.zeros(len(ip)) for _ in inv_gaps]
         for sl in _blocks(len(ip)):
             p, e, mm = ip[sl], ie[sl], im[sl]
             u = self._point_q[p]
@@ -1139,10 +1146,12 @@ class CountsModel:
             ok = den > 1e-6 * np.trace(t, axis1=1, axis2=2).real
             mean = num / np.where(ok, den, 1.0)[:, None] - self._mean_offset[p, e]
             shift[sl] = np.where(ok, np.sum(vel[u, :, mm] * mean, axis=1), 0.0)
-            coef = bq[u, :, :, mm] * inv_gap[u, mm, :][:, None, :]  # (n, a, l): B_a,lm / g
-            de = np.einsum("nil,nal->nai", vec[u], coef)  # (n, a, i): d_a e_m
-            change[sl] = 2.0 * np.einsum("nai,naij,nj->n", de.conj(), td, vm).real
-        return shift, change
+            tdv = np.einsum("naij,nj->nai", td, vm)  # (n, a, i): Td_a e_m
+            for change, inv_gap in zip(changes, inv_gaps, strict=True):
+                coef = bq[u, :, :, mm] * inv_gap[u, mm, :][:, None, :]  # (n, a, l): B_a,lm / g
+                de = np.einsum("nil,nal->nai", vec[u], coef)  # (n, a, i): d_a e_m
+                change[sl] = 2.0 * np.einsum("nai,nai->n", de.conj(), tdv).real
+        return (shift, *changes)
 
     def _modes(self, c: NDArray[np.float64]) -> tuple[Any, ...]:
         """Per distinct q-point (u) at the coefficients ``c``: ``(lam, vec, ok, lam_safe,
@@ -1627,13 +1636,14 @@ def _pair_block(
     second = 0.5 * d2.reshape(n_g, 3, 3, g, g) + coupled
     mean, cov = pm.mean[p, e], pm.cov[p, e]  # (G, 3), (G, 3, 3)
 
-    def nodes(c: NDArray[np.float64]) -> NDArray[np.float64]:
-        wv, axes = np.linalg.eigh(c)
-        spread = axes * np.sqrt(np.clip(wv, 0.0, None))[:, None, :]
+    wv, axes = np.linalg.eigh(cov)  # cov + eta^2 I has the same axes
+
+    def nodes(extra: float) -> NDArray[np.float64]:
+        spread = axes * np.sqrt(np.clip(wv + extra, 0.0, None))[:, None, :]
         return mean[:, None, :] + np.einsum("jb,Gab->Gja", z, spread)  # (G, J, 3)
 
-    dl = nodes(cov + pm.eta2 * np.eye(3))  # where the energies are taken
-    dm = dl if pm.eta2 <= 0.0 else nodes(cov)  # and the cells' tensor
+    dl = nodes(pm.eta2)  # where the energies are taken (with the Q resolution)
+    dm = dl if pm.eta2 <= 0.0 else nodes(0.0)  # and the cells' tensor (without)
     h = (
         np.einsum("Gi,ik->Gik", lam_p, np.eye(g))[:, None]
         + np.einsum("Gja,Gaik->Gjik", dl, b_pp)

@@ -14,9 +14,11 @@ def _hermitian(rng: np.random.Generator, m: int, scale: float) -> np.ndarray:
     return scale * (a + a.conj().T) / 2.0
 
 
-def _pair_against_full(scale: float) -> dict[str, np.ndarray]:
+def _pair_against_full(scale: float, *, rich: bool = False) -> dict[str, np.ndarray]:
     """The pair's lines and the full matrix's at the same nodes, the offsets scaled by
-    ``scale`` (see the test below)."""
+    ``scale`` (see the tests below). With ``rich``: the cells' tensor changes across the
+    tube (``M(delta) = T + (delta - <delta>) . G``, its offsets' tensors made to match), a
+    Q resolution, a tensor of positions in the bin and a first-order change per mode."""
     rng = np.random.default_rng(7)
     m = 6
     basis, _ = np.linalg.qr(rng.standard_normal((m, m)) + 1j * rng.standard_normal((m, m)))
@@ -39,6 +41,18 @@ def _pair_against_full(scale: float) -> dict[str, np.ndarray]:
     mean = scale * np.array([0.004, -0.006, 0.002])
     spread = np.array([[0.02, 0.004, 0.0], [0.004, 0.015, 0.002], [0.0, 0.002, 0.01]])
     cov = scale**2 * spread @ spread.T
+    slope = np.zeros((3, m, m), dtype=complex)  # dM/d delta_a
+    positions = np.zeros((m, m), dtype=complex)
+    change = np.zeros(m)
+    eta2 = 0.0
+    if rich:
+        slope = np.stack([_hermitian(rng, m, 0.5 * np.abs(tensor).max() / 0.02) for _ in range(3)])
+        positions = _hermitian(rng, m, 0.3)
+        change = rng.normal(0.0, 0.2 * np.abs(tensor).max(), m)
+        change[2:4] = [2.5, -1.5]  # ~10 % of the pair's intensities
+        eta2 = 0.5 * float(np.linalg.eigvalsh(cov).min())
+    # the offsets' tensors sum w delta_a M: <delta> T + Cov . G
+    tensor_d = mean[:, None, None] * tensor + np.einsum("ab,bij->aij", cov, slope)
     # one bin, an element for every mode; M constant across the tube (Td = <delta> T)
     ip, ie, im = np.zeros(m, dtype=np.intp), np.zeros(m, dtype=np.intp), np.arange(m)
     near = counts._Near(
@@ -50,8 +64,9 @@ def _pair_against_full(scale: float) -> dict[str, np.ndarray]:
         lo=np.zeros(m),
     )
     left = vh @ tensor  # row j: e_j^H T
+    left_x = vh @ positions
     a = np.einsum("ji,ji->j", left, vec.T).real
-    a_x = np.zeros(m)
+    a_x = np.einsum("ji,ji->j", left_x, vec.T).real
     before = a.copy()
     groups = counts._pair_groups(energy[None], np.ones((1, m), dtype=bool), counts.PAIR_GAP_MEV)
     assert list(groups[0]) == [0, 1, 2, 2, 3, 4]
@@ -65,25 +80,31 @@ def _pair_against_full(scale: float) -> dict[str, np.ndarray]:
         mean=mean[None, None],
         cov=cov[None, None],
         tensor=tensor[None, None].astype(np.complex64),
-        tensor_d=(mean[:, None, None] * tensor)[None, None],
-        eta2=0.0,
+        tensor_d=tensor_d[None, None],
+        eta2=eta2,
     )
-    counts._pair_lines(near, a, a_x, left, np.zeros_like(left), np.zeros(m), groups, pm)
+    counts._pair_lines(near, a, a_x, left, left_x, change, groups, pm)
 
     # brute force at the same nodes
     z, wz = counts._pair_nodes()
     wv, axes = np.linalg.eigh(cov)
-    nodes = mean + z @ (axes * np.sqrt(wv)).T
-    eps, inten = [], []
-    for delta in nodes:
+    nodes = mean + z @ (axes * np.sqrt(wv + eta2)).T  # the energies' (Q resolution in)
+    cells = mean + z @ (axes * np.sqrt(wv)).T  # the tensor's
+    eps, inten, inten_x, shares = [], [], [], []
+    for delta, cell in zip(nodes, cells, strict=True):
         full = (
             d0
             + np.einsum("a,aij->ij", delta, d1)
             + 0.5 * np.einsum("a,b,abij->ij", delta, delta, d2)
         )
         ev, v = np.linalg.eigh(full)
+        branch = v[:, 2:4]
         eps.append(counts._TO_MEV * np.sqrt(ev[2:4]))
-        inten.append(np.einsum("im,ij,jm->m", v[:, 2:4].conj(), tensor, v[:, 2:4]).real)
+        here = tensor + np.einsum("a,aij->ij", cell - mean, slope)
+        inten.append(np.einsum("im,ij,jm->m", branch.conj(), here, branch).real)
+        inten_x.append(np.einsum("im,ij,jm->m", branch.conj(), positions, branch).real)
+        mix = np.abs(vh[2:4] @ branch) ** 2  # (k, i): the pair's path-point modes in each
+        shares.append(change[2:4] @ mix)
     eps_a, inten_a = np.array(eps), np.array(inten)  # (J, 2)
     w = wz[:, None] * inten_a
     centre = np.sum(w * eps_a, axis=0) / w.sum(axis=0)
@@ -94,7 +115,9 @@ def _pair_against_full(scale: float) -> dict[str, np.ndarray]:
         "width": np.sqrt(near.tau2[2:4]),
         "width_full": width,
         "intensity": a[2:4],
-        "intensity_full": np.sum(wz[:, None] * inten_a, axis=0),
+        "intensity_full": wz @ inten_a + wz @ np.array(shares),
+        "positions": a_x[2:4],
+        "positions_full": wz @ np.array(inten_x),
         "gap": energy[3] - energy[2],
         "others_kept": np.array(
             [
@@ -122,11 +145,32 @@ def test_a_near_degenerate_pair_splits_as_the_full_matrix_does() -> None:
     np.testing.assert_allclose(out["centre"][1] - out["centre"][0], split, rtol=2e-3)
     np.testing.assert_allclose(out["width"], out["width_full"], rtol=1e-2)
     np.testing.assert_allclose(out["intensity"], out["intensity_full"], rtol=1e-2)
+    assert not out["positions"].any()
     err = np.abs(out["centre"] - out["centre_full"])
     assert np.all(err < 1e-2 * out["width_full"])
     half = _pair_against_full(0.5)
     assert np.all(np.abs(half["centre"] - half["centre_full"]) < 0.35 * err)
     assert out["others_kept"].all()
+
+
+def test_the_pair_follows_the_cells_tensor_and_the_q_resolution() -> None:
+    """The same pair with the cells' tensor changing across the tube (``M`` linear in the
+    offsets, recovered from the offsets' tensors), a Q resolution (the energies' nodes wider
+    than the tensor's), a tensor of positions in the bin and a first-order change per mode,
+    which move the intensities by 7-12 % and widen the lines by 3-10 %: against the full
+    matrix the intensities to 3 % (what is left is the other modes' admixture, which meets
+    the tensor's change outside the pair's block), the positions' term and the widths to
+    1 %, the split to 1.5 %."""
+    out = _pair_against_full(1.0, rich=True)
+    plain = _pair_against_full(1.0)
+    split = out["centre_full"][1] - out["centre_full"][0]
+    np.testing.assert_allclose(out["centre"][1] - out["centre"][0], split, rtol=1.5e-2)
+    np.testing.assert_allclose(out["width"], out["width_full"], rtol=1e-2)
+    assert np.all(out["width"] > 1.02 * plain["width"])  # the Q resolution widens the lines
+    np.testing.assert_allclose(out["intensity"], out["intensity_full"], rtol=3e-2)
+    assert np.all(np.abs(out["intensity"] / plain["intensity"] - 1.0) > 0.05)
+    np.testing.assert_allclose(out["positions"], out["positions_full"], rtol=1e-2)
+    assert np.all(np.abs(out["positions"]) > 0.1)
 
 
 def test_a_group_missing_a_mode_in_a_bin_is_left_alone() -> None:
@@ -171,7 +215,7 @@ def test_the_groups_are_runs_of_close_modes_and_skip_modes_below_the_floor() -> 
     """Runs of modes each within the gap of the next form a group (chained: 0.5 + 4 meV
     apart is one group at a 5 meV gap); a mode below the frequency floor (acoustic at a
     zone centre) is a group of its own even where it is close to another."""
-    energy = np.array([[0.0, 0.0, 10.0, 10.5, 14.5, 30.0], [1.0, 1.0, 1.0, 40.0, 40.2, 60.0]])
+    energy = np.array([[0.0, 0.0, 3.0, 3.5, 7.5, 30.0], [1.0, 1.0, 1.0, 40.0, 40.2, 60.0]])
     ok = np.array([[False, False, True, True, True, True], [True] * 6])
     groups = counts._pair_groups(energy, ok, 5.0)
     assert groups[0].tolist() == [0, 1, 2, 2, 2, 3]
