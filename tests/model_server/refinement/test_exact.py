@@ -190,10 +190,7 @@ def _first_order_case() -> tuple[BinMoments, np.ndarray, np.ndarray]:
     )
     tensor_d = offset_tensors(run.folder, refiner.constants, omega, pixel_stride=stride)
     sqe = CoherentSQE(
-        refiner.setup.basis,
-        run.truth,
-        temperature=TEMPERATURE,
-        resolution=refiner.counts_model(moments).resolution,
+        refiner.setup.basis, run.truth, temperature=TEMPERATURE, resolution=refiner.resolution
     )
     exact = exact_one_phonon_fold(run.folder, sqe, omega, pixel_stride=stride).reshape(-1)
     return moments, tensor_d, exact
